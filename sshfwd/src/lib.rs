@@ -23,3 +23,17 @@ pub mod pattern;
 pub mod policy;
 pub mod socks;
 pub mod spec;
+
+#[cfg(feature = "driver")]
+pub mod client;
+#[cfg(feature = "driver")]
+mod copy;
+#[cfg(feature = "driver")]
+pub mod error;
+#[cfg(feature = "driver")]
+mod forward;
+
+#[cfg(feature = "driver")]
+pub use copy::ForwardCounters;
+#[cfg(feature = "driver")]
+pub mod server;

@@ -1,0 +1,287 @@
+//! vipgate's client against vipgate's server over loopback (no root, no OpenSSH needed):
+//! -L with half-close, -R port 0, -D SOCKS5 and SOCKS4a, known_hosts accept-new / changed key,
+//! refused keys and refused forwards. The OpenSSH interop tests live in tests/tests/ssh.rs.
+#![cfg(feature = "driver")]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use russh::keys::{Algorithm, PrivateKey};
+use sshfwd::client::{ClientConfig, Tunnel};
+use sshfwd::known_hosts::StrictHostKeyChecking;
+use sshfwd::policy::PermitList;
+use sshfwd::server::{ForwardServer, ServerConfig};
+use sshfwd::spec::{DynamicSpec, ForwardSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sshfwd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        key.to_openssh(russh::keys::ssh_key::LineEnding::LF)
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    (path, key.public_key().to_openssh().unwrap())
+}
+
+async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Echoes everything, and after the client's EOF writes "bye" and closes: proves half-close.
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn start_server(dir: &Path, authorized: &str, permit_open: &[&str]) -> ForwardServer {
+    let ak = dir.join("authorized_keys");
+    std::fs::write(&ak, authorized).unwrap();
+    ForwardServer::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        host_key: dir.join("host_ed25519"),
+        authorized_keys: ak,
+        permit_open: PermitList::parse(permit_open, false).unwrap(),
+        permit_listen: PermitList::Any,
+        gateway_ports: false,
+        idle_timeout: None,
+    })
+    .await
+    .unwrap()
+}
+
+fn client(server: &ForwardServer, dir: &Path, key: &Path) -> ClientConfig {
+    let mut c = ClientConfig::new(
+        "127.0.0.1",
+        server.local_addr().port(),
+        "ops",
+        dir.join("known_hosts"),
+    );
+    c.identities = vec![key.to_path_buf()];
+    c.use_agent = false;
+    c.connect_timeout = Duration::from_secs(5);
+    c
+}
+
+async fn exchange(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(payload).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+fn expected(payload: &[u8]) -> Vec<u8> {
+    [payload, b"bye"].concat()
+}
+
+#[tokio::test]
+async fn local_remote_dynamic_through_vipgate_sshd() {
+    let dir = temp_dir("lrd");
+    let echo = echo_server().await;
+    let (key, public) = write_key(&dir, "id_ed25519");
+    let server = start_server(&dir, &format!("{public}\n"), &["any"]).await;
+    assert!(server.host_key().generated);
+    assert!(dir.join("host_ed25519.pub").exists());
+
+    let lport = free_port().await;
+    let dport = free_port().await;
+    let mut cfg = client(&server, &dir, &key);
+    cfg.local =
+        vec![ForwardSpec::parse_local(&format!("{lport}:127.0.0.1:{}", echo.port())).unwrap()];
+    cfg.remote = vec![ForwardSpec::parse_remote(&format!("0:127.0.0.1:{}", echo.port())).unwrap()];
+    cfg.dynamic = vec![DynamicSpec::parse(&dport.to_string()).unwrap()];
+    let mut tunnel = Tunnel::start(cfg).await.unwrap();
+    let known = std::fs::read_to_string(dir.join("known_hosts")).unwrap();
+    assert!(
+        known.contains(
+            &server
+                .host_key()
+                .public_line
+                .split(' ')
+                .nth(1)
+                .unwrap()
+                .to_string()
+        ),
+        "accept-new recorded the key"
+    );
+
+    // -L, half-close: the echo server's "bye" after our EOF must still arrive.
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let l_addr: SocketAddr = format!("127.0.0.1:{lport}").parse().unwrap();
+    assert_eq!(exchange(l_addr, &payload).await, expected(&payload));
+
+    // -R 0: the allocated port is reported and reaches the echo server.
+    let mut allocated = tunnel.allocated_ports().unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(5), allocated.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(a.port, 0);
+    let r_addr: SocketAddr = format!("127.0.0.1:{}", a.port).parse().unwrap();
+    assert_eq!(exchange(r_addr, b"remote").await, expected(b"remote"));
+
+    // -D: SOCKS5 with a domain name, then SOCKS4a.
+    let mut s = TcpStream::connect(("127.0.0.1", dport)).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0]);
+    let mut req = vec![5, 1, 0, 3, 9];
+    req.extend_from_slice(b"localhost");
+    req.extend_from_slice(&echo.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.unwrap();
+    assert_eq!(rep[1], 0, "SOCKS5 CONNECT succeeded");
+    s.write_all(b"socks5").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert_eq!(out, expected(b"socks5"));
+
+    let mut s = TcpStream::connect(("127.0.0.1", dport)).await.unwrap();
+    let mut req = vec![4, 1];
+    req.extend_from_slice(&echo.port().to_be_bytes());
+    req.extend_from_slice(&[0, 0, 0, 1, b'u', 0]);
+    req.extend_from_slice(b"127.0.0.1\0socks4a");
+    s.write_all(&req).await.unwrap();
+    let mut rep = [0u8; 8];
+    s.read_exact(&mut rep).await.unwrap();
+    assert_eq!(rep[1], 90);
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert_eq!(
+        out,
+        expected(b"socks4a"),
+        "bytes sent right behind the request are forwarded"
+    );
+
+    let st = tunnel.status();
+    assert_eq!(st.state, "connected");
+    assert_eq!(st.forwards.len(), 3);
+    assert_eq!(st.forwards[0].total, 1);
+    assert_eq!(st.forwards[0].bytes_out, 300_000);
+    assert!(server.status().logins >= 1);
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_are_clear() {
+    let dir = temp_dir("refuse");
+    let echo = echo_server().await;
+    let (key, public) = write_key(&dir, "id_ok");
+    let (other, _) = write_key(&dir, "id_other");
+    let server = start_server(&dir, &format!("{public}\n"), &["127.0.0.1:1"]).await;
+
+    // A key that is not authorized.
+    let err = Tunnel::start(client(&server, &dir, &other))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().starts_with("permission denied (publickey)"),
+        "{err}"
+    );
+
+    // StrictHostKeyChecking=yes with an unknown host.
+    let mut cfg = client(&server, &dir, &key);
+    cfg.known_hosts = dir.join("empty_known_hosts");
+    cfg.strict_host_key_checking = StrictHostKeyChecking::Yes;
+    let err = Tunnel::start(cfg).await.err().unwrap();
+    assert!(err.to_string().contains("is not in"), "{err}");
+
+    // A changed key is refused even with accept-new.
+    let kh = dir.join("known_hosts");
+    let (_, impostor) = write_key(&dir, "id_impostor");
+    std::fs::write(
+        &kh,
+        format!("[127.0.0.1]:{} {impostor}\n", server.local_addr().port()),
+    )
+    .unwrap();
+    let err = Tunnel::start(client(&server, &dir, &key))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("REMOTE HOST IDENTIFICATION HAS CHANGED"),
+        "{err}"
+    );
+    std::fs::remove_file(&kh).unwrap();
+
+    // A -L target outside permit_open: the channel is refused, the client connection closed.
+    let lport = free_port().await;
+    let mut cfg = client(&server, &dir, &key);
+    cfg.local =
+        vec![ForwardSpec::parse_local(&format!("{lport}:127.0.0.1:{}", echo.port())).unwrap()];
+    let tunnel = Tunnel::start(cfg).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(
+        read.is_err() || out.is_empty(),
+        "refused forward closes the client"
+    );
+    assert_eq!(server.status().forwards_refused, 1);
+    assert_eq!(tunnel.status().forwards[0].failed, 1);
+
+    // A port already in use is named in the error.
+    let busy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let mut cfg = client(&server, &dir, &key);
+    cfg.local = vec![ForwardSpec::parse_local(&format!("{port}:127.0.0.1:80")).unwrap()];
+    let err = Tunnel::start(cfg).await.err().unwrap();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "cannot listen on 127.0.0.1:{port} for -L {port}:127.0.0.1:80"
+        )),
+        "{err}"
+    );
+    tunnel.stop().await;
+}
