@@ -670,7 +670,7 @@ async fn supervise(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(shared.cfg.backoff);
-    let mut ever_up = first.is_some();
+    let mut ever_up = false;
     loop {
         let (handle, closed) = match first.take() {
             Some(c) => c,
