@@ -61,8 +61,14 @@ pub enum SpecError {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Endpoint::Tcp { host: Some(h), port } if h.contains(':') => write!(f, "[{h}]:{port}"),
-            Endpoint::Tcp { host: Some(h), port } => write!(f, "{h}:{port}"),
+            Endpoint::Tcp {
+                host: Some(h),
+                port,
+            } if h.contains(':') => write!(f, "[{h}]:{port}"),
+            Endpoint::Tcp {
+                host: Some(h),
+                port,
+            } => write!(f, "{h}:{port}"),
             Endpoint::Tcp { host: None, port } => write!(f, "{port}"),
             Endpoint::Unix(p) => f.write_str(p),
         }
@@ -135,12 +141,17 @@ fn parse_forward(fields: &[String], allow_listen_port_zero: bool) -> Option<Forw
     let connect_tcp = |h: &str, p: &str| -> Option<Endpoint> {
         let port = port(p)?;
         (port != 0).then_some(())?;
-        Some(Endpoint::Tcp { host: Some(host(h)?), port })
+        Some(Endpoint::Tcp {
+            host: Some(host(h)?),
+            port,
+        })
     };
     let f: Vec<&str> = fields.iter().map(String::as_str).collect();
     let (listen, connect) = match f.as_slice() {
         // local_socket:remote_socket
-        [l, c] if is_path(l) && is_path(c) => (Endpoint::Unix(l.to_string()), Endpoint::Unix(c.to_string())),
+        [l, c] if is_path(l) && is_path(c) => {
+            (Endpoint::Unix(l.to_string()), Endpoint::Unix(c.to_string()))
+        }
         // port:remote_socket
         [p, c] if is_path(c) => (listen_tcp(None, p)?, Endpoint::Unix(c.to_string())),
         // local_socket:host:hostport
@@ -187,7 +198,10 @@ impl DynamicSpec {
         let bad = || SpecError::BadDynamic(spec.to_string());
         let fields = split_fields(spec).ok_or_else(bad)?;
         match fields.as_slice() {
-            [p] => Ok(DynamicSpec { bind: None, port: port(p).filter(|p| *p != 0).ok_or_else(bad)? }),
+            [p] => Ok(DynamicSpec {
+                bind: None,
+                port: port(p).filter(|p| *p != 0).ok_or_else(bad)?,
+            }),
             [b, p] => Ok(DynamicSpec {
                 bind: Some(host(b).ok_or_else(bad)?),
                 port: port(p).filter(|p| *p != 0).ok_or_else(bad)?,
@@ -203,7 +217,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn tcp(host: Option<&str>, port: u16) -> Endpoint {
-        Endpoint::Tcp { host: host.map(str::to_string), port }
+        Endpoint::Tcp {
+            host: host.map(str::to_string),
+            port,
+        }
     }
 
     #[test]
@@ -231,8 +248,18 @@ mod tests {
 
     #[test]
     fn rejects_what_openssh_rejects() {
-        for bad in ["", "8585", "8585:host", "x:host:80", "70000:h:80", "1:h:0", "1:h:80:9:9",
-                    "[::1:8585:h:80", "a]:1:h:2", "1: :80"] {
+        for bad in [
+            "",
+            "8585",
+            "8585:host",
+            "x:host:80",
+            "70000:h:80",
+            "1:h:0",
+            "1:h:80:9:9",
+            "[::1:8585:h:80",
+            "a]:1:h:2",
+            "1: :80",
+        ] {
             assert!(ForwardSpec::parse_local(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(
@@ -243,8 +270,17 @@ mod tests {
 
     #[test]
     fn dynamic_forms() {
-        assert_eq!(DynamicSpec::parse("1080").unwrap(), DynamicSpec { bind: None, port: 1080 });
-        assert_eq!(DynamicSpec::parse("[::1]:1080").unwrap().bind.as_deref(), Some("::1"));
+        assert_eq!(
+            DynamicSpec::parse("1080").unwrap(),
+            DynamicSpec {
+                bind: None,
+                port: 1080
+            }
+        );
+        assert_eq!(
+            DynamicSpec::parse("[::1]:1080").unwrap().bind.as_deref(),
+            Some("::1")
+        );
         assert!(DynamicSpec::parse("0").is_err());
         assert!(DynamicSpec::parse("a:b:c").is_err());
     }
