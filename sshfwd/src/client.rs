@@ -490,9 +490,9 @@ fn russh_config(cfg: &ClientConfig) -> Result<client::Config, SshFwdError> {
 /// Receive window per channel: 8 MiB keeps a loopback or LAN pipe full at several Gbit/s
 /// without one slow reader holding much (the window is credit, not a buffer we allocate).
 const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
-/// Largest packet we accept; OpenSSH sends up to this, so fewer, larger packets are
+/// Largest packet we accept (russh caps it below 64 KiB); OpenSSH sends up to this, so fewer, larger packets are
 /// encrypted and MACed per megabyte.
-const MAX_PACKET: u32 = 65_536;
+const MAX_PACKET: u32 = 65_535;
 /// Messages queued per channel before backpressure reaches the SSH connection.
 const CHANNEL_BUFFER: usize = 64;
 
@@ -509,9 +509,9 @@ pub(crate) async fn connect_once(
     let fut = async {
         let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
             .await
-            .map_err(|source| SshFwdError::Connect {
+            .map_err(|error| SshFwdError::Connect {
                 addr: target.clone(),
-                source,
+                error,
             })?;
         let _ = tcp.set_nodelay(true);
         let (closed_tx, closed_rx) = oneshot::channel();

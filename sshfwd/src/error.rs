@@ -7,22 +7,22 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum SshFwdError {
     /// A listening socket could not be bound (port in use, permission, bad address).
-    #[error("cannot listen on {addr} for {what}: {source}")]
+    #[error("cannot listen on {addr} for {what}: {error}")]
     Bind {
         /// The address or socket path.
         addr: String,
         /// Which forward wanted it (`-L 8585:web:80`).
         what: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// TCP connection to the SSH server failed.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {error}")]
     Connect {
         /// `host:port`.
         addr: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Connecting took too long.
     #[error("connection to {0} timed out")]
@@ -52,12 +52,12 @@ pub enum SshFwdError {
     #[error("remote port forwarding failed for listen {0}: the server refused it")]
     RemoteForwardRefused(String),
     /// A file (known_hosts, authorized_keys, host key) could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     File {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Bad configuration detected at start.
     #[error("{0}")]

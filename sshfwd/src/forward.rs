@@ -70,10 +70,10 @@ async fn bind_tcp(host: &str, port: u16, what: &str) -> Result<(TcpListener, Str
     } else {
         format!("{host}:{port}")
     };
-    let err = |source| SshFwdError::Bind {
+    let err = |error| SshFwdError::Bind {
         addr: shown.clone(),
         what: what.to_string(),
-        source,
+        error,
     };
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
@@ -110,10 +110,10 @@ pub(crate) async fn bind_all(
                 (Listener::Tcp(l), b)
             }
             Endpoint::Unix(path) => {
-                let l = UnixListener::bind(path).map_err(|source| SshFwdError::Bind {
+                let l = UnixListener::bind(path).map_err(|error| SshFwdError::Bind {
                     addr: path.clone(),
                     what: what.clone(),
-                    source,
+                    error,
                 })?;
                 (Listener::Unix(l), path.clone())
             }

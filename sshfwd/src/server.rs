@@ -103,9 +103,9 @@ pub struct HostKeyInfo {
 /// # Errors
 /// Unreadable or unwritable key files.
 pub fn load_or_generate_host_key(path: &Path) -> Result<(PrivateKey, HostKeyInfo), SshFwdError> {
-    let file_err = |source| SshFwdError::File {
+    let file_err = |error| SshFwdError::File {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let (key, generated) = if path.exists() {
         let key = russh::keys::load_secret_key(path, None).map_err(|e| SshFwdError::Identity {
@@ -182,15 +182,15 @@ impl ForwardServer {
         }
         let listener = TcpListener::bind(cfg.listen)
             .await
-            .map_err(|source| SshFwdError::Bind {
+            .map_err(|error| SshFwdError::Bind {
                 addr: cfg.listen.to_string(),
                 what: "sshd".into(),
-                source,
+                error,
             })?;
-        let local_addr = listener.local_addr().map_err(|source| SshFwdError::Bind {
+        let local_addr = listener.local_addr().map_err(|error| SshFwdError::Bind {
             addr: cfg.listen.to_string(),
             what: "sshd".into(),
-            source,
+            error,
         })?;
         let russh_cfg = Arc::new(server::Config {
             keys: vec![key],
@@ -202,7 +202,7 @@ impl ForwardServer {
             keepalive_max: 3,
             nodelay: true,
             window_size: 8 * 1024 * 1024,
-            maximum_packet_size: 65_536,
+            maximum_packet_size: 65_535,
             channel_buffer_size: 64,
             ..server::Config::default()
         });

@@ -3,6 +3,7 @@
 
 use super::{HumanDuration, Validator, check_unique};
 use serde::{Deserialize, Serialize};
+use sshfwd::policy::PermitList;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +53,47 @@ pub(crate) struct SshSection {
     /// `ExitOnForwardFailure`. Default true (a daemon should not half-start).
     #[serde(default = "d_true")]
     pub(crate) exit_on_forward_failure: bool,
+    /// File holding the passphrase of an encrypted `identity`. Default none.
+    #[serde(default)]
+    pub(crate) passphrase_file: Option<PathBuf>,
+    /// Also offer the keys of the ssh-agent at `$SSH_AUTH_SOCK`. Default true.
+    #[serde(default = "d_true")]
+    pub(crate) use_agent: bool,
+    /// `GatewayPorts`: local/dynamic forwards without a bind address listen on all addresses
+    /// instead of loopback. Default false.
+    #[serde(default)]
+    pub(crate) gateway_ports: bool,
+    /// `Ciphers` (OpenSSH names), most preferred first. Default: russh's order
+    /// (chacha20-poly1305 first).
+    #[serde(default)]
+    pub(crate) ciphers: Vec<Spanned<String>>,
+    /// SSH connections kept to this destination; channels are spread over them so that more
+    /// than one core encrypts. Default 1 (like OpenSSH), at most 16.
+    #[serde(default = "d_connections")]
+    pub(crate) connections: Spanned<i64>,
+    /// TCP connect + handshake limit; also how long a local client waits for a reconnect.
+    /// Default 10 s.
+    #[serde(default = "d_connect_timeout")]
+    pub(crate) connect_timeout: HumanDuration,
+    /// First reconnect delay (doubles per failure, with jitter). Default 200 ms.
+    #[serde(default = "d_reconnect_min")]
+    pub(crate) reconnect_min: HumanDuration,
+    /// Longest reconnect delay. Default 30 s.
+    #[serde(default = "d_reconnect_max")]
+    pub(crate) reconnect_max: HumanDuration,
+}
+
+fn d_connections() -> Spanned<i64> {
+    Spanned::new(0..0, 1)
+}
+fn d_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn d_reconnect_min() -> HumanDuration {
+    HumanDuration(Duration::from_millis(200))
+}
+fn d_reconnect_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 fn d_alive() -> HumanDuration {
@@ -76,11 +118,31 @@ pub(crate) struct SshdSection {
     /// authorized_keys file (OpenSSH format, `permitopen=`/`permitlisten=`/`from=` honoured).
     pub(crate) authorized_keys: PathBuf,
     /// `host:port` patterns clients may open (-L); empty = any.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "permit_open_list")]
     pub(crate) permit_open: Vec<String>,
     /// `[addr:]port` patterns clients may listen on (-R); empty = any.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "permit_listen_list")]
     pub(crate) permit_listen: Vec<String>,
+    /// `GatewayPorts`: remote forwards may listen on the address the client asks for;
+    /// otherwise they listen on loopback only. Default false.
+    #[serde(default)]
+    pub(crate) gateway_ports: bool,
+    /// Drop a client that sent nothing (not even a keepalive) for this long. Default none.
+    #[serde(default)]
+    pub(crate) idle_timeout: Option<HumanDuration>,
+}
+
+/// Deserializes a permit list, refusing bad entries at their place in the file.
+fn permit_open_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    PermitList::parse(&v, false).map_err(serde::de::Error::custom)?;
+    Ok(v)
+}
+
+fn permit_listen_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    PermitList::parse(&v, true).map_err(serde::de::Error::custom)?;
+    Ok(v)
 }
 
 fn d_listen() -> SocketAddr {
@@ -118,6 +180,30 @@ pub(crate) fn validate_all(dests: &[SshSection], v: &mut Validator) {
             if let Err(e) = DynamicSpec::parse(s.get_ref()) {
                 v.error_at(s, e.to_string());
             }
+        }
+        for c in &d.ciphers {
+            if !sshfwd::options::CIPHERS.contains(&c.get_ref().as_str()) {
+                v.error_at(
+                    c,
+                    format!(
+                        "unsupported cipher `{}`; supported: {}",
+                        c.get_ref(),
+                        sshfwd::options::CIPHERS.join(", ")
+                    ),
+                );
+            }
+        }
+        if !(1..=16).contains(d.connections.get_ref()) {
+            v.error_at(
+                &d.connections,
+                format!(
+                    "connections {} is out of range 1..=16",
+                    d.connections.get_ref()
+                ),
+            );
+        }
+        if d.reconnect_min.0 > d.reconnect_max.0 {
+            v.error_at(&d.destination, "reconnect_min is longer than reconnect_max");
         }
         if d.local.is_empty() && d.remote.is_empty() && d.dynamic.is_empty() {
             v.error_at(

@@ -1,32 +1,78 @@
 //! `[[ssh]]` / `[sshd]` in `vipgate run`, `vipgate show ssh`, `vipgate ssh`, `vipgate sshd`.
+//!
+//! The flags of `vipgate ssh` are OpenSSH's, so scripts and muscle memory carry over:
+//! `vipgate ssh -N -f -p 2222 -i key -L 8585:127.0.0.1:80 ops@host` behaves like `ssh` with
+//! the same arguments, plus what autossh adds (keepalive and reconnection restoring every
+//! forward). Options come from, first value wins: flags, then `-o`, then the `-F` file.
 
-use super::{Part, StartCtx, not_built_yet};
+use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
-use std::path::PathBuf;
+use crate::config::ssh::{SshSection, SshdSection, StrictHostKeyChecking};
+use anyhow::{Context, bail};
+use serde_json::json;
+use sshfwd::backoff::BackoffConfig;
+use sshfwd::client::{ClientConfig, Tunnel, TunnelStatus};
+use sshfwd::known_hosts::StrictHostKeyChecking as Strict;
+use sshfwd::options::{SshOptions, expand_tilde};
+use sshfwd::policy::PermitList;
+use sshfwd::server::{ForwardServer, ServerConfig};
+use sshfwd::spec::{DynamicSpec, ForwardSpec};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
 
 /// `vipgate ssh`: the OpenSSH-compatible forwarding client.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct SshArgs {
-    /// `[user@]host`.
+    /// `[user@]host` (or a `Host` alias of the `-F` file).
     pub(crate) destination: String,
+    /// A remote command: refused, vipgate only forwards.
+    #[arg(trailing_var_arg = true, hide = true)]
+    pub(crate) command: Vec<String>,
     /// Do not run a remote command (forwarding only); vipgate never runs one anyway.
     #[arg(short = 'N')]
     pub(crate) no_command: bool,
+    /// Go to the background once every forward is established.
+    #[arg(short = 'f')]
+    pub(crate) background: bool,
     /// Port to connect to on the remote host.
     #[arg(short = 'p')]
     pub(crate) port: Option<u16>,
-    /// Identity (private key) file.
+    /// Login name on the remote host.
+    #[arg(short = 'l')]
+    pub(crate) login: Option<String>,
+    /// Identity (private key) file; repeatable.
     #[arg(short = 'i')]
     pub(crate) identity: Vec<PathBuf>,
-    /// `[bind_address:]port:host:hostport` — forward a local port to host:hostport via the server.
+    /// Cipher preference, comma-separated (e.g. aes128-gcm@openssh.com).
+    #[arg(short = 'c')]
+    pub(crate) cipher: Option<String>,
+    /// ssh_config file (Host, HostName, User, Port, IdentityFile, Local/Remote/DynamicForward
+    /// and the -o options). ~/.ssh/config is not read unless given here.
+    #[arg(short = 'F')]
+    pub(crate) config_file: Option<PathBuf>,
+    /// `Key=Value`: UserKnownHostsFile, StrictHostKeyChecking (yes|accept-new),
+    /// ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, GatewayPorts, BatchMode,
+    /// Ciphers, IdentitiesOnly, and the ssh_config keywords above.
+    #[arg(short = 'o')]
+    pub(crate) options: Vec<String>,
+    /// `[bind_address:]port:host:hostport` or `[bind_address:]port:/remote/socket` —
+    /// forward a local port through the server.
     #[arg(short = 'L')]
     pub(crate) local: Vec<String>,
-    /// `[bind_address:]port:host:hostport` — forward a server port back to host:hostport here.
+    /// `[bind_address:]port:host:hostport` — forward a server port (0 = allocated) back here.
     #[arg(short = 'R')]
     pub(crate) remote: Vec<String>,
-    /// `[bind_address:]port` — a SOCKS proxy whose connections go out through the server.
+    /// `[bind_address:]port` — a SOCKS4a/5 proxy whose connections go out through the server.
     #[arg(short = 'D')]
     pub(crate) dynamic: Vec<String>,
+    /// File with the passphrase of encrypted identities (else prompted on a terminal).
+    #[arg(long)]
+    pub(crate) passphrase_file: Option<PathBuf>,
+    /// SSH connections to keep; channels are spread over them (uses more cores). Default 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub(crate) connections: u16,
 }
 
 /// `vipgate sshd`: the forwarding-only SSH server.
@@ -37,34 +83,659 @@ pub(crate) struct SshdArgs {
     pub(crate) config: PathBuf,
 }
 
+/// Environment marker of the child that `-f` starts; its stdout carries one "ready" line.
+const BACKGROUND_CHILD: &str = "VIPGATE_SSH_BACKGROUND_CHILD";
+const READY: &str = "vipgate-ssh-ready";
+
+fn home() -> Option<String> {
+    std::env::var("HOME").ok().filter(|h| !h.is_empty())
+}
+
+fn default_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "root".to_string())
+}
+
+fn default_known_hosts() -> PathBuf {
+    PathBuf::from(expand_tilde("~/.ssh/known_hosts", home().as_deref()))
+}
+
+/// Splits `[user@]host[:port]`, with `[v6]:port` for IPv6 (a bare IPv6 address has no port).
+fn parse_destination(dest: &str) -> anyhow::Result<(Option<String>, String, Option<u16>)> {
+    let (user, rest) = match dest.rsplit_once('@') {
+        Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
+        Some(_) => bail!("destination `{dest}` has an empty user name"),
+        None => (None, dest),
+    };
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, p) = r
+            .split_once(']')
+            .with_context(|| format!("destination `{dest}`: unbalanced ["))?;
+        let port = match p.strip_prefix(':') {
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .with_context(|| format!("bad port in `{dest}`"))?,
+            ),
+            None if p.is_empty() => None,
+            None => bail!("destination `{dest}` is not [user@]host[:port]"),
+        };
+        (h.to_string(), port)
+    } else if rest.matches(':').count() == 1 {
+        let (h, p) = rest.split_once(':').unwrap_or((rest, ""));
+        (
+            h.to_string(),
+            Some(
+                p.parse::<u16>()
+                    .with_context(|| format!("bad port in `{dest}`"))?,
+            ),
+        )
+    } else {
+        (rest.to_string(), None)
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        bail!("destination `{dest}` is not [user@]host[:port]");
+    }
+    Ok((user, host, port))
+}
+
+/// Reads a passphrase without echo from the terminal.
+fn prompt_passphrase(path: &Path) -> anyhow::Result<String> {
+    use std::io::{BufRead, Write};
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .context("no terminal to ask for the passphrase; use --passphrase-file")?;
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(
+                tty.try_clone()
+                    .map_or(std::process::Stdio::null(), Into::into),
+            )
+            .status()
+    };
+    let mut out = tty.try_clone()?;
+    write!(out, "Enter passphrase for key '{}': ", path.display())?;
+    out.flush()?;
+    let _ = stty("-echo");
+    let mut line = String::new();
+    let read = std::io::BufReader::new(tty.try_clone()?).read_line(&mut line);
+    let _ = stty("echo");
+    writeln!(out)?;
+    read?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn read_passphrase_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading passphrase file {}", path.display()))?;
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// Builds the client config from the command line, `-o` and `-F`.
+fn client_config_from_args(args: &SshArgs) -> anyhow::Result<ClientConfig> {
+    if !args.command.is_empty() {
+        bail!(
+            "vipgate ssh only forwards ports and never runs a remote command (got `{}`); use -N",
+            args.command.join(" ")
+        );
+    }
+    let (dest_user, dest_host, dest_port) = parse_destination(&args.destination)?;
+    // Flags first: in OpenSSH they beat both -o given later and the config file.
+    let mut o = SshOptions {
+        port: args.port.or(dest_port),
+        user: args.login.clone().or(dest_user),
+        identity_files: args
+            .identity
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        ..SshOptions::default()
+    };
+    if let Some(c) = &args.cipher {
+        o.apply("Ciphers", c).context("-c")?;
+    }
+    for spec in &args.local {
+        o.local_forwards
+            .push(ForwardSpec::parse_local(spec).map_err(anyhow::Error::msg)?);
+    }
+    for spec in &args.remote {
+        o.remote_forwards
+            .push(ForwardSpec::parse_remote(spec).map_err(anyhow::Error::msg)?);
+    }
+    for spec in &args.dynamic {
+        o.dynamic_forwards
+            .push(DynamicSpec::parse(spec).map_err(anyhow::Error::msg)?);
+    }
+    for opt in &args.options {
+        o.apply_dash_o(opt).with_context(|| format!("-o {opt}"))?;
+    }
+    if let Some(file) = &args.config_file {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        o.apply_config(&text, &dest_host)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    }
+    if o.local_forwards.is_empty() && o.remote_forwards.is_empty() && o.dynamic_forwards.is_empty()
+    {
+        bail!("nothing to forward: give at least one -L, -R or -D (vipgate ssh has no shell)");
+    }
+    let home = home();
+    let host = o.host_name.clone().unwrap_or(dest_host);
+    let user = o.user.clone().unwrap_or_else(default_user);
+    let known_hosts = o
+        .user_known_hosts_file
+        .as_deref()
+        .map_or_else(default_known_hosts, |p| {
+            PathBuf::from(expand_tilde(p, home.as_deref()))
+        });
+    let mut cfg = ClientConfig::new(&host, o.port.unwrap_or(22), &user, known_hosts);
+    cfg.identities = if o.identity_files.is_empty() {
+        ["id_ed25519", "id_ecdsa", "id_rsa"]
+            .iter()
+            .map(|n| PathBuf::from(expand_tilde(&format!("~/.ssh/{n}"), home.as_deref())))
+            .filter(|p| p.exists())
+            .collect()
+    } else {
+        o.identity_files
+            .iter()
+            .map(|p| PathBuf::from(expand_tilde(p, home.as_deref())))
+            .collect()
+    };
+    cfg.use_agent = !o.identities_only.unwrap_or(false);
+    // OpenSSH's default is "ask", which needs a terminal dialogue; accept-new is the
+    // non-interactive equivalent of answering "yes" once, and a changed key stays refused.
+    cfg.strict_host_key_checking = o.strict_host_key_checking.unwrap_or(Strict::AcceptNew);
+    cfg.local = o.local_forwards;
+    cfg.remote = o.remote_forwards;
+    cfg.dynamic = o.dynamic_forwards;
+    cfg.gateway_ports = o.gateway_ports.unwrap_or(false);
+    cfg.server_alive_interval = match o.server_alive_interval {
+        Some(0) => None,
+        Some(s) => Some(Duration::from_secs(u64::from(s))),
+        None => Some(Duration::from_secs(15)),
+    };
+    cfg.server_alive_count_max = o.server_alive_count_max.unwrap_or(3);
+    cfg.exit_on_forward_failure = o.exit_on_forward_failure.unwrap_or(true);
+    cfg.ciphers = o.ciphers.unwrap_or_default();
+    cfg.connections = usize::from(args.connections);
+    cfg.fail_fast = true;
+    let batch = o.batch_mode.unwrap_or(false);
+    cfg.passphrase = passphrase_for(&cfg.identities, args.passphrase_file.as_deref(), batch)?;
+    Ok(cfg)
+}
+
+fn passphrase_for(
+    identities: &[PathBuf],
+    file: Option<&Path>,
+    batch: bool,
+) -> anyhow::Result<Option<String>> {
+    if let Some(f) = file {
+        return read_passphrase_file(f).map(Some);
+    }
+    match identities
+        .iter()
+        .find(|p| sshfwd::client::identity_is_encrypted(p))
+    {
+        Some(p) if !batch => prompt_passphrase(p).map(Some),
+        Some(p) => bail!(
+            "identity {} is encrypted and BatchMode forbids prompting; use --passphrase-file",
+            p.display()
+        ),
+        None => Ok(None),
+    }
+}
+
 /// Runs `vipgate ssh`.
 ///
 /// # Errors
-/// Always, until SSH forwarding lands.
-pub(crate) async fn run_ssh(_args: SshArgs) -> anyhow::Result<()> {
-    Err(not_built_yet("`vipgate ssh`"))
+/// Bad arguments, and anything that stops the first connection or a forward.
+pub(crate) async fn run_ssh(args: SshArgs) -> anyhow::Result<()> {
+    let cfg = client_config_from_args(&args)?;
+    if args.background && std::env::var_os(BACKGROUND_CHILD).is_none() {
+        return go_background().await;
+    }
+    let mut tunnel = Tunnel::start(cfg).await?;
+    let mut allocated = tunnel.allocated_ports();
+    if let Some(rx) = allocated.as_mut() {
+        while let Ok(a) = rx.try_recv() {
+            eprintln!(
+                "Allocated port {} for remote forward to {}",
+                a.port, a.target
+            );
+        }
+    }
+    if std::env::var_os(BACKGROUND_CHILD).is_some() {
+        println!("{READY}");
+    }
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            Some(a) = async { match allocated.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
+                eprintln!("Allocated port {} for remote forward to {}", a.port, a.target);
+            }
+        }
+    }
+    tunnel.stop().await;
+    Ok(())
+}
+
+/// `-f`: run the same command again as a detached child and return once it reports that
+/// every forward is up (or fail with its error). A re-exec, not a fork: forking a process
+/// that already runs tokio threads is unsound.
+async fn go_background() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe().context("finding the vipgate binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(BACKGROUND_CHILD, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0);
+    let mut child = tokio::process::Command::from(cmd)
+        .spawn()
+        .context("starting the background process")?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("no pipe to the background process")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line == READY {
+            return Ok(());
+        }
+        println!("{line}");
+    }
+    let status = child.wait().await?;
+    bail!("the background process exited before its forwards were up ({status})")
 }
 
 /// Runs `vipgate sshd`.
 ///
 /// # Errors
-/// Always, until SSH forwarding lands.
-pub(crate) async fn run_sshd(_args: SshdArgs) -> anyhow::Result<()> {
-    Err(not_built_yet("`vipgate sshd`"))
+/// A bad config, a config without `[sshd]`, or a server that cannot start.
+pub(crate) async fn run_sshd(args: SshdArgs) -> anyhow::Result<()> {
+    let site = crate::config::load(&args.config)?;
+    let Some(section) = &site.sshd else {
+        bail!("{} has no [sshd] section", args.config.display());
+    };
+    let server = start_server(section).await?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    server.stop();
+    Ok(())
+}
+
+async fn start_server(section: &SshdSection) -> anyhow::Result<ForwardServer> {
+    let cfg = ServerConfig {
+        listen: section.listen,
+        host_key: section.host_key.clone(),
+        authorized_keys: section.authorized_keys.clone(),
+        permit_open: PermitList::parse(&section.permit_open, false).map_err(anyhow::Error::msg)?,
+        permit_listen: PermitList::parse(&section.permit_listen, true)
+            .map_err(anyhow::Error::msg)?,
+        gateway_ports: section.gateway_ports,
+        idle_timeout: section.idle_timeout.map(|d| d.0),
+    };
+    let server = ForwardServer::start(cfg).await?;
+    let key = server.host_key();
+    if key.generated {
+        eprintln!(
+            "vipgate sshd: generated host key {} ({} {})",
+            section.host_key.display(),
+            key.algorithm,
+            key.fingerprint
+        );
+    }
+    eprintln!(
+        "vipgate sshd: listening on {}, host key {} {} (forwarding only)",
+        server.local_addr(),
+        key.algorithm,
+        key.fingerprint
+    );
+    Ok(server)
+}
+
+fn client_config_from_section(d: &SshSection) -> anyhow::Result<ClientConfig> {
+    let (user, host, port) = parse_destination(d.destination.get_ref())?;
+    let home = home();
+    let known_hosts = d.known_hosts.clone().unwrap_or_else(default_known_hosts);
+    let mut cfg = ClientConfig::new(
+        &host,
+        port.unwrap_or(22),
+        &user.unwrap_or_else(default_user),
+        known_hosts,
+    );
+    cfg.name = d.destination.get_ref().clone();
+    cfg.identities = d
+        .identity
+        .iter()
+        .map(|p| PathBuf::from(expand_tilde(&p.display().to_string(), home.as_deref())))
+        .collect();
+    cfg.use_agent = d.use_agent;
+    cfg.strict_host_key_checking = match d.strict_host_key_checking {
+        StrictHostKeyChecking::Yes => Strict::Yes,
+        StrictHostKeyChecking::AcceptNew => Strict::AcceptNew,
+    };
+    let parse = |s: &toml::Spanned<String>, f: fn(&str) -> Result<ForwardSpec, _>| {
+        f(s.get_ref()).map_err(|e: sshfwd::spec::SpecError| anyhow::anyhow!(e))
+    };
+    cfg.local = d
+        .local
+        .iter()
+        .map(|s| parse(s, ForwardSpec::parse_local))
+        .collect::<anyhow::Result<_>>()?;
+    cfg.remote = d
+        .remote
+        .iter()
+        .map(|s| parse(s, ForwardSpec::parse_remote))
+        .collect::<anyhow::Result<_>>()?;
+    cfg.dynamic = d
+        .dynamic
+        .iter()
+        .map(|s| DynamicSpec::parse(s.get_ref()).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
+    cfg.gateway_ports = d.gateway_ports;
+    let alive = d.server_alive_interval.0;
+    cfg.server_alive_interval = (!alive.is_zero()).then_some(alive);
+    cfg.server_alive_count_max = d.server_alive_count_max;
+    cfg.exit_on_forward_failure = d.exit_on_forward_failure;
+    cfg.ciphers = d.ciphers.iter().map(|c| c.get_ref().clone()).collect();
+    cfg.connections = usize::try_from(*d.connections.get_ref())
+        .unwrap_or(1)
+        .max(1);
+    cfg.connect_timeout = d.connect_timeout.0;
+    cfg.backoff = BackoffConfig {
+        initial: d.reconnect_min.0,
+        max: d.reconnect_max.0,
+        ..BackoffConfig::default()
+    };
+    cfg.fail_fast = true;
+    cfg.passphrase = match &d.passphrase_file {
+        Some(f) => Some(read_passphrase_file(f)?),
+        None => None,
+    };
+    Ok(cfg)
+}
+
+/// One `[[ssh]]` destination inside `vipgate run`.
+struct SshClientPart {
+    name: String,
+    tunnel: Tunnel,
+    /// Ports allocated for `-R 0` forwards, latest per target.
+    allocated: Mutex<Vec<(u16, String)>>,
+    allocated_rx:
+        Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<sshfwd::client::AllocatedPort>>>,
+}
+
+impl SshClientPart {
+    fn drain_allocated(&self) {
+        let mut rx = self
+            .allocated_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut list = self
+            .allocated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rx) = rx.as_mut() {
+            while let Ok(a) = rx.try_recv() {
+                tracing::info!(
+                    "{}: allocated port {} for remote forward to {}",
+                    self.name,
+                    a.port,
+                    a.target
+                );
+                list.retain(|(_, t)| *t != a.target);
+                list.push((a.port, a.target));
+            }
+        }
+    }
+}
+
+fn tunnel_json(s: &TunnelStatus) -> serde_json::Value {
+    json!({
+        "role": "client",
+        "name": s.name,
+        "state": s.state,
+        "uptime_s": s.uptime.map(|u| u.as_secs()),
+        "reconnects": s.reconnects,
+        "connections_up": s.connections_up,
+        "last_error": s.last_error,
+        "forwards": s.forwards.iter().map(|f| json!({
+            "kind": f.kind,
+            "spec": f.spec,
+            "bound": f.bound,
+            "active": f.active,
+            "total": f.total,
+            "failed": f.failed,
+            "bytes_out": f.bytes_out,
+            "bytes_in": f.bytes_in,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+impl Part for SshClientPart {
+    fn kind(&self) -> Kind {
+        Kind::Ssh
+    }
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn status(&self) -> serde_json::Value {
+        self.drain_allocated();
+        tunnel_json(&self.tunnel.status())
+    }
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(async move { self.tunnel.stop().await })
+    }
+}
+
+/// `[sshd]` inside `vipgate run`.
+struct SshdPart {
+    server: ForwardServer,
+}
+
+impl Part for SshdPart {
+    fn kind(&self) -> Kind {
+        Kind::Ssh
+    }
+    fn name(&self) -> String {
+        "sshd".to_string()
+    }
+    fn status(&self) -> serde_json::Value {
+        let s = self.server.status();
+        json!({
+            "role": "server",
+            "name": "sshd",
+            "listen": s.listen,
+            "fingerprint": s.fingerprint,
+            "sessions": s.sessions,
+            "logins": s.logins,
+            "auth_refused": s.auth_refused,
+            "forwards_refused": s.forwards_refused,
+            "channels_active": s.channels_active,
+            "channels_total": s.channels_total,
+            "bytes_out": s.bytes_out,
+            "bytes_in": s.bytes_in,
+        })
+    }
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(async move { self.server.stop() })
+    }
 }
 
 /// Starts the `[[ssh]]` destinations and `[sshd]`.
 ///
 /// # Errors
-/// Always, until SSH forwarding lands.
+/// The first destination or server that cannot start (with what was started stopped again).
 pub(crate) async fn start(
-    _site: &SiteConfig,
+    site: &SiteConfig,
     _ctx: &StartCtx,
 ) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    Err(not_built_yet("ssh"))
+    let mut parts: Vec<Box<dyn Part>> = Vec::new();
+    let result = async {
+        if let Some(section) = &site.sshd {
+            parts.push(Box::new(SshdPart {
+                server: start_server(section).await?,
+            }));
+        }
+        for d in &site.ssh {
+            let cfg = client_config_from_section(d)?;
+            let name = cfg.name.clone();
+            let mut tunnel = Tunnel::start(cfg)
+                .await
+                .with_context(|| format!("ssh destination {name}"))?;
+            let rx = tunnel.allocated_ports();
+            let part = SshClientPart {
+                name,
+                tunnel,
+                allocated: Mutex::new(Vec::new()),
+                allocated_rx: Mutex::new(rx),
+            };
+            part.drain_allocated();
+            parts.push(Box::new(part));
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(parts),
+        Err(e) => {
+            while let Some(p) = parts.pop() {
+                p.stop().await;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} KB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+fn uptime(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{}s", secs / 60, secs % 60),
+        _ => format!("{}h{}m", secs / 3600, (secs % 3600) / 60),
+    }
 }
 
 /// Human text for `vipgate show ssh`.
 pub(crate) fn render(items: &[serde_json::Value]) -> String {
-    items.iter().map(|i| format!("{i}\n")).collect()
+    let mut out = String::new();
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
+    };
+    let n =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    for it in items {
+        if s(it, "role") == "server" {
+            out.push_str(&format!(
+                "sshd {}  {}  sessions {}  logins {}  refused keys {} forwards {}  channels {} open / {} total  out {}  in {}\n",
+                s(it, "listen"),
+                s(it, "fingerprint"),
+                n(it, "sessions"),
+                n(it, "logins"),
+                n(it, "auth_refused"),
+                n(it, "forwards_refused"),
+                n(it, "channels_active"),
+                n(it, "channels_total"),
+                bytes(n(it, "bytes_out")),
+                bytes(n(it, "bytes_in")),
+            ));
+            continue;
+        }
+        let up = it
+            .get("uptime_s")
+            .and_then(serde_json::Value::as_u64)
+            .map_or_else(|| "-".to_string(), uptime);
+        out.push_str(&format!(
+            "ssh {}  {}  up {}  reconnects {}\n",
+            s(it, "name"),
+            s(it, "state"),
+            up,
+            n(it, "reconnects")
+        ));
+        if let Some(e) = it.get("last_error").and_then(|e| e.as_str()) {
+            out.push_str(&format!("  last error: {e}\n"));
+        }
+        for f in it
+            .get("forwards")
+            .and_then(|f| f.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let bound = s(f, "bound");
+            out.push_str(&format!(
+                "  {:<8} {:<28} {:<22} open {}  total {}  failed {}  out {}  in {}\n",
+                s(f, "kind"),
+                s(f, "spec"),
+                if bound.is_empty() {
+                    "(not bound)".to_string()
+                } else {
+                    bound
+                },
+                n(f, "active"),
+                n(f, "total"),
+                n(f, "failed"),
+                bytes(n(f, "bytes_out")),
+                bytes(n(f, "bytes_in")),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        let d = |s: &str| parse_destination(s).unwrap();
+        assert_eq!(d("ops@web"), (Some("ops".into()), "web".into(), None));
+        assert_eq!(
+            d("ops@203.0.113.5:2222"),
+            (Some("ops".into()), "203.0.113.5".into(), Some(2222))
+        );
+        assert_eq!(d("[::1]:22"), (None, "::1".into(), Some(22)));
+        assert_eq!(d("::1"), (None, "::1".into(), None));
+        assert!(parse_destination("@h").is_err());
+        assert!(parse_destination("h:x").is_err());
+        assert!(parse_destination("").is_err());
+    }
+
+    #[test]
+    fn render_shows_forwards() {
+        let v = json!({"role": "client", "name": "ops@h", "state": "connected", "uptime_s": 65,
+            "reconnects": 2, "forwards": [{"kind": "local", "spec": "8585:127.0.0.1:80",
+            "bound": "127.0.0.1:8585", "active": 1, "total": 3, "failed": 0,
+            "bytes_out": 1500, "bytes_in": 2_000_000}]});
+        let text = render(&[v]);
+        assert!(
+            text.contains("ssh ops@h  connected  up 1m5s  reconnects 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("127.0.0.1:8585") && text.contains("in 2.0 MB"),
+            "{text}"
+        );
+    }
 }
