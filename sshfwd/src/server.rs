@@ -361,8 +361,10 @@ impl ServerHandler {
             .sessions_refused
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!("{}@{}: refused {what}", self.user, self.peer);
+        // Answered with success so that OpenSSH's client prints our message and exits with
+        // status 1; a failure reply makes it exit at once without showing stderr.
+        session.channel_success(channel)?;
         session.extended_data(channel, 1, REFUSAL.as_bytes().to_vec())?;
-        session.channel_failure(channel)?;
         session.exit_status_request(channel, 1)?;
         session.eof(channel)?;
         session.close(channel)
