@@ -143,7 +143,7 @@ fn openssh_sshd(topo: &Topology, keys: &Keys) -> Proc {
         "sshd",
         &["/usr/sbin/sshd", "-D", "-e", "-f", cfg.to_str().unwrap()],
     );
-    wait_port(&topo, SSHD_PORT, Duration::from_secs(10));
+    wait_port(topo, SSHD_PORT, Duration::from_secs(10));
     p
 }
 
@@ -168,7 +168,7 @@ fn echo_server(topo: &Topology) -> Proc {
             &ECHO_PORT.to_string(),
         ],
     );
-    wait_port(&topo, ECHO_PORT, Duration::from_secs(10));
+    wait_port(topo, ECHO_PORT, Duration::from_secs(10));
     p
 }
 
