@@ -45,15 +45,14 @@ pub mod fuzzing {
 
     /// `-L`/`-R`/`-D` parsers; an accepted `-L`/`-R` must round-trip through Display.
     pub fn spec_parse(text: &str) {
-        for parsed in [
+        let parsed = [
             spec::ForwardSpec::parse_local(text),
             spec::ForwardSpec::parse_remote(text),
-        ] {
-            if let Ok(s) = parsed {
-                let again =
-                    spec::ForwardSpec::parse_remote(&s.to_string()).expect("display output parses");
-                assert_eq!(again, s);
-            }
+        ];
+        for s in parsed.into_iter().flatten() {
+            let again =
+                spec::ForwardSpec::parse_remote(&s.to_string()).expect("display output parses");
+            assert_eq!(again, s);
         }
         let _ = spec::DynamicSpec::parse(text);
     }
