@@ -1,2 +1,46 @@
-//! GRE (RFC 2784/2890) and GRE-in-UDP (RFC 8086) tunnels: sans-IO codec, tunnel core, Cisco-style keepalives, and a TUN/raw-socket driver.
+//! GRE site-to-site tunnels in userspace: RFC 2784 with RFC 2890 keys and sequence numbers,
+//! GRE-in-UDP (RFC 8086), and Cisco-compatible keepalives.
+//!
+//! ```text
+//!  LAN -> kernel route -> TUN gre-NAME --read--> Tunnel::encapsulate --> raw IP proto 47
+//!                                                (MSS clamp, ICMP          or UDP 4754
+//!                                                 frag-needed, key/seq)       |
+//!  LAN <- kernel route <- TUN gre-NAME <-write-- Tunnel::decapsulate <-- from the peer
+//!                                                (source, key, sequence,
+//!                                                 keepalive reflect/reply)
+//! ```
+//!
+//! The core ([`wire`], [`tunnel`], [`keepalive`]) is sans-IO: bytes, `Instant`s and
+//! configuration in; byte ranges of the caller's buffer, events and deadlines out. The
+//! `driver` feature adds the TUN device, the underlay sockets and rtnetlink route handling.
+//!
+//! What this crate does NOT do: outer IPv6, RFC 1701 routing/source-route fields,
+//! transparent Ethernet bridging (0x6558, `gretap`), encryption or authentication (GRE
+//! keys and sequence numbers are not security, RFC 2890 §3), multipoint GRE (one remote
+//! per tunnel), and reorder buffering of sequenced packets (gapped packets are delivered
+//! at once, late ones dropped).
 #![warn(missing_docs)]
+
+pub mod keepalive;
+pub mod tunnel;
+pub mod wire;
+
+pub use keepalive::{GreKeepalive, KeepaliveConfig};
+pub use tunnel::{
+    Counters, Demux, DropReason, Encap, HEADROOM, Tunnel, TunnelConfig, TunnelEvent, Underlay,
+    Verdict,
+};
+pub use wire::{GrePacket, GreRepr, WireError};
+
+#[cfg(test)]
+mod test_util {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    /// One fixed base instant for simulated time; the only clock read in the core's tests.
+    pub(crate) fn t0() -> Instant {
+        static T0: OnceLock<Instant> = OnceLock::new();
+        #[allow(clippy::disallowed_methods)]
+        *T0.get_or_init(Instant::now)
+    }
+}
