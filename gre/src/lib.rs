@@ -25,6 +25,9 @@ pub mod keepalive;
 pub mod tunnel;
 pub mod wire;
 
+#[cfg(feature = "driver")]
+pub mod driver;
+
 pub use keepalive::{GreKeepalive, KeepaliveConfig};
 pub use tunnel::{
     Counters, Demux, DropReason, Encap, HEADROOM, Tunnel, TunnelConfig, TunnelEvent, Underlay,

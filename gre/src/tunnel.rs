@@ -33,7 +33,7 @@ pub const HEADROOM: usize = MAX_HEADER_LEN;
 pub const PROBE_BUF_LEN: usize = 2 * MAX_HEADER_LEN + 28;
 
 /// How GRE packets travel on the underlay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Underlay {
     /// IP protocol 47 (RFC 2784).
     #[default]
