@@ -1,0 +1,89 @@
+//! `vipgate run`: start every configured part, serve the control socket, stop cleanly.
+
+use crate::config;
+use crate::control::{ControlServer, ReloadRequest};
+use crate::parts::{Kind, Running, StartCtx};
+use anyhow::Context;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::RwLock;
+
+/// Runs the site in the foreground until SIGTERM or SIGINT.
+///
+/// # Errors
+/// A bad config (all its FILE:LINE:COL lines) or a part that failed to start (named).
+pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
+    let site = config::load(path)?;
+    if site.is_empty() {
+        anyhow::bail!("{}: configures nothing to run", path.display());
+    }
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+
+    let ctx = StartCtx { only };
+    let running = Arc::new(RwLock::new(Running::start(&site, &ctx).await?));
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
+    let control = match ControlServer::start(&site.daemon.control, running.clone(), reload_tx).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            running.write().await.stop().await;
+            return Err(e);
+        }
+    };
+    let count = running.read().await.parts.len();
+    tracing::info!(config = %path.display(), parts = count, control = %site.daemon.control.display(), "vipgate running");
+
+    let mut site = site;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = sighup.recv() => {
+                // SIGHUP has no one to answer; the outcome goes to the log.
+                let _ = reload(path, &mut site, &running, &ctx).await;
+            }
+            Some(reply) = reload_rx.recv() => {
+                let _ = reply.send(reload(path, &mut site, &running, &ctx).await);
+            }
+        }
+    }
+    drop(control);
+    running.write().await.stop().await;
+    Ok(())
+}
+
+/// Re-reads `path` and applies the differences; a bad file leaves everything as it was.
+async fn reload(
+    path: &Path,
+    site: &mut config::SiteConfig,
+    running: &RwLock<Running>,
+    ctx: &StartCtx,
+) -> Result<Vec<String>, String> {
+    let new = match config::load(path) {
+        Ok(new) => new,
+        Err(errors) => {
+            tracing::error!("reload refused, the running config stays:\n{errors}");
+            return Err(errors.to_string());
+        }
+    };
+    if new.daemon.control != site.daemon.control {
+        tracing::warn!(
+            "reload: [daemon] control changed; the new socket path applies after a restart"
+        );
+    }
+    let outcome = running.write().await.reload(site, &new, ctx).await;
+    match outcome {
+        Ok(report) => {
+            tracing::info!(changes = ?report, "reloaded {}", path.display());
+            *site = new;
+            Ok(report)
+        }
+        Err(e) => {
+            tracing::error!("reload failed: {e:#}");
+            Err(format!("{e:#}"))
+        }
+    }
+}
