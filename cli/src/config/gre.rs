@@ -152,3 +152,35 @@ pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse;
+    use std::path::Path;
+
+    const HQ: &str = include_str!("../../../examples/branch-hq.toml");
+    const BR: &str = include_str!("../../../examples/branch-br.toml");
+
+    #[test]
+    fn branch_examples_are_valid_mirror_images() {
+        let hq = parse(Path::new("branch-hq.toml"), HQ).expect("branch-hq.toml validates");
+        let br = parse(Path::new("branch-br.toml"), BR).expect("branch-br.toml validates");
+        let (a, b) = (&hq.gre[0], &br.gre[0]);
+        assert_eq!((a.local, a.remote), (b.remote, b.local));
+        assert_eq!(a.key, b.key);
+        assert!(a.offload && b.offload);
+    }
+
+    #[test]
+    fn route_covering_the_peer_is_refused_with_its_position() {
+        let text = "[[gre]]\nname = \"g\"\nlocal = \"198.51.100.1\"\nremote = \"198.51.100.2\"\n\
+                    address = \"172.16.0.1/30\"\nroutes = [\"198.51.100.0/24\"]\n";
+        let err = parse(Path::new("site.toml"), text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "site.toml:6:11: route 198.51.100.0/24 covers the tunnel's own outer address"
+            ),
+            "{err}"
+        );
+    }
+}
