@@ -163,6 +163,10 @@ impl Shared {
 struct UnderlaySocket {
     fd: AsyncFd<Socket>,
     kind: Underlay,
+    /// UDP GSO usable for sending (cleared when the kernel refuses it).
+    gso: AtomicBool,
+    /// The kernel coalesces received datagrams (UDP GRO).
+    gro: bool,
 }
 
 impl UnderlaySocket {
@@ -181,9 +185,12 @@ impl UnderlaySocket {
             .set_nonblocking(true)
             .map_err(io("set underlay socket non-blocking"))?;
         sys::force_buffers(&socket, 4 << 20);
+        let gro = kind == Underlay::Udp && sys::enable_udp_gro(&socket);
         Ok(Self {
             fd: sys::register(socket).map_err(io("register underlay socket"))?,
             kind,
+            gso: AtomicBool::new(kind == Underlay::Udp),
+            gro,
         })
     }
 
@@ -193,6 +200,64 @@ impl UnderlaySocket {
             Underlay::Udp => GRE_IN_UDP_PORT,
         };
         SocketAddrV4::new(remote, port)
+    }
+
+    /// Sends a batch; for GRE-in-UDP, runs of equal-sized packets (the segments of one
+    /// TSO super-packet) go out as one UDP GSO send. `scratch` is reused between calls.
+    async fn send_batch(
+        &self,
+        packets: &[&[u8]],
+        remote: Ipv4Addr,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if !self.gso.load(Ordering::Relaxed) {
+            return self.send_all(packets, remote).await;
+        }
+        let dst = self.destination(remote);
+        let mut i = 0;
+        while i < packets.len() {
+            let segment = packets[i].len();
+            let mut j = i + 1;
+            let mut total = segment;
+            // Equal sizes, then at most one shorter tail; within 64 segments and 64 KiB.
+            while j < packets.len()
+                && j - i < 64
+                && total + packets[j].len() <= 65_000
+                && packets[j - 1].len() == segment
+                && packets[j].len() <= segment
+            {
+                total += packets[j].len();
+                j += 1;
+            }
+            if j - i == 1 {
+                self.send_all(&packets[i..j], remote).await?;
+                i = j;
+                continue;
+            }
+            scratch.clear();
+            for p in &packets[i..j] {
+                scratch.extend_from_slice(p);
+            }
+            loop {
+                let mut guard = self.fd.writable().await?;
+                match guard.try_io(|fd| sys::send_gso(fd.as_raw_fd(), scratch, segment as u16, dst))
+                {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e))
+                        if e.raw_os_error() == Some(libc::EIO)
+                            || e.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        tracing::info!(error = %e, "UDP GSO refused by the kernel; sending datagrams one by one");
+                        self.gso.store(false, Ordering::Relaxed);
+                        return self.send_all(&packets[i..], remote).await;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_would_block) => {}
+                }
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     /// Sends every packet, waiting while the socket buffer is full.
@@ -283,8 +348,8 @@ impl ExpandBuffer for &mut RxBuf {
 /// Where decapsulated packets sit in an [`RxBuf`] before the TUN write: far enough in for
 /// tun-rs to put the virtio-net header in front.
 const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
-/// Receive buffer size: a whole GRO super-packet fits without reallocation.
-const RX_BUF_LEN: usize = TUN_OFFSET + 65_536;
+/// Decapsulated packets one receive batch may produce.
+const OUT_POOL: usize = 1024;
 /// Segments one TUN read may produce with offload (64 KiB / smallest sane MSS).
 const MAX_SEGMENTS: usize = 64;
 
@@ -506,6 +571,7 @@ async fn transmit_loop(sh: &Shared) -> io::Result<()> {
     let mut sizes = vec![0usize; MAX_BATCH];
     let mut out: Vec<(usize, core::ops::Range<usize>)> = Vec::with_capacity(MAX_BATCH);
     let mut errors: Vec<(usize, core::ops::Range<usize>)> = Vec::new();
+    let mut scratch = Vec::with_capacity(65_536);
     loop {
         let mut n = sh
             .tun
@@ -535,7 +601,7 @@ async fn transmit_loop(sh: &Shared) -> io::Result<()> {
             }
         }
         let packets: Vec<&[u8]> = out.iter().map(|(i, r)| &bufs[*i][r.clone()]).collect();
-        if let Err(e) = sh.underlay.send_all(&packets, remote).await {
+        if let Err(e) = sh.underlay.send_batch(&packets, remote, &mut scratch).await {
             // The underlay may be unreachable for a while; packets are lost, not the tunnel.
             tracing::debug!(error = %e, "underlay send failed");
         }
@@ -579,66 +645,69 @@ async fn receive_loop(
         let core = sh.core();
         (core.config().remote, core.config().key)
     }));
-    let mut bufs: Vec<RxBuf> = (0..MAX_BATCH).map(|_| RxBuf::new(RX_BUF_LEN)).collect();
+    // With UDP GRO one receive buffer holds up to 64 datagrams; receive fewer buffers per
+    // call so the decapsulated packets still fit the output pool.
+    let receives = if underlay.gro {
+        OUT_POOL / 64
+    } else {
+        MAX_BATCH
+    };
+    let mut raw: Vec<Vec<u8>> = (0..receives).map(|_| vec![0u8; 65_536]).collect();
     let mut lens = [0usize; MAX_BATCH];
     let mut sources = [Ipv4Addr::UNSPECIFIED; MAX_BATCH];
-    let mut owner = [usize::MAX; MAX_BATCH];
+    let mut segments = [0usize; MAX_BATCH];
+    let mut out: Vec<RxBuf> = (0..OUT_POOL)
+        .map(|_| RxBuf::new(TUN_OFFSET + 2048))
+        .collect();
+    let mut owner = vec![usize::MAX; OUT_POOL];
     let mut gro: Vec<GROTable> = tunnels.iter().map(|_| GROTable::default()).collect();
     loop {
         let mut guard = underlay.fd.readable().await?;
-        for b in &mut bufs {
-            b.len = b.data.len();
-        }
-        let n = match guard
-            .try_io(|fd| sys::recv_batch(fd.as_raw_fd(), &mut bufs, &mut lens, &mut sources))
-        {
+        let n = match guard.try_io(|fd| {
+            sys::recv_batch(
+                fd.as_raw_fd(),
+                &mut raw,
+                &mut lens,
+                &mut sources,
+                &mut segments,
+            )
+        }) {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e),
             Err(_would_block) => continue,
         };
         let now = now();
-        owner[..n].fill(usize::MAX);
+        let mut used = 0;
         for i in 0..n {
-            let packet = &mut bufs[i].data[..lens[i]];
-            // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
-            let gre_at = match underlay.kind {
-                Underlay::Gre => match packet.first() {
-                    Some(b) if packet.len() >= usize::from(b & 0xf) * 4 => usize::from(b & 0xf) * 4,
-                    _ => continue,
-                },
-                Underlay::Udp => 0,
+            let step = if segments[i] == 0 {
+                lens[i]
+            } else {
+                segments[i]
             };
-            let Some(t) = demux.lookup(sources[i], &packet[gre_at..]) else {
-                continue;
-            };
-            let sh = &tunnels[t];
-            let verdict = sh
-                .core()
-                .decapsulate(now, sources[i], &mut packet[gre_at..]);
-            match verdict {
-                Verdict::ToTun(r) => {
-                    let (start, len) = (gre_at + r.start, r.len());
-                    bufs[i].data.copy_within(start..start + len, TUN_OFFSET);
-                    bufs[i].len = TUN_OFFSET + len;
-                    owner[i] = t;
+            let mut at = 0;
+            while at < lens[i] && used < OUT_POOL {
+                let end = (at + step.max(1)).min(lens[i]);
+                let datagram = &mut raw[i][at..end];
+                at = end;
+                if let Some(t) = decapsulate_one(
+                    underlay,
+                    &demux,
+                    tunnels,
+                    reflector,
+                    now,
+                    sources[i],
+                    datagram,
+                    &mut out[used],
+                ) {
+                    owner[used] = t;
+                    used += 1;
                 }
-                Verdict::Reflect(r) => {
-                    let inner = &packet[gre_at + r.start..gre_at + r.end];
-                    let dst = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
-                    if let Err(e) =
-                        reflector.send_to(inner, &SockAddr::from(SocketAddrV4::new(dst, 0)))
-                    {
-                        tracing::debug!(error = %e, "keepalive reflection failed");
-                    }
-                }
-                Verdict::KeepaliveReply => sh.wake.notify_one(),
-                Verdict::Drop(_) => {}
             }
         }
         for (t, sh) in tunnels.iter().enumerate() {
-            let mut mine: Vec<&mut RxBuf> = bufs[..n]
+            let mut mine: Vec<&mut RxBuf> = out[..used]
                 .iter_mut()
-                .zip(&owner[..n])
+                .zip(&owner[..used])
                 .filter(|(_, o)| **o == t)
                 .map(|(b, _)| b)
                 .collect();
@@ -661,6 +730,50 @@ async fn receive_loop(
             }
         }
     }
+}
+
+/// Handles one underlay datagram; returns the tunnel index when its inner packet was
+/// copied into `out` for the TUN.
+#[allow(clippy::too_many_arguments)]
+fn decapsulate_one(
+    underlay: &UnderlaySocket,
+    demux: &Demux,
+    tunnels: &[Arc<Shared>],
+    reflector: &Socket,
+    now: Instant,
+    source: Ipv4Addr,
+    packet: &mut [u8],
+    out: &mut RxBuf,
+) -> Option<usize> {
+    // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
+    let gre_at = match underlay.kind {
+        Underlay::Gre => {
+            let ihl = usize::from(packet.first()? & 0xf) * 4;
+            (packet.len() >= ihl).then_some(ihl)?
+        }
+        Underlay::Udp => 0,
+    };
+    let t = demux.lookup(source, &packet[gre_at..])?;
+    let sh = &tunnels[t];
+    let verdict = sh.core().decapsulate(now, source, &mut packet[gre_at..]);
+    match verdict {
+        Verdict::ToTun(r) => {
+            let inner = &packet[gre_at + r.start..gre_at + r.end];
+            out.len = TUN_OFFSET;
+            out.buf_extend_from_slice(inner);
+            return Some(t);
+        }
+        Verdict::Reflect(r) => {
+            let inner = &packet[gre_at + r.start..gre_at + r.end];
+            let dst = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
+            if let Err(e) = reflector.send_to(inner, &SockAddr::from(SocketAddrV4::new(dst, 0))) {
+                tracing::debug!(error = %e, "keepalive reflection failed");
+            }
+        }
+        Verdict::KeepaliveReply => sh.wake.notify_one(),
+        Verdict::Drop(_) => {}
+    }
+    None
 }
 
 async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) {

@@ -82,13 +82,23 @@ pub(crate) fn send_batch(fd: RawFd, packets: &[&[u8]], dst: SocketAddrV4) -> io:
 
 /// Receives up to `bufs.len()` datagrams without blocking; fills in each one's length and
 /// IPv4 source. Errors with `WouldBlock` when nothing is queued.
+///
+/// `segments[i]` is the UDP GRO segment size when the kernel coalesced several datagrams
+/// of one flow into `bufs[i]` (see [`enable_udp_gro`]), else 0.
 pub(crate) fn recv_batch<B: AsMut<[u8]>>(
     fd: RawFd,
     bufs: &mut [B],
     lens: &mut [usize],
     sources: &mut [Ipv4Addr],
+    segments: &mut [usize],
 ) -> io::Result<usize> {
-    let count = bufs.len().min(lens.len()).min(sources.len()).min(MAX_BATCH);
+    let count = bufs
+        .len()
+        .min(lens.len())
+        .min(sources.len())
+        .min(segments.len())
+        .min(MAX_BATCH);
+    let mut controls = [[0u64; CONTROL_WORDS]; MAX_BATCH];
     let mut iovs: [MaybeUninit<libc::iovec>; MAX_BATCH] =
         [const { MaybeUninit::uninit() }; MAX_BATCH];
     // SAFETY: plain data, all-zero is valid.
@@ -106,6 +116,8 @@ pub(crate) fn recv_batch<B: AsMut<[u8]>>(
         h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         h.msg_iov = iovs[i].as_mut_ptr();
         h.msg_iovlen = 1;
+        h.msg_control = controls[i].as_mut_ptr().cast();
+        h.msg_controllen = size_of::<[u64; CONTROL_WORDS]>();
     }
     // SAFETY: every header points at a live, exclusively borrowed buffer and address slot.
     let n = unsafe {
@@ -124,8 +136,77 @@ pub(crate) fn recv_batch<B: AsMut<[u8]>>(
     for i in 0..n {
         lens[i] = hdrs[i].msg_len as usize;
         sources[i] = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
+        segments[i] = 0;
+        let h = &hdrs[i].msg_hdr;
+        // SAFETY: the kernel filled msg_control up to msg_controllen; CMSG_* walk only that.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                    let size = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                    segments[i] = usize::try_from(size).unwrap_or(0);
+                }
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+        }
     }
     Ok(n)
+}
+
+/// Room for one UDP_GRO control message (and alignment), in u64 words.
+const CONTROL_WORDS: usize = 8;
+
+/// Asks the kernel to coalesce received datagrams of one flow (UDP GRO, Linux ≥ 5.0).
+pub(crate) fn enable_udp_gro(socket: &Socket) -> bool {
+    let on: libc::c_int = 1;
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// Sends `data` as datagrams of `segment` bytes each (the last may be shorter) with one
+/// call: UDP GSO, the kernel (or the NIC) does the splitting as late as possible.
+pub(crate) fn send_gso(
+    fd: RawFd,
+    data: &[u8],
+    segment: u16,
+    dst: SocketAddrV4,
+) -> io::Result<usize> {
+    let mut addr = sockaddr_in(dst);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut control = [0u64; CONTROL_WORDS];
+    // SAFETY: plain data, all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut addr).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    // SAFETY: msg_control points at `control`, large enough for one u16 control message.
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// Sets SO_SNDBUFFORCE/SO_RCVBUFFORCE (root may exceed net.core.[rw]mem_max), falling
@@ -173,13 +254,38 @@ mod tests {
         let mut bufs = vec![vec![0u8; 64]; 8];
         let mut lens = [0; 8];
         let mut srcs = [Ipv4Addr::UNSPECIFIED; 8];
-        let n = recv_batch(rx.as_raw_fd(), &mut bufs, &mut lens, &mut srcs).unwrap();
+        let mut segs = [0; 8];
+        let n = recv_batch(rx.as_raw_fd(), &mut bufs, &mut lens, &mut srcs, &mut segs).unwrap();
         assert_eq!(n, 5);
         for i in 0..5 {
             assert_eq!(&bufs[i][..lens[i]], &payloads[i][..]);
             assert_eq!(srcs[i], Ipv4Addr::LOCALHOST);
         }
-        let e = recv_batch(rx.as_raw_fd(), &mut bufs, &mut lens, &mut srcs).unwrap_err();
+        let e = recv_batch(rx.as_raw_fd(), &mut bufs, &mut lens, &mut srcs, &mut segs).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn gso_send_arrives_as_segments_or_one_gro_buffer() {
+        let rx = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        rx.bind(&SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0).into())
+            .unwrap();
+        let gro = enable_udp_gro(&rx);
+        let dst = rx.local_addr().unwrap().as_socket_ipv4().unwrap();
+        let tx = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        let data: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
+        assert_eq!(send_gso(tx.as_raw_fd(), &data, 100, dst).unwrap(), 250);
+        let mut bufs = vec![vec![0u8; 1024]; 4];
+        let (mut lens, mut srcs, mut segs) = ([0; 4], [Ipv4Addr::UNSPECIFIED; 4], [0; 4]);
+        let mut got = Vec::new();
+        while got.len() < 250 {
+            let n = recv_batch(rx.as_raw_fd(), &mut bufs, &mut lens, &mut srcs, &mut segs).unwrap();
+            for i in 0..n {
+                let seg = if segs[i] == 0 { lens[i] } else { segs[i] };
+                assert!(seg <= 100, "segment {seg} (gro {gro})");
+                got.extend_from_slice(&bufs[i][..lens[i]]);
+            }
+        }
+        assert_eq!(got, data);
     }
 }
