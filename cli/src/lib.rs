@@ -9,7 +9,10 @@ mod check;
 mod config;
 mod control;
 mod lab;
+mod metrics;
+mod notify;
 mod parts;
+mod privileges;
 mod run;
 
 use anyhow::Context;

@@ -33,6 +33,28 @@ pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    let metrics = match site.daemon.metrics {
+        Some(addr) => match crate::metrics::serve(addr, running.clone()).await {
+            Ok(task) => Some(task),
+            Err(e) => {
+                drop(control);
+                running.write().await.stop().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    let dropped = if site.daemon.drop_privileges {
+        crate::privileges::drop_to_network_capabilities()
+    } else {
+        Ok(())
+    };
+    if let Err(e) = dropped {
+        drop(control);
+        running.write().await.stop().await;
+        return Err(e);
+    }
+    crate::notify::sd_notify("READY=1");
     let count = running.read().await.parts.len();
     tracing::info!(config = %path.display(), parts = count, control = %site.daemon.control.display(), "vipgate running");
 
@@ -49,6 +71,10 @@ pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
                 let _ = reply.send(reload(path, &mut site, &running, &ctx).await);
             }
         }
+    }
+    crate::notify::sd_notify("STOPPING=1");
+    if let Some(m) = metrics {
+        m.abort();
     }
     drop(control);
     running.write().await.stop().await;
@@ -74,7 +100,9 @@ async fn reload(
             "reload: [daemon] control changed; the new socket path applies after a restart"
         );
     }
+    crate::notify::sd_notify("RELOADING=1");
     let outcome = running.write().await.reload(site, &new, ctx).await;
+    crate::notify::sd_notify("READY=1");
     match outcome {
         Ok(report) => {
             tracing::info!(changes = ?report, "reloaded {}", path.display());
