@@ -136,7 +136,7 @@ done
 stats() { python3 -c '
 import sys, statistics
 v=[float(x) for x in sys.argv[1:]]
-print("%s / %s / %s" % (min(v), statistics.median(v), max(v)))' "$@"; }
+print("%g / %g / %g" % (min(v), round(statistics.median(v), 2), max(v)))' "$@"; }
 median() { python3 -c 'import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 echo
