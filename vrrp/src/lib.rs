@@ -1,2 +1,45 @@
-//! VRRPv3 (RFC 5798) interoperable with keepalived: sans-IO codec and state machine, raw-socket/netlink/ARP driver.
+//! VRRPv3 (RFC 5798) for IPv4, interoperable with keepalived: a sans-IO codec and state
+//! machine, plus (behind the default `driver` feature) a tokio driver with a raw IP protocol
+//! 112 socket, rtnetlink address management and gratuitous ARP.
+//!
+//! What this crate does **not** do: VRRP for IPv6, VRRPv2 or its authentication, virtual MAC
+//! addresses (`use_vmac`: the interface's own MAC is used, as keepalived does by default),
+//! accept mode, or running health checks (the caller reports service health).
+//!
+//! ```text
+//!  raw socket ──bytes──> wire::parse_ipv4 ──ReceivedAdvert──> SyncGroup / VrrpInstance
+//!  timers ───now──────────────────────────handle_timeout────>        │
+//!  tracking ──fault / penalty────────────────────────────────>        │
+//!                         Action::{SendAdvert, Transition, AddAddresses,
+//!          driver <────── RemoveAddresses, GratuitousArp} + poll_timeout()
+//! ```
+//!
+//! ```text
+//!            startup (priority 255)
+//!  Initialize ───────────────────────────> Master <──┐ master down timer / preempt
+//!      │ startup                           │  ▲      │
+//!      └──────────────> Backup ────────────┘  │      │
+//!                         ▲  higher priority advert  │
+//!                         └──────────────────────────┘
+//!  any ── tracked fault ──> Fault ── recovered ──> Backup;  shutdown ──> Initialize
+//! ```
 #![warn(missing_docs)]
+
+pub mod arp;
+pub mod error;
+pub mod instance;
+pub mod sync_group;
+pub mod track;
+pub mod wire;
+
+#[cfg(feature = "driver")]
+pub mod driver;
+
+pub use error::WireError;
+pub use instance::{
+    Action, Counters, DropReason, InstanceConfig, Reason, ReceivedAdvert, State, Transition,
+    VirtualAddress, VrrpInstance,
+};
+pub use sync_group::SyncGroup;
+pub use track::Tracker;
+pub use wire::{VrrpPacket, VrrpRepr};
