@@ -43,3 +43,21 @@ pub use instance::{
 pub use sync_group::SyncGroup;
 pub use track::Tracker;
 pub use wire::{VrrpPacket, VrrpRepr};
+
+/// Entry points for the cargo-fuzz targets and the corpus replay test.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::wire::{VrrpPacket, VrrpRepr, parse_ipv4};
+
+    /// Parses `data` as an IPv4 packet carrying an advert; whatever parses must emit an advert
+    /// that parses back to the same meaning. Never panics on any input.
+    pub fn check_advert(data: &[u8]) {
+        let Ok((env, repr)) = parse_ipv4(data) else {
+            return;
+        };
+        let bytes = repr.to_bytes(env.src, env.dst);
+        let again =
+            VrrpPacket::new_checked(&bytes[..]).and_then(|p| VrrpRepr::parse(&p, env.src, env.dst));
+        assert_eq!(again, Ok(repr), "emit/parse round trip");
+    }
+}

@@ -31,10 +31,14 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 }
 
 pub(crate) async fn link(handle: &Handle, name: &str) -> Result<LinkInfo, DriverError> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
-    let msg = match links.try_next().await {
-        Ok(Some(m)) => m,
-        Ok(None) => return Err(DriverError::NoInterface(name.to_owned())),
+    let links = handle.link().get().match_name(name.to_owned()).execute();
+    // Collect the whole dump: dropping the stream early makes netlink-proto warn about
+    // responses it cannot deliver.
+    let msg = match links.try_collect::<Vec<_>>().await {
+        Ok(v) => v
+            .into_iter()
+            .next()
+            .ok_or_else(|| DriverError::NoInterface(name.to_owned()))?,
         Err(e) if errno(&e) == Some(libc::ENODEV) => {
             return Err(DriverError::NoInterface(name.to_owned()));
         }
@@ -62,16 +66,15 @@ pub(crate) async fn primary_address(
     ifindex: u32,
     exclude: &[Ipv4Addr],
 ) -> Result<Option<Ipv4Addr>, DriverError> {
-    let mut addrs = handle
+    let addrs: Vec<_> = handle
         .address()
         .get()
         .set_link_index_filter(ifindex)
-        .execute();
-    while let Some(msg) = addrs
-        .try_next()
+        .execute()
+        .try_collect()
         .await
-        .map_err(|e| netlink_err("get address", e))?
-    {
+        .map_err(|e| netlink_err("get address", e))?;
+    for msg in addrs {
         for a in &msg.attributes {
             if let AddressAttribute::Local(IpAddr::V4(v4))
             | AddressAttribute::Address(IpAddr::V4(v4)) = a
