@@ -479,7 +479,14 @@ impl VrrpInstance {
                 self.accept_master(now, adv.src, prio, interval);
             }
             State::Master => {
+                // Another router believes it is master (it started at the same time, or a
+                // split brain healed). RFC 5798 says discard; like keepalived we also assert
+                // ourselves at once, advert and gratuitous ARP, so the other side yields now
+                // and the clients that followed its ARP come back.
                 self.count_drop(DropReason::LowerPriority);
+                self.send_advert(local);
+                self.actions.push_back(Action::GratuitousArp);
+                self.adver_timer = Some(now + self.adver_interval());
                 return Err(DropReason::LowerPriority);
             }
             // judge() already turned these away.

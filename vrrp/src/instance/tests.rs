@@ -127,7 +127,10 @@ fn master_yields_to_higher_priority_and_to_equal_priority_with_higher_address() 
         Err(DropReason::LowerPriority)
     );
     assert_eq!(i.state(), State::Master);
-    drain(&mut i);
+    // Like keepalived, the master re-asserts itself against a lower-priority master.
+    let acts = drain(&mut i);
+    assert!(acts.contains(&Action::GratuitousArp), "{acts:?}");
+    assert!(matches!(&acts[acts.len() - 2], Action::SendAdvert(r) if r.priority == 100));
     i.handle_advert(now, &advert(B, 100, 100)).unwrap();
     assert_eq!(i.state(), State::Backup);
     assert_eq!(
