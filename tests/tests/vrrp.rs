@@ -80,7 +80,8 @@ struct ProbeResult {
 
 struct Lab {
     t: Topology,
-    _echo: Vec<Proc>,
+    /// Echo services and daemons that live as long as the lab.
+    procs: Vec<Proc>,
 }
 
 impl Lab {
@@ -104,7 +105,7 @@ impl Lab {
                 )
             })
             .into();
-        Lab { t, _echo: echo }
+        Lab { t, procs: echo }
     }
 
     fn sock(&self, host: &str) -> String {
@@ -524,4 +525,94 @@ fn interop_with_keepalived_both_ways() {
         "both held the VIP for {longest:?}"
     );
     drop(vg);
+}
+
+/// The state column of `vipgate show vrrp` for one instance.
+fn state_of(lab: &Lab, host: &str, instance: &str) -> String {
+    let out = lab
+        .t
+        .vipgate_output(host, &["show", "vrrp", "--control", &lab.sock(host)]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&instance)).then(|| cols.get(3).map(|s| s.to_string()))
+        })
+        .flatten()
+        .unwrap_or_default()
+}
+
+#[test]
+fn sync_group_moves_vip_and_inside_gateway_together() {
+    let mut lab = Lab::new("vrrp_sync_group");
+    // The real servers' segment: a second bridge, eth1 on both directors, one real server.
+    lab.t.host("rs").bridge("sw", "br1");
+    for (h, ip) in [("d1", "11"), ("d2", "12"), ("rs", "101")] {
+        lab.t.veth(h, "eth1", "sw", &format!("i-{h}"));
+        lab.t.ip("sw", &format!("link set i-{h} master br1"));
+        lab.t.addr(h, "eth1", &format!("10.0.0.{ip}/24"));
+    }
+    for (h, prio) in [("d1", 150), ("d2", 100)] {
+        let text = format!(
+            r#"[daemon]
+control = "{sock}"
+
+[[vrrp]]
+name = "vip-web"
+group = "director"
+interface = "eth0"
+vrid = 51
+priority = {prio}
+advert_interval = "100ms"
+addresses = ["{VIP}/24"]
+track_interfaces = ["eth1"]
+
+[[vrrp]]
+name = "gw-inside"
+group = "director"
+interface = "eth1"
+vrid = 52
+priority = {prio}
+advert_interval = "100ms"
+addresses = ["10.0.0.1/24"]
+track_interfaces = ["eth0"]
+"#,
+            sock = lab.sock(h)
+        );
+        let cfg = lab.t.write(&format!("{h}.toml"), &text);
+        let cfg = cfg.to_str().unwrap_or_default().to_owned();
+        lab.procs.push(
+            lab.t
+                .vipgate(h, &format!("vipgate-{h}"), &["run", "-c", &cfg]),
+        );
+    }
+    let states = |h: &str| (state_of(&lab, h, "vip-web"), state_of(&lab, h, "gw-inside"));
+    let both = |s: &str| (s.to_owned(), s.to_owned());
+    wait_until(Duration::from_secs(5), "d1 master of both", || {
+        states("d1") == both("MASTER") && states("d2") == both("BACKUP")
+    });
+    let holds_gw = |h: &str| {
+        lab.t
+            .ip(h, "-4 -o addr show dev eth1")
+            .contains("10.0.0.1/")
+    };
+    assert!(holds_gw("d1") && !holds_gw("d2"));
+
+    // d1 loses its inside link: the whole group hands over, the public VIP included.
+    lab.t.ip("sw", "link set i-d1 down");
+    wait_until(Duration::from_secs(2), "d2 master of both", || {
+        states("d2") == both("MASTER")
+    });
+    assert_eq!(states("d1"), both("FAULT"));
+    assert!(lab.holds_vip("d2") && holds_gw("d2"));
+    assert!(!lab.holds_vip("d1") && !holds_gw("d1"));
+    lab.t.sh("rs", "ping -c1 -W1 10.0.0.1 >/dev/null");
+    lab.t.sh("cl", &format!("ping -c1 -W1 {VIP} >/dev/null"));
+
+    // The link returns: d1 preempts on both links again.
+    lab.t.ip("sw", "link set i-d1 up");
+    wait_until(Duration::from_secs(3), "d1 master of both again", || {
+        states("d1") == both("MASTER") && states("d2") == both("BACKUP")
+    });
+    assert!(lab.holds_vip("d1") && holds_gw("d1") && !lab.holds_vip("d2") && !holds_gw("d2"));
 }
