@@ -4,7 +4,7 @@
 //! its own [`Part`] so `show vrrp` lists instances, and stopping any member of a group stops
 //! the whole group once (masters send priority 0 and withdraw their addresses).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
-use vrrp::driver::{GroupHandle, InstanceStatus, MemberSpec};
+use tokio::sync::watch;
+use vrrp::driver::{AddressHook, GroupHandle, InstanceStatus, MemberSpec, TrackedService};
 use vrrp::{InstanceConfig, VirtualAddress};
 
 use super::{BoxFuture, Kind, Part, StartCtx};
@@ -89,6 +90,16 @@ pub(crate) fn member_spec(s: &VrrpSection) -> MemberSpec {
     spec
 }
 
+/// What other parts hand to VRRP: service health for `track_services`, and the VIPs a natgw
+/// service owns (made live through its hook instead of as interface addresses).
+#[derive(Default)]
+pub(crate) struct Wiring {
+    /// Per service name: `true` while it has a healthy backend.
+    pub(crate) health: HashMap<String, watch::Receiver<bool>>,
+    /// Per VIP: the natgw hook that makes it live.
+    pub(crate) hooks: HashMap<Ipv4Addr, Arc<dyn AddressHook>>,
+}
+
 /// Starts every instance; instances sharing a `group` run as one sync group.
 ///
 /// # Errors
@@ -96,6 +107,17 @@ pub(crate) fn member_spec(s: &VrrpSection) -> MemberSpec {
 pub(crate) async fn start(
     site: &SiteConfig,
     _ctx: &StartCtx,
+) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    start_wired(site, &Wiring::default()).await
+}
+
+/// [`start`] with the cross-part wiring `vipgate run` provides.
+///
+/// # Errors
+/// An interface or socket problem, after stopping the groups already started.
+pub(crate) async fn start_wired(
+    site: &SiteConfig,
+    wiring: &Wiring,
 ) -> anyhow::Result<Vec<Box<dyn Part>>> {
     let mut groups: BTreeMap<String, Vec<&VrrpSection>> = BTreeMap::new();
     let mut order = Vec::new();
@@ -112,14 +134,7 @@ pub(crate) async fn start(
     let mut parts: Vec<Box<dyn Part>> = Vec::new();
     for key in order {
         let sections = &groups[&key];
-        for s in sections {
-            if !s.track_services.is_empty() {
-                // Service health reaches VRRP through watch channels the lb part provides;
-                // until `vipgate run` passes them here, say so instead of pretending.
-                tracing::warn!(instance = %s.name.get_ref(), "track_services is not wired to service health in this build; the services are not tracked");
-            }
-        }
-        let specs = sections.iter().map(|s| member_spec(s)).collect();
+        let specs = sections.iter().map(|s| wired_spec(s, wiring)).collect();
         let group = sections[0].group.clone();
         let handle = match vrrp::driver::spawn(group, specs).await {
             Ok(h) => h,
@@ -143,6 +158,34 @@ pub(crate) async fn start(
         }
     }
     Ok(parts)
+}
+
+fn wired_spec(s: &VrrpSection, wiring: &Wiring) -> MemberSpec {
+    let mut spec = member_spec(s);
+    let weight = u8::try_from(*s.track_services_weight.get_ref()).unwrap_or(0);
+    for name in &s.track_services {
+        match wiring.health.get(name.get_ref()) {
+            Some(rx) => spec.track_services.push(TrackedService {
+                name: name.get_ref().clone(),
+                weight,
+                health: rx.clone(),
+            }),
+            // Only until `vipgate run` passes the lb part's health here; say so loudly
+            // rather than pretend the service is tracked.
+            None => tracing::warn!(
+                instance = %s.name.get_ref(),
+                service = %name.get_ref(),
+                "track_services: no health source for this service in this build; not tracked"
+            ),
+        }
+    }
+    spec.hooked = s
+        .addresses
+        .get_ref()
+        .iter()
+        .filter_map(|a| wiring.hooks.get(&a.addr()).map(|h| (a.addr(), h.clone())))
+        .collect();
+    spec
 }
 
 fn ms(d: Duration) -> u64 {
