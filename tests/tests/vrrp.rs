@@ -616,3 +616,38 @@ track_interfaces = ["eth0"]
     });
     assert!(lab.holds_vip("d1") && holds_gw("d1") && !lab.holds_vip("d2") && !holds_gw("d2"));
 }
+
+#[test]
+fn notify_hook_runs_with_keepalived_arguments() {
+    let lab = Lab::new("vrrp_notify");
+    let out = lab.t.dir().join("notify.out");
+    let hook = lab.t.write(
+        "notify.sh",
+        &format!("#!/bin/sh\necho \"$@\" >> {}\n", out.display()),
+    );
+    lab.t.sh("d1", &format!("chmod +x {}", hook.display()));
+    let text = format!(
+        "[daemon]\ncontrol = \"{sock}\"\n\n[[vrrp]]\nname = \"vip-web\"\ninterface = \"eth0\"\nvrid = 51\npriority = 150\nadvert_interval = \"100ms\"\naddresses = [\"{VIP}/24\"]\nnotify = \"{hook}\"\n",
+        sock = lab.sock("d1"),
+        hook = hook.display()
+    );
+    let cfg = lab.t.write("d1.toml", &text);
+    let mut d1 = lab.t.vipgate(
+        "d1",
+        "vipgate-d1",
+        &["run", "-c", cfg.to_str().unwrap_or_default()],
+    );
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_until(Duration::from_secs(5), "notify MASTER", || {
+        read().contains("INSTANCE vip-web MASTER 150")
+    });
+    assert!(
+        read().starts_with("INSTANCE vip-web BACKUP 150\n"),
+        "{}",
+        read()
+    );
+    assert_eq!(d1.terminate(Duration::from_secs(5)), Some(0));
+    wait_until(Duration::from_secs(2), "notify INIT", || {
+        read().contains("INSTANCE vip-web INIT 150")
+    });
+}
