@@ -43,6 +43,8 @@ while time.monotonic() - start < seconds:
     try:
         data, _ = s.recvfrom(2048)
         replies.append(time.monotonic()); name = data.split(b" ")[0].decode()
+        if not who:
+            print("first=" + name, flush=True)
         if not who or who[-1] != name: who.append(name)
     except BlockingIOError:
         time.sleep(0.001)
@@ -251,6 +253,20 @@ addresses = ["{VIP}/24"]
         )
     }
 
+    /// Waits until the probe got its first answer, from `host`, then lets it record a few
+    /// hundred more before the test breaks something (a loaded machine may start python late).
+    fn wait_first_answer(&self, probe: &Proc, host: &str) {
+        wait_until(Duration::from_secs(5), "the probe's first answer", || {
+            probe.log().contains("first=")
+        });
+        assert!(
+            probe.log().contains(&format!("first={host}")),
+            "{}",
+            probe.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     fn probe_result(&self, probe: &mut Proc) -> ProbeResult {
         probe.wait_exit(Duration::from_secs(30));
         let log = probe.log();
@@ -322,8 +338,7 @@ fn host_death_failover_gap_and_restart_over_stale_vip() {
     assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
 
     let mut probe = lab.start_probe(2.5);
-    // Pacing, not synchronisation: the probe records the master answering before the failure.
-    std::thread::sleep(Duration::from_millis(800));
+    lab.wait_first_answer(&probe, "d1");
     lab.host_death("d1", &mut d1);
     let r = lab.probe_result(&mut probe);
     // d2 (priority 100) at 100 ms: master down interval = 300 ms + skew 61 ms.
@@ -356,8 +371,7 @@ fn sigterm_sends_priority_zero_and_backup_takes_over_after_skew() {
     lab.wait_state("d1", "MASTER", Duration::from_secs(5));
     lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
     let mut probe = lab.start_probe(2.0);
-    // Pacing: the probe records the master answering before the stop.
-    std::thread::sleep(Duration::from_millis(800));
+    lab.wait_first_answer(&probe, "d1");
     assert_eq!(
         d1.terminate(Duration::from_secs(5)),
         Some(0),

@@ -237,13 +237,50 @@ pub async fn spawn(
     let conn_task = tokio::spawn(conn);
     let (events_tx, events_rx) = mpsc::channel(256);
     let stop_flag = Arc::new(AtomicBool::new(false));
+    let (members, cores) = match open_members(&handle, specs, &events_tx, &stop_flag).await {
+        Ok(v) => v,
+        Err(e) => {
+            // Reader threads of members opened before the failure exit on this flag.
+            stop_flag.store(true, Ordering::Relaxed);
+            conn_task.abort();
+            return Err(e);
+        }
+    };
+    let status = Arc::new(Mutex::new(Vec::new()));
+    let (cmd_tx, cmd_rx) = mpsc::channel(4);
+    let mut driver = Driver {
+        group_name: group,
+        group: SyncGroup::new(cores),
+        members,
+        handle,
+        status: status.clone(),
+    };
+    let task = tokio::spawn(async move {
+        driver.run(events_rx, cmd_rx).await;
+        stop_flag.store(true, Ordering::Relaxed);
+        conn_task.abort();
+    });
+    Ok(GroupHandle {
+        status,
+        commands: cmd_tx,
+        task,
+    })
+}
+
+/// Opens sockets and resolves addresses for every member; nothing on the system changes.
+async fn open_members(
+    handle: &rtnetlink::Handle,
+    specs: Vec<MemberSpec>,
+    events_tx: &mpsc::Sender<Event>,
+    stop_flag: &Arc<AtomicBool>,
+) -> Result<(Vec<Member>, Vec<VrrpInstance>), DriverError> {
     let mut members = Vec::new();
     let mut cores = Vec::new();
     for (i, mut spec) in specs.into_iter().enumerate() {
-        let link = netlink::link(&handle, &spec.interface).await?;
+        let link = netlink::link(handle, &spec.interface).await?;
         let vips: Vec<Ipv4Addr> = spec.config.addresses.iter().map(|a| a.address).collect();
         let primary = if spec.config.primary_address.is_unspecified() {
-            netlink::primary_address(&handle, link.index, &vips)
+            netlink::primary_address(handle, link.index, &vips)
                 .await?
                 .ok_or_else(|| DriverError::NoPrimaryAddress(spec.interface.clone()))?
         } else {
@@ -304,25 +341,7 @@ pub async fn spawn(
             transitions: VecDeque::new(),
         });
     }
-    let status = Arc::new(Mutex::new(Vec::new()));
-    let (cmd_tx, cmd_rx) = mpsc::channel(4);
-    let mut driver = Driver {
-        group_name: group,
-        group: SyncGroup::new(cores),
-        members,
-        handle,
-        status: status.clone(),
-    };
-    let task = tokio::spawn(async move {
-        driver.run(events_rx, cmd_rx).await;
-        stop_flag.store(true, Ordering::Relaxed);
-        conn_task.abort();
-    });
-    Ok(GroupHandle {
-        status,
-        commands: cmd_tx,
-        task,
-    })
+    Ok((members, cores))
 }
 
 fn spawn_reader(
