@@ -145,6 +145,9 @@ one_run() {
   ip netns exec "$P-cl" python3 "$WORK/probe.py" "$VIP" "$secs" "$WORK/started" >"$WORK/gap" &
   local probe=$!
   until [ -e "$WORK/started" ]; do sleep 0.01; done
+  # Fail at a random point of the advert interval: the gap depends on how long ago the last
+  # advert left, and a fixed phase would favour whichever tool happens to align with it.
+  sleep "$(python3 -c "import random; print(random.uniform(0, $int / 1000))")"
   if [ "$scen" = death ]; then
     # The whole host dies: every process in its namespace (daemon, keepalived's VRRP child,
     # the echo service) and its link.
