@@ -149,10 +149,11 @@ one_run() {
   # advert left, and a fixed phase would favour whichever tool happens to align with it.
   sleep "$(python3 -c "import random; print(random.uniform(0, $int / 1000))")"
   if [ "$scen" = death ]; then
-    # The whole host dies: every process in its namespace (daemon, keepalived's VRRP child,
-    # the echo service) and its link.
-    for pid in $(ip netns pids "$P-d1"); do kill -9 "$pid" 2>/dev/null || true; done
+    # The whole host dies: its link first (nothing it does afterwards reaches the wire, e.g.
+    # keepalived's VRRP child resigning when its parent dies), then every process in its
+    # namespace (daemon, keepalived's VRRP child, the echo service).
     ip -n "$P-sw" link set p-d1 down
+    for pid in $(ip netns pids "$P-d1"); do kill -9 "$pid" 2>/dev/null || true; done
   else
     kill -TERM "$p1"
   fi

@@ -304,19 +304,35 @@ addresses = ["{VIP}/24"]
             }
             longest.max(since.map_or(Duration::ZERO, |s| s.elapsed()))
         });
-        DualHold { stop, thread }
+        DualHold {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
 struct DualHold {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Duration>,
+    thread: Option<std::thread::JoinHandle<Duration>>,
 }
 
 impl DualHold {
-    fn finish(self) -> Duration {
+    fn finish(mut self) -> Duration {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or(Duration::MAX)
+        self.thread
+            .take()
+            .map_or(Duration::MAX, |t| t.join().unwrap_or(Duration::MAX))
+    }
+}
+
+impl Drop for DualHold {
+    /// Stops the watcher even when the test panics, so its handle on the lab goes away and
+    /// the lab's namespaces are torn down.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
