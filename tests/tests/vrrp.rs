@@ -119,6 +119,18 @@ impl Lab {
     }
 
     fn config(&self, host: &str, priority: u8, interval: &str, preempt: bool) -> PathBuf {
+        self.config_with(host, priority, interval, preempt, "")
+    }
+
+    /// The standard instance plus `extra` lines in its `[[vrrp]]` section.
+    fn config_with(
+        &self,
+        host: &str,
+        priority: u8,
+        interval: &str,
+        preempt: bool,
+        extra: &str,
+    ) -> PathBuf {
         let text = format!(
             r#"[daemon]
 control = "{sock}"
@@ -131,6 +143,7 @@ priority = {priority}
 advert_interval = "{interval}"
 preempt = {preempt}
 addresses = ["{VIP}/24"]
+{extra}
 "#,
             sock = self.sock(host)
         );
@@ -680,4 +693,36 @@ fn notify_hook_runs_with_keepalived_arguments() {
     wait_until(Duration::from_secs(2), "notify INIT", || {
         read().contains("INSTANCE vip-web INIT 150")
     });
+}
+
+#[test]
+fn unicast_peers_elect_and_fail_over() {
+    let lab = Lab::new("vrrp_unicast");
+    let mut procs = Vec::new();
+    for (h, prio, peer) in [("d1", 150, "12"), ("d2", 100, "11")] {
+        let extra = format!("unicast_peers = [\"198.51.100.{peer}\"]");
+        let cfg = lab.config_with(h, prio, "100ms", true, &extra);
+        let cfg = cfg.to_str().unwrap_or_default().to_owned();
+        procs.push(
+            lab.t
+                .vipgate(h, &format!("vipgate-{h}"), &["run", "-c", &cfg]),
+        );
+    }
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(2));
+    let s = lab.status("d2").unwrap_or_default();
+    assert_eq!(s.get("master").as_deref(), Some("198.51.100.11"), "{s:?}");
+    assert!(s.num("adverts_rx") > 0, "{s:?}");
+    // The client is not a peer: its one well-formed advert (the TTL 64 one; the others do not
+    // parse) is counted and ignored.
+    let script = lab.t.write("malformed.py", MALFORMED);
+    lab.t
+        .sh("cl", &format!("python3 {} 198.51.100.12", script.display()));
+    wait_until(Duration::from_secs(2), "unknown peer counted", || {
+        lab.status("d2").is_some_and(|s| s.num("unknown_peer") == 1)
+    });
+    assert_eq!(lab.state("d2"), "BACKUP");
+    assert_eq!(procs[0].terminate(Duration::from_secs(5)), Some(0));
+    lab.wait_state("d2", "MASTER", Duration::from_secs(1));
+    assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
 }
