@@ -1,2 +1,4 @@
 //! PAT gateway (static and dynamic PAT, ACL) and LVS-NAT virtual services: sans-IO translation core and a TUN driver.
 #![warn(missing_docs)]
+
+pub mod health;
