@@ -226,7 +226,8 @@ impl Scheduler {
 
 /// The backends of one virtual service and the state that picks among them.
 ///
-/// Call order for a flow: [`schedule`](Self::schedule) when its first packet arrives, keep the
+/// Call order for a flow: [`schedule`](Self::schedule) (or [`pick`](Self::pick) then
+/// [`opened`](Self::opened)) when its first packet arrives, keep the
 /// returned [`BackendId`] with the flow, [`established`](Self::established) when TCP reaches
 /// ESTABLISHED, [`count_packet`](Self::count_packet) per packet, and [`closed`](Self::closed)
 /// exactly once when the flow table forgets the flow. Drive persistence expiry with
@@ -344,14 +345,28 @@ impl Pool {
         Ok(())
     }
 
-    /// Picks the backend for a new flow from `client` and counts the connection.
+    /// Picks the backend for a new flow from `client` and counts the connection: exactly
+    /// [`pick`](Self::pick) followed by [`opened`](Self::opened) when it names a backend.
+    pub fn schedule(&mut self, now: Instant, client: SocketAddrV4) -> Decision {
+        let d = self.pick(now, client);
+        if let Decision::Backend { id, .. } = d {
+            self.opened(now, id, client);
+        }
+        d
+    }
+
+    /// Decides where a new flow from `client` goes, without counting it yet.
     ///
     /// Persistence first: a client whose template points at an eligible backend goes there.
-    /// Otherwise the scheduler picks among eligible backends (up, weight above 0) and the
-    /// template is (re)pointed at its choice. Down, draining and removed backends never get a
+    /// Otherwise the scheduler picks among eligible backends (up, weight above 0); `opened`
+    /// then points the template at its choice. Down, draining and removed backends never get a
     /// new flow here, persistent or not (ipvsadm's `expire_quiescent_template=1` behaviour:
     /// drain means drain).
-    pub fn schedule(&mut self, now: Instant, client: SocketAddrV4) -> Decision {
+    ///
+    /// Split from [`opened`](Self::opened) for callers whose flow table may still refuse the
+    /// flow after the decision (table full): counters then stay exact. The scheduler's
+    /// rotation has advanced either way.
+    pub fn pick(&mut self, now: Instant, client: SocketAddrV4) -> Decision {
         let pinned = self
             .persist
             .as_ref()
@@ -362,8 +377,12 @@ impl Pool {
             self.stats.persistent_hits += 1;
         }
         let chosen = pinned.or_else(|| self.scheduler.pick(&self.slots, client, self.hash_port));
-        let Some((i, b)) = chosen.and_then(|i| Some((i, self.slots.get_mut(i)?.as_mut()?))) else {
-            return match self.sorry {
+        match chosen.and_then(|i| Some((i, self.slot(i)?))) {
+            Some((i, b)) => Decision::Backend {
+                id: slot_id(i),
+                addr: b.addr,
+            },
+            None => match self.sorry {
                 Some(addr) => {
                     self.stats.sorry += 1;
                     Decision::Sorry(addr)
@@ -372,16 +391,21 @@ impl Pool {
                     self.stats.refused += 1;
                     Decision::Refuse
                 }
-            };
+            },
+        }
+    }
+
+    /// Counts a new flow from `client` on backend `id` (as an inactive connection until
+    /// [`established`](Self::established)) and points the client's persistence template at it.
+    pub fn opened(&mut self, now: Instant, id: BackendId, client: SocketAddrV4) {
+        let Some(b) = self.slot_mut(usize::from(id.0)) else {
+            return;
         };
         b.inactive += 1;
         b.stats.connections += 1;
-        let addr = b.addr;
-        let id = slot_id(i);
         if let Some(p) = &mut self.persist {
             p.bind(now, *client.ip(), id);
         }
-        Decision::Backend { id, addr }
     }
 
     /// Moves a connection from inactive to active (TCP reached ESTABLISHED).

@@ -1,0 +1,325 @@
+//! Load-balanced virtual services (LVS-NAT): one public `VIP:port` over a pool of real servers.
+//!
+//! A [`VirtualService`] is the selector of a gateway listener: for each new inbound flow to
+//! its `listen` endpoint it asks its [`balance::Pool`] for a backend (persistence first), and
+//! the gateway's flow table pins the flow to that backend for its whole life and rewrites the
+//! replies back to the VIP. The flow table reports each flow's life cycle back here, which
+//! keeps the pool's active/inactive counts (what `lc`/`wlc` schedule on and what `show lb`
+//! prints) exact. Health verdicts and operator weight changes go straight into the pool; they
+//! only ever affect *new* flows.
+//!
+//! Persistence templates expire lazily, on the next new flow of the service: a template that
+//! nobody asks for again costs memory but no time, and no gateway timer is needed.
+//!
+//! Services are TCP, like the config contract's `listen = "VIP:port"`; UDP services and
+//! IPv6 are not supported.
+
+use std::fmt;
+use std::net::SocketAddrV4;
+use std::time::Instant;
+
+use balance::{
+    BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool, PoolConfig, PoolError,
+};
+
+use crate::health::HealthConfig;
+
+/// Configuration of one `[[service]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Name used by `show lb`, `lb weight` and VRRP `track_services`.
+    pub name: String,
+    /// The virtual address and port (a gateway-owned public address).
+    pub listen: SocketAddrV4,
+    /// Backends, scheduler, persistence, sorry server.
+    pub pool: PoolConfig,
+    /// Health checks; `None` trusts every backend.
+    pub health: Option<HealthConfig>,
+}
+
+/// Names one checked backend of one service (the health checker's target key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    /// Service name.
+    pub service: String,
+    /// Backend address.
+    pub backend: SocketAddrV4,
+}
+
+impl fmt::Display for BackendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.service, self.backend)
+    }
+}
+
+/// One virtual service: its pool and what the flow table tells it.
+#[derive(Debug, Clone)]
+pub struct VirtualService {
+    name: String,
+    listen: SocketAddrV4,
+    pool: Pool,
+    health: Option<HealthConfig>,
+}
+
+impl VirtualService {
+    /// Builds the service; every backend starts up.
+    ///
+    /// # Errors
+    /// When the pool configuration is invalid (see [`PoolError`]).
+    pub fn new(config: ServiceConfig) -> Result<Self, PoolError> {
+        Ok(Self {
+            name: config.name,
+            listen: config.listen,
+            pool: Pool::new(config.pool)?,
+            health: config.health,
+        })
+    }
+
+    /// Applies a reloaded configuration (same name and `listen`; the caller re-creates the
+    /// service when those change). Established flows keep their backends; see
+    /// [`Pool::reconfigure`].
+    ///
+    /// # Errors
+    /// When the pool configuration is invalid; nothing changes then.
+    pub fn reconfigure(&mut self, config: ServiceConfig) -> Result<(), PoolError> {
+        self.pool.reconfigure(config.pool)?;
+        self.health = config.health;
+        Ok(())
+    }
+
+    /// The inside endpoint for a new flow from `client`: a backend, the sorry server, or
+    /// `None` to refuse.
+    pub fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.pool.handle_timeout(now);
+        match self.pool.pick(now, client) {
+            Decision::Backend { addr, .. } | Decision::Sorry(addr) => Some(addr),
+            Decision::Refuse => None,
+        }
+    }
+
+    /// The flow table opened a flow from `client` to `inside` (right after [`select`](Self::select)).
+    pub fn flow_opened(&mut self, now: Instant, inside: SocketAddrV4, client: SocketAddrV4) {
+        if let Some(id) = self.pool.find(inside) {
+            self.pool.opened(now, id, client);
+        }
+    }
+
+    /// A flow to `inside` reached ESTABLISHED (LVS: active).
+    pub fn flow_established(&mut self, inside: SocketAddrV4) {
+        if let Some(id) = self.pool.find(inside) {
+            self.pool.established(id);
+        }
+    }
+
+    /// A flow to `inside` left ESTABLISHED (FIN or RST: inactive again).
+    pub fn flow_closing(&mut self, inside: SocketAddrV4) {
+        if let Some(id) = self.pool.find(inside) {
+            self.pool
+                .transition(id, ConnState::Active, ConnState::Inactive);
+        }
+    }
+
+    /// The flow table forgot a flow from `client` to `inside`.
+    pub fn flow_closed(
+        &mut self,
+        now: Instant,
+        inside: SocketAddrV4,
+        client: SocketAddrV4,
+        was_established: bool,
+    ) {
+        if let Some(id) = self.pool.find(inside) {
+            let state = if was_established {
+                ConnState::Active
+            } else {
+                ConnState::Inactive
+            };
+            self.pool.closed(now, id, state, *client.ip());
+        }
+    }
+
+    /// Counts one packet of a flow to `inside`.
+    pub fn count_packet(&mut self, inside: SocketAddrV4, to_backend: bool, len: usize) {
+        if let Some(id) = self.pool.find(inside) {
+            let dir = if to_backend {
+                PoolDirection::ToBackend
+            } else {
+                PoolDirection::ToClient
+            };
+            self.pool.count_packet(id, dir, len);
+        }
+    }
+
+    /// `vipgate lb weight`: sets a backend's weight (0 drains it).
+    ///
+    /// # Errors
+    /// Unknown backend or weight out of range.
+    pub fn set_weight(&mut self, backend: SocketAddrV4, weight: u32) -> Result<(), PoolError> {
+        self.pool.set_weight(backend, weight)
+    }
+
+    /// Applies a health verdict; returns whether it changed anything.
+    ///
+    /// # Errors
+    /// [`PoolError::UnknownBackend`] (e.g. a late verdict for a backend removed by a reload).
+    pub fn set_health(&mut self, backend: SocketAddrV4, health: Health) -> Result<bool, PoolError> {
+        let id = self
+            .pool
+            .find(backend)
+            .ok_or(PoolError::UnknownBackend(backend))?;
+        Ok(self.pool.set_health(id, health))
+    }
+
+    /// The health checker's targets for this service: every configured backend, with its
+    /// current health as the starting point.
+    #[must_use]
+    pub fn health_targets(&self) -> Vec<(BackendKey, SocketAddrV4, HealthConfig, Health)> {
+        let Some(cfg) = &self.health else {
+            return Vec::new();
+        };
+        self.pool
+            .backends()
+            .filter(|(_, b)| b.state() != balance::BackendState::Removed)
+            .map(|(_, b)| {
+                let key = BackendKey {
+                    service: self.name.clone(),
+                    backend: b.addr(),
+                };
+                (key, b.addr(), cfg.clone(), b.health())
+            })
+            .collect()
+    }
+
+    /// Whether any backend is eligible for new flows (what VRRP `track_services` watches).
+    #[must_use]
+    pub fn is_available(&self) -> bool {
+        self.pool.has_eligible()
+    }
+
+    /// Service name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The virtual endpoint.
+    #[must_use]
+    pub fn listen(&self) -> SocketAddrV4 {
+        self.listen
+    }
+
+    /// Health check parameters.
+    #[must_use]
+    pub fn health(&self) -> Option<&HealthConfig> {
+        self.health.as_ref()
+    }
+
+    /// The pool, for `show lb`.
+    #[must_use]
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// A backend's id (stable while it is in the pool).
+    #[must_use]
+    pub fn backend_id(&self, backend: SocketAddrV4) -> Option<BackendId> {
+        self.pool.find(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use balance::{BackendConfig, SchedulerKind};
+    use std::net::Ipv4Addr;
+
+    #[allow(clippy::disallowed_methods)]
+    fn epoch() -> Instant {
+        Instant::now()
+    }
+
+    fn rs(last: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80)
+    }
+
+    fn web(backends: &[(u8, u32)]) -> ServiceConfig {
+        ServiceConfig {
+            name: "web".into(),
+            listen: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80),
+            pool: PoolConfig {
+                scheduler: SchedulerKind::Wrr,
+                backends: backends
+                    .iter()
+                    .map(|&(l, weight)| BackendConfig {
+                        addr: rs(l),
+                        weight,
+                    })
+                    .collect(),
+                ..PoolConfig::default()
+            },
+            health: Some(HealthConfig::default()),
+        }
+    }
+
+    fn client(n: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000 + n)
+    }
+
+    #[test]
+    fn flow_life_cycle_feeds_the_counters() {
+        let now = epoch();
+        let mut s = VirtualService::new(web(&[(101, 1), (102, 1)])).unwrap();
+        let a = s.select(now, client(1)).unwrap();
+        // Chosen but not opened (table full): nothing counted.
+        assert_eq!(
+            s.pool()
+                .backend(s.backend_id(a).unwrap())
+                .unwrap()
+                .inactive(),
+            0
+        );
+        s.flow_opened(now, a, client(1));
+        s.flow_established(a);
+        s.count_packet(a, true, 60);
+        let b = s.pool().backend(s.backend_id(a).unwrap()).unwrap();
+        assert_eq!((b.active(), b.inactive(), b.stats().connections), (1, 0, 1));
+        s.flow_closing(a);
+        s.flow_closed(now, a, client(1), false);
+        let b = s.pool().backend(s.backend_id(a).unwrap()).unwrap();
+        assert_eq!((b.active(), b.inactive(), b.stats().bytes_in), (0, 0, 60));
+    }
+
+    #[test]
+    fn health_and_weights_steer_new_flows_only() {
+        let now = epoch();
+        let mut s = VirtualService::new(web(&[(101, 1), (102, 1)])).unwrap();
+        assert_eq!(s.set_health(rs(101), Health::Down), Ok(true));
+        for n in 0..10 {
+            assert_eq!(s.select(now, client(n)), Some(rs(102)));
+        }
+        s.set_weight(rs(102), 0).unwrap();
+        assert!(!s.is_available());
+        assert_eq!(s.select(now, client(99)), None);
+        assert_eq!(
+            s.set_health(rs(9), Health::Up),
+            Err(PoolError::UnknownBackend(rs(9)))
+        );
+        let keys: Vec<String> = s.health_targets().iter().map(|t| t.0.to_string()).collect();
+        assert_eq!(keys, ["web/10.0.0.101:80", "web/10.0.0.102:80"]);
+    }
+
+    #[test]
+    fn reload_changes_weights_and_keeps_counts() {
+        let now = epoch();
+        let mut s = VirtualService::new(web(&[(101, 1), (102, 1)])).unwrap();
+        let a = s.select(now, client(1)).unwrap();
+        s.flow_opened(now, a, client(1));
+        s.flow_established(a);
+        s.reconfigure(web(&[(101, 3), (102, 1)])).unwrap();
+        let picks: Vec<_> = (0..4).map(|n| s.select(now, client(n)).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&p| p == rs(101)).count(), 3);
+        assert_eq!(
+            s.pool().backend(s.backend_id(a).unwrap()).unwrap().active(),
+            1
+        );
+    }
+}
