@@ -74,9 +74,22 @@ pub trait InsideSelector: fmt::Debug + Send {
     /// refuse it (counted as [`DropReason::NoInsideEndpoint`]).
     fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4>;
 
-    /// A flow to `inside` changed state. The default ignores it.
-    fn on_flow(&mut self, now: Instant, inside: SocketAddrV4, event: FlowEvent) {
-        let _ = (now, inside, event);
+    /// The flow between `client` and `inside` changed state. The default ignores it.
+    /// (`client` lets a virtual service release the client's persistence template.)
+    fn on_flow(
+        &mut self,
+        now: Instant,
+        inside: SocketAddrV4,
+        client: SocketAddrV4,
+        event: FlowEvent,
+    ) {
+        let _ = (now, inside, client, event);
+    }
+
+    /// A packet of `len` bytes of a flow to `inside` was translated, towards `inside` when
+    /// `to_inside`. The default ignores it (virtual services count bytes per backend).
+    fn on_packet(&mut self, inside: SocketAddrV4, to_inside: bool, len: usize) {
+        let _ = (inside, to_inside, len);
     }
 
     /// For downcasting to the concrete selector (e.g. to change a backend's weight).
@@ -442,12 +455,13 @@ impl Gateway {
                         self.table_release_if_unused(m);
                     })?;
                 self.stats.flows_created += 1;
-                self.notify(now, view.listener, view.inside, FlowEvent::Opened);
+                self.notify(now, view.listener, view.inside, remote, FlowEvent::Opened);
                 s
             }
         };
         let change = self.table.touch(now, s, tcp_bits);
-        self.notify_change(now, view.listener, view.inside, change);
+        self.notify_change(now, view.listener, view.inside, remote, change);
+        self.notify_packet(view.listener, view.inside, false, buf.len());
         let public_ip = self.table.public_addr(view.public_idx);
         translate::set_ip(buf, 0, Side::Src, public_ip);
         translate::set_port(buf, 0, Side::Src, view.public_port);
@@ -511,7 +525,8 @@ impl Gateway {
         let m = self.table.session_mapping(s);
         let view = self.table.mapping(m);
         let change = self.table.touch(now, s, tcp_bits);
-        self.notify_change(now, view.listener, view.inside, change);
+        self.notify_change(now, view.listener, view.inside, remote, change);
+        self.notify_packet(view.listener, view.inside, true, buf.len());
         translate::set_ip(buf, 0, Side::Dst, *view.inside.ip());
         translate::set_port(buf, 0, Side::Dst, view.inside.port());
         self.stats.translated_in += 1;
@@ -551,13 +566,32 @@ impl Gateway {
             })?;
         self.listeners[usize::from(id)].flows_opened += 1;
         self.stats.flows_created += 1;
-        self.notify(now, Some(id), inside, FlowEvent::Opened);
+        self.notify(now, Some(id), inside, client, FlowEvent::Opened);
         Ok(s)
     }
 
-    fn notify(&mut self, now: Instant, listener: Option<u16>, inside: SocketAddrV4, e: FlowEvent) {
+    fn notify(
+        &mut self,
+        now: Instant,
+        listener: Option<u16>,
+        inside: SocketAddrV4,
+        client: SocketAddrV4,
+        e: FlowEvent,
+    ) {
         if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))) {
-            l.selector.on_flow(now, inside, e);
+            l.selector.on_flow(now, inside, client, e);
+        }
+    }
+
+    fn notify_packet(
+        &mut self,
+        listener: Option<u16>,
+        inside: SocketAddrV4,
+        to_inside: bool,
+        len: usize,
+    ) {
+        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))) {
+            l.selector.on_packet(inside, to_inside, len);
         }
     }
 
@@ -566,12 +600,13 @@ impl Gateway {
         now: Instant,
         l: Option<u16>,
         inside: SocketAddrV4,
+        client: SocketAddrV4,
         c: StateChange,
     ) {
         match c {
             StateChange::None => {}
-            StateChange::Established => self.notify(now, l, inside, FlowEvent::Established),
-            StateChange::Closing => self.notify(now, l, inside, FlowEvent::Closing),
+            StateChange::Established => self.notify(now, l, inside, client, FlowEvent::Established),
+            StateChange::Closing => self.notify(now, l, inside, client, FlowEvent::Closing),
         }
     }
 
@@ -645,7 +680,7 @@ impl Gateway {
             let e = FlowEvent::Closed {
                 was_established: r.was_established,
             };
-            self.notify(now, r.mapping.listener, r.mapping.inside, e);
+            self.notify(now, r.mapping.listener, r.mapping.inside, r.remote, e);
         }
     }
 

@@ -22,6 +22,7 @@ use balance::{
     BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool, PoolConfig, PoolError,
 };
 
+use crate::gateway::{FlowEvent, InsideSelector};
 use crate::health::HealthConfig;
 
 /// Configuration of one `[[service]]`.
@@ -226,6 +227,41 @@ impl VirtualService {
     }
 }
 
+impl InsideSelector for VirtualService {
+    fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        VirtualService::select(self, now, client)
+    }
+
+    fn on_flow(
+        &mut self,
+        now: Instant,
+        inside: SocketAddrV4,
+        client: SocketAddrV4,
+        event: FlowEvent,
+    ) {
+        match event {
+            FlowEvent::Opened => self.flow_opened(now, inside, client),
+            FlowEvent::Established => self.flow_established(inside),
+            FlowEvent::Closing => self.flow_closing(inside),
+            FlowEvent::Closed { was_established } => {
+                self.flow_closed(now, inside, client, was_established);
+            }
+        }
+    }
+
+    fn on_packet(&mut self, inside: SocketAddrV4, to_inside: bool, len: usize) {
+        self.count_packet(inside, to_inside, len);
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,5 +357,166 @@ mod tests {
             s.pool().backend(s.backend_id(a).unwrap()).unwrap().active(),
             1
         );
+    }
+
+    /// Through the real gateway core: SYNs to the VIP spread by weight, replies leave as the
+    /// VIP, the flow stays on its backend after a drain, and counters follow the TCP states.
+    mod through_gateway {
+        use super::*;
+        use crate::{Gateway, GatewayConfig, ListenerId, Proto, Verdict};
+        use etherparse::PacketBuilder;
+
+        const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+
+        fn tcp(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, ack: bool, rst: bool) -> Vec<u8> {
+            let b = PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64).tcp(
+                src.port(),
+                dst.port(),
+                1000,
+                64240,
+            );
+            let b = if syn { b.syn() } else { b };
+            let b = if ack { b.ack(1) } else { b };
+            let b = if rst { b.rst() } else { b };
+            let mut v = Vec::new();
+            b.write(&mut v, &[]).unwrap();
+            v
+        }
+
+        fn endpoints(b: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+            let ip = |o: usize| Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]);
+            let port = |o: usize| u16::from_be_bytes([b[20 + o], b[21 + o]]);
+            (
+                SocketAddrV4::new(ip(12), port(0)),
+                SocketAddrV4::new(ip(16), port(2)),
+            )
+        }
+
+        fn pass(g: &mut Gateway, now: Instant, mut b: Vec<u8>) -> (Verdict, Vec<u8>) {
+            let dir = g.direction(&b);
+            let v = g.handle_packet(now, dir, &mut b);
+            (v, b)
+        }
+
+        fn service(g: &mut Gateway, id: ListenerId) -> &mut VirtualService {
+            g.selector_mut(id)
+                .and_then(|s| s.as_any_mut().downcast_mut::<VirtualService>())
+                .unwrap()
+        }
+
+        fn setup(now: Instant) -> (Gateway, ListenerId) {
+            let mut g = Gateway::new(
+                now,
+                GatewayConfig {
+                    inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                    compensate_ttl: false,
+                    ..GatewayConfig::default()
+                },
+            )
+            .unwrap();
+            let mut cfg = web(&[(101, 1), (102, 2)]);
+            cfg.listen = SocketAddrV4::new(VIP, 80);
+            let svc = VirtualService::new(cfg).unwrap();
+            let id = g
+                .add_listener(Proto::Tcp, svc.listen(), Box::new(svc))
+                .unwrap();
+            (g, id)
+        }
+
+        #[test]
+        fn syns_spread_by_weight_and_replies_leave_as_the_vip() {
+            let now = epoch();
+            let (mut g, id) = setup(now);
+            let vip = SocketAddrV4::new(VIP, 80);
+            let mut seen = std::collections::HashMap::new();
+            for n in 0..300 {
+                let c =
+                    SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200 + (n % 3) as u8), 20_000 + n);
+                let (v, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+                assert_eq!(v, Verdict::Forward);
+                let (from, to) = endpoints(&syn);
+                assert_eq!(from, c);
+                *seen.entry(to).or_insert(0) += 1;
+                // The backend answers; the client must see the VIP.
+                let (v, reply) = pass(&mut g, now, tcp(to, c, true, true, false));
+                assert_eq!(v, Verdict::Forward);
+                assert_eq!(endpoints(&reply), (vip, c));
+                // Retransmitted SYN of the same flow: same backend.
+                let (_, again) = pass(&mut g, now, tcp(c, vip, true, false, false));
+                assert_eq!(endpoints(&again).1, to);
+            }
+            assert_eq!((seen[&rs(101)], seen[&rs(102)]), (100, 200));
+            let pool = service(&mut g, id).pool();
+            let total: u32 = pool
+                .backends()
+                .map(|(_, b)| b.inactive() + b.active())
+                .sum();
+            assert_eq!(total, 300);
+            assert!(
+                pool.backends()
+                    .all(|(_, b)| b.stats().packets_in == 2 * b.stats().connections)
+            );
+        }
+
+        #[test]
+        fn drained_backend_keeps_its_flow_and_counts_follow_tcp() {
+            let now = epoch();
+            let (mut g, id) = setup(now);
+            let vip = SocketAddrV4::new(VIP, 80);
+            let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
+            let (_, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+            let backend = endpoints(&syn).1;
+            assert_eq!(
+                pass(&mut g, now, tcp(backend, c, true, true, false)).0,
+                Verdict::Forward
+            );
+            assert_eq!(
+                pass(&mut g, now, tcp(c, vip, false, true, false)).0,
+                Verdict::Forward
+            );
+            let b = service(&mut g, id).backend_id(backend).unwrap();
+            assert_eq!(service(&mut g, id).pool().backend(b).unwrap().active(), 1);
+
+            service(&mut g, id).set_weight(backend, 0).unwrap();
+            let (v, data) = pass(&mut g, now, tcp(c, vip, false, true, false));
+            assert_eq!((v, endpoints(&data).1), (Verdict::Forward, backend));
+            for n in 1..20 {
+                let other = SocketAddrV4::new(*c.ip(), 40_000 + n);
+                let (_, syn) = pass(&mut g, now, tcp(other, vip, true, false, false));
+                assert_ne!(endpoints(&syn).1, backend);
+            }
+            // RST from the client: the flow is no longer active.
+            assert_eq!(
+                pass(&mut g, now, tcp(c, vip, false, true, true)).0,
+                Verdict::Forward
+            );
+            let pool = service(&mut g, id).pool();
+            assert_eq!(
+                (
+                    pool.backend(b).unwrap().active(),
+                    pool.backend(b).unwrap().inactive()
+                ),
+                (0, 1)
+            );
+        }
+
+        #[test]
+        fn no_backend_left_refuses_new_flows() {
+            let now = epoch();
+            let (mut g, id) = setup(now);
+            service(&mut g, id)
+                .set_health(rs(101), Health::Down)
+                .unwrap();
+            service(&mut g, id)
+                .set_health(rs(102), Health::Down)
+                .unwrap();
+            let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
+            let (v, _) = pass(
+                &mut g,
+                now,
+                tcp(c, SocketAddrV4::new(VIP, 80), true, false, false),
+            );
+            assert_eq!(v, Verdict::Drop(crate::DropReason::NoInsideEndpoint));
+        }
     }
 }

@@ -179,6 +179,8 @@ pub(crate) enum StateChange {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RemovedSession {
     pub(crate) mapping: MappingView,
+    /// The outside endpoint of the session (a virtual service's client).
+    pub(crate) remote: SocketAddrV4,
     pub(crate) was_established: bool,
 }
 
@@ -641,6 +643,7 @@ impl PatTable {
         self.live_sessions -= 1;
         RemovedSession {
             mapping: view,
+            remote,
             was_established: is_established(sess.tcp),
         }
     }
