@@ -506,7 +506,17 @@ impl Gateway {
                     if proto == Proto::Tcp && !translate::is_initial_syn(flags) {
                         return Err(DropReason::NotSyn);
                     }
-                    self.open_listener_flow(now, id, idx, public_port, proto, remote)?
+                    match self.open_listener_flow(now, id, idx, public_port, proto, remote) {
+                        // A virtual service with no backend left refuses like a closed port.
+                        Err(DropReason::NoInsideEndpoint)
+                            if proto == Proto::Tcp
+                                && !hairpin
+                                && crate::service::refuse_syn_in_place(buf) =>
+                        {
+                            return Ok(false);
+                        }
+                        r => r?,
+                    }
                 }
                 Some(PublicOwner::Mapping(m)) => {
                     let allowed = match self.filtering {

@@ -227,6 +227,66 @@ impl VirtualService {
     }
 }
 
+/// Turns a TCP SYN (IPv4, in `buf`) into the RST+ACK a closed port would answer, in place:
+/// addresses and ports swapped, `ack = seq + segment length`, options overwritten with NOPs so
+/// the length stays the same, both checksums recomputed. Returns false (buffer untouched) if
+/// the packet is not a well-formed TCP segment.
+///
+/// This is how a service with no backend left refuses a connection (as LVS with no real
+/// server, and HAProxy with no server up, make the client fail at once instead of retrying
+/// its SYN for a minute).
+pub(crate) fn refuse_syn_in_place(buf: &mut [u8]) -> bool {
+    use netutil::checksum::{checksum, fold, get16, pseudo_header_v4, put16, sum};
+
+    let Some(&vihl) = buf.first() else {
+        return false;
+    };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 || buf.len() < ihl + 20 || buf[9] != 6 {
+        return false;
+    }
+    let total = usize::from(get16(buf, 2));
+    let doff = usize::from(buf[ihl + 12] >> 4) * 4;
+    if total > buf.len() || doff < 20 || ihl + doff > total {
+        return false;
+    }
+    let flags = buf[ihl + 13];
+    let seg_len =
+        (total - ihl - doff) as u32 + u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
+    let seq = u32::from_be_bytes([buf[ihl + 4], buf[ihl + 5], buf[ihl + 6], buf[ihl + 7]]);
+
+    // IP: swap addresses, fresh TTL, no fragmentation business.
+    let (src, dst): ([u8; 4], [u8; 4]) = (
+        [buf[12], buf[13], buf[14], buf[15]],
+        [buf[16], buf[17], buf[18], buf[19]],
+    );
+    buf[12..16].copy_from_slice(&dst);
+    buf[16..20].copy_from_slice(&src);
+    buf[8] = 64;
+    put16(buf, 6, 0x4000);
+    put16(buf, 10, 0);
+    let ip_check = checksum(&buf[..ihl]);
+    put16(buf, 10, ip_check);
+
+    // TCP: RST+ACK acknowledging the SYN (RFC 9293 §3.10.7.1, reset for a closed port).
+    let t = ihl;
+    let (sport, dport) = (get16(buf, t), get16(buf, t + 2));
+    put16(buf, t, dport);
+    put16(buf, t + 2, sport);
+    buf[t + 4..t + 8].copy_from_slice(&0u32.to_be_bytes());
+    buf[t + 8..t + 12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
+    buf[t + 13] = 0x14; // RST | ACK
+    put16(buf, t + 14, 0); // window
+    put16(buf, t + 16, 0); // checksum, filled below
+    put16(buf, t + 18, 0); // urgent pointer
+    buf[t + 20..t + doff].fill(1); // NOP options
+    let seg = &buf[t..total];
+    let acc = pseudo_header_v4(dst, src, 6, seg.len() as u16);
+    let check = !fold(sum(acc, seg));
+    put16(buf, t + 16, check);
+    true
+}
+
 impl InsideSelector for VirtualService {
     fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
         VirtualService::select(self, now, client)
@@ -511,12 +571,69 @@ mod tests {
                 .set_health(rs(102), Health::Down)
                 .unwrap();
             let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
-            let (v, _) = pass(
-                &mut g,
-                now,
-                tcp(c, SocketAddrV4::new(VIP, 80), true, false, false),
-            );
-            assert_eq!(v, Verdict::Drop(crate::DropReason::NoInsideEndpoint));
+            let vip = SocketAddrV4::new(VIP, 80);
+            let syn = tcp(c, vip, true, false, false);
+            let (v, rst) = pass(&mut g, now, syn.clone());
+            // Answered like a closed port: RST+ACK from the VIP, checksums valid.
+            assert_eq!(v, Verdict::Forward);
+            assert_eq!(endpoints(&rst), (vip, c));
+            let parsed = etherparse::SlicedPacket::from_ip(&rst).unwrap();
+            let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
+                panic!()
+            };
+            let iph = ip.header().to_header();
+            assert_eq!(iph.calc_header_checksum(), iph.header_checksum);
+            let Some(etherparse::TransportSlice::Tcp(t)) = parsed.transport else {
+                panic!()
+            };
+            assert!(t.rst() && t.ack() && !t.syn());
+            assert_eq!(t.acknowledgment_number(), 1001);
+            let sum = t.to_header().calc_checksum_ipv4(&iph, t.payload()).unwrap();
+            assert_eq!(sum, t.checksum());
+            assert_eq!(service(&mut g, id).pool().stats().refused, 1);
+            // Anything but a TCP segment is left alone.
+            let mut udp = Vec::new();
+            PacketBuilder::ipv4([1, 1, 1, 1], [2, 2, 2, 2], 64)
+                .udp(1, 2)
+                .write(&mut udp, &[])
+                .unwrap();
+            assert!(!refuse_syn_in_place(&mut udp));
+            assert!(!refuse_syn_in_place(&mut syn[..30].to_vec()));
+        }
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes never make the RST writer panic; when it accepts a buffer, the
+        /// result is a RST+ACK of the same length with valid checksums.
+        #[test]
+        fn refuse_is_total_and_checksums_hold(
+            mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120),
+            opts in 0usize..4,
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16),
+        ) {
+            let _ = refuse_syn_in_place(&mut bytes);
+            let options = [
+                etherparse::TcpOptionElement::MaximumSegmentSize(1460),
+                etherparse::TcpOptionElement::SelectiveAcknowledgementPermitted,
+                etherparse::TcpOptionElement::WindowScale(7),
+                etherparse::TcpOptionElement::Noop,
+            ];
+            let mut syn = Vec::new();
+            etherparse::PacketBuilder::ipv4([198, 51, 100, 200], [198, 51, 100, 10], 64)
+                .tcp(40_000, 80, 7, 64240)
+                .syn()
+                .options(&options[..opts])
+                .unwrap()
+                .write(&mut syn, &payload)
+                .unwrap();
+            let len = syn.len();
+            proptest::prop_assert!(refuse_syn_in_place(&mut syn));
+            proptest::prop_assert_eq!(syn.len(), len);
+            proptest::prop_assert!(crate::translate::l4_checksum_ok(&syn));
+            let p = etherparse::SlicedPacket::from_ip(&syn).unwrap();
+            let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else { panic!() };
+            proptest::prop_assert!(t.rst() && t.ack());
+            proptest::prop_assert_eq!(t.acknowledgment_number(), 7 + 1 + payload.len() as u32);
         }
     }
 }
