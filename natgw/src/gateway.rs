@@ -219,6 +219,9 @@ impl Gateway {
         for s in &config.statics {
             gw.add_static(now, *s)?;
         }
+        for s in &config.services {
+            gw.add_service(s.clone())?;
+        }
         Ok(gw)
     }
 

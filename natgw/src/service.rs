@@ -22,7 +22,9 @@ use balance::{
     BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool, PoolConfig, PoolError,
 };
 
-use crate::gateway::{FlowEvent, InsideSelector};
+use crate::config::Proto;
+use crate::error::NatError;
+use crate::gateway::{FlowEvent, Gateway, InsideSelector, ListenerId};
 use crate::health::HealthConfig;
 
 /// Configuration of one `[[service]]`.
@@ -227,6 +229,97 @@ impl VirtualService {
     }
 }
 
+/// Virtual services of a [`Gateway`]: each is a TCP listener whose selector is a
+/// [`VirtualService`].
+impl Gateway {
+    /// Adds a virtual service as a listener on its `listen` endpoint (the VIP becomes one of
+    /// the gateway's public addresses).
+    ///
+    /// # Errors
+    /// [`NatError::Service`] for a bad pool or a duplicate name; listener clashes as
+    /// [`Gateway::add_listener`].
+    pub fn add_service(&mut self, config: ServiceConfig) -> Result<ListenerId, NatError> {
+        if self.services().any(|s| s.name() == config.name) {
+            return Err(NatError::Service {
+                name: config.name,
+                reason: "defined twice".into(),
+            });
+        }
+        let name = config.name.clone();
+        let svc = VirtualService::new(config).map_err(|e| NatError::Service {
+            name,
+            reason: e.to_string(),
+        })?;
+        self.add_listener(Proto::Tcp, svc.listen(), Box::new(svc))
+    }
+
+    /// Every virtual service, in configuration order.
+    pub fn services(&self) -> impl Iterator<Item = &VirtualService> {
+        self.listeners()
+            .iter()
+            .filter_map(|l| l.selector.as_any().downcast_ref::<VirtualService>())
+    }
+
+    /// The virtual service called `name`.
+    pub fn service_mut(&mut self, name: &str) -> Option<&mut VirtualService> {
+        let id = self.listeners().iter().position(|l| {
+            l.selector
+                .as_any()
+                .downcast_ref::<VirtualService>()
+                .is_some_and(|s| s.name() == name)
+        })?;
+        let id = ListenerId(u16::try_from(id).ok()?);
+        self.selector_mut(id)?
+            .as_any_mut()
+            .downcast_mut::<VirtualService>()
+    }
+
+    /// Applies reloaded service configurations: weights, backends, scheduler, persistence,
+    /// sorry server and health checks change in place, established flows stay on their
+    /// backends. All or nothing: every configuration is checked before any is applied.
+    ///
+    /// # Errors
+    /// [`NatError::Service`] when a pool is invalid, or when services are added, removed or
+    /// moved to another `listen` endpoint: that changes the addresses the driver routes, so
+    /// it needs a restart.
+    pub fn reconfigure_services(&mut self, configs: Vec<ServiceConfig>) -> Result<(), NatError> {
+        let restart = |name: &str, what: &str| NatError::Service {
+            name: name.to_owned(),
+            reason: format!("{what}: restart vipgate to apply"),
+        };
+        for c in &configs {
+            let existing = self.services().find(|s| s.name() == c.name);
+            match existing {
+                None => return Err(restart(&c.name, "new service")),
+                Some(s) if s.listen() != c.listen => {
+                    return Err(restart(&c.name, "listen changed"));
+                }
+                Some(_) => {}
+            }
+            Pool::new(c.pool.clone()).map_err(|e| NatError::Service {
+                name: c.name.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        if let Some(gone) = self
+            .services()
+            .find(|s| !configs.iter().any(|c| c.name == s.name()))
+        {
+            return Err(restart(gone.name(), "service removed"));
+        }
+        for c in configs {
+            let name = c.name.clone();
+            if let Some(s) = self.service_mut(&name) {
+                s.reconfigure(c).map_err(|e| NatError::Service {
+                    name,
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Turns a TCP SYN (IPv4, in `buf`) into the RST+ACK a closed port would answer, in place:
 /// addresses and ports swapped, `ack = seq + segment length`, options overwritten with NOPs so
 /// the length stays the same, both checksums recomputed. Returns false (buffer untouched) if
@@ -423,7 +516,7 @@ mod tests {
     /// VIP, the flow stays on its backend after a drain, and counters follow the TCP states.
     mod through_gateway {
         use super::*;
-        use crate::{Gateway, GatewayConfig, ListenerId, Proto, Verdict};
+        use crate::{Gateway, GatewayConfig, ListenerId, Verdict};
         use etherparse::PacketBuilder;
 
         const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -635,5 +728,44 @@ mod tests {
             proptest::prop_assert!(t.rst() && t.ack());
             proptest::prop_assert_eq!(t.acknowledgment_number(), 7 + 1 + payload.len() as u32);
         }
+    }
+
+    #[test]
+    fn services_come_from_the_gateway_config_and_reload_in_place() {
+        let now = epoch();
+        let mut g = Gateway::new(
+            now,
+            crate::GatewayConfig {
+                services: vec![web(&[(101, 1), (102, 1)])],
+                ..crate::GatewayConfig::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(g.public_addresses(), [Ipv4Addr::new(198, 51, 100, 10)]);
+        g.reconfigure_services(vec![web(&[(101, 5), (103, 1)])])
+            .unwrap();
+        let s = g.service_mut("web").unwrap();
+        assert_eq!(
+            s.pool()
+                .backend(s.backend_id(rs(101)).unwrap())
+                .unwrap()
+                .weight(),
+            5
+        );
+        assert!(
+            s.backend_id(rs(102)).is_none(),
+            "idle removed backend freed at once"
+        );
+        let mut moved = web(&[(101, 1)]);
+        moved.listen = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 11), 80);
+        assert!(matches!(
+            g.reconfigure_services(vec![moved]),
+            Err(NatError::Service { .. })
+        ));
+        assert!(g.reconfigure_services(vec![]).is_err());
+        let mut dup = web(&[(101, 1)]);
+        dup.listen = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 11), 80);
+        assert!(matches!(g.add_service(dup), Err(NatError::Service { .. })));
+        assert_eq!(g.services().count(), 1);
     }
 }
