@@ -104,7 +104,7 @@ mod tests {
     /// A SYN with the given option bytes (padded to 4) and a valid checksum.
     fn syn(options: &[u8]) -> Vec<u8> {
         let mut opts = options.to_vec();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(OPT_END);
         }
         let mut tcp = vec![0u8; 20];

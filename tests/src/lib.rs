@@ -1,1 +1,462 @@
-//! placeholder
+//! Harness for vipgate's end-to-end tests: real network namespaces, real peers.
+//!
+//! Every test builds its own hosts with [`Topology::new`], whose namespaces carry a prefix
+//! unique to the test and process, and which tears everything down in `Drop` — after a panic
+//! too — so no namespace, process or file outlives the test. Nothing is ever configured in the
+//! root namespace: veth pairs are created directly inside the namespaces.
+//!
+//! Waits poll with a deadline ([`wait_until`], [`wait_for`]); there are no bare sleeps.
+//! These tests need root; without it they fail with a clear message (they never skip).
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Fails the test unless it runs as root (namespaces, TUN and raw sockets need it).
+///
+/// # Panics
+/// When not root: these tests must fail loudly in CI rather than skip.
+pub fn require_root() {
+    assert_eq!(
+        euid(),
+        0,
+        "vipgate end-to-end tests need root (network namespaces, TUN, raw sockets): run them with sudo or as root"
+    );
+}
+
+fn euid() -> u32 {
+    // /proc/self/status has the effective uid as the second field of "Uid:".
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
+}
+
+/// Path of the `vipgate` binary under test: `$VIPGATE_BIN`, else the workspace's debug build.
+///
+/// # Panics
+/// When the binary has not been built.
+pub fn vipgate_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("VIPGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    let bin = target.join("debug/vipgate");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p vipgate` (the test script does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository root (for netns-scripts/ and examples/).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Polls `probe` every 20 ms until it returns true.
+///
+/// # Panics
+/// When `timeout` passes first; the message names `what`.
+pub fn wait_until(timeout: Duration, what: &str, mut probe: impl FnMut() -> bool) {
+    wait_for(timeout, what, || probe().then_some(()));
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, and returns the value.
+///
+/// # Panics
+/// When `timeout` passes first; the message names `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A process started by a test; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// What the process wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Path of the combined stdout/stderr log.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends a signal (e.g. `libc::SIGHUP`).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait up to `timeout` for a clean exit; returns the exit code if it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit by itself and returns its exit code.
+    ///
+    /// # Panics
+    /// When it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let name = self.name.clone();
+        let child = self.child.as_mut()?;
+        let status = wait_for(timeout, &format!("{name} to exit"), || {
+            child.try_wait().ok().flatten()
+        });
+        self.child = None;
+        status.code()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(3));
+        if std::thread::panicking() {
+            eprintln!(
+                "---- log of {} ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// A test's private set of network namespaces, files and processes.
+pub struct Topology {
+    prefix: String,
+    hosts: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Topology {
+    /// A fresh topology for the test `test_name` (namespaces `PREFIX-host`).
+    ///
+    /// # Panics
+    /// When not root.
+    pub fn new(test_name: &str) -> Self {
+        require_root();
+        let mut h = DefaultHasher::new();
+        (
+            test_name,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+        )
+            .hash(&mut h);
+        let prefix = format!("vt{:05x}", h.finish() & 0xfffff);
+        let dir = std::env::temp_dir().join(format!("vipgate-test-{prefix}-{test_name}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating the test's directory");
+        Topology {
+            prefix,
+            hosts: Vec::new(),
+            dir,
+        }
+    }
+
+    /// The namespace prefix, unique to this test run.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The test's private directory (configs, keys, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Full namespace name of `host`.
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    /// Creates a host (namespace with loopback up).
+    pub fn host(&mut self, host: &str) -> &mut Self {
+        let ns = self.ns(host);
+        run(Command::new("ip").args(["netns", "add", &ns]));
+        self.hosts.push(host.to_string());
+        self.ip(host, "link set lo up");
+        self
+    }
+
+    /// Creates several hosts.
+    pub fn hosts(&mut self, hosts: &[&str]) -> &mut Self {
+        for h in hosts {
+            self.host(h);
+        }
+        self
+    }
+
+    /// A veth pair between two hosts, created inside their namespaces, both ends up.
+    pub fn veth(&mut self, a: &str, if_a: &str, b: &str, if_b: &str) -> &mut Self {
+        let (ns_a, ns_b) = (self.ns(a), self.ns(b));
+        run(Command::new("ip").args([
+            "-n", &ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", &ns_b,
+        ]));
+        self.ip(a, &format!("link set {if_a} up"));
+        self.ip(b, &format!("link set {if_b} up"));
+        self
+    }
+
+    /// An L2 bridge on `host`.
+    pub fn bridge(&mut self, host: &str, name: &str) -> &mut Self {
+        self.ip(host, &format!("link add {name} type bridge"));
+        self.ip(host, &format!("link set {name} up"));
+        self
+    }
+
+    /// Adds `cidr` to `iface` on `host`.
+    pub fn addr(&mut self, host: &str, iface: &str, cidr: &str) -> &mut Self {
+        self.ip(host, &format!("addr add {cidr} dev {iface}"));
+        self
+    }
+
+    /// Runs `ip ARGS` in `host`'s namespace.
+    ///
+    /// # Panics
+    /// When the command fails.
+    pub fn ip(&self, host: &str, args: &str) -> String {
+        let ns = self.ns(host);
+        let out = run(Command::new("ip")
+            .arg("-n")
+            .arg(&ns)
+            .args(args.split_whitespace()));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Makes `host` a router.
+    pub fn forwarding(&mut self, host: &str) -> &mut Self {
+        self.sh(host, "sysctl -qw net.ipv4.ip_forward=1");
+        self
+    }
+
+    /// Runs a shell command in `host`'s namespace and returns stdout.
+    ///
+    /// # Panics
+    /// When the command exits non-zero (stderr in the message).
+    pub fn sh(&self, host: &str, cmd: &str) -> String {
+        match self.try_sh(host, cmd) {
+            Ok(out) => out,
+            Err(e) => panic!("in {host}: `{cmd}` failed: {e}"),
+        }
+    }
+
+    /// Runs a shell command in `host`'s namespace.
+    ///
+    /// # Errors
+    /// The exit status and stderr when it fails.
+    pub fn try_sh(&self, host: &str, cmd: &str) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host), "sh", "-c", cmd])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Starts `argv` in `host`'s namespace with stdout+stderr in `<dir>/<name>.log`.
+    ///
+    /// # Panics
+    /// When the program cannot be started.
+    pub fn spawn(&self, host: &str, name: &str, argv: &[&str]) -> Proc {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = fs::File::create(&log).expect("creating a log file");
+        let err = file.try_clone().expect("cloning the log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {argv:?} in {host}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Starts `vipgate ARGS` in `host`'s namespace.
+    pub fn vipgate(&self, host: &str, name: &str, args: &[&str]) -> Proc {
+        let bin = vipgate_bin();
+        let mut argv = vec![bin.to_str().unwrap_or("vipgate")];
+        argv.extend_from_slice(args);
+        self.spawn(host, name, &argv)
+    }
+
+    /// Runs `vipgate ARGS` in `host`'s namespace to completion.
+    pub fn vipgate_output(&self, host: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .arg(vipgate_bin())
+            .args(args)
+            .output()
+            .expect("running vipgate")
+    }
+
+    /// Writes a file into the test's directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        fs::write(&p, contents).expect("writing a test file");
+        p
+    }
+
+    /// A real HTTP server (python3 http.server) on `addr:port` answering GET / with `body`.
+    pub fn http_server(&self, host: &str, addr: &str, port: u16, body: &str) -> Proc {
+        let www = self.dir.join(format!("www-{host}-{port}"));
+        fs::create_dir_all(&www).expect("creating web root");
+        fs::write(www.join("index.html"), format!("{body}\n")).expect("writing index.html");
+        let python = if Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
+        let p = self.spawn(
+            host,
+            &format!("http-{host}-{port}"),
+            &[
+                python,
+                "-m",
+                "http.server",
+                "--bind",
+                addr,
+                "--directory",
+                www.to_str().unwrap_or("."),
+                &port.to_string(),
+            ],
+        );
+        self.wait_tcp(host, addr, port, Duration::from_secs(10));
+        p
+    }
+
+    /// Waits until `addr:port` accepts TCP connections from inside `host`.
+    pub fn wait_tcp(&self, host: &str, addr: &str, port: u16, timeout: Duration) {
+        wait_until(
+            timeout,
+            &format!("{addr}:{port} to accept in {host}"),
+            || {
+                self.try_sh(host, &format!("exec 3<>/dev/tcp/{addr}/{port}"))
+                    .is_ok()
+            },
+        );
+    }
+
+    /// `curl` from `host`: the body, or the error.
+    ///
+    /// # Errors
+    /// curl's exit status and message.
+    pub fn curl(&self, host: &str, url: &str) -> Result<String, String> {
+        self.try_sh(host, &format!("curl -sS --max-time 5 '{url}'"))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for host in self.hosts.iter().rev() {
+            let ns = self.ns(host);
+            // Processes started inside the namespace by anything (daemons that fork) go too.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out
+}

@@ -40,9 +40,7 @@ impl FromStr for HumanDuration {
             return Err(err("empty; write e.g. \"2s\", \"100ms\" or \"2h4m\""));
         }
         if s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err(
-                "a unit is required (ms, s, m, h, d), e.g. \"300s\"",
-            ));
+            return Err(err("a unit is required (ms, s, m, h, d), e.g. \"300s\""));
         }
         let mut total_ms: u128 = 0;
         let mut rest = s;
@@ -57,16 +55,13 @@ impl FromStr for HumanDuration {
             let value: u128 = num.parse().map_err(|_| err("number too large"))?;
             let unit_len = tail.bytes().take_while(u8::is_ascii_alphabetic).count();
             let (unit, tail) = tail.split_at(unit_len);
-            let idx = UNITS
-                .iter()
-                .position(|(u, _)| *u == unit)
-                .ok_or_else(|| {
-                    if unit.is_empty() {
-                        err("missing unit after the last number (ms, s, m, h, d)")
-                    } else {
-                        err(&format!("unknown unit {unit:?} (use ms, s, m, h, d)"))
-                    }
-                })?;
+            let idx = UNITS.iter().position(|(u, _)| *u == unit).ok_or_else(|| {
+                if unit.is_empty() {
+                    err("missing unit after the last number (ms, s, m, h, d)")
+                } else {
+                    err(&format!("unknown unit {unit:?} (use ms, s, m, h, d)"))
+                }
+            })?;
             if last_unit.is_some_and(|l| l >= idx) {
                 return Err(err("units must go from largest to smallest, each once"));
             }
@@ -131,7 +126,18 @@ mod tests {
 
     #[test]
     fn refuses_bad_forms() {
-        for bad in ["", "300", "2x", "s", "2s3m", "2s2s", "1.5s", "-1s", "2 s", "99999999999999999999999d"] {
+        for bad in [
+            "",
+            "300",
+            "2x",
+            "s",
+            "2s3m",
+            "2s2s",
+            "1.5s",
+            "-1s",
+            "2 s",
+            "99999999999999999999999d",
+        ] {
             assert!(bad.parse::<HumanDuration>().is_err(), "{bad:?} accepted");
         }
         let e = "300".parse::<HumanDuration>().unwrap_err().to_string();

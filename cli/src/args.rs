@@ -1,0 +1,145 @@
+//! Command-line interface (clap derive). Help texts say what a user can do with each command.
+
+use crate::parts::Kind;
+use crate::parts::ssh::{SshArgs, SshdArgs};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// vipgate: GRE tunnels, PAT, VRRP failover, load-balanced virtual services and SSH
+/// forwarding from one TOML file.
+#[derive(Debug, Parser)]
+#[command(name = "vipgate", version, about, long_about = None, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where to find a running daemon's control socket.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ControlArgs {
+    /// Control socket path (default: `[daemon] control` of --config, else /run/vipgate/vipgate.sock).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) control: Option<PathBuf>,
+    /// Site config to read the control socket path from.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Validate a site config; print FILE:LINE:COL for every mistake (exit 1) or a summary (exit 0).
+    Check {
+        /// The site config (TOML).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run every part the config describes, in the foreground (SIGHUP re-reads, SIGTERM stops cleanly).
+    Run {
+        /// The site config (TOML).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: PathBuf,
+        /// Start only these parts (e.g. `--only vrrp` to run one part alone).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<Kind>,
+    },
+    /// One screen: every running part, its state and key counters.
+    Status {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Details of one capability of the running daemon.
+    Show {
+        /// gre | nat | lb | vrrp | ssh
+        #[arg(value_enum)]
+        what: Kind,
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Operate the PAT gateway of the running daemon.
+    Nat {
+        #[command(subcommand)]
+        op: NatOp,
+    },
+    /// Operate the virtual services of the running daemon.
+    Lb {
+        #[command(subcommand)]
+        op: LbOp,
+    },
+    /// Forward ports over SSH, as `ssh -N -L/-R/-D` does (OpenSSH-compatible flags).
+    Ssh(SshArgs),
+    /// A forwarding-only SSH server (no shells, no commands).
+    Sshd(SshdArgs),
+    /// Build the demo lab in network namespaces and run vipgate in it.
+    Lab {
+        /// up: build and start; down: remove everything; status: what is running.
+        /// Without an action: up, show status, and tear down on Ctrl-C.
+        #[arg(value_enum)]
+        action: Option<LabAction>,
+        /// Name prefix of the lab's namespaces (`P-isp`, `P-hq`, ...), so several labs can coexist.
+        #[arg(long, default_value = "vg")]
+        prefix: String,
+    },
+    /// Print shell completions to stdout.
+    Completions {
+        /// bash | zsh | fish | elvish | powershell
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (vipgate.1 and one per subcommand) into a directory.
+    Man {
+        /// Output directory.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum NatOp {
+    /// Remove every dynamic translation (static port forwards stay), like `clear ip nat translation *`.
+    Clear {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LbOp {
+    /// Change one backend's weight at run time (0 drains: open connections stay, new ones go elsewhere).
+    Weight {
+        /// Service name.
+        service: String,
+        /// Backend address, `ip:port` as in the config.
+        backend: String,
+        /// New weight, 0..=65535.
+        weight: u32,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LabAction {
+    Up,
+    Down,
+    Status,
+}

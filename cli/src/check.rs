@@ -1,0 +1,136 @@
+//! `vipgate check`: the one-screen summary of a valid site config.
+
+use crate::config::SiteConfig;
+use std::fmt::Write;
+
+/// `Wrr` -> `wrr`: enum values as the config spells them.
+fn lower(value: impl std::fmt::Debug) -> String {
+    format!("{value:?}").to_lowercase()
+}
+
+/// What a valid file configures, one line per part.
+pub(crate) fn summary(site: &SiteConfig) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: OK", site.path.display());
+    let d = &site.daemon;
+    let _ = writeln!(
+        out,
+        "  daemon   control {}, metrics {}",
+        d.control.display(),
+        d.metrics.map_or("off".to_string(), |m| m.to_string())
+    );
+    for t in &site.gre {
+        let ka = t
+            .keepalive
+            .as_ref()
+            .map_or("keepalive off".to_string(), |k| {
+                format!(
+                    "keepalive {} x {}",
+                    k.interval.get_ref(),
+                    k.retries.get_ref()
+                )
+            });
+        let routes: Vec<String> = t.routes.iter().map(|r| r.get_ref().to_string()).collect();
+        let _ = writeln!(
+            out,
+            "  gre      {} {} -> {} ({}), inner {}{}, routes [{}], {ka}",
+            t.name.get_ref(),
+            t.local,
+            t.remote,
+            lower(t.encap),
+            t.address,
+            t.key.map(|k| format!(", key {k}")).unwrap_or_default(),
+            routes.join(", ")
+        );
+    }
+    if let Some(n) = &site.nat {
+        let statics: Vec<String> = n
+            .statics
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} -> {}",
+                    s.proto.get_ref(),
+                    s.outside_port.get_ref(),
+                    s.inside
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "  nat      overload {} on {}, inside [{}], {} ACL rule(s), static [{}]",
+            n.address,
+            n.outside.get_ref(),
+            n.inside.join(", "),
+            n.acl.len(),
+            statics.join(", ")
+        );
+    }
+    for s in &site.service {
+        let backends: Vec<String> = s
+            .backends
+            .get_ref()
+            .iter()
+            .map(|b| format!("{} w{}", b.address.get_ref(), b.weight.get_ref()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  service  {} {} {}{}, backends [{}]{}",
+            s.name.get_ref(),
+            s.listen.get_ref(),
+            lower(s.scheduler),
+            s.persistence
+                .map(|p| format!(", persistence {p}"))
+                .unwrap_or_default(),
+            backends.join(", "),
+            s.health
+                .as_ref()
+                .map(|h| format!(", health {} every {}", lower(h.kind), h.interval.get_ref()))
+                .unwrap_or_default()
+        );
+    }
+    for v in &site.vrrp {
+        let addrs: Vec<String> = v
+            .addresses
+            .get_ref()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let _ = writeln!(
+            out,
+            "  vrrp     {} on {} vrid {} priority {} advert {}{}, [{}]",
+            v.name.get_ref(),
+            v.interface,
+            v.vrid.get_ref(),
+            v.priority.get_ref(),
+            v.advert_interval.get_ref(),
+            if v.preempt { "" } else { ", nopreempt" },
+            addrs.join(", ")
+        );
+    }
+    for s in &site.ssh {
+        let _ = writeln!(
+            out,
+            "  ssh      {}: {} local, {} remote, {} dynamic forward(s)",
+            s.destination.get_ref(),
+            s.local.len(),
+            s.remote.len(),
+            s.dynamic.len()
+        );
+    }
+    if let Some(s) = &site.sshd {
+        let _ = writeln!(
+            out,
+            "  sshd     listen {}, authorized_keys {}",
+            s.listen,
+            s.authorized_keys.display()
+        );
+    }
+    if site.is_empty() {
+        let _ = writeln!(
+            out,
+            "  (nothing to run: no gre, nat, service, vrrp, ssh or sshd section)"
+        );
+    }
+    out
+}

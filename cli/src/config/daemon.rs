@@ -1,0 +1,33 @@
+//! `[daemon]`: where the control socket and the metrics endpoint live.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Default control socket path (DESIGN.md).
+pub(crate) const DEFAULT_CONTROL: &str = "/run/vipgate/vipgate.sock";
+
+/// `[daemon]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DaemonSection {
+    /// Unix socket `vipgate status` / `show` talk to. Default `/run/vipgate/vipgate.sock`.
+    #[serde(default = "default_control")]
+    pub(crate) control: PathBuf,
+    /// Optional Prometheus endpoint (`host:port`), off by default.
+    #[serde(default)]
+    pub(crate) metrics: Option<SocketAddr>,
+}
+
+fn default_control() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL)
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        DaemonSection {
+            control: default_control(),
+            metrics: None,
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! `[[gre]]`: userspace GRE tunnels (Cisco `interface Tunnel`, Linux `ip tunnel ... mode gre`).
+
+use super::{HumanDuration, Validator, check_unique};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+use toml::Spanned;
+
+/// Outer encapsulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum GreEncap {
+    /// IP protocol 47 (RFC 2784), what routers speak.
+    #[default]
+    Gre,
+    /// GRE-in-UDP on port 4754 (RFC 8086), for paths through NAT.
+    Udp,
+}
+
+/// `keepalive = { interval = "10s", retries = 3 }` (Cisco `keepalive 10 3`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GreKeepaliveSection {
+    /// Time between keepalives. Default 10 s.
+    #[serde(default = "default_keepalive_interval")]
+    pub(crate) interval: Spanned<HumanDuration>,
+    /// Missed replies before the tunnel is declared down. Default 3.
+    #[serde(default = "default_keepalive_retries")]
+    pub(crate) retries: Spanned<u32>,
+}
+
+fn default_keepalive_interval() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(10)))
+}
+
+fn default_keepalive_retries() -> Spanned<u32> {
+    Spanned::new(0..0, 3)
+}
+
+/// One `[[gre]]` tunnel.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GreSection {
+    /// TUN interface name (at most 15 characters).
+    pub(crate) name: Spanned<String>,
+    /// Outer source address.
+    pub(crate) local: Ipv4Addr,
+    /// Outer destination address (the peer).
+    pub(crate) remote: Ipv4Addr,
+    /// Inner address of the tunnel interface, with prefix length.
+    pub(crate) address: Ipv4Net,
+    /// Optional RFC 2890 key, the same on both ends.
+    #[serde(default)]
+    pub(crate) key: Option<u32>,
+    /// RFC 2890 sequence numbers (drop out-of-order and duplicate packets). Default off.
+    #[serde(default)]
+    pub(crate) sequence: bool,
+    /// RFC 2784 checksums on sent packets (received ones are always verified). Default off.
+    #[serde(default)]
+    pub(crate) checksum: bool,
+    /// Tunnel MTU. Default: underlay MTU − 24 − 4 per option.
+    #[serde(default)]
+    pub(crate) mtu: Option<Spanned<u16>>,
+    /// Prefixes routed into the tunnel while it is up.
+    #[serde(default)]
+    pub(crate) routes: Vec<Spanned<Ipv4Net>>,
+    /// Cisco-compatible keepalives; off when absent.
+    #[serde(default)]
+    pub(crate) keepalive: Option<GreKeepaliveSection>,
+    /// `gre` (default) or `udp` (RFC 8086).
+    #[serde(default)]
+    pub(crate) encap: GreEncap,
+}
+
+pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
+    check_unique(
+        tunnels
+            .iter()
+            .map(|t| (t.name.get_ref().clone(), t.name.span())),
+        "tunnel name",
+        v,
+    );
+    check_unique(
+        tunnels
+            .iter()
+            .map(|t| ((t.remote, t.key.unwrap_or(0)), t.name.span()))
+            .map(|((r, k), s)| (format!("{r} key {k}"), s)),
+        "tunnel peer and key",
+        v,
+    );
+    for t in tunnels {
+        let name = t.name.get_ref();
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            v.error_at(&t.name, format!("tunnel name `{name}` is not a valid interface name (1-15 characters, no '/' or spaces)"));
+        }
+        if let Some(mtu) = t
+            .mtu
+            .as_ref()
+            .filter(|m| !(576..=9000).contains(m.get_ref()))
+        {
+            v.error_at(
+                mtu,
+                format!("mtu {} is out of range 576..=9000", mtu.get_ref()),
+            );
+        }
+        if let Some(ka) = &t.keepalive {
+            if ka.interval.get_ref().0 < Duration::from_millis(100) {
+                v.error_at(&ka.interval, "keepalive interval must be at least 100ms");
+            }
+            if !(1..=255).contains(ka.retries.get_ref()) {
+                v.error_at(&ka.retries, "keepalive retries must be in 1..=255");
+            }
+        }
+    }
+    // Two tunnels routing overlapping prefixes would make the kernel pick one silently.
+    let routes: Vec<(&str, &Spanned<Ipv4Net>)> = tunnels
+        .iter()
+        .flat_map(|t| t.routes.iter().map(move |r| (t.name.get_ref().as_str(), r)))
+        .collect();
+    for (i, (name_a, a)) in routes.iter().enumerate() {
+        for (name_b, b) in &routes[..i] {
+            let (a_net, b_net) = (a.get_ref(), b.get_ref());
+            if a_net.contains(&b_net.network()) || b_net.contains(&a_net.network()) {
+                let line = v.line_of(b.span().start);
+                v.error_at(
+                    a,
+                    format!("route {a_net} of tunnel `{name_a}` overlaps route {b_net} of tunnel `{name_b}` (line {line})"),
+                );
+            }
+        }
+    }
+}

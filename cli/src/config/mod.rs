@@ -1,0 +1,376 @@
+//! The site config: one TOML file describing everything a vipgate host runs.
+//!
+//! Loading happens in two stages (ripgrep's LowArgs → HiArgs): serde builds typed section
+//! structs (unknown keys refused), then each section's `validate` checks what serde cannot see
+//! (ranges, duplicates, cross references). Every problem found is kept with its byte span so
+//! `vipgate check` can print all of them as `FILE:LINE:COL: message` in one run.
+//!
+//! Each top-level section is deserialized on its own (and each element of an array of
+//! tables on its own) so one mistake does not hide the next.
+
+pub(crate) mod daemon;
+pub(crate) mod duration;
+pub(crate) mod gre;
+pub(crate) mod lb;
+pub(crate) mod nat;
+pub(crate) mod ssh;
+pub(crate) mod vrrp;
+
+use serde::de::DeserializeOwned;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+pub(crate) use duration::HumanDuration;
+
+/// The whole validated site.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct SiteConfig {
+    /// Where the file came from (for messages and reloads).
+    pub(crate) path: PathBuf,
+    pub(crate) daemon: daemon::DaemonSection,
+    pub(crate) gre: Vec<gre::GreSection>,
+    pub(crate) nat: Option<nat::NatSection>,
+    pub(crate) service: Vec<lb::ServiceSection>,
+    pub(crate) vrrp: Vec<vrrp::VrrpSection>,
+    pub(crate) ssh: Vec<ssh::SshSection>,
+    pub(crate) sshd: Option<ssh::SshdSection>,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Diagnostic {
+    /// Byte range in the file, when known.
+    pub(crate) span: Option<Range<usize>>,
+    pub(crate) message: String,
+}
+
+/// All problems of one file, renderable as `FILE:LINE:COL: message` lines.
+#[derive(Debug, Clone)]
+pub(crate) struct ConfigErrors {
+    pub(crate) path: PathBuf,
+    pub(crate) text: String,
+    pub(crate) diagnostics: Vec<Diagnostic>,
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            let (line, col) = d
+                .span
+                .as_ref()
+                .map_or((1, 1), |s| line_col(&self.text, s.start));
+            write!(f, "{}:{line}:{col}: {}", self.path.display(), d.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Collects semantic problems with their spans while sections validate themselves.
+#[derive(Debug, Default)]
+pub(crate) struct Validator {
+    text: String,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Validator {
+    /// 1-based line of a byte offset, for messages that point at a second place.
+    pub(crate) fn line_of(&self, offset: usize) -> usize {
+        line_col(&self.text, offset).0
+    }
+
+    /// Records a problem at `span`.
+    pub(crate) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.diagnostics.push(Diagnostic {
+            span: Some(span),
+            message: message.into(),
+        });
+    }
+
+    /// Records a problem at the place a spanned value was written.
+    pub(crate) fn error_at<T>(&mut self, value: &toml::Spanned<T>, message: impl Into<String>) {
+        self.error(value.span(), message);
+    }
+}
+
+/// The top-level sections the contract knows.
+const SECTIONS: [&str; 7] = ["daemon", "gre", "nat", "service", "vrrp", "ssh", "sshd"];
+
+/// Reads and validates a config file.
+///
+/// # Errors
+/// Every problem in the file, or an unreadable file as a single diagnostic.
+pub(crate) fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(_) => {
+                return Err(ConfigErrors {
+                    path: path.to_path_buf(),
+                    text: String::new(),
+                    diagnostics: vec![Diagnostic {
+                        span: None,
+                        message: "not a TOML file: the file is not UTF-8 text".into(),
+                    }],
+                });
+            }
+        },
+        Err(e) => {
+            return Err(ConfigErrors {
+                path: path.to_path_buf(),
+                text: String::new(),
+                diagnostics: vec![Diagnostic {
+                    span: None,
+                    message: format!("cannot read: {e}"),
+                }],
+            });
+        }
+    };
+    parse(path, &text)
+}
+
+/// Parses and validates config text; `path` is only used for messages.
+///
+/// # Errors
+/// Every problem found, in file order.
+pub(crate) fn parse(path: &Path, text: &str) -> Result<SiteConfig, ConfigErrors> {
+    let mut diags = Vec::new();
+    let site = parse_into(path, text, &mut diags);
+    if diags.is_empty() {
+        Ok(site)
+    } else {
+        diags.sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
+        Err(ConfigErrors {
+            path: path.to_path_buf(),
+            text: text.to_string(),
+            diagnostics: diags,
+        })
+    }
+}
+
+fn parse_into(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> SiteConfig {
+    let mut site = SiteConfig {
+        path: path.to_path_buf(),
+        ..SiteConfig::default()
+    };
+    if text.trim().is_empty() {
+        diags.push(Diagnostic {
+            span: None,
+            message: format!(
+                "the file is empty: a site config has at least one of the sections [{}]",
+                SECTIONS.join("], [")
+            ),
+        });
+        return site;
+    }
+    let (table, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        for e in syntax {
+            diags.push(Diagnostic {
+                span: e.span(),
+                message: format!("not valid TOML: {}", first_line(e.message())),
+            });
+        }
+        return site;
+    }
+    // Sections that failed to deserialize: cross-references into them are not checked,
+    // so one typo does not cascade into misleading "no such service" errors.
+    let mut failed: Vec<String> = Vec::new();
+    for (key, value) in table.into_inner() {
+        let name = key.get_ref().as_ref();
+        let before = diags.len();
+        match name {
+            "daemon" => {
+                if let Some(d) = one(value, name, diags) {
+                    site.daemon = d;
+                }
+            }
+            "gre" => site.gre = many(value, name, diags),
+            "nat" => site.nat = one(value, name, diags),
+            "service" => site.service = many(value, name, diags),
+            "vrrp" => site.vrrp = many(value, name, diags),
+            "ssh" => site.ssh = many(value, name, diags),
+            "sshd" => site.sshd = one(value, name, diags),
+            other => diags.push(Diagnostic {
+                span: Some(key.span()),
+                message: format!(
+                    "unknown section `{other}`{}; the sections are [{}]",
+                    did_you_mean(other, &SECTIONS),
+                    SECTIONS.join("], [")
+                ),
+            }),
+        }
+        if diags.len() > before {
+            failed.push(name.to_string());
+        }
+    }
+    let mut v = Validator {
+        text: text.to_string(),
+        ..Validator::default()
+    };
+    site.validate(&failed, &mut v);
+    diags.extend(v.diagnostics);
+    site
+}
+
+impl SiteConfig {
+    fn validate(&self, failed: &[String], v: &mut Validator) {
+        let ok = |section: &str| !failed.iter().any(|f| f == section);
+        gre::validate_all(&self.gre, v);
+        if let Some(nat) = &self.nat {
+            nat.validate(v);
+        }
+        lb::validate_all(&self.service, self.nat.as_ref().filter(|_| ok("nat")), v);
+        vrrp::validate_all(
+            &self.vrrp,
+            ok("service").then_some(self.service.as_slice()),
+            v,
+        );
+        ssh::validate_all(&self.ssh, v);
+    }
+
+    /// True when the file configures nothing that runs.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.gre.is_empty()
+            && self.nat.is_none()
+            && self.service.is_empty()
+            && self.vrrp.is_empty()
+            && self.ssh.is_empty()
+            && self.sshd.is_none()
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s).trim()
+}
+
+fn one<T: DeserializeOwned>(
+    value: toml::Spanned<DeValue<'_>>,
+    section: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    if !matches!(value.get_ref(), DeValue::Table(_)) {
+        diags.push(Diagnostic {
+            span: Some(value.span()),
+            message: format!("`{section}` must be a table: write it as [{section}]"),
+        });
+        return None;
+    }
+    deserialize(value, diags)
+}
+
+fn many<T: DeserializeOwned>(
+    value: toml::Spanned<DeValue<'_>>,
+    section: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<T> {
+    let span = value.span();
+    match value.into_inner() {
+        DeValue::Array(items) => items
+            .into_iter()
+            .filter_map(|item| deserialize(item, diags))
+            .collect(),
+        _ => {
+            diags.push(Diagnostic {
+                span: Some(span),
+                message: format!(
+                    "`{section}` must be an array of tables: write each one as [[{section}]]"
+                ),
+            });
+            Vec::new()
+        }
+    }
+}
+
+fn deserialize<T: DeserializeOwned>(
+    value: toml::Spanned<DeValue<'_>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let span = value.span();
+    match T::deserialize(ValueDeserializer::from(value)) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            diags.push(Diagnostic {
+                span: Some(e.span().unwrap_or(span)),
+                message: explain_serde_error(e.message()),
+            });
+            None
+        }
+    }
+}
+
+/// Rewrites serde's messages into the config's vocabulary, adding "did you mean" hints.
+fn explain_serde_error(message: &str) -> String {
+    let message = first_line(message);
+    for (prefix, noun, list) in [
+        ("unknown field `", "key", "valid keys here"),
+        ("unknown variant `", "value", "expected one of"),
+    ] {
+        if let Some((word, expected)) = message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('`'))
+        {
+            let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            return format!(
+                "unknown {noun} `{word}`{}; {list}: {}",
+                did_you_mean(word, &candidates),
+                candidates.join(", ")
+            );
+        }
+    }
+    message.to_string()
+}
+
+/// ", did you mean `x`?" when a candidate is close enough to be a likely typo.
+pub(crate) fn did_you_mean(word: &str, candidates: &[&str]) -> String {
+    // Transpositions and one-letter slips in short names score low on Jaro-Winkler alone.
+    let close = |c: &str| strsim::damerau_levenshtein(word, c) <= (word.len() / 3).max(1);
+    candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(word, c), *c))
+        .filter(|(score, c)| *score > 0.8 || close(c))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| format!(" (did you mean `{c}`?)"))
+        .unwrap_or_default()
+}
+
+/// Reports every value that appears more than once, at its second and later places.
+pub(crate) fn check_unique<'a, K: Eq + std::hash::Hash + std::fmt::Display + 'a>(
+    items: impl IntoIterator<Item = (K, Range<usize>)>,
+    what: &str,
+    v: &mut Validator,
+) {
+    let mut seen: std::collections::HashMap<K, Range<usize>> = std::collections::HashMap::new();
+    for (key, span) in items {
+        if let Some(first) = seen.get(&key) {
+            let first = first.clone();
+            let line = v.line_of(first.start);
+            v.error(
+                span,
+                format!("duplicate {what} `{key}` (first defined on line {line})"),
+            );
+        } else {
+            seen.insert(key, span);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

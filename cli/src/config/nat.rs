@@ -1,0 +1,248 @@
+//! `[nat]`, `[[nat.acl]]`, `[[nat.static]]`: the PAT gateway (Cisco `ip nat inside source ...
+//! overload` and `ip nat inside source static tcp ...`).
+
+use super::{HumanDuration, Validator, check_unique};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+use toml::Spanned;
+
+/// Transport protocol of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP (ACL rules only).
+    Icmp,
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        })
+    }
+}
+
+/// ACL action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AclAction {
+    /// Let the packet on to NAT.
+    Permit,
+    /// Drop it (counted per rule).
+    Deny,
+}
+
+/// A port or an inclusive range, written `80` or `"1024-65535"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct PortRange {
+    pub(crate) first: u16,
+    pub(crate) last: u16,
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(u16),
+            Text(String),
+        }
+        let bad = |s: &str| {
+            serde::de::Error::custom(format!(
+                "invalid port range {s:?}: write 80 or \"1024-65535\""
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::One(p) => Ok(PortRange { first: p, last: p }),
+            Raw::Text(s) => {
+                let (a, b) = s.split_once('-').unwrap_or((&s, &s));
+                let first: u16 = a.trim().parse().map_err(|_| bad(&s))?;
+                let last: u16 = b.trim().parse().map_err(|_| bad(&s))?;
+                if first > last {
+                    return Err(bad(&s));
+                }
+                Ok(PortRange { first, last })
+            }
+        }
+    }
+}
+
+/// One `[[nat.acl]]` rule; absent fields match anything. First match wins.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AclSection {
+    pub(crate) action: AclAction,
+    #[serde(default)]
+    pub(crate) src: Option<Ipv4Net>,
+    #[serde(default)]
+    pub(crate) dst: Option<Ipv4Net>,
+    #[serde(default)]
+    pub(crate) proto: Option<Proto>,
+    #[serde(default)]
+    pub(crate) src_port: Option<PortRange>,
+    #[serde(default)]
+    pub(crate) dst_port: Option<Spanned<PortRange>>,
+}
+
+/// One `[[nat.static]]` port forward.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StaticSection {
+    /// `tcp` or `udp`.
+    pub(crate) proto: Spanned<Proto>,
+    /// Public port.
+    pub(crate) outside_port: Spanned<u16>,
+    /// Inside address and port the public port forwards to.
+    pub(crate) inside: SocketAddrV4,
+    /// Public address, default `[nat] address`.
+    #[serde(default)]
+    pub(crate) address: Option<Ipv4Addr>,
+}
+
+/// Idle timeouts (RFC 4787 / 5382 / 5508 defaults).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NatTimeouts {
+    #[serde(default = "d_udp")]
+    pub(crate) udp: Spanned<HumanDuration>,
+    #[serde(default = "d_tcp_established")]
+    pub(crate) tcp_established: Spanned<HumanDuration>,
+    #[serde(default = "d_tcp_transitory")]
+    pub(crate) tcp_transitory: Spanned<HumanDuration>,
+    #[serde(default = "d_icmp")]
+    pub(crate) icmp: Spanned<HumanDuration>,
+}
+
+fn dur(secs: u64) -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(secs)))
+}
+fn d_udp() -> Spanned<HumanDuration> {
+    dur(300)
+}
+fn d_tcp_established() -> Spanned<HumanDuration> {
+    dur(7440)
+}
+fn d_tcp_transitory() -> Spanned<HumanDuration> {
+    dur(240)
+}
+fn d_icmp() -> Spanned<HumanDuration> {
+    dur(60)
+}
+
+impl Default for NatTimeouts {
+    fn default() -> Self {
+        NatTimeouts {
+            udp: d_udp(),
+            tcp_established: d_tcp_established(),
+            tcp_transitory: d_tcp_transitory(),
+            icmp: d_icmp(),
+        }
+    }
+}
+
+/// `[nat]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NatSection {
+    /// Inside interfaces (traffic from them is translated).
+    pub(crate) inside: Vec<String>,
+    /// Outside interface.
+    pub(crate) outside: Spanned<String>,
+    /// Public address used for overload and static forwards.
+    pub(crate) address: Ipv4Addr,
+    /// Dynamic port range. Default 1024-65535.
+    #[serde(default = "default_port_range")]
+    pub(crate) ports: PortRange,
+    /// Bound on the translation table. Default 65536.
+    #[serde(default = "default_max_mappings")]
+    pub(crate) max_mappings: Spanned<u32>,
+    /// Bound per inside host. Default 4096.
+    #[serde(default = "default_max_per_host")]
+    pub(crate) max_mappings_per_host: Spanned<u32>,
+    /// Idle timeouts.
+    #[serde(default)]
+    pub(crate) timeouts: NatTimeouts,
+    /// ACL, evaluated before NAT; first match wins; no match = permit.
+    #[serde(default)]
+    pub(crate) acl: Vec<AclSection>,
+    /// Static port forwards.
+    #[serde(default, rename = "static")]
+    pub(crate) statics: Vec<StaticSection>,
+}
+
+fn default_port_range() -> PortRange {
+    PortRange {
+        first: 1024,
+        last: 65535,
+    }
+}
+fn default_max_mappings() -> Spanned<u32> {
+    Spanned::new(0..0, 65536)
+}
+fn default_max_per_host() -> Spanned<u32> {
+    Spanned::new(0..0, 4096)
+}
+
+impl NatSection {
+    pub(crate) fn validate(&self, v: &mut Validator) {
+        check_unique(
+            self.statics.iter().map(|s| {
+                let addr = s.address.unwrap_or(self.address);
+                (
+                    format!("{}/{addr}:{}", s.proto.get_ref(), s.outside_port.get_ref()),
+                    s.outside_port.span(),
+                )
+            }),
+            "static port",
+            v,
+        );
+        for s in &self.statics {
+            if *s.proto.get_ref() == Proto::Icmp {
+                v.error_at(&s.proto, "a static port forward is `tcp` or `udp`");
+            }
+            if *s.outside_port.get_ref() == 0 {
+                v.error_at(&s.outside_port, "outside_port 0 is not a port");
+            }
+        }
+        if *self.max_mappings.get_ref() == 0 {
+            v.error_at(&self.max_mappings, "max_mappings must be at least 1");
+        }
+        if *self.max_mappings_per_host.get_ref() == 0 {
+            v.error_at(
+                &self.max_mappings_per_host,
+                "max_mappings_per_host must be at least 1",
+            );
+        }
+        let t = &self.timeouts;
+        for (name, d, min) in [
+            ("udp", &t.udp, 120),
+            ("tcp_established", &t.tcp_established, 7440),
+            ("tcp_transitory", &t.tcp_transitory, 1),
+            ("icmp", &t.icmp, 60),
+        ] {
+            if d.get_ref().0 < Duration::from_secs(min) {
+                v.error_at(
+                    d,
+                    format!("timeouts.{name} must be at least {min}s (RFC 4787/5382/5508)"),
+                );
+            }
+        }
+        if self.inside.iter().any(|i| i == self.outside.get_ref()) {
+            v.error_at(
+                &self.outside,
+                format!(
+                    "interface `{}` is both inside and outside",
+                    self.outside.get_ref()
+                ),
+            );
+        }
+    }
+}

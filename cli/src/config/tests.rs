@@ -1,0 +1,163 @@
+//! Loader tests: the contract example, planted mistakes with exact positions, hostile input.
+
+use super::*;
+use proptest::prelude::*;
+
+const REFERENCE: &str = include_str!("../../../examples/reference.toml");
+
+fn errors(text: &str) -> Vec<String> {
+    match parse(Path::new("site.toml"), text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.to_string().lines().map(str::to_string).collect(),
+    }
+}
+
+#[test]
+fn reference_example_is_valid() {
+    let site =
+        parse(Path::new("reference.toml"), REFERENCE).expect("reference example must validate");
+    assert_eq!(site.gre.len(), 1);
+    assert_eq!(
+        site.gre[0].keepalive.as_ref().map(|k| *k.retries.get_ref()),
+        Some(3)
+    );
+    assert_eq!(site.nat.as_ref().map(|n| n.statics.len()), Some(1));
+    assert_eq!(site.service[0].backends.get_ref().len(), 2);
+    assert_eq!(*site.vrrp[0].vrid.get_ref(), 51);
+    assert_eq!(site.ssh[0].local.len(), 1);
+}
+
+#[test]
+fn three_planted_mistakes_give_three_positions() {
+    let text = REFERENCE
+        .replace("vrid = 51", "vrid = 256")
+        .replace("weight = 2 }", "weight = 65536 }")
+        .replace("track_services = [\"web\"]", "track_services = [\"wbe\"]");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    assert!(
+        errs[0].starts_with(&format!("site.toml:{}:", line_of("weight = 65536"))),
+        "{errs:?}"
+    );
+    assert!(errs[0].contains("over 65535"));
+    assert!(
+        errs[1].starts_with(&format!(
+            "site.toml:{}:8: vrid 256 is out of range",
+            line_of("vrid = 256")
+        )),
+        "{errs:?}"
+    );
+    assert!(errs[2].contains("did you mean `web`"), "{errs:?}");
+}
+
+#[test]
+fn unknown_key_has_a_hint_and_position() {
+    let errs = errors(
+        "[[gre]]\nname = \"g\"\nlocal = \"1.1.1.1\"\nremote = \"1.1.1.2\"\naddress = \"10.9.0.1/30\"\nrouts = []\n",
+    );
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("site.toml:6:1: unknown key `routs` (did you mean `routes`?)"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn semantic_checks() {
+    let dup = "[[gre]]\nname = \"a\"\nlocal = \"1.1.1.1\"\nremote = \"1.1.1.2\"\naddress = \"10.9.0.1/30\"\nroutes = [\"10.1.0.0/16\"]\n\
+               [[gre]]\nname = \"a\"\nlocal = \"1.1.1.1\"\nremote = \"1.1.1.3\"\naddress = \"10.9.0.5/30\"\nroutes = [\"10.1.2.0/24\"]\n";
+    let errs = errors(dup);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("duplicate tunnel name `a` (first defined on line 2)")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("overlaps route 10.1.0.0/16")),
+        "{errs:?}"
+    );
+
+    let nat = "[nat]\ninside = [\"eth1\"]\noutside = \"eth0\"\naddress = \"192.0.2.1\"\n\
+               [[nat.static]]\nproto = \"tcp\"\noutside_port = 8001\ninside = \"10.0.0.1:80\"\n\
+               [[nat.static]]\nproto = \"tcp\"\noutside_port = 8001\ninside = \"10.0.0.2:80\"\n";
+    let errs = errors(nat);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("site.toml:11:16: duplicate static port `tcp/192.0.2.1:8001`"),
+        "{errs:?}"
+    );
+
+    let prio = REFERENCE.replace("priority = 150", "priority = 255");
+    assert!(
+        errors(&prio)
+            .iter()
+            .any(|e| e.contains("reserved for the address owner"))
+    );
+    let zero = REFERENCE.replace("priority = 150", "priority = 0");
+    assert!(
+        errors(&zero)
+            .iter()
+            .any(|e| e.contains("priority 0 is out of range"))
+    );
+    let spec = REFERENCE.replace("\"9000:localhost:22\"", "\"9000:localhost\"");
+    assert!(
+        errors(&spec)
+            .iter()
+            .any(|e| e.contains("bad remote forwarding specification '9000:localhost'"))
+    );
+}
+
+#[test]
+fn hostile_files_explain_themselves() {
+    assert!(errors("")[0].contains("the file is empty"));
+    assert!(errors("  \n\n")[0].contains("the file is empty"));
+    assert!(errors("this is not toml ][")[0].contains("not valid TOML"));
+    let e = errors("[wormhole]\nx = 1\n");
+    assert_eq!(
+        e,
+        vec![
+            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [service], [vrrp], [ssh], [sshd]"
+        ]
+    );
+    assert!(errors("gre = 5\n")[0].contains("must be an array of tables"));
+    assert!(errors("[[nat]]\n")[0].contains("must be a table"));
+    let e = errors(
+        "[[vrrp]]\nname=\"v\"\ninterface=\"eth0\"\nvrid=1\naddresses=[\"10.0.0.1/24\"]\nadvert_interval = \"1.5s\"\n",
+    );
+    assert!(
+        e[0].starts_with("site.toml:6:19: invalid duration"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn line_col_counts_characters() {
+    assert_eq!(line_col("ab\ncdé\nf", 0), (1, 1));
+    assert_eq!(line_col("ab\ncdé\nf", 3), (2, 1));
+    assert_eq!(line_col("ab\ncdé\nf", 8), (3, 1));
+    assert_eq!(
+        line_col("ab\ncdé\nf", 6),
+        (2, 3),
+        "inside a character counts as that character"
+    );
+    assert_eq!(line_col("ab", 99), (1, 3));
+}
+
+proptest! {
+    #[test]
+    fn never_panics_on_arbitrary_text(text in ".{0,200}") {
+        let _ = parse(Path::new("x.toml"), &text);
+    }
+
+    #[test]
+    fn never_panics_on_mutated_reference(idx in 0usize..2000, byte in any::<u8>()) {
+        let mut bytes = REFERENCE.as_bytes().to_vec();
+        let i = idx % bytes.len();
+        bytes[i] = byte;
+        if let Ok(text) = String::from_utf8(bytes) {
+            let _ = parse(Path::new("x.toml"), &text);
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! `vipgate`: the one binary. Parses the command line, sets up logging, dispatches.
+//!
+//! This is the only crate that uses anyhow: libraries return typed errors, and here they
+//! become messages for the operator. It is a library with a thin `main.rs` only so that
+//! the fuzz targets can reach the config loader ([`fuzzing`]).
+
+mod args;
+mod check;
+mod config;
+mod control;
+mod lab;
+mod parts;
+mod run;
+
+use anyhow::Context;
+use args::{Cli, Command, ControlArgs, LbOp, LogFormat, NatOp};
+use clap::{CommandFactory, Parser};
+use control::Request;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The whole program: what `main` runs.
+pub fn main_entry() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format, cli.verbose);
+    // Two workers: the machines vipgate targets are small, and the hot paths run on their own
+    // threads in the drivers.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vipgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            // Config errors are already FILE:LINE:COL lines; print them as they are.
+            match e.downcast_ref::<config::ConfigErrors>() {
+                Some(c) => eprintln!("{c}"),
+                None => eprintln!("vipgate: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(site) => {
+                print!("{}", check::summary(&site));
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                println!("{errors}");
+                let n = errors.diagnostics.len();
+                eprintln!(
+                    "{}: {n} problem{}",
+                    config.display(),
+                    if n == 1 { "" } else { "s" }
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Run { config, only } => run::run(&config, only).await.map(|()| ExitCode::SUCCESS),
+        Command::Status { control, json } => {
+            let result = control::request(&control_path(&control)?, &Request::Status).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                print!("{}", render_status(&result));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show {
+            what,
+            control,
+            json,
+        } => {
+            let result =
+                control::request(&control_path(&control)?, &Request::Show { kind: what }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                let items = result.as_array().cloned().unwrap_or_default();
+                if items.is_empty() {
+                    println!("no {what} configured in the running daemon");
+                } else {
+                    print!("{}", what.render(&items));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Nat {
+            op: NatOp::Clear { control },
+        } => {
+            let req = Request::Control {
+                kind: parts::Kind::Nat,
+                name: None,
+                cmd: "clear".into(),
+                args: serde_json::Value::Null,
+            };
+            let result = control::request(&control_path(&control)?, &req).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lb {
+            op:
+                LbOp::Weight {
+                    service,
+                    backend,
+                    weight,
+                    control,
+                },
+        } => {
+            if weight > 65535 {
+                anyhow::bail!("weight {weight} is over 65535");
+            }
+            let req = Request::Control {
+                kind: parts::Kind::Lb,
+                name: Some(service),
+                cmd: "weight".into(),
+                args: serde_json::json!({ "backend": backend, "weight": weight }),
+            };
+            let result = control::request(&control_path(&control)?, &req).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ssh(args) => parts::ssh::run_ssh(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Sshd(args) => parts::ssh::run_sshd(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Lab { action, prefix } => {
+            lab::lab(action, &prefix).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "vipgate",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            write_man_pages(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The control socket: --control, else `[daemon] control` of --config, else the default.
+fn control_path(args: &ControlArgs) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.control {
+        return Ok(p.clone());
+    }
+    if let Some(c) = &args.config {
+        return Ok(config::load(c)?.daemon.control);
+    }
+    Ok(PathBuf::from(config::daemon::DEFAULT_CONTROL))
+}
+
+fn render_status(result: &serde_json::Value) -> String {
+    let Ok(parts) = serde_json::from_value::<Vec<control::PartStatus>>(result.clone()) else {
+        return format!("{result}\n");
+    };
+    if parts.is_empty() {
+        return "vipgate is running with no parts\n".into();
+    }
+    let mut out = String::new();
+    for kind in parts::Kind::ALL {
+        let items: Vec<serde_json::Value> = parts
+            .iter()
+            .filter(|p| p.kind == kind)
+            .map(|p| p.status.clone())
+            .collect();
+        if !items.is_empty() {
+            out.push_str(&format!("== {kind}\n{}", kind.render(&items)));
+        }
+    }
+    out
+}
+
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut pages = vec![(String::from("vipgate"), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        pages.push((
+            format!("vipgate-{}", sub.get_name()),
+            sub.clone().name(format!("vipgate-{}", sub.get_name())),
+        ));
+    }
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(page).render(&mut buf)?;
+        std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// Entry points for the fuzz targets in `fuzz/` and the corpus replay test; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses and validates config text; must never panic.
+    pub fn config_parse(text: &str) {
+        let _ = crate::config::parse(std::path::Path::new("fuzz.toml"), text);
+    }
+
+    /// Parses a duration string; must never panic, and must round-trip through Display.
+    pub fn duration_parse(text: &str) {
+        if let Ok(d) = text.parse::<crate::config::HumanDuration>() {
+            let back: crate::config::HumanDuration =
+                d.to_string().parse().expect("display output parses");
+            assert_eq!(back, d);
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! OpenSSH forwarding specifications (`-L`, `-R`, `-D`), parsed the way ssh(1) reads them.
+//!
+//! Accepted forms (ssh(1)):
+//! - `-L [bind_address:]port:host:hostport`, `-L [bind_address:]port:remote_socket`,
+//!   `-L local_socket:host:hostport`, `-L local_socket:remote_socket`
+//! - `-R [bind_address:]port:host:hostport`, `-R [bind_address:]port:local_socket`,
+//!   `-R remote_socket:host:hostport`, `-R remote_socket:local_socket`
+//! - `-D [bind_address:]port`
+//!
+//! IPv6 addresses go in square brackets (`[::1]:8080:[fe80::1]:80`). A path is anything that
+//! contains a `/`. This module is pure: it never resolves names or opens sockets.
+
+use std::fmt;
+
+/// One side of a forward: a TCP host and port, or a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `host:port`; `host` is `None` when the spec gave no bind address.
+    Tcp {
+        /// Host name or address (brackets removed), or `None` for "the default".
+        host: Option<String>,
+        /// TCP port; 0 asks for an allocated port where the spec allows it.
+        port: u16,
+    },
+    /// A unix-domain socket path.
+    Unix(String),
+}
+
+/// A parsed `-L` / `-R` specification: where to listen, where to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardSpec {
+    /// The listening side (local for `-L`, on the server for `-R`).
+    pub listen: Endpoint,
+    /// The connecting side (on the server's side for `-L`, local for `-R`).
+    pub connect: Endpoint,
+}
+
+/// A parsed `-D` specification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DynamicSpec {
+    /// Bind address, `None` for loopback (OpenSSH's default without `GatewayPorts`).
+    pub bind: Option<String>,
+    /// Listening port.
+    pub port: u16,
+}
+
+/// Why a specification was refused; the text mirrors OpenSSH's complaints.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The `-L` spec has the wrong shape.
+    #[error("bad local forwarding specification '{0}'")]
+    BadLocal(String),
+    /// The `-R` spec has the wrong shape.
+    #[error("bad remote forwarding specification '{0}'")]
+    BadRemote(String),
+    /// The `-D` spec has the wrong shape.
+    #[error("bad dynamic forwarding specification '{0}'")]
+    BadDynamic(String),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp {
+                host: Some(h),
+                port,
+            } if h.contains(':') => write!(f, "[{h}]:{port}"),
+            Endpoint::Tcp {
+                host: Some(h),
+                port,
+            } => write!(f, "{h}:{port}"),
+            Endpoint::Tcp { host: None, port } => write!(f, "{port}"),
+            Endpoint::Unix(p) => f.write_str(p),
+        }
+    }
+}
+
+impl fmt::Display for ForwardSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.listen, self.connect)
+    }
+}
+
+/// Splits on `:` outside square brackets; brackets must balance and wrap a whole field.
+fn split_fields(spec: &str) -> Option<Vec<String>> {
+    let mut fields = Vec::new();
+    let mut cur = String::new();
+    let mut in_brackets = false;
+    let mut bracketed = false;
+    for c in spec.chars() {
+        match c {
+            '[' if !in_brackets && cur.is_empty() && !bracketed => {
+                in_brackets = true;
+                bracketed = true;
+            }
+            ']' if in_brackets => in_brackets = false,
+            '[' | ']' => return None,
+            ':' if !in_brackets => {
+                fields.push(std::mem::take(&mut cur));
+                bracketed = false;
+            }
+            _ if bracketed && !in_brackets => return None,
+            c => cur.push(c),
+        }
+    }
+    if in_brackets {
+        return None;
+    }
+    fields.push(cur);
+    Some(fields)
+}
+
+fn port(s: &str) -> Option<u16> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn is_path(s: &str) -> bool {
+    s.contains('/')
+}
+
+fn host(s: &str) -> Option<String> {
+    (!s.is_empty() && !s.chars().any(char::is_whitespace)).then(|| s.to_string())
+}
+
+/// Parses `listen` fields then `connect` fields, given the whole field list.
+fn parse_forward(fields: &[String], allow_listen_port_zero: bool) -> Option<ForwardSpec> {
+    let listen_tcp = |bind: Option<&str>, p: &str| -> Option<Endpoint> {
+        let port = port(p)?;
+        if port == 0 && !allow_listen_port_zero {
+            return None;
+        }
+        let host = match bind {
+            Some(b) => Some(host(b)?),
+            None => None,
+        };
+        Some(Endpoint::Tcp { host, port })
+    };
+    let connect_tcp = |h: &str, p: &str| -> Option<Endpoint> {
+        let port = port(p)?;
+        (port != 0).then_some(())?;
+        Some(Endpoint::Tcp {
+            host: Some(host(h)?),
+            port,
+        })
+    };
+    let f: Vec<&str> = fields.iter().map(String::as_str).collect();
+    let (listen, connect) = match f.as_slice() {
+        // local_socket:remote_socket
+        [l, c] if is_path(l) && is_path(c) => {
+            (Endpoint::Unix(l.to_string()), Endpoint::Unix(c.to_string()))
+        }
+        // port:remote_socket
+        [p, c] if is_path(c) => (listen_tcp(None, p)?, Endpoint::Unix(c.to_string())),
+        // local_socket:host:hostport
+        [l, h, p] if is_path(l) => (Endpoint::Unix(l.to_string()), connect_tcp(h, p)?),
+        // bind:port:remote_socket
+        [b, p, c] if is_path(c) => (listen_tcp(Some(b), p)?, Endpoint::Unix(c.to_string())),
+        // port:host:hostport
+        [p, h, hp] => (listen_tcp(None, p)?, connect_tcp(h, hp)?),
+        // bind:port:host:hostport
+        [b, p, h, hp] => (listen_tcp(Some(b), p)?, connect_tcp(h, hp)?),
+        _ => return None,
+    };
+    Some(ForwardSpec { listen, connect })
+}
+
+impl ForwardSpec {
+    /// Parses an `-L` / `LocalForward` specification.
+    ///
+    /// # Errors
+    /// [`SpecError::BadLocal`] when OpenSSH would refuse the same text.
+    pub fn parse_local(spec: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError::BadLocal(spec.to_string());
+        let fields = split_fields(spec).ok_or_else(bad)?;
+        parse_forward(&fields, false).ok_or_else(bad)
+    }
+
+    /// Parses an `-R` / `RemoteForward` specification; port 0 asks the server to allocate one.
+    ///
+    /// # Errors
+    /// [`SpecError::BadRemote`] when OpenSSH would refuse the same text.
+    pub fn parse_remote(spec: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError::BadRemote(spec.to_string());
+        let fields = split_fields(spec).ok_or_else(bad)?;
+        parse_forward(&fields, true).ok_or_else(bad)
+    }
+}
+
+impl DynamicSpec {
+    /// Parses a `-D` / `DynamicForward` specification.
+    ///
+    /// # Errors
+    /// [`SpecError::BadDynamic`] when OpenSSH would refuse the same text.
+    pub fn parse(spec: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError::BadDynamic(spec.to_string());
+        let fields = split_fields(spec).ok_or_else(bad)?;
+        match fields.as_slice() {
+            [p] => Ok(DynamicSpec {
+                bind: None,
+                port: port(p).filter(|p| *p != 0).ok_or_else(bad)?,
+            }),
+            [b, p] => Ok(DynamicSpec {
+                bind: Some(host(b).ok_or_else(bad)?),
+                port: port(p).filter(|p| *p != 0).ok_or_else(bad)?,
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tcp(host: Option<&str>, port: u16) -> Endpoint {
+        Endpoint::Tcp {
+            host: host.map(str::to_string),
+            port,
+        }
+    }
+
+    #[test]
+    fn local_forms() {
+        let s = ForwardSpec::parse_local("8585:127.0.0.1:80").unwrap();
+        assert_eq!(s.listen, tcp(None, 8585));
+        assert_eq!(s.connect, tcp(Some("127.0.0.1"), 80));
+        let s = ForwardSpec::parse_local("0.0.0.0:8585:web:80").unwrap();
+        assert_eq!(s.listen, tcp(Some("0.0.0.0"), 8585));
+        let s = ForwardSpec::parse_local("[::1]:8585:[fe80::1]:80").unwrap();
+        assert_eq!(s.listen, tcp(Some("::1"), 8585));
+        assert_eq!(s.connect, tcp(Some("fe80::1"), 80));
+        let s = ForwardSpec::parse_local("8585:/run/app.sock").unwrap();
+        assert_eq!(s.connect, Endpoint::Unix("/run/app.sock".into()));
+        let s = ForwardSpec::parse_local("/tmp/l.sock:db:5432").unwrap();
+        assert_eq!(s.listen, Endpoint::Unix("/tmp/l.sock".into()));
+    }
+
+    #[test]
+    fn remote_allows_port_zero() {
+        let s = ForwardSpec::parse_remote("0:localhost:22").unwrap();
+        assert_eq!(s.listen, tcp(None, 0));
+        assert!(ForwardSpec::parse_local("0:localhost:22").is_err());
+    }
+
+    #[test]
+    fn rejects_what_openssh_rejects() {
+        for bad in [
+            "",
+            "8585",
+            "8585:host",
+            "x:host:80",
+            "70000:h:80",
+            "1:h:0",
+            "1:h:80:9:9",
+            "[::1:8585:h:80",
+            "a]:1:h:2",
+            "1: :80",
+        ] {
+            assert!(ForwardSpec::parse_local(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            ForwardSpec::parse_local("nope").unwrap_err().to_string(),
+            "bad local forwarding specification 'nope'"
+        );
+    }
+
+    #[test]
+    fn dynamic_forms() {
+        assert_eq!(
+            DynamicSpec::parse("1080").unwrap(),
+            DynamicSpec {
+                bind: None,
+                port: 1080
+            }
+        );
+        assert_eq!(
+            DynamicSpec::parse("[::1]:1080").unwrap().bind.as_deref(),
+            Some("::1")
+        );
+        assert!(DynamicSpec::parse("0").is_err());
+        assert!(DynamicSpec::parse("a:b:c").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in ".{0,40}") {
+            let _ = ForwardSpec::parse_local(&s);
+            let _ = ForwardSpec::parse_remote(&s);
+            let _ = DynamicSpec::parse(&s);
+        }
+
+        #[test]
+        fn display_round_trips(lp in 1u16.., h in "[a-z][a-z0-9.]{0,10}", hp in 1u16..) {
+            let text = format!("{lp}:{h}:{hp}");
+            let spec = ForwardSpec::parse_local(&text).unwrap();
+            prop_assert_eq!(spec.to_string(), text);
+        }
+    }
+}

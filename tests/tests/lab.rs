@@ -1,0 +1,147 @@
+//! The lab scripts: the DESIGN.md topology comes up, is idempotent, and goes away completely.
+
+use std::process::Command;
+use std::time::Duration;
+use vipgate_tests::{require_root, vipgate_bin, wait_until};
+
+fn netns_list() -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}
+
+fn lab(args: &[&str]) -> std::process::Output {
+    Command::new(vipgate_bin())
+        .arg("lab")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn sh(ns: &str, cmd: &str) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", cmd])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Tears the lab down even if an assertion fails halfway.
+struct LabGuard(&'static str);
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = lab(&["down", "--prefix", self.0]);
+    }
+}
+
+#[test]
+fn lab_up_twice_is_harmless_and_down_restores_netns_list() {
+    require_root();
+    let p = "vtlab1";
+    let before: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| !n.starts_with(p))
+        .collect();
+    let _guard = LabGuard(p);
+    let out = lab(&["up", "--prefix", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lab(&["up", "--prefix", p]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already up"));
+
+    let hosts = [
+        "isp", "inet", "hq", "web", "br", "brpc", "dir1", "dir2", "rs1", "rs2",
+    ];
+    let now = netns_list();
+    for h in hosts {
+        assert!(
+            now.contains(&format!("{p}-{h}")),
+            "{p}-{h} missing: {now:?}"
+        );
+    }
+    // The web host and the real servers answer GET / with their own names.
+    assert_eq!(
+        sh(
+            &format!("{p}-hq"),
+            "curl -sS --max-time 5 http://192.168.101.101/"
+        )
+        .unwrap()
+        .trim(),
+        "web"
+    );
+    assert_eq!(
+        sh(
+            &format!("{p}-dir1"),
+            "curl -sS --max-time 5 http://10.0.0.101/"
+        )
+        .unwrap()
+        .trim(),
+        "rs1"
+    );
+    assert_eq!(
+        sh(
+            &format!("{p}-dir2"),
+            "curl -sS --max-time 5 http://10.0.0.102/"
+        )
+        .unwrap()
+        .trim(),
+        "rs2"
+    );
+    // OpenSSH answers on the web host.
+    let banner = sh(
+        &format!("{p}-hq"),
+        "timeout 5 bash -c 'exec 3<>/dev/tcp/192.168.101.101/22; head -c 7 <&3'",
+    )
+    .unwrap();
+    assert_eq!(banner, "SSH-2.0");
+    // The isp segment is one L2 network: the internet host reaches every public router.
+    for ip in [
+        "198.51.100.1",
+        "198.51.100.2",
+        "198.51.100.11",
+        "198.51.100.12",
+    ] {
+        sh(&format!("{p}-inet"), &format!("ping -c1 -W2 {ip}")).unwrap();
+    }
+    // The internet host has no route into the private LANs.
+    assert!(sh(&format!("{p}-inet"), "ping -c1 -W1 192.168.101.101").is_err());
+
+    let status = lab(&["status", "--prefix", p]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("198.51.100.200"));
+
+    let out = lab(&["down", "--prefix", p]);
+    assert!(out.status.success());
+    wait_until(
+        Duration::from_secs(5),
+        "lab namespaces to disappear",
+        || {
+            netns_list()
+                .into_iter()
+                .filter(|n| !n.starts_with(p))
+                .collect::<Vec<_>>()
+                == before
+                && !netns_list().iter().any(|n| n.starts_with(p))
+        },
+    );
+    // Down again is harmless too.
+    assert!(lab(&["down", "--prefix", p]).status.success());
+}
+
+#[test]
+fn lab_refuses_bad_prefix() {
+    let out = lab(&["up", "--prefix", "bad/prefix"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--prefix must be"));
+}
