@@ -35,6 +35,8 @@
 
 pub mod acl;
 pub mod config;
+#[cfg(feature = "driver")]
+pub mod driver;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
