@@ -1,20 +1,475 @@
-//! `vipgate run` / `show lb` for this capability.
+//! `[[service]]` in `vipgate run`, `vipgate show lb` and `vipgate lb weight`.
+//!
+//! The services run inside a natgw gateway (TUN `nat0`): each is a listener on its VIP:port
+//! whose new flows a `balance` pool spreads over the backends. On a host without `[nat]` (a
+//! director) this part starts that gateway itself, with no overload address and no port
+//! forwards, and finds the interfaces from the kernel's routes: the outside interface is the
+//! one that reaches the VIPs, the inside interfaces are those that reach the backends.
+//!
+//! Health checks run in a task of their own (natgw's checker); each up/down change is logged
+//! and applied to the pool between two packet batches. SIGHUP re-reads the file and applies
+//! weights, backends, schedulers, persistence and health settings in place, without touching
+//! established flows.
 
-use super::{Part, StartCtx, not_built_yet};
-use crate::config::SiteConfig;
+use super::{BoxFuture, Kind, Part, StartCtx};
+use crate::config::{self, SiteConfig};
+use anyhow::{Context, bail};
+use natgw::driver::{DriverConfig, NatDriver};
+use natgw::health::probe::{TargetSpec, run_checker};
+use natgw::health::{CheckKind, Transition};
+use natgw::{BackendKey, GatewayConfig, VirtualService};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-/// Starts this capability's parts.
-///
-/// # Errors
-/// Always, until the capability lands.
-pub(crate) async fn start(
-    _site: &SiteConfig,
-    _ctx: &StartCtx,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    Err(not_built_yet("lb"))
+/// What the service parts of one site share: the gateway and the health tasks.
+struct Shared {
+    driver: NatDriver,
+    /// New health-check target lists (after a reload).
+    targets: mpsc::Sender<Vec<TargetSpec<BackendKey>>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
-/// Human text for `vipgate show lb`.
-pub(crate) fn render(items: &[serde_json::Value]) -> String {
-    items.iter().map(|i| format!("{i}\n")).collect()
+/// One `[[service]]` as a running part.
+struct ServicePart {
+    name: String,
+    shared: Arc<Shared>,
+}
+
+/// Starts the gateway with every `[[service]]`, the health checker and the reload watcher.
+///
+/// # Errors
+/// A host with `[nat]` (the gateway part must carry the services: not wired yet), interfaces
+/// that cannot be found, or the gateway failing to start.
+pub(crate) async fn start(
+    site: &SiteConfig,
+    _ctx: &StartCtx,
+) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    if site.nat.is_some() {
+        bail!(
+            "[[service]] together with [nat] in one file is not supported yet: run the services on a host without [nat] (a director)"
+        );
+    }
+    let services: Vec<natgw::ServiceConfig> = site.service.iter().map(|s| s.to_natgw()).collect();
+    let outside = route_dev(*services[0].listen.ip()).await?;
+    let mut inside: Vec<String> = Vec::new();
+    for s in &services {
+        let out = route_dev(*s.listen.ip()).await?;
+        if out != outside {
+            bail!(
+                "service {}: VIP {} is reached through {out}, the others through {outside}; all VIPs must sit on one outside interface",
+                s.name,
+                s.listen.ip()
+            );
+        }
+        let reals = s
+            .pool
+            .backends
+            .iter()
+            .map(|b| *b.addr.ip())
+            .chain(s.pool.sorry.map(|a| *a.ip()));
+        for ip in reals {
+            let dev = route_dev(ip).await?;
+            if dev == outside {
+                bail!(
+                    "service {}: backend {ip} is reached through {dev}, the same interface as the VIP; LVS-NAT needs the real servers behind another interface",
+                    s.name
+                );
+            }
+            if !inside.contains(&dev) {
+                inside.push(dev);
+            }
+        }
+    }
+    let gw_cfg = GatewayConfig {
+        services,
+        ..GatewayConfig::default()
+    };
+    let driver = NatDriver::start(DriverConfig::new(inside.clone(), outside.clone()), gw_cfg)
+        .await
+        .context("starting the gateway for the virtual services")?;
+    tracing::info!(%outside, ?inside, services = site.service.len(), "virtual services running");
+
+    let initial = match driver.with(|gw, _| health_targets(gw)).await {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = driver.stop().await;
+            return Err(e.into());
+        }
+    };
+    let (targets_tx, targets_rx) = mpsc::channel(4);
+    let (changes_tx, changes_rx) = mpsc::channel(64);
+    // Cannot fail: the receiver is still here.
+    let _ = targets_tx.send(initial).await;
+    let checker = tokio::spawn(run_checker(targets_rx, changes_tx));
+    let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
+        let applier = tokio::spawn(apply_health(weak.clone(), changes_rx));
+        let reloader = tokio::spawn(watch_reload(weak.clone(), site.path.clone()));
+        Shared {
+            driver,
+            targets: targets_tx,
+            tasks: vec![checker, applier, reloader],
+        }
+    });
+    Ok(site
+        .service
+        .iter()
+        .map(|s| {
+            Box::new(ServicePart {
+                name: s.name.get_ref().clone(),
+                shared: shared.clone(),
+            }) as Box<dyn Part>
+        })
+        .collect())
+}
+
+/// The interface the kernel routes `ip` through (`ip route get`).
+async fn route_dev(ip: Ipv4Addr) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("ip")
+        .args(["-j", "-4", "route", "get", &ip.to_string()])
+        .output()
+        .await
+        .context("running `ip route get`")?;
+    if !out.status.success() {
+        bail!(
+            "no route to {ip}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j route get`")?;
+    v.get(0)
+        .and_then(|r| r.get("dev"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("`ip route get {ip}` names no interface"))
+}
+
+fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
+    gw.services()
+        .flat_map(VirtualService::health_targets)
+        .collect()
+}
+
+/// Applies health changes to the pools, between two packet batches.
+async fn apply_health(
+    shared: std::sync::Weak<Shared>,
+    mut changes: mpsc::Receiver<Transition<BackendKey>>,
+) {
+    while let Some(t) = changes.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let key = t.key.clone();
+        let applied = shared
+            .driver
+            .with(move |gw, _| {
+                gw.service_mut(&key.service)
+                    .map(|s| s.set_health(key.backend, t.health))
+            })
+            .await;
+        if let Ok(Some(Err(e))) = applied {
+            tracing::debug!(target = %t.key, error = %e, "health change for a backend no longer configured");
+        }
+    }
+}
+
+/// SIGHUP: re-read the file and apply the services in place (the run loop validates and logs
+/// the file too; this applies what concerns the services).
+async fn watch_reload(shared: std::sync::Weak<Shared>, path: PathBuf) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot watch SIGHUP: service reload is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Ok(site) = config::load(&path) else {
+            continue; // the run loop reports every error with its line
+        };
+        let services: Vec<natgw::ServiceConfig> =
+            site.service.iter().map(|s| s.to_natgw()).collect();
+        let result = shared
+            .driver
+            .with(move |gw, _| {
+                gw.reconfigure_services(services)
+                    .map(|()| health_targets(gw))
+            })
+            .await;
+        match result {
+            Ok(Ok(targets)) => {
+                let _ = shared.targets.send(targets).await;
+                tracing::info!(config = %path.display(), "services reloaded");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "service reload refused, the running services stay")
+            }
+            Err(e) => tracing::error!(error = %e, "service reload failed"),
+        }
+    }
+}
+
+impl ServicePart {
+    /// Runs `f` on this service inside the packet loop and waits for it.
+    fn with_service<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VirtualService) -> R + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let name = self.name.clone();
+        let job = self
+            .shared
+            .driver
+            .with(move |gw, _| gw.service_mut(&name).map(f));
+        // Part::status/control are synchronous; the daemon runs a multi-thread runtime, so
+        // this worker may block on the packet loop's answer (a few microseconds).
+        let handle = tokio::runtime::Handle::try_current().context("no async runtime")?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            bail!("show lb needs the daemon's multi-thread runtime");
+        }
+        let r = tokio::task::block_in_place(|| handle.block_on(job))?;
+        r.with_context(|| format!("service `{}` is not running", self.name))
+    }
+}
+
+impl Part for ServicePart {
+    fn kind(&self) -> Kind {
+        Kind::Lb
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn status(&self) -> Value {
+        self.with_service(|s| service_json(s))
+            .unwrap_or_else(|e| json!({ "name": self.name, "error": format!("{e:#}") }))
+    }
+
+    fn control(&self, op: &str, args: &Value) -> anyhow::Result<Value> {
+        match op {
+            "weight" => {
+                let backend: SocketAddrV4 = args
+                    .get("backend")
+                    .and_then(Value::as_str)
+                    .context("weight needs a backend ip:port")?
+                    .parse()
+                    .context("backend must be written ip:port, as in the config")?;
+                let weight = args
+                    .get("weight")
+                    .and_then(Value::as_u64)
+                    .and_then(|w| u32::try_from(w).ok())
+                    .context("weight needs a number 0..=65535")?;
+                let before = self.with_service(move |s| {
+                    let old = s
+                        .backend_id(backend)
+                        .and_then(|id| s.pool().backend(id))
+                        .map(balance::Backend::weight);
+                    s.set_weight(backend, weight).map(|()| old)
+                })??;
+                tracing::info!(service = %self.name, %backend, weight, "weight changed by operator");
+                Ok(json!({
+                    "service": self.name,
+                    "backend": backend.to_string(),
+                    "weight": weight,
+                    "previous": before,
+                }))
+            }
+            other => bail!(
+                "lb `{}` does not support `{other}` (try: weight)",
+                self.name
+            ),
+        }
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(async move {
+            let ServicePart { name, shared } = *self;
+            // The last service part stops the gateway and the health tasks.
+            let Some(shared) = Arc::into_inner(shared) else {
+                return;
+            };
+            for t in &shared.tasks {
+                t.abort();
+            }
+            for t in shared.tasks {
+                let _ = t.await;
+            }
+            if let Err(e) = shared.driver.stop().await {
+                tracing::warn!(service = %name, error = %e, "gateway stopped with an error");
+            }
+        })
+    }
+}
+
+/// What `show lb --json` prints for one service.
+fn service_json(s: &VirtualService) -> Value {
+    let pool = s.pool();
+    let backends: Vec<Value> = pool
+        .backends()
+        .map(|(_, b)| {
+            let st = b.stats();
+            json!({
+                "address": b.addr().to_string(),
+                "weight": b.weight(),
+                "state": b.state().as_str(),
+                "health": match b.health() { balance::Health::Up => "up", balance::Health::Down => "down" },
+                "active": b.active(),
+                "inactive": b.inactive(),
+                "connections": st.connections,
+                "packets_in": st.packets_in,
+                "packets_out": st.packets_out,
+                "bytes_in": st.bytes_in,
+                "bytes_out": st.bytes_out,
+            })
+        })
+        .collect();
+    let health = s.health().map(|h| {
+        let (kind, path, status) = match &h.kind {
+            CheckKind::Tcp => ("tcp", None, None),
+            CheckKind::Http { path, status } => ("http", Some(path.clone()), Some(*status)),
+        };
+        json!({
+            "kind": kind, "path": path, "status": status,
+            "interval_ms": h.interval.as_millis() as u64,
+            "timeout_ms": h.timeout.as_millis() as u64,
+            "rise": h.rise, "fall": h.fall,
+        })
+    });
+    let stats = pool.stats();
+    json!({
+        "name": s.name(),
+        "listen": s.listen().to_string(),
+        "protocol": "tcp",
+        "scheduler": pool.scheduler().as_str(),
+        "persistence": pool.persistence().map(|p| json!({
+            "timeout_s": p.timeout.as_secs(), "netmask": p.netmask,
+        })),
+        "templates": pool.templates(),
+        "sorry": pool.sorry().map(|a| a.to_string()),
+        "available": s.is_available(),
+        "health": health,
+        "sorry_connections": stats.sorry,
+        "refused": stats.refused,
+        "persistent_hits": stats.persistent_hits,
+        "backends": backends,
+    })
+}
+
+/// Human text for `vipgate show lb`, laid out like `ipvsadm -Ln --stats` plus state columns.
+pub(crate) fn render(items: &[Value]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Prot LocalAddress:Port Scheduler Flags");
+    let _ = writeln!(
+        out,
+        "  -> RemoteAddress:Port   State     Weight ActiveConn InActConn      Conns     InPkts    OutPkts    InBytes   OutBytes"
+    );
+    for s in items {
+        if let Some(err) = s.get("error").and_then(Value::as_str) {
+            let _ = writeln!(out, "{}: {err}", s["name"].as_str().unwrap_or("?"));
+            continue;
+        }
+        let mut flags = String::new();
+        if let Some(p) = s.get("persistence").filter(|p| !p.is_null()) {
+            let _ = write!(flags, " persistent {}", p["timeout_s"]);
+            if p["netmask"].as_u64() != Some(32) {
+                let _ = write!(flags, " mask /{}", p["netmask"]);
+            }
+        }
+        if let Some(h) = s.get("health").filter(|h| !h.is_null()) {
+            let _ = write!(
+                flags,
+                " check {} every {}ms rise {} fall {}",
+                h["kind"].as_str().unwrap_or("?"),
+                h["interval_ms"],
+                h["rise"],
+                h["fall"]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "TCP  {} {}{}  ({})",
+            s["listen"].as_str().unwrap_or("?"),
+            s["scheduler"].as_str().unwrap_or("?"),
+            flags,
+            s["name"].as_str().unwrap_or("?"),
+        );
+        for b in s["backends"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let n = |k: &str| b[k].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                b["address"].as_str().unwrap_or("?"),
+                b["state"].as_str().unwrap_or("?"),
+                n("weight"),
+                n("active"),
+                n("inactive"),
+                n("connections"),
+                n("packets_in"),
+                n("packets_out"),
+                human_bytes(n("bytes_in")),
+                human_bytes(n("bytes_out")),
+            );
+        }
+        if let Some(sorry) = s["sorry"].as_str() {
+            let _ = writeln!(
+                out,
+                "  -> {:<21} {:<9} (used when no backend is up: {} connections)",
+                sorry, "sorry", s["sorry_connections"]
+            );
+        }
+        if s["refused"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(out, "     refused (no backend up): {}", s["refused"]);
+        }
+    }
+    out
+}
+
+/// ipvsadm prints bytes with K/M/G suffixes.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    UNITS.iter().find(|(size, _)| n >= *size * 10).map_or_else(
+        || n.to_string(),
+        |(size, unit)| format!("{}{unit}", n / size),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_reads_like_ipvsadm() {
+        let item = json!({
+            "name": "web", "listen": "198.51.100.10:80", "scheduler": "wrr",
+            "persistence": { "timeout_s": 300, "netmask": 24 },
+            "health": { "kind": "tcp", "interval_ms": 2000, "rise": 2, "fall": 4 },
+            "sorry": null, "sorry_connections": 0, "refused": 3,
+            "backends": [
+                { "address": "10.0.0.101:80", "state": "up", "weight": 1, "active": 2, "inactive": 5,
+                  "connections": 100, "packets_in": 700, "packets_out": 600, "bytes_in": 51200, "bytes_out": 12 },
+                { "address": "10.0.0.102:80", "state": "draining", "weight": 0, "active": 1, "inactive": 0,
+                  "connections": 200, "packets_in": 1, "packets_out": 1, "bytes_in": 1, "bytes_out": 1 },
+            ],
+        });
+        let text = render(&[item]);
+        assert!(text.contains("TCP  198.51.100.10:80 wrr persistent 300 mask /24 check tcp every 2000ms rise 2 fall 4  (web)"), "{text}");
+        assert!(text.contains("  -> 10.0.0.101:80         up             1          2         5        100        700        600        50K         12"), "{text}");
+        assert!(text.contains("draining"));
+        assert!(text.contains("refused (no backend up): 3"));
+    }
+
+    #[test]
+    fn bytes_are_shortened_as_ipvsadm_does() {
+        assert_eq!(human_bytes(9_999), "9999");
+        assert_eq!(human_bytes(10_240), "10K");
+        assert_eq!(human_bytes(50 << 30), "50G");
+    }
 }
