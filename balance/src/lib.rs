@@ -14,7 +14,7 @@
 //!                 │ else sorry server, else refuse
 //!                 ▼
 //!              Decision::{Backend{id, addr}, Sorry(addr), Refuse}
-//!  flow events ─► established(id) / transition(..) / closed(now, id, ..)  (feed lc / wlc)
+//!  flow events ─► established(..) / transition(..) / closed(..)  (feed lc / wlc, hold templates)
 //!  operator    ─► set_weight(addr, w) (0 = drain), set_health(id, up/down), reconfigure(cfg)
 //! ```
 //!

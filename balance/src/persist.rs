@@ -1,9 +1,12 @@
 //! Persistence (ipvsadm `-p TIMEOUT -M NETMASK`): a client network stays on its backend.
 //!
 //! A template maps `client & netmask` to a backend. It is re-armed by every new connection of
-//! that client network and lives while it still controls live connections, then for `timeout`
-//! after the later of its last new connection and the close of its last connection (the
-//! kernel keeps a template alive while `n_control > 0` and re-arms it on reuse).
+//! that client network and lives while the client has established connections, then for
+//! `timeout` after the later of its last new connection and the end (FIN, RST or expiry) of
+//! its last established one. The kernel similarly keeps a template while it controls
+//! connections (`n_control > 0`) and re-arms it on reuse; counting only established ones
+//! keeps closed connections lingering in the flow table (TIME_WAIT-like states) from pinning
+//! a client for minutes beyond its timeout.
 //!
 //! Expiry uses a min-heap with one entry per template: a popped entry whose template was
 //! re-armed in the meantime is pushed again with the new deadline, so a busy client never
@@ -58,9 +61,9 @@ impl Persistence {
 #[derive(Debug, Clone, Copy)]
 struct Template {
     backend: BackendId,
-    /// Last new connection, or close of the last live connection.
+    /// Last new connection, or end of the last established connection.
     last: Instant,
-    /// Connections scheduled through this template and still open.
+    /// Established connections of this client network.
     live: u32,
 }
 
@@ -105,7 +108,7 @@ impl PersistTable {
     }
 
     /// Records a new connection of `client` to `backend` (re-pointing the template if the
-    /// previous backend could not take it).
+    /// previous backend could not take it). It is not established yet: see [`hold`](Self::hold).
     pub(crate) fn bind(&mut self, now: Instant, client: Ipv4Addr, backend: BackendId) {
         let key = self.params.key(client);
         match self.templates.entry(key) {
@@ -113,13 +116,12 @@ impl PersistTable {
                 let t = e.get_mut();
                 t.backend = backend;
                 t.last = now;
-                t.live += 1;
             }
             Entry::Vacant(e) => {
                 e.insert(Template {
                     backend,
                     last: now,
-                    live: 1,
+                    live: 0,
                 });
                 self.deadlines
                     .push(Reverse((now + self.params.timeout, key)));
@@ -127,7 +129,14 @@ impl PersistTable {
         }
     }
 
-    /// Records the close of a connection that [`bind`](Self::bind) counted.
+    /// A connection of `client` became established: the template stays while it lasts.
+    pub(crate) fn hold(&mut self, client: Ipv4Addr) {
+        if let Some(t) = self.templates.get_mut(&self.params.key(client)) {
+            t.live += 1;
+        }
+    }
+
+    /// An established connection of `client` ended (closing, reset or removed).
     pub(crate) fn release(&mut self, now: Instant, client: Ipv4Addr) {
         if let Some(t) = self.templates.get_mut(&self.params.key(client)) {
             t.live = t.live.saturating_sub(1);
@@ -196,6 +205,7 @@ mod tests {
         let t0 = crate::test_epoch();
         let c = Ipv4Addr::new(192, 0, 2, 7);
         p.bind(t0, c, BackendId(1));
+        p.hold(c);
         // A long connection keeps the template past the timeout.
         let t1 = t0 + T + Duration::from_secs(100);
         p.handle_timeout(t1);
@@ -220,6 +230,7 @@ mod tests {
         for s in 0..1000 {
             let now = t0 + Duration::from_secs(s);
             p.bind(now, c, BackendId(1));
+            p.hold(c);
             p.release(now, c);
             p.handle_timeout(now);
         }

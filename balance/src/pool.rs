@@ -408,19 +408,38 @@ impl Pool {
         }
     }
 
-    /// Moves a connection from inactive to active (TCP reached ESTABLISHED).
-    pub fn established(&mut self, id: BackendId) {
-        self.transition(id, ConnState::Inactive, ConnState::Active);
+    /// Moves a connection of `client` from inactive to active (TCP reached ESTABLISHED).
+    pub fn established(&mut self, now: Instant, id: BackendId, client: Ipv4Addr) {
+        self.transition(now, id, ConnState::Inactive, ConnState::Active, client);
     }
 
-    /// Moves a connection between the active and inactive counts (e.g. FIN seen: active →
-    /// inactive, as LVS counts closing connections).
-    pub fn transition(&mut self, id: BackendId, from: ConnState, to: ConnState) {
-        if let Some(b) = self.slot_mut(usize::from(id.0)) {
-            let c = b.count_mut(from);
-            if *c > 0 {
-                *c -= 1;
-                *b.count_mut(to) += 1;
+    /// Moves a connection of `client` between the active and inactive counts (e.g. FIN or
+    /// RST seen: active → inactive, as LVS counts closing connections). A persistence template
+    /// is held while its client has active connections.
+    pub fn transition(
+        &mut self,
+        now: Instant,
+        id: BackendId,
+        from: ConnState,
+        to: ConnState,
+        client: Ipv4Addr,
+    ) {
+        if from == to {
+            return;
+        }
+        let Some(b) = self.slot_mut(usize::from(id.0)) else {
+            return;
+        };
+        let c = b.count_mut(from);
+        if *c == 0 {
+            return;
+        }
+        *c -= 1;
+        *b.count_mut(to) += 1;
+        if let Some(p) = &mut self.persist {
+            match to {
+                ConnState::Active => p.hold(client),
+                ConnState::Inactive => p.release(now, client),
             }
         }
     }
@@ -433,7 +452,7 @@ impl Pool {
             let c = b.count_mut(state);
             *c = c.saturating_sub(1);
         }
-        if let Some(p) = &mut self.persist {
+        if let Some(p) = self.persist.as_mut().filter(|_| state == ConnState::Active) {
             p.release(now, client);
         }
         self.free_if_idle(i);

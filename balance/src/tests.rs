@@ -94,7 +94,7 @@ fn lc_prefers_the_backend_with_fewer_connections() {
         .map(|i| pick(&mut p, now, client(i)).unwrap())
         .collect();
     for &id in &long {
-        p.established(id);
+        p.established(now, id, Ipv4Addr::UNSPECIFIED);
     }
     // Close four of backend 1's, which now holds 1 active against backend 2's 5.
     let b1 = p.find(be(1, 1).addr).unwrap();
@@ -115,7 +115,7 @@ fn wlc_divides_load_by_weight() {
     let now = test_epoch();
     for i in 0..400 {
         let id = pick(&mut p, now, client(i)).unwrap();
-        p.established(id);
+        p.established(now, id, Ipv4Addr::UNSPECIFIED);
     }
     let b1 = p.backend(p.find(be(1, 1).addr).unwrap()).unwrap().active();
     let b2 = p.backend(p.find(be(2, 3).addr).unwrap()).unwrap().active();
@@ -261,6 +261,41 @@ fn persistence_pins_a_client_until_the_timeout_after_its_last_connection() {
 }
 
 #[test]
+fn closed_connections_lingering_in_the_flow_table_do_not_hold_a_template() {
+    let mut p = Pool::new(PoolConfig {
+        scheduler: SchedulerKind::Rr,
+        persistence: Some(Persistence::new(Duration::from_secs(2))),
+        backends: vec![be(1, 1), be(2, 1)],
+        ..PoolConfig::default()
+    })
+    .unwrap();
+    let t0 = test_epoch();
+    let c = client(0);
+    let id = pick(&mut p, t0, c).unwrap();
+    p.established(t0, id, *c.ip());
+    // Established for 10 s: the template holds.
+    let t1 = t0 + Duration::from_secs(10);
+    p.handle_timeout(t1);
+    assert_eq!(
+        p.pick(t1, SocketAddrV4::new(*c.ip(), 1)),
+        Decision::Backend {
+            id,
+            addr: p.backend(id).unwrap().addr()
+        }
+    );
+    // FIN at t1; the flow lingers (inactive) in the flow table, but 2 s later the client is free.
+    p.transition(t1, id, ConnState::Active, ConnState::Inactive, *c.ip());
+    let t2 = t1 + Duration::from_secs(2);
+    p.handle_timeout(t2);
+    assert_eq!(p.templates(), 0);
+    assert_eq!(
+        p.backend(id).unwrap().inactive(),
+        1,
+        "still counted for lc/wlc"
+    );
+}
+
+#[test]
 fn drain_keeps_existing_connections_and_sends_nothing_new() {
     let mut p = Pool::new(PoolConfig {
         scheduler: SchedulerKind::Wrr,
@@ -272,7 +307,7 @@ fn drain_keeps_existing_connections_and_sends_nothing_new() {
     let now = test_epoch();
     let c = client(0);
     let held = pick(&mut p, now, c).unwrap();
-    p.established(held);
+    p.established(now, held, *c.ip());
     let addr = p.backend(held).unwrap().addr();
     p.set_weight(addr, 0).unwrap();
     assert_eq!(p.backend(held).unwrap().state(), BackendState::Draining);
@@ -334,8 +369,8 @@ fn reconfigure_keeps_counters_and_lets_removed_backends_drain() {
     let now = test_epoch();
     let a = pick(&mut p, now, client(0)).unwrap();
     let b = pick(&mut p, now, client(1)).unwrap();
-    p.established(a);
-    p.established(b);
+    p.established(now, a, *client(0).ip());
+    p.established(now, b, *client(1).ip());
     let b_addr = p.backend(b).unwrap().addr();
     p.reconfigure(PoolConfig {
         scheduler: SchedulerKind::Wrr,
@@ -525,7 +560,7 @@ proptest! {
                     let len = flows.len();
                     let f = &mut flows[i % len];
                     if f.1 == ConnState::Inactive {
-                        p.established(f.0);
+                        p.established(now, f.0, f.2);
                         f.1 = ConnState::Active;
                     }
                 }

@@ -108,17 +108,22 @@ impl VirtualService {
     }
 
     /// A flow to `inside` reached ESTABLISHED (LVS: active).
-    pub fn flow_established(&mut self, inside: SocketAddrV4) {
+    pub fn flow_established(&mut self, now: Instant, inside: SocketAddrV4, client: SocketAddrV4) {
         if let Some(id) = self.pool.find(inside) {
-            self.pool.established(id);
+            self.pool.established(now, id, *client.ip());
         }
     }
 
     /// A flow to `inside` left ESTABLISHED (FIN or RST: inactive again).
-    pub fn flow_closing(&mut self, inside: SocketAddrV4) {
+    pub fn flow_closing(&mut self, now: Instant, inside: SocketAddrV4, client: SocketAddrV4) {
         if let Some(id) = self.pool.find(inside) {
-            self.pool
-                .transition(id, ConnState::Active, ConnState::Inactive);
+            self.pool.transition(
+                now,
+                id,
+                ConnState::Active,
+                ConnState::Inactive,
+                *client.ip(),
+            );
         }
     }
 
@@ -394,8 +399,8 @@ impl InsideSelector for VirtualService {
     ) {
         match event {
             FlowEvent::Opened => self.flow_opened(now, inside, client),
-            FlowEvent::Established => self.flow_established(inside),
-            FlowEvent::Closing => self.flow_closing(inside),
+            FlowEvent::Established => self.flow_established(now, inside, client),
+            FlowEvent::Closing => self.flow_closing(now, inside, client),
             FlowEvent::Closed { was_established } => {
                 self.flow_closed(now, inside, client, was_established);
             }
@@ -467,11 +472,11 @@ mod tests {
             0
         );
         s.flow_opened(now, a, client(1));
-        s.flow_established(a);
+        s.flow_established(now, a, client(1));
         s.count_packet(a, true, 60);
         let b = s.pool().backend(s.backend_id(a).unwrap()).unwrap();
         assert_eq!((b.active(), b.inactive(), b.stats().connections), (1, 0, 1));
-        s.flow_closing(a);
+        s.flow_closing(now, a, client(1));
         s.flow_closed(now, a, client(1), false);
         let b = s.pool().backend(s.backend_id(a).unwrap()).unwrap();
         assert_eq!((b.active(), b.inactive(), b.stats().bytes_in), (0, 0, 60));
@@ -502,7 +507,7 @@ mod tests {
         let mut s = VirtualService::new(web(&[(101, 1), (102, 1)])).unwrap();
         let a = s.select(now, client(1)).unwrap();
         s.flow_opened(now, a, client(1));
-        s.flow_established(a);
+        s.flow_established(now, a, client(1));
         s.reconfigure(web(&[(101, 3), (102, 1)])).unwrap();
         let picks: Vec<_> = (0..4).map(|n| s.select(now, client(n)).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&p| p == rs(101)).count(), 3);

@@ -21,6 +21,9 @@ const CLIENTS: &str = "198.51.100.200,198.51.100.201,198.51.100.202";
 const CLIENT_PY: &str = r#"
 import socket, sys
 vip, port, n, srcs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
+# Each connection gets its own source port: a reused client port would match a closed flow
+# the gateway still remembers and skip the scheduler.
+base = int(sys.argv[5])
 def get(s):
     s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
     data = b""
@@ -32,7 +35,7 @@ def get(s):
     s.close()
     return data.split(b"\r\n\r\n", 1)[1].decode().strip()
 for i in range(n):
-    s = socket.create_connection((vip, port), timeout=5, source_address=(srcs[i % len(srcs)], 0))
+    s = socket.create_connection((vip, port), timeout=5, source_address=(srcs[i % len(srcs)], base + i))
     print(get(s), flush=True)
 "#;
 
@@ -63,6 +66,7 @@ struct Lab {
     servers: HashMap<String, Proc>,
     config: std::path::PathBuf,
     control: String,
+    next_port: std::cell::Cell<u32>,
 }
 
 impl Lab {
@@ -86,7 +90,7 @@ impl Lab {
             t.ip("dir", &format!("link set v{i} master br0"));
             t.addr(&rs, "eth0", &format!("10.0.0.10{i}/24"));
             t.ip(&rs, "route add default via 10.0.0.1");
-            let p = t.http_server(&rs, &format!("10.0.0.10{i}"), 80, &rs);
+            let p = http_server(&t, &rs, &format!("10.0.0.10{i}"), 80, &rs);
             servers.insert(rs, p);
         }
         t.write("client.py", CLIENT_PY);
@@ -107,6 +111,7 @@ impl Lab {
             servers,
             config,
             control,
+            next_port: std::cell::Cell::new(20_000),
         };
         wait_until(Duration::from_secs(20), "vipgate to serve show lb", || {
             lab.try_show().is_some_and(|s| s.contains(VIP))
@@ -143,11 +148,16 @@ impl Lab {
     /// Bodies of `n` fresh connections to `VIP:port` from `sources`.
     fn connect(&self, port: u16, n: usize, sources: &str) -> Vec<String> {
         let script = self.t.dir().join("client.py");
+        let base = self.next_port.get();
+        self.next_port.set(base + n as u32);
         let out = self
             .t
             .try_sh(
                 "cl",
-                &format!("python3 {} {VIP} {port} {n} {sources}", script.display()),
+                &format!(
+                    "python3 {} {VIP} {port} {n} {sources} {base}",
+                    script.display()
+                ),
             )
             .unwrap_or_else(|e| panic!("client failed: {e}\nvipgate log:\n{}", self.vipgate.log()));
         out.lines().map(str::to_owned).collect()
@@ -172,6 +182,38 @@ impl Lab {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A python3 http.server answering GET / with `body`, like the harness's `http_server`, but
+/// waiting for the port with bash (the harness's `wait_tcp` runs `/dev/tcp` under dash,
+/// which has no such thing).
+fn http_server(t: &Topology, host: &str, addr: &str, port: u16, body: &str) -> Proc {
+    let www = t.dir().join(format!("www-{host}-{port}"));
+    std::fs::create_dir_all(&www).expect("creating the web root");
+    std::fs::write(www.join("index.html"), format!("{body}\n")).expect("writing index.html");
+    let p = t.spawn(
+        host,
+        &format!("http-{host}-{port}"),
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            addr,
+            "--directory",
+            www.to_str().unwrap_or("."),
+            &port.to_string(),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{addr}:{port} to accept"),
+        || {
+            t.try_sh(host, &format!("bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"))
+                .is_ok()
+        },
+    );
+    p
 }
 
 fn count(bodies: &[String]) -> HashMap<String, usize> {
@@ -397,7 +439,7 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers() {
             &[(1, 1), (2, 1)],
         ),
     );
-    let sorry = lab.t.http_server("rs3", "10.0.0.103", 8080, "sorry");
+    let sorry = http_server(&lab.t, "rs3", "10.0.0.103", 8080, "sorry");
     assert_eq!(count(&lab.connect(80, 10, CLIENTS)).len(), 2);
 
     let stopped = Instant::now();
@@ -418,7 +460,7 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers() {
         "nothing new for the down backend: {after:?}"
     );
 
-    let restarted = lab.t.http_server("rs2", "10.0.0.102", 80, "rs2");
+    let restarted = http_server(&lab.t, "rs2", "10.0.0.102", 80, "rs2");
     lab.servers.insert("rs2".into(), restarted);
     wait_until(
         Duration::from_secs(5),

@@ -7,12 +7,13 @@
 //! one that reaches the VIPs, the inside interfaces are those that reach the backends.
 //!
 //! Health checks run in a task of their own (natgw's checker); each up/down change is logged
-//! and applied to the pool between two packet batches. SIGHUP re-reads the file and applies
-//! weights, backends, schedulers, persistence and health settings in place, without touching
-//! established flows.
+//! and applied to the pool between two packet batches. A reload (SIGHUP, `vipgate reload`)
+//! applies weights, backends, schedulers, persistence, sorry server and health settings in
+//! place, without touching established flows; adding, removing or moving a service restarts
+//! the gateway.
 
 use super::{BoxFuture, Kind, Part, StartCtx};
-use crate::config::{self, SiteConfig};
+use crate::config::SiteConfig;
 use anyhow::{Context, bail};
 use natgw::driver::{DriverConfig, NatDriver};
 use natgw::health::probe::{TargetSpec, run_checker};
@@ -21,7 +22,6 @@ use natgw::{BackendKey, GatewayConfig, VirtualService};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -108,11 +108,10 @@ pub(crate) async fn start(
     let checker = tokio::spawn(run_checker(targets_rx, changes_tx));
     let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
         let applier = tokio::spawn(apply_health(weak.clone(), changes_rx));
-        let reloader = tokio::spawn(watch_reload(weak.clone(), site.path.clone()));
         Shared {
             driver,
             targets: targets_tx,
-            tasks: vec![checker, applier, reloader],
+            tasks: vec![checker, applier],
         }
     });
     Ok(site
@@ -177,42 +176,6 @@ async fn apply_health(
     }
 }
 
-/// SIGHUP: re-read the file and apply the services in place (the run loop validates and logs
-/// the file too; this applies what concerns the services).
-async fn watch_reload(shared: std::sync::Weak<Shared>, path: PathBuf) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::warn!("cannot watch SIGHUP: service reload is off");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let Ok(site) = config::load(&path) else {
-            continue; // the run loop reports every error with its line
-        };
-        let services: Vec<natgw::ServiceConfig> =
-            site.service.iter().map(|s| s.to_natgw()).collect();
-        let result = shared
-            .driver
-            .with(move |gw, _| {
-                gw.reconfigure_services(services)
-                    .map(|()| health_targets(gw))
-            })
-            .await;
-        match result {
-            Ok(Ok(targets)) => {
-                let _ = shared.targets.send(targets).await;
-                tracing::info!(config = %path.display(), "services reloaded");
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "service reload refused, the running services stay")
-            }
-            Err(e) => tracing::error!(error = %e, "service reload failed"),
-        }
-    }
-}
-
 impl ServicePart {
     /// Runs `f` on this service inside the packet loop and waits for it.
     fn with_service<R: Send + 'static>(
@@ -220,18 +183,23 @@ impl ServicePart {
         f: impl FnOnce(&mut VirtualService) -> R + Send + 'static,
     ) -> anyhow::Result<R> {
         let name = self.name.clone();
-        let job = self
-            .shared
-            .driver
-            .with(move |gw, _| gw.service_mut(&name).map(f));
-        // Part::status/control are synchronous; the daemon runs a multi-thread runtime, so
-        // this worker may block on the packet loop's answer (a few microseconds).
+        self.on_gateway(move |gw| gw.service_mut(&name).map(f))?
+            .with_context(|| format!("service `{}` is not running", self.name))
+    }
+
+    /// Runs `f` on the gateway inside the packet loop and waits for it.
+    fn on_gateway<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut natgw::Gateway) -> R + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let job = self.shared.driver.with(move |gw, _| f(gw));
+        // Part::status/control/reconfigure are synchronous; the daemon runs a multi-thread
+        // runtime, so this worker may block on the packet loop's answer (microseconds).
         let handle = tokio::runtime::Handle::try_current().context("no async runtime")?;
         if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-            bail!("show lb needs the daemon's multi-thread runtime");
+            bail!("the lb part needs the daemon's multi-thread runtime");
         }
-        let r = tokio::task::block_in_place(|| handle.block_on(job))?;
-        r.with_context(|| format!("service `{}` is not running", self.name))
+        Ok(tokio::task::block_in_place(|| handle.block_on(job))?)
     }
 }
 
@@ -282,6 +250,40 @@ impl Part for ServicePart {
                 "lb `{}` does not support `{other}` (try: weight)",
                 self.name
             ),
+        }
+    }
+
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+        if site.nat.is_some() || !site.service.iter().any(|s| *s.name.get_ref() == self.name) {
+            return Ok(false);
+        }
+        // One part applies the whole set (the gateway checks it all or nothing); the others
+        // only confirm that their service is still there.
+        if site
+            .service
+            .first()
+            .is_some_and(|s| *s.name.get_ref() != self.name)
+        {
+            return Ok(true);
+        }
+        let services: Vec<natgw::ServiceConfig> =
+            site.service.iter().map(|s| s.to_natgw()).collect();
+        let applied = self.on_gateway(move |gw| {
+            gw.reconfigure_services(services)
+                .map(|()| health_targets(gw))
+        })?;
+        match applied {
+            Ok(targets) => {
+                // The checker takes the new list on its next turn; a full channel means a
+                // newer list is already queued.
+                let _ = self.shared.targets.try_send(targets);
+                tracing::info!("services reconfigured in place");
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "services need a restart of the gateway");
+                Ok(false)
+            }
         }
     }
 
