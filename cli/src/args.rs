@@ -76,6 +76,11 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read the running daemon's config and apply the changes (like SIGHUP, but reports back).
+    Reload {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Operate the PAT gateway of the running daemon.
     Nat {
         #[command(subcommand)]

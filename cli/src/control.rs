@@ -18,6 +18,8 @@ pub(crate) enum Request {
     Status,
     /// The statuses of one kind.
     Show { kind: Kind },
+    /// Re-read the config file and apply the differences (`vipgate reload`, like SIGHUP).
+    Reload,
     /// An operator command for the parts of one kind (optionally one named part).
     Control {
         kind: Kind,
@@ -47,6 +49,9 @@ pub(crate) struct PartStatus {
     pub(crate) status: serde_json::Value,
 }
 
+/// A reload asked for over the socket: the run loop answers with its report or the errors.
+pub(crate) type ReloadRequest = tokio::sync::oneshot::Sender<Result<Vec<String>, String>>;
+
 /// Serves the control socket until the task is aborted; removes the socket file on drop.
 pub(crate) struct ControlServer {
     path: PathBuf,
@@ -58,7 +63,11 @@ impl ControlServer {
     ///
     /// # Errors
     /// Another daemon already listens there, or the path cannot be bound.
-    pub(crate) async fn start(path: &Path, running: Arc<RwLock<Running>>) -> anyhow::Result<Self> {
+    pub(crate) async fn start(
+        path: &Path,
+        running: Arc<RwLock<Running>>,
+        reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    ) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -81,8 +90,9 @@ impl ControlServer {
                     continue;
                 };
                 let running = running.clone();
+                let reload = reload.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one(stream, running).await {
+                    if let Err(e) = serve_one(stream, running, reload).await {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -102,11 +112,36 @@ impl Drop for ControlServer {
     }
 }
 
-async fn serve_one(stream: UnixStream, running: Arc<RwLock<Running>>) -> anyhow::Result<()> {
+async fn serve_one(
+    stream: UnixStream,
+    running: Arc<RwLock<Running>>,
+    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+) -> anyhow::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
     let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Reload) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let outcome = match reload.send(tx).await {
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err("the daemon is stopping".into())),
+                Err(_) => Err("the daemon is stopping".into()),
+            };
+            match outcome {
+                Ok(report) => Response {
+                    ok: true,
+                    result: serde_json::json!(report),
+                    error: None,
+                },
+                Err(e) => Response {
+                    ok: false,
+                    result: serde_json::Value::Null,
+                    error: Some(e),
+                },
+            }
+        }
         Ok(req) => answer(req, &*running.read().await),
         Err(e) => Response {
             ok: false,
@@ -135,6 +170,7 @@ fn answer(req: Request, running: &Running) -> Response {
         )
         .unwrap_or_default()),
         Request::Show { kind } => Ok(serde_json::Value::Array(running.statuses(kind))),
+        Request::Reload => Err(anyhow::anyhow!("reload is handled by the run loop")),
         Request::Control {
             kind,
             name,
@@ -238,7 +274,20 @@ mod tests {
         let running = Arc::new(RwLock::new(Running {
             parts: vec![Box::new(FakeTunnel)],
         }));
-        let server = ControlServer::start(&path, running.clone()).await.unwrap();
+        let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(1);
+        tokio::spawn(async move {
+            while let Some(reply) = reload_rx.recv().await {
+                let _ = reply.send(Err("site.toml:1:1: planted".into()));
+            }
+        });
+        let server = ControlServer::start(&path, running.clone(), reload_tx.clone())
+            .await
+            .unwrap();
+        let reload = request(&path, &Request::Reload)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(reload, "site.toml:1:1: planted");
 
         let status = request(&path, &Request::Status).await.unwrap();
         let parts: Vec<PartStatus> = serde_json::from_value(status).unwrap();
@@ -276,7 +325,7 @@ mod tests {
         );
 
         // A second daemon on the same socket is refused; after the first stops the socket is gone.
-        let second = ControlServer::start(&path, running).await;
+        let second = ControlServer::start(&path, running, reload_tx).await;
         assert!(
             second
                 .err()

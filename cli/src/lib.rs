@@ -9,7 +9,10 @@ mod check;
 mod config;
 mod control;
 mod lab;
+mod metrics;
+mod notify;
 mod parts;
+mod privileges;
 mod run;
 
 use anyhow::Context;
@@ -110,6 +113,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 } else {
                     print!("{}", what.render(&items));
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { control } => {
+            let report = control::request(&control_path(&control)?, &Request::Reload).await?;
+            let lines = report.as_array().cloned().unwrap_or_default();
+            if lines.is_empty() {
+                println!("reloaded: nothing changed");
+            }
+            for l in lines {
+                println!("reloaded: {}", l.as_str().unwrap_or_default());
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,7 +1,7 @@
 //! `vipgate run`: start every configured part, serve the control socket, stop cleanly.
 
 use crate::config;
-use crate::control::ControlServer;
+use crate::control::{ControlServer, ReloadRequest};
 use crate::parts::{Kind, Running, StartCtx};
 use anyhow::Context;
 use std::path::Path;
@@ -24,30 +24,94 @@ pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
 
     let ctx = StartCtx { only };
     let running = Arc::new(RwLock::new(Running::start(&site, &ctx).await?));
-    let control = match ControlServer::start(&site.daemon.control, running.clone()).await {
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
+    let control = match ControlServer::start(&site.daemon.control, running.clone(), reload_tx).await
+    {
         Ok(c) => c,
         Err(e) => {
             running.write().await.stop().await;
             return Err(e);
         }
     };
+    let metrics = match site.daemon.metrics {
+        Some(addr) => match crate::metrics::serve(addr, running.clone()).await {
+            Ok(task) => Some(task),
+            Err(e) => {
+                drop(control);
+                running.write().await.stop().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    let dropped = if site.daemon.drop_privileges {
+        crate::privileges::drop_to_network_capabilities()
+    } else {
+        Ok(())
+    };
+    if let Err(e) = dropped {
+        drop(control);
+        running.write().await.stop().await;
+        return Err(e);
+    }
+    crate::notify::sd_notify("READY=1");
     let count = running.read().await.parts.len();
     tracing::info!(config = %path.display(), parts = count, control = %site.daemon.control.display(), "vipgate running");
 
+    let mut site = site;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = sighup.recv() => match config::load(path) {
-                Err(errors) => tracing::error!("reload refused, the running config stays:\n{errors}"),
-                Ok(_) => tracing::warn!(
-                    "reload: {} is valid, but applying changes to a running site is not built yet; restart to apply",
-                    path.display()
-                ),
-            },
+            _ = sighup.recv() => {
+                // SIGHUP has no one to answer; the outcome goes to the log.
+                let _ = reload(path, &mut site, &running, &ctx).await;
+            }
+            Some(reply) = reload_rx.recv() => {
+                let _ = reply.send(reload(path, &mut site, &running, &ctx).await);
+            }
         }
+    }
+    crate::notify::sd_notify("STOPPING=1");
+    if let Some(m) = metrics {
+        m.abort();
     }
     drop(control);
     running.write().await.stop().await;
     Ok(())
+}
+
+/// Re-reads `path` and applies the differences; a bad file leaves everything as it was.
+async fn reload(
+    path: &Path,
+    site: &mut config::SiteConfig,
+    running: &RwLock<Running>,
+    ctx: &StartCtx,
+) -> Result<Vec<String>, String> {
+    let new = match config::load(path) {
+        Ok(new) => new,
+        Err(errors) => {
+            tracing::error!("reload refused, the running config stays:\n{errors}");
+            return Err(errors.to_string());
+        }
+    };
+    if new.daemon.control != site.daemon.control {
+        tracing::warn!(
+            "reload: [daemon] control changed; the new socket path applies after a restart"
+        );
+    }
+    crate::notify::sd_notify("RELOADING=1");
+    let outcome = running.write().await.reload(site, &new, ctx).await;
+    crate::notify::sd_notify("READY=1");
+    match outcome {
+        Ok(report) => {
+            tracing::info!(changes = ?report, "reloaded {}", path.display());
+            *site = new;
+            Ok(report)
+        }
+        Err(e) => {
+            tracing::error!("reload failed: {e:#}");
+            Err(format!("{e:#}"))
+        }
+    }
 }

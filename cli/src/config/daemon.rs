@@ -17,6 +17,13 @@ pub(crate) struct DaemonSection {
     /// Optional Prometheus endpoint (`host:port`), off by default.
     #[serde(default)]
     pub(crate) metrics: Option<SocketAddr>,
+    /// After setup keep only CAP_NET_ADMIN, CAP_NET_RAW and CAP_NET_BIND_SERVICE. Default true.
+    #[serde(default = "default_true")]
+    pub(crate) drop_privileges: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_control() -> PathBuf {
@@ -28,6 +35,7 @@ impl Default for DaemonSection {
         DaemonSection {
             control: default_control(),
             metrics: None,
+            drop_privileges: true,
         }
     }
 }

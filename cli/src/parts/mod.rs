@@ -25,7 +25,19 @@ use std::pin::Pin;
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Which `vipgate show` topic a part answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Kind {
     /// GRE tunnels.
@@ -76,7 +88,23 @@ impl Kind {
         }
     }
 
-    async fn start(self, site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    /// This kind's sections of `site`, as JSON, to tell whether a reload changes them.
+    pub(crate) fn sections(self, site: &SiteConfig) -> serde_json::Value {
+        let v = match self {
+            Kind::Gre => serde_json::to_value(&site.gre),
+            Kind::Nat => serde_json::to_value(&site.nat),
+            Kind::Lb => serde_json::to_value(&site.service),
+            Kind::Vrrp => serde_json::to_value(&site.vrrp),
+            Kind::Ssh => serde_json::to_value((&site.ssh, &site.sshd)),
+        };
+        v.unwrap_or_default()
+    }
+
+    pub(crate) async fn start(
+        self,
+        site: &SiteConfig,
+        ctx: &StartCtx,
+    ) -> anyhow::Result<Vec<Box<dyn Part>>> {
         match self {
             Kind::Gre => gre::start(site, ctx).await,
             Kind::Nat => nat::start(site, ctx).await,
@@ -107,6 +135,15 @@ pub(crate) trait Part: Send + Sync {
     /// Unknown operations or bad arguments, as a message for the operator.
     fn control(&self, op: &str, _args: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
         anyhow::bail!("{} `{}` does not support `{op}`", self.kind(), self.name())
+    }
+    /// Applies a changed config in place (weights, ACL rules, timers) without dropping flows
+    /// or mastership. `Ok(true)`: applied live. `Ok(false)`: this part cannot apply the change
+    /// live and `vipgate run` restarts it with the new config instead (the default).
+    ///
+    /// # Errors
+    /// The new config cannot be applied; the part keeps running with the old one.
+    fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<bool> {
+        Ok(false)
     }
     /// Stops the part and undoes everything it set up (routes, addresses, TUN devices).
     fn stop(self: Box<Self>) -> BoxFuture<()>;
@@ -156,6 +193,68 @@ impl Running {
             part.stop().await;
             tracing::info!(%kind, %name, "stopped");
         }
+    }
+
+    /// Applies a new config: unchanged kinds keep running untouched; changed kinds are
+    /// reconfigured in place where their parts can, else restarted; added kinds start and
+    /// removed kinds stop. Returns one line per kind that changed.
+    ///
+    /// # Errors
+    /// A kind that failed to restart (it is then stopped; the rest keeps running).
+    pub(crate) async fn reload(
+        &mut self,
+        old: &SiteConfig,
+        new: &SiteConfig,
+        ctx: &StartCtx,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut report = Vec::new();
+        for kind in Kind::ALL {
+            if !(ctx.only.is_empty() || ctx.only.contains(&kind))
+                || kind.sections(old) == kind.sections(new)
+            {
+                continue;
+            }
+            let was = kind.configured_in(old);
+            let will = kind.configured_in(new);
+            if was && will {
+                let mut live = true;
+                for p in self.parts.iter().filter(|p| p.kind() == kind) {
+                    live &= p.reconfigure(new)?;
+                }
+                if live {
+                    report.push(format!("{kind}: applied live"));
+                    continue;
+                }
+            }
+            // Restart this kind: stop its parts (last first), then start from the new config.
+            let mut i = self.parts.len();
+            while i > 0 {
+                i -= 1;
+                if self.parts[i].kind() == kind {
+                    self.parts.remove(i).stop().await;
+                }
+            }
+            if will {
+                let started = kind
+                    .start(new, ctx)
+                    .await
+                    .map_err(|e| e.context(format!("restarting {kind} with the new config")))?;
+                // Keep start order: insert before the first part of a later kind.
+                let at = self
+                    .parts
+                    .iter()
+                    .position(|p| p.kind() > kind)
+                    .unwrap_or(self.parts.len());
+                self.parts.splice(at..at, started);
+                report.push(format!(
+                    "{kind}: {}",
+                    if was { "restarted" } else { "started" }
+                ));
+            } else {
+                report.push(format!("{kind}: stopped"));
+            }
+        }
+        Ok(report)
     }
 
     /// `status()` of every part of one kind.

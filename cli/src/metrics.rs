@@ -1,0 +1,299 @@
+//! Prometheus metrics on `[daemon] metrics`, derived from the parts' `status()` JSON so that
+//! `/metrics` and `vipgate show --json` can never disagree.
+//!
+//! Mapping (Prometheus naming conventions):
+//! - a number at `a.b` in a part's status becomes `vipgate_<kind>_a_b{name="<part>"}`; numbers
+//!   under a `counters` object, or whose key names something that only grows (packets, bytes,
+//!   drops, hits, connections, transitions, reconnects, ...), are counters with a `_total` suffix;
+//! - booleans become 0/1 gauges; a string `state` becomes `vipgate_<kind>_state{state="..."} 1`;
+//! - arrays of objects that carry an `address`, `name`, `listen` or `spec` field (backends,
+//!   forwards) become labelled series; other arrays (translation tables) are skipped — their
+//!   sizes are reported by the parts as plain numbers.
+
+use crate::parts::{Kind, Running};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::RwLock;
+
+/// Words in a key that mark a monotonically increasing count.
+const COUNTER_WORDS: [&str; 14] = [
+    "packets",
+    "bytes",
+    "drops",
+    "dropped",
+    "hits",
+    "connections",
+    "transitions",
+    "reconnects",
+    "errors",
+    "sent",
+    "received",
+    "refused",
+    "adverts",
+    "total",
+];
+
+/// Label keys that identify an element of an array.
+const ID_KEYS: [&str; 4] = ["name", "address", "listen", "spec"];
+
+#[derive(Default)]
+struct Family {
+    counter: bool,
+    samples: Vec<(String, f64)>,
+}
+
+/// Renders every part's status as Prometheus text exposition format 0.0.4.
+pub(crate) fn render(running: &Running) -> String {
+    let mut families: BTreeMap<String, Family> = BTreeMap::new();
+    for part in &running.parts {
+        let labels = vec![("name".to_string(), part.name())];
+        walk(
+            &mut families,
+            part.kind(),
+            &[],
+            &labels,
+            &part.status(),
+            false,
+        );
+    }
+    let mut out = String::new();
+    for (name, fam) in families {
+        let (kind, full) = if fam.counter {
+            ("counter", format!("{name}_total"))
+        } else {
+            ("gauge", name)
+        };
+        let _ = writeln!(out, "# TYPE {full} {kind}");
+        for (labels, v) in fam.samples {
+            let _ = writeln!(out, "{full}{labels} {v}");
+        }
+    }
+    out
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn label_text(labels: &[(String, String)]) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            )
+        })
+        .collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+fn walk(
+    families: &mut BTreeMap<String, Family>,
+    kind: Kind,
+    path: &[String],
+    labels: &[(String, String)],
+    value: &Value,
+    in_counters: bool,
+) {
+    let metric = || {
+        let mut n = format!("vipgate_{kind}");
+        for p in path {
+            n.push('_');
+            n.push_str(&sanitize(p));
+        }
+        n.trim_end_matches("_total").to_string()
+    };
+    match value {
+        Value::Number(n) => {
+            let Some(v) = n.as_f64() else { return };
+            let key = path.last().map(String::as_str).unwrap_or_default();
+            let counter = in_counters
+                || COUNTER_WORDS
+                    .iter()
+                    .any(|w| key.split('_').any(|part| part == *w));
+            let fam = families.entry(metric()).or_default();
+            fam.counter |= counter;
+            fam.samples.push((label_text(labels), v));
+        }
+        Value::Bool(b) => {
+            families
+                .entry(metric())
+                .or_default()
+                .samples
+                .push((label_text(labels), f64::from(u8::from(*b))));
+        }
+        Value::String(s) if path.last().is_some_and(|k| k == "state") => {
+            let mut l = labels.to_vec();
+            l.push(("state".into(), s.clone()));
+            families
+                .entry(metric())
+                .or_default()
+                .samples
+                .push((label_text(&l), 1.0));
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                let mut p = path.to_vec();
+                p.push(k.clone());
+                walk(
+                    families,
+                    kind,
+                    &p,
+                    labels,
+                    v,
+                    in_counters || k == "counters",
+                );
+            }
+        }
+        Value::Array(items) => {
+            for item in items.iter().take(1000) {
+                let Some(obj) = item.as_object() else { return };
+                let Some((id_key, id)) = ID_KEYS
+                    .iter()
+                    .find_map(|k| obj.get(*k).and_then(Value::as_str).map(|v| (*k, v)))
+                else {
+                    return;
+                };
+                let mut l = labels.to_vec();
+                let element = path
+                    .last()
+                    .map_or("item".to_string(), |p| sanitize(p.trim_end_matches('s')));
+                l.push((format!("{element}_{id_key}"), id.to_string()));
+                let rest: serde_json::Map<String, Value> = obj
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != id_key)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                walk(families, kind, path, &l, &Value::Object(rest), in_counters);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until the task is aborted.
+///
+/// # Errors
+/// The address cannot be bound.
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    running: Arc<RwLock<Running>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding metrics endpoint {addr}: {e}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let running = running.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut buf),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let response = if request.starts_with("GET /metrics ")
+                    || request.starts_with("GET / ")
+                {
+                    let body = render(&*running.read().await);
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_string()
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parts::{BoxFuture, Part};
+
+    struct Fake(Value);
+    impl Part for Fake {
+        fn kind(&self) -> Kind {
+            Kind::Lb
+        }
+        fn name(&self) -> String {
+            "web".into()
+        }
+        fn status(&self) -> Value {
+            self.0.clone()
+        }
+        fn stop(self: Box<Self>) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[test]
+    fn status_json_becomes_prometheus_text() {
+        let status = serde_json::json!({
+            "state": "up",
+            "healthy": true,
+            "counters": { "rx_packets": 10, "bad_checksum": 2 },
+            "mappings": 42,
+            "backends": [
+                { "address": "10.0.0.101:80", "weight": 1, "connections": 7, "state": "up" },
+                { "address": "10.0.0.102:80", "weight": 2, "connections": 9, "state": "down" }
+            ],
+            "translations": [ { "proto": "tcp" } ]
+        });
+        let running = Running {
+            parts: vec![Box::new(Fake(status))],
+        };
+        let text = render(&running);
+        assert!(
+            text.contains("# TYPE vipgate_lb_counters_rx_packets_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vipgate_lb_counters_bad_checksum_total{name=\"web\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE vipgate_lb_mappings gauge"));
+        assert!(text.contains("vipgate_lb_state{name=\"web\",state=\"up\"} 1"));
+        assert!(text.contains("vipgate_lb_healthy{name=\"web\"} 1"));
+        assert!(text.contains("vipgate_lb_backends_connections_total{name=\"web\",backend_address=\"10.0.0.102:80\"} 9"), "{text}");
+        assert!(text.contains("vipgate_lb_backends_state{name=\"web\",backend_address=\"10.0.0.101:80\",state=\"up\"} 1"), "{text}");
+        assert!(!text.contains("translations"));
+        // Every family has exactly one TYPE line.
+        let types = text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE vipgate_lb_backends_weight "))
+            .count();
+        assert_eq!(types, 1);
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Build and install vipgate: binary, man pages, shell completions and the systemd unit.
+# Usage (as root, from the repository): ./dist/install.sh [PREFIX]   (default /usr/local)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prefix=${1:-/usr/local}
+cargo build --release -p vipgate --locked
+install -D -m 0755 target/release/vipgate "$prefix/bin/vipgate"
+"$prefix/bin/vipgate" man --out "$prefix/share/man/man1" >/dev/null
+install -d /usr/share/bash-completion/completions /usr/share/zsh/vendor-completions /usr/share/fish/vendor_completions.d
+"$prefix/bin/vipgate" completions bash > /usr/share/bash-completion/completions/vipgate
+"$prefix/bin/vipgate" completions zsh > /usr/share/zsh/vendor-completions/_vipgate
+"$prefix/bin/vipgate" completions fish > /usr/share/fish/vendor_completions.d/vipgate.fish
+sed "s|/usr/local/bin/vipgate|$prefix/bin/vipgate|g" dist/vipgate.service > /etc/systemd/system/vipgate.service
+install -d -m 0750 /etc/vipgate
+echo "installed; put the site config in /etc/vipgate/site.toml, then: systemctl enable --now vipgate"
