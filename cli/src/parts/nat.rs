@@ -125,11 +125,16 @@ pub(crate) async fn start(
     *RUNNING
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(driver.clone());
-    Ok(vec![Box::new(NatPart { driver })])
+    Ok(vec![Box::new(NatPart {
+        driver,
+        started: nat.clone(),
+    })])
 }
 
 struct NatPart {
     driver: Arc<NatDriver>,
+    /// The `[nat]` the part was started with (to tell live changes from restarts).
+    started: NatSection,
 }
 
 fn acl_text(r: &AclRule) -> String {
@@ -222,6 +227,25 @@ impl Part for NatPart {
         match op {
             "clear" => Ok(json!({ "cleared": self.driver.clear() })),
             _ => anyhow::bail!("nat does not support `{op}` (try `clear`)"),
+        }
+    }
+
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+        let Some(nat) = &site.nat else {
+            return Ok(false);
+        };
+        if nat.inside != self.started.inside
+            || nat.outside.get_ref() != self.started.outside.get_ref()
+            || *nat.table.get_ref() != *self.started.table.get_ref()
+            || nat.rule_priority != self.started.rule_priority
+        {
+            // Steering (interfaces, table, rules) is installed at start: restart.
+            return Ok(false);
+        }
+        match self.driver.reconfigure(gateway_config(nat, random_seed())) {
+            Ok(()) => Ok(true),
+            Err(natgw::driver::DriverError::Config(natgw::NatError::NeedsRestart)) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -139,6 +139,7 @@ pub struct NatDriver {
     handle: rtnetlink::Handle,
     installed: tokio::sync::Mutex<netlink::Installed>,
     tun: String,
+    learnt_inside: Vec<ipnet::Ipv4Net>,
 }
 
 /// The driver's clock: the one place that reads it.
@@ -186,9 +187,9 @@ impl NatDriver {
             public,
         };
         let (mut installed, inside_nets) = netlink::Installed::install(&handle, &plan).await?;
-        for n in inside_nets {
-            if !gw_cfg.inside_networks.contains(&n) {
-                gw_cfg.inside_networks.push(n);
+        for n in &inside_nets {
+            if !gw_cfg.inside_networks.contains(n) {
+                gw_cfg.inside_networks.push(*n);
             }
         }
         let gw = match Gateway::new(now(), gw_cfg) {
@@ -208,6 +209,7 @@ impl NatDriver {
             handle,
             installed: tokio::sync::Mutex::new(installed),
             tun: cfg.tun,
+            learnt_inside: inside_nets,
         })
     }
 
@@ -246,6 +248,22 @@ impl NatDriver {
             table_bytes: gw.table().heap_bytes(),
             public_addresses: gw.public_addresses(),
         }
+    }
+
+    /// Applies a changed core config live (see [`Gateway::reconfigure`]).
+    ///
+    /// # Errors
+    /// [`crate::NatError::NeedsRestart`] when the change needs a new gateway.
+    pub fn reconfigure(&self, mut config: GatewayConfig) -> Result<(), DriverError> {
+        let mut gw = lock(&self.gw);
+        // Keep the subnets learnt from the inside interfaces at start.
+        for n in &self.learnt_inside {
+            if !config.inside_networks.contains(n) {
+                config.inside_networks.push(*n);
+            }
+        }
+        gw.reconfigure(now(), config)?;
+        Ok(())
     }
 
     /// Flushes dynamic flows (`vipgate nat clear`); returns how many were removed.
