@@ -31,6 +31,10 @@ pub enum NatError {
     /// Only TCP and UDP ports can be forwarded.
     #[error("only tcp and udp can be forwarded, not {0}")]
     UnforwardableProto(Proto),
+    /// The change needs a restart of the gateway (overload address changed, or a static
+    /// forward was removed or changed).
+    #[error("this change cannot be applied to a running gateway")]
+    NeedsRestart,
     /// The dynamic port range is empty.
     #[error("the dynamic port range is empty")]
     EmptyPortRange,

@@ -255,6 +255,53 @@ impl Gateway {
         Ok(id)
     }
 
+    /// Applies a changed configuration without dropping flows: ACL (counters restart),
+    /// filtering, timeouts, bounds, port range and TTL compensation change in place, and new
+    /// static forwards are added. The inside networks are replaced.
+    ///
+    /// # Errors
+    /// [`NatError::NeedsRestart`] when the overload address changed or a static forward
+    /// disappeared or changed (the caller restarts the gateway then); nothing is changed.
+    pub fn reconfigure(&mut self, now: Instant, config: GatewayConfig) -> Result<(), NatError> {
+        if config.port_range.is_empty() {
+            return Err(NatError::EmptyPortRange);
+        }
+        let overload = config.overload.map(|a| self.table.find_public(a));
+        if overload != self.overload.map(Some) {
+            return Err(NatError::NeedsRestart);
+        }
+        let current: Vec<StaticEntry> = self
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let s = l.selector.as_any().downcast_ref::<StaticForward>()?;
+                Some(StaticEntry {
+                    proto: l.proto,
+                    public: l.public,
+                    inside: s.inside,
+                })
+            })
+            .collect();
+        if current.iter().any(|c| !config.statics.contains(c)) {
+            return Err(NatError::NeedsRestart);
+        }
+        for s in config.statics.iter().filter(|s| !current.contains(s)) {
+            self.add_static(now, *s)?;
+        }
+        self.table.set_config(TableConfig {
+            timeouts: config.timeouts,
+            max_sessions: config.max_mappings,
+            max_per_host: config.max_per_host,
+            port_range: config.port_range,
+            seed: config.seed,
+        });
+        self.acl = Acl::new(config.acl);
+        self.filtering = config.filtering;
+        self.compensate_ttl = config.compensate_ttl;
+        self.inside_networks = config.inside_networks;
+        Ok(())
+    }
+
     /// Registers a public endpoint whose new inbound flows go to `selector` (a static forward
     /// or a virtual service). The public address becomes one of the gateway's addresses.
     ///

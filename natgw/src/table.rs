@@ -262,6 +262,15 @@ impl PatTable {
         }
     }
 
+    /// New timeouts and bounds. Open flows keep their current deadline until their next
+    /// packet; flows above a lowered bound stay until they end (only new flows are refused).
+    pub(crate) fn set_config(&mut self, cfg: TableConfig) {
+        self.cfg = TableConfig {
+            seed: self.cfg.seed,
+            ..cfg
+        };
+    }
+
     fn tick(&self, now: Instant) -> u32 {
         u32::try_from(now.saturating_duration_since(self.epoch).as_secs()).unwrap_or(u32::MAX / 2)
     }

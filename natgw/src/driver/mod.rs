@@ -1,10 +1,9 @@
 //! The TUN driver: creates `nat0`, installs the steering routes, and runs the packet loop
 //! around a [`Gateway`]. Only compiled with the `driver` feature.
 //!
-//! One task owns the gateway. It reads packets from `nat0`, classifies each
-//! ([`Gateway::direction`]), lets the core rewrite it in place and writes it back; it wakes for
-//! [`Gateway::poll_timeout`]; and it serves commands (`show`, `clear`, arbitrary closures for
-//! the parts built on the gateway) between batches. Reads are drained in batches of up to
+//! One task runs the packet loop. It reads packets from `nat0`, classifies each
+//! ([`Gateway::direction`]), lets the core rewrite it in place and writes it back; and it wakes
+//! for [`Gateway::poll_timeout`]. Reads are drained in batches of up to
 //! [`BATCH`] packets per wake-up into one reused buffer: no allocation per packet.
 
 mod netlink;
@@ -13,7 +12,9 @@ mod sysctl;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::{AclRule, Gateway, GatewayConfig, GatewayStats, Translation, Verdict};
@@ -61,7 +62,7 @@ pub enum DriverError {
     /// The configuration was rejected by the core.
     #[error(transparent)]
     Config(#[from] crate::NatError),
-    /// The packet loop has stopped.
+    /// The packet loop ended abnormally.
     #[error("the NAT packet loop is not running")]
     Stopped,
     /// Reading or writing the TUN failed.
@@ -124,36 +125,33 @@ pub struct NatSnapshot {
     pub public_addresses: Vec<Ipv4Addr>,
 }
 
-type Job = Box<dyn FnOnce(&mut Gateway, Instant) + Send>;
-
-enum Command {
-    Run(Job),
-    Stop(oneshot::Sender<()>),
-}
-
 /// A running gateway: `nat0`, its routes and the packet loop.
+///
+/// The core sits behind a mutex shared with the packet loop, which holds it for one batch of
+/// packets at a time; [`NatDriver::gateway`] gives other parts (virtual services) the same
+/// access, e.g. `driver.gateway().lock()?.add_listener(..)` followed by
+/// [`NatDriver::add_public_address`] for a new VIP.
 #[derive(Debug)]
 pub struct NatDriver {
-    commands: mpsc::Sender<Command>,
-    task: JoinHandle<Result<(), DriverError>>,
+    gw: Arc<Mutex<Gateway>>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: tokio::sync::Mutex<Option<JoinHandle<Result<(), DriverError>>>>,
     handle: rtnetlink::Handle,
-    installed: netlink::Installed,
+    installed: tokio::sync::Mutex<netlink::Installed>,
     tun: String,
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Command::Run(_) => "Run",
-            Command::Stop(_) => "Stop",
-        })
-    }
+    learnt_inside: Vec<ipnet::Ipv4Net>,
 }
 
 /// The driver's clock: the one place that reads it.
 #[allow(clippy::disallowed_methods)]
 fn now() -> Instant {
     Instant::now()
+}
+
+fn lock(gw: &Mutex<Gateway>) -> MutexGuard<'_, Gateway> {
+    // A panic while holding the lock cannot leave the table half-updated in a way that
+    // matters more than stopping the gateway would; keep serving.
+    gw.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl NatDriver {
@@ -165,9 +163,7 @@ impl NatDriver {
     pub async fn start(cfg: DriverConfig, mut gw_cfg: GatewayConfig) -> Result<Self, DriverError> {
         sysctl::check_namespace()?;
         // Validate the core config before touching the host.
-        let probe = Gateway::new(now(), gw_cfg.clone())?;
-        let public = probe.public_addresses();
-        drop(probe);
+        let public = Gateway::new(now(), gw_cfg.clone())?.public_addresses();
 
         let dev = tun_rs::DeviceBuilder::new()
             .name(cfg.tun.clone())
@@ -191,56 +187,57 @@ impl NatDriver {
             public,
         };
         let (mut installed, inside_nets) = netlink::Installed::install(&handle, &plan).await?;
-        for n in inside_nets {
-            if !gw_cfg.inside_networks.contains(&n) {
-                gw_cfg.inside_networks.push(n);
+        for n in &inside_nets {
+            if !gw_cfg.inside_networks.contains(n) {
+                gw_cfg.inside_networks.push(*n);
             }
         }
         let gw = match Gateway::new(now(), gw_cfg) {
-            Ok(gw) => gw,
+            Ok(gw) => Arc::new(Mutex::new(gw)),
             Err(e) => {
                 installed.remove(&handle).await;
                 return Err(e.into());
             }
         };
-        let (tx, rx) = mpsc::channel(64);
-        let task = tokio::spawn(run(dev, gw, rx));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(dev, gw.clone(), stop_rx));
         tracing::info!(tun = %cfg.tun, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
         Ok(NatDriver {
-            commands: tx,
-            task,
+            gw,
+            stop: Mutex::new(Some(stop_tx)),
+            task: tokio::sync::Mutex::new(Some(task)),
             handle,
-            installed,
+            installed: tokio::sync::Mutex::new(installed),
             tun: cfg.tun,
+            learnt_inside: inside_nets,
         })
     }
 
-    /// Runs `f` on the gateway between two packet batches and returns its result. This is how
-    /// other parts (virtual services) reach their selectors at run time.
+    /// The core, shared with the packet loop (hold the lock briefly: packets wait meanwhile).
+    #[must_use]
+    pub fn gateway(&self) -> Arc<Mutex<Gateway>> {
+        self.gw.clone()
+    }
+
+    /// Makes another public address live (a VIP added after start): routed into the TUN and
+    /// answered for on the outside link. Idempotent.
     ///
     /// # Errors
-    /// [`DriverError::Stopped`] if the loop has ended.
-    pub async fn with<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Gateway, Instant) -> R + Send + 'static,
-    ) -> Result<R, DriverError> {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |gw, now| {
-            let _ = tx.send(f(gw, now));
-        });
-        self.commands
-            .send(Command::Run(job))
+    /// A netlink failure.
+    pub async fn add_public_address(&self, addr: Ipv4Addr) -> Result<(), DriverError> {
+        self.installed
+            .lock()
             .await
-            .map_err(|_| DriverError::Stopped)?;
-        rx.await.map_err(|_| DriverError::Stopped)
+            .add_public(&self.handle, addr)
+            .await
     }
 
     /// A copy of the state for `show nat`.
-    ///
-    /// # Errors
-    /// [`DriverError::Stopped`] if the loop has ended.
-    pub async fn snapshot(&self) -> Result<NatSnapshot, DriverError> {
-        self.with(|gw, now| NatSnapshot {
+    #[must_use]
+    pub fn snapshot(&self) -> NatSnapshot {
+        let gw = lock(&self.gw);
+        let now = now();
+        NatSnapshot {
             translations: gw.translations(now),
             acl: gw.acl_rules().map(|(r, h)| (r.clone(), h)).collect(),
             acl_implicit_denies: gw.acl_implicit_denies(),
@@ -250,16 +247,28 @@ impl NatDriver {
             capacity: gw.table().capacity(),
             table_bytes: gw.table().heap_bytes(),
             public_addresses: gw.public_addresses(),
-        })
-        .await
+        }
+    }
+
+    /// Applies a changed core config live (see [`Gateway::reconfigure`]).
+    ///
+    /// # Errors
+    /// [`crate::NatError::NeedsRestart`] when the change needs a new gateway.
+    pub fn reconfigure(&self, mut config: GatewayConfig) -> Result<(), DriverError> {
+        let mut gw = lock(&self.gw);
+        // Keep the subnets learnt from the inside interfaces at start.
+        for n in &self.learnt_inside {
+            if !config.inside_networks.contains(n) {
+                config.inside_networks.push(*n);
+            }
+        }
+        gw.reconfigure(now(), config)?;
+        Ok(())
     }
 
     /// Flushes dynamic flows (`vipgate nat clear`); returns how many were removed.
-    ///
-    /// # Errors
-    /// [`DriverError::Stopped`] if the loop has ended.
-    pub async fn clear(&self) -> Result<usize, DriverError> {
-        self.with(|gw, now| gw.clear(now)).await
+    pub fn clear(&self) -> usize {
+        lock(&self.gw).clear(now())
     }
 
     /// The TUN's name.
@@ -269,20 +278,25 @@ impl NatDriver {
     }
 
     /// Stops the loop, removes every rule, route and neighbour entry, and closes the TUN.
+    /// Idempotent (the driver may be shared with the parts built on it).
     ///
     /// # Errors
     /// The loop's own error, if it had failed.
-    pub async fn stop(mut self) -> Result<(), DriverError> {
-        let (tx, rx) = oneshot::channel();
-        let stopped = self.commands.send(Command::Stop(tx)).await.is_ok();
-        if stopped {
-            let _ = rx.await;
+    pub async fn stop(&self) -> Result<(), DriverError> {
+        let stop = self
+            .stop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(stop) = stop {
+            let _ = stop.send(());
         }
-        let result = match (&mut self.task).await {
-            Ok(r) => r,
-            Err(_) => Err(DriverError::Stopped),
+        let task = self.task.lock().await.take();
+        let result = match task {
+            Some(task) => task.await.unwrap_or(Err(DriverError::Stopped)),
+            None => Ok(()),
         };
-        self.installed.remove(&self.handle).await;
+        self.installed.lock().await.remove(&self.handle).await;
         tracing::info!(tun = %self.tun, "nat gateway stopped");
         result
     }
@@ -290,12 +304,12 @@ impl NatDriver {
 
 async fn run(
     dev: tun_rs::AsyncDevice,
-    mut gw: Gateway,
-    mut commands: mpsc::Receiver<Command>,
+    gw: Arc<Mutex<Gateway>>,
+    mut stop: oneshot::Receiver<()>,
 ) -> Result<(), DriverError> {
     let mut buf = vec![0u8; 65536];
     loop {
-        let deadline = gw.poll_timeout();
+        let deadline = lock(&gw).poll_timeout();
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -303,53 +317,37 @@ async fn run(
             }
         };
         tokio::select! {
-            r = dev.recv(&mut buf) => {
-                let n = r.map_err(DriverError::Io)?;
+            r = dev.readable() => {
+                r.map_err(DriverError::Io)?;
                 let t = now();
-                forward(&dev, &mut gw, t, &mut buf[..n]).await?;
-                // Drain what else is queued without another trip through the scheduler.
-                for _ in 1..BATCH {
+                let mut gw = lock(&gw);
+                // Drain up to a batch under one lock, then give timers and others a turn.
+                for _ in 0..BATCH {
                     match dev.try_recv(&mut buf) {
-                        Ok(n) => forward(&dev, &mut gw, t, &mut buf[..n]).await?,
+                        Ok(n) => forward(&dev, &mut gw, t, &mut buf[..n]),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) => return Err(DriverError::Io(e)),
                     }
                 }
             }
             () = sleep => {}
-            cmd = commands.recv() => match cmd {
-                Some(Command::Run(job)) => job(&mut gw, now()),
-                Some(Command::Stop(done)) => {
-                    let _ = done.send(());
-                    return Ok(());
-                }
-                None => return Ok(()),
-            },
+            _ = &mut stop => return Ok(()),
         }
         // quinn's rule: compare with the clock instead of trusting the timer to fire on time.
+        let mut gw = lock(&gw);
         if gw.poll_timeout().is_some_and(|d| d <= now()) {
             gw.handle_timeout(now());
         }
     }
 }
 
-async fn forward(
-    dev: &tun_rs::AsyncDevice,
-    gw: &mut Gateway,
-    now: Instant,
-    pkt: &mut [u8],
-) -> Result<(), DriverError> {
+fn forward(dev: &tun_rs::AsyncDevice, gw: &mut Gateway, now: Instant, pkt: &mut [u8]) {
     let dir = gw.direction(pkt);
-    if gw.handle_packet(now, dir, pkt) == Verdict::Forward {
-        match dev.try_send(pkt) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                dev.send(pkt).await.map_err(DriverError::Io)?;
-            }
-            // The kernel refuses single packets for routing reasons (e.g. no route): that is
-            // the packet's problem, not the loop's.
-            Err(e) => tracing::debug!(error = %e, "nat0 write"),
-        }
+    if gw.handle_packet(now, dir, pkt) == Verdict::Forward
+        && let Err(e) = dev.try_send(pkt)
+    {
+        // A TUN write only fails for the packet's own sake (no route, queue full): drop it,
+        // as a router would.
+        tracing::debug!(error = %e, "nat0 write");
     }
-    Ok(())
 }

@@ -52,6 +52,15 @@ pub(crate) struct Installed {
     neighbours: Vec<NeighbourMessage>,
     moved_local: bool,
     priority: u32,
+    tun: u32,
+    outside: u32,
+    outside_name: String,
+    inside_names: Vec<String>,
+    table: u32,
+    /// Addresses assigned to interfaces of this namespace.
+    local: Vec<Ipv4Addr>,
+    /// Public addresses made live so far, in order.
+    publics: Vec<Ipv4Addr>,
 }
 
 pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32, DriverError> {
@@ -196,72 +205,16 @@ impl Installed {
                 .await?;
         }
 
+        self.tun = tun;
+        self.outside = outside;
+        self.outside_name = plan.outside.clone();
+        self.inside_names = plan.inside.clone();
+        self.table = plan.table;
+        self.local = local;
+        for addr in &plan.public {
+            self.add_public(handle, *addr).await?;
+        }
         let p = plan.priority;
-        let mut local_public = false;
-        for (i, addr) in plan.public.iter().enumerate() {
-            if local.contains(addr) {
-                local_public = true;
-                for proto in [IpProtocol::Tcp, IpProtocol::Udp, IpProtocol::Icmp] {
-                    let mut m = rule(p + i as u32, t);
-                    m.header.dst_len = 32;
-                    m.attributes
-                        .push(RuleAttribute::Destination(IpAddr::V4(*addr)));
-                    m.attributes
-                        .push(RuleAttribute::Iifname(plan.outside.clone()));
-                    m.attributes.push(RuleAttribute::IpProtocol(proto));
-                    self.add_rule(handle, m, &format!("iif {} to {addr}", plan.outside))
-                        .await?;
-                }
-                for name in &plan.inside {
-                    let mut m = rule(p + 10 + i as u32, t);
-                    m.header.dst_len = 32;
-                    m.attributes
-                        .push(RuleAttribute::Destination(IpAddr::V4(*addr)));
-                    m.attributes.push(RuleAttribute::Iifname(name.clone()));
-                    self.add_rule(handle, m, &format!("iif {name} to {addr}"))
-                        .await?;
-                }
-            } else {
-                let r = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(*addr, 32)
-                    .output_interface(tun)
-                    .build();
-                self.add_route(handle, r, &format!("{addr}/32 dev nat0"))
-                    .await?;
-                let mut req = handle.neighbours().add(outside, IpAddr::V4(*addr));
-                req.message_mut().header.flags = NeighbourFlags::Proxy;
-                let msg = req.message_mut().clone();
-                req.replace()
-                    .execute()
-                    .await
-                    .map_err(|e| DriverError::Netlink {
-                        op: format!("add proxy neighbour {addr} dev {}", plan.outside),
-                        source: e,
-                    })?;
-                self.neighbours.push(msg);
-            }
-        }
-        if local_public {
-            // Add the moved lookup before deleting the original, so that local delivery never
-            // disappears, even for a moment.
-            let moved = rule(p + 50, LOCAL);
-            let mut req = handle.rule().add();
-            *req.message_mut() = moved;
-            req.execute().await.map_err(|e| DriverError::Netlink {
-                op: "move lookup local".into(),
-                source: e,
-            })?;
-            self.moved_local = true;
-            handle
-                .rule()
-                .del(rule(0, LOCAL))
-                .execute()
-                .await
-                .map_err(|e| DriverError::Netlink {
-                    op: "move lookup local".into(),
-                    source: e,
-                })?;
-        }
         for name in &plan.inside {
             let mut a = rule(p + 60, t);
             a.attributes.push(RuleAttribute::Iifname(name.clone()));
@@ -279,6 +232,90 @@ impl Installed {
                 .await?;
         }
         Ok(inside_nets)
+    }
+
+    /// Makes one more public address live: rules steering it into the TUN when it is assigned
+    /// to an interface here, otherwise a route into the TUN plus a proxy neighbour entry on the
+    /// outside link.
+    pub(crate) async fn add_public(
+        &mut self,
+        handle: &Handle,
+        addr: Ipv4Addr,
+    ) -> Result<(), DriverError> {
+        if self.publics.contains(&addr) {
+            return Ok(());
+        }
+        let i = self.publics.len() as u32;
+        let (p, t) = (self.priority, self.table);
+        if self.local.contains(&addr) {
+            for proto in [IpProtocol::Tcp, IpProtocol::Udp, IpProtocol::Icmp] {
+                let mut m = rule(p + i.min(9), t);
+                m.header.dst_len = 32;
+                m.attributes
+                    .push(RuleAttribute::Destination(IpAddr::V4(addr)));
+                m.attributes
+                    .push(RuleAttribute::Iifname(self.outside_name.clone()));
+                m.attributes.push(RuleAttribute::IpProtocol(proto));
+                let what = format!("iif {} to {addr}", self.outside_name);
+                self.add_rule(handle, m, &what).await?;
+            }
+            for name in self.inside_names.clone() {
+                let mut m = rule(p + 10 + i.min(9), t);
+                m.header.dst_len = 32;
+                m.attributes
+                    .push(RuleAttribute::Destination(IpAddr::V4(addr)));
+                m.attributes.push(RuleAttribute::Iifname(name.clone()));
+                self.add_rule(handle, m, &format!("iif {name} to {addr}"))
+                    .await?;
+            }
+        } else {
+            let r = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(addr, 32)
+                .output_interface(self.tun)
+                .build();
+            self.add_route(handle, r, &format!("{addr}/32 dev nat0"))
+                .await?;
+            let mut req = handle.neighbours().add(self.outside, IpAddr::V4(addr));
+            req.message_mut().header.flags = NeighbourFlags::Proxy;
+            let msg = req.message_mut().clone();
+            req.replace()
+                .execute()
+                .await
+                .map_err(|e| DriverError::Netlink {
+                    op: format!("add proxy neighbour {addr} dev {}", self.outside_name),
+                    source: e,
+                })?;
+            self.neighbours.push(msg);
+        }
+        if self.local.contains(&addr) {
+            self.move_local(handle).await?;
+        }
+        self.publics.push(addr);
+        Ok(())
+    }
+
+    /// Moves `lookup local` from pref 0 behind the steering rules (once). The moved rule is
+    /// added before the original is deleted, so local delivery never disappears.
+    async fn move_local(&mut self, handle: &Handle) -> Result<(), DriverError> {
+        if self.moved_local {
+            return Ok(());
+        }
+        let mut req = handle.rule().add();
+        *req.message_mut() = rule(self.priority + 50, LOCAL);
+        req.execute().await.map_err(|e| DriverError::Netlink {
+            op: "move lookup local".into(),
+            source: e,
+        })?;
+        self.moved_local = true;
+        handle
+            .rule()
+            .del(rule(0, LOCAL))
+            .execute()
+            .await
+            .map_err(|e| DriverError::Netlink {
+                op: "move lookup local".into(),
+                source: e,
+            })
     }
 
     /// Removes everything, in reverse order, logging (not failing on) what is already gone.

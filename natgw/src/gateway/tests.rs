@@ -633,6 +633,41 @@ fn listener_flows_keep_their_backend_and_report_events() {
 }
 
 #[test]
+fn reconfigure_keeps_flows() {
+    let (mut g, now) = gw();
+    let mut p = udp(H1, 1000, SRV, 53, b"q");
+    let _ = out(&mut g, now, &mut p);
+    let mut cfg = config();
+    cfg.acl = vec![AclRule {
+        src: Some("192.168.101.11/32".parse().unwrap()),
+        ..AclRule::any(AclAction::Deny)
+    }];
+    cfg.statics.push(StaticEntry {
+        proto: Proto::Tcp,
+        public: SocketAddrV4::new(PUBLIC, 20022),
+        inside: SocketAddrV4::new(WEB, 22),
+    });
+    g.reconfigure(now, cfg.clone()).unwrap();
+    assert_eq!(g.table().len(), 1);
+    let mut p = udp(H2, 1000, SRV, 53, b"q");
+    assert_eq!(
+        out(&mut g, now, &mut p),
+        Verdict::Drop(DropReason::AclDenied)
+    );
+    let mut syn = tcp(SRV, 5, PUBLIC, 20022, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 22));
+    // Removing a forward or moving the overload address needs a restart.
+    cfg.statics.remove(0);
+    assert_eq!(g.reconfigure(now, cfg), Err(NatError::NeedsRestart));
+    let moved = GatewayConfig {
+        overload: Some(SRV2),
+        ..config()
+    };
+    assert_eq!(g.reconfigure(now, moved), Err(NatError::NeedsRestart));
+}
+
+#[test]
 fn duplicate_forwards_are_rejected() {
     let now = Instant::now();
     let mut cfg = config();
