@@ -1,8 +1,9 @@
 //! `[[service]]` in `vipgate run`, `vipgate show lb` and `vipgate lb weight`.
 //!
 //! The services run inside a natgw gateway (TUN `nat0`): each is a listener on its VIP:port
-//! whose new flows a `balance` pool spreads over the backends. On a host without `[nat]` (a
-//! director) this part starts that gateway itself, with no overload address and no port
+//! whose new flows a `balance` pool spreads over the backends. On a host with `[nat]` they
+//! join the PAT gateway the nat part started (which stops it after them); on a host without
+//! (a director) this part starts a gateway itself, with no overload address and no port
 //! forwards, and finds the interfaces from the kernel's routes: the outside interface is the
 //! one that reaches the VIPs, the inside interfaces are those that reach the backends.
 //!
@@ -22,13 +23,16 @@ use natgw::{BackendKey, GatewayConfig, VirtualService};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// What the service parts of one site share: the gateway and the health tasks.
 struct Shared {
-    driver: NatDriver,
+    driver: Arc<NatDriver>,
+    gw: SharedGateway,
+    /// Whether this part started the gateway (a director) or joined the nat part's.
+    owns_driver: bool,
     /// New health-check target lists (after a reload).
     targets: mpsc::Sender<Vec<TargetSpec<BackendKey>>>,
     tasks: Vec<JoinHandle<()>>,
@@ -40,22 +44,97 @@ struct ServicePart {
     shared: Arc<Shared>,
 }
 
-/// Starts the gateway with every `[[service]]`, the health checker and the reload watcher.
+type SharedGateway = Arc<Mutex<natgw::Gateway>>;
+
+fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
+    // As the driver does: a panic under the lock must not stop the gateway.
+    gw.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts (or joins) the gateway with every `[[service]]`, then the health checker.
 ///
 /// # Errors
-/// A host with `[nat]` (the gateway part must carry the services: not wired yet), interfaces
-/// that cannot be found, or the gateway failing to start.
+/// Interfaces that cannot be found, a service the gateway refuses (e.g. its VIP:port is
+/// also a port forward), or the gateway failing to start.
 pub(crate) async fn start(
     site: &SiteConfig,
     _ctx: &StartCtx,
 ) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    if site.nat.is_some() {
-        bail!(
-            "[[service]] together with [nat] in one file is not supported yet: run the services on a host without [nat] (a director)"
-        );
-    }
     let services: Vec<natgw::ServiceConfig> = site.service.iter().map(|s| s.to_natgw()).collect();
-    let outside = route_dev(*services[0].listen.ip()).await?;
+    let (driver, owns_driver) = match super::nat::running_gateway() {
+        Some(driver) if site.nat.is_some() => {
+            join_gateway(&driver, &services).await?;
+            (driver, false)
+        }
+        _ => (Arc::new(start_gateway(services).await?), true),
+    };
+    let gw = driver.gateway();
+    let initial = health_targets(&lock(&gw));
+    let (targets_tx, targets_rx) = mpsc::channel(4);
+    let (changes_tx, changes_rx) = mpsc::channel(64);
+    // Cannot fail: the receiver is still here.
+    let _ = targets_tx.send(initial).await;
+    let checker = tokio::spawn(run_checker(targets_rx, changes_tx));
+    let applier = tokio::spawn(apply_health(gw.clone(), changes_rx));
+    let shared = Arc::new(Shared {
+        driver,
+        gw,
+        owns_driver,
+        targets: targets_tx,
+        tasks: vec![checker, applier],
+    });
+    Ok(site
+        .service
+        .iter()
+        .map(|s| {
+            Box::new(ServicePart {
+                name: s.name.get_ref().clone(),
+                shared: shared.clone(),
+            }) as Box<dyn Part>
+        })
+        .collect())
+}
+
+/// Adds the services to the nat part's gateway (a service already there, from before a
+/// restart of this part, takes the new configuration) and makes their VIPs live.
+async fn join_gateway(driver: &NatDriver, services: &[natgw::ServiceConfig]) -> anyhow::Result<()> {
+    {
+        let gw = driver.gateway();
+        let mut gw = lock(&gw);
+        for s in services {
+            match gw.service_mut(&s.name) {
+                Some(running) if running.listen() == s.listen => running
+                    .reconfigure(s.clone())
+                    .map_err(|e| anyhow::anyhow!("service {}: {e}", s.name))?,
+                Some(_) => bail!(
+                    "service {}: moving a service to another listen address needs a restart of vipgate",
+                    s.name
+                ),
+                None => {
+                    gw.add_service(s.clone())?;
+                }
+            }
+        }
+    }
+    for s in services {
+        driver
+            .add_public_address(*s.listen.ip())
+            .await
+            .with_context(|| format!("making VIP {} live", s.listen.ip()))?;
+    }
+    tracing::info!(
+        services = services.len(),
+        "virtual services added to the PAT gateway"
+    );
+    Ok(())
+}
+
+/// A director's gateway: services only, interfaces found from the routes.
+async fn start_gateway(services: Vec<natgw::ServiceConfig>) -> anyhow::Result<NatDriver> {
+    let Some(first) = services.first() else {
+        bail!("no [[service]] to run");
+    };
+    let outside = route_dev(*first.listen.ip()).await?;
     let mut inside: Vec<String> = Vec::new();
     for s in &services {
         let out = route_dev(*s.listen.ip()).await?;
@@ -85,6 +164,7 @@ pub(crate) async fn start(
             }
         }
     }
+    let count = services.len();
     let gw_cfg = GatewayConfig {
         services,
         ..GatewayConfig::default()
@@ -92,38 +172,8 @@ pub(crate) async fn start(
     let driver = NatDriver::start(DriverConfig::new(inside.clone(), outside.clone()), gw_cfg)
         .await
         .context("starting the gateway for the virtual services")?;
-    tracing::info!(%outside, ?inside, services = site.service.len(), "virtual services running");
-
-    let initial = match driver.with(|gw, _| health_targets(gw)).await {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = driver.stop().await;
-            return Err(e.into());
-        }
-    };
-    let (targets_tx, targets_rx) = mpsc::channel(4);
-    let (changes_tx, changes_rx) = mpsc::channel(64);
-    // Cannot fail: the receiver is still here.
-    let _ = targets_tx.send(initial).await;
-    let checker = tokio::spawn(run_checker(targets_rx, changes_tx));
-    let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
-        let applier = tokio::spawn(apply_health(weak.clone(), changes_rx));
-        Shared {
-            driver,
-            targets: targets_tx,
-            tasks: vec![checker, applier],
-        }
-    });
-    Ok(site
-        .service
-        .iter()
-        .map(|s| {
-            Box::new(ServicePart {
-                name: s.name.get_ref().clone(),
-                shared: shared.clone(),
-            }) as Box<dyn Part>
-        })
-        .collect())
+    tracing::info!(%outside, ?inside, services = count, "virtual services running");
+    Ok(driver)
 }
 
 /// The interface the kernel routes `ip` through (`ip route get`).
@@ -153,53 +203,27 @@ fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
         .collect()
 }
 
-/// Applies health changes to the pools, between two packet batches.
-async fn apply_health(
-    shared: std::sync::Weak<Shared>,
-    mut changes: mpsc::Receiver<Transition<BackendKey>>,
-) {
+/// Applies health changes to the pools (between two packet batches: the loop holds the lock
+/// per batch).
+async fn apply_health(gw: SharedGateway, mut changes: mpsc::Receiver<Transition<BackendKey>>) {
     while let Some(t) = changes.recv().await {
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let key = t.key.clone();
-        let applied = shared
-            .driver
-            .with(move |gw, _| {
-                gw.service_mut(&key.service)
-                    .map(|s| s.set_health(key.backend, t.health))
-            })
-            .await;
-        if let Ok(Some(Err(e))) = applied {
+        let mut gw = lock(&gw);
+        if let Some(Err(e)) = gw
+            .service_mut(&t.key.service)
+            .map(|s| s.set_health(t.key.backend, t.health))
+        {
             tracing::debug!(target = %t.key, error = %e, "health change for a backend no longer configured");
         }
     }
 }
 
 impl ServicePart {
-    /// Runs `f` on this service inside the packet loop and waits for it.
-    fn with_service<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut VirtualService) -> R + Send + 'static,
-    ) -> anyhow::Result<R> {
-        let name = self.name.clone();
-        self.on_gateway(move |gw| gw.service_mut(&name).map(f))?
+    /// Runs `f` on this service (under the gateway lock, between two packet batches).
+    fn with_service<R>(&self, f: impl FnOnce(&mut VirtualService) -> R) -> anyhow::Result<R> {
+        lock(&self.shared.gw)
+            .service_mut(&self.name)
+            .map(f)
             .with_context(|| format!("service `{}` is not running", self.name))
-    }
-
-    /// Runs `f` on the gateway inside the packet loop and waits for it.
-    fn on_gateway<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut natgw::Gateway) -> R + Send + 'static,
-    ) -> anyhow::Result<R> {
-        let job = self.shared.driver.with(move |gw, _| f(gw));
-        // Part::status/control/reconfigure are synchronous; the daemon runs a multi-thread
-        // runtime, so this worker may block on the packet loop's answer (microseconds).
-        let handle = tokio::runtime::Handle::try_current().context("no async runtime")?;
-        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-            bail!("the lb part needs the daemon's multi-thread runtime");
-        }
-        Ok(tokio::task::block_in_place(|| handle.block_on(job))?)
     }
 }
 
@@ -254,7 +278,9 @@ impl Part for ServicePart {
     }
 
     fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
-        if site.nat.is_some() || !site.service.iter().any(|s| *s.name.get_ref() == self.name) {
+        if site.nat.is_some() == self.shared.owns_driver
+            || !site.service.iter().any(|s| *s.name.get_ref() == self.name)
+        {
             return Ok(false);
         }
         // One part applies the whole set (the gateway checks it all or nothing); the others
@@ -268,10 +294,11 @@ impl Part for ServicePart {
         }
         let services: Vec<natgw::ServiceConfig> =
             site.service.iter().map(|s| s.to_natgw()).collect();
-        let applied = self.on_gateway(move |gw| {
+        let applied = {
+            let mut gw = lock(&self.shared.gw);
             gw.reconfigure_services(services)
-                .map(|()| health_targets(gw))
-        })?;
+                .map(|()| health_targets(&gw))
+        };
         match applied {
             Ok(targets) => {
                 // The checker takes the new list on its next turn; a full channel means a
@@ -300,7 +327,11 @@ impl Part for ServicePart {
             for t in shared.tasks {
                 let _ = t.await;
             }
-            if let Err(e) = shared.driver.stop().await {
+            // A joined gateway belongs to the nat part, which stops it after this part; its
+            // listeners stay until then (the gateway has no way to remove one).
+            if shared.owns_driver
+                && let Err(e) = shared.driver.stop().await
+            {
                 tracing::warn!(service = %name, error = %e, "gateway stopped with an error");
             }
         })
