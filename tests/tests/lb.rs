@@ -477,3 +477,35 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers() {
     assert_eq!(lab.connect(80, 3, CLIENTS), ["sorry", "sorry", "sorry"]);
     drop(sorry);
 }
+
+/// On a host that also runs the PAT gateway (`[nat]`), the services join its gateway: the VIP
+/// answers, both parts show their state, and the real servers still reach the outside through
+/// the overload address.
+#[test]
+fn services_join_the_pat_gateway_of_a_nat_host() {
+    let lab = Lab::new(
+        "lb_nat",
+        2,
+        &format!(
+            "[nat]\ninside = [\"br0\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n\n{}",
+            service("wrr", "", &[(1, 1), (2, 1)])
+        ),
+    );
+    let split = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!((split.get("rs1"), split.get("rs2")), (Some(&5), Some(&5)));
+    let nat = lab
+        .t
+        .vipgate_output("dir", &["show", "nat", "--control", &lab.control]);
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    assert!(
+        nat.contains("198.51.100.10"),
+        "the VIP is one of the gateway's addresses:\n{nat}"
+    );
+    // A real server's own outbound traffic leaves through the overload address.
+    let _web = http_server(&lab.t, "cl", "198.51.100.200", 8000, "outside");
+    let seen = lab
+        .t
+        .try_sh("rs1", "curl -sS --max-time 5 http://198.51.100.200:8000/")
+        .expect("rs1 reaches the outside");
+    assert_eq!(seen.trim(), "outside");
+}
