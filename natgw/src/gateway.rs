@@ -547,7 +547,25 @@ impl Gateway {
         };
         let remote = SocketAddrV4::new(p.src, remote_port);
         let tcp_bits = translate::tcp_state_bits(flags, false);
-        let s = match self.table.session(proto, idx, public_port, remote) {
+        let mut existing = self.table.session(proto, idx, public_port, remote);
+        if let Some(old) = existing
+            && proto == Proto::Tcp
+            && translate::is_initial_syn(flags)
+            && self.table.session_closed(old)
+            && self
+                .table
+                .mapping(self.table.session_mapping(old))
+                .listener
+                .is_some()
+        {
+            // The client reuses the port of a connection that has ended (the flow lingers
+            // in its transitory state): treat it as the new connection it is, so a virtual
+            // service schedules it afresh (LVS's conn_reuse_mode) and counts stay exact.
+            let removed = self.table.remove_now(old);
+            self.report_removed(now, vec![removed]);
+            existing = None;
+        }
+        let s = match existing {
             Some(s) => s,
             None => match self.table.public_owner(proto, idx, public_port) {
                 None if hairpin => return Err(DropReason::NoSession),

@@ -659,6 +659,46 @@ mod tests {
         }
 
         #[test]
+        fn a_reused_client_port_after_close_is_scheduled_afresh() {
+            let now = epoch();
+            let (mut g, id) = setup(now);
+            let vip = SocketAddrV4::new(VIP, 80);
+            let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let (_, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+                let backend = endpoints(&syn).1;
+                seen.push(backend);
+                // Handshake, then the client resets: the flow lingers, closed.
+                assert_eq!(
+                    pass(&mut g, now, tcp(backend, c, true, true, false)).0,
+                    Verdict::Forward
+                );
+                assert_eq!(
+                    pass(&mut g, now, tcp(c, vip, false, true, false)).0,
+                    Verdict::Forward
+                );
+                assert_eq!(
+                    pass(&mut g, now, tcp(c, vip, false, true, true)).0,
+                    Verdict::Forward
+                );
+            }
+            // wrr 1:2 → rs2, rs1, rs2: each reuse of the port was scheduled.
+            assert_eq!(seen, [rs(102), rs(101), rs(102)]);
+            let pool = service(&mut g, id).pool();
+            let conns: u64 = pool.backends().map(|(_, b)| b.stats().connections).sum();
+            let live: u32 = pool
+                .backends()
+                .map(|(_, b)| b.active() + b.inactive())
+                .sum();
+            assert_eq!(
+                (conns, live),
+                (3, 1),
+                "the replaced flows were closed in the counts"
+            );
+        }
+
+        #[test]
         fn no_backend_left_refuses_new_flows() {
             let now = epoch();
             let (mut g, id) = setup(now);

@@ -613,6 +613,19 @@ impl PatTable {
         }
     }
 
+    /// Whether TCP session `s` has ended (a RST, or FINs both ways): a new SYN on its 4-tuple
+    /// is a new connection reusing the client's port.
+    pub(crate) fn session_closed(&self, s: u32) -> bool {
+        let tcp = self.sessions[s as usize].tcp;
+        tcp & RST != 0 || tcp & (FIN_OUT | FIN_IN) == (FIN_OUT | FIN_IN)
+    }
+
+    /// Removes session `s` at once (a closed connection replaced by a new one on its 4-tuple).
+    pub(crate) fn remove_now(&mut self, s: u32) -> RemovedSession {
+        self.unlink_wheel(s);
+        self.remove_session(s)
+    }
+
     /// Removes session `s` (and its mapping when that was its last session and the mapping is
     /// not permanent). The session must already be out of the wheel.
     fn remove_session(&mut self, s: u32) -> RemovedSession {
