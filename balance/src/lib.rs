@@ -42,6 +42,8 @@
 
 mod backend;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hash;
 mod lc;
 pub mod mh;

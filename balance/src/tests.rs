@@ -470,6 +470,27 @@ fn traffic_counters_add_up() {
     );
 }
 
+/// Replays the `lb_pool` fuzz corpus so CI exercises it on stable.
+#[test]
+fn fuzz_corpus_replays() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/lb_pool");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("the lb_pool corpus") {
+        let data = std::fs::read(entry.expect("a corpus entry").path()).expect("a corpus file");
+        fuzzing::run_pool_ops(test_epoch(), &data);
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus in {}", dir.display());
+}
+
+proptest! {
+    /// Arbitrary operation runs keep every invariant `run_pool_ops` checks.
+    #[test]
+    fn arbitrary_op_runs_keep_the_invariants(data in prop::collection::vec(any::<u8>(), 0..400)) {
+        fuzzing::run_pool_ops(test_epoch(), &data);
+    }
+}
+
 /// An operator or health event in a random run.
 #[derive(Debug, Clone)]
 enum Op {
