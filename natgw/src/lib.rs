@@ -31,6 +31,12 @@
 //!   ([`FlowEvent::Opened`], `Established`, `Closing`, `Closed`): enough to keep LVS-style
 //!   active/inactive connection counts per backend.
 //! - [`Gateway::selector_mut`] plus `as_any_mut` reaches a selector at run time (weights).
+//! - A selector returning `None` refuses the flow ([`DropReason::NoInsideEndpoint`]); a
+//!   backend endpoint belongs to one listener at a time ([`DropReason::InsideEndpointBusy`]).
+//! - In the driver, `driver::NatDriver::gateway` shares the core (a mutex held by the packet
+//!   loop one batch at a time) and `driver::NatDriver::add_public_address` makes a new VIP live
+//!   (route into `nat0` + proxy neighbour, or steering rules if the address is local). In the
+//!   `vipgate` binary the running driver is `parts::nat::running_gateway()`.
 #![warn(missing_docs)]
 
 pub mod acl;
