@@ -393,11 +393,12 @@ fn source_hash_and_persistence_pin_clients() {
     );
     drop(lab);
 
-    let timeout = Duration::from_secs(2);
+    // Long enough that a loaded machine (python start-up per connection) cannot outrun it.
+    let timeout = Duration::from_secs(5);
     let lab = Lab::new(
         "lb_persist",
         3,
-        &service("rr", "persistence = \"2s\"", &[(1, 1), (2, 1), (3, 1)]),
+        &service("rr", "persistence = \"5s\"", &[(1, 1), (2, 1), (3, 1)]),
     );
     let a = "198.51.100.200";
     let b = "198.51.100.201";
