@@ -51,6 +51,15 @@ ip -n "$P-lb" link add br0 type bridge
 ip -n "$P-lb" link set br0 up
 ip -n "$P-lb" addr add 10.0.0.1/24 dev br0
 x lb sysctl -qw net.ipv4.ip_forward=1
+# Tens of thousands of short connections per run wrap the client's ports; a SYN that reuses a
+# 4-tuple still in TIME_WAIT on a real server is often refused (this kernel's per-4-tuple
+# timestamps trip PAWS) and retried a second later, which collapses every mode alike after
+# the first run. Skip TIME_WAIT in these namespaces and widen the port range: the same for
+# all three load balancers.
+for n in cl lb rs1 rs2; do
+  x $n sysctl -qw net.ipv4.tcp_max_tw_buckets=0
+  x $n sysctl -qw net.ipv4.ip_local_port_range="1024 65535"
+done
 for i in 1 2; do
   ip -n "$P-rs$i" link add eth0 type veth peer name v$i netns "$P-lb"
   ip -n "$P-rs$i" addr add 10.0.0.10$i/24 dev eth0
