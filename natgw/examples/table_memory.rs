@@ -1,6 +1,7 @@
 //! Memory per translation entry at N flows (bench/nat.sh runs it): fills a gateway with N
-//! outbound UDP flows from distinct inside endpoints (one mapping and one flow each) and
-//! prints the table's own accounting and the process's RSS growth.
+//! outbound flows from distinct inside endpoints, half UDP and half TCP (one overload address
+//! has 64,512 ports per protocol), so N mappings with one flow each, and prints the table's
+//! own accounting and the process's RSS growth.
 #![allow(clippy::disallowed_methods)] // a measurement program: it reads the clock itself
 
 use std::net::Ipv4Addr;
@@ -18,12 +19,15 @@ fn rss_bytes() -> usize {
     pages * 4096
 }
 
-fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+fn packet(tcp: bool, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let mut v = Vec::new();
-    etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
-        .udp(sport, dport)
-        .write(&mut v, b"x")
-        .expect("building a packet");
+    let b = etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64);
+    let r = if tcp {
+        b.tcp(sport, dport, 1, 64240).syn().write(&mut v, b"")
+    } else {
+        b.udp(sport, dport).write(&mut v, b"x")
+    };
+    r.expect("building a packet");
     v
 }
 
@@ -42,18 +46,13 @@ fn main() {
     let mut gw = Gateway::new(now, config).expect("valid config");
     let before = rss_bytes();
     let start = Instant::now();
-    let mut created = 0usize;
-    'outer: for host in 0u32.. {
-        for port in 1024u16..=65535 {
-            if created == n {
-                break 'outer;
-            }
-            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + host);
-            let mut p = udp(src, port, Ipv4Addr::new(203, 0, 113, 7), 53);
-            if gw.handle_packet(now, Direction::Outbound, &mut p) == natgw::Verdict::Forward {
-                created += 1;
-            }
-        }
+    // 100 flows per inside host (50 TCP, 50 UDP), each from its own port: every flow is its
+    // own mapping.
+    for i in 0..n {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + (i / 100) as u32);
+        let port = 40000 + (i % 100) as u16 / 2;
+        let mut p = packet(i % 2 == 0, src, port, Ipv4Addr::new(203, 0, 113, 7), 443);
+        let _ = gw.handle_packet(now, Direction::Outbound, &mut p);
     }
     let elapsed = start.elapsed();
     let after = rss_bytes();

@@ -35,6 +35,9 @@ pub(crate) const NO_LISTENER: u16 = u16::MAX;
 /// Number of one-second wheel slots (a power of two larger than the common timeouts).
 const SLOTS: u32 = 8192;
 
+/// Ports tried before a new mapping is refused as [`DropReason::PortsExhausted`].
+const MAX_PORT_PROBES: u32 = 4096;
+
 /// Keys of the mapping index: inside endpoint → mapping, public endpoint → owner.
 const KIND_INSIDE: u64 = 0;
 const KIND_PUBLIC: u64 = 1 << 62;
@@ -372,7 +375,9 @@ impl PatTable {
         }
         let size = hi - lo + 1;
         let start = (self.next_random() % u64::from(size)) as u32;
-        (0..size)
+        // Bounded probing: a nearly full range must not cost a scan of 64k ports per new flow
+        // (that would make exhaustion a CPU attack). Past the bound the flow is refused.
+        (0..size.min(MAX_PORT_PROBES))
             .map(|i| (lo + (start + i) % size) as u16)
             .find(|p| free(self, *p))
     }
