@@ -414,7 +414,7 @@ impl Topology {
             timeout,
             &format!("{addr}:{port} to accept in {host}"),
             || {
-                self.try_sh(host, &format!("exec 3<>/dev/tcp/{addr}/{port}"))
+                self.try_sh(host, &format!("bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"))
                     .is_ok()
             },
         );
