@@ -47,7 +47,7 @@ x gw sysctl -qw net.ipv4.ip_forward=1
 
 cat > "$TMP/haproxy.cfg" <<CFG
 global
-  maxconn 20000
+  maxconn 4000
 defaults
   mode http
   timeout client 5s
@@ -57,9 +57,13 @@ frontend web
   bind 192.168.101.10:80
   http-request return status 200 content-type text/plain string "ok"
 CFG
-x in haproxy -f "$TMP/haproxy.cfg" >/dev/null 2>&1 &
+x in haproxy -f "$TMP/haproxy.cfg" > "$TMP/haproxy.log" 2>&1 &
 x out iperf3 -s -B 198.51.100.200 >/dev/null 2>&1 &
-sleep 0.5
+for _ in $(seq 50); do
+  x in bash -c 'exec 3<>/dev/tcp/192.168.101.10/80' 2>/dev/null && break
+  sleep 0.1
+done
+x in bash -c 'exec 3<>/dev/tcp/192.168.101.10/80' || { cat "$TMP/haproxy.log" >&2; exit 1; }
 
 cat > "$TMP/site.toml" <<CFG
 [daemon]
@@ -94,7 +98,7 @@ measure() { # mode, connection-rate URL
     done
     local rps
     rps=$(x out wrk -t 2 -c 32 -d "${DUR}s" -H 'Connection: close' "$url" 2>/dev/null |
-      awk '/Requests\/sec/ {print $2}')
+      awk '/Requests\/sec/ {print $2}' || true)
     record "new_conn_per_s" "$mode" "${rps:-0}"
   done
 }

@@ -196,7 +196,10 @@ fn status_json(s: &NatSnapshot) -> Value {
         "table_bytes": s.table_bytes,
         "translations": translations,
         "translations_truncated": s.translations.len() > SHOW_LIMIT,
-        "acl": s.acl.iter().map(|(r, hits)| json!({"rule": acl_text(r), "hits": hits})).collect::<Vec<_>>(),
+        // `name` (the rule's line number) makes each rule a labelled metrics series.
+        "acl": s.acl.iter().enumerate().map(|(i, (r, hits))| {
+            json!({"name": (i + 1).to_string(), "rule": acl_text(r), "hits": hits})
+        }).collect::<Vec<_>>(),
         "acl_implicit_denies": s.acl_implicit_denies,
         "counters": {
             "translated_out": s.stats.translated_out,

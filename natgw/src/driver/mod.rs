@@ -170,15 +170,26 @@ impl NatDriver {
         // Validate the core config before touching the host.
         let public = Gateway::new(now(), gw_cfg.clone())?.public_addresses();
 
-        let dev = tun_rs::DeviceBuilder::new()
-            .name(cfg.tun.clone())
-            .mtu(cfg.mtu)
-            .enable(true)
-            .build_async()
-            .map_err(|source| DriverError::OpenTun {
-                name: cfg.tun.clone(),
-                source,
-            })?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(cfg.tun.clone())
+                .mtu(cfg.mtu)
+                .offload(offload)
+                .enable(true)
+                .build_async()
+        };
+        let open_err = |source| DriverError::OpenTun {
+            name: cfg.tun.clone(),
+            source,
+        };
+        let dev = match build(cfg.offload) {
+            Ok(dev) => dev,
+            Err(e) if cfg.offload => {
+                tracing::warn!(error = %e, "TUN offload unavailable; one packet per read");
+                build(false).map_err(open_err)?
+            }
+            Err(e) => return Err(open_err(e)),
+        };
         sysctl::configure_tun(&cfg.tun)?;
 
         let (conn, handle, _) = rtnetlink::new_connection().map_err(DriverError::NetlinkSocket)?;
