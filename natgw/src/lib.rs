@@ -1,2 +1,65 @@
-//! PAT gateway (static and dynamic PAT, ACL) and LVS-NAT virtual services: sans-IO translation core and a TUN driver.
+//! PAT gateway: an ACL, static port forwards, dynamic PAT ("NAT overload") and the hooks for
+//! load-balanced virtual services, as a sans-IO core plus a TUN driver.
+//!
+//! What it does NOT do: IPv6, NAT of protocols other than TCP, UDP and ICMP (those pass
+//! untouched), reassembly (non-first fragments are dropped and counted), ALGs (FTP, SIP), port
+//! parity, or paired address pooling (there is one overload address). The core never reads a
+//! clock, sleeps or opens sockets; the `driver` feature (on by default) adds the TUN and
+//! rtnetlink side.
+//!
+//! ```text
+//!  inside host ──▶ policy routing (iif inside) ─┐
+//!                                               ├─▶ nat0 ─▶ Gateway::handle_packet ─▶ nat0 ─▶ kernel routing
+//!  outside ──▶ public address routed to nat0 ───┘      ACL → flow table → listener / dynamic PAT
+//! ```
+//!
+//! Per packet, as on a router: [`acl`] (first match wins) → an existing flow → a listener
+//! (static forward or virtual service) for new inbound flows → a new dynamic mapping for new
+//! outbound flows. Rewrites happen in place with RFC 1624 checksum updates ([`translate`]).
+//!
+//! # Building on the gateway (virtual services)
+//! - The gateway owns several public addresses: the overload address and every address a
+//!   listener uses ([`Gateway::public_addresses`]); the driver routes each into `nat0`.
+//! - A **listener** is a `(proto, public address, port)` whose new inbound flows are handed
+//!   to an [`InsideSelector`] ([`Gateway::add_listener`]). The selector's
+//!   [`InsideSelector::select`] is the single place where a new flow's inside endpoint is
+//!   decided: [`StaticForward`] always answers the same endpoint; a virtual service picks a
+//!   backend from its pool.
+//! - Each flow stores the inside endpoint chosen for it (through a per-endpoint mapping), so
+//!   a backend keeps its flows when the pool changes.
+//! - Flow life cycle is reported to the selector with [`InsideSelector::on_flow`]
+//!   ([`FlowEvent::Opened`], `Established`, `Closing`, `Closed`): enough to keep LVS-style
+//!   active/inactive connection counts per backend.
+//! - [`Gateway::selector_mut`] plus `as_any_mut` reaches a selector at run time (weights).
+//! - A selector returning `None` refuses the flow ([`DropReason::NoInsideEndpoint`]); a
+//!   backend endpoint belongs to one listener at a time ([`DropReason::InsideEndpointBusy`]).
+//! - In the driver, `driver::NatDriver::gateway` shares the core (a mutex held by the packet
+//!   loop one batch at a time) and `driver::NatDriver::add_public_address` makes a new VIP live
+//!   (route into `nat0` + proxy neighbour, or steering rules if the address is local). In the
+//!   `vipgate` binary the running driver is `parts::nat::running_gateway()`.
 #![warn(missing_docs)]
+
+pub mod acl;
+pub mod config;
+#[cfg(feature = "driver")]
+pub mod driver;
+pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
+mod gateway;
+pub mod table;
+pub mod translate;
+
+pub use acl::{Acl, AclAction, AclRule};
+pub use config::{Filtering, GatewayConfig, Proto, StaticEntry, Timeouts};
+pub use error::{DropReason, NatError};
+pub use gateway::{
+    Direction, FlowEvent, Gateway, GatewayStats, InsideSelector, Listener, ListenerId,
+    StaticForward, Verdict,
+};
+pub use table::{PatTable, Translation};
+
+// Virtual services (load balancing) and health checks.
+pub mod health;
+pub mod service;
+pub use service::{BackendKey, ServiceConfig, VirtualService};

@@ -148,6 +148,17 @@ impl Default for NatTimeouts {
     }
 }
 
+/// Inbound filtering of dynamic mappings (RFC 4787 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Filtering {
+    /// Only addresses the inside endpoint sent to may answer (default).
+    #[default]
+    AddressDependent,
+    /// Anyone may send to an existing mapping ("full cone").
+    EndpointIndependent,
+}
+
 /// `[nat]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -170,12 +181,33 @@ pub(crate) struct NatSection {
     /// Idle timeouts.
     #[serde(default)]
     pub(crate) timeouts: NatTimeouts,
-    /// ACL, evaluated before NAT; first match wins; no match = permit.
+    /// ACL, evaluated before NAT on every packet; first match wins. No match: permitted, except
+    /// packets from the inside when the list has a `permit` rule (IOS implicit deny).
     #[serde(default)]
     pub(crate) acl: Vec<AclSection>,
     /// Static port forwards.
     #[serde(default, rename = "static")]
     pub(crate) statics: Vec<StaticSection>,
+    /// Inbound filtering of dynamic mappings. Default `address-dependent`.
+    #[serde(default)]
+    pub(crate) filtering: Filtering,
+    /// Inside networks besides the subnets of the inside interfaces (routed LANs behind
+    /// them): their packets to a public address are hairpinned, not treated as inbound.
+    #[serde(default)]
+    pub(crate) inside_networks: Vec<Ipv4Net>,
+    /// Routing table of the steering routes. Default 4787.
+    #[serde(default = "default_table")]
+    pub(crate) table: Spanned<u32>,
+    /// First `ip rule` priority used (up to +62). Default 100.
+    #[serde(default = "default_rule_priority")]
+    pub(crate) rule_priority: u32,
+}
+
+fn default_table() -> Spanned<u32> {
+    Spanned::new(0..0, 4787)
+}
+fn default_rule_priority() -> u32 {
+    100
 }
 
 fn default_port_range() -> PortRange {
@@ -234,6 +266,12 @@ impl NatSection {
                     format!("timeouts.{name} must be at least {min}s (RFC 4787/5382/5508)"),
                 );
             }
+        }
+        if matches!(*self.table.get_ref(), 0 | 253..=255) {
+            v.error_at(
+                &self.table,
+                format!("table {} is reserved by the kernel", self.table.get_ref()),
+            );
         }
         if self.inside.iter().any(|i| i == self.outside.get_ref()) {
             v.error_at(

@@ -266,8 +266,3 @@ impl Running {
             .collect()
     }
 }
-
-/// Error of a capability whose issue has not landed yet (honest, never pretends to work).
-pub(crate) fn not_built_yet(what: &str) -> anyhow::Error {
-    anyhow::anyhow!("{what} is not built yet in this version of vipgate")
-}

@@ -1,20 +1,362 @@
-//! `vipgate run` / `show nat` for this capability.
+//! `vipgate run` / `show nat` / `nat clear` for the PAT gateway (crate `natgw`).
+//!
+//! Parts built on the gateway (virtual services) reach the running driver through
+//! [`running_gateway`]: it is started before them and stopped after them.
 
-use super::{Part, StartCtx, not_built_yet};
+use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
+use crate::config::nat::{AclAction, Filtering, NatSection, Proto as CfgProto};
+use anyhow::Context;
+use natgw::driver::{DriverConfig, NatDriver, NatSnapshot};
+use natgw::{AclRule, DropReason, GatewayConfig, Proto, StaticEntry, Timeouts};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::net::SocketAddrV4;
+use std::sync::{Arc, Mutex};
 
-/// Starts this capability's parts.
-///
-/// # Errors
-/// Always, until the capability lands.
-pub(crate) async fn start(
-    _site: &SiteConfig,
-    _ctx: &StartCtx,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    Err(not_built_yet("nat"))
+/// At most this many translations go into one `show nat` answer.
+const SHOW_LIMIT: usize = 65_536;
+
+/// The gateway of this process while the nat part runs.
+static RUNNING: Mutex<Option<Arc<NatDriver>>> = Mutex::new(None);
+
+/// The running PAT gateway, for parts built on it (virtual services add listeners to its
+/// core with `driver.gateway().lock()` and make VIPs live with `add_public_address`).
+pub(crate) fn running_gateway() -> Option<Arc<NatDriver>> {
+    RUNNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
 }
 
-/// Human text for `vipgate show nat`.
-pub(crate) fn render(items: &[serde_json::Value]) -> String {
-    items.iter().map(|i| format!("{i}\n")).collect()
+fn proto(p: CfgProto) -> Proto {
+    match p {
+        CfgProto::Tcp => Proto::Tcp,
+        CfgProto::Udp => Proto::Udp,
+        CfgProto::Icmp => Proto::Icmp,
+    }
+}
+
+/// The core's config from `[nat]`.
+pub(crate) fn gateway_config(nat: &NatSection, seed: u64) -> GatewayConfig {
+    let t = &nat.timeouts;
+    GatewayConfig {
+        overload: Some(nat.address),
+        inside_networks: nat.inside_networks.clone(),
+        acl: nat
+            .acl
+            .iter()
+            .map(|r| AclRule {
+                action: match r.action {
+                    AclAction::Permit => natgw::AclAction::Permit,
+                    AclAction::Deny => natgw::AclAction::Deny,
+                },
+                src: r.src,
+                dst: r.dst,
+                proto: r.proto.map(proto),
+                src_ports: r.src_port.map(|p| p.first..=p.last),
+                dst_ports: r
+                    .dst_port
+                    .as_ref()
+                    .map(|p| p.get_ref().first..=p.get_ref().last),
+            })
+            .collect(),
+        statics: nat
+            .statics
+            .iter()
+            .map(|s| StaticEntry {
+                proto: proto(*s.proto.get_ref()),
+                public: SocketAddrV4::new(
+                    s.address.unwrap_or(nat.address),
+                    *s.outside_port.get_ref(),
+                ),
+                inside: s.inside,
+            })
+            .collect(),
+        timeouts: Timeouts {
+            udp: t.udp.get_ref().0,
+            tcp_established: t.tcp_established.get_ref().0,
+            tcp_transitory: t.tcp_transitory.get_ref().0,
+            icmp: t.icmp.get_ref().0,
+        },
+        max_mappings: *nat.max_mappings.get_ref() as usize,
+        max_per_host: *nat.max_mappings_per_host.get_ref() as usize,
+        port_range: nat.ports.first..=nat.ports.last,
+        filtering: match nat.filtering {
+            Filtering::AddressDependent => natgw::Filtering::AddressDependent,
+            Filtering::EndpointIndependent => natgw::Filtering::EndpointIndependent,
+        },
+        seed,
+        compensate_ttl: true,
+        // Virtual services are added by the lb part (parts::lb), which starts after this one.
+        services: Vec::new(),
+    }
+}
+
+/// A fresh seed for port randomisation and hash keys (RFC 6056: unpredictable ports).
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read as _;
+        let _ = f.read_exact(&mut b);
+    }
+    u64::from_ne_bytes(b) ^ u64::from(std::process::id())
+}
+
+/// Starts the gateway described by `[nat]`.
+///
+/// # Errors
+/// Kernel settings, interfaces, TUN or netlink problems, with what to fix.
+pub(crate) async fn start(
+    site: &SiteConfig,
+    _ctx: &StartCtx,
+) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    let Some(nat) = &site.nat else {
+        return Ok(Vec::new());
+    };
+    let driver_cfg = DriverConfig {
+        table: *nat.table.get_ref(),
+        priority: nat.rule_priority,
+        ..DriverConfig::new(nat.inside.clone(), nat.outside.get_ref().clone())
+    };
+    let driver = NatDriver::start(driver_cfg, gateway_config(nat, random_seed()))
+        .await
+        .context("starting the PAT gateway")?;
+    let driver = Arc::new(driver);
+    *RUNNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(driver.clone());
+    Ok(vec![Box::new(NatPart {
+        driver,
+        started: nat.clone(),
+    })])
+}
+
+struct NatPart {
+    driver: Arc<NatDriver>,
+    /// The `[nat]` the part was started with (to tell live changes from restarts).
+    started: NatSection,
+}
+
+fn acl_text(r: &AclRule) -> String {
+    let mut s = String::from(match r.action {
+        natgw::AclAction::Permit => "permit",
+        natgw::AclAction::Deny => "deny",
+    });
+    if let Some(p) = r.proto {
+        let _ = write!(s, " {p}");
+    }
+    let ports = |r: &Option<std::ops::RangeInclusive<u16>>| match r {
+        Some(r) if r.start() == r.end() => format!(" port {}", r.start()),
+        Some(r) => format!(" ports {}-{}", r.start(), r.end()),
+        None => String::new(),
+    };
+    let _ = write!(
+        s,
+        " src {}{} dst {}{}",
+        r.src.map_or("any".into(), |n| n.to_string()),
+        ports(&r.src_ports),
+        r.dst.map_or("any".into(), |n| n.to_string()),
+        ports(&r.dst_ports)
+    );
+    s
+}
+
+fn status_json(s: &NatSnapshot) -> Value {
+    let translations: Vec<Value> = s
+        .translations
+        .iter()
+        .take(SHOW_LIMIT)
+        .map(|t| {
+            json!({
+                "proto": t.proto.name(),
+                "inside_local": t.inside.to_string(),
+                "inside_global": t.public.to_string(),
+                "outside": t.outside.to_string(),
+                "state": match (t.proto, t.established) {
+                    (Proto::Tcp, true) => "established",
+                    (Proto::Tcp, false) => "transitory",
+                    _ => "active",
+                },
+                "expires_in_s": t.expires_in.as_secs(),
+                "static": t.listener.is_some(),
+            })
+        })
+        .collect();
+    let drops: serde_json::Map<String, Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.name().to_owned(), json!(s.stats.dropped(*r))))
+        .collect();
+    json!({
+        "name": "nat",
+        "public_addresses": s.public_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "flows": s.flows,
+        "mappings": s.mappings,
+        "capacity": s.capacity,
+        "table_bytes": s.table_bytes,
+        "translations": translations,
+        "translations_truncated": s.translations.len() > SHOW_LIMIT,
+        // `name` (the rule's line number) makes each rule a labelled metrics series.
+        "acl": s.acl.iter().enumerate().map(|(i, (r, hits))| {
+            json!({"name": (i + 1).to_string(), "rule": acl_text(r), "hits": hits})
+        }).collect::<Vec<_>>(),
+        "acl_implicit_denies": s.acl_implicit_denies,
+        "counters": {
+            "translated_out": s.stats.translated_out,
+            "translated_in": s.stats.translated_in,
+            "hairpinned": s.stats.hairpinned,
+            "icmp_errors": s.stats.icmp_errors,
+            "passed_through": s.stats.passed_through,
+            "flows_created": s.stats.flows_created,
+            "flows_removed": s.stats.flows_removed,
+        },
+        "drops": drops,
+    })
+}
+
+impl Part for NatPart {
+    fn kind(&self) -> Kind {
+        Kind::Nat
+    }
+
+    fn name(&self) -> String {
+        "nat".into()
+    }
+
+    fn status(&self) -> Value {
+        status_json(&self.driver.snapshot())
+    }
+
+    fn control(&self, op: &str, _args: &Value) -> anyhow::Result<Value> {
+        match op {
+            "clear" => Ok(json!({ "cleared": self.driver.clear() })),
+            _ => anyhow::bail!("nat does not support `{op}` (try `clear`)"),
+        }
+    }
+
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+        let Some(nat) = &site.nat else {
+            return Ok(false);
+        };
+        if nat.inside != self.started.inside
+            || nat.outside.get_ref() != self.started.outside.get_ref()
+            || *nat.table.get_ref() != *self.started.table.get_ref()
+            || nat.rule_priority != self.started.rule_priority
+        {
+            // Steering (interfaces, table, rules) is installed at start: restart.
+            return Ok(false);
+        }
+        match self.driver.reconfigure(gateway_config(nat, random_seed())) {
+            Ok(()) => Ok(true),
+            Err(natgw::driver::DriverError::Config(natgw::NatError::NeedsRestart)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(async move {
+            RUNNING
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Err(e) = self.driver.stop().await {
+                tracing::warn!(error = %e, "the nat packet loop had failed");
+            }
+        })
+    }
+}
+
+/// Human text for `vipgate show nat`, in the layout of IOS `show ip nat translations`.
+pub(crate) fn render(items: &[Value]) -> String {
+    let mut out = String::new();
+    for it in items {
+        let str_of = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8}",
+            "Pro",
+            "Inside global",
+            "Inside local",
+            "Outside local",
+            "Outside global",
+            "State",
+            "Expires"
+        );
+        for t in it["translations"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>7}s",
+                str_of(&t["proto"]),
+                str_of(&t["inside_global"]),
+                str_of(&t["inside_local"]),
+                str_of(&t["outside"]),
+                str_of(&t["outside"]),
+                str_of(&t["state"]),
+                t["expires_in_s"].as_u64().unwrap_or(0),
+            );
+        }
+        if it["translations_truncated"].as_bool() == Some(true) {
+            let _ = writeln!(
+                out,
+                "... (first {SHOW_LIMIT} shown; --json has the same limit)"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nTable: {} flows, {} mappings, limit {}, {} KiB",
+            it["flows"],
+            it["mappings"],
+            it["capacity"],
+            it["table_bytes"].as_u64().unwrap_or(0) / 1024
+        );
+        let addrs: Vec<String> = it["public_addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(str_of)
+            .collect();
+        let _ = writeln!(out, "Public addresses: {}", addrs.join(", "));
+        let _ = writeln!(out, "ACL (first match wins):");
+        for (i, r) in it["acl"].as_array().into_iter().flatten().enumerate() {
+            let _ = writeln!(
+                out,
+                "  {:>3} {:<60} ({} matches)",
+                i + 1,
+                str_of(&r["rule"]),
+                r["hits"]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "      implicit deny of inside traffic ({} matches)",
+            it["acl_implicit_denies"]
+        );
+        let c = &it["counters"];
+        let _ = writeln!(
+            out,
+            "Packets: translated out {}, in {}, hairpinned {}, icmp errors {}, passed through {}",
+            c["translated_out"],
+            c["translated_in"],
+            c["hairpinned"],
+            c["icmp_errors"],
+            c["passed_through"]
+        );
+        let drops: Vec<String> = it["drops"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "Drops: {}",
+            if drops.is_empty() {
+                "none".into()
+            } else {
+                drops.join(", ")
+            }
+        );
+    }
+    out
 }

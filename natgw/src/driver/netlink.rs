@@ -1,0 +1,355 @@
+//! Routing that steers traffic through `nat0`, installed and removed with rtnetlink.
+//!
+//! ```text
+//! pref P+0..   iif OUTSIDE to PUB/32 ipproto tcp|udp|icmp lookup T   (PUB assigned locally)
+//! pref P+10..  iif INSIDE to PUB/32 lookup T                          (hairpin to a local PUB)
+//! pref P+50    lookup local                                           (moved from pref 0)
+//! pref P+60    iif INSIDE lookup T suppress_prefixlength 0            (outside subnets)
+//! pref P+61    iif INSIDE lookup main suppress_prefixlength 0         (other LANs, tunnels)
+//! pref P+62    iif INSIDE lookup T                                    (the default route)
+//! table T:     default dev nat0; each outside subnet dev nat0
+//! main:        PUB/32 dev nat0 + proxy neighbour on OUTSIDE           (PUB not assigned)
+//! ```
+//! A public address assigned to an interface (the router's own address used for overload)
+//! would be delivered locally before any routing, hence the rules for it and the move of the
+//! `local` lookup behind them; packets nobody translates are passed back and reach the
+//! kernel's own sockets. Traffic from the inside only goes to `nat0` where the main table
+//! would have used the default route or an outside subnet, so routes to other LANs (a GRE
+//! tunnel) stay untranslated.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::neighbour::{NeighbourFlags, NeighbourMessage};
+use rtnetlink::packet_route::route::RouteMessage;
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::{AddressFamily, IpProtocol};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use super::DriverError;
+
+const MAIN: u32 = 254;
+const LOCAL: u32 = 255;
+
+/// What to install.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) tun: String,
+    pub(crate) inside: Vec<String>,
+    pub(crate) outside: String,
+    pub(crate) table: u32,
+    pub(crate) priority: u32,
+    pub(crate) public: Vec<Ipv4Addr>,
+}
+
+/// Everything installed, so that [`Installed::remove`] can undo it in reverse order.
+#[derive(Debug, Default)]
+pub(crate) struct Installed {
+    rules: Vec<RuleMessage>,
+    routes: Vec<RouteMessage>,
+    neighbours: Vec<NeighbourMessage>,
+    moved_local: bool,
+    priority: u32,
+    tun: u32,
+    outside: u32,
+    outside_name: String,
+    inside_names: Vec<String>,
+    table: u32,
+    /// Addresses assigned to interfaces of this namespace.
+    local: Vec<Ipv4Addr>,
+    /// Public addresses made live so far, in order.
+    publics: Vec<Ipv4Addr>,
+}
+
+pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32, DriverError> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| DriverError::Netlink {
+            op: format!("find interface {name}"),
+            source: e,
+        })?;
+    link.map(|l| l.header.index)
+        .ok_or_else(|| DriverError::NoInterface(name.to_owned()))
+}
+
+/// IPv4 prefixes configured on each interface: `(ifindex, prefix)`.
+pub(crate) async fn addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Net)>, DriverError> {
+    let mut out = Vec::new();
+    let mut stream = handle.address().get().execute();
+    while let Some(msg) = stream.try_next().await.map_err(|e| DriverError::Netlink {
+        op: "list addresses".into(),
+        source: e,
+    })? {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Local(IpAddr::V4(a)) = attr
+                && let Ok(net) = Ipv4Net::new(*a, msg.header.prefix_len)
+            {
+                out.push((msg.header.index, net));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn rule(priority: u32, table: u32) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.action = RuleAction::ToTable;
+    if table < 256 {
+        m.header.table = table as u8;
+    }
+    m.attributes.push(RuleAttribute::Priority(priority));
+    m.attributes.push(RuleAttribute::Table(table));
+    m
+}
+
+impl Installed {
+    async fn add_rule(
+        &mut self,
+        handle: &Handle,
+        m: RuleMessage,
+        what: &str,
+    ) -> Result<(), DriverError> {
+        let mut req = handle.rule().add();
+        *req.message_mut() = m.clone();
+        req.execute().await.map_err(|e| DriverError::Netlink {
+            op: format!("add rule {what}"),
+            source: e,
+        })?;
+        self.rules.push(m);
+        Ok(())
+    }
+
+    async fn add_route(
+        &mut self,
+        handle: &Handle,
+        m: RouteMessage,
+        what: &str,
+    ) -> Result<(), DriverError> {
+        handle
+            .route()
+            .add(m.clone())
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| DriverError::Netlink {
+                op: format!("add route {what}"),
+                source: e,
+            })?;
+        self.routes.push(m);
+        Ok(())
+    }
+
+    /// Installs the plan. On error, whatever was installed is removed again.
+    pub(crate) async fn install(
+        handle: &Handle,
+        plan: &Plan,
+    ) -> Result<(Installed, Vec<Ipv4Net>), DriverError> {
+        let mut done = Installed {
+            priority: plan.priority,
+            ..Default::default()
+        };
+        match done.install_inner(handle, plan).await {
+            Ok(inside_nets) => Ok((done, inside_nets)),
+            Err(e) => {
+                done.remove(handle).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn install_inner(
+        &mut self,
+        handle: &Handle,
+        plan: &Plan,
+    ) -> Result<Vec<Ipv4Net>, DriverError> {
+        let tun = link_index(handle, &plan.tun).await?;
+        let outside = link_index(handle, &plan.outside).await?;
+        let mut inside = Vec::new();
+        for name in &plan.inside {
+            inside.push(link_index(handle, name).await?);
+        }
+        let addrs = addresses(handle).await?;
+        let inside_nets: Vec<Ipv4Net> = addrs
+            .iter()
+            .filter(|(i, _)| inside.contains(i))
+            .map(|(_, n)| n.trunc())
+            .collect();
+        let outside_nets: Vec<Ipv4Net> = addrs
+            .iter()
+            .filter(|(i, _)| *i == outside)
+            .map(|(_, n)| n.trunc())
+            .collect();
+        let local: Vec<Ipv4Addr> = addrs.iter().map(|(_, n)| n.addr()).collect();
+
+        let t = plan.table;
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(t)
+            .output_interface(tun)
+            .build();
+        self.add_route(handle, default, "default dev nat0").await?;
+        for net in &outside_nets {
+            let r = RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(t)
+                .destination_prefix(net.addr(), net.prefix_len())
+                .output_interface(tun)
+                .build();
+            self.add_route(handle, r, &format!("{net} dev nat0"))
+                .await?;
+        }
+
+        self.tun = tun;
+        self.outside = outside;
+        self.outside_name = plan.outside.clone();
+        self.inside_names = plan.inside.clone();
+        self.table = plan.table;
+        self.local = local;
+        for addr in &plan.public {
+            self.add_public(handle, *addr).await?;
+        }
+        let p = plan.priority;
+        for name in &plan.inside {
+            let mut a = rule(p + 60, t);
+            a.attributes.push(RuleAttribute::Iifname(name.clone()));
+            a.attributes.push(RuleAttribute::SuppressPrefixLen(0));
+            self.add_rule(handle, a, &format!("iif {name} outside subnets"))
+                .await?;
+            let mut b = rule(p + 61, MAIN);
+            b.attributes.push(RuleAttribute::Iifname(name.clone()));
+            b.attributes.push(RuleAttribute::SuppressPrefixLen(0));
+            self.add_rule(handle, b, &format!("iif {name} main routes"))
+                .await?;
+            let mut c = rule(p + 62, t);
+            c.attributes.push(RuleAttribute::Iifname(name.clone()));
+            self.add_rule(handle, c, &format!("iif {name} default"))
+                .await?;
+        }
+        Ok(inside_nets)
+    }
+
+    /// Makes one more public address live: rules steering it into the TUN when it is assigned
+    /// to an interface here, otherwise a route into the TUN plus a proxy neighbour entry on the
+    /// outside link.
+    pub(crate) async fn add_public(
+        &mut self,
+        handle: &Handle,
+        addr: Ipv4Addr,
+    ) -> Result<(), DriverError> {
+        if self.publics.contains(&addr) {
+            return Ok(());
+        }
+        let i = self.publics.len() as u32;
+        let (p, t) = (self.priority, self.table);
+        if self.local.contains(&addr) {
+            for proto in [IpProtocol::Tcp, IpProtocol::Udp, IpProtocol::Icmp] {
+                let mut m = rule(p + i.min(9), t);
+                m.header.dst_len = 32;
+                m.attributes
+                    .push(RuleAttribute::Destination(IpAddr::V4(addr)));
+                m.attributes
+                    .push(RuleAttribute::Iifname(self.outside_name.clone()));
+                m.attributes.push(RuleAttribute::IpProtocol(proto));
+                let what = format!("iif {} to {addr}", self.outside_name);
+                self.add_rule(handle, m, &what).await?;
+            }
+            for name in self.inside_names.clone() {
+                let mut m = rule(p + 10 + i.min(9), t);
+                m.header.dst_len = 32;
+                m.attributes
+                    .push(RuleAttribute::Destination(IpAddr::V4(addr)));
+                m.attributes.push(RuleAttribute::Iifname(name.clone()));
+                self.add_rule(handle, m, &format!("iif {name} to {addr}"))
+                    .await?;
+            }
+        } else {
+            let r = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(addr, 32)
+                .output_interface(self.tun)
+                .build();
+            self.add_route(handle, r, &format!("{addr}/32 dev nat0"))
+                .await?;
+            let mut req = handle.neighbours().add(self.outside, IpAddr::V4(addr));
+            req.message_mut().header.flags = NeighbourFlags::Proxy;
+            let msg = req.message_mut().clone();
+            req.replace()
+                .execute()
+                .await
+                .map_err(|e| DriverError::Netlink {
+                    op: format!("add proxy neighbour {addr} dev {}", self.outside_name),
+                    source: e,
+                })?;
+            self.neighbours.push(msg);
+        }
+        if self.local.contains(&addr) {
+            self.move_local(handle).await?;
+        }
+        self.publics.push(addr);
+        Ok(())
+    }
+
+    /// Moves `lookup local` from pref 0 behind the steering rules (once). The moved rule is
+    /// added before the original is deleted, so local delivery never disappears.
+    async fn move_local(&mut self, handle: &Handle) -> Result<(), DriverError> {
+        if self.moved_local {
+            return Ok(());
+        }
+        let mut req = handle.rule().add();
+        *req.message_mut() = rule(self.priority + 50, LOCAL);
+        req.execute().await.map_err(|e| DriverError::Netlink {
+            op: "move lookup local".into(),
+            source: e,
+        })?;
+        self.moved_local = true;
+        handle
+            .rule()
+            .del(rule(0, LOCAL))
+            .execute()
+            .await
+            .map_err(|e| DriverError::Netlink {
+                op: "move lookup local".into(),
+                source: e,
+            })
+    }
+
+    /// Removes everything, in reverse order, logging (not failing on) what is already gone.
+    pub(crate) async fn remove(&mut self, handle: &Handle) {
+        if self.moved_local {
+            let mut req = handle.rule().add();
+            *req.message_mut() = rule(0, LOCAL);
+            if let Err(e) = req.execute().await {
+                tracing::warn!(error = %e, "restoring `lookup local` at pref 0");
+            }
+            if let Err(e) = handle
+                .rule()
+                .del(rule(self.priority + 50, LOCAL))
+                .execute()
+                .await
+            {
+                tracing::warn!(error = %e, "removing moved `lookup local`");
+            }
+            self.moved_local = false;
+        }
+        for m in self.rules.drain(..).rev() {
+            if let Err(e) = handle.rule().del(m).execute().await {
+                tracing::warn!(error = %e, "removing rule");
+            }
+        }
+        for m in self.neighbours.drain(..).rev() {
+            if let Err(e) = handle.neighbours().del(m).execute().await {
+                tracing::warn!(error = %e, "removing proxy neighbour");
+            }
+        }
+        for m in self.routes.drain(..).rev() {
+            if let Err(e) = handle.route().del(m).execute().await {
+                tracing::warn!(error = %e, "removing route");
+            }
+        }
+    }
+}

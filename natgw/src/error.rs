@@ -1,0 +1,108 @@
+//! Errors of the gateway: configuration problems ([`NatError`]) and the reasons a packet is
+//! dropped ([`DropReason`], counted, never propagated).
+
+use std::net::SocketAddrV4;
+
+use crate::config::Proto;
+
+/// A configuration the core cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatError {
+    /// Two forwards (or a forward and a service) claim the same public endpoint.
+    #[error("{proto} {public} is forwarded twice")]
+    DuplicatePublic {
+        /// Protocol of the clash.
+        proto: Proto,
+        /// The public endpoint claimed twice.
+        public: SocketAddrV4,
+    },
+    /// Two forwards point at the same inside endpoint (its replies could not be told apart).
+    #[error("{proto} {inside} is the inside endpoint of two forwards")]
+    DuplicateInside {
+        /// Protocol of the clash.
+        proto: Proto,
+        /// The inside endpoint used twice.
+        inside: SocketAddrV4,
+    },
+    /// More than 255 public addresses.
+    #[error("too many public addresses (at most 255)")]
+    TooManyPublicAddresses,
+    /// Only TCP and UDP ports can be forwarded.
+    #[error("only tcp and udp can be forwarded, not {0}")]
+    UnforwardableProto(Proto),
+    /// The change needs a restart of the gateway (overload address changed, or a static
+    /// forward was removed or changed).
+    #[error("this change cannot be applied to a running gateway")]
+    NeedsRestart,
+    /// The dynamic port range is empty.
+    #[error("the dynamic port range is empty")]
+    EmptyPortRange,
+    /// A virtual service's pool configuration was rejected, or a reload asked for a change
+    /// that needs a restart.
+    #[error("service {name}: {reason}")]
+    Service {
+        /// The service.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+macro_rules! drop_reasons {
+    ($($(#[doc = $doc:literal])* $name:ident => $text:literal,)*) => {
+        /// Why a packet was dropped. Each reason has a counter in [`crate::GatewayStats`].
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum DropReason {
+            $($(#[doc = $doc])* $name,)*
+        }
+
+        impl DropReason {
+            /// Every reason, in counter order.
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
+
+            /// Stable snake_case name (used in `show nat` and metrics).
+            #[must_use]
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(DropReason::$name => $text,)*
+                }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// Not a well-formed IPv4 packet (bad version, lengths, or transport header).
+    Malformed => "malformed",
+    /// An ICMP error with a bad checksum, or whose quoted packet is unusable (RFC 5508 REQ-3).
+    BadIcmpError => "bad_icmp_error",
+    /// Denied by an ACL rule or the ACL's implicit deny.
+    AclDenied => "acl_denied",
+    /// A non-first fragment: it carries no ports, and the gateway does not reassemble.
+    Fragment => "fragment",
+    /// Inbound to a dynamic mapping from an address the inside endpoint never sent to
+    /// (address-dependent filtering).
+    Filtered => "filtered",
+    /// Inbound or ICMP error that matches no flow.
+    NoSession => "no_session",
+    /// A TCP segment other than SYN tried to open a flow through a forward.
+    NotSyn => "not_syn",
+    /// The table is at `max_mappings`: new flows are refused.
+    TableFull => "table_full",
+    /// The inside host is at its per-host limit.
+    HostLimit => "host_limit",
+    /// No free public port.
+    PortsExhausted => "ports_exhausted",
+    /// The listener had no inside endpoint to offer (e.g. every backend down).
+    NoInsideEndpoint => "no_inside_endpoint",
+    /// The chosen inside endpoint is already mapped for another listener.
+    InsideEndpointBusy => "inside_endpoint_busy",
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

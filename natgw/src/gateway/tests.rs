@@ -1,0 +1,828 @@
+//! Unit and property tests of the gateway core, on packets built with etherparse.
+// Tests pick an arbitrary epoch; the core itself never reads the clock.
+#![allow(clippy::disallowed_methods)]
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::TimeExceededCode};
+use proptest::prelude::*;
+
+use super::*;
+use crate::acl::AclAction;
+use crate::config::Timeouts;
+use crate::translate::l4_checksum_ok;
+
+const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const H1: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 10);
+const H2: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 11);
+const WEB: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 101);
+const SRV: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+const SRV2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+
+fn config() -> GatewayConfig {
+    GatewayConfig {
+        overload: Some(PUBLIC),
+        inside_networks: vec!["192.168.101.0/24".parse().unwrap()],
+        statics: vec![
+            StaticEntry {
+                proto: Proto::Tcp,
+                public: SocketAddrV4::new(PUBLIC, 8001),
+                inside: SocketAddrV4::new(WEB, 80),
+            },
+            StaticEntry {
+                proto: Proto::Udp,
+                public: SocketAddrV4::new(PUBLIC, 5353),
+                inside: SocketAddrV4::new(WEB, 53),
+            },
+        ],
+        compensate_ttl: false,
+        ..GatewayConfig::default()
+    }
+}
+
+fn gw() -> (Gateway, Instant) {
+    let now = Instant::now();
+    (Gateway::new(now, config()).unwrap(), now)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Syn,
+    SynAck,
+    Ack,
+    Fin,
+    Rst,
+}
+
+fn tcp(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ipv4(src.octets(), dst.octets(), 64).tcp(sp, dp, 1000, 64240);
+    let b = match kind {
+        Kind::Syn => b.syn(),
+        Kind::SynAck => b.syn().ack(1),
+        Kind::Ack => b.ack(1),
+        Kind::Fin => b.fin().ack(1),
+        Kind::Rst => b.rst(),
+    };
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn udp(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .udp(sp, dp)
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+fn echo(src: Ipv4Addr, dst: Ipv4Addr, id: u16, request: bool) -> Vec<u8> {
+    let b = PacketBuilder::ipv4(src.octets(), dst.octets(), 64);
+    let b = if request {
+        b.icmpv4_echo_request(id, 7)
+    } else {
+        b.icmpv4_echo_reply(id, 7)
+    };
+    let mut v = Vec::new();
+    b.write(&mut v, b"ping").unwrap();
+    v
+}
+
+fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4(Icmpv4Type::TimeExceeded(
+            TimeExceededCode::TtlExceededInTransit,
+        ))
+        .write(&mut v, &quoted[..quoted.len().min(28)])
+        .unwrap();
+    v
+}
+
+fn src(b: &[u8]) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(b[12], b[13], b[14], b[15]),
+        u16::from_be_bytes([b[20], b[21]]),
+    )
+}
+fn dst(b: &[u8]) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(b[16], b[17], b[18], b[19]),
+        u16::from_be_bytes([b[22], b[23]]),
+    )
+}
+
+/// The reply to a packet as its receiver would send it: addresses and ports swapped.
+/// (One's-complement sums are commutative, so every checksum stays valid.)
+fn swap(b: &mut [u8]) {
+    let (a, c) = b.split_at_mut(16);
+    a[12..16].swap_with_slice(&mut c[..4]);
+    let ihl = usize::from(b[0] & 0xf) * 4;
+    if b[9] != 1 {
+        let (x, y) = b[ihl..ihl + 4].split_at_mut(2);
+        x.swap_with_slice(y);
+    }
+}
+
+fn ip_ok(b: &[u8]) -> bool {
+    let ihl = usize::from(b[0] & 0xf) * 4;
+    netutil::checksum::checksum(&b[..ihl]) == 0
+}
+
+fn out(g: &mut Gateway, now: Instant, b: &mut [u8]) -> Verdict {
+    g.handle_packet(now, Direction::Outbound, b)
+}
+fn inb(g: &mut Gateway, now: Instant, b: &mut [u8]) -> Verdict {
+    g.handle_packet(now, Direction::Inbound, b)
+}
+
+#[test]
+fn tcp_overload_round_trip_preserves_port() {
+    let (mut g, now) = gw();
+    let orig = tcp(H1, 40000, SRV, 80, Kind::Syn, b"");
+    let mut p = orig.clone();
+    assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
+    assert_eq!(src(&p), SocketAddrV4::new(PUBLIC, 40000));
+    assert_eq!(dst(&p), SocketAddrV4::new(SRV, 80));
+    assert!(ip_ok(&p) && l4_checksum_ok(&p));
+    let mut reply = tcp(SRV, 80, PUBLIC, 40000, Kind::SynAck, b"");
+    assert_eq!(inb(&mut g, now, &mut reply), Verdict::Forward);
+    assert_eq!(dst(&reply), SocketAddrV4::new(H1, 40000));
+    assert!(ip_ok(&reply) && l4_checksum_ok(&reply));
+    let t = g.translations(now);
+    assert_eq!(t.len(), 1);
+    assert!(t[0].established);
+    assert_eq!(t[0].inside, SocketAddrV4::new(H1, 40000));
+}
+
+#[test]
+fn port_collision_picks_random_port_in_range() {
+    let (mut g, now) = gw();
+    let mut a = udp(H1, 5000, SRV, 53, b"q");
+    let mut b = udp(H2, 5000, SRV, 53, b"q");
+    assert_eq!(out(&mut g, now, &mut a), Verdict::Forward);
+    assert_eq!(out(&mut g, now, &mut b), Verdict::Forward);
+    assert_eq!(src(&a).port(), 5000);
+    let pb = src(&b).port();
+    assert_ne!(pb, 5000);
+    assert!(pb >= 1024);
+    assert!(l4_checksum_ok(&b));
+    // Low ports are never preserved outside the range (REQ-4: stay out of 0-1023 here).
+    let mut c = udp(H2, 123, SRV, 123, b"ntp");
+    assert_eq!(out(&mut g, now, &mut c), Verdict::Forward);
+    assert!(src(&c).port() >= 1024);
+}
+
+#[test]
+fn endpoint_independent_mapping() {
+    let (mut g, now) = gw();
+    let mut a = udp(H1, 6000, SRV, 3478, b"x");
+    let mut b = udp(H1, 6000, SRV2, 3478, b"x");
+    let _ = out(&mut g, now, &mut a);
+    let _ = out(&mut g, now, &mut b);
+    assert_eq!(src(&a), src(&b));
+    assert_eq!(g.translations(now).len(), 2);
+}
+
+#[test]
+fn address_dependent_filtering() {
+    let (mut g, now) = gw();
+    let mut a = udp(H1, 6000, SRV, 3478, b"x");
+    let _ = out(&mut g, now, &mut a);
+    let public = src(&a);
+    // A stranger is filtered.
+    let mut stranger = udp(SRV2, 3478, *public.ip(), public.port(), b"y");
+    assert_eq!(
+        inb(&mut g, now, &mut stranger),
+        Verdict::Drop(DropReason::Filtered)
+    );
+    assert_eq!(g.stats().dropped(DropReason::Filtered), 1);
+    // The contacted address from another port is allowed (address-dependent).
+    let mut other_port = udp(SRV, 9999, *public.ip(), public.port(), b"y");
+    assert_eq!(inb(&mut g, now, &mut other_port), Verdict::Forward);
+    assert_eq!(dst(&other_port), SocketAddrV4::new(H1, 6000));
+    // Endpoint-independent filtering lets the stranger in.
+    let mut eif = Gateway::new(
+        now,
+        GatewayConfig {
+            filtering: Filtering::EndpointIndependent,
+            ..config()
+        },
+    )
+    .unwrap();
+    let mut a = udp(H1, 6000, SRV, 3478, b"x");
+    let _ = out(&mut eif, now, &mut a);
+    let mut stranger = udp(SRV2, 3478, PUBLIC, src(&a).port(), b"y");
+    assert_eq!(inb(&mut eif, now, &mut stranger), Verdict::Forward);
+}
+
+#[test]
+fn unsolicited_inbound_passes_to_gateway_untouched() {
+    let (mut g, now) = gw();
+    let orig = tcp(SRV, 50000, PUBLIC, 22, Kind::Syn, b"");
+    let mut p = orig.clone();
+    assert_eq!(inb(&mut g, now, &mut p), Verdict::Forward);
+    assert_eq!(p, orig);
+    assert_eq!(g.stats().passed_through, 1);
+    assert!(g.table().is_empty());
+}
+
+#[test]
+fn static_forward_both_directions() {
+    let (mut g, now) = gw();
+    let mut syn = tcp(SRV, 50000, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
+    assert_eq!(src(&syn), SocketAddrV4::new(SRV, 50000));
+    assert!(ip_ok(&syn) && l4_checksum_ok(&syn));
+    let mut synack = tcp(WEB, 80, SRV, 50000, Kind::SynAck, b"");
+    assert_eq!(out(&mut g, now, &mut synack), Verdict::Forward);
+    assert_eq!(src(&synack), SocketAddrV4::new(PUBLIC, 8001));
+    assert!(l4_checksum_ok(&synack));
+    // A stray ACK to the forward (no flow) does not open one.
+    let mut stray = tcp(SRV2, 1234, PUBLIC, 8001, Kind::Ack, b"");
+    assert_eq!(
+        inb(&mut g, now, &mut stray),
+        Verdict::Drop(DropReason::NotSyn)
+    );
+    // UDP forwards open on any datagram.
+    let mut q = udp(SRV2, 999, PUBLIC, 5353, b"dns");
+    assert_eq!(inb(&mut g, now, &mut q), Verdict::Forward);
+    assert_eq!(dst(&q), SocketAddrV4::new(WEB, 53));
+}
+
+#[test]
+fn hairpin_uses_external_source() {
+    let (mut g, now) = gw();
+    let mut syn = tcp(H1, 41000, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(g.direction(&syn), Direction::Outbound);
+    assert_eq!(out(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
+    assert_eq!(src(&syn), SocketAddrV4::new(PUBLIC, 41000));
+    assert!(ip_ok(&syn) && l4_checksum_ok(&syn));
+    let mut reply = tcp(WEB, 80, PUBLIC, 41000, Kind::SynAck, b"");
+    assert_eq!(out(&mut g, now, &mut reply), Verdict::Forward);
+    assert_eq!(src(&reply), SocketAddrV4::new(PUBLIC, 8001));
+    assert_eq!(dst(&reply), SocketAddrV4::new(H1, 41000));
+    assert!(l4_checksum_ok(&reply));
+    assert_eq!(g.stats().hairpinned, 2);
+    // To the gateway's own address on a port nobody forwards: untouched.
+    let orig = tcp(H1, 41001, PUBLIC, 22, Kind::Syn, b"");
+    let mut ssh = orig.clone();
+    assert_eq!(out(&mut g, now, &mut ssh), Verdict::Forward);
+    assert_eq!(ssh, orig);
+}
+
+#[test]
+fn icmp_echo_query_id() {
+    let (mut g, now) = gw();
+    let mut a = echo(H1, SRV, 77, true);
+    let mut b = echo(H2, SRV, 77, true);
+    let _ = out(&mut g, now, &mut a);
+    let _ = out(&mut g, now, &mut b);
+    let id_a = u16::from_be_bytes([a[24], a[25]]);
+    let id_b = u16::from_be_bytes([b[24], b[25]]);
+    assert_eq!(id_a, 77);
+    assert_ne!(id_b, 77);
+    assert!(l4_checksum_ok(&a) && l4_checksum_ok(&b));
+    let mut reply = echo(SRV, PUBLIC, id_b, false);
+    assert_eq!(inb(&mut g, now, &mut reply), Verdict::Forward);
+    assert_eq!(
+        Ipv4Addr::from([reply[16], reply[17], reply[18], reply[19]]),
+        H2
+    );
+    assert_eq!(u16::from_be_bytes([reply[24], reply[25]]), 77);
+    assert!(l4_checksum_ok(&reply));
+    // A ping to the gateway itself passes to the kernel.
+    let orig = echo(SRV, PUBLIC, 5, true);
+    let mut p = orig.clone();
+    assert_eq!(inb(&mut g, now, &mut p), Verdict::Forward);
+    assert_eq!(p, orig);
+}
+
+#[test]
+fn icmp_error_inbound_restores_quoted_packet() {
+    let (mut g, now) = gw();
+    let mut probe = udp(H2, 5000, SRV, 33434, b"trace");
+    let mut first = udp(H1, 5000, SRV, 33434, b"trace");
+    let _ = out(&mut g, now, &mut first);
+    let _ = out(&mut g, now, &mut probe); // gets a random port
+    let router = Ipv4Addr::new(198, 51, 100, 254);
+    let mut err = icmp_error(router, PUBLIC, &probe);
+    assert_eq!(inb(&mut g, now, &mut err), Verdict::Forward);
+    assert_eq!(Ipv4Addr::from([err[16], err[17], err[18], err[19]]), H2);
+    assert_eq!(Ipv4Addr::from([err[12], err[13], err[14], err[15]]), router);
+    let q = &err[28..];
+    assert_eq!(src(q), SocketAddrV4::new(H2, 5000));
+    assert_eq!(dst(q), SocketAddrV4::new(SRV, 33434));
+    assert!(ip_ok(&err) && ip_ok(q));
+    assert_eq!(netutil::checksum::checksum(&err[20..]), 0);
+    assert_eq!(g.stats().icmp_errors, 1);
+    // An error about nothing we know, quoting a dynamic port: dropped.
+    let mut stale = udp(PUBLIC, src(&probe).port(), SRV2, 1, b"x");
+    netutil::checksum::put16(&mut stale, 10, 0);
+    let c = netutil::checksum::checksum(&stale[..20]);
+    netutil::checksum::put16(&mut stale, 10, c);
+    let mut err2 = icmp_error(router, PUBLIC, &stale);
+    assert_eq!(
+        inb(&mut g, now, &mut err2),
+        Verdict::Drop(DropReason::NoSession)
+    );
+    // A corrupted error is dropped (RFC 5508 REQ-3a).
+    let mut bad = icmp_error(router, PUBLIC, &probe);
+    bad[22] ^= 0xff;
+    assert_eq!(
+        inb(&mut g, now, &mut bad),
+        Verdict::Drop(DropReason::BadIcmpError)
+    );
+}
+
+#[test]
+fn icmp_error_outbound_hides_inside_address() {
+    let (mut g, now) = gw();
+    let mut q = udp(SRV2, 999, PUBLIC, 5353, b"dns");
+    let _ = inb(&mut g, now, &mut q); // now SRV2:999 -> WEB:53
+    let mut err = icmp_error(WEB, SRV2, &q);
+    assert_eq!(out(&mut g, now, &mut err), Verdict::Forward);
+    assert_eq!(Ipv4Addr::from([err[12], err[13], err[14], err[15]]), PUBLIC);
+    assert_eq!(dst(&err[28..]), SocketAddrV4::new(PUBLIC, 5353));
+    assert_eq!(netutil::checksum::checksum(&err[20..]), 0);
+    assert!(ip_ok(&err) && ip_ok(&err[28..]));
+}
+
+#[test]
+fn table_bound_and_per_host_limit() {
+    let now = Instant::now();
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            max_mappings: 10,
+            max_per_host: 6,
+            ..config()
+        },
+    )
+    .unwrap();
+    for port in 0..6 {
+        let mut p = udp(H1, 10000 + port, SRV, 53, b"q");
+        assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
+    }
+    let mut p = udp(H1, 20000, SRV, 53, b"q");
+    assert_eq!(
+        out(&mut g, now, &mut p),
+        Verdict::Drop(DropReason::HostLimit)
+    );
+    for port in 0..4 {
+        let mut p = udp(H2, 10000 + port, SRV, 53, b"q");
+        assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
+    }
+    let mut p = udp(H2, 20000, SRV, 53, b"q");
+    assert_eq!(
+        out(&mut g, now, &mut p),
+        Verdict::Drop(DropReason::TableFull)
+    );
+    let mut syn = tcp(SRV, 1, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(
+        inb(&mut g, now, &mut syn),
+        Verdict::Drop(DropReason::TableFull)
+    );
+    // Existing flows keep working.
+    let mut p = udp(H1, 10000, SRV, 53, b"again");
+    assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
+    assert_eq!(g.table().len(), 10);
+    // Refused flows leave no mapping behind.
+    assert_eq!(g.table().mappings(), 10 + 2);
+}
+
+#[test]
+fn expiry_by_timer_wheel() {
+    let now = Instant::now();
+    let timeouts = Timeouts {
+        udp: Duration::from_secs(30),
+        tcp_established: Duration::from_secs(600),
+        tcp_transitory: Duration::from_secs(20),
+        icmp: Duration::from_secs(10),
+    };
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            timeouts,
+            ..config()
+        },
+    )
+    .unwrap();
+    assert_eq!(g.poll_timeout(), None);
+    let mut u = udp(H1, 7000, SRV, 53, b"q");
+    let _ = out(&mut g, now, &mut u);
+    let mut s = tcp(H1, 7001, SRV, 80, Kind::Syn, b"");
+    let _ = out(&mut g, now, &mut s);
+    let mut sa = tcp(SRV, 80, PUBLIC, 7001, Kind::SynAck, b"");
+    let _ = inb(&mut g, now, &mut sa);
+    let mut e = echo(H1, SRV, 3, true);
+    let _ = out(&mut g, now, &mut e);
+    assert_eq!(g.table().len(), 3);
+    let step = |g: &mut Gateway, secs: u64| {
+        let t = now + Duration::from_secs(secs);
+        while let Some(d) = g.poll_timeout() {
+            if d > t {
+                break;
+            }
+            g.handle_timeout(t);
+        }
+    };
+    step(&mut g, 12);
+    assert_eq!(g.table().len(), 2, "icmp gone after 10 s");
+    // Refresh the UDP flow at 25 s: it lives until 55 s.
+    let mut u = udp(H1, 7000, SRV, 53, b"q");
+    let _ = out(&mut g, now + Duration::from_secs(25), &mut u);
+    step(&mut g, 40);
+    assert_eq!(g.table().len(), 2);
+    step(&mut g, 57);
+    assert_eq!(g.table().len(), 1, "udp gone; established tcp stays");
+    // FIN both ways: transitory timeout.
+    let mut f = tcp(H1, 7001, SRV, 80, Kind::Fin, b"");
+    let _ = out(&mut g, now + Duration::from_secs(60), &mut f);
+    let mut f2 = tcp(SRV, 80, PUBLIC, 7001, Kind::Fin, b"");
+    let _ = inb(&mut g, now + Duration::from_secs(60), &mut f2);
+    step(&mut g, 79);
+    assert_eq!(g.table().len(), 1);
+    step(&mut g, 82);
+    assert!(g.table().is_empty());
+    assert_eq!(g.poll_timeout(), None);
+    assert_eq!(g.table().mappings(), 2, "only the static mappings are left");
+    assert_eq!(g.stats().flows_removed, 3);
+}
+
+#[test]
+fn long_timeouts_survive_wheel_laps() {
+    let now = Instant::now();
+    let mut g = Gateway::new(now, config()).unwrap();
+    let mut s = tcp(H1, 7001, SRV, 80, Kind::Syn, b"");
+    let _ = out(&mut g, now, &mut s);
+    let mut sa = tcp(SRV, 80, PUBLIC, 7001, Kind::SynAck, b"");
+    let _ = inb(&mut g, now, &mut sa);
+    // 2 h 4 min default; jump in big steps.
+    for secs in [3000, 6000, 7000, 7439] {
+        g.handle_timeout(now + Duration::from_secs(secs));
+        assert_eq!(g.table().len(), 1, "still there at {secs}");
+    }
+    g.handle_timeout(now + Duration::from_secs(7441));
+    assert!(g.table().is_empty());
+}
+
+#[test]
+fn acl_deny_is_counted() {
+    let now = Instant::now();
+    let acl = vec![
+        AclRule {
+            src: Some("192.168.101.11/32".parse().unwrap()),
+            ..AclRule::any(AclAction::Deny)
+        },
+        AclRule {
+            src: Some("198.51.100.66/32".parse().unwrap()),
+            ..AclRule::any(AclAction::Deny)
+        },
+        AclRule {
+            src: Some("192.168.101.0/24".parse().unwrap()),
+            ..AclRule::any(AclAction::Permit)
+        },
+    ];
+    let mut g = Gateway::new(now, GatewayConfig { acl, ..config() }).unwrap();
+    let mut p = udp(H2, 1, SRV, 53, b"q");
+    assert_eq!(
+        out(&mut g, now, &mut p),
+        Verdict::Drop(DropReason::AclDenied)
+    );
+    let mut p = udp(H1, 1, SRV, 53, b"q");
+    assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
+    let mut p = tcp(
+        Ipv4Addr::new(198, 51, 100, 66),
+        1,
+        PUBLIC,
+        8001,
+        Kind::Syn,
+        b"",
+    );
+    assert_eq!(
+        inb(&mut g, now, &mut p),
+        Verdict::Drop(DropReason::AclDenied)
+    );
+    let mut p = udp(Ipv4Addr::new(10, 1, 1, 1), 1, SRV, 53, b"q");
+    assert_eq!(
+        out(&mut g, now, &mut p),
+        Verdict::Drop(DropReason::AclDenied)
+    );
+    let hits: Vec<u64> = g.acl_rules().map(|(_, h)| h).collect();
+    assert_eq!(hits, vec![1, 1, 1]);
+    assert_eq!(g.acl_implicit_denies(), 1);
+    assert_eq!(g.stats().dropped(DropReason::AclDenied), 3);
+}
+
+#[test]
+fn clear_removes_dynamic_keeps_static() {
+    let (mut g, now) = gw();
+    let mut p = udp(H1, 1, SRV, 53, b"q");
+    let _ = out(&mut g, now, &mut p);
+    let mut syn = tcp(SRV, 50000, PUBLIC, 8001, Kind::Syn, b"");
+    let _ = inb(&mut g, now, &mut syn);
+    assert_eq!(g.clear(now), 2);
+    assert!(g.table().is_empty());
+    let mut syn = tcp(SRV, 50001, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
+}
+
+#[test]
+fn ttl_compensation() {
+    let now = Instant::now();
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            compensate_ttl: true,
+            ..config()
+        },
+    )
+    .unwrap();
+    let mut p = udp(H1, 1, SRV, 53, b"q");
+    let _ = out(&mut g, now, &mut p);
+    assert_eq!(p[8], 65);
+    assert!(ip_ok(&p));
+}
+
+/// A selector that spreads flows over two backends and records the events it sees.
+#[derive(Debug, Default)]
+struct TwoBackends {
+    next: usize,
+    events: Vec<(SocketAddrV4, FlowEvent)>,
+}
+
+impl InsideSelector for TwoBackends {
+    fn select(&mut self, _now: Instant, _client: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.next += 1;
+        Some(SocketAddrV4::new(
+            Ipv4Addr::new(10, 0, 0, 100 + (self.next % 2) as u8),
+            8080,
+        ))
+    }
+    fn on_flow(
+        &mut self,
+        _now: Instant,
+        inside: SocketAddrV4,
+        _client: SocketAddrV4,
+        event: FlowEvent,
+    ) {
+        self.events.push((inside, event));
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+#[test]
+fn listener_flows_keep_their_backend_and_report_events() {
+    let (mut g, now) = gw();
+    let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
+    let id = g
+        .add_listener(Proto::Tcp, vip, Box::<TwoBackends>::default())
+        .unwrap();
+    assert!(g.public_addresses().contains(vip.ip()));
+    let mut c1 = tcp(SRV, 1001, *vip.ip(), 80, Kind::Syn, b"");
+    let mut c2 = tcp(SRV, 1002, *vip.ip(), 80, Kind::Syn, b"");
+    assert_eq!(g.direction(&c1), Direction::Inbound);
+    let _ = inb(&mut g, now, &mut c1);
+    let _ = inb(&mut g, now, &mut c2);
+    let b1 = dst(&c1);
+    let b2 = dst(&c2);
+    assert_ne!(b1, b2);
+    // Replies from each backend go back as the VIP.
+    let mut r1 = tcp(*b1.ip(), 8080, SRV, 1001, Kind::SynAck, b"");
+    assert_eq!(out(&mut g, now, &mut r1), Verdict::Forward);
+    assert_eq!(src(&r1), vip);
+    // Later packets of flow 1 stay on backend 1.
+    let mut d1 = tcp(SRV, 1001, *vip.ip(), 80, Kind::Ack, b"data");
+    let _ = inb(&mut g, now, &mut d1);
+    assert_eq!(dst(&d1), b1);
+    assert_eq!(g.listeners()[usize::from(id.0)].flows_opened, 2);
+    g.clear(now);
+    let sel = g
+        .selector_mut(id)
+        .unwrap()
+        .as_any_mut()
+        .downcast_mut::<TwoBackends>()
+        .unwrap();
+    let events: Vec<FlowEvent> = sel
+        .events
+        .iter()
+        .filter(|(i, _)| *i == b1)
+        .map(|(_, e)| *e)
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            FlowEvent::Opened,
+            FlowEvent::Established,
+            FlowEvent::Closed {
+                was_established: true
+            }
+        ]
+    );
+}
+
+#[test]
+fn reconfigure_keeps_flows() {
+    let (mut g, now) = gw();
+    let mut p = udp(H1, 1000, SRV, 53, b"q");
+    let _ = out(&mut g, now, &mut p);
+    let mut cfg = config();
+    cfg.acl = vec![AclRule {
+        src: Some("192.168.101.11/32".parse().unwrap()),
+        ..AclRule::any(AclAction::Deny)
+    }];
+    cfg.statics.push(StaticEntry {
+        proto: Proto::Tcp,
+        public: SocketAddrV4::new(PUBLIC, 20022),
+        inside: SocketAddrV4::new(WEB, 22),
+    });
+    g.reconfigure(now, cfg.clone()).unwrap();
+    assert_eq!(g.table().len(), 1);
+    let mut p = udp(H2, 1000, SRV, 53, b"q");
+    assert_eq!(
+        out(&mut g, now, &mut p),
+        Verdict::Drop(DropReason::AclDenied)
+    );
+    let mut syn = tcp(SRV, 5, PUBLIC, 20022, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 22));
+    // Removing a forward or moving the overload address needs a restart.
+    cfg.statics.remove(0);
+    assert_eq!(g.reconfigure(now, cfg), Err(NatError::NeedsRestart));
+    let moved = GatewayConfig {
+        overload: Some(SRV2),
+        ..config()
+    };
+    assert_eq!(g.reconfigure(now, moved), Err(NatError::NeedsRestart));
+}
+
+#[test]
+fn duplicate_forwards_are_rejected() {
+    let now = Instant::now();
+    let mut cfg = config();
+    cfg.statics.push(cfg.statics[0]);
+    assert!(Gateway::new(now, cfg).is_err());
+}
+
+#[test]
+fn fragments_and_other_protocols() {
+    let (mut g, now) = gw();
+    let mut frag = udp(H1, 1, SRV, 53, &[0u8; 64]);
+    frag[6] = 0x00;
+    frag[7] = 0x10; // offset 128 bytes
+    netutil::checksum::put16(&mut frag, 10, 0);
+    let c = netutil::checksum::checksum(&frag[..20]);
+    netutil::checksum::put16(&mut frag, 10, c);
+    assert_eq!(
+        out(&mut g, now, &mut frag),
+        Verdict::Drop(DropReason::Fragment)
+    );
+    let mut gre = udp(H1, 1, SRV, 53, b"x");
+    gre[9] = 47;
+    let orig = gre.clone();
+    assert_eq!(out(&mut g, now, &mut gre), Verdict::Forward);
+    assert_eq!(gre, orig);
+    let mut short = vec![0x45, 0, 0];
+    assert_eq!(
+        out(&mut g, now, &mut short),
+        Verdict::Drop(DropReason::Malformed)
+    );
+}
+
+/// Replays the fuzz corpus (fuzz/corpus/nat_gateway) so CI exercises it on stable.
+#[test]
+fn fuzz_corpus_replays() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/nat_gateway");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let data = std::fs::read(e.path()).unwrap();
+        crate::fuzzing::run_gateway(Instant::now(), &data);
+    }
+}
+
+fn arb_packet() -> impl Strategy<Value = (u8, [u8; 4], u16, [u8; 4], u16, Vec<u8>, u8)> {
+    (
+        0u8..4,
+        any::<[u8; 4]>(),
+        any::<u16>(),
+        any::<[u8; 4]>(),
+        any::<u16>(),
+        proptest::collection::vec(any::<u8>(), 0..64),
+        0u8..5,
+    )
+}
+
+proptest! {
+    /// Outbound translation followed by the reply's inbound translation gives back exactly the
+    /// reply the inside host expects, with valid checksums all along.
+    #[test]
+    fn translate_then_reverse_is_identity(
+        (kind, host, sport, remote, dport, payload, flags) in arb_packet(),
+    ) {
+        let now = Instant::now();
+        let mut g = Gateway::new(now, GatewayConfig { inside_networks: vec![], ..config() }).unwrap();
+        let inside = Ipv4Addr::new(192, 168, 101, host[3]);
+        let remote = Ipv4Addr::from(remote);
+        prop_assume!(remote != PUBLIC && !remote.is_unspecified());
+        let sport = sport.max(1);
+        let orig = match kind {
+            0 => tcp(inside, sport, remote, dport, [Kind::Syn, Kind::SynAck, Kind::Ack, Kind::Fin, Kind::Rst][usize::from(flags)], &payload),
+            1 => udp(inside, sport, remote, dport, &payload),
+            2 => { let mut u = udp(inside, sport, remote, dport, &payload); netutil::checksum::put16(&mut u, 26, 0); u }
+            _ => echo(inside, remote, sport, true),
+        };
+        let mut p = orig.clone();
+        prop_assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
+        prop_assert!(ip_ok(&p) && l4_checksum_ok(&p));
+        prop_assert_eq!(Ipv4Addr::from([p[12], p[13], p[14], p[15]]), PUBLIC);
+        let mut reply = p.clone();
+        swap(&mut reply);
+        if kind == 3 {
+            // Echo request -> reply: type 8 -> 0, checksum adjusted.
+            reply[20] = 0;
+            let c = netutil::checksum::adjust16(netutil::checksum::get16(&reply, 22), 0x0800, 0x0000);
+            netutil::checksum::put16(&mut reply, 22, c);
+        }
+        let v = inb(&mut g, now, &mut reply);
+        prop_assert_eq!(v, Verdict::Forward);
+        let mut expected = orig.clone();
+        swap(&mut expected);
+        if kind == 3 {
+            expected[20] = 0;
+            let c = netutil::checksum::adjust16(netutil::checksum::get16(&expected, 22), 0x0800, 0x0000);
+            netutil::checksum::put16(&mut expected, 22, c);
+        }
+        prop_assert!(ip_ok(&reply) && l4_checksum_ok(&reply));
+        // Checksum words may differ only in the 0x0000/0xffff representation.
+        let norm = |b: &mut Vec<u8>| {
+            let ihl = usize::from(b[0] & 0xf) * 4;
+            let at = match b[9] { 6 => ihl + 16, 17 => ihl + 6, _ => ihl + 2 };
+            if netutil::checksum::get16(b, at) == 0xffff && b[9] != 17 { netutil::checksum::put16(b, at, 0); }
+        };
+        let (mut a, mut b) = (reply.clone(), expected.clone());
+        norm(&mut a);
+        norm(&mut b);
+        prop_assert_eq!(a, b);
+    }
+
+    /// Arbitrary bytes never panic the gateway, in either direction.
+    #[test]
+    fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+        crate::fuzzing::run_gateway(Instant::now(), &data);
+    }
+
+    /// Near-valid packets (valid IPv4 header, random rest) never panic either.
+    #[test]
+    fn mutated_packets_never_panic(
+        (kind, host, sport, remote, dport, payload, _f) in arb_packet(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        inbound in any::<bool>(),
+    ) {
+        let now = Instant::now();
+        let mut g = Gateway::new(now, config()).unwrap();
+        let mut p = match kind {
+            0 => tcp(Ipv4Addr::from(host), sport, Ipv4Addr::from(remote), dport, Kind::Syn, &payload),
+            1 => udp(Ipv4Addr::from(host), sport, PUBLIC, dport, &payload),
+            2 => icmp_error(Ipv4Addr::from(remote), PUBLIC, &udp(PUBLIC, sport, Ipv4Addr::from(remote), dport, &payload)),
+            _ => echo(Ipv4Addr::from(host), Ipv4Addr::from(remote), sport, true),
+        };
+        for (i, v) in flips {
+            let at = i.index(p.len());
+            p[at] = v;
+        }
+        let dir = if inbound { Direction::Inbound } else { Direction::Outbound };
+        let _ = g.handle_packet(now, dir, &mut p);
+    }
+
+    /// However many flows are attempted, the table never exceeds its bound, and expiry
+    /// always brings it back to empty.
+    #[test]
+    fn table_stays_bounded(
+        flows in proptest::collection::vec((any::<u8>(), any::<u16>(), any::<u8>(), any::<u16>()), 1..300),
+        max in 1usize..64,
+    ) {
+        let now = Instant::now();
+        let mut g = Gateway::new(now, GatewayConfig { max_mappings: max, max_per_host: max, ..config() }).unwrap();
+        for (h, sp, r, dp) in flows {
+            let mut p = udp(Ipv4Addr::new(192, 168, 101, h), sp, Ipv4Addr::new(203, 0, 113, r), dp, b"x");
+            let _ = out(&mut g, now, &mut p);
+            prop_assert!(g.table().len() <= max);
+        }
+        g.handle_timeout(now + Duration::from_secs(301));
+        prop_assert!(g.table().is_empty());
+        prop_assert_eq!(g.table().mappings(), 2);
+    }
+}

@@ -1,0 +1,381 @@
+//! In-place IPv4/TCP/UDP/ICMP rewriting with incremental checksums (RFC 1624).
+//!
+//! Parsing uses etherparse (which has no mutable slices): it validates the headers and
+//! gives the fields; the rewrite then patches bytes at known offsets in the caller's buffer
+//! and adjusts every checksum that covers them. Nothing here allocates.
+//!
+//! Invariant: every `set_*` keeps each checksum it touches as valid (or as invalid) as it was,
+//! and a UDP checksum of zero ("none", RFC 768) stays zero.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{Icmpv4Slice, Ipv4HeaderSlice, Ipv4Slice, TcpHeaderSlice, UdpHeaderSlice};
+use netutil::checksum::{adjust16, checksum, get16, put16};
+
+use crate::config::Proto;
+use crate::error::DropReason;
+
+pub(crate) const IP_TTL: usize = 8;
+pub(crate) const IP_CSUM: usize = 10;
+pub(crate) const IP_SRC: usize = 12;
+pub(crate) const IP_DST: usize = 16;
+
+pub(crate) const ICMP_ECHO_REPLY: u8 = 0;
+pub(crate) const ICMP_DEST_UNREACH: u8 = 3;
+pub(crate) const ICMP_ECHO_REQUEST: u8 = 8;
+pub(crate) const ICMP_TIME_EXCEEDED: u8 = 11;
+pub(crate) const ICMP_PARAM_PROBLEM: u8 = 12;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// The transport part of a parsed packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// Echo request or reply: `id` is the query identifier (RFC 5508 "query ID").
+    IcmpEcho {
+        request: bool,
+        id: u16,
+    },
+    /// Destination unreachable, time exceeded or parameter problem: carries a quoted packet.
+    IcmpError,
+    /// Other ICMP messages, other protocols: not translated.
+    Untranslatable,
+    /// A fragment past the first: no transport header.
+    LaterFragment,
+}
+
+/// The fields of a validated IPv4 packet the gateway works with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Parsed {
+    pub(crate) ihl: usize,
+    pub(crate) len: usize,
+    pub(crate) src: Ipv4Addr,
+    pub(crate) dst: Ipv4Addr,
+    pub(crate) l4: L4,
+}
+
+impl Parsed {
+    pub(crate) fn proto(&self) -> Option<Proto> {
+        match self.l4 {
+            L4::Tcp { .. } => Some(Proto::Tcp),
+            L4::Udp { .. } => Some(Proto::Udp),
+            L4::IcmpEcho { .. } | L4::IcmpError => Some(Proto::Icmp),
+            L4::Untranslatable | L4::LaterFragment => None,
+        }
+    }
+
+    pub(crate) fn ports(&self) -> (Option<u16>, Option<u16>) {
+        match self.l4 {
+            L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (Some(sport), Some(dport)),
+            _ => (None, None),
+        }
+    }
+}
+
+/// TCP flag bits as the table's state bits for one direction.
+pub(crate) fn tcp_state_bits(flags: u8, outbound: bool) -> u8 {
+    use crate::table::{FIN_IN, FIN_OUT, RST, SYN_IN, SYN_OUT};
+    let mut bits = 0;
+    if flags & TCP_RST != 0 {
+        bits |= RST;
+    }
+    if flags & TCP_SYN != 0 {
+        bits |= if outbound { SYN_OUT } else { SYN_IN };
+    }
+    if flags & TCP_FIN != 0 {
+        bits |= if outbound { FIN_OUT } else { FIN_IN };
+    }
+    bits
+}
+
+/// A SYN without ACK: the only segment allowed to open a flow through a forward.
+pub(crate) fn is_initial_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+}
+
+/// Validates `buf` as an IPv4 packet and extracts what translation needs.
+pub(crate) fn parse(buf: &[u8]) -> Result<Parsed, DropReason> {
+    let ip = Ipv4Slice::from_slice(buf).map_err(|_| DropReason::Malformed)?;
+    let h = ip.header();
+    let ihl = h.slice().len();
+    let len = usize::from(h.total_len());
+    let l4_bytes = &buf[ihl..len];
+    let l4 = if u16::from(h.fragments_offset()) != 0 {
+        L4::LaterFragment
+    } else {
+        match h.protocol().0 {
+            6 => {
+                let t = TcpHeaderSlice::from_slice(l4_bytes).map_err(|_| DropReason::Malformed)?;
+                L4::Tcp {
+                    sport: t.source_port(),
+                    dport: t.destination_port(),
+                    flags: l4_bytes[13],
+                }
+            }
+            17 => {
+                let u = UdpHeaderSlice::from_slice(l4_bytes).map_err(|_| DropReason::Malformed)?;
+                L4::Udp {
+                    sport: u.source_port(),
+                    dport: u.destination_port(),
+                }
+            }
+            1 => {
+                let icmp = Icmpv4Slice::from_slice(l4_bytes).map_err(|_| DropReason::Malformed)?;
+                match icmp.type_u8() {
+                    t @ (ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY) => L4::IcmpEcho {
+                        request: t == ICMP_ECHO_REQUEST,
+                        id: get16(l4_bytes, 4),
+                    },
+                    ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM => L4::IcmpError,
+                    _ => L4::Untranslatable,
+                }
+            }
+            _ => L4::Untranslatable,
+        }
+    };
+    Ok(Parsed {
+        ihl,
+        len,
+        src: h.source_addr(),
+        dst: h.destination_addr(),
+        l4,
+    })
+}
+
+/// Where the checksums covering a rewritten word are.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    at: usize,
+    /// A UDP checksum: zero means "none" and stays zero; a computed zero is sent as 0xffff.
+    udp: bool,
+}
+
+/// Writes one 16-bit word and adjusts the checksums that cover it.
+fn set16(buf: &mut [u8], at: usize, new: u16, checks: &[Check]) {
+    let old = get16(buf, at);
+    if old == new {
+        return;
+    }
+    put16(buf, at, new);
+    for c in checks {
+        let cur = get16(buf, c.at);
+        if c.udp && cur == 0 {
+            continue;
+        }
+        let mut next = adjust16(cur, old, new);
+        if c.udp && next == 0 {
+            next = 0xffff;
+        }
+        put16(buf, c.at, next);
+    }
+}
+
+fn set_addr(buf: &mut [u8], at: usize, addr: Ipv4Addr, checks: &[Check]) {
+    let o = addr.octets();
+    set16(buf, at, u16::from_be_bytes([o[0], o[1]]), checks);
+    set16(buf, at + 2, u16::from_be_bytes([o[2], o[3]]), checks);
+}
+
+/// The checksums covering the IP addresses of the (outer or quoted) packet at `ip`: its header
+/// checksum and, for TCP/UDP, the transport checksum (pseudo-header) when it is present.
+fn addr_checks(buf: &[u8], ip: usize, ihl: usize, proto: u8, out: &mut [Check; 2]) -> usize {
+    out[0] = Check {
+        at: ip + IP_CSUM,
+        udp: false,
+    };
+    let l4 = ip + ihl;
+    match proto {
+        6 if buf.len() >= l4 + 18 => {
+            out[1] = Check {
+                at: l4 + 16,
+                udp: false,
+            };
+            2
+        }
+        17 if buf.len() >= l4 + 8 => {
+            out[1] = Check {
+                at: l4 + 6,
+                udp: true,
+            };
+            2
+        }
+        _ => 1,
+    }
+}
+
+/// The checksum covering the transport ports / ICMP id of the packet at `l4`.
+fn port_check(buf: &[u8], l4: usize, proto: u8) -> Option<Check> {
+    match proto {
+        6 if buf.len() >= l4 + 18 => Some(Check {
+            at: l4 + 16,
+            udp: false,
+        }),
+        17 if buf.len() >= l4 + 8 => Some(Check {
+            at: l4 + 6,
+            udp: true,
+        }),
+        1 if buf.len() >= l4 + 4 => Some(Check {
+            at: l4 + 2,
+            udp: false,
+        }),
+        _ => None,
+    }
+}
+
+/// Which address or port of a packet to rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Src,
+    Dst,
+}
+
+/// Rewrites the source or destination address of the packet starting at `ip` (the outer
+/// packet: `ip = 0`; a quoted packet: its offset). Returns false if the header is cut short.
+pub(crate) fn set_ip(buf: &mut [u8], ip: usize, side: Side, addr: Ipv4Addr) -> bool {
+    if buf.len() < ip + 20 {
+        return false;
+    }
+    let ihl = usize::from(buf[ip] & 0x0f) * 4;
+    let proto = buf[ip + 9];
+    let mut checks = [Check { at: 0, udp: false }; 2];
+    let n = addr_checks(buf, ip, ihl, proto, &mut checks);
+    let at = ip + if side == Side::Src { IP_SRC } else { IP_DST };
+    set_addr(buf, at, addr, &checks[..n]);
+    true
+}
+
+/// Rewrites the source or destination port (TCP/UDP) or the query id (ICMP echo: `side` is
+/// ignored) of the packet whose IP header starts at `ip`.
+pub(crate) fn set_port(buf: &mut [u8], ip: usize, side: Side, port: u16) -> bool {
+    if buf.len() < ip + 20 {
+        return false;
+    }
+    let ihl = usize::from(buf[ip] & 0x0f) * 4;
+    let proto = buf[ip + 9];
+    let l4 = ip + ihl;
+    let at = match proto {
+        1 => l4 + 4,
+        _ if side == Side::Src => l4,
+        _ => l4 + 2,
+    };
+    if buf.len() < at + 2 {
+        return false;
+    }
+    match port_check(buf, l4, proto) {
+        Some(c) => set16(buf, at, port, &[c]),
+        None => set16(buf, at, port, &[]),
+    }
+    true
+}
+
+/// Adds one to the TTL (see [`crate::GatewayConfig::compensate_ttl`]); never wraps.
+pub(crate) fn bump_ttl(buf: &mut [u8]) {
+    if buf[IP_TTL] < u8::MAX {
+        let word = get16(buf, IP_TTL);
+        set16(
+            buf,
+            IP_TTL,
+            word + 0x0100,
+            &[Check {
+                at: IP_CSUM,
+                udp: false,
+            }],
+        );
+    }
+}
+
+/// The quoted packet of an ICMP error: where it starts and its fields.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Quoted {
+    /// Offset of the quoted IP header in the buffer.
+    pub(crate) ip: usize,
+    pub(crate) src: Ipv4Addr,
+    pub(crate) dst: Ipv4Addr,
+    pub(crate) proto: Proto,
+    /// Source and destination ports, or (id, id) for a quoted ICMP echo.
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+}
+
+/// Validates an ICMP error (checksum, quoted header and its checksum, RFC 5508 REQ-3) and
+/// returns its quoted packet. The quoted transport checksum is not validated (REQ-3c).
+pub(crate) fn quoted(buf: &[u8], p: &Parsed) -> Result<Quoted, DropReason> {
+    let icmp = &buf[p.ihl..p.len];
+    if checksum(icmp) != 0 && !cfg!(fuzzing) {
+        return Err(DropReason::BadIcmpError);
+    }
+    let qip = p.ihl + 8;
+    let inner = buf.get(qip..p.len).ok_or(DropReason::BadIcmpError)?;
+    let h = Ipv4HeaderSlice::from_slice(inner).map_err(|_| DropReason::BadIcmpError)?;
+    if checksum(h.slice()) != 0 && !cfg!(fuzzing) {
+        return Err(DropReason::BadIcmpError);
+    }
+    if u16::from(h.fragments_offset()) != 0 {
+        return Err(DropReason::BadIcmpError);
+    }
+    let l4 = &inner[h.slice().len()..];
+    if l4.len() < 8 {
+        return Err(DropReason::BadIcmpError);
+    }
+    let (proto, sport, dport) = match h.protocol().0 {
+        6 | 17 => (
+            if h.protocol().0 == 6 {
+                Proto::Tcp
+            } else {
+                Proto::Udp
+            },
+            get16(l4, 0),
+            get16(l4, 2),
+        ),
+        1 if matches!(l4[0], ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY) => {
+            (Proto::Icmp, get16(l4, 4), get16(l4, 4))
+        }
+        _ => return Err(DropReason::BadIcmpError),
+    };
+    Ok(Quoted {
+        ip: qip,
+        src: h.source_addr(),
+        dst: h.destination_addr(),
+        proto,
+        sport,
+        dport,
+    })
+}
+
+/// Recomputes the ICMP checksum after the quoted packet was rewritten (errors are small and
+/// rare; their checksum was verified on the way in by [`quoted`]).
+pub(crate) fn refresh_icmp_checksum(buf: &mut [u8], p: &Parsed) {
+    let at = p.ihl + 2;
+    put16(buf, at, 0);
+    let c = checksum(&buf[p.ihl..p.len]);
+    put16(buf, at, c);
+}
+
+/// A TCP/UDP packet whose checksum is valid (for tests).
+#[cfg(test)]
+pub(crate) fn l4_checksum_ok(buf: &[u8]) -> bool {
+    use netutil::checksum::{fold, pseudo_header_v4, sum};
+    let p = parse(buf).expect("valid packet");
+    let l4 = &buf[p.ihl..p.len];
+    match p.l4 {
+        L4::Udp { .. } if get16(l4, 6) == 0 => true,
+        L4::Tcp { .. } | L4::Udp { .. } => {
+            let proto = buf[9];
+            let acc = pseudo_header_v4(p.src.octets(), p.dst.octets(), proto, l4.len() as u16);
+            fold(sum(acc, l4)) == 0xffff
+        }
+        _ => checksum(l4) == 0,
+    }
+}

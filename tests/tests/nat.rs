@@ -1,0 +1,493 @@
+//! PAT gateway end to end: the HQ side of the lab in namespaces, vipgate on the router, real
+//! clients and servers (curl, python http.server, OpenSSH, iperf3, ping, traceroute).
+//!
+//! ```text
+//!   pc 192.168.101.10 ─┐                       ┌─ out  198.51.100.200 (servers)
+//!                      ├─ eth1 gw eth0 ── isp ─┤
+//!  web 192.168.101.101 ┘  .1      .1  (bridge) └─ out2 198.51.100.201 (and .66, a "bad" host)
+//! ```
+
+use serde_json::Value;
+use std::time::Duration;
+use vipgate_tests::{Proc, Topology, wait_for, wait_until};
+
+const PUBLIC: &str = "198.51.100.1";
+const T: Duration = Duration::from_secs(30);
+
+struct Hq {
+    topo: Topology,
+    _vipgate: Proc,
+    config: String,
+}
+
+/// Builds the topology and starts `vipgate run` on gw with `[nat]` plus `extra` keys.
+fn hq(test: &str, extra: &str) -> Hq {
+    let mut t = Topology::new(test);
+    t.hosts(&["pc", "web", "gw", "isp", "out", "out2"]);
+    t.bridge("gw", "eth1").bridge("isp", "br0");
+    t.veth("gw", "lpc", "pc", "eth0")
+        .veth("gw", "lweb", "web", "eth0");
+    t.ip("gw", "link set lpc master eth1");
+    t.ip("gw", "link set lweb master eth1");
+    t.veth("gw", "eth0", "isp", "pgw")
+        .veth("out", "eth0", "isp", "pout")
+        .veth("out2", "eth0", "isp", "pout2");
+    for p in ["pgw", "pout", "pout2"] {
+        t.ip("isp", &format!("link set {p} master br0"));
+    }
+    t.addr("pc", "eth0", "192.168.101.10/24")
+        .addr("web", "eth0", "192.168.101.101/24");
+    t.addr("gw", "eth1", "192.168.101.1/24")
+        .addr("gw", "eth0", "198.51.100.1/24");
+    t.addr("out", "eth0", "198.51.100.200/24")
+        .addr("out2", "eth0", "198.51.100.201/24");
+    t.addr("out2", "eth0", "198.51.100.66/24");
+    t.ip("pc", "route add default via 192.168.101.1");
+    t.ip("web", "route add default via 192.168.101.1");
+    t.forwarding("gw");
+    let sock = t.dir().join("vipgate.sock");
+    let config = format!(
+        r#"[daemon]
+control = "{}"
+
+[nat]
+inside = ["eth1"]
+outside = "eth0"
+address = "{PUBLIC}"
+{extra}
+
+[[nat.acl]]
+action = "deny"
+src = "192.168.101.66/32"
+
+[[nat.acl]]
+action = "deny"
+src = "198.51.100.66/32"
+
+[[nat.acl]]
+action = "permit"
+src = "192.168.101.0/24"
+
+[[nat.static]]
+proto = "tcp"
+outside_port = 8001
+inside = "192.168.101.101:80"
+
+[[nat.static]]
+proto = "tcp"
+outside_port = 20022
+inside = "192.168.101.101:22"
+"#,
+        sock.display()
+    );
+    let path = t.write("site.toml", &config);
+    let path = path.to_str().unwrap().to_owned();
+    let vipgate = t.vipgate("gw", "vipgate", &["run", "-c", &path]);
+    wait_until(T, "vipgate to answer show nat", || {
+        t.vipgate_output("gw", &["show", "nat", "--json", "-c", &path])
+            .status
+            .success()
+    });
+    Hq {
+        topo: t,
+        _vipgate: vipgate,
+        config: path,
+    }
+}
+
+impl Hq {
+    fn show(&self) -> Value {
+        let out = self
+            .topo
+            .vipgate_output("gw", &["show", "nat", "--json", "-c", &self.config]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("show nat --json is JSON");
+        v.as_array()
+            .and_then(|a| a.first())
+            .cloned()
+            .expect("one nat part")
+    }
+
+    fn show_text(&self) -> String {
+        let out = self
+            .topo
+            .vipgate_output("gw", &["show", "nat", "-c", &self.config]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A UDP request from `host` (bound to `port`) to `dst`; returns the reply.
+    fn udp(&self, host: &str, port: u16, dst: &str, dport: u16) -> Result<String, String> {
+        self.topo.try_sh(
+            host,
+            &format!(
+                "python3 -c \"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);\
+s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('',{port}));s.settimeout(2);\
+s.sendto(b'hi',('{dst}',{dport}));print(s.recvfrom(100)[0].decode())\""
+            ),
+        )
+    }
+
+    /// A UDP server on `host:port` that answers each datagram with the sender's ip:port.
+    fn udp_echo_peer(&self, host: &str, addr: &str, port: u16) -> Proc {
+        let p = self.udp_echo_peer_unchecked(host, addr, port);
+        wait_until(T, &format!("udp server {addr}:{port}"), || {
+            self.topo
+                .try_sh(
+                    host,
+                    &format!("ss -Hlun 'sport = :{port}' | grep -q {port}"),
+                )
+                .is_ok()
+        });
+        p
+    }
+
+    fn udp_echo_peer_unchecked(&self, host: &str, addr: &str, port: u16) -> Proc {
+        let code = format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{addr}',{port}))\n\
+while True:\n  d,a=s.recvfrom(100)\n  s.sendto(('%s:%d'%a).encode(),a)\n"
+        );
+        let script = self.topo.write(&format!("udp-{host}-{port}.py"), &code);
+        self.topo.spawn(
+            host,
+            &format!("udp-{host}-{port}"),
+            &["python3", "-u", script.to_str().unwrap()],
+        )
+    }
+}
+
+/// Waits until `addr:port` accepts TCP from `host` (with this file's longer deadline: the
+/// machine is shared with other builds).
+fn wait_tcp(t: &Topology, host: &str, addr: &str, port: u16) {
+    wait_until(T, &format!("{addr}:{port} to accept in {host}"), || {
+        t.try_sh(host, &format!("bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"))
+            .is_ok()
+    });
+}
+
+/// python3 http.server on `addr:port` serving `body` at `/`.
+fn http_server(t: &Topology, host: &str, addr: &str, port: u16, body: &str) -> Proc {
+    let www = t.dir().join(format!("www-{host}-{port}"));
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), format!("{body}\n")).unwrap();
+    let p = t.spawn(
+        host,
+        &format!("http-{host}-{port}"),
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            addr,
+            "--directory",
+            www.to_str().unwrap(),
+            &port.to_string(),
+        ],
+    );
+    wait_tcp(t, host, addr, port);
+    p
+}
+
+fn counter(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+#[test]
+fn static_forwards_reach_web_and_sshd() {
+    let hq = hq("nat_static", "");
+    let t = &hq.topo;
+    let _web = http_server(t, "web", "192.168.101.101", 80, "hello from web");
+    let body = t
+        .curl("out", &format!("http://{PUBLIC}:8001/"))
+        .expect("curl through the forward");
+    assert_eq!(body.trim(), "hello from web");
+
+    // A test-started OpenSSH sshd on web:22, key auth only; the client uses the public port.
+    let d = t.dir().to_str().unwrap().to_owned();
+    t.sh("gw", &format!("ssh-keygen -q -t ed25519 -N '' -f {d}/host_key && ssh-keygen -q -t ed25519 -N '' -f {d}/id"));
+    t.sh(
+        "gw",
+        &format!(
+            "cp {d}/id.pub {d}/authorized_keys && chmod 600 {d}/authorized_keys {d}/id {d}/host_key"
+        ),
+    );
+    let sshd_cfg = t.write(
+        "sshd_config",
+        &format!(
+            "ListenAddress 192.168.101.101:22\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\n\
+UsePAM no\nPidFile {d}/sshd.pid\n"
+        ),
+    );
+    t.sh("web", "mkdir -p /run/sshd");
+    let _sshd = t.spawn(
+        "web",
+        "sshd",
+        &[
+            "/usr/sbin/sshd",
+            "-D",
+            "-e",
+            "-f",
+            sshd_cfg.to_str().unwrap(),
+        ],
+    );
+    wait_tcp(t, "web", "192.168.101.101", 22);
+    let out = t.sh(
+        "out",
+        &format!(
+            "ssh -p 20022 -i {d}/id -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+-o ConnectTimeout=5 root@{PUBLIC} 'ip -4 -o addr show dev eth0'"
+        ),
+    );
+    assert!(
+        out.contains("192.168.101.101"),
+        "the command ran on web: {out}"
+    );
+
+    let v = hq.show();
+    let statics: Vec<&Value> = v["translations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["static"] == true)
+        .collect();
+    assert!(
+        statics
+            .iter()
+            .any(|t| t["inside_global"] == "198.51.100.1:8001"),
+        "{v}"
+    );
+    assert!(
+        statics
+            .iter()
+            .any(|t| t["inside_global"] == "198.51.100.1:20022"),
+        "{v}"
+    );
+    assert!(hq.show_text().contains("Inside global"));
+}
+
+#[test]
+fn overload_many_hosts_eim_ping_traceroute() {
+    let hq = hq("nat_overload", "");
+    let t = &hq.topo;
+    let http = http_server(t, "out", "198.51.100.200", 8080, "outside");
+    let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
+    let _u2 = hq.udp_echo_peer("out2", "198.51.100.201", 7000);
+    wait_tcp(t, "out", "198.51.100.200", 8080);
+
+    // Several inside hosts at once, TCP and UDP; the server sees the public address.
+    for host in ["pc", "web"] {
+        assert_eq!(
+            t.curl(host, "http://198.51.100.200:8080/").unwrap().trim(),
+            "outside"
+        );
+    }
+    let log = wait_for(T, "http.server to log both clients", || {
+        let log = http.log();
+        (log.matches("GET / ").count() >= 2).then_some(log)
+    });
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("GET / "))
+            .all(|l| l.starts_with(PUBLIC)),
+        "{log}"
+    );
+    let seen_pc = hq
+        .udp("pc", 40000, "198.51.100.200", 7000)
+        .expect("udp from pc");
+    let seen_web = hq
+        .udp("web", 40000, "198.51.100.200", 7000)
+        .expect("udp from web");
+    assert!(
+        seen_pc.trim().starts_with("198.51.100.1:") && seen_web.trim().starts_with("198.51.100.1:")
+    );
+    assert_eq!(
+        seen_pc.trim(),
+        "198.51.100.1:40000",
+        "port preserved for the first"
+    );
+    assert_ne!(seen_pc.trim(), seen_web.trim(), "no port overloading");
+
+    // Endpoint-independent mapping: the same socket seen with the same port by both servers.
+    let seen_other = hq
+        .udp("pc", 40000, "198.51.100.201", 7000)
+        .expect("udp to out2");
+    assert_eq!(seen_other.trim(), seen_pc.trim());
+
+    // The ports seen outside are those show nat lists.
+    let v = hq.show();
+    let tr = v["translations"].as_array().unwrap();
+    for (inside, seen) in [
+        ("192.168.101.10:40000", &seen_pc),
+        ("192.168.101.101:40000", &seen_web),
+    ] {
+        assert!(
+            tr.iter().any(|x| x["proto"] == "udp"
+                && x["inside_local"] == inside
+                && x["inside_global"] == seen.trim()),
+            "{inside} as {seen} in {v}"
+        );
+    }
+
+    // ICMP: ping, and traceroute (its answers are ICMP errors translated back).
+    t.sh("pc", "ping -c 2 -W 2 198.51.100.200");
+    let trace = t.sh("pc", "traceroute -n -q 1 -w 2 -m 5 198.51.100.200");
+    let hops: Vec<&str> = trace.lines().skip(1).collect();
+    assert_eq!(hops.len(), 2, "gateway then server, nothing lost: {trace}");
+    assert!(
+        hops[0].contains("192.168.101.1") && hops[1].contains("198.51.100.200"),
+        "{trace}"
+    );
+    assert!(counter(&hq.show(), &["counters", "icmp_errors"]) > 0);
+
+    // nat clear flushes the dynamic entries; the static forwards stay.
+    let out = t.vipgate_output("gw", &["nat", "clear", "-c", &hq.config]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = hq.show();
+    assert!(
+        v["translations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["static"] == true),
+        "{v}"
+    );
+    assert_eq!(
+        t.curl("pc", "http://198.51.100.200:8080/").unwrap().trim(),
+        "outside"
+    );
+}
+
+#[test]
+fn unsolicited_inbound_dropped_and_acl_denies_counted() {
+    let hq = hq("nat_filter", "");
+    let t = &hq.topo;
+    let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
+    let seen = hq
+        .udp("pc", 41000, "198.51.100.200", 7000)
+        .expect("udp out");
+    let public_port: u16 = seen.trim().rsplit(':').next().unwrap().parse().unwrap();
+    // pc listens on its mapped port; a stranger sends to the mapping: filtered.
+    let listener = t.spawn(
+        "pc",
+        "pc-listen",
+        &["python3", "-u", "-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('',41000))\nwhile True: print(s.recvfrom(100))"],
+    );
+    for _ in 0..3 {
+        t.sh("out2", &format!("python3 -c \"import socket;socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',('{PUBLIC}',{public_port}))\""));
+    }
+    wait_until(T, "filtered drops", || {
+        counter(&hq.show(), &["drops", "filtered"]) >= 3
+    });
+    assert!(
+        !listener.log().contains("b'x'"),
+        "stranger got through: {}",
+        listener.log()
+    );
+    // A TCP connection to a port nobody forwards gets nowhere inside.
+    assert!(
+        t.try_sh(
+            "out",
+            &format!("curl -sS --max-time 2 http://{PUBLIC}:8080/")
+        )
+        .is_err()
+    );
+
+    // ACL: an inside host and an outside host denied by their rules, counted per rule.
+    t.ip("pc", "addr add 192.168.101.66/24 dev eth0");
+    let _web = http_server(t, "web", "192.168.101.101", 80, "web");
+    let _ext = http_server(t, "out", "198.51.100.200", 8080, "outside");
+    assert!(
+        t.try_sh(
+            "pc",
+            "curl -sS --max-time 2 --interface 192.168.101.66 http://198.51.100.200:8080/"
+        )
+        .is_err()
+    );
+    assert!(
+        t.try_sh(
+            "out2",
+            &format!("curl -sS --max-time 2 --interface 198.51.100.66 http://{PUBLIC}:8001/")
+        )
+        .is_err()
+    );
+    assert_eq!(
+        t.curl("out2", &format!("http://{PUBLIC}:8001/"))
+            .unwrap()
+            .trim(),
+        "web"
+    );
+    let v = hq.show();
+    let acl = v["acl"].as_array().unwrap();
+    assert!(
+        acl[0]["hits"].as_u64().unwrap() >= 1 && acl[1]["hits"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    assert!(counter(&v, &["drops", "acl_denied"]) >= 2);
+    assert!(hq.show_text().contains("deny src 192.168.101.66/32"));
+}
+
+#[test]
+fn table_flood_is_bounded_and_drains() {
+    let hq = hq(
+        "nat_flood",
+        "max_mappings = 64\nmax_mappings_per_host = 48\ntimeouts = { tcp_transitory = \"3s\" }",
+    );
+    let t = &hq.topo;
+    let _iperf = t.spawn(
+        "out",
+        "iperf3-server",
+        &["iperf3", "-s", "-B", "198.51.100.200"],
+    );
+    wait_tcp(t, "out", "198.51.100.200", 5201);
+    // An established transfer first.
+    let transfer = t.spawn(
+        "pc",
+        "iperf3-client",
+        &["iperf3", "-c", "198.51.100.200", "-t", "6", "-J"],
+    );
+    wait_until(T, "the transfer to be established", || {
+        hq.show()["translations"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["state"] == "established"))
+    });
+    // Then a flood of new flows from two inside hosts: SYNs to a closed port, 300 each.
+    let flood = "import socket\nfor i in range(300):\n  s=socket.socket()\n  s.setblocking(False)\n  \
+try: s.connect(('198.51.100.200',9))\n  except OSError: pass\n";
+    let script = t.write("flood.py", flood);
+    t.sh("web", &format!("python3 {}", script.display()));
+    t.sh("pc", &format!("python3 {}", script.display()));
+    let v = hq.show();
+    assert!(counter(&v, &["flows"]) <= 64, "{v}");
+    assert!(
+        counter(&v, &["drops", "table_full"]) + counter(&v, &["drops", "host_limit"]) > 0,
+        "{v}"
+    );
+    assert!(
+        counter(&v, &["table_bytes"]) < 256 * 1024,
+        "memory stays bounded: {v}"
+    );
+    // The established transfer kept running through the flood.
+    let mut transfer = transfer;
+    let code = transfer.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "iperf3 failed: {}", transfer.log());
+    let log = transfer.log();
+    let json = &log[log.find('{').unwrap_or(0)..];
+    let report: Value = serde_json::from_str(json).expect("iperf3 -J output");
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(bps > 1e6, "transfer kept moving: {bps} bit/s");
+    // After the transitory timeout, the table drains.
+    wait_until(Duration::from_secs(30), "the table to drain", || {
+        counter(&hq.show(), &["flows"]) == 0
+    });
+}
