@@ -1,2 +1,108 @@
-//! GRE (RFC 2784/2890) and GRE-in-UDP (RFC 8086) tunnels: sans-IO codec, tunnel core, Cisco-style keepalives, and a TUN/raw-socket driver.
+//! GRE site-to-site tunnels in userspace: RFC 2784 with RFC 2890 keys and sequence numbers,
+//! GRE-in-UDP (RFC 8086), and Cisco-compatible keepalives.
+//!
+//! ```text
+//!  LAN -> kernel route -> TUN gre-NAME --read--> Tunnel::encapsulate --> raw IP proto 47
+//!                                                (MSS clamp, ICMP          or UDP 4754
+//!                                                 frag-needed, key/seq)       |
+//!  LAN <- kernel route <- TUN gre-NAME <-write-- Tunnel::decapsulate <-- from the peer
+//!                                                (source, key, sequence,
+//!                                                 keepalive reflect/reply)
+//! ```
+//!
+//! The core ([`wire`], [`tunnel`], [`keepalive`]) is sans-IO: bytes, `Instant`s and
+//! configuration in; byte ranges of the caller's buffer, events and deadlines out. The
+//! `driver` feature adds the TUN device, the underlay sockets and rtnetlink route handling.
+//!
+//! What this crate does NOT do: outer IPv6, RFC 1701 routing/source-route fields,
+//! transparent Ethernet bridging (0x6558, `gretap`), encryption or authentication (GRE
+//! keys and sequence numbers are not security, RFC 2890 §3), multipoint GRE (one remote
+//! per tunnel), and reorder buffering of sequenced packets (gapped packets are delivered
+//! at once, late ones dropped).
 #![warn(missing_docs)]
+
+pub mod keepalive;
+pub mod tunnel;
+pub mod wire;
+
+#[cfg(feature = "driver")]
+pub mod driver;
+
+pub use keepalive::{GreKeepalive, KeepaliveConfig};
+pub use tunnel::{
+    Counters, Demux, DropReason, Encap, HEADROOM, Tunnel, TunnelConfig, TunnelEvent, Underlay,
+    Verdict,
+};
+pub use wire::{GrePacket, GreRepr, WireError};
+
+#[cfg(test)]
+mod test_util {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    /// One fixed base instant for simulated time; the only clock read in the core's tests.
+    pub(crate) fn t0() -> Instant {
+        static T0: OnceLock<Instant> = OnceLock::new();
+        #[allow(clippy::disallowed_methods)]
+        *T0.get_or_init(Instant::now)
+    }
+}
+
+/// Entry points for the fuzz targets in `fuzz/` and the corpus replay test; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::tunnel::{HEADROOM, Tunnel, TunnelConfig, Underlay};
+    use std::net::Ipv4Addr;
+    use std::time::Instant;
+
+    /// Feeds `data` to a tunnel's decapsulation (and the decapsulated packet back through
+    /// encapsulation). The first byte picks the tunnel options, the second the outer source.
+    pub fn decapsulate(now: Instant, data: &[u8]) {
+        let [options, source, gre @ ..] = data else {
+            return;
+        };
+        let local = Ipv4Addr::new(198, 51, 100, 1);
+        let remote = Ipv4Addr::new(198, 51, 100, 2);
+        let mut config = TunnelConfig::new("fuzz", local, remote);
+        config.key = (options & 1 != 0).then_some(42);
+        config.sequence = options & 2 != 0;
+        config.checksum = options & 4 != 0;
+        if options & 8 != 0 {
+            config.underlay = Underlay::Udp;
+        }
+        let mut tunnel = Tunnel::new(config, now);
+        let from = if source & 1 == 0 {
+            remote
+        } else {
+            Ipv4Addr::new(203, 0, 113, 7)
+        };
+        let mut buf = vec![0u8; HEADROOM];
+        buf.extend_from_slice(gre);
+        let verdict = tunnel.decapsulate(now, from, &mut buf[HEADROOM..]);
+        if let crate::Verdict::ToTun(r) = verdict {
+            let inner = (HEADROOM + r.start)..(HEADROOM + r.end);
+            let mut again = vec![0u8; HEADROOM];
+            again.extend_from_slice(&buf[inner]);
+            let len = again.len();
+            let _ = tunnel.encapsulate(&mut again, HEADROOM..len);
+        }
+        let _ = crate::Demux::new([(remote, Some(42)), (remote, None)]).lookup(from, gre);
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// Replays every seed of the cargo-fuzz target on stable, so CI runs them.
+        #[test]
+        fn replay_fuzz_corpus() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fuzz/corpus/gre_decapsulate");
+            let mut count = 0;
+            for entry in std::fs::read_dir(&dir).expect("the gre_decapsulate corpus") {
+                let bytes = std::fs::read(entry.expect("a corpus entry").path()).expect("a seed");
+                super::decapsulate(crate::test_util::t0(), &bytes);
+                count += 1;
+            }
+            assert!(count >= 5, "corpus too small: {count}");
+        }
+    }
+}

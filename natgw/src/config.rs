@@ -150,6 +150,8 @@ pub struct GatewayConfig {
     /// packet twice (into `nat0` and out of it), so without this the gateway would count as two
     /// hops and traceroute would lose one. Default true.
     pub compensate_ttl: bool,
+    /// Load-balanced virtual services (each a TCP listener on its VIP:port).
+    pub services: Vec<crate::service::ServiceConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -166,6 +168,7 @@ impl Default for GatewayConfig {
             filtering: Filtering::default(),
             seed: 0x5eed_1e55_c0ff_ee00,
             compensate_ttl: true,
+            services: Vec::new(),
         }
     }
 }

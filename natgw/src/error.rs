@@ -38,6 +38,15 @@ pub enum NatError {
     /// The dynamic port range is empty.
     #[error("the dynamic port range is empty")]
     EmptyPortRange,
+    /// A virtual service's pool configuration was rejected, or a reload asked for a change
+    /// that needs a restart.
+    #[error("service {name}: {reason}")]
+    Service {
+        /// The service.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 macro_rules! drop_reasons {

@@ -74,9 +74,22 @@ pub trait InsideSelector: fmt::Debug + Send {
     /// refuse it (counted as [`DropReason::NoInsideEndpoint`]).
     fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4>;
 
-    /// A flow to `inside` changed state. The default ignores it.
-    fn on_flow(&mut self, now: Instant, inside: SocketAddrV4, event: FlowEvent) {
-        let _ = (now, inside, event);
+    /// The flow between `client` and `inside` changed state. The default ignores it.
+    /// (`client` lets a virtual service release the client's persistence template.)
+    fn on_flow(
+        &mut self,
+        now: Instant,
+        inside: SocketAddrV4,
+        client: SocketAddrV4,
+        event: FlowEvent,
+    ) {
+        let _ = (now, inside, client, event);
+    }
+
+    /// A packet of `len` bytes of a flow to `inside` was translated, towards `inside` when
+    /// `to_inside`. The default ignores it (virtual services count bytes per backend).
+    fn on_packet(&mut self, inside: SocketAddrV4, to_inside: bool, len: usize) {
+        let _ = (inside, to_inside, len);
     }
 
     /// For downcasting to the concrete selector (e.g. to change a backend's weight).
@@ -205,6 +218,9 @@ impl Gateway {
         };
         for s in &config.statics {
             gw.add_static(now, *s)?;
+        }
+        for s in &config.services {
+            gw.add_service(s.clone())?;
         }
         Ok(gw)
     }
@@ -489,12 +505,13 @@ impl Gateway {
                         self.table_release_if_unused(m);
                     })?;
                 self.stats.flows_created += 1;
-                self.notify(now, view.listener, view.inside, FlowEvent::Opened);
+                self.notify(now, view.listener, view.inside, remote, FlowEvent::Opened);
                 s
             }
         };
         let change = self.table.touch(now, s, tcp_bits);
-        self.notify_change(now, view.listener, view.inside, change);
+        self.notify_change(now, view.listener, view.inside, remote, change);
+        self.notify_packet(view.listener, view.inside, false, buf.len());
         let public_ip = self.table.public_addr(view.public_idx);
         translate::set_ip(buf, 0, Side::Src, public_ip);
         translate::set_port(buf, 0, Side::Src, view.public_port);
@@ -530,7 +547,25 @@ impl Gateway {
         };
         let remote = SocketAddrV4::new(p.src, remote_port);
         let tcp_bits = translate::tcp_state_bits(flags, false);
-        let s = match self.table.session(proto, idx, public_port, remote) {
+        let mut existing = self.table.session(proto, idx, public_port, remote);
+        if let Some(old) = existing
+            && proto == Proto::Tcp
+            && translate::is_initial_syn(flags)
+            && self.table.session_closed(old)
+            && self
+                .table
+                .mapping(self.table.session_mapping(old))
+                .listener
+                .is_some()
+        {
+            // The client reuses the port of a connection that has ended (the flow lingers
+            // in its transitory state): treat it as the new connection it is, so a virtual
+            // service schedules it afresh (LVS's conn_reuse_mode) and counts stay exact.
+            let removed = self.table.remove_now(old);
+            self.report_removed(now, vec![removed]);
+            existing = None;
+        }
+        let s = match existing {
             Some(s) => s,
             None => match self.table.public_owner(proto, idx, public_port) {
                 None if hairpin => return Err(DropReason::NoSession),
@@ -539,7 +574,17 @@ impl Gateway {
                     if proto == Proto::Tcp && !translate::is_initial_syn(flags) {
                         return Err(DropReason::NotSyn);
                     }
-                    self.open_listener_flow(now, id, idx, public_port, proto, remote)?
+                    match self.open_listener_flow(now, id, idx, public_port, proto, remote) {
+                        // A virtual service with no backend left refuses like a closed port.
+                        Err(DropReason::NoInsideEndpoint)
+                            if proto == Proto::Tcp
+                                && !hairpin
+                                && crate::service::refuse_syn_in_place(buf) =>
+                        {
+                            return Ok(false);
+                        }
+                        r => r?,
+                    }
                 }
                 Some(PublicOwner::Mapping(m)) => {
                     let allowed = match self.filtering {
@@ -558,7 +603,8 @@ impl Gateway {
         let m = self.table.session_mapping(s);
         let view = self.table.mapping(m);
         let change = self.table.touch(now, s, tcp_bits);
-        self.notify_change(now, view.listener, view.inside, change);
+        self.notify_change(now, view.listener, view.inside, remote, change);
+        self.notify_packet(view.listener, view.inside, true, buf.len());
         translate::set_ip(buf, 0, Side::Dst, *view.inside.ip());
         translate::set_port(buf, 0, Side::Dst, view.inside.port());
         self.stats.translated_in += 1;
@@ -598,13 +644,32 @@ impl Gateway {
             })?;
         self.listeners[usize::from(id)].flows_opened += 1;
         self.stats.flows_created += 1;
-        self.notify(now, Some(id), inside, FlowEvent::Opened);
+        self.notify(now, Some(id), inside, client, FlowEvent::Opened);
         Ok(s)
     }
 
-    fn notify(&mut self, now: Instant, listener: Option<u16>, inside: SocketAddrV4, e: FlowEvent) {
+    fn notify(
+        &mut self,
+        now: Instant,
+        listener: Option<u16>,
+        inside: SocketAddrV4,
+        client: SocketAddrV4,
+        e: FlowEvent,
+    ) {
         if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))) {
-            l.selector.on_flow(now, inside, e);
+            l.selector.on_flow(now, inside, client, e);
+        }
+    }
+
+    fn notify_packet(
+        &mut self,
+        listener: Option<u16>,
+        inside: SocketAddrV4,
+        to_inside: bool,
+        len: usize,
+    ) {
+        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))) {
+            l.selector.on_packet(inside, to_inside, len);
         }
     }
 
@@ -613,12 +678,13 @@ impl Gateway {
         now: Instant,
         l: Option<u16>,
         inside: SocketAddrV4,
+        client: SocketAddrV4,
         c: StateChange,
     ) {
         match c {
             StateChange::None => {}
-            StateChange::Established => self.notify(now, l, inside, FlowEvent::Established),
-            StateChange::Closing => self.notify(now, l, inside, FlowEvent::Closing),
+            StateChange::Established => self.notify(now, l, inside, client, FlowEvent::Established),
+            StateChange::Closing => self.notify(now, l, inside, client, FlowEvent::Closing),
         }
     }
 
@@ -692,7 +758,7 @@ impl Gateway {
             let e = FlowEvent::Closed {
                 was_established: r.was_established,
             };
-            self.notify(now, r.mapping.listener, r.mapping.inside, e);
+            self.notify(now, r.mapping.listener, r.mapping.inside, r.remote, e);
         }
     }
 

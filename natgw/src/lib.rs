@@ -58,3 +58,8 @@ pub use gateway::{
     StaticForward, Verdict,
 };
 pub use table::{PatTable, Translation};
+
+// Virtual services (load balancing) and health checks.
+pub mod health;
+pub mod service;
+pub use service::{BackendKey, ServiceConfig, VirtualService};

@@ -182,6 +182,8 @@ pub(crate) enum StateChange {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RemovedSession {
     pub(crate) mapping: MappingView,
+    /// The outside endpoint of the session (a virtual service's client).
+    pub(crate) remote: SocketAddrV4,
     pub(crate) was_established: bool,
 }
 
@@ -616,6 +618,19 @@ impl PatTable {
         }
     }
 
+    /// Whether TCP session `s` has ended (a RST, or FINs both ways): a new SYN on its 4-tuple
+    /// is a new connection reusing the client's port.
+    pub(crate) fn session_closed(&self, s: u32) -> bool {
+        let tcp = self.sessions[s as usize].tcp;
+        tcp & RST != 0 || tcp & (FIN_OUT | FIN_IN) == (FIN_OUT | FIN_IN)
+    }
+
+    /// Removes session `s` at once (a closed connection replaced by a new one on its 4-tuple).
+    pub(crate) fn remove_now(&mut self, s: u32) -> RemovedSession {
+        self.unlink_wheel(s);
+        self.remove_session(s)
+    }
+
     /// Removes session `s` (and its mapping when that was its last session and the mapping is
     /// not permanent). The session must already be out of the wheel.
     fn remove_session(&mut self, s: u32) -> RemovedSession {
@@ -655,6 +670,7 @@ impl PatTable {
         self.live_sessions -= 1;
         RemovedSession {
             mapping: view,
+            remote,
             was_established: is_established(sess.tcp),
         }
     }

@@ -71,6 +71,15 @@ pub(crate) struct GreSection {
     /// `gre` (default) or `udp` (RFC 8086).
     #[serde(default)]
     pub(crate) encap: GreEncap,
+    /// TUN offload: the kernel hands over TCP super-packets (TSO) that are split after
+    /// reading, and decapsulated TCP segments are coalesced before writing (GRO). Several
+    /// times the throughput of one packet per read/write. Default on.
+    #[serde(default = "default_offload")]
+    pub(crate) offload: bool,
+}
+
+fn default_offload() -> bool {
+    true
 }
 
 pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
@@ -104,6 +113,18 @@ pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
                 format!("mtu {} is out of range 576..=9000", mtu.get_ref()),
             );
         }
+        // A route covering the outer peer would send the tunnel's own packets into itself.
+        for r in &t.routes {
+            if r.get_ref().contains(&t.remote) || r.get_ref().contains(&t.local) {
+                v.error_at(
+                    r,
+                    format!(
+                        "route {} covers the tunnel's own outer address; the tunnel would carry itself",
+                        r.get_ref()
+                    ),
+                );
+            }
+        }
         if let Some(ka) = &t.keepalive {
             if ka.interval.get_ref().0 < Duration::from_millis(100) {
                 v.error_at(&ka.interval, "keepalive interval must be at least 100ms");
@@ -129,5 +150,37 @@ pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse;
+    use std::path::Path;
+
+    const HQ: &str = include_str!("../../../examples/branch-hq.toml");
+    const BR: &str = include_str!("../../../examples/branch-br.toml");
+
+    #[test]
+    fn branch_examples_are_valid_mirror_images() {
+        let hq = parse(Path::new("branch-hq.toml"), HQ).expect("branch-hq.toml validates");
+        let br = parse(Path::new("branch-br.toml"), BR).expect("branch-br.toml validates");
+        let (a, b) = (&hq.gre[0], &br.gre[0]);
+        assert_eq!((a.local, a.remote), (b.remote, b.local));
+        assert_eq!(a.key, b.key);
+        assert!(a.offload && b.offload);
+    }
+
+    #[test]
+    fn route_covering_the_peer_is_refused_with_its_position() {
+        let text = "[[gre]]\nname = \"g\"\nlocal = \"198.51.100.1\"\nremote = \"198.51.100.2\"\n\
+                    address = \"172.16.0.1/30\"\nroutes = [\"198.51.100.0/24\"]\n";
+        let err = parse(Path::new("site.toml"), text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "site.toml:6:11: route 198.51.100.0/24 covers the tunnel's own outer address"
+            ),
+            "{err}"
+        );
     }
 }

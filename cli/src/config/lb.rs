@@ -97,6 +97,10 @@ fn d_weight() -> Spanned<u32> {
     Spanned::new(0..0, 1)
 }
 
+fn d_netmask() -> Spanned<u8> {
+    Spanned::new(0..0, 32)
+}
+
 /// One `[[service]]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -110,13 +114,75 @@ pub(crate) struct ServiceSection {
     /// Client affinity timeout (ipvsadm `-p`); off when absent.
     #[serde(default)]
     pub(crate) persistence: Option<HumanDuration>,
+    /// Prefix length that groups clients for persistence (ipvsadm `-M`). Default 32.
+    #[serde(default = "d_netmask")]
+    pub(crate) persistence_netmask: Spanned<u8>,
+    /// `sh`/`mh` hash the client port too (ipvsadm `sh-port` / `mh-port`). Default false.
+    #[serde(default)]
+    pub(crate) hash_port: bool,
     /// Health checks; without them every backend counts as up.
     #[serde(default)]
     pub(crate) health: Option<HealthSection>,
     pub(crate) backends: Spanned<Vec<BackendSection>>,
     /// Used when every backend is down; without it new connections get a TCP RST.
     #[serde(default)]
-    pub(crate) sorry: Option<SocketAddrV4>,
+    pub(crate) sorry: Option<Spanned<SocketAddrV4>>,
+}
+
+impl Scheduler {
+    fn to_balance(self) -> balance::SchedulerKind {
+        match self {
+            Scheduler::Rr => balance::SchedulerKind::Rr,
+            Scheduler::Wrr => balance::SchedulerKind::Wrr,
+            Scheduler::Lc => balance::SchedulerKind::Lc,
+            Scheduler::Wlc => balance::SchedulerKind::Wlc,
+            Scheduler::Sh => balance::SchedulerKind::Sh,
+            Scheduler::Mh => balance::SchedulerKind::Mh,
+        }
+    }
+}
+
+impl ServiceSection {
+    /// The gateway's typed view of this service.
+    pub(crate) fn to_natgw(&self) -> natgw::ServiceConfig {
+        let health = self.health.as_ref().map(|h| natgw::health::HealthConfig {
+            kind: match h.kind {
+                HealthKind::Tcp => natgw::health::CheckKind::Tcp,
+                HealthKind::Http => natgw::health::CheckKind::Http {
+                    path: h.path.clone(),
+                    status: h.status,
+                },
+            },
+            interval: h.interval.get_ref().0,
+            timeout: h.timeout.get_ref().0,
+            rise: *h.rise.get_ref(),
+            fall: *h.fall.get_ref(),
+        });
+        natgw::ServiceConfig {
+            name: self.name.get_ref().clone(),
+            listen: *self.listen.get_ref(),
+            pool: balance::PoolConfig {
+                scheduler: self.scheduler.to_balance(),
+                persistence: self.persistence.as_ref().map(|p| balance::Persistence {
+                    timeout: p.0,
+                    netmask: *self.persistence_netmask.get_ref(),
+                }),
+                sorry: self.sorry.as_ref().map(|s| *s.get_ref()),
+                hash_port: self.hash_port,
+                backends: self
+                    .backends
+                    .get_ref()
+                    .iter()
+                    .map(|b| balance::BackendConfig {
+                        addr: *b.address.get_ref(),
+                        weight: *b.weight.get_ref(),
+                    })
+                    .collect(),
+                ..balance::PoolConfig::default()
+            },
+            health,
+        }
+    }
 }
 
 pub(crate) fn validate_all(
@@ -164,7 +230,36 @@ pub(crate) fn validate_all(
                 );
             }
         }
+        if s.persistence.is_some_and(|p| p.0.is_zero()) {
+            v.error_at(
+                &s.name,
+                "persistence must be longer than 0s (leave it out to turn it off)",
+            );
+        }
+        if *s.persistence_netmask.get_ref() > 32 {
+            v.error_at(
+                &s.persistence_netmask,
+                "persistence_netmask is a prefix length, 0..=32",
+            );
+        }
+        if let Some(sorry) = &s.sorry
+            && s.backends
+                .get_ref()
+                .iter()
+                .any(|b| b.address.get_ref() == sorry.get_ref())
+        {
+            v.error_at(
+                sorry,
+                format!("sorry server {} is also a backend", sorry.get_ref()),
+            );
+        }
         if let Some(h) = &s.health {
+            if h.kind == HealthKind::Http && !h.path.starts_with('/') {
+                v.error_at(
+                    &s.name,
+                    format!("health path {:?} must start with /", h.path),
+                );
+            }
             if *h.rise.get_ref() == 0 {
                 v.error_at(&h.rise, "rise must be at least 1");
             }

@@ -43,9 +43,36 @@ pub(crate) struct VrrpSection {
     /// Send adverts unicast to these peers instead of 224.0.0.18.
     #[serde(default)]
     pub(crate) unicast_peers: Vec<Ipv4Addr>,
-    /// Program run on every state change with arguments: instance name, new state.
+    /// Program run on every state change, with keepalived's `notify` arguments:
+    /// `INSTANCE <name> <MASTER|BACKUP|FAULT|INIT> <priority>`.
     #[serde(default)]
     pub(crate) notify: Option<String>,
+    /// Source address of the adverts and tie-breaker between equal priorities. Default: the
+    /// first IPv4 address of `interface` that is not a VIP.
+    #[serde(default)]
+    pub(crate) primary_address: Option<Ipv4Addr>,
+    /// Priority penalty while a tracked service has no healthy backend; 0 puts the instance
+    /// in FAULT instead (keepalived `track_script` weight). Default 0.
+    #[serde(default = "d_zero")]
+    pub(crate) track_services_weight: Spanned<i64>,
+    /// Gratuitous ARPs per burst on becoming master (keepalived `garp_master_repeat`).
+    /// Default 5.
+    #[serde(default = "d_garp_count")]
+    pub(crate) garp_count: Spanned<i64>,
+    /// Repeat the burst this long after becoming master (keepalived `garp_master_delay`);
+    /// "0s" = only once. Default 5 s.
+    #[serde(default = "d_garp_delay")]
+    pub(crate) garp_repeat_delay: HumanDuration,
+}
+
+fn d_zero() -> Spanned<i64> {
+    Spanned::new(0..0, 0)
+}
+fn d_garp_count() -> Spanned<i64> {
+    Spanned::new(0..0, 5)
+}
+fn d_garp_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn d_priority() -> Spanned<i64> {
@@ -102,6 +129,26 @@ pub(crate) fn validate_all(
                 &i.advert_interval,
                 "advert_interval must be a whole number of centiseconds from 10ms to 40s950ms (RFC 5798)",
             );
+        }
+        if !(0..=253).contains(i.track_services_weight.get_ref()) {
+            v.error_at(
+                &i.track_services_weight,
+                "track_services_weight must be 0 (fault) or a penalty of 1..=253",
+            );
+        }
+        if !(1..=100).contains(i.garp_count.get_ref()) {
+            v.error_at(&i.garp_count, "garp_count must be 1..=100");
+        }
+        if let Some(p) = i.primary_address
+            && i.addresses.get_ref().iter().any(|a| a.addr() == p)
+        {
+            v.error_at(
+                &i.addresses,
+                format!("primary_address {p} is also a virtual address"),
+            );
+        }
+        if i.addresses.get_ref().len() > 255 {
+            v.error_at(&i.addresses, "an advert carries at most 255 addresses");
         }
         if i.addresses.get_ref().is_empty() {
             v.error_at(&i.addresses, "a VRRP instance needs at least one address");

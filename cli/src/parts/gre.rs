@@ -1,20 +1,333 @@
-//! `vipgate run` / `show gre` for this capability.
+//! `vipgate run` / `show gre`: userspace GRE tunnels.
+//!
+//! All tunnels of a site run in one [`GreDriver`], because tunnels that share a local
+//! address share its underlay socket and are told apart by (remote, key). Each tunnel is
+//! still its own [`Part`] so `show gre` lists them one by one; the driver stops when the
+//! last of them is stopped.
 
-use super::{Part, StartCtx, not_built_yet};
+use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
+use crate::config::gre::{GreEncap, GreSection};
+use anyhow::Context;
+use gre::driver::{GreDriver, TunnelSpec, TunnelStatus};
+use gre::{DropReason, KeepaliveConfig, TunnelConfig, Underlay};
+use ipnet::IpNet;
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// Starts this capability's parts.
-///
-/// # Errors
-/// Always, until the capability lands.
-pub(crate) async fn start(
-    _site: &SiteConfig,
-    _ctx: &StartCtx,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    Err(not_built_yet("gre"))
+/// The driver shared by the tunnel parts, with a count of parts still running.
+struct SharedDriver {
+    driver: Mutex<Option<GreDriver>>,
+    running: AtomicUsize,
 }
 
-/// Human text for `vipgate show gre`.
-pub(crate) fn render(items: &[serde_json::Value]) -> String {
-    items.iter().map(|i| format!("{i}\n")).collect()
+struct GreTunnelPart {
+    name: String,
+    shared: Arc<SharedDriver>,
+}
+
+/// Maps one `[[gre]]` section to the driver's spec.
+fn spec(section: &GreSection) -> TunnelSpec {
+    let mut tunnel = TunnelConfig::new(
+        section.name.get_ref().clone(),
+        section.local,
+        section.remote,
+    );
+    tunnel.inner_address = Some(section.address.addr());
+    tunnel.key = section.key;
+    tunnel.sequence = section.sequence;
+    tunnel.checksum = section.checksum;
+    tunnel.underlay = match section.encap {
+        GreEncap::Gre => Underlay::Gre,
+        GreEncap::Udp => Underlay::Udp,
+    };
+    // 0: the driver derives it from the underlay interface's MTU.
+    tunnel.mtu = section.mtu.as_ref().map_or(0, |m| *m.get_ref());
+    tunnel.keepalive = section.keepalive.as_ref().map(|k| KeepaliveConfig {
+        interval: k.interval.get_ref().0,
+        retries: *k.retries.get_ref(),
+    });
+    TunnelSpec {
+        tunnel,
+        address: Some((section.address.addr(), section.address.prefix_len())),
+        routes: section
+            .routes
+            .iter()
+            .map(|r| IpNet::V4(*r.get_ref()))
+            .collect(),
+        offload: section.offload,
+    }
+}
+
+/// Starts every `[[gre]]` tunnel.
+///
+/// # Errors
+/// A TUN device, socket or route that could not be set up; nothing is left behind.
+pub(crate) async fn start(
+    site: &SiteConfig,
+    _ctx: &StartCtx,
+) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    let specs: Vec<TunnelSpec> = site.gre.iter().map(spec).collect();
+    let names: Vec<String> = specs.iter().map(|s| s.tunnel.name.clone()).collect();
+    let driver = GreDriver::start(specs)
+        .await
+        .with_context(|| format!("starting GRE tunnels {}", names.join(", ")))?;
+    let shared = Arc::new(SharedDriver {
+        driver: Mutex::new(Some(driver)),
+        running: AtomicUsize::new(names.len()),
+    });
+    for name in &names {
+        tracing::info!(tunnel = %name, "GRE tunnel started");
+    }
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            Box::new(GreTunnelPart {
+                name,
+                shared: Arc::clone(&shared),
+            }) as Box<dyn Part>
+        })
+        .collect())
+}
+
+impl Part for GreTunnelPart {
+    fn kind(&self) -> Kind {
+        Kind::Gre
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn status(&self) -> Value {
+        let guard = self
+            .shared
+            .driver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard
+            .as_ref()
+            .and_then(|d| d.status().into_iter().find(|s| s.name == self.name))
+            .map_or_else(
+                || json!({ "name": self.name, "state": "stopped" }),
+                |s| status_json(&s),
+            )
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(async move {
+            if self.shared.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+                let driver = self
+                    .shared
+                    .driver
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let Some(d) = driver {
+                    d.stop().await;
+                }
+            }
+        })
+    }
+}
+
+fn secs(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+fn status_json(s: &TunnelStatus) -> Value {
+    let c = &s.counters;
+    let drops: serde_json::Map<String, Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), json!(c.drops(*r))))
+        .collect();
+    json!({
+        "name": s.name,
+        "state": if s.up { "up" } else { "down" },
+        "down_reason": s.down_reason,
+        "down_for_s": s.down_for.map(secs),
+        "local": s.local.to_string(),
+        "remote": s.remote.to_string(),
+        "encap": match s.underlay { Underlay::Gre => "gre", Underlay::Udp => "udp" },
+        "key": s.key,
+        "sequence": s.sequence,
+        "checksum": s.checksum,
+        "mtu": s.mtu,
+        "offload": s.offload,
+        "keepalive": s.keepalive.map(|k| json!({
+            "interval_s": secs(k.interval),
+            "retries": k.retries,
+            "misses": s.keepalive_misses,
+            "last_reply_s_ago": s.last_keepalive.map(secs),
+        })),
+        "routes": s.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "routes_installed": s.routes_installed,
+        "counters": {
+            "tx_packets": c.tx_packets,
+            "tx_bytes": c.tx_bytes,
+            "rx_packets": c.rx_packets,
+            "rx_bytes": c.rx_bytes,
+            "keepalives_sent": c.keepalives_sent,
+            "keepalive_replies": c.keepalive_replies,
+            "keepalives_reflected": c.keepalives_reflected,
+            "mss_clamped": c.mss_clamped,
+            "frag_needed_sent": c.frag_needed_sent,
+            "sequence_gaps": c.sequence_gaps,
+            "drops": drops,
+        },
+    })
+}
+
+/// Human text for `vipgate show gre`, modelled on IOS `show interfaces tunnel`.
+pub(crate) fn render(items: &[Value]) -> String {
+    let mut out = String::new();
+    if items.is_empty() {
+        out.push_str("no GRE tunnels\n");
+    }
+    for t in items {
+        let s = |k: &str| t[k].as_str().unwrap_or("-").to_string();
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        let _ = write!(out, "{} is {}", s("name"), s("state"));
+        if let Some(reason) = t["down_reason"].as_str() {
+            let _ = write!(out, " ({reason}");
+            if let Some(f) = t["down_for_s"].as_f64() {
+                let _ = write!(out, ", for {f:.1}s");
+            }
+            out.push(')');
+        }
+        out.push('\n');
+        let _ = write!(
+            out,
+            "  {} -> {}  encap {}  mtu {}",
+            s("local"),
+            s("remote"),
+            s("encap"),
+            n(&t["mtu"])
+        );
+        if let Some(k) = t["key"].as_u64() {
+            let _ = write!(out, "  key {k}");
+        }
+        if t["sequence"].as_bool() == Some(true) {
+            out.push_str("  sequence");
+        }
+        if t["checksum"].as_bool() == Some(true) {
+            out.push_str("  checksum");
+        }
+        if t["offload"].as_bool() == Some(true) {
+            out.push_str("  offload");
+        }
+        out.push('\n');
+        let ka = &t["keepalive"];
+        if ka.is_object() {
+            let _ = writeln!(
+                out,
+                "  keepalive every {}s, retries {}, missed {}, last reply {}",
+                ka["interval_s"].as_f64().unwrap_or(0.0),
+                n(&ka["retries"]),
+                n(&ka["misses"]),
+                ka["last_reply_s_ago"]
+                    .as_f64()
+                    .map_or("never".to_string(), |a| format!("{a:.1}s ago")),
+            );
+        } else {
+            out.push_str("  keepalive off\n");
+        }
+        let routes: Vec<&str> = t["routes"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !routes.is_empty() {
+            let _ = writeln!(
+                out,
+                "  routes {}: {}",
+                if t["routes_installed"].as_bool() == Some(true) {
+                    "installed"
+                } else {
+                    "withdrawn"
+                },
+                routes.join(", ")
+            );
+        }
+        let c = &t["counters"];
+        let _ = writeln!(
+            out,
+            "  tx {} packets {} bytes, rx {} packets {} bytes",
+            n(&c["tx_packets"]),
+            n(&c["tx_bytes"]),
+            n(&c["rx_packets"]),
+            n(&c["rx_bytes"])
+        );
+        let _ = writeln!(
+            out,
+            "  keepalives sent {} replies {} reflected {}, mss clamped {}, frag-needed sent {}",
+            n(&c["keepalives_sent"]),
+            n(&c["keepalive_replies"]),
+            n(&c["keepalives_reflected"]),
+            n(&c["mss_clamped"]),
+            n(&c["frag_needed_sent"])
+        );
+        let drops: Vec<String> = c["drops"]
+            .as_object()
+            .map(|d| {
+                d.iter()
+                    .filter(|(_, v)| n(v) > 0)
+                    .map(|(k, v)| format!("{k} {}", n(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  drops: {}",
+            if drops.is_empty() {
+                "none".to_string()
+            } else {
+                drops.join(", ")
+            }
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_state_reason_and_drops() {
+        let mut counters = gre::Counters::default();
+        counters.count_drop(DropReason::WrongKey);
+        counters.tx_packets = 5;
+        let status = TunnelStatus {
+            name: "gre-br".into(),
+            local: "198.51.100.1".parse().unwrap(),
+            remote: "198.51.100.2".parse().unwrap(),
+            key: Some(42),
+            sequence: false,
+            checksum: false,
+            underlay: Underlay::Gre,
+            mtu: 1476,
+            offload: true,
+            up: false,
+            down_reason: Some("no keepalive reply to 3 probes sent every 1s".into()),
+            down_for: Some(std::time::Duration::from_millis(1500)),
+            keepalive: Some(KeepaliveConfig::default()),
+            last_keepalive: None,
+            keepalive_misses: 3,
+            routes: vec!["192.168.102.0/24".parse().unwrap()],
+            routes_installed: false,
+            counters,
+        };
+        let text = render(&[status_json(&status)]);
+        assert!(
+            text.starts_with("gre-br is down (no keepalive reply"),
+            "{text}"
+        );
+        assert!(text.contains("key 42"));
+        assert!(text.contains("routes withdrawn: 192.168.102.0/24"));
+        assert!(text.contains("drops: wrong_key 1"));
+        assert!(text.contains("tx 5 packets"));
+        assert_eq!(render(&[]), "no GRE tunnels\n");
+    }
 }

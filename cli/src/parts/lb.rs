@@ -1,20 +1,508 @@
-//! `vipgate run` / `show lb` for this capability.
+//! `[[service]]` in `vipgate run`, `vipgate show lb` and `vipgate lb weight`.
+//!
+//! The services run inside a natgw gateway (TUN `nat0`): each is a listener on its VIP:port
+//! whose new flows a `balance` pool spreads over the backends. On a host with `[nat]` they
+//! join the PAT gateway the nat part started (which stops it after them); on a host without
+//! (a director) this part starts a gateway itself, with no overload address and no port
+//! forwards, and finds the interfaces from the kernel's routes: the outside interface is the
+//! one that reaches the VIPs, the inside interfaces are those that reach the backends.
+//!
+//! Health checks run in a task of their own (natgw's checker); each up/down change is logged
+//! and applied to the pool between two packet batches. A reload (SIGHUP, `vipgate reload`)
+//! applies weights, backends, schedulers, persistence, sorry server and health settings in
+//! place, without touching established flows; adding, removing or moving a service restarts
+//! the gateway.
 
-use super::{Part, StartCtx, not_built_yet};
+use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
+use anyhow::{Context, bail};
+use natgw::driver::{DriverConfig, NatDriver};
+use natgw::health::probe::{TargetSpec, run_checker};
+use natgw::health::{CheckKind, Transition};
+use natgw::{BackendKey, GatewayConfig, VirtualService};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-/// Starts this capability's parts.
-///
-/// # Errors
-/// Always, until the capability lands.
-pub(crate) async fn start(
-    _site: &SiteConfig,
-    _ctx: &StartCtx,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    Err(not_built_yet("lb"))
+/// What the service parts of one site share: the gateway and the health tasks.
+struct Shared {
+    driver: Arc<NatDriver>,
+    gw: SharedGateway,
+    /// Whether this part started the gateway (a director) or joined the nat part's.
+    owns_driver: bool,
+    /// New health-check target lists (after a reload).
+    targets: mpsc::Sender<Vec<TargetSpec<BackendKey>>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
-/// Human text for `vipgate show lb`.
-pub(crate) fn render(items: &[serde_json::Value]) -> String {
-    items.iter().map(|i| format!("{i}\n")).collect()
+/// One `[[service]]` as a running part.
+struct ServicePart {
+    name: String,
+    shared: Arc<Shared>,
+}
+
+type SharedGateway = Arc<Mutex<natgw::Gateway>>;
+
+fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
+    // As the driver does: a panic under the lock must not stop the gateway.
+    gw.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts (or joins) the gateway with every `[[service]]`, then the health checker.
+///
+/// # Errors
+/// Interfaces that cannot be found, a service the gateway refuses (e.g. its VIP:port is
+/// also a port forward), or the gateway failing to start.
+pub(crate) async fn start(
+    site: &SiteConfig,
+    _ctx: &StartCtx,
+) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    let services: Vec<natgw::ServiceConfig> = site.service.iter().map(|s| s.to_natgw()).collect();
+    let (driver, owns_driver) = match super::nat::running_gateway() {
+        Some(driver) if site.nat.is_some() => {
+            join_gateway(&driver, &services).await?;
+            (driver, false)
+        }
+        _ => (Arc::new(start_gateway(services).await?), true),
+    };
+    let gw = driver.gateway();
+    let initial = health_targets(&lock(&gw));
+    let (targets_tx, targets_rx) = mpsc::channel(4);
+    let (changes_tx, changes_rx) = mpsc::channel(64);
+    // Cannot fail: the receiver is still here.
+    let _ = targets_tx.send(initial).await;
+    let checker = tokio::spawn(run_checker(targets_rx, changes_tx));
+    let applier = tokio::spawn(apply_health(gw.clone(), changes_rx));
+    let shared = Arc::new(Shared {
+        driver,
+        gw,
+        owns_driver,
+        targets: targets_tx,
+        tasks: vec![checker, applier],
+    });
+    Ok(site
+        .service
+        .iter()
+        .map(|s| {
+            Box::new(ServicePart {
+                name: s.name.get_ref().clone(),
+                shared: shared.clone(),
+            }) as Box<dyn Part>
+        })
+        .collect())
+}
+
+/// Adds the services to the nat part's gateway (a service already there, from before a
+/// restart of this part, takes the new configuration) and makes their VIPs live.
+async fn join_gateway(driver: &NatDriver, services: &[natgw::ServiceConfig]) -> anyhow::Result<()> {
+    {
+        let gw = driver.gateway();
+        let mut gw = lock(&gw);
+        for s in services {
+            match gw.service_mut(&s.name) {
+                Some(running) if running.listen() == s.listen => running
+                    .reconfigure(s.clone())
+                    .map_err(|e| anyhow::anyhow!("service {}: {e}", s.name))?,
+                Some(_) => bail!(
+                    "service {}: moving a service to another listen address needs a restart of vipgate",
+                    s.name
+                ),
+                None => {
+                    gw.add_service(s.clone())?;
+                }
+            }
+        }
+    }
+    for s in services {
+        driver
+            .add_public_address(*s.listen.ip())
+            .await
+            .with_context(|| format!("making VIP {} live", s.listen.ip()))?;
+    }
+    tracing::info!(
+        services = services.len(),
+        "virtual services added to the PAT gateway"
+    );
+    Ok(())
+}
+
+/// A director's gateway: services only, interfaces found from the routes.
+async fn start_gateway(services: Vec<natgw::ServiceConfig>) -> anyhow::Result<NatDriver> {
+    let Some(first) = services.first() else {
+        bail!("no [[service]] to run");
+    };
+    let outside = route_dev(*first.listen.ip()).await?;
+    let mut inside: Vec<String> = Vec::new();
+    for s in &services {
+        let out = route_dev(*s.listen.ip()).await?;
+        if out != outside {
+            bail!(
+                "service {}: VIP {} is reached through {out}, the others through {outside}; all VIPs must sit on one outside interface",
+                s.name,
+                s.listen.ip()
+            );
+        }
+        let reals = s
+            .pool
+            .backends
+            .iter()
+            .map(|b| *b.addr.ip())
+            .chain(s.pool.sorry.map(|a| *a.ip()));
+        for ip in reals {
+            let dev = route_dev(ip).await?;
+            if dev == outside {
+                bail!(
+                    "service {}: backend {ip} is reached through {dev}, the same interface as the VIP; LVS-NAT needs the real servers behind another interface",
+                    s.name
+                );
+            }
+            if !inside.contains(&dev) {
+                inside.push(dev);
+            }
+        }
+    }
+    let count = services.len();
+    let gw_cfg = GatewayConfig {
+        services,
+        ..GatewayConfig::default()
+    };
+    let driver = NatDriver::start(DriverConfig::new(inside.clone(), outside.clone()), gw_cfg)
+        .await
+        .context("starting the gateway for the virtual services")?;
+    tracing::info!(%outside, ?inside, services = count, "virtual services running");
+    Ok(driver)
+}
+
+/// The interface the kernel routes `ip` through (`ip route get`).
+async fn route_dev(ip: Ipv4Addr) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("ip")
+        .args(["-j", "-4", "route", "get", &ip.to_string()])
+        .output()
+        .await
+        .context("running `ip route get`")?;
+    if !out.status.success() {
+        bail!(
+            "no route to {ip}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j route get`")?;
+    v.get(0)
+        .and_then(|r| r.get("dev"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("`ip route get {ip}` names no interface"))
+}
+
+fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
+    gw.services()
+        .flat_map(VirtualService::health_targets)
+        .collect()
+}
+
+/// Applies health changes to the pools (between two packet batches: the loop holds the lock
+/// per batch).
+async fn apply_health(gw: SharedGateway, mut changes: mpsc::Receiver<Transition<BackendKey>>) {
+    while let Some(t) = changes.recv().await {
+        let mut gw = lock(&gw);
+        if let Some(Err(e)) = gw
+            .service_mut(&t.key.service)
+            .map(|s| s.set_health(t.key.backend, t.health))
+        {
+            tracing::debug!(target = %t.key, error = %e, "health change for a backend no longer configured");
+        }
+    }
+}
+
+impl ServicePart {
+    /// Runs `f` on this service (under the gateway lock, between two packet batches).
+    fn with_service<R>(&self, f: impl FnOnce(&mut VirtualService) -> R) -> anyhow::Result<R> {
+        lock(&self.shared.gw)
+            .service_mut(&self.name)
+            .map(f)
+            .with_context(|| format!("service `{}` is not running", self.name))
+    }
+}
+
+impl Part for ServicePart {
+    fn kind(&self) -> Kind {
+        Kind::Lb
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn status(&self) -> Value {
+        self.with_service(|s| service_json(s))
+            .unwrap_or_else(|e| json!({ "name": self.name, "error": format!("{e:#}") }))
+    }
+
+    fn control(&self, op: &str, args: &Value) -> anyhow::Result<Value> {
+        match op {
+            "weight" => {
+                let backend: SocketAddrV4 = args
+                    .get("backend")
+                    .and_then(Value::as_str)
+                    .context("weight needs a backend ip:port")?
+                    .parse()
+                    .context("backend must be written ip:port, as in the config")?;
+                let weight = args
+                    .get("weight")
+                    .and_then(Value::as_u64)
+                    .and_then(|w| u32::try_from(w).ok())
+                    .context("weight needs a number 0..=65535")?;
+                let before = self.with_service(move |s| {
+                    let old = s
+                        .backend_id(backend)
+                        .and_then(|id| s.pool().backend(id))
+                        .map(balance::Backend::weight);
+                    s.set_weight(backend, weight).map(|()| old)
+                })??;
+                tracing::info!(service = %self.name, %backend, weight, "weight changed by operator");
+                Ok(json!({
+                    "service": self.name,
+                    "backend": backend.to_string(),
+                    "weight": weight,
+                    "previous": before,
+                }))
+            }
+            other => bail!(
+                "lb `{}` does not support `{other}` (try: weight)",
+                self.name
+            ),
+        }
+    }
+
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+        if site.nat.is_some() == self.shared.owns_driver
+            || !site.service.iter().any(|s| *s.name.get_ref() == self.name)
+        {
+            return Ok(false);
+        }
+        // One part applies the whole set (the gateway checks it all or nothing); the others
+        // only confirm that their service is still there.
+        if site
+            .service
+            .first()
+            .is_some_and(|s| *s.name.get_ref() != self.name)
+        {
+            return Ok(true);
+        }
+        let services: Vec<natgw::ServiceConfig> =
+            site.service.iter().map(|s| s.to_natgw()).collect();
+        let applied = {
+            let mut gw = lock(&self.shared.gw);
+            gw.reconfigure_services(services)
+                .map(|()| health_targets(&gw))
+        };
+        match applied {
+            Ok(targets) => {
+                // The checker takes the new list on its next turn; a full channel means a
+                // newer list is already queued.
+                let _ = self.shared.targets.try_send(targets);
+                tracing::info!("services reconfigured in place");
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "services need a restart of the gateway");
+                Ok(false)
+            }
+        }
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(async move {
+            let ServicePart { name, shared } = *self;
+            // The last service part stops the gateway and the health tasks.
+            let Some(shared) = Arc::into_inner(shared) else {
+                return;
+            };
+            for t in &shared.tasks {
+                t.abort();
+            }
+            for t in shared.tasks {
+                let _ = t.await;
+            }
+            // A joined gateway belongs to the nat part, which stops it after this part; its
+            // listeners stay until then (the gateway has no way to remove one).
+            if shared.owns_driver
+                && let Err(e) = shared.driver.stop().await
+            {
+                tracing::warn!(service = %name, error = %e, "gateway stopped with an error");
+            }
+        })
+    }
+}
+
+/// What `show lb --json` prints for one service.
+fn service_json(s: &VirtualService) -> Value {
+    let pool = s.pool();
+    let backends: Vec<Value> = pool
+        .backends()
+        .map(|(_, b)| {
+            let st = b.stats();
+            json!({
+                "address": b.addr().to_string(),
+                "weight": b.weight(),
+                "state": b.state().as_str(),
+                "health": match b.health() { balance::Health::Up => "up", balance::Health::Down => "down" },
+                "active": b.active(),
+                "inactive": b.inactive(),
+                "connections": st.connections,
+                "packets_in": st.packets_in,
+                "packets_out": st.packets_out,
+                "bytes_in": st.bytes_in,
+                "bytes_out": st.bytes_out,
+            })
+        })
+        .collect();
+    let health = s.health().map(|h| {
+        let (kind, path, status) = match &h.kind {
+            CheckKind::Tcp => ("tcp", None, None),
+            CheckKind::Http { path, status } => ("http", Some(path.clone()), Some(*status)),
+        };
+        json!({
+            "kind": kind, "path": path, "status": status,
+            "interval_ms": h.interval.as_millis() as u64,
+            "timeout_ms": h.timeout.as_millis() as u64,
+            "rise": h.rise, "fall": h.fall,
+        })
+    });
+    let stats = pool.stats();
+    json!({
+        "name": s.name(),
+        "listen": s.listen().to_string(),
+        "protocol": "tcp",
+        "scheduler": pool.scheduler().as_str(),
+        "persistence": pool.persistence().map(|p| json!({
+            "timeout_s": p.timeout.as_secs(), "netmask": p.netmask,
+        })),
+        "templates": pool.templates(),
+        "sorry": pool.sorry().map(|a| a.to_string()),
+        "available": s.is_available(),
+        "health": health,
+        "sorry_connections": stats.sorry,
+        "refused": stats.refused,
+        "persistent_hits": stats.persistent_hits,
+        "backends": backends,
+    })
+}
+
+/// Human text for `vipgate show lb`, laid out like `ipvsadm -Ln --stats` plus state columns.
+pub(crate) fn render(items: &[Value]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Prot LocalAddress:Port Scheduler Flags");
+    let _ = writeln!(
+        out,
+        "  -> RemoteAddress:Port   State     Weight ActiveConn InActConn      Conns     InPkts    OutPkts    InBytes   OutBytes"
+    );
+    for s in items {
+        if let Some(err) = s.get("error").and_then(Value::as_str) {
+            let _ = writeln!(out, "{}: {err}", s["name"].as_str().unwrap_or("?"));
+            continue;
+        }
+        let mut flags = String::new();
+        if let Some(p) = s.get("persistence").filter(|p| !p.is_null()) {
+            let _ = write!(flags, " persistent {}", p["timeout_s"]);
+            if p["netmask"].as_u64() != Some(32) {
+                let _ = write!(flags, " mask /{}", p["netmask"]);
+            }
+        }
+        if let Some(h) = s.get("health").filter(|h| !h.is_null()) {
+            let _ = write!(
+                flags,
+                " check {} every {}ms rise {} fall {}",
+                h["kind"].as_str().unwrap_or("?"),
+                h["interval_ms"],
+                h["rise"],
+                h["fall"]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "TCP  {} {}{}  ({})",
+            s["listen"].as_str().unwrap_or("?"),
+            s["scheduler"].as_str().unwrap_or("?"),
+            flags,
+            s["name"].as_str().unwrap_or("?"),
+        );
+        for b in s["backends"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let n = |k: &str| b[k].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                b["address"].as_str().unwrap_or("?"),
+                b["state"].as_str().unwrap_or("?"),
+                n("weight"),
+                n("active"),
+                n("inactive"),
+                n("connections"),
+                n("packets_in"),
+                n("packets_out"),
+                human_bytes(n("bytes_in")),
+                human_bytes(n("bytes_out")),
+            );
+        }
+        if let Some(sorry) = s["sorry"].as_str() {
+            let _ = writeln!(
+                out,
+                "  -> {:<21} {:<9} (used when no backend is up: {} connections)",
+                sorry, "sorry", s["sorry_connections"]
+            );
+        }
+        if s["refused"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(out, "     refused (no backend up): {}", s["refused"]);
+        }
+    }
+    out
+}
+
+/// ipvsadm prints bytes with K/M/G suffixes.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    UNITS.iter().find(|(size, _)| n >= *size * 10).map_or_else(
+        || n.to_string(),
+        |(size, unit)| format!("{}{unit}", n / size),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_reads_like_ipvsadm() {
+        let item = json!({
+            "name": "web", "listen": "198.51.100.10:80", "scheduler": "wrr",
+            "persistence": { "timeout_s": 300, "netmask": 24 },
+            "health": { "kind": "tcp", "interval_ms": 2000, "rise": 2, "fall": 4 },
+            "sorry": null, "sorry_connections": 0, "refused": 3,
+            "backends": [
+                { "address": "10.0.0.101:80", "state": "up", "weight": 1, "active": 2, "inactive": 5,
+                  "connections": 100, "packets_in": 700, "packets_out": 600, "bytes_in": 51200, "bytes_out": 12 },
+                { "address": "10.0.0.102:80", "state": "draining", "weight": 0, "active": 1, "inactive": 0,
+                  "connections": 200, "packets_in": 1, "packets_out": 1, "bytes_in": 1, "bytes_out": 1 },
+            ],
+        });
+        let text = render(&[item]);
+        assert!(text.contains("TCP  198.51.100.10:80 wrr persistent 300 mask /24 check tcp every 2000ms rise 2 fall 4  (web)"), "{text}");
+        assert!(text.contains("  -> 10.0.0.101:80         up             1          2         5        100        700        600        50K         12"), "{text}");
+        assert!(text.contains("draining"));
+        assert!(text.contains("refused (no backend up): 3"));
+    }
+
+    #[test]
+    fn bytes_are_shortened_as_ipvsadm_does() {
+        assert_eq!(human_bytes(9_999), "9999");
+        assert_eq!(human_bytes(10_240), "10K");
+        assert_eq!(human_bytes(50 << 30), "50G");
+    }
 }

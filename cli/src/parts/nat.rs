@@ -22,7 +22,6 @@ static RUNNING: Mutex<Option<Arc<NatDriver>>> = Mutex::new(None);
 
 /// The running PAT gateway, for parts built on it (virtual services add listeners to its
 /// core with `driver.gateway().lock()` and make VIPs live with `add_public_address`).
-#[allow(dead_code, reason = "the API the lb part (issue 8) builds on")]
 pub(crate) fn running_gateway() -> Option<Arc<NatDriver>> {
     RUNNING
         .lock()
@@ -89,6 +88,8 @@ pub(crate) fn gateway_config(nat: &NatSection, seed: u64) -> GatewayConfig {
         },
         seed,
         compensate_ttl: true,
+        // Virtual services are added by the lb part (parts::lb), which starts after this one.
+        services: Vec::new(),
     }
 }
 

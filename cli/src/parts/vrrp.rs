@@ -1,20 +1,328 @@
-//! `vipgate run` / `show vrrp` for this capability.
+//! `vipgate run` / `show vrrp`: VRRPv3 instances, grouped by `group` into sync groups.
+//!
+//! Each sync group (or ungrouped instance) runs as one `vrrp::driver` task; every instance is
+//! its own [`Part`] so `show vrrp` lists instances, and stopping any member of a group stops
+//! the whole group once (masters send priority 0 and withdraw their addresses).
 
-use super::{Part, StartCtx, not_built_yet};
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use vrrp::driver::{AddressHook, GroupHandle, InstanceStatus, MemberSpec, TrackedService};
+use vrrp::{InstanceConfig, VirtualAddress};
+
+use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
+use crate::config::vrrp::VrrpSection;
 
-/// Starts this capability's parts.
+/// The running driver of one sync group, shared by the parts of its members.
+struct Shared {
+    handle: Mutex<Option<GroupHandle>>,
+}
+
+struct VrrpPart {
+    name: String,
+    shared: Arc<Shared>,
+}
+
+impl Part for VrrpPart {
+    fn kind(&self) -> Kind {
+        Kind::Vrrp
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn status(&self) -> Value {
+        let statuses = match self.shared.handle.lock() {
+            Ok(h) => h.as_ref().map(GroupHandle::status).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        statuses
+            .iter()
+            .find(|s| s.name == self.name)
+            .map(status_json)
+            .unwrap_or_else(|| json!({ "name": self.name, "state": "STOPPED" }))
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(async move {
+            let handle = self.shared.handle.lock().ok().and_then(|mut h| h.take());
+            if let Some(h) = handle {
+                h.stop().await;
+            }
+        })
+    }
+}
+
+/// Builds the driver spec of one `[[vrrp]]` section.
+pub(crate) fn member_spec(s: &VrrpSection) -> MemberSpec {
+    let mut config = InstanceConfig::new(
+        s.name.get_ref(),
+        u8::try_from(*s.vrid.get_ref()).unwrap_or(1),
+        s.primary_address.unwrap_or(Ipv4Addr::UNSPECIFIED),
+    );
+    config.priority = u8::try_from(*s.priority.get_ref()).unwrap_or(100);
+    config.advert_interval = s.advert_interval.get_ref().0;
+    config.preempt = s.preempt;
+    config.preempt_delay = s.preempt_delay.map(|d| d.0).unwrap_or(Duration::ZERO);
+    config.addresses = s
+        .addresses
+        .get_ref()
+        .iter()
+        .map(|n| VirtualAddress {
+            address: n.addr(),
+            prefix_len: n.prefix_len(),
+        })
+        .collect();
+    config.garp_repeat_delay = Some(s.garp_repeat_delay.0).filter(|d| !d.is_zero());
+    let mut spec = MemberSpec::new(config, &s.interface);
+    spec.unicast_peers = s.unicast_peers.clone();
+    spec.track_interfaces = s.track_interfaces.iter().map(|i| (i.clone(), 0)).collect();
+    spec.notify = s.notify.as_ref().map(PathBuf::from);
+    spec.garp_count = u32::try_from(*s.garp_count.get_ref()).unwrap_or(5);
+    spec
+}
+
+/// What other parts hand to VRRP: service health for `track_services`, and the VIPs a natgw
+/// service owns (made live through its hook instead of as interface addresses).
+#[derive(Default)]
+pub(crate) struct Wiring {
+    /// Per service name: `true` while it has a healthy backend.
+    pub(crate) health: HashMap<String, watch::Receiver<bool>>,
+    /// Per VIP: the natgw hook that makes it live.
+    pub(crate) hooks: HashMap<Ipv4Addr, Arc<dyn AddressHook>>,
+}
+
+/// Starts every instance; instances sharing a `group` run as one sync group.
 ///
 /// # Errors
-/// Always, until the capability lands.
+/// An interface or socket problem, after stopping the groups already started.
 pub(crate) async fn start(
-    _site: &SiteConfig,
+    site: &SiteConfig,
     _ctx: &StartCtx,
 ) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    Err(not_built_yet("vrrp"))
+    start_wired(site, &Wiring::default()).await
+}
+
+/// [`start`] with the cross-part wiring `vipgate run` provides.
+///
+/// # Errors
+/// An interface or socket problem, after stopping the groups already started.
+pub(crate) async fn start_wired(
+    site: &SiteConfig,
+    wiring: &Wiring,
+) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    let mut groups: BTreeMap<String, Vec<&VrrpSection>> = BTreeMap::new();
+    let mut order = Vec::new();
+    for s in &site.vrrp {
+        let key = s
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("\0{}", s.name.get_ref()));
+        if !groups.contains_key(&key) {
+            order.push(key.clone());
+        }
+        groups.entry(key).or_default().push(s);
+    }
+    let mut parts: Vec<Box<dyn Part>> = Vec::new();
+    for key in order {
+        let sections = &groups[&key];
+        let specs = sections.iter().map(|s| wired_spec(s, wiring)).collect();
+        let group = sections[0].group.clone();
+        let handle = match vrrp::driver::spawn(group, specs).await {
+            Ok(h) => h,
+            Err(e) => {
+                for p in parts {
+                    p.stop().await;
+                }
+                return Err(e).with_context(|| {
+                    format!("starting VRRP instance {}", sections[0].name.get_ref())
+                });
+            }
+        };
+        let shared = Arc::new(Shared {
+            handle: Mutex::new(Some(handle)),
+        });
+        for s in sections {
+            parts.push(Box::new(VrrpPart {
+                name: s.name.get_ref().clone(),
+                shared: shared.clone(),
+            }));
+        }
+    }
+    Ok(parts)
+}
+
+fn wired_spec(s: &VrrpSection, wiring: &Wiring) -> MemberSpec {
+    let mut spec = member_spec(s);
+    let weight = u8::try_from(*s.track_services_weight.get_ref()).unwrap_or(0);
+    for name in &s.track_services {
+        match wiring.health.get(name.get_ref()) {
+            Some(rx) => spec.track_services.push(TrackedService {
+                name: name.get_ref().clone(),
+                weight,
+                health: rx.clone(),
+            }),
+            // Only until `vipgate run` passes the lb part's health here; say so loudly
+            // rather than pretend the service is tracked.
+            None => tracing::warn!(
+                instance = %s.name.get_ref(),
+                service = %name.get_ref(),
+                "track_services: no health source for this service in this build; not tracked"
+            ),
+        }
+    }
+    spec.hooked = s
+        .addresses
+        .get_ref()
+        .iter()
+        .filter_map(|a| wiring.hooks.get(&a.addr()).map(|h| (a.addr(), h.clone())))
+        .collect();
+    spec
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn status_json(s: &InstanceStatus) -> Value {
+    let c = &s.counters;
+    json!({
+        "name": s.name,
+        "group": s.group,
+        "interface": s.interface,
+        "vrid": s.vrid,
+        "state": s.state.as_str(),
+        "priority": s.priority,
+        "configured_priority": s.configured_priority,
+        "primary_address": s.primary_address.to_string(),
+        "master": s.master.map(|(a, _)| a.to_string()),
+        "master_priority": s.master.map(|(_, p)| p),
+        "advert_interval_ms": ms(s.advert_interval),
+        "master_advert_interval_ms": ms(s.master_advert_interval),
+        "master_down_interval_ms": ms(s.master_down_interval),
+        "addresses": s.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect::<Vec<_>>(),
+        "counters": {
+            "adverts_rx": c.adverts_rx,
+            "adverts_tx": c.adverts_tx,
+            "priority_zero_rx": c.priority_zero_rx,
+            "priority_zero_tx": c.priority_zero_tx,
+            "bad_ttl": c.bad_ttl,
+            "other_vrid": c.other_vrid,
+            "address_mismatch": c.address_mismatch,
+            "lower_priority": c.lower_priority,
+            "ignored": c.ignored,
+            "held_by_group": c.held_by_group,
+            "unknown_peer": s.unknown_peer,
+            "io_errors": s.io_errors,
+        },
+        "malformed": s.malformed.iter().map(|(k, v)| (format!("{k:?}"), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "transitions": s.transitions.iter().map(|(at, from, to, reason)| json!({
+            "at_unix_ms": at, "from": from.as_str(), "to": to.as_str(), "reason": reason,
+        })).collect::<Vec<_>>(),
+        "tracked": s.tracked.iter().map(|(name, weight, up)| json!({
+            "name": name, "weight": weight, "up": up,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// Human text for `vipgate show vrrp`.
-pub(crate) fn render(items: &[serde_json::Value]) -> String {
-    items.iter().map(|i| format!("{i}\n")).collect()
+pub(crate) fn render(items: &[Value]) -> String {
+    let mut out = format!(
+        "{:<14} {:<10} {:>4}  {:<7} {:>7}  {:<15} {:>7}  {}\n",
+        "NAME", "INTERFACE", "VRID", "STATE", "PRIO", "MASTER", "ADVERT", "ADDRESSES"
+    );
+    for i in items {
+        let s = |k: &str| i[k].as_str().unwrap_or("-").to_owned();
+        let n = |k: &str| i[k].as_u64().map_or("-".to_owned(), |v| v.to_string());
+        let addrs: Vec<String> = i["addresses"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out += &format!(
+            "{:<14} {:<10} {:>4}  {:<7} {:>7}  {:<15} {:>7}  {}\n",
+            s("name"),
+            s("interface"),
+            n("vrid"),
+            s("state"),
+            format!("{}/{}", n("priority"), n("configured_priority")),
+            s("master"),
+            format!("{}ms", n("advert_interval_ms")),
+            addrs.join(" "),
+        );
+        let c = &i["counters"];
+        let malformed: u64 = i["malformed"]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
+        out += &format!(
+            "    adverts rx {} tx {} (priority 0 rx {} tx {}), dropped: ttl {} malformed {} lower-priority {}, master down interval {}ms\n",
+            c["adverts_rx"],
+            c["adverts_tx"],
+            c["priority_zero_rx"],
+            c["priority_zero_tx"],
+            c["bad_ttl"],
+            malformed,
+            c["lower_priority"],
+            n("master_down_interval_ms"),
+        );
+        for t in i["transitions"].as_array().into_iter().flatten() {
+            let at = t["at_unix_ms"].as_u64().unwrap_or(0);
+            out += &format!(
+                "    {} {} -> {}: {}\n",
+                clock(at),
+                t["from"].as_str().unwrap_or("?"),
+                t["to"].as_str().unwrap_or("?"),
+                t["reason"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    out
+}
+
+/// `HH:MM:SS.mmm` UTC of a unix time in milliseconds.
+fn clock(ms: u64) -> String {
+    let (s, milli) = (ms / 1000, ms % 1000);
+    format!(
+        "{:02}:{:02}:{:02}.{milli:03}",
+        s / 3600 % 24,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_state_and_transitions() {
+        let item = json!({
+            "name": "vip-web", "interface": "eth0", "vrid": 51, "state": "MASTER",
+            "priority": 150, "configured_priority": 150, "master": "198.51.100.11",
+            "advert_interval_ms": 1000, "master_down_interval_ms": 3414,
+            "addresses": ["198.51.100.10/24"],
+            "counters": {"adverts_rx": 1, "adverts_tx": 2, "priority_zero_rx": 0,
+                         "priority_zero_tx": 0, "bad_ttl": 3, "lower_priority": 0},
+            "malformed": {"BadChecksum": 2},
+            "transitions": [{"at_unix_ms": 3_723_004u64, "from": "BACKUP", "to": "MASTER",
+                             "reason": "no advert within master down interval"}],
+        });
+        let text = render(&[item]);
+        assert!(text.contains("vip-web"), "{text}");
+        assert!(text.contains("150/150"), "{text}");
+        assert!(text.contains("malformed 2"), "{text}");
+        assert!(text.contains("01:02:03.004 BACKUP -> MASTER"), "{text}");
+    }
 }

@@ -565,7 +565,13 @@ impl InsideSelector for TwoBackends {
             8080,
         ))
     }
-    fn on_flow(&mut self, _now: Instant, inside: SocketAddrV4, event: FlowEvent) {
+    fn on_flow(
+        &mut self,
+        _now: Instant,
+        inside: SocketAddrV4,
+        _client: SocketAddrV4,
+        event: FlowEvent,
+    ) {
         self.events.push((inside, event));
     }
     fn as_any(&self) -> &dyn Any {

@@ -1,0 +1,246 @@
+//! Persistence (ipvsadm `-p TIMEOUT -M NETMASK`): a client network stays on its backend.
+//!
+//! A template maps `client & netmask` to a backend. It is re-armed by every new connection of
+//! that client network and lives while the client has established connections, then for
+//! `timeout` after the later of its last new connection and the end (FIN, RST or expiry) of
+//! its last established one. The kernel similarly keeps a template while it controls
+//! connections (`n_control > 0`) and re-arms it on reuse; counting only established ones
+//! keeps closed connections lingering in the flow table (TIME_WAIT-like states) from pinning
+//! a client for minutes beyond its timeout.
+//!
+//! Expiry uses a min-heap with one entry per template: a popped entry whose template was
+//! re-armed in the meantime is pushed again with the new deadline, so a busy client never
+//! grows the heap and nothing scans the whole table.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use crate::backend::BackendId;
+use crate::error::PoolError;
+
+/// How long and how widely clients stick to their backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Persistence {
+    /// Idle time after which a client may move (ipvsadm `-p`, default 300 s).
+    pub timeout: Duration,
+    /// Prefix length grouping clients (ipvsadm `-M`, default /32: each address on its own).
+    pub netmask: u8,
+}
+
+impl Persistence {
+    /// Per-address persistence with `timeout`.
+    #[must_use]
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            netmask: 32,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), PoolError> {
+        if self.netmask > 32 {
+            return Err(PoolError::BadNetmask(self.netmask));
+        }
+        if self.timeout.is_zero() {
+            return Err(PoolError::ZeroPersistence);
+        }
+        Ok(())
+    }
+
+    fn key(&self, client: Ipv4Addr) -> u32 {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.netmask))
+            .unwrap_or(0);
+        u32::from(client) & mask
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Template {
+    backend: BackendId,
+    /// Last new connection, or end of the last established connection.
+    last: Instant,
+    /// Established connections of this client network.
+    live: u32,
+}
+
+/// The persistence templates of one pool.
+#[derive(Debug, Clone)]
+pub(crate) struct PersistTable {
+    params: Persistence,
+    templates: HashMap<u32, Template>,
+    deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
+}
+
+impl PersistTable {
+    pub(crate) fn new(params: Persistence) -> Self {
+        Self {
+            params,
+            templates: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+        }
+    }
+
+    pub(crate) fn params(&self) -> Persistence {
+        self.params
+    }
+
+    /// Changes timeout and netmask; a new netmask regroups clients, so templates start over.
+    pub(crate) fn set_params(&mut self, params: Persistence) {
+        if params.netmask != self.params.netmask {
+            self.templates.clear();
+            self.deadlines.clear();
+        }
+        self.params = params;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.templates.len()
+    }
+
+    /// The backend a client is pinned to, if its template is still in force at `now`.
+    pub(crate) fn lookup(&self, now: Instant, client: Ipv4Addr) -> Option<BackendId> {
+        let t = self.templates.get(&self.params.key(client))?;
+        (t.live > 0 || now < t.last + self.params.timeout).then_some(t.backend)
+    }
+
+    /// Records a new connection of `client` to `backend` (re-pointing the template if the
+    /// previous backend could not take it). It is not established yet: see [`hold`](Self::hold).
+    pub(crate) fn bind(&mut self, now: Instant, client: Ipv4Addr, backend: BackendId) {
+        let key = self.params.key(client);
+        match self.templates.entry(key) {
+            Entry::Occupied(mut e) => {
+                let t = e.get_mut();
+                t.backend = backend;
+                t.last = now;
+            }
+            Entry::Vacant(e) => {
+                e.insert(Template {
+                    backend,
+                    last: now,
+                    live: 0,
+                });
+                self.deadlines
+                    .push(Reverse((now + self.params.timeout, key)));
+            }
+        }
+    }
+
+    /// A connection of `client` became established: the template stays while it lasts.
+    pub(crate) fn hold(&mut self, client: Ipv4Addr) {
+        if let Some(t) = self.templates.get_mut(&self.params.key(client)) {
+            t.live += 1;
+        }
+    }
+
+    /// An established connection of `client` ended (closing, reset or removed).
+    pub(crate) fn release(&mut self, now: Instant, client: Ipv4Addr) {
+        if let Some(t) = self.templates.get_mut(&self.params.key(client)) {
+            t.live = t.live.saturating_sub(1);
+            if t.live == 0 && now > t.last {
+                t.last = now;
+            }
+        }
+    }
+
+    /// Forgets every template pointing at `backend` (its slot is about to be reused).
+    pub(crate) fn forget_backend(&mut self, backend: BackendId) {
+        self.templates.retain(|_, t| t.backend != backend);
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.deadlines.peek().map(|Reverse((at, _))| *at)
+    }
+
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((at, key))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(t) = self.templates.get(&key) else {
+                continue; // forgotten or regrouped meanwhile
+            };
+            let due = if t.live > 0 {
+                now + self.params.timeout
+            } else {
+                t.last + self.params.timeout
+            };
+            if due > now {
+                self.deadlines.push(Reverse((due, key)));
+            } else {
+                self.templates.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn netmask_groups_clients() {
+        let mut p = PersistTable::new(Persistence {
+            timeout: T,
+            netmask: 24,
+        });
+        let now = crate::test_epoch();
+        p.bind(now, Ipv4Addr::new(192, 0, 2, 7), BackendId(3));
+        assert_eq!(
+            p.lookup(now, Ipv4Addr::new(192, 0, 2, 200)),
+            Some(BackendId(3))
+        );
+        assert_eq!(p.lookup(now, Ipv4Addr::new(192, 0, 3, 7)), None);
+    }
+
+    #[test]
+    fn template_expires_timeout_after_last_close() {
+        let mut p = PersistTable::new(Persistence::new(T));
+        let t0 = crate::test_epoch();
+        let c = Ipv4Addr::new(192, 0, 2, 7);
+        p.bind(t0, c, BackendId(1));
+        p.hold(c);
+        // A long connection keeps the template past the timeout.
+        let t1 = t0 + T + Duration::from_secs(100);
+        p.handle_timeout(t1);
+        assert_eq!(p.lookup(t1, c), Some(BackendId(1)));
+        p.release(t1, c);
+        let t2 = t1 + T - Duration::from_secs(1);
+        p.handle_timeout(t2);
+        assert_eq!(p.lookup(t2, c), Some(BackendId(1)));
+        let t3 = t1 + T;
+        assert_eq!(p.lookup(t3, c), None);
+        // The heap holds exactly one entry per template and drains with it.
+        p.handle_timeout(t3 + T);
+        assert_eq!(p.len(), 0);
+        assert_eq!(p.poll_timeout(), None);
+    }
+
+    #[test]
+    fn reuse_rearms_without_growing_the_heap() {
+        let mut p = PersistTable::new(Persistence::new(T));
+        let t0 = crate::test_epoch();
+        let c = Ipv4Addr::new(192, 0, 2, 7);
+        for s in 0..1000 {
+            let now = t0 + Duration::from_secs(s);
+            p.bind(now, c, BackendId(1));
+            p.hold(c);
+            p.release(now, c);
+            p.handle_timeout(now);
+        }
+        assert_eq!(p.deadlines.len(), 1);
+        assert_eq!(
+            p.lookup(
+                t0 + Duration::from_secs(999) + T - Duration::from_secs(1),
+                c
+            ),
+            Some(BackendId(1))
+        );
+    }
+}

@@ -1,0 +1,826 @@
+//! The tokio driver: TUN devices, underlay sockets, keepalive timers and route changes.
+//!
+//! Tasks per [`GreDriver`]:
+//! - one **transmit** task per tunnel: TUN reads (with offload, a TSO super-packet is split
+//!   into segments by tun-rs) → [`Tunnel::encapsulate`] → one `sendmmsg` per batch;
+//! - one **receive** task per underlay socket (local address × GRE/UDP), shared by the
+//!   tunnels on it: `recvmmsg` → [`Demux`] → [`Tunnel::decapsulate`] → TUN writes (with
+//!   offload, TCP segments are coalesced back into super-packets, GRO-style);
+//! - one **control** task per tunnel: keepalive timer, probes, and route add/withdraw on
+//!   [`TunnelEvent`]s.
+//!
+//! The driver makes no protocol decisions; all of them are in [`Tunnel`].
+
+mod netlink;
+mod sys;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tun_rs::{AsyncDevice, DeviceBuilder, ExpandBuffer, GROTable, VIRTIO_NET_HDR_LEN};
+
+use crate::keepalive::{GRE_IN_UDP_PORT, KeepaliveConfig};
+use crate::tunnel::{
+    Counters, Demux, Encap, HEADROOM, PROBE_BUF_LEN, Tunnel, TunnelConfig, TunnelEvent, Underlay,
+    Verdict,
+};
+use sys::MAX_BATCH;
+
+/// The driver's only clock read.
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// Why the driver could not start or change something.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// Creating or configuring the TUN device failed.
+    #[error("cannot create TUN device {name}: {source}")]
+    OpenTun {
+        /// Interface name.
+        name: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A socket operation failed.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A netlink request failed.
+    #[error("cannot {what}: {message}")]
+    Netlink {
+        /// The operation.
+        what: &'static str,
+        /// The kernel's answer.
+        message: String,
+    },
+    /// A route could not be added or removed.
+    #[error("route {route}: {message}")]
+    Route {
+        /// The route.
+        route: IpNet,
+        /// The kernel's answer.
+        message: String,
+    },
+    /// No interface holds the tunnel's local address, so its MTU is unknown.
+    #[error("no interface holds local address {0}")]
+    LocalAddressMissing(Ipv4Addr),
+}
+
+/// How to run one tunnel: the core's configuration plus what the driver installs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSpec {
+    /// The core configuration; `mtu == 0` means "underlay MTU minus overhead".
+    pub tunnel: TunnelConfig,
+    /// Inner address and prefix length of the TUN.
+    pub address: Option<(Ipv4Addr, u8)>,
+    /// Routes through the tunnel, installed while it is up.
+    pub routes: Vec<IpNet>,
+    /// Use TUN offload (virtio-net header, TSO/GRO super-packets).
+    pub offload: bool,
+}
+
+/// A snapshot of one tunnel for `show gre`.
+#[derive(Debug, Clone)]
+pub struct TunnelStatus {
+    /// Tunnel (and TUN) name.
+    pub name: String,
+    /// Outer source.
+    pub local: Ipv4Addr,
+    /// Outer destination.
+    pub remote: Ipv4Addr,
+    /// RFC 2890 key.
+    pub key: Option<u32>,
+    /// Sequence numbers on.
+    pub sequence: bool,
+    /// Checksums on.
+    pub checksum: bool,
+    /// GRE or GRE-in-UDP.
+    pub underlay: Underlay,
+    /// Tunnel MTU.
+    pub mtu: u16,
+    /// TUN offload in use.
+    pub offload: bool,
+    /// Line protocol up.
+    pub up: bool,
+    /// Why the tunnel is down, when it is.
+    pub down_reason: Option<String>,
+    /// How long it has been down.
+    pub down_for: Option<Duration>,
+    /// Keepalive settings, if on.
+    pub keepalive: Option<KeepaliveConfig>,
+    /// Time since the last keepalive reply.
+    pub last_keepalive: Option<Duration>,
+    /// Probes sent since the last reply.
+    pub keepalive_misses: u32,
+    /// Configured routes.
+    pub routes: Vec<IpNet>,
+    /// Whether those routes are installed now.
+    pub routes_installed: bool,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// State shared by the tasks of one tunnel.
+struct Shared {
+    core: Mutex<Tunnel>,
+    tun: AsyncDevice,
+    ifindex: u32,
+    routes: Vec<IpNet>,
+    routes_installed: AtomicBool,
+    offload: bool,
+    /// Wakes the control task when a keepalive reply may have changed the state.
+    wake: Notify,
+    underlay: Arc<UnderlaySocket>,
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Tunnel> {
+        // A panic elsewhere cannot leave the tunnel state half-updated in a way that
+        // matters more than stopping the data path would.
+        self.core
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct UnderlaySocket {
+    fd: AsyncFd<Socket>,
+    kind: Underlay,
+    /// UDP GSO usable for sending (cleared when the kernel refuses it).
+    gso: AtomicBool,
+    /// The kernel coalesces received datagrams (UDP GRO).
+    gro: bool,
+}
+
+impl UnderlaySocket {
+    fn open(local: Ipv4Addr, kind: Underlay) -> Result<Self, DriverError> {
+        let io = |what| move |source| DriverError::Io { what, source };
+        let (ty, proto, port) = match kind {
+            Underlay::Gre => (Type::RAW, Protocol::from(libc::IPPROTO_GRE), 0),
+            Underlay::Udp => (Type::DGRAM, Protocol::UDP, GRE_IN_UDP_PORT),
+        };
+        let socket =
+            Socket::new(Domain::IPV4, ty, Some(proto)).map_err(io("open underlay socket"))?;
+        socket
+            .bind(&SocketAddrV4::new(local, port).into())
+            .map_err(io("bind underlay socket to the local address"))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(io("set underlay socket non-blocking"))?;
+        sys::force_buffers(&socket, 4 << 20);
+        let gro = kind == Underlay::Udp && sys::enable_udp_gro(&socket);
+        Ok(Self {
+            fd: sys::register(socket).map_err(io("register underlay socket"))?,
+            kind,
+            gso: AtomicBool::new(kind == Underlay::Udp),
+            gro,
+        })
+    }
+
+    fn destination(&self, remote: Ipv4Addr) -> SocketAddrV4 {
+        let port = match self.kind {
+            Underlay::Gre => 0,
+            Underlay::Udp => GRE_IN_UDP_PORT,
+        };
+        SocketAddrV4::new(remote, port)
+    }
+
+    /// Sends a batch; for GRE-in-UDP, runs of equal-sized packets (the segments of one
+    /// TSO super-packet) go out as one UDP GSO send. `scratch` is reused between calls.
+    async fn send_batch(
+        &self,
+        packets: &[&[u8]],
+        remote: Ipv4Addr,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if !self.gso.load(Ordering::Relaxed) {
+            return self.send_all(packets, remote).await;
+        }
+        let dst = self.destination(remote);
+        let mut i = 0;
+        while i < packets.len() {
+            let segment = packets[i].len();
+            let mut j = i + 1;
+            let mut total = segment;
+            // Equal sizes, then at most one shorter tail; within 64 segments and 64 KiB.
+            while j < packets.len()
+                && j - i < 64
+                && total + packets[j].len() <= 65_000
+                && packets[j - 1].len() == segment
+                && packets[j].len() <= segment
+            {
+                total += packets[j].len();
+                j += 1;
+            }
+            if j - i == 1 {
+                self.send_all(&packets[i..j], remote).await?;
+                i = j;
+                continue;
+            }
+            scratch.clear();
+            for p in &packets[i..j] {
+                scratch.extend_from_slice(p);
+            }
+            loop {
+                let mut guard = self.fd.writable().await?;
+                match guard.try_io(|fd| sys::send_gso(fd.as_raw_fd(), scratch, segment as u16, dst))
+                {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e))
+                        if e.raw_os_error() == Some(libc::EIO)
+                            || e.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        tracing::info!(error = %e, "UDP GSO refused by the kernel; sending datagrams one by one");
+                        self.gso.store(false, Ordering::Relaxed);
+                        return self.send_all(&packets[i..], remote).await;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_would_block) => {}
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Sends every packet, waiting while the socket buffer is full.
+    async fn send_all(&self, packets: &[&[u8]], remote: Ipv4Addr) -> io::Result<()> {
+        let dst = self.destination(remote);
+        let mut sent = 0;
+        while sent < packets.len() {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| sys::send_batch(fd.as_raw_fd(), &packets[sent..], dst)) {
+                Ok(Ok(n)) => sent += n,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One underlay socket and the tunnels that share it.
+type UnderlayGroup = (Arc<UnderlaySocket>, Vec<Arc<Shared>>);
+
+/// A receive buffer that GRO may grow without zero-filling on every reuse.
+struct RxBuf {
+    data: Vec<u8>,
+    len: usize,
+}
+
+impl RxBuf {
+    fn new(size: usize) -> Self {
+        Self {
+            data: vec![0; size],
+            len: size,
+        }
+    }
+}
+
+impl AsRef<[u8]> for RxBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for RxBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl ExpandBuffer for RxBuf {
+    fn buf_capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        if new_len > self.data.len() {
+            self.data.resize(new_len, 0);
+        }
+        if new_len > self.len {
+            self.data[self.len..new_len].fill(value);
+        }
+        self.len = new_len;
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let end = self.len + src.len();
+        if end > self.data.len() {
+            self.data.resize(end, 0);
+        }
+        self.data[self.len..end].copy_from_slice(src);
+        self.len = end;
+    }
+}
+
+impl ExpandBuffer for &mut RxBuf {
+    fn buf_capacity(&self) -> usize {
+        (**self).buf_capacity()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        (**self).buf_resize(new_len, value);
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        (**self).buf_extend_from_slice(src);
+    }
+}
+
+/// Where decapsulated packets sit in an [`RxBuf`] before the TUN write: far enough in for
+/// tun-rs to put the virtio-net header in front.
+const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
+/// Decapsulated packets one receive batch may produce.
+const OUT_POOL: usize = 1024;
+/// Segments one TUN read may produce with offload (64 KiB / smallest sane MSS).
+const MAX_SEGMENTS: usize = 64;
+
+/// Running tunnels; dropping it without [`GreDriver::stop`] leaves routes to the kernel,
+/// which removes them with the TUN devices.
+pub struct GreDriver {
+    tunnels: Vec<Arc<Shared>>,
+    tasks: Vec<JoinHandle<()>>,
+    netlink: rtnetlink::Handle,
+}
+
+impl GreDriver {
+    /// Creates every tunnel's TUN device and sockets, installs routes, and starts the
+    /// tasks on the current tokio runtime.
+    ///
+    /// # Errors
+    /// The first device, socket or netlink operation that failed; whatever was created
+    /// before it is removed again.
+    pub async fn start(specs: Vec<TunnelSpec>) -> Result<Self, DriverError> {
+        let netlink = netlink::connect()?;
+        let mut driver = Self {
+            tunnels: Vec::new(),
+            tasks: Vec::new(),
+            netlink,
+        };
+        if let Err(e) = driver.start_all(specs).await {
+            driver.stop().await;
+            return Err(e);
+        }
+        Ok(driver)
+    }
+
+    async fn start_all(&mut self, specs: Vec<TunnelSpec>) -> Result<(), DriverError> {
+        let mut underlays: HashMap<(Ipv4Addr, Underlay), UnderlayGroup> = HashMap::new();
+        let reflector = Arc::new(open_reflector()?);
+        for spec in specs {
+            let mut config = spec.tunnel;
+            if config.mtu == 0 {
+                let underlay_mtu = netlink::underlay_mtu(&self.netlink, config.local).await?;
+                config.mtu = config.default_mtu(u16::try_from(underlay_mtu).unwrap_or(u16::MAX));
+            }
+            let key = (config.local, config.underlay);
+            let underlay = match underlays.get(&key) {
+                Some((u, _)) => Arc::clone(u),
+                None => Arc::new(UnderlaySocket::open(config.local, config.underlay)?),
+            };
+            let tun = open_tun(&config, spec.address, spec.offload)?;
+            let ifindex = tun.if_index().map_err(|source| DriverError::OpenTun {
+                name: config.name.clone(),
+                source,
+            })?;
+            let shared = Arc::new(Shared {
+                core: Mutex::new(Tunnel::new(config, now())),
+                tun,
+                ifindex,
+                routes: spec.routes,
+                routes_installed: AtomicBool::new(false),
+                offload: spec.offload,
+                wake: Notify::new(),
+                underlay: Arc::clone(&underlay),
+            });
+            install_routes(&self.netlink, &shared).await?;
+            underlays
+                .entry(key)
+                .or_insert_with(|| (underlay, Vec::new()))
+                .1
+                .push(Arc::clone(&shared));
+            self.tunnels.push(shared);
+        }
+        for shared in &self.tunnels {
+            self.tasks
+                .push(tokio::spawn(transmit_task(Arc::clone(shared))));
+            self.tasks.push(tokio::spawn(control_task(
+                Arc::clone(shared),
+                self.netlink.clone(),
+            )));
+        }
+        for (_, (underlay, tunnels)) in underlays {
+            self.tasks.push(tokio::spawn(receive_task(
+                underlay,
+                tunnels,
+                Arc::clone(&reflector),
+            )));
+        }
+        Ok(())
+    }
+
+    /// A snapshot of every tunnel.
+    pub fn status(&self) -> Vec<TunnelStatus> {
+        let now = now();
+        self.tunnels
+            .iter()
+            .map(|sh| {
+                let core = sh.core();
+                let c = core.config();
+                let ka = core.keepalive();
+                TunnelStatus {
+                    name: c.name.clone(),
+                    local: c.local,
+                    remote: c.remote,
+                    key: c.key,
+                    sequence: c.sequence,
+                    checksum: c.checksum,
+                    underlay: c.underlay,
+                    mtu: c.mtu,
+                    offload: sh.offload,
+                    up: core.is_up(),
+                    down_reason: ka.filter(|k| !k.is_up()).map(|k| {
+                        let cfg = k.config();
+                        format!(
+                            "no keepalive reply to {} probes sent every {:?}",
+                            k.misses(),
+                            cfg.interval
+                        )
+                    }),
+                    down_for: core.down_since().map(|t| now.saturating_duration_since(t)),
+                    keepalive: ka.map(|k| k.config()),
+                    last_keepalive: ka
+                        .and_then(|k| k.last_reply())
+                        .map(|t| now.saturating_duration_since(t)),
+                    keepalive_misses: ka.map_or(0, |k| k.misses()),
+                    routes: sh.routes.clone(),
+                    routes_installed: sh.routes_installed.load(Ordering::Relaxed),
+                    counters: core.counters().clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Stops every task, withdraws the routes and deletes the TUN devices.
+    pub async fn stop(mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks.drain(..) {
+            // Cancelled is the expected outcome; a panic has already been reported.
+            let _ = task.await;
+        }
+        for sh in &self.tunnels {
+            withdraw_routes(&self.netlink, sh).await;
+        }
+        // Dropping the last reference closes each TUN, which removes the interface.
+        self.tunnels.clear();
+    }
+}
+
+fn open_tun(
+    config: &TunnelConfig,
+    address: Option<(Ipv4Addr, u8)>,
+    offload: bool,
+) -> Result<AsyncDevice, DriverError> {
+    let mut builder = DeviceBuilder::new()
+        .name(config.name.clone())
+        .mtu(config.mtu)
+        .offload(offload)
+        .enable(true);
+    if let Some((addr, prefix)) = address {
+        builder = builder.ipv4(addr, prefix, None);
+    }
+    builder
+        .build_async()
+        .map_err(|source| DriverError::OpenTun {
+            name: config.name.clone(),
+            source,
+        })
+}
+
+/// IPPROTO_RAW socket (header included) for re-emitting peers' keepalive probes natively.
+fn open_reflector() -> Result<Socket, DriverError> {
+    let socket = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .map_err(|source| DriverError::Io {
+        what: "open raw socket for keepalive replies",
+        source,
+    })?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|source| DriverError::Io {
+            what: "set raw socket non-blocking",
+            source,
+        })?;
+    Ok(socket)
+}
+
+async fn install_routes(netlink: &rtnetlink::Handle, sh: &Shared) -> Result<(), DriverError> {
+    for route in &sh.routes {
+        netlink::add_route(netlink, *route, sh.ifindex).await?;
+    }
+    sh.routes_installed.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn withdraw_routes(netlink: &rtnetlink::Handle, sh: &Shared) {
+    for route in &sh.routes {
+        if let Err(e) = netlink::del_route(netlink, *route, sh.ifindex).await {
+            tracing::warn!(error = %e, "cannot withdraw route");
+        }
+    }
+    sh.routes_installed.store(false, Ordering::Relaxed);
+}
+
+async fn transmit_task(sh: Arc<Shared>) {
+    if let Err(e) = transmit_loop(&sh).await {
+        tracing::error!(tunnel = %sh.core().config().name, error = %e, "transmit path stopped");
+    }
+}
+
+async fn transmit_loop(sh: &Shared) -> io::Result<()> {
+    let (remote, mtu) = {
+        let core = sh.core();
+        (core.config().remote, usize::from(core.config().mtu))
+    };
+    let seg_max = if sh.offload { MAX_SEGMENTS } else { 1 };
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_536];
+    let mut bufs = vec![vec![0u8; HEADROOM + mtu.max(1500) + 256]; MAX_BATCH];
+    let mut sizes = vec![0usize; MAX_BATCH];
+    let mut out: Vec<(usize, core::ops::Range<usize>)> = Vec::with_capacity(MAX_BATCH);
+    let mut errors: Vec<(usize, core::ops::Range<usize>)> = Vec::new();
+    let mut scratch = Vec::with_capacity(65_536);
+    loop {
+        let mut n = sh
+            .tun
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, HEADROOM)
+            .await?;
+        // Drain what is already queued, so one sendmmsg carries many packets.
+        while MAX_BATCH - n >= seg_max {
+            match sh
+                .tun
+                .try_recv_multiple(&mut original, &mut bufs[n..], &mut sizes[n..], HEADROOM)
+            {
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        out.clear();
+        errors.clear();
+        {
+            let mut core = sh.core();
+            for (i, buf) in bufs.iter_mut().enumerate().take(n) {
+                match core.encapsulate(buf, HEADROOM..HEADROOM + sizes[i]) {
+                    Encap::ToPeer(r) => out.push((i, r)),
+                    Encap::ToTun(r) => errors.push((i, r)),
+                    Encap::Drop(_) => {}
+                }
+            }
+        }
+        let packets: Vec<&[u8]> = out.iter().map(|(i, r)| &bufs[*i][r.clone()]).collect();
+        if let Err(e) = sh.underlay.send_batch(&packets, remote, &mut scratch).await {
+            // The underlay may be unreachable for a while; packets are lost, not the tunnel.
+            tracing::debug!(error = %e, "underlay send failed");
+        }
+        for (i, r) in &errors {
+            write_tun_single(sh, &bufs[*i][r.clone()]).await;
+        }
+    }
+}
+
+/// Writes one locally generated packet (an ICMP error) to the TUN.
+async fn write_tun_single(sh: &Shared, packet: &[u8]) {
+    let result = if sh.offload {
+        // An all-zero virtio-net header: no GSO, checksum already complete.
+        let mut framed = vec![0u8; VIRTIO_NET_HDR_LEN];
+        framed.extend_from_slice(packet);
+        sh.tun.send(&framed).await
+    } else {
+        sh.tun.send(packet).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "TUN write failed");
+    }
+}
+
+async fn receive_task(
+    underlay: Arc<UnderlaySocket>,
+    tunnels: Vec<Arc<Shared>>,
+    reflector: Arc<Socket>,
+) {
+    if let Err(e) = receive_loop(&underlay, &tunnels, &reflector).await {
+        tracing::error!(error = %e, "receive path stopped");
+    }
+}
+
+async fn receive_loop(
+    underlay: &UnderlaySocket,
+    tunnels: &[Arc<Shared>],
+    reflector: &Socket,
+) -> io::Result<()> {
+    let demux = Demux::new(tunnels.iter().map(|sh| {
+        let core = sh.core();
+        (core.config().remote, core.config().key)
+    }));
+    // With UDP GRO one receive buffer holds up to 64 datagrams; receive fewer buffers per
+    // call so the decapsulated packets still fit the output pool.
+    let receives = if underlay.gro {
+        OUT_POOL / 64
+    } else {
+        MAX_BATCH
+    };
+    let mut raw: Vec<Vec<u8>> = (0..receives).map(|_| vec![0u8; 65_536]).collect();
+    let mut lens = [0usize; MAX_BATCH];
+    let mut sources = [Ipv4Addr::UNSPECIFIED; MAX_BATCH];
+    let mut segments = [0usize; MAX_BATCH];
+    let mut out: Vec<RxBuf> = (0..OUT_POOL)
+        .map(|_| RxBuf::new(TUN_OFFSET + 2048))
+        .collect();
+    let mut owner = vec![usize::MAX; OUT_POOL];
+    let mut gro: Vec<GROTable> = tunnels.iter().map(|_| GROTable::default()).collect();
+    loop {
+        let mut guard = underlay.fd.readable().await?;
+        let n = match guard.try_io(|fd| {
+            sys::recv_batch(
+                fd.as_raw_fd(),
+                &mut raw,
+                &mut lens,
+                &mut sources,
+                &mut segments,
+            )
+        }) {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        };
+        let now = now();
+        let mut used = 0;
+        for i in 0..n {
+            let step = if segments[i] == 0 {
+                lens[i]
+            } else {
+                segments[i]
+            };
+            let mut at = 0;
+            while at < lens[i] && used < OUT_POOL {
+                let end = (at + step.max(1)).min(lens[i]);
+                let datagram = &mut raw[i][at..end];
+                at = end;
+                if let Some(t) = decapsulate_one(
+                    underlay,
+                    &demux,
+                    tunnels,
+                    reflector,
+                    now,
+                    sources[i],
+                    datagram,
+                    &mut out[used],
+                ) {
+                    owner[used] = t;
+                    used += 1;
+                }
+            }
+        }
+        for (t, sh) in tunnels.iter().enumerate() {
+            let mut mine: Vec<&mut RxBuf> = out[..used]
+                .iter_mut()
+                .zip(&owner[..used])
+                .filter(|(_, o)| **o == t)
+                .map(|(b, _)| b)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let result = if sh.offload {
+                sh.tun
+                    .send_multiple(&mut gro[t], &mut mine, TUN_OFFSET)
+                    .await
+            } else {
+                let mut r = Ok(0);
+                for b in &mine {
+                    r = sh.tun.send(&b.as_ref()[TUN_OFFSET..]).await;
+                }
+                r
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+        }
+    }
+}
+
+/// Handles one underlay datagram; returns the tunnel index when its inner packet was
+/// copied into `out` for the TUN.
+#[allow(clippy::too_many_arguments)]
+fn decapsulate_one(
+    underlay: &UnderlaySocket,
+    demux: &Demux,
+    tunnels: &[Arc<Shared>],
+    reflector: &Socket,
+    now: Instant,
+    source: Ipv4Addr,
+    packet: &mut [u8],
+    out: &mut RxBuf,
+) -> Option<usize> {
+    // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
+    let gre_at = match underlay.kind {
+        Underlay::Gre => {
+            let ihl = usize::from(packet.first()? & 0xf) * 4;
+            (packet.len() >= ihl).then_some(ihl)?
+        }
+        Underlay::Udp => 0,
+    };
+    let t = demux.lookup(source, &packet[gre_at..])?;
+    let sh = &tunnels[t];
+    let verdict = sh.core().decapsulate(now, source, &mut packet[gre_at..]);
+    match verdict {
+        Verdict::ToTun(r) => {
+            let inner = &packet[gre_at + r.start..gre_at + r.end];
+            out.len = TUN_OFFSET;
+            out.buf_extend_from_slice(inner);
+            return Some(t);
+        }
+        Verdict::Reflect(r) => {
+            let inner = &packet[gre_at + r.start..gre_at + r.end];
+            let dst = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
+            if let Err(e) = reflector.send_to(inner, &SockAddr::from(SocketAddrV4::new(dst, 0))) {
+                tracing::debug!(error = %e, "keepalive reflection failed");
+            }
+        }
+        Verdict::KeepaliveReply => sh.wake.notify_one(),
+        Verdict::Drop(_) => {}
+    }
+    None
+}
+
+async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) {
+    let mut probe = [0u8; PROBE_BUF_LEN];
+    loop {
+        let deadline = sh.core().poll_timeout();
+        match deadline {
+            Some(d) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(d.into()) => {}
+                    () = sh.wake.notified() => {}
+                }
+            }
+            None => sh.wake.notified().await,
+        }
+        let now = now();
+        let (remote, sent, events) = {
+            let mut core = sh.core();
+            if core.poll_timeout().is_some_and(|d| d <= now) {
+                core.handle_timeout(now);
+            }
+            let sent = core.poll_transmit(&mut probe);
+            let mut events = Vec::new();
+            while let Some(e) = core.poll_event() {
+                events.push(e);
+            }
+            (core.config().remote, sent, events)
+        };
+        if let Some(r) = sent
+            && let Err(e) = sh.underlay.send_all(&[&probe[r]], remote).await
+        {
+            tracing::debug!(error = %e, "keepalive probe not sent");
+        }
+        for event in events {
+            let name = sh.core().config().name.clone();
+            match event {
+                TunnelEvent::Down => {
+                    tracing::warn!(tunnel = %name, "keepalives unanswered: tunnel down, withdrawing routes");
+                    withdraw_routes(&netlink, &sh).await;
+                }
+                TunnelEvent::Up => {
+                    tracing::info!(tunnel = %name, "keepalive reply: tunnel up, installing routes");
+                    if let Err(e) = install_routes(&netlink, &sh).await {
+                        tracing::warn!(tunnel = %name, error = %e, "cannot install routes");
+                    }
+                }
+            }
+        }
+    }
+}

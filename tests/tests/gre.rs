@@ -1,0 +1,434 @@
+//! GRE site-to-site: two branch routers running vipgate across an "isp" router that knows
+//! only their public addresses, with a host on each LAN.
+//!
+//! ```text
+//!  hqpc 192.168.101.10 -- hq (198.51.100.1) -- isp -- br (198.51.100.2) -- brpc 192.168.102.10
+//!                         gre-br 172.16.0.1/30         gre-hq 172.16.0.2/30
+//! ```
+//!
+//! What the ISP forwards is counted by nftables inside the isp namespace, never by asking
+//! vipgate.
+
+use std::time::{Duration, Instant};
+use vipgate_tests::{Proc, Topology, wait_for, wait_until};
+
+const HQ_PUB: &str = "198.51.100.1";
+const BR_PUB: &str = "198.51.100.2";
+const BR_PC: &str = "192.168.102.10";
+
+struct Branches {
+    t: Topology,
+    hq: Option<Proc>,
+    br: Option<Proc>,
+}
+
+/// Per-site options appended to each `[[gre]]` section.
+fn site_config(t: &Topology, site: &str, extra: &str) -> String {
+    let (name, local, remote, inner, lan) = if site == "hq" {
+        (
+            "gre-br",
+            HQ_PUB,
+            BR_PUB,
+            "172.16.0.1/30",
+            "192.168.102.0/24",
+        )
+    } else {
+        (
+            "gre-hq",
+            BR_PUB,
+            HQ_PUB,
+            "172.16.0.2/30",
+            "192.168.101.0/24",
+        )
+    };
+    format!(
+        "[daemon]\ncontrol = \"{}\"\n\n[[gre]]\nname = \"{name}\"\nlocal = \"{local}\"\nremote = \"{remote}\"\n\
+         address = \"{inner}\"\nroutes = [\"{lan}\"]\n{extra}\n",
+        t.dir().join(format!("{site}.sock")).display()
+    )
+}
+
+impl Branches {
+    fn new(test: &str, extra: &str) -> Self {
+        let mut t = Topology::new(test);
+        t.hosts(&["isp", "hq", "br", "hqpc", "brpc"]);
+        t.veth("hq", "e0", "isp", "ihq")
+            .veth("br", "e0", "isp", "ibr")
+            .veth("hq", "e1", "hqpc", "e0")
+            .veth("br", "e1", "brpc", "e0");
+        // The ISP routes the two public /32s and nothing else; proxy ARP lets each router
+        // reach the other on its /24 through it.
+        t.sh(
+            "isp",
+            "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.proxy_arp=1 \
+             net.ipv4.conf.ihq.proxy_arp=1 net.ipv4.conf.ibr.proxy_arp=1 \
+             net.ipv4.neigh.ihq.proxy_delay=0 net.ipv4.neigh.ibr.proxy_delay=0",
+        );
+        t.addr("isp", "ihq", "198.51.100.254/32")
+            .addr("isp", "ibr", "198.51.100.254/32");
+        t.ip("isp", &format!("route add {HQ_PUB}/32 dev ihq"));
+        t.ip("isp", &format!("route add {BR_PUB}/32 dev ibr"));
+        // Counted in the ISP's forward path: tunnel packets are accepted after counting,
+        // so `other` sees everything else.
+        let rules = t.write(
+            "isp.nft",
+            "table inet isp {
+  counter gre_raw { }
+  counter gre_udp { }
+  counter other { }
+  counter fragments { }
+  counter lan_src { }
+  chain transit {
+    type filter hook forward priority 0; policy accept;
+    ip frag-off & 0x3fff != 0 counter name fragments
+    ip saddr 192.168.0.0/16 counter name lan_src
+    ip protocol gre counter name gre_raw accept
+    udp dport 4754 counter name gre_udp accept
+    counter name other
+  }
+}
+",
+        );
+        t.sh("isp", &format!("nft -f {}", rules.display()));
+        t.forwarding("hq").forwarding("br");
+        t.addr("hq", "e0", &format!("{HQ_PUB}/24"))
+            .addr("br", "e0", &format!("{BR_PUB}/24"))
+            .addr("hq", "e1", "192.168.101.1/24")
+            .addr("br", "e1", "192.168.102.1/24")
+            .addr("hqpc", "e0", "192.168.101.10/24")
+            .addr("brpc", "e0", "192.168.102.10/24");
+        t.ip("hqpc", "route add default via 192.168.101.1");
+        t.ip("brpc", "route add default via 192.168.102.1");
+        t.write("hq.toml", &site_config(&t, "hq", extra));
+        t.write("br.toml", &site_config(&t, "br", extra));
+        let mut b = Branches {
+            t,
+            hq: None,
+            br: None,
+        };
+        b.start("hq");
+        b.start("br");
+        b.wait_up("hq");
+        b.wait_up("br");
+        b
+    }
+
+    fn start(&mut self, site: &str) {
+        let cfg = self.t.dir().join(format!("{site}.toml"));
+        let p = self.t.vipgate(
+            site,
+            &format!("vipgate-{site}"),
+            &["run", "-c", cfg.to_str().unwrap()],
+        );
+        if site == "hq" {
+            self.hq = Some(p);
+        } else {
+            self.br = Some(p);
+        }
+    }
+
+    fn show(&self, site: &str, json: bool) -> Option<String> {
+        let sock = self.t.dir().join(format!("{site}.sock"));
+        let mut args = vec!["show", "gre", "--control", sock.to_str().unwrap()];
+        if json {
+            args.push("--json");
+        }
+        let out = self.t.vipgate_output(site, &args);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn state(&self, site: &str) -> Option<String> {
+        self.show(site, true)
+            .and_then(|j| json_field(&j, "state").map(|s| s.trim_matches('"').to_string()))
+    }
+
+    fn wait_up(&self, site: &str) {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{site} tunnel up"),
+            || self.state(site).as_deref() == Some("up"),
+        );
+    }
+
+    fn counter(&self, site: &str, key: &str) -> u64 {
+        let j = self.show(site, true).expect("show gre --json");
+        json_field(&j, key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no counter {key} in {j}"))
+    }
+
+    fn nft(&self, name: &str) -> u64 {
+        let out = self
+            .t
+            .sh("isp", &format!("nft list counter inet isp {name}"));
+        out.split("packets ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read nft counter {name}: {out}"))
+    }
+
+    fn nft_bytes(&self, name: &str) -> u64 {
+        let out = self
+            .t
+            .sh("isp", &format!("nft list counter inet isp {name}"));
+        out.split("bytes ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read nft counter {name}: {out}"))
+    }
+
+    fn ping(&self, from: &str, to: &str) -> Result<String, String> {
+        self.t.try_sh(from, &format!("ping -c 2 -i 0.2 -W 2 {to}"))
+    }
+}
+
+/// The raw text of the first `"key": value` in JSON output (one tunnel per daemon here).
+fn json_field(json: &str, key: &str) -> Option<String> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json[at..].trim_start();
+    let end = rest.find([',', '\n', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim().to_string())
+}
+
+/// Waits until something listens on TCP `port` in `host` (without connecting to it: the
+/// sink accepts exactly one connection).
+fn wait_listening(t: &Topology, host: &str, port: u16) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("a listener on {port} in {host}"),
+        || {
+            t.try_sh(host, &format!("ss -Htln 'sport = :{port}'"))
+                .is_ok_and(|out| !out.trim().is_empty())
+        },
+    );
+}
+
+/// Sends a crafted GRE packet from `host` to the HQ router with python3's raw socket.
+fn send_gre(t: &Topology, host: &str, hex: &str) {
+    t.sh(
+        host,
+        &format!(
+            "python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_RAW, 47); \
+             s.sendto(bytes.fromhex('{hex}'), ('{HQ_PUB}', 0))\""
+        ),
+    );
+}
+
+#[test]
+fn branch_lans_talk_over_gre_and_the_isp_sees_only_gre() {
+    let b = Branches::new(
+        "gre_lans",
+        "key = 42\nkeepalive = { interval = \"1s\", retries = 3 }",
+    );
+    // Until both daemons had their sockets open, a probe could meet a router with nothing
+    // listening for GRE and draw an ICMP protocol-unreachable: count from "both up" on.
+    b.t.sh("isp", "nft reset counters table inet isp >/dev/null");
+    b.ping("hqpc", BR_PC).expect("ping across the tunnel");
+    // The ISP has no route to the LANs: without the tunnel this could not work.
+    assert!(b.t.try_sh("isp", &format!("ping -c1 -W1 {BR_PC}")).is_err());
+
+    // 50 MB of random bytes over TCP, LAN MTU 1500 on both sides, checked by hash.
+    let dir = b.t.dir().display().to_string();
+    b.t.sh(
+        "hqpc",
+        &format!("head -c 50000000 /dev/urandom > {dir}/sent"),
+    );
+    let _sink = b.t.spawn(
+        "brpc",
+        "sink",
+        &[
+            "socat",
+            "-u",
+            "TCP-LISTEN:5001,reuseaddr",
+            &format!("CREATE:{dir}/received"),
+        ],
+    );
+    wait_listening(&b.t, "brpc", 5001);
+    let started = Instant::now();
+    b.t.sh(
+        "hqpc",
+        &format!("socat -u FILE:{dir}/sent TCP:{BR_PC}:5001"),
+    );
+    let hash = |f: &str| {
+        b.t.sh("hqpc", &format!("sha256sum < {dir}/{f} | cut -d' ' -f1"))
+    };
+    wait_until(Duration::from_secs(30), "the whole file to arrive", || {
+        std::fs::metadata(format!("{dir}/received")).is_ok_and(|m| m.len() == 50_000_000)
+    });
+    assert_eq!(
+        hash("sent"),
+        hash("received"),
+        "bytes changed in the tunnel"
+    );
+    eprintln!("50 MB over the tunnel in {:?}", started.elapsed());
+
+    // Only GRE crossed the ISP: no inner LAN address, nothing else, and no fragments (the
+    // MSS clamp made TCP fit the 1472-byte tunnel MTU).
+    assert!(
+        b.nft("gre_raw") > 35_000,
+        "GRE packets counted: {}",
+        b.nft("gre_raw")
+    );
+    assert_eq!(b.nft("other"), 0, "non-GRE traffic crossed the ISP");
+    assert_eq!(b.nft("gre_udp"), 0);
+    assert_eq!(b.nft("lan_src"), 0, "a LAN address was visible at the ISP");
+    assert_eq!(b.nft("fragments"), 0, "outer packets were fragmented");
+    assert!(b.counter("hq", "mss_clamped") >= 1);
+    assert!(b.counter("br", "mss_clamped") >= 1);
+
+    // PMTU: a DF packet larger than the tunnel MTU (1500 - 24 - 4 for the key) is refused
+    // with ICMP fragmentation-needed carrying the tunnel MTU.
+    let out =
+        b.t.try_sh(
+            "hqpc",
+            &format!("ping -c1 -W2 -M do -s 1460 {BR_PC} 2>&1; true"),
+        )
+        .unwrap();
+    assert!(out.contains("mtu = 1472"), "no frag-needed: {out}");
+    b.t.try_sh("hqpc", &format!("ping -c1 -W2 -M do -s 1444 {BR_PC}"))
+        .expect("a packet that fits the tunnel MTU passes with DF");
+
+    let text = b.show("hq", false).unwrap();
+    assert!(text.contains("gre-br is up"), "{text}");
+    assert!(
+        text.contains("routes installed: 192.168.102.0/24"),
+        "{text}"
+    );
+}
+
+#[test]
+fn keepalive_loss_withdraws_routes_and_return_restores_them() {
+    let mut b = Branches::new("gre_ka", "keepalive = { interval = \"1s\", retries = 3 }");
+    b.ping("hqpc", BR_PC).expect("ping before the outage");
+    assert!(
+        b.t.ip("hq", "route")
+            .contains("192.168.102.0/24 dev gre-br")
+    );
+
+    let stopped = Instant::now();
+    b.br.as_mut().unwrap().terminate(Duration::from_secs(5));
+    wait_until(Duration::from_secs(6), "HQ tunnel down", || {
+        b.state("hq").as_deref() == Some("down")
+    });
+    let detected = stopped.elapsed();
+    // period × retries, plus one period of phase and some scheduling slack.
+    assert!(detected <= Duration::from_millis(4500), "took {detected:?}");
+    assert!(
+        !b.t.ip("hq", "route").contains("192.168.102.0/24"),
+        "route still installed while down"
+    );
+    let text = b.show("hq", false).unwrap();
+    assert!(
+        text.contains("gre-br is down (no keepalive reply"),
+        "{text}"
+    );
+    assert!(text.contains("routes withdrawn"), "{text}");
+
+    b.start("br");
+    wait_until(Duration::from_secs(6), "HQ tunnel back up", || {
+        b.state("hq").as_deref() == Some("up")
+    });
+    wait_until(Duration::from_secs(3), "route reinstalled", || {
+        b.t.ip("hq", "route")
+            .contains("192.168.102.0/24 dev gre-br")
+    });
+    wait_for(Duration::from_secs(5), "traffic after recovery", || {
+        b.ping("hqpc", BR_PC).ok()
+    });
+}
+
+#[test]
+fn wrong_key_wrong_source_and_malformed_gre_are_counted_not_fatal() {
+    let mut b = Branches::new("gre_bad", "key = 42");
+    // A rogue host on the ISP side with its own public address.
+    b.t.host("rogue");
+    b.t.veth("rogue", "e0", "isp", "irg");
+    b.t.sh(
+        "isp",
+        "sysctl -qw net.ipv4.conf.irg.proxy_arp=1 net.ipv4.neigh.irg.proxy_delay=0",
+    );
+    b.t.addr("isp", "irg", "198.51.100.254/32");
+    b.t.ip("isp", "route add 198.51.100.3/32 dev irg");
+    b.t.addr("rogue", "e0", "198.51.100.3/24");
+
+    // Key flag + key 42, IPv4 payload: the right packet from the wrong source.
+    let inner = "4500001c000040004001f0cec0a86610c0a8650a0800f7ff00000000";
+    send_gre(&b.t, "rogue", &format!("20000800000000{}{inner}", "2a"));
+    // From the real peer with key 43.
+    send_gre(&b.t, "br", &format!("20000800000000{}{inner}", "2b"));
+    // Keyless from the real peer.
+    send_gre(&b.t, "br", &format!("00000800{inner}"));
+    // Truncated (key flag but no key), version 1, and a checksum that does not verify.
+    send_gre(&b.t, "br", "20000800");
+    send_gre(&b.t, "br", "00010800");
+    send_gre(&b.t, "br", &format!("a0000800123400000000002a{inner}"));
+
+    wait_until(Duration::from_secs(5), "all six drops counted", || {
+        let j = b.show("hq", true).unwrap_or_default();
+        let n = |k: &str| {
+            json_field(&j, k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        n("wrong_source") == 1
+            && n("wrong_key") == 2
+            && n("truncated") == 1
+            && n("bad_version") == 1
+            && n("bad_checksum") == 1
+    });
+    assert!(b.hq.as_mut().unwrap().is_running(), "HQ daemon died");
+    b.ping("hqpc", BR_PC).expect("tunnel still carries traffic");
+    let text = b.show("hq", false).unwrap();
+    assert!(text.contains("wrong_key 2"), "{text}");
+    assert!(text.contains("wrong_source 1"), "{text}");
+}
+
+#[test]
+fn gre_in_udp_crosses_the_isp_as_udp_4754() {
+    let b = Branches::new(
+        "gre_udp",
+        "encap = \"udp\"\nkeepalive = { interval = \"1s\", retries = 3 }",
+    );
+    b.t.sh("isp", "nft reset counters table inet isp >/dev/null");
+    b.ping("hqpc", BR_PC).expect("ping over GRE-in-UDP");
+    let dir = b.t.dir().display().to_string();
+    b.t.sh(
+        "hqpc",
+        &format!("head -c 5000000 /dev/urandom > {dir}/sent"),
+    );
+    let _sink = b.t.spawn(
+        "brpc",
+        "sink",
+        &[
+            "socat",
+            "-u",
+            "TCP-LISTEN:5001,reuseaddr",
+            &format!("CREATE:{dir}/received"),
+        ],
+    );
+    wait_listening(&b.t, "brpc", 5001);
+    b.t.sh(
+        "hqpc",
+        &format!("socat -u FILE:{dir}/sent TCP:{BR_PC}:5001"),
+    );
+    wait_until(Duration::from_secs(20), "the whole file to arrive", || {
+        std::fs::metadata(format!("{dir}/received")).is_ok_and(|m| m.len() == 5_000_000)
+    });
+    let hash = |f: &str| {
+        b.t.sh("hqpc", &format!("sha256sum < {dir}/{f} | cut -d' ' -f1"))
+    };
+    assert_eq!(hash("sent"), hash("received"));
+    // Counted in bytes: with UDP GSO the ISP forwards super-packets, not 1500-byte frames.
+    assert!(b.nft_bytes("gre_udp") > 5_000_000);
+    assert_eq!(b.nft("gre_raw"), 0, "raw GRE crossed the ISP in UDP mode");
+    assert_eq!(b.nft("other"), 0);
+    assert_eq!(b.nft("lan_src"), 0);
+    // Probes reflected by the peer come back on the UDP port too.
+    wait_until(Duration::from_secs(5), "a keepalive reply over UDP", || {
+        b.counter("hq", "keepalive_replies") >= 1 && b.counter("br", "keepalive_replies") >= 1
+    });
+}

@@ -1,0 +1,512 @@
+//! Load-balanced virtual services end to end: a director namespace runs `vipgate run` with
+//! `[[service]]`, real servers run python3 http.server (each answers with its own name), and a
+//! client namespace with several addresses connects to the VIP.
+//!
+//! ```text
+//!  cl 198.51.100.200-209 ── eth0 ── dir (198.51.100.11, VIP .10 owned by vipgate)
+//!                                    br0 10.0.0.1 ── rs1 .101, rs2 .102, rs3 .103 (:80, sorry :8080)
+//! ```
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use vipgate_tests::{Proc, Topology, wait_until};
+
+const VIP: &str = "198.51.100.10";
+const CLIENTS: &str = "198.51.100.200,198.51.100.201,198.51.100.202";
+
+/// Connects `n` times to `VIP:port` (round robin over the source addresses), sends a GET and
+/// prints each answer's body on one line. Optional: hold N connections open first (no request
+/// yet), then after a line on stdin send their requests and print their bodies.
+const CLIENT_PY: &str = r#"
+import socket, sys
+vip, port, n, srcs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
+# Each connection gets its own source port: a reused client port would match a closed flow
+# the gateway still remembers and skip the scheduler.
+base = int(sys.argv[5])
+def get(s):
+    s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    s.close()
+    return data.split(b"\r\n\r\n", 1)[1].decode().strip()
+for i in range(n):
+    s = socket.create_connection((vip, port), timeout=5, source_address=(srcs[i % len(srcs)], base + i))
+    print(get(s), flush=True)
+"#;
+
+/// Holds `n` connections open without a request, prints "held", waits for a line on stdin
+/// (a file appearing), then sends the requests and prints the bodies.
+const HOLD_PY: &str = r#"
+import socket, sys, os, time
+vip, port, n, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+held = [socket.create_connection((vip, port), timeout=30) for _ in range(n)]
+print("held", flush=True)
+deadline = time.time() + 60
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.02)
+for s in held:
+    s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    print(data.split(b"\r\n\r\n", 1)[1].decode().strip(), flush=True)
+"#;
+
+struct Lab {
+    t: Topology,
+    vipgate: Proc,
+    servers: HashMap<String, Proc>,
+    config: std::path::PathBuf,
+    control: String,
+    next_port: std::cell::Cell<u32>,
+}
+
+impl Lab {
+    /// Builds the topology, starts `rs1..=rs{reals}` and vipgate with `services` (TOML).
+    fn new(test: &str, reals: u8, services: &str) -> Lab {
+        let mut t = Topology::new(test);
+        t.hosts(&["cl", "dir"]);
+        t.veth("cl", "eth0", "dir", "eth0");
+        t.addr("dir", "eth0", "198.51.100.11/24");
+        for a in 200..210 {
+            t.addr("cl", "eth0", &format!("198.51.100.{a}/24"));
+        }
+        t.bridge("dir", "br0");
+        t.addr("dir", "br0", "10.0.0.1/24");
+        t.forwarding("dir");
+        let mut servers = HashMap::new();
+        for i in 1..=reals {
+            let rs = format!("rs{i}");
+            t.host(&rs);
+            t.veth(&rs, "eth0", "dir", &format!("v{i}"));
+            t.ip("dir", &format!("link set v{i} master br0"));
+            t.addr(&rs, "eth0", &format!("10.0.0.10{i}/24"));
+            t.ip(&rs, "route add default via 10.0.0.1");
+            let p = http_server(&t, &rs, &format!("10.0.0.10{i}"), 80, &rs);
+            servers.insert(rs, p);
+        }
+        t.write("client.py", CLIENT_PY);
+        t.write("hold.py", HOLD_PY);
+        let control = t.dir().join("vipgate.sock").display().to_string();
+        let config = t.write(
+            "director.toml",
+            &format!("[daemon]\ncontrol = \"{control}\"\n\n{services}"),
+        );
+        let vipgate = t.vipgate(
+            "dir",
+            "vipgate",
+            &["run", "-c", config.to_str().unwrap_or("")],
+        );
+        let lab = Lab {
+            t,
+            vipgate,
+            servers,
+            config,
+            control,
+            next_port: std::cell::Cell::new(20_000),
+        };
+        wait_until(Duration::from_secs(20), "vipgate to serve show lb", || {
+            lab.try_show().is_some_and(|s| s.contains(VIP))
+        });
+        lab
+    }
+
+    fn try_show(&self) -> Option<String> {
+        let out = self
+            .t
+            .vipgate_output("dir", &["show", "lb", "--control", &self.control]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn show(&self) -> String {
+        self.try_show()
+            .unwrap_or_else(|| panic!("show lb failed; vipgate log:\n{}", self.vipgate.log()))
+    }
+
+    /// `(state, weight, active, inactive, conns)` of one backend from `show lb`.
+    fn backend(&self, addr: &str) -> (String, u64, u64, u64, u64) {
+        let show = self.show();
+        let line = show
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("-> {addr} ")))
+            .unwrap_or_else(|| panic!("{addr} not in show lb:\n{show}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let n = |i: usize| f[i].parse::<u64>().unwrap_or(u64::MAX);
+        (f[2].to_string(), n(3), n(4), n(5), n(6))
+    }
+
+    /// Bodies of `n` fresh connections to `VIP:port` from `sources`.
+    fn connect(&self, port: u16, n: usize, sources: &str) -> Vec<String> {
+        let script = self.t.dir().join("client.py");
+        let base = self.next_port.get();
+        self.next_port.set(base + n as u32);
+        let out = self
+            .t
+            .try_sh(
+                "cl",
+                &format!(
+                    "python3 {} {VIP} {port} {n} {sources} {base}",
+                    script.display()
+                ),
+            )
+            .unwrap_or_else(|e| panic!("client failed: {e}\nvipgate log:\n{}", self.vipgate.log()));
+        out.lines().map(str::to_owned).collect()
+    }
+
+    fn weight(&self, service: &str, backend: &str, w: u32) {
+        let out = self.t.vipgate_output(
+            "dir",
+            &[
+                "lb",
+                "weight",
+                service,
+                backend,
+                &w.to_string(),
+                "--control",
+                &self.control,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "lb weight failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A python3 http.server answering GET / with `body`, like the harness's `http_server`, but
+/// waiting for the port with bash (the harness's `wait_tcp` runs `/dev/tcp` under dash,
+/// which has no such thing).
+fn http_server(t: &Topology, host: &str, addr: &str, port: u16, body: &str) -> Proc {
+    let www = t.dir().join(format!("www-{host}-{port}"));
+    std::fs::create_dir_all(&www).expect("creating the web root");
+    std::fs::write(www.join("index.html"), format!("{body}\n")).expect("writing index.html");
+    let p = t.spawn(
+        host,
+        &format!("http-{host}-{port}"),
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            addr,
+            "--directory",
+            www.to_str().unwrap_or("."),
+            &port.to_string(),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{addr}:{port} to accept"),
+        || {
+            t.try_sh(host, &format!("bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"))
+                .is_ok()
+        },
+    );
+    p
+}
+
+fn count(bodies: &[String]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for b in bodies {
+        *m.entry(b.clone()).or_default() += 1;
+    }
+    m
+}
+
+fn backends(list: &[(u8, u32)]) -> String {
+    let items: Vec<String> = list
+        .iter()
+        .map(|(i, w)| format!("  {{ address = \"10.0.0.10{i}:80\", weight = {w} }},"))
+        .collect();
+    format!("backends = [\n{}\n]\n", items.join("\n"))
+}
+
+fn service(scheduler: &str, extra: &str, list: &[(u8, u32)]) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nlisten = \"{VIP}:80\"\nscheduler = \"{scheduler}\"\n{extra}\n{}",
+        backends(list)
+    )
+}
+
+fn active_total(lab: &Lab) -> u64 {
+    (1..=3)
+        .filter_map(|i| {
+            let show = lab.show();
+            show.contains(&format!("10.0.0.10{i}:80"))
+                .then(|| lab.backend(&format!("10.0.0.10{i}:80")).2)
+        })
+        .sum()
+}
+
+/// The issue's exactness test (600 connections from several clients land 100/200/300 under
+/// wrr 1:2:3), then a SIGHUP that switches to rr with equal weights while an 8 MB download
+/// runs through the VIP: the download completes, and the next 600 split 200/200/200.
+#[test]
+fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer() {
+    let lab = Lab::new(
+        "lb_split",
+        3,
+        &service("wrr", "", &[(1, 1), (2, 2), (3, 3)]),
+    );
+    let split = count(&lab.connect(80, 600, CLIENTS));
+    assert_eq!(
+        (split.get("rs1"), split.get("rs2"), split.get("rs3")),
+        (Some(&100), Some(&200), Some(&300)),
+        "wrr 1:2:3 over 600 connections"
+    );
+    assert_eq!(
+        lab.backend("10.0.0.103:80").4,
+        300,
+        "show lb counts connections"
+    );
+
+    for i in 1..=3 {
+        let f = lab.t.dir().join(format!("www-rs{i}-80/big.bin"));
+        std::fs::write(&f, vec![7u8; 8 << 20]).expect("writing the big file");
+    }
+    let mut transfer = lab.t.spawn(
+        "cl",
+        "transfer",
+        &[
+            "curl",
+            "-sS",
+            "--limit-rate",
+            "3M",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            &format!("http://{VIP}/big.bin"),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the transfer to be established",
+        || active_total(&lab) == 1,
+    );
+    let text = std::fs::read_to_string(&lab.config).expect("reading the config");
+    std::fs::write(
+        &lab.config,
+        text.replace("\"wrr\"", "\"rr\"")
+            .replace("weight = 2", "weight = 1")
+            .replace("weight = 3", "weight = 1"),
+    )
+    .expect("rewriting the config");
+    lab.vipgate.signal(1); // SIGHUP
+    wait_until(Duration::from_secs(10), "the reload to apply", || {
+        lab.show().contains(&format!("{VIP}:80 rr"))
+    });
+    assert!(
+        transfer.is_running(),
+        "the transfer must still be running across the reload"
+    );
+    let split = count(&lab.connect(80, 600, CLIENTS));
+    assert_eq!(
+        (split.get("rs1"), split.get("rs2"), split.get("rs3")),
+        (Some(&200), Some(&200), Some(&200)),
+        "rr over 600 connections after the reload"
+    );
+    assert_eq!(transfer.wait_exit(Duration::from_secs(30)), Some(0));
+    assert_eq!(
+        transfer.log().trim(),
+        (8u64 << 20).to_string(),
+        "complete download"
+    );
+}
+
+/// lc: a backend holding long-lived connections gets none of the new short ones until its
+/// load (256 per active connection) is matched; weight 0 drains without cutting an open
+/// connection.
+#[test]
+fn lc_avoids_the_loaded_backend_and_drain_keeps_open_connections() {
+    let lab = Lab::new("lb_lc", 2, &service("lc", "", &[(1, 1), (2, 1)]));
+    // Drain rs2 so the held connections all go to rs1.
+    lab.weight("web", "10.0.0.102:80", 0);
+    let go = lab.t.dir().join("go");
+    let hold = lab.t.dir().join("hold.py");
+    let mut held = lab.t.spawn(
+        "cl",
+        "hold",
+        &[
+            "python3",
+            hold.to_str().unwrap_or(""),
+            VIP,
+            "80",
+            "4",
+            go.to_str().unwrap_or(""),
+        ],
+    );
+    wait_until(Duration::from_secs(10), "4 held connections on rs1", || {
+        lab.backend("10.0.0.101:80").2 == 4
+    });
+    lab.weight("web", "10.0.0.102:80", 1);
+    let next = count(&lab.connect(80, 20, CLIENTS));
+    assert_eq!(
+        next.get("rs2"),
+        Some(&20),
+        "all new connections avoid the loaded rs1: {next:?}"
+    );
+
+    // Drain rs1 while it holds 4 open connections: they keep working, new ones go to rs2.
+    lab.weight("web", "10.0.0.101:80", 0);
+    let (state, weight, active, _, _) = lab.backend("10.0.0.101:80");
+    assert_eq!((state.as_str(), weight, active), ("draining", 0, 4));
+    let next = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(next.get("rs2"), Some(&10));
+    std::fs::write(&go, b"go").expect("releasing the held connections");
+    assert_eq!(held.wait_exit(Duration::from_secs(20)), Some(0));
+    let answers: Vec<String> = held.log().lines().skip(1).map(str::to_owned).collect();
+    assert_eq!(
+        answers,
+        ["rs1", "rs1", "rs1", "rs1"],
+        "drained backend still served its connections"
+    );
+}
+
+/// sh pins every client address to one backend while the clients spread; persistence pins
+/// a client under rr until the timeout has passed since its last connection.
+#[test]
+fn source_hash_and_persistence_pin_clients() {
+    let lab = Lab::new("lb_sh", 3, &service("sh", "", &[(1, 1), (2, 1), (3, 1)]));
+    let mut seen = HashMap::new();
+    for a in 200..210 {
+        let bodies = lab.connect(80, 5, &format!("198.51.100.{a}"));
+        let c = count(&bodies);
+        assert_eq!(c.len(), 1, "client .{a} moved between backends: {bodies:?}");
+        seen.insert(a, bodies[0].clone());
+    }
+    let distinct: std::collections::HashSet<_> = seen.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "ten clients all hashed to one backend: {seen:?}"
+    );
+    drop(lab);
+
+    // Long enough that a loaded machine (python start-up per connection) cannot outrun it.
+    let timeout = Duration::from_secs(5);
+    let lab = Lab::new(
+        "lb_persist",
+        3,
+        &service("rr", "persistence = \"5s\"", &[(1, 1), (2, 1), (3, 1)]),
+    );
+    let a = "198.51.100.200";
+    let b = "198.51.100.201";
+    let first_a = lab.connect(80, 1, a);
+    let first_b = lab.connect(80, 1, b);
+    assert_ne!(
+        first_a, first_b,
+        "rr gives the two clients different backends"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            lab.connect(80, 2, a),
+            [first_a[0].clone(), first_a[0].clone()]
+        );
+        assert_eq!(
+            lab.connect(80, 2, b),
+            [first_b[0].clone(), first_b[0].clone()]
+        );
+    }
+    // Persistence is a timer on the client's last connection: let it run out. (Polling with
+    // connections would re-arm it.)
+    let last = Instant::now();
+    std::thread::sleep(timeout + Duration::from_millis(600));
+    assert!(last.elapsed() > timeout);
+    let later = lab.connect(80, 1, a);
+    assert_ne!(later, first_a, "after the timeout rr moves the client on");
+}
+
+/// Health: a stopped server is out of rotation within interval x fall and `show lb` says
+/// down; it comes back after rise checks; with every backend down the sorry server answers.
+#[test]
+fn health_checks_take_backends_out_and_the_sorry_server_answers() {
+    let mut lab = Lab::new(
+        "lb_health",
+        3,
+        &service(
+            "wrr",
+            "sorry = \"10.0.0.103:8080\"\nhealth = { kind = \"http\", path = \"/\", interval = \"500ms\", timeout = \"400ms\", rise = 2, fall = 3 }",
+            &[(1, 1), (2, 1)],
+        ),
+    );
+    let sorry = http_server(&lab.t, "rs3", "10.0.0.103", 8080, "sorry");
+    assert_eq!(count(&lab.connect(80, 10, CLIENTS)).len(), 2);
+
+    let stopped = Instant::now();
+    drop(lab.servers.remove("rs2"));
+    wait_until(Duration::from_secs(5), "show lb to say rs2 is down", || {
+        lab.backend("10.0.0.102:80").0 == "down"
+    });
+    let detect = stopped.elapsed();
+    // interval x fall = 1.5 s; one more second for the probe already under way.
+    assert!(
+        detect <= Duration::from_millis(2500),
+        "took {detect:?} to notice"
+    );
+    let after = count(&lab.connect(80, 20, CLIENTS));
+    assert_eq!(
+        after.get("rs1"),
+        Some(&20),
+        "nothing new for the down backend: {after:?}"
+    );
+
+    let restarted = http_server(&lab.t, "rs2", "10.0.0.102", 80, "rs2");
+    lab.servers.insert("rs2".into(), restarted);
+    wait_until(
+        Duration::from_secs(5),
+        "rs2 back up after rise checks",
+        || lab.backend("10.0.0.102:80").0 == "up",
+    );
+    assert_eq!(count(&lab.connect(80, 10, CLIENTS)).len(), 2);
+
+    drop(lab.servers.remove("rs1"));
+    drop(lab.servers.remove("rs2"));
+    wait_until(Duration::from_secs(5), "both backends down", || {
+        lab.backend("10.0.0.101:80").0 == "down" && lab.backend("10.0.0.102:80").0 == "down"
+    });
+    assert_eq!(lab.connect(80, 3, CLIENTS), ["sorry", "sorry", "sorry"]);
+    drop(sorry);
+}
+
+/// On a host that also runs the PAT gateway (`[nat]`), the services join its gateway: the VIP
+/// answers, both parts show their state, and the real servers still reach the outside through
+/// the overload address.
+#[test]
+fn services_join_the_pat_gateway_of_a_nat_host() {
+    let lab = Lab::new(
+        "lb_nat",
+        2,
+        &format!(
+            "[nat]\ninside = [\"br0\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n\n{}",
+            service("wrr", "", &[(1, 1), (2, 1)])
+        ),
+    );
+    let split = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!((split.get("rs1"), split.get("rs2")), (Some(&5), Some(&5)));
+    let nat = lab
+        .t
+        .vipgate_output("dir", &["show", "nat", "--control", &lab.control]);
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    assert!(
+        nat.contains("198.51.100.10"),
+        "the VIP is one of the gateway's addresses:\n{nat}"
+    );
+    // A real server's own outbound traffic leaves through the overload address.
+    let _web = http_server(&lab.t, "cl", "198.51.100.200", 8000, "outside");
+    let seen = lab
+        .t
+        .try_sh("rs1", "curl -sS --max-time 5 http://198.51.100.200:8000/")
+        .expect("rs1 reaches the outside");
+    assert_eq!(seen.trim(), "outside");
+}

@@ -1,0 +1,728 @@
+//! VRRP end to end: two directors and a client on one bridge, vipgate against vipgate and
+//! against Debian's keepalived (VRRPv3).
+//!
+//! A host death is simulated the way a host dies: its bridge port goes down and its daemon is
+//! killed with SIGKILL (killing only the daemon would leave the VIP answering). The client
+//! probes the VIP over UDP every 10 ms; the longest silence between two answers is the
+//! client-visible failover gap.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use vipgate_tests::{Proc, Topology, wait_until};
+
+const VIP: &str = "198.51.100.10";
+const PROBE_PORT: u16 = 7777;
+
+/// Answers UDP probes with the host name, so the client sees who holds the VIP.
+const ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(sys.argv[1].encode() + b" " + data, peer)
+"#;
+
+/// Sends a numbered probe every 10 ms for `seconds`; prints the longest gap between two
+/// answers and who answered first and last.
+const PROBE: &str = r#"
+import socket, sys, time
+vip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+start = time.monotonic(); nxt = start; seq = 0; replies = []; who = []
+while time.monotonic() - start < seconds:
+    now = time.monotonic()
+    if now >= nxt:
+        try: s.sendto(str(seq).encode(), (vip, port))
+        except OSError: pass
+        seq += 1; nxt += 0.01
+    try:
+        data, _ = s.recvfrom(2048)
+        replies.append(time.monotonic()); name = data.split(b" ")[0].decode()
+        if not who:
+            print("first=" + name, flush=True)
+        if not who or who[-1] != name: who.append(name)
+    except BlockingIOError:
+        time.sleep(0.001)
+gaps = [b - a for a, b in zip(replies, replies[1:])]
+print("gap_ms=%d received=%d sent=%d who=%s" % (round(max(gaps) * 1000) if gaps else 999999,
+      len(replies), seq, ",".join(who)))
+"#;
+
+/// The status JSON of one instance, as text (the tests crate has no JSON parser; the daemon
+/// pretty-prints one `"key": value` per line).
+#[derive(Debug, Clone, Default)]
+struct Status(String);
+
+impl Status {
+    /// The last value of `key` (a string or a number), without quotes.
+    fn get(&self, key: &str) -> Option<String> {
+        let pat = format!("\"{key}\": ");
+        let at = self.0.rfind(&pat)? + pat.len();
+        let rest = &self.0[at..];
+        let end = rest.find([',', '\n', '}']).unwrap_or(rest.len());
+        Some(rest[..end].trim().trim_matches('"').to_owned())
+    }
+
+    fn num(&self, key: &str) -> u64 {
+        self.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// What the probe printed: the longest gap and who answered, in order.
+struct ProbeResult {
+    gap_ms: u64,
+    who: String,
+    line: String,
+}
+
+struct Lab {
+    t: Topology,
+    /// Echo services and daemons that live as long as the lab.
+    procs: Vec<Proc>,
+}
+
+impl Lab {
+    /// A bridge `br0` in host `sw`, directors `d1` (.11) and `d2` (.12), client `cl` (.200).
+    fn new(name: &str) -> Self {
+        let mut t = Topology::new(name);
+        t.hosts(&["sw", "d1", "d2", "cl"]).bridge("sw", "br0");
+        for (h, ip) in [("d1", "11"), ("d2", "12"), ("cl", "200")] {
+            t.veth(h, "eth0", "sw", &format!("p-{h}"));
+            t.ip("sw", &format!("link set p-{h} master br0"));
+            t.addr(h, "eth0", &format!("198.51.100.{ip}/24"));
+        }
+        let script = t.write("echo.py", ECHO);
+        let script = script.to_str().unwrap_or_default().to_owned();
+        let echo = ["d1", "d2"]
+            .map(|h| {
+                t.spawn(
+                    h,
+                    &format!("echo-{h}"),
+                    &["python3", &script, h, &PROBE_PORT.to_string()],
+                )
+            })
+            .into();
+        Lab { t, procs: echo }
+    }
+
+    fn sock(&self, host: &str) -> String {
+        self.t
+            .dir()
+            .join(format!("{host}.sock"))
+            .display()
+            .to_string()
+    }
+
+    fn config(&self, host: &str, priority: u8, interval: &str, preempt: bool) -> PathBuf {
+        self.config_with(host, priority, interval, preempt, "")
+    }
+
+    /// The standard instance plus `extra` lines in its `[[vrrp]]` section.
+    fn config_with(
+        &self,
+        host: &str,
+        priority: u8,
+        interval: &str,
+        preempt: bool,
+        extra: &str,
+    ) -> PathBuf {
+        let text = format!(
+            r#"[daemon]
+control = "{sock}"
+
+[[vrrp]]
+name = "vip-web"
+interface = "eth0"
+vrid = 51
+priority = {priority}
+advert_interval = "{interval}"
+preempt = {preempt}
+addresses = ["{VIP}/24"]
+{extra}
+"#,
+            sock = self.sock(host)
+        );
+        self.t.write(&format!("{host}.toml"), &text)
+    }
+
+    fn vipgate(&self, host: &str, priority: u8, interval: &str, preempt: bool) -> Proc {
+        let cfg = self.config(host, priority, interval, preempt);
+        let cfg = cfg.to_str().unwrap_or_default().to_owned();
+        let _ = std::fs::remove_file(self.sock(host));
+        self.t
+            .vipgate(host, &format!("vipgate-{host}"), &["run", "-c", &cfg])
+    }
+
+    fn keepalived(&self, host: &str, priority: u8, advert_int: &str) -> Proc {
+        let conf = format!(
+            "global_defs {{\n  vrrp_version 3\n}}\nvrrp_instance vip {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  advert_int {advert_int}\n  virtual_ipaddress {{\n    {VIP}/24\n  }}\n}}\n"
+        );
+        let path = self.t.write(&format!("keepalived-{host}.conf"), &conf);
+        let dir = self.t.dir();
+        let (pid, vpid) = (
+            dir.join(format!("ka-{host}.pid")),
+            dir.join(format!("kav-{host}.pid")),
+        );
+        // A dead host's /run does not survive its reboot: drop the pid files, or keepalived
+        // may find a recycled pid in them and refuse to start.
+        let _ = std::fs::remove_file(&pid);
+        let _ = std::fs::remove_file(&vpid);
+        let argv = [
+            "keepalived",
+            "-n",
+            "-l",
+            "-D",
+            "--vrrp",
+            "-f",
+            path.to_str().unwrap_or_default(),
+            "-p",
+            pid.to_str().unwrap_or_default(),
+            "-r",
+            vpid.to_str().unwrap_or_default(),
+        ];
+        self.t.spawn(host, &format!("keepalived-{host}"), &argv)
+    }
+
+    fn holds_vip(&self, host: &str) -> bool {
+        self.t
+            .ip(host, "-4 -o addr show dev eth0")
+            .contains(&format!("{VIP}/"))
+    }
+
+    /// The instance's status from `vipgate show vrrp --json`, if the daemon answers.
+    fn status(&self, host: &str) -> Option<Status> {
+        let out = self.t.vipgate_output(
+            host,
+            &["show", "vrrp", "--json", "--control", &self.sock(host)],
+        );
+        out.status
+            .success()
+            .then(|| Status(String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+
+    fn state(&self, host: &str) -> String {
+        self.status(host)
+            .and_then(|s| s.get("state"))
+            .unwrap_or_default()
+    }
+
+    fn wait_state(&self, host: &str, state: &str, timeout: Duration) {
+        wait_until(timeout, &format!("{host} in state {state}"), || {
+            self.state(host) == state
+        });
+    }
+
+    /// Host death: the daemon dies with SIGKILL (keepalived's VRRP child too) and the bridge
+    /// port goes down.
+    fn host_death(&self, host: &str, daemon: &mut Proc) {
+        daemon.kill9();
+        let pids = std::process::Command::new("ip")
+            .args(["netns", "pids", &self.t.ns(host)])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "keepalived" {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", pid])
+                    .status();
+            }
+        }
+        self.t.ip("sw", &format!("link set p-{host} down"));
+    }
+
+    /// Host death, and the dead host's addresses forgotten (its VIP cannot answer anyway and
+    /// must not count as a second holder).
+    fn host_death_clean(&self, host: &str, daemon: &mut Proc) {
+        self.host_death(host, daemon);
+        let _ = self
+            .t
+            .try_sh(host, &format!("ip addr del {VIP}/24 dev eth0"));
+    }
+
+    fn link_up(&self, host: &str) {
+        self.t.ip("sw", &format!("link set p-{host} up"));
+    }
+
+    fn start_probe(&self, seconds: f64) -> Proc {
+        let script = self.t.write("probe.py", PROBE);
+        let script = script.to_str().unwrap_or_default().to_owned();
+        self.t.spawn(
+            "cl",
+            "probe",
+            &[
+                "python3",
+                &script,
+                VIP,
+                &PROBE_PORT.to_string(),
+                &seconds.to_string(),
+            ],
+        )
+    }
+
+    /// Waits until the probe got its first answer, from `host`, then lets it record a few
+    /// hundred more before the test breaks something (a loaded machine may start python late).
+    fn wait_first_answer(&self, probe: &Proc, host: &str) {
+        wait_until(Duration::from_secs(5), "the probe's first answer", || {
+            probe.log().contains("first=")
+        });
+        assert!(
+            probe.log().contains(&format!("first={host}")),
+            "{}",
+            probe.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    fn probe_result(&self, probe: &mut Proc) -> ProbeResult {
+        probe.wait_exit(Duration::from_secs(30));
+        let log = probe.log();
+        let line = log.lines().last().unwrap_or_default().to_owned();
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        ProbeResult {
+            gap_ms: field("gap_ms=").parse().unwrap_or(u64::MAX),
+            who: field("who="),
+            line: line.clone(),
+        }
+    }
+
+    /// Records, until stopped, the longest time both directors held the VIP at once.
+    fn watch_dual_hold(self: &Arc<Self>) -> DualHold {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (lab, flag) = (self.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let (mut longest, mut since) = (Duration::ZERO, None::<Instant>);
+            while !flag.load(Ordering::Relaxed) {
+                let both = lab.holds_vip("d1") && lab.holds_vip("d2");
+                match (both, since) {
+                    (true, None) => since = Some(Instant::now()),
+                    (false, Some(s)) => {
+                        longest = longest.max(s.elapsed());
+                        since = None;
+                    }
+                    _ => {}
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            longest.max(since.map_or(Duration::ZERO, |s| s.elapsed()))
+        });
+        DualHold {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+struct DualHold {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Duration>>,
+}
+
+impl DualHold {
+    fn finish(mut self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .map_or(Duration::MAX, |t| t.join().unwrap_or(Duration::MAX))
+    }
+}
+
+impl Drop for DualHold {
+    /// Stops the watcher even when the test panics, so its handle on the lab goes away and
+    /// the lab's namespaces are torn down.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[allow(clippy::disallowed_methods)]
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[test]
+fn host_death_failover_gap_and_restart_over_stale_vip() {
+    let lab = Lab::new("vrrp_host_death");
+    let mut d1 = lab.vipgate("d1", 150, "100ms", true);
+    let _d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+    assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+
+    let mut probe = lab.start_probe(2.5);
+    lab.wait_first_answer(&probe, "d1");
+    lab.host_death("d1", &mut d1);
+    let r = lab.probe_result(&mut probe);
+    // d2 (priority 100) at 100 ms: master down interval = 300 ms + skew 61 ms.
+    assert!(r.gap_ms < 361 + 200, "failover gap: {}", r.line);
+    assert_eq!(r.who, "d1,d2", "{}", r.line);
+    assert!(lab.holds_vip("d1"), "SIGKILL leaves the VIP behind");
+
+    // Restart over the stale VIP: it is removed while backup, then d1 preempts.
+    lab.link_up("d1");
+    let _d1 = lab.vipgate("d1", 150, "100ms", true);
+    wait_until(Duration::from_secs(2), "stale VIP removed on d1", || {
+        !lab.holds_vip("d1")
+    });
+    assert_eq!(lab.state("d2"), "MASTER");
+    lab.wait_state("d1", "MASTER", Duration::from_secs(3));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(2));
+    assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+    let s = lab.status("d1").unwrap_or_default();
+    assert!(
+        s.0.contains("\"to\": \"BACKUP\""),
+        "d1 went through BACKUP: {s:?}"
+    );
+}
+
+#[test]
+fn sigterm_sends_priority_zero_and_backup_takes_over_after_skew() {
+    let lab = Lab::new("vrrp_sigterm");
+    let mut d1 = lab.vipgate("d1", 150, "100ms", true);
+    let _d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+    let mut probe = lab.start_probe(2.0);
+    lab.wait_first_answer(&probe, "d1");
+    assert_eq!(
+        d1.terminate(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        d1.log()
+    );
+    let r = lab.probe_result(&mut probe);
+    // Skew time of priority 100 at 100 ms is 61 ms.
+    assert!(r.gap_ms < 61 + 100, "graceful gap: {}", r.line);
+    assert!(!lab.holds_vip("d1"), "VIP removed on stop");
+    let s = lab.status("d2").unwrap_or_default();
+    assert_eq!(s.get("state").as_deref(), Some("MASTER"));
+    assert!(s.num("priority_zero_rx") >= 1, "{s:?}");
+}
+
+#[test]
+fn preempt_off_keeps_the_returning_node_backup() {
+    let lab = Lab::new("vrrp_nopreempt");
+    let mut d1 = lab.vipgate("d1", 150, "100ms", false);
+    let _d2 = lab.vipgate("d2", 100, "100ms", false);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.host_death("d1", &mut d1);
+    lab.wait_state("d2", "MASTER", Duration::from_secs(2));
+    lab.link_up("d1");
+    let _d1 = lab.vipgate("d1", 150, "100ms", false);
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(3));
+    // Five master-down intervals later it still has not taken over.
+    std::thread::sleep(Duration::from_millis(1800));
+    assert_eq!(
+        (lab.state("d1"), lab.state("d2")),
+        ("BACKUP".into(), "MASTER".into())
+    );
+    assert!(!lab.holds_vip("d1") && lab.holds_vip("d2"));
+}
+
+#[test]
+fn split_brain_heals_to_one_master_within_one_interval() {
+    let lab = Lab::new("vrrp_split");
+    let _d1 = lab.vipgate("d1", 150, "1s", true);
+    let _d2 = lab.vipgate("d2", 100, "1s", true);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(8));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(2));
+    // Block the bridge port without dropping carrier: the directors stop hearing each other.
+    lab.t.sh("sw", "bridge link set dev p-d2 state 0");
+    lab.wait_state("d2", "MASTER", Duration::from_secs(6));
+    assert_eq!(lab.state("d1"), "MASTER");
+    let healed = unix_ms();
+    lab.t.sh("sw", "bridge link set dev p-d2 state 3");
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(3));
+    let back = lab
+        .status("d2")
+        .map(|s| s.num("at_unix_ms"))
+        .unwrap_or(u64::MAX);
+    assert!(
+        back.saturating_sub(healed) <= 1000 + 50,
+        "healed after {} ms",
+        back - healed
+    );
+    assert_eq!(lab.state("d1"), "MASTER");
+    assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+}
+
+/// IPv4 + VRRP bytes sent by a raw socket from the client, unicast to d1.
+const MALFORMED: &str = r#"
+import socket, struct, sys
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+src, dst = socket.inet_aton("198.51.100.200"), socket.inet_aton(sys.argv[1])
+def advert(ver=0x31, ttl=255, bad=False, cut=None):
+    body = bytes([ver, 51, 250, 1]) + struct.pack("!HH", 10, 0) + socket.inet_aton("198.51.100.10")
+    c = csum(src + dst + bytes([0, 112]) + struct.pack("!H", len(body)) + body) ^ (1 if bad else 0)
+    body = body[:6] + struct.pack("!H", c) + body[8:]
+    if cut: body = body[:cut]
+    return bytes([0x45, 0]) + struct.pack("!H", 20 + len(body)) + bytes([0, 0, 0, 0, ttl, 112, 0, 0]) + src + dst + body
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for p in [advert(ttl=64), advert(bad=True), advert(ver=0x21), advert(cut=6)]:
+    s.sendto(p, (sys.argv[1], 0))
+"#;
+
+#[test]
+fn malformed_adverts_are_ignored_and_counted() {
+    let lab = Lab::new("vrrp_malformed");
+    let _d1 = lab.vipgate("d1", 150, "100ms", true);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    let script = lab.t.write("malformed.py", MALFORMED);
+    lab.t
+        .sh("cl", &format!("python3 {} 198.51.100.11", script.display()));
+    wait_until(Duration::from_secs(3), "drops counted", || {
+        let s = lab.status("d1").unwrap_or_default();
+        s.num("bad_ttl") == 1
+            && s.num("BadChecksum") == 1
+            && s.num("BadVersion") == 1
+            && s.num("Truncated") == 1
+    });
+    // Priority 250 adverts would have made d1 a backup had any been accepted.
+    assert_eq!(lab.state("d1"), "MASTER");
+    let text = lab
+        .t
+        .vipgate_output("d1", &["show", "vrrp", "--control", &lab.sock("d1")]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("vip-web") && text.contains("MASTER"),
+        "{text}"
+    );
+}
+
+#[test]
+fn interop_with_keepalived_both_ways() {
+    let lab = Arc::new(Lab::new("vrrp_keepalived"));
+    let dual = lab.watch_dual_hold();
+
+    // vipgate master (150) + keepalived backup (100).
+    let mut vg = lab.vipgate("d1", 150, "100ms", true);
+    let mut ka = lab.keepalived("d2", 100, "0.1");
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    wait_until(Duration::from_secs(3), "keepalived backup", || {
+        ka.log().contains("Entering BACKUP STATE")
+    });
+    assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+    // vipgate host dies: keepalived takes over.
+    lab.host_death_clean("d1", &mut vg);
+    wait_until(Duration::from_secs(2), "keepalived takes over", || {
+        lab.holds_vip("d2")
+    });
+    // vipgate returns and preempts keepalived.
+    lab.link_up("d1");
+    let mut vg = lab.vipgate("d1", 150, "100ms", true);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(3));
+    wait_until(Duration::from_secs(2), "keepalived back to backup", || {
+        !lab.holds_vip("d2")
+    });
+
+    // keepalived master: vipgate restarts with priority 50 and stays backup.
+    assert_eq!(vg.terminate(Duration::from_secs(5)), Some(0));
+    wait_until(Duration::from_secs(2), "keepalived master again", || {
+        lab.holds_vip("d2")
+    });
+    let vg = lab.vipgate("d1", 50, "100ms", true);
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        lab.state("d1"),
+        "BACKUP",
+        "vipgate follows keepalived's adverts"
+    );
+    let s = lab.status("d1").unwrap_or_default();
+    assert_eq!(s.get("master").as_deref(), Some("198.51.100.12"), "{s:?}");
+    // keepalived host dies: vipgate takes over.
+    lab.host_death_clean("d2", &mut ka);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(2));
+    assert!(lab.holds_vip("d1"));
+    // keepalived returns (priority 100 > 50) and preempts vipgate.
+    lab.link_up("d2");
+    let _ka = lab.keepalived("d2", 100, "0.1");
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(5));
+    wait_until(Duration::from_secs(2), "keepalived holds the VIP", || {
+        lab.holds_vip("d2") && !lab.holds_vip("d1")
+    });
+    let longest = dual.finish();
+    assert!(
+        longest <= Duration::from_millis(100 + 20),
+        "both held the VIP for {longest:?}"
+    );
+    drop(vg);
+}
+
+/// The state column of `vipgate show vrrp` for one instance.
+fn state_of(lab: &Lab, host: &str, instance: &str) -> String {
+    let out = lab
+        .t
+        .vipgate_output(host, &["show", "vrrp", "--control", &lab.sock(host)]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&instance)).then(|| cols.get(3).map(|s| s.to_string()))
+        })
+        .flatten()
+        .unwrap_or_default()
+}
+
+#[test]
+fn sync_group_moves_vip_and_inside_gateway_together() {
+    let mut lab = Lab::new("vrrp_sync_group");
+    // The real servers' segment: a second bridge, eth1 on both directors, one real server.
+    lab.t.host("rs").bridge("sw", "br1");
+    for (h, ip) in [("d1", "11"), ("d2", "12"), ("rs", "101")] {
+        lab.t.veth(h, "eth1", "sw", &format!("i-{h}"));
+        lab.t.ip("sw", &format!("link set i-{h} master br1"));
+        lab.t.addr(h, "eth1", &format!("10.0.0.{ip}/24"));
+    }
+    for (h, prio) in [("d1", 150), ("d2", 100)] {
+        let text = format!(
+            r#"[daemon]
+control = "{sock}"
+
+[[vrrp]]
+name = "vip-web"
+group = "director"
+interface = "eth0"
+vrid = 51
+priority = {prio}
+advert_interval = "100ms"
+addresses = ["{VIP}/24"]
+track_interfaces = ["eth1"]
+
+[[vrrp]]
+name = "gw-inside"
+group = "director"
+interface = "eth1"
+vrid = 52
+priority = {prio}
+advert_interval = "100ms"
+addresses = ["10.0.0.1/24"]
+track_interfaces = ["eth0"]
+"#,
+            sock = lab.sock(h)
+        );
+        let cfg = lab.t.write(&format!("{h}.toml"), &text);
+        let cfg = cfg.to_str().unwrap_or_default().to_owned();
+        lab.procs.push(
+            lab.t
+                .vipgate(h, &format!("vipgate-{h}"), &["run", "-c", &cfg]),
+        );
+    }
+    let states = |h: &str| (state_of(&lab, h, "vip-web"), state_of(&lab, h, "gw-inside"));
+    let both = |s: &str| (s.to_owned(), s.to_owned());
+    wait_until(Duration::from_secs(5), "d1 master of both", || {
+        states("d1") == both("MASTER") && states("d2") == both("BACKUP")
+    });
+    let holds_gw = |h: &str| {
+        lab.t
+            .ip(h, "-4 -o addr show dev eth1")
+            .contains("10.0.0.1/")
+    };
+    assert!(holds_gw("d1") && !holds_gw("d2"));
+
+    // d1 loses its inside link: the whole group hands over, the public VIP included.
+    lab.t.ip("sw", "link set i-d1 down");
+    wait_until(Duration::from_secs(2), "d2 master of both", || {
+        states("d2") == both("MASTER")
+    });
+    assert_eq!(states("d1"), both("FAULT"));
+    assert!(lab.holds_vip("d2") && holds_gw("d2"));
+    assert!(!lab.holds_vip("d1") && !holds_gw("d1"));
+    lab.t.sh("rs", "ping -c1 -W1 10.0.0.1 >/dev/null");
+    lab.t.sh("cl", &format!("ping -c1 -W1 {VIP} >/dev/null"));
+
+    // The link returns: d1 preempts on both links again.
+    lab.t.ip("sw", "link set i-d1 up");
+    wait_until(Duration::from_secs(3), "d1 master of both again", || {
+        states("d1") == both("MASTER") && states("d2") == both("BACKUP")
+    });
+    assert!(lab.holds_vip("d1") && holds_gw("d1") && !lab.holds_vip("d2") && !holds_gw("d2"));
+}
+
+#[test]
+fn notify_hook_runs_with_keepalived_arguments() {
+    let lab = Lab::new("vrrp_notify");
+    let out = lab.t.dir().join("notify.out");
+    let hook = lab.t.write(
+        "notify.sh",
+        &format!("#!/bin/sh\necho \"$@\" >> {}\n", out.display()),
+    );
+    lab.t.sh("d1", &format!("chmod +x {}", hook.display()));
+    let text = format!(
+        "[daemon]\ncontrol = \"{sock}\"\n\n[[vrrp]]\nname = \"vip-web\"\ninterface = \"eth0\"\nvrid = 51\npriority = 150\nadvert_interval = \"100ms\"\naddresses = [\"{VIP}/24\"]\nnotify = \"{hook}\"\n",
+        sock = lab.sock("d1"),
+        hook = hook.display()
+    );
+    let cfg = lab.t.write("d1.toml", &text);
+    let mut d1 = lab.t.vipgate(
+        "d1",
+        "vipgate-d1",
+        &["run", "-c", cfg.to_str().unwrap_or_default()],
+    );
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_until(Duration::from_secs(5), "notify MASTER", || {
+        read().contains("INSTANCE vip-web MASTER 150")
+    });
+    assert!(
+        read().starts_with("INSTANCE vip-web BACKUP 150\n"),
+        "{}",
+        read()
+    );
+    assert_eq!(d1.terminate(Duration::from_secs(5)), Some(0));
+    wait_until(Duration::from_secs(2), "notify INIT", || {
+        read().contains("INSTANCE vip-web INIT 150")
+    });
+}
+
+#[test]
+fn unicast_peers_elect_and_fail_over() {
+    let lab = Lab::new("vrrp_unicast");
+    let mut procs = Vec::new();
+    for (h, prio, peer) in [("d1", 150, "12"), ("d2", 100, "11")] {
+        let extra = format!("unicast_peers = [\"198.51.100.{peer}\"]");
+        let cfg = lab.config_with(h, prio, "100ms", true, &extra);
+        let cfg = cfg.to_str().unwrap_or_default().to_owned();
+        procs.push(
+            lab.t
+                .vipgate(h, &format!("vipgate-{h}"), &["run", "-c", &cfg]),
+        );
+    }
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(2));
+    let s = lab.status("d2").unwrap_or_default();
+    assert_eq!(s.get("master").as_deref(), Some("198.51.100.11"), "{s:?}");
+    assert!(s.num("adverts_rx") > 0, "{s:?}");
+    // The client is not a peer: its one well-formed advert (the TTL 64 one; the others do not
+    // parse) is counted and ignored.
+    let script = lab.t.write("malformed.py", MALFORMED);
+    lab.t
+        .sh("cl", &format!("python3 {} 198.51.100.12", script.display()));
+    wait_until(Duration::from_secs(2), "unknown peer counted", || {
+        lab.status("d2").is_some_and(|s| s.num("unknown_peer") == 1)
+    });
+    assert_eq!(lab.state("d2"), "BACKUP");
+    assert_eq!(procs[0].terminate(Duration::from_secs(5)), Some(0));
+    lab.wait_state("d2", "MASTER", Duration::from_secs(1));
+    assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
+}

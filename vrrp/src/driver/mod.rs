@@ -1,0 +1,628 @@
+//! The tokio driver: runs one [`SyncGroup`] (a standalone instance is a group of one).
+//!
+//! Per member it owns a raw IP protocol 112 socket bound to the interface (read by a small
+//! blocking thread, so no `AsyncFd` is needed), an AF_PACKET socket for gratuitous ARP, and
+//! shares one rtnetlink connection for addresses and link state. It performs the core's
+//! [`Action`]s in order, sleeps until the core's next deadline, polls link state every
+//! 100 ms for tracked interfaces, and follows service health through `watch` channels.
+//!
+//! ```text
+//!  reader thread(s) ──bytes──┐
+//!  link poll (100 ms) ───────┤
+//!  service health watch ─────┼──> select! ──> SyncGroup ──> actions: socket / netlink / ARP
+//!  deadline (sleep_until) ───┤                                        / notify / AddressHook
+//!  stop() ───────────────────┘
+//! ```
+
+mod netlink;
+mod sys;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::arp::gratuitous_arp;
+use crate::error::{DriverError, WireError};
+use crate::instance::{
+    Action, Counters, DropReason, InstanceConfig, ReceivedAdvert, State, VirtualAddress,
+    VrrpInstance,
+};
+use crate::sync_group::SyncGroup;
+use crate::track::Tracker;
+use crate::wire;
+
+/// Makes a virtual address live without adding it to an interface; natgw implements it for a
+/// VIP its services own (route into its TUN plus a proxy neighbour entry).
+pub trait AddressHook: Send + Sync {
+    /// This router became master: make `vip` live.
+    fn activate(&self, vip: VirtualAddress);
+    /// This router stopped being master: withdraw `vip`.
+    fn deactivate(&self, vip: VirtualAddress);
+}
+
+/// A service whose health lowers the priority (or faults the instance when `weight` is 0).
+#[derive(Debug, Clone)]
+pub struct TrackedService {
+    /// Service name.
+    pub name: String,
+    /// Priority penalty while unhealthy; 0 = fault.
+    pub weight: u8,
+    /// `true` while the service has a healthy backend.
+    pub health: watch::Receiver<bool>,
+}
+
+/// Everything one instance needs besides the core config.
+#[derive(Clone)]
+pub struct MemberSpec {
+    /// Core config; an unspecified `primary_address` is read from the interface.
+    pub config: InstanceConfig,
+    /// Interface the adverts and addresses live on.
+    pub interface: String,
+    /// Send adverts to these addresses instead of 224.0.0.18, and accept only theirs.
+    pub unicast_peers: Vec<Ipv4Addr>,
+    /// Interfaces whose loss of link faults the instance (weight 0) or lowers its priority.
+    /// The instance's own interface is always tracked with weight 0, as keepalived does.
+    pub track_interfaces: Vec<(String, u8)>,
+    /// Services whose health is tracked.
+    pub track_services: Vec<TrackedService>,
+    /// Program run on every transition as `PROGRAM INSTANCE NAME STATE PRIORITY`
+    /// (keepalived's `notify` argument order).
+    pub notify: Option<PathBuf>,
+    /// Gratuitous ARPs per burst (keepalived `garp_master_repeat`, default 5).
+    pub garp_count: u32,
+    /// VIPs made live through this hook instead of as interface addresses.
+    pub hooked: Vec<(Ipv4Addr, Arc<dyn AddressHook>)>,
+}
+
+impl std::fmt::Debug for MemberSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberSpec")
+            .field("config", &self.config)
+            .field("interface", &self.interface)
+            .field("unicast_peers", &self.unicast_peers)
+            .field("track_interfaces", &self.track_interfaces)
+            .field("notify", &self.notify)
+            .field("garp_count", &self.garp_count)
+            .field(
+                "hooked",
+                &self.hooked.iter().map(|h| h.0).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemberSpec {
+    /// A spec with defaults: multicast, own interface tracked, 5 gratuitous ARPs, no hooks.
+    pub fn new(config: InstanceConfig, interface: &str) -> Self {
+        Self {
+            config,
+            interface: interface.to_owned(),
+            unicast_peers: Vec::new(),
+            track_interfaces: Vec::new(),
+            track_services: Vec::new(),
+            notify: None,
+            garp_count: 5,
+            hooked: Vec::new(),
+        }
+    }
+}
+
+/// A snapshot of one instance for `show vrrp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Instance name.
+    pub name: String,
+    /// Sync group name, if any.
+    pub group: Option<String>,
+    /// Interface.
+    pub interface: String,
+    /// VRID.
+    pub vrid: u8,
+    /// Current state.
+    pub state: State,
+    /// Advertised priority (after tracking penalties).
+    pub priority: u8,
+    /// Configured priority.
+    pub configured_priority: u8,
+    /// Our primary address.
+    pub primary_address: Ipv4Addr,
+    /// Current master and its priority, if known.
+    pub master: Option<(Ipv4Addr, u8)>,
+    /// Our advert interval.
+    pub advert_interval: Duration,
+    /// Master_Adver_Interval (learnt from the master while backup).
+    pub master_advert_interval: Duration,
+    /// Master_Down_Interval with the current interval and priority.
+    pub master_down_interval: Duration,
+    /// Virtual addresses.
+    pub addresses: Vec<VirtualAddress>,
+    /// State-machine counters.
+    pub counters: Counters,
+    /// Packets that did not parse, by reason.
+    pub malformed: Vec<(WireError, u64)>,
+    /// Adverts from addresses that are not unicast peers.
+    pub unknown_peer: u64,
+    /// Send or netlink failures.
+    pub io_errors: u64,
+    /// Recent transitions: (unix time in ms, from, to, reason).
+    pub transitions: Vec<(u64, State, State, String)>,
+    /// Tracked objects: (name, weight, up).
+    pub tracked: Vec<(String, u8, bool)>,
+}
+
+enum Command {
+    Stop(oneshot::Sender<()>),
+}
+
+enum Event {
+    Packet(usize, Vec<u8>),
+    Service {
+        member: usize,
+        index: usize,
+        up: bool,
+    },
+}
+
+/// A running group; dropping it without [`GroupHandle::stop`] aborts without cleanup.
+#[derive(Debug)]
+pub struct GroupHandle {
+    status: Arc<Mutex<Vec<InstanceStatus>>>,
+    commands: mpsc::Sender<Command>,
+    task: JoinHandle<()>,
+}
+
+impl GroupHandle {
+    /// The current status of every member.
+    pub fn status(&self) -> Vec<InstanceStatus> {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Orderly stop: masters send priority 0 and every virtual address is withdrawn.
+    pub async fn stop(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Reads the monotonic clock: the only place the driver does.
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// Wall-clock milliseconds for transition times in `show vrrp`.
+#[allow(clippy::disallowed_methods)]
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Member {
+    spec: MemberSpec,
+    link: netlink::LinkInfo,
+    primary: Ipv4Addr,
+    socket: Arc<socket2::Socket>,
+    arp: sys::ArpSocket,
+    tracker: Tracker,
+    /// Indices into `tracker` of the tracked interfaces, by name (own interface first).
+    interfaces: Vec<String>,
+    malformed: HashMap<WireError, u64>,
+    unknown_peer: u64,
+    io_errors: u64,
+    transitions: VecDeque<(u64, State, State, String)>,
+}
+
+/// Starts a sync group (pass one member for a standalone instance).
+///
+/// # Errors
+/// A missing interface or primary address, or a socket that cannot be opened (needs
+/// CAP_NET_RAW), before anything was changed on the system.
+pub async fn spawn(
+    group: Option<String>,
+    specs: Vec<MemberSpec>,
+) -> Result<GroupHandle, DriverError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| DriverError::Netlink(e.to_string()))?;
+    let conn_task = tokio::spawn(conn);
+    let (events_tx, events_rx) = mpsc::channel(256);
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let (members, cores) = match open_members(&handle, specs, &events_tx, &stop_flag).await {
+        Ok(v) => v,
+        Err(e) => {
+            // Reader threads of members opened before the failure exit on this flag.
+            stop_flag.store(true, Ordering::Relaxed);
+            conn_task.abort();
+            return Err(e);
+        }
+    };
+    let status = Arc::new(Mutex::new(Vec::new()));
+    let (cmd_tx, cmd_rx) = mpsc::channel(4);
+    let mut driver = Driver {
+        group_name: group,
+        group: SyncGroup::new(cores),
+        members,
+        handle,
+        status: status.clone(),
+    };
+    let task = tokio::spawn(async move {
+        driver.run(events_rx, cmd_rx).await;
+        stop_flag.store(true, Ordering::Relaxed);
+        conn_task.abort();
+    });
+    Ok(GroupHandle {
+        status,
+        commands: cmd_tx,
+        task,
+    })
+}
+
+/// Opens sockets and resolves addresses for every member; nothing on the system changes.
+async fn open_members(
+    handle: &rtnetlink::Handle,
+    specs: Vec<MemberSpec>,
+    events_tx: &mpsc::Sender<Event>,
+    stop_flag: &Arc<AtomicBool>,
+) -> Result<(Vec<Member>, Vec<VrrpInstance>), DriverError> {
+    let mut members = Vec::new();
+    let mut cores = Vec::new();
+    for (i, mut spec) in specs.into_iter().enumerate() {
+        let link = netlink::link(handle, &spec.interface).await?;
+        let vips: Vec<Ipv4Addr> = spec.config.addresses.iter().map(|a| a.address).collect();
+        let primary = if spec.config.primary_address.is_unspecified() {
+            netlink::primary_address(handle, link.index, &vips)
+                .await?
+                .ok_or_else(|| DriverError::NoPrimaryAddress(spec.interface.clone()))?
+        } else {
+            spec.config.primary_address
+        };
+        spec.config.primary_address = primary;
+        let socket = sys::vrrp_socket(&spec.interface, link.index, primary).map_err(|source| {
+            DriverError::Socket {
+                interface: spec.interface.clone(),
+                source,
+            }
+        })?;
+        let socket = Arc::new(socket);
+        let arp = sys::ArpSocket::open(link.index).map_err(|source| DriverError::ArpSocket {
+            interface: spec.interface.clone(),
+            source,
+        })?;
+        let mut interfaces = vec![spec.interface.clone()];
+        let mut objects = vec![(format!("interface {}", spec.interface), 0u8)];
+        for (name, weight) in &spec.track_interfaces {
+            if *name != spec.interface {
+                interfaces.push(name.clone());
+                objects.push((format!("interface {name}"), *weight));
+            }
+        }
+        let first_service = objects.len();
+        for (k, s) in spec.track_services.iter().enumerate() {
+            objects.push((format!("service {}", s.name), s.weight));
+            let mut rx = s.health.clone();
+            let tx = events_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let up = *rx.borrow_and_update();
+                    let ev = Event::Service {
+                        member: i,
+                        index: first_service + k,
+                        up,
+                    };
+                    if tx.send(ev).await.is_err() || rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        spawn_reader(i, socket.clone(), events_tx.clone(), stop_flag.clone());
+        cores.push(VrrpInstance::new(spec.config.clone()));
+        members.push(Member {
+            tracker: Tracker::new(objects),
+            interfaces,
+            spec,
+            link,
+            primary,
+            socket,
+            arp,
+            malformed: HashMap::new(),
+            unknown_peer: 0,
+            io_errors: 0,
+            transitions: VecDeque::new(),
+        });
+    }
+    Ok((members, cores))
+}
+
+fn spawn_reader(
+    member: usize,
+    socket: Arc<socket2::Socket>,
+    tx: mpsc::Sender<Event>,
+    stop: Arc<AtomicBool>,
+) {
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = vec![0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            match (&*socket).read(&mut buf) {
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Event::Packet(member, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "VRRP socket read failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    });
+}
+
+struct Driver {
+    group_name: Option<String>,
+    group: SyncGroup,
+    members: Vec<Member>,
+    handle: rtnetlink::Handle,
+    status: Arc<Mutex<Vec<InstanceStatus>>>,
+}
+
+impl Driver {
+    async fn run(
+        &mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut commands: mpsc::Receiver<Command>,
+    ) {
+        // Track links before starting so a node that boots with a dead link starts in Fault.
+        self.poll_links().await;
+        self.group.startup(now());
+        self.perform().await;
+        let mut link_poll = tokio::time::interval(Duration::from_millis(100));
+        link_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.group.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => {
+                    let reply = cmd.map(|Command::Stop(reply)| reply);
+                    self.group.shutdown(now());
+                    self.perform().await;
+                    if let Some(r) = reply {
+                        let _ = r.send(());
+                    }
+                    return;
+                }
+                Some(ev) = events.recv() => self.handle_event(ev),
+                () = sleep => self.group.handle_timeout(now()),
+                _ = link_poll.tick() => self.poll_links().await,
+            }
+            self.perform().await;
+        }
+    }
+
+    fn handle_event(&mut self, ev: Event) {
+        match ev {
+            Event::Packet(i, bytes) => self.handle_packet(i, &bytes),
+            Event::Service { member, index, up } => {
+                let m = &mut self.members[member];
+                if m.tracker.set(index, up) {
+                    tracing::info!(instance = %m.spec.config.name, object = %m.tracker.objects()[index].name, up, "tracked service changed");
+                    let (fault, penalty) = (m.tracker.fault(), m.tracker.penalty());
+                    let t = now();
+                    self.group.set_priority_penalty(t, member, penalty);
+                    self.group.set_fault(t, member, fault);
+                }
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, i: usize, bytes: &[u8]) {
+        let m = &mut self.members[i];
+        let (env, repr) = match wire::parse_ipv4(bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                *m.malformed.entry(e).or_default() += 1;
+                tracing::debug!(instance = %m.spec.config.name, reason = %e, "malformed advert dropped");
+                return;
+            }
+        };
+        if !m.spec.unicast_peers.is_empty() && !m.spec.unicast_peers.contains(&env.src) {
+            m.unknown_peer += 1;
+            tracing::debug!(instance = %m.spec.config.name, src = %env.src, "advert from an unknown peer dropped");
+            return;
+        }
+        let adv = ReceivedAdvert {
+            src: env.src,
+            ttl: env.ttl,
+            repr,
+        };
+        if let Err(reason) = self.group.handle_advert(now(), i, &adv)
+            && !matches!(reason, DropReason::OtherVrid | DropReason::LowerPriority)
+        {
+            tracing::debug!(instance = %self.members[i].spec.config.name, src = %adv.src, ?reason, "advert ignored");
+        }
+    }
+
+    async fn poll_links(&mut self) {
+        let t = now();
+        for i in 0..self.members.len() {
+            let names = self.members[i].interfaces.clone();
+            let mut changed = false;
+            for (k, name) in names.iter().enumerate() {
+                let up = match netlink::link(&self.handle, name).await {
+                    Ok(l) => {
+                        if k == 0 {
+                            self.members[i].link.up = l.up;
+                        }
+                        l.up
+                    }
+                    Err(_) => false,
+                };
+                if self.members[i].tracker.set(k, up) {
+                    tracing::info!(instance = %self.members[i].spec.config.name, interface = %name, up, "tracked interface changed");
+                    changed = true;
+                }
+            }
+            if changed {
+                let m = &self.members[i];
+                let (fault, penalty) = (m.tracker.fault(), m.tracker.penalty());
+                self.group.set_priority_penalty(t, i, penalty);
+                self.group.set_fault(t, i, fault);
+            }
+        }
+    }
+
+    async fn perform(&mut self) {
+        while let Some((i, action)) = self.group.poll_action() {
+            let m = &mut self.members[i];
+            let name = m.spec.config.name.clone();
+            match action {
+                Action::SendAdvert(repr) => {
+                    let dsts = if m.spec.unicast_peers.is_empty() {
+                        vec![wire::MULTICAST_GROUP]
+                    } else {
+                        m.spec.unicast_peers.clone()
+                    };
+                    for dst in dsts {
+                        if let Err(e) = sys::send_advert(&m.socket, &repr, m.primary, dst) {
+                            m.io_errors += 1;
+                            // A dead link makes sends fail every interval: keep it quiet.
+                            tracing::debug!(instance = %name, %dst, error = %e, "advert send failed");
+                        }
+                    }
+                }
+                Action::Transition(t) => {
+                    let prio = self.group.members()[i].priority();
+                    tracing::info!(instance = %name, from = %t.from, to = %t.to, reason = %t.reason, priority = prio, "VRRP transition");
+                    if m.transitions.len() == crate::instance::TRANSITION_HISTORY {
+                        m.transitions.pop_front();
+                    }
+                    m.transitions
+                        .push_back((wall_ms(), t.from, t.to, t.reason.to_string()));
+                    if let Some(program) = &m.spec.notify {
+                        run_notify(program, &name, t.to, prio);
+                    }
+                }
+                Action::AddAddresses | Action::RemoveAddresses => {
+                    let add = matches!(action, Action::AddAddresses);
+                    for vip in m.spec.config.addresses.clone() {
+                        if let Some((_, hook)) =
+                            m.spec.hooked.iter().find(|(a, _)| *a == vip.address)
+                        {
+                            if add {
+                                hook.activate(vip);
+                            } else {
+                                hook.deactivate(vip);
+                            }
+                            continue;
+                        }
+                        let r = if add {
+                            netlink::add_address(&self.handle, m.link.index, vip).await
+                        } else {
+                            netlink::remove_address(&self.handle, m.link.index, vip).await
+                        };
+                        if let Err(e) = r {
+                            m.io_errors += 1;
+                            tracing::warn!(instance = %name, vip = %vip.address, error = %e, "address change failed");
+                        }
+                    }
+                }
+                Action::GratuitousArp => {
+                    for vip in &m.spec.config.addresses {
+                        let frame = gratuitous_arp(m.link.mac, vip.address);
+                        for _ in 0..m.spec.garp_count {
+                            if let Err(e) = m.arp.send(&frame) {
+                                m.io_errors += 1;
+                                tracing::debug!(instance = %name, error = %e, "gratuitous ARP failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let snapshot = self
+            .members
+            .iter()
+            .zip(self.group.members())
+            .map(|(m, core)| {
+                let mut malformed: Vec<_> = m.malformed.iter().map(|(k, v)| (*k, *v)).collect();
+                malformed.sort_by_key(|(k, _)| format!("{k:?}"));
+                InstanceStatus {
+                    name: m.spec.config.name.clone(),
+                    group: self.group_name.clone(),
+                    interface: m.spec.interface.clone(),
+                    vrid: m.spec.config.vrid,
+                    state: core.state(),
+                    priority: core.priority(),
+                    configured_priority: m.spec.config.priority,
+                    primary_address: m.primary,
+                    master: core.master(),
+                    advert_interval: m.spec.config.advert_interval,
+                    master_advert_interval: core.master_advert_interval(),
+                    master_down_interval: core.master_down_interval(),
+                    addresses: m.spec.config.addresses.clone(),
+                    counters: *core.counters(),
+                    malformed,
+                    unknown_peer: m.unknown_peer,
+                    io_errors: m.io_errors,
+                    transitions: m.transitions.iter().cloned().collect(),
+                    tracked: m
+                        .tracker
+                        .objects()
+                        .iter()
+                        .map(|o| (o.name.clone(), o.weight, o.up))
+                        .collect(),
+                }
+            })
+            .collect();
+        if let Ok(mut s) = self.status.lock() {
+            *s = snapshot;
+        }
+    }
+}
+
+fn run_notify(program: &std::path::Path, name: &str, state: State, priority: u8) {
+    let child = tokio::process::Command::new(program)
+        .args(["INSTANCE", name, state.as_str(), &priority.to_string()])
+        .stdin(std::process::Stdio::null())
+        .spawn();
+    match child {
+        Ok(mut c) => {
+            tokio::spawn(async move {
+                let _ = c.wait().await;
+            });
+        }
+        Err(e) => tracing::warn!(program = %program.display(), error = %e, "notify failed"),
+    }
+}

@@ -1,0 +1,60 @@
+//! Errors of the codec and the driver.
+
+/// Why bytes were not a valid VRRPv3 advert. Small and `Copy`, like smoltcp's `wire::Error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Shorter than the header plus the addresses it announces.
+    #[error("truncated advert")]
+    Truncated,
+    /// Version is not 3.
+    #[error("version is not 3")]
+    BadVersion,
+    /// Type is not ADVERTISEMENT (1).
+    #[error("type is not ADVERTISEMENT")]
+    BadType,
+    /// Checksum over the pseudo-header and message does not verify.
+    #[error("bad checksum")]
+    BadChecksum,
+    /// Address count disagrees with the packet length.
+    #[error("address count does not match the packet length")]
+    AddressCount,
+    /// VRID 0 is reserved.
+    #[error("VRID 0")]
+    BadVrid,
+    /// Not an unfragmented IPv4 packet of protocol 112 with consistent lengths.
+    #[error("bad IPv4 header")]
+    BadIpHeader,
+}
+
+/// Why the driver failed; each variant says which operation and wraps the OS error.
+#[cfg(feature = "driver")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The configured interface does not exist.
+    #[error("interface {0} not found")]
+    NoInterface(String),
+    /// The interface has no IPv4 address to send adverts from.
+    #[error("interface {0} has no IPv4 address (set primary_address)")]
+    NoPrimaryAddress(String),
+    /// Opening or configuring the raw VRRP socket failed.
+    #[error("VRRP socket on {interface}: {source}")]
+    Socket {
+        /// Interface name.
+        interface: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Opening the AF_PACKET socket for gratuitous ARP failed.
+    #[error("ARP socket on {interface}: {source}")]
+    ArpSocket {
+        /// Interface name.
+        interface: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// rtnetlink failed.
+    #[error("netlink: {0}")]
+    Netlink(String),
+}

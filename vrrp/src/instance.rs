@@ -1,0 +1,731 @@
+//! One virtual router: the RFC 5798 §6.4 state machine, sans-IO.
+//!
+//! The driver feeds events in and drains outputs, in this order after every input:
+//!
+//! 1. an input: [`VrrpInstance::startup`], [`VrrpInstance::handle_advert`],
+//!    [`VrrpInstance::handle_timeout`], [`VrrpInstance::set_fault`],
+//!    [`VrrpInstance::set_priority_penalty`] or [`VrrpInstance::shutdown`];
+//! 2. [`VrrpInstance::poll_action`] until `None`, performing each [`Action`] in order;
+//! 3. [`VrrpInstance::poll_timeout`]: the instant to call `handle_timeout` next.
+//!
+//! Invariants (property-tested): one input causes at most one state transition, and every
+//! deadline returned by `poll_timeout` lies strictly after the `now` of the last input.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use crate::wire::{self, VrrpRepr};
+
+/// The owner priority: the router that owns the addresses starts as master at once.
+pub const PRIORITY_OWNER: u8 = 255;
+/// The priority a resigning master announces.
+pub const PRIORITY_STOP: u8 = 0;
+/// How many transitions an instance remembers for `show vrrp`.
+pub const TRANSITION_HISTORY: usize = 16;
+
+/// A virtual address with the prefix length it is added with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VirtualAddress {
+    /// The address.
+    pub address: Ipv4Addr,
+    /// Prefix length used when it is added to the interface.
+    pub prefix_len: u8,
+}
+
+/// Typed configuration of one instance; the CLI builds it from TOML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceConfig {
+    /// Instance name, used in logs, notify hooks and `show vrrp`.
+    pub name: String,
+    /// Virtual Router ID, 1..=255.
+    pub vrid: u8,
+    /// Configured priority, 1..=255 (255 = address owner).
+    pub priority: u8,
+    /// Advertisement_Interval; sent in centiseconds, so it is rounded to 10 ms.
+    pub advert_interval: Duration,
+    /// Preempt_Mode: take over from a lower-priority master.
+    pub preempt: bool,
+    /// Wait this long after first seeing a lower-priority master before preempting it
+    /// (keepalived's `preempt_delay`); zero = RFC behaviour.
+    pub preempt_delay: Duration,
+    /// Our primary address: the advert source and the tie-breaker between equal priorities.
+    pub primary_address: Ipv4Addr,
+    /// The virtual addresses.
+    pub addresses: Vec<VirtualAddress>,
+    /// Repeat the gratuitous ARP burst this long after becoming master (keepalived's
+    /// `garp_master_delay`, default 5 s); `None` = only once.
+    pub garp_repeat_delay: Option<Duration>,
+}
+
+impl InstanceConfig {
+    /// A config with keepalived's and RFC 5798's defaults: priority 100, 1 s, preempt.
+    pub fn new(name: &str, vrid: u8, primary_address: Ipv4Addr) -> Self {
+        Self {
+            name: name.to_owned(),
+            vrid,
+            priority: 100,
+            advert_interval: Duration::from_secs(1),
+            preempt: true,
+            preempt_delay: Duration::ZERO,
+            primary_address,
+            addresses: Vec::new(),
+            garp_repeat_delay: Some(Duration::from_secs(5)),
+        }
+    }
+
+    /// The advert interval in centiseconds, clamped to the 12-bit field (1..=4095).
+    pub fn advert_interval_cs(&self) -> u16 {
+        let cs = self.advert_interval.as_millis() / 10;
+        cs.clamp(1, u128::from(wire::MAX_INTERVAL_CS)) as u16
+    }
+}
+
+/// RFC 5798 states, plus Fault (keepalived's name for "a tracked object failed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Not started, or shut down.
+    Initialize,
+    /// Listening to a master; addresses not held.
+    Backup,
+    /// Holding the addresses and advertising.
+    Master,
+    /// A tracked interface or service failed: silent, addresses not held.
+    Fault,
+}
+
+impl State {
+    /// Upper-case name, as keepalived passes it to notify scripts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Initialize => "INIT",
+            Self::Backup => "BACKUP",
+            Self::Master => "MASTER",
+            Self::Fault => "FAULT",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a transition happened; logged and shown by `show vrrp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Startup as address owner (priority 255).
+    OwnerStartup,
+    /// Startup as non-owner: wait for a master.
+    Startup,
+    /// Master_Down_Timer fired: no advert from a master for Master_Down_Interval.
+    MasterDown,
+    /// The master resigned (priority 0) and our skew time passed.
+    MasterResigned,
+    /// A lower-priority master was preempted after `preempt_delay`.
+    Preempt,
+    /// An advert with higher priority (or equal priority and higher address) arrived.
+    HigherPriority {
+        /// The new master.
+        from: Ipv4Addr,
+        /// Its priority.
+        priority: u8,
+    },
+    /// Orderly shutdown.
+    Shutdown,
+    /// A tracked interface or service failed.
+    Fault,
+    /// Every tracked object is fine again.
+    FaultCleared,
+    /// Another instance of the sync group changed state.
+    SyncGroup,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OwnerStartup => f.write_str("startup as address owner (priority 255)"),
+            Self::Startup => f.write_str("startup"),
+            Self::MasterDown => f.write_str("no advert within master down interval"),
+            Self::MasterResigned => f.write_str("master resigned (priority 0)"),
+            Self::Preempt => f.write_str("preempted a lower-priority master"),
+            Self::HigherPriority { from, priority } => {
+                write!(f, "advert from {from} with priority {priority}")
+            }
+            Self::Shutdown => f.write_str("shutdown"),
+            Self::Fault => f.write_str("tracked interface or service failed"),
+            Self::FaultCleared => f.write_str("tracked objects recovered"),
+            Self::SyncGroup => f.write_str("sync group member changed state"),
+        }
+    }
+}
+
+/// One recorded transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    /// When.
+    pub at: Instant,
+    /// Old state.
+    pub from: State,
+    /// New state.
+    pub to: State,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// What the driver must do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send this advert (multicast, or to each unicast peer).
+    SendAdvert(VrrpRepr),
+    /// The state changed: log it and run the notify hook.
+    Transition(Transition),
+    /// Make every virtual address live (interface address or natgw hook).
+    AddAddresses,
+    /// Withdraw every virtual address; must succeed quietly when they are absent, since it is
+    /// also how a daemon restarted over its own stale addresses cleans up.
+    RemoveAddresses,
+    /// Send the gratuitous ARP burst for every virtual address.
+    GratuitousArp,
+}
+
+/// Why a received advert was not acted upon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// TTL was not 255 (RFC 5798 §7.1: the sender is not on our link).
+    BadTtl,
+    /// Advert for another virtual router on the same link.
+    OtherVrid,
+    /// Our own advert looped back.
+    OwnAdvert,
+    /// Max Adver Int 0 cannot be learnt.
+    ZeroInterval,
+    /// Not running (Initialize or Fault).
+    NotListening,
+    /// Master: a lower-priority advert; Backup with preempt: a lower-priority master.
+    LowerPriority,
+}
+
+/// Counters shown by `show vrrp`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Adverts accepted by the state machine.
+    pub adverts_rx: u64,
+    /// Adverts sent (including priority 0).
+    pub adverts_tx: u64,
+    /// Priority-0 adverts received.
+    pub priority_zero_rx: u64,
+    /// Priority-0 adverts sent.
+    pub priority_zero_tx: u64,
+    /// Adverts dropped for a TTL other than 255.
+    pub bad_ttl: u64,
+    /// Adverts for other VRIDs.
+    pub other_vrid: u64,
+    /// Adverts whose address list differs from ours (accepted, logged: RFC 5798 §7.1).
+    pub address_mismatch: u64,
+    /// Lower-priority adverts ignored.
+    pub lower_priority: u64,
+    /// Other ignored adverts (own, zero interval, not listening).
+    pub ignored: u64,
+    /// Times the sync group held this backup back from taking over.
+    pub held_by_group: u64,
+}
+
+/// An advert as it arrived, with the IP fields the state machine judges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedAdvert {
+    /// IP source: the sender's primary address.
+    pub src: Ipv4Addr,
+    /// IP TTL as received.
+    pub ttl: u8,
+    /// The parsed advert.
+    pub repr: VrrpRepr,
+}
+
+/// One VRRP virtual router (RFC 5798 §6).
+#[derive(Debug)]
+pub struct VrrpInstance {
+    config: InstanceConfig,
+    state: State,
+    penalty: u8,
+    own_fault: bool,
+    group_fault: bool,
+    hold_backup: bool,
+    master_adver_interval: Duration,
+    master: Option<(Ipv4Addr, u8)>,
+    last_master_advert: Option<Instant>,
+    resign_seen: bool,
+    adver_timer: Option<Instant>,
+    master_down_timer: Option<Instant>,
+    preempt_timer: Option<Instant>,
+    garp_timer: Option<Instant>,
+    actions: VecDeque<Action>,
+    history: VecDeque<Transition>,
+    last_transition: Option<Transition>,
+    counters: Counters,
+}
+
+impl VrrpInstance {
+    /// Creates an instance in Initialize; call [`Self::startup`] to run it.
+    pub fn new(config: InstanceConfig) -> Self {
+        let interval = cs_duration(config.advert_interval_cs());
+        Self {
+            config,
+            state: State::Initialize,
+            penalty: 0,
+            own_fault: false,
+            group_fault: false,
+            hold_backup: false,
+            master_adver_interval: interval,
+            master: None,
+            last_master_advert: None,
+            resign_seen: false,
+            adver_timer: None,
+            master_down_timer: None,
+            preempt_timer: None,
+            garp_timer: None,
+            actions: VecDeque::new(),
+            history: VecDeque::new(),
+            last_transition: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &InstanceConfig {
+        &self.config
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The priority we advertise: configured minus tracking penalties, kept in 1..=254 once
+    /// lowered (a penalised owner is no longer the owner).
+    pub fn priority(&self) -> u8 {
+        if self.penalty == 0 {
+            self.config.priority
+        } else {
+            self.config
+                .priority
+                .saturating_sub(self.penalty)
+                .clamp(1, 254)
+        }
+    }
+
+    /// The current master's address and priority, if known.
+    pub fn master(&self) -> Option<(Ipv4Addr, u8)> {
+        self.master
+    }
+
+    /// Master_Adver_Interval: ours as master, the learnt one as backup.
+    pub fn master_advert_interval(&self) -> Duration {
+        self.master_adver_interval
+    }
+
+    /// Skew_Time = ((256 − Priority) × Master_Adver_Interval) / 256 (RFC 5798 §6.1).
+    pub fn skew_time(&self) -> Duration {
+        self.master_adver_interval * (256 - u32::from(self.priority())) / 256
+    }
+
+    /// Master_Down_Interval = 3 × Master_Adver_Interval + Skew_Time (RFC 5798 §6.1).
+    pub fn master_down_interval(&self) -> Duration {
+        self.master_adver_interval * 3 + self.skew_time()
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Recent transitions, oldest first.
+    pub fn transitions(&self) -> impl Iterator<Item = &Transition> {
+        self.history.iter()
+    }
+
+    /// Whether this instance is in Fault because of its own tracked objects.
+    pub fn own_fault(&self) -> bool {
+        self.own_fault
+    }
+
+    /// The next action to perform.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When `handle_timeout` must be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.adver_timer,
+            self.master_down_timer,
+            self.preempt_timer,
+            self.garp_timer,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The advert we would send now with `priority`.
+    pub fn advert(&self, priority: u8) -> VrrpRepr {
+        VrrpRepr {
+            vrid: self.config.vrid,
+            priority,
+            max_advert_interval_cs: self.config.advert_interval_cs(),
+            addresses: self.config.addresses.iter().map(|a| a.address).collect(),
+        }
+    }
+
+    /// Startup event (RFC 5798 §6.4.1).
+    pub fn startup(&mut self, now: Instant) {
+        if self.state != State::Initialize {
+            return;
+        }
+        if self.faulty() {
+            self.enter_fault(now, Reason::Fault);
+        } else if self.config.priority == PRIORITY_OWNER && self.penalty == 0 {
+            self.enter_master(now, Reason::OwnerStartup);
+        } else {
+            self.master_adver_interval = cs_duration(self.config.advert_interval_cs());
+            self.enter_backup(now, Reason::Startup);
+        }
+    }
+
+    /// Shutdown event: a master sends priority 0 and withdraws its addresses (§6.4.3).
+    pub fn shutdown(&mut self, now: Instant) {
+        match self.state {
+            State::Initialize => {}
+            State::Master => {
+                self.send_advert(PRIORITY_STOP);
+                self.transition(now, State::Initialize, Reason::Shutdown);
+                self.actions.push_back(Action::RemoveAddresses);
+            }
+            State::Backup | State::Fault => {
+                self.transition(now, State::Initialize, Reason::Shutdown);
+            }
+        }
+        self.clear_timers();
+    }
+
+    /// An advert arrived for this instance's link.
+    ///
+    /// # Errors
+    /// The reason it was ignored (also counted).
+    pub fn handle_advert(&mut self, now: Instant, adv: &ReceivedAdvert) -> Result<(), DropReason> {
+        let r = self.judge(adv);
+        if let Err(reason) = r {
+            self.count_drop(reason);
+            return r;
+        }
+        if adv.repr.priority == PRIORITY_STOP {
+            self.counters.priority_zero_rx += 1;
+        }
+        let ours = self.config.addresses.iter().map(|a| a.address);
+        if !ours.eq(adv.repr.addresses.iter().copied()) {
+            self.counters.address_mismatch += 1;
+        }
+        let prio = adv.repr.priority;
+        let local = self.priority();
+        let interval = cs_duration(adv.repr.max_advert_interval_cs);
+        match self.state {
+            State::Backup if prio == PRIORITY_STOP => {
+                self.counters.adverts_rx += 1;
+                self.master = None;
+                self.last_master_advert = None;
+                self.resign_seen = true;
+                self.preempt_timer = None;
+                self.master_down_timer = Some(now + self.skew_time().max(MIN_TIMER));
+            }
+            State::Backup if !self.config.preempt || prio >= local => {
+                self.counters.adverts_rx += 1;
+                self.accept_master(now, adv.src, prio, interval);
+                self.preempt_timer = None;
+            }
+            State::Backup => {
+                if self.config.preempt_delay.is_zero() {
+                    self.count_drop(DropReason::LowerPriority);
+                    return Err(DropReason::LowerPriority);
+                }
+                // Delayed preemption: follow the lower master until the delay is over, so a
+                // node that just booted does not take over before its services are ready.
+                self.counters.adverts_rx += 1;
+                self.accept_master(now, adv.src, prio, interval);
+                self.preempt_timer
+                    .get_or_insert(now + self.config.preempt_delay);
+            }
+            State::Master if prio == PRIORITY_STOP => {
+                // Another master resigned: assert ourselves at once (§6.4.3).
+                self.counters.adverts_rx += 1;
+                self.send_advert(local);
+                self.adver_timer = Some(now + self.adver_interval());
+            }
+            State::Master
+                if prio > local || (prio == local && adv.src > self.config.primary_address) =>
+            {
+                self.counters.adverts_rx += 1;
+                self.master_adver_interval = interval;
+                self.enter_backup(
+                    now,
+                    Reason::HigherPriority {
+                        from: adv.src,
+                        priority: prio,
+                    },
+                );
+                self.accept_master(now, adv.src, prio, interval);
+            }
+            State::Master => {
+                // Another router believes it is master (it started at the same time, or a
+                // split brain healed). RFC 5798 says discard; like keepalived we also assert
+                // ourselves at once, advert and gratuitous ARP, so the other side yields now
+                // and the clients that followed its ARP come back.
+                self.count_drop(DropReason::LowerPriority);
+                self.send_advert(local);
+                self.actions.push_back(Action::GratuitousArp);
+                self.adver_timer = Some(now + self.adver_interval());
+                return Err(DropReason::LowerPriority);
+            }
+            // judge() already turned these away.
+            State::Initialize | State::Fault => return Err(DropReason::NotListening),
+        }
+        Ok(())
+    }
+
+    /// A deadline passed: advert timer, master-down timer, preempt delay or ARP repeat.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due = |t: Option<Instant>| t.is_some_and(|t| t <= now);
+        match self.state {
+            State::Master => {
+                if due(self.garp_timer) {
+                    self.garp_timer = None;
+                    self.actions.push_back(Action::GratuitousArp);
+                }
+                if due(self.adver_timer) {
+                    self.send_advert(self.priority());
+                    self.adver_timer = Some(now + self.adver_interval());
+                }
+            }
+            State::Backup => {
+                if due(self.preempt_timer) {
+                    self.enter_master(now, Reason::Preempt);
+                } else if due(self.master_down_timer) {
+                    if self.hold_backup {
+                        // A sync-group sibling still hears its master: moving alone would
+                        // split the group across two routers.
+                        self.counters.held_by_group += 1;
+                        self.master_down_timer = Some(now + self.master_down_interval());
+                    } else if self.resign_seen {
+                        self.enter_master(now, Reason::MasterResigned);
+                    } else {
+                        self.enter_master(now, Reason::MasterDown);
+                    }
+                }
+            }
+            State::Initialize | State::Fault => {}
+        }
+    }
+
+    /// Sets the fault flag from tracked interfaces and services (weight 0 = fault).
+    pub fn set_fault(&mut self, now: Instant, fault: bool) {
+        self.own_fault = fault;
+        self.apply_fault(now);
+    }
+
+    /// Sets the fault imposed by the sync group (another member is faulty).
+    pub fn set_group_fault(&mut self, now: Instant, fault: bool) {
+        self.group_fault = fault;
+        self.apply_fault(now);
+    }
+
+    /// Lowers the advertised priority by `penalty` (sum of failed tracked weights).
+    pub fn set_priority_penalty(&mut self, now: Instant, penalty: u8) {
+        if penalty == self.penalty {
+            return;
+        }
+        self.penalty = penalty;
+        if self.state == State::Master {
+            // Tell the backups now rather than at the next interval, so a preempting backup
+            // starts counting down at once.
+            self.send_advert(self.priority());
+            self.adver_timer = Some(now + self.adver_interval());
+        }
+    }
+
+    /// Set by the sync group: while true, an expiring Master_Down_Timer re-arms instead of
+    /// taking over.
+    pub fn set_hold_backup(&mut self, hold: bool) {
+        self.hold_backup = hold;
+    }
+
+    /// Whether this backup heard a live master within one Master_Down_Interval.
+    pub fn hears_master(&self, now: Instant) -> bool {
+        self.state == State::Backup
+            && self.master.is_some_and(|(_, p)| p != PRIORITY_STOP)
+            && self
+                .last_master_advert
+                .is_some_and(|t| now < t + self.master_down_interval())
+    }
+
+    /// Moves to Master or Backup because a sync-group sibling did.
+    pub fn force(&mut self, now: Instant, to: State) {
+        match (self.state, to) {
+            (State::Backup, State::Master) => self.enter_master(now, Reason::SyncGroup),
+            (State::Master, State::Backup) => {
+                // Resign so the peer on this link takes over after its skew time, as the
+                // sibling's peer did on its link.
+                self.send_advert(PRIORITY_STOP);
+                self.enter_backup(now, Reason::SyncGroup);
+            }
+            _ => {}
+        }
+    }
+
+    /// The transition the last input caused, if any (read by the sync group).
+    pub fn take_last_transition(&mut self) -> Option<Transition> {
+        self.last_transition.take()
+    }
+
+    fn judge(&self, adv: &ReceivedAdvert) -> Result<(), DropReason> {
+        if adv.ttl != wire::TTL {
+            return Err(DropReason::BadTtl);
+        }
+        if adv.repr.vrid != self.config.vrid {
+            return Err(DropReason::OtherVrid);
+        }
+        if adv.src == self.config.primary_address {
+            return Err(DropReason::OwnAdvert);
+        }
+        if adv.repr.max_advert_interval_cs == 0 {
+            return Err(DropReason::ZeroInterval);
+        }
+        if matches!(self.state, State::Initialize | State::Fault) {
+            return Err(DropReason::NotListening);
+        }
+        Ok(())
+    }
+
+    fn count_drop(&mut self, reason: DropReason) {
+        let c = &mut self.counters;
+        match reason {
+            DropReason::BadTtl => c.bad_ttl += 1,
+            DropReason::OtherVrid => c.other_vrid += 1,
+            DropReason::LowerPriority => c.lower_priority += 1,
+            DropReason::OwnAdvert | DropReason::ZeroInterval | DropReason::NotListening => {
+                c.ignored += 1;
+            }
+        }
+    }
+
+    fn accept_master(&mut self, now: Instant, src: Ipv4Addr, prio: u8, interval: Duration) {
+        self.master = Some((src, prio));
+        self.resign_seen = false;
+        self.last_master_advert = Some(now);
+        self.master_adver_interval = interval;
+        self.master_down_timer = Some(now + self.master_down_interval());
+    }
+
+    fn faulty(&self) -> bool {
+        self.own_fault || self.group_fault
+    }
+
+    fn apply_fault(&mut self, now: Instant) {
+        match (self.state, self.faulty()) {
+            (State::Master, true) => {
+                // Resign so the backup takes over after its skew time.
+                self.send_advert(PRIORITY_STOP);
+                self.enter_fault(now, Reason::Fault);
+            }
+            (State::Backup, true) => self.enter_fault(now, Reason::Fault),
+            (State::Fault, false) => {
+                self.master_adver_interval = cs_duration(self.config.advert_interval_cs());
+                self.enter_backup(now, Reason::FaultCleared);
+            }
+            _ => {}
+        }
+    }
+
+    fn adver_interval(&self) -> Duration {
+        cs_duration(self.config.advert_interval_cs())
+    }
+
+    fn send_advert(&mut self, priority: u8) {
+        self.counters.adverts_tx += 1;
+        if priority == PRIORITY_STOP {
+            self.counters.priority_zero_tx += 1;
+        }
+        self.actions
+            .push_back(Action::SendAdvert(self.advert(priority)));
+    }
+
+    fn clear_timers(&mut self) {
+        self.adver_timer = None;
+        self.master_down_timer = None;
+        self.preempt_timer = None;
+        self.garp_timer = None;
+    }
+
+    fn enter_master(&mut self, now: Instant, reason: Reason) {
+        self.transition(now, State::Master, reason);
+        self.clear_timers();
+        self.master = Some((self.config.primary_address, self.priority()));
+        self.last_master_advert = None;
+        self.master_adver_interval = self.adver_interval();
+        self.actions.push_back(Action::AddAddresses);
+        self.send_advert(self.priority());
+        self.actions.push_back(Action::GratuitousArp);
+        self.adver_timer = Some(now + self.adver_interval());
+        self.garp_timer = self
+            .config
+            .garp_repeat_delay
+            .map(|d| now + d.max(MIN_TIMER));
+    }
+
+    fn enter_backup(&mut self, now: Instant, reason: Reason) {
+        self.transition(now, State::Backup, reason);
+        self.clear_timers();
+        self.resign_seen = false;
+        self.master = None;
+        self.last_master_advert = None;
+        self.actions.push_back(Action::RemoveAddresses);
+        self.master_down_timer = Some(now + self.master_down_interval());
+    }
+
+    fn enter_fault(&mut self, now: Instant, reason: Reason) {
+        self.transition(now, State::Fault, reason);
+        self.clear_timers();
+        self.master = None;
+        self.last_master_advert = None;
+        self.actions.push_back(Action::RemoveAddresses);
+    }
+
+    fn transition(&mut self, now: Instant, to: State, reason: Reason) {
+        let t = Transition {
+            at: now,
+            from: self.state,
+            to,
+            reason,
+        };
+        self.state = to;
+        if self.history.len() == TRANSITION_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(t);
+        self.last_transition = Some(t);
+        self.actions.push_back(Action::Transition(t));
+    }
+}
+
+/// Timers are never armed for "now": a zero skew (priority 255 seen by a backup) still
+/// leaves the deadline in the future, so the driver always sleeps before acting.
+const MIN_TIMER: Duration = Duration::from_millis(1);
+
+fn cs_duration(cs: u16) -> Duration {
+    Duration::from_millis(u64::from(cs.max(1)) * 10)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,89 @@
+//! Tracked interfaces and services turned into a fault flag and a priority penalty.
+//!
+//! keepalived semantics: a tracked object with weight 0 puts the instance in Fault when it
+//! fails; one with a weight lowers the advertised priority by that weight while it is down.
+
+/// One tracked object (an interface or a service) and its current health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedObject {
+    /// Name shown in logs and `show vrrp`.
+    pub name: String,
+    /// 0 = fault when down; otherwise the priority penalty while down.
+    pub weight: u8,
+    /// Current health.
+    pub up: bool,
+}
+
+/// The tracked objects of one instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracker {
+    objects: Vec<TrackedObject>,
+}
+
+impl Tracker {
+    /// Tracks `objects`, all assumed up until told otherwise.
+    pub fn new(objects: impl IntoIterator<Item = (String, u8)>) -> Self {
+        Self {
+            objects: objects
+                .into_iter()
+                .map(|(name, weight)| TrackedObject {
+                    name,
+                    weight,
+                    up: true,
+                })
+                .collect(),
+        }
+    }
+
+    /// The objects.
+    pub fn objects(&self) -> &[TrackedObject] {
+        &self.objects
+    }
+
+    /// Records object `i`'s health; returns whether it changed.
+    pub fn set(&mut self, i: usize, up: bool) -> bool {
+        match self.objects.get_mut(i) {
+            Some(o) if o.up != up => {
+                o.up = up;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a weight-0 object is down.
+    pub fn fault(&self) -> bool {
+        self.objects.iter().any(|o| !o.up && o.weight == 0)
+    }
+
+    /// Sum of the weights of the objects that are down, saturating at 255.
+    pub fn penalty(&self) -> u8 {
+        let sum: u32 = self
+            .objects
+            .iter()
+            .filter(|o| !o.up)
+            .map(|o| u32::from(o.weight))
+            .sum();
+        u8::try_from(sum).unwrap_or(u8::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_and_penalty() {
+        let mut t = Tracker::new([("eth0".to_owned(), 0), ("web".to_owned(), 60)]);
+        assert!(!t.fault());
+        assert!(t.set(1, false));
+        assert!(!t.set(1, false));
+        assert_eq!(t.penalty(), 60);
+        assert!(!t.fault());
+        t.set(0, false);
+        assert!(t.fault());
+        t.set(0, true);
+        t.set(1, true);
+        assert_eq!((t.fault(), t.penalty()), (false, 0));
+    }
+}
