@@ -97,8 +97,7 @@ pub(crate) enum Command {
     Sshd(SshdArgs),
     /// Build the demo lab in network namespaces and run vipgate in it.
     Lab {
-        /// up: build and start; down: remove everything; status: what is running.
-        /// Without an action: up, show status, and tear down on Ctrl-C.
+        /// Without an action: up, tour, live status, and tear down on Ctrl-C.
         #[arg(value_enum)]
         action: Option<LabAction>,
         /// Name prefix of the lab's namespaces (`P-isp`, `P-hq`, ...), so several labs can coexist.
@@ -144,7 +143,12 @@ pub(crate) enum LbOp {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum LabAction {
+    /// Build the namespaces and start vipgate on the routers and directors.
     Up,
+    /// Stop everything and remove every namespace.
     Down,
+    /// Which hosts exist, their addresses, whether vipgate runs.
     Status,
+    /// Prove each scenario (GRE, PAT, load balancing, failover) on a lab that is up.
+    Tour,
 }

@@ -1,9 +1,12 @@
-//! `vipgate lab`: the DESIGN.md topology in network namespaces, built by the embedded
-//! netns-scripts so the binary works on its own (no checkout needed).
+//! `vipgate lab`: the DESIGN.md topology in network namespaces, with vipgate running on the
+//! routers and directors from embedded configs, and a scripted tour that proves each user
+//! scenario. The binary carries the netns-scripts and configs, so it works without a checkout.
 
 use crate::args::LabAction;
 use anyhow::{Context, bail};
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 const LIB_SH: &str = include_str!("../../netns-scripts/lib.sh");
@@ -15,105 +18,455 @@ const HOSTS: [&str; 10] = [
     "isp", "inet", "hq", "web", "br", "brpc", "dir1", "dir2", "rs1", "rs2",
 ];
 
+/// Where vipgate runs in the lab, with its embedded config (`@STATE@` = the lab's state dir).
+const DAEMONS: [(&str, &str); 4] = [
+    ("hq", include_str!("../../netns-scripts/lab/hq.toml")),
+    ("br", include_str!("../../netns-scripts/lab/br.toml")),
+    ("dir1", include_str!("../../netns-scripts/lab/dir1.toml")),
+    ("dir2", include_str!("../../netns-scripts/lab/dir2.toml")),
+];
+
 pub(crate) async fn lab(action: Option<LabAction>, prefix: &str) -> anyhow::Result<()> {
     if prefix.is_empty() || prefix.len() > 8 || !prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
         bail!("--prefix must be 1-8 letters or digits (namespace names are PREFIX-host)");
     }
+    let lab = Lab {
+        prefix: prefix.to_string(),
+    };
     match action {
-        Some(LabAction::Up) => up(prefix).await,
-        Some(LabAction::Down) => down(prefix).await,
+        Some(LabAction::Up) => lab.up().await,
+        Some(LabAction::Down) => lab.down().await,
         Some(LabAction::Status) => {
-            print!("{}", status(prefix).await);
+            print!("{}", lab.status().await);
+            Ok(())
+        }
+        Some(LabAction::Tour) => {
+            let failed = lab.tour().await;
+            if failed > 0 {
+                bail!(
+                    "{failed} tour step(s) failed; logs are in {}",
+                    lab.state().display()
+                );
+            }
             Ok(())
         }
         None => {
-            up(prefix).await?;
-            print!("{}", status(prefix).await);
+            lab.up().await?;
+            let failed = lab.tour().await;
             println!(
-                "\nStep into any host with `ip netns exec {prefix}-inet bash`. Ctrl-C tears the lab down."
+                "\n{}. Step into any host with `ip netns exec {prefix}-inet bash`; daemons log to {}.\nLive status follows; Ctrl-C tears the lab down.",
+                if failed == 0 {
+                    "Every scenario works".to_string()
+                } else {
+                    format!("{failed} step(s) failed")
+                },
+                lab.state().display()
             );
-            tokio::signal::ctrl_c()
+            let live = async {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    // Clear the screen and redraw, like `watch`.
+                    print!("\x1b[2J\x1b[H{}", lab.live_status().await);
+                }
+            };
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+                () = live => {}
+            }
+            lab.down().await
+        }
+    }
+}
+
+struct Lab {
+    prefix: String,
+}
+
+/// One tour step's outcome.
+struct Step {
+    ok: bool,
+    text: String,
+}
+
+impl Lab {
+    fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    fn state(&self) -> PathBuf {
+        PathBuf::from(format!("/run/vipgate-lab/{}", self.prefix))
+    }
+
+    fn control(&self, host: &str) -> PathBuf {
+        self.state().join(format!("{host}.sock"))
+    }
+
+    /// Writes the embedded scripts where bash can run them (one copy per lab, so labs with
+    /// different prefixes never race on the files).
+    fn scripts_dir(&self) -> anyhow::Result<PathBuf> {
+        let dir = PathBuf::from(format!("/run/vipgate-lab/.scripts-{}", self.prefix));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, text) in [
+            ("lib.sh", LIB_SH),
+            ("lab-up.sh", LAB_UP_SH),
+            ("lab-down.sh", LAB_DOWN_SH),
+        ] {
+            std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))?;
+        }
+        Ok(dir)
+    }
+
+    async fn script(&self, name: &str) -> anyhow::Result<()> {
+        let script = self.scripts_dir()?.join(name);
+        let status = Command::new("bash")
+            .arg(&script)
+            .arg(&self.prefix)
+            .status()
+            .await
+            .with_context(|| format!("running {}", script.display()))?;
+        if !status.success() {
+            bail!(
+                "{} {} failed ({status}); are you root with iproute2 installed?",
+                script.display(),
+                self.prefix
+            );
+        }
+        Ok(())
+    }
+
+    async fn up(&self) -> anyhow::Result<()> {
+        self.script("lab-up.sh").await?;
+        for (host, _) in DAEMONS {
+            self.start_daemon(host).await?;
+        }
+        Ok(())
+    }
+
+    async fn down(&self) -> anyhow::Result<()> {
+        self.script("lab-down.sh").await?;
+        let dir = self.scripts_dir()?;
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
+    }
+
+    /// Starts `vipgate run` on `host` (unless one already answers) and waits until it does.
+    async fn start_daemon(&self, host: &str) -> anyhow::Result<()> {
+        let control = self.control(host);
+        if crate::control::request(&control, &crate::control::Request::Status)
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let (_, template) = DAEMONS
+            .iter()
+            .find(|(h, _)| *h == host)
+            .context("no such lab daemon")?;
+        let state = self.state();
+        let config = state.join(format!("{host}.toml"));
+        std::fs::write(
+            &config,
+            template.replace("@STATE@", &state.to_string_lossy()),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
+        let log = std::fs::File::create(state.join(format!("{host}.log")))?;
+        let exe = std::env::current_exe().context("finding the vipgate binary")?;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)])
+            .arg(&exe)
+            .args(["run", "-c"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // Its own session: Ctrl-C on the lab must not reach the daemons before `down` stops them.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.spawn()
+            .with_context(|| format!("starting vipgate on {host}"))?;
+        let deadline = now() + Duration::from_secs(15);
+        loop {
+            if crate::control::request(&control, &crate::control::Request::Status)
                 .await
-                .context("waiting for Ctrl-C")?;
-            down(prefix).await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if now() > deadline {
+                let log =
+                    std::fs::read_to_string(state.join(format!("{host}.log"))).unwrap_or_default();
+                bail!("vipgate on {host} did not come up:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
 
-async fn up(prefix: &str) -> anyhow::Result<()> {
-    let dir = scripts_dir(prefix)?;
-    run_script(&dir.join("lab-up.sh"), prefix).await
-}
-
-async fn down(prefix: &str) -> anyhow::Result<()> {
-    let dir = scripts_dir(prefix)?;
-    run_script(&dir.join("lab-down.sh"), prefix).await?;
-    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
-}
-
-/// Writes the embedded scripts where bash can run them (one copy per lab, so labs with
-/// different prefixes never race on the files).
-fn scripts_dir(prefix: &str) -> anyhow::Result<PathBuf> {
-    let dir = PathBuf::from(format!("/run/vipgate-lab/.scripts-{prefix}"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (name, text) in [
-        ("lib.sh", LIB_SH),
-        ("lab-up.sh", LAB_UP_SH),
-        ("lab-down.sh", LAB_DOWN_SH),
-    ] {
-        std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))?;
+    async fn sh(&self, host: &str, cmd: &str) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host), "sh", "-c", cmd])
+            .output()
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
     }
-    Ok(dir)
-}
 
-async fn run_script(script: &Path, prefix: &str) -> anyhow::Result<()> {
-    let status = Command::new("bash")
-        .arg(script)
-        .arg(prefix)
-        .status()
-        .await
-        .with_context(|| format!("running {}", script.display()))?;
-    if !status.success() {
-        bail!(
-            "{} {prefix} failed ({status}); are you root with iproute2 installed?",
-            script.display()
+    /// Runs the scripted tour; prints each step; returns how many failed.
+    async fn tour(&self) -> usize {
+        println!("\nTour of lab {}:", self.prefix);
+        let steps = [
+            self.step_gre().await,
+            self.step_pat_web().await,
+            self.step_pat_ssh().await,
+            self.step_lb().await,
+            self.step_failover().await,
+            self.step_return().await,
+        ];
+        let mut failed = 0;
+        for s in &steps {
+            println!("  [{}] {}", if s.ok { " ok " } else { "FAIL" }, s.text);
+            failed += usize::from(!s.ok);
+        }
+        failed
+    }
+
+    async fn step_gre(&self) -> Step {
+        let t = now();
+        match self
+            .sh("brpc", "curl -sS --max-time 5 http://192.168.101.101/")
+            .await
+        {
+            Ok(body) if body == "web" => Step {
+                ok: true,
+                text: format!(
+                    "GRE: br-pc (192.168.102.10) fetched http://192.168.101.101/ across the tunnel: \"{body}\" in {} ms",
+                    t.elapsed().as_millis()
+                ),
+            },
+            other => Step {
+                ok: false,
+                text: format!(
+                    "GRE: br-pc could not fetch the HQ web page over the tunnel: {other:?}"
+                ),
+            },
+        }
+    }
+
+    async fn step_pat_web(&self) -> Step {
+        match self
+            .sh("inet", "curl -sS --max-time 5 http://198.51.100.1:8001/")
+            .await
+        {
+            Ok(body) if body == "web" => Step {
+                ok: true,
+                text: "PAT: the internet host fetched http://198.51.100.1:8001/ -> web:80: \"web\""
+                    .into(),
+            },
+            other => Step {
+                ok: false,
+                text: format!(
+                    "PAT: http://198.51.100.1:8001/ from the internet host failed: {other:?}"
+                ),
+            },
+        }
+    }
+
+    async fn step_pat_ssh(&self) -> Step {
+        let key = self.state().join("id_ed25519");
+        let cmd = format!(
+            "ssh -i {} -p 20022 -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=5 -o LogLevel=ERROR root@198.51.100.1 'cat /proc/sys/kernel/hostname; ip -4 -br addr show eth0'",
+            key.display()
         );
-    }
-    Ok(())
-}
-
-async fn status(prefix: &str) -> String {
-    let mut out = format!("lab {prefix}:\n");
-    for host in HOSTS {
-        let ns = format!("{prefix}-{host}");
-        if !Path::new("/run/netns").join(&ns).exists() {
-            out.push_str(&format!("  {ns:<12} absent\n"));
-            continue;
+        match self.sh("inet", &cmd).await {
+            Ok(out) if out.contains("192.168.101.101") => Step {
+                ok: true,
+                text: "PAT: the internet host ran a command on web over OpenSSH via 198.51.100.1:20022 -> web:22".into(),
+            },
+            other => Step { ok: false, text: format!("PAT: ssh -p 20022 198.51.100.1 failed: {other:?}") },
         }
-        let addrs = Command::new("ip")
-            .args(["-n", &ns, "-4", "-brief", "addr", "show"])
+    }
+
+    async fn step_lb(&self) -> Step {
+        let (mut rs1, mut rs2, mut other) = (0, 0, 0);
+        for _ in 0..30 {
+            match self
+                .sh("inet", "curl -sS --max-time 3 http://198.51.100.10/")
+                .await
+                .as_deref()
+            {
+                Ok("rs1") => rs1 += 1,
+                Ok("rs2") => rs2 += 1,
+                _ => other += 1,
+            }
+        }
+        Step {
+            ok: other == 0 && rs1 == 10 && rs2 == 20,
+            text: format!(
+                "LB: 30 requests to the VIP http://198.51.100.10/: rs1 {rs1}, rs2 {rs2}, failed {other} (wrr weights 1:2)"
+            ),
+        }
+    }
+
+    /// Takes director1 down the way a host dies (link down, daemon killed) and measures how
+    /// long the VIP stays unanswered from the internet host, probing every 10 ms.
+    async fn step_failover(&self) -> Step {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &self.ns("dir1")])
             .output()
             .await
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        let list: Vec<String> = addrs
-            .lines()
-            .filter(|l| !l.starts_with("lo "))
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                let name = f.next()?.split('@').next()?.to_string();
-                let ips: Vec<&str> = f.skip(1).collect();
-                (!ips.is_empty()).then(|| format!("{name} {}", ips.join(" ")))
-            })
-            .collect();
-        out.push_str(&format!(
-            "  {ns:<12} {}\n",
-            if list.is_empty() {
-                "(switch)".into()
+        let probe = "curl -s -o /dev/null -w '%{http_code}' --max-time 0.2 http://198.51.100.10/";
+        if self.sh("inet", probe).await.as_deref() != Ok("200") {
+            return Step {
+                ok: false,
+                text: "VRRP: the VIP does not answer before the failover".into(),
+            };
+        }
+        let _ = self
+            .sh("isp", "ip link set p-dir1 down; ip link set r-dir1 down")
+            .await;
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status().await;
+        }
+        let t0 = now();
+        let mut last_fail = None;
+        let deadline = t0 + Duration::from_secs(15);
+        let mut ok_streak = 0;
+        while now() < deadline && ok_streak < 5 {
+            if self.sh("inet", probe).await.as_deref() == Ok("200") {
+                ok_streak += 1;
             } else {
-                list.join(", ")
+                ok_streak = 0;
+                last_fail = Some(now());
             }
-        ));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let gap = last_fail.map_or(Duration::ZERO, |t| t - t0);
+        let answered_by = self
+            .sh("inet", "curl -sS --max-time 2 http://198.51.100.10/")
+            .await
+            .unwrap_or_default();
+        let master2 = self.vrrp_master("dir2").await;
+        Step {
+            ok: ok_streak >= 5 && master2,
+            text: format!(
+                "VRRP: director1 died (link down + kill -9); the VIP kept answering from director2 (master: {master2}, reply \"{answered_by}\") after a {} ms gap",
+                gap.as_millis()
+            ),
+        }
     }
-    out
+
+    /// Whether every VRRP instance of `host`'s daemon is master.
+    async fn vrrp_master(&self, host: &str) -> bool {
+        let show = crate::control::Request::Show {
+            kind: crate::parts::Kind::Vrrp,
+        };
+        crate::control::request(&self.control(host), &show)
+            .await
+            .is_ok_and(|v| {
+                v.as_array()
+                    .is_some_and(|a| !a.is_empty() && a.iter().all(|i| i["state"] == "MASTER"))
+            })
+    }
+
+    /// Brings director1 back (links up, daemon restarted): it preempts and the VIP answers.
+    async fn step_return(&self) -> Step {
+        let _ = self
+            .sh("isp", "ip link set p-dir1 up; ip link set r-dir1 up")
+            .await;
+        if let Err(e) = self.start_daemon("dir1").await {
+            return Step {
+                ok: false,
+                text: format!("VRRP: director1 could not be restarted: {e:#}"),
+            };
+        }
+        let deadline = now() + Duration::from_secs(15);
+        while now() < deadline {
+            if self.vrrp_master("dir1").await
+                && self
+                    .sh("inet", "curl -sS --max-time 2 http://198.51.100.10/")
+                    .await
+                    .is_ok()
+            {
+                return Step { ok: true, text: "VRRP: director1 came back, preempted (priority 150 > 100) and serves the VIP again".into() };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Step {
+            ok: false,
+            text: "VRRP: director1 came back but did not take the VIP over within 15 s".into(),
+        }
+    }
+
+    async fn status(&self) -> String {
+        let mut out = format!("lab {}:\n", self.prefix);
+        for host in HOSTS {
+            let ns = self.ns(host);
+            if !Path::new("/run/netns").join(&ns).exists() {
+                let _ = writeln!(out, "  {ns:<12} absent");
+                continue;
+            }
+            let addrs = Command::new("ip")
+                .args(["-n", &ns, "-4", "-brief", "addr", "show"])
+                .output()
+                .await
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let list: Vec<String> = addrs
+                .lines()
+                .filter(|l| !l.starts_with("lo "))
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let name = f.next()?.split('@').next()?.to_string();
+                    let ips: Vec<&str> = f.skip(1).collect();
+                    (!ips.is_empty()).then(|| format!("{name} {}", ips.join(" ")))
+                })
+                .collect();
+            let daemon = if DAEMONS.iter().any(|(h, _)| *h == host) {
+                match crate::control::request(&self.control(host), &crate::control::Request::Status)
+                    .await
+                {
+                    Ok(_) => "  [vipgate running]",
+                    Err(_) => "  [vipgate not running]",
+                }
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "  {ns:<12} {}{daemon}",
+                if list.is_empty() {
+                    "(switch)".into()
+                } else {
+                    list.join(", ")
+                }
+            );
+        }
+        out
+    }
+
+    async fn live_status(&self) -> String {
+        let mut out = format!(
+            "vipgate lab {} — live status (Ctrl-C tears it down)\n",
+            self.prefix
+        );
+        for (host, _) in DAEMONS {
+            let _ = writeln!(out, "\n### {host} ({})", self.ns(host));
+            match crate::control::request(&self.control(host), &crate::control::Request::Status)
+                .await
+            {
+                Ok(v) => out.push_str(&crate::render_status(&v)),
+                Err(_) => out.push_str("  vipgate not running\n"),
+            }
+        }
+        out
+    }
+}
+
+/// The lab measures real time (failover gaps); the clock ban is for protocol cores.
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
 }

@@ -194,7 +194,7 @@ fn control_path(args: &ControlArgs) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(config::daemon::DEFAULT_CONTROL))
 }
 
-fn render_status(result: &serde_json::Value) -> String {
+pub(crate) fn render_status(result: &serde_json::Value) -> String {
     let Ok(parts) = serde_json::from_value::<Vec<control::PartStatus>>(result.clone()) else {
         return format!("{result}\n");
     };

@@ -22,7 +22,10 @@ pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
-    let ctx = StartCtx { only };
+    let ctx = StartCtx {
+        only,
+        ..StartCtx::default()
+    };
     let running = Arc::new(RwLock::new(Running::start(&site, &ctx).await?));
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
     let control = match ControlServer::start(&site.daemon.control, running.clone(), reload_tx).await

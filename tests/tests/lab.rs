@@ -43,7 +43,7 @@ impl Drop for LabGuard {
 }
 
 #[test]
-fn lab_up_twice_is_harmless_and_down_restores_netns_list() {
+fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
     require_root();
     let p = "vtlab1";
     let before: Vec<String> = netns_list()
@@ -119,7 +119,20 @@ fn lab_up_twice_is_harmless_and_down_restores_netns_list() {
     assert!(sh(&format!("{p}-inet"), "ping -c1 -W1 192.168.101.101").is_err());
 
     let status = lab(&["status", "--prefix", p]);
-    assert!(String::from_utf8_lossy(&status.stdout).contains("198.51.100.200"));
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.contains("198.51.100.200"));
+    assert_eq!(status.matches("[vipgate running]").count(), 4, "{status}");
+
+    // The tour proves every scenario: GRE, PAT (HTTP and OpenSSH), LB split, failover, preempt.
+    let tour = lab(&["tour", "--prefix", p]);
+    let text = String::from_utf8_lossy(&tour.stdout).into_owned();
+    assert!(
+        tour.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&tour.stderr)
+    );
+    assert_eq!(text.matches("[ ok ]").count(), 6, "{text}");
+    assert!(text.contains("rs1 10, rs2 20"), "{text}");
 
     let out = lab(&["down", "--prefix", p]);
     assert!(out.status.success());
@@ -135,6 +148,17 @@ fn lab_up_twice_is_harmless_and_down_restores_netns_list() {
                 && !netns_list().iter().any(|n| n.starts_with(p))
         },
     );
+    // No daemon of this lab survives, and its state directory is gone.
+    let left = Command::new("pgrep")
+        .args(["-f", &format!("/run/vipgate-lab/{p}/")])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    assert!(!std::path::Path::new(&format!("/run/vipgate-lab/{p}")).exists());
     // Down again is harmless too.
     assert!(lab(&["down", "--prefix", p]).status.success());
 }

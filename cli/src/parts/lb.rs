@@ -12,6 +12,10 @@
 //! applies weights, backends, schedulers, persistence, sorry server and health settings in
 //! place, without touching established flows; adding, removing or moving a service restarts
 //! the gateway.
+//!
+//! A VIP that a `[[vrrp]]` instance lists is not made live at start: the VRRP master makes it
+//! live through the [`vrrp::driver::AddressHook`] this part hands over in [`StartCtx::wiring`],
+//! together with one health signal per service for `track_services`.
 
 use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
@@ -21,11 +25,14 @@ use natgw::health::probe::{TargetSpec, run_checker};
 use natgw::health::{CheckKind, Transition};
 use natgw::{BackendKey, GatewayConfig, VirtualService};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use vrrp::VirtualAddress;
+use vrrp::driver::AddressHook;
 
 /// What the service parts of one site share: the gateway and the health tasks.
 struct Shared {
@@ -56,17 +63,24 @@ fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
 /// # Errors
 /// Interfaces that cannot be found, a service the gateway refuses (e.g. its VIP:port is
 /// also a port forward), or the gateway failing to start.
-pub(crate) async fn start(
-    site: &SiteConfig,
-    _ctx: &StartCtx,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
+pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
     let services: Vec<natgw::ServiceConfig> = site.service.iter().map(|s| s.to_natgw()).collect();
+    // VIPs a VRRP instance moves: only its master makes them live (DESIGN.md).
+    let vrrp_vips: Vec<Ipv4Addr> = services
+        .iter()
+        .map(|s| *s.listen.ip())
+        .filter(|ip| {
+            site.vrrp
+                .iter()
+                .any(|v| v.addresses.get_ref().iter().any(|a| a.addr() == *ip))
+        })
+        .collect();
     let (driver, owns_driver) = match super::nat::running_gateway() {
         Some(driver) if site.nat.is_some() => {
-            join_gateway(&driver, &services).await?;
+            join_gateway(&driver, &services, &vrrp_vips).await?;
             (driver, false)
         }
-        _ => (Arc::new(start_gateway(services).await?), true),
+        _ => (Arc::new(start_gateway(services, &vrrp_vips).await?), true),
     };
     let gw = driver.gateway();
     let initial = health_targets(&lock(&gw));
@@ -75,13 +89,36 @@ pub(crate) async fn start(
     // Cannot fail: the receiver is still here.
     let _ = targets_tx.send(initial).await;
     let checker = tokio::spawn(run_checker(targets_rx, changes_tx));
-    let applier = tokio::spawn(apply_health(gw.clone(), changes_rx));
+    let mut health = HashMap::new();
+    let mut health_rx = HashMap::new();
+    for s in lock(&gw).services() {
+        let (tx, rx) = watch::channel(s.is_available());
+        health.insert(s.name().to_string(), tx);
+        health_rx.insert(s.name().to_string(), rx);
+    }
+    let applier = tokio::spawn(apply_health(gw.clone(), changes_rx, health));
+    let (vip_tx, vip_rx) = mpsc::unbounded_channel();
+    let vip_mover = tokio::spawn(move_vips(driver.clone(), vip_rx));
+    {
+        let mut wiring = ctx
+            .wiring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        wiring.health.extend(health_rx);
+        for vip in &vrrp_vips {
+            let hook: Arc<dyn AddressHook> = Arc::new(VipHook {
+                vip: *vip,
+                tx: vip_tx.clone(),
+            });
+            wiring.hooks.insert(*vip, hook);
+        }
+    }
     let shared = Arc::new(Shared {
         driver,
         gw,
         owns_driver,
         targets: targets_tx,
-        tasks: vec![checker, applier],
+        tasks: vec![checker, applier, vip_mover],
     });
     Ok(site
         .service
@@ -97,7 +134,11 @@ pub(crate) async fn start(
 
 /// Adds the services to the nat part's gateway (a service already there, from before a
 /// restart of this part, takes the new configuration) and makes their VIPs live.
-async fn join_gateway(driver: &NatDriver, services: &[natgw::ServiceConfig]) -> anyhow::Result<()> {
+async fn join_gateway(
+    driver: &NatDriver,
+    services: &[natgw::ServiceConfig],
+    deferred: &[Ipv4Addr],
+) -> anyhow::Result<()> {
     {
         let gw = driver.gateway();
         let mut gw = lock(&gw);
@@ -116,7 +157,10 @@ async fn join_gateway(driver: &NatDriver, services: &[natgw::ServiceConfig]) -> 
             }
         }
     }
-    for s in services {
+    for s in services
+        .iter()
+        .filter(|s| !deferred.contains(s.listen.ip()))
+    {
         driver
             .add_public_address(*s.listen.ip())
             .await
@@ -130,7 +174,10 @@ async fn join_gateway(driver: &NatDriver, services: &[natgw::ServiceConfig]) -> 
 }
 
 /// A director's gateway: services only, interfaces found from the routes.
-async fn start_gateway(services: Vec<natgw::ServiceConfig>) -> anyhow::Result<NatDriver> {
+async fn start_gateway(
+    services: Vec<natgw::ServiceConfig>,
+    deferred: &[Ipv4Addr],
+) -> anyhow::Result<NatDriver> {
     let Some(first) = services.first() else {
         bail!("no [[service]] to run");
     };
@@ -169,7 +216,11 @@ async fn start_gateway(services: Vec<natgw::ServiceConfig>) -> anyhow::Result<Na
         services,
         ..GatewayConfig::default()
     };
-    let driver = NatDriver::start(DriverConfig::new(inside.clone(), outside.clone()), gw_cfg)
+    let driver_cfg = DriverConfig {
+        deferred_public: deferred.to_vec(),
+        ..DriverConfig::new(inside.clone(), outside.clone())
+    };
+    let driver = NatDriver::start(driver_cfg, gw_cfg)
         .await
         .context("starting the gateway for the virtual services")?;
     tracing::info!(%outside, ?inside, services = count, "virtual services running");
@@ -205,14 +256,56 @@ fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
 
 /// Applies health changes to the pools (between two packet batches: the loop holds the lock
 /// per batch).
-async fn apply_health(gw: SharedGateway, mut changes: mpsc::Receiver<Transition<BackendKey>>) {
+async fn apply_health(
+    gw: SharedGateway,
+    mut changes: mpsc::Receiver<Transition<BackendKey>>,
+    health: HashMap<String, watch::Sender<bool>>,
+) {
     while let Some(t) = changes.recv().await {
         let mut gw = lock(&gw);
-        if let Some(Err(e)) = gw
-            .service_mut(&t.key.service)
-            .map(|s| s.set_health(t.key.backend, t.health))
-        {
+        let Some(service) = gw.service_mut(&t.key.service) else {
+            continue;
+        };
+        if let Err(e) = service.set_health(t.key.backend, t.health) {
             tracing::debug!(target = %t.key, error = %e, "health change for a backend no longer configured");
+        }
+        // track_services: VRRP lowers its priority (or faults) while this is false.
+        if let Some(tx) = health.get(&t.key.service) {
+            tx.send_if_modified(|v| std::mem::replace(v, service.is_available()) != *v);
+        }
+    }
+}
+
+/// Makes a VRRP-owned VIP live or withdraws it, as the VRRP master state comes and goes.
+struct VipHook {
+    vip: Ipv4Addr,
+    tx: mpsc::UnboundedSender<(Ipv4Addr, bool)>,
+}
+
+impl AddressHook for VipHook {
+    // Called on the VRRP task: hand the netlink work to `move_vips` instead of blocking it.
+    fn activate(&self, _vip: VirtualAddress) {
+        let _ = self.tx.send((self.vip, true));
+    }
+    fn deactivate(&self, _vip: VirtualAddress) {
+        let _ = self.tx.send((self.vip, false));
+    }
+}
+
+async fn move_vips(driver: Arc<NatDriver>, mut rx: mpsc::UnboundedReceiver<(Ipv4Addr, bool)>) {
+    while let Some((vip, live)) = rx.recv().await {
+        let result = if live {
+            driver.add_public_address(vip).await
+        } else {
+            driver.remove_public_address(vip).await
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(%vip, live, "virtual service address {}", if live { "made live" } else { "withdrawn" })
+            }
+            Err(e) => {
+                tracing::error!(%vip, live, error = %e, "moving a virtual service address failed")
+            }
         }
     }
 }

@@ -150,10 +150,13 @@ pub(crate) trait Part: Send + Sync {
 }
 
 /// What every part gets at start.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub(crate) struct StartCtx {
     /// Only start these kinds (`vipgate run --only`); empty = all configured.
     pub(crate) only: Vec<Kind>,
+    /// Cross-part wiring: the virtual services (started first) leave their health signals and
+    /// VIP hooks here for the VRRP instances (started after them).
+    pub(crate) wiring: std::sync::Arc<std::sync::Mutex<vrrp::Wiring>>,
 }
 
 /// The started parts of a site, in start order.

@@ -92,7 +92,7 @@ pub(crate) fn member_spec(s: &VrrpSection) -> MemberSpec {
 
 /// What other parts hand to VRRP: service health for `track_services`, and the VIPs a natgw
 /// service owns (made live through its hook instead of as interface addresses).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Wiring {
     /// Per service name: `true` while it has a healthy backend.
     pub(crate) health: HashMap<String, watch::Receiver<bool>>,
@@ -104,11 +104,13 @@ pub(crate) struct Wiring {
 ///
 /// # Errors
 /// An interface or socket problem, after stopping the groups already started.
-pub(crate) async fn start(
-    site: &SiteConfig,
-    _ctx: &StartCtx,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    start_wired(site, &Wiring::default()).await
+pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    let wiring = ctx
+        .wiring
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    start_wired(site, &wiring).await
 }
 
 /// [`start`] with the cross-part wiring `vipgate run` provides.

@@ -89,6 +89,9 @@ pub struct DriverConfig {
     /// TUN offload (virtio-net header, TSO/GSO super-packets): the big throughput win.
     /// Default true; falls back to plain reads if the kernel refuses.
     pub offload: bool,
+    /// Public addresses NOT made live at start: another part (a VRRP master) decides when
+    /// they are, through [`NatDriver::add_public_address`] / [`NatDriver::remove_public_address`].
+    pub deferred_public: Vec<Ipv4Addr>,
 }
 
 impl DriverConfig {
@@ -103,6 +106,7 @@ impl DriverConfig {
             priority: 100,
             mtu: 1500,
             offload: true,
+            deferred_public: Vec::new(),
         }
     }
 }
@@ -168,7 +172,8 @@ impl NatDriver {
     pub async fn start(cfg: DriverConfig, mut gw_cfg: GatewayConfig) -> Result<Self, DriverError> {
         sysctl::check_namespace()?;
         // Validate the core config before touching the host.
-        let public = Gateway::new(now(), gw_cfg.clone())?.public_addresses();
+        let mut public = Gateway::new(now(), gw_cfg.clone())?.public_addresses();
+        public.retain(|a| !cfg.deferred_public.contains(a));
 
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
@@ -245,6 +250,21 @@ impl NatDriver {
             .lock()
             .await
             .add_public(&self.handle, addr)
+            .await
+    }
+
+    /// Withdraws a public address made live with [`NatDriver::add_public_address`] (a VIP
+    /// whose VRRP instance left master): its route into the TUN and its proxy neighbour go, so
+    /// this host stops answering for it. Flows already in the table stay until they expire.
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// A netlink failure.
+    pub async fn remove_public_address(&self, addr: Ipv4Addr) -> Result<(), DriverError> {
+        self.installed
+            .lock()
+            .await
+            .remove_public(&self.handle, addr)
             .await
     }
 

@@ -22,8 +22,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::neighbour::{NeighbourFlags, NeighbourMessage};
-use rtnetlink::packet_route::route::RouteMessage;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::{AddressFamily, IpProtocol};
 use rtnetlink::{Handle, RouteMessageBuilder};
@@ -119,10 +121,20 @@ impl Installed {
     ) -> Result<(), DriverError> {
         let mut req = handle.rule().add();
         *req.message_mut() = m.clone();
-        req.execute().await.map_err(|e| DriverError::Netlink {
-            op: format!("add rule {what}"),
-            source: e,
-        })?;
+        match req.execute().await {
+            // The same rule left behind by a daemon that was killed (kill -9, host crash):
+            // adopt it, so a restart starts cleanly and removes it on stop.
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                tracing::info!(rule = what, "adopting a rule left by an earlier run");
+            }
+            Err(e) => {
+                return Err(DriverError::Netlink {
+                    op: format!("add rule {what}"),
+                    source: e,
+                });
+            }
+            Ok(()) => {}
+        }
         self.rules.push(m);
         Ok(())
     }
@@ -294,6 +306,74 @@ impl Installed {
         Ok(())
     }
 
+    /// Undoes [`Installed::add_public`] for one address: its steering rules (an address
+    /// assigned here) or its TUN route and proxy neighbour (an address vipgate owns).
+    pub(crate) async fn remove_public(
+        &mut self,
+        handle: &Handle,
+        addr: Ipv4Addr,
+    ) -> Result<(), DriverError> {
+        let Some(at) = self.publics.iter().position(|a| *a == addr) else {
+            return Ok(());
+        };
+        let target = IpAddr::V4(addr);
+        let (rules, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rules)
+            .into_iter()
+            .partition(|m| m.attributes.contains(&RuleAttribute::Destination(target)));
+        self.rules = keep;
+        for m in rules {
+            handle
+                .rule()
+                .del(m)
+                .execute()
+                .await
+                .map_err(|e| DriverError::Netlink {
+                    op: format!("remove rule to {addr}"),
+                    source: e,
+                })?;
+        }
+        let (neighbours, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.neighbours)
+            .into_iter()
+            .partition(|m| {
+                m.attributes
+                    .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                        addr,
+                    )))
+            });
+        self.neighbours = keep;
+        for m in neighbours {
+            handle
+                .neighbours()
+                .del(m)
+                .execute()
+                .await
+                .map_err(|e| DriverError::Netlink {
+                    op: format!("remove proxy neighbour {addr}"),
+                    source: e,
+                })?;
+        }
+        let (routes, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.routes).into_iter().partition(|m| {
+                m.header.destination_prefix_length == 32
+                    && m.attributes
+                        .contains(&RouteAttribute::Destination(RouteAddress::Inet(addr)))
+            });
+        self.routes = keep;
+        for m in routes {
+            handle
+                .route()
+                .del(m)
+                .execute()
+                .await
+                .map_err(|e| DriverError::Netlink {
+                    op: format!("remove route {addr}/32"),
+                    source: e,
+                })?;
+        }
+        self.publics.remove(at);
+        Ok(())
+    }
+
     /// Moves `lookup local` from pref 0 behind the steering rules (once). The moved rule is
     /// added before the original is deleted, so local delivery never disappears.
     async fn move_local(&mut self, handle: &Handle) -> Result<(), DriverError> {
@@ -302,20 +382,24 @@ impl Installed {
         }
         let mut req = handle.rule().add();
         *req.message_mut() = rule(self.priority + 50, LOCAL);
-        req.execute().await.map_err(|e| DriverError::Netlink {
-            op: "move lookup local".into(),
-            source: e,
-        })?;
+        // EEXIST / ENOENT: an earlier run was killed after moving the rule; finish the move.
+        match req.execute().await {
+            Err(e) if errno(&e) != Some(libc::EEXIST) => {
+                return Err(DriverError::Netlink {
+                    op: "move lookup local".into(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
         self.moved_local = true;
-        handle
-            .rule()
-            .del(rule(0, LOCAL))
-            .execute()
-            .await
-            .map_err(|e| DriverError::Netlink {
+        match handle.rule().del(rule(0, LOCAL)).execute().await {
+            Err(e) if errno(&e) != Some(libc::ENOENT) => Err(DriverError::Netlink {
                 op: "move lookup local".into(),
                 source: e,
-            })
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Removes everything, in reverse order, logging (not failing on) what is already gone.
@@ -351,5 +435,13 @@ impl Installed {
                 tracing::warn!(error = %e, "removing route");
             }
         }
+    }
+}
+
+/// The errno of a netlink error reply, if it is one.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
     }
 }

@@ -1,0 +1,166 @@
+//! `vipgate run` as an operator meets it: a failed start leaves nothing behind, a bad reload
+//! keeps the running config, and /metrics agrees with `show --json`.
+
+use std::time::Duration;
+use vipgate_tests::{Topology, wait_for, wait_until};
+
+/// A gateway host `gw` (eth0 outside 198.51.100.1/24 towards `out`, eth1 inside 192.168.101.1/24).
+fn gateway(test: &str) -> Topology {
+    let mut t = Topology::new(test);
+    t.hosts(&["gw", "out", "in"]);
+    t.veth("gw", "eth0", "out", "eth0")
+        .veth("gw", "eth1", "in", "eth0");
+    t.addr("gw", "eth0", "198.51.100.1/24")
+        .addr("out", "eth0", "198.51.100.200/24");
+    t.addr("gw", "eth1", "192.168.101.1/24")
+        .addr("in", "eth0", "192.168.101.101/24");
+    t.ip("in", "route add default via 192.168.101.1");
+    t.forwarding("gw");
+    t
+}
+
+fn nat_config(t: &Topology, inside: &str, extra: &str) -> String {
+    format!(
+        "[daemon]\ncontrol = \"{}/ctl.sock\"\nmetrics = \"127.0.0.1:9477\"\n\n[nat]\ninside = [\"{inside}\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n\n\
+         [[nat.static]]\nproto = \"tcp\"\noutside_port = 8001\ninside = \"192.168.101.101:80\"\n{extra}",
+        t.dir().display()
+    )
+}
+
+/// What the kernel state of `gw` looks like: links, rules, routes of every table, neighbours.
+fn kernel_state(t: &Topology) -> String {
+    [
+        "link show",
+        "rule show",
+        "route show table all",
+        "neigh show proxy",
+    ]
+    .iter()
+    .map(|c| t.ip("gw", c))
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+#[test]
+fn failed_start_leaves_the_host_as_before() {
+    let t = gateway("failstart");
+    let before = kernel_state(&t);
+    // The second tunnel names an interface that does not exist: GRE comes up first, then NAT
+    // fails, and everything must be undone.
+    let cfg = t.write(
+        "site.toml",
+        &format!(
+            "{}\n[[gre]]\nname = \"gre-x\"\nlocal = \"198.51.100.1\"\nremote = \"198.51.100.2\"\naddress = \"172.16.0.1/30\"\nroutes = [\"192.168.102.0/24\"]\n",
+            nat_config(&t, "eth9", "")
+        ),
+    );
+    let out = t.vipgate_output("gw", &["run", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("starting nat failed"), "{err}");
+    assert!(
+        err.contains("eth9"),
+        "the message names the missing interface: {err}"
+    );
+    assert_eq!(kernel_state(&t), before, "a failed start left state behind");
+    assert!(!t.dir().join("ctl.sock").exists());
+}
+
+#[test]
+fn bad_reload_keeps_running_config_and_metrics_match_show() {
+    let t = gateway("reload");
+    let _web = t.http_server("in", "192.168.101.101", 80, "web");
+    let _alt = t.http_server("in", "192.168.101.101", 8080, "alt");
+    let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
+    let mut daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
+    let ctl = t.dir().join("ctl.sock");
+    let ctl = ctl.to_str().unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the port forward to answer",
+        || {
+            t.curl("out", "http://198.51.100.1:8001/")
+                .is_ok_and(|b| b.trim() == "web")
+        },
+    );
+
+    // A reload with a mistake is refused with FILE:LINE:COL and the forward keeps working.
+    std::fs::write(&cfg, nat_config(&t, "eth1", "[[nat.static]]\nproto = \"tcp\"\noutside_port = 8001\ninside = \"192.168.101.101:22\"\n")).unwrap();
+    let out = t.vipgate_output("gw", &["reload", "--control", ctl]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("site.toml:") && err.contains("duplicate static port"),
+        "{err}"
+    );
+    assert_eq!(
+        t.curl("out", "http://198.51.100.1:8001/").unwrap().trim(),
+        "web"
+    );
+    assert!(daemon.is_running());
+
+    // A good reload that adds a forward applies live; the old one still answers.
+    std::fs::write(&cfg, nat_config(&t, "eth1", "[[nat.static]]\nproto = \"tcp\"\noutside_port = 8002\ninside = \"192.168.101.101:8080\"\n")).unwrap();
+    let out = t.vipgate_output("gw", &["reload", "--control", ctl]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nat"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_until(Duration::from_secs(10), "the new forward", || {
+        t.curl("out", "http://198.51.100.1:8002/")
+            .is_ok_and(|b| b.trim() == "alt")
+    });
+    assert_eq!(
+        t.curl("out", "http://198.51.100.1:8001/").unwrap().trim(),
+        "web"
+    );
+
+    // Prometheus text on [daemon] metrics agrees with `show nat --json`.
+    let metrics = wait_for(Duration::from_secs(10), "metrics", || {
+        t.try_sh("gw", "curl -sS --max-time 2 http://127.0.0.1:9477/metrics")
+            .ok()
+    });
+    let show = t.vipgate_output("gw", &["show", "nat", "--json", "--control", ctl]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let mut samples = 0;
+    for line in metrics.lines() {
+        if line.starts_with('#') {
+            assert!(line.starts_with("# TYPE vipgate_nat_"), "{line}");
+            assert!(
+                line.ends_with(" counter") || line.ends_with(" gauge"),
+                "{line}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("a sample is `series value`");
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{name}"
+        );
+        samples += 1;
+    }
+    assert!(samples > 5, "{metrics}");
+    // Every top-level number of the status appears with the same value (counters may only grow).
+    for (key, v) in show[0].as_object().unwrap() {
+        let Some(n) = v.as_f64() else { continue };
+        let series = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("vipgate_nat_{key}{{"))
+                    || l.starts_with(&format!("vipgate_nat_{key}_total{{"))
+            })
+            .unwrap_or_else(|| panic!("no metric for `{key}` in:\n{metrics}"));
+        let m: f64 = series.rsplit_once(' ').unwrap().1.parse().unwrap();
+        assert!(m >= n, "{key}: metrics {m} < show {n}");
+    }
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
