@@ -404,7 +404,8 @@ impl Topology {
                 &port.to_string(),
             ],
         );
-        self.wait_tcp(host, addr, port, Duration::from_secs(10));
+        // Generous: python starts slowly on a loaded 2-core machine.
+        self.wait_tcp(host, addr, port, Duration::from_secs(30));
         p
     }
 

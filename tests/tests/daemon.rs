@@ -67,6 +67,26 @@ fn failed_start_leaves_the_host_as_before() {
 }
 
 #[test]
+fn taken_port_fails_the_start_and_undoes_the_gateway() {
+    let t = gateway("porttaken");
+    // Something already listens on the metrics port: the gateway starts (TUN, rules, routes),
+    // then the metrics endpoint cannot bind, and all of it must be undone.
+    let _squatter = t.spawn("gw", "squatter", &["python3", "-c", "import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 9477)); s.listen(); time.sleep(60)"]);
+    t.wait_tcp("gw", "127.0.0.1", 9477, Duration::from_secs(30));
+    let before = kernel_state(&t);
+    let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
+    let out = t.vipgate_output("gw", &["run", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:9477"),
+        "the message names the port: {err}"
+    );
+    assert_eq!(kernel_state(&t), before, "a failed start left state behind");
+    assert!(!t.dir().join("ctl.sock").exists());
+}
+
+#[test]
 fn bad_reload_keeps_running_config_and_metrics_match_show() {
     let t = gateway("reload");
     let _web = t.http_server("in", "192.168.101.101", 80, "web");

@@ -90,7 +90,7 @@ impl Lab {
             t.ip("dir", &format!("link set v{i} master br0"));
             t.addr(&rs, "eth0", &format!("10.0.0.10{i}/24"));
             t.ip(&rs, "route add default via 10.0.0.1");
-            let p = http_server(&t, &rs, &format!("10.0.0.10{i}"), 80, &rs);
+            let p = t.http_server(&rs, &format!("10.0.0.10{i}"), 80, &rs);
             servers.insert(rs, p);
         }
         t.write("client.py", CLIENT_PY);
@@ -182,38 +182,6 @@ impl Lab {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-/// A python3 http.server answering GET / with `body`, like the harness's `http_server`, but
-/// waiting for the port with bash (the harness's `wait_tcp` runs `/dev/tcp` under dash,
-/// which has no such thing).
-fn http_server(t: &Topology, host: &str, addr: &str, port: u16, body: &str) -> Proc {
-    let www = t.dir().join(format!("www-{host}-{port}"));
-    std::fs::create_dir_all(&www).expect("creating the web root");
-    std::fs::write(www.join("index.html"), format!("{body}\n")).expect("writing index.html");
-    let p = t.spawn(
-        host,
-        &format!("http-{host}-{port}"),
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "--bind",
-            addr,
-            "--directory",
-            www.to_str().unwrap_or("."),
-            &port.to_string(),
-        ],
-    );
-    wait_until(
-        Duration::from_secs(10),
-        &format!("{addr}:{port} to accept"),
-        || {
-            t.try_sh(host, &format!("bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"))
-                .is_ok()
-        },
-    );
-    p
 }
 
 fn count(bodies: &[String]) -> HashMap<String, usize> {
@@ -440,7 +408,7 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers() {
             &[(1, 1), (2, 1)],
         ),
     );
-    let sorry = http_server(&lab.t, "rs3", "10.0.0.103", 8080, "sorry");
+    let sorry = lab.t.http_server("rs3", "10.0.0.103", 8080, "sorry");
     assert_eq!(count(&lab.connect(80, 10, CLIENTS)).len(), 2);
 
     let stopped = Instant::now();
@@ -461,7 +429,7 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers() {
         "nothing new for the down backend: {after:?}"
     );
 
-    let restarted = http_server(&lab.t, "rs2", "10.0.0.102", 80, "rs2");
+    let restarted = lab.t.http_server("rs2", "10.0.0.102", 80, "rs2");
     lab.servers.insert("rs2".into(), restarted);
     wait_until(
         Duration::from_secs(5),
@@ -503,7 +471,7 @@ fn services_join_the_pat_gateway_of_a_nat_host() {
         "the VIP is one of the gateway's addresses:\n{nat}"
     );
     // A real server's own outbound traffic leaves through the overload address.
-    let _web = http_server(&lab.t, "cl", "198.51.100.200", 8000, "outside");
+    let _web = lab.t.http_server("cl", "198.51.100.200", 8000, "outside");
     let seen = lab
         .t
         .try_sh("rs1", "curl -sS --max-time 5 http://198.51.100.200:8000/")

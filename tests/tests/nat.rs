@@ -168,29 +168,6 @@ fn wait_tcp(t: &Topology, host: &str, addr: &str, port: u16) {
     });
 }
 
-/// python3 http.server on `addr:port` serving `body` at `/`.
-fn http_server(t: &Topology, host: &str, addr: &str, port: u16, body: &str) -> Proc {
-    let www = t.dir().join(format!("www-{host}-{port}"));
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("index.html"), format!("{body}\n")).unwrap();
-    let p = t.spawn(
-        host,
-        &format!("http-{host}-{port}"),
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "--bind",
-            addr,
-            "--directory",
-            www.to_str().unwrap(),
-            &port.to_string(),
-        ],
-    );
-    wait_tcp(t, host, addr, port);
-    p
-}
-
 fn counter(v: &Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
 }
@@ -199,7 +176,7 @@ fn counter(v: &Value, path: &[&str]) -> u64 {
 fn static_forwards_reach_web_and_sshd() {
     let hq = hq("nat_static", "");
     let t = &hq.topo;
-    let _web = http_server(t, "web", "192.168.101.101", 80, "hello from web");
+    let _web = t.http_server("web", "192.168.101.101", 80, "hello from web");
     let body = t
         .curl("out", &format!("http://{PUBLIC}:8001/"))
         .expect("curl through the forward");
@@ -273,7 +250,7 @@ UsePAM no\nPidFile {d}/sshd.pid\n"
 fn overload_many_hosts_eim_ping_traceroute() {
     let hq = hq("nat_overload", "");
     let t = &hq.topo;
-    let http = http_server(t, "out", "198.51.100.200", 8080, "outside");
+    let http = t.http_server("out", "198.51.100.200", 8080, "outside");
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
     let _u2 = hq.udp_echo_peer("out2", "198.51.100.201", 7000);
     wait_tcp(t, "out", "198.51.100.200", 8080);
@@ -403,8 +380,8 @@ s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('',41000))\nwhile
 
     // ACL: an inside host and an outside host denied by their rules, counted per rule.
     t.ip("pc", "addr add 192.168.101.66/24 dev eth0");
-    let _web = http_server(t, "web", "192.168.101.101", 80, "web");
-    let _ext = http_server(t, "out", "198.51.100.200", 8080, "outside");
+    let _web = t.http_server("web", "192.168.101.101", 80, "web");
+    let _ext = t.http_server("out", "198.51.100.200", 8080, "outside");
     assert!(
         t.try_sh(
             "pc",
