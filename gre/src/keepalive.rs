@@ -122,6 +122,14 @@ impl GreKeepalive {
         }
     }
 
+    /// Applies a new period/retry count without losing the link state: misses so far
+    /// count against the new `retries`, and a longer period never delays the probe that
+    /// is already due sooner.
+    pub fn set_config(&mut self, config: KeepaliveConfig, now: Instant) {
+        self.config = config;
+        self.next_probe = self.next_probe.min(now + config.interval);
+    }
+
     /// Records a reply; returns true when this brings the tunnel back up.
     pub fn handle_reply(&mut self, now: Instant) -> bool {
         self.misses = 0;

@@ -30,8 +30,8 @@ pub mod driver;
 
 pub use keepalive::{GreKeepalive, KeepaliveConfig};
 pub use tunnel::{
-    Counters, Demux, DropReason, Encap, HEADROOM, Tunnel, TunnelConfig, TunnelEvent, Underlay,
-    Verdict,
+    Counters, Demux, DropReason, Encap, HEADROOM, NeedsRestart, Tunnel, TunnelConfig, TunnelEvent,
+    Underlay, Verdict,
 };
 pub use wire::{GrePacket, GreRepr, WireError};
 

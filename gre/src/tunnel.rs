@@ -280,6 +280,12 @@ pub enum TunnelEvent {
     Down,
 }
 
+/// A configuration change [`Tunnel::reconfigure`] cannot apply to a running tunnel: the
+/// field names what would need a new socket, TUN device or sequence space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("changing `{0}` needs the tunnel to be restarted")]
+pub struct NeedsRestart(pub &'static str);
+
 /// After this many consecutive packets "behind" the window we assume the peer restarted
 /// its sequence space (RFC 2890 has no signal for that) and resynchronise.
 const SEQUENCE_RESYNC_AFTER: u32 = 64;
@@ -376,6 +382,49 @@ impl Tunnel {
     /// When the tunnel last went down, while it is down.
     pub fn down_since(&self) -> Option<Instant> {
         self.down_since
+    }
+
+    /// Applies a new configuration to the running tunnel, keeping its counters, sequence
+    /// numbers and link state.
+    ///
+    /// Live: `mtu` (and with it the MSS clamp and the frag-needed threshold) and
+    /// `keepalive` (period, retries, on/off). Turning keepalives off brings a down tunnel
+    /// back up (a [`TunnelEvent::Up`] is queued so the driver reinstalls its routes).
+    ///
+    /// # Errors
+    /// [`NeedsRestart`] when anything else differs (name, endpoints, key, sequence,
+    /// checksum, underlay, inner address); nothing is changed then.
+    pub fn reconfigure(&mut self, new: TunnelConfig, now: Instant) -> Result<(), NeedsRestart> {
+        let old = &self.config;
+        let fixed: [(&'static str, bool); 8] = [
+            ("name", old.name == new.name),
+            ("local", old.local == new.local),
+            ("remote", old.remote == new.remote),
+            ("address", old.inner_address == new.inner_address),
+            ("key", old.key == new.key),
+            ("sequence", old.sequence == new.sequence),
+            ("checksum", old.checksum == new.checksum),
+            ("encap", old.underlay == new.underlay),
+        ];
+        if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
+            return Err(NeedsRestart(field));
+        }
+        match (self.keepalive.as_mut(), new.keepalive) {
+            (Some(ka), Some(k)) => ka.set_config(k, now),
+            (None, Some(k)) => self.keepalive = Some(GreKeepalive::new(k, now)),
+            (Some(_), None) => {
+                let was_up = self.is_up();
+                self.keepalive = None;
+                self.probe_pending = false;
+                if !was_up {
+                    self.down_since = None;
+                    self.events.push_back(TunnelEvent::Up);
+                }
+            }
+            (None, None) => {}
+        }
+        self.config = new;
+        Ok(())
     }
 
     /// Encapsulates the inner packet `buf[inner]` in place.
@@ -730,6 +779,76 @@ mod tests {
         let mut wire = buf[out].to_vec();
         let src = a.config().local;
         (b.decapsulate(crate::test_util::t0(), src, &mut wire), wire)
+    }
+
+    #[test]
+    fn reconfigure_applies_mtu_and_keepalive_and_refuses_identity_changes() {
+        let t0 = crate::test_util::t0();
+        let (mut a, _) = pair(|_| {});
+        let mut new = a.config().clone();
+        new.mtu = 1400;
+        new.keepalive = Some(KeepaliveConfig {
+            interval: Duration::from_secs(1),
+            retries: 2,
+        });
+        a.reconfigure(new.clone(), t0).unwrap();
+        assert_eq!(a.config().mtu, 1400);
+        assert_eq!(a.poll_timeout(), Some(t0));
+        // The new MTU is what DF packets are checked against now.
+        let (mut buf, range) = with_headroom(&ipv4(1450, 17, true));
+        assert!(matches!(a.encapsulate(&mut buf, range), Encap::ToTun(_)));
+
+        // Two unanswered probes: down; turning keepalives off brings it back up.
+        for s in 0..4 {
+            a.handle_timeout(t0 + Duration::from_secs(s));
+        }
+        assert!(!a.is_up());
+        assert_eq!(a.poll_event(), Some(TunnelEvent::Down));
+        new.keepalive = None;
+        a.reconfigure(new.clone(), t0 + Duration::from_secs(5))
+            .unwrap();
+        assert!(a.is_up());
+        assert_eq!(a.poll_event(), Some(TunnelEvent::Up));
+        assert_eq!(a.poll_timeout(), None);
+
+        let before = a.config().clone();
+        for (field, change) in [
+            (
+                "key",
+                (|c: &mut TunnelConfig| c.key = Some(7)) as fn(&mut TunnelConfig),
+            ),
+            ("remote", |c| c.remote = Ipv4Addr::new(203, 0, 113, 9)),
+            ("encap", |c| c.underlay = Underlay::Udp),
+            ("sequence", |c| c.sequence = true),
+        ] {
+            let mut c = before.clone();
+            change(&mut c);
+            assert_eq!(a.reconfigure(c, t0), Err(NeedsRestart(field)));
+            assert_eq!(a.config(), &before);
+        }
+    }
+
+    #[test]
+    fn longer_keepalive_period_keeps_misses_and_an_earlier_due_probe() {
+        let t0 = crate::test_util::t0();
+        let (mut a, _) = pair(|c| {
+            c.keepalive = Some(KeepaliveConfig {
+                interval: Duration::from_secs(1),
+                retries: 3,
+            });
+        });
+        a.handle_timeout(t0);
+        a.handle_timeout(t0 + Duration::from_secs(1));
+        let mut new = a.config().clone();
+        new.keepalive = Some(KeepaliveConfig {
+            interval: Duration::from_secs(30),
+            retries: 3,
+        });
+        a.reconfigure(new, t0 + Duration::from_millis(1500))
+            .unwrap();
+        let ka = a.keepalive().unwrap();
+        assert_eq!(ka.misses(), 2);
+        assert_eq!(a.poll_timeout(), Some(t0 + Duration::from_secs(2)));
     }
 
     #[test]

@@ -142,7 +142,13 @@ struct Shared {
     core: Mutex<Tunnel>,
     tun: AsyncDevice,
     ifindex: u32,
-    routes: Vec<IpNet>,
+    /// Inner address as configured (a change needs a restart).
+    address: Option<(Ipv4Addr, u8)>,
+    /// MTU of the interface holding the local address, for `mtu = 0` on reconfigure.
+    underlay_mtu: u16,
+    routes: Mutex<Vec<IpNet>>,
+    /// Routes a reconfigure asked for, applied by the control task (which owns netlink).
+    pending_routes: Mutex<Option<Vec<IpNet>>>,
     routes_installed: AtomicBool,
     offload: bool,
     /// Wakes the control task when a keepalive reply may have changed the state.
@@ -158,6 +164,15 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    fn routes(&self) -> Vec<IpNet> {
+        lock(&self.routes).clone()
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (plain values).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct UnderlaySocket {
@@ -280,6 +295,12 @@ impl UnderlaySocket {
 type UnderlayGroup = (Arc<UnderlaySocket>, Vec<Arc<Shared>>);
 
 /// A receive buffer that GRO may grow without zero-filling on every reuse.
+///
+/// It starts at one packet's size but reports [`RX_BUF_MAX`] as its capacity: tun-rs only
+/// coalesces a segment into a buffer whose capacity can hold the result, so a buffer that
+/// reported its real 2 KiB made every TUN write a single packet (measured: one `write`
+/// per 1.4 KiB segment). A buffer that heads a super-packet grows once, to exactly that
+/// bound, and keeps its allocation.
 struct RxBuf {
     data: Vec<u8>,
     len: usize,
@@ -306,15 +327,23 @@ impl AsMut<[u8]> for RxBuf {
     }
 }
 
+impl RxBuf {
+    fn grow_to(&mut self, len: usize) {
+        if len > self.data.len() {
+            self.data
+                .reserve_exact(len.max(RX_BUF_MAX) - self.data.len());
+            self.data.resize(len, 0);
+        }
+    }
+}
+
 impl ExpandBuffer for RxBuf {
     fn buf_capacity(&self) -> usize {
-        self.data.len()
+        self.data.len().max(RX_BUF_MAX)
     }
 
     fn buf_resize(&mut self, new_len: usize, value: u8) {
-        if new_len > self.data.len() {
-            self.data.resize(new_len, 0);
-        }
+        self.grow_to(new_len);
         if new_len > self.len {
             self.data[self.len..new_len].fill(value);
         }
@@ -323,9 +352,7 @@ impl ExpandBuffer for RxBuf {
 
     fn buf_extend_from_slice(&mut self, src: &[u8]) {
         let end = self.len + src.len();
-        if end > self.data.len() {
-            self.data.resize(end, 0);
-        }
+        self.grow_to(end);
         self.data[self.len..end].copy_from_slice(src);
         self.len = end;
     }
@@ -348,8 +375,13 @@ impl ExpandBuffer for &mut RxBuf {
 /// Where decapsulated packets sit in an [`RxBuf`] before the TUN write: far enough in for
 /// tun-rs to put the virtio-net header in front.
 const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
+/// Largest coalesced packet (a 64 KiB IP packet) with room for the virtio-net header on
+/// both sides, as tun-rs's GRO requires.
+const RX_BUF_MAX: usize = 2 * TUN_OFFSET + 65_535;
 /// Decapsulated packets one receive batch may produce.
 const OUT_POOL: usize = 1024;
+/// Largest tunnel MTU the driver sizes its transmit buffers for (the config allows up to it).
+pub const MAX_TUNNEL_MTU: u16 = 9000;
 /// Segments one TUN read may produce with offload (64 KiB / smallest sane MSS).
 const MAX_SEGMENTS: usize = 64;
 
@@ -387,9 +419,10 @@ impl GreDriver {
         let reflector = Arc::new(open_reflector()?);
         for spec in specs {
             let mut config = spec.tunnel;
+            let underlay_mtu = netlink::underlay_mtu(&self.netlink, config.local).await?;
+            let underlay_mtu = u16::try_from(underlay_mtu).unwrap_or(u16::MAX);
             if config.mtu == 0 {
-                let underlay_mtu = netlink::underlay_mtu(&self.netlink, config.local).await?;
-                config.mtu = config.default_mtu(u16::try_from(underlay_mtu).unwrap_or(u16::MAX));
+                config.mtu = config.default_mtu(underlay_mtu);
             }
             let key = (config.local, config.underlay);
             let underlay = match underlays.get(&key) {
@@ -405,7 +438,10 @@ impl GreDriver {
                 core: Mutex::new(Tunnel::new(config, now())),
                 tun,
                 ifindex,
-                routes: spec.routes,
+                address: spec.address,
+                underlay_mtu,
+                routes: Mutex::new(spec.routes),
+                pending_routes: Mutex::new(None),
                 routes_installed: AtomicBool::new(false),
                 offload: spec.offload,
                 wake: Notify::new(),
@@ -471,12 +507,63 @@ impl GreDriver {
                         .and_then(|k| k.last_reply())
                         .map(|t| now.saturating_duration_since(t)),
                     keepalive_misses: ka.map_or(0, |k| k.misses()),
-                    routes: sh.routes.clone(),
+                    routes: sh.routes(),
                     routes_installed: sh.routes_installed.load(Ordering::Relaxed),
                     counters: core.counters().clone(),
                 }
             })
             .collect()
+    }
+
+    /// Applies a changed spec to the running tunnel of the same name without dropping it:
+    /// MTU (TUN device and MSS clamp), keepalive period/retries/on-off, and routes (the
+    /// control task adds and removes the difference with rtnetlink right after this returns).
+    ///
+    /// Returns `Ok(false)` when the change needs the tunnel to be restarted (no tunnel of
+    /// that name, or endpoints, key, encap, sequence, checksum, inner address or offload
+    /// differ); nothing has been changed then.
+    ///
+    /// # Errors
+    /// Setting the TUN device's MTU failed; the old configuration stays in force.
+    pub fn reconfigure(&self, spec: TunnelSpec) -> Result<bool, DriverError> {
+        let Some(sh) = self
+            .tunnels
+            .iter()
+            .find(|sh| sh.core().config().name == spec.tunnel.name)
+        else {
+            return Ok(false);
+        };
+        if spec.address != sh.address || spec.offload != sh.offload {
+            return Ok(false);
+        }
+        let mut config = spec.tunnel;
+        if config.mtu == 0 {
+            config.mtu = config.default_mtu(sh.underlay_mtu);
+        }
+        {
+            let mut core = sh.core();
+            let old_mtu = core.config().mtu;
+            let mut trial = core.clone();
+            if let Err(e) = trial.reconfigure(config.clone(), now()) {
+                tracing::info!(tunnel = %config.name, reason = %e, "GRE tunnel needs a restart");
+                return Ok(false);
+            }
+            if config.mtu != old_mtu {
+                sh.tun
+                    .set_mtu(config.mtu)
+                    .map_err(|source| DriverError::Io {
+                        what: "set the TUN device's MTU",
+                        source,
+                    })?;
+            }
+            *core = trial;
+        }
+        if spec.routes != sh.routes() {
+            *lock(&sh.pending_routes) = Some(spec.routes);
+        }
+        // The core may have queued an Up (keepalives turned off) and the timer changed.
+        sh.wake.notify_one();
+        Ok(true)
     }
 
     /// Stops every task, withdraws the routes and deletes the TUN devices.
@@ -538,20 +625,41 @@ fn open_reflector() -> Result<Socket, DriverError> {
 }
 
 async fn install_routes(netlink: &rtnetlink::Handle, sh: &Shared) -> Result<(), DriverError> {
-    for route in &sh.routes {
-        netlink::add_route(netlink, *route, sh.ifindex).await?;
+    for route in sh.routes() {
+        netlink::add_route(netlink, route, sh.ifindex).await?;
     }
     sh.routes_installed.store(true, Ordering::Relaxed);
     Ok(())
 }
 
 async fn withdraw_routes(netlink: &rtnetlink::Handle, sh: &Shared) {
-    for route in &sh.routes {
-        if let Err(e) = netlink::del_route(netlink, *route, sh.ifindex).await {
+    for route in sh.routes() {
+        if let Err(e) = netlink::del_route(netlink, route, sh.ifindex).await {
             tracing::warn!(error = %e, "cannot withdraw route");
         }
     }
     sh.routes_installed.store(false, Ordering::Relaxed);
+}
+
+/// Moves the installed routes to `new`: only the difference is added and removed, so
+/// traffic on routes present in both never sees a gap. While the tunnel is down only the
+/// list changes (the routes go in when it comes back up).
+async fn replace_routes(netlink: &rtnetlink::Handle, sh: &Shared, new: Vec<IpNet>) {
+    let old = std::mem::replace(&mut *lock(&sh.routes), new.clone());
+    if !sh.routes_installed.load(Ordering::Relaxed) {
+        return;
+    }
+    for route in old.iter().filter(|r| !new.contains(r)) {
+        if let Err(e) = netlink::del_route(netlink, *route, sh.ifindex).await {
+            tracing::warn!(%route, error = %e, "cannot remove route");
+        }
+    }
+    for route in new.iter().filter(|r| !old.contains(r)) {
+        match netlink::add_route(netlink, *route, sh.ifindex).await {
+            Ok(()) => tracing::info!(%route, "route added by reload"),
+            Err(e) => tracing::warn!(%route, error = %e, "cannot add route"),
+        }
+    }
 }
 
 async fn transmit_task(sh: Arc<Shared>) {
@@ -561,10 +669,9 @@ async fn transmit_task(sh: Arc<Shared>) {
 }
 
 async fn transmit_loop(sh: &Shared) -> io::Result<()> {
-    let (remote, mtu) = {
-        let core = sh.core();
-        (core.config().remote, usize::from(core.config().mtu))
-    };
+    let remote = sh.core().config().remote;
+    // Sized for the largest MTU a reconfigure may set later, not just today's.
+    let mtu = usize::from(MAX_TUNNEL_MTU);
     let seg_max = if sh.offload { MAX_SEGMENTS } else { 1 };
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_536];
     let mut bufs = vec![vec![0u8; HEADROOM + mtu.max(1500) + 256]; MAX_BATCH];
@@ -806,6 +913,10 @@ async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) {
             && let Err(e) = sh.underlay.send_all(&[&probe[r]], remote).await
         {
             tracing::debug!(error = %e, "keepalive probe not sent");
+        }
+        let pending = lock(&sh.pending_routes).take();
+        if let Some(routes) = pending {
+            replace_routes(&netlink, &sh, routes).await;
         }
         for event in events {
             let name = sh.core().config().name.clone();
