@@ -432,3 +432,64 @@ fn gre_in_udp_crosses_the_isp_as_udp_4754() {
         b.counter("hq", "keepalive_replies") >= 1 && b.counter("br", "keepalive_replies") >= 1
     });
 }
+
+#[test]
+fn reload_adds_a_route_live_without_interrupting_traffic() {
+    let b = Branches::new("gre_rl", "keepalive = { interval = \"1s\", retries = 3 }");
+    // A second BR LAN that HQ does not route yet.
+    b.t.ip("br", "addr add 192.168.112.1/24 dev e1");
+    b.t.ip("brpc", "addr add 192.168.112.10/24 dev e0");
+    assert!(
+        b.t.try_sh("hqpc", "ping -c1 -W1 192.168.112.10").is_err(),
+        "the second LAN must not be reachable before the reload"
+    );
+
+    // A steady flow across the tunnel for the whole reload: 80 pings, 50 ms apart.
+    let mut flow = b.t.spawn(
+        "hqpc",
+        "flow",
+        &["ping", "-c", "80", "-i", "0.05", "-W", "1", BR_PC],
+    );
+    wait_until(Duration::from_secs(5), "the flow to get going", || {
+        flow.log().contains("icmp_seq=5 ")
+    });
+    let tx_before = b.counter("hq", "tx_packets");
+
+    let hq_cfg = b.t.dir().join("hq.toml");
+    let cfg = std::fs::read_to_string(&hq_cfg).unwrap().replace(
+        "routes = [\"192.168.102.0/24\"]",
+        "routes = [\"192.168.102.0/24\", \"192.168.112.0/24\"]",
+    );
+    std::fs::write(&hq_cfg, cfg).unwrap();
+    let sock = b.t.dir().join("hq.sock");
+    let out =
+        b.t.vipgate_output("hq", &["reload", "--control", sock.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.contains("gre: applied live"),
+        "reload: {report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The new route is in the kernel and carries traffic across the tunnel.
+    let routes = b.t.ip("hq", "route show 192.168.112.0/24");
+    assert!(routes.contains("dev gre-br"), "{routes}");
+    wait_until(Duration::from_secs(5), "the new LAN to answer", || {
+        b.t.try_sh("hqpc", "ping -c1 -W1 192.168.112.10").is_ok()
+    });
+
+    // The old flow lost nothing, and the tunnel was not restarted (counters kept going).
+    assert_eq!(
+        flow.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        flow.log()
+    );
+    assert!(
+        flow.log().contains("80 received"),
+        "pings lost during the reload: {}",
+        flow.log()
+    );
+    assert!(b.counter("hq", "tx_packets") > tx_before);
+    assert!(b.show("hq", false).unwrap().contains("192.168.112.0/24"));
+}

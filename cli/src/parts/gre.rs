@@ -116,6 +116,37 @@ impl Part for GreTunnelPart {
             )
     }
 
+    /// Applies this tunnel's new `[[gre]]` section live where the driver can (routes,
+    /// keepalive, mtu and with it the MSS clamp); `Ok(false)` when it needs a restart
+    /// (endpoints, key, encap, sequence, checksum, address, offload), when the tunnel is
+    /// gone from the file, or when the file adds a tunnel this driver does not run.
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+        let Some(section) = site.gre.iter().find(|g| *g.name.get_ref() == self.name) else {
+            return Ok(false);
+        };
+        let guard = self
+            .shared
+            .driver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(driver) = guard.as_ref() else {
+            return Ok(false);
+        };
+        // Until reloads are diffed per tunnel, an added tunnel is only started by a
+        // restart of the whole kind.
+        let running: Vec<String> = driver.status().into_iter().map(|s| s.name).collect();
+        if site.gre.iter().any(|g| !running.contains(g.name.get_ref())) {
+            return Ok(false);
+        }
+        let live = driver
+            .reconfigure(spec(section))
+            .with_context(|| format!("reconfiguring GRE tunnel {}", self.name))?;
+        if live {
+            tracing::info!(tunnel = %self.name, "GRE tunnel reconfigured live");
+        }
+        Ok(live)
+    }
+
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
             if self.shared.running.fetch_sub(1, Ordering::AcqRel) == 1 {
