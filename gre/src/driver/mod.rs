@@ -770,58 +770,46 @@ async fn receive_loop(
     let mut gro: Vec<GROTable> = tunnels.iter().map(|_| GROTable::default()).collect();
     loop {
         let mut guard = underlay.fd.readable().await?;
+        let n = match guard.try_io(|fd| {
+            sys::recv_batch(
+                fd.as_raw_fd(),
+                &mut raw,
+                &mut lens,
+                &mut sources,
+                &mut segments,
+            )
+        }) {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        };
         let now = now();
         let mut used = 0;
-        // Drain what is queued (as far as the output pool allows) before writing to the
-        // TUN: the more segments of a flow one write round sees, the more GRO merges.
-        loop {
-            let per_buffer = if underlay.gro { 64 } else { 1 };
-            let room = ((OUT_POOL - used) / per_buffer).min(receives);
-            if room == 0 {
-                break;
-            }
-            let n = match guard.try_io(|fd| {
-                sys::recv_batch(
-                    fd.as_raw_fd(),
-                    &mut raw[..room],
-                    &mut lens,
-                    &mut sources,
-                    &mut segments,
-                )
-            }) {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => break,
+        for i in 0..n {
+            let step = if segments[i] == 0 {
+                lens[i]
+            } else {
+                segments[i]
             };
-            for i in 0..n {
-                let step = if segments[i] == 0 {
-                    lens[i]
-                } else {
-                    segments[i]
-                };
-                let mut at = 0;
-                while at < lens[i] && used < OUT_POOL {
-                    let end = (at + step.max(1)).min(lens[i]);
-                    let datagram = &mut raw[i][at..end];
-                    at = end;
-                    if let Some(t) = decapsulate_one(
-                        underlay,
-                        &demux,
-                        tunnels,
-                        reflector,
-                        now,
-                        sources[i],
-                        datagram,
-                        &mut out[used],
-                    ) {
-                        owner[used] = t;
-                        used += 1;
-                    }
+            let mut at = 0;
+            while at < lens[i] && used < OUT_POOL {
+                let end = (at + step.max(1)).min(lens[i]);
+                let datagram = &mut raw[i][at..end];
+                at = end;
+                if let Some(t) = decapsulate_one(
+                    underlay,
+                    &demux,
+                    tunnels,
+                    reflector,
+                    now,
+                    sources[i],
+                    datagram,
+                    &mut out[used],
+                ) {
+                    owner[used] = t;
+                    used += 1;
                 }
             }
-        }
-        if used == 0 {
-            continue;
         }
         for (t, sh) in tunnels.iter().enumerate() {
             let mut mine: Vec<&mut RxBuf> = out[..used]
