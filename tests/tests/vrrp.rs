@@ -873,7 +873,7 @@ fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{text}");
-        assert!(text.contains("vrrp: applied live"), "{text}");
+        assert!(text.contains("vrrp vip-web: applied live"), "{text}");
     };
 
     // 150 -> 120 and a new advert interval: still above d2, mastership stays.
@@ -907,4 +907,41 @@ fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
     lab.wait_state("d1", "MASTER", Duration::from_secs(3));
     lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
     assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+
+    // A second VIP added, then removed again, live: the first never stops answering.
+    let second = "198.51.100.20";
+    let holds_second = || {
+        lab.t
+            .ip("d1", "-4 -o addr show dev eth0")
+            .contains(&format!("{second}/"))
+    };
+    let with_vips = |addresses: &str| {
+        let text = std::fs::read_to_string(lab.config("d1", 150, "100ms", true))
+            .unwrap_or_default()
+            .replace(&format!("addresses = [\"{VIP}/24\"]"), addresses);
+        lab.t.write("d1.toml", &text);
+        let out = lab
+            .t
+            .vipgate_output("d1", &["reload", "--control", &lab.sock("d1")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("vrrp vip-web: applied live"), "{text}");
+    };
+    let mut probe = lab.start_probe(3.0);
+    lab.wait_first_answer(&probe, "d1");
+    with_vips(&format!("addresses = [\"{VIP}/24\", \"{second}/24\"]"));
+    wait_until(Duration::from_secs(2), "the second VIP added", holds_second);
+    lab.t.sh("cl", &format!("ping -c1 -W1 {second} >/dev/null"));
+    with_vips(&format!("addresses = [\"{VIP}/24\"]"));
+    wait_until(Duration::from_secs(2), "the second VIP withdrawn", || {
+        !holds_second()
+    });
+    let r = lab.probe_result(&mut probe);
+    assert_eq!(r.who, "d1", "{}", r.line);
+    assert!(r.gap_ms < 100, "the VIP stopped answering: {}", r.line);
+    assert_eq!(
+        transitions("d1"),
+        before + 2,
+        "only the two handovers above"
+    );
+    assert!(d1.is_running());
 }
