@@ -398,6 +398,26 @@ pub(crate) fn render(items: &[Value]) -> String {
             c["lower_priority"],
             n("master_down_interval_ms"),
         );
+        let tracked: Vec<String> = i["tracked"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let up = t["up"].as_bool().unwrap_or(true);
+                let effect = match t["weight"].as_u64().unwrap_or(0) {
+                    0 => "fault".to_owned(),
+                    w => format!("-{w}"),
+                };
+                format!(
+                    "{} {} ({effect})",
+                    t["name"].as_str().unwrap_or("?"),
+                    if up { "up" } else { "DOWN" }
+                )
+            })
+            .collect();
+        if !tracked.is_empty() {
+            out += &format!("    tracking: {}\n", tracked.join(", "));
+        }
         for t in i["transitions"].as_array().into_iter().flatten() {
             let at = t["at_unix_ms"].as_u64().unwrap_or(0);
             out += &format!(
@@ -487,11 +507,17 @@ mod tests {
             "malformed": {"BadChecksum": 2},
             "transitions": [{"at_unix_ms": 3_723_004u64, "from": "BACKUP", "to": "MASTER",
                              "reason": "no advert within master down interval"}],
+            "tracked": [{"name": "interface eth0", "weight": 0, "up": true},
+                        {"name": "interface eth1", "weight": 20, "up": false}],
         });
         let text = render(&[item]);
         assert!(text.contains("vip-web"), "{text}");
         assert!(text.contains("150/150"), "{text}");
         assert!(text.contains("malformed 2"), "{text}");
         assert!(text.contains("01:02:03.004 BACKUP -> MASTER"), "{text}");
+        assert!(
+            text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20)"),
+            "{text}"
+        );
     }
 }
