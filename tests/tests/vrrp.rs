@@ -419,9 +419,12 @@ fn sigterm_sends_priority_zero_and_backup_takes_over_after_skew() {
 #[test]
 fn preempt_off_keeps_the_returning_node_backup() {
     let lab = Lab::new("vrrp_nopreempt");
+    // With preemption off, whoever's master-down timer fires first wins: started together on
+    // a loaded machine that may be d2. Start d1 first so it is the master being replaced.
     let mut d1 = lab.vipgate("d1", 150, "100ms", false);
-    let _d2 = lab.vipgate("d2", 100, "100ms", false);
     lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    let _d2 = lab.vipgate("d2", 100, "100ms", false);
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
     lab.host_death("d1", &mut d1);
     lab.wait_state("d2", "MASTER", Duration::from_secs(2));
     lab.link_up("d1");
