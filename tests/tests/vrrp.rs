@@ -853,6 +853,26 @@ fn weighted_track_interface_lowers_priority_instead_of_fault() {
     assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
 }
 
+/// Every probe was answered (but the last one or two, still in flight when the probe
+/// stopped). Loss, not the longest gap, is the measure here: on a loaded 2-core machine the
+/// probe itself can be descheduled for a few hundred ms while every answer still arrives.
+fn assert_no_loss(r: &ProbeResult) {
+    let field = |k: &str| -> u64 {
+        r.line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sent, received) = (field("sent="), field("received="));
+    assert!(
+        sent > 100 && received + 2 >= sent,
+        "the VIP stopped answering: {} (gap {} ms)",
+        r.line,
+        r.gap_ms
+    );
+}
+
 /// A reload on the master applies a new priority live: lowered but still above the peer,
 /// the VIP never stops answering and no transition happens; lowered below the peer, the
 /// peer preempts (RFC 5798); raised again, the master takes it back.
@@ -889,7 +909,7 @@ fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
     });
     let r = lab.probe_result(&mut probe);
     assert_eq!(r.who, "d1", "{}", r.line);
-    assert!(r.gap_ms < 100, "the VIP stopped answering: {}", r.line);
+    assert_no_loss(&r);
     let s1 = lab.status("d1").unwrap_or_default();
     assert_eq!(s1.get("state").as_deref(), Some("MASTER"));
     assert_eq!(
@@ -940,7 +960,7 @@ fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
     });
     let r = lab.probe_result(&mut probe);
     assert_eq!(r.who, "d1", "{}", r.line);
-    assert!(r.gap_ms < 100, "the VIP stopped answering: {}", r.line);
+    assert_no_loss(&r);
     assert_eq!(
         transitions("d1"),
         before + 2,
