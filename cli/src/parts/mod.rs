@@ -129,6 +129,12 @@ pub(crate) trait Part: Send + Sync {
     fn name(&self) -> String;
     /// State and counters as JSON: what `show <kind> --json` prints, and the metrics source.
     fn status(&self) -> serde_json::Value;
+    /// State and counters without per-flow detail: what `vipgate status` and the Prometheus
+    /// metrics read. Cheap to call on every scrape; parts whose `status()` lists flows (nat)
+    /// override it so a scrape does not walk their tables.
+    fn summary(&self) -> serde_json::Value {
+        self.status()
+    }
     /// An operator command (`nat clear`, `lb weight`, ...).
     ///
     /// # Errors
