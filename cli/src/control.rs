@@ -164,7 +164,7 @@ fn answer(req: Request, running: &Running) -> Response {
                 .map(|p| PartStatus {
                     kind: p.kind(),
                     name: p.name(),
-                    status: p.status(),
+                    status: p.summary(),
                 })
                 .collect::<Vec<_>>(),
         )

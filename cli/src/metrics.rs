@@ -47,7 +47,7 @@ struct Family {
     samples: Vec<(String, f64)>,
 }
 
-/// Renders every part's status as Prometheus text exposition format 0.0.4.
+/// Renders every part's summary status as Prometheus text exposition format 0.0.4.
 pub(crate) fn render(running: &Running) -> String {
     let mut families: BTreeMap<String, Family> = BTreeMap::new();
     for part in &running.parts {
@@ -57,7 +57,7 @@ pub(crate) fn render(running: &Running) -> String {
             part.kind(),
             &[],
             &labels,
-            &part.status(),
+            &part.summary(),
             false,
         );
     }

@@ -184,3 +184,98 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
     }
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }
+
+fn vrrp_instance(name: &str, vrid: u8, vip: &str) -> String {
+    format!(
+        "\n[[vrrp]]\nname = \"{name}\"\ninterface = \"eth0\"\nvrid = {vrid}\npriority = 150\nadvert_interval = \"100ms\"\naddresses = [\"{vip}/24\"]\n"
+    )
+}
+
+fn vrrp_show(t: &Topology, ctl: &str) -> Vec<serde_json::Value> {
+    let out = t.vipgate_output("gw", &["show", "vrrp", "--json", "--control", ctl]);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+#[test]
+fn reload_touches_only_the_units_that_changed() {
+    let t = gateway("units");
+    let ctl = t.dir().join("ctl.sock");
+    let ctl = ctl.to_str().unwrap();
+    let head = format!("[daemon]\ncontrol = \"{ctl}\"\n");
+    let cfg = t.write(
+        "site.toml",
+        &format!(
+            "{head}{}{}",
+            vrrp_instance("keep", 51, "198.51.100.51"),
+            vrrp_instance("drop", 52, "198.51.100.52")
+        ),
+    );
+    let mut daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
+    let masters = |want: &[&str]| {
+        let show = vrrp_show(&t, ctl);
+        let mut names: Vec<&str> = show
+            .iter()
+            .filter(|i| i["state"] == "MASTER")
+            .filter_map(|i| i["name"].as_str())
+            .collect();
+        names.sort_unstable();
+        names == want
+    };
+    wait_until(Duration::from_secs(20), "both instances master", || {
+        masters(&["drop", "keep"])
+    });
+    let keep_before = vrrp_show(&t, ctl)
+        .into_iter()
+        .find(|i| i["name"] == "keep")
+        .unwrap();
+
+    // Remove one instance and add another: the untouched instance keeps running as it was.
+    std::fs::write(
+        &cfg,
+        format!(
+            "{head}{}{}",
+            vrrp_instance("keep", 51, "198.51.100.51"),
+            vrrp_instance("new", 53, "198.51.100.53")
+        ),
+    )
+    .unwrap();
+    let out = t.vipgate_output("gw", &["reload", "--control", ctl]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("vrrp drop: stopped"), "{report}");
+    assert!(report.contains("vrrp new: started"), "{report}");
+    assert!(
+        !report.contains("keep"),
+        "the unchanged instance was touched: {report}"
+    );
+    wait_until(Duration::from_secs(20), "the new instance master", || {
+        masters(&["keep", "new"])
+    });
+    let addrs = t.ip("gw", "-4 addr show dev eth0");
+    assert!(
+        !addrs.contains("198.51.100.52/"),
+        "the removed VIP stayed: {addrs}"
+    );
+    assert!(
+        addrs.contains("198.51.100.51/") && addrs.contains("198.51.100.53/"),
+        "{addrs}"
+    );
+    let keep_after = vrrp_show(&t, ctl)
+        .into_iter()
+        .find(|i| i["name"] == "keep")
+        .unwrap();
+    assert_eq!(
+        keep_after["transitions"], keep_before["transitions"],
+        "the unchanged instance went through new transitions"
+    );
+    assert!(
+        keep_after["counters"]["adverts_tx"].as_u64()
+            > keep_before["counters"]["adverts_tx"].as_u64(),
+        "the unchanged instance kept advertising"
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}

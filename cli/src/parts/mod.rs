@@ -100,6 +100,93 @@ impl Kind {
         v.unwrap_or_default()
     }
 
+    /// The reload units of this kind in `site`, in file order. SSH destinations and the SSH
+    /// server are one unit each; VRRP instances are grouped by sync group (a group changes
+    /// state together, so it restarts together); GRE tunnels share one driver (tunnels on one
+    /// local address share its socket), and the gateway and the virtual services built on it
+    /// are one unit per kind.
+    pub(crate) fn units(self, site: &SiteConfig) -> Vec<Unit> {
+        let one = |key: &str, members: Option<Vec<String>>, v: serde_json::Value| Unit {
+            key: key.to_string(),
+            members,
+            section: v,
+        };
+        let json = |v: serde_json::Result<serde_json::Value>| v.unwrap_or_default();
+        match self {
+            Kind::Vrrp => {
+                let mut units: Vec<Unit> = Vec::new();
+                for s in &site.vrrp {
+                    let name = s.name.get_ref().clone();
+                    let key = match &s.group {
+                        Some(g) => format!("group {g}"),
+                        None => name.clone(),
+                    };
+                    let v = json(serde_json::to_value(s));
+                    match units.iter_mut().find(|u| u.key == key) {
+                        Some(u) => {
+                            u.members.get_or_insert_with(Vec::new).push(name);
+                            if let serde_json::Value::Array(a) = &mut u.section {
+                                a.push(v);
+                            }
+                        }
+                        None => units.push(one(&key, Some(vec![name]), serde_json::json!([v]))),
+                    }
+                }
+                units
+            }
+            Kind::Ssh => {
+                let mut units: Vec<Unit> = site
+                    .sshd
+                    .iter()
+                    .map(|d| {
+                        one(
+                            "sshd",
+                            Some(vec!["sshd".into()]),
+                            json(serde_json::to_value(d)),
+                        )
+                    })
+                    .collect();
+                units.extend(site.ssh.iter().map(|d| {
+                    let name = d.destination.get_ref();
+                    one(
+                        name,
+                        Some(vec![name.clone()]),
+                        json(serde_json::to_value(d)),
+                    )
+                }));
+                units
+            }
+            Kind::Gre | Kind::Nat | Kind::Lb => {
+                if self.configured_in(site) {
+                    vec![one(self.as_str(), None, self.sections(site))]
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    /// `site` with this kind's sections cut down to the units named in `keys` (what starting
+    /// only those units needs); other kinds' sections are kept for cross-references.
+    pub(crate) fn restrict(self, site: &SiteConfig, keys: &[String]) -> SiteConfig {
+        let mut out = site.clone();
+        let wanted = |name: &str| keys.iter().any(|k| k == name);
+        match self {
+            Kind::Vrrp => out.vrrp.retain(|s| match &s.group {
+                Some(g) => wanted(&format!("group {g}")),
+                None => wanted(s.name.get_ref()),
+            }),
+            Kind::Ssh => {
+                out.ssh.retain(|d| wanted(d.destination.get_ref()));
+                if !wanted("sshd") {
+                    out.sshd = None;
+                }
+            }
+            Kind::Gre | Kind::Nat | Kind::Lb => {}
+        }
+        out
+    }
+
     pub(crate) async fn start(
         self,
         site: &SiteConfig,
@@ -121,6 +208,34 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// What a reload adds, changes or removes as one piece: a tunnel, a destination, a sync group.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Unit {
+    /// Its name (`group NAME` for a VRRP sync group).
+    pub(crate) key: String,
+    /// The names of its parts; `None`: every part of the kind.
+    pub(crate) members: Option<Vec<String>>,
+    /// Its config sections, to tell whether a reload changes it.
+    pub(crate) section: serde_json::Value,
+}
+
+impl Unit {
+    /// How reload reports name it: `gre tun0`, `vrrp group G`, or just `nat`.
+    fn label(&self, kind: Kind) -> String {
+        if self.key == kind.as_str() {
+            self.key.clone()
+        } else {
+            format!("{kind} {}", self.key)
+        }
+    }
+
+    fn owns(&self, part: &dyn Part) -> bool {
+        self.members
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|n| *n == part.name()))
+    }
+}
+
 /// One running piece: a tunnel, the gateway, a VRRP instance, an SSH destination.
 pub(crate) trait Part: Send + Sync {
     /// The `show` topic this part answers.
@@ -129,6 +244,12 @@ pub(crate) trait Part: Send + Sync {
     fn name(&self) -> String;
     /// State and counters as JSON: what `show <kind> --json` prints, and the metrics source.
     fn status(&self) -> serde_json::Value;
+    /// State and counters without per-flow detail: what `vipgate status` and the Prometheus
+    /// metrics read. Cheap to call on every scrape; parts whose `status()` lists flows (nat)
+    /// override it so a scrape does not walk their tables.
+    fn summary(&self) -> serde_json::Value {
+        self.status()
+    }
     /// An operator command (`nat clear`, `lb weight`, ...).
     ///
     /// # Errors
@@ -198,12 +319,14 @@ impl Running {
         }
     }
 
-    /// Applies a new config: unchanged kinds keep running untouched; changed kinds are
-    /// reconfigured in place where their parts can, else restarted; added kinds start and
-    /// removed kinds stop. Returns one line per kind that changed.
+    /// Applies a new config unit by unit (see [`Kind::units`]): unchanged units keep running
+    /// untouched; changed ones are reconfigured in place where their parts can, else stopped
+    /// and started again; added units start and removed ones stop. Returns one line per unit
+    /// that changed.
     ///
     /// # Errors
-    /// A kind that failed to restart (it is then stopped; the rest keeps running).
+    /// A part that refused the new config (the old one keeps running), or a unit that failed
+    /// to start (it stays stopped; the rest keeps running).
     pub(crate) async fn reload(
         &mut self,
         old: &SiteConfig,
@@ -217,47 +340,74 @@ impl Running {
             {
                 continue;
             }
-            let was = kind.configured_in(old);
-            let will = kind.configured_in(new);
-            if was && will {
-                let mut live = true;
-                for p in self.parts.iter().filter(|p| p.kind() == kind) {
-                    live &= p.reconfigure(new)?;
-                }
-                if live {
-                    report.push(format!("{kind}: applied live"));
-                    continue;
+            let (before, after) = (kind.units(old), kind.units(new));
+            let mut to_start = Vec::new();
+            for unit in &before {
+                match after.iter().find(|u| u.key == unit.key) {
+                    Some(u) if u.section == unit.section => {}
+                    Some(_) => {
+                        let mut live = true;
+                        for p in self
+                            .parts
+                            .iter()
+                            .filter(|p| p.kind() == kind && unit.owns(&***p))
+                        {
+                            live &= p.reconfigure(new)?;
+                        }
+                        if live {
+                            report.push(format!("{}: applied live", unit.label(kind)));
+                        } else {
+                            self.stop_unit(kind, unit).await;
+                            to_start.push((unit.clone(), "restarted"));
+                        }
+                    }
+                    None => {
+                        self.stop_unit(kind, unit).await;
+                        report.push(format!("{}: stopped", unit.label(kind)));
+                    }
                 }
             }
-            // Restart this kind: stop its parts (last first), then start from the new config.
-            let mut i = self.parts.len();
-            while i > 0 {
-                i -= 1;
-                if self.parts[i].kind() == kind {
-                    self.parts.remove(i).stop().await;
+            for unit in &after {
+                if !before.iter().any(|u| u.key == unit.key) {
+                    to_start.push((unit.clone(), "started"));
                 }
             }
-            if will {
-                let started = kind
-                    .start(new, ctx)
-                    .await
-                    .map_err(|e| e.context(format!("restarting {kind} with the new config")))?;
-                // Keep start order: insert before the first part of a later kind.
-                let at = self
-                    .parts
+            if to_start.is_empty() {
+                continue;
+            }
+            let keys: Vec<String> = to_start.iter().map(|(u, _)| u.key.clone()).collect();
+            let started = kind
+                .start(&kind.restrict(new, &keys), ctx)
+                .await
+                .map_err(|e| {
+                    let names: Vec<String> = to_start.iter().map(|(u, _)| u.label(kind)).collect();
+                    e.context(format!("starting {}", names.join(", ")))
+                })?;
+            // Keep start order: insert before the first part of a later kind.
+            let at = self
+                .parts
+                .iter()
+                .position(|p| p.kind() > kind)
+                .unwrap_or(self.parts.len());
+            self.parts.splice(at..at, started);
+            report.extend(
+                to_start
                     .iter()
-                    .position(|p| p.kind() > kind)
-                    .unwrap_or(self.parts.len());
-                self.parts.splice(at..at, started);
-                report.push(format!(
-                    "{kind}: {}",
-                    if was { "restarted" } else { "started" }
-                ));
-            } else {
-                report.push(format!("{kind}: stopped"));
-            }
+                    .map(|(u, how)| format!("{}: {how}", u.label(kind))),
+            );
         }
         Ok(report)
+    }
+
+    /// Stops the parts of one unit, last started first.
+    async fn stop_unit(&mut self, kind: Kind, unit: &Unit) {
+        let mut i = self.parts.len();
+        while i > 0 {
+            i -= 1;
+            if self.parts[i].kind() == kind && unit.owns(&*self.parts[i]) {
+                self.parts.remove(i).stop().await;
+            }
+        }
     }
 
     /// `status()` of every part of one kind.
@@ -267,5 +417,102 @@ impl Running {
             .filter(|p| p.kind() == kind)
             .map(|p| p.status())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const SITE: &str = r#"
+[[gre]]
+name = "gre-a"
+local = "198.51.100.1"
+remote = "198.51.100.2"
+address = "172.16.0.1/30"
+
+[[gre]]
+name = "gre-b"
+local = "198.51.100.1"
+remote = "198.51.100.3"
+address = "172.16.0.5/30"
+
+[[vrrp]]
+name = "pub"
+interface = "eth0"
+vrid = 51
+priority = 150
+addresses = ["198.51.100.10/24"]
+group = "dir"
+
+[[vrrp]]
+name = "priv"
+interface = "eth1"
+vrid = 52
+priority = 150
+addresses = ["10.0.0.1/24"]
+group = "dir"
+
+[[vrrp]]
+name = "other"
+interface = "eth2"
+vrid = 53
+priority = 100
+addresses = ["10.9.0.1/24"]
+
+[[ssh]]
+destination = "ops@203.0.113.5:22"
+local = ["8585:127.0.0.1:80"]
+"#;
+
+    fn site(text: &str) -> SiteConfig {
+        crate::config::parse(Path::new("site.toml"), text).expect("valid test config")
+    }
+
+    fn keys(units: &[Unit]) -> Vec<&str> {
+        units.iter().map(|u| u.key.as_str()).collect()
+    }
+
+    #[test]
+    fn units_are_tunnels_destinations_and_sync_groups() {
+        let s = site(SITE);
+        assert_eq!(keys(&Kind::Gre.units(&s)), ["gre"]);
+        let vrrp = Kind::Vrrp.units(&s);
+        assert_eq!(keys(&vrrp), ["group dir", "other"]);
+        assert_eq!(vrrp[0].members, Some(vec!["pub".into(), "priv".into()]));
+        assert_eq!(keys(&Kind::Ssh.units(&s)), ["ops@203.0.113.5:22"]);
+        assert!(Kind::Nat.units(&s).is_empty());
+    }
+
+    #[test]
+    fn a_change_touches_only_its_unit() {
+        let old = site(SITE);
+        let new = site(&SITE.replace("priority = 100", "priority = 90"));
+        let (before, after) = (Kind::Vrrp.units(&old), Kind::Vrrp.units(&new));
+        assert_eq!(before[0], after[0], "the sync group is unchanged");
+        assert_ne!(before[1], after[1], "the ungrouped instance changed");
+        assert_eq!(Kind::Gre.units(&old), Kind::Gre.units(&new));
+        let new = site(&SITE.replace("198.51.100.3", "198.51.100.4"));
+        assert_ne!(Kind::Gre.units(&old), Kind::Gre.units(&new));
+    }
+
+    #[test]
+    fn restrict_keeps_whole_sync_groups_and_other_kinds() {
+        let s = site(SITE);
+        let only = Kind::Vrrp.restrict(&s, &["group dir".to_string()]);
+        let names: Vec<&str> = only
+            .vrrp
+            .iter()
+            .map(|v| v.name.get_ref().as_str())
+            .collect();
+        assert_eq!(names, ["pub", "priv"]);
+        assert_eq!(
+            only.gre.len(),
+            2,
+            "other kinds are kept for cross-references"
+        );
+        let only = Kind::Ssh.restrict(&s, &[]);
+        assert!(only.ssh.is_empty() && only.sshd.is_none());
     }
 }
