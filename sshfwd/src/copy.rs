@@ -66,7 +66,8 @@ pub(crate) async fn pump<L, S>(
     let up = async {
         tokio::select! {
             () = up => {}
-            _ = closed_rx => {}
+            // Only a send counts: the sender is also dropped when the channel merely saw EOF.
+            Ok(()) = closed_rx => {}
         }
     };
     let down = async {
