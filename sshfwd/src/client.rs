@@ -431,9 +431,15 @@ impl Tunnel {
                 old.strict_host_key_checking != new.strict_host_key_checking,
             ),
             ("ciphers", old.ciphers != new.ciphers),
-            ("connections", old.connections.max(1) != new.connections.max(1)),
+            (
+                "connections",
+                old.connections.max(1) != new.connections.max(1),
+            ),
             ("gateway_ports", old.gateway_ports != new.gateway_ports),
-            ("connect_timeout", old.connect_timeout != new.connect_timeout),
+            (
+                "connect_timeout",
+                old.connect_timeout != new.connect_timeout,
+            ),
             ("reconnect schedule", old.backoff != new.backoff),
         ];
         if let Some((what, _)) = needs_restart.iter().find(|(_, changed)| *changed) {
@@ -960,7 +966,10 @@ async fn cancel_remote_forward(handle: &Handle<ClientHandler>, r: &RemoteForward
 /// unanswered, one sent every `interval` (OpenSSH's `ServerAliveInterval` /
 /// `ServerAliveCountMax`). The settings are re-read at every tick, so a reload applies them
 /// to the live connection.
-async fn keepalive_dead(handle: Arc<Handle<ClientHandler>>, mut settings: watch::Receiver<Keepalive>) {
+async fn keepalive_dead(
+    handle: Arc<Handle<ClientHandler>>,
+    mut settings: watch::Receiver<Keepalive>,
+) {
     let answered = Arc::new(AtomicBool::new(true));
     let mut misses = 0u32;
     loop {

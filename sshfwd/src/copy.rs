@@ -111,11 +111,7 @@ where
 }
 
 /// Returns true when the channel was closed (not merely half-closed with EOF).
-async fn channel_to_local<W>(
-    chan: &mut ChannelReadHalf,
-    local: &mut W,
-    c: &ForwardCounters,
-) -> bool
+async fn channel_to_local<W>(chan: &mut ChannelReadHalf, local: &mut W, c: &ForwardCounters) -> bool
 where
     W: AsyncWrite + Unpin,
 {

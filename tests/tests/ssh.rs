@@ -589,10 +589,7 @@ fn forward_field(compact: &str, spec: &str, field: &str) -> Option<u64> {
         .split('}')
         .find(|o| o.contains(&format!("\"spec\":\"{spec}\"")))?;
     let rest = obj.split(&format!("\"{field}\":")).nth(1)?;
-    rest.split([',', '}'])
-        .next()?
-        .parse()
-        .ok()
+    rest.split([',', '}']).next()?.parse().ok()
 }
 
 #[test]
@@ -625,10 +622,14 @@ fn remote_unix_sockets_and_live_counters() {
     );
     let _run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
     // -R port:/local/socket: sshd's port 9100 ends at our unix socket.
-    wait_until(Duration::from_secs(15), "-R 9100 to the unix socket", || {
-        topo.curl(H, "http://127.0.0.1:9100/")
-            .is_ok_and(|b| b.trim() == "hello over unix")
-    });
+    wait_until(
+        Duration::from_secs(15),
+        "-R 9100 to the unix socket",
+        || {
+            topo.curl(H, "http://127.0.0.1:9100/")
+                .is_ok_and(|b| b.trim() == "hello over unix")
+        },
+    );
     // -R /remote/socket:host:port (streamlocal-forward@openssh.com): sshd listens on a unix
     // socket and hands connections back to us.
     let via_socket = wait_for(Duration::from_secs(15), "sshd's remote unix socket", || {
@@ -650,19 +651,20 @@ fn remote_unix_sockets_and_live_counters() {
     let hold = topo.spawn(
         H,
         "hold",
-        &[
-            "python3",
-            &format!("{d}/hold_client.py"),
-            "8586",
-            "300000",
-        ],
+        &["python3", &format!("{d}/hold_client.py"), "8586", "300000"],
     );
-    wait_until(Duration::from_secs(15), "the held connection's echo", || {
-        hold.log().contains("echoed")
-    });
+    wait_until(
+        Duration::from_secs(15),
+        "the held connection's echo",
+        || hold.log().contains("echoed"),
+    );
     let spec = format!("8586:127.0.0.1:{ECHO_PORT}");
     let compact = show_ssh_compact(&topo);
-    assert_eq!(forward_field(&compact, &spec, "active"), Some(1), "{compact}");
+    assert_eq!(
+        forward_field(&compact, &spec, "active"),
+        Some(1),
+        "{compact}"
+    );
     assert_eq!(
         forward_field(&compact, &spec, "bytes_out"),
         Some(300_000),
@@ -694,7 +696,10 @@ fn reload_changes_forwards_on_the_live_connection() {
     let _run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
     wait_port(&topo, 8585, Duration::from_secs(15));
     wait_port(&topo, 8586, Duration::from_secs(15));
-    assert_eq!(topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(), "web");
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
+        "web"
+    );
 
     // A transfer through 8586 that runs across the reload.
     topo.write("slow_client.py", SLOW_CLIENT);
@@ -734,7 +739,10 @@ fn reload_changes_forwards_on_the_live_connection() {
     );
     assert!(stdout.contains("applied live"), "{stdout}");
     wait_port(&topo, 8587, Duration::from_secs(10));
-    assert_eq!(topo.curl(H, "http://127.0.0.1:8587/").unwrap().trim(), "web");
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8587/").unwrap().trim(),
+        "web"
+    );
     wait_until(Duration::from_secs(10), "8585 to close", || {
         topo.try_sh(H, "bash -c 'exec 3<>/dev/tcp/127.0.0.1/8585'")
             .is_err()
