@@ -279,3 +279,70 @@ fn reload_touches_only_the_units_that_changed() {
     );
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn gateway_restart_on_reload_brings_services_and_vrrp_back() {
+    let t = gateway("deps");
+    let _web = t.http_server("in", "192.168.101.101", 80, "web");
+    let _pool = t.http_server("in", "192.168.101.101", 8080, "pool");
+    let ctl = t.dir().join("ctl.sock");
+    let ctl = ctl.to_str().unwrap();
+    let site = |table: u32| {
+        nat_config(
+            &t,
+            "eth1",
+            &format!(
+                "\n[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+                 health = {{ kind = \"tcp\", interval = \"200ms\", timeout = \"200ms\", rise = 1, fall = 2 }}\n\
+                 backends = [{{ address = \"192.168.101.101:8080\" }}]\n\
+                 {}track_services = [\"web\"]\n",
+                vrrp_instance("vip-web", 51, "198.51.100.10")
+            ),
+        )
+        .replace("[nat]\n", &format!("[nat]\ntable = {table}\n"))
+    };
+    let cfg = t.write("site.toml", &site(4787));
+    let mut daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
+    let both_answer = || {
+        t.curl("out", "http://198.51.100.10/")
+            .is_ok_and(|b| b.trim() == "pool")
+            && t.curl("out", "http://198.51.100.1:8001/")
+                .is_ok_and(|b| b.trim() == "web")
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the service VIP and the port forward",
+        both_answer,
+    );
+
+    // Moving the steering rules to another table needs a new gateway: the services and the
+    // VRRP instance built on it must come back on the new one.
+    std::fs::write(&cfg, site(4788)).unwrap();
+    let out = t.vipgate_output("gw", &["reload", "--control", ctl]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("nat: restarted"), "{report}");
+    assert!(
+        report.contains("lb: restarted (it is built on nat)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("vrrp: restarted (it is built on lb)"),
+        "{report}"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "both again after the restart",
+        both_answer,
+    );
+    let rules = t.ip("gw", "rule show");
+    assert!(
+        rules.contains("lookup 4788") && !rules.contains("lookup 4787"),
+        "{rules}"
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}

@@ -267,7 +267,18 @@ pub(crate) fn validate_all(
                 v.error_at(&h.fall, "fall must be at least 1");
             }
             if h.timeout.get_ref() > h.interval.get_ref() {
-                v.error_at(&h.timeout, "health timeout must not exceed the interval");
+                if h.timeout.span().is_empty() {
+                    // The timeout was left at its default: point at the interval that is shorter.
+                    v.error_at(
+                        &h.interval,
+                        format!(
+                            "health interval is shorter than the default timeout ({}): set `timeout` too",
+                            h.timeout.get_ref()
+                        ),
+                    );
+                } else {
+                    v.error_at(&h.timeout, "health timeout must not exceed the interval");
+                }
             }
         }
         if let Some(nat) = nat {

@@ -161,3 +161,14 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_short_health_interval_with_the_default_timeout_points_at_the_interval() {
+    let text = "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+                health = { kind = \"tcp\", interval = \"200ms\" }\n\
+                backends = [{ address = \"10.0.0.1:80\" }]\n";
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("site.toml:4:"), "{errs:#?}");
+    assert!(errs[0].contains("set `timeout` too"), "{errs:#?}");
+}

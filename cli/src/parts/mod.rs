@@ -166,6 +166,17 @@ impl Kind {
         }
     }
 
+    /// The kinds built on this one at start (virtual services join the running gateway; VRRP
+    /// instances take the services' health signals and VIP hooks): when this kind restarts,
+    /// they must start again on the new one.
+    pub(crate) fn dependents(self) -> &'static [Kind] {
+        match self {
+            Kind::Nat => &[Kind::Lb],
+            Kind::Lb => &[Kind::Vrrp],
+            Kind::Gre | Kind::Vrrp | Kind::Ssh => &[],
+        }
+    }
+
     /// `site` with this kind's sections cut down to the units named in `keys` (what starting
     /// only those units needs); other kinds' sections are kept for cross-references.
     pub(crate) fn restrict(self, site: &SiteConfig, keys: &[String]) -> SiteConfig {
@@ -334,13 +345,31 @@ impl Running {
         ctx: &StartCtx,
     ) -> anyhow::Result<Vec<String>> {
         let mut report = Vec::new();
+        let mut restarted: Vec<Kind> = Vec::new();
         for kind in Kind::ALL {
-            if !(ctx.only.is_empty() || ctx.only.contains(&kind))
-                || kind.sections(old) == kind.sections(new)
-            {
+            if !(ctx.only.is_empty() || ctx.only.contains(&kind)) {
                 continue;
             }
             let (before, after) = (kind.units(old), kind.units(new));
+            if let Some(cause) = restarted.iter().find(|k| k.dependents().contains(&kind))
+                && !before.is_empty()
+                && !after.is_empty()
+            {
+                // What this kind was wired to is gone: start it again on the new one.
+                let every = Unit {
+                    key: kind.as_str().into(),
+                    members: None,
+                    section: serde_json::Value::Null,
+                };
+                self.stop_unit(kind, &every).await;
+                self.start_at_place(kind, new, ctx, "").await?;
+                report.push(format!("{kind}: restarted (it is built on {cause})"));
+                restarted.push(kind);
+                continue;
+            }
+            if kind.sections(old) == kind.sections(new) {
+                continue;
+            }
             let mut to_start = Vec::new();
             for unit in &before {
                 match after.iter().find(|u| u.key == unit.key) {
@@ -376,27 +405,44 @@ impl Running {
                 continue;
             }
             let keys: Vec<String> = to_start.iter().map(|(u, _)| u.key.clone()).collect();
-            let started = kind
-                .start(&kind.restrict(new, &keys), ctx)
-                .await
-                .map_err(|e| {
-                    let names: Vec<String> = to_start.iter().map(|(u, _)| u.label(kind)).collect();
-                    e.context(format!("starting {}", names.join(", ")))
-                })?;
-            // Keep start order: insert before the first part of a later kind.
-            let at = self
-                .parts
-                .iter()
-                .position(|p| p.kind() > kind)
-                .unwrap_or(self.parts.len());
-            self.parts.splice(at..at, started);
+            let names: Vec<String> = to_start.iter().map(|(u, _)| u.label(kind)).collect();
+            self.start_at_place(kind, &kind.restrict(new, &keys), ctx, &names.join(", "))
+                .await?;
             report.extend(
                 to_start
                     .iter()
                     .map(|(u, how)| format!("{}: {how}", u.label(kind))),
             );
+            if to_start.iter().any(|(_, how)| *how == "restarted") {
+                restarted.push(kind);
+            }
         }
         Ok(report)
+    }
+
+    /// Starts `kind` from `site` and keeps start order: its parts go before the first part of
+    /// a later kind.
+    async fn start_at_place(
+        &mut self,
+        kind: Kind,
+        site: &SiteConfig,
+        ctx: &StartCtx,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        let started = kind.start(site, ctx).await.map_err(|e| {
+            e.context(if what.is_empty() {
+                format!("restarting {kind}")
+            } else {
+                format!("starting {what}")
+            })
+        })?;
+        let at = self
+            .parts
+            .iter()
+            .position(|p| p.kind() > kind)
+            .unwrap_or(self.parts.len());
+        self.parts.splice(at..at, started);
+        Ok(())
     }
 
     /// Stops the parts of one unit, last started first.
