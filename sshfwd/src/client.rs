@@ -283,7 +283,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A running destination. Dropping it without [`Tunnel::stop`] leaves its tasks running.
+/// A running destination. Dropping it without [`Tunnel::stop`] ends its connection threads,
+/// and with them its listeners and forwarded connections, without a clean SSH disconnect.
 pub struct Tunnel {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
