@@ -11,11 +11,15 @@
 # - bytes of memory per flow at 100,000 flows (natgw/examples/table_memory).
 # Prints min/median/max over RUNS runs and the vipgate / kernel NAT ratio of the medians.
 #
-# Usage (root): cargo build --release -p vipgate && bench/nat.sh [RUNS]   (DUR=seconds per run)
+# Usage (root): cargo build --release -p vipgate && bench/nat.sh [RUNS]   (DUR=seconds per run,
+# VIPGATE_BIN=another binary, MEM_RUN=0 skips the table memory example, ONLY="kernel vipgate"
+# picks modes, STREAMS="" skips iperf3, PERF_OUT=FILE records a perf profile of vipgate)
 set -euo pipefail
 
 RUNS=${1:-3}
 DUR=${DUR:-4}
+STREAMS=${STREAMS:-1 4}   # STREAMS="" measures connections/s only
+ONLY=${ONLY:-plain kernel vipgate}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${VIPGATE_BIN:-$ROOT/target/release/vipgate}
 P=nb$$
@@ -87,7 +91,7 @@ record() { echo "$1 $2 $3" >> "$RESULTS"; }
 measure() { # mode, connection-rate URL
   local mode=$1 url=$2
   for r in $(seq "$RUNS"); do
-    for s in 1 4; do
+    for s in $STREAMS; do
       for dir in up down; do
         local rev=""; [ $dir = down ] && rev="-R"
         local bps
@@ -103,20 +107,26 @@ measure() { # mode, connection-rate URL
   done
 }
 
-echo "plain routing..." >&2
-ip -n "$P-out" route add 192.168.101.0/24 via 198.51.100.1
-measure plain "http://192.168.101.10/"
-ip -n "$P-out" route del 192.168.101.0/24 via 198.51.100.1
+want() { case " $ONLY " in *" $1 "*) return 0;; *) return 1;; esac; }
 
-echo "kernel NAT (nftables masquerade + dnat)..." >&2
-x gw nft -f - <<NFT
+if want plain; then
+  echo "plain routing..." >&2
+  ip -n "$P-out" route add 192.168.101.0/24 via 198.51.100.1
+  measure plain "http://192.168.101.10/"
+  ip -n "$P-out" route del 192.168.101.0/24 via 198.51.100.1
+fi
+
+if want kernel; then
+  echo "kernel NAT (nftables masquerade + dnat)..." >&2
+  x gw nft -f - <<NFT
 table ip bnat {
   chain pre { type nat hook prerouting priority -100; iifname "eth0" tcp dport 8001 dnat to 192.168.101.10:80; }
   chain post { type nat hook postrouting priority 100; oifname "eth0" masquerade; }
 }
 NFT
-measure kernel "http://198.51.100.1:8001/"
-x gw nft delete table ip bnat
+  measure kernel "http://198.51.100.1:8001/"
+  x gw nft delete table ip bnat
+fi
 # conntrack would also track the TUN path: start vipgate from a clean slate.
 x gw sh -c 'command -v conntrack >/dev/null && conntrack -F >/dev/null 2>&1 || true'
 
@@ -126,11 +136,20 @@ for _ in $(seq 100); do
   x gw "$BIN" show nat -c "$TMP/site.toml" >/dev/null 2>&1 && break
   sleep 0.1
 done
+VPID=$(pgrep -f "$BIN run -c $TMP/site.toml" | head -1)
+if [ -n "${PERF_OUT:-}" ]; then   # PERF_OUT=file: perf record -g of vipgate while it is measured
+  perf record -q -g -p "$VPID" -o "$PERF_OUT" >/dev/null 2>&1 &
+  PERF_PID=$!
+fi
 measure vipgate "http://198.51.100.1:8001/"
+if [ -n "${PERF_PID:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
 PEAK_RSS=$(x gw sh -c "grep VmHWM /proc/\$(pgrep -f '$BIN run' | head -1)/status" | awk '{print $2}')
 
-echo "memory per flow at 100,000 flows..." >&2
-MEM=$(cd "$ROOT" && cargo run -q --release -p natgw --example table_memory 100000)
+MEM="skipped (MEM=0)"
+if [ "${MEM_RUN:-1}" != 0 ]; then
+  echo "memory per flow at 100,000 flows..." >&2
+  MEM=$(cd "$ROOT" && cargo run -q --release -p natgw --example table_memory 100000)
+fi
 
 python3 - "$RESULTS" <<'PY'
 import sys, statistics as st, collections

@@ -3,7 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use crate::{Direction, Gateway, GatewayConfig, Proto, StaticEntry};
+use crate::{Direction, Gateway, GatewayConfig, L4Checksum, PacketMeta, Proto, StaticEntry};
 
 /// Feeds `data` (at time `now`) to a gateway with one static forward: the first byte picks
 /// the direction and a clock step, the rest is the packet. Then replays it the other way and expires the table.
@@ -32,7 +32,15 @@ pub fn run_gateway(now: Instant, data: &[u8]) {
     } else {
         Direction::Inbound
     };
-    let _ = gw.handle_packet(now, dir, &mut buf);
+    let meta = PacketMeta {
+        l4_checksum: if ctl & 0x80 == 0 {
+            L4Checksum::Full
+        } else {
+            L4Checksum::Partial
+        },
+        segments: u32::from(ctl >> 4),
+    };
+    let _ = gw.handle_super_packet(now, dir, &mut buf, meta);
     let _ = gw.direction(&buf);
     let other = if dir == Direction::Inbound {
         Direction::Outbound

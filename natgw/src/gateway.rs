@@ -19,7 +19,7 @@ use crate::error::{DropReason, NatError};
 use crate::table::{
     NO_LISTENER, PatTable, PublicOwner, RemovedSession, StateChange, TableConfig, Translation,
 };
-use crate::translate::{self, L4, Parsed, Side};
+use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
 /// Where a packet read from `nat0` came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,25 @@ pub enum Verdict {
     Forward,
     /// Drop it; the reason has been counted.
     Drop(DropReason),
+}
+
+/// What the reader of a packet knows beyond its bytes (TUN offload's virtio-net header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketMeta {
+    /// What the transport checksum field holds.
+    pub l4_checksum: L4Checksum,
+    /// How many wire packets the buffer stands for: a GSO super-packet is a run of segments
+    /// of one flow sharing one header, and the packet counters count segments.
+    pub segments: u32,
+}
+
+impl Default for PacketMeta {
+    fn default() -> Self {
+        PacketMeta {
+            l4_checksum: L4Checksum::Full,
+            segments: 1,
+        }
+    }
 }
 
 /// Identifies a listener (a static forward or a virtual service) in a [`Gateway`].
@@ -170,7 +189,10 @@ pub struct Gateway {
     inside_networks: Vec<Ipv4Net>,
     acl: Acl,
     table: PatTable,
-    listeners: Vec<Listener>,
+    /// Indexed by [`ListenerId`]; a removed listener leaves a tombstone (`None`) so that the
+    /// ids of the others stay valid. A tombstone's id is reused only after every flow and
+    /// mapping of the removed listener is gone.
+    listeners: Vec<Option<Listener>>,
     filtering: Filtering,
     compensate_ttl: bool,
     stats: GatewayStats,
@@ -255,13 +277,15 @@ impl Gateway {
         Ok(id)
     }
 
-    /// Applies a changed configuration without dropping flows: ACL (counters restart),
-    /// filtering, timeouts, bounds, port range and TTL compensation change in place, and new
-    /// static forwards are added. The inside networks are replaced.
+    /// Applies a changed configuration without dropping other flows: ACL (counters restart),
+    /// filtering, timeouts, bounds, port range and TTL compensation change in place; static
+    /// forwards that disappeared are removed with their flows, and new ones are added (a
+    /// changed one is both). The inside networks are replaced.
     ///
     /// # Errors
-    /// [`NatError::NeedsRestart`] when the overload address changed or a static forward
-    /// disappeared or changed (the caller restarts the gateway then); nothing is changed.
+    /// [`NatError::NeedsRestart`] when the overload address changed (the caller restarts the
+    /// gateway then); a new static forward that clashes with a forward or mapping that stays.
+    /// Nothing is changed on error.
     pub fn reconfigure(&mut self, now: Instant, config: GatewayConfig) -> Result<(), NatError> {
         if config.port_range.is_empty() {
             return Err(NatError::EmptyPortRange);
@@ -270,23 +294,31 @@ impl Gateway {
         if overload != self.overload.map(Some) {
             return Err(NatError::NeedsRestart);
         }
-        let current: Vec<StaticEntry> = self
-            .listeners
-            .iter()
-            .filter_map(|l| {
+        let gone: Vec<ListenerId> = self
+            .listeners()
+            .filter_map(|(id, l)| {
                 let s = l.selector.as_any().downcast_ref::<StaticForward>()?;
-                Some(StaticEntry {
+                let e = StaticEntry {
                     proto: l.proto,
                     public: l.public,
                     inside: s.inside,
-                })
+                };
+                (!config.statics.contains(&e)).then_some(id)
             })
             .collect();
-        if current.iter().any(|c| !config.statics.contains(c)) {
-            return Err(NatError::NeedsRestart);
+        let current: Vec<StaticEntry> = self.static_entries().collect();
+        let added: Vec<StaticEntry> = config
+            .statics
+            .iter()
+            .filter(|s| !current.contains(s))
+            .copied()
+            .collect();
+        self.check_statics_fit(&added, &gone)?;
+        for id in gone {
+            self.remove_listener(id);
         }
-        for s in config.statics.iter().filter(|s| !current.contains(s)) {
-            self.add_static(now, *s)?;
+        for s in added {
+            self.add_static(now, s)?;
         }
         self.table.set_config(TableConfig {
             timeouts: config.timeouts,
@@ -299,6 +331,56 @@ impl Gateway {
         self.filtering = config.filtering;
         self.compensate_ttl = config.compensate_ttl;
         self.inside_networks = config.inside_networks;
+        Ok(())
+    }
+
+    /// Whether `added` static forwards can be added once the listeners `gone` are removed: no
+    /// clash with a listener or a mapping that stays, nor among themselves.
+    fn check_statics_fit(
+        &self,
+        added: &[StaticEntry],
+        gone: &[ListenerId],
+    ) -> Result<(), NatError> {
+        let stays = |listener: Option<u16>| listener.is_none_or(|l| !gone.contains(&ListenerId(l)));
+        for (i, s) in added.iter().enumerate() {
+            if s.proto == Proto::Icmp {
+                return Err(NatError::UnforwardableProto(s.proto));
+            }
+            let dup_public = NatError::DuplicatePublic {
+                proto: s.proto,
+                public: s.public,
+            };
+            let dup_inside = NatError::DuplicateInside {
+                proto: s.proto,
+                inside: s.inside,
+            };
+            if added[..i]
+                .iter()
+                .any(|o| o.proto == s.proto && o.public == s.public)
+            {
+                return Err(dup_public);
+            }
+            if added[..i]
+                .iter()
+                .any(|o| o.proto == s.proto && o.inside == s.inside)
+            {
+                return Err(dup_inside);
+            }
+            if let Some(idx) = self.table.find_public(*s.public.ip()) {
+                match self.table.public_owner(s.proto, idx, s.public.port()) {
+                    Some(PublicOwner::Listener(l)) if stays(Some(l)) => return Err(dup_public),
+                    Some(PublicOwner::Mapping(m)) if stays(self.table.mapping(m).listener) => {
+                        return Err(dup_public);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(m) = self.table.mapping_of_inside(s.proto, s.inside)
+                && stays(self.table.mapping(m).listener)
+            {
+                return Err(dup_inside);
+            }
+        }
         Ok(())
     }
 
@@ -317,32 +399,81 @@ impl Gateway {
             .table
             .public_index(*public.ip())
             .ok_or(NatError::TooManyPublicAddresses)?;
-        let id = u16::try_from(self.listeners.len())
+        let slot = self
+            .listeners
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.listeners.len());
+        let id = u16::try_from(slot)
             .ok()
             .filter(|id| *id != NO_LISTENER)
             .ok_or(NatError::DuplicatePublic { proto, public })?;
         if !self.table.add_listener(proto, idx, public.port(), id) {
             return Err(NatError::DuplicatePublic { proto, public });
         }
-        self.listeners.push(Listener {
+        let listener = Listener {
             proto,
             public,
             selector,
             flows_opened: 0,
-        });
+        };
+        if slot == self.listeners.len() {
+            self.listeners.push(Some(listener));
+        } else {
+            self.listeners[slot] = Some(listener);
+        }
         Ok(ListenerId(id))
     }
 
-    /// The listeners, in id order.
+    /// Removes a listener at once: its public endpoint stops answering, and every flow it
+    /// opened is closed (reported to no one: its selector goes with it). Every other flow
+    /// keeps working. Returns how many flows were closed, or `None` for an unknown id.
+    ///
+    /// The listener's public address stays known to the gateway (the driver keeps routing
+    /// it); packets to it that no flow or listener owns pass through untouched.
+    pub fn remove_listener(&mut self, id: ListenerId) -> Option<usize> {
+        let l = self.listeners.get_mut(usize::from(id.0))?.take()?;
+        let idx = self.table.find_public(*l.public.ip())?;
+        let mut removed = Vec::new();
+        self.table
+            .remove_listener(l.proto, idx, l.public.port(), id.0, |r| removed.push(r));
+        let n = removed.len();
+        // The selector is gone, so only the counters hear about these flows.
+        self.stats.flows_removed += n as u64;
+        Some(n)
+    }
+
+    /// The listeners with their ids, in id order.
+    pub fn listeners(&self) -> impl Iterator<Item = (ListenerId, &Listener)> {
+        self.listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| Some((ListenerId(u16::try_from(i).ok()?), l.as_ref()?)))
+    }
+
+    /// A listener by id.
     #[must_use]
-    pub fn listeners(&self) -> &[Listener] {
-        &self.listeners
+    pub fn listener(&self, id: ListenerId) -> Option<&Listener> {
+        self.listeners.get(usize::from(id.0))?.as_ref()
+    }
+
+    /// The static forwards (listeners whose selector is a [`StaticForward`]), for `show nat`.
+    pub fn static_entries(&self) -> impl Iterator<Item = StaticEntry> + '_ {
+        self.listeners().filter_map(|(_, l)| {
+            let s = l.selector.as_any().downcast_ref::<StaticForward>()?;
+            Some(StaticEntry {
+                proto: l.proto,
+                public: l.public,
+                inside: s.inside,
+            })
+        })
     }
 
     /// A listener's selector, e.g. to downcast it and change its pool at run time.
     pub fn selector_mut(&mut self, id: ListenerId) -> Option<&mut (dyn InsideSelector + 'static)> {
         self.listeners
-            .get_mut(usize::from(id.0))
+            .get_mut(usize::from(id.0))?
+            .as_mut()
             .map(|l| &mut *l.selector)
     }
 
@@ -355,7 +486,7 @@ impl Gateway {
             .iter()
             .map(|i| self.table.public_addr(*i))
             .collect();
-        for l in &self.listeners {
+        for (_, l) in self.listeners() {
             if !v.contains(l.public.ip()) {
                 v.push(*l.public.ip());
             }
@@ -383,11 +514,29 @@ impl Gateway {
 
     /// Processes one packet in place. See [`Verdict`].
     pub fn handle_packet(&mut self, now: Instant, direction: Direction, buf: &mut [u8]) -> Verdict {
-        match self.process(now, direction, buf) {
+        self.handle_super_packet(now, direction, buf, PacketMeta::default())
+    }
+
+    /// Processes one packet in place, possibly a GSO super-packet read with TUN offload (a
+    /// run of TCP segments or UDP datagrams of one flow behind one set of headers): only the
+    /// headers are rewritten, so the kernel segments it on the way out as if it had never left.
+    /// `meta.l4_checksum` says whether the transport checksum is complete or a partial sum; the
+    /// buffer keeps that form. The TCP flags of a super-packet are those of its segment run
+    /// (SYN and RST never come in one; a FIN belongs to its last segment), so state tracking
+    /// reads them as for one segment.
+    pub fn handle_super_packet(
+        &mut self,
+        now: Instant,
+        direction: Direction,
+        buf: &mut [u8],
+        meta: PacketMeta,
+    ) -> Verdict {
+        let n = u64::from(meta.segments.max(1));
+        match self.process(now, direction, buf, meta.l4_checksum, n) {
             Ok(()) => Verdict::Forward,
             Err(reason) => {
                 if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
-                    self.stats.drops[i] += 1;
+                    self.stats.drops[i] += n;
                 }
                 tracing::debug!(%reason, ?direction, "nat drop");
                 Verdict::Drop(reason)
@@ -395,7 +544,14 @@ impl Gateway {
         }
     }
 
-    fn process(&mut self, now: Instant, dir: Direction, buf: &mut [u8]) -> Result<(), DropReason> {
+    fn process(
+        &mut self,
+        now: Instant,
+        dir: Direction,
+        buf: &mut [u8],
+        csum: L4Checksum,
+        n: u64,
+    ) -> Result<(), DropReason> {
         let p = translate::parse(buf)?;
         let buf = &mut buf[..p.len];
         let (src_port, dst_port) = p.ports();
@@ -411,26 +567,26 @@ impl Gateway {
         }
         match p.l4 {
             L4::Untranslatable => {
-                self.stats.passed_through += 1;
+                self.stats.passed_through += n;
                 return Ok(());
             }
             L4::LaterFragment => return Err(DropReason::Fragment),
-            L4::IcmpError => return self.icmp_error(dir, buf, &p),
+            L4::IcmpError => return self.icmp_error(dir, buf, &p, csum),
             _ => {}
         }
         let translated = match dir {
-            Direction::Inbound => self.inbound(now, buf, &p, false)?,
+            Direction::Inbound => self.inbound(now, buf, &p, false, csum, n)?,
             Direction::Outbound => {
                 let hairpin = self.table.find_public(p.dst).is_some();
                 if hairpin && !self.inbound_would_match(&p) {
                     // To the gateway's own address, not a forward: leave it to the kernel.
                     false
-                } else if !self.outbound(now, buf, &p)? {
+                } else if !self.outbound(now, buf, &p, csum, n)? {
                     false
                 } else if hairpin {
                     let p2 = translate::parse(buf)?;
-                    self.inbound(now, buf, &p2, true)?;
-                    self.stats.hairpinned += 1;
+                    self.inbound(now, buf, &p2, true, csum, n)?;
+                    self.stats.hairpinned += n;
                     true
                 } else {
                     true
@@ -442,7 +598,7 @@ impl Gateway {
                 translate::bump_ttl(buf);
             }
         } else {
-            self.stats.passed_through += 1;
+            self.stats.passed_through += n;
         }
         Ok(())
     }
@@ -462,7 +618,14 @@ impl Gateway {
     }
 
     /// Source translation of a packet from the inside. Ok(false): not translated (passed).
-    fn outbound(&mut self, now: Instant, buf: &mut [u8], p: &Parsed) -> Result<bool, DropReason> {
+    fn outbound(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        p: &Parsed,
+        csum: L4Checksum,
+        n: u64,
+    ) -> Result<bool, DropReason> {
         let (proto, inside_port, remote_port, tcp_bits) = match p.l4 {
             L4::Tcp {
                 sport,
@@ -513,9 +676,9 @@ impl Gateway {
         self.notify_change(now, view.listener, view.inside, remote, change);
         self.notify_packet(view.listener, view.inside, false, buf.len());
         let public_ip = self.table.public_addr(view.public_idx);
-        translate::set_ip(buf, 0, Side::Src, public_ip);
-        translate::set_port(buf, 0, Side::Src, view.public_port);
-        self.stats.translated_out += 1;
+        translate::set_ip(buf, 0, Side::Src, public_ip, csum);
+        translate::set_port(buf, 0, Side::Src, view.public_port, csum);
+        self.stats.translated_out += n;
         Ok(true)
     }
 
@@ -530,6 +693,8 @@ impl Gateway {
         buf: &mut [u8],
         p: &Parsed,
         hairpin: bool,
+        csum: L4Checksum,
+        n: u64,
     ) -> Result<bool, DropReason> {
         let (proto, public_port, remote_port, flags) = match p.l4 {
             L4::Tcp {
@@ -605,9 +770,9 @@ impl Gateway {
         let change = self.table.touch(now, s, tcp_bits);
         self.notify_change(now, view.listener, view.inside, remote, change);
         self.notify_packet(view.listener, view.inside, true, buf.len());
-        translate::set_ip(buf, 0, Side::Dst, *view.inside.ip());
-        translate::set_port(buf, 0, Side::Dst, view.inside.port());
-        self.stats.translated_in += 1;
+        translate::set_ip(buf, 0, Side::Dst, *view.inside.ip(), csum);
+        translate::set_port(buf, 0, Side::Dst, view.inside.port(), csum);
+        self.stats.translated_in += n;
         Ok(true)
     }
 
@@ -624,7 +789,11 @@ impl Gateway {
         if self.table.len() >= self.table.capacity() {
             return Err(DropReason::TableFull);
         }
-        let listener = &mut self.listeners[usize::from(id)];
+        let listener = self
+            .listeners
+            .get_mut(usize::from(id))
+            .and_then(Option::as_mut)
+            .ok_or(DropReason::NoInsideEndpoint)?;
         let inside = listener
             .selector
             .select(now, client)
@@ -642,7 +811,9 @@ impl Gateway {
             .inspect_err(|_| {
                 self.table.release_unused_mapping(m);
             })?;
-        self.listeners[usize::from(id)].flows_opened += 1;
+        if let Some(Some(l)) = self.listeners.get_mut(usize::from(id)) {
+            l.flows_opened += 1;
+        }
         self.stats.flows_created += 1;
         self.notify(now, Some(id), inside, client, FlowEvent::Opened);
         Ok(s)
@@ -656,7 +827,7 @@ impl Gateway {
         client: SocketAddrV4,
         e: FlowEvent,
     ) {
-        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))) {
+        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))?.as_mut()) {
             l.selector.on_flow(now, inside, client, e);
         }
     }
@@ -668,7 +839,7 @@ impl Gateway {
         to_inside: bool,
         len: usize,
     ) {
-        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))) {
+        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))?.as_mut()) {
             l.selector.on_packet(inside, to_inside, len);
         }
     }
@@ -690,8 +861,19 @@ impl Gateway {
 
     /// ICMP errors: rewrite the quoted packet back to what its sender saw (RFC 5508 REQ-4/5).
     /// Errors never create, refresh or delete flows (REQ-6).
-    fn icmp_error(&mut self, dir: Direction, buf: &mut [u8], p: &Parsed) -> Result<(), DropReason> {
+    ///
+    /// An ICMP checksum covers no pseudo-header, so a partial one (`csum`) cannot be verified:
+    /// the caller finishes it first (the driver does); an unfinished one fails validation.
+    fn icmp_error(
+        &mut self,
+        dir: Direction,
+        buf: &mut [u8],
+        p: &Parsed,
+        csum: L4Checksum,
+    ) -> Result<(), DropReason> {
         let q = translate::quoted(buf, p)?;
+        // The quoted packet is ICMP payload: its checksums are complete, whatever the outer's.
+        let quoted = L4Checksum::Full;
         match dir {
             Direction::Inbound => {
                 // About a packet we sent out: quoted src is our public endpoint.
@@ -710,10 +892,10 @@ impl Gateway {
                     return Err(DropReason::NoSession);
                 };
                 let view = self.table.mapping(self.table.session_mapping(s));
-                translate::set_ip(buf, q.ip, Side::Src, *view.inside.ip());
-                translate::set_port(buf, q.ip, Side::Src, view.inside.port());
+                translate::set_ip(buf, q.ip, Side::Src, *view.inside.ip(), quoted);
+                translate::set_port(buf, q.ip, Side::Src, view.inside.port(), quoted);
                 translate::refresh_icmp_checksum(buf, p);
-                translate::set_ip(buf, 0, Side::Dst, *view.inside.ip());
+                translate::set_ip(buf, 0, Side::Dst, *view.inside.ip(), csum);
             }
             Direction::Outbound => {
                 // About a packet an inside host received: quoted dst is the inside endpoint.
@@ -732,10 +914,10 @@ impl Gateway {
                     return Err(DropReason::NoSession);
                 }
                 let public_ip = self.table.public_addr(view.public_idx);
-                translate::set_ip(buf, q.ip, Side::Dst, public_ip);
-                translate::set_port(buf, q.ip, Side::Dst, view.public_port);
+                translate::set_ip(buf, q.ip, Side::Dst, public_ip, quoted);
+                translate::set_port(buf, q.ip, Side::Dst, view.public_port, quoted);
                 translate::refresh_icmp_checksum(buf, p);
-                translate::set_ip(buf, 0, Side::Src, public_ip);
+                translate::set_ip(buf, 0, Side::Src, public_ip, csum);
             }
         }
         if self.compensate_ttl {

@@ -54,10 +54,11 @@ pub use acl::{Acl, AclAction, AclRule};
 pub use config::{Filtering, GatewayConfig, Proto, StaticEntry, Timeouts};
 pub use error::{DropReason, NatError};
 pub use gateway::{
-    Direction, FlowEvent, Gateway, GatewayStats, InsideSelector, Listener, ListenerId,
+    Direction, FlowEvent, Gateway, GatewayStats, InsideSelector, Listener, ListenerId, PacketMeta,
     StaticForward, Verdict,
 };
 pub use table::{PatTable, Translation};
+pub use translate::L4Checksum;
 
 // Virtual services (load balancing) and health checks.
 pub mod health;

@@ -261,19 +261,17 @@ impl Gateway {
     /// Every virtual service, in configuration order.
     pub fn services(&self) -> impl Iterator<Item = &VirtualService> {
         self.listeners()
-            .iter()
-            .filter_map(|l| l.selector.as_any().downcast_ref::<VirtualService>())
+            .filter_map(|(_, l)| l.selector.as_any().downcast_ref::<VirtualService>())
     }
 
     /// The virtual service called `name`.
     pub fn service_mut(&mut self, name: &str) -> Option<&mut VirtualService> {
-        let id = self.listeners().iter().position(|l| {
+        let (id, _) = self.listeners().find(|(_, l)| {
             l.selector
                 .as_any()
                 .downcast_ref::<VirtualService>()
                 .is_some_and(|s| s.name() == name)
         })?;
-        let id = ListenerId(u16::try_from(id).ok()?);
         self.selector_mut(id)?
             .as_any_mut()
             .downcast_mut::<VirtualService>()

@@ -341,6 +341,45 @@ impl PatTable {
         true
     }
 
+    /// Removes a listener: its public endpoint, every flow it opened and every mapping it made
+    /// (its permanent one included), calling `on_removed` for each flow. Other flows are not
+    /// touched. Costs one pass over the mapping slab (a reload, not a packet path).
+    pub(crate) fn remove_listener(
+        &mut self,
+        proto: Proto,
+        idx: u8,
+        port: u16,
+        id: u16,
+        mut on_removed: impl FnMut(RemovedSession),
+    ) {
+        let key = Self::public_key(proto, idx, port);
+        if self.index.get(&key) == Some(&(OWNER_LISTENER | u32::from(id))) {
+            self.index.remove(&key);
+        }
+        for m in 0..u32::try_from(self.mappings.len()).unwrap_or(u32::MAX) {
+            if self.mappings[m as usize].listener != id || !self.mapping_live(m) {
+                continue;
+            }
+            let mut s = self.mappings[m as usize].head;
+            while s != NIL {
+                let next = self.sessions[s as usize].next;
+                self.unlink_wheel(s);
+                on_removed(self.remove_session(s));
+                s = next;
+            }
+            // A permanent mapping outlives its last session; this one goes too.
+            if self.mapping_live(m) {
+                self.remove_mapping(m);
+            }
+        }
+    }
+
+    /// Whether slab slot `m` holds a mapping (free slots keep stale fields).
+    fn mapping_live(&self, m: u32) -> bool {
+        let v = self.mapping(m);
+        self.index.get(&Self::inside_key(v.proto, v.inside)) == Some(&m)
+    }
+
     pub(crate) fn mapping(&self, m: u32) -> MappingView {
         let m = &self.mappings[m as usize];
         MappingView {

@@ -5,7 +5,9 @@
 //! and adjusts every checksum that covers them. Nothing here allocates.
 //!
 //! Invariant: every `set_*` keeps each checksum it touches as valid (or as invalid) as it was,
-//! and a UDP checksum of zero ("none", RFC 768) stays zero.
+//! and a UDP checksum of zero ("none", RFC 768) stays zero. With [`L4Checksum::Partial`] the
+//! transport checksum field holds a partial sum instead (TUN offload); the invariant then is
+//! that finishing it after the rewrite gives the checksum a full recomputation would.
 
 use std::net::Ipv4Addr;
 
@@ -30,6 +32,25 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+
+/// What the TCP/UDP checksum field of the outer packet holds.
+///
+/// A packet read from a TUN with offload comes with a virtio-net header; when that header has
+/// `NEEDS_CSUM` (the kernel's `CHECKSUM_PARTIAL`), the transport checksum has not been
+/// computed yet: the field holds the folded one's-complement sum of the pseudo-header only,
+/// not complemented, and the kernel finishes it later by summing the transport header and
+/// payload on top (after segmenting a GSO super-packet, per segment). The IPv4 header
+/// checksum is always complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum L4Checksum {
+    /// A complete checksum (RFC 793, RFC 768): every rewrite adjusts it (RFC 1624).
+    #[default]
+    Full,
+    /// A partial sum of the pseudo-header (`NEEDS_CSUM`): an address change is added to it as a
+    /// sum (not complemented), a port or query id change leaves it alone (those bytes are summed
+    /// when the checksum is finished), and UDP's "zero means none" rule does not apply.
+    Partial,
+}
 
 /// The transport part of a parsed packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,13 +175,28 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Parsed, DropReason> {
     })
 }
 
-/// Where the checksums covering a rewritten word are.
+/// What kind of field a checksum covering a rewritten word is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckKind {
+    /// A complete checksum.
+    Full,
+    /// A UDP checksum: zero means "none" and stays zero; a computed zero is sent as 0xffff.
+    Udp,
+    /// A partial pseudo-header sum ([`L4Checksum::Partial`]).
+    Partial,
+}
+
+/// Where a checksum covering a rewritten word is.
 #[derive(Debug, Clone, Copy)]
 struct Check {
     at: usize,
-    /// A UDP checksum: zero means "none" and stays zero; a computed zero is sent as 0xffff.
-    udp: bool,
+    kind: CheckKind,
 }
+
+const IP_CHECK: Check = Check {
+    at: IP_CSUM,
+    kind: CheckKind::Full,
+};
 
 /// Writes one 16-bit word and adjusts the checksums that cover it.
 fn set16(buf: &mut [u8], at: usize, new: u16, checks: &[Check]) {
@@ -171,13 +207,16 @@ fn set16(buf: &mut [u8], at: usize, new: u16, checks: &[Check]) {
     put16(buf, at, new);
     for c in checks {
         let cur = get16(buf, c.at);
-        if c.udp && cur == 0 {
-            continue;
-        }
-        let mut next = adjust16(cur, old, new);
-        if c.udp && next == 0 {
-            next = 0xffff;
-        }
+        let next = match c.kind {
+            CheckKind::Full => adjust16(cur, old, new),
+            CheckKind::Udp if cur == 0 => continue,
+            CheckKind::Udp => match adjust16(cur, old, new) {
+                0 => 0xffff,
+                v => v,
+            },
+            // The field is a sum, not its complement: RFC 1624 on the complemented value.
+            CheckKind::Partial => !adjust16(!cur, old, new),
+        };
         put16(buf, c.at, next);
     }
 }
@@ -190,45 +229,53 @@ fn set_addr(buf: &mut [u8], at: usize, addr: Ipv4Addr, checks: &[Check]) {
 
 /// The checksums covering the IP addresses of the (outer or quoted) packet at `ip`: its header
 /// checksum and, for TCP/UDP, the transport checksum (pseudo-header) when it is present.
-fn addr_checks(buf: &[u8], ip: usize, ihl: usize, proto: u8, out: &mut [Check; 2]) -> usize {
+fn addr_checks(
+    buf: &[u8],
+    ip: usize,
+    ihl: usize,
+    proto: u8,
+    csum: L4Checksum,
+    out: &mut [Check; 2],
+) -> usize {
     out[0] = Check {
         at: ip + IP_CSUM,
-        udp: false,
+        kind: CheckKind::Full,
     };
     let l4 = ip + ihl;
-    match proto {
-        6 if buf.len() >= l4 + 18 => {
-            out[1] = Check {
-                at: l4 + 16,
-                udp: false,
-            };
-            2
+    let (at, kind) = match (proto, csum) {
+        (6 | 17, L4Checksum::Partial) if buf.len() >= l4 + 8 => {
+            (l4 + if proto == 6 { 16 } else { 6 }, CheckKind::Partial)
         }
-        17 if buf.len() >= l4 + 8 => {
-            out[1] = Check {
-                at: l4 + 6,
-                udp: true,
-            };
-            2
-        }
-        _ => 1,
+        (6, L4Checksum::Full) if buf.len() >= l4 + 18 => (l4 + 16, CheckKind::Full),
+        (17, L4Checksum::Full) if buf.len() >= l4 + 8 => (l4 + 6, CheckKind::Udp),
+        _ => return 1,
+    };
+    // A partial TCP checksum field must be inside the buffer too.
+    if at + 2 > buf.len() {
+        return 1;
     }
+    out[1] = Check { at, kind };
+    2
 }
 
-/// The checksum covering the transport ports / ICMP id of the packet at `l4`.
-fn port_check(buf: &[u8], l4: usize, proto: u8) -> Option<Check> {
+/// The checksum covering the transport ports / ICMP id of the packet at `l4`. A partial sum
+/// does not cover them: they are summed when it is finished.
+fn port_check(buf: &[u8], l4: usize, proto: u8, csum: L4Checksum) -> Option<Check> {
+    if csum == L4Checksum::Partial {
+        return None;
+    }
     match proto {
         6 if buf.len() >= l4 + 18 => Some(Check {
             at: l4 + 16,
-            udp: false,
+            kind: CheckKind::Full,
         }),
         17 if buf.len() >= l4 + 8 => Some(Check {
             at: l4 + 6,
-            udp: true,
+            kind: CheckKind::Udp,
         }),
         1 if buf.len() >= l4 + 4 => Some(Check {
             at: l4 + 2,
-            udp: false,
+            kind: CheckKind::Full,
         }),
         _ => None,
     }
@@ -242,15 +289,22 @@ pub(crate) enum Side {
 }
 
 /// Rewrites the source or destination address of the packet starting at `ip` (the outer
-/// packet: `ip = 0`; a quoted packet: its offset). Returns false if the header is cut short.
-pub(crate) fn set_ip(buf: &mut [u8], ip: usize, side: Side, addr: Ipv4Addr) -> bool {
+/// packet: `ip = 0`; a quoted packet: its offset, always with [`L4Checksum::Full`]). Returns
+/// false if the header is cut short.
+pub(crate) fn set_ip(
+    buf: &mut [u8],
+    ip: usize,
+    side: Side,
+    addr: Ipv4Addr,
+    csum: L4Checksum,
+) -> bool {
     if buf.len() < ip + 20 {
         return false;
     }
     let ihl = usize::from(buf[ip] & 0x0f) * 4;
     let proto = buf[ip + 9];
-    let mut checks = [Check { at: 0, udp: false }; 2];
-    let n = addr_checks(buf, ip, ihl, proto, &mut checks);
+    let mut checks = [IP_CHECK; 2];
+    let n = addr_checks(buf, ip, ihl, proto, csum, &mut checks);
     let at = ip + if side == Side::Src { IP_SRC } else { IP_DST };
     set_addr(buf, at, addr, &checks[..n]);
     true
@@ -258,7 +312,7 @@ pub(crate) fn set_ip(buf: &mut [u8], ip: usize, side: Side, addr: Ipv4Addr) -> b
 
 /// Rewrites the source or destination port (TCP/UDP) or the query id (ICMP echo: `side` is
 /// ignored) of the packet whose IP header starts at `ip`.
-pub(crate) fn set_port(buf: &mut [u8], ip: usize, side: Side, port: u16) -> bool {
+pub(crate) fn set_port(buf: &mut [u8], ip: usize, side: Side, port: u16, csum: L4Checksum) -> bool {
     if buf.len() < ip + 20 {
         return false;
     }
@@ -273,7 +327,7 @@ pub(crate) fn set_port(buf: &mut [u8], ip: usize, side: Side, port: u16) -> bool
     if buf.len() < at + 2 {
         return false;
     }
-    match port_check(buf, l4, proto) {
+    match port_check(buf, l4, proto, csum) {
         Some(c) => set16(buf, at, port, &[c]),
         None => set16(buf, at, port, &[]),
     }
@@ -284,15 +338,7 @@ pub(crate) fn set_port(buf: &mut [u8], ip: usize, side: Side, port: u16) -> bool
 pub(crate) fn bump_ttl(buf: &mut [u8]) {
     if buf[IP_TTL] < u8::MAX {
         let word = get16(buf, IP_TTL);
-        set16(
-            buf,
-            IP_TTL,
-            word + 0x0100,
-            &[Check {
-                at: IP_CSUM,
-                udp: false,
-            }],
-        );
+        set16(buf, IP_TTL, word + 0x0100, &[IP_CHECK]);
     }
 }
 
@@ -361,6 +407,24 @@ pub(crate) fn refresh_icmp_checksum(buf: &mut [u8], p: &Parsed) {
     put16(buf, at, 0);
     let c = checksum(&buf[p.ihl..p.len]);
     put16(buf, at, c);
+}
+
+/// Finishes a partial checksum in place, as the kernel does for `CHECKSUM_PARTIAL`: sums
+/// `buf[start..]` (the field at `start + offset` holding the partial sum) and stores the
+/// complement in the field. For a TCP/UDP packet this gives its full checksum (a UDP result of
+/// zero is sent as 0xffff, RFC 768). Returns false (and changes nothing) when the field is
+/// outside `buf`.
+pub fn finish_partial_checksum(buf: &mut [u8], start: usize, offset: usize, udp: bool) -> bool {
+    let at = start.saturating_add(offset);
+    if at.saturating_add(2) > buf.len() {
+        return false;
+    }
+    let mut c = checksum(&buf[start..]);
+    if udp && c == 0 {
+        c = 0xffff;
+    }
+    put16(buf, at, c);
+    true
 }
 
 /// A TCP/UDP packet whose checksum is valid (for tests).

@@ -8,7 +8,7 @@
 //! server allocated before when the spec said port 0.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -22,9 +22,10 @@ use tokio::task::JoinHandle;
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::copy::{ForwardCounters, pump};
 use crate::error::SshFwdError;
-use crate::forward::{self, LocalForward};
+use crate::forward::{self, LocalForward, StdListener};
 use crate::known_hosts::{self, Decision, StrictHostKeyChecking};
 use crate::spec::{DynamicSpec, Endpoint, ForwardSpec};
+use crate::worker::Worker;
 
 /// Everything one destination needs; the CLI builds it from flags, `-o`, `-F` or `[[ssh]]`.
 #[derive(Debug, Clone)]
@@ -161,6 +162,42 @@ pub(crate) struct RemoteForward {
     pub(crate) bound_port: AtomicU64,
     /// Port the server allocated last time, asked for again after a reconnect.
     pub(crate) last_allocated: AtomicU64,
+    /// The server accepted the forward on the current connection.
+    pub(crate) listening: AtomicBool,
+}
+
+impl RemoteForward {
+    fn new(spec: ForwardSpec) -> Self {
+        RemoteForward {
+            spec,
+            counters: Arc::default(),
+            bound_port: AtomicU64::new(0),
+            last_allocated: AtomicU64::new(0),
+            listening: AtomicBool::new(false),
+        }
+    }
+
+    fn set_down(&self) {
+        self.bound_port.store(0, Ordering::Relaxed);
+        self.listening.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A bound `-L` / `-D` listener and the task accepting on it.
+struct LocalEntry {
+    /// What it forwards to; swapped in place when a reload changes only the target.
+    current: Arc<Mutex<Arc<LocalForward>>>,
+    counters: Arc<ForwardCounters>,
+    /// Normalised listening address (see [`LocalForward::listen_key`]).
+    key: String,
+    task: JoinHandle<()>,
+}
+
+/// `ServerAliveInterval` / `ServerAliveCountMax`, changeable while connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Keepalive {
+    interval: Option<Duration>,
+    count_max: u32,
 }
 
 #[derive(Default)]
@@ -179,11 +216,62 @@ pub(crate) struct Shared {
     keys: Vec<(PathBuf, Arc<PrivateKey>)>,
     pool: watch::Sender<Pool>,
     next: AtomicUsize,
-    remote: Vec<RemoteForward>,
-    local: Mutex<Vec<(LocalForward, Arc<ForwardCounters>)>>,
+    remote: Mutex<Vec<Arc<RemoteForward>>>,
+    local: Mutex<Vec<LocalEntry>>,
+    keepalive: watch::Sender<Keepalive>,
     state: Mutex<State>,
     host_key_refusal: Mutex<Option<String>>,
     allocated_tx: tokio::sync::mpsc::UnboundedSender<AllocatedPort>,
+    /// The runtime of each connection slot's thread (see [`crate::worker`]).
+    pub(crate) runtimes: Vec<tokio::runtime::Handle>,
+    next_slot: AtomicUsize,
+}
+
+impl Shared {
+    /// The slot whose thread takes the next accepted connection, round-robin.
+    pub(crate) fn next_slot(&self) -> usize {
+        self.next_slot.fetch_add(1, Ordering::Relaxed) % self.runtimes.len()
+    }
+
+    fn remotes(&self) -> Vec<Arc<RemoteForward>> {
+        lock(&self.remote).clone()
+    }
+
+    /// Starts accepting on a bound listener, on the thread of the next slot.
+    fn add_local(self: &Arc<Self>, fwd: LocalForward, listener: StdListener) {
+        let key = fwd.listen_key(self.cfg.gateway_ports);
+        let current = Arc::new(Mutex::new(Arc::new(fwd)));
+        let counters: Arc<ForwardCounters> = Arc::default();
+        let slot = self.next_slot();
+        let task = self.runtimes[slot].spawn(forward::serve(
+            self.clone(),
+            current.clone(),
+            listener,
+            counters.clone(),
+            slot,
+        ));
+        lock(&self.local).push(LocalEntry {
+            current,
+            counters,
+            key,
+            task,
+        });
+    }
+
+    /// Closes every listener (connections already accepted carry on) and removes the unix
+    /// sockets they created.
+    fn close_locals(&self) {
+        for e in lock(&self.local).drain(..) {
+            close_local(&e);
+        }
+    }
+}
+
+fn close_local(e: &LocalEntry) {
+    e.task.abort();
+    if let Some(path) = lock(&e.current).unix_path() {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 #[allow(clippy::disallowed_methods)]
@@ -191,13 +279,15 @@ fn now() -> Instant {
     Instant::now()
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A running destination. Dropping it without [`Tunnel::stop`] leaves its tasks running.
+/// A running destination. Dropping it without [`Tunnel::stop`] ends its connection threads,
+/// and with them its listeners and forwarded connections, without a clean SSH disconnect.
 pub struct Tunnel {
     shared: Arc<Shared>,
+    workers: Vec<Worker>,
     tasks: Vec<JoinHandle<()>>,
     stop_tx: watch::Sender<bool>,
     allocated_rx: Option<tokio::sync::mpsc::UnboundedReceiver<AllocatedPort>>,
@@ -213,69 +303,81 @@ impl Tunnel {
     /// `exit_on_forward_failure`, a remote forward the server refuses.
     pub async fn start(cfg: ClientConfig) -> Result<Tunnel, SshFwdError> {
         let keys = load_identities(&cfg)?;
-        for spec in &cfg.remote {
-            if matches!(spec.listen, Endpoint::Unix(_)) {
-                return Err(SshFwdError::Config(format!(
-                    "remote forward {spec}: listening on a unix socket on the server is not supported"
-                )));
-            }
-        }
         let connections = cfg.connections.max(1);
+        let workers = (0..connections)
+            .map(|slot| Worker::spawn(format!("ssh-conn-{slot}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SshFwdError::Config(format!("cannot start a connection thread: {e}")))?;
         let (pool, _) = watch::channel(vec![None; connections]);
         let (allocated_tx, allocated_rx) = tokio::sync::mpsc::unbounded_channel();
         let remote = cfg
             .remote
             .iter()
-            .map(|spec| RemoteForward {
-                spec: spec.clone(),
-                counters: Arc::default(),
-                bound_port: AtomicU64::new(0),
-                last_allocated: AtomicU64::new(0),
-            })
+            .map(|spec| Arc::new(RemoteForward::new(spec.clone())))
             .collect();
+        let (keepalive, _) = watch::channel(Keepalive {
+            interval: cfg.server_alive_interval,
+            count_max: cfg.server_alive_count_max,
+        });
         let shared = Arc::new(Shared {
             russh: Arc::new(russh_config(&cfg)?),
             cfg,
             keys,
             pool,
             next: AtomicUsize::new(0),
-            remote,
+            remote: Mutex::new(remote),
             local: Mutex::new(Vec::new()),
+            keepalive,
             state: Mutex::new(State::default()),
             host_key_refusal: Mutex::new(None),
             allocated_tx,
+            runtimes: workers.iter().map(|w| w.handle().clone()).collect(),
+            next_slot: AtomicUsize::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
         // Bind before connecting: a port in use is a config error the user must see at once.
-        let listeners = forward::bind_all(&shared.cfg).await?;
-        for (fwd, listener) in listeners {
-            let counters: Arc<ForwardCounters> = Arc::default();
-            lock(&shared.local).push((fwd.clone(), counters.clone()));
-            tasks.push(tokio::spawn(forward::serve(
-                shared.clone(),
-                fwd,
-                listener,
-                counters,
-            )));
+        let mut bound = Vec::new();
+        for fwd in forward::wanted(&shared.cfg) {
+            match fwd.bind(shared.cfg.gateway_ports) {
+                Ok(b) => bound.push(b),
+                Err(e) => {
+                    for (f, _) in &bound {
+                        if let Some(path) = f.unix_path() {
+                            let _ = std::fs::remove_file(path);
+                        }
+                    }
+                    shutdown_workers(workers).await;
+                    return Err(e);
+                }
+            }
+        }
+        for (fwd, listener) in bound {
+            shared.add_local(fwd, listener);
         }
 
         let first = if shared.cfg.fail_fast {
-            let (handle, closed) = match connect_once(&shared).await {
+            // The session task is spawned where the connection is made: on slot 0's thread.
+            let sh = shared.clone();
+            let connected = shared.runtimes[0]
+                .spawn(async move { connect_once(&sh).await })
+                .await
+                .unwrap_or_else(|e| Err(SshFwdError::Config(format!("connection task: {e}"))));
+            let (handle, closed) = match connected {
                 Ok(c) => c,
                 Err(e) => {
-                    tasks.iter().for_each(JoinHandle::abort);
-                    forward::cleanup_unix_sockets(&shared.cfg);
+                    shared.close_locals();
+                    shutdown_workers(workers).await;
                     return Err(e);
                 }
             };
             if let Err(e) = request_remote_forwards(&shared, &handle, true).await {
-                tasks.iter().for_each(JoinHandle::abort);
+                shared.close_locals();
                 let _ = handle
                     .disconnect(Disconnect::ByApplication, "forward refused", "")
                     .await;
-                forward::cleanup_unix_sockets(&shared.cfg);
+                shutdown_workers(workers).await;
                 return Err(e);
             }
             Some((handle, closed))
@@ -286,7 +388,7 @@ impl Tunnel {
         let mut first = first;
         for slot in 0..connections {
             let conn = if slot == 0 { first.take() } else { None };
-            tasks.push(tokio::spawn(supervise(
+            tasks.push(shared.runtimes[slot].spawn(supervise(
                 shared.clone(),
                 slot,
                 conn,
@@ -295,10 +397,145 @@ impl Tunnel {
         }
         Ok(Tunnel {
             shared,
+            workers,
             tasks,
             stop_tx,
             allocated_rx: Some(allocated_rx),
         })
+    }
+
+    /// Applies a changed config to the running tunnel without dropping its SSH connection:
+    /// `-L` / `-D` listeners are opened and closed (a listener whose address stays but whose
+    /// target changes is kept and retargeted), `-R` forwards are requested and cancelled on
+    /// the live connection, keepalive settings take effect at the next probe. Connections
+    /// already open through any forward, kept or removed, carry on.
+    ///
+    /// Returns `Ok(Some(why))` without changing anything when the change needs a new SSH
+    /// connection (destination, identity, host key policy, cipher, connection count...).
+    ///
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// A new listener cannot be bound; nothing was changed then.
+    pub fn reconfigure(&self, new: &ClientConfig) -> Result<Option<String>, SshFwdError> {
+        let old = &self.shared.cfg;
+        let needs_restart = [
+            ("host", old.host != new.host),
+            ("port", old.port != new.port),
+            ("user", old.user != new.user),
+            ("identity", old.identities != new.identities),
+            ("passphrase", old.passphrase != new.passphrase),
+            ("use_agent", old.use_agent != new.use_agent),
+            ("known_hosts", old.known_hosts != new.known_hosts),
+            (
+                "strict_host_key_checking",
+                old.strict_host_key_checking != new.strict_host_key_checking,
+            ),
+            ("ciphers", old.ciphers != new.ciphers),
+            (
+                "connections",
+                old.connections.max(1) != new.connections.max(1),
+            ),
+            ("gateway_ports", old.gateway_ports != new.gateway_ports),
+            (
+                "connect_timeout",
+                old.connect_timeout != new.connect_timeout,
+            ),
+            ("reconnect schedule", old.backoff != new.backoff),
+        ];
+        if let Some((what, _)) = needs_restart.iter().find(|(_, changed)| *changed) {
+            return Ok(Some(format!("{what} changed")));
+        }
+        let shared = &self.shared;
+
+        // Local listeners, matched by listening address. Bind every new one first, so that a
+        // failure leaves the running config untouched.
+        let wanted = forward::wanted(new);
+        let keys: Vec<String> = wanted
+            .iter()
+            .map(|f| f.listen_key(new.gateway_ports))
+            .collect();
+        let existing: Vec<String> = lock(&shared.local).iter().map(|e| e.key.clone()).collect();
+        let mut bound = Vec::new();
+        for (fwd, key) in wanted.iter().zip(&keys) {
+            if existing.contains(key) {
+                continue;
+            }
+            match fwd.bind(new.gateway_ports) {
+                Ok(b) => bound.push(b),
+                Err(e) => {
+                    for (f, _) in &bound {
+                        if let Some(path) = f.unix_path() {
+                            let _ = std::fs::remove_file(path);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        lock(&shared.local).retain(|e| match keys.iter().position(|k| *k == e.key) {
+            None => {
+                close_local(e);
+                false
+            }
+            Some(i) => {
+                let mut current = lock(&e.current);
+                if !current.same_as(&wanted[i]) {
+                    *current = Arc::new(current.retargeted(&wanted[i]));
+                }
+                true
+            }
+        });
+        for (fwd, listener) in bound {
+            shared.add_local(fwd, listener);
+        }
+
+        // Remote forwards, matched by spec, changed on the live connection (or at the next
+        // connection if it is down).
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
+        {
+            let mut remote = lock(&shared.remote);
+            remote.retain(|r| {
+                let keep = new.remote.contains(&r.spec);
+                if !keep {
+                    removed.push(r.clone());
+                }
+                keep
+            });
+            for spec in &new.remote {
+                if !remote.iter().any(|r| r.spec == *spec) {
+                    let r = Arc::new(RemoteForward::new(spec.clone()));
+                    remote.push(r.clone());
+                    added.push(r);
+                }
+            }
+        }
+        let live = shared.pool.borrow().first().cloned().flatten();
+        if let Some(handle) = live.filter(|h| !h.is_closed())
+            && !(removed.is_empty() && added.is_empty())
+        {
+            let sh = shared.clone();
+            shared.runtimes[0].spawn(async move {
+                for r in &removed {
+                    cancel_remote_forward(&handle, r).await;
+                }
+                for r in &added {
+                    let _ = request_remote_forward(&sh, &handle, r, false).await;
+                }
+            });
+        }
+
+        shared.keepalive.send_if_modified(|ka| {
+            let next = Keepalive {
+                interval: new.server_alive_interval,
+                count_max: new.server_alive_count_max,
+            };
+            let changed = *ka != next;
+            *ka = next;
+            changed
+        });
+        Ok(None)
     }
 
     /// Ports allocated by the server for `-R` port 0 forwards, as they happen (also after
@@ -322,13 +559,21 @@ impl Tunnel {
             .filter(|h| !h.is_closed())
             .count();
         let mut forwards = Vec::new();
-        for (fwd, c) in lock(&self.shared.local).iter() {
-            forwards.push(snapshot(fwd.kind(), fwd.spec_text(), fwd.bound.clone(), c));
+        for e in lock(&self.shared.local).iter() {
+            let fwd = lock(&e.current).clone();
+            forwards.push(snapshot(
+                fwd.kind(),
+                fwd.spec_text(),
+                fwd.bound.clone(),
+                &e.counters,
+            ));
         }
-        for r in &self.shared.remote {
+        for r in &self.shared.remotes() {
             let port = r.bound_port.load(Ordering::Relaxed);
-            let bound = if port == 0 {
+            let bound = if !r.listening.load(Ordering::Relaxed) {
                 String::new()
+            } else if let Endpoint::Unix(path) = &r.spec.listen {
+                path.clone()
             } else {
                 let host = match &r.spec.listen {
                     Endpoint::Tcp { host: Some(h), .. } => h.clone(),
@@ -387,7 +632,8 @@ impl Tunnel {
             .pool
             .send_modify(|p| p.iter_mut().for_each(|h| *h = None));
         lock(&self.shared.state).stopped = true;
-        forward::cleanup_unix_sockets(&self.shared.cfg);
+        self.shared.close_locals();
+        shutdown_workers(self.workers).await;
     }
 
     /// Resolves when the tunnel can no longer work by itself: never, as long as it reconnects;
@@ -396,6 +642,12 @@ impl Tunnel {
         for t in &mut self.tasks {
             let _ = t.await;
         }
+    }
+}
+
+async fn shutdown_workers(workers: Vec<Worker>) {
+    for w in workers {
+        w.shutdown().await;
     }
 }
 
@@ -476,8 +728,9 @@ fn russh_config(cfg: &ClientConfig) -> Result<client::Config, SshFwdError> {
     }
     Ok(client::Config {
         preferred,
-        keepalive_interval: cfg.server_alive_interval,
-        keepalive_max: usize::try_from(cfg.server_alive_count_max).unwrap_or(usize::MAX),
+        // Keepalives are ours (see `keepalive_dead`), so that a reload can change them on the
+        // live connection.
+        keepalive_interval: None,
         inactivity_timeout: None,
         nodelay: true,
         window_size: WINDOW_SIZE,
@@ -610,57 +863,150 @@ async fn request_remote_forwards(
     handle: &Handle<ClientHandler>,
     strict: bool,
 ) -> Result<(), SshFwdError> {
-    for r in &shared.remote {
-        let Endpoint::Tcp { host, port } = &r.spec.listen else {
+    for r in shared.remotes() {
+        request_remote_forward(shared, handle, &r, strict).await?;
+    }
+    Ok(())
+}
+
+/// Asks the server for one `-R` (a `tcpip-forward` or a `streamlocal-forward@openssh.com`).
+async fn request_remote_forward(
+    shared: &Arc<Shared>,
+    handle: &Handle<ClientHandler>,
+    r: &RemoteForward,
+    strict: bool,
+) -> Result<(), SshFwdError> {
+    let refused = |e: russh::Error| {
+        r.set_down();
+        if strict && shared.cfg.exit_on_forward_failure {
+            return Err(SshFwdError::RemoteForwardRefused(r.spec.listen.to_string()));
+        }
+        tracing::warn!(
+            "{}: remote port forwarding failed for listen {}: {e}",
+            shared.cfg.name,
+            r.spec.listen
+        );
+        Ok(())
+    };
+    let (host, port) = match &r.spec.listen {
+        Endpoint::Tcp { host, port } => (host, *port),
+        Endpoint::Unix(path) => {
+            return match handle.streamlocal_forward(path.clone()).await {
+                Ok(()) => {
+                    r.listening.store(true, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => refused(e),
+            };
+        }
+    };
+    let address = remote_bind_address(host.as_deref());
+    let mut want = u32::from(port);
+    let last = r.last_allocated.load(Ordering::Relaxed);
+    if want == 0 && last != 0 {
+        want = u32::try_from(last).unwrap_or(0);
+    }
+    let mut result = handle.tcpip_forward(address.clone(), want).await;
+    if result.is_err() && port == 0 && want != 0 {
+        // The old port was taken meanwhile: take any.
+        result = handle.tcpip_forward(address.clone(), 0).await;
+    }
+    match result {
+        Ok(allocated) => {
+            let bound = if port == 0 {
+                if allocated != 0 { allocated } else { want }
+            } else {
+                u32::from(port)
+            };
+            r.bound_port.store(u64::from(bound), Ordering::Relaxed);
+            r.listening.store(true, Ordering::Relaxed);
+            if port == 0 {
+                r.last_allocated.store(u64::from(bound), Ordering::Relaxed);
+                let port = u16::try_from(bound).unwrap_or(0);
+                let _ = shared.allocated_tx.send(AllocatedPort {
+                    port,
+                    target: r.spec.connect.to_string(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) => refused(e),
+    }
+}
+
+/// OpenSSH's rule: no bind address means "localhost", "*" or "" means all addresses.
+fn remote_bind_address(host: Option<&str>) -> String {
+    match host {
+        None => "localhost".to_string(),
+        Some("*") => String::new(),
+        Some(h) => h.to_string(),
+    }
+}
+
+/// Asks the server to stop listening for a `-R` removed by a reload.
+async fn cancel_remote_forward(handle: &Handle<ClientHandler>, r: &RemoteForward) {
+    if !r.listening.load(Ordering::Relaxed) {
+        return;
+    }
+    let result = match &r.spec.listen {
+        Endpoint::Unix(path) => handle.cancel_streamlocal_forward(path.clone()).await,
+        Endpoint::Tcp { host, .. } => {
+            let port = u32::try_from(r.bound_port.load(Ordering::Relaxed)).unwrap_or(0);
+            handle
+                .cancel_tcpip_forward(remote_bind_address(host.as_deref()), port)
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!("cancelling remote forward {}: {e}", r.spec);
+    }
+    r.set_down();
+}
+
+/// Resolves when the server stopped answering keepalives: `count_max` probes in a row
+/// unanswered, one sent every `interval` (OpenSSH's `ServerAliveInterval` /
+/// `ServerAliveCountMax`). The settings are re-read at every tick, so a reload applies them
+/// to the live connection.
+async fn keepalive_dead(
+    handle: Arc<Handle<ClientHandler>>,
+    mut settings: watch::Receiver<Keepalive>,
+) {
+    let answered = Arc::new(AtomicBool::new(true));
+    let mut misses = 0u32;
+    loop {
+        let ka = *settings.borrow_and_update();
+        let Some(interval) = ka.interval.filter(|d| !d.is_zero()) else {
+            misses = 0;
+            if settings.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
             continue;
         };
-        // OpenSSH's rule: no bind address means "localhost", "*" or "" means all addresses.
-        let address = match host.as_deref() {
-            None => "localhost".to_string(),
-            Some("*") => String::new(),
-            Some(h) => h.to_string(),
-        };
-        let mut want = u32::from(*port);
-        let last = r.last_allocated.load(Ordering::Relaxed);
-        if want == 0 && last != 0 {
-            want = u32::try_from(last).unwrap_or(0);
-        }
-        let mut result = handle.tcpip_forward(address.clone(), want).await;
-        if result.is_err() && *port == 0 && want != 0 {
-            // The old port was taken meanwhile: take any.
-            result = handle.tcpip_forward(address.clone(), 0).await;
-        }
-        match result {
-            Ok(allocated) => {
-                let bound = if *port == 0 {
-                    if allocated != 0 { allocated } else { want }
-                } else {
-                    u32::from(*port)
-                };
-                r.bound_port.store(u64::from(bound), Ordering::Relaxed);
-                if *port == 0 {
-                    r.last_allocated.store(u64::from(bound), Ordering::Relaxed);
-                    let port = u16::try_from(bound).unwrap_or(0);
-                    let _ = shared.allocated_tx.send(AllocatedPort {
-                        port,
-                        target: r.spec.connect.to_string(),
-                    });
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
                 }
+                continue;
             }
-            Err(e) => {
-                r.bound_port.store(0, Ordering::Relaxed);
-                let msg = format!(
-                    "{}: remote port forwarding failed for listen {}: {e}",
-                    shared.cfg.name, r.spec.listen
-                );
-                if strict && shared.cfg.exit_on_forward_failure {
-                    return Err(SshFwdError::RemoteForwardRefused(r.spec.listen.to_string()));
+        }
+        if answered.load(Ordering::Relaxed) {
+            misses = 0;
+            answered.store(false, Ordering::Relaxed);
+            let (h, flag) = (handle.clone(), answered.clone());
+            tokio::spawn(async move {
+                if h.send_ping().await.is_ok() {
+                    flag.store(true, Ordering::Relaxed);
                 }
-                tracing::warn!("{msg}");
+            });
+        } else {
+            misses += 1;
+            if misses >= ka.count_max.max(1) {
+                return;
             }
         }
     }
-    Ok(())
 }
 
 async fn supervise(
@@ -710,6 +1056,10 @@ async fn supervise(
         shared.pool.send_modify(|p| p[slot] = Some(handle.clone()));
         tokio::select! {
             _ = closed => {}
+            () = keepalive_dead(handle.clone(), shared.keepalive.subscribe()) => {
+                lock(&shared.state).last_error = Some("server not responding to keepalives".into());
+                let _ = handle.disconnect(Disconnect::ByApplication, "keepalive timeout", "").await;
+            }
             _ = stop.changed() => {
                 let _ = handle.disconnect(Disconnect::ByApplication, "vipgate stopping", "").await;
                 return;
@@ -718,8 +1068,8 @@ async fn supervise(
         shared.pool.send_modify(|p| p[slot] = None);
         if slot == 0 {
             lock(&shared.state).connected_at = None;
-            for r in &shared.remote {
-                r.bound_port.store(0, Ordering::Relaxed);
+            for r in shared.remotes() {
+                r.set_down();
             }
         }
         let delay = backoff.on_disconnected(now(), rand::random());
@@ -738,9 +1088,15 @@ async fn supervise(
     }
 }
 
-/// A live connection to carry one more channel, round-robin over the pool; waits for a
-/// reconnect up to `connect_timeout`.
-pub(crate) async fn pick(shared: &Shared) -> Option<Arc<Handle<ClientHandler>>> {
+/// A live connection to carry one more channel: the one of `slot` (whose thread runs the
+/// caller) when it is up, else round-robin over the pool; waits for a reconnect up to
+/// `connect_timeout`.
+pub(crate) async fn pick(shared: &Shared, slot: usize) -> Option<Arc<Handle<ClientHandler>>> {
+    if let Some(Some(h)) = shared.pool.borrow().get(slot)
+        && !h.is_closed()
+    {
+        return Some(h.clone());
+    }
     let mut rx = shared.pool.subscribe();
     let live = |p: &Pool| p.iter().any(|h| h.as_ref().is_some_and(|h| !h.is_closed()));
     tokio::time::timeout(shared.cfg.connect_timeout, rx.wait_for(live))
@@ -754,6 +1110,50 @@ pub(crate) async fn pick(shared: &Shared) -> Option<Arc<Handle<ClientHandler>>> 
     }
     let i = shared.next.fetch_add(1, Ordering::Relaxed) % live.len();
     Some(live[i].clone())
+}
+
+/// Connects a channel the server opened for a `-R` forward to its local target.
+async fn serve_remote(
+    shared: Arc<Shared>,
+    r: Arc<RemoteForward>,
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+) {
+    r.counters.total.fetch_add(1, Ordering::Relaxed);
+    let failed = |target: &str, e: std::io::Error| {
+        r.counters.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "{}: -R {}: connect to {target} failed: {e}",
+            shared.cfg.name,
+            r.spec
+        );
+    };
+    match &r.spec.connect {
+        Endpoint::Tcp { host, port } => {
+            let host = host.as_deref().unwrap_or("localhost");
+            match TcpStream::connect((host, *port)).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    reply.accept().await;
+                    pump(s, channel, &[], &r.counters).await;
+                }
+                Err(e) => {
+                    failed(&format!("{host}:{port}"), e);
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        }
+        Endpoint::Unix(path) => match UnixStream::connect(path).await {
+            Ok(s) => {
+                reply.accept().await;
+                pump(s, channel, &[], &r.counters).await;
+            }
+            Err(e) => {
+                failed(path, e);
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            }
+        },
+    }
 }
 
 pub(crate) struct ClientHandler {
@@ -857,12 +1257,12 @@ impl client::Handler for ClientHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let found = self
-            .shared
-            .remote
-            .iter()
-            .position(|r| r.bound_port.load(Ordering::Relaxed) == u64::from(connected_port));
-        let Some(i) = found else {
+        let remote = self.shared.remotes().into_iter().find(|r| {
+            matches!(r.spec.listen, Endpoint::Tcp { .. })
+                && r.listening.load(Ordering::Relaxed)
+                && r.bound_port.load(Ordering::Relaxed) == u64::from(connected_port)
+        });
+        let Some(remote) = remote else {
             tracing::warn!(
                 "{}: server opened a forwarded channel for {connected_address}:{connected_port}, which we did not ask for; refused",
                 self.shared.cfg.name
@@ -874,47 +1274,32 @@ impl client::Handler for ClientHandler {
         };
         tracing::debug!("forwarded connection from {originator_address}:{originator_port}");
         // Connecting locally may take a while: never block the session's event loop on it.
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let r = &shared.remote[i];
-            r.counters.total.fetch_add(1, Ordering::Relaxed);
-            match &r.spec.connect {
-                Endpoint::Tcp { host, port } => {
-                    let host = host.as_deref().unwrap_or("localhost");
-                    match TcpStream::connect((host, *port)).await {
-                        Ok(mut s) => {
-                            let _ = s.set_nodelay(true);
-                            reply.accept().await;
-                            pump(&mut s, &mut channel.into_stream(), &r.counters).await;
-                        }
-                        Err(e) => {
-                            r.counters.failed.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(
-                                "{}: -R {}: connect to {host}:{port} failed: {e}",
-                                shared.cfg.name,
-                                r.spec
-                            );
-                            reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                        }
-                    }
-                }
-                Endpoint::Unix(path) => match UnixStream::connect(path).await {
-                    Ok(mut s) => {
-                        reply.accept().await;
-                        pump(&mut s, &mut channel.into_stream(), &r.counters).await;
-                    }
-                    Err(e) => {
-                        r.counters.failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            "{}: -R {}: connect to {path} failed: {e}",
-                            shared.cfg.name,
-                            r.spec
-                        );
-                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                    }
-                },
-            }
+        tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let remote = self.shared.remotes().into_iter().find(|r| {
+            r.listening.load(Ordering::Relaxed)
+                && matches!(&r.spec.listen, Endpoint::Unix(p) if p == socket_path)
         });
+        let Some(remote) = remote else {
+            tracing::warn!(
+                "{}: server opened a forwarded channel for socket {socket_path}, which we did not ask for; refused",
+                self.shared.cfg.name
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
         Ok(())
     }
 

@@ -1,14 +1,14 @@
 //! Local listeners (`-L` TCP and unix socket, `-D` SOCKS) and their per-connection tasks.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::client::{ClientConfig, Shared, pick};
+use crate::client::{ClientConfig, Shared, lock, pick};
 use crate::copy::{ForwardCounters, pump};
 use crate::error::SshFwdError;
 use crate::socks::{self, Socks5Reply, SocksHello};
@@ -53,6 +53,23 @@ pub(crate) enum Listener {
     Unix(UnixListener),
 }
 
+/// A listener on its way to the thread that will accept on it (tokio sockets belong to the
+/// runtime they were registered with).
+pub(crate) enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl StdListener {
+    /// Registers with the runtime of the calling thread.
+    fn into_tokio(self) -> std::io::Result<Listener> {
+        Ok(match self {
+            StdListener::Tcp(l) => Listener::Tcp(TcpListener::from_std(l)?),
+            StdListener::Unix(l) => Listener::Unix(UnixListener::from_std(l)?),
+        })
+    }
+}
+
 /// Where a listener without an explicit address binds: loopback, unless GatewayPorts.
 fn bind_host(host: Option<&str>, gateway_ports: bool) -> String {
     match host {
@@ -64,7 +81,10 @@ fn bind_host(host: Option<&str>, gateway_ports: bool) -> String {
     }
 }
 
-async fn bind_tcp(host: &str, port: u16, what: &str) -> Result<(TcpListener, String), SshFwdError> {
+/// Binds with a backlog of 1024 (not std's 128): a burst of clients must not see SYNs
+/// dropped while the accept loop catches up.
+fn bind_tcp(host: &str, port: u16, what: &str) -> Result<(TcpListener, String), SshFwdError> {
+    use std::net::ToSocketAddrs;
     let shown = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -75,13 +95,20 @@ async fn bind_tcp(host: &str, port: u16, what: &str) -> Result<(TcpListener, Str
         what: what.to_string(),
         error,
     };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(err)?
-        .collect();
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().map_err(err)?.collect();
     let mut last = None;
     for a in addrs {
-        match TcpListener::bind(a).await {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let listener = socket.and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(a)?;
+            s.listen(1024)
+        });
+        match listener {
             Ok(l) => {
                 let bound = l
                     .local_addr()
@@ -97,84 +124,165 @@ async fn bind_tcp(host: &str, port: u16, what: &str) -> Result<(TcpListener, Str
     })))
 }
 
-pub(crate) async fn bind_all(
-    cfg: &ClientConfig,
-) -> Result<Vec<(LocalForward, Listener)>, SshFwdError> {
-    let mut out = Vec::new();
-    for spec in &cfg.local {
-        let what = format!("-L {spec}");
-        let (listener, bound) = match &spec.listen {
-            Endpoint::Tcp { host, port } => {
-                let (l, b) =
-                    bind_tcp(&bind_host(host.as_deref(), cfg.gateway_ports), *port, &what).await?;
-                (Listener::Tcp(l), b)
-            }
-            Endpoint::Unix(path) => {
-                let l = UnixListener::bind(path).map_err(|error| SshFwdError::Bind {
-                    addr: path.clone(),
-                    what: what.clone(),
-                    error,
-                })?;
-                (Listener::Unix(l), path.clone())
-            }
-        };
-        out.push((
-            LocalForward {
-                kind: LocalKind::Local(spec.clone()),
-                bound,
-            },
-            listener,
-        ));
-    }
-    for d in &cfg.dynamic {
-        let fwd = LocalForward {
-            kind: LocalKind::Dynamic(d.clone()),
-            bound: String::new(),
-        };
-        let what = format!("-D {}", fwd.spec_text());
-        let (l, bound) = bind_tcp(
-            &bind_host(d.bind.as_deref(), cfg.gateway_ports),
-            d.port,
-            &what,
-        )
-        .await?;
-        out.push((LocalForward { bound, ..fwd }, Listener::Tcp(l)));
-    }
-    Ok(out)
+/// The local forwards (`-L` and `-D`) a config asks for, not bound yet.
+pub(crate) fn wanted(cfg: &ClientConfig) -> Vec<LocalForward> {
+    let local = cfg.local.iter().map(|spec| LocalForward {
+        kind: LocalKind::Local(spec.clone()),
+        bound: String::new(),
+    });
+    let dynamic = cfg.dynamic.iter().map(|d| LocalForward {
+        kind: LocalKind::Dynamic(d.clone()),
+        bound: String::new(),
+    });
+    local.chain(dynamic).collect()
 }
 
-/// Removes the unix sockets the local forwards created.
-pub(crate) fn cleanup_unix_sockets(cfg: &ClientConfig) {
-    for spec in &cfg.local {
-        if let Endpoint::Unix(path) = &spec.listen {
-            let _ = std::fs::remove_file(path);
+impl LocalForward {
+    /// Where this forward listens, normalised (`127.0.0.1:8585`, or the socket path): two
+    /// forwards with the same key cannot both be bound.
+    pub(crate) fn listen_key(&self, gateway_ports: bool) -> String {
+        let (host, port) = match &self.kind {
+            LocalKind::Local(spec) => match &spec.listen {
+                Endpoint::Tcp { host, port } => (host.as_deref(), *port),
+                Endpoint::Unix(path) => return path.clone(),
+            },
+            LocalKind::Dynamic(d) => (d.bind.as_deref(), d.port),
+        };
+        let host = bind_host(host, gateway_ports);
+        if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+
+    /// The unix socket this forward listens on, if any.
+    pub(crate) fn unix_path(&self) -> Option<&str> {
+        match &self.kind {
+            LocalKind::Local(ForwardSpec {
+                listen: Endpoint::Unix(path),
+                ..
+            }) => Some(path),
+            _ => None,
+        }
+    }
+
+    /// Binds the listener (synchronously: it runs inside `reconfigure` too) and returns the
+    /// forward with its bound address.
+    ///
+    /// # Errors
+    /// The address cannot be bound; the message names it and the forward.
+    pub(crate) fn bind(
+        &self,
+        gateway_ports: bool,
+    ) -> Result<(LocalForward, StdListener), SshFwdError> {
+        let what = match &self.kind {
+            LocalKind::Local(spec) => format!("-L {spec}"),
+            LocalKind::Dynamic(_) => format!("-D {}", self.spec_text()),
+        };
+        let (host, port) = match &self.kind {
+            LocalKind::Local(spec) => match &spec.listen {
+                Endpoint::Tcp { host, port } => (host.as_deref(), *port),
+                Endpoint::Unix(path) => {
+                    let l = std::os::unix::net::UnixListener::bind(path)
+                        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                        .map_err(|error| SshFwdError::Bind {
+                            addr: path.clone(),
+                            what: what.clone(),
+                            error,
+                        })?;
+                    let fwd = LocalForward {
+                        kind: self.kind.clone(),
+                        bound: path.clone(),
+                    };
+                    return Ok((fwd, StdListener::Unix(l)));
+                }
+            },
+            LocalKind::Dynamic(d) => (d.bind.as_deref(), d.port),
+        };
+        let (l, bound) = bind_tcp(&bind_host(host, gateway_ports), port, &what)?;
+        let l = l.into_std().map_err(|error| SshFwdError::Bind {
+            addr: bound.clone(),
+            what,
+            error,
+        })?;
+        let fwd = LocalForward {
+            kind: self.kind.clone(),
+            bound,
+        };
+        Ok((fwd, StdListener::Tcp(l)))
+    }
+
+    /// Whether `other` is exactly this forward (same kind, listener and target).
+    pub(crate) fn same_as(&self, other: &LocalForward) -> bool {
+        self.kind() == other.kind() && self.spec_text() == other.spec_text()
+    }
+
+    /// `other`'s forwarding on this forward's (already bound) listener.
+    pub(crate) fn retargeted(&self, other: &LocalForward) -> LocalForward {
+        LocalForward {
+            kind: other.kind.clone(),
+            bound: self.bound.clone(),
         }
     }
 }
 
+/// Accepts on `listener` from the thread of connection slot `slot`; each accepted connection
+/// is served on the thread of the next slot, round-robin, so that its copy loop runs next to
+/// the session that encrypts its channel.
+///
+/// `current` is what the listener forwards to; a reload may swap it (same listening address,
+/// new target) without closing the listener.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    fwd: LocalForward,
-    listener: Listener,
+    current: Arc<Mutex<Arc<LocalForward>>>,
+    listener: StdListener,
     counters: Arc<ForwardCounters>,
+    slot: usize,
 ) {
-    let fwd = Arc::new(fwd);
+    let bound = lock(&current).bound.clone();
+    let listener = match listener.into_tokio() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{}: cannot listen on {bound}: {e}", shared.cfg.name);
+            return;
+        }
+    };
     loop {
+        let fwd = lock(&current).clone();
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, peer)| {
                 let _ = s.set_nodelay(true);
-                let (shared, fwd, counters) = (shared.clone(), fwd.clone(), counters.clone());
-                tokio::spawn(async move { handle(shared, &fwd, s, peer, &counters).await });
+                let target = shared.next_slot();
+                let (sh, fwd, counters) = (shared.clone(), fwd.clone(), counters.clone());
+                if target == slot {
+                    tokio::spawn(async move { handle(sh, &fwd, s, peer, &counters, slot).await });
+                } else if let Ok(s) = s.into_std() {
+                    shared.runtimes[target].spawn(async move {
+                        if let Ok(s) = tokio::net::TcpStream::from_std(s) {
+                            handle(sh, &fwd, s, peer, &counters, target).await;
+                        }
+                    });
+                }
             }),
             Listener::Unix(l) => l.accept().await.map(|(s, _)| {
-                let (shared, fwd, counters) = (shared.clone(), fwd.clone(), counters.clone());
                 let peer = SocketAddr::from(([127, 0, 0, 1], 0));
-                tokio::spawn(async move { handle(shared, &fwd, s, peer, &counters).await });
+                let target = shared.next_slot();
+                let (sh, fwd, counters) = (shared.clone(), fwd.clone(), counters.clone());
+                if target == slot {
+                    tokio::spawn(async move { handle(sh, &fwd, s, peer, &counters, slot).await });
+                } else if let Ok(s) = s.into_std() {
+                    shared.runtimes[target].spawn(async move {
+                        if let Ok(s) = tokio::net::UnixStream::from_std(s) {
+                            handle(sh, &fwd, s, peer, &counters, target).await;
+                        }
+                    });
+                }
             }),
         };
         if let Err(e) = accepted {
             // EMFILE and friends: back off briefly instead of spinning.
-            tracing::warn!("{}: accept on {} failed: {e}", shared.cfg.name, fwd.bound);
+            tracing::warn!("{}: accept on {bound} failed: {e}", shared.cfg.name);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -183,16 +291,17 @@ pub(crate) async fn serve(
 async fn handle<S>(
     shared: Arc<Shared>,
     fwd: &LocalForward,
-    mut stream: S,
+    stream: S,
     peer: SocketAddr,
     counters: &ForwardCounters,
+    slot: usize,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     counters.total.fetch_add(1, Ordering::Relaxed);
     match &fwd.kind {
         LocalKind::Local(spec) => {
-            let Some(handle) = pick(&shared).await else {
+            let Some(handle) = pick(&shared, slot).await else {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     "{}: -L {spec}: no connection to the server; closing client",
@@ -215,7 +324,7 @@ async fn handle<S>(
                 Endpoint::Unix(path) => handle.channel_open_direct_streamlocal(path.clone()).await,
             };
             match opened {
-                Ok(ch) => pump(&mut stream, &mut ch.into_stream(), counters).await,
+                Ok(ch) => pump(stream, ch, &[], counters).await,
                 Err(e) => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!("{}: -L {spec}: channel open failed: {e}", shared.cfg.name);
@@ -223,7 +332,7 @@ async fn handle<S>(
             }
         }
         LocalKind::Dynamic(_) => {
-            if let Err(why) = socks_session(&shared, &mut stream, peer, counters).await {
+            if let Err(why) = socks_session(&shared, stream, peer, counters, slot).await {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("{}: SOCKS client {peer}: {why}", shared.cfg.name);
             }
@@ -258,13 +367,15 @@ where
 
 async fn socks_session<S>(
     shared: &Arc<Shared>,
-    stream: &mut S,
+    mut owned: S,
     peer: SocketAddr,
     counters: &ForwardCounters,
+    slot: usize,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let stream = &mut owned;
     let mut buf = Vec::with_capacity(64);
     let negotiate = async {
         let (hello, used) = read_message(stream, &mut buf, socks::parse_hello).await?;
@@ -309,7 +420,7 @@ where
                 .await
         };
     };
-    let Some(handle) = pick(shared).await else {
+    let Some(handle) = pick(shared, slot).await else {
         refuse(stream).await;
         return Err("no connection to the server".into());
     };
@@ -337,11 +448,7 @@ where
         socks::socks5_reply(Socks5Reply::Succeeded).to_vec()
     };
     stream.write_all(&ok).await.map_err(|e| e.to_string())?;
-    let mut channel = channel.into_stream();
-    if !buf.is_empty() {
-        // Bytes the client sent right behind its request belong to the tunnelled stream.
-        channel.write_all(&buf).await.map_err(|e| e.to_string())?;
-    }
-    pump(stream, &mut channel, counters).await;
+    // Bytes the client sent right behind its request belong to the tunnelled stream.
+    pump(owned, channel, &buf, counters).await;
     Ok(())
 }

@@ -32,6 +32,8 @@ mod copy;
 pub mod error;
 #[cfg(feature = "driver")]
 mod forward;
+#[cfg(feature = "driver")]
+mod worker;
 
 #[cfg(feature = "driver")]
 pub use copy::ForwardCounters;

@@ -530,10 +530,10 @@ impl server::Handler for ServerHandler {
             )
             .await
             {
-                Ok(Ok(mut s)) => {
+                Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     reply.accept().await;
-                    pump(&mut s, &mut channel.into_stream(), counters).await;
+                    pump(s, channel, &[], counters).await;
                 }
                 Ok(Err(e)) => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -618,7 +618,7 @@ impl server::Handler for ServerHandler {
         let connected_port = u32::from(if want == 0 { actual } else { want });
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut s, peer)) = listener.accept().await else {
+                let Ok((s, peer)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
@@ -642,7 +642,7 @@ impl server::Handler for ServerHandler {
                         )
                         .await
                     {
-                        Ok(ch) => pump(&mut s, &mut ch.into_stream(), counters).await,
+                        Ok(ch) => pump(s, ch, &[], counters).await,
                         Err(e) => {
                             counters.failed.fetch_add(1, Ordering::Relaxed);
                             tracing::info!("forwarded-tcpip channel refused by client: {e:?}");

@@ -468,3 +468,100 @@ try: s.connect(('198.51.100.200',9))\n  except OSError: pass\n";
         counter(&hq.show(), &["flows"]) == 0
     });
 }
+
+/// Issue 4, live removal: two static forwards, a transfer running through one; a reload
+/// removes the other. The transfer completes intact, the removed port no longer answers, and
+/// `show nat` no longer lists it: nothing was restarted.
+#[test]
+fn reload_removes_a_static_forward_live() {
+    let hq = hq("nat_rm_static", "");
+    let t = &hq.topo;
+    let d = t.dir().to_str().unwrap().to_owned();
+    // web:22 answers HTTP here, so that the forward about to go is seen working first.
+    let _web22 = t.http_server("web", "192.168.101.101", 22, "web on 22");
+    assert_eq!(
+        t.curl("out", &format!("http://{PUBLIC}:20022/"))
+            .unwrap()
+            .trim(),
+        "web on 22"
+    );
+    // web:80 sends 16 MiB of a known pattern: half, then waits for `go`, then the rest.
+    let sender = t.write(
+        "sender.py",
+        &format!(
+            "import socket,os,time\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+l.bind(('192.168.101.101',80))\nl.listen(1)\nopen('{d}/listening','w').close()\nc,_=l.accept()\n\
+half=(bytes(range(251))*33422)[:8*1024*1024]\nc.sendall(half)\nopen('{d}/half','w').close()\n\
+while not os.path.exists('{d}/go'): time.sleep(0.05)\nc.sendall(half)\nc.close()\n"
+        ),
+    );
+    let _sender = t.spawn(
+        "web",
+        "sender",
+        &["python3", "-u", sender.to_str().unwrap()],
+    );
+    // (A probe connection would be the one connection it serves: wait for its file instead.)
+    wait_until(T, "the sender to listen", || {
+        std::path::Path::new(&format!("{d}/listening")).exists()
+    });
+    // The pattern restarts at every 8 MiB half (8 MiB is not a multiple of 251).
+    let receiver = t.write(
+        "receiver.py",
+        &format!(
+            "import socket\ns=socket.create_connection(('{PUBLIC}',8001),timeout=60)\nb=bytearray()\n\
+while True:\n  d=s.recv(1<<20)\n  if not d: break\n  b+=d\n\
+half=(bytes(range(251))*33422)[:8*1024*1024]\n\
+print('intact' if bytes(b)==half+half else 'corrupt', len(b))\n"
+        ),
+    );
+    let mut receiver = t.spawn(
+        "out",
+        "receiver",
+        &["python3", "-u", receiver.to_str().unwrap()],
+    );
+    wait_until(T, "the first half through the forward", || {
+        std::path::Path::new(&format!("{d}/half")).exists()
+    });
+
+    // Reload without the 20022 forward: applied live, not by a restart.
+    let config = std::fs::read_to_string(&hq.config).unwrap();
+    let without = config.replace(
+        "[[nat.static]]\nproto = \"tcp\"\noutside_port = 20022\ninside = \"192.168.101.101:22\"\n",
+        "",
+    );
+    assert_ne!(config, without);
+    std::fs::write(&hq.config, without).unwrap();
+    let out = t.vipgate_output("gw", &["reload", "-c", &hq.config]);
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("applied live"), "{report}");
+
+    // The removed port no longer answers; show nat no longer lists it.
+    assert!(t.curl("out", &format!("http://{PUBLIC}:20022/")).is_err());
+    let v = hq.show();
+    let statics = v["statics"].as_array().unwrap();
+    assert!(
+        statics
+            .iter()
+            .all(|s| s["inside_global"] != "198.51.100.1:20022"),
+        "{v}"
+    );
+    assert!(
+        statics
+            .iter()
+            .any(|s| s["inside_global"] == "198.51.100.1:8001"),
+        "{v}"
+    );
+    assert!(!hq.show_text().contains(":20022"), "{}", hq.show_text());
+
+    // The transfer through the forward that stays completes intact.
+    std::fs::write(format!("{d}/go"), "").unwrap();
+    assert_eq!(receiver.wait_exit(Duration::from_secs(60)), Some(0));
+    let result = receiver.log();
+    assert_eq!(
+        result.trim(),
+        format!("intact {}", 16 * 1024 * 1024),
+        "{result}"
+    );
+}

@@ -511,3 +511,252 @@ fn bad_input_gives_clear_errors() {
         p.log()
     );
 }
+
+/// Opens one connection to 127.0.0.1:port, sends `total` bytes in 64 KiB chunks spread over
+/// about `secs` seconds, shuts down its write side and checks that exactly those bytes plus
+/// "bye" come back; prints "ok N" (a transfer that must survive a reload).
+const SLOW_CLIENT: &str = r#"
+import os, socket, sys, threading, time
+port, total, secs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+data = os.urandom(total)
+s = socket.create_connection(("127.0.0.1", port), timeout=60)
+got = bytearray()
+def reader():
+    while True:
+        c = s.recv(65536)
+        if not c:
+            break
+        got.extend(c)
+t = threading.Thread(target=reader); t.start()
+chunk = 65536
+pause = secs / max(1, total // chunk)
+for i in range(0, total, chunk):
+    s.sendall(data[i:i + chunk])
+    time.sleep(pause)
+s.shutdown(socket.SHUT_WR)
+t.join()
+if bytes(got) != data + b"bye":
+    print("corrupt: sent %d, got %d" % (total, len(got)))
+    sys.exit(1)
+print("ok %d" % total)
+"#;
+
+/// One connection that sends `n` bytes, reads them back, then stays open for a minute.
+const HOLD_CLIENT: &str = r#"
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+s.sendall(b"x" * n)
+got = 0
+while got < n:
+    got += len(s.recv(65536))
+print("echoed", flush=True)
+time.sleep(60)
+"#;
+
+/// `vipgate run` with one `[[ssh]]` destination built from `forwards` (TOML lines).
+fn ssh_site(topo: &Topology, keys: &Keys, forwards: &str) -> PathBuf {
+    let d = topo.dir().display().to_string();
+    topo.write(
+        "site.toml",
+        &format!(
+            "[daemon]\ncontrol = \"{d}/ctl.sock\"\n\n[[ssh]]\ndestination = \"root@127.0.0.1:{SSHD_PORT}\"\n\
+             identity = \"{}\"\nknown_hosts = \"{d}/known_hosts\"\n\
+             strict_host_key_checking = \"accept-new\"\nuse_agent = false\n{forwards}",
+            keys.client.display()
+        ),
+    )
+}
+
+/// `show ssh --json`, whitespace removed (the tests crate has no JSON parser).
+fn show_ssh_compact(topo: &Topology) -> String {
+    let ctl = format!("{}/ctl.sock", topo.dir().display());
+    let out = topo.vipgate_output(H, &["show", "ssh", "--json", "--control", &ctl]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect()
+}
+
+/// A numeric field of the forward object whose spec is `spec`.
+fn forward_field(compact: &str, spec: &str, field: &str) -> Option<u64> {
+    let obj = compact
+        .split('}')
+        .find(|o| o.contains(&format!("\"spec\":\"{spec}\"")))?;
+    let rest = obj.split(&format!("\"{field}\":")).nth(1)?;
+    rest.split([',', '}']).next()?.parse().ok()
+}
+
+#[test]
+fn remote_unix_sockets_and_live_counters() {
+    let (topo, keys) = setup("ssh_unix");
+    let _sshd = openssh_sshd(&topo, &keys);
+    let _http = http_server(&topo, HTTP_PORT, "hello over unix");
+    let _echo = echo_server(&topo);
+    let d = topo.dir().display().to_string();
+    // A local unix socket in front of the web server (what `-R port:/path` points at).
+    let _unix_web = topo.spawn(
+        H,
+        "socat",
+        &[
+            "socat",
+            &format!("UNIX-LISTEN:{d}/local-web.sock,fork"),
+            &format!("TCP:127.0.0.1:{HTTP_PORT}"),
+        ],
+    );
+    wait_until(Duration::from_secs(10), "socat's socket", || {
+        topo.dir().join("local-web.sock").exists()
+    });
+    let cfg = ssh_site(
+        &topo,
+        &keys,
+        &format!(
+            "local = [\"8586:127.0.0.1:{ECHO_PORT}\"]\n\
+             remote = [\"9100:{d}/local-web.sock\", \"{d}/remote-web.sock:127.0.0.1:{HTTP_PORT}\"]\n"
+        ),
+    );
+    let _run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
+    // -R port:/local/socket: sshd's port 9100 ends at our unix socket.
+    wait_until(
+        Duration::from_secs(15),
+        "-R 9100 to the unix socket",
+        || {
+            topo.curl(H, "http://127.0.0.1:9100/")
+                .is_ok_and(|b| b.trim() == "hello over unix")
+        },
+    );
+    // -R /remote/socket:host:port (streamlocal-forward@openssh.com): sshd listens on a unix
+    // socket and hands connections back to us.
+    let via_socket = wait_for(Duration::from_secs(15), "sshd's remote unix socket", || {
+        topo.try_sh(
+            H,
+            &format!("curl -sS --max-time 5 --unix-socket {d}/remote-web.sock http://x/"),
+        )
+        .ok()
+    });
+    assert_eq!(via_socket.trim(), "hello over unix");
+    let compact = show_ssh_compact(&topo);
+    assert!(
+        compact.contains(&format!("\"bound\":\"{d}/remote-web.sock\"")),
+        "{compact}"
+    );
+
+    // Live byte counters: bytes show up while the connection is still open.
+    topo.write("hold_client.py", HOLD_CLIENT);
+    let hold = topo.spawn(
+        H,
+        "hold",
+        &["python3", &format!("{d}/hold_client.py"), "8586", "300000"],
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the held connection's echo",
+        || hold.log().contains("echoed"),
+    );
+    let spec = format!("8586:127.0.0.1:{ECHO_PORT}");
+    let compact = show_ssh_compact(&topo);
+    assert_eq!(
+        forward_field(&compact, &spec, "active"),
+        Some(1),
+        "{compact}"
+    );
+    assert_eq!(
+        forward_field(&compact, &spec, "bytes_out"),
+        Some(300_000),
+        "{compact}"
+    );
+    assert_eq!(
+        forward_field(&compact, &spec, "bytes_in"),
+        Some(300_000),
+        "{compact}"
+    );
+}
+
+#[test]
+fn reload_changes_forwards_on_the_live_connection() {
+    let (topo, keys) = setup("ssh_reload");
+    let _sshd = openssh_sshd(&topo, &keys);
+    let _http = http_server(&topo, HTTP_PORT, "web");
+    let _echo = echo_server(&topo);
+    let d = topo.dir().display().to_string();
+    let ctl = format!("{d}/ctl.sock");
+    let echo = format!("\"8586:127.0.0.1:{ECHO_PORT}\"");
+    let cfg = ssh_site(
+        &topo,
+        &keys,
+        &format!(
+            "local = [\"8585:127.0.0.1:{HTTP_PORT}\", {echo}]\nserver_alive_interval = \"5s\"\n"
+        ),
+    );
+    let _run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
+    wait_port(&topo, 8585, Duration::from_secs(15));
+    wait_port(&topo, 8586, Duration::from_secs(15));
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
+        "web"
+    );
+
+    // A transfer through 8586 that runs across the reload.
+    topo.write("slow_client.py", SLOW_CLIENT);
+    let mut transfer = topo.spawn(
+        H,
+        "transfer",
+        &[
+            "python3",
+            &format!("{d}/slow_client.py"),
+            "8586",
+            "8000000",
+            "4",
+        ],
+    );
+    wait_until(Duration::from_secs(10), "the transfer to start", || {
+        forward_field(
+            &show_ssh_compact(&topo),
+            &format!("8586:127.0.0.1:{ECHO_PORT}"),
+            "active",
+        ) == Some(1)
+    });
+
+    // Remove 8585, add 8587, change the keepalive: all on the same SSH connection.
+    ssh_site(
+        &topo,
+        &keys,
+        &format!(
+            "local = [{echo}, \"8587:127.0.0.1:{HTTP_PORT}\"]\nserver_alive_interval = \"2s\"\n"
+        ),
+    );
+    let out = topo.vipgate_output(H, &["reload", "--control", &ctl]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("applied live"), "{stdout}");
+    wait_port(&topo, 8587, Duration::from_secs(10));
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8587/").unwrap().trim(),
+        "web"
+    );
+    wait_until(Duration::from_secs(10), "8585 to close", || {
+        topo.try_sh(H, "bash -c 'exec 3<>/dev/tcp/127.0.0.1/8585'")
+            .is_err()
+    });
+
+    assert_eq!(
+        transfer.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        transfer.log()
+    );
+    assert!(transfer.log().contains("ok 8000000"), "{}", transfer.log());
+    let compact = show_ssh_compact(&topo);
+    assert!(compact.contains("\"reconnects\":0"), "{compact}");
+    assert!(compact.contains("\"state\":\"connected\""), "{compact}");
+    assert!(!compact.contains("8585:127.0.0.1"), "{compact}");
+}

@@ -419,9 +419,12 @@ fn sigterm_sends_priority_zero_and_backup_takes_over_after_skew() {
 #[test]
 fn preempt_off_keeps_the_returning_node_backup() {
     let lab = Lab::new("vrrp_nopreempt");
+    // With preemption off, whoever's master-down timer fires first wins: started together on
+    // a loaded machine that may be d2. Start d1 first so it is the master being replaced.
     let mut d1 = lab.vipgate("d1", 150, "100ms", false);
-    let _d2 = lab.vipgate("d2", 100, "100ms", false);
     lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    let _d2 = lab.vipgate("d2", 100, "100ms", false);
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
     lab.host_death("d1", &mut d1);
     lab.wait_state("d2", "MASTER", Duration::from_secs(2));
     lab.link_up("d1");
@@ -725,4 +728,243 @@ fn unicast_peers_elect_and_fail_over() {
     assert_eq!(procs[0].terminate(Duration::from_secs(5)), Some(0));
     lab.wait_state("d2", "MASTER", Duration::from_secs(1));
     assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
+}
+
+/// Two directors each front the VIP with the virtual service `web`, d1 over its real server
+/// rs1 and d2 over rs2, so the page served says which director holds the VIP. rs1 dies: d1's
+/// service has no healthy backend, its priority drops by `track_services_weight` below d2's
+/// and d2 preempts; rs1 returns: d1 preempts back.
+#[test]
+fn track_services_hands_the_vip_over_when_the_service_dies_and_back() {
+    let mut lab = Lab::new("vrrp_track_svc");
+    let mut servers = Vec::new();
+    for (d, rs, net, prio) in [("d1", "rs1", 1, 150), ("d2", "rs2", 2, 100)] {
+        lab.t.host(rs);
+        lab.t.veth(d, "eth1", rs, "eth0");
+        lab.t.addr(d, "eth1", &format!("10.0.{net}.1/24"));
+        lab.t.addr(rs, "eth0", &format!("10.0.{net}.101/24"));
+        lab.t.ip(rs, &format!("route add default via 10.0.{net}.1"));
+        lab.t.forwarding(d);
+        servers.push(lab.t.http_server(rs, &format!("10.0.{net}.101"), 80, rs));
+        let text = format!(
+            r#"[daemon]
+control = "{sock}"
+
+[[service]]
+name = "web"
+listen = "{VIP}:80"
+health = {{ kind = "http", interval = "200ms", timeout = "150ms", rise = 1, fall = 1 }}
+backends = [{{ address = "10.0.{net}.101:80", weight = 1 }}]
+
+[[vrrp]]
+name = "vip-web"
+interface = "eth0"
+vrid = 51
+priority = {prio}
+advert_interval = "100ms"
+addresses = ["{VIP}/24"]
+track_services = ["web"]
+track_services_weight = 60
+"#,
+            sock = lab.sock(d)
+        );
+        let cfg = lab.t.write(&format!("{d}.toml"), &text);
+        let cfg = cfg.to_str().unwrap_or_default().to_owned();
+        lab.procs.push(
+            lab.t
+                .vipgate(d, &format!("vipgate-{d}"), &["run", "-c", &cfg]),
+        );
+    }
+    let page = || {
+        lab.t
+            .curl("cl", &format!("http://{VIP}/"))
+            .unwrap_or_default()
+    };
+    lab.wait_state("d1", "MASTER", Duration::from_secs(20));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+    wait_until(Duration::from_secs(10), "the VIP to serve rs1", || {
+        page().trim() == "rs1"
+    });
+
+    // rs1 dies: only d1's health checks fail.
+    servers[0].kill9();
+    wait_until(Duration::from_secs(10), "the VIP to serve rs2", || {
+        page().trim() == "rs2"
+    });
+    let (s1, s2) = (
+        lab.status("d1").unwrap_or_default(),
+        lab.status("d2").unwrap_or_default(),
+    );
+    assert_eq!(s1.get("state").as_deref(), Some("BACKUP"), "{s1:?}");
+    assert_eq!(
+        (s1.num("priority"), s1.num("configured_priority")),
+        (90, 150)
+    );
+    assert_eq!(s2.get("state").as_deref(), Some("MASTER"), "{s2:?}");
+    assert_eq!(s2.get("master").as_deref(), Some("198.51.100.12"));
+
+    // rs1 is back: d1's priority returns to 150 and it preempts.
+    servers[0] = lab.t.http_server("rs1", "10.0.1.101", 80, "rs1");
+    wait_until(
+        Duration::from_secs(10),
+        "the VIP to serve rs1 again",
+        || page().trim() == "rs1",
+    );
+    lab.wait_state("d1", "MASTER", Duration::from_secs(2));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(2));
+    assert_eq!(lab.status("d1").unwrap_or_default().num("priority"), 150);
+}
+
+/// keepalived's `track_interface { eth1 weight -20 }`: with a weight, losing the tracked link
+/// lowers the priority (the node stays BACKUP, ready) instead of putting it in FAULT.
+#[test]
+fn weighted_track_interface_lowers_priority_instead_of_fault() {
+    let mut lab = Lab::new("vrrp_track_weight");
+    lab.t.veth("d1", "eth1", "sw", "x-d1");
+    let extra = r#"track_interfaces = [{ name = "eth1", weight = 60 }]"#;
+    let cfg = lab.config_with("d1", 150, "100ms", true, extra);
+    let cfg = cfg.to_str().unwrap_or_default().to_owned();
+    lab.procs
+        .push(lab.t.vipgate("d1", "vipgate-d1", &["run", "-c", &cfg]));
+    let d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.procs.push(d2);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+
+    let mut probe = lab.start_probe(4.0);
+    lab.wait_first_answer(&probe, "d1");
+    lab.t.ip("sw", "link set x-d1 down");
+    lab.wait_state("d2", "MASTER", Duration::from_secs(2));
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(1));
+    let s1 = lab.status("d1").unwrap_or_default();
+    assert_eq!(
+        (s1.num("priority"), s1.num("configured_priority")),
+        (90, 150)
+    );
+    assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
+    let r = lab.probe_result(&mut probe);
+    assert!(r.who.ends_with("d2"), "{}", r.line);
+
+    // The link returns: full priority, d1 preempts.
+    lab.t.ip("sw", "link set x-d1 up");
+    lab.wait_state("d1", "MASTER", Duration::from_secs(2));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
+    assert_eq!(lab.status("d1").unwrap_or_default().num("priority"), 150);
+    assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+}
+
+/// Every probe was answered (but the last one or two, still in flight when the probe
+/// stopped). Loss, not the longest gap, is the measure here: on a loaded 2-core machine the
+/// probe itself can be descheduled for a few hundred ms while every answer still arrives.
+fn assert_no_loss(r: &ProbeResult) {
+    let field = |k: &str| -> u64 {
+        r.line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (sent, received) = (field("sent="), field("received="));
+    assert!(
+        sent > 100 && received + 2 >= sent,
+        "the VIP stopped answering: {} (gap {} ms)",
+        r.line,
+        r.gap_ms
+    );
+}
+
+/// A reload on the master applies a new priority live: lowered but still above the peer,
+/// the VIP never stops answering and no transition happens; lowered below the peer, the
+/// peer preempts (RFC 5798); raised again, the master takes it back.
+#[test]
+fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
+    let lab = Lab::new("vrrp_reload");
+    let mut d1 = lab.vipgate("d1", 150, "100ms", true);
+    let _d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+    let transitions = |h: &str| {
+        lab.status(h)
+            .map_or(0, |s| s.0.matches("\"at_unix_ms\"").count())
+    };
+    let before = transitions("d1");
+    let reload = |prio: u8, interval: &str| {
+        lab.config("d1", prio, interval, true);
+        let out = lab
+            .t
+            .vipgate_output("d1", &["reload", "--control", &lab.sock("d1")]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("vrrp vip-web: applied live"), "{text}");
+    };
+
+    // 150 -> 120 and a new advert interval: still above d2, mastership stays.
+    let mut probe = lab.start_probe(3.0);
+    lab.wait_first_answer(&probe, "d1");
+    reload(120, "200ms");
+    wait_until(Duration::from_secs(2), "priority 120 advertised", || {
+        lab.status("d2")
+            .is_some_and(|s| s.num("master_priority") == 120)
+    });
+    let r = lab.probe_result(&mut probe);
+    assert_eq!(r.who, "d1", "{}", r.line);
+    assert_no_loss(&r);
+    let s1 = lab.status("d1").unwrap_or_default();
+    assert_eq!(s1.get("state").as_deref(), Some("MASTER"));
+    assert_eq!(
+        (s1.num("priority"), s1.num("advert_interval_ms")),
+        (120, 200)
+    );
+    assert_eq!(transitions("d1"), before, "no transition on a live reload");
+    assert!(d1.is_running());
+
+    // 120 -> 90: below d2, which preempts.
+    reload(90, "200ms");
+    lab.wait_state("d2", "MASTER", Duration::from_secs(3));
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(1));
+    assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
+
+    // 90 -> 150: d1 preempts back.
+    reload(150, "100ms");
+    lab.wait_state("d1", "MASTER", Duration::from_secs(3));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
+    assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+
+    // A second VIP added, then removed again, live: the first never stops answering.
+    let second = "198.51.100.20";
+    let holds_second = || {
+        lab.t
+            .ip("d1", "-4 -o addr show dev eth0")
+            .contains(&format!("{second}/"))
+    };
+    let with_vips = |addresses: &str| {
+        let text = std::fs::read_to_string(lab.config("d1", 150, "100ms", true))
+            .unwrap_or_default()
+            .replace(&format!("addresses = [\"{VIP}/24\"]"), addresses);
+        lab.t.write("d1.toml", &text);
+        let out = lab
+            .t
+            .vipgate_output("d1", &["reload", "--control", &lab.sock("d1")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("vrrp vip-web: applied live"), "{text}");
+    };
+    let mut probe = lab.start_probe(3.0);
+    lab.wait_first_answer(&probe, "d1");
+    with_vips(&format!("addresses = [\"{VIP}/24\", \"{second}/24\"]"));
+    wait_until(Duration::from_secs(2), "the second VIP added", holds_second);
+    lab.t.sh("cl", &format!("ping -c1 -W1 {second} >/dev/null"));
+    with_vips(&format!("addresses = [\"{VIP}/24\"]"));
+    wait_until(Duration::from_secs(2), "the second VIP withdrawn", || {
+        !holds_second()
+    });
+    let r = lab.probe_result(&mut probe);
+    assert_eq!(r.who, "d1", "{}", r.line);
+    assert_no_loss(&r);
+    assert_eq!(
+        transitions("d1"),
+        before + 2,
+        "only the two handovers above"
+    );
+    assert!(d1.is_running());
 }

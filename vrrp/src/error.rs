@@ -27,6 +27,29 @@ pub enum WireError {
     BadIpHeader,
 }
 
+/// Why a new configuration cannot be applied to a running instance: these change what the
+/// instance is on the wire, so it must be stopped and started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReconfigureError {
+    /// The VRID is the virtual router's identity on the link.
+    #[error("the VRID changed from {old} to {new}")]
+    VridChanged {
+        /// Running VRID.
+        old: u8,
+        /// Configured VRID.
+        new: u8,
+    },
+    /// The primary address is the advert source and the tie-breaker.
+    #[error("the primary address changed from {old} to {new}")]
+    PrimaryAddressChanged {
+        /// Running primary address.
+        old: std::net::Ipv4Addr,
+        /// Configured primary address.
+        new: std::net::Ipv4Addr,
+    },
+}
+
 /// Why the driver failed; each variant says which operation and wraps the OS error.
 #[cfg(feature = "driver")]
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +77,9 @@ pub enum DriverError {
         /// OS error.
         source: std::io::Error,
     },
+    /// The group's driver has stopped (or cannot take another command now).
+    #[error("the VRRP driver is not running")]
+    NotRunning,
     /// rtnetlink failed.
     #[error("netlink: {0}")]
     Netlink(String),

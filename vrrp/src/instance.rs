@@ -4,7 +4,8 @@
 //!
 //! 1. an input: [`VrrpInstance::startup`], [`VrrpInstance::handle_advert`],
 //!    [`VrrpInstance::handle_timeout`], [`VrrpInstance::set_fault`],
-//!    [`VrrpInstance::set_priority_penalty`] or [`VrrpInstance::shutdown`];
+//!    [`VrrpInstance::set_priority_penalty`], [`VrrpInstance::reconfigure`] or
+//!    [`VrrpInstance::shutdown`];
 //! 2. [`VrrpInstance::poll_action`] until `None`, performing each [`Action`] in order;
 //! 3. [`VrrpInstance::poll_timeout`]: the instant to call `handle_timeout` next.
 //!
@@ -16,6 +17,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use crate::error::ReconfigureError;
 use crate::wire::{self, VrrpRepr};
 
 /// The owner priority: the router that owns the addresses starts as master at once.
@@ -189,6 +191,9 @@ pub enum Action {
     RemoveAddresses,
     /// Send the gratuitous ARP burst for every virtual address.
     GratuitousArp,
+    /// A reconfigure dropped these addresses while master: withdraw just them (the ones
+    /// still configured stay live).
+    WithdrawAddresses(Vec<VirtualAddress>),
 }
 
 /// Why a received advert was not acted upon.
@@ -553,6 +558,86 @@ impl VrrpInstance {
             self.send_advert(self.priority());
             self.adver_timer = Some(now + self.adver_interval());
         }
+    }
+
+    /// Applies a changed configuration without leaving the current state (a live reload).
+    ///
+    /// Priority, preemption, advert interval, addresses and the gratuitous ARP repeat may
+    /// change. A master announces a changed priority, interval or address list at once and
+    /// keeps the addresses that stay; it gives way only as RFC 5798 has it, when a backup
+    /// with preemption (or a higher-priority master) takes over. A backup re-arms its
+    /// Master_Down_Timer for its new skew time. No transition happens here.
+    ///
+    /// # Errors
+    /// A changed VRID or primary address (the instance must restart); nothing was changed.
+    pub fn reconfigure(
+        &mut self,
+        now: Instant,
+        config: InstanceConfig,
+    ) -> Result<(), ReconfigureError> {
+        if config.vrid != self.config.vrid {
+            return Err(ReconfigureError::VridChanged {
+                old: self.config.vrid,
+                new: config.vrid,
+            });
+        }
+        if config.primary_address != self.config.primary_address {
+            return Err(ReconfigureError::PrimaryAddressChanged {
+                old: self.config.primary_address,
+                new: config.primary_address,
+            });
+        }
+        let old = std::mem::replace(&mut self.config, config);
+        if !self.config.preempt || self.config.preempt_delay != old.preempt_delay {
+            // A pending delayed preemption was armed under the old rules; the next advert
+            // from the lower master arms it again if it still applies.
+            self.preempt_timer = None;
+        }
+        let announce = old.priority != self.config.priority
+            || old.advert_interval_cs() != self.config.advert_interval_cs()
+            || old.addresses != self.config.addresses;
+        match self.state {
+            State::Master => {
+                let dropped: Vec<VirtualAddress> = old
+                    .addresses
+                    .iter()
+                    .filter(|a| !self.config.addresses.contains(a))
+                    .copied()
+                    .collect();
+                if !dropped.is_empty() {
+                    self.actions.push_back(Action::WithdrawAddresses(dropped));
+                }
+                let added = self
+                    .config
+                    .addresses
+                    .iter()
+                    .any(|a| !old.addresses.contains(a));
+                if added {
+                    self.actions.push_back(Action::AddAddresses);
+                }
+                self.master = Some((self.config.primary_address, self.priority()));
+                self.master_adver_interval = self.adver_interval();
+                if announce {
+                    self.send_advert(self.priority());
+                    self.adver_timer = Some(now + self.adver_interval());
+                }
+                if added {
+                    self.actions.push_back(Action::GratuitousArp);
+                }
+                if self.config.garp_repeat_delay.is_none() {
+                    self.garp_timer = None;
+                }
+            }
+            State::Backup => {
+                // The skew time depends on our priority.
+                if let Some(heard) = self.last_master_advert {
+                    self.master_down_timer =
+                        Some((heard + self.master_down_interval()).max(now + MIN_TIMER));
+                }
+            }
+            State::Initialize | State::Fault => {}
+        }
+        Ok(())
     }
 
     /// Set by the sync group: while true, an expiring Master_Down_Timer re-arms instead of

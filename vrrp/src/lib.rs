@@ -35,7 +35,7 @@ pub mod wire;
 #[cfg(feature = "driver")]
 pub mod driver;
 
-pub use error::WireError;
+pub use error::{ReconfigureError, WireError};
 pub use instance::{
     Action, Counters, DropReason, InstanceConfig, Reason, ReceivedAdvert, State, Transition,
     VirtualAddress, VrrpInstance,

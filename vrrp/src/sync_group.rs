@@ -14,7 +14,8 @@
 
 use std::time::Instant;
 
-use crate::instance::{Action, DropReason, ReceivedAdvert, State, VrrpInstance};
+use crate::error::ReconfigureError;
+use crate::instance::{Action, DropReason, InstanceConfig, ReceivedAdvert, State, VrrpInstance};
 
 /// A set of instances that change state together.
 #[derive(Debug)]
@@ -97,6 +98,23 @@ impl SyncGroup {
     pub fn set_priority_penalty(&mut self, now: Instant, i: usize, penalty: u8) {
         if let Some(m) = self.members.get_mut(i) {
             m.set_priority_penalty(now, penalty);
+        }
+    }
+
+    /// Applies a changed configuration to member `i` in place (see
+    /// [`VrrpInstance::reconfigure`]); no member changes state.
+    ///
+    /// # Errors
+    /// The change needs a restart; an index out of range is a no-op.
+    pub fn reconfigure(
+        &mut self,
+        now: Instant,
+        i: usize,
+        config: InstanceConfig,
+    ) -> Result<(), ReconfigureError> {
+        match self.members.get_mut(i) {
+            Some(m) => m.reconfigure(now, config),
+            None => Ok(()),
         }
     }
 

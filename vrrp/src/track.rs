@@ -51,6 +51,17 @@ impl Tracker {
         }
     }
 
+    /// Sets object `i`'s weight (a live reload); returns whether it changed.
+    pub fn set_weight(&mut self, i: usize, weight: u8) -> bool {
+        match self.objects.get_mut(i) {
+            Some(o) if o.weight != weight => {
+                o.weight = weight;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether a weight-0 object is down.
     pub fn fault(&self) -> bool {
         self.objects.iter().any(|o| !o.up && o.weight == 0)
@@ -71,6 +82,44 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// keepalived's rule for any mix of weights and link states: fault iff a weight-0
+        /// object is down, otherwise the penalty is the (saturating) sum of the down weights.
+        #[test]
+        fn fault_iff_unweighted_down_else_sum_of_weights(
+            objects in proptest::collection::vec((any::<u8>(), any::<bool>()), 0..12),
+            reweigh in proptest::collection::vec((0usize..12, any::<u8>()), 0..4),
+        ) {
+            let mut t = Tracker::new(objects.iter().enumerate().map(|(i, (w, _))| (format!("o{i}"), *w)));
+            for (i, (_, up)) in objects.iter().enumerate() {
+                t.set(i, *up);
+            }
+            for (i, w) in reweigh {
+                t.set_weight(i, w);
+            }
+            let down = t.objects().iter().filter(|o| !o.up);
+            let fault = down.clone().any(|o| o.weight == 0);
+            let sum: u32 = down.map(|o| u32::from(o.weight)).sum();
+            prop_assert_eq!(t.fault(), fault);
+            prop_assert_eq!(u32::from(t.penalty()), sum.min(255));
+        }
+    }
+
+    #[test]
+    fn weighted_interface_down_lowers_priority_instead_of_fault() {
+        let mut t = Tracker::new([
+            ("interface eth0".to_owned(), 0),
+            ("interface eth1".to_owned(), 20),
+        ]);
+        t.set(1, false);
+        assert_eq!((t.fault(), t.penalty()), (false, 20));
+        // A reload that drops the weight turns the same link-down into a fault.
+        assert!(t.set_weight(1, 0));
+        assert!(!t.set_weight(1, 0));
+        assert_eq!((t.fault(), t.penalty()), (true, 0));
+    }
 
     #[test]
     fn fault_and_penalty() {

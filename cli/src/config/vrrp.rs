@@ -34,9 +34,10 @@ pub(crate) struct VrrpSection {
     /// Services whose health lowers this instance's priority.
     #[serde(default)]
     pub(crate) track_services: Vec<Spanned<String>>,
-    /// Interfaces whose link-down puts the instance in fault.
+    /// Interfaces whose link-down puts the instance in fault (`"eth1"`) or lowers its
+    /// priority (`{ name = "eth1", weight = 20 }`).
     #[serde(default)]
-    pub(crate) track_interfaces: Vec<String>,
+    pub(crate) track_interfaces: Vec<Spanned<TrackInterface>>,
     /// Sync group: instances with the same group change state together.
     #[serde(default)]
     pub(crate) group: Option<String>,
@@ -63,6 +64,69 @@ pub(crate) struct VrrpSection {
     /// "0s" = only once. Default 5 s.
     #[serde(default = "d_garp_delay")]
     pub(crate) garp_repeat_delay: HumanDuration,
+}
+
+/// One `track_interfaces` entry: `"eth1"` (link down = FAULT, weight 0) or
+/// `{ name = "eth1", weight = 20 }` (link down lowers the priority by 20: keepalived's
+/// `track_interface { eth1 weight -20 }`). Both spellings can be mixed in one list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TrackInterface {
+    pub(crate) name: String,
+    /// 0 = FAULT while down; otherwise the priority penalty while down.
+    pub(crate) weight: i64,
+}
+
+/// The table spelling of a [`TrackInterface`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrackInterfaceTable {
+    name: String,
+    #[serde(default)]
+    weight: i64,
+}
+
+impl<'de> Deserialize<'de> for TrackInterface {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = TrackInterface;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#"an interface name ("eth1") or { name = "eth1", weight = 20 }"#)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(TrackInterface {
+                    name: v.to_owned(),
+                    weight: 0,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let t = TrackInterfaceTable::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(TrackInterface {
+                    name: t.name,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
+impl Serialize for TrackInterface {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        if self.weight == 0 {
+            return s.serialize_str(&self.name);
+        }
+        let mut t = s.serialize_struct("TrackInterface", 2)?;
+        t.serialize_field("name", &self.name)?;
+        t.serialize_field("weight", &self.weight)?;
+        t.end()
+    }
 }
 
 fn d_zero() -> Spanned<i64> {
@@ -136,6 +200,33 @@ pub(crate) fn validate_all(
                 "track_services_weight must be 0 (fault) or a penalty of 1..=253",
             );
         }
+        for t in &i.track_interfaces {
+            let (name, weight) = (&t.get_ref().name, t.get_ref().weight);
+            if weight < 0 {
+                v.error_at(
+                    t,
+                    format!(
+                        "track_interfaces weight {weight}: vipgate's weight is the penalty while the link is down, so keepalived's `weight {weight}` is written `weight = {}`",
+                        weight.unsigned_abs()
+                    ),
+                );
+            } else if weight > 253 {
+                v.error_at(
+                    t,
+                    "track_interfaces weight must be 0 (fault) or a penalty of 1..=253",
+                );
+            } else if weight > 0 && *name == i.interface {
+                v.error_at(
+                    t,
+                    format!(
+                        "`{name}` is this instance's own interface: losing it always means FAULT (no adverts can go out), so it takes no weight"
+                    ),
+                );
+            }
+            if name.is_empty() {
+                v.error_at(t, "track_interfaces needs an interface name");
+            }
+        }
         if !(1..=100).contains(i.garp_count.get_ref()) {
             v.error_at(&i.garp_count, "garp_count must be 1..=100");
         }
@@ -167,5 +258,64 @@ pub(crate) fn validate_all(
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn load(extra: &str) -> Result<crate::config::SiteConfig, String> {
+        let text = format!(
+            "[[vrrp]]\nname = \"v\"\ninterface = \"eth0\"\nvrid = 1\naddresses = [\"10.0.0.1/24\"]\n{extra}\n"
+        );
+        crate::config::parse(Path::new("site.toml"), &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn track_interfaces_take_names_and_weighted_tables_mixed() {
+        let site = load(
+            r#"track_interfaces = ["eth1", { name = "eth2", weight = 20 }, { name = "eth3" }]"#,
+        )
+        .expect("valid");
+        let got: Vec<(String, i64)> = site.vrrp[0]
+            .track_interfaces
+            .iter()
+            .map(|t| (t.get_ref().name.clone(), t.get_ref().weight))
+            .collect();
+        assert_eq!(
+            got,
+            [("eth1".into(), 0), ("eth2".into(), 20), ("eth3".into(), 0)]
+        );
+        // What a reload compares: both spellings survive a round trip through JSON.
+        let json = serde_json::to_string(&site.vrrp[0].track_interfaces).expect("serializes");
+        assert_eq!(json, r#"["eth1",{"name":"eth2","weight":20},"eth3"]"#);
+    }
+
+    #[test]
+    fn track_interfaces_mistakes_point_at_the_entry() {
+        let e =
+            load(r#"track_interfaces = ["eth1", { name = "eth2", weight = -20 }]"#).unwrap_err();
+        assert!(
+            e.starts_with("site.toml:6:29: track_interfaces weight -20:")
+                && e.contains("`weight = 20`"),
+            "{e}"
+        );
+        let e = load(r#"track_interfaces = [{ name = "eth2", weight = 300 }]"#).unwrap_err();
+        assert!(
+            e.starts_with("site.toml:6:21: track_interfaces weight must be"),
+            "{e}"
+        );
+        let e = load(r#"track_interfaces = [{ name = "eth0", weight = 10 }]"#).unwrap_err();
+        assert!(
+            e.starts_with("site.toml:6:21: `eth0` is this instance's own interface"),
+            "{e}"
+        );
+        let e = load(r#"track_interfaces = [{ name = "eth2", wieght = 10 }]"#).unwrap_err();
+        assert!(e.starts_with("site.toml:6:"), "{e}");
+        assert!(e.contains("wieght"), "{e}");
+        let e = load("track_interfaces = [7]").unwrap_err();
+        assert!(e.starts_with("site.toml:6:21:"), "{e}");
+        assert!(e.contains(r#"an interface name ("eth1") or"#), "{e}");
     }
 }

@@ -162,7 +162,9 @@ fn acl_text(r: &AclRule) -> String {
     s
 }
 
-fn status_json(s: &NatSnapshot) -> Value {
+/// The JSON of `show nat --json`; with `flows: false` (a summary) no translation is listed
+/// and every other key is the same.
+fn status_json(s: &NatSnapshot, flows: bool) -> Value {
     let translations: Vec<Value> = s
         .translations
         .iter()
@@ -187,15 +189,26 @@ fn status_json(s: &NatSnapshot) -> Value {
         .iter()
         .map(|r| (r.name().to_owned(), json!(s.stats.dropped(*r))))
         .collect();
-    json!({
+    let statics: Vec<Value> = s
+        .statics
+        .iter()
+        .map(|e| {
+            json!({
+                "proto": e.proto.name(),
+                "inside_local": e.inside.to_string(),
+                "inside_global": e.public.to_string(),
+            })
+        })
+        .collect();
+    let mut v = json!({
         "name": "nat",
         "public_addresses": s.public_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "flows": s.flows,
         "mappings": s.mappings,
         "capacity": s.capacity,
         "table_bytes": s.table_bytes,
-        "translations": translations,
-        "translations_truncated": s.translations.len() > SHOW_LIMIT,
+        "statics": statics,
+        "translations_truncated": s.flows > SHOW_LIMIT,
         // `name` (the rule's line number) makes each rule a labelled metrics series.
         "acl": s.acl.iter().enumerate().map(|(i, (r, hits))| {
             json!({"name": (i + 1).to_string(), "rule": acl_text(r), "hits": hits})
@@ -211,7 +224,11 @@ fn status_json(s: &NatSnapshot) -> Value {
             "flows_removed": s.stats.flows_removed,
         },
         "drops": drops,
-    })
+    });
+    if flows {
+        v["translations"] = Value::Array(translations);
+    }
+    v
 }
 
 impl Part for NatPart {
@@ -224,7 +241,13 @@ impl Part for NatPart {
     }
 
     fn status(&self) -> Value {
-        status_json(&self.driver.snapshot())
+        status_json(&self.driver.snapshot(), true)
+    }
+
+    /// Counters and table usage without walking the table: every metrics scrape and
+    /// `vipgate status` call this, and the packet loop waits while the gateway is locked.
+    fn summary(&self) -> Value {
+        status_json(&self.driver.summary(), false)
     }
 
     fn control(&self, op: &str, _args: &Value) -> anyhow::Result<Value> {
@@ -282,6 +305,19 @@ pub(crate) fn render(items: &[Value]) -> String {
             "State",
             "Expires"
         );
+        for e in it["statics"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8}",
+                str_of(&e["proto"]),
+                str_of(&e["inside_global"]),
+                str_of(&e["inside_local"]),
+                "---",
+                "---",
+                "static",
+                "-",
+            );
+        }
         for t in it["translations"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 out,
@@ -359,4 +395,76 @@ pub(crate) fn render(items: &[Value]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natgw::{GatewayStats, Translation};
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    fn snapshot(flows: usize) -> NatSnapshot {
+        let public = Ipv4Addr::new(198, 51, 100, 1);
+        let inside = SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 10), 80);
+        NatSnapshot {
+            translations: (0..flows)
+                .map(|i| Translation {
+                    proto: Proto::Tcp,
+                    inside,
+                    public: SocketAddrV4::new(public, 8001),
+                    outside: SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 1024 + i as u16),
+                    established: true,
+                    expires_in: Duration::from_secs(60),
+                    listener: Some(0),
+                })
+                .collect(),
+            statics: vec![StaticEntry {
+                proto: Proto::Tcp,
+                public: SocketAddrV4::new(public, 8001),
+                inside,
+            }],
+            acl: Vec::new(),
+            acl_implicit_denies: 3,
+            stats: GatewayStats {
+                translated_out: 7,
+                drops: vec![0; DropReason::ALL.len()],
+                ..GatewayStats::default()
+            },
+            flows,
+            mappings: 1,
+            capacity: 65_536,
+            table_bytes: 4096,
+            public_addresses: vec![public],
+        }
+    }
+
+    #[test]
+    fn summary_has_every_key_of_status_but_the_translations() {
+        let full = status_json(&snapshot(3), true);
+        let mut summary_of_same = snapshot(3);
+        summary_of_same.translations.clear();
+        let summary = status_json(&summary_of_same, false);
+        assert_eq!(full["translations"].as_array().map(Vec::len), Some(3));
+        assert!(summary.get("translations").is_none());
+        let mut without = full.clone();
+        without
+            .as_object_mut()
+            .expect("an object")
+            .remove("translations");
+        assert_eq!(without, summary);
+        assert_eq!(summary["flows"], 3);
+        assert_eq!(summary["counters"]["translated_out"], 7);
+    }
+
+    #[test]
+    fn show_lists_static_forwards_like_ios() {
+        let text = render(&[status_json(&snapshot(1), true)]);
+        let line = text
+            .lines()
+            .find(|l| l.contains("static"))
+            .expect("a static line");
+        assert!(line.contains("198.51.100.1:8001") && line.contains("192.168.101.10:80"));
+        assert!(line.contains("---"));
+    }
 }

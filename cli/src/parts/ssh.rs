@@ -536,6 +536,30 @@ impl Part for SshClientPart {
         self.drain_allocated();
         tunnel_json(&self.tunnel.status())
     }
+    /// Forwards added or removed and keepalive changes go onto the live SSH connection;
+    /// what identifies the connection itself (destination, identity, host keys, ciphers,
+    /// `connections`, `gateway_ports`, timeouts) needs a new one.
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+        let Some(d) = site
+            .ssh
+            .iter()
+            .find(|d| *d.destination.get_ref() == self.name)
+        else {
+            return Ok(false);
+        };
+        let cfg = client_config_from_section(d)?;
+        match self
+            .tunnel
+            .reconfigure(&cfg)
+            .with_context(|| format!("ssh destination {}", self.name))?
+        {
+            None => Ok(true),
+            Some(why) => {
+                tracing::info!("{}: {why}: reconnecting with the new config", self.name);
+                Ok(false)
+            }
+        }
+    }
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move { self.tunnel.stop().await })
     }

@@ -3,6 +3,11 @@
 //! Each sync group (or ungrouped instance) runs as one `vrrp::driver` task; every instance is
 //! its own [`Part`] so `show vrrp` lists instances, and stopping any member of a group stops
 //! the whole group once (masters send priority 0 and withdraw their addresses).
+//!
+//! A reload reconfigures each instance in place ([`Part::reconfigure`]): priority,
+//! preemption, advert interval, the VIP list, tracking weights, notify and gratuitous ARP
+//! settings change without leaving the current state. What needs new sockets or new health
+//! subscriptions (see [`restart_reason`]) makes it answer `Ok(false)`, and the group restarts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -23,11 +28,73 @@ use crate::config::vrrp::VrrpSection;
 /// The running driver of one sync group, shared by the parts of its members.
 struct Shared {
     handle: Mutex<Option<GroupHandle>>,
+    /// The sections the group runs with, in member order (what a reload compares against).
+    sections: Mutex<Vec<VrrpSection>>,
+    /// The wiring the group was started with (health sources, VIP hooks).
+    wiring: Wiring,
 }
 
 struct VrrpPart {
     name: String,
+    /// This instance's member index in its group.
+    index: usize,
     shared: Arc<Shared>,
+}
+
+/// The sync group a section belongs to (a standalone instance is a group of its own).
+fn group_key(s: &VrrpSection) -> String {
+    s.group
+        .clone()
+        .unwrap_or_else(|| format!("\0{}", s.name.get_ref()))
+}
+
+/// Why going from `old` to `new` cannot be applied live, if it cannot: these need a new
+/// socket (interface, VRID, peers, source address), new health or link subscriptions, or a
+/// VIP handed between the interface and a natgw service.
+pub(crate) fn restart_reason(
+    old: &VrrpSection,
+    new: &VrrpSection,
+    wiring: &Wiring,
+) -> Option<&'static str> {
+    let names = |s: &VrrpSection| -> Vec<String> {
+        s.track_interfaces
+            .iter()
+            .map(|t| t.get_ref().name.clone())
+            .collect()
+    };
+    let services = |s: &VrrpSection| -> Vec<String> {
+        s.track_services
+            .iter()
+            .map(|t| t.get_ref().clone())
+            .collect()
+    };
+    let hooked = |s: &VrrpSection| -> Vec<Ipv4Addr> {
+        s.addresses
+            .get_ref()
+            .iter()
+            .map(ipnet::Ipv4Net::addr)
+            .filter(|a| wiring.hooks.contains_key(a))
+            .collect()
+    };
+    if old.interface != new.interface {
+        Some("interface changed")
+    } else if old.vrid.get_ref() != new.vrid.get_ref() {
+        Some("vrid changed")
+    } else if old.unicast_peers != new.unicast_peers {
+        Some("unicast_peers changed")
+    } else if old.primary_address != new.primary_address {
+        Some("primary_address changed")
+    } else if old.group != new.group {
+        Some("group changed")
+    } else if names(old) != names(new) {
+        Some("the tracked interfaces changed")
+    } else if services(old) != services(new) {
+        Some("the tracked services changed")
+    } else if hooked(old) != hooked(new) {
+        Some("a VIP a [[service]] listens on was added or removed")
+    } else {
+        None
+    }
 }
 
 impl Part for VrrpPart {
@@ -49,6 +116,51 @@ impl Part for VrrpPart {
             .find(|s| s.name == self.name)
             .map(status_json)
             .unwrap_or_else(|| json!({ "name": self.name, "state": "STOPPED" }))
+    }
+
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+        let mut sections = self
+            .shared
+            .sections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(old) = sections.get(self.index) else {
+            return Ok(false);
+        };
+        let key = group_key(old);
+        let members: Vec<&VrrpSection> = site.vrrp.iter().filter(|s| group_key(s) == key).collect();
+        let same_members = members.len() == sections.len()
+            && members
+                .iter()
+                .zip(sections.iter())
+                .all(|(n, o)| n.name.get_ref() == o.name.get_ref());
+        if !same_members {
+            tracing::info!(instance = %self.name, "reload: the sync group's members changed; restarting it");
+            return Ok(false);
+        }
+        let new = members[self.index];
+        if let Some(why) = restart_reason(old, new, &self.shared.wiring) {
+            tracing::info!(instance = %self.name, reason = why, "reload: restarting the instance");
+            return Ok(false);
+        }
+        if serde_json::to_value(old).ok() == serde_json::to_value(new).ok() {
+            return Ok(true);
+        }
+        let spec = wired_spec(new, &self.shared.wiring);
+        let handle = self
+            .shared
+            .handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match handle.as_ref() {
+            Some(h) => h
+                .reconfigure(self.index, spec)
+                .with_context(|| format!("reconfiguring VRRP instance {}", self.name))?,
+            None => return Ok(false),
+        }
+        sections[self.index] = new.clone();
+        tracing::info!(instance = %self.name, "reload: applied live");
+        Ok(true)
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {
@@ -84,7 +196,14 @@ pub(crate) fn member_spec(s: &VrrpSection) -> MemberSpec {
     config.garp_repeat_delay = Some(s.garp_repeat_delay.0).filter(|d| !d.is_zero());
     let mut spec = MemberSpec::new(config, &s.interface);
     spec.unicast_peers = s.unicast_peers.clone();
-    spec.track_interfaces = s.track_interfaces.iter().map(|i| (i.clone(), 0)).collect();
+    spec.track_interfaces = s
+        .track_interfaces
+        .iter()
+        .map(|t| {
+            let t = t.get_ref();
+            (t.name.clone(), u8::try_from(t.weight).unwrap_or(0))
+        })
+        .collect();
     spec.notify = s.notify.as_ref().map(PathBuf::from);
     spec.garp_count = u32::try_from(*s.garp_count.get_ref()).unwrap_or(5);
     spec
@@ -124,10 +243,7 @@ pub(crate) async fn start_wired(
     let mut groups: BTreeMap<String, Vec<&VrrpSection>> = BTreeMap::new();
     let mut order = Vec::new();
     for s in &site.vrrp {
-        let key = s
-            .group
-            .clone()
-            .unwrap_or_else(|| format!("\0{}", s.name.get_ref()));
+        let key = group_key(s);
         if !groups.contains_key(&key) {
             order.push(key.clone());
         }
@@ -151,10 +267,13 @@ pub(crate) async fn start_wired(
         };
         let shared = Arc::new(Shared {
             handle: Mutex::new(Some(handle)),
+            sections: Mutex::new(sections.iter().map(|s| (*s).clone()).collect()),
+            wiring: wiring.clone(),
         });
-        for s in sections {
+        for (index, s) in sections.iter().enumerate() {
             parts.push(Box::new(VrrpPart {
                 name: s.name.get_ref().clone(),
+                index,
                 shared: shared.clone(),
             }));
         }
@@ -279,6 +398,26 @@ pub(crate) fn render(items: &[Value]) -> String {
             c["lower_priority"],
             n("master_down_interval_ms"),
         );
+        let tracked: Vec<String> = i["tracked"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let up = t["up"].as_bool().unwrap_or(true);
+                let effect = match t["weight"].as_u64().unwrap_or(0) {
+                    0 => "fault".to_owned(),
+                    w => format!("-{w}"),
+                };
+                format!(
+                    "{} {} ({effect})",
+                    t["name"].as_str().unwrap_or("?"),
+                    if up { "up" } else { "DOWN" }
+                )
+            })
+            .collect();
+        if !tracked.is_empty() {
+            out += &format!("    tracking: {}\n", tracked.join(", "));
+        }
         for t in i["transitions"].as_array().into_iter().flatten() {
             let at = t["at_unix_ms"].as_u64().unwrap_or(0);
             out += &format!(
@@ -308,6 +447,54 @@ fn clock(ms: u64) -> String {
 mod tests {
     use super::*;
 
+    fn section(extra: &str) -> VrrpSection {
+        let text = format!(
+            "[[vrrp]]\nname = \"v\"\ninterface = \"eth0\"\nvrid = 51\naddresses = [\"198.51.100.10/24\"]\n{extra}\n"
+        );
+        let site = crate::config::parse(std::path::Path::new("t.toml"), &text).expect("valid");
+        site.vrrp[0].clone()
+    }
+
+    #[test]
+    fn live_changes_and_restart_reasons() {
+        let w = Wiring::default();
+        let old = section("priority = 150\ntrack_interfaces = [\"eth1\"]");
+        for live in [
+            "priority = 90\ntrack_interfaces = [\"eth1\"]",
+            "preempt = false\npreempt_delay = \"5s\"\ntrack_interfaces = [\"eth1\"]",
+            "advert_interval = \"100ms\"\ntrack_interfaces = [{ name = \"eth1\", weight = 20 }]",
+            "notify = \"/bin/true\"\ntrack_interfaces = [\"eth1\"]\ngarp_count = 2",
+        ] {
+            assert_eq!(restart_reason(&old, &section(live), &w), None, "{live}");
+        }
+        let mut more_vips = section("track_interfaces = [\"eth1\"]");
+        more_vips.addresses =
+            toml::Spanned::new(0..0, vec!["198.51.100.20/24".parse().expect("net")]);
+        assert_eq!(restart_reason(&old, &more_vips, &w), None);
+        for (restart, why) in [
+            ("vrid = 52", "vrid changed"),
+            (
+                "track_interfaces = [\"eth2\"]",
+                "the tracked interfaces changed",
+            ),
+            (
+                "track_interfaces = [\"eth1\"]\nunicast_peers = [\"198.51.100.12\"]",
+                "unicast_peers changed",
+            ),
+            (
+                "track_interfaces = [\"eth1\"]\ngroup = \"g\"",
+                "group changed",
+            ),
+        ] {
+            let text = restart.replace("vrid = 52", "track_interfaces = [\"eth1\"]");
+            let mut new = section(&text);
+            if restart.starts_with("vrid") {
+                new.vrid = toml::Spanned::new(0..0, 52);
+            }
+            assert_eq!(restart_reason(&old, &new, &w), Some(why), "{restart}");
+        }
+    }
+
     #[test]
     fn render_lists_state_and_transitions() {
         let item = json!({
@@ -320,11 +507,17 @@ mod tests {
             "malformed": {"BadChecksum": 2},
             "transitions": [{"at_unix_ms": 3_723_004u64, "from": "BACKUP", "to": "MASTER",
                              "reason": "no advert within master down interval"}],
+            "tracked": [{"name": "interface eth0", "weight": 0, "up": true},
+                        {"name": "interface eth1", "weight": 20, "up": false}],
         });
         let text = render(&[item]);
         assert!(text.contains("vip-web"), "{text}");
         assert!(text.contains("150/150"), "{text}");
         assert!(text.contains("malformed 2"), "{text}");
         assert!(text.contains("01:02:03.004 BACKUP -> MASTER"), "{text}");
+        assert!(
+            text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20)"),
+            "{text}"
+        );
     }
 }

@@ -3,9 +3,12 @@
 //!
 //! One task runs the packet loop. It reads packets from `nat0`, classifies each
 //! ([`Gateway::direction`]), lets the core rewrite it in place and writes it back; and it wakes
-//! for [`Gateway::poll_timeout`]. With TUN offload one read brings a whole TCP super-packet
-//! (up to [`BATCH`] segments), translated under one lock and written back coalesced; buffers
-//! are reused, so there is no allocation per packet.
+//! for [`Gateway::poll_timeout`]. With TUN offload one read brings a whole GSO super-packet
+//! (a run of up to 64 KiB of one TCP or UDP flow) with its virtio-net header: the core
+//! rewrites its headers in place ([`Gateway::handle_super_packet`], keeping a partial checksum
+//! partial) and it is written back with the same virtio-net header, so the payload is never
+//! copied, split or checksummed in userspace. Up to [`BATCH`] reads are translated under one
+//! lock; buffers are reused, so there is no allocation per packet.
 
 mod netlink;
 mod sysctl;
@@ -18,10 +21,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{AclRule, Gateway, GatewayConfig, GatewayStats, Translation, Verdict};
+use crate::translate;
+use crate::{
+    AclRule, Gateway, GatewayConfig, GatewayStats, L4Checksum, PacketMeta, StaticEntry,
+    Translation, Verdict,
+};
 
-/// Segment buffers per read (tun-rs's ideal batch size).
-pub const BATCH: usize = 128;
+/// Packets (with offload: super-packets of up to 64 KiB) read per wake-up and translated under
+/// one lock.
+pub const BATCH: usize = 16;
 
 /// Errors of the driver.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +122,10 @@ impl DriverConfig {
 /// A point-in-time copy of the gateway's state, for `show nat`.
 #[derive(Debug, Clone)]
 pub struct NatSnapshot {
-    /// Every flow.
+    /// Every flow (empty in a [`NatDriver::summary`]).
     pub translations: Vec<Translation>,
+    /// The static forwards.
+    pub statics: Vec<StaticEntry>,
     /// ACL rules with hit counters.
     pub acl: Vec<(AclRule, u64)>,
     /// Inside packets denied by the ACL's implicit deny.
@@ -187,11 +197,11 @@ impl NatDriver {
             name: cfg.tun.clone(),
             source,
         };
-        let dev = match build(cfg.offload) {
-            Ok(dev) => dev,
+        let (dev, offload) = match build(cfg.offload) {
+            Ok(dev) => (dev, cfg.offload),
             Err(e) if cfg.offload => {
                 tracing::warn!(error = %e, "TUN offload unavailable; one packet per read");
-                build(false).map_err(open_err)?
+                (build(false).map_err(open_err)?, false)
             }
             Err(e) => return Err(open_err(e)),
         };
@@ -221,7 +231,7 @@ impl NatDriver {
             }
         };
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(dev, gw.clone(), usize::from(cfg.mtu), stop_rx));
+        let task = tokio::spawn(run(dev, gw.clone(), offload, stop_rx));
         tracing::info!(tun = %cfg.tun, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
         Ok(NatDriver {
             gw,
@@ -268,13 +278,30 @@ impl NatDriver {
             .await
     }
 
-    /// A copy of the state for `show nat`.
+    /// A copy of the state for `show nat`, every flow included (the packet loop waits while
+    /// the table is walked: up to `max_mappings` flows).
     #[must_use]
     pub fn snapshot(&self) -> NatSnapshot {
+        self.copy_state(true)
+    }
+
+    /// Counters, ACL hits and table usage without the flows: what metrics scrapes and
+    /// `vipgate status` need, cheap whatever the table holds.
+    #[must_use]
+    pub fn summary(&self) -> NatSnapshot {
+        self.copy_state(false)
+    }
+
+    fn copy_state(&self, translations: bool) -> NatSnapshot {
         let gw = lock(&self.gw);
         let now = now();
         NatSnapshot {
-            translations: gw.translations(now),
+            translations: if translations {
+                gw.translations(now)
+            } else {
+                Vec::new()
+            },
+            statics: gw.static_entries().collect(),
             acl: gw.acl_rules().map(|(r, h)| (r.clone(), h)).collect(),
             acl_implicit_denies: gw.acl_implicit_denies(),
             stats: gw.stats().clone(),
@@ -338,22 +365,97 @@ impl NatDriver {
     }
 }
 
-/// Room before each packet for the virtio-net header that offload reads and writes.
-const OFFSET: usize = 16;
+/// The virtio-net header that precedes every packet on a TUN with offload (`IFF_VNET_HDR`,
+/// `struct virtio_net_hdr`, fields in host byte order on a legacy TUN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct VnetHdr {
+    flags: u8,
+    gso_type: u8,
+    gso_size: u16,
+    csum_start: u16,
+    csum_offset: u16,
+}
+
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the transport checksum is a partial sum (`CHECKSUM_PARTIAL`).
+const NEEDS_CSUM: u8 = 1;
+/// `VIRTIO_NET_HDR_GSO_NONE`: one packet, not a super-packet.
+const GSO_NONE: u8 = 0;
+/// The length of a `struct virtio_net_hdr` (tun-rs says so too).
+const VNET_HDR_LEN: usize = 10;
+/// Room for the largest IPv4 packet (a GSO super-packet is at most 64 KiB).
+const MAX_PACKET: usize = 65_535;
+
+impl VnetHdr {
+    fn decode(b: &[u8]) -> Option<Self> {
+        let b = b.get(..VNET_HDR_LEN)?;
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            gso_size: u16_at(4),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+        })
+    }
+}
+
+/// How the core should read one packet read with its virtio-net header, after fixing what it
+/// cannot take: a partial checksum that is not TCP/UDP over IPv4 (an ICMP message, another
+/// protocol) is finished here and its `NEEDS_CSUM` flag cleared, because the core needs
+/// complete checksums there. `None`: drop the packet (a partial checksum outside it).
+fn prepare(head: &mut [u8], pkt: &mut [u8]) -> Option<PacketMeta> {
+    let h = VnetHdr::decode(head)?;
+    let mut meta = PacketMeta::default();
+    let ipv4 = pkt.len() >= 20 && pkt[0] >> 4 == 4;
+    let ihl = usize::from(pkt.first().map_or(0, |b| b & 0x0f)) * 4;
+    let proto = pkt.get(9).copied().unwrap_or(0);
+    if h.flags & NEEDS_CSUM != 0 {
+        let start = usize::from(h.csum_start);
+        let offset = usize::from(h.csum_offset);
+        let tcp_udp = ipv4 && start == ihl && matches!((proto, offset), (6, 16) | (17, 6));
+        if tcp_udp {
+            meta.l4_checksum = L4Checksum::Partial;
+        } else if h.gso_type == GSO_NONE {
+            if !translate::finish_partial_checksum(pkt, start, offset, false) {
+                return None;
+            }
+            head[0] &= !NEEDS_CSUM;
+        }
+        // A super-packet of anything else (IPv6): left as it is; the core passes or drops it.
+    }
+    if h.gso_type != GSO_NONE && h.gso_size > 0 && ipv4 {
+        meta.segments = gso_segments(pkt, ihl, proto, h.gso_size);
+    }
+    Some(meta)
+}
+
+/// The number of wire segments of an IPv4 TCP/UDP super-packet cut at `gso_size` payload bytes.
+fn gso_segments(pkt: &[u8], ihl: usize, proto: u8, gso_size: u16) -> u32 {
+    let l4_header = match proto {
+        6 => pkt.get(ihl + 12).map_or(20, |b| usize::from(b >> 4) * 4),
+        _ => 8,
+    };
+    let payload = pkt.len().saturating_sub(ihl + l4_header);
+    let segments = payload.div_ceil(usize::from(gso_size)).max(1);
+    u32::try_from(segments).unwrap_or(u32::MAX)
+}
 
 async fn run(
     dev: tun_rs::AsyncDevice,
     gw: Arc<Mutex<Gateway>>,
-    mtu: usize,
+    offload: bool,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<(), DriverError> {
-    // With TUN offload the kernel hands over TCP/UDP super-packets (up to 64 KiB); tun-rs
-    // splits them into `bufs` and coalesces the rewritten segments again on the way back.
-    // Without offload the same calls move one packet at a time. All buffers are reused.
-    let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535];
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; OFFSET + mtu]).collect();
-    let mut sizes = vec![0usize; BATCH];
-    let mut gro = tun_rs::GROTable::default();
+    // With TUN offload the kernel hands over whole GSO super-packets (up to 64 KiB of one TCP
+    // or UDP flow behind one header, plus the virtio-net header) and takes them back the same
+    // way: NAT rewrites only the headers, so each super-packet is translated in place and
+    // written back with its own virtio-net header, and the kernel segments it (or not: a veth
+    // passes it whole) on the way out. Without offload the same loop moves plain packets.
+    // After one awaited read, whatever else is ready is read too (up to BATCH) and translated
+    // under one lock. Buffers are reused: no allocation per packet.
+    let head = if offload { VNET_HDR_LEN } else { 0 };
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; head + MAX_PACKET]).collect();
+    let mut lens = [0usize; BATCH];
     loop {
         let deadline = lock(&gw).poll_timeout();
         let sleep = async {
@@ -363,26 +465,29 @@ async fn run(
             }
         };
         tokio::select! {
-            r = dev.recv_multiple(&mut original, &mut bufs, &mut sizes, OFFSET) => {
-                let n = match r {
-                    Ok(n) => n,
-                    // A malformed super-packet (bad virtio header) is that packet's problem.
-                    Err(e) if e.kind() == std::io::ErrorKind::Other => {
-                        tracing::debug!(error = %e, "nat0 read");
+            r = dev.recv(&mut bufs[0]) => {
+                lens[0] = r.map_err(DriverError::Io)?;
+                let mut n = 1;
+                while n < BATCH {
+                    match dev.try_recv(&mut bufs[n]) {
+                        Ok(len) => {
+                            lens[n] = len;
+                            n += 1;
+                        }
+                        // WouldBlock ends the batch; a real error shows up on the next recv.
+                        Err(_) => break,
+                    }
+                }
+                translate_batch(&gw, &mut bufs[..n], &mut lens[..n], head);
+                for (b, len) in bufs.iter().zip(&lens[..n]) {
+                    if *len == 0 {
                         continue;
                     }
-                    Err(e) => return Err(DriverError::Io(e)),
-                };
-                let k = translate_batch(&gw, &mut bufs, &sizes[..n]);
-                if k > 0
-                    && let Err(e) = dev.send_multiple(&mut gro, &mut bufs[..k], OFFSET).await
-                {
-                    // A TUN write only fails for the packets' own sake (no route): drop them,
-                    // as a router would.
-                    tracing::debug!(error = %e, "nat0 write");
-                }
-                for b in &mut bufs[..k] {
-                    b.resize(OFFSET + mtu, 0);
+                    if let Err(e) = dev.send(&b[..*len]).await {
+                        // A TUN write only fails for the packet's own sake (no route, a
+                        // header the kernel refuses): drop it, as a router would.
+                        tracing::debug!(error = %e, "nat0 write");
+                    }
                 }
             }
             () = sleep => {}
@@ -396,23 +501,100 @@ async fn run(
     }
 }
 
-/// Runs the core over `sizes.len()` received packets under one lock. The packets to forward
-/// are moved to the front of `bufs`, each cut to its length; returns how many there are.
-fn translate_batch(gw: &Mutex<Gateway>, bufs: &mut [Vec<u8>], sizes: &[usize]) -> usize {
+/// Runs the core over the packets read into `bufs` (each `lens[i]` bytes, the first `head`
+/// of them a virtio-net header) under one lock. A packet to drop gets length 0.
+fn translate_batch(gw: &Mutex<Gateway>, bufs: &mut [Vec<u8>], lens: &mut [usize], head: usize) {
     let t = now();
     let mut gw = lock(gw);
-    let mut k = 0;
-    for (i, len) in sizes.iter().enumerate() {
-        let end = OFFSET + len;
-        let Some(pkt) = bufs[i].get_mut(OFFSET..end) else {
+    for (buf, len) in bufs.iter_mut().zip(lens.iter_mut()) {
+        let Some(frame) = buf.get_mut(..*len) else {
+            *len = 0;
             continue;
         };
-        let dir = gw.direction(pkt);
-        if gw.handle_packet(t, dir, pkt) == Verdict::Forward {
-            bufs[i].truncate(end);
-            bufs.swap(k, i);
-            k += 1;
+        if frame.len() <= head {
+            *len = 0;
+            continue;
+        }
+        let (h, pkt) = frame.split_at_mut(head);
+        let meta = if head == 0 {
+            Some(PacketMeta::default())
+        } else {
+            prepare(h, pkt)
+        };
+        let forward = meta.is_some_and(|meta| {
+            let dir = gw.direction(pkt);
+            gw.handle_super_packet(t, dir, pkt, meta) == Verdict::Forward
+        });
+        if !forward {
+            *len = 0;
         }
     }
-    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr(flags: u8, gso_type: u8, gso_size: u16, start: u16, offset: u16) -> [u8; VNET_HDR_LEN] {
+        let mut b = [0u8; VNET_HDR_LEN];
+        b[0] = flags;
+        b[1] = gso_type;
+        b[4..6].copy_from_slice(&gso_size.to_ne_bytes());
+        b[6..8].copy_from_slice(&start.to_ne_bytes());
+        b[8..10].copy_from_slice(&offset.to_ne_bytes());
+        b
+    }
+
+    fn ipv4(proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        let len = u16::try_from(20 + l4.len()).expect("small");
+        p[2..4].copy_from_slice(&len.to_be_bytes());
+        p[8] = 64;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&[192, 168, 101, 10]);
+        p[16..20].copy_from_slice(&[198, 51, 100, 200]);
+        let c = netutil::checksum::checksum(&p);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p.extend_from_slice(l4);
+        p
+    }
+
+    #[test]
+    fn tcp_super_packet_is_partial_and_counts_segments() {
+        let mut tcp = vec![0u8; 20 + 3000];
+        tcp[12] = 5 << 4;
+        let mut pkt = ipv4(6, &tcp);
+        let mut h = hdr(NEEDS_CSUM, 1, 1448, 20, 16);
+        let meta = prepare(&mut h, &mut pkt).expect("kept");
+        assert_eq!(meta.l4_checksum, L4Checksum::Partial);
+        assert_eq!(meta.segments, 3);
+        assert_eq!(h[0], NEEDS_CSUM, "the header goes back unchanged");
+    }
+
+    #[test]
+    fn partial_icmp_is_finished_and_flag_cleared() {
+        // An echo request whose checksum field holds the partial sum 0 (no pseudo-header).
+        let icmp = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, 0xde, 0xad];
+        let mut pkt = ipv4(1, &icmp);
+        let mut h = hdr(NEEDS_CSUM, GSO_NONE, 0, 20, 2);
+        let meta = prepare(&mut h, &mut pkt).expect("kept");
+        assert_eq!(meta, PacketMeta::default());
+        assert_eq!(h[0] & NEEDS_CSUM, 0);
+        assert_eq!(netutil::checksum::checksum(&pkt[20..]), 0);
+    }
+
+    #[test]
+    fn partial_checksum_outside_the_packet_is_dropped() {
+        let mut pkt = ipv4(1, &[8, 0, 0, 0]);
+        let mut h = hdr(NEEDS_CSUM, GSO_NONE, 0, 20, 200);
+        assert!(prepare(&mut h, &mut pkt).is_none());
+    }
+
+    #[test]
+    fn plain_packet_is_full_and_one_segment() {
+        let mut pkt = ipv4(17, &[0, 53, 0, 53, 0, 8, 0, 0]);
+        let mut h = hdr(0, GSO_NONE, 0, 0, 0);
+        assert_eq!(prepare(&mut h, &mut pkt), Some(PacketMeta::default()));
+    }
 }

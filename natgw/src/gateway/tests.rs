@@ -606,7 +606,7 @@ fn listener_flows_keep_their_backend_and_report_events() {
     let mut d1 = tcp(SRV, 1001, *vip.ip(), 80, Kind::Ack, b"data");
     let _ = inb(&mut g, now, &mut d1);
     assert_eq!(dst(&d1), b1);
-    assert_eq!(g.listeners()[usize::from(id.0)].flows_opened, 2);
+    assert_eq!(g.listener(id).unwrap().flows_opened, 2);
     g.clear(now);
     let sel = g
         .selector_mut(id)
@@ -657,9 +657,10 @@ fn reconfigure_keeps_flows() {
     let mut syn = tcp(SRV, 5, PUBLIC, 20022, Kind::Syn, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 22));
-    // Removing a forward or moving the overload address needs a restart.
+    // Removing a forward is live; moving the overload address needs a restart.
     cfg.statics.remove(0);
-    assert_eq!(g.reconfigure(now, cfg), Err(NatError::NeedsRestart));
+    g.reconfigure(now, cfg).unwrap();
+    assert_eq!(g.table().len(), 2, "the other flows stay");
     let moved = GatewayConfig {
         overload: Some(SRV2),
         ..config()
@@ -825,4 +826,313 @@ proptest! {
         prop_assert!(g.table().is_empty());
         prop_assert_eq!(g.table().mappings(), 2);
     }
+}
+
+/// Where the transport checksum of a TCP/UDP packet is.
+fn l4_csum_at(b: &[u8]) -> usize {
+    let ihl = usize::from(b[0] & 0xf) * 4;
+    ihl + if b[9] == 6 { 16 } else { 6 }
+}
+
+/// The packet as a TUN with offload hands it over with `NEEDS_CSUM`: the transport checksum
+/// field holds the folded pseudo-header sum, not complemented (the kernel's CHECKSUM_PARTIAL).
+fn to_partial(b: &mut [u8]) {
+    let ihl = usize::from(b[0] & 0xf) * 4;
+    let len = u16::try_from(b.len() - ihl).unwrap();
+    let acc = netutil::checksum::pseudo_header_v4(
+        [b[12], b[13], b[14], b[15]],
+        [b[16], b[17], b[18], b[19]],
+        b[9],
+        len,
+    );
+    let at = l4_csum_at(b);
+    netutil::checksum::put16(b, at, netutil::checksum::fold(acc));
+}
+
+/// What the kernel does with a partial checksum on the way out.
+fn finish(b: &mut [u8]) {
+    let ihl = usize::from(b[0] & 0xf) * 4;
+    let offset = l4_csum_at(b) - ihl;
+    let udp = b[9] == 17;
+    assert!(translate::finish_partial_checksum(b, ihl, offset, udp));
+}
+
+/// Checksum words may differ only in the representation of zero (0x0000 / 0xffff) for TCP.
+fn same_packet(a: &[u8], b: &[u8]) -> bool {
+    let norm = |x: &[u8]| {
+        let mut x = x.to_vec();
+        let at = l4_csum_at(&x);
+        if x[9] == 6 && netutil::checksum::get16(&x, at) == 0xffff {
+            netutil::checksum::put16(&mut x, at, 0);
+        }
+        x
+    };
+    norm(a) == norm(b)
+}
+
+fn partial(segments: u32) -> PacketMeta {
+    PacketMeta {
+        l4_checksum: L4Checksum::Partial,
+        segments,
+    }
+}
+
+#[test]
+fn super_packet_with_partial_checksum_round_trip() {
+    let (mut g, now) = gw();
+    let mut syn = tcp(H1, 40000, SRV, 80, Kind::Syn, b"");
+    assert_eq!(out(&mut g, now, &mut syn), Verdict::Forward);
+    // A 3-segment super-packet of data from the inside host.
+    let orig = tcp(H1, 40000, SRV, 80, Kind::Ack, &[0x5a; 4000]);
+    let mut p = orig.clone();
+    to_partial(&mut p);
+    let v = g.handle_super_packet(now, Direction::Outbound, &mut p, partial(3));
+    assert_eq!(v, Verdict::Forward);
+    assert!(ip_ok(&p), "the IPv4 header checksum is always complete");
+    assert_eq!(src(&p), SocketAddrV4::new(PUBLIC, 40000));
+    finish(&mut p);
+    assert!(l4_checksum_ok(&p));
+    assert_eq!(g.stats().translated_out, 1 + 3, "counted by segments");
+    // And the reply's super-packet back in.
+    let mut reply = p.clone();
+    swap(&mut reply);
+    to_partial(&mut reply);
+    let v = g.handle_super_packet(now, Direction::Inbound, &mut reply, partial(2));
+    assert_eq!(v, Verdict::Forward);
+    finish(&mut reply);
+    let mut expected = orig.clone();
+    swap(&mut expected);
+    assert!(ip_ok(&reply) && l4_checksum_ok(&reply));
+    assert!(same_packet(&reply, &expected));
+    assert_eq!(g.stats().translated_in, 2);
+}
+
+#[test]
+fn static_forward_super_packet_keeps_partial_checksum() {
+    let (mut g, now) = gw();
+    let mut syn = tcp(SRV, 5555, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    let mut p = tcp(SRV, 5555, PUBLIC, 8001, Kind::Ack, &[7; 9000]);
+    to_partial(&mut p);
+    assert_eq!(
+        g.handle_super_packet(now, Direction::Inbound, &mut p, partial(7)),
+        Verdict::Forward
+    );
+    assert_eq!(dst(&p), SocketAddrV4::new(WEB, 80));
+    finish(&mut p);
+    assert!(ip_ok(&p) && l4_checksum_ok(&p));
+}
+
+#[test]
+fn dropped_super_packet_counts_its_segments() {
+    let (mut g, now) = gw();
+    // Not a SYN to a forward: refused, and all 5 segments count.
+    let mut p = tcp(SRV, 5555, PUBLIC, 8001, Kind::Ack, &[1; 6000]);
+    to_partial(&mut p);
+    let v = g.handle_super_packet(now, Direction::Inbound, &mut p, partial(5));
+    assert_eq!(v, Verdict::Drop(DropReason::NotSyn));
+    assert_eq!(g.stats().dropped(DropReason::NotSyn), 5);
+}
+
+#[test]
+fn fin_on_a_super_packet_moves_the_flow_to_closing() {
+    let (mut g, now) = gw();
+    let mut syn = tcp(H1, 40001, SRV, 80, Kind::Syn, b"");
+    let _ = out(&mut g, now, &mut syn);
+    let mut synack = syn.clone();
+    swap(&mut synack);
+    synack[33] = 0x12;
+    let _ = inb(&mut g, now, &mut synack);
+    let mut ack = tcp(H1, 40001, SRV, 80, Kind::Ack, b"");
+    let _ = out(&mut g, now, &mut ack);
+    assert!(g.translations(now).iter().any(|t| t.established));
+    // The last run of data carries the FIN (it belongs to its last segment).
+    let mut p = tcp(H1, 40001, SRV, 80, Kind::Fin, &[3; 3000]);
+    to_partial(&mut p);
+    let _ = g.handle_super_packet(now, Direction::Outbound, &mut p, partial(3));
+    let mut fin = tcp(SRV, 80, PUBLIC, 40001, Kind::Fin, b"");
+    let _ = inb(&mut g, now, &mut fin);
+    assert!(g.translations(now).iter().all(|t| !t.established));
+}
+
+proptest! {
+    /// With a partial transport checksum (TUN offload), translating and then finishing the
+    /// checksum gives exactly what translating the same packet with a complete checksum gives,
+    /// both ways, hairpin included.
+    #[test]
+    fn partial_checksum_matches_full_recomputation(
+        (kind, host, sport, remote, dport, payload, flags) in arb_packet(),
+        segments in 1u32..45,
+        hairpin in any::<bool>(),
+    ) {
+        let now = Instant::now();
+        let cfg = GatewayConfig { inside_networks: vec![], ..config() };
+        let (mut full, mut part) = (Gateway::new(now, cfg.clone()).unwrap(), Gateway::new(now, cfg).unwrap());
+        let inside = Ipv4Addr::new(192, 168, 101, host[3]);
+        let remote = Ipv4Addr::from(remote);
+        prop_assume!(remote != PUBLIC && !remote.is_unspecified());
+        let sport = sport.max(1);
+        let (remote, dport) = if hairpin { (PUBLIC, 8001) } else { (remote, dport) };
+        let kinds = [Kind::Syn, Kind::Ack, Kind::Fin, Kind::Rst, Kind::SynAck];
+        let orig = if kind % 2 == 0 || hairpin {
+            let k = if hairpin { Kind::Syn } else { kinds[usize::from(flags)] };
+            tcp(inside, sport, remote, dport, k, &payload)
+        } else {
+            udp(inside, sport, remote, dport, &payload)
+        };
+        let mut a = orig.clone();
+        let va = full.handle_packet(now, Direction::Outbound, &mut a);
+        let mut b = orig.clone();
+        to_partial(&mut b);
+        let vb = part.handle_super_packet(now, Direction::Outbound, &mut b, partial(segments));
+        prop_assert_eq!(va, vb);
+        if va == Verdict::Forward {
+            prop_assert!(ip_ok(&b));
+            finish(&mut b);
+            prop_assert!(l4_checksum_ok(&b));
+            prop_assert!(same_packet(&a, &b));
+            if !hairpin {
+                // The reply, back in.
+                let mut ra = a.clone();
+                swap(&mut ra);
+                let mut rb = ra.clone();
+                to_partial(&mut rb);
+                let va = full.handle_packet(now, Direction::Inbound, &mut ra);
+                let vb = part.handle_super_packet(now, Direction::Inbound, &mut rb, partial(segments));
+                prop_assert_eq!(va, vb);
+                if va == Verdict::Forward {
+                    finish(&mut rb);
+                    prop_assert!(ip_ok(&rb) && l4_checksum_ok(&rb));
+                    prop_assert!(same_packet(&ra, &rb));
+                }
+            }
+        }
+    }
+}
+
+/// A SYN through the TCP forward 8001 → WEB:80 from `port`, answered and acknowledged.
+fn open_forward_flow(g: &mut Gateway, now: Instant, port: u16) {
+    let mut syn = tcp(SRV, port, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(inb(g, now, &mut syn), Verdict::Forward);
+    let mut synack = tcp(WEB, 80, SRV, port, Kind::SynAck, b"");
+    assert_eq!(out(g, now, &mut synack), Verdict::Forward);
+}
+
+#[test]
+fn removing_a_static_forward_is_live_and_closes_only_its_flows() {
+    let (mut g, now) = gw();
+    open_forward_flow(&mut g, now, 5000);
+    // A flow through the UDP forward, and a dynamic one.
+    let mut q = udp(SRV, 6000, PUBLIC, 5353, b"q");
+    assert_eq!(inb(&mut g, now, &mut q), Verdict::Forward);
+    let mut d = udp(H1, 1000, SRV2, 53, b"q");
+    assert_eq!(out(&mut g, now, &mut d), Verdict::Forward);
+    assert_eq!(g.table().len(), 3);
+    let mappings = g.table().mappings();
+
+    let mut cfg = config();
+    cfg.statics.retain(|s| s.proto != Proto::Tcp);
+    g.reconfigure(now, cfg).unwrap();
+
+    // The TCP forward's flow and its permanent mapping are gone, nothing else.
+    assert_eq!(g.table().len(), 2);
+    assert_eq!(g.table().mappings(), mappings - 1);
+    assert!(g.translations(now).iter().all(|t| t.public.port() != 8001));
+    assert_eq!(g.static_entries().count(), 1);
+    assert_eq!(g.stats().flows_removed, 1);
+    // Its port no longer answers: a new SYN and the old flow's packets pass to the kernel
+    // untouched (nothing owns the port any more).
+    let mut syn = tcp(SRV, 5001, PUBLIC, 8001, Kind::Syn, b"");
+    let before = syn.clone();
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(syn, before);
+    let mut old = tcp(SRV, 5000, PUBLIC, 8001, Kind::Ack, b"data");
+    let before = old.clone();
+    let _ = inb(&mut g, now, &mut old);
+    assert_eq!(old, before);
+    // The web host's replies on the old flow are no longer translated to PUBLIC:8001.
+    let mut reply = tcp(WEB, 80, SRV, 5000, Kind::Ack, b"late");
+    let _ = out(&mut g, now, &mut reply);
+    assert_ne!(src(&reply), SocketAddrV4::new(PUBLIC, 8001));
+    // The other forward and the dynamic flow keep working, both ways.
+    let mut q = udp(SRV, 6000, PUBLIC, 5353, b"again");
+    assert_eq!(inb(&mut g, now, &mut q), Verdict::Forward);
+    assert_eq!(dst(&q), SocketAddrV4::new(WEB, 53));
+    let mut r = udp(SRV2, 53, PUBLIC, src(&d).port(), b"a");
+    assert_eq!(inb(&mut g, now, &mut r), Verdict::Forward);
+    assert_eq!(dst(&r), SocketAddrV4::new(H1, 1000));
+}
+
+#[test]
+fn a_removed_forward_can_come_back_and_ids_stay_valid() {
+    let (mut g, now) = gw();
+    let mut cfg = config();
+    let tcp_forward = cfg.statics.remove(0);
+    g.reconfigure(now, cfg.clone()).unwrap();
+    // The UDP forward (id 1) still answers after id 0 became a tombstone.
+    let mut q = udp(SRV, 6000, PUBLIC, 5353, b"q");
+    assert_eq!(inb(&mut g, now, &mut q), Verdict::Forward);
+    assert_eq!(dst(&q), SocketAddrV4::new(WEB, 53));
+    // Added back (to another inside port), it reuses the free id and answers again.
+    let moved = StaticEntry {
+        inside: SocketAddrV4::new(WEB, 8080),
+        ..tcp_forward
+    };
+    cfg.statics.push(moved);
+    g.reconfigure(now, cfg.clone()).unwrap();
+    assert_eq!(g.listeners().count(), 2);
+    assert!(g.listener(ListenerId(0)).is_some());
+    let mut syn = tcp(SRV, 5001, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 8080));
+    // A changed forward (same public port, new inside) is applied live too.
+    cfg.statics.pop();
+    cfg.statics.push(tcp_forward);
+    g.reconfigure(now, cfg).unwrap();
+    let mut syn = tcp(SRV, 5002, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
+}
+
+#[test]
+fn a_clashing_new_forward_changes_nothing() {
+    let (mut g, now) = gw();
+    open_forward_flow(&mut g, now, 5000);
+    let mut cfg = config();
+    // Removes the UDP forward but adds one on the TCP forward's public port: refused whole.
+    cfg.statics.truncate(1);
+    cfg.statics.push(StaticEntry {
+        proto: Proto::Tcp,
+        public: SocketAddrV4::new(PUBLIC, 8001),
+        inside: SocketAddrV4::new(H2, 80),
+    });
+    assert!(matches!(
+        g.reconfigure(now, cfg),
+        Err(NatError::DuplicatePublic { .. })
+    ));
+    assert_eq!(g.static_entries().count(), 2);
+    assert_eq!(g.table().len(), 1);
+}
+
+#[test]
+fn remove_listener_of_a_service_keeps_static_flows() {
+    let (mut g, now) = gw();
+    open_forward_flow(&mut g, now, 5000);
+    let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
+    let id = g
+        .add_listener(
+            Proto::Tcp,
+            vip,
+            Box::new(StaticForward {
+                inside: SocketAddrV4::new(H2, 80),
+            }),
+        )
+        .unwrap();
+    let mut syn = tcp(SRV, 7000, *vip.ip(), 80, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(g.table().len(), 2);
+    assert_eq!(g.remove_listener(id), Some(1));
+    assert_eq!(g.remove_listener(id), None);
+    assert_eq!(g.table().len(), 1);
+    assert!(!g.public_addresses().contains(vip.ip()));
 }

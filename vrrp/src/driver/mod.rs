@@ -158,6 +158,7 @@ pub struct InstanceStatus {
 
 enum Command {
     Stop(oneshot::Sender<()>),
+    Reconfigure(usize, Box<MemberSpec>),
 }
 
 enum Event {
@@ -181,6 +182,21 @@ impl GroupHandle {
     /// The current status of every member.
     pub fn status(&self) -> Vec<InstanceStatus> {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Applies a changed spec to member `member` without leaving its state (a live reload):
+    /// priority, preemption, advert interval, addresses, gratuitous ARP settings, notify and
+    /// tracking weights. The interface, unicast peers, the names of the tracked objects, the
+    /// VIPs made live through hooks, the VRID and the primary address must stay as they are
+    /// (the caller restarts the group for those); a spec that changes them is refused with
+    /// a warning in the log and the member keeps its old config.
+    ///
+    /// # Errors
+    /// The driver has stopped, or has a backlog of commands.
+    pub fn reconfigure(&self, member: usize, spec: MemberSpec) -> Result<(), DriverError> {
+        self.commands
+            .try_send(Command::Reconfigure(member, Box::new(spec)))
+            .map_err(|_| DriverError::NotRunning)
     }
 
     /// Orderly stop: masters send priority 0 and every virtual address is withdrawn.
@@ -410,7 +426,15 @@ impl Driver {
             tokio::select! {
                 biased;
                 cmd = commands.recv() => {
-                    let reply = cmd.map(|Command::Stop(reply)| reply);
+                    let reply = match cmd {
+                        Some(Command::Reconfigure(i, spec)) => {
+                            self.reconfigure(i, *spec);
+                            self.perform().await;
+                            continue;
+                        }
+                        Some(Command::Stop(reply)) => Some(reply),
+                        None => None,
+                    };
                     self.group.shutdown(now());
                     self.perform().await;
                     if let Some(r) = reply {
@@ -424,6 +448,68 @@ impl Driver {
             }
             self.perform().await;
         }
+    }
+
+    fn reconfigure(&mut self, i: usize, spec: MemberSpec) {
+        let Some(m) = self.members.get_mut(i) else {
+            return;
+        };
+        let name = m.spec.config.name.clone();
+        let mut config = spec.config.clone();
+        if config.primary_address.is_unspecified() {
+            config.primary_address = m.primary;
+        }
+        let own = m.spec.interface.clone();
+        let interfaces: Vec<&String> = spec
+            .track_interfaces
+            .iter()
+            .map(|(n, _)| n)
+            .filter(|n| **n != own)
+            .collect();
+        let services = |s: &MemberSpec| -> Vec<String> {
+            s.track_services.iter().map(|t| t.name.clone()).collect()
+        };
+        let hooked = |s: &MemberSpec| -> Vec<Ipv4Addr> { s.hooked.iter().map(|h| h.0).collect() };
+        let fixed = spec.interface == m.spec.interface
+            && spec.unicast_peers == m.spec.unicast_peers
+            && interfaces.iter().copied().eq(m.interfaces.iter().skip(1))
+            && services(&spec) == services(&m.spec)
+            && hooked(&spec) == hooked(&m.spec);
+        if !fixed {
+            tracing::warn!(instance = %name, "reconfigure refused: interface, peers, tracked objects or hooked VIPs changed (restart the instance)");
+            return;
+        }
+        let t = now();
+        if let Err(e) = self.group.reconfigure(t, i, config.clone()) {
+            tracing::warn!(instance = %name, error = %e, "reconfigure refused; the instance must restart");
+            return;
+        }
+        let m = &mut self.members[i];
+        let mut weights: Vec<u8> = spec
+            .track_interfaces
+            .iter()
+            .filter(|(n, _)| *n != own)
+            .map(|(_, w)| *w)
+            .collect();
+        weights.extend(spec.track_services.iter().map(|s| s.weight));
+        let mut changed = false;
+        for (k, w) in weights.into_iter().enumerate() {
+            // Object 0 is the instance's own interface, always weight 0.
+            changed |= m.tracker.set_weight(k + 1, w);
+        }
+        m.spec.config = config;
+        m.spec.notify = spec.notify;
+        m.spec.garp_count = spec.garp_count;
+        m.spec.track_interfaces = spec.track_interfaces;
+        for (old, new) in m.spec.track_services.iter_mut().zip(spec.track_services) {
+            old.weight = new.weight;
+        }
+        if changed {
+            let (fault, penalty) = (m.tracker.fault(), m.tracker.penalty());
+            self.group.set_priority_penalty(t, i, penalty);
+            self.group.set_fault(t, i, fault);
+        }
+        tracing::info!(instance = %name, "reconfigured live");
     }
 
     fn handle_event(&mut self, ev: Event) {
@@ -548,6 +634,17 @@ impl Driver {
                             netlink::remove_address(&self.handle, m.link.index, vip).await
                         };
                         if let Err(e) = r {
+                            m.io_errors += 1;
+                            tracing::warn!(instance = %name, vip = %vip.address, error = %e, "address change failed");
+                        }
+                    }
+                }
+                Action::WithdrawAddresses(vips) => {
+                    for vip in vips {
+                        // Hooked VIPs never change live (see `GroupHandle::reconfigure`).
+                        if let Err(e) =
+                            netlink::remove_address(&self.handle, m.link.index, vip).await
+                        {
                             m.io_errors += 1;
                             tracing::warn!(instance = %name, vip = %vip.address, error = %e, "address change failed");
                         }

@@ -282,7 +282,7 @@ impl Sim {
                 Action::Transition(t) => self.log.push((self.now, n, m, t)),
                 Action::AddAddresses => self.nodes[n].holds[m] = true,
                 Action::RemoveAddresses => self.nodes[n].holds[m] = false,
-                Action::GratuitousArp => {}
+                Action::GratuitousArp | Action::WithdrawAddresses(_) => {}
             }
         }
     }
@@ -378,6 +378,13 @@ impl Sim {
         self.nodes[n].group.shutdown(self.now);
         self.flush(n);
         self.nodes[n].alive = false;
+    }
+
+    /// A live reload of node `n`'s member `m`.
+    fn reconfigure(&mut self, n: usize, m: usize, config: InstanceConfig) {
+        let r = self.nodes[n].group.reconfigure(self.now, m, config);
+        assert_eq!(r, Ok(()));
+        self.flush(n);
     }
 
     fn last_transition_to(&self, node: usize, state: State) -> Option<Instant> {
@@ -568,6 +575,11 @@ enum Event {
     Penalty(u8),
     Shutdown,
     Startup,
+    Reconfigure {
+        priority: u8,
+        preempt: bool,
+        interval_cs: u16,
+    },
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
@@ -590,6 +602,13 @@ fn arb_event() -> impl Strategy<Value = Event> {
         (0u8..120).prop_map(Event::Penalty),
         Just(Event::Shutdown),
         Just(Event::Startup),
+        (1u8..=254, any::<bool>(), 1u16..300).prop_map(|(priority, preempt, interval_cs)| {
+            Event::Reconfigure {
+                priority,
+                preempt,
+                interval_cs,
+            }
+        }),
     ]
 }
 
@@ -626,6 +645,15 @@ proptest! {
                 Event::Penalty(p) => i.set_priority_penalty(now, p),
                 Event::Shutdown => i.shutdown(now),
                 Event::Startup => i.startup(now),
+                Event::Reconfigure { priority, preempt, interval_cs } => {
+                    let mut c = i.config().clone();
+                    c.priority = priority;
+                    c.preempt = preempt;
+                    c.advert_interval = Duration::from_millis(u64::from(interval_cs) * 10);
+                    let before = i.state();
+                    prop_assert_eq!(i.reconfigure(now, c), Ok(()));
+                    prop_assert_eq!(i.state(), before, "a reconfigure never changes state");
+                }
             }
             let acts = drain(&mut i);
             let transitions = acts.iter().filter(|a| matches!(a, Action::Transition(_))).count();
@@ -643,4 +671,146 @@ proptest! {
             prop_assert!(i.priority() >= 1);
         }
     }
+}
+
+#[test]
+fn reconfigure_master_announces_new_priority_and_interval_without_transition() {
+    let now = t0();
+    let mut i = VrrpInstance::new(config(A, 150, 1000));
+    i.startup(now);
+    i.handle_timeout(now + i.master_down_interval());
+    assert_eq!(i.state(), State::Master);
+    drain(&mut i);
+    let later = now + Duration::from_secs(5);
+    let mut c = config(A, 120, 200);
+    c.preempt = false;
+    assert_eq!(i.reconfigure(later, c), Ok(()));
+    let acts = drain(&mut i);
+    assert_eq!(acts.len(), 1, "{acts:?}");
+    assert!(
+        matches!(&acts[0], Action::SendAdvert(r) if r.priority == 120 && r.max_advert_interval_cs == 20),
+        "{acts:?}"
+    );
+    assert_eq!(i.state(), State::Master);
+    assert_eq!(i.priority(), 120);
+    assert_eq!(i.master(), Some((A, 120)));
+    assert_eq!(i.poll_timeout(), Some(later + Duration::from_millis(200)));
+    // Nothing that matters on the wire changed: nothing to do.
+    assert_eq!(i.reconfigure(later, i.config().clone()), Ok(()));
+    assert_eq!(drain(&mut i), vec![]);
+}
+
+#[test]
+fn reconfigure_master_swaps_only_the_changed_addresses() {
+    let now = t0();
+    let mut i = VrrpInstance::new(config(A, 150, 1000));
+    i.startup(now);
+    i.handle_timeout(now + i.master_down_interval());
+    drain(&mut i);
+    let other = VirtualAddress {
+        address: Ipv4Addr::new(198, 51, 100, 20),
+        prefix_len: 24,
+    };
+    let mut c = config(A, 150, 1000);
+    c.addresses = vec![other];
+    assert_eq!(i.reconfigure(now, c), Ok(()));
+    let acts = drain(&mut i);
+    let old = VirtualAddress {
+        address: VIP,
+        prefix_len: 24,
+    };
+    assert_eq!(acts[0], Action::WithdrawAddresses(vec![old]));
+    assert_eq!(acts[1], Action::AddAddresses);
+    assert!(matches!(&acts[2], Action::SendAdvert(r) if r.addresses == vec![other.address]));
+    assert_eq!(acts[3], Action::GratuitousArp);
+    assert_eq!(acts.len(), 4);
+    assert!(!acts.contains(&Action::RemoveAddresses));
+}
+
+#[test]
+fn reconfigure_refuses_a_new_vrid_or_primary_address_and_keeps_the_old_config() {
+    let now = t0();
+    let mut i = VrrpInstance::new(config(A, 150, 1000));
+    i.startup(now);
+    let mut c = config(A, 120, 1000);
+    c.vrid = 52;
+    assert_eq!(
+        i.reconfigure(now, c),
+        Err(ReconfigureError::VridChanged { old: 51, new: 52 })
+    );
+    assert_eq!(
+        i.reconfigure(now, config(B, 120, 1000)),
+        Err(ReconfigureError::PrimaryAddressChanged { old: A, new: B })
+    );
+    assert_eq!(i.config().priority, 150);
+}
+
+#[test]
+fn reconfigure_backup_rearms_master_down_for_its_new_skew() {
+    let now = t0();
+    let mut i = VrrpInstance::new(config(A, 100, 1000));
+    i.startup(now);
+    i.handle_advert(now, &advert(B, 200, 100))
+        .expect("accepted");
+    drain(&mut i);
+    let before = i.poll_timeout().expect("master down timer");
+    let later = now + Duration::from_millis(500);
+    let mut c = config(A, 250, 1000);
+    c.preempt = false;
+    assert_eq!(i.reconfigure(later, c), Ok(()));
+    assert_eq!(
+        drain(&mut i)
+            .iter()
+            .filter(|a| matches!(a, Action::Transition(_)))
+            .count(),
+        0
+    );
+    assert_eq!(i.state(), State::Backup);
+    let after = i.poll_timeout().expect("master down timer");
+    assert!(after < before, "a higher priority has a shorter skew");
+    assert_eq!(after, now + i.master_down_interval());
+}
+
+#[test]
+fn pair_reload_lowering_the_master_moves_only_below_the_peer() {
+    let mut sim = Sim::pair(config(A, 150, 100), config(B, 100, 100));
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Master, State::Backup));
+    // Still above the peer: mastership stays, the VIP never has a gap.
+    let gaps = sim.gaps.len();
+    sim.reconfigure(0, 0, config(A, 120, 100));
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Master, State::Backup));
+    assert_eq!(sim.gaps.len(), gaps, "{:?}", sim.gaps);
+    // Below the peer, which preempts: it takes over after one master down interval.
+    let at = sim.now;
+    sim.reconfigure(0, 0, config(A, 90, 100));
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Backup, State::Master));
+    let took = sim.last_transition_to(1, State::Master).expect("took over") - at;
+    let mdi = Duration::from_millis(300) + Duration::from_millis(100) * (256 - 100) / 256;
+    assert!(took <= mdi + Duration::from_millis(2), "{took:?}");
+    assert_eq!(sim.holders(0), 1);
+    // Back above: the old master preempts again.
+    sim.reconfigure(0, 0, config(A, 150, 100));
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Master, State::Backup));
+}
+
+#[test]
+fn pair_reload_below_a_peer_without_preempt_keeps_the_master() {
+    let mut b = config(B, 100, 100);
+    b.preempt = false;
+    let mut sim = Sim::pair(config(A, 150, 100), b);
+    sim.run_for(Duration::from_secs(2));
+    sim.reconfigure(0, 0, config(A, 90, 100));
+    sim.run_for(Duration::from_secs(3));
+    // RFC 5798: a backup without Preempt_Mode accepts any master.
+    assert_eq!((sim.state(0), sim.state(1)), (State::Master, State::Backup));
+    // Turning preemption on at the peer with a live reload makes it take over.
+    let mut b = config(B, 100, 100);
+    b.preempt = true;
+    sim.reconfigure(1, 0, b);
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Backup, State::Master));
 }
