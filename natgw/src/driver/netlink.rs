@@ -431,8 +431,13 @@ impl Installed {
             }
         }
         for m in self.routes.drain(..).rev() {
-            if let Err(e) = handle.route().del(m).execute().await {
-                tracing::warn!(error = %e, "removing route");
+            match handle.route().del(m).execute().await {
+                // Routes through the TUN went with it when the packet loop closed it.
+                Err(e) if errno(&e) == Some(libc::ESRCH) => {
+                    tracing::debug!("route already gone with the TUN");
+                }
+                Err(e) => tracing::warn!(error = %e, "removing route"),
+                Ok(()) => {}
             }
         }
     }
