@@ -41,6 +41,16 @@ fn kernel_state(t: &Topology) -> String {
     .join("\n")
 }
 
+/// Runs `vipgate run -c cfg` on `gw`, which must fail with exit code 1 and leave the kernel
+/// state as `before` and no control socket; returns its stderr.
+fn failed_start(t: &Topology, cfg: &std::path::Path, before: &str) -> String {
+    let out = t.vipgate_output("gw", &["run", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(kernel_state(t), before, "a failed start left state behind");
+    assert!(!t.dir().join("ctl.sock").exists());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn failed_start_leaves_the_host_as_before() {
     let t = gateway("failstart");
@@ -54,16 +64,12 @@ fn failed_start_leaves_the_host_as_before() {
             nat_config(&t, "eth9", "")
         ),
     );
-    let out = t.vipgate_output("gw", &["run", "-c", cfg.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_start(&t, &cfg, &before);
     assert!(err.contains("starting nat failed"), "{err}");
     assert!(
         err.contains("eth9"),
         "the message names the missing interface: {err}"
     );
-    assert_eq!(kernel_state(&t), before, "a failed start left state behind");
-    assert!(!t.dir().join("ctl.sock").exists());
 }
 
 #[test]
@@ -75,15 +81,11 @@ fn taken_port_fails_the_start_and_undoes_the_gateway() {
     t.wait_tcp("gw", "127.0.0.1", 9477, Duration::from_secs(30));
     let before = kernel_state(&t);
     let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
-    let out = t.vipgate_output("gw", &["run", "-c", cfg.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_start(&t, &cfg, &before);
     assert!(
         err.contains("127.0.0.1:9477"),
         "the message names the port: {err}"
     );
-    assert_eq!(kernel_state(&t), before, "a failed start left state behind");
-    assert!(!t.dir().join("ctl.sock").exists());
 }
 
 #[test]
