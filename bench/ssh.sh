@@ -2,7 +2,9 @@
 # Side-by-side benchmark: `vipgate ssh -L` vs OpenSSH `ssh -L`, same sshd (Debian's OpenSSH),
 # same cipher, inside a private network namespace on loopback.
 #   - throughput, 1 and 8 streams (iperf3), per cipher
-#   - short connections per second (connect, 100 B echo, close), 1 and 8 clients
+#   - short connections per second (connect, 100 B echo, close), 1 and 8 clients, with the
+#     latency and the CPU each process spends per connection, and the best ratio any
+#     forwarder could reach given what sshd, the echo server and the generator cost
 #   - time and client memory to open and hold N concurrent forwarded connections
 # Prints min / median / max over ROUNDS and the ratio of medians (vipgate / OpenSSH).
 # Usage (root): bench/ssh.sh   env: ROUNDS=3 SECS=5 HOLD="1000 5000 10000" HOLD_ROUNDS=1
@@ -54,41 +56,121 @@ LogLevel ERROR
 EOF
 echo "[127.0.0.1]:2222 $(cut -d' ' -f1,2 "$D/host.pub")" > "$D/known_hosts"
 
-cat > "$D/echo.py" <<'EOF'
-import asyncio, sys
-async def handle(r, w):
-    try:
-        while True:
-            d = await r.read(65536)
-            if not d: break
-            w.write(d); await w.drain()
-    except Exception: pass
-    w.close()
-async def main():
-    s = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=4096)
-    async with s: await s.serve_forever()
-asyncio.run(main())
+# The echo server and the connection-rate client are small C programs, not Python: with
+# Python's asyncio echo server and a threaded Python client, those two alone used ~450 us of
+# CPU per connection (against ~190 for either forwarder), so the benchmark measured mostly
+# Python. Both tools get the same generator and the same echo server.
+command -v cc >/dev/null || { echo "bench/ssh.sh needs a C compiler (cc) for its load generator" >&2; exit 1; }
+cat > "$D/echo.c" <<'EOF'
+/* Single-threaded epoll echo server: echo PORT. A connection whose peer is slow to read is
+   not read from until its backlog is written. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+struct conn { int fd, out; size_t off, len; char buf[16384]; };
+static void want(int ep, struct conn *c, int out) {
+  if (c->out == out) return;
+  struct epoll_event e = { .events = out ? EPOLLOUT : EPOLLIN, .data.ptr = c };
+  epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e); c->out = out;
+}
+int main(int argc, char **argv) {
+  if (argc != 2) { fprintf(stderr, "usage: echo PORT\n"); return 2; }
+  int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
+  setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])) };
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (bind(l, (void *)&a, sizeof a) || listen(l, 4096)) { perror("listen"); return 1; }
+  int ep = epoll_create1(0);
+  struct epoll_event ev = { .events = EPOLLIN, .data.ptr = NULL }, evs[256];
+  epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);
+  for (;;) {
+    int n = epoll_wait(ep, evs, 256, -1);
+    for (int i = 0; i < n; i++) {
+      struct conn *c = evs[i].data.ptr;
+      if (!c) {
+        int fd;
+        while ((fd = accept4(l, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+          if (!(c = malloc(sizeof *c))) { close(fd); continue; }
+          c->fd = fd; c->out = 0; c->off = c->len = 0;
+          struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
+          epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e);
+        }
+        continue;
+      }
+      for (;;) {
+        if (c->len > c->off) {
+          ssize_t w = write(c->fd, c->buf + c->off, c->len - c->off);
+          if (w < 0 && errno == EAGAIN) { want(ep, c, 1); break; }
+          if (w < 0) { close(c->fd); free(c); break; }
+          c->off += w; continue;
+        }
+        c->off = c->len = 0;
+        ssize_t r = read(c->fd, c->buf, sizeof c->buf);
+        if (r > 0) { c->len = r; continue; }
+        if (r < 0 && errno == EAGAIN) { want(ep, c, 0); break; }
+        close(c->fd); free(c); break;
+      }
+    }
+  }
+}
 EOF
-cat > "$D/connrate.py" <<'EOF'
-# connections/s: each worker loops connect, send 100 B, read 100 B back, close.
-import socket, sys, threading, time
-port, workers, secs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-payload = b"x" * 100
-count = [0] * workers
-stop = time.time() + secs
-def work(i):
-    while time.time() < stop:
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.sendall(payload); got = b""
-        while len(got) < 100:
-            c = s.recv(100 - len(got))
-            if not c: raise SystemExit("closed early")
-            got += c
-        s.close(); count[i] += 1
-ts = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-t0 = time.time(); [t.start() for t in ts]; [t.join() for t in ts]
-print("%.0f" % (sum(count) / (time.time() - t0)))
+cat > "$D/connrate.c" <<'EOF'
+/* connrate PORT WORKERS SECS: each worker thread loops connect, send 100 B, read the 100 B
+   back (checked), close. Prints connections/s, mean latency (us) and its own CPU seconds. */
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+static int port; static double secs;
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+struct res { long count; double lat; };
+static void *work(void *arg) {
+  struct res *r = arg; char buf[100], got[100]; memset(buf, 'x', sizeof buf);
+  struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  double stop = now() + secs;
+  for (;;) {
+    double t0 = now(); if (t0 >= stop) break;
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0 || connect(s, (void *)&a, sizeof a) < 0) { perror("connect"); exit(1); }
+    if (write(s, buf, sizeof buf) != sizeof buf) { perror("write"); exit(1); }
+    size_t n = 0;
+    while (n < sizeof got) {
+      ssize_t k = read(s, got + n, sizeof got - n);
+      if (k <= 0) { fprintf(stderr, "closed early\n"); exit(1); }
+      n += k;
+    }
+    if (memcmp(buf, got, sizeof buf)) { fprintf(stderr, "bad echo\n"); exit(1); }
+    close(s); r->count++; r->lat += now() - t0;
+  }
+  return NULL;
+}
+int main(int argc, char **argv) {
+  if (argc != 4) { fprintf(stderr, "usage: connrate PORT WORKERS SECS\n"); return 2; }
+  port = atoi(argv[1]); int w = atoi(argv[2]); secs = atof(argv[3]);
+  pthread_t t[w]; struct res r[w]; memset(r, 0, sizeof r);
+  double t0 = now();
+  for (int i = 0; i < w; i++) pthread_create(&t[i], NULL, work, &r[i]);
+  long c = 0; double lat = 0;
+  for (int i = 0; i < w; i++) { pthread_join(t[i], NULL); c += r[i].count; lat += r[i].lat; }
+  struct rusage ru; getrusage(RUSAGE_SELF, &ru);
+  printf("%.0f %.0f %.4f\n", c / (now() - t0), c ? lat / c * 1e6 : 0,
+         ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
+  return 0;
+}
 EOF
+cc -O2 -o "$D/echo" "$D/echo.c"
+cc -O2 -pthread -o "$D/connrate" "$D/connrate.c"
 cat > "$D/hold.py" <<'EOF'
 # Opens N connections, each proven end to end by a 1-byte echo, prints seconds taken,
 # then waits for a line on stdin (while the caller measures memory) and closes them.
@@ -111,7 +193,7 @@ asyncio.run(main())
 EOF
 
 bg /usr/sbin/sshd -D -e -f "$D/sshd_config"
-bg python3 "$D/echo.py" 7007
+bg "$D/echo" 7007
 wait_port() { for _ in $(seq 200); do in_ns bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 wait_port 2222; wait_port 7007
 in_ns iperf3 -s -p 5201 -D
@@ -138,13 +220,42 @@ add() { R["$1"]="${R[$1]:-} $2"; }
 iperf() { # port streams; retries while the iperf3 server still finishes the previous test
   local out
   for _ in 1 2 3; do
-    if out=$(in_ns iperf3 -c 127.0.0.1 -p "$1" -t "$SECS" -P "$2" -J 2>/dev/null); then
-      echo "$out" | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+    if out=$(in_ns iperf3 -c 127.0.0.1 -p "$1" -t "$SECS" -P "$2" -J 2>/dev/null) &&
+      gbps=$(echo "$out" | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))' 2>/dev/null); then
+      echo "$gbps"
       return
     fi
     sleep 1
   done
   echo timeout
+}
+
+# CPU seconds (utime + stime, all threads) of processes in the namespace, by role.
+cpu_s() { # role: fwd | sshd | echo
+  local p t=0
+  for p in $(ip netns pids "$NS"); do
+    local comm; comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+    case $1 in
+      fwd) [ "$p" = "$CLIENT_PID" ] || continue ;;
+      sshd) [ "$comm" = sshd ] || continue ;;
+      echo) [ "$comm" = echo ] || continue ;;
+    esac
+    t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$t"
+}
+connrate() { # tool workers label [port]: rate, latency and CPU per connection of each process
+  local b_f b_s b_e rate lat gen
+  b_f=$(cpu_s fwd); b_s=$(cpu_s sshd); b_e=$(cpu_s echo)
+  read -r rate lat gen < <(in_ns "$D/connrate" "${4:-30002}" "$2" 3)
+  local hz; hz=$(getconf CLK_TCK)
+  local n; n=$(python3 -c "print($rate * 3)")
+  per() { python3 -c "print('%.0f' % (($1) * 1e6 / $n))"; }
+  add "conn/s $3|$1" "$rate"
+  add "conn/s $3: latency us|$1" "$lat"
+  add "conn/s $3: CPU us/conn fwd|$1" "$(per "($(cpu_s fwd) - $b_f) / $hz")"
+  add "conn/s $3: CPU us/conn rest|$1" \
+    "$(per "($(cpu_s sshd) - $b_s + $(cpu_s echo) - $b_e) / $hz + $gen")"
 }
 
 TOOLS="openssh vipgate vipgate-x2"
@@ -158,12 +269,22 @@ for round in $(seq "$ROUNDS"); do
       add "$c 1 stream Gbit/s|$tool" "$(iperf 30001 1)"
       add "$c 8 streams Gbit/s|$tool" "$(iperf 30001 8)"
       if [ "$c" = "${CIPHERS%%@*}" ]; then
-        add "conn/s 1 client|$tool" "$(in_ns python3 "$D/connrate.py" 30002 1 3)"
-        add "conn/s 8 clients|$tool" "$(in_ns python3 "$D/connrate.py" 30002 8 3)"
+        connrate "$tool" 1 "1 client"
+        connrate "$tool" 8 "8 clients"
       fi
       stop_client
     done
   done
+  # The floor for any user-space forwarding hop on this machine: haproxy (one thread, TCP
+  # mode, no SSH) relaying the same exchange straight to the echo server.
+  if command -v haproxy >/dev/null; then
+    printf 'global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nlisten relay\n  bind 127.0.0.1:30100\n  server echo 127.0.0.1:7007\n' > "$D/haproxy.cfg"
+    ip netns exec "$NS" haproxy -q -f "$D/haproxy.cfg" &
+    CLIENT_PID=$!
+    wait_port 30100
+    connrate haproxy 1 "1 client" 30100
+    stop_client
+  fi
 done
 for round in $(seq "$HOLD_ROUNDS"); do
   for n in $HOLD; do
@@ -186,10 +307,11 @@ for round in $(seq "$HOLD_ROUNDS"); do
   done
 done
 
-python3 - "$TOOLS" <<'EOF' "${!R[@]}" -- "${R[@]}"
+python3 - "$TOOLS" "$(nproc)" <<'EOF' "${!R[@]}" -- "${R[@]}"
 import sys, statistics
 tools = sys.argv[1].split()
-args = sys.argv[2:]
+cores = int(sys.argv[2])
+args = sys.argv[3:]
 sep = args.index("--")
 keys, vals = args[:sep], args[sep + 1:]
 data = {}
@@ -201,7 +323,7 @@ def fmt(xs):
     if not nums: return "timeout", None
     s = sorted(nums)
     return "%g / %g / %g" % (s[0], statistics.median(s), s[-1]), statistics.median(s)
-print("%-30s %-28s %-28s %-28s %s" % ("metric (min / median / max)", "OpenSSH ssh -L", "vipgate ssh -L", "vipgate --connections 2", "vipgate/OpenSSH"))
+print("%-38s %-24s %-24s %-24s %s" % ("metric (min / median / max)", "OpenSSH ssh -L", "vipgate ssh -L", "vipgate --connections 2", "vipgate/OpenSSH"))
 for metric in sorted(data):
     row = data[metric]
     cells, meds = [], {}
@@ -213,5 +335,27 @@ for metric in sorted(data):
     ratio = "-"
     if meds.get("openssh") and meds.get("vipgate") is not None:
         ratio = "%.2fx" % (meds["vipgate"] / meds["openssh"])
-    print("%-30s %-28s %-28s %-28s %s" % (metric, *cells, ratio))
+    print("%-38s %-24s %-24s %-24s %s" % (metric, *cells, ratio))
+print("(CPU us/conn: fwd = ssh or vipgate; rest = sshd + echo server + load generator)")
+
+# What a forwarder that cost nothing could reach against OpenSSH, from OpenSSH's own run:
+# one client is a serial chain (one process at a time works on the connection), so its
+# time per connection would shrink by the forwarder's CPU at best; with 8 clients the
+# shared processes' CPU per connection over all cores caps the rate.
+def med(metric, tool="openssh"):
+    xs = [float(x) for x in data.get(metric, {}).get(tool, []) if x != "timeout"]
+    return statistics.median(xs) if xs else None
+one = [med("conn/s 1 client: CPU us/conn " + w) for w in ("fwd", "rest")]
+if None not in one and one[1] > 0:
+    print("bound, 1 client: a zero-cost forwarder reaches at most %.2fx OpenSSH (shared %.0f us + ssh %.0f us per connection)"
+          % ((one[0] + one[1]) / one[1], one[1], one[0]))
+relay = med("conn/s 1 client: CPU us/conn fwd", "haproxy")
+if None not in one and relay:
+    print("floor: haproxy relaying plain TCP (no SSH, %.0f/s) costs %.0f us per connection; a forwarder that cheap reaches at most %.2fx OpenSSH with 1 client"
+          % (med("conn/s 1 client", "haproxy"), relay, (one[0] + one[1]) / (one[1] + relay)))
+eight = med("conn/s 8 clients: CPU us/conn rest")
+rate8 = med("conn/s 8 clients")
+if eight and rate8:
+    print("bound, 8 clients: %d cores / %.0f us shared CPU per connection = %.0f/s at most, %.2fx OpenSSH"
+          % (cores, eight, cores * 1e6 / eight, cores * 1e6 / eight / rate8))
 EOF
