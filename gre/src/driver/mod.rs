@@ -218,13 +218,8 @@ impl UnderlaySocket {
     }
 
     /// Sends a batch; for GRE-in-UDP, runs of equal-sized packets (the segments of one
-    /// TSO super-packet) go out as one UDP GSO send. `scratch` is reused between calls.
-    async fn send_batch(
-        &self,
-        packets: &[&[u8]],
-        remote: Ipv4Addr,
-        scratch: &mut Vec<u8>,
-    ) -> io::Result<()> {
+    /// TSO super-packet) go out as one UDP GSO send.
+    async fn send_batch(&self, packets: &[&[u8]], remote: Ipv4Addr) -> io::Result<()> {
         if !self.gso.load(Ordering::Relaxed) {
             return self.send_all(packets, remote).await;
         }
@@ -236,7 +231,7 @@ impl UnderlaySocket {
             let mut total = segment;
             // Equal sizes, then at most one shorter tail; within 64 segments and 64 KiB.
             while j < packets.len()
-                && j - i < 64
+                && j - i < sys::MAX_GSO_SEGMENTS
                 && total + packets[j].len() <= 65_000
                 && packets[j - 1].len() == segment
                 && packets[j].len() <= segment
@@ -249,13 +244,10 @@ impl UnderlaySocket {
                 i = j;
                 continue;
             }
-            scratch.clear();
-            for p in &packets[i..j] {
-                scratch.extend_from_slice(p);
-            }
             loop {
                 let mut guard = self.fd.writable().await?;
-                match guard.try_io(|fd| sys::send_gso(fd.as_raw_fd(), scratch, segment as u16, dst))
+                match guard
+                    .try_io(|fd| sys::send_gso(fd.as_raw_fd(), &packets[i..j], segment as u16, dst))
                 {
                     Ok(Ok(_)) => break,
                     Ok(Err(e))
@@ -678,7 +670,6 @@ async fn transmit_loop(sh: &Shared) -> io::Result<()> {
     let mut sizes = vec![0usize; MAX_BATCH];
     let mut out: Vec<(usize, core::ops::Range<usize>)> = Vec::with_capacity(MAX_BATCH);
     let mut errors: Vec<(usize, core::ops::Range<usize>)> = Vec::new();
-    let mut scratch = Vec::with_capacity(65_536);
     loop {
         let mut n = sh
             .tun
@@ -708,7 +699,7 @@ async fn transmit_loop(sh: &Shared) -> io::Result<()> {
             }
         }
         let packets: Vec<&[u8]> = out.iter().map(|(i, r)| &bufs[*i][r.clone()]).collect();
-        if let Err(e) = sh.underlay.send_batch(&packets, remote, &mut scratch).await {
+        if let Err(e) = sh.underlay.send_batch(&packets, remote).await {
             // The underlay may be unreachable for a while; packets are lost, not the tunnel.
             tracing::debug!(error = %e, "underlay send failed");
         }

@@ -153,6 +153,10 @@ pub(crate) fn recv_batch<B: AsMut<[u8]>>(
     Ok(n)
 }
 
+/// Most datagrams one UDP GSO send carries (the kernel's UDP_MAX_SEGMENTS is 64, or 128 on
+/// newer kernels).
+pub(crate) const MAX_GSO_SEGMENTS: usize = 64;
+
 /// Room for one UDP_GRO control message (and alignment), in u64 words.
 const CONTROL_WORDS: usize = 8;
 
@@ -171,26 +175,33 @@ pub(crate) fn enable_udp_gro(socket: &Socket) -> bool {
     }
 }
 
-/// Sends `data` as datagrams of `segment` bytes each (the last may be shorter) with one
-/// call: UDP GSO, the kernel (or the NIC) does the splitting as late as possible.
+/// Sends the concatenation of `packets` as datagrams of `segment` bytes each (the last may
+/// be shorter) with one call: UDP GSO, the kernel (or the NIC) does the splitting as late as
+/// possible. The packets go out as an iovec array, so they are never gathered in userspace;
+/// at most [`MAX_GSO_SEGMENTS`] of them per call.
 pub(crate) fn send_gso(
     fd: RawFd,
-    data: &[u8],
+    packets: &[&[u8]],
     segment: u16,
     dst: SocketAddrV4,
 ) -> io::Result<usize> {
     let mut addr = sockaddr_in(dst);
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_GSO_SEGMENTS];
+    let count = packets.len().min(MAX_GSO_SEGMENTS);
+    for (v, p) in iov.iter_mut().zip(&packets[..count]) {
+        v.iov_base = p.as_ptr() as *mut libc::c_void;
+        v.iov_len = p.len();
+    }
     let mut control = [0u64; CONTROL_WORDS];
     // SAFETY: plain data, all-zero is valid.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = (&raw mut addr).cast();
     msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = count;
     msg.msg_control = control.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is a pure size computation.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
@@ -274,7 +285,8 @@ mod tests {
         let dst = rx.local_addr().unwrap().as_socket_ipv4().unwrap();
         let tx = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
         let data: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
-        assert_eq!(send_gso(tx.as_raw_fd(), &data, 100, dst).unwrap(), 250);
+        let parts: Vec<&[u8]> = data.chunks(100).collect();
+        assert_eq!(send_gso(tx.as_raw_fd(), &parts, 100, dst).unwrap(), 250);
         let mut bufs = vec![vec![0u8; 1024]; 4];
         let (mut lens, mut srcs, mut segs) = ([0; 4], [Ipv4Addr::UNSPECIFIED; 4], [0; 4]);
         let mut got = Vec::new();
