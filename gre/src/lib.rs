@@ -21,6 +21,7 @@
 //! at once, late ones dropped).
 #![warn(missing_docs)]
 
+pub mod gro;
 pub mod keepalive;
 pub mod tunnel;
 pub mod wire;

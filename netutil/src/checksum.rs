@@ -5,20 +5,30 @@
 //! over the rewritten bytes would (property-tested below).
 
 /// Sums `data` as big-endian 16-bit words into a 32-bit accumulator (odd tail padded with 0).
+///
+/// The result is folded to at most 0xffff, so callers may add more terms to it freely.
 #[must_use]
-pub fn sum(mut acc: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
+pub fn sum(acc: u32, data: &[u8]) -> u32 {
+    // Eight bytes per step as two 32-bit words into a 64-bit accumulator: 2^16 ≡ 1
+    // (mod 0xffff), so this is the same one's-complement sum as 16-bit words, with a quarter
+    // of the additions (it runs per received segment on the tunnels' GRO path).
+    let mut wide = u64::from(acc);
+    let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        acc = acc.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
-        // Fold early so the accumulator can never overflow, whatever the length.
-        if acc & 0x8000_0000 != 0 {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
+        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        wide += (w >> 32) + (w & 0xffff_ffff);
     }
-    if let [last] = chunks.remainder() {
-        acc = acc.wrapping_add(u32::from(*last) << 8);
+    let mut words = chunks.remainder().chunks_exact(2);
+    for c in &mut words {
+        wide += u64::from(u16::from_be_bytes([c[0], c[1]]));
     }
-    acc
+    if let [last] = words.remainder() {
+        wide += u64::from(*last) << 8;
+    }
+    while wide > 0xffff {
+        wide = (wide & 0xffff) + (wide >> 16);
+    }
+    wide as u32
 }
 
 /// Folds a 32-bit accumulator into 16 bits with end-around carry.
@@ -97,7 +107,28 @@ mod tests {
         assert_eq!(checksum(&[0xab]), checksum(&[0xab, 0x00]));
     }
 
+    /// The plain RFC 1071 loop, 16 bits at a time, as the reference for [`sum`].
+    fn sum_reference(data: &[u8]) -> u16 {
+        let mut acc: u32 = 0;
+        for c in data.chunks(2) {
+            let word = u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]);
+            acc += u32::from(word);
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u16
+    }
+
     proptest! {
+        #[test]
+        fn sum_matches_the_16_bit_reference(data in proptest::collection::vec(any::<u8>(), 0..3000),
+                                            acc in any::<u32>()) {
+            let folded = |v: u32| u32::from(fold(v)) % 0xffff;
+            prop_assert_eq!(folded(sum(0, &data)), u32::from(sum_reference(&data)) % 0xffff);
+            // A carried-in accumulator is part of the sum, whatever its size.
+            let with_acc = (u64::from(acc) + u64::from(sum_reference(&data))) % 0xffff;
+            prop_assert_eq!(u64::from(folded(sum(acc, &data))), with_acc);
+        }
+
         #[test]
         fn adjust16_matches_recompute(mut data in proptest::collection::vec(any::<u8>(), 4..64),
                                       idx in any::<prop::sample::Index>(), new in any::<u16>()) {

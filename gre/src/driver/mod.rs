@@ -27,8 +27,9 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tun_rs::{AsyncDevice, DeviceBuilder, ExpandBuffer, GROTable, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, DeviceBuilder, VIRTIO_NET_HDR_LEN};
 
+use crate::gro::TcpCoalescer;
 use crate::keepalive::{GRE_IN_UDP_PORT, KeepaliveConfig};
 use crate::tunnel::{
     Counters, Demux, Encap, HEADROOM, PROBE_BUF_LEN, Tunnel, TunnelConfig, TunnelEvent, Underlay,
@@ -286,92 +287,11 @@ impl UnderlaySocket {
 /// One underlay socket and the tunnels that share it.
 type UnderlayGroup = (Arc<UnderlaySocket>, Vec<Arc<Shared>>);
 
-/// A receive buffer that GRO may grow without zero-filling on every reuse.
-///
-/// It starts at one packet's size but reports [`RX_BUF_MAX`] as its capacity: tun-rs only
-/// coalesces a segment into a buffer whose capacity can hold the result, so a buffer that
-/// reported its real 2 KiB made every TUN write a single packet (measured: one `write`
-/// per 1.4 KiB segment). A buffer that heads a super-packet grows once, to exactly that
-/// bound, and keeps its allocation.
-struct RxBuf {
-    data: Vec<u8>,
-    len: usize,
-}
+// The coalescer writes the header tun-rs configured the device for.
+const _: () = assert!(crate::gro::VNET_HDR_LEN == VIRTIO_NET_HDR_LEN);
 
-impl RxBuf {
-    fn new(size: usize) -> Self {
-        Self {
-            data: vec![0; size],
-            len: size,
-        }
-    }
-}
-
-impl AsRef<[u8]> for RxBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.data[..self.len]
-    }
-}
-
-impl AsMut<[u8]> for RxBuf {
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
-    }
-}
-
-impl RxBuf {
-    fn grow_to(&mut self, len: usize) {
-        if len > self.data.len() {
-            self.data
-                .reserve_exact(len.max(RX_BUF_MAX) - self.data.len());
-            self.data.resize(len, 0);
-        }
-    }
-}
-
-impl ExpandBuffer for RxBuf {
-    fn buf_capacity(&self) -> usize {
-        self.data.len().max(RX_BUF_MAX)
-    }
-
-    fn buf_resize(&mut self, new_len: usize, value: u8) {
-        self.grow_to(new_len);
-        if new_len > self.len {
-            self.data[self.len..new_len].fill(value);
-        }
-        self.len = new_len;
-    }
-
-    fn buf_extend_from_slice(&mut self, src: &[u8]) {
-        let end = self.len + src.len();
-        self.grow_to(end);
-        self.data[self.len..end].copy_from_slice(src);
-        self.len = end;
-    }
-}
-
-impl ExpandBuffer for &mut RxBuf {
-    fn buf_capacity(&self) -> usize {
-        (**self).buf_capacity()
-    }
-
-    fn buf_resize(&mut self, new_len: usize, value: u8) {
-        (**self).buf_resize(new_len, value);
-    }
-
-    fn buf_extend_from_slice(&mut self, src: &[u8]) {
-        (**self).buf_extend_from_slice(src);
-    }
-}
-
-/// Where decapsulated packets sit in an [`RxBuf`] before the TUN write: far enough in for
-/// tun-rs to put the virtio-net header in front.
-const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN + 6;
-/// Largest coalesced packet (a 64 KiB IP packet) with room for the virtio-net header on
-/// both sides, as tun-rs's GRO requires.
-const RX_BUF_MAX: usize = 2 * TUN_OFFSET + 65_535;
-/// Decapsulated packets one receive batch may produce.
-const OUT_POOL: usize = 1024;
+/// Underlay receive buffers per `recvmmsg` when UDP GRO is on (each holds up to 64 datagrams).
+const GRO_RECEIVES: usize = 16;
 /// Largest tunnel MTU the driver sizes its transmit buffers for (the config allows up to it).
 pub const MAX_TUNNEL_MTU: u16 = 9000;
 /// Segments one TUN read may produce with offload (64 KiB / smallest sane MSS).
@@ -743,10 +663,9 @@ async fn receive_loop(
         let core = sh.core();
         (core.config().remote, core.config().key)
     }));
-    // With UDP GRO one receive buffer holds up to 64 datagrams; receive fewer buffers per
-    // call so the decapsulated packets still fit the output pool.
+    // With UDP GRO one receive buffer holds up to 64 datagrams: fewer buffers per call.
     let receives = if underlay.gro {
-        OUT_POOL / 64
+        GRO_RECEIVES
     } else {
         MAX_BATCH
     };
@@ -754,11 +673,7 @@ async fn receive_loop(
     let mut lens = [0usize; MAX_BATCH];
     let mut sources = [Ipv4Addr::UNSPECIFIED; MAX_BATCH];
     let mut segments = [0usize; MAX_BATCH];
-    let mut out: Vec<RxBuf> = (0..OUT_POOL)
-        .map(|_| RxBuf::new(TUN_OFFSET + 2048))
-        .collect();
-    let mut owner = vec![usize::MAX; OUT_POOL];
-    let mut gro: Vec<GROTable> = tunnels.iter().map(|_| GROTable::default()).collect();
+    let mut gro: Vec<TcpCoalescer> = tunnels.iter().map(|_| TcpCoalescer::default()).collect();
     loop {
         let mut guard = underlay.fd.readable().await?;
         let n = match guard.try_io(|fd| {
@@ -775,7 +690,6 @@ async fn receive_loop(
             Err(_would_block) => continue,
         };
         let now = now();
-        let mut used = 0;
         for i in 0..n {
             let step = if segments[i] == 0 {
                 lens[i]
@@ -783,55 +697,45 @@ async fn receive_loop(
                 segments[i]
             };
             let mut at = 0;
-            while at < lens[i] && used < OUT_POOL {
+            while at < lens[i] {
                 let end = (at + step.max(1)).min(lens[i]);
                 let datagram = &mut raw[i][at..end];
                 at = end;
-                if let Some(t) = decapsulate_one(
-                    underlay,
-                    &demux,
-                    tunnels,
-                    reflector,
-                    now,
-                    sources[i],
-                    datagram,
-                    &mut out[used],
-                ) {
-                    owner[used] = t;
-                    used += 1;
+                let Some((t, inner)) = decapsulate_one(
+                    underlay, &demux, tunnels, reflector, now, sources[i], datagram,
+                ) else {
+                    continue;
+                };
+                let sh = &tunnels[t];
+                let inner = &datagram[inner];
+                if !sh.offload {
+                    write_tun(sh, inner).await;
+                } else if !gro[t].append(inner) {
+                    if let Some(frame) = gro[t].finish() {
+                        write_tun(sh, frame).await;
+                    }
+                    gro[t].start(inner);
                 }
             }
         }
-        for (t, sh) in tunnels.iter().enumerate() {
-            let mut mine: Vec<&mut RxBuf> = out[..used]
-                .iter_mut()
-                .zip(&owner[..used])
-                .filter(|(_, o)| **o == t)
-                .map(|(b, _)| b)
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let result = if sh.offload {
-                sh.tun
-                    .send_multiple(&mut gro[t], &mut mine, TUN_OFFSET)
-                    .await
-            } else {
-                let mut r = Ok(0);
-                for b in &mine {
-                    r = sh.tun.send(&b.as_ref()[TUN_OFFSET..]).await;
-                }
-                r
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "TUN write failed");
+        // Nothing waits for the next batch: what was merged so far goes out now.
+        for (sh, gro) in tunnels.iter().zip(&mut gro) {
+            if let Some(frame) = gro.finish() {
+                write_tun(sh, frame).await;
             }
         }
     }
 }
 
-/// Handles one underlay datagram; returns the tunnel index when its inner packet was
-/// copied into `out` for the TUN.
+/// One TUN write; a failure loses that packet, not the tunnel.
+async fn write_tun(sh: &Shared, frame: &[u8]) {
+    if let Err(e) = sh.tun.send(frame).await {
+        tracing::debug!(error = %e, "TUN write failed");
+    }
+}
+
+/// Handles one underlay datagram; returns the tunnel index and where in `packet` the inner
+/// packet for its TUN is.
 #[allow(clippy::too_many_arguments)]
 fn decapsulate_one(
     underlay: &UnderlaySocket,
@@ -841,8 +745,7 @@ fn decapsulate_one(
     now: Instant,
     source: Ipv4Addr,
     packet: &mut [u8],
-    out: &mut RxBuf,
-) -> Option<usize> {
+) -> Option<(usize, core::ops::Range<usize>)> {
     // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
     let gre_at = match underlay.kind {
         Underlay::Gre => {
@@ -855,12 +758,7 @@ fn decapsulate_one(
     let sh = &tunnels[t];
     let verdict = sh.core().decapsulate(now, source, &mut packet[gre_at..]);
     match verdict {
-        Verdict::ToTun(r) => {
-            let inner = &packet[gre_at + r.start..gre_at + r.end];
-            out.len = TUN_OFFSET;
-            out.buf_extend_from_slice(inner);
-            return Some(t);
-        }
+        Verdict::ToTun(r) => return Some((t, gre_at + r.start..gre_at + r.end)),
         Verdict::Reflect(r) => {
             let inner = &packet[gre_at + r.start..gre_at + r.end];
             let dst = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
