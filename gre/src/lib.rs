@@ -121,32 +121,33 @@ pub mod fuzzing {
 
     #[cfg(test)]
     mod tests {
-        /// Replays every seed of the coalescer's cargo-fuzz target on stable.
-        #[test]
-        fn replay_gro_fuzz_corpus() {
+        /// Runs `feed` on every seed of the cargo-fuzz target `target` (so CI replays them on
+        /// stable) and returns how many there were.
+        fn replay(target: &str, mut feed: impl FnMut(&[u8])) -> usize {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../fuzz/corpus/gre_coalesce");
+                .join("../fuzz/corpus")
+                .join(target);
             let mut count = 0;
-            for entry in std::fs::read_dir(&dir).expect("the gre_coalesce corpus") {
+            for entry in std::fs::read_dir(&dir).expect("the fuzz corpus") {
                 let bytes = std::fs::read(entry.expect("a corpus entry").path()).expect("a seed");
-                super::coalesce(&bytes);
+                feed(&bytes);
                 count += 1;
             }
-            assert!(count >= 3, "corpus too small: {count}");
+            count
         }
 
-        /// Replays every seed of the cargo-fuzz target on stable, so CI runs them.
         #[test]
         fn replay_fuzz_corpus() {
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../fuzz/corpus/gre_decapsulate");
-            let mut count = 0;
-            for entry in std::fs::read_dir(&dir).expect("the gre_decapsulate corpus") {
-                let bytes = std::fs::read(entry.expect("a corpus entry").path()).expect("a seed");
-                super::decapsulate(crate::test_util::t0(), &bytes);
-                count += 1;
-            }
+            let count = replay("gre_decapsulate", |b| {
+                super::decapsulate(crate::test_util::t0(), b);
+            });
             assert!(count >= 5, "corpus too small: {count}");
+        }
+
+        #[test]
+        fn replay_gro_fuzz_corpus() {
+            let count = replay("gre_coalesce", super::coalesce);
+            assert!(count >= 3, "corpus too small: {count}");
         }
     }
 }
