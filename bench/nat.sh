@@ -18,7 +18,7 @@ set -euo pipefail
 
 RUNS=${1:-3}
 DUR=${DUR:-4}
-STREAMS=${STREAMS:-1 4}   # STREAMS="" measures connections/s only
+STREAMS=${STREAMS-1 4}   # STREAMS="" measures connections/s only
 ONLY=${ONLY:-plain kernel vipgate}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${VIPGATE_BIN:-$ROOT/target/release/vipgate}
