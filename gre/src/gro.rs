@@ -17,7 +17,7 @@
 //! so no packet waits for a timer), merge interleaved flows (a different flow flushes),
 //! IPv4 options or IPv6 extension headers (such packets pass through unmerged).
 
-use netutil::checksum::{fold, put16, sum};
+use netutil::checksum::{checksum, fold, put16, sum};
 
 /// Length of the virtio-net header in front of every frame written to an offload TUN.
 pub const VNET_HDR_LEN: usize = 10;
@@ -48,28 +48,68 @@ struct Flow {
 
 /// Builds one frame (virtio-net header + packet) at a time from consecutive packets.
 ///
-/// Use: [`TcpCoalescer::append`] each packet; when it refuses, write what
-/// [`TcpCoalescer::finish`] returns (if anything) and [`TcpCoalescer::start`] a new frame
-/// with the packet. At the end of a batch, write [`TcpCoalescer::finish`]'s frame.
+/// Use: [`TcpCoalescer::push`] each packet and write the frame it hands back, if any (the
+/// packets before this one that could not take it); at the end of a batch, write what
+/// [`TcpCoalescer::finish`] returns. Two buffers, so the frame handed back stays valid
+/// while the new one is already being built.
 #[derive(Debug, Default)]
 pub struct TcpCoalescer {
+    /// The frame being built.
     buf: Vec<u8>,
+    /// The last completed frame, lent to the caller for its write.
+    done: Vec<u8>,
+    /// Mergeability of `buf`'s packet; `None` when it must go out alone.
     flow: Option<Flow>,
     pending: bool,
 }
 
 impl TcpCoalescer {
-    /// Merges `packet` into the frame being built; `false` when it cannot be merged.
-    pub fn append(&mut self, packet: &[u8]) -> bool {
+    /// Merges `packet` into the frame being built, or completes that frame, returns it for
+    /// the TUN write and starts a new one with `packet` (which may be anything: a packet
+    /// that cannot be merged goes out alone).
+    pub fn push(&mut self, packet: &[u8]) -> Option<&[u8]> {
+        let next = candidate(packet);
+        if let Some(next) = &next
+            && self.merge(packet, next)
+        {
+            return None;
+        }
+        let completed = self.complete();
+        std::mem::swap(&mut self.buf, &mut self.done);
+        self.buf.clear();
+        self.buf.resize(VNET_HDR_LEN, 0);
+        self.buf.extend_from_slice(packet);
+        self.pending = true;
+        self.flow = next.map(|c| {
+            let payload = packet.len() - c.hdr_len;
+            Flow {
+                v6: c.v6,
+                ip_len: c.ip_len,
+                hdr_len: c.hdr_len,
+                seg: payload,
+                next_seq: c.seq.wrapping_add(payload as u32),
+                segments: 1,
+                closed: packet[c.ip_len + 13] & TCP_PSH != 0,
+            }
+        });
+        completed.then_some(self.done.as_slice())
+    }
+
+    /// The frame built so far, ready for the TUN write, or `None` when nothing is pending.
+    /// The coalescer is empty afterwards.
+    pub fn finish(&mut self) -> Option<&[u8]> {
+        self.complete().then_some(self.buf.as_slice())
+    }
+
+    /// Appends `packet` (already found mergeable as `next`) to the frame when it continues
+    /// its flow; `false` when it does not.
+    fn merge(&mut self, packet: &[u8], next: &Candidate) -> bool {
         let Some(flow) = self.flow else {
             return false;
         };
         if flow.closed || !self.pending {
             return false;
         }
-        let Some(next) = candidate(packet) else {
-            return false;
-        };
         let first = &self.buf[VNET_HDR_LEN..VNET_HDR_LEN + flow.hdr_len];
         let payload = packet.len() - next.hdr_len;
         let merged_len = self.buf.len() - VNET_HDR_LEN + payload;
@@ -100,8 +140,8 @@ impl TcpCoalescer {
         {
             return false;
         }
-        self.buf.extend_from_slice(&packet[next.hdr_len..]);
         let psh = tcp[13] & TCP_PSH != 0;
+        self.buf.extend_from_slice(&packet[next.hdr_len..]);
         if psh {
             self.buf[VNET_HDR_LEN + ip_len + 13] |= TCP_PSH;
         }
@@ -114,36 +154,18 @@ impl TcpCoalescer {
         true
     }
 
-    /// Starts a new frame with `packet` (any packet: one that cannot be merged goes out
-    /// alone). Call [`TcpCoalescer::finish`] first, or the previous frame is lost.
-    pub fn start(&mut self, packet: &[u8]) {
-        self.buf.clear();
-        self.buf.resize(VNET_HDR_LEN, 0);
-        self.buf.extend_from_slice(packet);
-        self.pending = true;
-        self.flow = candidate(packet).map(|c| Flow {
-            v6: c.v6,
-            ip_len: c.ip_len,
-            hdr_len: c.hdr_len,
-            seg: packet.len() - c.hdr_len,
-            next_seq: c.seq.wrapping_add((packet.len() - c.hdr_len) as u32),
-            segments: 1,
-            closed: packet[c.ip_len + 13] & TCP_PSH != 0,
-        });
-    }
-
-    /// The frame built so far, ready for the TUN write (header fixed up if segments were
-    /// merged), or `None` when nothing is pending. The coalescer is empty afterwards.
-    pub fn finish(&mut self) -> Option<&[u8]> {
+    /// Makes `buf` a complete frame (header fixed up if segments were merged); `false` when
+    /// nothing was pending.
+    fn complete(&mut self) -> bool {
         if !std::mem::take(&mut self.pending) {
-            return None;
+            return false;
         }
         match self.flow.take() {
             Some(flow) if flow.segments > 1 => self.seal(flow),
             // One packet: complete as received, no offload requested.
             _ => self.buf[..VNET_HDR_LEN].fill(0),
         }
-        Some(&self.buf)
+        true
     }
 
     /// Rewrites the lengths of the merged packet, leaves the pseudo-header sum in the TCP
@@ -158,7 +180,7 @@ impl TcpCoalescer {
         } else {
             put16(packet, 2, total as u16);
             put16(packet, 10, 0);
-            let check = !fold(sum(0, &packet[..flow.ip_len]));
+            let check = checksum(&packet[..flow.ip_len]);
             put16(packet, 10, check);
             sum(0, &packet[12..20]) + tcp_len as u32 + 6
         };
@@ -234,7 +256,6 @@ fn candidate(packet: &[u8]) -> Option<Candidate> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netutil::checksum::checksum;
     use proptest::prelude::*;
 
     /// An IPv4 TCP segment with valid checksums.
@@ -272,12 +293,7 @@ mod tests {
         let mut c = TcpCoalescer::default();
         let mut frames = Vec::new();
         for p in packets {
-            if !c.append(p) {
-                if let Some(f) = c.finish() {
-                    frames.push(f.to_vec());
-                }
-                c.start(p);
-            }
+            frames.extend(c.push(p).map(<[u8]>::to_vec));
         }
         frames.extend(c.finish().map(<[u8]>::to_vec));
         frames

@@ -107,11 +107,8 @@ pub mod fuzzing {
             assert!(frame.len() - crate::gro::VNET_HDR_LEN <= 65_535);
         };
         for p in packets {
-            if !gro.append(p) {
-                if let Some(frame) = gro.finish() {
-                    check(frame);
-                }
-                gro.start(p);
+            if let Some(frame) = gro.push(p) {
+                check(frame);
             }
         }
         if let Some(frame) = gro.finish() {

@@ -710,11 +710,8 @@ async fn receive_loop(
                 let inner = &datagram[inner];
                 if !sh.offload {
                     write_tun(sh, inner).await;
-                } else if !gro[t].append(inner) {
-                    if let Some(frame) = gro[t].finish() {
-                        write_tun(sh, frame).await;
-                    }
-                    gro[t].start(inner);
+                } else if let Some(frame) = gro[t].push(inner) {
+                    write_tun(sh, frame).await;
                 }
             }
         }
