@@ -248,7 +248,9 @@ UsePAM no\nPidFile {d}/sshd.pid\n"
 
 #[test]
 fn overload_many_hosts_eim_ping_traceroute() {
-    let hq = hq("nat_overload", "");
+    // Two TUN queues: flows and their replies may be read on either, one table serves both.
+    let hq = hq("nat_overload", "queues = 2");
+    assert_eq!(hq.show()["tun_queues"], 2);
     let t = &hq.topo;
     let http = t.http_server("out", "198.51.100.200", 8080, "outside");
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);

@@ -201,6 +201,10 @@ pub(crate) struct NatSection {
     /// First `ip rule` priority used (up to +62). Default 100.
     #[serde(default = "default_rule_priority")]
     pub(crate) rule_priority: u32,
+    /// TUN queues, one packet task each (the kernel spreads flows over them). Default 1, at
+    /// most 8.
+    #[serde(default)]
+    pub(crate) queues: Option<Spanned<u32>>,
 }
 
 fn default_table() -> Spanned<u32> {
@@ -242,6 +246,12 @@ impl NatSection {
             }
             if *s.outside_port.get_ref() == 0 {
                 v.error_at(&s.outside_port, "outside_port 0 is not a port");
+            }
+        }
+        if let Some(q) = &self.queues {
+            let max = natgw::driver::DriverConfig::MAX_QUEUES;
+            if !(1..=max).contains(&usize::try_from(*q.get_ref()).unwrap_or(usize::MAX)) {
+                v.error_at(q, format!("queues must be between 1 and {max}"));
             }
         }
         if *self.max_mappings.get_ref() == 0 {

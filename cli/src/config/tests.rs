@@ -89,6 +89,13 @@ fn semantic_checks() {
         "{errs:?}"
     );
 
+    let queues = "[nat]\ninside = [\"eth1\"]\noutside = \"eth0\"\naddress = \"192.0.2.1\"\n\
+                  queues = 9\n";
+    assert_eq!(
+        errors(queues),
+        ["site.toml:5:10: queues must be between 1 and 8"]
+    );
+
     let prio = REFERENCE.replace("priority = 150", "priority = 255");
     assert!(
         errors(&prio)

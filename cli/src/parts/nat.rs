@@ -114,10 +114,15 @@ pub(crate) async fn start(
     let Some(nat) = &site.nat else {
         return Ok(Vec::new());
     };
+    let defaults = DriverConfig::new(nat.inside.clone(), nat.outside.get_ref().clone());
     let driver_cfg = DriverConfig {
         table: *nat.table.get_ref(),
         priority: nat.rule_priority,
-        ..DriverConfig::new(nat.inside.clone(), nat.outside.get_ref().clone())
+        queues: nat
+            .queues
+            .as_ref()
+            .map_or(defaults.queues, |q| *q.get_ref() as usize),
+        ..defaults
     };
     let driver = NatDriver::start(driver_cfg, gateway_config(nat, random_seed()))
         .await
@@ -207,6 +212,7 @@ fn status_json(s: &NatSnapshot, flows: bool) -> Value {
         "mappings": s.mappings,
         "capacity": s.capacity,
         "table_bytes": s.table_bytes,
+        "tun_queues": s.tun_queues,
         "statics": statics,
         "translations_truncated": s.flows > SHOW_LIMIT,
         // `name` (the rule's line number) makes each rule a labelled metrics series.
@@ -265,8 +271,11 @@ impl Part for NatPart {
             || nat.outside.get_ref() != self.started.outside.get_ref()
             || *nat.table.get_ref() != *self.started.table.get_ref()
             || nat.rule_priority != self.started.rule_priority
+            || nat.queues.as_ref().map(toml::Spanned::get_ref)
+                != self.started.queues.as_ref().map(toml::Spanned::get_ref)
         {
-            // Steering (interfaces, table, rules) is installed at start: restart.
+            // Steering (interfaces, table, rules) and the TUN queues are set up at start:
+            // restart.
             return Ok(false);
         }
         match self.driver.reconfigure(gateway_config(nat, random_seed())) {
@@ -351,7 +360,12 @@ pub(crate) fn render(items: &[Value]) -> String {
             .flatten()
             .map(str_of)
             .collect();
-        let _ = writeln!(out, "Public addresses: {}", addrs.join(", "));
+        let _ = writeln!(
+            out,
+            "Public addresses: {} (TUN queues: {})",
+            addrs.join(", "),
+            it["tun_queues"]
+        );
         let _ = writeln!(out, "ACL (first match wins):");
         for (i, r) in it["acl"].as_array().into_iter().flatten().enumerate() {
             let _ = writeln!(
@@ -436,6 +450,7 @@ mod tests {
             capacity: 65_536,
             table_bytes: 4096,
             public_addresses: vec![public],
+            tun_queues: 1,
         }
     }
 

@@ -1,9 +1,10 @@
 //! The TUN driver: creates `nat0`, installs the steering routes, and runs the packet loop
 //! around a [`Gateway`]. Only compiled with the `driver` feature.
 //!
-//! One task runs the packet loop. It reads packets from `nat0`, classifies each
-//! ([`Gateway::direction`]), lets the core rewrite it in place and writes it back; and it wakes
-//! for [`Gateway::poll_timeout`]. With TUN offload one read brings a whole GSO super-packet
+//! One task per TUN queue runs the packet loop (`nat0` is multi-queue: the kernel spreads flows
+//! over the queues, so the tasks run on every core). Each reads packets from its queue,
+//! classifies each ([`Gateway::direction`]), lets the core rewrite it in place and writes it
+//! back on the same queue; the first task also wakes for [`Gateway::poll_timeout`]. With TUN offload one read brings a whole GSO super-packet
 //! (a run of up to 64 KiB of one TCP or UDP flow) with its virtio-net header: the core
 //! rewrites its headers in place ([`Gateway::handle_super_packet`], keeping a partial checksum
 //! partial) and it is written back with the same virtio-net header, so the payload is never
@@ -18,7 +19,7 @@ use std::time::Instant;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::translate;
@@ -97,12 +98,19 @@ pub struct DriverConfig {
     /// TUN offload (virtio-net header, TSO/GSO super-packets): the big throughput win.
     /// Default true; falls back to plain reads if the kernel refuses.
     pub offload: bool,
+    /// TUN queues, one packet task each (at most [`DriverConfig::MAX_QUEUES`]; 1 if the kernel
+    /// refuses a multi-queue TUN). Default 1: on a 2-core host the benchmark's own endpoints
+    /// keep both cores busy and a second queue measured no faster (bench/nat.sh, `QUEUES`).
+    pub queues: usize,
     /// Public addresses NOT made live at start: another part (a VRRP master) decides when
     /// they are, through [`NatDriver::add_public_address`] / [`NatDriver::remove_public_address`].
     pub deferred_public: Vec<Ipv4Addr>,
 }
 
 impl DriverConfig {
+    /// The most TUN queues the driver opens.
+    pub const MAX_QUEUES: usize = 8;
+
     /// Defaults for everything but the interfaces.
     #[must_use]
     pub fn new(inside: Vec<String>, outside: String) -> Self {
@@ -114,6 +122,7 @@ impl DriverConfig {
             priority: 100,
             mtu: 1500,
             offload: true,
+            queues: 1,
             deferred_public: Vec::new(),
         }
     }
@@ -142,6 +151,8 @@ pub struct NatSnapshot {
     pub table_bytes: usize,
     /// The public addresses the gateway answers for.
     pub public_addresses: Vec<Ipv4Addr>,
+    /// TUN queues opened (one packet task each).
+    pub tun_queues: usize,
 }
 
 /// A running gateway: `nat0`, its routes and the packet loop.
@@ -153,11 +164,12 @@ pub struct NatSnapshot {
 #[derive(Debug)]
 pub struct NatDriver {
     gw: Arc<Mutex<Gateway>>,
-    stop: Mutex<Option<oneshot::Sender<()>>>,
-    task: tokio::sync::Mutex<Option<JoinHandle<Result<(), DriverError>>>>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::sync::Mutex<Vec<JoinHandle<Result<(), DriverError>>>>,
     handle: rtnetlink::Handle,
     installed: tokio::sync::Mutex<netlink::Installed>,
     tun: String,
+    tun_queues: usize,
     learnt_inside: Vec<ipnet::Ipv4Net>,
 }
 
@@ -185,26 +197,7 @@ impl NatDriver {
         let mut public = Gateway::new(now(), gw_cfg.clone())?.public_addresses();
         public.retain(|a| !cfg.deferred_public.contains(a));
 
-        let build = |offload: bool| {
-            tun_rs::DeviceBuilder::new()
-                .name(cfg.tun.clone())
-                .mtu(cfg.mtu)
-                .offload(offload)
-                .enable(true)
-                .build_async()
-        };
-        let open_err = |source| DriverError::OpenTun {
-            name: cfg.tun.clone(),
-            source,
-        };
-        let (dev, offload) = match build(cfg.offload) {
-            Ok(dev) => (dev, cfg.offload),
-            Err(e) if cfg.offload => {
-                tracing::warn!(error = %e, "TUN offload unavailable; one packet per read");
-                (build(false).map_err(open_err)?, false)
-            }
-            Err(e) => return Err(open_err(e)),
-        };
+        let (queues, offload) = open_queues(&cfg)?;
         sysctl::configure_tun(&cfg.tun)?;
 
         let (conn, handle, _) = rtnetlink::new_connection().map_err(DriverError::NetlinkSocket)?;
@@ -230,16 +223,29 @@ impl NatDriver {
                 return Err(e.into());
             }
         };
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(dev, gw.clone(), offload, stop_rx));
-        tracing::info!(tun = %cfg.tun, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
+        let (stop, _) = watch::channel(false);
+        let n_queues = queues.len();
+        let tasks = queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, dev)| {
+                let queue = Queue {
+                    dev,
+                    offload,
+                    owns_timers: i == 0,
+                };
+                tokio::spawn(run(queue, gw.clone(), stop.subscribe()))
+            })
+            .collect();
+        tracing::info!(tun = %cfg.tun, queues = n_queues, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
         Ok(NatDriver {
             gw,
-            stop: Mutex::new(Some(stop_tx)),
-            task: tokio::sync::Mutex::new(Some(task)),
+            stop,
+            tasks: tokio::sync::Mutex::new(tasks),
             handle,
             installed: tokio::sync::Mutex::new(installed),
             tun: cfg.tun,
+            tun_queues: n_queues,
             learnt_inside: inside_nets,
         })
     }
@@ -310,6 +316,7 @@ impl NatDriver {
             capacity: gw.table().capacity(),
             table_bytes: gw.table().heap_bytes(),
             public_addresses: gw.public_addresses(),
+            tun_queues: self.tun_queues,
         }
     }
 
@@ -346,19 +353,15 @@ impl NatDriver {
     /// # Errors
     /// The loop's own error, if it had failed.
     pub async fn stop(&self) -> Result<(), DriverError> {
-        let stop = self
-            .stop
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(stop) = stop {
-            let _ = stop.send(());
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().await);
+        let mut result = Ok(());
+        for task in tasks {
+            let r = task.await.unwrap_or(Err(DriverError::Stopped));
+            if result.is_ok() {
+                result = r;
+            }
         }
-        let task = self.task.lock().await.take();
-        let result = match task {
-            Some(task) => task.await.unwrap_or(Err(DriverError::Stopped)),
-            None => Ok(()),
-        };
         self.installed.lock().await.remove(&self.handle).await;
         tracing::info!(tun = %self.tun, "nat gateway stopped");
         result
@@ -440,11 +443,78 @@ fn gso_segments(pkt: &[u8], ihl: usize, proto: u8, gso_size: u16) -> u32 {
     u32::try_from(segments).unwrap_or(u32::MAX)
 }
 
-async fn run(
+/// One TUN queue and what its packet task needs to know.
+struct Queue {
     dev: tun_rs::AsyncDevice,
-    gw: Arc<Mutex<Gateway>>,
+    /// Packets carry a virtio-net header.
     offload: bool,
-    mut stop: oneshot::Receiver<()>,
+    /// This task also runs the core's timers (one task does, the others only move packets).
+    owns_timers: bool,
+}
+
+/// Opens the TUN with `cfg.queues` queues (multi-queue when more than one) and offload if asked.
+/// Falls back to one queue, then to no offload, if the kernel refuses; returns the queues and
+/// whether offload is on.
+fn open_queues(cfg: &DriverConfig) -> Result<(Vec<tun_rs::AsyncDevice>, bool), DriverError> {
+    let build = |offload: bool, multi_queue: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(cfg.tun.clone())
+            .mtu(cfg.mtu)
+            .offload(offload)
+            .multi_queue(multi_queue)
+            .enable(true)
+            .build_async()
+    };
+    let open_err = |source| DriverError::OpenTun {
+        name: cfg.tun.clone(),
+        source,
+    };
+    let want_multi = cfg.queues > 1;
+    let mut attempts = vec![(cfg.offload, want_multi)];
+    if want_multi {
+        attempts.push((cfg.offload, false));
+    }
+    if cfg.offload {
+        attempts.push((false, false));
+    }
+    let mut last = None;
+    for (offload, multi_queue) in attempts {
+        match build(offload, multi_queue) {
+            Ok(first) => {
+                let mut queues = vec![first];
+                while multi_queue && queues.len() < cfg.queues {
+                    match queues[0].try_clone() {
+                        Ok(q) => queues.push(q),
+                        Err(e) => {
+                            tracing::warn!(error = %e, opened = queues.len(), "opening another TUN queue");
+                            break;
+                        }
+                    }
+                }
+                if offload != cfg.offload || multi_queue != want_multi {
+                    tracing::warn!(
+                        offload,
+                        queues = queues.len(),
+                        "TUN opened with less than asked"
+                    );
+                }
+                return Ok((queues, offload));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, offload, multi_queue, "opening the TUN");
+                last = Some(e);
+            }
+        }
+    }
+    Err(open_err(last.unwrap_or_else(|| {
+        std::io::Error::other("no way to open the TUN")
+    })))
+}
+
+async fn run(
+    queue: Queue,
+    gw: Arc<Mutex<Gateway>>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), DriverError> {
     // With TUN offload the kernel hands over whole GSO super-packets (up to 64 KiB of one TCP
     // or UDP flow behind one header, plus the virtio-net header) and takes them back the same
@@ -452,12 +522,23 @@ async fn run(
     // written back with its own virtio-net header, and the kernel segments it (or not: a veth
     // passes it whole) on the way out. Without offload the same loop moves plain packets.
     // After one awaited read, whatever else is ready is read too (up to BATCH) and translated
-    // under one lock. Buffers are reused: no allocation per packet.
+    // under one lock. Buffers are reused: no allocation per packet. A packet is written back
+    // on the queue it came from, so the kernel's flow-to-queue steering stays put and the
+    // forwarding work of the write happens on this task's core.
+    let Queue {
+        dev,
+        offload,
+        owns_timers,
+    } = queue;
     let head = if offload { VNET_HDR_LEN } else { 0 };
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; head + MAX_PACKET]).collect();
     let mut lens = [0usize; BATCH];
     loop {
-        let deadline = lock(&gw).poll_timeout();
+        let deadline = if owns_timers {
+            lock(&gw).poll_timeout()
+        } else {
+            None
+        };
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -491,12 +572,16 @@ async fn run(
                 }
             }
             () = sleep => {}
-            _ = &mut stop => return Ok(()),
+            // The only change ever sent is the stop; a dropped sender means stop too.
+            _ = stop.changed() => return Ok(()),
         }
-        // quinn's rule: compare with the clock instead of trusting the timer to fire on time.
-        let mut gw = lock(&gw);
-        if gw.poll_timeout().is_some_and(|d| d <= now()) {
-            gw.handle_timeout(now());
+        if owns_timers {
+            // quinn's rule: compare with the clock instead of trusting the timer to fire on
+            // time.
+            let mut gw = lock(&gw);
+            if gw.poll_timeout().is_some_and(|d| d <= now()) {
+                gw.handle_timeout(now());
+            }
         }
     }
 }
