@@ -254,8 +254,10 @@ connrate() { # tool workers label [port]: rate, latency and CPU per connection o
   add "conn/s $3|$1" "$rate"
   add "conn/s $3: latency us|$1" "$lat"
   add "conn/s $3: CPU us/conn fwd|$1" "$(per "($(cpu_s fwd) - $b_f) / $hz")"
+  local a_s; a_s=$(cpu_s sshd)
+  add "conn/s $3: CPU us/conn sshd|$1" "$(per "($a_s - $b_s) / $hz")"
   add "conn/s $3: CPU us/conn rest|$1" \
-    "$(per "($(cpu_s sshd) - $b_s + $(cpu_s echo) - $b_e) / $hz + $gen")"
+    "$(per "($a_s - $b_s + $(cpu_s echo) - $b_e) / $hz + $gen")"
 }
 
 TOOLS="openssh vipgate vipgate-x2"
@@ -336,7 +338,8 @@ for metric in sorted(data):
     if meds.get("openssh") and meds.get("vipgate") is not None:
         ratio = "%.2fx" % (meds["vipgate"] / meds["openssh"])
     print("%-38s %-24s %-24s %-24s %s" % (metric, *cells, ratio))
-print("(CPU us/conn: fwd = ssh or vipgate; rest = sshd + echo server + load generator)")
+print("(CPU us/conn: fwd = ssh or vipgate; sshd = the server alone, whose work depends on what")
+print(" the client sends; rest = sshd + echo server + load generator)")
 
 # What a forwarder that cost nothing could reach against OpenSSH, from OpenSSH's own run:
 # one client is a serial chain (one process at a time works on the connection), so its
