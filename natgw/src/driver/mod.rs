@@ -1,11 +1,12 @@
 //! The TUN driver: creates `nat0`, installs the steering routes, and runs the packet loop
 //! around a [`Gateway`]. Only compiled with the `driver` feature.
 //!
-//! One task per TUN queue runs the packet loop (`nat0` is multi-queue: the kernel spreads flows
-//! over the queues, so the tasks run on every core). Each reads packets from its queue,
-//! classifies each ([`Gateway::direction`]), lets the core rewrite it in place and writes it
-//! back on the same queue; the first task also wakes for [`Gateway::poll_timeout`]. With TUN offload one read brings a whole GSO super-packet
-//! (a run of up to 64 KiB of one TCP or UDP flow) with its virtio-net header: the core
+//! One task per TUN queue runs the packet loop (one queue by default; with `queues > 1` the
+//! TUN is multi-queue and the kernel spreads flows over the queues, all tasks sharing one
+//! table). Each reads packets from its queue, classifies each ([`Gateway::direction`]), lets
+//! the core rewrite it in place and writes it back on the same queue; the first task also
+//! wakes for [`Gateway::poll_timeout`]. With TUN offload one read brings a whole GSO
+//! super-packet (a run of up to 64 KiB of one TCP or UDP flow) with its virtio-net header: the core
 //! rewrites its headers in place ([`Gateway::handle_super_packet`], keeping a partial checksum
 //! partial) and it is written back with the same virtio-net header, so the payload is never
 //! copied, split or checksummed in userspace. Up to [`BATCH`] reads are translated under one
@@ -469,7 +470,8 @@ fn open_queues(cfg: &DriverConfig) -> Result<(Vec<tun_rs::AsyncDevice>, bool), D
         name: cfg.tun.clone(),
         source,
     };
-    let want_multi = cfg.queues > 1;
+    let wanted = cfg.queues.clamp(1, DriverConfig::MAX_QUEUES);
+    let want_multi = wanted > 1;
     let mut attempts = vec![(cfg.offload, want_multi)];
     if want_multi {
         attempts.push((cfg.offload, false));
@@ -482,7 +484,7 @@ fn open_queues(cfg: &DriverConfig) -> Result<(Vec<tun_rs::AsyncDevice>, bool), D
         match build(offload, multi_queue) {
             Ok(first) => {
                 let mut queues = vec![first];
-                while multi_queue && queues.len() < cfg.queues {
+                while multi_queue && queues.len() < wanted {
                     match queues[0].try_clone() {
                         Ok(q) => queues.push(q),
                         Err(e) => {
