@@ -16,6 +16,7 @@ use ipnet::Ipv4Net;
 use crate::acl::{Acl, AclDecision, AclPacket, AclRule};
 use crate::config::{Filtering, GatewayConfig, Proto, StaticEntry};
 use crate::error::{DropReason, NatError};
+use crate::fragments::{FragmentKey, FragmentTable, Rewrite};
 use crate::table::{
     NO_LISTENER, PatTable, PublicOwner, RemovedSession, StateChange, TableConfig, Translation,
 };
@@ -195,6 +196,8 @@ pub struct Gateway {
     listeners: Vec<Option<Listener>>,
     filtering: Filtering,
     compensate_ttl: bool,
+    /// How the first fragments of recent fragmented datagrams were rewritten.
+    fragments: FragmentTable,
     stats: GatewayStats,
 }
 
@@ -233,6 +236,7 @@ impl Gateway {
             listeners: Vec::new(),
             filtering: config.filtering,
             compensate_ttl: config.compensate_ttl,
+            fragments: FragmentTable::default(),
             stats: GatewayStats {
                 drops: vec![0; DropReason::ALL.len()],
                 ..Default::default()
@@ -562,6 +566,11 @@ impl Gateway {
             src_port,
             dst_port,
         };
+        if p.l4 == L4::LaterFragment {
+            // Follows its first fragment, which went through the ACL and the table.
+            return self.later_fragment(now, buf);
+        }
+        let first_fragment = p.first_fragment.then(|| FragmentKey::of(buf));
         if let AclDecision::Deny(_) = self.acl.check(&acl_packet, dir == Direction::Outbound) {
             return Err(DropReason::AclDenied);
         }
@@ -570,7 +579,6 @@ impl Gateway {
                 self.stats.passed_through += n;
                 return Ok(());
             }
-            L4::LaterFragment => return Err(DropReason::Fragment),
             L4::IcmpError => return self.icmp_error(dir, buf, &p, csum),
             _ => {}
         }
@@ -594,11 +602,38 @@ impl Gateway {
             }
         };
         if translated {
+            if let Some(key) = first_fragment {
+                let rewrite = Rewrite {
+                    src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
+                    dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
+                    outbound: dir == Direction::Outbound,
+                };
+                self.fragments.record(now, key, rewrite);
+            }
             if self.compensate_ttl {
                 translate::bump_ttl(buf);
             }
         } else {
             self.stats.passed_through += n;
+        }
+        Ok(())
+    }
+
+    /// A fragment past the first: rewritten like its datagram's first fragment was; dropped
+    /// when that one was not seen (or not translated) in the last 30 s.
+    fn later_fragment(&mut self, now: Instant, buf: &mut [u8]) -> Result<(), DropReason> {
+        let Some(rw) = self.fragments.lookup(now, FragmentKey::of(buf)) else {
+            return Err(DropReason::Fragment);
+        };
+        translate::set_ip_header_only(buf, Side::Src, rw.src);
+        translate::set_ip_header_only(buf, Side::Dst, rw.dst);
+        if self.compensate_ttl {
+            translate::bump_ttl(buf);
+        }
+        if rw.outbound {
+            self.stats.translated_out += 1;
+        } else {
+            self.stats.translated_in += 1;
         }
         Ok(())
     }
@@ -955,6 +990,7 @@ impl Gateway {
     pub fn clear(&mut self, now: Instant) -> usize {
         let mut removed = Vec::new();
         self.table.clear(|r| removed.push(r));
+        self.fragments.clear();
         let n = removed.len();
         self.report_removed(now, removed);
         n

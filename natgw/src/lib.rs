@@ -2,7 +2,8 @@
 //! load-balanced virtual services, as a sans-IO core plus a TUN driver.
 //!
 //! What it does NOT do: IPv6, NAT of protocols other than TCP, UDP and ICMP (those pass
-//! untouched), reassembly (non-first fragments are dropped and counted), ALGs (FTP, SIP), port
+//! untouched), reassembly (fragments are translated one by one: later fragments like their
+//! first; one arriving before its first is dropped and counted), ALGs (FTP, SIP), port
 //! parity, or paired address pooling (there is one overload address). The core never reads a
 //! clock, sleeps or opens sockets; the `driver` feature (on by default) adds the TUN and
 //! rtnetlink side.
@@ -44,6 +45,7 @@ pub mod config;
 #[cfg(feature = "driver")]
 pub mod driver;
 pub mod error;
+mod fragments;
 #[doc(hidden)]
 pub mod fuzzing;
 mod gateway;

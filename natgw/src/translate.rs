@@ -85,6 +85,8 @@ pub(crate) struct Parsed {
     pub(crate) src: Ipv4Addr,
     pub(crate) dst: Ipv4Addr,
     pub(crate) l4: L4,
+    /// The first fragment of a fragmented datagram (more fragments follow, offset 0).
+    pub(crate) first_fragment: bool,
 }
 
 impl Parsed {
@@ -172,6 +174,7 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Parsed, DropReason> {
         src: h.source_addr(),
         dst: h.destination_addr(),
         l4,
+        first_fragment: h.more_fragments() && u16::from(h.fragments_offset()) == 0,
     })
 }
 
@@ -308,6 +311,13 @@ pub(crate) fn set_ip(
     let at = ip + if side == Side::Src { IP_SRC } else { IP_DST };
     set_addr(buf, at, addr, &checks[..n]);
     true
+}
+
+/// Rewrites an address of a fragment past the first: only the IP header checksum covers it
+/// there (the transport checksum travels in the first fragment, updated when that one was).
+pub(crate) fn set_ip_header_only(buf: &mut [u8], side: Side, addr: Ipv4Addr) {
+    let at = if side == Side::Src { IP_SRC } else { IP_DST };
+    set_addr(buf, at, addr, &[IP_CHECK]);
 }
 
 /// Rewrites the source or destination port (TCP/UDP) or the query id (ICMP echo: `side` is

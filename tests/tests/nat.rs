@@ -313,6 +313,16 @@ fn overload_many_hosts_eim_ping_traceroute() {
 
     // ICMP: ping, and traceroute (its answers are ICMP errors translated back).
     t.sh("pc", "ping -c 2 -W 2 198.51.100.200");
+    // 3,000-byte echoes leave and come back in three fragments each, later fragments
+    // translated like their first.
+    let before = counter(&hq.show(), &["counters", "translated_out"]);
+    t.sh("pc", "ping -c 2 -W 2 -s 3000 198.51.100.200");
+    let v = hq.show();
+    assert!(
+        counter(&v, &["counters", "translated_out"]) >= before + 6,
+        "every fragment crossed nat0: {v}"
+    );
+    assert_eq!(counter(&v, &["drops", "fragment"]), 0);
     let trace = t.sh("pc", "traceroute -n -q 1 -w 2 -m 5 198.51.100.200");
     let hops: Vec<&str> = trace.lines().skip(1).collect();
     assert_eq!(hops.len(), 2, "gateway then server, nothing lost: {trace}");

@@ -1136,3 +1136,136 @@ fn remove_listener_of_a_service_keeps_static_flows() {
     assert_eq!(g.table().len(), 1);
     assert!(!g.public_addresses().contains(vip.ip()));
 }
+
+/// Cuts an IPv4 packet (20-byte header) into fragments of `size` payload bytes (rounded down
+/// to a multiple of 8), with IP id `id`, as a router on a smaller MTU would.
+fn fragment(pkt: &[u8], size: usize, id: u16) -> Vec<Vec<u8>> {
+    let size = (size / 8).max(1) * 8;
+    let payload = &pkt[20..];
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < payload.len() {
+        let end = (off + size).min(payload.len());
+        let mut f = pkt[..20].to_vec();
+        f.extend_from_slice(&payload[off..end]);
+        let len = u16::try_from(f.len()).unwrap();
+        f[2..4].copy_from_slice(&len.to_be_bytes());
+        f[4..6].copy_from_slice(&id.to_be_bytes());
+        let more = if end < payload.len() { 0x2000 } else { 0 };
+        let flags_offset = more | u16::try_from(off / 8).unwrap();
+        f[6..8].copy_from_slice(&flags_offset.to_be_bytes());
+        f[10..12].copy_from_slice(&[0, 0]);
+        let c = netutil::checksum::checksum(&f[..20]);
+        f[10..12].copy_from_slice(&c.to_be_bytes());
+        out.push(f);
+        off = end;
+    }
+    out
+}
+
+/// Puts fragments (in order, 20-byte headers) back together as one unfragmented packet.
+fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut p = frags[0][..20].to_vec();
+    for f in frags {
+        p.extend_from_slice(&f[20..]);
+    }
+    let len = u16::try_from(p.len()).unwrap();
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[6..8].copy_from_slice(&[0, 0]);
+    p
+}
+
+#[test]
+fn fragmented_datagrams_are_translated_both_ways() {
+    let (mut g, now) = gw();
+    let payload: Vec<u8> = (0..3000u32).map(|i| i.to_le_bytes()[0]).collect();
+    let mut frags = fragment(&udp(H1, 4000, SRV, 7000, &payload), 1480, 77);
+    assert_eq!(frags.len(), 3);
+    for f in &mut frags {
+        assert_eq!(out(&mut g, now, f), Verdict::Forward);
+        assert!(ip_ok(f));
+        assert_eq!(&f[12..16], &PUBLIC.octets());
+        assert_eq!(&f[16..20], &SRV.octets());
+    }
+    let whole = reassemble(&frags);
+    assert!(
+        l4_checksum_ok(&whole),
+        "the reassembled datagram's UDP checksum holds"
+    );
+    assert_eq!(src(&whole), SocketAddrV4::new(PUBLIC, 4000));
+    assert_eq!(&whole[28..], &payload[..]);
+
+    // The fragmented reply comes back to the inside host.
+    let reply = udp(SRV, 7000, PUBLIC, 4000, &payload);
+    let mut frags = fragment(&reply, 1000, 78);
+    for f in &mut frags {
+        assert_eq!(inb(&mut g, now, f), Verdict::Forward);
+        assert!(ip_ok(f));
+        assert_eq!(&f[16..20], &H1.octets());
+    }
+    let whole = reassemble(&frags);
+    assert!(l4_checksum_ok(&whole));
+    assert_eq!(dst(&whole), SocketAddrV4::new(H1, 4000));
+
+    // A later fragment of a datagram whose first fragment was not seen: dropped, counted.
+    let mut orphan = fragment(&udp(H1, 4000, SRV, 7000, &payload), 1480, 79).remove(1);
+    assert_eq!(
+        out(&mut g, now, &mut orphan),
+        Verdict::Drop(DropReason::Fragment)
+    );
+    // Nor after the first fragment's entry has aged out.
+    let mut late = fragment(&udp(H1, 4000, SRV, 7000, &payload), 1480, 80);
+    assert_eq!(out(&mut g, now, &mut late[0]), Verdict::Forward);
+    assert_eq!(
+        out(&mut g, now + Duration::from_secs(31), &mut late[1]),
+        Verdict::Drop(DropReason::Fragment)
+    );
+    assert_eq!(g.stats().dropped(DropReason::Fragment), 2);
+}
+
+#[test]
+fn fragments_of_a_denied_datagram_stay_dropped() {
+    let mut cfg = config();
+    cfg.acl = vec![AclRule {
+        src: Some("192.168.101.10/32".parse().unwrap()),
+        ..AclRule::any(AclAction::Deny)
+    }];
+    let now = Instant::now();
+    let mut g = Gateway::new(now, cfg).unwrap();
+    let mut frags = fragment(&udp(H1, 4000, SRV, 7000, &[1u8; 2000]), 1000, 5);
+    for f in &mut frags {
+        assert!(matches!(out(&mut g, now, f), Verdict::Drop(_)));
+    }
+}
+
+proptest! {
+    /// Translating the fragments one by one and reassembling them gives what translating the
+    /// whole datagram gives.
+    #[test]
+    fn fragments_translate_like_the_whole_datagram(
+        len in 9usize..4000,
+        size in 8usize..1500,
+        tcp_proto in any::<bool>(),
+        seed in any::<u8>(),
+    ) {
+        let payload: Vec<u8> = (0..len).map(|i| (i as u8) ^ seed).collect();
+        let pkt = if tcp_proto {
+            tcp(H1, 4000, SRV, 80, Kind::Syn, &payload)
+        } else {
+            udp(H1, 4000, SRV, 7000, &payload)
+        };
+        let (mut g1, now) = gw();
+        let mut whole = pkt.clone();
+        prop_assert_eq!(out(&mut g1, now, &mut whole), Verdict::Forward);
+        let (mut g2, _) = gw();
+        // The transport header must fit in the first fragment, as routers make sure of.
+        let mut frags = fragment(&pkt, size.max(40), 9);
+        for f in &mut frags {
+            prop_assert_eq!(out(&mut g2, now, f), Verdict::Forward);
+            prop_assert!(ip_ok(f));
+        }
+        let joined = reassemble(&frags);
+        prop_assert_eq!(&joined[12..], &whole[12..]);
+        prop_assert!(l4_checksum_ok(&joined));
+    }
+}
