@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use crate::{Direction, Gateway, GatewayConfig, L4Checksum, PacketMeta, Proto, StaticEntry};
 
 /// Feeds `data` (at time `now`) to a gateway with one static forward: the first byte picks
-/// the direction and a clock step, the rest is the packet. Then replays it the other way and expires the table.
+/// the direction and a clock step, the rest is the packet. Then feeds its next fragment, replays it the other way and
+/// expires the table.
 pub fn run_gateway(now: Instant, data: &[u8]) {
     let Some((&ctl, packet)) = data.split_first() else {
         return;
@@ -41,6 +42,14 @@ pub fn run_gateway(now: Instant, data: &[u8]) {
         segments: u32::from(ctl >> 4),
     };
     let _ = gw.handle_super_packet(now, dir, &mut buf, meta);
+    // The same datagram's next fragment (offset 8 bytes): when the packet was a first
+    // fragment, this one goes through the fragment table.
+    if packet.len() >= 20 {
+        let mut later = packet.to_vec();
+        later[6] &= 0xe0;
+        later[7] = 1;
+        let _ = gw.handle_packet(now, dir, &mut later);
+    }
     let _ = gw.direction(&buf);
     let other = if dir == Direction::Inbound {
         Direction::Outbound
