@@ -49,6 +49,18 @@ pub(crate) struct Rewrite {
     pub(crate) outbound: bool,
 }
 
+impl Rewrite {
+    /// The addresses of the (translated) first fragment in `buf`.
+    pub(crate) fn of(buf: &[u8], outbound: bool) -> Self {
+        let k = FragmentKey::of(buf);
+        Rewrite {
+            src: k.src,
+            dst: k.dst,
+            outbound,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     rewrite: Rewrite,

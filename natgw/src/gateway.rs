@@ -558,6 +558,10 @@ impl Gateway {
     ) -> Result<(), DropReason> {
         let p = translate::parse(buf)?;
         let buf = &mut buf[..p.len];
+        if p.l4 == L4::LaterFragment {
+            // Follows its first fragment, which went through the ACL and the table.
+            return self.later_fragment(now, buf);
+        }
         let (src_port, dst_port) = p.ports();
         let acl_packet = AclPacket {
             src: p.src,
@@ -566,10 +570,6 @@ impl Gateway {
             src_port,
             dst_port,
         };
-        if p.l4 == L4::LaterFragment {
-            // Follows its first fragment, which went through the ACL and the table.
-            return self.later_fragment(now, buf);
-        }
         let first_fragment = p.first_fragment.then(|| FragmentKey::of(buf));
         if let AclDecision::Deny(_) = self.acl.check(&acl_packet, dir == Direction::Outbound) {
             return Err(DropReason::AclDenied);
@@ -603,11 +603,7 @@ impl Gateway {
         };
         if translated {
             if let Some(key) = first_fragment {
-                let rewrite = Rewrite {
-                    src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
-                    dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
-                    outbound: dir == Direction::Outbound,
-                };
+                let rewrite = Rewrite::of(buf, dir == Direction::Outbound);
                 self.fragments.record(now, key, rewrite);
             }
             if self.compensate_ttl {

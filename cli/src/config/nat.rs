@@ -250,7 +250,7 @@ impl NatSection {
         }
         if let Some(q) = &self.queues {
             let max = natgw::driver::DriverConfig::MAX_QUEUES;
-            if !(1..=max).contains(&usize::try_from(*q.get_ref()).unwrap_or(usize::MAX)) {
+            if *q.get_ref() == 0 || *q.get_ref() as usize > max {
                 v.error_at(q, format!("queues must be between 1 and {max}"));
             }
         }
