@@ -1,12 +1,16 @@
-//! Pure packet helpers shared by vipgate's protocol cores.
+//! Helpers shared by vipgate's crates.
 //!
-//! This crate does no I/O and allocates nothing; it only does arithmetic on byte slices
-//! the caller owns:
+//! Without features the crate does no I/O and allocates nothing; it only does arithmetic on
+//! byte slices the caller owns, which is what the sans-IO cores use:
 //!
 //! - [`checksum`]: the RFC 1071 one's-complement sum and the RFC 1624 incremental update
 //!   that NAT rewrites and MSS clamping use instead of recomputing whole checksums;
-//! - [`mss`]: finding and lowering the MSS option of a TCP SYN in place.
+//! - [`mss`]: finding and lowering the MSS option of a TCP SYN in place;
+//! - `task` (feature `tasks`, the one part that needs tokio): a watch over a driver's
+//!   long-lived tasks, so one that dies is noticed and its part restarted.
 #![warn(missing_docs)]
 
 pub mod checksum;
 pub mod mss;
+#[cfg(feature = "tasks")]
+pub mod task;

@@ -277,6 +277,13 @@ pub(crate) trait Part: Send + Sync {
     fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<bool> {
         Ok(false)
     }
+    /// The first of this part's long-lived tasks that ended while the part should be running
+    /// (a panic, an error, a return), with its cause; `None` while all of them run. The
+    /// daemon's supervisor polls it, logs the death, shows the unit as `dead` and restarts it.
+    /// Drivers record it with `netutil::task::TaskWatch`.
+    fn dead_task(&self) -> Option<String> {
+        None
+    }
     /// Stops the part and undoes everything it set up (routes, addresses, TUN devices).
     fn stop(self: Box<Self>) -> BoxFuture<()>;
 }
