@@ -70,7 +70,7 @@ impl TcpCoalescer {
     pub fn push(&mut self, packet: &[u8]) -> Option<&[u8]> {
         let next = candidate(packet);
         if let Some(next) = &next
-            && self.merge(packet, next)
+            && self.merge(packet, next).is_some()
         {
             return None;
         }
@@ -80,17 +80,15 @@ impl TcpCoalescer {
         self.buf.resize(VNET_HDR_LEN, 0);
         self.buf.extend_from_slice(packet);
         self.pending = true;
-        self.flow = next.map(|c| {
-            let payload = packet.len() - c.hdr_len;
-            Flow {
-                v6: c.v6,
-                ip_len: c.ip_len,
-                hdr_len: c.hdr_len,
-                seg: payload,
-                next_seq: c.seq.wrapping_add(payload as u32),
-                segments: 1,
-                closed: packet[c.ip_len + 13] & TCP_PSH != 0,
-            }
+        self.flow = next.map(|c| Flow {
+            v6: c.v6,
+            ip_len: c.ip_len,
+            hdr_len: c.hdr_len,
+            seg: c.payload,
+            // Lossless: a candidate's payload is below 64 KiB.
+            next_seq: c.seq.wrapping_add(c.payload as u32),
+            segments: 1,
+            closed: c.psh,
         });
         completed.then_some(self.done.as_slice())
     }
@@ -102,56 +100,50 @@ impl TcpCoalescer {
     }
 
     /// Appends `packet` (already found mergeable as `next`) to the frame when it continues
-    /// its flow; `false` when it does not.
-    fn merge(&mut self, packet: &[u8], next: &Candidate) -> bool {
-        let Some(flow) = self.flow else {
-            return false;
-        };
-        if flow.closed || !self.pending {
-            return false;
+    /// its flow; `None` when it does not (or, defensively, when a header is not where the
+    /// flow says: nothing is indexed without a length check).
+    fn merge(&mut self, packet: &[u8], next: &Candidate) -> Option<()> {
+        let flow = self.flow?;
+        if flow.closed || !self.pending || next.v6 != flow.v6 || next.hdr_len != flow.hdr_len {
+            return None;
         }
-        let first = &self.buf[VNET_HDR_LEN..VNET_HDR_LEN + flow.hdr_len];
-        let payload = packet.len() - next.hdr_len;
-        let merged_len = self.buf.len() - VNET_HDR_LEN + payload;
-        let ip_len = flow.ip_len;
+        let first = self.buf.get(VNET_HDR_LEN..VNET_HDR_LEN + flow.hdr_len)?;
+        let merged_len = (self.buf.len() - VNET_HDR_LEN).checked_add(next.payload)?;
+        if next.seq != flow.next_seq || next.payload > flow.seg || merged_len > MAX_MERGED {
+            return None;
+        }
+        let (ip, tcp) = packet.get(..next.hdr_len)?.split_at_checked(flow.ip_len)?;
+        let (first_ip, first_tcp) = first.split_at_checked(flow.ip_len)?;
+        let same = |a: &[u8], b: &[u8], r: core::ops::Range<usize>| matches!((a.get(r.clone()), b.get(r)), (Some(x), Some(y)) if x == y);
         let same_ip = if flow.v6 {
             // Version, traffic class, flow label; next header, hop limit; addresses.
-            next.v6 && packet[..4] == first[..4] && packet[6..40] == first[6..40]
+            same(ip, first_ip, 0..4) && same(ip, first_ip, 6..40)
         } else {
             // TOS; DF; TTL, protocol; addresses.
-            !next.v6
-                && packet[1] == first[1]
-                && packet[6] & 0x40 == first[6] & 0x40
-                && packet[8..10] == first[8..10]
-                && packet[12..20] == first[12..20]
+            same(ip, first_ip, 1..2)
+                && ip.get(6)? & 0x40 == first_ip.get(6)? & 0x40
+                && same(ip, first_ip, 8..10)
+                && same(ip, first_ip, 12..20)
         };
-        let tcp = &packet[ip_len..next.hdr_len];
-        let first_tcp = &first[ip_len..flow.hdr_len];
-        let same_tcp = next.hdr_len == flow.hdr_len
-            && tcp[..4] == first_tcp[..4] // ports
-            && tcp[8..13] == first_tcp[8..13] // ack number, header length
-            && tcp[14..16] == first_tcp[14..16] // window
-            && tcp[20..] == first_tcp[20..]; // options
-        if !same_ip
-            || !same_tcp
-            || next.seq != flow.next_seq
-            || payload > flow.seg
-            || merged_len > MAX_MERGED
-        {
-            return false;
+        let same_tcp = same(tcp, first_tcp, 0..4) // ports
+            && same(tcp, first_tcp, 8..13) // ack number, header length
+            && same(tcp, first_tcp, 14..16) // window
+            && tcp.get(20..)? == first_tcp.get(20..)?; // options
+        if !same_ip || !same_tcp {
+            return None;
         }
-        let psh = tcp[13] & TCP_PSH != 0;
-        self.buf.extend_from_slice(&packet[next.hdr_len..]);
-        if psh {
-            self.buf[VNET_HDR_LEN + ip_len + 13] |= TCP_PSH;
+        self.buf.extend_from_slice(packet.get(next.hdr_len..)?);
+        if next.psh {
+            *self.buf.get_mut(VNET_HDR_LEN + flow.ip_len + 13)? |= TCP_PSH;
         }
         self.flow = Some(Flow {
-            next_seq: flow.next_seq.wrapping_add(payload as u32),
+            // Lossless: the payload is below 64 KiB.
+            next_seq: flow.next_seq.wrapping_add(next.payload as u32),
             segments: flow.segments + 1,
-            closed: psh || payload < flow.seg,
+            closed: next.psh || next.payload < flow.seg,
             ..flow
         });
-        true
+        Some(())
     }
 
     /// Makes `buf` a complete frame (header fixed up if segments were merged); `false` when
@@ -160,85 +152,106 @@ impl TcpCoalescer {
         if !std::mem::take(&mut self.pending) {
             return false;
         }
-        match self.flow.take() {
-            Some(flow) if flow.segments > 1 => self.seal(flow),
+        let merged = match self.flow.take() {
+            Some(flow) if flow.segments > 1 => self.seal(flow).is_some(),
+            _ => false,
+        };
+        if !merged {
             // One packet: complete as received, no offload requested.
-            _ => self.buf[..VNET_HDR_LEN].fill(0),
+            if let Some(header) = self.buf.get_mut(..VNET_HDR_LEN) {
+                header.fill(0);
+            }
         }
         true
     }
 
     /// Rewrites the lengths of the merged packet, leaves the pseudo-header sum in the TCP
     /// checksum field and asks the kernel (virtio-net header) to segment and checksum.
-    fn seal(&mut self, flow: Flow) {
-        let packet = &mut self.buf[VNET_HDR_LEN..];
+    /// `None` (the frame then goes out without offload) only if the frame is not the
+    /// flow's, which `merge` never lets happen.
+    fn seal(&mut self, flow: Flow) -> Option<()> {
+        let (header, packet) = self.buf.split_at_mut_checked(VNET_HDR_LEN)?;
         let total = packet.len();
+        if total > MAX_MERGED || total < flow.hdr_len || flow.hdr_len < flow.ip_len + 20 {
+            return None;
+        }
         let tcp_len = total - flow.ip_len;
+        // Lossless below: total <= MAX_MERGED (checked above), and every offset is below
+        // hdr_len <= total (checked above), so put16 and the ranges stay in `packet`.
         let pseudo = if flow.v6 {
             put16(packet, 4, tcp_len as u16);
-            sum(0, &packet[8..40]) + tcp_len as u32 + 6
+            sum(0, packet.get(8..40)?) + tcp_len as u32 + 6
         } else {
             put16(packet, 2, total as u16);
             put16(packet, 10, 0);
-            let check = checksum(&packet[..flow.ip_len]);
+            let check = checksum(packet.get(..flow.ip_len)?);
             put16(packet, 10, check);
-            sum(0, &packet[12..20]) + tcp_len as u32 + 6
+            sum(0, packet.get(12..20)?) + tcp_len as u32 + 6
         };
         put16(packet, flow.ip_len + 16, fold(pseudo));
-        let header = &mut self.buf[..VNET_HDR_LEN];
+        let header: &mut [u8; VNET_HDR_LEN] = header.try_into().ok()?;
         header[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
         header[1] = if flow.v6 {
             VIRTIO_NET_HDR_GSO_TCPV6
         } else {
             VIRTIO_NET_HDR_GSO_TCPV4
         };
-        // Legacy virtio-net header: native byte order, as the TUN device expects it.
+        // Legacy virtio-net header: native byte order, as the TUN device expects it. The
+        // lengths are below 64 KiB (hdr_len, seg <= total <= MAX_MERGED).
         header[2..4].copy_from_slice(&(flow.hdr_len as u16).to_ne_bytes());
         header[4..6].copy_from_slice(&(flow.seg as u16).to_ne_bytes());
         header[6..8].copy_from_slice(&(flow.ip_len as u16).to_ne_bytes());
         header[8..10].copy_from_slice(&16u16.to_ne_bytes());
+        Some(())
     }
 }
 
-/// What a mergeable segment looks like.
+/// What a mergeable segment looks like. Invariant (from [`candidate`]): the packet holds
+/// `hdr_len + payload` bytes, `hdr_len >= ip_len + 20`, and `payload` is at least 1.
 struct Candidate {
     v6: bool,
     ip_len: usize,
     hdr_len: usize,
+    payload: usize,
     seq: u32,
+    psh: bool,
 }
 
 /// A TCP segment that may be merged: plain IP header, ACK (and maybe PSH) only, a
-/// payload, and a checksum that verifies.
+/// payload, and a checksum that verifies. Anything shorter than the headers it announces
+/// is `None` (and passes through unmerged): every byte read is length-checked first.
 fn candidate(packet: &[u8]) -> Option<Candidate> {
     let (v6, ip_len, pseudo) = match packet.first()? >> 4 {
         4 => {
-            let ok = packet.len() >= 20
-                && packet[0] & 0x0f == 5
-                && usize::from(u16::from_be_bytes([packet[2], packet[3]])) == packet.len()
-                && u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff == 0 // no fragment
-                && packet[9] == 6;
+            let ip = packet.first_chunk::<20>()?;
+            let ok = ip[0] & 0x0f == 5
+                && usize::from(u16::from_be_bytes([ip[2], ip[3]])) == packet.len()
+                && u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0 // no fragment
+                && ip[9] == 6;
             if !ok {
                 return None;
             }
-            let tcp_len = (packet.len() - 20) as u32;
-            (false, 20, sum(0, &packet[12..20]) + tcp_len + 6)
+            let tcp_len = u32::try_from(packet.len() - 20).ok()?;
+            (false, 20, sum(0, &ip[12..20]) + tcp_len + 6)
         }
         6 => {
-            let ok = packet.len() >= 40
-                && usize::from(u16::from_be_bytes([packet[4], packet[5]])) + 40 == packet.len()
-                && packet[6] == 6;
+            let ip = packet.first_chunk::<40>()?;
+            let ok =
+                usize::from(u16::from_be_bytes([ip[4], ip[5]])) + 40 == packet.len() && ip[6] == 6;
             if !ok {
                 return None;
             }
-            let tcp_len = (packet.len() - 40) as u32;
-            (true, 40, sum(0, &packet[8..40]) + tcp_len + 6)
+            let tcp_len = u32::try_from(packet.len() - 40).ok()?;
+            (true, 40, sum(0, &ip[8..40]) + tcp_len + 6)
         }
         _ => return None,
     };
     let tcp = packet.get(ip_len..)?;
-    let doff = usize::from(*tcp.get(12)? >> 4) * 4;
-    let flags = tcp[13];
+    // The fixed TCP header must be there before any of it is read (finding 1.1: a 13-byte
+    // "header" used to be indexed at 13).
+    let fixed = tcp.first_chunk::<20>()?;
+    let doff = usize::from(fixed[12] >> 4) * 4;
+    let flags = fixed[13];
     if doff < 20 || tcp.len() <= doff || flags & !TCP_PSH != TCP_ACK {
         return None;
     }
@@ -249,7 +262,9 @@ fn candidate(packet: &[u8]) -> Option<Candidate> {
         v6,
         ip_len,
         hdr_len: ip_len + doff,
-        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        payload: tcp.len() - doff,
+        seq: u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]),
+        psh: flags & TCP_PSH != 0,
     })
 }
 
@@ -400,6 +415,56 @@ mod tests {
         assert_eq!(&frames[0][VNET_HDR_LEN..], &[0x45, 0, 0]);
     }
 
+    /// An IPv4 packet of `len` bytes, IHL 5, total length `len`, protocol TCP, no checksum.
+    fn bare_tcp_v4(len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        put16(&mut p, 2, len as u16);
+        p[8] = 64;
+        p[9] = 6;
+        p
+    }
+
+    /// Finding 1.1: a 13-byte TCP "header" (33-byte IPv4 packet, 53-byte IPv6 packet) and
+    /// every other length below a complete fixed TCP header pass through, unmerged.
+    #[test]
+    fn short_tcp_headers_pass_through_without_panic() {
+        for len in 20..60 {
+            let p = bare_tcp_v4(len);
+            let frames = run(&[p.clone(), p.clone()]);
+            assert_eq!(frames.len(), 2, "IPv4 len {len}");
+            assert_eq!(&frames[0][VNET_HDR_LEN..], &p[..]);
+        }
+        for len in 40..80 {
+            let mut p = vec![0u8; len];
+            p[0] = 0x60;
+            put16(&mut p, 4, (len - 40) as u16);
+            p[6] = 6;
+            p[7] = 64;
+            let frames = run(&[p.clone(), p.clone()]);
+            assert_eq!(frames.len(), 2, "IPv6 len {len}");
+        }
+        // The 33-byte packet of the review, as the fuzz input it came with.
+        let seed = include_bytes!("../../fuzz/corpus/gre_coalesce/review_1_1_33byte_tcp");
+        assert_eq!(
+            (seed.len(), seed[2], seed[11]),
+            (35, 0x45, 6),
+            "the review's packet"
+        );
+        crate::fuzzing::coalesce(seed);
+    }
+
+    /// A damaged header length or a data offset past the end, after a good segment.
+    #[test]
+    fn bad_data_offsets_after_a_good_segment_are_not_merged() {
+        let a = segment(1000, &[1; 100], TCP_ACK, &[]);
+        for doff in [0u8, 4, 15] {
+            let mut b = segment(1100, &[2; 100], TCP_ACK, &[]);
+            b[32] = doff << 4;
+            assert_eq!(run(&[a.clone(), b]).len(), 2, "data offset {doff}");
+        }
+    }
+
     proptest! {
         /// Whatever the segment sizes, flags and order, what the kernel would resegment
         /// from the frames is exactly the packets that went in, and no frame exceeds 64 KiB.
@@ -424,6 +489,41 @@ mod tests {
                 back.extend(resegment(f));
             }
             prop_assert_eq!(back, packets);
+        }
+
+        /// Arbitrary inner packets (random bytes behind a plausible IPv4/IPv6 TCP header,
+        /// any lengths) mixed with mergeable segments: never a panic, never a frame over
+        /// 64 KiB, and every packet comes out in some frame.
+        #[test]
+        fn arbitrary_inner_packets_never_panic(
+            packets in proptest::collection::vec(
+                (0u8..4, proptest::collection::vec(any::<u8>(), 0..120), any::<u16>()), 1..30),
+        ) {
+            let mut input = Vec::new();
+            for (i, (shape, bytes, len_field)) in packets.iter().enumerate() {
+                let mut p = bytes.clone();
+                match shape {
+                    0 if p.len() >= 20 => { p[0] = 0x45; p[9] = 6; let n = p.len() as u16; put16(&mut p, 2, n); }
+                    1 if p.len() >= 40 => { p[0] = 0x60; p[6] = 6; put16(&mut p, 4, *len_field); }
+                    2 => p = segment(1000 + 100 * i as u32, &[7; 100], TCP_ACK, &[]),
+                    _ => {}
+                }
+                input.push(p);
+            }
+            let mut c = TcpCoalescer::default();
+            let mut out = 0usize;
+            for p in &input {
+                if let Some(f) = c.push(p) {
+                    prop_assert!(f.len() - VNET_HDR_LEN <= MAX_MERGED);
+                    out += f.len() - VNET_HDR_LEN;
+                }
+            }
+            if let Some(f) = c.finish() {
+                out += f.len() - VNET_HDR_LEN;
+            }
+            // Merging drops only repeated headers, never a packet's payload.
+            prop_assert!(out <= input.iter().map(Vec::len).sum::<usize>());
+            prop_assert!(out > 0 || input.iter().all(Vec::is_empty));
         }
     }
 }

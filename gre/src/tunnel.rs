@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use netutil::checksum::{checksum, get16};
+use netutil::checksum::checksum;
 use netutil::mss::{MssOutcome, clamp_mss};
 
 use crate::keepalive::{
@@ -443,7 +443,7 @@ impl Tunnel {
         };
         let mtu = usize::from(self.config.mtu);
         if packet.len() > mtu {
-            if protocol == PROTO_IPV4 && packet[6] & 0x40 != 0 {
+            if protocol == PROTO_IPV4 && packet.get(6).is_some_and(|f| f & 0x40 != 0) {
                 return self.frag_needed(buf, inner);
             }
             if protocol == PROTO_IPV6 {
@@ -480,7 +480,10 @@ impl Tunnel {
             *seq = self.tx_sequence;
             self.tx_sequence = self.tx_sequence.wrapping_add(1);
         }
-        let packet = &mut buf[start..inner.end];
+        let packet = buf.get_mut(start..inner.end)?;
+        if packet.len() < repr.header_len() {
+            return None;
+        }
         repr.emit(packet);
         Some(start..inner.end)
     }
@@ -514,20 +517,17 @@ impl Tunnel {
                 Err(()) => return self.drop_rx(DropReason::OutOfSequence, source),
             }
         }
-        let inner = header_len..buf.len();
-        let packet = &mut buf[inner.clone()];
-        let well_formed = match repr.protocol {
-            PROTO_IPV4 => {
-                packet.len() >= 20
-                    && packet[0] >> 4 == 4
-                    && usize::from(packet[0] & 0xf) * 4 >= 20
-                    && usize::from(packet[0] & 0xf) * 4 <= packet.len()
-            }
-            _ => packet.len() >= 40 && packet[0] >> 4 == 6,
-        };
-        if !well_formed {
+        let Some(inner_len) = buf
+            .get(header_len..)
+            .and_then(|p| inner_len(p, repr.protocol))
+        else {
             return self.drop_rx(DropReason::BadInner, source);
-        }
+        };
+        // Trailing bytes past the IP length (underlay padding) are not part of the packet.
+        let inner = header_len..header_len + inner_len;
+        let Some(packet) = buf.get_mut(inner.clone()) else {
+            return self.drop_rx(DropReason::BadInner, source);
+        };
         if repr.protocol == PROTO_IPV4 && self.is_peer_probe(packet) {
             self.counters.keepalives_reflected += 1;
             return Verdict::Reflect(inner);
@@ -543,13 +543,16 @@ impl Tunnel {
     /// A peer's keepalive probe decapsulates to a packet from us back to the peer carrying
     /// the tunnel's own encapsulation.
     fn is_peer_probe(&self, ip: &[u8]) -> bool {
-        let ihl = usize::from(ip[0] & 0xf) * 4;
-        let to_peer = ip[16..20] == self.config.remote.octets();
-        let from_us = ip[12..16] == self.config.local.octets();
+        let Some(h) = ip.first_chunk::<20>() else {
+            return false;
+        };
+        let ihl = usize::from(h[0] & 0xf) * 4;
+        let to_peer = h[16..20] == self.config.remote.octets();
+        let from_us = h[12..16] == self.config.local.octets();
         let carries_tunnel = match self.config.underlay {
-            Underlay::Gre => ip[9] == 47,
+            Underlay::Gre => h[9] == 47,
             Underlay::Udp => {
-                ip[9] == 17 && ip.len() >= ihl + 8 && get16(ip, ihl + 2) == GRE_IN_UDP_PORT
+                h[9] == 17 && ip.get(ihl + 2..ihl + 4) == Some(&GRE_IN_UDP_PORT.to_be_bytes()[..])
             }
         };
         to_peer && from_us && carries_tunnel
@@ -616,20 +619,26 @@ impl Tunnel {
     }
 
     fn clamp(&self, packet: &mut [u8], protocol: u16) -> bool {
-        let (tcp, max_mss) = if protocol == PROTO_IPV4 {
-            let ihl = usize::from(packet[0] & 0xf) * 4;
-            let fragment_offset = get16(packet, 6) & 0x1fff;
-            if packet[9] != 6 || fragment_offset != 0 || ihl < 20 || ihl > packet.len() {
+        let (tcp_at, max_mss) = if protocol == PROTO_IPV4 {
+            let Some(ip) = packet.first_chunk::<20>() else {
+                return false;
+            };
+            let ihl = usize::from(ip[0] & 0xf) * 4;
+            let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+            if ip[9] != 6 || fragment_offset != 0 || ihl < 20 {
                 return false;
             }
-            (&mut packet[ihl..], self.config.mtu.saturating_sub(40))
+            (ihl, self.config.mtu.saturating_sub(40))
         } else {
             // Only a TCP header right after the fixed header; SYNs carry no extension
             // headers in practice, and anything else is passed unmodified.
-            if packet[6] != 6 {
+            if packet.first_chunk::<40>().is_none_or(|ip| ip[6] != 6) {
                 return false;
             }
-            (&mut packet[40..], self.config.mtu.saturating_sub(60))
+            (40, self.config.mtu.saturating_sub(60))
+        };
+        let Some(tcp) = packet.get_mut(tcp_at..) else {
+            return false;
         };
         matches!(clamp_mss(tcp, max_mss), MssOutcome::Clamped(..))
     }
@@ -637,23 +646,30 @@ impl Tunnel {
     /// Rewrites the oversized IPv4 packet `buf[inner]` in place into an ICMP type 3 code 4
     /// error carrying the tunnel MTU, addressed to the packet's source (RFC 1191, RFC 2003 §5).
     fn frag_needed(&mut self, buf: &mut [u8], inner: Range<usize>) -> Encap {
-        let orig = &buf[inner.clone()];
-        let ihl = usize::from(orig[0] & 0xf) * 4;
-        let fragment_offset = get16(orig, 6) & 0x1fff;
+        let Some(orig) = buf.get(inner.clone()) else {
+            return self.drop(DropReason::TooBig);
+        };
+        let Some(ip) = orig.first_chunk::<20>() else {
+            return self.drop(DropReason::TooBig);
+        };
+        let ihl = usize::from(ip[0] & 0xf) * 4;
+        let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
         // Never an error about an ICMP error (RFC 1122 §3.2.2) or a non-first fragment.
-        let icmp_error = orig[9] == 1
-            && orig.len() > ihl
+        let icmp_error = ip[9] == 1
             && ihl >= 20
-            && matches!(orig[ihl], 3 | 4 | 5 | 11 | 12);
+            && orig
+                .get(ihl)
+                .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
         if ihl < 20 || ihl > orig.len() || fragment_offset != 0 || icmp_error {
             return self.drop(DropReason::TooBig);
         }
+        let sender = [ip[12], ip[13], ip[14], ip[15]];
         let quoted = (ihl + 8).min(orig.len());
         let total = 28 + quoted;
+        // Every range below is inside buf[at..at + total], checked here once.
         if inner.start + total > buf.len() {
             return self.drop(DropReason::TooBig);
         }
-        let sender = [orig[12], orig[13], orig[14], orig[15]];
         let from = self.config.inner_address.unwrap_or(self.config.local);
         let at = inner.start;
         buf.copy_within(at..at + quoted, at + 28);
@@ -691,6 +707,40 @@ impl Tunnel {
         tracing::debug!(tunnel = %self.config.name, %source, reason = reason.as_str(), "dropped GRE packet");
         Verdict::Drop(reason)
     }
+}
+
+/// The length of a well-formed inner packet at the start of `packet` (of the version the
+/// GRE protocol type announces), or `None` when it is not one: IPv4 with a header length of
+/// at least 20 and a total length between header and buffer; IPv6 with a payload length
+/// that fits; and, for an unfragmented TCP segment right after the IP header, a complete
+/// fixed TCP header with a data offset inside the segment. Everything past the decapsulation
+/// (MSS clamp, coalescer, kernel) may rely on this.
+fn inner_len(packet: &[u8], protocol: u16) -> Option<usize> {
+    let (len, tcp_at, tcp) = if protocol == PROTO_IPV4 {
+        let ip = packet.first_chunk::<20>()?;
+        let ihl = usize::from(ip[0] & 0xf) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
+        if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || total > packet.len() {
+            return None;
+        }
+        (total, ihl, ip[9] == 6 && first_fragment)
+    } else {
+        let ip = packet.first_chunk::<40>()?;
+        let total = 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+        if ip[0] >> 4 != 6 || total > packet.len() {
+            return None;
+        }
+        (total, 40, ip[6] == 6)
+    };
+    if tcp {
+        let segment = packet.get(tcp_at..len)?;
+        let doff = usize::from(segment.first_chunk::<20>()?[12] >> 4) * 4;
+        if doff < 20 || doff > segment.len() {
+            return None;
+        }
+    }
+    Some(len)
 }
 
 /// (remote, key) of one tunnel.
@@ -733,6 +783,7 @@ impl Demux {
 mod tests {
     use super::*;
     use core::time::Duration;
+    use netutil::checksum::get16;
     use proptest::prelude::*;
 
     const HQ: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -929,6 +980,70 @@ mod tests {
             assert_eq!(b.decapsulate(t0, HQ, &mut w), Verdict::Drop(reason));
             assert_eq!(b.counters().drops(reason), 1);
         }
+    }
+
+    /// Finding 1.1 at the decapsulation: inner packets whose headers are shorter than they
+    /// announce are dropped as `bad_inner` before the coalescer or the kernel sees them.
+    #[test]
+    fn malformed_inner_packets_are_dropped_as_bad_inner() {
+        let t0 = crate::test_util::t0();
+        let (_, mut b) = pair(|_| {});
+        let wire = |proto: [u8; 2], inner: &[u8]| {
+            let mut w = vec![0, 0, proto[0], proto[1]];
+            w.extend_from_slice(inner);
+            w
+        };
+        let tcp_v4 = |len: usize, total: usize, ihl: u8, doff: u8| {
+            let mut p = ipv4(len, 6, false);
+            p[0] = 0x40 | ihl;
+            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            if len > 32 {
+                p[32] = doff << 4;
+            }
+            p
+        };
+        let tcp_v6 = |len: usize, payload: u16, doff: u8| {
+            let mut p = vec![0u8; len];
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&payload.to_be_bytes());
+            p[6] = 6;
+            if len > 52 {
+                p[52] = doff << 4;
+            }
+            p
+        };
+        let review = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/gre_decapsulate/review_1_1_33byte_tcp"
+        ))
+        .unwrap();
+        let bad: Vec<Vec<u8>> = vec![
+            review[2..].to_vec(),                    // the review's 33-byte packet
+            wire([8, 0], &tcp_v4(33, 33, 5, 5)),     // 13-byte TCP header
+            wire([8, 0], &tcp_v4(39, 39, 5, 5)),     // 19-byte TCP header
+            wire([8, 0], &tcp_v4(60, 60, 5, 4)),     // data offset below 20
+            wire([8, 0], &tcp_v4(60, 60, 5, 15)),    // data offset past the end
+            wire([8, 0], &tcp_v4(60, 60, 4, 5)),     // IHL 4
+            wire([8, 0], &tcp_v4(60, 60, 15, 5)),    // IHL 15 past the total length
+            wire([8, 0], &tcp_v4(60, 61, 5, 5)),     // total length past the buffer
+            wire([8, 0], &tcp_v4(60, 10, 5, 5)),     // total length below the header
+            wire([0x86, 0xdd], &tcp_v6(53, 13, 5)),  // IPv6, 13-byte TCP header
+            wire([0x86, 0xdd], &tcp_v6(39, 0, 5)),   // truncated IPv6 header
+            wire([0x86, 0xdd], &tcp_v6(80, 41, 5)),  // payload length past the buffer
+            wire([0x86, 0xdd], &tcp_v6(80, 40, 15)), // data offset past the end
+        ];
+        for (i, w) in bad.iter().enumerate() {
+            assert_eq!(
+                b.decapsulate(t0, HQ, &mut w.clone()),
+                Verdict::Drop(DropReason::BadInner),
+                "case {i}"
+            );
+        }
+        assert_eq!(b.counters().drops(DropReason::BadInner), bad.len() as u64);
+        // Underlay padding after a good packet is cut off, not delivered.
+        let mut padded = wire([8, 0], &ipv4(40, 17, false));
+        padded.extend_from_slice(&[0xee; 6]);
+        assert_eq!(b.decapsulate(t0, HQ, &mut padded), Verdict::ToTun(4..44));
     }
 
     #[test]

@@ -690,27 +690,32 @@ async fn receive_loop(
             Err(_would_block) => continue,
         };
         let now = now();
-        for i in 0..n {
-            let step = if segments[i] == 0 {
-                lens[i]
-            } else {
-                segments[i]
-            };
+        // recv_batch fills at most raw.len() entries and clamps each length to its buffer.
+        for ((buf, &len), (&source, &segment)) in raw
+            .iter_mut()
+            .zip(&lens)
+            .zip(sources.iter().zip(&segments))
+            .take(n)
+        {
+            let step = if segment == 0 { len } else { segment };
             let mut at = 0;
-            while at < lens[i] {
-                let end = (at + step.max(1)).min(lens[i]);
-                let datagram = &mut raw[i][at..end];
+            while at < len {
+                let end = (at + step.max(1)).min(len);
+                let Some(datagram) = buf.get_mut(at..end) else {
+                    break;
+                };
                 at = end;
-                let Some((t, inner)) = decapsulate_one(
-                    underlay, &demux, tunnels, reflector, now, sources[i], datagram,
-                ) else {
+                let Some((t, inner)) =
+                    decapsulate_one(underlay, &demux, tunnels, reflector, now, source, datagram)
+                else {
                     continue;
                 };
-                let sh = &tunnels[t];
-                let inner = &datagram[inner];
+                let (Some(sh), Some(inner)) = (tunnels.get(t), datagram.get(inner)) else {
+                    continue;
+                };
                 if !sh.offload {
                     write_tun(sh, inner).await;
-                } else if let Some(frame) = gro[t].push(inner) {
+                } else if let Some(frame) = gro.get_mut(t).and_then(|g| g.push(inner)) {
                     write_tun(sh, frame).await;
                 }
             }
@@ -745,21 +750,23 @@ fn decapsulate_one(
 ) -> Option<(usize, core::ops::Range<usize>)> {
     // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
     let gre_at = match underlay.kind {
-        Underlay::Gre => {
-            let ihl = usize::from(packet.first()? & 0xf) * 4;
-            (packet.len() >= ihl).then_some(ihl)?
-        }
+        Underlay::Gre => usize::from(packet.first()? & 0xf) * 4,
         Underlay::Udp => 0,
     };
-    let t = demux.lookup(source, &packet[gre_at..])?;
-    let sh = &tunnels[t];
-    let verdict = sh.core().decapsulate(now, source, &mut packet[gre_at..]);
+    let gre = packet.get_mut(gre_at..)?;
+    let t = demux.lookup(source, gre)?;
+    let sh = tunnels.get(t)?;
+    let verdict = sh.core().decapsulate(now, source, gre);
     match verdict {
         Verdict::ToTun(r) => return Some((t, gre_at + r.start..gre_at + r.end)),
         Verdict::Reflect(r) => {
-            let inner = &packet[gre_at + r.start..gre_at + r.end];
-            let dst = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
-            if let Err(e) = reflector.send_to(inner, &SockAddr::from(SocketAddrV4::new(dst, 0))) {
+            // The core hands back a probe only after checking its IPv4 header is there.
+            let inner = gre.get(r)?;
+            let dst = inner
+                .get(16..20)
+                .and_then(|d| <[u8; 4]>::try_from(d).ok())?;
+            let dst = SockAddr::from(SocketAddrV4::new(Ipv4Addr::from(dst), 0));
+            if let Err(e) = reflector.send_to(inner, &dst) {
                 tracing::debug!(error = %e, "keepalive reflection failed");
             }
         }

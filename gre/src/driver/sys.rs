@@ -134,7 +134,9 @@ pub(crate) fn recv_batch<B: AsMut<[u8]>>(
     }
     let n = n as usize;
     for i in 0..n {
-        lens[i] = hdrs[i].msg_len as usize;
+        // Without MSG_TRUNC the kernel never reports more than it copied; clamped anyway so
+        // a caller may slice bufs[i][..lens[i]] without a second check.
+        lens[i] = (hdrs[i].msg_len as usize).min(bufs[i].as_mut().len());
         sources[i] = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
         segments[i] = 0;
         let h = &hdrs[i].msg_hdr;
