@@ -147,6 +147,18 @@ impl Part for GreTunnelPart {
         Ok(live)
     }
 
+    /// A dead driver task stops every tunnel it served (a receive task serves all the
+    /// tunnels on one local address), so each tunnel part reports the driver's first death:
+    /// the supervisor then restarts the GRE unit, which restarts the whole driver.
+    fn dead_task(&self) -> Option<String> {
+        self.shared
+            .driver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .and_then(GreDriver::dead_task)
+    }
+
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
             if self.shared.running.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -195,6 +207,7 @@ fn status_json(s: &TunnelStatus) -> Value {
         })),
         "routes": s.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "routes_installed": s.routes_installed,
+        "dead_task": s.dead_task,
         "counters": {
             "tx_packets": c.tx_packets,
             "tx_bytes": c.tx_bytes,
@@ -281,6 +294,9 @@ pub(crate) fn render(items: &[Value]) -> String {
                 routes.join(", ")
             );
         }
+        if let Some(dead) = t["dead_task"].as_str() {
+            let _ = writeln!(out, "  dead task: {dead}");
+        }
         let c = &t["counters"];
         let _ = writeln!(
             out,
@@ -349,6 +365,7 @@ mod tests {
             routes: vec!["192.168.102.0/24".parse().unwrap()],
             routes_installed: false,
             counters,
+            dead_task: Some("GRE receive panicked: index out of bounds".into()),
         };
         let text = render(&[status_json(&status)]);
         assert!(
@@ -359,6 +376,7 @@ mod tests {
         assert!(text.contains("routes withdrawn: 192.168.102.0/24"));
         assert!(text.contains("drops: wrong_key 1"));
         assert!(text.contains("tx 5 packets"));
+        assert!(text.contains("dead task: GRE receive panicked"), "{text}");
         assert_eq!(render(&[]), "no GRE tunnels\n");
     }
 }

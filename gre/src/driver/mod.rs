@@ -9,12 +9,17 @@
 //! - one **control** task per tunnel: keepalive timer, probes, and route add/withdraw on
 //!   [`TunnelEvent`]s.
 //!
+//! Every task runs under one [`TaskWatch`]: none of them ends while the driver runs, so an
+//! end before [`GreDriver::stop`] (an error, or a panic, which stays inside its task) is
+//! recorded and [`GreDriver::dead_task`] reports it for the daemon's supervisor to act on.
+//!
 //! The driver makes no protocol decisions; all of them are in [`Tunnel`].
 
 mod netlink;
 mod sys;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
@@ -23,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use netutil::task::TaskWatch;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -136,6 +142,9 @@ pub struct TunnelStatus {
     pub routes_installed: bool,
     /// Counters.
     pub counters: Counters,
+    /// The driver task that ended while it should run, with its cause (see
+    /// [`GreDriver::dead_task`]); `None` while all of them run.
+    pub dead_task: Option<String>,
 }
 
 /// State shared by the tasks of one tunnel.
@@ -302,6 +311,7 @@ const MAX_SEGMENTS: usize = 64;
 pub struct GreDriver {
     tunnels: Vec<Arc<Shared>>,
     tasks: Vec<JoinHandle<()>>,
+    watch: TaskWatch,
     netlink: rtnetlink::Handle,
 }
 
@@ -317,6 +327,7 @@ impl GreDriver {
         let mut driver = Self {
             tunnels: Vec::new(),
             tasks: Vec::new(),
+            watch: TaskWatch::new(),
             netlink,
         };
         if let Err(e) = driver.start_all(specs).await {
@@ -368,21 +379,29 @@ impl GreDriver {
             self.tunnels.push(shared);
         }
         for shared in &self.tunnels {
-            self.tasks
-                .push(tokio::spawn(transmit_task(Arc::clone(shared))));
-            self.tasks.push(tokio::spawn(control_task(
-                Arc::clone(shared),
-                self.netlink.clone(),
-            )));
+            self.tasks.push(
+                self.watch
+                    .spawn("GRE transmit", transmit_task(Arc::clone(shared))),
+            );
+            self.tasks.push(self.watch.spawn(
+                "GRE control",
+                control_task(Arc::clone(shared), self.netlink.clone()),
+            ));
         }
         for (_, (underlay, tunnels)) in underlays {
-            self.tasks.push(tokio::spawn(receive_task(
-                underlay,
-                tunnels,
-                Arc::clone(&reflector),
-            )));
+            self.tasks.push(self.watch.spawn(
+                "GRE receive",
+                receive_task(underlay, tunnels, Arc::clone(&reflector)),
+            ));
         }
         Ok(())
+    }
+
+    /// The first task (transmit, control or receive) that ended while the driver runs,
+    /// with its cause; `None` while all of them run. The tunnels it served no longer carry
+    /// traffic in that direction: the driver must be stopped and started again.
+    pub fn dead_task(&self) -> Option<String> {
+        self.watch.dead()
     }
 
     /// A snapshot of every tunnel.
@@ -422,6 +441,7 @@ impl GreDriver {
                     routes: sh.routes(),
                     routes_installed: sh.routes_installed.load(Ordering::Relaxed),
                     counters: core.counters().clone(),
+                    dead_task: self.watch.dead(),
                 }
             })
             .collect()
@@ -480,11 +500,12 @@ impl GreDriver {
 
     /// Stops every task, withdraws the routes and deletes the TUN devices.
     pub async fn stop(mut self) {
+        self.watch.stopping();
         for task in &self.tasks {
             task.abort();
         }
         for task in self.tasks.drain(..) {
-            // Cancelled is the expected outcome; a panic has already been reported.
+            // Cancelled is the expected outcome; the watch caught any panic before.
             let _ = task.await;
         }
         for sh in &self.tunnels {
@@ -574,13 +595,14 @@ async fn replace_routes(netlink: &rtnetlink::Handle, sh: &Shared, new: Vec<IpNet
     }
 }
 
-async fn transmit_task(sh: Arc<Shared>) {
-    if let Err(e) = transmit_loop(&sh).await {
-        tracing::error!(tunnel = %sh.core().config().name, error = %e, "transmit path stopped");
-    }
+async fn transmit_task(sh: Arc<Shared>) -> Result<(), String> {
+    let Err(e) = transmit_loop(&sh).await;
+    let name = sh.core().config().name.clone();
+    tracing::error!(tunnel = %name, error = %e, "transmit path stopped");
+    Err(format!("tunnel {name}: {e}"))
 }
 
-async fn transmit_loop(sh: &Shared) -> io::Result<()> {
+async fn transmit_loop(sh: &Shared) -> io::Result<Infallible> {
     let remote = sh.core().config().remote;
     // Sized for the largest MTU a reconfigure may set later, not just today's.
     let mtu = usize::from(MAX_TUNNEL_MTU);
@@ -648,17 +670,21 @@ async fn receive_task(
     underlay: Arc<UnderlaySocket>,
     tunnels: Vec<Arc<Shared>>,
     reflector: Arc<Socket>,
-) {
-    if let Err(e) = receive_loop(&underlay, &tunnels, &reflector).await {
-        tracing::error!(error = %e, "receive path stopped");
-    }
+) -> Result<(), String> {
+    let Err(e) = receive_loop(&underlay, &tunnels, &reflector).await;
+    let names: Vec<String> = tunnels
+        .iter()
+        .map(|sh| sh.core().config().name.clone())
+        .collect();
+    tracing::error!(tunnels = %names.join(","), error = %e, "receive path stopped");
+    Err(format!("tunnels {}: {e}", names.join(", ")))
 }
 
 async fn receive_loop(
     underlay: &UnderlaySocket,
     tunnels: &[Arc<Shared>],
     reflector: &Socket,
-) -> io::Result<()> {
+) -> io::Result<Infallible> {
     let demux = Demux::new(tunnels.iter().map(|sh| {
         let core = sh.core();
         (core.config().remote, core.config().key)
@@ -776,7 +802,7 @@ fn decapsulate_one(
     None
 }
 
-async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) {
+async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) -> Result<(), Infallible> {
     let mut probe = [0u8; PROBE_BUF_LEN];
     loop {
         let deadline = sh.core().poll_timeout();
@@ -826,5 +852,59 @@ async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver task that ends while the driver runs is what `dead_task` reports, named and
+    /// with its cause; the ends `stop` causes are not deaths.
+    #[tokio::test]
+    async fn a_task_death_is_recorded_and_stop_is_not_one() {
+        let netlink = netlink::connect().expect("a netlink socket");
+        let mut driver = GreDriver {
+            tunnels: Vec::new(),
+            tasks: Vec::new(),
+            watch: TaskWatch::new(),
+            netlink,
+        };
+        assert_eq!(driver.dead_task(), None);
+        let failing = driver.watch.spawn("GRE receive", async {
+            Err::<(), _>(io::Error::other("recvmmsg: bad file descriptor"))
+        });
+        failing
+            .await
+            .expect("the watch keeps the failure inside the task");
+        let running = driver.watch.spawn(
+            "GRE transmit",
+            std::future::pending::<Result<(), Infallible>>(),
+        );
+        driver.tasks.push(running);
+        assert_eq!(
+            driver.dead_task().as_deref(),
+            Some("GRE receive failed: recvmmsg: bad file descriptor")
+        );
+        let watch = driver.watch.clone();
+        driver.stop().await;
+        assert_eq!(
+            watch.dead().as_deref(),
+            Some("GRE receive failed: recvmmsg: bad file descriptor"),
+            "the aborted transmit task is not a second death"
+        );
+
+        let fresh = TaskWatch::new();
+        let driver = GreDriver {
+            tunnels: Vec::new(),
+            tasks: vec![fresh.spawn(
+                "GRE control",
+                std::future::pending::<Result<(), Infallible>>(),
+            )],
+            watch: fresh.clone(),
+            netlink: netlink::connect().expect("a netlink socket"),
+        };
+        driver.stop().await;
+        assert_eq!(fresh.dead(), None, "a deliberate stop is not a death");
     }
 }
