@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use netutil::checksum::checksum;
 
-use crate::wire::{GreRepr, PROTO_KEEPALIVE};
+use crate::wire::{GreRepr, MAX_HEADER_LEN, PROTO_KEEPALIVE};
 
 /// IANA port of GRE-in-UDP (RFC 8086 §3).
 pub const GRE_IN_UDP_PORT: u16 = 4754;
@@ -140,18 +140,25 @@ impl GreKeepalive {
     }
 }
 
+/// Bytes of the per-probe marker that follow the inner GRE header of our probes. The peer
+/// routes the inner packet back verbatim (Cisco and Linux only decrement its TTL), so the
+/// reply carries the marker and proves it answers the probe outstanding, not a spoofer.
+pub const MARKER_LEN: usize = 8;
+
+/// Longest inner packet of a probe: IPv4 + UDP + GRE with every option + the marker.
+pub const MAX_PROBE_INNER_LEN: usize = 20 + 8 + MAX_HEADER_LEN + MARKER_LEN;
+
 /// Writes the inner part of a probe (the packet the peer will route back to us) into `buf`
-/// and returns its length (20 + [8 for UDP] + GRE header).
-///
-/// # Panics
-/// If `buf` is shorter than 48 bytes.
+/// and returns its length (20 + [8 for UDP] + GRE header + [`MARKER_LEN`]); `None` when
+/// `buf` is shorter than that.
 pub(crate) fn emit_probe_inner(
     buf: &mut [u8],
     local: Ipv4Addr,
     peer: Ipv4Addr,
     key: Option<u32>,
     udp: bool,
-) -> usize {
+    marker: u64,
+) -> Option<usize> {
     let gre = GreRepr {
         protocol: PROTO_KEEPALIVE,
         checksum: false,
@@ -159,10 +166,13 @@ pub(crate) fn emit_probe_inner(
         sequence: None,
     };
     let l4 = if udp { 8 } else { 0 };
-    let total = 20 + l4 + gre.header_len();
-    let ip = &mut buf[..20];
+    let gre_end = 20 + l4 + gre.header_len();
+    let total = gre_end + MARKER_LEN;
+    let packet = buf.get_mut(..total)?;
+    let (ip, rest) = packet.split_first_chunk_mut::<20>()?;
     ip[0] = 0x45;
     ip[1] = 0;
+    // Lossless: total <= MAX_PROBE_INNER_LEN.
     ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     ip[4..6].fill(0);
     // DF: the reply is tiny, and fragments of it would only confuse middleboxes.
@@ -172,18 +182,71 @@ pub(crate) fn emit_probe_inner(
     ip[10..12].fill(0);
     ip[12..16].copy_from_slice(&peer.octets());
     ip[16..20].copy_from_slice(&local.octets());
-    let c = checksum(&buf[..20]);
-    buf[10..12].copy_from_slice(&c.to_be_bytes());
-    if udp {
-        let u = &mut buf[20..28];
+    let c = checksum(ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let gre_bytes = if udp {
+        let (u, gre_bytes) = rest.split_first_chunk_mut::<8>()?;
         u[0..2].copy_from_slice(&GRE_IN_UDP_PORT.to_be_bytes());
         u[2..4].copy_from_slice(&GRE_IN_UDP_PORT.to_be_bytes());
-        u[4..6].copy_from_slice(&((8 + gre.header_len()) as u16).to_be_bytes());
+        u[4..6].copy_from_slice(&((8 + gre.header_len() + MARKER_LEN) as u16).to_be_bytes());
         // Zero UDP checksum is allowed over IPv4 (RFC 768) and RFC 8086 §5.1.
         u[6..8].fill(0);
+        gre_bytes
+    } else {
+        rest
+    };
+    let (header, tail) = gre_bytes.split_at_mut_checked(gre.header_len())?;
+    gre.emit(header);
+    tail.copy_from_slice(&marker.to_be_bytes());
+    Some(total)
+}
+
+/// The marker of a keepalive reply: the first [`MARKER_LEN`] bytes after its GRE header.
+pub(crate) fn reply_marker(payload: &[u8]) -> Option<u64> {
+    payload
+        .first_chunk::<MARKER_LEN>()
+        .map(|m| u64::from_be_bytes(*m))
+}
+
+/// A token bucket in simulated time: `rate` tokens a second, at most `burst` banked.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenBucket {
+    tokens: u32,
+    burst: u32,
+    per_token: Duration,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        Self {
+            tokens: burst,
+            burst,
+            per_token: Duration::from_secs(1) / rate.max(1),
+            last: now,
+        }
     }
-    gre.emit(&mut buf[20 + l4..total]);
-    total
+
+    /// Takes a token if one is there.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        let earned = elapsed.as_nanos() / self.per_token.as_nanos().max(1);
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(self.burst);
+            // Whole tokens only: the remainder keeps accruing.
+            self.last += self.per_token * earned.min(self.burst);
+            if self.tokens == self.burst {
+                self.last = now;
+            }
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 #[cfg(test)]
@@ -256,12 +319,23 @@ mod tests {
     }
 
     #[test]
+    fn token_bucket_allows_its_burst_then_its_rate() {
+        let t0 = crate::test_util::t0();
+        let mut b = TokenBucket::new(10, 5, t0);
+        assert_eq!((0..20).filter(|_| b.take(t0)).count(), 5);
+        let later = t0 + Duration::from_millis(250);
+        assert_eq!((0..20).filter(|_| b.take(later)).count(), 2);
+        let much_later = t0 + Duration::from_secs(100);
+        assert_eq!((0..20).filter(|_| b.take(much_later)).count(), 5);
+    }
+
+    #[test]
     fn probe_inner_is_a_valid_packet_back_to_us() {
         let local = Ipv4Addr::new(198, 51, 100, 1);
         let peer = Ipv4Addr::new(198, 51, 100, 2);
         let mut buf = [0u8; 64];
-        let len = emit_probe_inner(&mut buf, local, peer, Some(42), false);
-        assert_eq!(len, 28);
+        let len = emit_probe_inner(&mut buf, local, peer, Some(42), false, 7).unwrap();
+        assert_eq!(len, 28 + MARKER_LEN);
         let ip = etherparse::Ipv4HeaderSlice::from_slice(&buf[..len]).unwrap();
         assert_eq!(ip.source_addr(), peer);
         assert_eq!(ip.destination_addr(), local);
@@ -270,9 +344,11 @@ mod tests {
         let gre = GrePacket::new_checked(&buf[20..len]).unwrap();
         assert_eq!(gre.protocol(), PROTO_KEEPALIVE);
         assert_eq!(gre.key(), Some(42));
+        assert_eq!(reply_marker(gre.payload()), Some(7));
+        assert!(emit_probe_inner(&mut buf[..35], local, peer, Some(42), false, 7).is_none());
 
-        let len = emit_probe_inner(&mut buf, local, peer, None, true);
-        assert_eq!(len, 32);
+        let len = emit_probe_inner(&mut buf, local, peer, None, true, 7).unwrap();
+        assert_eq!(len, 32 + MARKER_LEN);
         assert_eq!(buf[9], 17);
         assert_eq!(u16::from_be_bytes([buf[22], buf[23]]), GRE_IN_UDP_PORT);
     }

@@ -20,7 +20,8 @@ use netutil::checksum::checksum;
 use netutil::mss::{MssOutcome, clamp_mss};
 
 use crate::keepalive::{
-    GRE_IN_UDP_PORT, GreKeepalive, KeepaliveConfig, KeepaliveTick, emit_probe_inner,
+    GRE_IN_UDP_PORT, GreKeepalive, KeepaliveConfig, KeepaliveTick, MAX_PROBE_INNER_LEN,
+    TokenBucket, emit_probe_inner, reply_marker,
 };
 use crate::wire::{
     GrePacket, GreRepr, MAX_HEADER_LEN, PROTO_IPV4, PROTO_IPV6, PROTO_KEEPALIVE, WireError,
@@ -30,7 +31,17 @@ use crate::wire::{
 pub const HEADROOM: usize = MAX_HEADER_LEN;
 
 /// Smallest buffer [`Tunnel::poll_transmit`] needs for a keepalive probe.
-pub const PROBE_BUF_LEN: usize = 2 * MAX_HEADER_LEN + 28;
+pub const PROBE_BUF_LEN: usize = HEADROOM + MAX_PROBE_INNER_LEN;
+
+/// Peer probes reflected per second and tunnel at most (a peer probing every 100 ms, the
+/// shortest interval vipgate allows, needs 10), and how many may come at once.
+pub const REFLECT_RATE: u32 = 20;
+/// See [`REFLECT_RATE`].
+pub const REFLECT_BURST: u32 = 40;
+
+/// Longest GRE payload after a reflected probe's inner GRE header: our own marker is 8
+/// bytes, Cisco and Linux send none. Anything longer is not a bare keepalive.
+const MAX_REFLECTED_PAYLOAD: usize = 16;
 
 /// How GRE packets travel on the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -147,11 +158,22 @@ pub enum DropReason {
     TooBig,
     /// The buffer had no room in front of the inner packet for the GRE header.
     NoHeadroom,
+    /// A keepalive reply (protocol 0) while no probe was outstanding, or whose marker is
+    /// not the outstanding probe's: spoofed, duplicated or late.
+    UnexpectedKeepalive,
+    /// `sequence` is on and the packet carries no sequence number (Linux ip_gre drops
+    /// these too).
+    MissingSequence,
+    /// A packet from us to the peer inside the tunnel that is not a bare keepalive probe
+    /// (inner GRE protocol 0 with our key, no IP options, small): never reflected.
+    NotAProbe,
+    /// A peer probe over the reflection rate limit ([`REFLECT_RATE`]).
+    ReflectLimited,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 16] = [
         Self::Truncated,
         Self::BadVersion,
         Self::ReservedBits,
@@ -164,6 +186,10 @@ impl DropReason {
         Self::NotIp,
         Self::TooBig,
         Self::NoHeadroom,
+        Self::UnexpectedKeepalive,
+        Self::MissingSequence,
+        Self::NotAProbe,
+        Self::ReflectLimited,
     ];
 
     /// A stable snake_case name for metrics and JSON.
@@ -181,6 +207,10 @@ impl DropReason {
             Self::NotIp => "not_ip",
             Self::TooBig => "too_big",
             Self::NoHeadroom => "no_headroom",
+            Self::UnexpectedKeepalive => "unexpected_keepalive",
+            Self::MissingSequence => "missing_sequence",
+            Self::NotAProbe => "not_a_probe",
+            Self::ReflectLimited => "reflect_limited",
         }
     }
 
@@ -286,15 +316,28 @@ pub enum TunnelEvent {
 #[error("changing `{0}` needs the tunnel to be restarted")]
 pub struct NeedsRestart(pub &'static str);
 
-/// After this many consecutive packets "behind" the window we assume the peer restarted
-/// its sequence space (RFC 2890 has no signal for that) and resynchronise.
+/// After this many packets "behind" the window, numbered consecutively among themselves,
+/// we assume the peer restarted its sequence space (RFC 2890 has no signal for that) and
+/// resynchronise.
+///
+/// Why a resync at all, and why this one: without it one forged packet far ahead (any
+/// sender that knows the key can forge one: GRE has no authentication) would make every
+/// genuine packet "behind" for up to 2^31 packets, and a restarted peer would be cut off as
+/// long. Requiring a consecutive run means scattered replays or stray duplicates never add
+/// up to a resync, and a resync can only move the window to where 64 consecutive numbers
+/// just arrived. What it cannot stop (nothing in GRE can): an attacker who knows the key may
+/// send 64 consecutive numbers of its own choosing, which gains it nothing it could not do
+/// by injecting packets with the next numbers directly (RFC 2890 §3: sequence numbers are
+/// not a security mechanism). Use IPsec or WireGuard underneath for replay protection.
 const SEQUENCE_RESYNC_AFTER: u32 = 64;
 
 /// RFC 2890 §2.2 receive state.
 #[derive(Debug, Clone)]
 struct SequenceWindow {
     last: u32,
+    /// Length of the current run of consecutive "behind" numbers, and its last number.
     behind_run: u32,
+    behind_last: u32,
 }
 
 impl SequenceWindow {
@@ -303,6 +346,7 @@ impl SequenceWindow {
         Self {
             last: u32::MAX,
             behind_run: 0,
+            behind_last: 0,
         }
     }
 
@@ -310,7 +354,9 @@ impl SequenceWindow {
     fn check(&mut self, seq: u32) -> Result<bool, ()> {
         let ahead = seq.wrapping_sub(self.last);
         if ahead == 0 || ahead > 1 << 31 {
-            self.behind_run += 1;
+            let continues = self.behind_run > 0 && seq == self.behind_last.wrapping_add(1);
+            self.behind_run = if continues { self.behind_run + 1 } else { 1 };
+            self.behind_last = seq;
             if self.behind_run >= SEQUENCE_RESYNC_AFTER {
                 self.behind_run = 0;
                 self.last = seq;
@@ -333,6 +379,12 @@ pub struct Tunnel {
     rx_window: SequenceWindow,
     keepalive: Option<GreKeepalive>,
     probe_pending: bool,
+    /// The marker of the probe last sent, until its reply arrives.
+    outstanding: Option<u64>,
+    /// Secret input of the probe markers (random per tunnel) and probes sent so far.
+    marker_secret: u64,
+    probes: u64,
+    reflect: TokenBucket,
     events: VecDeque<TunnelEvent>,
     down_since: Option<Instant>,
     counters: Counters,
@@ -348,6 +400,10 @@ impl Tunnel {
             rx_window: SequenceWindow::new(),
             keepalive,
             probe_pending: false,
+            outstanding: None,
+            marker_secret: random_secret(),
+            probes: 0,
+            reflect: TokenBucket::new(REFLECT_RATE, REFLECT_BURST, now),
             events: VecDeque::new(),
             down_since: None,
             counters: Counters::default(),
@@ -416,6 +472,7 @@ impl Tunnel {
                 let was_up = self.is_up();
                 self.keepalive = None;
                 self.probe_pending = false;
+                self.outstanding = None;
                 if !was_up {
                     self.down_since = None;
                     self.events.push_back(TunnelEvent::Up);
@@ -507,10 +564,16 @@ impl Tunnel {
         }
         match repr.protocol {
             PROTO_IPV4 | PROTO_IPV6 => {}
-            PROTO_KEEPALIVE => return self.keepalive_reply(now),
+            PROTO_KEEPALIVE => {
+                let marker = buf.get(header_len..).and_then(reply_marker);
+                return self.keepalive_reply(now, marker, source);
+            }
             _ => return self.drop_rx(DropReason::UnknownProtocol, source),
         }
-        if let (true, Some(seq)) = (self.config.sequence, repr.sequence) {
+        if self.config.sequence {
+            let Some(seq) = repr.sequence else {
+                return self.drop_rx(DropReason::MissingSequence, source);
+            };
             match self.rx_window.check(seq) {
                 Ok(true) => {}
                 Ok(false) => self.counters.sequence_gaps += 1,
@@ -528,7 +591,13 @@ impl Tunnel {
         let Some(packet) = buf.get_mut(inner.clone()) else {
             return self.drop_rx(DropReason::BadInner, source);
         };
-        if repr.protocol == PROTO_IPV4 && self.is_peer_probe(packet) {
+        if repr.protocol == PROTO_IPV4 && self.is_to_peer(packet) {
+            if !self.is_bare_probe(packet) {
+                return self.drop_rx(DropReason::NotAProbe, source);
+            }
+            if !self.reflect.take(now) {
+                return self.drop_rx(DropReason::ReflectLimited, source);
+            }
             self.counters.keepalives_reflected += 1;
             return Verdict::Reflect(inner);
         }
@@ -540,9 +609,10 @@ impl Tunnel {
         Verdict::ToTun(inner)
     }
 
-    /// A peer's keepalive probe decapsulates to a packet from us back to the peer carrying
-    /// the tunnel's own encapsulation.
-    fn is_peer_probe(&self, ip: &[u8]) -> bool {
+    /// A packet from us to the peer carrying the tunnel's own encapsulation (IP protocol
+    /// 47, or UDP to 4754): what a peer's keepalive probe decapsulates to. Such a packet is
+    /// either reflected (when [`Tunnel::is_bare_probe`]) or dropped, never routed.
+    fn is_to_peer(&self, ip: &[u8]) -> bool {
         let Some(h) = ip.first_chunk::<20>() else {
             return false;
         };
@@ -558,13 +628,50 @@ impl Tunnel {
         to_peer && from_us && carries_tunnel
     }
 
-    fn keepalive_reply(&mut self, now: Instant) -> Verdict {
+    /// Finding 6.3: only a bare keepalive goes back out with our source address: no IP
+    /// options, not a fragment, an inner GRE header that parses with protocol 0 and this
+    /// tunnel's key, and at most [`MAX_REFLECTED_PAYLOAD`] bytes after it. So the peer
+    /// receives nothing from us an attacker chose beyond what a probe holds.
+    fn is_bare_probe(&self, ip: &[u8]) -> bool {
+        let Some(h) = ip.first_chunk::<20>() else {
+            return false;
+        };
+        let unfragmented = u16::from_be_bytes([h[6], h[7]]) & 0x3fff == 0;
+        if h[0] != 0x45 || !unfragmented {
+            return false;
+        }
+        let gre_at = match self.config.underlay {
+            Underlay::Gre => 20,
+            Underlay::Udp => 28,
+        };
+        let Some(gre) = ip.get(gre_at..) else {
+            return false;
+        };
+        GrePacket::new_checked(gre)
+            .ok()
+            .and_then(|p| Some((GreRepr::parse(&p).ok()?, p.payload().len())))
+            .is_some_and(|(repr, payload)| {
+                repr.protocol == PROTO_KEEPALIVE
+                    && repr.key == self.config.key
+                    && repr.sequence.is_none()
+                    && payload <= MAX_REFLECTED_PAYLOAD
+            })
+    }
+
+    /// Finding 6.2: a reply counts only while a probe is outstanding and only with that
+    /// probe's marker; it is then no longer outstanding (a duplicate does not count twice).
+    fn keepalive_reply(&mut self, now: Instant, marker: Option<u64>, source: Ipv4Addr) -> Verdict {
+        if marker.is_none() || self.outstanding != marker {
+            return self.drop_rx(DropReason::UnexpectedKeepalive, source);
+        }
+        self.outstanding = None;
         self.counters.keepalive_replies += 1;
         if let Some(ka) = self.keepalive.as_mut()
             && ka.handle_reply(now)
         {
             self.down_since = None;
-            // The peer may have restarted meanwhile and begun its sequence at 0 again.
+            // The peer may have restarted meanwhile and begun its sequence at 0 again; only
+            // a reply bearing our marker gets here, so a spoofer cannot reset the window.
             self.rx_window = SequenceWindow::new();
             self.events.push_back(TunnelEvent::Up);
         }
@@ -601,14 +708,19 @@ impl Tunnel {
             return None;
         }
         self.probe_pending = false;
+        self.probes = self.probes.wrapping_add(1);
+        let marker = probe_marker(self.marker_secret, self.probes);
         let inner_len = emit_probe_inner(
-            &mut buf[HEADROOM..],
+            buf.get_mut(HEADROOM..)?,
             self.config.local,
             self.config.remote,
             self.config.key,
             self.config.underlay == Underlay::Udp,
-        );
+            marker,
+        )?;
         let range = self.encapsulate_raw(buf, HEADROOM..HEADROOM + inner_len, PROTO_IPV4)?;
+        // Only the latest probe is answerable: a reply to an earlier one is late.
+        self.outstanding = Some(marker);
         self.counters.keepalives_sent += 1;
         Some(range)
     }
@@ -707,6 +819,22 @@ impl Tunnel {
         tracing::debug!(tunnel = %self.config.name, %source, reason = reason.as_str(), "dropped GRE packet");
         Verdict::Drop(reason)
     }
+}
+
+/// A per-tunnel secret for the probe markers, from the OS randomness std seeds its hash
+/// maps with (no I/O of our own: the core stays sans-IO).
+fn random_secret() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x6772_655f_6b61_u64)
+}
+
+/// The marker of probe number `n`: SipHash of the secret and the number, so an observer of
+/// some markers cannot tell the next one.
+fn probe_marker(secret: u64, n: u64) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    (secret, n).hash(&mut h);
+    h.finish()
 }
 
 /// The length of a well-formed inner packet at the start of `packet` (of the version the
@@ -1160,6 +1288,196 @@ mod tests {
         assert_eq!(a.counters().keepalive_replies, 1);
         assert_eq!(b.counters().keepalives_reflected, 1);
         assert_eq!(b.counters().rx_packets, 0);
+    }
+
+    /// A keepalive reply as an attacker spoofing the peer would send it: GRE protocol 0
+    /// with the key, and a guessed marker.
+    fn spoofed_reply(key: Option<u32>, marker: Option<u64>) -> Vec<u8> {
+        let mut w = match key {
+            Some(k) => {
+                let mut w = vec![0x20, 0, 0, 0];
+                w.extend_from_slice(&k.to_be_bytes());
+                w
+            }
+            None => vec![0, 0, 0, 0],
+        };
+        if let Some(m) = marker {
+            w.extend_from_slice(&m.to_be_bytes());
+        }
+        w
+    }
+
+    /// Finding 6.2: replies count only for the outstanding probe and with its marker, so a
+    /// spoofer neither keeps a dead tunnel up nor resets the sequence window.
+    #[test]
+    fn spoofed_keepalive_replies_do_not_keep_a_dead_tunnel_up() {
+        let t0 = crate::test_util::t0();
+        let (mut a, mut b) = pair(|c| {
+            c.key = Some(7);
+            c.sequence = true;
+            c.keepalive = Some(KeepaliveConfig {
+                interval: Duration::from_secs(1),
+                retries: 3,
+            });
+        });
+        // No probe outstanding yet: nothing is a reply.
+        assert_eq!(
+            a.decapsulate(t0, BR, &mut spoofed_reply(Some(7), Some(1))),
+            Verdict::Drop(DropReason::UnexpectedKeepalive)
+        );
+        // A real exchange: the reflected probe is the reply, once.
+        a.handle_timeout(t0);
+        let mut buf = [0u8; PROBE_BUF_LEN];
+        let probe = a.poll_transmit(&mut buf).unwrap();
+        let mut wire = buf[probe].to_vec();
+        let Verdict::Reflect(r) = b.decapsulate(t0, HQ, &mut wire) else {
+            panic!()
+        };
+        let reply = wire[r.start + 20..r.end].to_vec();
+        assert_eq!(
+            a.decapsulate(t0, BR, &mut reply.clone()),
+            Verdict::KeepaliveReply
+        );
+        assert_eq!(
+            a.decapsulate(t0, BR, &mut reply.clone()),
+            Verdict::Drop(DropReason::UnexpectedKeepalive),
+            "a duplicate"
+        );
+        // The peer dies; a spoofer floods replies with guessed markers, Cisco-style
+        // unmarked ones, and replays the last real one. The tunnel still goes down.
+        let mut went_down = false;
+        for s in 1..8u64 {
+            let now = t0 + Duration::from_secs(s);
+            a.handle_timeout(now);
+            let _ = a.poll_transmit(&mut buf);
+            for guess in 0..100 {
+                let _ = a.decapsulate(now, BR, &mut spoofed_reply(Some(7), Some(guess)));
+            }
+            let _ = a.decapsulate(now, BR, &mut spoofed_reply(Some(7), None));
+            let _ = a.decapsulate(now, BR, &mut reply.clone());
+            went_down |= a.poll_event() == Some(TunnelEvent::Down);
+        }
+        assert!(went_down && !a.is_up());
+        assert_eq!(a.counters().keepalive_replies, 1);
+        assert!(a.counters().drops(DropReason::UnexpectedKeepalive) >= 7 * 102);
+        // The window was never reset: an old sequence number is still behind.
+        let mut seq5 = vec![0x30, 0, 8, 0, 0, 0, 0, 7, 0, 0, 0, 5];
+        seq5.extend_from_slice(&ipv4(40, 17, false));
+        let mut seq9 = seq5.clone();
+        seq9[11] = 9;
+        assert!(matches!(
+            a.decapsulate(t0, BR, &mut seq9),
+            Verdict::ToTun(_)
+        ));
+        for guess in 0..50 {
+            let _ = a.decapsulate(t0, BR, &mut spoofed_reply(Some(7), Some(guess)));
+        }
+        assert_eq!(
+            a.decapsulate(t0, BR, &mut seq5),
+            Verdict::Drop(DropReason::OutOfSequence)
+        );
+    }
+
+    #[test]
+    fn sequence_on_drops_packets_without_a_sequence_number() {
+        let t0 = crate::test_util::t0();
+        let (_, mut b) = pair(|c| c.sequence = true);
+        let mut plain = vec![0, 0, 8, 0];
+        plain.extend_from_slice(&ipv4(40, 17, false));
+        assert_eq!(
+            b.decapsulate(t0, HQ, &mut plain),
+            Verdict::Drop(DropReason::MissingSequence)
+        );
+        assert_eq!(b.counters().drops(DropReason::MissingSequence), 1);
+    }
+
+    /// The resync needs 64 consecutive numbers behind the window: scattered old numbers
+    /// (replays, duplicates) never move it back, however many.
+    #[test]
+    fn scattered_old_sequence_numbers_never_resync() {
+        let mut w = SequenceWindow::new();
+        for s in 0..10_000 {
+            assert_eq!(w.check(s), Ok(true));
+        }
+        for i in 0..10_000u32 {
+            assert_eq!(w.check((i * 7919) % 5000), Err(()), "packet {i}");
+        }
+        assert_eq!(w.check(10_000), Ok(true), "the window stayed where it was");
+    }
+
+    /// Finding 6.3: only a bare keepalive is reflected, at most REFLECT_BURST at once and
+    /// REFLECT_RATE a second; a Cisco probe (no marker) still is.
+    #[test]
+    fn only_bare_probes_are_reflected_and_at_a_bounded_rate() {
+        let t0 = crate::test_util::t0();
+        let (_, mut b) = pair(|c| c.key = Some(7));
+        // What A's tunnel to B would carry: inner IPv4 HQ -> BR (from B's view: local BR,
+        // remote HQ, so the probe is BR -> HQ) with a GRE keepalive inside.
+        let probe = |gre_payload: &[u8], ihl: u8, protocol: u16, key: Option<u32>| {
+            let mut inner = vec![0u8; 4 * usize::from(ihl)];
+            inner[0] = 0x40 | ihl;
+            inner[8] = 255;
+            inner[9] = 47;
+            inner[12..16].copy_from_slice(&BR.octets());
+            inner[16..20].copy_from_slice(&HQ.octets());
+            let mut gre = spoofed_reply(key, None);
+            gre[2..4].copy_from_slice(&protocol.to_be_bytes());
+            inner.extend_from_slice(&gre);
+            inner.extend_from_slice(gre_payload);
+            let total = inner.len() as u16;
+            inner[2..4].copy_from_slice(&total.to_be_bytes());
+            let mut w = spoofed_reply(Some(7), None);
+            w[2..4].copy_from_slice(&PROTO_IPV4.to_be_bytes());
+            w.extend_from_slice(&inner);
+            w
+        };
+        let cisco = probe(&[], 5, PROTO_KEEPALIVE, Some(7));
+        assert!(matches!(
+            b.decapsulate(t0, HQ, &mut cisco.clone()),
+            Verdict::Reflect(_)
+        ));
+        let refused = [
+            probe(&[], 6, PROTO_KEEPALIVE, Some(7)),      // IP options
+            probe(&[], 5, PROTO_IPV4, Some(7)),           // not a keepalive
+            probe(&[0; 17], 5, PROTO_KEEPALIVE, Some(7)), // a payload of its own
+            probe(&[], 5, PROTO_KEEPALIVE, Some(8)),      // another tunnel's key
+            probe(&[], 5, PROTO_KEEPALIVE, None),
+        ];
+        for (i, p) in refused.iter().enumerate() {
+            assert_eq!(
+                b.decapsulate(t0, HQ, &mut p.clone()),
+                Verdict::Drop(DropReason::NotAProbe),
+                "case {i}"
+            );
+        }
+        let reflected = (0..1000)
+            .filter(|_| {
+                matches!(
+                    b.decapsulate(t0, HQ, &mut cisco.clone()),
+                    Verdict::Reflect(_)
+                )
+            })
+            .count();
+        assert_eq!(reflected, REFLECT_BURST as usize - 1);
+        let next_second = t0 + Duration::from_secs(1);
+        let reflected = (0..1000)
+            .filter(|_| {
+                matches!(
+                    b.decapsulate(next_second, HQ, &mut cisco.clone()),
+                    Verdict::Reflect(_)
+                )
+            })
+            .count();
+        assert_eq!(reflected, REFLECT_RATE as usize);
+        assert_eq!(
+            b.counters().drops(DropReason::ReflectLimited),
+            2000 - REFLECT_BURST as u64 + 1 - REFLECT_RATE as u64
+        );
+        assert_eq!(
+            b.counters().keepalives_reflected,
+            u64::from(REFLECT_BURST + REFLECT_RATE)
+        );
+        assert_eq!(b.counters().rx_packets, 0, "nothing of it reached the TUN");
     }
 
     /// One simulated second for `x`: its timer, its probe across the link, its events.
