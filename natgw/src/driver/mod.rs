@@ -172,6 +172,8 @@ pub struct NatDriver {
     tun: String,
     tun_queues: usize,
     learnt_inside: Vec<ipnet::Ipv4Net>,
+    /// Addresses of this host, learnt at start (traffic to them may pass through).
+    learnt_local: Vec<Ipv4Addr>,
 }
 
 /// The driver's clock: the one place that reads it.
@@ -217,6 +219,12 @@ impl NatDriver {
                 gw_cfg.inside_networks.push(*n);
             }
         }
+        let learnt_local = installed.local_addresses().to_vec();
+        for a in &learnt_local {
+            if !gw_cfg.local_addresses.contains(a) {
+                gw_cfg.local_addresses.push(*a);
+            }
+        }
         let gw = match Gateway::new(now(), gw_cfg) {
             Ok(gw) => Arc::new(Mutex::new(gw)),
             Err(e) => {
@@ -248,6 +256,7 @@ impl NatDriver {
             tun: cfg.tun,
             tun_queues: n_queues,
             learnt_inside: inside_nets,
+            learnt_local,
         })
     }
 
@@ -331,6 +340,11 @@ impl NatDriver {
         for n in &self.learnt_inside {
             if !config.inside_networks.contains(n) {
                 config.inside_networks.push(*n);
+            }
+        }
+        for a in &self.learnt_local {
+            if !config.local_addresses.contains(a) {
+                config.local_addresses.push(*a);
             }
         }
         gw.reconfigure(now(), config)?;

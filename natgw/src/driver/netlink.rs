@@ -113,6 +113,11 @@ fn rule(priority: u32, table: u32) -> RuleMessage {
 }
 
 impl Installed {
+    /// Every address assigned to an interface of this host when the gateway started.
+    pub(crate) fn local_addresses(&self) -> &[Ipv4Addr] {
+        &self.local
+    }
+
     async fn add_rule(
         &mut self,
         handle: &Handle,
