@@ -215,6 +215,7 @@ fn status_json(s: &NatSnapshot, flows: bool) -> Value {
         "name": "nat",
         "public_addresses": s.public_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "flows": s.flows,
+        "half_open": s.half_open,
         "mappings": s.mappings,
         "capacity": s.capacity,
         "table_bytes": s.table_bytes,
@@ -234,6 +235,9 @@ fn status_json(s: &NatSnapshot, flows: bool) -> Value {
             "passed_through": s.stats.passed_through,
             "flows_created": s.stats.flows_created,
             "flows_removed": s.stats.flows_removed,
+            "early_drops": s.stats.early_drops,
+            "answered_echo": s.stats.answered_echo,
+            "answered_rst": s.stats.answered_rst,
         },
         "drops": drops,
     });
@@ -444,6 +448,7 @@ mod tests {
                 public: SocketAddrV4::new(public, 8001),
                 inside,
             }],
+            half_open: 0,
             acl: Vec::new(),
             acl_implicit_denies: 3,
             stats: GatewayStats {

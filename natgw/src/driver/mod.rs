@@ -144,6 +144,8 @@ pub struct NatSnapshot {
     pub stats: GatewayStats,
     /// Flows in the table.
     pub flows: usize,
+    /// Half-open flows (TCP before its handshake completed, UDP/ICMP before a reply).
+    pub half_open: usize,
     /// Mappings in the table.
     pub mappings: usize,
     /// The table bound.
@@ -322,6 +324,7 @@ impl NatDriver {
             acl_implicit_denies: gw.acl_implicit_denies(),
             stats: gw.stats().clone(),
             flows: gw.table().len(),
+            half_open: gw.table().half_open(),
             mappings: gw.table().mappings(),
             capacity: gw.table().capacity(),
             table_bytes: gw.table().heap_bytes(),
