@@ -152,6 +152,19 @@ pub struct GatewayConfig {
     pub compensate_ttl: bool,
     /// Load-balanced virtual services (each a TCP listener on its VIP:port).
     pub services: Vec<crate::service::ServiceConfig>,
+    /// Addresses assigned to an interface of this host. Traffic to a public address among
+    /// them that the gateway does not translate is passed to the host (SSH to the router);
+    /// to any other public address (a VIP) it is answered or dropped, never passed back.
+    pub local_addresses: Vec<Ipv4Addr>,
+    /// Inbound half-open flows per listener; a new one replaces the listener's oldest.
+    /// Default 16,384.
+    pub max_half_open_per_listener: usize,
+    /// Inbound half-open flows per source network; more are refused. Default 256.
+    pub max_half_open_per_source: usize,
+    /// Prefix length of a source network for `max_half_open_per_source`. Default 24.
+    pub half_open_source_prefix: u8,
+    /// Sessions outside hosts may open to one dynamic mapping. Default 1,024.
+    pub max_inbound_per_mapping: usize,
 }
 
 impl Default for GatewayConfig {
@@ -169,6 +182,11 @@ impl Default for GatewayConfig {
             seed: 0x5eed_1e55_c0ff_ee00,
             compensate_ttl: true,
             services: Vec::new(),
+            local_addresses: Vec::new(),
+            max_half_open_per_listener: 16_384,
+            max_half_open_per_source: 256,
+            half_open_source_prefix: 24,
+            max_inbound_per_mapping: 1_024,
         }
     }
 }

@@ -87,7 +87,8 @@ drop_reasons! {
     Filtered => "filtered",
     /// Inbound or ICMP error that matches no flow.
     NoSession => "no_session",
-    /// A TCP segment other than SYN tried to open a flow through a forward.
+    /// A TCP segment other than an initial SYN tried to open an inbound flow (forward,
+    /// service or dynamic mapping).
     NotSyn => "not_syn",
     /// The table is at `max_mappings`: new flows are refused.
     TableFull => "table_full",
@@ -99,6 +100,23 @@ drop_reasons! {
     NoInsideEndpoint => "no_inside_endpoint",
     /// The chosen inside endpoint is already mapped for another listener.
     InsideEndpointBusy => "inside_endpoint_busy",
+    /// A new inbound flow from a source network already at `max_half_open_per_source`
+    /// half-open flows.
+    HalfOpenSource => "half_open_source",
+    /// A RST outside the receiver's window (the flow is left as it was).
+    RstOutOfWindow => "rst_out_of_window",
+    /// A new inbound session to a dynamic mapping already at `max_inbound_per_mapping`.
+    MappingInboundLimit => "mapping_inbound_limit",
+    /// An outbound packet whose source is not in an inside network (anti-spoofing).
+    SpoofedSource => "spoofed_source",
+    /// An outbound packet of a protocol the gateway cannot translate (GRE, ESP, SCTP, ICMP
+    /// timestamp...): it would leave with its private source.
+    Untranslatable => "untranslatable",
+    /// An outbound ICMP error not sent by the inside endpoint it quotes.
+    IcmpErrorSpoofed => "icmp_error_spoofed",
+    /// To a public address not assigned to this host that nothing translates (passing it
+    /// back to `nat0` would loop it).
+    Unowned => "unowned",
 }
 
 impl std::fmt::Display for DropReason {

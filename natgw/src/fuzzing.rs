@@ -22,6 +22,7 @@ pub fn run_gateway(now: Instant, data: &[u8]) {
             inside: SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 101), 80),
         }],
         max_mappings: 16,
+        local_addresses: vec![public],
         ..GatewayConfig::default()
     };
     let Ok(mut gw) = Gateway::new(now, config) else {

@@ -18,7 +18,8 @@ use crate::config::{Filtering, GatewayConfig, Proto, StaticEntry};
 use crate::error::{DropReason, NatError};
 use crate::fragments::{FragmentKey, FragmentTable, Rewrite};
 use crate::table::{
-    NO_LISTENER, PatTable, PublicOwner, RemovedSession, StateChange, TableConfig, Translation,
+    HalfOpenLimits, NO_LISTENER, PatTable, PublicOwner, RemovedSession, StateChange, TableConfig,
+    Translation,
 };
 use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
@@ -168,6 +169,12 @@ pub struct GatewayStats {
     pub flows_created: u64,
     /// Flows removed (expired or cleared).
     pub flows_removed: u64,
+    /// Half-open flows removed to make room (table full, or their listener at its bound).
+    pub early_drops: u64,
+    /// Echo requests to a public address not assigned here (a VIP), answered by the gateway.
+    pub answered_echo: u64,
+    /// TCP segments to such an address that nothing translates, answered with a RST.
+    pub answered_rst: u64,
     /// Drops, indexed like [`DropReason::ALL`].
     pub drops: Vec<u64>,
 }
@@ -188,6 +195,9 @@ impl GatewayStats {
 pub struct Gateway {
     overload: Option<u8>,
     inside_networks: Vec<Ipv4Net>,
+    /// Addresses assigned to this host: the only destinations untranslated traffic may be
+    /// passed through to (see [`GatewayConfig::local_addresses`]).
+    local_addresses: Vec<Ipv4Addr>,
     acl: Acl,
     table: PatTable,
     /// Indexed by [`ListenerId`]; a removed listener leaves a tombstone (`None`) so that the
@@ -199,6 +209,8 @@ pub struct Gateway {
     /// How the first fragments of recent fragmented datagrams were rewritten.
     fragments: FragmentTable,
     stats: GatewayStats,
+    /// Set by `inbound` when it turned the packet into its answer (a RST) in place.
+    refused_in_place: bool,
 }
 
 impl Gateway {
@@ -210,16 +222,7 @@ impl Gateway {
         if config.port_range.is_empty() {
             return Err(NatError::EmptyPortRange);
         }
-        let mut table = PatTable::new(
-            now,
-            TableConfig {
-                timeouts: config.timeouts,
-                max_sessions: config.max_mappings,
-                max_per_host: config.max_per_host,
-                port_range: config.port_range.clone(),
-                seed: config.seed,
-            },
-        );
+        let mut table = PatTable::new(now, table_config(&config));
         let overload = match config.overload {
             Some(a) => Some(
                 table
@@ -231,12 +234,14 @@ impl Gateway {
         let mut gw = Gateway {
             overload,
             inside_networks: config.inside_networks,
+            local_addresses: config.local_addresses,
             acl: Acl::new(config.acl),
             table,
             listeners: Vec::new(),
             filtering: config.filtering,
             compensate_ttl: config.compensate_ttl,
             fragments: FragmentTable::default(),
+            refused_in_place: false,
             stats: GatewayStats {
                 drops: vec![0; DropReason::ALL.len()],
                 ..Default::default()
@@ -324,13 +329,8 @@ impl Gateway {
         for s in added {
             self.add_static(now, s)?;
         }
-        self.table.set_config(TableConfig {
-            timeouts: config.timeouts,
-            max_sessions: config.max_mappings,
-            max_per_host: config.max_per_host,
-            port_range: config.port_range,
-            seed: config.seed,
-        });
+        self.table.set_config(table_config(&config));
+        self.local_addresses = config.local_addresses;
         self.acl = Acl::new(config.acl);
         self.filtering = config.filtering;
         self.compensate_ttl = config.compensate_ttl;
@@ -562,6 +562,12 @@ impl Gateway {
             // Follows its first fragment, which went through the ACL and the table.
             return self.later_fragment(now, buf);
         }
+        if dir == Direction::Outbound
+            && !self.inside_networks.is_empty()
+            && !self.inside_networks.iter().any(|n| n.contains(&p.src))
+        {
+            return Err(DropReason::SpoofedSource);
+        }
         let (src_port, dst_port) = p.ports();
         let acl_packet = AclPacket {
             src: p.src,
@@ -576,8 +582,10 @@ impl Gateway {
         }
         match p.l4 {
             L4::Untranslatable => {
-                self.stats.passed_through += n;
-                return Ok(());
+                if dir == Direction::Outbound && self.table.find_public(p.dst).is_none() {
+                    return Err(DropReason::Untranslatable);
+                }
+                return self.not_translated(buf, &p, n);
             }
             L4::IcmpError => return self.icmp_error(dir, buf, &p, csum),
             _ => {}
@@ -587,8 +595,8 @@ impl Gateway {
             Direction::Outbound => {
                 let hairpin = self.table.find_public(p.dst).is_some();
                 if hairpin && !self.inbound_would_match(&p) {
-                    // To the gateway's own address, not a forward: leave it to the kernel.
-                    false
+                    // To a public address, not a forward: the host's, or answered here.
+                    return self.not_translated(buf, &p, n);
                 } else if !self.outbound(now, buf, &p, csum, n)? {
                     false
                 } else if hairpin {
@@ -601,7 +609,15 @@ impl Gateway {
                 }
             }
         };
-        if translated {
+        if std::mem::take(&mut self.refused_in_place) {
+            // Already answered (a service with no backend): the buffer is the RST.
+            self.stats.passed_through += n;
+            return Ok(());
+        }
+        if !translated {
+            return self.not_translated(buf, &p, n);
+        }
+        {
             if let Some(key) = first_fragment {
                 let rewrite = Rewrite::of(buf, dir == Direction::Outbound);
                 self.fragments.record(now, key, rewrite);
@@ -609,10 +625,38 @@ impl Gateway {
             if self.compensate_ttl {
                 translate::bump_ttl(buf);
             }
-        } else {
-            self.stats.passed_through += n;
         }
         Ok(())
+    }
+
+    /// A packet the gateway does not translate. To an address of this host it is passed
+    /// through (the kernel delivers it). To any other address (a VIP: routed into `nat0`, so
+    /// passing it back would loop it until its TTL ran out) it is answered in place, an echo
+    /// request with an echo reply from the VIP and a TCP segment with a RST, or dropped.
+    fn not_translated(&mut self, buf: &mut [u8], p: &Parsed, n: u64) -> Result<(), DropReason> {
+        if self.local_addresses.contains(&p.dst) || self.table.find_public(p.dst).is_none() {
+            // The host's own address, or an address that is not routed into `nat0`.
+            self.stats.passed_through += n;
+            return Ok(());
+        }
+        match p.l4 {
+            L4::IcmpEcho { request: true, .. }
+                if !p.first_fragment && translate::echo_reply_in_place(buf, p) =>
+            {
+                self.stats.answered_echo += 1;
+                return Ok(());
+            }
+            L4::Tcp { flags, .. }
+                if flags & 0x04 == 0
+                    && !p.first_fragment
+                    && crate::service::refuse_in_place(buf) =>
+            {
+                self.stats.answered_rst += 1;
+                return Ok(());
+            }
+            _ => {}
+        }
+        Err(DropReason::Unowned)
     }
 
     /// A fragment past the first: rewritten like its datagram's first fragment was; dropped
@@ -657,19 +701,12 @@ impl Gateway {
         csum: L4Checksum,
         n: u64,
     ) -> Result<bool, DropReason> {
-        let (proto, inside_port, remote_port, tcp_bits) = match p.l4 {
+        let (proto, inside_port, remote_port, seg) = match p.l4 {
             L4::Tcp {
-                sport,
-                dport,
-                flags,
-            } => (
-                Proto::Tcp,
-                sport,
-                dport,
-                translate::tcp_state_bits(flags, true),
-            ),
-            L4::Udp { sport, dport } => (Proto::Udp, sport, dport, 0),
-            L4::IcmpEcho { request: true, id } => (Proto::Icmp, id, 0, 0),
+                sport, dport, seg, ..
+            } => (Proto::Tcp, sport, dport, Some(seg)),
+            L4::Udp { sport, dport } => (Proto::Udp, sport, dport, None),
+            L4::IcmpEcho { request: true, id } => (Proto::Icmp, id, 0, None),
             _ => return Ok(false),
         };
         let inside = SocketAddrV4::new(p.src, inside_port);
@@ -691,19 +728,18 @@ impl Gateway {
         {
             Some(s) => s,
             None => {
-                let s = self
-                    .table
-                    .create_session(now, m, remote, true)
-                    .inspect_err(|_| {
-                        // A mapping made for this packet alone must not outlive the refusal.
-                        self.table_release_if_unused(m);
-                    })?;
+                let created = self.table.create_session(now, m, remote, true);
+                self.report_evicted(now);
+                let s = created.inspect_err(|_| {
+                    // A mapping made for this packet alone must not outlive the refusal.
+                    self.table_release_if_unused(m);
+                })?;
                 self.stats.flows_created += 1;
                 self.notify(now, view.listener, view.inside, remote, FlowEvent::Opened);
                 s
             }
         };
-        let change = self.table.touch(now, s, tcp_bits);
+        let change = self.table.touch(now, s, true, seg.as_ref())?;
         self.notify_change(now, view.listener, view.inside, remote, change);
         self.notify_packet(view.listener, view.inside, false, buf.len());
         let public_ip = self.table.public_addr(view.public_idx);
@@ -717,6 +753,15 @@ impl Gateway {
         self.table.release_unused_mapping(m);
     }
 
+    /// Reports the flows the table removed to make room (early drop).
+    fn report_evicted(&mut self, now: Instant) {
+        let evicted = self.table.take_evicted();
+        if !evicted.is_empty() {
+            self.stats.early_drops += evicted.len() as u64;
+            self.report_removed(now, evicted);
+        }
+    }
+
     /// Destination translation of a packet to a public address. Ok(false): passed through.
     fn inbound(
         &mut self,
@@ -727,14 +772,15 @@ impl Gateway {
         csum: L4Checksum,
         n: u64,
     ) -> Result<bool, DropReason> {
-        let (proto, public_port, remote_port, flags) = match p.l4 {
+        let (proto, public_port, remote_port, flags, seg) = match p.l4 {
             L4::Tcp {
                 sport,
                 dport,
                 flags,
-            } => (Proto::Tcp, dport, sport, flags),
-            L4::Udp { sport, dport } => (Proto::Udp, dport, sport, 0),
-            L4::IcmpEcho { request: false, id } => (Proto::Icmp, id, 0, 0),
+                seg,
+            } => (Proto::Tcp, dport, sport, flags, Some(seg)),
+            L4::Udp { sport, dport } => (Proto::Udp, dport, sport, 0, None),
+            L4::IcmpEcho { request: false, id } => (Proto::Icmp, id, 0, 0, None),
             // Echo requests to a public address are for the gateway itself.
             _ => return Ok(false),
         };
@@ -742,7 +788,6 @@ impl Gateway {
             return Ok(false);
         };
         let remote = SocketAddrV4::new(p.src, remote_port);
-        let tcp_bits = translate::tcp_state_bits(flags, false);
         let mut existing = self.table.session(proto, idx, public_port, remote);
         if let Some(old) = existing
             && proto == Proto::Tcp
@@ -775,8 +820,9 @@ impl Gateway {
                         Err(DropReason::NoInsideEndpoint)
                             if proto == Proto::Tcp
                                 && !hairpin
-                                && crate::service::refuse_syn_in_place(buf) =>
+                                && crate::service::refuse_in_place(buf) =>
                         {
+                            self.refused_in_place = true;
                             return Ok(false);
                         }
                         r => r?,
@@ -790,7 +836,12 @@ impl Gateway {
                     if !allowed {
                         return Err(DropReason::Filtered);
                     }
-                    let s = self.table.create_session(now, m, remote, false)?;
+                    if proto == Proto::Tcp && !translate::is_initial_syn(flags) {
+                        return Err(DropReason::NotSyn);
+                    }
+                    let created = self.table.create_session(now, m, remote, false);
+                    self.report_evicted(now);
+                    let s = created?;
                     self.stats.flows_created += 1;
                     s
                 }
@@ -798,7 +849,7 @@ impl Gateway {
         };
         let m = self.table.session_mapping(s);
         let view = self.table.mapping(m);
-        let change = self.table.touch(now, s, tcp_bits);
+        let change = self.table.touch(now, s, false, seg.as_ref())?;
         self.notify_change(now, view.listener, view.inside, remote, change);
         self.notify_packet(view.listener, view.inside, true, buf.len());
         translate::set_ip(buf, 0, Side::Dst, *view.inside.ip(), csum);
@@ -817,7 +868,7 @@ impl Gateway {
         proto: Proto,
         client: SocketAddrV4,
     ) -> Result<u32, DropReason> {
-        if self.table.len() >= self.table.capacity() {
+        if self.table.len() >= self.table.capacity() && self.table.half_open() == 0 {
             return Err(DropReason::TableFull);
         }
         let listener = self
@@ -836,12 +887,11 @@ impl Gateway {
                 .table
                 .create_mapping(proto, inside, idx, Some(public_port), id, false)?,
         };
-        let s = self
-            .table
-            .create_session(now, m, client, false)
-            .inspect_err(|_| {
-                self.table.release_unused_mapping(m);
-            })?;
+        let created = self.table.create_session(now, m, client, false);
+        self.report_evicted(now);
+        let s = created.inspect_err(|_| {
+            self.table.release_unused_mapping(m);
+        })?;
         if let Some(Some(l)) = self.listeners.get_mut(usize::from(id)) {
             l.flows_opened += 1;
         }
@@ -907,18 +957,25 @@ impl Gateway {
         let quoted = L4Checksum::Full;
         match dir {
             Direction::Inbound => {
-                // About a packet we sent out: quoted src is our public endpoint.
+                // About a packet we sent out: quoted src is our public endpoint. One the
+                // gateway does not translate goes to the host, if the address is the host's.
+                let pass = |g: &mut Self| {
+                    if g.local_addresses.contains(&p.dst) {
+                        g.stats.passed_through += 1;
+                        Ok(())
+                    } else {
+                        Err(DropReason::Unowned)
+                    }
+                };
                 let Some(idx) = self.table.find_public(q.src) else {
-                    self.stats.passed_through += 1;
-                    return Ok(());
+                    return pass(self);
                 };
                 let remote =
                     SocketAddrV4::new(q.dst, if q.proto == Proto::Icmp { 0 } else { q.dport });
                 let Some(s) = self.table.session(q.proto, idx, q.sport, remote) else {
                     if self.table.public_owner(q.proto, idx, q.sport).is_none() {
                         // About the gateway's own traffic: the kernel wants it.
-                        self.stats.passed_through += 1;
-                        return Ok(());
+                        return pass(self);
                     }
                     return Err(DropReason::NoSession);
                 };
@@ -929,7 +986,11 @@ impl Gateway {
                 translate::set_ip(buf, 0, Side::Dst, *view.inside.ip(), csum);
             }
             Direction::Outbound => {
-                // About a packet an inside host received: quoted dst is the inside endpoint.
+                // About a packet an inside host received: quoted dst is the inside endpoint,
+                // and only that host may report on it.
+                if p.src != q.dst {
+                    return Err(DropReason::IcmpErrorSpoofed);
+                }
                 let inside = SocketAddrV4::new(q.dst, q.dport);
                 let remote =
                     SocketAddrV4::new(q.src, if q.proto == Proto::Icmp { 0 } else { q.sport });
@@ -1019,6 +1080,22 @@ impl Gateway {
     #[must_use]
     pub fn table(&self) -> &PatTable {
         &self.table
+    }
+}
+
+fn table_config(config: &GatewayConfig) -> TableConfig {
+    TableConfig {
+        timeouts: config.timeouts,
+        max_sessions: config.max_mappings,
+        max_per_host: config.max_per_host,
+        port_range: config.port_range.clone(),
+        seed: config.seed,
+        half_open: HalfOpenLimits {
+            per_listener: config.max_half_open_per_listener,
+            per_source: config.max_half_open_per_source,
+            source_prefix: config.half_open_source_prefix,
+            inbound_per_mapping: config.max_inbound_per_mapping,
+        },
     }
 }
 

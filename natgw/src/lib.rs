@@ -50,6 +50,7 @@ mod fragments;
 pub mod fuzzing;
 mod gateway;
 pub mod table;
+mod tcp;
 pub mod translate;
 
 pub use acl::{Acl, AclAction, AclRule};

@@ -323,15 +323,16 @@ impl Gateway {
     }
 }
 
-/// Turns a TCP SYN (IPv4, in `buf`) into the RST+ACK a closed port would answer, in place:
-/// addresses and ports swapped, `ack = seq + segment length`, options overwritten with NOPs so
-/// the length stays the same, both checksums recomputed. Returns false (buffer untouched) if
-/// the packet is not a well-formed TCP segment.
+/// Turns a TCP segment (IPv4, in `buf`) into the RST a closed port would answer, in place
+/// (RFC 9293 §3.10.7.1): addresses and ports swapped; for a segment without ACK (a SYN) a
+/// RST+ACK with `ack = seq + segment length`, for one with ACK a RST with `seq = its ack`;
+/// options overwritten with NOPs so the length stays the same, both checksums recomputed.
+/// Returns false (buffer untouched) if the packet is not a well-formed TCP segment.
 ///
 /// This is how a service with no backend left refuses a connection (as LVS with no real
 /// server, and HAProxy with no server up, make the client fail at once instead of retrying
 /// its SYN for a minute).
-pub(crate) fn refuse_syn_in_place(buf: &mut [u8]) -> bool {
+pub(crate) fn refuse_in_place(buf: &mut [u8]) -> bool {
     use netutil::checksum::{checksum, fold, get16, pseudo_header_v4, put16, sum};
 
     let Some(&vihl) = buf.first() else {
@@ -350,6 +351,7 @@ pub(crate) fn refuse_syn_in_place(buf: &mut [u8]) -> bool {
     let seg_len =
         (total - ihl - doff) as u32 + u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
     let seq = u32::from_be_bytes([buf[ihl + 4], buf[ihl + 5], buf[ihl + 6], buf[ihl + 7]]);
+    let ack = u32::from_be_bytes([buf[ihl + 8], buf[ihl + 9], buf[ihl + 10], buf[ihl + 11]]);
 
     // IP: swap addresses, fresh TTL, no fragmentation business.
     let (src, dst): ([u8; 4], [u8; 4]) = (
@@ -369,9 +371,15 @@ pub(crate) fn refuse_syn_in_place(buf: &mut [u8]) -> bool {
     let (sport, dport) = (get16(buf, t), get16(buf, t + 2));
     put16(buf, t, dport);
     put16(buf, t + 2, sport);
-    buf[t + 4..t + 8].copy_from_slice(&0u32.to_be_bytes());
-    buf[t + 8..t + 12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
-    buf[t + 13] = 0x14; // RST | ACK
+    if flags & 0x10 != 0 {
+        buf[t + 4..t + 8].copy_from_slice(&ack.to_be_bytes());
+        buf[t + 8..t + 12].copy_from_slice(&0u32.to_be_bytes());
+        buf[t + 13] = 0x04; // RST
+    } else {
+        buf[t + 4..t + 8].copy_from_slice(&0u32.to_be_bytes());
+        buf[t + 8..t + 12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
+        buf[t + 13] = 0x14; // RST | ACK
+    }
     put16(buf, t + 14, 0); // window
     put16(buf, t + 16, 0); // checksum, filled below
     put16(buf, t + 18, 0); // urgent pointer
@@ -566,6 +574,8 @@ mod tests {
                 GatewayConfig {
                     inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
                     compensate_ttl: false,
+                    // Every test client is in one /24.
+                    max_half_open_per_source: usize::MAX,
                     ..GatewayConfig::default()
                 },
             )
@@ -733,8 +743,8 @@ mod tests {
                 .udp(1, 2)
                 .write(&mut udp, &[])
                 .unwrap();
-            assert!(!refuse_syn_in_place(&mut udp));
-            assert!(!refuse_syn_in_place(&mut syn[..30].to_vec()));
+            assert!(!refuse_in_place(&mut udp));
+            assert!(!refuse_in_place(&mut syn[..30].to_vec()));
         }
     }
 
@@ -747,7 +757,7 @@ mod tests {
             opts in 0usize..4,
             payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16),
         ) {
-            let _ = refuse_syn_in_place(&mut bytes);
+            let _ = refuse_in_place(&mut bytes);
             let options = [
                 etherparse::TcpOptionElement::MaximumSegmentSize(1460),
                 etherparse::TcpOptionElement::SelectiveAcknowledgementPermitted,
@@ -763,7 +773,7 @@ mod tests {
                 .write(&mut syn, &payload)
                 .unwrap();
             let len = syn.len();
-            proptest::prop_assert!(refuse_syn_in_place(&mut syn));
+            proptest::prop_assert!(refuse_in_place(&mut syn));
             proptest::prop_assert_eq!(syn.len(), len);
             proptest::prop_assert!(crate::translate::l4_checksum_ok(&syn));
             let p = etherparse::SlicedPacket::from_ip(&syn).unwrap();

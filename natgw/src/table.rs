@@ -14,6 +14,18 @@
 //! 16-byte entries): the bench target is ≤ 128 bytes per flow at 100,000 flows. Slabs grow by a
 //! quarter at a time instead of doubling for the same reason.
 //!
+//! TCP flows are tracked as conntrack does ([`crate::tcp`]): states with their own timeouts,
+//! a window per direction, RSTs checked against it.
+//!
+//! Half-open ("unassured") sessions: a TCP flow before its handshake completed, a UDP or
+//! ICMP flow before its first reply. Each sits on an age-ordered list of its class (flows
+//! opened from the inside; inbound flows to dynamic mappings; the inbound flows of each
+//! listener) until it is assured or removed. Invariants: a session is on exactly one list
+//! while unassured and on none once assured; `half_open_sources` counts the unassured
+//! inbound sessions per source network; when the table is full (or a listener at its
+//! half-open bound) the oldest session of the longest list (or of that listener's list) is
+//! removed first, so established flows are never evicted for new ones.
+//!
 //! Expiry uses a hashed timer wheel of one-second slots with lazy refresh: a packet only
 //! stores a new deadline in its session; when the slot of the old deadline comes round the
 //! session is moved to the slot of its current deadline. So per packet the cost is one store,
@@ -27,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Proto, Timeouts};
 use crate::error::DropReason;
+use crate::tcp::{Outcome, Segment, TcpState, Tracker};
 
 /// "No entry" in the intrusive lists and for `Mapping::listener`.
 const NIL: u32 = u32::MAX;
@@ -50,14 +63,43 @@ const HEAD: u32 = 1 << 31;
 /// Mapping flag bits.
 const M_PERMANENT: u8 = 0x80;
 
-/// TCP state bits of a session.
-pub(crate) const SYN_OUT: u8 = 0x01;
-pub(crate) const SYN_IN: u8 = 0x02;
-pub(crate) const FIN_OUT: u8 = 0x04;
-pub(crate) const FIN_IN: u8 = 0x08;
-pub(crate) const RST: u8 = 0x10;
 /// Session flag: opened by an inside host (counts toward its per-host limit).
 const S_FROM_INSIDE: u8 = 0x01;
+/// Session flag: a packet went the other way (the responder answered).
+const S_REPLIED: u8 = 0x02;
+/// Session flag: assured (established, or answered): off the half-open lists.
+const S_ASSURED: u8 = 0x04;
+
+/// Half-open class of the sessions opened by inside hosts.
+const CLASS_OUTBOUND: usize = 0;
+/// Half-open class of inbound sessions to dynamic mappings.
+const CLASS_INBOUND_DYNAMIC: usize = 1;
+/// Listener `l`'s half-open class is `CLASS_LISTENER + l`.
+const CLASS_LISTENER: usize = 2;
+
+/// conntrack's timeouts of the TCP states that are not established (seconds).
+const SYN_SENT_SECS: u64 = 120;
+const SYN_RECV_SECS: u64 = 60;
+const FIN_WAIT_SECS: u64 = 120;
+const CLOSE_WAIT_SECS: u64 = 60;
+const LAST_ACK_SECS: u64 = 30;
+const TIME_WAIT_SECS: u64 = 120;
+const CLOSE_SECS: u64 = 10;
+
+/// An age-ordered list of half-open sessions (oldest first), linked through
+/// `Session::age_prev/age_next`.
+#[derive(Debug, Clone, Copy)]
+struct AgeList {
+    oldest: u32,
+    newest: u32,
+    len: u32,
+}
+
+const EMPTY_LIST: AgeList = AgeList {
+    oldest: NIL,
+    newest: NIL,
+    len: 0,
+};
 
 #[derive(Debug, Clone, Copy)]
 struct Mapping {
@@ -69,6 +111,8 @@ struct Mapping {
     public_idx: u8,
     listener: u16,
     sessions: u32,
+    /// Sessions of this mapping opened from the outside.
+    inbound: u32,
     /// First session of this mapping (doubly linked through `Session::next/prev`); reused as
     /// the free-list link while the slot is free.
     head: u32,
@@ -87,9 +131,12 @@ struct Session {
     wheel_prev: u32,
     next: u32,
     prev: u32,
+    /// Neighbours on the half-open list of its class (NIL once assured).
+    age_prev: u32,
+    age_next: u32,
     remote_port: u16,
-    tcp: u8,
     flags: u8,
+    tcp: Tracker,
 }
 
 /// Index of a session: public endpoint plus remote endpoint (the same in both directions).
@@ -174,8 +221,21 @@ pub(crate) enum StateChange {
     None,
     /// Became established (LVS counts it as an active connection).
     Established,
-    /// Left established (FIN both ways or RST: an inactive connection).
+    /// Left established (a FIN or RST: an inactive connection).
     Closing,
+}
+
+/// The half-open bounds of a [`PatTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HalfOpenLimits {
+    /// Inbound half-open sessions per listener (the oldest makes room).
+    pub(crate) per_listener: usize,
+    /// Inbound half-open sessions per source network (more are refused).
+    pub(crate) per_source: usize,
+    /// Prefix length of a source network.
+    pub(crate) source_prefix: u8,
+    /// Sessions opened from the outside per dynamic mapping.
+    pub(crate) inbound_per_mapping: usize,
 }
 
 /// A session that was removed, with what observers need to know about it.
@@ -214,6 +274,7 @@ pub(crate) struct TableConfig {
     pub(crate) max_per_host: usize,
     pub(crate) port_range: RangeInclusive<u16>,
     pub(crate) seed: u64,
+    pub(crate) half_open: HalfOpenLimits,
 }
 
 /// The bounded translation table. See the module docs.
@@ -229,6 +290,15 @@ pub struct PatTable {
     index: HashMap<u64, u32, SeededState>,
     flows: HashMap<SessionKey, u32, SeededState>,
     per_host: HashMap<u32, u32, SeededState>,
+    /// (mapping << 32 | remote ip) → sessions of that dynamic mapping with that remote
+    /// address (address-dependent filtering without walking the mapping's sessions).
+    remote_ips: HashMap<u64, u32, SeededState>,
+    /// Source network → unassured inbound sessions from it.
+    half_open_sources: HashMap<u32, u32, SeededState>,
+    /// Half-open lists, indexed by class (see `CLASS_*`).
+    classes: Vec<AgeList>,
+    /// Sessions removed to make room, for the gateway to report (drained by `take_evicted`).
+    evicted: Vec<RemovedSession>,
     wheel: Vec<u32>,
     /// Next tick the wheel has not processed yet.
     cursor: u32,
@@ -256,6 +326,10 @@ impl PatTable {
             index: HashMap::with_hasher(hasher),
             flows: HashMap::with_hasher(SeededState(mix(cfg.seed ^ 0x51))),
             per_host: HashMap::with_hasher(SeededState(mix(cfg.seed ^ 0x52))),
+            remote_ips: HashMap::with_hasher(SeededState(mix(cfg.seed ^ 0x53))),
+            half_open_sources: HashMap::with_hasher(SeededState(mix(cfg.seed ^ 0x54))),
+            classes: vec![EMPTY_LIST; CLASS_LISTENER],
+            evicted: Vec::new(),
             wheel: vec![NIL; SLOTS as usize],
             cursor: 0,
             live_sessions: 0,
@@ -464,6 +538,7 @@ impl PatTable {
             public_idx: idx,
             listener,
             sessions: 0,
+            inbound: 0,
             head: NIL,
         });
         self.index.insert(inside_key, m);
@@ -486,6 +561,7 @@ impl PatTable {
         }
         self.mappings[m as usize].head = self.free_mapping;
         self.mappings[m as usize].sessions = 0;
+        self.mappings[m as usize].inbound = 0;
         self.free_mapping = m;
         self.live_mappings -= 1;
     }
@@ -515,19 +591,132 @@ impl PatTable {
         self.sessions[s as usize].mapping
     }
 
-    /// Address-dependent filtering: has this mapping any session with `remote_ip`?
-    /// Walks the mapping's session list (only on the unsolicited-inbound path).
+    /// Address-dependent filtering: has this dynamic mapping any session with `remote_ip`?
+    /// One hash lookup (an index kept per mapping and remote address).
     pub(crate) fn mapping_has_remote_ip(&self, m: u32, remote_ip: Ipv4Addr) -> bool {
-        let want = u32::from(remote_ip);
-        let mut s = self.mappings[m as usize].head;
-        while s != NIL {
-            let sess = &self.sessions[s as usize];
-            if sess.remote_ip == want {
-                return true;
-            }
-            s = sess.next;
+        self.remote_ips
+            .contains_key(&remote_ip_key(m, u32::from(remote_ip)))
+    }
+
+    /// Whether dynamic mapping `m` may take one more session from the outside.
+    pub(crate) fn mapping_accepts_inbound(&self, m: u32) -> bool {
+        (self.mappings[m as usize].inbound as usize) < self.cfg.half_open.inbound_per_mapping
+    }
+
+    fn source_net(&self, ip: u32) -> u32 {
+        let prefix = u32::from(self.cfg.half_open.source_prefix.clamp(1, 32));
+        ip & (u32::MAX << (32 - prefix))
+    }
+
+    fn class_of(&self, s: u32) -> usize {
+        let sess = &self.sessions[s as usize];
+        if sess.flags & S_FROM_INSIDE != 0 {
+            return CLASS_OUTBOUND;
         }
-        false
+        match self.mappings[sess.mapping as usize].listener {
+            NO_LISTENER => CLASS_INBOUND_DYNAMIC,
+            l => CLASS_LISTENER + usize::from(l),
+        }
+    }
+
+    fn age_push(&mut self, s: u32) {
+        let c = self.class_of(s);
+        if self.classes.len() <= c {
+            self.classes.resize(c + 1, EMPTY_LIST);
+        }
+        let list = self.classes[c];
+        {
+            let sess = &mut self.sessions[s as usize];
+            sess.age_prev = list.newest;
+            sess.age_next = NIL;
+        }
+        if list.newest != NIL {
+            self.sessions[list.newest as usize].age_next = s;
+        }
+        let list = &mut self.classes[c];
+        if list.oldest == NIL {
+            list.oldest = s;
+        }
+        list.newest = s;
+        list.len += 1;
+    }
+
+    /// Takes an unassured session off its half-open list (and its source network's count).
+    fn age_unlink(&mut self, s: u32) {
+        let c = self.class_of(s);
+        let Session {
+            age_prev,
+            age_next,
+            flags,
+            remote_ip,
+            ..
+        } = self.sessions[s as usize];
+        if flags & S_ASSURED != 0 {
+            return;
+        }
+        let Some(list) = self.classes.get_mut(c) else {
+            return;
+        };
+        if age_prev == NIL {
+            list.oldest = age_next;
+        }
+        if age_next == NIL {
+            list.newest = age_prev;
+        }
+        list.len = list.len.saturating_sub(1);
+        if age_prev != NIL {
+            self.sessions[age_prev as usize].age_next = age_next;
+        }
+        if age_next != NIL {
+            self.sessions[age_next as usize].age_prev = age_prev;
+        }
+        let sess = &mut self.sessions[s as usize];
+        sess.age_prev = NIL;
+        sess.age_next = NIL;
+        sess.flags |= S_ASSURED;
+        if flags & S_FROM_INSIDE == 0 {
+            let net = self.source_net(remote_ip);
+            if let Some(n) = self.half_open_sources.get_mut(&net) {
+                *n -= 1;
+                if *n == 0 {
+                    self.half_open_sources.remove(&net);
+                }
+            }
+        }
+    }
+
+    /// Early drop: removes the oldest half-open session of class `c`. False if it has none.
+    fn evict_oldest(&mut self, c: usize) -> bool {
+        let Some(s) = self.classes.get(c).map(|l| l.oldest).filter(|s| *s != NIL) else {
+            return false;
+        };
+        self.unlink_wheel(s);
+        let removed = self.remove_session(s);
+        self.evicted.push(removed);
+        true
+    }
+
+    /// Early drop when the table is full: the oldest half-open session of the longest list.
+    fn evict_for_room(&mut self) -> bool {
+        let longest = self
+            .classes
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, l)| l.len)
+            .filter(|(_, l)| l.len > 0)
+            .map(|(c, _)| c);
+        longest.is_some_and(|c| self.evict_oldest(c))
+    }
+
+    /// Sessions removed to make room since the last call (the gateway reports them).
+    pub(crate) fn take_evicted(&mut self) -> Vec<RemovedSession> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Half-open sessions right now (on any list).
+    #[must_use]
+    pub fn half_open(&self) -> usize {
+        self.classes.iter().map(|l| l.len as usize).sum()
     }
 
     /// Opens a session on mapping `m`. Enforces the table bound and, for flows opened by an
@@ -539,20 +728,49 @@ impl PatTable {
         remote: SocketAddrV4,
         from_inside: bool,
     ) -> Result<u32, DropReason> {
-        if self.live_sessions >= self.cfg.max_sessions {
-            return Err(DropReason::TableFull);
-        }
         let inside_ip = self.mappings[m as usize].inside_ip;
+        let listener = self.mappings[m as usize].listener;
+        let net = self.source_net(u32::from(*remote.ip()));
         if from_inside {
-            let n = self.per_host.entry(inside_ip).or_insert(0);
-            if *n as usize >= self.cfg.max_per_host {
+            if self.per_host.get(&inside_ip).copied().unwrap_or(0) as usize >= self.cfg.max_per_host
+            {
                 return Err(DropReason::HostLimit);
             }
-            *n += 1;
+        } else {
+            if self.half_open_sources.get(&net).copied().unwrap_or(0) as usize
+                >= self.cfg.half_open.per_source
+            {
+                return Err(DropReason::HalfOpenSource);
+            }
+            if listener == NO_LISTENER && !self.mapping_accepts_inbound(m) {
+                return Err(DropReason::MappingInboundLimit);
+            }
+            if listener != NO_LISTENER {
+                let c = CLASS_LISTENER + usize::from(listener);
+                if self.classes.get(c).map_or(0, |l| l.len as usize)
+                    >= self.cfg.half_open.per_listener
+                {
+                    self.evict_oldest(c);
+                }
+            }
+        }
+        if self.live_sessions >= self.cfg.max_sessions && !self.evict_for_room() {
+            return Err(DropReason::TableFull);
+        }
+        // Eviction may have removed mapping `m` with its last session; such a mapping is
+        // made again by the caller's next packet, this one is refused.
+        if !self.mapping_live(m) {
+            return Err(DropReason::TableFull);
+        }
+        if from_inside {
+            *self.per_host.entry(inside_ip).or_insert(0) += 1;
+        } else {
+            *self.half_open_sources.entry(net).or_insert(0) += 1;
+            self.mappings[m as usize].inbound += 1;
         }
         let view = self.mapping(m);
         let now_tick = self.tick(now);
-        let expires = now_tick.saturating_add(self.timeout_ticks(view.proto, 0));
+        let expires = now_tick.saturating_add(self.timeout_ticks(view.proto, TcpState::None));
         let head = self.mappings[m as usize].head;
         let sess = Session {
             mapping: m,
@@ -562,9 +780,11 @@ impl PatTable {
             wheel_prev: NIL,
             next: head,
             prev: NIL,
+            age_prev: NIL,
+            age_next: NIL,
             remote_port: remote.port(),
-            tcp: 0,
             flags: if from_inside { S_FROM_INSIDE } else { 0 },
+            tcp: Tracker::default(),
         };
         let s = if self.free_session != NIL {
             let s = self.free_session;
@@ -586,6 +806,13 @@ impl PatTable {
             SessionKey::new(view.proto, view.public_idx, view.public_port, remote),
             s,
         );
+        if view.listener.is_none() {
+            *self
+                .remote_ips
+                .entry(remote_ip_key(m, u32::from(*remote.ip())))
+                .or_insert(0) += 1;
+        }
+        self.age_push(s);
         self.live_sessions += 1;
         if self.live_sessions == 1 {
             // The wheel was idle: start it at the current tick instead of replaying the gap.
@@ -623,45 +850,87 @@ impl PatTable {
         }
     }
 
-    fn timeout_ticks(&self, proto: Proto, tcp: u8) -> u32 {
+    /// The idle timeout of a session: per protocol, per TCP state (conntrack's values for
+    /// the states that are not established, each capped by `tcp_transitory`).
+    fn timeout_ticks(&self, proto: Proto, tcp: TcpState) -> u32 {
         let t = &self.cfg.timeouts;
+        let transitory = |secs: u64| Duration::from_secs(secs).min(t.tcp_transitory);
         tick_secs(match proto {
             Proto::Udp => t.udp,
             Proto::Icmp => t.icmp,
-            Proto::Tcp if is_established(tcp) => t.tcp_established,
-            Proto::Tcp => t.tcp_transitory,
+            Proto::Tcp => match tcp {
+                TcpState::Established => t.tcp_established,
+                TcpState::None | TcpState::SynSent => transitory(SYN_SENT_SECS),
+                TcpState::SynRecv => transitory(SYN_RECV_SECS),
+                TcpState::FinWait => transitory(FIN_WAIT_SECS),
+                TcpState::CloseWait => transitory(CLOSE_WAIT_SECS),
+                TcpState::LastAck => transitory(LAST_ACK_SECS),
+                TcpState::TimeWait => transitory(TIME_WAIT_SECS),
+                TcpState::Close => transitory(CLOSE_SECS),
+            },
         })
     }
 
-    /// Records a packet on session `s`: TCP state from its flags, and a new idle deadline.
-    pub(crate) fn touch(&mut self, now: Instant, s: u32, tcp_bits: u8) -> StateChange {
+    /// Records a packet on session `s`, sent by the inside host when `outbound`: TCP state
+    /// and window from `seg` (None for UDP and ICMP), a new idle deadline, and whether the
+    /// session is now assured.
+    ///
+    /// # Errors
+    /// [`DropReason::RstOutOfWindow`]: a RST outside the window; nothing changed.
+    pub(crate) fn touch(
+        &mut self,
+        now: Instant,
+        s: u32,
+        outbound: bool,
+        seg: Option<&Segment>,
+    ) -> Result<StateChange, DropReason> {
         let m = self.sessions[s as usize].mapping;
         let proto = Proto::from_code(self.mappings[m as usize].proto_flags & 0x3);
-        let before = self.sessions[s as usize].tcp;
-        let after = before | tcp_bits;
+        let flags = self.sessions[s as usize].flags;
+        let from_orig = outbound == (flags & S_FROM_INSIDE != 0);
+        let before = self.sessions[s as usize].tcp.state;
+        if let Some(seg) = seg.filter(|_| proto == Proto::Tcp)
+            && self.sessions[s as usize].tcp.track(seg, from_orig) == Outcome::RstOutOfWindow
+        {
+            return Err(DropReason::RstOutOfWindow);
+        }
+        let after = self.sessions[s as usize].tcp.state;
+        if !from_orig {
+            self.sessions[s as usize].flags |= S_REPLIED;
+        }
+        let replied = self.sessions[s as usize].flags & S_REPLIED != 0;
+        let assured = match proto {
+            Proto::Tcp => replied && after >= TcpState::Established,
+            Proto::Udp | Proto::Icmp => replied,
+        };
+        if assured {
+            self.age_unlink(s);
+        }
         let deadline = self
             .tick(now)
             .saturating_add(self.timeout_ticks(proto, after));
         let sess = &mut self.sessions[s as usize];
-        sess.tcp = after;
         let earlier = deadline < sess.expires;
         sess.expires = deadline;
         if earlier {
             self.unlink_wheel(s);
             self.link_wheel(s, deadline);
         }
-        match (is_established(before), is_established(after)) {
+        let established = |st: TcpState| proto == Proto::Tcp && st == TcpState::Established;
+        Ok(match (established(before), established(after)) {
             (false, true) => StateChange::Established,
             (true, false) => StateChange::Closing,
             _ => StateChange::None,
-        }
+        })
     }
 
-    /// Whether TCP session `s` has ended (a RST, or FINs both ways): a new SYN on its 4-tuple
-    /// is a new connection reusing the client's port.
+    /// Whether TCP session `s` has ended (an accepted RST, or the close completed): a new
+    /// SYN on its 4-tuple is a new connection reusing the client's port.
     pub(crate) fn session_closed(&self, s: u32) -> bool {
-        let tcp = self.sessions[s as usize].tcp;
-        tcp & RST != 0 || tcp & (FIN_OUT | FIN_IN) == (FIN_OUT | FIN_IN)
+        matches!(
+            self.sessions[s as usize].tcp.state,
+            TcpState::Close | TcpState::TimeWait
+        )
     }
 
     /// Removes session `s` at once (a closed connection replaced by a new one on its 4-tuple).
@@ -673,9 +942,23 @@ impl PatTable {
     /// Removes session `s` (and its mapping when that was its last session and the mapping is
     /// not permanent). The session must already be out of the wheel.
     fn remove_session(&mut self, s: u32) -> RemovedSession {
+        self.age_unlink(s);
         let sess = self.sessions[s as usize];
         let view = self.mapping(sess.mapping);
         let remote = SocketAddrV4::new(Ipv4Addr::from(sess.remote_ip), sess.remote_port);
+        if view.listener.is_none() {
+            let key = remote_ip_key(sess.mapping, sess.remote_ip);
+            if let Some(n) = self.remote_ips.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.remote_ips.remove(&key);
+                }
+            }
+        }
+        if sess.flags & S_FROM_INSIDE == 0 {
+            let mapping = &mut self.mappings[sess.mapping as usize];
+            mapping.inbound = mapping.inbound.saturating_sub(1);
+        }
         self.flows.remove(&SessionKey::new(
             view.proto,
             view.public_idx,
@@ -710,7 +993,7 @@ impl PatTable {
         RemovedSession {
             mapping: view,
             remote,
-            was_established: is_established(sess.tcp),
+            was_established: view.proto == Proto::Tcp && sess.tcp.state == TcpState::Established,
         }
     }
 
@@ -805,6 +1088,9 @@ impl PatTable {
             + map(&self.index)
             + map(&self.flows)
             + map(&self.per_host)
+            + map(&self.remote_ips)
+            + map(&self.half_open_sources)
+            + self.classes.capacity() * size_of::<AgeList>()
             + self.wheel.capacity() * size_of::<u32>()
     }
 
@@ -822,7 +1108,8 @@ impl PatTable {
                     inside: view.inside,
                     public: SocketAddrV4::new(self.public_addr(view.public_idx), view.public_port),
                     outside: SocketAddrV4::new(Ipv4Addr::from(sess.remote_ip), sess.remote_port),
-                    established: view.proto == Proto::Tcp && is_established(sess.tcp),
+                    established: view.proto == Proto::Tcp
+                        && sess.tcp.state == TcpState::Established,
                     expires_in: Duration::from_secs(u64::from(
                         sess.expires.saturating_sub(now_tick),
                     )),
@@ -835,11 +1122,8 @@ impl PatTable {
     }
 }
 
-/// Both sides sent a SYN and neither a RST nor both FINs (RFC 6146 §3.5.2 in short).
-fn is_established(tcp: u8) -> bool {
-    tcp & (SYN_OUT | SYN_IN) == (SYN_OUT | SYN_IN)
-        && tcp & RST == 0
-        && tcp & (FIN_OUT | FIN_IN) != (FIN_OUT | FIN_IN)
+fn remote_ip_key(m: u32, remote_ip: u32) -> u64 {
+    (u64::from(m) << 32) | u64::from(remote_ip)
 }
 
 /// Grows a slab by a quarter instead of doubling (memory per flow matters more than the

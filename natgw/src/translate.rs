@@ -28,7 +28,6 @@ pub(crate) const ICMP_ECHO_REQUEST: u8 = 8;
 pub(crate) const ICMP_TIME_EXCEEDED: u8 = 11;
 pub(crate) const ICMP_PARAM_PROBLEM: u8 = 12;
 
-const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
@@ -59,6 +58,8 @@ pub(crate) enum L4 {
         sport: u16,
         dport: u16,
         flags: u8,
+        /// What connection tracking reads (sequence numbers, window, options).
+        seg: crate::tcp::Segment,
     },
     Udp {
         sport: u16,
@@ -107,22 +108,6 @@ impl Parsed {
     }
 }
 
-/// TCP flag bits as the table's state bits for one direction.
-pub(crate) fn tcp_state_bits(flags: u8, outbound: bool) -> u8 {
-    use crate::table::{FIN_IN, FIN_OUT, RST, SYN_IN, SYN_OUT};
-    let mut bits = 0;
-    if flags & TCP_RST != 0 {
-        bits |= RST;
-    }
-    if flags & TCP_SYN != 0 {
-        bits |= if outbound { SYN_OUT } else { SYN_IN };
-    }
-    if flags & TCP_FIN != 0 {
-        bits |= if outbound { FIN_OUT } else { FIN_IN };
-    }
-    bits
-}
-
 /// A SYN without ACK: the only segment allowed to open a flow through a forward.
 pub(crate) fn is_initial_syn(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
@@ -141,10 +126,28 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Parsed, DropReason> {
         match h.protocol().0 {
             6 => {
                 let t = TcpHeaderSlice::from_slice(l4_bytes).map_err(|_| DropReason::Malformed)?;
+                let flags = l4_bytes[13];
+                let wscale = if flags & TCP_SYN != 0 {
+                    t.options_iterator().find_map(|o| match o {
+                        Ok(etherparse::TcpOptionElement::WindowScale(s)) => Some(s),
+                        _ => None,
+                    })
+                } else {
+                    None
+                };
+                let payload = l4_bytes.len().saturating_sub(t.slice().len());
                 L4::Tcp {
                     sport: t.source_port(),
                     dport: t.destination_port(),
-                    flags: l4_bytes[13],
+                    flags,
+                    seg: crate::tcp::Segment {
+                        flags,
+                        seq: t.sequence_number(),
+                        ack: t.acknowledgment_number(),
+                        window: t.window_size(),
+                        wscale,
+                        payload: u32::try_from(payload).unwrap_or(u32::MAX),
+                    },
                 }
             }
             17 => {
@@ -417,6 +420,28 @@ pub(crate) fn refresh_icmp_checksum(buf: &mut [u8], p: &Parsed) {
     put16(buf, at, 0);
     let c = checksum(&buf[p.ihl..p.len]);
     put16(buf, at, c);
+}
+
+/// Turns an ICMP echo request (parsed as `p`, not fragmented) into its echo reply in place:
+/// addresses swapped, type 0, a fresh TTL, both checksums recomputed (the ICMP checksum
+/// covers no pseudo-header, so a partial one cannot occur). False if `p` is no echo request.
+pub(crate) fn echo_reply_in_place(buf: &mut [u8], p: &Parsed) -> bool {
+    if !matches!(p.l4, L4::IcmpEcho { request: true, .. })
+        || p.first_fragment
+        || buf.len() < p.len
+        || p.len < p.ihl + 8
+    {
+        return false;
+    }
+    buf[IP_SRC..IP_SRC + 4].copy_from_slice(&p.dst.octets());
+    buf[IP_DST..IP_DST + 4].copy_from_slice(&p.src.octets());
+    buf[8] = 64;
+    put16(buf, 10, 0);
+    let c = checksum(&buf[..p.ihl]);
+    put16(buf, 10, c);
+    buf[p.ihl] = ICMP_ECHO_REPLY;
+    refresh_icmp_checksum(buf, p);
+    true
 }
 
 /// Finishes a partial checksum in place, as the kernel does for `CHECKSUM_PARTIAL`: sums

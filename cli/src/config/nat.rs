@@ -200,7 +200,20 @@ pub(crate) struct NatSection {
     pub(crate) table: Spanned<u32>,
     /// First `ip rule` priority used (up to +62). Default 100.
     #[serde(default = "default_rule_priority")]
-    pub(crate) rule_priority: u32,
+    pub(crate) rule_priority: Spanned<u32>,
+    /// Inbound half-open flows per static forward or service (the oldest makes room).
+    /// Default 16384.
+    #[serde(default = "default_half_open_per_listener")]
+    pub(crate) max_half_open_per_listener: Spanned<u32>,
+    /// Inbound half-open flows per source network (more are refused). Default 256.
+    #[serde(default = "default_half_open_per_source")]
+    pub(crate) max_half_open_per_source: Spanned<u32>,
+    /// Prefix length of a source network. Default 24.
+    #[serde(default = "default_half_open_prefix")]
+    pub(crate) half_open_source_prefix: Spanned<u8>,
+    /// Sessions outside hosts may open to one dynamic mapping. Default 1024.
+    #[serde(default = "default_inbound_per_mapping")]
+    pub(crate) max_inbound_per_mapping: Spanned<u32>,
     /// TUN queues, one packet task each (the kernel spreads flows over them). Default 1, at
     /// most 8.
     #[serde(default)]
@@ -210,9 +223,27 @@ pub(crate) struct NatSection {
 fn default_table() -> Spanned<u32> {
     Spanned::new(0..0, 4787)
 }
-fn default_rule_priority() -> u32 {
-    100
+fn default_rule_priority() -> Spanned<u32> {
+    Spanned::new(0..0, 100)
 }
+fn default_half_open_per_listener() -> Spanned<u32> {
+    Spanned::new(0..0, 16_384)
+}
+fn default_half_open_per_source() -> Spanned<u32> {
+    Spanned::new(0..0, 256)
+}
+fn default_half_open_prefix() -> Spanned<u8> {
+    Spanned::new(0..0, 24)
+}
+fn default_inbound_per_mapping() -> Spanned<u32> {
+    Spanned::new(0..0, 1024)
+}
+
+/// Upper bound of every table size: the table's index tags assume fewer than 2^31 entries,
+/// and 2^24 flows already take about 2 GiB.
+pub(crate) const MAX_TABLE_ENTRIES: u32 = 1 << 24;
+/// The steering rules use `rule_priority` .. `rule_priority + 62`.
+pub(crate) const MAX_RULE_PRIORITY: u32 = u32::MAX - 62;
 
 fn default_port_range() -> PortRange {
     PortRange {
@@ -254,13 +285,35 @@ impl NatSection {
                 v.error_at(q, format!("queues must be between 1 and {max}"));
             }
         }
-        if *self.max_mappings.get_ref() == 0 {
-            v.error_at(&self.max_mappings, "max_mappings must be at least 1");
+        for (name, n) in [
+            ("max_mappings", &self.max_mappings),
+            ("max_mappings_per_host", &self.max_mappings_per_host),
+            (
+                "max_half_open_per_listener",
+                &self.max_half_open_per_listener,
+            ),
+            ("max_half_open_per_source", &self.max_half_open_per_source),
+            ("max_inbound_per_mapping", &self.max_inbound_per_mapping),
+        ] {
+            if *n.get_ref() == 0 || *n.get_ref() > MAX_TABLE_ENTRIES {
+                v.error_at(
+                    n,
+                    format!("{name} must be between 1 and {MAX_TABLE_ENTRIES}"),
+                );
+            }
         }
-        if *self.max_mappings_per_host.get_ref() == 0 {
+        if !(1..=32).contains(self.half_open_source_prefix.get_ref()) {
             v.error_at(
-                &self.max_mappings_per_host,
-                "max_mappings_per_host must be at least 1",
+                &self.half_open_source_prefix,
+                "half_open_source_prefix must be between 1 and 32",
+            );
+        }
+        if *self.rule_priority.get_ref() > MAX_RULE_PRIORITY {
+            v.error_at(
+                &self.rule_priority,
+                format!(
+                    "rule_priority must be at most {MAX_RULE_PRIORITY} (the rules use up to +62)"
+                ),
             );
         }
         let t = &self.timeouts;

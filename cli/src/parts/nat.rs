@@ -90,6 +90,12 @@ pub(crate) fn gateway_config(nat: &NatSection, seed: u64) -> GatewayConfig {
         compensate_ttl: true,
         // Virtual services are added by the lb part (parts::lb), which starts after this one.
         services: Vec::new(),
+        // Learnt from the interfaces by the driver.
+        local_addresses: Vec::new(),
+        max_half_open_per_listener: *nat.max_half_open_per_listener.get_ref() as usize,
+        max_half_open_per_source: *nat.max_half_open_per_source.get_ref() as usize,
+        half_open_source_prefix: *nat.half_open_source_prefix.get_ref(),
+        max_inbound_per_mapping: *nat.max_inbound_per_mapping.get_ref() as usize,
     }
 }
 
@@ -117,7 +123,7 @@ pub(crate) async fn start(
     let defaults = DriverConfig::new(nat.inside.clone(), nat.outside.get_ref().clone());
     let driver_cfg = DriverConfig {
         table: *nat.table.get_ref(),
-        priority: nat.rule_priority,
+        priority: *nat.rule_priority.get_ref(),
         queues: nat
             .queues
             .as_ref()
@@ -209,6 +215,7 @@ fn status_json(s: &NatSnapshot, flows: bool) -> Value {
         "name": "nat",
         "public_addresses": s.public_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "flows": s.flows,
+        "half_open": s.half_open,
         "mappings": s.mappings,
         "capacity": s.capacity,
         "table_bytes": s.table_bytes,
@@ -228,6 +235,9 @@ fn status_json(s: &NatSnapshot, flows: bool) -> Value {
             "passed_through": s.stats.passed_through,
             "flows_created": s.stats.flows_created,
             "flows_removed": s.stats.flows_removed,
+            "early_drops": s.stats.early_drops,
+            "answered_echo": s.stats.answered_echo,
+            "answered_rst": s.stats.answered_rst,
         },
         "drops": drops,
     });
@@ -270,7 +280,7 @@ impl Part for NatPart {
         if nat.inside != self.started.inside
             || nat.outside.get_ref() != self.started.outside.get_ref()
             || *nat.table.get_ref() != *self.started.table.get_ref()
-            || nat.rule_priority != self.started.rule_priority
+            || nat.rule_priority.get_ref() != self.started.rule_priority.get_ref()
             || nat.queues.as_ref().map(toml::Spanned::get_ref)
                 != self.started.queues.as_ref().map(toml::Spanned::get_ref)
         {
@@ -438,6 +448,7 @@ mod tests {
                 public: SocketAddrV4::new(public, 8001),
                 inside,
             }],
+            half_open: 0,
             acl: Vec::new(),
             acl_implicit_denies: 3,
             stats: GatewayStats {

@@ -144,6 +144,8 @@ pub struct NatSnapshot {
     pub stats: GatewayStats,
     /// Flows in the table.
     pub flows: usize,
+    /// Half-open flows (TCP before its handshake completed, UDP/ICMP before a reply).
+    pub half_open: usize,
     /// Mappings in the table.
     pub mappings: usize,
     /// The table bound.
@@ -172,6 +174,8 @@ pub struct NatDriver {
     tun: String,
     tun_queues: usize,
     learnt_inside: Vec<ipnet::Ipv4Net>,
+    /// Addresses of this host, learnt at start (traffic to them may pass through).
+    learnt_local: Vec<Ipv4Addr>,
 }
 
 /// The driver's clock: the one place that reads it.
@@ -217,6 +221,12 @@ impl NatDriver {
                 gw_cfg.inside_networks.push(*n);
             }
         }
+        let learnt_local = installed.local_addresses().to_vec();
+        for a in &learnt_local {
+            if !gw_cfg.local_addresses.contains(a) {
+                gw_cfg.local_addresses.push(*a);
+            }
+        }
         let gw = match Gateway::new(now(), gw_cfg) {
             Ok(gw) => Arc::new(Mutex::new(gw)),
             Err(e) => {
@@ -248,6 +258,7 @@ impl NatDriver {
             tun: cfg.tun,
             tun_queues: n_queues,
             learnt_inside: inside_nets,
+            learnt_local,
         })
     }
 
@@ -313,6 +324,7 @@ impl NatDriver {
             acl_implicit_denies: gw.acl_implicit_denies(),
             stats: gw.stats().clone(),
             flows: gw.table().len(),
+            half_open: gw.table().half_open(),
             mappings: gw.table().mappings(),
             capacity: gw.table().capacity(),
             table_bytes: gw.table().heap_bytes(),
@@ -331,6 +343,11 @@ impl NatDriver {
         for n in &self.learnt_inside {
             if !config.inside_networks.contains(n) {
                 config.inside_networks.push(*n);
+            }
+        }
+        for a in &self.learnt_local {
+            if !config.local_addresses.contains(a) {
+                config.local_addresses.push(*a);
             }
         }
         gw.reconfigure(now(), config)?;

@@ -100,6 +100,17 @@ pub(crate) async fn addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Net)>, Dr
     Ok(out)
 }
 
+/// The steering rules use preferences `priority ..= priority + RULE_SPAN`.
+const RULE_SPAN: u32 = 62;
+/// The highest base priority whose rules all fit in a `u32` (checked at install).
+pub(crate) const MAX_PRIORITY: u32 = u32::MAX - RULE_SPAN;
+
+/// The preference `off` above `base`. `install` refuses a base above [`MAX_PRIORITY`], so
+/// the sum never saturates in practice; saturating keeps it from wrapping if it did.
+fn pref(base: u32, off: u32) -> u32 {
+    base.saturating_add(off.min(RULE_SPAN))
+}
+
 fn rule(priority: u32, table: u32) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = AddressFamily::Inet;
@@ -113,6 +124,11 @@ fn rule(priority: u32, table: u32) -> RuleMessage {
 }
 
 impl Installed {
+    /// Every address assigned to an interface of this host when the gateway started.
+    pub(crate) fn local_addresses(&self) -> &[Ipv4Addr] {
+        &self.local
+    }
+
     async fn add_rule(
         &mut self,
         handle: &Handle,
@@ -164,6 +180,12 @@ impl Installed {
         handle: &Handle,
         plan: &Plan,
     ) -> Result<(Installed, Vec<Ipv4Net>), DriverError> {
+        if plan.priority > MAX_PRIORITY {
+            return Err(DriverError::Setting(format!(
+                "rule priority {} is above {MAX_PRIORITY}: the steering rules use up to +{RULE_SPAN}",
+                plan.priority
+            )));
+        }
         let mut done = Installed {
             priority: plan.priority,
             ..Default::default()
@@ -228,17 +250,17 @@ impl Installed {
         }
         let p = plan.priority;
         for name in &plan.inside {
-            let mut a = rule(p + 60, t);
+            let mut a = rule(pref(p, 60), t);
             a.attributes.push(RuleAttribute::Iifname(name.clone()));
             a.attributes.push(RuleAttribute::SuppressPrefixLen(0));
             self.add_rule(handle, a, &format!("iif {name} outside subnets"))
                 .await?;
-            let mut b = rule(p + 61, MAIN);
+            let mut b = rule(pref(p, 61), MAIN);
             b.attributes.push(RuleAttribute::Iifname(name.clone()));
             b.attributes.push(RuleAttribute::SuppressPrefixLen(0));
             self.add_rule(handle, b, &format!("iif {name} main routes"))
                 .await?;
-            let mut c = rule(p + 62, t);
+            let mut c = rule(pref(p, 62), t);
             c.attributes.push(RuleAttribute::Iifname(name.clone()));
             self.add_rule(handle, c, &format!("iif {name} default"))
                 .await?;
@@ -261,7 +283,7 @@ impl Installed {
         let (p, t) = (self.priority, self.table);
         if self.local.contains(&addr) {
             for proto in [IpProtocol::Tcp, IpProtocol::Udp, IpProtocol::Icmp] {
-                let mut m = rule(p + i.min(9), t);
+                let mut m = rule(pref(p, i.min(9)), t);
                 m.header.dst_len = 32;
                 m.attributes
                     .push(RuleAttribute::Destination(IpAddr::V4(addr)));
@@ -272,7 +294,7 @@ impl Installed {
                 self.add_rule(handle, m, &what).await?;
             }
             for name in self.inside_names.clone() {
-                let mut m = rule(p + 10 + i.min(9), t);
+                let mut m = rule(pref(p, 10 + i.min(9)), t);
                 m.header.dst_len = 32;
                 m.attributes
                     .push(RuleAttribute::Destination(IpAddr::V4(addr)));
@@ -381,7 +403,7 @@ impl Installed {
             return Ok(());
         }
         let mut req = handle.rule().add();
-        *req.message_mut() = rule(self.priority + 50, LOCAL);
+        *req.message_mut() = rule(pref(self.priority, 50), LOCAL);
         // EEXIST / ENOENT: an earlier run was killed after moving the rule; finish the move.
         match req.execute().await {
             Err(e) if errno(&e) != Some(libc::EEXIST) => {
@@ -412,7 +434,7 @@ impl Installed {
             }
             if let Err(e) = handle
                 .rule()
-                .del(rule(self.priority + 50, LOCAL))
+                .del(rule(pref(self.priority, 50), LOCAL))
                 .execute()
                 .await
             {

@@ -37,6 +37,7 @@ fn config() -> GatewayConfig {
             },
         ],
         compensate_ttl: false,
+        local_addresses: vec![PUBLIC],
         ..GatewayConfig::default()
     }
 }
@@ -151,6 +152,10 @@ fn tcp_overload_round_trip_preserves_port() {
     assert_eq!(inb(&mut g, now, &mut reply), Verdict::Forward);
     assert_eq!(dst(&reply), SocketAddrV4::new(H1, 40000));
     assert!(ip_ok(&reply) && l4_checksum_ok(&reply));
+    // SYN + SYN-ACK is half-open; the originator's ACK establishes the flow.
+    assert!(!g.translations(now)[0].established);
+    let mut ack = tcp(H1, 40000, SRV, 80, Kind::Ack, b"");
+    assert_eq!(out(&mut g, now, &mut ack), Verdict::Forward);
     let t = g.translations(now);
     assert_eq!(t.len(), 1);
     assert!(t[0].established);
@@ -364,9 +369,15 @@ fn table_bound_and_per_host_limit() {
         },
     )
     .unwrap();
+    // Answered flows (assured) are never early-dropped.
+    let answered = |g: &mut Gateway, h: Ipv4Addr, port: u16| {
+        let mut p = udp(h, port, SRV, 53, b"q");
+        assert_eq!(out(g, now, &mut p), Verdict::Forward);
+        swap(&mut p);
+        assert_eq!(inb(g, now, &mut p), Verdict::Forward);
+    };
     for port in 0..6 {
-        let mut p = udp(H1, 10000 + port, SRV, 53, b"q");
-        assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
+        answered(&mut g, H1, 10000 + port);
     }
     let mut p = udp(H1, 20000, SRV, 53, b"q");
     assert_eq!(
@@ -374,8 +385,7 @@ fn table_bound_and_per_host_limit() {
         Verdict::Drop(DropReason::HostLimit)
     );
     for port in 0..4 {
-        let mut p = udp(H2, 10000 + port, SRV, 53, b"q");
-        assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
+        answered(&mut g, H2, 10000 + port);
     }
     let mut p = udp(H2, 20000, SRV, 53, b"q");
     assert_eq!(
@@ -419,6 +429,8 @@ fn expiry_by_timer_wheel() {
     let _ = out(&mut g, now, &mut s);
     let mut sa = tcp(SRV, 80, PUBLIC, 7001, Kind::SynAck, b"");
     let _ = inb(&mut g, now, &mut sa);
+    let mut a = tcp(H1, 7001, SRV, 80, Kind::Ack, b"");
+    let _ = out(&mut g, now, &mut a);
     let mut e = echo(H1, SRV, 3, true);
     let _ = out(&mut g, now, &mut e);
     assert_eq!(g.table().len(), 3);
@@ -462,6 +474,8 @@ fn long_timeouts_survive_wheel_laps() {
     let _ = out(&mut g, now, &mut s);
     let mut sa = tcp(SRV, 80, PUBLIC, 7001, Kind::SynAck, b"");
     let _ = inb(&mut g, now, &mut sa);
+    let mut a = tcp(H1, 7001, SRV, 80, Kind::Ack, b"");
+    let _ = out(&mut g, now, &mut a);
     // 2 h 4 min default; jump in big steps.
     for secs in [3000, 6000, 7000, 7439] {
         g.handle_timeout(now + Duration::from_secs(secs));
@@ -488,7 +502,19 @@ fn acl_deny_is_counted() {
             ..AclRule::any(AclAction::Permit)
         },
     ];
-    let mut g = Gateway::new(now, GatewayConfig { acl, ..config() }).unwrap();
+    let inside_networks = vec![
+        "192.168.101.0/24".parse().unwrap(),
+        "10.0.0.0/8".parse().unwrap(),
+    ];
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            acl,
+            inside_networks,
+            ..config()
+        },
+    )
+    .unwrap();
     let mut p = udp(H2, 1, SRV, 53, b"q");
     assert_eq!(
         out(&mut g, now, &mut p),
@@ -584,7 +610,16 @@ impl InsideSelector for TwoBackends {
 
 #[test]
 fn listener_flows_keep_their_backend_and_report_events() {
-    let (mut g, now) = gw();
+    let now = Instant::now();
+    let inside_networks = vec!["10.0.0.0/24".parse().unwrap()];
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            inside_networks,
+            ..config()
+        },
+    )
+    .unwrap();
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
     let id = g
         .add_listener(Proto::Tcp, vip, Box::<TwoBackends>::default())
@@ -689,10 +724,18 @@ fn fragments_and_other_protocols() {
         out(&mut g, now, &mut frag),
         Verdict::Drop(DropReason::Fragment)
     );
+    // A protocol the gateway cannot translate would leave with its private source.
     let mut gre = udp(H1, 1, SRV, 53, b"x");
     gre[9] = 47;
+    assert_eq!(
+        out(&mut g, now, &mut gre),
+        Verdict::Drop(DropReason::Untranslatable)
+    );
+    // To the host's own address it passes untouched.
+    let mut gre = udp(SRV, 1, PUBLIC, 53, b"x");
+    gre[9] = 47;
     let orig = gre.clone();
-    assert_eq!(out(&mut g, now, &mut gre), Verdict::Forward);
+    assert_eq!(inb(&mut g, now, &mut gre), Verdict::Forward);
     assert_eq!(gre, orig);
     let mut short = vec![0x45, 0, 0];
     assert_eq!(
@@ -1268,4 +1311,187 @@ proptest! {
         prop_assert_eq!(&joined[12..], &whole[12..]);
         prop_assert!(l4_checksum_ok(&joined));
     }
+}
+
+#[test]
+fn syn_flood_early_drops_half_open_flows_and_legitimate_clients_connect() {
+    let now = Instant::now();
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            max_mappings: 64,
+            max_half_open_per_source: usize::MAX,
+            ..config()
+        },
+    )
+    .unwrap();
+    // An established flow through the forward.
+    let mut syn = tcp(SRV2, 999, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    let mut sa = tcp(WEB, 80, SRV2, 999, Kind::SynAck, b"");
+    assert_eq!(out(&mut g, now, &mut sa), Verdict::Forward);
+    let mut ack = tcp(SRV2, 999, PUBLIC, 8001, Kind::Ack, b"");
+    assert_eq!(inb(&mut g, now, &mut ack), Verdict::Forward);
+    // A flood of spoofed SYNs, each answered by the server (SYN-ACK): all half-open.
+    for i in 0..1000u32 {
+        let src = Ipv4Addr::from(0x0a00_0000 + i * 256);
+        let mut syn = tcp(src, 1000, PUBLIC, 8001, Kind::Syn, b"");
+        assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+        let mut sa = tcp(WEB, 80, src, 1000, Kind::SynAck, b"");
+        assert_eq!(out(&mut g, now, &mut sa), Verdict::Forward);
+        assert!(g.table().len() <= 64);
+    }
+    assert!(g.stats().early_drops >= 1000 - 64);
+    assert_eq!(g.stats().dropped(DropReason::TableFull), 0);
+    // The established flow survived; a legitimate client still connects.
+    let mut data = tcp(SRV2, 999, PUBLIC, 8001, Kind::Ack, b"x");
+    assert_eq!(inb(&mut g, now, &mut data), Verdict::Forward);
+    let mut syn = tcp(SRV, 2000, PUBLIC, 8001, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    let established = g.translations(now).iter().filter(|t| t.established).count();
+    assert_eq!(established, 1);
+}
+
+#[test]
+fn half_open_flows_are_bounded_per_source_network() {
+    let now = Instant::now();
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            max_half_open_per_source: 3,
+            ..config()
+        },
+    )
+    .unwrap();
+    for port in 0..3 {
+        let mut syn = tcp(
+            Ipv4Addr::new(203, 0, 113, port as u8),
+            port,
+            PUBLIC,
+            8001,
+            Kind::Syn,
+            b"",
+        );
+        assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    }
+    let mut syn = tcp(
+        Ipv4Addr::new(203, 0, 113, 77),
+        9,
+        PUBLIC,
+        8001,
+        Kind::Syn,
+        b"",
+    );
+    assert_eq!(
+        inb(&mut g, now, &mut syn),
+        Verdict::Drop(DropReason::HalfOpenSource)
+    );
+    // Another /24 is not affected.
+    let mut syn = tcp(
+        Ipv4Addr::new(203, 0, 114, 1),
+        9,
+        PUBLIC,
+        8001,
+        Kind::Syn,
+        b"",
+    );
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+}
+
+#[test]
+fn unowned_traffic_to_a_vip_is_answered_or_dropped_never_passed() {
+    let (mut g, now) = gw();
+    let vip = Ipv4Addr::new(198, 51, 100, 10);
+    g.add_listener(
+        Proto::Tcp,
+        SocketAddrV4::new(vip, 80),
+        Box::new(StaticForward {
+            inside: SocketAddrV4::new(WEB, 8080),
+        }),
+    )
+    .unwrap();
+    let mut ping = echo(SRV, vip, 9, true);
+    assert_eq!(inb(&mut g, now, &mut ping), Verdict::Forward);
+    assert_eq!(ping[20], 0, "echo reply");
+    assert_eq!(src(&ping).ip(), &vip);
+    assert_eq!(dst(&ping).ip(), &SRV);
+    assert!(ip_ok(&ping) && l4_checksum_ok(&ping));
+    let mut syn = tcp(SRV, 4000, vip, 22, Kind::Syn, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(src(&syn), SocketAddrV4::new(vip, 22));
+    assert_eq!(syn[33] & 0x04, 0x04, "RST");
+    assert!(ip_ok(&syn) && l4_checksum_ok(&syn));
+    let mut rst = tcp(SRV, 4000, vip, 22, Kind::Rst, b"");
+    assert_eq!(
+        inb(&mut g, now, &mut rst),
+        Verdict::Drop(DropReason::Unowned)
+    );
+    let mut u = udp(SRV, 4000, vip, 53, b"q");
+    assert_eq!(inb(&mut g, now, &mut u), Verdict::Drop(DropReason::Unowned));
+    // Hairpin from the inside too.
+    let mut u = udp(H1, 4000, vip, 53, b"q");
+    assert_eq!(out(&mut g, now, &mut u), Verdict::Drop(DropReason::Unowned));
+    assert_eq!(g.stats().answered_echo, 1);
+    assert_eq!(g.stats().answered_rst, 1);
+    assert_eq!(g.stats().passed_through, 0);
+    // The host's own address still passes.
+    let mut ping = echo(SRV, PUBLIC, 9, true);
+    let orig = ping.clone();
+    assert_eq!(inb(&mut g, now, &mut ping), Verdict::Forward);
+    assert_eq!(ping, orig);
+}
+
+#[test]
+fn spoofed_inside_sources_and_icmp_errors_are_dropped() {
+    let (mut g, now) = gw();
+    let mut p = udp(Ipv4Addr::new(172, 16, 0, 1), 1, SRV, 53, b"q");
+    assert_eq!(
+        out(&mut g, now, &mut p),
+        Verdict::Drop(DropReason::SpoofedSource)
+    );
+    // H2 reporting an error about H1's flow.
+    let mut u = udp(H1, 5000, SRV, 53, b"q");
+    assert_eq!(out(&mut g, now, &mut u), Verdict::Forward);
+    let mut reply = udp(SRV, 53, PUBLIC, src(&u).port(), b"r");
+    assert_eq!(inb(&mut g, now, &mut reply), Verdict::Forward);
+    let mut err = icmp_error(H2, SRV, &udp(SRV, 53, H1, 5000, b"r"));
+    assert_eq!(
+        out(&mut g, now, &mut err),
+        Verdict::Drop(DropReason::IcmpErrorSpoofed)
+    );
+}
+
+#[test]
+fn inbound_to_a_dynamic_mapping_needs_a_syn_and_an_in_window_rst() {
+    let (mut g, now) = gw();
+    let mut s = tcp(H1, 41000, SRV, 80, Kind::Syn, b"");
+    assert_eq!(out(&mut g, now, &mut s), Verdict::Forward);
+    let public = src(&s);
+    // Another port of the same remote: a non-SYN cannot open a session.
+    let mut a = tcp(SRV, 81, *public.ip(), public.port(), Kind::Ack, b"");
+    assert_eq!(inb(&mut g, now, &mut a), Verdict::Drop(DropReason::NotSyn));
+    let mut sa = tcp(SRV, 80, *public.ip(), public.port(), Kind::SynAck, b"");
+    assert_eq!(inb(&mut g, now, &mut sa), Verdict::Forward);
+    let mut ack = tcp(H1, 41000, SRV, 80, Kind::Ack, b"");
+    assert_eq!(out(&mut g, now, &mut ack), Verdict::Forward);
+    // A blind RST far outside the window is refused; the flow stays established.
+    let mut rst = tcp(SRV, 80, *public.ip(), public.port(), Kind::Rst, b"");
+    rst[24..28].copy_from_slice(&0x8000_0000u32.to_be_bytes());
+    let c = {
+        let mut v = Vec::new();
+        let t = etherparse::TcpHeaderSlice::from_slice(&rst[20..])
+            .unwrap()
+            .to_header();
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&rst)
+            .unwrap()
+            .to_header();
+        v.push(t.calc_checksum_ipv4(&ip, &[]).unwrap());
+        v[0]
+    };
+    rst[36..38].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(
+        inb(&mut g, now, &mut rst),
+        Verdict::Drop(DropReason::RstOutOfWindow)
+    );
+    assert!(g.translations(now)[0].established);
 }
