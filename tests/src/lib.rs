@@ -8,6 +8,8 @@
 //! Waits poll with a deadline ([`wait_until`], [`wait_for`]); there are no bare sleeps.
 //! These tests need root; without it they fail with a clear message (they never skip).
 
+pub mod spoof;
+
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
