@@ -667,6 +667,7 @@ fn snapshot(kind: &'static str, spec: String, bound: String, c: &ForwardCounters
 fn load_identities(cfg: &ClientConfig) -> Result<Vec<(PathBuf, Arc<PrivateKey>)>, SshFwdError> {
     let mut keys = Vec::new();
     for path in &cfg.identities {
+        crate::server::check_file_mode(path, true)?;
         let key = russh::keys::load_secret_key(path, cfg.passphrase.as_deref()).map_err(|e| {
             let why = match e {
                 russh::keys::Error::KeyIsEncrypted => {

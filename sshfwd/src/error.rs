@@ -59,6 +59,14 @@ pub enum SshFwdError {
         /// The OS error.
         error: std::io::Error,
     },
+    /// A key or policy file others could change or read (StrictModes).
+    #[error("{path}: insecure: {why}")]
+    Insecure {
+        /// The file.
+        path: PathBuf,
+        /// Owner or mode problem.
+        why: String,
+    },
     /// Bad configuration detected at start.
     #[error("{0}")]
     Config(String),

@@ -23,6 +23,7 @@ pub mod pattern;
 pub mod policy;
 pub mod socks;
 pub mod spec;
+pub mod startups;
 
 #[cfg(feature = "driver")]
 pub mod client;

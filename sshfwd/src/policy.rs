@@ -1,15 +1,23 @@
 //! Who may forward what: sshd-style `PermitOpen` / `PermitListen` lists and authorized_keys
 //! lines with their options (`restrict`, `no-port-forwarding`, `port-forwarding`,
-//! `permitopen=`, `permitlisten=`, `from=`). Pure: no DNS, no files, no sockets.
+//! `permitopen=`, `permitlisten=`, `from=`, `expiry-time=`, `cert-authority`). Pure: no DNS,
+//! no files, no sockets, no clock (the time is passed in).
 //!
 //! `from=` is matched against the client's address only (wildcards and CIDR), never a reverse
-//! DNS name, as OpenSSH does with `UseDNS no` (its default).
+//! DNS name, as OpenSSH does with `UseDNS no` (its default). An IPv4-mapped IPv6 peer
+//! (`::ffff:a.b.c.d`, what a dual-stack listener reports) is matched as `a.b.c.d` by every
+//! pattern kind, so a `!a.b.c.d` negation cannot be sidestepped.
+//!
+//! Invariants: a key past its `expiry-time` never authorizes ([`AuthorizedKey::usable_at`]);
+//! a `cert-authority` line never authorizes a plain key (certificates are not supported, so
+//! such a line authorizes nothing); a peer matching a `!` pattern of `from=` is refused.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
 use crate::pattern::{ListMatch, match_list};
+use crate::startups::canonical_ip;
 
 /// One `host:port` permission; `None` is the `*` wildcard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +149,42 @@ impl PermitList {
         Ok(PermitList::Only(list))
     }
 
+    /// Whether an entry names `port` itself (not `*`, not `any`) and matches `host`: what a
+    /// privileged (below 1024) `-R` port needs.
+    #[must_use]
+    pub fn names_port(&self, host: &str, port: u16) -> bool {
+        match self {
+            PermitList::Only(list) => list
+                .iter()
+                .any(|e| e.port == Some(port) && e.matches(host, port)),
+            PermitList::Any | PermitList::None => false,
+        }
+    }
+
+    /// Whether a connection to `addr`, which the client's `host` resolved to, is allowed.
+    /// The name itself must already be allowed ([`PermitList::allows`]). With `any`, every
+    /// address is. Otherwise a loopback, unspecified, link-local (cloud metadata), multicast
+    /// or broadcast address is allowed only if an entry names that address itself, so a
+    /// permitted name whose DNS is controlled by someone else cannot reach this host's own
+    /// services.
+    #[must_use]
+    pub fn allows_resolved(&self, addr: IpAddr, port: u16) -> bool {
+        match self {
+            PermitList::Any => true,
+            PermitList::None => false,
+            PermitList::Only(list) => {
+                !is_special(addr)
+                    || list.iter().any(|e| {
+                        e.port.is_none_or(|p| p == port)
+                            && e.host
+                                .as_deref()
+                                .and_then(|h| h.parse::<IpAddr>().ok())
+                                .is_some_and(|h| canonical_ip(h) == canonical_ip(addr))
+                    })
+            }
+        }
+    }
+
     /// Whether `host:port` is allowed.
     #[must_use]
     pub fn allows(&self, host: &str, port: u16) -> bool {
@@ -149,6 +193,91 @@ impl PermitList {
             PermitList::None => false,
             PermitList::Only(list) => list.iter().any(|e| e.matches(host, port)),
         }
+    }
+}
+
+/// Addresses that reach this host itself or its link rather than a remote service.
+#[must_use]
+pub fn is_special(addr: IpAddr) -> bool {
+    match canonical_ip(addr) {
+        IpAddr::V4(a) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_broadcast()
+        }
+        IpAddr::V6(a) => {
+            a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_unicast_link_local()
+        }
+    }
+}
+
+/// A civil date-time as the number `YYYYMMDDHHMMSS`, so that comparing numbers compares times.
+pub type CivilTime = u64;
+
+/// The current time as `expiry-time=` needs it: local wall-clock time and UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Local time, `YYYYMMDDHHMMSS`.
+    pub local: CivilTime,
+    /// UTC, `YYYYMMDDHHMMSS`.
+    pub utc: CivilTime,
+}
+
+/// An `expiry-time=` value: the last moment the key may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// `YYYYMMDDHHMMSS`.
+    pub at: CivilTime,
+    /// The value ended in `Z`: UTC; otherwise local time (OpenSSH's reading).
+    pub utc: bool,
+}
+
+impl Expiry {
+    /// Parses OpenSSH's `YYYYMMDD[Z]` or `YYYYMMDDHHMM[SS][Z]`.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Expiry> {
+        let (digits, utc) = match s.strip_suffix(['Z', 'z']) {
+            Some(d) => (d, true),
+            None => (s, false),
+        };
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let padded = match digits.len() {
+            8 => format!("{digits}000000"),
+            12 => format!("{digits}00"),
+            14 => digits.to_string(),
+            _ => return None,
+        };
+        let field = |r: std::ops::Range<usize>| padded.get(r).and_then(|t| t.parse::<u64>().ok());
+        let (month, day, hour, min, sec) = (
+            field(4..6)?,
+            field(6..8)?,
+            field(8..10)?,
+            field(10..12)?,
+            field(12..14)?,
+        );
+        if !(1..=12).contains(&month)
+            || !(1..=31).contains(&day)
+            || hour > 23
+            || min > 59
+            || sec > 60
+        {
+            return None;
+        }
+        Some(Expiry {
+            at: padded.parse().ok()?,
+            utc,
+        })
+    }
+
+    /// Whether the key has expired at `now`.
+    #[must_use]
+    pub fn expired(&self, now: Now) -> bool {
+        let now = if self.utc { now.utc } else { now.local };
+        now > self.at
     }
 }
 
@@ -164,6 +293,10 @@ pub struct KeyOptions {
     pub permit_listen: Vec<HostPort>,
     /// `from="pattern-list"`: client addresses allowed to use this key.
     pub from: Option<Vec<String>>,
+    /// `expiry-time="..."`: the key is refused after this time.
+    pub expiry: Option<Expiry>,
+    /// `cert-authority`: the key signs user certificates; it is never a login key itself.
+    pub cert_authority: bool,
 }
 
 impl Default for KeyOptions {
@@ -173,6 +306,8 @@ impl Default for KeyOptions {
             permit_open: Vec::new(),
             permit_listen: Vec::new(),
             from: None,
+            expiry: None,
+            cert_authority: false,
         }
     }
 }
@@ -200,6 +335,7 @@ impl KeyOptions {
         let Some(patterns) = &self.from else {
             return true;
         };
+        let addr = canonical_ip(addr);
         let text = addr.to_string();
         let mut matched = false;
         for pat in patterns {
@@ -228,12 +364,14 @@ fn cidr_contains(cidr: &str, addr: IpAddr) -> bool {
     let (Ok(net), Ok(len)) = (IpAddr::from_str(net), len.parse::<u32>()) else {
         return false;
     };
-    // Compare IPv4-mapped clients as plain IPv4.
-    let addr = match addr {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
-        v4 => v4,
+    // Compare IPv4-mapped clients (and mapped networks of /96 or longer) as plain IPv4.
+    let (net, len) = match net {
+        IpAddr::V6(v6) if len >= 96 => v6
+            .to_ipv4_mapped()
+            .map_or((net, len), |v4| (IpAddr::V4(v4), len - 96)),
+        other => (other, len),
     };
-    match (net, addr) {
+    match (net, canonical_ip(addr)) {
         (IpAddr::V4(n), IpAddr::V4(a)) if len <= 32 => {
             let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
             u32::from(n) & mask == u32::from(a) & mask
@@ -330,11 +468,20 @@ fn parse_options(field: &str) -> Result<KeyOptions, PolicyError> {
                 | "pty"
                 | "agent-forwarding"
                 | "x11-forwarding"
-                | "user-rc"
-                | "cert-authority",
+                | "user-rc",
                 None,
             ) => {}
-            ("command" | "environment" | "expiry-time" | "principals", Some(v)) => {
+            ("cert-authority", None) => opts.cert_authority = true,
+            ("expiry-time", Some(v)) => {
+                let v = unquote(v).ok_or_else(|| bad(&opt))?;
+                let e = Expiry::parse(&v).ok_or_else(|| bad(&opt))?;
+                // OpenSSH keeps the earliest of several.
+                opts.expiry = Some(
+                    opts.expiry
+                        .map_or(e, |old| if old.at <= e.at { old } else { e }),
+                );
+            }
+            ("command" | "environment" | "principals", Some(v)) => {
                 unquote(v).ok_or_else(|| bad(&opt))?;
             }
             ("permitopen", Some(v)) => {
@@ -357,6 +504,37 @@ fn parse_options(field: &str) -> Result<KeyOptions, PolicyError> {
         }
     }
     Ok(opts)
+}
+
+/// Why a parsed key line does not authorize a login right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unusable {
+    /// `cert-authority`: only certificates signed by it could log in, and certificates are
+    /// not supported.
+    CertAuthority,
+    /// Past its `expiry-time`.
+    Expired,
+    /// The peer's address is not allowed by `from=`.
+    From,
+}
+
+impl AuthorizedKey {
+    /// Whether this line lets a client at `peer` log in with the plain key at `now`.
+    ///
+    /// # Errors
+    /// Why not.
+    pub fn usable_at(&self, peer: IpAddr, now: Now) -> Result<(), Unusable> {
+        if self.options.cert_authority {
+            return Err(Unusable::CertAuthority);
+        }
+        if self.options.expiry.is_some_and(|e| e.expired(now)) {
+            return Err(Unusable::Expired);
+        }
+        if !self.options.allows_from(peer) {
+            return Err(Unusable::From);
+        }
+        Ok(())
+    }
 }
 
 /// Parses one authorized_keys line; `Ok(None)` for blank lines and comments.
@@ -477,6 +655,102 @@ mod tests {
         assert!(o.allows_from("127.0.0.1".parse().unwrap()));
         assert!(o.allows_from("::1".parse().unwrap()));
         assert!(!o.allows_from("10.0.0.1".parse().unwrap()));
+    }
+
+    const NOW: Now = Now {
+        local: 20_260_615_120_000,
+        utc: 20_260_615_100_000,
+    };
+
+    fn key(opts: &str) -> AuthorizedKey {
+        parse_authorized_key(&format!("{opts} {KEY}"), 1)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn expiry_time_is_enforced() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            key("expiry-time=\"20200101\"").usable_at(peer, NOW),
+            Err(Unusable::Expired)
+        );
+        assert!(key("expiry-time=\"20300101\"").usable_at(peer, NOW).is_ok());
+        // local 12:00, UTC 10:00
+        assert!(
+            key("expiry-time=\"202606151100\"")
+                .usable_at(peer, NOW)
+                .is_err()
+        );
+        assert!(
+            key("expiry-time=\"202606151100Z\"")
+                .usable_at(peer, NOW)
+                .is_ok()
+        );
+        assert!(
+            key("expiry-time=\"20260615095959Z\"")
+                .usable_at(peer, NOW)
+                .is_err()
+        );
+        // the earliest of two wins
+        assert!(
+            key("expiry-time=\"20300101\",expiry-time=\"20200101\"")
+                .usable_at(peer, NOW)
+                .is_err()
+        );
+        for bad in ["2020", "20201301", "2020010125", "202001011200x", "\"\""] {
+            assert!(
+                parse_authorized_key(&format!("expiry-time={bad} {KEY}"), 1).is_err()
+                    || bad.starts_with('2') && !bad.contains('"'),
+                "{bad}"
+            );
+            assert!(parse_authorized_key(&format!("expiry-time=\"{bad}\" {KEY}"), 1).is_err());
+        }
+    }
+
+    #[test]
+    fn cert_authority_is_not_a_login_key() {
+        let k = key("cert-authority");
+        assert_eq!(
+            k.usable_at("10.0.0.1".parse().unwrap(), NOW),
+            Err(Unusable::CertAuthority)
+        );
+    }
+
+    #[test]
+    fn from_matches_mapped_peers_as_ipv4() {
+        let k = key("from=\"10.0.0.0/8,!10.0.0.5\"");
+        let mapped: IpAddr = "::ffff:10.0.0.5".parse().unwrap();
+        assert_eq!(k.usable_at(mapped, NOW), Err(Unusable::From));
+        assert!(k.usable_at("::ffff:10.0.0.6".parse().unwrap(), NOW).is_ok());
+        let k = key("from=\"10.0.0.*,!10.0.0.5\"");
+        assert!(!k.options.allows_from(mapped));
+        assert!(k.options.allows_from("::ffff:10.0.0.7".parse().unwrap()));
+        let k = key("from=\"!::ffff:10.0.0.0/120,10.0.0.0/8\"");
+        assert!(!k.options.allows_from(mapped));
+        assert!(!k.options.allows_from("10.0.0.5".parse().unwrap()));
+    }
+
+    #[test]
+    fn privileged_listen_needs_an_explicit_entry() {
+        assert!(!PermitList::Any.names_port("127.0.0.1", 80));
+        let l = PermitList::parse(&["*:*", "localhost:80"], true).unwrap();
+        assert!(l.names_port("localhost", 80));
+        assert!(!l.names_port("localhost", 81));
+        assert!(l.allows("localhost", 81));
+    }
+
+    #[test]
+    fn resolved_addresses_are_checked() {
+        let l = PermitList::parse(&["web.example:80", "127.0.0.1:8080"], false).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(l.allows_resolved(ip("192.0.2.10"), 80));
+        assert!(!l.allows_resolved(ip("127.0.0.1"), 80));
+        assert!(!l.allows_resolved(ip("169.254.169.254"), 80));
+        assert!(!l.allows_resolved(ip("::ffff:127.0.0.1"), 80));
+        assert!(!l.allows_resolved(ip("0.0.0.0"), 80));
+        assert!(l.allows_resolved(ip("127.0.0.1"), 8080));
+        assert!(PermitList::Any.allows_resolved(ip("127.0.0.1"), 80));
     }
 
     proptest! {

@@ -3,15 +3,29 @@
 //! `-R`) within permit lists; sessions may be opened (OpenSSH's `ssh` without `-N` opens one)
 //! but shells, commands and subsystems are refused with a message on the client's stderr.
 //!
-//! authorized_keys is re-read on every authentication, as sshd does, so keys can be added or
-//! revoked without a restart.
+//! authorized_keys is re-read whenever its modification time or size changes (checked on
+//! every offer, as sshd re-reads it), so keys can be added or revoked without a restart.
+//!
+//! Bounds (see [`ServerLimits`]): unauthenticated connections are admitted as OpenSSH's
+//! `MaxStartups`/`PerSourceMaxStartups` do and closed after `login_grace_time` (also one that
+//! never sends its version line); an authenticated session holds at most
+//! `max_channels_per_session` forwarded channels and `max_listeners_per_session` `-R`
+//! listeners, the server at most `max_channels` and `max_listeners`. A refusal is an SSH-level
+//! failure (channel open failure, request failure) counted in [`ServerCounters`]; the session
+//! stays up. Client-supplied text (user names, hosts) is logged escaped (`{:?}`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::task::AtomicWaker;
+use netutil::task::TaskWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use russh::keys::{HashAlg, PrivateKey, PublicKeyBase64};
 use russh::server::{self, Auth, ChannelOpenHandle, Msg, Session};
@@ -21,7 +35,8 @@ use tokio::task::JoinHandle;
 
 use crate::copy::{ForwardCounters, pump};
 use crate::error::SshFwdError;
-use crate::policy::{KeyOptions, PermitList, parse_authorized_keys};
+use crate::policy::{AuthorizedKey, KeyOptions, Now, PermitList, Unusable, parse_authorized_keys};
+use crate::startups::{MaxStartups, NetBlock, Refusal, Startups};
 
 /// What `vipgate sshd` needs.
 #[derive(Debug, Clone)]
@@ -41,6 +56,45 @@ pub struct ServerConfig {
     pub gateway_ports: bool,
     /// Drop clients that send nothing for this long (keepalives count).
     pub idle_timeout: Option<Duration>,
+    /// Caps and timeouts against floods and greedy clients.
+    pub limits: ServerLimits,
+}
+
+/// Caps and timeouts; the defaults are OpenSSH's where it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// `LoginGraceTime`: a connection not authenticated by then is closed. Default 30 s.
+    pub login_grace_time: Duration,
+    /// `MaxStartups`. Default 10:30:100.
+    pub max_startups: MaxStartups,
+    /// `PerSourceMaxStartups`: pending connections per source network. Default 10.
+    pub per_source_max_startups: Option<u32>,
+    /// `PerSourceNetBlockSize`. Default 32:128.
+    pub per_source_netblock: NetBlock,
+    /// Forwarded channels (direct-tcpip and forwarded-tcpip) open at once in one session.
+    /// Default 256.
+    pub max_channels_per_session: u32,
+    /// `-R` listeners of one session. Default 16.
+    pub max_listeners_per_session: u32,
+    /// Forwarded channels open at once in the whole server. Default 4,096.
+    pub max_channels: u32,
+    /// `-R` listeners in the whole server. Default 256.
+    pub max_listeners: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            login_grace_time: Duration::from_secs(30),
+            max_startups: MaxStartups::default(),
+            per_source_max_startups: Some(10),
+            per_source_netblock: NetBlock::default(),
+            max_channels_per_session: 256,
+            max_listeners_per_session: 16,
+            max_channels: 4096,
+            max_listeners: 256,
+        }
+    }
 }
 
 /// Counters for `vipgate show ssh`.
@@ -58,6 +112,20 @@ pub struct ServerCounters {
     pub sessions_refused: AtomicU64,
     /// Forwarded connections (both directions).
     pub channels: ForwardCounters,
+    /// Connections not yet authenticated (gauge).
+    pub pending: AtomicU64,
+    /// Connections refused by `max_startups` (full, or the random early drop).
+    pub refused_max_startups: AtomicU64,
+    /// Connections refused by `per_source_max_startups`.
+    pub refused_per_source: AtomicU64,
+    /// Connections closed because they did not authenticate within `login_grace_time`.
+    pub login_grace_expired: AtomicU64,
+    /// Channels refused because a per-session or global channel cap was reached.
+    pub channels_refused: AtomicU64,
+    /// `-R` requests refused because a per-session or global listener cap was reached.
+    pub listeners_refused: AtomicU64,
+    /// accept() errors (EMFILE and the like) on the sshd listener.
+    pub accept_errors: AtomicU64,
 }
 
 /// A snapshot of the server.
@@ -83,6 +151,20 @@ pub struct ServerStatus {
     pub bytes_out: u64,
     /// Bytes target→client.
     pub bytes_in: u64,
+    /// Connections not yet authenticated.
+    pub pending: u64,
+    /// Refused by `max_startups`.
+    pub refused_max_startups: u64,
+    /// Refused by `per_source_max_startups`.
+    pub refused_per_source: u64,
+    /// Closed at `login_grace_time`.
+    pub login_grace_expired: u64,
+    /// Channels refused by a cap.
+    pub channels_refused: u64,
+    /// `-R` listeners refused by a cap.
+    pub listeners_refused: u64,
+    /// accept() errors.
+    pub accept_errors: u64,
 }
 
 /// The host key and whether it was just created (the CLI prints the fingerprint either way).
@@ -108,6 +190,7 @@ pub fn load_or_generate_host_key(path: &Path) -> Result<(PrivateKey, HostKeyInfo
         error,
     };
     let (key, generated) = if path.exists() {
+        check_file_mode(path, true)?;
         let key = russh::keys::load_secret_key(path, None).map_err(|e| SshFwdError::Identity {
             path: path.to_path_buf(),
             why: e.to_string(),
@@ -138,6 +221,43 @@ pub fn load_or_generate_host_key(path: &Path) -> Result<(PrivateKey, HostKeyInfo
     Ok((key, info))
 }
 
+/// StrictModes-style check of a key or policy file: owned by root or by this process's user,
+/// not writable by group or others, and for a `secret` not readable by them either.
+///
+/// # Errors
+/// [`SshFwdError::Insecure`] saying what is wrong; [`SshFwdError::File`] if it cannot be read.
+pub fn check_file_mode(path: &Path, secret: bool) -> Result<(), SshFwdError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|error| SshFwdError::File {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    // The owner of /proc/self is the process's effective uid (no unsafe geteuid needed).
+    let me = std::fs::metadata("/proc/self").map_or(0, |m| m.uid());
+    let insecure = |why: String| SshFwdError::Insecure {
+        path: path.to_path_buf(),
+        why,
+    };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(insecure(format!(
+            "owned by uid {}, not root or uid {me}",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(insecure(format!(
+            "mode {mode:04o} is writable by group or others (chmod go-w)"
+        )));
+    }
+    if secret && mode & 0o044 != 0 {
+        return Err(insecure(format!(
+            "mode {mode:04o}: a secret must not be readable by group or others (chmod 600)"
+        )));
+    }
+    Ok(())
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -153,6 +273,18 @@ struct Shared {
     cfg: ServerConfig,
     counters: ServerCounters,
     fingerprint: String,
+    startups: Mutex<Startups>,
+    /// Forwarded channels open now in the whole server.
+    channels_open: AtomicU32,
+    /// `-R` listeners now bound in the whole server.
+    listeners_open: AtomicU32,
+    keys_cache: Mutex<Option<KeysCache>>,
+}
+
+/// The parsed authorized_keys and what identified the file version it came from.
+struct KeysCache {
+    stamp: (SystemTime, u64, u64),
+    keys: Arc<Vec<AuthorizedKey>>,
 }
 
 /// A running `vipgate sshd`.
@@ -160,6 +292,7 @@ pub struct ForwardServer {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     task: JoinHandle<()>,
+    watch: TaskWatch,
     host_key: HostKeyInfo,
 }
 
@@ -174,7 +307,9 @@ impl ForwardServer {
     /// Host key problems, or the listen address cannot be bound.
     pub async fn start(cfg: ServerConfig) -> Result<ForwardServer, SshFwdError> {
         let (key, host_key) = load_or_generate_host_key(&cfg.host_key)?;
-        if !cfg.authorized_keys.exists() {
+        if cfg.authorized_keys.exists() {
+            check_file_mode(&cfg.authorized_keys, false)?;
+        } else {
             tracing::warn!(
                 "{} does not exist: every login will be refused",
                 cfg.authorized_keys.display()
@@ -201,21 +336,39 @@ impl ForwardServer {
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 3,
             nodelay: true,
-            window_size: 8 * 1024 * 1024,
+            // 2 MiB per channel keeps a 1 Gbit/s × 16 ms path full while bounding what a
+            // client can make us buffer per channel.
+            window_size: 2 * 1024 * 1024,
             maximum_packet_size: 65_535,
-            channel_buffer_size: 64,
+            channel_buffer_size: 32,
+            max_auth_attempts: 6,
             ..server::Config::default()
         });
+        let l = &cfg.limits;
+        let startups = Startups::new(
+            l.max_startups,
+            l.per_source_max_startups,
+            l.per_source_netblock,
+        );
         let shared = Arc::new(Shared {
             cfg,
             counters: ServerCounters::default(),
             fingerprint: host_key.fingerprint.clone(),
+            startups: Mutex::new(startups),
+            channels_open: AtomicU32::new(0),
+            listeners_open: AtomicU32::new(0),
+            keys_cache: Mutex::new(None),
         });
-        let task = tokio::spawn(accept_loop(shared.clone(), listener, russh_cfg));
+        let watch = TaskWatch::new();
+        let task = watch.spawn(
+            "sshd accept loop",
+            accept_loop(shared.clone(), listener, russh_cfg),
+        );
         Ok(ForwardServer {
             shared,
             local_addr,
             task,
+            watch,
             host_key,
         })
     }
@@ -247,48 +400,244 @@ impl ForwardServer {
             channels_total: c.channels.total.load(Ordering::Relaxed),
             bytes_out: c.channels.bytes_out.load(Ordering::Relaxed),
             bytes_in: c.channels.bytes_in.load(Ordering::Relaxed),
+            pending: c.pending.load(Ordering::Relaxed),
+            refused_max_startups: c.refused_max_startups.load(Ordering::Relaxed),
+            refused_per_source: c.refused_per_source.load(Ordering::Relaxed),
+            login_grace_expired: c.login_grace_expired.load(Ordering::Relaxed),
+            channels_refused: c.channels_refused.load(Ordering::Relaxed),
+            listeners_refused: c.listeners_refused.load(Ordering::Relaxed),
+            accept_errors: c.accept_errors.load(Ordering::Relaxed),
         }
+    }
+
+    /// The accept loop's end, if it ended while the server was not being stopped.
+    #[must_use]
+    pub fn dead_task(&self) -> Option<String> {
+        self.watch.dead()
     }
 
     /// Stops accepting; open sessions end with the process.
     pub fn stop(self) {
+        self.watch.stopping();
         self.task.abort();
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cfg: Arc<server::Config>) {
+/// Backoff after accept errors (EMFILE, ENFILE, ENOBUFS): doubles from 10 ms to 1 s, so a
+/// full descriptor table neither spins the loop nor delays recovery long.
+pub(crate) struct AcceptBackoff(Duration);
+
+impl AcceptBackoff {
+    pub(crate) fn new() -> Self {
+        AcceptBackoff(Duration::ZERO)
+    }
+    pub(crate) fn reset(&mut self) {
+        self.0 = Duration::ZERO;
+    }
+    pub(crate) fn next(&mut self) -> Duration {
+        self.0 = (self.0 * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        self.0
+    }
+}
+
+/// Lets the login-grace timer close a connection whose session task russh owns: once killed,
+/// every read and write fails, so the session ends and the socket is closed.
+#[derive(Default)]
+struct Kill {
+    killed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Kill {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+    fn check(&self, cx: &Context<'_>) -> Result<(), std::io::Error> {
+        self.waker.register(cx.waker());
+        if self.killed.load(Ordering::Acquire) {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "login grace time exceeded",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+struct KillableStream {
+    inner: TcpStream,
+    kill: Arc<Kill>,
+}
+
+impl AsyncRead for KillableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Err(e) = self.kill.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for KillableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Err(e) = self.kill.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Err(e) = self.kill.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A pending (unauthenticated) connection's place in [`Startups`]; released once.
+struct StartupSlot {
+    shared: Arc<Shared>,
+    source: Option<IpAddr>,
+}
+
+impl StartupSlot {
+    fn release(&mut self) {
+        if let Some(source) = self.source.take() {
+            lock(&self.shared.startups).release(source);
+            self.shared.counters.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for StartupSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// One open session in [`ServerCounters::sessions`].
+struct SessionCount(Arc<Shared>);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.counters.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    cfg: Arc<server::Config>,
+) -> Result<(), std::io::Error> {
+    let mut backoff = AcceptBackoff::new();
     loop {
         let (socket, peer) = match listener.accept().await {
-            Ok(a) => a,
+            Ok(a) => {
+                backoff.reset();
+                a
+            }
             Err(e) => {
-                tracing::warn!("sshd accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                shared
+                    .counters
+                    .accept_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                let wait = backoff.next();
+                tracing::warn!("sshd accept failed: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
-        let _ = socket.set_nodelay(true);
-        let shared = shared.clone();
-        let cfg = cfg.clone();
-        tokio::spawn(async move {
-            shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
-            let handler = ServerHandler {
-                shared: shared.clone(),
-                peer,
-                user: String::new(),
-                options: None,
-                listeners: Arc::new(Mutex::new(HashMap::new())),
-            };
-            match server::run_stream(cfg, socket, handler).await {
-                Ok(session) => {
-                    if let Err(e) = session.await {
-                        tracing::debug!("session from {peer} ended: {e:?}");
-                    }
-                }
-                Err(e) => tracing::debug!("handshake with {peer} failed: {e:?}"),
+        let admitted = lock(&shared.startups).admit(peer.ip(), rand::random());
+        let source = match admitted {
+            Ok(source) => source,
+            Err(why) => {
+                let counter = match why {
+                    Refusal::MaxStartups => &shared.counters.refused_max_startups,
+                    Refusal::PerSource => &shared.counters.refused_per_source,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("sshd: refused connection from {peer}: {why:?}");
+                drop(socket);
+                continue;
             }
-            shared.counters.sessions.fetch_sub(1, Ordering::Relaxed);
-        });
+        };
+        shared.counters.pending.fetch_add(1, Ordering::Relaxed);
+        let slot = StartupSlot {
+            shared: shared.clone(),
+            source: Some(source),
+        };
+        let _ = socket.set_nodelay(true);
+        tokio::spawn(serve_connection(
+            shared.clone(),
+            cfg.clone(),
+            socket,
+            peer,
+            slot,
+        ));
     }
+}
+
+/// Runs one connection: closed at the login grace time unless it authenticated by then.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    cfg: Arc<server::Config>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    mut slot: StartupSlot,
+) {
+    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    let _count = SessionCount(shared.clone());
+    let kill = Arc::new(Kill::default());
+    let stream = KillableStream {
+        inner: socket,
+        kill: kill.clone(),
+    };
+    let (authed_tx, authed_rx) = tokio::sync::oneshot::channel();
+    let handler = ServerHandler {
+        shared: shared.clone(),
+        peer,
+        user: String::new(),
+        options: None,
+        listeners: Arc::new(Mutex::new(HashMap::new())),
+        session_channels: Arc::new(AtomicU32::new(0)),
+        authenticated: Some(authed_tx),
+    };
+    let conn = async move {
+        match server::run_stream(cfg, stream, handler).await {
+            Ok(session) => {
+                if let Err(e) = session.await {
+                    tracing::debug!("session from {peer} ended: {e:?}");
+                }
+            }
+            Err(e) => tracing::debug!("handshake with {peer} failed: {e:?}"),
+        }
+    };
+    tokio::pin!(conn);
+    let grace = tokio::time::sleep(shared.cfg.limits.login_grace_time);
+    tokio::select! {
+        biased;
+        () = &mut conn => return,
+        Ok(()) = authed_rx => slot.release(),
+        () = grace => {
+            shared.counters.login_grace_expired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("sshd: {peer} did not authenticate in time; closing");
+            kill.kill();
+            slot.release();
+        }
+    }
+    conn.await;
 }
 
 type Listeners = Arc<Mutex<HashMap<(String, u32), JoinHandle<()>>>>;
@@ -300,14 +649,80 @@ struct ServerHandler {
     /// The authorized_keys options of the key that logged in.
     options: Option<KeyOptions>,
     listeners: Listeners,
+    /// Forwarded channels open now in this session.
+    session_channels: Arc<AtomicU32>,
+    /// Told once the client has authenticated (its startup slot is then released).
+    authenticated: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for ServerHandler {
     fn drop(&mut self) {
         // A client's -R listeners live exactly as long as its session.
-        for (_, task) in lock(&self.listeners).drain() {
-            task.abort();
+        let n = lock(&self.listeners)
+            .drain()
+            .map(|(_, task)| task.abort())
+            .count();
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        self.shared.listeners_open.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// One forwarded channel counted against the session's and the server's caps.
+struct ChannelSlot {
+    session: Arc<AtomicU32>,
+    shared: Arc<Shared>,
+}
+
+impl ChannelSlot {
+    /// Takes a slot, or counts a refusal and returns `None` when a cap is reached.
+    fn take(shared: &Arc<Shared>, session: &Arc<AtomicU32>) -> Option<ChannelSlot> {
+        let l = &shared.cfg.limits;
+        let under = |n: &AtomicU32, cap: u32| {
+            n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v < cap).then_some(v + 1)
+            })
+            .is_ok()
+        };
+        if !under(session, l.max_channels_per_session) {
+            shared
+                .counters
+                .channels_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
         }
+        if !under(&shared.channels_open, l.max_channels) {
+            session.fetch_sub(1, Ordering::AcqRel);
+            shared
+                .counters
+                .channels_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ChannelSlot {
+            session: session.clone(),
+            shared: shared.clone(),
+        })
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.session.fetch_sub(1, Ordering::AcqRel);
+        self.shared.channels_open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The current time for `expiry-time=`.
+fn now() -> Now {
+    let civil = |t: chrono::NaiveDateTime| -> u64 {
+        t.format("%Y%m%d%H%M%S")
+            .to_string()
+            .parse()
+            .unwrap_or(u64::MAX)
+    };
+    Now {
+        local: civil(chrono::Local::now().naive_local()),
+        utc: civil(chrono::Utc::now().naive_utc()),
     }
 }
 
@@ -315,8 +730,30 @@ const REFUSAL: &str = "vipgate sshd: this server only forwards ports (ssh -N -L/
                        shells, commands and subsystems are refused\r\n";
 
 impl ServerHandler {
-    fn find_key(&self, key: &russh::keys::PublicKey) -> Option<KeyOptions> {
+    /// The parsed authorized_keys, re-read only when the file's mtime, size or inode changed.
+    fn authorized_keys(&self) -> Option<Arc<Vec<AuthorizedKey>>> {
+        use std::os::unix::fs::MetadataExt;
         let path = &self.shared.cfg.authorized_keys;
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("cannot read {}: {e}", path.display());
+                return None;
+            }
+        };
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+            meta.ino(),
+        );
+        let mut cache = lock(&self.shared.keys_cache);
+        if let Some(c) = cache.as_ref().filter(|c| c.stamp == stamp) {
+            return Some(c.keys.clone());
+        }
+        if let Err(e) = check_file_mode(path, false) {
+            tracing::warn!("{e}; every login is refused");
+            return None;
+        }
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
@@ -328,18 +765,43 @@ impl ServerHandler {
         for (line, e) in errors {
             tracing::warn!("{}:{line}: {e}; line ignored", path.display());
         }
+        let keys = Arc::new(keys);
+        *cache = Some(KeysCache {
+            stamp,
+            keys: keys.clone(),
+        });
+        Some(keys)
+    }
+
+    fn find_key(&self, key: &russh::keys::PublicKey) -> Option<KeyOptions> {
+        let path = &self.shared.cfg.authorized_keys;
+        let keys = self.authorized_keys()?;
         let blob = key.public_key_bytes();
-        let entry = keys.into_iter().find(|k| k.blob == blob)?;
-        if !entry.options.allows_from(self.peer.ip()) {
+        let now = now();
+        let mut refused = None;
+        for entry in keys.iter().filter(|k| k.blob == blob) {
+            match entry.usable_at(self.peer.ip(), now) {
+                Ok(()) => return Some(entry.options.clone()),
+                Err(Unusable::CertAuthority) => tracing::debug!(
+                    "{}:{}: cert-authority line skipped for a plain key",
+                    path.display(),
+                    entry.line
+                ),
+                Err(why) => refused = Some((entry.line, why)),
+            }
+        }
+        if let Some((line, why)) = refused {
+            let why = match why {
+                Unusable::Expired => "its expiry-time has passed",
+                Unusable::From | Unusable::CertAuthority => "from= does not allow this address",
+            };
             tracing::warn!(
-                "key {}:{} refused for {}: from= does not allow this address",
+                "key {}:{line} refused for {}: {why}",
                 path.display(),
-                entry.line,
                 self.peer.ip()
             );
-            return None;
         }
-        Some(entry.options)
+        None
     }
 
     fn refuse_forward(&self, what: &str) {
@@ -347,7 +809,7 @@ impl ServerHandler {
             .counters
             .forwards_refused
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("{}@{}: refused {what}", self.user, self.peer);
+        tracing::warn!("{:?}@{}: refused {what}", self.user, self.peer);
     }
 
     fn refuse_session_request(
@@ -360,7 +822,7 @@ impl ServerHandler {
             .counters
             .sessions_refused
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!("{}@{}: refused {what}", self.user, self.peer);
+        tracing::info!("{:?}@{}: refused {what}", self.user, self.peer);
         // Answered with success so that OpenSSH's client prints our message and exits with
         // status 1; a failure reply makes it exit at once without showing stderr.
         session.channel_success(channel)?;
@@ -395,7 +857,7 @@ impl server::Handler for ServerHandler {
             Ok(Auth::Accept)
         } else {
             tracing::info!(
-                "{user}@{}: key {} not authorized",
+                "{user:?}@{}: key {} not authorized",
                 self.peer,
                 offer.public_key.fingerprint(HashAlg::Sha256)
             );
@@ -416,9 +878,12 @@ impl server::Handler for ServerHandler {
             Some(options) => {
                 self.user = user.to_string();
                 self.options = Some(options);
+                if let Some(tx) = self.authenticated.take() {
+                    let _ = tx.send(());
+                }
                 self.shared.counters.logins.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
-                    "accepted key {} for {user} from {}",
+                    "accepted key {} for {user:?} from {}",
                     key.public_key.fingerprint(HashAlg::Sha256),
                     self.peer
                 );
@@ -483,7 +948,7 @@ impl server::Handler for ServerHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_session_request(channel, &format!("subsystem {name}"), session)
+        self.refuse_session_request(channel, &format!("subsystem {name:?}"), session)
     }
 
     async fn channel_open_direct_tcpip(
@@ -511,22 +976,42 @@ impl server::Handler for ServerHandler {
                 "the key's options"
             };
             self.refuse_forward(&format!(
-                "direct-tcpip to {host_to_connect}:{port} (not allowed by {why})"
+                "direct-tcpip to {host_to_connect:?}:{port} (not allowed by {why})"
             ));
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
             return Ok(());
         }
+        let Some(slot) = ChannelSlot::take(&self.shared, &self.session_channels) else {
+            tracing::info!(
+                "{:?}@{}: direct-tcpip refused: channel cap reached",
+                self.user,
+                self.peer
+            );
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
         let shared = self.shared.clone();
         let host = host_to_connect.to_string();
+        let key_list = self
+            .options
+            .as_ref()
+            .map(|o| o.permit_open.clone())
+            .unwrap_or_default();
         // Never connect inside the callback: it would stall every channel of the session.
         tokio::spawn(async move {
+            let _slot = slot;
             let counters = &shared.counters.channels;
             counters.total.fetch_add(1, Ordering::Relaxed);
+            let key_list = if key_list.is_empty() {
+                PermitList::Any
+            } else {
+                PermitList::Only(key_list)
+            };
             match tokio::time::timeout(
                 Duration::from_secs(10),
-                TcpStream::connect((host.as_str(), port)),
+                connect_checked(&host, port, &shared.cfg.permit_open, &key_list),
             )
             .await
             {
@@ -535,9 +1020,21 @@ impl server::Handler for ServerHandler {
                     reply.accept().await;
                     pump(s, channel, &[], counters).await;
                 }
-                Ok(Err(e)) => {
+                Ok(Err(ConnectRefusal::Policy(addr))) => {
+                    shared
+                        .counters
+                        .forwards_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "direct-tcpip to {host:?}:{port} refused: it resolved to {addr}, which the permit lists do not name"
+                    );
+                    reply
+                        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                        .await;
+                }
+                Ok(Err(ConnectRefusal::Io(e))) => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("direct-tcpip to {host}:{port} failed: {e}");
+                    tracing::info!("direct-tcpip to {host:?}:{port} failed: {e}");
                     reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 }
                 Err(_) => {
@@ -588,15 +1085,51 @@ impl server::Handler for ServerHandler {
                 "the key's options"
             };
             self.refuse_forward(&format!(
-                "tcpip-forward on {address}:{want} (not allowed by {why})"
+                "tcpip-forward on {address:?}:{want} (not allowed by {why})"
             ));
+            return Ok(false);
+        }
+        // Ports below 1024 need an entry naming the port (vipgate may hold
+        // CAP_NET_BIND_SERVICE; OpenSSH allows them only to root logins).
+        if want != 0 && want < 1024 {
+            let list = &self.shared.cfg.permit_listen;
+            if !(list.names_port(address, want) || list.names_port(&bind, want)) {
+                self.refuse_forward(&format!(
+                    "tcpip-forward on {address:?}:{want} (a port below 1024 needs a permit_listen entry naming it)"
+                ));
+                return Ok(false);
+            }
+        }
+        let l = &self.shared.cfg.limits;
+        let session_listeners = lock(&self.listeners).len();
+        let global_ok = self
+            .shared
+            .listeners_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v < l.max_listeners).then_some(v + 1)
+            })
+            .is_ok();
+        if !global_ok || session_listeners >= l.max_listeners_per_session as usize {
+            if global_ok {
+                self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.shared
+                .counters
+                .listeners_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                "{:?}@{}: tcpip-forward refused: listener cap reached",
+                self.user,
+                self.peer
+            );
             return Ok(false);
         }
         let listener = match TcpListener::bind((bind.as_str(), want)).await {
             Ok(l) => l,
             Err(e) => {
+                self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!(
-                    "{}@{}: cannot listen on {bind}:{want} for tcpip-forward: {e}",
+                    "{:?}@{}: cannot listen on {bind:?}:{want} for tcpip-forward: {e}",
                     self.user,
                     self.peer
                 );
@@ -608,7 +1141,7 @@ impl server::Handler for ServerHandler {
             *port = u32::from(actual);
         }
         tracing::info!(
-            "{}@{}: remote forward listening on {bind}:{actual}",
+            "{:?}@{}: remote forward listening on {bind:?}:{actual}",
             self.user,
             self.peer
         );
@@ -616,10 +1149,22 @@ impl server::Handler for ServerHandler {
         let shared = self.shared.clone();
         let connected_address = address.to_string();
         let connected_port = u32::from(if want == 0 { actual } else { want });
+        let session_channels = self.session_channels.clone();
         let task = tokio::spawn(async move {
+            let mut backoff = AcceptBackoff::new();
             loop {
-                let Ok((s, peer)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                let (s, peer) = match listener.accept().await {
+                    Ok(a) => {
+                        backoff.reset();
+                        a
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(backoff.next()).await;
+                        continue;
+                    }
+                };
+                // Over the cap the connection is closed at once: the session stays up.
+                let Some(slot) = ChannelSlot::take(&shared, &session_channels) else {
                     continue;
                 };
                 let _ = s.set_nodelay(true);
@@ -627,6 +1172,7 @@ impl server::Handler for ServerHandler {
                 let shared = shared.clone();
                 let connected_address = connected_address.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let counters = &shared.counters.channels;
                     counters.total.fetch_add(1, Ordering::Relaxed);
                     let orig = match peer.ip() {
@@ -651,7 +1197,11 @@ impl server::Handler for ServerHandler {
                 });
             }
         });
-        lock(&self.listeners).insert((address.to_string(), connected_port), task);
+        if let Some(old) = lock(&self.listeners).insert((address.to_string(), connected_port), task)
+        {
+            old.abort();
+            self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
+        }
         Ok(true)
     }
 
@@ -664,9 +1214,54 @@ impl server::Handler for ServerHandler {
         match lock(&self.listeners).remove(&(address.to_string(), port)) {
             Some(task) => {
                 task.abort();
+                self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
                 Ok(true)
             }
             None => Ok(false),
         }
+    }
+}
+
+/// Why a checked direct-tcpip connect did not happen.
+enum ConnectRefusal {
+    /// Every address the name resolved to is refused by a permit list.
+    Policy(IpAddr),
+    /// Resolution or connect failed.
+    Io(std::io::Error),
+}
+
+/// Resolves `host` once and connects to the first resolved address both permit lists allow
+/// ([`PermitList::allows_resolved`]): the address connected to is the one checked, so a name
+/// cannot be re-pointed (DNS rebinding) between check and connect.
+async fn connect_checked(
+    host: &str,
+    port: u16,
+    global: &PermitList,
+    key: &PermitList,
+) -> Result<TcpStream, ConnectRefusal> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(ConnectRefusal::Io)?
+        .take(16)
+        .collect();
+    let mut last_err = None;
+    let mut refused = None;
+    for addr in addrs {
+        if !(global.allows_resolved(addr.ip(), port) && key.allows_resolved(addr.ip(), port)) {
+            refused = Some(addr.ip());
+            continue;
+        }
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    match (last_err, refused) {
+        (Some(e), _) => Err(ConnectRefusal::Io(e)),
+        (None, Some(ip)) => Err(ConnectRefusal::Policy(ip)),
+        (None, None) => Err(ConnectRefusal::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "name resolved to no address",
+        ))),
     }
 }

@@ -70,6 +70,9 @@ impl fmt::Display for Endpoint {
                 port,
             } => write!(f, "{h}:{port}"),
             Endpoint::Tcp { host: None, port } => write!(f, "{port}"),
+            // A path with a ':' must be bracketed to stay one field (fields never hold
+            // brackets, see split_fields, so the brackets are unambiguous).
+            Endpoint::Unix(p) if p.contains(':') => write!(f, "[{p}]"),
             Endpoint::Unix(p) => f.write_str(p),
         }
     }
@@ -285,12 +288,28 @@ mod tests {
         assert!(DynamicSpec::parse("a:b:c").is_err());
     }
 
+    #[test]
+    fn unix_path_with_colon_round_trips() {
+        // fuzz/corpus/ssh_spec/roundtrip-bracketed-path: a bracketed path holding ':'.
+        let text = "[5:8@/t5mp\t]:8/t5";
+        let spec = ForwardSpec::parse_remote(text).unwrap();
+        assert_eq!(spec.listen, Endpoint::Unix("5:8@/t5mp\t".into()));
+        assert_eq!(ForwardSpec::parse_remote(&spec.to_string()).unwrap(), spec);
+    }
+
     proptest! {
         #[test]
         fn never_panics(s in ".{0,40}") {
             let _ = ForwardSpec::parse_local(&s);
             let _ = ForwardSpec::parse_remote(&s);
             let _ = DynamicSpec::parse(&s);
+        }
+
+        #[test]
+        fn accepted_specs_round_trip(s in "[\\[\\]:/a1 ]{0,16}") {
+            for spec in [ForwardSpec::parse_local(&s), ForwardSpec::parse_remote(&s)].into_iter().flatten() {
+                prop_assert_eq!(ForwardSpec::parse_remote(&spec.to_string()).unwrap(), spec);
+            }
         }
 
         #[test]

@@ -11,7 +11,7 @@ use russh::keys::{Algorithm, PrivateKey};
 use sshfwd::client::{ClientConfig, Tunnel};
 use sshfwd::known_hosts::StrictHostKeyChecking;
 use sshfwd::policy::PermitList;
-use sshfwd::server::{ForwardServer, ServerConfig};
+use sshfwd::server::{ForwardServer, ServerConfig, ServerLimits};
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,6 +33,8 @@ fn write_key(dir: &Path, name: &str) -> (PathBuf, String) {
             .as_bytes(),
     )
     .unwrap();
+    // A secret key readable by others is refused (StrictModes).
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     (path, key.public_key().to_openssh().unwrap())
 }
 
@@ -73,6 +75,15 @@ async fn echo_server() -> SocketAddr {
 }
 
 async fn start_server(dir: &Path, authorized: &str, permit_open: &[&str]) -> ForwardServer {
+    start_server_with(dir, authorized, permit_open, ServerLimits::default()).await
+}
+
+async fn start_server_with(
+    dir: &Path,
+    authorized: &str,
+    permit_open: &[&str],
+    limits: ServerLimits,
+) -> ForwardServer {
     let ak = dir.join("authorized_keys");
     std::fs::write(&ak, authorized).unwrap();
     ForwardServer::start(ServerConfig {
@@ -83,6 +94,7 @@ async fn start_server(dir: &Path, authorized: &str, permit_open: &[&str]) -> For
         permit_listen: PermitList::Any,
         gateway_ports: false,
         idle_timeout: None,
+        limits,
     })
     .await
     .unwrap()
@@ -284,4 +296,180 @@ async fn refusals_are_clear() {
         "{err}"
     );
     tunnel.stop().await;
+}
+
+/// Polls `f` every 20 ms until it holds or `secs` pass.
+async fn eventually(secs: u64, f: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// Reads until EOF or error; true if that happened within `secs`.
+async fn closed_within(s: &mut TcpStream, secs: u64) -> bool {
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn idle_connections_are_capped_and_closed_at_login_grace() {
+    let dir = temp_dir("grace");
+    let (key, public) = write_key(&dir, "id_ok");
+    let limits = ServerLimits {
+        login_grace_time: Duration::from_secs(1),
+        max_startups: "3".parse().unwrap(),
+        per_source_max_startups: None,
+        ..ServerLimits::default()
+    };
+    let server = start_server_with(&dir, &format!("{public}\n"), &["any"], limits).await;
+    // Three silent clients (never sending a version line) are held...
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(server.local_addr()).await.unwrap());
+    }
+    assert!(eventually(5, || server.status().pending == 3).await);
+    // ...a fourth is closed at once and counted.
+    let mut extra = TcpStream::connect(server.local_addr()).await.unwrap();
+    assert!(closed_within(&mut extra, 2).await);
+    assert_eq!(server.status().refused_max_startups, 1);
+    // After the grace time the server closes the silent ones.
+    for s in &mut idle {
+        assert!(closed_within(s, 5).await, "idle connection not closed");
+    }
+    assert!(eventually(5, || server.status().login_grace_expired == 3).await);
+    assert!(eventually(5, || server.status().pending == 0).await);
+    // An authenticated session outlives the grace time and frees its startup slot.
+    let tunnel = Tunnel::start(client(&server, &dir, &key)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let st = server.status();
+    assert_eq!((st.pending, st.logins, st.login_grace_expired), (0, 1, 3));
+    assert_eq!(st.sessions, 1);
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn per_source_cap() {
+    let dir = temp_dir("persource");
+    let (_, public) = write_key(&dir, "id_ok");
+    let limits = ServerLimits {
+        per_source_max_startups: Some(2),
+        ..ServerLimits::default()
+    };
+    let server = start_server_with(&dir, &format!("{public}\n"), &["any"], limits).await;
+    let _a = TcpStream::connect(server.local_addr()).await.unwrap();
+    let _b = TcpStream::connect(server.local_addr()).await.unwrap();
+    assert!(eventually(5, || server.status().pending == 2).await);
+    let mut c = TcpStream::connect(server.local_addr()).await.unwrap();
+    assert!(closed_within(&mut c, 2).await);
+    assert_eq!(server.status().refused_per_source, 1);
+}
+
+#[tokio::test]
+async fn expired_and_cert_authority_keys_are_refused() {
+    let dir = temp_dir("expired");
+    let (expired, expired_pub) = write_key(&dir, "id_expired");
+    let (ca, ca_pub) = write_key(&dir, "id_ca");
+    let (fresh, fresh_pub) = write_key(&dir, "id_fresh");
+    let text = format!(
+        "expiry-time=\"20200101\" {expired_pub}\ncert-authority {ca_pub}\nexpiry-time=\"29991231Z\" {fresh_pub}\n"
+    );
+    let server = start_server(&dir, &text, &["any"]).await;
+    for key in [&expired, &ca] {
+        let err = Tunnel::start(client(&server, &dir, key))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().starts_with("permission denied (publickey)"),
+            "{err}"
+        );
+    }
+    let tunnel = Tunnel::start(client(&server, &dir, &fresh)).await.unwrap();
+    tunnel.stop().await;
+    assert!(server.status().auth_refused >= 2);
+}
+
+#[tokio::test]
+async fn privileged_remote_port_and_channel_cap() {
+    let dir = temp_dir("caps");
+    let echo = echo_server().await;
+    let (key, public) = write_key(&dir, "id_ok");
+    let limits = ServerLimits {
+        max_channels_per_session: 1,
+        ..ServerLimits::default()
+    };
+    let server = start_server_with(&dir, &format!("{public}\n"), &["any"], limits).await;
+    // -R on a port below 1024 without a permit_listen entry naming it.
+    let mut cfg = client(&server, &dir, &key);
+    cfg.remote = vec![ForwardSpec::parse_remote(&format!("80:127.0.0.1:{}", echo.port())).unwrap()];
+    let err = Tunnel::start(cfg).await.err().unwrap();
+    assert!(
+        err.to_string().contains("remote port forwarding failed"),
+        "{err}"
+    );
+    assert_eq!(server.status().forwards_refused, 1);
+    // One channel per session: a second -L connection is refused, the session stays.
+    let lport = free_port().await;
+    let mut cfg = client(&server, &dir, &key);
+    cfg.local =
+        vec![ForwardSpec::parse_local(&format!("{lport}:127.0.0.1:{}", echo.port())).unwrap()];
+    let tunnel = Tunnel::start(cfg).await.unwrap();
+    let mut first = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
+    first.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), first.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    let mut second = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
+    assert!(closed_within(&mut second, 5).await);
+    assert_eq!(server.status().channels_refused, 1);
+    drop(first);
+    drop(second);
+    // The session survived: once the first channel is gone a new one works.
+    assert!(eventually(5, || server.status().channels_active == 0).await);
+    assert_eq!(
+        exchange(SocketAddr::from(([127, 0, 0, 1], lport)), b"again").await,
+        expected(b"again")
+    );
+    tunnel.stop().await;
+}
+
+#[tokio::test]
+async fn insecure_host_key_is_refused() {
+    let dir = temp_dir("strict");
+    let (_, public) = write_key(&dir, "id_ok");
+    let (hk, _) = write_key(&dir, "host_ed25519");
+    std::fs::set_permissions(&hk, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let ak = dir.join("authorized_keys");
+    std::fs::write(&ak, format!("{public}\n")).unwrap();
+    let err = ForwardServer::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        host_key: hk,
+        authorized_keys: ak,
+        permit_open: PermitList::Any,
+        permit_listen: PermitList::Any,
+        gateway_ports: false,
+        idle_timeout: None,
+        limits: ServerLimits::default(),
+    })
+    .await
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("insecure: mode 0644"), "{err}");
 }

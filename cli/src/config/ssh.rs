@@ -5,6 +5,7 @@ use super::{HumanDuration, Validator, check_unique};
 use serde::{Deserialize, Serialize};
 use sshfwd::policy::PermitList;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
+use sshfwd::startups::{MaxStartups, NetBlock};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,14 +73,14 @@ pub(crate) struct SshSection {
     #[serde(default = "d_connections")]
     pub(crate) connections: Spanned<i64>,
     /// TCP connect + handshake limit; also how long a local client waits for a reconnect.
-    /// Default 10 s.
-    #[serde(default = "d_connect_timeout")]
+    /// Default 10 s, at least 100 ms.
+    #[serde(default = "d_connect_timeout", deserialize_with = "at_least_100ms")]
     pub(crate) connect_timeout: HumanDuration,
-    /// First reconnect delay (doubles per failure, with jitter). Default 200 ms.
-    #[serde(default = "d_reconnect_min")]
+    /// First reconnect delay (doubles per failure, with jitter). Default 200 ms, at least 10 ms.
+    #[serde(default = "d_reconnect_min", deserialize_with = "at_least_10ms")]
     pub(crate) reconnect_min: HumanDuration,
-    /// Longest reconnect delay. Default 30 s.
-    #[serde(default = "d_reconnect_max")]
+    /// Longest reconnect delay. Default 30 s, at least 100 ms.
+    #[serde(default = "d_reconnect_max", deserialize_with = "at_least_100ms")]
     pub(crate) reconnect_max: HumanDuration,
 }
 
@@ -127,9 +128,134 @@ pub(crate) struct SshdSection {
     /// otherwise they listen on loopback only. Default false.
     #[serde(default)]
     pub(crate) gateway_ports: bool,
-    /// Drop a client that sent nothing (not even a keepalive) for this long. Default none.
-    #[serde(default)]
-    pub(crate) idle_timeout: Option<HumanDuration>,
+    /// Drop a client that sent nothing (not even an answer to the server's keepalives, sent
+    /// every 30 s) for this long. Default 10 min, at least 1 s.
+    #[serde(default = "d_idle_timeout", deserialize_with = "at_least_1s")]
+    pub(crate) idle_timeout: HumanDuration,
+    /// `LoginGraceTime`: a connection not authenticated by then is closed. Default 30 s,
+    /// 1 s to 10 min.
+    #[serde(default = "d_login_grace", deserialize_with = "login_grace")]
+    pub(crate) login_grace_time: HumanDuration,
+    /// `MaxStartups` `start:rate:full` (or one number). Default `10:30:100`.
+    #[serde(default, deserialize_with = "max_startups", serialize_with = "as_text")]
+    pub(crate) max_startups: MaxStartups,
+    /// `PerSourceMaxStartups`: unauthenticated connections per source network, 1..=100000
+    /// or `"none"`. Default 10.
+    #[serde(default = "d_per_source", deserialize_with = "per_source")]
+    pub(crate) per_source_max_startups: Option<u32>,
+    /// `PerSourceNetBlockSize` `v4len[:v6len]`. Default `32:128`.
+    #[serde(default, deserialize_with = "netblock", serialize_with = "as_text")]
+    pub(crate) per_source_netblock_size: NetBlock,
+    /// Forwarded channels open at once per session, 1..=65536. Default 256.
+    #[serde(default = "d_channels_session", deserialize_with = "cap")]
+    pub(crate) max_channels_per_session: u32,
+    /// `-R` listeners per session, 1..=65536. Default 16.
+    #[serde(default = "d_listeners_session", deserialize_with = "cap")]
+    pub(crate) max_listeners_per_session: u32,
+    /// Forwarded channels open at once in the server, 1..=65536. Default 4096.
+    #[serde(default = "d_channels", deserialize_with = "cap")]
+    pub(crate) max_channels: u32,
+    /// `-R` listeners in the server, 1..=65536. Default 256.
+    #[serde(default = "d_listeners", deserialize_with = "cap")]
+    pub(crate) max_listeners: u32,
+}
+
+fn d_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+fn d_login_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn d_per_source() -> Option<u32> {
+    Some(10)
+}
+fn d_channels_session() -> u32 {
+    256
+}
+fn d_listeners_session() -> u32 {
+    16
+}
+fn d_channels() -> u32 {
+    4096
+}
+fn d_listeners() -> u32 {
+    256
+}
+
+/// A duration within `min..=max`; the error lands on the value's place in the file.
+fn duration_in<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    min: Duration,
+    max: Duration,
+) -> Result<HumanDuration, D::Error> {
+    let v = HumanDuration::deserialize(d)?;
+    if v.0 < min || v.0 > max {
+        return Err(serde::de::Error::custom(format!(
+            "{v} is out of range {}..={}",
+            HumanDuration(min),
+            HumanDuration(max)
+        )));
+    }
+    Ok(v)
+}
+
+const A_YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+fn at_least_10ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    duration_in(d, Duration::from_millis(10), A_YEAR)
+}
+fn at_least_100ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    duration_in(d, Duration::from_millis(100), A_YEAR)
+}
+fn at_least_1s<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    duration_in(d, Duration::from_secs(1), A_YEAR)
+}
+fn login_grace<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    duration_in(d, Duration::from_secs(1), Duration::from_secs(600))
+}
+
+fn as_text<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn max_startups<'de, D: serde::Deserializer<'de>>(d: D) -> Result<MaxStartups, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+fn netblock<'de, D: serde::Deserializer<'de>>(d: D) -> Result<NetBlock, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CountOrNone {
+    Count(i64),
+    Word(String),
+}
+
+fn per_source<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    match CountOrNone::deserialize(d)? {
+        CountOrNone::Word(w) if w == "none" => Ok(None),
+        CountOrNone::Count(n) if (1..=i64::from(sshfwd::startups::MAX_FULL)).contains(&n) => {
+            Ok(u32::try_from(n).ok())
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "per_source_max_startups must be 1..={} or \"none\"",
+            sshfwd::startups::MAX_FULL
+        ))),
+    }
+}
+
+fn cap<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    u32::try_from(n)
+        .ok()
+        .filter(|n| (1..=65_536).contains(n))
+        .ok_or_else(|| serde::de::Error::custom(format!("{n} is out of range 1..=65536")))
 }
 
 /// Deserializes a permit list, refusing bad entries at their place in the file.
@@ -210,6 +336,64 @@ pub(crate) fn validate_all(dests: &[SshSection], v: &mut Validator) {
                 &d.destination,
                 "this destination has no local, remote or dynamic forwards",
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sshd(extra: &str) -> Result<SshdSection, toml::de::Error> {
+        toml::from_str(&format!(
+            "host_key = \"/k\"\nauthorized_keys = \"/a\"\n{extra}"
+        ))
+    }
+
+    #[test]
+    fn sshd_defaults_are_bounded() {
+        let s = sshd("").unwrap();
+        assert_eq!(s.login_grace_time.0, Duration::from_secs(30));
+        assert_eq!(s.idle_timeout.0, Duration::from_secs(600));
+        assert_eq!(s.max_startups, MaxStartups::default());
+        assert_eq!(s.per_source_max_startups, Some(10));
+    }
+
+    #[test]
+    fn sshd_values_that_misbehave_are_refused_at_their_place() {
+        for (bad, line) in [
+            ("idle_timeout = \"0s\"", 3),
+            ("login_grace_time = \"0s\"", 3),
+            ("max_startups = \"100:30:10\"", 3),
+            ("per_source_max_startups = 0", 3),
+            ("per_source_netblock_size = \"33\"", 3),
+            ("max_channels = 4294967296", 3),
+            ("max_listeners_per_session = 0", 3),
+        ] {
+            let e = sshd(bad).unwrap_err();
+            let span = e.span().unwrap();
+            let text = format!("host_key = \"/k\"\nauthorized_keys = \"/a\"\n{bad}");
+            assert_eq!(text[..span.start].lines().count(), line, "{bad}: {e}");
+        }
+        assert_eq!(
+            sshd("per_source_max_startups = \"none\"")
+                .unwrap()
+                .per_source_max_startups,
+            None
+        );
+    }
+
+    #[test]
+    fn client_zero_durations_are_refused() {
+        for bad in [
+            "connect_timeout = \"0s\"",
+            "reconnect_min = \"0s\"",
+            "reconnect_max = \"0s\"",
+        ] {
+            let r: Result<SshSection, _> = toml::from_str(&format!(
+                "destination = \"u@h\"\nlocal = [\"1:h:2\"]\n{bad}"
+            ));
+            assert!(r.unwrap_err().to_string().contains("out of range"), "{bad}");
         }
     }
 }

@@ -15,7 +15,7 @@ use sshfwd::client::{ClientConfig, Tunnel, TunnelStatus};
 use sshfwd::known_hosts::StrictHostKeyChecking as Strict;
 use sshfwd::options::{SshOptions, expand_tilde};
 use sshfwd::policy::PermitList;
-use sshfwd::server::{ForwardServer, ServerConfig};
+use sshfwd::server::{ForwardServer, ServerConfig, ServerLimits};
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -148,7 +148,8 @@ fn prompt_passphrase(path: &Path) -> anyhow::Result<String> {
         .open("/dev/tty")
         .context("no terminal to ask for the passphrase; use --passphrase-file")?;
     let stty = |arg: &str| {
-        std::process::Command::new("stty")
+        // An absolute path: PATH is not trusted to pick the program that touches the tty.
+        std::process::Command::new("/bin/stty")
             .arg(arg)
             .stdin(
                 tty.try_clone()
@@ -169,6 +170,7 @@ fn prompt_passphrase(path: &Path) -> anyhow::Result<String> {
 }
 
 fn read_passphrase_file(path: &Path) -> anyhow::Result<String> {
+    sshfwd::server::check_file_mode(path, true)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading passphrase file {}", path.display()))?;
     Ok(text.lines().next().unwrap_or("").to_string())
@@ -385,8 +387,31 @@ async fn start_server(section: &SshdSection) -> anyhow::Result<ForwardServer> {
         permit_listen: PermitList::parse(&section.permit_listen, true)
             .map_err(anyhow::Error::msg)?,
         gateway_ports: section.gateway_ports,
-        idle_timeout: section.idle_timeout.map(|d| d.0),
+        idle_timeout: Some(section.idle_timeout.0),
+        limits: ServerLimits {
+            login_grace_time: section.login_grace_time.0,
+            max_startups: section.max_startups,
+            per_source_max_startups: section.per_source_max_startups,
+            per_source_netblock: section.per_source_netblock_size,
+            max_channels_per_session: section.max_channels_per_session,
+            max_listeners_per_session: section.max_listeners_per_session,
+            max_channels: section.max_channels,
+            max_listeners: section.max_listeners,
+        },
     };
+    if !section.listen.ip().is_loopback() {
+        for (list, key) in [
+            (&section.permit_open, "permit_open"),
+            (&section.permit_listen, "permit_listen"),
+        ] {
+            if list.is_empty() {
+                tracing::warn!(
+                    "[sshd] listens on {} and {key} is empty: any authorized key may forward anywhere",
+                    section.listen
+                );
+            }
+        }
+    }
     let server = ForwardServer::start(cfg).await?;
     let key = server.host_key();
     if key.generated {
@@ -592,7 +617,17 @@ impl Part for SshdPart {
             "channels_total": s.channels_total,
             "bytes_out": s.bytes_out,
             "bytes_in": s.bytes_in,
+            "pending": s.pending,
+            "refused_max_startups": s.refused_max_startups,
+            "refused_per_source": s.refused_per_source,
+            "login_grace_expired": s.login_grace_expired,
+            "channels_refused": s.channels_refused,
+            "listeners_refused": s.listeners_refused,
+            "accept_errors": s.accept_errors,
         })
+    }
+    fn dead_task(&self) -> Option<String> {
+        self.server.dead_task()
     }
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move { self.server.stop() })
@@ -683,6 +718,16 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
                 n(it, "channels_total"),
                 bytes(n(it, "bytes_out")),
                 bytes(n(it, "bytes_in")),
+            ));
+            out.push_str(&format!(
+                "  pre-auth {}  refused: max_startups {} per_source {} grace_expired {} channel_cap {} listener_cap {}  accept errors {}\n",
+                n(it, "pending"),
+                n(it, "refused_max_startups"),
+                n(it, "refused_per_source"),
+                n(it, "login_grace_expired"),
+                n(it, "channels_refused"),
+                n(it, "listeners_refused"),
+                n(it, "accept_errors"),
             ));
             continue;
         }
