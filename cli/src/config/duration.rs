@@ -100,6 +100,55 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// Records a diagnostic at `value` when it is shorter than `min`: "`KEY` must be at least MIN".
+///
+/// For values that misbehave when tiny (a `0s` interval spins, a `0s` timeout fails every try).
+/// A default written as `Spanned::new(0..0, ..)` must itself satisfy `min`.
+#[allow(
+    dead_code,
+    reason = "the area validators (gre, nat, lb, vrrp, ssh) call it; remove once merged"
+)]
+pub(crate) fn check_at_least(
+    value: &toml::Spanned<HumanDuration>,
+    min: Duration,
+    key: &str,
+    v: &mut super::Validator,
+) {
+    if value.get_ref().0 < min {
+        v.error_at(
+            value,
+            format!(
+                "`{key}` must be at least {} (got {})",
+                HumanDuration(min),
+                value.get_ref()
+            ),
+        );
+    }
+}
+
+/// Records a diagnostic at `value` when it is longer than `max`: "`KEY` must be at most MAX".
+#[allow(
+    dead_code,
+    reason = "the area validators (gre, nat, lb, vrrp, ssh) call it; remove once merged"
+)]
+pub(crate) fn check_at_most(
+    value: &toml::Spanned<HumanDuration>,
+    max: Duration,
+    key: &str,
+    v: &mut super::Validator,
+) {
+    if value.get_ref().0 > max {
+        v.error_at(
+            value,
+            format!(
+                "`{key}` must be at most {} (got {})",
+                HumanDuration(max),
+                value.get_ref()
+            ),
+        );
+    }
+}
+
 impl Serialize for HumanDuration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -142,6 +191,36 @@ mod tests {
         }
         let e = "300".parse::<HumanDuration>().unwrap_err().to_string();
         assert!(e.contains("unit is required"), "{e}");
+    }
+
+    #[test]
+    fn bounds_report_at_the_value() {
+        let mut v = super::super::Validator::default();
+        let zero = toml::Spanned::new(3..7, HumanDuration(Duration::ZERO));
+        check_at_least(&zero, Duration::from_millis(100), "interval", &mut v);
+        let ok = toml::Spanned::new(9..12, HumanDuration(Duration::from_secs(1)));
+        check_at_least(&ok, Duration::from_millis(100), "interval", &mut v);
+        check_at_most(&ok, Duration::from_secs(1), "interval", &mut v);
+        let big = toml::Spanned::new(20..25, HumanDuration(Duration::from_secs(86_401)));
+        check_at_most(&big, Duration::from_secs(86_400), "persistence", &mut v);
+        let got: Vec<_> = v
+            .diagnostics
+            .iter()
+            .map(|d| (d.span.clone(), d.message.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    Some(3..7),
+                    "`interval` must be at least 100ms (got 0s)".to_string()
+                ),
+                (
+                    Some(20..25),
+                    "`persistence` must be at most 1d (got 1d1s)".to_string()
+                ),
+            ]
+        );
     }
 
     proptest! {
