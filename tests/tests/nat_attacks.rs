@@ -518,8 +518,8 @@ fn syn_flood_keeps_serving(test: &str, addr: &str, port: u16, bulk_addr: &str, b
         "the transfer kept moving through the flood: {report}"
     );
     assert!(
-        counter(&v1, &["flows"]) <= counter(&v1, &["capacity"]),
-        "the table stays within its bound: {report}"
+        counter(&v1, &["flows"]) < counter(&v1, &["capacity"]),
+        "the flood leaves room in the table: {report}"
     );
     assert!(
         rss_after.saturating_sub(rss_before) < 64 * 1024,
