@@ -153,7 +153,8 @@ NFT
 }
 
 vipgate_round() {
-  x gw "$BIN" run -c "$TMP/site.toml" > "$TMP/vipgate.log" 2>&1 &
+  # Not through x(): $! must be vipgate itself (ip netns exec execs it), not a subshell.
+  ip netns exec "$P-gw" "$BIN" run -c "$TMP/site.toml" > "$TMP/vipgate.log" 2>&1 &
   local vipgate=$!
   for _ in $(seq 100); do
     x gw "$BIN" show nat -c "$TMP/site.toml" >/dev/null 2>&1 && break
@@ -167,8 +168,13 @@ v = json.load(sys.stdin)[0]
 c, d = v["counters"], v["drops"]
 print("%d flows after the flood; early_drops %d, half_open_source %d, table_full %d" % (
     v["flows"], c.get("early_drops", 0), d.get("half_open_source", 0), d.get("table_full", 0)))')" >&2
+  if ! kill -0 "$vipgate" 2>/dev/null; then
+    echo "vipgate died during the round:" >&2; tail -20 "$TMP/vipgate.log" >&2; exit 1
+  fi
   kill -TERM "$vipgate"
   wait "$vipgate" || true
+  # The next round starts from a clean gateway: its TUN gone too.
+  for _ in $(seq 50); do ip -n "$P-gw" link show nat0 >/dev/null 2>&1 || break; sleep 0.1; done
 }
 
 for r in $(seq "$RUNS"); do
