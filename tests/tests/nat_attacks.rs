@@ -518,8 +518,8 @@ fn syn_flood_keeps_serving(test: &str, addr: &str, port: u16, bulk_addr: &str, b
         "the transfer kept moving through the flood: {report}"
     );
     assert!(
-        counter(&v1, &["flows"]) <= counter(&v1, &["capacity"]),
-        "the table stays within its bound: {report}"
+        counter(&v1, &["flows"]) < counter(&v1, &["capacity"]),
+        "the flood leaves room in the table: {report}"
     );
     assert!(
         rss_after.saturating_sub(rss_before) < 64 * 1024,
@@ -537,14 +537,19 @@ fn syn_flood_keeps_serving(test: &str, addr: &str, port: u16, bulk_addr: &str, b
 
 /// Review §5.1 through a static forward.
 ///
-/// Against main at cd01929: 0 of the legitimate connections succeed during and after the flood
-/// (the forged half-open flows count as established for 2 h 4 min and fill the table).
+/// Against main at cd01929 the forged half-open flows count as established (2 h 4 min) and
+/// fill the table (65,536 of 65,536, `table_full` rising): after the flood 0 of 5 (another run:
+/// 1 of 6) legitimate connections succeed, and the daemon's RSS grows by 75 MiB.
 #[test]
 fn syn_flood_on_a_static_forward_spares_legitimate_clients() {
     syn_flood_keeps_serving("natatk_fwd", PUBLIC, 8001, PUBLIC, 8002);
 }
 
 /// Review §5.1 through a virtual service on a VIP.
+///
+/// Against main at cd01929 the table reached 63,788 of 65,536 flows (the debug build dropped
+/// part of the flood at nat0's queue, so it did not quite fill): legitimate connections still
+/// succeeded, but the daemon's RSS grew by 70 MiB and nothing was evicted or counted.
 #[test]
 fn syn_flood_on_a_virtual_service_spares_legitimate_clients() {
     syn_flood_keeps_serving("natatk_vip", VIP, 80, VIP, 9000);
@@ -553,8 +558,8 @@ fn syn_flood_on_a_virtual_service_spares_legitimate_clients() {
 /// Review §5.2: traffic to a VIP that no service owns is answered by the gateway (or
 /// dropped), never handed back into nat0, where the kernel would route it straight in again.
 ///
-/// Against main at cd01929: `ping` gets no echo reply (Time Exceeded instead), and 5 echo
-/// requests cross nat0 about 315 times; one SYN to an unserved port crosses it about 63 times.
+/// Against main at cd01929: `ping` gets 0 of 5 replies (Time Exceeded instead), and the 5
+/// echo requests cross nat0 315 times (`passed_through` +315).
 #[test]
 fn a_vip_answers_ping_and_unserved_ports_without_a_loop() {
     let lab = lab("natatk_loop", "");
@@ -635,7 +640,7 @@ except OSError as e:\n  print(type(e).__name__)\""
 /// timeout (3 s here) the connection still carries data.
 ///
 /// Against main at cd01929: the RST downgrades the flow to transitory, it expires after 3 s
-/// of silence, and the connection is dead ("timed out").
+/// of silence (gone from `show nat`), and the connection is dead ("timed out").
 #[test]
 fn an_off_path_rst_does_not_kill_an_established_flow() {
     let lab = lab("natatk_rst", "timeouts = { tcp_transitory = \"3s\" }");
