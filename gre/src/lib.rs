@@ -116,6 +116,91 @@ pub mod fuzzing {
         }
     }
 
+    /// The receive path as the driver's receive loop runs it, over several packets: each
+    /// record of `data` after the options byte is a two-byte big-endian length and that many
+    /// bytes of GRE (from the remote), or the length 0xffff alone, which ends a batch (the
+    /// coalescer is flushed). Decapsulated packets go through one tunnel (state kept across
+    /// records) into one coalescer, as with `offload = true`.
+    ///
+    /// Invariants asserted: nothing panics; every frame is at most a 64 KiB IP packet; and
+    /// the frames resegment to exactly the packets the tunnel accepted, in order: a frame
+    /// sent alone is the packet itself, a merged frame's payload split at its segment size
+    /// is the accepted packets' payloads, each with the first one's addresses and ports.
+    pub fn receive(now: Instant, data: &[u8]) {
+        let Some((&options, mut rest)) = data.split_first() else {
+            return;
+        };
+        let local = Ipv4Addr::new(198, 51, 100, 1);
+        let remote = Ipv4Addr::new(198, 51, 100, 2);
+        let mut config = TunnelConfig::new("fuzz", local, remote);
+        config.key = (options & 1 != 0).then_some(42);
+        config.sequence = options & 2 != 0;
+        config.keepalive = (options & 4 != 0).then(crate::KeepaliveConfig::default);
+        let mut tunnel = Tunnel::new(config, now);
+        let mut gro = crate::gro::TcpCoalescer::default();
+        let mut accepted = std::collections::VecDeque::new();
+        let mut buf = Vec::new();
+        while let [hi, lo, tail @ ..] = rest {
+            let n = usize::from(u16::from_be_bytes([*hi, *lo]));
+            if n == 0xffff {
+                rest = tail;
+                if let Some(frame) = gro.finish() {
+                    check_frame(frame, &mut accepted);
+                }
+                continue;
+            }
+            let n = n.min(tail.len());
+            let (gre, after) = tail.split_at(n);
+            rest = after;
+            buf.clear();
+            buf.extend_from_slice(gre);
+            if let crate::Verdict::ToTun(r) = tunnel.decapsulate(now, remote, &mut buf) {
+                let inner = buf.get(r).expect("ToTun ranges lie inside the buffer");
+                accepted.push_back(inner.to_vec());
+                if let Some(frame) = gro.push(inner) {
+                    check_frame(frame, &mut accepted);
+                }
+            }
+        }
+        if let Some(frame) = gro.finish() {
+            check_frame(frame, &mut accepted);
+        }
+        assert!(
+            accepted.is_empty(),
+            "accepted packets missing from the frames"
+        );
+    }
+
+    /// Checks one coalescer frame against the oldest accepted packets (see [`receive`]).
+    fn check_frame(frame: &[u8], accepted: &mut std::collections::VecDeque<Vec<u8>>) {
+        let (header, packet) = frame.split_at(crate::gro::VNET_HDR_LEN);
+        assert!(packet.len() <= 65_535, "a frame over 64 KiB");
+        if header[1] == 0 {
+            let want = accepted
+                .pop_front()
+                .expect("a frame no packet was accepted for");
+            assert_eq!(packet, &want[..], "a packet sent alone must be unchanged");
+            return;
+        }
+        let hdr_len = usize::from(u16::from_ne_bytes([header[2], header[3]]));
+        let seg = usize::from(u16::from_ne_bytes([header[4], header[5]]));
+        let ip_len = usize::from(u16::from_ne_bytes([header[6], header[7]]));
+        assert!(seg > 0 && ip_len + 20 <= hdr_len && hdr_len < packet.len());
+        let (addresses, ports) = if ip_len == 40 {
+            (8..40, 40..44)
+        } else {
+            (12..20, 20..24)
+        };
+        for chunk in packet[hdr_len..].chunks(seg) {
+            let want = accepted
+                .pop_front()
+                .expect("a segment no packet was accepted for");
+            assert_eq!(&want[hdr_len..], chunk, "a merged payload differs");
+            assert_eq!(want[addresses.clone()], packet[addresses.clone()]);
+            assert_eq!(want[ports.clone()], packet[ports.clone()]);
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         /// Runs `feed` on every seed of the cargo-fuzz target `target` (so CI replays them on
@@ -139,6 +224,14 @@ pub mod fuzzing {
                 super::decapsulate(crate::test_util::t0(), b);
             });
             assert!(count >= 5, "corpus too small: {count}");
+        }
+
+        #[test]
+        fn replay_receive_fuzz_corpus() {
+            let count = replay("gre_receive", |b| {
+                super::receive(crate::test_util::t0(), b);
+            });
+            assert!(count >= 3, "corpus too small: {count}");
         }
 
         #[test]

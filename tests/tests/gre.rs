@@ -493,3 +493,122 @@ fn reload_adds_a_route_live_without_interrupting_traffic() {
     assert!(b.counter("hq", "tx_packets") > tx_before);
     assert!(b.show("hq", false).unwrap().contains("192.168.112.0/24"));
 }
+
+/// A GRE packet with key 42 around `inner` (hex), as the peer would send it.
+fn keyed(inner: &str) -> String {
+    format!("200008000000002a{inner}")
+}
+
+/// Finding 1.1 end to end: the 33-byte inner packet that used to panic the receive
+/// coalescer, then a burst of other malformed inner packets, all from the peer's own
+/// underlay address (its namespace, a raw socket). The tunnel keeps carrying traffic, every
+/// one of them is counted as `bad_inner`, and no driver task is dead.
+#[test]
+fn malformed_inner_packets_from_the_peer_are_counted_and_the_tunnel_survives() {
+    let mut b = Branches::new(
+        "gre_adv",
+        "key = 42\nkeepalive = { interval = \"1s\", retries = 3 }",
+    );
+    let ip_tcp = "4500002100000000400600 00c6336402c0a8650a".replace(' ', "");
+    let review = format!("{ip_tcp}{}", "00".repeat(13));
+    // IPv4 TCP with total length `total`, IHL `ihl`, `len` bytes in all, data offset `doff`.
+    let v4 = |len: usize, total: usize, ihl: u8, doff: u8| {
+        let mut p = vec![0u8; len];
+        p[0] = 0x40 | ihl;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[198, 51, 100, 2]);
+        p[16..20].copy_from_slice(&[192, 168, 101, 10]);
+        if len > 32 {
+            p[32] = doff << 4;
+        }
+        p.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let v6 = |len: usize, payload: u16| {
+        let mut p = vec![0u8; len];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&payload.to_be_bytes());
+        p[6] = 6;
+        p[7] = 64;
+        p.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let burst = [
+        keyed(&review),
+        keyed(&v4(39, 39, 5, 5)),                    // 19-byte TCP header
+        keyed(&v4(60, 60, 5, 2)),                    // data offset 8
+        keyed(&v4(60, 60, 5, 15)),                   // data offset 60 in a 40-byte segment
+        keyed(&v4(60, 60, 3, 5)),                    // IHL 3
+        keyed(&v4(60, 60, 15, 5)),                   // IHL 15 past the end of the packet
+        keyed(&v4(60, 1500, 5, 5)),                  // total length past the packet
+        format!("200086dd0000002a{}", v6(53, 13)),   // IPv6 with a 13-byte TCP header
+        format!("200086dd0000002a{}", v6(30, 0)),    // truncated IPv6 header
+        format!("200086dd0000002a{}", v6(80, 9000)), // IPv6 payload length past the packet
+    ];
+    for _ in 0..3 {
+        for p in &burst {
+            send_gre(&b.t, "br", p);
+        }
+    }
+    let expected = 3 * burst.len() as u64;
+    wait_until(
+        Duration::from_secs(5),
+        "every malformed packet counted",
+        || b.counter("hq", "bad_inner") == expected,
+    );
+    assert!(b.hq.as_mut().unwrap().is_running(), "HQ daemon died");
+    b.ping("hqpc", BR_PC)
+        .expect("the tunnel still carries traffic");
+    let j = b.show("hq", true).unwrap();
+    assert_eq!(json_field(&j, "dead_task").as_deref(), Some("null"), "{j}");
+    assert_eq!(b.state("hq").as_deref(), Some("up"));
+    // Keepalive replies still arrive, so the receive path is alive, not just the kernel.
+    let replies = b.counter("hq", "keepalive_replies");
+    wait_until(Duration::from_secs(5), "more keepalive replies", || {
+        b.counter("hq", "keepalive_replies") > replies
+    });
+}
+
+/// Finding 6.2 end to end: the peer's daemon is gone and an attacker on the peer's
+/// underlay address floods keepalive replies (guessed markers, and Cisco-style unmarked
+/// ones). HQ still declares the tunnel down and withdraws its routes in time.
+#[test]
+fn spoofed_keepalive_replies_do_not_keep_a_dead_tunnel_up() {
+    let mut b = Branches::new(
+        "gre_spoof",
+        "key = 42\nkeepalive = { interval = \"1s\", retries = 3 }",
+    );
+    b.ping("hqpc", BR_PC).expect("ping before the outage");
+    let script = b.t.write(
+        "spoof.py",
+        &format!(
+            "import os, socket, time\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47)\n\
+             end = time.time() + 12\n\
+             while time.time() < end:\n\
+             \x20   s.sendto(bytes.fromhex('200000000000002a') + os.urandom(8), ('{HQ_PUB}', 0))\n\
+             \x20   s.sendto(bytes.fromhex('200000000000002a'), ('{HQ_PUB}', 0))\n\
+             \x20   time.sleep(0.002)\n"
+        ),
+    );
+    b.br.as_mut().unwrap().terminate(Duration::from_secs(5));
+    let stopped = Instant::now();
+    let _spoofer =
+        b.t.spawn("br", "spoofer", &["python3", script.to_str().unwrap()]);
+    wait_until(
+        Duration::from_secs(8),
+        "HQ tunnel down despite the spoofer",
+        || b.state("hq").as_deref() == Some("down"),
+    );
+    let detected = stopped.elapsed();
+    assert!(detected <= Duration::from_secs(6), "took {detected:?}");
+    assert!(
+        !b.t.ip("hq", "route").contains("192.168.102.0/24"),
+        "route still installed while down"
+    );
+    assert!(
+        b.counter("hq", "unexpected_keepalive") > 100,
+        "spoofed replies were not seen: {}",
+        b.counter("hq", "unexpected_keepalive")
+    );
+}

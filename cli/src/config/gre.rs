@@ -82,6 +82,9 @@ fn default_offload() -> bool {
     true
 }
 
+/// Longest keepalive interval accepted (IOS `keepalive` allows 1..=32767 seconds).
+const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(32_767);
+
 pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
     check_unique(
         tunnels
@@ -125,9 +128,47 @@ pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
                 );
             }
         }
+        // The outer addresses are not spanned values: their mistakes point at the tunnel's
+        // name, which opens the section.
+        for (what, addr) in [("local", t.local), ("remote", t.remote)] {
+            if addr.is_unspecified()
+                || addr.is_loopback()
+                || addr.is_multicast()
+                || addr.is_broadcast()
+            {
+                v.error_at(
+                    &t.name,
+                    format!(
+                        "tunnel `{name}`: {what} {addr} is not a unicast address a peer can reach"
+                    ),
+                );
+            }
+        }
+        if t.local == t.remote {
+            v.error_at(
+                &t.name,
+                format!("tunnel `{name}`: local and remote are both {}", t.local),
+            );
+        }
+        // An inner prefix holding an outer address would route the tunnel into itself.
+        if t.address.contains(&t.remote) || t.address.contains(&t.local) {
+            v.error_at(
+                &t.name,
+                format!(
+                    "tunnel `{name}`: address {} covers the tunnel's own outer address; the tunnel would carry itself",
+                    t.address
+                ),
+            );
+        }
         if let Some(ka) = &t.keepalive {
-            if ka.interval.get_ref().0 < Duration::from_millis(100) {
+            let interval = ka.interval.get_ref().0;
+            if interval < Duration::from_millis(100) {
                 v.error_at(&ka.interval, "keepalive interval must be at least 100ms");
+            } else if interval > MAX_KEEPALIVE_INTERVAL {
+                v.error_at(
+                    &ka.interval,
+                    "keepalive interval must be at most 32767s (as on IOS); a dead peer would go unnoticed for longer",
+                );
             }
             if !(1..=255).contains(ka.retries.get_ref()) {
                 v.error_at(&ka.retries, "keepalive retries must be in 1..=255");
@@ -169,6 +210,65 @@ mod tests {
         assert_eq!((a.local, a.remote), (b.remote, b.local));
         assert_eq!(a.key, b.key);
         assert!(a.offload && b.offload);
+    }
+
+    /// Values that parse but would misbehave at run time are refused, each at its place.
+    #[test]
+    fn runtime_misbehaving_values_are_refused_with_their_position() {
+        let base = |extra: &str, remote: &str| {
+            format!(
+                "[[gre]]\nname = \"g\"\nlocal = \"198.51.100.1\"\nremote = \"{remote}\"\n\
+                 address = \"172.16.0.1/30\"\n{extra}\n"
+            )
+        };
+        let cases = [
+            (
+                base("keepalive = { interval = \"0s\" }", "198.51.100.2"),
+                "site.toml:6:26: keepalive interval must be at least 100ms",
+            ),
+            (
+                base("keepalive = { interval = \"10h\" }", "198.51.100.2"),
+                "site.toml:6:26: keepalive interval must be at most 32767s",
+            ),
+            (
+                base("keepalive = { retries = 0 }", "198.51.100.2"),
+                "site.toml:6:25: keepalive retries must be in 1..=255",
+            ),
+            (
+                base("keepalive = { retries = 100000 }", "198.51.100.2"),
+                "site.toml:6:25: keepalive retries must be in 1..=255",
+            ),
+            (
+                base("mtu = 100", "198.51.100.2"),
+                "site.toml:6:7: mtu 100 is out of range 576..=9000",
+            ),
+            (
+                base("mtu = 9001", "198.51.100.2"),
+                "site.toml:6:7: mtu 9001 is out of range 576..=9000",
+            ),
+            (
+                base("", "198.51.100.1"),
+                "site.toml:2:8: tunnel `g`: local and remote are both 198.51.100.1",
+            ),
+            (
+                base("", "0.0.0.0"),
+                "site.toml:2:8: tunnel `g`: remote 0.0.0.0 is not a unicast address",
+            ),
+            (
+                base("", "224.0.0.5"),
+                "site.toml:2:8: tunnel `g`: remote 224.0.0.5 is not a unicast address",
+            ),
+            (
+                base("", "172.16.0.2"),
+                "site.toml:2:8: tunnel `g`: address 172.16.0.1/30 covers the tunnel's own outer address",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(Path::new("site.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "want {want}\n got {err}");
+        }
     }
 
     #[test]
