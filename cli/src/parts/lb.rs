@@ -49,6 +49,8 @@ struct Shared {
 struct ServicePart {
     name: String,
     shared: Arc<Shared>,
+    /// `summary()` (metrics, `vipgate status`) reuses this for a second.
+    summary: super::nat::SummaryCache,
 }
 
 type SharedGateway = Arc<Mutex<natgw::Gateway>>;
@@ -127,6 +129,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
             Box::new(ServicePart {
                 name: s.name.get_ref().clone(),
                 shared: shared.clone(),
+                summary: super::nat::SummaryCache::default(),
             }) as Box<dyn Part>
         })
         .collect())
@@ -227,9 +230,20 @@ async fn start_gateway(
     Ok(driver)
 }
 
+/// iproute2's `ip`, by absolute path (never looked up in `PATH`, review §7.3): the first
+/// of the usual places that exists.
+fn ip_binary() -> &'static str {
+    const PLACES: [&str; 4] = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"];
+    PLACES
+        .iter()
+        .copied()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or(PLACES[0])
+}
+
 /// The interface the kernel routes `ip` through (`ip route get`).
 async fn route_dev(ip: Ipv4Addr) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new("ip")
+    let out = tokio::process::Command::new(ip_binary())
         .args(["-j", "-4", "route", "get", &ip.to_string()])
         .output()
         .await
@@ -334,6 +348,11 @@ impl Part for ServicePart {
             .unwrap_or_else(|e| json!({ "name": self.name, "error": format!("{e:#}") }))
     }
 
+    /// The status, taken from the gateway at most once per second.
+    fn summary(&self) -> Value {
+        self.summary.get(|| self.status())
+    }
+
     fn control(&self, op: &str, args: &Value) -> anyhow::Result<Value> {
         match op {
             "weight" => {
@@ -409,7 +428,7 @@ impl Part for ServicePart {
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
-            let ServicePart { name, shared } = *self;
+            let ServicePart { name, shared, .. } = *self;
             // The last service part stops the gateway and the health tasks.
             let Some(shared) = Arc::into_inner(shared) else {
                 return;
