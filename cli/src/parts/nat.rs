@@ -297,6 +297,10 @@ impl Part for NatPart {
 
     /// Counters and table usage without walking the table: every metrics scrape and
     /// `vipgate status` call this, and the packet loop waits while the gateway is locked.
+    fn dead_task(&self) -> Option<String> {
+        self.driver.dead_task()
+    }
+
     fn summary(&self) -> Value {
         self.summary
             .get(|| status_json(&self.driver.summary(), false))
