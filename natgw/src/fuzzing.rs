@@ -61,3 +61,177 @@ pub fn run_gateway(now: Instant, data: &[u8]) {
     gw.handle_timeout(now + Duration::from_secs(u64::from(ctl >> 1) * 60));
     let _ = gw.translations(now);
 }
+
+/// A listener standing in for a virtual service: alternates between two backends.
+#[derive(Debug, Default)]
+struct TwoBackends {
+    next: u8,
+}
+
+impl crate::InsideSelector for TwoBackends {
+    fn select(&mut self, _now: Instant, _client: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.next = self.next.wrapping_add(1);
+        Some(SocketAddrV4::new(
+            Ipv4Addr::new(192, 168, 101, 120 + self.next % 2),
+            8080,
+        ))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// Bytes per step of [`run_sequence`].
+pub const SEQUENCE_STEP: usize = 10;
+
+/// Stateful NAT fuzzing: a gateway with static forwards, a load-balanced listener and dynamic
+/// PAT (a small table, so bounds and early drop are reached) is fed a sequence of packets from
+/// both sides with time advancing, decoded from `data` in steps of [`SEQUENCE_STEP`] bytes:
+///
+/// - `[0]`: bits 0-1 the packet kind (TCP, UDP, ICMP echo, ICMP error), bit 2 the side (inside
+///   or outside), bits 3-7 TCP flags (FIN, SYN, RST, PSH, ACK);
+/// - `[1]`: bits 0-1 the inside host, bits 2-4 the outside host, bits 5-6 the public endpoint
+///   (overload address, static TCP, static UDP, the service VIP);
+/// - `[2..4]`: a port; `[4..8]`: the TCP sequence number (the ACK number is derived);
+/// - `[8]`: seconds to advance the clock first; `[9]`: payload length (0..63).
+///
+/// After each step: the table is within its bound, created minus removed flows equals the
+/// live ones, half-open flows are a subset, and every packet the gateway forwards carries
+/// valid checksums.
+pub fn run_sequence(start: Instant, data: &[u8]) {
+    let public = Ipv4Addr::new(198, 51, 100, 1);
+    let vip = Ipv4Addr::new(198, 51, 100, 10);
+    let config = GatewayConfig {
+        overload: Some(public),
+        inside_networks: vec!["192.168.101.0/24".parse().expect("valid prefix")],
+        local_addresses: vec![public],
+        statics: vec![
+            StaticEntry {
+                proto: Proto::Tcp,
+                public: SocketAddrV4::new(public, 8001),
+                inside: SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 101), 80),
+            },
+            StaticEntry {
+                proto: Proto::Udp,
+                public: SocketAddrV4::new(public, 5353),
+                inside: SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 101), 53),
+            },
+        ],
+        max_mappings: 24,
+        max_per_host: 12,
+        max_half_open_per_listener: 6,
+        max_half_open_per_source: 10,
+        max_inbound_per_mapping: 4,
+        ..GatewayConfig::default()
+    };
+    let Ok(mut gw) = Gateway::new(start, config) else {
+        return;
+    };
+    if gw
+        .add_listener(
+            Proto::Tcp,
+            SocketAddrV4::new(vip, 80),
+            Box::<TwoBackends>::default(),
+        )
+        .is_err()
+    {
+        return;
+    }
+    let mut now = start;
+    for step in data.chunks_exact(SEQUENCE_STEP) {
+        now += Duration::from_secs(u64::from(step[8]));
+        gw.handle_timeout(now);
+        let mut buf = sequence_packet(step, public, vip);
+        let dir = gw.direction(&buf);
+        if gw.handle_packet(now, dir, &mut buf) == crate::Verdict::Forward {
+            let ihl = usize::from(buf.first().map_or(5, |b| b & 0x0f)) * 4;
+            assert_eq!(
+                netutil::checksum::checksum(buf.get(..ihl).unwrap_or(&[])),
+                0,
+                "IP checksum of a forwarded packet"
+            );
+            assert!(
+                crate::translate::l4_checksum_ok(&buf),
+                "transport checksum of a forwarded packet"
+            );
+        }
+        let t = gw.table();
+        assert!(t.len() <= t.capacity(), "table over its bound");
+        assert!(t.half_open() <= t.len(), "half-open flows not in the table");
+        let s = gw.stats();
+        assert_eq!(
+            s.flows_created - s.flows_removed,
+            t.len() as u64,
+            "created - removed != live"
+        );
+    }
+}
+
+/// The packet of one [`run_sequence`] step, with valid checksums.
+fn sequence_packet(step: &[u8], public: Ipv4Addr, vip: Ipv4Addr) -> Vec<u8> {
+    let byte = |i: usize| step.get(i).copied().unwrap_or(0);
+    let inside = Ipv4Addr::new(192, 168, 101, [10, 11, 101, 120][usize::from(byte(1) & 3)]);
+    let outside = Ipv4Addr::new(203, 0, 113 + ((byte(1) >> 2) & 1), (byte(1) >> 3) & 3);
+    let (pub_ip, pub_port) = match (byte(1) >> 5) & 3 {
+        0 => (public, u16::from_be_bytes([byte(2), byte(3)])),
+        1 => (public, 8001),
+        2 => (public, 5353),
+        _ => (vip, 80),
+    };
+    let port = u16::from_be_bytes([byte(2), byte(3)]) | 1024;
+    let outbound = byte(0) & 4 == 0;
+    let (src, sport, dst, dport) = if outbound {
+        (inside, port, outside, 80)
+    } else {
+        (outside, port, pub_ip, pub_port)
+    };
+    let seq = u32::from_be_bytes([byte(4), byte(5), byte(6), byte(7)]);
+    let payload = vec![0x5a; usize::from(byte(9) & 63)];
+    let b = etherparse::PacketBuilder::ipv4(src.octets(), dst.octets(), 64);
+    let mut v = Vec::new();
+    let flags = byte(0) >> 3;
+    let built = match byte(0) & 3 {
+        0 => {
+            let mut t = b.tcp(sport, dport, seq, 64240);
+            if flags & 1 != 0 {
+                t = t.fin();
+            }
+            if flags & 2 != 0 {
+                t = t.syn();
+            }
+            if flags & 4 != 0 {
+                t = t.rst();
+            }
+            if flags & 8 != 0 {
+                t = t.psh();
+            }
+            if flags & 16 != 0 {
+                t = t.ack(seq.rotate_left(16));
+            }
+            t.write(&mut v, &payload)
+        }
+        1 => b.udp(sport, dport).write(&mut v, &payload),
+        2 => b.icmpv4_echo_request(sport, dport).write(&mut v, &payload),
+        _ => {
+            // An error quoting a UDP packet between the same two hosts, the other way.
+            let mut quoted = Vec::new();
+            let q = etherparse::PacketBuilder::ipv4(dst.octets(), src.octets(), 64)
+                .udp(dport, sport)
+                .write(&mut quoted, &[]);
+            if q.is_err() {
+                return Vec::new();
+            }
+            b.icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut v, &quoted)
+        }
+    };
+    if built.is_err() {
+        return Vec::new();
+    }
+    v
+}

@@ -58,7 +58,7 @@ pub(crate) struct HealthSection {
     pub(crate) fall: Spanned<u32>,
     /// HTTP path. Default `/`.
     #[serde(default = "d_path")]
-    pub(crate) path: String,
+    pub(crate) path: Spanned<String>,
     /// Expected HTTP status. Default 200.
     #[serde(default = "d_status")]
     pub(crate) status: u16,
@@ -76,9 +76,18 @@ fn d_rise() -> Spanned<u32> {
 fn d_fall() -> Spanned<u32> {
     Spanned::new(0..0, 4)
 }
-fn d_path() -> String {
-    "/".into()
+fn d_path() -> Spanned<String> {
+    Spanned::new(0..0, "/".into())
 }
+
+/// Longest persistence accepted (ipvsadm has no bound; a template lives this long).
+const MAX_PERSISTENCE: Duration = Duration::from_secs(24 * 3600);
+/// Shortest health interval and timeout: below this a probe loop spins.
+const MIN_HEALTH_PERIOD: Duration = Duration::from_millis(100);
+/// Longest health interval and timeout accepted.
+const MAX_HEALTH_PERIOD: Duration = Duration::from_secs(3600);
+/// Longest HTTP health path.
+const MAX_HEALTH_PATH: usize = 1024;
 fn d_status() -> u16 {
     200
 }
@@ -149,7 +158,7 @@ impl ServiceSection {
             kind: match h.kind {
                 HealthKind::Tcp => natgw::health::CheckKind::Tcp,
                 HealthKind::Http => natgw::health::CheckKind::Http {
-                    path: h.path.clone(),
+                    path: h.path.get_ref().clone(),
                     status: h.status,
                 },
             },
@@ -236,6 +245,9 @@ pub(crate) fn validate_all(
                 "persistence must be longer than 0s (leave it out to turn it off)",
             );
         }
+        if s.persistence.is_some_and(|p| p.0 > MAX_PERSISTENCE) {
+            v.error_at(&s.name, "persistence must be at most 24h");
+        }
         if *s.persistence_netmask.get_ref() > 32 {
             v.error_at(
                 &s.persistence_netmask,
@@ -254,11 +266,36 @@ pub(crate) fn validate_all(
             );
         }
         if let Some(h) = &s.health {
-            if h.kind == HealthKind::Http && !h.path.starts_with('/') {
-                v.error_at(
-                    &s.name,
-                    format!("health path {:?} must start with /", h.path),
+            let path = h.path.get_ref();
+            let at = |v: &mut Validator, msg: String| {
+                if h.path.span().is_empty() {
+                    v.error_at(&s.name, msg);
+                } else {
+                    v.error_at(&h.path, msg);
+                }
+            };
+            if h.kind == HealthKind::Http && !path.starts_with('/') {
+                at(v, format!("health path {path:?} must start with /"));
+            }
+            if path.len() > MAX_HEALTH_PATH {
+                at(
+                    v,
+                    format!("health path is longer than {MAX_HEALTH_PATH} bytes"),
                 );
+            }
+            // It is sent as the request line's target: a space, CR or LF would end it and
+            // let the rest become request headers.
+            if !path.bytes().all(|b| b.is_ascii_graphic()) {
+                at(
+                    v,
+                    format!("health path {path:?} may hold only printable ASCII without spaces"),
+                );
+            }
+            for (name, d) in [("interval", &h.interval), ("timeout", &h.timeout)] {
+                let t = d.get_ref().0;
+                if !(MIN_HEALTH_PERIOD..=MAX_HEALTH_PERIOD).contains(&t) {
+                    v.error_at(d, format!("health {name} must be between 100ms and 1h"));
+                }
             }
             if *h.rise.get_ref() == 0 {
                 v.error_at(&h.rise, "rise must be at least 1");
@@ -295,5 +332,30 @@ pub(crate) fn validate_all(
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse;
+    use std::path::Path;
+
+    #[test]
+    fn runaway_health_and_persistence_values_are_refused_with_their_position() {
+        let text = "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+                    backends = [{ address = \"10.0.0.1:80\" }]\n\
+                    health = { kind = \"http\", interval = \"0s\", timeout = \"0s\", path = \"/x HTTP/1.0\\r\\nX-Injected: 1\\r\\n\" }\n\
+                    persistence = \"99999999999d\"\n";
+        let err = parse(Path::new("site.toml"), text).unwrap_err().to_string();
+        assert!(
+            err.contains("site.toml:5:38: health interval must be between 100ms and 1h"),
+            "{err}"
+        );
+        assert!(
+            err.contains("site.toml:5:54: health timeout must be between 100ms and 1h"),
+            "{err}"
+        );
+        assert!(err.contains("site.toml:5:67: health path"), "{err}");
+        assert!(err.contains("persistence must be at most 24h"), "{err}");
     }
 }

@@ -347,3 +347,50 @@ impl NatSection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse;
+    use std::path::Path;
+
+    const BASE: &str =
+        "[nat]\ninside = [\"eth1\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n";
+
+    #[test]
+    fn huge_rule_priority_and_table_sizes_are_refused_with_their_position() {
+        let text = format!(
+            "{BASE}rule_priority = 4294967290\nmax_mappings = 4294967295\n\
+             max_mappings_per_host = 4294967295\nhalf_open_source_prefix = 0\n"
+        );
+        let err = parse(Path::new("site.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("site.toml:5:17: rule_priority must be at most 4294967233"),
+            "{err}"
+        );
+        assert!(
+            err.contains("site.toml:6:16: max_mappings must be between 1 and 16777216"),
+            "{err}"
+        );
+        assert!(
+            err.contains("site.toml:7:25: max_mappings_per_host must be between"),
+            "{err}"
+        );
+        assert!(
+            err.contains("site.toml:8:27: half_open_source_prefix must be between 1 and 32"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn half_open_bounds_have_safe_defaults() {
+        let site = parse(Path::new("site.toml"), BASE).expect("valid");
+        let nat = site.nat.expect("nat section");
+        assert_eq!(*nat.max_half_open_per_listener.get_ref(), 16_384);
+        assert_eq!(*nat.max_half_open_per_source.get_ref(), 256);
+        assert_eq!(*nat.half_open_source_prefix.get_ref(), 24);
+        assert_eq!(*nat.max_inbound_per_mapping.get_ref(), 1024);
+        assert_eq!(*nat.rule_priority.get_ref(), 100);
+    }
+}

@@ -43,12 +43,22 @@ struct Shared {
     /// New health-check target lists (after a reload).
     targets: mpsc::Sender<Vec<TargetSpec<BackendKey>>>,
     tasks: Vec<JoinHandle<()>>,
+    /// How the health tasks ended (one ending before `stop` is a dead part).
+    watch: netutil::task::TaskWatch,
+}
+
+/// A task that never fails, in the form [`netutil::task::TaskWatch::spawn`] takes.
+async fn infallible(task: impl Future<Output = ()>) -> Result<(), std::convert::Infallible> {
+    task.await;
+    Ok(())
 }
 
 /// One `[[service]]` as a running part.
 struct ServicePart {
     name: String,
     shared: Arc<Shared>,
+    /// `summary()` (metrics, `vipgate status`) reuses this for a second.
+    summary: super::nat::SummaryCache,
 }
 
 type SharedGateway = Arc<Mutex<natgw::Gateway>>;
@@ -88,7 +98,11 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     let (changes_tx, changes_rx) = mpsc::channel(64);
     // Cannot fail: the receiver is still here.
     let _ = targets_tx.send(initial).await;
-    let checker = tokio::spawn(run_checker(targets_rx, changes_tx));
+    let watch = netutil::task::TaskWatch::new();
+    let checker = watch.spawn(
+        "health checker",
+        infallible(run_checker(targets_rx, changes_tx)),
+    );
     let mut health = HashMap::new();
     let mut health_rx = HashMap::new();
     for s in lock(&gw).services() {
@@ -96,9 +110,12 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         health.insert(s.name().to_string(), tx);
         health_rx.insert(s.name().to_string(), rx);
     }
-    let applier = tokio::spawn(apply_health(gw.clone(), changes_rx, health));
+    let applier = watch.spawn(
+        "health applier",
+        infallible(apply_health(gw.clone(), changes_rx, health)),
+    );
     let (vip_tx, vip_rx) = mpsc::unbounded_channel();
-    let vip_mover = tokio::spawn(move_vips(driver.clone(), vip_rx));
+    let vip_mover = watch.spawn("vip mover", infallible(move_vips(driver.clone(), vip_rx)));
     {
         let mut wiring = ctx
             .wiring
@@ -119,6 +136,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         owns_driver,
         targets: targets_tx,
         tasks: vec![checker, applier, vip_mover],
+        watch,
     });
     Ok(site
         .service
@@ -127,6 +145,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
             Box::new(ServicePart {
                 name: s.name.get_ref().clone(),
                 shared: shared.clone(),
+                summary: super::nat::SummaryCache::default(),
             }) as Box<dyn Part>
         })
         .collect())
@@ -227,9 +246,20 @@ async fn start_gateway(
     Ok(driver)
 }
 
+/// iproute2's `ip`, by absolute path (never looked up in `PATH`, review §7.3): the first
+/// of the usual places that exists.
+fn ip_binary() -> &'static str {
+    const PLACES: [&str; 4] = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"];
+    PLACES
+        .iter()
+        .copied()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or(PLACES[0])
+}
+
 /// The interface the kernel routes `ip` through (`ip route get`).
 async fn route_dev(ip: Ipv4Addr) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new("ip")
+    let out = tokio::process::Command::new(ip_binary())
         .args(["-j", "-4", "route", "get", &ip.to_string()])
         .output()
         .await
@@ -329,9 +359,24 @@ impl Part for ServicePart {
         self.name.clone()
     }
 
+    /// A health task that ended, or (when this part started the gateway) a packet loop.
+    fn dead_task(&self) -> Option<String> {
+        self.shared.watch.dead().or_else(|| {
+            self.shared
+                .owns_driver
+                .then(|| self.shared.driver.dead_task())
+                .flatten()
+        })
+    }
+
     fn status(&self) -> Value {
         self.with_service(|s| service_json(s))
             .unwrap_or_else(|e| json!({ "name": self.name, "error": format!("{e:#}") }))
+    }
+
+    /// The status, taken from the gateway at most once per second.
+    fn summary(&self) -> Value {
+        self.summary.get(|| self.status())
     }
 
     fn control(&self, op: &str, args: &Value) -> anyhow::Result<Value> {
@@ -409,11 +454,12 @@ impl Part for ServicePart {
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
-            let ServicePart { name, shared } = *self;
+            let ServicePart { name, shared, .. } = *self;
             // The last service part stops the gateway and the health tasks.
             let Some(shared) = Arc::into_inner(shared) else {
                 return;
             };
+            shared.watch.stopping();
             for t in &shared.tasks {
                 t.abort();
             }

@@ -140,6 +140,7 @@ pub(crate) async fn start(
     Ok(vec![Box::new(NatPart {
         driver,
         started: nat.clone(),
+        summary: SummaryCache::default(),
     })])
 }
 
@@ -147,6 +148,40 @@ struct NatPart {
     driver: Arc<NatDriver>,
     /// The `[nat]` the part was started with (to tell live changes from restarts).
     started: NatSection,
+    summary: SummaryCache,
+}
+
+/// A part's last summary, reused for a second: however often metrics are scraped or
+/// `vipgate status` runs, the packet-loop lock is taken for them at most once per second
+/// (review §2.3). Callers wait on the cache's own lock meanwhile, not on the packet loop's.
+#[derive(Default)]
+pub(crate) struct SummaryCache(Mutex<Option<(std::time::Instant, Value)>>);
+
+impl SummaryCache {
+    /// How long a summary is reused.
+    pub(crate) const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// The cached summary, or a fresh one from `fresh` when it is older than [`Self::MAX_AGE`].
+    pub(crate) fn get(&self, fresh: impl FnOnce() -> Value) -> Value {
+        let mut cached = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = clock();
+        if let Some((at, v)) = &*cached
+            && now.saturating_duration_since(*at) < Self::MAX_AGE
+        {
+            return v.clone();
+        }
+        let v = fresh();
+        *cached = Some((now, v.clone()));
+        v
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // the one clock read of the summary cache
+fn clock() -> std::time::Instant {
+    std::time::Instant::now()
 }
 
 fn acl_text(r: &AclRule) -> String {
@@ -262,8 +297,13 @@ impl Part for NatPart {
 
     /// Counters and table usage without walking the table: every metrics scrape and
     /// `vipgate status` call this, and the packet loop waits while the gateway is locked.
+    fn dead_task(&self) -> Option<String> {
+        self.driver.dead_task()
+    }
+
     fn summary(&self) -> Value {
-        status_json(&self.driver.summary(), false)
+        self.summary
+            .get(|| status_json(&self.driver.summary(), false))
     }
 
     fn control(&self, op: &str, _args: &Value) -> anyhow::Result<Value> {

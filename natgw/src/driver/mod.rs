@@ -168,7 +168,9 @@ pub struct NatSnapshot {
 pub struct NatDriver {
     gw: Arc<Mutex<Gateway>>,
     stop: watch::Sender<bool>,
-    tasks: tokio::sync::Mutex<Vec<JoinHandle<Result<(), DriverError>>>>,
+    tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// How the packet loops ended (one ending before `stop` is a dead part).
+    watch: netutil::task::TaskWatch,
     handle: rtnetlink::Handle,
     installed: tokio::sync::Mutex<netlink::Installed>,
     tun: String,
@@ -235,6 +237,7 @@ impl NatDriver {
             }
         };
         let (stop, _) = watch::channel(false);
+        let watch = netutil::task::TaskWatch::new();
         let n_queues = queues.len();
         let tasks = queues
             .into_iter()
@@ -245,7 +248,7 @@ impl NatDriver {
                     offload,
                     owns_timers: i == 0,
                 };
-                tokio::spawn(run(queue, gw.clone(), stop.subscribe()))
+                watch.spawn("nat packet loop", run(queue, gw.clone(), stop.subscribe()))
             })
             .collect();
         tracing::info!(tun = %cfg.tun, queues = n_queues, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
@@ -253,6 +256,7 @@ impl NatDriver {
             gw,
             stop,
             tasks: tokio::sync::Mutex::new(tasks),
+            watch,
             handle,
             installed: tokio::sync::Mutex::new(installed),
             tun: cfg.tun,
@@ -260,6 +264,13 @@ impl NatDriver {
             learnt_inside: inside_nets,
             learnt_local,
         })
+    }
+
+    /// The first packet loop that ended while the gateway was running, with its cause (a TUN
+    /// read error, a panic); `None` while every loop runs. The supervisor restarts the part.
+    #[must_use]
+    pub fn dead_task(&self) -> Option<String> {
+        self.watch.dead()
     }
 
     /// The core, shared with the packet loop (hold the lock briefly: packets wait meanwhile).
@@ -371,15 +382,19 @@ impl NatDriver {
     /// # Errors
     /// The loop's own error, if it had failed.
     pub async fn stop(&self) -> Result<(), DriverError> {
+        self.watch.stopping();
         self.stop.send_replace(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().await);
-        let mut result = Ok(());
         for task in tasks {
-            let r = task.await.unwrap_or(Err(DriverError::Stopped));
-            if result.is_ok() {
-                result = r;
-            }
+            let _ = task.await;
         }
+        let result = match self.watch.dead() {
+            Some(why) => {
+                tracing::warn!(%why, "a nat packet loop had ended before the stop");
+                Err(DriverError::Stopped)
+            }
+            None => Ok(()),
+        };
         self.installed.lock().await.remove(&self.handle).await;
         tracing::info!(tun = %self.tun, "nat gateway stopped");
         result

@@ -1495,3 +1495,26 @@ fn inbound_to_a_dynamic_mapping_needs_a_syn_and_an_in_window_rst() {
     );
     assert!(g.translations(now)[0].established);
 }
+
+#[test]
+fn sequence_fuzz_corpus_replays() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/nat_sequence");
+    let entries = std::fs::read_dir(&dir).expect("nat_sequence corpus");
+    let mut n = 0;
+    for e in entries.flatten() {
+        let data = std::fs::read(e.path()).unwrap();
+        crate::fuzzing::run_sequence(Instant::now(), &data);
+        n += 1;
+    }
+    assert!(n > 0, "no nat_sequence seeds");
+}
+
+proptest! {
+    /// Arbitrary step sequences keep every invariant `run_sequence` asserts.
+    #[test]
+    fn arbitrary_sequences_keep_the_table_invariants(
+        data in proptest::collection::vec(any::<u8>(), 0..400)
+    ) {
+        crate::fuzzing::run_sequence(Instant::now(), &data);
+    }
+}
