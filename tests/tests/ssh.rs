@@ -907,3 +907,62 @@ fn idle_connection_flood_leaves_sshd_and_daemon_serving() {
     assert!(compact.contains("\"login_grace_expired\":10"), "{compact}");
     assert!(!compact.contains("\"refused_per_source\":0,"), "{compact}");
 }
+
+#[test]
+fn vipgate_sshd_key_options_and_privileged_listen() {
+    let (topo, keys) = setup("ssh_keyopts");
+    let _http = http_server(&topo, HTTP_PORT, "served");
+    let expired = keygen(&topo, "id_expired", "ed25519");
+    let ca = keygen(&topo, "id_ca", "ed25519");
+    let public = |p: &PathBuf| std::fs::read_to_string(p.with_extension("pub")).unwrap();
+    // Dual-stack listen: IPv4 clients appear as ::ffff:127.0.0.x, and `!127.0.0.1` must
+    // still exclude 127.0.0.1.
+    topo.write(
+        "authorized_keys",
+        &format!(
+            "from=\"127.0.0.0/8,!127.0.0.1\" {}expiry-time=\"20200101\" {}cert-authority {}",
+            keys.client_pub,
+            public(&expired),
+            public(&ca)
+        ),
+    );
+    let d = topo.dir().display().to_string();
+    let cfg = topo.write(
+        "site.toml",
+        &format!(
+            "[sshd]\nlisten = \"[::]:{SSHD_PORT}\"\nhost_key = \"{d}/vg_host_key\"\n\
+             authorized_keys = \"{d}/authorized_keys\"\npermit_open = [\"127.0.0.1:8080\"]\n"
+        ),
+    );
+    let sshd = topo.vipgate(H, "vipgate-sshd", &["sshd", "-c", cfg.to_str().unwrap()]);
+    wait_log(&sshd, "listening on");
+    let pubkey = std::fs::read_to_string(topo.dir().join("vg_host_key.pub")).unwrap();
+    topo.write("known_hosts", &format!("[127.0.0.1]:{SSHD_PORT} {pubkey}"));
+    let ssh = |key: &PathBuf, src: &str, fwd: &str| {
+        topo.try_sh(
+            H,
+            &format!(
+                "timeout 15 ssh -p {SSHD_PORT} -b {src} -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
+                 -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes \
+                 -o ExitOnForwardFailure=yes -N {fwd} root@127.0.0.1",
+                key.display()
+            ),
+        )
+    };
+    for key in [&expired, &ca] {
+        let out = ssh(key, "127.0.0.2", "-L 18590:127.0.0.1:8080").unwrap_err();
+        assert!(out.contains("Permission denied"), "{out}");
+    }
+    wait_log(&sshd, "its expiry-time has passed");
+    // from= negation with an IPv4-mapped peer.
+    let out = ssh(&keys.client, "127.0.0.1", "-L 18591:127.0.0.1:8080").unwrap_err();
+    assert!(out.contains("Permission denied"), "{out}");
+    wait_log(&sshd, "from= does not allow this address");
+    // The same key from 127.0.0.2 logs in; -R on port 80 is refused without an entry naming it.
+    let out = ssh(&keys.client, "127.0.0.2", "-R 80:127.0.0.1:8080").unwrap_err();
+    assert!(out.contains("remote port forwarding failed"), "{out}");
+    wait_log(
+        &sshd,
+        "a port below 1024 needs a permit_listen entry naming it",
+    );
+}
