@@ -1190,8 +1190,25 @@ impl ClientHandler {
             Decision::Accept => true,
             Decision::AcceptAndRecord => {
                 let line = known_hosts::format_entry(&cfg.host, cfg.port, &algorithm, &blob);
-                match append(&cfg.known_hosts, &text, &line) {
-                    Ok(()) => {
+                let recheck = |text: &str| {
+                    let status = known_hosts::check(text, &cfg.host, cfg.port, &algorithm, &blob);
+                    known_hosts::decide(
+                        &status,
+                        cfg.strict_host_key_checking,
+                        &cfg.host,
+                        cfg.port,
+                        &path,
+                        &fingerprint,
+                    )
+                };
+                match append_locked(&cfg.known_hosts, &line, recheck) {
+                    Ok(Decision::Accept) => true,
+                    Ok(Decision::Refuse(msg)) => {
+                        tracing::error!("{msg}");
+                        *lock(&self.shared.host_key_refusal) = Some(msg);
+                        false
+                    }
+                    Ok(Decision::AcceptAndRecord) => {
                         tracing::warn!(
                             "Permanently added '{}' ({algorithm}) to the list of known hosts ({path}); fingerprint {fingerprint}",
                             known_hosts::host_field(&cfg.host, cfg.port)
@@ -1214,19 +1231,38 @@ impl ClientHandler {
     }
 }
 
-fn append(path: &std::path::Path, existing: &str, line: &str) -> std::io::Result<()> {
-    use std::io::Write;
+/// Appends `line` to known_hosts under an exclusive flock, after re-reading the file under
+/// the lock and deciding again with `recheck`: another process (`vipgate ssh` beside the
+/// daemon, a second `[[ssh]]` to the same host) may have recorded a key meanwhile, and then
+/// that record decides (the same key is accepted, a different one refused) instead of both
+/// keys ending up trusted. Returns the decision under the lock; the line was written only for
+/// [`Decision::AcceptAndRecord`].
+fn append_locked(
+    path: &std::path::Path,
+    line: &str,
+    recheck: impl Fn(&str) -> Decision,
+) -> std::io::Result<Decision> {
+    use std::io::{Read, Write};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .open(path)?;
-    if !existing.is_empty() && !existing.ends_with('\n') {
-        f.write_all(b"\n")?;
+    f.lock()?;
+    let mut existing = String::new();
+    f.read_to_string(&mut existing)?;
+    let decision = recheck(&existing);
+    if decision == Decision::AcceptAndRecord {
+        if !existing.is_empty() && !existing.ends_with('\n') {
+            f.write_all(b"\n")?;
+        }
+        f.write_all(line.as_bytes())?;
     }
-    f.write_all(line.as_bytes())
+    // The lock is released when `f` is closed.
+    Ok(decision)
 }
 
 impl client::Handler for ClientHandler {
@@ -1319,5 +1355,41 @@ impl client::Handler for ClientHandler {
             client::DisconnectReason::ReceivedDisconnect(_) => Ok(()),
             client::DisconnectReason::Error(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::known_hosts::StrictHostKeyChecking;
+
+    /// Two first contacts racing with different keys: the second re-checks under the lock,
+    /// sees the first one's record and is refused, so only one key is ever trusted.
+    #[test]
+    fn accept_new_rechecks_under_the_lock() {
+        let dir = std::env::temp_dir().join(format!("sshfwd-kh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("known_hosts");
+        let record = |blob: &[u8]| {
+            let line = known_hosts::format_entry("h", 2222, "ssh-ed25519", blob);
+            append_locked(&path, &line, |text| {
+                let status = known_hosts::check(text, "h", 2222, "ssh-ed25519", blob);
+                known_hosts::decide(
+                    &status,
+                    StrictHostKeyChecking::AcceptNew,
+                    "h",
+                    2222,
+                    "known_hosts",
+                    "SHA256:x",
+                )
+            })
+            .unwrap()
+        };
+        assert_eq!(record(&[0, 0, 0, 1]), Decision::AcceptAndRecord);
+        assert!(matches!(record(&[0, 0, 0, 2]), Decision::Refuse(_)));
+        assert_eq!(record(&[0, 0, 0, 1]), Decision::Accept);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

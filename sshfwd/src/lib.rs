@@ -44,7 +44,7 @@ pub mod server;
 /// Entry points for the fuzz targets in `fuzz/` and the corpus replay test; not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    use crate::{known_hosts, options, policy, socks, spec};
+    use crate::{known_hosts, options, policy, socks, spec, startups};
 
     /// `-L`/`-R`/`-D` parsers; an accepted `-L`/`-R` must round-trip through Display.
     pub fn spec_parse(text: &str) {
@@ -79,6 +79,99 @@ pub mod fuzzing {
             let _ = k
                 .options
                 .allows_from(std::net::IpAddr::from([127, 0, 0, 1]));
+        }
+    }
+
+    /// authorized_keys text plus connection metadata through the server's real decisions.
+    ///
+    /// Input: a header line `peer user now_local now_utc open_host:port listen_host:port`
+    /// (whitespace separated; missing fields take defaults), then the authorized_keys text.
+    /// Invariants checked: an expired key never authorizes, a cert-authority line never
+    /// authorizes a plain key, a peer matching a `!` pattern of `from=` never passes (also
+    /// spelled as an IPv4-mapped IPv6 address), and the resolved-address check never lets a
+    /// loopback or link-local address through a list that does not name it.
+    pub fn auth_policy(text: &str) {
+        use std::net::IpAddr;
+        let (header, keys_text) = text.split_once('\n').unwrap_or((text, ""));
+        let mut f = header.split_whitespace();
+        let peer: IpAddr = f
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(IpAddr::from([10, 0, 0, 5]));
+        let _user = f.next().unwrap_or("ops");
+        let mut time = || f.next().and_then(|t| t.parse::<u64>().ok());
+        let now = policy::Now {
+            local: time().unwrap_or(20_260_615_120_000),
+            utc: time().unwrap_or(20_260_615_100_000),
+        };
+        let target = |t: Option<&str>| -> (String, u16) {
+            t.and_then(|t| t.rsplit_once(':'))
+                .map(|(h, p)| (h.to_string(), p.parse().unwrap_or(0)))
+                .unwrap_or_else(|| ("127.0.0.1".to_string(), 80))
+        };
+        let (open_host, open_port) = target(f.next());
+        let (listen_host, listen_port) = target(f.next());
+        let (keys, _) = policy::parse_authorized_keys(keys_text);
+        let mapped = match peer {
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+        };
+        for k in &keys {
+            let ok = k.usable_at(peer, now).is_ok();
+            if ok {
+                assert!(
+                    !k.options.cert_authority,
+                    "cert-authority authorized a plain key"
+                );
+                assert!(
+                    k.options.expiry.is_none_or(|e| !e.expired(now)),
+                    "expired key authorized"
+                );
+                let negated = k
+                    .options
+                    .from
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| p.strip_prefix('!'));
+                for pat in negated {
+                    let single = policy::KeyOptions {
+                        from: Some(vec![pat.to_string()]),
+                        ..policy::KeyOptions::default()
+                    };
+                    assert!(!single.allows_from(peer), "peer passed its negation {pat}");
+                }
+            }
+            if let Some(m) = mapped {
+                assert_eq!(
+                    k.options.allows_from(peer),
+                    k.options.allows_from(m),
+                    "mapped and plain spellings disagree"
+                );
+            }
+            let _ = k.options.allows_open(&open_host, open_port);
+            let _ = k.options.allows_listen(&listen_host, listen_port);
+            let list = policy::PermitList::Only(k.options.permit_open.clone());
+            let names_it = |a: IpAddr| {
+                k.options.permit_open.iter().any(|e| {
+                    e.host
+                        .as_deref()
+                        .and_then(|h| h.parse::<IpAddr>().ok())
+                        .is_some_and(|h| startups::canonical_ip(h) == startups::canonical_ip(a))
+                })
+            };
+            for special in [
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from([169, 254, 169, 254]),
+                IpAddr::from([0, 0, 0, 0]),
+                peer,
+            ] {
+                if policy::is_special(special) && list.allows_resolved(special, open_port) {
+                    assert!(
+                        names_it(special),
+                        "special address {special} passed unnamed"
+                    );
+                }
+            }
         }
     }
 

@@ -34,4 +34,5 @@ fn corpus_replays() {
         text(sshfwd::fuzzing::authorized_keys_parse),
     );
     replay("ssh_socks", sshfwd::fuzzing::socks_parse);
+    replay("ssh_auth_policy", text(sshfwd::fuzzing::auth_policy));
 }

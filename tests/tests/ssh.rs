@@ -318,7 +318,7 @@ fn openssh_client_against_vipgate_sshd() {
     );
     // Outside permit_open: OpenSSH's client sees the channel refused, nothing connects.
     assert!(topo.curl(H, "http://127.0.0.1:18587/").is_err());
-    wait_log(&sshd, "refused direct-tcpip to 127.0.0.1:22");
+    wait_log(&sshd, "refused direct-tcpip to \"127.0.0.1\":22");
     // A shell is refused with a message.
     let shell = topo.try_sh(H, &format!("{} < /dev/null", ssh("-T")));
     let text = match &shell {
@@ -759,4 +759,210 @@ fn reload_changes_forwards_on_the_live_connection() {
     assert!(compact.contains("\"reconnects\":0"), "{compact}");
     assert!(compact.contains("\"state\":\"connected\""), "{compact}");
     assert!(!compact.contains("8585:127.0.0.1"), "{compact}");
+}
+
+/// Holds N idle TCP connections to 127.0.0.1:PORT (never sending a byte) from this helper's
+/// own process (its RLIMIT_NOFILE raised), prints `held N` (connections established), then
+/// `closed K of N` each second (connections the server has closed), with `all` once K = N.
+const IDLE_FLOOD: &str = r#"
+import resource, select, socket, sys, time
+n, port = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, n + 100))
+socks = []
+# In batches, so the server's listen backlog (1,024) never overflows: an overflowed
+# handshake waits in the kernel for SYN-ACK retransmits, outside anything the server sees.
+for i in range(n):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", port))
+    socks.append(s)
+    if i % 250 == 249:
+        time.sleep(0.1)
+# Count only connections the kernel completed (SYNs beyond the listen backlog are retried
+# by the kernel for tens of seconds; those are dropped here, not counted as held).
+pending, held, deadline = set(socks), [], time.time() + 20
+while pending and time.time() < deadline:
+    p = select.poll()
+    for s in pending:
+        p.register(s, select.POLLOUT)
+    for fd, ev in p.poll(500):
+        s = next(x for x in pending if x.fileno() == fd)
+        pending.discard(s)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            held.append(s)
+        else:
+            s.close()
+for s in pending:
+    s.close()
+n = len(held)
+print("held", n, flush=True)
+open_ = set(held)
+while True:
+    p = select.poll()
+    for s in open_:
+        p.register(s, select.POLLIN | select.POLLHUP | select.POLLERR)
+    for fd, _ in p.poll(1000):
+        s = next(x for x in open_ if x.fileno() == fd)
+        try:
+            while s.recv(4096):
+                pass
+            open_.discard(s); s.close()
+        except BlockingIOError:
+            pass
+        except OSError:
+            open_.discard(s); s.close()
+    print("closed", n - len(open_), "of", n, "all" if not open_ else "", flush=True)
+    time.sleep(0.2)
+"#;
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+#[test]
+fn idle_connection_flood_leaves_sshd_and_daemon_serving() {
+    let (topo, keys) = setup("ssh_idleflood");
+    let _http = http_server(&topo, HTTP_PORT, "served");
+    topo.write("authorized_keys", &keys.client_pub);
+    let d = topo.dir().display().to_string();
+    let cfg = topo.write(
+        "site.toml",
+        &format!(
+            "[daemon]\ncontrol = \"{d}/ctl.sock\"\n\n[sshd]\nlisten = \"127.0.0.1:{SSHD_PORT}\"\n\
+             host_key = \"{d}/vg_host_key\"\nauthorized_keys = \"{d}/authorized_keys\"\n\
+             permit_open = [\"127.0.0.1:8080\"]\nlogin_grace_time = \"4s\"\n\
+             max_startups = \"20:30:100\"\nper_source_max_startups = 10\n"
+        ),
+    );
+    let run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
+    wait_port(&topo, SSHD_PORT, Duration::from_secs(15));
+    let flood = topo.write("flood.py", IDLE_FLOOD);
+    let attacker = topo.spawn(
+        H,
+        "idle-flood",
+        &[
+            "python3",
+            flood.to_str().unwrap(),
+            "5000",
+            &SSHD_PORT.to_string(),
+        ],
+    );
+    let log = wait_log(&attacker, "held ");
+    let held: usize = log
+        .split("held ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(held >= 4000, "only {held} of 5000 connections established");
+    // Everything beyond the per-source cap is closed at accept: the daemon stays small.
+    let fds = fd_count(run.pid());
+    assert!(fds < 200, "daemon holds {fds} descriptors");
+    // The control socket still answers.
+    let status = topo.vipgate_output(H, &["status", "--control", &format!("{d}/ctl.sock")]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    // A new login from another source address, with a forward, carries bytes intact.
+    let pubkey = std::fs::read_to_string(topo.dir().join("vg_host_key.pub")).unwrap();
+    topo.write("known_hosts", &format!("[127.0.0.1]:{SSHD_PORT} {pubkey}"));
+    let _fwd = topo.spawn(
+        H,
+        "openssh-client",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "ssh -p {SSHD_PORT} -b 127.0.0.2 -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
+                 -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes \
+                 -o ExitOnForwardFailure=yes -N -L 18585:127.0.0.1:8080 root@127.0.0.1",
+                keys.client.display()
+            ),
+        ],
+    );
+    wait_port(&topo, 18585, Duration::from_secs(15));
+    let big = "x".repeat(200_000);
+    std::fs::write(topo.dir().join(format!("www-{HTTP_PORT}/big.txt")), &big).unwrap();
+    let got = topo.curl(H, "http://127.0.0.1:18585/big.txt").unwrap();
+    assert_eq!(got.trim_end().len(), big.len(), "forwarded body differs");
+    assert_eq!(got.trim_end(), big);
+    // After the grace time every idle connection is closed by the server.
+    wait_log(&attacker, &format!("closed {held} of {held} all"));
+    let out = topo.vipgate_output(
+        H,
+        &[
+            "show",
+            "ssh",
+            "--json",
+            "--control",
+            &format!("{d}/ctl.sock"),
+        ],
+    );
+    let compact: String = String::from_utf8_lossy(&out.stdout)
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    assert!(compact.contains("\"login_grace_expired\":10"), "{compact}");
+    assert!(!compact.contains("\"refused_per_source\":0,"), "{compact}");
+}
+
+#[test]
+fn vipgate_sshd_key_options_and_privileged_listen() {
+    let (topo, keys) = setup("ssh_keyopts");
+    let _http = http_server(&topo, HTTP_PORT, "served");
+    let expired = keygen(&topo, "id_expired", "ed25519");
+    let ca = keygen(&topo, "id_ca", "ed25519");
+    let public = |p: &PathBuf| std::fs::read_to_string(p.with_extension("pub")).unwrap();
+    // Dual-stack listen: IPv4 clients appear as ::ffff:127.0.0.x, and `!127.0.0.1` must
+    // still exclude 127.0.0.1.
+    topo.write(
+        "authorized_keys",
+        &format!(
+            "from=\"127.0.0.0/8,!127.0.0.1\" {}expiry-time=\"20200101\" {}cert-authority {}",
+            keys.client_pub,
+            public(&expired),
+            public(&ca)
+        ),
+    );
+    let d = topo.dir().display().to_string();
+    let cfg = topo.write(
+        "site.toml",
+        &format!(
+            "[sshd]\nlisten = \"[::]:{SSHD_PORT}\"\nhost_key = \"{d}/vg_host_key\"\n\
+             authorized_keys = \"{d}/authorized_keys\"\npermit_open = [\"127.0.0.1:8080\"]\n"
+        ),
+    );
+    let sshd = topo.vipgate(H, "vipgate-sshd", &["sshd", "-c", cfg.to_str().unwrap()]);
+    wait_log(&sshd, "listening on");
+    let pubkey = std::fs::read_to_string(topo.dir().join("vg_host_key.pub")).unwrap();
+    topo.write("known_hosts", &format!("[127.0.0.1]:{SSHD_PORT} {pubkey}"));
+    let ssh = |key: &PathBuf, src: &str, fwd: &str| {
+        topo.try_sh(
+            H,
+            &format!(
+                "timeout 15 ssh -p {SSHD_PORT} -b {src} -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
+                 -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes \
+                 -o ExitOnForwardFailure=yes -N {fwd} root@127.0.0.1",
+                key.display()
+            ),
+        )
+    };
+    for key in [&expired, &ca] {
+        let out = ssh(key, "127.0.0.2", "-L 18590:127.0.0.1:8080").unwrap_err();
+        assert!(out.contains("Permission denied"), "{out}");
+    }
+    wait_log(&sshd, "its expiry-time has passed");
+    // from= negation with an IPv4-mapped peer.
+    let out = ssh(&keys.client, "127.0.0.1", "-L 18591:127.0.0.1:8080").unwrap_err();
+    assert!(out.contains("Permission denied"), "{out}");
+    wait_log(&sshd, "from= does not allow this address");
+    // The same key from 127.0.0.2 logs in; -R on port 80 is refused without an entry naming it.
+    let out = ssh(&keys.client, "127.0.0.2", "-R 80:127.0.0.1:8080").unwrap_err();
+    assert!(out.contains("remote port forwarding failed"), "{out}");
+    wait_log(
+        &sshd,
+        "a port below 1024 needs a permit_listen entry naming it",
+    );
 }
