@@ -35,6 +35,9 @@ pub(crate) struct SiteConfig {
     pub(crate) vrrp: Vec<vrrp::VrrpSection>,
     pub(crate) ssh: Vec<ssh::SshSection>,
     pub(crate) sshd: Option<ssh::SshdSection>,
+    /// Things that work but deserve a second look, as `FILE:LINE:COL: warning: message`.
+    #[serde(skip)]
+    pub(crate) warnings: Vec<String>,
 }
 
 /// One problem found in a config file.
@@ -88,6 +91,7 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub(crate) struct Validator {
     text: String,
     diagnostics: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Validator {
@@ -100,6 +104,14 @@ impl Validator {
     pub(crate) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
         self.diagnostics.push(Diagnostic {
             span: Some(span),
+            message: message.into(),
+        });
+    }
+
+    /// Records a warning (the file still loads) at the place a spanned value was written.
+    pub(crate) fn warn_at<T>(&mut self, value: &toml::Spanned<T>, message: impl Into<String>) {
+        self.warnings.push(Diagnostic {
+            span: Some(value.span()),
             message: message.into(),
         });
     }
@@ -227,12 +239,23 @@ fn parse_into(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> SiteConfi
     };
     site.validate(&failed, &mut v);
     diags.extend(v.diagnostics);
+    site.warnings = v
+        .warnings
+        .iter()
+        .map(|w| {
+            let (line, col) = w.span.as_ref().map_or((1, 1), |s| line_col(text, s.start));
+            format!("{}:{line}:{col}: warning: {}", path.display(), w.message)
+        })
+        .collect();
     site
 }
 
 impl SiteConfig {
     fn validate(&self, failed: &[String], v: &mut Validator) {
         let ok = |section: &str| !failed.iter().any(|f| f == section);
+        if ok("daemon") {
+            self.daemon.validate(v);
+        }
         gre::validate_all(&self.gre, v);
         if let Some(nat) = &self.nat {
             nat.validate(v);
