@@ -34,16 +34,31 @@ pub(crate) async fn run(
         ..StartCtx::default()
     };
     let running = Arc::new(RwLock::new(Running::start(&site, &ctx).await?));
+    let control_group = match &site.daemon.control_group {
+        Some(g) => Some(
+            nix::unistd::Group::from_name(g.get_ref())
+                .with_context(|| format!("looking up control_group {:?}", g.get_ref()))?
+                .ok_or_else(|| anyhow::anyhow!("no such group {:?}", g.get_ref()))?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
-    let control =
-        match ControlServer::start(site.daemon.control.get_ref(), running.clone(), reload_tx).await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                running.write().await.stop().await;
-                return Err(e);
-            }
-        };
+    let control = match ControlServer::start(
+        site.daemon.control.get_ref(),
+        control_group,
+        running.clone(),
+        reload_tx,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            running.write().await.stop().await;
+            return Err(e);
+        }
+    };
     let metrics = match site.daemon.metrics.as_ref().map(|m| *m.get_ref()) {
         Some(addr) => match crate::metrics::serve(addr, running.clone()).await {
             Ok(task) => Some(task),
