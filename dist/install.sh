@@ -12,5 +12,11 @@ install -d /usr/share/bash-completion/completions /usr/share/zsh/vendor-completi
 "$prefix/bin/vipgate" completions zsh > /usr/share/zsh/vendor-completions/_vipgate
 "$prefix/bin/vipgate" completions fish > /usr/share/fish/vendor_completions.d/vipgate.fish
 sed "s|/usr/local/bin/vipgate|$prefix/bin/vipgate|g" dist/vipgate.service > /etc/systemd/system/vipgate.service
-install -d -m 0750 /etc/vipgate
+# The unit runs as this system user (no login, no home) with only the network capabilities.
+if ! getent passwd vipgate >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /var/lib/vipgate \
+        --shell /usr/sbin/nologin vipgate
+fi
+# The daemon (group vipgate) reads its config on reload; only root writes it.
+install -d -m 0750 -o root -g vipgate /etc/vipgate
 echo "installed; put the site config in /etc/vipgate/site.toml, then: systemctl enable --now vipgate"

@@ -16,8 +16,10 @@ pub(crate) fn summary(site: &SiteConfig) -> String {
     let _ = writeln!(
         out,
         "  daemon   control {}, metrics {}",
-        d.control.display(),
-        d.metrics.map_or("off".to_string(), |m| m.to_string())
+        d.control.get_ref().display(),
+        d.metrics
+            .as_ref()
+            .map_or("off".to_string(), |m| m.get_ref().to_string())
     );
     for t in &site.gre {
         let ka = t

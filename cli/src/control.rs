@@ -1,12 +1,22 @@
 //! The control socket: `vipgate status`, `show`, `nat clear`, `lb weight` talk to a running
 //! `vipgate run` over a unix socket, one JSON request line and one JSON response line each.
+//!
+//! Access: the socket is 0600 (0660 with `[daemon] control_group`) in a directory created
+//! 0700 (0750) and refused if world-writable, and every connection's peer credentials
+//! (SO_PEERCRED) are checked: root and the daemon's own uid may do anything, members of
+//! `control_group` only the read-only `status` and `show`, anyone else is refused. Only a
+//! socket is ever removed at the path. Bounds: at most [`MAX_CONNECTIONS`] connections at
+//! once, a request line of at most [`MAX_LINE`] bytes read within [`READ_TIMEOUT`], and
+//! accept errors (EMFILE) back off instead of spinning.
 
 use crate::parts::{Kind, Running};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::RwLock;
 
@@ -52,6 +62,56 @@ pub(crate) struct PartStatus {
 /// A reload asked for over the socket: the run loop answers with its report or the errors.
 pub(crate) type ReloadRequest = tokio::sync::oneshot::Sender<Result<Vec<String>, String>>;
 
+/// Connections served at once; more wait in the kernel's backlog.
+pub(crate) const MAX_CONNECTIONS: usize = 16;
+/// Longest request line accepted.
+pub(crate) const MAX_LINE: u64 = 64 * 1024;
+/// A client must send its request line within this.
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (e.g. EMFILE) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a connecting peer may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Root or the daemon's uid.
+    Full,
+    /// A member of `control_group`: status and show.
+    ReadOnly,
+}
+
+/// Decides from the peer's credentials; `None` refuses.
+fn access_of(
+    uid: u32,
+    groups: impl IntoIterator<Item = u32>,
+    control_group: Option<u32>,
+) -> Option<Access> {
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        return Some(Access::Full);
+    }
+    let group = control_group?;
+    groups
+        .into_iter()
+        .any(|g| g == group)
+        .then_some(Access::ReadOnly)
+}
+
+/// The peer's gid and supplementary groups (from /proc, as the kernel holds them).
+fn peer_groups(pid: Option<i32>, gid: u32) -> Vec<u32> {
+    let mut groups = vec![gid];
+    if let Some(pid) = pid
+        && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
+    {
+        groups.extend(
+            line.trim_start_matches("Groups:")
+                .split_whitespace()
+                .filter_map(|g| g.parse::<u32>().ok()),
+        );
+    }
+    groups
+}
+
 /// Serves the control socket until the task is aborted; removes the socket file on drop.
 pub(crate) struct ControlServer {
     path: PathBuf,
@@ -65,13 +125,20 @@ impl ControlServer {
     /// Another daemon already listens there, or the path cannot be bound.
     pub(crate) async fn start(
         path: &Path,
+        control_group: Option<u32>,
         running: Arc<RwLock<Running>>,
         reload: tokio::sync::mpsc::Sender<ReloadRequest>,
     ) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            prepare_dir(dir, control_group.is_some())?;
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "{} exists and is not a socket; vipgate only replaces a stale socket",
+                    path.display()
+                );
+            }
             if UnixStream::connect(path).await.is_ok() {
                 bail!(
                     "another vipgate daemon already answers on {}",
@@ -84,15 +151,36 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("binding control socket {}", path.display()))?;
+        let mode = if control_group.is_some() {
+            0o660
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
+        if let Some(gid) = control_group {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("giving {} to gid {gid}", path.display()))?;
+        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket: accept failed; backing off");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
                 };
                 let running = running.clone();
                 let reload = reload.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one(stream, running, reload).await {
+                    let _permit = permit;
+                    if let Err(e) = serve_one(stream, control_group, running, reload).await {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -112,15 +200,77 @@ impl Drop for ControlServer {
     }
 }
 
+/// Creates the socket's directory 0700 (0750 with a control group) if missing; refuses a
+/// world-writable one, where anyone could replace the socket.
+fn prepare_dir(dir: &Path, group: bool) -> anyhow::Result<()> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(if group { 0o750 } else { 0o700 })
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if meta.permissions().mode() & 0o002 != 0 {
+        bail!(
+            "the control socket's directory {} is world-writable; anyone could replace the socket",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn refused(message: String) -> Response {
+    Response {
+        ok: false,
+        result: serde_json::Value::Null,
+        error: Some(message),
+    }
+}
+
 async fn serve_one(
     stream: UnixStream,
+    control_group: Option<u32>,
     running: Arc<RwLock<Running>>,
     reload: tokio::sync::mpsc::Sender<ReloadRequest>,
 ) -> anyhow::Result<()> {
+    let cred = stream.peer_cred().context("reading peer credentials")?;
+    let access = access_of(
+        cred.uid(),
+        peer_groups(cred.pid(), cred.gid()),
+        control_group,
+    );
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
-    let response = match serde_json::from_str::<Request>(&line) {
+    let mut reader = BufReader::new(r.take(MAX_LINE));
+    let read = reader.read_line(&mut line);
+    let request = match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Err(_) => Err(format!(
+            "no request line within {}s",
+            READ_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("reading the request: {e}")),
+        Ok(Ok(_)) if !line.ends_with('\n') => Err(format!(
+            "the request line is longer than {MAX_LINE} bytes or unterminated"
+        )),
+        Ok(Ok(_)) => {
+            serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request: {e}"))
+        }
+    };
+    let allowed = match (&request, access) {
+        (_, None) => Err(format!(
+            "permission denied: uid {} may not use this control socket (root, the daemon's user and, for status and show, members of [daemon] control_group may)",
+            cred.uid()
+        )),
+        (Ok(Request::Status | Request::Show { .. }) | Err(_), Some(Access::ReadOnly))
+        | (_, Some(Access::Full)) => Ok(()),
+        (Ok(_), Some(Access::ReadOnly)) => Err(format!(
+            "permission denied: uid {} (a member of [daemon] control_group) may only use status and show",
+            cred.uid()
+        )),
+    };
+    let request = allowed.and(request);
+    let response = match request.map_err(refused) {
         Ok(Request::Reload) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let outcome = match reload.send(tx).await {
@@ -143,11 +293,7 @@ async fn serve_one(
             }
         }
         Ok(req) => answer(req, &*running.read().await),
-        Err(e) => Response {
-            ok: false,
-            result: serde_json::Value::Null,
-            error: Some(format!("bad request: {e}")),
-        },
+        Err(response) => response,
     };
     let mut out = serde_json::to_vec(&response)?;
     out.push(b'\n');
@@ -280,7 +426,7 @@ mod tests {
                 let _ = reply.send(Err("site.toml:1:1: planted".into()));
             }
         });
-        let server = ControlServer::start(&path, running.clone(), reload_tx.clone())
+        let server = ControlServer::start(&path, None, running.clone(), reload_tx.clone())
             .await
             .unwrap();
         let reload = request(&path, &Request::Reload)
@@ -288,6 +434,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(reload, "site.toml:1:1: planted");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        // An endless line is cut at MAX_LINE and answered with an error, not buffered.
+        let mut raw = UnixStream::connect(&path).await.unwrap();
+        let junk = vec![b'x'; usize::try_from(MAX_LINE).unwrap() + 10];
+        let _ = raw.write_all(&junk).await;
+        let mut answer = String::new();
+        BufReader::new(raw).read_line(&mut answer).await.unwrap();
+        assert!(answer.contains("longer than"), "{answer}");
 
         let status = request(&path, &Request::Status).await.unwrap();
         let parts: Vec<PartStatus> = serde_json::from_value(status).unwrap();
@@ -325,7 +481,7 @@ mod tests {
         );
 
         // A second daemon on the same socket is refused; after the first stops the socket is gone.
-        let second = ControlServer::start(&path, running, reload_tx).await;
+        let second = ControlServer::start(&path, None, running.clone(), reload_tx.clone()).await;
         assert!(
             second
                 .err()
@@ -335,6 +491,12 @@ mod tests {
         );
         drop(server);
         assert!(!path.exists());
+        // Anything but a socket at the path is never removed.
+        std::fs::write(&path, "precious").unwrap();
+        let refused = ControlServer::start(&path, None, running.clone(), reload_tx.clone()).await;
+        assert!(refused.err().unwrap().to_string().contains("not a socket"));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+        std::fs::remove_file(&path).unwrap();
         assert!(
             request(&path, &Request::Status)
                 .await
@@ -342,6 +504,43 @@ mod tests {
                 .to_string()
                 .contains("no vipgate daemon answers")
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn peer_credentials_decide_access() {
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(access_of(0, [0], None), Some(Access::Full));
+        assert_eq!(access_of(me, [1234], None), Some(Access::Full));
+        assert_eq!(
+            access_of(4321, [4321, 99], Some(99)),
+            Some(Access::ReadOnly)
+        );
+        assert_eq!(access_of(4321, [4321], Some(99)), None);
+        assert_eq!(access_of(4321, [4321, 99], None), None);
+    }
+
+    #[test]
+    fn directory_rules() {
+        let dir = std::env::temp_dir().join(format!("vipgate-ctldir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        prepare_dir(&dir.join("a"), false).unwrap();
+        let mode = std::fs::metadata(dir.join("a"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+        prepare_dir(&dir.join("g"), true).unwrap();
+        let mode = std::fs::metadata(dir.join("g"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o750);
+        std::fs::set_permissions(dir.join("a"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_dir(&dir.join("a"), false).unwrap_err().to_string();
+        assert!(e.contains("world-writable"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -26,6 +26,19 @@ use std::process::ExitCode;
 pub fn main_entry() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format, cli.verbose);
+    // The daemons load their config and reduce privileges while the main thread is the only
+    // thread, so every thread and child created afterwards inherits the reduced set.
+    let preloaded = match &cli.command {
+        Command::Run { config, .. } => match prepare_daemon(config) {
+            Ok(site) => Some(site),
+            Err(code) => return code,
+        },
+        Command::Sshd(args) => match prepare_daemon(&args.config) {
+            Ok(site) => Some(site),
+            Err(code) => return code,
+        },
+        _ => None,
+    };
     // Two workers: the machines vipgate targets are small, and the hot paths run on their own
     // threads in the drivers.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -39,7 +52,7 @@ pub fn main_entry() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, preloaded)) {
         Ok(code) => code,
         Err(e) => {
             // Config errors are already FILE:LINE:COL lines; print them as they are.
@@ -50,6 +63,44 @@ pub fn main_entry() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Loads a daemon's config, raises the open-file limit and reduces privileges (per
+/// `[daemon]`); on failure prints why and returns the exit code.
+fn prepare_daemon(path: &std::path::Path) -> Result<config::SiteConfig, ExitCode> {
+    let site = match config::load(path) {
+        Ok(site) => site,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    for w in &site.warnings {
+        tracing::warn!("{w}");
+    }
+    privileges::raise_nofile_limit();
+    if !site.daemon.drop_privileges {
+        tracing::warn!("[daemon] drop_privileges = false: running with every privilege");
+        return Ok(site);
+    }
+    let identity = match &site.daemon.user {
+        Some(user) => match privileges::resolve(
+            user.get_ref(),
+            site.daemon.group.as_ref().map(|g| g.get_ref().as_str()),
+        ) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                eprintln!("vipgate: [daemon] user: {e:#}");
+                return Err(ExitCode::FAILURE);
+            }
+        },
+        None => None,
+    };
+    if let Err(e) = privileges::reduce(identity) {
+        eprintln!("vipgate: reducing privileges: {e:#}");
+        return Err(ExitCode::FAILURE);
+    }
+    Ok(site)
 }
 
 fn init_tracing(format: LogFormat, verbose: u8) {
@@ -69,10 +120,16 @@ fn init_tracing(format: LogFormat, verbose: u8) {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+async fn dispatch(
+    command: Command,
+    preloaded: Option<config::SiteConfig>,
+) -> anyhow::Result<ExitCode> {
     match command {
         Command::Check { config } => match config::load(&config) {
             Ok(site) => {
+                for w in &site.warnings {
+                    eprintln!("{w}");
+                }
                 print!("{}", check::summary(&site));
                 Ok(ExitCode::SUCCESS)
             }
@@ -87,7 +144,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Run { config, only } => run::run(&config, only).await.map(|()| ExitCode::SUCCESS),
+        Command::Run { config, only } => run::run(&config, preloaded, only)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Status { control, json } => {
             let result = control::request(&control_path(&control)?, &Request::Status).await?;
             if json {
@@ -189,7 +248,7 @@ fn control_path(args: &ControlArgs) -> anyhow::Result<PathBuf> {
         return Ok(p.clone());
     }
     if let Some(c) = &args.config {
-        return Ok(config::load(c)?.daemon.control);
+        return Ok(config::load(c)?.daemon.control.into_inner());
     }
     Ok(PathBuf::from(config::daemon::DEFAULT_CONTROL))
 }

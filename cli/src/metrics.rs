@@ -9,6 +9,11 @@
 //! - arrays of objects that carry an `address`, `name`, `listen` or `spec` field (backends,
 //!   forwards) become labelled series; other arrays (translation tables) are skipped — their
 //!   sizes are reported by the parts as plain numbers.
+//!
+//! Bounds: at most 32 connections at once, 5 s to send the request and 5 s to take the
+//! response, a 100 ms pause after a failed accept (EMFILE), and the page is rendered at most
+//! once per second however many scrapes arrive. No authentication: bind loopback (`vipgate
+//! check` warns otherwise).
 
 use crate::parts::{Kind, Running};
 use serde_json::Value;
@@ -16,6 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
@@ -201,28 +207,35 @@ pub(crate) async fn serve(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding metrics endpoint {addr}: {e}"))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let cache = Arc::new(RenderCache::default());
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
             };
             let running = running.clone();
+            let cache = cache.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut buf),
-                )
-                .await
-                {
+                let n = match tokio::time::timeout(IO_TIMEOUT, stream.read(&mut buf)).await {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };
-                let request = String::from_utf8_lossy(&buf[..n]);
+                let request = String::from_utf8_lossy(buf.get(..n).unwrap_or_default());
                 let response = if request.starts_with("GET /metrics ")
                     || request.starts_with("GET / ")
                 {
-                    let body = render(&*running.read().await);
+                    let body = cache.get(&running).await;
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
@@ -231,10 +244,45 @@ pub(crate) async fn serve(
                     "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                         .to_string()
                 };
-                let _ = stream.write_all(response.as_bytes()).await;
+                let _ =
+                    tokio::time::timeout(IO_TIMEOUT, stream.write_all(response.as_bytes())).await;
             });
         }
     }))
+}
+
+/// Scrapes served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// A client must send its request, and take the response, within this each.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (e.g. EMFILE) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// A rendered page is reused this long, so a scrape flood reaches the parts (and the NAT
+/// packet-loop lock) at most once per period.
+const CACHE_FOR: Duration = Duration::from_secs(1);
+
+/// The last rendered page and when it was rendered. The lock is held while rendering, so
+/// concurrent scrapes wait for one render instead of each doing their own.
+#[derive(Default)]
+struct RenderCache(tokio::sync::Mutex<Option<(Instant, Arc<String>)>>);
+
+impl RenderCache {
+    async fn get(&self, running: &RwLock<Running>) -> Arc<String> {
+        let mut slot = self.0.lock().await;
+        let now = Instant::now();
+        if let Some((at, page)) = slot.as_ref()
+            && is_fresh(*at, now)
+        {
+            return page.clone();
+        }
+        let page = Arc::new(render(&*running.read().await));
+        *slot = Some((now, page.clone()));
+        page
+    }
+}
+
+fn is_fresh(rendered_at: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(rendered_at) < CACHE_FOR
 }
 
 #[cfg(test)]
@@ -295,5 +343,39 @@ mod tests {
             .filter(|l| l.starts_with("# TYPE vipgate_lb_backends_weight "))
             .count();
         assert_eq!(types, 1);
+    }
+
+    struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+    impl Part for Counting {
+        fn kind(&self) -> Kind {
+            Kind::Lb
+        }
+        fn name(&self) -> String {
+            "web".into()
+        }
+        fn status(&self) -> Value {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            serde_json::json!({"state": "up"})
+        }
+        fn stop(self: Box<Self>) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scrape_flood_renders_once_per_period() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let running = RwLock::new(Running {
+            parts: vec![Box::new(Counting(calls.clone()))],
+        });
+        let cache = RenderCache::default();
+        let first = cache.get(&running).await;
+        for _ in 0..100 {
+            assert_eq!(cache.get(&running).await, first);
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let t = Instant::now();
+        assert!(is_fresh(t, t + Duration::from_millis(999)));
+        assert!(!is_fresh(t, t + CACHE_FOR));
     }
 }

@@ -13,8 +13,15 @@ use tokio::sync::RwLock;
 ///
 /// # Errors
 /// A bad config (all its FILE:LINE:COL lines) or a part that failed to start (named).
-pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
-    let site = config::load(path)?;
+pub(crate) async fn run(
+    path: &Path,
+    preloaded: Option<config::SiteConfig>,
+    only: Vec<Kind>,
+) -> anyhow::Result<()> {
+    let site = match preloaded {
+        Some(site) => site,
+        None => config::load(path)?,
+    };
     if site.is_empty() {
         anyhow::bail!("{}: configures nothing to run", path.display());
     }
@@ -27,8 +34,24 @@ pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
         ..StartCtx::default()
     };
     let running = Arc::new(RwLock::new(Running::start(&site, &ctx).await?));
+    let control_group = match &site.daemon.control_group {
+        Some(g) => Some(
+            nix::unistd::Group::from_name(g.get_ref())
+                .with_context(|| format!("looking up control_group {:?}", g.get_ref()))?
+                .ok_or_else(|| anyhow::anyhow!("no such group {:?}", g.get_ref()))?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
-    let control = match ControlServer::start(&site.daemon.control, running.clone(), reload_tx).await
+    let control = match ControlServer::start(
+        site.daemon.control.get_ref(),
+        control_group,
+        running.clone(),
+        reload_tx,
+    )
+    .await
     {
         Ok(c) => c,
         Err(e) => {
@@ -36,7 +59,7 @@ pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    let metrics = match site.daemon.metrics {
+    let metrics = match site.daemon.metrics.as_ref().map(|m| *m.get_ref()) {
         Some(addr) => match crate::metrics::serve(addr, running.clone()).await {
             Ok(task) => Some(task),
             Err(e) => {
@@ -47,19 +70,9 @@ pub(crate) async fn run(path: &Path, only: Vec<Kind>) -> anyhow::Result<()> {
         },
         None => None,
     };
-    let dropped = if site.daemon.drop_privileges {
-        crate::privileges::drop_to_network_capabilities()
-    } else {
-        Ok(())
-    };
-    if let Err(e) = dropped {
-        drop(control);
-        running.write().await.stop().await;
-        return Err(e);
-    }
     crate::notify::sd_notify("READY=1");
     let count = running.read().await.parts.len();
-    tracing::info!(config = %path.display(), parts = count, control = %site.daemon.control.display(), "vipgate running");
+    tracing::info!(config = %path.display(), parts = count, control = %site.daemon.control.get_ref().display(), "vipgate running");
 
     let mut site = site;
     loop {

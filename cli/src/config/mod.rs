@@ -35,6 +35,9 @@ pub(crate) struct SiteConfig {
     pub(crate) vrrp: Vec<vrrp::VrrpSection>,
     pub(crate) ssh: Vec<ssh::SshSection>,
     pub(crate) sshd: Option<ssh::SshdSection>,
+    /// Things that work but deserve a second look, as `FILE:LINE:COL: warning: message`.
+    #[serde(skip)]
+    pub(crate) warnings: Vec<String>,
 }
 
 /// One problem found in a config file.
@@ -53,23 +56,61 @@ pub(crate) struct ConfigErrors {
     pub(crate) diagnostics: Vec<Diagnostic>,
 }
 
+/// Largest config file read; a site config is a few KiB.
+pub(crate) const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+/// Diagnostics printed per file; the rest are counted in one last line.
+pub(crate) const MAX_DIAGNOSTICS: usize = 200;
+
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, d) in self.diagnostics.iter().enumerate() {
+        let lines = LineStarts::new(&self.text);
+        for (i, d) in self.diagnostics.iter().take(MAX_DIAGNOSTICS).enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
             let (line, col) = d
                 .span
                 .as_ref()
-                .map_or((1, 1), |s| line_col(&self.text, s.start));
+                .map_or((1, 1), |s| lines.line_col(&self.text, s.start));
             write!(f, "{}:{line}:{col}: {}", self.path.display(), d.message)?;
+        }
+        if self.diagnostics.len() > MAX_DIAGNOSTICS {
+            write!(
+                f,
+                "\n{}: {} more problems not shown",
+                self.path.display(),
+                self.diagnostics.len() - MAX_DIAGNOSTICS
+            )?;
         }
         Ok(())
     }
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// Byte offsets where each line starts, so many diagnostics cost a binary search each
+/// instead of a scan from the top of the file each.
+pub(crate) struct LineStarts(Vec<usize>);
+
+impl LineStarts {
+    pub(crate) fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineStarts(starts)
+    }
+
+    /// 1-based line and column (in characters) of a byte offset; same as [`line_col`].
+    pub(crate) fn line_col(&self, text: &str, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line = self.0.partition_point(|&s| s <= offset);
+        let start = self.0.get(line.saturating_sub(1)).copied().unwrap_or(0);
+        let col = text.get(start..offset).map_or(0, |l| l.chars().count()) + 1;
+        (line, col)
+    }
+}
 
 /// 1-based line and column (in characters) of a byte offset.
 pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -88,6 +129,7 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub(crate) struct Validator {
     text: String,
     diagnostics: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Validator {
@@ -100,6 +142,14 @@ impl Validator {
     pub(crate) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
         self.diagnostics.push(Diagnostic {
             span: Some(span),
+            message: message.into(),
+        });
+    }
+
+    /// Records a warning (the file still loads) at the place a spanned value was written.
+    pub(crate) fn warn_at<T>(&mut self, value: &toml::Spanned<T>, message: impl Into<String>) {
+        self.warnings.push(Diagnostic {
+            span: Some(value.span()),
             message: message.into(),
         });
     }
@@ -118,6 +168,17 @@ const SECTIONS: [&str; 7] = ["daemon", "gre", "nat", "service", "vrrp", "ssh", "
 /// # Errors
 /// Every problem in the file, or an unreadable file as a single diagnostic.
 pub(crate) fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
+    let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_CONFIG_BYTES);
+    if too_big {
+        return Err(ConfigErrors {
+            path: path.to_path_buf(),
+            text: String::new(),
+            diagnostics: vec![Diagnostic {
+                span: None,
+                message: format!("the file is larger than {MAX_CONFIG_BYTES} bytes"),
+            }],
+        });
+    }
     let text = match std::fs::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(t) => t,
@@ -227,12 +288,23 @@ fn parse_into(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> SiteConfi
     };
     site.validate(&failed, &mut v);
     diags.extend(v.diagnostics);
+    site.warnings = v
+        .warnings
+        .iter()
+        .map(|w| {
+            let (line, col) = w.span.as_ref().map_or((1, 1), |s| line_col(text, s.start));
+            format!("{}:{line}:{col}: warning: {}", path.display(), w.message)
+        })
+        .collect();
     site
 }
 
 impl SiteConfig {
     fn validate(&self, failed: &[String], v: &mut Validator) {
         let ok = |section: &str| !failed.iter().any(|f| f == section);
+        if ok("daemon") {
+            self.daemon.validate(v);
+        }
         gre::validate_all(&self.gre, v);
         if let Some(nat) = &self.nat {
             nat.validate(v);

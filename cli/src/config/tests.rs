@@ -179,3 +179,34 @@ fn a_short_health_interval_with_the_default_timeout_points_at_the_interval() {
     assert!(errs[0].starts_with("site.toml:4:"), "{errs:#?}");
     assert!(errs[0].contains("set `timeout` too"), "{errs:#?}");
 }
+
+#[test]
+fn line_starts_agree_with_line_col() {
+    let text = "a = 1\nbé = \"x\"\n\n[[gre]]\nname = 2\n";
+    let lines = LineStarts::new(text);
+    for offset in 0..=text.len() + 3 {
+        assert_eq!(
+            lines.line_col(text, offset),
+            line_col(text, offset),
+            "{offset}"
+        );
+    }
+}
+
+#[test]
+fn many_diagnostics_render_fast_and_capped() {
+    let mut text = String::new();
+    for i in 0..40_000 {
+        text.push_str(&format!("bogus{i} = 1\n"));
+    }
+    let errors = parse(std::path::Path::new("m.toml"), &text).unwrap_err();
+    let started = std::time::Instant::now();
+    let out = errors.to_string();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(out.lines().count(), MAX_DIAGNOSTICS + 1);
+    assert!(
+        out.ends_with("more problems not shown"),
+        "{}",
+        out.lines().last().unwrap_or("")
+    );
+}
