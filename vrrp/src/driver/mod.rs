@@ -923,3 +923,64 @@ async fn run_notify(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn script(name: &str, body: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vrrp-notify-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("notify.sh");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    #[tokio::test]
+    async fn notify_runs_with_a_minimal_environment_and_is_killed_after_its_timeout() {
+        let out = std::env::temp_dir().join(format!("vrrp-notify-{}-env.out", std::process::id()));
+        let prog = script(
+            "env",
+            &format!("env > {}; echo \"$@\" >> {}", out.display(), out.display()),
+        );
+        let outcome = run_notify(&prog, "vip", State::Master, 150, Duration::from_secs(10)).await;
+        assert_eq!(outcome, NotifyOutcome::Ok);
+        let text = std::fs::read_to_string(&out).expect("notify output");
+        let mut vars: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_" && *k != "OLDPWD")
+            .collect();
+        vars.sort_unstable();
+        assert_eq!(
+            vars,
+            [
+                "PATH",
+                "VIPGATE_INSTANCE",
+                "VIPGATE_PRIORITY",
+                "VIPGATE_STATE"
+            ],
+            "{text}"
+        );
+        assert!(text.contains(&format!("PATH={NOTIFY_PATH}\n")), "{text}");
+        assert!(text.ends_with("INSTANCE vip MASTER 150\n"), "{text}");
+
+        let slow = script("slow", "sleep 30");
+        let started = tokio::time::Instant::now();
+        let outcome =
+            run_notify(&slow, "vip", State::Backup, 100, Duration::from_millis(200)).await;
+        assert_eq!(outcome, NotifyOutcome::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let missing = run_notify(
+            std::path::Path::new("/nonexistent/notify"),
+            "vip",
+            State::Fault,
+            1,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(missing, NotifyOutcome::Failed);
+    }
+}
