@@ -968,3 +968,157 @@ fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
     );
     assert!(d1.is_running());
 }
+
+/// An on-link attacker's spoofed adverts, sent from the client namespace with a raw socket
+/// (its own IPv4 header: protocol 112, TTL 255, any source), unicast to one director. With a
+/// counting duration, it also counts, on its AF_PACKET socket, the adverts from 198.51.100.11
+/// and the ARP frames for the VIP that arrive while it floods and for a while after.
+const SPOOF: &str = r#"
+import socket, struct, sys, time
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+src, dst = socket.inet_aton(sys.argv[1]), socket.inet_aton(sys.argv[2])
+prio, count, seconds, watch = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+vip, d1 = socket.inet_aton("198.51.100.10"), socket.inet_aton("198.51.100.11")
+body = bytes([0x31, 51, prio, 1]) + struct.pack("!HH", 100, 0) + vip
+c = csum(src + dst + bytes([0, 112]) + struct.pack("!H", len(body)) + body)
+body = body[:6] + struct.pack("!H", c) + body[8:]
+pkt = bytes([0x45, 0]) + struct.pack("!H", 20 + len(body)) + bytes([0, 0, 0, 0, 255, 112, 0, 0]) + src + dst + body
+tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+rx.setblocking(False)
+adverts = arps = sent = 0
+start = time.monotonic()
+def drain():
+    global adverts, arps
+    while True:
+        try: f, a = rx.recvfrom(2048)
+        except BlockingIOError: return
+        if a[2] == 4 or len(f) < 42: continue
+        if f[12:14] == b"\x08\x00" and f[23] == 112 and f[26:30] == d1: adverts += 1
+        if f[12:14] == b"\x08\x06" and f[28:32] == vip: arps += 1
+while sent < count:
+    if time.monotonic() - start >= seconds * sent / count:
+        tx.sendto(pkt, (sys.argv[2], 0)); sent += 1
+    else:
+        drain(); time.sleep(0.0005)
+while time.monotonic() - start < watch:
+    drain(); time.sleep(0.005)
+drain()
+print("sent=%d adverts=%d arps=%d" % (sent, adverts, arps), flush=True)
+"#;
+
+impl Lab {
+    /// Runs [`SPOOF`] in the client namespace and returns what it counted: (adverts, ARPs).
+    fn spoof(
+        &self,
+        src: &str,
+        dst: &str,
+        prio: u8,
+        count: u32,
+        seconds: f64,
+        watch: f64,
+    ) -> (u64, u64) {
+        let script = self.t.write("spoof.py", SPOOF);
+        let out = self.t.sh(
+            "cl",
+            &format!(
+                "python3 {} {src} {dst} {prio} {count} {seconds} {watch}",
+                script.display()
+            ),
+        );
+        let field = |k: &str| {
+            out.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX)
+        };
+        assert_eq!(field("sent="), u64::from(count), "{out}");
+        (field("adverts="), field("arps="))
+    }
+}
+
+/// A flood of 2,000 spoofed lower-priority adverts in 2 s: without a limit each one made the
+/// master send an advert and a burst of 5 ARPs per VIP (2,000 adverts, 10,000 frames). With
+/// `reassert_interval` (1 s) the master answers at most once a second, stays master, and
+/// the suppressed ones are counted.
+#[test]
+fn spoofed_lower_priority_flood_is_answered_at_most_once_per_second() {
+    let lab = Lab::new("vrrp_adv_flood");
+    let cfg = lab.config_with("d1", 150, "1s", true, "garp_repeat_delay = \"0s\"");
+    let _d1 = lab.t.vipgate(
+        "d1",
+        "vipgate-d1",
+        &["run", "-c", cfg.to_str().unwrap_or_default()],
+    );
+    lab.wait_state("d1", "MASTER", Duration::from_secs(8));
+    let (adverts, arps) = lab.spoof("198.51.100.77", "198.51.100.11", 100, 2000, 2.0, 3.0);
+    // The counter sees the master: the first re-assertion (an advert and 5 ARPs) at least.
+    assert!(
+        adverts >= 1 && arps >= 5,
+        "{adverts} adverts, {arps} ARPs seen"
+    );
+    // 3 s watched: at most 4 periodic adverts, and 3 re-assertions (advert + 5 ARPs).
+    assert!(adverts <= 4 + 3, "{adverts} adverts from the master");
+    assert!(arps <= 5 * 3, "{arps} ARP frames from the master");
+    let s = lab.status("d1").unwrap_or_default();
+    assert!(s.num("reassert_tx") <= 3, "{s:?}");
+    assert!(s.num("reassert_suppressed") >= 1990, "{s:?}");
+    assert!(s.num("lower_priority") >= 2000, "{s:?}");
+    assert_eq!(lab.state("d1"), "MASTER");
+    assert!(lab.holds_vip("d1"));
+}
+
+/// A spoofed priority-0 advert from an address that is not the master: the backup used to
+/// take over after its skew time (0.6 s). Now it ignores and counts it, and the VIP keeps
+/// answering from d1 alone.
+#[test]
+fn spoofed_priority_zero_from_a_non_master_does_not_move_the_vip() {
+    let lab = Lab::new("vrrp_adv_prio0");
+    let _d1 = lab.vipgate("d1", 150, "1s", true);
+    let _d2 = lab.vipgate("d2", 100, "1s", true);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(8));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(3));
+    let mut probe = lab.start_probe(3.5);
+    lab.wait_first_answer(&probe, "d1");
+    lab.spoof("198.51.100.77", "198.51.100.12", 0, 20, 2.0, 2.0);
+    let r = lab.probe_result(&mut probe);
+    assert_eq!(r.who, "d1", "{}", r.line);
+    let s = lab.status("d2").unwrap_or_default();
+    assert_eq!(s.get("state").as_deref(), Some("BACKUP"), "{s:?}");
+    assert!(s.num("priority_zero_not_master") >= 20, "{s:?}");
+    assert_eq!(s.get("master").as_deref(), Some("198.51.100.11"), "{s:?}");
+}
+
+/// With `peers`, a multicast instance drops adverts from anyone else: a spoofed priority-254
+/// advert (which would demote the master) is counted as an unknown peer and ignored.
+#[test]
+fn peers_drop_adverts_from_unlisted_sources() {
+    let lab = Lab::new("vrrp_adv_peers");
+    let mut procs = Vec::new();
+    for (h, prio, peer) in [("d1", 150, "12"), ("d2", 100, "11")] {
+        let extra = format!("peers = [\"198.51.100.{peer}\"]");
+        let cfg = lab.config_with(h, prio, "1s", true, &extra);
+        let cfg = cfg.to_str().unwrap_or_default().to_owned();
+        procs.push(
+            lab.t
+                .vipgate(h, &format!("vipgate-{h}"), &["run", "-c", &cfg]),
+        );
+    }
+    lab.wait_state("d1", "MASTER", Duration::from_secs(8));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(3));
+    lab.spoof("198.51.100.77", "198.51.100.11", 254, 20, 1.0, 1.0);
+    wait_until(Duration::from_secs(2), "unknown peers counted", || {
+        lab.status("d1")
+            .is_some_and(|s| s.num("unknown_peer") == 20)
+    });
+    assert_eq!(lab.state("d1"), "MASTER");
+    assert_eq!(lab.state("d2"), "BACKUP");
+    assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+    // The listed peer is still heard: d2 follows d1.
+    let s = lab.status("d2").unwrap_or_default();
+    assert_eq!(s.get("master").as_deref(), Some("198.51.100.11"), "{s:?}");
+}

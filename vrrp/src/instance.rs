@@ -9,8 +9,17 @@
 //! 2. [`VrrpInstance::poll_action`] until `None`, performing each [`Action`] in order;
 //! 3. [`VrrpInstance::poll_timeout`]: the instant to call `handle_timeout` next.
 //!
-//! Invariants (property-tested): one input causes at most one state transition, and every
-//! deadline returned by `poll_timeout` lies strictly after the `now` of the last input.
+//! Invariants (property-tested and fuzzed by `vrrp_instance`): one input causes at most one
+//! state transition; every deadline returned by `poll_timeout` lies strictly after the `now`
+//! of the last input; a master answers lower-priority (or other masters' priority-0) adverts
+//! with a re-assertion at most once per [`InstanceConfig::reassert_interval`]; a priority-0
+//! advert moves a backup only when it comes from the master the backup follows; the
+//! Master_Adver_Interval learnt from an advert never exceeds
+//! [`InstanceConfig::learnt_interval_ceiling`].
+//!
+//! VRRPv3 has no authentication: anyone on the link with TTL 255 can send adverts. What the
+//! state machine bounds is what one spoofed advert can make it do (see the README's Security
+//! section); source filtering is the driver's (`unicast_peers`, `peers`).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -59,6 +68,16 @@ pub struct InstanceConfig {
     /// Repeat the gratuitous ARP burst this long after becoming master (keepalived's
     /// `garp_master_delay`, default 5 s); `None` = only once.
     pub garp_repeat_delay: Option<Duration>,
+    /// A master re-asserts itself (advert plus [`Action::ReassertArp`]) on a lower-priority
+    /// advert, or on another master's priority 0, at most once per this interval; the adverts
+    /// in between are only counted (`reassert_suppressed`). Bounds what a flood of spoofed
+    /// adverts makes the master send, whatever its rate. Default 1 s.
+    pub reassert_interval: Duration,
+    /// The longest Master_Adver_Interval a backup learns from an advert (RFC 5798 learns any,
+    /// up to 40.95 s, so one spoofed advert could stretch failover to about 2 minutes).
+    /// `None` = three times our own advert interval (peers of one virtual router normally
+    /// share one interval); set 40.95 s for plain RFC behaviour.
+    pub max_learnt_advert_interval: Option<Duration>,
 }
 
 impl InstanceConfig {
@@ -74,7 +93,19 @@ impl InstanceConfig {
             primary_address,
             addresses: Vec::new(),
             garp_repeat_delay: Some(Duration::from_secs(5)),
+            reassert_interval: Duration::from_secs(1),
+            max_learnt_advert_interval: None,
         }
+    }
+
+    /// The ceiling on a learnt Master_Adver_Interval: the configured one, or three times our
+    /// own interval; never below our own interval, never above the 12-bit field.
+    pub fn learnt_interval_ceiling(&self) -> Duration {
+        let own = cs_duration(self.advert_interval_cs());
+        let field = cs_duration(wire::MAX_INTERVAL_CS);
+        self.max_learnt_advert_interval
+            .unwrap_or(own * 3)
+            .clamp(own, field.max(own))
     }
 
     /// The advert interval in centiseconds, clamped to the 12-bit field (1..=4095).
@@ -189,8 +220,12 @@ pub enum Action {
     /// Withdraw every virtual address; must succeed quietly when they are absent, since it is
     /// also how a daemon restarted over its own stale addresses cleans up.
     RemoveAddresses,
-    /// Send the gratuitous ARP burst for every virtual address.
+    /// Send the gratuitous ARP burst for every virtual address (on becoming master, its
+    /// repeat, or new addresses).
     GratuitousArp,
+    /// Send the (smaller, keepalived's `garp_lower_prio_repeat`) gratuitous ARP burst of a
+    /// re-assertion against a lower-priority master; at most one per `reassert_interval`.
+    ReassertArp,
     /// A reconfigure dropped these addresses while master: withdraw just them (the ones
     /// still configured stay live).
     WithdrawAddresses(Vec<VirtualAddress>),
@@ -211,6 +246,8 @@ pub enum DropReason {
     NotListening,
     /// Master: a lower-priority advert; Backup with preempt: a lower-priority master.
     LowerPriority,
+    /// Priority 0 from a source other than the master a backup follows.
+    PriorityZeroNotMaster,
 }
 
 /// Counters shown by `show vrrp`.
@@ -236,6 +273,16 @@ pub struct Counters {
     pub ignored: u64,
     /// Times the sync group held this backup back from taking over.
     pub held_by_group: u64,
+    /// Re-assertions (advert + gratuitous ARP) sent against a lower-priority master.
+    pub reassert_tx: u64,
+    /// Lower-priority (or foreign priority-0) adverts not answered because the last
+    /// re-assertion was less than `reassert_interval` ago: a flood shows here.
+    pub reassert_suppressed: u64,
+    /// Priority-0 adverts from a source that is not the master this backup follows: ignored.
+    pub priority_zero_not_master: u64,
+    /// Adverts whose Max Adver Int was above the learnt-interval ceiling (learnt as the
+    /// ceiling).
+    pub interval_capped: u64,
 }
 
 /// An advert as it arrived, with the IP fields the state machine judges.
@@ -266,6 +313,7 @@ pub struct VrrpInstance {
     master_down_timer: Option<Instant>,
     preempt_timer: Option<Instant>,
     garp_timer: Option<Instant>,
+    last_reassert: Option<Instant>,
     actions: VecDeque<Action>,
     history: VecDeque<Transition>,
     last_transition: Option<Transition>,
@@ -291,6 +339,7 @@ impl VrrpInstance {
             master_down_timer: None,
             preempt_timer: None,
             garp_timer: None,
+            last_reassert: None,
             actions: VecDeque::new(),
             history: VecDeque::new(),
             last_transition: None,
@@ -429,6 +478,12 @@ impl VrrpInstance {
         }
         if adv.repr.priority == PRIORITY_STOP {
             self.counters.priority_zero_rx += 1;
+            if self.state == State::Backup && self.master.map(|(a, _)| a) != Some(adv.src) {
+                // Only the master we follow can resign; anyone else's priority 0 would make
+                // us take over after the skew time alone (RFC 5798 has no authentication).
+                self.count_drop(DropReason::PriorityZeroNotMaster);
+                return Err(DropReason::PriorityZeroNotMaster);
+            }
         }
         let ours = self.config.addresses.iter().map(|a| a.address);
         if !ours.eq(adv.repr.addresses.iter().copied()) {
@@ -436,7 +491,12 @@ impl VrrpInstance {
         }
         let prio = adv.repr.priority;
         let local = self.priority();
-        let interval = cs_duration(adv.repr.max_advert_interval_cs);
+        let mut interval = cs_duration(adv.repr.max_advert_interval_cs);
+        let ceiling = self.config.learnt_interval_ceiling();
+        if interval > ceiling && prio != PRIORITY_STOP {
+            self.counters.interval_capped += 1;
+            interval = ceiling;
+        }
         match self.state {
             State::Backup if prio == PRIORITY_STOP => {
                 self.counters.adverts_rx += 1;
@@ -464,10 +524,13 @@ impl VrrpInstance {
                     .get_or_insert(now + self.config.preempt_delay);
             }
             State::Master if prio == PRIORITY_STOP => {
-                // Another master resigned: assert ourselves at once (§6.4.3).
+                // Another master resigned: assert ourselves at once (§6.4.3), rate-limited
+                // like any re-assertion, since anyone can send priority 0.
                 self.counters.adverts_rx += 1;
-                self.send_advert(local);
-                self.adver_timer = Some(now + self.adver_interval());
+                if self.may_reassert(now) {
+                    self.send_advert(local);
+                    self.adver_timer = Some(now + self.adver_interval());
+                }
             }
             State::Master
                 if prio > local || (prio == local && adv.src > self.config.primary_address) =>
@@ -488,10 +551,14 @@ impl VrrpInstance {
                 // split brain healed). RFC 5798 says discard; like keepalived we also assert
                 // ourselves at once, advert and gratuitous ARP, so the other side yields now
                 // and the clients that followed its ARP come back.
+                // At most once per `reassert_interval`: a flood of spoofed lower-priority
+                // adverts must not turn into a flood of adverts and ARP from us.
                 self.count_drop(DropReason::LowerPriority);
-                self.send_advert(local);
-                self.actions.push_back(Action::GratuitousArp);
-                self.adver_timer = Some(now + self.adver_interval());
+                if self.may_reassert(now) {
+                    self.send_advert(local);
+                    self.actions.push_back(Action::ReassertArp);
+                    self.adver_timer = Some(now + self.adver_interval());
+                }
                 return Err(DropReason::LowerPriority);
             }
             // judge() already turned these away.
@@ -693,12 +760,32 @@ impl VrrpInstance {
         Ok(())
     }
 
+    /// Whether a re-assertion may go out now; records it (or the suppression).
+    fn may_reassert(&mut self, now: Instant) -> bool {
+        let allowed = self
+            .last_reassert
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.reassert_interval);
+        if allowed {
+            self.last_reassert = Some(now);
+            self.counters.reassert_tx += 1;
+        } else {
+            self.counters.reassert_suppressed += 1;
+        }
+        allowed
+    }
+
+    /// When the last re-assertion went out (read by the fuzz harness's rate check).
+    pub fn last_reassert(&self) -> Option<Instant> {
+        self.last_reassert
+    }
+
     fn count_drop(&mut self, reason: DropReason) {
         let c = &mut self.counters;
         match reason {
             DropReason::BadTtl => c.bad_ttl += 1,
             DropReason::OtherVrid => c.other_vrid += 1,
             DropReason::LowerPriority => c.lower_priority += 1,
+            DropReason::PriorityZeroNotMaster => c.priority_zero_not_master += 1,
             DropReason::OwnAdvert | DropReason::ZeroInterval | DropReason::NotListening => {
                 c.ignored += 1;
             }

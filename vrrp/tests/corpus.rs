@@ -1,16 +1,28 @@
-//! Replays the cargo-fuzz corpus of `vrrp_advert` on stable, so CI exercises it.
+//! Replays the cargo-fuzz corpora of `vrrp_advert` and `vrrp_instance` on stable, so CI
+//! exercises them.
 
 use std::path::Path;
 
-#[test]
-fn replay_fuzz_corpus() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/vrrp_advert");
+fn replay(target: &str, check: fn(&[u8]), at_least: usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).expect("corpus directory") {
         let path = entry.expect("corpus entry").path();
         let data = std::fs::read(&path).expect("corpus file");
-        vrrp::fuzzing::check_advert(&data);
+        check(&data);
         n += 1;
     }
-    assert!(n >= 5, "corpus has only {n} files");
+    assert!(n >= at_least, "{target} corpus has only {n} files");
+}
+
+#[test]
+fn replay_fuzz_corpus() {
+    replay("vrrp_advert", vrrp::fuzzing::check_advert, 5);
+}
+
+#[test]
+fn replay_instance_fuzz_corpus() {
+    replay("vrrp_instance", vrrp::fuzzing::check_instance, 5);
 }

@@ -44,10 +44,17 @@ pub(crate) struct VrrpSection {
     /// Send adverts unicast to these peers instead of 224.0.0.18.
     #[serde(default)]
     pub(crate) unicast_peers: Vec<Ipv4Addr>,
-    /// Program run on every state change, with keepalived's `notify` arguments:
-    /// `INSTANCE <name> <MASTER|BACKUP|FAULT|INIT> <priority>`.
+    /// Multicast instances: accept adverts only from these sources (the other routers'
+    /// primary addresses); adverts from anyone else are dropped and counted. Default: any.
     #[serde(default)]
-    pub(crate) notify: Option<String>,
+    pub(crate) peers: Option<Spanned<Vec<Ipv4Addr>>>,
+    /// Program run on every state change, with keepalived's `notify` arguments:
+    /// `INSTANCE <name> <MASTER|BACKUP|FAULT|INIT> <priority>`. An absolute path.
+    #[serde(default)]
+    pub(crate) notify: Option<Spanned<String>>,
+    /// A notify run still going after this is killed. Default 30 s.
+    #[serde(default = "d_notify_timeout")]
+    pub(crate) notify_timeout: Spanned<HumanDuration>,
     /// Source address of the adverts and tie-breaker between equal priorities. Default: the
     /// first IPv4 address of `interface` that is not a VIP.
     #[serde(default)]
@@ -63,7 +70,19 @@ pub(crate) struct VrrpSection {
     /// Repeat the burst this long after becoming master (keepalived `garp_master_delay`);
     /// "0s" = only once. Default 5 s.
     #[serde(default = "d_garp_delay")]
-    pub(crate) garp_repeat_delay: HumanDuration,
+    pub(crate) garp_repeat_delay: Spanned<HumanDuration>,
+    /// Gratuitous ARPs per VIP when a master re-asserts itself against a lower-priority
+    /// advert (keepalived `garp_lower_prio_repeat`); 0 = the advert only. Default: `garp_count`.
+    #[serde(default)]
+    pub(crate) garp_lower_prio_repeat: Option<Spanned<i64>>,
+    /// At most one re-assertion (advert + `garp_lower_prio_repeat` ARPs) per this interval,
+    /// however many lower-priority adverts arrive. Default 1 s.
+    #[serde(default = "d_reassert")]
+    pub(crate) reassert_interval: Spanned<HumanDuration>,
+    /// The longest advert interval a backup learns from a master. Default: three times
+    /// `advert_interval`; "40s950ms" learns any, as RFC 5798 has it.
+    #[serde(default)]
+    pub(crate) max_learnt_advert_interval: Option<Spanned<HumanDuration>>,
 }
 
 /// One `track_interfaces` entry: `"eth1"` (link down = FAULT, weight 0) or
@@ -135,9 +154,26 @@ fn d_zero() -> Spanned<i64> {
 fn d_garp_count() -> Spanned<i64> {
     Spanned::new(0..0, 5)
 }
-fn d_garp_delay() -> HumanDuration {
-    HumanDuration(Duration::from_secs(5))
+fn d_garp_delay() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(5)))
 }
+fn d_notify_timeout() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(30)))
+}
+fn d_reassert() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(1)))
+}
+
+/// The shortest advert interval accepted. RFC 5798 allows 10 ms, but the driver polls link
+/// state every 100 ms and shares its thread with netlink work: below 50 ms one scheduling
+/// hiccup of three intervals on a loaded host elects a second master.
+pub(crate) const MIN_ADVERT_INTERVAL: Duration = Duration::from_millis(50);
+/// The shortest non-zero timer accepted for the gratuitous ARP repeat, the re-assertion
+/// limit and the notify timeout: anything shorter turns the daemon into a packet or process
+/// generator.
+const MIN_TIMER: Duration = Duration::from_millis(100);
+/// The longest of those timers accepted.
+const MAX_TIMER: Duration = Duration::from_secs(3600);
 
 fn d_priority() -> Spanned<i64> {
     Spanned::new(0..0, 100)
@@ -187,12 +223,74 @@ pub(crate) fn validate_all(
             ),
             p => v.error_at(&i.priority, format!("priority {p} is out of range 1..=254")),
         }
-        let cs = i.advert_interval.get_ref().0.as_millis();
+        let advert = i.advert_interval.get_ref().0;
+        let cs = advert.as_millis();
         if !(10..=40_950).contains(&cs) || cs % 10 != 0 {
             v.error_at(
                 &i.advert_interval,
                 "advert_interval must be a whole number of centiseconds from 10ms to 40s950ms (RFC 5798)",
             );
+        } else if advert < MIN_ADVERT_INTERVAL {
+            v.error_at(
+                &i.advert_interval,
+                format!(
+                    "advert_interval {}ms is below {}ms, shorter than the driver keeps reliably (a missed wakeup of three intervals elects a second master)",
+                    cs,
+                    MIN_ADVERT_INTERVAL.as_millis()
+                ),
+            );
+        }
+        if let Some(m) = &i.max_learnt_advert_interval {
+            let d = m.get_ref().0;
+            if d < advert || d > Duration::from_millis(40_950) || d.as_millis() % 10 != 0 {
+                v.error_at(
+                    m,
+                    "max_learnt_advert_interval must be a whole number of centiseconds from advert_interval to 40s950ms",
+                );
+            }
+        }
+        let timer = |d: &Spanned<HumanDuration>, key: &str, zero_ok: bool, v: &mut Validator| {
+            let t = d.get_ref().0;
+            let allowed = (MIN_TIMER..=MAX_TIMER).contains(&t) || (zero_ok && t.is_zero());
+            if !allowed {
+                let zero = if zero_ok { "\"0s\" or " } else { "" };
+                v.error_at(d, format!("{key} must be {zero}100ms..=1h"));
+            }
+        };
+        timer(&i.garp_repeat_delay, "garp_repeat_delay", true, v);
+        timer(&i.reassert_interval, "reassert_interval", false, v);
+        timer(&i.notify_timeout, "notify_timeout", false, v);
+        if let Some(r) = &i.garp_lower_prio_repeat
+            && !(0..=100).contains(r.get_ref())
+        {
+            v.error_at(
+                r,
+                "garp_lower_prio_repeat must be 0..=100 (0 = the advert only)",
+            );
+        }
+        if let Some(n) = &i.notify
+            && !std::path::Path::new(n.get_ref()).is_absolute()
+        {
+            v.error_at(
+                n,
+                format!(
+                    "notify `{}` must be an absolute path (it runs with a fixed PATH, not the daemon's)",
+                    n.get_ref()
+                ),
+            );
+        }
+        if let Some(p) = &i.peers {
+            if !i.unicast_peers.is_empty() {
+                v.error_at(
+                    p,
+                    "peers is for multicast instances; with unicast_peers only those are accepted already",
+                );
+            } else if p.get_ref().is_empty() {
+                v.error_at(
+                    p,
+                    "peers = [] would drop every advert; leave it out to accept any source",
+                );
+            }
         }
         if !(0..=253).contains(i.track_services_weight.get_ref()) {
             v.error_at(
@@ -264,6 +362,7 @@ pub(crate) fn validate_all(
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::time::Duration;
 
     fn load(extra: &str) -> Result<crate::config::SiteConfig, String> {
         let text = format!(
@@ -317,5 +416,74 @@ mod tests {
         let e = load("track_interfaces = [7]").unwrap_err();
         assert!(e.starts_with("site.toml:6:21:"), "{e}");
         assert!(e.contains(r#"an interface name ("eth1") or"#), "{e}");
+    }
+
+    #[test]
+    fn misbehaving_values_point_at_the_key() {
+        for (extra, msg) in [
+            (
+                "advert_interval = \"20ms\"",
+                "site.toml:6:19: advert_interval 20ms is below 50ms",
+            ),
+            (
+                "advert_interval = \"0s\"",
+                "site.toml:6:19: advert_interval must be a whole",
+            ),
+            (
+                "priority = 300",
+                "site.toml:6:12: priority 300 is out of range",
+            ),
+            (
+                "garp_count = 0",
+                "site.toml:6:14: garp_count must be 1..=100",
+            ),
+            (
+                "garp_repeat_delay = \"1ms\"",
+                "site.toml:6:21: garp_repeat_delay must be \"0s\" or",
+            ),
+            (
+                "garp_lower_prio_repeat = 101",
+                "site.toml:6:26: garp_lower_prio_repeat must be 0..=100",
+            ),
+            (
+                "reassert_interval = \"0s\"",
+                "site.toml:6:21: reassert_interval must be 100ms",
+            ),
+            (
+                "notify_timeout = \"0s\"",
+                "site.toml:6:18: notify_timeout must be 100ms",
+            ),
+            (
+                "notify = \"notify.sh\"",
+                "site.toml:6:10: notify `notify.sh` must be an absolute path",
+            ),
+            (
+                "max_learnt_advert_interval = \"500ms\"",
+                "site.toml:6:30: max_learnt_advert_interval must be",
+            ),
+            (
+                "peers = []",
+                "site.toml:6:9: peers = [] would drop every advert",
+            ),
+            (
+                "unicast_peers = [\"10.0.0.2\"]\npeers = [\"10.0.0.2\"]",
+                "site.toml:7:9: peers is for multicast instances",
+            ),
+        ] {
+            let e = load(extra).unwrap_err();
+            assert!(e.starts_with(msg), "{extra}: {e}");
+        }
+        let site = load(
+            "peers = [\"10.0.0.2\"]\nnotify = \"/bin/true\"\ngarp_lower_prio_repeat = 0\nmax_learnt_advert_interval = \"40s950ms\"\ngarp_repeat_delay = \"0s\"",
+        )
+        .expect("valid");
+        assert_eq!(
+            site.vrrp[0].reassert_interval.get_ref().0,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            site.vrrp[0].notify_timeout.get_ref().0,
+            Duration::from_secs(30)
+        );
     }
 }

@@ -82,6 +82,8 @@ pub(crate) fn restart_reason(
         Some("vrid changed")
     } else if old.unicast_peers != new.unicast_peers {
         Some("unicast_peers changed")
+    } else if old.peers.as_ref().map(|p| p.get_ref()) != new.peers.as_ref().map(|p| p.get_ref()) {
+        Some("peers changed")
     } else if old.primary_address != new.primary_address {
         Some("primary_address changed")
     } else if old.group != new.group {
@@ -163,6 +165,16 @@ impl Part for VrrpPart {
         Ok(true)
     }
 
+    fn dead_task(&self) -> Option<String> {
+        // Every member of a sync group reports its group's death: they restart together.
+        self.shared
+            .handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .and_then(GroupHandle::dead_task)
+    }
+
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
             let handle = self.shared.handle.lock().ok().and_then(|mut h| h.take());
@@ -193,9 +205,17 @@ pub(crate) fn member_spec(s: &VrrpSection) -> MemberSpec {
             prefix_len: n.prefix_len(),
         })
         .collect();
-    config.garp_repeat_delay = Some(s.garp_repeat_delay.0).filter(|d| !d.is_zero());
+    config.garp_repeat_delay = Some(s.garp_repeat_delay.get_ref().0).filter(|d| !d.is_zero());
+    config.reassert_interval = s.reassert_interval.get_ref().0;
+    config.max_learnt_advert_interval =
+        s.max_learnt_advert_interval.as_ref().map(|d| d.get_ref().0);
     let mut spec = MemberSpec::new(config, &s.interface);
     spec.unicast_peers = s.unicast_peers.clone();
+    spec.peers = s
+        .peers
+        .as_ref()
+        .map(|p| p.get_ref().clone())
+        .unwrap_or_default();
     spec.track_interfaces = s
         .track_interfaces
         .iter()
@@ -204,8 +224,14 @@ pub(crate) fn member_spec(s: &VrrpSection) -> MemberSpec {
             (t.name.clone(), u8::try_from(t.weight).unwrap_or(0))
         })
         .collect();
-    spec.notify = s.notify.as_ref().map(PathBuf::from);
+    spec.notify = s.notify.as_ref().map(|n| PathBuf::from(n.get_ref()));
+    spec.notify_timeout = s.notify_timeout.get_ref().0;
     spec.garp_count = u32::try_from(*s.garp_count.get_ref()).unwrap_or(5);
+    spec.garp_lower_prio_repeat = s
+        .garp_lower_prio_repeat
+        .as_ref()
+        .and_then(|r| u32::try_from(*r.get_ref()).ok())
+        .unwrap_or(spec.garp_count);
     spec
 }
 
@@ -341,6 +367,14 @@ fn status_json(s: &InstanceStatus) -> Value {
             "lower_priority": c.lower_priority,
             "ignored": c.ignored,
             "held_by_group": c.held_by_group,
+            "reassert_tx": c.reassert_tx,
+            "reassert_suppressed": c.reassert_suppressed,
+            "priority_zero_not_master": c.priority_zero_not_master,
+            "interval_capped": c.interval_capped,
+            "notify_runs": s.notify.runs,
+            "notify_timeouts": s.notify.timeouts,
+            "notify_skipped": s.notify.skipped,
+            "notify_failed": s.notify.failed,
             "unknown_peer": s.unknown_peer,
             "io_errors": s.io_errors,
         },
@@ -397,6 +431,17 @@ pub(crate) fn render(items: &[Value]) -> String {
             malformed,
             c["lower_priority"],
             n("master_down_interval_ms"),
+        );
+        out += &format!(
+            "    spoofing: unknown peer {} priority 0 not from master {} re-assertions {} suppressed {} interval capped {}; notify runs {} timeouts {} skipped {}\n",
+            c["unknown_peer"],
+            c["priority_zero_not_master"],
+            c["reassert_tx"],
+            c["reassert_suppressed"],
+            c["interval_capped"],
+            c["notify_runs"],
+            c["notify_timeouts"],
+            c["notify_skipped"],
         );
         let tracked: Vec<String> = i["tracked"]
             .as_array()

@@ -6,6 +6,16 @@
 //! [`Action`]s in order, sleeps until the core's next deadline, polls link state every
 //! 100 ms for tracked interfaces, and follows service health through `watch` channels.
 //!
+//! Its long-lived tasks (the group's loop, the netlink connection, one socket reader per
+//! member on the blocking pool) run under a [`TaskWatch`]: one that ends before
+//! [`GroupHandle::stop`] is reported by [`GroupHandle::dead_task`].
+//!
+//! Notify programs run one at a time per instance: while one runs, only the latest pending
+//! transition is kept and run after it (latest state wins; the ones replaced are counted as
+//! skipped). Each run is killed (its whole process group) after `notify_timeout`, gets
+//! stdin and stdout from /dev/null, and an environment of exactly [`NOTIFY_PATH`] as `PATH`
+//! plus `VIPGATE_INSTANCE`, `VIPGATE_STATE` and `VIPGATE_PRIORITY`.
+//!
 //! ```text
 //!  reader thread(s) ──bytes──┐
 //!  link poll (100 ms) ───────┤
@@ -24,6 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use netutil::task::TaskWatch;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -66,6 +77,9 @@ pub struct MemberSpec {
     pub interface: String,
     /// Send adverts to these addresses instead of 224.0.0.18, and accept only theirs.
     pub unicast_peers: Vec<Ipv4Addr>,
+    /// Multicast instances: accept adverts only from these sources (empty = any). Adverts
+    /// from other sources are dropped and counted as `unknown_peer`, as with unicast peers.
+    pub peers: Vec<Ipv4Addr>,
     /// Interfaces whose loss of link faults the instance (weight 0) or lowers its priority.
     /// The instance's own interface is always tracked with weight 0, as keepalived does.
     pub track_interfaces: Vec<(String, u8)>,
@@ -74,8 +88,13 @@ pub struct MemberSpec {
     /// Program run on every transition as `PROGRAM INSTANCE NAME STATE PRIORITY`
     /// (keepalived's `notify` argument order).
     pub notify: Option<PathBuf>,
+    /// A notify run still going after this is killed (default 30 s).
+    pub notify_timeout: Duration,
     /// Gratuitous ARPs per burst (keepalived `garp_master_repeat`, default 5).
     pub garp_count: u32,
+    /// Gratuitous ARPs per VIP in a re-assertion against a lower-priority master
+    /// (keepalived `garp_lower_prio_repeat`, default 5 like `garp_count`; 0 = advert only).
+    pub garp_lower_prio_repeat: u32,
     /// VIPs made live through this hook instead of as interface addresses.
     pub hooked: Vec<(Ipv4Addr, Arc<dyn AddressHook>)>,
 }
@@ -88,7 +107,10 @@ impl std::fmt::Debug for MemberSpec {
             .field("unicast_peers", &self.unicast_peers)
             .field("track_interfaces", &self.track_interfaces)
             .field("notify", &self.notify)
+            .field("notify_timeout", &self.notify_timeout)
+            .field("peers", &self.peers)
             .field("garp_count", &self.garp_count)
+            .field("garp_lower_prio_repeat", &self.garp_lower_prio_repeat)
             .field(
                 "hooked",
                 &self.hooked.iter().map(|h| h.0).collect::<Vec<_>>(),
@@ -104,10 +126,13 @@ impl MemberSpec {
             config,
             interface: interface.to_owned(),
             unicast_peers: Vec::new(),
+            peers: Vec::new(),
             track_interfaces: Vec::new(),
             track_services: Vec::new(),
             notify: None,
+            notify_timeout: Duration::from_secs(30),
             garp_count: 5,
+            garp_lower_prio_repeat: 5,
             hooked: Vec::new(),
         }
     }
@@ -150,11 +175,32 @@ pub struct InstanceStatus {
     pub unknown_peer: u64,
     /// Send or netlink failures.
     pub io_errors: u64,
+    /// Notify runs.
+    pub notify: NotifyCounters,
     /// Recent transitions: (unix time in ms, from, to, reason).
     pub transitions: Vec<(u64, State, State, String)>,
     /// Tracked objects: (name, weight, up).
     pub tracked: Vec<(String, u8, bool)>,
 }
+
+/// What the notify runs of one instance did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NotifyCounters {
+    /// Programs started.
+    pub runs: u64,
+    /// Runs killed after `notify_timeout`.
+    pub timeouts: u64,
+    /// Transitions never notified because a later one replaced them while a run was going.
+    pub skipped: u64,
+    /// Programs that could not be started or exited unsuccessfully.
+    pub failed: u64,
+}
+
+/// The `PATH` a notify program gets (its own path must be absolute).
+pub const NOTIFY_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long `stop` waits for the last notify runs (INIT) before leaving them to be killed.
+const STOP_NOTIFY_GRACE: Duration = Duration::from_secs(5);
 
 enum Command {
     Stop(oneshot::Sender<()>),
@@ -168,6 +214,25 @@ enum Event {
         index: usize,
         up: bool,
     },
+    NotifyDone {
+        member: usize,
+        outcome: NotifyOutcome,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotifyOutcome {
+    Ok,
+    Failed,
+    TimedOut,
+}
+
+/// One instance's notify runs: at most one child, at most one pending transition.
+#[derive(Debug, Default)]
+struct NotifyQueue {
+    running: bool,
+    pending: Option<(State, u8)>,
+    counters: NotifyCounters,
 }
 
 /// A running group; dropping it without [`GroupHandle::stop`] aborts without cleanup.
@@ -176,6 +241,7 @@ pub struct GroupHandle {
     status: Arc<Mutex<Vec<InstanceStatus>>>,
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+    watch: TaskWatch,
 }
 
 impl GroupHandle {
@@ -199,8 +265,15 @@ impl GroupHandle {
             .map_err(|_| DriverError::NotRunning)
     }
 
+    /// The first of the group's long-lived tasks (loop, netlink connection, socket readers)
+    /// that ended while the group should run, with its cause; `None` while all run.
+    pub fn dead_task(&self) -> Option<String> {
+        self.watch.dead()
+    }
+
     /// Orderly stop: masters send priority 0 and every virtual address is withdrawn.
     pub async fn stop(self) {
+        self.watch.stopping();
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Stop(tx)).await.is_ok() {
             let _ = rx.await;
@@ -208,6 +281,10 @@ impl GroupHandle {
         let _ = self.task.await;
     }
 }
+
+/// The most gratuitous ARPs per VIP in one burst, whatever a library caller configures
+/// (`vipgate check` refuses more).
+pub const MAX_GARP_REPEAT: u32 = 100;
 
 /// Reads the monotonic clock: the only place the driver does.
 #[allow(clippy::disallowed_methods)]
@@ -237,6 +314,7 @@ struct Member {
     unknown_peer: u64,
     io_errors: u64,
     transitions: VecDeque<(u64, State, State, String)>,
+    notify: NotifyQueue,
 }
 
 /// Starts a sync group (pass one member for a standalone instance).
@@ -250,13 +328,19 @@ pub async fn spawn(
 ) -> Result<GroupHandle, DriverError> {
     let (conn, handle, _) =
         rtnetlink::new_connection().map_err(|e| DriverError::Netlink(e.to_string()))?;
-    let conn_task = tokio::spawn(conn);
+    let watch = TaskWatch::new();
+    let conn_task = watch.spawn("vrrp netlink connection", async move {
+        conn.await;
+        Ok::<(), std::convert::Infallible>(())
+    });
     let (events_tx, events_rx) = mpsc::channel(256);
     let stop_flag = Arc::new(AtomicBool::new(false));
-    let (members, cores) = match open_members(&handle, specs, &events_tx, &stop_flag).await {
+    let opened = open_members(&handle, specs, &events_tx, &stop_flag, &watch).await;
+    let (members, cores) = match opened {
         Ok(v) => v,
         Err(e) => {
             // Reader threads of members opened before the failure exit on this flag.
+            watch.stopping();
             stop_flag.store(true, Ordering::Relaxed);
             conn_task.abort();
             return Err(e);
@@ -270,16 +354,19 @@ pub async fn spawn(
         members,
         handle,
         status: status.clone(),
+        events_tx,
     };
-    let task = tokio::spawn(async move {
+    let task = watch.spawn("vrrp group loop", async move {
         driver.run(events_rx, cmd_rx).await;
         stop_flag.store(true, Ordering::Relaxed);
         conn_task.abort();
+        Ok::<(), std::convert::Infallible>(())
     });
     Ok(GroupHandle {
         status,
         commands: cmd_tx,
         task,
+        watch,
     })
 }
 
@@ -289,6 +376,7 @@ async fn open_members(
     specs: Vec<MemberSpec>,
     events_tx: &mpsc::Sender<Event>,
     stop_flag: &Arc<AtomicBool>,
+    watch: &TaskWatch,
 ) -> Result<(Vec<Member>, Vec<VrrpInstance>), DriverError> {
     let mut members = Vec::new();
     let mut cores = Vec::new();
@@ -341,7 +429,12 @@ async fn open_members(
                 }
             });
         }
-        spawn_reader(i, socket.clone(), events_tx.clone(), stop_flag.clone());
+        let (sock, tx, stop) = (socket.clone(), events_tx.clone(), stop_flag.clone());
+        watch.spawn("vrrp socket reader", async move {
+            tokio::task::spawn_blocking(move || read_adverts(i, &sock, &tx, &stop))
+                .await
+                .map_err(|e| e.to_string())
+        });
         cores.push(VrrpInstance::new(spec.config.clone()));
         members.push(Member {
             tracker: Tracker::new(objects),
@@ -355,27 +448,28 @@ async fn open_members(
             unknown_peer: 0,
             io_errors: 0,
             transitions: VecDeque::new(),
+            notify: NotifyQueue::default(),
         });
     }
     Ok((members, cores))
 }
 
-fn spawn_reader(
+/// A member's socket reader, on the blocking pool: returns when the group stops (the flag,
+/// or its loop is gone), which the [`TaskWatch`] judges expected or not.
+fn read_adverts(
     member: usize,
-    socket: Arc<socket2::Socket>,
-    tx: mpsc::Sender<Event>,
-    stop: Arc<AtomicBool>,
+    socket: &socket2::Socket,
+    tx: &mpsc::Sender<Event>,
+    stop: &AtomicBool,
 ) {
-    std::thread::spawn(move || {
+    {
         use std::io::Read;
         let mut buf = vec![0u8; 2048];
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) && !tx.is_closed() {
             match (&*socket).read(&mut buf) {
                 Ok(n) => {
-                    if tx
-                        .blocking_send(Event::Packet(member, buf[..n].to_vec()))
-                        .is_err()
-                    {
+                    let packet = buf.get(..n).unwrap_or_default().to_vec();
+                    if tx.blocking_send(Event::Packet(member, packet)).is_err() {
                         return;
                     }
                 }
@@ -392,7 +486,7 @@ fn spawn_reader(
                 }
             }
         }
-    });
+    }
 }
 
 struct Driver {
@@ -401,6 +495,8 @@ struct Driver {
     members: Vec<Member>,
     handle: rtnetlink::Handle,
     status: Arc<Mutex<Vec<InstanceStatus>>>,
+    /// For the notify runs to report their end.
+    events_tx: mpsc::Sender<Event>,
 }
 
 impl Driver {
@@ -437,6 +533,7 @@ impl Driver {
                     };
                     self.group.shutdown(now());
                     self.perform().await;
+                    self.finish_notifies(&mut events).await;
                     if let Some(r) = reply {
                         let _ = r.send(());
                     }
@@ -472,6 +569,7 @@ impl Driver {
         let hooked = |s: &MemberSpec| -> Vec<Ipv4Addr> { s.hooked.iter().map(|h| h.0).collect() };
         let fixed = spec.interface == m.spec.interface
             && spec.unicast_peers == m.spec.unicast_peers
+            && spec.peers == m.spec.peers
             && interfaces.iter().copied().eq(m.interfaces.iter().skip(1))
             && services(&spec) == services(&m.spec)
             && hooked(&spec) == hooked(&m.spec);
@@ -500,6 +598,7 @@ impl Driver {
         m.spec.config = config;
         m.spec.notify = spec.notify;
         m.spec.garp_count = spec.garp_count;
+        m.spec.garp_lower_prio_repeat = spec.garp_lower_prio_repeat;
         m.spec.track_interfaces = spec.track_interfaces;
         for (old, new) in m.spec.track_services.iter_mut().zip(spec.track_services) {
             old.weight = new.weight;
@@ -512,9 +611,61 @@ impl Driver {
         tracing::info!(instance = %name, "reconfigured live");
     }
 
+    /// Lets the notify runs of the final transitions (INIT) finish, for a bounded time.
+    async fn finish_notifies(&mut self, events: &mut mpsc::Receiver<Event>) {
+        let deadline = tokio::time::Instant::now() + STOP_NOTIFY_GRACE;
+        while self.members.iter().any(|m| m.notify.running) {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(ev @ Event::NotifyDone { .. })) => self.handle_event(ev),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
+    /// Runs the notify program for a transition now, or queues it behind the running one
+    /// (replacing, and counting as skipped, any transition already queued).
+    fn notify(&mut self, i: usize, state: State, priority: u8) {
+        let Some(m) = self.members.get_mut(i) else {
+            return;
+        };
+        let Some(program) = m.spec.notify.clone() else {
+            return;
+        };
+        if m.notify.running {
+            if m.notify.pending.replace((state, priority)).is_some() {
+                m.notify.counters.skipped += 1;
+            }
+            return;
+        }
+        m.notify.running = true;
+        m.notify.counters.runs += 1;
+        let name = m.spec.config.name.clone();
+        let timeout = m.spec.notify_timeout;
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let outcome = run_notify(&program, &name, state, priority, timeout).await;
+            let _ = tx.send(Event::NotifyDone { member: i, outcome }).await;
+        });
+    }
+
     fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Packet(i, bytes) => self.handle_packet(i, &bytes),
+            Event::NotifyDone { member, outcome } => {
+                let Some(m) = self.members.get_mut(member) else {
+                    return;
+                };
+                m.notify.running = false;
+                match outcome {
+                    NotifyOutcome::Ok => {}
+                    NotifyOutcome::Failed => m.notify.counters.failed += 1,
+                    NotifyOutcome::TimedOut => m.notify.counters.timeouts += 1,
+                }
+                if let Some((state, priority)) = m.notify.pending.take() {
+                    self.notify(member, state, priority);
+                }
+            }
             Event::Service { member, index, up } => {
                 let m = &mut self.members[member];
                 if m.tracker.set(index, up) {
@@ -538,7 +689,12 @@ impl Driver {
                 return;
             }
         };
-        if !m.spec.unicast_peers.is_empty() && !m.spec.unicast_peers.contains(&env.src) {
+        let allowed = if m.spec.unicast_peers.is_empty() {
+            &m.spec.peers
+        } else {
+            &m.spec.unicast_peers
+        };
+        if !allowed.is_empty() && !allowed.contains(&env.src) {
             m.unknown_peer += 1;
             tracing::debug!(instance = %m.spec.config.name, src = %env.src, "advert from an unknown peer dropped");
             return;
@@ -611,9 +767,7 @@ impl Driver {
                     }
                     m.transitions
                         .push_back((wall_ms(), t.from, t.to, t.reason.to_string()));
-                    if let Some(program) = &m.spec.notify {
-                        run_notify(program, &name, t.to, prio);
-                    }
+                    self.notify(i, t.to, prio);
                 }
                 Action::AddAddresses | Action::RemoveAddresses => {
                     let add = matches!(action, Action::AddAddresses);
@@ -650,10 +804,17 @@ impl Driver {
                         }
                     }
                 }
-                Action::GratuitousArp => {
+                Action::GratuitousArp | Action::ReassertArp => {
+                    let repeat = if matches!(action, Action::ReassertArp) {
+                        m.spec.garp_lower_prio_repeat
+                    } else {
+                        m.spec.garp_count
+                    };
+                    // Bounded: repeat <= MAX_GARP_REPEAT per VIP, <= 255 VIPs per advert.
+                    let repeat = repeat.min(MAX_GARP_REPEAT);
                     for vip in &m.spec.config.addresses {
                         let frame = gratuitous_arp(m.link.mac, vip.address);
-                        for _ in 0..m.spec.garp_count {
+                        for _ in 0..repeat {
                             if let Err(e) = m.arp.send(&frame) {
                                 m.io_errors += 1;
                                 tracing::debug!(instance = %name, error = %e, "gratuitous ARP failed");
@@ -693,6 +854,7 @@ impl Driver {
                     malformed,
                     unknown_peer: m.unknown_peer,
                     io_errors: m.io_errors,
+                    notify: m.notify.counters,
                     transitions: m.transitions.iter().cloned().collect(),
                     tracked: m
                         .tracker
@@ -709,17 +871,116 @@ impl Driver {
     }
 }
 
-fn run_notify(program: &std::path::Path, name: &str, state: State, priority: u8) {
+/// Runs one notify program to its end or its timeout (then kills its process group).
+async fn run_notify(
+    program: &std::path::Path,
+    name: &str,
+    state: State,
+    priority: u8,
+    timeout: Duration,
+) -> NotifyOutcome {
+    let prio = priority.to_string();
     let child = tokio::process::Command::new(program)
-        .args(["INSTANCE", name, state.as_str(), &priority.to_string()])
+        .args(["INSTANCE", name, state.as_str(), &prio])
+        .env_clear()
+        .env("PATH", NOTIFY_PATH)
+        .env("VIPGATE_INSTANCE", name)
+        .env("VIPGATE_STATE", state.as_str())
+        .env("VIPGATE_PRIORITY", &prio)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        // Its own process group, so a timeout kills what it started too.
+        .process_group(0)
+        .kill_on_drop(true)
         .spawn();
-    match child {
-        Ok(mut c) => {
-            tokio::spawn(async move {
-                let _ = c.wait().await;
-            });
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(program = %program.display(), error = %e, "notify failed to start");
+            return NotifyOutcome::Failed;
         }
-        Err(e) => tracing::warn!(program = %program.display(), error = %e, "notify failed"),
+    };
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => NotifyOutcome::Ok,
+        Ok(Ok(status)) => {
+            tracing::warn!(program = %program.display(), %status, "notify exited unsuccessfully");
+            NotifyOutcome::Failed
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(program = %program.display(), error = %e, "notify wait failed");
+            NotifyOutcome::Failed
+        }
+        Err(_) => {
+            tracing::warn!(program = %program.display(), ?timeout, "notify timed out; killed");
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+            NotifyOutcome::TimedOut
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn script(name: &str, body: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vrrp-notify-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("notify.sh");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    #[tokio::test]
+    async fn notify_runs_with_a_minimal_environment_and_is_killed_after_its_timeout() {
+        let out = std::env::temp_dir().join(format!("vrrp-notify-{}-env.out", std::process::id()));
+        let prog = script(
+            "env",
+            &format!("env > {}; echo \"$@\" >> {}", out.display(), out.display()),
+        );
+        let outcome = run_notify(&prog, "vip", State::Master, 150, Duration::from_secs(10)).await;
+        assert_eq!(outcome, NotifyOutcome::Ok);
+        let text = std::fs::read_to_string(&out).expect("notify output");
+        let mut vars: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_" && *k != "OLDPWD")
+            .collect();
+        vars.sort_unstable();
+        assert_eq!(
+            vars,
+            [
+                "PATH",
+                "VIPGATE_INSTANCE",
+                "VIPGATE_PRIORITY",
+                "VIPGATE_STATE"
+            ],
+            "{text}"
+        );
+        assert!(text.contains(&format!("PATH={NOTIFY_PATH}\n")), "{text}");
+        assert!(text.ends_with("INSTANCE vip MASTER 150\n"), "{text}");
+
+        let slow = script("slow", "sleep 30");
+        let started = tokio::time::Instant::now();
+        let outcome =
+            run_notify(&slow, "vip", State::Backup, 100, Duration::from_millis(200)).await;
+        assert_eq!(outcome, NotifyOutcome::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let missing = run_notify(
+            std::path::Path::new("/nonexistent/notify"),
+            "vip",
+            State::Fault,
+            1,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(missing, NotifyOutcome::Failed);
     }
 }

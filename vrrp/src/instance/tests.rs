@@ -129,7 +129,7 @@ fn master_yields_to_higher_priority_and_to_equal_priority_with_higher_address() 
     assert_eq!(i.state(), State::Master);
     // Like keepalived, the master re-asserts itself against a lower-priority master.
     let acts = drain(&mut i);
-    assert!(acts.contains(&Action::GratuitousArp), "{acts:?}");
+    assert!(acts.contains(&Action::ReassertArp), "{acts:?}");
     assert!(matches!(&acts[acts.len() - 2], Action::SendAdvert(r) if r.priority == 100));
     i.handle_advert(now, &advert(B, 100, 100)).unwrap();
     assert_eq!(i.state(), State::Backup);
@@ -137,6 +137,125 @@ fn master_yields_to_higher_priority_and_to_equal_priority_with_higher_address() 
         drain(&mut i)[1],
         Action::RemoveAddresses,
         "addresses withdrawn on leaving master"
+    );
+}
+
+fn master_at(now: Instant, c: InstanceConfig) -> VrrpInstance {
+    let mut i = VrrpInstance::new(c);
+    i.startup(now);
+    i.handle_timeout(now + i.master_down_interval());
+    assert_eq!(i.state(), State::Master);
+    drain(&mut i);
+    i
+}
+
+#[test]
+fn reassertion_against_lower_priority_is_rate_limited() {
+    let now = t0();
+    let mut i = master_at(now, config(A, 150, 1000));
+    let start = now + Duration::from_secs(4);
+    // A flood: 1,000 lower-priority adverts over 2.5 s from many sources.
+    let mut sent = Vec::new();
+    for k in 0..1000u32 {
+        let at = start + Duration::from_micros(u64::from(k) * 2500);
+        let src = Ipv4Addr::from(0x0a00_0000 + k);
+        assert_eq!(
+            i.handle_advert(at, &advert(src, 100, 100)),
+            Err(DropReason::LowerPriority)
+        );
+        for a in drain(&mut i) {
+            match a {
+                Action::SendAdvert(_) | Action::ReassertArp => sent.push((at, a)),
+                Action::GratuitousArp => panic!("a full burst on a lower-priority advert"),
+                _ => {}
+            }
+        }
+    }
+    // At start, +1 s, +2 s: three adverts and three re-assertion bursts, nothing else.
+    let bursts: Vec<Instant> = sent
+        .iter()
+        .filter(|(_, a)| *a == Action::ReassertArp)
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(bursts.len(), 3, "{sent:?}");
+    assert_eq!(sent.len(), 6, "{sent:?}");
+    assert!(
+        bursts
+            .windows(2)
+            .all(|w| w[1] - w[0] >= Duration::from_secs(1))
+    );
+    assert_eq!(i.counters().reassert_tx, 3);
+    assert_eq!(i.counters().reassert_suppressed, 997);
+    assert_eq!(i.counters().lower_priority, 1000);
+    assert_eq!(i.state(), State::Master);
+}
+
+#[test]
+fn foreign_priority_zero_to_a_master_is_rate_limited_too() {
+    let now = t0();
+    let mut i = master_at(now, config(A, 150, 1000));
+    let at = now + Duration::from_secs(4);
+    for _ in 0..100 {
+        i.handle_advert(at, &advert(B, 0, 100)).unwrap();
+    }
+    let adverts = drain(&mut i)
+        .into_iter()
+        .filter(|a| matches!(a, Action::SendAdvert(_)))
+        .count();
+    assert_eq!(adverts, 1);
+    assert_eq!(i.counters().reassert_suppressed, 99);
+}
+
+#[test]
+fn priority_zero_only_from_the_followed_master() {
+    let now = t0();
+    let mut i = VrrpInstance::new(config(A, 100, 1000));
+    i.startup(now);
+    // No master known yet: priority 0 from anyone is ignored.
+    assert_eq!(
+        i.handle_advert(now, &advert(B, 0, 100)),
+        Err(DropReason::PriorityZeroNotMaster)
+    );
+    i.handle_advert(now, &advert(B, 200, 100)).unwrap();
+    let down = i.poll_timeout();
+    let spoofer = Ipv4Addr::new(198, 51, 100, 66);
+    assert_eq!(
+        i.handle_advert(now, &advert(spoofer, 0, 100)),
+        Err(DropReason::PriorityZeroNotMaster)
+    );
+    assert_eq!(i.poll_timeout(), down, "the master-down timer is untouched");
+    assert_eq!(i.counters().priority_zero_not_master, 2);
+    assert_eq!(i.master(), Some((B, 200)));
+    // The real master resigns: skew time only.
+    i.handle_advert(now, &advert(B, 0, 100)).unwrap();
+    assert_eq!(i.poll_timeout(), Some(now + i.skew_time()));
+}
+
+#[test]
+fn learnt_interval_is_capped() {
+    let now = t0();
+    let mut i = VrrpInstance::new(config(A, 100, 1000));
+    i.startup(now);
+    // 40.95 s spoofed: learnt as 3 s (three times our own 1 s).
+    i.handle_advert(now, &advert(B, 200, 4095)).unwrap();
+    assert_eq!(i.master_advert_interval(), Duration::from_secs(3));
+    assert_eq!(i.counters().interval_capped, 1);
+    // Within the ceiling: learnt as RFC 5798 has it.
+    i.handle_advert(now, &advert(B, 200, 200)).unwrap();
+    assert_eq!(i.master_advert_interval(), Duration::from_secs(2));
+    // Configured for plain RFC behaviour.
+    let mut c = config(A, 100, 1000);
+    c.max_learnt_advert_interval = Some(Duration::from_millis(40_950));
+    let mut i = VrrpInstance::new(c);
+    i.startup(now);
+    i.handle_advert(now, &advert(B, 200, 4095)).unwrap();
+    assert_eq!(i.master_advert_interval(), Duration::from_millis(40_950));
+    // A ceiling below our own interval is raised to it.
+    let mut c = config(A, 100, 1000);
+    c.max_learnt_advert_interval = Some(Duration::from_millis(10));
+    assert_eq!(
+        VrrpInstance::new(c).config().learnt_interval_ceiling(),
+        Duration::from_secs(1)
     );
 }
 
@@ -282,7 +401,7 @@ impl Sim {
                 Action::Transition(t) => self.log.push((self.now, n, m, t)),
                 Action::AddAddresses => self.nodes[n].holds[m] = true,
                 Action::RemoveAddresses => self.nodes[n].holds[m] = false,
-                Action::GratuitousArp | Action::WithdrawAddresses(_) => {}
+                Action::GratuitousArp | Action::ReassertArp | Action::WithdrawAddresses(_) => {}
             }
         }
     }
@@ -813,4 +932,13 @@ fn pair_reload_below_a_peer_without_preempt_keeps_the_master() {
     sim.reconfigure(1, 0, b);
     sim.run_for(Duration::from_secs(2));
     assert_eq!((sim.state(0), sim.state(1)), (State::Backup, State::Master));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    /// The `vrrp_instance` fuzz harness on random inputs: its invariants hold.
+    #[test]
+    fn instance_fuzz_invariants_hold(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+        crate::fuzzing::check_instance(&data);
+    }
 }
