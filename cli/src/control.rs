@@ -305,13 +305,9 @@ fn answer(req: Request, running: &Running) -> Response {
     let result = match req {
         Request::Status => Ok(serde_json::to_value(
             running
-                .parts
-                .iter()
-                .map(|p| PartStatus {
-                    kind: p.kind(),
-                    name: p.name(),
-                    status: p.summary(),
-                })
+                .summaries()
+                .into_iter()
+                .map(|(kind, name, status)| PartStatus { kind, name, status })
                 .collect::<Vec<_>>(),
         )
         .unwrap_or_default()),
@@ -419,6 +415,7 @@ mod tests {
         let path = dir.join("ctl.sock");
         let running = Arc::new(RwLock::new(Running {
             parts: vec![Box::new(FakeTunnel)],
+            ..Running::default()
         }));
         let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(1);
         tokio::spawn(async move {

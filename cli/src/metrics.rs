@@ -56,16 +56,9 @@ struct Family {
 /// Renders every part's summary status as Prometheus text exposition format 0.0.4.
 pub(crate) fn render(running: &Running) -> String {
     let mut families: BTreeMap<String, Family> = BTreeMap::new();
-    for part in &running.parts {
-        let labels = vec![("name".to_string(), part.name())];
-        walk(
-            &mut families,
-            part.kind(),
-            &[],
-            &labels,
-            &part.summary(),
-            false,
-        );
+    for (kind, name, summary) in running.summaries() {
+        let labels = vec![("name".to_string(), name)];
+        walk(&mut families, kind, &[], &labels, &summary, false);
     }
     let mut out = String::new();
     for (name, fam) in families {
@@ -330,6 +323,7 @@ mod tests {
         });
         let running = Running {
             parts: vec![Box::new(Fake(status))],
+            ..Running::default()
         };
         let text = render(&running);
         assert!(
@@ -376,6 +370,7 @@ mod tests {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let running = RwLock::new(Running {
             parts: vec![Box::new(Counting(calls.clone()))],
+            ..Running::default()
         });
         let cache = RenderCache::default();
         let first = cache.get(&running).await;

@@ -75,8 +75,20 @@ pub(crate) async fn run(
     tracing::info!(config = %path.display(), parts = count, control = %site.daemon.control.get_ref().display(), "vipgate running");
 
     let mut site = site;
+    let mut supervise = tokio::time::interval(std::time::Duration::from_secs(1));
+    supervise.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            at = supervise.tick() => {
+                // The write lock only when a part has something for the supervisor.
+                let busy = {
+                    let r = running.read().await;
+                    r.parts.iter().any(|p| p.dead_task().is_some()) || r.has_pending_restarts()
+                };
+                if busy {
+                    running.write().await.supervise(&site, &ctx, at.into_std()).await;
+                }
+            }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
@@ -122,6 +134,7 @@ async fn reload(
     match outcome {
         Ok(report) => {
             tracing::info!(changes = ?report, "reloaded {}", path.display());
+            running.write().await.forget_deaths_outside(&new);
             *site = new;
             Ok(report)
         }

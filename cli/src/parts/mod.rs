@@ -302,7 +302,23 @@ pub(crate) struct StartCtx {
 #[derive(Default)]
 pub(crate) struct Running {
     pub(crate) parts: Vec<Box<dyn Part>>,
+    /// Units whose task died, by `(kind, unit key)`: what the supervisor knows of each.
+    pub(crate) deaths: std::collections::BTreeMap<(Kind, String), Death>,
 }
+
+/// A unit the supervisor found dead: why, how often it was restarted, when to try again.
+pub(crate) struct Death {
+    cause: String,
+    restarts: u64,
+    /// Whether the unit's parts are running again (the last restart succeeded).
+    running: bool,
+    retry_at: std::time::Instant,
+    backoff: std::time::Duration,
+}
+
+/// The first retry after a death; doubled after each failed restart, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Running {
     /// Starts every configured kind in dependency order; on failure stops what was started.
@@ -463,13 +479,164 @@ impl Running {
         }
     }
 
-    /// `status()` of every part of one kind.
+    /// `status()` of every part of one kind, with what the supervisor knows (see
+    /// [`Running::summaries`]).
     pub(crate) fn statuses(&self, kind: Kind) -> Vec<serde_json::Value> {
-        self.parts
-            .iter()
-            .filter(|p| p.kind() == kind)
-            .map(|p| p.status())
+        self.with_deaths(Some(kind), |p| p.status())
+            .into_iter()
+            .map(|(_, _, v)| v)
             .collect()
+    }
+
+    /// `(kind, name, summary())` of every part, then one entry per unit that is dead and not
+    /// running (state `dead`). A part of a unit that died before carries `restarts` and
+    /// `last_death`; what `vipgate status` and the metrics read.
+    pub(crate) fn summaries(&self) -> Vec<(Kind, String, serde_json::Value)> {
+        self.with_deaths(None, |p| p.summary())
+    }
+
+    fn with_deaths(
+        &self,
+        only: Option<Kind>,
+        status: impl Fn(&dyn Part) -> serde_json::Value,
+    ) -> Vec<(Kind, String, serde_json::Value)> {
+        let mut out = Vec::new();
+        for p in self
+            .parts
+            .iter()
+            .filter(|p| only.is_none_or(|k| p.kind() == k))
+        {
+            let mut v = status(&**p);
+            if let Some(d) = self.death_of(&**p)
+                && let serde_json::Value::Object(m) = &mut v
+            {
+                m.insert("restarts".into(), d.restarts.into());
+                m.insert("last_death".into(), d.cause.clone().into());
+            }
+            out.push((p.kind(), p.name(), v));
+        }
+        for ((kind, key), d) in &self.deaths {
+            if d.running || only.is_some_and(|k| k != *kind) {
+                continue;
+            }
+            let v = serde_json::json!({
+                "name": key,
+                "state": "dead",
+                "last_death": d.cause,
+                "restarts": d.restarts,
+            });
+            out.push((*kind, key.clone(), v));
+        }
+        out
+    }
+
+    /// Whether a dead unit waits for its next restart attempt.
+    pub(crate) fn has_pending_restarts(&self) -> bool {
+        self.deaths.values().any(|d| !d.running)
+    }
+
+    /// Forgets deaths of units `site` no longer configures (after a reload).
+    pub(crate) fn forget_deaths_outside(&mut self, site: &SiteConfig) {
+        self.deaths
+            .retain(|(kind, key), _| kind.units(site).iter().any(|u| u.key == *key));
+    }
+
+    fn death_of(&self, part: &dyn Part) -> Option<&Death> {
+        self.deaths
+            .iter()
+            .find(|((kind, key), _)| {
+                *kind == part.kind() && (key == kind.as_str() || *key == part.name())
+            })
+            .map(|(_, d)| d)
+    }
+
+    /// The supervisor's step (the run loop calls it about once a second): a part whose task
+    /// died is logged, its unit (with the kinds built on it) is stopped and started again
+    /// from `site`; each further death or failed start of the same unit waits twice as long
+    /// (1 s doubling to 60 s), the unit shown `dead` meanwhile.
+    pub(crate) async fn supervise(
+        &mut self,
+        site: &SiteConfig,
+        ctx: &StartCtx,
+        now: std::time::Instant,
+    ) {
+        let mut due: Vec<(Kind, Unit)> = Vec::new();
+        for p in &self.parts {
+            let Some(cause) = p.dead_task() else { continue };
+            let kind = p.kind();
+            let Some(unit) = kind.units(site).into_iter().find(|u| u.owns(&**p)) else {
+                continue;
+            };
+            tracing::error!(%kind, name = %p.name(), %cause, "a task died; restarting {}", unit.label(kind));
+            let d = self
+                .deaths
+                .entry((kind, unit.key.clone()))
+                .or_insert_with(|| Death {
+                    cause: cause.clone(),
+                    restarts: 0,
+                    running: false,
+                    retry_at: now,
+                    backoff: FIRST_BACKOFF,
+                });
+            d.cause = cause;
+            d.running = false;
+            if !due.iter().any(|(k, u)| *k == kind && u.key == unit.key) {
+                due.push((kind, unit));
+            }
+        }
+        for ((kind, key), d) in &self.deaths {
+            if !d.running
+                && d.retry_at <= now
+                && !due.iter().any(|(k, u)| k == kind && u.key == *key)
+                && let Some(unit) = kind.units(site).into_iter().find(|u| u.key == *key)
+            {
+                due.push((*kind, unit));
+            }
+        }
+        for (kind, unit) in due {
+            let id = (kind, unit.key.clone());
+            if self.deaths.get(&id).is_some_and(|d| d.retry_at > now) {
+                self.stop_unit(kind, &unit).await;
+                continue;
+            }
+            self.stop_unit(kind, &unit).await;
+            let started = self
+                .start_at_place(
+                    kind,
+                    &kind.restrict(site, std::slice::from_ref(&unit.key)),
+                    ctx,
+                    &unit.label(kind),
+                )
+                .await;
+            let mut ok = started.is_ok();
+            if let Err(e) = started {
+                tracing::error!(%kind, unit = %unit.key, "restart failed: {e:#}");
+            }
+            for &dep in kind.dependents() {
+                if ok && dep.configured_in(site) {
+                    let every = Unit {
+                        key: dep.as_str().into(),
+                        members: None,
+                        section: serde_json::Value::Null,
+                    };
+                    self.stop_unit(dep, &every).await;
+                    if let Err(e) = self.start_at_place(dep, site, ctx, "").await {
+                        tracing::error!(kind = %dep, "restart after {kind} failed: {e:#}");
+                        ok = false;
+                    }
+                }
+            }
+            if let Some(d) = self.deaths.get_mut(&id) {
+                d.restarts += 1;
+                d.running = ok;
+                // A unit that keeps dying waits longer each time, restarted or not.
+                d.retry_at = now + d.backoff;
+                d.backoff = (d.backoff * 2).min(MAX_BACKOFF);
+                if ok {
+                    tracing::info!(%kind, unit = %unit.key, restarts = d.restarts, "restarted");
+                }
+            }
+        }
     }
 }
 
