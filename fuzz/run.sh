@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Runs every fuzz target (or the ones named) for a while, then minimises its corpus in place.
+#
+#   fuzz/run.sh [-t SECONDS] [-r RUNS] [TARGET...]
+#
+# -t: time per target (default 60 s); -r: stop a target after RUNS executions instead (the
+# README's figures come from `-r 10000000`). Each target starts from fuzz/corpus/TARGET (the
+# committed, minimised corpus) and writes new inputs there; a crash stops that target, is left
+# in fuzz/artifacts/TARGET/ and makes the script exit non-zero at the end. The last line per
+# target (`TARGET: N executions in S s, corpus C files, DATE`) is also appended to
+# fuzz/runs.log, which is what the README's table is made from.
+#
+# Needs the nightly toolchain (libFuzzer's sanitizer flags) and cargo-fuzz; both are installed
+# when missing (cargo install cargo-fuzz).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+seconds=60
+runs=0
+while getopts "t:r:" opt; do
+  case $opt in
+    t) seconds=$OPTARG ;;
+    r) runs=$OPTARG ;;
+    *) echo "usage: fuzz/run.sh [-t SECONDS] [-r RUNS] [TARGET...]" >&2; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+
+if [ $# -gt 0 ]; then
+  targets=("$@")
+else
+  mapfile -t targets < <(cargo +nightly fuzz list)
+fi
+
+limit=(-max_total_time="$seconds")
+[ "$runs" -gt 0 ] && limit=(-runs="$runs")
+
+failed=()
+for t in "${targets[@]}"; do
+  mkdir -p "corpus/$t"
+  log=$(mktemp)
+  echo "== $t (${limit[*]})"
+  start=$(date +%s)
+  if cargo +nightly fuzz run "$t" -- "${limit[@]}" -print_final_stats=1 >"$log" 2>&1; then
+    status=ok
+  else
+    status=CRASH
+    failed+=("$t")
+    tail -40 "$log"
+  fi
+  elapsed=$(( $(date +%s) - start ))
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  rm -f "$log"
+  # Keep only the inputs that add coverage, so the committed corpus stays small.
+  cargo +nightly fuzz cmin "$t" >/dev/null 2>&1 || true
+  files=$(find "corpus/$t" -type f | wc -l)
+  line="$t: ${execs:-?} executions in ${elapsed} s, corpus $files files, $(date -u +%Y-%m-%d) ($status)"
+  echo "$line"
+  echo "$line" >> runs.log
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "crashed: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
+  exit 1
+fi
