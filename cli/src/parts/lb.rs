@@ -45,6 +45,9 @@ struct Shared {
     tasks: Vec<JoinHandle<()>>,
     /// How the health tasks ended (one ending before `stop` is a dead part).
     watch: netutil::task::TaskWatch,
+    /// Held so the VIP mover's channel stays open while the part runs, with or without VRRP
+    /// hooks: the mover ending is then always a death, never "nobody will ask again".
+    _vip_requests: mpsc::UnboundedSender<(Ipv4Addr, bool)>,
 }
 
 /// A task that never fails, in the form [`netutil::task::TaskWatch::spawn`] takes.
@@ -137,6 +140,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         targets: targets_tx,
         tasks: vec![checker, applier, vip_mover],
         watch,
+        _vip_requests: vip_tx,
     });
     Ok(site
         .service
