@@ -38,6 +38,13 @@ fi
 limit=(-max_total_time="$seconds")
 [ "$runs" -gt 0 ] && limit=(-runs="$runs")
 
+# Build every target first: a broken manifest or a compile error is not a crash and must not
+# be recorded as one.
+cargo +nightly fuzz build || {
+  echo "fuzz/run.sh: the fuzz targets do not build" >&2
+  exit 2
+}
+
 failed=()
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
