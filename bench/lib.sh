@@ -256,15 +256,15 @@ http_sessions() {
     awk -F, '$1 == "web" && $2 == "FRONTEND" { print $8 }'
 }
 
-# conn_rate HOST URL: new connections/s over DUR seconds (wrk, Connection: close), 0 if none.
-# Sets CONN_ERRORS to wrk's socket errors.
+# conn_rate HOST URL: new connections/s over DUR seconds from HOST (wrk, Connection: close)
+# into CONN_RATE (0 if none), and wrk's socket errors into CONN_ERRORS.
 conn_rate() {
-  local log=$TMP/wrk.log rps
+  local log=$TMP/wrk.log
   x "$1" wrk -t 2 -c 32 -d "${DUR}s" -H 'Connection: close' "$2" > "$log" 2>&1 || true
-  rps=$(awk '/Requests\/sec/ { print $2 }' "$log")
+  CONN_RATE=$(awk '/Requests\/sec/ { print $2 }' "$log")
+  CONN_RATE=${CONN_RATE:-0}
   CONN_ERRORS=$(awk '/Socket errors/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$log")
   CONN_ERRORS=${CONN_ERRORS:-0}
-  echo "${rps:-0}"
 }
 
 # iperf_gbps HOST IPERF3-CLIENT-ARGS...: Gbit/s received, "failed" when iperf3 fails three

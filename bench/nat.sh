@@ -75,7 +75,10 @@ measure() { # MODE CONNECTION-RATE-URL
         "$(iperf_gbps in -c 198.51.100.200 -t "$DUR" -P "$s" "${rev[@]}")"
     done
   done
-  if want_metric new_conn_per_s; then record new_conn_per_s "$mode" "$(conn_rate out "$url")"; fi
+  if want_metric new_conn_per_s; then
+    conn_rate out "$url"
+    record new_conn_per_s "$mode" "$CONN_RATE"
+  fi
 }
 
 plain_mode() {

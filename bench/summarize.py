@@ -16,8 +16,8 @@ import statistics
 import sys
 
 
-def fmt(v):
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+def fmt(v, whole):
+    return f"{v:.0f}" if whole or abs(v) >= 100 else f"{v:.2f}"
 
 
 def main():
@@ -72,8 +72,9 @@ def main():
             if key not in values:
                 continue
             v = values[key]
-            figures = (f"{fmt(min(v)):>9}  {fmt(statistics.median(v)):>9}  {fmt(max(v)):>9}"
-                       if v else f"{'-':>9}  {'-':>9}  {'-':>9}")
+            whole = all(x.is_integer() for x in v)   # counts stay counts
+            figures = "  ".join(f"{fmt(f(v), whole):>9}" for f in (min, statistics.median, max)
+                                ) if v else f"{'-':>9}  {'-':>9}  {'-':>9}"
             shown = [f"{medians[mode] / medians[den]:.2f}x {den}"
                      for num, den in ratios
                      if num == mode and mode in medians and medians.get(den)]
