@@ -15,6 +15,7 @@ BENCH_NAME=bench/$(basename "$0")
 # shellcheck source-path=SCRIPTDIR source=../netns-scripts/lib.sh
 . "$ROOT/netns-scripts/lib.sh"
 
+PATH=$PATH:/usr/sbin:/sbin   # sshd, haproxy, nft, keepalived live there
 BENCH_HOSTS=()   # registered namespaces, without the "$P-" prefix
 BENCH_PIDS=()    # processes outside any namespace to stop on exit (perf, ...)
 
@@ -52,7 +53,7 @@ bench_package() {
 bench_require() {
   local c missing=() pkgs=()
   for c in "$@"; do
-    command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || {
+    command -v "$c" >/dev/null 2>&1 || {
       missing+=("$c")
       pkgs+=("$(bench_package "$c")")
     }
