@@ -5,75 +5,33 @@
 # namespaces created here. The client sends a UDP probe to the VIP every 10 ms; the gap is
 # the longest silence between two answers. Scenarios: host death (bridge port down + kill -9
 # of the master's daemon) and graceful stop (SIGTERM), at advert intervals 1 s and 100 ms.
+# Each repetition runs both tools, the order reversed every other repetition.
 #
-# Usage: sudo bench/vrrp.sh            (RUNS=5 by default; VIPGATE_BIN to use another binary)
+# Metrics: gap_ms_SCENARIO_INTERVAL (gap_ms_death_1000ms, gap_ms_graceful_100ms, ...).
+#
+# Usage (root): bench/vrrp.sh [RUNS]   (RUNS=5, ONLY, MODES="vipgate keepalived", VIPGATE_BIN:
+# see bench/README.md; DUR is not used)
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 
-RUNS=${RUNS:-5}
-P=${P:-vb$$}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$(mktemp -d /tmp/vipgate-bench-vrrp.XXXX)
+bench_knobs 5 1 "$@"   # DUR is not used: a run lasts as long as its failover needs
+bench_require keepalived python3
+bench_cargo_bin VIPGATE_BIN vipgate vipgate
+bench_init vb sw d1 d2 cl
+WORK=$TMP
 VIP=198.51.100.10
 
-[ "$(id -u)" = 0 ] || { echo "bench/vrrp.sh needs root (network namespaces)" >&2; exit 1; }
-if [ -z "${VIPGATE_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --release -q -p vipgate)
-  VIPGATE_BIN=$ROOT/target/release/vipgate
-fi
-
-cat >"$WORK/echo.py" <<'EOF'
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 7777))
-while True:
-    data, peer = s.recvfrom(2048)
-    s.sendto(sys.argv[1].encode(), peer)
-EOF
-cat >"$WORK/probe.py" <<'EOF'
-import socket, sys, time
-vip, seconds, start_file = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
-start = time.monotonic(); nxt = start; replies = []; seq = 0
-while time.monotonic() - start < seconds:
-    now = time.monotonic()
-    if now >= nxt:
-        try: s.sendto(b"p", (vip, 7777))
-        except OSError: pass
-        nxt += 0.01; seq += 1
-        if seq == 50: open(start_file, "w").close()
-    try:
-        s.recvfrom(64); replies.append(time.monotonic())
-    except BlockingIOError:
-        time.sleep(0.0005)
-gaps = [b - a for a, b in zip(replies, replies[1:])]
-print(round(max(gaps) * 1000) if gaps else -1)
-EOF
-
-lab_down() {
-  for h in d1 d2 cl sw; do
-    for pid in $(ip netns pids "$P-$h" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-    ip netns del "$P-$h" 2>/dev/null || true
-  done
-}
-trap 'lab_down; rm -rf "$WORK"' EXIT
-
+# A fresh lab per run: switch sw, hosts d1 and d2 (directors) and cl (client) on its bridge.
 lab_up() {
-  lab_down
-  ip netns add "$P-sw"
-  ip -n "$P-sw" link add br0 type bridge
-  ip -n "$P-sw" link set br0 up
-  local ip=(d1:11 d2:12 cl:200)
-  for e in "${ip[@]}"; do
-    local h=${e%%:*} a=${e##*:}
-    ip netns add "$P-$h"
-    ip -n "$P-$h" link set lo up
-    ip -n "$P-$h" link add eth0 type veth peer name "p-$h" netns "$P-sw"
-    ip -n "$P-sw" link set "p-$h" master br0 up
-    ip -n "$P-$h" link set eth0 up
-    ip -n "$P-$h" addr add "198.51.100.$a/24" dev eth0
+  bench_teardown
+  local e h
+  for e in d1:11 d2:12 cl:200; do
+    h=${e%%:*}
+    lan_attach sw "$h" eth0 "198.51.100.${e##*:}/24"
   done
   for h in d1 d2; do
-    ip netns exec "$P-$h" python3 "$WORK/echo.py" "$h" >/dev/null 2>&1 &
+    spawn "$h" python3 "$BENCH_DIR/tools/udp_echo.py" "$h" > /dev/null 2>&1
   done
 }
 
@@ -93,7 +51,7 @@ priority = $prio
 advert_interval = "${int}ms"
 addresses = ["$VIP/24"]
 EOF
-    ip netns exec "$P-$h" "$VIPGATE_BIN" run -c "$WORK/$h.toml" >"$WORK/$h.log" 2>&1 &
+    ip netns exec "$P-$h" "$VIPGATE_BIN" run -c "$WORK/$h.toml" > "$WORK/$h.log" 2>&1 &
   else
     local ai
     ai=$(python3 -c "print($int/1000)")
@@ -128,13 +86,14 @@ wait_holds() { # HOST TIMEOUT_S
   done
 }
 
-# one_run TOOL SCENARIO INTERVAL_MS: prints the gap in ms
+# one_run TOOL SCENARIO INTERVAL_MS: one failover on a fresh lab, its gap (ms) in $WORK/gap;
+# fails when the backup did not take over as it should
 one_run() {
   local tool=$1 scen=$2 int=$3
   lab_up
   local p1 p2
   p1=$(start "$tool" d1 150 "$int")
-  wait_holds d1 $((int * 5 / 1000 + 5))
+  wait_holds d1 $((int * 5 / 1000 + 5)) || return 1
   p2=$(start "$tool" d2 100 "$int")
   # Let d2 settle as backup: it has heard several adverts after this.
   sleep "$(python3 -c "print($int * 5 / 1000)")"
@@ -142,7 +101,7 @@ one_run() {
   local secs
   secs=$(python3 -c "print(1.5 + 4.5 * $int / 1000)")
   rm -f "$WORK/started"
-  ip netns exec "$P-cl" python3 "$WORK/probe.py" "$VIP" "$secs" "$WORK/started" >"$WORK/gap" &
+  ip netns exec "$P-cl" python3 "$BENCH_DIR/tools/gap_probe.py" "$VIP" "$secs" "$WORK/started" >"$WORK/gap" &
   local probe=$!
   until [ -e "$WORK/started" ]; do sleep 0.01; done
   # Fail at a random point of the advert interval: the gap depends on how long ago the last
@@ -160,28 +119,27 @@ one_run() {
   wait "$probe"
   holds d2 || { echo "d2 did not take over ($tool $scen $int)" >&2; return 1; }
   kill -TERM "$p2" 2>/dev/null || true
-  cat "$WORK/gap"
 }
 
-stats() { # values... -> "min/median/max"
-  printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%d/%d/%d", a[1], m, a[NR]}'
-}
-
-echo "VRRP failover gap (client-visible, ms, min/median/max over $RUNS runs)"
-echo "vipgate: $("$VIPGATE_BIN" --version 2>/dev/null || echo "$VIPGATE_BIN")"
-echo "keepalived: $(keepalived --version 2>&1 | head -1)"
-printf '%-10s %-9s %-18s %-18s %s\n' scenario interval vipgate keepalived "median ratio vipgate/keepalived"
+echo "vipgate: $("$VIPGATE_BIN" --version 2>/dev/null || echo "$VIPGATE_BIN")" >&2
+echo "keepalived: $(keepalived --version 2>&1 | head -1)" >&2
 for int in 1000 100; do
   for scen in death graceful; do
-    declare -a vg=() ka=()
-    for ((i = 0; i < RUNS; i++)); do
-      # Interleave the tools so machine load hits both alike.
-      vg+=("$(one_run vipgate "$scen" "$int")")
-      ka+=("$(one_run keepalived "$scen" "$int")")
+    metric=gap_ms_${scen}_${int}ms
+    want_metric "$metric" || continue
+    for rep in $(seq "$RUNS"); do
+      for tool in $(bench_order "$rep" vipgate keepalived); do
+        echo "repetition $rep/$RUNS: $metric $tool" >&2
+        if one_run "$tool" "$scen" "$int"; then
+          record "$metric" "$tool" "$(cat "$WORK/gap")"
+        else
+          record "$metric" "$tool" failed
+        fi
+      done
     done
-    sv=$(stats "${vg[@]}"); sk=$(stats "${ka[@]}")
-    mv=$(echo "$sv" | cut -d/ -f2); mk=$(echo "$sk" | cut -d/ -f2)
-    printf '%-10s %-9s %-18s %-18s %s\n' "$scen" "${int}ms" "$sv" "$sk" \
-      "$(python3 -c "print(f'{$mv / max($mk, 1):.2f}')")"
   done
 done
+bench_teardown
+
+bench_summarize --ratio vipgate/keepalived \
+  --title "VRRP failover gap seen by a client (ms; death = link down + kill -9 of the master, graceful = SIGTERM), $RUNS runs"
