@@ -346,11 +346,11 @@ mod tests {
         vrid.vrid = 52;
         let mut primary = config.clone();
         primary.primary_address = Ipv4Addr::new(198, 51, 100, 99);
-        let restart = |c: &InstanceConfig, t: &[(String, u8)], b: &Binding| {
-            match g.check_reconfigure(m, c, t, b) {
-                Reconfigured::NeedsRestart(why) => why.into_owned(),
-                Reconfigured::Live => panic!("{c:?} {t:?} {b:?} applied live"),
-            }
+        let restart = |c: &InstanceConfig, t: &[(String, u8)], b: &Binding| match g
+            .check_reconfigure(m, c, t, b)
+        {
+            Reconfigured::NeedsRestart(why) => why.into_owned(),
+            Reconfigured::Live => panic!("{c:?} {t:?} {b:?} applied live"),
         };
         assert_eq!(
             restart(&vrid, &tracked(20), &binding()),
@@ -398,7 +398,10 @@ mod tests {
         // A refused reconfigure changes nothing.
         let mut vrid = config.clone();
         vrid.vrid = 52;
-        assert!(!g.reconfigure(now, m, vrid, &tracked(20), &binding()).is_live());
+        assert!(
+            !g.reconfigure(now, m, vrid, &tracked(20), &binding())
+                .is_live()
+        );
         assert_eq!(g.trackers()[0].objects()[1].weight, 0);
         assert!(g.handle_tracked(now, m, ObjectId(1), true));
         assert_ne!(g.members()[0].state(), State::Fault);

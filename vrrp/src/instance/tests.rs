@@ -663,7 +663,11 @@ fn pair_of_sync_groups_moves_together_on_fault() {
     // Node 0's public link fails: its tracked interface puts the whole group in Fault.
     sim.nodes[0].link[0] = false;
     let now = sim.now;
-    assert!(sim.nodes[0].group.handle_tracked(now, MemberId(0), ObjectId(0), false));
+    assert!(
+        sim.nodes[0]
+            .group
+            .handle_tracked(now, MemberId(0), ObjectId(0), false)
+    );
     sim.flush(0);
     sim.run_for(Duration::from_secs(1));
     assert_eq!(states(&sim, 0), vec![State::Fault, State::Fault]);
@@ -671,7 +675,11 @@ fn pair_of_sync_groups_moves_together_on_fault() {
     // Recovery: node 0 preempts on both links again.
     sim.nodes[0].link[0] = true;
     let now = sim.now;
-    assert!(sim.nodes[0].group.handle_tracked(now, MemberId(0), ObjectId(0), true));
+    assert!(
+        sim.nodes[0]
+            .group
+            .handle_tracked(now, MemberId(0), ObjectId(0), true)
+    );
     sim.flush(0);
     sim.run_for(Duration::from_secs(2));
     assert_eq!(states(&sim, 0), vec![State::Master, State::Master]);
@@ -690,7 +698,8 @@ fn sync_group_holds_a_member_whose_sibling_hears_a_master() {
     let mut t = now;
     for _ in 0..20 {
         t += Duration::from_millis(100);
-        g.handle_advert(t, MemberId(0), &advert(B, 200, 10)).unwrap();
+        g.handle_advert(t, MemberId(0), &advert(B, 200, 10))
+            .unwrap();
         g.handle_timeout(t);
     }
     assert_eq!(g.members()[1].state(), State::Backup);
