@@ -941,6 +941,258 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
 
+    /// What the driver did to the (in-memory) system.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        Advert { dst: Ipv4Addr, priority: u8 },
+        Add(Ipv4Addr),
+        Remove(Ipv4Addr),
+        Garp(Ipv4Addr),
+        Activate(Ipv4Addr),
+        Deactivate(Ipv4Addr),
+    }
+
+    /// An in-memory [`VrrpIo`] (and [`AddressHook`]) that records every call; the links
+    /// named in `down` have no carrier.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<Call>>,
+        down: Mutex<Vec<String>>,
+    }
+
+    impl Recorder {
+        fn push(&self, c: Call) {
+            self.calls.lock().expect("calls").push(c);
+        }
+        fn take(&self) -> Vec<Call> {
+            std::mem::take(&mut *self.calls.lock().expect("calls"))
+        }
+    }
+
+    impl VrrpIo for Arc<Recorder> {
+        fn send_advert(
+            &self,
+            _: MemberId,
+            repr: &wire::VrrpRepr,
+            _: Ipv4Addr,
+            dst: Ipv4Addr,
+        ) -> std::io::Result<()> {
+            self.push(Call::Advert {
+                dst,
+                priority: repr.priority,
+            });
+            Ok(())
+        }
+        async fn add_address(&self, _: MemberId, vip: VirtualAddress) -> Result<(), DriverError> {
+            self.push(Call::Add(vip.address));
+            Ok(())
+        }
+        async fn remove_address(
+            &self,
+            _: MemberId,
+            vip: VirtualAddress,
+        ) -> Result<(), DriverError> {
+            self.push(Call::Remove(vip.address));
+            Ok(())
+        }
+        fn send_garp(&self, _: MemberId, address: Ipv4Addr) -> std::io::Result<()> {
+            self.push(Call::Garp(address));
+            Ok(())
+        }
+        async fn link_up(&self, interface: &str) -> bool {
+            !self
+                .down
+                .lock()
+                .expect("down")
+                .iter()
+                .any(|d| d == interface)
+        }
+    }
+
+    impl AddressHook for Recorder {
+        fn activate(&self, vip: VirtualAddress) {
+            self.push(Call::Activate(vip.address));
+        }
+        fn deactivate(&self, vip: VirtualAddress) {
+            self.push(Call::Deactivate(vip.address));
+        }
+    }
+
+    const OWN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
+    const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+    const HOOKED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+    const EXTRA: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
+
+    fn vip(address: Ipv4Addr) -> VirtualAddress {
+        VirtualAddress {
+            address,
+            prefix_len: 24,
+        }
+    }
+
+    /// A priority-255 spec (master at startup) on eth0 holding `addresses`.
+    fn owner_spec(addresses: &[Ipv4Addr]) -> MemberSpec {
+        let mut config = InstanceConfig::new("v", 51, OWN);
+        config.priority = 255;
+        config.addresses = addresses.iter().copied().map(vip).collect();
+        MemberSpec::new(config, "eth0")
+    }
+
+    /// A driver over `spec` whose I/O and hooks are `rec`.
+    fn driver(spec: MemberSpec, rec: &Arc<Recorder>) -> Driver<Arc<Recorder>> {
+        let (events_tx, _) = mpsc::channel(4);
+        let core = (
+            VrrpInstance::new(spec.config.clone()),
+            Tracker::new(tracked_objects(&spec)),
+            binding(&spec),
+        );
+        let member = Member {
+            interfaces: tracked_interfaces(&spec),
+            primary: spec.config.primary_address,
+            primary_from_interface: false,
+            spec,
+            malformed: HashMap::new(),
+            unknown_peer: 0,
+            io_errors: 0,
+            transitions: VecDeque::new(),
+            notify: NotifyQueue::default(),
+        };
+        Driver {
+            group_name: None,
+            group: SyncGroup::new(vec![core]),
+            members: vec![member],
+            io: rec.clone(),
+            status: Arc::new(Mutex::new(Vec::new())),
+            events_tx,
+        }
+    }
+
+    fn count(calls: &[Call], c: &Call) -> usize {
+        calls.iter().filter(|x| *x == c).count()
+    }
+
+    #[tokio::test]
+    async fn master_sends_to_unicast_peers_adds_interface_vips_and_activates_hooked_ones() {
+        let rec = Arc::new(Recorder::default());
+        let peers = [
+            Ipv4Addr::new(198, 51, 100, 12),
+            Ipv4Addr::new(198, 51, 100, 13),
+        ];
+        let mut spec = owner_spec(&[VIP, HOOKED]);
+        spec.unicast_peers = peers.to_vec();
+        spec.garp_count = 3;
+        spec.hooked = vec![(HOOKED, rec.clone() as Arc<dyn AddressHook>)];
+        let mut d = driver(spec, &rec);
+        d.poll_links().await;
+        d.group.startup(now());
+        d.perform().await;
+        let calls = rec.take();
+        for dst in peers {
+            assert_eq!(
+                count(&calls, &Call::Advert { dst, priority: 255 }),
+                1,
+                "{calls:?}"
+            );
+        }
+        assert!(
+            !calls
+                .iter()
+                .any(|c| matches!(c, Call::Advert { dst, .. } if *dst == wire::MULTICAST_GROUP))
+        );
+        assert_eq!(count(&calls, &Call::Add(VIP)), 1, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Activate(HOOKED)), 1, "{calls:?}");
+        assert_eq!(
+            count(&calls, &Call::Add(HOOKED)),
+            0,
+            "a hooked VIP is not an interface address"
+        );
+        assert_eq!(count(&calls, &Call::Garp(VIP)), 3, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Garp(HOOKED)), 3, "{calls:?}");
+        let add = calls.iter().position(|c| *c == Call::Add(VIP));
+        let garp = calls.iter().position(|c| *c == Call::Garp(VIP));
+        assert!(add < garp, "addresses before the announcement: {calls:?}");
+        assert_eq!(d.status.lock().expect("status")[0].state, State::Master);
+
+        // Shutdown: priority 0 to each peer, the interface VIP removed, the hooked one
+        // deactivated.
+        d.group.shutdown(now());
+        d.perform().await;
+        let calls = rec.take();
+        for dst in peers {
+            assert_eq!(
+                count(&calls, &Call::Advert { dst, priority: 0 }),
+                1,
+                "{calls:?}"
+            );
+        }
+        assert_eq!(count(&calls, &Call::Remove(VIP)), 1, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Deactivate(HOOKED)), 1, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Remove(HOOKED)), 0, "{calls:?}");
+    }
+
+    #[tokio::test]
+    async fn live_reload_withdraws_just_the_dropped_vip_and_refuses_fixed_changes() {
+        let rec = Arc::new(Recorder::default());
+        let mut spec = owner_spec(&[VIP, EXTRA]);
+        spec.garp_count = 1;
+        let mut d = driver(spec.clone(), &rec);
+        d.group.startup(now());
+        d.perform().await;
+        let calls = rec.take();
+        assert!(calls.contains(&Call::Advert {
+            dst: wire::MULTICAST_GROUP,
+            priority: 255
+        }));
+        assert_eq!(count(&calls, &Call::Garp(EXTRA)), 1, "{calls:?}");
+
+        let mut smaller = spec.clone();
+        smaller.config.addresses = vec![vip(VIP)];
+        smaller.garp_count = 2;
+        assert_eq!(d.reconfigure(MemberId(0), smaller), Reconfigured::Live);
+        d.perform().await;
+        let calls = rec.take();
+        assert_eq!(count(&calls, &Call::Remove(EXTRA)), 1, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Remove(VIP)), 0, "{calls:?}");
+        assert_eq!(d.members[0].spec.garp_count, 2);
+
+        let mut moved = spec.clone();
+        moved.interface = "eth1".to_owned();
+        let mut tracked = spec.clone();
+        tracked.track_interfaces = vec![("eth2".to_owned(), 10)];
+        for refused in [moved, tracked] {
+            let r = d.reconfigure(MemberId(0), refused);
+            assert!(!r.is_live(), "{r:?}");
+        }
+        assert_eq!(d.members[0].spec.interface, "eth0");
+        assert_eq!(d.group.members()[0].config().addresses, vec![vip(VIP)]);
+    }
+
+    #[tokio::test]
+    async fn a_tracked_link_going_down_faults_and_removes_the_vips() {
+        let rec = Arc::new(Recorder::default());
+        let mut spec = owner_spec(&[VIP]);
+        spec.track_interfaces = vec![("eth1".to_owned(), 0)];
+        let mut d = driver(spec, &rec);
+        d.poll_links().await;
+        d.group.startup(now());
+        d.perform().await;
+        rec.take();
+        rec.down.lock().expect("down").push("eth1".to_owned());
+        d.poll_links().await;
+        d.perform().await;
+        let calls = rec.take();
+        assert_eq!(count(&calls, &Call::Remove(VIP)), 1, "{calls:?}");
+        let status = d.status.lock().expect("status")[0].clone();
+        assert_eq!(status.state, State::Fault);
+        assert_eq!(
+            status.tracked,
+            vec![
+                ("interface eth0".to_owned(), 0, true),
+                ("interface eth1".to_owned(), 0, false)
+            ]
+        );
+    }
+
     fn script(name: &str, body: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("vrrp-notify-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
