@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use vrrp::driver::{MemberSpec, spawn};
+use vrrp::driver::{MemberSpec, VrrpDriver};
 use vrrp::{InstanceConfig, VirtualAddress};
 
 #[tokio::main]
@@ -24,7 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         address: vip.parse()?,
         prefix_len: prefix.parse()?,
     }];
-    let group = spawn(None, vec![MemberSpec::new(config, &args[1])]).await?;
+    let group = VrrpDriver::start(None, vec![MemberSpec::new(config, &args[1])]).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

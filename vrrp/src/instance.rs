@@ -250,6 +250,27 @@ pub enum DropReason {
     PriorityZeroNotMaster,
 }
 
+impl DropReason {
+    /// The counter key `show vrrp --json` uses for this reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadTtl => "bad_ttl",
+            Self::OtherVrid => "other_vrid",
+            Self::OwnAdvert => "own_advert",
+            Self::ZeroInterval => "zero_interval",
+            Self::NotListening => "not_listening",
+            Self::LowerPriority => "lower_priority",
+            Self::PriorityZeroNotMaster => "priority_zero_not_master",
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Counters shown by `show vrrp`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -269,8 +290,14 @@ pub struct Counters {
     pub address_mismatch: u64,
     /// Lower-priority adverts ignored.
     pub lower_priority: u64,
-    /// Other ignored adverts (own, zero interval, not listening).
+    /// Other ignored adverts: the sum of `own_advert`, `zero_interval` and `not_listening`.
     pub ignored: u64,
+    /// Our own adverts looped back.
+    pub own_advert: u64,
+    /// Adverts with Max Adver Int 0.
+    pub zero_interval: u64,
+    /// Adverts that arrived while not running (Initialize or Fault).
+    pub not_listening: u64,
     /// Times the sync group held this backup back from taking over.
     pub held_by_group: u64,
     /// Re-assertions (advert + gratuitous ARP) sent against a lower-priority master.
@@ -627,6 +654,26 @@ impl VrrpInstance {
         }
     }
 
+    /// Whether [`reconfigure`](Self::reconfigure) would take `config`.
+    ///
+    /// # Errors
+    /// A changed VRID or primary address: the instance must restart.
+    pub fn check_reconfigure(&self, config: &InstanceConfig) -> Result<(), ReconfigureError> {
+        if config.vrid != self.config.vrid {
+            return Err(ReconfigureError::VridChanged {
+                old: self.config.vrid,
+                new: config.vrid,
+            });
+        }
+        if config.primary_address != self.config.primary_address {
+            return Err(ReconfigureError::PrimaryAddressChanged {
+                old: self.config.primary_address,
+                new: config.primary_address,
+            });
+        }
+        Ok(())
+    }
+
     /// Applies a changed configuration without leaving the current state (a live reload).
     ///
     /// Priority, preemption, advert interval, addresses and the gratuitous ARP repeat may
@@ -642,18 +689,7 @@ impl VrrpInstance {
         now: Instant,
         config: InstanceConfig,
     ) -> Result<(), ReconfigureError> {
-        if config.vrid != self.config.vrid {
-            return Err(ReconfigureError::VridChanged {
-                old: self.config.vrid,
-                new: config.vrid,
-            });
-        }
-        if config.primary_address != self.config.primary_address {
-            return Err(ReconfigureError::PrimaryAddressChanged {
-                old: self.config.primary_address,
-                new: config.primary_address,
-            });
-        }
+        self.check_reconfigure(&config)?;
         let old = std::mem::replace(&mut self.config, config);
         if !self.config.preempt || self.config.preempt_delay != old.preempt_delay {
             // A pending delayed preemption was armed under the old rules; the next advert
@@ -786,7 +822,16 @@ impl VrrpInstance {
             DropReason::OtherVrid => c.other_vrid += 1,
             DropReason::LowerPriority => c.lower_priority += 1,
             DropReason::PriorityZeroNotMaster => c.priority_zero_not_master += 1,
-            DropReason::OwnAdvert | DropReason::ZeroInterval | DropReason::NotListening => {
+            DropReason::OwnAdvert => {
+                c.own_advert += 1;
+                c.ignored += 1;
+            }
+            DropReason::ZeroInterval => {
+                c.zero_interval += 1;
+                c.ignored += 1;
+            }
+            DropReason::NotListening => {
+                c.not_listening += 1;
                 c.ignored += 1;
             }
         }

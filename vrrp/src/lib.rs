@@ -40,7 +40,7 @@ pub use instance::{
     Action, Counters, DropReason, InstanceConfig, Reason, ReceivedAdvert, State, Transition,
     VirtualAddress, VrrpInstance,
 };
-pub use sync_group::SyncGroup;
+pub use sync_group::{Binding, MemberId, ObjectId, SyncGroup};
 pub use track::Tracker;
 pub use wire::{VrrpPacket, VrrpRepr};
 

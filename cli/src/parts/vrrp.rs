@@ -7,7 +7,9 @@
 //! A reload reconfigures each instance in place ([`Part::reconfigure`]): priority,
 //! preemption, advert interval, the VIP list, tracking weights, notify and gratuitous ARP
 //! settings change without leaving the current state. What needs new sockets or new health
-//! subscriptions (see [`restart_reason`]) makes it answer `Ok(false)`, and the group restarts.
+//! subscriptions is the vrrp core's rule (`vrrp::SyncGroup::check_reconfigure`): the driver
+//! answers `NeedsRestart` with the reason, the part logs it and answers `Ok(false)`, and the
+//! group restarts. So does a change of the sync group's members (or of a member's group).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -16,9 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use netutil::Reconfigured;
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use vrrp::driver::{AddressHook, GroupHandle, InstanceStatus, MemberSpec, TrackedService};
+use vrrp::driver::{AddressHook, MemberSpec, TrackedService, VrrpDriver, VrrpStatus};
 use vrrp::{InstanceConfig, VirtualAddress};
 
 use super::{BoxFuture, Kind, Part, StartCtx};
@@ -27,7 +30,7 @@ use crate::config::vrrp::VrrpSection;
 
 /// The running driver of one sync group, shared by the parts of its members.
 struct Shared {
-    handle: Mutex<Option<GroupHandle>>,
+    handle: Mutex<Option<VrrpDriver>>,
     /// The sections the group runs with, in member order (what a reload compares against).
     sections: Mutex<Vec<VrrpSection>>,
     /// The wiring the group was started with (health sources, VIP hooks).
@@ -48,57 +51,6 @@ fn group_key(s: &VrrpSection) -> String {
         .unwrap_or_else(|| format!("\0{}", s.name.get_ref()))
 }
 
-/// Why going from `old` to `new` cannot be applied live, if it cannot: these need a new
-/// socket (interface, VRID, peers, source address), new health or link subscriptions, or a
-/// VIP handed between the interface and a natgw service.
-pub(crate) fn restart_reason(
-    old: &VrrpSection,
-    new: &VrrpSection,
-    wiring: &Wiring,
-) -> Option<&'static str> {
-    let names = |s: &VrrpSection| -> Vec<String> {
-        s.track_interfaces
-            .iter()
-            .map(|t| t.get_ref().name.clone())
-            .collect()
-    };
-    let services = |s: &VrrpSection| -> Vec<String> {
-        s.track_services
-            .iter()
-            .map(|t| t.get_ref().clone())
-            .collect()
-    };
-    let hooked = |s: &VrrpSection| -> Vec<Ipv4Addr> {
-        s.addresses
-            .get_ref()
-            .iter()
-            .map(ipnet::Ipv4Net::addr)
-            .filter(|a| wiring.hooks.contains_key(a))
-            .collect()
-    };
-    if old.interface != new.interface {
-        Some("interface changed")
-    } else if old.vrid.get_ref() != new.vrid.get_ref() {
-        Some("vrid changed")
-    } else if old.unicast_peers != new.unicast_peers {
-        Some("unicast_peers changed")
-    } else if old.peers.as_ref().map(|p| p.get_ref()) != new.peers.as_ref().map(|p| p.get_ref()) {
-        Some("peers changed")
-    } else if old.primary_address != new.primary_address {
-        Some("primary_address changed")
-    } else if old.group != new.group {
-        Some("group changed")
-    } else if names(old) != names(new) {
-        Some("the tracked interfaces changed")
-    } else if services(old) != services(new) {
-        Some("the tracked services changed")
-    } else if hooked(old) != hooked(new) {
-        Some("a VIP a [[service]] listens on was added or removed")
-    } else {
-        None
-    }
-}
-
 impl Part for VrrpPart {
     fn kind(&self) -> Kind {
         Kind::Vrrp
@@ -110,7 +62,7 @@ impl Part for VrrpPart {
 
     fn status(&self) -> Value {
         let statuses = match self.shared.handle.lock() {
-            Ok(h) => h.as_ref().map(GroupHandle::status).unwrap_or_default(),
+            Ok(h) => h.as_ref().map(VrrpDriver::status).unwrap_or_default(),
             Err(_) => Vec::new(),
         };
         statuses
@@ -135,34 +87,41 @@ impl Part for VrrpPart {
             && members
                 .iter()
                 .zip(sections.iter())
-                .all(|(n, o)| n.name.get_ref() == o.name.get_ref());
+                .all(|(n, o)| n.name.get_ref() == o.name.get_ref() && n.group == o.group);
         if !same_members {
             tracing::info!(instance = %self.name, "reload: the sync group's members changed; restarting it");
             return Ok(false);
         }
         let new = members[self.index];
-        if let Some(why) = restart_reason(old, new, &self.shared.wiring) {
-            tracing::info!(instance = %self.name, reason = why, "reload: restarting the instance");
-            return Ok(false);
-        }
         if serde_json::to_value(old).ok() == serde_json::to_value(new).ok() {
             return Ok(true);
         }
         let spec = wired_spec(new, &self.shared.wiring);
-        let handle = self
+        let reply = match self
             .shared
             .handle
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match handle.as_ref() {
-            Some(h) => h
-                .reconfigure(self.index, spec)
-                .with_context(|| format!("reconfiguring VRRP instance {}", self.name))?,
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            Some(h) => h.reconfigure(self.index, spec),
             None => return Ok(false),
+        };
+        // `Part::reconfigure` is synchronous; the group's task answers on another worker.
+        let outcome =
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(reply))
+                .with_context(|| format!("reconfiguring VRRP instance {}", self.name))?;
+        match outcome {
+            Reconfigured::Live => {
+                sections[self.index] = new.clone();
+                tracing::info!(instance = %self.name, "reload: applied live");
+                Ok(true)
+            }
+            Reconfigured::NeedsRestart(why) => {
+                tracing::info!(instance = %self.name, reason = %why, "reload: restarting the instance");
+                Ok(false)
+            }
         }
-        sections[self.index] = new.clone();
-        tracing::info!(instance = %self.name, "reload: applied live");
-        Ok(true)
     }
 
     fn dead_task(&self) -> Option<String> {
@@ -172,7 +131,7 @@ impl Part for VrrpPart {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
-            .and_then(GroupHandle::dead_task)
+            .and_then(VrrpDriver::dead_task)
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {
@@ -280,7 +239,7 @@ pub(crate) async fn start_wired(
         let sections = &groups[&key];
         let specs = sections.iter().map(|s| wired_spec(s, wiring)).collect();
         let group = sections[0].group.clone();
-        let handle = match vrrp::driver::spawn(group, specs).await {
+        let handle = match VrrpDriver::start(group, specs).await {
             Ok(h) => h,
             Err(e) => {
                 for p in parts {
@@ -339,7 +298,7 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-fn status_json(s: &InstanceStatus) -> Value {
+fn status_json(s: &VrrpStatus) -> Value {
     let c = &s.counters;
     json!({
         "name": s.name,
@@ -366,6 +325,9 @@ fn status_json(s: &InstanceStatus) -> Value {
             "address_mismatch": c.address_mismatch,
             "lower_priority": c.lower_priority,
             "ignored": c.ignored,
+            "own_advert": c.own_advert,
+            "zero_interval": c.zero_interval,
+            "not_listening": c.not_listening,
             "held_by_group": c.held_by_group,
             "reassert_tx": c.reassert_tx,
             "reassert_suppressed": c.reassert_suppressed,
@@ -491,54 +453,6 @@ fn clock(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn section(extra: &str) -> VrrpSection {
-        let text = format!(
-            "[[vrrp]]\nname = \"v\"\ninterface = \"eth0\"\nvrid = 51\naddresses = [\"198.51.100.10/24\"]\n{extra}\n"
-        );
-        let site = crate::config::parse(std::path::Path::new("t.toml"), &text).expect("valid");
-        site.vrrp[0].clone()
-    }
-
-    #[test]
-    fn live_changes_and_restart_reasons() {
-        let w = Wiring::default();
-        let old = section("priority = 150\ntrack_interfaces = [\"eth1\"]");
-        for live in [
-            "priority = 90\ntrack_interfaces = [\"eth1\"]",
-            "preempt = false\npreempt_delay = \"5s\"\ntrack_interfaces = [\"eth1\"]",
-            "advert_interval = \"100ms\"\ntrack_interfaces = [{ name = \"eth1\", weight = 20 }]",
-            "notify = \"/bin/true\"\ntrack_interfaces = [\"eth1\"]\ngarp_count = 2",
-        ] {
-            assert_eq!(restart_reason(&old, &section(live), &w), None, "{live}");
-        }
-        let mut more_vips = section("track_interfaces = [\"eth1\"]");
-        more_vips.addresses =
-            toml::Spanned::new(0..0, vec!["198.51.100.20/24".parse().expect("net")]);
-        assert_eq!(restart_reason(&old, &more_vips, &w), None);
-        for (restart, why) in [
-            ("vrid = 52", "vrid changed"),
-            (
-                "track_interfaces = [\"eth2\"]",
-                "the tracked interfaces changed",
-            ),
-            (
-                "track_interfaces = [\"eth1\"]\nunicast_peers = [\"198.51.100.12\"]",
-                "unicast_peers changed",
-            ),
-            (
-                "track_interfaces = [\"eth1\"]\ngroup = \"g\"",
-                "group changed",
-            ),
-        ] {
-            let text = restart.replace("vrid = 52", "track_interfaces = [\"eth1\"]");
-            let mut new = section(&text);
-            if restart.starts_with("vrid") {
-                new.vrid = toml::Spanned::new(0..0, 52);
-            }
-            assert_eq!(restart_reason(&old, &new, &w), Some(why), "{restart}");
-        }
-    }
 
     #[test]
     fn render_lists_state_and_transitions() {

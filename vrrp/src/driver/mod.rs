@@ -8,7 +8,10 @@
 //!
 //! Its long-lived tasks (the group's loop, the netlink connection, one socket reader per
 //! member on the blocking pool) run under a [`TaskWatch`]: one that ends before
-//! [`GroupHandle::stop`] is reported by [`GroupHandle::dead_task`].
+//! [`VrrpDriver::stop`] is reported by [`VrrpDriver::dead_task`].
+//!
+//! The driver makes no protocol decisions: tracking, and which reloads apply live, are the
+//! [`SyncGroup`]'s. Everything it does to the system goes through the `VrrpIo` seam.
 //!
 //! Notify programs run one at a time per instance: while one runs, only the latest pending
 //! transition is kept and run after it (latest state wins; the ones replaced are counted as
@@ -24,6 +27,7 @@
 //!  stop() ───────────────────┘
 //! ```
 
+mod io;
 mod netlink;
 mod sys;
 
@@ -34,19 +38,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use netutil::Reconfigured;
 use netutil::task::TaskWatch;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::arp::gratuitous_arp;
 use crate::error::{DriverError, WireError};
 use crate::instance::{
     Action, Counters, DropReason, InstanceConfig, ReceivedAdvert, State, VirtualAddress,
     VrrpInstance,
 };
-use crate::sync_group::SyncGroup;
+use crate::sync_group::{Binding, MemberId, ObjectId, SyncGroup};
 use crate::track::Tracker;
 use crate::wire;
+use io::{MemberIo, NetIo, VrrpIo};
 
 /// Makes a virtual address live without adding it to an interface; natgw implements it for a
 /// VIP its services own (route into its TUN plus a proxy neighbour entry).
@@ -140,7 +145,7 @@ impl MemberSpec {
 
 /// A snapshot of one instance for `show vrrp`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstanceStatus {
+pub struct VrrpStatus {
     /// Instance name.
     pub name: String,
     /// Sync group name, if any.
@@ -204,14 +209,14 @@ const STOP_NOTIFY_GRACE: Duration = Duration::from_secs(5);
 
 enum Command {
     Stop(oneshot::Sender<()>),
-    Reconfigure(usize, Box<MemberSpec>),
+    Reconfigure(MemberId, Box<MemberSpec>, oneshot::Sender<Reconfigured>),
 }
 
 enum Event {
     Packet(usize, Vec<u8>),
     Service {
-        member: usize,
-        index: usize,
+        member: MemberId,
+        object: ObjectId,
         up: bool,
     },
     NotifyDone {
@@ -235,34 +240,47 @@ struct NotifyQueue {
     counters: NotifyCounters,
 }
 
-/// A running group; dropping it without [`GroupHandle::stop`] aborts without cleanup.
+/// A running sync group (a standalone instance is a group of one); dropping it without
+/// [`VrrpDriver::stop`] aborts without cleanup.
 #[derive(Debug)]
-pub struct GroupHandle {
-    status: Arc<Mutex<Vec<InstanceStatus>>>,
+pub struct VrrpDriver {
+    status: Arc<Mutex<Vec<VrrpStatus>>>,
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
     watch: TaskWatch,
 }
 
-impl GroupHandle {
+impl VrrpDriver {
     /// The current status of every member.
-    pub fn status(&self) -> Vec<InstanceStatus> {
+    pub fn status(&self) -> Vec<VrrpStatus> {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Applies a changed spec to member `member` without leaving its state (a live reload):
-    /// priority, preemption, advert interval, addresses, gratuitous ARP settings, notify and
-    /// tracking weights. The interface, unicast peers, the names of the tracked objects, the
-    /// VIPs made live through hooks, the VRID and the primary address must stay as they are
-    /// (the caller restarts the group for those); a spec that changes them is refused with
-    /// a warning in the log and the member keeps its old config.
+    /// Applies a changed spec to member `member` (its index in the specs given to
+    /// [`start`](Self::start)) without leaving its state (a live reload): priority,
+    /// preemption, advert interval, addresses, gratuitous ARP settings, notify and tracking
+    /// weights. What [`SyncGroup::check_reconfigure`] fixes (interface, peers, the names of
+    /// the tracked objects, the VIPs made live through hooks, the VRID and the primary
+    /// address) answers `NeedsRestart` with the reason, and the member keeps its old config.
+    ///
+    /// The returned future does not borrow the handle; it resolves once the group's task has
+    /// answered.
     ///
     /// # Errors
     /// The driver has stopped, or has a backlog of commands.
-    pub fn reconfigure(&self, member: usize, spec: MemberSpec) -> Result<(), DriverError> {
-        self.commands
-            .try_send(Command::Reconfigure(member, Box::new(spec)))
-            .map_err(|_| DriverError::NotRunning)
+    pub fn reconfigure(
+        &self,
+        member: usize,
+        spec: MemberSpec,
+    ) -> impl Future<Output = Result<Reconfigured, DriverError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let sent =
+            self.commands
+                .try_send(Command::Reconfigure(MemberId(member), Box::new(spec), tx));
+        async move {
+            sent.map_err(|_| DriverError::NotRunning)?;
+            rx.await.map_err(|_| DriverError::NotRunning)
+        }
     }
 
     /// The first of the group's long-lived tasks (loop, netlink connection, socket readers)
@@ -303,12 +321,11 @@ fn wall_ms() -> u64 {
 
 struct Member {
     spec: MemberSpec,
-    link: netlink::LinkInfo,
     primary: Ipv4Addr,
-    socket: Arc<socket2::Socket>,
-    arp: sys::ArpSocket,
-    tracker: Tracker,
-    /// Indices into `tracker` of the tracked interfaces, by name (own interface first).
+    /// The spec left `primary_address` unspecified and `primary` was read from the interface.
+    primary_from_interface: bool,
+    /// The tracked interfaces: entry `k` is tracked object `ObjectId(k)` (own interface
+    /// first); the tracked services follow them in the member's tracker.
     interfaces: Vec<String>,
     malformed: HashMap<WireError, u64>,
     unknown_peer: u64,
@@ -317,73 +334,122 @@ struct Member {
     notify: NotifyQueue,
 }
 
-/// Starts a sync group (pass one member for a standalone instance).
-///
-/// # Errors
-/// A missing interface or primary address, or a socket that cannot be opened (needs
-/// CAP_NET_RAW), before anything was changed on the system.
-pub async fn spawn(
-    group: Option<String>,
-    specs: Vec<MemberSpec>,
-) -> Result<GroupHandle, DriverError> {
-    let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|e| DriverError::Netlink(e.to_string()))?;
-    let watch = TaskWatch::new();
-    let conn_task = watch.spawn("vrrp netlink connection", async move {
-        conn.await;
-        Ok::<(), std::convert::Infallible>(())
-    });
-    let (events_tx, events_rx) = mpsc::channel(256);
-    let stop_flag = Arc::new(AtomicBool::new(false));
-    let opened = open_members(&handle, specs, &events_tx, &stop_flag, &watch).await;
-    let (members, cores) = match opened {
-        Ok(v) => v,
-        Err(e) => {
-            // Reader threads of members opened before the failure exit on this flag.
-            watch.stopping();
+/// The tracked objects of `spec` as the core's tracker holds them, names and weights: its own
+/// interface (weight 0) first, then the other tracked interfaces, then the services.
+fn tracked_objects(spec: &MemberSpec) -> Vec<(String, u8)> {
+    let mut objects = vec![(format!("interface {}", spec.interface), 0u8)];
+    for (name, weight) in &spec.track_interfaces {
+        if *name != spec.interface {
+            objects.push((format!("interface {name}"), *weight));
+        }
+    }
+    for s in &spec.track_services {
+        objects.push((format!("service {}", s.name), s.weight));
+    }
+    objects
+}
+
+/// The tracked interfaces of `spec`, own interface first, in tracker order.
+fn tracked_interfaces(spec: &MemberSpec) -> Vec<String> {
+    let mut names = vec![spec.interface.clone()];
+    for (name, _) in &spec.track_interfaces {
+        if *name != spec.interface {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+fn binding(spec: &MemberSpec) -> Binding {
+    Binding {
+        interface: spec.interface.clone(),
+        unicast_peers: spec.unicast_peers.clone(),
+        peers: spec.peers.clone(),
+        hooked: spec.hooked.iter().map(|h| h.0).collect(),
+    }
+}
+
+impl VrrpDriver {
+    /// Starts a sync group (pass one member for a standalone instance).
+    ///
+    /// # Errors
+    /// A missing interface or primary address, or a socket that cannot be opened (needs
+    /// CAP_NET_RAW), before anything was changed on the system.
+    pub async fn start(
+        group: Option<String>,
+        specs: Vec<MemberSpec>,
+    ) -> Result<VrrpDriver, DriverError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| DriverError::Netlink(e.to_string()))?;
+        let watch = TaskWatch::new();
+        let conn_task = watch.spawn("vrrp netlink connection", async move {
+            conn.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let (events_tx, events_rx) = mpsc::channel(256);
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        let opened = open_members(&handle, specs, &events_tx, &stop_flag, &watch).await;
+        let (members, cores, io) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                // Reader threads of members opened before the failure exit on this flag.
+                watch.stopping();
+                stop_flag.store(true, Ordering::Relaxed);
+                conn_task.abort();
+                return Err(e);
+            }
+        };
+        let status = Arc::new(Mutex::new(Vec::new()));
+        let (cmd_tx, cmd_rx) = mpsc::channel(4);
+        let mut driver = Driver {
+            group_name: group,
+            group: SyncGroup::new(cores),
+            members,
+            io: NetIo {
+                handle,
+                members: io,
+            },
+            status: status.clone(),
+            events_tx,
+        };
+        let task = watch.spawn("vrrp group loop", async move {
+            driver.run(events_rx, cmd_rx).await;
             stop_flag.store(true, Ordering::Relaxed);
             conn_task.abort();
-            return Err(e);
-        }
-    };
-    let status = Arc::new(Mutex::new(Vec::new()));
-    let (cmd_tx, cmd_rx) = mpsc::channel(4);
-    let mut driver = Driver {
-        group_name: group,
-        group: SyncGroup::new(cores),
-        members,
-        handle,
-        status: status.clone(),
-        events_tx,
-    };
-    let task = watch.spawn("vrrp group loop", async move {
-        driver.run(events_rx, cmd_rx).await;
-        stop_flag.store(true, Ordering::Relaxed);
-        conn_task.abort();
-        Ok::<(), std::convert::Infallible>(())
-    });
-    Ok(GroupHandle {
-        status,
-        commands: cmd_tx,
-        task,
-        watch,
-    })
+            Ok::<(), std::convert::Infallible>(())
+        });
+        Ok(VrrpDriver {
+            status,
+            commands: cmd_tx,
+            task,
+            watch,
+        })
+    }
 }
 
 /// Opens sockets and resolves addresses for every member; nothing on the system changes.
+/// The driver side, the core side and the I/O side of every member, in member order.
+type OpenedMembers = (
+    Vec<Member>,
+    Vec<(VrrpInstance, Tracker, Binding)>,
+    Vec<MemberIo>,
+);
+
 async fn open_members(
     handle: &rtnetlink::Handle,
     specs: Vec<MemberSpec>,
     events_tx: &mpsc::Sender<Event>,
     stop_flag: &Arc<AtomicBool>,
     watch: &TaskWatch,
-) -> Result<(Vec<Member>, Vec<VrrpInstance>), DriverError> {
+) -> Result<OpenedMembers, DriverError> {
     let mut members = Vec::new();
     let mut cores = Vec::new();
+    let mut io = Vec::new();
     for (i, mut spec) in specs.into_iter().enumerate() {
         let link = netlink::link(handle, &spec.interface).await?;
         let vips: Vec<Ipv4Addr> = spec.config.addresses.iter().map(|a| a.address).collect();
-        let primary = if spec.config.primary_address.is_unspecified() {
+        let primary_from_interface = spec.config.primary_address.is_unspecified();
+        let primary = if primary_from_interface {
             netlink::primary_address(handle, link.index, &vips)
                 .await?
                 .ok_or_else(|| DriverError::NoPrimaryAddress(spec.interface.clone()))?
@@ -402,25 +468,17 @@ async fn open_members(
             interface: spec.interface.clone(),
             source,
         })?;
-        let mut interfaces = vec![spec.interface.clone()];
-        let mut objects = vec![(format!("interface {}", spec.interface), 0u8)];
-        for (name, weight) in &spec.track_interfaces {
-            if *name != spec.interface {
-                interfaces.push(name.clone());
-                objects.push((format!("interface {name}"), *weight));
-            }
-        }
-        let first_service = objects.len();
+        let interfaces = tracked_interfaces(&spec);
         for (k, s) in spec.track_services.iter().enumerate() {
-            objects.push((format!("service {}", s.name), s.weight));
             let mut rx = s.health.clone();
             let tx = events_tx.clone();
+            let object = ObjectId(interfaces.len() + k);
             tokio::spawn(async move {
                 loop {
                     let up = *rx.borrow_and_update();
                     let ev = Event::Service {
-                        member: i,
-                        index: first_service + k,
+                        member: MemberId(i),
+                        object,
                         up,
                     };
                     if tx.send(ev).await.is_err() || rx.changed().await.is_err() {
@@ -435,15 +493,17 @@ async fn open_members(
                 .await
                 .map_err(|e| e.to_string())
         });
-        cores.push(VrrpInstance::new(spec.config.clone()));
+        cores.push((
+            VrrpInstance::new(spec.config.clone()),
+            Tracker::new(tracked_objects(&spec)),
+            binding(&spec),
+        ));
+        io.push(MemberIo { link, socket, arp });
         members.push(Member {
-            tracker: Tracker::new(objects),
             interfaces,
             spec,
-            link,
             primary,
-            socket,
-            arp,
+            primary_from_interface,
             malformed: HashMap::new(),
             unknown_peer: 0,
             io_errors: 0,
@@ -451,7 +511,7 @@ async fn open_members(
             notify: NotifyQueue::default(),
         });
     }
-    Ok((members, cores))
+    Ok((members, cores, io))
 }
 
 /// A member's socket reader, on the blocking pool: returns when the group stops (the flag,
@@ -489,17 +549,17 @@ fn read_adverts(
     }
 }
 
-struct Driver {
+struct Driver<Io> {
     group_name: Option<String>,
     group: SyncGroup,
     members: Vec<Member>,
-    handle: rtnetlink::Handle,
-    status: Arc<Mutex<Vec<InstanceStatus>>>,
+    io: Io,
+    status: Arc<Mutex<Vec<VrrpStatus>>>,
     /// For the notify runs to report their end.
     events_tx: mpsc::Sender<Event>,
 }
 
-impl Driver {
+impl<Io: VrrpIo> Driver<Io> {
     async fn run(
         &mut self,
         mut events: mpsc::Receiver<Event>,
@@ -523,9 +583,10 @@ impl Driver {
                 biased;
                 cmd = commands.recv() => {
                     let reply = match cmd {
-                        Some(Command::Reconfigure(i, spec)) => {
-                            self.reconfigure(i, *spec);
+                        Some(Command::Reconfigure(i, spec, reply)) => {
+                            let outcome = self.reconfigure(i, *spec);
                             self.perform().await;
+                            let _ = reply.send(outcome);
                             continue;
                         }
                         Some(Command::Stop(reply)) => Some(reply),
@@ -547,53 +608,29 @@ impl Driver {
         }
     }
 
-    fn reconfigure(&mut self, i: usize, spec: MemberSpec) {
-        let Some(m) = self.members.get_mut(i) else {
-            return;
+    /// Asks the core whether `spec` applies live and, if it does, applies it there and
+    /// keeps the driver's own settings (notify, gratuitous ARP) in step.
+    fn reconfigure(&mut self, member: MemberId, spec: MemberSpec) -> Reconfigured {
+        let Some(m) = self.members.get_mut(member.0) else {
+            return Reconfigured::restart("not a member of this group");
         };
         let name = m.spec.config.name.clone();
         let mut config = spec.config.clone();
-        if config.primary_address.is_unspecified() {
+        // Left to the interface again: the address read at start. An address given now where
+        // it was read before (or the reverse) is compared as given.
+        if config.primary_address.is_unspecified() && m.primary_from_interface {
             config.primary_address = m.primary;
         }
-        let own = m.spec.interface.clone();
-        let interfaces: Vec<&String> = spec
-            .track_interfaces
-            .iter()
-            .map(|(n, _)| n)
-            .filter(|n| **n != own)
-            .collect();
-        let services = |s: &MemberSpec| -> Vec<String> {
-            s.track_services.iter().map(|t| t.name.clone()).collect()
-        };
-        let hooked = |s: &MemberSpec| -> Vec<Ipv4Addr> { s.hooked.iter().map(|h| h.0).collect() };
-        let fixed = spec.interface == m.spec.interface
-            && spec.unicast_peers == m.spec.unicast_peers
-            && spec.peers == m.spec.peers
-            && interfaces.iter().copied().eq(m.interfaces.iter().skip(1))
-            && services(&spec) == services(&m.spec)
-            && hooked(&spec) == hooked(&m.spec);
-        if !fixed {
-            tracing::warn!(instance = %name, "reconfigure refused: interface, peers, tracked objects or hooked VIPs changed (restart the instance)");
-            return;
-        }
-        let t = now();
-        if let Err(e) = self.group.reconfigure(t, i, config.clone()) {
-            tracing::warn!(instance = %name, error = %e, "reconfigure refused; the instance must restart");
-            return;
-        }
-        let m = &mut self.members[i];
-        let mut weights: Vec<u8> = spec
-            .track_interfaces
-            .iter()
-            .filter(|(n, _)| *n != own)
-            .map(|(_, w)| *w)
-            .collect();
-        weights.extend(spec.track_services.iter().map(|s| s.weight));
-        let mut changed = false;
-        for (k, w) in weights.into_iter().enumerate() {
-            // Object 0 is the instance's own interface, always weight 0.
-            changed |= m.tracker.set_weight(k + 1, w);
+        let outcome = self.group.reconfigure(
+            now(),
+            member,
+            config.clone(),
+            &tracked_objects(&spec),
+            &binding(&spec),
+        );
+        if let Reconfigured::NeedsRestart(why) = &outcome {
+            tracing::info!(instance = %name, reason = %why, "reconfigure needs a restart");
+            return outcome;
         }
         m.spec.config = config;
         m.spec.notify = spec.notify;
@@ -603,12 +640,8 @@ impl Driver {
         for (old, new) in m.spec.track_services.iter_mut().zip(spec.track_services) {
             old.weight = new.weight;
         }
-        if changed {
-            let (fault, penalty) = (m.tracker.fault(), m.tracker.penalty());
-            self.group.set_priority_penalty(t, i, penalty);
-            self.group.set_fault(t, i, fault);
-        }
         tracing::info!(instance = %name, "reconfigured live");
+        outcome
     }
 
     /// Lets the notify runs of the final transitions (INIT) finish, for a bounded time.
@@ -666,14 +699,11 @@ impl Driver {
                     self.notify(member, state, priority);
                 }
             }
-            Event::Service { member, index, up } => {
-                let m = &mut self.members[member];
-                if m.tracker.set(index, up) {
-                    tracing::info!(instance = %m.spec.config.name, object = %m.tracker.objects()[index].name, up, "tracked service changed");
-                    let (fault, penalty) = (m.tracker.fault(), m.tracker.penalty());
-                    let t = now();
-                    self.group.set_priority_penalty(t, member, penalty);
-                    self.group.set_fault(t, member, fault);
+            Event::Service { member, object, up } => {
+                if self.group.handle_tracked(now(), member, object, up) {
+                    let name = &self.group.members()[member.0].config().name;
+                    let tracked = &self.group.trackers()[member.0].objects()[object.0].name;
+                    tracing::info!(instance = %name, object = %tracked, up, "tracked service changed");
                 }
             }
         }
@@ -704,7 +734,7 @@ impl Driver {
             ttl: env.ttl,
             repr,
         };
-        if let Err(reason) = self.group.handle_advert(now(), i, &adv)
+        if let Err(reason) = self.group.handle_advert(now(), MemberId(i), &adv)
             && !matches!(reason, DropReason::OtherVrid | DropReason::LowerPriority)
         {
             tracing::debug!(instance = %self.members[i].spec.config.name, src = %adv.src, ?reason, "advert ignored");
@@ -714,34 +744,19 @@ impl Driver {
     async fn poll_links(&mut self) {
         let t = now();
         for i in 0..self.members.len() {
-            let names = self.members[i].interfaces.clone();
-            let mut changed = false;
-            for (k, name) in names.iter().enumerate() {
-                let up = match netlink::link(&self.handle, name).await {
-                    Ok(l) => {
-                        if k == 0 {
-                            self.members[i].link.up = l.up;
-                        }
-                        l.up
-                    }
-                    Err(_) => false,
-                };
-                if self.members[i].tracker.set(k, up) {
-                    tracing::info!(instance = %self.members[i].spec.config.name, interface = %name, up, "tracked interface changed");
-                    changed = true;
+            for k in 0..self.members[i].interfaces.len() {
+                let up = self.io.link_up(&self.members[i].interfaces[k]).await;
+                if self.group.handle_tracked(t, MemberId(i), ObjectId(k), up) {
+                    let m = &self.members[i];
+                    tracing::info!(instance = %m.spec.config.name, interface = %m.interfaces[k], up, "tracked interface changed");
                 }
-            }
-            if changed {
-                let m = &self.members[i];
-                let (fault, penalty) = (m.tracker.fault(), m.tracker.penalty());
-                self.group.set_priority_penalty(t, i, penalty);
-                self.group.set_fault(t, i, fault);
             }
         }
     }
 
     async fn perform(&mut self) {
-        while let Some((i, action)) = self.group.poll_action() {
+        while let Some((id, action)) = self.group.poll_action() {
+            let i = id.0;
             let m = &mut self.members[i];
             let name = m.spec.config.name.clone();
             match action {
@@ -752,7 +767,7 @@ impl Driver {
                         m.spec.unicast_peers.clone()
                     };
                     for dst in dsts {
-                        if let Err(e) = sys::send_advert(&m.socket, &repr, m.primary, dst) {
+                        if let Err(e) = self.io.send_advert(id, &repr, m.primary, dst) {
                             m.io_errors += 1;
                             // A dead link makes sends fail every interval: keep it quiet.
                             tracing::debug!(instance = %name, %dst, error = %e, "advert send failed");
@@ -783,9 +798,9 @@ impl Driver {
                             continue;
                         }
                         let r = if add {
-                            netlink::add_address(&self.handle, m.link.index, vip).await
+                            self.io.add_address(id, vip).await
                         } else {
-                            netlink::remove_address(&self.handle, m.link.index, vip).await
+                            self.io.remove_address(id, vip).await
                         };
                         if let Err(e) = r {
                             m.io_errors += 1;
@@ -795,10 +810,8 @@ impl Driver {
                 }
                 Action::WithdrawAddresses(vips) => {
                     for vip in vips {
-                        // Hooked VIPs never change live (see `GroupHandle::reconfigure`).
-                        if let Err(e) =
-                            netlink::remove_address(&self.handle, m.link.index, vip).await
-                        {
+                        // Hooked VIPs never change live (see `SyncGroup::check_reconfigure`).
+                        if let Err(e) = self.io.remove_address(id, vip).await {
                             m.io_errors += 1;
                             tracing::warn!(instance = %name, vip = %vip.address, error = %e, "address change failed");
                         }
@@ -813,9 +826,8 @@ impl Driver {
                     // Bounded: repeat <= MAX_GARP_REPEAT per VIP, <= 255 VIPs per advert.
                     let repeat = repeat.min(MAX_GARP_REPEAT);
                     for vip in &m.spec.config.addresses {
-                        let frame = gratuitous_arp(m.link.mac, vip.address);
                         for _ in 0..repeat {
-                            if let Err(e) = m.arp.send(&frame) {
+                            if let Err(e) = self.io.send_garp(id, vip.address) {
                                 m.io_errors += 1;
                                 tracing::debug!(instance = %name, error = %e, "gratuitous ARP failed");
                                 break;
@@ -833,10 +845,11 @@ impl Driver {
             .members
             .iter()
             .zip(self.group.members())
-            .map(|(m, core)| {
+            .zip(self.group.trackers())
+            .map(|((m, core), tracker)| {
                 let mut malformed: Vec<_> = m.malformed.iter().map(|(k, v)| (*k, *v)).collect();
                 malformed.sort_by_key(|(k, _)| format!("{k:?}"));
-                InstanceStatus {
+                VrrpStatus {
                     name: m.spec.config.name.clone(),
                     group: self.group_name.clone(),
                     interface: m.spec.interface.clone(),
@@ -856,8 +869,7 @@ impl Driver {
                     io_errors: m.io_errors,
                     notify: m.notify.counters,
                     transitions: m.transitions.iter().cloned().collect(),
-                    tracked: m
-                        .tracker
+                    tracked: tracker
                         .objects()
                         .iter()
                         .map(|o| (o.name.clone(), o.weight, o.up))
@@ -928,6 +940,258 @@ async fn run_notify(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// What the driver did to the (in-memory) system.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        Advert { dst: Ipv4Addr, priority: u8 },
+        Add(Ipv4Addr),
+        Remove(Ipv4Addr),
+        Garp(Ipv4Addr),
+        Activate(Ipv4Addr),
+        Deactivate(Ipv4Addr),
+    }
+
+    /// An in-memory [`VrrpIo`] (and [`AddressHook`]) that records every call; the links
+    /// named in `down` have no carrier.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<Call>>,
+        down: Mutex<Vec<String>>,
+    }
+
+    impl Recorder {
+        fn push(&self, c: Call) {
+            self.calls.lock().expect("calls").push(c);
+        }
+        fn take(&self) -> Vec<Call> {
+            std::mem::take(&mut *self.calls.lock().expect("calls"))
+        }
+    }
+
+    impl VrrpIo for Arc<Recorder> {
+        fn send_advert(
+            &self,
+            _: MemberId,
+            repr: &wire::VrrpRepr,
+            _: Ipv4Addr,
+            dst: Ipv4Addr,
+        ) -> std::io::Result<()> {
+            self.push(Call::Advert {
+                dst,
+                priority: repr.priority,
+            });
+            Ok(())
+        }
+        async fn add_address(&self, _: MemberId, vip: VirtualAddress) -> Result<(), DriverError> {
+            self.push(Call::Add(vip.address));
+            Ok(())
+        }
+        async fn remove_address(
+            &self,
+            _: MemberId,
+            vip: VirtualAddress,
+        ) -> Result<(), DriverError> {
+            self.push(Call::Remove(vip.address));
+            Ok(())
+        }
+        fn send_garp(&self, _: MemberId, address: Ipv4Addr) -> std::io::Result<()> {
+            self.push(Call::Garp(address));
+            Ok(())
+        }
+        async fn link_up(&self, interface: &str) -> bool {
+            !self
+                .down
+                .lock()
+                .expect("down")
+                .iter()
+                .any(|d| d == interface)
+        }
+    }
+
+    impl AddressHook for Recorder {
+        fn activate(&self, vip: VirtualAddress) {
+            self.push(Call::Activate(vip.address));
+        }
+        fn deactivate(&self, vip: VirtualAddress) {
+            self.push(Call::Deactivate(vip.address));
+        }
+    }
+
+    const OWN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
+    const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+    const HOOKED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+    const EXTRA: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
+
+    fn vip(address: Ipv4Addr) -> VirtualAddress {
+        VirtualAddress {
+            address,
+            prefix_len: 24,
+        }
+    }
+
+    /// A priority-255 spec (master at startup) on eth0 holding `addresses`.
+    fn owner_spec(addresses: &[Ipv4Addr]) -> MemberSpec {
+        let mut config = InstanceConfig::new("v", 51, OWN);
+        config.priority = 255;
+        config.addresses = addresses.iter().copied().map(vip).collect();
+        MemberSpec::new(config, "eth0")
+    }
+
+    /// A driver over `spec` whose I/O and hooks are `rec`.
+    fn driver(spec: MemberSpec, rec: &Arc<Recorder>) -> Driver<Arc<Recorder>> {
+        let (events_tx, _) = mpsc::channel(4);
+        let core = (
+            VrrpInstance::new(spec.config.clone()),
+            Tracker::new(tracked_objects(&spec)),
+            binding(&spec),
+        );
+        let member = Member {
+            interfaces: tracked_interfaces(&spec),
+            primary: spec.config.primary_address,
+            primary_from_interface: false,
+            spec,
+            malformed: HashMap::new(),
+            unknown_peer: 0,
+            io_errors: 0,
+            transitions: VecDeque::new(),
+            notify: NotifyQueue::default(),
+        };
+        Driver {
+            group_name: None,
+            group: SyncGroup::new(vec![core]),
+            members: vec![member],
+            io: rec.clone(),
+            status: Arc::new(Mutex::new(Vec::new())),
+            events_tx,
+        }
+    }
+
+    fn count(calls: &[Call], c: &Call) -> usize {
+        calls.iter().filter(|x| *x == c).count()
+    }
+
+    #[tokio::test]
+    async fn master_sends_to_unicast_peers_adds_interface_vips_and_activates_hooked_ones() {
+        let rec = Arc::new(Recorder::default());
+        let peers = [
+            Ipv4Addr::new(198, 51, 100, 12),
+            Ipv4Addr::new(198, 51, 100, 13),
+        ];
+        let mut spec = owner_spec(&[VIP, HOOKED]);
+        spec.unicast_peers = peers.to_vec();
+        spec.garp_count = 3;
+        spec.hooked = vec![(HOOKED, rec.clone() as Arc<dyn AddressHook>)];
+        let mut d = driver(spec, &rec);
+        d.poll_links().await;
+        d.group.startup(now());
+        d.perform().await;
+        let calls = rec.take();
+        for dst in peers {
+            assert_eq!(
+                count(&calls, &Call::Advert { dst, priority: 255 }),
+                1,
+                "{calls:?}"
+            );
+        }
+        assert!(
+            !calls
+                .iter()
+                .any(|c| matches!(c, Call::Advert { dst, .. } if *dst == wire::MULTICAST_GROUP))
+        );
+        assert_eq!(count(&calls, &Call::Add(VIP)), 1, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Activate(HOOKED)), 1, "{calls:?}");
+        assert_eq!(
+            count(&calls, &Call::Add(HOOKED)),
+            0,
+            "a hooked VIP is not an interface address"
+        );
+        assert_eq!(count(&calls, &Call::Garp(VIP)), 3, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Garp(HOOKED)), 3, "{calls:?}");
+        let add = calls.iter().position(|c| *c == Call::Add(VIP));
+        let garp = calls.iter().position(|c| *c == Call::Garp(VIP));
+        assert!(add < garp, "addresses before the announcement: {calls:?}");
+        assert_eq!(d.status.lock().expect("status")[0].state, State::Master);
+
+        // Shutdown: priority 0 to each peer, the interface VIP removed, the hooked one
+        // deactivated.
+        d.group.shutdown(now());
+        d.perform().await;
+        let calls = rec.take();
+        for dst in peers {
+            assert_eq!(
+                count(&calls, &Call::Advert { dst, priority: 0 }),
+                1,
+                "{calls:?}"
+            );
+        }
+        assert_eq!(count(&calls, &Call::Remove(VIP)), 1, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Deactivate(HOOKED)), 1, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Remove(HOOKED)), 0, "{calls:?}");
+    }
+
+    #[tokio::test]
+    async fn live_reload_withdraws_just_the_dropped_vip_and_refuses_fixed_changes() {
+        let rec = Arc::new(Recorder::default());
+        let mut spec = owner_spec(&[VIP, EXTRA]);
+        spec.garp_count = 1;
+        let mut d = driver(spec.clone(), &rec);
+        d.group.startup(now());
+        d.perform().await;
+        let calls = rec.take();
+        assert!(calls.contains(&Call::Advert {
+            dst: wire::MULTICAST_GROUP,
+            priority: 255
+        }));
+        assert_eq!(count(&calls, &Call::Garp(EXTRA)), 1, "{calls:?}");
+
+        let mut smaller = spec.clone();
+        smaller.config.addresses = vec![vip(VIP)];
+        smaller.garp_count = 2;
+        assert_eq!(d.reconfigure(MemberId(0), smaller), Reconfigured::Live);
+        d.perform().await;
+        let calls = rec.take();
+        assert_eq!(count(&calls, &Call::Remove(EXTRA)), 1, "{calls:?}");
+        assert_eq!(count(&calls, &Call::Remove(VIP)), 0, "{calls:?}");
+        assert_eq!(d.members[0].spec.garp_count, 2);
+
+        let mut moved = spec.clone();
+        moved.interface = "eth1".to_owned();
+        let mut tracked = spec.clone();
+        tracked.track_interfaces = vec![("eth2".to_owned(), 10)];
+        for refused in [moved, tracked] {
+            let r = d.reconfigure(MemberId(0), refused);
+            assert!(!r.is_live(), "{r:?}");
+        }
+        assert_eq!(d.members[0].spec.interface, "eth0");
+        assert_eq!(d.group.members()[0].config().addresses, vec![vip(VIP)]);
+    }
+
+    #[tokio::test]
+    async fn a_tracked_link_going_down_faults_and_removes_the_vips() {
+        let rec = Arc::new(Recorder::default());
+        let mut spec = owner_spec(&[VIP]);
+        spec.track_interfaces = vec![("eth1".to_owned(), 0)];
+        let mut d = driver(spec, &rec);
+        d.poll_links().await;
+        d.group.startup(now());
+        d.perform().await;
+        rec.take();
+        rec.down.lock().expect("down").push("eth1".to_owned());
+        d.poll_links().await;
+        d.perform().await;
+        let calls = rec.take();
+        assert_eq!(count(&calls, &Call::Remove(VIP)), 1, "{calls:?}");
+        let status = d.status.lock().expect("status")[0].clone();
+        assert_eq!(status.state, State::Fault);
+        assert_eq!(
+            status.tracked,
+            vec![
+                ("interface eth0".to_owned(), 0, true),
+                ("interface eth1".to_owned(), 0, false)
+            ]
+        );
+    }
 
     fn script(name: &str, body: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("vrrp-notify-{}-{name}", std::process::id()));

@@ -1,7 +1,9 @@
 //! Unit tests, quinn-style pair simulations with a simulated clock, and property tests.
 
 use super::*;
-use crate::sync_group::SyncGroup;
+use crate::sync_group::{Binding, MemberId, ObjectId, SyncGroup};
+use crate::track::Tracker;
+use netutil::Reconfigured;
 use proptest::prelude::*;
 
 /// The simulated clock's epoch: the only real clock read in these tests.
@@ -327,6 +329,20 @@ fn penalty_lowers_advertised_priority() {
 // ---------------------------------------------------------------------------------------
 // Pair simulation: nodes on one simulated link, a simulated clock, latency, link state.
 
+/// The tracked objects every simulated member has: its own link, weight 0.
+fn tracked_link() -> Vec<(String, u8)> {
+    vec![("interface eth0".to_owned(), 0)]
+}
+
+/// A simulated group member: tracks its own link, bound to nothing in particular.
+fn member(config: InstanceConfig) -> (VrrpInstance, Tracker, Binding) {
+    (
+        VrrpInstance::new(config),
+        Tracker::new(tracked_link()),
+        Binding::default(),
+    )
+}
+
 struct Node {
     group: SyncGroup,
     /// Per member: link up (sends and receives).
@@ -356,7 +372,7 @@ impl Sim {
             .map(|cs| Node {
                 link: vec![true; cs.len()],
                 holds: vec![false; cs.len()],
-                group: SyncGroup::new(cs.into_iter().map(VrrpInstance::new).collect()),
+                group: SyncGroup::new(cs.into_iter().map(member).collect()),
                 alive: true,
             })
             .collect();
@@ -380,7 +396,7 @@ impl Sim {
     }
 
     fn flush(&mut self, n: usize) {
-        while let Some((m, action)) = self.nodes[n].group.poll_action() {
+        while let Some((MemberId(m), action)) = self.nodes[n].group.poll_action() {
             match action {
                 Action::SendAdvert(repr) => {
                     if !self.nodes[n].alive || !self.nodes[n].link[m] {
@@ -434,7 +450,7 @@ impl Sim {
             self.wire = rest;
             for (_, to, m, adv) in due {
                 if self.nodes[to].alive && self.nodes[to].link[m] {
-                    let _ = self.nodes[to].group.handle_advert(t, m, &adv);
+                    let _ = self.nodes[to].group.handle_advert(t, MemberId(m), &adv);
                     self.flush(to);
                 }
             }
@@ -483,7 +499,7 @@ impl Sim {
             .collect();
         let len = configs.len();
         self.nodes[n] = Node {
-            group: SyncGroup::new(configs.into_iter().map(VrrpInstance::new).collect()),
+            group: SyncGroup::new(configs.into_iter().map(member).collect()),
             link: vec![true; len],
             // A process killed with -9 leaves its addresses behind.
             holds: self.nodes[n].holds.clone(),
@@ -501,8 +517,15 @@ impl Sim {
 
     /// A live reload of node `n`'s member `m`.
     fn reconfigure(&mut self, n: usize, m: usize, config: InstanceConfig) {
-        let r = self.nodes[n].group.reconfigure(self.now, m, config);
-        assert_eq!(r, Ok(()));
+        let tracked = tracked_link();
+        let r = self.nodes[n].group.reconfigure(
+            self.now,
+            MemberId(m),
+            config,
+            &tracked,
+            &Binding::default(),
+        );
+        assert_eq!(r, Reconfigured::Live);
         self.flush(n);
     }
 
@@ -640,7 +663,11 @@ fn pair_of_sync_groups_moves_together_on_fault() {
     // Node 0's public link fails: its tracked interface puts the whole group in Fault.
     sim.nodes[0].link[0] = false;
     let now = sim.now;
-    sim.nodes[0].group.set_fault(now, 0, true);
+    assert!(
+        sim.nodes[0]
+            .group
+            .handle_tracked(now, MemberId(0), ObjectId(0), false)
+    );
     sim.flush(0);
     sim.run_for(Duration::from_secs(1));
     assert_eq!(states(&sim, 0), vec![State::Fault, State::Fault]);
@@ -648,7 +675,11 @@ fn pair_of_sync_groups_moves_together_on_fault() {
     // Recovery: node 0 preempts on both links again.
     sim.nodes[0].link[0] = true;
     let now = sim.now;
-    sim.nodes[0].group.set_fault(now, 0, false);
+    assert!(
+        sim.nodes[0]
+            .group
+            .handle_tracked(now, MemberId(0), ObjectId(0), true)
+    );
     sim.flush(0);
     sim.run_for(Duration::from_secs(2));
     assert_eq!(states(&sim, 0), vec![State::Master, State::Master]);
@@ -660,17 +691,15 @@ fn sync_group_holds_a_member_whose_sibling_hears_a_master() {
     let now = t0();
     let mut inside = config(Ipv4Addr::new(10, 0, 0, 2), 100, 100);
     inside.vrid = 52;
-    let mut g = SyncGroup::new(vec![
-        VrrpInstance::new(config(A, 100, 100)),
-        VrrpInstance::new(inside),
-    ]);
+    let mut g = SyncGroup::new(vec![member(config(A, 100, 100)), member(inside)]);
     g.startup(now);
     while g.poll_action().is_some() {}
     // Only member 0 hears the master; member 1's timer fires but it must not take over.
     let mut t = now;
     for _ in 0..20 {
         t += Duration::from_millis(100);
-        g.handle_advert(t, 0, &advert(B, 200, 10)).unwrap();
+        g.handle_advert(t, MemberId(0), &advert(B, 200, 10))
+            .unwrap();
         g.handle_timeout(t);
     }
     assert_eq!(g.members()[1].state(), State::Backup);
