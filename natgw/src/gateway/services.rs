@@ -152,7 +152,7 @@ mod tests {
     mod through_gateway {
         use super::*;
         use crate::translate::rewrite_syn_as_rst;
-        use crate::{Gateway, GatewayConfig, ListenerId, Verdict};
+        use crate::{DropReason, Gateway, GatewayConfig, ListenerId, Verdict};
         use etherparse::PacketBuilder;
 
         const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -208,6 +208,39 @@ mod tests {
             let svc = VirtualService::new(cfg).unwrap();
             let id = g.add_listener(Proto::Tcp, svc.listen(), svc).unwrap();
             (g, id)
+        }
+
+        /// Security review 5.8: a backend's outbound packet from its service port must not
+        /// give that endpoint to a dynamic mapping (every new flow of the service to that
+        /// backend would then be dropped as busy).
+        #[test]
+        fn a_backend_sending_from_its_service_port_keeps_its_service_flows() {
+            let now = epoch();
+            let mut g = Gateway::new(
+                now,
+                GatewayConfig {
+                    overload: Some(Ipv4Addr::new(198, 51, 100, 1)),
+                    inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                    services: vec![web(&[(101, 1)])],
+                    ..GatewayConfig::default()
+                },
+            )
+            .unwrap();
+            let remote = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 443);
+            let (v, _) = pass(&mut g, now, tcp(rs(101), remote, true, false, false));
+            assert_eq!(v, Verdict::Drop(DropReason::ServiceEndpointReserved));
+            assert_eq!(g.stats().dropped(DropReason::ServiceEndpointReserved), 1);
+            assert_eq!(g.table().mappings(), 0);
+            // The same backend from another port is translated as before.
+            let other_port = SocketAddrV4::new(*rs(101).ip(), 40_000);
+            let (v, _) = pass(&mut g, now, tcp(other_port, remote, true, false, false));
+            assert_eq!(v, Verdict::Forward);
+            // A client's SYN to the VIP still reaches the backend.
+            let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
+            let c = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 40_000);
+            let (v, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+            assert_eq!((v, endpoints(&syn)), (Verdict::Forward, (c, rs(101))));
+            assert_eq!(g.stats().dropped(DropReason::InsideEndpointBusy), 0);
         }
 
         #[test]
