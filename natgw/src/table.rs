@@ -1206,3 +1206,177 @@ fn grow<T>(v: &mut Vec<T>) {
         v.reserve_exact((v.len() / 4).max(256));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::disallowed_methods)]
+    fn epoch() -> Instant {
+        Instant::now()
+    }
+
+    fn config(max: usize, udp: Duration, seed: u64) -> TableConfig {
+        TableConfig {
+            timeouts: Timeouts {
+                udp,
+                ..Timeouts::default()
+            },
+            max_sessions: max,
+            max_per_host: max,
+            port_range: 1024..=65535,
+            seed,
+            half_open: HalfOpenLimits {
+                per_listener: max,
+                per_source: max,
+                source_prefix: 24,
+                inbound_per_mapping: max,
+            },
+        }
+    }
+
+    fn table(now: Instant, max: usize, udp_secs: u64) -> (PatTable, PublicIdx) {
+        let mut t = PatTable::new(now, config(max, Duration::from_secs(udp_secs), 7));
+        let idx = t.public_index(Ipv4Addr::new(198, 51, 100, 1)).unwrap();
+        (t, idx)
+    }
+
+    fn inside(host: u8, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, host), port)
+    }
+
+    fn remote(n: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 5000 + n)
+    }
+
+    /// An outbound UDP flow from `inside` (a new dynamic mapping).
+    fn open(
+        t: &mut PatTable,
+        now: Instant,
+        idx: PublicIdx,
+        inside: SocketAddrV4,
+        n: u16,
+    ) -> Result<(MappingId, SessionId), DropReason> {
+        let m = t.create_mapping(Proto::Udp, inside, idx, None, None, false)?;
+        let s = t.create_session(now, m, remote(n), true)?;
+        Ok((m, s))
+    }
+
+    fn expire(t: &mut PatTable, at: Instant) -> usize {
+        let mut n = 0;
+        t.expire(at, |_| n += 1);
+        n
+    }
+
+    const fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_timeout_longer_than_the_wheel_survives_its_laps() {
+        let now = epoch();
+        let lap = u64::from(SLOTS);
+        let (mut t, idx) = table(now, 16, lap + 100);
+        open(&mut t, now, idx, inside(1, 1000), 0).unwrap();
+        // The slot of the deadline comes round once before the deadline, and again.
+        for at in [lap / 2, lap + 1, lap + 50] {
+            assert_eq!(expire(&mut t, now + secs(at)), 0, "expired early at {at} s");
+        }
+        assert_eq!(t.len(), 1);
+        assert_eq!(expire(&mut t, now + secs(lap + 100)), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn lazy_refresh_moves_a_session_to_its_new_deadline() {
+        let now = epoch();
+        let (mut t, idx) = table(now, 16, 60);
+        let (_, s) = open(&mut t, now, idx, inside(1, 1000), 0).unwrap();
+        // A packet at 50 s only stores the new deadline (110 s).
+        t.touch(now + secs(50), s, true, None).unwrap();
+        // At the old deadline the session is moved, not removed...
+        assert_eq!(expire(&mut t, now + secs(61)), 0);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.next_deadline(), Some(now + secs(62)));
+        // ...and goes at the new one.
+        assert_eq!(expire(&mut t, now + secs(109)), 0);
+        assert_eq!(expire(&mut t, now + secs(111)), 1);
+    }
+
+    #[test]
+    fn slabs_grow_by_a_quarter() {
+        let mut v: Vec<u32> = Vec::with_capacity(1024);
+        v.resize(1024, 0);
+        grow(&mut v);
+        assert_eq!(v.capacity(), 1024 + 256);
+        let mut small: Vec<u32> = Vec::new();
+        grow(&mut small);
+        assert_eq!(small.capacity(), 256, "at least 256 slots at a time");
+        let now = epoch();
+        let (mut t, idx) = table(now, 1000, 60);
+        for n in 0..300 {
+            open(&mut t, now, idx, inside(1, 1000 + n), n).unwrap();
+        }
+        assert_eq!(t.sessions.capacity(), 512);
+        assert_eq!(t.mappings.capacity(), 512);
+    }
+
+    #[test]
+    fn freed_slots_are_reused() {
+        let now = epoch();
+        let (mut t, idx) = table(now, 16, 60);
+        let (m1, s1) = open(&mut t, now, idx, inside(1, 1000), 0).unwrap();
+        assert_eq!(expire(&mut t, now + secs(61)), 1);
+        assert_eq!(t.mappings(), 0);
+        let (m2, s2) = open(&mut t, now + secs(61), idx, inside(2, 2000), 1).unwrap();
+        assert_eq!((m2, s2), (m1, s1));
+        assert_eq!((t.sessions.len(), t.mappings.len()), (1, 1));
+        assert_eq!(t.mapping(m2).inside, inside(2, 2000));
+    }
+
+    #[test]
+    fn bounds_refuse_new_flows_once_the_old_are_assured() {
+        let now = epoch();
+        let (mut t, idx) = table(now, 4, 60);
+        t.cfg.max_per_host = 3;
+        for n in 0..3 {
+            let (_, s) = open(&mut t, now, idx, inside(1, 1000 + n), n).unwrap();
+            // A reply assures the flow: it is no longer a candidate for early drop.
+            t.touch(now, s, false, None).unwrap();
+        }
+        assert_eq!(
+            open(&mut t, now, idx, inside(1, 2000), 9),
+            Err(DropReason::HostLimit)
+        );
+        let (_, s) = open(&mut t, now, idx, inside(2, 1000), 3).unwrap();
+        t.touch(now, s, false, None).unwrap();
+        assert_eq!(
+            open(&mut t, now, idx, inside(3, 1000), 4),
+            Err(DropReason::TableFull)
+        );
+        assert_eq!(t.len(), t.capacity());
+    }
+
+    #[test]
+    fn hashes_and_ports_follow_the_seed() {
+        let now = epoch();
+        let ports = |seed: u64| {
+            let mut t = PatTable::new(now, config(64, secs(60), seed));
+            let idx = t.public_index(Ipv4Addr::new(198, 51, 100, 1)).unwrap();
+            // Port 80 is outside the dynamic range: each mapping gets a random port.
+            (0..8)
+                .map(|h| {
+                    let m = t
+                        .create_mapping(Proto::Udp, inside(h, 80), idx, None, None, false)
+                        .unwrap();
+                    t.mapping(m).public_port
+                })
+                .collect::<Vec<u16>>()
+        };
+        assert_eq!(ports(7), ports(7));
+        assert_ne!(ports(7), ports(8));
+        let key = SessionKey::new(Proto::Tcp, PublicIdx(0), 80, remote(1));
+        assert_eq!(SeededState(7).hash_one(key), SeededState(7).hash_one(key));
+        assert_ne!(SeededState(7).hash_one(key), SeededState(8).hash_one(key));
+    }
+}
