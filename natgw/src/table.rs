@@ -1305,8 +1305,7 @@ mod tests {
 
     #[test]
     fn slabs_grow_by_a_quarter() {
-        let mut v: Vec<u32> = Vec::with_capacity(1024);
-        v.resize(1024, 0);
+        let mut v: Vec<u32> = vec![0; 1024];
         grow(&mut v);
         assert_eq!(v.capacity(), 1024 + 256);
         let mut small: Vec<u32> = Vec::new();
