@@ -13,10 +13,15 @@ use std::ops::RangeInclusive;
 
 use ipnet::Ipv4Net;
 
-use crate::config::Proto;
+use crate::flow::Proto;
 
 /// What a rule does with the packets it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum AclAction {
     /// Let the packet through to translation.
     Permit,

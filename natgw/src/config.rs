@@ -3,104 +3,21 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::RangeInclusive;
-use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
 use crate::acl::AclRule;
-
-/// Transport protocols the gateway translates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proto {
-    /// TCP (RFC 5382 behaviour).
-    Tcp,
-    /// UDP (RFC 4787 behaviour).
-    Udp,
-    /// ICMP echo, keyed by the query identifier (RFC 5508).
-    Icmp,
-}
-
-impl Proto {
-    /// The IP protocol number.
-    #[must_use]
-    pub fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => 6,
-            Proto::Udp => 17,
-            Proto::Icmp => 1,
-        }
-    }
-
-    /// The protocol for an IP protocol number, if the gateway translates it.
-    #[must_use]
-    pub fn from_number(n: u8) -> Option<Proto> {
-        match n {
-            6 => Some(Proto::Tcp),
-            17 => Some(Proto::Udp),
-            1 => Some(Proto::Icmp),
-            _ => None,
-        }
-    }
-
-    /// Lower-case name as used in the config and in `show nat`.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-            Proto::Icmp => "icmp",
-        }
-    }
-
-    pub(crate) fn code(self) -> u8 {
-        match self {
-            Proto::Tcp => 0,
-            Proto::Udp => 1,
-            Proto::Icmp => 2,
-        }
-    }
-
-    pub(crate) fn from_code(c: u8) -> Proto {
-        match c {
-            0 => Proto::Tcp,
-            1 => Proto::Udp,
-            _ => Proto::Icmp,
-        }
-    }
-}
-
-impl std::fmt::Display for Proto {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Idle timeouts of translation entries. Defaults are the RFC minimums/recommendations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    /// UDP (RFC 4787 REQ-5: ≥ 2 min, 5 min recommended). Default 5 min.
-    pub udp: Duration,
-    /// Established TCP (RFC 5382 REQ-5: ≥ 2 h 4 min). Default 2 h 4 min.
-    pub tcp_established: Duration,
-    /// Partly open or closing TCP (RFC 5382 REQ-5, RFC 7857 §2.2: ≥ 4 min). Default 4 min.
-    pub tcp_transitory: Duration,
-    /// ICMP query (RFC 5508 REQ-2: ≥ 60 s). Default 60 s.
-    pub icmp: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            udp: Duration::from_secs(300),
-            tcp_established: Duration::from_secs(7440),
-            tcp_transitory: Duration::from_secs(240),
-            icmp: Duration::from_secs(60),
-        }
-    }
-}
+use crate::flow::Proto;
+use crate::service::ServiceConfig;
+use crate::table::Timeouts;
 
 /// Inbound filtering of dynamic mappings (RFC 4787 §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum Filtering {
     /// Address-dependent: inbound is accepted only from an address the inside endpoint has
     /// sent to through this mapping (the default).
@@ -151,7 +68,7 @@ pub struct GatewayConfig {
     /// hops and traceroute would lose one. Default true.
     pub compensate_ttl: bool,
     /// Load-balanced virtual services (each a TCP listener on its VIP:port).
-    pub services: Vec<crate::service::ServiceConfig>,
+    pub services: Vec<ServiceConfig>,
     /// Addresses assigned to an interface of this host. Traffic to a public address among
     /// them that the gateway does not translate is passed to the host (SSH to the router);
     /// to any other public address (a VIP) it is answered or dropped, never passed back.

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddrV4;
 
-use crate::config::Proto;
+use crate::flow::Proto;
 
 /// A configuration the core cannot run with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,10 +31,6 @@ pub enum NatError {
     /// Only TCP and UDP ports can be forwarded.
     #[error("only tcp and udp can be forwarded, not {0}")]
     UnforwardableProto(Proto),
-    /// The change needs a restart of the gateway (overload address changed, or a static
-    /// forward was removed or changed).
-    #[error("this change cannot be applied to a running gateway")]
-    NeedsRestart,
     /// The dynamic port range is empty.
     #[error("the dynamic port range is empty")]
     EmptyPortRange,
@@ -117,6 +113,9 @@ drop_reasons! {
     /// To a public address not assigned to this host that nothing translates (passing it
     /// back to `nat0` would loop it).
     Unowned => "unowned",
+    /// An outbound flow from a virtual service's backend (or sorry server) endpoint that
+    /// would have needed a dynamic mapping: that endpoint is reserved for the service.
+    ServiceEndpointReserved => "service_endpoint_reserved",
 }
 
 impl std::fmt::Display for DropReason {

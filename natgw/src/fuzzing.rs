@@ -3,7 +3,11 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use crate::{Direction, Gateway, GatewayConfig, L4Checksum, PacketMeta, Proto, StaticEntry};
+use balance::{BackendConfig, PoolConfig, SchedulerKind};
+
+use crate::{
+    Direction, Gateway, GatewayConfig, L4Checksum, PacketMeta, Proto, ServiceConfig, StaticEntry,
+};
 
 /// Feeds `data` (at time `now`) to a gateway with one static forward: the first byte picks
 /// the direction and a clock step, the rest is the packet. Then feeds its next fragment, replays it the other way and
@@ -62,25 +66,21 @@ pub fn run_gateway(now: Instant, data: &[u8]) {
     let _ = gw.translations(now);
 }
 
-/// A listener standing in for a virtual service: alternates between two backends.
-#[derive(Debug, Default)]
-struct TwoBackends {
-    next: u8,
-}
-
-impl crate::InsideSelector for TwoBackends {
-    fn select(&mut self, _now: Instant, _client: SocketAddrV4) -> Option<SocketAddrV4> {
-        self.next = self.next.wrapping_add(1);
-        Some(SocketAddrV4::new(
-            Ipv4Addr::new(192, 168, 101, 120 + self.next % 2),
-            8080,
-        ))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
+/// A virtual service on `listen` alternating (round robin) between two backends.
+fn two_backends(listen: SocketAddrV4) -> ServiceConfig {
+    let backend = |last| BackendConfig {
+        addr: SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, last), 8080),
+        weight: 1,
+    };
+    ServiceConfig {
+        name: "fuzz".into(),
+        listen,
+        pool: PoolConfig {
+            scheduler: SchedulerKind::Rr,
+            backends: vec![backend(120), backend(121)],
+            ..PoolConfig::default()
+        },
+        health: None,
     }
 }
 
@@ -125,21 +125,12 @@ pub fn run_sequence(start: Instant, data: &[u8]) {
         max_half_open_per_listener: 6,
         max_half_open_per_source: 10,
         max_inbound_per_mapping: 4,
+        services: vec![two_backends(SocketAddrV4::new(vip, 80))],
         ..GatewayConfig::default()
     };
     let Ok(mut gw) = Gateway::new(start, config) else {
         return;
     };
-    if gw
-        .add_listener(
-            Proto::Tcp,
-            SocketAddrV4::new(vip, 80),
-            Box::<TwoBackends>::default(),
-        )
-        .is_err()
-    {
-        return;
-    }
     let mut now = start;
     for step in data.chunks_exact(SEQUENCE_STEP) {
         now += Duration::from_secs(u64::from(step[8]));

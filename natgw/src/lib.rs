@@ -22,22 +22,44 @@
 //! - The gateway owns several public addresses: the overload address and every address a
 //!   listener uses ([`Gateway::public_addresses`]); the driver routes each into `nat0`.
 //! - A **listener** is a `(proto, public address, port)` whose new inbound flows are handed
-//!   to an [`InsideSelector`] ([`Gateway::add_listener`]). The selector's
-//!   [`InsideSelector::select`] is the single place where a new flow's inside endpoint is
-//!   decided: [`StaticForward`] always answers the same endpoint; a virtual service picks a
-//!   backend from its pool.
+//!   to a [`Selector`] ([`Gateway::add_listener`]). [`Selector::select`] is the single place
+//!   where a new flow's inside endpoint is decided: a [`StaticForward`] always answers the
+//!   same endpoint; a [`VirtualService`] picks a backend from its pool.
 //! - Each flow stores the inside endpoint chosen for it (through a per-endpoint mapping), so
 //!   a backend keeps its flows when the pool changes.
-//! - Flow life cycle is reported to the selector with [`InsideSelector::on_flow`]
-//!   ([`FlowEvent::Opened`], `Established`, `Closing`, `Closed`): enough to keep LVS-style
-//!   active/inactive connection counts per backend.
-//! - [`Gateway::selector_mut`] plus `as_any_mut` reaches a selector at run time (weights).
+//! - Flow life cycle is reported to the selector ([`FlowEvent::Opened`], `Established`,
+//!   `Closing`, `Closed`): enough to keep LVS-style active/inactive connection counts per
+//!   backend.
+//! - [`Gateway::service_mut`] (or [`Gateway::selector_mut`]) reaches a service at run time
+//!   (weights, health).
 //! - A selector returning `None` refuses the flow ([`DropReason::NoInsideEndpoint`]); a
-//!   backend endpoint belongs to one listener at a time ([`DropReason::InsideEndpointBusy`]).
+//!   backend endpoint belongs to one listener at a time ([`DropReason::InsideEndpointBusy`]),
+//!   and never to a dynamic mapping ([`DropReason::ServiceEndpointReserved`]).
 //! - In the driver, `driver::NatDriver::gateway` shares the core (a mutex held by the packet
 //!   loop one batch at a time) and `driver::NatDriver::add_public_address` makes a new VIP live
 //!   (route into `nat0` + proxy neighbour, or steering rules if the address is local). In the
 //!   `vipgate` binary the running driver is `parts::nat::running_gateway()`.
+//!
+//! # The core decides, a data path moves packets
+//! The TUN driver is one data path: it hands every packet to [`Gateway::handle_packet`],
+//! which both decides and rewrites. A second data path (a kernel one, e.g. an XDP/tc program
+//! fed from the core) would execute the decisions without the core touching each packet. The
+//! decision a flow gets is a [`Translation`] ([`Gateway::translations`]): `proto`, `inside`,
+//! `public` and `outside` are both directions' rewrite tuples (outbound: source `inside` →
+//! `public`; inbound: destination `public` → `inside`), and `listener` says which listener
+//! placed it. What stays in the core whatever the data path: the ACL, listener selection,
+//! port allocation, the table's bounds and timers, TCP state and the flow events.
+//!
+//! # Module order
+//! Imports go one way, and no module imports one that depends on it:
+//!
+//! ```text
+//! flow ─▶ error ─▶ {acl, table, translate} ─▶ service ─▶ selector ─▶ gateway ─▶ driver
+//!                   config (above acl, table and service: it holds their settings)
+//! ```
+//! `flow` is the shared vocabulary (protocols, directions, listener ids, flow events, TCP
+//! flag bits); `tcp`, `fragments` and `health` are leaves beside it; no `impl Gateway` lives
+//! outside `gateway/`.
 #![warn(missing_docs)]
 
 pub mod acl;
@@ -45,22 +67,23 @@ pub mod config;
 #[cfg(feature = "driver")]
 pub mod driver;
 pub mod error;
+mod flow;
 mod fragments;
 #[doc(hidden)]
 pub mod fuzzing;
 mod gateway;
+mod selector;
 pub mod table;
 mod tcp;
 pub mod translate;
 
 pub use acl::{Acl, AclAction, AclRule};
-pub use config::{Filtering, GatewayConfig, Proto, StaticEntry, Timeouts};
+pub use config::{Filtering, GatewayConfig, StaticEntry};
 pub use error::{DropReason, NatError};
-pub use gateway::{
-    Direction, FlowEvent, Gateway, GatewayStats, InsideSelector, Listener, ListenerId, PacketMeta,
-    StaticForward, Verdict,
-};
-pub use table::{PatTable, Translation};
+pub use flow::{Direction, FlowEvent, ListenerId, Proto};
+pub use gateway::{Gateway, GatewayStats, Listener, PacketMeta, Verdict};
+pub use selector::{Selector, StaticForward};
+pub use table::{PatTable, Timeouts, Translation};
 pub use translate::L4Checksum;
 
 // Virtual services (load balancing) and health checks.

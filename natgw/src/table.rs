@@ -37,14 +37,17 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-use crate::config::{Proto, Timeouts};
 use crate::error::DropReason;
+use crate::flow::{ListenerId, Proto};
 use crate::tcp::{Outcome, Segment, TcpState, Tracker};
 
-/// "No entry" in the intrusive lists and for `Mapping::listener`.
+/// "No entry" in the intrusive lists.
 const NIL: u32 = u32::MAX;
-/// No listener (dynamic mapping).
-pub(crate) const NO_LISTENER: u16 = u16::MAX;
+/// `Mapping::listener` of a dynamic mapping (kept as a bare `u16` so a mapping stays small;
+/// it never leaves this module: the rest of the crate sees `Option<ListenerId>`).
+const NO_LISTENER: u16 = u16::MAX;
+/// Listener ids run below this bound (the last `u16` is `NO_LISTENER`).
+pub(crate) const LISTENER_LIMIT: usize = NO_LISTENER as usize;
 /// Number of one-second wheel slots (a power of two larger than the common timeouts).
 const SLOTS: u32 = 8192;
 
@@ -85,6 +88,50 @@ const CLOSE_WAIT_SECS: u64 = 60;
 const LAST_ACK_SECS: u64 = 30;
 const TIME_WAIT_SECS: u64 = 120;
 const CLOSE_SECS: u64 = 10;
+
+/// A mapping's slot in the table's mapping slab (valid while the mapping lives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MappingId(u32);
+
+/// A session's slot in the table's session slab (valid while the session lives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SessionId(u32);
+
+/// Index of a public address of the gateway (at most 255 of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PublicIdx(u8);
+
+fn listener_of(raw: u16) -> Option<ListenerId> {
+    (raw != NO_LISTENER).then_some(ListenerId(raw))
+}
+
+fn raw_listener(l: Option<ListenerId>) -> u16 {
+    l.map_or(NO_LISTENER, |l| l.0)
+}
+
+/// Idle timeouts of translation entries. Defaults are the RFC minimums/recommendations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// UDP (RFC 4787 REQ-5: ≥ 2 min, 5 min recommended). Default 5 min.
+    pub udp: Duration,
+    /// Established TCP (RFC 5382 REQ-5: ≥ 2 h 4 min). Default 2 h 4 min.
+    pub tcp_established: Duration,
+    /// Partly open or closing TCP (RFC 5382 REQ-5, RFC 7857 §2.2: ≥ 4 min). Default 4 min.
+    pub tcp_transitory: Duration,
+    /// ICMP query (RFC 5508 REQ-2: ≥ 60 s). Default 60 s.
+    pub icmp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            udp: Duration::from_secs(300),
+            tcp_established: Duration::from_secs(7440),
+            tcp_transitory: Duration::from_secs(240),
+            icmp: Duration::from_secs(60),
+        }
+    }
+}
 
 /// An age-ordered list of half-open sessions (oldest first), linked through
 /// `Session::age_prev/age_next`.
@@ -148,11 +195,11 @@ struct SessionKey {
 }
 
 impl SessionKey {
-    fn new(proto: Proto, public_idx: u8, public_port: u16, remote: SocketAddrV4) -> Self {
+    fn new(proto: Proto, public_idx: PublicIdx, public_port: u16, remote: SocketAddrV4) -> Self {
         SessionKey {
             remote_ip: u32::from(*remote.ip()),
             ports: (u32::from(public_port) << 16) | u32::from(remote.port()),
-            proto_public: (u32::from(proto.code()) << 8) | u32::from(public_idx),
+            proto_public: (u32::from(proto.code()) << 8) | u32::from(public_idx.0),
         }
     }
 }
@@ -200,9 +247,9 @@ impl Hasher for MixHasher {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PublicOwner {
     /// A mapping (dynamic, or the permanent mapping of a static forward).
-    Mapping(u32),
+    Mapping(MappingId),
     /// A listener: new inbound flows ask its selector for the inside endpoint.
-    Listener(u16),
+    Listener(ListenerId),
 }
 
 /// A read-only view of one mapping.
@@ -210,9 +257,9 @@ pub(crate) enum PublicOwner {
 pub(crate) struct MappingView {
     pub(crate) proto: Proto,
     pub(crate) inside: SocketAddrV4,
-    pub(crate) public_idx: u8,
+    pub(crate) public_idx: PublicIdx,
     pub(crate) public_port: u16,
-    pub(crate) listener: Option<u16>,
+    pub(crate) listener: Option<ListenerId>,
 }
 
 /// What changed about a session's TCP state after a packet.
@@ -263,7 +310,7 @@ pub struct Translation {
     /// Seconds until the entry expires if idle.
     pub expires_in: Duration,
     /// The listener (static forward or service) that created it, if any.
-    pub listener: Option<u16>,
+    pub listener: Option<ListenerId>,
 }
 
 /// Configuration of a [`PatTable`] (a subset of [`crate::GatewayConfig`]).
@@ -353,27 +400,28 @@ impl PatTable {
     }
 
     /// Index of a public address, registering it on first use (at most 255 addresses).
-    pub(crate) fn public_index(&mut self, addr: Ipv4Addr) -> Option<u8> {
-        if let Some(i) = self.publics.iter().position(|a| *a == addr) {
-            return u8::try_from(i).ok();
+    pub(crate) fn public_index(&mut self, addr: Ipv4Addr) -> Option<PublicIdx> {
+        if let Some(i) = self.find_public(addr) {
+            return Some(i);
         }
         let i = u8::try_from(self.publics.len())
             .ok()
             .filter(|i| *i < u8::MAX)?;
         self.publics.push(addr);
-        Some(i)
+        Some(PublicIdx(i))
     }
 
     /// Index of a known public address.
-    pub(crate) fn find_public(&self, addr: Ipv4Addr) -> Option<u8> {
+    pub(crate) fn find_public(&self, addr: Ipv4Addr) -> Option<PublicIdx> {
         self.publics
             .iter()
             .position(|a| *a == addr)
             .and_then(|i| u8::try_from(i).ok())
+            .map(PublicIdx)
     }
 
-    pub(crate) fn public_addr(&self, idx: u8) -> Ipv4Addr {
-        self.publics[usize::from(idx)]
+    pub(crate) fn public_addr(&self, idx: PublicIdx) -> Ipv4Addr {
+        self.publics[usize::from(idx.0)]
     }
 
     fn inside_key(proto: Proto, inside: SocketAddrV4) -> u64 {
@@ -383,35 +431,53 @@ impl PatTable {
             | u64::from(inside.port())
     }
 
-    fn public_key(proto: Proto, idx: u8, port: u16) -> u64 {
-        KIND_PUBLIC | (u64::from(proto.code()) << 56) | (u64::from(idx) << 16) | u64::from(port)
+    fn public_key(proto: Proto, idx: PublicIdx, port: u16) -> u64 {
+        KIND_PUBLIC | (u64::from(proto.code()) << 56) | (u64::from(idx.0) << 16) | u64::from(port)
     }
 
     /// The mapping of an inside endpoint.
-    pub(crate) fn mapping_of_inside(&self, proto: Proto, inside: SocketAddrV4) -> Option<u32> {
-        self.index.get(&Self::inside_key(proto, inside)).copied()
+    pub(crate) fn mapping_of_inside(
+        &self,
+        proto: Proto,
+        inside: SocketAddrV4,
+    ) -> Option<MappingId> {
+        self.index
+            .get(&Self::inside_key(proto, inside))
+            .copied()
+            .map(MappingId)
     }
 
     /// The owner of a public endpoint.
-    pub(crate) fn public_owner(&self, proto: Proto, idx: u8, port: u16) -> Option<PublicOwner> {
+    pub(crate) fn public_owner(
+        &self,
+        proto: Proto,
+        idx: PublicIdx,
+        port: u16,
+    ) -> Option<PublicOwner> {
         self.index
             .get(&Self::public_key(proto, idx, port))
             .map(|v| {
                 if v & OWNER_LISTENER != 0 {
-                    PublicOwner::Listener((v & 0xffff) as u16)
+                    PublicOwner::Listener(ListenerId((v & 0xffff) as u16))
                 } else {
-                    PublicOwner::Mapping(*v)
+                    PublicOwner::Mapping(MappingId(*v))
                 }
             })
     }
 
     /// Reserves a public endpoint for a listener. False if it is taken.
-    pub(crate) fn add_listener(&mut self, proto: Proto, idx: u8, port: u16, id: u16) -> bool {
+    pub(crate) fn add_listener(
+        &mut self,
+        proto: Proto,
+        idx: PublicIdx,
+        port: u16,
+        id: ListenerId,
+    ) -> bool {
         let key = Self::public_key(proto, idx, port);
         if self.index.contains_key(&key) {
             return false;
         }
-        self.index.insert(key, OWNER_LISTENER | u32::from(id));
+        self.index.insert(key, OWNER_LISTENER | u32::from(id.0));
         true
     }
 
@@ -421,17 +487,17 @@ impl PatTable {
     pub(crate) fn remove_listener(
         &mut self,
         proto: Proto,
-        idx: u8,
+        idx: PublicIdx,
         port: u16,
-        id: u16,
+        id: ListenerId,
         mut on_removed: impl FnMut(RemovedSession),
     ) {
         let key = Self::public_key(proto, idx, port);
-        if self.index.get(&key) == Some(&(OWNER_LISTENER | u32::from(id))) {
+        if self.index.get(&key) == Some(&(OWNER_LISTENER | u32::from(id.0))) {
             self.index.remove(&key);
         }
         for m in 0..u32::try_from(self.mappings.len()).unwrap_or(u32::MAX) {
-            if self.mappings[m as usize].listener != id || !self.mapping_live(m) {
+            if self.mappings[m as usize].listener != id.0 || !self.mapping_live(m) {
                 continue;
             }
             let mut s = self.mappings[m as usize].head;
@@ -450,18 +516,22 @@ impl PatTable {
 
     /// Whether slab slot `m` holds a mapping (free slots keep stale fields).
     fn mapping_live(&self, m: u32) -> bool {
-        let v = self.mapping(m);
+        let v = self.view(m);
         self.index.get(&Self::inside_key(v.proto, v.inside)) == Some(&m)
     }
 
-    pub(crate) fn mapping(&self, m: u32) -> MappingView {
+    pub(crate) fn mapping(&self, m: MappingId) -> MappingView {
+        self.view(m.0)
+    }
+
+    fn view(&self, m: u32) -> MappingView {
         let m = &self.mappings[m as usize];
         MappingView {
             proto: Proto::from_code(m.proto_flags & 0x3),
             inside: SocketAddrV4::new(Ipv4Addr::from(m.inside_ip), m.inside_port),
-            public_idx: m.public_idx,
+            public_idx: PublicIdx(m.public_idx),
             public_port: m.public_port,
-            listener: (m.listener != NO_LISTENER).then_some(m.listener),
+            listener: listener_of(m.listener),
         }
     }
 
@@ -472,7 +542,7 @@ impl PatTable {
 
     /// A free public port: the inside port if allowed and free (port preservation), otherwise
     /// a random one from the range, probing linearly from a random start (RFC 6056 alg. 1-like).
-    fn allocate_port(&mut self, proto: Proto, idx: u8, preferred: u16) -> Option<u16> {
+    fn allocate_port(&mut self, proto: Proto, idx: PublicIdx, preferred: u16) -> Option<u16> {
         let range = if proto == Proto::Icmp {
             0..=u16::MAX
         } else {
@@ -515,11 +585,11 @@ impl PatTable {
         &mut self,
         proto: Proto,
         inside: SocketAddrV4,
-        idx: u8,
+        idx: PublicIdx,
         public_port: Option<u16>,
-        listener: u16,
+        listener: Option<ListenerId>,
         permanent: bool,
-    ) -> Result<u32, DropReason> {
+    ) -> Result<MappingId, DropReason> {
         let inside_key = Self::inside_key(proto, inside);
         if self.index.contains_key(&inside_key) {
             return Err(DropReason::InsideEndpointBusy);
@@ -535,8 +605,8 @@ impl PatTable {
             inside_port: inside.port(),
             public_port: port,
             proto_flags: proto.code() | if permanent { M_PERMANENT } else { 0 },
-            public_idx: idx,
-            listener,
+            public_idx: idx.0,
+            listener: raw_listener(listener),
             sessions: 0,
             inbound: 0,
             head: NIL,
@@ -545,11 +615,11 @@ impl PatTable {
         if public_port.is_none() {
             self.index.insert(Self::public_key(proto, idx, port), m);
         }
-        Ok(m)
+        Ok(MappingId(m))
     }
 
     fn remove_mapping(&mut self, m: u32) {
-        let view = self.mapping(m);
+        let view = self.view(m);
         self.index
             .remove(&Self::inside_key(view.proto, view.inside));
         if view.listener.is_none() {
@@ -567,10 +637,10 @@ impl PatTable {
     }
 
     /// Removes a mapping that has no session (one made for a flow that was then refused).
-    pub(crate) fn release_unused_mapping(&mut self, m: u32) {
-        let mapping = &self.mappings[m as usize];
+    pub(crate) fn release_unused_mapping(&mut self, m: MappingId) {
+        let mapping = &self.mappings[m.0 as usize];
         if mapping.sessions == 0 && mapping.proto_flags & M_PERMANENT == 0 {
-            self.remove_mapping(m);
+            self.remove_mapping(m.0);
         }
     }
 
@@ -578,28 +648,29 @@ impl PatTable {
     pub(crate) fn session(
         &self,
         proto: Proto,
-        idx: u8,
+        idx: PublicIdx,
         public_port: u16,
         remote: SocketAddrV4,
-    ) -> Option<u32> {
+    ) -> Option<SessionId> {
         self.flows
             .get(&SessionKey::new(proto, idx, public_port, remote))
             .copied()
+            .map(SessionId)
     }
 
-    pub(crate) fn session_mapping(&self, s: u32) -> u32 {
-        self.sessions[s as usize].mapping
+    pub(crate) fn session_mapping(&self, s: SessionId) -> MappingId {
+        MappingId(self.sessions[s.0 as usize].mapping)
     }
 
     /// Address-dependent filtering: has this dynamic mapping any session with `remote_ip`?
     /// One hash lookup (an index kept per mapping and remote address).
-    pub(crate) fn mapping_has_remote_ip(&self, m: u32, remote_ip: Ipv4Addr) -> bool {
+    pub(crate) fn mapping_has_remote_ip(&self, m: MappingId, remote_ip: Ipv4Addr) -> bool {
         self.remote_ips
-            .contains_key(&remote_ip_key(m, u32::from(remote_ip)))
+            .contains_key(&remote_ip_key(m.0, u32::from(remote_ip)))
     }
 
     /// Whether dynamic mapping `m` may take one more session from the outside.
-    pub(crate) fn mapping_accepts_inbound(&self, m: u32) -> bool {
+    fn mapping_accepts_inbound(&self, m: u32) -> bool {
         (self.mappings[m as usize].inbound as usize) < self.cfg.half_open.inbound_per_mapping
     }
 
@@ -724,10 +795,11 @@ impl PatTable {
     pub(crate) fn create_session(
         &mut self,
         now: Instant,
-        m: u32,
+        m: MappingId,
         remote: SocketAddrV4,
         from_inside: bool,
-    ) -> Result<u32, DropReason> {
+    ) -> Result<SessionId, DropReason> {
+        let m = m.0;
         let inside_ip = self.mappings[m as usize].inside_ip;
         let listener = self.mappings[m as usize].listener;
         let net = self.source_net(u32::from(*remote.ip()));
@@ -768,7 +840,7 @@ impl PatTable {
             *self.half_open_sources.entry(net).or_insert(0) += 1;
             self.mappings[m as usize].inbound += 1;
         }
-        let view = self.mapping(m);
+        let view = self.view(m);
         let now_tick = self.tick(now);
         let expires = now_tick.saturating_add(self.timeout_ticks(view.proto, TcpState::None));
         let head = self.mappings[m as usize].head;
@@ -819,7 +891,7 @@ impl PatTable {
             self.cursor = now_tick;
         }
         self.link_wheel(s, expires);
-        Ok(s)
+        Ok(SessionId(s))
     }
 
     fn link_wheel(&mut self, s: u32, expires: u32) {
@@ -880,10 +952,11 @@ impl PatTable {
     pub(crate) fn touch(
         &mut self,
         now: Instant,
-        s: u32,
+        s: SessionId,
         outbound: bool,
         seg: Option<&Segment>,
     ) -> Result<StateChange, DropReason> {
+        let s = s.0;
         let m = self.sessions[s as usize].mapping;
         let proto = Proto::from_code(self.mappings[m as usize].proto_flags & 0x3);
         let flags = self.sessions[s as usize].flags;
@@ -926,17 +999,17 @@ impl PatTable {
 
     /// Whether TCP session `s` has ended (an accepted RST, or the close completed): a new
     /// SYN on its 4-tuple is a new connection reusing the client's port.
-    pub(crate) fn session_closed(&self, s: u32) -> bool {
+    pub(crate) fn session_closed(&self, s: SessionId) -> bool {
         matches!(
-            self.sessions[s as usize].tcp.state,
+            self.sessions[s.0 as usize].tcp.state,
             TcpState::Close | TcpState::TimeWait
         )
     }
 
     /// Removes session `s` at once (a closed connection replaced by a new one on its 4-tuple).
-    pub(crate) fn remove_now(&mut self, s: u32) -> RemovedSession {
-        self.unlink_wheel(s);
-        self.remove_session(s)
+    pub(crate) fn remove_now(&mut self, s: SessionId) -> RemovedSession {
+        self.unlink_wheel(s.0);
+        self.remove_session(s.0)
     }
 
     /// Removes session `s` (and its mapping when that was its last session and the mapping is
@@ -944,7 +1017,7 @@ impl PatTable {
     fn remove_session(&mut self, s: u32) -> RemovedSession {
         self.age_unlink(s);
         let sess = self.sessions[s as usize];
-        let view = self.mapping(sess.mapping);
+        let view = self.view(sess.mapping);
         let remote = SocketAddrV4::new(Ipv4Addr::from(sess.remote_ip), sess.remote_port);
         if view.listener.is_none() {
             let key = remote_ip_key(sess.mapping, sess.remote_ip);
@@ -1102,7 +1175,7 @@ impl PatTable {
             let mut s = *slot;
             while s != NIL {
                 let sess = &self.sessions[s as usize];
-                let view = self.mapping(sess.mapping);
+                let view = self.view(sess.mapping);
                 out.push(Translation {
                     proto: view.proto,
                     inside: view.inside,
@@ -1131,5 +1204,178 @@ fn remote_ip_key(m: u32, remote_ip: u32) -> u64 {
 fn grow<T>(v: &mut Vec<T>) {
     if v.len() == v.capacity() {
         v.reserve_exact((v.len() / 4).max(256));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::disallowed_methods)]
+    fn epoch() -> Instant {
+        Instant::now()
+    }
+
+    fn config(max: usize, udp: Duration, seed: u64) -> TableConfig {
+        TableConfig {
+            timeouts: Timeouts {
+                udp,
+                ..Timeouts::default()
+            },
+            max_sessions: max,
+            max_per_host: max,
+            port_range: 1024..=65535,
+            seed,
+            half_open: HalfOpenLimits {
+                per_listener: max,
+                per_source: max,
+                source_prefix: 24,
+                inbound_per_mapping: max,
+            },
+        }
+    }
+
+    fn table(now: Instant, max: usize, udp_secs: u64) -> (PatTable, PublicIdx) {
+        let mut t = PatTable::new(now, config(max, Duration::from_secs(udp_secs), 7));
+        let idx = t.public_index(Ipv4Addr::new(198, 51, 100, 1)).unwrap();
+        (t, idx)
+    }
+
+    fn inside(host: u8, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, host), port)
+    }
+
+    fn remote(n: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 5000 + n)
+    }
+
+    /// An outbound UDP flow from `inside` (a new dynamic mapping).
+    fn open(
+        t: &mut PatTable,
+        now: Instant,
+        idx: PublicIdx,
+        inside: SocketAddrV4,
+        n: u16,
+    ) -> Result<(MappingId, SessionId), DropReason> {
+        let m = t.create_mapping(Proto::Udp, inside, idx, None, None, false)?;
+        let s = t.create_session(now, m, remote(n), true)?;
+        Ok((m, s))
+    }
+
+    fn expire(t: &mut PatTable, at: Instant) -> usize {
+        let mut n = 0;
+        t.expire(at, |_| n += 1);
+        n
+    }
+
+    const fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_timeout_longer_than_the_wheel_survives_its_laps() {
+        let now = epoch();
+        let lap = u64::from(SLOTS);
+        let (mut t, idx) = table(now, 16, lap + 100);
+        open(&mut t, now, idx, inside(1, 1000), 0).unwrap();
+        // The slot of the deadline comes round once before the deadline, and again.
+        for at in [lap / 2, lap + 1, lap + 50] {
+            assert_eq!(expire(&mut t, now + secs(at)), 0, "expired early at {at} s");
+        }
+        assert_eq!(t.len(), 1);
+        assert_eq!(expire(&mut t, now + secs(lap + 100)), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn lazy_refresh_moves_a_session_to_its_new_deadline() {
+        let now = epoch();
+        let (mut t, idx) = table(now, 16, 60);
+        let (_, s) = open(&mut t, now, idx, inside(1, 1000), 0).unwrap();
+        // A packet at 50 s only stores the new deadline (110 s).
+        t.touch(now + secs(50), s, true, None).unwrap();
+        // At the old deadline the session is moved, not removed...
+        assert_eq!(expire(&mut t, now + secs(61)), 0);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.next_deadline(), Some(now + secs(62)));
+        // ...and goes at the new one.
+        assert_eq!(expire(&mut t, now + secs(109)), 0);
+        assert_eq!(expire(&mut t, now + secs(111)), 1);
+    }
+
+    #[test]
+    fn slabs_grow_by_a_quarter() {
+        let mut v: Vec<u32> = vec![0; 1024];
+        grow(&mut v);
+        assert_eq!(v.capacity(), 1024 + 256);
+        let mut small: Vec<u32> = Vec::new();
+        grow(&mut small);
+        assert_eq!(small.capacity(), 256, "at least 256 slots at a time");
+        let now = epoch();
+        let (mut t, idx) = table(now, 1000, 60);
+        for n in 0..300 {
+            open(&mut t, now, idx, inside(1, 1000 + n), n).unwrap();
+        }
+        assert_eq!(t.sessions.capacity(), 512);
+        assert_eq!(t.mappings.capacity(), 512);
+    }
+
+    #[test]
+    fn freed_slots_are_reused() {
+        let now = epoch();
+        let (mut t, idx) = table(now, 16, 60);
+        let (m1, s1) = open(&mut t, now, idx, inside(1, 1000), 0).unwrap();
+        assert_eq!(expire(&mut t, now + secs(61)), 1);
+        assert_eq!(t.mappings(), 0);
+        let (m2, s2) = open(&mut t, now + secs(61), idx, inside(2, 2000), 1).unwrap();
+        assert_eq!((m2, s2), (m1, s1));
+        assert_eq!((t.sessions.len(), t.mappings.len()), (1, 1));
+        assert_eq!(t.mapping(m2).inside, inside(2, 2000));
+    }
+
+    #[test]
+    fn bounds_refuse_new_flows_once_the_old_are_assured() {
+        let now = epoch();
+        let (mut t, idx) = table(now, 4, 60);
+        t.cfg.max_per_host = 3;
+        for n in 0..3 {
+            let (_, s) = open(&mut t, now, idx, inside(1, 1000 + n), n).unwrap();
+            // A reply assures the flow: it is no longer a candidate for early drop.
+            t.touch(now, s, false, None).unwrap();
+        }
+        assert_eq!(
+            open(&mut t, now, idx, inside(1, 2000), 9),
+            Err(DropReason::HostLimit)
+        );
+        let (_, s) = open(&mut t, now, idx, inside(2, 1000), 3).unwrap();
+        t.touch(now, s, false, None).unwrap();
+        assert_eq!(
+            open(&mut t, now, idx, inside(3, 1000), 4),
+            Err(DropReason::TableFull)
+        );
+        assert_eq!(t.len(), t.capacity());
+    }
+
+    #[test]
+    fn hashes_and_ports_follow_the_seed() {
+        let now = epoch();
+        let ports = |seed: u64| {
+            let mut t = PatTable::new(now, config(64, secs(60), seed));
+            let idx = t.public_index(Ipv4Addr::new(198, 51, 100, 1)).unwrap();
+            // Port 80 is outside the dynamic range: each mapping gets a random port.
+            (0..8)
+                .map(|h| {
+                    let m = t
+                        .create_mapping(Proto::Udp, inside(h, 80), idx, None, None, false)
+                        .unwrap();
+                    t.mapping(m).public_port
+                })
+                .collect::<Vec<u16>>()
+        };
+        assert_eq!(ports(7), ports(7));
+        assert_ne!(ports(7), ports(8));
+        let key = SessionKey::new(Proto::Tcp, PublicIdx(0), 80, remote(1));
+        assert_eq!(SeededState(7).hash_one(key), SeededState(7).hash_one(key));
+        assert_ne!(SeededState(7).hash_one(key), SeededState(8).hash_one(key));
     }
 }

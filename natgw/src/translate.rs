@@ -14,8 +14,9 @@ use std::net::Ipv4Addr;
 use etherparse::{Icmpv4Slice, Ipv4HeaderSlice, Ipv4Slice, TcpHeaderSlice, UdpHeaderSlice};
 use netutil::checksum::{adjust16, checksum, get16, put16};
 
-use crate::config::Proto;
 use crate::error::DropReason;
+use crate::flow::{Proto, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::tcp::Segment;
 
 pub(crate) const IP_TTL: usize = 8;
 pub(crate) const IP_CSUM: usize = 10;
@@ -27,10 +28,6 @@ pub(crate) const ICMP_DEST_UNREACH: u8 = 3;
 pub(crate) const ICMP_ECHO_REQUEST: u8 = 8;
 pub(crate) const ICMP_TIME_EXCEEDED: u8 = 11;
 pub(crate) const ICMP_PARAM_PROBLEM: u8 = 12;
-
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 
 /// What the TCP/UDP checksum field of the outer packet holds.
 ///
@@ -59,7 +56,7 @@ pub(crate) enum L4 {
         dport: u16,
         flags: u8,
         /// What connection tracking reads (sequence numbers, window, options).
-        seg: crate::tcp::Segment,
+        seg: Segment,
     },
     Udp {
         sport: u16,
@@ -108,11 +105,6 @@ impl Parsed {
     }
 }
 
-/// A SYN without ACK: the only segment allowed to open a flow through a forward.
-pub(crate) fn is_initial_syn(flags: u8) -> bool {
-    flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
-}
-
 /// Validates `buf` as an IPv4 packet and extracts what translation needs.
 pub(crate) fn parse(buf: &[u8]) -> Result<Parsed, DropReason> {
     let ip = Ipv4Slice::from_slice(buf).map_err(|_| DropReason::Malformed)?;
@@ -140,7 +132,7 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Parsed, DropReason> {
                     sport: t.source_port(),
                     dport: t.destination_port(),
                     flags,
-                    seg: crate::tcp::Segment {
+                    seg: Segment {
                         flags,
                         seq: t.sequence_number(),
                         ack: t.acknowledgment_number(),
@@ -479,4 +471,73 @@ pub(crate) fn l4_checksum_ok(buf: &[u8]) -> bool {
         }
         _ => checksum(l4) == 0,
     }
+}
+
+/// Turns a TCP segment (IPv4, in `buf`) into the RST a closed port would answer, in place
+/// (RFC 9293 §3.10.7.1): addresses and ports swapped; for a segment without ACK (a SYN) a
+/// RST+ACK with `ack = seq + segment length`, for one with ACK a RST with `seq = its ack`;
+/// options overwritten with NOPs so the length stays the same, both checksums recomputed.
+/// Returns false (buffer untouched) if the packet is not a well-formed TCP segment.
+///
+/// This is how a service with no backend left refuses a connection (as LVS with no real
+/// server, and HAProxy with no server up, make the client fail at once instead of retrying
+/// its SYN for a minute).
+pub(crate) fn rewrite_syn_as_rst(buf: &mut [u8]) -> bool {
+    use netutil::checksum::{fold, pseudo_header_v4, sum};
+
+    let Some(&vihl) = buf.first() else {
+        return false;
+    };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 || buf.len() < ihl + 20 || buf[9] != 6 {
+        return false;
+    }
+    let total = usize::from(get16(buf, 2));
+    let doff = usize::from(buf[ihl + 12] >> 4) * 4;
+    if total > buf.len() || doff < 20 || ihl + doff > total {
+        return false;
+    }
+    let flags = buf[ihl + 13];
+    let seg_len = (total - ihl - doff) as u32
+        + u32::from(flags & TCP_SYN != 0)
+        + u32::from(flags & TCP_FIN != 0);
+    let seq = u32::from_be_bytes([buf[ihl + 4], buf[ihl + 5], buf[ihl + 6], buf[ihl + 7]]);
+    let ack = u32::from_be_bytes([buf[ihl + 8], buf[ihl + 9], buf[ihl + 10], buf[ihl + 11]]);
+
+    // IP: swap addresses, fresh TTL, no fragmentation business.
+    let (src, dst): ([u8; 4], [u8; 4]) = (
+        [buf[12], buf[13], buf[14], buf[15]],
+        [buf[16], buf[17], buf[18], buf[19]],
+    );
+    buf[12..16].copy_from_slice(&dst);
+    buf[16..20].copy_from_slice(&src);
+    buf[8] = 64;
+    put16(buf, 6, 0x4000);
+    put16(buf, 10, 0);
+    let ip_check = checksum(&buf[..ihl]);
+    put16(buf, 10, ip_check);
+
+    // TCP: RST+ACK acknowledging the SYN (RFC 9293 §3.10.7.1, reset for a closed port).
+    let t = ihl;
+    let (sport, dport) = (get16(buf, t), get16(buf, t + 2));
+    put16(buf, t, dport);
+    put16(buf, t + 2, sport);
+    if flags & TCP_ACK != 0 {
+        buf[t + 4..t + 8].copy_from_slice(&ack.to_be_bytes());
+        buf[t + 8..t + 12].copy_from_slice(&0u32.to_be_bytes());
+        buf[t + 13] = TCP_RST;
+    } else {
+        buf[t + 4..t + 8].copy_from_slice(&0u32.to_be_bytes());
+        buf[t + 8..t + 12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
+        buf[t + 13] = TCP_RST | TCP_ACK;
+    }
+    put16(buf, t + 14, 0); // window
+    put16(buf, t + 16, 0); // checksum, filled below
+    put16(buf, t + 18, 0); // urgent pointer
+    buf[t + 20..t + doff].fill(1); // NOP options
+    let seg = &buf[t..total];
+    let acc = pseudo_header_v4(dst, src, 6, seg.len() as u16);
+    let check = !fold(sum(acc, seg));
+    put16(buf, t + 16, check);
+    true
 }

@@ -439,10 +439,14 @@ impl Part for ServicePart {
         let applied = {
             let mut gw = lock(&self.shared.gw);
             gw.reconfigure_services(services)
-                .map(|()| health_targets(&gw))
+                .map(|outcome| (outcome, health_targets(&gw)))
         };
         match applied {
-            Ok(targets) => {
+            Ok((netutil::Reconfigured::NeedsRestart(reason), _)) => {
+                tracing::info!(%reason, "services need a restart of the gateway");
+                Ok(false)
+            }
+            Ok((netutil::Reconfigured::Live, targets)) => {
                 // The checker takes the new list on its next turn; a full channel means a
                 // newer list is already queued.
                 let _ = self.shared.targets.try_send(targets);

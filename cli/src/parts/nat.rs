@@ -7,7 +7,7 @@ use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
 use crate::config::nat::{AclAction, Filtering, NatSection, Proto as CfgProto};
 use anyhow::Context;
-use natgw::driver::{DriverConfig, NatDriver, NatSnapshot};
+use natgw::driver::{DriverConfig, NatDriver, NatStatus};
 use natgw::{AclRule, DropReason, GatewayConfig, Proto, StaticEntry, Timeouts};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -210,7 +210,7 @@ fn acl_text(r: &AclRule) -> String {
 
 /// The JSON of `show nat --json`; with `flows: false` (a summary) no translation is listed
 /// and every other key is the same.
-fn status_json(s: &NatSnapshot, flows: bool) -> Value {
+fn status_json(s: &NatStatus, flows: bool) -> Value {
     let translations: Vec<Value> = s
         .translations
         .iter()
@@ -328,11 +328,10 @@ impl Part for NatPart {
             // restart.
             return Ok(false);
         }
-        match self.driver.reconfigure(gateway_config(nat, random_seed())) {
-            Ok(()) => Ok(true),
-            Err(natgw::driver::DriverError::Config(natgw::NatError::NeedsRestart)) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        let outcome = self
+            .driver
+            .reconfigure(gateway_config(nat, random_seed()))?;
+        Ok(outcome.is_live())
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {
@@ -468,10 +467,10 @@ mod tests {
     use std::net::Ipv4Addr;
     use std::time::Duration;
 
-    fn snapshot(flows: usize) -> NatSnapshot {
+    fn snapshot(flows: usize) -> NatStatus {
         let public = Ipv4Addr::new(198, 51, 100, 1);
         let inside = SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 10), 80);
-        NatSnapshot {
+        NatStatus {
             translations: (0..flows)
                 .map(|i| Translation {
                     proto: Proto::Tcp,
@@ -480,7 +479,7 @@ mod tests {
                     outside: SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 1024 + i as u16),
                     established: true,
                     expires_in: Duration::from_secs(60),
-                    listener: Some(0),
+                    listener: Some(natgw::ListenerId(0)),
                 })
                 .collect(),
             statics: vec![StaticEntry {

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use netutil::Reconfigured;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -131,7 +132,7 @@ impl DriverConfig {
 
 /// A point-in-time copy of the gateway's state, for `show nat`.
 #[derive(Debug, Clone)]
-pub struct NatSnapshot {
+pub struct NatStatus {
     /// Every flow (empty in a [`NatDriver::summary`]).
     pub translations: Vec<Translation>,
     /// The static forwards.
@@ -310,21 +311,21 @@ impl NatDriver {
     /// A copy of the state for `show nat`, every flow included (the packet loop waits while
     /// the table is walked: up to `max_mappings` flows).
     #[must_use]
-    pub fn snapshot(&self) -> NatSnapshot {
+    pub fn snapshot(&self) -> NatStatus {
         self.copy_state(true)
     }
 
     /// Counters, ACL hits and table usage without the flows: what metrics scrapes and
     /// `vipgate status` need, cheap whatever the table holds.
     #[must_use]
-    pub fn summary(&self) -> NatSnapshot {
+    pub fn summary(&self) -> NatStatus {
         self.copy_state(false)
     }
 
-    fn copy_state(&self, translations: bool) -> NatSnapshot {
+    fn copy_state(&self, translations: bool) -> NatStatus {
         let gw = lock(&self.gw);
         let now = now();
-        NatSnapshot {
+        NatStatus {
             translations: if translations {
                 gw.translations(now)
             } else {
@@ -344,11 +345,12 @@ impl NatDriver {
         }
     }
 
-    /// Applies a changed core config live (see [`Gateway::reconfigure`]).
+    /// Applies a changed core config live (see [`Gateway::reconfigure`]), or says why it
+    /// needs a new gateway.
     ///
     /// # Errors
-    /// [`crate::NatError::NeedsRestart`] when the change needs a new gateway.
-    pub fn reconfigure(&self, mut config: GatewayConfig) -> Result<(), DriverError> {
+    /// [`DriverError::Config`] when the core rejects the config.
+    pub fn reconfigure(&self, mut config: GatewayConfig) -> Result<Reconfigured, DriverError> {
         let mut gw = lock(&self.gw);
         // Keep the subnets learnt from the inside interfaces at start.
         for n in &self.learnt_inside {
@@ -361,8 +363,7 @@ impl NatDriver {
                 config.local_addresses.push(*a);
             }
         }
-        gw.reconfigure(now(), config)?;
-        Ok(())
+        Ok(gw.reconfigure(now(), config)?)
     }
 
     /// Flushes dynamic flows (`vipgate nat clear`); returns how many were removed.

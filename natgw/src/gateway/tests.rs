@@ -10,7 +10,9 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::acl::AclAction;
-use crate::config::Timeouts;
+use crate::config::StaticEntry;
+use crate::selector::StaticForward;
+use crate::table::Timeouts;
 use crate::translate::l4_checksum_ok;
 
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -576,36 +578,23 @@ fn ttl_compensation() {
     assert!(ip_ok(&p));
 }
 
-/// A selector that spreads flows over two backends and records the events it sees.
-#[derive(Debug, Default)]
-struct TwoBackends {
-    next: usize,
-    events: Vec<(SocketAddrV4, FlowEvent)>,
-}
-
-impl InsideSelector for TwoBackends {
-    fn select(&mut self, _now: Instant, _client: SocketAddrV4) -> Option<SocketAddrV4> {
-        self.next += 1;
-        Some(SocketAddrV4::new(
-            Ipv4Addr::new(10, 0, 0, 100 + (self.next % 2) as u8),
-            8080,
-        ))
-    }
-    fn on_flow(
-        &mut self,
-        _now: Instant,
-        inside: SocketAddrV4,
-        _client: SocketAddrV4,
-        event: FlowEvent,
-    ) {
-        self.events.push((inside, event));
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+/// A virtual service spreading flows over two backends (round robin).
+fn two_backends(listen: SocketAddrV4) -> crate::VirtualService {
+    let backend = |last| balance::BackendConfig {
+        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080),
+        weight: 1,
+    };
+    crate::VirtualService::new(crate::ServiceConfig {
+        name: "two".into(),
+        listen,
+        pool: balance::PoolConfig {
+            scheduler: balance::SchedulerKind::Rr,
+            backends: vec![backend(100), backend(101)],
+            ..balance::PoolConfig::default()
+        },
+        health: None,
+    })
+    .unwrap()
 }
 
 #[test]
@@ -621,9 +610,7 @@ fn listener_flows_keep_their_backend_and_report_events() {
     )
     .unwrap();
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
-    let id = g
-        .add_listener(Proto::Tcp, vip, Box::<TwoBackends>::default())
-        .unwrap();
+    let id = g.add_listener(Proto::Tcp, vip, two_backends(vip)).unwrap();
     assert!(g.public_addresses().contains(vip.ip()));
     let mut c1 = tcp(SRV, 1001, *vip.ip(), 80, Kind::Syn, b"");
     let mut c2 = tcp(SRV, 1002, *vip.ip(), 80, Kind::Syn, b"");
@@ -642,29 +629,20 @@ fn listener_flows_keep_their_backend_and_report_events() {
     let _ = inb(&mut g, now, &mut d1);
     assert_eq!(dst(&d1), b1);
     assert_eq!(g.listener(id).unwrap().flows_opened, 2);
+    let active = |g: &mut Gateway| {
+        let svc = g.selector_mut(id).unwrap().as_service_mut().unwrap();
+        svc.pool()
+            .backend(svc.backend_id(b1).unwrap())
+            .unwrap()
+            .active()
+    };
+    assert_eq!(active(&mut g), 1, "the handshake made flow 1 established");
     g.clear(now);
-    let sel = g
-        .selector_mut(id)
-        .unwrap()
-        .as_any_mut()
-        .downcast_mut::<TwoBackends>()
-        .unwrap();
-    let events: Vec<FlowEvent> = sel
-        .events
-        .iter()
-        .filter(|(i, _)| *i == b1)
-        .map(|(_, e)| *e)
-        .collect();
-    assert_eq!(
-        events,
-        vec![
-            FlowEvent::Opened,
-            FlowEvent::Established,
-            FlowEvent::Closed {
-                was_established: true
-            }
-        ]
-    );
+    // The events reached the service: backend 1 saw one connection open, establish and
+    // close.
+    let svc = g.selector_mut(id).unwrap().as_service_mut().unwrap();
+    let b = svc.pool().backend(svc.backend_id(b1).unwrap()).unwrap();
+    assert_eq!((b.stats().connections, b.active(), b.inactive()), (1, 0, 0));
 }
 
 #[test]
@@ -682,7 +660,7 @@ fn reconfigure_keeps_flows() {
         public: SocketAddrV4::new(PUBLIC, 20022),
         inside: SocketAddrV4::new(WEB, 22),
     });
-    g.reconfigure(now, cfg.clone()).unwrap();
+    assert_eq!(g.reconfigure(now, cfg.clone()), Ok(Reconfigured::Live));
     assert_eq!(g.table().len(), 1);
     let mut p = udp(H2, 1000, SRV, 53, b"q");
     assert_eq!(
@@ -694,13 +672,16 @@ fn reconfigure_keeps_flows() {
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 22));
     // Removing a forward is live; moving the overload address needs a restart.
     cfg.statics.remove(0);
-    g.reconfigure(now, cfg).unwrap();
+    assert_eq!(g.reconfigure(now, cfg), Ok(Reconfigured::Live));
     assert_eq!(g.table().len(), 2, "the other flows stay");
     let moved = GatewayConfig {
         overload: Some(SRV2),
         ..config()
     };
-    assert_eq!(g.reconfigure(now, moved), Err(NatError::NeedsRestart));
+    assert!(matches!(
+        g.reconfigure(now, moved),
+        Ok(Reconfigured::NeedsRestart(_))
+    ));
 }
 
 #[test]
@@ -1075,7 +1056,7 @@ fn removing_a_static_forward_is_live_and_closes_only_its_flows() {
 
     let mut cfg = config();
     cfg.statics.retain(|s| s.proto != Proto::Tcp);
-    g.reconfigure(now, cfg).unwrap();
+    assert_eq!(g.reconfigure(now, cfg), Ok(Reconfigured::Live));
 
     // The TCP forward's flow and its permanent mapping are gone, nothing else.
     assert_eq!(g.table().len(), 2);
@@ -1111,7 +1092,7 @@ fn a_removed_forward_can_come_back_and_ids_stay_valid() {
     let (mut g, now) = gw();
     let mut cfg = config();
     let tcp_forward = cfg.statics.remove(0);
-    g.reconfigure(now, cfg.clone()).unwrap();
+    assert_eq!(g.reconfigure(now, cfg.clone()), Ok(Reconfigured::Live));
     // The UDP forward (id 1) still answers after id 0 became a tombstone.
     let mut q = udp(SRV, 6000, PUBLIC, 5353, b"q");
     assert_eq!(inb(&mut g, now, &mut q), Verdict::Forward);
@@ -1122,7 +1103,7 @@ fn a_removed_forward_can_come_back_and_ids_stay_valid() {
         ..tcp_forward
     };
     cfg.statics.push(moved);
-    g.reconfigure(now, cfg.clone()).unwrap();
+    assert_eq!(g.reconfigure(now, cfg.clone()), Ok(Reconfigured::Live));
     assert_eq!(g.listeners().count(), 2);
     assert!(g.listener(ListenerId(0)).is_some());
     let mut syn = tcp(SRV, 5001, PUBLIC, 8001, Kind::Syn, b"");
@@ -1131,7 +1112,7 @@ fn a_removed_forward_can_come_back_and_ids_stay_valid() {
     // A changed forward (same public port, new inside) is applied live too.
     cfg.statics.pop();
     cfg.statics.push(tcp_forward);
-    g.reconfigure(now, cfg).unwrap();
+    assert_eq!(g.reconfigure(now, cfg), Ok(Reconfigured::Live));
     let mut syn = tcp(SRV, 5002, PUBLIC, 8001, Kind::Syn, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
@@ -1166,9 +1147,9 @@ fn remove_listener_of_a_service_keeps_static_flows() {
         .add_listener(
             Proto::Tcp,
             vip,
-            Box::new(StaticForward {
+            StaticForward {
                 inside: SocketAddrV4::new(H2, 80),
-            }),
+            },
         )
         .unwrap();
     let mut syn = tcp(SRV, 7000, *vip.ip(), 80, Kind::Syn, b"");
@@ -1405,9 +1386,9 @@ fn unowned_traffic_to_a_vip_is_answered_or_dropped_never_passed() {
     g.add_listener(
         Proto::Tcp,
         SocketAddrV4::new(vip, 80),
-        Box::new(StaticForward {
+        StaticForward {
             inside: SocketAddrV4::new(WEB, 8080),
-        }),
+        },
     )
     .unwrap();
     let mut ping = echo(SRV, vip, 9, true);

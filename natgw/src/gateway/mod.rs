@@ -6,32 +6,30 @@
 //! [`Gateway::handle_timeout`]. Everything else (`show`, `clear`, listeners) is plain method
 //! calls between packets.
 
-use std::any::Any;
-use std::fmt;
+mod icmp;
+mod listeners;
+mod services;
+mod stats;
+
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
 use ipnet::Ipv4Net;
+use netutil::Reconfigured;
 
 use crate::acl::{Acl, AclDecision, AclPacket, AclRule};
-use crate::config::{Filtering, GatewayConfig, Proto, StaticEntry};
+use crate::config::{Filtering, GatewayConfig};
 use crate::error::{DropReason, NatError};
+use crate::flow::{Direction, FlowEvent, ListenerId, Proto, TCP_RST, is_initial_syn};
 use crate::fragments::{FragmentKey, FragmentTable, Rewrite};
 use crate::table::{
-    HalfOpenLimits, NO_LISTENER, PatTable, PublicOwner, RemovedSession, StateChange, TableConfig,
-    Translation,
+    HalfOpenLimits, MappingId, PatTable, PublicIdx, PublicOwner, RemovedSession, SessionId,
+    StateChange, TableConfig, Translation,
 };
 use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
-/// Where a packet read from `nat0` came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// From an inside host (steered into `nat0` by policy routing). A packet to a public
-    /// address is hairpinned.
-    Outbound,
-    /// From the outside, addressed to one of the gateway's public addresses.
-    Inbound,
-}
+pub use listeners::Listener;
+pub use stats::GatewayStats;
 
 /// What the driver does with the buffer after [`Gateway::handle_packet`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,137 +61,10 @@ impl Default for PacketMeta {
     }
 }
 
-/// Identifies a listener (a static forward or a virtual service) in a [`Gateway`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ListenerId(pub u16);
-
-/// What happened to a flow of a listener; delivered to its [`InsideSelector`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowEvent {
-    /// A new flow to `inside` was opened (right after [`InsideSelector::select`] chose it).
-    Opened,
-    /// The TCP flow became established (LVS: an active connection).
-    Established,
-    /// The TCP flow left established: FIN both ways or RST (LVS: inactive).
-    Closing,
-    /// The flow was removed (idle timeout or `nat clear`).
-    Closed {
-        /// Whether it was still established when removed.
-        was_established: bool,
-    },
-}
-
-/// Decides the inside endpoint of each new inbound flow to one public endpoint.
-///
-/// This is the extension point for load-balanced virtual services: a static forward always
-/// answers the same endpoint ([`StaticForward`]); a virtual service picks a backend from a
-/// pool. Every flow keeps the endpoint chosen for it for its whole life, and the selector is
-/// told about its life cycle through [`InsideSelector::on_flow`] (to count active and
-/// inactive connections per backend).
-pub trait InsideSelector: fmt::Debug + Send {
-    /// A new flow from `client` arrived: the inside endpoint to send it to, or `None` to
-    /// refuse it (counted as [`DropReason::NoInsideEndpoint`]).
-    fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4>;
-
-    /// The flow between `client` and `inside` changed state. The default ignores it.
-    /// (`client` lets a virtual service release the client's persistence template.)
-    fn on_flow(
-        &mut self,
-        now: Instant,
-        inside: SocketAddrV4,
-        client: SocketAddrV4,
-        event: FlowEvent,
-    ) {
-        let _ = (now, inside, client, event);
-    }
-
-    /// A packet of `len` bytes of a flow to `inside` was translated, towards `inside` when
-    /// `to_inside`. The default ignores it (virtual services count bytes per backend).
-    fn on_packet(&mut self, inside: SocketAddrV4, to_inside: bool, len: usize) {
-        let _ = (inside, to_inside, len);
-    }
-
-    /// For downcasting to the concrete selector (e.g. to change a backend's weight).
-    fn as_any(&self) -> &dyn Any;
-
-    /// For downcasting to the concrete selector.
-    fn as_any_mut(&mut self) -> &mut dyn Any;
-}
-
-/// The selector of a static port forward: always the same inside endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StaticForward {
-    /// The inside endpoint.
-    pub inside: SocketAddrV4,
-}
-
-impl InsideSelector for StaticForward {
-    fn select(&mut self, _now: Instant, _client: SocketAddrV4) -> Option<SocketAddrV4> {
-        Some(self.inside)
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-}
-
-/// One public endpoint whose new inbound flows are handed to a selector.
-#[derive(Debug)]
-pub struct Listener {
-    /// Protocol.
-    pub proto: Proto,
-    /// The public endpoint.
-    pub public: SocketAddrV4,
-    /// Who picks the inside endpoint.
-    pub selector: Box<dyn InsideSelector>,
-    /// Flows opened through this listener.
-    pub flows_opened: u64,
-}
-
-/// Packet counters of a [`Gateway`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GatewayStats {
-    /// Inside → outside packets translated.
-    pub translated_out: u64,
-    /// Outside → inside packets translated.
-    pub translated_in: u64,
-    /// Inside → public address → inside packets (hairpinning).
-    pub hairpinned: u64,
-    /// ICMP errors translated (either way).
-    pub icmp_errors: u64,
-    /// Packets forwarded untouched (to the gateway itself, or not translatable).
-    pub passed_through: u64,
-    /// Flows created.
-    pub flows_created: u64,
-    /// Flows removed (expired or cleared).
-    pub flows_removed: u64,
-    /// Half-open flows removed to make room (table full, or their listener at its bound).
-    pub early_drops: u64,
-    /// Echo requests to a public address not assigned here (a VIP), answered by the gateway.
-    pub answered_echo: u64,
-    /// TCP segments to such an address that nothing translates, answered with a RST.
-    pub answered_rst: u64,
-    /// Drops, indexed like [`DropReason::ALL`].
-    pub drops: Vec<u64>,
-}
-
-impl GatewayStats {
-    /// The counter of one drop reason.
-    #[must_use]
-    pub fn dropped(&self, reason: DropReason) -> u64 {
-        DropReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .map_or(0, |i| self.drops[i])
-    }
-}
-
 /// The PAT gateway core: ACL, static forwards and listeners, dynamic PAT, the table.
 #[derive(Debug)]
 pub struct Gateway {
-    overload: Option<u8>,
+    overload: Option<PublicIdx>,
     inside_networks: Vec<Ipv4Net>,
     /// Addresses assigned to this host: the only destinations untranslated traffic may be
     /// passed through to (see [`GatewayConfig::local_addresses`]).
@@ -256,246 +127,37 @@ impl Gateway {
         Ok(gw)
     }
 
-    fn add_static(&mut self, _now: Instant, s: StaticEntry) -> Result<ListenerId, NatError> {
-        if s.proto == Proto::Icmp {
-            return Err(NatError::UnforwardableProto(s.proto));
-        }
-        if self.table.mapping_of_inside(s.proto, s.inside).is_some() {
-            return Err(NatError::DuplicateInside {
-                proto: s.proto,
-                inside: s.inside,
-            });
-        }
-        let id = self.add_listener(
-            s.proto,
-            s.public,
-            Box::new(StaticForward { inside: s.inside }),
-        )?;
-        let idx = self
-            .table
-            .find_public(*s.public.ip())
-            .ok_or(NatError::TooManyPublicAddresses)?;
-        // The forward's mapping is permanent so that the inside host's own traffic from that
-        // port also leaves as PUBLIC:PORT (IOS static entries are bidirectional).
-        self.table
-            .create_mapping(s.proto, s.inside, idx, Some(s.public.port()), id.0, true)
-            .map_err(|_| NatError::DuplicateInside {
-                proto: s.proto,
-                inside: s.inside,
-            })?;
-        Ok(id)
-    }
-
     /// Applies a changed configuration without dropping other flows: ACL (counters restart),
     /// filtering, timeouts, bounds, port range and TTL compensation change in place; static
     /// forwards that disappeared are removed with their flows, and new ones are added (a
     /// changed one is both). The inside networks are replaced.
     ///
+    /// Returns [`Reconfigured::NeedsRestart`], having changed nothing, when the overload
+    /// address changed (the caller restarts the gateway then).
+    ///
     /// # Errors
-    /// [`NatError::NeedsRestart`] when the overload address changed (the caller restarts the
-    /// gateway then); a new static forward that clashes with a forward or mapping that stays.
-    /// Nothing is changed on error.
-    pub fn reconfigure(&mut self, now: Instant, config: GatewayConfig) -> Result<(), NatError> {
+    /// An empty port range; a new static forward that clashes with a forward or mapping that
+    /// stays. Nothing is changed on error.
+    pub fn reconfigure(
+        &mut self,
+        now: Instant,
+        config: GatewayConfig,
+    ) -> Result<Reconfigured, NatError> {
         if config.port_range.is_empty() {
             return Err(NatError::EmptyPortRange);
         }
         let overload = config.overload.map(|a| self.table.find_public(a));
         if overload != self.overload.map(Some) {
-            return Err(NatError::NeedsRestart);
+            return Ok(Reconfigured::restart("the overload address changed"));
         }
-        let gone: Vec<ListenerId> = self
-            .listeners()
-            .filter_map(|(id, l)| {
-                let s = l.selector.as_any().downcast_ref::<StaticForward>()?;
-                let e = StaticEntry {
-                    proto: l.proto,
-                    public: l.public,
-                    inside: s.inside,
-                };
-                (!config.statics.contains(&e)).then_some(id)
-            })
-            .collect();
-        let current: Vec<StaticEntry> = self.static_entries().collect();
-        let added: Vec<StaticEntry> = config
-            .statics
-            .iter()
-            .filter(|s| !current.contains(s))
-            .copied()
-            .collect();
-        self.check_statics_fit(&added, &gone)?;
-        for id in gone {
-            self.remove_listener(id);
-        }
-        for s in added {
-            self.add_static(now, s)?;
-        }
+        self.reconfigure_statics(now, &config.statics)?;
         self.table.set_config(table_config(&config));
         self.local_addresses = config.local_addresses;
         self.acl = Acl::new(config.acl);
         self.filtering = config.filtering;
         self.compensate_ttl = config.compensate_ttl;
         self.inside_networks = config.inside_networks;
-        Ok(())
-    }
-
-    /// Whether `added` static forwards can be added once the listeners `gone` are removed: no
-    /// clash with a listener or a mapping that stays, nor among themselves.
-    fn check_statics_fit(
-        &self,
-        added: &[StaticEntry],
-        gone: &[ListenerId],
-    ) -> Result<(), NatError> {
-        let stays = |listener: Option<u16>| listener.is_none_or(|l| !gone.contains(&ListenerId(l)));
-        for (i, s) in added.iter().enumerate() {
-            if s.proto == Proto::Icmp {
-                return Err(NatError::UnforwardableProto(s.proto));
-            }
-            let dup_public = NatError::DuplicatePublic {
-                proto: s.proto,
-                public: s.public,
-            };
-            let dup_inside = NatError::DuplicateInside {
-                proto: s.proto,
-                inside: s.inside,
-            };
-            if added[..i]
-                .iter()
-                .any(|o| o.proto == s.proto && o.public == s.public)
-            {
-                return Err(dup_public);
-            }
-            if added[..i]
-                .iter()
-                .any(|o| o.proto == s.proto && o.inside == s.inside)
-            {
-                return Err(dup_inside);
-            }
-            if let Some(idx) = self.table.find_public(*s.public.ip()) {
-                match self.table.public_owner(s.proto, idx, s.public.port()) {
-                    Some(PublicOwner::Listener(l)) if stays(Some(l)) => return Err(dup_public),
-                    Some(PublicOwner::Mapping(m)) if stays(self.table.mapping(m).listener) => {
-                        return Err(dup_public);
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(m) = self.table.mapping_of_inside(s.proto, s.inside)
-                && stays(self.table.mapping(m).listener)
-            {
-                return Err(dup_inside);
-            }
-        }
-        Ok(())
-    }
-
-    /// Registers a public endpoint whose new inbound flows go to `selector` (a static forward
-    /// or a virtual service). The public address becomes one of the gateway's addresses.
-    ///
-    /// # Errors
-    /// When the endpoint is already forwarded, or there are too many public addresses.
-    pub fn add_listener(
-        &mut self,
-        proto: Proto,
-        public: SocketAddrV4,
-        selector: Box<dyn InsideSelector>,
-    ) -> Result<ListenerId, NatError> {
-        let idx = self
-            .table
-            .public_index(*public.ip())
-            .ok_or(NatError::TooManyPublicAddresses)?;
-        let slot = self
-            .listeners
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or(self.listeners.len());
-        let id = u16::try_from(slot)
-            .ok()
-            .filter(|id| *id != NO_LISTENER)
-            .ok_or(NatError::DuplicatePublic { proto, public })?;
-        if !self.table.add_listener(proto, idx, public.port(), id) {
-            return Err(NatError::DuplicatePublic { proto, public });
-        }
-        let listener = Listener {
-            proto,
-            public,
-            selector,
-            flows_opened: 0,
-        };
-        if slot == self.listeners.len() {
-            self.listeners.push(Some(listener));
-        } else {
-            self.listeners[slot] = Some(listener);
-        }
-        Ok(ListenerId(id))
-    }
-
-    /// Removes a listener at once: its public endpoint stops answering, and every flow it
-    /// opened is closed (reported to no one: its selector goes with it). Every other flow
-    /// keeps working. Returns how many flows were closed, or `None` for an unknown id.
-    ///
-    /// The listener's public address stays known to the gateway (the driver keeps routing
-    /// it); packets to it that no flow or listener owns pass through untouched.
-    pub fn remove_listener(&mut self, id: ListenerId) -> Option<usize> {
-        let l = self.listeners.get_mut(usize::from(id.0))?.take()?;
-        let idx = self.table.find_public(*l.public.ip())?;
-        let mut removed = Vec::new();
-        self.table
-            .remove_listener(l.proto, idx, l.public.port(), id.0, |r| removed.push(r));
-        let n = removed.len();
-        // The selector is gone, so only the counters hear about these flows.
-        self.stats.flows_removed += n as u64;
-        Some(n)
-    }
-
-    /// The listeners with their ids, in id order.
-    pub fn listeners(&self) -> impl Iterator<Item = (ListenerId, &Listener)> {
-        self.listeners
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| Some((ListenerId(u16::try_from(i).ok()?), l.as_ref()?)))
-    }
-
-    /// A listener by id.
-    #[must_use]
-    pub fn listener(&self, id: ListenerId) -> Option<&Listener> {
-        self.listeners.get(usize::from(id.0))?.as_ref()
-    }
-
-    /// The static forwards (listeners whose selector is a [`StaticForward`]), for `show nat`.
-    pub fn static_entries(&self) -> impl Iterator<Item = StaticEntry> + '_ {
-        self.listeners().filter_map(|(_, l)| {
-            let s = l.selector.as_any().downcast_ref::<StaticForward>()?;
-            Some(StaticEntry {
-                proto: l.proto,
-                public: l.public,
-                inside: s.inside,
-            })
-        })
-    }
-
-    /// A listener's selector, e.g. to downcast it and change its pool at run time.
-    pub fn selector_mut(&mut self, id: ListenerId) -> Option<&mut (dyn InsideSelector + 'static)> {
-        self.listeners
-            .get_mut(usize::from(id.0))?
-            .as_mut()
-            .map(|l| &mut *l.selector)
-    }
-
-    /// Every public address the gateway owns (overload address and listener addresses): the
-    /// driver routes each into `nat0` and answers for it on the outside link.
-    #[must_use]
-    pub fn public_addresses(&self) -> Vec<Ipv4Addr> {
-        let mut v: Vec<Ipv4Addr> = self
-            .overload
-            .iter()
-            .map(|i| self.table.public_addr(*i))
-            .collect();
-        for (_, l) in self.listeners() {
-            if !v.contains(l.public.ip()) {
-                v.push(*l.public.ip());
-            }
-        }
-        v
+        Ok(Reconfigured::Live)
     }
 
     /// Classifies a packet read from `nat0`: inbound when it is addressed to a public address
@@ -647,9 +309,9 @@ impl Gateway {
                 return Ok(());
             }
             L4::Tcp { flags, .. }
-                if flags & 0x04 == 0
+                if flags & TCP_RST == 0
                     && !p.first_fragment
-                    && crate::service::refuse_in_place(buf) =>
+                    && translate::rewrite_syn_as_rst(buf) =>
             {
                 self.stats.answered_rst += 1;
                 return Ok(());
@@ -717,8 +379,13 @@ impl Gateway {
                 let Some(idx) = self.overload else {
                     return Ok(false);
                 };
+                if self.is_service_endpoint(proto, inside) {
+                    // A virtual service's flows to this backend need its endpoint; a dynamic
+                    // mapping there would make them all `InsideEndpointBusy`.
+                    return Err(DropReason::ServiceEndpointReserved);
+                }
                 self.table
-                    .create_mapping(proto, inside, idx, None, NO_LISTENER, false)?
+                    .create_mapping(proto, inside, idx, None, None, false)?
             }
         };
         let view = self.table.mapping(m);
@@ -749,7 +416,7 @@ impl Gateway {
         Ok(true)
     }
 
-    fn table_release_if_unused(&mut self, m: u32) {
+    fn table_release_if_unused(&mut self, m: MappingId) {
         self.table.release_unused_mapping(m);
     }
 
@@ -791,7 +458,7 @@ impl Gateway {
         let mut existing = self.table.session(proto, idx, public_port, remote);
         if let Some(old) = existing
             && proto == Proto::Tcp
-            && translate::is_initial_syn(flags)
+            && is_initial_syn(flags)
             && self.table.session_closed(old)
             && self
                 .table
@@ -812,7 +479,7 @@ impl Gateway {
                 None if hairpin => return Err(DropReason::NoSession),
                 None => return Ok(false),
                 Some(PublicOwner::Listener(id)) => {
-                    if proto == Proto::Tcp && !translate::is_initial_syn(flags) {
+                    if proto == Proto::Tcp && !is_initial_syn(flags) {
                         return Err(DropReason::NotSyn);
                     }
                     match self.open_listener_flow(now, id, idx, public_port, proto, remote) {
@@ -820,7 +487,7 @@ impl Gateway {
                         Err(DropReason::NoInsideEndpoint)
                             if proto == Proto::Tcp
                                 && !hairpin
-                                && crate::service::refuse_in_place(buf) =>
+                                && translate::rewrite_syn_as_rst(buf) =>
                         {
                             self.refused_in_place = true;
                             return Ok(false);
@@ -836,7 +503,7 @@ impl Gateway {
                     if !allowed {
                         return Err(DropReason::Filtered);
                     }
-                    if proto == Proto::Tcp && !translate::is_initial_syn(flags) {
+                    if proto == Proto::Tcp && !is_initial_syn(flags) {
                         return Err(DropReason::NotSyn);
                     }
                     let created = self.table.create_session(now, m, remote, false);
@@ -862,18 +529,18 @@ impl Gateway {
     fn open_listener_flow(
         &mut self,
         now: Instant,
-        id: u16,
-        idx: u8,
+        id: ListenerId,
+        idx: PublicIdx,
         public_port: u16,
         proto: Proto,
         client: SocketAddrV4,
-    ) -> Result<u32, DropReason> {
+    ) -> Result<SessionId, DropReason> {
         if self.table.len() >= self.table.capacity() && self.table.half_open() == 0 {
             return Err(DropReason::TableFull);
         }
         let listener = self
             .listeners
-            .get_mut(usize::from(id))
+            .get_mut(usize::from(id.0))
             .and_then(Option::as_mut)
             .ok_or(DropReason::NoInsideEndpoint)?;
         let inside = listener
@@ -883,16 +550,17 @@ impl Gateway {
         let m = match self.table.mapping_of_inside(proto, inside) {
             Some(m) if self.table.mapping(m).listener == Some(id) => m,
             Some(_) => return Err(DropReason::InsideEndpointBusy),
-            None => self
-                .table
-                .create_mapping(proto, inside, idx, Some(public_port), id, false)?,
+            None => {
+                self.table
+                    .create_mapping(proto, inside, idx, Some(public_port), Some(id), false)?
+            }
         };
         let created = self.table.create_session(now, m, client, false);
         self.report_evicted(now);
         let s = created.inspect_err(|_| {
             self.table.release_unused_mapping(m);
         })?;
-        if let Some(Some(l)) = self.listeners.get_mut(usize::from(id)) {
+        if let Some(Some(l)) = self.listeners.get_mut(usize::from(id.0)) {
             l.flows_opened += 1;
         }
         self.stats.flows_created += 1;
@@ -903,24 +571,26 @@ impl Gateway {
     fn notify(
         &mut self,
         now: Instant,
-        listener: Option<u16>,
+        listener: Option<ListenerId>,
         inside: SocketAddrV4,
         client: SocketAddrV4,
         e: FlowEvent,
     ) {
-        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))?.as_mut()) {
+        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id.0))?.as_mut())
+        {
             l.selector.on_flow(now, inside, client, e);
         }
     }
 
     fn notify_packet(
         &mut self,
-        listener: Option<u16>,
+        listener: Option<ListenerId>,
         inside: SocketAddrV4,
         to_inside: bool,
         len: usize,
     ) {
-        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id))?.as_mut()) {
+        if let Some(l) = listener.and_then(|id| self.listeners.get_mut(usize::from(id.0))?.as_mut())
+        {
             l.selector.on_packet(inside, to_inside, len);
         }
     }
@@ -928,7 +598,7 @@ impl Gateway {
     fn notify_change(
         &mut self,
         now: Instant,
-        l: Option<u16>,
+        l: Option<ListenerId>,
         inside: SocketAddrV4,
         client: SocketAddrV4,
         c: StateChange,
@@ -938,85 +608,6 @@ impl Gateway {
             StateChange::Established => self.notify(now, l, inside, client, FlowEvent::Established),
             StateChange::Closing => self.notify(now, l, inside, client, FlowEvent::Closing),
         }
-    }
-
-    /// ICMP errors: rewrite the quoted packet back to what its sender saw (RFC 5508 REQ-4/5).
-    /// Errors never create, refresh or delete flows (REQ-6).
-    ///
-    /// An ICMP checksum covers no pseudo-header, so a partial one (`csum`) cannot be verified:
-    /// the caller finishes it first (the driver does); an unfinished one fails validation.
-    fn icmp_error(
-        &mut self,
-        dir: Direction,
-        buf: &mut [u8],
-        p: &Parsed,
-        csum: L4Checksum,
-    ) -> Result<(), DropReason> {
-        let q = translate::quoted(buf, p)?;
-        // The quoted packet is ICMP payload: its checksums are complete, whatever the outer's.
-        let quoted = L4Checksum::Full;
-        match dir {
-            Direction::Inbound => {
-                // About a packet we sent out: quoted src is our public endpoint. One the
-                // gateway does not translate goes to the host, if the address is the host's.
-                let pass = |g: &mut Self| {
-                    if g.local_addresses.contains(&p.dst) {
-                        g.stats.passed_through += 1;
-                        Ok(())
-                    } else {
-                        Err(DropReason::Unowned)
-                    }
-                };
-                let Some(idx) = self.table.find_public(q.src) else {
-                    return pass(self);
-                };
-                let remote =
-                    SocketAddrV4::new(q.dst, if q.proto == Proto::Icmp { 0 } else { q.dport });
-                let Some(s) = self.table.session(q.proto, idx, q.sport, remote) else {
-                    if self.table.public_owner(q.proto, idx, q.sport).is_none() {
-                        // About the gateway's own traffic: the kernel wants it.
-                        return pass(self);
-                    }
-                    return Err(DropReason::NoSession);
-                };
-                let view = self.table.mapping(self.table.session_mapping(s));
-                translate::set_ip(buf, q.ip, Side::Src, *view.inside.ip(), quoted);
-                translate::set_port(buf, q.ip, Side::Src, view.inside.port(), quoted);
-                translate::refresh_icmp_checksum(buf, p);
-                translate::set_ip(buf, 0, Side::Dst, *view.inside.ip(), csum);
-            }
-            Direction::Outbound => {
-                // About a packet an inside host received: quoted dst is the inside endpoint,
-                // and only that host may report on it.
-                if p.src != q.dst {
-                    return Err(DropReason::IcmpErrorSpoofed);
-                }
-                let inside = SocketAddrV4::new(q.dst, q.dport);
-                let remote =
-                    SocketAddrV4::new(q.src, if q.proto == Proto::Icmp { 0 } else { q.sport });
-                let Some(m) = self.table.mapping_of_inside(q.proto, inside) else {
-                    return Err(DropReason::NoSession);
-                };
-                let view = self.table.mapping(m);
-                if self
-                    .table
-                    .session(q.proto, view.public_idx, view.public_port, remote)
-                    .is_none()
-                {
-                    return Err(DropReason::NoSession);
-                }
-                let public_ip = self.table.public_addr(view.public_idx);
-                translate::set_ip(buf, q.ip, Side::Dst, public_ip, quoted);
-                translate::set_port(buf, q.ip, Side::Dst, view.public_port, quoted);
-                translate::refresh_icmp_checksum(buf, p);
-                translate::set_ip(buf, 0, Side::Src, public_ip, csum);
-            }
-        }
-        if self.compensate_ttl {
-            translate::bump_ttl(buf);
-        }
-        self.stats.icmp_errors += 1;
-        Ok(())
     }
 
     /// Expires idle flows. Call when [`Gateway::poll_timeout`] has passed.

@@ -1,0 +1,483 @@
+//! Virtual services of a [`Gateway`]: each is a TCP listener whose selector is a
+//! [`VirtualService`].
+
+use balance::Pool;
+use netutil::Reconfigured;
+
+use super::Gateway;
+use crate::error::NatError;
+use crate::flow::{ListenerId, Proto};
+use crate::service::{ServiceConfig, VirtualService};
+
+impl Gateway {
+    /// Adds a virtual service as a listener on its `listen` endpoint (the VIP becomes one of
+    /// the gateway's public addresses).
+    ///
+    /// # Errors
+    /// [`NatError::Service`] for a bad pool or a duplicate name; listener clashes as
+    /// [`Gateway::add_listener`].
+    pub fn add_service(&mut self, config: ServiceConfig) -> Result<ListenerId, NatError> {
+        if self.services().any(|s| s.name() == config.name) {
+            return Err(NatError::Service {
+                name: config.name,
+                reason: "defined twice".into(),
+            });
+        }
+        let name = config.name.clone();
+        let svc = VirtualService::new(config).map_err(|e| NatError::Service {
+            name,
+            reason: e.to_string(),
+        })?;
+        self.add_listener(Proto::Tcp, svc.listen(), svc)
+    }
+
+    /// Every virtual service, in configuration order.
+    pub fn services(&self) -> impl Iterator<Item = &VirtualService> {
+        self.listeners()
+            .filter_map(|(_, l)| l.selector.as_service())
+    }
+
+    /// The virtual service called `name`.
+    pub fn service_mut(&mut self, name: &str) -> Option<&mut VirtualService> {
+        self.listeners
+            .iter_mut()
+            .filter_map(|l| l.as_mut()?.selector.as_service_mut())
+            .find(|s| s.name() == name)
+    }
+
+    /// Whether `endpoint` is a backend (or the sorry server) of a virtual service: such an
+    /// endpoint gets no dynamic mapping (security review 5.8).
+    pub(super) fn is_service_endpoint(
+        &self,
+        proto: Proto,
+        endpoint: std::net::SocketAddrV4,
+    ) -> bool {
+        proto == Proto::Tcp && self.services().any(|s| s.uses_endpoint(endpoint))
+    }
+
+    /// Applies reloaded service configurations: weights, backends, scheduler, persistence,
+    /// sorry server and health checks change in place, established flows stay on their
+    /// backends. All or nothing: every configuration is checked before any is applied.
+    ///
+    /// Returns [`Reconfigured::NeedsRestart`], having changed nothing, when services are
+    /// added, removed or moved to another `listen` endpoint: that changes the addresses the
+    /// driver routes.
+    ///
+    /// # Errors
+    /// [`NatError::Service`] when a pool is invalid; nothing changes then.
+    pub fn reconfigure_services(
+        &mut self,
+        configs: Vec<ServiceConfig>,
+    ) -> Result<Reconfigured, NatError> {
+        let restart = |name: &str, what: &str| {
+            Reconfigured::restart(format!("service {name}: {what}: restart vipgate to apply"))
+        };
+        for c in &configs {
+            let existing = self.services().find(|s| s.name() == c.name);
+            match existing {
+                None => return Ok(restart(&c.name, "new service")),
+                Some(s) if s.listen() != c.listen => {
+                    return Ok(restart(&c.name, "listen changed"));
+                }
+                Some(_) => {}
+            }
+            Pool::new(c.pool.clone()).map_err(|e| NatError::Service {
+                name: c.name.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        if let Some(gone) = self
+            .services()
+            .find(|s| !configs.iter().any(|c| c.name == s.name()))
+        {
+            return Ok(restart(gone.name(), "service removed"));
+        }
+        for c in configs {
+            let name = c.name.clone();
+            if let Some(s) = self.service_mut(&name) {
+                s.reconfigure(c).map_err(|e| NatError::Service {
+                    name,
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        Ok(Reconfigured::Live)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::time::Instant;
+
+    use balance::{BackendConfig, Health, PoolConfig, SchedulerKind};
+    use netutil::Reconfigured;
+
+    use crate::Gateway;
+    use crate::error::NatError;
+    use crate::flow::Proto;
+    use crate::health::HealthConfig;
+    use crate::service::{ServiceConfig, VirtualService};
+
+    #[allow(clippy::disallowed_methods)]
+    fn epoch() -> Instant {
+        Instant::now()
+    }
+
+    fn rs(last: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80)
+    }
+
+    fn web(backends: &[(u8, u32)]) -> ServiceConfig {
+        ServiceConfig {
+            name: "web".into(),
+            listen: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80),
+            pool: PoolConfig {
+                scheduler: SchedulerKind::Wrr,
+                backends: backends
+                    .iter()
+                    .map(|&(l, weight)| BackendConfig {
+                        addr: rs(l),
+                        weight,
+                    })
+                    .collect(),
+                ..PoolConfig::default()
+            },
+            health: Some(HealthConfig::default()),
+        }
+    }
+
+    /// Through the real gateway core: SYNs to the VIP spread by weight, replies leave as the
+    /// VIP, the flow stays on its backend after a drain, and counters follow the TCP states.
+    mod through_gateway {
+        use super::*;
+        use crate::translate::rewrite_syn_as_rst;
+        use crate::{DropReason, Gateway, GatewayConfig, ListenerId, Verdict};
+        use etherparse::PacketBuilder;
+
+        const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+
+        fn tcp(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, ack: bool, rst: bool) -> Vec<u8> {
+            let b = PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64).tcp(
+                src.port(),
+                dst.port(),
+                1000,
+                64240,
+            );
+            let b = if syn { b.syn() } else { b };
+            let b = if ack { b.ack(1) } else { b };
+            let b = if rst { b.rst() } else { b };
+            let mut v = Vec::new();
+            b.write(&mut v, &[]).unwrap();
+            v
+        }
+
+        fn endpoints(b: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+            let ip = |o: usize| Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]);
+            let port = |o: usize| u16::from_be_bytes([b[20 + o], b[21 + o]]);
+            (
+                SocketAddrV4::new(ip(12), port(0)),
+                SocketAddrV4::new(ip(16), port(2)),
+            )
+        }
+
+        fn pass(g: &mut Gateway, now: Instant, mut b: Vec<u8>) -> (Verdict, Vec<u8>) {
+            let dir = g.direction(&b);
+            let v = g.handle_packet(now, dir, &mut b);
+            (v, b)
+        }
+
+        fn service(g: &mut Gateway, id: ListenerId) -> &mut VirtualService {
+            g.selector_mut(id).and_then(|s| s.as_service_mut()).unwrap()
+        }
+
+        fn setup(now: Instant) -> (Gateway, ListenerId) {
+            let mut g = Gateway::new(
+                now,
+                GatewayConfig {
+                    inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                    compensate_ttl: false,
+                    // Every test client is in one /24.
+                    max_half_open_per_source: usize::MAX,
+                    ..GatewayConfig::default()
+                },
+            )
+            .unwrap();
+            let mut cfg = web(&[(101, 1), (102, 2)]);
+            cfg.listen = SocketAddrV4::new(VIP, 80);
+            let svc = VirtualService::new(cfg).unwrap();
+            let id = g.add_listener(Proto::Tcp, svc.listen(), svc).unwrap();
+            (g, id)
+        }
+
+        /// Security review 5.8: a backend's outbound packet from its service port must not
+        /// give that endpoint to a dynamic mapping (every new flow of the service to that
+        /// backend would then be dropped as busy).
+        #[test]
+        fn a_backend_sending_from_its_service_port_keeps_its_service_flows() {
+            let now = epoch();
+            let mut g = Gateway::new(
+                now,
+                GatewayConfig {
+                    overload: Some(Ipv4Addr::new(198, 51, 100, 1)),
+                    inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                    services: vec![web(&[(101, 1)])],
+                    ..GatewayConfig::default()
+                },
+            )
+            .unwrap();
+            let remote = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 443);
+            let (v, _) = pass(&mut g, now, tcp(rs(101), remote, true, false, false));
+            assert_eq!(v, Verdict::Drop(DropReason::ServiceEndpointReserved));
+            assert_eq!(g.stats().dropped(DropReason::ServiceEndpointReserved), 1);
+            assert_eq!(g.table().mappings(), 0);
+            // The same backend from another port is translated as before.
+            let other_port = SocketAddrV4::new(*rs(101).ip(), 40_000);
+            let (v, _) = pass(&mut g, now, tcp(other_port, remote, true, false, false));
+            assert_eq!(v, Verdict::Forward);
+            // A client's SYN to the VIP still reaches the backend.
+            let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
+            let c = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 40_000);
+            let (v, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+            assert_eq!((v, endpoints(&syn)), (Verdict::Forward, (c, rs(101))));
+            assert_eq!(g.stats().dropped(DropReason::InsideEndpointBusy), 0);
+        }
+
+        #[test]
+        fn syns_spread_by_weight_and_replies_leave_as_the_vip() {
+            let now = epoch();
+            let (mut g, id) = setup(now);
+            let vip = SocketAddrV4::new(VIP, 80);
+            let mut seen = std::collections::HashMap::new();
+            for n in 0..300 {
+                let c =
+                    SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200 + (n % 3) as u8), 20_000 + n);
+                let (v, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+                assert_eq!(v, Verdict::Forward);
+                let (from, to) = endpoints(&syn);
+                assert_eq!(from, c);
+                *seen.entry(to).or_insert(0) += 1;
+                // The backend answers; the client must see the VIP.
+                let (v, reply) = pass(&mut g, now, tcp(to, c, true, true, false));
+                assert_eq!(v, Verdict::Forward);
+                assert_eq!(endpoints(&reply), (vip, c));
+                // Retransmitted SYN of the same flow: same backend.
+                let (_, again) = pass(&mut g, now, tcp(c, vip, true, false, false));
+                assert_eq!(endpoints(&again).1, to);
+            }
+            assert_eq!((seen[&rs(101)], seen[&rs(102)]), (100, 200));
+            let pool = service(&mut g, id).pool();
+            let total: u32 = pool
+                .backends()
+                .map(|(_, b)| b.inactive() + b.active())
+                .sum();
+            assert_eq!(total, 300);
+            assert!(
+                pool.backends()
+                    .all(|(_, b)| b.stats().packets_in == 2 * b.stats().connections)
+            );
+        }
+
+        #[test]
+        fn drained_backend_keeps_its_flow_and_counts_follow_tcp() {
+            let now = epoch();
+            let (mut g, id) = setup(now);
+            let vip = SocketAddrV4::new(VIP, 80);
+            let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
+            let (_, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+            let backend = endpoints(&syn).1;
+            assert_eq!(
+                pass(&mut g, now, tcp(backend, c, true, true, false)).0,
+                Verdict::Forward
+            );
+            assert_eq!(
+                pass(&mut g, now, tcp(c, vip, false, true, false)).0,
+                Verdict::Forward
+            );
+            let b = service(&mut g, id).backend_id(backend).unwrap();
+            assert_eq!(service(&mut g, id).pool().backend(b).unwrap().active(), 1);
+
+            service(&mut g, id).set_weight(backend, 0).unwrap();
+            let (v, data) = pass(&mut g, now, tcp(c, vip, false, true, false));
+            assert_eq!((v, endpoints(&data).1), (Verdict::Forward, backend));
+            for n in 1..20 {
+                let other = SocketAddrV4::new(*c.ip(), 40_000 + n);
+                let (_, syn) = pass(&mut g, now, tcp(other, vip, true, false, false));
+                assert_ne!(endpoints(&syn).1, backend);
+            }
+            // RST from the client: the flow is no longer active.
+            assert_eq!(
+                pass(&mut g, now, tcp(c, vip, false, true, true)).0,
+                Verdict::Forward
+            );
+            let pool = service(&mut g, id).pool();
+            assert_eq!(
+                (
+                    pool.backend(b).unwrap().active(),
+                    pool.backend(b).unwrap().inactive()
+                ),
+                (0, 1)
+            );
+        }
+
+        #[test]
+        fn a_reused_client_port_after_close_is_scheduled_afresh() {
+            let now = epoch();
+            let (mut g, id) = setup(now);
+            let vip = SocketAddrV4::new(VIP, 80);
+            let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let (_, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+                let backend = endpoints(&syn).1;
+                seen.push(backend);
+                // Handshake, then the client resets: the flow lingers, closed.
+                assert_eq!(
+                    pass(&mut g, now, tcp(backend, c, true, true, false)).0,
+                    Verdict::Forward
+                );
+                assert_eq!(
+                    pass(&mut g, now, tcp(c, vip, false, true, false)).0,
+                    Verdict::Forward
+                );
+                assert_eq!(
+                    pass(&mut g, now, tcp(c, vip, false, true, true)).0,
+                    Verdict::Forward
+                );
+            }
+            // wrr 1:2 → rs2, rs1, rs2: each reuse of the port was scheduled.
+            assert_eq!(seen, [rs(102), rs(101), rs(102)]);
+            let pool = service(&mut g, id).pool();
+            let conns: u64 = pool.backends().map(|(_, b)| b.stats().connections).sum();
+            let live: u32 = pool
+                .backends()
+                .map(|(_, b)| b.active() + b.inactive())
+                .sum();
+            assert_eq!(
+                (conns, live),
+                (3, 1),
+                "the replaced flows were closed in the counts"
+            );
+        }
+
+        #[test]
+        fn no_backend_left_refuses_new_flows() {
+            let now = epoch();
+            let (mut g, id) = setup(now);
+            service(&mut g, id)
+                .set_health(rs(101), Health::Down)
+                .unwrap();
+            service(&mut g, id)
+                .set_health(rs(102), Health::Down)
+                .unwrap();
+            let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
+            let vip = SocketAddrV4::new(VIP, 80);
+            let syn = tcp(c, vip, true, false, false);
+            let (v, rst) = pass(&mut g, now, syn.clone());
+            // Answered like a closed port: RST+ACK from the VIP, checksums valid.
+            assert_eq!(v, Verdict::Forward);
+            assert_eq!(endpoints(&rst), (vip, c));
+            let parsed = etherparse::SlicedPacket::from_ip(&rst).unwrap();
+            let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
+                panic!()
+            };
+            let iph = ip.header().to_header();
+            assert_eq!(iph.calc_header_checksum(), iph.header_checksum);
+            let Some(etherparse::TransportSlice::Tcp(t)) = parsed.transport else {
+                panic!()
+            };
+            assert!(t.rst() && t.ack() && !t.syn());
+            assert_eq!(t.acknowledgment_number(), 1001);
+            let sum = t.to_header().calc_checksum_ipv4(&iph, t.payload()).unwrap();
+            assert_eq!(sum, t.checksum());
+            assert_eq!(service(&mut g, id).pool().stats().refused, 1);
+            // Anything but a TCP segment is left alone.
+            let mut udp = Vec::new();
+            PacketBuilder::ipv4([1, 1, 1, 1], [2, 2, 2, 2], 64)
+                .udp(1, 2)
+                .write(&mut udp, &[])
+                .unwrap();
+            assert!(!rewrite_syn_as_rst(&mut udp));
+            assert!(!rewrite_syn_as_rst(&mut syn[..30].to_vec()));
+        }
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes never make the RST writer panic; when it accepts a buffer, the
+        /// result is a RST+ACK of the same length with valid checksums.
+        #[test]
+        fn refuse_is_total_and_checksums_hold(
+            mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120),
+            opts in 0usize..4,
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16),
+        ) {
+            let _ = crate::translate::rewrite_syn_as_rst(&mut bytes);
+            let options = [
+                etherparse::TcpOptionElement::MaximumSegmentSize(1460),
+                etherparse::TcpOptionElement::SelectiveAcknowledgementPermitted,
+                etherparse::TcpOptionElement::WindowScale(7),
+                etherparse::TcpOptionElement::Noop,
+            ];
+            let mut syn = Vec::new();
+            etherparse::PacketBuilder::ipv4([198, 51, 100, 200], [198, 51, 100, 10], 64)
+                .tcp(40_000, 80, 7, 64240)
+                .syn()
+                .options(&options[..opts])
+                .unwrap()
+                .write(&mut syn, &payload)
+                .unwrap();
+            let len = syn.len();
+            proptest::prop_assert!(crate::translate::rewrite_syn_as_rst(&mut syn));
+            proptest::prop_assert_eq!(syn.len(), len);
+            proptest::prop_assert!(crate::translate::l4_checksum_ok(&syn));
+            let p = etherparse::SlicedPacket::from_ip(&syn).unwrap();
+            let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else { panic!() };
+            proptest::prop_assert!(t.rst() && t.ack());
+            proptest::prop_assert_eq!(t.acknowledgment_number(), 7 + 1 + payload.len() as u32);
+        }
+    }
+
+    #[test]
+    fn services_come_from_the_gateway_config_and_reload_in_place() {
+        let now = epoch();
+        let mut g = Gateway::new(
+            now,
+            crate::GatewayConfig {
+                services: vec![web(&[(101, 1), (102, 1)])],
+                ..crate::GatewayConfig::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(g.public_addresses(), [Ipv4Addr::new(198, 51, 100, 10)]);
+        assert_eq!(
+            g.reconfigure_services(vec![web(&[(101, 5), (103, 1)])]),
+            Ok(Reconfigured::Live)
+        );
+        let s = g.service_mut("web").unwrap();
+        assert_eq!(
+            s.pool()
+                .backend(s.backend_id(rs(101)).unwrap())
+                .unwrap()
+                .weight(),
+            5
+        );
+        assert!(
+            s.backend_id(rs(102)).is_none(),
+            "idle removed backend freed at once"
+        );
+        let mut moved = web(&[(101, 1)]);
+        moved.listen = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 11), 80);
+        assert!(matches!(
+            g.reconfigure_services(vec![moved]),
+            Ok(Reconfigured::NeedsRestart(_))
+        ));
+        assert!(matches!(
+            g.reconfigure_services(vec![]),
+            Ok(Reconfigured::NeedsRestart(_))
+        ));
+        let mut dup = web(&[(101, 1)]);
+        dup.listen = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 11), 80);
+        assert!(matches!(g.add_service(dup), Err(NatError::Service { .. })));
+        assert_eq!(g.services().count(), 1);
+    }
+}

@@ -1,0 +1,41 @@
+//! Packet and flow counters of a [`super::Gateway`].
+
+use crate::error::DropReason;
+
+/// Packet counters of a [`Gateway`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Inside → outside packets translated.
+    pub translated_out: u64,
+    /// Outside → inside packets translated.
+    pub translated_in: u64,
+    /// Inside → public address → inside packets (hairpinning).
+    pub hairpinned: u64,
+    /// ICMP errors translated (either way).
+    pub icmp_errors: u64,
+    /// Packets forwarded untouched (to the gateway itself, or not translatable).
+    pub passed_through: u64,
+    /// Flows created.
+    pub flows_created: u64,
+    /// Flows removed (expired or cleared).
+    pub flows_removed: u64,
+    /// Half-open flows removed to make room (table full, or their listener at its bound).
+    pub early_drops: u64,
+    /// Echo requests to a public address not assigned here (a VIP), answered by the gateway.
+    pub answered_echo: u64,
+    /// TCP segments to such an address that nothing translates, answered with a RST.
+    pub answered_rst: u64,
+    /// Drops, indexed like [`DropReason::ALL`].
+    pub drops: Vec<u64>,
+}
+
+impl GatewayStats {
+    /// The counter of one drop reason.
+    #[must_use]
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.drops[i])
+    }
+}
