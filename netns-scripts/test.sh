@@ -32,7 +32,7 @@ cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== sans-IO cores build without their drivers"
-for c in gre natgw balance vrrp; do cargo check -q -p "$c" --no-default-features --locked; done
+for c in gre natgw balance vrrp sshfwd; do cargo check -q -p "$c" --no-default-features --locked; done
 echo "== build"
 cargo build --workspace --bins --locked
 echo "== tests"
