@@ -36,7 +36,7 @@ echo "== fuzz manifest"
 # would otherwise surface only when someone fuzzes.
 cargo metadata -q --no-deps --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 echo "== sans-IO cores build without their drivers"
-for c in gre natgw balance vrrp; do cargo check -q -p "$c" --no-default-features --locked; done
+for c in gre natgw balance vrrp sshfwd; do cargo check -q -p "$c" --no-default-features --locked; done
 echo "== build"
 cargo build --workspace --bins --locked
 echo "== tests"

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Why a tunnel or server could not start or went down.
+/// Why a forwarding client or server could not start or went down.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SshFwdError {

@@ -6,40 +6,55 @@
 //! The SSH protocol itself is russh's; this crate adds policy and plumbing.
 //!
 //! ```text
-//!   pure (no I/O)                           driver (feature "driver": tokio + russh)
-//!   spec       -L/-R/-D text  ------------>  client::Tunnel  -- one SSH connection per
-//!   options    -o / ssh_config ----------->                     destination, supervisor
-//!   known_hosts  key lookup + policy <-----                     reconnects with backoff
-//!   backoff    reconnect delays  <---------                     and restores every forward
-//!   socks      SOCKS4a/5 parsing <---------  forward: listeners, copy loops, -D
-//!   policy     permit lists, authorized_keys <- server: forwarding-only sshd
+//!   pure (no I/O, always built)               driver (feature "driver": tokio + russh)
+//!   spec         -L/-R/-D text  ------------>  SshClient: one SSH connection (or a pool)
+//!   options      -o / ssh_config ----------->    per destination; supervisors reconnect
+//!   config       ClientConfig, ServerConfig ->   with backoff and restore every forward
+//!   reload       ReloadPlan (old -> new) --->    (reconfigure executes the plan)
+//!   backoff      reconnect delays  <---------
+//!   known_hosts  key lookup + policy <-------  handler: host keys, -R channels
+//!   socks        SOCKS4a/5 parsing <---------  forward: -L/-D listeners, SOCKS, -R ends
+//!   policy, startups: permit lists, <--------  SshServer: forwarding-only sshd
+//!     authorized_keys, MaxStartups
 //! ```
+//!
+//! The modules at the top are pure: they parse, decide and diff, never open a socket, read a
+//! clock or spawn, and build with `--no-default-features` (that is how the CLI's config
+//! lowering and the fuzz targets use them). Everything that does I/O is in the private
+//! `driver` module, whose types are re-exported here. The driver decides nothing a pure
+//! module can: `SshClient::reconfigure` only executes the plan [`ReloadPlan::between`]
+//! computes, and host keys are judged by [`known_hosts::decide`].
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod config;
 pub mod known_hosts;
 pub mod options;
 pub mod pattern;
 pub mod policy;
+pub mod reload;
 pub mod socks;
 pub mod spec;
 pub mod startups;
 
 #[cfg(feature = "driver")]
-pub mod client;
-#[cfg(feature = "driver")]
-mod copy;
+mod driver;
 #[cfg(feature = "driver")]
 pub mod error;
-#[cfg(feature = "driver")]
-mod forward;
-#[cfg(feature = "driver")]
-mod worker;
+
+pub use config::{
+    AllocatedPort, ClientConfig, ForwardStatus, Keepalive, ServerConfig, ServerLimits,
+    ServerStatus, SshClientStatus,
+};
+pub use reload::{NeedsRestart, ReloadPlan};
 
 #[cfg(feature = "driver")]
-pub use copy::ForwardCounters;
+pub use driver::{
+    ForwardCounters, HostKeyInfo, ServerCounters, SshClient, SshServer, check_file_mode,
+    identity_is_encrypted, load_or_generate_host_key,
+};
 #[cfg(feature = "driver")]
-pub mod server;
+pub use error::SshFwdError;
 
 /// Entry points for the fuzz targets in `fuzz/` and the corpus replay test; not an API.
 #[doc(hidden)]

@@ -9,6 +9,10 @@
 //!
 //! IPv6 addresses go in square brackets (`[::1]:8080:[fe80::1]:80`). A path is anything that
 //! contains a `/`. This module is pure: it never resolves names or opens sockets.
+//!
+//! A [`LocalForward`] is what listens on this side (an `-L` or a `-D`); its
+//! [`ListenAddress`] is where, after OpenSSH's defaults, and is what a reload matches
+//! listeners by.
 
 use std::fmt;
 
@@ -81,6 +85,105 @@ impl fmt::Display for Endpoint {
 impl fmt::Display for ForwardSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.listen, self.connect)
+    }
+}
+
+impl fmt::Display for DynamicSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.bind {
+            Some(b) if b.contains(':') => write!(f, "[{b}]:{}", self.port),
+            Some(b) => write!(f, "{b}:{}", self.port),
+            None => write!(f, "{}", self.port),
+        }
+    }
+}
+
+/// A forward that listens on this side of the connection: an `-L` or a `-D`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalForward {
+    /// `-L`: connections are forwarded to the spec's target through the server.
+    Local(ForwardSpec),
+    /// `-D`: a SOCKS proxy; each client names its own target.
+    Dynamic(DynamicSpec),
+}
+
+/// Where a [`LocalForward`] listens, with the bind address defaulted as OpenSSH does: two
+/// forwards with the same address cannot both be bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// A TCP host (address or name, not resolved here) and port.
+    Tcp {
+        /// `127.0.0.1` without a bind address, `0.0.0.0` for `*` or with `GatewayPorts`.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// A unix socket path.
+    Unix(String),
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddress::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            ListenAddress::Tcp { host, port } => write!(f, "{host}:{port}"),
+            ListenAddress::Unix(path) => f.write_str(path),
+        }
+    }
+}
+
+impl LocalForward {
+    /// `local` or `dynamic`, as `vipgate show ssh` names them.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LocalForward::Local(_) => "local",
+            LocalForward::Dynamic(_) => "dynamic",
+        }
+    }
+
+    /// Where it listens; without a bind address that is loopback, unless `gateway_ports`.
+    #[must_use]
+    pub fn listen_address(&self, gateway_ports: bool) -> ListenAddress {
+        let (host, port) = match self {
+            LocalForward::Local(spec) => match &spec.listen {
+                Endpoint::Tcp { host, port } => (host.as_deref(), *port),
+                Endpoint::Unix(path) => return ListenAddress::Unix(path.clone()),
+            },
+            LocalForward::Dynamic(d) => (d.bind.as_deref(), d.port),
+        };
+        let host = match host {
+            None if gateway_ports => "0.0.0.0",
+            None => "127.0.0.1",
+            Some("" | "*") => "0.0.0.0",
+            Some("localhost") => "127.0.0.1",
+            Some(h) => h,
+        };
+        ListenAddress::Tcp {
+            host: host.to_string(),
+            port,
+        }
+    }
+
+    /// The unix socket it listens on, if any (removed again when the listener closes).
+    #[must_use]
+    pub fn unix_path(&self) -> Option<&str> {
+        match self {
+            LocalForward::Local(ForwardSpec {
+                listen: Endpoint::Unix(path),
+                ..
+            }) => Some(path),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LocalForward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalForward::Local(spec) => spec.fmt(f),
+            LocalForward::Dynamic(d) => d.fmt(f),
+        }
     }
 }
 
@@ -224,6 +327,25 @@ mod tests {
             host: host.map(str::to_string),
             port,
         }
+    }
+
+    #[test]
+    fn listen_addresses_take_openssh_defaults() {
+        let at = |fwd: LocalForward, gateway_ports| fwd.listen_address(gateway_ports).to_string();
+        let l = |t| LocalForward::Local(ForwardSpec::parse_local(t).unwrap());
+        let d = |t| LocalForward::Dynamic(DynamicSpec::parse(t).unwrap());
+        assert_eq!(at(l("8585:web:80"), false), "127.0.0.1:8585");
+        assert_eq!(at(l("8585:web:80"), true), "0.0.0.0:8585");
+        assert_eq!(at(l("*:8585:web:80"), false), "0.0.0.0:8585");
+        assert_eq!(at(l("localhost:8585:web:80"), true), "127.0.0.1:8585");
+        assert_eq!(at(l("[::1]:8585:web:80"), false), "[::1]:8585");
+        assert_eq!(at(l("/tmp/x.sock:web:80"), true), "/tmp/x.sock");
+        assert_eq!(at(d("1080"), false), "127.0.0.1:1080");
+        assert_eq!(at(d("10.0.0.1:1080"), true), "10.0.0.1:1080");
+        assert_eq!(d("[::1]:1080").to_string(), "[::1]:1080");
+        assert_eq!(l("/tmp/x.sock:web:80").unix_path(), Some("/tmp/x.sock"));
+        assert_eq!(d("1080").unix_path(), None);
+        assert_eq!((l("1:h:2").kind(), d("1").kind()), ("local", "dynamic"));
     }
 
     #[test]

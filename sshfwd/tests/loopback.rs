@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use russh::keys::{Algorithm, PrivateKey};
-use sshfwd::client::{ClientConfig, Tunnel};
 use sshfwd::known_hosts::StrictHostKeyChecking;
 use sshfwd::policy::PermitList;
-use sshfwd::server::{ForwardServer, ServerConfig, ServerLimits};
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
+use sshfwd::{ClientConfig, ServerConfig, ServerLimits, SshClient, SshServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -74,7 +73,7 @@ async fn echo_server() -> SocketAddr {
     addr
 }
 
-async fn start_server(dir: &Path, authorized: &str, permit_open: &[&str]) -> ForwardServer {
+async fn start_server(dir: &Path, authorized: &str, permit_open: &[&str]) -> SshServer {
     start_server_with(dir, authorized, permit_open, ServerLimits::default()).await
 }
 
@@ -83,10 +82,10 @@ async fn start_server_with(
     authorized: &str,
     permit_open: &[&str],
     limits: ServerLimits,
-) -> ForwardServer {
+) -> SshServer {
     let ak = dir.join("authorized_keys");
     std::fs::write(&ak, authorized).unwrap();
-    ForwardServer::start(ServerConfig {
+    SshServer::start(ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         host_key: dir.join("host_ed25519"),
         authorized_keys: ak,
@@ -100,7 +99,7 @@ async fn start_server_with(
     .unwrap()
 }
 
-fn client(server: &ForwardServer, dir: &Path, key: &Path) -> ClientConfig {
+fn client(server: &SshServer, dir: &Path, key: &Path) -> ClientConfig {
     let mut c = ClientConfig::new(
         "127.0.0.1",
         server.local_addr().port(),
@@ -145,7 +144,7 @@ async fn local_remote_dynamic_through_vipgate_sshd() {
         vec![ForwardSpec::parse_local(&format!("{lport}:127.0.0.1:{}", echo.port())).unwrap()];
     cfg.remote = vec![ForwardSpec::parse_remote(&format!("0:127.0.0.1:{}", echo.port())).unwrap()];
     cfg.dynamic = vec![DynamicSpec::parse(&dport.to_string()).unwrap()];
-    let mut tunnel = Tunnel::start(cfg).await.unwrap();
+    let mut tunnel = SshClient::start(cfg).await.unwrap();
     let known = std::fs::read_to_string(dir.join("known_hosts")).unwrap();
     assert!(
         known.contains(
@@ -230,7 +229,7 @@ async fn refusals_are_clear() {
     let server = start_server(&dir, &format!("{public}\n"), &["127.0.0.1:1"]).await;
 
     // A key that is not authorized.
-    let err = Tunnel::start(client(&server, &dir, &other))
+    let err = SshClient::start(client(&server, &dir, &other))
         .await
         .err()
         .unwrap();
@@ -243,7 +242,7 @@ async fn refusals_are_clear() {
     let mut cfg = client(&server, &dir, &key);
     cfg.known_hosts = dir.join("empty_known_hosts");
     cfg.strict_host_key_checking = StrictHostKeyChecking::Yes;
-    let err = Tunnel::start(cfg).await.err().unwrap();
+    let err = SshClient::start(cfg).await.err().unwrap();
     assert!(err.to_string().contains("is not in"), "{err}");
 
     // A changed key is refused even with accept-new.
@@ -254,7 +253,7 @@ async fn refusals_are_clear() {
         format!("[127.0.0.1]:{} {impostor}\n", server.local_addr().port()),
     )
     .unwrap();
-    let err = Tunnel::start(client(&server, &dir, &key))
+    let err = SshClient::start(client(&server, &dir, &key))
         .await
         .err()
         .unwrap();
@@ -270,7 +269,7 @@ async fn refusals_are_clear() {
     let mut cfg = client(&server, &dir, &key);
     cfg.local =
         vec![ForwardSpec::parse_local(&format!("{lport}:127.0.0.1:{}", echo.port())).unwrap()];
-    let tunnel = Tunnel::start(cfg).await.unwrap();
+    let tunnel = SshClient::start(cfg).await.unwrap();
     let mut s = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
     let mut out = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
@@ -288,7 +287,7 @@ async fn refusals_are_clear() {
     let port = busy.local_addr().unwrap().port();
     let mut cfg = client(&server, &dir, &key);
     cfg.local = vec![ForwardSpec::parse_local(&format!("{port}:127.0.0.1:80")).unwrap()];
-    let err = Tunnel::start(cfg).await.err().unwrap();
+    let err = SshClient::start(cfg).await.err().unwrap();
     assert!(
         err.to_string().starts_with(&format!(
             "cannot listen on 127.0.0.1:{port} for -L {port}:127.0.0.1:80"
@@ -353,7 +352,7 @@ async fn idle_connections_are_capped_and_closed_at_login_grace() {
     assert!(eventually(5, || server.status().login_grace_expired == 3).await);
     assert!(eventually(5, || server.status().pending == 0).await);
     // An authenticated session outlives the grace time and frees its startup slot.
-    let tunnel = Tunnel::start(client(&server, &dir, &key)).await.unwrap();
+    let tunnel = SshClient::start(client(&server, &dir, &key)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let st = server.status();
     assert_eq!((st.pending, st.logins, st.login_grace_expired), (0, 1, 3));
@@ -389,7 +388,7 @@ async fn expired_and_cert_authority_keys_are_refused() {
     );
     let server = start_server(&dir, &text, &["any"]).await;
     for key in [&expired, &ca] {
-        let err = Tunnel::start(client(&server, &dir, key))
+        let err = SshClient::start(client(&server, &dir, key))
             .await
             .err()
             .unwrap();
@@ -398,7 +397,9 @@ async fn expired_and_cert_authority_keys_are_refused() {
             "{err}"
         );
     }
-    let tunnel = Tunnel::start(client(&server, &dir, &fresh)).await.unwrap();
+    let tunnel = SshClient::start(client(&server, &dir, &fresh))
+        .await
+        .unwrap();
     tunnel.stop().await;
     assert!(server.status().auth_refused >= 2);
 }
@@ -416,7 +417,7 @@ async fn privileged_remote_port_and_channel_cap() {
     // -R on a port below 1024 without a permit_listen entry naming it.
     let mut cfg = client(&server, &dir, &key);
     cfg.remote = vec![ForwardSpec::parse_remote(&format!("80:127.0.0.1:{}", echo.port())).unwrap()];
-    let err = Tunnel::start(cfg).await.err().unwrap();
+    let err = SshClient::start(cfg).await.err().unwrap();
     assert!(
         err.to_string().contains("remote port forwarding failed"),
         "{err}"
@@ -427,7 +428,7 @@ async fn privileged_remote_port_and_channel_cap() {
     let mut cfg = client(&server, &dir, &key);
     cfg.local =
         vec![ForwardSpec::parse_local(&format!("{lport}:127.0.0.1:{}", echo.port())).unwrap()];
-    let tunnel = Tunnel::start(cfg).await.unwrap();
+    let tunnel = SshClient::start(cfg).await.unwrap();
     let mut first = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
     first.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
@@ -458,7 +459,7 @@ async fn insecure_host_key_is_refused() {
     std::fs::set_permissions(&hk, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let ak = dir.join("authorized_keys");
     std::fs::write(&ak, format!("{public}\n")).unwrap();
-    let err = ForwardServer::start(ServerConfig {
+    let err = SshServer::start(ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         host_key: hk,
         authorized_keys: ak,

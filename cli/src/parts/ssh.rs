@@ -9,14 +9,14 @@ use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
 use crate::config::ssh::{SshSection, SshdSection, StrictHostKeyChecking};
 use anyhow::{Context, bail};
+use netutil::Reconfigured;
 use serde_json::json;
 use sshfwd::backoff::BackoffConfig;
-use sshfwd::client::{ClientConfig, Tunnel, TunnelStatus};
 use sshfwd::known_hosts::StrictHostKeyChecking as Strict;
 use sshfwd::options::{SshOptions, expand_tilde};
 use sshfwd::policy::PermitList;
-use sshfwd::server::{ForwardServer, ServerConfig, ServerLimits};
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
+use sshfwd::{ClientConfig, ServerConfig, ServerLimits, SshClient, SshClientStatus, SshServer};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -170,7 +170,7 @@ fn prompt_passphrase(path: &Path) -> anyhow::Result<String> {
 }
 
 fn read_passphrase_file(path: &Path) -> anyhow::Result<String> {
-    sshfwd::server::check_file_mode(path, true)?;
+    sshfwd::check_file_mode(path, true)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading passphrase file {}", path.display()))?;
     Ok(text.lines().next().unwrap_or("").to_string())
@@ -277,10 +277,7 @@ fn passphrase_for(
     if let Some(f) = file {
         return read_passphrase_file(f).map(Some);
     }
-    match identities
-        .iter()
-        .find(|p| sshfwd::client::identity_is_encrypted(p))
-    {
+    match identities.iter().find(|p| sshfwd::identity_is_encrypted(p)) {
         Some(p) if !batch => prompt_passphrase(p).map(Some),
         Some(p) => bail!(
             "identity {} is encrypted and BatchMode forbids prompting; use --passphrase-file",
@@ -299,7 +296,7 @@ pub(crate) async fn run_ssh(args: SshArgs) -> anyhow::Result<()> {
     if args.background && std::env::var_os(BACKGROUND_CHILD).is_none() {
         return go_background().await;
     }
-    let mut tunnel = Tunnel::start(cfg).await?;
+    let mut tunnel = SshClient::start(cfg).await?;
     let mut allocated = tunnel.allocated_ports();
     if let Some(rx) = allocated.as_mut() {
         while let Ok(a) = rx.try_recv() {
@@ -374,11 +371,11 @@ pub(crate) async fn run_sshd(args: SshdArgs) -> anyhow::Result<()> {
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
     }
-    server.stop();
+    server.stop().await;
     Ok(())
 }
 
-async fn start_server(section: &SshdSection) -> anyhow::Result<ForwardServer> {
+async fn start_server(section: &SshdSection) -> anyhow::Result<SshServer> {
     let cfg = ServerConfig {
         listen: section.listen,
         host_key: section.host_key.clone(),
@@ -412,7 +409,7 @@ async fn start_server(section: &SshdSection) -> anyhow::Result<ForwardServer> {
             }
         }
     }
-    let server = ForwardServer::start(cfg).await?;
+    let server = SshServer::start(cfg).await?;
     let key = server.host_key();
     if key.generated {
         eprintln!(
@@ -496,11 +493,10 @@ fn client_config_from_section(d: &SshSection) -> anyhow::Result<ClientConfig> {
 /// One `[[ssh]]` destination inside `vipgate run`.
 struct SshClientPart {
     name: String,
-    tunnel: Tunnel,
+    tunnel: SshClient,
     /// Ports allocated for `-R 0` forwards, latest per target.
     allocated: Mutex<Vec<(u16, String)>>,
-    allocated_rx:
-        Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<sshfwd::client::AllocatedPort>>>,
+    allocated_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<sshfwd::AllocatedPort>>>,
 }
 
 impl SshClientPart {
@@ -528,7 +524,7 @@ impl SshClientPart {
     }
 }
 
-fn tunnel_json(s: &TunnelStatus) -> serde_json::Value {
+fn tunnel_json(s: &SshClientStatus) -> serde_json::Value {
     json!({
         "role": "client",
         "name": s.name,
@@ -578,8 +574,8 @@ impl Part for SshClientPart {
             .reconfigure(&cfg)
             .with_context(|| format!("ssh destination {}", self.name))?
         {
-            None => Ok(true),
-            Some(why) => {
+            Reconfigured::Live => Ok(true),
+            Reconfigured::NeedsRestart(why) => {
                 tracing::info!("{}: {why}: reconnecting with the new config", self.name);
                 Ok(false)
             }
@@ -592,7 +588,7 @@ impl Part for SshClientPart {
 
 /// `[sshd]` inside `vipgate run`.
 struct SshdPart {
-    server: ForwardServer,
+    server: SshServer,
 }
 
 impl Part for SshdPart {
@@ -630,7 +626,7 @@ impl Part for SshdPart {
         self.server.dead_task()
     }
     fn stop(self: Box<Self>) -> BoxFuture<()> {
-        Box::pin(async move { self.server.stop() })
+        Box::pin(async move { self.server.stop().await })
     }
 }
 
@@ -652,7 +648,7 @@ pub(crate) async fn start(
         for d in &site.ssh {
             let cfg = client_config_from_section(d)?;
             let name = cfg.name.clone();
-            let mut tunnel = Tunnel::start(cfg)
+            let mut tunnel = SshClient::start(cfg)
                 .await
                 .with_context(|| format!("ssh destination {name}"))?;
             let rx = tunnel.allocated_ports();

@@ -56,7 +56,7 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // A tunnel dropped without stop(): let the thread end by itself.
+        // A client dropped without stop(): let the thread end by itself.
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -11,6 +11,8 @@ use bytes::BytesMut;
 use russh::{ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::config::ForwardStatus;
+
 /// Counters of one forward; shared by all its connections.
 #[derive(Debug, Default)]
 pub struct ForwardCounters {
@@ -24,6 +26,22 @@ pub struct ForwardCounters {
     pub bytes_out: AtomicU64,
     /// Bytes from the tunnel to the local side, counted as they pass.
     pub bytes_in: AtomicU64,
+}
+
+impl ForwardCounters {
+    /// A snapshot for `vipgate show ssh` of the forward they count.
+    pub(crate) fn status(&self, kind: &'static str, spec: String, bound: String) -> ForwardStatus {
+        ForwardStatus {
+            kind,
+            spec,
+            bound,
+            active: self.active.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Largest read from the local socket: two SSH packets' worth, so one read fills the next

@@ -6,7 +6,7 @@
 //! authorized_keys is re-read whenever its modification time or size changes (checked on
 //! every offer, as sshd re-reads it), so keys can be added or revoked without a restart.
 //!
-//! Bounds (see [`ServerLimits`]): unauthenticated connections are admitted as OpenSSH's
+//! Bounds (see [`crate::ServerLimits`]): unauthenticated connections are admitted as OpenSSH's
 //! `MaxStartups`/`PerSourceMaxStartups` do and closed after `login_grace_time` (also one that
 //! never sends its version line); an authenticated session holds at most
 //! `max_channels_per_session` forwarded channels and `max_listeners_per_session` `-R`
@@ -16,10 +16,10 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -33,69 +33,12 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::copy::{ForwardCounters, pump};
+use super::copy::{ForwardCounters, pump};
+use super::lock;
+use crate::config::{ServerConfig, ServerStatus};
 use crate::error::SshFwdError;
 use crate::policy::{AuthorizedKey, KeyOptions, Now, PermitList, Unusable, parse_authorized_keys};
-use crate::startups::{MaxStartups, NetBlock, Refusal, Startups};
-
-/// What `vipgate sshd` needs.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// Host key (OpenSSH private key format); an ed25519 key is generated here if absent.
-    pub host_key: PathBuf,
-    /// authorized_keys file, re-read on each login.
-    pub authorized_keys: PathBuf,
-    /// Targets clients may open (`PermitOpen`).
-    pub permit_open: PermitList,
-    /// Addresses clients may listen on (`PermitListen`).
-    pub permit_listen: PermitList,
-    /// Remote forwards may bind the address the client asks for; otherwise loopback only
-    /// (sshd's `GatewayPorts no`).
-    pub gateway_ports: bool,
-    /// Drop clients that send nothing for this long (keepalives count).
-    pub idle_timeout: Option<Duration>,
-    /// Caps and timeouts against floods and greedy clients.
-    pub limits: ServerLimits,
-}
-
-/// Caps and timeouts; the defaults are OpenSSH's where it has one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerLimits {
-    /// `LoginGraceTime`: a connection not authenticated by then is closed. Default 30 s.
-    pub login_grace_time: Duration,
-    /// `MaxStartups`. Default 10:30:100.
-    pub max_startups: MaxStartups,
-    /// `PerSourceMaxStartups`: pending connections per source network. Default 10.
-    pub per_source_max_startups: Option<u32>,
-    /// `PerSourceNetBlockSize`. Default 32:128.
-    pub per_source_netblock: NetBlock,
-    /// Forwarded channels (direct-tcpip and forwarded-tcpip) open at once in one session.
-    /// Default 256.
-    pub max_channels_per_session: u32,
-    /// `-R` listeners of one session. Default 16.
-    pub max_listeners_per_session: u32,
-    /// Forwarded channels open at once in the whole server. Default 4,096.
-    pub max_channels: u32,
-    /// `-R` listeners in the whole server. Default 256.
-    pub max_listeners: u32,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        ServerLimits {
-            login_grace_time: Duration::from_secs(30),
-            max_startups: MaxStartups::default(),
-            per_source_max_startups: Some(10),
-            per_source_netblock: NetBlock::default(),
-            max_channels_per_session: 256,
-            max_listeners_per_session: 16,
-            max_channels: 4096,
-            max_listeners: 256,
-        }
-    }
-}
+use crate::startups::{Refusal, Startups};
 
 /// Counters for `vipgate show ssh`.
 #[derive(Debug, Default)]
@@ -126,45 +69,6 @@ pub struct ServerCounters {
     pub listeners_refused: AtomicU64,
     /// accept() errors (EMFILE and the like) on the sshd listener.
     pub accept_errors: AtomicU64,
-}
-
-/// A snapshot of the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerStatus {
-    /// Bound address.
-    pub listen: String,
-    /// `SHA256:...` of the host key.
-    pub fingerprint: String,
-    /// Open sessions.
-    pub sessions: u64,
-    /// Accepted logins.
-    pub logins: u64,
-    /// Refused keys.
-    pub auth_refused: u64,
-    /// Refused forward requests.
-    pub forwards_refused: u64,
-    /// Open forwarded channels.
-    pub channels_active: u64,
-    /// Forwarded channels since start.
-    pub channels_total: u64,
-    /// Bytes client→target.
-    pub bytes_out: u64,
-    /// Bytes target→client.
-    pub bytes_in: u64,
-    /// Connections not yet authenticated.
-    pub pending: u64,
-    /// Refused by `max_startups`.
-    pub refused_max_startups: u64,
-    /// Refused by `per_source_max_startups`.
-    pub refused_per_source: u64,
-    /// Closed at `login_grace_time`.
-    pub login_grace_expired: u64,
-    /// Channels refused by a cap.
-    pub channels_refused: u64,
-    /// `-R` listeners refused by a cap.
-    pub listeners_refused: u64,
-    /// accept() errors.
-    pub accept_errors: u64,
 }
 
 /// The host key and whether it was just created (the CLI prints the fingerprint either way).
@@ -288,7 +192,7 @@ struct KeysCache {
 }
 
 /// A running `vipgate sshd`.
-pub struct ForwardServer {
+pub struct SshServer {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     task: JoinHandle<()>,
@@ -296,16 +200,12 @@ pub struct ForwardServer {
     host_key: HostKeyInfo,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl ForwardServer {
+impl SshServer {
     /// Loads (or creates) the host key, binds, and serves in the background.
     ///
     /// # Errors
     /// Host key problems, or the listen address cannot be bound.
-    pub async fn start(cfg: ServerConfig) -> Result<ForwardServer, SshFwdError> {
+    pub async fn start(cfg: ServerConfig) -> Result<SshServer, SshFwdError> {
         let (key, host_key) = load_or_generate_host_key(&cfg.host_key)?;
         if cfg.authorized_keys.exists() {
             check_file_mode(&cfg.authorized_keys, false)?;
@@ -364,7 +264,7 @@ impl ForwardServer {
             "sshd accept loop",
             accept_loop(shared.clone(), listener, russh_cfg),
         );
-        Ok(ForwardServer {
+        Ok(SshServer {
             shared,
             local_addr,
             task,
@@ -416,10 +316,12 @@ impl ForwardServer {
         self.watch.dead()
     }
 
-    /// Stops accepting; open sessions end with the process.
-    pub fn stop(self) {
+    /// Stops accepting and waits until the listener is closed; open sessions end with the
+    /// process.
+    pub async fn stop(self) {
         self.watch.stopping();
         self.task.abort();
+        let _ = self.task.await;
     }
 }
 

@@ -1,0 +1,268 @@
+//! What the forwarding client and server are configured with, and what they report.
+//!
+//! Pure data: the CLI lowers its flags, `-o`, `-F` files and TOML sections into these types
+//! without the `driver` feature, and [`crate::ReloadPlan`] diffs two [`ClientConfig`]s. Only
+//! the driver (`SshClient`, `SshServer`) opens sockets with them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::backoff::BackoffConfig;
+use crate::known_hosts::{self, StrictHostKeyChecking};
+use crate::policy::PermitList;
+use crate::spec::{DynamicSpec, ForwardSpec, LocalForward};
+use crate::startups::{MaxStartups, NetBlock};
+
+/// Everything one destination needs; the CLI builds it from flags, `-o`, `-F` or `[[ssh]]`.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Name shown in status and logs (`ops@host:22`).
+    pub name: String,
+    /// Host to connect to (also the name looked up in known_hosts).
+    pub host: String,
+    /// SSH port.
+    pub port: u16,
+    /// Login name.
+    pub user: String,
+    /// Identity files tried in order.
+    pub identities: Vec<PathBuf>,
+    /// Passphrase for encrypted identity files.
+    pub passphrase: Option<String>,
+    /// Also try the keys of the ssh-agent at `SSH_AUTH_SOCK`.
+    pub use_agent: bool,
+    /// known_hosts file read and (with accept-new) appended to.
+    pub known_hosts: PathBuf,
+    /// Unknown-host policy; a changed key is always refused.
+    pub strict_host_key_checking: StrictHostKeyChecking,
+    /// `-L` forwards.
+    pub local: Vec<ForwardSpec>,
+    /// `-R` forwards.
+    pub remote: Vec<ForwardSpec>,
+    /// `-D` forwards.
+    pub dynamic: Vec<DynamicSpec>,
+    /// Listeners without a bind address listen on all addresses instead of loopback.
+    pub gateway_ports: bool,
+    /// Keepalive probe interval (`ServerAliveInterval`); `None` disables.
+    pub server_alive_interval: Option<Duration>,
+    /// Unanswered probes before the connection is declared dead (`ServerAliveCountMax`).
+    pub server_alive_count_max: u32,
+    /// A remote forward the server refuses fails the start.
+    pub exit_on_forward_failure: bool,
+    /// Cipher preference (OpenSSH names); empty keeps russh's default order.
+    pub ciphers: Vec<String>,
+    /// Reconnect schedule.
+    pub backoff: BackoffConfig,
+    /// SSH connections to keep; channels are spread over them round-robin. 1 = OpenSSH-like.
+    pub connections: usize,
+    /// Limit for TCP connect + handshake, and for a local client waiting for a reconnect.
+    pub connect_timeout: Duration,
+    /// If the first connection fails, `start` returns the error (the CLI); otherwise it keeps
+    /// retrying in the background (a daemon).
+    pub fail_fast: bool,
+}
+
+impl ClientConfig {
+    /// A config with OpenSSH's defaults for everything but the destination.
+    #[must_use]
+    pub fn new(host: &str, port: u16, user: &str, known_hosts: PathBuf) -> Self {
+        ClientConfig {
+            name: format!("{user}@{}", known_hosts::host_field(host, port)),
+            host: host.to_string(),
+            port,
+            user: user.to_string(),
+            identities: Vec::new(),
+            passphrase: None,
+            use_agent: true,
+            known_hosts,
+            strict_host_key_checking: StrictHostKeyChecking::AcceptNew,
+            local: Vec::new(),
+            remote: Vec::new(),
+            dynamic: Vec::new(),
+            gateway_ports: false,
+            server_alive_interval: Some(Duration::from_secs(15)),
+            server_alive_count_max: 3,
+            exit_on_forward_failure: true,
+            ciphers: Vec::new(),
+            backoff: BackoffConfig::default(),
+            connections: 1,
+            connect_timeout: Duration::from_secs(10),
+            fail_fast: true,
+        }
+    }
+
+    /// The forwards that listen on this side, `-L` first, then `-D`, in config order.
+    #[must_use]
+    pub fn local_forwards(&self) -> Vec<LocalForward> {
+        let local = self.local.iter().cloned().map(LocalForward::Local);
+        let dynamic = self.dynamic.iter().cloned().map(LocalForward::Dynamic);
+        local.chain(dynamic).collect()
+    }
+
+    /// `ServerAliveInterval` / `ServerAliveCountMax`.
+    #[must_use]
+    pub fn keepalive(&self) -> Keepalive {
+        Keepalive {
+            interval: self.server_alive_interval,
+            count_max: self.server_alive_count_max,
+        }
+    }
+}
+
+/// `ServerAliveInterval` / `ServerAliveCountMax`: the one connection setting a reload changes
+/// without reconnecting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Probe interval; `None` (or zero) disables probing.
+    pub interval: Option<Duration>,
+    /// Unanswered probes in a row before the connection is declared dead.
+    pub count_max: u32,
+}
+
+/// A snapshot of one forward for `vipgate show ssh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardStatus {
+    /// `local`, `remote` or `dynamic`.
+    pub kind: &'static str,
+    /// The spec as given (`8585:127.0.0.1:80`).
+    pub spec: String,
+    /// Where it actually listens (`127.0.0.1:8585`, or on the server for `-R`); empty while
+    /// a remote forward is not established.
+    pub bound: String,
+    /// Connections now open.
+    pub active: u64,
+    /// Connections since start.
+    pub total: u64,
+    /// Connections that could not be forwarded.
+    pub failed: u64,
+    /// Bytes sent into the tunnel by closed connections.
+    pub bytes_out: u64,
+    /// Bytes received from the tunnel by closed connections.
+    pub bytes_in: u64,
+}
+
+/// A snapshot of a destination for `vipgate show ssh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshClientStatus {
+    /// Config name.
+    pub name: String,
+    /// `connected`, `connecting` or `stopped`.
+    pub state: &'static str,
+    /// Time since the current connection came up.
+    pub uptime: Option<Duration>,
+    /// Reconnections since start.
+    pub reconnects: u64,
+    /// SSH connections now up (of `connections`).
+    pub connections_up: usize,
+    /// Why the last connection attempt or connection failed.
+    pub last_error: Option<String>,
+    /// Every forward.
+    pub forwards: Vec<ForwardStatus>,
+}
+
+/// Fired when the server allocates a port for a `-R ...:0:...` forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocatedPort {
+    /// The allocated port on the server.
+    pub port: u16,
+    /// Where connections to it go (`host:port` or a socket path).
+    pub target: String,
+}
+
+/// What `vipgate sshd` needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Host key (OpenSSH private key format); an ed25519 key is generated here if absent.
+    pub host_key: PathBuf,
+    /// authorized_keys file, re-read on each login.
+    pub authorized_keys: PathBuf,
+    /// Targets clients may open (`PermitOpen`).
+    pub permit_open: PermitList,
+    /// Addresses clients may listen on (`PermitListen`).
+    pub permit_listen: PermitList,
+    /// Remote forwards may bind the address the client asks for; otherwise loopback only
+    /// (sshd's `GatewayPorts no`).
+    pub gateway_ports: bool,
+    /// Drop clients that send nothing for this long (keepalives count).
+    pub idle_timeout: Option<Duration>,
+    /// Caps and timeouts against floods and greedy clients.
+    pub limits: ServerLimits,
+}
+
+/// Caps and timeouts; the defaults are OpenSSH's where it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// `LoginGraceTime`: a connection not authenticated by then is closed. Default 30 s.
+    pub login_grace_time: Duration,
+    /// `MaxStartups`. Default 10:30:100.
+    pub max_startups: MaxStartups,
+    /// `PerSourceMaxStartups`: pending connections per source network. Default 10.
+    pub per_source_max_startups: Option<u32>,
+    /// `PerSourceNetBlockSize`. Default 32:128.
+    pub per_source_netblock: NetBlock,
+    /// Forwarded channels (direct-tcpip and forwarded-tcpip) open at once in one session.
+    /// Default 256.
+    pub max_channels_per_session: u32,
+    /// `-R` listeners of one session. Default 16.
+    pub max_listeners_per_session: u32,
+    /// Forwarded channels open at once in the whole server. Default 4,096.
+    pub max_channels: u32,
+    /// `-R` listeners in the whole server. Default 256.
+    pub max_listeners: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            login_grace_time: Duration::from_secs(30),
+            max_startups: MaxStartups::default(),
+            per_source_max_startups: Some(10),
+            per_source_netblock: NetBlock::default(),
+            max_channels_per_session: 256,
+            max_listeners_per_session: 16,
+            max_channels: 4096,
+            max_listeners: 256,
+        }
+    }
+}
+
+/// A snapshot of the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerStatus {
+    /// Bound address.
+    pub listen: String,
+    /// `SHA256:...` of the host key.
+    pub fingerprint: String,
+    /// Open sessions.
+    pub sessions: u64,
+    /// Accepted logins.
+    pub logins: u64,
+    /// Refused keys.
+    pub auth_refused: u64,
+    /// Refused forward requests.
+    pub forwards_refused: u64,
+    /// Open forwarded channels.
+    pub channels_active: u64,
+    /// Forwarded channels since start.
+    pub channels_total: u64,
+    /// Bytes client→target.
+    pub bytes_out: u64,
+    /// Bytes target→client.
+    pub bytes_in: u64,
+    /// Connections not yet authenticated.
+    pub pending: u64,
+    /// Refused by `max_startups`.
+    pub refused_max_startups: u64,
+    /// Refused by `per_source_max_startups`.
+    pub refused_per_source: u64,
+    /// Closed at `login_grace_time`.
+    pub login_grace_expired: u64,
+    /// Channels refused by a cap.
+    pub channels_refused: u64,
+    /// `-R` listeners refused by a cap.
+    pub listeners_refused: u64,
+    /// accept() errors.
+    pub accept_errors: u64,
+}

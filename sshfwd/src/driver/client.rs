@@ -1,0 +1,726 @@
+//! The forwarding client: one SSH connection (or an opt-in pool of them) per destination,
+//! carrying every `-L`, `-R` and `-D` forward, supervised so that a lost connection is
+//! re-established with backoff and every forward comes back without restarting anything.
+//!
+//! Local listeners are bound once, at start, and stay bound across reconnects: a client that
+//! connects while the connection is down waits (up to `connect_timeout`) for it to come back.
+//! Remote forwards are requested again on every new connection, asking for the same port the
+//! server allocated before when the spec said port 0.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use netutil::Reconfigured;
+use russh::Disconnect;
+use russh::client::{self, Handle};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::forward::{self, Listeners};
+use super::lock;
+use super::session::{ClientHandler, RemoteForward, Shared, State};
+use super::worker::Worker;
+use crate::backoff::Backoff;
+use crate::config::{AllocatedPort, ClientConfig, Keepalive, SshClientStatus};
+use crate::error::SshFwdError;
+use crate::known_hosts;
+use crate::reload::ReloadPlan;
+use crate::spec::Endpoint;
+
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// A running destination. Dropping it without [`SshClient::stop`] ends its connection
+/// threads, and with them its listeners and forwarded connections, without a clean SSH
+/// disconnect.
+pub struct SshClient {
+    shared: Arc<Shared>,
+    /// The config the forwards and keepalive now follow: the start config, then each
+    /// reload's.
+    applied: Mutex<ClientConfig>,
+    listeners: Listeners,
+    workers: Vec<Worker>,
+    tasks: Vec<JoinHandle<()>>,
+    stop_tx: watch::Sender<bool>,
+    allocated_rx: Option<mpsc::UnboundedReceiver<AllocatedPort>>,
+}
+
+impl SshClient {
+    /// Loads keys, binds every local listener, connects (see [`ClientConfig::fail_fast`]),
+    /// establishes the remote forwards and starts the supervisor.
+    ///
+    /// # Errors
+    /// Unloadable identities, a listener that cannot bind (the message names the address),
+    /// and with `fail_fast` a failed first connection (host key, auth, network); with
+    /// `exit_on_forward_failure`, a remote forward the server refuses.
+    pub async fn start(cfg: ClientConfig) -> Result<SshClient, SshFwdError> {
+        let keys = load_identities(&cfg)?;
+        let connections = cfg.connections.max(1);
+        let workers = (0..connections)
+            .map(|slot| Worker::spawn(format!("ssh-conn-{slot}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SshFwdError::Config(format!("cannot start a connection thread: {e}")))?;
+        let (pool, _) = watch::channel(vec![None; connections]);
+        let (allocated_tx, allocated_rx) = mpsc::unbounded_channel();
+        let remote = cfg
+            .remote
+            .iter()
+            .map(|spec| Arc::new(RemoteForward::new(spec.clone())))
+            .collect();
+        let (keepalive, _) = watch::channel(cfg.keepalive());
+        let applied = Mutex::new(cfg.clone());
+        let shared = Arc::new(Shared {
+            russh: Arc::new(russh_config(&cfg)?),
+            cfg,
+            keys,
+            pool,
+            next: AtomicUsize::new(0),
+            remote: Mutex::new(remote),
+            keepalive,
+            state: Mutex::new(State::default()),
+            host_key_refusal: Mutex::new(None),
+            allocated_tx,
+            runtimes: workers.iter().map(|w| w.handle().clone()).collect(),
+            next_slot: AtomicUsize::new(0),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // Bind before connecting: a port in use is a config error the user must see at once.
+        let bound = match forward::bind_all(&shared.cfg.local_forwards(), shared.cfg.gateway_ports)
+        {
+            Ok(bound) => bound,
+            Err(e) => {
+                shutdown_workers(workers).await;
+                return Err(e);
+            }
+        };
+        let listeners = Listeners::default();
+        listeners.add(&shared, bound);
+
+        let first = if shared.cfg.fail_fast {
+            // The session task is spawned where the connection is made: on slot 0's thread.
+            let sh = shared.clone();
+            let connected = shared.runtimes[0]
+                .spawn(async move { connect_once(&sh).await })
+                .await
+                .unwrap_or_else(|e| Err(SshFwdError::Config(format!("connection task: {e}"))));
+            let (handle, closed) = match connected {
+                Ok(c) => c,
+                Err(e) => {
+                    listeners.close_all();
+                    shutdown_workers(workers).await;
+                    return Err(e);
+                }
+            };
+            if let Err(e) = request_remote_forwards(&shared, &handle, true).await {
+                listeners.close_all();
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, "forward refused", "")
+                    .await;
+                shutdown_workers(workers).await;
+                return Err(e);
+            }
+            Some((handle, closed))
+        } else {
+            None
+        };
+
+        let mut first = first;
+        for slot in 0..connections {
+            let conn = if slot == 0 { first.take() } else { None };
+            tasks.push(shared.runtimes[slot].spawn(supervise(
+                shared.clone(),
+                slot,
+                conn,
+                stop_rx.clone(),
+            )));
+        }
+        Ok(SshClient {
+            shared,
+            applied,
+            listeners,
+            workers,
+            tasks,
+            stop_tx,
+            allocated_rx: Some(allocated_rx),
+        })
+    }
+
+    /// Applies a changed config to the running destination without dropping its SSH
+    /// connection, as [`ReloadPlan::between`] plans it: `-L` / `-D` listeners are opened and
+    /// closed (a listener whose address stays but whose forward changes is kept and
+    /// retargeted), `-R` forwards are requested and cancelled on the live connection (or at
+    /// the next one if it is down), keepalive settings take effect at the next probe.
+    /// Connections already open through any forward, kept or removed, carry on.
+    ///
+    /// Returns [`Reconfigured::NeedsRestart`] without changing anything when the change needs
+    /// a new SSH connection (destination, identity, host key policy, cipher, connection
+    /// count...).
+    ///
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// A new listener cannot be bound; nothing was changed then.
+    pub fn reconfigure(&self, new: &ClientConfig) -> Result<Reconfigured, SshFwdError> {
+        let mut applied = lock(&self.applied);
+        let plan = match ReloadPlan::between(&applied, new) {
+            Ok(plan) => plan,
+            Err(restart) => return Ok(Reconfigured::restart(restart.to_string())),
+        };
+        let shared = &self.shared;
+
+        // Bind every new listener first, so that a failure leaves the running config untouched.
+        let bound = forward::bind_all(&plan.bind, new.gateway_ports)?;
+        self.listeners.close(&plan.close);
+        self.listeners.retarget(&plan.retarget);
+        self.listeners.add(shared, bound);
+
+        let (cancelled, requested) = {
+            let mut remote = lock(&shared.remote);
+            let mut cancelled = Vec::new();
+            remote.retain(|r| {
+                let keep = !plan.cancel_remote.contains(&r.spec);
+                if !keep {
+                    cancelled.push(r.clone());
+                }
+                keep
+            });
+            let requested: Vec<_> = plan
+                .request_remote
+                .iter()
+                .map(|spec| Arc::new(RemoteForward::new(spec.clone())))
+                .collect();
+            remote.extend(requested.iter().cloned());
+            (cancelled, requested)
+        };
+        let live = shared.pool.borrow().first().cloned().flatten();
+        if let Some(handle) = live.filter(|h| !h.is_closed())
+            && !(cancelled.is_empty() && requested.is_empty())
+        {
+            let sh = shared.clone();
+            shared.runtimes[0].spawn(async move {
+                for r in &cancelled {
+                    cancel_remote_forward(&handle, r).await;
+                }
+                for r in &requested {
+                    let _ = request_remote_forward(&sh, &handle, r, false).await;
+                }
+            });
+        }
+
+        if let Some(keepalive) = plan.keepalive {
+            shared.keepalive.send_replace(keepalive);
+        }
+        *applied = new.clone();
+        Ok(Reconfigured::Live)
+    }
+
+    /// Ports allocated by the server for `-R` port 0 forwards, as they happen (also after
+    /// reconnects). Can be taken once.
+    pub fn allocated_ports(&mut self) -> Option<mpsc::UnboundedReceiver<AllocatedPort>> {
+        self.allocated_rx.take()
+    }
+
+    /// The current state for `vipgate show ssh`.
+    #[must_use]
+    pub fn status(&self) -> SshClientStatus {
+        let state = lock(&self.shared.state);
+        let up = self
+            .shared
+            .pool
+            .borrow()
+            .iter()
+            .flatten()
+            .filter(|h| !h.is_closed())
+            .count();
+        let mut forwards = self.listeners.status();
+        forwards.extend(self.shared.remotes().iter().map(|r| r.status()));
+        SshClientStatus {
+            name: self.shared.cfg.name.clone(),
+            state: if state.stopped {
+                "stopped"
+            } else if up > 0 {
+                "connected"
+            } else {
+                "connecting"
+            },
+            uptime: state
+                .connected_at
+                .map(|t| now().saturating_duration_since(t)),
+            reconnects: state.reconnects,
+            connections_up: up,
+            last_error: state.last_error.clone(),
+            forwards,
+        }
+    }
+
+    /// Stops listeners and supervisors and disconnects; removes unix sockets it created.
+    pub async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        let handles: Vec<_> = self
+            .shared
+            .pool
+            .borrow()
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for h in handles {
+            let _ = h
+                .disconnect(Disconnect::ByApplication, "vipgate stopping", "")
+                .await;
+        }
+        self.shared
+            .pool
+            .send_modify(|p| p.iter_mut().for_each(|h| *h = None));
+        lock(&self.shared.state).stopped = true;
+        self.listeners.close_all();
+        shutdown_workers(self.workers).await;
+    }
+
+    /// Resolves when the destination can no longer work by itself: never, as long as it
+    /// reconnects; kept for symmetry with a future "give up after N failures" policy.
+    pub async fn wait(&mut self) {
+        for t in &mut self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn shutdown_workers(workers: Vec<Worker>) {
+    for w in workers {
+        w.shutdown().await;
+    }
+}
+
+fn load_identities(cfg: &ClientConfig) -> Result<Vec<(PathBuf, Arc<PrivateKey>)>, SshFwdError> {
+    let mut keys = Vec::new();
+    for path in &cfg.identities {
+        super::server::check_file_mode(path, true)?;
+        let key = russh::keys::load_secret_key(path, cfg.passphrase.as_deref()).map_err(|e| {
+            let why = match e {
+                russh::keys::Error::KeyIsEncrypted => {
+                    "the key is encrypted: give its passphrase (passphrase_file, or run interactively)".to_string()
+                }
+                other => other.to_string(),
+            };
+            SshFwdError::Identity { path: path.clone(), why }
+        })?;
+        keys.push((path.clone(), Arc::new(key)));
+    }
+    Ok(keys)
+}
+
+/// Whether an identity file is encrypted (the CLI uses it to decide whether to prompt).
+#[must_use]
+pub fn identity_is_encrypted(path: &std::path::Path) -> bool {
+    matches!(
+        russh::keys::load_secret_key(path, None),
+        Err(russh::keys::Error::KeyIsEncrypted)
+    )
+}
+
+fn russh_config(cfg: &ClientConfig) -> Result<client::Config, SshFwdError> {
+    let mut preferred = russh::Preferred::default();
+    if !cfg.ciphers.is_empty() {
+        let mut names = Vec::new();
+        for c in &cfg.ciphers {
+            let name = russh::cipher::Name::try_from(c.as_str())
+                .map_err(|()| SshFwdError::Config(format!("unsupported cipher '{c}'")))?;
+            names.push(name);
+        }
+        preferred.cipher = names.into();
+    }
+    // Offer first the host key types known_hosts already has for this server, so the server
+    // presents a key we can verify instead of one that would look like a key change.
+    if let Ok(text) = std::fs::read_to_string(&cfg.known_hosts) {
+        let known = known_hosts::known_algorithms(&text, &cfg.host, cfg.port);
+        if !known.is_empty() {
+            let mut order: Vec<russh::keys::Algorithm> = Vec::new();
+            for name in &known {
+                for alg in preferred.key.iter() {
+                    let base = match alg {
+                        russh::keys::Algorithm::Rsa { .. } => "ssh-rsa",
+                        other => other.as_str(),
+                    };
+                    if base == name && !order.contains(alg) {
+                        order.push(alg.clone());
+                    }
+                }
+            }
+            for alg in preferred.key.iter() {
+                if !order.contains(alg) {
+                    order.push(alg.clone());
+                }
+            }
+            preferred.key = order.into();
+        }
+    }
+    Ok(client::Config {
+        preferred,
+        // Keepalives are ours (see `keepalive_dead`), so that a reload can change them on the
+        // live connection.
+        keepalive_interval: None,
+        inactivity_timeout: None,
+        nodelay: true,
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET,
+        channel_buffer_size: CHANNEL_BUFFER,
+        ..client::Config::default()
+    })
+}
+
+/// Receive window per channel: 8 MiB keeps a loopback or LAN pipe full at several Gbit/s
+/// without one slow reader holding much (the window is credit, not a buffer we allocate).
+const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
+/// Largest packet we accept (russh caps it below 64 KiB); OpenSSH sends up to this, so fewer, larger packets are
+/// encrypted and MACed per megabyte.
+const MAX_PACKET: u32 = 65_535;
+/// Messages queued per channel before backpressure reaches the SSH connection.
+const CHANNEL_BUFFER: usize = 64;
+
+async fn connect_once(
+    shared: &Arc<Shared>,
+) -> Result<(Arc<Handle<ClientHandler>>, oneshot::Receiver<()>), SshFwdError> {
+    let cfg = &shared.cfg;
+    let addr = known_hosts::host_field(&cfg.host, cfg.port);
+    let target = if cfg.host.contains(':') {
+        format!("[{}]:{}", cfg.host, cfg.port)
+    } else {
+        format!("{}:{}", cfg.host, cfg.port)
+    };
+    let fut = async {
+        let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+            .await
+            .map_err(|error| SshFwdError::Connect {
+                addr: target.clone(),
+                error,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let (closed_tx, closed_rx) = oneshot::channel();
+        *lock(&shared.host_key_refusal) = None;
+        let handler = ClientHandler::new(shared.clone(), closed_tx);
+        let handle = client::connect_stream(shared.russh.clone(), tcp, handler)
+            .await
+            .map_err(|e| match lock(&shared.host_key_refusal).take() {
+                Some(msg) => SshFwdError::HostKey(msg),
+                None => e,
+            })?;
+        Ok::<_, SshFwdError>((handle, closed_rx))
+    };
+    let (mut handle, closed) = tokio::time::timeout(cfg.connect_timeout, fut)
+        .await
+        .map_err(|_| SshFwdError::Timeout(addr.clone()))??;
+    authenticate(shared, &mut handle).await?;
+    Ok((Arc::new(handle), closed))
+}
+
+async fn authenticate(
+    shared: &Arc<Shared>,
+    handle: &mut Handle<ClientHandler>,
+) -> Result<(), SshFwdError> {
+    let cfg = &shared.cfg;
+    let mut tried = Vec::new();
+    let rsa_hash = handle
+        .best_supported_rsa_hash()
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(Some(HashAlg::Sha256));
+    for (path, key) in &shared.keys {
+        tried.push(path.display().to_string());
+        let key = PrivateKeyWithHashAlg::new(key.clone(), rsa_hash);
+        if handle
+            .authenticate_publickey(cfg.user.clone(), key)
+            .await?
+            .success()
+        {
+            tracing::debug!("{}: authenticated with {}", cfg.name, path.display());
+            return Ok(());
+        }
+    }
+    if cfg.use_agent && std::env::var_os("SSH_AUTH_SOCK").is_some() {
+        match russh::keys::agent::client::AgentClient::connect_env().await {
+            Ok(mut agent) => {
+                let identities = agent.request_identities().await.unwrap_or_default();
+                for id in identities {
+                    let russh::keys::agent::AgentIdentity::PublicKey { key, comment } = id else {
+                        continue;
+                    };
+                    tried.push(format!(
+                        "agent key {}",
+                        if comment.is_empty() {
+                            key.algorithm().to_string()
+                        } else {
+                            comment
+                        }
+                    ));
+                    let hash = if key.algorithm().is_rsa() {
+                        rsa_hash
+                    } else {
+                        None
+                    };
+                    match handle
+                        .authenticate_publickey_with(cfg.user.clone(), key, hash, &mut agent)
+                        .await
+                    {
+                        Ok(r) if r.success() => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!("agent signing failed: {e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("ssh-agent unavailable: {e}"),
+        }
+    }
+    Err(SshFwdError::AuthFailed {
+        user: cfg.user.clone(),
+        host: known_hosts::host_field(&cfg.host, cfg.port),
+        tried: if tried.is_empty() {
+            "no identities".to_string()
+        } else {
+            tried.join(", ")
+        },
+    })
+}
+
+/// Asks the server for every `-R`; with `strict`, the first refusal is an error.
+async fn request_remote_forwards(
+    shared: &Arc<Shared>,
+    handle: &Handle<ClientHandler>,
+    strict: bool,
+) -> Result<(), SshFwdError> {
+    for r in shared.remotes() {
+        request_remote_forward(shared, handle, &r, strict).await?;
+    }
+    Ok(())
+}
+
+/// Asks the server for one `-R` (a `tcpip-forward` or a `streamlocal-forward@openssh.com`).
+async fn request_remote_forward(
+    shared: &Arc<Shared>,
+    handle: &Handle<ClientHandler>,
+    r: &RemoteForward,
+    strict: bool,
+) -> Result<(), SshFwdError> {
+    let refused = |e: russh::Error| {
+        r.set_down();
+        if strict && shared.cfg.exit_on_forward_failure {
+            return Err(SshFwdError::RemoteForwardRefused(r.spec.listen.to_string()));
+        }
+        tracing::warn!(
+            "{}: remote port forwarding failed for listen {}: {e}",
+            shared.cfg.name,
+            r.spec.listen
+        );
+        Ok(())
+    };
+    let (host, port) = match &r.spec.listen {
+        Endpoint::Tcp { host, port } => (host, *port),
+        Endpoint::Unix(path) => {
+            return match handle.streamlocal_forward(path.clone()).await {
+                Ok(()) => {
+                    r.listening.store(true, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => refused(e),
+            };
+        }
+    };
+    let address = remote_bind_address(host.as_deref());
+    let mut want = u32::from(port);
+    let last = r.last_allocated.load(Ordering::Relaxed);
+    if want == 0 && last != 0 {
+        want = u32::try_from(last).unwrap_or(0);
+    }
+    let mut result = handle.tcpip_forward(address.clone(), want).await;
+    if result.is_err() && port == 0 && want != 0 {
+        // The old port was taken meanwhile: take any.
+        result = handle.tcpip_forward(address.clone(), 0).await;
+    }
+    match result {
+        Ok(allocated) => {
+            let bound = if port == 0 {
+                if allocated != 0 { allocated } else { want }
+            } else {
+                u32::from(port)
+            };
+            r.bound_port.store(u64::from(bound), Ordering::Relaxed);
+            r.listening.store(true, Ordering::Relaxed);
+            if port == 0 {
+                r.last_allocated.store(u64::from(bound), Ordering::Relaxed);
+                let port = u16::try_from(bound).unwrap_or(0);
+                let _ = shared.allocated_tx.send(AllocatedPort {
+                    port,
+                    target: r.spec.connect.to_string(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) => refused(e),
+    }
+}
+
+/// OpenSSH's rule: no bind address means "localhost", "*" or "" means all addresses.
+fn remote_bind_address(host: Option<&str>) -> String {
+    match host {
+        None => "localhost".to_string(),
+        Some("*") => String::new(),
+        Some(h) => h.to_string(),
+    }
+}
+
+/// Asks the server to stop listening for a `-R` removed by a reload.
+async fn cancel_remote_forward(handle: &Handle<ClientHandler>, r: &RemoteForward) {
+    if !r.listening.load(Ordering::Relaxed) {
+        return;
+    }
+    let result = match &r.spec.listen {
+        Endpoint::Unix(path) => handle.cancel_streamlocal_forward(path.clone()).await,
+        Endpoint::Tcp { host, .. } => {
+            let port = u32::try_from(r.bound_port.load(Ordering::Relaxed)).unwrap_or(0);
+            handle
+                .cancel_tcpip_forward(remote_bind_address(host.as_deref()), port)
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!("cancelling remote forward {}: {e}", r.spec);
+    }
+    r.set_down();
+}
+
+/// Resolves when the server stopped answering keepalives: `count_max` probes in a row
+/// unanswered, one sent every `interval` (OpenSSH's `ServerAliveInterval` /
+/// `ServerAliveCountMax`). The settings are re-read at every tick, so a reload applies them
+/// to the live connection.
+async fn keepalive_dead(
+    handle: Arc<Handle<ClientHandler>>,
+    mut settings: watch::Receiver<Keepalive>,
+) {
+    let answered = Arc::new(AtomicBool::new(true));
+    let mut misses = 0u32;
+    loop {
+        let ka = *settings.borrow_and_update();
+        let Some(interval) = ka.interval.filter(|d| !d.is_zero()) else {
+            misses = 0;
+            if settings.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            continue;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                continue;
+            }
+        }
+        if answered.load(Ordering::Relaxed) {
+            misses = 0;
+            answered.store(false, Ordering::Relaxed);
+            let (h, flag) = (handle.clone(), answered.clone());
+            tokio::spawn(async move {
+                if h.send_ping().await.is_ok() {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            });
+        } else {
+            misses += 1;
+            if misses >= ka.count_max.max(1) {
+                return;
+            }
+        }
+    }
+}
+
+async fn supervise(
+    shared: Arc<Shared>,
+    slot: usize,
+    mut first: Option<(Arc<Handle<ClientHandler>>, oneshot::Receiver<()>)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(shared.cfg.backoff);
+    let mut ever_up = false;
+    loop {
+        let (handle, closed) = match first.take() {
+            Some(c) => c,
+            None => match connect_once(&shared).await {
+                Ok(c) => {
+                    if slot == 0 {
+                        let _ = request_remote_forwards(&shared, &c.0, false).await;
+                    }
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!("{}: connection failed: {e}", shared.cfg.name);
+                    lock(&shared.state).last_error = Some(e.to_string());
+                    let delay = backoff.on_disconnected(now(), rand::random());
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            },
+        };
+        backoff.on_connected(now());
+        {
+            let mut st = lock(&shared.state);
+            if ever_up && slot == 0 {
+                st.reconnects += 1;
+            }
+            if slot == 0 {
+                st.connected_at = Some(now());
+            }
+            st.last_error = None;
+        }
+        if ever_up {
+            tracing::info!("{}: reconnected, forwards restored", shared.cfg.name);
+        }
+        ever_up = true;
+        shared.pool.send_modify(|p| p[slot] = Some(handle.clone()));
+        tokio::select! {
+            _ = closed => {}
+            () = keepalive_dead(handle.clone(), shared.keepalive.subscribe()) => {
+                lock(&shared.state).last_error = Some("server not responding to keepalives".into());
+                let _ = handle.disconnect(Disconnect::ByApplication, "keepalive timeout", "").await;
+            }
+            _ = stop.changed() => {
+                let _ = handle.disconnect(Disconnect::ByApplication, "vipgate stopping", "").await;
+                return;
+            }
+        }
+        shared.pool.send_modify(|p| p[slot] = None);
+        if slot == 0 {
+            lock(&shared.state).connected_at = None;
+            for r in shared.remotes() {
+                r.set_down();
+            }
+        }
+        let delay = backoff.on_disconnected(now(), rand::random());
+        let why = lock(&shared.state)
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "connection closed".into());
+        tracing::warn!(
+            "{}: connection lost ({why}); reconnecting in {delay:?}",
+            shared.cfg.name
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

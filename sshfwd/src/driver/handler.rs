@@ -1,0 +1,250 @@
+//! What russh calls on a client connection: host key verification against known_hosts
+//! (recording a first-seen key under an exclusive lock), the channels the server opens for
+//! `-R` forwards, and the disconnect reason.
+//!
+//! A refused host key leaves its reason in `Shared::host_key_refusal`, so that the
+//! connection attempt fails with it instead of russh's generic error.
+
+use std::sync::atomic::Ordering;
+
+use russh::client::{self, ChannelOpenHandle, Msg, Session};
+use russh::keys::{HashAlg, PublicKey, PublicKeyBase64};
+use russh::{Channel, ChannelOpenFailure};
+
+use super::forward::serve_remote;
+use super::lock;
+use super::session::ClientHandler;
+use crate::error::SshFwdError;
+use crate::known_hosts::{self, Decision};
+use crate::spec::Endpoint;
+
+impl ClientHandler {
+    fn verify_host_key(&self, key: &PublicKey) -> bool {
+        let cfg = &self.shared.cfg;
+        let path = cfg.known_hosts.display().to_string();
+        let text = match std::fs::read_to_string(&cfg.known_hosts) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                *lock(&self.shared.host_key_refusal) = Some(format!("cannot read {path}: {e}"));
+                return false;
+            }
+        };
+        let algorithm = key.algorithm().as_str().to_string();
+        let blob = key.public_key_bytes();
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        let status = known_hosts::check(&text, &cfg.host, cfg.port, &algorithm, &blob);
+        match known_hosts::decide(
+            &status,
+            cfg.strict_host_key_checking,
+            &cfg.host,
+            cfg.port,
+            &path,
+            &fingerprint,
+        ) {
+            Decision::Accept => true,
+            Decision::AcceptAndRecord => {
+                let line = known_hosts::format_entry(&cfg.host, cfg.port, &algorithm, &blob);
+                let recheck = |text: &str| {
+                    let status = known_hosts::check(text, &cfg.host, cfg.port, &algorithm, &blob);
+                    known_hosts::decide(
+                        &status,
+                        cfg.strict_host_key_checking,
+                        &cfg.host,
+                        cfg.port,
+                        &path,
+                        &fingerprint,
+                    )
+                };
+                match append_locked(&cfg.known_hosts, &line, recheck) {
+                    Ok(Decision::Accept) => true,
+                    Ok(Decision::Refuse(msg)) => {
+                        tracing::error!("{msg}");
+                        *lock(&self.shared.host_key_refusal) = Some(msg);
+                        false
+                    }
+                    Ok(Decision::AcceptAndRecord) => {
+                        tracing::warn!(
+                            "Permanently added '{}' ({algorithm}) to the list of known hosts ({path}); fingerprint {fingerprint}",
+                            known_hosts::host_field(&cfg.host, cfg.port)
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        *lock(&self.shared.host_key_refusal) =
+                            Some(format!("cannot record host key in {path}: {e}"));
+                        false
+                    }
+                }
+            }
+            Decision::Refuse(msg) => {
+                tracing::error!("{msg}");
+                *lock(&self.shared.host_key_refusal) = Some(msg);
+                false
+            }
+        }
+    }
+}
+
+/// Appends `line` to known_hosts under an exclusive flock, after re-reading the file under
+/// the lock and deciding again with `recheck`: another process (`vipgate ssh` beside the
+/// daemon, a second `[[ssh]]` to the same host) may have recorded a key meanwhile, and then
+/// that record decides (the same key is accepted, a different one refused) instead of both
+/// keys ending up trusted. Returns the decision under the lock; the line was written only for
+/// [`Decision::AcceptAndRecord`].
+fn append_locked(
+    path: &std::path::Path,
+    line: &str,
+    recheck: impl Fn(&str) -> Decision,
+) -> std::io::Result<Decision> {
+    use std::io::{Read, Write};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)?;
+    f.lock()?;
+    let mut existing = String::new();
+    f.read_to_string(&mut existing)?;
+    let decision = recheck(&existing);
+    if decision == Decision::AcceptAndRecord {
+        if !existing.is_empty() && !existing.ends_with('\n') {
+            f.write_all(b"\n")?;
+        }
+        f.write_all(line.as_bytes())?;
+    }
+    // The lock is released when `f` is closed.
+    Ok(decision)
+}
+
+impl client::Handler for ClientHandler {
+    type Error = SshFwdError;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
+                Ok(self.verify_host_key(key))
+            }
+            russh::keys::PublicKeyOrCertificate::Certificate(_) => {
+                *lock(&self.shared.host_key_refusal) =
+                    Some("host certificates are not supported".into());
+                Ok(false)
+            }
+        }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let remote = self.shared.remotes().into_iter().find(|r| {
+            matches!(r.spec.listen, Endpoint::Tcp { .. })
+                && r.listening.load(Ordering::Relaxed)
+                && r.bound_port.load(Ordering::Relaxed) == u64::from(connected_port)
+        });
+        let Some(remote) = remote else {
+            tracing::warn!(
+                "{}: server opened a forwarded channel for {connected_address}:{connected_port}, which we did not ask for; refused",
+                self.shared.cfg.name
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        tracing::debug!("forwarded connection from {originator_address}:{originator_port}");
+        // Connecting locally may take a while: never block the session's event loop on it.
+        tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let remote = self.shared.remotes().into_iter().find(|r| {
+            r.listening.load(Ordering::Relaxed)
+                && matches!(&r.spec.listen, Endpoint::Unix(p) if p == socket_path)
+        });
+        let Some(remote) = remote else {
+            tracing::warn!(
+                "{}: server opened a forwarded channel for socket {socket_path}, which we did not ask for; refused",
+                self.shared.cfg.name
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
+        Ok(())
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let why = match &reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => {
+                format!("server disconnected: {info:?}")
+            }
+            client::DisconnectReason::Error(e) => e.to_string(),
+        };
+        lock(&self.shared.state).last_error = Some(why);
+        match reason {
+            client::DisconnectReason::ReceivedDisconnect(_) => Ok(()),
+            client::DisconnectReason::Error(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::known_hosts::StrictHostKeyChecking;
+
+    /// Two first contacts racing with different keys: the second re-checks under the lock,
+    /// sees the first one's record and is refused, so only one key is ever trusted.
+    #[test]
+    fn accept_new_rechecks_under_the_lock() {
+        let dir = std::env::temp_dir().join(format!("sshfwd-kh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("known_hosts");
+        let record = |blob: &[u8]| {
+            let line = known_hosts::format_entry("h", 2222, "ssh-ed25519", blob);
+            append_locked(&path, &line, |text| {
+                let status = known_hosts::check(text, "h", 2222, "ssh-ed25519", blob);
+                known_hosts::decide(
+                    &status,
+                    StrictHostKeyChecking::AcceptNew,
+                    "h",
+                    2222,
+                    "known_hosts",
+                    "SHA256:x",
+                )
+            })
+            .unwrap()
+        };
+        assert_eq!(record(&[0, 0, 0, 1]), Decision::AcceptAndRecord);
+        assert!(matches!(record(&[0, 0, 0, 2]), Decision::Refuse(_)));
+        assert_eq!(record(&[0, 0, 0, 1]), Decision::Accept);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
