@@ -323,7 +323,7 @@ pub(crate) struct Running {
     /// started (or last reconfigured live) with: what a reload compares the new file with. A
     /// unit stopped and not started again (a failed start) is absent, so the next reload
     /// starts it.
-    applied: std::collections::BTreeMap<(Kind, String), Unit>,
+    pub(crate) applied: std::collections::BTreeMap<(Kind, String), Unit>,
 }
 
 /// What a reload did, one line per unit it touched; `failed` when a unit refused the new
@@ -844,6 +844,97 @@ local = ["8585:127.0.0.1:80"]
         assert_eq!(Kind::Gre.units(&old), Kind::Gre.units(&new));
         let new = site(&SITE.replace("198.51.100.3", "198.51.100.4"));
         assert_ne!(Kind::Gre.units(&old), Kind::Gre.units(&new));
+    }
+
+    /// A GRE part that applies a reload live or refuses it, counting the calls.
+    struct FakeGre {
+        accept: bool,
+        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Part for FakeGre {
+        fn kind(&self) -> Kind {
+            Kind::Gre
+        }
+        fn name(&self) -> String {
+            "gre-a".into()
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({ "name": "gre-a" })
+        }
+        fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<bool> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.accept {
+                Ok(true)
+            } else {
+                anyhow::bail!("planted refusal")
+            }
+        }
+        fn stop(self: Box<Self>) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn running_fake(
+        s: &SiteConfig,
+        accept: bool,
+    ) -> (Running, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let calls = std::sync::Arc::default();
+        let mut r = Running {
+            parts: vec![Box::new(FakeGre {
+                accept,
+                calls: std::sync::Arc::clone(&calls),
+            })],
+            ..Running::default()
+        };
+        r.record_applied(Kind::Gre, s);
+        (r, calls)
+    }
+
+    #[tokio::test]
+    async fn a_refused_unit_is_retried_by_the_next_reload() {
+        let old = site(SITE);
+        let new = site(&SITE.replace("198.51.100.3", "198.51.100.4"));
+        let ctx = StartCtx {
+            only: vec![Kind::Gre],
+            ..StartCtx::default()
+        };
+        let now = tokio::time::Instant::now().into_std();
+        let (mut r, calls) = running_fake(&old, false);
+        let report = r.reload(&new, &ctx, now).await;
+        assert!(report.failed);
+        assert!(
+            report.lines[0].starts_with("gre: refused"),
+            "{:?}",
+            report.lines
+        );
+        assert_eq!(r.parts.len(), 1, "the refusing part keeps running");
+        // The running config is still the old one: the same file is tried again, and the old
+        // file is "nothing changed".
+        let again = r.reload(&new, &ctx, now).await;
+        assert!(again.failed);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let back = r.reload(&old, &ctx, now).await;
+        assert!(!back.failed && back.lines.is_empty(), "{:?}", back.lines);
+    }
+
+    #[tokio::test]
+    async fn a_live_change_becomes_the_running_config() {
+        let old = site(SITE);
+        let new = site(&SITE.replace("198.51.100.3", "198.51.100.4"));
+        let ctx = StartCtx {
+            only: vec![Kind::Gre],
+            ..StartCtx::default()
+        };
+        let now = tokio::time::Instant::now().into_std();
+        let (mut r, calls) = running_fake(&old, true);
+        let report = r.reload(&new, &ctx, now).await;
+        assert_eq!(report.lines, ["gre: applied live"]);
+        assert!(r.reload(&new, &ctx, now).await.lines.is_empty());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let back = r.reload(&old, &ctx, now).await;
+        assert_eq!(back.lines, ["gre: applied live"]);
     }
 
     #[test]
