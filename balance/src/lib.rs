@@ -55,7 +55,7 @@ mod wrr;
 
 pub use backend::{Backend, BackendId, BackendState, BackendStats, ConnState, Health};
 pub use error::PoolError;
-pub use persist::Persistence;
+pub use persist::{MAX_TEMPLATES, Persistence};
 pub use pool::{
     BackendConfig, Decision, Direction, MAX_BACKENDS, MAX_WEIGHT, Pool, PoolConfig, PoolStats,
     SchedulerKind, UnknownScheduler,

@@ -11,6 +11,11 @@
 //! Expiry uses a min-heap with one entry per template: a popped entry whose template was
 //! re-armed in the meantime is pushed again with the new deadline, so a busy client never
 //! grows the heap and nothing scans the whole table.
+//!
+//! The table holds at most [`MAX_TEMPLATES`] templates (and so at most that many heap
+//! entries): a new client network beyond it is refused a template in O(1) (its connection is
+//! still scheduled, just not pinned) and counted, so a flood of distinct sources cannot grow
+//! the table; templates free their slots by expiring as usual.
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
@@ -20,6 +25,12 @@ use std::time::{Duration, Instant};
 
 use crate::backend::BackendId;
 use crate::error::PoolError;
+
+/// The most persistence templates one pool holds: one per client network, so at the default
+/// /32 netmask the number of distinct clients seen within the timeout. 65 536 is the NAT
+/// gateway's default flow-table size (every template was made by a flow), at ~40 bytes a
+/// template plus its heap entry about 3 MiB per pool.
+pub const MAX_TEMPLATES: usize = 65_536;
 
 /// How long and how widely clients stick to their backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -109,7 +120,20 @@ impl PersistTable {
 
     /// Records a new connection of `client` to `backend` (re-pointing the template if the
     /// previous backend could not take it). It is not established yet: see [`hold`](Self::hold).
-    pub(crate) fn bind(&mut self, now: Instant, client: Ipv4Addr, backend: BackendId) {
+    /// `false`: the client network has no template and the table is full ([`MAX_TEMPLATES`]),
+    /// so none was made.
+    pub(crate) fn bind(&mut self, now: Instant, client: Ipv4Addr, backend: BackendId) -> bool {
+        self.bind_capped(now, client, backend, MAX_TEMPLATES)
+    }
+
+    fn bind_capped(
+        &mut self,
+        now: Instant,
+        client: Ipv4Addr,
+        backend: BackendId,
+        cap: usize,
+    ) -> bool {
+        let full = self.templates.len() >= cap;
         let key = self.params.key(client);
         match self.templates.entry(key) {
             Entry::Occupied(mut e) => {
@@ -117,6 +141,7 @@ impl PersistTable {
                 t.backend = backend;
                 t.last = now;
             }
+            Entry::Vacant(_) if full => return false,
             Entry::Vacant(e) => {
                 e.insert(Template {
                     backend,
@@ -127,6 +152,7 @@ impl PersistTable {
                     .push(Reverse((now + self.params.timeout, key)));
             }
         }
+        true
     }
 
     /// A connection of `client` became established: the template stays while it lasts.
@@ -220,6 +246,41 @@ mod tests {
         p.handle_timeout(t3 + T);
         assert_eq!(p.len(), 0);
         assert_eq!(p.poll_timeout(), None);
+    }
+
+    #[test]
+    fn distinct_clients_beyond_the_cap_are_refused_and_counted() {
+        let mut p = PersistTable::new(Persistence::new(T));
+        let t0 = crate::test_epoch();
+        let cap = 1000;
+        let refused = (0..10 * cap as u32)
+            .filter(|&i| !p.bind_capped(t0, Ipv4Addr::from(0x0a00_0000 + i), BackendId(1), cap))
+            .count();
+        assert_eq!(p.len(), cap);
+        assert_eq!(p.deadlines.len(), cap, "the heap is bounded with the table");
+        assert_eq!(refused, 9 * cap);
+        // A client that has a template keeps it when full; an unknown one gets none.
+        assert!(p.bind_capped(t0, Ipv4Addr::from(0x0a00_0000), BackendId(2), cap));
+        assert_eq!(
+            p.lookup(t0, Ipv4Addr::from(0x0a00_0000)),
+            Some(BackendId(2))
+        );
+        assert_eq!(p.lookup(t0, Ipv4Addr::from(0x0b00_0000)), None);
+        // Expiry frees the slots.
+        p.handle_timeout(t0 + T);
+        assert_eq!(p.len(), 0);
+        assert!(p.bind_capped(t0 + T, Ipv4Addr::from(0x0b00_0000), BackendId(1), cap));
+    }
+
+    #[test]
+    fn the_pool_cap_holds_a_flood_of_distinct_clients() {
+        let mut p = PersistTable::new(Persistence::new(T));
+        let t0 = crate::test_epoch();
+        let made = (0..MAX_TEMPLATES as u32 + 5000)
+            .filter(|&i| p.bind(t0, Ipv4Addr::from(i), BackendId(1)))
+            .count();
+        assert_eq!(made, MAX_TEMPLATES);
+        assert_eq!(p.len(), MAX_TEMPLATES);
     }
 
     #[test]

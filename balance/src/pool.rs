@@ -164,6 +164,9 @@ pub struct PoolStats {
     pub refused: u64,
     /// New flows that followed a persistence template.
     pub persistent_hits: u64,
+    /// New flows of a client without a template that got none because the pool already holds
+    /// [`MAX_TEMPLATES`](crate::MAX_TEMPLATES) (scheduled, not pinned).
+    pub persist_full: u64,
 }
 
 /// Direction of a packet of a balanced flow, for the traffic counters.
@@ -403,8 +406,10 @@ impl Pool {
         };
         b.inactive += 1;
         b.stats.connections += 1;
-        if let Some(p) = &mut self.persist {
-            p.bind(now, *client.ip(), id);
+        if let Some(p) = &mut self.persist
+            && !p.bind(now, *client.ip(), id)
+        {
+            self.stats.persist_full += 1;
         }
     }
 

@@ -110,6 +110,10 @@ pub(crate) async fn run(
 }
 
 /// Re-reads `path` and applies the differences; a bad file leaves everything as it was.
+/// Once the file parses it becomes the running config whatever happens to each unit: the
+/// parts compare with what runs, not with this, so a unit a reload could not start is started
+/// by the next reload (or the supervisor) from the file as it then is. `Err` when the file is
+/// refused, or when a unit refused or failed (then the message lists every unit's outcome).
 async fn reload(
     path: &Path,
     site: &mut config::SiteConfig,
@@ -129,18 +133,24 @@ async fn reload(
         );
     }
     crate::notify::sd_notify("RELOADING=1");
-    let outcome = running.write().await.reload(site, &new, ctx).await;
+    let report = {
+        let mut r = running.write().await;
+        let report = r
+            .reload(&new, ctx, tokio::time::Instant::now().into_std())
+            .await;
+        r.forget_deaths_outside(&new);
+        report
+    };
     crate::notify::sd_notify("READY=1");
-    match outcome {
-        Ok(report) => {
-            tracing::info!(changes = ?report, "reloaded {}", path.display());
-            running.write().await.forget_deaths_outside(&new);
-            *site = new;
-            Ok(report)
-        }
-        Err(e) => {
-            tracing::error!("reload failed: {e:#}");
-            Err(format!("{e:#}"))
-        }
+    *site = new;
+    if report.failed {
+        tracing::error!(changes = ?report.lines, "reload of {} partly failed", path.display());
+        Err(format!(
+            "reload partly failed (the units not named keep running as they were):\n{}",
+            report.lines.join("\n")
+        ))
+    } else {
+        tracing::info!(changes = ?report.lines, "reloaded {}", path.display());
+        Ok(report.lines)
     }
 }

@@ -193,6 +193,68 @@ fn vrrp_instance(name: &str, vrid: u8, vip: &str) -> String {
     )
 }
 
+/// Security review §9: a reload whose unit fails to start leaves it stopped and shown dead,
+/// and reloading the original file starts it again (the reload compares with what runs, not
+/// with the last file).
+#[test]
+fn reload_after_a_failed_start_brings_the_unit_back() {
+    let t = gateway("halfreload");
+    let _web = t.http_server("in", "192.168.101.101", 80, "web");
+    let good = nat_config(&t, "eth1", "");
+    let cfg = t.write("site.toml", &good);
+    let mut daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
+    let ctl = t.dir().join("ctl.sock");
+    let ctl = ctl.to_str().unwrap();
+    let forward_answers = || {
+        t.curl("out", "http://198.51.100.1:8001/")
+            .is_ok_and(|b| b.trim() == "web")
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the port forward to answer",
+        forward_answers,
+    );
+
+    // A new inside interface needs a new gateway, and eth9 does not exist: nat is stopped
+    // for the restart and cannot start again.
+    std::fs::write(&cfg, nat_config(&t, "eth9", "")).unwrap();
+    let out = t.vipgate_output("gw", &["reload", "--control", ctl]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("partly failed") && err.contains("nat: failed to start"),
+        "{err}"
+    );
+    assert!(err.contains("eth9"), "{err}");
+    assert!(daemon.is_running());
+    let status = t.vipgate_output("gw", &["status", "--json", "--control", ctl]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("\"dead\"") && status.contains("eth9"),
+        "{status}"
+    );
+
+    // The original file again: the stopped gateway starts, the forward answers.
+    std::fs::write(&cfg, &good).unwrap();
+    let out = t.vipgate_output("gw", &["reload", "--control", ctl]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("nat: started"), "{report}");
+    wait_until(
+        Duration::from_secs(20),
+        "the port forward to answer again",
+        forward_answers,
+    );
+    let status = t.vipgate_output("gw", &["status", "--json", "--control", ctl]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(!status.contains("\"dead\""), "{status}");
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
 fn vrrp_show(t: &Topology, ctl: &str) -> Vec<serde_json::Value> {
     let out = t.vipgate_output("gw", &["show", "vrrp", "--json", "--control", ctl]);
     serde_json::from_slice(&out.stdout).unwrap_or_default()

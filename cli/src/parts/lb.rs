@@ -535,6 +535,7 @@ fn service_json(s: &VirtualService) -> Value {
         "sorry_connections": stats.sorry,
         "refused": stats.refused,
         "persistent_hits": stats.persistent_hits,
+        "persist_full": stats.persist_full,
         "backends": backends,
     })
 }

@@ -166,6 +166,12 @@ impl Kind {
         }
     }
 
+    /// Whether this kind has several units that start one by one (VRRP instances or sync
+    /// groups, SSH destinations and the server); the others are one unit per kind.
+    pub(crate) fn units_start_apart(self) -> bool {
+        matches!(self, Kind::Vrrp | Kind::Ssh)
+    }
+
     /// The kinds built on this one at start (virtual services join the running gateway; VRRP
     /// instances take the services' health signals and VIP hooks): when this kind restarts,
     /// they must start again on the new one.
@@ -231,6 +237,15 @@ pub(crate) struct Unit {
 }
 
 impl Unit {
+    /// Every part of `kind` as one unit (what a restart of a whole kind stops).
+    fn every(kind: Kind) -> Unit {
+        Unit {
+            key: kind.as_str().into(),
+            members: None,
+            section: serde_json::Value::Null,
+        }
+    }
+
     /// How reload reports name it: `gre tun0`, `vrrp group G`, or just `nat`.
     fn label(&self, kind: Kind) -> String {
         if self.key == kind.as_str() {
@@ -304,6 +319,19 @@ pub(crate) struct Running {
     pub(crate) parts: Vec<Box<dyn Part>>,
     /// Units whose task died, by `(kind, unit key)`: what the supervisor knows of each.
     pub(crate) deaths: std::collections::BTreeMap<(Kind, String), Death>,
+    /// The units whose parts run, by `(kind, unit key)`, with the config section each was
+    /// started (or last reconfigured live) with: what a reload compares the new file with. A
+    /// unit stopped and not started again (a failed start) is absent, so the next reload
+    /// starts it.
+    pub(crate) applied: std::collections::BTreeMap<(Kind, String), Unit>,
+}
+
+/// What a reload did, one line per unit it touched; `failed` when a unit refused the new
+/// config or failed to start (the other lines still happened).
+#[derive(Debug, Default)]
+pub(crate) struct ReloadReport {
+    pub(crate) lines: Vec<String>,
+    pub(crate) failed: bool,
 }
 
 /// A unit the supervisor found dead: why, how often it was restarted, when to try again.
@@ -332,7 +360,10 @@ impl Running {
                 continue;
             }
             match kind.start(site, ctx).await {
-                Ok(parts) => running.parts.extend(parts),
+                Ok(parts) => {
+                    running.parts.extend(parts);
+                    running.record_applied(kind, site);
+                }
                 Err(e) => {
                     running.stop().await;
                     return Err(e.context(format!(
@@ -353,69 +384,81 @@ impl Running {
         }
     }
 
-    /// Applies a new config unit by unit (see [`Kind::units`]): unchanged units keep running
-    /// untouched; changed ones are reconfigured in place where their parts can, else stopped
-    /// and started again; added units start and removed ones stop. Returns one line per unit
-    /// that changed.
-    ///
-    /// # Errors
-    /// A part that refused the new config (the old one keeps running), or a unit that failed
-    /// to start (it stays stopped; the rest keeps running).
+    /// Applies a new config unit by unit (see [`Kind::units`]), compared with what runs: a unit
+    /// whose running config equals the new one is left untouched; a changed one is
+    /// reconfigured in place where its parts can, else stopped and started again; a unit the
+    /// new config adds, or one that is not running (a start that failed in an earlier reload,
+    /// a supervisor restart that failed), is started; a removed one is stopped. A refusal or a
+    /// failed start does not end the reload: the other units are still applied, and the
+    /// report says what happened to each unit (`applied live`, `restarted`, `started`,
+    /// `stopped`, `refused: ...`, `failed to start: ...`). A unit that failed to start is shown
+    /// `dead` and the supervisor retries it like a unit whose task died.
     pub(crate) async fn reload(
         &mut self,
-        old: &SiteConfig,
         new: &SiteConfig,
         ctx: &StartCtx,
-    ) -> anyhow::Result<Vec<String>> {
-        let mut report = Vec::new();
+        now: std::time::Instant,
+    ) -> ReloadReport {
+        let mut report = ReloadReport::default();
         let mut restarted: Vec<Kind> = Vec::new();
         for kind in Kind::ALL {
             if !(ctx.only.is_empty() || ctx.only.contains(&kind)) {
                 continue;
             }
-            let (before, after) = (kind.units(old), kind.units(new));
+            let after = kind.units(new);
+            let before: Vec<Unit> = self.applied_units(kind);
             if let Some(cause) = restarted.iter().find(|k| k.dependents().contains(&kind))
                 && !before.is_empty()
                 && !after.is_empty()
             {
                 // What this kind was wired to is gone: start it again on the new one.
-                let every = Unit {
-                    key: kind.as_str().into(),
-                    members: None,
-                    section: serde_json::Value::Null,
-                };
-                self.stop_unit(kind, &every).await;
-                self.start_at_place(kind, new, ctx, "").await?;
-                report.push(format!("{kind}: restarted (it is built on {cause})"));
-                restarted.push(kind);
-                continue;
-            }
-            if kind.sections(old) == kind.sections(new) {
+                self.stop_unit(kind, &Unit::every(kind)).await;
+                let label = kind.as_str().to_string();
+                match self.start_at_place(kind, new, ctx, "").await {
+                    Ok(()) => {
+                        report
+                            .lines
+                            .push(format!("{kind}: restarted (it is built on {cause})"));
+                        restarted.push(kind);
+                        self.forget_deaths_of(kind, &after);
+                    }
+                    Err(e) => self.start_failed(&mut report, kind, &label, &after, e, now),
+                }
                 continue;
             }
             let mut to_start = Vec::new();
             for unit in &before {
                 match after.iter().find(|u| u.key == unit.key) {
                     Some(u) if u.section == unit.section => {}
-                    Some(_) => {
-                        let mut live = true;
-                        for p in self
+                    Some(u) => {
+                        let live = self
                             .parts
                             .iter()
                             .filter(|p| p.kind() == kind && unit.owns(&***p))
-                        {
-                            live &= p.reconfigure(new)?;
-                        }
-                        if live {
-                            report.push(format!("{}: applied live", unit.label(kind)));
-                        } else {
-                            self.stop_unit(kind, unit).await;
-                            to_start.push((unit.clone(), "restarted"));
+                            .try_fold(true, |all, p| anyhow::Ok(p.reconfigure(new)? && all));
+                        match live {
+                            Ok(true) => {
+                                self.applied.insert((kind, u.key.clone()), u.clone());
+                                report
+                                    .lines
+                                    .push(format!("{}: applied live", unit.label(kind)));
+                            }
+                            Ok(false) => {
+                                self.stop_unit(kind, unit).await;
+                                to_start.push((u.clone(), "restarted"));
+                            }
+                            Err(e) => {
+                                report.failed = true;
+                                report.lines.push(format!(
+                                    "{}: refused, the old config keeps running: {e:#}",
+                                    unit.label(kind)
+                                ));
+                            }
                         }
                     }
                     None => {
                         self.stop_unit(kind, unit).await;
-                        report.push(format!("{}: stopped", unit.label(kind)));
+                        report.lines.push(format!("{}: stopped", unit.label(kind)));
                     }
                 }
             }
@@ -427,20 +470,96 @@ impl Running {
             if to_start.is_empty() {
                 continue;
             }
-            let keys: Vec<String> = to_start.iter().map(|(u, _)| u.key.clone()).collect();
-            let names: Vec<String> = to_start.iter().map(|(u, _)| u.label(kind)).collect();
-            self.start_at_place(kind, &kind.restrict(new, &keys), ctx, &names.join(", "))
-                .await?;
-            report.extend(
-                to_start
-                    .iter()
-                    .map(|(u, how)| format!("{}: {how}", u.label(kind))),
-            );
-            if to_start.iter().any(|(_, how)| *how == "restarted") {
-                restarted.push(kind);
+            if kind.units_start_apart() {
+                for (unit, how) in to_start {
+                    let label = unit.label(kind);
+                    let one = kind.restrict(new, std::slice::from_ref(&unit.key));
+                    match self.start_at_place(kind, &one, ctx, &label).await {
+                        Ok(()) => {
+                            report.lines.push(format!("{label}: {how}"));
+                            self.forget_deaths_of(kind, std::slice::from_ref(&unit));
+                        }
+                        Err(e) => self.start_failed(
+                            &mut report,
+                            kind,
+                            &label,
+                            std::slice::from_ref(&unit),
+                            e,
+                            now,
+                        ),
+                    }
+                }
+            } else {
+                // One unit per kind (gre, nat, lb): start it whole.
+                let units: Vec<Unit> = to_start.iter().map(|(u, _)| u.clone()).collect();
+                let label = kind.as_str().to_string();
+                match self.start_at_place(kind, new, ctx, &label).await {
+                    Ok(()) => {
+                        report.lines.extend(
+                            to_start
+                                .iter()
+                                .map(|(u, how)| format!("{}: {how}", u.label(kind))),
+                        );
+                        if to_start.iter().any(|(_, how)| *how == "restarted") {
+                            restarted.push(kind);
+                        }
+                        self.forget_deaths_of(kind, &units);
+                    }
+                    Err(e) => self.start_failed(&mut report, kind, &label, &units, e, now),
+                }
             }
         }
-        Ok(report)
+        report
+    }
+
+    /// The units of `kind` that run, as they were started (or last reconfigured), in key
+    /// order.
+    fn applied_units(&self, kind: Kind) -> Vec<Unit> {
+        self.applied
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|(_, unit)| unit.clone())
+            .collect()
+    }
+
+    /// Records a unit that a reload could not start: the report says why, and the unit shows
+    /// `dead` until the supervisor (which retries it) or a later reload starts it.
+    fn start_failed(
+        &mut self,
+        report: &mut ReloadReport,
+        kind: Kind,
+        label: &str,
+        units: &[Unit],
+        e: anyhow::Error,
+        now: std::time::Instant,
+    ) {
+        report.failed = true;
+        report
+            .lines
+            .push(format!("{label}: failed to start, it stays stopped: {e:#}"));
+        for u in units {
+            let d = self
+                .deaths
+                .entry((kind, u.key.clone()))
+                .or_insert_with(|| Death {
+                    cause: String::new(),
+                    restarts: 0,
+                    running: false,
+                    retry_at: now,
+                    backoff: FIRST_BACKOFF,
+                });
+            d.cause = format!("reload: {e:#}");
+            d.running = false;
+            d.retry_at = now + d.backoff;
+            d.backoff = (d.backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Forgets what the supervisor knew of units a reload started afresh.
+    fn forget_deaths_of(&mut self, kind: Kind, units: &[Unit]) {
+        for u in units {
+            self.deaths.remove(&(kind, u.key.clone()));
+        }
     }
 
     /// Starts `kind` from `site` and keeps start order: its parts go before the first part of
@@ -465,11 +584,26 @@ impl Running {
             .position(|p| p.kind() > kind)
             .unwrap_or(self.parts.len());
         self.parts.splice(at..at, started);
+        self.record_applied(kind, site);
         Ok(())
     }
 
-    /// Stops the parts of one unit, last started first.
+    /// Records the units of `kind` in `site` as running with their sections of `site`.
+    fn record_applied(&mut self, kind: Kind, site: &SiteConfig) {
+        for unit in kind.units(site) {
+            self.applied.insert((kind, unit.key.clone()), unit);
+        }
+    }
+
+    /// Stops the parts of one unit, last started first (`members: None`: every part of the
+    /// kind), and forgets it as applied.
     async fn stop_unit(&mut self, kind: Kind, unit: &Unit) {
+        match unit.members {
+            None => self.applied.retain(|(k, _), _| *k != kind),
+            Some(_) => {
+                self.applied.remove(&(kind, unit.key.clone()));
+            }
+        }
         let mut i = self.parts.len();
         while i > 0 {
             i -= 1;
@@ -614,12 +748,7 @@ impl Running {
             }
             for &dep in kind.dependents() {
                 if ok && dep.configured_in(site) {
-                    let every = Unit {
-                        key: dep.as_str().into(),
-                        members: None,
-                        section: serde_json::Value::Null,
-                    };
-                    self.stop_unit(dep, &every).await;
+                    self.stop_unit(dep, &Unit::every(dep)).await;
                     if let Err(e) = self.start_at_place(dep, site, ctx, "").await {
                         tracing::error!(kind = %dep, "restart after {kind} failed: {e:#}");
                         ok = false;
@@ -715,6 +844,97 @@ local = ["8585:127.0.0.1:80"]
         assert_eq!(Kind::Gre.units(&old), Kind::Gre.units(&new));
         let new = site(&SITE.replace("198.51.100.3", "198.51.100.4"));
         assert_ne!(Kind::Gre.units(&old), Kind::Gre.units(&new));
+    }
+
+    /// A GRE part that applies a reload live or refuses it, counting the calls.
+    struct FakeGre {
+        accept: bool,
+        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Part for FakeGre {
+        fn kind(&self) -> Kind {
+            Kind::Gre
+        }
+        fn name(&self) -> String {
+            "gre-a".into()
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({ "name": "gre-a" })
+        }
+        fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<bool> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.accept {
+                Ok(true)
+            } else {
+                anyhow::bail!("planted refusal")
+            }
+        }
+        fn stop(self: Box<Self>) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn running_fake(
+        s: &SiteConfig,
+        accept: bool,
+    ) -> (Running, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let calls = std::sync::Arc::default();
+        let mut r = Running {
+            parts: vec![Box::new(FakeGre {
+                accept,
+                calls: std::sync::Arc::clone(&calls),
+            })],
+            ..Running::default()
+        };
+        r.record_applied(Kind::Gre, s);
+        (r, calls)
+    }
+
+    #[tokio::test]
+    async fn a_refused_unit_is_retried_by_the_next_reload() {
+        let old = site(SITE);
+        let new = site(&SITE.replace("198.51.100.3", "198.51.100.4"));
+        let ctx = StartCtx {
+            only: vec![Kind::Gre],
+            ..StartCtx::default()
+        };
+        let now = tokio::time::Instant::now().into_std();
+        let (mut r, calls) = running_fake(&old, false);
+        let report = r.reload(&new, &ctx, now).await;
+        assert!(report.failed);
+        assert!(
+            report.lines[0].starts_with("gre: refused"),
+            "{:?}",
+            report.lines
+        );
+        assert_eq!(r.parts.len(), 1, "the refusing part keeps running");
+        // The running config is still the old one: the same file is tried again, and the old
+        // file is "nothing changed".
+        let again = r.reload(&new, &ctx, now).await;
+        assert!(again.failed);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let back = r.reload(&old, &ctx, now).await;
+        assert!(!back.failed && back.lines.is_empty(), "{:?}", back.lines);
+    }
+
+    #[tokio::test]
+    async fn a_live_change_becomes_the_running_config() {
+        let old = site(SITE);
+        let new = site(&SITE.replace("198.51.100.3", "198.51.100.4"));
+        let ctx = StartCtx {
+            only: vec![Kind::Gre],
+            ..StartCtx::default()
+        };
+        let now = tokio::time::Instant::now().into_std();
+        let (mut r, calls) = running_fake(&old, true);
+        let report = r.reload(&new, &ctx, now).await;
+        assert_eq!(report.lines, ["gre: applied live"]);
+        assert!(r.reload(&new, &ctx, now).await.lines.is_empty());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let back = r.reload(&old, &ctx, now).await;
+        assert_eq!(back.lines, ["gre: applied live"]);
     }
 
     #[test]
