@@ -42,11 +42,17 @@ pub(crate) struct ControlArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Validate a site config; print FILE:LINE:COL for every mistake (exit 1) or a summary (exit 0).
+    /// Validate a site config: every mistake as FILE:LINE:COL on stderr (exit 1), or a summary (exit 0).
     Check {
         /// The site config (TOML).
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: PathBuf,
+        /// Print nothing; only the exit code tells whether the file is valid.
+        #[arg(short, long, conflicts_with = "dump")]
+        quiet: bool,
+        /// Print the effective config, every default filled in, as TOML instead of the summary.
+        #[arg(long)]
+        dump: bool,
     },
     /// Run every part the config describes, in the foreground (SIGHUP re-reads, SIGTERM stops cleanly).
     Run {

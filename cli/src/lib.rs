@@ -125,25 +125,11 @@ async fn dispatch(
     preloaded: Option<config::SiteConfig>,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Check { config } => match config::load(&config) {
-            Ok(site) => {
-                for w in &site.warnings {
-                    eprintln!("{w}");
-                }
-                print!("{}", check::summary(&site));
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(errors) => {
-                println!("{errors}");
-                let n = errors.diagnostics.len();
-                eprintln!(
-                    "{}: {n} problem{}",
-                    config.display(),
-                    if n == 1 { "" } else { "s" }
-                );
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Check {
+            config,
+            quiet,
+            dump,
+        } => Ok(check::run(&config, quiet, dump)?),
         Command::Run { config, only } => run::run(&config, preloaded, only)
             .await
             .map(|()| ExitCode::SUCCESS),

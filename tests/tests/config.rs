@@ -17,7 +17,7 @@ fn check(text: &str, name: &str) -> (i32, String, String) {
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).replace(file.to_str().unwrap(), "site.toml"),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        String::from_utf8_lossy(&out.stderr).replace(file.to_str().unwrap(), "site.toml"),
     )
 }
 
@@ -76,8 +76,10 @@ fn three_mistakes_three_lines_exit_1() {
         .replace("\"8585:127.0.0.1:80\"", "\"85x5:127.0.0.1:80\"");
     let (code, out, err) = check(&text, "three");
     assert_eq!(code, 1);
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
+    assert!(out.is_empty(), "diagnostics go to stderr: {out}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.ends_with(" problems")).collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    let out = err.clone();
     for l in &lines {
         let mut f = l.splitn(4, ':');
         assert_eq!(f.next(), Some("site.toml"));
@@ -103,7 +105,7 @@ fn hostile_files_never_panic() {
     ] {
         let (code, out, err) = check(text, name);
         assert_eq!(code, 1, "{name}: {out}{err}");
-        assert!(out.starts_with("site.toml:"), "{name}: {out}");
+        assert!(err.starts_with("site.toml:"), "{name}: {out}{err}");
         assert!(!err.contains("panicked"), "{name}: {err}");
     }
 }
@@ -115,7 +117,7 @@ fn missing_file_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("cannot read"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
 #[test]
@@ -149,4 +151,30 @@ fn completions_and_man_pages() {
     assert!(out.status.success());
     assert!(dir.join("vipgate.1").exists() && dir.join("vipgate-check.1").exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn quiet_prints_nothing_and_dump_reparses() {
+    let bad = "[[vrrp]]\nname = \"v\"\ninterface = \"eth0\"\nvrid = 300\npriorty = 1\naddresses = [\"10.0.0.1/24\"]\n";
+    let dir = std::env::temp_dir().join(format!("vipgate-check-{}-quiet", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("site.toml");
+    std::fs::write(&file, bad).unwrap();
+    let out = Command::new(vipgate_bin())
+        .args(["check", "-q", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    let dump = Command::new(vipgate_bin())
+        .args(["check", "--dump", "-c"])
+        .arg(workspace_root().join("examples/reference.toml"))
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    let (code, out, err) = check(&String::from_utf8_lossy(&dump.stdout), "dump");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(": OK"), "{out}");
 }

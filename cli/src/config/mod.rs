@@ -27,6 +27,7 @@ pub(crate) use duration::HumanDuration;
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub(crate) struct SiteConfig {
     /// Where the file came from (for messages and reloads).
+    #[serde(skip)]
     pub(crate) path: PathBuf,
     pub(crate) daemon: daemon::DaemonSection,
     pub(crate) gre: Vec<gre::GreSection>,
@@ -59,7 +60,7 @@ pub(crate) struct ConfigErrors {
 /// Largest config file read; a site config is a few KiB.
 pub(crate) const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 /// Diagnostics printed per file; the rest are counted in one last line.
-pub(crate) const MAX_DIAGNOSTICS: usize = 200;
+pub(crate) const MAX_DIAGNOSTICS: usize = 100;
 
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,7 +78,7 @@ impl std::fmt::Display for ConfigErrors {
         if self.diagnostics.len() > MAX_DIAGNOSTICS {
             write!(
                 f,
-                "\n{}: {} more problems not shown",
+                "\n{}: … and {} more",
                 self.path.display(),
                 self.diagnostics.len() - MAX_DIAGNOSTICS
             )?;
@@ -316,6 +317,9 @@ impl SiteConfig {
             v,
         );
         ssh::validate_all(&self.ssh, v);
+        if let Some(sshd) = &self.sshd {
+            sshd.validate(v);
+        }
     }
 
     /// True when the file configures nothing that runs.
@@ -371,20 +375,125 @@ fn many<T: DeserializeOwned>(
     }
 }
 
+/// Deserializes one section, reporting every key serde refuses rather than only the first.
+///
+/// serde stops at the first bad key, so after each error the offending key is cut out of a
+/// copy of the section and deserialization runs again: an unknown or mistyped key is removed
+/// (its default applies for the rest of the checks), and a table left without a required key
+/// by that cut is removed as a whole (a `missing field` caused by the cut is not reported).
+/// What remains deserializes, so the section's own range checks still run. `repaired` tells
+/// the caller that values were cut out, so cross references into the section are not trusted.
 fn deserialize<T: DeserializeOwned>(
     value: toml::Spanned<DeValue<'_>>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<T> {
-    let span = value.span();
-    match T::deserialize(ValueDeserializer::from(value)) {
-        Ok(t) => Some(t),
-        Err(e) => {
+    let mut value = value;
+    // Keys cut out so far, as (span of their table, key name).
+    let mut cut: Vec<(Range<usize>, String)> = Vec::new();
+    for _ in 0..=MAX_DIAGNOSTICS {
+        let span = value.span();
+        let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
+            Ok(t) => return Some(t),
+            Err(e) => e,
+        };
+        let at = e.span().unwrap_or(span);
+        let message = first_line(e.message());
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(field, _)| field.to_string());
+        let caused_by_cut = missing.as_ref().is_some_and(|field| {
+            cut.iter()
+                .any(|(table, key)| key == field && table.start <= at.start && at.end <= table.end)
+        });
+        if !caused_by_cut {
             diags.push(Diagnostic {
-                span: Some(e.span().unwrap_or(span)),
-                message: explain_serde_error(e.message()),
+                span: Some(at.clone()),
+                message: explain_serde_error(message),
             });
-            None
         }
+        let removed = if missing.is_some() {
+            remove_innermost(&mut value, &at, Removal::Containing)
+        } else {
+            remove_innermost(&mut value, &at, Removal::Key)
+        };
+        match removed {
+            Some(entry) => cut.push(entry),
+            None => return None,
+        }
+    }
+    None
+}
+
+/// What [`remove_innermost`] cuts out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// The innermost table key whose key or value holds the span (a bad key).
+    Key,
+    /// The innermost table or array element whose value is the span (a table missing a key).
+    Containing,
+}
+
+/// Cuts the innermost entry around `at` out of `value` (see [`Removal`]) and returns the span
+/// of the table it was in with its key name (an array element: its index); `None` when `at`
+/// is `value` itself, so nothing smaller than the whole value can go.
+fn remove_innermost(
+    value: &mut toml::Spanned<DeValue<'_>>,
+    at: &Range<usize>,
+    how: Removal,
+) -> Option<(Range<usize>, String)> {
+    let holds = |s: Range<usize>| s.start <= at.start && at.end <= s.end && s != *at;
+    let table_span = value.span();
+    match value.get_mut() {
+        DeValue::Table(table) => {
+            let key = table
+                .iter()
+                .find(|(k, v)| holds(v.span()) || (how == Removal::Key && k.span() == *at))
+                .or_else(|| {
+                    table
+                        .iter()
+                        .find(|(k, v)| v.span() == *at || k.span() == *at)
+                })
+                .map(|(k, _)| k.get_ref().to_string())?;
+            let inner = table.get_mut(key.as_str())?;
+            let deeper = if inner.span() == *at {
+                None
+            } else {
+                remove_innermost(inner, at, how)
+            };
+            deeper.or_else(|| {
+                table.remove(key.as_str());
+                Some((table_span, key))
+            })
+        }
+        DeValue::Array(items) => {
+            let i = items.iter().position(|item| {
+                let s = item.span();
+                s.start <= at.start && at.end <= s.end
+            })?;
+            let deeper = if items[i].span() == *at {
+                None
+            } else {
+                remove_innermost(&mut items.as_mut()[i], at, how)
+            };
+            match deeper {
+                Some(entry) => Some(entry),
+                // An element of an array of values is not cut alone (that would change what
+                // the list means); the key holding the array goes instead.
+                None if how == Removal::Key => None,
+                None => {
+                    let mut kept = toml::de::DeArray::new();
+                    for (j, item) in items.iter().enumerate() {
+                        if j != i {
+                            kept.push(item.clone());
+                        }
+                    }
+                    *items = kept;
+                    Some((table_span, i.to_string()))
+                }
+            }
+        }
+        _ => None,
     }
 }
 

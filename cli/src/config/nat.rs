@@ -41,10 +41,21 @@ pub(crate) enum AclAction {
 }
 
 /// A port or an inclusive range, written `80` or `"1024-65535"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PortRange {
     pub(crate) first: u16,
     pub(crate) last: u16,
+}
+
+/// Written back the way it is read, so `vipgate check --dump` re-parses.
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.first == self.last {
+            s.serialize_u16(self.first)
+        } else {
+            s.serialize_str(&format!("{}-{}", self.first, self.last))
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for PortRange {

@@ -113,7 +113,7 @@ fn d_true() -> bool {
 pub(crate) struct SshdSection {
     /// Listen address. Default `0.0.0.0:2222`.
     #[serde(default = "d_listen")]
-    pub(crate) listen: SocketAddr,
+    pub(crate) listen: Spanned<SocketAddr>,
     /// Host key; an ed25519 key is generated there on first start.
     pub(crate) host_key: PathBuf,
     /// authorized_keys file (OpenSSH format, `permitopen=`/`permitlisten=`/`from=` honoured).
@@ -271,8 +271,28 @@ fn permit_listen_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Stri
     Ok(v)
 }
 
-fn d_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 2222))
+fn d_listen() -> Spanned<SocketAddr> {
+    Spanned::new(0..0, SocketAddr::from(([0, 0, 0, 0], 2222)))
+}
+
+impl SshdSection {
+    /// Warns when other hosts can reach the server and no list limits what an authorized
+    /// key may forward (an empty or absent list means anything).
+    pub(crate) fn validate(&self, v: &mut Validator) {
+        if !self.listen.get_ref().ip().is_loopback()
+            && self.permit_open.is_empty()
+            && self.permit_listen.is_empty()
+        {
+            v.warn_at(
+                &self.listen,
+                format!(
+                    "[sshd] listens on {} and neither permit_open nor permit_listen is set: \
+                     any authorized key may forward anywhere and listen on any port",
+                    self.listen.get_ref()
+                ),
+            );
+        }
+    }
 }
 
 pub(crate) fn validate_all(dests: &[SshSection], v: &mut Validator) {

@@ -203,8 +203,101 @@ fn many_diagnostics_render_fast_and_capped() {
     let out = errors.to_string();
     assert_eq!(out.lines().count(), MAX_DIAGNOSTICS + 1);
     assert!(
-        out.ends_with("more problems not shown"),
+        out.ends_with(&format!("m.toml: … and {} more", 40_000 - MAX_DIAGNOSTICS)),
         "{}",
         out.lines().last().unwrap_or("")
+    );
+}
+
+/// The issue's example: a range error, a misspelt key and a type error in two sections.
+const ISSUE_EXAMPLE: &str = "[nat]\ninside = [\"eth1\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n\
+    [[nat.static]]\nproto = \"tcp\"\noutside_port = \"eighty\"\ninside = \"10.0.0.5:80\"\n\
+    [[vrrp]]\nname = \"v\"\ninterface = \"eth0\"\nvrid = 300\npriorty = 150\naddresses = [\"10.0.0.1/24\"]\n";
+
+#[test]
+fn a_bad_key_hides_no_other_problem_of_its_section_or_file() {
+    let errs = errors(ISSUE_EXAMPLE);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("site.toml:7:16: invalid type: string \"eighty\""),
+        "{errs:?}"
+    );
+    assert_eq!(errs[1], "site.toml:12:8: vrid 300 is out of range 1..=255");
+    assert!(
+        errs[2].starts_with("site.toml:13:1: unknown key `priorty` (did you mean `priority`?)"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_table_left_without_a_required_key_is_dropped_silently() {
+    // `vrid` is mistyped: reported once, not again as "missing field `vrid`".
+    let errs = errors(
+        "[[vrrp]]\nname = \"v\"\ninterface = \"eth0\"\nvrid = \"one\"\naddresses = [\"10.0.0.1/24\"]\nbogus = 1\n",
+    );
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("site.toml:4:8: invalid type"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].starts_with("site.toml:6:1: unknown key `bogus`"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn many_bad_keys_in_one_section_are_all_reported_up_to_the_cap() {
+    let mut text = String::from("[daemon]\n");
+    for i in 0..150 {
+        text.push_str(&format!("bogus{i} = 1\n"));
+    }
+    let out = parse(Path::new("m.toml"), &text).unwrap_err().to_string();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), MAX_DIAGNOSTICS + 1, "{out}");
+    assert!(
+        lines[0].starts_with("m.toml:2:1: unknown key `bogus0`"),
+        "{out}"
+    );
+    assert!(
+        lines[MAX_DIAGNOSTICS].starts_with("m.toml: … and "),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_open_sshd_without_permit_lists_is_a_warning() {
+    let base =
+        "[sshd]\nhost_key = \"/etc/vipgate/host\"\nauthorized_keys = \"/etc/vipgate/keys\"\n";
+    let open = format!("{base}listen = \"0.0.0.0:2222\"\n");
+    let site = parse(Path::new("site.toml"), &open).expect("a warning, not an error");
+    assert_eq!(site.warnings.len(), 1, "{:?}", site.warnings);
+    assert!(
+        site.warnings[0].starts_with("site.toml:4:10: warning: [sshd] listens on 0.0.0.0:2222"),
+        "{:?}",
+        site.warnings
+    );
+    for quiet in [
+        format!("{base}listen = \"127.0.0.1:2222\"\n"),
+        format!("{base}permit_open = [\"10.0.0.1:80\"]\n"),
+        format!("{base}permit_listen = [\"8080\"]\n"),
+    ] {
+        let site = parse(Path::new("site.toml"), &quiet).expect("valid");
+        assert!(site.warnings.is_empty(), "{quiet}: {:?}", site.warnings);
+    }
+}
+
+#[test]
+fn the_dump_of_the_reference_reparses_to_the_same_config() {
+    let site = parse(Path::new("reference.toml"), REFERENCE).expect("valid");
+    let dumped = crate::check::effective_toml(&site).expect("serializes");
+    let again = parse(Path::new("dump.toml"), &dumped).expect("the dump is valid");
+    assert_eq!(
+        crate::check::effective_toml(&again).expect("serializes"),
+        dumped
+    );
+    assert!(
+        dumped.contains("max_half_open_per_source = 256"),
+        "{dumped}"
     );
 }

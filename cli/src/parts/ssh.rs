@@ -377,7 +377,7 @@ pub(crate) async fn run_sshd(args: SshdArgs) -> anyhow::Result<()> {
 
 async fn start_server(section: &SshdSection) -> anyhow::Result<SshServer> {
     let cfg = ServerConfig {
-        listen: section.listen,
+        listen: *section.listen.get_ref(),
         host_key: section.host_key.clone(),
         authorized_keys: section.authorized_keys.clone(),
         permit_open: PermitList::parse(&section.permit_open, false).map_err(anyhow::Error::msg)?,
@@ -396,19 +396,6 @@ async fn start_server(section: &SshdSection) -> anyhow::Result<SshServer> {
             max_listeners: section.max_listeners,
         },
     };
-    if !section.listen.ip().is_loopback() {
-        for (list, key) in [
-            (&section.permit_open, "permit_open"),
-            (&section.permit_listen, "permit_listen"),
-        ] {
-            if list.is_empty() {
-                tracing::warn!(
-                    "[sshd] listens on {} and {key} is empty: any authorized key may forward anywhere",
-                    section.listen
-                );
-            }
-        }
-    }
     let server = SshServer::start(cfg).await?;
     let key = server.host_key();
     if key.generated {
