@@ -12,6 +12,7 @@ use anyhow::Context;
 use gre::driver::{GreDriver, TunnelSpec, TunnelStatus};
 use gre::{DropReason, KeepaliveConfig, TunnelConfig, Underlay};
 use ipnet::IpNet;
+use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -120,9 +121,9 @@ impl Part for GreTunnelPart {
     /// keepalive, mtu and with it the MSS clamp); `Ok(false)` when it needs a restart
     /// (endpoints, key, encap, sequence, checksum, address, offload), when the tunnel is
     /// gone from the file, or when the file adds a tunnel this driver does not run.
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
         let Some(section) = site.gre.iter().find(|g| *g.name.get_ref() == self.name) else {
-            return Ok(false);
+            return Ok(Reconfigured::restart("the tunnel is gone"));
         };
         let guard = self
             .shared
@@ -130,21 +131,23 @@ impl Part for GreTunnelPart {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(driver) = guard.as_ref() else {
-            return Ok(false);
+            return Ok(Reconfigured::restart("the driver is not running"));
         };
         // Until reloads are diffed per tunnel, an added tunnel is only started by a
         // restart of the whole kind.
         let running: Vec<String> = driver.status().into_iter().map(|s| s.name).collect();
         if site.gre.iter().any(|g| !running.contains(g.name.get_ref())) {
-            return Ok(false);
+            return Ok(Reconfigured::restart("a tunnel was added"));
         }
         let live = driver
             .reconfigure(spec(section))
             .with_context(|| format!("reconfiguring GRE tunnel {}", self.name))?;
         if live {
             tracing::info!(tunnel = %self.name, "GRE tunnel reconfigured live");
+            Ok(Reconfigured::Live)
+        } else {
+            Ok(Reconfigured::restart("the tunnel's identity changed"))
         }
-        Ok(live)
     }
 
     /// A dead driver task stops every tunnel it served (a receive task serves all the

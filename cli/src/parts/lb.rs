@@ -24,6 +24,7 @@ use natgw::driver::{DriverConfig, NatDriver};
 use natgw::health::probe::{TargetSpec, run_checker};
 use natgw::health::{CheckKind, Transition};
 use natgw::{BackendKey, GatewayConfig, VirtualService};
+use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -419,11 +420,12 @@ impl Part for ServicePart {
         }
     }
 
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
-        if site.nat.is_some() == self.shared.owns_driver
-            || !site.service.iter().any(|s| *s.name.get_ref() == self.name)
-        {
-            return Ok(false);
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        if site.nat.is_some() == self.shared.owns_driver {
+            return Ok(Reconfigured::restart("[nat] was added or removed"));
+        }
+        if !site.service.iter().any(|s| *s.name.get_ref() == self.name) {
+            return Ok(Reconfigured::restart("the service is gone"));
         }
         // One part applies the whole set (the gateway checks it all or nothing); the others
         // only confirm that their service is still there.
@@ -432,7 +434,7 @@ impl Part for ServicePart {
             .first()
             .is_some_and(|s| *s.name.get_ref() != self.name)
         {
-            return Ok(true);
+            return Ok(Reconfigured::Live);
         }
         let services: Vec<natgw::ServiceConfig> =
             site.service.iter().map(|s| s.to_natgw()).collect();
@@ -442,21 +444,15 @@ impl Part for ServicePart {
                 .map(|outcome| (outcome, health_targets(&gw)))
         };
         match applied {
-            Ok((netutil::Reconfigured::NeedsRestart(reason), _)) => {
-                tracing::info!(%reason, "services need a restart of the gateway");
-                Ok(false)
-            }
-            Ok((netutil::Reconfigured::Live, targets)) => {
+            Ok((Reconfigured::NeedsRestart(reason), _)) => Ok(Reconfigured::NeedsRestart(reason)),
+            Ok((Reconfigured::Live, targets)) => {
                 // The checker takes the new list on its next turn; a full channel means a
                 // newer list is already queued.
                 let _ = self.shared.targets.try_send(targets);
                 tracing::info!("services reconfigured in place");
-                Ok(true)
+                Ok(Reconfigured::Live)
             }
-            Err(e) => {
-                tracing::info!(reason = %e, "services need a restart of the gateway");
-                Ok(false)
-            }
+            Err(e) => Ok(Reconfigured::restart(e.to_string())),
         }
     }
 

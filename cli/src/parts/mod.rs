@@ -17,6 +17,7 @@ pub(crate) mod ssh;
 pub(crate) mod vrrp;
 
 use crate::config::SiteConfig;
+use netutil::Reconfigured;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
@@ -284,13 +285,14 @@ pub(crate) trait Part: Send + Sync {
         anyhow::bail!("{} `{}` does not support `{op}`", self.kind(), self.name())
     }
     /// Applies a changed config in place (weights, ACL rules, timers) without dropping flows
-    /// or mastership. `Ok(true)`: applied live. `Ok(false)`: this part cannot apply the change
-    /// live and `vipgate run` restarts it with the new config instead (the default).
+    /// or mastership. `Live`: applied. `NeedsRestart(reason)`: this part cannot apply the
+    /// change live and `vipgate run` restarts it with the new config instead (the default);
+    /// the reason is the driver's, shown once in the reload reply.
     ///
     /// # Errors
     /// The new config cannot be applied; the part keeps running with the old one.
-    fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<bool> {
-        Ok(false)
+    fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        Ok(Reconfigured::restart("it applies no change in place"))
     }
     /// The first of this part's long-lived tasks that ended while the part should be running
     /// (a panic, an error, a return), with its cause; `None` while all of them run. The
@@ -435,17 +437,19 @@ impl Running {
                             .parts
                             .iter()
                             .filter(|p| p.kind() == kind && unit.owns(&***p))
-                            .try_fold(true, |all, p| anyhow::Ok(p.reconfigure(new)? && all));
+                            .try_fold(Reconfigured::Live, |all, p| {
+                                anyhow::Ok(all.and(p.reconfigure(new)?))
+                            });
                         match live {
-                            Ok(true) => {
+                            Ok(Reconfigured::Live) => {
                                 self.applied.insert((kind, u.key.clone()), u.clone());
                                 report
                                     .lines
                                     .push(format!("{}: applied live", unit.label(kind)));
                             }
-                            Ok(false) => {
+                            Ok(Reconfigured::NeedsRestart(reason)) => {
                                 self.stop_unit(kind, unit).await;
-                                to_start.push((u.clone(), "restarted"));
+                                to_start.push((u.clone(), format!("restarted ({reason})")));
                             }
                             Err(e) => {
                                 report.failed = true;
@@ -464,7 +468,7 @@ impl Running {
             }
             for unit in &after {
                 if !before.iter().any(|u| u.key == unit.key) {
-                    to_start.push((unit.clone(), "started"));
+                    to_start.push((unit.clone(), "started".to_string()));
                 }
             }
             if to_start.is_empty() {
@@ -500,7 +504,7 @@ impl Running {
                                 .iter()
                                 .map(|(u, how)| format!("{}: {how}", u.label(kind))),
                         );
-                        if to_start.iter().any(|(_, how)| *how == "restarted") {
+                        if to_start.iter().any(|(_, how)| how.starts_with("restarted")) {
                             restarted.push(kind);
                         }
                         self.forget_deaths_of(kind, &units);
@@ -862,11 +866,11 @@ local = ["8585:127.0.0.1:80"]
         fn status(&self) -> serde_json::Value {
             serde_json::json!({ "name": "gre-a" })
         }
-        fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<bool> {
+        fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<Reconfigured> {
             self.calls
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if self.accept {
-                Ok(true)
+                Ok(Reconfigured::Live)
             } else {
                 anyhow::bail!("planted refusal")
             }

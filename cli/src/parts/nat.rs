@@ -9,6 +9,7 @@ use crate::config::nat::{AclAction, Filtering, NatSection, Proto as CfgProto};
 use anyhow::Context;
 use natgw::driver::{DriverConfig, NatDriver, NatStatus};
 use natgw::{AclRule, DropReason, GatewayConfig, Proto, StaticEntry, Timeouts};
+use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::net::SocketAddrV4;
@@ -313,9 +314,9 @@ impl Part for NatPart {
         }
     }
 
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
         let Some(nat) = &site.nat else {
-            return Ok(false);
+            return Ok(Reconfigured::restart("[nat] is gone"));
         };
         if nat.inside != self.started.inside
             || nat.outside.get_ref() != self.started.outside.get_ref()
@@ -326,12 +327,13 @@ impl Part for NatPart {
         {
             // Steering (interfaces, table, rules) and the TUN queues are set up at start:
             // restart.
-            return Ok(false);
+            return Ok(Reconfigured::restart(
+                "interfaces, routing table, rule priority or queues changed",
+            ));
         }
-        let outcome = self
+        Ok(self
             .driver
-            .reconfigure(gateway_config(nat, random_seed()))?;
-        Ok(outcome.is_live())
+            .reconfigure(gateway_config(nat, random_seed()))?)
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {

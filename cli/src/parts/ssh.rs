@@ -547,26 +547,18 @@ impl Part for SshClientPart {
     /// Forwards added or removed and keepalive changes go onto the live SSH connection;
     /// what identifies the connection itself (destination, identity, host keys, ciphers,
     /// `connections`, `gateway_ports`, timeouts) needs a new one.
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
         let Some(d) = site
             .ssh
             .iter()
             .find(|d| *d.destination.get_ref() == self.name)
         else {
-            return Ok(false);
+            return Ok(Reconfigured::restart("the destination is gone"));
         };
         let cfg = client_config_from_section(d)?;
-        match self
-            .tunnel
+        self.tunnel
             .reconfigure(&cfg)
-            .with_context(|| format!("ssh destination {}", self.name))?
-        {
-            Reconfigured::Live => Ok(true),
-            Reconfigured::NeedsRestart(why) => {
-                tracing::info!("{}: {why}: reconnecting with the new config", self.name);
-                Ok(false)
-            }
-        }
+            .with_context(|| format!("ssh destination {}", self.name))
     }
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move { self.tunnel.stop().await })

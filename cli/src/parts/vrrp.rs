@@ -72,14 +72,14 @@ impl Part for VrrpPart {
             .unwrap_or_else(|| json!({ "name": self.name, "state": "STOPPED" }))
     }
 
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<bool> {
+    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
         let mut sections = self
             .shared
             .sections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(old) = sections.get(self.index) else {
-            return Ok(false);
+            return Ok(Reconfigured::restart("the instance is gone"));
         };
         let key = group_key(old);
         let members: Vec<&VrrpSection> = site.vrrp.iter().filter(|s| group_key(s) == key).collect();
@@ -89,12 +89,11 @@ impl Part for VrrpPart {
                 .zip(sections.iter())
                 .all(|(n, o)| n.name.get_ref() == o.name.get_ref() && n.group == o.group);
         if !same_members {
-            tracing::info!(instance = %self.name, "reload: the sync group's members changed; restarting it");
-            return Ok(false);
+            return Ok(Reconfigured::restart("the sync group's members changed"));
         }
         let new = members[self.index];
         if serde_json::to_value(old).ok() == serde_json::to_value(new).ok() {
-            return Ok(true);
+            return Ok(Reconfigured::Live);
         }
         let spec = wired_spec(new, &self.shared.wiring);
         let reply = match self
@@ -105,23 +104,16 @@ impl Part for VrrpPart {
             .as_ref()
         {
             Some(h) => h.reconfigure(self.index, spec),
-            None => return Ok(false),
+            None => return Ok(Reconfigured::restart("the group is not running")),
         };
         // `Part::reconfigure` is synchronous; the group's task answers on another worker.
         let outcome =
             tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(reply))
                 .with_context(|| format!("reconfiguring VRRP instance {}", self.name))?;
-        match outcome {
-            Reconfigured::Live => {
-                sections[self.index] = new.clone();
-                tracing::info!(instance = %self.name, "reload: applied live");
-                Ok(true)
-            }
-            Reconfigured::NeedsRestart(why) => {
-                tracing::info!(instance = %self.name, reason = %why, "reload: restarting the instance");
-                Ok(false)
-            }
+        if outcome.is_live() {
+            sections[self.index] = new.clone();
         }
+        Ok(outcome)
     }
 
     fn dead_task(&self) -> Option<String> {
