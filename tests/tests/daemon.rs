@@ -255,6 +255,83 @@ fn reload_after_a_failed_start_brings_the_unit_back() {
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }
 
+/// Issue #14: deleting the gateway's TUN from outside (`ip link del nat0`) detaches the packet
+/// loop's queues, whose next read fails (EBADFD), so the loop task ends; the supervisor shows
+/// the death with its cause, starts the gateway again on a new TUN and the forward answers.
+#[test]
+fn supervisor_restarts_nat_after_its_tun_is_deleted() {
+    let t = gateway("supervise");
+    let _web = t.http_server("in", "192.168.101.101", 80, "web");
+    let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
+    let mut daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
+    let ctl = t.dir().join("ctl.sock");
+    let ctl = ctl.to_str().unwrap();
+    let forward_answers = || {
+        t.curl("out", "http://198.51.100.1:8001/")
+            .is_ok_and(|b| b.trim() == "web")
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the port forward to answer",
+        forward_answers,
+    );
+
+    t.ip("gw", "link del nat0");
+    // The unit comes back as a running part that carries its death: `restarts` and the cause.
+    let nat = wait_for(Duration::from_secs(20), "nat restarted", || {
+        let out = t.vipgate_output("gw", &["status", "--json", "--control", ctl]);
+        let parts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+        parts
+            .into_iter()
+            .find(|p| {
+                p["kind"] == "nat"
+                    && p["status"]["state"] != "dead"
+                    && p["status"]["restarts"].as_u64() >= Some(1)
+            })
+            .map(|p| p["status"].clone())
+    });
+    let cause = nat["last_death"].as_str().unwrap_or_default();
+    assert!(
+        cause.contains("nat packet loop failed") && cause.contains("TUN I/O"),
+        "{nat}"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the port forward to answer after the restart",
+        forward_answers,
+    );
+    assert!(t.ip("gw", "link show").contains("nat0"), "no new TUN");
+    let log = daemon.log();
+    assert!(
+        log.contains("a task died") && log.contains("restarted"),
+        "{log}"
+    );
+
+    // The metrics and `show nat` carry the same count.
+    let metrics = wait_for(
+        Duration::from_secs(10),
+        "the restart in the metrics",
+        || {
+            t.try_sh("gw", "curl -sS --max-time 2 http://127.0.0.1:9477/metrics")
+                .ok()
+                .filter(|m| m.lines().any(|l| l.starts_with("vipgate_nat_restarts{")))
+        },
+    );
+    let series = metrics
+        .lines()
+        .find(|l| l.starts_with("vipgate_nat_restarts{"))
+        .unwrap();
+    let show = t.vipgate_output("gw", &["show", "nat", "--json", "--control", ctl]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(
+        series.rsplit_once(' ').unwrap().1.parse::<f64>().ok(),
+        show[0]["restarts"].as_f64(),
+        "{series} vs {show}"
+    );
+    assert!(daemon.is_running());
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
 fn vrrp_show(t: &Topology, ctl: &str) -> Vec<serde_json::Value> {
     let out = t.vipgate_output("gw", &["show", "vrrp", "--json", "--control", ctl]);
     serde_json::from_slice(&out.stdout).unwrap_or_default()

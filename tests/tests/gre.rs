@@ -612,3 +612,34 @@ fn spoofed_keepalive_replies_do_not_keep_a_dead_tunnel_up() {
         b.counter("hq", "unexpected_keepalive")
     );
 }
+
+/// Issue #14: deleting HQ's tunnel interface from outside (`ip link del gre-br`) makes the
+/// transmit task's next TUN read fail, so it ends; the supervisor records the death, starts
+/// the GRE driver again on a new `gre-br` and the LANs talk again.
+#[test]
+fn deleted_tunnel_interface_is_restarted_by_the_supervisor() {
+    let b = Branches::new("gre_superv", "");
+    b.ping("hqpc", BR_PC).expect("ping before the deletion");
+
+    b.t.ip("hq", "link del gre-br");
+    let json = wait_for(Duration::from_secs(20), "the GRE unit restarted", || {
+        b.show("hq", true).filter(|j| {
+            json_field(j, "restarts").is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n >= 1))
+                && json_field(j, "state").as_deref() != Some("\"dead\"")
+        })
+    });
+    let cause = json_field(&json, "last_death").unwrap_or_default();
+    assert!(
+        cause.contains("GRE transmit failed: tunnel gre-br"),
+        "{json}"
+    );
+    b.wait_up("hq");
+    wait_for(Duration::from_secs(10), "traffic after the restart", || {
+        b.ping("hqpc", BR_PC).ok()
+    });
+    assert!(
+        b.t.ip("hq", "route")
+            .contains("192.168.102.0/24 dev gre-br"),
+        "route not reinstalled"
+    );
+}
