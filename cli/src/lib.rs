@@ -156,7 +156,7 @@ async fn dispatch(
                 if items.is_empty() {
                     println!("no {what} configured in the running daemon");
                 } else {
-                    print!("{}", what.render(&items));
+                    print!("{}", render_kind(what, &items));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -239,6 +239,36 @@ fn control_path(args: &ControlArgs) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(config::daemon::DEFAULT_CONTROL))
 }
 
+/// One kind's screen: the kind's own table of the units that run, then a line per unit the
+/// supervisor has restarted or is restarting (a dead unit has no table row to show it in).
+fn render_kind(kind: parts::Kind, items: &[serde_json::Value]) -> String {
+    let is_dead = |v: &serde_json::Value| v["state"] == "dead";
+    let running: Vec<serde_json::Value> = items.iter().filter(|v| !is_dead(v)).cloned().collect();
+    let mut out = if running.is_empty() {
+        String::new()
+    } else {
+        kind.render(&running)
+    };
+    for v in items {
+        let restarts = v["restarts"].as_u64().unwrap_or(0);
+        if restarts == 0 && !is_dead(v) {
+            continue;
+        }
+        let name = v["name"].as_str().unwrap_or("?");
+        let cause = v["last_death"].as_str().unwrap_or("unknown");
+        if is_dead(v) {
+            out.push_str(&format!(
+                "{name}: dead, being restarted ({restarts} restarts so far): {cause}\n"
+            ));
+        } else {
+            out.push_str(&format!(
+                "{name}: restarted {restarts}x, last death: {cause}\n"
+            ));
+        }
+    }
+    out
+}
+
 pub(crate) fn render_status(result: &serde_json::Value) -> String {
     let Ok(parts) = serde_json::from_value::<Vec<control::PartStatus>>(result.clone()) else {
         return format!("{result}\n");
@@ -254,7 +284,7 @@ pub(crate) fn render_status(result: &serde_json::Value) -> String {
             .map(|p| p.status.clone())
             .collect();
         if !items.is_empty() {
-            out.push_str(&format!("== {kind}\n{}", kind.render(&items)));
+            out.push_str(&format!("== {kind}\n{}", render_kind(kind, &items)));
         }
     }
     out
@@ -295,5 +325,23 @@ pub mod fuzzing {
                 d.to_string().parse().expect("display output parses");
             assert_eq!(back, d);
         }
+    }
+}
+
+#[cfg(test)]
+mod render_tests {
+    use super::*;
+
+    #[test]
+    fn restarted_and_dead_units_get_a_line_of_their_own() {
+        let items = vec![
+            serde_json::json!({"name": "gw", "state": "dead", "restarts": 2,
+                               "last_death": "nat packet loop failed: TUN I/O"}),
+        ];
+        let text = render_kind(parts::Kind::Nat, &items);
+        assert_eq!(
+            text,
+            "gw: dead, being restarted (2 restarts so far): nat packet loop failed: TUN I/O\n"
+        );
     }
 }
