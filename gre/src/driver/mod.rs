@@ -762,44 +762,51 @@ async fn write_tun(sh: &Shared, frame: &[u8]) {
     }
 }
 
-/// Handles one underlay datagram; returns the tunnel index and where in `packet` the inner
-/// packet for its TUN is.
-#[allow(clippy::too_many_arguments)]
-fn decapsulate_one(
-    underlay: &UnderlaySocket,
-    demux: &Demux,
-    tunnels: &[Arc<Shared>],
-    reflector: &Socket,
-    now: Instant,
-    source: Ipv4Addr,
-    packet: &mut [u8],
-) -> Option<(usize, core::ops::Range<usize>)> {
-    // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
-    let gre_at = match underlay.kind {
-        Underlay::Gre => usize::from(packet.first()? & 0xf) * 4,
-        Underlay::Udp => 0,
-    };
-    let gre = packet.get_mut(gre_at..)?;
-    let t = demux.lookup(source, gre)?;
-    let sh = tunnels.get(t)?;
-    let verdict = sh.core().decapsulate(now, source, gre);
-    match verdict {
-        Verdict::ToTun(r) => return Some((t, gre_at + r.start..gre_at + r.end)),
-        Verdict::Reflect(r) => {
-            // The core hands back a probe only after checking its IPv4 header is there.
-            let inner = gre.get(r)?;
-            let dst = inner
-                .get(16..20)
-                .and_then(|d| <[u8; 4]>::try_from(d).ok())?;
-            let dst = SockAddr::from(SocketAddrV4::new(Ipv4Addr::from(dst), 0));
-            if let Err(e) = reflector.send_to(inner, &dst) {
-                tracing::debug!(error = %e, "keepalive reflection failed");
+/// What one receive task hands every datagram to: its underlay socket, the tunnels on it
+/// (indexed as in `demux`), and the raw socket that re-emits the peers' keepalive probes.
+struct RxContext<'a> {
+    underlay: &'a UnderlaySocket,
+    demux: Demux,
+    tunnels: &'a [Arc<Shared>],
+    reflector: &'a Socket,
+}
+
+impl RxContext<'_> {
+    /// Handles one underlay datagram; returns the tunnel index and where in `packet` the
+    /// inner packet for its TUN is.
+    fn decapsulate(
+        &self,
+        now: Instant,
+        source: Ipv4Addr,
+        packet: &mut [u8],
+    ) -> Option<(usize, core::ops::Range<usize>)> {
+        // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
+        let gre_at = match self.underlay.kind {
+            Underlay::Gre => usize::from(packet.first()? & 0xf) * 4,
+            Underlay::Udp => 0,
+        };
+        let gre = packet.get_mut(gre_at..)?;
+        let t = self.demux.lookup(source, gre)?;
+        let sh = self.tunnels.get(t)?;
+        let verdict = sh.core().decapsulate(now, source, gre);
+        match verdict {
+            Verdict::ToTun(r) => return Some((t, gre_at + r.start..gre_at + r.end)),
+            Verdict::Reflect(r) => {
+                // The core hands back a probe only after checking its IPv4 header is there.
+                let inner = gre.get(r)?;
+                let dst = inner
+                    .get(16..20)
+                    .and_then(|d| <[u8; 4]>::try_from(d).ok())?;
+                let dst = SockAddr::from(SocketAddrV4::new(Ipv4Addr::from(dst), 0));
+                if let Err(e) = self.reflector.send_to(inner, &dst) {
+                    tracing::debug!(error = %e, "keepalive reflection failed");
+                }
             }
+            Verdict::KeepaliveReply => sh.wake.notify_one(),
+            Verdict::Drop(_) => {}
         }
-        Verdict::KeepaliveReply => sh.wake.notify_one(),
-        Verdict::Drop(_) => {}
+        None
     }
-    None
 }
 
 async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) -> Result<(), Infallible> {
