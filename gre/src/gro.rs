@@ -20,7 +20,7 @@
 use netutil::checksum::{checksum, fold, put16, sum};
 
 /// Length of the virtio-net header in front of every frame written to an offload TUN.
-pub const VNET_HDR_LEN: usize = 10;
+pub(crate) const VNET_HDR_LEN: usize = 10;
 
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
@@ -53,7 +53,7 @@ struct Flow {
 /// [`TcpCoalescer::finish`] returns. Two buffers, so the frame handed back stays valid
 /// while the new one is already being built.
 #[derive(Debug, Default)]
-pub struct TcpCoalescer {
+pub(crate) struct TcpCoalescer {
     /// The frame being built.
     buf: Vec<u8>,
     /// The last completed frame, lent to the caller for its write.
@@ -67,7 +67,7 @@ impl TcpCoalescer {
     /// Merges `packet` into the frame being built, or completes that frame, returns it for
     /// the TUN write and starts a new one with `packet` (which may be anything: a packet
     /// that cannot be merged goes out alone).
-    pub fn push(&mut self, packet: &[u8]) -> Option<&[u8]> {
+    pub(crate) fn push(&mut self, packet: &[u8]) -> Option<&[u8]> {
         let next = candidate(packet);
         if let Some(next) = &next
             && self.merge(packet, next).is_some()
@@ -95,7 +95,7 @@ impl TcpCoalescer {
 
     /// The frame built so far, ready for the TUN write, or `None` when nothing is pending.
     /// The coalescer is empty afterwards.
-    pub fn finish(&mut self) -> Option<&[u8]> {
+    pub(crate) fn finish(&mut self) -> Option<&[u8]> {
         self.complete().then_some(self.buf.as_slice())
     }
 

@@ -67,7 +67,7 @@ pub struct GreKeepalive {
 
 impl GreKeepalive {
     /// Starts with the tunnel up (as IOS does) and the first probe due at `now`.
-    pub fn new(config: KeepaliveConfig, now: Instant) -> Self {
+    pub fn new(now: Instant, config: KeepaliveConfig) -> Self {
         Self {
             config,
             misses: 0,
@@ -125,7 +125,7 @@ impl GreKeepalive {
     /// Applies a new period/retry count without losing the link state: misses so far
     /// count against the new `retries`, and a longer period never delays the probe that
     /// is already due sooner.
-    pub fn set_config(&mut self, config: KeepaliveConfig, now: Instant) {
+    pub fn set_config(&mut self, now: Instant, config: KeepaliveConfig) {
         self.config = config;
         self.next_probe = self.next_probe.min(now + config.interval);
     }
@@ -143,10 +143,10 @@ impl GreKeepalive {
 /// Bytes of the per-probe marker that follow the inner GRE header of our probes. The peer
 /// routes the inner packet back verbatim (Cisco and Linux only decrement its TTL), so the
 /// reply carries the marker and proves it answers the probe outstanding, not a spoofer.
-pub const MARKER_LEN: usize = 8;
+pub(crate) const MARKER_LEN: usize = 8;
 
 /// Longest inner packet of a probe: IPv4 + UDP + GRE with every option + the marker.
-pub const MAX_PROBE_INNER_LEN: usize = 20 + 8 + MAX_HEADER_LEN + MARKER_LEN;
+pub(crate) const MAX_PROBE_INNER_LEN: usize = 20 + 8 + MAX_HEADER_LEN + MARKER_LEN;
 
 /// Writes the inner part of a probe (the packet the peer will route back to us) into `buf`
 /// and returns its length (20 + [8 for UDP] + GRE header + [`MARKER_LEN`]); `None` when
@@ -219,7 +219,7 @@ pub(crate) struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
+    pub(crate) fn new(now: Instant, rate: u32, burst: u32) -> Self {
         Self {
             tokens: burst,
             burst,
@@ -264,7 +264,7 @@ mod tests {
     #[test]
     fn goes_down_after_retries_periods_and_back_up_on_reply() {
         let t0 = crate::test_util::t0();
-        let mut ka = GreKeepalive::new(cfg(10, 3), t0);
+        let mut ka = GreKeepalive::new(t0, cfg(10, 3));
         assert_eq!(ka.handle_timeout(t0), KeepaliveTick::Probe);
         assert_eq!(ka.poll_timeout(), t0 + Duration::from_secs(10));
         assert_eq!(
@@ -299,7 +299,7 @@ mod tests {
     #[test]
     fn replies_keep_it_up() {
         let t0 = crate::test_util::t0();
-        let mut ka = GreKeepalive::new(cfg(1, 2), t0);
+        let mut ka = GreKeepalive::new(t0, cfg(1, 2));
         for s in 0..100 {
             let now = t0 + Duration::from_secs(s);
             assert_ne!(ka.handle_timeout(now), KeepaliveTick::WentDown);
@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn late_wakeup_sends_one_probe() {
         let t0 = crate::test_util::t0();
-        let mut ka = GreKeepalive::new(cfg(1, 5), t0);
+        let mut ka = GreKeepalive::new(t0, cfg(1, 5));
         let late = t0 + Duration::from_secs(100);
         assert_eq!(ka.handle_timeout(late), KeepaliveTick::Probe);
         assert_eq!(ka.handle_timeout(late), KeepaliveTick::Idle);
@@ -321,7 +321,7 @@ mod tests {
     #[test]
     fn token_bucket_allows_its_burst_then_its_rate() {
         let t0 = crate::test_util::t0();
-        let mut b = TokenBucket::new(10, 5, t0);
+        let mut b = TokenBucket::new(t0, 10, 5);
         assert_eq!((0..20).filter(|_| b.take(t0)).count(), 5);
         let later = t0 + Duration::from_millis(250);
         assert_eq!((0..20).filter(|_| b.take(later)).count(), 2);

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
+use netutil::Reconfigured;
 use netutil::checksum::checksum;
 use netutil::mss::{MssOutcome, clamp_mss};
 
@@ -310,12 +311,6 @@ pub enum TunnelEvent {
     Down,
 }
 
-/// A configuration change [`Tunnel::reconfigure`] cannot apply to a running tunnel: the
-/// field names what would need a new socket, TUN device or sequence space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("changing `{0}` needs the tunnel to be restarted")]
-pub struct NeedsRestart(pub &'static str);
-
 /// After this many packets "behind" the window, numbered consecutively among themselves,
 /// we assume the peer restarted its sequence space (RFC 2890 has no signal for that) and
 /// resynchronise.
@@ -392,8 +387,8 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Creates the tunnel; with keepalives, the first probe is due at `now`.
-    pub fn new(config: TunnelConfig, now: Instant) -> Self {
-        let keepalive = config.keepalive.map(|k| GreKeepalive::new(k, now));
+    pub fn new(now: Instant, config: TunnelConfig) -> Self {
+        let keepalive = config.keepalive.map(|k| GreKeepalive::new(now, k));
         Self {
             config,
             tx_sequence: 0,
@@ -403,7 +398,7 @@ impl Tunnel {
             outstanding: None,
             marker_secret: random_secret(),
             probes: 0,
-            reflect: TokenBucket::new(REFLECT_RATE, REFLECT_BURST, now),
+            reflect: TokenBucket::new(now, REFLECT_RATE, REFLECT_BURST),
             events: VecDeque::new(),
             down_since: None,
             counters: Counters::default(),
@@ -447,10 +442,10 @@ impl Tunnel {
     /// `keepalive` (period, retries, on/off). Turning keepalives off brings a down tunnel
     /// back up (a [`TunnelEvent::Up`] is queued so the driver reinstalls its routes).
     ///
-    /// # Errors
-    /// [`NeedsRestart`] when anything else differs (name, endpoints, key, sequence,
-    /// checksum, underlay, inner address); nothing is changed then.
-    pub fn reconfigure(&mut self, new: TunnelConfig, now: Instant) -> Result<(), NeedsRestart> {
+    /// [`Reconfigured::NeedsRestart`], naming the field, when anything else differs (name,
+    /// endpoints, key, sequence, checksum, underlay, inner address): those need a new
+    /// socket, TUN device or sequence space. Nothing is changed then.
+    pub fn reconfigure(&mut self, now: Instant, new: TunnelConfig) -> Reconfigured {
         let old = &self.config;
         let fixed: [(&'static str, bool); 8] = [
             ("name", old.name == new.name),
@@ -463,11 +458,13 @@ impl Tunnel {
             ("encap", old.underlay == new.underlay),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
-            return Err(NeedsRestart(field));
+            return Reconfigured::restart(format!(
+                "changing `{field}` needs the tunnel to be restarted"
+            ));
         }
         match (self.keepalive.as_mut(), new.keepalive) {
-            (Some(ka), Some(k)) => ka.set_config(k, now),
-            (None, Some(k)) => self.keepalive = Some(GreKeepalive::new(k, now)),
+            (Some(ka), Some(k)) => ka.set_config(now, k),
+            (None, Some(k)) => self.keepalive = Some(GreKeepalive::new(now, k)),
             (Some(_), None) => {
                 let was_up = self.is_up();
                 self.keepalive = None;
@@ -481,7 +478,7 @@ impl Tunnel {
             (None, None) => {}
         }
         self.config = new;
-        Ok(())
+        Reconfigured::Live
     }
 
     /// Encapsulates the inner packet `buf[inner]` in place.
@@ -923,7 +920,7 @@ mod tests {
         let mut b = TunnelConfig::new("gre-hq", BR, HQ);
         f(&mut a);
         f(&mut b);
-        (Tunnel::new(a, t0), Tunnel::new(b, t0))
+        (Tunnel::new(t0, a), Tunnel::new(t0, b))
     }
 
     /// An IPv4 packet 192.168.101.10 -> 192.168.102.10 of `len` bytes with `proto`.
@@ -970,7 +967,7 @@ mod tests {
             interval: Duration::from_secs(1),
             retries: 2,
         });
-        a.reconfigure(new.clone(), t0).unwrap();
+        assert_eq!(a.reconfigure(t0, new.clone()), Reconfigured::Live);
         assert_eq!(a.config().mtu, 1400);
         assert_eq!(a.poll_timeout(), Some(t0));
         // The new MTU is what DF packets are checked against now.
@@ -984,8 +981,10 @@ mod tests {
         assert!(!a.is_up());
         assert_eq!(a.poll_event(), Some(TunnelEvent::Down));
         new.keepalive = None;
-        a.reconfigure(new.clone(), t0 + Duration::from_secs(5))
-            .unwrap();
+        assert_eq!(
+            a.reconfigure(t0 + Duration::from_secs(5), new.clone()),
+            Reconfigured::Live
+        );
         assert!(a.is_up());
         assert_eq!(a.poll_event(), Some(TunnelEvent::Up));
         assert_eq!(a.poll_timeout(), None);
@@ -1002,7 +1001,12 @@ mod tests {
         ] {
             let mut c = before.clone();
             change(&mut c);
-            assert_eq!(a.reconfigure(c, t0), Err(NeedsRestart(field)));
+            assert_eq!(
+                a.reconfigure(t0, c),
+                Reconfigured::restart(format!(
+                    "changing `{field}` needs the tunnel to be restarted"
+                ))
+            );
             assert_eq!(a.config(), &before);
         }
     }
@@ -1023,8 +1027,10 @@ mod tests {
             interval: Duration::from_secs(30),
             retries: 3,
         });
-        a.reconfigure(new, t0 + Duration::from_millis(1500))
-            .unwrap();
+        assert_eq!(
+            a.reconfigure(t0 + Duration::from_millis(1500), new),
+            Reconfigured::Live
+        );
         let ka = a.keepalive().unwrap();
         assert_eq!(ka.misses(), 2);
         assert_eq!(a.poll_timeout(), Some(t0 + Duration::from_secs(2)));
@@ -1228,7 +1234,7 @@ mod tests {
         // The receiving end clamps too, whatever a (misconfigured) sender did.
         let mut wide = TunnelConfig::new("wide", HQ, BR);
         wide.mtu = 1500;
-        let mut wide = Tunnel::new(wide, crate::test_util::t0());
+        let mut wide = Tunnel::new(crate::test_util::t0(), wide);
         let (v, wire) = carry(&mut wide, &mut b, &syn);
         let Verdict::ToTun(r) = v else { panic!() };
         assert_eq!(get16(&wire[r], 42), 1436);

@@ -9,7 +9,7 @@ use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
 use crate::config::gre::{GreEncap, GreSection};
 use anyhow::Context;
-use gre::driver::{GreDriver, TunnelSpec, TunnelStatus};
+use gre::driver::{GreDriver, GreStatus, TunnelSpec};
 use gre::{DropReason, KeepaliveConfig, TunnelConfig, Underlay};
 use ipnet::IpNet;
 use netutil::Reconfigured;
@@ -139,15 +139,13 @@ impl Part for GreTunnelPart {
         if site.gre.iter().any(|g| !running.contains(g.name.get_ref())) {
             return Ok(Reconfigured::restart("a tunnel was added"));
         }
-        let live = driver
+        let outcome = driver
             .reconfigure(spec(section))
             .with_context(|| format!("reconfiguring GRE tunnel {}", self.name))?;
-        if live {
+        if outcome.is_live() {
             tracing::info!(tunnel = %self.name, "GRE tunnel reconfigured live");
-            Ok(Reconfigured::Live)
-        } else {
-            Ok(Reconfigured::restart("the tunnel's identity changed"))
         }
+        Ok(outcome)
     }
 
     /// A dead driver task stops every tunnel it served (a receive task serves all the
@@ -183,7 +181,7 @@ fn secs(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
 
-fn status_json(s: &TunnelStatus) -> Value {
+fn status_json(s: &GreStatus) -> Value {
     let c = &s.counters;
     let drops: serde_json::Map<String, Value> = DropReason::ALL
         .iter()
@@ -349,7 +347,7 @@ mod tests {
         let mut counters = gre::Counters::default();
         counters.count_drop(DropReason::WrongKey);
         counters.tx_packets = 5;
-        let status = TunnelStatus {
+        let status = GreStatus {
             name: "gre-br".into(),
             local: "198.51.100.1".parse().unwrap(),
             remote: "198.51.100.2".parse().unwrap(),

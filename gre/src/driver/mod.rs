@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use netutil::Reconfigured;
 use netutil::task::TaskWatch;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
@@ -105,7 +106,7 @@ pub struct TunnelSpec {
 
 /// A snapshot of one tunnel for `show gre`.
 #[derive(Debug, Clone)]
-pub struct TunnelStatus {
+pub struct GreStatus {
     /// Tunnel (and TUN) name.
     pub name: String,
     /// Outer source.
@@ -358,7 +359,7 @@ impl GreDriver {
                 source,
             })?;
             let shared = Arc::new(Shared {
-                core: Mutex::new(Tunnel::new(config, now())),
+                core: Mutex::new(Tunnel::new(now(), config)),
                 tun,
                 ifindex,
                 address: spec.address,
@@ -405,7 +406,7 @@ impl GreDriver {
     }
 
     /// A snapshot of every tunnel.
-    pub fn status(&self) -> Vec<TunnelStatus> {
+    pub fn status(&self) -> Vec<GreStatus> {
         let now = now();
         self.tunnels
             .iter()
@@ -413,7 +414,7 @@ impl GreDriver {
                 let core = sh.core();
                 let c = core.config();
                 let ka = core.keepalive();
-                TunnelStatus {
+                GreStatus {
                     name: c.name.clone(),
                     local: c.local,
                     remote: c.remote,
@@ -451,22 +452,32 @@ impl GreDriver {
     /// MTU (TUN device and MSS clamp), keepalive period/retries/on-off, and routes (the
     /// control task adds and removes the difference with rtnetlink right after this returns).
     ///
-    /// Returns `Ok(false)` when the change needs the tunnel to be restarted (no tunnel of
-    /// that name, or endpoints, key, encap, sequence, checksum, inner address or offload
-    /// differ); nothing has been changed then.
+    /// Returns [`Reconfigured::NeedsRestart`] with the reason when the change needs the
+    /// tunnel to be restarted (no tunnel of that name, or endpoints, key, encap, sequence,
+    /// checksum, inner address or offload differ); nothing has been changed then.
     ///
     /// # Errors
     /// Setting the TUN device's MTU failed; the old configuration stays in force.
-    pub fn reconfigure(&self, spec: TunnelSpec) -> Result<bool, DriverError> {
+    pub fn reconfigure(&self, spec: TunnelSpec) -> Result<Reconfigured, DriverError> {
         let Some(sh) = self
             .tunnels
             .iter()
             .find(|sh| sh.core().config().name == spec.tunnel.name)
         else {
-            return Ok(false);
+            return Ok(Reconfigured::restart(format!(
+                "no tunnel {} runs in this driver",
+                spec.tunnel.name
+            )));
         };
-        if spec.address != sh.address || spec.offload != sh.offload {
-            return Ok(false);
+        if spec.address != sh.address {
+            return Ok(Reconfigured::restart(
+                "changing `address` needs the tunnel to be restarted",
+            ));
+        }
+        if spec.offload != sh.offload {
+            return Ok(Reconfigured::restart(
+                "changing `offload` needs the tunnel to be restarted",
+            ));
         }
         let mut config = spec.tunnel;
         if config.mtu == 0 {
@@ -476,9 +487,9 @@ impl GreDriver {
             let mut core = sh.core();
             let old_mtu = core.config().mtu;
             let mut trial = core.clone();
-            if let Err(e) = trial.reconfigure(config.clone(), now()) {
-                tracing::info!(tunnel = %config.name, reason = %e, "GRE tunnel needs a restart");
-                return Ok(false);
+            let outcome = trial.reconfigure(now(), config.clone());
+            if !outcome.is_live() {
+                return Ok(outcome);
             }
             if config.mtu != old_mtu {
                 sh.tun
@@ -495,7 +506,7 @@ impl GreDriver {
         }
         // The core may have queued an Up (keepalives turned off) and the timer changed.
         sh.wake.notify_one();
-        Ok(true)
+        Ok(Reconfigured::Live)
     }
 
     /// Stops every task, withdraws the routes and deletes the TUN devices.
@@ -685,10 +696,15 @@ async fn receive_loop(
     tunnels: &[Arc<Shared>],
     reflector: &Socket,
 ) -> io::Result<Infallible> {
-    let demux = Demux::new(tunnels.iter().map(|sh| {
-        let core = sh.core();
-        (core.config().remote, core.config().key)
-    }));
+    let rx = RxContext {
+        underlay,
+        demux: Demux::new(tunnels.iter().map(|sh| {
+            let core = sh.core();
+            (core.config().remote, core.config().key)
+        })),
+        tunnels,
+        reflector,
+    };
     // With UDP GRO one receive buffer holds up to 64 datagrams: fewer buffers per call.
     let receives = if underlay.gro {
         GRO_RECEIVES
@@ -731,9 +747,7 @@ async fn receive_loop(
                     break;
                 };
                 at = end;
-                let Some((t, inner)) =
-                    decapsulate_one(underlay, &demux, tunnels, reflector, now, source, datagram)
-                else {
+                let Some((t, inner)) = rx.decapsulate(now, source, datagram) else {
                     continue;
                 };
                 let (Some(sh), Some(inner)) = (tunnels.get(t), datagram.get(inner)) else {
@@ -762,44 +776,51 @@ async fn write_tun(sh: &Shared, frame: &[u8]) {
     }
 }
 
-/// Handles one underlay datagram; returns the tunnel index and where in `packet` the inner
-/// packet for its TUN is.
-#[allow(clippy::too_many_arguments)]
-fn decapsulate_one(
-    underlay: &UnderlaySocket,
-    demux: &Demux,
-    tunnels: &[Arc<Shared>],
-    reflector: &Socket,
-    now: Instant,
-    source: Ipv4Addr,
-    packet: &mut [u8],
-) -> Option<(usize, core::ops::Range<usize>)> {
-    // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
-    let gre_at = match underlay.kind {
-        Underlay::Gre => usize::from(packet.first()? & 0xf) * 4,
-        Underlay::Udp => 0,
-    };
-    let gre = packet.get_mut(gre_at..)?;
-    let t = demux.lookup(source, gre)?;
-    let sh = tunnels.get(t)?;
-    let verdict = sh.core().decapsulate(now, source, gre);
-    match verdict {
-        Verdict::ToTun(r) => return Some((t, gre_at + r.start..gre_at + r.end)),
-        Verdict::Reflect(r) => {
-            // The core hands back a probe only after checking its IPv4 header is there.
-            let inner = gre.get(r)?;
-            let dst = inner
-                .get(16..20)
-                .and_then(|d| <[u8; 4]>::try_from(d).ok())?;
-            let dst = SockAddr::from(SocketAddrV4::new(Ipv4Addr::from(dst), 0));
-            if let Err(e) = reflector.send_to(inner, &dst) {
-                tracing::debug!(error = %e, "keepalive reflection failed");
+/// What one receive task hands every datagram to: its underlay socket, the tunnels on it
+/// (indexed as in `demux`), and the raw socket that re-emits the peers' keepalive probes.
+struct RxContext<'a> {
+    underlay: &'a UnderlaySocket,
+    demux: Demux,
+    tunnels: &'a [Arc<Shared>],
+    reflector: &'a Socket,
+}
+
+impl RxContext<'_> {
+    /// Handles one underlay datagram; returns the tunnel index and where in `packet` the
+    /// inner packet for its TUN is.
+    fn decapsulate(
+        &self,
+        now: Instant,
+        source: Ipv4Addr,
+        packet: &mut [u8],
+    ) -> Option<(usize, core::ops::Range<usize>)> {
+        // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
+        let gre_at = match self.underlay.kind {
+            Underlay::Gre => usize::from(packet.first()? & 0xf) * 4,
+            Underlay::Udp => 0,
+        };
+        let gre = packet.get_mut(gre_at..)?;
+        let t = self.demux.lookup(source, gre)?;
+        let sh = self.tunnels.get(t)?;
+        let verdict = sh.core().decapsulate(now, source, gre);
+        match verdict {
+            Verdict::ToTun(r) => return Some((t, gre_at + r.start..gre_at + r.end)),
+            Verdict::Reflect(r) => {
+                // The core hands back a probe only after checking its IPv4 header is there.
+                let inner = gre.get(r)?;
+                let dst = inner
+                    .get(16..20)
+                    .and_then(|d| <[u8; 4]>::try_from(d).ok())?;
+                let dst = SockAddr::from(SocketAddrV4::new(Ipv4Addr::from(dst), 0));
+                if let Err(e) = self.reflector.send_to(inner, &dst) {
+                    tracing::debug!(error = %e, "keepalive reflection failed");
+                }
             }
+            Verdict::KeepaliveReply => sh.wake.notify_one(),
+            Verdict::Drop(_) => {}
         }
-        Verdict::KeepaliveReply => sh.wake.notify_one(),
-        Verdict::Drop(_) => {}
+        None
     }
-    None
 }
 
 async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) -> Result<(), Infallible> {
