@@ -22,6 +22,11 @@ pub const MAX_BACKENDS: usize = 512;
 
 /// Scheduling algorithm, named as ipvsadm `-s` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum SchedulerKind {
     /// Round robin: equal turns, weights ignored except 0.
     Rr,

@@ -46,6 +46,11 @@ const MAX_REFLECTED_PAYLOAD: usize = 16;
 
 /// How GRE packets travel on the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Underlay {
     /// IP protocol 47 (RFC 2784).
     #[default]

@@ -14,6 +14,11 @@ use hmac::{KeyInit, Mac};
 
 /// What `StrictHostKeyChecking` allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum StrictHostKeyChecking {
     /// Only keys already in known_hosts (OpenSSH `yes`).
     Yes,

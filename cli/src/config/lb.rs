@@ -3,29 +3,11 @@
 
 use super::nat::NatSection;
 use super::{HumanDuration, Validator, check_unique};
+use balance::SchedulerKind;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddrV4;
 use std::time::Duration;
 use toml::Spanned;
-
-/// Scheduler, as ipvsadm names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Scheduler {
-    /// Round robin.
-    Rr,
-    /// Smooth weighted round robin.
-    Wrr,
-    /// Least connections.
-    Lc,
-    /// Weighted least connections (ipvsadm's default).
-    #[default]
-    Wlc,
-    /// Source hashing.
-    Sh,
-    /// Maglev hashing.
-    Mh,
-}
 
 /// Health check kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -119,7 +101,7 @@ pub(crate) struct ServiceSection {
     pub(crate) listen: Spanned<SocketAddrV4>,
     /// Default `wlc`, as ipvsadm.
     #[serde(default)]
-    pub(crate) scheduler: Scheduler,
+    pub(crate) scheduler: SchedulerKind,
     /// Client affinity timeout (ipvsadm `-p`); off when absent.
     #[serde(default)]
     pub(crate) persistence: Option<HumanDuration>,
@@ -136,19 +118,6 @@ pub(crate) struct ServiceSection {
     /// Used when every backend is down; without it new connections get a TCP RST.
     #[serde(default)]
     pub(crate) sorry: Option<Spanned<SocketAddrV4>>,
-}
-
-impl Scheduler {
-    fn to_balance(self) -> balance::SchedulerKind {
-        match self {
-            Scheduler::Rr => balance::SchedulerKind::Rr,
-            Scheduler::Wrr => balance::SchedulerKind::Wrr,
-            Scheduler::Lc => balance::SchedulerKind::Lc,
-            Scheduler::Wlc => balance::SchedulerKind::Wlc,
-            Scheduler::Sh => balance::SchedulerKind::Sh,
-            Scheduler::Mh => balance::SchedulerKind::Mh,
-        }
-    }
 }
 
 impl ServiceSection {
@@ -171,7 +140,7 @@ impl ServiceSection {
             name: self.name.get_ref().clone(),
             listen: *self.listen.get_ref(),
             pool: balance::PoolConfig {
-                scheduler: self.scheduler.to_balance(),
+                scheduler: self.scheduler,
                 persistence: self.persistence.as_ref().map(|p| balance::Persistence {
                     timeout: p.0,
                     netmask: *self.persistence_netmask.get_ref(),

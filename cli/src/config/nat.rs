@@ -3,42 +3,11 @@
 
 use super::{HumanDuration, Validator, check_unique};
 use ipnet::Ipv4Net;
+use natgw::{AclAction, Filtering, Proto};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 use toml::Spanned;
-
-/// Transport protocol of a rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-    /// ICMP (ACL rules only).
-    Icmp,
-}
-
-impl std::fmt::Display for Proto {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-            Proto::Icmp => "icmp",
-        })
-    }
-}
-
-/// ACL action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum AclAction {
-    /// Let the packet on to NAT.
-    Permit,
-    /// Drop it (counted per rule).
-    Deny,
-}
 
 /// A port or an inclusive range, written `80` or `"1024-65535"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,17 +126,6 @@ impl Default for NatTimeouts {
             icmp: d_icmp(),
         }
     }
-}
-
-/// Inbound filtering of dynamic mappings (RFC 4787 §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum Filtering {
-    /// Only addresses the inside endpoint sent to may answer (default).
-    #[default]
-    AddressDependent,
-    /// Anyone may send to an existing mapping ("full cone").
-    EndpointIndependent,
 }
 
 /// `[nat]`.

@@ -3,6 +3,7 @@
 
 use super::{HumanDuration, Validator, check_unique};
 use serde::{Deserialize, Serialize};
+use sshfwd::known_hosts::StrictHostKeyChecking;
 use sshfwd::policy::PermitList;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use sshfwd::startups::{MaxStartups, NetBlock};
@@ -10,17 +11,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use toml::Spanned;
-
-/// OpenSSH `StrictHostKeyChecking`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum StrictHostKeyChecking {
-    /// Unknown hosts are refused.
-    #[default]
-    Yes,
-    /// Unknown hosts are recorded; changed keys are still refused.
-    AcceptNew,
-}
 
 /// One `[[ssh]]` destination with all its forwards.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -34,7 +24,9 @@ pub(crate) struct SshSection {
     /// known_hosts file. Default `~/.ssh/known_hosts`.
     #[serde(default)]
     pub(crate) known_hosts: Option<PathBuf>,
-    #[serde(default)]
+    /// Default `yes` in the config (the library's own default is `accept-new`, which suits
+    /// one-off `vipgate ssh` runs but not a daemon).
+    #[serde(default = "default_strict_host_key_checking")]
     pub(crate) strict_host_key_checking: StrictHostKeyChecking,
     /// `-L` specs.
     #[serde(default)]
@@ -273,6 +265,10 @@ fn permit_listen_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Stri
 
 fn d_listen() -> Spanned<SocketAddr> {
     Spanned::new(0..0, SocketAddr::from(([0, 0, 0, 0], 2222)))
+}
+
+fn default_strict_host_key_checking() -> StrictHostKeyChecking {
+    StrictHostKeyChecking::Yes
 }
 
 impl SshdSection {

@@ -301,3 +301,41 @@ fn the_dump_of_the_reference_reparses_to_the_same_config() {
         "{dumped}"
     );
 }
+
+#[test]
+fn library_enums_keep_the_config_spelling_and_defaults() {
+    let text = "[[ssh]]\ndestination = \"u@h\"\nlocal = [\"8080:10.0.0.1:80\"]\n\n\
+                [[ssh]]\ndestination = \"v@h\"\nlocal = [\"8081:10.0.0.1:80\"]\n\
+                strict_host_key_checking = \"accept-new\"\n";
+    let site = parse(Path::new("site.toml"), text).expect("valid");
+    // The daemon refuses unknown hosts unless told otherwise, although the library's own
+    // default (for one-off `vipgate ssh`) is accept-new.
+    assert_eq!(
+        site.ssh[0].strict_host_key_checking,
+        sshfwd::known_hosts::StrictHostKeyChecking::Yes
+    );
+    assert_eq!(
+        site.ssh[1].strict_host_key_checking,
+        sshfwd::known_hosts::StrictHostKeyChecking::AcceptNew
+    );
+    let dumped = crate::check::effective_toml(&site).expect("serializes");
+    assert!(
+        dumped.contains("strict_host_key_checking = \"yes\""),
+        "{dumped}"
+    );
+    assert!(
+        dumped.contains("strict_host_key_checking = \"accept-new\""),
+        "{dumped}"
+    );
+
+    let reference = parse(Path::new("reference.toml"), REFERENCE).expect("valid");
+    let dumped = crate::check::effective_toml(&reference).expect("serializes");
+    for spelled in [
+        "scheduler = \"",
+        "filtering = \"",
+        "action = \"",
+        "proto = \"",
+    ] {
+        assert!(dumped.contains(spelled), "{spelled} missing from {dumped}");
+    }
+}

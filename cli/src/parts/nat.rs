@@ -5,7 +5,7 @@
 
 use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
-use crate::config::nat::{AclAction, Filtering, NatSection, Proto as CfgProto};
+use crate::config::nat::NatSection;
 use anyhow::Context;
 use natgw::driver::{DriverConfig, NatDriver, NatStatus};
 use natgw::{AclRule, DropReason, GatewayConfig, Proto, StaticEntry, Timeouts};
@@ -30,14 +30,6 @@ pub(crate) fn running_gateway() -> Option<Arc<NatDriver>> {
         .clone()
 }
 
-fn proto(p: CfgProto) -> Proto {
-    match p {
-        CfgProto::Tcp => Proto::Tcp,
-        CfgProto::Udp => Proto::Udp,
-        CfgProto::Icmp => Proto::Icmp,
-    }
-}
-
 /// The core's config from `[nat]`.
 pub(crate) fn gateway_config(nat: &NatSection, seed: u64) -> GatewayConfig {
     let t = &nat.timeouts;
@@ -48,13 +40,10 @@ pub(crate) fn gateway_config(nat: &NatSection, seed: u64) -> GatewayConfig {
             .acl
             .iter()
             .map(|r| AclRule {
-                action: match r.action {
-                    AclAction::Permit => natgw::AclAction::Permit,
-                    AclAction::Deny => natgw::AclAction::Deny,
-                },
+                action: r.action,
                 src: r.src,
                 dst: r.dst,
-                proto: r.proto.map(proto),
+                proto: r.proto,
                 src_ports: r.src_port.map(|p| p.first..=p.last),
                 dst_ports: r
                     .dst_port
@@ -66,7 +55,7 @@ pub(crate) fn gateway_config(nat: &NatSection, seed: u64) -> GatewayConfig {
             .statics
             .iter()
             .map(|s| StaticEntry {
-                proto: proto(*s.proto.get_ref()),
+                proto: *s.proto.get_ref(),
                 public: SocketAddrV4::new(
                     s.address.unwrap_or(nat.address),
                     *s.outside_port.get_ref(),
@@ -83,10 +72,7 @@ pub(crate) fn gateway_config(nat: &NatSection, seed: u64) -> GatewayConfig {
         max_mappings: *nat.max_mappings.get_ref() as usize,
         max_per_host: *nat.max_mappings_per_host.get_ref() as usize,
         port_range: nat.ports.first..=nat.ports.last,
-        filtering: match nat.filtering {
-            Filtering::AddressDependent => natgw::Filtering::AddressDependent,
-            Filtering::EndpointIndependent => natgw::Filtering::EndpointIndependent,
-        },
+        filtering: nat.filtering,
         seed,
         compensate_ttl: true,
         // Virtual services are added by the lb part (parts::lb), which starts after this one.

@@ -7,7 +7,7 @@
 
 use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
-use crate::config::ssh::{SshSection, SshdSection, StrictHostKeyChecking};
+use crate::config::ssh::{SshSection, SshdSection};
 use anyhow::{Context, bail};
 use netutil::Reconfigured;
 use serde_json::json;
@@ -432,10 +432,7 @@ fn client_config_from_section(d: &SshSection) -> anyhow::Result<ClientConfig> {
         .map(|p| PathBuf::from(expand_tilde(&p.display().to_string(), home.as_deref())))
         .collect();
     cfg.use_agent = d.use_agent;
-    cfg.strict_host_key_checking = match d.strict_host_key_checking {
-        StrictHostKeyChecking::Yes => Strict::Yes,
-        StrictHostKeyChecking::AcceptNew => Strict::AcceptNew,
-    };
+    cfg.strict_host_key_checking = d.strict_host_key_checking;
     let parse = |s: &toml::Spanned<String>, f: fn(&str) -> Result<ForwardSpec, _>| {
         f(s.get_ref()).map_err(|e: sshfwd::spec::SpecError| anyhow::anyhow!(e))
     };
