@@ -7,17 +7,6 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 use toml::Spanned;
 
-/// Outer encapsulation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum GreEncap {
-    /// IP protocol 47 (RFC 2784), what routers speak.
-    #[default]
-    Gre,
-    /// GRE-in-UDP on port 4754 (RFC 8086), for paths through NAT.
-    Udp,
-}
-
 /// `keepalive = { interval = "10s", retries = 3 }` (Cisco `keepalive 10 3`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -70,7 +59,7 @@ pub(crate) struct GreSection {
     pub(crate) keepalive: Option<GreKeepaliveSection>,
     /// `gre` (default) or `udp` (RFC 8086).
     #[serde(default)]
-    pub(crate) encap: GreEncap,
+    pub(crate) encap: gre::Underlay,
     /// TUN offload: the kernel hands over TCP super-packets (TSO) that are split after
     /// reading, and decapsulated TCP segments are coalesced before writing (GRO). Several
     /// times the throughput of one packet per read/write. Default on.

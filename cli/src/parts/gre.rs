@@ -7,7 +7,7 @@
 
 use super::{BoxFuture, Kind, Part, StartCtx};
 use crate::config::SiteConfig;
-use crate::config::gre::{GreEncap, GreSection};
+use crate::config::gre::GreSection;
 use anyhow::Context;
 use gre::driver::{GreDriver, GreStatus, TunnelSpec};
 use gre::{DropReason, KeepaliveConfig, TunnelConfig, Underlay};
@@ -40,10 +40,7 @@ fn spec(section: &GreSection) -> TunnelSpec {
     tunnel.key = section.key;
     tunnel.sequence = section.sequence;
     tunnel.checksum = section.checksum;
-    tunnel.underlay = match section.encap {
-        GreEncap::Gre => Underlay::Gre,
-        GreEncap::Udp => Underlay::Udp,
-    };
+    tunnel.underlay = section.encap;
     // 0: the driver derives it from the underlay interface's MTU.
     tunnel.mtu = section.mtu.as_ref().map_or(0, |m| *m.get_ref());
     tunnel.keepalive = section.keepalive.as_ref().map(|k| KeepaliveConfig {
