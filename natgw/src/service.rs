@@ -239,22 +239,23 @@ impl VirtualService {
     }
 }
 
+/// Also the fixture of the gateway-level service tests (`gateway/services.rs`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use balance::{BackendConfig, SchedulerKind};
     use std::net::Ipv4Addr;
 
     #[allow(clippy::disallowed_methods)]
-    fn epoch() -> Instant {
+    pub(crate) fn epoch() -> Instant {
         Instant::now()
     }
 
-    fn rs(last: u8) -> SocketAddrV4 {
+    pub(crate) fn rs(last: u8) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80)
     }
 
-    fn web(backends: &[(u8, u32)]) -> ServiceConfig {
+    pub(crate) fn web(backends: &[(u8, u32)]) -> ServiceConfig {
         ServiceConfig {
             name: "web".into(),
             listen: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80),

@@ -110,42 +110,15 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddrV4};
     use std::time::Instant;
 
-    use balance::{BackendConfig, Health, PoolConfig, SchedulerKind};
+    use balance::Health;
     use netutil::Reconfigured;
 
     use crate::Gateway;
     use crate::error::NatError;
     use crate::flow::Proto;
-    use crate::health::HealthConfig;
-    use crate::service::{ServiceConfig, VirtualService};
+    use crate::service::VirtualService;
 
-    #[allow(clippy::disallowed_methods)]
-    fn epoch() -> Instant {
-        Instant::now()
-    }
-
-    fn rs(last: u8) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80)
-    }
-
-    fn web(backends: &[(u8, u32)]) -> ServiceConfig {
-        ServiceConfig {
-            name: "web".into(),
-            listen: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80),
-            pool: PoolConfig {
-                scheduler: SchedulerKind::Wrr,
-                backends: backends
-                    .iter()
-                    .map(|&(l, weight)| BackendConfig {
-                        addr: rs(l),
-                        weight,
-                    })
-                    .collect(),
-                ..PoolConfig::default()
-            },
-            health: Some(HealthConfig::default()),
-        }
-    }
+    use crate::service::tests::{epoch, rs, web};
 
     /// Through the real gateway core: SYNs to the VIP spread by weight, replies leave as the
     /// VIP, the flow stays on its backend after a drain, and counters follow the TCP states.
