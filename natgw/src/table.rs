@@ -637,7 +637,12 @@ impl PatTable {
     }
 
     /// Removes a mapping that has no session (one made for a flow that was then refused).
+    /// The refusal may itself have removed it (early drop evicting its last session): a freed
+    /// slot must not go on the free list twice, or two mappings would later share it.
     pub(crate) fn release_unused_mapping(&mut self, m: MappingId) {
+        if !self.mapping_live(m.0) {
+            return;
+        }
         let mapping = &self.mappings[m.0 as usize];
         if mapping.sessions == 0 && mapping.proto_flags & M_PERMANENT == 0 {
             self.remove_mapping(m.0);

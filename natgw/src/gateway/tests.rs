@@ -1477,6 +1477,18 @@ fn inbound_to_a_dynamic_mapping_needs_a_syn_and_an_in_window_rst() {
     assert!(g.translations(now)[0].established);
 }
 
+/// Found by `nat_sequence` (10M campaign, 2026-12-02): a refused flow's early drop evicted
+/// the last session of the very mapping being opened, and releasing that "unused" mapping put
+/// its freed slot on the free list a second time; two mappings then shared the slot and a
+/// session count went below zero.
+#[test]
+fn early_drop_that_frees_the_mapping_being_opened_does_not_free_it_twice() {
+    let data = include_bytes!(
+        "../../../fuzz/corpus/nat_sequence/early_drop_frees_the_mapping_being_opened"
+    );
+    crate::fuzzing::run_sequence(Instant::now(), data);
+}
+
 #[test]
 fn sequence_fuzz_corpus_replays() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/nat_sequence");
