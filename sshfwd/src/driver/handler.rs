@@ -5,6 +5,7 @@
 //! A refused host key leaves its reason in `Shared::host_key_refusal`, so that the
 //! connection attempt fails with it instead of russh's generic error.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use russh::client::{self, ChannelOpenHandle, Msg, Session};
@@ -13,12 +14,36 @@ use russh::{Channel, ChannelOpenFailure};
 
 use super::forward::serve_remote;
 use super::lock;
-use super::session::ClientHandler;
+use super::session::{ClientHandler, RemoteForward};
 use crate::error::SshFwdError;
 use crate::known_hosts::{self, Decision};
 use crate::spec::Endpoint;
 
 impl ClientHandler {
+    /// Serves a channel the server opened for one of our `-R` forwards (`remote`), or refuses
+    /// one we never asked for; `asked_for` names what the server claimed, for the log.
+    async fn serve_or_refuse(
+        &self,
+        remote: Option<Arc<RemoteForward>>,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        asked_for: impl FnOnce() -> String,
+    ) {
+        let Some(remote) = remote else {
+            tracing::warn!(
+                "{}: server opened a forwarded channel for {}, which we did not ask for; refused",
+                self.shared.cfg.name,
+                asked_for()
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return;
+        };
+        // Connecting locally may take a while: never block the session's event loop on it.
+        tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
+    }
+
     fn verify_host_key(&self, key: &PublicKey) -> bool {
         let cfg = &self.shared.cfg;
         let path = cfg.known_hosts.display().to_string();
@@ -154,19 +179,13 @@ impl client::Handler for ClientHandler {
                 && r.listening.load(Ordering::Relaxed)
                 && r.bound_port.load(Ordering::Relaxed) == u64::from(connected_port)
         });
-        let Some(remote) = remote else {
-            tracing::warn!(
-                "{}: server opened a forwarded channel for {connected_address}:{connected_port}, which we did not ask for; refused",
-                self.shared.cfg.name
-            );
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        };
-        tracing::debug!("forwarded connection from {originator_address}:{originator_port}");
-        // Connecting locally may take a while: never block the session's event loop on it.
-        tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
+        if remote.is_some() {
+            tracing::debug!("forwarded connection from {originator_address}:{originator_port}");
+        }
+        self.serve_or_refuse(remote, channel, reply, || {
+            format!("{connected_address}:{connected_port}")
+        })
+        .await;
         Ok(())
     }
 
@@ -181,17 +200,8 @@ impl client::Handler for ClientHandler {
             r.listening.load(Ordering::Relaxed)
                 && matches!(&r.spec.listen, Endpoint::Unix(p) if p == socket_path)
         });
-        let Some(remote) = remote else {
-            tracing::warn!(
-                "{}: server opened a forwarded channel for socket {socket_path}, which we did not ask for; refused",
-                self.shared.cfg.name
-            );
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        };
-        tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
+        self.serve_or_refuse(remote, channel, reply, || format!("socket {socket_path}"))
+            .await;
         Ok(())
     }
 
