@@ -2,7 +2,7 @@
 //! keeps the running config, and /metrics agrees with `show --json`.
 
 use std::time::Duration;
-use vipgate_tests::{Topology, wait_for, wait_until};
+use vipgate_tests::{Proc, Topology, wait_for, wait_until};
 
 /// A gateway host `gw` (eth0 outside 198.51.100.1/24 towards `out`, eth1 inside 192.168.101.1/24).
 fn gateway(test: &str) -> Topology {
@@ -193,27 +193,53 @@ fn vrrp_instance(name: &str, vrid: u8, vip: &str) -> String {
     )
 }
 
+/// `vipgate run` on the gateway with `nat_config` (outside :8001 forwarded to the web server
+/// inside), returned once the forward answers.
+struct ForwardingDaemon {
+    t: Topology,
+    _web: Proc,
+    cfg: std::path::PathBuf,
+    daemon: Proc,
+}
+
+fn forwarding_daemon(test: &str) -> ForwardingDaemon {
+    let t = gateway(test);
+    let _web = t.http_server("in", "192.168.101.101", 80, "web");
+    let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
+    let daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
+    wait_until(
+        Duration::from_secs(20),
+        "the port forward to answer",
+        || forward_answers(&t),
+    );
+    ForwardingDaemon {
+        t,
+        _web,
+        cfg,
+        daemon,
+    }
+}
+
+fn forward_answers(t: &Topology) -> bool {
+    t.curl("out", "http://198.51.100.1:8001/")
+        .is_ok_and(|b| b.trim() == "web")
+}
+
 /// Security review §9: a reload whose unit fails to start leaves it stopped and shown dead,
 /// and reloading the original file starts it again (the reload compares with what runs, not
 /// with the last file).
 #[test]
 fn reload_after_a_failed_start_brings_the_unit_back() {
-    let t = gateway("halfreload");
-    let _web = t.http_server("in", "192.168.101.101", 80, "web");
-    let good = nat_config(&t, "eth1", "");
-    let cfg = t.write("site.toml", &good);
-    let mut daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
+    let ForwardingDaemon {
+        t,
+        _web,
+        cfg,
+        mut daemon,
+    } = forwarding_daemon("halfreload");
+    let good = std::fs::read_to_string(&cfg).unwrap();
     let ctl = t.dir().join("ctl.sock");
     let ctl = ctl.to_str().unwrap();
-    let forward_answers = || {
-        t.curl("out", "http://198.51.100.1:8001/")
-            .is_ok_and(|b| b.trim() == "web")
-    };
-    wait_until(
-        Duration::from_secs(20),
-        "the port forward to answer",
-        forward_answers,
-    );
+    let forward_answers = || forward_answers(&t);
 
     // A new inside interface needs a new gateway, and eth9 does not exist: nat is stopped
     // for the restart and cannot start again.
@@ -260,21 +286,15 @@ fn reload_after_a_failed_start_brings_the_unit_back() {
 /// the death with its cause, starts the gateway again on a new TUN and the forward answers.
 #[test]
 fn supervisor_restarts_nat_after_its_tun_is_deleted() {
-    let t = gateway("supervise");
-    let _web = t.http_server("in", "192.168.101.101", 80, "web");
-    let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
-    let mut daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
+    let ForwardingDaemon {
+        t,
+        _web,
+        mut daemon,
+        ..
+    } = forwarding_daemon("supervise");
     let ctl = t.dir().join("ctl.sock");
     let ctl = ctl.to_str().unwrap();
-    let forward_answers = || {
-        t.curl("out", "http://198.51.100.1:8001/")
-            .is_ok_and(|b| b.trim() == "web")
-    };
-    wait_until(
-        Duration::from_secs(20),
-        "the port forward to answer",
-        forward_answers,
-    );
+    let forward_answers = || forward_answers(&t);
 
     t.ip("gw", "link del nat0");
     // The unit comes back as a running part that carries its death: `restarts` and the cause.
