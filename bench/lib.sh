@@ -285,6 +285,20 @@ print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] /
   echo failed
 }
 
+# forward_site FILE [NAT_LINE...]: the site file of gateway_topology's gateway (nat.sh,
+# synflood.sh): PAT on 198.51.100.1 and outside :8001 forwarded to 192.168.101.10:80, with
+# NAT_LINEs (such as `queues = 2`) added to [nat].
+forward_site() {
+  local file=$1 line
+  shift
+  {
+    printf '[daemon]\ncontrol = "%s"\n\n' "$TMP/vipgate.sock"
+    printf '[nat]\ninside = ["eth1"]\noutside = "eth0"\naddress = "198.51.100.1"\n'
+    for line in "$@"; do printf '%s\n' "$line"; done
+    printf '\n[[nat.static]]\nproto = "tcp"\noutside_port = 8001\ninside = "192.168.101.10:80"\n'
+  } > "$file"
+}
+
 # vipgate_start HOST CONFIG PART: `vipgate run` in HOST, up once `show PART` answers;
 # VIPGATE_PID is its pid, VIPGATE_LOG its log (CONFIG with .log for .toml).
 vipgate_start() {

@@ -48,21 +48,7 @@ http_ok_server in 192.168.101.10:80
 spawn out iperf3 -s -B 198.51.100.200 > /dev/null 2>&1
 wait_port "$P-out" 198.51.100.200 5201
 
-cat > "$TMP/site.toml" <<CFG
-[daemon]
-control = "$TMP/vipgate.sock"
-
-[nat]
-inside = ["eth1"]
-outside = "eth0"
-address = "198.51.100.1"
-${QUEUES:+queues = $QUEUES}
-
-[[nat.static]]
-proto = "tcp"
-outside_port = 8001
-inside = "192.168.101.10:80"
-CFG
+forward_site "$TMP/site.toml" ${QUEUES:+"queues = $QUEUES"}
 
 measure() { # MODE CONNECTION-RATE-URL
   local mode=$1 url=$2 s dir rev

@@ -36,20 +36,7 @@ x out sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 6553
 x in sysctl -qw net.ipv4.tcp_max_tw_buckets=0
 http_ok_server in 192.168.101.10:80
 
-cat > "$TMP/site.toml" <<CFG
-[daemon]
-control = "$TMP/vipgate.sock"
-
-[nat]
-inside = ["eth1"]
-outside = "eth0"
-address = "198.51.100.1"
-
-[[nat.static]]
-proto = "tcp"
-outside_port = 8001
-inside = "192.168.101.10:80"
-CFG
+forward_site "$TMP/site.toml"
 URL=http://198.51.100.1:8001/
 
 measure() { # MODE: the quiet rate, then the rate during a flood
