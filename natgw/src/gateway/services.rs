@@ -164,6 +164,27 @@ mod tests {
             g.selector_mut(id).and_then(|s| s.as_service_mut()).unwrap()
         }
 
+        /// The client's SYN to the VIP, the chosen backend's SYN-ACK and the client's ACK, each
+        /// forwarded; the backend the SYN went to.
+        fn handshake(
+            g: &mut Gateway,
+            now: Instant,
+            c: SocketAddrV4,
+            vip: SocketAddrV4,
+        ) -> SocketAddrV4 {
+            let (_, syn) = pass(g, now, tcp(c, vip, true, false, false));
+            let backend = endpoints(&syn).1;
+            assert_eq!(
+                pass(g, now, tcp(backend, c, true, true, false)).0,
+                Verdict::Forward
+            );
+            assert_eq!(
+                pass(g, now, tcp(c, vip, false, true, false)).0,
+                Verdict::Forward
+            );
+            backend
+        }
+
         fn setup(now: Instant) -> (Gateway, ListenerId) {
             let mut g = Gateway::new(
                 now,
@@ -257,16 +278,7 @@ mod tests {
             let (mut g, id) = setup(now);
             let vip = SocketAddrV4::new(VIP, 80);
             let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
-            let (_, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
-            let backend = endpoints(&syn).1;
-            assert_eq!(
-                pass(&mut g, now, tcp(backend, c, true, true, false)).0,
-                Verdict::Forward
-            );
-            assert_eq!(
-                pass(&mut g, now, tcp(c, vip, false, true, false)).0,
-                Verdict::Forward
-            );
+            let backend = handshake(&mut g, now, c, vip);
             let b = service(&mut g, id).backend_id(backend).unwrap();
             assert_eq!(service(&mut g, id).pool().backend(b).unwrap().active(), 1);
 
@@ -301,18 +313,8 @@ mod tests {
             let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
             let mut seen = Vec::new();
             for _ in 0..3 {
-                let (_, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
-                let backend = endpoints(&syn).1;
-                seen.push(backend);
                 // Handshake, then the client resets: the flow lingers, closed.
-                assert_eq!(
-                    pass(&mut g, now, tcp(backend, c, true, true, false)).0,
-                    Verdict::Forward
-                );
-                assert_eq!(
-                    pass(&mut g, now, tcp(c, vip, false, true, false)).0,
-                    Verdict::Forward
-                );
+                seen.push(handshake(&mut g, now, c, vip));
                 assert_eq!(
                     pass(&mut g, now, tcp(c, vip, false, true, true)).0,
                     Verdict::Forward
