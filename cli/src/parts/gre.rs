@@ -5,7 +5,7 @@
 //! still its own [`Part`] so `show gre` lists them one by one; the driver stops when the
 //! last of them is stopped.
 
-use super::{BoxFuture, Kind, Part, StartCtx};
+use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
 use crate::config::gre::GreSection;
 use anyhow::Context;
@@ -90,6 +90,36 @@ pub(crate) async fn start(
         .collect())
 }
 
+impl GreTunnelPart {
+    /// `Part::reconfigure`: every check and change here is synchronous.
+    fn reconfigure_now(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        let Some(section) = site.gre.iter().find(|g| *g.name.get_ref() == self.name) else {
+            return Ok(Reconfigured::restart("the tunnel is gone"));
+        };
+        let guard = self
+            .shared
+            .driver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(driver) = guard.as_ref() else {
+            return Ok(Reconfigured::restart("the driver is not running"));
+        };
+        // Until reloads are diffed per tunnel, an added tunnel is only started by a
+        // restart of the whole kind.
+        let running: Vec<String> = driver.status().into_iter().map(|s| s.name).collect();
+        if site.gre.iter().any(|g| !running.contains(g.name.get_ref())) {
+            return Ok(Reconfigured::restart("a tunnel was added"));
+        }
+        let outcome = driver
+            .reconfigure(spec(section))
+            .with_context(|| format!("reconfiguring GRE tunnel {}", self.name))?;
+        if outcome.is_live() {
+            tracing::info!(tunnel = %self.name, "GRE tunnel reconfigured live");
+        }
+        Ok(outcome)
+    }
+}
+
 impl Part for GreTunnelPart {
     fn kind(&self) -> Kind {
         Kind::Gre
@@ -118,31 +148,8 @@ impl Part for GreTunnelPart {
     /// keepalive, mtu and with it the MSS clamp); `Ok(false)` when it needs a restart
     /// (endpoints, key, encap, sequence, checksum, address, offload), when the tunnel is
     /// gone from the file, or when the file adds a tunnel this driver does not run.
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
-        let Some(section) = site.gre.iter().find(|g| *g.name.get_ref() == self.name) else {
-            return Ok(Reconfigured::restart("the tunnel is gone"));
-        };
-        let guard = self
-            .shared
-            .driver
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(driver) = guard.as_ref() else {
-            return Ok(Reconfigured::restart("the driver is not running"));
-        };
-        // Until reloads are diffed per tunnel, an added tunnel is only started by a
-        // restart of the whole kind.
-        let running: Vec<String> = driver.status().into_iter().map(|s| s.name).collect();
-        if site.gre.iter().any(|g| !running.contains(g.name.get_ref())) {
-            return Ok(Reconfigured::restart("a tunnel was added"));
-        }
-        let outcome = driver
-            .reconfigure(spec(section))
-            .with_context(|| format!("reconfiguring GRE tunnel {}", self.name))?;
-        if outcome.is_live() {
-            tracing::info!(tunnel = %self.name, "GRE tunnel reconfigured live");
-        }
-        Ok(outcome)
+    fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
+        ready(self.reconfigure_now(site))
     }
 
     /// A dead driver task stops every tunnel it served (a receive task serves all the

@@ -17,7 +17,7 @@
 //! live through the [`vrrp::driver::AddressHook`] this part hands over in [`StartCtx::wiring`],
 //! together with one health signal per service for `track_services`.
 
-use super::{BoxFuture, Kind, Part, StartCtx};
+use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
 use anyhow::{Context, bail};
 use natgw::driver::{DriverConfig, NatDriver};
@@ -355,6 +355,45 @@ impl ServicePart {
     }
 }
 
+impl ServicePart {
+    /// `Part::reconfigure`: every check and change here is synchronous.
+    fn reconfigure_now(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        if site.nat.is_some() == self.shared.owns_driver {
+            return Ok(Reconfigured::restart("[nat] was added or removed"));
+        }
+        if !site.service.iter().any(|s| *s.name.get_ref() == self.name) {
+            return Ok(Reconfigured::restart("the service is gone"));
+        }
+        // One part applies the whole set (the gateway checks it all or nothing); the others
+        // only confirm that their service is still there.
+        if site
+            .service
+            .first()
+            .is_some_and(|s| *s.name.get_ref() != self.name)
+        {
+            return Ok(Reconfigured::Live);
+        }
+        let services: Vec<natgw::ServiceConfig> =
+            site.service.iter().map(|s| s.to_natgw()).collect();
+        let applied = {
+            let mut gw = lock(&self.shared.gw);
+            gw.reconfigure_services(services)
+                .map(|outcome| (outcome, health_targets(&gw)))
+        };
+        match applied {
+            Ok((Reconfigured::NeedsRestart(reason), _)) => Ok(Reconfigured::NeedsRestart(reason)),
+            Ok((Reconfigured::Live, targets)) => {
+                // The checker takes the new list on its next turn; a full channel means a
+                // newer list is already queued.
+                let _ = self.shared.targets.try_send(targets);
+                tracing::info!("services reconfigured in place");
+                Ok(Reconfigured::Live)
+            }
+            Err(e) => Ok(Reconfigured::restart(e.to_string())),
+        }
+    }
+}
+
 impl Part for ServicePart {
     fn kind(&self) -> Kind {
         Kind::Lb
@@ -420,40 +459,8 @@ impl Part for ServicePart {
         }
     }
 
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
-        if site.nat.is_some() == self.shared.owns_driver {
-            return Ok(Reconfigured::restart("[nat] was added or removed"));
-        }
-        if !site.service.iter().any(|s| *s.name.get_ref() == self.name) {
-            return Ok(Reconfigured::restart("the service is gone"));
-        }
-        // One part applies the whole set (the gateway checks it all or nothing); the others
-        // only confirm that their service is still there.
-        if site
-            .service
-            .first()
-            .is_some_and(|s| *s.name.get_ref() != self.name)
-        {
-            return Ok(Reconfigured::Live);
-        }
-        let services: Vec<natgw::ServiceConfig> =
-            site.service.iter().map(|s| s.to_natgw()).collect();
-        let applied = {
-            let mut gw = lock(&self.shared.gw);
-            gw.reconfigure_services(services)
-                .map(|outcome| (outcome, health_targets(&gw)))
-        };
-        match applied {
-            Ok((Reconfigured::NeedsRestart(reason), _)) => Ok(Reconfigured::NeedsRestart(reason)),
-            Ok((Reconfigured::Live, targets)) => {
-                // The checker takes the new list on its next turn; a full channel means a
-                // newer list is already queued.
-                let _ = self.shared.targets.try_send(targets);
-                tracing::info!("services reconfigured in place");
-                Ok(Reconfigured::Live)
-            }
-            Err(e) => Ok(Reconfigured::restart(e.to_string())),
-        }
+    fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
+        ready(self.reconfigure_now(site))
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {

@@ -25,6 +25,11 @@ use std::pin::Pin;
 /// A boxed, sendable future (what [`Part::stop`] returns).
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// A [`BoxFuture`] of a value already known.
+pub(crate) fn ready<T: Send + 'static>(value: T) -> BoxFuture<T> {
+    Box::pin(std::future::ready(value))
+}
+
 /// Which `vipgate show` topic a part answers.
 #[derive(
     Debug,
@@ -289,10 +294,13 @@ pub(crate) trait Part: Send + Sync {
     /// change live and `vipgate run` restarts it with the new config instead (the default);
     /// the reason is the driver's, shown once in the reload reply.
     ///
+    /// The checks run now; the returned future only waits for a driver task's answer (VRRP
+    /// asks its group's task), so the reload never blocks a runtime worker.
+    ///
     /// # Errors
     /// The new config cannot be applied; the part keeps running with the old one.
-    fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<Reconfigured> {
-        Ok(Reconfigured::restart("it applies no change in place"))
+    fn reconfigure(&self, _site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
+        ready(Ok(Reconfigured::restart("it applies no change in place")))
     }
     /// The first of this part's long-lived tasks that ended while the part should be running
     /// (a panic, an error, a return), with its cause; `None` while all of them run. The
@@ -433,13 +441,20 @@ impl Running {
                 match after.iter().find(|u| u.key == unit.key) {
                     Some(u) if u.section == unit.section => {}
                     Some(u) => {
-                        let live = self
+                        let mut live = Ok(Reconfigured::Live);
+                        for p in self
                             .parts
                             .iter()
                             .filter(|p| p.kind() == kind && unit.owns(&***p))
-                            .try_fold(Reconfigured::Live, |all, p| {
-                                anyhow::Ok(all.and(p.reconfigure(new)?))
-                            });
+                        {
+                            match p.reconfigure(new).await {
+                                Ok(this) => live = live.map(|all| all.and(this)),
+                                Err(e) => {
+                                    live = Err(e);
+                                    break;
+                                }
+                            }
+                        }
                         match live {
                             Ok(Reconfigured::Live) => {
                                 self.applied.insert((kind, u.key.clone()), u.clone());
@@ -866,14 +881,14 @@ local = ["8585:127.0.0.1:80"]
         fn status(&self) -> serde_json::Value {
             serde_json::json!({ "name": "gre-a" })
         }
-        fn reconfigure(&self, _site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        fn reconfigure(&self, _site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
             self.calls
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if self.accept {
+            ready(if self.accept {
                 Ok(Reconfigured::Live)
             } else {
-                anyhow::bail!("planted refusal")
-            }
+                Err(anyhow::anyhow!("planted refusal"))
+            })
         }
         fn stop(self: Box<Self>) -> BoxFuture<()> {
             Box::pin(async {})

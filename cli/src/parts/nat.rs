@@ -3,7 +3,7 @@
 //! Parts built on the gateway (virtual services) reach the running driver through
 //! [`running_gateway`]: it is started before them and stopped after them.
 
-use super::{BoxFuture, Kind, Part, StartCtx};
+use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
 use crate::config::nat::NatSection;
 use anyhow::Context;
@@ -269,6 +269,31 @@ fn status_json(s: &NatStatus, flows: bool) -> Value {
     v
 }
 
+impl NatPart {
+    /// `Part::reconfigure`: every check and change here is synchronous.
+    fn reconfigure_now(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        let Some(nat) = &site.nat else {
+            return Ok(Reconfigured::restart("[nat] is gone"));
+        };
+        if nat.inside != self.started.inside
+            || nat.outside.get_ref() != self.started.outside.get_ref()
+            || *nat.table.get_ref() != *self.started.table.get_ref()
+            || nat.rule_priority.get_ref() != self.started.rule_priority.get_ref()
+            || nat.queues.as_ref().map(toml::Spanned::get_ref)
+                != self.started.queues.as_ref().map(toml::Spanned::get_ref)
+        {
+            // Steering (interfaces, table, rules) and the TUN queues are set up at start:
+            // restart.
+            return Ok(Reconfigured::restart(
+                "interfaces, routing table, rule priority or queues changed",
+            ));
+        }
+        Ok(self
+            .driver
+            .reconfigure(gateway_config(nat, random_seed()))?)
+    }
+}
+
 impl Part for NatPart {
     fn kind(&self) -> Kind {
         Kind::Nat
@@ -300,26 +325,8 @@ impl Part for NatPart {
         }
     }
 
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
-        let Some(nat) = &site.nat else {
-            return Ok(Reconfigured::restart("[nat] is gone"));
-        };
-        if nat.inside != self.started.inside
-            || nat.outside.get_ref() != self.started.outside.get_ref()
-            || *nat.table.get_ref() != *self.started.table.get_ref()
-            || nat.rule_priority.get_ref() != self.started.rule_priority.get_ref()
-            || nat.queues.as_ref().map(toml::Spanned::get_ref)
-                != self.started.queues.as_ref().map(toml::Spanned::get_ref)
-        {
-            // Steering (interfaces, table, rules) and the TUN queues are set up at start:
-            // restart.
-            return Ok(Reconfigured::restart(
-                "interfaces, routing table, rule priority or queues changed",
-            ));
-        }
-        Ok(self
-            .driver
-            .reconfigure(gateway_config(nat, random_seed()))?)
+    fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
+        ready(self.reconfigure_now(site))
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {

@@ -5,7 +5,7 @@
 //! the same arguments, plus what autossh adds (keepalive and reconnection restoring every
 //! forward). Options come from, first value wins: flags, then `-o`, then the `-F` file.
 
-use super::{BoxFuture, Kind, Part, StartCtx};
+use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
 use crate::config::ssh::{SshSection, SshdSection};
 use anyhow::{Context, bail};
@@ -530,6 +530,23 @@ fn tunnel_json(s: &SshClientStatus) -> serde_json::Value {
     })
 }
 
+impl SshClientPart {
+    /// `Part::reconfigure`: every check and change here is synchronous.
+    fn reconfigure_now(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        let Some(d) = site
+            .ssh
+            .iter()
+            .find(|d| *d.destination.get_ref() == self.name)
+        else {
+            return Ok(Reconfigured::restart("the destination is gone"));
+        };
+        let cfg = client_config_from_section(d)?;
+        self.tunnel
+            .reconfigure(&cfg)
+            .with_context(|| format!("ssh destination {}", self.name))
+    }
+}
+
 impl Part for SshClientPart {
     fn kind(&self) -> Kind {
         Kind::Ssh
@@ -544,18 +561,8 @@ impl Part for SshClientPart {
     /// Forwards added or removed and keepalive changes go onto the live SSH connection;
     /// what identifies the connection itself (destination, identity, host keys, ciphers,
     /// `connections`, `gateway_ports`, timeouts) needs a new one.
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
-        let Some(d) = site
-            .ssh
-            .iter()
-            .find(|d| *d.destination.get_ref() == self.name)
-        else {
-            return Ok(Reconfigured::restart("the destination is gone"));
-        };
-        let cfg = client_config_from_section(d)?;
-        self.tunnel
-            .reconfigure(&cfg)
-            .with_context(|| format!("ssh destination {}", self.name))
+    fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
+        ready(self.reconfigure_now(site))
     }
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move { self.tunnel.stop().await })

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use vrrp::driver::{AddressHook, MemberSpec, TrackedService, VrrpDriver, VrrpStatus};
 use vrrp::{InstanceConfig, VirtualAddress};
 
-use super::{BoxFuture, Kind, Part, StartCtx};
+use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
 use crate::config::vrrp::VrrpSection;
 
@@ -72,14 +72,14 @@ impl Part for VrrpPart {
             .unwrap_or_else(|| json!({ "name": self.name, "state": "STOPPED" }))
     }
 
-    fn reconfigure(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
-        let mut sections = self
+    fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
+        let sections = self
             .shared
             .sections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(old) = sections.get(self.index) else {
-            return Ok(Reconfigured::restart("the instance is gone"));
+            return ready(Ok(Reconfigured::restart("the instance is gone")));
         };
         let key = group_key(old);
         let members: Vec<&VrrpSection> = site.vrrp.iter().filter(|s| group_key(s) == key).collect();
@@ -89,13 +89,16 @@ impl Part for VrrpPart {
                 .zip(sections.iter())
                 .all(|(n, o)| n.name.get_ref() == o.name.get_ref() && n.group == o.group);
         if !same_members {
-            return Ok(Reconfigured::restart("the sync group's members changed"));
+            return ready(Ok(Reconfigured::restart(
+                "the sync group's members changed",
+            )));
         }
-        let new = members[self.index];
-        if serde_json::to_value(old).ok() == serde_json::to_value(new).ok() {
-            return Ok(Reconfigured::Live);
+        let new = members[self.index].clone();
+        if serde_json::to_value(old).ok() == serde_json::to_value(&new).ok() {
+            return ready(Ok(Reconfigured::Live));
         }
-        let spec = wired_spec(new, &self.shared.wiring);
+        drop(sections);
+        let spec = wired_spec(&new, &self.shared.wiring);
         let reply = match self
             .shared
             .handle
@@ -104,16 +107,26 @@ impl Part for VrrpPart {
             .as_ref()
         {
             Some(h) => h.reconfigure(self.index, spec),
-            None => return Ok(Reconfigured::restart("the group is not running")),
+            None => return ready(Ok(Reconfigured::restart("the group is not running"))),
         };
-        // `Part::reconfigure` is synchronous; the group's task answers on another worker.
-        let outcome =
-            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(reply))
-                .with_context(|| format!("reconfiguring VRRP instance {}", self.name))?;
-        if outcome.is_live() {
-            sections[self.index] = new.clone();
-        }
-        Ok(outcome)
+        // The group's task answers; only then does the new section become what a reload
+        // compares with.
+        let (shared, index, name) = (Arc::clone(&self.shared), self.index, self.name.clone());
+        Box::pin(async move {
+            let outcome = reply
+                .await
+                .with_context(|| format!("reconfiguring VRRP instance {name}"))?;
+            if outcome.is_live()
+                && let Some(slot) = shared
+                    .sections
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_mut(index)
+            {
+                *slot = new;
+            }
+            Ok(outcome)
+        })
     }
 
     fn dead_task(&self) -> Option<String> {
