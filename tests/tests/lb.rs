@@ -249,8 +249,11 @@ fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer() {
         &[
             "curl",
             "-sS",
+            // 1 MiB/s: the 8 MiB transfer lasts ~8 s, so a loaded CI machine still sees it
+            // established and still running across the reload (at 3 MiB/s it once finished
+            // before the first poll answered).
             "--limit-rate",
-            "3M",
+            "1M",
             "-o",
             "/dev/null",
             "-w",
