@@ -18,11 +18,15 @@ P=${1:-vg}
 state=/run/vipgate-lab/$P
 mkdir -p "$state"
 
-if [ -f "$state/up" ] && ns_exists "$P-isp" && ns_exists "$P-rs2"; then
+# "Up" means built and its servers still running: a lab whose processes were killed (kill -9,
+# a crash) keeps its namespaces and marker but serves nothing, so it is rebuilt.
+if [ -f "$state/up" ] && ns_exists "$P-isp" && ns_exists "$P-rs2" \
+  && [ -n "$(ip netns pids "$P-web")" ] && [ -n "$(ip netns pids "$P-rs1")" ] \
+  && [ -n "$(ip netns pids "$P-rs2")" ]; then
   echo "lab $P is already up"
   exit 0
 fi
-# A half-built lab (interrupted before) is removed first, so the build starts clean.
+# A half-built or dead lab is removed first, so the build starts clean.
 bash "$here/lab-down.sh" "$P" >/dev/null
 
 for n in isp inet hq web br brpc dir1 dir2 rs1 rs2; do ns_add "$P-$n"; done
