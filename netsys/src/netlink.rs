@@ -351,3 +351,47 @@ pub async fn route_get(handle: &Handle, ip: IpAddr) -> Result<Option<Link>, Netl
         None => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Read-only questions about this namespace's loopback, which every namespace has.
+
+    #[tokio::test]
+    async fn loopback_is_found_by_name_and_index_and_a_missing_link_is_none() {
+        let handle = connect().expect("a netlink socket");
+        let lo = link_by_name(&handle, "lo")
+            .await
+            .expect("answered")
+            .expect("lo exists");
+        assert_eq!(lo.name, "lo");
+        let again = link_by_index(&handle, lo.index).await.expect("answered");
+        assert_eq!(again.map(|l| l.name).as_deref(), Some("lo"));
+        let missing = link_by_name(&handle, "no-such-if0")
+            .await
+            .expect("answered");
+        assert_eq!(missing, None);
+    }
+
+    #[tokio::test]
+    async fn route_get_names_the_interface_as_ip_route_get_does() {
+        let handle = connect().expect("a netlink socket");
+        let dev = route_get(&handle, IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .await
+            .expect("a local route");
+        assert_eq!(dev.map(|l| l.name).as_deref(), Some("lo"));
+    }
+
+    #[test]
+    fn errors_name_the_route_they_were_about() {
+        let dest: IpNet = "10.1.0.0/16".parse().expect("a prefix");
+        assert_eq!(describe(&route_via(dest, 7)), "10.1.0.0/16 via ifindex 7");
+        let mut other_table = route_via(dest, 7);
+        other_table.attributes.push(RouteAttribute::Table(4787));
+        assert_eq!(
+            describe(&other_table),
+            "10.1.0.0/16 via ifindex 7 table 4787"
+        );
+    }
+}
