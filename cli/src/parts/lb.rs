@@ -30,7 +30,7 @@ use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -123,7 +123,10 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     let (vip_tx, vip_rx) = mpsc::unbounded_channel();
     let vip_mover = watch.spawn("vip mover", infallible(move_vips(driver.clone(), vip_rx)));
     {
-        let mut wiring = lock_unpoisoned(&ctx.wiring);
+        let mut wiring = ctx
+            .wiring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         wiring.health.extend(health_rx);
         for vip in &vrrp_vips {
             let hook: Arc<dyn AddressHook> = Arc::new(VipHook {
@@ -253,7 +256,7 @@ async fn start_gateway(
 
 /// The interface the kernel routes `ip` through (what `ip route get` prints after `dev`).
 async fn route_dev(netlink: &Handle, ip: Ipv4Addr) -> anyhow::Result<String> {
-    netsys::netlink::route_get(netlink, IpAddr::V4(ip))
+    netsys::netlink::route_get(netlink, ip.into())
         .await
         .with_context(|| format!("no route to {ip}"))?
         .map(|link| link.name)
