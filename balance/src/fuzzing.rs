@@ -80,7 +80,7 @@ pub fn run_pool_ops(start: Instant, data: &[u8]) {
             0 => {
                 let client =
                     SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, arg), 1000 + u16::from(arg));
-                let eligible = pool.has_eligible();
+                let available_any = pool.has_available();
                 let full = service_max != 0 && pool.connections() >= u64::from(service_max);
                 let available: Vec<BackendId> = pool
                     .backends()
@@ -101,7 +101,7 @@ pub fn run_pool_ops(start: Instant, data: &[u8]) {
                     }
                     Decision::Sorry(_) => unreachable!("no sorry server configured"),
                     Decision::Refuse => assert!(
-                        !eligible || full || may_refuse,
+                        !available_any || full || may_refuse,
                         "{kind} refused with an available backend"
                     ),
                 }

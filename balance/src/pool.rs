@@ -785,9 +785,17 @@ impl Pool {
             .filter_map(|(i, b)| Some((slot_id(i), b.as_ref()?)))
     }
 
-    /// Whether any backend could take a new flow now (eligible and not overloaded).
+    /// Whether any backend is eligible (up, weight above 0, configured): what VRRP's
+    /// `track_services` follows. Overload is a passing load condition, not a failure, so it
+    /// does not count here.
     #[must_use]
     pub fn has_eligible(&self) -> bool {
+        self.slots.iter().flatten().any(Backend::is_eligible)
+    }
+
+    /// Whether any backend could take a new flow now (eligible and not overloaded).
+    #[must_use]
+    pub fn has_available(&self) -> bool {
         self.slots.iter().flatten().any(Backend::is_available)
     }
 

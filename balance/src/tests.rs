@@ -883,6 +883,8 @@ fn without_a_lower_threshold_an_overloaded_backend_returns_under_three_quarters(
         .map(|i| (pick(&mut p, now, client(i)).unwrap(), client(i)))
         .collect();
     assert_eq!(p.schedule(now, client(9), VIP), Decision::Refuse);
+    // Overloaded is not failed: VRRP's track_services still sees an eligible backend.
+    assert!(p.has_eligible() && !p.has_available());
     let id = held[0].0;
     p.closed(now, id, ConnState::Inactive, *held[0].1.ip());
     assert!(
