@@ -236,7 +236,7 @@ async fn dispatch(
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ssh(args) => Ok(parts::ssh::run_ssh(args).await),
+        Command::Ssh(args) => Ok(parts::ssh::run_ssh(*args).await),
         Command::Sshd(args) => parts::ssh::run_sshd(args).await.map(|()| ExitCode::SUCCESS),
         Command::Lab { action, prefix } => {
             lab::lab(action, &prefix).await.map(|()| ExitCode::SUCCESS)

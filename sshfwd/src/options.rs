@@ -1363,7 +1363,7 @@ Match all
         ] {
             assert!(JumpSpec::parse_list(bad).is_err(), "{bad}");
         }
-        assert!(JumpSpec::parse_list(&vec!["h"; MAX_JUMP_HOPS + 1].join(",")).is_err());
+        assert!(JumpSpec::parse_list(&["h"; MAX_JUMP_HOPS + 1].join(",")).is_err());
         let mut o = SshOptions::default();
         o.apply_dash_o("ProxyJump=none").unwrap();
         o.apply_dash_o("ProxyJump=later").unwrap();

@@ -378,6 +378,14 @@ mod tests {
             ("agent_socket", |c| {
                 c.agent_socket = Some("/tmp/agent".into())
             }),
+            ("jump", |c| {
+                c.jump = vec![crate::config::JumpHop {
+                    host: "bastion".into(),
+                    port: 22,
+                    user: "ops".into(),
+                    identities: Vec::new(),
+                }];
+            }),
             ("connections", |c| c.connections = 4),
             ("gateway_ports", |c| c.gateway_ports = true),
             ("connect_timeout", |c| {
