@@ -234,7 +234,7 @@ async fn refusals_are_clear() {
         .err()
         .unwrap();
     assert!(
-        err.to_string().starts_with("permission denied (publickey)"),
+        err.to_string().contains("Permission denied (publickey)."),
         "{err}"
     );
 
@@ -393,7 +393,7 @@ async fn expired_and_cert_authority_keys_are_refused() {
             .err()
             .unwrap();
         assert!(
-            err.to_string().starts_with("permission denied (publickey)"),
+            err.to_string().contains("Permission denied (publickey)."),
             "{err}"
         );
     }

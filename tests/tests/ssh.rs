@@ -494,8 +494,16 @@ fn bad_input_gives_clear_errors() {
         out(&["ssh", "-N", "-D", "0", "h"]).contains("bad dynamic forwarding specification '0'")
     );
     assert!(
-        out(&["ssh", "-N", "-o", "ProxyJump=x", "-L", "1:h:2", "h"])
-            .contains("unsupported option 'ProxyJump'")
+        out(&[
+            "ssh",
+            "-N",
+            "-o",
+            "ProxyCommand=nc %h %p",
+            "-L",
+            "1:h:2",
+            "h"
+        ])
+        .contains("option 'ProxyCommand' is not supported")
     );
     // A port already in use is named.
     let _sshd = openssh_sshd(&topo, &keys);
@@ -965,4 +973,378 @@ fn vipgate_sshd_key_options_and_privileged_listen() {
         &sshd,
         "a port below 1024 needs a permit_listen entry naming it",
     );
+}
+
+/// A home directory of the test's own, with `.ssh/` made as ssh wants it.
+fn test_home(topo: &Topology) -> PathBuf {
+    let home = topo.dir().join("home");
+    std::fs::create_dir_all(home.join(".ssh/conf.d")).unwrap();
+    home
+}
+
+/// `vipgate ssh ARGS` with HOME set to `home` (so `~/.ssh/config` is the test's).
+fn vipgate_ssh_home(topo: &Topology, name: &str, home: &std::path::Path, args: &[&str]) -> Proc {
+    let bin = vipgate_tests::vipgate_bin();
+    let home_env = format!("HOME={}", home.display());
+    let mut argv = vec!["env", &home_env, bin.to_str().unwrap(), "ssh"];
+    argv.extend_from_slice(args);
+    topo.spawn(H, name, &argv)
+}
+
+#[test]
+fn user_config_with_include_match_and_tokens() {
+    let (topo, keys) = setup("ssh_config");
+    let _sshd = openssh_sshd(&topo, &keys);
+    let _http = http_server(&topo, HTTP_PORT, "configured");
+    let home = test_home(&topo);
+    let ssh = home.join(".ssh");
+    std::fs::copy(&keys.client, ssh.join("id_root")).unwrap();
+    // An ordinary ~/.ssh/config: keywords vipgate ignores, one only macOS's ssh knows (hence
+    // IgnoreUnknown), a relative Include whose User the Match below depends on, tokens.
+    std::fs::write(
+        ssh.join("config"),
+        "IgnoreUnknown UseKeychain,AddKeysToAgent\n\
+         Include conf.d/*.conf\n\
+         \n\
+         Host gw\n\
+         \x20 HostName 127.0.0.1\n\
+         \x20 UseKeychain yes\n\
+         \x20 ForwardAgent yes\n\
+         \x20 ControlMaster auto\n\
+         \x20 ControlPath ~/.ssh/cm-%r@%h:%p\n\
+         \x20 Compression yes\n\
+         \n\
+         Match originalhost gw user root\n\
+         \x20 Port 2222\n\
+         \x20 IdentityFile ~/.ssh/id_%r\n\
+         \x20 UserKnownHostsFile ~/.ssh/known_hosts_%h_%p\n\
+         \x20 LocalForward 8585 127.0.0.1:8080\n\
+         \x20 ConnectTimeout 5\n\
+         \n\
+         Host other\n\
+         \x20 Port 1\n\
+         \x20 LocalForward 9999 127.0.0.1:1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ssh.join("conf.d/10-user.conf"),
+        "Host *\n  User root\n  ServerAliveInterval 5\n  SendEnv LANG LC_*\n",
+    )
+    .unwrap();
+    std::fs::write(ssh.join("conf.d/ignored.txt"), "Bogus keyword\n").unwrap();
+    let mut client = vipgate_ssh_home(&topo, "client", &home, &["-N", "gw"]);
+    wait_port(&topo, 8585, Duration::from_secs(15));
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
+        "configured"
+    );
+    assert!(
+        ssh.join("known_hosts_127.0.0.1_2222").exists(),
+        "UserKnownHostsFile's tokens were expanded: {}",
+        client.log()
+    );
+    assert!(
+        topo.try_sh(H, "bash -c 'exec 3<>/dev/tcp/127.0.0.1/9999'")
+            .is_err(),
+        "the block of another host did not apply"
+    );
+    client.terminate(Duration::from_secs(10));
+
+    let out = |home: &std::path::Path, args: &[&str]| {
+        let mut p = vipgate_ssh_home(&topo, "fails", home, args);
+        p.wait_exit(Duration::from_secs(15));
+        p.log()
+    };
+    // -F none reads no file: nothing to forward.
+    assert!(out(&home, &["-N", "-F", "none", "gw"]).contains("nothing to forward"));
+    // A keyword OpenSSH does not know is refused with ssh's words, file and line, even in a
+    // block that does not match; so is one whose absence would weaken security.
+    let bad = topo.write("bad_config", "Host elsewhere\n  Frobnicate yes\n");
+    let log = out(&home, &["-N", "-F", bad.to_str().unwrap(), "gw"]);
+    assert!(
+        log.contains("bad_config line 2: Bad configuration option: Frobnicate"),
+        "{log}"
+    );
+    let alias = topo.write("alias_config", "Host gw\n  HostKeyAlias trusted\n");
+    let log = out(&home, &["-N", "-F", alias.to_str().unwrap(), "gw"]);
+    assert!(
+        log.contains("alias_config line 2: option 'HostKeyAlias' is not supported"),
+        "{log}"
+    );
+    // A group-writable include is refused, as ssh refuses it.
+    let loose = ssh.join("conf.d/20-loose.conf");
+    std::fs::write(&loose, "Host *\n  Port 2222\n").unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o664)).unwrap();
+    let log = out(&home, &["-N", "gw"]);
+    assert!(log.contains("writable by group or others"), "{log}");
+}
+
+/// Debian's sshd in `host` on `addr`:SSHD_PORT with a host key of its own (`ssh_host_HOST`).
+fn openssh_sshd_on(topo: &Topology, host: &str, addr: &str) -> Proc {
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let d = topo.dir().display().to_string();
+    let key = format!("ssh_host_{host}");
+    if !topo.dir().join(&key).exists() {
+        keygen(topo, &key, "ed25519");
+    }
+    let cfg = topo.write(
+        &format!("sshd_config_{host}"),
+        &format!(
+            "Port {SSHD_PORT}\nListenAddress {addr}\nHostKey {d}/{key}\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
+             AllowTcpForwarding yes\nLogLevel VERBOSE\n"
+        ),
+    );
+    let p = topo.spawn(
+        host,
+        &format!("sshd-{host}"),
+        &["/usr/sbin/sshd", "-D", "-e", "-f", cfg.to_str().unwrap()],
+    );
+    topo.wait_tcp(host, addr, SSHD_PORT, Duration::from_secs(10));
+    p
+}
+
+#[test]
+fn proxy_jump_through_a_bastion() {
+    let mut topo = Topology::new("ssh_jump");
+    // The client (h) reaches only the bastion (b); only the bastion reaches the target (t).
+    topo.hosts(&[H, "b", "t"])
+        .veth(H, "hb", "b", "bh")
+        .veth("b", "bt", "t", "tb")
+        .addr(H, "hb", "10.77.1.1/24")
+        .addr("b", "bh", "10.77.1.2/24")
+        .addr("b", "bt", "10.77.2.1/24")
+        .addr("t", "tb", "10.77.2.2/24");
+    let keys = client_keys(&topo);
+    topo.write("authorized_keys", &keys.client_pub);
+    let mut bastion = openssh_sshd_on(&topo, "b", "10.77.1.2");
+    let _target = openssh_sshd_on(&topo, "t", "10.77.2.2");
+    let _http = topo.http_server("t", "127.0.0.1", HTTP_PORT, "behind the bastion");
+    assert!(
+        topo.try_sh(
+            H,
+            &format!("bash -c 'exec 3<>/dev/tcp/10.77.2.2/{SSHD_PORT}'")
+        )
+        .is_err(),
+        "the client must not reach the target directly"
+    );
+    let kh = format!("UserKnownHostsFile={}", known_hosts(&topo).display());
+    let jump = format!("root@10.77.1.2:{SSHD_PORT}");
+    let port = SSHD_PORT.to_string();
+    let args = [
+        "ssh",
+        "-N",
+        "-F",
+        "none",
+        "-J",
+        jump.as_str(),
+        "-p",
+        port.as_str(),
+        "-i",
+        keys.client.to_str().unwrap(),
+        "-o",
+        kh.as_str(),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "ServerAliveInterval=1",
+        "-o",
+        "ServerAliveCountMax=2",
+        "-L",
+        "8585:127.0.0.1:8080",
+        "root@10.77.2.2",
+    ];
+    let mut client = topo.vipgate(H, "jump", &args);
+    wait_port(&topo, 8585, Duration::from_secs(20));
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
+        "behind the bastion"
+    );
+    // Both hops' keys were checked and recorded, each under its own name.
+    let recorded = std::fs::read_to_string(known_hosts(&topo)).unwrap();
+    assert!(recorded.contains("[10.77.1.2]:2222 "), "{recorded}");
+    assert!(recorded.contains("[10.77.2.2]:2222 "), "{recorded}");
+
+    // The bastion goes down hard (its session children too) and comes back: the whole chain
+    // is rebuilt and the forward works again.
+    let _ = topo.try_sh("b", &format!("pkill -KILL -P {}", bastion.pid()));
+    bastion.kill9();
+    let mut bastion = openssh_sshd_on(&topo, "b", "10.77.1.2");
+    wait_until(
+        Duration::from_secs(30),
+        "the -L forward to work again through the new bastion",
+        || {
+            topo.curl(H, "http://127.0.0.1:8585/")
+                .is_ok_and(|b| b.trim() == "behind the bastion")
+        },
+    );
+    assert!(client.log().contains("reconnect"), "{}", client.log());
+    client.terminate(Duration::from_secs(10));
+
+    // OpenSSH's ssh reaches the target with `vipgate ssh -W` as its ProxyCommand, and runs a
+    // command there (stdio forwarding carries the whole SSH session both ways).
+    let proxy = format!(
+        "ProxyCommand={} ssh -q -F none -W %h:%p -p {SSHD_PORT} -i {} -o {kh} -o IdentitiesOnly=yes root@10.77.1.2",
+        vipgate_tests::vipgate_bin().display(),
+        keys.client.display()
+    );
+    let via_w = topo
+        .try_sh(
+            H,
+            &format!(
+                "ssh -F none -o BatchMode=yes -o '{proxy}' -o UserKnownHostsFile={d}/known_hosts_w \
+                 -o StrictHostKeyChecking=accept-new -i {key} -p {SSHD_PORT} root@10.77.2.2 echo through-w",
+                d = topo.dir().display(),
+                key = keys.client.display()
+            ),
+        )
+        .unwrap();
+    assert_eq!(via_w.trim(), "through-w");
+    // -W to a port nobody listens on: ssh's wording, exit status 255.
+    let o = topo.vipgate_output(
+        H,
+        &[
+            "ssh",
+            "-F",
+            "none",
+            "-W",
+            "127.0.0.1:1",
+            "-p",
+            &port,
+            "-i",
+            keys.client.to_str().unwrap(),
+            "-o",
+            &kh,
+            "root@10.77.1.2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("connect to host 127.0.0.1 port 1:"), "{err}");
+
+    // A bastion whose key changed is refused, naming it.
+    let _ = topo.try_sh("b", &format!("pkill -KILL -P {}", bastion.pid()));
+    bastion.kill9();
+    std::fs::remove_file(topo.dir().join("ssh_host_b")).unwrap();
+    std::fs::remove_file(topo.dir().join("ssh_host_b.pub")).unwrap();
+    let _new_bastion = openssh_sshd_on(&topo, "b", "10.77.1.2");
+    let mut refused = topo.vipgate(H, "jump-changed", &args);
+    refused.wait_exit(Duration::from_secs(20));
+    let log = refused.log();
+    assert!(
+        log.contains("REMOTE HOST IDENTIFICATION HAS CHANGED for [10.77.1.2]:2222"),
+        "{log}"
+    );
+}
+
+#[test]
+fn exit_status_and_messages_as_ssh() {
+    let (topo, keys) = setup("ssh_exit");
+    let _sshd = openssh_sshd(&topo, &keys);
+    let kh = format!("UserKnownHostsFile={}", known_hosts(&topo).display());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "ssh",
+            "-N",
+            "-F",
+            "none",
+            "-o",
+            kh.as_str(),
+            "-o",
+            "IdentitiesOnly=yes",
+        ];
+        args.extend_from_slice(extra);
+        let o = topo.vipgate_output(H, &args);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["-p", "1", "-L", "8585:127.0.0.1:80", "root@127.0.0.1"]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains("connect to host 127.0.0.1 port 1: Connection refused"),
+        "{err}"
+    );
+    let stranger = keygen(&topo, "id_stranger", "ed25519");
+    let port = SSHD_PORT.to_string();
+    let (code, err) = run(&[
+        "-p",
+        &port,
+        "-i",
+        stranger.to_str().unwrap(),
+        "-L",
+        "8585:127.0.0.1:80",
+        "root@127.0.0.1",
+    ]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains("root@127.0.0.1: Permission denied (publickey)."),
+        "{err}"
+    );
+    // A -R port sshd cannot bind: one already in use on its side.
+    let _busy = http_server(&topo, 8586, "busy");
+    let (code, err) = run(&[
+        "-p",
+        &port,
+        "-i",
+        keys.client.to_str().unwrap(),
+        "-R",
+        "127.0.0.1:8586:127.0.0.1:80",
+        "root@127.0.0.1",
+    ]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains("Error: remote port forwarding failed for listen port")
+            && err.contains("8586"),
+        "{err}"
+    );
+    // -q keeps the log quiet; -E sends it to a file.
+    let log = topo.dir().join("ssh.log");
+    let (code, _) = run(&[
+        "-v",
+        "-E",
+        log.to_str().unwrap(),
+        "-p",
+        &port,
+        "-i",
+        keys.client.to_str().unwrap(),
+        "-o",
+        "ClearAllForwardings=yes",
+        "-L",
+        "8585:127.0.0.1:80",
+        "root@127.0.0.1",
+    ]);
+    assert_eq!(code, Some(255), "nothing to forward");
+    let mut client = topo.vipgate(
+        H,
+        "logged",
+        &[
+            "ssh",
+            "-v",
+            "-4",
+            "-E",
+            log.to_str().unwrap(),
+            "-F",
+            "none",
+            "-o",
+            &kh,
+            "-p",
+            &port,
+            "-i",
+            keys.client.to_str().unwrap(),
+            "-L",
+            "8587:127.0.0.1:80",
+            "root@localhost",
+        ],
+    );
+    wait_port(&topo, 8587, Duration::from_secs(15));
+    wait_until(
+        Duration::from_secs(10),
+        "debug lines in the -E file",
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("DEBUG")),
+    );
+    client.terminate(Duration::from_secs(10));
+    assert!(!client.log().contains("DEBUG"), "{}", client.log());
 }
