@@ -120,49 +120,6 @@ pub(crate) struct ServiceSection {
     pub(crate) sorry: Option<Spanned<SocketAddrV4>>,
 }
 
-impl ServiceSection {
-    /// The gateway's typed view of this service.
-    pub(crate) fn to_natgw(&self) -> natgw::ServiceConfig {
-        let health = self.health.as_ref().map(|h| natgw::health::HealthConfig {
-            kind: match h.kind {
-                HealthKind::Tcp => natgw::health::CheckKind::Tcp,
-                HealthKind::Http => natgw::health::CheckKind::Http {
-                    path: h.path.get_ref().clone(),
-                    status: h.status,
-                },
-            },
-            interval: h.interval.get_ref().0,
-            timeout: h.timeout.get_ref().0,
-            rise: *h.rise.get_ref(),
-            fall: *h.fall.get_ref(),
-        });
-        natgw::ServiceConfig {
-            name: self.name.get_ref().clone(),
-            listen: *self.listen.get_ref(),
-            pool: balance::PoolConfig {
-                scheduler: self.scheduler,
-                persistence: self.persistence.as_ref().map(|p| balance::Persistence {
-                    timeout: p.0,
-                    netmask: *self.persistence_netmask.get_ref(),
-                }),
-                sorry: self.sorry.as_ref().map(|s| *s.get_ref()),
-                hash_port: self.hash_port,
-                backends: self
-                    .backends
-                    .get_ref()
-                    .iter()
-                    .map(|b| balance::BackendConfig {
-                        addr: *b.address.get_ref(),
-                        weight: *b.weight.get_ref(),
-                    })
-                    .collect(),
-                ..balance::PoolConfig::default()
-            },
-            health,
-        }
-    }
-}
-
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,

@@ -12,6 +12,7 @@ pub(crate) mod daemon;
 pub(crate) mod duration;
 pub(crate) mod gre;
 pub(crate) mod lb;
+pub(crate) mod lower;
 pub(crate) mod nat;
 pub(crate) mod ssh;
 pub(crate) mod vrrp;
@@ -530,6 +531,17 @@ pub(crate) fn did_you_mean(word: &str, candidates: &[&str]) -> String {
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| format!(" (did you mean `{c}`?)"))
         .unwrap_or_default()
+}
+
+/// Deserializes an integer and narrows it with `new`, or fails with `message(n)`: serde puts
+/// the value's position on the error, and nothing after parsing narrows the value again.
+pub(crate) fn narrow<'de, D: serde::Deserializer<'de>, T>(
+    d: D,
+    new: impl FnOnce(i64) -> Option<T>,
+    message: impl FnOnce(i64) -> String,
+) -> Result<T, D::Error> {
+    let n = <i64 as serde::Deserialize>::deserialize(d)?;
+    new(n).ok_or_else(|| serde::de::Error::custom(message(n)))
 }
 
 /// Reports every value that appears more than once, at its second and later places.
