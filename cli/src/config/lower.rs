@@ -4,8 +4,8 @@
 //! defaults); the functions here turn one section each into what a driver or core takes
 //! (ripgrep's `LowArgs` → `HiArgs`). Invariant: they run only on sections that passed
 //! [`super::parse`], so every range was checked while parsing (typed raw fields such as
-//! [`super::vrrp::Vrid`]) or by the section's `validate`, and nothing here narrows, defaults
-//! or refuses a value again. The parts (`crate::parts`) only start, stop, reconfigure and
+//! [`super::vrrp::Vrid`]) or by the section's `validate`, and nothing here narrows or
+//! refuses a value again. The parts (`crate::parts`) only start, stop, reconfigure and
 //! report what these functions build.
 
 use super::gre::GreSection;

@@ -1,9 +1,11 @@
 //! The site config: one TOML file describing everything a vipgate host runs.
 //!
-//! Loading happens in two stages (ripgrep's LowArgs → HiArgs): serde builds typed section
-//! structs (unknown keys refused), then each section's `validate` checks what serde cannot see
-//! (ranges, duplicates, cross references). Every problem found is kept with its byte span so
-//! `vipgate check` can print all of them as `FILE:LINE:COL: message` in one run.
+//! Loading happens in stages (ripgrep's LowArgs → HiArgs): serde builds typed section
+//! structs (unknown keys refused, narrow values such as [`vrrp::Vrid`] range-checked as they
+//! are read), then each section's `validate` checks what one value cannot show (duplicates,
+//! cross references, relations between keys). Every problem found is kept with its byte span
+//! so `vipgate check` can print all of them as `FILE:LINE:COL: message` in one run. Then
+//! [`lower`] turns valid sections into the libraries' configs.
 //!
 //! Each top-level section is deserialized on its own (and each element of an array of
 //! tables on its own) so one mistake does not hide the next.
