@@ -155,6 +155,9 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
             }),
             sorry: section.sorry.as_ref().map(|s| *s.get_ref()),
             hash_port: section.hash_port,
+            fallback: section.fallback.as_ref().is_some_and(|f| *f.get_ref()),
+            max_connections: section.max_connections,
+            slow_start: section.slow_start.as_ref().map(|d| d.get_ref().0),
             backends: section
                 .backends
                 .get_ref()
@@ -162,6 +165,9 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
                 .map(|b| balance::BackendConfig {
                     addr: *b.address.get_ref(),
                     weight: *b.weight.get_ref(),
+                    max_connections: b.max_connections,
+                    // 0: no lower threshold.
+                    min_connections: b.min_connections.as_ref().map_or(0, |m| *m.get_ref()),
                 })
                 .collect(),
             ..balance::PoolConfig::default()
