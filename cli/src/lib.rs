@@ -18,7 +18,7 @@ mod run;
 use anyhow::Context;
 use args::{Cli, Command, ControlArgs, LbOp, LogFormat, NatOp};
 use clap::{CommandFactory, Parser};
-use control::Request;
+use control::{ControlOp, Request};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -205,10 +205,7 @@ async fn dispatch(
             op: NatOp::Clear { control },
         } => {
             let req = Request::Control {
-                kind: parts::Kind::Nat,
-                name: None,
-                cmd: "clear".into(),
-                args: serde_json::Value::Null,
+                command: ControlOp::NatClear,
             };
             let result = control::request(&control_path(&control)?, &req).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
@@ -223,14 +220,17 @@ async fn dispatch(
                     control,
                 },
         } => {
-            if weight > 65535 {
-                anyhow::bail!("weight {weight} is over 65535");
-            }
+            let weight = u16::try_from(weight)
+                .map_err(|_| anyhow::anyhow!("weight {weight} is over 65535"))?;
+            let backend = backend
+                .parse()
+                .context("backend must be written ip:port, as in the config")?;
             let req = Request::Control {
-                kind: parts::Kind::Lb,
-                name: Some(service),
-                cmd: "weight".into(),
-                args: serde_json::json!({ "backend": backend, "weight": weight }),
+                command: ControlOp::LbWeight {
+                    service,
+                    backend,
+                    weight,
+                },
             };
             let result = control::request(&control_path(&control)?, &req).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);

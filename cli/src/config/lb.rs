@@ -138,54 +138,6 @@ pub(crate) struct ServiceSection {
     pub(crate) sorry: Option<Spanned<SocketAddrV4>>,
 }
 
-impl ServiceSection {
-    /// The gateway's typed view of this service.
-    pub(crate) fn to_natgw(&self) -> natgw::ServiceConfig {
-        let health = self.health.as_ref().map(|h| natgw::health::HealthConfig {
-            kind: match h.kind {
-                HealthKind::Tcp => natgw::health::CheckKind::Tcp,
-                HealthKind::Http => natgw::health::CheckKind::Http {
-                    path: h.path.get_ref().clone(),
-                    status: h.status,
-                },
-            },
-            interval: h.interval.get_ref().0,
-            timeout: h.timeout.get_ref().0,
-            rise: *h.rise.get_ref(),
-            fall: *h.fall.get_ref(),
-        });
-        natgw::ServiceConfig {
-            name: self.name.get_ref().clone(),
-            listen: *self.listen.get_ref(),
-            pool: balance::PoolConfig {
-                scheduler: self.scheduler,
-                persistence: self.persistence.as_ref().map(|p| balance::Persistence {
-                    timeout: p.0,
-                    netmask: *self.persistence_netmask.get_ref(),
-                }),
-                sorry: self.sorry.as_ref().map(|s| *s.get_ref()),
-                hash_port: self.hash_port,
-                fallback: self.fallback.as_ref().is_some_and(|f| *f.get_ref()),
-                max_connections: self.max_connections,
-                slow_start: self.slow_start.as_ref().map(|d| d.get_ref().0),
-                backends: self
-                    .backends
-                    .get_ref()
-                    .iter()
-                    .map(|b| balance::BackendConfig {
-                        addr: *b.address.get_ref(),
-                        weight: *b.weight.get_ref(),
-                        max_connections: b.max_connections,
-                        min_connections: b.min_connections.as_ref().map_or(0, |m| *m.get_ref()),
-                    })
-                    .collect(),
-                ..balance::PoolConfig::default()
-            },
-            health,
-        }
-    }
-}
-
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,
@@ -387,7 +339,7 @@ mod tests {
                     scheduler = \"lblcr\"\nmax_connections = 500\nslow_start = \"30s\"\n\
                     backends = [{ address = \"10.0.0.1:80\", max_connections = 100, min_connections = 80 }]\n";
         let site = parse(Path::new("site.toml"), text).unwrap();
-        let pool = site.service[0].to_natgw().pool;
+        let pool = crate::config::lower::service(&site.service[0]).pool;
         assert_eq!(pool.scheduler, balance::SchedulerKind::Lblcr);
         assert_eq!(pool.max_connections, 500);
         assert_eq!(pool.slow_start, Some(std::time::Duration::from_secs(30)));

@@ -23,14 +23,16 @@ fn reference_example_is_valid() {
     );
     assert_eq!(site.nat.as_ref().map(|n| n.statics.len()), Some(1));
     assert_eq!(site.service[0].backends.get_ref().len(), 2);
-    assert_eq!(*site.vrrp[0].vrid.get_ref(), 51);
+    assert_eq!(site.vrrp[0].vrid.get_ref().get(), 51);
     assert_eq!(site.ssh[0].local.len(), 1);
 }
 
 #[test]
 fn three_planted_mistakes_give_three_positions() {
+    // The range mistake is on an optional key: a required key serde refuses (`vrid = 256`)
+    // drops its instance, and with it the instance's cross-references (`track_services`).
     let text = REFERENCE
-        .replace("vrid = 51", "vrid = 256")
+        .replace("priority = 150", "priority = 256")
         .replace("weight = 2 }", "weight = 65536 }")
         .replace("track_services = [\"web\"]", "track_services = [\"wbe\"]");
     let errs = errors(&text);
@@ -43,8 +45,8 @@ fn three_planted_mistakes_give_three_positions() {
     assert!(errs[0].contains("over 65535"));
     assert!(
         errs[1].starts_with(&format!(
-            "site.toml:{}:8: vrid 256 is out of range",
-            line_of("vrid = 256")
+            "site.toml:{}:12: priority 256 is out of range 1..=254",
+            line_of("priority = 256")
         )),
         "{errs:?}"
     );

@@ -17,8 +17,9 @@
 //! live through the [`vrrp::driver::AddressHook`] this part hands over in [`StartCtx::wiring`],
 //! together with one health signal per service for `track_services`.
 
-use super::{BoxFuture, Kind, Part, StartCtx, ready};
-use crate::config::SiteConfig;
+use super::{BoxFuture, Kind, Part, StartCtx, ready, wiring};
+use crate::config::{SiteConfig, lower};
+use crate::control::ControlOp;
 use anyhow::{Context, bail};
 use natgw::driver::{DriverConfig, NatDriver};
 use natgw::health::probe::{TargetSpec, run_checker};
@@ -30,7 +31,7 @@ use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -80,7 +81,7 @@ fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
 /// Interfaces that cannot be found, a service the gateway refuses (e.g. its VIP:port is
 /// also a port forward), or the gateway failing to start.
 pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    let services: Vec<natgw::ServiceConfig> = site.service.iter().map(|s| s.to_natgw()).collect();
+    let services: Vec<natgw::ServiceConfig> = site.service.iter().map(lower::service).collect();
     // VIPs a VRRP instance moves: only its master makes them live (DESIGN.md).
     let vrrp_vips: Vec<Ipv4Addr> = services
         .iter()
@@ -91,7 +92,8 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
                 .any(|v| v.addresses.get_ref().iter().any(|a| a.addr() == *ip))
         })
         .collect();
-    let (driver, owns_driver) = match super::nat::running_gateway() {
+    let joined = wiring::lock(&ctx.wiring).nat.clone();
+    let (driver, owns_driver) = match joined {
         Some(driver) if site.nat.is_some() => {
             join_gateway(&driver, &services, &vrrp_vips).await?;
             (driver, false)
@@ -123,10 +125,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     let (vip_tx, vip_rx) = mpsc::unbounded_channel();
     let vip_mover = watch.spawn("vip mover", infallible(move_vips(driver.clone(), vip_rx)));
     {
-        let mut wiring = ctx
-            .wiring
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut wiring = wiring::lock(&ctx.wiring);
         wiring.health.extend(health_rx);
         for vip in &vrrp_vips {
             let hook: Arc<dyn AddressHook> = Arc::new(VipHook {
@@ -353,8 +352,7 @@ impl ServicePart {
         {
             return Ok(Reconfigured::Live);
         }
-        let services: Vec<natgw::ServiceConfig> =
-            site.service.iter().map(|s| s.to_natgw()).collect();
+        let services: Vec<natgw::ServiceConfig> = site.service.iter().map(lower::service).collect();
         let applied = {
             let mut gw = lock(&self.shared.gw);
             gw.reconfigure_services(services)
@@ -403,40 +401,27 @@ impl Part for ServicePart {
         self.summary.get(|| self.status())
     }
 
-    fn control(&self, op: &str, args: &Value) -> anyhow::Result<Value> {
-        match op {
-            "weight" => {
-                let backend: SocketAddrV4 = args
-                    .get("backend")
-                    .and_then(Value::as_str)
-                    .context("weight needs a backend ip:port")?
-                    .parse()
-                    .context("backend must be written ip:port, as in the config")?;
-                let weight = args
-                    .get("weight")
-                    .and_then(Value::as_u64)
-                    .and_then(|w| u32::try_from(w).ok())
-                    .context("weight needs a number 0..=65535")?;
-                let before = self.with_service(move |s| {
-                    let old = s
-                        .backend_id(backend)
-                        .and_then(|id| s.pool().backend(id))
-                        .map(balance::Backend::weight);
-                    s.set_weight(backend, weight).map(|()| old)
-                })??;
-                tracing::info!(service = %self.name, %backend, weight, "weight changed by operator");
-                Ok(json!({
-                    "service": self.name,
-                    "backend": backend.to_string(),
-                    "weight": weight,
-                    "previous": before,
-                }))
-            }
-            other => bail!(
-                "lb `{}` does not support `{other}` (try: weight)",
-                self.name
-            ),
-        }
+    fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
+        let ControlOp::LbWeight {
+            backend, weight, ..
+        } = *op
+        else {
+            bail!("lb `{}` does not support `{op}`", self.name);
+        };
+        let before = self.with_service(move |s| {
+            let old = s
+                .backend_id(backend)
+                .and_then(|id| s.pool().backend(id))
+                .map(balance::Backend::weight);
+            s.set_weight(backend, u32::from(weight)).map(|()| old)
+        })??;
+        tracing::info!(service = %self.name, %backend, weight, "weight changed by operator");
+        Ok(json!({
+            "service": self.name,
+            "backend": backend.to_string(),
+            "weight": weight,
+            "previous": before,
+        }))
     }
 
     fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {

@@ -717,9 +717,7 @@ fn client_config_from_section(d: &SshSection) -> anyhow::Result<ClientConfig> {
     cfg.server_alive_count_max = d.server_alive_count_max;
     cfg.exit_on_forward_failure = d.exit_on_forward_failure;
     cfg.ciphers = d.ciphers.iter().map(|c| c.get_ref().clone()).collect();
-    cfg.connections = usize::try_from(*d.connections.get_ref())
-        .unwrap_or(1)
-        .max(1);
+    cfg.connections = d.connections.get();
     cfg.connect_timeout = d.connect_timeout.0;
     cfg.backoff = BackoffConfig {
         initial: d.reconnect_min.0,
