@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use testkit::{epoch, replay_corpus};
 
 use crate::*;
 
@@ -39,7 +40,7 @@ fn pick(pool: &mut Pool, now: Instant, c: SocketAddrV4) -> Option<BackendId> {
 
 /// Schedules `n` connections (closing each at once) and counts them per backend address.
 fn spread(pool: &mut Pool, n: u32) -> HashMap<u8, u32> {
-    let now = test_epoch();
+    let now = epoch();
     let mut counts = HashMap::new();
     for i in 0..n {
         let c = client(i);
@@ -62,7 +63,7 @@ fn wrr_is_exact_over_a_cycle() {
 #[test]
 fn wrr_interleaves_instead_of_bursting() {
     let mut p = pool(SchedulerKind::Wrr, vec![be(1, 5), be(2, 1), be(3, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let seq: Vec<u8> = (0..7)
         .map(|i| {
             let id = pick(&mut p, now, client(i)).unwrap();
@@ -88,7 +89,7 @@ fn rr_is_exact_and_ignores_weights_except_zero() {
 #[test]
 fn lc_prefers_the_backend_with_fewer_connections() {
     let mut p = pool(SchedulerKind::Lc, vec![be(1, 1), be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     // Ten long-lived established connections, alternating by tie-break.
     let long: Vec<BackendId> = (0..10)
         .map(|i| pick(&mut p, now, client(i)).unwrap())
@@ -112,7 +113,7 @@ fn lc_prefers_the_backend_with_fewer_connections() {
 #[test]
 fn wlc_divides_load_by_weight() {
     let mut p = pool(SchedulerKind::Wlc, vec![be(1, 1), be(2, 3)]);
-    let now = test_epoch();
+    let now = epoch();
     for i in 0..400 {
         let id = pick(&mut p, now, client(i)).unwrap();
         p.established(now, id, Ipv4Addr::UNSPECIFIED);
@@ -125,7 +126,7 @@ fn wlc_divides_load_by_weight() {
 #[test]
 fn sh_pins_each_client_and_spreads_clients() {
     let mut p = pool(SchedulerKind::Sh, vec![be(1, 1), be(2, 1), be(3, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     for n in 0..50 {
         let c = client(n * 7919);
         let first = pick(&mut p, now, c).unwrap();
@@ -150,7 +151,7 @@ fn mh_distribution_and_disruption_on_10000_tuples() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let tuples: Vec<SocketAddrV4> = (0..10_000).map(client).collect();
     let addr_of = |p: &mut Pool, c| {
         let id = pick(p, now, c).unwrap();
@@ -196,7 +197,7 @@ fn mh_removing_a_backend_is_the_same_as_marking_it_down() {
     let mut removed = pool(SchedulerKind::Mh, five[1..].to_vec());
     let mut down = pool(SchedulerKind::Mh, five);
     down.set_health(down.find(be(1, 1).addr).unwrap(), Health::Down);
-    let now = test_epoch();
+    let now = epoch();
     for n in 0..2_000 {
         let c = client(n);
         let a = pick(&mut removed, now, c).unwrap();
@@ -217,7 +218,7 @@ fn persistence_pins_a_client_until_the_timeout_after_its_last_connection() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let t0 = test_epoch();
+    let t0 = epoch();
     let sticky = client(0);
     let first = pick(&mut p, t0, sticky).unwrap();
     p.closed(t0, first, ConnState::Inactive, *sticky.ip());
@@ -269,7 +270,7 @@ fn closed_connections_lingering_in_the_flow_table_do_not_hold_a_template() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let t0 = test_epoch();
+    let t0 = epoch();
     let c = client(0);
     let id = pick(&mut p, t0, c).unwrap();
     p.established(t0, id, *c.ip());
@@ -304,7 +305,7 @@ fn drain_keeps_existing_connections_and_sends_nothing_new() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let c = client(0);
     let held = pick(&mut p, now, c).unwrap();
     p.established(now, held, *c.ip());
@@ -343,7 +344,7 @@ fn all_down_goes_to_the_sorry_server_or_refuses() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let ids: Vec<BackendId> = p.backends().map(|(id, _)| id).collect();
     assert!(p.set_health(ids[0], Health::Down));
     assert!(!p.set_health(ids[0], Health::Down));
@@ -366,7 +367,7 @@ fn all_down_goes_to_the_sorry_server_or_refuses() {
 #[test]
 fn reconfigure_keeps_counters_and_lets_removed_backends_drain() {
     let mut p = pool(SchedulerKind::Rr, vec![be(1, 1), be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let a = pick(&mut p, now, client(0)).unwrap();
     let b = pick(&mut p, now, client(1)).unwrap();
     p.established(now, a, *client(0).ip());
@@ -453,7 +454,7 @@ fn scheduler_names_round_trip() {
 #[test]
 fn traffic_counters_add_up() {
     let mut p = pool(SchedulerKind::Rr, vec![be(1, 1)]);
-    let id = pick(&mut p, test_epoch(), client(0)).unwrap();
+    let id = pick(&mut p, epoch(), client(0)).unwrap();
     p.count_packet(id, Direction::ToBackend, 60);
     p.count_packet(id, Direction::ToClient, 1500);
     p.count_packet(id, Direction::ToClient, 40);
@@ -473,21 +474,15 @@ fn traffic_counters_add_up() {
 /// Replays the `lb_pool` fuzz corpus so CI exercises it on stable.
 #[test]
 fn fuzz_corpus_replays() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/lb_pool");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).expect("the lb_pool corpus") {
-        let data = std::fs::read(entry.expect("a corpus entry").path()).expect("a corpus file");
-        fuzzing::run_pool_ops(test_epoch(), &data);
-        n += 1;
-    }
-    assert!(n > 0, "empty corpus in {}", dir.display());
+    let n = replay_corpus("lb_pool", |data| fuzzing::run_pool_ops(epoch(), data));
+    assert!(n > 0, "empty lb_pool corpus");
 }
 
 proptest! {
     /// Arbitrary operation runs keep every invariant `run_pool_ops` checks.
     #[test]
     fn arbitrary_op_runs_keep_the_invariants(data in prop::collection::vec(any::<u8>(), 0..400)) {
-        fuzzing::run_pool_ops(test_epoch(), &data);
+        fuzzing::run_pool_ops(epoch(), &data);
     }
 }
 
@@ -528,7 +523,7 @@ proptest! {
         let backends: Vec<BackendConfig> =
             weights.iter().enumerate().map(|(i, &w)| be(i as u8 + 1, w)).collect();
         let mut p = pool(SchedulerKind::Wrr, backends);
-        let now = test_epoch();
+        let now = epoch();
         let total: u32 = weights.iter().sum();
         for i in 0..warmup {
             pick(&mut p, now, client(i as u32));
@@ -559,7 +554,7 @@ proptest! {
             mh_table_size: 251,
             ..PoolConfig::default()
         }).unwrap();
-        let mut now = test_epoch();
+        let mut now = epoch();
         let mut flows: Vec<(BackendId, ConnState, Ipv4Addr)> = Vec::new();
         for op in ops {
             match op {
