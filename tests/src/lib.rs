@@ -20,6 +20,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -275,6 +276,7 @@ pub struct Topology {
     prefix: String,
     hosts: Vec<String>,
     dir: PathBuf,
+    _machine: MachineShare,
 }
 
 impl Topology {
@@ -299,6 +301,7 @@ impl Topology {
             prefix,
             hosts: Vec::new(),
             dir,
+            _machine: MachineShare::shared(),
         }
     }
 
@@ -571,8 +574,12 @@ impl Drop for Topology {
 
 /// A lab started with `vipgate lab up --prefix PREFIX` (its namespaces are `PREFIX-host`),
 /// torn down with `vipgate lab down` when dropped, even if an assertion fails halfway.
+///
+/// The lab's test looks at the whole machine's namespace list, so a `LabGuard` has the machine
+/// alone: it waits for running topologies to go and holds new ones back until it is dropped.
 pub struct LabGuard {
     prefix: String,
+    _machine: MachineShare,
 }
 
 impl LabGuard {
@@ -584,6 +591,7 @@ impl LabGuard {
         require_root();
         LabGuard {
             prefix: prefix.to_string(),
+            _machine: MachineShare::alone(),
         }
     }
 
@@ -605,6 +613,66 @@ impl Drop for LabGuard {
     fn drop(&mut self) {
         let _ = self.lab("down");
     }
+}
+
+/// Who uses the machine's network namespaces now: how many topologies, and whether a lab
+/// test has it alone.
+struct MachineUse {
+    topologies: usize,
+    alone: bool,
+}
+
+static MACHINE: Mutex<MachineUse> = Mutex::new(MachineUse {
+    topologies: 0,
+    alone: false,
+});
+static MACHINE_CHANGED: Condvar = Condvar::new();
+
+/// A share of the machine, given back when dropped: shared by topologies, or alone.
+struct MachineShare {
+    alone: bool,
+}
+
+impl MachineShare {
+    fn shared() -> Self {
+        let mut m = lock_machine();
+        while m.alone {
+            m = MACHINE_CHANGED
+                .wait(m)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        m.topologies += 1;
+        MachineShare { alone: false }
+    }
+
+    fn alone() -> Self {
+        let mut m = lock_machine();
+        while m.alone || m.topologies > 0 {
+            m = MACHINE_CHANGED
+                .wait(m)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        m.alone = true;
+        MachineShare { alone: true }
+    }
+}
+
+impl Drop for MachineShare {
+    fn drop(&mut self) {
+        let mut m = lock_machine();
+        if self.alone {
+            m.alone = false;
+        } else {
+            m.topologies -= 1;
+        }
+        MACHINE_CHANGED.notify_all();
+    }
+}
+
+/// A test that panicked while holding the lock left the counts consistent (each change is
+/// one statement), so a poisoned lock is used as is.
+fn lock_machine() -> MutexGuard<'static, MachineUse> {
+    MACHINE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs `vipgate lab ARGS` to completion.
