@@ -495,9 +495,17 @@ fn service_json(s: &VirtualService) -> Value {
         .backends()
         .map(|(_, b)| {
             let st = b.stats();
+            // ipvsadm's names (Uthreshold/Lthreshold): a key with "connections" in it would
+            // become a Prometheus counter.
+            let threshold = |t: u32| (t != 0).then_some(t);
             json!({
                 "address": b.addr().to_string(),
                 "weight": b.weight(),
+                "effective_weight": b.effective_weight(),
+                "slow_start": b.is_ramping(),
+                "upper_threshold": threshold(b.max_connections()),
+                "lower_threshold": threshold(b.min_connections()),
+                "overloaded": b.is_overloaded(),
                 "state": b.state().as_str(),
                 "health": match b.health() { balance::Health::Up => "up", balance::Health::Down => "down" },
                 "active": b.active(),
@@ -539,6 +547,13 @@ fn service_json(s: &VirtualService) -> Value {
         "refused": stats.refused,
         "persistent_hits": stats.persistent_hits,
         "persist_full": stats.persist_full,
+        "fallback": pool.fallback(),
+        "connection_limit": (pool.max_connections() != 0).then_some(pool.max_connections()),
+        "open_flows": pool.connections(),
+        "over_limit": stats.over_limit,
+        "slow_start_ms": pool.slow_start().map(|d| d.as_millis() as u64),
+        "locality_entries": pool.locality_entries(),
+        "locality_full": stats.locality_full,
         "backends": backends,
     })
 }
@@ -562,6 +577,15 @@ pub(crate) fn render(items: &[Value]) -> String {
             if p["netmask"].as_u64() != Some(32) {
                 let _ = write!(flags, " mask /{}", p["netmask"]);
             }
+        }
+        if s["fallback"].as_bool() == Some(true) {
+            flags.push_str(" fallback");
+        }
+        if let Some(max) = s["connection_limit"].as_u64() {
+            let _ = write!(flags, " maxconn {}/{max}", s["open_flows"]);
+        }
+        if let Some(ms) = s["slow_start_ms"].as_u64() {
+            let _ = write!(flags, " slow-start {ms}ms");
         }
         if let Some(h) = s.get("health").filter(|h| !h.is_null()) {
             let _ = write!(
@@ -587,12 +611,32 @@ pub(crate) fn render(items: &[Value]) -> String {
             .unwrap_or_default()
         {
             let n = |k: &str| b[k].as_u64().unwrap_or(0);
+            // An overloaded backend that is otherwise up shows why it gets nothing; a ramping
+            // one shows the weight in effect over the configured one.
+            let state = match b["state"].as_str().unwrap_or("?") {
+                "up" if b["overloaded"].as_bool() == Some(true) => "overload",
+                other => other,
+            };
+            let weight = match b["effective_weight"].as_u64() {
+                Some(e) if e != n("weight") => format!("{e}/{}", n("weight")),
+                _ => n("weight").to_string(),
+            };
+            let mut notes = String::new();
+            if let Some(max) = b["upper_threshold"].as_u64() {
+                let _ = write!(notes, "  max {max}");
+            }
+            if let Some(min) = b["lower_threshold"].as_u64() {
+                let _ = write!(notes, " min {min}");
+            }
+            if b["slow_start"].as_bool() == Some(true) {
+                notes.push_str("  slow start");
+            }
             let _ = writeln!(
                 out,
-                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}{notes}",
                 b["address"].as_str().unwrap_or("?"),
-                b["state"].as_str().unwrap_or("?"),
-                n("weight"),
+                state,
+                weight,
                 n("active"),
                 n("inactive"),
                 n("connections"),
@@ -611,6 +655,13 @@ pub(crate) fn render(items: &[Value]) -> String {
         }
         if s["refused"].as_u64().unwrap_or(0) > 0 {
             let _ = writeln!(out, "     refused (no backend up): {}", s["refused"]);
+        }
+        if s["over_limit"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(
+                out,
+                "     turned away at max_connections: {}",
+                s["over_limit"]
+            );
         }
     }
     out
@@ -648,6 +699,42 @@ mod tests {
         assert!(text.contains("  -> 10.0.0.101:80         up             1          2         5        100        700        600        50K         12"), "{text}");
         assert!(text.contains("draining"));
         assert!(text.contains("refused (no backend up): 3"));
+    }
+
+    #[test]
+    fn render_shows_thresholds_overload_and_slow_start() {
+        let item = json!({
+            "name": "cache", "listen": "198.51.100.10:80", "scheduler": "lblcr",
+            "persistence": null, "health": null, "sorry": null, "sorry_connections": 0,
+            "refused": 0, "fallback": false, "connection_limit": 500, "open_flows": 7,
+            "over_limit": 2, "slow_start_ms": 30000,
+            "backends": [
+                { "address": "10.0.0.101:80", "state": "up", "weight": 10, "effective_weight": 10,
+                  "overloaded": true, "upper_threshold": 4, "lower_threshold": 2, "slow_start": false,
+                  "active": 4, "inactive": 0, "connections": 9, "packets_in": 0, "packets_out": 0,
+                  "bytes_in": 0, "bytes_out": 0 },
+                { "address": "10.0.0.102:80", "state": "up", "weight": 10, "effective_weight": 3,
+                  "overloaded": false, "upper_threshold": null, "lower_threshold": null,
+                  "slow_start": true, "active": 3, "inactive": 0, "connections": 3,
+                  "packets_in": 0, "packets_out": 0, "bytes_in": 0, "bytes_out": 0 },
+            ],
+        });
+        let text = render(&[item]);
+        assert!(
+            text.contains("TCP  198.51.100.10:80 lblcr maxconn 7/500 slow-start 30000ms  (cache)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  -> 10.0.0.101:80         overload      10          4"),
+            "{text}"
+        );
+        assert!(text.contains("  max 4 min 2"), "{text}");
+        assert!(
+            text.contains("  -> 10.0.0.102:80         up          3/10          3"),
+            "{text}"
+        );
+        assert!(text.contains("slow start"), "{text}");
+        assert!(text.contains("turned away at max_connections: 2"), "{text}");
     }
 
     #[test]

@@ -543,9 +543,8 @@ fn ttl_compensation() {
 
 /// A virtual service spreading flows over two backends (round robin).
 fn two_backends(listen: SocketAddrV4) -> crate::VirtualService {
-    let backend = |last| balance::BackendConfig {
-        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080),
-        weight: 1,
+    let backend = |last| {
+        balance::BackendConfig::new(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080), 1)
     };
     crate::VirtualService::new(crate::ServiceConfig {
         name: "two".into(),
