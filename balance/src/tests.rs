@@ -684,7 +684,7 @@ fn sed_minimises_active_plus_one_over_weight_first_listed_on_ties() {
     let mut p = pool(SchedulerKind::Sed, vec![be(1, 1), be(2, 3)]);
     // (a+1)/1 against (b+1)/3: 2 wins until 3/3 ties 1/1, then 1 (listed first), ...
     assert_eq!(
-        held_sequence(&mut p, test_epoch(), VIP, 8),
+        held_sequence(&mut p, epoch(), VIP, 8),
         seq(&[2, 2, 1, 2, 2, 2, 1, 2])
     );
     // Connections that never establish do not count: all go to the faster server.
@@ -697,7 +697,7 @@ fn sed_minimises_active_plus_one_over_weight_first_listed_on_ties() {
 fn nq_sends_to_an_idle_backend_first_then_acts_as_sed() {
     let mut p = pool(SchedulerKind::Nq, vec![be(1, 1), be(2, 3)]);
     assert_eq!(
-        held_sequence(&mut p, test_epoch(), VIP, 8),
+        held_sequence(&mut p, epoch(), VIP, 8),
         seq(&[1, 2, 2, 2, 2, 2, 1, 2])
     );
 }
@@ -705,7 +705,7 @@ fn nq_sends_to_an_idle_backend_first_then_acts_as_sed() {
 #[test]
 fn fo_takes_the_highest_weight_and_fails_over_in_weight_order() {
     let mut p = pool(SchedulerKind::Fo, vec![be(1, 1), be(2, 5), be(3, 5)]);
-    let now = test_epoch();
+    let now = epoch();
     assert_eq!(held_sequence(&mut p, now, VIP, 3), seq(&[2, 2, 2]));
     let b2 = p.find(be(2, 5).addr).unwrap();
     p.set_health(b2, Health::Down);
@@ -721,7 +721,7 @@ fn ovf_fills_the_heaviest_backend_to_its_weight_then_overflows_then_refuses() {
     let mut p = pool(SchedulerKind::Ovf, vec![be(1, 2), be(2, 3)]);
     let mut want = seq(&[2, 2, 2, 2, 1, 1, 1]);
     want.push(None);
-    assert_eq!(held_sequence(&mut p, test_epoch(), VIP, 8), want);
+    assert_eq!(held_sequence(&mut p, epoch(), VIP, 8), want);
 }
 
 #[test]
@@ -733,7 +733,7 @@ fn twos_follows_weights_and_keeps_loads_level() {
     assert!((9_200..=10_800).contains(&counts[&1]), "{counts:?}");
     // Held connections: the less loaded of two draws wins, so loads stay close.
     let mut p = pool(SchedulerKind::Twos, (1..=8).map(|i| be(i, 1)).collect());
-    held_sequence(&mut p, test_epoch(), VIP, 800);
+    held_sequence(&mut p, epoch(), VIP, 800);
     let loads: Vec<u32> = p.backends().map(|(_, b)| b.active()).collect();
     let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
     assert!(hi - lo <= 6, "{loads:?}");
@@ -742,7 +742,7 @@ fn twos_follows_weights_and_keeps_loads_level() {
 #[test]
 fn dh_pins_each_destination_whatever_the_client_and_ignores_weights() {
     let mut p = pool(SchedulerKind::Dh, vec![be(1, 1), be(2, 7), be(3, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let mut per_backend = HashMap::new();
     for d in 0..3_000u32 {
         let dest = Ipv4Addr::from(0xcb00_7100 + d * 7);
@@ -769,7 +769,7 @@ fn dh_refuses_a_destination_whose_backend_is_overloaded_and_rehashes_a_failed_on
         ..be(1, 1)
     };
     let mut p = pool(SchedulerKind::Dh, vec![overloadable, be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let dest = (0..)
         .map(|d| Ipv4Addr::from(0xcb00_7100 + d))
         .find(|&d| pick_octet(&mut p, (now, client(0), d)) == Some(1))
@@ -788,7 +788,7 @@ fn dh_refuses_a_destination_whose_backend_is_overloaded_and_rehashes_a_failed_on
 #[test]
 fn lblc_keeps_a_destination_on_its_backend_until_it_is_busy() {
     let mut p = pool(SchedulerKind::Lblc, vec![be(1, 2), be(2, 2), be(3, 2)]);
-    let now = test_epoch();
+    let now = epoch();
     let cdn = Ipv4Addr::new(203, 0, 113, 80);
     // Busy means more active connections than the weight (2) while another backend has fewer
     // than half its weight: the third held connection moves the destination to 2.
@@ -806,7 +806,7 @@ fn lblc_keeps_a_destination_on_its_backend_until_it_is_busy() {
 #[test]
 fn lblc_moves_a_destination_off_a_failed_backend() {
     let mut p = pool(SchedulerKind::Lblc, vec![be(1, 1), be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let dest = Ipv4Addr::new(203, 0, 113, 80);
     assert_eq!(held_sequence(&mut p, now, dest, 1), seq(&[1]));
     p.set_health(p.find(be(1, 1).addr).unwrap(), Health::Down);
@@ -822,7 +822,7 @@ fn lblc_moves_a_destination_off_a_failed_backend() {
 #[test]
 fn lblcr_grows_the_set_of_a_busy_destination() {
     let mut p = pool(SchedulerKind::Lblcr, vec![be(1, 1), be(2, 1), be(3, 1)]);
-    let t0 = test_epoch();
+    let t0 = epoch();
     let dest = Ipv4Addr::new(203, 0, 113, 80);
     // 1 until busy (2 active > weight 1 while 3 is idle), then 2 joins; 2 until busy, then 3.
     assert_eq!(held_sequence(&mut p, t0, dest, 5), seq(&[1, 1, 2, 2, 3]));
@@ -839,7 +839,7 @@ fn thresholds_skip_an_overloaded_backend_until_it_drops_under_the_lower_one() {
         ..be(1, 1)
     };
     let mut p = pool(SchedulerKind::Rr, vec![limited, be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let mut held = Vec::new();
     for i in 0..12 {
         let c = client(i);
@@ -873,7 +873,7 @@ fn without_a_lower_threshold_an_overloaded_backend_returns_under_three_quarters(
         ..be(1, 1)
     };
     let mut p = pool(SchedulerKind::Wlc, vec![limited]);
-    let now = test_epoch();
+    let now = epoch();
     let held: Vec<_> = (0..4)
         .map(|i| (pick(&mut p, now, client(i)).unwrap(), client(i)))
         .collect();
@@ -907,7 +907,7 @@ fn sh_and_mh_refuse_or_fall_back_when_the_hashed_backend_is_overloaded() {
                 ..PoolConfig::default()
             })
             .unwrap();
-            let now = test_epoch();
+            let now = epoch();
             let c = (0..)
                 .map(client)
                 .find(|&c| pick_octet(&mut p, (now, c, VIP)) == Some(1))
@@ -930,7 +930,7 @@ fn service_max_connections_turns_new_flows_away_until_one_closes() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let held: Vec<_> = (0..3)
         .map(|i| pick(&mut p, now, client(i)).unwrap())
         .collect();
@@ -953,7 +953,7 @@ fn slow_start_ramps_a_returning_backend_linearly_and_never_at_start() {
         ..PoolConfig::default()
     };
     let mut p = Pool::new(cfg(vec![be(1, 10), be(2, 10)])).unwrap();
-    let t0 = test_epoch();
+    let t0 = epoch();
     assert!(
         p.backends()
             .all(|(_, b)| !b.is_ramping() && b.effective_weight() == 10)
@@ -1049,7 +1049,7 @@ proptest! {
             backends,
             ..PoolConfig::default()
         }).unwrap();
-        let now = test_epoch();
+        let now = epoch();
         let mut flows: Vec<(BackendId, Ipv4Addr)> = Vec::new();
         for (open, n, which) in ops {
             if open || flows.is_empty() {
@@ -1077,6 +1077,6 @@ fn a_weight_raised_from_zero_applies_at_once_without_slow_start() {
         p.set_weight(be(1, 0).addr, 3).unwrap();
         let b = p.backend(p.find(be(1, 0).addr).unwrap()).unwrap();
         assert_eq!((b.effective_weight(), b.is_ramping()), (3, false), "{kind}");
-        assert!(pick(&mut p, test_epoch(), client(0)).is_some(), "{kind}");
+        assert!(pick(&mut p, epoch(), client(0)).is_some(), "{kind}");
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use vipgate_tests::{Proc, Topology, e2e, wait_until};
+use vipgate_tests::{Proc, Show, Topology, e2e, wait_until};
 
 const VIP: &str = "198.51.100.10";
 const CLIENTS: &str = "198.51.100.200,198.51.100.201,198.51.100.202";
@@ -589,7 +589,7 @@ fn new_schedulers_split_known_sequences_exactly() {
         svc(88, "twos", &[(1, 1), (2, 1), (3, 1)]),
     ]
     .join("\n");
-    let lab = Lab::new("lb_sched", 3, &services);
+    let lab = Lab::new(e2e!(), 3, &services);
     let _servers: Vec<Proc> = (81..=88)
         .flat_map(|port| (1..=3).map(move |i| (port, i)))
         .map(|(port, i)| {
@@ -653,7 +653,7 @@ fn new_schedulers_split_known_sequences_exactly() {
 fn thresholds_skip_an_overloaded_backend_and_let_it_return() {
     let list = "backends = [\n  { address = \"10.0.0.101:80\", max_connections = 2, min_connections = 1 },\n  { address = \"10.0.0.102:80\" },\n]\n";
     let lab = Lab::new(
-        "lb_thresh",
+        e2e!(),
         2,
         &format!(
             "[[service]]\nname = \"web\"\nlisten = \"{VIP}:80\"\nscheduler = \"rr\"\nmax_connections = 40\n{list}"
@@ -681,10 +681,7 @@ fn thresholds_skip_an_overloaded_backend_and_let_it_return() {
         Some(&1),
         "rs1 has its turn again: {after:?}"
     );
-    let json = lab
-        .t
-        .vipgate_output("dir", &["show", "lb", "--json", "--control", &lab.control]);
-    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("show lb --json");
+    let json = lab.t.show("dir", &lab.control, Show::Lb);
     let web = json
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == "web"))
