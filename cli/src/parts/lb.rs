@@ -24,6 +24,8 @@ use natgw::driver::{DriverConfig, NatDriver};
 use natgw::health::probe::{TargetSpec, run_checker};
 use natgw::health::{CheckKind, Transition};
 use natgw::{BackendKey, GatewayConfig, VirtualService};
+use netsys::netlink::Handle;
+use netsys::sync::lock_unpoisoned;
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -69,7 +71,7 @@ type SharedGateway = Arc<Mutex<natgw::Gateway>>;
 
 fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
     // As the driver does: a panic under the lock must not stop the gateway.
-    gw.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock_unpoisoned(gw)
 }
 
 /// Starts (or joins) the gateway with every `[[service]]`, then the health checker.
@@ -205,10 +207,11 @@ async fn start_gateway(
     let Some(first) = services.first() else {
         bail!("no [[service]] to run");
     };
-    let outside = route_dev(*first.listen.ip()).await?;
+    let netlink = netsys::netlink::connect().context("opening a netlink socket")?;
+    let outside = route_dev(&netlink, *first.listen.ip()).await?;
     let mut inside: Vec<String> = Vec::new();
     for s in &services {
-        let out = route_dev(*s.listen.ip()).await?;
+        let out = route_dev(&netlink, *s.listen.ip()).await?;
         if out != outside {
             bail!(
                 "service {}: VIP {} is reached through {out}, the others through {outside}; all VIPs must sit on one outside interface",
@@ -223,7 +226,7 @@ async fn start_gateway(
             .map(|b| *b.addr.ip())
             .chain(s.pool.sorry.map(|a| *a.ip()));
         for ip in reals {
-            let dev = route_dev(ip).await?;
+            let dev = route_dev(&netlink, ip).await?;
             if dev == outside {
                 bail!(
                     "service {}: backend {ip} is reached through {dev}, the same interface as the VIP; LVS-NAT needs the real servers behind another interface",
@@ -251,36 +254,13 @@ async fn start_gateway(
     Ok(driver)
 }
 
-/// iproute2's `ip`, by absolute path (never looked up in `PATH`, review §7.3): the first
-/// of the usual places that exists.
-fn ip_binary() -> &'static str {
-    const PLACES: [&str; 4] = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"];
-    PLACES
-        .iter()
-        .copied()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or(PLACES[0])
-}
-
-/// The interface the kernel routes `ip` through (`ip route get`).
-async fn route_dev(ip: Ipv4Addr) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new(ip_binary())
-        .args(["-j", "-4", "route", "get", &ip.to_string()])
-        .output()
+/// The interface the kernel routes `ip` through (what `ip route get` prints after `dev`).
+async fn route_dev(netlink: &Handle, ip: Ipv4Addr) -> anyhow::Result<String> {
+    netsys::netlink::route_get(netlink, ip.into())
         .await
-        .context("running `ip route get`")?;
-    if !out.status.success() {
-        bail!(
-            "no route to {ip}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j route get`")?;
-    v.get(0)
-        .and_then(|r| r.get("dev"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .with_context(|| format!("`ip route get {ip}` names no interface"))
+        .with_context(|| format!("no route to {ip}"))?
+        .map(|link| link.name)
+        .with_context(|| format!("the route to {ip} names no interface"))
 }
 
 fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
