@@ -80,10 +80,3 @@ pub use pool::{
 
 #[cfg(test)]
 mod tests;
-
-/// A fixed origin for tests; only differences from it matter.
-#[cfg(test)]
-#[allow(clippy::disallowed_methods)]
-pub(crate) fn test_epoch() -> std::time::Instant {
-    std::time::Instant::now()
-}

@@ -267,7 +267,7 @@ mod tests {
     fn a_full_table_reclaims_only_entries_idle_for_six_minutes_and_counts_the_rest() {
         let s = slots(2);
         let mut t = Locality::with_cap(false, 100);
-        let t0 = crate::test_epoch();
+        let t0 = testkit::epoch();
         for i in 0..300u32 {
             t.pick(&s, Ipv4Addr::from(0x0a00_0000 + i), t0);
         }
@@ -297,7 +297,7 @@ mod tests {
     fn an_lblcr_set_unchanged_for_a_day_sheds_its_most_loaded_member() {
         let mut s = slots(3);
         let mut t = Locality::new(true);
-        let t0 = crate::test_epoch();
+        let t0 = testkit::epoch();
         let d = Ipv4Addr::new(203, 0, 113, 80);
         assert_eq!(t.pick(&s, d, t0), Some(0));
         // Slot 0 busy: 2 active > weight 1 while slot 1 is idle. Slot 1 joins the set.
@@ -323,7 +323,7 @@ mod tests {
     fn forgetting_a_backend_empties_its_entries() {
         let s = slots(2);
         let mut t = Locality::new(false);
-        let t0 = crate::test_epoch();
+        let t0 = testkit::epoch();
         let d = Ipv4Addr::new(192, 0, 2, 1);
         let first = t.pick(&s, d, t0).unwrap();
         t.forget_backend(first);

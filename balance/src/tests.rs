@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use testkit::{epoch, replay_corpus};
 
 use crate::*;
 
@@ -39,7 +40,7 @@ fn pick(pool: &mut Pool, now: Instant, c: SocketAddrV4) -> Option<BackendId> {
 
 /// Schedules `n` connections (closing each at once) and counts them per backend address.
 fn spread(pool: &mut Pool, n: u32) -> HashMap<u8, u32> {
-    let now = test_epoch();
+    let now = epoch();
     let mut counts = HashMap::new();
     for i in 0..n {
         let c = client(i);
@@ -62,7 +63,7 @@ fn wrr_is_exact_over_a_cycle() {
 #[test]
 fn wrr_interleaves_instead_of_bursting() {
     let mut p = pool(SchedulerKind::Wrr, vec![be(1, 5), be(2, 1), be(3, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let seq: Vec<u8> = (0..7)
         .map(|i| {
             let id = pick(&mut p, now, client(i)).unwrap();
@@ -88,7 +89,7 @@ fn rr_is_exact_and_ignores_weights_except_zero() {
 #[test]
 fn lc_prefers_the_backend_with_fewer_connections() {
     let mut p = pool(SchedulerKind::Lc, vec![be(1, 1), be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     // Ten long-lived established connections, alternating by tie-break.
     let long: Vec<BackendId> = (0..10)
         .map(|i| pick(&mut p, now, client(i)).unwrap())
@@ -112,7 +113,7 @@ fn lc_prefers_the_backend_with_fewer_connections() {
 #[test]
 fn wlc_divides_load_by_weight() {
     let mut p = pool(SchedulerKind::Wlc, vec![be(1, 1), be(2, 3)]);
-    let now = test_epoch();
+    let now = epoch();
     for i in 0..400 {
         let id = pick(&mut p, now, client(i)).unwrap();
         p.established(now, id, Ipv4Addr::UNSPECIFIED);
@@ -125,7 +126,7 @@ fn wlc_divides_load_by_weight() {
 #[test]
 fn sh_pins_each_client_and_spreads_clients() {
     let mut p = pool(SchedulerKind::Sh, vec![be(1, 1), be(2, 1), be(3, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     for n in 0..50 {
         let c = client(n * 7919);
         let first = pick(&mut p, now, c).unwrap();
@@ -150,7 +151,7 @@ fn mh_distribution_and_disruption_on_10000_tuples() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let tuples: Vec<SocketAddrV4> = (0..10_000).map(client).collect();
     let addr_of = |p: &mut Pool, c| {
         let id = pick(p, now, c).unwrap();
@@ -196,7 +197,7 @@ fn mh_removing_a_backend_is_the_same_as_marking_it_down() {
     let mut removed = pool(SchedulerKind::Mh, five[1..].to_vec());
     let mut down = pool(SchedulerKind::Mh, five);
     down.set_health(down.find(be(1, 1).addr).unwrap(), Health::Down);
-    let now = test_epoch();
+    let now = epoch();
     for n in 0..2_000 {
         let c = client(n);
         let a = pick(&mut removed, now, c).unwrap();
@@ -217,7 +218,7 @@ fn persistence_pins_a_client_until_the_timeout_after_its_last_connection() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let t0 = test_epoch();
+    let t0 = epoch();
     let sticky = client(0);
     let first = pick(&mut p, t0, sticky).unwrap();
     p.closed(t0, first, ConnState::Inactive, *sticky.ip());
@@ -269,7 +270,7 @@ fn closed_connections_lingering_in_the_flow_table_do_not_hold_a_template() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let t0 = test_epoch();
+    let t0 = epoch();
     let c = client(0);
     let id = pick(&mut p, t0, c).unwrap();
     p.established(t0, id, *c.ip());
@@ -304,7 +305,7 @@ fn drain_keeps_existing_connections_and_sends_nothing_new() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let c = client(0);
     let held = pick(&mut p, now, c).unwrap();
     p.established(now, held, *c.ip());
@@ -343,7 +344,7 @@ fn all_down_goes_to_the_sorry_server_or_refuses() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let ids: Vec<BackendId> = p.backends().map(|(id, _)| id).collect();
     assert!(p.set_health(ids[0], Health::Down));
     assert!(!p.set_health(ids[0], Health::Down));
@@ -366,7 +367,7 @@ fn all_down_goes_to_the_sorry_server_or_refuses() {
 #[test]
 fn reconfigure_keeps_counters_and_lets_removed_backends_drain() {
     let mut p = pool(SchedulerKind::Rr, vec![be(1, 1), be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let a = pick(&mut p, now, client(0)).unwrap();
     let b = pick(&mut p, now, client(1)).unwrap();
     p.established(now, a, *client(0).ip());
@@ -454,7 +455,7 @@ fn scheduler_names_round_trip() {
 #[test]
 fn traffic_counters_add_up() {
     let mut p = pool(SchedulerKind::Rr, vec![be(1, 1)]);
-    let id = pick(&mut p, test_epoch(), client(0)).unwrap();
+    let id = pick(&mut p, epoch(), client(0)).unwrap();
     p.count_packet(id, Direction::ToBackend, 60);
     p.count_packet(id, Direction::ToClient, 1500);
     p.count_packet(id, Direction::ToClient, 40);
@@ -474,21 +475,15 @@ fn traffic_counters_add_up() {
 /// Replays the `lb_pool` fuzz corpus so CI exercises it on stable.
 #[test]
 fn fuzz_corpus_replays() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/lb_pool");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).expect("the lb_pool corpus") {
-        let data = std::fs::read(entry.expect("a corpus entry").path()).expect("a corpus file");
-        fuzzing::run_pool_ops(test_epoch(), &data);
-        n += 1;
-    }
-    assert!(n > 0, "empty corpus in {}", dir.display());
+    let n = replay_corpus("lb_pool", |data| fuzzing::run_pool_ops(epoch(), data));
+    assert!(n > 0, "empty lb_pool corpus");
 }
 
 proptest! {
     /// Arbitrary operation runs keep every invariant `run_pool_ops` checks.
     #[test]
     fn arbitrary_op_runs_keep_the_invariants(data in prop::collection::vec(any::<u8>(), 0..400)) {
-        fuzzing::run_pool_ops(test_epoch(), &data);
+        fuzzing::run_pool_ops(epoch(), &data);
     }
 }
 
@@ -529,7 +524,7 @@ proptest! {
         let backends: Vec<BackendConfig> =
             weights.iter().enumerate().map(|(i, &w)| be(i as u8 + 1, w)).collect();
         let mut p = pool(SchedulerKind::Wrr, backends);
-        let now = test_epoch();
+        let now = epoch();
         let total: u32 = weights.iter().sum();
         for i in 0..warmup {
             pick(&mut p, now, client(i as u32));
@@ -560,7 +555,7 @@ proptest! {
             mh_table_size: 251,
             ..PoolConfig::default()
         }).unwrap();
-        let mut now = test_epoch();
+        let mut now = epoch();
         let mut flows: Vec<(BackendId, ConnState, Ipv4Addr)> = Vec::new();
         for op in ops {
             match op {
@@ -689,7 +684,7 @@ fn sed_minimises_active_plus_one_over_weight_first_listed_on_ties() {
     let mut p = pool(SchedulerKind::Sed, vec![be(1, 1), be(2, 3)]);
     // (a+1)/1 against (b+1)/3: 2 wins until 3/3 ties 1/1, then 1 (listed first), ...
     assert_eq!(
-        held_sequence(&mut p, test_epoch(), VIP, 8),
+        held_sequence(&mut p, epoch(), VIP, 8),
         seq(&[2, 2, 1, 2, 2, 2, 1, 2])
     );
     // Connections that never establish do not count: all go to the faster server.
@@ -702,7 +697,7 @@ fn sed_minimises_active_plus_one_over_weight_first_listed_on_ties() {
 fn nq_sends_to_an_idle_backend_first_then_acts_as_sed() {
     let mut p = pool(SchedulerKind::Nq, vec![be(1, 1), be(2, 3)]);
     assert_eq!(
-        held_sequence(&mut p, test_epoch(), VIP, 8),
+        held_sequence(&mut p, epoch(), VIP, 8),
         seq(&[1, 2, 2, 2, 2, 2, 1, 2])
     );
 }
@@ -710,7 +705,7 @@ fn nq_sends_to_an_idle_backend_first_then_acts_as_sed() {
 #[test]
 fn fo_takes_the_highest_weight_and_fails_over_in_weight_order() {
     let mut p = pool(SchedulerKind::Fo, vec![be(1, 1), be(2, 5), be(3, 5)]);
-    let now = test_epoch();
+    let now = epoch();
     assert_eq!(held_sequence(&mut p, now, VIP, 3), seq(&[2, 2, 2]));
     let b2 = p.find(be(2, 5).addr).unwrap();
     p.set_health(b2, Health::Down);
@@ -726,7 +721,7 @@ fn ovf_fills_the_heaviest_backend_to_its_weight_then_overflows_then_refuses() {
     let mut p = pool(SchedulerKind::Ovf, vec![be(1, 2), be(2, 3)]);
     let mut want = seq(&[2, 2, 2, 2, 1, 1, 1]);
     want.push(None);
-    assert_eq!(held_sequence(&mut p, test_epoch(), VIP, 8), want);
+    assert_eq!(held_sequence(&mut p, epoch(), VIP, 8), want);
 }
 
 #[test]
@@ -738,7 +733,7 @@ fn twos_follows_weights_and_keeps_loads_level() {
     assert!((9_200..=10_800).contains(&counts[&1]), "{counts:?}");
     // Held connections: the less loaded of two draws wins, so loads stay close.
     let mut p = pool(SchedulerKind::Twos, (1..=8).map(|i| be(i, 1)).collect());
-    held_sequence(&mut p, test_epoch(), VIP, 800);
+    held_sequence(&mut p, epoch(), VIP, 800);
     let loads: Vec<u32> = p.backends().map(|(_, b)| b.active()).collect();
     let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
     assert!(hi - lo <= 6, "{loads:?}");
@@ -747,7 +742,7 @@ fn twos_follows_weights_and_keeps_loads_level() {
 #[test]
 fn dh_pins_each_destination_whatever_the_client_and_ignores_weights() {
     let mut p = pool(SchedulerKind::Dh, vec![be(1, 1), be(2, 7), be(3, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let mut per_backend = HashMap::new();
     for d in 0..3_000u32 {
         let dest = Ipv4Addr::from(0xcb00_7100 + d * 7);
@@ -774,7 +769,7 @@ fn dh_refuses_a_destination_whose_backend_is_overloaded_and_rehashes_a_failed_on
         ..be(1, 1)
     };
     let mut p = pool(SchedulerKind::Dh, vec![overloadable, be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let dest = (0..)
         .map(|d| Ipv4Addr::from(0xcb00_7100 + d))
         .find(|&d| pick_octet(&mut p, (now, client(0), d)) == Some(1))
@@ -793,7 +788,7 @@ fn dh_refuses_a_destination_whose_backend_is_overloaded_and_rehashes_a_failed_on
 #[test]
 fn lblc_keeps_a_destination_on_its_backend_until_it_is_busy() {
     let mut p = pool(SchedulerKind::Lblc, vec![be(1, 2), be(2, 2), be(3, 2)]);
-    let now = test_epoch();
+    let now = epoch();
     let cdn = Ipv4Addr::new(203, 0, 113, 80);
     // Busy means more active connections than the weight (2) while another backend has fewer
     // than half its weight: the third held connection moves the destination to 2.
@@ -811,7 +806,7 @@ fn lblc_keeps_a_destination_on_its_backend_until_it_is_busy() {
 #[test]
 fn lblc_moves_a_destination_off_a_failed_backend() {
     let mut p = pool(SchedulerKind::Lblc, vec![be(1, 1), be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let dest = Ipv4Addr::new(203, 0, 113, 80);
     assert_eq!(held_sequence(&mut p, now, dest, 1), seq(&[1]));
     p.set_health(p.find(be(1, 1).addr).unwrap(), Health::Down);
@@ -827,7 +822,7 @@ fn lblc_moves_a_destination_off_a_failed_backend() {
 #[test]
 fn lblcr_grows_the_set_of_a_busy_destination() {
     let mut p = pool(SchedulerKind::Lblcr, vec![be(1, 1), be(2, 1), be(3, 1)]);
-    let t0 = test_epoch();
+    let t0 = epoch();
     let dest = Ipv4Addr::new(203, 0, 113, 80);
     // 1 until busy (2 active > weight 1 while 3 is idle), then 2 joins; 2 until busy, then 3.
     assert_eq!(held_sequence(&mut p, t0, dest, 5), seq(&[1, 1, 2, 2, 3]));
@@ -844,7 +839,7 @@ fn thresholds_skip_an_overloaded_backend_until_it_drops_under_the_lower_one() {
         ..be(1, 1)
     };
     let mut p = pool(SchedulerKind::Rr, vec![limited, be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let mut held = Vec::new();
     for i in 0..12 {
         let c = client(i);
@@ -878,7 +873,7 @@ fn without_a_lower_threshold_an_overloaded_backend_returns_under_three_quarters(
         ..be(1, 1)
     };
     let mut p = pool(SchedulerKind::Wlc, vec![limited]);
-    let now = test_epoch();
+    let now = epoch();
     let held: Vec<_> = (0..4)
         .map(|i| (pick(&mut p, now, client(i)).unwrap(), client(i)))
         .collect();
@@ -912,7 +907,7 @@ fn sh_and_mh_refuse_or_fall_back_when_the_hashed_backend_is_overloaded() {
                 ..PoolConfig::default()
             })
             .unwrap();
-            let now = test_epoch();
+            let now = epoch();
             let c = (0..)
                 .map(client)
                 .find(|&c| pick_octet(&mut p, (now, c, VIP)) == Some(1))
@@ -935,7 +930,7 @@ fn service_max_connections_turns_new_flows_away_until_one_closes() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let held: Vec<_> = (0..3)
         .map(|i| pick(&mut p, now, client(i)).unwrap())
         .collect();
@@ -958,7 +953,7 @@ fn slow_start_ramps_a_returning_backend_linearly_and_never_at_start() {
         ..PoolConfig::default()
     };
     let mut p = Pool::new(cfg(vec![be(1, 10), be(2, 10)])).unwrap();
-    let t0 = test_epoch();
+    let t0 = epoch();
     assert!(
         p.backends()
             .all(|(_, b)| !b.is_ramping() && b.effective_weight() == 10)
@@ -1054,7 +1049,7 @@ proptest! {
             backends,
             ..PoolConfig::default()
         }).unwrap();
-        let now = test_epoch();
+        let now = epoch();
         let mut flows: Vec<(BackendId, Ipv4Addr)> = Vec::new();
         for (open, n, which) in ops {
             if open || flows.is_empty() {
@@ -1082,6 +1077,6 @@ fn a_weight_raised_from_zero_applies_at_once_without_slow_start() {
         p.set_weight(be(1, 0).addr, 3).unwrap();
         let b = p.backend(p.find(be(1, 0).addr).unwrap()).unwrap();
         assert_eq!((b.effective_weight(), b.is_ramping()), (3, false), "{kind}");
-        assert!(pick(&mut p, test_epoch(), client(0)).is_some(), "{kind}");
+        assert!(pick(&mut p, epoch(), client(0)).is_some(), "{kind}");
     }
 }

@@ -156,40 +156,28 @@ fn check_frame(frame: &[u8], accepted: &mut std::collections::VecDeque<Vec<u8>>)
 
 #[cfg(test)]
 mod tests {
-    /// Runs `feed` on every seed of the cargo-fuzz target `target` (so CI replays them on
-    /// stable) and returns how many there were.
-    fn replay(target: &str, mut feed: impl FnMut(&[u8])) -> usize {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fuzz/corpus")
-            .join(target);
-        let mut count = 0;
-        for entry in std::fs::read_dir(&dir).expect("the fuzz corpus") {
-            let bytes = std::fs::read(entry.expect("a corpus entry").path()).expect("a seed");
-            feed(&bytes);
-            count += 1;
-        }
-        count
-    }
+    //! Replays the cargo-fuzz corpora on stable, so CI runs what the fuzzers found.
+    use testkit::replay_corpus;
 
     #[test]
     fn replay_fuzz_corpus() {
-        let count = replay("gre_decapsulate", |b| {
-            super::decapsulate(crate::test_util::t0(), b);
+        let count = replay_corpus("gre_decapsulate", |b| {
+            super::decapsulate(testkit::epoch(), b);
         });
         assert!(count >= 5, "corpus too small: {count}");
     }
 
     #[test]
     fn replay_receive_fuzz_corpus() {
-        let count = replay("gre_receive", |b| {
-            super::receive(crate::test_util::t0(), b);
+        let count = replay_corpus("gre_receive", |b| {
+            super::receive(testkit::epoch(), b);
         });
         assert!(count >= 3, "corpus too small: {count}");
     }
 
     #[test]
     fn replay_gro_fuzz_corpus() {
-        let count = replay("gre_coalesce", super::coalesce);
+        let count = replay_corpus("gre_coalesce", super::coalesce);
         assert!(count >= 3, "corpus too small: {count}");
     }
 }

@@ -917,7 +917,7 @@ mod tests {
     const BR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 
     fn pair(mut f: impl FnMut(&mut TunnelConfig)) -> (Tunnel, Tunnel) {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let mut a = TunnelConfig::new("gre-br", HQ, BR);
         let mut b = TunnelConfig::new("gre-hq", BR, HQ);
         f(&mut a);
@@ -956,12 +956,12 @@ mod tests {
         };
         let mut wire = buf[out].to_vec();
         let src = a.config().local;
-        (b.decapsulate(crate::test_util::t0(), src, &mut wire), wire)
+        (b.decapsulate(testkit::epoch(), src, &mut wire), wire)
     }
 
     #[test]
     fn reconfigure_applies_mtu_and_keepalive_and_refuses_identity_changes() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, _) = pair(|_| {});
         let mut new = a.config().clone();
         new.mtu = 1400;
@@ -1015,7 +1015,7 @@ mod tests {
 
     #[test]
     fn longer_keepalive_period_keeps_misses_and_an_earlier_due_probe() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, _) = pair(|c| {
             c.keepalive = Some(KeepaliveConfig {
                 interval: Duration::from_secs(1),
@@ -1061,7 +1061,7 @@ mod tests {
 
     #[test]
     fn wrong_key_and_source_are_dropped_and_counted() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, mut b) = pair(|c| c.key = Some(42));
         let (mut buf, range) = with_headroom(&ipv4(60, 17, false));
         let Encap::ToPeer(out) = a.encapsulate(&mut buf, range) else {
@@ -1096,7 +1096,7 @@ mod tests {
 
     #[test]
     fn malformed_packets_are_counted() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (_, mut b) = pair(|_| {});
         let cases: [(&[u8], DropReason); 5] = [
             (&[0x00, 0x00, 0x08], DropReason::Truncated),
@@ -1122,7 +1122,7 @@ mod tests {
     /// announce are dropped as `bad_inner` before the coalescer or the kernel sees them.
     #[test]
     fn malformed_inner_packets_are_dropped_as_bad_inner() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (_, mut b) = pair(|_| {});
         let wire = |proto: [u8; 2], inner: &[u8]| {
             let mut w = vec![0, 0, proto[0], proto[1]];
@@ -1194,7 +1194,7 @@ mod tests {
             };
             wires.push(buf[out].to_vec());
         }
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let mut deliver = |i: usize| b.decapsulate(t0, HQ, &mut wires[i].clone());
         assert!(matches!(deliver(0), Verdict::ToTun(_)));
         assert_eq!(deliver(0), Verdict::Drop(DropReason::OutOfSequence));
@@ -1236,7 +1236,7 @@ mod tests {
         // The receiving end clamps too, whatever a (misconfigured) sender did.
         let mut wide = TunnelConfig::new("wide", HQ, BR);
         wide.mtu = 1500;
-        let mut wide = Tunnel::new(crate::test_util::t0(), wide);
+        let mut wide = Tunnel::new(testkit::epoch(), wide);
         let (v, wire) = carry(&mut wide, &mut b, &syn);
         let Verdict::ToTun(r) = v else { panic!() };
         assert_eq!(get16(&wire[r], 42), 1436);
@@ -1269,7 +1269,7 @@ mod tests {
 
     #[test]
     fn keepalive_probe_is_reflected_by_peer_and_recognised() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, mut b) = pair(|c| {
             c.key = Some(7);
             c.keepalive = Some(KeepaliveConfig {
@@ -1319,7 +1319,7 @@ mod tests {
     /// spoofer neither keeps a dead tunnel up nor resets the sequence window.
     #[test]
     fn spoofed_keepalive_replies_do_not_keep_a_dead_tunnel_up() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, mut b) = pair(|c| {
             c.key = Some(7);
             c.sequence = true;
@@ -1388,7 +1388,7 @@ mod tests {
 
     #[test]
     fn sequence_on_drops_packets_without_a_sequence_number() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (_, mut b) = pair(|c| c.sequence = true);
         let mut plain = vec![0, 0, 8, 0];
         plain.extend_from_slice(&ipv4(40, 17, false));
@@ -1417,7 +1417,7 @@ mod tests {
     /// REFLECT_RATE a second; a Cisco probe (no marker) still is.
     #[test]
     fn only_bare_probes_are_reflected_and_at_a_bounded_rate() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (_, mut b) = pair(|c| c.key = Some(7));
         // What A's tunnel to B would carry: inner IPv4 HQ -> BR (from B's view: local BR,
         // remote HQ, so the probe is BR -> HQ) with a GRE keepalive inside.
@@ -1522,7 +1522,7 @@ mod tests {
     /// Two tunnels in memory with a link that can be cut: the pair simulation of §2.6.
     #[test]
     fn keepalive_pair_goes_down_and_up_with_the_link() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, mut b) = pair(|c| {
             c.keepalive = Some(KeepaliveConfig {
                 interval: Duration::from_secs(2),
@@ -1594,7 +1594,7 @@ mod tests {
                                     key in any::<Option<u32>>(), seq in any::<bool>()) {
             let (_, mut b) = pair(|c| { c.key = key; c.sequence = seq; });
             let mut w = bytes;
-            let _ = b.decapsulate(crate::test_util::t0(), HQ, &mut w);
+            let _ = b.decapsulate(testkit::epoch(), HQ, &mut w);
         }
 
         #[test]

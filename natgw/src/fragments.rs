@@ -137,9 +137,9 @@ impl FragmentTable {
 }
 
 #[cfg(test)]
-#[allow(clippy::disallowed_methods)] // tests pick their own epoch
 mod tests {
     use super::*;
+    use testkit::epoch;
 
     fn key(id: u16) -> FragmentKey {
         FragmentKey {
@@ -160,7 +160,7 @@ mod tests {
 
     #[test]
     fn entries_expire_after_the_lifetime() {
-        let now = Instant::now();
+        let now = epoch();
         let mut t = FragmentTable::default();
         t.record(now, key(1), rw());
         assert_eq!(t.lookup(now + Duration::from_secs(29), key(1)), Some(rw()));
@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn rerecorded_key_lives_from_its_last_record() {
-        let now = Instant::now();
+        let now = epoch();
         let mut t = FragmentTable::default();
         t.record(now, key(1), rw());
         t.record(now + Duration::from_secs(20), key(1), rw());
@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn bounded_by_evicting_the_oldest() {
-        let now = Instant::now();
+        let now = epoch();
         let mut t = FragmentTable::default();
         for id in 0..=u16::try_from(FRAGMENT_CAPACITY).unwrap() {
             t.record(now, key(id), rw());

@@ -246,11 +246,7 @@ pub(crate) mod tests {
     use super::*;
     use balance::{BackendConfig, SchedulerKind};
     use std::net::Ipv4Addr;
-
-    #[allow(clippy::disallowed_methods)]
-    pub(crate) fn epoch() -> Instant {
-        Instant::now()
-    }
+    use testkit::epoch;
 
     pub(crate) fn rs(last: u8) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80)

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use vipgate_tests::{Proc, Topology, wait_until};
+use vipgate_tests::{Proc, Show, Topology, e2e, wait_until};
 
 const VIP: &str = "198.51.100.10";
 const CLIENTS: &str = "198.51.100.200,198.51.100.201,198.51.100.202";
@@ -71,8 +71,7 @@ struct Lab {
 
 impl Lab {
     /// Builds the topology, starts `rs1..=rs{reals}` and vipgate with `services` (TOML).
-    fn new(test: &str, reals: u8, services: &str) -> Lab {
-        let mut t = Topology::new(test);
+    fn new(mut t: Topology, reals: u8, services: &str) -> Lab {
         t.hosts(&["cl", "dir"]);
         t.veth("cl", "eth0", "dir", "eth0");
         t.addr("dir", "eth0", "198.51.100.11/24");
@@ -222,11 +221,7 @@ fn active_total(lab: &Lab) -> u64 {
 /// runs through the VIP: the download completes, and the next 600 split 200/200/200.
 #[test]
 fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer() {
-    let lab = Lab::new(
-        "lb_split",
-        3,
-        &service("wrr", "", &[(1, 1), (2, 2), (3, 3)]),
-    );
+    let lab = Lab::new(e2e!(), 3, &service("wrr", "", &[(1, 1), (2, 2), (3, 3)]));
     let split = count(&lab.connect(80, 600, CLIENTS));
     assert_eq!(
         (split.get("rs1"), split.get("rs2"), split.get("rs3")),
@@ -301,7 +296,7 @@ fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer() {
 /// connection.
 #[test]
 fn lc_avoids_the_loaded_backend_and_drain_keeps_open_connections() {
-    let lab = Lab::new("lb_lc", 2, &service("lc", "", &[(1, 1), (2, 1)]));
+    let lab = Lab::new(e2e!(), 2, &service("lc", "", &[(1, 1), (2, 1)]));
     // Drain rs2 so the held connections all go to rs1.
     lab.weight("web", "10.0.0.102:80", 0);
     let go = lab.t.dir().join("go");
@@ -349,7 +344,7 @@ fn lc_avoids_the_loaded_backend_and_drain_keeps_open_connections() {
 /// a client under rr until the timeout has passed since its last connection.
 #[test]
 fn source_hash_and_persistence_pin_clients() {
-    let lab = Lab::new("lb_sh", 3, &service("sh", "", &[(1, 1), (2, 1), (3, 1)]));
+    let lab = Lab::new(e2e!(), 3, &service("sh", "", &[(1, 1), (2, 1), (3, 1)]));
     let mut seen = HashMap::new();
     for a in 200..210 {
         let bodies = lab.connect(80, 5, &format!("198.51.100.{a}"));
@@ -367,7 +362,7 @@ fn source_hash_and_persistence_pin_clients() {
     // Long enough that a loaded machine (python start-up per connection) cannot outrun it.
     let timeout = Duration::from_secs(5);
     let lab = Lab::new(
-        "lb_persist",
+        e2e!(),
         3,
         &service("rr", "persistence = \"5s\"", &[(1, 1), (2, 1), (3, 1)]),
     );
@@ -403,7 +398,7 @@ fn source_hash_and_persistence_pin_clients() {
 #[test]
 fn health_checks_take_backends_out_and_the_sorry_server_answers() {
     let mut lab = Lab::new(
-        "lb_health",
+        e2e!(),
         3,
         &service(
             "wrr",
@@ -456,7 +451,7 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers() {
 #[test]
 fn services_join_the_pat_gateway_of_a_nat_host() {
     let lab = Lab::new(
-        "lb_nat",
+        e2e!(),
         2,
         &format!(
             "[nat]\ninside = [\"br0\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n\n{}",
@@ -594,7 +589,7 @@ fn new_schedulers_split_known_sequences_exactly() {
         svc(88, "twos", &[(1, 1), (2, 1), (3, 1)]),
     ]
     .join("\n");
-    let lab = Lab::new("lb_sched", 3, &services);
+    let lab = Lab::new(e2e!(), 3, &services);
     let _servers: Vec<Proc> = (81..=88)
         .flat_map(|port| (1..=3).map(move |i| (port, i)))
         .map(|(port, i)| {
@@ -658,7 +653,7 @@ fn new_schedulers_split_known_sequences_exactly() {
 fn thresholds_skip_an_overloaded_backend_and_let_it_return() {
     let list = "backends = [\n  { address = \"10.0.0.101:80\", max_connections = 2, min_connections = 1 },\n  { address = \"10.0.0.102:80\" },\n]\n";
     let lab = Lab::new(
-        "lb_thresh",
+        e2e!(),
         2,
         &format!(
             "[[service]]\nname = \"web\"\nlisten = \"{VIP}:80\"\nscheduler = \"rr\"\nmax_connections = 40\n{list}"
@@ -686,10 +681,7 @@ fn thresholds_skip_an_overloaded_backend_and_let_it_return() {
         Some(&1),
         "rs1 has its turn again: {after:?}"
     );
-    let json = lab
-        .t
-        .vipgate_output("dir", &["show", "lb", "--json", "--control", &lab.control]);
-    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("show lb --json");
+    let json = lab.t.show("dir", &lab.control, Show::Lb);
     let web = json
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == "web"))

@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 use std::time::Duration;
-use vipgate_tests::{Proc, Topology, wait_for, wait_until};
+use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 
 const PUBLIC: &str = "198.51.100.1";
 const T: Duration = Duration::from_secs(30);
@@ -21,8 +21,7 @@ struct Hq {
 }
 
 /// Builds the topology and starts `vipgate run` on gw with `[nat]` plus `extra` keys.
-fn hq(test: &str, extra: &str) -> Hq {
-    let mut t = Topology::new(test);
+fn hq(mut t: Topology, extra: &str) -> Hq {
     t.hosts(&["pc", "web", "gw", "isp", "out", "out2"]);
     t.bridge("gw", "eth1").bridge("isp", "br0");
     t.veth("gw", "lpc", "pc", "eth0")
@@ -96,20 +95,10 @@ inside = "192.168.101.101:22"
 }
 
 impl Hq {
+    /// The gateway's part of `show nat --json`.
     fn show(&self) -> Value {
-        let out = self
-            .topo
-            .vipgate_output("gw", &["show", "nat", "--json", "-c", &self.config]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).expect("show nat --json is JSON");
-        v.as_array()
-            .and_then(|a| a.first())
-            .cloned()
-            .expect("one nat part")
+        let ctl = self.topo.dir().join("vipgate.sock");
+        self.topo.show("gw", ctl, Show::Nat)[0].take()
     }
 
     fn show_text(&self) -> String {
@@ -159,22 +148,9 @@ while True:\n  d,a=s.recvfrom(100)\n  s.sendto(('%s:%d'%a).encode(),a)\n"
     }
 }
 
-/// Waits until `addr:port` accepts TCP from `host` (with this file's longer deadline: the
-/// machine is shared with other builds).
-fn wait_tcp(t: &Topology, host: &str, addr: &str, port: u16) {
-    wait_until(T, &format!("{addr}:{port} to accept in {host}"), || {
-        t.try_sh(host, &format!("bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"))
-            .is_ok()
-    });
-}
-
-fn counter(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
-}
-
 #[test]
 fn static_forwards_reach_web_and_sshd() {
-    let hq = hq("nat_static", "");
+    let hq = hq(e2e!(), "");
     let t = &hq.topo;
     let _web = t.http_server("web", "192.168.101.101", 80, "hello from web");
     let body = t
@@ -211,7 +187,7 @@ UsePAM no\nPidFile {d}/sshd.pid\n"
             sshd_cfg.to_str().unwrap(),
         ],
     );
-    wait_tcp(t, "web", "192.168.101.101", 22);
+    t.wait_tcp("web", "192.168.101.101", 22, T);
     let out = t.sh(
         "out",
         &format!(
@@ -249,13 +225,13 @@ UsePAM no\nPidFile {d}/sshd.pid\n"
 #[test]
 fn overload_many_hosts_eim_ping_traceroute() {
     // Two TUN queues: flows and their replies may be read on either, one table serves both.
-    let hq = hq("nat_overload", "queues = 2");
+    let hq = hq(e2e!(), "queues = 2");
     assert_eq!(hq.show()["tun_queues"], 2);
     let t = &hq.topo;
     let http = t.http_server("out", "198.51.100.200", 8080, "outside");
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
     let _u2 = hq.udp_echo_peer("out2", "198.51.100.201", 7000);
-    wait_tcp(t, "out", "198.51.100.200", 8080);
+    t.wait_tcp("out", "198.51.100.200", 8080, T);
 
     // Several inside hosts at once, TCP and UDP; the server sees the public address.
     for host in ["pc", "web"] {
@@ -356,7 +332,7 @@ fn overload_many_hosts_eim_ping_traceroute() {
 
 #[test]
 fn unsolicited_inbound_dropped_and_acl_denies_counted() {
-    let hq = hq("nat_filter", "");
+    let hq = hq(e2e!(), "");
     let t = &hq.topo;
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
     let seen = hq
@@ -427,7 +403,7 @@ s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('',41000))\nwhile
 #[test]
 fn table_flood_is_bounded_and_drains() {
     let hq = hq(
-        "nat_flood",
+        e2e!(),
         "max_mappings = 64\nmax_mappings_per_host = 48\ntimeouts = { tcp_transitory = \"3s\" }",
     );
     let t = &hq.topo;
@@ -436,7 +412,7 @@ fn table_flood_is_bounded_and_drains() {
         "iperf3-server",
         &["iperf3", "-s", "-B", "198.51.100.200"],
     );
-    wait_tcp(t, "out", "198.51.100.200", 5201);
+    t.wait_tcp("out", "198.51.100.200", 5201, T);
     // An established transfer first.
     let transfer = t.spawn(
         "pc",
@@ -486,7 +462,7 @@ try: s.connect(('198.51.100.200',9))\n  except OSError: pass\n";
 /// `show nat` no longer lists it: nothing was restarted.
 #[test]
 fn reload_removes_a_static_forward_live() {
-    let hq = hq("nat_rm_static", "");
+    let hq = hq(e2e!(), "");
     let t = &hq.topo;
     let d = t.dir().to_str().unwrap().to_owned();
     // web:22 answers HTTP here, so that the forward about to go is seen working first.

@@ -1,12 +1,12 @@
 //! `vipgate run` as an operator meets it: a failed start leaves nothing behind, a bad reload
 //! keeps the running config, and /metrics agrees with `show --json`.
 
+use serde_json::Value;
 use std::time::Duration;
-use vipgate_tests::{Proc, Topology, wait_for, wait_until};
+use vipgate_tests::{Proc, Show, Topology, e2e, wait_for, wait_until};
 
 /// A gateway host `gw` (eth0 outside 198.51.100.1/24 towards `out`, eth1 inside 192.168.101.1/24).
-fn gateway(test: &str) -> Topology {
-    let mut t = Topology::new(test);
+fn gateway(mut t: Topology) -> Topology {
     t.hosts(&["gw", "out", "in"]);
     t.veth("gw", "eth0", "out", "eth0")
         .veth("gw", "eth1", "in", "eth0");
@@ -53,7 +53,7 @@ fn failed_start(t: &Topology, cfg: &std::path::Path, before: &str) -> String {
 
 #[test]
 fn failed_start_leaves_the_host_as_before() {
-    let t = gateway("failstart");
+    let t = gateway(e2e!());
     let before = kernel_state(&t);
     // The second tunnel names an interface that does not exist: GRE comes up first, then NAT
     // fails, and everything must be undone.
@@ -74,7 +74,7 @@ fn failed_start_leaves_the_host_as_before() {
 
 #[test]
 fn taken_port_fails_the_start_and_undoes_the_gateway() {
-    let t = gateway("porttaken");
+    let t = gateway(e2e!());
     // Something already listens on the metrics port: the gateway starts (TUN, rules, routes),
     // then the metrics endpoint cannot bind, and all of it must be undone.
     let _squatter = t.spawn("gw", "squatter", &["python3", "-c", "import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 9477)); s.listen(); time.sleep(60)"]);
@@ -90,7 +90,7 @@ fn taken_port_fails_the_start_and_undoes_the_gateway() {
 
 #[test]
 fn bad_reload_keeps_running_config_and_metrics_match_show() {
-    let t = gateway("reload");
+    let t = gateway(e2e!());
     let _web = t.http_server("in", "192.168.101.101", 80, "web");
     let _alt = t.http_server("in", "192.168.101.101", 8080, "alt");
     let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
@@ -148,8 +148,7 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
         t.try_sh("gw", "curl -sS --max-time 2 http://127.0.0.1:9477/metrics")
             .ok()
     });
-    let show = t.vipgate_output("gw", &["show", "nat", "--json", "--control", ctl]);
-    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let show = t.show("gw", ctl, Show::Nat);
     let mut samples = 0;
     for line in metrics.lines() {
         if line.starts_with('#') {
@@ -202,8 +201,8 @@ struct ForwardingDaemon {
     daemon: Proc,
 }
 
-fn forwarding_daemon(test: &str) -> ForwardingDaemon {
-    let t = gateway(test);
+fn forwarding_daemon(t: Topology) -> ForwardingDaemon {
+    let t = gateway(t);
     let _web = t.http_server("in", "192.168.101.101", 80, "web");
     let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
     let daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
@@ -235,7 +234,7 @@ fn reload_after_a_failed_start_brings_the_unit_back() {
         _web,
         cfg,
         mut daemon,
-    } = forwarding_daemon("halfreload");
+    } = forwarding_daemon(e2e!());
     let good = std::fs::read_to_string(&cfg).unwrap();
     let ctl = t.dir().join("ctl.sock");
     let ctl = ctl.to_str().unwrap();
@@ -253,10 +252,16 @@ fn reload_after_a_failed_start_brings_the_unit_back() {
     );
     assert!(err.contains("eth9"), "{err}");
     assert!(daemon.is_running());
-    let status = t.vipgate_output("gw", &["status", "--json", "--control", ctl]);
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = t.show("gw", ctl, Show::Status);
     assert!(
-        status.contains("\"dead\"") && status.contains("eth9"),
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["status"]["state"] == "dead"
+                && p["status"]["last_death"]
+                    .as_str()
+                    .is_some_and(|cause| cause.contains("eth9"))),
         "{status}"
     );
 
@@ -275,9 +280,15 @@ fn reload_after_a_failed_start_brings_the_unit_back() {
         "the port forward to answer again",
         forward_answers,
     );
-    let status = t.vipgate_output("gw", &["status", "--json", "--control", ctl]);
-    let status = String::from_utf8_lossy(&status.stdout);
-    assert!(!status.contains("\"dead\""), "{status}");
+    let status = t.show("gw", ctl, Show::Status);
+    assert!(
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"]["state"] != "dead"),
+        "{status}"
+    );
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }
 
@@ -291,7 +302,7 @@ fn supervisor_restarts_nat_after_its_tun_is_deleted() {
         _web,
         mut daemon,
         ..
-    } = forwarding_daemon("supervise");
+    } = forwarding_daemon(e2e!());
     let ctl = t.dir().join("ctl.sock");
     let ctl = ctl.to_str().unwrap();
     let forward_answers = || forward_answers(&t);
@@ -299,10 +310,10 @@ fn supervisor_restarts_nat_after_its_tun_is_deleted() {
     t.ip("gw", "link del nat0");
     // The unit comes back as a running part that carries its death: `restarts` and the cause.
     let nat = wait_for(Duration::from_secs(20), "nat restarted", || {
-        let out = t.vipgate_output("gw", &["status", "--json", "--control", ctl]);
-        let parts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+        let parts = t.try_show("gw", ctl, Show::Status)?;
         parts
-            .into_iter()
+            .as_array()?
+            .iter()
             .find(|p| {
                 p["kind"] == "nat"
                     && p["status"]["state"] != "dead"
@@ -341,8 +352,7 @@ fn supervisor_restarts_nat_after_its_tun_is_deleted() {
         .lines()
         .find(|l| l.starts_with("vipgate_nat_restarts{"))
         .unwrap();
-    let show = t.vipgate_output("gw", &["show", "nat", "--json", "--control", ctl]);
-    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let show = t.show("gw", ctl, Show::Nat);
     assert_eq!(
         series.rsplit_once(' ').unwrap().1.parse::<f64>().ok(),
         show[0]["restarts"].as_f64(),
@@ -352,14 +362,16 @@ fn supervisor_restarts_nat_after_its_tun_is_deleted() {
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }
 
-fn vrrp_show(t: &Topology, ctl: &str) -> Vec<serde_json::Value> {
-    let out = t.vipgate_output("gw", &["show", "vrrp", "--json", "--control", ctl]);
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
+/// The VRRP instances in `show vrrp --json`; none while the daemon does not answer.
+fn vrrp_show(t: &Topology, ctl: &str) -> Vec<Value> {
+    t.try_show("gw", ctl, Show::Vrrp)
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
 }
 
 #[test]
 fn reload_touches_only_the_units_that_changed() {
-    let t = gateway("units");
+    let t = gateway(e2e!());
     let ctl = t.dir().join("ctl.sock");
     let ctl = ctl.to_str().unwrap();
     let head = format!("[daemon]\ncontrol = \"{ctl}\"\n");
@@ -443,7 +455,7 @@ fn reload_touches_only_the_units_that_changed() {
 
 #[test]
 fn gateway_restart_on_reload_brings_services_and_vrrp_back() {
-    let t = gateway("deps");
+    let t = gateway(e2e!());
     let _web = t.http_server("in", "192.168.101.101", 80, "web");
     let _pool = t.http_server("in", "192.168.101.101", 8080, "pool");
     let ctl = t.dir().join("ctl.sock");
@@ -534,8 +546,8 @@ const KEPT_MASK: &str = "0000000000003400";
 /// `vipgate run` with NAT, VRRP (its reader threads and a notify script) and sshd: every
 /// task holds exactly the kept capabilities with no_new_privs, as root and as `nobody`, and
 /// the notify script holds no more.
-fn every_task_reduced(test: &str, user: Option<(&str, u32)>) {
-    let t = gateway(test);
+fn every_task_reduced(t: Topology, user: Option<(&str, u32)>) {
+    let t = gateway(t);
     let state = t.dir().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let mut perms = std::fs::metadata(t.dir()).unwrap().permissions();
@@ -635,7 +647,7 @@ fn every_task_reduced(test: &str, user: Option<(&str, u32)>) {
 
 #[test]
 fn every_task_holds_only_the_kept_capabilities() {
-    every_task_reduced("capsroot", None);
+    every_task_reduced(e2e!(), None);
 }
 
 #[test]
@@ -645,5 +657,5 @@ fn every_task_runs_as_the_configured_user() {
         .output()
         .unwrap();
     let uid: u32 = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
-    every_task_reduced("capsuser", Some(("nobody", uid)));
+    every_task_reduced(e2e!(), Some(("nobody", uid)));
 }
