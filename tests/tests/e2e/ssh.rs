@@ -941,9 +941,9 @@ fn vipgate_ssh_home(topo: &Topology, name: &str, home: &std::path::Path, args: &
 
 #[test]
 fn user_config_with_include_match_and_tokens() {
-    let (topo, keys) = setup("ssh_config");
+    let (topo, keys) = setup(e2e!());
     let _sshd = openssh_sshd(&topo, &keys);
-    let _http = http_server(&topo, HTTP_PORT, "configured");
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "configured");
     let home = test_home(&topo);
     let ssh = home.join(".ssh");
     std::fs::copy(&keys.client, ssh.join("id_root")).unwrap();
@@ -981,7 +981,7 @@ fn user_config_with_include_match_and_tokens() {
     .unwrap();
     std::fs::write(ssh.join("conf.d/ignored.txt"), "Bogus keyword\n").unwrap();
     let mut client = vipgate_ssh_home(&topo, "client", &home, &["-N", "gw"]);
-    wait_port(&topo, 8585, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 8585, Duration::from_secs(15));
     assert_eq!(
         topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
         "configured"
@@ -1104,7 +1104,7 @@ fn proxy_jump_through_a_bastion() {
         "root@10.77.2.2",
     ];
     let mut client = topo.vipgate(H, "jump", &args);
-    wait_port(&topo, 8585, Duration::from_secs(20));
+    topo.wait_tcp(H, "127.0.0.1", 8585, Duration::from_secs(20));
     assert_eq!(
         topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
         "behind the bastion"
@@ -1188,7 +1188,7 @@ fn proxy_jump_through_a_bastion() {
 
 #[test]
 fn exit_status_and_messages_as_ssh() {
-    let (topo, keys) = setup("ssh_exit");
+    let (topo, keys) = setup(e2e!());
     let _sshd = openssh_sshd(&topo, &keys);
     let kh = format!("UserKnownHostsFile={}", known_hosts(&topo).display());
     let run = |extra: &[&str]| {
@@ -1232,7 +1232,7 @@ fn exit_status_and_messages_as_ssh() {
         "{err}"
     );
     // A -R port sshd cannot bind: one already in use on its side.
-    let _busy = http_server(&topo, 8586, "busy");
+    let _busy = topo.http_server(H, "127.0.0.1", 8586, "busy");
     let (code, err) = run(&[
         "-p",
         &port,
@@ -1287,7 +1287,7 @@ fn exit_status_and_messages_as_ssh() {
             "root@localhost",
         ],
     );
-    wait_port(&topo, 8587, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 8587, Duration::from_secs(15));
     wait_until(
         Duration::from_secs(10),
         "debug lines in the -E file",
