@@ -275,6 +275,11 @@ impl KernelPath {
         match self.flows.remove(&key.raw()) {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(false)
+            }
             Err(source) => Err(KpathError::Map { map: FLOWS, source }),
         }
     }
