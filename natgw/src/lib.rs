@@ -81,7 +81,7 @@ pub use acl::{Acl, AclAction, AclRule};
 pub use config::{Filtering, GatewayConfig, StaticEntry};
 pub use error::{DropReason, NatError};
 pub use flow::{Direction, FlowEvent, ListenerId, Proto};
-pub use gateway::{Gateway, GatewayStats, Listener, PacketMeta, Verdict};
+pub use gateway::{FastPathActivity, Gateway, GatewayStats, Listener, PacketMeta, Verdict};
 pub use selector::{Selector, StaticForward};
 pub use table::{PatTable, Timeouts, Translation};
 pub use translate::L4Checksum;
