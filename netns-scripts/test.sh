@@ -10,11 +10,12 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-# Debian packages of the real peers the tests talk to.
+# Debian packages of the real peers the tests talk to, and clang/llvm that rebuild the
+# kernel path's eBPF object to check that the shipped kpath/bpf/kpath.o is its source's build.
 need=()
 for pair in ip:iproute2 sshd:openssh-server ssh:openssh-client keepalived:keepalived \
             iperf3:iperf3 curl:curl python3:python3 nft:nftables ping:iputils-ping \
-            traceroute:traceroute tcpdump:tcpdump socat:socat; do
+            traceroute:traceroute tcpdump:tcpdump socat:socat clang:clang llvm-strip:llvm; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

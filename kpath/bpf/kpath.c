@@ -9,7 +9,8 @@
 // changes folded into the pseudo-header with BPF_F_PSEUDO_HDR so GSO super-packets with a
 // partial checksum stay whole), decrements the TTL as the router it is, and redirects the
 // packet to the egress interface the kernel's FIB names (the neighbour is resolved by
-// bpf_redirect_neigh).
+// bpf_redirect_neigh). Routing uses the main table (BPF_FIB_LOOKUP_DIRECT): the policy rules
+// of the slow path would send the packet into nat0.
 //
 // Invariants:
 // - Anything the program is not sure of returns TC_ACT_OK untouched, so the packet takes the
@@ -232,7 +233,10 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	fib.ipv4_src = new_saddr;
 	fib.ipv4_dst = new_daddr;
 	fib.ifindex = skb->ifindex; // at ingress: the device it arrived on
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) !=
+	// The main table directly, not the policy rules: those steer the gateway's inside traffic
+	// into nat0, which is the slow path this packet is leaving.
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib),
+			   BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_SKIP_NEIGH) !=
 	    BPF_FIB_LKUP_RET_SUCCESS)
 		return slow(CNT_SLOW_FIB);
 

@@ -26,7 +26,7 @@ mod pod;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-pub use loader::{AttachMode, KernelPath, LoadOptions, TestRun};
+pub use loader::{AttachMode, KernelPath, LoadOptions, TestRun, ensure_bpffs};
 
 /// The compiled program (`bpf/kpath.o`, rebuilt by `bpf/build.sh`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/kpath.o");

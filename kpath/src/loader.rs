@@ -116,7 +116,12 @@ fn valid_site(site: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn ensure_bpffs(mount_point: &Path) -> Result<(), KpathError> {
+/// Mounts a bpffs at `mount_point` unless one is there (as systemd does at /sys/fs/bpf).
+/// Needs CAP_SYS_ADMIN when it mounts: a daemon that drops privileges calls this first.
+///
+/// # Errors
+/// The directory cannot be created or inspected, or the mount is refused.
+pub fn ensure_bpffs(mount_point: &Path) -> Result<(), KpathError> {
     let pins = |source| KpathError::Pins {
         path: mount_point.to_owned(),
         source,

@@ -7,7 +7,7 @@ use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
 use crate::config::nat::NatSection;
 use anyhow::Context;
-use natgw::driver::{DriverConfig, NatDriver, NatStatus};
+use natgw::driver::{Datapath, DriverConfig, NatDriver, NatStatus};
 use natgw::{AclRule, DropReason, GatewayConfig, Proto, StaticEntry, Timeouts};
 use netutil::Reconfigured;
 use serde_json::{Value, json};
@@ -96,6 +96,24 @@ fn random_seed() -> u64 {
     u64::from_ne_bytes(b) ^ u64::from(std::process::id())
 }
 
+/// The kernel path's pin directory name: the site file's stem, limited to the characters a
+/// pin directory may use.
+fn pin_site_name(path: &std::path::Path) -> String {
+    let stem: String = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    if stem.is_empty() || stem.chars().all(|c| c == '.') {
+        "nat".into()
+    } else {
+        stem
+    }
+}
+
 /// Starts the gateway described by `[nat]`.
 ///
 /// # Errors
@@ -115,6 +133,11 @@ pub(crate) async fn start(
             .queues
             .as_ref()
             .map_or(defaults.queues, |q| *q.get_ref() as usize),
+        datapath: match nat.datapath.as_ref().map(|d| d.get_ref().as_str()) {
+            Some("tun") => Datapath::Tun,
+            _ => Datapath::Kernel,
+        },
+        site: pin_site_name(&site.path),
         ..defaults
     };
     let driver = NatDriver::start(driver_cfg, gateway_config(nat, random_seed()))
@@ -242,6 +265,13 @@ fn status_json(s: &NatStatus, flows: bool) -> Value {
         "capacity": s.capacity,
         "table_bytes": s.table_bytes,
         "tun_queues": s.tun_queues,
+        "datapath": s.datapath,
+        "datapath_reason": s.datapath_reason,
+        "fast_path": {
+            "packets": s.fast_packets,
+            "bytes": s.fast_bytes,
+            "flows": s.fast_flows,
+        },
         "statics": statics,
         "translations_truncated": s.flows > SHOW_LIMIT,
         // `name` (the rule's line number) makes each rule a labelled metrics series.
@@ -281,11 +311,13 @@ impl NatPart {
             || nat.rule_priority.get_ref() != self.started.rule_priority.get_ref()
             || nat.queues.as_ref().map(toml::Spanned::get_ref)
                 != self.started.queues.as_ref().map(toml::Spanned::get_ref)
+            || nat.datapath.as_ref().map(toml::Spanned::get_ref)
+                != self.started.datapath.as_ref().map(toml::Spanned::get_ref)
         {
-            // Steering (interfaces, table, rules) and the TUN queues are set up at start:
-            // restart.
+            // Steering (interfaces, table, rules), the TUN queues and the data path are set up
+            // at start: restart.
             return Ok(Reconfigured::restart(
-                "interfaces, routing table, rule priority or queues changed",
+                "interfaces, routing table, rule priority, queues or datapath changed",
             ));
         }
         Ok(self
@@ -410,6 +442,16 @@ pub(crate) fn render(items: &[Value]) -> String {
             addrs.join(", "),
             it["tun_queues"]
         );
+        let fast = &it["fast_path"];
+        let _ = writeln!(
+            out,
+            "Data path: {} ({}); kernel fast path: {} flows, {} packets, {} bytes",
+            str_of(&it["datapath"]),
+            str_of(&it["datapath_reason"]),
+            fast["flows"],
+            fast["packets"],
+            fast["bytes"]
+        );
         let _ = writeln!(out, "ACL (first match wins):");
         for (i, r) in it["acl"].as_array().into_iter().flatten().enumerate() {
             let _ = writeln!(
@@ -496,6 +538,11 @@ mod tests {
             table_bytes: 4096,
             public_addresses: vec![public],
             tun_queues: 1,
+            datapath: "tun",
+            datapath_reason: "configured: datapath = \"tun\"".into(),
+            fast_packets: 0,
+            fast_bytes: 0,
+            fast_flows: 0,
         }
     }
 
