@@ -590,14 +590,13 @@ fn wait_listening(t: &Topology, host: &str, port: u16) {
     });
 }
 
-/// Sends `sent` from `from` to `to_addr:port`, received by a sink in `sink_host`; the bytes
+/// Sends `sent` from `from` to `to_addr:port`, received by a sink on `sink_host:sink_port`; the bytes
 /// must arrive unchanged.
 fn hash_checked_transfer(
     t: &Topology,
     from: &str,
-    sink_host: &str,
-    to_addr: &str,
-    port: u16,
+    (sink_host, sink_port): (&str, u16),
+    (to_addr, port): (&str, u16),
     name: &str,
 ) {
     let dir = t.dir().display().to_string();
@@ -607,15 +606,17 @@ fn hash_checked_transfer(
         &[
             "socat",
             "-u",
-            &format!("TCP-LISTEN:{port},reuseaddr"),
+            &format!("TCP-LISTEN:{sink_port},reuseaddr"),
             &format!("CREATE:{dir}/{name}"),
         ],
     );
-    wait_listening(t, sink_host, port);
+    wait_listening(t, sink_host, sink_port);
     t.sh(
         from,
-        // Bounded: a stalled path must fail the test, not hang it.
-        &format!("timeout 60 socat -u FILE:{dir}/sent TCP:{to_addr}:{port}"),
+        // Connected first, data a second later: by then the established flow is in the kernel
+        // path (one sync round), so the data shows where it went. Bounded: a stalled path
+        // must fail the test, not hang it.
+        &format!("(sleep 1; cat {dir}/sent) | timeout 60 socat -u STDIN TCP:{to_addr}:{port}"),
     );
     wait_until(T, &format!("the whole file to arrive ({name})"), || {
         std::fs::metadata(format!("{dir}/{name}")).is_ok_and(|m| m.len() == 20_000_000)
@@ -641,8 +642,8 @@ fn kernel_path_carries_transfers_and_a_stop_leaves_nothing() {
     let t = &hq.topo;
     let dir = t.dir().display().to_string();
     t.sh("gw", &format!("head -c 20000000 /dev/urandom > {dir}/sent"));
-    hash_checked_transfer(t, "pc", "out", "198.51.100.200", 5001, "via-pat");
-    hash_checked_transfer(t, "out", "web", PUBLIC, 8001, "via-static");
+    hash_checked_transfer(t, "pc", ("out", 5001), ("198.51.100.200", 5001), "via-pat");
+    hash_checked_transfer(t, "out", ("web", 80), (PUBLIC, 8001), "via-static");
 
     let v = hq.show();
     let fast = counter(&v, &["fast_path", "packets"]);
