@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use netutil::Reconfigured;
 use netutil::checksum::checksum;
+use netutil::ipv4::{Ipv4View, field};
 use netutil::mss::{MssOutcome, clamp_mss};
 
 use crate::keepalive::{
@@ -615,16 +616,17 @@ impl Tunnel {
     /// 47, or UDP to 4754): what a peer's keepalive probe decapsulates to. Such a packet is
     /// either reflected (when [`Tunnel::is_bare_probe`]) or dropped, never routed.
     fn is_to_peer(&self, ip: &[u8]) -> bool {
-        let Some(h) = ip.first_chunk::<20>() else {
+        let Some(h) = ip.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
             return false;
         };
-        let ihl = usize::from(h[0] & 0xf) * 4;
-        let to_peer = h[16..20] == self.config.remote.octets();
-        let from_us = h[12..16] == self.config.local.octets();
+        let ihl = h.ihl();
+        let to_peer = h.dst() == self.config.remote;
+        let from_us = h.src() == self.config.local;
         let carries_tunnel = match self.config.underlay {
-            Underlay::Gre => h[9] == 47,
+            Underlay::Gre => h.protocol() == 47,
             Underlay::Udp => {
-                h[9] == 17 && ip.get(ihl + 2..ihl + 4) == Some(&GRE_IN_UDP_PORT.to_be_bytes()[..])
+                h.protocol() == 17
+                    && ip.get(ihl + 2..ihl + 4) == Some(&GRE_IN_UDP_PORT.to_be_bytes()[..])
             }
         };
         to_peer && from_us && carries_tunnel
@@ -635,11 +637,10 @@ impl Tunnel {
     /// tunnel's key, and at most [`MAX_REFLECTED_PAYLOAD`] bytes after it. So the peer
     /// receives nothing from us an attacker chose beyond what a probe holds.
     fn is_bare_probe(&self, ip: &[u8]) -> bool {
-        let Some(h) = ip.first_chunk::<20>() else {
+        let Some(h) = ip.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
             return false;
         };
-        let unfragmented = u16::from_be_bytes([h[6], h[7]]) & 0x3fff == 0;
-        if h[0] != 0x45 || !unfragmented {
+        if h.version() != 4 || h.ihl() != 20 || h.is_fragment() {
             return false;
         }
         let gre_at = match self.config.underlay {
@@ -734,12 +735,11 @@ impl Tunnel {
 
     fn clamp(&self, packet: &mut [u8], protocol: u16) -> bool {
         let (tcp_at, max_mss) = if protocol == PROTO_IPV4 {
-            let Some(ip) = packet.first_chunk::<20>() else {
+            let Some(ip) = packet.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
                 return false;
             };
-            let ihl = usize::from(ip[0] & 0xf) * 4;
-            let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-            if ip[9] != 6 || fragment_offset != 0 || ihl < 20 {
+            let ihl = ip.ihl();
+            if ip.protocol() != 6 || ip.frag_offset() != 0 || ihl < 20 {
                 return false;
             }
             (ihl, self.config.mtu.saturating_sub(40))
@@ -763,13 +763,13 @@ impl Tunnel {
         let Some(orig) = buf.get(inner.clone()) else {
             return self.drop(DropReason::TooBig);
         };
-        let Some(ip) = orig.first_chunk::<20>() else {
+        let Some(ip) = orig.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
             return self.drop(DropReason::TooBig);
         };
-        let ihl = usize::from(ip[0] & 0xf) * 4;
-        let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+        let ihl = ip.ihl();
+        let fragment_offset = ip.frag_offset();
         // Never an error about an ICMP error (RFC 1122 §3.2.2) or a non-first fragment.
-        let icmp_error = ip[9] == 1
+        let icmp_error = ip.protocol() == 1
             && ihl >= 20
             && orig
                 .get(ihl)
@@ -777,7 +777,7 @@ impl Tunnel {
         if ihl < 20 || ihl > orig.len() || fragment_offset != 0 || icmp_error {
             return self.drop(DropReason::TooBig);
         }
-        let sender = [ip[12], ip[13], ip[14], ip[15]];
+        let sender = ip.src();
         let quoted = (ihl + 8).min(orig.len());
         let total = 28 + quoted;
         // Every range below is inside buf[at..at + total], checked here once.
@@ -787,18 +787,17 @@ impl Tunnel {
         let from = self.config.inner_address.unwrap_or(self.config.local);
         let at = inner.start;
         buf.copy_within(at..at + quoted, at + 28);
+        // A fresh header: every field written, then the checksum computed over them.
         let ip = &mut buf[at..at + 20];
-        ip[0] = 0x45;
-        ip[1] = 0xc0;
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        ip[4..8].fill(0);
-        ip[8] = 64;
-        ip[9] = 1;
-        ip[10..12].fill(0);
-        ip[12..16].copy_from_slice(&from.octets());
-        ip[16..20].copy_from_slice(&sender);
-        let c = checksum(&buf[at..at + 20]);
-        buf[at + 10..at + 12].copy_from_slice(&c.to_be_bytes());
+        ip[field::VER_IHL] = 0x45;
+        ip[field::TOS] = 0xc0;
+        ip[field::LENGTH].copy_from_slice(&(total as u16).to_be_bytes());
+        ip[field::IDENT.start..field::FLG_OFF.end].fill(0);
+        ip[field::TTL] = 64;
+        ip[field::PROTOCOL] = 1;
+        ip[field::SRC].copy_from_slice(&from.octets());
+        ip[field::DST].copy_from_slice(&sender.octets());
+        Ipv4View::new_unchecked(ip).fill_checksum();
         let icmp = &mut buf[at + 20..at + total];
         icmp[0] = 3;
         icmp[1] = 4;
@@ -847,14 +846,12 @@ fn probe_marker(secret: u64, n: u64) -> u64 {
 /// (MSS clamp, coalescer, kernel) may rely on this.
 fn inner_len(packet: &[u8], protocol: u16) -> Option<usize> {
     let (len, tcp_at, tcp) = if protocol == PROTO_IPV4 {
-        let ip = packet.first_chunk::<20>()?;
-        let ihl = usize::from(ip[0] & 0xf) * 4;
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
-        if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || total > packet.len() {
-            return None;
-        }
-        (total, ihl, ip[9] == 6 && first_fragment)
+        let ip = Ipv4View::new_checked(packet).ok()?;
+        (
+            ip.total_len(),
+            ip.ihl(),
+            ip.protocol() == 6 && ip.frag_offset() == 0,
+        )
     } else {
         let ip = packet.first_chunk::<40>()?;
         let total = 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
@@ -913,7 +910,7 @@ impl Demux {
 mod tests {
     use super::*;
     use core::time::Duration;
-    use netutil::checksum::get16;
+    use netutil::bytes::get16;
     use proptest::prelude::*;
 
     const HQ: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);

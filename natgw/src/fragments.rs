@@ -10,6 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use netutil::ipv4::Ipv4View;
+
 /// How long the rewrite of a datagram is remembered after its first fragment: Linux's
 /// `ipfrag_time` default; a receiver gives up reassembling after that too.
 pub(crate) const FRAGMENT_LIFETIME: Duration = Duration::from_secs(30);
@@ -31,11 +33,12 @@ pub(crate) struct FragmentKey {
 impl FragmentKey {
     /// The key of the packet in `buf`, whose IPv4 header has been validated.
     pub(crate) fn of(buf: &[u8]) -> Self {
+        let ip = Ipv4View::new_unchecked(buf);
         FragmentKey {
-            src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
-            dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
-            proto: buf[9],
-            id: u16::from_be_bytes([buf[4], buf[5]]),
+            src: ip.src(),
+            dst: ip.dst(),
+            proto: ip.protocol(),
+            id: ip.ident(),
         }
     }
 }

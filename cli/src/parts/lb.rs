@@ -24,6 +24,8 @@ use natgw::driver::{DriverConfig, NatDriver};
 use natgw::health::probe::{TargetSpec, run_checker};
 use natgw::health::{CheckKind, Transition};
 use natgw::{BackendKey, GatewayConfig, VirtualService};
+use netsys::netlink::Handle;
+use netsys::sync::lock_unpoisoned;
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -69,7 +71,7 @@ type SharedGateway = Arc<Mutex<natgw::Gateway>>;
 
 fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
     // As the driver does: a panic under the lock must not stop the gateway.
-    gw.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock_unpoisoned(gw)
 }
 
 /// Starts (or joins) the gateway with every `[[service]]`, then the health checker.
@@ -205,10 +207,11 @@ async fn start_gateway(
     let Some(first) = services.first() else {
         bail!("no [[service]] to run");
     };
-    let outside = route_dev(*first.listen.ip()).await?;
+    let netlink = netsys::netlink::connect().context("opening a netlink socket")?;
+    let outside = route_dev(&netlink, *first.listen.ip()).await?;
     let mut inside: Vec<String> = Vec::new();
     for s in &services {
-        let out = route_dev(*s.listen.ip()).await?;
+        let out = route_dev(&netlink, *s.listen.ip()).await?;
         if out != outside {
             bail!(
                 "service {}: VIP {} is reached through {out}, the others through {outside}; all VIPs must sit on one outside interface",
@@ -223,7 +226,7 @@ async fn start_gateway(
             .map(|b| *b.addr.ip())
             .chain(s.pool.sorry.map(|a| *a.ip()));
         for ip in reals {
-            let dev = route_dev(ip).await?;
+            let dev = route_dev(&netlink, ip).await?;
             if dev == outside {
                 bail!(
                     "service {}: backend {ip} is reached through {dev}, the same interface as the VIP; LVS-NAT needs the real servers behind another interface",
@@ -251,36 +254,13 @@ async fn start_gateway(
     Ok(driver)
 }
 
-/// iproute2's `ip`, by absolute path (never looked up in `PATH`, review §7.3): the first
-/// of the usual places that exists.
-fn ip_binary() -> &'static str {
-    const PLACES: [&str; 4] = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"];
-    PLACES
-        .iter()
-        .copied()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or(PLACES[0])
-}
-
-/// The interface the kernel routes `ip` through (`ip route get`).
-async fn route_dev(ip: Ipv4Addr) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new(ip_binary())
-        .args(["-j", "-4", "route", "get", &ip.to_string()])
-        .output()
+/// The interface the kernel routes `ip` through (what `ip route get` prints after `dev`).
+async fn route_dev(netlink: &Handle, ip: Ipv4Addr) -> anyhow::Result<String> {
+    netsys::netlink::route_get(netlink, ip.into())
         .await
-        .context("running `ip route get`")?;
-    if !out.status.success() {
-        bail!(
-            "no route to {ip}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j route get`")?;
-    v.get(0)
-        .and_then(|r| r.get("dev"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .with_context(|| format!("`ip route get {ip}` names no interface"))
+        .with_context(|| format!("no route to {ip}"))?
+        .map(|link| link.name)
+        .with_context(|| format!("the route to {ip} names no interface"))
 }
 
 fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
@@ -495,9 +475,17 @@ fn service_json(s: &VirtualService) -> Value {
         .backends()
         .map(|(_, b)| {
             let st = b.stats();
+            // ipvsadm's names (Uthreshold/Lthreshold): a key with "connections" in it would
+            // become a Prometheus counter.
+            let threshold = |t: u32| (t != 0).then_some(t);
             json!({
                 "address": b.addr().to_string(),
                 "weight": b.weight(),
+                "effective_weight": b.effective_weight(),
+                "slow_start": b.is_ramping(),
+                "upper_threshold": threshold(b.max_connections()),
+                "lower_threshold": threshold(b.min_connections()),
+                "overloaded": b.is_overloaded(),
                 "state": b.state().as_str(),
                 "health": match b.health() { balance::Health::Up => "up", balance::Health::Down => "down" },
                 "active": b.active(),
@@ -539,6 +527,13 @@ fn service_json(s: &VirtualService) -> Value {
         "refused": stats.refused,
         "persistent_hits": stats.persistent_hits,
         "persist_full": stats.persist_full,
+        "fallback": pool.fallback(),
+        "connection_limit": (pool.max_connections() != 0).then_some(pool.max_connections()),
+        "open_flows": pool.connections(),
+        "over_limit": stats.over_limit,
+        "slow_start_ms": pool.slow_start().map(|d| d.as_millis() as u64),
+        "locality_entries": pool.locality_entries(),
+        "locality_full": stats.locality_full,
         "backends": backends,
     })
 }
@@ -562,6 +557,15 @@ pub(crate) fn render(items: &[Value]) -> String {
             if p["netmask"].as_u64() != Some(32) {
                 let _ = write!(flags, " mask /{}", p["netmask"]);
             }
+        }
+        if s["fallback"].as_bool() == Some(true) {
+            flags.push_str(" fallback");
+        }
+        if let Some(max) = s["connection_limit"].as_u64() {
+            let _ = write!(flags, " maxconn {}/{max}", s["open_flows"]);
+        }
+        if let Some(ms) = s["slow_start_ms"].as_u64() {
+            let _ = write!(flags, " slow-start {ms}ms");
         }
         if let Some(h) = s.get("health").filter(|h| !h.is_null()) {
             let _ = write!(
@@ -587,12 +591,32 @@ pub(crate) fn render(items: &[Value]) -> String {
             .unwrap_or_default()
         {
             let n = |k: &str| b[k].as_u64().unwrap_or(0);
+            // An overloaded backend that is otherwise up shows why it gets nothing; a ramping
+            // one shows the weight in effect over the configured one.
+            let state = match b["state"].as_str().unwrap_or("?") {
+                "up" if b["overloaded"].as_bool() == Some(true) => "overload",
+                other => other,
+            };
+            let weight = match b["effective_weight"].as_u64() {
+                Some(e) if e != n("weight") => format!("{e}/{}", n("weight")),
+                _ => n("weight").to_string(),
+            };
+            let mut notes = String::new();
+            if let Some(max) = b["upper_threshold"].as_u64() {
+                let _ = write!(notes, "  max {max}");
+            }
+            if let Some(min) = b["lower_threshold"].as_u64() {
+                let _ = write!(notes, " min {min}");
+            }
+            if b["slow_start"].as_bool() == Some(true) {
+                notes.push_str("  slow start");
+            }
             let _ = writeln!(
                 out,
-                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}{notes}",
                 b["address"].as_str().unwrap_or("?"),
-                b["state"].as_str().unwrap_or("?"),
-                n("weight"),
+                state,
+                weight,
                 n("active"),
                 n("inactive"),
                 n("connections"),
@@ -611,6 +635,13 @@ pub(crate) fn render(items: &[Value]) -> String {
         }
         if s["refused"].as_u64().unwrap_or(0) > 0 {
             let _ = writeln!(out, "     refused (no backend up): {}", s["refused"]);
+        }
+        if s["over_limit"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(
+                out,
+                "     turned away at max_connections: {}",
+                s["over_limit"]
+            );
         }
     }
     out
@@ -648,6 +679,42 @@ mod tests {
         assert!(text.contains("  -> 10.0.0.101:80         up             1          2         5        100        700        600        50K         12"), "{text}");
         assert!(text.contains("draining"));
         assert!(text.contains("refused (no backend up): 3"));
+    }
+
+    #[test]
+    fn render_shows_thresholds_overload_and_slow_start() {
+        let item = json!({
+            "name": "cache", "listen": "198.51.100.10:80", "scheduler": "lblcr",
+            "persistence": null, "health": null, "sorry": null, "sorry_connections": 0,
+            "refused": 0, "fallback": false, "connection_limit": 500, "open_flows": 7,
+            "over_limit": 2, "slow_start_ms": 30000,
+            "backends": [
+                { "address": "10.0.0.101:80", "state": "up", "weight": 10, "effective_weight": 10,
+                  "overloaded": true, "upper_threshold": 4, "lower_threshold": 2, "slow_start": false,
+                  "active": 4, "inactive": 0, "connections": 9, "packets_in": 0, "packets_out": 0,
+                  "bytes_in": 0, "bytes_out": 0 },
+                { "address": "10.0.0.102:80", "state": "up", "weight": 10, "effective_weight": 3,
+                  "overloaded": false, "upper_threshold": null, "lower_threshold": null,
+                  "slow_start": true, "active": 3, "inactive": 0, "connections": 3,
+                  "packets_in": 0, "packets_out": 0, "bytes_in": 0, "bytes_out": 0 },
+            ],
+        });
+        let text = render(&[item]);
+        assert!(
+            text.contains("TCP  198.51.100.10:80 lblcr maxconn 7/500 slow-start 30000ms  (cache)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  -> 10.0.0.101:80         overload      10          4"),
+            "{text}"
+        );
+        assert!(text.contains("  max 4 min 2"), "{text}");
+        assert!(
+            text.contains("  -> 10.0.0.102:80         up          3/10          3"),
+            "{text}"
+        );
+        assert!(text.contains("slow start"), "{text}");
+        assert!(text.contains("turned away at max_connections: 2"), "{text}");
     }
 
     #[test]

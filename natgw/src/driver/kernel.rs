@@ -21,7 +21,9 @@ use std::time::Duration;
 use kpath::{Direction as KDir, FlowKey, KernelPath, LoadOptions, Rewrite};
 use tokio::sync::watch;
 
-use super::{lock, now};
+use netsys::sync::lock_unpoisoned;
+
+use super::now;
 use crate::{Direction, FastPathActivity, Gateway, Proto};
 
 /// How often flows are installed, removed and their activity fed back to the core.
@@ -126,7 +128,7 @@ impl KernelDatapath {
         let Some(kp) = self.kp.as_mut() else { return };
         let at = now();
         let wanted: HashMap<FlowId, kpath::Proto> = {
-            let gw = lock(gw);
+            let gw = lock_unpoisoned(gw);
             gw.translations(at)
                 .into_iter()
                 .filter(|t| gw.fast_path_eligible(t))
@@ -199,7 +201,7 @@ impl KernelDatapath {
         }
         if !reports.is_empty() {
             let at = now();
-            let mut gw = lock(gw);
+            let mut gw = lock_unpoisoned(gw);
             for r in &reports {
                 // A flow gone meanwhile is removed from the map on the next round.
                 let _still_there = gw.fast_path_activity(at, r);
@@ -248,9 +250,6 @@ pub(super) async fn sync_loop(
         if *stop.borrow() {
             return Ok(());
         }
-        kernel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .sync(&gw);
+        lock_unpoisoned(&kernel).sync(&gw);
     }
 }

@@ -21,9 +21,14 @@ pub use kernel::{Datapath, FastPathCounters, SYNC_INTERVAL, prepare_kernel_datap
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
+use netsys::netlink::NetlinkError;
+use netsys::sync::lock_unpoisoned;
+use netsys::tun::{Tun, TunRequest};
 use netutil::Reconfigured;
+use netutil::ipv4::Ipv4View;
+use netutil::vnet::VnetHdr;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -61,13 +66,8 @@ pub enum DriverError {
         source: std::io::Error,
     },
     /// A netlink request failed.
-    #[error("{op}: {source}")]
-    Netlink {
-        /// What was being done.
-        op: String,
-        /// The netlink error.
-        source: rtnetlink::Error,
-    },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     /// The netlink socket could not be opened.
     #[error("opening netlink socket: {0}")]
     NetlinkSocket(std::io::Error),
@@ -119,7 +119,7 @@ pub struct DriverConfig {
 
 impl DriverConfig {
     /// The most TUN queues the driver opens.
-    pub const MAX_QUEUES: usize = 8;
+    pub const MAX_QUEUES: usize = netsys::tun::MAX_QUEUES;
 
     /// Defaults for everything but the interfaces.
     #[must_use]
@@ -187,6 +187,8 @@ pub struct NatStatus {
 /// [`NatDriver::add_public_address`] for a new VIP.
 #[derive(Debug)]
 pub struct NatDriver {
+    /// Locked unpoisoned: a panic while holding the lock cannot leave the table
+    /// half-updated in a way that matters more than stopping the gateway would.
     gw: Arc<Mutex<Gateway>>,
     stop: watch::Sender<bool>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -211,17 +213,6 @@ fn now() -> Instant {
     Instant::now()
 }
 
-fn lock(gw: &Mutex<Gateway>) -> MutexGuard<'_, Gateway> {
-    // A panic while holding the lock cannot leave the table half-updated in a way that
-    // matters more than stopping the gateway would; keep serving.
-    gw.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn lock_kernel(k: &Mutex<kernel::KernelDatapath>) -> MutexGuard<'_, kernel::KernelDatapath> {
-    // As for the core: a panicked sync round leaves at worst stale entries the next removes.
-    k.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl NatDriver {
     /// Checks sysctls, creates the TUN, installs routing and starts the packet loop in the
     /// current network namespace.
@@ -234,11 +225,18 @@ impl NatDriver {
         let mut public = Gateway::new(now(), gw_cfg.clone())?.public_addresses();
         public.retain(|a| !cfg.deferred_public.contains(a));
 
-        let (queues, offload) = open_queues(&cfg)?;
+        let request = TunRequest {
+            queues: cfg.queues,
+            ..TunRequest::new(cfg.tun.clone(), cfg.mtu, cfg.offload)
+        };
+        let Tun { queues, offload } =
+            netsys::tun::open(&request).map_err(|e| DriverError::OpenTun {
+                name: e.name,
+                source: e.source,
+            })?;
         sysctl::configure_tun(&cfg.tun)?;
 
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(DriverError::NetlinkSocket)?;
-        tokio::spawn(conn);
+        let handle = netsys::netlink::connect().map_err(DriverError::NetlinkSocket)?;
         let plan = netlink::Plan {
             tun: cfg.tun.clone(),
             inside: cfg.inside.clone(),
@@ -380,8 +378,8 @@ impl NatDriver {
         let fast = self
             .kernel
             .as_ref()
-            .map_or_else(FastPathCounters::default, |k| lock_kernel(k).counters());
-        let gw = lock(&self.gw);
+            .map_or_else(FastPathCounters::default, |k| lock_unpoisoned(k).counters());
+        let gw = lock_unpoisoned(&self.gw);
         let now = now();
         NatStatus {
             translations: if translations {
@@ -418,7 +416,7 @@ impl NatDriver {
     /// # Errors
     /// [`DriverError::Config`] when the core rejects the config.
     pub fn reconfigure(&self, mut config: GatewayConfig) -> Result<Reconfigured, DriverError> {
-        let mut gw = lock(&self.gw);
+        let mut gw = lock_unpoisoned(&self.gw);
         // Keep the subnets learnt from the inside interfaces at start.
         for n in &self.learnt_inside {
             if !config.inside_networks.contains(n) {
@@ -435,10 +433,10 @@ impl NatDriver {
 
     /// Flushes dynamic flows (`vipgate nat clear`); returns how many were removed.
     pub fn clear(&self) -> usize {
-        let removed = lock(&self.gw).clear(now());
+        let removed = lock_unpoisoned(&self.gw).clear(now());
         // The kernel path forgets the cleared flows now, not at its next round.
         if let Some(k) = &self.kernel {
-            lock_kernel(k).sync(&self.gw);
+            lock_unpoisoned(k).sync(&self.gw);
         }
         removed
     }
@@ -469,7 +467,7 @@ impl NatDriver {
             None => Ok(()),
         };
         if let Some(k) = &self.kernel {
-            lock_kernel(k).unload();
+            lock_unpoisoned(k).unload();
         }
         self.installed.lock().await.remove(&self.handle).await;
         tracing::info!(tun = %self.tun, "nat gateway stopped");
@@ -477,39 +475,8 @@ impl NatDriver {
     }
 }
 
-/// The virtio-net header that precedes every packet on a TUN with offload (`IFF_VNET_HDR`,
-/// `struct virtio_net_hdr`, fields in host byte order on a legacy TUN).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct VnetHdr {
-    flags: u8,
-    gso_type: u8,
-    gso_size: u16,
-    csum_start: u16,
-    csum_offset: u16,
-}
-
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the transport checksum is a partial sum (`CHECKSUM_PARTIAL`).
-const NEEDS_CSUM: u8 = 1;
-/// `VIRTIO_NET_HDR_GSO_NONE`: one packet, not a super-packet.
-const GSO_NONE: u8 = 0;
-/// The length of a `struct virtio_net_hdr` (tun-rs says so too).
-const VNET_HDR_LEN: usize = 10;
 /// Room for the largest IPv4 packet (a GSO super-packet is at most 64 KiB).
 const MAX_PACKET: usize = 65_535;
-
-impl VnetHdr {
-    fn decode(b: &[u8]) -> Option<Self> {
-        let b = b.get(..VNET_HDR_LEN)?;
-        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-        Some(VnetHdr {
-            flags: b[0],
-            gso_type: b[1],
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
-        })
-    }
-}
 
 /// How the core should read one packet read with its virtio-net header, after fixing what it
 /// cannot take: a partial checksum that is not TCP/UDP over IPv4 (an ICMP message, another
@@ -518,24 +485,32 @@ impl VnetHdr {
 fn prepare(head: &mut [u8], pkt: &mut [u8]) -> Option<PacketMeta> {
     let h = VnetHdr::decode(head)?;
     let mut meta = PacketMeta::default();
-    let ipv4 = pkt.len() >= 20 && pkt[0] >> 4 == 4;
-    let ihl = usize::from(pkt.first().map_or(0, |b| b & 0x0f)) * 4;
-    let proto = pkt.get(9).copied().unwrap_or(0);
-    if h.flags & NEEDS_CSUM != 0 {
+    // (header length, protocol) of an IPv4 packet; the lengths are the core's to check.
+    let ipv4 = pkt
+        .first_chunk::<20>()
+        .map(Ipv4View::new_unchecked)
+        .filter(|ip| ip.version() == 4)
+        .map(|ip| (ip.ihl(), ip.protocol()));
+    if h.needs_csum() {
         let start = usize::from(h.csum_start);
         let offset = usize::from(h.csum_offset);
-        let tcp_udp = ipv4 && start == ihl && matches!((proto, offset), (6, 16) | (17, 6));
+        let tcp_udp = ipv4.is_some_and(|(ihl, proto)| {
+            start == ihl && matches!((proto, offset), (6, 16) | (17, 6))
+        });
         if tcp_udp {
             meta.l4_checksum = L4Checksum::Partial;
-        } else if h.gso_type == GSO_NONE {
+        } else if !h.is_gso() {
             if !translate::finish_partial_checksum(pkt, start, offset, false) {
                 return None;
             }
-            head[0] &= !NEEDS_CSUM;
+            head[0] &= !VnetHdr::NEEDS_CSUM;
         }
         // A super-packet of anything else (IPv6): left as it is; the core passes or drops it.
     }
-    if h.gso_type != GSO_NONE && h.gso_size > 0 && ipv4 {
+    if let Some((ihl, proto)) = ipv4
+        && h.is_gso()
+        && h.gso_size > 0
+    {
         meta.segments = gso_segments(pkt, ihl, proto, h.gso_size);
     }
     Some(meta)
@@ -561,66 +536,6 @@ struct Queue {
     owns_timers: bool,
 }
 
-/// Opens the TUN with `cfg.queues` queues (multi-queue when more than one) and offload if asked.
-/// Falls back to one queue, then to no offload, if the kernel refuses; returns the queues and
-/// whether offload is on.
-fn open_queues(cfg: &DriverConfig) -> Result<(Vec<tun_rs::AsyncDevice>, bool), DriverError> {
-    let build = |offload: bool, multi_queue: bool| {
-        tun_rs::DeviceBuilder::new()
-            .name(cfg.tun.clone())
-            .mtu(cfg.mtu)
-            .offload(offload)
-            .multi_queue(multi_queue)
-            .enable(true)
-            .build_async()
-    };
-    let open_err = |source| DriverError::OpenTun {
-        name: cfg.tun.clone(),
-        source,
-    };
-    let wanted = cfg.queues.clamp(1, DriverConfig::MAX_QUEUES);
-    let want_multi = wanted > 1;
-    let mut attempts = vec![(cfg.offload, want_multi)];
-    if want_multi {
-        attempts.push((cfg.offload, false));
-    }
-    if cfg.offload {
-        attempts.push((false, false));
-    }
-    let mut last = None;
-    for (offload, multi_queue) in attempts {
-        match build(offload, multi_queue) {
-            Ok(first) => {
-                let mut queues = vec![first];
-                while multi_queue && queues.len() < wanted {
-                    match queues[0].try_clone() {
-                        Ok(q) => queues.push(q),
-                        Err(e) => {
-                            tracing::warn!(error = %e, opened = queues.len(), "opening another TUN queue");
-                            break;
-                        }
-                    }
-                }
-                if offload != cfg.offload || multi_queue != want_multi {
-                    tracing::warn!(
-                        offload,
-                        queues = queues.len(),
-                        "TUN opened with less than asked"
-                    );
-                }
-                return Ok((queues, offload));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, offload, multi_queue, "opening the TUN");
-                last = Some(e);
-            }
-        }
-    }
-    Err(open_err(last.unwrap_or_else(|| {
-        std::io::Error::other("no way to open the TUN")
-    })))
-}
-
 async fn run(
     queue: Queue,
     gw: Arc<Mutex<Gateway>>,
@@ -640,20 +555,14 @@ async fn run(
         offload,
         owns_timers,
     } = queue;
-    let head = if offload { VNET_HDR_LEN } else { 0 };
+    let head = if offload { VnetHdr::LEN } else { 0 };
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; head + MAX_PACKET]).collect();
     let mut lens = [0usize; BATCH];
     loop {
         let deadline = if owns_timers {
-            lock(&gw).poll_timeout()
+            lock_unpoisoned(&gw).poll_timeout()
         } else {
             None
-        };
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
         };
         tokio::select! {
             r = dev.recv(&mut bufs[0]) => {
@@ -681,14 +590,14 @@ async fn run(
                     }
                 }
             }
-            () = sleep => {}
+            () = netsys::timer::sleep_until(deadline) => {}
             // The only change ever sent is the stop; a dropped sender means stop too.
             _ = stop.changed() => return Ok(()),
         }
         if owns_timers {
             // quinn's rule: compare with the clock instead of trusting the timer to fire on
             // time.
-            let mut gw = lock(&gw);
+            let mut gw = lock_unpoisoned(&gw);
             if gw.poll_timeout().is_some_and(|d| d <= now()) {
                 gw.handle_timeout(now());
             }
@@ -700,7 +609,7 @@ async fn run(
 /// of them a virtio-net header) under one lock. A packet to drop gets length 0.
 fn translate_batch(gw: &Mutex<Gateway>, bufs: &mut [Vec<u8>], lens: &mut [usize], head: usize) {
     let t = now();
-    let mut gw = lock(gw);
+    let mut gw = lock_unpoisoned(gw);
     for (buf, len) in bufs.iter_mut().zip(lens.iter_mut()) {
         let Some(frame) = buf.get_mut(..*len) else {
             *len = 0;
@@ -730,13 +639,20 @@ fn translate_batch(gw: &Mutex<Gateway>, bufs: &mut [Vec<u8>], lens: &mut [usize]
 mod tests {
     use super::*;
 
-    fn hdr(flags: u8, gso_type: u8, gso_size: u16, start: u16, offset: u16) -> [u8; VNET_HDR_LEN] {
-        let mut b = [0u8; VNET_HDR_LEN];
-        b[0] = flags;
-        b[1] = gso_type;
-        b[4..6].copy_from_slice(&gso_size.to_ne_bytes());
-        b[6..8].copy_from_slice(&start.to_ne_bytes());
-        b[8..10].copy_from_slice(&offset.to_ne_bytes());
+    const NEEDS_CSUM: u8 = VnetHdr::NEEDS_CSUM;
+    const GSO_NONE: u8 = VnetHdr::GSO_NONE;
+
+    fn hdr(flags: u8, gso_type: u8, gso_size: u16, start: u16, offset: u16) -> [u8; VnetHdr::LEN] {
+        let mut b = [0u8; VnetHdr::LEN];
+        VnetHdr {
+            flags,
+            gso_type,
+            hdr_len: 0,
+            gso_size,
+            csum_start: start,
+            csum_offset: offset,
+        }
+        .encode(&mut b);
         b
     }
 

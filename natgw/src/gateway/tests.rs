@@ -329,9 +329,9 @@ fn icmp_error_inbound_restores_quoted_packet() {
     assert_eq!(g.stats().icmp_errors, 1);
     // An error about nothing we know, quoting a dynamic port: dropped.
     let mut stale = udp(PUBLIC, src(&probe).port(), SRV2, 1, b"x");
-    netutil::checksum::put16(&mut stale, 10, 0);
+    netutil::bytes::put16(&mut stale, 10, 0);
     let c = netutil::checksum::checksum(&stale[..20]);
-    netutil::checksum::put16(&mut stale, 10, c);
+    netutil::bytes::put16(&mut stale, 10, c);
     let mut err2 = icmp_error(router, PUBLIC, &stale);
     assert_eq!(
         inb(&mut g, now, &mut err2),
@@ -580,9 +580,8 @@ fn ttl_compensation() {
 
 /// A virtual service spreading flows over two backends (round robin).
 fn two_backends(listen: SocketAddrV4) -> crate::VirtualService {
-    let backend = |last| balance::BackendConfig {
-        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080),
-        weight: 1,
+    let backend = |last| {
+        balance::BackendConfig::new(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080), 1)
     };
     crate::VirtualService::new(crate::ServiceConfig {
         name: "two".into(),
@@ -698,9 +697,9 @@ fn fragments_and_other_protocols() {
     let mut frag = udp(H1, 1, SRV, 53, &[0u8; 64]);
     frag[6] = 0x00;
     frag[7] = 0x10; // offset 128 bytes
-    netutil::checksum::put16(&mut frag, 10, 0);
+    netutil::bytes::put16(&mut frag, 10, 0);
     let c = netutil::checksum::checksum(&frag[..20]);
-    netutil::checksum::put16(&mut frag, 10, c);
+    netutil::bytes::put16(&mut frag, 10, c);
     assert_eq!(
         out(&mut g, now, &mut frag),
         Verdict::Drop(DropReason::Fragment)
@@ -766,7 +765,7 @@ proptest! {
         let orig = match kind {
             0 => tcp(inside, sport, remote, dport, [Kind::Syn, Kind::SynAck, Kind::Ack, Kind::Fin, Kind::Rst][usize::from(flags)], &payload),
             1 => udp(inside, sport, remote, dport, &payload),
-            2 => { let mut u = udp(inside, sport, remote, dport, &payload); netutil::checksum::put16(&mut u, 26, 0); u }
+            2 => { let mut u = udp(inside, sport, remote, dport, &payload); netutil::bytes::put16(&mut u, 26, 0); u }
             _ => echo(inside, remote, sport, true),
         };
         let mut p = orig.clone();
@@ -778,8 +777,8 @@ proptest! {
         if kind == 3 {
             // Echo request -> reply: type 8 -> 0, checksum adjusted.
             reply[20] = 0;
-            let c = netutil::checksum::adjust16(netutil::checksum::get16(&reply, 22), 0x0800, 0x0000);
-            netutil::checksum::put16(&mut reply, 22, c);
+            let c = netutil::checksum::adjust16(netutil::bytes::get16(&reply, 22), 0x0800, 0x0000);
+            netutil::bytes::put16(&mut reply, 22, c);
         }
         let v = inb(&mut g, now, &mut reply);
         prop_assert_eq!(v, Verdict::Forward);
@@ -787,15 +786,15 @@ proptest! {
         swap(&mut expected);
         if kind == 3 {
             expected[20] = 0;
-            let c = netutil::checksum::adjust16(netutil::checksum::get16(&expected, 22), 0x0800, 0x0000);
-            netutil::checksum::put16(&mut expected, 22, c);
+            let c = netutil::checksum::adjust16(netutil::bytes::get16(&expected, 22), 0x0800, 0x0000);
+            netutil::bytes::put16(&mut expected, 22, c);
         }
         prop_assert!(ip_ok(&reply) && l4_checksum_ok(&reply));
         // Checksum words may differ only in the 0x0000/0xffff representation.
         let norm = |b: &mut Vec<u8>| {
             let ihl = usize::from(b[0] & 0xf) * 4;
             let at = match b[9] { 6 => ihl + 16, 17 => ihl + 6, _ => ihl + 2 };
-            if netutil::checksum::get16(b, at) == 0xffff && b[9] != 17 { netutil::checksum::put16(b, at, 0); }
+            if netutil::bytes::get16(b, at) == 0xffff && b[9] != 17 { netutil::bytes::put16(b, at, 0); }
         };
         let (mut a, mut b) = (reply.clone(), expected.clone());
         norm(&mut a);
@@ -870,7 +869,7 @@ fn to_partial(b: &mut [u8]) {
         len,
     );
     let at = l4_csum_at(b);
-    netutil::checksum::put16(b, at, netutil::checksum::fold(acc));
+    netutil::bytes::put16(b, at, netutil::checksum::fold(acc));
 }
 
 /// What the kernel does with a partial checksum on the way out.
@@ -886,8 +885,8 @@ fn same_packet(a: &[u8], b: &[u8]) -> bool {
     let norm = |x: &[u8]| {
         let mut x = x.to_vec();
         let at = l4_csum_at(&x);
-        if x[9] == 6 && netutil::checksum::get16(&x, at) == 0xffff {
-            netutil::checksum::put16(&mut x, at, 0);
+        if x[9] == 6 && netutil::bytes::get16(&x, at) == 0xffff {
+            netutil::bytes::put16(&mut x, at, 0);
         }
         x
     };
