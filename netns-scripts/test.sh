@@ -2,8 +2,9 @@
 # The one test command, in two phases.
 #   Phase 1 needs no root: fmt, clippy, the drivers-off builds, and every crate's unit,
 #   property and corpus-replay tests except the end-to-end crate.
-#   Phase 2 needs root: installs the test peers when missing, then runs the end-to-end
-#   binary (tests/tests/e2e/) in network namespaces.
+#   Phase 2 needs root: installs the test peers when missing, then runs the kernel data
+#   path's tests (they load eBPF programs) and the end-to-end binary (tests/tests/e2e/) in
+#   network namespaces.
 # Usage: ./netns-scripts/test.sh [--unit-only] [extra cargo test args]
 #   --unit-only runs phase 1 alone (no root needed).
 set -euo pipefail
@@ -32,17 +33,19 @@ cargo metadata -q --no-deps --format-version 1 --manifest-path fuzz/Cargo.toml >
 echo "== sans-IO cores build without their drivers"
 for c in gre natgw balance vrrp sshfwd; do cargo check -q -p "$c" --no-default-features --locked; done
 echo "== unit tests"
-cargo test --workspace --exclude vipgate-tests --locked "$@"
+# kpath loads eBPF programs into the kernel: it needs root and runs in phase 2.
+cargo test --workspace --exclude vipgate-tests --exclude kpath --locked "$@"
 if $unit_only; then
   exit 0
 fi
 
 echo "=== phase 2: end to end, as root"
-# Debian packages of the real peers the tests talk to.
+# Debian packages of the real peers the tests talk to, and clang/llvm that rebuild the
+# kernel path's eBPF object to check that the shipped kpath/bpf/kpath.o is its source's build.
 need=()
 for pair in ip:iproute2 sshd:openssh-server ssh:openssh-client keepalived:keepalived \
             iperf3:iperf3 curl:curl python3:python3 nft:nftables ping:iputils-ping \
-            traceroute:traceroute tcpdump:tcpdump socat:socat; do
+            traceroute:traceroute tcpdump:tcpdump socat:socat clang:clang llvm-strip:llvm; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
@@ -56,6 +59,8 @@ fi
 systemctl stop keepalived ssh 2>/dev/null || true
 echo "== build"
 cargo build --workspace --bins --locked
+echo "== kernel data path (loads eBPF programs)"
+cargo test -p kpath --locked "$@"
 echo "== end-to-end tests"
 # Two end-to-end tests at a time: each builds its own namespaces, and the machine has 2 cores.
 cargo test -p vipgate-tests --locked "$@" -- --test-threads=2

@@ -103,7 +103,21 @@ fn prepare_daemon(path: &std::path::Path) -> Result<config::SiteConfig, ExitCode
         },
         None => None,
     };
-    if let Err(e) = privileges::reduce(identity) {
+    // The NAT gateway's kernel path (the default data path) needs bpffs mounted while
+    // CAP_SYS_ADMIN is still held, and CAP_BPF afterwards; when bpffs cannot be had the
+    // gateway runs on the TUN and says why.
+    let kernel_path = site
+        .nat
+        .as_ref()
+        .is_some_and(|n| n.datapath.as_ref().is_none_or(|d| d.get_ref() == "kernel"));
+    let mut extra = Vec::new();
+    if kernel_path {
+        match natgw::driver::prepare_kernel_datapath() {
+            Ok(()) => extra.push(caps::Capability::CAP_BPF),
+            Err(e) => tracing::warn!("the NAT kernel path will not load: {e}"),
+        }
+    }
+    if let Err(e) = privileges::reduce(identity, &extra) {
         eprintln!("vipgate: reducing privileges: {e:#}");
         return Err(ExitCode::FAILURE);
     }

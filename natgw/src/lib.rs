@@ -41,8 +41,10 @@
 //!
 //! # The core decides, a data path moves packets
 //! The TUN driver is one data path: it hands every packet to [`Gateway::handle_packet`],
-//! which both decides and rewrites. A second data path (a kernel one, e.g. an XDP/tc program
-//! fed from the core) would execute the decisions without the core touching each packet. The
+//! which both decides and rewrites. The kernel data path (the `kpath` crate's TC program,
+//! `driver::Datapath::Kernel`) executes the decisions without the core touching each packet:
+//! the driver installs the flows [`Gateway::fast_path_eligible`] allows and feeds back what
+//! the program moved with [`Gateway::fast_path_activity`]. The
 //! decision a flow gets is a [`Translation`] ([`Gateway::translations`]): `proto`, `inside`,
 //! `public` and `outside` are both directions' rewrite tuples (outbound: source `inside` →
 //! `public`; inbound: destination `public` → `inside`), and `listener` says which listener
@@ -87,7 +89,7 @@ pub use acl::{Acl, AclAction, AclDecision, AclPacket, AclRule};
 pub use config::{Filtering, GatewayConfig, StaticEntry};
 pub use error::{DropReason, NatError};
 pub use flow::{Direction, FlowEvent, ListenerId, Proto};
-pub use gateway::{Gateway, GatewayStats, Listener, PacketMeta, Verdict};
+pub use gateway::{FastPathActivity, Gateway, GatewayStats, Listener, PacketMeta, Verdict};
 pub use selector::{Selector, StaticForward};
 pub use service::{BackendKey, ServiceConfig, VirtualService};
 pub use table::{PatTable, Timeouts, Translation};

@@ -15,7 +15,7 @@ use super::vrrp::VrrpSection;
 use gre::driver::TunnelSpec;
 use gre::{KeepaliveConfig, TunnelConfig};
 use ipnet::IpNet;
-use natgw::driver::DriverConfig;
+use natgw::driver::{Datapath, DriverConfig};
 use natgw::{AclRule, GatewayConfig, StaticEntry, Timeouts};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -55,7 +55,11 @@ pub(crate) fn gre(section: &GreSection) -> TunnelSpec {
 
 /// `[nat]` as the PAT gateway's driver settings and core config. `seed` keys port
 /// randomisation and the table's hashes; it is the caller's, so lowering stays deterministic.
-pub(crate) fn nat(section: &NatSection, seed: u64) -> (DriverConfig, GatewayConfig) {
+pub(crate) fn nat(
+    section: &NatSection,
+    site_path: &std::path::Path,
+    seed: u64,
+) -> (DriverConfig, GatewayConfig) {
     let defaults = DriverConfig::new(section.inside.clone(), section.outside.get_ref().clone());
     let driver = DriverConfig {
         table: *section.table.get_ref(),
@@ -64,9 +68,32 @@ pub(crate) fn nat(section: &NatSection, seed: u64) -> (DriverConfig, GatewayConf
             .queues
             .as_ref()
             .map_or(defaults.queues, |q| *q.get_ref() as usize),
+        datapath: match section.datapath.as_ref().map(|d| d.get_ref().as_str()) {
+            Some("tun") => Datapath::Tun,
+            _ => Datapath::Kernel,
+        },
+        site: pin_site_name(site_path),
         ..defaults
     };
     (driver, gateway(section, seed))
+}
+
+/// The kernel path's pin directory name: the site file's stem, limited to the characters a
+/// pin directory may use.
+fn pin_site_name(path: &std::path::Path) -> String {
+    let stem: String = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    if stem.is_empty() || stem.chars().all(|c| c == '.') {
+        "nat".into()
+    } else {
+        stem
+    }
 }
 
 /// The core's half of [`nat`]: what a reload hands to a running gateway.
@@ -272,8 +299,17 @@ mod tests {
     fn nat_lowers_to_driver_and_gateway_configs() {
         let site = example("pat-gateway.toml");
         let section = site.nat.as_ref().expect("pat-gateway.toml has [nat]");
-        let (driver, gw) = nat(section, 7);
+        let (driver, gw) = nat(section, &site.path, 7);
         assert_eq!(driver.inside, section.inside);
+        assert_eq!(
+            driver.site, "pat-gateway",
+            "pins are named after the site file"
+        );
+        assert_eq!(
+            driver.datapath,
+            Datapath::Kernel,
+            "the kernel path is the default"
+        );
         assert_eq!(driver.outside, *section.outside.get_ref());
         assert_eq!(driver.table, *section.table.get_ref());
         assert_eq!(driver.tun, "nat0");

@@ -98,6 +98,17 @@ fn semantic_checks() {
         ["site.toml:5:10: queues must be between 1 and 8"]
     );
 
+    let datapath = "[nat]\ninside = [\"eth1\"]\noutside = \"eth0\"\naddress = \"192.0.2.1\"\n\
+                    datapath = \"xdp\"\n";
+    assert_eq!(
+        errors(datapath),
+        ["site.toml:5:12: datapath must be \"kernel\" or \"tun\", not \"xdp\""]
+    );
+    for ok in ["kernel", "tun"] {
+        let good = datapath.replace("xdp", ok);
+        assert!(errors(&good).is_empty(), "{ok}");
+    }
+
     let prio = REFERENCE.replace("priority = 150", "priority = 255");
     assert!(
         errors(&prio)

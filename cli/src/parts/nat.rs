@@ -37,7 +37,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     let Some(nat) = &site.nat else {
         return Ok(Vec::new());
     };
-    let (driver_cfg, gateway_cfg) = lower::nat(nat, random_seed());
+    let (driver_cfg, gateway_cfg) = lower::nat(nat, &site.path, random_seed());
     let driver = NatDriver::start(driver_cfg, gateway_cfg)
         .await
         .context("starting the PAT gateway")?;
@@ -164,6 +164,13 @@ fn status_json(s: &NatStatus, flows: bool) -> Value {
         "capacity": s.capacity,
         "table_bytes": s.table_bytes,
         "tun_queues": s.tun_queues,
+        "datapath": s.datapath,
+        "datapath_reason": s.datapath_reason,
+        "fast_path": {
+            "packets": s.fast_packets,
+            "bytes": s.fast_bytes,
+            "flows": s.fast_flows,
+        },
         "statics": statics,
         "translations_truncated": s.flows > SHOW_LIMIT,
         // `name` (the rule's line number) makes each rule a labelled metrics series.
@@ -203,11 +210,13 @@ impl NatPart {
             || nat.rule_priority.get_ref() != self.started.rule_priority.get_ref()
             || nat.queues.as_ref().map(toml::Spanned::get_ref)
                 != self.started.queues.as_ref().map(toml::Spanned::get_ref)
+            || nat.datapath.as_ref().map(toml::Spanned::get_ref)
+                != self.started.datapath.as_ref().map(toml::Spanned::get_ref)
         {
-            // Steering (interfaces, table, rules) and the TUN queues are set up at start:
-            // restart.
+            // Steering (interfaces, table, rules), the TUN queues and the data path are set up
+            // at start: restart.
             return Ok(Reconfigured::restart(
-                "interfaces, routing table, rule priority or queues changed",
+                "interfaces, routing table, rule priority, queues or datapath changed",
             ));
         }
         Ok(self
@@ -338,6 +347,16 @@ pub(crate) fn render(items: &[Value]) -> String {
             addrs.join(", "),
             it["tun_queues"]
         );
+        let fast = &it["fast_path"];
+        let _ = writeln!(
+            out,
+            "Data path: {} ({}); kernel fast path: {} flows, {} packets, {} bytes",
+            str_of(&it["datapath"]),
+            str_of(&it["datapath_reason"]),
+            fast["flows"],
+            fast["packets"],
+            fast["bytes"]
+        );
         let _ = writeln!(out, "ACL (first match wins):");
         for (i, r) in it["acl"].as_array().into_iter().flatten().enumerate() {
             let _ = writeln!(
@@ -424,6 +443,11 @@ mod tests {
             table_bytes: 4096,
             public_addresses: vec![public],
             tun_queues: 1,
+            datapath: "tun",
+            datapath_reason: "configured: datapath = \"tun\"".into(),
+            fast_packets: 0,
+            fast_bytes: 0,
+            fast_flows: 0,
         }
     }
 

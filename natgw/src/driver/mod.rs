@@ -12,8 +12,11 @@
 //! copied, split or checksummed in userspace. Up to [`BATCH`] reads are translated under one
 //! lock; buffers are reused, so there is no allocation per packet.
 
+mod kernel;
 mod netlink;
 mod sysctl;
+
+pub use kernel::{Datapath, FastPathCounters, SYNC_INTERVAL, prepare_kernel_datapath};
 
 use std::net::Ipv4Addr;
 use std::time::Instant;
@@ -107,6 +110,11 @@ pub struct DriverConfig {
     /// Public addresses NOT made live at start: another part (a VRRP master) decides when
     /// they are, through [`NatDriver::add_public_address`] / [`NatDriver::remove_public_address`].
     pub deferred_public: Vec<Ipv4Addr>,
+    /// Which data path moves established flows. Default [`Datapath::Kernel`] (the TUN when
+    /// the program does not load).
+    pub datapath: Datapath,
+    /// Names the kernel path's pin directory (`/sys/fs/bpf/vipgate/<site>/`). Default `nat`.
+    pub site: String,
 }
 
 impl DriverConfig {
@@ -126,6 +134,8 @@ impl DriverConfig {
             offload: true,
             queues: 1,
             deferred_public: Vec::new(),
+            datapath: Datapath::default(),
+            site: "nat".into(),
         }
     }
 }
@@ -157,6 +167,16 @@ pub struct NatStatus {
     pub public_addresses: Vec<Ipv4Addr>,
     /// TUN queues opened (one packet task each).
     pub tun_queues: usize,
+    /// The data path moving established flows: `kernel` or `tun`.
+    pub datapath: &'static str,
+    /// Why this data path runs (the configured one, or why the kernel path did not load).
+    pub datapath_reason: String,
+    /// Packets the kernel path rewrote (GSO segments counted one by one); 0 on `tun`.
+    pub fast_packets: u64,
+    /// IP bytes the kernel path rewrote.
+    pub fast_bytes: u64,
+    /// Flows installed in the kernel path.
+    pub fast_flows: usize,
 }
 
 /// A running gateway: `nat0`, its routes and the packet loop.
@@ -181,6 +201,10 @@ pub struct NatDriver {
     learnt_inside: Vec<ipnet::Ipv4Net>,
     /// Addresses of this host, learnt at start (traffic to them may pass through).
     learnt_local: Vec<Ipv4Addr>,
+    /// The kernel data path, when it runs.
+    kernel: Option<Arc<Mutex<kernel::KernelDatapath>>>,
+    /// Why the data path in use runs.
+    datapath_reason: String,
 }
 
 /// The driver's clock: the one place that reads it.
@@ -254,8 +278,30 @@ impl NatDriver {
                 };
                 watch.spawn("nat packet loop", run(queue, gw.clone(), stop.subscribe()))
             })
-            .collect();
-        tracing::info!(tun = %cfg.tun, queues = n_queues, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
+            .collect::<Vec<_>>();
+        let (kernel, datapath_reason) = match cfg.datapath {
+            Datapath::Tun => (None, "configured: datapath = \"tun\"".to_owned()),
+            Datapath::Kernel => {
+                match kernel::KernelDatapath::start(&cfg.site, &cfg.inside, &cfg.outside) {
+                    Ok(k) => (
+                        Some(Arc::new(Mutex::new(k))),
+                        "configured: datapath = \"kernel\"".to_owned(),
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the kernel data path did not load; every packet takes the TUN");
+                        (None, format!("kernel path unavailable: {e}"))
+                    }
+                }
+            }
+        };
+        let mut tasks = tasks;
+        if let Some(k) = &kernel {
+            tasks.push(watch.spawn(
+                "nat kernel path sync",
+                kernel::sync_loop(k.clone(), gw.clone(), stop.subscribe()),
+            ));
+        }
+        tracing::info!(tun = %cfg.tun, queues = n_queues, datapath = if kernel.is_some() { "kernel" } else { "tun" }, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
         Ok(NatDriver {
             gw,
             stop,
@@ -267,6 +313,8 @@ impl NatDriver {
             tun_queues: n_queues,
             learnt_inside: inside_nets,
             learnt_local,
+            kernel,
+            datapath_reason,
         })
     }
 
@@ -326,6 +374,11 @@ impl NatDriver {
     }
 
     fn copy_state(&self, translations: bool) -> NatStatus {
+        // Read before the core's lock: the sync task takes the kernel path's lock first.
+        let fast = self
+            .kernel
+            .as_ref()
+            .map_or_else(FastPathCounters::default, |k| lock_unpoisoned(k).counters());
         let gw = lock_unpoisoned(&self.gw);
         let now = now();
         NatStatus {
@@ -345,6 +398,15 @@ impl NatDriver {
             table_bytes: gw.table().heap_bytes(),
             public_addresses: gw.public_addresses(),
             tun_queues: self.tun_queues,
+            datapath: if self.kernel.is_some() {
+                "kernel"
+            } else {
+                "tun"
+            },
+            datapath_reason: self.datapath_reason.clone(),
+            fast_packets: fast.packets,
+            fast_bytes: fast.bytes,
+            fast_flows: fast.flows,
         }
     }
 
@@ -371,7 +433,12 @@ impl NatDriver {
 
     /// Flushes dynamic flows (`vipgate nat clear`); returns how many were removed.
     pub fn clear(&self) -> usize {
-        lock_unpoisoned(&self.gw).clear(now())
+        let removed = lock_unpoisoned(&self.gw).clear(now());
+        // The kernel path forgets the cleared flows now, not at its next round.
+        if let Some(k) = &self.kernel {
+            lock_unpoisoned(k).sync(&self.gw);
+        }
+        removed
     }
 
     /// The TUN's name.
@@ -399,6 +466,9 @@ impl NatDriver {
             }
             None => Ok(()),
         };
+        if let Some(k) = &self.kernel {
+            lock_unpoisoned(k).unload();
+        }
         self.installed.lock().await.remove(&self.handle).await;
         tracing::info!(tun = %self.tun, "nat gateway stopped");
         result

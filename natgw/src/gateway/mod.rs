@@ -6,6 +6,7 @@
 //! [`Gateway::handle_timeout`]. Everything else (`show`, `clear`, listeners) is plain method
 //! calls between packets.
 
+mod fast_path;
 mod icmp;
 mod listeners;
 mod services;
@@ -29,6 +30,7 @@ use crate::table::{
 };
 use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
+pub use fast_path::FastPathActivity;
 pub use listeners::Listener;
 pub use stats::GatewayStats;
 
