@@ -97,14 +97,7 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
     let mut daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
     let ctl = t.dir().join("ctl.sock");
     let ctl = ctl.to_str().unwrap();
-    wait_until(
-        Duration::from_secs(20),
-        "the port forward to answer",
-        || {
-            t.curl("out", "http://198.51.100.1:8001/")
-                .is_ok_and(|b| b.trim() == "web")
-        },
-    );
+    wait_ready(&t);
 
     // A reload with a mistake is refused with FILE:LINE:COL and the forward keeps working.
     std::fs::write(&cfg, nat_config(&t, "eth1", "[[nat.static]]\nproto = \"tcp\"\noutside_port = 8001\ninside = \"192.168.101.101:22\"\n")).unwrap();
@@ -144,11 +137,15 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
     );
 
     // Prometheus text on [daemon] metrics agrees with `show nat --json`.
-    let metrics = wait_for(Duration::from_secs(10), "metrics", || {
-        t.try_sh("gw", "curl -sS --max-time 2 http://127.0.0.1:9477/metrics")
-            .ok()
-    });
+    // Show first, then scrape until the scrape is at least as new: metrics are rendered at
+    // most once a second, so a scrape may predate the flows the curls above just opened.
     let show = t.show("gw", ctl, Show::Nat);
+    let metrics = wait_for(Duration::from_secs(10), "metrics as new as show", || {
+        let metrics = t
+            .try_sh("gw", "curl -sS --max-time 2 http://127.0.0.1:9477/metrics")
+            .ok()?;
+        metrics_not_behind(&show[0], &metrics).then_some(metrics)
+    });
     let mut samples = 0;
     for line in metrics.lines() {
         if line.starts_with('#') {
@@ -170,9 +167,15 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
         samples += 1;
     }
     assert!(samples > 5, "{metrics}");
-    // Every top-level number of the status appears with the same value (counters may only grow).
-    for (key, v) in show[0].as_object().unwrap() {
-        let Some(n) = v.as_f64() else { continue };
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
+/// Every top-level number of a `show nat` status appears in the metrics text with at least
+/// the same value (counters only grow; the gauges here do not shrink within a test); a number
+/// without its metric fails the test at once.
+fn metrics_not_behind(status: &Value, metrics: &str) -> bool {
+    status.as_object().unwrap().iter().all(|(key, v)| {
+        let Some(n) = v.as_f64() else { return true };
         let series = metrics
             .lines()
             .find(|l| {
@@ -181,9 +184,8 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
             })
             .unwrap_or_else(|| panic!("no metric for `{key}` in:\n{metrics}"));
         let m: f64 = series.rsplit_once(' ').unwrap().1.parse().unwrap();
-        assert!(m >= n, "{key}: metrics {m} < show {n}");
-    }
-    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+        m >= n
+    })
 }
 
 fn vrrp_instance(name: &str, vrid: u8, vip: &str) -> String {
@@ -206,17 +208,30 @@ fn forwarding_daemon(t: Topology) -> ForwardingDaemon {
     let _web = t.http_server("in", "192.168.101.101", 80, "web");
     let cfg = t.write("site.toml", &nat_config(&t, "eth1", ""));
     let daemon = t.vipgate("gw", "vipgate", &["run", "-c", cfg.to_str().unwrap()]);
-    wait_until(
-        Duration::from_secs(20),
-        "the port forward to answer",
-        || forward_answers(&t),
-    );
+    wait_ready(&t);
     ForwardingDaemon {
         t,
         _web,
         cfg,
         daemon,
     }
+}
+
+/// Waits until the daemon is up: the forward answers and the control socket takes requests.
+/// The forward alone is not enough: the gateway forwards (slow path) while its kernel fast
+/// path is still loading, before the daemon has bound its control socket.
+fn wait_ready(t: &Topology) {
+    wait_until(
+        Duration::from_secs(20),
+        "the port forward to answer",
+        || forward_answers(t),
+    );
+    let ctl = t.dir().join("ctl.sock");
+    wait_until(
+        Duration::from_secs(20),
+        "the control socket to answer",
+        || t.try_show("gw", &ctl, Show::Status).is_some(),
+    );
 }
 
 fn forward_answers(t: &Topology) -> bool {

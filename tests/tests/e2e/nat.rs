@@ -224,9 +224,11 @@ UsePAM no\nPidFile {d}/sshd.pid\n"
 
 #[test]
 fn overload_many_hosts_eim_ping_traceroute() {
-    // Two TUN queues: flows and their replies may be read on either, one table serves both.
-    let hq = hq(e2e!(), "queues = 2");
+    // The TUN data path alone (every packet through nat0, as before the kernel path), with two
+    // TUN queues: flows and their replies may be read on either, one table serves both.
+    let hq = hq(e2e!(), "queues = 2\ndatapath = \"tun\"");
     assert_eq!(hq.show()["tun_queues"], 2);
+    assert_eq!(hq.show()["datapath"], "tun");
     let t = &hq.topo;
     let http = t.http_server("out", "198.51.100.200", 8080, "outside");
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
@@ -611,7 +613,7 @@ fn hash_checked_transfer(
 /// and filters from the interfaces.
 #[test]
 fn kernel_path_carries_transfers_and_a_stop_leaves_nothing() {
-    let mut hq = hq("nat_kpath", "datapath = \"kernel\"");
+    let mut hq = hq(e2e!(), "datapath = \"kernel\"");
     let v = hq.show();
     assert_eq!(v["datapath"], "kernel", "{}", v["datapath_reason"]);
     assert!(hq.show_text().contains("Data path: kernel"));
