@@ -95,13 +95,17 @@ mod tests {
     const H1: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 10);
     const SRV: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
 
-    fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
-        let mut v = Vec::new();
-        PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64)
-            .udp(src.port(), dst.port())
-            .write(&mut v, b"x")
-            .unwrap();
-        v
+    /// A PAT gateway for the inside network of H1, overloading PUBLIC.
+    fn pat_gateway(now: Instant) -> Gateway {
+        Gateway::new(
+            now,
+            GatewayConfig {
+                overload: Some(PUBLIC),
+                inside_networks: vec!["192.168.101.0/24".parse().unwrap()],
+                ..GatewayConfig::default()
+            },
+        )
+        .unwrap()
     }
 
     fn tcp(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: Option<u32>, flag: u8) -> Vec<u8> {
@@ -125,19 +129,10 @@ mod tests {
     /// A RST far beyond what the core saw is judged against the sequence space the fast
     /// path reported: accepted with the reports, refused without them.
     #[test]
-    #[allow(clippy::disallowed_methods)] // the test picks the epoch
     fn reported_tcp_progress_keeps_the_window_tracking_true() {
         for report in [true, false] {
-            let now = Instant::now();
-            let mut gw = Gateway::new(
-                now,
-                GatewayConfig {
-                    overload: Some(PUBLIC),
-                    inside_networks: vec!["192.168.101.0/24".parse().unwrap()],
-                    ..GatewayConfig::default()
-                },
-            )
-            .unwrap();
+            let now = testkit::epoch();
+            let mut gw = pat_gateway(now);
             let inside = SocketAddrV4::new(H1, 40000);
             let outside = SocketAddrV4::new(SRV, 443);
             let mut syn = tcp(inside, outside, 1000, None, crate::tcp::SYN);
@@ -191,21 +186,12 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::disallowed_methods)] // the test picks the epoch
     fn activity_keeps_a_flow_alive_and_a_gone_flow_is_reported() {
-        let now = Instant::now();
-        let mut gw = Gateway::new(
-            now,
-            GatewayConfig {
-                overload: Some(PUBLIC),
-                inside_networks: vec!["192.168.101.0/24".parse().unwrap()],
-                ..GatewayConfig::default()
-            },
-        )
-        .unwrap();
+        let now = testkit::epoch();
+        let mut gw = pat_gateway(now);
         let inside = SocketAddrV4::new(H1, 5000);
         let outside = SocketAddrV4::new(SRV, 53);
-        let mut p = udp(inside, outside);
+        let mut p = testkit::packet::ipv4_udp(inside, outside, b"x");
         assert_eq!(
             gw.handle_packet(now, Direction::Outbound, &mut p),
             crate::Verdict::Forward
