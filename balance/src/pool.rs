@@ -680,16 +680,21 @@ impl Pool {
 
     /// Adds one packet of `len` bytes to the backend's traffic counters.
     pub fn count_packet(&mut self, id: BackendId, dir: Direction, len: usize) {
+        self.count_traffic(id, dir, 1, len as u64);
+    }
+
+    /// Adds `packets` packets of `bytes` bytes in all to the backend's traffic counters (what
+    /// a data path that moved them without the core reports in one go).
+    pub fn count_traffic(&mut self, id: BackendId, dir: Direction, packets: u64, bytes: u64) {
         if let Some(b) = self.slot_mut(usize::from(id.0)) {
-            let len = len as u64;
             match dir {
                 Direction::ToBackend => {
-                    b.stats.packets_in += 1;
-                    b.stats.bytes_in += len;
+                    b.stats.packets_in += packets;
+                    b.stats.bytes_in += bytes;
                 }
                 Direction::ToClient => {
-                    b.stats.packets_out += 1;
-                    b.stats.bytes_out += len;
+                    b.stats.packets_out += packets;
+                    b.stats.bytes_out += bytes;
                 }
             }
         }

@@ -103,13 +103,17 @@ fn prepare_daemon(path: &std::path::Path) -> Result<config::SiteConfig, ExitCode
         },
         None => None,
     };
-    // The NAT gateway's kernel path (the default data path) needs bpffs mounted while
+    // The gateway's kernel path (the default data path; a PAT gateway's or a director's) needs bpffs mounted while
     // CAP_SYS_ADMIN is still held, and CAP_BPF afterwards; when bpffs cannot be had the
     // gateway runs on the TUN and says why.
-    let kernel_path = site
-        .nat
-        .as_ref()
-        .is_some_and(|n| n.datapath.as_ref().is_none_or(|d| d.get_ref() == "kernel"));
+    let kernel = |d: Option<&toml::Spanned<String>>| d.is_none_or(|d| d.get_ref() == "kernel");
+    let kernel_path = match &site.nat {
+        Some(n) => kernel(n.datapath.as_ref()),
+        // A director runs a gateway of its own for its services.
+        None => {
+            !site.service.is_empty() && kernel(site.lb.as_ref().and_then(|l| l.datapath.as_ref()))
+        }
+    };
     let mut extra = Vec::new();
     if kernel_path {
         match natgw::driver::prepare_kernel_datapath() {

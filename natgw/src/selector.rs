@@ -66,6 +66,14 @@ impl Selector {
         }
     }
 
+    /// A second data path moved `packets` packets (`bytes` in all) of a flow to `inside`
+    /// without the core, towards `inside` when `to_inside`.
+    pub fn on_traffic(&mut self, inside: SocketAddrV4, to_inside: bool, packets: u64, bytes: u64) {
+        if let Selector::Service(s) = self {
+            s.count_traffic(inside, to_inside, packets, bytes);
+        }
+    }
+
     /// The static forward, if this is one.
     #[must_use]
     pub fn as_static(&self) -> Option<&StaticForward> {

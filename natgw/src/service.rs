@@ -145,13 +145,25 @@ impl VirtualService {
 
     /// Counts one packet of a flow to `inside`.
     pub fn count_packet(&mut self, inside: SocketAddrV4, to_backend: bool, len: usize) {
+        self.count_traffic(inside, to_backend, 1, len as u64);
+    }
+
+    /// Counts `packets` packets (`bytes` in all) of a flow to `inside` at once: what the
+    /// kernel fast path moved since its last report.
+    pub fn count_traffic(
+        &mut self,
+        inside: SocketAddrV4,
+        to_backend: bool,
+        packets: u64,
+        bytes: u64,
+    ) {
         if let Some(id) = self.pool.find(inside) {
             let dir = if to_backend {
                 PoolDirection::ToBackend
             } else {
                 PoolDirection::ToClient
             };
-            self.pool.count_packet(id, dir, len);
+            self.pool.count_traffic(id, dir, packets, bytes);
         }
     }
 

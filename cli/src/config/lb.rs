@@ -138,6 +138,38 @@ pub(crate) struct ServiceSection {
     pub(crate) sorry: Option<Spanned<SocketAddrV4>>,
 }
 
+/// `[lb]`: settings of a director's own gateway (a site with `[[service]]` and no `[nat]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LbSection {
+    /// Which data path moves the services' established flows: `"kernel"` (the eBPF fast path
+    /// at TC where it loads; the TUN otherwise) or `"tun"`. Default `"kernel"`. With `[nat]`
+    /// the services join the PAT gateway and `[nat] datapath` decides.
+    #[serde(default)]
+    pub(crate) datapath: Option<Spanned<String>>,
+}
+
+impl LbSection {
+    /// The data path value is one of the two; it is not set where `[nat]` decides.
+    pub(crate) fn validate(&self, nat: bool, v: &mut Validator) {
+        let Some(d) = &self.datapath else { return };
+        if !matches!(d.get_ref().as_str(), "kernel" | "tun") {
+            v.error_at(
+                d,
+                format!(
+                    "datapath must be \"kernel\" or \"tun\", not {:?}",
+                    d.get_ref()
+                ),
+            );
+        } else if nat {
+            v.error_at(
+                d,
+                "with [nat] the services join the PAT gateway: set its data path with [nat] datapath",
+            );
+        }
+    }
+}
+
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,

@@ -8,6 +8,7 @@
 //! refuses a value again. The parts (`crate::parts`) only start, stop, reconfigure and
 //! report what these functions build.
 
+use super::SiteConfig;
 use super::gre::GreSection;
 use super::lb::{HealthKind, ServiceSection};
 use super::nat::NatSection;
@@ -68,14 +69,29 @@ pub(crate) fn nat(
             .queues
             .as_ref()
             .map_or(defaults.queues, |q| *q.get_ref() as usize),
-        datapath: match section.datapath.as_ref().map(|d| d.get_ref().as_str()) {
-            Some("tun") => Datapath::Tun,
-            _ => Datapath::Kernel,
-        },
+        datapath: datapath(section.datapath.as_ref()),
         site: pin_site_name(site_path),
         ..defaults
     };
     (driver, gateway(section, seed))
+}
+
+/// A validated `datapath` value (absent: the default, the kernel path).
+fn datapath(value: Option<&toml::Spanned<String>>) -> Datapath {
+    match value.map(|d| d.get_ref().as_str()) {
+        Some("tun") => Datapath::Tun,
+        _ => Datapath::Kernel,
+    }
+}
+
+/// A director's gateway (services, no `[nat]`): its interfaces are found at start from the
+/// routes; the data path comes from `[lb]`, the pin directory from the site file's name.
+pub(crate) fn director(site: &SiteConfig, inside: Vec<String>, outside: String) -> DriverConfig {
+    DriverConfig {
+        datapath: datapath(site.lb.as_ref().and_then(|lb| lb.datapath.as_ref())),
+        site: pin_site_name(&site.path),
+        ..DriverConfig::new(inside, outside)
+    }
 }
 
 /// The kernel path's pin directory name: the site file's stem, limited to the characters a

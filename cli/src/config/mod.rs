@@ -35,6 +35,7 @@ pub(crate) struct SiteConfig {
     pub(crate) daemon: daemon::DaemonSection,
     pub(crate) gre: Vec<gre::GreSection>,
     pub(crate) nat: Option<nat::NatSection>,
+    pub(crate) lb: Option<lb::LbSection>,
     pub(crate) service: Vec<lb::ServiceSection>,
     pub(crate) vrrp: Vec<vrrp::VrrpSection>,
     pub(crate) ssh: Vec<ssh::SshSection>,
@@ -165,7 +166,9 @@ impl Validator {
 }
 
 /// The top-level sections the contract knows.
-const SECTIONS: [&str; 7] = ["daemon", "gre", "nat", "service", "vrrp", "ssh", "sshd"];
+const SECTIONS: [&str; 8] = [
+    "daemon", "gre", "nat", "lb", "service", "vrrp", "ssh", "sshd",
+];
 
 /// Reads and validates a config file.
 ///
@@ -269,6 +272,7 @@ fn parse_into(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> SiteConfi
             }
             "gre" => site.gre = many(value, name, diags),
             "nat" => site.nat = one(value, name, diags),
+            "lb" => site.lb = one(value, name, diags),
             "service" => site.service = many(value, name, diags),
             "vrrp" => site.vrrp = many(value, name, diags),
             "ssh" => site.ssh = many(value, name, diags),
@@ -312,6 +316,9 @@ impl SiteConfig {
         gre::validate_all(&self.gre, v);
         if let Some(nat) = &self.nat {
             nat.validate(v);
+        }
+        if let Some(lb) = &self.lb {
+            lb.validate(self.nat.is_some(), v);
         }
         lb::validate_all(&self.service, self.nat.as_ref().filter(|_| ok("nat")), v);
         vrrp::validate_all(

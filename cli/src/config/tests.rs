@@ -109,6 +109,25 @@ fn semantic_checks() {
         assert!(errors(&good).is_empty(), "{ok}");
     }
 
+    // A director's gateway takes its data path from [lb]; with [nat], [nat] decides.
+    let director = "[lb]\ndatapath = \"xdp\"\n\n[[service]]\nname = \"web\"\n\
+                    listen = \"192.0.2.10:80\"\nbackends = [{ address = \"10.0.0.1:80\" }]\n";
+    assert_eq!(
+        errors(director),
+        ["site.toml:2:12: datapath must be \"kernel\" or \"tun\", not \"xdp\""]
+    );
+    assert!(errors(&director.replace("xdp", "tun")).is_empty());
+    let both = format!(
+        "{}\n[nat]\ninside = [\"eth1\"]\noutside = \"eth0\"\naddress = \"192.0.2.1\"\n",
+        director.replace("xdp", "tun")
+    );
+    assert_eq!(
+        errors(&both),
+        [
+            "site.toml:2:12: with [nat] the services join the PAT gateway: set its data path with [nat] datapath"
+        ]
+    );
+
     let prio = REFERENCE.replace("priority = 150", "priority = 255");
     assert!(
         errors(&prio)
@@ -138,7 +157,7 @@ fn hostile_files_explain_themselves() {
     assert_eq!(
         e,
         vec![
-            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [service], [vrrp], [ssh], [sshd]"
+            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [lb], [service], [vrrp], [ssh], [sshd]"
         ]
     );
     assert!(errors("gre = 5\n")[0].contains("must be an array of tables"));

@@ -5,7 +5,10 @@
 //! join the PAT gateway the nat part started (which stops it after them); on a host without
 //! (a director) this part starts a gateway itself, with no overload address and no port
 //! forwards, and finds the interfaces from the kernel's routes: the outside interface is the
-//! one that reaches the VIPs, the inside interfaces are those that reach the backends.
+//! one that reaches the VIPs, the inside interfaces are those that reach the backends. A
+//! director's gateway runs on the data path `[lb] datapath` names (default the kernel fast
+//! path); a joined one on the PAT gateway's. Each service's status carries the gateway's data
+//! path and fast-path counters.
 //!
 //! Health checks run in a task of their own (natgw's checker); each up/down change is logged
 //! and applied to the pool between two packet batches. A reload (SIGHUP, `vipgate reload`)
@@ -98,7 +101,10 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
             join_gateway(&driver, &services, &vrrp_vips).await?;
             (driver, false)
         }
-        _ => (Arc::new(start_gateway(services, &vrrp_vips).await?), true),
+        _ => (
+            Arc::new(start_gateway(site, services, &vrrp_vips).await?),
+            true,
+        ),
     };
     let gw = driver.gateway();
     let initial = health_targets(&lock(&gw));
@@ -200,6 +206,7 @@ async fn join_gateway(
 
 /// A director's gateway: services only, interfaces found from the routes.
 async fn start_gateway(
+    site: &SiteConfig,
     services: Vec<natgw::ServiceConfig>,
     deferred: &[Ipv4Addr],
 ) -> anyhow::Result<NatDriver> {
@@ -244,7 +251,7 @@ async fn start_gateway(
     };
     let driver_cfg = DriverConfig {
         deferred_public: deferred.to_vec(),
-        ..DriverConfig::new(inside.clone(), outside.clone())
+        ..lower::director(site, inside.clone(), outside.clone())
     };
     let driver = NatDriver::start(driver_cfg, gw_cfg)
         .await
@@ -392,8 +399,19 @@ impl Part for ServicePart {
     }
 
     fn status(&self) -> Value {
-        self.with_service(|s| service_json(s))
-            .unwrap_or_else(|e| json!({ "name": self.name, "error": format!("{e:#}") }))
+        let mut status = self
+            .with_service(|s| service_json(s))
+            .unwrap_or_else(|e| json!({ "name": self.name, "error": format!("{e:#}") }));
+        // The gateway's data path (the director's own, or the PAT gateway's it joined).
+        let nat = self.shared.driver.summary();
+        status["datapath"] = json!(nat.datapath);
+        status["datapath_reason"] = json!(nat.datapath_reason);
+        status["fast_path"] = json!({
+            "packets": nat.fast_packets,
+            "bytes": nat.fast_bytes,
+            "flows": nat.fast_flows,
+        });
+        status
     }
 
     /// The status, taken from the gateway at most once per second.
@@ -628,6 +646,17 @@ pub(crate) fn render(items: &[Value]) -> String {
                 s["over_limit"]
             );
         }
+    }
+    // One gateway carries every service: its data path once, as `show nat` prints it.
+    if let Some(s) = items.iter().find(|s| s["datapath"].is_string()) {
+        let _ = writeln!(
+            out,
+            "Data path: {} ({}); kernel path moved {} packets, {}",
+            s["datapath"].as_str().unwrap_or("?"),
+            s["datapath_reason"].as_str().unwrap_or(""),
+            s["fast_path"]["packets"],
+            human_bytes(s["fast_path"]["bytes"].as_u64().unwrap_or(0)),
+        );
     }
     out
 }

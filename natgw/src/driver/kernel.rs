@@ -3,11 +3,12 @@
 //! The core still decides everything and still sees the first packets of every flow through
 //! `nat0`. Every [`SYNC_INTERVAL`] the sync task (one per gateway):
 //! - installs both directions of each flow the core made eligible
-//!   ([`Gateway::fast_path_eligible`]: established TCP, UDP, not a virtual service's) into the
-//!   program's flow map;
+//!   ([`Gateway::fast_path_eligible`]: established TCP and UDP, whether dynamic PAT, a static
+//!   forward or a virtual service placed it) into the program's flow map;
 //! - removes the entries of flows the core no longer has (expired, closed, `nat clear`);
 //! - feeds back what the program moved ([`Gateway::fast_path_activity`]): idle timers restart,
-//!   TCP window tracking advances, and a flow the core has dropped meanwhile is forgotten.
+//!   TCP window tracking advances, a virtual service's per-backend packet and byte counters
+//!   grow, and a flow the core has dropped meanwhile is forgotten.
 //!
 //! Invariants: the map holds entries only for flows in `installed`, and `installed` only flows
 //! the core had at the last sync; a stop unloads everything (programs, links, pins, qdiscs).
@@ -59,10 +60,11 @@ pub struct FastPathCounters {
     pub flows: usize,
 }
 
-/// One installed flow: its two map entries and the packet counts last fed to the core.
+/// One installed flow: its two map entries and the packet and byte counts last fed to the
+/// core, per entry.
 struct Installed {
     entries: [(FlowKey, Rewrite); 2],
-    reported: [u64; 2],
+    reported: [(u64, u64); 2],
 }
 
 /// Identity of a flow: protocol, inside, public and outside endpoints.
@@ -161,7 +163,7 @@ impl KernelDatapath {
                         *id,
                         Installed {
                             entries,
-                            reported: [0; 2],
+                            reported: [(0, 0); 2],
                         },
                     );
                 }
@@ -181,11 +183,11 @@ impl KernelDatapath {
                 let Ok(Some(r)) = kp.report(key) else {
                     continue;
                 };
-                if r.packets == flow.reported[i] {
+                let (packets, bytes) = flow.reported[i];
+                if r.packets == packets {
                     continue;
                 }
-                let moved = r.packets.wrapping_sub(flow.reported[i]);
-                flow.reported[i] = r.packets;
+                flow.reported[i] = (r.packets, r.bytes);
                 reports.push(FastPathActivity {
                     proto: id.0,
                     public: id.2,
@@ -194,7 +196,8 @@ impl KernelDatapath {
                         KDir::Outbound => Direction::Outbound,
                         KDir::Inbound => Direction::Inbound,
                     },
-                    packets: moved,
+                    packets: r.packets.wrapping_sub(packets),
+                    bytes: r.bytes.wrapping_sub(bytes),
                     tcp: r.tcp.map(|t| (t.seq_end, t.ack, t.window)),
                 });
             }

@@ -28,6 +28,8 @@ pub struct FastPathActivity {
     pub direction: Direction,
     /// Packets moved since the last report (zero: nothing new, nothing to do).
     pub packets: u64,
+    /// IP bytes moved since the last report (a virtual service counts them per backend).
+    pub bytes: u64,
     /// TCP: the sender's highest sequence number plus payload, its highest acknowledgement and
     /// the window sent with it (unscaled), over everything it sent so far.
     pub tcp: Option<(u32, u32, u16)>,
@@ -35,20 +37,16 @@ pub struct FastPathActivity {
 
 impl Gateway {
     /// Whether a second data path may take `t` over: an established TCP flow or a UDP flow,
-    /// not placed by a virtual service (whose per-backend packet and byte counters only the
-    /// core keeps).
+    /// whoever placed it (dynamic PAT, a static forward or a virtual service: a service's
+    /// per-backend counters are fed from the reports, its active/inactive counts from the
+    /// state changes, which the core still sees).
     #[must_use]
     pub fn fast_path_eligible(&self, t: &Translation) -> bool {
-        let by_service = t.listener.is_some_and(|id| {
-            self.listeners()
-                .any(|(l, listener)| l == id && listener.selector.as_service().is_some())
-        });
-        !by_service
-            && match t.proto {
-                Proto::Tcp => t.established,
-                Proto::Udp => true,
-                Proto::Icmp => false,
-            }
+        match t.proto {
+            Proto::Tcp => t.established,
+            Proto::Udp => true,
+            Proto::Icmp => false,
+        }
     }
 
     /// Records what a second data path moved of a flow: its idle deadline restarts at `now`
@@ -64,6 +62,15 @@ impl Gateway {
         };
         if a.packets == 0 {
             return true;
+        }
+        let view = self.table.mapping(self.table.session_mapping(s));
+        let to_inside = a.direction == Direction::Inbound;
+        if let Some(l) = view
+            .listener
+            .and_then(|id| self.listeners.get_mut(usize::from(id.0))?.as_mut())
+        {
+            l.selector
+                .on_traffic(view.inside, to_inside, a.packets, a.bytes);
         }
         let seg = a.tcp.map(|(seq_end, ack, window)| Segment {
             flags: ACK,
@@ -167,6 +174,7 @@ mod tests {
                             outside,
                             direction,
                             packets: 1000,
+                            bytes: 1_000_000,
                             tcp: Some(progress),
                         }
                     ));
@@ -205,6 +213,7 @@ mod tests {
             outside,
             direction: Direction::Outbound,
             packets: 3,
+            bytes: 90,
             tcp: None,
         };
         // Kept alive by reports alone, well past its idle timeout.
@@ -220,5 +229,82 @@ mod tests {
         gw.handle_timeout(at);
         assert!(gw.translations(at).is_empty());
         assert!(!gw.fast_path_activity(at, &activity));
+    }
+
+    /// A virtual service's established flow is the fast path's too, and what the fast path
+    /// moved lands in the backend's counters of `show lb` (packets and bytes, per direction).
+    #[test]
+    fn a_service_flow_is_eligible_and_its_traffic_counts_per_backend() {
+        use testkit::packet::{TcpFlags, ipv4_tcp};
+        let now = testkit::epoch();
+        let mut gw = Gateway::new(
+            now,
+            GatewayConfig {
+                inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                services: vec![crate::service::tests::web(&[(101, 1)])],
+                ..GatewayConfig::default()
+            },
+        )
+        .unwrap();
+        let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
+        let backend = crate::service::tests::rs(101);
+        let client = SocketAddrV4::new(SRV, 40_000);
+        for (dir, mut p) in [
+            (
+                Direction::Inbound,
+                ipv4_tcp(client, vip, TcpFlags::SYN, &[]),
+            ),
+            (
+                Direction::Outbound,
+                ipv4_tcp(backend, client, TcpFlags::SYN_ACK, &[]),
+            ),
+            (
+                Direction::Inbound,
+                ipv4_tcp(client, vip, TcpFlags::ACK, &[]),
+            ),
+        ] {
+            assert_eq!(gw.handle_packet(now, dir, &mut p), crate::Verdict::Forward);
+        }
+        let t = gw.translations(now).pop().unwrap();
+        assert_eq!((t.inside, t.public, t.outside), (backend, vip, client));
+        assert!(t.established && gw.fast_path_eligible(&t));
+        let stats = |gw: &mut Gateway| {
+            let s = gw.service_mut("web").unwrap();
+            *s.pool()
+                .backend(s.backend_id(backend).unwrap())
+                .unwrap()
+                .stats()
+        };
+        let before = stats(&mut gw);
+        for (direction, packets, bytes) in [
+            (Direction::Inbound, 10, 15_000),
+            (Direction::Outbound, 4, 160),
+        ] {
+            assert!(gw.fast_path_activity(
+                now,
+                &FastPathActivity {
+                    proto: Proto::Tcp,
+                    public: vip,
+                    outside: client,
+                    direction,
+                    packets,
+                    bytes,
+                    tcp: None,
+                }
+            ));
+        }
+        let after = stats(&mut gw);
+        assert_eq!(
+            (
+                after.packets_in - before.packets_in,
+                after.bytes_in - before.bytes_in,
+                after.packets_out - before.packets_out,
+                after.bytes_out - before.bytes_out,
+            ),
+            (10, 15_000, 4, 160)
+        );
+        let s = gw.service_mut("web").unwrap();
+        let b = s.pool().backend(s.backend_id(backend).unwrap()).unwrap();
+        assert_eq!((b.active(), b.inactive()), (1, 0));
     }
 }

@@ -6,6 +6,14 @@
 //!  cl 198.51.100.200-209 ── eth0 ── dir (198.51.100.11, VIP .10 owned by vipgate)
 //!                                    br0 10.0.0.1 ── rs1 .101, rs2 .102, rs3 .103 (:80, sorry :8080)
 //! ```
+//!
+//! Data paths: every test runs on the default kernel path (`_kernel`: the eBPF program moves
+//! the services' established flows, the core sees the handshakes and closes); the core
+//! scenarios also run on the TUN path (`_tun`: every packet through `nat0`): the exact
+//! split and a transfer across a reload, lc and drain, health checks and the sorry server,
+//! joining a PAT gateway. The scheduler sequences, source hash and persistence, and
+//! thresholds are decisions of the core alone (the same code on both paths), so they run on
+//! the kernel path only, which keeps the module's time reasonable.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -60,8 +68,23 @@ for s in held:
     print(data.split(b"\r\n\r\n", 1)[1].decode().strip(), flush=True)
 "#;
 
+/// The test `$body(topology, datapath)` once per data path, as `$kernel` and `$tun`.
+macro_rules! on_both_datapaths {
+    ($body:ident: $kernel:ident, $tun:ident) => {
+        #[test]
+        fn $kernel() {
+            $body(e2e!(), "kernel");
+        }
+        #[test]
+        fn $tun() {
+            $body(e2e!(), "tun");
+        }
+    };
+}
+
 struct Lab {
     t: Topology,
+    datapath: &'static str,
     vipgate: Proc,
     servers: HashMap<String, Proc>,
     config: std::path::PathBuf,
@@ -70,8 +93,9 @@ struct Lab {
 }
 
 impl Lab {
-    /// Builds the topology, starts `rs1..=rs{reals}` and vipgate with `services` (TOML).
-    fn new(mut t: Topology, reals: u8, services: &str) -> Lab {
+    /// Builds the topology, starts `rs1..=rs{reals}` and vipgate with `services` (TOML) on
+    /// `datapath` (`[lb] datapath`; `services` with a `[nat]` section sets its own).
+    fn new(mut t: Topology, reals: u8, services: &str, datapath: &'static str) -> Lab {
         t.hosts(&["cl", "dir"]);
         t.veth("cl", "eth0", "dir", "eth0");
         t.addr("dir", "eth0", "198.51.100.11/24");
@@ -95,9 +119,14 @@ impl Lab {
         t.write("client.py", CLIENT_PY);
         t.write("hold.py", HOLD_PY);
         let control = t.dir().join("vipgate.sock").display().to_string();
+        let lb = if services.contains("[nat]") {
+            String::new()
+        } else {
+            format!("[lb]\ndatapath = \"{datapath}\"\n\n")
+        };
         let config = t.write(
             "director.toml",
-            &format!("[daemon]\ncontrol = \"{control}\"\n\n{services}"),
+            &format!("[daemon]\ncontrol = \"{control}\"\n\n{lb}{services}"),
         );
         let vipgate = t.vipgate(
             "dir",
@@ -106,6 +135,7 @@ impl Lab {
         );
         let lab = Lab {
             t,
+            datapath,
             vipgate,
             servers,
             config,
@@ -115,7 +145,33 @@ impl Lab {
         wait_until(Duration::from_secs(20), "vipgate to serve show lb", || {
             lab.try_show().is_some_and(|s| s.contains(VIP))
         });
+        let json = lab.json();
+        assert_eq!(
+            json[0]["datapath"], datapath,
+            "the gateway runs on the data path asked for: {}",
+            json[0]["datapath_reason"]
+        );
         lab
+    }
+
+    /// `show lb --json`: one object per service.
+    fn json(&self) -> serde_json::Value {
+        self.t.show("dir", &self.control, Show::Lb)
+    }
+
+    /// Bytes the kernel path moved (`fast_path.bytes` of `show lb --json`; 0 on the TUN).
+    fn fast_bytes(&self) -> u64 {
+        self.json()[0]["fast_path"]["bytes"].as_u64().unwrap_or(0)
+    }
+
+    /// Bytes `show lb` counts from `backend` to the clients.
+    fn bytes_out(&self, backend: &str) -> u64 {
+        let json = self.json();
+        json[0]["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["address"] == backend))
+            .and_then(|b| b["bytes_out"].as_u64())
+            .unwrap_or_else(|| panic!("no bytes_out of {backend} in {json}"))
     }
 
     fn try_show(&self) -> Option<String> {
@@ -216,12 +272,22 @@ fn active_total(lab: &Lab) -> u64 {
         .sum()
 }
 
+on_both_datapaths!(
+    wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer:
+    wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer_kernel,
+    wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer_tun
+);
+
 /// The issue's exactness test (600 connections from several clients land 100/200/300 under
 /// wrr 1:2:3), then a SIGHUP that switches to rr with equal weights while an 8 MB download
 /// runs through the VIP: the download completes, and the next 600 split 200/200/200.
-#[test]
-fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer() {
-    let lab = Lab::new(e2e!(), 3, &service("wrr", "", &[(1, 1), (2, 2), (3, 3)]));
+fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer(t: Topology, datapath: &'static str) {
+    let lab = Lab::new(
+        t,
+        3,
+        &service("wrr", "", &[(1, 1), (2, 2), (3, 3)]),
+        datapath,
+    );
     let split = count(&lab.connect(80, 600, CLIENTS));
     assert_eq!(
         (split.get("rs1"), split.get("rs2"), split.get("rs3")),
@@ -289,14 +355,44 @@ fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer() {
         (8u64 << 20).to_string(),
         "complete download"
     );
+    // `show lb` counts every byte whichever path moved it (the kernel path's reach the
+    // backend's counters at the next sync); on the kernel path most of them never crossed
+    // nat0.
+    let counted = || -> u64 {
+        (1..=3)
+            .map(|i| lab.bytes_out(&format!("10.0.0.10{i}:80")))
+            .sum()
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "show lb to count the transfer",
+        || counted() > 8 << 20,
+    );
+    let (fast, out) = (lab.fast_bytes(), counted());
+    if lab.datapath == "kernel" {
+        assert!(
+            fast > 6 << 20,
+            "the kernel path moved {fast} bytes of the 8 MiB transfer (show lb counted {out})"
+        );
+    } else {
+        assert_eq!(fast, 0);
+    }
 }
+
+on_both_datapaths!(
+    lc_avoids_the_loaded_backend_and_drain_keeps_open_connections:
+    lc_avoids_the_loaded_backend_and_drain_keeps_open_connections_kernel,
+    lc_avoids_the_loaded_backend_and_drain_keeps_open_connections_tun
+);
 
 /// lc: a backend holding long-lived connections gets none of the new short ones until its
 /// load (256 per active connection) is matched; weight 0 drains without cutting an open
 /// connection.
-#[test]
-fn lc_avoids_the_loaded_backend_and_drain_keeps_open_connections() {
-    let lab = Lab::new(e2e!(), 2, &service("lc", "", &[(1, 1), (2, 1)]));
+fn lc_avoids_the_loaded_backend_and_drain_keeps_open_connections(
+    t: Topology,
+    datapath: &'static str,
+) {
+    let lab = Lab::new(t, 2, &service("lc", "", &[(1, 1), (2, 1)]), datapath);
     // Drain rs2 so the held connections all go to rs1.
     lab.weight("web", "10.0.0.102:80", 0);
     let go = lab.t.dir().join("go");
@@ -344,7 +440,13 @@ fn lc_avoids_the_loaded_backend_and_drain_keeps_open_connections() {
 /// a client under rr until the timeout has passed since its last connection.
 #[test]
 fn source_hash_and_persistence_pin_clients() {
-    let lab = Lab::new(e2e!(), 3, &service("sh", "", &[(1, 1), (2, 1), (3, 1)]));
+    let datapath = "kernel";
+    let lab = Lab::new(
+        e2e!(),
+        3,
+        &service("sh", "", &[(1, 1), (2, 1), (3, 1)]),
+        datapath,
+    );
     let mut seen = HashMap::new();
     for a in 200..210 {
         let bodies = lab.connect(80, 5, &format!("198.51.100.{a}"));
@@ -365,6 +467,7 @@ fn source_hash_and_persistence_pin_clients() {
         e2e!(),
         3,
         &service("rr", "persistence = \"5s\"", &[(1, 1), (2, 1), (3, 1)]),
+        datapath,
     );
     let a = "198.51.100.200";
     let b = "198.51.100.201";
@@ -393,18 +496,27 @@ fn source_hash_and_persistence_pin_clients() {
     assert_ne!(later, first_a, "after the timeout rr moves the client on");
 }
 
+on_both_datapaths!(
+    health_checks_take_backends_out_and_the_sorry_server_answers:
+    health_checks_take_backends_out_and_the_sorry_server_answers_kernel,
+    health_checks_take_backends_out_and_the_sorry_server_answers_tun
+);
+
 /// Health: a stopped server is out of rotation within interval x fall and `show lb` says
 /// down; it comes back after rise checks; with every backend down the sorry server answers.
-#[test]
-fn health_checks_take_backends_out_and_the_sorry_server_answers() {
+fn health_checks_take_backends_out_and_the_sorry_server_answers(
+    t: Topology,
+    datapath: &'static str,
+) {
     let mut lab = Lab::new(
-        e2e!(),
+        t,
         3,
         &service(
             "wrr",
             "sorry = \"10.0.0.103:8080\"\nhealth = { kind = \"http\", path = \"/\", interval = \"500ms\", timeout = \"400ms\", rise = 2, fall = 3 }",
             &[(1, 1), (2, 1)],
         ),
+        datapath,
     );
     let sorry = lab.t.http_server("rs3", "10.0.0.103", 8080, "sorry");
     assert_eq!(count(&lab.connect(80, 10, CLIENTS)).len(), 2);
@@ -445,18 +557,25 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers() {
     drop(sorry);
 }
 
+on_both_datapaths!(
+    services_join_the_pat_gateway_of_a_nat_host:
+    services_join_the_pat_gateway_of_a_nat_host_kernel,
+    services_join_the_pat_gateway_of_a_nat_host_tun
+);
+
 /// On a host that also runs the PAT gateway (`[nat]`), the services join its gateway: the VIP
 /// answers, both parts show their state, and the real servers still reach the outside through
 /// the overload address.
-#[test]
-fn services_join_the_pat_gateway_of_a_nat_host() {
+fn services_join_the_pat_gateway_of_a_nat_host(t: Topology, datapath: &'static str) {
     let lab = Lab::new(
-        e2e!(),
+        t,
         2,
         &format!(
-            "[nat]\ninside = [\"br0\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n\n{}",
+            "[nat]\ninside = [\"br0\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n\
+             datapath = \"{datapath}\"\n\n{}",
             service("wrr", "", &[(1, 1), (2, 1)])
         ),
+        datapath,
     );
     let split = count(&lab.connect(80, 10, CLIENTS));
     assert_eq!((split.get("rs1"), split.get("rs2")), (Some(&5), Some(&5)));
@@ -569,6 +688,7 @@ fn names(seq: &[u8]) -> Vec<String> {
 /// the VIP maps to, and twos spreads over all.
 #[test]
 fn new_schedulers_split_known_sequences_exactly() {
+    let datapath = "kernel";
     // Each service has its own backend port (rsN answers on 80PP for VIP port PP): two
     // services sharing a backend endpoint can meet the same inside 4-tuple when a client
     // port is reused, which this test is not about.
@@ -589,7 +709,7 @@ fn new_schedulers_split_known_sequences_exactly() {
         svc(88, "twos", &[(1, 1), (2, 1), (3, 1)]),
     ]
     .join("\n");
-    let lab = Lab::new(e2e!(), 3, &services);
+    let lab = Lab::new(e2e!(), 3, &services, datapath);
     let _servers: Vec<Proc> = (81..=88)
         .flat_map(|port| (1..=3).map(move |i| (port, i)))
         .map(|(port, i)| {
@@ -651,6 +771,7 @@ fn new_schedulers_split_known_sequences_exactly() {
 /// `show lb --json` reports the thresholds and the service's limit.
 #[test]
 fn thresholds_skip_an_overloaded_backend_and_let_it_return() {
+    let datapath = "kernel";
     let list = "backends = [\n  { address = \"10.0.0.101:80\", max_connections = 2, min_connections = 1 },\n  { address = \"10.0.0.102:80\" },\n]\n";
     let lab = Lab::new(
         e2e!(),
@@ -658,6 +779,7 @@ fn thresholds_skip_an_overloaded_backend_and_let_it_return() {
         &format!(
             "[[service]]\nname = \"web\"\nlisten = \"{VIP}:80\"\nscheduler = \"rr\"\nmax_connections = 40\n{list}"
         ),
+        datapath,
     );
     let (mut held, go) = lab.hold(80, 3, "reset");
     // rr: rs1, rs2, rs1 — rs1 now holds its maximum of 2.

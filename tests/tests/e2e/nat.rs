@@ -6,6 +6,12 @@
 //!                      ├─ eth1 gw eth0 ── isp ─┤
 //!  web 192.168.101.101 ┘  .1      .1  (bridge) └─ out2 198.51.100.201 (and .66, a "bad" host)
 //! ```
+//!
+//! Data paths: the forwards, dynamic PAT (with two TUN queues), the ACL and unsolicited
+//! inbound, and a live reload run on both (`_kernel`: established flows in the eBPF program;
+//! `_tun`: every packet through `nat0`). The table flood (new flows only, which the core
+//! handles on either path) and the kernel path's own transfer and unload test run on the
+//! kernel path, the default.
 
 use serde_json::Value;
 use std::time::Duration;
@@ -13,6 +19,20 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 
 const PUBLIC: &str = "198.51.100.1";
 const T: Duration = Duration::from_secs(30);
+
+/// The test `$body(topology, datapath)` once per data path, as `$kernel` and `$tun`.
+macro_rules! on_both_datapaths {
+    ($body:ident: $kernel:ident, $tun:ident) => {
+        #[test]
+        fn $kernel() {
+            $body(e2e!(), "kernel");
+        }
+        #[test]
+        fn $tun() {
+            $body(e2e!(), "tun");
+        }
+    };
+}
 
 struct Hq {
     topo: Topology,
@@ -148,9 +168,15 @@ while True:\n  d,a=s.recvfrom(100)\n  s.sendto(('%s:%d'%a).encode(),a)\n"
     }
 }
 
-#[test]
-fn static_forwards_reach_web_and_sshd() {
-    let hq = hq(e2e!(), "");
+on_both_datapaths!(
+    static_forwards_reach_web_and_sshd:
+    static_forwards_reach_web_and_sshd_kernel,
+    static_forwards_reach_web_and_sshd_tun
+);
+
+fn static_forwards_reach_web_and_sshd(t: Topology, datapath: &str) {
+    let hq = hq(t, &format!("datapath = \"{datapath}\""));
+    assert_eq!(hq.show()["datapath"], datapath);
     let t = &hq.topo;
     let _web = t.http_server("web", "192.168.101.101", 80, "hello from web");
     let body = t
@@ -222,13 +248,19 @@ UsePAM no\nPidFile {d}/sshd.pid\n"
     assert!(hq.show_text().contains("Inside global"));
 }
 
-#[test]
-fn overload_many_hosts_eim_ping_traceroute() {
-    // The TUN data path alone (every packet through nat0, as before the kernel path), with two
-    // TUN queues: flows and their replies may be read on either, one table serves both.
-    let hq = hq(e2e!(), "queues = 2\ndatapath = \"tun\"");
+on_both_datapaths!(
+    overload_many_hosts_eim_ping_traceroute:
+    overload_many_hosts_eim_ping_traceroute_kernel,
+    overload_many_hosts_eim_ping_traceroute_tun
+);
+
+fn overload_many_hosts_eim_ping_traceroute(t: Topology, datapath: &str) {
+    // Two TUN queues: flows and their replies may be read on either, one table serves both
+    // (on the kernel path the TUN still carries every flow's first packets, ICMP and
+    // traceroute's expiring TTLs).
+    let hq = hq(t, &format!("queues = 2\ndatapath = \"{datapath}\""));
     assert_eq!(hq.show()["tun_queues"], 2);
-    assert_eq!(hq.show()["datapath"], "tun");
+    assert_eq!(hq.show()["datapath"], datapath);
     let t = &hq.topo;
     let http = t.http_server("out", "198.51.100.200", 8080, "outside");
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
@@ -332,9 +364,15 @@ fn overload_many_hosts_eim_ping_traceroute() {
     );
 }
 
-#[test]
-fn unsolicited_inbound_dropped_and_acl_denies_counted() {
-    let hq = hq(e2e!(), "");
+on_both_datapaths!(
+    unsolicited_inbound_dropped_and_acl_denies_counted:
+    unsolicited_inbound_dropped_and_acl_denies_counted_kernel,
+    unsolicited_inbound_dropped_and_acl_denies_counted_tun
+);
+
+fn unsolicited_inbound_dropped_and_acl_denies_counted(t: Topology, datapath: &str) {
+    let hq = hq(t, &format!("datapath = \"{datapath}\""));
+    assert_eq!(hq.show()["datapath"], datapath);
     let t = &hq.topo;
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
     let seen = hq
@@ -459,12 +497,18 @@ try: s.connect(('198.51.100.200',9))\n  except OSError: pass\n";
     });
 }
 
+on_both_datapaths!(
+    reload_removes_a_static_forward_live:
+    reload_removes_a_static_forward_live_kernel,
+    reload_removes_a_static_forward_live_tun
+);
+
 /// Issue 4, live removal: two static forwards, a transfer running through one; a reload
 /// removes the other. The transfer completes intact, the removed port no longer answers, and
 /// `show nat` no longer lists it: nothing was restarted.
-#[test]
-fn reload_removes_a_static_forward_live() {
-    let hq = hq(e2e!(), "");
+fn reload_removes_a_static_forward_live(t: Topology, datapath: &str) {
+    let hq = hq(t, &format!("datapath = \"{datapath}\""));
+    assert_eq!(hq.show()["datapath"], datapath);
     let t = &hq.topo;
     let d = t.dir().to_str().unwrap().to_owned();
     // web:22 answers HTTP here, so that the forward about to go is seen working first.
