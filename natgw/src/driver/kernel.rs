@@ -137,9 +137,14 @@ impl KernelDatapath {
                 .filter_map(|t| Some(((t.proto, t.inside, t.public, t.outside), kproto(t.proto)?)))
                 .collect()
         };
+        let mut reports = Vec::new();
         self.installed.retain(|id, flow| {
             let keep = wanted.contains_key(id);
             if !keep {
+                // What the program moved since the last round still counts: the last data
+                // before the FIN that ended the flow's eligibility (only what moves between
+                // this read and the removal below is lost).
+                collect_reports(kp, id, flow, &mut reports);
                 for (key, _) in &flow.entries {
                     if let Err(e) = kp.remove(key) {
                         tracing::warn!(error = %e, "removing a kernel path entry");
@@ -177,30 +182,8 @@ impl KernelDatapath {
             }
         }
         // Feed back what the program moved since the last round.
-        let mut reports = Vec::new();
         for (id, flow) in &mut self.installed {
-            for (i, (key, _)) in flow.entries.iter().enumerate() {
-                let Ok(Some(r)) = kp.report(key) else {
-                    continue;
-                };
-                let (packets, bytes) = flow.reported[i];
-                if r.packets == packets {
-                    continue;
-                }
-                flow.reported[i] = (r.packets, r.bytes);
-                reports.push(FastPathActivity {
-                    proto: id.0,
-                    public: id.2,
-                    outside: id.3,
-                    direction: match key.direction {
-                        KDir::Outbound => Direction::Outbound,
-                        KDir::Inbound => Direction::Inbound,
-                    },
-                    packets: r.packets.wrapping_sub(packets),
-                    bytes: r.bytes.wrapping_sub(bytes),
-                    tcp: r.tcp.map(|t| (t.seq_end, t.ack, t.window)),
-                });
-            }
+            collect_reports(kp, id, flow, &mut reports);
         }
         if !reports.is_empty() {
             let at = now();
@@ -234,6 +217,38 @@ impl KernelDatapath {
         {
             tracing::warn!(error = %e, "unloading the kernel path");
         }
+    }
+}
+
+/// Appends what the program moved of `flow` since its last report (one activity per
+/// direction that moved) and remembers the counts reported.
+fn collect_reports(
+    kp: &KernelPath,
+    id: &FlowId,
+    flow: &mut Installed,
+    out: &mut Vec<FastPathActivity>,
+) {
+    for (i, (key, _)) in flow.entries.iter().enumerate() {
+        let Ok(Some(r)) = kp.report(key) else {
+            continue;
+        };
+        let (packets, bytes) = flow.reported[i];
+        if r.packets == packets {
+            continue;
+        }
+        flow.reported[i] = (r.packets, r.bytes);
+        out.push(FastPathActivity {
+            proto: id.0,
+            public: id.2,
+            outside: id.3,
+            direction: match key.direction {
+                KDir::Outbound => Direction::Outbound,
+                KDir::Inbound => Direction::Inbound,
+            },
+            packets: r.packets.wrapping_sub(packets),
+            bytes: r.bytes.wrapping_sub(bytes),
+            tcp: r.tcp.map(|t| (t.seq_end, t.ack, t.window)),
+        });
     }
 }
 

