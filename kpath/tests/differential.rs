@@ -15,13 +15,16 @@ use std::time::Instant;
 use common::in_sandbox;
 use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
 use kpath::{Direction, KernelPath, LoadOptions, Proto, TestRun, entries};
-use natgw::{Gateway, GatewayConfig, StaticEntry, Verdict};
+use natgw::{Gateway, GatewayConfig, ServiceConfig, StaticEntry, Verdict};
 
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const H1: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 10);
 const WEB: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 101);
 const SRV: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
 const SRV2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+/// A virtual service's VIP and its one backend.
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
+const BACKEND: SocketAddrV4 = SocketAddrV4::new(WEB, 8080);
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
@@ -33,6 +36,15 @@ fn config() -> GatewayConfig {
             proto: natgw::Proto::Tcp,
             public: SocketAddrV4::new(PUBLIC, 8001),
             inside: SocketAddrV4::new(WEB, 80),
+        }],
+        services: vec![ServiceConfig {
+            name: "web".into(),
+            listen: VIP,
+            pool: balance::PoolConfig {
+                backends: vec![balance::BackendConfig::new(BACKEND, 1)],
+                ..balance::PoolConfig::default()
+            },
+            health: None,
         }],
         compensate_ttl: false,
         ..GatewayConfig::default()
@@ -336,6 +348,47 @@ fn static_forward_tcp_both_directions() {
             &PUBLIC.octets(),
             "leaves from the public address"
         );
+        h.kp.unload().unwrap();
+    });
+}
+
+/// A virtual service's connection: the core schedules it on the SYN; once established the
+/// program delivers the client's segments to the backend and the backend's to the client
+/// from the VIP, byte for byte as the core does.
+#[test]
+fn virtual_service_tcp_both_directions() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let client = SocketAddrV4::new(SRV2, 52000);
+        h.passes(
+            Direction::Inbound,
+            &tcp_frame(client, VIP, &seg(Flags::Syn), b""),
+        );
+        h.core(
+            Direction::Inbound,
+            &tcp_frame(client, VIP, &seg(Flags::Syn), b""),
+        );
+        h.core(
+            Direction::Outbound,
+            &tcp_frame(BACKEND, client, &seg(Flags::SynAck), b""),
+        );
+        h.core(
+            Direction::Inbound,
+            &tcp_frame(client, VIP, &seg(Flags::Ack), b""),
+        );
+        h.install();
+        let out = h.same(
+            Direction::Inbound,
+            &tcp_frame(client, VIP, &seg(Flags::Ack), b"GET / HTTP/1.0\r\n\r\n"),
+        );
+        assert_eq!(&out[30..34], &WEB.octets(), "delivered to the backend");
+        assert_eq!(&out[36..38], &8080u16.to_be_bytes(), "at its port");
+        let back = h.same(
+            Direction::Outbound,
+            &tcp_frame(BACKEND, client, &seg(Flags::Ack), &[0x3c; 1300]),
+        );
+        assert_eq!(&back[26..30], &VIP.ip().octets(), "answered from the VIP");
+        assert_eq!(&back[34..36], &80u16.to_be_bytes(), "and its port");
         h.kp.unload().unwrap();
     });
 }

@@ -306,7 +306,8 @@ fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer(t: Topology, datap
     }
     // A small receive buffer paces the wire by curl's reading (a large one would take the
     // 8 MiB in a burst before the flow reaches the kernel path at the next sync).
-    lab.t.sh("cl", "sysctl -qw net.ipv4.tcp_rmem='4096 65536 131072'");
+    lab.t
+        .sh("cl", "sysctl -qw net.ipv4.tcp_rmem='4096 65536 131072'");
     let mut transfer = lab.t.spawn(
         "cl",
         "transfer",
