@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of load-balanced virtual services (issue 8), in one run on the same
 # namespaces:
-#   - vipgate: [[service]] wrr over two real servers (LVS-NAT through the TUN gateway);
+#   - vipgate: [[service]] wrr over two real servers (LVS-NAT on the default kernel fast path:
+#     the core schedules each connection through the TUN gateway, the eBPF program moves its
+#     established packets); vipgate-tun: the same with `[lb] datapath = "tun"`;
 #   - nftables: DNAT with `numgen inc mod 2` (the kernel's packet-level round robin here);
 #   - HAProxy: `mode tcp`, `balance roundrobin` (Debian's package).
 #
@@ -13,7 +15,7 @@
 # wrk's socket errors. After the repetitions: how long a failed real server stays in vipgate's
 # rotation, RUNS times (health check interval 1 s, fall 2 → target ≤ interval × fall + 1 s).
 #
-# Usage (root): bench/lb.sh [RUNS]   (RUNS=5, DUR=4, ONLY, MODES="vipgate haproxy nft",
+# Usage (root): bench/lb.sh [RUNS]   (RUNS=5, DUR=4, ONLY, MODES="vipgate vipgate-tun haproxy nft",
 # VIPGATE_BIN: see bench/README.md)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -53,6 +55,7 @@ backends = [
   { address = "10.0.0.102:80", weight = 1 },
 ]
 CFG
+{ printf '[lb]\ndatapath = "tun"\n\n'; cat "$TMP/vipgate.toml"; } > "$TMP/vipgate-tun.toml"
 
 cat > "$TMP/haproxy-lb.cfg" <<CFG
 global
@@ -87,11 +90,21 @@ measure() { # MODE
 }
 
 # vipgate owns the VIP: routed into nat0, proxy neighbour on eth0.
-vipgate_mode() {
-  vipgate_start lb "$TMP/vipgate.toml" lb
+vipgate_mode() { # [NAME CONFIG]
+  local config=${2:-$TMP/vipgate.toml} datapath=kernel
+  [ "${1:-vipgate}" = vipgate ] || datapath=tun
+  vipgate_start lb "$config" lb
+  # The numbers must be those of the data path named (the kernel path falls back to the TUN
+  # when the program does not load).
+  x lb "$VIPGATE_BIN" show lb -c "$config" | grep -q "^Data path: $datapath " ||
+    bench_die "vipgate is not on the $datapath data path: $(x lb "$VIPGATE_BIN" show lb -c "$config" | tail -1)"
   wait_vip
-  measure vipgate
+  measure "${1:-vipgate}"
   vipgate_stop
+}
+
+vipgate-tun_mode() {
+  vipgate_mode vipgate-tun "$TMP/vipgate-tun.toml"
 }
 
 # HAProxy mode tcp, the VIP as a local address.
@@ -125,7 +138,7 @@ NFT
 }
 
 for rep in $(seq "$RUNS"); do
-  for mode in $(bench_order "$rep" vipgate haproxy nft); do
+  for mode in $(bench_order "$rep" vipgate vipgate-tun haproxy nft); do
     echo "repetition $rep/$RUNS: $mode" >&2
     "${mode}_mode"
   done
@@ -152,5 +165,5 @@ if want_mode vipgate && want_metric failover_ms; then
   vipgate_stop
 fi
 
-bench_summarize --ratio vipgate/nft --ratio vipgate/haproxy \
-  --title "Virtual service wrr 1:1 over two real servers: vipgate, HAProxy, nftables numgen; $RUNS x ${DUR}s (failover_ms: health interval 1 s x fall 2 = 2000 ms)"
+bench_summarize --ratio vipgate/nft --ratio vipgate-tun/nft --ratio vipgate/haproxy \
+  --title "Virtual service wrr 1:1 over two real servers: vipgate (kernel path), vipgate-tun, HAProxy, nftables numgen; $RUNS x ${DUR}s (failover_ms: health interval 1 s x fall 2 = 2000 ms)"
