@@ -14,7 +14,7 @@ fi
 need=()
 for pair in ip:iproute2 sshd:openssh-server ssh:openssh-client keepalived:keepalived \
             iperf3:iperf3 curl:curl python3:python3 nft:nftables ping:iputils-ping \
-            traceroute:traceroute tcpdump:tcpdump socat:socat; do
+            traceroute:traceroute tcpdump:tcpdump socat:socat promtool:prometheus; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

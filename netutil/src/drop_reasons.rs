@@ -60,14 +60,14 @@ macro_rules! drop_reasons {
 
         impl $name {
             /// How many reasons there are.
-            pub const COUNT: usize = [$($text,)+].len();
+            $vis const COUNT: usize = [$($text,)+].len();
 
             /// Every reason, in counter order.
-            pub const ALL: [Self; Self::COUNT] = [$(Self::$variant,)+];
+            $vis const ALL: [Self; Self::COUNT] = [$(Self::$variant,)+];
 
             /// The stable snake_case name, used as JSON key and metric label.
             #[must_use]
-            pub const fn as_str(self) -> &'static str {
+            $vis const fn as_str(self) -> &'static str {
                 match self {
                     $(Self::$variant => $text,)+
                 }

@@ -150,8 +150,13 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
     });
     let show = t.vipgate_output("gw", &["show", "nat", "--json", "--control", ctl]);
     let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    promtool_accepts(&metrics);
     let mut samples = 0;
     for line in metrics.lines() {
+        if line.starts_with("# HELP ") {
+            assert!(line.starts_with("# HELP vipgate_nat_"), "{line}");
+            continue;
+        }
         if line.starts_with('#') {
             assert!(line.starts_with("# TYPE vipgate_nat_"), "{line}");
             assert!(
@@ -171,20 +176,62 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
         samples += 1;
     }
     assert!(samples > 5, "{metrics}");
-    // Every top-level number of the status appears with the same value (counters may only grow).
-    for (key, v) in show[0].as_object().unwrap() {
+    // Every top-level number of the status is a gauge and every count under `counters` a
+    // counter, with the same value (counters may only have grown since).
+    let counters = show[0]["counters"].as_object().unwrap();
+    let numbers = show[0]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (format!("vipgate_nat_{k}{{"), v))
+        .chain(
+            counters
+                .iter()
+                .map(|(k, v)| (format!("vipgate_nat_{k}_total{{"), v)),
+        );
+    for (prefix, v) in numbers {
         let Some(n) = v.as_f64() else { continue };
         let series = metrics
             .lines()
-            .find(|l| {
-                l.starts_with(&format!("vipgate_nat_{key}{{"))
-                    || l.starts_with(&format!("vipgate_nat_{key}_total{{"))
-            })
-            .unwrap_or_else(|| panic!("no metric for `{key}` in:\n{metrics}"));
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in:\n{metrics}"));
         let m: f64 = series.rsplit_once(' ').unwrap().1.parse().unwrap();
-        assert!(m >= n, "{key}: metrics {m} < show {n}");
+        assert!(m >= n, "{prefix}: metrics {m} < show {n}");
     }
+    // Drops are one counter labelled by reason.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with("vipgate_nat_drops_total{gateway=\"nat\",reason=\"table_full\"} ")),
+        "{metrics}"
+    );
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
+/// `promtool check metrics` (Debian package `prometheus`, which `netns-scripts/test.sh`
+/// installs) lints `page`: HELP and TYPE lines, `_total` on counters only, base units.
+fn promtool_accepts(page: &str) {
+    use std::io::Write as _;
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) runs");
+    lint.stdin
+        .take()
+        .expect("stdin")
+        .write_all(page.as_bytes())
+        .expect("write the page to promtool");
+    let out = lint.wait_with_output().expect("promtool ends");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{page}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn vrrp_instance(name: &str, vrid: u8, vip: &str) -> String {
@@ -334,12 +381,15 @@ fn supervisor_restarts_nat_after_its_tun_is_deleted() {
         || {
             t.try_sh("gw", "curl -sS --max-time 2 http://127.0.0.1:9477/metrics")
                 .ok()
-                .filter(|m| m.lines().any(|l| l.starts_with("vipgate_nat_restarts{")))
+                .filter(|m| {
+                    m.lines()
+                        .any(|l| l.starts_with("vipgate_nat_restarts_total{"))
+                })
         },
     );
     let series = metrics
         .lines()
-        .find(|l| l.starts_with("vipgate_nat_restarts{"))
+        .find(|l| l.starts_with("vipgate_nat_restarts_total{"))
         .unwrap();
     let show = t.vipgate_output("gw", &["show", "nat", "--json", "--control", ctl]);
     let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();

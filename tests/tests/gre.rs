@@ -139,9 +139,14 @@ impl Branches {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `up` or `down` from the tunnel's `up` field, or the supervisor's `state` (`dead`).
     fn state(&self, site: &str) -> Option<String> {
-        self.show(site, true)
-            .and_then(|j| json_field(&j, "state").map(|s| s.trim_matches('"').to_string()))
+        let j: serde_json::Value = serde_json::from_str(&self.show(site, true)?).ok()?;
+        let t = &j[0];
+        match t["up"].as_bool() {
+            Some(up) => Some(if up { "up" } else { "down" }.to_string()),
+            None => t["state"].as_str().map(str::to_string),
+        }
     }
 
     fn wait_up(&self, site: &str) {

@@ -583,13 +583,17 @@ fn show_ssh_compact(topo: &Topology) -> String {
         .collect()
 }
 
-/// A numeric field of the forward object whose spec is `spec`.
+/// A numeric field of the forward object whose spec is `spec`, or of its `counters`.
 fn forward_field(compact: &str, spec: &str, field: &str) -> Option<u64> {
-    let obj = compact
-        .split('}')
-        .find(|o| o.contains(&format!("\"spec\":\"{spec}\"")))?;
-    let rest = obj.split(&format!("\"{field}\":")).nth(1)?;
-    rest.split([',', '}']).next()?.parse().ok()
+    let parts: Vec<serde_json::Value> = serde_json::from_str(compact).ok()?;
+    let forward = parts
+        .iter()
+        .filter_map(|p| p["forwards"].as_array())
+        .flatten()
+        .find(|f| f["spec"] == spec)?;
+    forward[field]
+        .as_u64()
+        .or_else(|| forward["counters"][field].as_u64())
 }
 
 #[test]

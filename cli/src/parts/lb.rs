@@ -502,11 +502,13 @@ fn service_json(s: &VirtualService) -> Value {
                 "health": match b.health() { balance::Health::Up => "up", balance::Health::Down => "down" },
                 "active": b.active(),
                 "inactive": b.inactive(),
-                "connections": st.connections,
-                "packets_in": st.packets_in,
-                "packets_out": st.packets_out,
-                "bytes_in": st.bytes_in,
-                "bytes_out": st.bytes_out,
+                "counters": {
+                    "connections": st.connections,
+                    "packets_in": st.packets_in,
+                    "packets_out": st.packets_out,
+                    "bytes_in": st.bytes_in,
+                    "bytes_out": st.bytes_out,
+                },
             })
         })
         .collect();
@@ -535,10 +537,12 @@ fn service_json(s: &VirtualService) -> Value {
         "sorry": pool.sorry().map(|a| a.to_string()),
         "available": s.is_available(),
         "health": health,
-        "sorry_connections": stats.sorry,
-        "refused": stats.refused,
-        "persistent_hits": stats.persistent_hits,
-        "persist_full": stats.persist_full,
+        "counters": {
+            "sorry_connections": stats.sorry,
+            "refused": stats.refused,
+            "persistent_hits": stats.persistent_hits,
+            "persist_full": stats.persist_full,
+        },
         "backends": backends,
     })
 }
@@ -587,6 +591,7 @@ pub(crate) fn render(items: &[Value]) -> String {
             .unwrap_or_default()
         {
             let n = |k: &str| b[k].as_u64().unwrap_or(0);
+            let c = |k: &str| b["counters"][k].as_u64().unwrap_or(0);
             let _ = writeln!(
                 out,
                 "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -595,22 +600,23 @@ pub(crate) fn render(items: &[Value]) -> String {
                 n("weight"),
                 n("active"),
                 n("inactive"),
-                n("connections"),
-                n("packets_in"),
-                n("packets_out"),
-                human_bytes(n("bytes_in")),
-                human_bytes(n("bytes_out")),
+                c("connections"),
+                c("packets_in"),
+                c("packets_out"),
+                human_bytes(c("bytes_in")),
+                human_bytes(c("bytes_out")),
             );
         }
         if let Some(sorry) = s["sorry"].as_str() {
             let _ = writeln!(
                 out,
                 "  -> {:<21} {:<9} (used when no backend is up: {} connections)",
-                sorry, "sorry", s["sorry_connections"]
+                sorry, "sorry", s["counters"]["sorry_connections"]
             );
         }
-        if s["refused"].as_u64().unwrap_or(0) > 0 {
-            let _ = writeln!(out, "     refused (no backend up): {}", s["refused"]);
+        let refused = &s["counters"]["refused"];
+        if refused.as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(out, "     refused (no backend up): {refused}");
         }
     }
     out
@@ -635,12 +641,14 @@ mod tests {
             "name": "web", "listen": "198.51.100.10:80", "scheduler": "wrr",
             "persistence": { "timeout_s": 300, "netmask": 24 },
             "health": { "kind": "tcp", "interval_ms": 2000, "rise": 2, "fall": 4 },
-            "sorry": null, "sorry_connections": 0, "refused": 3,
+            "sorry": null, "counters": { "sorry_connections": 0, "refused": 3 },
             "backends": [
                 { "address": "10.0.0.101:80", "state": "up", "weight": 1, "active": 2, "inactive": 5,
-                  "connections": 100, "packets_in": 700, "packets_out": 600, "bytes_in": 51200, "bytes_out": 12 },
+                  "counters": { "connections": 100, "packets_in": 700, "packets_out": 600,
+                                "bytes_in": 51200, "bytes_out": 12 } },
                 { "address": "10.0.0.102:80", "state": "draining", "weight": 0, "active": 1, "inactive": 0,
-                  "connections": 200, "packets_in": 1, "packets_out": 1, "bytes_in": 1, "bytes_out": 1 },
+                  "counters": { "connections": 200, "packets_in": 1, "packets_out": 1,
+                                "bytes_in": 1, "bytes_out": 1 } },
             ],
         });
         let text = render(&[item]);

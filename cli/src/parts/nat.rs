@@ -8,7 +8,7 @@ use crate::config::SiteConfig;
 use crate::config::nat::NatSection;
 use anyhow::Context;
 use natgw::driver::{DriverConfig, NatDriver, NatStatus};
-use natgw::{AclRule, DropReason, GatewayConfig, Proto, StaticEntry, Timeouts};
+use natgw::{AclRule, GatewayConfig, Proto, StaticEntry, Timeouts};
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -195,78 +195,11 @@ fn acl_text(r: &AclRule) -> String {
     s
 }
 
-/// The JSON of `show nat --json`; with `flows: false` (a summary) no translation is listed
-/// and every other key is the same.
-fn status_json(s: &NatStatus, flows: bool) -> Value {
-    let translations: Vec<Value> = s
-        .translations
-        .iter()
-        .take(SHOW_LIMIT)
-        .map(|t| {
-            json!({
-                "proto": t.proto.name(),
-                "inside_local": t.inside.to_string(),
-                "inside_global": t.public.to_string(),
-                "outside": t.outside.to_string(),
-                "state": match (t.proto, t.established) {
-                    (Proto::Tcp, true) => "established",
-                    (Proto::Tcp, false) => "transitory",
-                    _ => "active",
-                },
-                "expires_in_s": t.expires_in.as_secs(),
-                "static": t.listener.is_some(),
-            })
-        })
-        .collect();
-    let drops: serde_json::Map<String, Value> = DropReason::ALL
-        .iter()
-        .map(|r| (r.name().to_owned(), json!(s.stats.dropped(*r))))
-        .collect();
-    let statics: Vec<Value> = s
-        .statics
-        .iter()
-        .map(|e| {
-            json!({
-                "proto": e.proto.name(),
-                "inside_local": e.inside.to_string(),
-                "inside_global": e.public.to_string(),
-            })
-        })
-        .collect();
-    let mut v = json!({
-        "name": "nat",
-        "public_addresses": s.public_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "flows": s.flows,
-        "half_open": s.half_open,
-        "mappings": s.mappings,
-        "capacity": s.capacity,
-        "table_bytes": s.table_bytes,
-        "tun_queues": s.tun_queues,
-        "statics": statics,
-        "translations_truncated": s.flows > SHOW_LIMIT,
-        // `name` (the rule's line number) makes each rule a labelled metrics series.
-        "acl": s.acl.iter().enumerate().map(|(i, (r, hits))| {
-            json!({"name": (i + 1).to_string(), "rule": acl_text(r), "hits": hits})
-        }).collect::<Vec<_>>(),
-        "acl_implicit_denies": s.acl_implicit_denies,
-        "counters": {
-            "translated_out": s.stats.translated_out,
-            "translated_in": s.stats.translated_in,
-            "hairpinned": s.stats.hairpinned,
-            "icmp_errors": s.stats.icmp_errors,
-            "passed_through": s.stats.passed_through,
-            "flows_created": s.stats.flows_created,
-            "flows_removed": s.stats.flows_removed,
-            "early_drops": s.stats.early_drops,
-            "answered_echo": s.stats.answered_echo,
-            "answered_rst": s.stats.answered_rst,
-        },
-        "drops": drops,
-    });
-    if flows {
-        v["translations"] = Value::Array(translations);
-    }
-    v
+/// `show nat --json`: the status with at most [`SHOW_LIMIT`] translations (`flows` says how
+/// many there are).
+fn status_json(mut s: NatStatus) -> Value {
+    s.translations.truncate(SHOW_LIMIT);
+    serde_json::to_value(s).unwrap_or_default()
 }
 
 impl NatPart {
@@ -304,7 +237,7 @@ impl Part for NatPart {
     }
 
     fn status(&self) -> Value {
-        status_json(&self.driver.snapshot(), true)
+        status_json(self.driver.snapshot())
     }
 
     /// Counters and table usage without walking the table: every metrics scrape and
@@ -314,8 +247,7 @@ impl Part for NatPart {
     }
 
     fn summary(&self) -> Value {
-        self.summary
-            .get(|| status_json(&self.driver.summary(), false))
+        self.summary.get(|| status_json(self.driver.summary()))
     }
 
     fn control(&self, op: &str, _args: &Value) -> anyhow::Result<Value> {
@@ -344,120 +276,127 @@ impl Part for NatPart {
 
 /// Human text for `vipgate show nat`, in the layout of IOS `show ip nat translations`.
 pub(crate) fn render(items: &[Value]) -> String {
-    let mut out = String::new();
-    for it in items {
-        let str_of = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    super::render_each(items, render_gateway)
+}
+
+fn render_gateway(out: &mut String, it: &NatStatus) {
+    let row = |out: &mut String, cols: [&dyn std::fmt::Display; 7]| {
+        let [
+            pro,
+            global,
+            local,
+            outside_local,
+            outside_global,
+            state,
+            expires,
+        ] = cols;
         let _ = writeln!(
             out,
-            "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8}",
-            "Pro",
-            "Inside global",
-            "Inside local",
-            "Outside local",
-            "Outside global",
-            "State",
-            "Expires"
+            "{pro:<5} {global:<22} {local:<22} {outside_local:<22} {outside_global:<22} {state:<12} {expires:>8}",
         );
-        for e in it["statics"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                out,
-                "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8}",
-                str_of(&e["proto"]),
-                str_of(&e["inside_global"]),
-                str_of(&e["inside_local"]),
-                "---",
-                "---",
-                "static",
-                "-",
-            );
-        }
-        for t in it["translations"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                out,
-                "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>7}s",
-                str_of(&t["proto"]),
-                str_of(&t["inside_global"]),
-                str_of(&t["inside_local"]),
-                str_of(&t["outside"]),
-                str_of(&t["outside"]),
-                str_of(&t["state"]),
-                t["expires_in_s"].as_u64().unwrap_or(0),
-            );
-        }
-        if it["translations_truncated"].as_bool() == Some(true) {
-            let _ = writeln!(
-                out,
-                "... (first {SHOW_LIMIT} shown; --json has the same limit)"
-            );
-        }
-        let _ = writeln!(
+    };
+    row(
+        out,
+        [
+            &"Pro",
+            &"Inside global",
+            &"Inside local",
+            &"Outside local",
+            &"Outside global",
+            &"State",
+            &"Expires",
+        ],
+    );
+    for e in &it.statics {
+        row(
             out,
-            "\nTable: {} flows, {} mappings, limit {}, {} KiB",
-            it["flows"],
-            it["mappings"],
-            it["capacity"],
-            it["table_bytes"].as_u64().unwrap_or(0) / 1024
-        );
-        let addrs: Vec<String> = it["public_addresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(str_of)
-            .collect();
-        let _ = writeln!(
-            out,
-            "Public addresses: {} (TUN queues: {})",
-            addrs.join(", "),
-            it["tun_queues"]
-        );
-        let _ = writeln!(out, "ACL (first match wins):");
-        for (i, r) in it["acl"].as_array().into_iter().flatten().enumerate() {
-            let _ = writeln!(
-                out,
-                "  {:>3} {:<60} ({} matches)",
-                i + 1,
-                str_of(&r["rule"]),
-                r["hits"]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "      implicit deny of inside traffic ({} matches)",
-            it["acl_implicit_denies"]
-        );
-        let c = &it["counters"];
-        let _ = writeln!(
-            out,
-            "Packets: translated out {}, in {}, hairpinned {}, icmp errors {}, passed through {}",
-            c["translated_out"],
-            c["translated_in"],
-            c["hairpinned"],
-            c["icmp_errors"],
-            c["passed_through"]
-        );
-        let drops: Vec<String> = it["drops"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "Drops: {}",
-            if drops.is_empty() {
-                "none".into()
-            } else {
-                drops.join(", ")
-            }
+            [
+                &e.proto.name(),
+                &e.public,
+                &e.inside,
+                &"---",
+                &"---",
+                &"static",
+                &"-",
+            ],
         );
     }
-    out
+    for t in &it.translations {
+        let state = match (t.proto, t.established) {
+            (Proto::Tcp, true) => "established",
+            (Proto::Tcp, false) => "transitory",
+            _ => "active",
+        };
+        let expires = format!("{}s", t.expires_in.as_secs());
+        row(
+            out,
+            [
+                &t.proto.name(),
+                &t.public,
+                &t.inside,
+                &t.outside,
+                &t.outside,
+                &state,
+                &expires,
+            ],
+        );
+    }
+    if it.flows > it.translations.len() {
+        let _ = writeln!(
+            out,
+            "... (first {} of {} shown; --json has the same limit)",
+            it.translations.len(),
+            it.flows
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nTable: {} flows, {} mappings, limit {}, {} KiB",
+        it.flows,
+        it.mappings,
+        it.capacity,
+        it.table_bytes / 1024
+    );
+    let addrs: Vec<String> = it
+        .public_addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let _ = writeln!(
+        out,
+        "Public addresses: {} (TUN queues: {})",
+        addrs.join(", "),
+        it.tun_queues
+    );
+    let _ = writeln!(out, "ACL (first match wins):");
+    for (i, r) in it.acl.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  {:>3} {:<60} ({} matches)",
+            i + 1,
+            acl_text(&r.rule),
+            r.counters.hits
+        );
+    }
+    let c = &it.counters;
+    let _ = writeln!(
+        out,
+        "      implicit deny of inside traffic ({} matches)",
+        c.acl_implicit_denies
+    );
+    let g = &c.gateway;
+    let _ = writeln!(
+        out,
+        "Packets: translated out {}, in {}, hairpinned {}, icmp errors {}, passed through {}",
+        g.translated_out, g.translated_in, g.hairpinned, g.icmp_errors, g.passed_through
+    );
+    let _ = writeln!(out, "Drops: {}", super::drops_text(&g.drops));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natgw::driver::NatCounters;
     use natgw::{GatewayStats, Translation};
     use std::net::Ipv4Addr;
     use std::time::Duration;
@@ -484,11 +423,12 @@ mod tests {
             }],
             half_open: 0,
             acl: Vec::new(),
-            acl_implicit_denies: 3,
-            stats: GatewayStats {
-                translated_out: 7,
-                drops: vec![0; DropReason::ALL.len()],
-                ..GatewayStats::default()
+            counters: NatCounters {
+                gateway: GatewayStats {
+                    translated_out: 7,
+                    ..GatewayStats::default()
+                },
+                acl_implicit_denies: 3,
             },
             flows,
             mappings: 1,
@@ -501,10 +441,10 @@ mod tests {
 
     #[test]
     fn summary_has_every_key_of_status_but_the_translations() {
-        let full = status_json(&snapshot(3), true);
+        let full = status_json(snapshot(3));
         let mut summary_of_same = snapshot(3);
         summary_of_same.translations.clear();
-        let summary = status_json(&summary_of_same, false);
+        let summary = status_json(summary_of_same);
         assert_eq!(full["translations"].as_array().map(Vec::len), Some(3));
         assert!(summary.get("translations").is_none());
         let mut without = full.clone();
@@ -515,11 +455,13 @@ mod tests {
         assert_eq!(without, summary);
         assert_eq!(summary["flows"], 3);
         assert_eq!(summary["counters"]["translated_out"], 7);
+        assert_eq!(summary["counters"]["acl_implicit_denies"], 3);
+        assert_eq!(summary["counters"]["drops"]["table_full"], 0);
     }
 
     #[test]
     fn show_lists_static_forwards_like_ios() {
-        let text = render(&[status_json(&snapshot(1), true)]);
+        let text = render(&[status_json(snapshot(1))]);
         let line = text
             .lines()
             .find(|l| l.contains("static"))

@@ -130,19 +130,23 @@ impl DriverConfig {
     }
 }
 
-/// A point-in-time copy of the gateway's state, for `show nat`.
+/// A point-in-time copy of the gateway's state, for `show nat`; with the `serde` feature its
+/// serialisation is `show nat --json` (monotonic counts under `counters`).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NatStatus {
-    /// Every flow (empty in a [`NatDriver::summary`]).
+    /// Every flow (empty in a [`NatDriver::summary`], and then left out of the serialisation).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Vec::is_empty")
+    )]
     pub translations: Vec<Translation>,
     /// The static forwards.
     pub statics: Vec<StaticEntry>,
-    /// ACL rules with hit counters.
-    pub acl: Vec<(AclRule, u64)>,
-    /// Inside packets denied by the ACL's implicit deny.
-    pub acl_implicit_denies: u64,
+    /// ACL rules with their hit counters, in match order.
+    pub acl: Vec<AclRuleStatus>,
     /// Packet counters.
-    pub stats: GatewayStats,
+    pub counters: NatCounters,
     /// Flows in the table.
     pub flows: usize,
     /// Half-open flows (TCP before its handshake completed, UDP/ICMP before a reply).
@@ -157,6 +161,35 @@ pub struct NatStatus {
     pub public_addresses: Vec<Ipv4Addr>,
     /// TUN queues opened (one packet task each).
     pub tun_queues: usize,
+}
+
+/// The gateway's counters and the ACL's implicit denies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct NatCounters {
+    /// Packet and flow counters of the core.
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub gateway: GatewayStats,
+    /// Inside packets denied by the ACL's implicit deny.
+    pub acl_implicit_denies: u64,
+}
+
+/// One ACL rule and how often it matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AclRuleStatus {
+    /// The rule.
+    pub rule: AclRule,
+    /// Its counters.
+    pub counters: AclRuleCounters,
+}
+
+/// Counters of one ACL rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AclRuleCounters {
+    /// Packets the rule matched.
+    pub hits: u64,
 }
 
 /// A running gateway: `nat0`, its routes and the packet loop.
@@ -332,9 +365,17 @@ impl NatDriver {
                 Vec::new()
             },
             statics: gw.static_entries().collect(),
-            acl: gw.acl_rules().map(|(r, h)| (r.clone(), h)).collect(),
-            acl_implicit_denies: gw.acl_implicit_denies(),
-            stats: gw.stats().clone(),
+            acl: gw
+                .acl_rules()
+                .map(|(r, hits)| AclRuleStatus {
+                    rule: r.clone(),
+                    counters: AclRuleCounters { hits },
+                })
+                .collect(),
+            counters: NatCounters {
+                gateway: gw.stats().clone(),
+                acl_implicit_denies: gw.acl_implicit_denies(),
+            },
             flows: gw.table().len(),
             half_open: gw.table().half_open(),
             mappings: gw.table().mappings(),
