@@ -9,9 +9,9 @@
 //! - durations are `…_ms` (or `…_s`) fields and become base units: `…_seconds`;
 //! - a `state` string becomes `vipgate_<kind>_state{state="..."} 1`;
 //! - each part is labelled by its name (`tunnel`, `gateway`, `service`, `instance`,
-//!   `destination`); VRRP adds its `vrid` and `interface`; the elements of the lists in
-//!   [`LISTS`] (backends, forwards, ACL rules, tracked objects) are labelled by their id;
-//!   other lists (translations, routes, transitions) are not metrics;
+//!   `destination`); VRRP adds its `vrid` and `interface`, GRE its `key`; the elements of
+//!   the lists in [`LISTS`] (backends, forwards, ACL rules, tracked objects) are labelled by
+//!   their id; other lists (translations, routes, transitions) are not metrics;
 //! - every family has a `# HELP` line naming the JSON field it comes from and a `# TYPE` line.
 //!
 //! The page is text exposition format 0.0.4 (what `promtool check metrics` lints; the
