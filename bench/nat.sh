@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of the PAT gateway (issue 4): plain routing, kernel NAT (nftables
-# masquerade + dnat), a null TUN forwarder and vipgate, on the same three namespaces, in one run.
+# masquerade + dnat), a null TUN forwarder and vipgate on both data paths (`vipgate`: the
+# default kernel fast path; `vipgate-tun`: datapath = "tun"), on the same three namespaces, in
+# one run.
 #
 #   in 192.168.101.10 ── gw (.1 | 198.51.100.1) ── out 198.51.100.200
 #
@@ -18,7 +20,7 @@
 # started afresh and conntrack flushed for each.
 #
 # Usage (root): bench/nat.sh [RUNS]   (RUNS=3, DUR=4, ONLY, MODES="plain kernel tunloop
-# vipgate", VIPGATE_BIN: see bench/README.md; STREAMS="1 4" the iperf3 stream counts,
+# vipgate-tun vipgate", VIPGATE_BIN: see bench/README.md; STREAMS="1 4" the iperf3 stream counts,
 # QUEUES=N vipgate's TUN queues (default 1), PERF_OUT=FILE records a perf profile of vipgate
 # during the first repetition)
 set -euo pipefail
@@ -49,6 +51,8 @@ spawn out iperf3 -s -B 198.51.100.200 > /dev/null 2>&1
 wait_port "$P-out" 198.51.100.200 5201
 
 forward_site "$TMP/site.toml" ${QUEUES:+"queues = $QUEUES"}
+# The same gateway on the userspace data path alone (every packet through nat0).
+forward_site "$TMP/site-tun.toml" ${QUEUES:+"queues = $QUEUES"} 'datapath = "tun"'
 
 measure() { # MODE CONNECTION-RATE-URL
   local mode=$1 url=$2 s dir rev
@@ -104,8 +108,9 @@ NFT
   x gw conntrack -F > /dev/null 2>&1 || true
 }
 
-vipgate_mode() { # REPETITION
-  vipgate_start gw "$TMP/site.toml" nat
+vipgate_mode() { # REPETITION [MODE SITE]
+  local mode=${2:-vipgate} site=${3:-$TMP/site.toml}
+  vipgate_start gw "$site" nat
   local perf=""
   if [ -n "${PERF_OUT:-}" ] && [ "$1" = 1 ]; then
     bench_require perf
@@ -113,17 +118,23 @@ vipgate_mode() { # REPETITION
     perf=$!
     bench_track "$perf"
   fi
-  measure vipgate "http://198.51.100.1:8001/"
+  measure "$mode" "http://198.51.100.1:8001/"
   if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" || true; fi
   if want_metric peak_rss_kB; then
-    record peak_rss_kB vipgate "$(awk '/VmHWM/ { print $2 }' "/proc/$VIPGATE_PID/status")"
+    record peak_rss_kB "$mode" "$(awk '/VmHWM/ { print $2 }' "/proc/$VIPGATE_PID/status")"
   fi
   vipgate_stop
 }
 
+# vipgate on the TUN data path (`datapath = "tun"`); `vipgate` runs the default, the kernel
+# fast path where it loads.
+vipgate-tun_mode() { # REPETITION
+  vipgate_mode "$1" vipgate-tun "$TMP/site-tun.toml"
+}
+
 if want_mode tunloop; then bench_cc tunloop; fi
 for rep in $(seq "$RUNS"); do
-  for mode in $(bench_order "$rep" plain kernel tunloop vipgate); do
+  for mode in $(bench_order "$rep" plain kernel tunloop vipgate-tun vipgate); do
     echo "repetition $rep/$RUNS: $mode" >&2
     "${mode}_mode" "$rep"
   done

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
 
 /// Index of a backend inside its [`Pool`](crate::Pool).
 ///
@@ -95,6 +96,17 @@ pub struct BackendStats {
     pub bytes_out: u64,
 }
 
+/// Where a backend is in its slow start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ramp {
+    /// At full weight.
+    Done,
+    /// Came up; the ramp starts at the next call that tells the pool the time.
+    Pending,
+    /// Ramping since this instant.
+    Since(Instant),
+}
+
 /// One real server of a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
@@ -105,6 +117,16 @@ pub struct Backend {
     pub(crate) active: u32,
     pub(crate) inactive: u32,
     pub(crate) stats: BackendStats,
+    /// Upper connection threshold (ipvsadm `-x`); 0: none.
+    pub(crate) max_conns: u32,
+    /// Lower connection threshold (ipvsadm `-y`); 0: none.
+    pub(crate) min_conns: u32,
+    /// Over the upper threshold and not yet back under the lower one (LVS's
+    /// `IP_VS_DEST_F_OVERLOAD`).
+    pub(crate) overloaded: bool,
+    pub(crate) ramp: Ramp,
+    /// The weight schedulers use: `weight`, or less while slow start ramps it up.
+    pub(crate) effective: u32,
 }
 
 impl Backend {
@@ -119,6 +141,11 @@ impl Backend {
             active: 0,
             inactive: 0,
             stats: BackendStats::default(),
+            max_conns: 0,
+            min_conns: 0,
+            overloaded: false,
+            ramp: Ramp::Done,
+            effective: weight,
         }
     }
 
@@ -158,6 +185,121 @@ impl Backend {
     #[must_use]
     pub fn is_eligible(&self) -> bool {
         self.state() == BackendState::Up
+    }
+
+    /// Whether a new flow may go to the backend now: eligible and not over its upper
+    /// connection threshold.
+    #[must_use]
+    pub fn is_available(&self) -> bool {
+        self.is_eligible() && !self.overloaded
+    }
+
+    /// Upper connection threshold (`max_connections`, ipvsadm `-x`); 0 means none.
+    #[must_use]
+    pub fn max_connections(&self) -> u32 {
+        self.max_conns
+    }
+
+    /// Lower connection threshold (`min_connections`, ipvsadm `-y`); 0 means none.
+    #[must_use]
+    pub fn min_connections(&self) -> u32 {
+        self.min_conns
+    }
+
+    /// Reached its upper threshold and not yet back under the lower one: gets no new flows
+    /// (LVS's overload flag).
+    #[must_use]
+    pub fn is_overloaded(&self) -> bool {
+        self.overloaded
+    }
+
+    /// The weight the schedulers use now: the configured weight, or less while slow start
+    /// ramps a backend that just came up.
+    #[must_use]
+    pub fn effective_weight(&self) -> u32 {
+        self.effective
+    }
+
+    /// Whether slow start is still ramping this backend (or will at the next decision).
+    #[must_use]
+    pub fn is_ramping(&self) -> bool {
+        self.ramp != Ramp::Done
+    }
+
+    /// Every connection the backend holds (LVS's `ip_vs_dest_totalconns`).
+    #[must_use]
+    pub fn connections(&self) -> u32 {
+        self.active + self.inactive
+    }
+
+    /// LVS's rule on binding a connection: reaching the upper threshold overloads.
+    pub(crate) fn check_overload_on_open(&mut self) {
+        if self.max_conns != 0 && self.connections() >= self.max_conns {
+            self.overloaded = true;
+        }
+    }
+
+    /// LVS's rule on unbinding one: back under the lower threshold, or under 3/4 of the upper
+    /// one when there is no lower threshold, the backend takes flows again.
+    pub(crate) fn check_overload_on_close(&mut self) {
+        let total = u64::from(self.connections());
+        let clear = if self.min_conns != 0 {
+            total < u64::from(self.min_conns)
+        } else if self.max_conns != 0 {
+            total * 4 < u64::from(self.max_conns) * 3
+        } else {
+            true
+        };
+        if clear {
+            self.overloaded = false;
+        }
+    }
+
+    /// Sets the thresholds (configuration or reload) and re-derives the overload flag from
+    /// the connections held now.
+    pub(crate) fn set_thresholds(&mut self, max: u32, min: u32) {
+        (self.max_conns, self.min_conns) = (max, min);
+        if max == 0 {
+            self.overloaded = false;
+        } else if self.connections() >= max {
+            self.overloaded = true;
+        } else {
+            self.check_overload_on_close();
+        }
+    }
+
+    /// Recomputes the effective weight at `now`; returns whether the ramp is still running.
+    pub(crate) fn advance_ramp(&mut self, now: Instant, slow_start: Option<Duration>) -> bool {
+        let Some(period) = slow_start.filter(|p| !p.is_zero()) else {
+            self.ramp = Ramp::Done;
+            self.effective = self.weight;
+            return false;
+        };
+        let since = match self.ramp {
+            Ramp::Done => {
+                self.effective = self.weight;
+                return false;
+            }
+            Ramp::Pending => {
+                self.ramp = Ramp::Since(now);
+                now
+            }
+            Ramp::Since(t) => t,
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= period {
+            self.ramp = Ramp::Done;
+            self.effective = self.weight;
+            return false;
+        }
+        // Linear, rounded up, never below 1 so a ramping backend still gets a first flow
+        // (HAProxy's slowstart rule).
+        let share = u128::from(self.weight) * elapsed.as_nanos();
+        let w = share.div_ceil(period.as_nanos());
+        self.effective = u32::try_from(w)
+            .unwrap_or(self.weight)
+            .clamp(1, self.weight.max(1));
+        true
     }
 
     /// Established connections (ipvsadm's ActiveConn).

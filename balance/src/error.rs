@@ -30,6 +30,18 @@ pub enum PoolError {
     /// No backend with this address (or id) is in the pool.
     #[error("no backend {0} in this pool")]
     UnknownBackend(SocketAddrV4),
+    /// A lower connection threshold without an upper one, or above it.
+    #[error(
+        "backend {backend}: min_connections {min} needs a max_connections at least as large (got {max})"
+    )]
+    BadThresholds {
+        /// The backend.
+        backend: SocketAddrV4,
+        /// Its lower threshold.
+        min: u32,
+        /// Its upper threshold (0: none).
+        max: u32,
+    },
     /// A Maglev table size that is not a prime of at least 7 (every skip must be coprime with it).
     #[error("maglev table size {0} is not a prime >= 7")]
     BadTableSize(u32),

@@ -9,8 +9,11 @@ use crate::{
 };
 
 /// Interprets `data` as a pool configuration followed by two-byte operations, and panics if
-/// the pool ever breaks an invariant: a new flow on a backend that is down, draining or
-/// removed; a refusal while a backend was eligible; counters that differ from the flows held.
+/// the pool ever breaks an invariant: a new flow on a backend that is down, draining, removed
+/// or overloaded; a refusal while a backend was available (except where LVS refuses too: the
+/// hashed backend of `sh`/`mh` without fallback or of `dh` overloaded, every `ovf` backend
+/// over its weight, the service at its limit); counters that differ from the flows held; more
+/// connections than the service's limit.
 ///
 /// # Panics
 /// On an invariant violation (that is the point).
@@ -18,13 +21,28 @@ pub fn run_pool_ops(start: Instant, data: &[u8]) {
     let [kind, persist, n, rest @ ..] = data else {
         return;
     };
+    let kind = SchedulerKind::ALL[usize::from(*kind) % SchedulerKind::ALL.len()];
+    let fallback = n & 0x08 != 0;
+    let service_max = u32::from((n >> 4) & 3) * 3;
+    let slow_start = (n & 0x40 != 0).then(|| Duration::from_secs(2));
     let n = usize::from(n % 8) + 1;
     let Some((weights, ops)) = rest.split_at_checked(n) else {
         return;
     };
-    let backend = |i: usize, w: u8| BackendConfig {
-        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i as u8 + 1), 80),
-        weight: u32::from(w % 5),
+    let backend = |i: usize, w: u8| {
+        let max = u32::from((w >> 3) % 4);
+        BackendConfig {
+            max_connections: max,
+            min_connections: if max == 0 {
+                0
+            } else {
+                u32::from(w >> 5) % (max + 1)
+            },
+            ..BackendConfig::new(
+                SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i as u8 + 1), 80),
+                u32::from(w % 5),
+            )
+        }
     };
     let mut configs: Vec<BackendConfig> = weights
         .iter()
@@ -32,15 +50,25 @@ pub fn run_pool_ops(start: Instant, data: &[u8]) {
         .map(|(i, &w)| backend(i, w))
         .collect();
     let config = |backends: Vec<BackendConfig>| PoolConfig {
-        scheduler: SchedulerKind::ALL[usize::from(kind % 6)],
+        scheduler: kind,
         persistence: (persist & 1 == 1).then(|| Persistence {
             timeout: Duration::from_secs(u64::from(persist >> 4) + 1),
             netmask: (persist >> 1) % 33,
         }),
         mh_table_size: 251,
+        fallback,
+        max_connections: service_max,
+        slow_start,
         backends,
         ..PoolConfig::default()
     };
+    // Where LVS itself refuses a flow although some backend is available.
+    let may_refuse = match kind {
+        SchedulerKind::Sh | SchedulerKind::Mh => !fallback,
+        SchedulerKind::Dh | SchedulerKind::Ovf => true,
+        _ => false,
+    };
+    let vip = Ipv4Addr::new(198, 51, 100, 10);
     let Ok(mut pool) = Pool::new(config(configs.clone())) else {
         return;
     };
@@ -52,16 +80,33 @@ pub fn run_pool_ops(start: Instant, data: &[u8]) {
             0 => {
                 let client =
                     SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, arg), 1000 + u16::from(arg));
-                let eligible = pool.has_eligible();
-                match pool.schedule(now, client) {
+                let available_any = pool.has_available();
+                let full = service_max != 0 && pool.connections() >= u64::from(service_max);
+                let available: Vec<BackendId> = pool
+                    .backends()
+                    .filter(|(_, b)| b.is_available())
+                    .map(|(id, _)| id)
+                    .collect();
+                match pool.schedule(now, client, vip) {
                     Decision::Backend { id, addr } => {
                         let b = pool.backend(id).expect("a scheduled backend exists");
                         assert_eq!(b.addr(), addr);
-                        assert!(b.is_eligible(), "new flow on a {} backend", b.state());
+                        assert!(
+                            available.contains(&id),
+                            "new flow on a {} backend (overloaded: {})",
+                            b.state(),
+                            b.is_overloaded()
+                        );
                         flows.push((id, ConnState::Inactive, *client.ip()));
                     }
                     Decision::Sorry(_) => unreachable!("no sorry server configured"),
-                    Decision::Refuse => assert!(!eligible, "refused with an eligible backend"),
+                    Decision::Refuse => assert!(
+                        !available_any || full || may_refuse,
+                        "{kind} refused with an available backend"
+                    ),
+                }
+                if service_max != 0 {
+                    assert!(pool.connections() <= u64::from(service_max));
                 }
             }
             1 if !flows.is_empty() => {

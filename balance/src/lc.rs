@@ -8,6 +8,9 @@
 //! an idle service all land on the first server until counts differ. We start the scan one
 //! past the previous winner, which spreads ties round-robin and picks exactly the same
 //! minimum otherwise.
+//!
+//! `wlc` divides by the effective weight (lower while slow start ramps a backend up); a backend
+//! over its upper connection threshold is skipped, as LVS skips `IP_VS_DEST_F_OVERLOAD`.
 
 use crate::backend::Backend;
 
@@ -22,16 +25,12 @@ impl LeastConn {
         let n = slots.len();
         let mut best: Option<(usize, &Backend)> = None;
         for idx in (0..n).map(|i| (self.start + i) % n) {
-            let Some(b) = slots[idx].as_ref().filter(|b| b.is_eligible()) else {
+            let Some(b) = slots[idx].as_ref().filter(|b| b.is_available()) else {
                 continue;
             };
             let better = match best {
                 None => true,
-                Some((_, cur)) if weighted => {
-                    // b.overhead / b.weight < cur.overhead / cur.weight; overheads stay below
-                    // 2^41 and weights below 2^17, so the products fit in u64.
-                    b.overhead() * u64::from(cur.weight) < cur.overhead() * u64::from(b.weight)
-                }
+                Some((_, cur)) if weighted => lighter(b, cur),
                 Some((_, cur)) => b.overhead() < cur.overhead(),
             };
             if better {
@@ -42,4 +41,31 @@ impl LeastConn {
         self.start = idx + 1;
         Some(idx)
     }
+}
+
+/// `a.overhead / a.weight < b.overhead / b.weight` by effective weights, compared by
+/// cross-multiplication: overheads stay below 2^41 and weights below 2^17, so the products fit.
+pub(crate) fn lighter(a: &Backend, b: &Backend) -> bool {
+    a.overhead() * u64::from(b.effective) < b.overhead() * u64::from(a.effective)
+}
+
+/// The available backend with the smallest `overhead / weight` among `candidates`, the first
+/// in their order on a tie (the kernel's `wlc` pass inside `lblc`/`lblcr`).
+pub(crate) fn weighted_least(
+    slots: &[Option<Backend>],
+    candidates: impl IntoIterator<Item = usize>,
+) -> Option<usize> {
+    let mut best: Option<(usize, &Backend)> = None;
+    for i in candidates {
+        let Some(b) = slots.get(i).and_then(Option::as_ref) else {
+            continue;
+        };
+        if !b.is_available() {
+            continue;
+        }
+        if best.is_none_or(|(_, cur)| lighter(b, cur)) {
+            best = Some((i, b));
+        }
+    }
+    best.map(|(i, _)| i)
 }

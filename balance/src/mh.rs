@@ -10,13 +10,17 @@
 //! one backend moves its own clients plus only a small extra fraction of the others
 //! (near-minimal, not minimal); backends are ordered by address before filling, so every
 //! director builds the identical table whatever order its configuration lists them in.
+//!
+//! Overloaded backends (connection thresholds) stay in the table; as with [`sh`](crate::sh)
+//! their clients are refused, or with `fallback` (ipvsadm `mh-fallback`) go to the next
+//! available backend in table order.
 
 use std::net::SocketAddrV4;
 
 use crate::backend::Backend;
 use crate::error::PoolError;
 use crate::hash::{client_hash, endpoint_key, mix64};
-use crate::sh::{eligible_weights, gcd};
+use crate::sh::{eligible_weights, gcd, probe};
 
 /// The Maglev paper's table size (prime). It keeps `M > 100 · N`, the bound for per-backend
 /// shares within 1 %, up to 655 backends, and costs 128 KiB per `mh` service.
@@ -87,12 +91,15 @@ impl Maglev {
         }
     }
 
-    pub(crate) fn pick(&self, client: SocketAddrV4, with_port: bool) -> Option<usize> {
-        if self.table.is_empty() {
-            return None;
-        }
+    pub(crate) fn pick(
+        &self,
+        slots: &[Option<Backend>],
+        client: SocketAddrV4,
+        with_port: bool,
+        fallback: bool,
+    ) -> Option<usize> {
         let pos = client_hash(client, with_port) % u64::from(self.size);
-        Some(usize::from(self.table[pos as usize]))
+        probe(&self.table, slots, pos as usize, fallback)
     }
 
     #[cfg(test)]

@@ -216,7 +216,7 @@ mod tests {
             timeout: T,
             netmask: 24,
         });
-        let now = crate::test_epoch();
+        let now = testkit::epoch();
         p.bind(now, Ipv4Addr::new(192, 0, 2, 7), BackendId(3));
         assert_eq!(
             p.lookup(now, Ipv4Addr::new(192, 0, 2, 200)),
@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn template_expires_timeout_after_last_close() {
         let mut p = PersistTable::new(Persistence::new(T));
-        let t0 = crate::test_epoch();
+        let t0 = testkit::epoch();
         let c = Ipv4Addr::new(192, 0, 2, 7);
         p.bind(t0, c, BackendId(1));
         p.hold(c);
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn distinct_clients_beyond_the_cap_are_refused_and_counted() {
         let mut p = PersistTable::new(Persistence::new(T));
-        let t0 = crate::test_epoch();
+        let t0 = testkit::epoch();
         let cap = 1000;
         let refused = (0..10 * cap as u32)
             .filter(|&i| !p.bind_capped(t0, Ipv4Addr::from(0x0a00_0000 + i), BackendId(1), cap))
@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn the_pool_cap_holds_a_flood_of_distinct_clients() {
         let mut p = PersistTable::new(Persistence::new(T));
-        let t0 = crate::test_epoch();
+        let t0 = testkit::epoch();
         let made = (0..MAX_TEMPLATES as u32 + 5000)
             .filter(|&i| p.bind(t0, Ipv4Addr::from(i), BackendId(1)))
             .count();
@@ -286,7 +286,7 @@ mod tests {
     #[test]
     fn reuse_rearms_without_growing_the_heap() {
         let mut p = PersistTable::new(Persistence::new(T));
-        let t0 = crate::test_epoch();
+        let t0 = testkit::epoch();
         let c = Ipv4Addr::new(192, 0, 2, 7);
         for s in 0..1000 {
             let now = t0 + Duration::from_secs(s);

@@ -3,22 +3,28 @@
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::str::FromStr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BackendId, ConnState, Health};
+use crate::backend::{Backend, BackendId, ConnState, Health, Ramp};
+use crate::dh::DestinationHash;
 use crate::error::PoolError;
 use crate::lc::LeastConn;
+use crate::locality::Locality;
 use crate::mh::{DEFAULT_TABLE_SIZE, Maglev};
 use crate::persist::{PersistTable, Persistence};
 use crate::rr::RoundRobin;
 use crate::sh::SourceHash;
+use crate::twos::TwoChoices;
 use crate::wrr::SmoothWrr;
+use crate::{expected, failover};
 
 /// Highest weight a backend may have (ipvsadm's range).
 pub const MAX_WEIGHT: u32 = 65_535;
 
-/// Most backends one pool holds, counting removed ones that still have connections.
-pub const MAX_BACKENDS: usize = 512;
+/// Most backends one pool holds, counting removed ones that still have connections. Ids are
+/// `u16` and every scheduler's state is linear in it; 1,024 leaves room for the large cache
+/// farms `lblc`/`lblcr` serve.
+pub const MAX_BACKENDS: usize = 1_024;
 
 /// Scheduling algorithm, named as ipvsadm `-s` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -37,15 +43,48 @@ pub enum SchedulerKind {
     /// Weighted least connections: smallest overhead / weight (LVS's default).
     #[default]
     Wlc,
+    /// Locality-based least connection: a destination address stays on its backend (cache)
+    /// until that one is unavailable or busy.
+    Lblc,
+    /// Locality-based least connection with replication: a destination is served by a set of
+    /// backends that grows while they are busy and shrinks when it cools.
+    Lblcr,
+    /// Destination hashing: a destination address always maps to the same backend.
+    Dh,
     /// Source hashing: a client address always maps to the same backend while the set is stable.
     Sh,
+    /// Shortest expected delay: smallest (active + 1) / weight.
+    Sed,
+    /// Never queue: an idle backend if there is one, else as `sed`.
+    Nq,
+    /// Weighted failover: the available backend with the highest weight.
+    Fo,
+    /// Overflow connection: the highest weight whose active connections do not exceed it.
+    Ovf,
     /// Maglev hashing: like `sh`, but a backend leaving moves (almost) only its own clients.
     Mh,
+    /// Weighted random of two, the less loaded of the two winning.
+    Twos,
 }
 
 impl SchedulerKind {
-    /// Every kind, in documentation order.
-    pub const ALL: [Self; 6] = [Self::Rr, Self::Wrr, Self::Lc, Self::Wlc, Self::Sh, Self::Mh];
+    /// Every kind, in ipvsadm's order.
+    pub const ALL: [Self; 14] = [
+        Self::Rr,
+        Self::Wrr,
+        Self::Lc,
+        Self::Wlc,
+        Self::Lblc,
+        Self::Lblcr,
+        Self::Dh,
+        Self::Sh,
+        Self::Sed,
+        Self::Nq,
+        Self::Fo,
+        Self::Ovf,
+        Self::Mh,
+        Self::Twos,
+    ];
 
     /// The ipvsadm name (`"wrr"`, ...).
     #[must_use]
@@ -55,9 +94,25 @@ impl SchedulerKind {
             Self::Wrr => "wrr",
             Self::Lc => "lc",
             Self::Wlc => "wlc",
+            Self::Lblc => "lblc",
+            Self::Lblcr => "lblcr",
+            Self::Dh => "dh",
             Self::Sh => "sh",
+            Self::Sed => "sed",
+            Self::Nq => "nq",
+            Self::Fo => "fo",
+            Self::Ovf => "ovf",
             Self::Mh => "mh",
+            Self::Twos => "twos",
         }
+    }
+
+    /// Whether picking a backend costs time linear in the number of backends (as in LVS:
+    /// every scheduler that compares loads scans the list); the others are O(1) per
+    /// connection, plus a hash-table lookup for `lblc`/`lblcr` hits.
+    #[must_use]
+    pub fn is_linear(self) -> bool {
+        !matches!(self, Self::Rr | Self::Dh | Self::Sh | Self::Mh)
     }
 }
 
@@ -69,7 +124,9 @@ impl fmt::Display for SchedulerKind {
 
 /// A scheduler name that is not one of [`SchedulerKind::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scheduler {0:?} (expected rr, wrr, lc, wlc, sh or mh)")]
+#[error(
+    "unknown scheduler {0:?} (expected rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, mh or twos)"
+)]
 pub struct UnknownScheduler(pub String);
 
 impl FromStr for SchedulerKind {
@@ -90,6 +147,25 @@ pub struct BackendConfig {
     pub addr: SocketAddrV4,
     /// Weight, 0..=[`MAX_WEIGHT`]; 0 drains.
     pub weight: u32,
+    /// Upper connection threshold (ipvsadm `-x`): on reaching it the backend is overloaded
+    /// and gets no new flows. 0: no threshold.
+    pub max_connections: u32,
+    /// Lower connection threshold (ipvsadm `-y`): an overloaded backend takes flows again
+    /// once under it (under 3/4 of `max_connections` when 0).
+    pub min_connections: u32,
+}
+
+impl BackendConfig {
+    /// A backend without connection thresholds.
+    #[must_use]
+    pub const fn new(addr: SocketAddrV4, weight: u32) -> Self {
+        Self {
+            addr,
+            weight,
+            max_connections: 0,
+            min_connections: 0,
+        }
+    }
 }
 
 /// Everything that configures a pool; [`Pool::reconfigure`] takes the same struct.
@@ -104,8 +180,18 @@ pub struct PoolConfig {
     /// `sh`/`mh` hash the client port too (ipvsadm `sh-port`/`mh-port`), spreading one client's
     /// connections instead of pinning them.
     pub hash_port: bool,
+    /// `sh`/`mh` send a client whose backend is overloaded to the next available one instead
+    /// of refusing it (ipvsadm `sh-fallback`/`mh-fallback`).
+    pub fallback: bool,
     /// Maglev table size for `mh` (a prime); [`DEFAULT_TABLE_SIZE`] unless there is a reason.
     pub mh_table_size: u32,
+    /// Most connections the whole service holds; new ones beyond go to the sorry server or
+    /// are refused. 0: no limit.
+    pub max_connections: u32,
+    /// A backend coming up (health recovered, weight raised from 0, added by reconfigure)
+    /// ramps its effective weight linearly from 1 to its weight over this time. `None`: at
+    /// once.
+    pub slow_start: Option<Duration>,
     /// The real servers.
     pub backends: Vec<BackendConfig>,
 }
@@ -117,7 +203,10 @@ impl Default for PoolConfig {
             persistence: None,
             sorry: None,
             hash_port: false,
+            fallback: false,
             mh_table_size: DEFAULT_TABLE_SIZE,
+            max_connections: 0,
+            slow_start: None,
             backends: Vec::new(),
         }
     }
@@ -131,6 +220,14 @@ impl PoolConfig {
             }
             if self.backends[..i].iter().any(|o| o.addr == b.addr) {
                 return Err(PoolError::DuplicateBackend(b.addr));
+            }
+            let (max, min) = (b.max_connections, b.min_connections);
+            if min != 0 && (max == 0 || min > max) {
+                return Err(PoolError::BadThresholds {
+                    backend: b.addr,
+                    min,
+                    max,
+                });
             }
         }
         if self.backends.len() > MAX_BACKENDS {
@@ -172,6 +269,12 @@ pub struct PoolStats {
     /// New flows of a client without a template that got none because the pool already holds
     /// [`MAX_TEMPLATES`](crate::MAX_TEMPLATES) (scheduled, not pinned).
     pub persist_full: u64,
+    /// New flows turned away (to the sorry server or refused) because the service held its
+    /// `max_connections`; also counted in `sorry` or `refused`.
+    pub over_limit: u64,
+    /// New destinations of `lblc`/`lblcr` scheduled without a table entry because the table
+    /// held [`MAX_LOCALITY_ENTRIES`](crate::MAX_LOCALITY_ENTRIES) busy entries.
+    pub locality_full: u64,
 }
 
 /// Direction of a packet of a balanced flow, for the traffic counters.
@@ -183,14 +286,31 @@ pub enum Direction {
     ToClient,
 }
 
+/// What a scheduler may look at for one new flow.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    now: Instant,
+    client: SocketAddrV4,
+    dest: Ipv4Addr,
+    hash_port: bool,
+    fallback: bool,
+}
+
 #[derive(Debug, Clone)]
 enum Scheduler {
     Rr(RoundRobin),
     Wrr(SmoothWrr),
     Lc(LeastConn),
     Wlc(LeastConn),
+    Locality(Locality),
+    Dh(DestinationHash),
     Sh(SourceHash),
+    Sed,
+    Nq,
+    Fo,
+    Ovf,
     Mh(Maglev),
+    Twos(TwoChoices),
 }
 
 impl Scheduler {
@@ -200,8 +320,16 @@ impl Scheduler {
             SchedulerKind::Wrr => Self::Wrr(SmoothWrr::default()),
             SchedulerKind::Lc => Self::Lc(LeastConn::default()),
             SchedulerKind::Wlc => Self::Wlc(LeastConn::default()),
+            SchedulerKind::Lblc => Self::Locality(Locality::new(false)),
+            SchedulerKind::Lblcr => Self::Locality(Locality::new(true)),
+            SchedulerKind::Dh => Self::Dh(DestinationHash::default()),
             SchedulerKind::Sh => Self::Sh(SourceHash::default()),
+            SchedulerKind::Sed => Self::Sed,
+            SchedulerKind::Nq => Self::Nq,
+            SchedulerKind::Fo => Self::Fo,
+            SchedulerKind::Ovf => Self::Ovf,
             SchedulerKind::Mh => Self::Mh(Maglev::new(mh_table_size)?),
+            SchedulerKind::Twos => Self::Twos(TwoChoices::default()),
         })
     }
 
@@ -209,25 +337,50 @@ impl Scheduler {
     fn rebuild(&mut self, slots: &[Option<Backend>]) {
         match self {
             Self::Wrr(s) => s.reset(slots.len()),
+            Self::Dh(s) => s.rebuild(slots),
             Self::Sh(s) => s.rebuild(slots),
             Self::Mh(s) => s.rebuild(slots),
-            Self::Rr(_) | Self::Lc(_) | Self::Wlc(_) => {}
+            Self::Rr(_)
+            | Self::Lc(_)
+            | Self::Wlc(_)
+            | Self::Locality(_)
+            | Self::Sed
+            | Self::Nq
+            | Self::Fo
+            | Self::Ovf
+            | Self::Twos(_) => {}
         }
     }
 
-    fn pick(
-        &mut self,
-        slots: &[Option<Backend>],
-        client: SocketAddrV4,
-        hash_port: bool,
-    ) -> Option<usize> {
+    fn pick(&mut self, slots: &[Option<Backend>], flow: Flow) -> Option<usize> {
         match self {
             Self::Rr(s) => s.pick(slots),
             Self::Wrr(s) => s.pick(slots),
             Self::Lc(s) => s.pick(slots, false),
             Self::Wlc(s) => s.pick(slots, true),
-            Self::Sh(s) => s.pick(client, hash_port),
-            Self::Mh(s) => s.pick(client, hash_port),
+            Self::Locality(s) => s.pick(slots, flow.dest, flow.now),
+            Self::Dh(s) => s.pick(slots, flow.dest),
+            Self::Sh(s) => s.pick(slots, flow.client, flow.hash_port, flow.fallback),
+            Self::Sed => expected::pick(slots, false),
+            Self::Nq => expected::pick(slots, true),
+            Self::Fo => failover::pick(slots, false),
+            Self::Ovf => failover::pick(slots, true),
+            Self::Mh(s) => s.pick(slots, flow.client, flow.hash_port, flow.fallback),
+            Self::Twos(s) => s.pick(slots, flow.client),
+        }
+    }
+
+    fn locality(&self) -> Option<&Locality> {
+        match self {
+            Self::Locality(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    fn locality_mut(&mut self) -> Option<&mut Locality> {
+        match self {
+            Self::Locality(l) => Some(l),
+            _ => None,
         }
     }
 }
@@ -247,8 +400,15 @@ pub struct Pool {
     persist: Option<PersistTable>,
     sorry: Option<SocketAddrV4>,
     hash_port: bool,
+    fallback: bool,
     mh_table_size: u32,
+    max_connections: u32,
+    slow_start: Option<Duration>,
     slots: Vec<Option<Backend>>,
+    /// Connections counted on any backend (what `max_connections` limits).
+    live: u64,
+    /// Some backend's slow start is pending or running.
+    ramping: bool,
     stats: PoolStats,
 }
 
@@ -266,12 +426,17 @@ impl Pool {
             persist: config.persistence.map(PersistTable::new),
             sorry: config.sorry,
             hash_port: config.hash_port,
+            fallback: config.fallback,
             mh_table_size: config.mh_table_size,
+            max_connections: config.max_connections,
+            slow_start: config.slow_start,
             slots: config
                 .backends
                 .iter()
-                .map(|b| Some(Backend::new(b.addr, b.weight)))
+                .map(|b| Some(configured(b)))
                 .collect(),
+            live: 0,
+            ramping: false,
             stats: PoolStats::default(),
         };
         pool.scheduler.rebuild(&pool.slots);
@@ -281,7 +446,8 @@ impl Pool {
     /// Applies a new configuration without disturbing live flows.
     ///
     /// Backends are matched by address: a kept backend keeps its id, health and counters and
-    /// takes the new weight; a new one starts up; a dropped one with live connections stays as
+    /// takes the new weight and thresholds; a new one starts up (in slow start, when
+    /// configured, as does a kept one whose weight rises from 0); a dropped one with live connections stays as
     /// [`BackendState::Removed`](crate::BackendState::Removed) (no new flows) until they close. Persistence templates survive
     /// unless the netmask changes. Nothing changes if the configuration is rejected.
     ///
@@ -317,16 +483,28 @@ impl Pool {
             b.removed = true;
             self.free_if_idle(i);
         }
+        self.slow_start = config.slow_start;
         for c in &config.backends {
             match self.position(c.addr) {
                 Some(i) => {
                     if let Some(b) = &mut self.slots[i] {
+                        let rising = b.weight == 0 || b.removed;
                         b.weight = c.weight;
                         b.removed = false;
+                        if b.ramp == Ramp::Done || c.weight == 0 {
+                            b.ramp = Ramp::Done;
+                            b.effective = c.weight;
+                        }
+                        b.set_thresholds(c.max_connections, c.min_connections);
+                        if rising {
+                            self.ramping |= start_ramp(b, self.slow_start);
+                        }
                     }
                 }
                 None => {
-                    let b = Some(Backend::new(c.addr, c.weight));
+                    let mut b = configured(c);
+                    self.ramping |= start_ramp(&mut b, self.slow_start);
+                    let b = Some(b);
                     match self.slots.iter().position(Option::is_none) {
                         Some(free) => self.slots[free] = b,
                         None => self.slots.push(b),
@@ -349,23 +527,30 @@ impl Pool {
         }
         self.sorry = config.sorry;
         self.hash_port = config.hash_port;
+        self.fallback = config.fallback;
+        self.max_connections = config.max_connections;
+        if self.slow_start.is_none() {
+            self.finish_ramps();
+        }
         self.scheduler.rebuild(&self.slots);
         Ok(())
     }
 
     /// Picks the backend for a new flow from `client` and counts the connection: exactly
     /// [`pick`](Self::pick) followed by [`opened`](Self::opened) when it names a backend.
-    pub fn schedule(&mut self, now: Instant, client: SocketAddrV4) -> Decision {
-        let d = self.pick(now, client);
+    pub fn schedule(&mut self, now: Instant, client: SocketAddrV4, dest: Ipv4Addr) -> Decision {
+        let d = self.pick(now, client, dest);
         if let Decision::Backend { id, .. } = d {
             self.opened(now, id, client);
         }
         d
     }
 
-    /// Decides where a new flow from `client` goes, without counting it yet.
+    /// Decides where a new flow from `client` to `dest` goes, without counting it yet.
     ///
-    /// Persistence first: a client whose template points at an eligible backend goes there.
+    /// `dest` is the address the client connected to (the VIP; with a service covering many
+    /// destinations, each of them): `dh`, `lblc` and `lblcr` schedule by it. A service that
+    /// already holds its `max_connections` turns the flow away. Persistence first: a client whose template points at an eligible backend goes there.
     /// Otherwise the scheduler picks among eligible backends (up, weight above 0); `opened`
     /// then points the template at its choice. Down, draining and removed backends never get a
     /// new flow here, persistent or not (ipvsadm's `expire_quiescent_template=1` behaviour:
@@ -374,17 +559,36 @@ impl Pool {
     /// Split from [`opened`](Self::opened) for callers whose flow table may still refuse the
     /// flow after the decision (table full): counters then stay exact. The scheduler's
     /// rotation has advanced either way.
-    pub fn pick(&mut self, now: Instant, client: SocketAddrV4) -> Decision {
+    pub fn pick(&mut self, now: Instant, client: SocketAddrV4, dest: Ipv4Addr) -> Decision {
+        if self.ramping {
+            self.advance_ramps(now);
+        }
+        let full = self.max_connections != 0 && self.live >= u64::from(self.max_connections);
+        if full {
+            self.stats.over_limit += 1;
+        }
         let pinned = self
             .persist
             .as_ref()
+            .filter(|_| !full)
             .and_then(|p| p.lookup(now, *client.ip()))
             .map(|id| usize::from(id.0))
-            .filter(|&i| self.slot(i).is_some_and(Backend::is_eligible));
+            .filter(|&i| self.slot(i).is_some_and(Backend::is_available));
         if pinned.is_some() {
             self.stats.persistent_hits += 1;
         }
-        let chosen = pinned.or_else(|| self.scheduler.pick(&self.slots, client, self.hash_port));
+        let flow = Flow {
+            now,
+            client,
+            dest,
+            hash_port: self.hash_port,
+            fallback: self.fallback,
+        };
+        let chosen = if full {
+            None
+        } else {
+            pinned.or_else(|| self.scheduler.pick(&self.slots, flow))
+        };
         match chosen.and_then(|i| Some((i, self.slot(i)?))) {
             Some((i, b)) => Decision::Backend {
                 id: slot_id(i),
@@ -411,6 +615,8 @@ impl Pool {
         };
         b.inactive += 1;
         b.stats.connections += 1;
+        b.check_overload_on_open();
+        self.live += 1;
         if let Some(p) = &mut self.persist
             && !p.bind(now, *client.ip(), id)
         {
@@ -460,7 +666,11 @@ impl Pool {
         let i = usize::from(id.0);
         if let Some(b) = self.slot_mut(i) {
             let c = b.count_mut(state);
-            *c = c.saturating_sub(1);
+            if *c > 0 {
+                *c -= 1;
+                b.check_overload_on_close();
+                self.live = self.live.saturating_sub(1);
+            }
         }
         if let Some(p) = self.persist.as_mut().filter(|_| state == ConnState::Active) {
             p.release(now, client);
@@ -498,18 +708,27 @@ impl Pool {
             .position(addr)
             .filter(|&i| self.slot(i).is_some_and(|b| !b.removed))
             .ok_or(PoolError::UnknownBackend(addr))?;
+        let slow_start = self.slow_start;
         if let Some(b) = self.slot_mut(i) {
             if b.weight == weight {
                 return Ok(());
             }
+            let rising = b.weight == 0;
             b.weight = weight;
+            if b.ramp == Ramp::Done || weight == 0 {
+                b.ramp = Ramp::Done;
+                b.effective = weight;
+            }
+            self.ramping |= rising && start_ramp(b, slow_start);
         }
         self.scheduler.rebuild(&self.slots);
         Ok(())
     }
 
-    /// Records a health verdict; returns whether the backend's health changed.
+    /// Records a health verdict; returns whether the backend's health changed. A backend
+    /// recovering starts its slow start (timed from the next call that passes `now`).
     pub fn set_health(&mut self, id: BackendId, health: Health) -> bool {
+        let slow_start = self.slow_start;
         let Some(b) = self.slot_mut(usize::from(id.0)) else {
             return false;
         };
@@ -517,20 +736,32 @@ impl Pool {
             return false;
         }
         b.health = health;
+        if health == Health::Up {
+            self.ramping |= start_ramp(b, slow_start);
+        }
         self.scheduler.rebuild(&self.slots);
         true
     }
 
-    /// Next persistence template expiry, if any.
+    /// Next expiry of a persistence template or an `lblc`/`lblcr` entry, if any.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.persist.as_ref().and_then(PersistTable::poll_timeout)
+        let persist = self.persist.as_ref().and_then(PersistTable::poll_timeout);
+        let locality = self.scheduler.locality().and_then(Locality::poll_timeout);
+        persist.into_iter().chain(locality).min()
     }
 
-    /// Expires persistence templates due at `now`.
+    /// Expires persistence templates and `lblc`/`lblcr` entries due at `now`, and moves slow
+    /// starts on.
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(p) = &mut self.persist {
             p.handle_timeout(now);
+        }
+        if let Some(l) = self.scheduler.locality_mut() {
+            l.handle_timeout(now);
+        }
+        if self.ramping {
+            self.advance_ramps(now);
         }
     }
 
@@ -554,10 +785,48 @@ impl Pool {
             .filter_map(|(i, b)| Some((slot_id(i), b.as_ref()?)))
     }
 
-    /// Whether any backend could take a new flow now.
+    /// Whether any backend is eligible (up, weight above 0, configured): what VRRP's
+    /// `track_services` follows. Overload is a passing load condition, not a failure, so it
+    /// does not count here.
     #[must_use]
     pub fn has_eligible(&self) -> bool {
         self.slots.iter().flatten().any(Backend::is_eligible)
+    }
+
+    /// Whether any backend could take a new flow now (eligible and not overloaded).
+    #[must_use]
+    pub fn has_available(&self) -> bool {
+        self.slots.iter().flatten().any(Backend::is_available)
+    }
+
+    /// Connections the whole service holds (what `max_connections` limits).
+    #[must_use]
+    pub fn connections(&self) -> u64 {
+        self.live
+    }
+
+    /// The service-wide connection limit; 0 means none.
+    #[must_use]
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections
+    }
+
+    /// The slow-start period, if configured.
+    #[must_use]
+    pub fn slow_start(&self) -> Option<Duration> {
+        self.slow_start
+    }
+
+    /// Whether `sh`/`mh` fall back to another backend when the hashed one is overloaded.
+    #[must_use]
+    pub fn fallback(&self) -> bool {
+        self.fallback
+    }
+
+    /// Destinations remembered by `lblc`/`lblcr` (0 for other schedulers).
+    #[must_use]
+    pub fn locality_entries(&self) -> usize {
+        self.scheduler.locality().map_or(0, Locality::len)
     }
 
     /// The scheduler in use.
@@ -586,8 +855,30 @@ impl Pool {
 
     /// Pool-wide counters.
     #[must_use]
-    pub fn stats(&self) -> &PoolStats {
-        &self.stats
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            locality_full: self.scheduler.locality().map_or(0, Locality::full),
+            ..self.stats
+        }
+    }
+
+    /// Times pending slow starts from `now` and recomputes ramping effective weights.
+    fn advance_ramps(&mut self, now: Instant) {
+        let slow_start = self.slow_start;
+        let mut still = false;
+        for b in self.slots.iter_mut().flatten() {
+            still |= b.advance_ramp(now, slow_start);
+        }
+        self.ramping = still;
+    }
+
+    /// Every backend at its full weight at once (slow start turned off).
+    fn finish_ramps(&mut self) {
+        for b in self.slots.iter_mut().flatten() {
+            b.ramp = Ramp::Done;
+            b.effective = b.weight;
+        }
+        self.ramping = false;
     }
 
     fn slot(&self, i: usize) -> Option<&Backend> {
@@ -615,12 +906,33 @@ impl Pool {
             if let Some(p) = &mut self.persist {
                 p.forget_backend(slot_id(i));
             }
+            if let Some(l) = self.scheduler.locality_mut() {
+                l.forget_backend(i);
+            }
             self.scheduler.rebuild(&self.slots);
         }
     }
 }
 
+/// A backend as configured: up, with its thresholds, at full weight.
+fn configured(c: &BackendConfig) -> Backend {
+    let mut b = Backend::new(c.addr, c.weight);
+    b.set_thresholds(c.max_connections, c.min_connections);
+    b
+}
+
+/// Puts a backend that just came up into slow start, if the pool has one and the backend has
+/// a weight to ramp to; returns whether it did.
+fn start_ramp(b: &mut Backend, slow_start: Option<Duration>) -> bool {
+    if slow_start.is_none_or(|p| p.is_zero()) || b.weight == 0 {
+        return false;
+    }
+    b.ramp = Ramp::Pending;
+    b.effective = 1;
+    true
+}
+
 fn slot_id(i: usize) -> BackendId {
-    // Slots never exceed MAX_BACKENDS (512), so this cannot truncate.
+    // Slots never exceed MAX_BACKENDS (1,024), so this cannot truncate.
     BackendId(i as u16)
 }

@@ -1,4 +1,5 @@
-//! Round robin (ipvsadm `-s rr`): every eligible backend in turn, weights ignored except 0.
+//! Round robin (ipvsadm `-s rr`): every eligible backend in turn, weights ignored except 0;
+//! backends over their connection threshold are skipped.
 
 use crate::backend::Backend;
 
@@ -14,7 +15,7 @@ impl RoundRobin {
         let n = slots.len();
         let idx = (0..n)
             .map(|i| (self.next + i) % n)
-            .find(|&i| slots[i].as_ref().is_some_and(Backend::is_eligible))?;
+            .find(|&i| slots[i].as_ref().is_some_and(Backend::is_available))?;
         self.next = idx + 1;
         Some(idx)
     }

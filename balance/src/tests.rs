@@ -5,14 +5,15 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use testkit::{epoch, replay_corpus};
 
 use crate::*;
 
+/// The address every test flow connects to.
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+
 fn be(last: u8, weight: u32) -> BackendConfig {
-    BackendConfig {
-        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80),
-        weight,
-    }
+    BackendConfig::new(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80), weight)
 }
 
 fn pool(scheduler: SchedulerKind, backends: Vec<BackendConfig>) -> Pool {
@@ -31,7 +32,7 @@ fn client(n: u32) -> SocketAddrV4 {
 }
 
 fn pick(pool: &mut Pool, now: Instant, c: SocketAddrV4) -> Option<BackendId> {
-    match pool.schedule(now, c) {
+    match pool.schedule(now, c, VIP) {
         Decision::Backend { id, .. } => Some(id),
         _ => None,
     }
@@ -39,7 +40,7 @@ fn pick(pool: &mut Pool, now: Instant, c: SocketAddrV4) -> Option<BackendId> {
 
 /// Schedules `n` connections (closing each at once) and counts them per backend address.
 fn spread(pool: &mut Pool, n: u32) -> HashMap<u8, u32> {
-    let now = test_epoch();
+    let now = epoch();
     let mut counts = HashMap::new();
     for i in 0..n {
         let c = client(i);
@@ -62,7 +63,7 @@ fn wrr_is_exact_over_a_cycle() {
 #[test]
 fn wrr_interleaves_instead_of_bursting() {
     let mut p = pool(SchedulerKind::Wrr, vec![be(1, 5), be(2, 1), be(3, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let seq: Vec<u8> = (0..7)
         .map(|i| {
             let id = pick(&mut p, now, client(i)).unwrap();
@@ -88,7 +89,7 @@ fn rr_is_exact_and_ignores_weights_except_zero() {
 #[test]
 fn lc_prefers_the_backend_with_fewer_connections() {
     let mut p = pool(SchedulerKind::Lc, vec![be(1, 1), be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     // Ten long-lived established connections, alternating by tie-break.
     let long: Vec<BackendId> = (0..10)
         .map(|i| pick(&mut p, now, client(i)).unwrap())
@@ -112,7 +113,7 @@ fn lc_prefers_the_backend_with_fewer_connections() {
 #[test]
 fn wlc_divides_load_by_weight() {
     let mut p = pool(SchedulerKind::Wlc, vec![be(1, 1), be(2, 3)]);
-    let now = test_epoch();
+    let now = epoch();
     for i in 0..400 {
         let id = pick(&mut p, now, client(i)).unwrap();
         p.established(now, id, Ipv4Addr::UNSPECIFIED);
@@ -125,7 +126,7 @@ fn wlc_divides_load_by_weight() {
 #[test]
 fn sh_pins_each_client_and_spreads_clients() {
     let mut p = pool(SchedulerKind::Sh, vec![be(1, 1), be(2, 1), be(3, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     for n in 0..50 {
         let c = client(n * 7919);
         let first = pick(&mut p, now, c).unwrap();
@@ -150,7 +151,7 @@ fn mh_distribution_and_disruption_on_10000_tuples() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let tuples: Vec<SocketAddrV4> = (0..10_000).map(client).collect();
     let addr_of = |p: &mut Pool, c| {
         let id = pick(p, now, c).unwrap();
@@ -196,7 +197,7 @@ fn mh_removing_a_backend_is_the_same_as_marking_it_down() {
     let mut removed = pool(SchedulerKind::Mh, five[1..].to_vec());
     let mut down = pool(SchedulerKind::Mh, five);
     down.set_health(down.find(be(1, 1).addr).unwrap(), Health::Down);
-    let now = test_epoch();
+    let now = epoch();
     for n in 0..2_000 {
         let c = client(n);
         let a = pick(&mut removed, now, c).unwrap();
@@ -217,7 +218,7 @@ fn persistence_pins_a_client_until_the_timeout_after_its_last_connection() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let t0 = test_epoch();
+    let t0 = epoch();
     let sticky = client(0);
     let first = pick(&mut p, t0, sticky).unwrap();
     p.closed(t0, first, ConnState::Inactive, *sticky.ip());
@@ -269,7 +270,7 @@ fn closed_connections_lingering_in_the_flow_table_do_not_hold_a_template() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let t0 = test_epoch();
+    let t0 = epoch();
     let c = client(0);
     let id = pick(&mut p, t0, c).unwrap();
     p.established(t0, id, *c.ip());
@@ -277,7 +278,7 @@ fn closed_connections_lingering_in_the_flow_table_do_not_hold_a_template() {
     let t1 = t0 + Duration::from_secs(10);
     p.handle_timeout(t1);
     assert_eq!(
-        p.pick(t1, SocketAddrV4::new(*c.ip(), 1)),
+        p.pick(t1, SocketAddrV4::new(*c.ip(), 1), VIP),
         Decision::Backend {
             id,
             addr: p.backend(id).unwrap().addr()
@@ -304,7 +305,7 @@ fn drain_keeps_existing_connections_and_sends_nothing_new() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let c = client(0);
     let held = pick(&mut p, now, c).unwrap();
     p.established(now, held, *c.ip());
@@ -343,21 +344,21 @@ fn all_down_goes_to_the_sorry_server_or_refuses() {
         ..PoolConfig::default()
     })
     .unwrap();
-    let now = test_epoch();
+    let now = epoch();
     let ids: Vec<BackendId> = p.backends().map(|(id, _)| id).collect();
     assert!(p.set_health(ids[0], Health::Down));
     assert!(!p.set_health(ids[0], Health::Down));
     assert_eq!(pick(&mut p, now, client(1)), Some(ids[1]));
     p.set_health(ids[1], Health::Down);
     assert!(!p.has_eligible());
-    assert_eq!(p.schedule(now, client(2)), Decision::Sorry(sorry));
+    assert_eq!(p.schedule(now, client(2), VIP), Decision::Sorry(sorry));
     p.reconfigure(PoolConfig {
         scheduler: SchedulerKind::Wlc,
         backends: vec![be(1, 1), be(2, 1)],
         ..PoolConfig::default()
     })
     .unwrap();
-    assert_eq!(p.schedule(now, client(3)), Decision::Refuse);
+    assert_eq!(p.schedule(now, client(3), VIP), Decision::Refuse);
     assert_eq!((p.stats().sorry, p.stats().refused), (1, 1));
     p.set_health(ids[1], Health::Up);
     assert_eq!(pick(&mut p, now, client(4)), Some(ids[1]));
@@ -366,7 +367,7 @@ fn all_down_goes_to_the_sorry_server_or_refuses() {
 #[test]
 fn reconfigure_keeps_counters_and_lets_removed_backends_drain() {
     let mut p = pool(SchedulerKind::Rr, vec![be(1, 1), be(2, 1)]);
-    let now = test_epoch();
+    let now = epoch();
     let a = pick(&mut p, now, client(0)).unwrap();
     let b = pick(&mut p, now, client(1)).unwrap();
     p.established(now, a, *client(0).ip());
@@ -447,13 +448,14 @@ fn scheduler_names_round_trip() {
     for k in SchedulerKind::ALL {
         assert_eq!(k.as_str().parse::<SchedulerKind>(), Ok(k));
     }
-    assert!("sed".parse::<SchedulerKind>().is_err());
+    assert_eq!(SchedulerKind::ALL.len(), 14, "every LVS scheduler");
+    assert!("lblcrr".parse::<SchedulerKind>().is_err());
 }
 
 #[test]
 fn traffic_counters_add_up() {
     let mut p = pool(SchedulerKind::Rr, vec![be(1, 1)]);
-    let id = pick(&mut p, test_epoch(), client(0)).unwrap();
+    let id = pick(&mut p, epoch(), client(0)).unwrap();
     p.count_packet(id, Direction::ToBackend, 60);
     p.count_packet(id, Direction::ToClient, 1500);
     p.count_packet(id, Direction::ToClient, 40);
@@ -473,21 +475,15 @@ fn traffic_counters_add_up() {
 /// Replays the `lb_pool` fuzz corpus so CI exercises it on stable.
 #[test]
 fn fuzz_corpus_replays() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/lb_pool");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).expect("the lb_pool corpus") {
-        let data = std::fs::read(entry.expect("a corpus entry").path()).expect("a corpus file");
-        fuzzing::run_pool_ops(test_epoch(), &data);
-        n += 1;
-    }
-    assert!(n > 0, "empty corpus in {}", dir.display());
+    let n = replay_corpus("lb_pool", |data| fuzzing::run_pool_ops(epoch(), data));
+    assert!(n > 0, "empty lb_pool corpus");
 }
 
 proptest! {
     /// Arbitrary operation runs keep every invariant `run_pool_ops` checks.
     #[test]
     fn arbitrary_op_runs_keep_the_invariants(data in prop::collection::vec(any::<u8>(), 0..400)) {
-        fuzzing::run_pool_ops(test_epoch(), &data);
+        fuzzing::run_pool_ops(epoch(), &data);
     }
 }
 
@@ -528,7 +524,7 @@ proptest! {
         let backends: Vec<BackendConfig> =
             weights.iter().enumerate().map(|(i, &w)| be(i as u8 + 1, w)).collect();
         let mut p = pool(SchedulerKind::Wrr, backends);
-        let now = test_epoch();
+        let now = epoch();
         let total: u32 = weights.iter().sum();
         for i in 0..warmup {
             pick(&mut p, now, client(i as u32));
@@ -559,13 +555,13 @@ proptest! {
             mh_table_size: 251,
             ..PoolConfig::default()
         }).unwrap();
-        let mut now = test_epoch();
+        let mut now = epoch();
         let mut flows: Vec<(BackendId, ConnState, Ipv4Addr)> = Vec::new();
         for op in ops {
             match op {
                 Op::Connect(n) => {
                     let eligible = p.has_eligible();
-                    match p.schedule(now, client(n)) {
+                    match p.schedule(now, client(n), VIP) {
                         Decision::Backend { id, addr } => {
                             let b = p.backend(id).unwrap();
                             prop_assert_eq!(b.addr(), addr);
@@ -574,7 +570,9 @@ proptest! {
                             flows.push((id, ConnState::Inactive, *client(n).ip()));
                         }
                         Decision::Sorry(_) => prop_assert!(false, "no sorry server configured"),
-                        Decision::Refuse => prop_assert!(!eligible),
+                        // ovf refuses when every backend has more established connections than its
+                        // weight, as in LVS.
+                        Decision::Refuse => prop_assert!(!eligible || kind == SchedulerKind::Ovf),
                     }
                 }
                 Op::Establish(i) if !flows.is_empty() => {
@@ -641,5 +639,444 @@ proptest! {
             // Sampling noise of 20,000 flows is about 1 % of the total; allow 2.5 %.
             prop_assert!((got - want).abs() <= f64::from(n) * 0.025, "backend {} got {} want {}", i, got, want);
         }
+    }
+}
+
+/// The last octet of the backend a decision names.
+fn octet(p: &Pool, d: Decision) -> Option<u8> {
+    match d {
+        Decision::Backend { id, .. } => Some(p.backend(id).unwrap().addr().ip().octets()[3]),
+        _ => None,
+    }
+}
+
+/// Opens `n` connections from distinct clients to `dest`, each established and held, and
+/// returns the last octet of each pick (`None` for a refusal).
+fn pick_octet(p: &mut Pool, (now, c, dest): (Instant, SocketAddrV4, Ipv4Addr)) -> Option<u8> {
+    let d = p.pick(now, c, dest);
+    octet(p, d)
+}
+
+fn sched_octet(p: &mut Pool, (now, c, dest): (Instant, SocketAddrV4, Ipv4Addr)) -> Option<u8> {
+    let d = p.schedule(now, c, dest);
+    octet(p, d)
+}
+
+fn held_sequence(p: &mut Pool, now: Instant, dest: Ipv4Addr, n: u32) -> Vec<Option<u8>> {
+    (0..n)
+        .map(|i| {
+            let c = client(10_000 + i);
+            let d = p.schedule(now, c, dest);
+            if let Decision::Backend { id, .. } = d {
+                p.established(now, id, *c.ip());
+            }
+            octet(p, d)
+        })
+        .collect()
+}
+
+fn seq(octets: &[u8]) -> Vec<Option<u8>> {
+    octets.iter().map(|&o| Some(o)).collect()
+}
+
+#[test]
+fn sed_minimises_active_plus_one_over_weight_first_listed_on_ties() {
+    let mut p = pool(SchedulerKind::Sed, vec![be(1, 1), be(2, 3)]);
+    // (a+1)/1 against (b+1)/3: 2 wins until 3/3 ties 1/1, then 1 (listed first), ...
+    assert_eq!(
+        held_sequence(&mut p, epoch(), VIP, 8),
+        seq(&[2, 2, 1, 2, 2, 2, 1, 2])
+    );
+    // Connections that never establish do not count: all go to the faster server.
+    let mut p = pool(SchedulerKind::Sed, vec![be(1, 1), be(2, 3)]);
+    let counts = spread(&mut p, 50);
+    assert_eq!((counts.get(&1), counts[&2]), (None, 50));
+}
+
+#[test]
+fn nq_sends_to_an_idle_backend_first_then_acts_as_sed() {
+    let mut p = pool(SchedulerKind::Nq, vec![be(1, 1), be(2, 3)]);
+    assert_eq!(
+        held_sequence(&mut p, epoch(), VIP, 8),
+        seq(&[1, 2, 2, 2, 2, 2, 1, 2])
+    );
+}
+
+#[test]
+fn fo_takes_the_highest_weight_and_fails_over_in_weight_order() {
+    let mut p = pool(SchedulerKind::Fo, vec![be(1, 1), be(2, 5), be(3, 5)]);
+    let now = epoch();
+    assert_eq!(held_sequence(&mut p, now, VIP, 3), seq(&[2, 2, 2]));
+    let b2 = p.find(be(2, 5).addr).unwrap();
+    p.set_health(b2, Health::Down);
+    assert_eq!(held_sequence(&mut p, now, VIP, 2), seq(&[3, 3]));
+    p.set_weight(be(3, 5).addr, 0).unwrap();
+    assert_eq!(held_sequence(&mut p, now, VIP, 2), seq(&[1, 1]));
+    p.set_health(b2, Health::Up);
+    assert_eq!(held_sequence(&mut p, now, VIP, 1), seq(&[2]));
+}
+
+#[test]
+fn ovf_fills_the_heaviest_backend_to_its_weight_then_overflows_then_refuses() {
+    let mut p = pool(SchedulerKind::Ovf, vec![be(1, 2), be(2, 3)]);
+    let mut want = seq(&[2, 2, 2, 2, 1, 1, 1]);
+    want.push(None);
+    assert_eq!(held_sequence(&mut p, epoch(), VIP, 8), want);
+}
+
+#[test]
+fn twos_follows_weights_and_keeps_loads_level() {
+    // Short connections (no load): each draw wins as often as its weight.
+    let mut p = pool(SchedulerKind::Twos, vec![be(1, 1), be(2, 3)]);
+    let counts = spread(&mut p, 40_000);
+    // Measured 10,0xx / 29,9xx; the bound is 2 % of the total around 25 / 75 %.
+    assert!((9_200..=10_800).contains(&counts[&1]), "{counts:?}");
+    // Held connections: the less loaded of two draws wins, so loads stay close.
+    let mut p = pool(SchedulerKind::Twos, (1..=8).map(|i| be(i, 1)).collect());
+    held_sequence(&mut p, epoch(), VIP, 800);
+    let loads: Vec<u32> = p.backends().map(|(_, b)| b.active()).collect();
+    let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+    assert!(hi - lo <= 6, "{loads:?}");
+}
+
+#[test]
+fn dh_pins_each_destination_whatever_the_client_and_ignores_weights() {
+    let mut p = pool(SchedulerKind::Dh, vec![be(1, 1), be(2, 7), be(3, 1)]);
+    let now = epoch();
+    let mut per_backend = HashMap::new();
+    for d in 0..3_000u32 {
+        let dest = Ipv4Addr::from(0xcb00_7100 + d * 7);
+        let first = pick_octet(&mut p, (now, client(d), dest)).unwrap();
+        for c in 1..4 {
+            assert_eq!(
+                pick_octet(&mut p, (now, client(d * 31 + c), dest)),
+                Some(first)
+            );
+        }
+        *per_backend.entry(first).or_insert(0u32) += 1;
+    }
+    // 256 buckets dealt in turn: 86 / 85 / 85, whatever the weights.
+    assert!(
+        per_backend.values().all(|&n| (850..=1_150).contains(&n)),
+        "{per_backend:?}"
+    );
+}
+
+#[test]
+fn dh_refuses_a_destination_whose_backend_is_overloaded_and_rehashes_a_failed_one() {
+    let overloadable = BackendConfig {
+        max_connections: 1,
+        ..be(1, 1)
+    };
+    let mut p = pool(SchedulerKind::Dh, vec![overloadable, be(2, 1)]);
+    let now = epoch();
+    let dest = (0..)
+        .map(|d| Ipv4Addr::from(0xcb00_7100 + d))
+        .find(|&d| pick_octet(&mut p, (now, client(0), d)) == Some(1))
+        .unwrap();
+    assert_eq!(sched_octet(&mut p, (now, client(1), dest)), Some(1));
+    assert!(
+        p.backend(p.find(overloadable.addr).unwrap())
+            .unwrap()
+            .is_overloaded()
+    );
+    assert_eq!(p.schedule(now, client(2), dest), Decision::Refuse);
+    p.set_health(p.find(overloadable.addr).unwrap(), Health::Down);
+    assert_eq!(sched_octet(&mut p, (now, client(3), dest)), Some(2));
+}
+
+#[test]
+fn lblc_keeps_a_destination_on_its_backend_until_it_is_busy() {
+    let mut p = pool(SchedulerKind::Lblc, vec![be(1, 2), be(2, 2), be(3, 2)]);
+    let now = epoch();
+    let cdn = Ipv4Addr::new(203, 0, 113, 80);
+    // Busy means more active connections than the weight (2) while another backend has fewer
+    // than half its weight: the third held connection moves the destination to 2.
+    assert_eq!(held_sequence(&mut p, now, cdn, 5), seq(&[1, 1, 1, 2, 2]));
+    // Another destination goes to the least loaded backend and stays.
+    let other = Ipv4Addr::new(203, 0, 113, 81);
+    assert_eq!(held_sequence(&mut p, now, other, 2), seq(&[3, 3]));
+    assert_eq!(p.locality_entries(), 2);
+    // Unused for a day, entries are forgotten.
+    assert_eq!(p.poll_timeout(), Some(now + LOCALITY_EXPIRY));
+    p.handle_timeout(now + LOCALITY_EXPIRY);
+    assert_eq!(p.locality_entries(), 0);
+}
+
+#[test]
+fn lblc_moves_a_destination_off_a_failed_backend() {
+    let mut p = pool(SchedulerKind::Lblc, vec![be(1, 1), be(2, 1)]);
+    let now = epoch();
+    let dest = Ipv4Addr::new(203, 0, 113, 80);
+    assert_eq!(held_sequence(&mut p, now, dest, 1), seq(&[1]));
+    p.set_health(p.find(be(1, 1).addr).unwrap(), Health::Down);
+    assert_eq!(held_sequence(&mut p, now, dest, 1), seq(&[2]));
+    p.set_health(p.find(be(1, 1).addr).unwrap(), Health::Up);
+    assert_eq!(
+        held_sequence(&mut p, now, dest, 1),
+        seq(&[2]),
+        "re-pointed for good"
+    );
+}
+
+#[test]
+fn lblcr_grows_the_set_of_a_busy_destination() {
+    let mut p = pool(SchedulerKind::Lblcr, vec![be(1, 1), be(2, 1), be(3, 1)]);
+    let t0 = epoch();
+    let dest = Ipv4Addr::new(203, 0, 113, 80);
+    // 1 until busy (2 active > weight 1 while 3 is idle), then 2 joins; 2 until busy, then 3.
+    assert_eq!(held_sequence(&mut p, t0, dest, 5), seq(&[1, 1, 2, 2, 3]));
+    // The set {3, 2, 1} serves, least loaded first: 3 (1 active) again.
+    assert_eq!(held_sequence(&mut p, t0, dest, 1), seq(&[3]));
+    assert_eq!(p.locality_entries(), 1);
+}
+
+#[test]
+fn thresholds_skip_an_overloaded_backend_until_it_drops_under_the_lower_one() {
+    let limited = BackendConfig {
+        max_connections: 4,
+        min_connections: 2,
+        ..be(1, 1)
+    };
+    let mut p = pool(SchedulerKind::Rr, vec![limited, be(2, 1)]);
+    let now = epoch();
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let c = client(i);
+        let id = pick(&mut p, now, c).unwrap();
+        held.push((id, c));
+    }
+    let b1 = p.find(limited.addr).unwrap();
+    let on_b1: Vec<_> = held.iter().filter(|(id, _)| *id == b1).copied().collect();
+    assert_eq!(on_b1.len(), 4, "skipped from its fourth connection on");
+    assert!(p.backend(b1).unwrap().is_overloaded());
+    // Closing two (down to 2) is not enough; the third (down to 1, under 2) is.
+    for (k, (id, c)) in on_b1.iter().take(3).enumerate() {
+        p.closed(now, *id, ConnState::Inactive, *c.ip());
+        assert_eq!(
+            p.backend(b1).unwrap().is_overloaded(),
+            k < 2,
+            "after {} closed",
+            k + 1
+        );
+    }
+    let again: Vec<_> = (20..24)
+        .map(|i| pick(&mut p, now, client(i)).unwrap())
+        .collect();
+    assert_eq!(again.iter().filter(|&&id| id == b1).count(), 2);
+}
+
+#[test]
+fn without_a_lower_threshold_an_overloaded_backend_returns_under_three_quarters() {
+    let limited = BackendConfig {
+        max_connections: 4,
+        ..be(1, 1)
+    };
+    let mut p = pool(SchedulerKind::Wlc, vec![limited]);
+    let now = epoch();
+    let held: Vec<_> = (0..4)
+        .map(|i| (pick(&mut p, now, client(i)).unwrap(), client(i)))
+        .collect();
+    assert_eq!(p.schedule(now, client(9), VIP), Decision::Refuse);
+    // Overloaded is not failed: VRRP's track_services still sees an eligible backend.
+    assert!(p.has_eligible() && !p.has_available());
+    let id = held[0].0;
+    p.closed(now, id, ConnState::Inactive, *held[0].1.ip());
+    assert!(
+        p.backend(id).unwrap().is_overloaded(),
+        "3 * 4 is not under 4 * 3"
+    );
+    p.closed(now, id, ConnState::Inactive, *held[1].1.ip());
+    assert!(!p.backend(id).unwrap().is_overloaded(), "2 * 4 < 4 * 3");
+    assert!(pick(&mut p, now, client(10)).is_some());
+}
+
+#[test]
+fn sh_and_mh_refuse_or_fall_back_when_the_hashed_backend_is_overloaded() {
+    for kind in [SchedulerKind::Sh, SchedulerKind::Mh] {
+        for fallback in [false, true] {
+            let limited = BackendConfig {
+                max_connections: 1,
+                ..be(1, 1)
+            };
+            let mut p = Pool::new(PoolConfig {
+                scheduler: kind,
+                fallback,
+                mh_table_size: 251,
+                backends: vec![limited, be(2, 1)],
+                ..PoolConfig::default()
+            })
+            .unwrap();
+            let now = epoch();
+            let c = (0..)
+                .map(client)
+                .find(|&c| pick_octet(&mut p, (now, c, VIP)) == Some(1))
+                .unwrap();
+            assert_eq!(sched_octet(&mut p, (now, c, VIP)), Some(1));
+            let again = sched_octet(&mut p, (now, SocketAddrV4::new(*c.ip(), 9), VIP));
+            assert_eq!(again, fallback.then_some(2), "{kind} fallback={fallback}");
+        }
+    }
+}
+
+#[test]
+fn service_max_connections_turns_new_flows_away_until_one_closes() {
+    let sorry = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 200), 80);
+    let mut p = Pool::new(PoolConfig {
+        scheduler: SchedulerKind::Rr,
+        max_connections: 3,
+        sorry: Some(sorry),
+        backends: vec![be(1, 1), be(2, 1)],
+        ..PoolConfig::default()
+    })
+    .unwrap();
+    let now = epoch();
+    let held: Vec<_> = (0..3)
+        .map(|i| pick(&mut p, now, client(i)).unwrap())
+        .collect();
+    assert_eq!(p.schedule(now, client(3), VIP), Decision::Sorry(sorry));
+    assert_eq!(
+        (p.stats().over_limit, p.stats().sorry, p.connections()),
+        (1, 1, 3)
+    );
+    p.closed(now, held[0], ConnState::Inactive, *client(0).ip());
+    assert!(pick(&mut p, now, client(4)).is_some());
+}
+
+#[test]
+fn slow_start_ramps_a_returning_backend_linearly_and_never_at_start() {
+    let ramp = Duration::from_secs(10);
+    let cfg = |backends| PoolConfig {
+        scheduler: SchedulerKind::Wrr,
+        slow_start: Some(ramp),
+        backends,
+        ..PoolConfig::default()
+    };
+    let mut p = Pool::new(cfg(vec![be(1, 10), be(2, 10)])).unwrap();
+    let t0 = epoch();
+    assert!(
+        p.backends()
+            .all(|(_, b)| !b.is_ramping() && b.effective_weight() == 10)
+    );
+    let b2 = p.find(be(2, 10).addr).unwrap();
+    p.set_health(b2, Health::Down);
+    p.set_health(b2, Health::Up);
+    assert_eq!(p.backend(b2).unwrap().effective_weight(), 1);
+    // The ramp is timed from the next call that passes the time.
+    p.handle_timeout(t0);
+    let at = |p: &mut Pool, secs| {
+        p.handle_timeout(t0 + Duration::from_secs(secs));
+        p.backend(b2).unwrap().effective_weight()
+    };
+    assert_eq!(at(&mut p, 1), 1);
+    assert_eq!(at(&mut p, 5), 5);
+    // Over one wrr cycle at half weight: 10 to backend 1, 5 to backend 2.
+    let now = t0 + Duration::from_secs(5);
+    let counts: Vec<u8> = (0..15)
+        .map(|i| sched_octet(&mut p, (now, client(i), VIP)).unwrap())
+        .collect();
+    assert_eq!(counts.iter().filter(|&&o| o == 2).count(), 5, "{counts:?}");
+    assert_eq!(at(&mut p, 10), 10);
+    assert!(!p.backend(b2).unwrap().is_ramping());
+
+    // Weight raised from 0 and a backend added by reconfigure ramp too.
+    p.set_weight(be(1, 10).addr, 0).unwrap();
+    p.set_weight(be(1, 10).addr, 10).unwrap();
+    p.reconfigure(cfg(vec![be(1, 10), be(2, 10), be(3, 4)]))
+        .unwrap();
+    let ramping: Vec<u8> = p
+        .backends()
+        .filter(|(_, b)| b.is_ramping())
+        .map(|(_, b)| b.addr().ip().octets()[3])
+        .collect();
+    assert_eq!(ramping, [1, 3]);
+    // Turning slow start off ends every ramp.
+    p.reconfigure(PoolConfig {
+        slow_start: None,
+        ..cfg(vec![be(1, 10), be(2, 10), be(3, 4)])
+    })
+    .unwrap();
+    assert!(
+        p.backends()
+            .all(|(_, b)| b.effective_weight() == b.weight())
+    );
+}
+
+#[test]
+fn bad_thresholds_are_rejected() {
+    for (max, min) in [(0, 1), (3, 4)] {
+        let b = BackendConfig {
+            max_connections: max,
+            min_connections: min,
+            ..be(1, 1)
+        };
+        let err = Pool::new(PoolConfig {
+            backends: vec![b],
+            ..PoolConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            err,
+            PoolError::BadThresholds {
+                backend: b.addr,
+                min,
+                max
+            }
+        );
+    }
+}
+
+proptest! {
+    /// Whatever the scheduler, thresholds and operations: a backend never holds more than its
+    /// `max_connections` (without reconfiguration) and the service never more than its own.
+    #[test]
+    fn thresholds_bound_every_scheduler(
+        kind in scheduler(),
+        maxes in prop::collection::vec(0u32..4, 1..6),
+        service_max in 0u32..10,
+        ops in prop::collection::vec((any::<bool>(), 0u32..64, any::<usize>()), 1..300),
+    ) {
+        let backends: Vec<BackendConfig> = maxes
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| BackendConfig { max_connections: m, ..be(i as u8 + 1, 1 + i as u32 % 3) })
+            .collect();
+        let mut p = Pool::new(PoolConfig {
+            scheduler: kind,
+            max_connections: service_max,
+            fallback: true,
+            mh_table_size: 251,
+            backends,
+            ..PoolConfig::default()
+        }).unwrap();
+        let now = epoch();
+        let mut flows: Vec<(BackendId, Ipv4Addr)> = Vec::new();
+        for (open, n, which) in ops {
+            if open || flows.is_empty() {
+                if let Decision::Backend { id, .. } = p.schedule(now, client(n), Ipv4Addr::from(n)) {
+                    flows.push((id, *client(n).ip()));
+                }
+            } else {
+                let (id, c) = flows.swap_remove(which % flows.len());
+                p.closed(now, id, ConnState::Inactive, c);
+            }
+            for (_, b) in p.backends() {
+                prop_assert!(b.max_connections() == 0 || b.connections() <= b.max_connections());
+            }
+            prop_assert!(service_max == 0 || p.connections() <= u64::from(service_max));
+        }
+    }
+}
+
+/// Found by the property test: a backend raised from weight 0 without slow start must take
+/// its full weight at once, for every scheduler that reads the effective weight.
+#[test]
+fn a_weight_raised_from_zero_applies_at_once_without_slow_start() {
+    for kind in SchedulerKind::ALL {
+        let mut p = pool(kind, vec![be(1, 0)]);
+        p.set_weight(be(1, 0).addr, 3).unwrap();
+        let b = p.backend(p.find(be(1, 0).addr).unwrap()).unwrap();
+        assert_eq!((b.effective_weight(), b.is_ramping()), (3, false), "{kind}");
+        assert!(pick(&mut p, epoch(), client(0)).is_some(), "{kind}");
     }
 }

@@ -7,6 +7,9 @@
 //! holds each backend exactly `weight` times, interleaved ({5,1,1} gives a a b a c a a, never
 //! a burst of five).
 //!
+//! Scores grow by the effective weight (slow start ramps it), and a backend over its connection
+//! threshold sits the turn out, so exactness holds over windows where neither happens.
+//!
 //! LVS's own `wrr` is the classic interleaved variant that sends bursts to the heaviest
 //! server; we use nginx's because the issue asks for "never bursts of one backend".
 
@@ -33,10 +36,10 @@ impl SmoothWrr {
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, b) in slots.iter().enumerate() {
-            let Some(b) = b.as_ref().filter(|b| b.is_eligible()) else {
+            let Some(b) = b.as_ref().filter(|b| b.is_available()) else {
                 continue;
             };
-            let w = i64::from(b.weight);
+            let w = i64::from(b.effective);
             self.current[i] += w;
             total += w;
             if best.is_none_or(|j| self.current[i] > self.current[j]) {

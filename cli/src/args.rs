@@ -98,7 +98,7 @@ pub(crate) enum Command {
         op: LbOp,
     },
     /// Forward ports over SSH, as `ssh -N -L/-R/-D` does (OpenSSH-compatible flags).
-    Ssh(SshArgs),
+    Ssh(Box<SshArgs>),
     /// A forwarding-only SSH server (no shells, no commands).
     Sshd(SshdArgs),
     /// Build the demo lab in network namespaces and run vipgate in it.

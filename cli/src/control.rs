@@ -12,6 +12,7 @@
 use crate::parts::{Kind, Running};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use std::net::SocketAddrV4;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,15 +31,51 @@ pub(crate) enum Request {
     Show { kind: Kind },
     /// Re-read the config file and apply the differences (`vipgate reload`, like SIGHUP).
     Reload,
-    /// An operator command for the parts of one kind (optionally one named part).
-    Control {
-        kind: Kind,
-        #[serde(default)]
-        name: Option<String>,
-        cmd: String,
-        #[serde(default)]
-        args: serde_json::Value,
+    /// An operator command for the parts it names.
+    Control { command: ControlOp },
+}
+
+/// An operator command (`vipgate nat clear`, `vipgate lb weight`), typed end to end: the
+/// client builds it, serde checks it at the socket, and [`crate::parts::Part::control`]
+/// matches on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum ControlOp {
+    /// Drop every dynamic translation of the PAT gateway.
+    NatClear,
+    /// Set one backend's weight in one virtual service (0 drains it).
+    LbWeight {
+        service: String,
+        backend: SocketAddrV4,
+        weight: u16,
     },
+}
+
+impl ControlOp {
+    /// The kind of part that answers it.
+    pub(crate) fn kind(&self) -> Kind {
+        match self {
+            ControlOp::NatClear => Kind::Nat,
+            ControlOp::LbWeight { .. } => Kind::Lb,
+        }
+    }
+
+    /// The one part it is for; `None`: every part of [`ControlOp::kind`].
+    pub(crate) fn target(&self) -> Option<&str> {
+        match self {
+            ControlOp::NatClear => None,
+            ControlOp::LbWeight { service, .. } => Some(service),
+        }
+    }
+}
+
+impl std::fmt::Display for ControlOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ControlOp::NatClear => "nat clear",
+            ControlOp::LbWeight { .. } => "lb weight",
+        })
+    }
 }
 
 /// A response on the wire.
@@ -313,16 +350,13 @@ fn answer(req: Request, running: &Running) -> Response {
         .unwrap_or_default()),
         Request::Show { kind } => Ok(serde_json::Value::Array(running.statuses(kind))),
         Request::Reload => Err(anyhow::anyhow!("reload is handled by the run loop")),
-        Request::Control {
-            kind,
-            name,
-            cmd,
-            args,
-        } => {
+        Request::Control { command } => {
+            let kind = command.kind();
+            let name = command.target();
             let targets: Vec<_> = running
                 .parts
                 .iter()
-                .filter(|p| p.kind() == kind && name.as_ref().is_none_or(|n| *n == p.name()))
+                .filter(|p| p.kind() == kind && name.is_none_or(|n| n == p.name()))
                 .collect();
             if targets.is_empty() {
                 Err(anyhow::anyhow!(
@@ -332,7 +366,7 @@ fn answer(req: Request, running: &Running) -> Response {
             } else {
                 targets
                     .iter()
-                    .map(|p| p.control(&cmd, &args))
+                    .map(|p| p.control(&command))
                     .collect::<anyhow::Result<Vec<_>>>()
                     .map(serde_json::Value::Array)
             }
@@ -398,10 +432,27 @@ mod tests {
         fn status(&self) -> serde_json::Value {
             serde_json::json!({ "name": "gre-br", "state": "up" })
         }
-        fn control(&self, op: &str, args: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        fn stop(self: Box<Self>) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
+    }
+
+    struct FakeGateway;
+
+    impl Part for FakeGateway {
+        fn kind(&self) -> Kind {
+            Kind::Nat
+        }
+        fn name(&self) -> String {
+            "nat".into()
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({ "name": "nat" })
+        }
+        fn control(&self, op: &ControlOp) -> anyhow::Result<serde_json::Value> {
             match op {
-                "echo" => Ok(args.clone()),
-                _ => anyhow::bail!("unsupported `{op}`"),
+                ControlOp::NatClear => Ok(serde_json::json!({ "cleared": 7 })),
+                ControlOp::LbWeight { .. } => anyhow::bail!("unsupported `{op}`"),
             }
         }
         fn stop(self: Box<Self>) -> BoxFuture<()> {
@@ -414,7 +465,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vipgate-control-{}", std::process::id()));
         let path = dir.join("ctl.sock");
         let running = Arc::new(RwLock::new(Running {
-            parts: vec![Box::new(FakeTunnel)],
+            parts: vec![Box::new(FakeTunnel), Box::new(FakeGateway)],
             ..Running::default()
         }));
         let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(1);
@@ -444,7 +495,7 @@ mod tests {
 
         let status = request(&path, &Request::Status).await.unwrap();
         let parts: Vec<PartStatus> = serde_json::from_value(status).unwrap();
-        assert_eq!(parts.len(), 1);
+        assert_eq!(parts.len(), 2);
         assert_eq!(parts[0].status["state"], "up");
 
         let show = request(&path, &Request::Show { kind: Kind::Gre })
@@ -456,25 +507,44 @@ mod tests {
             .unwrap();
         assert_eq!(empty, serde_json::json!([]));
 
-        let echo = Request::Control {
-            kind: Kind::Gre,
-            name: None,
-            cmd: "echo".into(),
-            args: serde_json::json!(7),
+        let clear = Request::Control {
+            command: ControlOp::NatClear,
         };
-        assert_eq!(request(&path, &echo).await.unwrap(), serde_json::json!([7]));
-        let bad = Request::Control {
-            kind: Kind::Nat,
-            name: None,
-            cmd: "clear".into(),
-            args: serde_json::Value::Null,
+        assert_eq!(
+            request(&path, &clear).await.unwrap(),
+            serde_json::json!([{ "cleared": 7 }])
+        );
+        let weight = Request::Control {
+            command: ControlOp::LbWeight {
+                service: "web".into(),
+                backend: "10.0.0.1:80".parse().unwrap(),
+                weight: 3,
+            },
         };
         assert!(
-            request(&path, &bad)
+            request(&path, &weight)
                 .await
                 .unwrap_err()
                 .to_string()
-                .contains("no running nat part")
+                .contains("no running lb part named `web`")
+        );
+        // The socket refuses what the type cannot hold, before any part sees it.
+        let mut raw = UnixStream::connect(&path).await.unwrap();
+        raw.write_all(
+            b"{\"op\":\"control\",\"command\":{\"lb_weight\":{\"service\":\"web\",\"backend\":\"10.0.0.1:80\",\"weight\":65536}}}\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        BufReader::new(raw).read_line(&mut answer).await.unwrap();
+        let answer: Response = serde_json::from_str(&answer).unwrap();
+        assert!(
+            !answer.ok
+                && answer
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.starts_with("bad request")),
+            "{answer:?}"
         );
 
         // A second daemon on the same socket is refused; after the first stops the socket is gone.

@@ -18,14 +18,21 @@ mod run;
 use anyhow::Context;
 use args::{Cli, Command, ControlArgs, LbOp, LogFormat, NatOp};
 use clap::{CommandFactory, Parser};
-use control::Request;
+use control::{ControlOp, Request};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// The whole program: what `main` runs.
 pub fn main_entry() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format, cli.verbose);
+    let (quiet, log_file) = match &cli.command {
+        Command::Ssh(args) => parts::ssh::log_settings(args),
+        _ => (false, None),
+    };
+    if let Err(e) = init_tracing(cli.log_format, cli.verbose, quiet, log_file.as_deref()) {
+        eprintln!("vipgate: {e}");
+        return ExitCode::from(255);
+    }
     // The daemons load their config and reduce privileges while the main thread is the only
     // thread, so every thread and child created afterwards inherits the reduced set.
     let preloaded = match &cli.command {
@@ -96,28 +103,64 @@ fn prepare_daemon(path: &std::path::Path) -> Result<config::SiteConfig, ExitCode
         },
         None => None,
     };
-    if let Err(e) = privileges::reduce(identity) {
+    // The NAT gateway's kernel path (the default data path) needs bpffs mounted while
+    // CAP_SYS_ADMIN is still held, and CAP_BPF afterwards; when bpffs cannot be had the
+    // gateway runs on the TUN and says why.
+    let kernel_path = site
+        .nat
+        .as_ref()
+        .is_some_and(|n| n.datapath.as_ref().is_none_or(|d| d.get_ref() == "kernel"));
+    let mut extra = Vec::new();
+    if kernel_path {
+        match natgw::driver::prepare_kernel_datapath() {
+            Ok(()) => extra.push(caps::Capability::CAP_BPF),
+            Err(e) => tracing::warn!("the NAT kernel path will not load: {e}"),
+        }
+    }
+    if let Err(e) = privileges::reduce(identity, &extra) {
         eprintln!("vipgate: reducing privileges: {e:#}");
         return Err(ExitCode::FAILURE);
     }
     Ok(site)
 }
 
-fn init_tracing(format: LogFormat, verbose: u8) {
+/// Logging on stderr, or appended to `log_file` (`vipgate ssh -E`); `quiet` (`-q`) keeps
+/// only errors.
+fn init_tracing(
+    format: LogFormat,
+    verbose: u8,
+    quiet: bool,
+    log_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let writer = match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            BoxMakeWriter::new(std::sync::Mutex::new(file))
+        }
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(log_file.is_none());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }
 
 async fn dispatch(
@@ -176,10 +219,7 @@ async fn dispatch(
             op: NatOp::Clear { control },
         } => {
             let req = Request::Control {
-                kind: parts::Kind::Nat,
-                name: None,
-                cmd: "clear".into(),
-                args: serde_json::Value::Null,
+                command: ControlOp::NatClear,
             };
             let result = control::request(&control_path(&control)?, &req).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
@@ -194,20 +234,23 @@ async fn dispatch(
                     control,
                 },
         } => {
-            if weight > 65535 {
-                anyhow::bail!("weight {weight} is over 65535");
-            }
+            let weight = u16::try_from(weight)
+                .map_err(|_| anyhow::anyhow!("weight {weight} is over 65535"))?;
+            let backend = backend
+                .parse()
+                .context("backend must be written ip:port, as in the config")?;
             let req = Request::Control {
-                kind: parts::Kind::Lb,
-                name: Some(service),
-                cmd: "weight".into(),
-                args: serde_json::json!({ "backend": backend, "weight": weight }),
+                command: ControlOp::LbWeight {
+                    service,
+                    backend,
+                    weight,
+                },
             };
             let result = control::request(&control_path(&control)?, &req).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ssh(args) => parts::ssh::run_ssh(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Ssh(args) => Ok(parts::ssh::run_ssh(*args).await),
         Command::Sshd(args) => parts::ssh::run_sshd(args).await.map(|()| ExitCode::SUCCESS),
         Command::Lab { action, prefix } => {
             lab::lab(action, &prefix).await.map(|()| ExitCode::SUCCESS)

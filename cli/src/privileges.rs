@@ -7,8 +7,10 @@
 //! whole process. Every task then holds exactly [`KEEP`] in its permitted, effective,
 //! inheritable, bounding and ambient sets and has no_new_privs set: CAP_NET_ADMIN
 //! (routes, addresses, TUN, writes under /proc/sys/net), CAP_NET_RAW (raw and packet
-//! sockets), CAP_NET_BIND_SERVICE (ports below 1024). Programs the daemon runs (VRRP notify
-//! scripts) get the same set through the ambient set and no more.
+//! sockets), CAP_NET_BIND_SERVICE (ports below 1024), plus CAP_BPF when the NAT gateway
+//! runs its kernel fast path (loading the TC program and its maps; bpffs is mounted before
+//! the drop). Programs the daemon runs (VRRP notify scripts) get the same set through the
+//! ambient set and no more.
 //!
 //! Optionally (`[daemon] user`, `group`) the process switches to an unprivileged uid and
 //! gid, keeping [`KEEP`] across the switch (PR_SET_KEEPCAPS), so root-owned files are no
@@ -81,14 +83,14 @@ pub(crate) fn raise_nofile_limit() {
 /// # Errors
 /// More than one thread, or the kernel refused a change (the daemon then does not start:
 /// it promised to run reduced).
-pub(crate) fn reduce(identity: Option<Identity>) -> anyhow::Result<()> {
+pub(crate) fn reduce(identity: Option<Identity>, extra: &[Capability]) -> anyhow::Result<()> {
     let threads = std::fs::read_dir("/proc/self/task")
         .context("reading /proc/self/task")?
         .count();
     if threads != 1 {
         anyhow::bail!("internal: privileges reduced with {threads} threads running");
     }
-    let keep: HashSet<Capability> = KEEP.into_iter().collect();
+    let keep: HashSet<Capability> = KEEP.into_iter().chain(extra.iter().copied()).collect();
     for cap in caps::all() {
         if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
             caps::drop(None, CapSet::Bounding, cap)

@@ -4,6 +4,7 @@
 //! nothing else), hidden from the docs.
 
 use crate::{HEADROOM, Tunnel, TunnelConfig, Underlay};
+use netutil::vnet::VnetHdr;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
@@ -54,8 +55,8 @@ pub fn coalesce(data: &[u8]) {
     }
     let mut gro = crate::gro::TcpCoalescer::default();
     let check = |frame: &[u8]| {
-        assert!(frame.len() >= crate::gro::VNET_HDR_LEN);
-        assert!(frame.len() - crate::gro::VNET_HDR_LEN <= 65_535);
+        assert!(frame.len() >= VnetHdr::LEN);
+        assert!(frame.len() - VnetHdr::LEN <= 65_535);
     };
     for p in packets {
         if let Some(frame) = gro.push(p) {
@@ -124,18 +125,19 @@ pub fn receive(now: Instant, data: &[u8]) {
 
 /// Checks one coalescer frame against the oldest accepted packets (see [`receive`]).
 fn check_frame(frame: &[u8], accepted: &mut std::collections::VecDeque<Vec<u8>>) {
-    let (header, packet) = frame.split_at(crate::gro::VNET_HDR_LEN);
+    let (header, packet) = frame.split_at(VnetHdr::LEN);
     assert!(packet.len() <= 65_535, "a frame over 64 KiB");
-    if header[1] == 0 {
+    let header = VnetHdr::decode(header).expect("a whole header");
+    if !header.is_gso() {
         let want = accepted
             .pop_front()
             .expect("a frame no packet was accepted for");
         assert_eq!(packet, &want[..], "a packet sent alone must be unchanged");
         return;
     }
-    let hdr_len = usize::from(u16::from_ne_bytes([header[2], header[3]]));
-    let seg = usize::from(u16::from_ne_bytes([header[4], header[5]]));
-    let ip_len = usize::from(u16::from_ne_bytes([header[6], header[7]]));
+    let hdr_len = usize::from(header.hdr_len);
+    let seg = usize::from(header.gso_size);
+    let ip_len = usize::from(header.csum_start);
     assert!(seg > 0 && ip_len + 20 <= hdr_len && hdr_len < packet.len());
     let (addresses, ports) = if ip_len == 40 {
         (8..40, 40..44)
@@ -154,40 +156,28 @@ fn check_frame(frame: &[u8], accepted: &mut std::collections::VecDeque<Vec<u8>>)
 
 #[cfg(test)]
 mod tests {
-    /// Runs `feed` on every seed of the cargo-fuzz target `target` (so CI replays them on
-    /// stable) and returns how many there were.
-    fn replay(target: &str, mut feed: impl FnMut(&[u8])) -> usize {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fuzz/corpus")
-            .join(target);
-        let mut count = 0;
-        for entry in std::fs::read_dir(&dir).expect("the fuzz corpus") {
-            let bytes = std::fs::read(entry.expect("a corpus entry").path()).expect("a seed");
-            feed(&bytes);
-            count += 1;
-        }
-        count
-    }
+    //! Replays the cargo-fuzz corpora on stable, so CI runs what the fuzzers found.
+    use testkit::replay_corpus;
 
     #[test]
     fn replay_fuzz_corpus() {
-        let count = replay("gre_decapsulate", |b| {
-            super::decapsulate(crate::test_util::t0(), b);
+        let count = replay_corpus("gre_decapsulate", |b| {
+            super::decapsulate(testkit::epoch(), b);
         });
         assert!(count >= 5, "corpus too small: {count}");
     }
 
     #[test]
     fn replay_receive_fuzz_corpus() {
-        let count = replay("gre_receive", |b| {
-            super::receive(crate::test_util::t0(), b);
+        let count = replay_corpus("gre_receive", |b| {
+            super::receive(testkit::epoch(), b);
         });
         assert!(count >= 3, "corpus too small: {count}");
     }
 
     #[test]
     fn replay_gro_fuzz_corpus() {
-        let count = replay("gre_coalesce", super::coalesce);
+        let count = replay_corpus("gre_coalesce", super::coalesce);
         assert!(count >= 3, "corpus too small: {count}");
     }
 }

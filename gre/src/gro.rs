@@ -17,14 +17,13 @@
 //! so no packet waits for a timer), merge interleaved flows (a different flow flushes),
 //! IPv4 options or IPv6 extension headers (such packets pass through unmerged).
 
-use netutil::checksum::{checksum, fold, put16, sum};
+use netutil::bytes::put16;
+use netutil::checksum::{fold, sum};
+use netutil::ipv4::{Ipv4View, field};
+use netutil::vnet::VnetHdr;
 
 /// Length of the virtio-net header in front of every frame written to an offload TUN.
-pub(crate) const VNET_HDR_LEN: usize = 10;
-
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
-const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
+const VNET_HDR_LEN: usize = VnetHdr::LEN;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 /// Largest IP packet the merged result may become (IPv4 total length / IPv6 payload length).
@@ -182,26 +181,28 @@ impl TcpCoalescer {
             put16(packet, 4, tcp_len as u16);
             sum(0, packet.get(8..40)?) + tcp_len as u32 + 6
         } else {
-            put16(packet, 2, total as u16);
-            put16(packet, 10, 0);
-            let check = checksum(packet.get(..flow.ip_len)?);
-            put16(packet, 10, check);
-            sum(0, packet.get(12..20)?) + tcp_len as u32 + 6
+            let mut ip = Ipv4View::new_unchecked(packet.get_mut(..flow.ip_len)?);
+            ip.set_total_len(total as u16);
+            // From scratch: the first segment's header checksum was never verified.
+            ip.fill_checksum();
+            sum(0, packet.get(field::SRC.start..field::DST.end)?) + tcp_len as u32 + 6
         };
         put16(packet, flow.ip_len + 16, fold(pseudo));
         let header: &mut [u8; VNET_HDR_LEN] = header.try_into().ok()?;
-        header[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-        header[1] = if flow.v6 {
-            VIRTIO_NET_HDR_GSO_TCPV6
-        } else {
-            VIRTIO_NET_HDR_GSO_TCPV4
-        };
-        // Legacy virtio-net header: native byte order, as the TUN device expects it. The
-        // lengths are below 64 KiB (hdr_len, seg <= total <= MAX_MERGED).
-        header[2..4].copy_from_slice(&(flow.hdr_len as u16).to_ne_bytes());
-        header[4..6].copy_from_slice(&(flow.seg as u16).to_ne_bytes());
-        header[6..8].copy_from_slice(&(flow.ip_len as u16).to_ne_bytes());
-        header[8..10].copy_from_slice(&16u16.to_ne_bytes());
+        // The lengths are below 64 KiB (hdr_len, seg <= total <= MAX_MERGED).
+        VnetHdr {
+            flags: VnetHdr::NEEDS_CSUM,
+            gso_type: if flow.v6 {
+                VnetHdr::GSO_TCPV6
+            } else {
+                VnetHdr::GSO_TCPV4
+            },
+            hdr_len: flow.hdr_len as u16,
+            gso_size: flow.seg as u16,
+            csum_start: flow.ip_len as u16,
+            csum_offset: 16,
+        }
+        .encode(header);
         Some(())
     }
 }
@@ -223,16 +224,17 @@ struct Candidate {
 fn candidate(packet: &[u8]) -> Option<Candidate> {
     let (v6, ip_len, pseudo) = match packet.first()? >> 4 {
         4 => {
-            let ip = packet.first_chunk::<20>()?;
-            let ok = ip[0] & 0x0f == 5
-                && usize::from(u16::from_be_bytes([ip[2], ip[3]])) == packet.len()
-                && u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff == 0 // no fragment
-                && ip[9] == 6;
+            let ip = Ipv4View::new_unchecked(packet.first_chunk::<20>()?);
+            let ok = ip.ihl() == 20
+                && ip.total_len() == packet.len()
+                && !ip.is_fragment()
+                && ip.protocol() == 6;
             if !ok {
                 return None;
             }
             let tcp_len = u32::try_from(packet.len() - 20).ok()?;
-            (false, 20, sum(0, &ip[12..20]) + tcp_len + 6)
+            let addresses = &ip.into_inner()[field::SRC.start..field::DST.end];
+            (false, 20, sum(0, addresses) + tcp_len + 6)
         }
         6 => {
             let ip = packet.first_chunk::<40>()?;
@@ -271,6 +273,7 @@ fn candidate(packet: &[u8]) -> Option<Candidate> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netutil::checksum::checksum;
     use proptest::prelude::*;
 
     /// An IPv4 TCP segment with valid checksums.
@@ -346,8 +349,8 @@ mod tests {
         let frames = run(&packets);
         assert_eq!(frames.len(), 1);
         let f = &frames[0];
-        assert_eq!(f[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
-        assert_eq!(f[1], VIRTIO_NET_HDR_GSO_TCPV4);
+        assert_eq!(f[0], VnetHdr::NEEDS_CSUM);
+        assert_eq!(f[1], VnetHdr::GSO_TCPV4);
         assert_eq!(u16::from_ne_bytes([f[4], f[5]]), 100);
         let packet = &f[VNET_HDR_LEN..];
         assert_eq!(

@@ -268,7 +268,7 @@ mod tests {
 
     #[test]
     fn goes_down_after_retries_periods_and_back_up_on_reply() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let mut ka = GreKeepalive::new(t0, cfg(10, 3));
         assert_eq!(ka.handle_timeout(t0), KeepaliveTick::Probe);
         assert_eq!(ka.poll_timeout(), t0 + Duration::from_secs(10));
@@ -303,7 +303,7 @@ mod tests {
 
     #[test]
     fn replies_keep_it_up() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let mut ka = GreKeepalive::new(t0, cfg(1, 2));
         for s in 0..100 {
             let now = t0 + Duration::from_secs(s);
@@ -315,7 +315,7 @@ mod tests {
 
     #[test]
     fn late_wakeup_sends_one_probe() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let mut ka = GreKeepalive::new(t0, cfg(1, 5));
         let late = t0 + Duration::from_secs(100);
         assert_eq!(ka.handle_timeout(late), KeepaliveTick::Probe);
@@ -325,7 +325,7 @@ mod tests {
 
     #[test]
     fn token_bucket_allows_its_burst_then_its_rate() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let mut b = TokenBucket::new(t0, 10, 5);
         assert_eq!((0..20).filter(|_| b.take(t0)).count(), 5);
         let later = t0 + Duration::from_millis(250);

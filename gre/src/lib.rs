@@ -38,16 +38,3 @@ pub use tunnel::{
     Tunnel, TunnelConfig, TunnelEvent, Underlay, Verdict,
 };
 pub use wire::{GrePacket, GreRepr, WireError};
-
-#[cfg(test)]
-mod test_util {
-    use std::sync::OnceLock;
-    use std::time::Instant;
-
-    /// One fixed base instant for simulated time; the only clock read in the core's tests.
-    pub(crate) fn t0() -> Instant {
-        static T0: OnceLock<Instant> = OnceLock::new();
-        #[allow(clippy::disallowed_methods)]
-        *T0.get_or_init(Instant::now)
-    }
-}

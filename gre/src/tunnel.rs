@@ -17,6 +17,7 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use netutil::checksum::checksum;
+use netutil::ipv4::{Ipv4View, field};
 use netutil::mss::{MssOutcome, clamp_mss};
 use netutil::{DropCounters, Reconfigured};
 
@@ -552,16 +553,17 @@ impl Tunnel {
     /// 47, or UDP to 4754): what a peer's keepalive probe decapsulates to. Such a packet is
     /// either reflected (when [`Tunnel::is_bare_probe`]) or dropped, never routed.
     fn is_to_peer(&self, ip: &[u8]) -> bool {
-        let Some(h) = ip.first_chunk::<20>() else {
+        let Some(h) = ip.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
             return false;
         };
-        let ihl = usize::from(h[0] & 0xf) * 4;
-        let to_peer = h[16..20] == self.config.remote.octets();
-        let from_us = h[12..16] == self.config.local.octets();
+        let ihl = h.ihl();
+        let to_peer = h.dst() == self.config.remote;
+        let from_us = h.src() == self.config.local;
         let carries_tunnel = match self.config.underlay {
-            Underlay::Gre => h[9] == 47,
+            Underlay::Gre => h.protocol() == 47,
             Underlay::Udp => {
-                h[9] == 17 && ip.get(ihl + 2..ihl + 4) == Some(&GRE_IN_UDP_PORT.to_be_bytes()[..])
+                h.protocol() == 17
+                    && ip.get(ihl + 2..ihl + 4) == Some(&GRE_IN_UDP_PORT.to_be_bytes()[..])
             }
         };
         to_peer && from_us && carries_tunnel
@@ -572,11 +574,10 @@ impl Tunnel {
     /// tunnel's key, and at most [`MAX_REFLECTED_PAYLOAD`] bytes after it. So the peer
     /// receives nothing from us an attacker chose beyond what a probe holds.
     fn is_bare_probe(&self, ip: &[u8]) -> bool {
-        let Some(h) = ip.first_chunk::<20>() else {
+        let Some(h) = ip.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
             return false;
         };
-        let unfragmented = u16::from_be_bytes([h[6], h[7]]) & 0x3fff == 0;
-        if h[0] != 0x45 || !unfragmented {
+        if h.version() != 4 || h.ihl() != 20 || h.is_fragment() {
             return false;
         }
         let gre_at = match self.config.underlay {
@@ -671,12 +672,11 @@ impl Tunnel {
 
     fn clamp(&self, packet: &mut [u8], protocol: u16) -> bool {
         let (tcp_at, max_mss) = if protocol == PROTO_IPV4 {
-            let Some(ip) = packet.first_chunk::<20>() else {
+            let Some(ip) = packet.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
                 return false;
             };
-            let ihl = usize::from(ip[0] & 0xf) * 4;
-            let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-            if ip[9] != 6 || fragment_offset != 0 || ihl < 20 {
+            let ihl = ip.ihl();
+            if ip.protocol() != 6 || ip.frag_offset() != 0 || ihl < 20 {
                 return false;
             }
             (ihl, self.config.mtu.saturating_sub(40))
@@ -700,13 +700,13 @@ impl Tunnel {
         let Some(orig) = buf.get(inner.clone()) else {
             return self.drop(DropReason::TooBig);
         };
-        let Some(ip) = orig.first_chunk::<20>() else {
+        let Some(ip) = orig.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
             return self.drop(DropReason::TooBig);
         };
-        let ihl = usize::from(ip[0] & 0xf) * 4;
-        let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+        let ihl = ip.ihl();
+        let fragment_offset = ip.frag_offset();
         // Never an error about an ICMP error (RFC 1122 §3.2.2) or a non-first fragment.
-        let icmp_error = ip[9] == 1
+        let icmp_error = ip.protocol() == 1
             && ihl >= 20
             && orig
                 .get(ihl)
@@ -714,7 +714,7 @@ impl Tunnel {
         if ihl < 20 || ihl > orig.len() || fragment_offset != 0 || icmp_error {
             return self.drop(DropReason::TooBig);
         }
-        let sender = [ip[12], ip[13], ip[14], ip[15]];
+        let sender = ip.src();
         let quoted = (ihl + 8).min(orig.len());
         let total = 28 + quoted;
         // Every range below is inside buf[at..at + total], checked here once.
@@ -724,18 +724,17 @@ impl Tunnel {
         let from = self.config.inner_address.unwrap_or(self.config.local);
         let at = inner.start;
         buf.copy_within(at..at + quoted, at + 28);
+        // A fresh header: every field written, then the checksum computed over them.
         let ip = &mut buf[at..at + 20];
-        ip[0] = 0x45;
-        ip[1] = 0xc0;
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        ip[4..8].fill(0);
-        ip[8] = 64;
-        ip[9] = 1;
-        ip[10..12].fill(0);
-        ip[12..16].copy_from_slice(&from.octets());
-        ip[16..20].copy_from_slice(&sender);
-        let c = checksum(&buf[at..at + 20]);
-        buf[at + 10..at + 12].copy_from_slice(&c.to_be_bytes());
+        ip[field::VER_IHL] = 0x45;
+        ip[field::TOS] = 0xc0;
+        ip[field::LENGTH].copy_from_slice(&(total as u16).to_be_bytes());
+        ip[field::IDENT.start..field::FLG_OFF.end].fill(0);
+        ip[field::TTL] = 64;
+        ip[field::PROTOCOL] = 1;
+        ip[field::SRC].copy_from_slice(&from.octets());
+        ip[field::DST].copy_from_slice(&sender.octets());
+        Ipv4View::new_unchecked(ip).fill_checksum();
         let icmp = &mut buf[at + 20..at + total];
         icmp[0] = 3;
         icmp[1] = 4;
@@ -784,14 +783,12 @@ fn probe_marker(secret: u64, n: u64) -> u64 {
 /// (MSS clamp, coalescer, kernel) may rely on this.
 fn inner_len(packet: &[u8], protocol: u16) -> Option<usize> {
     let (len, tcp_at, tcp) = if protocol == PROTO_IPV4 {
-        let ip = packet.first_chunk::<20>()?;
-        let ihl = usize::from(ip[0] & 0xf) * 4;
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
-        if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || total > packet.len() {
-            return None;
-        }
-        (total, ihl, ip[9] == 6 && first_fragment)
+        let ip = Ipv4View::new_checked(packet).ok()?;
+        (
+            ip.total_len(),
+            ip.ihl(),
+            ip.protocol() == 6 && ip.frag_offset() == 0,
+        )
     } else {
         let ip = packet.first_chunk::<40>()?;
         let total = 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
@@ -850,14 +847,14 @@ impl Demux {
 mod tests {
     use super::*;
     use core::time::Duration;
-    use netutil::checksum::get16;
+    use netutil::bytes::get16;
     use proptest::prelude::*;
 
     const HQ: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
     const BR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 
     fn pair(mut f: impl FnMut(&mut TunnelConfig)) -> (Tunnel, Tunnel) {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let mut a = TunnelConfig::new("gre-br", HQ, BR);
         let mut b = TunnelConfig::new("gre-hq", BR, HQ);
         f(&mut a);
@@ -896,12 +893,12 @@ mod tests {
         };
         let mut wire = buf[out].to_vec();
         let src = a.config().local;
-        (b.decapsulate(crate::test_util::t0(), src, &mut wire), wire)
+        (b.decapsulate(testkit::epoch(), src, &mut wire), wire)
     }
 
     #[test]
     fn reconfigure_applies_mtu_and_keepalive_and_refuses_identity_changes() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, _) = pair(|_| {});
         let mut new = a.config().clone();
         new.mtu = 1400;
@@ -955,7 +952,7 @@ mod tests {
 
     #[test]
     fn longer_keepalive_period_keeps_misses_and_an_earlier_due_probe() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, _) = pair(|c| {
             c.keepalive = Some(KeepaliveConfig {
                 interval: Duration::from_secs(1),
@@ -1001,7 +998,7 @@ mod tests {
 
     #[test]
     fn wrong_key_and_source_are_dropped_and_counted() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, mut b) = pair(|c| c.key = Some(42));
         let (mut buf, range) = with_headroom(&ipv4(60, 17, false));
         let Encap::ToPeer(out) = a.encapsulate(&mut buf, range) else {
@@ -1036,7 +1033,7 @@ mod tests {
 
     #[test]
     fn malformed_packets_are_counted() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (_, mut b) = pair(|_| {});
         let cases: [(&[u8], DropReason); 5] = [
             (&[0x00, 0x00, 0x08], DropReason::Truncated),
@@ -1062,7 +1059,7 @@ mod tests {
     /// announce are dropped as `bad_inner` before the coalescer or the kernel sees them.
     #[test]
     fn malformed_inner_packets_are_dropped_as_bad_inner() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (_, mut b) = pair(|_| {});
         let wire = |proto: [u8; 2], inner: &[u8]| {
             let mut w = vec![0, 0, proto[0], proto[1]];
@@ -1137,7 +1134,7 @@ mod tests {
             };
             wires.push(buf[out].to_vec());
         }
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let mut deliver = |i: usize| b.decapsulate(t0, HQ, &mut wires[i].clone());
         assert!(matches!(deliver(0), Verdict::ToTun(_)));
         assert_eq!(deliver(0), Verdict::Drop(DropReason::OutOfSequence));
@@ -1179,7 +1176,7 @@ mod tests {
         // The receiving end clamps too, whatever a (misconfigured) sender did.
         let mut wide = TunnelConfig::new("wide", HQ, BR);
         wide.mtu = 1500;
-        let mut wide = Tunnel::new(crate::test_util::t0(), wide);
+        let mut wide = Tunnel::new(testkit::epoch(), wide);
         let (v, wire) = carry(&mut wide, &mut b, &syn);
         let Verdict::ToTun(r) = v else { panic!() };
         assert_eq!(get16(&wire[r], 42), 1436);
@@ -1212,7 +1209,7 @@ mod tests {
 
     #[test]
     fn keepalive_probe_is_reflected_by_peer_and_recognised() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, mut b) = pair(|c| {
             c.key = Some(7);
             c.keepalive = Some(KeepaliveConfig {
@@ -1262,7 +1259,7 @@ mod tests {
     /// spoofer neither keeps a dead tunnel up nor resets the sequence window.
     #[test]
     fn spoofed_keepalive_replies_do_not_keep_a_dead_tunnel_up() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, mut b) = pair(|c| {
             c.key = Some(7);
             c.sequence = true;
@@ -1331,7 +1328,7 @@ mod tests {
 
     #[test]
     fn sequence_on_drops_packets_without_a_sequence_number() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (_, mut b) = pair(|c| c.sequence = true);
         let mut plain = vec![0, 0, 8, 0];
         plain.extend_from_slice(&ipv4(40, 17, false));
@@ -1360,7 +1357,7 @@ mod tests {
     /// REFLECT_RATE a second; a Cisco probe (no marker) still is.
     #[test]
     fn only_bare_probes_are_reflected_and_at_a_bounded_rate() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (_, mut b) = pair(|c| c.key = Some(7));
         // What A's tunnel to B would carry: inner IPv4 HQ -> BR (from B's view: local BR,
         // remote HQ, so the probe is BR -> HQ) with a GRE keepalive inside.
@@ -1465,7 +1462,7 @@ mod tests {
     /// Two tunnels in memory with a link that can be cut: the pair simulation of §2.6.
     #[test]
     fn keepalive_pair_goes_down_and_up_with_the_link() {
-        let t0 = crate::test_util::t0();
+        let t0 = testkit::epoch();
         let (mut a, mut b) = pair(|c| {
             c.keepalive = Some(KeepaliveConfig {
                 interval: Duration::from_secs(2),
@@ -1537,7 +1534,7 @@ mod tests {
                                     key in any::<Option<u32>>(), seq in any::<bool>()) {
             let (_, mut b) = pair(|c| { c.key = key; c.sequence = seq; });
             let mut w = bytes;
-            let _ = b.decapsulate(crate::test_util::t0(), HQ, &mut w);
+            let _ = b.decapsulate(testkit::epoch(), HQ, &mut w);
         }
 
         #[test]

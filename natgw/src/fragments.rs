@@ -10,6 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use netutil::ipv4::Ipv4View;
+
 /// How long the rewrite of a datagram is remembered after its first fragment: Linux's
 /// `ipfrag_time` default; a receiver gives up reassembling after that too.
 pub(crate) const FRAGMENT_LIFETIME: Duration = Duration::from_secs(30);
@@ -31,11 +33,12 @@ pub(crate) struct FragmentKey {
 impl FragmentKey {
     /// The key of the packet in `buf`, whose IPv4 header has been validated.
     pub(crate) fn of(buf: &[u8]) -> Self {
+        let ip = Ipv4View::new_unchecked(buf);
         FragmentKey {
-            src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
-            dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
-            proto: buf[9],
-            id: u16::from_be_bytes([buf[4], buf[5]]),
+            src: ip.src(),
+            dst: ip.dst(),
+            proto: ip.protocol(),
+            id: ip.ident(),
         }
     }
 }
@@ -134,9 +137,9 @@ impl FragmentTable {
 }
 
 #[cfg(test)]
-#[allow(clippy::disallowed_methods)] // tests pick their own epoch
 mod tests {
     use super::*;
+    use testkit::epoch;
 
     fn key(id: u16) -> FragmentKey {
         FragmentKey {
@@ -157,7 +160,7 @@ mod tests {
 
     #[test]
     fn entries_expire_after_the_lifetime() {
-        let now = Instant::now();
+        let now = epoch();
         let mut t = FragmentTable::default();
         t.record(now, key(1), rw());
         assert_eq!(t.lookup(now + Duration::from_secs(29), key(1)), Some(rw()));
@@ -167,7 +170,7 @@ mod tests {
 
     #[test]
     fn rerecorded_key_lives_from_its_last_record() {
-        let now = Instant::now();
+        let now = epoch();
         let mut t = FragmentTable::default();
         t.record(now, key(1), rw());
         t.record(now + Duration::from_secs(20), key(1), rw());
@@ -177,7 +180,7 @@ mod tests {
 
     #[test]
     fn bounded_by_evicting_the_oldest() {
-        let now = Instant::now();
+        let now = epoch();
         let mut t = FragmentTable::default();
         for id in 0..=u16::try_from(FRAGMENT_CAPACITY).unwrap() {
             t.record(now, key(id), rw());

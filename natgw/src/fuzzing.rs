@@ -68,9 +68,11 @@ pub fn run_gateway(now: Instant, data: &[u8]) {
 
 /// A virtual service on `listen` alternating (round robin) between two backends.
 fn two_backends(listen: SocketAddrV4) -> ServiceConfig {
-    let backend = |last| BackendConfig {
-        addr: SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, last), 8080),
-        weight: 1,
+    let backend = |last| {
+        BackendConfig::new(
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, last), 8080),
+            1,
+        )
     };
     ServiceConfig {
         name: "fuzz".into(),

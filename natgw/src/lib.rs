@@ -14,9 +14,9 @@
 //!  outside ──▶ public address routed to nat0 ───┘      ACL → flow table → listener / dynamic PAT
 //! ```
 //!
-//! Per packet, as on a router: [`acl`] (first match wins) → an existing flow → a listener
+//! Per packet, as on a router: the [`Acl`] (first match wins) → an existing flow → a listener
 //! (static forward or virtual service) for new inbound flows → a new dynamic mapping for new
-//! outbound flows. Rewrites happen in place with RFC 1624 checksum updates ([`translate`]).
+//! outbound flows. Rewrites happen in place with RFC 1624 checksum updates ([`L4Checksum`]).
 //!
 //! # Building on the gateway (virtual services)
 //! - The gateway owns several public addresses: the overload address and every address a
@@ -37,13 +37,14 @@
 //!   and never to a dynamic mapping ([`DropReason::ServiceEndpointReserved`]).
 //! - In the driver, `driver::NatDriver::gateway` shares the core (a mutex held by the packet
 //!   loop one batch at a time) and `driver::NatDriver::add_public_address` makes a new VIP live
-//!   (route into `nat0` + proxy neighbour, or steering rules if the address is local). In the
-//!   `vipgate` binary the running driver is `parts::nat::running_gateway()`.
+//!   (route into `nat0` + proxy neighbour, or steering rules if the address is local).
 //!
 //! # The core decides, a data path moves packets
 //! The TUN driver is one data path: it hands every packet to [`Gateway::handle_packet`],
-//! which both decides and rewrites. A second data path (a kernel one, e.g. an XDP/tc program
-//! fed from the core) would execute the decisions without the core touching each packet. The
+//! which both decides and rewrites. The kernel data path (the `kpath` crate's TC program,
+//! `driver::Datapath::Kernel`) executes the decisions without the core touching each packet:
+//! the driver installs the flows [`Gateway::fast_path_eligible`] allows and feeds back what
+//! the program moved with [`Gateway::fast_path_activity`]. The
 //! decision a flow gets is a [`Translation`] ([`Gateway::translations`]): `proto`, `inside`,
 //! `public` and `outside` are both directions' rewrite tuples (outbound: source `inside` →
 //! `public`; inbound: destination `public` → `inside`), and `listener` says which listener
@@ -60,33 +61,36 @@
 //! `flow` is the shared vocabulary (protocols, directions, listener ids, flow events, TCP
 //! flag bits); `tcp`, `fragments` and `health` are leaves beside it; no `impl Gateway` lives
 //! outside `gateway/`.
+//!
+//! # Public surface
+//! The modules are private; what callers use is re-exported below. Two modules stay public
+//! because they hold a driver half: [`health`] (the check vocabulary, and `health::probe`,
+//! the prober) and `driver`.
 #![warn(missing_docs)]
 
-pub mod acl;
-pub mod config;
+mod acl;
+mod config;
 #[cfg(feature = "driver")]
 pub mod driver;
-pub mod error;
+mod error;
 mod flow;
 mod fragments;
 #[doc(hidden)]
 pub mod fuzzing;
 mod gateway;
+pub mod health;
 mod selector;
-pub mod table;
+mod service;
+mod table;
 mod tcp;
-pub mod translate;
+mod translate;
 
-pub use acl::{Acl, AclAction, AclRule};
+pub use acl::{Acl, AclAction, AclDecision, AclPacket, AclRule};
 pub use config::{Filtering, GatewayConfig, StaticEntry};
 pub use error::{DropReason, NatError};
 pub use flow::{Direction, FlowEvent, ListenerId, Proto};
-pub use gateway::{Gateway, GatewayStats, Listener, PacketMeta, Verdict};
+pub use gateway::{FastPathActivity, Gateway, GatewayStats, Listener, PacketMeta, Verdict};
 pub use selector::{Selector, StaticForward};
-pub use table::{PatTable, Timeouts, Translation};
-pub use translate::L4Checksum;
-
-// Virtual services (load balancing) and health checks.
-pub mod health;
-pub mod service;
 pub use service::{BackendKey, ServiceConfig, VirtualService};
+pub use table::{PatTable, Timeouts, Translation};
+pub use translate::{L4Checksum, finish_partial_checksum};

@@ -91,7 +91,8 @@ impl VirtualService {
     /// `None` to refuse.
     pub fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
         self.pool.handle_timeout(now);
-        match self.pool.pick(now, client) {
+        // A service has one VIP, so dh/lblc/lblcr see one destination (see README).
+        match self.pool.pick(now, client, *self.listen.ip()) {
             Decision::Backend { addr, .. } | Decision::Sorry(addr) => Some(addr),
             Decision::Refuse => None,
         }
@@ -245,11 +246,7 @@ pub(crate) mod tests {
     use super::*;
     use balance::{BackendConfig, SchedulerKind};
     use std::net::Ipv4Addr;
-
-    #[allow(clippy::disallowed_methods)]
-    pub(crate) fn epoch() -> Instant {
-        Instant::now()
-    }
+    use testkit::epoch;
 
     pub(crate) fn rs(last: u8) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80)
@@ -263,10 +260,7 @@ pub(crate) mod tests {
                 scheduler: SchedulerKind::Wrr,
                 backends: backends
                     .iter()
-                    .map(|&(l, weight)| BackendConfig {
-                        addr: rs(l),
-                        weight,
-                    })
+                    .map(|&(l, weight)| BackendConfig::new(rs(l), weight))
                     .collect(),
                 ..PoolConfig::default()
             },

@@ -1222,11 +1222,7 @@ fn grow<T>(v: &mut Vec<T>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[allow(clippy::disallowed_methods)]
-    fn epoch() -> Instant {
-        Instant::now()
-    }
+    use testkit::epoch;
 
     fn config(max: usize, udp: Duration, seed: u64) -> TableConfig {
         TableConfig {

@@ -12,16 +12,18 @@
 use std::net::Ipv4Addr;
 
 use etherparse::{Icmpv4Slice, Ipv4HeaderSlice, Ipv4Slice, TcpHeaderSlice, UdpHeaderSlice};
-use netutil::checksum::{adjust16, checksum, get16, put16};
+use netutil::bytes::{get16, put16};
+use netutil::checksum::{adjust16, checksum};
+use netutil::ipv4::{Ipv4View, field};
 
 use crate::error::DropReason;
 use crate::flow::{Proto, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::tcp::Segment;
 
-pub(crate) const IP_TTL: usize = 8;
-pub(crate) const IP_CSUM: usize = 10;
-pub(crate) const IP_SRC: usize = 12;
-pub(crate) const IP_DST: usize = 16;
+const IP_TTL: usize = field::TTL;
+const IP_CSUM: usize = field::CHECKSUM.start;
+const IP_SRC: usize = field::SRC.start;
+const IP_DST: usize = field::DST.start;
 
 pub(crate) const ICMP_ECHO_REPLY: u8 = 0;
 pub(crate) const ICMP_DEST_UNREACH: u8 = 3;
@@ -296,16 +298,22 @@ pub(crate) fn set_ip(
     addr: Ipv4Addr,
     csum: L4Checksum,
 ) -> bool {
-    if buf.len() < ip + 20 {
+    let Some(h) = header_at(buf, ip) else {
         return false;
-    }
-    let ihl = usize::from(buf[ip] & 0x0f) * 4;
-    let proto = buf[ip + 9];
+    };
+    let (ihl, proto) = (h.ihl(), h.protocol());
     let mut checks = [IP_CHECK; 2];
     let n = addr_checks(buf, ip, ihl, proto, csum, &mut checks);
     let at = ip + if side == Side::Src { IP_SRC } else { IP_DST };
     set_addr(buf, at, addr, &checks[..n]);
     true
+}
+
+/// The fixed IPv4 header at `buf[ip..]`, if it is all there.
+fn header_at(buf: &[u8], ip: usize) -> Option<Ipv4View<&[u8; 20]>> {
+    buf.get(ip..)?
+        .first_chunk::<20>()
+        .map(Ipv4View::new_unchecked)
 }
 
 /// Rewrites an address of a fragment past the first: only the IP header checksum covers it
@@ -318,11 +326,10 @@ pub(crate) fn set_ip_header_only(buf: &mut [u8], side: Side, addr: Ipv4Addr) {
 /// Rewrites the source or destination port (TCP/UDP) or the query id (ICMP echo: `side` is
 /// ignored) of the packet whose IP header starts at `ip`.
 pub(crate) fn set_port(buf: &mut [u8], ip: usize, side: Side, port: u16, csum: L4Checksum) -> bool {
-    if buf.len() < ip + 20 {
+    let Some(h) = header_at(buf, ip) else {
         return false;
-    }
-    let ihl = usize::from(buf[ip] & 0x0f) * 4;
-    let proto = buf[ip + 9];
+    };
+    let (ihl, proto) = (h.ihl(), h.protocol());
     let l4 = ip + ihl;
     let at = match proto {
         1 => l4 + 4,
@@ -425,12 +432,10 @@ pub(crate) fn echo_reply_in_place(buf: &mut [u8], p: &Parsed) -> bool {
     {
         return false;
     }
-    buf[IP_SRC..IP_SRC + 4].copy_from_slice(&p.dst.octets());
-    buf[IP_DST..IP_DST + 4].copy_from_slice(&p.src.octets());
-    buf[8] = 64;
-    put16(buf, 10, 0);
-    let c = checksum(&buf[..p.ihl]);
-    put16(buf, 10, c);
+    buf[field::SRC].copy_from_slice(&p.dst.octets());
+    buf[field::DST].copy_from_slice(&p.src.octets());
+    buf[IP_TTL] = 64;
+    Ipv4View::new_unchecked(&mut buf[..p.ihl]).fill_checksum();
     buf[p.ihl] = ICMP_ECHO_REPLY;
     refresh_icmp_checksum(buf, p);
     true
@@ -485,16 +490,15 @@ pub(crate) fn l4_checksum_ok(buf: &[u8]) -> bool {
 pub(crate) fn rewrite_syn_as_rst(buf: &mut [u8]) -> bool {
     use netutil::checksum::{fold, pseudo_header_v4, sum};
 
-    let Some(&vihl) = buf.first() else {
+    let Ok(ip) = Ipv4View::new_checked(&*buf) else {
         return false;
     };
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 || buf.len() < ihl + 20 || buf[9] != 6 {
+    let (ihl, total, src, dst) = (ip.ihl(), ip.total_len(), ip.src_octets(), ip.dst_octets());
+    if ip.protocol() != 6 || buf.len() < ihl + 20 {
         return false;
     }
-    let total = usize::from(get16(buf, 2));
     let doff = usize::from(buf[ihl + 12] >> 4) * 4;
-    if total > buf.len() || doff < 20 || ihl + doff > total {
+    if doff < 20 || ihl + doff > total {
         return false;
     }
     let flags = buf[ihl + 13];
@@ -504,18 +508,12 @@ pub(crate) fn rewrite_syn_as_rst(buf: &mut [u8]) -> bool {
     let seq = u32::from_be_bytes([buf[ihl + 4], buf[ihl + 5], buf[ihl + 6], buf[ihl + 7]]);
     let ack = u32::from_be_bytes([buf[ihl + 8], buf[ihl + 9], buf[ihl + 10], buf[ihl + 11]]);
 
-    // IP: swap addresses, fresh TTL, no fragmentation business.
-    let (src, dst): ([u8; 4], [u8; 4]) = (
-        [buf[12], buf[13], buf[14], buf[15]],
-        [buf[16], buf[17], buf[18], buf[19]],
-    );
-    buf[12..16].copy_from_slice(&dst);
-    buf[16..20].copy_from_slice(&src);
-    buf[8] = 64;
-    put16(buf, 6, 0x4000);
-    put16(buf, 10, 0);
-    let ip_check = checksum(&buf[..ihl]);
-    put16(buf, 10, ip_check);
+    // IP: swap addresses, fresh TTL, DF and no fragmentation business.
+    buf[field::SRC].copy_from_slice(&dst);
+    buf[field::DST].copy_from_slice(&src);
+    buf[IP_TTL] = 64;
+    put16(buf, field::FLG_OFF.start, 0x4000);
+    Ipv4View::new_unchecked(&mut buf[..ihl]).fill_checksum();
 
     // TCP: RST+ACK acknowledging the SYN (RFC 9293 §3.10.7.1, reset for a closed port).
     let t = ihl;

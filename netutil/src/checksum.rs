@@ -72,26 +72,10 @@ pub fn adjust32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     !fold(acc)
 }
 
-/// Reads the 16-bit big-endian word at `at`.
-///
-/// # Panics
-/// If `at + 2 > buf.len()`; callers check lengths first.
-#[must_use]
-pub fn get16(buf: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([buf[at], buf[at + 1]])
-}
-
-/// Writes the 16-bit big-endian word at `at`.
-///
-/// # Panics
-/// If `at + 2 > buf.len()`; callers check lengths first.
-pub fn put16(buf: &mut [u8], at: usize, v: u16) {
-    buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bytes::{get16, put16};
     use proptest::prelude::*;
 
     #[test]

@@ -5,7 +5,8 @@
 //! updated incrementally (RFC 1624). The option may start at an odd offset, which is why the
 //! update works on the aligned 16-bit words that contain the two MSS bytes.
 
-use crate::checksum::{adjust16, get16, put16};
+use crate::bytes::{get16, put16};
+use crate::checksum::adjust16;
 
 /// Offset of the TCP checksum within the TCP header.
 const TCP_CHECKSUM: usize = 16;

@@ -100,7 +100,7 @@ mod tests {
             stable_after: Duration::from_secs(30),
         };
         let mut b = Backoff::new(cfg);
-        let t0 = Instant::now_for_tests();
+        let t0 = testkit::epoch();
         // random = u64::MAX-ish picks the top of each step's range.
         let top: Vec<u64> = (0..6)
             .map(|_| b.on_disconnected(t0, u64::MAX).as_secs())
@@ -118,22 +118,12 @@ mod tests {
         );
     }
 
-    trait NowForTests {
-        fn now_for_tests() -> Instant;
-    }
-    impl NowForTests for Instant {
-        #[allow(clippy::disallowed_methods)]
-        fn now_for_tests() -> Instant {
-            Instant::now()
-        }
-    }
-
     proptest! {
         #[test]
         fn delay_within_bounds(randoms in proptest::collection::vec(any::<u64>(), 1..40)) {
             let cfg = BackoffConfig::default();
             let mut b = Backoff::new(cfg);
-            let now = Instant::now_for_tests();
+            let now = testkit::epoch();
             for (i, r) in randoms.into_iter().enumerate() {
                 let d = b.on_disconnected(now, r);
                 prop_assert!(d <= cfg.max);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::backoff::BackoffConfig;
 use crate::known_hosts::{self, StrictHostKeyChecking};
+use crate::options::{AddressFamily, AlgorithmList};
 use crate::policy::PermitList;
 use crate::spec::{DynamicSpec, ForwardSpec, LocalForward};
 use crate::startups::{MaxStartups, NetBlock};
@@ -51,6 +52,16 @@ pub struct ClientConfig {
     pub exit_on_forward_failure: bool,
     /// Cipher preference (OpenSSH names); empty keeps russh's default order.
     pub ciphers: Vec<String>,
+    /// `KexAlgorithms`, `MACs`, `HostKeyAlgorithms` applied to russh's defaults.
+    pub algorithms: Algorithms,
+    /// Which address families the destination is resolved to (`AddressFamily`, `-4`, `-6`).
+    pub address_family: AddressFamily,
+    /// Local address the SSH connection leaves from (`BindAddress`).
+    pub bind_address: Option<std::net::IpAddr>,
+    /// The ssh-agent socket (`IdentityAgent`); `None` uses `SSH_AUTH_SOCK`.
+    pub agent_socket: Option<PathBuf>,
+    /// `ProxyJump` hops, first connected first; the destination is reached through the last.
+    pub jump: Vec<JumpHop>,
     /// Reconnect schedule.
     pub backoff: BackoffConfig,
     /// SSH connections to keep; channels are spread over them round-robin. 1 = OpenSSH-like.
@@ -84,6 +95,11 @@ impl ClientConfig {
             server_alive_count_max: 3,
             exit_on_forward_failure: true,
             ciphers: Vec::new(),
+            algorithms: Algorithms::default(),
+            address_family: AddressFamily::Any,
+            bind_address: None,
+            agent_socket: None,
+            jump: Vec::new(),
             backoff: BackoffConfig::default(),
             connections: 1,
             connect_timeout: Duration::from_secs(10),
@@ -107,6 +123,30 @@ impl ClientConfig {
             count_max: self.server_alive_count_max,
         }
     }
+}
+
+/// One `ProxyJump` hop, resolved through the config files like a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JumpHop {
+    /// Address or name to connect to (also the known_hosts name).
+    pub host: String,
+    /// SSH port.
+    pub port: u16,
+    /// Login name.
+    pub user: String,
+    /// Identity files tried in order (the agent's keys too, as for the destination).
+    pub identities: Vec<PathBuf>,
+}
+
+/// Algorithm restrictions in OpenSSH syntax; `None` keeps russh's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Algorithms {
+    /// `KexAlgorithms`.
+    pub kex: Option<AlgorithmList>,
+    /// `MACs`.
+    pub macs: Option<AlgorithmList>,
+    /// `HostKeyAlgorithms`.
+    pub host_keys: Option<AlgorithmList>,
 }
 
 /// `ServerAliveInterval` / `ServerAliveCountMax`: the one connection setting a reload changes

@@ -16,22 +16,29 @@ pub enum SshFwdError {
         /// The OS error.
         error: std::io::Error,
     },
-    /// TCP connection to the SSH server failed.
-    #[error("cannot connect to {addr}: {error}")]
+    /// TCP connection to the SSH server (or a jump host) failed; worded as ssh words it.
+    #[error("connect to host {host} port {port}: {}", strerror(error))]
     Connect {
-        /// `host:port`.
-        addr: String,
+        /// The host as configured.
+        host: String,
+        /// Its port.
+        port: u16,
         /// The OS error.
         error: std::io::Error,
     },
-    /// Connecting took too long.
-    #[error("connection to {0} timed out")]
-    Timeout(String),
+    /// Connecting took too long (`ConnectTimeout`).
+    #[error("connect to host {host} port {port}: Connection timed out")]
+    Timeout {
+        /// The host as configured.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
     /// Host key refused by known_hosts policy (the message says why).
     #[error("{0}")]
     HostKey(String),
     /// No identity was accepted.
-    #[error("permission denied (publickey) for {user}@{host}: tried {tried}")]
+    #[error("{user}@{host}: Permission denied (publickey). Tried: {tried}")]
     AuthFailed {
         /// Login name.
         user: String,
@@ -49,7 +56,7 @@ pub enum SshFwdError {
         why: String,
     },
     /// The server refused a remote forward (with `exit_on_forward_failure`).
-    #[error("remote port forwarding failed for listen {0}: the server refused it")]
+    #[error("Error: remote port forwarding failed for listen port {0}")]
     RemoteForwardRefused(String),
     /// A file (known_hosts, authorized_keys, host key) could not be read or written.
     #[error("{path}: {error}")]
@@ -73,4 +80,36 @@ pub enum SshFwdError {
     /// The SSH protocol layer failed.
     #[error("ssh: {0}")]
     Ssh(#[from] russh::Error),
+}
+
+/// An OS error as strerror(3) words it, without Rust's " (os error N)" suffix: what ssh prints.
+fn strerror(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worded_as_ssh() {
+        let e = SshFwdError::Connect {
+            host: "10.0.0.1".into(),
+            port: 2222,
+            error: std::io::Error::from_raw_os_error(111),
+        };
+        assert_eq!(
+            e.to_string(),
+            "connect to host 10.0.0.1 port 2222: Connection refused"
+        );
+        let e = SshFwdError::RemoteForwardRefused("9000".into());
+        assert_eq!(
+            e.to_string(),
+            "Error: remote port forwarding failed for listen port 9000"
+        );
+    }
 }

@@ -1,8 +1,10 @@
 //! SSH port forwarding for vipgate: an OpenSSH-compatible `-L` / `-R` / `-D` client that keeps
 //! its forwards alive across reconnects (what `ssh` + autossh do), and a forwarding-only server.
 //!
-//! What this crate does NOT do: shells, command execution, subsystems (sftp), X11 or agent
-//! forwarding, password or keyboard-interactive authentication, certificates, `ProxyJump`.
+//! It also connects through `ProxyJump` hosts (each hop's host key checked) and opens
+//! `direct-tcpip` streams for `ssh -W`. What this crate does NOT do: shells, command
+//! execution, subsystems (sftp), X11 or agent forwarding, password or keyboard-interactive
+//! authentication, certificates, `ProxyCommand`.
 //! The SSH protocol itself is russh's; this crate adds policy and plumbing.
 //!
 //! ```text
@@ -43,15 +45,15 @@ mod driver;
 pub mod error;
 
 pub use config::{
-    AllocatedPort, ClientConfig, ForwardStatus, Keepalive, ServerConfig, ServerLimits,
-    ServerStatus, SshClientStatus,
+    Algorithms, AllocatedPort, ClientConfig, ForwardStatus, JumpHop, Keepalive, ServerConfig,
+    ServerLimits, ServerStatus, SshClientStatus,
 };
 pub use reload::{NeedsRestart, ReloadPlan};
 
 #[cfg(feature = "driver")]
 pub use driver::{
-    ForwardCounters, HostKeyInfo, ServerCounters, SshClient, SshServer, check_file_mode,
-    identity_is_encrypted, load_or_generate_host_key,
+    ConfigFiles, ForwardCounters, HostKeyInfo, ServerCounters, SshClient, SshServer,
+    check_file_mode, identity_is_encrypted, load_or_generate_host_key, read_config_file,
 };
 #[cfg(feature = "driver")]
 pub use error::SshFwdError;
@@ -75,9 +77,51 @@ pub mod fuzzing {
         let _ = spec::DynamicSpec::parse(text);
     }
 
-    /// ssh_config text and `-o` arguments.
+    /// ssh_config files and `-o` arguments. The input is the top file, then more files each
+    /// introduced by a line `--- NAME`; `Include` patterns match those names.
     pub fn options_parse(text: &str) {
-        let _ = options::SshOptions::default().apply_config(text, "host.example");
+        struct Named(Vec<options::ConfigText>);
+        impl options::IncludeLoader for Named {
+            fn load(
+                &mut self,
+                pattern: &str,
+            ) -> Result<Vec<options::ConfigText>, options::OptionError> {
+                Ok(self
+                    .0
+                    .iter()
+                    .filter(|f| crate::pattern::wildcard_match_exact(pattern, &f.name))
+                    .cloned()
+                    .collect())
+            }
+        }
+        let mut parts = text.split("\n--- ");
+        let top = options::ConfigText {
+            name: "config".to_string(),
+            text: parts.next().unwrap_or_default().to_string(),
+        };
+        let files = parts
+            .map(|p| {
+                let (name, body) = p.split_once('\n').unwrap_or((p, ""));
+                options::ConfigText {
+                    name: name.trim().to_string(),
+                    text: body.to_string(),
+                }
+            })
+            .collect();
+        let ctx = options::MatchContext {
+            original_host: "host.example".to_string(),
+            local_user: "ops".to_string(),
+        };
+        let mut o = options::SshOptions::default();
+        if o.apply_config(&top, &ctx, &mut Named(files)).is_ok() {
+            let _ = o.target_host("host.example");
+            for list in [&o.kex_algorithms, &o.macs, &o.host_key_algorithms]
+                .into_iter()
+                .flatten()
+            {
+                let _ = list.select(&["curve25519-sha256", "hmac-sha2-256"]);
+            }
+        }
         let _ = options::SshOptions::default().apply_dash_o(text);
     }
 

@@ -7,6 +7,18 @@
 pub fn wildcard_match(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().flat_map(char::to_lowercase).collect();
     let t: Vec<char> = text.chars().flat_map(char::to_lowercase).collect();
+    match_chars(&p, &t)
+}
+
+/// [`wildcard_match`] comparing case, as file names are (`Include` globs).
+#[must_use]
+pub fn wildcard_match_exact(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    match_chars(&p, &t)
+}
+
+fn match_chars(p: &[char], t: &[char]) -> bool {
     // Iterative matcher with one backtrack point: linear in practice, never recursive, so a
     // hostile pattern cannot blow the stack.
     let (mut pi, mut ti) = (0usize, 0usize);
@@ -75,6 +87,8 @@ mod tests {
         assert!(wildcard_match("WEB*", "web1"));
         assert!(wildcard_match("a*b*c", "aXXbYYc"));
         assert!(!wildcard_match("a*b*c", "aXXbYY"));
+        assert!(wildcard_match_exact("*.conf", "a.conf"));
+        assert!(!wildcard_match_exact("*.conf", "A.CONF"));
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl ReloadPlan {
     /// # Errors
     /// [`NeedsRestart`] naming the first setting that identifies the connection and changed:
     /// host, port, user, identities, passphrase, agent use, known_hosts file, host key policy,
-    /// ciphers, connection count, `gateway_ports` (it moves every default listener),
+    /// ciphers and other algorithms, address family, bind address, agent socket, jump hosts, connection count, `gateway_ports` (it moves every default listener),
     /// `connect_timeout` or the reconnect schedule.
     pub fn between(old: &ClientConfig, new: &ClientConfig) -> Result<ReloadPlan, NeedsRestart> {
         let needs_restart = [
@@ -66,6 +66,11 @@ impl ReloadPlan {
                 old.strict_host_key_checking != new.strict_host_key_checking,
             ),
             ("ciphers", old.ciphers != new.ciphers),
+            ("algorithms", old.algorithms != new.algorithms),
+            ("address_family", old.address_family != new.address_family),
+            ("bind_address", old.bind_address != new.bind_address),
+            ("agent_socket", old.agent_socket != new.agent_socket),
+            ("jump", old.jump != new.jump),
             (
                 "connections",
                 old.connections.max(1) != new.connections.max(1),
@@ -345,7 +350,7 @@ mod tests {
     #[test]
     fn what_identifies_the_connection_needs_a_restart() {
         type Change = fn(&mut ClientConfig);
-        let cases: [(&str, Change); 13] = [
+        let cases: [(&str, Change); 18] = [
             ("host", |c| c.host = "198.51.100.7".into()),
             ("port", |c| c.port = 2222),
             ("user", |c| c.user = "root".into()),
@@ -360,6 +365,26 @@ mod tests {
             }),
             ("ciphers", |c| {
                 c.ciphers = vec!["aes128-gcm@openssh.com".into()]
+            }),
+            ("algorithms", |c| {
+                c.algorithms.kex = Some(crate::options::AlgorithmList("curve25519-sha256".into()));
+            }),
+            ("address_family", |c| {
+                c.address_family = crate::options::AddressFamily::Inet6;
+            }),
+            ("bind_address", |c| {
+                c.bind_address = Some(std::net::IpAddr::from([127, 0, 0, 2]));
+            }),
+            ("agent_socket", |c| {
+                c.agent_socket = Some("/tmp/agent".into())
+            }),
+            ("jump", |c| {
+                c.jump = vec![crate::config::JumpHop {
+                    host: "bastion".into(),
+                    port: 22,
+                    user: "ops".into(),
+                    identities: Vec::new(),
+                }];
             }),
             ("connections", |c| c.connections = 4),
             ("gateway_ports", |c| c.gateway_ports = true),

@@ -1,19 +1,9 @@
 //! Replays every seed of the ssh fuzz targets (fuzz/corpus/ssh_*) on stable, so CI runs the
 //! same entry points the fuzzers do without nightly.
 
-use std::path::Path;
-
 fn replay(target: &str, f: impl Fn(&[u8])) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        f(&std::fs::read(&path).unwrap());
-        n += 1;
-    }
-    assert!(n > 0, "no seeds in {}", dir.display());
+    let n = testkit::replay_corpus(target, f);
+    assert!(n > 0, "no seeds in the {target} corpus");
 }
 
 fn text(f: fn(&str)) -> impl Fn(&[u8]) {

@@ -1,24 +1,99 @@
 //! Harness for vipgate's end-to-end tests: real network namespaces, real peers.
 //!
-//! Every test builds its own hosts with [`Topology::new`], whose namespaces carry a prefix
-//! unique to the test and process, and which tears everything down in `Drop` — after a panic
-//! too — so no namespace, process or file outlives the test. Nothing is ever configured in the
-//! root namespace: veth pairs are created directly inside the namespaces.
+//! Every test starts with `let t = e2e!();` ([`e2e!`]): a fresh [`Topology`] named after the
+//! test function. Its namespaces carry a prefix unique to the test and process, and it tears
+//! everything down in `Drop` — after a panic too — so no namespace, process or file outlives
+//! the test. Nothing is ever configured in the root namespace: veth pairs are created directly
+//! inside the namespaces. The lab scripts' namespaces are removed by a [`LabGuard`].
 //!
-//! Waits poll with a deadline ([`wait_until`], [`wait_for`]); there are no bare sleeps.
-//! These tests need root; without it they fail with a clear message (they never skip).
+//! Tests ask the daemon through [`Topology::show`] (parsed `show --json`) and read numbers with
+//! [`counter`]; they never search JSON text. Waits poll with a deadline ([`wait_until`],
+//! [`wait_for`], [`Topology::wait_tcp`], [`Topology::wait_listening`]); there are no bare
+//! sleeps. These tests need root; without it they fail with a clear message (they never skip).
 
 pub mod spoof;
 
+use serde_json::Value;
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh [`Topology`] named after the test function that invokes it (ripgrep's `rgtest!`
+/// idea without wrapping the body): `let t = e2e!();` at the top of a `#[test] fn`, so the
+/// namespaces and the directory of a failed test say which test made them.
+#[macro_export]
+macro_rules! e2e {
+    () => {{
+        fn here() {}
+        $crate::Topology::new($crate::test_name(::std::any::type_name_of_val(&here)))
+    }};
+}
+
+/// The test function's name in the type path of a fn item declared inside it
+/// (`e2e::nat::static_forwards::here` gives `static_forwards`).
+#[doc(hidden)]
+pub fn test_name(type_path: &str) -> &str {
+    type_path
+        .rsplit("::")
+        .find(|segment| *segment != "here" && *segment != "{{closure}}")
+        .unwrap_or(type_path)
+}
+
+/// What to ask a running daemon with `vipgate show KIND --json` (or `status --json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Show {
+    /// `vipgate status --json`: every part with its kind and status.
+    Status,
+    /// `vipgate show gre --json`.
+    Gre,
+    /// `vipgate show nat --json`.
+    Nat,
+    /// `vipgate show lb --json`.
+    Lb,
+    /// `vipgate show vrrp --json`.
+    Vrrp,
+    /// `vipgate show ssh --json`.
+    Ssh,
+}
+
+impl Show {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Show::Status => &["status"],
+            Show::Gre => &["show", "gre"],
+            Show::Nat => &["show", "nat"],
+            Show::Lb => &["show", "lb"],
+            Show::Vrrp => &["show", "vrrp"],
+            Show::Ssh => &["show", "ssh"],
+        }
+    }
+}
+
+/// The number at `path` in `v` (object keys, or array indices written as numbers).
+///
+/// # Panics
+/// When the path does not lead to an unsigned integer: a renamed or missing counter fails the
+/// test instead of reading as zero.
+pub fn counter(v: &Value, path: &[&str]) -> u64 {
+    field(v, path)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no counter at {path:?} in {v}"))
+}
+
+/// The value at `path` in `v` (object keys, or array indices written as numbers), if any.
+pub fn field<'v>(v: &'v Value, path: &[&str]) -> Option<&'v Value> {
+    path.iter().try_fold(v, |v, key| match v {
+        Value::Array(items) => key.parse::<usize>().ok().and_then(|i| items.get(i)),
+        _ => v.get(*key),
+    })
+}
 
 /// Fails the test unless it runs as root (namespaces, TUN and raw sockets need it).
 ///
@@ -201,6 +276,7 @@ pub struct Topology {
     prefix: String,
     hosts: Vec<String>,
     dir: PathBuf,
+    _machine: MachineShare,
 }
 
 impl Topology {
@@ -225,6 +301,7 @@ impl Topology {
             prefix,
             hosts: Vec::new(),
             dir,
+            _machine: MachineShare::shared(),
         }
     }
 
@@ -319,19 +396,7 @@ impl Topology {
     /// # Errors
     /// The exit status and stderr when it fails.
     pub fn try_sh(&self, host: &str, cmd: &str) -> Result<String, String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns(host), "sh", "-c", cmd])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        sh_in(&self.ns(host), cmd)
     }
 
     /// Starts `argv` in `host`'s namespace with stdout+stderr in `<dir>/<name>.log`.
@@ -423,6 +488,61 @@ impl Topology {
         );
     }
 
+    /// Waits until something listens on TCP `port` in `host`, without connecting to it (a
+    /// server that accepts exactly one connection stays untouched).
+    pub fn wait_listening(&self, host: &str, port: u16) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("a listener on {port} in {host}"),
+            || {
+                self.try_sh(host, &format!("ss -Htln 'sport = :{port}'"))
+                    .is_ok_and(|out| !out.trim().is_empty())
+            },
+        );
+    }
+
+    /// `vipgate show KIND --json` (or `status --json`) in `host` against the control socket
+    /// `ctl`, parsed; `None` while the daemon does not answer or answers something else.
+    pub fn try_show(&self, host: &str, ctl: impl AsRef<Path>, kind: Show) -> Option<Value> {
+        let out = self.vipgate_show(host, ctl.as_ref(), kind);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `vipgate show KIND --json` (or `status --json`) in `host` against the control socket
+    /// `ctl`, parsed.
+    ///
+    /// # Panics
+    /// When the command fails or prints no JSON (its stderr in the message).
+    pub fn show(&self, host: &str, ctl: impl AsRef<Path>, kind: Show) -> Value {
+        let out = self.vipgate_show(host, ctl.as_ref(), kind);
+        assert!(
+            out.status.success(),
+            "{kind:?} in {host} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{kind:?} in {host} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn vipgate_show(&self, host: &str, ctl: &Path, kind: Show) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .arg(vipgate_bin())
+            .args(kind.args())
+            .arg("--json")
+            .arg("--control")
+            .arg(ctl)
+            .output()
+            .expect("running vipgate")
+    }
+
     /// `curl` from `host`: the body, or the error.
     ///
     /// # Errors
@@ -452,6 +572,145 @@ impl Drop for Topology {
     }
 }
 
+/// A lab started with `vipgate lab up --prefix PREFIX` (its namespaces are `PREFIX-host`),
+/// torn down with `vipgate lab down` when dropped, even if an assertion fails halfway.
+///
+/// The lab's test looks at the whole machine's namespace list, so a `LabGuard` has the machine
+/// alone: it waits for running topologies to go and holds new ones back until it is dropped.
+pub struct LabGuard {
+    prefix: String,
+    _machine: MachineShare,
+}
+
+impl LabGuard {
+    /// Guards the lab of `prefix` (bring it up with [`LabGuard::lab`]).
+    ///
+    /// # Panics
+    /// When not root.
+    pub fn new(prefix: &str) -> Self {
+        require_root();
+        LabGuard {
+            prefix: prefix.to_string(),
+            _machine: MachineShare::alone(),
+        }
+    }
+
+    /// Runs `vipgate lab SUBCOMMAND --prefix PREFIX` to completion.
+    pub fn lab(&self, subcommand: &str) -> Output {
+        lab(&[subcommand, "--prefix", &self.prefix])
+    }
+
+    /// Runs a shell command in the lab's `host`.
+    ///
+    /// # Errors
+    /// The exit status and stderr when it fails.
+    pub fn try_sh(&self, host: &str, cmd: &str) -> Result<String, String> {
+        sh_in(&format!("{}-{host}", self.prefix), cmd)
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = self.lab("down");
+    }
+}
+
+/// Who uses the machine's network namespaces now: how many topologies, and whether a lab
+/// test has it alone.
+struct MachineUse {
+    topologies: usize,
+    alone: bool,
+}
+
+static MACHINE: Mutex<MachineUse> = Mutex::new(MachineUse {
+    topologies: 0,
+    alone: false,
+});
+static MACHINE_CHANGED: Condvar = Condvar::new();
+
+/// A share of the machine, given back when dropped: shared by topologies, or alone.
+struct MachineShare {
+    alone: bool,
+}
+
+impl MachineShare {
+    fn shared() -> Self {
+        let mut m = lock_machine();
+        while m.alone {
+            m = MACHINE_CHANGED
+                .wait(m)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        m.topologies += 1;
+        MachineShare { alone: false }
+    }
+
+    fn alone() -> Self {
+        let mut m = lock_machine();
+        while m.alone || m.topologies > 0 {
+            m = MACHINE_CHANGED
+                .wait(m)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        m.alone = true;
+        MachineShare { alone: true }
+    }
+}
+
+impl Drop for MachineShare {
+    fn drop(&mut self) {
+        let mut m = lock_machine();
+        if self.alone {
+            m.alone = false;
+        } else {
+            m.topologies -= 1;
+        }
+        MACHINE_CHANGED.notify_all();
+    }
+}
+
+/// A test that panicked while holding the lock left the counts consistent (each change is
+/// one statement), so a poisoned lock is used as is.
+fn lock_machine() -> MutexGuard<'static, MachineUse> {
+    MACHINE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `vipgate lab ARGS` to completion.
+pub fn lab(args: &[&str]) -> Output {
+    Command::new(vipgate_bin())
+        .arg("lab")
+        .args(args)
+        .output()
+        .expect("running vipgate lab")
+}
+
+/// The names of the network namespaces on this machine, sorted.
+pub fn netns_list() -> Vec<String> {
+    let out = run(Command::new("ip").args(["netns", "list"]));
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+fn sh_in(ns: &str, cmd: &str) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", cmd])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
@@ -462,4 +721,37 @@ fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_name_is_the_enclosing_function() {
+        fn here() {}
+        assert_eq!(
+            test_name(std::any::type_name_of_val(&here)),
+            "test_name_is_the_enclosing_function"
+        );
+        assert_eq!(
+            test_name("e2e::nat::static_forwards::here"),
+            "static_forwards"
+        );
+    }
+
+    #[test]
+    fn counter_follows_keys_and_indices() {
+        let v: Value = serde_json::json!([{"counters": {"rx": 7}, "drops": {"bad": 0}}]);
+        assert_eq!(counter(&v, &["0", "counters", "rx"]), 7);
+        assert_eq!(counter(&v, &["0", "drops", "bad"]), 0);
+        assert_eq!(field(&v, &["0", "missing"]), None);
+        assert_eq!(field(&v, &["1"]), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "no counter at [\"0\", \"renamed\"]")]
+    fn a_missing_counter_fails() {
+        counter(&serde_json::json!([{}]), &["0", "renamed"]);
+    }
 }

@@ -127,9 +127,12 @@ pub enum DriverError {
     /// The group's driver has stopped (or cannot take another command now).
     #[error("the VRRP driver is not running")]
     NotRunning,
-    /// rtnetlink failed.
-    #[error("netlink: {0}")]
-    Netlink(String),
+    /// The rtnetlink socket could not be opened.
+    #[error("opening the netlink socket: {0}")]
+    NetlinkSocket(std::io::Error),
+    /// An rtnetlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] netsys::netlink::NetlinkError),
 }
 
 #[cfg(test)]

@@ -23,25 +23,31 @@
 //!                         └──────────────────────────┘
 //!  any ── tracked fault ──> Fault ── recovered ──> Backup;  shutdown ──> Initialize
 //! ```
+//!
+//! The modules are private and what callers use is re-exported here, except [`wire`] (the
+//! packet view and its constants, smoltcp-style) and `driver`.
 #![warn(missing_docs)]
 
-pub mod arp;
-pub mod error;
-pub mod instance;
-pub mod sync_group;
-pub mod track;
+mod arp;
+mod error;
+mod instance;
+mod sync_group;
+mod track;
 pub mod wire;
 
 #[cfg(feature = "driver")]
 pub mod driver;
 
+pub use arp::{ARP_LEN, ETHERTYPE_ARP, gratuitous_arp};
+#[cfg(feature = "driver")]
+pub use error::DriverError;
 pub use error::{ReconfigureError, WireError};
 pub use instance::{
-    Action, Counters, DropReason, InstanceConfig, Reason, ReceivedAdvert, State, Transition,
-    VirtualAddress, VrrpInstance,
+    Action, Counters, DropReason, InstanceConfig, PRIORITY_OWNER, PRIORITY_STOP, Reason,
+    ReceivedAdvert, State, TRANSITION_HISTORY, Transition, VirtualAddress, VrrpInstance,
 };
 pub use sync_group::{Binding, MemberId, ObjectId, SyncGroup};
-pub use track::Tracker;
+pub use track::{TrackedObject, Tracker};
 pub use wire::{VrrpPacket, VrrpRepr};
 
 /// Entry points for the cargo-fuzz targets and the corpus replay test.

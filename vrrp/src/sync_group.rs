@@ -286,13 +286,9 @@ mod tests {
     use super::*;
     use crate::instance::VirtualAddress;
     use std::time::Duration;
+    use testkit::epoch;
 
     const OWN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
-
-    #[allow(clippy::disallowed_methods)]
-    fn epoch() -> Instant {
-        Instant::now()
-    }
 
     fn tracked(web_weight: u8) -> Vec<(String, u8)> {
         vec![

@@ -17,7 +17,8 @@
 
 use std::net::Ipv4Addr;
 
-use netutil::checksum;
+use netutil::ipv4::Ipv4View;
+use netutil::{bytes, checksum};
 
 use crate::error::WireError;
 
@@ -107,12 +108,12 @@ impl<T: AsRef<[u8]>> VrrpPacket<T> {
 
     /// Returns the Max Adver Int in centiseconds (the 4 reserved bits are ignored).
     pub fn max_advert_interval(&self) -> u16 {
-        checksum::get16(self.buffer.as_ref(), field::INTERVAL.start) & MAX_INTERVAL_CS
+        bytes::get16(self.buffer.as_ref(), field::INTERVAL.start) & MAX_INTERVAL_CS
     }
 
     /// Returns the checksum field.
     pub fn checksum(&self) -> u16 {
-        checksum::get16(self.buffer.as_ref(), field::CHECKSUM.start)
+        bytes::get16(self.buffer.as_ref(), field::CHECKSUM.start)
     }
 
     /// Returns the announced addresses.
@@ -170,12 +171,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> VrrpPacket<T> {
 
     /// Sets Max Adver Int (centiseconds, 12 bits); the reserved bits are sent as zero.
     pub fn set_max_advert_interval(&mut self, cs: u16) {
-        checksum::put16(self.buf(), field::INTERVAL.start, cs & MAX_INTERVAL_CS);
+        bytes::put16(self.buf(), field::INTERVAL.start, cs & MAX_INTERVAL_CS);
     }
 
     /// Sets the checksum field.
     pub fn set_checksum(&mut self, value: u16) {
-        checksum::put16(self.buf(), field::CHECKSUM.start, value);
+        bytes::put16(self.buf(), field::CHECKSUM.start, value);
     }
 
     /// Computes and stores the checksum for the given pseudo-header addresses.
@@ -299,23 +300,16 @@ impl Ipv4Envelope {
     /// [`WireError::BadIpHeader`] for anything that is not an unfragmented IPv4 packet of
     /// protocol 112 whose lengths fit the buffer.
     pub fn parse(buf: &[u8]) -> Result<Self, WireError> {
-        if buf.len() < 20 || buf[0] >> 4 != 4 {
-            return Err(WireError::BadIpHeader);
-        }
-        let ihl = usize::from(buf[0] & 0x0f) * 4;
-        let total = usize::from(checksum::get16(buf, 2));
-        if ihl < 20 || total < ihl || total > buf.len() || buf[9] != IP_PROTOCOL {
-            return Err(WireError::BadIpHeader);
-        }
+        let ip = Ipv4View::new_checked(buf).map_err(|_| WireError::BadIpHeader)?;
         // More-fragments or an offset: adverts are tiny and never fragmented.
-        if checksum::get16(buf, 6) & 0x3fff != 0 {
+        if ip.protocol() != IP_PROTOCOL || ip.is_fragment() {
             return Err(WireError::BadIpHeader);
         }
         Ok(Self {
-            src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
-            dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
-            ttl: buf[8],
-            payload: ihl..total,
+            src: ip.src(),
+            dst: ip.dst(),
+            ttl: ip.ttl(),
+            payload: ip.ihl()..ip.total_len(),
         })
     }
 }

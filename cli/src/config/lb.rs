@@ -70,6 +70,8 @@ const MIN_HEALTH_PERIOD: Duration = Duration::from_millis(100);
 const MAX_HEALTH_PERIOD: Duration = Duration::from_secs(3600);
 /// Longest HTTP health path.
 const MAX_HEALTH_PATH: usize = 1024;
+/// Longest slow start accepted (HAProxy's and nginx's are typically seconds to minutes).
+const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 fn d_status() -> u16 {
     200
 }
@@ -82,6 +84,12 @@ pub(crate) struct BackendSection {
     /// 0 drains; at most 65535. Default 1.
     #[serde(default = "d_weight")]
     pub(crate) weight: Spanned<u32>,
+    /// Upper connection threshold (ipvsadm `-x`); 0 or absent: none.
+    #[serde(default)]
+    pub(crate) max_connections: u32,
+    /// Lower connection threshold (ipvsadm `-y`); needs `max_connections`.
+    #[serde(default)]
+    pub(crate) min_connections: Option<Spanned<u32>>,
 }
 
 fn d_weight() -> Spanned<u32> {
@@ -111,6 +119,16 @@ pub(crate) struct ServiceSection {
     /// `sh`/`mh` hash the client port too (ipvsadm `sh-port` / `mh-port`). Default false.
     #[serde(default)]
     pub(crate) hash_port: bool,
+    /// `sh`/`mh` send a client whose backend is overloaded to another one (ipvsadm
+    /// `sh-fallback` / `mh-fallback`). Default false.
+    #[serde(default)]
+    pub(crate) fallback: Option<Spanned<bool>>,
+    /// Most connections the whole service holds; 0 or absent: no limit.
+    #[serde(default)]
+    pub(crate) max_connections: u32,
+    /// Linear ramp of a backend coming up to its weight; off when absent.
+    #[serde(default)]
+    pub(crate) slow_start: Option<Spanned<HumanDuration>>,
     /// Health checks; without them every backend counts as up.
     #[serde(default)]
     pub(crate) health: Option<HealthSection>,
@@ -118,49 +136,6 @@ pub(crate) struct ServiceSection {
     /// Used when every backend is down; without it new connections get a TCP RST.
     #[serde(default)]
     pub(crate) sorry: Option<Spanned<SocketAddrV4>>,
-}
-
-impl ServiceSection {
-    /// The gateway's typed view of this service.
-    pub(crate) fn to_natgw(&self) -> natgw::ServiceConfig {
-        let health = self.health.as_ref().map(|h| natgw::health::HealthConfig {
-            kind: match h.kind {
-                HealthKind::Tcp => natgw::health::CheckKind::Tcp,
-                HealthKind::Http => natgw::health::CheckKind::Http {
-                    path: h.path.get_ref().clone(),
-                    status: h.status,
-                },
-            },
-            interval: h.interval.get_ref().0,
-            timeout: h.timeout.get_ref().0,
-            rise: *h.rise.get_ref(),
-            fall: *h.fall.get_ref(),
-        });
-        natgw::ServiceConfig {
-            name: self.name.get_ref().clone(),
-            listen: *self.listen.get_ref(),
-            pool: balance::PoolConfig {
-                scheduler: self.scheduler,
-                persistence: self.persistence.as_ref().map(|p| balance::Persistence {
-                    timeout: p.0,
-                    netmask: *self.persistence_netmask.get_ref(),
-                }),
-                sorry: self.sorry.as_ref().map(|s| *s.get_ref()),
-                hash_port: self.hash_port,
-                backends: self
-                    .backends
-                    .get_ref()
-                    .iter()
-                    .map(|b| balance::BackendConfig {
-                        addr: *b.address.get_ref(),
-                        weight: *b.weight.get_ref(),
-                    })
-                    .collect(),
-                ..balance::PoolConfig::default()
-            },
-            health,
-        }
-    }
 }
 
 pub(crate) fn validate_all(
@@ -198,6 +173,17 @@ pub(crate) fn validate_all(
             v,
         );
         for b in s.backends.get_ref() {
+            if let Some(min) = &b.min_connections
+                && (b.max_connections == 0 || *min.get_ref() > b.max_connections)
+            {
+                v.error_at(
+                    min,
+                    format!(
+                        "min_connections {} needs a max_connections at least as large (ipvsadm -y needs -x)",
+                        min.get_ref()
+                    ),
+                );
+            }
             if *b.weight.get_ref() > 65535 {
                 v.error_at(
                     &b.weight,
@@ -207,6 +193,25 @@ pub(crate) fn validate_all(
                     ),
                 );
             }
+        }
+        if let Some(f) = &s.fallback
+            && !matches!(s.scheduler, SchedulerKind::Sh | SchedulerKind::Mh)
+        {
+            v.error_at(
+                f,
+                format!(
+                    "fallback applies to the sh and mh schedulers, not {}",
+                    s.scheduler
+                ),
+            );
+        }
+        if let Some(d) = &s.slow_start
+            && (d.get_ref().0.is_zero() || d.get_ref().0 > MAX_SLOW_START)
+        {
+            v.error_at(
+                d,
+                "slow_start must be between 1ms and 1h (leave it out to turn it off)",
+            );
         }
         if s.persistence.is_some_and(|p| p.0.is_zero()) {
             v.error_at(
@@ -326,5 +331,46 @@ mod tests {
         );
         assert!(err.contains("site.toml:5:67: health path"), "{err}");
         assert!(err.contains("persistence must be at most 24h"), "{err}");
+    }
+
+    #[test]
+    fn schedulers_thresholds_and_slow_start_are_read_and_checked_with_their_position() {
+        let text = "[[service]]\nname = \"cache\"\nlisten = \"198.51.100.10:80\"\n\
+                    scheduler = \"lblcr\"\nmax_connections = 500\nslow_start = \"30s\"\n\
+                    backends = [{ address = \"10.0.0.1:80\", max_connections = 100, min_connections = 80 }]\n";
+        let site = parse(Path::new("site.toml"), text).unwrap();
+        let pool = crate::config::lower::service(&site.service[0]).pool;
+        assert_eq!(pool.scheduler, balance::SchedulerKind::Lblcr);
+        assert_eq!(pool.max_connections, 500);
+        assert_eq!(pool.slow_start, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(
+            (
+                pool.backends[0].max_connections,
+                pool.backends[0].min_connections
+            ),
+            (100, 80)
+        );
+
+        let bad = "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+                   scheduler = \"wlc\"\nfallback = true\nslow_start = \"0s\"\n\
+                   backends = [{ address = \"10.0.0.1:80\", max_connections = 10, min_connections = 20 }]\n";
+        let err = parse(Path::new("site.toml"), bad).unwrap_err().to_string();
+        assert!(
+            err.contains("site.toml:7:80: min_connections 20 needs a max_connections"),
+            "{err}"
+        );
+        assert!(
+            err.contains("site.toml:5:12: fallback applies to the sh and mh schedulers, not wlc"),
+            "{err}"
+        );
+        assert!(err.contains("site.toml:6:14: slow_start must be"), "{err}");
+
+        let unknown = "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+                       scheduler = \"lblcrr\"\nbackends = [{ address = \"10.0.0.1:80\" }]\n";
+        let err = parse(Path::new("site.toml"), unknown)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("site.toml:4:13:"), "{err}");
+        assert!(err.contains("twos"), "{err}");
     }
 }

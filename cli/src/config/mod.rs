@@ -1,9 +1,11 @@
 //! The site config: one TOML file describing everything a vipgate host runs.
 //!
-//! Loading happens in two stages (ripgrep's LowArgs → HiArgs): serde builds typed section
-//! structs (unknown keys refused), then each section's `validate` checks what serde cannot see
-//! (ranges, duplicates, cross references). Every problem found is kept with its byte span so
-//! `vipgate check` can print all of them as `FILE:LINE:COL: message` in one run.
+//! Loading happens in stages (ripgrep's LowArgs → HiArgs): serde builds typed section
+//! structs (unknown keys refused, narrow values such as [`vrrp::Vrid`] range-checked as they
+//! are read), then each section's `validate` checks what one value cannot show (duplicates,
+//! cross references, relations between keys). Every problem found is kept with its byte span
+//! so `vipgate check` can print all of them as `FILE:LINE:COL: message` in one run. Then
+//! [`lower`] turns valid sections into the libraries' configs.
 //!
 //! Each top-level section is deserialized on its own (and each element of an array of
 //! tables on its own) so one mistake does not hide the next.
@@ -12,6 +14,7 @@ pub(crate) mod daemon;
 pub(crate) mod duration;
 pub(crate) mod gre;
 pub(crate) mod lb;
+pub(crate) mod lower;
 pub(crate) mod nat;
 pub(crate) mod ssh;
 pub(crate) mod vrrp;
@@ -530,6 +533,17 @@ pub(crate) fn did_you_mean(word: &str, candidates: &[&str]) -> String {
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| format!(" (did you mean `{c}`?)"))
         .unwrap_or_default()
+}
+
+/// Deserializes an integer and narrows it with `new`, or fails with `message(n)`: serde puts
+/// the value's position on the error, and nothing after parsing narrows the value again.
+pub(crate) fn narrow<'de, D: serde::Deserializer<'de>, T>(
+    d: D,
+    new: impl FnOnce(i64) -> Option<T>,
+    message: impl FnOnce(i64) -> String,
+) -> Result<T, D::Error> {
+    let n = <i64 as serde::Deserialize>::deserialize(d)?;
+    new(n).ok_or_else(|| serde::de::Error::custom(message(n)))
 }
 
 /// Reports every value that appears more than once, at its second and later places.

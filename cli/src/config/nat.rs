@@ -187,6 +187,10 @@ pub(crate) struct NatSection {
     /// most 8.
     #[serde(default)]
     pub(crate) queues: Option<Spanned<u32>>,
+    /// Which data path moves established flows: `"kernel"` (the eBPF fast path at TC, where
+    /// it loads; the TUN otherwise) or `"tun"`. Default `"kernel"`.
+    #[serde(default)]
+    pub(crate) datapath: Option<Spanned<String>>,
 }
 
 fn default_table() -> Spanned<u32> {
@@ -247,6 +251,17 @@ impl NatSection {
             if *s.outside_port.get_ref() == 0 {
                 v.error_at(&s.outside_port, "outside_port 0 is not a port");
             }
+        }
+        if let Some(d) = &self.datapath
+            && !matches!(d.get_ref().as_str(), "kernel" | "tun")
+        {
+            v.error_at(
+                d,
+                format!(
+                    "datapath must be \"kernel\" or \"tun\", not {:?}",
+                    d.get_ref()
+                ),
+            );
         }
         if let Some(q) = &self.queues {
             let max = natgw::driver::DriverConfig::MAX_QUEUES;

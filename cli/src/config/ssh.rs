@@ -62,8 +62,8 @@ pub(crate) struct SshSection {
     pub(crate) ciphers: Vec<Spanned<String>>,
     /// SSH connections kept to this destination; channels are spread over them so that more
     /// than one core encrypts. Default 1 (like OpenSSH), at most 16.
-    #[serde(default = "d_connections")]
-    pub(crate) connections: Spanned<i64>,
+    #[serde(default)]
+    pub(crate) connections: Connections,
     /// TCP connect + handshake limit; also how long a local client waits for a reconnect.
     /// Default 10 s, at least 100 ms.
     #[serde(default = "d_connect_timeout", deserialize_with = "at_least_100ms")]
@@ -76,8 +76,36 @@ pub(crate) struct SshSection {
     pub(crate) reconnect_max: HumanDuration,
 }
 
-fn d_connections() -> Spanned<i64> {
-    Spanned::new(0..0, 1)
+/// SSH connections kept to one destination, 1..=16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct Connections(u8);
+
+impl Connections {
+    pub(crate) fn get(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections(1)
+    }
+}
+
+impl<'de> Deserialize<'de> for Connections {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        super::narrow(
+            d,
+            |n| {
+                u8::try_from(n)
+                    .ok()
+                    .filter(|c| (1..=16).contains(c))
+                    .map(Connections)
+            },
+            |n| format!("connections {n} is out of range 1..=16"),
+        )
+    }
 }
 fn d_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
@@ -335,15 +363,6 @@ pub(crate) fn validate_all(dests: &[SshSection], v: &mut Validator) {
                 );
             }
         }
-        if !(1..=16).contains(d.connections.get_ref()) {
-            v.error_at(
-                &d.connections,
-                format!(
-                    "connections {} is out of range 1..=16",
-                    d.connections.get_ref()
-                ),
-            );
-        }
         if d.reconnect_min.0 > d.reconnect_max.0 {
             v.error_at(&d.destination, "reconnect_min is longer than reconnect_max");
         }
@@ -397,6 +416,17 @@ mod tests {
                 .per_source_max_startups,
             None
         );
+    }
+
+    #[test]
+    fn client_connections_are_narrowed_where_they_are_written() {
+        let e = crate::config::parse(
+            std::path::Path::new("site.toml"),
+            "[[ssh]]\ndestination = \"u@h\"\nlocal = [\"1:h:2\"]\nconnections = 17\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "site.toml:4:15: connections 17 is out of range 1..=16");
     }
 
     #[test]

@@ -23,14 +23,16 @@ fn reference_example_is_valid() {
     );
     assert_eq!(site.nat.as_ref().map(|n| n.statics.len()), Some(1));
     assert_eq!(site.service[0].backends.get_ref().len(), 2);
-    assert_eq!(*site.vrrp[0].vrid.get_ref(), 51);
+    assert_eq!(site.vrrp[0].vrid.get_ref().get(), 51);
     assert_eq!(site.ssh[0].local.len(), 1);
 }
 
 #[test]
 fn three_planted_mistakes_give_three_positions() {
+    // The range mistake is on an optional key: a required key serde refuses (`vrid = 256`)
+    // drops its instance, and with it the instance's cross-references (`track_services`).
     let text = REFERENCE
-        .replace("vrid = 51", "vrid = 256")
+        .replace("priority = 150", "priority = 256")
         .replace("weight = 2 }", "weight = 65536 }")
         .replace("track_services = [\"web\"]", "track_services = [\"wbe\"]");
     let errs = errors(&text);
@@ -43,8 +45,8 @@ fn three_planted_mistakes_give_three_positions() {
     assert!(errs[0].contains("over 65535"));
     assert!(
         errs[1].starts_with(&format!(
-            "site.toml:{}:8: vrid 256 is out of range",
-            line_of("vrid = 256")
+            "site.toml:{}:12: priority 256 is out of range 1..=254",
+            line_of("priority = 256")
         )),
         "{errs:?}"
     );
@@ -95,6 +97,17 @@ fn semantic_checks() {
         errors(queues),
         ["site.toml:5:10: queues must be between 1 and 8"]
     );
+
+    let datapath = "[nat]\ninside = [\"eth1\"]\noutside = \"eth0\"\naddress = \"192.0.2.1\"\n\
+                    datapath = \"xdp\"\n";
+    assert_eq!(
+        errors(datapath),
+        ["site.toml:5:12: datapath must be \"kernel\" or \"tun\", not \"xdp\""]
+    );
+    for ok in ["kernel", "tun"] {
+        let good = datapath.replace("xdp", ok);
+        assert!(errors(&good).is_empty(), "{ok}");
+    }
 
     let prio = REFERENCE.replace("priority = 150", "priority = 255");
     assert!(

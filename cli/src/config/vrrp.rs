@@ -1,10 +1,11 @@
 //! `[[vrrp]]`: VRRPv3 instances (keepalived `vrrp_instance`).
 
 use super::lb::ServiceSection;
-use super::{HumanDuration, Validator, check_unique};
+use super::{HumanDuration, Validator, check_unique, narrow};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
+use std::num::NonZeroU8;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -16,10 +17,10 @@ pub(crate) struct VrrpSection {
     /// Interface the adverts go out on and the VIPs live on.
     pub(crate) interface: String,
     /// Virtual router id, 1..=255.
-    pub(crate) vrid: Spanned<i64>,
+    pub(crate) vrid: Spanned<Vrid>,
     /// 1..=254; higher wins. Default 100 (keepalived).
     #[serde(default = "d_priority")]
-    pub(crate) priority: Spanned<i64>,
+    pub(crate) priority: Spanned<Priority>,
     /// Default 1 s; VRRPv3 allows 10ms..=40.95s in centiseconds.
     #[serde(default = "d_advert")]
     pub(crate) advert_interval: Spanned<HumanDuration>,
@@ -61,12 +62,12 @@ pub(crate) struct VrrpSection {
     pub(crate) primary_address: Option<Ipv4Addr>,
     /// Priority penalty while a tracked service has no healthy backend; 0 puts the instance
     /// in FAULT instead (keepalived `track_script` weight). Default 0.
-    #[serde(default = "d_zero")]
-    pub(crate) track_services_weight: Spanned<i64>,
+    #[serde(default = "d_fault")]
+    pub(crate) track_services_weight: Spanned<ServicePenalty>,
     /// Gratuitous ARPs per burst on becoming master (keepalived `garp_master_repeat`).
     /// Default 5.
     #[serde(default = "d_garp_count")]
-    pub(crate) garp_count: Spanned<i64>,
+    pub(crate) garp_count: Spanned<GarpCount>,
     /// Repeat the burst this long after becoming master (keepalived `garp_master_delay`);
     /// "0s" = only once. Default 5 s.
     #[serde(default = "d_garp_delay")]
@@ -74,7 +75,7 @@ pub(crate) struct VrrpSection {
     /// Gratuitous ARPs per VIP when a master re-asserts itself against a lower-priority
     /// advert (keepalived `garp_lower_prio_repeat`); 0 = the advert only. Default: `garp_count`.
     #[serde(default)]
-    pub(crate) garp_lower_prio_repeat: Option<Spanned<i64>>,
+    pub(crate) garp_lower_prio_repeat: Option<Spanned<ReassertArps>>,
     /// At most one re-assertion (advert + `garp_lower_prio_repeat` ARPs) per this interval,
     /// however many lower-priority adverts arrive. Default 1 s.
     #[serde(default = "d_reassert")]
@@ -91,8 +92,8 @@ pub(crate) struct VrrpSection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TrackInterface {
     pub(crate) name: String,
-    /// 0 = FAULT while down; otherwise the priority penalty while down.
-    pub(crate) weight: i64,
+    /// 0 = FAULT while down; otherwise the priority penalty while down (at most 253).
+    pub(crate) weight: u8,
 }
 
 /// The table spelling of a [`TrackInterface`].
@@ -122,16 +123,177 @@ impl<'de> Deserialize<'de> for TrackInterface {
                 self,
                 map: A,
             ) -> Result<Self::Value, A::Error> {
+                use serde::de::Error as _;
                 let t = TrackInterfaceTable::deserialize(
                     serde::de::value::MapAccessDeserializer::new(map),
                 )?;
+                let weight = match penalty(t.weight) {
+                    Some(w) => w,
+                    None if t.weight < 0 => {
+                        return Err(A::Error::custom(format!(
+                            "track_interfaces weight {w}: vipgate's weight is the penalty while the link is down, so keepalived's `weight {w}` is written `weight = {}`",
+                            t.weight.unsigned_abs(),
+                            w = t.weight,
+                        )));
+                    }
+                    None => {
+                        return Err(A::Error::custom(
+                            "track_interfaces weight must be 0 (fault) or a penalty of 1..=253",
+                        ));
+                    }
+                };
                 Ok(TrackInterface {
                     name: t.name,
-                    weight: t.weight,
+                    weight,
                 })
             }
         }
         d.deserialize_any(Entry)
+    }
+}
+
+/// A priority penalty: 0 (fault instead) or 1..=253, so that a 254 instance keeps priority 1.
+fn penalty(n: i64) -> Option<u8> {
+    u8::try_from(n).ok().filter(|w| *w <= 253)
+}
+
+/// Virtual router id, 1..=255 (RFC 5798 §5.2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub(crate) struct Vrid(NonZeroU8);
+
+impl Vrid {
+    pub(crate) fn get(self) -> u8 {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Display for Vrid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Vrid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        narrow(
+            d,
+            |n| u8::try_from(n).ok().and_then(NonZeroU8::new).map(Vrid),
+            |n| format!("vrid {n} is out of range 1..=255"),
+        )
+    }
+}
+
+/// A configured priority, 1..=254: 255 belongs to the address owner, and vipgate adds the
+/// VIPs itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct Priority(u8);
+
+impl Priority {
+    pub(crate) fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Priority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        narrow(
+            d,
+            |n| {
+                u8::try_from(n)
+                    .ok()
+                    .filter(|p| (1..=254).contains(p))
+                    .map(Priority)
+            },
+            |n| {
+                match n {
+                255 => "priority 255 is reserved for the address owner (RFC 5798 §5.2.4); vipgate adds the VIPs itself, so use 1..=254".to_owned(),
+                p => format!("priority {p} is out of range 1..=254"),
+            }
+            },
+        )
+    }
+}
+
+/// `track_services_weight`: 0 (a service without healthy backends faults the instance) or
+/// the priority penalty 1..=253.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct ServicePenalty(u8);
+
+impl ServicePenalty {
+    pub(crate) fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ServicePenalty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        narrow(
+            d,
+            |n| penalty(n).map(ServicePenalty),
+            |_| "track_services_weight must be 0 (fault) or a penalty of 1..=253".to_owned(),
+        )
+    }
+}
+
+/// Gratuitous ARPs per burst on becoming master, 1..=100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct GarpCount(u32);
+
+impl GarpCount {
+    pub(crate) fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for GarpCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        narrow(
+            d,
+            |n| {
+                u32::try_from(n)
+                    .ok()
+                    .filter(|c| (1..=100).contains(c))
+                    .map(GarpCount)
+            },
+            |_| "garp_count must be 1..=100".to_owned(),
+        )
+    }
+}
+
+/// Gratuitous ARPs per VIP in a re-assertion against a lower-priority advert, 0..=100
+/// (0 = the advert only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct ReassertArps(u32);
+
+impl ReassertArps {
+    pub(crate) fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ReassertArps {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        narrow(
+            d,
+            |n| {
+                u32::try_from(n)
+                    .ok()
+                    .filter(|c| *c <= 100)
+                    .map(ReassertArps)
+            },
+            |_| "garp_lower_prio_repeat must be 0..=100 (0 = the advert only)".to_owned(),
+        )
     }
 }
 
@@ -148,11 +310,11 @@ impl Serialize for TrackInterface {
     }
 }
 
-fn d_zero() -> Spanned<i64> {
-    Spanned::new(0..0, 0)
+fn d_fault() -> Spanned<ServicePenalty> {
+    Spanned::new(0..0, ServicePenalty(0))
 }
-fn d_garp_count() -> Spanned<i64> {
-    Spanned::new(0..0, 5)
+fn d_garp_count() -> Spanned<GarpCount> {
+    Spanned::new(0..0, GarpCount(5))
 }
 fn d_garp_delay() -> Spanned<HumanDuration> {
     Spanned::new(0..0, HumanDuration(Duration::from_secs(5)))
@@ -175,8 +337,8 @@ const MIN_TIMER: Duration = Duration::from_millis(100);
 /// The longest of those timers accepted.
 const MAX_TIMER: Duration = Duration::from_secs(3600);
 
-fn d_priority() -> Spanned<i64> {
-    Spanned::new(0..0, 100)
+fn d_priority() -> Spanned<Priority> {
+    Spanned::new(0..0, Priority(100))
 }
 fn d_advert() -> Spanned<HumanDuration> {
     Spanned::new(0..0, HumanDuration(Duration::from_secs(1)))
@@ -209,20 +371,6 @@ pub(crate) fn validate_all(
         v,
     );
     for i in instances {
-        if !(1..=255).contains(i.vrid.get_ref()) {
-            v.error_at(
-                &i.vrid,
-                format!("vrid {} is out of range 1..=255", i.vrid.get_ref()),
-            );
-        }
-        match *i.priority.get_ref() {
-            1..=254 => {}
-            255 => v.error_at(
-                &i.priority,
-                "priority 255 is reserved for the address owner (RFC 5798 §5.2.4); vipgate adds the VIPs itself, so use 1..=254",
-            ),
-            p => v.error_at(&i.priority, format!("priority {p} is out of range 1..=254")),
-        }
         let advert = i.advert_interval.get_ref().0;
         let cs = advert.as_millis();
         if !(10..=40_950).contains(&cs) || cs % 10 != 0 {
@@ -260,14 +408,6 @@ pub(crate) fn validate_all(
         timer(&i.garp_repeat_delay, "garp_repeat_delay", true, v);
         timer(&i.reassert_interval, "reassert_interval", false, v);
         timer(&i.notify_timeout, "notify_timeout", false, v);
-        if let Some(r) = &i.garp_lower_prio_repeat
-            && !(0..=100).contains(r.get_ref())
-        {
-            v.error_at(
-                r,
-                "garp_lower_prio_repeat must be 0..=100 (0 = the advert only)",
-            );
-        }
         if let Some(n) = &i.notify
             && !std::path::Path::new(n.get_ref()).is_absolute()
         {
@@ -292,28 +432,9 @@ pub(crate) fn validate_all(
                 );
             }
         }
-        if !(0..=253).contains(i.track_services_weight.get_ref()) {
-            v.error_at(
-                &i.track_services_weight,
-                "track_services_weight must be 0 (fault) or a penalty of 1..=253",
-            );
-        }
         for t in &i.track_interfaces {
             let (name, weight) = (&t.get_ref().name, t.get_ref().weight);
-            if weight < 0 {
-                v.error_at(
-                    t,
-                    format!(
-                        "track_interfaces weight {weight}: vipgate's weight is the penalty while the link is down, so keepalived's `weight {weight}` is written `weight = {}`",
-                        weight.unsigned_abs()
-                    ),
-                );
-            } else if weight > 253 {
-                v.error_at(
-                    t,
-                    "track_interfaces weight must be 0 (fault) or a penalty of 1..=253",
-                );
-            } else if weight > 0 && *name == i.interface {
+            if weight > 0 && *name == i.interface {
                 v.error_at(
                     t,
                     format!(
@@ -324,9 +445,6 @@ pub(crate) fn validate_all(
             if name.is_empty() {
                 v.error_at(t, "track_interfaces needs an interface name");
             }
-        }
-        if !(1..=100).contains(i.garp_count.get_ref()) {
-            v.error_at(&i.garp_count, "garp_count must be 1..=100");
         }
         if let Some(p) = i.primary_address
             && i.addresses.get_ref().iter().any(|a| a.addr() == p)
@@ -377,7 +495,7 @@ mod tests {
             r#"track_interfaces = ["eth1", { name = "eth2", weight = 20 }, { name = "eth3" }]"#,
         )
         .expect("valid");
-        let got: Vec<(String, i64)> = site.vrrp[0]
+        let got: Vec<(String, u8)> = site.vrrp[0]
             .track_interfaces
             .iter()
             .map(|t| (t.get_ref().name.clone(), t.get_ref().weight))
@@ -436,6 +554,10 @@ mod tests {
             (
                 "garp_count = 0",
                 "site.toml:6:14: garp_count must be 1..=100",
+            ),
+            (
+                "track_services_weight = 254",
+                "site.toml:6:25: track_services_weight must be 0 (fault) or a penalty of 1..=253",
             ),
             (
                 "garp_repeat_delay = \"1ms\"",

@@ -7,11 +7,10 @@
 
 use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
-use crate::config::gre::GreSection;
+use crate::config::lower;
 use anyhow::Context;
+use gre::Underlay;
 use gre::driver::{GreDriver, GreStatus, TunnelSpec};
-use gre::{KeepaliveConfig, TunnelConfig, Underlay};
-use ipnet::IpNet;
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -29,36 +28,6 @@ struct GreTunnelPart {
     shared: Arc<SharedDriver>,
 }
 
-/// Maps one `[[gre]]` section to the driver's spec.
-fn spec(section: &GreSection) -> TunnelSpec {
-    let mut tunnel = TunnelConfig::new(
-        section.name.get_ref().clone(),
-        section.local,
-        section.remote,
-    );
-    tunnel.inner_address = Some(section.address.addr());
-    tunnel.key = section.key;
-    tunnel.sequence = section.sequence;
-    tunnel.checksum = section.checksum;
-    tunnel.underlay = section.encap;
-    // 0: the driver derives it from the underlay interface's MTU.
-    tunnel.mtu = section.mtu.as_ref().map_or(0, |m| *m.get_ref());
-    tunnel.keepalive = section.keepalive.as_ref().map(|k| KeepaliveConfig {
-        interval: k.interval.get_ref().0,
-        retries: *k.retries.get_ref(),
-    });
-    TunnelSpec {
-        tunnel,
-        address: Some((section.address.addr(), section.address.prefix_len())),
-        routes: section
-            .routes
-            .iter()
-            .map(|r| IpNet::V4(*r.get_ref()))
-            .collect(),
-        offload: section.offload,
-    }
-}
-
 /// Starts every `[[gre]]` tunnel.
 ///
 /// # Errors
@@ -67,7 +36,7 @@ pub(crate) async fn start(
     site: &SiteConfig,
     _ctx: &StartCtx,
 ) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    let specs: Vec<TunnelSpec> = site.gre.iter().map(spec).collect();
+    let specs: Vec<TunnelSpec> = site.gre.iter().map(lower::gre).collect();
     let names: Vec<String> = specs.iter().map(|s| s.tunnel.name.clone()).collect();
     let driver = GreDriver::start(specs)
         .await
@@ -111,7 +80,7 @@ impl GreTunnelPart {
             return Ok(Reconfigured::restart("a tunnel was added"));
         }
         let outcome = driver
-            .reconfigure(spec(section))
+            .reconfigure(lower::gre(section))
             .with_context(|| format!("reconfiguring GRE tunnel {}", self.name))?;
         if outcome.is_live() {
             tracing::info!(tunnel = %self.name, "GRE tunnel reconfigured live");
@@ -294,7 +263,7 @@ mod tests {
             up: false,
             down_reason: Some("no keepalive reply to 3 probes sent every 1s".into()),
             down_for: Some(std::time::Duration::from_millis(1500)),
-            keepalive: Some(KeepaliveConfig::default()),
+            keepalive: Some(gre::KeepaliveConfig::default()),
             last_keepalive: None,
             keepalive_misses: 3,
             routes: vec!["192.168.102.0/24".parse().unwrap()],

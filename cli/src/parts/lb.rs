@@ -17,18 +17,21 @@
 //! live through the [`vrrp::driver::AddressHook`] this part hands over in [`StartCtx::wiring`],
 //! together with one health signal per service for `track_services`.
 
-use super::{BoxFuture, Kind, Part, StartCtx, ready};
-use crate::config::SiteConfig;
+use super::{BoxFuture, Kind, Part, StartCtx, ready, wiring};
+use crate::config::{SiteConfig, lower};
+use crate::control::ControlOp;
 use anyhow::{Context, bail};
 use natgw::driver::{DriverConfig, NatDriver};
 use natgw::health::probe::{TargetSpec, run_checker};
 use natgw::health::{CheckKind, Transition};
 use natgw::{BackendKey, GatewayConfig, VirtualService};
+use netsys::netlink::Handle;
+use netsys::sync::lock_unpoisoned;
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -69,7 +72,7 @@ type SharedGateway = Arc<Mutex<natgw::Gateway>>;
 
 fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
     // As the driver does: a panic under the lock must not stop the gateway.
-    gw.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock_unpoisoned(gw)
 }
 
 /// Starts (or joins) the gateway with every `[[service]]`, then the health checker.
@@ -78,7 +81,7 @@ fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
 /// Interfaces that cannot be found, a service the gateway refuses (e.g. its VIP:port is
 /// also a port forward), or the gateway failing to start.
 pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    let services: Vec<natgw::ServiceConfig> = site.service.iter().map(|s| s.to_natgw()).collect();
+    let services: Vec<natgw::ServiceConfig> = site.service.iter().map(lower::service).collect();
     // VIPs a VRRP instance moves: only its master makes them live (DESIGN.md).
     let vrrp_vips: Vec<Ipv4Addr> = services
         .iter()
@@ -89,7 +92,8 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
                 .any(|v| v.addresses.get_ref().iter().any(|a| a.addr() == *ip))
         })
         .collect();
-    let (driver, owns_driver) = match super::nat::running_gateway() {
+    let joined = wiring::lock(&ctx.wiring).nat.clone();
+    let (driver, owns_driver) = match joined {
         Some(driver) if site.nat.is_some() => {
             join_gateway(&driver, &services, &vrrp_vips).await?;
             (driver, false)
@@ -121,10 +125,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     let (vip_tx, vip_rx) = mpsc::unbounded_channel();
     let vip_mover = watch.spawn("vip mover", infallible(move_vips(driver.clone(), vip_rx)));
     {
-        let mut wiring = ctx
-            .wiring
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut wiring = wiring::lock(&ctx.wiring);
         wiring.health.extend(health_rx);
         for vip in &vrrp_vips {
             let hook: Arc<dyn AddressHook> = Arc::new(VipHook {
@@ -205,10 +206,11 @@ async fn start_gateway(
     let Some(first) = services.first() else {
         bail!("no [[service]] to run");
     };
-    let outside = route_dev(*first.listen.ip()).await?;
+    let netlink = netsys::netlink::connect().context("opening a netlink socket")?;
+    let outside = route_dev(&netlink, *first.listen.ip()).await?;
     let mut inside: Vec<String> = Vec::new();
     for s in &services {
-        let out = route_dev(*s.listen.ip()).await?;
+        let out = route_dev(&netlink, *s.listen.ip()).await?;
         if out != outside {
             bail!(
                 "service {}: VIP {} is reached through {out}, the others through {outside}; all VIPs must sit on one outside interface",
@@ -223,7 +225,7 @@ async fn start_gateway(
             .map(|b| *b.addr.ip())
             .chain(s.pool.sorry.map(|a| *a.ip()));
         for ip in reals {
-            let dev = route_dev(ip).await?;
+            let dev = route_dev(&netlink, ip).await?;
             if dev == outside {
                 bail!(
                     "service {}: backend {ip} is reached through {dev}, the same interface as the VIP; LVS-NAT needs the real servers behind another interface",
@@ -251,36 +253,13 @@ async fn start_gateway(
     Ok(driver)
 }
 
-/// iproute2's `ip`, by absolute path (never looked up in `PATH`, review §7.3): the first
-/// of the usual places that exists.
-fn ip_binary() -> &'static str {
-    const PLACES: [&str; 4] = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"];
-    PLACES
-        .iter()
-        .copied()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or(PLACES[0])
-}
-
-/// The interface the kernel routes `ip` through (`ip route get`).
-async fn route_dev(ip: Ipv4Addr) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new(ip_binary())
-        .args(["-j", "-4", "route", "get", &ip.to_string()])
-        .output()
+/// The interface the kernel routes `ip` through (what `ip route get` prints after `dev`).
+async fn route_dev(netlink: &Handle, ip: Ipv4Addr) -> anyhow::Result<String> {
+    netsys::netlink::route_get(netlink, ip.into())
         .await
-        .context("running `ip route get`")?;
-    if !out.status.success() {
-        bail!(
-            "no route to {ip}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j route get`")?;
-    v.get(0)
-        .and_then(|r| r.get("dev"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .with_context(|| format!("`ip route get {ip}` names no interface"))
+        .with_context(|| format!("no route to {ip}"))?
+        .map(|link| link.name)
+        .with_context(|| format!("the route to {ip} names no interface"))
 }
 
 fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
@@ -373,8 +352,7 @@ impl ServicePart {
         {
             return Ok(Reconfigured::Live);
         }
-        let services: Vec<natgw::ServiceConfig> =
-            site.service.iter().map(|s| s.to_natgw()).collect();
+        let services: Vec<natgw::ServiceConfig> = site.service.iter().map(lower::service).collect();
         let applied = {
             let mut gw = lock(&self.shared.gw);
             gw.reconfigure_services(services)
@@ -423,40 +401,27 @@ impl Part for ServicePart {
         self.summary.get(|| self.status())
     }
 
-    fn control(&self, op: &str, args: &Value) -> anyhow::Result<Value> {
-        match op {
-            "weight" => {
-                let backend: SocketAddrV4 = args
-                    .get("backend")
-                    .and_then(Value::as_str)
-                    .context("weight needs a backend ip:port")?
-                    .parse()
-                    .context("backend must be written ip:port, as in the config")?;
-                let weight = args
-                    .get("weight")
-                    .and_then(Value::as_u64)
-                    .and_then(|w| u32::try_from(w).ok())
-                    .context("weight needs a number 0..=65535")?;
-                let before = self.with_service(move |s| {
-                    let old = s
-                        .backend_id(backend)
-                        .and_then(|id| s.pool().backend(id))
-                        .map(balance::Backend::weight);
-                    s.set_weight(backend, weight).map(|()| old)
-                })??;
-                tracing::info!(service = %self.name, %backend, weight, "weight changed by operator");
-                Ok(json!({
-                    "service": self.name,
-                    "backend": backend.to_string(),
-                    "weight": weight,
-                    "previous": before,
-                }))
-            }
-            other => bail!(
-                "lb `{}` does not support `{other}` (try: weight)",
-                self.name
-            ),
-        }
+    fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
+        let ControlOp::LbWeight {
+            backend, weight, ..
+        } = *op
+        else {
+            bail!("lb `{}` does not support `{op}`", self.name);
+        };
+        let before = self.with_service(move |s| {
+            let old = s
+                .backend_id(backend)
+                .and_then(|id| s.pool().backend(id))
+                .map(balance::Backend::weight);
+            s.set_weight(backend, u32::from(weight)).map(|()| old)
+        })??;
+        tracing::info!(service = %self.name, %backend, weight, "weight changed by operator");
+        Ok(json!({
+            "service": self.name,
+            "backend": backend.to_string(),
+            "weight": weight,
+            "previous": before,
+        }))
     }
 
     fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
@@ -495,9 +460,17 @@ fn service_json(s: &VirtualService) -> Value {
         .backends()
         .map(|(_, b)| {
             let st = b.stats();
+            // ipvsadm's names (Uthreshold/Lthreshold): a key with "connections" in it would
+            // become a Prometheus counter.
+            let threshold = |t: u32| (t != 0).then_some(t);
             json!({
                 "address": b.addr().to_string(),
                 "weight": b.weight(),
+                "effective_weight": b.effective_weight(),
+                "slow_start": b.is_ramping(),
+                "upper_threshold": threshold(b.max_connections()),
+                "lower_threshold": threshold(b.min_connections()),
+                "overloaded": b.is_overloaded(),
                 "state": b.state().as_str(),
                 "health": match b.health() { balance::Health::Up => "up", balance::Health::Down => "down" },
                 "active": b.active(),
@@ -542,7 +515,13 @@ fn service_json(s: &VirtualService) -> Value {
             "refused": stats.refused,
             "persistent_hits": stats.persistent_hits,
             "persist_full": stats.persist_full,
+                "locality_full": stats.locality_full,
         },
+        "fallback": pool.fallback(),
+        "connection_limit": (pool.max_connections() != 0).then_some(pool.max_connections()),
+        "open_flows": pool.connections(),
+        "slow_start_ms": pool.slow_start().map(|d| d.as_millis() as u64),
+        "locality_entries": pool.locality_entries(),
         "backends": backends,
     })
 }
@@ -566,6 +545,15 @@ pub(crate) fn render(items: &[Value]) -> String {
             if p["netmask"].as_u64() != Some(32) {
                 let _ = write!(flags, " mask /{}", p["netmask"]);
             }
+        }
+        if s["fallback"].as_bool() == Some(true) {
+            flags.push_str(" fallback");
+        }
+        if let Some(max) = s["connection_limit"].as_u64() {
+            let _ = write!(flags, " maxconn {}/{max}", s["open_flows"]);
+        }
+        if let Some(ms) = s["slow_start_ms"].as_u64() {
+            let _ = write!(flags, " slow-start {ms}ms");
         }
         if let Some(h) = s.get("health").filter(|h| !h.is_null()) {
             let _ = write!(
@@ -592,12 +580,32 @@ pub(crate) fn render(items: &[Value]) -> String {
         {
             let n = |k: &str| b[k].as_u64().unwrap_or(0);
             let c = |k: &str| b["counters"][k].as_u64().unwrap_or(0);
+            // An overloaded backend that is otherwise up shows why it gets nothing; a ramping
+            // one shows the weight in effect over the configured one.
+            let state = match b["state"].as_str().unwrap_or("?") {
+                "up" if b["overloaded"].as_bool() == Some(true) => "overload",
+                other => other,
+            };
+            let weight = match b["effective_weight"].as_u64() {
+                Some(e) if e != n("weight") => format!("{e}/{}", n("weight")),
+                _ => n("weight").to_string(),
+            };
+            let mut notes = String::new();
+            if let Some(max) = b["upper_threshold"].as_u64() {
+                let _ = write!(notes, "  max {max}");
+            }
+            if let Some(min) = b["lower_threshold"].as_u64() {
+                let _ = write!(notes, " min {min}");
+            }
+            if b["slow_start"].as_bool() == Some(true) {
+                notes.push_str("  slow start");
+            }
             let _ = writeln!(
                 out,
-                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}{notes}",
                 b["address"].as_str().unwrap_or("?"),
-                b["state"].as_str().unwrap_or("?"),
-                n("weight"),
+                state,
+                weight,
                 n("active"),
                 n("inactive"),
                 c("connections"),
@@ -617,6 +625,13 @@ pub(crate) fn render(items: &[Value]) -> String {
         let refused = &s["counters"]["refused"];
         if refused.as_u64().unwrap_or(0) > 0 {
             let _ = writeln!(out, "     refused (no backend up): {refused}");
+        }
+        if s["counters"]["over_limit"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(
+                out,
+                "     turned away at max_connections: {}",
+                s["counters"]["over_limit"]
+            );
         }
     }
     out
@@ -656,6 +671,44 @@ mod tests {
         assert!(text.contains("  -> 10.0.0.101:80         up             1          2         5        100        700        600        50K         12"), "{text}");
         assert!(text.contains("draining"));
         assert!(text.contains("refused (no backend up): 3"));
+    }
+
+    #[test]
+    fn render_shows_thresholds_overload_and_slow_start() {
+        let item = json!({
+            "name": "cache", "listen": "198.51.100.10:80", "scheduler": "lblcr",
+            "persistence": null, "health": null, "sorry": null,
+            "counters": { "sorry_connections": 0, "refused": 0, "over_limit": 2 },
+            "fallback": false, "connection_limit": 500, "open_flows": 7, "slow_start_ms": 30000,
+            "backends": [
+                { "address": "10.0.0.101:80", "state": "up", "weight": 10, "effective_weight": 10,
+                  "overloaded": true, "upper_threshold": 4, "lower_threshold": 2, "slow_start": false,
+                  "active": 4, "inactive": 0,
+                  "counters": { "connections": 9, "packets_in": 0, "packets_out": 0,
+                                "bytes_in": 0, "bytes_out": 0 } },
+                { "address": "10.0.0.102:80", "state": "up", "weight": 10, "effective_weight": 3,
+                  "overloaded": false, "upper_threshold": null, "lower_threshold": null,
+                  "slow_start": true, "active": 3, "inactive": 0,
+                  "counters": { "connections": 3, "packets_in": 0, "packets_out": 0,
+                                "bytes_in": 0, "bytes_out": 0 } },
+            ],
+        });
+        let text = render(&[item]);
+        assert!(
+            text.contains("TCP  198.51.100.10:80 lblcr maxconn 7/500 slow-start 30000ms  (cache)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  -> 10.0.0.101:80         overload      10          4"),
+            "{text}"
+        );
+        assert!(text.contains("  max 4 min 2"), "{text}");
+        assert!(
+            text.contains("  -> 10.0.0.102:80         up          3/10          3"),
+            "{text}"
+        );
+        assert!(text.contains("slow start"), "{text}");
+        assert!(text.contains("turned away at max_connections: 2"), "{text}");
     }
 
     #[test]

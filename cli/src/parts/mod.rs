@@ -18,8 +18,10 @@ pub(crate) mod lb;
 pub(crate) mod nat;
 pub(crate) mod ssh;
 pub(crate) mod vrrp;
+pub(crate) mod wiring;
 
 use crate::config::SiteConfig;
+use crate::control::ControlOp;
 use netutil::Reconfigured;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -324,11 +326,13 @@ pub(crate) trait Part: Send + Sync {
     fn summary(&self) -> serde_json::Value {
         self.status()
     }
-    /// An operator command (`nat clear`, `lb weight`, ...).
+    /// An operator command (`nat clear`, `lb weight`); the control socket hands each to the
+    /// parts of [`ControlOp::kind`].
     ///
     /// # Errors
-    /// Unknown operations or bad arguments, as a message for the operator.
-    fn control(&self, op: &str, _args: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    /// An operation this part does not run, or one it cannot apply, as a message for the
+    /// operator.
+    fn control(&self, op: &ControlOp) -> anyhow::Result<serde_json::Value> {
         anyhow::bail!("{} `{}` does not support `{op}`", self.kind(), self.name())
     }
     /// Applies a changed config in place (weights, ACL rules, timers) without dropping flows
@@ -360,9 +364,9 @@ pub(crate) trait Part: Send + Sync {
 pub(crate) struct StartCtx {
     /// Only start these kinds (`vipgate run --only`); empty = all configured.
     pub(crate) only: Vec<Kind>,
-    /// Cross-part wiring: the virtual services (started first) leave their health signals and
-    /// VIP hooks here for the VRRP instances (started after them).
-    pub(crate) wiring: std::sync::Arc<std::sync::Mutex<vrrp::Wiring>>,
+    /// Cross-part wiring: the nat part leaves its gateway here for the virtual services, and
+    /// the services leave their health signals and VIP hooks for the VRRP instances.
+    pub(crate) wiring: wiring::SharedWiring,
 }
 
 /// The started parts of a site, in start order.

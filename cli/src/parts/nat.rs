@@ -1,90 +1,23 @@
 //! `vipgate run` / `show nat` / `nat clear` for the PAT gateway (crate `natgw`).
 //!
 //! Parts built on the gateway (virtual services) reach the running driver through
-//! [`running_gateway`]: it is started before them and stopped after them.
+//! [`super::wiring::Wiring::nat`]: it is started before them and stopped after them.
 
+use super::wiring::{self, SharedWiring};
 use super::{BoxFuture, Kind, Part, StartCtx, ready};
-use crate::config::SiteConfig;
 use crate::config::nat::NatSection;
+use crate::config::{SiteConfig, lower};
+use crate::control::ControlOp;
 use anyhow::Context;
-use natgw::driver::{DriverConfig, NatDriver, NatStatus};
-use natgw::{AclRule, GatewayConfig, Proto, StaticEntry, Timeouts};
+use natgw::driver::{NatDriver, NatStatus};
+use natgw::{AclRule, Proto};
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
-use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
 
 /// At most this many translations go into one `show nat` answer.
 const SHOW_LIMIT: usize = 65_536;
-
-/// The gateway of this process while the nat part runs.
-static RUNNING: Mutex<Option<Arc<NatDriver>>> = Mutex::new(None);
-
-/// The running PAT gateway, for parts built on it (virtual services add listeners to its
-/// core with `driver.gateway().lock()` and make VIPs live with `add_public_address`).
-pub(crate) fn running_gateway() -> Option<Arc<NatDriver>> {
-    RUNNING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
-}
-
-/// The core's config from `[nat]`.
-pub(crate) fn gateway_config(nat: &NatSection, seed: u64) -> GatewayConfig {
-    let t = &nat.timeouts;
-    GatewayConfig {
-        overload: Some(nat.address),
-        inside_networks: nat.inside_networks.clone(),
-        acl: nat
-            .acl
-            .iter()
-            .map(|r| AclRule {
-                action: r.action,
-                src: r.src,
-                dst: r.dst,
-                proto: r.proto,
-                src_ports: r.src_port.map(|p| p.first..=p.last),
-                dst_ports: r
-                    .dst_port
-                    .as_ref()
-                    .map(|p| p.get_ref().first..=p.get_ref().last),
-            })
-            .collect(),
-        statics: nat
-            .statics
-            .iter()
-            .map(|s| StaticEntry {
-                proto: *s.proto.get_ref(),
-                public: SocketAddrV4::new(
-                    s.address.unwrap_or(nat.address),
-                    *s.outside_port.get_ref(),
-                ),
-                inside: s.inside,
-            })
-            .collect(),
-        timeouts: Timeouts {
-            udp: t.udp.get_ref().0,
-            tcp_established: t.tcp_established.get_ref().0,
-            tcp_transitory: t.tcp_transitory.get_ref().0,
-            icmp: t.icmp.get_ref().0,
-        },
-        max_mappings: *nat.max_mappings.get_ref() as usize,
-        max_per_host: *nat.max_mappings_per_host.get_ref() as usize,
-        port_range: nat.ports.first..=nat.ports.last,
-        filtering: nat.filtering,
-        seed,
-        compensate_ttl: true,
-        // Virtual services are added by the lb part (parts::lb), which starts after this one.
-        services: Vec::new(),
-        // Learnt from the interfaces by the driver.
-        local_addresses: Vec::new(),
-        max_half_open_per_listener: *nat.max_half_open_per_listener.get_ref() as usize,
-        max_half_open_per_source: *nat.max_half_open_per_source.get_ref() as usize,
-        half_open_source_prefix: *nat.half_open_source_prefix.get_ref(),
-        max_inbound_per_mapping: *nat.max_inbound_per_mapping.get_ref() as usize,
-    }
-}
 
 /// A fresh seed for port randomisation and hash keys (RFC 6056: unpredictable ports).
 fn random_seed() -> u64 {
@@ -100,32 +33,19 @@ fn random_seed() -> u64 {
 ///
 /// # Errors
 /// Kernel settings, interfaces, TUN or netlink problems, with what to fix.
-pub(crate) async fn start(
-    site: &SiteConfig,
-    _ctx: &StartCtx,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
+pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
     let Some(nat) = &site.nat else {
         return Ok(Vec::new());
     };
-    let defaults = DriverConfig::new(nat.inside.clone(), nat.outside.get_ref().clone());
-    let driver_cfg = DriverConfig {
-        table: *nat.table.get_ref(),
-        priority: *nat.rule_priority.get_ref(),
-        queues: nat
-            .queues
-            .as_ref()
-            .map_or(defaults.queues, |q| *q.get_ref() as usize),
-        ..defaults
-    };
-    let driver = NatDriver::start(driver_cfg, gateway_config(nat, random_seed()))
+    let (driver_cfg, gateway_cfg) = lower::nat(nat, &site.path, random_seed());
+    let driver = NatDriver::start(driver_cfg, gateway_cfg)
         .await
         .context("starting the PAT gateway")?;
     let driver = Arc::new(driver);
-    *RUNNING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(driver.clone());
+    wiring::lock(&ctx.wiring).nat = Some(Arc::clone(&driver));
     Ok(vec![Box::new(NatPart {
         driver,
+        wiring: Arc::clone(&ctx.wiring),
         started: nat.clone(),
         summary: SummaryCache::default(),
     })])
@@ -133,6 +53,8 @@ pub(crate) async fn start(
 
 struct NatPart {
     driver: Arc<NatDriver>,
+    /// Where the gateway is offered to the virtual services; withdrawn at stop.
+    wiring: SharedWiring,
     /// The `[nat]` the part was started with (to tell live changes from restarts).
     started: NatSection,
     summary: SummaryCache,
@@ -214,16 +136,18 @@ impl NatPart {
             || nat.rule_priority.get_ref() != self.started.rule_priority.get_ref()
             || nat.queues.as_ref().map(toml::Spanned::get_ref)
                 != self.started.queues.as_ref().map(toml::Spanned::get_ref)
+            || nat.datapath.as_ref().map(toml::Spanned::get_ref)
+                != self.started.datapath.as_ref().map(toml::Spanned::get_ref)
         {
-            // Steering (interfaces, table, rules) and the TUN queues are set up at start:
-            // restart.
+            // Steering (interfaces, table, rules), the TUN queues and the data path are set up
+            // at start: restart.
             return Ok(Reconfigured::restart(
-                "interfaces, routing table, rule priority or queues changed",
+                "interfaces, routing table, rule priority, queues or datapath changed",
             ));
         }
         Ok(self
             .driver
-            .reconfigure(gateway_config(nat, random_seed()))?)
+            .reconfigure(lower::gateway(nat, random_seed()))?)
     }
 }
 
@@ -250,10 +174,10 @@ impl Part for NatPart {
         self.summary.get(|| status_json(self.driver.summary()))
     }
 
-    fn control(&self, op: &str, _args: &Value) -> anyhow::Result<Value> {
+    fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
         match op {
-            "clear" => Ok(json!({ "cleared": self.driver.clear() })),
-            _ => anyhow::bail!("nat does not support `{op}` (try `clear`)"),
+            ControlOp::NatClear => Ok(json!({ "cleared": self.driver.clear() })),
+            ControlOp::LbWeight { .. } => anyhow::bail!("nat does not support `{op}`"),
         }
     }
 
@@ -263,10 +187,16 @@ impl Part for NatPart {
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
-            RUNNING
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
+            {
+                let mut wiring = wiring::lock(&self.wiring);
+                if wiring
+                    .nat
+                    .as_ref()
+                    .is_some_and(|d| Arc::ptr_eq(d, &self.driver))
+                {
+                    wiring.nat = None;
+                }
+            }
             if let Err(e) = self.driver.stop().await {
                 tracing::warn!(error = %e, "the nat packet loop had failed");
             }
@@ -368,6 +298,12 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
         addrs.join(", "),
         it.tun_queues
     );
+    let fast = &it.fast_path;
+    let _ = writeln!(
+        out,
+        "Data path: {} ({}); kernel fast path: {} flows, {} packets, {} bytes",
+        it.datapath, it.datapath_reason, fast.flows, fast.packets, fast.bytes
+    );
     let _ = writeln!(out, "ACL (first match wins):");
     for (i, r) in it.acl.iter().enumerate() {
         let _ = writeln!(
@@ -396,9 +332,9 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use natgw::driver::NatCounters;
-    use natgw::{GatewayStats, Translation};
-    use std::net::Ipv4Addr;
+    use natgw::driver::{Datapath, FastPathCounters, NatCounters};
+    use natgw::{GatewayStats, StaticEntry, Translation};
+    use std::net::{Ipv4Addr, SocketAddrV4};
     use std::time::Duration;
 
     fn snapshot(flows: usize) -> NatStatus {
@@ -436,6 +372,9 @@ mod tests {
             table_bytes: 4096,
             public_addresses: vec![public],
             tun_queues: 1,
+            datapath: Datapath::Tun,
+            datapath_reason: "configured: datapath = \"tun\"".into(),
+            fast_path: FastPathCounters::default(),
         }
     }
 
@@ -457,6 +396,8 @@ mod tests {
         assert_eq!(summary["counters"]["translated_out"], 7);
         assert_eq!(summary["counters"]["acl_implicit_denies"], 3);
         assert_eq!(summary["counters"]["drops"]["table_full"], 0);
+        assert_eq!(summary["datapath"], "tun");
+        assert_eq!(summary["fast_path"]["flows"], 0);
     }
 
     #[test]

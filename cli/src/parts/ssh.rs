@@ -13,11 +13,15 @@ use netutil::Reconfigured;
 use serde_json::json;
 use sshfwd::backoff::BackoffConfig;
 use sshfwd::known_hosts::StrictHostKeyChecking as Strict;
-use sshfwd::options::{SshOptions, expand_tilde};
+use sshfwd::options::{AddressFamily, JumpSpec, MatchContext, SshOptions, Tokens, expand_tilde};
 use sshfwd::policy::PermitList;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
-use sshfwd::{ClientConfig, ServerConfig, ServerLimits, SshClient, SshClientStatus, SshServer};
+use sshfwd::{
+    Algorithms, ClientConfig, ConfigFiles, JumpHop, ServerConfig, ServerLimits, SshClient,
+    SshClientStatus, SshFwdError, SshServer,
+};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
@@ -48,13 +52,16 @@ pub(crate) struct SshArgs {
     /// Cipher preference, comma-separated (e.g. aes128-gcm@openssh.com).
     #[arg(short = 'c')]
     pub(crate) cipher: Option<String>,
-    /// ssh_config file (Host, HostName, User, Port, IdentityFile, Local/Remote/DynamicForward
-    /// and the -o options). ~/.ssh/config is not read unless given here.
+    /// Jump hosts, `[user@]host[:port]` comma-separated (`ProxyJump`): the destination is
+    /// reached through the last one; every hop's host key is checked.
+    #[arg(short = 'J')]
+    pub(crate) jump: Option<String>,
+    /// ssh_config file read instead of ~/.ssh/config and /etc/ssh/ssh_config (`none`: no
+    /// file). Host, Match, Include and every OpenSSH keyword (see the README's table).
     #[arg(short = 'F')]
     pub(crate) config_file: Option<PathBuf>,
-    /// `Key=Value`: UserKnownHostsFile, StrictHostKeyChecking (yes|accept-new),
-    /// ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, GatewayPorts, BatchMode,
-    /// Ciphers, IdentitiesOnly, and the ssh_config keywords above.
+    /// `Key=Value`: any ssh_config keyword (UserKnownHostsFile, StrictHostKeyChecking,
+    /// ServerAliveInterval, ExitOnForwardFailure, ConnectTimeout, ...); given first, it wins.
     #[arg(short = 'o')]
     pub(crate) options: Vec<String>,
     /// `[bind_address:]port:host:hostport` or `[bind_address:]port:/remote/socket` —
@@ -67,6 +74,25 @@ pub(crate) struct SshArgs {
     /// `[bind_address:]port` — a SOCKS4a/5 proxy whose connections go out through the server.
     #[arg(short = 'D')]
     pub(crate) dynamic: Vec<String>,
+    /// `host:port`: forward stdin and stdout to it through the server (implies -N and no other
+    /// forward), e.g. `ProxyCommand="vipgate ssh -W %h:%p bastion"` for OpenSSH's ssh.
+    #[arg(short = 'W')]
+    pub(crate) stdio_forward: Option<String>,
+    /// Local listeners accept connections from other hosts (`GatewayPorts=yes`).
+    #[arg(short = 'g')]
+    pub(crate) gateway_ports: bool,
+    /// Quiet: log only errors.
+    #[arg(short = 'q')]
+    pub(crate) quiet: bool,
+    /// Connect over IPv4 only (`AddressFamily=inet`).
+    #[arg(short = '4', conflicts_with = "ipv6")]
+    pub(crate) ipv4: bool,
+    /// Connect over IPv6 only (`AddressFamily=inet6`).
+    #[arg(short = '6')]
+    pub(crate) ipv6: bool,
+    /// Append logs to this file instead of stderr.
+    #[arg(short = 'E')]
+    pub(crate) log_file: Option<PathBuf>,
     /// File with the passphrase of encrypted identities (else prompted on a terminal).
     #[arg(long)]
     pub(crate) passphrase_file: Option<PathBuf>,
@@ -176,8 +202,59 @@ fn read_passphrase_file(path: &Path) -> anyhow::Result<String> {
     Ok(text.lines().next().unwrap_or("").to_string())
 }
 
-/// Builds the client config from the command line, `-o` and `-F`.
-fn client_config_from_args(args: &SshArgs) -> anyhow::Result<ClientConfig> {
+/// What `vipgate ssh` was asked to do, from its flags, `-o` and the config files.
+struct SshInvocation {
+    cfg: ClientConfig,
+    /// `-f` or `ForkAfterAuthentication`.
+    background: bool,
+    /// `-W host:port`.
+    stdio: Option<(String, u16)>,
+}
+
+/// Applies the config files ssh would read: the `-F` file (`none` reads nothing), else
+/// `~/.ssh/config` then `/etc/ssh/ssh_config`, each only if it exists.
+fn apply_config_files(
+    o: &mut SshOptions,
+    file: Option<&Path>,
+    ctx: &MatchContext,
+    home: Option<&str>,
+) -> anyhow::Result<()> {
+    let user_files = ConfigFiles::user(home);
+    let tops: Vec<(PathBuf, bool, ConfigFiles)> = match file {
+        Some(f) if f == Path::new("none") => Vec::new(),
+        Some(f) => {
+            let text = sshfwd::read_config_file(f, false)?.with_context(|| {
+                format!(
+                    "Can't open user config file {}: No such file or directory",
+                    f.display()
+                )
+            })?;
+            o.apply_config(&text, ctx, &mut user_files.clone())?;
+            Vec::new()
+        }
+        None => vec![
+            (
+                PathBuf::from(expand_tilde("~/.ssh/config", home)),
+                true,
+                user_files,
+            ),
+            (
+                PathBuf::from("/etc/ssh/ssh_config"),
+                false,
+                ConfigFiles::system(home),
+            ),
+        ],
+    };
+    for (path, check_mode, mut loader) in tops {
+        if let Some(text) = sshfwd::read_config_file(&path, check_mode)? {
+            o.apply_config(&text, ctx, &mut loader)?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the client config from the command line, `-o` and the config files.
+fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
     if !args.command.is_empty() {
         bail!(
             "vipgate ssh only forwards ports and never runs a remote command (got `{}`); use -N",
@@ -194,6 +271,21 @@ fn client_config_from_args(args: &SshArgs) -> anyhow::Result<ClientConfig> {
             .iter()
             .map(|p| p.display().to_string())
             .collect(),
+        fork_after_authentication: args.background.then_some(true),
+        gateway_ports: args.gateway_ports.then_some(true),
+        address_family: if args.ipv4 {
+            Some(AddressFamily::Inet)
+        } else if args.ipv6 {
+            Some(AddressFamily::Inet6)
+        } else {
+            None
+        },
+        proxy_jump: args
+            .jump
+            .as_deref()
+            .map(JumpSpec::parse_list)
+            .transpose()
+            .context("-J")?,
         ..SshOptions::default()
     };
     if let Some(c) = &args.cipher {
@@ -214,26 +306,60 @@ fn client_config_from_args(args: &SshArgs) -> anyhow::Result<ClientConfig> {
     for opt in &args.options {
         o.apply_dash_o(opt).with_context(|| format!("-o {opt}"))?;
     }
-    if let Some(file) = &args.config_file {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        o.apply_config(&text, &dest_host)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    }
-    if o.local_forwards.is_empty() && o.remote_forwards.is_empty() && o.dynamic_forwards.is_empty()
-    {
-        bail!("nothing to forward: give at least one -L, -R or -D (vipgate ssh has no shell)");
-    }
     let home = home();
-    let host = o.host_name.clone().unwrap_or(dest_host);
-    let user = o.user.clone().unwrap_or_else(default_user);
-    let known_hosts = o
-        .user_known_hosts_file
-        .as_deref()
-        .map_or_else(default_known_hosts, |p| {
-            PathBuf::from(expand_tilde(p, home.as_deref()))
-        });
-    let mut cfg = ClientConfig::new(&host, o.port.unwrap_or(22), &user, known_hosts);
+    let local_user = default_user();
+    let ctx = MatchContext {
+        original_host: dest_host.clone(),
+        local_user: local_user.clone(),
+    };
+    apply_config_files(&mut o, args.config_file.as_deref(), &ctx, home.as_deref())?;
+    let stdio = match &args.stdio_forward {
+        Some(target) => {
+            let (user, host, port) = parse_destination(target)?;
+            let port = port.with_context(|| format!("-W {target}: expected host:port"))?;
+            if user.is_some() {
+                bail!("-W {target}: expected host:port");
+            }
+            Some((host, port))
+        }
+        None => None,
+    };
+    // `-W` implies ClearAllForwardings, as in ssh.
+    if o.clear_all_forwardings == Some(true) || stdio.is_some() {
+        o.local_forwards.clear();
+        o.remote_forwards.clear();
+        o.dynamic_forwards.clear();
+    }
+    if o.local_forwards.is_empty()
+        && o.remote_forwards.is_empty()
+        && o.dynamic_forwards.is_empty()
+        && stdio.is_none()
+    {
+        bail!("nothing to forward: give at least one -L, -R, -D or -W (vipgate ssh has no shell)");
+    }
+    let jumps = o.proxy_jump.take().unwrap_or_default();
+    let host = o.target_host(&dest_host);
+    let port = o.port.unwrap_or(22);
+    let user = o.user.clone().unwrap_or_else(|| local_user.clone());
+    let tokens = Tokens {
+        host: host.clone(),
+        original_host: dest_host,
+        port,
+        remote_user: user.clone(),
+        local_user,
+        home: home.clone().unwrap_or_default(),
+    };
+    let path = |keyword: &str, p: &str| -> anyhow::Result<PathBuf> {
+        Ok(PathBuf::from(expand_tilde(
+            &tokens.expand(keyword, p)?,
+            home.as_deref(),
+        )))
+    };
+    let known_hosts = match o.user_known_hosts_file.as_deref() {
+        Some(p) => path("UserKnownHostsFile", p)?,
+        None => default_known_hosts(),
+    };
+    let mut cfg = ClientConfig::new(&host, port, &user, known_hosts);
     cfg.identities = if o.identity_files.is_empty() {
         ["id_ed25519", "id_ecdsa", "id_rsa"]
             .iter()
@@ -243,10 +369,17 @@ fn client_config_from_args(args: &SshArgs) -> anyhow::Result<ClientConfig> {
     } else {
         o.identity_files
             .iter()
-            .map(|p| PathBuf::from(expand_tilde(p, home.as_deref())))
-            .collect()
+            .map(|p| path("IdentityFile", p))
+            .collect::<anyhow::Result<_>>()?
     };
-    cfg.use_agent = !o.identities_only.unwrap_or(false);
+    match o.identity_agent.as_deref() {
+        Some(a) if a.eq_ignore_ascii_case("none") => cfg.use_agent = false,
+        Some("SSH_AUTH_SOCK") | None => {}
+        Some(a) => cfg.agent_socket = Some(path("IdentityAgent", a)?),
+    }
+    if o.identities_only == Some(true) {
+        cfg.use_agent = false;
+    }
     // OpenSSH's default is "ask", which needs a terminal dialogue; accept-new is the
     // non-interactive equivalent of answering "yes" once, and a changed key stays refused.
     cfg.strict_host_key_checking = o.strict_host_key_checking.unwrap_or(Strict::AcceptNew);
@@ -262,11 +395,94 @@ fn client_config_from_args(args: &SshArgs) -> anyhow::Result<ClientConfig> {
     cfg.server_alive_count_max = o.server_alive_count_max.unwrap_or(3);
     cfg.exit_on_forward_failure = o.exit_on_forward_failure.unwrap_or(true);
     cfg.ciphers = o.ciphers.unwrap_or_default();
+    cfg.algorithms = Algorithms {
+        kex: o.kex_algorithms,
+        macs: o.macs,
+        host_keys: o.host_key_algorithms,
+    };
+    if let Some(t) = o.connect_timeout {
+        cfg.connect_timeout = Duration::from_secs(u64::from(t));
+    }
+    cfg.address_family = o.address_family.unwrap_or_default();
+    cfg.bind_address = o
+        .bind_address
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("BindAddress")?;
+    cfg.jump = jumps
+        .iter()
+        .map(|hop| {
+            resolve_hop(
+                hop,
+                args.config_file.as_deref(),
+                home.as_deref(),
+                &cfg.identities,
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
     cfg.connections = usize::from(args.connections);
     cfg.fail_fast = true;
     let batch = o.batch_mode.unwrap_or(false);
     cfg.passphrase = passphrase_for(&cfg.identities, args.passphrase_file.as_deref(), batch)?;
-    Ok(cfg)
+    Ok(SshInvocation {
+        cfg,
+        background: o.fork_after_authentication.unwrap_or(false) && stdio.is_none(),
+        stdio,
+    })
+}
+
+/// A `ProxyJump` hop resolved as ssh resolves it, through the same config files with the hop
+/// as the host (its `HostName`, `Port`, `User`, `IdentityFile`); a hop without identity files
+/// of its own uses the destination's.
+fn resolve_hop(
+    hop: &JumpSpec,
+    file: Option<&Path>,
+    home: Option<&str>,
+    fallback_identities: &[PathBuf],
+) -> anyhow::Result<JumpHop> {
+    let local_user = default_user();
+    let mut o = SshOptions {
+        user: hop.user.clone(),
+        port: hop.port,
+        ..SshOptions::default()
+    };
+    let ctx = MatchContext {
+        original_host: hop.host.clone(),
+        local_user: local_user.clone(),
+    };
+    apply_config_files(&mut o, file, &ctx, home)
+        .with_context(|| format!("jump host {}", hop.host))?;
+    let host = o.target_host(&hop.host);
+    let port = o.port.unwrap_or(22);
+    let user = o.user.clone().unwrap_or_else(|| local_user.clone());
+    let tokens = Tokens {
+        host: host.clone(),
+        original_host: hop.host.clone(),
+        port,
+        remote_user: user.clone(),
+        local_user,
+        home: home.unwrap_or_default().to_string(),
+    };
+    let identities = if o.identity_files.is_empty() {
+        fallback_identities.to_vec()
+    } else {
+        o.identity_files
+            .iter()
+            .map(|p| {
+                Ok(PathBuf::from(expand_tilde(
+                    &tokens.expand("IdentityFile", p)?,
+                    home,
+                )))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    Ok(JumpHop {
+        host,
+        port,
+        user,
+        identities,
+    })
 }
 
 fn passphrase_for(
@@ -287,23 +503,42 @@ fn passphrase_for(
     }
 }
 
-/// Runs `vipgate ssh`.
-///
-/// # Errors
-/// Bad arguments, and anything that stops the first connection or a forward.
-pub(crate) async fn run_ssh(args: SshArgs) -> anyhow::Result<()> {
-    let cfg = client_config_from_args(&args)?;
-    if args.background && std::env::var_os(BACKGROUND_CHILD).is_none() {
+/// Runs `vipgate ssh`. Exits as ssh does: 0 after a clean stop, 255 on any error
+/// (arguments, config files, connection, authentication, a forward that cannot be set up),
+/// the message on stderr in ssh's words.
+pub(crate) async fn run_ssh(args: SshArgs) -> ExitCode {
+    match forward_until_stopped(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(SshFwdError::HostKey(_)) = e.downcast_ref::<SshFwdError>() {
+                eprintln!("{e:#}\nHost key verification failed.");
+            } else {
+                eprintln!("{e:#}");
+            }
+            ExitCode::from(255)
+        }
+    }
+}
+
+async fn forward_until_stopped(args: SshArgs) -> anyhow::Result<()> {
+    let SshInvocation {
+        cfg,
+        background,
+        stdio,
+    } = invocation_from_args(&args)?;
+    if background && std::env::var_os(BACKGROUND_CHILD).is_none() {
         return go_background().await;
     }
     let mut tunnel = SshClient::start(cfg).await?;
+    if let Some((host, port)) = stdio {
+        let result = stdio_forward(&tunnel, &host, port).await;
+        tunnel.stop().await;
+        return result;
+    }
     let mut allocated = tunnel.allocated_ports();
     if let Some(rx) = allocated.as_mut() {
         while let Ok(a) = rx.try_recv() {
-            eprintln!(
-                "Allocated port {} for remote forward to {}",
-                a.port, a.target
-            );
+            allocated_message(&a, args.quiet);
         }
     }
     if std::env::var_os(BACKGROUND_CHILD).is_some() {
@@ -316,12 +551,37 @@ pub(crate) async fn run_ssh(args: SshArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             Some(a) = async { match allocated.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
-                eprintln!("Allocated port {} for remote forward to {}", a.port, a.target);
+                allocated_message(&a, args.quiet);
             }
         }
     }
     tunnel.stop().await;
     Ok(())
+}
+
+fn allocated_message(a: &sshfwd::AllocatedPort, quiet: bool) {
+    if !quiet {
+        eprintln!(
+            "Allocated port {} for remote forward to {}",
+            a.port, a.target
+        );
+    }
+}
+
+/// `-W`: stdin to the channel, the channel to stdout, until both directions are closed; a
+/// closed stdin is passed on as EOF and the answer is still read to its end.
+async fn stdio_forward(tunnel: &SshClient, host: &str, port: u16) -> anyhow::Result<()> {
+    let mut stream = tunnel.open_stream(host, port).await?;
+    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    tokio::io::copy_bidirectional(&mut stream, &mut stdio)
+        .await
+        .context("stdio forwarding")?;
+    Ok(())
+}
+
+/// Where `vipgate ssh` logs (`-q`, `-E`): read before logging starts.
+pub(crate) fn log_settings(args: &SshArgs) -> (bool, Option<PathBuf>) {
+    (args.quiet, args.log_file.clone())
 }
 
 /// `-f`: run the same command again as a detached child and return once it reports that
@@ -457,9 +717,7 @@ fn client_config_from_section(d: &SshSection) -> anyhow::Result<ClientConfig> {
     cfg.server_alive_count_max = d.server_alive_count_max;
     cfg.exit_on_forward_failure = d.exit_on_forward_failure;
     cfg.ciphers = d.ciphers.iter().map(|c| c.get_ref().clone()).collect();
-    cfg.connections = usize::try_from(*d.connections.get_ref())
-        .unwrap_or(1)
-        .max(1);
+    cfg.connections = d.connections.get();
     cfg.connect_timeout = d.connect_timeout.0;
     cfg.backoff = BackoffConfig {
         initial: d.reconnect_min.0,

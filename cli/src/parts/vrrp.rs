@@ -11,24 +11,20 @@
 //! answers `NeedsRestart` with the reason, the part logs it and answers `Ok(false)`, and the
 //! group restarts. So does a change of the sync group's members (or of a member's group).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use netutil::Reconfigured;
 use serde_json::{Value, json};
-use tokio::sync::watch;
 use vrrp::DropReason;
-use vrrp::driver::{AddressHook, MemberSpec, TrackedService, VrrpDriver, VrrpStatus};
-use vrrp::{InstanceConfig, VirtualAddress};
+use vrrp::driver::{MemberSpec, TrackedService, VrrpDriver, VrrpStatus};
 
+use super::wiring::{self, Wiring};
 use super::{BoxFuture, Kind, Part, StartCtx, ready};
-use crate::config::SiteConfig;
 use crate::config::vrrp::VrrpSection;
+use crate::config::{SiteConfig, lower};
 
 /// The running driver of one sync group, shared by the parts of its members.
 struct Shared {
@@ -150,87 +146,12 @@ impl Part for VrrpPart {
     }
 }
 
-/// Builds the driver spec of one `[[vrrp]]` section.
-pub(crate) fn member_spec(s: &VrrpSection) -> MemberSpec {
-    let mut config = InstanceConfig::new(
-        s.name.get_ref(),
-        u8::try_from(*s.vrid.get_ref()).unwrap_or(1),
-        s.primary_address.unwrap_or(Ipv4Addr::UNSPECIFIED),
-    );
-    config.priority = u8::try_from(*s.priority.get_ref()).unwrap_or(100);
-    config.advert_interval = s.advert_interval.get_ref().0;
-    config.preempt = s.preempt;
-    config.preempt_delay = s.preempt_delay.map(|d| d.0).unwrap_or(Duration::ZERO);
-    config.addresses = s
-        .addresses
-        .get_ref()
-        .iter()
-        .map(|n| VirtualAddress {
-            address: n.addr(),
-            prefix_len: n.prefix_len(),
-        })
-        .collect();
-    config.garp_repeat_delay = Some(s.garp_repeat_delay.get_ref().0).filter(|d| !d.is_zero());
-    config.reassert_interval = s.reassert_interval.get_ref().0;
-    config.max_learnt_advert_interval =
-        s.max_learnt_advert_interval.as_ref().map(|d| d.get_ref().0);
-    let mut spec = MemberSpec::new(config, &s.interface);
-    spec.unicast_peers = s.unicast_peers.clone();
-    spec.peers = s
-        .peers
-        .as_ref()
-        .map(|p| p.get_ref().clone())
-        .unwrap_or_default();
-    spec.track_interfaces = s
-        .track_interfaces
-        .iter()
-        .map(|t| {
-            let t = t.get_ref();
-            (t.name.clone(), u8::try_from(t.weight).unwrap_or(0))
-        })
-        .collect();
-    spec.notify = s.notify.as_ref().map(|n| PathBuf::from(n.get_ref()));
-    spec.notify_timeout = s.notify_timeout.get_ref().0;
-    spec.garp_count = u32::try_from(*s.garp_count.get_ref()).unwrap_or(5);
-    spec.garp_lower_prio_repeat = s
-        .garp_lower_prio_repeat
-        .as_ref()
-        .and_then(|r| u32::try_from(*r.get_ref()).ok())
-        .unwrap_or(spec.garp_count);
-    spec
-}
-
-/// What other parts hand to VRRP: service health for `track_services`, and the VIPs a natgw
-/// service owns (made live through its hook instead of as interface addresses).
-#[derive(Default, Clone)]
-pub(crate) struct Wiring {
-    /// Per service name: `true` while it has a healthy backend.
-    pub(crate) health: HashMap<String, watch::Receiver<bool>>,
-    /// Per VIP: the natgw hook that makes it live.
-    pub(crate) hooks: HashMap<Ipv4Addr, Arc<dyn AddressHook>>,
-}
-
 /// Starts every instance; instances sharing a `group` run as one sync group.
 ///
 /// # Errors
 /// An interface or socket problem, after stopping the groups already started.
 pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
-    let wiring = ctx
-        .wiring
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    start_wired(site, &wiring).await
-}
-
-/// [`start`] with the cross-part wiring `vipgate run` provides.
-///
-/// # Errors
-/// An interface or socket problem, after stopping the groups already started.
-pub(crate) async fn start_wired(
-    site: &SiteConfig,
-    wiring: &Wiring,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    let wiring = wiring::lock(&ctx.wiring).clone();
     let mut groups: BTreeMap<String, Vec<&VrrpSection>> = BTreeMap::new();
     let mut order = Vec::new();
     for s in &site.vrrp {
@@ -243,7 +164,7 @@ pub(crate) async fn start_wired(
     let mut parts: Vec<Box<dyn Part>> = Vec::new();
     for key in order {
         let sections = &groups[&key];
-        let specs = sections.iter().map(|s| wired_spec(s, wiring)).collect();
+        let specs = sections.iter().map(|s| wired_spec(s, &wiring)).collect();
         let group = sections[0].group.clone();
         let handle = match VrrpDriver::start(group, specs).await {
             Ok(h) => h,
@@ -273,8 +194,8 @@ pub(crate) async fn start_wired(
 }
 
 fn wired_spec(s: &VrrpSection, wiring: &Wiring) -> MemberSpec {
-    let mut spec = member_spec(s);
-    let weight = u8::try_from(*s.track_services_weight.get_ref()).unwrap_or(0);
+    let mut spec = lower::vrrp(s);
+    let weight = s.track_services_weight.get_ref().get();
     for name in &s.track_services {
         match wiring.health.get(name.get_ref()) {
             Some(rx) => spec.track_services.push(TrackedService {
@@ -420,6 +341,8 @@ fn clock(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use vrrp::VirtualAddress;
     use vrrp::driver::{TrackedStatus, TransitionRecord, VrrpCounters};
 
     #[test]

@@ -28,13 +28,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use netsys::netlink::{add_route_replace, del_route_idempotent, route_via};
+use netsys::sync::lock_unpoisoned;
+use netsys::tun::TunRequest;
 use netutil::Reconfigured;
+use netutil::ipv4::Ipv4View;
 use netutil::task::TaskWatch;
+use netutil::vnet::VnetHdr;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tun_rs::{AsyncDevice, DeviceBuilder, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::gro::TcpCoalescer;
 use crate::keepalive::{GRE_IN_UDP_PORT, KeepaliveConfig};
@@ -70,22 +75,9 @@ pub enum DriverError {
         /// The OS error.
         source: io::Error,
     },
-    /// A netlink request failed.
-    #[error("cannot {what}: {message}")]
-    Netlink {
-        /// The operation.
-        what: &'static str,
-        /// The kernel's answer.
-        message: String,
-    },
-    /// A route could not be added or removed.
-    #[error("route {route}: {message}")]
-    Route {
-        /// The route.
-        route: IpNet,
-        /// The kernel's answer.
-        message: String,
-    },
+    /// A netlink request (a route, an address or link query) failed.
+    #[error(transparent)]
+    Netlink(#[from] netsys::netlink::NetlinkError),
     /// No interface holds the tunnel's local address, so its MTU is unknown.
     #[error("no interface holds local address {0}")]
     LocalAddressMissing(Ipv4Addr),
@@ -171,7 +163,10 @@ struct Shared {
     /// Routes a reconfigure asked for, applied by the control task (which owns netlink).
     pending_routes: Mutex<Option<Vec<IpNet>>>,
     routes_installed: AtomicBool,
+    /// Frames carry a virtio-net header: offload asked for and granted by the kernel.
     offload: bool,
+    /// Offload as configured (a change needs a restart, whatever the kernel granted).
+    offload_configured: bool,
     /// Wakes the control task when a keepalive reply may have changed the state.
     wake: Notify,
     underlay: Arc<UnderlaySocket>,
@@ -181,19 +176,12 @@ impl Shared {
     fn core(&self) -> MutexGuard<'_, Tunnel> {
         // A panic elsewhere cannot leave the tunnel state half-updated in a way that
         // matters more than stopping the data path would.
-        self.core
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock_unpoisoned(&self.core)
     }
 
     fn routes(&self) -> Vec<IpNet> {
-        lock(&self.routes).clone()
+        lock_unpoisoned(&self.routes).clone()
     }
-}
-
-/// Locks a mutex whose data stays consistent even if a holder panicked (plain values).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct UnderlaySocket {
@@ -308,7 +296,7 @@ impl UnderlaySocket {
 type UnderlayGroup = (Arc<UnderlaySocket>, Vec<Arc<Shared>>);
 
 // The coalescer writes the header tun-rs configured the device for.
-const _: () = assert!(crate::gro::VNET_HDR_LEN == VIRTIO_NET_HDR_LEN);
+const _: () = assert!(VnetHdr::LEN == VIRTIO_NET_HDR_LEN);
 
 /// Underlay receive buffers per `recvmmsg` when UDP GRO is on (each holds up to 64 datagrams).
 const GRO_RECEIVES: usize = 16;
@@ -334,7 +322,10 @@ impl GreDriver {
     /// The first device, socket or netlink operation that failed; whatever was created
     /// before it is removed again.
     pub async fn start(specs: Vec<TunnelSpec>) -> Result<Self, DriverError> {
-        let netlink = netlink::connect()?;
+        let netlink = netsys::netlink::connect().map_err(|source| DriverError::Io {
+            what: "open rtnetlink socket",
+            source,
+        })?;
         let mut driver = Self {
             tunnels: Vec::new(),
             tasks: Vec::new(),
@@ -363,7 +354,7 @@ impl GreDriver {
                 Some((u, _)) => Arc::clone(u),
                 None => Arc::new(UnderlaySocket::open(config.local, config.underlay)?),
             };
-            let tun = open_tun(&config, spec.address, spec.offload)?;
+            let (tun, offload) = open_tun(&config, spec.address, spec.offload)?;
             let ifindex = tun.if_index().map_err(|source| DriverError::OpenTun {
                 name: config.name.clone(),
                 source,
@@ -377,7 +368,8 @@ impl GreDriver {
                 routes: Mutex::new(spec.routes),
                 pending_routes: Mutex::new(None),
                 routes_installed: AtomicBool::new(false),
-                offload: spec.offload,
+                offload,
+                offload_configured: spec.offload,
                 wake: Notify::new(),
                 underlay: Arc::clone(&underlay),
             });
@@ -484,7 +476,7 @@ impl GreDriver {
                 "changing `address` needs the tunnel to be restarted",
             ));
         }
-        if spec.offload != sh.offload {
+        if spec.offload != sh.offload_configured {
             return Ok(Reconfigured::restart(
                 "changing `offload` needs the tunnel to be restarted",
             ));
@@ -512,7 +504,7 @@ impl GreDriver {
             *core = trial;
         }
         if spec.routes != sh.routes() {
-            *lock(&sh.pending_routes) = Some(spec.routes);
+            *lock_unpoisoned(&sh.pending_routes) = Some(spec.routes);
         }
         // The core may have queued an Up (keepalives turned off) and the timer changed.
         sh.wake.notify_one();
@@ -537,25 +529,29 @@ impl GreDriver {
     }
 }
 
+/// Opens the tunnel's TUN device: one queue, offload if asked and granted.
 fn open_tun(
     config: &TunnelConfig,
     address: Option<(Ipv4Addr, u8)>,
     offload: bool,
-) -> Result<AsyncDevice, DriverError> {
-    let mut builder = DeviceBuilder::new()
-        .name(config.name.clone())
-        .mtu(config.mtu)
-        .offload(offload)
-        .enable(true);
-    if let Some((addr, prefix)) = address {
-        builder = builder.ipv4(addr, prefix, None);
-    }
-    builder
-        .build_async()
-        .map_err(|source| DriverError::OpenTun {
+) -> Result<(AsyncDevice, bool), DriverError> {
+    let request = TunRequest {
+        ipv4: address,
+        ..TunRequest::new(config.name.clone(), config.mtu, offload)
+    };
+    let tun = netsys::tun::open(&request).map_err(|e| DriverError::OpenTun {
+        name: e.name,
+        source: e.source,
+    })?;
+    let device = tun
+        .queues
+        .into_iter()
+        .next()
+        .ok_or_else(|| DriverError::OpenTun {
             name: config.name.clone(),
-            source,
-        })
+            source: io::Error::other("no TUN queue opened"),
+        })?;
+    Ok((device, tun.offload))
 }
 
 /// IPPROTO_RAW socket (header included) for re-emitting peers' keepalive probes natively.
@@ -580,7 +576,7 @@ fn open_reflector() -> Result<Socket, DriverError> {
 
 async fn install_routes(netlink: &rtnetlink::Handle, sh: &Shared) -> Result<(), DriverError> {
     for route in sh.routes() {
-        netlink::add_route(netlink, route, sh.ifindex).await?;
+        add_route_replace(netlink, route_via(route, sh.ifindex)).await?;
     }
     sh.routes_installed.store(true, Ordering::Relaxed);
     Ok(())
@@ -588,7 +584,7 @@ async fn install_routes(netlink: &rtnetlink::Handle, sh: &Shared) -> Result<(), 
 
 async fn withdraw_routes(netlink: &rtnetlink::Handle, sh: &Shared) {
     for route in sh.routes() {
-        if let Err(e) = netlink::del_route(netlink, route, sh.ifindex).await {
+        if let Err(e) = del_route_idempotent(netlink, route_via(route, sh.ifindex)).await {
             tracing::warn!(error = %e, "cannot withdraw route");
         }
     }
@@ -599,17 +595,17 @@ async fn withdraw_routes(netlink: &rtnetlink::Handle, sh: &Shared) {
 /// traffic on routes present in both never sees a gap. While the tunnel is down only the
 /// list changes (the routes go in when it comes back up).
 async fn replace_routes(netlink: &rtnetlink::Handle, sh: &Shared, new: Vec<IpNet>) {
-    let old = std::mem::replace(&mut *lock(&sh.routes), new.clone());
+    let old = std::mem::replace(&mut *lock_unpoisoned(&sh.routes), new.clone());
     if !sh.routes_installed.load(Ordering::Relaxed) {
         return;
     }
     for route in old.iter().filter(|r| !new.contains(r)) {
-        if let Err(e) = netlink::del_route(netlink, *route, sh.ifindex).await {
+        if let Err(e) = del_route_idempotent(netlink, route_via(*route, sh.ifindex)).await {
             tracing::warn!(%route, error = %e, "cannot remove route");
         }
     }
     for route in new.iter().filter(|r| !old.contains(r)) {
-        match netlink::add_route(netlink, *route, sh.ifindex).await {
+        match add_route_replace(netlink, route_via(*route, sh.ifindex)).await {
             Ok(()) => tracing::info!(%route, "route added by reload"),
             Err(e) => tracing::warn!(%route, error = %e, "cannot add route"),
         }
@@ -628,7 +624,7 @@ async fn transmit_loop(sh: &Shared) -> io::Result<Infallible> {
     // Sized for the largest MTU a reconfigure may set later, not just today's.
     let mtu = usize::from(MAX_TUNNEL_MTU);
     let seg_max = if sh.offload { MAX_SEGMENTS } else { 1 };
-    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_536];
+    let mut original = vec![0u8; VnetHdr::LEN + 65_536];
     let mut bufs = vec![vec![0u8; HEADROOM + mtu.max(1500) + 256]; MAX_BATCH];
     let mut sizes = vec![0usize; MAX_BATCH];
     let mut out: Vec<(usize, core::ops::Range<usize>)> = Vec::with_capacity(MAX_BATCH);
@@ -676,7 +672,7 @@ async fn transmit_loop(sh: &Shared) -> io::Result<Infallible> {
 async fn write_tun_single(sh: &Shared, packet: &[u8]) {
     let result = if sh.offload {
         // An all-zero virtio-net header: no GSO, checksum already complete.
-        let mut framed = vec![0u8; VIRTIO_NET_HDR_LEN];
+        let mut framed = vec![0u8; VnetHdr::LEN];
         framed.extend_from_slice(packet);
         sh.tun.send(&framed).await
     } else {
@@ -806,7 +802,7 @@ impl RxContext<'_> {
     ) -> Option<(usize, core::ops::Range<usize>)> {
         // Raw IPv4 sockets deliver the (reassembled) IP header; UDP sockets do not.
         let gre_at = match self.underlay.kind {
-            Underlay::Gre => usize::from(packet.first()? & 0xf) * 4,
+            Underlay::Gre => Ipv4View::new_unchecked(packet.first_chunk::<20>()?).ihl(),
             Underlay::Udp => 0,
         };
         let gre = packet.get_mut(gre_at..)?;
@@ -818,10 +814,8 @@ impl RxContext<'_> {
             Verdict::Reflect(r) => {
                 // The core hands back a probe only after checking its IPv4 header is there.
                 let inner = gre.get(r)?;
-                let dst = inner
-                    .get(16..20)
-                    .and_then(|d| <[u8; 4]>::try_from(d).ok())?;
-                let dst = SockAddr::from(SocketAddrV4::new(Ipv4Addr::from(dst), 0));
+                let dst = Ipv4View::new_unchecked(inner.first_chunk::<20>()?).dst();
+                let dst = SockAddr::from(SocketAddrV4::new(dst, 0));
                 if let Err(e) = self.reflector.send_to(inner, &dst) {
                     tracing::debug!(error = %e, "keepalive reflection failed");
                 }
@@ -837,14 +831,9 @@ async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) -> Result<(),
     let mut probe = [0u8; PROBE_BUF_LEN];
     loop {
         let deadline = sh.core().poll_timeout();
-        match deadline {
-            Some(d) => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(d.into()) => {}
-                    () = sh.wake.notified() => {}
-                }
-            }
-            None => sh.wake.notified().await,
+        tokio::select! {
+            () = netsys::timer::sleep_until(deadline) => {}
+            () = sh.wake.notified() => {}
         }
         let now = now();
         let (remote, sent, events) = {
@@ -864,7 +853,7 @@ async fn control_task(sh: Arc<Shared>, netlink: rtnetlink::Handle) -> Result<(),
         {
             tracing::debug!(error = %e, "keepalive probe not sent");
         }
-        let pending = lock(&sh.pending_routes).take();
+        let pending = lock_unpoisoned(&sh.pending_routes).take();
         if let Some(routes) = pending {
             replace_routes(&netlink, &sh, routes).await;
         }
@@ -894,7 +883,7 @@ mod tests {
     /// with its cause; the ends `stop` causes are not deaths.
     #[tokio::test]
     async fn a_task_death_is_recorded_and_stop_is_not_one() {
-        let netlink = netlink::connect().expect("a netlink socket");
+        let netlink = netsys::netlink::connect().expect("a netlink socket");
         let mut driver = GreDriver {
             tunnels: Vec::new(),
             tasks: Vec::new(),
@@ -933,7 +922,7 @@ mod tests {
                 std::future::pending::<Result<(), Infallible>>(),
             )],
             watch: fresh.clone(),
-            netlink: netlink::connect().expect("a netlink socket"),
+            netlink: netsys::netlink::connect().expect("a netlink socket"),
         };
         driver.stop().await;
         assert_eq!(fresh.dead(), None, "a deliberate stop is not a death");

@@ -12,15 +12,23 @@
 //! copied, split or checksummed in userspace. Up to [`BATCH`] reads are translated under one
 //! lock; buffers are reused, so there is no allocation per packet.
 
+mod kernel;
 mod netlink;
 mod sysctl;
+
+pub use kernel::{Datapath, FastPathCounters, SYNC_INTERVAL, prepare_kernel_datapath};
 
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
+use netsys::netlink::NetlinkError;
+use netsys::sync::lock_unpoisoned;
+use netsys::tun::{Tun, TunRequest};
 use netutil::Reconfigured;
+use netutil::ipv4::Ipv4View;
+use netutil::vnet::VnetHdr;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -58,13 +66,8 @@ pub enum DriverError {
         source: std::io::Error,
     },
     /// A netlink request failed.
-    #[error("{op}: {source}")]
-    Netlink {
-        /// What was being done.
-        op: String,
-        /// The netlink error.
-        source: rtnetlink::Error,
-    },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     /// The netlink socket could not be opened.
     #[error("opening netlink socket: {0}")]
     NetlinkSocket(std::io::Error),
@@ -107,11 +110,16 @@ pub struct DriverConfig {
     /// Public addresses NOT made live at start: another part (a VRRP master) decides when
     /// they are, through [`NatDriver::add_public_address`] / [`NatDriver::remove_public_address`].
     pub deferred_public: Vec<Ipv4Addr>,
+    /// Which data path moves established flows. Default [`Datapath::Kernel`] (the TUN when
+    /// the program does not load).
+    pub datapath: Datapath,
+    /// Names the kernel path's pin directory (`/sys/fs/bpf/vipgate/<site>/`). Default `nat`.
+    pub site: String,
 }
 
 impl DriverConfig {
     /// The most TUN queues the driver opens.
-    pub const MAX_QUEUES: usize = 8;
+    pub const MAX_QUEUES: usize = netsys::tun::MAX_QUEUES;
 
     /// Defaults for everything but the interfaces.
     #[must_use]
@@ -126,6 +134,8 @@ impl DriverConfig {
             offload: true,
             queues: 1,
             deferred_public: Vec::new(),
+            datapath: Datapath::default(),
+            site: "nat".into(),
         }
     }
 }
@@ -161,6 +171,12 @@ pub struct NatStatus {
     pub public_addresses: Vec<Ipv4Addr>,
     /// TUN queues opened (one packet task each).
     pub tun_queues: usize,
+    /// The data path moving established flows.
+    pub datapath: Datapath,
+    /// Why this data path runs (the configured one, or why the kernel path did not load).
+    pub datapath_reason: String,
+    /// What the kernel path moved (all zero on `tun`).
+    pub fast_path: FastPathCounters,
 }
 
 /// The gateway's counters and the ACL's implicit denies.
@@ -200,6 +216,8 @@ pub struct AclRuleCounters {
 /// [`NatDriver::add_public_address`] for a new VIP.
 #[derive(Debug)]
 pub struct NatDriver {
+    /// Locked unpoisoned: a panic while holding the lock cannot leave the table
+    /// half-updated in a way that matters more than stopping the gateway would.
     gw: Arc<Mutex<Gateway>>,
     stop: watch::Sender<bool>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -212,18 +230,16 @@ pub struct NatDriver {
     learnt_inside: Vec<ipnet::Ipv4Net>,
     /// Addresses of this host, learnt at start (traffic to them may pass through).
     learnt_local: Vec<Ipv4Addr>,
+    /// The kernel data path, when it runs.
+    kernel: Option<Arc<Mutex<kernel::KernelDatapath>>>,
+    /// Why the data path in use runs.
+    datapath_reason: String,
 }
 
 /// The driver's clock: the one place that reads it.
 #[allow(clippy::disallowed_methods)]
 fn now() -> Instant {
     Instant::now()
-}
-
-fn lock(gw: &Mutex<Gateway>) -> MutexGuard<'_, Gateway> {
-    // A panic while holding the lock cannot leave the table half-updated in a way that
-    // matters more than stopping the gateway would; keep serving.
-    gw.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl NatDriver {
@@ -238,11 +254,18 @@ impl NatDriver {
         let mut public = Gateway::new(now(), gw_cfg.clone())?.public_addresses();
         public.retain(|a| !cfg.deferred_public.contains(a));
 
-        let (queues, offload) = open_queues(&cfg)?;
+        let request = TunRequest {
+            queues: cfg.queues,
+            ..TunRequest::new(cfg.tun.clone(), cfg.mtu, cfg.offload)
+        };
+        let Tun { queues, offload } =
+            netsys::tun::open(&request).map_err(|e| DriverError::OpenTun {
+                name: e.name,
+                source: e.source,
+            })?;
         sysctl::configure_tun(&cfg.tun)?;
 
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(DriverError::NetlinkSocket)?;
-        tokio::spawn(conn);
+        let handle = netsys::netlink::connect().map_err(DriverError::NetlinkSocket)?;
         let plan = netlink::Plan {
             tun: cfg.tun.clone(),
             inside: cfg.inside.clone(),
@@ -284,8 +307,30 @@ impl NatDriver {
                 };
                 watch.spawn("nat packet loop", run(queue, gw.clone(), stop.subscribe()))
             })
-            .collect();
-        tracing::info!(tun = %cfg.tun, queues = n_queues, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
+            .collect::<Vec<_>>();
+        let (kernel, datapath_reason) = match cfg.datapath {
+            Datapath::Tun => (None, "configured: datapath = \"tun\"".to_owned()),
+            Datapath::Kernel => {
+                match kernel::KernelDatapath::start(&cfg.site, &cfg.inside, &cfg.outside) {
+                    Ok(k) => (
+                        Some(Arc::new(Mutex::new(k))),
+                        "configured: datapath = \"kernel\"".to_owned(),
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the kernel data path did not load; every packet takes the TUN");
+                        (None, format!("kernel path unavailable: {e}"))
+                    }
+                }
+            }
+        };
+        let mut tasks = tasks;
+        if let Some(k) = &kernel {
+            tasks.push(watch.spawn(
+                "nat kernel path sync",
+                kernel::sync_loop(k.clone(), gw.clone(), stop.subscribe()),
+            ));
+        }
+        tracing::info!(tun = %cfg.tun, queues = n_queues, datapath = if kernel.is_some() { "kernel" } else { "tun" }, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
         Ok(NatDriver {
             gw,
             stop,
@@ -297,6 +342,8 @@ impl NatDriver {
             tun_queues: n_queues,
             learnt_inside: inside_nets,
             learnt_local,
+            kernel,
+            datapath_reason,
         })
     }
 
@@ -356,7 +403,12 @@ impl NatDriver {
     }
 
     fn copy_state(&self, translations: bool) -> NatStatus {
-        let gw = lock(&self.gw);
+        // Read before the core's lock: the sync task takes the kernel path's lock first.
+        let fast = self
+            .kernel
+            .as_ref()
+            .map_or_else(FastPathCounters::default, |k| lock_unpoisoned(k).counters());
+        let gw = lock_unpoisoned(&self.gw);
         let now = now();
         NatStatus {
             translations: if translations {
@@ -383,6 +435,13 @@ impl NatDriver {
             table_bytes: gw.table().heap_bytes(),
             public_addresses: gw.public_addresses(),
             tun_queues: self.tun_queues,
+            datapath: if self.kernel.is_some() {
+                Datapath::Kernel
+            } else {
+                Datapath::Tun
+            },
+            datapath_reason: self.datapath_reason.clone(),
+            fast_path: fast,
         }
     }
 
@@ -392,7 +451,7 @@ impl NatDriver {
     /// # Errors
     /// [`DriverError::Config`] when the core rejects the config.
     pub fn reconfigure(&self, mut config: GatewayConfig) -> Result<Reconfigured, DriverError> {
-        let mut gw = lock(&self.gw);
+        let mut gw = lock_unpoisoned(&self.gw);
         // Keep the subnets learnt from the inside interfaces at start.
         for n in &self.learnt_inside {
             if !config.inside_networks.contains(n) {
@@ -409,7 +468,12 @@ impl NatDriver {
 
     /// Flushes dynamic flows (`vipgate nat clear`); returns how many were removed.
     pub fn clear(&self) -> usize {
-        lock(&self.gw).clear(now())
+        let removed = lock_unpoisoned(&self.gw).clear(now());
+        // The kernel path forgets the cleared flows now, not at its next round.
+        if let Some(k) = &self.kernel {
+            lock_unpoisoned(k).sync(&self.gw);
+        }
+        removed
     }
 
     /// The TUN's name.
@@ -437,45 +501,17 @@ impl NatDriver {
             }
             None => Ok(()),
         };
+        if let Some(k) = &self.kernel {
+            lock_unpoisoned(k).unload();
+        }
         self.installed.lock().await.remove(&self.handle).await;
         tracing::info!(tun = %self.tun, "nat gateway stopped");
         result
     }
 }
 
-/// The virtio-net header that precedes every packet on a TUN with offload (`IFF_VNET_HDR`,
-/// `struct virtio_net_hdr`, fields in host byte order on a legacy TUN).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct VnetHdr {
-    flags: u8,
-    gso_type: u8,
-    gso_size: u16,
-    csum_start: u16,
-    csum_offset: u16,
-}
-
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the transport checksum is a partial sum (`CHECKSUM_PARTIAL`).
-const NEEDS_CSUM: u8 = 1;
-/// `VIRTIO_NET_HDR_GSO_NONE`: one packet, not a super-packet.
-const GSO_NONE: u8 = 0;
-/// The length of a `struct virtio_net_hdr` (tun-rs says so too).
-const VNET_HDR_LEN: usize = 10;
 /// Room for the largest IPv4 packet (a GSO super-packet is at most 64 KiB).
 const MAX_PACKET: usize = 65_535;
-
-impl VnetHdr {
-    fn decode(b: &[u8]) -> Option<Self> {
-        let b = b.get(..VNET_HDR_LEN)?;
-        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-        Some(VnetHdr {
-            flags: b[0],
-            gso_type: b[1],
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
-        })
-    }
-}
 
 /// How the core should read one packet read with its virtio-net header, after fixing what it
 /// cannot take: a partial checksum that is not TCP/UDP over IPv4 (an ICMP message, another
@@ -484,24 +520,32 @@ impl VnetHdr {
 fn prepare(head: &mut [u8], pkt: &mut [u8]) -> Option<PacketMeta> {
     let h = VnetHdr::decode(head)?;
     let mut meta = PacketMeta::default();
-    let ipv4 = pkt.len() >= 20 && pkt[0] >> 4 == 4;
-    let ihl = usize::from(pkt.first().map_or(0, |b| b & 0x0f)) * 4;
-    let proto = pkt.get(9).copied().unwrap_or(0);
-    if h.flags & NEEDS_CSUM != 0 {
+    // (header length, protocol) of an IPv4 packet; the lengths are the core's to check.
+    let ipv4 = pkt
+        .first_chunk::<20>()
+        .map(Ipv4View::new_unchecked)
+        .filter(|ip| ip.version() == 4)
+        .map(|ip| (ip.ihl(), ip.protocol()));
+    if h.needs_csum() {
         let start = usize::from(h.csum_start);
         let offset = usize::from(h.csum_offset);
-        let tcp_udp = ipv4 && start == ihl && matches!((proto, offset), (6, 16) | (17, 6));
+        let tcp_udp = ipv4.is_some_and(|(ihl, proto)| {
+            start == ihl && matches!((proto, offset), (6, 16) | (17, 6))
+        });
         if tcp_udp {
             meta.l4_checksum = L4Checksum::Partial;
-        } else if h.gso_type == GSO_NONE {
+        } else if !h.is_gso() {
             if !translate::finish_partial_checksum(pkt, start, offset, false) {
                 return None;
             }
-            head[0] &= !NEEDS_CSUM;
+            head[0] &= !VnetHdr::NEEDS_CSUM;
         }
         // A super-packet of anything else (IPv6): left as it is; the core passes or drops it.
     }
-    if h.gso_type != GSO_NONE && h.gso_size > 0 && ipv4 {
+    if let Some((ihl, proto)) = ipv4
+        && h.is_gso()
+        && h.gso_size > 0
+    {
         meta.segments = gso_segments(pkt, ihl, proto, h.gso_size);
     }
     Some(meta)
@@ -527,66 +571,6 @@ struct Queue {
     owns_timers: bool,
 }
 
-/// Opens the TUN with `cfg.queues` queues (multi-queue when more than one) and offload if asked.
-/// Falls back to one queue, then to no offload, if the kernel refuses; returns the queues and
-/// whether offload is on.
-fn open_queues(cfg: &DriverConfig) -> Result<(Vec<tun_rs::AsyncDevice>, bool), DriverError> {
-    let build = |offload: bool, multi_queue: bool| {
-        tun_rs::DeviceBuilder::new()
-            .name(cfg.tun.clone())
-            .mtu(cfg.mtu)
-            .offload(offload)
-            .multi_queue(multi_queue)
-            .enable(true)
-            .build_async()
-    };
-    let open_err = |source| DriverError::OpenTun {
-        name: cfg.tun.clone(),
-        source,
-    };
-    let wanted = cfg.queues.clamp(1, DriverConfig::MAX_QUEUES);
-    let want_multi = wanted > 1;
-    let mut attempts = vec![(cfg.offload, want_multi)];
-    if want_multi {
-        attempts.push((cfg.offload, false));
-    }
-    if cfg.offload {
-        attempts.push((false, false));
-    }
-    let mut last = None;
-    for (offload, multi_queue) in attempts {
-        match build(offload, multi_queue) {
-            Ok(first) => {
-                let mut queues = vec![first];
-                while multi_queue && queues.len() < wanted {
-                    match queues[0].try_clone() {
-                        Ok(q) => queues.push(q),
-                        Err(e) => {
-                            tracing::warn!(error = %e, opened = queues.len(), "opening another TUN queue");
-                            break;
-                        }
-                    }
-                }
-                if offload != cfg.offload || multi_queue != want_multi {
-                    tracing::warn!(
-                        offload,
-                        queues = queues.len(),
-                        "TUN opened with less than asked"
-                    );
-                }
-                return Ok((queues, offload));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, offload, multi_queue, "opening the TUN");
-                last = Some(e);
-            }
-        }
-    }
-    Err(open_err(last.unwrap_or_else(|| {
-        std::io::Error::other("no way to open the TUN")
-    })))
-}
-
 async fn run(
     queue: Queue,
     gw: Arc<Mutex<Gateway>>,
@@ -606,20 +590,14 @@ async fn run(
         offload,
         owns_timers,
     } = queue;
-    let head = if offload { VNET_HDR_LEN } else { 0 };
+    let head = if offload { VnetHdr::LEN } else { 0 };
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; head + MAX_PACKET]).collect();
     let mut lens = [0usize; BATCH];
     loop {
         let deadline = if owns_timers {
-            lock(&gw).poll_timeout()
+            lock_unpoisoned(&gw).poll_timeout()
         } else {
             None
-        };
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
         };
         tokio::select! {
             r = dev.recv(&mut bufs[0]) => {
@@ -647,14 +625,14 @@ async fn run(
                     }
                 }
             }
-            () = sleep => {}
+            () = netsys::timer::sleep_until(deadline) => {}
             // The only change ever sent is the stop; a dropped sender means stop too.
             _ = stop.changed() => return Ok(()),
         }
         if owns_timers {
             // quinn's rule: compare with the clock instead of trusting the timer to fire on
             // time.
-            let mut gw = lock(&gw);
+            let mut gw = lock_unpoisoned(&gw);
             if gw.poll_timeout().is_some_and(|d| d <= now()) {
                 gw.handle_timeout(now());
             }
@@ -666,7 +644,7 @@ async fn run(
 /// of them a virtio-net header) under one lock. A packet to drop gets length 0.
 fn translate_batch(gw: &Mutex<Gateway>, bufs: &mut [Vec<u8>], lens: &mut [usize], head: usize) {
     let t = now();
-    let mut gw = lock(gw);
+    let mut gw = lock_unpoisoned(gw);
     for (buf, len) in bufs.iter_mut().zip(lens.iter_mut()) {
         let Some(frame) = buf.get_mut(..*len) else {
             *len = 0;
@@ -696,13 +674,20 @@ fn translate_batch(gw: &Mutex<Gateway>, bufs: &mut [Vec<u8>], lens: &mut [usize]
 mod tests {
     use super::*;
 
-    fn hdr(flags: u8, gso_type: u8, gso_size: u16, start: u16, offset: u16) -> [u8; VNET_HDR_LEN] {
-        let mut b = [0u8; VNET_HDR_LEN];
-        b[0] = flags;
-        b[1] = gso_type;
-        b[4..6].copy_from_slice(&gso_size.to_ne_bytes());
-        b[6..8].copy_from_slice(&start.to_ne_bytes());
-        b[8..10].copy_from_slice(&offset.to_ne_bytes());
+    const NEEDS_CSUM: u8 = VnetHdr::NEEDS_CSUM;
+    const GSO_NONE: u8 = VnetHdr::GSO_NONE;
+
+    fn hdr(flags: u8, gso_type: u8, gso_size: u16, start: u16, offset: u16) -> [u8; VnetHdr::LEN] {
+        let mut b = [0u8; VnetHdr::LEN];
+        VnetHdr {
+            flags,
+            gso_type,
+            hdr_len: 0,
+            gso_size,
+            csum_start: start,
+            csum_offset: offset,
+        }
+        .encode(&mut b);
         b
     }
 

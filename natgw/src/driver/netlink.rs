@@ -19,9 +19,8 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::address::AddressAttribute;
+use netsys::netlink::{NetlinkError, add_route_replace, addresses, del_route_idempotent, errno};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
 };
@@ -65,39 +64,11 @@ pub(crate) struct Installed {
     publics: Vec<Ipv4Addr>,
 }
 
-pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32, DriverError> {
-    let link = handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-        .map_err(|e| DriverError::Netlink {
-            op: format!("find interface {name}"),
-            source: e,
-        })?;
-    link.map(|l| l.header.index)
+async fn link_index(handle: &Handle, name: &str) -> Result<u32, DriverError> {
+    netsys::netlink::link_by_name(handle, name)
+        .await?
+        .map(|l| l.index)
         .ok_or_else(|| DriverError::NoInterface(name.to_owned()))
-}
-
-/// IPv4 prefixes configured on each interface: `(ifindex, prefix)`.
-pub(crate) async fn addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Net)>, DriverError> {
-    let mut out = Vec::new();
-    let mut stream = handle.address().get().execute();
-    while let Some(msg) = stream.try_next().await.map_err(|e| DriverError::Netlink {
-        op: "list addresses".into(),
-        source: e,
-    })? {
-        for attr in &msg.attributes {
-            if let AddressAttribute::Local(IpAddr::V4(a)) = attr
-                && let Ok(net) = Ipv4Net::new(*a, msg.header.prefix_len)
-            {
-                out.push((msg.header.index, net));
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// The steering rules use preferences `priority ..= priority + RULE_SPAN`.
@@ -144,10 +115,10 @@ impl Installed {
                 tracing::info!(rule = what, "adopting a rule left by an earlier run");
             }
             Err(e) => {
-                return Err(DriverError::Netlink {
-                    op: format!("add rule {what}"),
-                    source: e,
-                });
+                return Err(DriverError::from(NetlinkError::new(
+                    format!("add rule {what}"),
+                    e,
+                )));
             }
             Ok(()) => {}
         }
@@ -155,22 +126,8 @@ impl Installed {
         Ok(())
     }
 
-    async fn add_route(
-        &mut self,
-        handle: &Handle,
-        m: RouteMessage,
-        what: &str,
-    ) -> Result<(), DriverError> {
-        handle
-            .route()
-            .add(m.clone())
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| DriverError::Netlink {
-                op: format!("add route {what}"),
-                source: e,
-            })?;
+    async fn add_route(&mut self, handle: &Handle, m: RouteMessage) -> Result<(), DriverError> {
+        add_route_replace(handle, m.clone()).await?;
         self.routes.push(m);
         Ok(())
     }
@@ -213,30 +170,29 @@ impl Installed {
         let addrs = addresses(handle).await?;
         let inside_nets: Vec<Ipv4Net> = addrs
             .iter()
-            .filter(|(i, _)| inside.contains(i))
-            .map(|(_, n)| n.trunc())
+            .filter(|a| inside.contains(&a.ifindex))
+            .map(|a| a.net.trunc())
             .collect();
         let outside_nets: Vec<Ipv4Net> = addrs
             .iter()
-            .filter(|(i, _)| *i == outside)
-            .map(|(_, n)| n.trunc())
+            .filter(|a| a.ifindex == outside)
+            .map(|a| a.net.trunc())
             .collect();
-        let local: Vec<Ipv4Addr> = addrs.iter().map(|(_, n)| n.addr()).collect();
+        let local: Vec<Ipv4Addr> = addrs.iter().map(|a| a.net.addr()).collect();
 
         let t = plan.table;
         let default = RouteMessageBuilder::<Ipv4Addr>::new()
             .table_id(t)
             .output_interface(tun)
             .build();
-        self.add_route(handle, default, "default dev nat0").await?;
+        self.add_route(handle, default).await?;
         for net in &outside_nets {
             let r = RouteMessageBuilder::<Ipv4Addr>::new()
                 .table_id(t)
                 .destination_prefix(net.addr(), net.prefix_len())
                 .output_interface(tun)
                 .build();
-            self.add_route(handle, r, &format!("{net} dev nat0"))
-                .await?;
+            self.add_route(handle, r).await?;
         }
 
         self.tun = tun;
@@ -307,18 +263,16 @@ impl Installed {
                 .destination_prefix(addr, 32)
                 .output_interface(self.tun)
                 .build();
-            self.add_route(handle, r, &format!("{addr}/32 dev nat0"))
-                .await?;
+            self.add_route(handle, r).await?;
             let mut req = handle.neighbours().add(self.outside, IpAddr::V4(addr));
             req.message_mut().header.flags = NeighbourFlags::Proxy;
             let msg = req.message_mut().clone();
-            req.replace()
-                .execute()
-                .await
-                .map_err(|e| DriverError::Netlink {
-                    op: format!("add proxy neighbour {addr} dev {}", self.outside_name),
-                    source: e,
-                })?;
+            req.replace().execute().await.map_err(|e| {
+                NetlinkError::new(
+                    format!("add proxy neighbour {addr} dev {}", self.outside_name),
+                    e,
+                )
+            })?;
             self.neighbours.push(msg);
         }
         if self.local.contains(&addr) {
@@ -349,10 +303,7 @@ impl Installed {
                 .del(m)
                 .execute()
                 .await
-                .map_err(|e| DriverError::Netlink {
-                    op: format!("remove rule to {addr}"),
-                    source: e,
-                })?;
+                .map_err(|e| NetlinkError::new(format!("remove rule to {addr}"), e))?;
         }
         let (neighbours, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.neighbours)
             .into_iter()
@@ -369,10 +320,7 @@ impl Installed {
                 .del(m)
                 .execute()
                 .await
-                .map_err(|e| DriverError::Netlink {
-                    op: format!("remove proxy neighbour {addr}"),
-                    source: e,
-                })?;
+                .map_err(|e| NetlinkError::new(format!("remove proxy neighbour {addr}"), e))?;
         }
         let (routes, keep): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.routes).into_iter().partition(|m| {
@@ -382,15 +330,7 @@ impl Installed {
             });
         self.routes = keep;
         for m in routes {
-            handle
-                .route()
-                .del(m)
-                .execute()
-                .await
-                .map_err(|e| DriverError::Netlink {
-                    op: format!("remove route {addr}/32"),
-                    source: e,
-                })?;
+            del_route_idempotent(handle, m).await?;
         }
         self.publics.remove(at);
         Ok(())
@@ -407,19 +347,15 @@ impl Installed {
         // EEXIST / ENOENT: an earlier run was killed after moving the rule; finish the move.
         match req.execute().await {
             Err(e) if errno(&e) != Some(libc::EEXIST) => {
-                return Err(DriverError::Netlink {
-                    op: "move lookup local".into(),
-                    source: e,
-                });
+                return Err(DriverError::from(NetlinkError::new("move lookup local", e)));
             }
             _ => {}
         }
         self.moved_local = true;
         match handle.rule().del(rule(0, LOCAL)).execute().await {
-            Err(e) if errno(&e) != Some(libc::ENOENT) => Err(DriverError::Netlink {
-                op: "move lookup local".into(),
-                source: e,
-            }),
+            Err(e) if errno(&e) != Some(libc::ENOENT) => {
+                Err(DriverError::from(NetlinkError::new("move lookup local", e)))
+            }
             _ => Ok(()),
         }
     }
@@ -453,22 +389,10 @@ impl Installed {
             }
         }
         for m in self.routes.drain(..).rev() {
-            match handle.route().del(m).execute().await {
-                // Routes through the TUN went with it when the packet loop closed it.
-                Err(e) if errno(&e) == Some(libc::ESRCH) => {
-                    tracing::debug!("route already gone with the TUN");
-                }
-                Err(e) => tracing::warn!(error = %e, "removing route"),
-                Ok(()) => {}
+            // Routes through the TUN went with it when the packet loop closed it: fine.
+            if let Err(e) = del_route_idempotent(handle, m).await {
+                tracing::warn!(error = %e, "removing route");
             }
         }
-    }
-}
-
-/// The errno of a netlink error reply, if it is one.
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
     }
 }

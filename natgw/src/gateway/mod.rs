@@ -6,6 +6,7 @@
 //! [`Gateway::handle_timeout`]. Everything else (`show`, `clear`, listeners) is plain method
 //! calls between packets.
 
+mod fast_path;
 mod icmp;
 mod listeners;
 mod services;
@@ -16,6 +17,7 @@ use std::time::Instant;
 
 use ipnet::Ipv4Net;
 use netutil::Reconfigured;
+use netutil::ipv4::Ipv4View;
 
 use crate::acl::{Acl, AclDecision, AclPacket, AclRule};
 use crate::config::{Filtering, GatewayConfig};
@@ -28,6 +30,7 @@ use crate::table::{
 };
 use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
+pub use fast_path::FastPathActivity;
 pub use listeners::Listener;
 pub use stats::GatewayStats;
 
@@ -161,11 +164,10 @@ impl Gateway {
     /// and does not come from an inside network; outbound otherwise (including hairpin).
     #[must_use]
     pub fn direction(&self, buf: &[u8]) -> Direction {
-        if buf.len() < 20 {
+        let Some(ip) = buf.first_chunk::<20>().map(Ipv4View::new_unchecked) else {
             return Direction::Outbound;
-        }
-        let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
-        let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
+        };
+        let (src, dst) = (ip.src(), ip.dst());
         if self.table.find_public(dst).is_some()
             && !self.inside_networks.iter().any(|n| n.contains(&src))
         {

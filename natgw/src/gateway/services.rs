@@ -118,7 +118,8 @@ mod tests {
     use crate::flow::Proto;
     use crate::service::VirtualService;
 
-    use crate::service::tests::{epoch, rs, web};
+    use crate::service::tests::{rs, web};
+    use testkit::epoch;
 
     /// Through the real gateway core: SYNs to the VIP spread by weight, replies leave as the
     /// VIP, the flow stays on its backend after a drain, and counters follow the TCP states.
@@ -127,23 +128,9 @@ mod tests {
         use crate::translate::rewrite_syn_as_rst;
         use crate::{DropReason, Gateway, GatewayConfig, ListenerId, Verdict};
         use etherparse::PacketBuilder;
+        use testkit::packet::{TcpFlags, ipv4_tcp};
 
         const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-
-        fn tcp(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, ack: bool, rst: bool) -> Vec<u8> {
-            let b = PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64).tcp(
-                src.port(),
-                dst.port(),
-                1000,
-                64240,
-            );
-            let b = if syn { b.syn() } else { b };
-            let b = if ack { b.ack(1) } else { b };
-            let b = if rst { b.rst() } else { b };
-            let mut v = Vec::new();
-            b.write(&mut v, &[]).unwrap();
-            v
-        }
 
         fn endpoints(b: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
             let ip = |o: usize| Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]);
@@ -172,14 +159,14 @@ mod tests {
             c: SocketAddrV4,
             vip: SocketAddrV4,
         ) -> SocketAddrV4 {
-            let (_, syn) = pass(g, now, tcp(c, vip, true, false, false));
+            let (_, syn) = pass(g, now, ipv4_tcp(c, vip, TcpFlags::SYN, &[]));
             let backend = endpoints(&syn).1;
             assert_eq!(
-                pass(g, now, tcp(backend, c, true, true, false)).0,
+                pass(g, now, ipv4_tcp(backend, c, TcpFlags::SYN_ACK, &[])).0,
                 Verdict::Forward
             );
             assert_eq!(
-                pass(g, now, tcp(c, vip, false, true, false)).0,
+                pass(g, now, ipv4_tcp(c, vip, TcpFlags::ACK, &[])).0,
                 Verdict::Forward
             );
             backend
@@ -221,18 +208,22 @@ mod tests {
             )
             .unwrap();
             let remote = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 443);
-            let (v, _) = pass(&mut g, now, tcp(rs(101), remote, true, false, false));
+            let (v, _) = pass(&mut g, now, ipv4_tcp(rs(101), remote, TcpFlags::SYN, &[]));
             assert_eq!(v, Verdict::Drop(DropReason::ServiceEndpointReserved));
             assert_eq!(g.stats().drops.get(DropReason::ServiceEndpointReserved), 1);
             assert_eq!(g.table().mappings(), 0);
             // The same backend from another port is translated as before.
             let other_port = SocketAddrV4::new(*rs(101).ip(), 40_000);
-            let (v, _) = pass(&mut g, now, tcp(other_port, remote, true, false, false));
+            let (v, _) = pass(
+                &mut g,
+                now,
+                ipv4_tcp(other_port, remote, TcpFlags::SYN, &[]),
+            );
             assert_eq!(v, Verdict::Forward);
             // A client's SYN to the VIP still reaches the backend.
             let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
             let c = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 40_000);
-            let (v, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+            let (v, syn) = pass(&mut g, now, ipv4_tcp(c, vip, TcpFlags::SYN, &[]));
             assert_eq!((v, endpoints(&syn)), (Verdict::Forward, (c, rs(101))));
             assert_eq!(g.stats().drops.get(DropReason::InsideEndpointBusy), 0);
         }
@@ -246,17 +237,17 @@ mod tests {
             for n in 0..300 {
                 let c =
                     SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200 + (n % 3) as u8), 20_000 + n);
-                let (v, syn) = pass(&mut g, now, tcp(c, vip, true, false, false));
+                let (v, syn) = pass(&mut g, now, ipv4_tcp(c, vip, TcpFlags::SYN, &[]));
                 assert_eq!(v, Verdict::Forward);
                 let (from, to) = endpoints(&syn);
                 assert_eq!(from, c);
                 *seen.entry(to).or_insert(0) += 1;
                 // The backend answers; the client must see the VIP.
-                let (v, reply) = pass(&mut g, now, tcp(to, c, true, true, false));
+                let (v, reply) = pass(&mut g, now, ipv4_tcp(to, c, TcpFlags::SYN_ACK, &[]));
                 assert_eq!(v, Verdict::Forward);
                 assert_eq!(endpoints(&reply), (vip, c));
                 // Retransmitted SYN of the same flow: same backend.
-                let (_, again) = pass(&mut g, now, tcp(c, vip, true, false, false));
+                let (_, again) = pass(&mut g, now, ipv4_tcp(c, vip, TcpFlags::SYN, &[]));
                 assert_eq!(endpoints(&again).1, to);
             }
             assert_eq!((seen[&rs(101)], seen[&rs(102)]), (100, 200));
@@ -283,16 +274,16 @@ mod tests {
             assert_eq!(service(&mut g, id).pool().backend(b).unwrap().active(), 1);
 
             service(&mut g, id).set_weight(backend, 0).unwrap();
-            let (v, data) = pass(&mut g, now, tcp(c, vip, false, true, false));
+            let (v, data) = pass(&mut g, now, ipv4_tcp(c, vip, TcpFlags::ACK, &[]));
             assert_eq!((v, endpoints(&data).1), (Verdict::Forward, backend));
             for n in 1..20 {
                 let other = SocketAddrV4::new(*c.ip(), 40_000 + n);
-                let (_, syn) = pass(&mut g, now, tcp(other, vip, true, false, false));
+                let (_, syn) = pass(&mut g, now, ipv4_tcp(other, vip, TcpFlags::SYN, &[]));
                 assert_ne!(endpoints(&syn).1, backend);
             }
             // RST from the client: the flow is no longer active.
             assert_eq!(
-                pass(&mut g, now, tcp(c, vip, false, true, true)).0,
+                pass(&mut g, now, ipv4_tcp(c, vip, TcpFlags::RST_ACK, &[])).0,
                 Verdict::Forward
             );
             let pool = service(&mut g, id).pool();
@@ -316,7 +307,7 @@ mod tests {
                 // Handshake, then the client resets: the flow lingers, closed.
                 seen.push(handshake(&mut g, now, c, vip));
                 assert_eq!(
-                    pass(&mut g, now, tcp(c, vip, false, true, true)).0,
+                    pass(&mut g, now, ipv4_tcp(c, vip, TcpFlags::RST_ACK, &[])).0,
                     Verdict::Forward
                 );
             }
@@ -347,7 +338,7 @@ mod tests {
                 .unwrap();
             let c = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), 40_000);
             let vip = SocketAddrV4::new(VIP, 80);
-            let syn = tcp(c, vip, true, false, false);
+            let syn = ipv4_tcp(c, vip, TcpFlags::SYN, &[]);
             let (v, rst) = pass(&mut g, now, syn.clone());
             // Answered like a closed port: RST+ACK from the VIP, checksums valid.
             assert_eq!(v, Verdict::Forward);

@@ -1,12 +1,11 @@
 //! Unit and property tests of the gateway core, on packets built with etherparse.
-// Tests pick an arbitrary epoch; the core itself never reads the clock.
-#![allow(clippy::disallowed_methods)]
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::TimeExceededCode};
 use proptest::prelude::*;
+use testkit::packet::{self, TcpFlags, icmp_echo as echo, icmp_error};
+use testkit::{epoch, replay_corpus};
 
 use super::*;
 use crate::acl::AclAction;
@@ -45,63 +44,27 @@ fn config() -> GatewayConfig {
 }
 
 fn gw() -> (Gateway, Instant) {
-    let now = Instant::now();
+    let now = epoch();
     (Gateway::new(now, config()).unwrap(), now)
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Syn,
-    SynAck,
-    Ack,
-    Fin,
-    Rst,
+/// A TCP segment, in this file's (address, port) argument order.
+fn tcp(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, flags: TcpFlags, payload: &[u8]) -> Vec<u8> {
+    packet::ipv4_tcp(
+        SocketAddrV4::new(src, sp),
+        SocketAddrV4::new(dst, dp),
+        flags,
+        payload,
+    )
 }
 
-fn tcp(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, kind: Kind, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ipv4(src.octets(), dst.octets(), 64).tcp(sp, dp, 1000, 64240);
-    let b = match kind {
-        Kind::Syn => b.syn(),
-        Kind::SynAck => b.syn().ack(1),
-        Kind::Ack => b.ack(1),
-        Kind::Fin => b.fin().ack(1),
-        Kind::Rst => b.rst(),
-    };
-    let mut v = Vec::new();
-    b.write(&mut v, payload).unwrap();
-    v
-}
-
+/// A UDP datagram, in this file's (address, port) argument order.
 fn udp(src: Ipv4Addr, sp: u16, dst: Ipv4Addr, dp: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
-        .udp(sp, dp)
-        .write(&mut v, payload)
-        .unwrap();
-    v
-}
-
-fn echo(src: Ipv4Addr, dst: Ipv4Addr, id: u16, request: bool) -> Vec<u8> {
-    let b = PacketBuilder::ipv4(src.octets(), dst.octets(), 64);
-    let b = if request {
-        b.icmpv4_echo_request(id, 7)
-    } else {
-        b.icmpv4_echo_reply(id, 7)
-    };
-    let mut v = Vec::new();
-    b.write(&mut v, b"ping").unwrap();
-    v
-}
-
-fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
-        .icmpv4(Icmpv4Type::TimeExceeded(
-            TimeExceededCode::TtlExceededInTransit,
-        ))
-        .write(&mut v, &quoted[..quoted.len().min(28)])
-        .unwrap();
-    v
+    packet::ipv4_udp(
+        SocketAddrV4::new(src, sp),
+        SocketAddrV4::new(dst, dp),
+        payload,
+    )
 }
 
 fn src(b: &[u8]) -> SocketAddrV4 {
@@ -144,19 +107,19 @@ fn inb(g: &mut Gateway, now: Instant, b: &mut [u8]) -> Verdict {
 #[test]
 fn tcp_overload_round_trip_preserves_port() {
     let (mut g, now) = gw();
-    let orig = tcp(H1, 40000, SRV, 80, Kind::Syn, b"");
+    let orig = tcp(H1, 40000, SRV, 80, TcpFlags::SYN, b"");
     let mut p = orig.clone();
     assert_eq!(out(&mut g, now, &mut p), Verdict::Forward);
     assert_eq!(src(&p), SocketAddrV4::new(PUBLIC, 40000));
     assert_eq!(dst(&p), SocketAddrV4::new(SRV, 80));
     assert!(ip_ok(&p) && l4_checksum_ok(&p));
-    let mut reply = tcp(SRV, 80, PUBLIC, 40000, Kind::SynAck, b"");
+    let mut reply = tcp(SRV, 80, PUBLIC, 40000, TcpFlags::SYN_ACK, b"");
     assert_eq!(inb(&mut g, now, &mut reply), Verdict::Forward);
     assert_eq!(dst(&reply), SocketAddrV4::new(H1, 40000));
     assert!(ip_ok(&reply) && l4_checksum_ok(&reply));
     // SYN + SYN-ACK is half-open; the originator's ACK establishes the flow.
     assert!(!g.translations(now)[0].established);
-    let mut ack = tcp(H1, 40000, SRV, 80, Kind::Ack, b"");
+    let mut ack = tcp(H1, 40000, SRV, 80, TcpFlags::ACK, b"");
     assert_eq!(out(&mut g, now, &mut ack), Verdict::Forward);
     let t = g.translations(now);
     assert_eq!(t.len(), 1);
@@ -228,7 +191,7 @@ fn address_dependent_filtering() {
 #[test]
 fn unsolicited_inbound_passes_to_gateway_untouched() {
     let (mut g, now) = gw();
-    let orig = tcp(SRV, 50000, PUBLIC, 22, Kind::Syn, b"");
+    let orig = tcp(SRV, 50000, PUBLIC, 22, TcpFlags::SYN, b"");
     let mut p = orig.clone();
     assert_eq!(inb(&mut g, now, &mut p), Verdict::Forward);
     assert_eq!(p, orig);
@@ -239,17 +202,17 @@ fn unsolicited_inbound_passes_to_gateway_untouched() {
 #[test]
 fn static_forward_both_directions() {
     let (mut g, now) = gw();
-    let mut syn = tcp(SRV, 50000, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 50000, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
     assert_eq!(src(&syn), SocketAddrV4::new(SRV, 50000));
     assert!(ip_ok(&syn) && l4_checksum_ok(&syn));
-    let mut synack = tcp(WEB, 80, SRV, 50000, Kind::SynAck, b"");
+    let mut synack = tcp(WEB, 80, SRV, 50000, TcpFlags::SYN_ACK, b"");
     assert_eq!(out(&mut g, now, &mut synack), Verdict::Forward);
     assert_eq!(src(&synack), SocketAddrV4::new(PUBLIC, 8001));
     assert!(l4_checksum_ok(&synack));
     // A stray ACK to the forward (no flow) does not open one.
-    let mut stray = tcp(SRV2, 1234, PUBLIC, 8001, Kind::Ack, b"");
+    let mut stray = tcp(SRV2, 1234, PUBLIC, 8001, TcpFlags::ACK, b"");
     assert_eq!(
         inb(&mut g, now, &mut stray),
         Verdict::Drop(DropReason::NotSyn)
@@ -263,20 +226,20 @@ fn static_forward_both_directions() {
 #[test]
 fn hairpin_uses_external_source() {
     let (mut g, now) = gw();
-    let mut syn = tcp(H1, 41000, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(H1, 41000, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(g.direction(&syn), Direction::Outbound);
     assert_eq!(out(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
     assert_eq!(src(&syn), SocketAddrV4::new(PUBLIC, 41000));
     assert!(ip_ok(&syn) && l4_checksum_ok(&syn));
-    let mut reply = tcp(WEB, 80, PUBLIC, 41000, Kind::SynAck, b"");
+    let mut reply = tcp(WEB, 80, PUBLIC, 41000, TcpFlags::SYN_ACK, b"");
     assert_eq!(out(&mut g, now, &mut reply), Verdict::Forward);
     assert_eq!(src(&reply), SocketAddrV4::new(PUBLIC, 8001));
     assert_eq!(dst(&reply), SocketAddrV4::new(H1, 41000));
     assert!(l4_checksum_ok(&reply));
     assert_eq!(g.stats().hairpinned, 2);
     // To the gateway's own address on a port nobody forwards: untouched.
-    let orig = tcp(H1, 41001, PUBLIC, 22, Kind::Syn, b"");
+    let orig = tcp(H1, 41001, PUBLIC, 22, TcpFlags::SYN, b"");
     let mut ssh = orig.clone();
     assert_eq!(out(&mut g, now, &mut ssh), Verdict::Forward);
     assert_eq!(ssh, orig);
@@ -329,9 +292,9 @@ fn icmp_error_inbound_restores_quoted_packet() {
     assert_eq!(g.stats().icmp_errors, 1);
     // An error about nothing we know, quoting a dynamic port: dropped.
     let mut stale = udp(PUBLIC, src(&probe).port(), SRV2, 1, b"x");
-    netutil::checksum::put16(&mut stale, 10, 0);
+    netutil::bytes::put16(&mut stale, 10, 0);
     let c = netutil::checksum::checksum(&stale[..20]);
-    netutil::checksum::put16(&mut stale, 10, c);
+    netutil::bytes::put16(&mut stale, 10, c);
     let mut err2 = icmp_error(router, PUBLIC, &stale);
     assert_eq!(
         inb(&mut g, now, &mut err2),
@@ -361,7 +324,7 @@ fn icmp_error_outbound_hides_inside_address() {
 
 #[test]
 fn table_bound_and_per_host_limit() {
-    let now = Instant::now();
+    let now = epoch();
     let mut g = Gateway::new(
         now,
         GatewayConfig {
@@ -394,7 +357,7 @@ fn table_bound_and_per_host_limit() {
         out(&mut g, now, &mut p),
         Verdict::Drop(DropReason::TableFull)
     );
-    let mut syn = tcp(SRV, 1, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 1, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(
         inb(&mut g, now, &mut syn),
         Verdict::Drop(DropReason::TableFull)
@@ -409,7 +372,7 @@ fn table_bound_and_per_host_limit() {
 
 #[test]
 fn expiry_by_timer_wheel() {
-    let now = Instant::now();
+    let now = epoch();
     let timeouts = Timeouts {
         udp: Duration::from_secs(30),
         tcp_established: Duration::from_secs(600),
@@ -427,11 +390,11 @@ fn expiry_by_timer_wheel() {
     assert_eq!(g.poll_timeout(), None);
     let mut u = udp(H1, 7000, SRV, 53, b"q");
     let _ = out(&mut g, now, &mut u);
-    let mut s = tcp(H1, 7001, SRV, 80, Kind::Syn, b"");
+    let mut s = tcp(H1, 7001, SRV, 80, TcpFlags::SYN, b"");
     let _ = out(&mut g, now, &mut s);
-    let mut sa = tcp(SRV, 80, PUBLIC, 7001, Kind::SynAck, b"");
+    let mut sa = tcp(SRV, 80, PUBLIC, 7001, TcpFlags::SYN_ACK, b"");
     let _ = inb(&mut g, now, &mut sa);
-    let mut a = tcp(H1, 7001, SRV, 80, Kind::Ack, b"");
+    let mut a = tcp(H1, 7001, SRV, 80, TcpFlags::ACK, b"");
     let _ = out(&mut g, now, &mut a);
     let mut e = echo(H1, SRV, 3, true);
     let _ = out(&mut g, now, &mut e);
@@ -455,9 +418,9 @@ fn expiry_by_timer_wheel() {
     step(&mut g, 57);
     assert_eq!(g.table().len(), 1, "udp gone; established tcp stays");
     // FIN both ways: transitory timeout.
-    let mut f = tcp(H1, 7001, SRV, 80, Kind::Fin, b"");
+    let mut f = tcp(H1, 7001, SRV, 80, TcpFlags::FIN_ACK, b"");
     let _ = out(&mut g, now + Duration::from_secs(60), &mut f);
-    let mut f2 = tcp(SRV, 80, PUBLIC, 7001, Kind::Fin, b"");
+    let mut f2 = tcp(SRV, 80, PUBLIC, 7001, TcpFlags::FIN_ACK, b"");
     let _ = inb(&mut g, now + Duration::from_secs(60), &mut f2);
     step(&mut g, 79);
     assert_eq!(g.table().len(), 1);
@@ -470,13 +433,13 @@ fn expiry_by_timer_wheel() {
 
 #[test]
 fn long_timeouts_survive_wheel_laps() {
-    let now = Instant::now();
+    let now = epoch();
     let mut g = Gateway::new(now, config()).unwrap();
-    let mut s = tcp(H1, 7001, SRV, 80, Kind::Syn, b"");
+    let mut s = tcp(H1, 7001, SRV, 80, TcpFlags::SYN, b"");
     let _ = out(&mut g, now, &mut s);
-    let mut sa = tcp(SRV, 80, PUBLIC, 7001, Kind::SynAck, b"");
+    let mut sa = tcp(SRV, 80, PUBLIC, 7001, TcpFlags::SYN_ACK, b"");
     let _ = inb(&mut g, now, &mut sa);
-    let mut a = tcp(H1, 7001, SRV, 80, Kind::Ack, b"");
+    let mut a = tcp(H1, 7001, SRV, 80, TcpFlags::ACK, b"");
     let _ = out(&mut g, now, &mut a);
     // 2 h 4 min default; jump in big steps.
     for secs in [3000, 6000, 7000, 7439] {
@@ -489,7 +452,7 @@ fn long_timeouts_survive_wheel_laps() {
 
 #[test]
 fn acl_deny_is_counted() {
-    let now = Instant::now();
+    let now = epoch();
     let acl = vec![
         AclRule {
             src: Some("192.168.101.11/32".parse().unwrap()),
@@ -529,7 +492,7 @@ fn acl_deny_is_counted() {
         1,
         PUBLIC,
         8001,
-        Kind::Syn,
+        TcpFlags::SYN,
         b"",
     );
     assert_eq!(
@@ -552,18 +515,18 @@ fn clear_removes_dynamic_keeps_static() {
     let (mut g, now) = gw();
     let mut p = udp(H1, 1, SRV, 53, b"q");
     let _ = out(&mut g, now, &mut p);
-    let mut syn = tcp(SRV, 50000, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 50000, PUBLIC, 8001, TcpFlags::SYN, b"");
     let _ = inb(&mut g, now, &mut syn);
     assert_eq!(g.clear(now), 2);
     assert!(g.table().is_empty());
-    let mut syn = tcp(SRV, 50001, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 50001, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
 }
 
 #[test]
 fn ttl_compensation() {
-    let now = Instant::now();
+    let now = epoch();
     let mut g = Gateway::new(
         now,
         GatewayConfig {
@@ -580,9 +543,8 @@ fn ttl_compensation() {
 
 /// A virtual service spreading flows over two backends (round robin).
 fn two_backends(listen: SocketAddrV4) -> crate::VirtualService {
-    let backend = |last| balance::BackendConfig {
-        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080),
-        weight: 1,
+    let backend = |last| {
+        balance::BackendConfig::new(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080), 1)
     };
     crate::VirtualService::new(crate::ServiceConfig {
         name: "two".into(),
@@ -599,7 +561,7 @@ fn two_backends(listen: SocketAddrV4) -> crate::VirtualService {
 
 #[test]
 fn listener_flows_keep_their_backend_and_report_events() {
-    let now = Instant::now();
+    let now = epoch();
     let inside_networks = vec!["10.0.0.0/24".parse().unwrap()];
     let mut g = Gateway::new(
         now,
@@ -612,8 +574,8 @@ fn listener_flows_keep_their_backend_and_report_events() {
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
     let id = g.add_listener(Proto::Tcp, vip, two_backends(vip)).unwrap();
     assert!(g.public_addresses().contains(vip.ip()));
-    let mut c1 = tcp(SRV, 1001, *vip.ip(), 80, Kind::Syn, b"");
-    let mut c2 = tcp(SRV, 1002, *vip.ip(), 80, Kind::Syn, b"");
+    let mut c1 = tcp(SRV, 1001, *vip.ip(), 80, TcpFlags::SYN, b"");
+    let mut c2 = tcp(SRV, 1002, *vip.ip(), 80, TcpFlags::SYN, b"");
     assert_eq!(g.direction(&c1), Direction::Inbound);
     let _ = inb(&mut g, now, &mut c1);
     let _ = inb(&mut g, now, &mut c2);
@@ -621,11 +583,11 @@ fn listener_flows_keep_their_backend_and_report_events() {
     let b2 = dst(&c2);
     assert_ne!(b1, b2);
     // Replies from each backend go back as the VIP.
-    let mut r1 = tcp(*b1.ip(), 8080, SRV, 1001, Kind::SynAck, b"");
+    let mut r1 = tcp(*b1.ip(), 8080, SRV, 1001, TcpFlags::SYN_ACK, b"");
     assert_eq!(out(&mut g, now, &mut r1), Verdict::Forward);
     assert_eq!(src(&r1), vip);
     // Later packets of flow 1 stay on backend 1.
-    let mut d1 = tcp(SRV, 1001, *vip.ip(), 80, Kind::Ack, b"data");
+    let mut d1 = tcp(SRV, 1001, *vip.ip(), 80, TcpFlags::ACK, b"data");
     let _ = inb(&mut g, now, &mut d1);
     assert_eq!(dst(&d1), b1);
     assert_eq!(g.listener(id).unwrap().flows_opened, 2);
@@ -667,7 +629,7 @@ fn reconfigure_keeps_flows() {
         out(&mut g, now, &mut p),
         Verdict::Drop(DropReason::AclDenied)
     );
-    let mut syn = tcp(SRV, 5, PUBLIC, 20022, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 5, PUBLIC, 20022, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 22));
     // Removing a forward is live; moving the overload address needs a restart.
@@ -686,7 +648,7 @@ fn reconfigure_keeps_flows() {
 
 #[test]
 fn duplicate_forwards_are_rejected() {
-    let now = Instant::now();
+    let now = epoch();
     let mut cfg = config();
     cfg.statics.push(cfg.statics[0]);
     assert!(Gateway::new(now, cfg).is_err());
@@ -698,9 +660,9 @@ fn fragments_and_other_protocols() {
     let mut frag = udp(H1, 1, SRV, 53, &[0u8; 64]);
     frag[6] = 0x00;
     frag[7] = 0x10; // offset 128 bytes
-    netutil::checksum::put16(&mut frag, 10, 0);
+    netutil::bytes::put16(&mut frag, 10, 0);
     let c = netutil::checksum::checksum(&frag[..20]);
-    netutil::checksum::put16(&mut frag, 10, c);
+    netutil::bytes::put16(&mut frag, 10, c);
     assert_eq!(
         out(&mut g, now, &mut frag),
         Verdict::Drop(DropReason::Fragment)
@@ -728,14 +690,10 @@ fn fragments_and_other_protocols() {
 /// Replays the fuzz corpus (fuzz/corpus/nat_gateway) so CI exercises it on stable.
 #[test]
 fn fuzz_corpus_replays() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/nat_gateway");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let data = std::fs::read(e.path()).unwrap();
-        crate::fuzzing::run_gateway(Instant::now(), &data);
-    }
+    let n = replay_corpus("nat_gateway", |data| {
+        crate::fuzzing::run_gateway(epoch(), data);
+    });
+    assert!(n > 0, "no nat_gateway seeds");
 }
 
 fn arb_packet() -> impl Strategy<Value = (u8, [u8; 4], u16, [u8; 4], u16, Vec<u8>, u8)> {
@@ -757,16 +715,16 @@ proptest! {
     fn translate_then_reverse_is_identity(
         (kind, host, sport, remote, dport, payload, flags) in arb_packet(),
     ) {
-        let now = Instant::now();
+        let now = epoch();
         let mut g = Gateway::new(now, GatewayConfig { inside_networks: vec![], ..config() }).unwrap();
         let inside = Ipv4Addr::new(192, 168, 101, host[3]);
         let remote = Ipv4Addr::from(remote);
         prop_assume!(remote != PUBLIC && !remote.is_unspecified());
         let sport = sport.max(1);
         let orig = match kind {
-            0 => tcp(inside, sport, remote, dport, [Kind::Syn, Kind::SynAck, Kind::Ack, Kind::Fin, Kind::Rst][usize::from(flags)], &payload),
+            0 => tcp(inside, sport, remote, dport, [TcpFlags::SYN, TcpFlags::SYN_ACK, TcpFlags::ACK, TcpFlags::FIN_ACK, TcpFlags::RST][usize::from(flags)], &payload),
             1 => udp(inside, sport, remote, dport, &payload),
-            2 => { let mut u = udp(inside, sport, remote, dport, &payload); netutil::checksum::put16(&mut u, 26, 0); u }
+            2 => { let mut u = udp(inside, sport, remote, dport, &payload); netutil::bytes::put16(&mut u, 26, 0); u }
             _ => echo(inside, remote, sport, true),
         };
         let mut p = orig.clone();
@@ -778,8 +736,8 @@ proptest! {
         if kind == 3 {
             // Echo request -> reply: type 8 -> 0, checksum adjusted.
             reply[20] = 0;
-            let c = netutil::checksum::adjust16(netutil::checksum::get16(&reply, 22), 0x0800, 0x0000);
-            netutil::checksum::put16(&mut reply, 22, c);
+            let c = netutil::checksum::adjust16(netutil::bytes::get16(&reply, 22), 0x0800, 0x0000);
+            netutil::bytes::put16(&mut reply, 22, c);
         }
         let v = inb(&mut g, now, &mut reply);
         prop_assert_eq!(v, Verdict::Forward);
@@ -787,15 +745,15 @@ proptest! {
         swap(&mut expected);
         if kind == 3 {
             expected[20] = 0;
-            let c = netutil::checksum::adjust16(netutil::checksum::get16(&expected, 22), 0x0800, 0x0000);
-            netutil::checksum::put16(&mut expected, 22, c);
+            let c = netutil::checksum::adjust16(netutil::bytes::get16(&expected, 22), 0x0800, 0x0000);
+            netutil::bytes::put16(&mut expected, 22, c);
         }
         prop_assert!(ip_ok(&reply) && l4_checksum_ok(&reply));
         // Checksum words may differ only in the 0x0000/0xffff representation.
         let norm = |b: &mut Vec<u8>| {
             let ihl = usize::from(b[0] & 0xf) * 4;
             let at = match b[9] { 6 => ihl + 16, 17 => ihl + 6, _ => ihl + 2 };
-            if netutil::checksum::get16(b, at) == 0xffff && b[9] != 17 { netutil::checksum::put16(b, at, 0); }
+            if netutil::bytes::get16(b, at) == 0xffff && b[9] != 17 { netutil::bytes::put16(b, at, 0); }
         };
         let (mut a, mut b) = (reply.clone(), expected.clone());
         norm(&mut a);
@@ -806,7 +764,7 @@ proptest! {
     /// Arbitrary bytes never panic the gateway, in either direction.
     #[test]
     fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
-        crate::fuzzing::run_gateway(Instant::now(), &data);
+        crate::fuzzing::run_gateway(epoch(), &data);
     }
 
     /// Near-valid packets (valid IPv4 header, random rest) never panic either.
@@ -816,10 +774,10 @@ proptest! {
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
         inbound in any::<bool>(),
     ) {
-        let now = Instant::now();
+        let now = epoch();
         let mut g = Gateway::new(now, config()).unwrap();
         let mut p = match kind {
-            0 => tcp(Ipv4Addr::from(host), sport, Ipv4Addr::from(remote), dport, Kind::Syn, &payload),
+            0 => tcp(Ipv4Addr::from(host), sport, Ipv4Addr::from(remote), dport, TcpFlags::SYN, &payload),
             1 => udp(Ipv4Addr::from(host), sport, PUBLIC, dport, &payload),
             2 => icmp_error(Ipv4Addr::from(remote), PUBLIC, &udp(PUBLIC, sport, Ipv4Addr::from(remote), dport, &payload)),
             _ => echo(Ipv4Addr::from(host), Ipv4Addr::from(remote), sport, true),
@@ -839,7 +797,7 @@ proptest! {
         flows in proptest::collection::vec((any::<u8>(), any::<u16>(), any::<u8>(), any::<u16>()), 1..300),
         max in 1usize..64,
     ) {
-        let now = Instant::now();
+        let now = epoch();
         let mut g = Gateway::new(now, GatewayConfig { max_mappings: max, max_per_host: max, ..config() }).unwrap();
         for (h, sp, r, dp) in flows {
             let mut p = udp(Ipv4Addr::new(192, 168, 101, h), sp, Ipv4Addr::new(203, 0, 113, r), dp, b"x");
@@ -870,7 +828,7 @@ fn to_partial(b: &mut [u8]) {
         len,
     );
     let at = l4_csum_at(b);
-    netutil::checksum::put16(b, at, netutil::checksum::fold(acc));
+    netutil::bytes::put16(b, at, netutil::checksum::fold(acc));
 }
 
 /// What the kernel does with a partial checksum on the way out.
@@ -886,8 +844,8 @@ fn same_packet(a: &[u8], b: &[u8]) -> bool {
     let norm = |x: &[u8]| {
         let mut x = x.to_vec();
         let at = l4_csum_at(&x);
-        if x[9] == 6 && netutil::checksum::get16(&x, at) == 0xffff {
-            netutil::checksum::put16(&mut x, at, 0);
+        if x[9] == 6 && netutil::bytes::get16(&x, at) == 0xffff {
+            netutil::bytes::put16(&mut x, at, 0);
         }
         x
     };
@@ -904,10 +862,10 @@ fn partial(segments: u32) -> PacketMeta {
 #[test]
 fn super_packet_with_partial_checksum_round_trip() {
     let (mut g, now) = gw();
-    let mut syn = tcp(H1, 40000, SRV, 80, Kind::Syn, b"");
+    let mut syn = tcp(H1, 40000, SRV, 80, TcpFlags::SYN, b"");
     assert_eq!(out(&mut g, now, &mut syn), Verdict::Forward);
     // A 3-segment super-packet of data from the inside host.
-    let orig = tcp(H1, 40000, SRV, 80, Kind::Ack, &[0x5a; 4000]);
+    let orig = tcp(H1, 40000, SRV, 80, TcpFlags::ACK, &[0x5a; 4000]);
     let mut p = orig.clone();
     to_partial(&mut p);
     let v = g.handle_super_packet(now, Direction::Outbound, &mut p, partial(3));
@@ -934,9 +892,9 @@ fn super_packet_with_partial_checksum_round_trip() {
 #[test]
 fn static_forward_super_packet_keeps_partial_checksum() {
     let (mut g, now) = gw();
-    let mut syn = tcp(SRV, 5555, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 5555, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
-    let mut p = tcp(SRV, 5555, PUBLIC, 8001, Kind::Ack, &[7; 9000]);
+    let mut p = tcp(SRV, 5555, PUBLIC, 8001, TcpFlags::ACK, &[7; 9000]);
     to_partial(&mut p);
     assert_eq!(
         g.handle_super_packet(now, Direction::Inbound, &mut p, partial(7)),
@@ -951,7 +909,7 @@ fn static_forward_super_packet_keeps_partial_checksum() {
 fn dropped_super_packet_counts_its_segments() {
     let (mut g, now) = gw();
     // Not a SYN to a forward: refused, and all 5 segments count.
-    let mut p = tcp(SRV, 5555, PUBLIC, 8001, Kind::Ack, &[1; 6000]);
+    let mut p = tcp(SRV, 5555, PUBLIC, 8001, TcpFlags::ACK, &[1; 6000]);
     to_partial(&mut p);
     let v = g.handle_super_packet(now, Direction::Inbound, &mut p, partial(5));
     assert_eq!(v, Verdict::Drop(DropReason::NotSyn));
@@ -961,20 +919,20 @@ fn dropped_super_packet_counts_its_segments() {
 #[test]
 fn fin_on_a_super_packet_moves_the_flow_to_closing() {
     let (mut g, now) = gw();
-    let mut syn = tcp(H1, 40001, SRV, 80, Kind::Syn, b"");
+    let mut syn = tcp(H1, 40001, SRV, 80, TcpFlags::SYN, b"");
     let _ = out(&mut g, now, &mut syn);
     let mut synack = syn.clone();
     swap(&mut synack);
     synack[33] = 0x12;
     let _ = inb(&mut g, now, &mut synack);
-    let mut ack = tcp(H1, 40001, SRV, 80, Kind::Ack, b"");
+    let mut ack = tcp(H1, 40001, SRV, 80, TcpFlags::ACK, b"");
     let _ = out(&mut g, now, &mut ack);
     assert!(g.translations(now).iter().any(|t| t.established));
     // The last run of data carries the FIN (it belongs to its last segment).
-    let mut p = tcp(H1, 40001, SRV, 80, Kind::Fin, &[3; 3000]);
+    let mut p = tcp(H1, 40001, SRV, 80, TcpFlags::FIN_ACK, &[3; 3000]);
     to_partial(&mut p);
     let _ = g.handle_super_packet(now, Direction::Outbound, &mut p, partial(3));
-    let mut fin = tcp(SRV, 80, PUBLIC, 40001, Kind::Fin, b"");
+    let mut fin = tcp(SRV, 80, PUBLIC, 40001, TcpFlags::FIN_ACK, b"");
     let _ = inb(&mut g, now, &mut fin);
     assert!(g.translations(now).iter().all(|t| !t.established));
 }
@@ -989,7 +947,7 @@ proptest! {
         segments in 1u32..45,
         hairpin in any::<bool>(),
     ) {
-        let now = Instant::now();
+        let now = epoch();
         let cfg = GatewayConfig { inside_networks: vec![], ..config() };
         let (mut full, mut part) = (Gateway::new(now, cfg.clone()).unwrap(), Gateway::new(now, cfg).unwrap());
         let inside = Ipv4Addr::new(192, 168, 101, host[3]);
@@ -997,9 +955,9 @@ proptest! {
         prop_assume!(remote != PUBLIC && !remote.is_unspecified());
         let sport = sport.max(1);
         let (remote, dport) = if hairpin { (PUBLIC, 8001) } else { (remote, dport) };
-        let kinds = [Kind::Syn, Kind::Ack, Kind::Fin, Kind::Rst, Kind::SynAck];
+        let kinds = [TcpFlags::SYN, TcpFlags::ACK, TcpFlags::FIN_ACK, TcpFlags::RST, TcpFlags::SYN_ACK];
         let orig = if kind % 2 == 0 || hairpin {
-            let k = if hairpin { Kind::Syn } else { kinds[usize::from(flags)] };
+            let k = if hairpin { TcpFlags::SYN } else { kinds[usize::from(flags)] };
             tcp(inside, sport, remote, dport, k, &payload)
         } else {
             udp(inside, sport, remote, dport, &payload)
@@ -1036,9 +994,9 @@ proptest! {
 
 /// A SYN through the TCP forward 8001 → WEB:80 from `port`, answered and acknowledged.
 fn open_forward_flow(g: &mut Gateway, now: Instant, port: u16) {
-    let mut syn = tcp(SRV, port, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, port, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(inb(g, now, &mut syn), Verdict::Forward);
-    let mut synack = tcp(WEB, 80, SRV, port, Kind::SynAck, b"");
+    let mut synack = tcp(WEB, 80, SRV, port, TcpFlags::SYN_ACK, b"");
     assert_eq!(out(g, now, &mut synack), Verdict::Forward);
 }
 
@@ -1066,16 +1024,16 @@ fn removing_a_static_forward_is_live_and_closes_only_its_flows() {
     assert_eq!(g.stats().flows_removed, 1);
     // Its port no longer answers: a new SYN and the old flow's packets pass to the kernel
     // untouched (nothing owns the port any more).
-    let mut syn = tcp(SRV, 5001, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 5001, PUBLIC, 8001, TcpFlags::SYN, b"");
     let before = syn.clone();
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(syn, before);
-    let mut old = tcp(SRV, 5000, PUBLIC, 8001, Kind::Ack, b"data");
+    let mut old = tcp(SRV, 5000, PUBLIC, 8001, TcpFlags::ACK, b"data");
     let before = old.clone();
     let _ = inb(&mut g, now, &mut old);
     assert_eq!(old, before);
     // The web host's replies on the old flow are no longer translated to PUBLIC:8001.
-    let mut reply = tcp(WEB, 80, SRV, 5000, Kind::Ack, b"late");
+    let mut reply = tcp(WEB, 80, SRV, 5000, TcpFlags::ACK, b"late");
     let _ = out(&mut g, now, &mut reply);
     assert_ne!(src(&reply), SocketAddrV4::new(PUBLIC, 8001));
     // The other forward and the dynamic flow keep working, both ways.
@@ -1106,14 +1064,14 @@ fn a_removed_forward_can_come_back_and_ids_stay_valid() {
     assert_eq!(g.reconfigure(now, cfg.clone()), Ok(Reconfigured::Live));
     assert_eq!(g.listeners().count(), 2);
     assert!(g.listener(ListenerId(0)).is_some());
-    let mut syn = tcp(SRV, 5001, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 5001, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 8080));
     // A changed forward (same public port, new inside) is applied live too.
     cfg.statics.pop();
     cfg.statics.push(tcp_forward);
     assert_eq!(g.reconfigure(now, cfg), Ok(Reconfigured::Live));
-    let mut syn = tcp(SRV, 5002, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 5002, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(dst(&syn), SocketAddrV4::new(WEB, 80));
 }
@@ -1152,7 +1110,7 @@ fn remove_listener_of_a_service_keeps_static_flows() {
             },
         )
         .unwrap();
-    let mut syn = tcp(SRV, 7000, *vip.ip(), 80, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 7000, *vip.ip(), 80, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(g.table().len(), 2);
     assert_eq!(g.remove_listener(id), Some(1));
@@ -1254,7 +1212,7 @@ fn fragments_of_a_denied_datagram_stay_dropped() {
         src: Some("192.168.101.10/32".parse().unwrap()),
         ..AclRule::any(AclAction::Deny)
     }];
-    let now = Instant::now();
+    let now = epoch();
     let mut g = Gateway::new(now, cfg).unwrap();
     let mut frags = fragment(&udp(H1, 4000, SRV, 7000, &[1u8; 2000]), 1000, 5);
     for f in &mut frags {
@@ -1274,7 +1232,7 @@ proptest! {
     ) {
         let payload: Vec<u8> = (0..len).map(|i| (i as u8) ^ seed).collect();
         let pkt = if tcp_proto {
-            tcp(H1, 4000, SRV, 80, Kind::Syn, &payload)
+            tcp(H1, 4000, SRV, 80, TcpFlags::SYN, &payload)
         } else {
             udp(H1, 4000, SRV, 7000, &payload)
         };
@@ -1296,7 +1254,7 @@ proptest! {
 
 #[test]
 fn syn_flood_early_drops_half_open_flows_and_legitimate_clients_connect() {
-    let now = Instant::now();
+    let now = epoch();
     let mut g = Gateway::new(
         now,
         GatewayConfig {
@@ -1307,27 +1265,27 @@ fn syn_flood_early_drops_half_open_flows_and_legitimate_clients_connect() {
     )
     .unwrap();
     // An established flow through the forward.
-    let mut syn = tcp(SRV2, 999, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV2, 999, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
-    let mut sa = tcp(WEB, 80, SRV2, 999, Kind::SynAck, b"");
+    let mut sa = tcp(WEB, 80, SRV2, 999, TcpFlags::SYN_ACK, b"");
     assert_eq!(out(&mut g, now, &mut sa), Verdict::Forward);
-    let mut ack = tcp(SRV2, 999, PUBLIC, 8001, Kind::Ack, b"");
+    let mut ack = tcp(SRV2, 999, PUBLIC, 8001, TcpFlags::ACK, b"");
     assert_eq!(inb(&mut g, now, &mut ack), Verdict::Forward);
     // A flood of spoofed SYNs, each answered by the server (SYN-ACK): all half-open.
     for i in 0..1000u32 {
         let src = Ipv4Addr::from(0x0a00_0000 + i * 256);
-        let mut syn = tcp(src, 1000, PUBLIC, 8001, Kind::Syn, b"");
+        let mut syn = tcp(src, 1000, PUBLIC, 8001, TcpFlags::SYN, b"");
         assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
-        let mut sa = tcp(WEB, 80, src, 1000, Kind::SynAck, b"");
+        let mut sa = tcp(WEB, 80, src, 1000, TcpFlags::SYN_ACK, b"");
         assert_eq!(out(&mut g, now, &mut sa), Verdict::Forward);
         assert!(g.table().len() <= 64);
     }
     assert!(g.stats().early_drops >= 1000 - 64);
     assert_eq!(g.stats().drops.get(DropReason::TableFull), 0);
     // The established flow survived; a legitimate client still connects.
-    let mut data = tcp(SRV2, 999, PUBLIC, 8001, Kind::Ack, b"x");
+    let mut data = tcp(SRV2, 999, PUBLIC, 8001, TcpFlags::ACK, b"x");
     assert_eq!(inb(&mut g, now, &mut data), Verdict::Forward);
-    let mut syn = tcp(SRV, 2000, PUBLIC, 8001, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 2000, PUBLIC, 8001, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     let established = g.translations(now).iter().filter(|t| t.established).count();
     assert_eq!(established, 1);
@@ -1335,7 +1293,7 @@ fn syn_flood_early_drops_half_open_flows_and_legitimate_clients_connect() {
 
 #[test]
 fn half_open_flows_are_bounded_per_source_network() {
-    let now = Instant::now();
+    let now = epoch();
     let mut g = Gateway::new(
         now,
         GatewayConfig {
@@ -1350,7 +1308,7 @@ fn half_open_flows_are_bounded_per_source_network() {
             port,
             PUBLIC,
             8001,
-            Kind::Syn,
+            TcpFlags::SYN,
             b"",
         );
         assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
@@ -1360,7 +1318,7 @@ fn half_open_flows_are_bounded_per_source_network() {
         9,
         PUBLIC,
         8001,
-        Kind::Syn,
+        TcpFlags::SYN,
         b"",
     );
     assert_eq!(
@@ -1373,7 +1331,7 @@ fn half_open_flows_are_bounded_per_source_network() {
         9,
         PUBLIC,
         8001,
-        Kind::Syn,
+        TcpFlags::SYN,
         b"",
     );
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
@@ -1397,12 +1355,12 @@ fn unowned_traffic_to_a_vip_is_answered_or_dropped_never_passed() {
     assert_eq!(src(&ping).ip(), &vip);
     assert_eq!(dst(&ping).ip(), &SRV);
     assert!(ip_ok(&ping) && l4_checksum_ok(&ping));
-    let mut syn = tcp(SRV, 4000, vip, 22, Kind::Syn, b"");
+    let mut syn = tcp(SRV, 4000, vip, 22, TcpFlags::SYN, b"");
     assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
     assert_eq!(src(&syn), SocketAddrV4::new(vip, 22));
     assert_eq!(syn[33] & 0x04, 0x04, "RST");
     assert!(ip_ok(&syn) && l4_checksum_ok(&syn));
-    let mut rst = tcp(SRV, 4000, vip, 22, Kind::Rst, b"");
+    let mut rst = tcp(SRV, 4000, vip, 22, TcpFlags::RST, b"");
     assert_eq!(
         inb(&mut g, now, &mut rst),
         Verdict::Drop(DropReason::Unowned)
@@ -1445,18 +1403,18 @@ fn spoofed_inside_sources_and_icmp_errors_are_dropped() {
 #[test]
 fn inbound_to_a_dynamic_mapping_needs_a_syn_and_an_in_window_rst() {
     let (mut g, now) = gw();
-    let mut s = tcp(H1, 41000, SRV, 80, Kind::Syn, b"");
+    let mut s = tcp(H1, 41000, SRV, 80, TcpFlags::SYN, b"");
     assert_eq!(out(&mut g, now, &mut s), Verdict::Forward);
     let public = src(&s);
     // Another port of the same remote: a non-SYN cannot open a session.
-    let mut a = tcp(SRV, 81, *public.ip(), public.port(), Kind::Ack, b"");
+    let mut a = tcp(SRV, 81, *public.ip(), public.port(), TcpFlags::ACK, b"");
     assert_eq!(inb(&mut g, now, &mut a), Verdict::Drop(DropReason::NotSyn));
-    let mut sa = tcp(SRV, 80, *public.ip(), public.port(), Kind::SynAck, b"");
+    let mut sa = tcp(SRV, 80, *public.ip(), public.port(), TcpFlags::SYN_ACK, b"");
     assert_eq!(inb(&mut g, now, &mut sa), Verdict::Forward);
-    let mut ack = tcp(H1, 41000, SRV, 80, Kind::Ack, b"");
+    let mut ack = tcp(H1, 41000, SRV, 80, TcpFlags::ACK, b"");
     assert_eq!(out(&mut g, now, &mut ack), Verdict::Forward);
     // A blind RST far outside the window is refused; the flow stays established.
-    let mut rst = tcp(SRV, 80, *public.ip(), public.port(), Kind::Rst, b"");
+    let mut rst = tcp(SRV, 80, *public.ip(), public.port(), TcpFlags::RST, b"");
     rst[24..28].copy_from_slice(&0x8000_0000u32.to_be_bytes());
     let c = {
         let mut v = Vec::new();
@@ -1486,19 +1444,14 @@ fn early_drop_that_frees_the_mapping_being_opened_does_not_free_it_twice() {
     let data = include_bytes!(
         "../../../fuzz/corpus/nat_sequence/early_drop_frees_the_mapping_being_opened"
     );
-    crate::fuzzing::run_sequence(Instant::now(), data);
+    crate::fuzzing::run_sequence(epoch(), data);
 }
 
 #[test]
 fn sequence_fuzz_corpus_replays() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/nat_sequence");
-    let entries = std::fs::read_dir(&dir).expect("nat_sequence corpus");
-    let mut n = 0;
-    for e in entries.flatten() {
-        let data = std::fs::read(e.path()).unwrap();
-        crate::fuzzing::run_sequence(Instant::now(), &data);
-        n += 1;
-    }
+    let n = replay_corpus("nat_sequence", |data| {
+        crate::fuzzing::run_sequence(epoch(), data);
+    });
     assert!(n > 0, "no nat_sequence seeds");
 }
 
@@ -1508,6 +1461,6 @@ proptest! {
     fn arbitrary_sequences_keep_the_table_invariants(
         data in proptest::collection::vec(any::<u8>(), 0..400)
     ) {
-        crate::fuzzing::run_sequence(Instant::now(), &data);
+        crate::fuzzing::run_sequence(epoch(), &data);
     }
 }

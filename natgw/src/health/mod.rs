@@ -311,11 +311,7 @@ impl<K: Clone + PartialEq> HealthChecker<K> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[allow(clippy::disallowed_methods)]
-    fn epoch() -> Instant {
-        Instant::now()
-    }
+    use testkit::epoch;
 
     fn rs(last: u8) -> SocketAddrV4 {
         SocketAddrV4::new([10, 0, 0, last].into(), 80)

@@ -107,11 +107,9 @@ pub async fn run_checker<K>(
                 let _ = done.send((p, outcome));
             });
         }
-        let sleep = checker
-            .poll_timeout()
-            .map(|d| tokio::time::sleep_until(d.into()));
+        let deadline = checker.poll_timeout();
         tokio::select! {
-            () = async { if let Some(s) = sleep { s.await } else { std::future::pending().await } } => {}
+            () = netsys::timer::sleep_until(deadline) => {}
             Some((p, outcome)) = done_rx.recv() => {
                 if let Err(why) = outcome {
                     tracing::debug!(target = %p.key, addr = %p.addr, %why, "health probe failed");

@@ -22,12 +22,13 @@ use tokio::task::JoinHandle;
 
 use super::forward::{self, Listeners};
 use super::lock;
-use super::session::{ClientHandler, RemoteForward, Shared, State};
+use super::session::{ClientHandler, JumpHandler, RemoteForward, Shared, State};
 use super::worker::Worker;
 use crate::backoff::Backoff;
 use crate::config::{AllocatedPort, ClientConfig, Keepalive, SshClientStatus};
 use crate::error::SshFwdError;
 use crate::known_hosts;
+use crate::options::{AddressFamily, AlgorithmList};
 use crate::reload::ReloadPlan;
 use crate::spec::Endpoint;
 
@@ -60,7 +61,12 @@ impl SshClient {
     /// and with `fail_fast` a failed first connection (host key, auth, network); with
     /// `exit_on_forward_failure`, a remote forward the server refuses.
     pub async fn start(cfg: ClientConfig) -> Result<SshClient, SshFwdError> {
-        let keys = load_identities(&cfg)?;
+        let keys = load_identities(&cfg.identities, cfg.passphrase.as_deref())?;
+        let jump_keys = cfg
+            .jump
+            .iter()
+            .map(|hop| load_identities(&hop.identities, cfg.passphrase.as_deref()))
+            .collect::<Result<Vec<_>, _>>()?;
         let connections = cfg.connections.max(1);
         let workers = (0..connections)
             .map(|slot| Worker::spawn(format!("ssh-conn-{slot}")))
@@ -76,9 +82,10 @@ impl SshClient {
         let (keepalive, _) = watch::channel(cfg.keepalive());
         let applied = Mutex::new(cfg.clone());
         let shared = Arc::new(Shared {
-            russh: Arc::new(russh_config(&cfg)?),
-            cfg,
+            russh: Arc::new(russh_config(&cfg, &cfg.host, cfg.port)?),
             keys,
+            jump_keys,
+            cfg,
             pool,
             next: AtomicUsize::new(0),
             remote: Mutex::new(remote),
@@ -111,7 +118,7 @@ impl SshClient {
                 .spawn(async move { connect_once(&sh).await })
                 .await
                 .unwrap_or_else(|e| Err(SshFwdError::Config(format!("connection task: {e}"))));
-            let (handle, closed) = match connected {
+            let connection = match connected {
                 Ok(c) => c,
                 Err(e) => {
                     listeners.close_all();
@@ -119,15 +126,16 @@ impl SshClient {
                     return Err(e);
                 }
             };
-            if let Err(e) = request_remote_forwards(&shared, &handle, true).await {
+            if let Err(e) = request_remote_forwards(&shared, &connection.handle, true).await {
                 listeners.close_all();
-                let _ = handle
+                let _ = connection
+                    .handle
                     .disconnect(Disconnect::ByApplication, "forward refused", "")
                     .await;
                 shutdown_workers(workers).await;
                 return Err(e);
             }
-            Some((handle, closed))
+            Some(connection)
         } else {
             None
         };
@@ -261,6 +269,36 @@ impl SshClient {
         }
     }
 
+    /// A `direct-tcpip` channel from the server to `host`:`port` as a byte stream: what
+    /// `ssh -W` forwards stdin and stdout over.
+    ///
+    /// # Errors
+    /// No live connection within `connect_timeout`, or the server could not open the channel
+    /// (worded as a failed connect to `host`:`port`).
+    pub async fn open_stream(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + use<>, SshFwdError>
+    {
+        let handle =
+            super::session::pick(&self.shared, 0)
+                .await
+                .ok_or_else(|| SshFwdError::Timeout {
+                    host: self.shared.cfg.host.clone(),
+                    port: self.shared.cfg.port,
+                })?;
+        let channel = handle
+            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|e| SshFwdError::Connect {
+                host: host.to_string(),
+                port,
+                error: std::io::Error::other(format!("the server could not open it: {e}")),
+            })?;
+        Ok(channel.into_stream())
+    }
+
     /// Stops listeners and supervisors and disconnects; removes unix sockets it created.
     pub async fn stop(self) {
         let _ = self.stop_tx.send(true);
@@ -303,11 +341,14 @@ async fn shutdown_workers(workers: Vec<Worker>) {
     }
 }
 
-fn load_identities(cfg: &ClientConfig) -> Result<Vec<(PathBuf, Arc<PrivateKey>)>, SshFwdError> {
+fn load_identities(
+    paths: &[PathBuf],
+    passphrase: Option<&str>,
+) -> Result<Vec<(PathBuf, Arc<PrivateKey>)>, SshFwdError> {
     let mut keys = Vec::new();
-    for path in &cfg.identities {
+    for path in paths {
         super::server::check_file_mode(path, true)?;
-        let key = russh::keys::load_secret_key(path, cfg.passphrase.as_deref()).map_err(|e| {
+        let key = russh::keys::load_secret_key(path, passphrase).map_err(|e| {
             let why = match e {
                 russh::keys::Error::KeyIsEncrypted => {
                     "the key is encrypted: give its passphrase (passphrase_file, or run interactively)".to_string()
@@ -330,7 +371,8 @@ pub fn identity_is_encrypted(path: &std::path::Path) -> bool {
     )
 }
 
-fn russh_config(cfg: &ClientConfig) -> Result<client::Config, SshFwdError> {
+/// russh's settings for a connection to `host`:`port` (the destination or a jump host).
+fn russh_config(cfg: &ClientConfig, host: &str, port: u16) -> Result<client::Config, SshFwdError> {
     let mut preferred = russh::Preferred::default();
     if !cfg.ciphers.is_empty() {
         let mut names = Vec::new();
@@ -341,10 +383,32 @@ fn russh_config(cfg: &ClientConfig) -> Result<client::Config, SshFwdError> {
         }
         preferred.cipher = names.into();
     }
+    let algorithms = &cfg.algorithms;
+    preferred.kex = restrict(
+        &preferred.kex,
+        |n| n.as_ref(),
+        algorithms.kex.as_ref(),
+        "KexAlgorithms",
+    )?
+    .into();
+    preferred.mac = restrict(
+        &preferred.mac,
+        |n| n.as_ref(),
+        algorithms.macs.as_ref(),
+        "MACs",
+    )?
+    .into();
+    preferred.key = restrict(
+        &preferred.key,
+        russh::keys::Algorithm::as_str,
+        algorithms.host_keys.as_ref(),
+        "HostKeyAlgorithms",
+    )?
+    .into();
     // Offer first the host key types known_hosts already has for this server, so the server
     // presents a key we can verify instead of one that would look like a key change.
     if let Ok(text) = std::fs::read_to_string(&cfg.known_hosts) {
-        let known = known_hosts::known_algorithms(&text, &cfg.host, cfg.port);
+        let known = known_hosts::known_algorithms(&text, host, port);
         if !known.is_empty() {
             let mut order: Vec<russh::keys::Algorithm> = Vec::new();
             for name in &known {
@@ -380,6 +444,31 @@ fn russh_config(cfg: &ClientConfig) -> Result<client::Config, SshFwdError> {
     })
 }
 
+/// Applies an OpenSSH algorithm list to russh's defaults. The protocol markers in the kex list
+/// (`ext-info-c`, `kex-strict-c-v00@openssh.com`: strict kex is the Terrapin fix) are not
+/// algorithms a user chooses and are always kept.
+fn restrict<T: Clone>(
+    defaults: &[T],
+    name: impl Fn(&T) -> &str,
+    list: Option<&AlgorithmList>,
+    keyword: &str,
+) -> Result<Vec<T>, SshFwdError> {
+    let Some(list) = list else {
+        return Ok(defaults.to_vec());
+    };
+    let marker = |n: &str| n.starts_with("ext-info-") || n.starts_with("kex-strict-");
+    let names: Vec<&str> = defaults.iter().map(&name).filter(|n| !marker(n)).collect();
+    let chosen = list
+        .select(&names)
+        .map_err(|why| SshFwdError::Config(format!("{keyword}: {why}")))?;
+    let mut out: Vec<T> = chosen
+        .iter()
+        .filter_map(|c| defaults.iter().find(|d| name(d) == *c).cloned())
+        .collect();
+    out.extend(defaults.iter().filter(|d| marker(name(d))).cloned());
+    Ok(out)
+}
+
 /// Receive window per channel: 8 MiB keeps a loopback or LAN pipe full at several Gbit/s
 /// without one slow reader holding much (the window is credit, not a buffer we allocate).
 const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
@@ -389,45 +478,180 @@ const MAX_PACKET: u32 = 65_535;
 /// Messages queued per channel before backpressure reaches the SSH connection.
 const CHANNEL_BUFFER: usize = 64;
 
-async fn connect_once(
-    shared: &Arc<Shared>,
-) -> Result<(Arc<Handle<ClientHandler>>, oneshot::Receiver<()>), SshFwdError> {
-    let cfg = &shared.cfg;
-    let addr = known_hosts::host_field(&cfg.host, cfg.port);
-    let target = if cfg.host.contains(':') {
-        format!("[{}]:{}", cfg.host, cfg.port)
-    } else {
-        format!("{}:{}", cfg.host, cfg.port)
-    };
-    let fut = async {
-        let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
-            .await
-            .map_err(|error| SshFwdError::Connect {
-                addr: target.clone(),
-                error,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let (closed_tx, closed_rx) = oneshot::channel();
-        *lock(&shared.host_key_refusal) = None;
-        let handler = ClientHandler::new(shared.clone(), closed_tx);
-        let handle = client::connect_stream(shared.russh.clone(), tcp, handler)
-            .await
-            .map_err(|e| match lock(&shared.host_key_refusal).take() {
-                Some(msg) => SshFwdError::HostKey(msg),
-                None => e,
-            })?;
-        Ok::<_, SshFwdError>((handle, closed_rx))
-    };
-    let (mut handle, closed) = tokio::time::timeout(cfg.connect_timeout, fut)
-        .await
-        .map_err(|_| SshFwdError::Timeout(addr.clone()))??;
-    authenticate(shared, &mut handle).await?;
-    Ok((Arc::new(handle), closed))
+/// One SSH connection to the destination, with the jump host sessions it runs through (kept
+/// for as long as the connection lives; they end with it).
+pub(crate) struct Connection {
+    pub(crate) handle: Arc<Handle<ClientHandler>>,
+    /// Resolves when the session task ends.
+    pub(crate) closed: oneshot::Receiver<()>,
+    _hops: Vec<Handle<JumpHandler>>,
 }
 
-async fn authenticate(
+fn target_name(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+async fn connect_once(shared: &Arc<Shared>) -> Result<Connection, SshFwdError> {
+    let cfg = &shared.cfg;
+    let fut = async {
+        *lock(&shared.host_key_refusal) = None;
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let handler = ClientHandler::new(shared.clone(), closed_tx);
+        let refusal = |e: SshFwdError| match lock(&shared.host_key_refusal).take() {
+            Some(msg) => SshFwdError::HostKey(msg),
+            None => e,
+        };
+        let (handle, hops) = if cfg.jump.is_empty() {
+            let tcp = connect_tcp(cfg, &cfg.host, cfg.port)
+                .await
+                .map_err(|error| SshFwdError::Connect {
+                    host: cfg.host.clone(),
+                    port: cfg.port,
+                    error,
+                })?;
+            let _ = tcp.set_nodelay(true);
+            let handle = client::connect_stream(shared.russh.clone(), tcp, handler)
+                .await
+                .map_err(refusal)?;
+            (handle, Vec::new())
+        } else {
+            let (hops, stream) = connect_jumps(shared).await?;
+            let handle = client::connect_stream(shared.russh.clone(), stream, handler)
+                .await
+                .map_err(refusal)?;
+            (handle, hops)
+        };
+        Ok::<_, SshFwdError>((handle, closed_rx, hops))
+    };
+    let (mut handle, closed, hops) = tokio::time::timeout(cfg.connect_timeout, fut)
+        .await
+        .map_err(|_| SshFwdError::Timeout {
+            host: cfg.host.clone(),
+            port: cfg.port,
+        })??;
+    authenticate(shared, &mut handle, &cfg.user, &cfg.host, &shared.keys).await?;
+    Ok(Connection {
+        handle: Arc::new(handle),
+        closed,
+        _hops: hops,
+    })
+}
+
+/// Connects and authenticates every `ProxyJump` hop in order, each through the previous one's
+/// `direct-tcpip` channel, checking each hop's host key against known_hosts under its own
+/// name; returns the hop sessions and a stream to the destination through the last one.
+async fn connect_jumps(
     shared: &Arc<Shared>,
-    handle: &mut Handle<ClientHandler>,
+) -> Result<(Vec<Handle<JumpHandler>>, russh::ChannelStream<client::Msg>), SshFwdError> {
+    let cfg = &shared.cfg;
+    let mut hops: Vec<Handle<JumpHandler>> = Vec::new();
+    for (hop, keys) in cfg.jump.iter().zip(&shared.jump_keys) {
+        let russh = Arc::new(russh_config(cfg, &hop.host, hop.port)?);
+        let handler = JumpHandler::new(shared.clone(), &hop.host, hop.port);
+        let refusal = |e: SshFwdError| match lock(&shared.host_key_refusal).take() {
+            Some(msg) => SshFwdError::HostKey(msg),
+            None => e,
+        };
+        let mut handle = match hops.last() {
+            None => {
+                let tcp = connect_tcp(cfg, &hop.host, hop.port)
+                    .await
+                    .map_err(|error| SshFwdError::Connect {
+                        host: hop.host.clone(),
+                        port: hop.port,
+                        error,
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                client::connect_stream(russh, tcp, handler)
+                    .await
+                    .map_err(refusal)?
+            }
+            Some(previous) => {
+                let stream = open_through(previous, &hop.host, hop.port).await?;
+                client::connect_stream(russh, stream, handler)
+                    .await
+                    .map_err(refusal)?
+            }
+        };
+        authenticate(shared, &mut handle, &hop.user, &hop.host, keys).await?;
+        tracing::debug!(
+            "{}: through jump host {}",
+            cfg.name,
+            target_name(&hop.host, hop.port)
+        );
+        hops.push(handle);
+    }
+    let last = hops
+        .last()
+        .ok_or_else(|| SshFwdError::Config("no jump host".to_string()))?;
+    let stream = open_through(last, &cfg.host, cfg.port).await?;
+    Ok((hops, stream))
+}
+
+/// A `direct-tcpip` channel from a jump host to `host`:`port`, as a byte stream.
+async fn open_through(
+    via: &Handle<JumpHandler>,
+    host: &str,
+    port: u16,
+) -> Result<russh::ChannelStream<client::Msg>, SshFwdError> {
+    let channel = via
+        .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+        .await
+        .map_err(|e| SshFwdError::Connect {
+            host: host.to_string(),
+            port,
+            error: std::io::Error::other(format!("the jump host could not open it: {e}")),
+        })?;
+    Ok(channel.into_stream())
+}
+
+/// Resolves the destination, keeps the addresses of the configured family, and connects to
+/// each in resolver order (from `bind_address` when set) until one answers; the last error is
+/// the one reported, as ssh reports it.
+async fn connect_tcp(cfg: &ClientConfig, host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let addrs = tokio::net::lookup_host((host, port)).await?;
+    let mut last = None;
+    for addr in addrs {
+        let wanted = match cfg.address_family {
+            AddressFamily::Any => true,
+            AddressFamily::Inet => addr.is_ipv4(),
+            AddressFamily::Inet6 => addr.is_ipv6(),
+        };
+        if !wanted {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if let Some(local) = cfg.bind_address {
+            socket.bind(std::net::SocketAddr::new(local, 0))?;
+        }
+        match socket.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "no address of the requested family",
+        )
+    }))
+}
+
+/// Public-key authentication as `user` with `keys`, then (unless disabled) the agent's keys.
+async fn authenticate<H: client::Handler>(
+    shared: &Arc<Shared>,
+    handle: &mut Handle<H>,
+    user: &str,
+    host: &str,
+    keys: &[(PathBuf, Arc<PrivateKey>)],
 ) -> Result<(), SshFwdError> {
     let cfg = &shared.cfg;
     let mut tried = Vec::new();
@@ -437,20 +661,21 @@ async fn authenticate(
         .ok()
         .flatten()
         .unwrap_or(Some(HashAlg::Sha256));
-    for (path, key) in &shared.keys {
+    for (path, key) in keys {
         tried.push(path.display().to_string());
         let key = PrivateKeyWithHashAlg::new(key.clone(), rsa_hash);
-        if handle
-            .authenticate_publickey(cfg.user.clone(), key)
-            .await?
-            .success()
-        {
+        if handle.authenticate_publickey(user, key).await?.success() {
             tracing::debug!("{}: authenticated with {}", cfg.name, path.display());
             return Ok(());
         }
     }
-    if cfg.use_agent && std::env::var_os("SSH_AUTH_SOCK").is_some() {
-        match russh::keys::agent::client::AgentClient::connect_env().await {
+    if cfg.use_agent && (cfg.agent_socket.is_some() || std::env::var_os("SSH_AUTH_SOCK").is_some())
+    {
+        let agent = match &cfg.agent_socket {
+            Some(path) => russh::keys::agent::client::AgentClient::connect_uds(path).await,
+            None => russh::keys::agent::client::AgentClient::connect_env().await,
+        };
+        match agent {
             Ok(mut agent) => {
                 let identities = agent.request_identities().await.unwrap_or_default();
                 for id in identities {
@@ -471,7 +696,7 @@ async fn authenticate(
                         None
                     };
                     match handle
-                        .authenticate_publickey_with(cfg.user.clone(), key, hash, &mut agent)
+                        .authenticate_publickey_with(user, key, hash, &mut agent)
                         .await
                     {
                         Ok(r) if r.success() => return Ok(()),
@@ -484,8 +709,8 @@ async fn authenticate(
         }
     }
     Err(SshFwdError::AuthFailed {
-        user: cfg.user.clone(),
-        host: known_hosts::host_field(&cfg.host, cfg.port),
+        user: user.to_string(),
+        host: host.to_string(),
         tried: if tried.is_empty() {
             "no identities".to_string()
         } else {
@@ -516,10 +741,15 @@ async fn request_remote_forward(
     let refused = |e: russh::Error| {
         r.set_down();
         if strict && shared.cfg.exit_on_forward_failure {
-            return Err(SshFwdError::RemoteForwardRefused(r.spec.listen.to_string()));
+            // ssh names the port alone (or the socket path).
+            let listen = match &r.spec.listen {
+                Endpoint::Tcp { port, .. } => port.to_string(),
+                Endpoint::Unix(path) => path.clone(),
+            };
+            return Err(SshFwdError::RemoteForwardRefused(listen));
         }
         tracing::warn!(
-            "{}: remote port forwarding failed for listen {}: {e}",
+            "{}: Warning: remote port forwarding failed for listen port {} ({e})",
             shared.cfg.name,
             r.spec.listen
         );
@@ -649,18 +879,18 @@ async fn keepalive_dead(
 async fn supervise(
     shared: Arc<Shared>,
     slot: usize,
-    mut first: Option<(Arc<Handle<ClientHandler>>, oneshot::Receiver<()>)>,
+    mut first: Option<Connection>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(shared.cfg.backoff);
     let mut ever_up = false;
     loop {
-        let (handle, closed) = match first.take() {
+        let connection = match first.take() {
             Some(c) => c,
             None => match connect_once(&shared).await {
                 Ok(c) => {
                     if slot == 0 {
-                        let _ = request_remote_forwards(&shared, &c.0, false).await;
+                        let _ = request_remote_forwards(&shared, &c.handle, false).await;
                     }
                     c
                 }
@@ -676,6 +906,12 @@ async fn supervise(
             },
         };
         backoff.on_connected(now());
+        // The jump host sessions (if any) live as long as this binding: until the loop turns.
+        let Connection {
+            handle,
+            closed,
+            _hops,
+        } = connection;
         {
             let mut st = lock(&shared.state);
             if ever_up && slot == 0 {

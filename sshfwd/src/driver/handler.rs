@@ -1,4 +1,5 @@
-//! What russh calls on a client connection: host key verification against known_hosts
+//! What russh calls on a client connection (the destination's, and each `ProxyJump` hop's):
+//! host key verification against known_hosts
 //! (recording a first-seen key under an exclusive lock), the channels the server opens for
 //! `-R` forwards, and the disconnect reason.
 //!
@@ -14,7 +15,7 @@ use russh::{Channel, ChannelOpenFailure};
 
 use super::forward::serve_remote;
 use super::lock;
-use super::session::{ClientHandler, RemoteForward};
+use super::session::{ClientHandler, JumpHandler, RemoteForward, Shared};
 use crate::error::SshFwdError;
 use crate::known_hosts::{self, Decision};
 use crate::spec::Endpoint;
@@ -43,70 +44,90 @@ impl ClientHandler {
         // Connecting locally may take a while: never block the session's event loop on it.
         tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
     }
+}
 
-    fn verify_host_key(&self, key: &PublicKey) -> bool {
-        let cfg = &self.shared.cfg;
-        let path = cfg.known_hosts.display().to_string();
-        let text = match std::fs::read_to_string(&cfg.known_hosts) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                *lock(&self.shared.host_key_refusal) = Some(format!("cannot read {path}: {e}"));
-                return false;
-            }
-        };
-        let algorithm = key.algorithm().as_str().to_string();
-        let blob = key.public_key_bytes();
-        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        let status = known_hosts::check(&text, &cfg.host, cfg.port, &algorithm, &blob);
-        match known_hosts::decide(
-            &status,
-            cfg.strict_host_key_checking,
-            &cfg.host,
-            cfg.port,
-            &path,
-            &fingerprint,
-        ) {
-            Decision::Accept => true,
-            Decision::AcceptAndRecord => {
-                let line = known_hosts::format_entry(&cfg.host, cfg.port, &algorithm, &blob);
-                let recheck = |text: &str| {
-                    let status = known_hosts::check(text, &cfg.host, cfg.port, &algorithm, &blob);
-                    known_hosts::decide(
-                        &status,
-                        cfg.strict_host_key_checking,
-                        &cfg.host,
-                        cfg.port,
-                        &path,
-                        &fingerprint,
-                    )
-                };
-                match append_locked(&cfg.known_hosts, &line, recheck) {
-                    Ok(Decision::Accept) => true,
-                    Ok(Decision::Refuse(msg)) => {
-                        tracing::error!("{msg}");
-                        *lock(&self.shared.host_key_refusal) = Some(msg);
-                        false
-                    }
-                    Ok(Decision::AcceptAndRecord) => {
-                        tracing::warn!(
-                            "Permanently added '{}' ({algorithm}) to the list of known hosts ({path}); fingerprint {fingerprint}",
-                            known_hosts::host_field(&cfg.host, cfg.port)
-                        );
-                        true
-                    }
-                    Err(e) => {
-                        *lock(&self.shared.host_key_refusal) =
-                            Some(format!("cannot record host key in {path}: {e}"));
-                        false
-                    }
+/// Checks a server's host key (or refuses its certificate) against known_hosts under
+/// `host`:`port`, recording a first-seen key when the policy allows; a refusal leaves its
+/// reason in `Shared::host_key_refusal`.
+fn check_key(
+    shared: &Shared,
+    host: &str,
+    port: u16,
+    key: &russh::keys::PublicKeyOrCertificate,
+) -> bool {
+    match key {
+        russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
+            verify_host_key(shared, host, port, key)
+        }
+        russh::keys::PublicKeyOrCertificate::Certificate(_) => {
+            *lock(&shared.host_key_refusal) = Some("host certificates are not supported".into());
+            false
+        }
+    }
+}
+
+fn verify_host_key(shared: &Shared, host: &str, port: u16, key: &PublicKey) -> bool {
+    let cfg = &shared.cfg;
+    let path = cfg.known_hosts.display().to_string();
+    let text = match std::fs::read_to_string(&cfg.known_hosts) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            *lock(&shared.host_key_refusal) = Some(format!("cannot read {path}: {e}"));
+            return false;
+        }
+    };
+    let algorithm = key.algorithm().as_str().to_string();
+    let blob = key.public_key_bytes();
+    let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+    let status = known_hosts::check(&text, host, port, &algorithm, &blob);
+    match known_hosts::decide(
+        &status,
+        cfg.strict_host_key_checking,
+        host,
+        port,
+        &path,
+        &fingerprint,
+    ) {
+        Decision::Accept => true,
+        Decision::AcceptAndRecord => {
+            let line = known_hosts::format_entry(host, port, &algorithm, &blob);
+            let recheck = |text: &str| {
+                let status = known_hosts::check(text, host, port, &algorithm, &blob);
+                known_hosts::decide(
+                    &status,
+                    cfg.strict_host_key_checking,
+                    host,
+                    port,
+                    &path,
+                    &fingerprint,
+                )
+            };
+            match append_locked(&cfg.known_hosts, &line, recheck) {
+                Ok(Decision::Accept) => true,
+                Ok(Decision::Refuse(msg)) => {
+                    tracing::error!("{msg}");
+                    *lock(&shared.host_key_refusal) = Some(msg);
+                    false
+                }
+                Ok(Decision::AcceptAndRecord) => {
+                    tracing::warn!(
+                        "Permanently added '{}' ({algorithm}) to the list of known hosts ({path}); fingerprint {fingerprint}",
+                        known_hosts::host_field(host, port)
+                    );
+                    true
+                }
+                Err(e) => {
+                    *lock(&shared.host_key_refusal) =
+                        Some(format!("cannot record host key in {path}: {e}"));
+                    false
                 }
             }
-            Decision::Refuse(msg) => {
-                tracing::error!("{msg}");
-                *lock(&self.shared.host_key_refusal) = Some(msg);
-                false
-            }
+        }
+        Decision::Refuse(msg) => {
+            tracing::error!("{msg}");
+            *lock(&shared.host_key_refusal) = Some(msg);
+            false
         }
     }
 }
@@ -145,6 +166,17 @@ fn append_locked(
     Ok(decision)
 }
 
+impl client::Handler for JumpHandler {
+    type Error = SshFwdError;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(check_key(&self.shared, &self.host, self.port, key))
+    }
+}
+
 impl client::Handler for ClientHandler {
     type Error = SshFwdError;
 
@@ -152,16 +184,8 @@ impl client::Handler for ClientHandler {
         &mut self,
         key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        match key {
-            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
-                Ok(self.verify_host_key(key))
-            }
-            russh::keys::PublicKeyOrCertificate::Certificate(_) => {
-                *lock(&self.shared.host_key_refusal) =
-                    Some("host certificates are not supported".into());
-                Ok(false)
-            }
-        }
+        let cfg = &self.shared.cfg;
+        Ok(check_key(&self.shared, &cfg.host, cfg.port, key))
     }
 
     async fn server_channel_open_forwarded_tcpip(

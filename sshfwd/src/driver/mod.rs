@@ -2,6 +2,7 @@
 //! the forwarding-only server ([`SshServer`]).
 //!
 //! ```text
+//!  config_files.rs  ssh_config files on disk: -F, ~/.ssh/config, Include globs
 //!  client.rs   SshClient: start, reconfigure (executes a ReloadPlan), status, stop;
 //!              per-slot supervisors that connect, authenticate, request -R, reconnect
 //!  session.rs  Shared (pool, -R forwards, status) + pick: what every task below reads
@@ -18,6 +19,7 @@
 //! modules at the crate root.
 
 mod client;
+mod config_files;
 mod copy;
 mod forward;
 mod handler;
@@ -28,6 +30,7 @@ mod worker;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use client::{SshClient, identity_is_encrypted};
+pub use config_files::{ConfigFiles, read_config_file};
 pub use copy::ForwardCounters;
 pub use server::{
     HostKeyInfo, ServerCounters, SshServer, check_file_mode, load_or_generate_host_key,

@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub(crate) cfg: ClientConfig,
     pub(crate) russh: Arc<client::Config>,
     pub(crate) keys: Vec<(PathBuf, Arc<PrivateKey>)>,
+    /// The identities of each `ProxyJump` hop, in `cfg.jump` order.
+    pub(crate) jump_keys: Vec<Vec<(PathBuf, Arc<PrivateKey>)>>,
     pub(crate) pool: watch::Sender<Pool>,
     /// Round-robin position of [`pick`] over the live connections.
     pub(crate) next: AtomicUsize,
@@ -148,6 +150,24 @@ pub(crate) struct ClientHandler {
     pub(crate) shared: Arc<Shared>,
     /// Dropped with the session task: the supervisor's receiver then sees the connection end.
     _closed: oneshot::Sender<()>,
+}
+
+/// russh's callbacks on a `ProxyJump` hop's connection: only its host key is checked (under
+/// the hop's own name); it carries no forwards of its own.
+pub(crate) struct JumpHandler {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+impl JumpHandler {
+    pub(crate) fn new(shared: Arc<Shared>, host: &str, port: u16) -> Self {
+        JumpHandler {
+            shared,
+            host: host.to_string(),
+            port,
+        }
+    }
 }
 
 impl ClientHandler {

@@ -445,8 +445,7 @@ impl VrrpDriver {
         group: Option<String>,
         specs: Vec<MemberSpec>,
     ) -> Result<VrrpDriver, DriverError> {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| DriverError::Netlink(e.to_string()))?;
+        let (handle, conn) = netsys::netlink::connection().map_err(DriverError::NetlinkSocket)?;
         let watch = TaskWatch::new();
         let conn_task = watch.spawn("vrrp netlink connection", async move {
             conn.await;
@@ -642,12 +641,6 @@ impl<Io: VrrpIo> Driver<Io> {
         link_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.group.poll_timeout();
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 biased;
                 cmd = commands.recv() => {
@@ -670,7 +663,7 @@ impl<Io: VrrpIo> Driver<Io> {
                     return;
                 }
                 Some(ev) = events.recv() => self.handle_event(ev),
-                () = sleep => self.group.handle_timeout(now()),
+                () = netsys::timer::sleep_until(deadline) => self.group.handle_timeout(now()),
                 _ = link_poll.tick() => self.poll_links().await,
             }
             self.perform().await;

@@ -1,11 +1,10 @@
-//! Interface facts and virtual address management over rtnetlink.
+//! Interface facts and virtual address management, in VRRP's terms, over netsys's rtnetlink
+//! helpers.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
-use futures::TryStreamExt;
-use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
-use rtnetlink::{AddressMessageBuilder, Handle};
+use netsys::netlink::{Link, addresses, link_by_name};
+use rtnetlink::Handle;
 
 use crate::error::DriverError;
 use crate::instance::VirtualAddress;
@@ -14,50 +13,27 @@ use crate::instance::VirtualAddress;
 #[derive(Debug, Clone)]
 pub(crate) struct LinkInfo {
     pub(crate) index: u32,
+    /// All zeros for an interface without a 6-byte hardware address.
     pub(crate) mac: [u8; 6],
     /// Administratively up and with carrier.
     pub(crate) up: bool,
 }
 
-fn netlink_err(what: &str, e: rtnetlink::Error) -> DriverError {
-    DriverError::Netlink(format!("{what}: {e}"))
-}
-
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-        _ => None,
+impl From<Link> for LinkInfo {
+    fn from(l: Link) -> Self {
+        LinkInfo {
+            index: l.index,
+            mac: l.mac.unwrap_or_default(),
+            up: l.up,
+        }
     }
 }
 
 pub(crate) async fn link(handle: &Handle, name: &str) -> Result<LinkInfo, DriverError> {
-    let links = handle.link().get().match_name(name.to_owned()).execute();
-    // Collect the whole dump: dropping the stream early makes netlink-proto warn about
-    // responses it cannot deliver.
-    let msg = match links.try_collect::<Vec<_>>().await {
-        Ok(v) => v
-            .into_iter()
-            .next()
-            .ok_or_else(|| DriverError::NoInterface(name.to_owned()))?,
-        Err(e) if errno(&e) == Some(libc::ENODEV) => {
-            return Err(DriverError::NoInterface(name.to_owned()));
-        }
-        Err(e) => return Err(netlink_err("get link", e)),
-    };
-    let mut mac = [0u8; 6];
-    for a in &msg.attributes {
-        if let LinkAttribute::Address(bytes) = a
-            && bytes.len() == 6
-        {
-            mac.copy_from_slice(bytes);
-        }
-    }
-    let flags = msg.header.flags;
-    Ok(LinkInfo {
-        index: msg.header.index,
-        mac,
-        up: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
-    })
+    link_by_name(handle, name)
+        .await?
+        .map(LinkInfo::from)
+        .ok_or_else(|| DriverError::NoInterface(name.to_owned()))
 }
 
 /// The first IPv4 address of the interface that is not one of `exclude` (the VIPs).
@@ -66,25 +42,12 @@ pub(crate) async fn primary_address(
     ifindex: u32,
     exclude: &[Ipv4Addr],
 ) -> Result<Option<Ipv4Addr>, DriverError> {
-    let addrs: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(ifindex)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| netlink_err("get address", e))?;
-    for msg in addrs {
-        for a in &msg.attributes {
-            if let AddressAttribute::Local(IpAddr::V4(v4))
-            | AddressAttribute::Address(IpAddr::V4(v4)) = a
-                && !exclude.contains(v4)
-            {
-                return Ok(Some(*v4));
-            }
-        }
-    }
-    Ok(None)
+    Ok(addresses(handle)
+        .await?
+        .into_iter()
+        .filter(|a| a.ifindex == ifindex)
+        .map(|a| a.net.addr())
+        .find(|a| !exclude.contains(a)))
 }
 
 /// Adds `vip`; an address that is already there is fine.
@@ -93,15 +56,8 @@ pub(crate) async fn add_address(
     ifindex: u32,
     vip: VirtualAddress,
 ) -> Result<(), DriverError> {
-    match handle
-        .address()
-        .add(ifindex, IpAddr::V4(vip.address), vip.prefix_len)
-        .execute()
-        .await
-    {
-        Err(e) if errno(&e) != Some(libc::EEXIST) => Err(netlink_err("add address", e)),
-        _ => Ok(()),
-    }
+    netsys::netlink::add_address_idempotent(handle, ifindex, vip.address, vip.prefix_len).await?;
+    Ok(())
 }
 
 /// Removes `vip`; an address that is absent is fine.
@@ -110,19 +66,6 @@ pub(crate) async fn remove_address(
     ifindex: u32,
     vip: VirtualAddress,
 ) -> Result<(), DriverError> {
-    let msg = AddressMessageBuilder::<Ipv4Addr>::new()
-        .index(ifindex)
-        .address(vip.address, vip.prefix_len)
-        .build();
-    match handle.address().del(msg).execute().await {
-        Err(e)
-            if !matches!(
-                errno(&e),
-                Some(libc::EADDRNOTAVAIL | libc::ENOENT | libc::ENODEV)
-            ) =>
-        {
-            Err(netlink_err("remove address", e))
-        }
-        _ => Ok(()),
-    }
+    netsys::netlink::del_address_idempotent(handle, ifindex, vip.address, vip.prefix_len).await?;
+    Ok(())
 }

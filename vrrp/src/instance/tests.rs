@@ -5,12 +5,7 @@ use crate::sync_group::{Binding, MemberId, ObjectId, SyncGroup};
 use crate::track::Tracker;
 use netutil::Reconfigured;
 use proptest::prelude::*;
-
-/// The simulated clock's epoch: the only real clock read in these tests.
-#[allow(clippy::disallowed_methods)]
-fn t0() -> Instant {
-    Instant::now()
-}
+use testkit::epoch as t0;
 
 const A: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
 const B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 12);

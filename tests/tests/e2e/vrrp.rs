@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vipgate_tests::{Proc, Topology, wait_until};
+use serde_json::Value;
+use vipgate_tests::{Proc, Show, Topology, e2e, field, wait_until};
 
 const VIP: &str = "198.51.100.10";
 const PROBE_PORT: u16 = 7777;
@@ -53,23 +54,25 @@ print("gap_ms=%d received=%d sent=%d who=%s" % (round(max(gaps) * 1000) if gaps 
       len(replies), seq, ",".join(who)))
 "#;
 
-/// The status JSON of one instance, as text (the tests crate has no JSON parser; the daemon
-/// pretty-prints one `"key": value` per line).
+/// One instance from `show vrrp --json`; `Default` (null) when the daemon did not answer.
 #[derive(Debug, Clone, Default)]
-struct Status(String);
+struct Status(Value);
 
 impl Status {
-    /// The last value of `key` (a string or a number), without quotes.
+    /// A string field of the instance (`state`, `master`).
     fn get(&self, key: &str) -> Option<String> {
-        let pat = format!("\"{key}\": ");
-        let at = self.0.rfind(&pat)? + pat.len();
-        let rest = &self.0[at..];
-        let end = rest.find([',', '\n', '}']).unwrap_or(rest.len());
-        Some(rest[..end].trim().trim_matches('"').to_owned())
+        self.0[key].as_str().map(str::to_owned)
     }
 
-    fn num(&self, key: &str) -> u64 {
-        self.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+    /// The number at `path` in the instance; 0 when absent (a malformed reason never seen,
+    /// no master yet, or a daemon that did not answer).
+    fn num(&self, path: &[&str]) -> u64 {
+        field(&self.0, path).and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    /// The instance's state transitions, oldest first.
+    fn transitions(&self) -> &[Value] {
+        self.0["transitions"].as_array().map_or(&[], Vec::as_slice)
     }
 }
 
@@ -88,8 +91,7 @@ struct Lab {
 
 impl Lab {
     /// A bridge `br0` in host `sw`, directors `d1` (.11) and `d2` (.12), client `cl` (.200).
-    fn new(name: &str) -> Self {
-        let mut t = Topology::new(name);
+    fn new(mut t: Topology) -> Self {
         t.hosts(&["sw", "d1", "d2", "cl"]).bridge("sw", "br0");
         for (h, ip) in [("d1", "11"), ("d2", "12"), ("cl", "200")] {
             t.veth(h, "eth0", "sw", &format!("p-{h}"));
@@ -194,15 +196,11 @@ addresses = ["{VIP}/24"]
             .contains(&format!("{VIP}/"))
     }
 
-    /// The instance's status from `vipgate show vrrp --json`, if the daemon answers.
+    /// The instance's status from `vipgate show vrrp --json`, if the daemon answers (the labs
+    /// run one instance per daemon).
     fn status(&self, host: &str) -> Option<Status> {
-        let out = self.t.vipgate_output(
-            host,
-            &["show", "vrrp", "--json", "--control", &self.sock(host)],
-        );
-        out.status
-            .success()
-            .then(|| Status(String::from_utf8_lossy(&out.stdout).into_owned()))
+        let v = self.t.try_show(host, self.sock(host), Show::Vrrp)?;
+        Some(Status(v[0].clone()))
     }
 
     fn state(&self, host: &str) -> String {
@@ -359,7 +357,7 @@ fn unix_ms() -> u64 {
 
 #[test]
 fn host_death_failover_gap_and_restart_over_stale_vip() {
-    let lab = Lab::new("vrrp_host_death");
+    let lab = Lab::new(e2e!());
     let mut d1 = lab.vipgate("d1", 150, "100ms", true);
     let _d2 = lab.vipgate("d2", 100, "100ms", true);
     lab.wait_state("d1", "MASTER", Duration::from_secs(5));
@@ -387,14 +385,14 @@ fn host_death_failover_gap_and_restart_over_stale_vip() {
     assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
     let s = lab.status("d1").unwrap_or_default();
     assert!(
-        s.0.contains("\"to\": \"BACKUP\""),
+        s.transitions().iter().any(|t| t["to"] == "BACKUP"),
         "d1 went through BACKUP: {s:?}"
     );
 }
 
 #[test]
 fn sigterm_sends_priority_zero_and_backup_takes_over_after_skew() {
-    let lab = Lab::new("vrrp_sigterm");
+    let lab = Lab::new(e2e!());
     let mut d1 = lab.vipgate("d1", 150, "100ms", true);
     let _d2 = lab.vipgate("d2", 100, "100ms", true);
     lab.wait_state("d1", "MASTER", Duration::from_secs(5));
@@ -413,12 +411,12 @@ fn sigterm_sends_priority_zero_and_backup_takes_over_after_skew() {
     assert!(!lab.holds_vip("d1"), "VIP removed on stop");
     let s = lab.status("d2").unwrap_or_default();
     assert_eq!(s.get("state").as_deref(), Some("MASTER"));
-    assert!(s.num("priority_zero_rx") >= 1, "{s:?}");
+    assert!(s.num(&["counters", "priority_zero_rx"]) >= 1, "{s:?}");
 }
 
 #[test]
 fn preempt_off_keeps_the_returning_node_backup() {
-    let lab = Lab::new("vrrp_nopreempt");
+    let lab = Lab::new(e2e!());
     // With preemption off, whoever's master-down timer fires first wins: started together on
     // a loaded machine that may be d2. Start d1 first so it is the master being replaced.
     let mut d1 = lab.vipgate("d1", 150, "100ms", false);
@@ -441,7 +439,7 @@ fn preempt_off_keeps_the_returning_node_backup() {
 
 #[test]
 fn split_brain_heals_to_one_master_within_one_interval() {
-    let lab = Lab::new("vrrp_split");
+    let lab = Lab::new(e2e!());
     let _d1 = lab.vipgate("d1", 150, "1s", true);
     let _d2 = lab.vipgate("d2", 100, "1s", true);
     lab.wait_state("d1", "MASTER", Duration::from_secs(8));
@@ -455,7 +453,12 @@ fn split_brain_heals_to_one_master_within_one_interval() {
     lab.wait_state("d2", "BACKUP", Duration::from_secs(3));
     let back = lab
         .status("d2")
-        .map(|s| s.num("at_unix_ms"))
+        .map(|s| {
+            s.transitions()
+                .last()
+                .and_then(|t| t["at_unix_ms"].as_u64())
+                .unwrap_or(0)
+        })
         .unwrap_or(u64::MAX);
     assert!(
         back.saturating_sub(healed) <= 1000 + 50,
@@ -488,7 +491,7 @@ for p in [advert(ttl=64), advert(bad=True), advert(ver=0x21), advert(cut=6)]:
 
 #[test]
 fn malformed_adverts_are_ignored_and_counted() {
-    let lab = Lab::new("vrrp_malformed");
+    let lab = Lab::new(e2e!());
     let _d1 = lab.vipgate("d1", 150, "100ms", true);
     lab.wait_state("d1", "MASTER", Duration::from_secs(5));
     let script = lab.t.write("malformed.py", MALFORMED);
@@ -496,10 +499,10 @@ fn malformed_adverts_are_ignored_and_counted() {
         .sh("cl", &format!("python3 {} 198.51.100.11", script.display()));
     wait_until(Duration::from_secs(3), "drops counted", || {
         let s = lab.status("d1").unwrap_or_default();
-        s.num("bad_ttl") == 1
-            && s.num("BadChecksum") == 1
-            && s.num("BadVersion") == 1
-            && s.num("Truncated") == 1
+        s.num(&["counters", "bad_ttl"]) == 1
+            && s.num(&["malformed", "BadChecksum"]) == 1
+            && s.num(&["malformed", "BadVersion"]) == 1
+            && s.num(&["malformed", "Truncated"]) == 1
     });
     // Priority 250 adverts would have made d1 a backup had any been accepted.
     assert_eq!(lab.state("d1"), "MASTER");
@@ -515,7 +518,7 @@ fn malformed_adverts_are_ignored_and_counted() {
 
 #[test]
 fn interop_with_keepalived_both_ways() {
-    let lab = Arc::new(Lab::new("vrrp_keepalived"));
+    let lab = Arc::new(Lab::new(e2e!()));
     let dual = lab.watch_dual_hold();
 
     // vipgate master (150) + keepalived backup (100).
@@ -590,7 +593,7 @@ fn state_of(lab: &Lab, host: &str, instance: &str) -> String {
 
 #[test]
 fn sync_group_moves_vip_and_inside_gateway_together() {
-    let mut lab = Lab::new("vrrp_sync_group");
+    let mut lab = Lab::new(e2e!());
     // The real servers' segment: a second bridge, eth1 on both directors, one real server.
     lab.t.host("rs").bridge("sw", "br1");
     for (h, ip) in [("d1", "11"), ("d2", "12"), ("rs", "101")] {
@@ -665,7 +668,7 @@ track_interfaces = ["eth0"]
 
 #[test]
 fn notify_hook_runs_with_keepalived_arguments() {
-    let lab = Lab::new("vrrp_notify");
+    let lab = Lab::new(e2e!());
     let out = lab.t.dir().join("notify.out");
     let hook = lab.t.write(
         "notify.sh",
@@ -700,7 +703,7 @@ fn notify_hook_runs_with_keepalived_arguments() {
 
 #[test]
 fn unicast_peers_elect_and_fail_over() {
-    let lab = Lab::new("vrrp_unicast");
+    let lab = Lab::new(e2e!());
     let mut procs = Vec::new();
     for (h, prio, peer) in [("d1", 150, "12"), ("d2", 100, "11")] {
         let extra = format!("unicast_peers = [\"198.51.100.{peer}\"]");
@@ -715,14 +718,15 @@ fn unicast_peers_elect_and_fail_over() {
     lab.wait_state("d2", "BACKUP", Duration::from_secs(2));
     let s = lab.status("d2").unwrap_or_default();
     assert_eq!(s.get("master").as_deref(), Some("198.51.100.11"), "{s:?}");
-    assert!(s.num("adverts_rx") > 0, "{s:?}");
+    assert!(s.num(&["counters", "adverts_rx"]) > 0, "{s:?}");
     // The client is not a peer: its one well-formed advert (the TTL 64 one; the others do not
     // parse) is counted and ignored.
     let script = lab.t.write("malformed.py", MALFORMED);
     lab.t
         .sh("cl", &format!("python3 {} 198.51.100.12", script.display()));
     wait_until(Duration::from_secs(2), "unknown peer counted", || {
-        lab.status("d2").is_some_and(|s| s.num("unknown_peer") == 1)
+        lab.status("d2")
+            .is_some_and(|s| s.num(&["counters", "unknown_peer"]) == 1)
     });
     assert_eq!(lab.state("d2"), "BACKUP");
     assert_eq!(procs[0].terminate(Duration::from_secs(5)), Some(0));
@@ -736,7 +740,7 @@ fn unicast_peers_elect_and_fail_over() {
 /// and d2 preempts; rs1 returns: d1 preempts back.
 #[test]
 fn track_services_hands_the_vip_over_when_the_service_dies_and_back() {
-    let mut lab = Lab::new("vrrp_track_svc");
+    let mut lab = Lab::new(e2e!());
     let mut servers = Vec::new();
     for (d, rs, net, prio) in [("d1", "rs1", 1, 150), ("d2", "rs2", 2, 100)] {
         lab.t.host(rs);
@@ -797,7 +801,7 @@ track_services_weight = 60
     );
     assert_eq!(s1.get("state").as_deref(), Some("BACKUP"), "{s1:?}");
     assert_eq!(
-        (s1.num("priority"), s1.num("configured_priority")),
+        (s1.num(&["priority"]), s1.num(&["configured_priority"])),
         (90, 150)
     );
     assert_eq!(s2.get("state").as_deref(), Some("MASTER"), "{s2:?}");
@@ -812,14 +816,14 @@ track_services_weight = 60
     );
     lab.wait_state("d1", "MASTER", Duration::from_secs(2));
     lab.wait_state("d2", "BACKUP", Duration::from_secs(2));
-    assert_eq!(lab.status("d1").unwrap_or_default().num("priority"), 150);
+    assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 150);
 }
 
 /// keepalived's `track_interface { eth1 weight -20 }`: with a weight, losing the tracked link
 /// lowers the priority (the node stays BACKUP, ready) instead of putting it in FAULT.
 #[test]
 fn weighted_track_interface_lowers_priority_instead_of_fault() {
-    let mut lab = Lab::new("vrrp_track_weight");
+    let mut lab = Lab::new(e2e!());
     lab.t.veth("d1", "eth1", "sw", "x-d1");
     let extra = r#"track_interfaces = [{ name = "eth1", weight = 60 }]"#;
     let cfg = lab.config_with("d1", 150, "100ms", true, extra);
@@ -838,7 +842,7 @@ fn weighted_track_interface_lowers_priority_instead_of_fault() {
     lab.wait_state("d1", "BACKUP", Duration::from_secs(1));
     let s1 = lab.status("d1").unwrap_or_default();
     assert_eq!(
-        (s1.num("priority"), s1.num("configured_priority")),
+        (s1.num(&["priority"]), s1.num(&["configured_priority"])),
         (90, 150)
     );
     assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
@@ -849,7 +853,7 @@ fn weighted_track_interface_lowers_priority_instead_of_fault() {
     lab.t.ip("sw", "link set x-d1 up");
     lab.wait_state("d1", "MASTER", Duration::from_secs(2));
     lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
-    assert_eq!(lab.status("d1").unwrap_or_default().num("priority"), 150);
+    assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 150);
     assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
 }
 
@@ -878,15 +882,12 @@ fn assert_no_loss(r: &ProbeResult) {
 /// peer preempts (RFC 5798); raised again, the master takes it back.
 #[test]
 fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
-    let lab = Lab::new("vrrp_reload");
+    let lab = Lab::new(e2e!());
     let mut d1 = lab.vipgate("d1", 150, "100ms", true);
     let _d2 = lab.vipgate("d2", 100, "100ms", true);
     lab.wait_state("d1", "MASTER", Duration::from_secs(5));
     lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
-    let transitions = |h: &str| {
-        lab.status(h)
-            .map_or(0, |s| s.0.matches("\"at_unix_ms\"").count())
-    };
+    let transitions = |h: &str| lab.status(h).map_or(0, |s| s.transitions().len());
     let before = transitions("d1");
     let reload = |prio: u8, interval: &str| {
         lab.config("d1", prio, interval, true);
@@ -905,7 +906,7 @@ fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
     reload(120, "200ms");
     wait_until(Duration::from_secs(2), "priority 120 advertised", || {
         lab.status("d2")
-            .is_some_and(|s| s.num("master_priority") == 120)
+            .is_some_and(|s| s.num(&["master_priority"]) == 120)
     });
     let r = lab.probe_result(&mut probe);
     assert_eq!(r.who, "d1", "{}", r.line);
@@ -913,7 +914,7 @@ fn reload_changes_priority_live_and_moves_the_vip_only_when_it_should() {
     let s1 = lab.status("d1").unwrap_or_default();
     assert_eq!(s1.get("state").as_deref(), Some("MASTER"));
     assert_eq!(
-        (s1.num("priority"), s1.num("advert_interval_ms")),
+        (s1.num(&["priority"]), s1.num(&["advert_interval_ms"])),
         (120, 200)
     );
     assert_eq!(transitions("d1"), before, "no transition on a live reload");
@@ -1047,7 +1048,7 @@ impl Lab {
 /// the suppressed ones are counted.
 #[test]
 fn spoofed_lower_priority_flood_is_answered_at_most_once_per_second() {
-    let lab = Lab::new("vrrp_adv_flood");
+    let lab = Lab::new(e2e!());
     let cfg = lab.config_with("d1", 150, "1s", true, "garp_repeat_delay = \"0s\"");
     let _d1 = lab.t.vipgate(
         "d1",
@@ -1065,9 +1066,9 @@ fn spoofed_lower_priority_flood_is_answered_at_most_once_per_second() {
     assert!(adverts <= 4 + 3, "{adverts} adverts from the master");
     assert!(arps <= 5 * 3, "{arps} ARP frames from the master");
     let s = lab.status("d1").unwrap_or_default();
-    assert!(s.num("reassert_tx") <= 3, "{s:?}");
-    assert!(s.num("reassert_suppressed") >= 1990, "{s:?}");
-    assert!(s.num("lower_priority") >= 2000, "{s:?}");
+    assert!(s.num(&["counters", "reassert_tx"]) <= 3, "{s:?}");
+    assert!(s.num(&["counters", "reassert_suppressed"]) >= 1990, "{s:?}");
+    assert!(s.num(&["counters", "lower_priority"]) >= 2000, "{s:?}");
     assert_eq!(lab.state("d1"), "MASTER");
     assert!(lab.holds_vip("d1"));
 }
@@ -1077,7 +1078,7 @@ fn spoofed_lower_priority_flood_is_answered_at_most_once_per_second() {
 /// answering from d1 alone.
 #[test]
 fn spoofed_priority_zero_from_a_non_master_does_not_move_the_vip() {
-    let lab = Lab::new("vrrp_adv_prio0");
+    let lab = Lab::new(e2e!());
     let _d1 = lab.vipgate("d1", 150, "1s", true);
     let _d2 = lab.vipgate("d2", 100, "1s", true);
     lab.wait_state("d1", "MASTER", Duration::from_secs(8));
@@ -1089,7 +1090,10 @@ fn spoofed_priority_zero_from_a_non_master_does_not_move_the_vip() {
     assert_eq!(r.who, "d1", "{}", r.line);
     let s = lab.status("d2").unwrap_or_default();
     assert_eq!(s.get("state").as_deref(), Some("BACKUP"), "{s:?}");
-    assert!(s.num("priority_zero_not_master") >= 20, "{s:?}");
+    assert!(
+        s.num(&["counters", "priority_zero_not_master"]) >= 20,
+        "{s:?}"
+    );
     assert_eq!(s.get("master").as_deref(), Some("198.51.100.11"), "{s:?}");
 }
 
@@ -1097,7 +1101,7 @@ fn spoofed_priority_zero_from_a_non_master_does_not_move_the_vip() {
 /// advert (which would demote the master) is counted as an unknown peer and ignored.
 #[test]
 fn peers_drop_adverts_from_unlisted_sources() {
-    let lab = Lab::new("vrrp_adv_peers");
+    let lab = Lab::new(e2e!());
     let mut procs = Vec::new();
     for (h, prio, peer) in [("d1", 150, "12"), ("d2", 100, "11")] {
         let extra = format!("peers = [\"198.51.100.{peer}\"]");
@@ -1113,7 +1117,7 @@ fn peers_drop_adverts_from_unlisted_sources() {
     lab.spoof("198.51.100.77", "198.51.100.11", 254, 20, 1.0, 1.0);
     wait_until(Duration::from_secs(2), "unknown peers counted", || {
         lab.status("d1")
-            .is_some_and(|s| s.num("unknown_peer") == 20)
+            .is_some_and(|s| s.num(&["counters", "unknown_peer"]) == 20)
     });
     assert_eq!(lab.state("d1"), "MASTER");
     assert_eq!(lab.state("d2"), "BACKUP");

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use vipgate_tests::{Proc, Topology, wait_until};
+use vipgate_tests::{Proc, Show, Topology, e2e, wait_until};
 
 const VIP: &str = "198.51.100.10";
 const CLIENTS: &str = "198.51.100.200,198.51.100.201,198.51.100.202";
@@ -71,8 +71,7 @@ struct Lab {
 
 impl Lab {
     /// Builds the topology, starts `rs1..=rs{reals}` and vipgate with `services` (TOML).
-    fn new(test: &str, reals: u8, services: &str) -> Lab {
-        let mut t = Topology::new(test);
+    fn new(mut t: Topology, reals: u8, services: &str) -> Lab {
         t.hosts(&["cl", "dir"]);
         t.veth("cl", "eth0", "dir", "eth0");
         t.addr("dir", "eth0", "198.51.100.11/24");
@@ -222,11 +221,7 @@ fn active_total(lab: &Lab) -> u64 {
 /// runs through the VIP: the download completes, and the next 600 split 200/200/200.
 #[test]
 fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer() {
-    let lab = Lab::new(
-        "lb_split",
-        3,
-        &service("wrr", "", &[(1, 1), (2, 2), (3, 3)]),
-    );
+    let lab = Lab::new(e2e!(), 3, &service("wrr", "", &[(1, 1), (2, 2), (3, 3)]));
     let split = count(&lab.connect(80, 600, CLIENTS));
     assert_eq!(
         (split.get("rs1"), split.get("rs2"), split.get("rs3")),
@@ -301,7 +296,7 @@ fn wrr_and_rr_are_exact_and_a_reload_keeps_a_running_transfer() {
 /// connection.
 #[test]
 fn lc_avoids_the_loaded_backend_and_drain_keeps_open_connections() {
-    let lab = Lab::new("lb_lc", 2, &service("lc", "", &[(1, 1), (2, 1)]));
+    let lab = Lab::new(e2e!(), 2, &service("lc", "", &[(1, 1), (2, 1)]));
     // Drain rs2 so the held connections all go to rs1.
     lab.weight("web", "10.0.0.102:80", 0);
     let go = lab.t.dir().join("go");
@@ -349,7 +344,7 @@ fn lc_avoids_the_loaded_backend_and_drain_keeps_open_connections() {
 /// a client under rr until the timeout has passed since its last connection.
 #[test]
 fn source_hash_and_persistence_pin_clients() {
-    let lab = Lab::new("lb_sh", 3, &service("sh", "", &[(1, 1), (2, 1), (3, 1)]));
+    let lab = Lab::new(e2e!(), 3, &service("sh", "", &[(1, 1), (2, 1), (3, 1)]));
     let mut seen = HashMap::new();
     for a in 200..210 {
         let bodies = lab.connect(80, 5, &format!("198.51.100.{a}"));
@@ -367,7 +362,7 @@ fn source_hash_and_persistence_pin_clients() {
     // Long enough that a loaded machine (python start-up per connection) cannot outrun it.
     let timeout = Duration::from_secs(5);
     let lab = Lab::new(
-        "lb_persist",
+        e2e!(),
         3,
         &service("rr", "persistence = \"5s\"", &[(1, 1), (2, 1), (3, 1)]),
     );
@@ -403,7 +398,7 @@ fn source_hash_and_persistence_pin_clients() {
 #[test]
 fn health_checks_take_backends_out_and_the_sorry_server_answers() {
     let mut lab = Lab::new(
-        "lb_health",
+        e2e!(),
         3,
         &service(
             "wrr",
@@ -456,7 +451,7 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers() {
 #[test]
 fn services_join_the_pat_gateway_of_a_nat_host() {
     let lab = Lab::new(
-        "lb_nat",
+        e2e!(),
         2,
         &format!(
             "[nat]\ninside = [\"br0\"]\noutside = \"eth0\"\naddress = \"198.51.100.1\"\n\n{}",
@@ -480,4 +475,230 @@ fn services_join_the_pat_gateway_of_a_nat_host() {
         .try_sh("rs1", "curl -sS --max-time 5 http://198.51.100.200:8000/")
         .expect("rs1 reaches the outside");
     assert_eq!(seen.trim(), "outside");
+}
+
+/// Like `HOLD_PY`, from one source address and consecutive source ports (a port reused from
+/// an earlier connection would meet that flow, still in the director's TIME_WAIT, and hang):
+/// holds `n` connections, prints "held", waits for the `go` file, then either sends the
+/// requests and prints the bodies or (`reset`) resets every connection (SO_LINGER 0: an RST,
+/// so the director forgets the flows after its 10 s CLOSE timeout, not 2 minutes of TIME_WAIT).
+const HOLD_FROM_PY: &str = r#"
+import socket, struct, sys, os, time
+vip, port, n, go, src, base, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), sys.argv[7]
+held = [socket.create_connection((vip, port), timeout=30, source_address=(src, base + i)) for i in range(n)]
+print("held", flush=True)
+deadline = time.time() + 60
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.02)
+for s in held:
+    if mode == "reset":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        continue
+    s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    print(data.split(b"\r\n\r\n", 1)[1].decode().strip(), flush=True)
+"#;
+
+impl Lab {
+    /// Opens `n` connections to `VIP:port` one after the other and keeps them established
+    /// (each is established before the next opens); returns the client and the `go` file.
+    fn hold(&self, port: u16, n: usize, mode: &str) -> (Proc, std::path::PathBuf) {
+        let go = self.t.dir().join(format!("go-{port}-{mode}"));
+        let script = self.t.write("hold_from.py", HOLD_FROM_PY);
+        let base = self.next_port.get();
+        self.next_port.set(base + n as u32);
+        let held = self.t.spawn(
+            "cl",
+            &format!("hold-{port}-{mode}"),
+            &[
+                "python3",
+                script.to_str().unwrap_or(""),
+                VIP,
+                &port.to_string(),
+                &n.to_string(),
+                go.to_str().unwrap_or(""),
+                "198.51.100.200",
+                &base.to_string(),
+                mode,
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !held.log().starts_with("held") {
+            assert!(
+                Instant::now() < deadline,
+                "{n} connections to port {port} not held: {}\n{}",
+                held.log(),
+                self.show()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (held, go)
+    }
+
+    /// Holds `n` connections to `VIP:port`, then sends their requests and returns the
+    /// backends in connection order.
+    fn held_sequence(&self, port: u16, n: usize) -> Vec<String> {
+        let (mut held, go) = self.hold(port, n, "request");
+        std::fs::write(&go, b"go").expect("releasing the held connections");
+        assert_eq!(
+            held.wait_exit(Duration::from_secs(20)),
+            Some(0),
+            "{}",
+            held.log()
+        );
+        held.log().lines().skip(1).map(str::to_owned).collect()
+    }
+}
+
+fn names(seq: &[u8]) -> Vec<String> {
+    seq.iter().map(|i| format!("rs{i}")).collect()
+}
+
+/// The schedulers added for ipvsadm parity, each on its own port of the VIP, on known
+/// sequences of connections. Held (established) connections: sed minimises (active + 1) /
+/// weight, nq takes an idle backend first, ovf fills the heaviest backend up to its weight,
+/// lblc keeps the destination (the VIP) on one backend until it is busy, lblcr grows a set.
+/// Short connections one after another (nothing established when the next arrives): sed
+/// and fo always take the heaviest backend, nq the first idle one, dh/lblc/lblcr the one
+/// the VIP maps to, and twos spreads over all.
+#[test]
+fn new_schedulers_split_known_sequences_exactly() {
+    // Each service has its own backend port (rsN answers on 80PP for VIP port PP): two
+    // services sharing a backend endpoint can meet the same inside 4-tuple when a client
+    // port is reused, which this test is not about.
+    let svc = |port: u16, scheduler: &str, list: &[(u8, u32)]| {
+        service(scheduler, "", list)
+            .replace("name = \"web\"", &format!("name = \"{scheduler}\""))
+            .replace(&format!("{VIP}:80"), &format!("{VIP}:{port}"))
+            .replace(":80\", weight", &format!(":80{port}\", weight"))
+    };
+    let services = [
+        svc(81, "sed", &[(1, 1), (2, 3)]),
+        svc(82, "nq", &[(1, 1), (2, 3)]),
+        svc(83, "ovf", &[(1, 2), (2, 3)]),
+        svc(84, "lblc", &[(1, 2), (2, 2), (3, 2)]),
+        svc(85, "lblcr", &[(1, 1), (2, 1), (3, 1)]),
+        svc(86, "fo", &[(1, 1), (2, 5), (3, 5)]),
+        svc(87, "dh", &[(1, 1), (2, 1), (3, 1)]),
+        svc(88, "twos", &[(1, 1), (2, 1), (3, 1)]),
+    ]
+    .join("\n");
+    let lab = Lab::new(e2e!(), 3, &services);
+    let _servers: Vec<Proc> = (81..=88)
+        .flat_map(|port| (1..=3).map(move |i| (port, i)))
+        .map(|(port, i)| {
+            lab.t.http_server(
+                &format!("rs{i}"),
+                &format!("10.0.0.10{i}"),
+                8000 + port,
+                &format!("rs{i}"),
+            )
+        })
+        .collect();
+
+    assert_eq!(
+        lab.held_sequence(81, 8),
+        names(&[2, 2, 1, 2, 2, 2, 1, 2]),
+        "sed"
+    );
+    assert_eq!(
+        lab.held_sequence(82, 8),
+        names(&[1, 2, 2, 2, 2, 2, 1, 2]),
+        "nq"
+    );
+    assert_eq!(
+        lab.held_sequence(83, 7),
+        names(&[2, 2, 2, 2, 1, 1, 1]),
+        "ovf"
+    );
+    assert_eq!(lab.held_sequence(84, 5), names(&[1, 1, 1, 2, 2]), "lblc");
+    assert_eq!(lab.held_sequence(85, 5), names(&[1, 1, 2, 2, 3]), "lblcr");
+
+    let short = |port| count(&lab.connect(port, 12, CLIENTS));
+    assert_eq!(short(81).get("rs2"), Some(&12), "sed, nothing established");
+    assert_eq!(
+        short(82).get("rs1"),
+        Some(&12),
+        "nq: the first idle backend"
+    );
+    let fo = short(86);
+    assert_eq!(fo.get("rs2"), Some(&12), "fo: the first of the heaviest");
+    lab.weight("fo", "10.0.0.102:8086", 0);
+    assert_eq!(
+        short(86).get("rs3"),
+        Some(&12),
+        "fo fails over to the next heaviest"
+    );
+    let dh = short(87);
+    assert_eq!(dh.len(), 1, "dh: one VIP, one backend: {dh:?}");
+    let twos = short(88);
+    assert_eq!(twos.values().sum::<usize>(), 12);
+    assert!(twos.len() >= 2, "twos spreads: {twos:?}");
+    let show = lab.show();
+    for s in ["sed", "nq", "ovf", "lblc", "lblcr", "fo", "dh", "twos"] {
+        assert!(show.contains(&format!(" {s}  ({s})")), "{show}");
+    }
+}
+
+/// Thresholds (ipvsadm -x/-y): rs1 takes at most 2 connections; once there it is skipped
+/// (`show lb` says overload) until it holds fewer than 1, then it takes its turns again;
+/// `show lb --json` reports the thresholds and the service's limit.
+#[test]
+fn thresholds_skip_an_overloaded_backend_and_let_it_return() {
+    let list = "backends = [\n  { address = \"10.0.0.101:80\", max_connections = 2, min_connections = 1 },\n  { address = \"10.0.0.102:80\" },\n]\n";
+    let lab = Lab::new(
+        e2e!(),
+        2,
+        &format!(
+            "[[service]]\nname = \"web\"\nlisten = \"{VIP}:80\"\nscheduler = \"rr\"\nmax_connections = 40\n{list}"
+        ),
+    );
+    let (mut held, go) = lab.hold(80, 3, "reset");
+    // rr: rs1, rs2, rs1 — rs1 now holds its maximum of 2.
+    let (state, _, active, _, _) = lab.backend("10.0.0.101:80");
+    assert_eq!((state.as_str(), active), ("overload", 2));
+    let next = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(next.get("rs2"), Some(&10), "rs1 is skipped: {next:?}");
+
+    // Reset the held connections: once the director forgets them (CLOSE, 10 s) rs1 holds 0,
+    // under its lower threshold of 1, and takes its turns again.
+    std::fs::write(&go, b"go").expect("resetting the held connections");
+    assert_eq!(held.wait_exit(Duration::from_secs(20)), Some(0));
+    wait_until(
+        Duration::from_secs(30),
+        "rs1 back under its lower threshold",
+        || lab.backend("10.0.0.101:80").0 == "up",
+    );
+    let after = count(&lab.connect(80, 2, CLIENTS));
+    assert_eq!(
+        after.get("rs1"),
+        Some(&1),
+        "rs1 has its turn again: {after:?}"
+    );
+    let json = lab.t.show("dir", &lab.control, Show::Lb);
+    let web = json
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "web"))
+        .unwrap_or_else(|| panic!("no service web in {json}"));
+    let rs1 = &web["backends"][0];
+    assert_eq!(
+        (
+            &rs1["upper_threshold"],
+            &rs1["lower_threshold"],
+            &rs1["overloaded"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(1),
+            &serde_json::json!(false)
+        ),
+        "{web}"
+    );
+    assert_eq!(web["connection_limit"], 40, "{web}");
 }

@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 use std::time::Duration;
-use vipgate_tests::{Proc, Topology, wait_for, wait_until};
+use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 
 const PUBLIC: &str = "198.51.100.1";
 const T: Duration = Duration::from_secs(30);
@@ -21,8 +21,7 @@ struct Hq {
 }
 
 /// Builds the topology and starts `vipgate run` on gw with `[nat]` plus `extra` keys.
-fn hq(test: &str, extra: &str) -> Hq {
-    let mut t = Topology::new(test);
+fn hq(mut t: Topology, extra: &str) -> Hq {
     t.hosts(&["pc", "web", "gw", "isp", "out", "out2"]);
     t.bridge("gw", "eth1").bridge("isp", "br0");
     t.veth("gw", "lpc", "pc", "eth0")
@@ -96,20 +95,10 @@ inside = "192.168.101.101:22"
 }
 
 impl Hq {
+    /// The gateway's part of `show nat --json`.
     fn show(&self) -> Value {
-        let out = self
-            .topo
-            .vipgate_output("gw", &["show", "nat", "--json", "-c", &self.config]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).expect("show nat --json is JSON");
-        v.as_array()
-            .and_then(|a| a.first())
-            .cloned()
-            .expect("one nat part")
+        let ctl = self.topo.dir().join("vipgate.sock");
+        self.topo.show("gw", ctl, Show::Nat)[0].take()
     }
 
     fn show_text(&self) -> String {
@@ -159,22 +148,9 @@ while True:\n  d,a=s.recvfrom(100)\n  s.sendto(('%s:%d'%a).encode(),a)\n"
     }
 }
 
-/// Waits until `addr:port` accepts TCP from `host` (with this file's longer deadline: the
-/// machine is shared with other builds).
-fn wait_tcp(t: &Topology, host: &str, addr: &str, port: u16) {
-    wait_until(T, &format!("{addr}:{port} to accept in {host}"), || {
-        t.try_sh(host, &format!("bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"))
-            .is_ok()
-    });
-}
-
-fn counter(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
-}
-
 #[test]
 fn static_forwards_reach_web_and_sshd() {
-    let hq = hq("nat_static", "");
+    let hq = hq(e2e!(), "");
     let t = &hq.topo;
     let _web = t.http_server("web", "192.168.101.101", 80, "hello from web");
     let body = t
@@ -211,7 +187,7 @@ UsePAM no\nPidFile {d}/sshd.pid\n"
             sshd_cfg.to_str().unwrap(),
         ],
     );
-    wait_tcp(t, "web", "192.168.101.101", 22);
+    t.wait_tcp("web", "192.168.101.101", 22, T);
     let out = t.sh(
         "out",
         &format!(
@@ -248,14 +224,16 @@ UsePAM no\nPidFile {d}/sshd.pid\n"
 
 #[test]
 fn overload_many_hosts_eim_ping_traceroute() {
-    // Two TUN queues: flows and their replies may be read on either, one table serves both.
-    let hq = hq("nat_overload", "queues = 2");
+    // The TUN data path alone (every packet through nat0, as before the kernel path), with two
+    // TUN queues: flows and their replies may be read on either, one table serves both.
+    let hq = hq(e2e!(), "queues = 2\ndatapath = \"tun\"");
     assert_eq!(hq.show()["tun_queues"], 2);
+    assert_eq!(hq.show()["datapath"], "tun");
     let t = &hq.topo;
     let http = t.http_server("out", "198.51.100.200", 8080, "outside");
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
     let _u2 = hq.udp_echo_peer("out2", "198.51.100.201", 7000);
-    wait_tcp(t, "out", "198.51.100.200", 8080);
+    t.wait_tcp("out", "198.51.100.200", 8080, T);
 
     // Several inside hosts at once, TCP and UDP; the server sees the public address.
     for host in ["pc", "web"] {
@@ -356,7 +334,7 @@ fn overload_many_hosts_eim_ping_traceroute() {
 
 #[test]
 fn unsolicited_inbound_dropped_and_acl_denies_counted() {
-    let hq = hq("nat_filter", "");
+    let hq = hq(e2e!(), "");
     let t = &hq.topo;
     let _u1 = hq.udp_echo_peer("out", "198.51.100.200", 7000);
     let seen = hq
@@ -428,7 +406,7 @@ s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('',41000))\nwhile
 #[test]
 fn table_flood_is_bounded_and_drains() {
     let hq = hq(
-        "nat_flood",
+        e2e!(),
         "max_mappings = 64\nmax_mappings_per_host = 48\ntimeouts = { tcp_transitory = \"3s\" }",
     );
     let t = &hq.topo;
@@ -437,7 +415,7 @@ fn table_flood_is_bounded_and_drains() {
         "iperf3-server",
         &["iperf3", "-s", "-B", "198.51.100.200"],
     );
-    wait_tcp(t, "out", "198.51.100.200", 5201);
+    t.wait_tcp("out", "198.51.100.200", 5201, T);
     // An established transfer first.
     let transfer = t.spawn(
         "pc",
@@ -487,7 +465,7 @@ try: s.connect(('198.51.100.200',9))\n  except OSError: pass\n";
 /// `show nat` no longer lists it: nothing was restarted.
 #[test]
 fn reload_removes_a_static_forward_live() {
-    let hq = hq("nat_rm_static", "");
+    let hq = hq(e2e!(), "");
     let t = &hq.topo;
     let d = t.dir().to_str().unwrap().to_owned();
     // web:22 answers HTTP here, so that the forward about to go is seen working first.
@@ -577,4 +555,93 @@ print('intact' if bytes(b)==half+half else 'corrupt', len(b))\n"
         format!("intact {}", 16 * 1024 * 1024),
         "{result}"
     );
+}
+
+/// Waits until something listens on TCP `port` in `host` (without connecting to it: a
+/// one-shot sink would take the probe for its transfer).
+fn wait_listening(t: &Topology, host: &str, port: u16) {
+    wait_until(T, &format!("a listener on {host}:{port}"), || {
+        t.try_sh(
+            host,
+            &format!("ss -Hltn 'sport = :{port}' | grep -q {port}"),
+        )
+        .is_ok()
+    });
+}
+
+/// Sends `sent` from `from` to `to_addr:port`, received by a sink on `sink_host:sink_port`; the bytes
+/// must arrive unchanged.
+fn hash_checked_transfer(
+    t: &Topology,
+    from: &str,
+    (sink_host, sink_port): (&str, u16),
+    (to_addr, port): (&str, u16),
+    name: &str,
+) {
+    let dir = t.dir().display().to_string();
+    let _sink = t.spawn(
+        sink_host,
+        &format!("sink-{name}"),
+        &[
+            "socat",
+            "-u",
+            &format!("TCP-LISTEN:{sink_port},reuseaddr"),
+            &format!("CREATE:{dir}/{name}"),
+        ],
+    );
+    wait_listening(t, sink_host, sink_port);
+    t.sh(
+        from,
+        // Connected first, data a second later: by then the established flow is in the kernel
+        // path (one sync round), so the data shows where it went. Bounded: a stalled path
+        // must fail the test, not hang it.
+        &format!("(sleep 1; cat {dir}/sent) | timeout 60 socat -u STDIN TCP:{to_addr}:{port}"),
+    );
+    wait_until(T, &format!("the whole file to arrive ({name})"), || {
+        std::fs::metadata(format!("{dir}/{name}")).is_ok_and(|m| m.len() == 20_000_000)
+    });
+    let hash = |f: &str| t.sh(from, &format!("sha256sum < {dir}/{f} | cut -d' ' -f1"));
+    assert_eq!(
+        hash("sent"),
+        hash(name),
+        "bytes changed on the way ({name})"
+    );
+}
+
+/// The kernel fast path: transfers through dynamic PAT and through a static forward arrive
+/// intact and mostly bypass nat0 (the fast path's counters moved, the core's translated
+/// counters saw little more than the handshakes), and a stop removes the programs' qdisc
+/// and filters from the interfaces.
+#[test]
+fn kernel_path_carries_transfers_and_a_stop_leaves_nothing() {
+    let mut hq = hq(e2e!(), "datapath = \"kernel\"");
+    let v = hq.show();
+    assert_eq!(v["datapath"], "kernel", "{}", v["datapath_reason"]);
+    assert!(hq.show_text().contains("Data path: kernel"));
+    let t = &hq.topo;
+    let dir = t.dir().display().to_string();
+    t.sh("gw", &format!("head -c 20000000 /dev/urandom > {dir}/sent"));
+    hash_checked_transfer(t, "pc", ("out", 5001), ("198.51.100.200", 5001), "via-pat");
+    hash_checked_transfer(t, "out", ("web", 80), (PUBLIC, 8001), "via-static");
+
+    let v = hq.show();
+    let fast = counter(&v, &["fast_path", "packets"]);
+    let slow =
+        counter(&v, &["counters", "translated_out"]) + counter(&v, &["counters", "translated_in"]);
+    // 2 × 20 MB is about 28,000 data segments (plus ACKs); the core translated the handshakes
+    // and what crossed before each flow was installed (one sync round).
+    assert!(fast > 20_000, "fast path packets: {v}");
+    assert!(
+        slow * 5 < fast,
+        "most packets bypassed nat0: {slow} slow, {fast} fast"
+    );
+    assert!(counter(&v, &["fast_path", "bytes"]) > 40_000_000, "{v}");
+
+    hq._vipgate.terminate(T).expect("vipgate stops");
+    for iface in ["eth0", "eth1"] {
+        let qdiscs = t.sh("gw", &format!("tc qdisc show dev {iface}"));
+        assert!(!qdiscs.contains("clsact"), "{iface}: {qdiscs}");
+        let filters = t.sh("gw", &format!("tc filter show dev {iface} ingress"));
+        assert!(filters.trim().is_empty(), "{iface}: {filters}");
+    }
 }

@@ -18,7 +18,7 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vipgate_tests::{Proc, Topology, wait_for, wait_until};
+use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 
 const PUBLIC: &str = "198.51.100.1";
 const VIP: &str = "198.51.100.10";
@@ -151,14 +151,12 @@ struct Lab {
     t: Topology,
     vipgate: Proc,
     _servers: Proc,
-    config: String,
 }
 
 /// The topology above; vipgate on gw with three port forwards (8001 → web:80, 8002 →
 /// web:9000, 8003 → web:9001), two services (VIP:80 → web:8080, VIP:9000 → web:9100: a
 /// forward's inside endpoint is its own, no service may share it) and `extra` keys in `[nat]`.
-fn lab(test: &str, extra: &str) -> Lab {
-    let mut t = Topology::new(test);
+fn lab(mut t: Topology, extra: &str) -> Lab {
     t.hosts(&["web", "gw", "isp", "out", "att"]);
     t.bridge("isp", "br0");
     t.veth("gw", "eth1", "web", "eth0")
@@ -235,7 +233,6 @@ backends = [{{ address = "{WEB}:9100" }}]
         t,
         vipgate,
         _servers: servers,
-        config,
     };
     wait_until(T, "vipgate to answer show nat", || lab.try_show().is_some());
     for (addr, port) in [(PUBLIC, 8001), (VIP, 80)] {
@@ -285,14 +282,10 @@ impl Lab {
         self.dir().join(name).display().to_string()
     }
 
+    /// The gateway's part of `show nat --json`, once the daemon answers.
     fn try_show(&self) -> Option<Value> {
-        let out = self
-            .t
-            .vipgate_output("gw", &["show", "nat", "--json", "-c", &self.config]);
-        if !out.status.success() {
-            return None;
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let ctl = self.dir().join("vipgate.sock");
+        let v = self.t.try_show("gw", ctl, Show::Nat)?;
         v.as_array().and_then(|a| a.first()).cloned()
     }
 
@@ -384,10 +377,6 @@ fn nonzero(counters: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn counter(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
-}
-
 /// Waits for a client to exit and returns its tally (its last line).
 fn tally(p: &mut Proc, timeout: Duration) -> Tally {
     assert_eq!(p.wait_exit(timeout), Some(0), "client failed: {}", p.log());
@@ -413,8 +402,8 @@ fn tally(p: &mut Proc, timeout: Duration) -> Tally {
 
 /// 100,000 forged SYNs to `addr:port` while a legitimate client keeps connecting to it and
 /// a transfer through `bulk_addr:bulk_port`, started before, keeps running.
-fn syn_flood_keeps_serving(test: &str, addr: &str, port: u16, bulk_addr: &str, bulk_port: u16) {
-    let lab = lab(test, "");
+fn syn_flood_keeps_serving(t: Topology, addr: &str, port: u16, bulk_addr: &str, bulk_port: u16) {
+    let lab = lab(t, "");
     let d = lab.dir();
 
     // Before: the service works.
@@ -542,7 +531,7 @@ fn syn_flood_keeps_serving(test: &str, addr: &str, port: u16, bulk_addr: &str, b
 /// 1 of 6) legitimate connections succeed, and the daemon's RSS grows by 75 MiB.
 #[test]
 fn syn_flood_on_a_static_forward_spares_legitimate_clients() {
-    syn_flood_keeps_serving("natatk_fwd", PUBLIC, 8001, PUBLIC, 8002);
+    syn_flood_keeps_serving(e2e!(), PUBLIC, 8001, PUBLIC, 8002);
 }
 
 /// Review §5.1 through a virtual service on a VIP.
@@ -552,7 +541,7 @@ fn syn_flood_on_a_static_forward_spares_legitimate_clients() {
 /// succeeded, but the daemon's RSS grew by 70 MiB and nothing was evicted or counted.
 #[test]
 fn syn_flood_on_a_virtual_service_spares_legitimate_clients() {
-    syn_flood_keeps_serving("natatk_vip", VIP, 80, VIP, 9000);
+    syn_flood_keeps_serving(e2e!(), VIP, 80, VIP, 9000);
 }
 
 /// Review §5.2: traffic to a VIP that no service owns is answered by the gateway (or
@@ -562,7 +551,7 @@ fn syn_flood_on_a_virtual_service_spares_legitimate_clients() {
 /// echo requests cross nat0 315 times (`passed_through` +315).
 #[test]
 fn a_vip_answers_ping_and_unserved_ports_without_a_loop() {
-    let lab = lab("natatk_loop", "");
+    let lab = lab(e2e!(), "");
     let (tx0, _) = lab.nat0_packets();
     let passed0 = counter(&lab.show(), &["counters", "passed_through"]);
     let ping = lab
@@ -643,7 +632,7 @@ except OSError as e:\n  print(type(e).__name__)\""
 /// of silence (gone from `show nat`), and the connection is dead ("timed out").
 #[test]
 fn an_off_path_rst_does_not_kill_an_established_flow() {
-    let lab = lab("natatk_rst", "timeouts = { tcp_transitory = \"3s\" }");
+    let lab = lab(e2e!(), "timeouts = { tcp_transitory = \"3s\" }");
     let d = lab.dir();
     let script = lab.script("long_lived.py");
     let mut conn = lab.t.spawn(

@@ -3,9 +3,10 @@
 //! loopback, with configs and keys in the test's directory (never the system's sshd or
 //! /root/.ssh).
 
+use serde_json::Value;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use vipgate_tests::{Proc, Topology, wait_for, wait_until};
+use vipgate_tests::{Proc, Show, Topology, e2e, wait_for, wait_until};
 
 const H: &str = "h";
 const SSHD_PORT: u16 = 2222;
@@ -66,37 +67,6 @@ if errors:
 print("ok %d" % (n_seq + n_conc))
 "#;
 
-/// Waits until 127.0.0.1:`port` accepts inside the test's host (bash: dash has no /dev/tcp).
-fn wait_port(topo: &Topology, port: u16, timeout: Duration) {
-    wait_until(timeout, &format!("127.0.0.1:{port} to accept"), || {
-        topo.try_sh(H, &format!("bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}'"))
-            .is_ok()
-    });
-}
-
-/// python3's http.server on 127.0.0.1:`port` answering GET / with `body`.
-fn http_server(topo: &Topology, port: u16, body: &str) -> Proc {
-    let www = topo.dir().join(format!("www-{port}"));
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("index.html"), format!("{body}\n")).unwrap();
-    let p = topo.spawn(
-        H,
-        &format!("http-{port}"),
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            www.to_str().unwrap(),
-            &port.to_string(),
-        ],
-    );
-    wait_port(topo, port, Duration::from_secs(10));
-    p
-}
-
 struct Keys {
     client: PathBuf,
     client_pub: String,
@@ -143,12 +113,11 @@ fn openssh_sshd(topo: &Topology, keys: &Keys) -> Proc {
         "sshd",
         &["/usr/sbin/sshd", "-D", "-e", "-f", cfg.to_str().unwrap()],
     );
-    wait_port(topo, SSHD_PORT, Duration::from_secs(10));
+    topo.wait_tcp(H, "127.0.0.1", SSHD_PORT, Duration::from_secs(10));
     p
 }
 
-fn setup(test: &str) -> (Topology, Keys) {
-    let mut topo = Topology::new(test);
+fn setup(mut topo: Topology) -> (Topology, Keys) {
     topo.host(H);
     let keys = client_keys(&topo);
     topo.write("echo_server.py", ECHO_SERVER);
@@ -168,7 +137,7 @@ fn echo_server(topo: &Topology) -> Proc {
             &ECHO_PORT.to_string(),
         ],
     );
-    wait_port(topo, ECHO_PORT, Duration::from_secs(10));
+    topo.wait_tcp(H, "127.0.0.1", ECHO_PORT, Duration::from_secs(10));
     p
 }
 
@@ -221,9 +190,9 @@ fn allocated_port(p: &Proc) -> u16 {
 
 #[test]
 fn client_forwards_through_openssh_sshd() {
-    let (topo, keys) = setup("ssh_client");
+    let (topo, keys) = setup(e2e!());
     let _sshd = openssh_sshd(&topo, &keys);
-    let _http = http_server(&topo, HTTP_PORT, "hello from web");
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "hello from web");
     let _echo = echo_server(&topo);
     let client = vipgate_ssh(
         &topo,
@@ -243,7 +212,7 @@ fn client_forwards_through_openssh_sshd() {
         ],
     );
     let r0 = allocated_port(&client);
-    wait_port(&topo, 8585, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 8585, Duration::from_secs(15));
     assert_eq!(
         topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
         "hello from web"
@@ -274,8 +243,8 @@ fn client_forwards_through_openssh_sshd() {
 
 #[test]
 fn openssh_client_against_vipgate_sshd() {
-    let (topo, keys) = setup("ssh_server");
-    let _http = http_server(&topo, HTTP_PORT, "served");
+    let (topo, keys) = setup(e2e!());
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "served");
     let _echo = echo_server(&topo);
     topo.write("authorized_keys", &keys.client_pub);
     let d = topo.dir().display().to_string();
@@ -305,13 +274,13 @@ fn openssh_client_against_vipgate_sshd() {
         "openssh-client",
         &["sh", "-c", &ssh("-N -L 18585:127.0.0.1:8080 -L 18586:127.0.0.1:7007 -L 18587:127.0.0.1:22 -R 19000:127.0.0.1:8080")],
     );
-    wait_port(&topo, 18585, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 18585, Duration::from_secs(15));
     assert_eq!(
         topo.curl(H, "http://127.0.0.1:18585/").unwrap().trim(),
         "served"
     );
     echo_check(&topo, 18586, 200, 50);
-    wait_port(&topo, 19000, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 19000, Duration::from_secs(15));
     assert_eq!(
         topo.curl(H, "http://127.0.0.1:19000/").unwrap().trim(),
         "served"
@@ -342,7 +311,7 @@ fn openssh_client_against_vipgate_sshd() {
 
 #[test]
 fn host_key_policies() {
-    let (topo, keys) = setup("ssh_hostkeys");
+    let (topo, keys) = setup(e2e!());
     let _sshd = openssh_sshd(&topo, &keys);
     let port = SSHD_PORT.to_string();
     let run = |policy: &str| {
@@ -414,9 +383,9 @@ fn host_key_policies() {
 
 #[test]
 fn reconnects_after_sshd_restart_and_shows_status() {
-    let (topo, keys) = setup("ssh_reconnect");
+    let (topo, keys) = setup(e2e!());
     let mut sshd = openssh_sshd(&topo, &keys);
-    let _http = http_server(&topo, HTTP_PORT, "still here");
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "still here");
     let d = topo.dir().display().to_string();
     let cfg = topo.write(
         "site.toml",
@@ -429,7 +398,7 @@ fn reconnects_after_sshd_restart_and_shows_status() {
         ),
     );
     let _run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
-    wait_port(&topo, 8585, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 8585, Duration::from_secs(15));
     assert_eq!(
         topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
         "still here"
@@ -448,27 +417,13 @@ fn reconnects_after_sshd_restart_and_shows_status() {
         },
     );
     eprintln!("forward back {:?} after sshd restart", t0.elapsed());
-    let out = topo.vipgate_output(
-        H,
-        &[
-            "show",
-            "ssh",
-            "--json",
-            "--control",
-            &format!("{d}/ctl.sock"),
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let show = show_ssh(&topo);
+    assert!(parts(&show).any(|p| p["state"] == "connected"), "{show}");
+    assert!(parts(&show).all(|p| p["reconnects"] != 0), "{show}");
     assert!(
-        out.status.success(),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
+        forwards(&show).any(|f| f["bound"] == "127.0.0.1:8585"),
+        "{show}"
     );
-    // The tests crate has no JSON parser: compare the compacted text.
-    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    assert!(compact.contains("\"state\":\"connected\""), "{text}");
-    assert!(!compact.contains("\"reconnects\":0"), "{text}");
-    assert!(compact.contains("\"bound\":\"127.0.0.1:8585\""), "{text}");
     let human = topo.vipgate_output(H, &["show", "ssh", "--control", &format!("{d}/ctl.sock")]);
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(human.contains("127.0.0.1:8585"), "{human}");
@@ -476,7 +431,7 @@ fn reconnects_after_sshd_restart_and_shows_status() {
 
 #[test]
 fn bad_input_gives_clear_errors() {
-    let (topo, keys) = setup("ssh_badinput");
+    let (topo, keys) = setup(e2e!());
     let out = |args: &[&str]| {
         let o = topo.vipgate_output(H, args);
         assert!(!o.status.success());
@@ -494,12 +449,20 @@ fn bad_input_gives_clear_errors() {
         out(&["ssh", "-N", "-D", "0", "h"]).contains("bad dynamic forwarding specification '0'")
     );
     assert!(
-        out(&["ssh", "-N", "-o", "ProxyJump=x", "-L", "1:h:2", "h"])
-            .contains("unsupported option 'ProxyJump'")
+        out(&[
+            "ssh",
+            "-N",
+            "-o",
+            "ProxyCommand=nc %h %p",
+            "-L",
+            "1:h:2",
+            "h"
+        ])
+        .contains("option 'ProxyCommand' is not supported")
     );
     // A port already in use is named.
     let _sshd = openssh_sshd(&topo, &keys);
-    let _busy = http_server(&topo, 8585, "busy");
+    let _busy = topo.http_server(H, "127.0.0.1", 8585, "busy");
     let p = vipgate_ssh(&topo, "busy", &keys, &["-L", "8585:127.0.0.1:80"]);
     let mut p = p;
     p.wait_exit(Duration::from_secs(10));
@@ -568,29 +531,26 @@ fn ssh_site(topo: &Topology, keys: &Keys, forwards: &str) -> PathBuf {
     )
 }
 
-/// `show ssh --json`, whitespace removed (the tests crate has no JSON parser).
-fn show_ssh_compact(topo: &Topology) -> String {
-    let ctl = format!("{}/ctl.sock", topo.dir().display());
-    let out = topo.vipgate_output(H, &["show", "ssh", "--json", "--control", &ctl]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect()
+/// `show ssh --json` of the daemon on the test's control socket: its clients and server.
+fn show_ssh(topo: &Topology) -> Value {
+    topo.show(H, topo.dir().join("ctl.sock"), Show::Ssh)
 }
 
-/// A numeric field of the forward object whose spec is `spec`, or of its `counters`.
-fn forward_field(compact: &str, spec: &str, field: &str) -> Option<u64> {
-    let parts: Vec<serde_json::Value> = serde_json::from_str(compact).ok()?;
-    let forward = parts
-        .iter()
+/// The parts (clients and server) in `show ssh --json`.
+fn parts(show: &Value) -> impl Iterator<Item = &Value> {
+    show.as_array().into_iter().flatten()
+}
+
+/// Every forward of every client in `show ssh --json`.
+fn forwards(show: &Value) -> impl Iterator<Item = &Value> {
+    parts(show)
         .filter_map(|p| p["forwards"].as_array())
         .flatten()
-        .find(|f| f["spec"] == spec)?;
+}
+
+/// A numeric field of the forward whose spec is `spec`, or of its `counters`.
+fn forward_field(show: &Value, spec: &str, field: &str) -> Option<u64> {
+    let forward = forwards(show).find(|f| f["spec"] == spec)?;
     forward[field]
         .as_u64()
         .or_else(|| forward["counters"][field].as_u64())
@@ -598,9 +558,9 @@ fn forward_field(compact: &str, spec: &str, field: &str) -> Option<u64> {
 
 #[test]
 fn remote_unix_sockets_and_live_counters() {
-    let (topo, keys) = setup("ssh_unix");
+    let (topo, keys) = setup(e2e!());
     let _sshd = openssh_sshd(&topo, &keys);
-    let _http = http_server(&topo, HTTP_PORT, "hello over unix");
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "hello over unix");
     let _echo = echo_server(&topo);
     let d = topo.dir().display().to_string();
     // A local unix socket in front of the web server (what `-R port:/path` points at).
@@ -644,10 +604,10 @@ fn remote_unix_sockets_and_live_counters() {
         .ok()
     });
     assert_eq!(via_socket.trim(), "hello over unix");
-    let compact = show_ssh_compact(&topo);
+    let show = show_ssh(&topo);
     assert!(
-        compact.contains(&format!("\"bound\":\"{d}/remote-web.sock\"")),
-        "{compact}"
+        forwards(&show).any(|f| f["bound"] == format!("{d}/remote-web.sock")),
+        "{show}"
     );
 
     // Live byte counters: bytes show up while the connection is still open.
@@ -663,29 +623,25 @@ fn remote_unix_sockets_and_live_counters() {
         || hold.log().contains("echoed"),
     );
     let spec = format!("8586:127.0.0.1:{ECHO_PORT}");
-    let compact = show_ssh_compact(&topo);
+    let show = show_ssh(&topo);
+    assert_eq!(forward_field(&show, &spec, "active"), Some(1), "{show}");
     assert_eq!(
-        forward_field(&compact, &spec, "active"),
-        Some(1),
-        "{compact}"
+        forward_field(&show, &spec, "bytes_out"),
+        Some(300_000),
+        "{show}"
     );
     assert_eq!(
-        forward_field(&compact, &spec, "bytes_out"),
+        forward_field(&show, &spec, "bytes_in"),
         Some(300_000),
-        "{compact}"
-    );
-    assert_eq!(
-        forward_field(&compact, &spec, "bytes_in"),
-        Some(300_000),
-        "{compact}"
+        "{show}"
     );
 }
 
 #[test]
 fn reload_changes_forwards_on_the_live_connection() {
-    let (topo, keys) = setup("ssh_reload");
+    let (topo, keys) = setup(e2e!());
     let _sshd = openssh_sshd(&topo, &keys);
-    let _http = http_server(&topo, HTTP_PORT, "web");
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "web");
     let _echo = echo_server(&topo);
     let d = topo.dir().display().to_string();
     let ctl = format!("{d}/ctl.sock");
@@ -698,8 +654,8 @@ fn reload_changes_forwards_on_the_live_connection() {
         ),
     );
     let _run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
-    wait_port(&topo, 8585, Duration::from_secs(15));
-    wait_port(&topo, 8586, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 8585, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 8586, Duration::from_secs(15));
     assert_eq!(
         topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
         "web"
@@ -720,7 +676,7 @@ fn reload_changes_forwards_on_the_live_connection() {
     );
     wait_until(Duration::from_secs(10), "the transfer to start", || {
         forward_field(
-            &show_ssh_compact(&topo),
+            &show_ssh(&topo),
             &format!("8586:127.0.0.1:{ECHO_PORT}"),
             "active",
         ) == Some(1)
@@ -742,7 +698,7 @@ fn reload_changes_forwards_on_the_live_connection() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("applied live"), "{stdout}");
-    wait_port(&topo, 8587, Duration::from_secs(10));
+    topo.wait_tcp(H, "127.0.0.1", 8587, Duration::from_secs(10));
     assert_eq!(
         topo.curl(H, "http://127.0.0.1:8587/").unwrap().trim(),
         "web"
@@ -759,10 +715,15 @@ fn reload_changes_forwards_on_the_live_connection() {
         transfer.log()
     );
     assert!(transfer.log().contains("ok 8000000"), "{}", transfer.log());
-    let compact = show_ssh_compact(&topo);
-    assert!(compact.contains("\"reconnects\":0"), "{compact}");
-    assert!(compact.contains("\"state\":\"connected\""), "{compact}");
-    assert!(!compact.contains("8585:127.0.0.1"), "{compact}");
+    let show = show_ssh(&topo);
+    assert!(parts(&show).any(|p| p["reconnects"] == 0), "{show}");
+    assert!(parts(&show).any(|p| p["state"] == "connected"), "{show}");
+    assert!(
+        forwards(&show).all(|f| !f["spec"]
+            .as_str()
+            .is_some_and(|s| s.contains("8585:127.0.0.1"))),
+        "{show}"
+    );
 }
 
 /// Holds N idle TCP connections to 127.0.0.1:PORT (never sending a byte) from this helper's
@@ -825,8 +786,8 @@ fn fd_count(pid: u32) -> usize {
 
 #[test]
 fn idle_connection_flood_leaves_sshd_and_daemon_serving() {
-    let (topo, keys) = setup("ssh_idleflood");
-    let _http = http_server(&topo, HTTP_PORT, "served");
+    let (topo, keys) = setup(e2e!());
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "served");
     topo.write("authorized_keys", &keys.client_pub);
     let d = topo.dir().display().to_string();
     let cfg = topo.write(
@@ -839,7 +800,7 @@ fn idle_connection_flood_leaves_sshd_and_daemon_serving() {
         ),
     );
     let run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
-    wait_port(&topo, SSHD_PORT, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", SSHD_PORT, Duration::from_secs(15));
     let flood = topo.write("flood.py", IDLE_FLOOD);
     let attacker = topo.spawn(
         H,
@@ -886,36 +847,30 @@ fn idle_connection_flood_leaves_sshd_and_daemon_serving() {
             ),
         ],
     );
-    wait_port(&topo, 18585, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 18585, Duration::from_secs(15));
     let big = "x".repeat(200_000);
-    std::fs::write(topo.dir().join(format!("www-{HTTP_PORT}/big.txt")), &big).unwrap();
+    std::fs::write(
+        topo.dir().join(format!("www-{H}-{HTTP_PORT}/big.txt")),
+        &big,
+    )
+    .unwrap();
     let got = topo.curl(H, "http://127.0.0.1:18585/big.txt").unwrap();
     assert_eq!(got.trim_end().len(), big.len(), "forwarded body differs");
     assert_eq!(got.trim_end(), big);
     // After the grace time every idle connection is closed by the server.
     wait_log(&attacker, &format!("closed {held} of {held} all"));
-    let out = topo.vipgate_output(
-        H,
-        &[
-            "show",
-            "ssh",
-            "--json",
-            "--control",
-            &format!("{d}/ctl.sock"),
-        ],
+    let show = show_ssh(&topo);
+    assert!(
+        parts(&show).any(|p| p["login_grace_expired"] == 10),
+        "{show}"
     );
-    let compact: String = String::from_utf8_lossy(&out.stdout)
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    assert!(compact.contains("\"login_grace_expired\":10"), "{compact}");
-    assert!(!compact.contains("\"refused_per_source\":0,"), "{compact}");
+    assert!(parts(&show).all(|p| p["refused_per_source"] != 0), "{show}");
 }
 
 #[test]
 fn vipgate_sshd_key_options_and_privileged_listen() {
-    let (topo, keys) = setup("ssh_keyopts");
-    let _http = http_server(&topo, HTTP_PORT, "served");
+    let (topo, keys) = setup(e2e!());
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "served");
     let expired = keygen(&topo, "id_expired", "ed25519");
     let ca = keygen(&topo, "id_ca", "ed25519");
     let public = |p: &PathBuf| std::fs::read_to_string(p.with_extension("pub")).unwrap();
@@ -969,4 +924,378 @@ fn vipgate_sshd_key_options_and_privileged_listen() {
         &sshd,
         "a port below 1024 needs a permit_listen entry naming it",
     );
+}
+
+/// A home directory of the test's own, with `.ssh/` made as ssh wants it.
+fn test_home(topo: &Topology) -> PathBuf {
+    let home = topo.dir().join("home");
+    std::fs::create_dir_all(home.join(".ssh/conf.d")).unwrap();
+    home
+}
+
+/// `vipgate ssh ARGS` with HOME set to `home` (so `~/.ssh/config` is the test's).
+fn vipgate_ssh_home(topo: &Topology, name: &str, home: &std::path::Path, args: &[&str]) -> Proc {
+    let bin = vipgate_tests::vipgate_bin();
+    let home_env = format!("HOME={}", home.display());
+    let mut argv = vec!["env", &home_env, bin.to_str().unwrap(), "ssh"];
+    argv.extend_from_slice(args);
+    topo.spawn(H, name, &argv)
+}
+
+#[test]
+fn user_config_with_include_match_and_tokens() {
+    let (topo, keys) = setup(e2e!());
+    let _sshd = openssh_sshd(&topo, &keys);
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "configured");
+    let home = test_home(&topo);
+    let ssh = home.join(".ssh");
+    std::fs::copy(&keys.client, ssh.join("id_root")).unwrap();
+    // An ordinary ~/.ssh/config: keywords vipgate ignores, one only macOS's ssh knows (hence
+    // IgnoreUnknown), a relative Include whose User the Match below depends on, tokens.
+    std::fs::write(
+        ssh.join("config"),
+        "IgnoreUnknown UseKeychain,AddKeysToAgent\n\
+         Include conf.d/*.conf\n\
+         \n\
+         Host gw\n\
+         \x20 HostName 127.0.0.1\n\
+         \x20 UseKeychain yes\n\
+         \x20 ForwardAgent yes\n\
+         \x20 ControlMaster auto\n\
+         \x20 ControlPath ~/.ssh/cm-%r@%h:%p\n\
+         \x20 Compression yes\n\
+         \n\
+         Match originalhost gw user root\n\
+         \x20 Port 2222\n\
+         \x20 IdentityFile ~/.ssh/id_%r\n\
+         \x20 UserKnownHostsFile ~/.ssh/known_hosts_%h_%p\n\
+         \x20 LocalForward 8585 127.0.0.1:8080\n\
+         \x20 ConnectTimeout 5\n\
+         \n\
+         Host other\n\
+         \x20 Port 1\n\
+         \x20 LocalForward 9999 127.0.0.1:1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ssh.join("conf.d/10-user.conf"),
+        "Host *\n  User root\n  ServerAliveInterval 5\n  SendEnv LANG LC_*\n",
+    )
+    .unwrap();
+    std::fs::write(ssh.join("conf.d/ignored.txt"), "Bogus keyword\n").unwrap();
+    let mut client = vipgate_ssh_home(&topo, "client", &home, &["-N", "gw"]);
+    topo.wait_tcp(H, "127.0.0.1", 8585, Duration::from_secs(15));
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
+        "configured"
+    );
+    assert!(
+        ssh.join("known_hosts_127.0.0.1_2222").exists(),
+        "UserKnownHostsFile's tokens were expanded: {}",
+        client.log()
+    );
+    assert!(
+        topo.try_sh(H, "bash -c 'exec 3<>/dev/tcp/127.0.0.1/9999'")
+            .is_err(),
+        "the block of another host did not apply"
+    );
+    client.terminate(Duration::from_secs(10));
+
+    let out = |home: &std::path::Path, args: &[&str]| {
+        let mut p = vipgate_ssh_home(&topo, "fails", home, args);
+        p.wait_exit(Duration::from_secs(15));
+        p.log()
+    };
+    // -F none reads no file: nothing to forward.
+    assert!(out(&home, &["-N", "-F", "none", "gw"]).contains("nothing to forward"));
+    // A keyword OpenSSH does not know is refused with ssh's words, file and line, even in a
+    // block that does not match; so is one whose absence would weaken security.
+    let bad = topo.write("bad_config", "Host elsewhere\n  Frobnicate yes\n");
+    let log = out(&home, &["-N", "-F", bad.to_str().unwrap(), "gw"]);
+    assert!(
+        log.contains("bad_config line 2: Bad configuration option: Frobnicate"),
+        "{log}"
+    );
+    let alias = topo.write("alias_config", "Host gw\n  HostKeyAlias trusted\n");
+    let log = out(&home, &["-N", "-F", alias.to_str().unwrap(), "gw"]);
+    assert!(
+        log.contains("alias_config line 2: option 'HostKeyAlias' is not supported"),
+        "{log}"
+    );
+    // A group-writable include is refused, as ssh refuses it.
+    let loose = ssh.join("conf.d/20-loose.conf");
+    std::fs::write(&loose, "Host *\n  Port 2222\n").unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o664)).unwrap();
+    let log = out(&home, &["-N", "gw"]);
+    assert!(log.contains("writable by group or others"), "{log}");
+}
+
+/// Debian's sshd in `host` on `addr`:SSHD_PORT with a host key of its own (`ssh_host_HOST`).
+fn openssh_sshd_on(topo: &Topology, host: &str, addr: &str) -> Proc {
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let d = topo.dir().display().to_string();
+    let key = format!("ssh_host_{host}");
+    if !topo.dir().join(&key).exists() {
+        keygen(topo, &key, "ed25519");
+    }
+    let cfg = topo.write(
+        &format!("sshd_config_{host}"),
+        &format!(
+            "Port {SSHD_PORT}\nListenAddress {addr}\nHostKey {d}/{key}\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
+             AllowTcpForwarding yes\nLogLevel VERBOSE\n"
+        ),
+    );
+    let p = topo.spawn(
+        host,
+        &format!("sshd-{host}"),
+        &["/usr/sbin/sshd", "-D", "-e", "-f", cfg.to_str().unwrap()],
+    );
+    topo.wait_tcp(host, addr, SSHD_PORT, Duration::from_secs(10));
+    p
+}
+
+#[test]
+fn proxy_jump_through_a_bastion() {
+    let mut topo = Topology::new("ssh_jump");
+    // The client (h) reaches only the bastion (b); only the bastion reaches the target (t).
+    topo.hosts(&[H, "b", "t"])
+        .veth(H, "hb", "b", "bh")
+        .veth("b", "bt", "t", "tb")
+        .addr(H, "hb", "10.77.1.1/24")
+        .addr("b", "bh", "10.77.1.2/24")
+        .addr("b", "bt", "10.77.2.1/24")
+        .addr("t", "tb", "10.77.2.2/24");
+    let keys = client_keys(&topo);
+    topo.write("authorized_keys", &keys.client_pub);
+    let mut bastion = openssh_sshd_on(&topo, "b", "10.77.1.2");
+    let _target = openssh_sshd_on(&topo, "t", "10.77.2.2");
+    let _http = topo.http_server("t", "127.0.0.1", HTTP_PORT, "behind the bastion");
+    assert!(
+        topo.try_sh(
+            H,
+            &format!("bash -c 'exec 3<>/dev/tcp/10.77.2.2/{SSHD_PORT}'")
+        )
+        .is_err(),
+        "the client must not reach the target directly"
+    );
+    let kh = format!("UserKnownHostsFile={}", known_hosts(&topo).display());
+    let jump = format!("root@10.77.1.2:{SSHD_PORT}");
+    let port = SSHD_PORT.to_string();
+    let args = [
+        "ssh",
+        "-N",
+        "-F",
+        "none",
+        "-J",
+        jump.as_str(),
+        "-p",
+        port.as_str(),
+        "-i",
+        keys.client.to_str().unwrap(),
+        "-o",
+        kh.as_str(),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "ServerAliveInterval=1",
+        "-o",
+        "ServerAliveCountMax=2",
+        "-L",
+        "8585:127.0.0.1:8080",
+        "root@10.77.2.2",
+    ];
+    let mut client = topo.vipgate(H, "jump", &args);
+    topo.wait_tcp(H, "127.0.0.1", 8585, Duration::from_secs(20));
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
+        "behind the bastion"
+    );
+    // Both hops' keys were checked and recorded, each under its own name.
+    let recorded = std::fs::read_to_string(known_hosts(&topo)).unwrap();
+    assert!(recorded.contains("[10.77.1.2]:2222 "), "{recorded}");
+    assert!(recorded.contains("[10.77.2.2]:2222 "), "{recorded}");
+
+    // The bastion goes down hard (its session children too) and comes back: the whole chain
+    // is rebuilt and the forward works again.
+    let _ = topo.try_sh("b", &format!("pkill -KILL -P {}", bastion.pid()));
+    bastion.kill9();
+    let mut bastion = openssh_sshd_on(&topo, "b", "10.77.1.2");
+    wait_until(
+        Duration::from_secs(30),
+        "the -L forward to work again through the new bastion",
+        || {
+            topo.curl(H, "http://127.0.0.1:8585/")
+                .is_ok_and(|b| b.trim() == "behind the bastion")
+        },
+    );
+    assert!(client.log().contains("reconnect"), "{}", client.log());
+    client.terminate(Duration::from_secs(10));
+
+    // OpenSSH's ssh reaches the target with `vipgate ssh -W` as its ProxyCommand, and runs a
+    // command there (stdio forwarding carries the whole SSH session both ways).
+    let proxy = format!(
+        "ProxyCommand={} ssh -q -F none -W %h:%p -p {SSHD_PORT} -i {} -o {kh} -o IdentitiesOnly=yes root@10.77.1.2",
+        vipgate_tests::vipgate_bin().display(),
+        keys.client.display()
+    );
+    let via_w = topo
+        .try_sh(
+            H,
+            &format!(
+                "ssh -F none -o BatchMode=yes -o '{proxy}' -o UserKnownHostsFile={d}/known_hosts_w \
+                 -o StrictHostKeyChecking=accept-new -i {key} -p {SSHD_PORT} root@10.77.2.2 echo through-w",
+                d = topo.dir().display(),
+                key = keys.client.display()
+            ),
+        )
+        .unwrap();
+    assert_eq!(via_w.trim(), "through-w");
+    // -W to a port nobody listens on: ssh's wording, exit status 255.
+    let o = topo.vipgate_output(
+        H,
+        &[
+            "ssh",
+            "-F",
+            "none",
+            "-W",
+            "127.0.0.1:1",
+            "-p",
+            &port,
+            "-i",
+            keys.client.to_str().unwrap(),
+            "-o",
+            &kh,
+            "root@10.77.1.2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("connect to host 127.0.0.1 port 1:"), "{err}");
+
+    // A bastion whose key changed is refused, naming it.
+    let _ = topo.try_sh("b", &format!("pkill -KILL -P {}", bastion.pid()));
+    bastion.kill9();
+    std::fs::remove_file(topo.dir().join("ssh_host_b")).unwrap();
+    std::fs::remove_file(topo.dir().join("ssh_host_b.pub")).unwrap();
+    let _new_bastion = openssh_sshd_on(&topo, "b", "10.77.1.2");
+    let mut refused = topo.vipgate(H, "jump-changed", &args);
+    refused.wait_exit(Duration::from_secs(20));
+    let log = refused.log();
+    assert!(
+        log.contains("REMOTE HOST IDENTIFICATION HAS CHANGED for [10.77.1.2]:2222"),
+        "{log}"
+    );
+}
+
+#[test]
+fn exit_status_and_messages_as_ssh() {
+    let (topo, keys) = setup(e2e!());
+    let _sshd = openssh_sshd(&topo, &keys);
+    let kh = format!("UserKnownHostsFile={}", known_hosts(&topo).display());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "ssh",
+            "-N",
+            "-F",
+            "none",
+            "-o",
+            kh.as_str(),
+            "-o",
+            "IdentitiesOnly=yes",
+        ];
+        args.extend_from_slice(extra);
+        let o = topo.vipgate_output(H, &args);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["-p", "1", "-L", "8585:127.0.0.1:80", "root@127.0.0.1"]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains("connect to host 127.0.0.1 port 1: Connection refused"),
+        "{err}"
+    );
+    let stranger = keygen(&topo, "id_stranger", "ed25519");
+    let port = SSHD_PORT.to_string();
+    let (code, err) = run(&[
+        "-p",
+        &port,
+        "-i",
+        stranger.to_str().unwrap(),
+        "-L",
+        "8585:127.0.0.1:80",
+        "root@127.0.0.1",
+    ]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains("root@127.0.0.1: Permission denied (publickey)."),
+        "{err}"
+    );
+    // A -R port sshd cannot bind: one already in use on its side.
+    let _busy = topo.http_server(H, "127.0.0.1", 8586, "busy");
+    let (code, err) = run(&[
+        "-p",
+        &port,
+        "-i",
+        keys.client.to_str().unwrap(),
+        "-R",
+        "127.0.0.1:8586:127.0.0.1:80",
+        "root@127.0.0.1",
+    ]);
+    assert_eq!(code, Some(255));
+    assert!(
+        err.contains("Error: remote port forwarding failed for listen port")
+            && err.contains("8586"),
+        "{err}"
+    );
+    // -q keeps the log quiet; -E sends it to a file.
+    let log = topo.dir().join("ssh.log");
+    let (code, _) = run(&[
+        "-v",
+        "-E",
+        log.to_str().unwrap(),
+        "-p",
+        &port,
+        "-i",
+        keys.client.to_str().unwrap(),
+        "-o",
+        "ClearAllForwardings=yes",
+        "-L",
+        "8585:127.0.0.1:80",
+        "root@127.0.0.1",
+    ]);
+    assert_eq!(code, Some(255), "nothing to forward");
+    let mut client = topo.vipgate(
+        H,
+        "logged",
+        &[
+            "ssh",
+            "-v",
+            "-4",
+            "-E",
+            log.to_str().unwrap(),
+            "-F",
+            "none",
+            "-o",
+            &kh,
+            "-p",
+            &port,
+            "-i",
+            keys.client.to_str().unwrap(),
+            "-L",
+            "8587:127.0.0.1:80",
+            "root@localhost",
+        ],
+    );
+    topo.wait_tcp(H, "127.0.0.1", 8587, Duration::from_secs(15));
+    wait_until(
+        Duration::from_secs(10),
+        "debug lines in the -E file",
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("DEBUG")),
+    );
+    client.terminate(Duration::from_secs(10));
+    assert!(!client.log().contains("DEBUG"), "{}", client.log());
 }

@@ -9,8 +9,9 @@
 //! What the ISP forwards is counted by nftables inside the isp namespace, never by asking
 //! vipgate.
 
+use serde_json::Value;
 use std::time::{Duration, Instant};
-use vipgate_tests::{Proc, Topology, wait_for, wait_until};
+use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 
 const HQ_PUB: &str = "198.51.100.1";
 const BR_PUB: &str = "198.51.100.2";
@@ -49,8 +50,7 @@ fn site_config(t: &Topology, site: &str, extra: &str) -> String {
 }
 
 impl Branches {
-    fn new(test: &str, extra: &str) -> Self {
-        let mut t = Topology::new(test);
+    fn new(mut t: Topology, extra: &str) -> Self {
         t.hosts(&["isp", "hq", "br", "hqpc", "brpc"]);
         t.veth("hq", "e0", "isp", "ihq")
             .veth("br", "e0", "isp", "ibr")
@@ -127,22 +127,27 @@ impl Branches {
         }
     }
 
-    fn show(&self, site: &str, json: bool) -> Option<String> {
+    /// `show gre` as text, if the site's daemon answers.
+    fn show_text(&self, site: &str) -> Option<String> {
         let sock = self.t.dir().join(format!("{site}.sock"));
-        let mut args = vec!["show", "gre", "--control", sock.to_str().unwrap()];
-        if json {
-            args.push("--json");
-        }
-        let out = self.t.vipgate_output(site, &args);
+        let out = self
+            .t
+            .vipgate_output(site, &["show", "gre", "--control", sock.to_str().unwrap()]);
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The site's tunnel in `show gre --json` (one per daemon here), if its daemon answers.
+    fn tunnel(&self, site: &str) -> Option<Value> {
+        let sock = self.t.dir().join(format!("{site}.sock"));
+        let v = self.t.try_show(site, sock, Show::Gre)?;
+        v.as_array().and_then(|a| a.first()).cloned()
+    }
+
     /// `up` or `down` from the tunnel's `up` field, or the supervisor's `state` (`dead`).
     fn state(&self, site: &str) -> Option<String> {
-        let j: serde_json::Value = serde_json::from_str(&self.show(site, true)?).ok()?;
-        let t = &j[0];
+        let t = self.tunnel(site)?;
         match t["up"].as_bool() {
             Some(up) => Some(if up { "up" } else { "down" }.to_string()),
             None => t["state"].as_str().map(str::to_string),
@@ -157,11 +162,8 @@ impl Branches {
         );
     }
 
-    fn counter(&self, site: &str, key: &str) -> u64 {
-        let j = self.show(site, true).expect("show gre --json");
-        json_field(&j, key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no counter {key} in {j}"))
+    fn counter(&self, site: &str, path: &[&str]) -> u64 {
+        counter(&self.tunnel(site).expect("show gre --json"), path)
     }
 
     fn nft(&self, name: &str) -> u64 {
@@ -191,27 +193,6 @@ impl Branches {
     }
 }
 
-/// The raw text of the first `"key": value` in JSON output (one tunnel per daemon here).
-fn json_field(json: &str, key: &str) -> Option<String> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = json[at..].trim_start();
-    let end = rest.find([',', '\n', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim().to_string())
-}
-
-/// Waits until something listens on TCP `port` in `host` (without connecting to it: the
-/// sink accepts exactly one connection).
-fn wait_listening(t: &Topology, host: &str, port: u16) {
-    wait_until(
-        Duration::from_secs(10),
-        &format!("a listener on {port} in {host}"),
-        || {
-            t.try_sh(host, &format!("ss -Htln 'sport = :{port}'"))
-                .is_ok_and(|out| !out.trim().is_empty())
-        },
-    );
-}
-
 /// Sends a crafted GRE packet from `host` to the HQ router with python3's raw socket.
 fn send_gre(t: &Topology, host: &str, hex: &str) {
     t.sh(
@@ -226,7 +207,7 @@ fn send_gre(t: &Topology, host: &str, hex: &str) {
 #[test]
 fn branch_lans_talk_over_gre_and_the_isp_sees_only_gre() {
     let b = Branches::new(
-        "gre_lans",
+        e2e!(),
         "key = 42\nkeepalive = { interval = \"1s\", retries = 3 }",
     );
     // Until both daemons had their sockets open, a probe could meet a router with nothing
@@ -252,7 +233,7 @@ fn branch_lans_talk_over_gre_and_the_isp_sees_only_gre() {
             &format!("CREATE:{dir}/received"),
         ],
     );
-    wait_listening(&b.t, "brpc", 5001);
+    b.t.wait_listening("brpc", 5001);
     let started = Instant::now();
     b.t.sh(
         "hqpc",
@@ -282,8 +263,8 @@ fn branch_lans_talk_over_gre_and_the_isp_sees_only_gre() {
     assert_eq!(b.nft("gre_udp"), 0);
     assert_eq!(b.nft("lan_src"), 0, "a LAN address was visible at the ISP");
     assert_eq!(b.nft("fragments"), 0, "outer packets were fragmented");
-    assert!(b.counter("hq", "mss_clamped") >= 1);
-    assert!(b.counter("br", "mss_clamped") >= 1);
+    assert!(b.counter("hq", &["counters", "mss_clamped"]) >= 1);
+    assert!(b.counter("br", &["counters", "mss_clamped"]) >= 1);
 
     // PMTU: a DF packet larger than the tunnel MTU (1500 - 24 - 4 for the key) is refused
     // with ICMP fragmentation-needed carrying the tunnel MTU.
@@ -297,7 +278,7 @@ fn branch_lans_talk_over_gre_and_the_isp_sees_only_gre() {
     b.t.try_sh("hqpc", &format!("ping -c1 -W2 -M do -s 1444 {BR_PC}"))
         .expect("a packet that fits the tunnel MTU passes with DF");
 
-    let text = b.show("hq", false).unwrap();
+    let text = b.show_text("hq").unwrap();
     assert!(text.contains("gre-br is up"), "{text}");
     assert!(
         text.contains("routes installed: 192.168.102.0/24"),
@@ -307,7 +288,7 @@ fn branch_lans_talk_over_gre_and_the_isp_sees_only_gre() {
 
 #[test]
 fn keepalive_loss_withdraws_routes_and_return_restores_them() {
-    let mut b = Branches::new("gre_ka", "keepalive = { interval = \"1s\", retries = 3 }");
+    let mut b = Branches::new(e2e!(), "keepalive = { interval = \"1s\", retries = 3 }");
     b.ping("hqpc", BR_PC).expect("ping before the outage");
     assert!(
         b.t.ip("hq", "route")
@@ -326,7 +307,7 @@ fn keepalive_loss_withdraws_routes_and_return_restores_them() {
         !b.t.ip("hq", "route").contains("192.168.102.0/24"),
         "route still installed while down"
     );
-    let text = b.show("hq", false).unwrap();
+    let text = b.show_text("hq").unwrap();
     assert!(
         text.contains("gre-br is down (no keepalive reply"),
         "{text}"
@@ -348,7 +329,7 @@ fn keepalive_loss_withdraws_routes_and_return_restores_them() {
 
 #[test]
 fn wrong_key_wrong_source_and_malformed_gre_are_counted_not_fatal() {
-    let mut b = Branches::new("gre_bad", "key = 42");
+    let mut b = Branches::new(e2e!(), "key = 42");
     // A rogue host on the ISP side with its own public address.
     b.t.host("rogue");
     b.t.veth("rogue", "e0", "isp", "irg");
@@ -373,12 +354,10 @@ fn wrong_key_wrong_source_and_malformed_gre_are_counted_not_fatal() {
     send_gre(&b.t, "br", &format!("a0000800123400000000002a{inner}"));
 
     wait_until(Duration::from_secs(5), "all six drops counted", || {
-        let j = b.show("hq", true).unwrap_or_default();
-        let n = |k: &str| {
-            json_field(&j, k)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
+        let Some(j) = b.tunnel("hq") else {
+            return false;
         };
+        let n = |k: &str| counter(&j, &["counters", "drops", k]);
         n("wrong_source") == 1
             && n("wrong_key") == 2
             && n("truncated") == 1
@@ -387,7 +366,7 @@ fn wrong_key_wrong_source_and_malformed_gre_are_counted_not_fatal() {
     });
     assert!(b.hq.as_mut().unwrap().is_running(), "HQ daemon died");
     b.ping("hqpc", BR_PC).expect("tunnel still carries traffic");
-    let text = b.show("hq", false).unwrap();
+    let text = b.show_text("hq").unwrap();
     assert!(text.contains("wrong_key 2"), "{text}");
     assert!(text.contains("wrong_source 1"), "{text}");
 }
@@ -395,7 +374,7 @@ fn wrong_key_wrong_source_and_malformed_gre_are_counted_not_fatal() {
 #[test]
 fn gre_in_udp_crosses_the_isp_as_udp_4754() {
     let b = Branches::new(
-        "gre_udp",
+        e2e!(),
         "encap = \"udp\"\nkeepalive = { interval = \"1s\", retries = 3 }",
     );
     b.t.sh("isp", "nft reset counters table inet isp >/dev/null");
@@ -415,7 +394,7 @@ fn gre_in_udp_crosses_the_isp_as_udp_4754() {
             &format!("CREATE:{dir}/received"),
         ],
     );
-    wait_listening(&b.t, "brpc", 5001);
+    b.t.wait_listening("brpc", 5001);
     b.t.sh(
         "hqpc",
         &format!("socat -u FILE:{dir}/sent TCP:{BR_PC}:5001"),
@@ -434,13 +413,14 @@ fn gre_in_udp_crosses_the_isp_as_udp_4754() {
     assert_eq!(b.nft("lan_src"), 0);
     // Probes reflected by the peer come back on the UDP port too.
     wait_until(Duration::from_secs(5), "a keepalive reply over UDP", || {
-        b.counter("hq", "keepalive_replies") >= 1 && b.counter("br", "keepalive_replies") >= 1
+        b.counter("hq", &["counters", "keepalive_replies"]) >= 1
+            && b.counter("br", &["counters", "keepalive_replies"]) >= 1
     });
 }
 
 #[test]
 fn reload_adds_a_route_live_without_interrupting_traffic() {
-    let b = Branches::new("gre_rl", "keepalive = { interval = \"1s\", retries = 3 }");
+    let b = Branches::new(e2e!(), "keepalive = { interval = \"1s\", retries = 3 }");
     // A second BR LAN that HQ does not route yet.
     b.t.ip("br", "addr add 192.168.112.1/24 dev e1");
     b.t.ip("brpc", "addr add 192.168.112.10/24 dev e0");
@@ -458,7 +438,7 @@ fn reload_adds_a_route_live_without_interrupting_traffic() {
     wait_until(Duration::from_secs(5), "the flow to get going", || {
         flow.log().contains("icmp_seq=5 ")
     });
-    let tx_before = b.counter("hq", "tx_packets");
+    let tx_before = b.counter("hq", &["counters", "tx_packets"]);
 
     let hq_cfg = b.t.dir().join("hq.toml");
     let cfg = std::fs::read_to_string(&hq_cfg).unwrap().replace(
@@ -495,8 +475,8 @@ fn reload_adds_a_route_live_without_interrupting_traffic() {
         "pings lost during the reload: {}",
         flow.log()
     );
-    assert!(b.counter("hq", "tx_packets") > tx_before);
-    assert!(b.show("hq", false).unwrap().contains("192.168.112.0/24"));
+    assert!(b.counter("hq", &["counters", "tx_packets"]) > tx_before);
+    assert!(b.show_text("hq").unwrap().contains("192.168.112.0/24"));
 }
 
 /// A GRE packet with key 42 around `inner` (hex), as the peer would send it.
@@ -511,7 +491,7 @@ fn keyed(inner: &str) -> String {
 #[test]
 fn malformed_inner_packets_from_the_peer_are_counted_and_the_tunnel_survives() {
     let mut b = Branches::new(
-        "gre_adv",
+        e2e!(),
         "key = 42\nkeepalive = { interval = \"1s\", retries = 3 }",
     );
     let ip_tcp = "4500002100000000400600 00c6336402c0a8650a".replace(' ', "");
@@ -559,18 +539,18 @@ fn malformed_inner_packets_from_the_peer_are_counted_and_the_tunnel_survives() {
     wait_until(
         Duration::from_secs(5),
         "every malformed packet counted",
-        || b.counter("hq", "bad_inner") == expected,
+        || b.counter("hq", &["counters", "drops", "bad_inner"]) == expected,
     );
     assert!(b.hq.as_mut().unwrap().is_running(), "HQ daemon died");
     b.ping("hqpc", BR_PC)
         .expect("the tunnel still carries traffic");
-    let j = b.show("hq", true).unwrap();
-    assert_eq!(json_field(&j, "dead_task").as_deref(), Some("null"), "{j}");
+    let j = b.tunnel("hq").unwrap();
+    assert_eq!(j.get("dead_task"), Some(&Value::Null), "{j}");
     assert_eq!(b.state("hq").as_deref(), Some("up"));
     // Keepalive replies still arrive, so the receive path is alive, not just the kernel.
-    let replies = b.counter("hq", "keepalive_replies");
+    let replies = b.counter("hq", &["counters", "keepalive_replies"]);
     wait_until(Duration::from_secs(5), "more keepalive replies", || {
-        b.counter("hq", "keepalive_replies") > replies
+        b.counter("hq", &["counters", "keepalive_replies"]) > replies
     });
 }
 
@@ -580,7 +560,7 @@ fn malformed_inner_packets_from_the_peer_are_counted_and_the_tunnel_survives() {
 #[test]
 fn spoofed_keepalive_replies_do_not_keep_a_dead_tunnel_up() {
     let mut b = Branches::new(
-        "gre_spoof",
+        e2e!(),
         "key = 42\nkeepalive = { interval = \"1s\", retries = 3 }",
     );
     b.ping("hqpc", BR_PC).expect("ping before the outage");
@@ -612,9 +592,9 @@ fn spoofed_keepalive_replies_do_not_keep_a_dead_tunnel_up() {
         "route still installed while down"
     );
     assert!(
-        b.counter("hq", "unexpected_keepalive") > 100,
+        b.counter("hq", &["counters", "drops", "unexpected_keepalive"]) > 100,
         "spoofed replies were not seen: {}",
-        b.counter("hq", "unexpected_keepalive")
+        b.counter("hq", &["counters", "drops", "unexpected_keepalive"])
     );
 }
 
@@ -623,17 +603,15 @@ fn spoofed_keepalive_replies_do_not_keep_a_dead_tunnel_up() {
 /// the GRE driver again on a new `gre-br` and the LANs talk again.
 #[test]
 fn deleted_tunnel_interface_is_restarted_by_the_supervisor() {
-    let b = Branches::new("gre_superv", "");
+    let b = Branches::new(e2e!(), "");
     b.ping("hqpc", BR_PC).expect("ping before the deletion");
 
     b.t.ip("hq", "link del gre-br");
     let json = wait_for(Duration::from_secs(20), "the GRE unit restarted", || {
-        b.show("hq", true).filter(|j| {
-            json_field(j, "restarts").is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n >= 1))
-                && json_field(j, "state").as_deref() != Some("\"dead\"")
-        })
+        b.tunnel("hq")
+            .filter(|j| j["restarts"].as_u64().is_some_and(|n| n >= 1) && j["state"] != "dead")
     });
-    let cause = json_field(&json, "last_death").unwrap_or_default();
+    let cause = json["last_death"].as_str().unwrap_or_default();
     assert!(
         cause.contains("GRE transmit failed: tunnel gre-br"),
         "{json}"

@@ -2,62 +2,23 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vipgate_tests::{require_root, vipgate_bin, wait_until};
-
-fn netns_list() -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-        .collect();
-    v.sort();
-    v
-}
-
-fn lab(args: &[&str]) -> std::process::Output {
-    Command::new(vipgate_bin())
-        .arg("lab")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn sh(ns: &str, cmd: &str) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "sh", "-c", cmd])
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-/// Tears the lab down even if an assertion fails halfway.
-struct LabGuard(&'static str);
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = lab(&["down", "--prefix", self.0]);
-    }
-}
+use vipgate_tests::{LabGuard, lab, netns_list, wait_until};
 
 #[test]
 fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
-    require_root();
     let p = "vtlab1";
+    let guard = LabGuard::new(p);
     let before: Vec<String> = netns_list()
         .into_iter()
         .filter(|n| !n.starts_with(p))
         .collect();
-    let _guard = LabGuard(p);
-    let out = lab(&["up", "--prefix", p]);
+    let out = guard.lab("up");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = lab(&["up", "--prefix", p]);
+    let out = guard.lab("up");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("already up"));
 
@@ -73,38 +34,33 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
     }
     // The web host and the real servers answer GET / with their own names.
     assert_eq!(
-        sh(
-            &format!("{p}-hq"),
-            "curl -sS --max-time 5 http://192.168.101.101/"
-        )
-        .unwrap()
-        .trim(),
+        guard
+            .try_sh("hq", "curl -sS --max-time 5 http://192.168.101.101/")
+            .unwrap()
+            .trim(),
         "web"
     );
     assert_eq!(
-        sh(
-            &format!("{p}-dir1"),
-            "curl -sS --max-time 5 http://10.0.0.101/"
-        )
-        .unwrap()
-        .trim(),
+        guard
+            .try_sh("dir1", "curl -sS --max-time 5 http://10.0.0.101/")
+            .unwrap()
+            .trim(),
         "rs1"
     );
     assert_eq!(
-        sh(
-            &format!("{p}-dir2"),
-            "curl -sS --max-time 5 http://10.0.0.102/"
-        )
-        .unwrap()
-        .trim(),
+        guard
+            .try_sh("dir2", "curl -sS --max-time 5 http://10.0.0.102/")
+            .unwrap()
+            .trim(),
         "rs2"
     );
     // OpenSSH answers on the web host.
-    let banner = sh(
-        &format!("{p}-hq"),
-        "timeout 5 bash -c 'exec 3<>/dev/tcp/192.168.101.101/22; head -c 7 <&3'",
-    )
-    .unwrap();
+    let banner = guard
+        .try_sh(
+            "hq",
+            "timeout 5 bash -c 'exec 3<>/dev/tcp/192.168.101.101/22; head -c 7 <&3'",
+        )
+        .unwrap();
     assert_eq!(banner, "SSH-2.0");
     // The isp segment is one L2 network: the internet host reaches every public router.
     for ip in [
@@ -113,18 +69,22 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
         "198.51.100.11",
         "198.51.100.12",
     ] {
-        sh(&format!("{p}-inet"), &format!("ping -c1 -W2 {ip}")).unwrap();
+        guard.try_sh("inet", &format!("ping -c1 -W2 {ip}")).unwrap();
     }
     // The internet host has no route into the private LANs.
-    assert!(sh(&format!("{p}-inet"), "ping -c1 -W1 192.168.101.101").is_err());
+    assert!(
+        guard
+            .try_sh("inet", "ping -c1 -W1 192.168.101.101")
+            .is_err()
+    );
 
-    let status = lab(&["status", "--prefix", p]);
+    let status = guard.lab("status");
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(status.contains("198.51.100.200"));
     assert_eq!(status.matches("[vipgate running]").count(), 4, "{status}");
 
     // The tour proves every scenario: GRE, PAT (HTTP and OpenSSH), LB split, failover, preempt.
-    let tour = lab(&["tour", "--prefix", p]);
+    let tour = guard.lab("tour");
     let text = String::from_utf8_lossy(&tour.stdout).into_owned();
     assert!(
         tour.status.success(),
@@ -134,7 +94,7 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
     assert_eq!(text.matches("[ ok ]").count(), 6, "{text}");
     assert!(text.contains("rs1 10, rs2 20"), "{text}");
 
-    let out = lab(&["down", "--prefix", p]);
+    let out = guard.lab("down");
     assert!(out.status.success());
     wait_until(
         Duration::from_secs(5),
@@ -160,7 +120,7 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
     );
     assert!(!std::path::Path::new(&format!("/run/vipgate-lab/{p}")).exists());
     // Down again is harmless too.
-    assert!(lab(&["down", "--prefix", p]).status.success());
+    assert!(guard.lab("down").status.success());
 }
 
 #[test]

@@ -1,0 +1,332 @@
+//! Locality-based least connection, without (`lblc`) and with replication (`lblcr`), as LVS
+//! defines them: the schedulers for a farm of transparent caches, where the same destination
+//! should keep reaching the cache that already holds its objects.
+//!
+//! A table maps each destination address to a backend (`lblc`) or a set of backends
+//! (`lblcr`). A destination without an entry gets the weighted least-connection backend and an
+//! entry. `lblc` keeps using the entry's backend unless it is unavailable (down, draining,
+//! removed, over its connection threshold) or *busy*: more active connections than its weight
+//! while some other backend has fewer than half its weight; then the destination is scheduled
+//! afresh and re-pointed. `lblcr` uses the least loaded available member of the set; when that
+//! is busy (or none is available) it adds the weighted least-connection backend to the set, and
+//! a set of more than one that has not changed for [`LOCALITY_EXPIRY`] loses its most loaded
+//! member, so a hot destination is served by several caches and the set shrinks once it cools.
+//! Weights are effective weights (slow start).
+//!
+//! Bounded state: at most [`MAX_LOCALITY_ENTRIES`] entries (the kernel's table size, 1,024
+//! buckets × 16). An entry unused for [`LOCALITY_EXPIRY`] is dropped, driven by the pool's
+//! `handle_timeout`, through a min-heap of one deadline per entry re-armed lazily as in
+//! persistence. A new destination arriving at a full table takes the slot of the least recently
+//! used entry if that one has been idle for [`LOCALITY_RECLAIM_IDLE`] (the kernel's garbage
+//! collection threshold), else it is scheduled without an entry and counted
+//! (`locality_full`). Sets hold each backend at most once, so at most `MAX_BACKENDS` members.
+//!
+//! Differences from LVS: the kernel checks the cached backend of `lblc` only for weight and
+//! busyness, not for its upper threshold; here a backend over its threshold never gets a new
+//! flow, whatever the scheduler. Expiry happens at the deadline instead of in a minute-long
+//! sweep.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+use crate::lc::weighted_least;
+
+/// Most destinations one `lblc`/`lblcr` pool remembers.
+pub const MAX_LOCALITY_ENTRIES: usize = 16_384;
+
+/// An entry unused this long is forgotten, and an `lblcr` set unchanged this long sheds its
+/// most loaded member (the kernel's `lblc_expiration` / `lblcr_expiration` default, 24 h).
+pub const LOCALITY_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+
+/// With the table full, an entry idle this long gives its slot to a new destination (the
+/// kernel's `ENTRY_TIMEOUT`, 6 min).
+pub const LOCALITY_RECLAIM_IDLE: Duration = Duration::from_secs(6 * 60);
+
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Slots serving the destination, most recently added first; one for `lblc`.
+    set: Vec<u16>,
+    last_use: Instant,
+    last_change: Instant,
+}
+
+/// The destination table of one `lblc` or `lblcr` pool.
+#[derive(Debug, Clone)]
+pub(crate) struct Locality {
+    replicate: bool,
+    entries: HashMap<Ipv4Addr, Entry>,
+    deadlines: BinaryHeap<Reverse<(Instant, Ipv4Addr)>>,
+    cap: usize,
+    full: u64,
+}
+
+impl Locality {
+    pub(crate) fn new(replicate: bool) -> Self {
+        Self::with_cap(replicate, MAX_LOCALITY_ENTRIES)
+    }
+
+    fn with_cap(replicate: bool, cap: usize) -> Self {
+        Self {
+            replicate,
+            entries: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            cap,
+            full: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Destinations scheduled without an entry because the table was full.
+    pub(crate) fn full(&self) -> u64 {
+        self.full
+    }
+
+    pub(crate) fn pick(
+        &mut self,
+        slots: &[Option<Backend>],
+        dest: Ipv4Addr,
+        now: Instant,
+    ) -> Option<usize> {
+        let usable = |i: usize| {
+            slots[i]
+                .as_ref()
+                .is_some_and(Backend::is_available)
+                .then_some(i)
+                .filter(|&i| !busy(slots, i))
+        };
+        if let Some(e) = self.entries.get_mut(&dest) {
+            e.last_use = now;
+            let current = if self.replicate {
+                let least = weighted_least(slots, e.set.iter().map(|&s| usize::from(s)));
+                if e.set.len() > 1
+                    && now > e.last_change + LOCALITY_EXPIRY
+                    && let Some(most) = weighted_most(slots, &e.set)
+                {
+                    e.set.retain(|&s| s != most);
+                    e.last_change = now;
+                }
+                least
+            } else {
+                Some(usize::from(e.set[0]))
+            };
+            if let Some(hit) = current.and_then(usable) {
+                return Some(hit);
+            }
+            let fresh = weighted_least(slots, 0..slots.len())?;
+            let slot = slot_u16(fresh);
+            if self.replicate {
+                if !e.set.contains(&slot) {
+                    e.set.insert(0, slot);
+                    e.last_change = now;
+                }
+            } else {
+                e.set[0] = slot;
+                e.last_change = now;
+            }
+            return Some(fresh);
+        }
+        let fresh = weighted_least(slots, 0..slots.len())?;
+        self.insert(now, dest, slot_u16(fresh));
+        Some(fresh)
+    }
+
+    fn insert(&mut self, now: Instant, dest: Ipv4Addr, slot: u16) {
+        if self.entries.len() >= self.cap && !self.reclaim(now) {
+            self.full += 1;
+            return;
+        }
+        self.entries.insert(
+            dest,
+            Entry {
+                set: vec![slot],
+                last_use: now,
+                last_change: now,
+            },
+        );
+        self.deadlines.push(Reverse((now + LOCALITY_EXPIRY, dest)));
+    }
+
+    /// Frees the least recently used entry if it has been idle for [`LOCALITY_RECLAIM_IDLE`].
+    fn reclaim(&mut self, now: Instant) -> bool {
+        while let Some(&Reverse((at, key))) = self.deadlines.peek() {
+            let Some(e) = self.entries.get(&key) else {
+                self.deadlines.pop();
+                continue;
+            };
+            let due = e.last_use + LOCALITY_EXPIRY;
+            if due > at {
+                // Used since the deadline was set: bring it up to date and look again.
+                self.deadlines.pop();
+                self.deadlines.push(Reverse((due, key)));
+                continue;
+            }
+            if now.saturating_duration_since(e.last_use) < LOCALITY_RECLAIM_IDLE {
+                return false;
+            }
+            self.deadlines.pop();
+            self.entries.remove(&key);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.deadlines.peek().map(|Reverse((at, _))| *at)
+    }
+
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((at, key))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(e) = self.entries.get(&key) else {
+                continue;
+            };
+            let due = e.last_use + LOCALITY_EXPIRY;
+            if due > now {
+                self.deadlines.push(Reverse((due, key)));
+            } else {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    /// Takes a freed slot out of every set (a backend reusing it must not inherit its
+    /// destinations) and drops the entries left empty.
+    pub(crate) fn forget_backend(&mut self, slot: usize) {
+        let slot = slot_u16(slot);
+        self.entries.retain(|_, e| {
+            e.set.retain(|&s| s != slot);
+            !e.set.is_empty()
+        });
+        self.deadlines = self
+            .entries
+            .iter()
+            .map(|(&k, e)| Reverse((e.last_use + LOCALITY_EXPIRY, k)))
+            .collect();
+    }
+}
+
+/// LVS's `is_overloaded` of `lblc`/`lblcr`: more active connections than its weight while some
+/// eligible backend has fewer than half its own.
+fn busy(slots: &[Option<Backend>], i: usize) -> bool {
+    let Some(b) = slots[i].as_ref() else {
+        return true;
+    };
+    b.active > b.effective
+        && slots
+            .iter()
+            .flatten()
+            .any(|d| d.is_eligible() && u64::from(d.active) * 2 < u64::from(d.effective))
+}
+
+/// The member of `set` with the largest `overhead / weight` (weights above 0 only), the first
+/// on a tie.
+fn weighted_most(slots: &[Option<Backend>], set: &[u16]) -> Option<u16> {
+    let mut most: Option<(u16, &Backend)> = None;
+    for &s in set {
+        let Some(b) = slots[usize::from(s)]
+            .as_ref()
+            .filter(|b| b.effective > 0 && b.weight > 0)
+        else {
+            continue;
+        };
+        if most.is_none_or(|(_, m)| {
+            m.overhead() * u64::from(b.effective) < b.overhead() * u64::from(m.effective)
+        }) {
+            most = Some((s, b));
+        }
+    }
+    most.map(|(s, _)| s)
+}
+
+fn slot_u16(i: usize) -> u16 {
+    // Pools hold at most MAX_BACKENDS (1,024) slots.
+    i as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddrV4;
+
+    fn slots(n: u8) -> Vec<Option<Backend>> {
+        (1..=n)
+            .map(|i| Some(Backend::new(SocketAddrV4::new([10, 0, 0, i].into(), 80), 1)))
+            .collect()
+    }
+
+    #[test]
+    fn a_full_table_reclaims_only_entries_idle_for_six_minutes_and_counts_the_rest() {
+        let s = slots(2);
+        let mut t = Locality::with_cap(false, 100);
+        let t0 = testkit::epoch();
+        for i in 0..300u32 {
+            t.pick(&s, Ipv4Addr::from(0x0a00_0000 + i), t0);
+        }
+        assert_eq!((t.len(), t.full()), (100, 200));
+        assert_eq!(t.deadlines.len(), 100, "the heap is bounded with the table");
+        // Touch the first 50 later; at t0 + 6 min the other 50 are reclaimable, oldest first.
+        let t1 = t0 + Duration::from_secs(60);
+        for i in 0..50u32 {
+            t.pick(&s, Ipv4Addr::from(0x0a00_0000 + i), t1);
+        }
+        let t2 = t0 + LOCALITY_RECLAIM_IDLE;
+        for i in 1000..1060u32 {
+            t.pick(&s, Ipv4Addr::from(0x0a00_0000 + i), t2);
+        }
+        assert_eq!((t.len(), t.full()), (100, 210));
+        assert!(t.entries.contains_key(&Ipv4Addr::from(0x0a00_0000)));
+        assert!(!t.entries.contains_key(&Ipv4Addr::from(0x0a00_0000 + 99)));
+        assert_eq!(t.deadlines.len(), 100);
+        // Everything expires a day after its last use.
+        t.handle_timeout(t1 + LOCALITY_EXPIRY);
+        assert_eq!(t.len(), 50, "the ones entered at t2 are left");
+        t.handle_timeout(t2 + LOCALITY_EXPIRY);
+        assert_eq!((t.len(), t.poll_timeout()), (0, None));
+    }
+
+    #[test]
+    fn an_lblcr_set_unchanged_for_a_day_sheds_its_most_loaded_member() {
+        let mut s = slots(3);
+        let mut t = Locality::new(true);
+        let t0 = testkit::epoch();
+        let d = Ipv4Addr::new(203, 0, 113, 80);
+        assert_eq!(t.pick(&s, d, t0), Some(0));
+        // Slot 0 busy: 2 active > weight 1 while slot 1 is idle. Slot 1 joins the set.
+        s[0].as_mut().unwrap().active = 2;
+        assert_eq!(t.pick(&s, d, t0), Some(1));
+        assert_eq!(t.entries[&d].set, [1, 0]);
+        // Used, but not changed, for a day: nothing shed before, slot 0 (the most loaded)
+        // after.
+        let t1 = t0 + LOCALITY_EXPIRY / 2;
+        assert_eq!(t.pick(&s, d, t1), Some(1));
+        assert_eq!(t.entries[&d].set, [1, 0]);
+        let t2 = t0 + LOCALITY_EXPIRY + Duration::from_secs(1);
+        assert_eq!(t.pick(&s, d, t2), Some(1));
+        assert_eq!(t.entries[&d].set, [1]);
+        // The entry lives a day after its last use, not its creation.
+        t.handle_timeout(t2);
+        assert_eq!(t.len(), 1);
+        t.handle_timeout(t2 + LOCALITY_EXPIRY);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn forgetting_a_backend_empties_its_entries() {
+        let s = slots(2);
+        let mut t = Locality::new(false);
+        let t0 = testkit::epoch();
+        let d = Ipv4Addr::new(192, 0, 2, 1);
+        let first = t.pick(&s, d, t0).unwrap();
+        t.forget_backend(first);
+        assert_eq!((t.len(), t.deadlines.len()), (0, 0));
+    }
+}

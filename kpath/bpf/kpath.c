@@ -1,0 +1,310 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0
+//
+// vipgate kernel fast path: a TC classifier that executes the NAT core's decisions.
+//
+// The program never decides. The userspace core (natgw's Gateway) handles the first packets
+// of every flow through nat0 as before; once a flow is established the driver installs both
+// directions of its translation into `kpath_flows`. For a packet that hits an entry this
+// program rewrites addresses and ports in place (checksums updated incrementally, address
+// changes folded into the pseudo-header with BPF_F_PSEUDO_HDR so GSO super-packets with a
+// partial checksum stay whole), decrements the TTL as the router it is, and redirects the
+// packet to the egress interface the kernel's FIB names (the neighbour is resolved by
+// bpf_redirect_neigh). Routing uses the main table (BPF_FIB_LOOKUP_DIRECT): the policy rules
+// of the slow path would send the packet into nat0.
+//
+// Invariants:
+// - Anything the program is not sure of returns TC_ACT_OK untouched, so the packet takes the
+//   slow path through nat0 and the core sees it: no entry, not IPv4, IP options, fragments,
+//   TTL <= 1, protocols other than TCP/UDP (ICMP and ICMP errors included), TCP segments
+//   with SYN, FIN or RST (the core must see every state transition), a FIB miss or a packet
+//   that would need fragmenting. A packet is never rewritten and then passed on.
+// - Per flow entry the program only writes the counters and the TCP sequence tracking
+//   fields; the rewrite fields are the core's and are written only by userspace.
+// - Counters are best effort under concurrency for the TCP tracking fields (last writer
+//   wins between CPUs); packet and byte counters are atomic.
+//
+// The license string must be GPL compatible because bpf_fib_lookup is a GPL-only helper.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#define SEC(name) __attribute__((section(name), used))
+#define __uint(name, val) int(*name)[val]
+#define __type(name, val) typeof(val) *name
+#define INLINE static inline __attribute__((always_inline))
+
+// Helper calls by their stable UAPI numbers.
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_lookup_elem;
+static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
+static long (*bpf_skb_store_bytes)(struct __sk_buff *skb, __u32 off, const void *from, __u32 len,
+                                   __u64 flags) = (void *)BPF_FUNC_skb_store_bytes;
+static long (*bpf_l3_csum_replace)(struct __sk_buff *skb, __u32 off, __u64 from, __u64 to,
+                                   __u64 size) = (void *)BPF_FUNC_l3_csum_replace;
+static long (*bpf_l4_csum_replace)(struct __sk_buff *skb, __u32 off, __u64 from, __u64 to,
+                                   __u64 flags) = (void *)BPF_FUNC_l4_csum_replace;
+static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)BPF_FUNC_skb_pull_data;
+static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen,
+                              __u32 flags) = (void *)BPF_FUNC_fib_lookup;
+static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen,
+                                  __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+
+#define PIN_BY_NAME 1
+
+// Which side the packet arrived on: the program attached to the inside interfaces sees
+// outbound packets, the one attached to the outside interface inbound ones.
+#define DIR_OUTBOUND 0
+#define DIR_INBOUND 1
+
+// The flow map key: the packet's 5-tuple as it arrives, and its direction. 16 bytes.
+struct flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 pad;
+};
+
+// The core's decision for one direction of a flow, plus what the program reports back.
+// 56 bytes; the layout is mirrored by kpath::FlowValue (src/pod.rs).
+struct flow_value {
+	// The rewrite (written by userspace only).
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u32 flags;
+	// Reported by the program.
+	__u64 last_seen_ns; // bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last packet
+	__u64 packets;      // wire packets (segments of a GSO super-packet counted one by one)
+	__u64 bytes;        // IP bytes
+	__u32 tcp_seq_end;  // TCP: highest seq + payload length sent in this direction
+	__u32 tcp_ack;      // TCP: highest ack sent in this direction
+	__u16 tcp_window;   // TCP: window field of the segment carrying tcp_ack (unscaled)
+	__u16 tcp_valid;    // TCP: 1 once the fields above hold a segment
+	__u32 pad;
+};
+
+// Global counters, one array slot each (per CPU; the loader sums them).
+enum counter {
+	CNT_FAST_PACKETS,
+	CNT_FAST_BYTES,
+	CNT_SLOW_NO_ENTRY,
+	CNT_SLOW_UNPARSED, // not IPv4, IP options, fragments, other protocols, short headers
+	CNT_SLOW_TCP_FLAGS,
+	CNT_SLOW_TTL,
+	CNT_SLOW_FIB,
+	CNT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow_key);
+	__type(value, struct flow_value);
+	__uint(pinning, PIN_BY_NAME);
+} kpath_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, PIN_BY_NAME);
+} kpath_counters SEC(".maps");
+
+INLINE void count(__u32 which, __u64 n)
+{
+	__u64 *c = bpf_map_lookup_elem(&kpath_counters, &which);
+	if (c)
+		*c += n;
+}
+
+#define IP_OFF ETH_HLEN
+#define IP_CSUM_OFF (IP_OFF + 10)
+#define IP_TTL_OFF (IP_OFF + 8)
+#define IP_ADDR_OFF (IP_OFF + 12)
+#define L4_OFF (IP_OFF + 20)
+#define TCP_CSUM_OFF (L4_OFF + 16)
+#define UDP_CSUM_OFF (L4_OFF + 6)
+
+// TCP flags byte (offset 13 of the header).
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+
+INLINE int seq_after(__u32 a, __u32 b)
+{
+	return (__s32)(a - b) > 0;
+}
+
+INLINE int slow(__u32 reason)
+{
+	count(reason, 1);
+	return TC_ACT_OK;
+}
+
+INLINE int handle(struct __sk_buff *skb, __u8 dir)
+{
+	// Headers must be in the linear part; pull them if a GSO skb keeps them paged.
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (data + L4_OFF + sizeof(struct tcphdr) > data_end) {
+		if (skb->len < L4_OFF + sizeof(struct udphdr))
+			return slow(CNT_SLOW_UNPARSED);
+		bpf_skb_pull_data(skb, L4_OFF + sizeof(struct tcphdr));
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end || eth->h_proto != __constant_htons(ETH_P_IP))
+		return slow(CNT_SLOW_UNPARSED);
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return slow(CNT_SLOW_UNPARSED);
+	if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & __constant_htons(0x3fff)))
+		return slow(CNT_SLOW_UNPARSED);
+
+	struct flow_key key = {
+		.saddr = ip->saddr,
+		.daddr = ip->daddr,
+		.proto = ip->protocol,
+		.dir = dir,
+	};
+	__u32 csum_off;
+	__u64 csum_flags = 0;
+	__u32 payload = 0;
+	__u32 seq = 0, ack = 0;
+	__u16 window = 0;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)(ip + 1);
+		if ((void *)(tcp + 1) > data_end)
+			return slow(CNT_SLOW_UNPARSED);
+		__u8 flags = ((__u8 *)tcp)[13];
+		if (flags & (TH_FIN | TH_SYN | TH_RST))
+			return slow(CNT_SLOW_TCP_FLAGS);
+		key.sport = tcp->source;
+		key.dport = tcp->dest;
+		csum_off = TCP_CSUM_OFF;
+		__u32 hdrs = 20 + tcp->doff * 4;
+		__u32 tot = __builtin_bswap16(ip->tot_len);
+		// A GSO super-packet's tot_len may not cover it whole; skb->len does.
+		__u32 ip_len = skb->len - ETH_HLEN;
+		if (ip_len > tot)
+			tot = ip_len;
+		payload = tot > hdrs ? tot - hdrs : 0;
+		seq = __builtin_bswap32(tcp->seq);
+		ack = __builtin_bswap32(tcp->ack_seq);
+		window = __builtin_bswap16(tcp->window);
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)(ip + 1);
+		if ((void *)(udp + 1) > data_end)
+			return slow(CNT_SLOW_UNPARSED);
+		key.sport = udp->source;
+		key.dport = udp->dest;
+		csum_off = UDP_CSUM_OFF;
+		csum_flags = BPF_F_MARK_MANGLED_0;
+	} else {
+		return slow(CNT_SLOW_UNPARSED);
+	}
+
+	struct flow_value *v = bpf_map_lookup_elem(&kpath_flows, &key);
+	if (!v)
+		return slow(CNT_SLOW_NO_ENTRY);
+	if (ip->ttl <= 1)
+		return slow(CNT_SLOW_TTL);
+
+	__be32 new_saddr = v->saddr, new_daddr = v->daddr;
+	__be16 new_sport = v->sport, new_dport = v->dport;
+
+	// Route the translated packet before touching it: a miss leaves it for the slow path.
+	struct bpf_fib_lookup fib = {};
+	fib.family = 2; // AF_INET
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	// A GSO super-packet is segmented to the egress MTU; a plain packet must fit it.
+	fib.tot_len = skb->gso_segs > 1 ? 0 : __builtin_bswap16(ip->tot_len);
+	fib.ipv4_src = new_saddr;
+	fib.ipv4_dst = new_daddr;
+	fib.ifindex = skb->ifindex; // at ingress: the device it arrived on
+	// The main table directly, not the policy rules: those steer the gateway's inside traffic
+	// into nat0, which is the slow path this packet is leaving.
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib),
+			   BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_SKIP_NEIGH) !=
+	    BPF_FIB_LKUP_RET_SUCCESS)
+		return slow(CNT_SLOW_FIB);
+
+	__be32 old_saddr = key.saddr, old_daddr = key.daddr;
+	__be16 old_sport = key.sport, old_dport = key.dport;
+	__u16 old_ttl_word = *(__u16 *)&ip->ttl;
+	__u8 new_ttl = ip->ttl - 1;
+	__u64 ip_len = skb->len - ETH_HLEN;
+	__u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
+
+	// Report first (the entry pointer stays valid across the packet helpers below).
+	__sync_fetch_and_add(&v->packets, segs);
+	__sync_fetch_and_add(&v->bytes, ip_len);
+	v->last_seen_ns = bpf_ktime_get_ns();
+	if (key.proto == IPPROTO_TCP) {
+		__u32 end = seq + payload;
+		if (!v->tcp_valid || seq_after(end, v->tcp_seq_end))
+			v->tcp_seq_end = end;
+		if (!v->tcp_valid || !seq_after(v->tcp_ack, ack)) {
+			v->tcp_ack = ack;
+			v->tcp_window = window;
+		}
+		v->tcp_valid = 1;
+	}
+
+	// Rewrite: transport checksum (addresses through the pseudo-header), IP checksum, fields.
+	if (old_saddr != new_saddr) {
+		bpf_l4_csum_replace(skb, csum_off, old_saddr, new_saddr,
+				    csum_flags | BPF_F_PSEUDO_HDR | sizeof(new_saddr));
+		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_saddr, new_saddr, sizeof(new_saddr));
+	}
+	if (old_daddr != new_daddr) {
+		bpf_l4_csum_replace(skb, csum_off, old_daddr, new_daddr,
+				    csum_flags | BPF_F_PSEUDO_HDR | sizeof(new_daddr));
+		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_daddr, new_daddr, sizeof(new_daddr));
+	}
+	if (old_sport != new_sport)
+		bpf_l4_csum_replace(skb, csum_off, old_sport, new_sport, csum_flags | sizeof(new_sport));
+	if (old_dport != new_dport)
+		bpf_l4_csum_replace(skb, csum_off, old_dport, new_dport, csum_flags | sizeof(new_dport));
+
+	__u8 ttl_proto[2];
+	ttl_proto[0] = new_ttl;
+	ttl_proto[1] = key.proto;
+	bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ttl_word, *(__u16 *)ttl_proto, 2);
+	bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0);
+	__be32 addrs[2] = {new_saddr, new_daddr};
+	bpf_skb_store_bytes(skb, IP_ADDR_OFF, addrs, sizeof(addrs), 0);
+	__be16 ports[2] = {new_sport, new_dport};
+	bpf_skb_store_bytes(skb, L4_OFF, ports, sizeof(ports), 0);
+
+	count(CNT_FAST_PACKETS, segs);
+	count(CNT_FAST_BYTES, ip_len);
+	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+}
+
+// Attached to the ingress of every inside interface.
+SEC("classifier/outbound")
+int kpath_outbound(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_OUTBOUND);
+}
+
+// Attached to the ingress of the outside interface.
+SEC("classifier/inbound")
+int kpath_inbound(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_INBOUND);
+}
+
+char _license[] SEC("license") = "Dual MIT/GPL";

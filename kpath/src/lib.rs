@@ -1,0 +1,291 @@
+//! Kernel fast path of the PAT gateway: a TC eBPF program (`bpf/kpath.c`, shipped compiled as
+//! `bpf/kpath.o`) that executes the NAT core's per-flow decisions, and its loader.
+//!
+//! The program never decides. natgw's core handles the first packets of every flow through
+//! `nat0`; once a flow is established the driver installs both directions of its
+//! [`Translation`](https://docs.rs/natgw) here ([`entries`] turns one into the two map
+//! entries). Later packets of the flow are rewritten on the interfaces themselves and
+//! redirected; everything the program is not sure of (no entry, fragments, IP options, TCP
+//! SYN/FIN/RST, ICMP, a FIB miss, TTL ≤ 1) passes untouched to the slow path, which stays
+//! fully featured.
+//!
+//! Invariants:
+//! - Each map entry is keyed by the packet's 5-tuple as it arrives and its direction; the
+//!   value is the rewrite (new source and destination endpoints) plus what the program
+//!   reports back ([`FlowReport`]: last-seen time, packet and byte counters, the highest TCP
+//!   sequence end and acknowledgement per direction so the core's window tracking stays true).
+//! - The maps are pinned under `<pin root>/<site>/`; [`KernelPath::load`] adopts maps already
+//!   pinned there (a restarted daemon keeps its flows) and [`KernelPath::unload`] removes the
+//!   programs' links, the pins and any `clsact` qdisc it added, leaving nothing behind.
+//! - The shipped object is the build of the shipped source: a test checks the recorded hash
+//!   of the sources and, where clang is present, that rebuilding gives the same bytes.
+
+mod loader;
+mod pod;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+pub use loader::{AttachMode, KernelPath, LoadOptions, TestRun, ensure_bpffs};
+
+/// The compiled program (`bpf/kpath.o`, rebuilt by `bpf/build.sh`).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/kpath.o");
+
+/// Errors of the kernel path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KpathError {
+    /// The object could not be loaded (the verifier's or the kernel's answer inside).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("program {program}: {source}")]
+    Program {
+        /// The program's name.
+        program: &'static str,
+        /// The loader's error.
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {source}")]
+    Map {
+        /// The map's name.
+        map: &'static str,
+        /// The loader's error.
+        source: aya::maps::MapError,
+    },
+    /// The object lacks a program or map this crate expects (a stale object).
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    /// A `clsact` qdisc could not be added or removed.
+    #[error("clsact qdisc on {iface}: {reason}")]
+    Qdisc {
+        /// The interface.
+        iface: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The pin directory could not be created or removed.
+    #[error("pin directory {path}: {source}")]
+    Pins {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The site name cannot name a pin directory.
+    #[error("site name {0:?} is not a valid pin directory name")]
+    SiteName(String),
+}
+
+/// Transport protocols the program rewrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// TCP (segments without SYN, FIN or RST).
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+
+    fn from_number(n: u8) -> Option<Self> {
+        match n {
+            6 => Some(Proto::Tcp),
+            17 => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// Which program sees a packet: the one on the inside interfaces (outbound) or the one on
+/// the outside interface (inbound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Arrived on an inside interface.
+    Outbound,
+    /// Arrived on the outside interface.
+    Inbound,
+}
+
+impl Direction {
+    /// The program name in the object.
+    #[must_use]
+    pub fn program(self) -> &'static str {
+        match self {
+            Direction::Outbound => "kpath_outbound",
+            Direction::Inbound => "kpath_inbound",
+        }
+    }
+}
+
+/// A map key: a packet's 5-tuple as it arrives, and its direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Protocol.
+    pub proto: Proto,
+    /// Source endpoint of the arriving packet.
+    pub src: SocketAddrV4,
+    /// Destination endpoint of the arriving packet.
+    pub dst: SocketAddrV4,
+    /// Which program sees it.
+    pub direction: Direction,
+}
+
+/// The rewrite of one direction of a flow: the endpoints the packet leaves with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rewrite {
+    /// New source endpoint.
+    pub src: SocketAddrV4,
+    /// New destination endpoint.
+    pub dst: SocketAddrV4,
+}
+
+/// Both map entries of one translation, as the core decided it: outbound packets from
+/// `inside` to `outside` leave from `public`; inbound packets from `outside` to `public` are
+/// delivered to `inside`.
+#[must_use]
+pub fn entries(
+    proto: Proto,
+    inside: SocketAddrV4,
+    public: SocketAddrV4,
+    outside: SocketAddrV4,
+) -> [(FlowKey, Rewrite); 2] {
+    [
+        (
+            FlowKey {
+                proto,
+                src: inside,
+                dst: outside,
+                direction: Direction::Outbound,
+            },
+            Rewrite {
+                src: public,
+                dst: outside,
+            },
+        ),
+        (
+            FlowKey {
+                proto,
+                src: outside,
+                dst: public,
+                direction: Direction::Inbound,
+            },
+            Rewrite {
+                src: outside,
+                dst: inside,
+            },
+        ),
+    ]
+}
+
+/// What the program reports for one direction of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowReport {
+    /// CLOCK_MONOTONIC time of the last packet on the fast path (zero: none yet).
+    pub last_seen: Duration,
+    /// Wire packets rewritten (a GSO super-packet counts its segments).
+    pub packets: u64,
+    /// IP bytes rewritten.
+    pub bytes: u64,
+    /// TCP: the sender's progress, once a segment took the fast path.
+    pub tcp: Option<TcpProgress>,
+}
+
+/// The TCP sequence space one direction covered on the fast path: what the core's window
+/// tracking (conntrack's `td_end`, `td_maxend`) needs to stay true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpProgress {
+    /// Highest sequence number sent plus payload length.
+    pub seq_end: u32,
+    /// Highest acknowledgement number sent.
+    pub ack: u32,
+    /// The window field of the segment carrying `ack` (unscaled).
+    pub window: u16,
+}
+
+/// The program's global counters (summed over CPUs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Packets rewritten and redirected in the kernel (GSO segments counted one by one).
+    pub fast_packets: u64,
+    /// IP bytes rewritten and redirected in the kernel.
+    pub fast_bytes: u64,
+    /// Passed to the slow path: no flow entry.
+    pub slow_no_entry: u64,
+    /// Passed to the slow path: not plain IPv4 TCP/UDP (IP options, fragments, ICMP, ...).
+    pub slow_unparsed: u64,
+    /// Passed to the slow path: TCP SYN, FIN or RST.
+    pub slow_tcp_flags: u64,
+    /// Passed to the slow path: TTL would expire.
+    pub slow_ttl: u64,
+    /// Passed to the slow path: no route, or the packet would need fragmenting.
+    pub slow_fib: u64,
+}
+
+fn octets(a: Ipv4Addr) -> [u8; 4] {
+    a.octets()
+}
+
+impl FlowKey {
+    fn raw(&self) -> pod::RawFlowKey {
+        pod::RawFlowKey {
+            saddr: octets(*self.src.ip()),
+            daddr: octets(*self.dst.ip()),
+            sport: self.src.port().to_be_bytes(),
+            dport: self.dst.port().to_be_bytes(),
+            proto: self.proto.number(),
+            dir: match self.direction {
+                Direction::Outbound => 0,
+                Direction::Inbound => 1,
+            },
+            pad: 0,
+        }
+    }
+
+    fn from_raw(raw: &pod::RawFlowKey) -> Option<Self> {
+        Some(FlowKey {
+            proto: Proto::from_number(raw.proto)?,
+            src: SocketAddrV4::new(raw.saddr.into(), u16::from_be_bytes(raw.sport)),
+            dst: SocketAddrV4::new(raw.daddr.into(), u16::from_be_bytes(raw.dport)),
+            direction: if raw.dir == 0 {
+                Direction::Outbound
+            } else {
+                Direction::Inbound
+            },
+        })
+    }
+}
+
+impl Rewrite {
+    fn raw(&self) -> pod::RawFlowValue {
+        pod::RawFlowValue {
+            saddr: octets(*self.src.ip()),
+            daddr: octets(*self.dst.ip()),
+            sport: self.src.port().to_be_bytes(),
+            dport: self.dst.port().to_be_bytes(),
+            ..pod::RawFlowValue::default()
+        }
+    }
+}
+
+impl FlowReport {
+    fn from_raw(raw: &pod::RawFlowValue) -> Self {
+        FlowReport {
+            last_seen: Duration::from_nanos(raw.last_seen_ns),
+            packets: raw.packets,
+            bytes: raw.bytes,
+            tcp: (raw.tcp_valid != 0).then_some(TcpProgress {
+                seq_end: raw.tcp_seq_end,
+                ack: raw.tcp_ack,
+                window: raw.tcp_window,
+            }),
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! Loading, attaching, feeding and unloading the program.
+//!
+//! Invariants: every link this loader creates is recorded in [`KernelPath`] with whether it
+//! added the interface's `clsact` qdisc, so [`KernelPath::unload`] undoes exactly what was
+//! done; the maps live at `<bpffs>/vipgate/<site>/{kpath_flows,kpath_counters}` and nowhere
+//! else.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::programs::TestRunOptions;
+use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TcError, TestRun as _};
+use aya::{Ebpf, EbpfLoader};
+
+use crate::pod::{RawFlowKey, RawFlowValue};
+use crate::{Counters, Direction, FlowKey, FlowReport, KpathError, OBJECT, Rewrite};
+
+const FLOWS: &str = "kpath_flows";
+const COUNTERS: &str = "kpath_counters";
+/// `BPF_FS_MAGIC` (statfs f_type of a bpffs).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How programs are attached to an interface's ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// tcx links where the kernel has them (6.6+), else `clsact` + cls_bpf.
+    Auto,
+    /// tcx links only.
+    Tcx,
+    /// A `clsact` qdisc (added if absent, removed at unload if added) with a cls_bpf filter.
+    Clsact,
+}
+
+/// Where and how to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The site name: the maps are pinned under `<bpffs>/vipgate/<site>/`.
+    pub site: String,
+    /// The bpffs mount point; mounted there if it is not a bpffs yet. Default `/sys/fs/bpf`.
+    pub bpffs: PathBuf,
+    /// How to attach.
+    pub attach: AttachMode,
+    /// Flow map size (entries; one per direction of a flow). Default 262144.
+    pub max_flows: u32,
+}
+
+impl LoadOptions {
+    /// Defaults for a site.
+    #[must_use]
+    pub fn new(site: &str) -> Self {
+        LoadOptions {
+            site: site.to_owned(),
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+            attach: AttachMode::Auto,
+            max_flows: 262_144,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Attachment {
+    iface: String,
+    direction: Direction,
+    link: SchedClassifierLinkId,
+    /// The `clsact` qdisc this loader added (removed at unload).
+    qdisc_added: bool,
+}
+
+/// One [`KernelPath::test_run`]: the program's return code and the frame it left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRun {
+    /// The TC action (`TC_ACT_OK` = 0: slow path; `TC_ACT_REDIRECT` = 7: fast path).
+    pub action: u32,
+    /// The frame after the program.
+    pub frame: Vec<u8>,
+}
+
+impl TestRun {
+    /// `TC_ACT_OK`: the packet continues to the slow path.
+    pub const PASS: u32 = 0;
+    /// `TC_ACT_REDIRECT`: rewritten and redirected.
+    pub const REDIRECT: u32 = 7;
+}
+
+/// The loaded programs and their maps for one site.
+pub struct KernelPath {
+    ebpf: Ebpf,
+    flows: HashMap<MapData, RawFlowKey, RawFlowValue>,
+    counters: PerCpuArray<MapData, u64>,
+    pin_dir: PathBuf,
+    attach: AttachMode,
+    attachments: Vec<Attachment>,
+    adopted: bool,
+}
+
+impl std::fmt::Debug for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelPath")
+            .field("pin_dir", &self.pin_dir)
+            .field("attach", &self.attach)
+            .field("attachments", &self.attachments)
+            .field("adopted", &self.adopted)
+            .finish_non_exhaustive()
+    }
+}
+
+fn valid_site(site: &str) -> bool {
+    !site.is_empty()
+        && site.len() <= 64
+        && site != "."
+        && site != ".."
+        && site
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Mounts a bpffs at `mount_point` unless one is there (as systemd does at /sys/fs/bpf).
+/// Needs CAP_SYS_ADMIN when it mounts: a daemon that drops privileges calls this first.
+///
+/// # Errors
+/// The directory cannot be created or inspected, or the mount is refused.
+pub fn ensure_bpffs(mount_point: &Path) -> Result<(), KpathError> {
+    let pins = |source| KpathError::Pins {
+        path: mount_point.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(mount_point).map_err(pins)?;
+    let fs = nix::sys::statfs::statfs(mount_point).map_err(|e| pins(e.into()))?;
+    #[allow(clippy::useless_conversion)] // f_type's integer type differs between libcs
+    if i64::from(fs.filesystem_type().0) == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        mount_point,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| pins(e.into()))
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, KpathError> {
+    ebpf.program_mut(name)
+        .ok_or(KpathError::Missing(name))?
+        .try_into()
+        .map_err(|source| KpathError::Program {
+            program: name,
+            source,
+        })
+}
+
+impl KernelPath {
+    /// Loads both programs (the verifier checks them here) and creates or adopts the pinned
+    /// maps of `opts.site`. Nothing is attached yet.
+    ///
+    /// # Errors
+    /// A bad site name, no bpffs, or the kernel refusing the object.
+    pub fn load(opts: &LoadOptions) -> Result<Self, KpathError> {
+        if !valid_site(&opts.site) {
+            return Err(KpathError::SiteName(opts.site.clone()));
+        }
+        ensure_bpffs(&opts.bpffs)?;
+        let pin_dir = opts.bpffs.join("vipgate").join(&opts.site);
+        std::fs::create_dir_all(&pin_dir).map_err(|source| KpathError::Pins {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let adopted = pin_dir.join(FLOWS).exists();
+        let flows_pin = pin_dir.join(FLOWS);
+        let counters_pin = pin_dir.join(COUNTERS);
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(FLOWS, flows_pin.as_path())
+            .map_pin_path(COUNTERS, counters_pin.as_path())
+            .map_max_entries(FLOWS, opts.max_flows)
+            .load(OBJECT)?;
+        for direction in [Direction::Outbound, Direction::Inbound] {
+            let program = direction.program();
+            classifier(&mut ebpf, program)?
+                .load()
+                .map_err(|source| KpathError::Program { program, source })?;
+        }
+        let map_err = |map| move |source| KpathError::Map { map, source };
+        let flows = HashMap::try_from(ebpf.take_map(FLOWS).ok_or(KpathError::Missing(FLOWS))?)
+            .map_err(map_err(FLOWS))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(COUNTERS)
+                .ok_or(KpathError::Missing(COUNTERS))?,
+        )
+        .map_err(map_err(COUNTERS))?;
+        Ok(KernelPath {
+            ebpf,
+            flows,
+            counters,
+            pin_dir,
+            attach: opts.attach,
+            attachments: Vec::new(),
+            adopted,
+        })
+    }
+
+    /// Whether the maps were already pinned (a restarted daemon adopting its flows).
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The directory holding this site's pins.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches the program for `direction` to the ingress of `iface` (in the current network
+    /// namespace) and says how.
+    ///
+    /// # Errors
+    /// No such interface, or the kernel refusing both attach methods allowed.
+    pub fn attach(&mut self, iface: &str, direction: Direction) -> Result<AttachMode, KpathError> {
+        let program = direction.program();
+        // A clsact qdisc this loader added already serves the second program there (adding
+        // it again would replace it).
+        let ours = self
+            .attachments
+            .iter()
+            .any(|a| a.iface == iface && a.qdisc_added);
+        let prog = classifier(&mut self.ebpf, program)?;
+        let tcx = || TcAttachOptions::TcxOrder(LinkOrder::default());
+        let (link, mode, qdisc_added) = match self.attach {
+            AttachMode::Tcx => (
+                prog.attach_with_options(iface, TcAttachType::Ingress, tcx())
+                    .map_err(|source| KpathError::Program { program, source })?,
+                AttachMode::Tcx,
+                false,
+            ),
+            AttachMode::Auto => {
+                match prog.attach_with_options(iface, TcAttachType::Ingress, tcx()) {
+                    Ok(link) => (link, AttachMode::Tcx, false),
+                    Err(e) => {
+                        tracing::info!(iface, error = %e, "tcx attach refused; using clsact");
+                        let (link, added) = attach_clsact(prog, iface, program, !ours)?;
+                        (link, AttachMode::Clsact, added)
+                    }
+                }
+            }
+            AttachMode::Clsact => {
+                let (link, added) = attach_clsact(prog, iface, program, !ours)?;
+                (link, AttachMode::Clsact, added)
+            }
+        };
+        self.attachments.push(Attachment {
+            iface: iface.to_owned(),
+            direction,
+            link,
+            qdisc_added,
+        });
+        Ok(mode)
+    }
+
+    /// Installs (or replaces) the rewrite for `key`, with fresh counters.
+    ///
+    /// # Errors
+    /// The kernel refusing the update.
+    pub fn insert(&mut self, key: &FlowKey, rewrite: &Rewrite) -> Result<(), KpathError> {
+        self.flows
+            .insert(key.raw(), rewrite.raw(), 0)
+            .map_err(|source| KpathError::Map { map: FLOWS, source })
+    }
+
+    /// Removes the entry for `key`; false if there was none.
+    ///
+    /// # Errors
+    /// The kernel refusing the delete for another reason than a missing key.
+    pub fn remove(&mut self, key: &FlowKey) -> Result<bool, KpathError> {
+        match self.flows.remove(&key.raw()) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(false)
+            }
+            Err(source) => Err(KpathError::Map { map: FLOWS, source }),
+        }
+    }
+
+    /// What the program reported for `key`, if it has an entry.
+    ///
+    /// # Errors
+    /// The kernel refusing the lookup for another reason than a missing key.
+    pub fn report(&self, key: &FlowKey) -> Result<Option<FlowReport>, KpathError> {
+        match self.flows.get(&key.raw(), 0) {
+            Ok(v) => Ok(Some(FlowReport::from_raw(&v))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(KpathError::Map { map: FLOWS, source }),
+        }
+    }
+
+    /// Every entry's key (e.g. to reconcile adopted maps with the core's table).
+    ///
+    /// # Errors
+    /// The kernel refusing the iteration.
+    pub fn keys(&self) -> Result<Vec<FlowKey>, KpathError> {
+        let mut out = Vec::new();
+        for raw in self.flows.keys() {
+            let raw = raw.map_err(|source| KpathError::Map { map: FLOWS, source })?;
+            out.extend(FlowKey::from_raw(&raw));
+        }
+        Ok(out)
+    }
+
+    /// The program's counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// The kernel refusing the lookup.
+    pub fn counters(&self) -> Result<Counters, KpathError> {
+        let get = |i: u32| -> Result<u64, KpathError> {
+            let per_cpu = self.counters.get(&i, 0).map_err(|source| KpathError::Map {
+                map: COUNTERS,
+                source,
+            })?;
+            Ok(per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
+        };
+        Ok(Counters {
+            fast_packets: get(0)?,
+            fast_bytes: get(1)?,
+            slow_no_entry: get(2)?,
+            slow_unparsed: get(3)?,
+            slow_tcp_flags: get(4)?,
+            slow_ttl: get(5)?,
+            slow_fib: get(6)?,
+        })
+    }
+
+    /// Runs the program for `direction` once over `frame` (an Ethernet frame) as if it
+    /// arrived on interface `ifindex` (`BPF_PROG_TEST_RUN`), with the live maps.
+    ///
+    /// # Errors
+    /// The kernel refusing the run.
+    pub fn test_run(
+        &self,
+        direction: Direction,
+        frame: &[u8],
+        ifindex: u32,
+    ) -> Result<TestRun, KpathError> {
+        let program = direction.program();
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .ok_or(KpathError::Missing(program))?
+            .try_into()
+            .map_err(|source| KpathError::Program { program, source })?;
+        // struct __sk_buff: only ifindex (offset 40) is set, which puts the skb on that device.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .map_err(|source| KpathError::Program { program, source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRun {
+            action: result.return_value,
+            frame: out,
+        })
+    }
+
+    /// Detaches the programs but keeps the pinned maps, so that the next
+    /// [`KernelPath::load`] of the same site adopts its flows (a restart).
+    pub fn release(mut self) {
+        self.detach_all();
+    }
+
+    /// Detaches the programs, removes the pins (and their directory) and every `clsact`
+    /// qdisc this loader added: nothing of the site remains in the kernel.
+    ///
+    /// # Errors
+    /// A pin or qdisc that could not be removed (the rest is still removed).
+    pub fn unload(mut self) -> Result<(), KpathError> {
+        let mut first_error = self.detach_all();
+        for name in [FLOWS, COUNTERS] {
+            let path = self.pin_dir.join(name);
+            if let Err(source) = std::fs::remove_file(&path)
+                && source.kind() != std::io::ErrorKind::NotFound
+            {
+                first_error.get_or_insert(KpathError::Pins { path, source });
+            }
+        }
+        if let Err(source) = std::fs::remove_dir(&self.pin_dir) {
+            first_error.get_or_insert(KpathError::Pins {
+                path: self.pin_dir.clone(),
+                source,
+            });
+        }
+        // The shared parent goes when the last site leaves (another site's pins keep it).
+        if let Some(parent) = self.pin_dir.parent() {
+            let _still_used = std::fs::remove_dir(parent);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Detaches every link and removes the qdiscs added; the first error, if any.
+    fn detach_all(&mut self) -> Option<KpathError> {
+        let mut first_error = None;
+        // Newest first: the attachment that added a qdisc goes after the filters it carries.
+        for a in std::mem::take(&mut self.attachments).into_iter().rev() {
+            let program = a.direction.program();
+            let detached = classifier(&mut self.ebpf, program).and_then(|prog| {
+                prog.detach(a.link)
+                    .map_err(|source| KpathError::Program { program, source })
+            });
+            if let Err(e) = detached {
+                first_error.get_or_insert(e);
+            }
+            if a.qdisc_added
+                && let Err(e) = remove_clsact(&a.iface)
+            {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error
+    }
+}
+
+impl Drop for KernelPath {
+    fn drop(&mut self) {
+        // Links are closed with the loader anyway; the qdiscs it added must go too.
+        if let Some(e) = self.detach_all() {
+            tracing::warn!(error = %e, "detaching the kernel path");
+        }
+    }
+}
+
+fn attach_clsact(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    program: &'static str,
+    add_qdisc: bool,
+) -> Result<(SchedClassifierLinkId, bool), KpathError> {
+    if !add_qdisc {
+        return prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .map(|link| (link, false))
+            .map_err(|source| KpathError::Program { program, source });
+    }
+    let added = match qdisc_add_clsact(iface) {
+        Ok(()) => true,
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc_eexist()) => false,
+        Err(e) => {
+            return Err(KpathError::Qdisc {
+                iface: iface.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    match prog.attach_with_options(
+        iface,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions::default()),
+    ) {
+        Ok(link) => Ok((link, added)),
+        Err(source) => {
+            if added {
+                let _best_effort = remove_clsact(iface);
+            }
+            Err(KpathError::Program { program, source })
+        }
+    }
+}
+
+fn libc_eexist() -> i32 {
+    nix::errno::Errno::EEXIST as i32
+}
+
+/// Removes the `clsact` qdisc of `iface` (with its filters), through iproute2's `tc`: aya
+/// adds the qdisc but has no call to delete it.
+fn remove_clsact(iface: &str) -> Result<(), KpathError> {
+    let qdisc = |reason: String| KpathError::Qdisc {
+        iface: iface.to_owned(),
+        reason,
+    };
+    let out = Command::new("tc")
+        .args(["qdisc", "del", "dev", iface, "clsact"])
+        .output()
+        .map_err(|e| qdisc(format!("running tc: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(qdisc(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}

@@ -1,0 +1,54 @@
+//! The map key and value exactly as `bpf/kpath.c` lays them out (`struct flow_key`,
+//! `struct flow_value`), and their `Pod` impls: the one place of this crate with `unsafe`.
+//!
+//! Invariant: each struct is `repr(C)`, has the C struct's size (asserted at compile time)
+//! and no implicit padding (every gap is an explicit field), so any byte pattern is a valid
+//! value and no uninitialised byte reaches the kernel.
+
+/// `struct flow_key`: the packet's 5-tuple (network byte order, as in the packet) and the
+/// direction of the program that saw it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub(crate) struct RawFlowKey {
+    pub(crate) saddr: [u8; 4],
+    pub(crate) daddr: [u8; 4],
+    pub(crate) sport: [u8; 2],
+    pub(crate) dport: [u8; 2],
+    pub(crate) proto: u8,
+    pub(crate) dir: u8,
+    pub(crate) pad: u16,
+}
+
+/// `struct flow_value`: the rewrite (written by userspace) and what the program reports.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RawFlowValue {
+    pub(crate) saddr: [u8; 4],
+    pub(crate) daddr: [u8; 4],
+    pub(crate) sport: [u8; 2],
+    pub(crate) dport: [u8; 2],
+    pub(crate) flags: u32,
+    pub(crate) last_seen_ns: u64,
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
+    pub(crate) tcp_seq_end: u32,
+    pub(crate) tcp_ack: u32,
+    pub(crate) tcp_window: u16,
+    pub(crate) tcp_valid: u16,
+    pub(crate) pad: u32,
+}
+
+const _: () = assert!(size_of::<RawFlowKey>() == 16);
+const _: () = assert!(size_of::<RawFlowValue>() == 56);
+
+// SAFETY: `RawFlowKey` is `repr(C)`, `Copy`, 'static, made only of integers and byte arrays
+// whose sizes add up to the struct's size (asserted above), so it has no padding and every
+// bit pattern is valid: exactly what `Pod` requires.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for RawFlowKey {}
+
+// SAFETY: as for `RawFlowKey`: `repr(C)`, integers and byte arrays only, fields laid out
+// without gaps (the 8-byte fields start at offset 16; the trailing `pad` makes the size a
+// multiple of 8, asserted above).
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for RawFlowValue {}

@@ -1,0 +1,445 @@
+//! Differential test: the same packets through natgw's core (`Gateway::handle_packet`) and
+//! through the loaded program (`BPF_PROG_TEST_RUN`, with the map entries the core's
+//! `Translation` yields) leave with identical bytes, up to the one TTL the kernel path
+//! takes as the router it is (the core runs with `compensate_ttl = false`, so its output is
+//! the packet before the forwarding hop). Checksums are verified independently with
+//! etherparse. Packets the program must leave to the slow path pass untouched. Root only.
+// Gateway::new and handle_packet take `now`; the test picks it.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Instant;
+
+use common::in_sandbox;
+use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
+use kpath::{Direction, KernelPath, LoadOptions, Proto, TestRun, entries};
+use natgw::{Gateway, GatewayConfig, StaticEntry, Verdict};
+
+const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const H1: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 10);
+const WEB: Ipv4Addr = Ipv4Addr::new(192, 168, 101, 101);
+const SRV: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+const SRV2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+fn config() -> GatewayConfig {
+    GatewayConfig {
+        overload: Some(PUBLIC),
+        inside_networks: vec!["192.168.101.0/24".parse().unwrap()],
+        statics: vec![StaticEntry {
+            proto: natgw::Proto::Tcp,
+            public: SocketAddrV4::new(PUBLIC, 8001),
+            inside: SocketAddrV4::new(WEB, 80),
+        }],
+        compensate_ttl: false,
+        ..GatewayConfig::default()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Flags {
+    Syn,
+    SynAck,
+    Ack,
+    Fin,
+    Rst,
+}
+
+struct Seg {
+    seq: u32,
+    ack: u32,
+    window: u16,
+    flags: Flags,
+}
+
+fn seg(flags: Flags) -> Seg {
+    Seg {
+        seq: 1000,
+        ack: 1,
+        window: 64240,
+        flags,
+    }
+}
+
+fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, s: &Seg, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp(src.port(), dst.port(), s.seq, s.window);
+    let b = match s.flags {
+        Flags::Syn => b.syn(),
+        Flags::SynAck => b.syn().ack(s.ack),
+        Flags::Ack => b.ack(s.ack),
+        Flags::Fin => b.fin().ack(s.ack),
+        Flags::Rst => b.rst(),
+    };
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn udp_frame(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port())
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+/// The IPv4 header checksum and the transport checksum of `ip` are right (computed afresh).
+fn assert_checksums(ip: &[u8]) {
+    let p = SlicedPacket::from_ip(ip).unwrap();
+    let net = p.net.unwrap();
+    let etherparse::NetSlice::Ipv4(v4) = net else {
+        panic!("not IPv4")
+    };
+    let header = v4.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let payload = v4.payload().payload;
+    match p.transport.unwrap() {
+        TransportSlice::Tcp(t) => {
+            let want = t
+                .to_header()
+                .calc_checksum_ipv4(&header, t.payload())
+                .unwrap();
+            assert_eq!(t.checksum(), want, "TCP checksum");
+        }
+        TransportSlice::Udp(u) => {
+            if u.checksum() != 0 {
+                let want = u
+                    .to_header()
+                    .calc_checksum_ipv4(&header, u.payload())
+                    .unwrap();
+                assert_eq!(u.checksum(), want, "UDP checksum");
+            }
+        }
+        _ => panic!("not TCP/UDP: {payload:?}"),
+    }
+}
+
+/// `ip` after one forwarding hop: TTL - 1, header checksum recomputed.
+fn forwarded(ip: &[u8]) -> Vec<u8> {
+    let (mut header, rest) = Ipv4Header::from_slice(ip).unwrap();
+    header.time_to_live -= 1;
+    header.header_checksum = header.calc_header_checksum();
+    let mut out = header.to_bytes().to_vec();
+    out.extend_from_slice(rest);
+    out
+}
+
+struct Harness {
+    gw: Gateway,
+    now: Instant,
+    kp: KernelPath,
+    ifindex: u32,
+}
+
+impl Harness {
+    fn new(ifindex: u32) -> Self {
+        let now = Instant::now();
+        Harness {
+            gw: Gateway::new(now, config()).unwrap(),
+            now,
+            kp: KernelPath::load(&LoadOptions::new("differential")).unwrap(),
+            ifindex,
+        }
+    }
+
+    /// The core's output for `frame`'s IP packet (which must be forwarded).
+    fn core(&mut self, direction: Direction, frame: &[u8]) -> Vec<u8> {
+        let dir = match direction {
+            Direction::Outbound => natgw::Direction::Outbound,
+            Direction::Inbound => natgw::Direction::Inbound,
+        };
+        let mut ip = frame[14..].to_vec();
+        assert_eq!(
+            self.gw.handle_packet(self.now, dir, &mut ip),
+            Verdict::Forward
+        );
+        ip
+    }
+
+    fn program(&self, direction: Direction, frame: &[u8]) -> TestRun {
+        self.kp.test_run(direction, frame, self.ifindex).unwrap()
+    }
+
+    /// Installs both directions of every established flow, as the driver does.
+    fn install(&mut self) {
+        for t in self.gw.translations(self.now) {
+            let proto = match t.proto {
+                natgw::Proto::Tcp if t.established => Proto::Tcp,
+                natgw::Proto::Udp => Proto::Udp,
+                _ => continue,
+            };
+            for (key, rewrite) in entries(proto, t.inside, t.public, t.outside) {
+                self.kp.insert(&key, &rewrite).unwrap();
+            }
+        }
+    }
+
+    /// Both data paths agree on `frame`: the program rewrites and redirects it to exactly
+    /// the core's bytes after one forwarding hop, checksums right.
+    fn same(&mut self, direction: Direction, frame: &[u8]) -> Vec<u8> {
+        let from_core = forwarded(&self.core(direction, frame));
+        let run = self.program(direction, frame);
+        assert_eq!(run.action, TestRun::REDIRECT, "fast path taken");
+        assert_eq!(
+            run.frame[..14],
+            frame[..14],
+            "MACs are left to redirect_neigh"
+        );
+        assert_eq!(run.frame[14..], from_core[..], "same bytes as the core");
+        assert_checksums(&run.frame[14..]);
+        assert_ne!(run.frame[14..], frame[14..], "translated");
+        run.frame
+    }
+
+    /// The program leaves `frame` to the slow path, untouched.
+    fn passes(&self, direction: Direction, frame: &[u8]) {
+        let run = self.program(direction, frame);
+        assert_eq!(run.action, TestRun::PASS, "slow path");
+        assert_eq!(run.frame, frame, "untouched");
+    }
+}
+
+/// The public endpoint the core chose for an outbound packet.
+fn public_source(ip: &[u8]) -> SocketAddrV4 {
+    let p = SlicedPacket::from_ip(ip).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(v4)) = p.net else {
+        panic!()
+    };
+    let port = match p.transport.unwrap() {
+        TransportSlice::Tcp(t) => t.source_port(),
+        TransportSlice::Udp(u) => u.source_port(),
+        _ => panic!(),
+    };
+    SocketAddrV4::new(v4.header().source_addr(), port)
+}
+
+#[test]
+fn dynamic_pat_tcp_both_directions() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let inside = SocketAddrV4::new(H1, 40000);
+        let outside = SocketAddrV4::new(SRV, 443);
+        // The handshake goes through the core (the program has no entry, and SYNs are never
+        // fast-pathed anyway).
+        let syn = tcp_frame(inside, outside, &seg(Flags::Syn), b"");
+        h.passes(Direction::Outbound, &syn);
+        let public = public_source(&h.core(Direction::Outbound, &syn));
+        let synack = tcp_frame(outside, public, &seg(Flags::SynAck), b"");
+        h.core(Direction::Inbound, &synack);
+        let ack = tcp_frame(inside, outside, &seg(Flags::Ack), b"");
+        h.passes(Direction::Outbound, &ack);
+        h.core(Direction::Outbound, &ack);
+        h.install();
+
+        for (i, len) in [0usize, 1, 100, 1400].into_iter().enumerate() {
+            let payload = vec![u8::try_from(i).unwrap() ^ 0x5a; len];
+            let s = Seg {
+                seq: 1001 + u32::try_from(i * 2000).unwrap(),
+                ack: 5001,
+                window: 501,
+                flags: Flags::Ack,
+            };
+            h.same(
+                Direction::Outbound,
+                &tcp_frame(inside, outside, &s, &payload),
+            );
+            let reply = Seg {
+                seq: 5001,
+                ack: 1001 + u32::try_from(i * 2000 + len).unwrap(),
+                window: 502,
+                flags: Flags::Ack,
+            };
+            h.same(
+                Direction::Inbound,
+                &tcp_frame(outside, public, &reply, &payload),
+            );
+        }
+
+        // What the program reports back: counters and the sequence space each side covered.
+        let [(out_key, _), (in_key, _)] = entries(Proto::Tcp, inside, public, outside);
+        let out = h.kp.report(&out_key).unwrap().unwrap();
+        assert_eq!(out.packets, 4);
+        assert_eq!(out.bytes, 4 * 40 + 1 + 100 + 1400);
+        assert!(out.last_seen > std::time::Duration::ZERO);
+        let tcp = out.tcp.unwrap();
+        assert_eq!(tcp.seq_end, 1001 + 3 * 2000 + 1400);
+        assert_eq!((tcp.ack, tcp.window), (5001, 501));
+        let inb = h.kp.report(&in_key).unwrap().unwrap().tcp.unwrap();
+        assert_eq!((inb.ack, inb.window), (1001 + 3 * 2000 + 1400, 502));
+
+        // State transitions stay with the core.
+        for flags in [Flags::Fin, Flags::Rst, Flags::Syn] {
+            h.passes(
+                Direction::Outbound,
+                &tcp_frame(inside, outside, &seg(flags), b""),
+            );
+            h.passes(
+                Direction::Inbound,
+                &tcp_frame(outside, public, &seg(flags), b""),
+            );
+        }
+        let c = h.kp.counters().unwrap();
+        assert_eq!(c.fast_packets, 8);
+        assert_eq!(c.slow_tcp_flags, 1 + 6, "the first SYN and the six above");
+        h.kp.unload().unwrap();
+    });
+}
+
+#[test]
+fn static_forward_tcp_both_directions() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let client = SocketAddrV4::new(SRV2, 51000);
+        let public = SocketAddrV4::new(PUBLIC, 8001);
+        let web = SocketAddrV4::new(WEB, 80);
+        h.core(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Syn), b""),
+        );
+        h.core(
+            Direction::Outbound,
+            &tcp_frame(web, client, &seg(Flags::SynAck), b""),
+        );
+        h.core(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Ack), b""),
+        );
+        h.install();
+        let get = b"GET / HTTP/1.0\r\n\r\n";
+        let out = h.same(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Ack), get),
+        );
+        assert_eq!(
+            &out[30..34],
+            &WEB.octets(),
+            "delivered to the inside server"
+        );
+        let body = vec![0xa5u8; 1200];
+        let back = h.same(
+            Direction::Outbound,
+            &tcp_frame(web, client, &seg(Flags::Ack), &body),
+        );
+        assert_eq!(
+            &back[26..30],
+            &PUBLIC.octets(),
+            "leaves from the public address"
+        );
+        h.kp.unload().unwrap();
+    });
+}
+
+#[test]
+fn dynamic_pat_udp_with_and_without_checksum() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let inside = SocketAddrV4::new(H1, 5300);
+        let outside = SocketAddrV4::new(SRV, 53);
+        let query = udp_frame(inside, outside, b"query");
+        h.passes(Direction::Outbound, &query);
+        let public = public_source(&h.core(Direction::Outbound, &query));
+        h.core(Direction::Inbound, &udp_frame(outside, public, b"answer"));
+        h.install();
+        h.same(
+            Direction::Outbound,
+            &udp_frame(inside, outside, b"second query"),
+        );
+        h.same(
+            Direction::Inbound,
+            &udp_frame(outside, public, b"second answer"),
+        );
+        // A zero UDP checksum means "none" and stays zero on both paths.
+        let mut unsummed = udp_frame(inside, outside, b"no checksum");
+        unsummed[14 + 20 + 6..14 + 20 + 8].fill(0);
+        let out = h.same(Direction::Outbound, &unsummed);
+        assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+        h.kp.unload().unwrap();
+    });
+}
+
+#[test]
+fn unusual_packets_take_the_slow_path_untouched() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let inside = SocketAddrV4::new(H1, 5301);
+        let outside = SocketAddrV4::new(SRV, 53);
+        let query = udp_frame(inside, outside, b"query");
+        h.core(Direction::Outbound, &query);
+        h.install();
+        let ip_fix = |f: &mut Vec<u8>| {
+            let (mut hdr, _) = Ipv4Header::from_slice(&f[14..]).unwrap();
+            hdr.header_checksum = hdr.calc_header_checksum();
+            f[14..34].copy_from_slice(&hdr.to_bytes()[..20]);
+        };
+        // A first fragment (MF set) and a later one (offset set).
+        let mut first = udp_frame(inside, outside, b"fragment");
+        first[14 + 6] |= 0x20;
+        ip_fix(&mut first);
+        h.passes(Direction::Outbound, &first);
+        let mut later = udp_frame(inside, outside, b"fragment");
+        later[14 + 7] = 0x10;
+        h.passes(Direction::Outbound, &later);
+        // IP options (four NOPs).
+        let mut opts = udp_frame(inside, outside, b"options");
+        opts.splice(34..34, [1u8, 1, 1, 1]);
+        opts[14] = 0x46;
+        let tot = u16::from_be_bytes([opts[16], opts[17]]) + 4;
+        opts[16..18].copy_from_slice(&tot.to_be_bytes());
+        h.passes(Direction::Outbound, &opts);
+        // TTL about to expire: the slow path sends the ICMP error.
+        let mut dying = udp_frame(inside, outside, b"ttl");
+        dying[14 + 8] = 1;
+        h.passes(Direction::Outbound, &dying);
+        // ICMP (echo) and a flow without entry.
+        let mut ping = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(H1.octets(), SRV.octets(), 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut ping, b"ping")
+            .unwrap();
+        h.passes(Direction::Outbound, &ping);
+        h.passes(
+            Direction::Outbound,
+            &udp_frame(SocketAddrV4::new(H1, 5302), outside, b"new flow"),
+        );
+        // The entry is per direction: the outbound tuple arriving on the outside is no hit.
+        h.passes(Direction::Inbound, &query);
+        let c = h.kp.counters().unwrap();
+        assert_eq!(c.fast_packets, 0);
+        assert_eq!(c.slow_ttl, 1);
+        assert_eq!(c.slow_no_entry, 2);
+        assert_eq!(c.slow_unparsed, 4);
+        h.kp.unload().unwrap();
+    });
+}
+
+#[test]
+fn removed_entries_fall_back_to_the_slow_path() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let inside = SocketAddrV4::new(H1, 5303);
+        let outside = SocketAddrV4::new(SRV, 53);
+        let query = udp_frame(inside, outside, b"query");
+        let public = public_source(&h.core(Direction::Outbound, &query));
+        h.install();
+        h.same(Direction::Outbound, &query);
+        for (key, _) in entries(Proto::Udp, inside, public, outside) {
+            assert!(h.kp.remove(&key).unwrap());
+            assert!(!h.kp.remove(&key).unwrap());
+        }
+        h.passes(Direction::Outbound, &query);
+        assert!(h.kp.keys().unwrap().is_empty());
+        h.kp.unload().unwrap();
+    });
+}

@@ -1,0 +1,111 @@
+//! The verifier accepts the programs; attach and unload leave nothing behind. Root only.
+// Tests poll the real clock with deadlines.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::net::SocketAddrV4;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aya::programs::{SchedClassifier, TcAttachType, loaded_programs};
+use common::{IFACE, in_sandbox};
+use kpath::{AttachMode, Direction, KernelPath, LoadOptions, Proto, entries};
+
+fn qdiscs() -> String {
+    let out = Command::new("tc")
+        .args(["qdisc", "show", "dev", IFACE])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn attached_ids() -> Vec<u32> {
+    let (_, progs) = SchedClassifier::query_tcx(IFACE, TcAttachType::Ingress).unwrap();
+    progs.iter().map(aya::programs::ProgramInfo::id).collect()
+}
+
+fn loaded(ids: &[u32]) -> bool {
+    loaded_programs().any(|p| p.is_ok_and(|p| ids.contains(&p.id())))
+}
+
+/// Loads, attaches both programs to kp0 in `mode`, then unloads and checks what is left.
+fn attach_and_unload(mode: AttachMode) -> AttachMode {
+    in_sandbox(move |_| {
+        let mut opts = LoadOptions::new("site-a");
+        opts.attach = mode;
+        let mut kp = KernelPath::load(&opts).expect("the verifier accepts the programs");
+        assert!(!kp.adopted());
+        let used = kp.attach(IFACE, Direction::Outbound).unwrap();
+        assert_eq!(kp.attach(IFACE, Direction::Inbound).unwrap(), used);
+        let pin_dir = kp.pin_dir().to_owned();
+        assert!(pin_dir.join("kpath_flows").exists());
+        let ids = if used == AttachMode::Tcx {
+            let ids = attached_ids();
+            assert_eq!(ids.len(), 2, "both programs attached with tcx");
+            ids
+        } else {
+            assert!(qdiscs().contains("clsact"), "{}", qdiscs());
+            Vec::new()
+        };
+        kp.unload().unwrap();
+        assert!(!pin_dir.exists(), "pins removed");
+        assert!(
+            !Path::new("/sys/fs/bpf/vipgate").exists(),
+            "pin root removed"
+        );
+        assert!(!qdiscs().contains("clsact"), "qdisc removed: {}", qdiscs());
+        assert!(attached_ids().is_empty(), "no tcx program left");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while loaded(&ids) {
+            assert!(
+                Instant::now() < deadline,
+                "programs still loaded after unload"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        used
+    })
+}
+
+#[test]
+fn tcx_attach_and_unload_leave_nothing() {
+    assert_eq!(attach_and_unload(AttachMode::Auto), AttachMode::Tcx);
+}
+
+#[test]
+fn clsact_attach_and_unload_leave_nothing() {
+    assert_eq!(attach_and_unload(AttachMode::Clsact), AttachMode::Clsact);
+}
+
+#[test]
+fn a_restart_adopts_the_pinned_flows() {
+    in_sandbox(|_| {
+        let opts = LoadOptions::new("site-b");
+        let mut first = KernelPath::load(&opts).unwrap();
+        let [(key, rewrite), _] = entries(
+            Proto::Udp,
+            SocketAddrV4::new([192, 168, 1, 2].into(), 5000),
+            SocketAddrV4::new([198, 51, 100, 1].into(), 6000),
+            SocketAddrV4::new([203, 0, 113, 9].into(), 53),
+        );
+        first.insert(&key, &rewrite).unwrap();
+        first.release();
+        let second = KernelPath::load(&opts).unwrap();
+        assert!(second.adopted());
+        assert_eq!(second.keys().unwrap(), vec![key]);
+        assert!(second.report(&key).unwrap().is_some());
+        second.unload().unwrap();
+    });
+}
+
+#[test]
+fn a_bad_site_name_is_refused() {
+    for site in ["", "..", "a/b", "x y"] {
+        assert!(matches!(
+            KernelPath::load(&LoadOptions::new(site)),
+            Err(kpath::KpathError::SiteName(_))
+        ));
+    }
+}

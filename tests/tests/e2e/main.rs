@@ -1,0 +1,16 @@
+//! vipgate's end-to-end tests: one binary with a module per area (one link step instead of
+//! one per file). Tests that build namespaces are declared with [`vipgate_tests::e2e!`], which
+//! names the test's [`vipgate_tests::Topology`] after the test; the harness is
+//! `tests/src/lib.rs`.
+//!
+//! Run one area with `cargo test -p vipgate-tests -- nat:: --test-threads=1` (as root).
+
+mod config;
+mod daemon;
+mod gre;
+mod lab;
+mod lb;
+mod nat;
+mod nat_attacks;
+mod ssh;
+mod vrrp;
