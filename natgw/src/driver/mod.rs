@@ -145,12 +145,13 @@ impl DriverConfig {
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NatStatus {
-    /// Every flow (empty in a [`NatDriver::summary`], and then left out of the serialisation).
+    /// Every flow; `None` in a [`NatDriver::summary`], and then left out of the serialisation
+    /// (an empty table is `Some` of an empty list).
     #[cfg_attr(
         feature = "serde",
-        serde(default, skip_serializing_if = "Vec::is_empty")
+        serde(default, skip_serializing_if = "Option::is_none")
     )]
-    pub translations: Vec<Translation>,
+    pub translations: Option<Vec<Translation>>,
     /// The static forwards.
     pub statics: Vec<StaticEntry>,
     /// ACL rules with their hit counters, in match order.
@@ -411,11 +412,7 @@ impl NatDriver {
         let gw = lock_unpoisoned(&self.gw);
         let now = now();
         NatStatus {
-            translations: if translations {
-                gw.translations(now)
-            } else {
-                Vec::new()
-            },
+            translations: translations.then(|| gw.translations(now)),
             statics: gw.static_entries().collect(),
             acl: gw
                 .acl_rules()
