@@ -406,11 +406,7 @@ impl Part for ServicePart {
         let nat = self.shared.driver.summary();
         status["datapath"] = json!(nat.datapath);
         status["datapath_reason"] = json!(nat.datapath_reason);
-        status["fast_path"] = json!({
-            "packets": nat.fast_packets,
-            "bytes": nat.fast_bytes,
-            "flows": nat.fast_flows,
-        });
+        status["fast_path"] = json!(nat.fast_path);
         status
     }
 

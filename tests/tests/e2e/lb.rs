@@ -170,7 +170,7 @@ impl Lab {
         json[0]["backends"]
             .as_array()
             .and_then(|b| b.iter().find(|b| b["address"] == backend))
-            .and_then(|b| b["bytes_out"].as_u64())
+            .and_then(|b| b["counters"]["bytes_out"].as_u64())
             .unwrap_or_else(|| panic!("no bytes_out of {backend} in {json}"))
     }
 
