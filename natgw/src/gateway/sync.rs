@@ -137,7 +137,7 @@ mod tests {
 
     use super::*;
     use crate::config::GatewayConfig;
-    use crate::flow::Proto;
+    use crate::flow::{Direction, Proto};
     use crate::gateway::Verdict;
     use crate::service::{ServiceConfig, VirtualService};
     use crate::sync::STANDBY_GRACE;
@@ -391,5 +391,92 @@ mod tests {
         );
         assert_eq!(backup.standby().stats().promote_refused, 1);
         assert_eq!(backup.table().len(), 3);
+    }
+
+    /// Both halves together: a master gateway's flows travel through two sync engines to a
+    /// backup that starts late (so it pulls a snapshot) and then follows live changes; after
+    /// promotion the backup continues the flows.
+    #[test]
+    fn a_late_backup_pulls_the_masters_flows_through_the_protocol_and_takes_over() {
+        use flowsync::{Event, Now, SyncConfig, SyncEngine, SyncKey};
+        use std::num::NonZeroU32;
+
+        let key = SyncKey::new(b"pair key, at least 16 bytes").unwrap();
+        let at = |secs: u64| Now {
+            at: epoch() + Duration::from_secs(secs),
+            unix_secs: 1_800_000_000 + secs,
+        };
+        let cfg = |node: u32| SyncConfig::new(NonZeroU32::new(node).unwrap(), 1, key.clone());
+        let (mut master, mut backup) = (node(), node());
+        master.set_sync(true);
+        let mut sync_m = SyncEngine::new(at(0), cfg(1));
+        let backend = traffic(&mut master, at(0).at);
+        // What the master journaled before the backup existed reaches nobody.
+        let early = master.take_sync_updates(at(0).at);
+        sync_m.send_updates(at(0), &early);
+        while sync_m.poll_transmit().is_some() {}
+
+        let mut sync_b = SyncEngine::new(at(1), cfg(2));
+        // Runs both engines until nothing moves, feeding each side's events to its gateway.
+        let exchange = |now: Now,
+                        master: &mut Gateway,
+                        backup: &mut Gateway,
+                        sync_m: &mut SyncEngine,
+                        sync_b: &mut SyncEngine| {
+            for _ in 0..32 {
+                sync_m.handle_timeout(now);
+                sync_b.handle_timeout(now);
+                let mut moved = false;
+                while let Some(d) = sync_b.poll_transmit() {
+                    let _ = sync_m.handle_datagram(now, &d);
+                    moved = true;
+                }
+                while let Some(d) = sync_m.poll_transmit() {
+                    let _ = sync_b.handle_datagram(now, &d);
+                    moved = true;
+                }
+                while let Some(e) = sync_m.poll_event() {
+                    if let Event::SnapshotRequested { .. } = e {
+                        let all = master.export_flows(now.at);
+                        sync_m.send_snapshot(now, &all);
+                    }
+                }
+                while let Some(e) = sync_b.poll_event() {
+                    if let Event::Updates { updates, .. } = e {
+                        backup.apply_standby(now.at, &updates);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        };
+        exchange(at(1), &mut master, &mut backup, &mut sync_m, &mut sync_b);
+        assert!(sync_b.synced());
+        assert_eq!(backup.standby().len(), 3, "the snapshot");
+
+        // A live change: the UDP flow ends on the master.
+        let mut p = ipv4_udp(H1, SRV, b"q");
+        let _ = master.handle_packet(at(2).at, Direction::Outbound, &mut p);
+        master.handle_timeout(at(2).at + Duration::from_secs(400));
+        let changes = master.take_sync_updates(at(2).at);
+        assert!(
+            changes
+                .iter()
+                .any(|u| matches!(u, Update::FlowGone(k) if k.proto == FlowProto::Udp))
+        );
+        sync_m.send_updates(at(2), &changes);
+        exchange(at(2), &mut master, &mut backup, &mut sync_m, &mut sync_b);
+        assert_eq!(backup.standby().len(), master.table().len());
+
+        let p = backup.promote_standby(at(3).at);
+        assert_eq!(p.promoted, master.table().len());
+        let (v, p) = send(
+            &mut backup,
+            at(3).at,
+            ipv4_tcp(CLIENT, VIP, TcpFlags::ACK, b"x"),
+        );
+        assert_eq!((v, dst(&p)), (Verdict::Forward, backend));
+        assert_eq!(sync_b.stats().auth_failures, 0);
     }
 }
