@@ -553,4 +553,89 @@ mod tests {
         );
         assert_eq!(format!("{:?}", key()), "SyncKey(redacted)");
     }
+
+    fn arb_endpoint() -> impl proptest::strategy::Strategy<Value = SocketAddrV4> {
+        use proptest::prelude::*;
+        (any::<u32>(), any::<u16>()).prop_map(|(ip, port)| SocketAddrV4::new(ip.into(), port))
+    }
+
+    fn arb_key() -> impl proptest::strategy::Strategy<Value = FlowKey> {
+        use proptest::prelude::*;
+        (0..3usize, arb_endpoint(), arb_endpoint()).prop_map(|(p, public, outside)| FlowKey {
+            proto: [FlowProto::Tcp, FlowProto::Udp, FlowProto::Icmp][p],
+            public,
+            outside,
+        })
+    }
+
+    fn arb_update() -> impl proptest::strategy::Strategy<Value = Update> {
+        use crate::record::{FlowState, PersistState, TcpPhase};
+        use proptest::prelude::*;
+        let phases = [
+            TcpPhase::None,
+            TcpPhase::SynSent,
+            TcpPhase::Established,
+            TcpPhase::FinWait,
+            TcpPhase::TimeWait,
+        ];
+        let flow = (
+            arb_key(),
+            arb_endpoint(),
+            proptest::option::of(0..u16::MAX),
+            0..phases.len(),
+            any::<[bool; 4]>(),
+            0..=crate::record::MAX_EXPIRES_SECS,
+        )
+            .prop_map(move |(key, inside, listener, phase, f, expires_in_secs)| {
+                Update::Flow(FlowState {
+                    key,
+                    inside,
+                    listener,
+                    tcp: if key.proto == FlowProto::Tcp {
+                        phases[phase]
+                    } else {
+                        TcpPhase::None
+                    },
+                    first_fin_from_originator: f[0],
+                    from_inside: f[1],
+                    replied: f[2],
+                    assured: f[3],
+                    expires_in_secs,
+                })
+            });
+        let persist = (any::<u16>(), any::<u32>(), arb_endpoint(), 0..=3600u32).prop_map(
+            |(listener, client, backend, expires_in_secs)| {
+                Update::Persist(PersistState {
+                    key: PersistKey {
+                        listener,
+                        client: client.into(),
+                    },
+                    backend,
+                    expires_in_secs,
+                })
+            },
+        );
+        prop_oneof![flow, arb_key().prop_map(Update::FlowGone), persist]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_batch_that_fits_round_trips(
+            updates in proptest::collection::vec(arb_update(), 1..40),
+            bulk in proptest::prelude::any::<bool>(),
+            seq in proptest::prelude::any::<u32>(),
+        ) {
+            let m = Message { seq, ..msg(Body::Updates { bulk, updates }) };
+            let bytes = encode(&m, &key());
+            proptest::prop_assert!(bytes.len() <= MAX_DATAGRAM);
+            proptest::prop_assert_eq!(decode(&bytes, &key()), Ok(m));
+        }
+
+        #[test]
+        fn any_bytes_are_refused_without_a_panic(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1500),
+        ) {
+            proptest::prop_assert!(decode(&data, &key()).is_err());
+        }
+    }
 }
