@@ -41,7 +41,7 @@ use crate::error::DropReason;
 use crate::flow::{ListenerId, Proto};
 use crate::tcp::{Outcome, Segment, TcpState, Tracker};
 
-mod sync;
+pub(crate) mod sync;
 
 pub(crate) use sync::{FlowChange, FlowImage, InstallError, JournalDrain};
 

@@ -479,4 +479,35 @@ mod tests {
         assert_eq!((v, dst(&p)), (Verdict::Forward, backend));
         assert_eq!(sync_b.stats().auth_failures, 0);
     }
+
+    #[test]
+    fn an_overflowed_journal_sends_every_flow_once_and_then_journals_again() {
+        let now = epoch();
+        let mut g = Gateway::new(
+            now,
+            GatewayConfig {
+                overload: Some(PUBLIC),
+                inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                local_addresses: vec![PUBLIC],
+                max_mappings: 100_000,
+                max_per_host: 100_000,
+                ..GatewayConfig::default()
+            },
+        )
+        .unwrap();
+        g.set_sync(true);
+        let remotes = [*SRV.ip(), Ipv4Addr::new(203, 0, 113, 8)];
+        let flows = crate::table::sync::JOURNAL_CAP + 1;
+        for i in 0..flows {
+            let port = u16::try_from(1 + i % 65_000).unwrap();
+            let remote = SocketAddrV4::new(remotes[i / 65_000], port);
+            let _ = send(&mut g, now, ipv4_udp(H1, remote, b"q"));
+        }
+        assert_eq!(g.table().len(), flows);
+        let updates = g.take_sync_updates(now);
+        assert_eq!(updates.len(), flows, "every flow, once");
+        assert!(updates.iter().all(|u| matches!(u, Update::Flow(_))));
+        let _ = send(&mut g, now, ipv4_udp(H1, CLIENT, b"q"));
+        assert_eq!(g.take_sync_updates(now).len(), 1, "journaling again");
+    }
 }
