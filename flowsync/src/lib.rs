@@ -26,6 +26,8 @@
 //! authenticated, not secret: run sync on a dedicated link), or IPv6 flows.
 #![warn(missing_docs)]
 
+#[cfg(feature = "driver")]
+pub mod driver;
 mod engine;
 mod error;
 mod record;
