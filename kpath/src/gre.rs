@@ -8,7 +8,7 @@
 //!
 //! Invariants:
 //! - An entry is in the maps exactly while its tunnel runs on this path; a tunnel's slot
-//!   (below [`MAX_GRE_TUNNELS`]) names its counters, which [`GrePath::insert`] zeroes.
+//!   (below [`MAX_GRE_TUNNELS`]) names its counters, all zero after [`GrePath::load`].
 //! - The maps are pinned under `<bpffs>/vipgate/<site>/`; a [`GrePath::load`] that finds them
 //!   pinned (a daemon killed without unloading) empties them, since no tunnel runs yet.
 //! - Every link is recorded with whether its `clsact` qdisc was added here, so
@@ -342,8 +342,9 @@ impl GrePath {
         Ok(mode)
     }
 
-    /// Puts `tunnel` on the kernel path (replacing an entry of the same TUN or the same
-    /// remote, local and key) with zeroed counters.
+    /// Puts `tunnel` on the kernel path, or updates it (an entry of the same TUN, or of the
+    /// same remote, local and key, is replaced). Its slot's counters keep counting: they
+    /// start from zero at [`GrePath::load`].
     ///
     /// # Errors
     /// A slot out of range, or the kernel refusing the update (the maps are full).
@@ -351,9 +352,6 @@ impl GrePath {
         if tunnel.slot >= MAX_GRE_TUNNELS {
             return Err(KpathError::GreSlot(tunnel.slot));
         }
-        self.stats
-            .set(tunnel.slot, zeros()?, 0)
-            .map_err(map_err(STATS))?;
         self.tx
             .insert(tunnel.tun_ifindex, tunnel.tx(), 0)
             .map_err(map_err(TX))?;
@@ -386,7 +384,7 @@ impl GrePath {
         Ok(())
     }
 
-    /// What the programs did for the tunnel in `slot` since its [`GrePath::insert`].
+    /// What the programs did for the tunnel in `slot` since [`GrePath::load`].
     ///
     /// # Errors
     /// The kernel refusing the lookup (a slot out of range).
