@@ -38,7 +38,7 @@ pub(crate) async fn start(
 ) -> anyhow::Result<Vec<Box<dyn Part>>> {
     let specs: Vec<TunnelSpec> = site.gre.iter().map(lower::gre).collect();
     let names: Vec<String> = specs.iter().map(|s| s.tunnel.name.clone()).collect();
-    let driver = GreDriver::start(specs)
+    let driver = GreDriver::start(specs, &lower::gre_pin_site(&site.path))
         .await
         .with_context(|| format!("starting GRE tunnels {}", names.join(", ")))?;
     let shared = Arc::new(SharedDriver {

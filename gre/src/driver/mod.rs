@@ -15,8 +15,11 @@
 //!
 //! The driver makes no protocol decisions; all of them are in [`Tunnel`].
 
+mod kernel;
 mod netlink;
 mod sys;
+
+pub use kernel::{Datapath, DatapathState, kernel_path_excluded, prepare_kernel_datapath};
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -94,6 +97,8 @@ pub struct TunnelSpec {
     pub routes: Vec<IpNet>,
     /// Use TUN offload (virtio-net header, TSO/GRO super-packets).
     pub offload: bool,
+    /// Which data path carries the tunnel's plain traffic.
+    pub datapath: Datapath,
 }
 
 /// A snapshot of one tunnel for `show gre`.
@@ -157,6 +162,8 @@ struct Shared {
     offload: bool,
     /// Offload as configured (a change needs a restart, whatever the kernel granted).
     offload_configured: bool,
+    /// The data path as configured (a change needs a restart).
+    datapath_configured: Datapath,
     /// Wakes the control task when a keepalive reply may have changed the state.
     wake: Notify,
     underlay: Arc<UnderlaySocket>,
@@ -299,37 +306,45 @@ const MAX_SEGMENTS: usize = 64;
 /// which removes them with the TUN devices.
 pub struct GreDriver {
     tunnels: Vec<Arc<Shared>>,
+    /// Each tunnel's data path (by index in `tunnels`).
+    datapaths: Vec<DatapathState>,
+    /// The kernel programs, while any tunnel runs on them.
+    kernel: Option<Mutex<kernel::KernelTunnels>>,
     tasks: Vec<JoinHandle<()>>,
     watch: TaskWatch,
     netlink: rtnetlink::Handle,
 }
 
 impl GreDriver {
-    /// Creates every tunnel's TUN device and sockets, installs routes, and starts the
-    /// tasks on the current tokio runtime.
+    /// Creates every tunnel's TUN device and sockets, installs routes, puts the tunnels
+    /// that ask for it on the kernel path (its maps pinned under
+    /// `/sys/fs/bpf/vipgate/<site>/`; a tunnel whose kernel path does not load runs on the
+    /// TUN path and its status says why), and starts the tasks on the current tokio runtime.
     ///
     /// # Errors
     /// The first device, socket or netlink operation that failed; whatever was created
     /// before it is removed again.
-    pub async fn start(specs: Vec<TunnelSpec>) -> Result<Self, DriverError> {
+    pub async fn start(specs: Vec<TunnelSpec>, site: &str) -> Result<Self, DriverError> {
         let netlink = netsys::netlink::connect().map_err(|source| DriverError::Io {
             what: "open rtnetlink socket",
             source,
         })?;
         let mut driver = Self {
             tunnels: Vec::new(),
+            datapaths: Vec::new(),
+            kernel: None,
             tasks: Vec::new(),
             watch: TaskWatch::new(),
             netlink,
         };
-        if let Err(e) = driver.start_all(specs).await {
+        if let Err(e) = driver.start_all(specs, site).await {
             driver.stop().await;
             return Err(e);
         }
         Ok(driver)
     }
 
-    async fn start_all(&mut self, specs: Vec<TunnelSpec>) -> Result<(), DriverError> {
+    async fn start_all(&mut self, specs: Vec<TunnelSpec>, site: &str) -> Result<(), DriverError> {
         let mut underlays: HashMap<(Ipv4Addr, Underlay), UnderlayGroup> = HashMap::new();
         let reflector = Arc::new(open_reflector()?);
         for spec in specs {
@@ -360,6 +375,7 @@ impl GreDriver {
                 routes_installed: AtomicBool::new(false),
                 offload,
                 offload_configured: spec.offload,
+                datapath_configured: spec.datapath,
                 wake: Notify::new(),
                 underlay: Arc::clone(&underlay),
             });
@@ -371,6 +387,25 @@ impl GreDriver {
                 .push(Arc::clone(&shared));
             self.tunnels.push(shared);
         }
+        let configs: Vec<TunnelConfig> = self
+            .tunnels
+            .iter()
+            .map(|sh| sh.core().config().clone())
+            .collect();
+        let candidates: Vec<kernel::Candidate<'_>> = self
+            .tunnels
+            .iter()
+            .zip(&configs)
+            .map(|(sh, config)| kernel::Candidate {
+                config,
+                tun_ifindex: sh.ifindex,
+                datapath: sh.datapath_configured,
+            })
+            .collect();
+        let (kernel, datapaths) =
+            kernel::KernelTunnels::start(&self.netlink, site, &candidates).await;
+        self.kernel = kernel.map(Mutex::new);
+        self.datapaths = datapaths;
         for shared in &self.tunnels {
             self.tasks.push(
                 self.watch
@@ -400,9 +435,12 @@ impl GreDriver {
     /// A snapshot of every tunnel.
     pub fn status(&self) -> Vec<GreStatus> {
         let now = now();
+        let kernel = self.kernel.as_ref().map(lock_unpoisoned);
         self.tunnels
             .iter()
-            .map(|sh| {
+            .enumerate()
+            .map(|(i, sh)| {
+                let carried = kernel.as_ref().map(|k| k.stats(i)).unwrap_or_default();
                 let core = sh.core();
                 let c = core.config();
                 let ka = core.keepalive();
@@ -433,7 +471,7 @@ impl GreDriver {
                     keepalive_misses: ka.map_or(0, |k| k.misses()),
                     routes: sh.routes(),
                     routes_installed: sh.routes_installed.load(Ordering::Relaxed),
-                    counters: core.counters().clone(),
+                    counters: with_kernel(core.counters(), &carried),
                     dead_task: self.watch.dead(),
                 }
             })
@@ -451,10 +489,11 @@ impl GreDriver {
     /// # Errors
     /// Setting the TUN device's MTU failed; the old configuration stays in force.
     pub fn reconfigure(&self, spec: TunnelSpec) -> Result<Reconfigured, DriverError> {
-        let Some(sh) = self
+        let Some((index, sh)) = self
             .tunnels
             .iter()
-            .find(|sh| sh.core().config().name == spec.tunnel.name)
+            .enumerate()
+            .find(|(_, sh)| sh.core().config().name == spec.tunnel.name)
         else {
             return Ok(Reconfigured::restart(format!(
                 "no tunnel {} runs in this driver",
@@ -469,6 +508,11 @@ impl GreDriver {
         if spec.offload != sh.offload_configured {
             return Ok(Reconfigured::restart(
                 "changing `offload` needs the tunnel to be restarted",
+            ));
+        }
+        if spec.datapath != sh.datapath_configured {
+            return Ok(Reconfigured::restart(
+                "changing `datapath` needs the tunnel to be restarted",
             ));
         }
         let mut config = spec.tunnel;
@@ -490,6 +534,9 @@ impl GreDriver {
                         what: "set the TUN device's MTU",
                         source,
                     })?;
+                if let Some(k) = &self.kernel {
+                    lock_unpoisoned(k).set_mtu(index, config.mtu);
+                }
             }
             *core = trial;
         }
@@ -514,9 +561,25 @@ impl GreDriver {
         for sh in &self.tunnels {
             withdraw_routes(&self.netlink, sh).await;
         }
+        // The links on the TUN devices go before the devices do.
+        if let Some(k) = self.kernel.take() {
+            k.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unload();
+        }
         // Dropping the last reference closes each TUN, which removes the interface.
         self.tunnels.clear();
     }
+}
+
+/// The core's counters plus what the kernel programs carried past it.
+fn with_kernel(core: &Counters, carried: &kpath::GreTunnelStats) -> Counters {
+    let mut c = core.clone();
+    c.tx_packets += carried.tx_packets;
+    c.tx_bytes += carried.tx_bytes;
+    c.rx_packets += carried.rx_packets;
+    c.rx_bytes += carried.rx_bytes;
+    c
 }
 
 /// Opens the tunnel's TUN device: one queue, offload if asked and granted.
@@ -876,6 +939,8 @@ mod tests {
         let netlink = netsys::netlink::connect().expect("a netlink socket");
         let mut driver = GreDriver {
             tunnels: Vec::new(),
+            datapaths: Vec::new(),
+            kernel: None,
             tasks: Vec::new(),
             watch: TaskWatch::new(),
             netlink,
@@ -907,6 +972,8 @@ mod tests {
         let fresh = TaskWatch::new();
         let driver = GreDriver {
             tunnels: Vec::new(),
+            datapaths: Vec::new(),
+            kernel: None,
             tasks: vec![fresh.spawn(
                 "GRE control",
                 std::future::pending::<Result<(), Infallible>>(),
