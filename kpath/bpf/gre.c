@@ -7,7 +7,8 @@
 //   tunnel gets the outer IPv4 + GRE header in front (bpf_skb_adjust_room with
 //   ENCAP_L3_IPV4 | ENCAP_L4_GRE, so a GSO skb becomes an SKB_GSO_GRE super-packet that the
 //   kernel segments as late as possible) and is redirected out of the underlay interface the
-//   FIB names (bpf_redirect_neigh resolves the next hop).
+//   FIB names (bpf_redirect_neigh resolves the next hop; it takes an Ethernet frame, so the
+//   TUN's packet gets a placeholder header first, bpf_skb_change_head).
 // - gre_decap, at the ingress of the underlay interface: a GRE packet from a tunnel's remote
 //   to its local address with the tunnel's key (or none, for a keyless tunnel), no other
 //   GRE flag, and a plain IPv4 packet inside is stripped to that packet and redirected into
@@ -57,6 +58,8 @@ static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen
 static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen,
                                   __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)BPF_FUNC_redirect;
+static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len,
+                                   __u64 flags) = (void *)BPF_FUNC_skb_change_head;
 
 #define PIN_BY_NAME 1
 #define MAX_TUNNELS 64
@@ -114,7 +117,7 @@ enum counter {
 	TX_TCP_SYN,    // the core clamps the MSS
 	TX_TOO_BIG,    // over the tunnel MTU, or would not fit the underlay's
 	TX_NO_ROUTE,   // the FIB has no unicast route to the remote
-	TX_FAILED,     // a helper refused (the packet is untouched)
+	TX_FAILED,     // a helper refused (untouched, or dropped if it failed after encapsulating)
 	RX_NO_TUNNEL,  // GRE whose (source, destination, key) is no tunnel of this path
 	RX_GRE_FLAGS,  // checksum, sequence, routing, version or reserved bits
 	RX_NOT_IPV4,   // keepalive replies (protocol 0), IPv6, others
@@ -248,27 +251,19 @@ INLINE __u32 plain_ipv4(struct iphdr *ip, void *data_end, __u32 len, int *syn)
 // takes, inner IPv4 and a TCP header.
 #define PULL_LEN (ETH_HLEN + 20 + 8 + 20 + sizeof(struct tcphdr))
 
-SEC("classifier/gre_encap")
-int gre_encap(struct __sk_buff *skb)
+// Encapsulates the IPv4 packet at offset `l2` (a constant: 0 on the TUN, ETH_HLEN on an
+// Ethernet device) for tunnel `t`. Packet offsets are constants throughout: the verifier
+// refuses variable ones to a loader holding CAP_BPF without CAP_PERFMON.
+INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2)
 {
-	__u32 ifindex = skb->ifindex;
-	struct gre_tx *t = bpf_map_lookup_elem(&gre_tx_tunnels, &ifindex);
-	if (!t)
-		return pass(TX_NO_TUNNEL);
 	__u32 slot = t->slot;
-	if (skb->protocol != ETH_P_IPV4_BE)
-		return pass_tx(slot, TX_NOT_IPV4);
-	// The TUN has no link-layer header: the IPv4 header is at offset 0.
-	__u32 l2 = t->l2 ? ETH_HLEN : 0;
 	if (skb->len < l2 + 20)
 		return pass_tx(slot, TX_UNUSUAL);
-	__u32 want = l2 + 20 + sizeof(struct tcphdr);
-	if (want > skb->len)
-		want = skb->len;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	if (data + want > data_end) {
-		bpf_skb_pull_data(skb, want);
+	if (data + l2 + 20 + sizeof(struct tcphdr) > data_end) {
+		__u32 want = l2 + 20 + sizeof(struct tcphdr);
+		bpf_skb_pull_data(skb, skb->len < want ? skb->len : want);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
@@ -335,6 +330,17 @@ int gre_encap(struct __sk_buff *skb)
 	// packet would then leave malformed, so it is dropped rather than passed.
 	if (bpf_skb_store_bytes(skb, l2, &outer, overhead, 0))
 		return TC_ACT_SHOT;
+	// bpf_redirect_neigh takes an Ethernet frame (it pulls the header and builds the real
+	// one for the next hop): the TUN's packet gets a placeholder. Only an allocation failure
+	// fails here, and the packet is already encapsulated: dropped, and counted.
+	if (l2 == 0) {
+		struct ethhdr eth = {.h_proto = ETH_P_IPV4_BE};
+		if (bpf_skb_change_head(skb, ETH_HLEN, 0) ||
+		    bpf_skb_store_bytes(skb, 0, &eth, ETH_HLEN, 0)) {
+			pass_tx(slot, TX_FAILED);
+			return TC_ACT_SHOT;
+		}
+	}
 
 	struct gre_stats *s = stats(slot);
 	if (s) {
@@ -342,6 +348,53 @@ int gre_encap(struct __sk_buff *skb)
 		s->tx_bytes += bytes;
 	}
 	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+}
+
+SEC("classifier/gre_encap")
+int gre_encap(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct gre_tx *t = bpf_map_lookup_elem(&gre_tx_tunnels, &ifindex);
+	if (!t)
+		return pass(TX_NO_TUNNEL);
+	if (skb->protocol != ETH_P_IPV4_BE)
+		return pass_tx(t->slot, TX_NOT_IPV4);
+	// The TUN has no link-layer header: the IPv4 header is at offset 0.
+	return t->l2 ? encap(skb, t, ETH_HLEN) : encap(skb, t, 0);
+}
+
+// Decapsulates a GRE packet of tunnel `t` whose GRE header is `gre_len` bytes (a constant:
+// 4, or 8 with the key) after the outer IPv4 header.
+INLINE int decap(struct __sk_buff *skb, struct gre_rx *t, __be32 remote, void *data,
+                 void *data_end, const __u32 gre_len)
+{
+	__u32 slot = t->slot;
+	__u32 tun = t->tun_ifindex;
+	const __u32 inner_off = ETH_HLEN + 20 + gre_len;
+	struct iphdr *ip = data + inner_off;
+	int syn = 0;
+	__u32 hdrs = plain_ipv4(ip, data_end, skb->len - inner_off, &syn);
+	if (hdrs == 0)
+		return pass_rx(slot, RX_UNUSUAL);
+	if (syn)
+		return pass_rx(slot, RX_TCP_SYN);
+	// A packet for the remote inside a packet from it: a keepalive probe (or a forgery the
+	// core refuses to reflect). Either way the core's.
+	if (ip->daddr == remote)
+		return pass_rx(slot, RX_PROBE);
+
+	__u64 packets, bytes;
+	wire_size(skb, inner_off, hdrs, &packets, &bytes);
+	// FIXED_GSO: the inner segments keep their size; a super-packet is delivered whole.
+	if (bpf_skb_adjust_room(skb, -(__s32)(20 + gre_len), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_FIXED_GSO))
+		return pass_rx(slot, RX_FAILED);
+	struct gre_stats *s = stats(slot);
+	if (s) {
+		s->rx_packets += packets;
+		s->rx_bytes += bytes;
+	}
+	return bpf_redirect(tun, BPF_F_INGRESS);
 }
 
 SEC("classifier/gre_decap")
@@ -368,6 +421,7 @@ int gre_decap(struct __sk_buff *skb)
 	    __builtin_bswap16(outer->tot_len) != skb->len - ETH_HLEN)
 		return pass(RX_NO_TUNNEL);
 	__be16 *gre = (void *)(outer + 1);
+	__be32 *k = (void *)(gre + 2);
 	if ((void *)(gre + 2) > data_end)
 		return pass(RX_NO_TUNNEL);
 	__u16 flags = __builtin_bswap16(gre[0]);
@@ -375,49 +429,22 @@ int gre_decap(struct __sk_buff *skb)
 		.remote = outer->saddr,
 		.local = outer->daddr,
 	};
-	__u32 gre_len = 4;
 	if (flags & GRE_KEY) {
-		__be32 *k = (void *)(gre + 2);
 		if ((void *)(k + 1) > data_end)
 			return pass(RX_NO_TUNNEL);
 		key.key = *k;
 		key.has_key = 1;
-		gre_len = 8;
 	}
+	__be16 proto = gre[1];
 	struct gre_rx *t = bpf_map_lookup_elem(&gre_rx_tunnels, &key);
 	if (!t)
 		return pass(RX_NO_TUNNEL);
-	__u32 slot = t->slot;
-	__u32 tun = t->tun_ifindex;
 	if ((flags & ~GRE_KEY) != 0)
-		return pass_rx(slot, RX_GRE_FLAGS);
-	if (gre[1] != ETH_P_IPV4_BE)
-		return pass_rx(slot, RX_NOT_IPV4);
-	__u32 inner_off = ETH_HLEN + 20 + gre_len;
-	struct iphdr *ip = (void *)outer + 20 + gre_len;
-	int syn = 0;
-	__u32 hdrs = plain_ipv4(ip, data_end, skb->len - inner_off, &syn);
-	if (hdrs == 0)
-		return pass_rx(slot, RX_UNUSUAL);
-	if (syn)
-		return pass_rx(slot, RX_TCP_SYN);
-	// A packet for the remote inside a packet from it: a keepalive probe (or a forgery the
-	// core refuses to reflect). Either way the core's.
-	if (ip->daddr == key.remote)
-		return pass_rx(slot, RX_PROBE);
-
-	__u64 packets, bytes;
-	wire_size(skb, inner_off, hdrs, &packets, &bytes);
-	// FIXED_GSO: the inner segments keep their size; a super-packet is delivered whole.
-	if (bpf_skb_adjust_room(skb, -(__s32)(20 + gre_len), BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_FIXED_GSO))
-		return pass_rx(slot, RX_FAILED);
-	struct gre_stats *s = stats(slot);
-	if (s) {
-		s->rx_packets += packets;
-		s->rx_bytes += bytes;
-	}
-	return bpf_redirect(tun, BPF_F_INGRESS);
+		return pass_rx(t->slot, RX_GRE_FLAGS);
+	if (proto != ETH_P_IPV4_BE)
+		return pass_rx(t->slot, RX_NOT_IPV4);
+	return key.has_key ? decap(skb, t, key.remote, data, data_end, 8)
+			   : decap(skb, t, key.remote, data, data_end, 4);
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";
