@@ -132,3 +132,19 @@ fn a_new_load_empties_maps_left_pinned() {
         gp.unload().unwrap();
     });
 }
+
+/// The daemon loads with CAP_BPF and CAP_NET_ADMIN only (no CAP_SYS_ADMIN, no
+/// CAP_PERFMON), which makes the verifier refuse variable packet offsets: the programs
+/// must load so.
+#[test]
+fn the_programs_load_with_the_daemons_capabilities() {
+    use caps::{CapSet, Capability};
+    in_sandbox(|_| {
+        for cap in [Capability::CAP_SYS_ADMIN, Capability::CAP_PERFMON] {
+            caps::drop(None, CapSet::Effective, cap).unwrap();
+        }
+        let gp = GrePath::load(&LoadOptions::new("unprivileged"))
+            .expect("the verifier accepts the programs without CAP_PERFMON");
+        gp.unload().unwrap();
+    });
+}
