@@ -310,10 +310,7 @@ mod tests {
             gre::driver::Datapath::Kernel,
             "the kernel path is the default"
         );
-        assert_eq!(
-            gre_pin_site(std::path::Path::new("/etc/vipgate/hq.toml")),
-            "hq-gre"
-        );
+        assert_eq!(gre_pin_site(Path::new("/etc/vipgate/hq.toml")), "hq-gre");
     }
 
     #[test]

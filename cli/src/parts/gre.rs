@@ -182,6 +182,16 @@ fn status_json(s: &GreStatus) -> Value {
         "routes": s.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "routes_installed": s.routes_installed,
         "dead_task": s.dead_task,
+        "datapath": s.datapath,
+        "datapath_reason": s.datapath_reason,
+        "kernel": s.kernel.map(|k| json!({
+            "tx_packets": k.tx_packets,
+            "tx_bytes": k.tx_bytes,
+            "rx_packets": k.rx_packets,
+            "rx_bytes": k.rx_bytes,
+            "tx_passed_packets": k.tx_passed,
+            "rx_passed_packets": k.rx_passed,
+        })),
         "counters": {
             "tx_packets": c.tx_packets,
             "tx_bytes": c.tx_bytes,
@@ -268,6 +278,25 @@ pub(crate) fn render(items: &[Value]) -> String {
                 routes.join(", ")
             );
         }
+        let _ = writeln!(
+            out,
+            "  data path: {} ({})",
+            s("datapath"),
+            t["datapath_reason"].as_str().unwrap_or("-")
+        );
+        let k = &t["kernel"];
+        if k.is_object() {
+            let _ = writeln!(
+                out,
+                "  kernel carried tx {} packets {} bytes, rx {} packets {} bytes; left to the TUN path tx {} rx {}",
+                n(&k["tx_packets"]),
+                n(&k["tx_bytes"]),
+                n(&k["rx_packets"]),
+                n(&k["rx_bytes"]),
+                n(&k["tx_passed_packets"]),
+                n(&k["rx_passed_packets"])
+            );
+        }
         if let Some(dead) = t["dead_task"].as_str() {
             let _ = writeln!(out, "  dead task: {dead}");
         }
@@ -340,6 +369,12 @@ mod tests {
             routes_installed: false,
             counters,
             dead_task: Some("GRE receive panicked: index out of bounds".into()),
+            datapath: "kernel",
+            datapath_reason: "configured: datapath = \"kernel\"".into(),
+            kernel: Some(gre::driver::KernelCounters {
+                tx_packets: 4,
+                ..Default::default()
+            }),
         };
         let text = render(&[status_json(&status)]);
         assert!(
@@ -351,6 +386,11 @@ mod tests {
         assert!(text.contains("drops: wrong_key 1"));
         assert!(text.contains("tx 5 packets"));
         assert!(text.contains("dead task: GRE receive panicked"), "{text}");
+        assert!(
+            text.contains("data path: kernel (configured: datapath = \"kernel\")"),
+            "{text}"
+        );
+        assert!(text.contains("kernel carried tx 4 packets"), "{text}");
         assert_eq!(render(&[]), "no GRE tunnels\n");
     }
 }

@@ -53,6 +53,36 @@ impl DatapathState {
     }
 }
 
+/// What the kernel programs did for one tunnel (already included in the tunnel's counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelCounters {
+    /// Inner packets encapsulated in the kernel (a GSO super-packet counts its segments).
+    pub tx_packets: u64,
+    /// Inner bytes encapsulated in the kernel.
+    pub tx_bytes: u64,
+    /// Inner packets decapsulated in the kernel.
+    pub rx_packets: u64,
+    /// Inner bytes decapsulated in the kernel.
+    pub rx_bytes: u64,
+    /// Packets routed into the tunnel that the program left to the TUN path.
+    pub tx_passed: u64,
+    /// The tunnel's GRE packets the program left to the TUN path.
+    pub rx_passed: u64,
+}
+
+impl From<GreTunnelStats> for KernelCounters {
+    fn from(s: GreTunnelStats) -> Self {
+        KernelCounters {
+            tx_packets: s.tx_packets,
+            tx_bytes: s.tx_bytes,
+            rx_packets: s.rx_packets,
+            rx_bytes: s.rx_bytes,
+            tx_passed: s.tx_passed,
+            rx_passed: s.rx_passed,
+        }
+    }
+}
+
 /// Why a tunnel with `config` stays on the TUN path whatever the kernel can do; `None` when
 /// its options allow the kernel path.
 #[must_use]
@@ -232,14 +262,16 @@ impl KernelTunnels {
         Ok(())
     }
 
-    /// What the programs carried for tunnel `i`; zero when it is not on this path.
-    pub(super) fn stats(&self, i: usize) -> GreTunnelStats {
-        self.entries
-            .get(i)
-            .copied()
-            .flatten()
-            .and_then(|e| self.path.stats(e.slot).ok())
-            .unwrap_or_default()
+    /// What the programs did for tunnel `i`; `None` when it is not on this path.
+    pub(super) fn stats(&self, i: usize) -> Option<KernelCounters> {
+        let entry = self.entries.get(i).copied().flatten()?;
+        match self.path.stats(entry.slot) {
+            Ok(s) => Some(s.into()),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the GRE kernel path's counters");
+                Some(KernelCounters::default())
+            }
+        }
     }
 
     /// A live MTU change of tunnel `i`: larger packets take the TUN path from now on.

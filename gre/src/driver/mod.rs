@@ -19,7 +19,9 @@ mod kernel;
 mod netlink;
 mod sys;
 
-pub use kernel::{Datapath, DatapathState, kernel_path_excluded, prepare_kernel_datapath};
+pub use kernel::{
+    Datapath, DatapathState, KernelCounters, kernel_path_excluded, prepare_kernel_datapath,
+};
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -138,8 +140,14 @@ pub struct GreStatus {
     pub routes: Vec<IpNet>,
     /// Whether those routes are installed now.
     pub routes_installed: bool,
-    /// Counters.
+    /// Counters: the core's plus what the kernel programs carried.
     pub counters: Counters,
+    /// The data path carrying the tunnel's plain traffic: `"kernel"` or `"tun"`.
+    pub datapath: &'static str,
+    /// Why that data path (the configured one, or why the kernel path is not used).
+    pub datapath_reason: String,
+    /// What the kernel programs did (included in `counters`); `None` on the TUN path.
+    pub kernel: Option<KernelCounters>,
     /// The driver task that ended while it should run, with its cause (see
     /// [`GreDriver::dead_task`]); `None` while all of them run.
     pub dead_task: Option<String>,
@@ -440,7 +448,8 @@ impl GreDriver {
             .iter()
             .enumerate()
             .map(|(i, sh)| {
-                let carried = kernel.as_ref().map(|k| k.stats(i)).unwrap_or_default();
+                let carried = kernel.as_ref().and_then(|k| k.stats(i));
+                let datapath = self.datapaths.get(i);
                 let core = sh.core();
                 let c = core.config();
                 let ka = core.keepalive();
@@ -471,7 +480,10 @@ impl GreDriver {
                     keepalive_misses: ka.map_or(0, |k| k.misses()),
                     routes: sh.routes(),
                     routes_installed: sh.routes_installed.load(Ordering::Relaxed),
-                    counters: with_kernel(core.counters(), &carried),
+                    counters: with_kernel(core.counters(), carried.as_ref()),
+                    datapath: datapath.map_or("tun", DatapathState::name),
+                    datapath_reason: datapath.map(|d| d.reason.clone()).unwrap_or_default(),
+                    kernel: carried,
                     dead_task: self.watch.dead(),
                 }
             })
@@ -573,8 +585,11 @@ impl GreDriver {
 }
 
 /// The core's counters plus what the kernel programs carried past it.
-fn with_kernel(core: &Counters, carried: &kpath::GreTunnelStats) -> Counters {
+fn with_kernel(core: &Counters, carried: Option<&KernelCounters>) -> Counters {
     let mut c = core.clone();
+    let Some(carried) = carried else {
+        return c;
+    };
     c.tx_packets += carried.tx_packets;
     c.tx_bytes += carried.tx_bytes;
     c.rx_packets += carried.rx_packets;
