@@ -296,18 +296,25 @@ pub(crate) struct RemovedSession {
 
 /// One line of `show nat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Translation {
     /// Protocol.
     pub proto: Proto,
     /// Inside local (the inside host's own endpoint).
+    #[cfg_attr(feature = "serde", serde(rename = "inside_local"))]
     pub inside: SocketAddrV4,
     /// Inside global (the public endpoint it appears as).
+    #[cfg_attr(feature = "serde", serde(rename = "inside_global"))]
     pub public: SocketAddrV4,
     /// Outside (the remote endpoint).
     pub outside: SocketAddrV4,
     /// TCP: established; others: always false.
     pub established: bool,
-    /// Seconds until the entry expires if idle.
+    /// Time until the entry expires if idle.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "expires_in_ms", with = "netutil::serde_ms")
+    )]
     pub expires_in: Duration,
     /// The listener (static forward or service) that created it, if any.
     pub listener: Option<ListenerId>,

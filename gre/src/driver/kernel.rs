@@ -18,8 +18,14 @@ use netsys::netlink::{addresses, link_by_index, route_get};
 
 use crate::tunnel::{TunnelConfig, Underlay};
 
-/// Which data path a tunnel asks for.
+/// Which data path a tunnel asks for, or runs on (spelt `kernel` / `tun` in config and
+/// status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Datapath {
     /// The GRE kernel programs where they load and the tunnel's options allow; the TUN path
     /// otherwise (the reason is shown).
@@ -27,6 +33,23 @@ pub enum Datapath {
     Kernel,
     /// Every packet crosses the TUN and the core.
     Tun,
+}
+
+impl Datapath {
+    /// The config and status spelling.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Tun => "tun",
+        }
+    }
+}
+
+impl std::fmt::Display for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The data path a tunnel runs on and why.
@@ -39,10 +62,14 @@ pub struct DatapathState {
 }
 
 impl DatapathState {
-    /// `"kernel"` or `"tun"`.
+    /// The data path it runs on.
     #[must_use]
-    pub fn name(&self) -> &'static str {
-        if self.kernel { "kernel" } else { "tun" }
+    pub fn datapath(&self) -> Datapath {
+        if self.kernel {
+            Datapath::Kernel
+        } else {
+            Datapath::Tun
+        }
     }
 
     fn tun(reason: impl Into<String>) -> Self {
@@ -55,6 +82,7 @@ impl DatapathState {
 
 /// What the kernel programs did for one tunnel (already included in the tunnel's counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct KernelCounters {
     /// Inner packets encapsulated in the kernel (a GSO super-packet counts its segments).
     pub tx_packets: u64,
@@ -225,9 +253,9 @@ impl KernelTunnels {
             .collect();
         for (c, s) in candidates.iter().zip(&states) {
             if s.kernel || c.datapath == Datapath::Tun {
-                tracing::info!(tunnel = %c.config.name, datapath = s.name(), reason = %s.reason, "GRE data path");
+                tracing::info!(tunnel = %c.config.name, datapath = %s.datapath(), reason = %s.reason, "GRE data path");
             } else {
-                tracing::warn!(tunnel = %c.config.name, datapath = s.name(), reason = %s.reason, "GRE data path");
+                tracing::warn!(tunnel = %c.config.name, datapath = %s.datapath(), reason = %s.reason, "GRE data path");
             }
         }
         (kernel, states)

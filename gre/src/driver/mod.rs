@@ -103,8 +103,10 @@ pub struct TunnelSpec {
     pub datapath: Datapath,
 }
 
-/// A snapshot of one tunnel for `show gre`.
+/// A snapshot of one tunnel for `show gre`; with the `serde` feature its serialisation is
+/// `show gre --json` (durations as `…_ms` integers, monotonic counts under `counters`).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct GreStatus {
     /// Tunnel (and TUN) name.
     pub name: String,
@@ -129,10 +131,18 @@ pub struct GreStatus {
     /// Why the tunnel is down, when it is.
     pub down_reason: Option<String>,
     /// How long it has been down.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "down_for_ms", with = "netutil::serde_ms::option")
+    )]
     pub down_for: Option<Duration>,
     /// Keepalive settings, if on.
     pub keepalive: Option<KeepaliveConfig>,
     /// Time since the last keepalive reply.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "last_keepalive_ms", with = "netutil::serde_ms::option")
+    )]
     pub last_keepalive: Option<Duration>,
     /// Probes sent since the last reply.
     pub keepalive_misses: u32,
@@ -142,8 +152,8 @@ pub struct GreStatus {
     pub routes_installed: bool,
     /// Counters: the core's plus what the kernel programs carried.
     pub counters: Counters,
-    /// The data path carrying the tunnel's plain traffic: `"kernel"` or `"tun"`.
-    pub datapath: &'static str,
+    /// The data path carrying the tunnel's plain traffic.
+    pub datapath: Datapath,
     /// Why that data path (the configured one, or why the kernel path is not used).
     pub datapath_reason: String,
     /// What the kernel programs did (included in `counters`); `None` on the TUN path.
@@ -481,7 +491,7 @@ impl GreDriver {
                     routes: sh.routes(),
                     routes_installed: sh.routes_installed.load(Ordering::Relaxed),
                     counters: with_kernel(core.counters(), carried.as_ref()),
-                    datapath: datapath.map_or("tun", DatapathState::name),
+                    datapath: datapath.map_or(Datapath::Tun, DatapathState::datapath),
                     datapath_reason: datapath.map(|d| d.reason.clone()).unwrap_or_default(),
                     kernel: carried,
                     dead_task: self.watch.dead(),

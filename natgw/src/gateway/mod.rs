@@ -116,10 +116,7 @@ impl Gateway {
             compensate_ttl: config.compensate_ttl,
             fragments: FragmentTable::default(),
             refused_in_place: false,
-            stats: GatewayStats {
-                drops: vec![0; DropReason::ALL.len()],
-                ..Default::default()
-            },
+            stats: GatewayStats::default(),
         };
         for s in &config.statics {
             gw.add_static(now, *s)?;
@@ -203,9 +200,7 @@ impl Gateway {
         match self.process(now, direction, buf, meta.l4_checksum, n) {
             Ok(()) => Verdict::Forward,
             Err(reason) => {
-                if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
-                    self.stats.drops[i] += n;
-                }
+                self.stats.drops.add(reason, n);
                 tracing::debug!(%reason, ?direction, "nat drop");
                 Verdict::Drop(reason)
             }
