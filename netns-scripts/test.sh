@@ -31,7 +31,7 @@ echo "== fuzz manifest"
 # would otherwise surface only when someone fuzzes.
 cargo metadata -q --no-deps --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 echo "== sans-IO cores build without their drivers"
-for c in gre natgw balance vrrp sshfwd; do cargo check -q -p "$c" --no-default-features --locked; done
+for c in gre natgw balance vrrp flowsync sshfwd; do cargo check -q -p "$c" --no-default-features --locked; done
 echo "== unit tests"
 # kpath loads eBPF programs into the kernel: it needs root and runs in phase 2.
 cargo test --workspace --exclude vipgate-tests --exclude kpath --locked "$@"

@@ -11,6 +11,7 @@ mod icmp;
 mod listeners;
 mod services;
 mod stats;
+mod sync;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
@@ -85,6 +86,8 @@ pub struct Gateway {
     stats: GatewayStats,
     /// Set by `inbound` when it turned the packet into its answer (a RST) in place.
     refused_in_place: bool,
+    /// Flows a peer synced, held until this node becomes master (see `gateway::sync`).
+    standby: crate::sync::StandbyFlows,
 }
 
 impl Gateway {
@@ -116,6 +119,7 @@ impl Gateway {
             compensate_ttl: config.compensate_ttl,
             fragments: FragmentTable::default(),
             refused_in_place: false,
+            standby: sync::standby_for(config.max_mappings),
             stats: GatewayStats::default(),
         };
         for s in &config.statics {
