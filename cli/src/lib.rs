@@ -121,6 +121,17 @@ fn prepare_daemon(path: &std::path::Path) -> Result<config::SiteConfig, ExitCode
             Err(e) => tracing::warn!("the NAT kernel path will not load: {e}"),
         }
     }
+    // The same for the GRE kernel path (the default for plain GRE tunnels).
+    let gre_kernel_path = site
+        .gre
+        .iter()
+        .any(|g| g.datapath.as_ref().is_none_or(|d| d.get_ref() == "kernel"));
+    if gre_kernel_path && !extra.contains(&caps::Capability::CAP_BPF) {
+        match gre::driver::prepare_kernel_datapath() {
+            Ok(()) => extra.push(caps::Capability::CAP_BPF),
+            Err(e) => tracing::warn!("the GRE kernel path will not load: {e}"),
+        }
+    }
     if let Err(e) = privileges::reduce(identity, &extra) {
         eprintln!("vipgate: reducing privileges: {e:#}");
         return Err(ExitCode::FAILURE);

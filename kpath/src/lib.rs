@@ -20,12 +20,18 @@
 //! - The shipped object is the build of the shipped source: a test checks the recorded hash
 //!   of the sources and, where clang is present, that rebuilding gives the same bytes.
 
+mod gre;
+mod gre_pod;
 mod loader;
 mod pod;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
+pub use gre::{
+    GRE_OBJECT, GrePassCounters, GrePath, GreProgram, GreTunnelEntry, GreTunnelStats,
+    MAX_GRE_TUNNELS,
+};
 pub use loader::{AttachMode, KernelPath, LoadOptions, TestRun, ensure_bpffs};
 
 /// The compiled program (`bpf/kpath.o`, rebuilt by `bpf/build.sh`).
@@ -76,6 +82,12 @@ pub enum KpathError {
     /// The site name cannot name a pin directory.
     #[error("site name {0:?} is not a valid pin directory name")]
     SiteName(String),
+    /// A GRE tunnel slot past the maps' size.
+    #[error("GRE tunnel slot {0} is not below {max}", max = gre::MAX_GRE_TUNNELS)]
+    GreSlot(u32),
+    /// The number of possible CPUs (the per-CPU counters' width) is unknown.
+    #[error("reading the possible CPUs: {0}")]
+    PossibleCpus(std::io::Error),
 }
 
 /// Transport protocols the program rewrites.

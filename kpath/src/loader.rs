@@ -106,7 +106,7 @@ impl std::fmt::Debug for KernelPath {
     }
 }
 
-fn valid_site(site: &str) -> bool {
+pub(crate) fn valid_site(site: &str) -> bool {
     !site.is_empty()
         && site.len() <= 64
         && site != "."
@@ -142,7 +142,7 @@ pub fn ensure_bpffs(mount_point: &Path) -> Result<(), KpathError> {
     .map_err(|e| pins(e.into()))
 }
 
-fn classifier<'a>(
+pub(crate) fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, KpathError> {
@@ -243,13 +243,15 @@ impl KernelPath {
                     Ok(link) => (link, AttachMode::Tcx, false),
                     Err(e) => {
                         tracing::info!(iface, error = %e, "tcx attach refused; using clsact");
-                        let (link, added) = attach_clsact(prog, iface, program, !ours)?;
+                        let (link, added) =
+                            attach_clsact(prog, iface, TcAttachType::Ingress, program, !ours)?;
                         (link, AttachMode::Clsact, added)
                     }
                 }
             }
             AttachMode::Clsact => {
-                let (link, added) = attach_clsact(prog, iface, program, !ours)?;
+                let (link, added) =
+                    attach_clsact(prog, iface, TcAttachType::Ingress, program, !ours)?;
                 (link, AttachMode::Clsact, added)
             }
         };
@@ -348,30 +350,7 @@ impl KernelPath {
         frame: &[u8],
         ifindex: u32,
     ) -> Result<TestRun, KpathError> {
-        let program = direction.program();
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(program)
-            .ok_or(KpathError::Missing(program))?
-            .try_into()
-            .map_err(|source| KpathError::Program { program, source })?;
-        // struct __sk_buff: only ifindex (offset 40) is set, which puts the skb on that device.
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .map_err(|source| KpathError::Program { program, source })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRun {
-            action: result.return_value,
-            frame: out,
-        })
+        run_classifier(&self.ebpf, direction.program(), frame, ifindex)
     }
 
     /// Detaches the programs but keeps the pinned maps, so that the next
@@ -440,19 +419,18 @@ impl Drop for KernelPath {
     }
 }
 
-fn attach_clsact(
+/// Attaches `prog` to `hook` of `iface` through a `clsact` qdisc (added first when
+/// `add_qdisc`, unless one is there); says whether it added the qdisc.
+pub(crate) fn attach_clsact(
     prog: &mut SchedClassifier,
     iface: &str,
+    hook: TcAttachType,
     program: &'static str,
     add_qdisc: bool,
 ) -> Result<(SchedClassifierLinkId, bool), KpathError> {
     if !add_qdisc {
         return prog
-            .attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
+            .attach_with_options(iface, hook, TcAttachOptions::Netlink(NlOptions::default()))
             .map(|link| (link, false))
             .map_err(|source| KpathError::Program { program, source });
     }
@@ -466,11 +444,7 @@ fn attach_clsact(
             });
         }
     };
-    match prog.attach_with_options(
-        iface,
-        TcAttachType::Ingress,
-        TcAttachOptions::Netlink(NlOptions::default()),
-    ) {
+    match prog.attach_with_options(iface, hook, TcAttachOptions::Netlink(NlOptions::default())) {
         Ok(link) => Ok((link, added)),
         Err(source) => {
             if added {
@@ -487,7 +461,7 @@ fn libc_eexist() -> i32 {
 
 /// Removes the `clsact` qdisc of `iface` (with its filters), through iproute2's `tc`: aya
 /// adds the qdisc but has no call to delete it.
-fn remove_clsact(iface: &str) -> Result<(), KpathError> {
+pub(crate) fn remove_clsact(iface: &str) -> Result<(), KpathError> {
     let qdisc = |reason: String| KpathError::Qdisc {
         iface: iface.to_owned(),
         reason,
@@ -503,4 +477,36 @@ fn remove_clsact(iface: &str) -> Result<(), KpathError> {
             String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         ))
     }
+}
+
+/// Runs `program` of `ebpf` once over `frame` (an Ethernet frame) as if it arrived on
+/// interface `ifindex` (`BPF_PROG_TEST_RUN`), with the live maps.
+pub(crate) fn run_classifier(
+    ebpf: &Ebpf,
+    program: &'static str,
+    frame: &[u8],
+    ifindex: u32,
+) -> Result<TestRun, KpathError> {
+    let prog: &SchedClassifier = ebpf
+        .program(program)
+        .ok_or(KpathError::Missing(program))?
+        .try_into()
+        .map_err(|source| KpathError::Program { program, source })?;
+    // struct __sk_buff: only ifindex (offset 40) is set, which puts the skb on that device.
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        })
+        .map_err(|source| KpathError::Program { program, source })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRun {
+        action: result.return_value,
+        frame: out,
+    })
 }

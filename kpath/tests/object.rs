@@ -1,4 +1,4 @@
-//! The shipped object is the build of the shipped source.
+//! The shipped objects (kpath.o, gre.o) are the builds of the shipped sources.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,11 +22,11 @@ fn recorded_source_hashes_match_the_sources() {
             .collect();
         assert_eq!(
             actual, hash,
-            "{name} changed since kpath.o was built: run kpath/bpf/build.sh and commit kpath.o"
+            "{name} changed since the objects were built: run kpath/bpf/build.sh and commit them"
         );
         files += 1;
     }
-    assert_eq!(files, 2, "kpath.c and build.sh are recorded");
+    assert_eq!(files, 3, "kpath.c, gre.c and build.sh are recorded");
 }
 
 #[test]
@@ -36,17 +36,20 @@ fn rebuilding_gives_the_shipped_object_where_clang_is_present() {
         eprintln!("clang absent: only the recorded hashes are checked");
         return;
     }
-    let out = std::env::temp_dir().join(format!("kpath-rebuild-{}.o", std::process::id()));
+    let out = std::env::temp_dir().join(format!("kpath-rebuild-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
     let status = Command::new("sh")
         .arg(bpf_dir().join("build.sh"))
         .arg(&out)
         .status()
         .unwrap();
     assert!(status.success(), "build.sh failed");
-    let rebuilt = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    assert!(
-        rebuilt == kpath::OBJECT,
-        "kpath.o is not the build of kpath.c: run kpath/bpf/build.sh and commit kpath.o"
-    );
+    for (name, shipped) in [("kpath.o", kpath::OBJECT), ("gre.o", kpath::GRE_OBJECT)] {
+        let rebuilt = std::fs::read(out.join(name)).unwrap();
+        assert!(
+            rebuilt == shipped,
+            "{name} is not the build of its source: run kpath/bpf/build.sh and commit {name}"
+        );
+    }
+    std::fs::remove_dir_all(&out).unwrap();
 }

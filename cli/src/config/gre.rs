@@ -65,6 +65,13 @@ pub(crate) struct GreSection {
     /// times the throughput of one packet per read/write. Default on.
     #[serde(default = "default_offload")]
     pub(crate) offload: bool,
+    /// Which data path carries the tunnel's plain traffic: `"kernel"` (TC eBPF programs
+    /// encapsulate at the tunnel device's egress and decapsulate at the underlay's ingress,
+    /// keeping GSO super-packets whole; where they load) or `"tun"` (every packet crosses
+    /// the TUN and the core). Default `"kernel"`; `sequence`, `checksum` and `encap = "udp"`
+    /// tunnels run on the TUN path.
+    #[serde(default)]
+    pub(crate) datapath: Option<Spanned<String>>,
 }
 
 fn default_offload() -> bool {
@@ -148,6 +155,32 @@ pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
                     t.address
                 ),
             );
+        }
+        if let Some(d) = &t.datapath {
+            match d.get_ref().as_str() {
+                "tun" => {}
+                "kernel" => {
+                    let why = if t.sequence {
+                        Some("sequence = true")
+                    } else if t.checksum {
+                        Some("checksum = true")
+                    } else if t.encap == gre::Underlay::Udp {
+                        Some("encap = \"udp\"")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        v.error_at(
+                            d,
+                            format!("datapath = \"kernel\" cannot carry a tunnel with {why}: it runs on the TUN path (leave datapath out, or set \"tun\")"),
+                        );
+                    }
+                }
+                other => v.error_at(
+                    d,
+                    format!("datapath must be \"kernel\" or \"tun\", not {other:?}"),
+                ),
+            }
         }
         if let Some(ka) = &t.keepalive {
             let interval = ka.interval.get_ref().0;
@@ -250,6 +283,18 @@ mod tests {
             (
                 base("", "172.16.0.2"),
                 "site.toml:2:8: tunnel `g`: address 172.16.0.1/30 covers the tunnel's own outer address",
+            ),
+            (
+                base("datapath = \"xdp\"", "198.51.100.2"),
+                "site.toml:6:12: datapath must be \"kernel\" or \"tun\", not \"xdp\"",
+            ),
+            (
+                base("sequence = true\ndatapath = \"kernel\"", "198.51.100.2"),
+                "site.toml:7:12: datapath = \"kernel\" cannot carry a tunnel with sequence = true",
+            ),
+            (
+                base("checksum = true\ndatapath = \"kernel\"", "198.51.100.2"),
+                "site.toml:7:12: datapath = \"kernel\" cannot carry a tunnel with checksum = true",
             ),
         ];
         for (text, want) in cases {

@@ -51,7 +51,19 @@ pub(crate) fn gre(section: &GreSection) -> TunnelSpec {
             .map(|r| IpNet::V4(*r.get_ref()))
             .collect(),
         offload: section.offload,
+        datapath: match section.datapath.as_ref().map(|d| d.get_ref().as_str()) {
+            Some("tun") => gre::driver::Datapath::Tun,
+            _ => gre::driver::Datapath::Kernel,
+        },
     }
+}
+
+/// The GRE kernel path's pin directory name: the site file's stem (as for the NAT kernel
+/// path) with `-gre`, so both paths of one site keep their own pins.
+pub(crate) fn gre_pin_site(site_path: &std::path::Path) -> String {
+    let mut stem = pin_site_name(site_path);
+    stem.truncate(60);
+    stem + "-gre"
 }
 
 /// `[nat]` as the PAT gateway's driver settings and core config. `seed` keys port
@@ -309,6 +321,12 @@ mod tests {
             .expect("reference.toml has a keepalive");
         assert_eq!(keepalive.retries, 3);
         assert!(spec.offload, "offload defaults to on");
+        assert_eq!(
+            spec.datapath,
+            gre::driver::Datapath::Kernel,
+            "the kernel path is the default"
+        );
+        assert_eq!(gre_pin_site(Path::new("/etc/vipgate/hq.toml")), "hq-gre");
     }
 
     #[test]

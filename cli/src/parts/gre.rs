@@ -38,7 +38,7 @@ pub(crate) async fn start(
 ) -> anyhow::Result<Vec<Box<dyn Part>>> {
     let specs: Vec<TunnelSpec> = site.gre.iter().map(lower::gre).collect();
     let names: Vec<String> = specs.iter().map(|s| s.tunnel.name.clone()).collect();
-    let driver = GreDriver::start(specs)
+    let driver = GreDriver::start(specs, &lower::gre_pin_site(&site.path))
         .await
         .with_context(|| format!("starting GRE tunnels {}", names.join(", ")))?;
     let shared = Arc::new(SharedDriver {
@@ -219,6 +219,14 @@ fn render_tunnel(out: &mut String, t: &GreStatus) {
             routes.join(", ")
         );
     }
+    let _ = writeln!(out, "  data path: {} ({})", t.datapath, t.datapath_reason);
+    if let Some(k) = &t.kernel {
+        let _ = writeln!(
+            out,
+            "  kernel carried tx {} packets {} bytes, rx {} packets {} bytes; left to the TUN path tx {} rx {}",
+            k.tx_packets, k.tx_bytes, k.rx_packets, k.rx_bytes, k.tx_passed, k.rx_passed
+        );
+    }
     if let Some(dead) = &t.dead_task {
         let _ = writeln!(out, "  dead task: {dead}");
     }
@@ -270,6 +278,12 @@ mod tests {
             routes_installed: false,
             counters,
             dead_task: Some("GRE receive panicked: index out of bounds".into()),
+            datapath: gre::driver::Datapath::Kernel,
+            datapath_reason: "configured: datapath = \"kernel\"".into(),
+            kernel: Some(gre::driver::KernelCounters {
+                tx_packets: 4,
+                ..Default::default()
+            }),
         };
         let text = render(&[serde_json::to_value(&status).unwrap()]);
         assert!(
@@ -281,6 +295,11 @@ mod tests {
         assert!(text.contains("drops: wrong_key 1"));
         assert!(text.contains("tx 5 packets"));
         assert!(text.contains("dead task: GRE receive panicked"), "{text}");
+        assert!(
+            text.contains("data path: kernel (configured: datapath = \"kernel\")"),
+            "{text}"
+        );
+        assert!(text.contains("kernel carried tx 4 packets"), "{text}");
         assert_eq!(render(&[]), "no GRE tunnels\n");
         let dead = json!({"name": "gre-br", "state": "dead", "last_death": "tun deleted"});
         assert_eq!(render(&[dead]), "gre-br is dead (tun deleted)\n");

@@ -15,8 +15,13 @@
 //!
 //! The driver makes no protocol decisions; all of them are in [`Tunnel`].
 
+mod kernel;
 mod netlink;
 mod sys;
+
+pub use kernel::{
+    Datapath, DatapathState, KernelCounters, kernel_path_excluded, prepare_kernel_datapath,
+};
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -94,6 +99,8 @@ pub struct TunnelSpec {
     pub routes: Vec<IpNet>,
     /// Use TUN offload (virtio-net header, TSO/GRO super-packets).
     pub offload: bool,
+    /// Which data path carries the tunnel's plain traffic.
+    pub datapath: Datapath,
 }
 
 /// A snapshot of one tunnel for `show gre`; with the `serde` feature its serialisation is
@@ -143,8 +150,14 @@ pub struct GreStatus {
     pub routes: Vec<IpNet>,
     /// Whether those routes are installed now.
     pub routes_installed: bool,
-    /// Counters.
+    /// Counters: the core's plus what the kernel programs carried.
     pub counters: Counters,
+    /// The data path carrying the tunnel's plain traffic.
+    pub datapath: Datapath,
+    /// Why that data path (the configured one, or why the kernel path is not used).
+    pub datapath_reason: String,
+    /// What the kernel programs did (included in `counters`); `None` on the TUN path.
+    pub kernel: Option<KernelCounters>,
     /// The driver task that ended while it should run, with its cause (see
     /// [`GreDriver::dead_task`]); `None` while all of them run.
     pub dead_task: Option<String>,
@@ -167,6 +180,8 @@ struct Shared {
     offload: bool,
     /// Offload as configured (a change needs a restart, whatever the kernel granted).
     offload_configured: bool,
+    /// The data path as configured (a change needs a restart).
+    datapath_configured: Datapath,
     /// Wakes the control task when a keepalive reply may have changed the state.
     wake: Notify,
     underlay: Arc<UnderlaySocket>,
@@ -309,37 +324,45 @@ const MAX_SEGMENTS: usize = 64;
 /// which removes them with the TUN devices.
 pub struct GreDriver {
     tunnels: Vec<Arc<Shared>>,
+    /// Each tunnel's data path (by index in `tunnels`).
+    datapaths: Vec<DatapathState>,
+    /// The kernel programs, while any tunnel runs on them.
+    kernel: Option<Mutex<kernel::KernelTunnels>>,
     tasks: Vec<JoinHandle<()>>,
     watch: TaskWatch,
     netlink: rtnetlink::Handle,
 }
 
 impl GreDriver {
-    /// Creates every tunnel's TUN device and sockets, installs routes, and starts the
-    /// tasks on the current tokio runtime.
+    /// Creates every tunnel's TUN device and sockets, installs routes, puts the tunnels
+    /// that ask for it on the kernel path (its maps pinned under
+    /// `/sys/fs/bpf/vipgate/<site>/`; a tunnel whose kernel path does not load runs on the
+    /// TUN path and its status says why), and starts the tasks on the current tokio runtime.
     ///
     /// # Errors
     /// The first device, socket or netlink operation that failed; whatever was created
     /// before it is removed again.
-    pub async fn start(specs: Vec<TunnelSpec>) -> Result<Self, DriverError> {
+    pub async fn start(specs: Vec<TunnelSpec>, site: &str) -> Result<Self, DriverError> {
         let netlink = netsys::netlink::connect().map_err(|source| DriverError::Io {
             what: "open rtnetlink socket",
             source,
         })?;
         let mut driver = Self {
             tunnels: Vec::new(),
+            datapaths: Vec::new(),
+            kernel: None,
             tasks: Vec::new(),
             watch: TaskWatch::new(),
             netlink,
         };
-        if let Err(e) = driver.start_all(specs).await {
+        if let Err(e) = driver.start_all(specs, site).await {
             driver.stop().await;
             return Err(e);
         }
         Ok(driver)
     }
 
-    async fn start_all(&mut self, specs: Vec<TunnelSpec>) -> Result<(), DriverError> {
+    async fn start_all(&mut self, specs: Vec<TunnelSpec>, site: &str) -> Result<(), DriverError> {
         let mut underlays: HashMap<(Ipv4Addr, Underlay), UnderlayGroup> = HashMap::new();
         let reflector = Arc::new(open_reflector()?);
         for spec in specs {
@@ -370,6 +393,7 @@ impl GreDriver {
                 routes_installed: AtomicBool::new(false),
                 offload,
                 offload_configured: spec.offload,
+                datapath_configured: spec.datapath,
                 wake: Notify::new(),
                 underlay: Arc::clone(&underlay),
             });
@@ -381,6 +405,25 @@ impl GreDriver {
                 .push(Arc::clone(&shared));
             self.tunnels.push(shared);
         }
+        let configs: Vec<TunnelConfig> = self
+            .tunnels
+            .iter()
+            .map(|sh| sh.core().config().clone())
+            .collect();
+        let candidates: Vec<kernel::Candidate<'_>> = self
+            .tunnels
+            .iter()
+            .zip(&configs)
+            .map(|(sh, config)| kernel::Candidate {
+                config,
+                tun_ifindex: sh.ifindex,
+                datapath: sh.datapath_configured,
+            })
+            .collect();
+        let (kernel, datapaths) =
+            kernel::KernelTunnels::start(&self.netlink, site, &candidates).await;
+        self.kernel = kernel.map(Mutex::new);
+        self.datapaths = datapaths;
         for shared in &self.tunnels {
             self.tasks.push(
                 self.watch
@@ -410,9 +453,13 @@ impl GreDriver {
     /// A snapshot of every tunnel.
     pub fn status(&self) -> Vec<GreStatus> {
         let now = now();
+        let kernel = self.kernel.as_ref().map(lock_unpoisoned);
         self.tunnels
             .iter()
-            .map(|sh| {
+            .enumerate()
+            .map(|(i, sh)| {
+                let carried = kernel.as_ref().and_then(|k| k.stats(i));
+                let datapath = self.datapaths.get(i);
                 let core = sh.core();
                 let c = core.config();
                 let ka = core.keepalive();
@@ -443,7 +490,10 @@ impl GreDriver {
                     keepalive_misses: ka.map_or(0, |k| k.misses()),
                     routes: sh.routes(),
                     routes_installed: sh.routes_installed.load(Ordering::Relaxed),
-                    counters: core.counters().clone(),
+                    counters: with_kernel(core.counters(), carried.as_ref()),
+                    datapath: datapath.map_or(Datapath::Tun, DatapathState::datapath),
+                    datapath_reason: datapath.map(|d| d.reason.clone()).unwrap_or_default(),
+                    kernel: carried,
                     dead_task: self.watch.dead(),
                 }
             })
@@ -461,10 +511,11 @@ impl GreDriver {
     /// # Errors
     /// Setting the TUN device's MTU failed; the old configuration stays in force.
     pub fn reconfigure(&self, spec: TunnelSpec) -> Result<Reconfigured, DriverError> {
-        let Some(sh) = self
+        let Some((index, sh)) = self
             .tunnels
             .iter()
-            .find(|sh| sh.core().config().name == spec.tunnel.name)
+            .enumerate()
+            .find(|(_, sh)| sh.core().config().name == spec.tunnel.name)
         else {
             return Ok(Reconfigured::restart(format!(
                 "no tunnel {} runs in this driver",
@@ -479,6 +530,11 @@ impl GreDriver {
         if spec.offload != sh.offload_configured {
             return Ok(Reconfigured::restart(
                 "changing `offload` needs the tunnel to be restarted",
+            ));
+        }
+        if spec.datapath != sh.datapath_configured {
+            return Ok(Reconfigured::restart(
+                "changing `datapath` needs the tunnel to be restarted",
             ));
         }
         let mut config = spec.tunnel;
@@ -500,6 +556,9 @@ impl GreDriver {
                         what: "set the TUN device's MTU",
                         source,
                     })?;
+                if let Some(k) = &self.kernel {
+                    lock_unpoisoned(k).set_mtu(index, config.mtu);
+                }
             }
             *core = trial;
         }
@@ -524,9 +583,28 @@ impl GreDriver {
         for sh in &self.tunnels {
             withdraw_routes(&self.netlink, sh).await;
         }
+        // The links on the TUN devices go before the devices do.
+        if let Some(k) = self.kernel.take() {
+            k.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unload();
+        }
         // Dropping the last reference closes each TUN, which removes the interface.
         self.tunnels.clear();
     }
+}
+
+/// The core's counters plus what the kernel programs carried past it.
+fn with_kernel(core: &Counters, carried: Option<&KernelCounters>) -> Counters {
+    let mut c = core.clone();
+    let Some(carried) = carried else {
+        return c;
+    };
+    c.tx_packets += carried.tx_packets;
+    c.tx_bytes += carried.tx_bytes;
+    c.rx_packets += carried.rx_packets;
+    c.rx_bytes += carried.rx_bytes;
+    c
 }
 
 /// Opens the tunnel's TUN device: one queue, offload if asked and granted.
@@ -886,6 +964,8 @@ mod tests {
         let netlink = netsys::netlink::connect().expect("a netlink socket");
         let mut driver = GreDriver {
             tunnels: Vec::new(),
+            datapaths: Vec::new(),
+            kernel: None,
             tasks: Vec::new(),
             watch: TaskWatch::new(),
             netlink,
@@ -917,6 +997,8 @@ mod tests {
         let fresh = TaskWatch::new();
         let driver = GreDriver {
             tunnels: Vec::new(),
+            datapaths: Vec::new(),
+            kernel: None,
             tasks: vec![fresh.spawn(
                 "GRE control",
                 std::future::pending::<Result<(), Infallible>>(),
