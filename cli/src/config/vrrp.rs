@@ -49,11 +49,24 @@ pub(crate) struct VrrpSection {
     /// primary addresses); adverts from anyone else are dropped and counted. Default: any.
     #[serde(default)]
     pub(crate) peers: Option<Spanned<Vec<Ipv4Addr>>>,
-    /// Program run on every state change, with keepalived's `notify` arguments:
-    /// `INSTANCE <name> <MASTER|BACKUP|FAULT|INIT> <priority>`. An absolute path.
+    /// Script run on every state change with keepalived's `notify` arguments appended:
+    /// `INSTANCE <name> <MASTER|BACKUP|FAULT|STOP> <priority>`. An absolute path, then any
+    /// arguments of its own, separated by spaces.
     #[serde(default)]
     pub(crate) notify: Option<Spanned<String>>,
-    /// A notify run still going after this is killed. Default 30 s.
+    /// Script run on becoming master, before `notify` (keepalived `notify_master`).
+    #[serde(default)]
+    pub(crate) notify_master: Option<Spanned<String>>,
+    /// Script run on becoming backup (keepalived `notify_backup`).
+    #[serde(default)]
+    pub(crate) notify_backup: Option<Spanned<String>>,
+    /// Script run on entering fault (keepalived `notify_fault`).
+    #[serde(default)]
+    pub(crate) notify_fault: Option<Spanned<String>>,
+    /// Script run when the daemon stops the instance (keepalived `notify_stop`).
+    #[serde(default)]
+    pub(crate) notify_stop: Option<Spanned<String>>,
+    /// A notify script still running after this is killed. Default 30 s.
     #[serde(default = "d_notify_timeout")]
     pub(crate) notify_timeout: Spanned<HumanDuration>,
     /// Source address of the adverts and tie-breaker between equal priorities. Default: the
@@ -84,6 +97,29 @@ pub(crate) struct VrrpSection {
     /// `advert_interval`; "40s950ms" learns any, as RFC 5798 has it.
     #[serde(default)]
     pub(crate) max_learnt_advert_interval: Option<Spanned<HumanDuration>>,
+}
+
+/// One `[[vrrp_group]]`: a sync group's own notify scripts (keepalived's `vrrp_sync_group`
+/// block). The members are the `[[vrrp]]` instances whose `group` is its name.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VrrpGroupSection {
+    pub(crate) name: Spanned<String>,
+    /// Script run when the whole group changes state, with `GROUP <name> <state> 0` appended.
+    #[serde(default)]
+    pub(crate) notify: Option<Spanned<String>>,
+    /// Script run when the whole group becomes master.
+    #[serde(default)]
+    pub(crate) notify_master: Option<Spanned<String>>,
+    /// Script run when the whole group becomes backup.
+    #[serde(default)]
+    pub(crate) notify_backup: Option<Spanned<String>>,
+    /// Script run when the group enters fault.
+    #[serde(default)]
+    pub(crate) notify_fault: Option<Spanned<String>>,
+    /// A notify script still running after this is killed. Default 30 s.
+    #[serde(default = "d_notify_timeout")]
+    pub(crate) notify_timeout: Spanned<HumanDuration>,
 }
 
 /// One `track_interfaces` entry: `"eth1"` (link down = FAULT, weight 0) or
@@ -347,6 +383,66 @@ fn d_true() -> bool {
     true
 }
 
+/// A script key: an absolute program path, then its own arguments.
+pub(crate) fn check_script(key: &str, script: Option<&Spanned<String>>, v: &mut Validator) {
+    let Some(script) = script else {
+        return;
+    };
+    match script.get_ref().split_whitespace().next() {
+        None => v.error_at(script, format!("{key} is empty: leave it out instead")),
+        Some(program) if !std::path::Path::new(program).is_absolute() => v.error_at(
+            script,
+            format!(
+                "{key} `{program}` must be an absolute path (it runs with a fixed PATH, not the daemon's)"
+            ),
+        ),
+        Some(_) => {}
+    }
+}
+
+/// The `[[vrrp_group]]` sections: unique names, each the `group` of some instance.
+pub(crate) fn validate_groups(
+    groups: &[VrrpGroupSection],
+    instances: &[VrrpSection],
+    v: &mut Validator,
+) {
+    check_unique(
+        groups
+            .iter()
+            .map(|g| (g.name.get_ref().clone(), g.name.span())),
+        "vrrp_group name",
+        v,
+    );
+    let used: Vec<&str> = instances
+        .iter()
+        .filter_map(|i| i.group.as_deref())
+        .collect();
+    for g in groups {
+        if !used.contains(&g.name.get_ref().as_str()) {
+            v.error_at(
+                &g.name,
+                format!(
+                    "no [[vrrp]] instance has group = \"{}\"{}",
+                    g.name.get_ref(),
+                    super::did_you_mean(g.name.get_ref(), &used)
+                ),
+            );
+        }
+        let t = g.notify_timeout.get_ref().0;
+        if !(MIN_TIMER..=MAX_TIMER).contains(&t) {
+            v.error_at(&g.notify_timeout, "notify_timeout must be 100ms..=1h");
+        }
+        for (key, script) in [
+            ("notify", &g.notify),
+            ("notify_master", &g.notify_master),
+            ("notify_backup", &g.notify_backup),
+            ("notify_fault", &g.notify_fault),
+        ] {
+            check_script(key, script.as_ref(), v);
+        }
+    }
+}
+
 /// `services` is `None` when the `[[service]]` sections did not parse (no cross-checks then).
 pub(crate) fn validate_all(
     instances: &[VrrpSection],
@@ -408,16 +504,14 @@ pub(crate) fn validate_all(
         timer(&i.garp_repeat_delay, "garp_repeat_delay", true, v);
         timer(&i.reassert_interval, "reassert_interval", false, v);
         timer(&i.notify_timeout, "notify_timeout", false, v);
-        if let Some(n) = &i.notify
-            && !std::path::Path::new(n.get_ref()).is_absolute()
-        {
-            v.error_at(
-                n,
-                format!(
-                    "notify `{}` must be an absolute path (it runs with a fixed PATH, not the daemon's)",
-                    n.get_ref()
-                ),
-            );
+        for (key, script) in [
+            ("notify", &i.notify),
+            ("notify_master", &i.notify_master),
+            ("notify_backup", &i.notify_backup),
+            ("notify_fault", &i.notify_fault),
+            ("notify_stop", &i.notify_stop),
+        ] {
+            check_script(key, script.as_ref(), v);
         }
         if let Some(p) = &i.peers {
             if !i.unicast_peers.is_empty() {
@@ -580,6 +674,14 @@ mod tests {
                 "site.toml:6:10: notify `notify.sh` must be an absolute path",
             ),
             (
+                "notify_master = \"master.sh MASTER\"",
+                "site.toml:6:17: notify_master `master.sh` must be an absolute path",
+            ),
+            (
+                "notify_stop = \" \"",
+                "site.toml:6:15: notify_stop is empty",
+            ),
+            (
                 "max_learnt_advert_interval = \"500ms\"",
                 "site.toml:6:30: max_learnt_advert_interval must be",
             ),
@@ -606,6 +708,24 @@ mod tests {
         assert_eq!(
             site.vrrp[0].notify_timeout.get_ref().0,
             Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn sync_groups_name_instances_groups_and_scripts_with_arguments() {
+        let text = "[[vrrp]]\nname = \"v\"\ninterface = \"eth0\"\nvrid = 1\naddresses = [\"10.0.0.1/24\"]\n\
+                    group = \"edge\"\nnotify_backup = \"/etc/keepalived/backup.sh --quiet\"\n\n\
+                    [[vrrp_group]]\nname = \"edge\"\nnotify = \"/etc/keepalived/notify.sh\"\n";
+        let site = crate::config::parse(Path::new("site.toml"), text).expect("valid");
+        assert_eq!(site.vrrp_group[0].name.get_ref(), "edge");
+        let wrong = text.replace("name = \"edge\"", "name = \"egde\"");
+        let e = crate::config::parse(Path::new("site.toml"), &wrong)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("site.toml:10:8: no [[vrrp]] instance has group = \"egde\"")
+                && e.contains("edge"),
+            "{e}"
         );
     }
 }
