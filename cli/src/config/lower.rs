@@ -20,7 +20,7 @@ use natgw::{AclRule, GatewayConfig, StaticEntry, Timeouts};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 use toml::Spanned;
-use vrrp::driver::{GroupSpec, MemberSpec, NotifyScripts, ScriptCommand};
+use vrrp::driver::{GroupSpec, MemberSpec, NotifyScripts, ScriptCommand, TrackScript};
 use vrrp::{InstanceConfig, VirtualAddress};
 
 /// One `[[gre]]` tunnel as the GRE driver runs it.
@@ -243,6 +243,21 @@ pub(crate) fn vrrp(section: &VrrpSection) -> MemberSpec {
         .track_interfaces
         .iter()
         .map(|t| (t.get_ref().name.clone(), t.get_ref().weight))
+        .collect();
+    spec.track_scripts = section
+        .track_scripts
+        .iter()
+        .filter_map(|t| {
+            let interval = t.interval.get_ref().0;
+            Some(TrackScript {
+                command: ScriptCommand::parse(t.command.get_ref())?,
+                interval,
+                timeout: t.timeout.as_ref().map_or(interval, |d| d.get_ref().0),
+                rise: *t.rise.get_ref(),
+                fall: *t.fall.get_ref(),
+                weight: t.weight.get_ref().get(),
+            })
+        })
         .collect();
     spec.notify = NotifyScripts {
         notify: script(section.notify.as_ref()),

@@ -39,6 +39,10 @@ pub(crate) struct VrrpSection {
     /// priority (`{ name = "eth1", weight = 20 }`).
     #[serde(default)]
     pub(crate) track_interfaces: Vec<Spanned<TrackInterface>>,
+    /// Scripts run again and again whose failure faults the instance (weight 0) or lowers
+    /// its priority (keepalived `vrrp_script` + `track_script`).
+    #[serde(default)]
+    pub(crate) track_scripts: Vec<TrackScriptSection>,
     /// Sync group: instances with the same group change state together.
     #[serde(default)]
     pub(crate) group: Option<String>,
@@ -97,6 +101,70 @@ pub(crate) struct VrrpSection {
     /// `advert_interval`; "40s950ms" learns any, as RFC 5798 has it.
     #[serde(default)]
     pub(crate) max_learnt_advert_interval: Option<Spanned<HumanDuration>>,
+}
+
+/// One `track_scripts` entry: `{ command, interval, timeout, rise, fall, weight }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrackScriptSection {
+    /// Absolute program path, then its own arguments; exit 0 is a success.
+    pub(crate) command: Spanned<String>,
+    /// Time between runs. Default 1 s (keepalived's `interval`).
+    #[serde(default = "d_script_interval")]
+    pub(crate) interval: Spanned<HumanDuration>,
+    /// A run still going after this is killed and counts as a failure. Default: `interval`.
+    #[serde(default)]
+    pub(crate) timeout: Option<Spanned<HumanDuration>>,
+    /// Successes in a row to come back up, 1..=100. Default 1.
+    #[serde(default = "d_one")]
+    pub(crate) rise: Spanned<u32>,
+    /// Failures in a row to go down, 1..=100. Default 1.
+    #[serde(default = "d_one")]
+    pub(crate) fall: Spanned<u32>,
+    /// 0 (default) = FAULT while failing; 1..=253 = priority penalty while failing.
+    #[serde(default = "d_script_weight")]
+    pub(crate) weight: Spanned<ScriptWeight>,
+}
+
+/// A track script's weight: 0 (fault) or the penalty 1..=253 (keepalived's `weight -20` is
+/// written 20).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct ScriptWeight(u8);
+
+impl ScriptWeight {
+    pub(crate) fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ScriptWeight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        narrow(
+            d,
+            |n| penalty(n).map(ScriptWeight),
+            |n| {
+                if n < 0 {
+                    format!(
+                        "track_scripts weight {n}: the weight is the penalty while the script fails, so keepalived's `weight {n}` is written `weight = {}`",
+                        n.unsigned_abs()
+                    )
+                } else {
+                    "track_scripts weight must be 0 (fault) or a penalty of 1..=253".to_owned()
+                }
+            },
+        )
+    }
+}
+
+fn d_script_interval() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(1)))
+}
+fn d_one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+fn d_script_weight() -> Spanned<ScriptWeight> {
+    Spanned::new(0..0, ScriptWeight(0))
 }
 
 /// One `[[vrrp_group]]`: a sync group's own notify scripts (keepalived's `vrrp_sync_group`
@@ -504,6 +572,18 @@ pub(crate) fn validate_all(
         timer(&i.garp_repeat_delay, "garp_repeat_delay", true, v);
         timer(&i.reassert_interval, "reassert_interval", false, v);
         timer(&i.notify_timeout, "notify_timeout", false, v);
+        for t in &i.track_scripts {
+            check_script("track_scripts command", Some(&t.command), v);
+            timer(&t.interval, "track_scripts interval", false, v);
+            if let Some(timeout) = &t.timeout {
+                timer(timeout, "track_scripts timeout", false, v);
+            }
+            for (key, n) in [("rise", &t.rise), ("fall", &t.fall)] {
+                if !(1..=100).contains(n.get_ref()) {
+                    v.error_at(n, format!("track_scripts {key} must be 1..=100"));
+                }
+            }
+        }
         for (key, script) in [
             ("notify", &i.notify),
             ("notify_master", &i.notify_master),
@@ -727,5 +807,44 @@ mod tests {
                 && e.contains("edge"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn track_scripts_take_keepalived_settings_and_point_at_mistakes() {
+        let site = load(
+            r#"track_scripts = [{ command = "/usr/local/bin/check web", interval = "2s", fall = 3, rise = 2, weight = 40 }]"#,
+        )
+        .expect("valid");
+        let t = &site.vrrp[0].track_scripts[0];
+        assert_eq!(
+            (
+                *t.rise.get_ref(),
+                *t.fall.get_ref(),
+                t.weight.get_ref().get()
+            ),
+            (2, 3, 40)
+        );
+        assert!(t.timeout.is_none(), "defaults to the interval when lowered");
+        for (extra, msg) in [
+            (
+                r#"track_scripts = [{ command = "check.sh" }]"#,
+                "site.toml:6:30: track_scripts command `check.sh` must be an absolute path",
+            ),
+            (
+                r#"track_scripts = [{ command = "/bin/true", weight = -20 }]"#,
+                "site.toml:6:52: track_scripts weight -20:",
+            ),
+            (
+                r#"track_scripts = [{ command = "/bin/true", fall = 0 }]"#,
+                "site.toml:6:50: track_scripts fall must be 1..=100",
+            ),
+            (
+                r#"track_scripts = [{ command = "/bin/true", interval = "0s" }]"#,
+                "site.toml:6:54: track_scripts interval must be 100ms..=1h",
+            ),
+        ] {
+            let e = load(extra).unwrap_err();
+            assert!(e.starts_with(msg), "{extra}: {e}");
+        }
     }
 }

@@ -914,6 +914,43 @@ fn weighted_track_interface_lowers_priority_instead_of_fault() {
     assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
 }
 
+/// keepalived's `vrrp_script` + `track_script`: a script failing `fall` times in a row
+/// lowers the priority by its weight and the backup takes over; succeeding `rise` times in a
+/// row restores it and the first router preempts again.
+#[test]
+fn a_failing_track_script_lowers_priority_and_fails_over() {
+    let mut lab = Lab::new(e2e!());
+    let flag = lab.t.dir().join("healthy");
+    std::fs::write(&flag, "").unwrap();
+    let extra = format!(
+        r#"track_scripts = [{{ command = "/usr/bin/test -e {}", interval = "200ms", fall = 2, rise = 2, weight = 60 }}]"#,
+        flag.display()
+    );
+    let cfg = lab.config_with("d1", 150, "100ms", true, &extra);
+    let cfg = cfg.to_str().unwrap_or_default().to_owned();
+    lab.procs
+        .push(lab.t.vipgate("d1", "vipgate-d1", &["run", "-c", &cfg]));
+    let d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.procs.push(d2);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+
+    std::fs::remove_file(&flag).unwrap();
+    lab.wait_state("d2", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(1));
+    let s1 = lab.status("d1").unwrap_or_default();
+    assert_eq!(
+        (s1.num(&["priority"]), s1.num(&["configured_priority"])),
+        (90, 150)
+    );
+    assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
+
+    std::fs::write(&flag, "").unwrap();
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
+    assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 150);
+}
+
 /// Every probe was answered (but the last one or two, still in flight when the probe
 /// stopped). Loss, not the longest gap, is the measure here: on a loaded 2-core machine the
 /// probe itself can be descheduled for a few hundred ms while every answer still arrives.

@@ -76,6 +76,33 @@ pub struct TrackedService {
     pub health: watch::Receiver<bool>,
 }
 
+/// A check run every `interval` (keepalived `vrrp_script` + `track_script`): exit 0 is a
+/// success, anything else or running past `timeout` a failure; `fall` failures in a row make
+/// it down, `rise` successes in a row up again ([`crate::RiseFall`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackScript {
+    /// The program and its arguments.
+    pub command: ScriptCommand,
+    /// Time between the starts of two runs.
+    pub interval: Duration,
+    /// A run still going after this is killed and counts as a failure.
+    pub timeout: Duration,
+    /// Successes in a row to come back up.
+    pub rise: u32,
+    /// Failures in a row to go down.
+    pub fall: u32,
+    /// Priority penalty while down; 0 = fault.
+    pub weight: u8,
+}
+
+impl TrackScript {
+    /// The tracked object's name: the command itself, so a changed command is a different
+    /// object (and a reload restarts the instance for it).
+    fn object_name(&self) -> String {
+        format!("script {}", self.command)
+    }
+}
+
 /// Everything one instance needs besides the core config.
 #[derive(Clone)]
 pub struct MemberSpec {
@@ -93,6 +120,8 @@ pub struct MemberSpec {
     pub track_interfaces: Vec<(String, u8)>,
     /// Services whose health is tracked.
     pub track_services: Vec<TrackedService>,
+    /// Scripts run again and again whose result is tracked (keepalived `track_script`).
+    pub track_scripts: Vec<TrackScript>,
     /// Scripts run on this instance's transitions (keepalived's notify family).
     pub notify: NotifyScripts,
     /// A notify script still running after this is killed (default 30 s).
@@ -136,6 +165,7 @@ impl MemberSpec {
             peers: Vec::new(),
             track_interfaces: Vec::new(),
             track_services: Vec::new(),
+            track_scripts: Vec::new(),
             notify: NotifyScripts::default(),
             notify_timeout: Duration::from_secs(30),
             garp_count: 5,
@@ -368,6 +398,9 @@ fn tracked_objects(spec: &MemberSpec) -> Vec<(String, u8)> {
     for s in &spec.track_services {
         objects.push((format!("service {}", s.name), s.weight));
     }
+    for s in &spec.track_scripts {
+        objects.push((s.object_name(), s.weight));
+    }
     objects
 }
 
@@ -507,6 +540,16 @@ async fn open_members(
                     }
                 }
             });
+        }
+        let first_script = interfaces.len() + spec.track_services.len();
+        for (k, script) in spec.track_scripts.iter().enumerate() {
+            let object = ObjectId(first_script + k);
+            tokio::spawn(run_track_script(
+                script.clone(),
+                MemberId(i),
+                object,
+                events_tx.clone(),
+            ));
         }
         let (sock, tx, stop) = (socket.clone(), events_tx.clone(), stop_flag.clone());
         watch.spawn("vrrp socket reader", async move {
@@ -651,6 +694,19 @@ impl<Io: VrrpIo> Driver<Io> {
         let Some(m) = self.members.get_mut(member.0) else {
             return Reconfigured::restart("not a member of this group");
         };
+        // The same command with other timing or thresholds: its task runs with the old ones.
+        let timing = |s: &TrackScript| (s.interval, s.timeout, s.rise, s.fall);
+        let retimed = m.spec.track_scripts.len() == spec.track_scripts.len()
+            && m.spec
+                .track_scripts
+                .iter()
+                .zip(&spec.track_scripts)
+                .any(|(old, new)| timing(old) != timing(new));
+        if retimed {
+            return Reconfigured::restart(
+                "a track script's interval, timeout, rise or fall changed",
+            );
+        }
         let name = m.spec.config.name.clone();
         let mut config = spec.config.clone();
         // Left to the interface again: the address read at start. An address given now where
@@ -675,6 +731,9 @@ impl<Io: VrrpIo> Driver<Io> {
         m.spec.garp_lower_prio_repeat = spec.garp_lower_prio_repeat;
         m.spec.track_interfaces = spec.track_interfaces;
         for (old, new) in m.spec.track_services.iter_mut().zip(spec.track_services) {
+            old.weight = new.weight;
+        }
+        for (old, new) in m.spec.track_scripts.iter_mut().zip(spec.track_scripts) {
             old.weight = new.weight;
         }
         tracing::info!(instance = %name, "reconfigured live");
@@ -784,7 +843,7 @@ impl<Io: VrrpIo> Driver<Io> {
                 if self.group.handle_tracked(now(), member, object, up) {
                     let name = &self.group.members()[member.0].config().name;
                     let tracked = &self.group.trackers()[member.0].objects()[object.0].name;
-                    tracing::info!(instance = %name, object = %tracked, up, "tracked service changed");
+                    tracing::info!(instance = %name, object = %tracked, up, "tracked object changed");
                 }
             }
         }
@@ -967,6 +1026,37 @@ impl<Io: VrrpIo> Driver<Io> {
             .collect();
         if let Ok(mut s) = self.status.lock() {
             *s = snapshot;
+        }
+    }
+}
+
+/// Runs one track script every `interval` until the group's loop is gone, reporting its
+/// state after each run (the core ignores reports that change nothing).
+async fn run_track_script(
+    script: TrackScript,
+    member: MemberId,
+    object: ObjectId,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut state = crate::RiseFall::new(script.rise, script.fall);
+    let mut tick = tokio::time::interval(script.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if tx.is_closed() {
+            return;
+        }
+        let ok = notify::run_check(&script.command, script.timeout).await;
+        if state.record(ok) {
+            tracing::debug!(script = %script.command, up = state.up(), "track script changed");
+        }
+        let ev = Event::Service {
+            member,
+            object,
+            up: state.up(),
+        };
+        if tx.send(ev).await.is_err() {
+            return;
         }
     }
 }

@@ -201,17 +201,31 @@ pub(crate) enum NotifyOutcome {
     TimedOut,
 }
 
+/// Runs a track script once: whether it exited 0 within `timeout` (its process group is
+/// killed otherwise). It gets only `PATH`, and stdin and stdout on /dev/null.
+pub(crate) async fn run_check(command: &ScriptCommand, timeout: Duration) -> bool {
+    let inv = Invocation {
+        command: command.clone(),
+        appended: Vec::new(),
+        env: vec![("PATH", NOTIFY_PATH.to_owned())],
+    };
+    // A failing check is the news it reports, not a problem of the daemon: no warning.
+    run_one(&inv, timeout, false).await == NotifyOutcome::Ok
+}
+
 /// Runs `invocations` one after the other, each to its end or `timeout` (then its process
 /// group is killed), and reports how each ended.
 pub(crate) async fn run_all(invocations: Vec<Invocation>, timeout: Duration) -> Vec<NotifyOutcome> {
     let mut outcomes = Vec::with_capacity(invocations.len());
     for inv in invocations {
-        outcomes.push(run_one(&inv, timeout).await);
+        outcomes.push(run_one(&inv, timeout, true).await);
     }
     outcomes
 }
 
-async fn run_one(inv: &Invocation, timeout: Duration) -> NotifyOutcome {
+/// Runs one program; `warn` logs a failed start, a failure exit or a timeout as a warning
+/// (else at debug level).
+async fn run_one(inv: &Invocation, timeout: Duration, warn: bool) -> NotifyOutcome {
     let program: &Path = &inv.command.program;
     let child = tokio::process::Command::new(program)
         .args(&inv.command.args)
@@ -227,22 +241,30 @@ async fn run_one(inv: &Invocation, timeout: Duration) -> NotifyOutcome {
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(program = %program.display(), error = %e, "notify failed to start");
+            tracing::warn!(program = %program.display(), error = %e, "script failed to start");
             return NotifyOutcome::Failed;
         }
     };
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => NotifyOutcome::Ok,
         Ok(Ok(status)) => {
-            tracing::warn!(program = %program.display(), %status, "notify exited unsuccessfully");
+            if warn {
+                tracing::warn!(program = %program.display(), %status, "script exited unsuccessfully");
+            } else {
+                tracing::debug!(program = %program.display(), %status, "script exited unsuccessfully");
+            }
             NotifyOutcome::Failed
         }
         Ok(Err(e)) => {
-            tracing::warn!(program = %program.display(), error = %e, "notify wait failed");
+            tracing::warn!(program = %program.display(), error = %e, "script wait failed");
             NotifyOutcome::Failed
         }
         Err(_) => {
-            tracing::warn!(program = %program.display(), ?timeout, "notify timed out; killed");
+            if warn {
+                tracing::warn!(program = %program.display(), ?timeout, "script timed out; killed");
+            } else {
+                tracing::debug!(program = %program.display(), ?timeout, "script timed out; killed");
+            }
             if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
                 let _ = nix::sys::signal::killpg(
                     nix::unistd::Pid::from_raw(pid),
