@@ -88,7 +88,7 @@ vipgate_mode() {
   echo "  vipgate: $(python3 -c '
 import json, sys
 v = json.load(sys.stdin)[0]
-c, d = v["counters"], v["drops"]
+c = v["counters"]; d = c["drops"]
 print("early_drops %d, half_open_source %d, table_full %d" % (
     c.get("early_drops", 0), d.get("half_open_source", 0), d.get("table_full", 0)))' <<< "$status")" >&2
   vipgate_stop

@@ -31,7 +31,7 @@ echo "== fuzz manifest"
 # would otherwise surface only when someone fuzzes.
 cargo metadata -q --no-deps --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 echo "== sans-IO cores build without their drivers"
-for c in gre natgw balance vrrp sshfwd; do cargo check -q -p "$c" --no-default-features --locked; done
+for c in gre natgw balance vrrp flowsync sshfwd; do cargo check -q -p "$c" --no-default-features --locked; done
 echo "== unit tests"
 # kpath loads eBPF programs into the kernel: it needs root and runs in phase 2.
 cargo test --workspace --exclude vipgate-tests --exclude kpath --locked "$@"
@@ -46,7 +46,7 @@ echo "=== phase 2: end to end, as root"
 need=()
 for pair in ip:iproute2 sshd:openssh-server ssh:openssh-client keepalived:keepalived \
             iperf3:iperf3 curl:curl python3:python3 nft:nftables ping:iputils-ping \
-            traceroute:traceroute tcpdump:tcpdump socat:socat clang:clang llvm-strip:llvm \
+            traceroute:traceroute tcpdump:tcpdump socat:socat promtool:prometheus clang:clang llvm-strip:llvm \
             dpkg-deb:dpkg systemd-analyze:systemd; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")

@@ -1,19 +1,26 @@
-//! Prometheus metrics on `[daemon] metrics`, derived from the parts' `status()` JSON so that
-//! `/metrics` and `vipgate show --json` can never disagree.
+//! Prometheus metrics on `[daemon] metrics`, derived from the parts' typed status (the JSON
+//! that `vipgate show X --json` prints) so that `/metrics` and `show` can never disagree.
 //!
-//! Mapping (Prometheus naming conventions):
-//! - a number at `a.b` in a part's status becomes `vipgate_<kind>_a_b{name="<part>"}`; numbers
-//!   under a `counters` object, or whose key names something that only grows (packets, bytes,
-//!   drops, hits, connections, transitions, reconnects, ...), are counters with a `_total` suffix;
-//! - booleans become 0/1 gauges; a string `state` becomes `vipgate_<kind>_state{state="..."} 1`;
-//! - arrays of objects that carry an `address`, `name`, `listen` or `spec` field (backends,
-//!   forwards) become labelled series; other arrays (translation tables) are skipped — their
-//!   sizes are reported by the parts as plain numbers.
+//! The mapping is declared by the status types' shape, not guessed from key names:
+//! - every number under a `counters` object is a counter (`…_total`); everything else is a
+//!   gauge (numbers, and booleans as 0/1); the supervisor's `restarts` is a counter too;
+//! - a `drops` map under `counters` (a `netutil::DropCounters`) is one counter with a
+//!   `reason` label: `vipgate_gre_drops_total{tunnel="gre-br",reason="wrong_key"}`;
+//! - durations are `…_ms` (or `…_s`) fields and become base units: `…_seconds`;
+//! - a `state` string becomes `vipgate_<kind>_state{state="..."} 1`;
+//! - each part is labelled by its name (`tunnel`, `gateway`, `service`, `instance`,
+//!   `destination`); VRRP adds its `vrid` and `interface`, GRE its `key`; the elements of
+//!   the lists in [`LISTS`] (backends, forwards, ACL rules, tracked objects) are labelled by
+//!   their id; other lists (translations, routes, transitions) are not metrics;
+//! - every family has a `# HELP` line naming the JSON field it comes from and a `# TYPE` line.
+//!
+//! The page is text exposition format 0.0.4 (what `promtool check metrics` lints; the
+//! end-to-end test feeds it the page of a running daemon).
 //!
 //! Bounds: at most 32 connections at once, 5 s to send the request and 5 s to take the
 //! response, a 100 ms pause after a failed accept (EMFILE), and the page is rendered at most
-//! once per second however many scrapes arrive. No authentication: bind loopback (`vipgate
-//! check` warns otherwise).
+//! once per second however many scrapes arrive; a list yields at most 1000 labelled elements.
+//! No authentication: bind loopback (`vipgate check` warns otherwise).
 
 use crate::parts::{Kind, Running};
 use serde_json::Value;
@@ -26,65 +33,290 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
-/// Words in a key that mark a monotonically increasing count.
-const COUNTER_WORDS: [&str; 14] = [
-    "packets",
-    "bytes",
-    "drops",
-    "dropped",
-    "hits",
-    "connections",
-    "transitions",
-    "reconnects",
-    "errors",
-    "sent",
-    "received",
-    "refused",
-    "adverts",
-    "total",
+/// Lists whose elements are labelled series: (JSON key, label name, the element's id key;
+/// `None`: its 1-based position, as for ACL rules).
+const LISTS: [(&str, &str, Option<&str>); 4] = [
+    ("backends", "backend", Some("address")),
+    ("forwards", "forward", Some("spec")),
+    ("acl", "rule", None),
+    ("tracked", "tracked", Some("name")),
 ];
 
-/// Label keys that identify an element of an array.
-const ID_KEYS: [&str; 4] = ["name", "address", "listen", "spec"];
+/// Maps under `counters` whose keys are reasons (a `netutil::DropCounters`, VRRP's malformed
+/// adverts by parse error): one counter with a `reason` label.
+const REASON_MAPS: [&str; 2] = ["drops", "malformed"];
 
-#[derive(Default)]
+/// Elements of one list turned into series, at most.
+const MAX_LIST_SERIES: usize = 1000;
+
+/// The label naming a part of `kind`.
+fn part_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Gre => "tunnel",
+        Kind::Nat => "gateway",
+        Kind::Lb => "service",
+        Kind::Vrrp => "instance",
+        Kind::Ssh => "destination",
+    }
+}
+
+/// Top-level status fields of `kind` that identify the part: labels, not gauges.
+fn identity_fields(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Vrrp => &["vrid", "interface"],
+        // The GRE key is an identifier, not a quantity.
+        Kind::Gre => &["key"],
+        Kind::Nat | Kind::Lb | Kind::Ssh => &[],
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricType {
+    Counter,
+    Gauge,
+}
+
+impl MetricType {
+    fn as_str(self) -> &'static str {
+        match self {
+            MetricType::Counter => "counter",
+            MetricType::Gauge => "gauge",
+        }
+    }
+}
+
 struct Family {
-    counter: bool,
+    kind: MetricType,
+    help: String,
     samples: Vec<(String, f64)>,
+}
+
+/// Series being collected, by family name.
+#[derive(Default)]
+struct Families(BTreeMap<String, Family>);
+
+impl Families {
+    /// Adds a sample; a name already taken by the other type keeps its first type and the
+    /// sample is left out (two status shapes never declare one name twice).
+    fn add(
+        &mut self,
+        name: String,
+        kind: MetricType,
+        help: impl FnOnce() -> String,
+        labels: &[(String, String)],
+        value: f64,
+    ) {
+        let family = self.0.entry(name).or_insert_with(|| Family {
+            kind,
+            help: help(),
+            samples: Vec::new(),
+        });
+        if family.kind == kind {
+            family.samples.push((label_text(labels), value));
+        }
+    }
+
+    fn render(self) -> String {
+        let mut out = String::new();
+        for (name, family) in self.0 {
+            let help = family.help.replace('\\', "\\\\").replace('\n', "\\n");
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {}", family.kind.as_str());
+            for (labels, v) in family.samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        }
+        out
+    }
 }
 
 /// Renders every part's summary status as Prometheus text exposition format 0.0.4.
 pub(crate) fn render(running: &Running) -> String {
-    let mut families: BTreeMap<String, Family> = BTreeMap::new();
+    let mut families = Families::default();
     for (kind, name, summary) in running.summaries() {
-        let labels = vec![("name".to_string(), name)];
-        walk(&mut families, kind, &[], &labels, &summary, false);
-    }
-    let mut out = String::new();
-    for (name, fam) in families {
-        let (kind, full) = if fam.counter {
-            ("counter", format!("{name}_total"))
-        } else {
-            ("gauge", name)
-        };
-        let _ = writeln!(out, "# TYPE {full} {kind}");
-        for (labels, v) in fam.samples {
-            let _ = writeln!(out, "{full}{labels} {v}");
+        let mut labels = vec![(part_label(kind).to_string(), name)];
+        let ids = identity_fields(kind);
+        if let Value::Object(map) = &summary {
+            for id in ids {
+                match map.get(*id) {
+                    Some(Value::String(v)) => labels.push(((*id).to_string(), v.clone())),
+                    Some(Value::Number(v)) => labels.push(((*id).to_string(), v.to_string())),
+                    _ => {}
+                }
+            }
         }
+        let Value::Object(map) = summary else {
+            continue;
+        };
+        let fields = map.into_iter().filter(|(k, _)| !ids.contains(&k.as_str()));
+        walk_object(&mut families, kind, &[], &labels, fields, false);
     }
-    out
+    families.render()
 }
 
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
+fn walk_object(
+    families: &mut Families,
+    kind: Kind,
+    path: &[String],
+    labels: &[(String, String)],
+    fields: impl Iterator<Item = (String, Value)>,
+    in_counters: bool,
+) {
+    for (key, value) in fields {
+        walk(families, kind, path, labels, &key, value, in_counters);
+    }
+}
+
+/// `vipgate_<kind>_<path>_<key>` in Prometheus spelling: `counters` adds nothing to the name
+/// (counters get `_total` instead) and a list element (`backends[]`) is named by its label
+/// (`backend`).
+fn metric_name(kind: Kind, path: &[String], key: &str) -> String {
+    let mut n = format!("vipgate_{kind}");
+    for p in path.iter().map(String::as_str).chain([key]) {
+        if p == "counters" {
+            continue;
+        }
+        let p = p.strip_suffix("[]").map_or(p, |list| {
+            LISTS
+                .iter()
+                .find(|(k, _, _)| *k == list)
+                .map_or(list, |(_, label, _)| label)
+        });
+        n.push('_');
+        n.extend(p.chars().map(|c| {
             if c.is_ascii_alphanumeric() {
                 c.to_ascii_lowercase()
             } else {
                 '_'
             }
-        })
-        .collect()
+        }));
+    }
+    n
+}
+
+fn help_text(kind: Kind, path: &[String], key: &str, what: &str) -> String {
+    let mut field: Vec<&str> = path.iter().map(String::as_str).collect();
+    field.push(key);
+    format!(
+        "{what} `{}` of `vipgate show {kind} --json`.",
+        field.join(".")
+    )
+}
+
+fn walk(
+    families: &mut Families,
+    kind: Kind,
+    path: &[String],
+    labels: &[(String, String)],
+    key: &str,
+    value: Value,
+    in_counters: bool,
+) {
+    match value {
+        Value::Number(n) => {
+            let Some(mut v) = n.as_f64() else { return };
+            // `restarts` is the supervisor's count, added next to the part's own fields.
+            let counter = in_counters || (path.is_empty() && key == "restarts");
+            let mut name = metric_name(kind, path, key);
+            let mut what = "The status field";
+            if let Some(stem) = name.strip_suffix("_ms") {
+                name = format!("{stem}_seconds");
+                v /= 1000.0;
+                what = "In seconds, the status field";
+            } else if let Some(stem) = name.strip_suffix("_s") {
+                name = format!("{stem}_seconds");
+            }
+            let (name, kind_of, what) = if counter {
+                (
+                    format!("{}_total", name.trim_end_matches("_total")),
+                    MetricType::Counter,
+                    "The count",
+                )
+            } else {
+                (name, MetricType::Gauge, what)
+            };
+            families.add(
+                name,
+                kind_of,
+                || help_text(kind, path, key, what),
+                labels,
+                v,
+            );
+        }
+        Value::Bool(b) => {
+            families.add(
+                metric_name(kind, path, key),
+                MetricType::Gauge,
+                || help_text(kind, path, key, "1 if true, the status field"),
+                labels,
+                f64::from(u8::from(b)),
+            );
+        }
+        Value::String(s) if key == "state" => {
+            let mut l = labels.to_vec();
+            l.push(("state".into(), s));
+            families.add(
+                metric_name(kind, path, key),
+                MetricType::Gauge,
+                || help_text(kind, path, key, "1 for the current state, the label of"),
+                &l,
+                1.0,
+            );
+        }
+        Value::Object(map) if in_counters && REASON_MAPS.contains(&key) => {
+            let name = format!("{}_total", metric_name(kind, path, key));
+            for (reason, n) in map {
+                let Some(n) = n.as_f64() else { continue };
+                let mut l = labels.to_vec();
+                l.push(("reason".into(), reason));
+                families.add(
+                    name.clone(),
+                    MetricType::Counter,
+                    || help_text(kind, path, key, "By reason, the counts in"),
+                    &l,
+                    n,
+                );
+            }
+        }
+        Value::Object(map) if key == "counters" => {
+            let mut p = path.to_vec();
+            p.push(key.to_string());
+            walk_object(families, kind, &p, labels, map.into_iter(), true);
+        }
+        Value::Object(map) => {
+            let mut p = path.to_vec();
+            p.push(key.to_string());
+            walk_object(families, kind, &p, labels, map.into_iter(), in_counters);
+        }
+        Value::Array(items) => {
+            let Some((_, label, id_key)) = LISTS.iter().find(|(k, _, _)| *k == key) else {
+                return;
+            };
+            let mut p = path.to_vec();
+            p.push(format!("{key}[]"));
+            for (position, item) in items.into_iter().take(MAX_LIST_SERIES).enumerate() {
+                let Value::Object(mut obj) = item else {
+                    continue;
+                };
+                let id = match id_key {
+                    Some(k) => match obj.remove(*k) {
+                        Some(Value::String(id)) => id,
+                        _ => continue,
+                    },
+                    None => (position + 1).to_string(),
+                };
+                let mut l = labels.to_vec();
+                l.push(((*label).to_string(), id));
+                // An element's nested objects (an ACL rule's match fields) describe it; only
+                // its `counters` are metrics.
+                let fields = obj
+                    .into_iter()
+                    .filter(|(k, v)| !v.is_object() || k == "counters");
+                walk_object(families, kind, &p, &l, fields, in_counters);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn label_text(labels: &[(String, String)]) -> String {
@@ -103,90 +335,6 @@ fn label_text(labels: &[(String, String)]) -> String {
         })
         .collect();
     format!("{{{}}}", parts.join(","))
-}
-
-fn walk(
-    families: &mut BTreeMap<String, Family>,
-    kind: Kind,
-    path: &[String],
-    labels: &[(String, String)],
-    value: &Value,
-    in_counters: bool,
-) {
-    let metric = || {
-        let mut n = format!("vipgate_{kind}");
-        for p in path {
-            n.push('_');
-            n.push_str(&sanitize(p));
-        }
-        n.trim_end_matches("_total").to_string()
-    };
-    match value {
-        Value::Number(n) => {
-            let Some(v) = n.as_f64() else { return };
-            let key = path.last().map(String::as_str).unwrap_or_default();
-            let counter = in_counters
-                || COUNTER_WORDS
-                    .iter()
-                    .any(|w| key.split('_').any(|part| part == *w));
-            let fam = families.entry(metric()).or_default();
-            fam.counter |= counter;
-            fam.samples.push((label_text(labels), v));
-        }
-        Value::Bool(b) => {
-            families
-                .entry(metric())
-                .or_default()
-                .samples
-                .push((label_text(labels), f64::from(u8::from(*b))));
-        }
-        Value::String(s) if path.last().is_some_and(|k| k == "state") => {
-            let mut l = labels.to_vec();
-            l.push(("state".into(), s.clone()));
-            families
-                .entry(metric())
-                .or_default()
-                .samples
-                .push((label_text(&l), 1.0));
-        }
-        Value::Object(map) => {
-            for (k, v) in map {
-                let mut p = path.to_vec();
-                p.push(k.clone());
-                walk(
-                    families,
-                    kind,
-                    &p,
-                    labels,
-                    v,
-                    in_counters || k == "counters",
-                );
-            }
-        }
-        Value::Array(items) => {
-            for item in items.iter().take(1000) {
-                let Some(obj) = item.as_object() else { return };
-                let Some((id_key, id)) = ID_KEYS
-                    .iter()
-                    .find_map(|k| obj.get(*k).and_then(Value::as_str).map(|v| (*k, v)))
-                else {
-                    return;
-                };
-                let mut l = labels.to_vec();
-                let element = path
-                    .last()
-                    .map_or("item".to_string(), |p| sanitize(p.trim_end_matches('s')));
-                l.push((format!("{element}_{id_key}"), id.to_string()));
-                let rest: serde_json::Map<String, Value> = obj
-                    .iter()
-                    .filter(|(k, _)| k.as_str() != id_key)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                walk(families, kind, path, &l, &Value::Object(rest), in_counters);
-            }
-        }
-        _ => {}
-    }
 }
 
 /// Serves `GET /metrics` on `addr` until the task is aborted.
@@ -313,39 +461,84 @@ mod tests {
         let status = serde_json::json!({
             "state": "up",
             "healthy": true,
-            "counters": { "rx_packets": 10, "bad_checksum": 2 },
+            "counters": { "rx_packets": 10, "drops": { "wrong_key": 2, "truncated": 0 } },
             "mappings": 42,
+            "down_for_ms": 1500,
+            "restarts": 1,
             "backends": [
-                { "address": "10.0.0.101:80", "weight": 1, "connections": 7, "state": "up" },
-                { "address": "10.0.0.102:80", "weight": 2, "connections": 9, "state": "down" }
+                { "address": "10.0.0.101:80", "weight": 1, "state": "up",
+                  "counters": { "connections": 7 } },
+                { "address": "10.0.0.102:80", "weight": 2, "state": "down",
+                  "counters": { "connections": 9 } }
             ],
-            "translations": [ { "proto": "tcp" } ]
+            "translations": [ { "proto": "tcp", "inside_local": "10.0.0.1:1" } ]
         });
         let running = Running {
             parts: vec![Box::new(Fake(status))],
             ..Running::default()
         };
         let text = render(&running);
+        let has = |line: &str| assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        has("# TYPE vipgate_lb_rx_packets_total counter");
+        has(
+            "# HELP vipgate_lb_rx_packets_total The count `counters.rx_packets` of `vipgate show lb --json`.",
+        );
+        has("vipgate_lb_rx_packets_total{service=\"web\"} 10");
+        has("# TYPE vipgate_lb_drops_total counter");
+        has("vipgate_lb_drops_total{service=\"web\",reason=\"wrong_key\"} 2");
+        has("vipgate_lb_drops_total{service=\"web\",reason=\"truncated\"} 0");
+        has("# TYPE vipgate_lb_mappings gauge");
+        has("vipgate_lb_state{service=\"web\",state=\"up\"} 1");
+        has("vipgate_lb_healthy{service=\"web\"} 1");
+        has("vipgate_lb_down_for_seconds{service=\"web\"} 1.5");
+        has("# TYPE vipgate_lb_restarts_total counter");
+        has("# TYPE vipgate_lb_backend_connections_total counter");
+        has("vipgate_lb_backend_connections_total{service=\"web\",backend=\"10.0.0.102:80\"} 9");
+        has("vipgate_lb_backend_state{service=\"web\",backend=\"10.0.0.101:80\",state=\"up\"} 1");
+        assert!(!text.contains("translations") && !text.contains("inside_local"));
+        // Every family has exactly one HELP and one TYPE line, and only counters end in _total.
+        for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut words = l.split(' ').skip(2);
+            let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{l}");
+            let help = format!("# HELP {name} ");
+            assert_eq!(
+                text.lines().filter(|l| l.starts_with(&help)).count(),
+                1,
+                "{l}"
+            );
+            assert_eq!(text.lines().filter(|x| x == &l).count(), 1, "{l}");
+        }
+    }
+
+    #[test]
+    fn vrrp_series_carry_vrid_and_interface() {
+        struct Vrrp;
+        impl Part for Vrrp {
+            fn kind(&self) -> Kind {
+                Kind::Vrrp
+            }
+            fn name(&self) -> String {
+                "vip-web".into()
+            }
+            fn status(&self) -> Value {
+                serde_json::json!({"vrid": 51, "interface": "eth0", "state": "MASTER",
+                    "counters": {"adverts_tx": 3}})
+            }
+            fn stop(self: Box<Self>) -> BoxFuture<()> {
+                Box::pin(async {})
+            }
+        }
+        let running = Running {
+            parts: vec![Box::new(Vrrp)],
+            ..Running::default()
+        };
+        let text = render(&running);
         assert!(
-            text.contains("# TYPE vipgate_lb_counters_rx_packets_total counter"),
+            text.contains("vipgate_vrrp_adverts_tx_total{instance=\"vip-web\",vrid=\"51\",interface=\"eth0\"} 3"),
             "{text}"
         );
-        assert!(
-            text.contains("vipgate_lb_counters_bad_checksum_total{name=\"web\"} 2"),
-            "{text}"
-        );
-        assert!(text.contains("# TYPE vipgate_lb_mappings gauge"));
-        assert!(text.contains("vipgate_lb_state{name=\"web\",state=\"up\"} 1"));
-        assert!(text.contains("vipgate_lb_healthy{name=\"web\"} 1"));
-        assert!(text.contains("vipgate_lb_backends_connections_total{name=\"web\",backend_address=\"10.0.0.102:80\"} 9"), "{text}");
-        assert!(text.contains("vipgate_lb_backends_state{name=\"web\",backend_address=\"10.0.0.101:80\",state=\"up\"} 1"), "{text}");
-        assert!(!text.contains("translations"));
-        // Every family has exactly one TYPE line.
-        let types = text
-            .lines()
-            .filter(|l| l.starts_with("# TYPE vipgate_lb_backends_weight "))
-            .count();
-        assert_eq!(types, 1);
+        assert!(!text.contains("vipgate_vrrp_vrid"), "{text}");
     }
 
     struct Counting(Arc<std::sync::atomic::AtomicUsize>);

@@ -28,8 +28,13 @@ pub const GRE_IN_UDP_PORT: u16 = 4754;
 
 /// `keepalive { interval, retries }` of a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct KeepaliveConfig {
     /// Time between probes (IOS "period"); toolkit default 10 s.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "interval_ms", with = "netutil::serde_ms")
+    )]
     pub interval: Duration,
     /// Probes without a reply before the tunnel goes down; toolkit default 3.
     pub retries: u32,

@@ -16,10 +16,10 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use netutil::Reconfigured;
 use netutil::checksum::checksum;
 use netutil::ipv4::{Ipv4View, field};
 use netutil::mss::{MssOutcome, clamp_mss};
+use netutil::{DropCounters, Reconfigured};
 
 use crate::keepalive::{
     GRE_IN_UDP_PORT, GreKeepalive, KeepaliveConfig, KeepaliveTick, MAX_PROBE_INNER_LEN,
@@ -137,92 +137,45 @@ impl TunnelConfig {
     }
 }
 
-/// Why a packet was dropped; each reason has its own counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum DropReason {
-    /// GRE header shorter than its flags announce.
-    Truncated,
-    /// GRE version other than 0.
-    BadVersion,
-    /// RFC 1701 flag bits set.
-    ReservedBits,
-    /// GRE checksum did not verify.
-    BadChecksum,
-    /// Protocol type other than IPv4, IPv6 or a keepalive reply.
-    UnknownProtocol,
-    /// Outer source is not the configured remote.
-    WrongSource,
-    /// Key missing, unexpected or different from the configured one.
-    WrongKey,
-    /// Sequence number at or behind the last one delivered (RFC 2890 §2.2).
-    OutOfSequence,
-    /// The inner packet is not a well-formed IP packet of the announced version.
-    BadInner,
-    /// A packet read from the TUN is not IPv4 or IPv6.
-    NotIp,
-    /// Larger than the tunnel MTU and no ICMP error could be sent for it.
-    TooBig,
-    /// The buffer had no room in front of the inner packet for the GRE header.
-    NoHeadroom,
-    /// A keepalive reply (protocol 0) while no probe was outstanding, or whose marker is
-    /// not the outstanding probe's: spoofed, duplicated or late.
-    UnexpectedKeepalive,
-    /// `sequence` is on and the packet carries no sequence number (Linux ip_gre drops
-    /// these too).
-    MissingSequence,
-    /// A packet from us to the peer inside the tunnel that is not a bare keepalive probe
-    /// (inner GRE protocol 0 with our key, no IP options, small): never reflected.
-    NotAProbe,
-    /// A peer probe over the reflection rate limit ([`REFLECT_RATE`]).
-    ReflectLimited,
-}
-
-impl DropReason {
-    /// Every reason, in counter order.
-    pub const ALL: [Self; 16] = [
-        Self::Truncated,
-        Self::BadVersion,
-        Self::ReservedBits,
-        Self::BadChecksum,
-        Self::UnknownProtocol,
-        Self::WrongSource,
-        Self::WrongKey,
-        Self::OutOfSequence,
-        Self::BadInner,
-        Self::NotIp,
-        Self::TooBig,
-        Self::NoHeadroom,
-        Self::UnexpectedKeepalive,
-        Self::MissingSequence,
-        Self::NotAProbe,
-        Self::ReflectLimited,
-    ];
-
-    /// A stable snake_case name for metrics and JSON.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Truncated => "truncated",
-            Self::BadVersion => "bad_version",
-            Self::ReservedBits => "reserved_bits",
-            Self::BadChecksum => "bad_checksum",
-            Self::UnknownProtocol => "unknown_protocol",
-            Self::WrongSource => "wrong_source",
-            Self::WrongKey => "wrong_key",
-            Self::OutOfSequence => "out_of_sequence",
-            Self::BadInner => "bad_inner",
-            Self::NotIp => "not_ip",
-            Self::TooBig => "too_big",
-            Self::NoHeadroom => "no_headroom",
-            Self::UnexpectedKeepalive => "unexpected_keepalive",
-            Self::MissingSequence => "missing_sequence",
-            Self::NotAProbe => "not_a_probe",
-            Self::ReflectLimited => "reflect_limited",
-        }
-    }
-
-    const fn index(self) -> usize {
-        self as usize
+netutil::drop_reasons! {
+    /// Why a packet was dropped; each reason has its own counter.
+    #[non_exhaustive]
+    pub enum DropReason {
+        /// GRE header shorter than its flags announce.
+        Truncated => "truncated",
+        /// GRE version other than 0.
+        BadVersion => "bad_version",
+        /// RFC 1701 flag bits set.
+        ReservedBits => "reserved_bits",
+        /// GRE checksum did not verify.
+        BadChecksum => "bad_checksum",
+        /// Protocol type other than IPv4, IPv6 or a keepalive reply.
+        UnknownProtocol => "unknown_protocol",
+        /// Outer source is not the configured remote.
+        WrongSource => "wrong_source",
+        /// Key missing, unexpected or different from the configured one.
+        WrongKey => "wrong_key",
+        /// Sequence number at or behind the last one delivered (RFC 2890 §2.2).
+        OutOfSequence => "out_of_sequence",
+        /// The inner packet is not a well-formed IP packet of the announced version.
+        BadInner => "bad_inner",
+        /// A packet read from the TUN is not IPv4 or IPv6.
+        NotIp => "not_ip",
+        /// Larger than the tunnel MTU and no ICMP error could be sent for it.
+        TooBig => "too_big",
+        /// The buffer had no room in front of the inner packet for the GRE header.
+        NoHeadroom => "no_headroom",
+        /// A keepalive reply (protocol 0) while no probe was outstanding, or whose marker is
+        /// not the outstanding probe's: spoofed, duplicated or late.
+        UnexpectedKeepalive => "unexpected_keepalive",
+        /// `sequence` is on and the packet carries no sequence number (Linux ip_gre drops
+        /// these too).
+        MissingSequence => "missing_sequence",
+        /// A packet from us to the peer inside the tunnel that is not a bare keepalive probe
+        /// (inner GRE protocol 0 with our key, no IP options, small): never reflected.
+        NotAProbe => "not_a_probe",
+        /// A peer probe over the reflection rate limit ([`REFLECT_RATE`]).
+        ReflectLimited => "reflect_limited",
     }
 }
 
@@ -237,8 +190,9 @@ impl From<WireError> for DropReason {
     }
 }
 
-/// Per-tunnel counters.
+/// Per-tunnel counters: every field only grows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Counters {
     /// Inner packets encapsulated toward the peer.
     pub tx_packets: u64,
@@ -260,25 +214,8 @@ pub struct Counters {
     pub frag_needed_sent: u64,
     /// Sequenced packets accepted after a gap (lost or reordered predecessors).
     pub sequence_gaps: u64,
-    drops: [u64; DropReason::ALL.len()],
-}
-
-impl Counters {
-    /// Packets dropped for `reason`.
-    pub fn drops(&self, reason: DropReason) -> u64 {
-        self.drops[reason.index()]
-    }
-
-    /// All drops, whatever the reason.
-    pub fn total_drops(&self) -> u64 {
-        self.drops.iter().sum()
-    }
-
-    /// Counts one drop; drivers use it for drops they detect themselves (an underlay
-    /// packet they could not attribute to a tunnel, for example).
-    pub fn count_drop(&mut self, reason: DropReason) {
-        self.drops[reason.index()] += 1;
-    }
+    /// Packets dropped, by reason.
+    pub drops: DropCounters<DropReason>,
 }
 
 /// What to do with an inner packet handed to [`Tunnel::encapsulate`].
@@ -810,13 +747,13 @@ impl Tunnel {
     }
 
     fn drop(&mut self, reason: DropReason) -> Encap {
-        self.counters.count_drop(reason);
+        self.counters.drops.count(reason);
         tracing::debug!(tunnel = %self.config.name, reason = reason.as_str(), "dropped inner packet");
         Encap::Drop(reason)
     }
 
     fn drop_rx(&mut self, reason: DropReason, source: Ipv4Addr) -> Verdict {
-        self.counters.count_drop(reason);
+        self.counters.drops.count(reason);
         tracing::debug!(tunnel = %self.config.name, %source, reason = reason.as_str(), "dropped GRE packet");
         Verdict::Drop(reason)
     }
@@ -1089,8 +1026,8 @@ mod tests {
             b.decapsulate(t0, HQ, &mut buf[out]),
             Verdict::Drop(DropReason::WrongKey)
         );
-        assert_eq!(b.counters().drops(DropReason::WrongSource), 1);
-        assert_eq!(b.counters().drops(DropReason::WrongKey), 2);
+        assert_eq!(b.counters().drops.get(DropReason::WrongSource), 1);
+        assert_eq!(b.counters().drops.get(DropReason::WrongKey), 2);
         assert_eq!(b.counters().rx_packets, 0);
     }
 
@@ -1114,7 +1051,7 @@ mod tests {
         for (bytes, reason) in cases {
             let mut w = bytes.to_vec();
             assert_eq!(b.decapsulate(t0, HQ, &mut w), Verdict::Drop(reason));
-            assert_eq!(b.counters().drops(reason), 1);
+            assert_eq!(b.counters().drops.get(reason), 1);
         }
     }
 
@@ -1175,7 +1112,10 @@ mod tests {
                 "case {i}"
             );
         }
-        assert_eq!(b.counters().drops(DropReason::BadInner), bad.len() as u64);
+        assert_eq!(
+            b.counters().drops.get(DropReason::BadInner),
+            bad.len() as u64
+        );
         // Underlay padding after a good packet is cut off, not delivered.
         let mut padded = wire([8, 0], &ipv4(40, 17, false));
         padded.extend_from_slice(&[0xee; 6]);
@@ -1202,7 +1142,7 @@ mod tests {
         assert_eq!(deliver(1), Verdict::Drop(DropReason::OutOfSequence));
         assert!(matches!(deliver(3), Verdict::ToTun(_)));
         assert_eq!(b.counters().sequence_gaps, 1);
-        assert_eq!(b.counters().drops(DropReason::OutOfSequence), 2);
+        assert_eq!(b.counters().drops.get(DropReason::OutOfSequence), 2);
     }
 
     #[test]
@@ -1367,7 +1307,7 @@ mod tests {
         }
         assert!(went_down && !a.is_up());
         assert_eq!(a.counters().keepalive_replies, 1);
-        assert!(a.counters().drops(DropReason::UnexpectedKeepalive) >= 7 * 102);
+        assert!(a.counters().drops.get(DropReason::UnexpectedKeepalive) >= 7 * 102);
         // The window was never reset: an old sequence number is still behind.
         let mut seq5 = vec![0x30, 0, 8, 0, 0, 0, 0, 7, 0, 0, 0, 5];
         seq5.extend_from_slice(&ipv4(40, 17, false));
@@ -1396,7 +1336,7 @@ mod tests {
             b.decapsulate(t0, HQ, &mut plain),
             Verdict::Drop(DropReason::MissingSequence)
         );
-        assert_eq!(b.counters().drops(DropReason::MissingSequence), 1);
+        assert_eq!(b.counters().drops.get(DropReason::MissingSequence), 1);
     }
 
     /// The resync needs 64 consecutive numbers behind the window: scattered old numbers
@@ -1478,7 +1418,7 @@ mod tests {
             .count();
         assert_eq!(reflected, REFLECT_RATE as usize);
         assert_eq!(
-            b.counters().drops(DropReason::ReflectLimited),
+            b.counters().drops.get(DropReason::ReflectLimited),
             2000 - REFLECT_BURST as u64 + 1 - REFLECT_RATE as u64
         );
         assert_eq!(

@@ -31,6 +31,7 @@ pub enum AclAction {
 
 /// One ACL line. `None` fields match anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct AclRule {
     /// Permit or deny.
     pub action: AclAction,

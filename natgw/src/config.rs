@@ -29,12 +29,15 @@ pub enum Filtering {
 
 /// A static port forward: `ip nat inside source static tcp INSIDE PORT interface X OUTSIDE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct StaticEntry {
     /// Protocol (TCP or UDP).
     pub proto: Proto,
     /// Public address and port.
+    #[cfg_attr(feature = "serde", serde(rename = "inside_global"))]
     pub public: SocketAddrV4,
     /// Inside address and port.
+    #[cfg_attr(feature = "serde", serde(rename = "inside_local"))]
     pub inside: SocketAddrV4,
 }
 

@@ -45,81 +45,55 @@ pub enum NatError {
     },
 }
 
-macro_rules! drop_reasons {
-    ($($(#[doc = $doc:literal])* $name:ident => $text:literal,)*) => {
-        /// Why a packet was dropped. Each reason has a counter in [`crate::GatewayStats`].
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        #[non_exhaustive]
-        pub enum DropReason {
-            $($(#[doc = $doc])* $name,)*
-        }
-
-        impl DropReason {
-            /// Every reason, in counter order.
-            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
-
-            /// Stable snake_case name (used in `show nat` and metrics).
-            #[must_use]
-            pub fn name(self) -> &'static str {
-                match self {
-                    $(DropReason::$name => $text,)*
-                }
-            }
-        }
-    };
-}
-
-drop_reasons! {
-    /// Not a well-formed IPv4 packet (bad version, lengths, or transport header).
-    Malformed => "malformed",
-    /// An ICMP error with a bad checksum, or whose quoted packet is unusable (RFC 5508 REQ-3).
-    BadIcmpError => "bad_icmp_error",
-    /// Denied by an ACL rule or the ACL's implicit deny.
-    AclDenied => "acl_denied",
-    /// A non-first fragment: it carries no ports, and the gateway does not reassemble.
-    Fragment => "fragment",
-    /// Inbound to a dynamic mapping from an address the inside endpoint never sent to
-    /// (address-dependent filtering).
-    Filtered => "filtered",
-    /// Inbound or ICMP error that matches no flow.
-    NoSession => "no_session",
-    /// A TCP segment other than an initial SYN tried to open an inbound flow (forward,
-    /// service or dynamic mapping).
-    NotSyn => "not_syn",
-    /// The table is at `max_mappings`: new flows are refused.
-    TableFull => "table_full",
-    /// The inside host is at its per-host limit.
-    HostLimit => "host_limit",
-    /// No free public port.
-    PortsExhausted => "ports_exhausted",
-    /// The listener had no inside endpoint to offer (e.g. every backend down).
-    NoInsideEndpoint => "no_inside_endpoint",
-    /// The chosen inside endpoint is already mapped for another listener.
-    InsideEndpointBusy => "inside_endpoint_busy",
-    /// A new inbound flow from a source network already at `max_half_open_per_source`
-    /// half-open flows.
-    HalfOpenSource => "half_open_source",
-    /// A RST outside the receiver's window (the flow is left as it was).
-    RstOutOfWindow => "rst_out_of_window",
-    /// A new inbound session to a dynamic mapping already at `max_inbound_per_mapping`.
-    MappingInboundLimit => "mapping_inbound_limit",
-    /// An outbound packet whose source is not in an inside network (anti-spoofing).
-    SpoofedSource => "spoofed_source",
-    /// An outbound packet of a protocol the gateway cannot translate (GRE, ESP, SCTP, ICMP
-    /// timestamp...): it would leave with its private source.
-    Untranslatable => "untranslatable",
-    /// An outbound ICMP error not sent by the inside endpoint it quotes.
-    IcmpErrorSpoofed => "icmp_error_spoofed",
-    /// To a public address not assigned to this host that nothing translates (passing it
-    /// back to `nat0` would loop it).
-    Unowned => "unowned",
-    /// An outbound flow from a virtual service's backend (or sorry server) endpoint that
-    /// would have needed a dynamic mapping: that endpoint is reserved for the service.
-    ServiceEndpointReserved => "service_endpoint_reserved",
-}
-
-impl std::fmt::Display for DropReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+netutil::drop_reasons! {
+    /// Why a packet was dropped. Each reason has a counter in [`crate::GatewayStats`].
+    #[non_exhaustive]
+    pub enum DropReason {
+        /// Not a well-formed IPv4 packet (bad version, lengths, or transport header).
+        Malformed => "malformed",
+        /// An ICMP error with a bad checksum, or whose quoted packet is unusable (RFC 5508 REQ-3).
+        BadIcmpError => "bad_icmp_error",
+        /// Denied by an ACL rule or the ACL's implicit deny.
+        AclDenied => "acl_denied",
+        /// A non-first fragment: it carries no ports, and the gateway does not reassemble.
+        Fragment => "fragment",
+        /// Inbound to a dynamic mapping from an address the inside endpoint never sent to
+        /// (address-dependent filtering).
+        Filtered => "filtered",
+        /// Inbound or ICMP error that matches no flow.
+        NoSession => "no_session",
+        /// A TCP segment other than an initial SYN tried to open an inbound flow (forward,
+        /// service or dynamic mapping).
+        NotSyn => "not_syn",
+        /// The table is at `max_mappings`: new flows are refused.
+        TableFull => "table_full",
+        /// The inside host is at its per-host limit.
+        HostLimit => "host_limit",
+        /// No free public port.
+        PortsExhausted => "ports_exhausted",
+        /// The listener had no inside endpoint to offer (e.g. every backend down).
+        NoInsideEndpoint => "no_inside_endpoint",
+        /// The chosen inside endpoint is already mapped for another listener.
+        InsideEndpointBusy => "inside_endpoint_busy",
+        /// A new inbound flow from a source network already at `max_half_open_per_source`
+        /// half-open flows.
+        HalfOpenSource => "half_open_source",
+        /// A RST outside the receiver's window (the flow is left as it was).
+        RstOutOfWindow => "rst_out_of_window",
+        /// A new inbound session to a dynamic mapping already at `max_inbound_per_mapping`.
+        MappingInboundLimit => "mapping_inbound_limit",
+        /// An outbound packet whose source is not in an inside network (anti-spoofing).
+        SpoofedSource => "spoofed_source",
+        /// An outbound packet of a protocol the gateway cannot translate (GRE, ESP, SCTP, ICMP
+        /// timestamp...): it would leave with its private source.
+        Untranslatable => "untranslatable",
+        /// An outbound ICMP error not sent by the inside endpoint it quotes.
+        IcmpErrorSpoofed => "icmp_error_spoofed",
+        /// To a public address not assigned to this host that nothing translates (passing it
+        /// back to `nat0` would loop it).
+        Unowned => "unowned",
+        /// An outbound flow from a virtual service's backend (or sorry server) endpoint that
+        /// would have needed a dynamic mapping: that endpoint is reserved for the service.
+        ServiceEndpointReserved => "service_endpoint_reserved",
     }
 }

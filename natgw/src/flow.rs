@@ -88,6 +88,11 @@ pub enum Direction {
 
 /// Identifies a listener (a static forward or a virtual service) in a gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(transparent)
+)]
 pub struct ListenerId(pub u16);
 
 /// What happened to a flow of a listener; delivered to its selector.

@@ -51,12 +51,22 @@
 //! placed it. What stays in the core whatever the data path: the ACL, listener selection,
 //! port allocation, the table's bounds and timers, TCP state and the flow events.
 //!
+//! # Flow sync (failover that keeps connections)
+//! With the `flowsync` crate a pair of nodes share their flows: the master's table journals
+//! what changed ([`Gateway::take_sync_updates`], or all of it: [`Gateway::export_flows`]);
+//! a backup holds what it receives as **standby flows** ([`Gateway::apply_standby`]:
+//! bounded, counted, outside the table and every limit, never seen by the packet path) and
+//! makes them live when VRRP makes it master ([`Gateway::promote_standby`]): each keeps its
+//! public endpoint (overload port or listener), inside endpoint (host or backend) and TCP
+//! state, with the full idle timeout of that state.
+//!
 //! # Module order
 //! Imports go one way, and no module imports one that depends on it:
 //!
 //! ```text
 //! flow ─▶ error ─▶ {acl, table, translate} ─▶ service ─▶ selector ─▶ gateway ─▶ driver
 //!                   config (above acl, table and service: it holds their settings)
+//!                   sync (above table: the standby flows; gateway holds them)
 //! ```
 //! `flow` is the shared vocabulary (protocols, directions, listener ids, flow events, TCP
 //! flag bits); `tcp`, `fragments` and `health` are leaves beside it; no `impl Gateway` lives
@@ -81,6 +91,7 @@ mod gateway;
 pub mod health;
 mod selector;
 mod service;
+mod sync;
 mod table;
 mod tcp;
 mod translate;
@@ -92,5 +103,6 @@ pub use flow::{Direction, FlowEvent, ListenerId, Proto};
 pub use gateway::{FastPathActivity, Gateway, GatewayStats, Listener, PacketMeta, Verdict};
 pub use selector::{Selector, StaticForward};
 pub use service::{BackendKey, ServiceConfig, VirtualService};
+pub use sync::{Promotion, STANDBY_GRACE, StandbyFlows, StandbyStats};
 pub use table::{PatTable, Timeouts, Translation};
 pub use translate::{L4Checksum, finish_partial_checksum};

@@ -41,6 +41,10 @@ use crate::error::DropReason;
 use crate::flow::{ListenerId, Proto};
 use crate::tcp::{Outcome, Segment, TcpState, Tracker};
 
+pub(crate) mod sync;
+
+pub(crate) use sync::{FlowChange, FlowImage, InstallError, JournalDrain};
+
 /// "No entry" in the intrusive lists.
 const NIL: u32 = u32::MAX;
 /// `Mapping::listener` of a dynamic mapping (kept as a bare `u16` so a mapping stays small;
@@ -296,18 +300,25 @@ pub(crate) struct RemovedSession {
 
 /// One line of `show nat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Translation {
     /// Protocol.
     pub proto: Proto,
     /// Inside local (the inside host's own endpoint).
+    #[cfg_attr(feature = "serde", serde(rename = "inside_local"))]
     pub inside: SocketAddrV4,
     /// Inside global (the public endpoint it appears as).
+    #[cfg_attr(feature = "serde", serde(rename = "inside_global"))]
     pub public: SocketAddrV4,
     /// Outside (the remote endpoint).
     pub outside: SocketAddrV4,
     /// TCP: established; others: always false.
     pub established: bool,
-    /// Seconds until the entry expires if idle.
+    /// Time until the entry expires if idle.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "expires_in_ms", with = "netutil::serde_ms")
+    )]
     pub expires_in: Duration,
     /// The listener (static forward or service) that created it, if any.
     pub listener: Option<ListenerId>,
@@ -352,6 +363,8 @@ pub struct PatTable {
     live_sessions: usize,
     live_mappings: usize,
     rng: u64,
+    /// Flows created, changed and removed since flow sync last took them (off by default).
+    journal: sync::Journal,
 }
 
 fn tick_secs(d: Duration) -> u32 {
@@ -382,6 +395,7 @@ impl PatTable {
             live_sessions: 0,
             live_mappings: 0,
             rng: mix(cfg.seed ^ 0x5eed),
+            journal: sync::Journal::default(),
             cfg,
         }
     }
@@ -845,9 +859,25 @@ impl PatTable {
             *self.half_open_sources.entry(net).or_insert(0) += 1;
             self.mappings[m as usize].inbound += 1;
         }
-        let view = self.view(m);
         let now_tick = self.tick(now);
-        let expires = now_tick.saturating_add(self.timeout_ticks(view.proto, TcpState::None));
+        let flags = if from_inside { S_FROM_INSIDE } else { 0 };
+        let s = self.insert_session(now_tick, m, remote, flags, Tracker::default());
+        Ok(SessionId(s))
+    }
+
+    /// Links a new session into the slab, its mapping, the indexes, the half-open list of its
+    /// class (unless `flags` says assured) and the wheel, with the full timeout of its state.
+    /// The caller has checked the bounds and counted the session toward them.
+    fn insert_session(
+        &mut self,
+        now_tick: u32,
+        m: u32,
+        remote: SocketAddrV4,
+        flags: u8,
+        tcp: Tracker,
+    ) -> u32 {
+        let view = self.view(m);
+        let expires = now_tick.saturating_add(self.timeout_ticks(view.proto, tcp.state));
         let head = self.mappings[m as usize].head;
         let sess = Session {
             mapping: m,
@@ -860,8 +890,8 @@ impl PatTable {
             age_prev: NIL,
             age_next: NIL,
             remote_port: remote.port(),
-            flags: if from_inside { S_FROM_INSIDE } else { 0 },
-            tcp: Tracker::default(),
+            flags,
+            tcp,
         };
         let s = if self.free_session != NIL {
             let s = self.free_session;
@@ -889,14 +919,20 @@ impl PatTable {
                 .entry(remote_ip_key(m, u32::from(*remote.ip())))
                 .or_insert(0) += 1;
         }
-        self.age_push(s);
+        if flags & S_ASSURED == 0 {
+            self.age_push(s);
+        }
         self.live_sessions += 1;
         if self.live_sessions == 1 {
             // The wheel was idle: start it at the current tick instead of replaying the gap.
             self.cursor = now_tick;
         }
         self.link_wheel(s, expires);
-        Ok(SessionId(s))
+        self.journal.record(
+            SessionKey::new(view.proto, view.public_idx, view.public_port, remote),
+            false,
+        );
+        s
     }
 
     fn link_wheel(&mut self, s: u32, expires: u32) {
@@ -994,6 +1030,10 @@ impl PatTable {
             self.unlink_wheel(s);
             self.link_wheel(s, deadline);
         }
+        if before != after || self.sessions[s as usize].flags != flags {
+            let key = self.session_key(s);
+            self.journal.record(key, false);
+        }
         let established = |st: TcpState| proto == Proto::Tcp && st == TcpState::Established;
         Ok(match (established(before), established(after)) {
             (false, true) => StateChange::Established,
@@ -1037,12 +1077,9 @@ impl PatTable {
             let mapping = &mut self.mappings[sess.mapping as usize];
             mapping.inbound = mapping.inbound.saturating_sub(1);
         }
-        self.flows.remove(&SessionKey::new(
-            view.proto,
-            view.public_idx,
-            view.public_port,
-            remote,
-        ));
+        let key = SessionKey::new(view.proto, view.public_idx, view.public_port, remote);
+        self.flows.remove(&key);
+        self.journal.record(key, true);
         if sess.prev != NIL {
             self.sessions[sess.prev as usize].next = sess.next;
         } else {

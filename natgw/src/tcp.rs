@@ -113,6 +113,27 @@ fn after(a: u32, b: u32) -> bool {
 }
 
 impl Tracker {
+    /// A flow picked up in `state` from a peer's state sync: the windows are unknown until
+    /// each side sends again, and taken as scaled by the largest factor (the SYNs that said
+    /// the real one were seen by the peer), so the window check errs on the liberal side,
+    /// as conntrack's pickup of a flow in the middle does.
+    pub(crate) fn resumed(state: TcpState, first_fin_orig: bool) -> Tracker {
+        let dir = Dir {
+            scale: MAX_WSCALE,
+            ..Dir::default()
+        };
+        Tracker {
+            state,
+            first_fin_orig,
+            dirs: [dir; 2],
+        }
+    }
+
+    /// Which side sent the first FIN (true: the originator).
+    pub(crate) fn first_fin_orig(&self) -> bool {
+        self.first_fin_orig
+    }
+
     /// Tracks one segment sent by the originator (`from_orig`) or the responder.
     pub(crate) fn track(&mut self, seg: &Segment, from_orig: bool) -> Outcome {
         let (si, ri) = if from_orig { (0, 1) } else { (1, 0) };

@@ -27,6 +27,53 @@ pub enum WireError {
     BadIpHeader,
 }
 
+impl WireError {
+    /// Every parse error, in counter order.
+    pub const ALL: [Self; 7] = [
+        Self::Truncated,
+        Self::BadVersion,
+        Self::BadType,
+        Self::BadChecksum,
+        Self::AddressCount,
+        Self::BadVrid,
+        Self::BadIpHeader,
+    ];
+
+    /// The stable snake_case name, the counter key in `show vrrp --json`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Truncated => "truncated",
+            Self::BadVersion => "bad_version",
+            Self::BadType => "bad_type",
+            Self::BadChecksum => "bad_checksum",
+            Self::AddressCount => "address_count",
+            Self::BadVrid => "bad_vrid",
+            Self::BadIpHeader => "bad_ip_header",
+        }
+    }
+}
+
+/// Malformed adverts are counted per parse error like drops (`DropCounters<WireError>`);
+/// the enum keeps its own `Display` (the error message), so it is not declared with
+/// `drop_reasons!`.
+impl netutil::Reason for WireError {
+    const ALL: &'static [Self] = &WireError::ALL;
+    type Counts = [u64; WireError::ALL.len()];
+
+    fn zeroed() -> Self::Counts {
+        [0; WireError::ALL.len()]
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn as_str(self) -> &'static str {
+        WireError::as_str(self)
+    }
+}
+
 /// Why a new configuration cannot be applied to a running instance: these change what the
 /// instance is on the wire, so it must be stopped and started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -86,4 +133,25 @@ pub enum DriverError {
     /// An rtnetlink request failed.
     #[error(transparent)]
     Netlink(#[from] netsys::netlink::NetlinkError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netutil::Reason;
+
+    #[test]
+    fn every_parse_error_has_its_own_counter() {
+        for (i, e) in WireError::ALL.iter().enumerate() {
+            assert_eq!(Reason::index(*e), i, "{e:?}");
+        }
+        let mut names: Vec<&str> = WireError::ALL.iter().map(|e| e.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), WireError::ALL.len());
+        let mut c = netutil::DropCounters::<WireError>::default();
+        c.count(WireError::BadIpHeader);
+        assert_eq!(c.get(WireError::BadIpHeader), 1);
+        assert_eq!(c.total(), 1);
+    }
 }

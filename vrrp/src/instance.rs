@@ -26,6 +26,8 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use netutil::DropCounters;
+
 use crate::error::ReconfigureError;
 use crate::wire::{self, VrrpRepr};
 
@@ -38,6 +40,7 @@ pub const TRANSITION_HISTORY: usize = 16;
 
 /// A virtual address with the prefix length it is added with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct VirtualAddress {
     /// The address.
     pub address: Ipv4Addr,
@@ -117,8 +120,14 @@ impl InstanceConfig {
 
 /// RFC 5798 states, plus Fault (keepalived's name for "a tracked object failed").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "UPPERCASE")
+)]
 pub enum State {
     /// Not started, or shut down.
+    #[cfg_attr(feature = "serde", serde(rename = "INIT"))]
     Initialize,
     /// Listening to a master; addresses not held.
     Backup,
@@ -231,48 +240,29 @@ pub enum Action {
     WithdrawAddresses(Vec<VirtualAddress>),
 }
 
-/// Why a received advert was not acted upon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    /// TTL was not 255 (RFC 5798 §7.1: the sender is not on our link).
-    BadTtl,
-    /// Advert for another virtual router on the same link.
-    OtherVrid,
-    /// Our own advert looped back.
-    OwnAdvert,
-    /// Max Adver Int 0 cannot be learnt.
-    ZeroInterval,
-    /// Not running (Initialize or Fault).
-    NotListening,
-    /// Master: a lower-priority advert; Backup with preempt: a lower-priority master.
-    LowerPriority,
-    /// Priority 0 from a source other than the master a backup follows.
-    PriorityZeroNotMaster,
-}
-
-impl DropReason {
-    /// The counter key `show vrrp --json` uses for this reason.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::BadTtl => "bad_ttl",
-            Self::OtherVrid => "other_vrid",
-            Self::OwnAdvert => "own_advert",
-            Self::ZeroInterval => "zero_interval",
-            Self::NotListening => "not_listening",
-            Self::LowerPriority => "lower_priority",
-            Self::PriorityZeroNotMaster => "priority_zero_not_master",
-        }
+netutil::drop_reasons! {
+    /// Why a received advert was not acted upon; each reason has its own counter.
+    pub enum DropReason {
+        /// TTL was not 255 (RFC 5798 §7.1: the sender is not on our link).
+        BadTtl => "bad_ttl",
+        /// Advert for another virtual router on the same link.
+        OtherVrid => "other_vrid",
+        /// Our own advert looped back.
+        OwnAdvert => "own_advert",
+        /// Max Adver Int 0 cannot be learnt.
+        ZeroInterval => "zero_interval",
+        /// Not running (Initialize or Fault).
+        NotListening => "not_listening",
+        /// Master: a lower-priority advert; Backup with preempt: a lower-priority master.
+        LowerPriority => "lower_priority",
+        /// Priority 0 from a source other than the master a backup follows.
+        PriorityZeroNotMaster => "priority_zero_not_master",
     }
 }
 
-impl fmt::Display for DropReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Counters shown by `show vrrp`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters shown by `show vrrp`: every field only grows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Counters {
     /// Adverts accepted by the state machine.
     pub adverts_rx: u64,
@@ -282,31 +272,17 @@ pub struct Counters {
     pub priority_zero_rx: u64,
     /// Priority-0 adverts sent.
     pub priority_zero_tx: u64,
-    /// Adverts dropped for a TTL other than 255.
-    pub bad_ttl: u64,
-    /// Adverts for other VRIDs.
-    pub other_vrid: u64,
     /// Adverts whose address list differs from ours (accepted, logged: RFC 5798 §7.1).
     pub address_mismatch: u64,
-    /// Lower-priority adverts ignored.
-    pub lower_priority: u64,
-    /// Other ignored adverts: the sum of `own_advert`, `zero_interval` and `not_listening`.
-    pub ignored: u64,
-    /// Our own adverts looped back.
-    pub own_advert: u64,
-    /// Adverts with Max Adver Int 0.
-    pub zero_interval: u64,
-    /// Adverts that arrived while not running (Initialize or Fault).
-    pub not_listening: u64,
     /// Times the sync group held this backup back from taking over.
     pub held_by_group: u64,
+    /// Adverts not acted upon, by reason.
+    pub drops: DropCounters<DropReason>,
     /// Re-assertions (advert + gratuitous ARP) sent against a lower-priority master.
     pub reassert_tx: u64,
     /// Lower-priority (or foreign priority-0) adverts not answered because the last
     /// re-assertion was less than `reassert_interval` ago: a flood shows here.
     pub reassert_suppressed: u64,
-    /// Priority-0 adverts from a source that is not the master this backup follows: ignored.
-    pub priority_zero_not_master: u64,
     /// Adverts whose Max Adver Int was above the learnt-interval ceiling (learnt as the
     /// ceiling).
     pub interval_capped: u64,
@@ -816,25 +792,7 @@ impl VrrpInstance {
     }
 
     fn count_drop(&mut self, reason: DropReason) {
-        let c = &mut self.counters;
-        match reason {
-            DropReason::BadTtl => c.bad_ttl += 1,
-            DropReason::OtherVrid => c.other_vrid += 1,
-            DropReason::LowerPriority => c.lower_priority += 1,
-            DropReason::PriorityZeroNotMaster => c.priority_zero_not_master += 1,
-            DropReason::OwnAdvert => {
-                c.own_advert += 1;
-                c.ignored += 1;
-            }
-            DropReason::ZeroInterval => {
-                c.zero_interval += 1;
-                c.ignored += 1;
-            }
-            DropReason::NotListening => {
-                c.not_listening += 1;
-                c.ignored += 1;
-            }
-        }
+        self.counters.drops.count(reason);
     }
 
     fn accept_master(&mut self, now: Instant, src: Ipv4Addr, prio: u8, interval: Duration) {

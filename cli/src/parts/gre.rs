@@ -9,8 +9,8 @@ use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
 use crate::config::lower;
 use anyhow::Context;
+use gre::Underlay;
 use gre::driver::{GreDriver, GreStatus, TunnelSpec};
-use gre::{DropReason, Underlay};
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -109,7 +109,7 @@ impl Part for GreTunnelPart {
             .and_then(|d| d.status().into_iter().find(|s| s.name == self.name))
             .map_or_else(
                 || json!({ "name": self.name, "state": "stopped" }),
-                |s| status_json(&s),
+                |s| serde_json::to_value(s).unwrap_or_default(),
             )
     }
 
@@ -150,175 +150,105 @@ impl Part for GreTunnelPart {
     }
 }
 
-fn secs(d: std::time::Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0).round() / 1000.0
-}
-
-fn status_json(s: &GreStatus) -> Value {
-    let c = &s.counters;
-    let drops: serde_json::Map<String, Value> = DropReason::ALL
-        .iter()
-        .map(|r| (r.as_str().to_string(), json!(c.drops(*r))))
-        .collect();
-    json!({
-        "name": s.name,
-        "state": if s.up { "up" } else { "down" },
-        "down_reason": s.down_reason,
-        "down_for_s": s.down_for.map(secs),
-        "local": s.local.to_string(),
-        "remote": s.remote.to_string(),
-        "encap": match s.underlay { Underlay::Gre => "gre", Underlay::Udp => "udp" },
-        "key": s.key,
-        "sequence": s.sequence,
-        "checksum": s.checksum,
-        "mtu": s.mtu,
-        "offload": s.offload,
-        "keepalive": s.keepalive.map(|k| json!({
-            "interval_s": secs(k.interval),
-            "retries": k.retries,
-            "misses": s.keepalive_misses,
-            "last_reply_s_ago": s.last_keepalive.map(secs),
-        })),
-        "routes": s.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "routes_installed": s.routes_installed,
-        "dead_task": s.dead_task,
-        "counters": {
-            "tx_packets": c.tx_packets,
-            "tx_bytes": c.tx_bytes,
-            "rx_packets": c.rx_packets,
-            "rx_bytes": c.rx_bytes,
-            "keepalives_sent": c.keepalives_sent,
-            "keepalive_replies": c.keepalive_replies,
-            "keepalives_reflected": c.keepalives_reflected,
-            "mss_clamped": c.mss_clamped,
-            "frag_needed_sent": c.frag_needed_sent,
-            "sequence_gaps": c.sequence_gaps,
-            "drops": drops,
-        },
-    })
-}
-
 /// Human text for `vipgate show gre`, modelled on IOS `show interfaces tunnel`.
 pub(crate) fn render(items: &[Value]) -> String {
-    let mut out = String::new();
     if items.is_empty() {
-        out.push_str("no GRE tunnels\n");
+        return "no GRE tunnels\n".to_string();
     }
-    for t in items {
-        let s = |k: &str| t[k].as_str().unwrap_or("-").to_string();
-        let n = |v: &Value| v.as_u64().unwrap_or(0);
-        let _ = write!(out, "{} is {}", s("name"), s("state"));
-        if let Some(reason) = t["down_reason"].as_str() {
-            let _ = write!(out, " ({reason}");
-            if let Some(f) = t["down_for_s"].as_f64() {
-                let _ = write!(out, ", for {f:.1}s");
-            }
-            out.push(')');
+    super::render_each(items, render_tunnel)
+}
+
+fn render_tunnel(out: &mut String, t: &GreStatus) {
+    let _ = write!(out, "{} is {}", t.name, if t.up { "up" } else { "down" });
+    if let Some(reason) = &t.down_reason {
+        let _ = write!(out, " ({reason}");
+        if let Some(f) = t.down_for {
+            let _ = write!(out, ", for {:.1}s", f.as_secs_f64());
         }
-        out.push('\n');
-        let _ = write!(
-            out,
-            "  {} -> {}  encap {}  mtu {}",
-            s("local"),
-            s("remote"),
-            s("encap"),
-            n(&t["mtu"])
-        );
-        if let Some(k) = t["key"].as_u64() {
-            let _ = write!(out, "  key {k}");
+        out.push(')');
+    }
+    out.push('\n');
+    let encap = match t.underlay {
+        Underlay::Gre => "gre",
+        Underlay::Udp => "udp",
+    };
+    let _ = write!(
+        out,
+        "  {} -> {}  encap {encap}  mtu {}",
+        t.local, t.remote, t.mtu
+    );
+    if let Some(k) = t.key {
+        let _ = write!(out, "  key {k}");
+    }
+    for (on, word) in [
+        (t.sequence, "sequence"),
+        (t.checksum, "checksum"),
+        (t.offload, "offload"),
+    ] {
+        if on {
+            let _ = write!(out, "  {word}");
         }
-        if t["sequence"].as_bool() == Some(true) {
-            out.push_str("  sequence");
-        }
-        if t["checksum"].as_bool() == Some(true) {
-            out.push_str("  checksum");
-        }
-        if t["offload"].as_bool() == Some(true) {
-            out.push_str("  offload");
-        }
-        out.push('\n');
-        let ka = &t["keepalive"];
-        if ka.is_object() {
+    }
+    out.push('\n');
+    match t.keepalive {
+        Some(ka) => {
             let _ = writeln!(
                 out,
                 "  keepalive every {}s, retries {}, missed {}, last reply {}",
-                ka["interval_s"].as_f64().unwrap_or(0.0),
-                n(&ka["retries"]),
-                n(&ka["misses"]),
-                ka["last_reply_s_ago"]
-                    .as_f64()
-                    .map_or("never".to_string(), |a| format!("{a:.1}s ago")),
-            );
-        } else {
-            out.push_str("  keepalive off\n");
-        }
-        let routes: Vec<&str> = t["routes"]
-            .as_array()
-            .map(|r| r.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        if !routes.is_empty() {
-            let _ = writeln!(
-                out,
-                "  routes {}: {}",
-                if t["routes_installed"].as_bool() == Some(true) {
-                    "installed"
-                } else {
-                    "withdrawn"
-                },
-                routes.join(", ")
+                ka.interval.as_secs_f64(),
+                ka.retries,
+                t.keepalive_misses,
+                t.last_keepalive.map_or("never".to_string(), |a| format!(
+                    "{:.1}s ago",
+                    a.as_secs_f64()
+                )),
             );
         }
-        if let Some(dead) = t["dead_task"].as_str() {
-            let _ = writeln!(out, "  dead task: {dead}");
-        }
-        let c = &t["counters"];
+        None => out.push_str("  keepalive off\n"),
+    }
+    if !t.routes.is_empty() {
+        let routes: Vec<String> = t.routes.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             out,
-            "  tx {} packets {} bytes, rx {} packets {} bytes",
-            n(&c["tx_packets"]),
-            n(&c["tx_bytes"]),
-            n(&c["rx_packets"]),
-            n(&c["rx_bytes"])
-        );
-        let _ = writeln!(
-            out,
-            "  keepalives sent {} replies {} reflected {}, mss clamped {}, frag-needed sent {}",
-            n(&c["keepalives_sent"]),
-            n(&c["keepalive_replies"]),
-            n(&c["keepalives_reflected"]),
-            n(&c["mss_clamped"]),
-            n(&c["frag_needed_sent"])
-        );
-        let drops: Vec<String> = c["drops"]
-            .as_object()
-            .map(|d| {
-                d.iter()
-                    .filter(|(_, v)| n(v) > 0)
-                    .map(|(k, v)| format!("{k} {}", n(v)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "  drops: {}",
-            if drops.is_empty() {
-                "none".to_string()
+            "  routes {}: {}",
+            if t.routes_installed {
+                "installed"
             } else {
-                drops.join(", ")
-            }
+                "withdrawn"
+            },
+            routes.join(", ")
         );
     }
-    out
+    if let Some(dead) = &t.dead_task {
+        let _ = writeln!(out, "  dead task: {dead}");
+    }
+    let c = &t.counters;
+    let _ = writeln!(
+        out,
+        "  tx {} packets {} bytes, rx {} packets {} bytes",
+        c.tx_packets, c.tx_bytes, c.rx_packets, c.rx_bytes
+    );
+    let _ = writeln!(
+        out,
+        "  keepalives sent {} replies {} reflected {}, mss clamped {}, frag-needed sent {}",
+        c.keepalives_sent,
+        c.keepalive_replies,
+        c.keepalives_reflected,
+        c.mss_clamped,
+        c.frag_needed_sent
+    );
+    let _ = writeln!(out, "  drops: {}", super::drops_text(&c.drops));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gre::DropReason;
 
     #[test]
     fn render_shows_state_reason_and_drops() {
         let mut counters = gre::Counters::default();
-        counters.count_drop(DropReason::WrongKey);
+        counters.drops.count(DropReason::WrongKey);
         counters.tx_packets = 5;
         let status = GreStatus {
             name: "gre-br".into(),
@@ -341,7 +271,7 @@ mod tests {
             counters,
             dead_task: Some("GRE receive panicked: index out of bounds".into()),
         };
-        let text = render(&[status_json(&status)]);
+        let text = render(&[serde_json::to_value(&status).unwrap()]);
         assert!(
             text.starts_with("gre-br is down (no keepalive reply"),
             "{text}"
@@ -352,5 +282,7 @@ mod tests {
         assert!(text.contains("tx 5 packets"));
         assert!(text.contains("dead task: GRE receive panicked"), "{text}");
         assert_eq!(render(&[]), "no GRE tunnels\n");
+        let dead = json!({"name": "gre-br", "state": "dead", "last_death": "tun deleted"});
+        assert_eq!(render(&[dead]), "gre-br is dead (tun deleted)\n");
     }
 }

@@ -475,11 +475,13 @@ fn service_json(s: &VirtualService) -> Value {
                 "health": match b.health() { balance::Health::Up => "up", balance::Health::Down => "down" },
                 "active": b.active(),
                 "inactive": b.inactive(),
-                "connections": st.connections,
-                "packets_in": st.packets_in,
-                "packets_out": st.packets_out,
-                "bytes_in": st.bytes_in,
-                "bytes_out": st.bytes_out,
+                "counters": {
+                    "connections": st.connections,
+                    "packets_in": st.packets_in,
+                    "packets_out": st.packets_out,
+                    "bytes_in": st.bytes_in,
+                    "bytes_out": st.bytes_out,
+                },
             })
         })
         .collect();
@@ -508,17 +510,18 @@ fn service_json(s: &VirtualService) -> Value {
         "sorry": pool.sorry().map(|a| a.to_string()),
         "available": s.is_available(),
         "health": health,
-        "sorry_connections": stats.sorry,
-        "refused": stats.refused,
-        "persistent_hits": stats.persistent_hits,
-        "persist_full": stats.persist_full,
+        "counters": {
+            "sorry_connections": stats.sorry,
+            "refused": stats.refused,
+            "persistent_hits": stats.persistent_hits,
+            "persist_full": stats.persist_full,
+                "locality_full": stats.locality_full,
+        },
         "fallback": pool.fallback(),
         "connection_limit": (pool.max_connections() != 0).then_some(pool.max_connections()),
         "open_flows": pool.connections(),
-        "over_limit": stats.over_limit,
         "slow_start_ms": pool.slow_start().map(|d| d.as_millis() as u64),
         "locality_entries": pool.locality_entries(),
-        "locality_full": stats.locality_full,
         "backends": backends,
     })
 }
@@ -576,6 +579,7 @@ pub(crate) fn render(items: &[Value]) -> String {
             .unwrap_or_default()
         {
             let n = |k: &str| b[k].as_u64().unwrap_or(0);
+            let c = |k: &str| b["counters"][k].as_u64().unwrap_or(0);
             // An overloaded backend that is otherwise up shows why it gets nothing; a ramping
             // one shows the weight in effect over the configured one.
             let state = match b["state"].as_str().unwrap_or("?") {
@@ -604,28 +608,29 @@ pub(crate) fn render(items: &[Value]) -> String {
                 weight,
                 n("active"),
                 n("inactive"),
-                n("connections"),
-                n("packets_in"),
-                n("packets_out"),
-                human_bytes(n("bytes_in")),
-                human_bytes(n("bytes_out")),
+                c("connections"),
+                c("packets_in"),
+                c("packets_out"),
+                human_bytes(c("bytes_in")),
+                human_bytes(c("bytes_out")),
             );
         }
         if let Some(sorry) = s["sorry"].as_str() {
             let _ = writeln!(
                 out,
                 "  -> {:<21} {:<9} (used when no backend is up: {} connections)",
-                sorry, "sorry", s["sorry_connections"]
+                sorry, "sorry", s["counters"]["sorry_connections"]
             );
         }
-        if s["refused"].as_u64().unwrap_or(0) > 0 {
-            let _ = writeln!(out, "     refused (no backend up): {}", s["refused"]);
+        let refused = &s["counters"]["refused"];
+        if refused.as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(out, "     refused (no backend up): {refused}");
         }
-        if s["over_limit"].as_u64().unwrap_or(0) > 0 {
+        if s["counters"]["over_limit"].as_u64().unwrap_or(0) > 0 {
             let _ = writeln!(
                 out,
                 "     turned away at max_connections: {}",
-                s["over_limit"]
+                s["counters"]["over_limit"]
             );
         }
     }
@@ -651,12 +656,14 @@ mod tests {
             "name": "web", "listen": "198.51.100.10:80", "scheduler": "wrr",
             "persistence": { "timeout_s": 300, "netmask": 24 },
             "health": { "kind": "tcp", "interval_ms": 2000, "rise": 2, "fall": 4 },
-            "sorry": null, "sorry_connections": 0, "refused": 3,
+            "sorry": null, "counters": { "sorry_connections": 0, "refused": 3 },
             "backends": [
                 { "address": "10.0.0.101:80", "state": "up", "weight": 1, "active": 2, "inactive": 5,
-                  "connections": 100, "packets_in": 700, "packets_out": 600, "bytes_in": 51200, "bytes_out": 12 },
+                  "counters": { "connections": 100, "packets_in": 700, "packets_out": 600,
+                                "bytes_in": 51200, "bytes_out": 12 } },
                 { "address": "10.0.0.102:80", "state": "draining", "weight": 0, "active": 1, "inactive": 0,
-                  "connections": 200, "packets_in": 1, "packets_out": 1, "bytes_in": 1, "bytes_out": 1 },
+                  "counters": { "connections": 200, "packets_in": 1, "packets_out": 1,
+                                "bytes_in": 1, "bytes_out": 1 } },
             ],
         });
         let text = render(&[item]);
@@ -670,18 +677,20 @@ mod tests {
     fn render_shows_thresholds_overload_and_slow_start() {
         let item = json!({
             "name": "cache", "listen": "198.51.100.10:80", "scheduler": "lblcr",
-            "persistence": null, "health": null, "sorry": null, "sorry_connections": 0,
-            "refused": 0, "fallback": false, "connection_limit": 500, "open_flows": 7,
-            "over_limit": 2, "slow_start_ms": 30000,
+            "persistence": null, "health": null, "sorry": null,
+            "counters": { "sorry_connections": 0, "refused": 0, "over_limit": 2 },
+            "fallback": false, "connection_limit": 500, "open_flows": 7, "slow_start_ms": 30000,
             "backends": [
                 { "address": "10.0.0.101:80", "state": "up", "weight": 10, "effective_weight": 10,
                   "overloaded": true, "upper_threshold": 4, "lower_threshold": 2, "slow_start": false,
-                  "active": 4, "inactive": 0, "connections": 9, "packets_in": 0, "packets_out": 0,
-                  "bytes_in": 0, "bytes_out": 0 },
+                  "active": 4, "inactive": 0,
+                  "counters": { "connections": 9, "packets_in": 0, "packets_out": 0,
+                                "bytes_in": 0, "bytes_out": 0 } },
                 { "address": "10.0.0.102:80", "state": "up", "weight": 10, "effective_weight": 3,
                   "overloaded": false, "upper_threshold": null, "lower_threshold": null,
-                  "slow_start": true, "active": 3, "inactive": 0, "connections": 3,
-                  "packets_in": 0, "packets_out": 0, "bytes_in": 0, "bytes_out": 0 },
+                  "slow_start": true, "active": 3, "inactive": 0,
+                  "counters": { "connections": 3, "packets_in": 0, "packets_out": 0,
+                                "bytes_in": 0, "bytes_out": 0 } },
             ],
         });
         let text = render(&[item]);

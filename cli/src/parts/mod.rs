@@ -5,6 +5,9 @@
 //! pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>>;
 //! pub(crate) fn render(items: &[serde_json::Value]) -> String;
 //! ```
+//! A part's `status()` is the serialisation of its library's typed status (`GreStatus`, ...):
+//! `show --json` prints it, the metrics endpoint derives from it, and `render` reads it back
+//! into the same type on the client side, so no field is written out by hand twice.
 //! `start` sets up what the part needs (TUN, routes, sockets) and spawns its tasks; on error
 //! it must have undone its own setup. `vipgate run` starts capabilities in dependency order
 //! (GRE, NAT and services, VRRP, SSH) and, when one fails, stops the ones already started in
@@ -21,6 +24,7 @@ use crate::config::SiteConfig;
 use crate::control::ControlOp;
 use netutil::Reconfigured;
 use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -267,6 +271,44 @@ impl Unit {
         self.members
             .as_ref()
             .is_none_or(|m| m.iter().any(|n| *n == part.name()))
+    }
+}
+
+/// Renders each status with `one` after reading it back into its typed status `T`; an entry
+/// that is not a `T` (a unit the supervisor reports `dead`, a part `stopped`) gets the
+/// one-line `NAME is STATE (cause)`.
+pub(crate) fn render_each<T: serde::de::DeserializeOwned>(
+    items: &[serde_json::Value],
+    one: impl Fn(&mut String, &T),
+) -> String {
+    let mut out = String::new();
+    for item in items {
+        match T::deserialize(item) {
+            Ok(status) => one(&mut out, &status),
+            Err(_) => {
+                let text = |k: &str| item[k].as_str().unwrap_or("-").to_string();
+                let _ = write!(out, "{} is {}", text("name"), text("state"));
+                if let Some(cause) = item["last_death"].as_str() {
+                    let _ = write!(out, " ({cause})");
+                }
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// `reason count, ...` for the reasons that counted something, or `none`.
+pub(crate) fn drops_text<R: netutil::Reason>(drops: &netutil::DropCounters<R>) -> String {
+    let counted: Vec<String> = drops
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{} {n}", r.as_str()))
+        .collect();
+    if counted.is_empty() {
+        "none".to_string()
+    } else {
+        counted.join(", ")
     }
 }
 

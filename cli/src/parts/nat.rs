@@ -10,7 +10,7 @@ use crate::config::{SiteConfig, lower};
 use crate::control::ControlOp;
 use anyhow::Context;
 use natgw::driver::{NatDriver, NatStatus};
-use natgw::{AclRule, DropReason, Proto};
+use natgw::{AclRule, Proto};
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -117,85 +117,13 @@ fn acl_text(r: &AclRule) -> String {
     s
 }
 
-/// The JSON of `show nat --json`; with `flows: false` (a summary) no translation is listed
-/// and every other key is the same.
-fn status_json(s: &NatStatus, flows: bool) -> Value {
-    let translations: Vec<Value> = s
-        .translations
-        .iter()
-        .take(SHOW_LIMIT)
-        .map(|t| {
-            json!({
-                "proto": t.proto.name(),
-                "inside_local": t.inside.to_string(),
-                "inside_global": t.public.to_string(),
-                "outside": t.outside.to_string(),
-                "state": match (t.proto, t.established) {
-                    (Proto::Tcp, true) => "established",
-                    (Proto::Tcp, false) => "transitory",
-                    _ => "active",
-                },
-                "expires_in_s": t.expires_in.as_secs(),
-                "static": t.listener.is_some(),
-            })
-        })
-        .collect();
-    let drops: serde_json::Map<String, Value> = DropReason::ALL
-        .iter()
-        .map(|r| (r.name().to_owned(), json!(s.stats.dropped(*r))))
-        .collect();
-    let statics: Vec<Value> = s
-        .statics
-        .iter()
-        .map(|e| {
-            json!({
-                "proto": e.proto.name(),
-                "inside_local": e.inside.to_string(),
-                "inside_global": e.public.to_string(),
-            })
-        })
-        .collect();
-    let mut v = json!({
-        "name": "nat",
-        "public_addresses": s.public_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "flows": s.flows,
-        "half_open": s.half_open,
-        "mappings": s.mappings,
-        "capacity": s.capacity,
-        "table_bytes": s.table_bytes,
-        "tun_queues": s.tun_queues,
-        "datapath": s.datapath,
-        "datapath_reason": s.datapath_reason,
-        "fast_path": {
-            "packets": s.fast_packets,
-            "bytes": s.fast_bytes,
-            "flows": s.fast_flows,
-        },
-        "statics": statics,
-        "translations_truncated": s.flows > SHOW_LIMIT,
-        // `name` (the rule's line number) makes each rule a labelled metrics series.
-        "acl": s.acl.iter().enumerate().map(|(i, (r, hits))| {
-            json!({"name": (i + 1).to_string(), "rule": acl_text(r), "hits": hits})
-        }).collect::<Vec<_>>(),
-        "acl_implicit_denies": s.acl_implicit_denies,
-        "counters": {
-            "translated_out": s.stats.translated_out,
-            "translated_in": s.stats.translated_in,
-            "hairpinned": s.stats.hairpinned,
-            "icmp_errors": s.stats.icmp_errors,
-            "passed_through": s.stats.passed_through,
-            "flows_created": s.stats.flows_created,
-            "flows_removed": s.stats.flows_removed,
-            "early_drops": s.stats.early_drops,
-            "answered_echo": s.stats.answered_echo,
-            "answered_rst": s.stats.answered_rst,
-        },
-        "drops": drops,
-    });
-    if flows {
-        v["translations"] = Value::Array(translations);
+/// `show nat --json`: the status with at most [`SHOW_LIMIT`] translations (`flows` says how
+/// many there are).
+fn status_json(mut s: NatStatus) -> Value {
+    if let Some(t) = &mut s.translations {
+        t.truncate(SHOW_LIMIT);
     }
-    v
+    serde_json::to_value(s).unwrap_or_default()
 }
 
 impl NatPart {
@@ -235,7 +163,7 @@ impl Part for NatPart {
     }
 
     fn status(&self) -> Value {
-        status_json(&self.driver.snapshot(), true)
+        status_json(self.driver.snapshot())
     }
 
     /// Counters and table usage without walking the table: every metrics scrape and
@@ -245,8 +173,7 @@ impl Part for NatPart {
     }
 
     fn summary(&self) -> Value {
-        self.summary
-            .get(|| status_json(&self.driver.summary(), false))
+        self.summary.get(|| status_json(self.driver.summary()))
     }
 
     fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
@@ -281,130 +208,134 @@ impl Part for NatPart {
 
 /// Human text for `vipgate show nat`, in the layout of IOS `show ip nat translations`.
 pub(crate) fn render(items: &[Value]) -> String {
-    let mut out = String::new();
-    for it in items {
-        let str_of = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    super::render_each(items, render_gateway)
+}
+
+fn render_gateway(out: &mut String, it: &NatStatus) {
+    let row = |out: &mut String, cols: [&dyn std::fmt::Display; 7]| {
+        let [
+            pro,
+            global,
+            local,
+            outside_local,
+            outside_global,
+            state,
+            expires,
+        ] = cols;
         let _ = writeln!(
             out,
-            "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8}",
-            "Pro",
-            "Inside global",
-            "Inside local",
-            "Outside local",
-            "Outside global",
-            "State",
-            "Expires"
+            "{pro:<5} {global:<22} {local:<22} {outside_local:<22} {outside_global:<22} {state:<12} {expires:>8}",
         );
-        for e in it["statics"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                out,
-                "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>8}",
-                str_of(&e["proto"]),
-                str_of(&e["inside_global"]),
-                str_of(&e["inside_local"]),
-                "---",
-                "---",
-                "static",
-                "-",
-            );
-        }
-        for t in it["translations"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                out,
-                "{:<5} {:<22} {:<22} {:<22} {:<22} {:<12} {:>7}s",
-                str_of(&t["proto"]),
-                str_of(&t["inside_global"]),
-                str_of(&t["inside_local"]),
-                str_of(&t["outside"]),
-                str_of(&t["outside"]),
-                str_of(&t["state"]),
-                t["expires_in_s"].as_u64().unwrap_or(0),
-            );
-        }
-        if it["translations_truncated"].as_bool() == Some(true) {
-            let _ = writeln!(
-                out,
-                "... (first {SHOW_LIMIT} shown; --json has the same limit)"
-            );
-        }
-        let _ = writeln!(
+    };
+    row(
+        out,
+        [
+            &"Pro",
+            &"Inside global",
+            &"Inside local",
+            &"Outside local",
+            &"Outside global",
+            &"State",
+            &"Expires",
+        ],
+    );
+    for e in &it.statics {
+        row(
             out,
-            "\nTable: {} flows, {} mappings, limit {}, {} KiB",
-            it["flows"],
-            it["mappings"],
-            it["capacity"],
-            it["table_bytes"].as_u64().unwrap_or(0) / 1024
-        );
-        let addrs: Vec<String> = it["public_addresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(str_of)
-            .collect();
-        let _ = writeln!(
-            out,
-            "Public addresses: {} (TUN queues: {})",
-            addrs.join(", "),
-            it["tun_queues"]
-        );
-        let fast = &it["fast_path"];
-        let _ = writeln!(
-            out,
-            "Data path: {} ({}); kernel fast path: {} flows, {} packets, {} bytes",
-            str_of(&it["datapath"]),
-            str_of(&it["datapath_reason"]),
-            fast["flows"],
-            fast["packets"],
-            fast["bytes"]
-        );
-        let _ = writeln!(out, "ACL (first match wins):");
-        for (i, r) in it["acl"].as_array().into_iter().flatten().enumerate() {
-            let _ = writeln!(
-                out,
-                "  {:>3} {:<60} ({} matches)",
-                i + 1,
-                str_of(&r["rule"]),
-                r["hits"]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "      implicit deny of inside traffic ({} matches)",
-            it["acl_implicit_denies"]
-        );
-        let c = &it["counters"];
-        let _ = writeln!(
-            out,
-            "Packets: translated out {}, in {}, hairpinned {}, icmp errors {}, passed through {}",
-            c["translated_out"],
-            c["translated_in"],
-            c["hairpinned"],
-            c["icmp_errors"],
-            c["passed_through"]
-        );
-        let drops: Vec<String> = it["drops"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "Drops: {}",
-            if drops.is_empty() {
-                "none".into()
-            } else {
-                drops.join(", ")
-            }
+            [
+                &e.proto.name(),
+                &e.public,
+                &e.inside,
+                &"---",
+                &"---",
+                &"static",
+                &"-",
+            ],
         );
     }
-    out
+    let translations = it.translations.as_deref().unwrap_or_default();
+    for t in translations {
+        let state = match (t.proto, t.established) {
+            (Proto::Tcp, true) => "established",
+            (Proto::Tcp, false) => "transitory",
+            _ => "active",
+        };
+        let expires = format!("{}s", t.expires_in.as_secs());
+        row(
+            out,
+            [
+                &t.proto.name(),
+                &t.public,
+                &t.inside,
+                &t.outside,
+                &t.outside,
+                &state,
+                &expires,
+            ],
+        );
+    }
+    if it.translations.is_some() && it.flows > translations.len() {
+        let _ = writeln!(
+            out,
+            "... (first {} of {} shown; --json has the same limit)",
+            translations.len(),
+            it.flows
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nTable: {} flows, {} mappings, limit {}, {} KiB",
+        it.flows,
+        it.mappings,
+        it.capacity,
+        it.table_bytes / 1024
+    );
+    let addrs: Vec<String> = it
+        .public_addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let _ = writeln!(
+        out,
+        "Public addresses: {} (TUN queues: {})",
+        addrs.join(", "),
+        it.tun_queues
+    );
+    let fast = &it.fast_path;
+    let _ = writeln!(
+        out,
+        "Data path: {} ({}); kernel fast path: {} flows, {} packets, {} bytes",
+        it.datapath, it.datapath_reason, fast.flows, fast.packets, fast.bytes
+    );
+    let _ = writeln!(out, "ACL (first match wins):");
+    for (i, r) in it.acl.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  {:>3} {:<60} ({} matches)",
+            i + 1,
+            acl_text(&r.rule),
+            r.counters.hits
+        );
+    }
+    let c = &it.counters;
+    let _ = writeln!(
+        out,
+        "      implicit deny of inside traffic ({} matches)",
+        c.acl_implicit_denies
+    );
+    let g = &c.gateway;
+    let _ = writeln!(
+        out,
+        "Packets: translated out {}, in {}, hairpinned {}, icmp errors {}, passed through {}",
+        g.translated_out, g.translated_in, g.hairpinned, g.icmp_errors, g.passed_through
+    );
+    let _ = writeln!(out, "Drops: {}", super::drops_text(&g.drops));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natgw::driver::{Datapath, FastPathCounters, NatCounters};
     use natgw::{GatewayStats, StaticEntry, Translation};
     use std::net::{Ipv4Addr, SocketAddrV4};
     use std::time::Duration;
@@ -413,17 +344,19 @@ mod tests {
         let public = Ipv4Addr::new(198, 51, 100, 1);
         let inside = SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 10), 80);
         NatStatus {
-            translations: (0..flows)
-                .map(|i| Translation {
-                    proto: Proto::Tcp,
-                    inside,
-                    public: SocketAddrV4::new(public, 8001),
-                    outside: SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 1024 + i as u16),
-                    established: true,
-                    expires_in: Duration::from_secs(60),
-                    listener: Some(natgw::ListenerId(0)),
-                })
-                .collect(),
+            translations: Some(
+                (0..flows)
+                    .map(|i| Translation {
+                        proto: Proto::Tcp,
+                        inside,
+                        public: SocketAddrV4::new(public, 8001),
+                        outside: SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 1024 + i as u16),
+                        established: true,
+                        expires_in: Duration::from_secs(60),
+                        listener: Some(natgw::ListenerId(0)),
+                    })
+                    .collect(),
+            ),
             statics: vec![StaticEntry {
                 proto: Proto::Tcp,
                 public: SocketAddrV4::new(public, 8001),
@@ -431,11 +364,12 @@ mod tests {
             }],
             half_open: 0,
             acl: Vec::new(),
-            acl_implicit_denies: 3,
-            stats: GatewayStats {
-                translated_out: 7,
-                drops: vec![0; DropReason::ALL.len()],
-                ..GatewayStats::default()
+            counters: NatCounters {
+                gateway: GatewayStats {
+                    translated_out: 7,
+                    ..GatewayStats::default()
+                },
+                acl_implicit_denies: 3,
             },
             flows,
             mappings: 1,
@@ -443,20 +377,18 @@ mod tests {
             table_bytes: 4096,
             public_addresses: vec![public],
             tun_queues: 1,
-            datapath: "tun",
+            datapath: Datapath::Tun,
             datapath_reason: "configured: datapath = \"tun\"".into(),
-            fast_packets: 0,
-            fast_bytes: 0,
-            fast_flows: 0,
+            fast_path: FastPathCounters::default(),
         }
     }
 
     #[test]
     fn summary_has_every_key_of_status_but_the_translations() {
-        let full = status_json(&snapshot(3), true);
+        let full = status_json(snapshot(3));
         let mut summary_of_same = snapshot(3);
-        summary_of_same.translations.clear();
-        let summary = status_json(&summary_of_same, false);
+        summary_of_same.translations = None;
+        let summary = status_json(summary_of_same);
         assert_eq!(full["translations"].as_array().map(Vec::len), Some(3));
         assert!(summary.get("translations").is_none());
         let mut without = full.clone();
@@ -467,11 +399,15 @@ mod tests {
         assert_eq!(without, summary);
         assert_eq!(summary["flows"], 3);
         assert_eq!(summary["counters"]["translated_out"], 7);
+        assert_eq!(summary["counters"]["acl_implicit_denies"], 3);
+        assert_eq!(summary["counters"]["drops"]["table_full"], 0);
+        assert_eq!(summary["datapath"], "tun");
+        assert_eq!(summary["fast_path"]["flows"], 0);
     }
 
     #[test]
     fn show_lists_static_forwards_like_ios() {
-        let text = render(&[status_json(&snapshot(1), true)]);
+        let text = render(&[status_json(snapshot(1))]);
         let line = text
             .lines()
             .find(|l| l.contains("static"))

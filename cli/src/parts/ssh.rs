@@ -772,7 +772,7 @@ fn tunnel_json(s: &SshClientStatus) -> serde_json::Value {
         "name": s.name,
         "state": s.state,
         "uptime_s": s.uptime.map(|u| u.as_secs()),
-        "reconnects": s.reconnects,
+        "counters": { "reconnects": s.reconnects },
         "connections_up": s.connections_up,
         "last_error": s.last_error,
         "forwards": s.forwards.iter().map(|f| json!({
@@ -780,10 +780,12 @@ fn tunnel_json(s: &SshClientStatus) -> serde_json::Value {
             "spec": f.spec,
             "bound": f.bound,
             "active": f.active,
-            "total": f.total,
-            "failed": f.failed,
-            "bytes_out": f.bytes_out,
-            "bytes_in": f.bytes_in,
+            "counters": {
+                "total": f.total,
+                "failed": f.failed,
+                "bytes_out": f.bytes_out,
+                "bytes_in": f.bytes_in,
+            },
         })).collect::<Vec<_>>(),
     })
 }
@@ -847,20 +849,22 @@ impl Part for SshdPart {
             "listen": s.listen,
             "fingerprint": s.fingerprint,
             "sessions": s.sessions,
-            "logins": s.logins,
-            "auth_refused": s.auth_refused,
-            "forwards_refused": s.forwards_refused,
             "channels_active": s.channels_active,
-            "channels_total": s.channels_total,
-            "bytes_out": s.bytes_out,
-            "bytes_in": s.bytes_in,
             "pending": s.pending,
-            "refused_max_startups": s.refused_max_startups,
-            "refused_per_source": s.refused_per_source,
-            "login_grace_expired": s.login_grace_expired,
-            "channels_refused": s.channels_refused,
-            "listeners_refused": s.listeners_refused,
-            "accept_errors": s.accept_errors,
+            "counters": {
+                "logins": s.logins,
+                "auth_refused": s.auth_refused,
+                "forwards_refused": s.forwards_refused,
+                "channels_total": s.channels_total,
+                "bytes_out": s.bytes_out,
+                "bytes_in": s.bytes_in,
+                "refused_max_startups": s.refused_max_startups,
+                "refused_per_source": s.refused_per_source,
+                "login_grace_expired": s.login_grace_expired,
+                "channels_refused": s.channels_refused,
+                "listeners_refused": s.listeners_refused,
+                "accept_errors": s.accept_errors,
+            },
         })
     }
     fn dead_task(&self) -> Option<String> {
@@ -941,6 +945,8 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
     };
     let n =
         |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    // Monotonic counts sit under `counters`.
+    let c = |v: &serde_json::Value, k: &str| n(&v["counters"], k);
     for it in items {
         if s(it, "role") == "server" {
             out.push_str(&format!(
@@ -948,23 +954,23 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
                 s(it, "listen"),
                 s(it, "fingerprint"),
                 n(it, "sessions"),
-                n(it, "logins"),
-                n(it, "auth_refused"),
-                n(it, "forwards_refused"),
+                c(it, "logins"),
+                c(it, "auth_refused"),
+                c(it, "forwards_refused"),
                 n(it, "channels_active"),
-                n(it, "channels_total"),
-                bytes(n(it, "bytes_out")),
-                bytes(n(it, "bytes_in")),
+                c(it, "channels_total"),
+                bytes(c(it, "bytes_out")),
+                bytes(c(it, "bytes_in")),
             ));
             out.push_str(&format!(
                 "  pre-auth {}  refused: max_startups {} per_source {} grace_expired {} channel_cap {} listener_cap {}  accept errors {}\n",
                 n(it, "pending"),
-                n(it, "refused_max_startups"),
-                n(it, "refused_per_source"),
-                n(it, "login_grace_expired"),
-                n(it, "channels_refused"),
-                n(it, "listeners_refused"),
-                n(it, "accept_errors"),
+                c(it, "refused_max_startups"),
+                c(it, "refused_per_source"),
+                c(it, "login_grace_expired"),
+                c(it, "channels_refused"),
+                c(it, "listeners_refused"),
+                c(it, "accept_errors"),
             ));
             continue;
         }
@@ -977,7 +983,7 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
             s(it, "name"),
             s(it, "state"),
             up,
-            n(it, "reconnects")
+            c(it, "reconnects")
         ));
         if let Some(e) = it.get("last_error").and_then(|e| e.as_str()) {
             out.push_str(&format!("  last error: {e}\n"));
@@ -999,10 +1005,10 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
                     bound
                 },
                 n(f, "active"),
-                n(f, "total"),
-                n(f, "failed"),
-                bytes(n(f, "bytes_out")),
-                bytes(n(f, "bytes_in")),
+                c(f, "total"),
+                c(f, "failed"),
+                bytes(c(f, "bytes_out")),
+                bytes(c(f, "bytes_in")),
             ));
         }
     }
@@ -1031,9 +1037,9 @@ mod tests {
     #[test]
     fn render_shows_forwards() {
         let v = json!({"role": "client", "name": "ops@h", "state": "connected", "uptime_s": 65,
-            "reconnects": 2, "forwards": [{"kind": "local", "spec": "8585:127.0.0.1:80",
-            "bound": "127.0.0.1:8585", "active": 1, "total": 3, "failed": 0,
-            "bytes_out": 1500, "bytes_in": 2_000_000}]});
+            "counters": {"reconnects": 2}, "forwards": [{"kind": "local", "spec": "8585:127.0.0.1:80",
+            "bound": "127.0.0.1:8585", "active": 1,
+            "counters": {"total": 3, "failed": 0, "bytes_out": 1500, "bytes_in": 2_000_000}}]});
         let text = render(&[v]);
         assert!(
             text.contains("ssh ops@h  connected  up 1m5s  reconnects 2"),

@@ -12,12 +12,13 @@
 //! group restarts. So does a change of the sync group's members (or of a member's group).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use netutil::Reconfigured;
 use serde_json::{Value, json};
+use vrrp::DropReason;
 use vrrp::driver::{GroupSpec, MemberSpec, TrackedService, VrrpDriver, VrrpStatus};
 
 use super::wiring::{self, Wiring};
@@ -64,11 +65,10 @@ impl Part for VrrpPart {
             Ok(h) => h.as_ref().map(VrrpDriver::status).unwrap_or_default(),
             Err(_) => Vec::new(),
         };
-        statuses
-            .iter()
-            .find(|s| s.name == self.name)
-            .map(status_json)
-            .unwrap_or_else(|| json!({ "name": self.name, "state": "STOPPED" }))
+        statuses.iter().find(|s| s.name == self.name).map_or_else(
+            || json!({ "name": self.name, "state": "STOPPED" }),
+            |s| serde_json::to_value(s).unwrap_or_default(),
+        )
     }
 
     fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
@@ -243,149 +243,110 @@ fn wired_spec(s: &VrrpSection, wiring: &Wiring) -> MemberSpec {
     spec
 }
 
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
-}
-
-fn status_json(s: &VrrpStatus) -> Value {
-    let c = &s.counters;
-    json!({
-        "name": s.name,
-        "group": s.group,
-        "interface": s.interface,
-        "vrid": s.vrid,
-        "state": s.state.as_str(),
-        "priority": s.priority,
-        "configured_priority": s.configured_priority,
-        "primary_address": s.primary_address.to_string(),
-        "master": s.master.map(|(a, _)| a.to_string()),
-        "master_priority": s.master.map(|(_, p)| p),
-        "advert_interval_ms": ms(s.advert_interval),
-        "master_advert_interval_ms": ms(s.master_advert_interval),
-        "master_down_interval_ms": ms(s.master_down_interval),
-        "addresses": s.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect::<Vec<_>>(),
-        "counters": {
-            "adverts_rx": c.adverts_rx,
-            "adverts_tx": c.adverts_tx,
-            "priority_zero_rx": c.priority_zero_rx,
-            "priority_zero_tx": c.priority_zero_tx,
-            "bad_ttl": c.bad_ttl,
-            "other_vrid": c.other_vrid,
-            "address_mismatch": c.address_mismatch,
-            "lower_priority": c.lower_priority,
-            "ignored": c.ignored,
-            "own_advert": c.own_advert,
-            "zero_interval": c.zero_interval,
-            "not_listening": c.not_listening,
-            "held_by_group": c.held_by_group,
-            "reassert_tx": c.reassert_tx,
-            "reassert_suppressed": c.reassert_suppressed,
-            "priority_zero_not_master": c.priority_zero_not_master,
-            "interval_capped": c.interval_capped,
-            "notify_runs": s.notify.runs,
-            "notify_timeouts": s.notify.timeouts,
-            "notify_skipped": s.notify.skipped,
-            "notify_failed": s.notify.failed,
-            "unknown_peer": s.unknown_peer,
-            "io_errors": s.io_errors,
-        },
-        "malformed": s.malformed.iter().map(|(k, v)| (format!("{k:?}"), json!(v))).collect::<serde_json::Map<_, _>>(),
-        "transitions": s.transitions.iter().map(|(at, from, to, reason)| json!({
-            "at_unix_ms": at, "from": from.as_str(), "to": to.as_str(), "reason": reason,
-        })).collect::<Vec<_>>(),
-        "tracked": s.tracked.iter().map(|(name, weight, up)| json!({
-            "name": name, "weight": weight, "up": up,
-        })).collect::<Vec<_>>(),
-    })
-}
-
 /// Human text for `vipgate show vrrp`.
 pub(crate) fn render(items: &[Value]) -> String {
-    let mut out = format!(
-        "{:<14} {:<10} {:>4}  {:<7} {:>7}  {:<15} {:>7}  {}\n",
-        "NAME", "INTERFACE", "VRID", "STATE", "PRIO", "MASTER", "ADVERT", "ADDRESSES"
+    let header = row([
+        "NAME",
+        "INTERFACE",
+        "VRID",
+        "STATE",
+        "PRIO",
+        "MASTER",
+        "ADVERT",
+        "ADDRESSES",
+    ]);
+    header + &super::render_each(items, render_instance)
+}
+
+/// One line of the instance table.
+fn row(columns: [&str; 8]) -> String {
+    let [
+        name,
+        interface,
+        vrid,
+        state,
+        prio,
+        master,
+        advert,
+        addresses,
+    ] = columns;
+    format!(
+        "{name:<14} {interface:<10} {vrid:>4}  {state:<7} {prio:>7}  {master:<15} {advert:>7}  {addresses}\n"
+    )
+}
+
+fn render_instance(out: &mut String, i: &VrrpStatus) {
+    let addrs: Vec<String> = i
+        .addresses
+        .iter()
+        .map(|a| format!("{}/{}", a.address, a.prefix_len))
+        .collect();
+    out.push_str(&row([
+        &i.name,
+        &i.interface,
+        &i.vrid.to_string(),
+        i.state.as_str(),
+        &format!("{}/{}", i.priority, i.configured_priority),
+        &i.master.map_or("-".to_owned(), |m| m.to_string()),
+        &format!("{}ms", i.advert_interval.as_millis()),
+        &addrs.join(" "),
+    ]));
+    let c = &i.counters;
+    let sm = &c.instance;
+    let _ = writeln!(
+        out,
+        "    adverts rx {} tx {} (priority 0 rx {} tx {}), dropped: ttl {} malformed {} lower-priority {}, master down interval {}ms",
+        sm.adverts_rx,
+        sm.adverts_tx,
+        sm.priority_zero_rx,
+        sm.priority_zero_tx,
+        sm.drops.get(DropReason::BadTtl),
+        c.malformed.total(),
+        sm.drops.get(DropReason::LowerPriority),
+        i.master_down_interval.as_millis(),
     );
-    for i in items {
-        let s = |k: &str| i[k].as_str().unwrap_or("-").to_owned();
-        let n = |k: &str| i[k].as_u64().map_or("-".to_owned(), |v| v.to_string());
-        let addrs: Vec<String> = i["addresses"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out += &format!(
-            "{:<14} {:<10} {:>4}  {:<7} {:>7}  {:<15} {:>7}  {}\n",
-            s("name"),
-            s("interface"),
-            n("vrid"),
-            s("state"),
-            format!("{}/{}", n("priority"), n("configured_priority")),
-            s("master"),
-            format!("{}ms", n("advert_interval_ms")),
-            addrs.join(" "),
-        );
-        let c = &i["counters"];
-        let malformed: u64 = i["malformed"]
-            .as_object()
-            .map(|m| m.values().filter_map(Value::as_u64).sum())
-            .unwrap_or(0);
-        out += &format!(
-            "    adverts rx {} tx {} (priority 0 rx {} tx {}), dropped: ttl {} malformed {} lower-priority {}, master down interval {}ms\n",
-            c["adverts_rx"],
-            c["adverts_tx"],
-            c["priority_zero_rx"],
-            c["priority_zero_tx"],
-            c["bad_ttl"],
-            malformed,
-            c["lower_priority"],
-            n("master_down_interval_ms"),
-        );
-        out += &format!(
-            "    spoofing: unknown peer {} priority 0 not from master {} re-assertions {} suppressed {} interval capped {}; notify runs {} timeouts {} skipped {}\n",
-            c["unknown_peer"],
-            c["priority_zero_not_master"],
-            c["reassert_tx"],
-            c["reassert_suppressed"],
-            c["interval_capped"],
-            c["notify_runs"],
-            c["notify_timeouts"],
-            c["notify_skipped"],
-        );
-        let tracked: Vec<String> = i["tracked"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| {
-                let up = t["up"].as_bool().unwrap_or(true);
-                let effect = match t["weight"].as_u64().unwrap_or(0) {
-                    0 => "fault".to_owned(),
-                    w => format!("-{w}"),
-                };
-                format!(
-                    "{} {} ({effect})",
-                    t["name"].as_str().unwrap_or("?"),
-                    if up { "up" } else { "DOWN" }
-                )
-            })
-            .collect();
-        if !tracked.is_empty() {
-            out += &format!("    tracking: {}\n", tracked.join(", "));
-        }
-        for t in i["transitions"].as_array().into_iter().flatten() {
-            let at = t["at_unix_ms"].as_u64().unwrap_or(0);
-            out += &format!(
-                "    {} {} -> {}: {}\n",
-                clock(at),
-                t["from"].as_str().unwrap_or("?"),
-                t["to"].as_str().unwrap_or("?"),
-                t["reason"].as_str().unwrap_or("?"),
-            );
-        }
+    let _ = writeln!(
+        out,
+        "    spoofing: unknown peer {} priority 0 not from master {} re-assertions {} suppressed {} interval capped {}; notify runs {} timeouts {} skipped {}",
+        c.unknown_peer,
+        sm.drops.get(DropReason::PriorityZeroNotMaster),
+        sm.reassert_tx,
+        sm.reassert_suppressed,
+        sm.interval_capped,
+        c.notify.runs,
+        c.notify.timeouts,
+        c.notify.skipped,
+    );
+    let _ = writeln!(
+        out,
+        "    transitions {}, master for {:.1}s in all",
+        c.transitions,
+        c.master_time.as_secs_f64()
+    );
+    let tracked: Vec<String> = i
+        .tracked
+        .iter()
+        .map(|t| {
+            let effect = match t.weight {
+                0 => "fault".to_owned(),
+                w => format!("-{w}"),
+            };
+            format!("{} {} ({effect})", t.name, if t.up { "up" } else { "DOWN" })
+        })
+        .collect();
+    if !tracked.is_empty() {
+        let _ = writeln!(out, "    tracking: {}", tracked.join(", "));
     }
-    out
+    for t in &i.transitions {
+        let _ = writeln!(
+            out,
+            "    {} {} -> {}: {}",
+            clock(t.at_unix_ms),
+            t.from,
+            t.to,
+            t.reason
+        );
+    }
 }
 
 /// `HH:MM:SS.mmm` UTC of a unix time in milliseconds.
@@ -402,30 +363,83 @@ fn clock(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use vrrp::VirtualAddress;
+    use vrrp::driver::{TrackedStatus, TransitionRecord, VrrpCounters};
 
     #[test]
     fn render_lists_state_and_transitions() {
-        let item = json!({
-            "name": "vip-web", "interface": "eth0", "vrid": 51, "state": "MASTER",
-            "priority": 150, "configured_priority": 150, "master": "198.51.100.11",
-            "advert_interval_ms": 1000, "master_down_interval_ms": 3414,
-            "addresses": ["198.51.100.10/24"],
-            "counters": {"adverts_rx": 1, "adverts_tx": 2, "priority_zero_rx": 0,
-                         "priority_zero_tx": 0, "bad_ttl": 3, "lower_priority": 0},
-            "malformed": {"BadChecksum": 2},
-            "transitions": [{"at_unix_ms": 3_723_004u64, "from": "BACKUP", "to": "MASTER",
-                             "reason": "no advert within master down interval"}],
-            "tracked": [{"name": "interface eth0", "weight": 0, "up": true},
-                        {"name": "interface eth1", "weight": 20, "up": false}],
-        });
-        let text = render(&[item]);
+        let mut instance = vrrp::Counters {
+            adverts_rx: 1,
+            adverts_tx: 2,
+            ..Default::default()
+        };
+        instance.drops.count(DropReason::BadTtl);
+        let mut malformed = netutil::DropCounters::default();
+        malformed.add(vrrp::WireError::BadChecksum, 2);
+        let status = VrrpStatus {
+            name: "vip-web".into(),
+            group: None,
+            interface: "eth0".into(),
+            vrid: 51,
+            state: vrrp::State::Master,
+            priority: 150,
+            configured_priority: 150,
+            primary_address: "198.51.100.12".parse().unwrap(),
+            master: Some("198.51.100.11".parse().unwrap()),
+            master_priority: Some(150),
+            advert_interval: Duration::from_secs(1),
+            master_advert_interval: Duration::from_secs(1),
+            master_down_interval: Duration::from_millis(3414),
+            addresses: vec![VirtualAddress {
+                address: "198.51.100.10".parse().unwrap(),
+                prefix_len: 24,
+            }],
+            counters: VrrpCounters {
+                instance,
+                malformed,
+                transitions: 1,
+                master_time: Duration::from_millis(2500),
+                ..Default::default()
+            },
+            transitions: vec![TransitionRecord {
+                at_unix_ms: 3_723_004,
+                from: vrrp::State::Backup,
+                to: vrrp::State::Master,
+                reason: "no advert within master down interval".into(),
+            }],
+            tracked: vec![
+                TrackedStatus {
+                    name: "interface eth0".into(),
+                    weight: 0,
+                    up: true,
+                },
+                TrackedStatus {
+                    name: "interface eth1".into(),
+                    weight: 20,
+                    up: false,
+                },
+            ],
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["state"], "MASTER");
+        assert_eq!(json["advert_interval_ms"], 1000);
+        assert_eq!(json["counters"]["adverts_tx"], 2);
+        assert_eq!(json["counters"]["drops"]["bad_ttl"], 1);
+        assert_eq!(json["counters"]["malformed"]["bad_checksum"], 2);
+        assert_eq!(json["counters"]["master_ms"], 2500);
+        let text = render(&[json]);
         assert!(text.contains("vip-web"), "{text}");
         assert!(text.contains("150/150"), "{text}");
-        assert!(text.contains("malformed 2"), "{text}");
+        assert!(text.contains("198.51.100.10/24"), "{text}");
+        assert!(text.contains("ttl 1 malformed 2"), "{text}");
+        assert!(text.contains("transitions 1, master for 2.5s"), "{text}");
         assert!(text.contains("01:02:03.004 BACKUP -> MASTER"), "{text}");
         assert!(
             text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20)"),
             "{text}"
         );
+        let stopped = render(&[json!({"name": "vip-db", "state": "STOPPED"})]);
+        assert!(stopped.ends_with("vip-db is STOPPED\n"), "{stopped}");
     }
 }

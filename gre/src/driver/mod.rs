@@ -96,8 +96,10 @@ pub struct TunnelSpec {
     pub offload: bool,
 }
 
-/// A snapshot of one tunnel for `show gre`.
+/// A snapshot of one tunnel for `show gre`; with the `serde` feature its serialisation is
+/// `show gre --json` (durations as `…_ms` integers, monotonic counts under `counters`).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct GreStatus {
     /// Tunnel (and TUN) name.
     pub name: String,
@@ -122,10 +124,18 @@ pub struct GreStatus {
     /// Why the tunnel is down, when it is.
     pub down_reason: Option<String>,
     /// How long it has been down.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "down_for_ms", with = "netutil::serde_ms::option")
+    )]
     pub down_for: Option<Duration>,
     /// Keepalive settings, if on.
     pub keepalive: Option<KeepaliveConfig>,
     /// Time since the last keepalive reply.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "last_keepalive_ms", with = "netutil::serde_ms::option")
+    )]
     pub last_keepalive: Option<Duration>,
     /// Probes sent since the last reply.
     pub keepalive_misses: u32,

@@ -29,14 +29,36 @@ use crate::{Direction, FastPathActivity, Gateway, Proto};
 /// How often flows are installed, removed and their activity fed back to the core.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Which data path moves established flows.
+/// Which data path moves established flows (spelt `kernel` / `tun` in config and status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Datapath {
     /// The `kpath` TC program where it loads; the TUN otherwise.
     #[default]
     Kernel,
     /// Every packet crosses `nat0` and the core.
     Tun,
+}
+
+impl Datapath {
+    /// The config and status spelling.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Tun => "tun",
+        }
+    }
+}
+
+impl std::fmt::Display for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the kernel path needs before a process drops CAP_SYS_ADMIN: a bpffs at
@@ -50,6 +72,7 @@ pub fn prepare_kernel_datapath() -> Result<(), String> {
 
 /// The fast path's counters for `show nat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FastPathCounters {
     /// Packets rewritten in the kernel (GSO segments counted one by one).
     pub packets: u64,

@@ -140,19 +140,24 @@ impl DriverConfig {
     }
 }
 
-/// A point-in-time copy of the gateway's state, for `show nat`.
+/// A point-in-time copy of the gateway's state, for `show nat`; with the `serde` feature its
+/// serialisation is `show nat --json` (monotonic counts under `counters`).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NatStatus {
-    /// Every flow (empty in a [`NatDriver::summary`]).
-    pub translations: Vec<Translation>,
+    /// Every flow; `None` in a [`NatDriver::summary`], and then left out of the serialisation
+    /// (an empty table is `Some` of an empty list).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub translations: Option<Vec<Translation>>,
     /// The static forwards.
     pub statics: Vec<StaticEntry>,
-    /// ACL rules with hit counters.
-    pub acl: Vec<(AclRule, u64)>,
-    /// Inside packets denied by the ACL's implicit deny.
-    pub acl_implicit_denies: u64,
+    /// ACL rules with their hit counters, in match order.
+    pub acl: Vec<AclRuleStatus>,
     /// Packet counters.
-    pub stats: GatewayStats,
+    pub counters: NatCounters,
     /// Flows in the table.
     pub flows: usize,
     /// Half-open flows (TCP before its handshake completed, UDP/ICMP before a reply).
@@ -167,16 +172,41 @@ pub struct NatStatus {
     pub public_addresses: Vec<Ipv4Addr>,
     /// TUN queues opened (one packet task each).
     pub tun_queues: usize,
-    /// The data path moving established flows: `kernel` or `tun`.
-    pub datapath: &'static str,
+    /// The data path moving established flows.
+    pub datapath: Datapath,
     /// Why this data path runs (the configured one, or why the kernel path did not load).
     pub datapath_reason: String,
-    /// Packets the kernel path rewrote (GSO segments counted one by one); 0 on `tun`.
-    pub fast_packets: u64,
-    /// IP bytes the kernel path rewrote.
-    pub fast_bytes: u64,
-    /// Flows installed in the kernel path.
-    pub fast_flows: usize,
+    /// What the kernel path moved (all zero on `tun`).
+    pub fast_path: FastPathCounters,
+}
+
+/// The gateway's counters and the ACL's implicit denies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct NatCounters {
+    /// Packet and flow counters of the core.
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub gateway: GatewayStats,
+    /// Inside packets denied by the ACL's implicit deny.
+    pub acl_implicit_denies: u64,
+}
+
+/// One ACL rule and how often it matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AclRuleStatus {
+    /// The rule.
+    pub rule: AclRule,
+    /// Its counters.
+    pub counters: AclRuleCounters,
+}
+
+/// Counters of one ACL rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AclRuleCounters {
+    /// Packets the rule matched.
+    pub hits: u64,
 }
 
 /// A running gateway: `nat0`, its routes and the packet loop.
@@ -382,15 +412,19 @@ impl NatDriver {
         let gw = lock_unpoisoned(&self.gw);
         let now = now();
         NatStatus {
-            translations: if translations {
-                gw.translations(now)
-            } else {
-                Vec::new()
-            },
+            translations: translations.then(|| gw.translations(now)),
             statics: gw.static_entries().collect(),
-            acl: gw.acl_rules().map(|(r, h)| (r.clone(), h)).collect(),
-            acl_implicit_denies: gw.acl_implicit_denies(),
-            stats: gw.stats().clone(),
+            acl: gw
+                .acl_rules()
+                .map(|(r, hits)| AclRuleStatus {
+                    rule: r.clone(),
+                    counters: AclRuleCounters { hits },
+                })
+                .collect(),
+            counters: NatCounters {
+                gateway: gw.stats().clone(),
+                acl_implicit_denies: gw.acl_implicit_denies(),
+            },
             flows: gw.table().len(),
             half_open: gw.table().half_open(),
             mappings: gw.table().mappings(),
@@ -399,14 +433,12 @@ impl NatDriver {
             public_addresses: gw.public_addresses(),
             tun_queues: self.tun_queues,
             datapath: if self.kernel.is_some() {
-                "kernel"
+                Datapath::Kernel
             } else {
-                "tun"
+                Datapath::Tun
             },
             datapath_reason: self.datapath_reason.clone(),
-            fast_packets: fast.packets,
-            fast_bytes: fast.bytes,
-            fast_flows: fast.flows,
+            fast_path: fast,
         }
     }
 

@@ -11,6 +11,7 @@ mod icmp;
 mod listeners;
 mod services;
 mod stats;
+mod sync;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
@@ -85,6 +86,8 @@ pub struct Gateway {
     stats: GatewayStats,
     /// Set by `inbound` when it turned the packet into its answer (a RST) in place.
     refused_in_place: bool,
+    /// Flows a peer synced, held until this node becomes master (see `gateway::sync`).
+    standby: crate::sync::StandbyFlows,
 }
 
 impl Gateway {
@@ -116,10 +119,8 @@ impl Gateway {
             compensate_ttl: config.compensate_ttl,
             fragments: FragmentTable::default(),
             refused_in_place: false,
-            stats: GatewayStats {
-                drops: vec![0; DropReason::ALL.len()],
-                ..Default::default()
-            },
+            standby: sync::standby_for(config.max_mappings),
+            stats: GatewayStats::default(),
         };
         for s in &config.statics {
             gw.add_static(now, *s)?;
@@ -203,9 +204,7 @@ impl Gateway {
         match self.process(now, direction, buf, meta.l4_checksum, n) {
             Ok(()) => Verdict::Forward,
             Err(reason) => {
-                if let Some(i) = DropReason::ALL.iter().position(|r| *r == reason) {
-                    self.stats.drops[i] += n;
-                }
+                self.stats.drops.add(reason, n);
                 tracing::debug!(%reason, ?direction, "nat drop");
                 Verdict::Drop(reason)
             }

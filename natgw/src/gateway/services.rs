@@ -210,7 +210,7 @@ mod tests {
             let remote = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 443);
             let (v, _) = pass(&mut g, now, ipv4_tcp(rs(101), remote, TcpFlags::SYN, &[]));
             assert_eq!(v, Verdict::Drop(DropReason::ServiceEndpointReserved));
-            assert_eq!(g.stats().dropped(DropReason::ServiceEndpointReserved), 1);
+            assert_eq!(g.stats().drops.get(DropReason::ServiceEndpointReserved), 1);
             assert_eq!(g.table().mappings(), 0);
             // The same backend from another port is translated as before.
             let other_port = SocketAddrV4::new(*rs(101).ip(), 40_000);
@@ -225,7 +225,7 @@ mod tests {
             let c = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 40_000);
             let (v, syn) = pass(&mut g, now, ipv4_tcp(c, vip, TcpFlags::SYN, &[]));
             assert_eq!((v, endpoints(&syn)), (Verdict::Forward, (c, rs(101))));
-            assert_eq!(g.stats().dropped(DropReason::InsideEndpointBusy), 0);
+            assert_eq!(g.stats().drops.get(DropReason::InsideEndpointBusy), 0);
         }
 
         #[test]

@@ -1,9 +1,11 @@
 //! Packet and flow counters of a [`super::Gateway`].
 
 use crate::error::DropReason;
+use netutil::DropCounters;
 
 /// Packet counters of a [`Gateway`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct GatewayStats {
     /// Inside → outside packets translated.
     pub translated_out: u64,
@@ -25,17 +27,6 @@ pub struct GatewayStats {
     pub answered_echo: u64,
     /// TCP segments to such an address that nothing translates, answered with a RST.
     pub answered_rst: u64,
-    /// Drops, indexed like [`DropReason::ALL`].
-    pub drops: Vec<u64>,
-}
-
-impl GatewayStats {
-    /// The counter of one drop reason.
-    #[must_use]
-    pub fn dropped(&self, reason: DropReason) -> u64 {
-        DropReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .map_or(0, |i| self.drops[i])
-    }
+    /// Packets dropped, by reason.
+    pub drops: DropCounters<DropReason>,
 }

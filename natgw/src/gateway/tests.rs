@@ -168,7 +168,7 @@ fn address_dependent_filtering() {
         inb(&mut g, now, &mut stranger),
         Verdict::Drop(DropReason::Filtered)
     );
-    assert_eq!(g.stats().dropped(DropReason::Filtered), 1);
+    assert_eq!(g.stats().drops.get(DropReason::Filtered), 1);
     // The contacted address from another port is allowed (address-dependent).
     let mut other_port = udp(SRV, 9999, *public.ip(), public.port(), b"y");
     assert_eq!(inb(&mut g, now, &mut other_port), Verdict::Forward);
@@ -507,7 +507,7 @@ fn acl_deny_is_counted() {
     let hits: Vec<u64> = g.acl_rules().map(|(_, h)| h).collect();
     assert_eq!(hits, vec![1, 1, 1]);
     assert_eq!(g.acl_implicit_denies(), 1);
-    assert_eq!(g.stats().dropped(DropReason::AclDenied), 3);
+    assert_eq!(g.stats().drops.get(DropReason::AclDenied), 3);
 }
 
 #[test]
@@ -913,7 +913,7 @@ fn dropped_super_packet_counts_its_segments() {
     to_partial(&mut p);
     let v = g.handle_super_packet(now, Direction::Inbound, &mut p, partial(5));
     assert_eq!(v, Verdict::Drop(DropReason::NotSyn));
-    assert_eq!(g.stats().dropped(DropReason::NotSyn), 5);
+    assert_eq!(g.stats().drops.get(DropReason::NotSyn), 5);
 }
 
 #[test]
@@ -1202,7 +1202,7 @@ fn fragmented_datagrams_are_translated_both_ways() {
         out(&mut g, now + Duration::from_secs(31), &mut late[1]),
         Verdict::Drop(DropReason::Fragment)
     );
-    assert_eq!(g.stats().dropped(DropReason::Fragment), 2);
+    assert_eq!(g.stats().drops.get(DropReason::Fragment), 2);
 }
 
 #[test]
@@ -1281,7 +1281,7 @@ fn syn_flood_early_drops_half_open_flows_and_legitimate_clients_connect() {
         assert!(g.table().len() <= 64);
     }
     assert!(g.stats().early_drops >= 1000 - 64);
-    assert_eq!(g.stats().dropped(DropReason::TableFull), 0);
+    assert_eq!(g.stats().drops.get(DropReason::TableFull), 0);
     // The established flow survived; a legitimate client still connects.
     let mut data = tcp(SRV2, 999, PUBLIC, 8001, TcpFlags::ACK, b"x");
     assert_eq!(inb(&mut g, now, &mut data), Verdict::Forward);

@@ -145,9 +145,13 @@ impl Branches {
         v.as_array().and_then(|a| a.first()).cloned()
     }
 
+    /// `up` or `down` from the tunnel's `up` field, or the supervisor's `state` (`dead`).
     fn state(&self, site: &str) -> Option<String> {
-        self.tunnel(site)
-            .and_then(|j| j["state"].as_str().map(str::to_string))
+        let t = self.tunnel(site)?;
+        match t["up"].as_bool() {
+            Some(up) => Some(if up { "up" } else { "down" }.to_string()),
+            None => t["state"].as_str().map(str::to_string),
+        }
     }
 
     fn wait_up(&self, site: &str) {

@@ -470,11 +470,11 @@ fn syn_flood_keeps_serving(t: Topology, addr: &str, port: u16, bulk_addr: &str, 
         counter(&v1, &["table_bytes"]),
         counter(&v0, &["counters", "early_drops"]),
         counter(&v1, &["counters", "early_drops"]),
-        counter(&v0, &["drops", "half_open_source"]),
-        counter(&v1, &["drops", "half_open_source"]),
-        counter(&v0, &["drops", "table_full"]),
-        counter(&v1, &["drops", "table_full"]),
-        nonzero(&v1["drops"]),
+        counter(&v0, &["counters", "drops", "half_open_source"]),
+        counter(&v1, &["counters", "drops", "half_open_source"]),
+        counter(&v0, &["counters", "drops", "table_full"]),
+        counter(&v1, &["counters", "drops", "table_full"]),
+        nonzero(&v1["counters"]["drops"]),
         lab.t
             .sh(
                 "gw",
@@ -516,8 +516,8 @@ fn syn_flood_keeps_serving(t: Topology, addr: &str, port: u16, bulk_addr: &str, 
     );
     let evicted =
         counter(&v1, &["counters", "early_drops"]) - counter(&v0, &["counters", "early_drops"]);
-    let refused =
-        counter(&v1, &["drops", "half_open_source"]) - counter(&v0, &["drops", "half_open_source"]);
+    let refused = counter(&v1, &["counters", "drops", "half_open_source"])
+        - counter(&v0, &["counters", "drops", "half_open_source"]);
     assert!(
         evicted + refused > 0,
         "the flood's half-open flows were evicted or refused, and counted: {report}"
@@ -613,7 +613,7 @@ except OSError as e:\n  print(type(e).__name__)\""
         ),
     );
     wait_until(T, "the datagram to be counted", || {
-        counter(&lab.show(), &["drops", "unowned"]) >= 1
+        counter(&lab.show(), &["counters", "drops", "unowned"]) >= 1
     });
     let (tx3, _) = lab.nat0_packets();
     assert!(
@@ -655,13 +655,20 @@ fn an_off_path_rst_does_not_kill_an_established_flow() {
                 .find(|x| {
                     x["outside"] == outside.as_str() && x["inside_local"] == format!("{WEB}:9001")
                 })
-                .map(|x| x["state"].as_str().unwrap_or("").to_owned())
+                .map(|x| {
+                    if x["established"] == true {
+                        "established"
+                    } else {
+                        "transitory"
+                    }
+                    .to_owned()
+                })
         })
     };
     wait_until(T, "the connection to be established", || {
         flow_state(&lab.show()).as_deref() == Some("established")
     });
-    let rst_dropped0 = counter(&lab.show(), &["drops", "rst_out_of_window"]);
+    let rst_dropped0 = counter(&lab.show(), &["counters", "drops", "rst_out_of_window"]);
 
     // The RST, as the client, with the most wrong sequence number there is. (The spoofer
     // learns the expected number from a segment the client receives, so that the guess is
@@ -690,7 +697,7 @@ fn an_off_path_rst_does_not_kill_an_established_flow() {
         "{}; flow state right after: {:?}; rst_out_of_window +{}",
         rst.log().trim(),
         flow_state(&v),
-        counter(&v, &["drops", "rst_out_of_window"]) - rst_dropped0
+        counter(&v, &["counters", "drops", "rst_out_of_window"]) - rst_dropped0
     );
     eprintln!("{report}");
 
@@ -712,7 +719,7 @@ fn an_off_path_rst_does_not_kill_an_established_flow() {
     );
     assert_eq!(state_later.as_deref(), Some("established"), "{report}");
     assert!(
-        counter(&v, &["drops", "rst_out_of_window"]) > rst_dropped0,
+        counter(&v, &["counters", "drops", "rst_out_of_window"]) > rst_dropped0,
         "the forged RST reached the gateway and was dropped as out of window: {report}"
     );
 }

@@ -419,7 +419,10 @@ fn reconnects_after_sshd_restart_and_shows_status() {
     eprintln!("forward back {:?} after sshd restart", t0.elapsed());
     let show = show_ssh(&topo);
     assert!(parts(&show).any(|p| p["state"] == "connected"), "{show}");
-    assert!(parts(&show).all(|p| p["reconnects"] != 0), "{show}");
+    assert!(
+        parts(&show).all(|p| p["counters"]["reconnects"] != 0),
+        "{show}"
+    );
     assert!(
         forwards(&show).any(|f| f["bound"] == "127.0.0.1:8585"),
         "{show}"
@@ -548,9 +551,12 @@ fn forwards(show: &Value) -> impl Iterator<Item = &Value> {
         .flatten()
 }
 
-/// A numeric field of the forward whose spec is `spec`.
+/// A numeric field of the forward whose spec is `spec`, or of its `counters`.
 fn forward_field(show: &Value, spec: &str, field: &str) -> Option<u64> {
-    forwards(show).find(|f| f["spec"] == spec)?[field].as_u64()
+    let forward = forwards(show).find(|f| f["spec"] == spec)?;
+    forward[field]
+        .as_u64()
+        .or_else(|| forward["counters"][field].as_u64())
 }
 
 #[test]
@@ -713,7 +719,10 @@ fn reload_changes_forwards_on_the_live_connection() {
     );
     assert!(transfer.log().contains("ok 8000000"), "{}", transfer.log());
     let show = show_ssh(&topo);
-    assert!(parts(&show).any(|p| p["reconnects"] == 0), "{show}");
+    assert!(
+        parts(&show).any(|p| p["counters"]["reconnects"] == 0),
+        "{show}"
+    );
     assert!(parts(&show).any(|p| p["state"] == "connected"), "{show}");
     assert!(
         forwards(&show).all(|f| !f["spec"]
@@ -858,10 +867,13 @@ fn idle_connection_flood_leaves_sshd_and_daemon_serving() {
     wait_log(&attacker, &format!("closed {held} of {held} all"));
     let show = show_ssh(&topo);
     assert!(
-        parts(&show).any(|p| p["login_grace_expired"] == 10),
+        parts(&show).any(|p| p["counters"]["login_grace_expired"] == 10),
         "{show}"
     );
-    assert!(parts(&show).all(|p| p["refused_per_source"] != 0), "{show}");
+    assert!(
+        parts(&show).all(|p| p["counters"]["refused_per_source"] != 0),
+        "{show}"
+    );
 }
 
 #[test]

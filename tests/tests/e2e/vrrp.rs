@@ -499,10 +499,10 @@ fn malformed_adverts_are_ignored_and_counted() {
         .sh("cl", &format!("python3 {} 198.51.100.11", script.display()));
     wait_until(Duration::from_secs(3), "drops counted", || {
         let s = lab.status("d1").unwrap_or_default();
-        s.num(&["counters", "bad_ttl"]) == 1
-            && s.num(&["malformed", "BadChecksum"]) == 1
-            && s.num(&["malformed", "BadVersion"]) == 1
-            && s.num(&["malformed", "Truncated"]) == 1
+        s.num(&["counters", "drops", "bad_ttl"]) == 1
+            && s.num(&["counters", "malformed", "bad_checksum"]) == 1
+            && s.num(&["counters", "malformed", "bad_version"]) == 1
+            && s.num(&["counters", "malformed", "truncated"]) == 1
     });
     // Priority 250 adverts would have made d1 a backup had any been accepted.
     assert_eq!(lab.state("d1"), "MASTER");
@@ -1162,7 +1162,10 @@ fn spoofed_lower_priority_flood_is_answered_at_most_once_per_second() {
     let s = lab.status("d1").unwrap_or_default();
     assert!(s.num(&["counters", "reassert_tx"]) <= 3, "{s:?}");
     assert!(s.num(&["counters", "reassert_suppressed"]) >= 1990, "{s:?}");
-    assert!(s.num(&["counters", "lower_priority"]) >= 2000, "{s:?}");
+    assert!(
+        s.num(&["counters", "drops", "lower_priority"]) >= 2000,
+        "{s:?}"
+    );
     assert_eq!(lab.state("d1"), "MASTER");
     assert!(lab.holds_vip("d1"));
 }
@@ -1185,7 +1188,7 @@ fn spoofed_priority_zero_from_a_non_master_does_not_move_the_vip() {
     let s = lab.status("d2").unwrap_or_default();
     assert_eq!(s.get("state").as_deref(), Some("BACKUP"), "{s:?}");
     assert!(
-        s.num(&["counters", "priority_zero_not_master"]) >= 20,
+        s.num(&["counters", "drops", "priority_zero_not_master"]) >= 20,
         "{s:?}"
     );
     assert_eq!(s.get("master").as_deref(), Some("198.51.100.11"), "{s:?}");

@@ -34,14 +34,14 @@ mod sys;
 
 pub use notify::{NOTIFY_PATH, NotifyScripts, ScriptCommand};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netutil::Reconfigured;
 use netutil::task::TaskWatch;
+use netutil::{DropCounters, Reconfigured};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -175,8 +175,10 @@ impl MemberSpec {
     }
 }
 
-/// A snapshot of one instance for `show vrrp`.
+/// A snapshot of one instance for `show vrrp`; with the `serde` feature its serialisation
+/// is `show vrrp --json` (durations as `…_ms`, monotonic counts under `counters`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct VrrpStatus {
     /// Instance name.
     pub name: String,
@@ -194,34 +196,93 @@ pub struct VrrpStatus {
     pub configured_priority: u8,
     /// Our primary address.
     pub primary_address: Ipv4Addr,
-    /// Current master and its priority, if known.
-    pub master: Option<(Ipv4Addr, u8)>,
+    /// Current master, if known.
+    pub master: Option<Ipv4Addr>,
+    /// The current master's priority, if known.
+    pub master_priority: Option<u8>,
     /// Our advert interval.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "advert_interval_ms", with = "netutil::serde_ms")
+    )]
     pub advert_interval: Duration,
     /// Master_Adver_Interval (learnt from the master while backup).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "master_advert_interval_ms", with = "netutil::serde_ms")
+    )]
     pub master_advert_interval: Duration,
     /// Master_Down_Interval with the current interval and priority.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "master_down_interval_ms", with = "netutil::serde_ms")
+    )]
     pub master_down_interval: Duration,
     /// Virtual addresses.
     pub addresses: Vec<VirtualAddress>,
+    /// Counters.
+    pub counters: VrrpCounters,
+    /// Recent transitions, oldest first (at most [`crate::instance::TRANSITION_HISTORY`]).
+    pub transitions: Vec<TransitionRecord>,
+    /// Tracked objects.
+    pub tracked: Vec<TrackedStatus>,
+}
+
+/// The counters of one instance: the state machine's and the driver's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct VrrpCounters {
     /// State-machine counters.
-    pub counters: Counters,
-    /// Packets that did not parse, by reason.
-    pub malformed: Vec<(WireError, u64)>,
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub instance: Counters,
+    /// Packets that did not parse, by parse error.
+    pub malformed: DropCounters<WireError>,
     /// Adverts from addresses that are not unicast peers.
     pub unknown_peer: u64,
     /// Send or netlink failures.
     pub io_errors: u64,
+    /// State transitions since the instance started.
+    pub transitions: u64,
+    /// Time spent as master since the instance started (updated whenever the instance acts,
+    /// at least every advert interval while master).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "master_ms", with = "netutil::serde_ms")
+    )]
+    pub master_time: Duration,
     /// Notify runs.
     pub notify: NotifyCounters,
-    /// Recent transitions: (unix time in ms, from, to, reason).
-    pub transitions: Vec<(u64, State, State, String)>,
-    /// Tracked objects: (name, weight, up).
-    pub tracked: Vec<(String, u8, bool)>,
+}
+
+/// One remembered transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct TransitionRecord {
+    /// Wall-clock time, unix milliseconds.
+    pub at_unix_ms: u64,
+    /// State before.
+    pub from: State,
+    /// State after.
+    pub to: State,
+    /// Why.
+    pub reason: String,
+}
+
+/// A tracked object and its effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct TrackedStatus {
+    /// What is tracked (`interface eth1`, `service web`).
+    pub name: String,
+    /// Priority penalty while down; 0 means fault.
+    pub weight: u8,
+    /// Whether it is up.
+    pub up: bool,
 }
 
 /// What the notify runs of one instance did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NotifyCounters {
     /// Programs started.
     pub runs: u64,
@@ -379,10 +440,15 @@ struct Member {
     /// The tracked interfaces: entry `k` is tracked object `ObjectId(k)` (own interface
     /// first); the tracked services follow them in the member's tracker.
     interfaces: Vec<String>,
-    malformed: HashMap<WireError, u64>,
+    malformed: DropCounters<WireError>,
     unknown_peer: u64,
     io_errors: u64,
-    transitions: VecDeque<(u64, State, State, String)>,
+    transitions: VecDeque<TransitionRecord>,
+    transitions_total: u64,
+    /// Time as master before the current mastership.
+    master_time: Duration,
+    /// When the current mastership began.
+    master_since: Option<Instant>,
     notify: NotifyQueue,
 }
 
@@ -568,10 +634,13 @@ async fn open_members(
             spec,
             primary,
             primary_from_interface,
-            malformed: HashMap::new(),
+            malformed: DropCounters::default(),
             unknown_peer: 0,
             io_errors: 0,
             transitions: VecDeque::new(),
+            transitions_total: 0,
+            master_time: Duration::ZERO,
+            master_since: None,
             notify: NotifyQueue::default(),
         });
     }
@@ -854,7 +923,7 @@ impl<Io: VrrpIo> Driver<Io> {
         let (env, repr) = match wire::parse_ipv4(bytes) {
             Ok(v) => v,
             Err(e) => {
-                *m.malformed.entry(e).or_default() += 1;
+                m.malformed.count(e);
                 tracing::debug!(instance = %m.spec.config.name, reason = %e, "malformed advert dropped");
                 return;
             }
@@ -920,8 +989,20 @@ impl<Io: VrrpIo> Driver<Io> {
                     if m.transitions.len() == crate::instance::TRANSITION_HISTORY {
                         m.transitions.pop_front();
                     }
-                    m.transitions
-                        .push_back((wall_ms(), t.from, t.to, t.reason.to_string()));
+                    m.transitions.push_back(TransitionRecord {
+                        at_unix_ms: wall_ms(),
+                        from: t.from,
+                        to: t.to,
+                        reason: t.reason.to_string(),
+                    });
+                    m.transitions_total += 1;
+                    let at = now();
+                    if let Some(since) = m.master_since.take() {
+                        m.master_time += at.saturating_duration_since(since);
+                    }
+                    if t.to == State::Master {
+                        m.master_since = Some(at);
+                    }
                     let event = NotifyEvent {
                         scope: NotifyScope::Instance,
                         name,
@@ -988,14 +1069,16 @@ impl<Io: VrrpIo> Driver<Io> {
     }
 
     fn publish(&self) {
+        let at = now();
         let snapshot = self
             .members
             .iter()
             .zip(self.group.members())
             .zip(self.group.trackers())
             .map(|((m, core), tracker)| {
-                let mut malformed: Vec<_> = m.malformed.iter().map(|(k, v)| (*k, *v)).collect();
-                malformed.sort_by_key(|(k, _)| format!("{k:?}"));
+                let master_time = m.master_time
+                    + m.master_since
+                        .map_or(Duration::ZERO, |since| at.saturating_duration_since(since));
                 VrrpStatus {
                     name: m.spec.config.name.clone(),
                     group: self.group_notify.name(),
@@ -1005,21 +1088,30 @@ impl<Io: VrrpIo> Driver<Io> {
                     priority: core.priority(),
                     configured_priority: m.spec.config.priority,
                     primary_address: m.primary,
-                    master: core.master(),
+                    master: core.master().map(|(a, _)| a),
+                    master_priority: core.master().map(|(_, p)| p),
                     advert_interval: m.spec.config.advert_interval,
                     master_advert_interval: core.master_advert_interval(),
                     master_down_interval: core.master_down_interval(),
                     addresses: m.spec.config.addresses.clone(),
-                    counters: *core.counters(),
-                    malformed,
-                    unknown_peer: m.unknown_peer,
-                    io_errors: m.io_errors,
-                    notify: m.notify.counters,
+                    counters: VrrpCounters {
+                        instance: core.counters().clone(),
+                        malformed: m.malformed.clone(),
+                        unknown_peer: m.unknown_peer,
+                        io_errors: m.io_errors,
+                        transitions: m.transitions_total,
+                        master_time,
+                        notify: m.notify.counters,
+                    },
                     transitions: m.transitions.iter().cloned().collect(),
                     tracked: tracker
                         .objects()
                         .iter()
-                        .map(|o| (o.name.clone(), o.weight, o.up))
+                        .map(|o| TrackedStatus {
+                            name: o.name.clone(),
+                            weight: o.weight,
+                            up: o.up,
+                        })
                         .collect(),
                 }
             })
@@ -1189,10 +1281,13 @@ mod tests {
                 primary: spec.config.primary_address,
                 primary_from_interface: false,
                 spec,
-                malformed: HashMap::new(),
+                malformed: DropCounters::default(),
                 unknown_peer: 0,
                 io_errors: 0,
                 transitions: VecDeque::new(),
+                transitions_total: 0,
+                master_time: Duration::ZERO,
+                master_since: None,
                 notify: NotifyQueue::default(),
             });
         }
@@ -1268,6 +1363,18 @@ mod tests {
         assert_eq!(count(&calls, &Call::Remove(VIP)), 1, "{calls:?}");
         assert_eq!(count(&calls, &Call::Deactivate(HOOKED)), 1, "{calls:?}");
         assert_eq!(count(&calls, &Call::Remove(HOOKED)), 0, "{calls:?}");
+        // INIT -> MASTER -> INIT: two transitions; the mastership is over and counted.
+        let status = d.status.lock().expect("status")[0].clone();
+        assert_eq!(status.counters.transitions, 2);
+        assert_eq!(status.transitions.len(), 2);
+        let mastership = status.counters.master_time;
+        assert!(mastership < Duration::from_secs(60), "{mastership:?}");
+        d.publish();
+        assert_eq!(
+            d.status.lock().expect("status")[0].counters.master_time,
+            mastership,
+            "time as master stops growing once the instance is no longer master"
+        );
     }
 
     #[tokio::test]
@@ -1324,12 +1431,14 @@ mod tests {
         assert_eq!(count(&calls, &Call::Remove(VIP)), 1, "{calls:?}");
         let status = d.status.lock().expect("status")[0].clone();
         assert_eq!(status.state, State::Fault);
+        let tracked: Vec<_> = status
+            .tracked
+            .iter()
+            .map(|t| (t.name.as_str(), t.weight, t.up))
+            .collect();
         assert_eq!(
-            status.tracked,
-            vec![
-                ("interface eth0".to_owned(), 0, true),
-                ("interface eth1".to_owned(), 0, false)
-            ]
+            tracked,
+            [("interface eth0", 0, true), ("interface eth1", 0, false)]
         );
     }
 
@@ -1407,7 +1516,11 @@ mod tests {
         assert_eq!(lines, ["notify_stop", "notify INSTANCE v STOP 255"]);
         let status = d.status.lock().expect("status")[0].clone();
         assert_eq!(status.group.as_deref(), Some("g"));
-        assert!(status.notify.runs >= 4, "{:?}", status.notify);
+        assert!(
+            status.counters.notify.runs >= 4,
+            "{:?}",
+            status.counters.notify
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -183,7 +183,7 @@ fn reassertion_against_lower_priority_is_rate_limited() {
     );
     assert_eq!(i.counters().reassert_tx, 3);
     assert_eq!(i.counters().reassert_suppressed, 997);
-    assert_eq!(i.counters().lower_priority, 1000);
+    assert_eq!(i.counters().drops.get(DropReason::LowerPriority), 1000);
     assert_eq!(i.state(), State::Master);
 }
 
@@ -221,7 +221,7 @@ fn priority_zero_only_from_the_followed_master() {
         Err(DropReason::PriorityZeroNotMaster)
     );
     assert_eq!(i.poll_timeout(), down, "the master-down timer is untouched");
-    assert_eq!(i.counters().priority_zero_not_master, 2);
+    assert_eq!(i.counters().drops.get(DropReason::PriorityZeroNotMaster), 2);
     assert_eq!(i.master(), Some((B, 200)));
     // The real master resigns: skew time only.
     i.handle_advert(now, &advert(B, 0, 100)).unwrap();
@@ -287,9 +287,9 @@ fn malformed_inputs_are_counted() {
         i.handle_advert(now, &advert(A, 200, 100)),
         Err(DropReason::OwnAdvert)
     );
-    assert_eq!(i.counters().bad_ttl, 1);
-    assert_eq!(i.counters().other_vrid, 1);
-    assert_eq!(i.counters().ignored, 1);
+    assert_eq!(i.counters().drops.get(DropReason::BadTtl), 1);
+    assert_eq!(i.counters().drops.get(DropReason::OtherVrid), 1);
+    assert_eq!(i.counters().drops.get(DropReason::OwnAdvert), 1);
     assert_eq!(i.state(), State::Backup);
 }
 
