@@ -7,6 +7,8 @@ prefix=${1:-/usr/local}
 cargo build --release -p vipgate --locked
 install -D -m 0755 target/release/vipgate "$prefix/bin/vipgate"
 "$prefix/bin/vipgate" man --out "$prefix/share/man/man1" >/dev/null
+install -d "$prefix/share/man/man5"
+mv "$prefix/share/man/man1/vipgate.toml.5" "$prefix/share/man/man5/"
 install -d /usr/share/bash-completion/completions /usr/share/zsh/vendor-completions /usr/share/fish/vendor_completions.d
 "$prefix/bin/vipgate" completions bash > /usr/share/bash-completion/completions/vipgate
 "$prefix/bin/vipgate" completions zsh > /usr/share/zsh/vendor-completions/_vipgate
@@ -19,4 +21,5 @@ if ! getent passwd vipgate >/dev/null; then
 fi
 # The daemon (group vipgate) reads its config on reload; only root writes it.
 install -d -m 0750 -o root -g vipgate /etc/vipgate
-echo "installed; put the site config in /etc/vipgate/site.toml, then: systemctl enable --now vipgate"
+[ -e /etc/vipgate/vipgate.toml ] || install -m 0640 -g vipgate dist/vipgate.toml /etc/vipgate/vipgate.toml
+echo "installed; describe the site in /etc/vipgate/vipgate.toml, then: systemctl enable --now vipgate"

@@ -41,11 +41,13 @@ fi
 
 echo "=== phase 2: end to end, as root"
 # Debian packages of the real peers the tests talk to, and clang/llvm that rebuild the
-# kernel path's eBPF object to check that the shipped kpath/bpf/kpath.o is its source's build.
+# kernel path's eBPF object to check that the shipped kpath/bpf/kpath.o is its source's build;
+# dpkg-deb and systemd-analyze build and verify the Debian package (tests/tests/e2e/ops.rs).
 need=()
 for pair in ip:iproute2 sshd:openssh-server ssh:openssh-client keepalived:keepalived \
             iperf3:iperf3 curl:curl python3:python3 nft:nftables ping:iputils-ping \
-            traceroute:traceroute tcpdump:tcpdump socat:socat promtool:prometheus clang:clang llvm-strip:llvm; do
+            traceroute:traceroute tcpdump:tcpdump socat:socat promtool:prometheus clang:clang llvm-strip:llvm \
+            dpkg-deb:dpkg systemd-analyze:systemd; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done

@@ -115,7 +115,7 @@ pub(crate) enum Command {
         /// bash | zsh | fish | elvish | powershell
         shell: clap_complete::Shell,
     },
-    /// Write man pages (vipgate.1 and one per subcommand) into a directory.
+    /// Write man pages (vipgate.1, one per subcommand at any depth, vipgate.toml.5) into a directory.
     Man {
         /// Output directory.
         #[arg(long, default_value = ".")]

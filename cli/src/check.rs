@@ -59,6 +59,14 @@ fn lower(value: impl std::fmt::Debug) -> String {
 pub(crate) fn summary(site: &SiteConfig) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}: OK", site.path.display());
+    if !site.included.is_empty() {
+        let files: Vec<String> = site
+            .included
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let _ = writeln!(out, "  include  {}", files.join(", "));
+    }
     let d = &site.daemon;
     let _ = writeln!(
         out,

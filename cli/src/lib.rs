@@ -9,6 +9,7 @@ mod check;
 mod config;
 mod control;
 mod lab;
+mod logging;
 mod metrics;
 mod notify;
 mod parts;
@@ -16,7 +17,7 @@ mod privileges;
 mod run;
 
 use anyhow::Context;
-use args::{Cli, Command, ControlArgs, LbOp, LogFormat, NatOp};
+use args::{Cli, Command, ControlArgs, LbOp, NatOp};
 use clap::{CommandFactory, Parser};
 use control::{ControlOp, Request};
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ pub fn main_entry() -> ExitCode {
         Command::Ssh(args) => parts::ssh::log_settings(args),
         _ => (false, None),
     };
-    if let Err(e) = init_tracing(cli.log_format, cli.verbose, quiet, log_file.as_deref()) {
+    if let Err(e) = logging::init(cli.log_format, cli.verbose, quiet, log_file.as_deref()) {
         eprintln!("vipgate: {e}");
         return ExitCode::from(255);
     }
@@ -137,45 +138,6 @@ fn prepare_daemon(path: &std::path::Path) -> Result<config::SiteConfig, ExitCode
         return Err(ExitCode::FAILURE);
     }
     Ok(site)
-}
-
-/// Logging on stderr, or appended to `log_file` (`vipgate ssh -E`); `quiet` (`-q`) keeps
-/// only errors.
-fn init_tracing(
-    format: LogFormat,
-    verbose: u8,
-    quiet: bool,
-    log_file: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-    use tracing_subscriber::fmt::writer::BoxMakeWriter;
-    let default = match (quiet, verbose) {
-        (true, _) => "error",
-        (false, 0) => "info",
-        (false, 1) => "debug",
-        (false, _) => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let writer = match log_file {
-        Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            BoxMakeWriter::new(std::sync::Mutex::new(file))
-        }
-        None => BoxMakeWriter::new(std::io::stderr),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(log_file.is_none());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
 }
 
 async fn dispatch(
@@ -348,24 +310,76 @@ pub(crate) fn render_status(result: &serde_json::Value) -> String {
     out
 }
 
+/// Writes `vipgate.1`, a page per subcommand at every depth (`vipgate-lb-weight.1`), and
+/// `vipgate.toml.5`, printing each path.
 fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cmd = Cli::command();
-    let mut pages = vec![(String::from("vipgate"), cmd.clone())];
-    for sub in cmd.get_subcommands() {
-        pages.push((
-            format!("vipgate-{}", sub.get_name()),
-            sub.clone().name(format!("vipgate-{}", sub.get_name())),
-        ));
-    }
+    let mut pages = Vec::new();
+    man_pages("vipgate", Cli::command(), &mut pages);
+    let mut files = Vec::new();
     for (name, page) in pages {
-        let path = dir.join(format!("{name}.1"));
         let mut buf = Vec::new();
         clap_mangen::Man::new(page).render(&mut buf)?;
-        std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))?;
+        files.push((format!("{name}.1"), buf));
+    }
+    files.push(("vipgate.toml.5".to_owned(), config_man_page().into_bytes()));
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// `cmd` as the page `name`, then each subcommand as `name-sub`, depth first.
+fn man_pages(name: &str, cmd: clap::Command, out: &mut Vec<(String, clap::Command)>) {
+    let subs: Vec<clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help")
+        .cloned()
+        .collect();
+    out.push((name.to_owned(), cmd.name(name.to_owned())));
+    for sub in subs {
+        let sub_name = format!("{name}-{}", sub.get_name());
+        man_pages(&sub_name, sub, out);
+    }
+}
+
+/// The contract example every release is checked against (`vipgate check` passes it).
+const REFERENCE_CONFIG: &str = include_str!("../../examples/reference.toml");
+
+/// vipgate.toml(5): the sections `check` knows and the reference example, which the config
+/// tests validate, so the page shows a file `check` accepts.
+fn config_man_page() -> String {
+    let roff_text = |text: &str| {
+        text.lines()
+            .map(|l| {
+                let l = l.replace('\\', "\\e");
+                if l.starts_with('.') || l.starts_with('\'') {
+                    format!("\\&{l}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect::<String>()
+    };
+    let sections = config::SECTIONS
+        .iter()
+        .map(|s| format!(".TP\n.B {s}\n{}\n", config::section_summary(s)))
+        .collect::<String>();
+    format!(
+        ".TH VIPGATE.TOML 5 \"\" \"vipgate {version}\" \"File Formats\"\n\
+         .SH NAME\nvipgate.toml \\- vipgate site configuration\n\
+         .SH DESCRIPTION\nOne TOML file describes everything a vipgate host runs. \
+         .B vipgate check -c FILE\nreports every mistake as FILE:LINE:COL lines, or summarises a valid file; \
+         .B vipgate run\nand\n.B vipgate reload\nread the same file. A top-level\n.B include\nlists further files or patterns \
+         (* and ? in the file name) whose sections add to the main file's.\n\
+         .SH SECTIONS\n{sections}\
+         .SH EXAMPLE\nEvery section once (examples/reference.toml):\n.PP\n.nf\n{example}.fi\n\
+         .SH SEE ALSO\n.BR vipgate (1),\n.BR vipgate-check (1),\n.BR vipgate-run (1)\n",
+        version = env!("CARGO_PKG_VERSION"),
+        example = roff_text(REFERENCE_CONFIG),
+    )
 }
 
 /// Entry points for the fuzz targets in `fuzz/` and the corpus replay test; not an API.

@@ -1,4 +1,4 @@
-//! Tracked interfaces and services turned into a fault flag and a priority penalty.
+//! Tracked interfaces, services and scripts turned into a fault flag and a priority penalty.
 //!
 //! keepalived semantics: a tracked object with weight 0 puts the instance in Fault when it
 //! fails; one with a weight lowers the advertised priority by that weight while it is down.
@@ -79,10 +79,67 @@ impl Tracker {
     }
 }
 
+/// keepalived's `rise` / `fall` for a check that runs again and again (a track script): the
+/// object goes down after `fall` failures in a row and up again after `rise` successes in a
+/// row. It starts up, as every tracked object does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RiseFall {
+    rise: u32,
+    fall: u32,
+    up: bool,
+    /// Results in a row that disagree with `up`.
+    streak: u32,
+}
+
+impl RiseFall {
+    /// `rise` and `fall` of at least 1 (0 is taken as 1).
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Self {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            up: true,
+            streak: 0,
+        }
+    }
+
+    /// Records one result; returns whether the object changed state.
+    pub fn record(&mut self, ok: bool) -> bool {
+        if ok == self.up {
+            self.streak = 0;
+            return false;
+        }
+        self.streak += 1;
+        let needed = if self.up { self.fall } else { self.rise };
+        if self.streak < needed {
+            return false;
+        }
+        self.up = ok;
+        self.streak = 0;
+        true
+    }
+
+    /// Current state.
+    pub fn up(&self) -> bool {
+        self.up
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn rise_and_fall_need_results_in_a_row() {
+        let mut r = RiseFall::new(2, 3);
+        assert!(r.up());
+        assert!(!r.record(false) && !r.record(false));
+        assert!(!r.record(true), "a success breaks the run of failures");
+        assert!(!r.record(false) && !r.record(false));
+        assert!(r.record(false) && !r.up(), "three failures in a row");
+        assert!(!r.record(true));
+        assert!(r.record(true) && r.up(), "two successes in a row");
+    }
 
     proptest! {
         /// keepalived's rule for any mix of weights and link states: fault iff a weight-0

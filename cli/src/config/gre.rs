@@ -206,10 +206,10 @@ pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
         for (name_b, b) in &routes[..i] {
             let (a_net, b_net) = (a.get_ref(), b.get_ref());
             if a_net.contains(&b_net.network()) || b_net.contains(&a_net.network()) {
-                let line = v.line_of(b.span().start);
+                let place = v.place_of(b.span().start);
                 v.error_at(
                     a,
-                    format!("route {a_net} of tunnel `{name_a}` overlaps route {b_net} of tunnel `{name_b}` (line {line})"),
+                    format!("route {a_net} of tunnel `{name_a}` overlaps route {b_net} of tunnel `{name_b}` ({place})"),
                 );
             }
         }

@@ -12,16 +12,16 @@ use super::SiteConfig;
 use super::gre::GreSection;
 use super::lb::{HealthKind, ServiceSection};
 use super::nat::NatSection;
-use super::vrrp::VrrpSection;
+use super::vrrp::{VrrpGroupSection, VrrpSection};
 use gre::driver::TunnelSpec;
 use gre::{KeepaliveConfig, TunnelConfig};
 use ipnet::IpNet;
 use natgw::driver::{Datapath, DriverConfig};
 use natgw::{AclRule, GatewayConfig, StaticEntry, Timeouts};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
 use std::time::Duration;
-use vrrp::driver::MemberSpec;
+use toml::Spanned;
+use vrrp::driver::{GroupSpec, MemberSpec, NotifyScripts, ScriptCommand, TrackScript};
 use vrrp::{InstanceConfig, VirtualAddress};
 
 /// One `[[gre]]` tunnel as the GRE driver runs it.
@@ -272,7 +272,28 @@ pub(crate) fn vrrp(section: &VrrpSection) -> MemberSpec {
         .iter()
         .map(|t| (t.get_ref().name.clone(), t.get_ref().weight))
         .collect();
-    spec.notify = section.notify.as_ref().map(|n| PathBuf::from(n.get_ref()));
+    spec.track_scripts = section
+        .track_scripts
+        .iter()
+        .filter_map(|t| {
+            let interval = t.interval.get_ref().0;
+            Some(TrackScript {
+                command: ScriptCommand::parse(t.command.get_ref())?,
+                interval,
+                timeout: t.timeout.as_ref().map_or(interval, |d| d.get_ref().0),
+                rise: *t.rise.get_ref(),
+                fall: *t.fall.get_ref(),
+                weight: t.weight.get_ref().get(),
+            })
+        })
+        .collect();
+    spec.notify = NotifyScripts {
+        notify: script(section.notify.as_ref()),
+        master: script(section.notify_master.as_ref()),
+        backup: script(section.notify_backup.as_ref()),
+        fault: script(section.notify_fault.as_ref()),
+        stop: script(section.notify_stop.as_ref()),
+    };
     spec.notify_timeout = section.notify_timeout.get_ref().0;
     spec.garp_count = section.garp_count.get_ref().get();
     spec.garp_lower_prio_repeat = section
@@ -280,6 +301,26 @@ pub(crate) fn vrrp(section: &VrrpSection) -> MemberSpec {
         .as_ref()
         .map_or(spec.garp_count, |r| r.get_ref().get());
     spec
+}
+
+/// A `[[vrrp_group]]` as the driver's group settings.
+pub(crate) fn vrrp_group(section: &VrrpGroupSection) -> GroupSpec {
+    GroupSpec {
+        name: section.name.get_ref().clone(),
+        notify: NotifyScripts {
+            notify: script(section.notify.as_ref()),
+            master: script(section.notify_master.as_ref()),
+            backup: script(section.notify_backup.as_ref()),
+            fault: script(section.notify_fault.as_ref()),
+            stop: None,
+        },
+        notify_timeout: section.notify_timeout.get_ref().0,
+    }
+}
+
+/// A validated script key (see `vrrp::check_script`): program, then its own arguments.
+fn script(value: Option<&Spanned<String>>) -> Option<ScriptCommand> {
+    value.and_then(|v| ScriptCommand::parse(v.get_ref()))
 }
 
 #[cfg(test)]

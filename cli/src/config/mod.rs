@@ -13,6 +13,7 @@
 pub(crate) mod daemon;
 pub(crate) mod duration;
 pub(crate) mod gre;
+pub(crate) mod include;
 pub(crate) mod lb;
 pub(crate) mod lower;
 pub(crate) mod nat;
@@ -32,12 +33,16 @@ pub(crate) struct SiteConfig {
     /// Where the file came from (for messages and reloads).
     #[serde(skip)]
     pub(crate) path: PathBuf,
+    /// The files `include` brought in, in the order read.
+    #[serde(skip)]
+    pub(crate) included: Vec<PathBuf>,
     pub(crate) daemon: daemon::DaemonSection,
     pub(crate) gre: Vec<gre::GreSection>,
     pub(crate) nat: Option<nat::NatSection>,
     pub(crate) lb: Option<lb::LbSection>,
     pub(crate) service: Vec<lb::ServiceSection>,
     pub(crate) vrrp: Vec<vrrp::VrrpSection>,
+    pub(crate) vrrp_group: Vec<vrrp::VrrpGroupSection>,
     pub(crate) ssh: Vec<ssh::SshSection>,
     pub(crate) sshd: Option<ssh::SshdSection>,
     /// Things that work but deserve a second look, as `FILE:LINE:COL: warning: message`.
@@ -53,12 +58,31 @@ pub(crate) struct Diagnostic {
     pub(crate) message: String,
 }
 
-/// All problems of one file, renderable as `FILE:LINE:COL: message` lines.
+/// All problems of one file and the files it includes, renderable as `FILE:LINE:COL: message`
+/// lines (each in the file that holds the mistake).
 #[derive(Debug, Clone)]
 pub(crate) struct ConfigErrors {
     pub(crate) path: PathBuf,
+    /// The main file's text with the included files' appended.
     pub(crate) text: String,
+    /// Which file each part of `text` came from.
+    pub(crate) sources: include::Sources,
     pub(crate) diagnostics: Vec<Diagnostic>,
+}
+
+impl ConfigErrors {
+    /// A problem with the file as a whole (unreadable, too large).
+    fn whole_file(path: &Path, message: String) -> Self {
+        ConfigErrors {
+            path: path.to_path_buf(),
+            text: String::new(),
+            sources: include::Sources::single(path),
+            diagnostics: vec![Diagnostic {
+                span: None,
+                message,
+            }],
+        }
+    }
 }
 
 /// Largest config file read; a site config is a few KiB.
@@ -73,11 +97,10 @@ impl std::fmt::Display for ConfigErrors {
             if i > 0 {
                 writeln!(f)?;
             }
-            let (line, col) = d
-                .span
-                .as_ref()
-                .map_or((1, 1), |s| lines.line_col(&self.text, s.start));
-            write!(f, "{}:{line}:{col}: {}", self.path.display(), d.message)?;
+            let (path, line, col) = d.span.as_ref().map_or((self.path.as_path(), 1, 1), |s| {
+                self.sources.locate(&lines, &self.text, s.start)
+            });
+            write!(f, "{}:{line}:{col}: {}", path.display(), d.message)?;
         }
         if self.diagnostics.len() > MAX_DIAGNOSTICS {
             write!(
@@ -95,6 +118,7 @@ impl std::error::Error for ConfigErrors {}
 
 /// Byte offsets where each line starts, so many diagnostics cost a binary search each
 /// instead of a scan from the top of the file each.
+#[derive(Debug, Default)]
 pub(crate) struct LineStarts(Vec<usize>);
 
 impl LineStarts {
@@ -104,7 +128,7 @@ impl LineStarts {
         LineStarts(starts)
     }
 
-    /// 1-based line and column (in characters) of a byte offset; same as [`line_col`].
+    /// 1-based line and column (in characters) of a byte offset.
     pub(crate) fn line_col(&self, text: &str, offset: usize) -> (usize, usize) {
         let mut offset = offset.min(text.len());
         while !text.is_char_boundary(offset) {
@@ -117,7 +141,9 @@ impl LineStarts {
     }
 }
 
-/// 1-based line and column (in characters) of a byte offset.
+/// 1-based line and column (in characters) of a byte offset, by a scan from the top: the
+/// reference [`LineStarts`] is tested against.
+#[cfg(test)]
 pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
@@ -133,14 +159,22 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[derive(Debug, Default)]
 pub(crate) struct Validator {
     text: String,
+    lines: LineStarts,
+    sources: include::Sources,
     diagnostics: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
 }
 
 impl Validator {
-    /// 1-based line of a byte offset, for messages that point at a second place.
-    pub(crate) fn line_of(&self, offset: usize) -> usize {
-        line_col(&self.text, offset).0
+    /// Where a byte offset is, for messages that point at a second place: `line 12`, or
+    /// `line 3 of FILE` in an included file.
+    pub(crate) fn place_of(&self, offset: usize) -> String {
+        let (path, line, _) = self.sources.locate(&self.lines, &self.text, offset);
+        if self.sources.paths().next() == Some(path) {
+            format!("line {line}")
+        } else {
+            format!("line {line} of {}", path.display())
+        }
     }
 
     /// Records a problem at `span`.
@@ -166,9 +200,39 @@ impl Validator {
 }
 
 /// The top-level sections the contract knows.
-const SECTIONS: [&str; 8] = [
-    "daemon", "gre", "nat", "lb", "service", "vrrp", "ssh", "sshd",
+pub(crate) const SECTIONS: [&str; 9] = [
+    "daemon",
+    "gre",
+    "nat",
+    "lb",
+    "service",
+    "vrrp",
+    "vrrp_group",
+    "ssh",
+    "sshd",
 ];
+
+/// One line on what a top-level section is, for vipgate.toml(5).
+pub(crate) fn section_summary(section: &str) -> &'static str {
+    match section {
+        "daemon" => "the control socket, metrics endpoint and privileges of vipgate run",
+        "gre" => "[[gre]]: a GRE (or GRE-in-UDP) site-to-site tunnel and its routes",
+        "nat" => "the PAT gateway: inside and outside interfaces, overload address, port forwards",
+        "lb" => "[lb]: a director's data path (a site with [[service]] and no [nat])",
+        "service" => {
+            "[[service]]: a load-balanced virtual service, its scheduler, backends and health check"
+        }
+        "vrrp" => {
+            "[[vrrp]]: a VRRPv3 instance (keepalived vrrp_instance), tracking and notify scripts"
+        }
+        "vrrp_group" => {
+            "[[vrrp_group]]: a sync group's own notify scripts (keepalived vrrp_sync_group)"
+        }
+        "ssh" => "[[ssh]]: an SSH destination with -L/-R/-D forwards, kept up",
+        "sshd" => "the forwarding-only SSH server",
+        _ => "",
+    }
+}
 
 /// Reads and validates a config file.
 ///
@@ -177,63 +241,67 @@ const SECTIONS: [&str; 8] = [
 pub(crate) fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
     let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_CONFIG_BYTES);
     if too_big {
-        return Err(ConfigErrors {
-            path: path.to_path_buf(),
-            text: String::new(),
-            diagnostics: vec![Diagnostic {
-                span: None,
-                message: format!("the file is larger than {MAX_CONFIG_BYTES} bytes"),
-            }],
-        });
+        return Err(ConfigErrors::whole_file(
+            path,
+            format!("the file is larger than {MAX_CONFIG_BYTES} bytes"),
+        ));
     }
     let text = match std::fs::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(t) => t,
             Err(_) => {
-                return Err(ConfigErrors {
-                    path: path.to_path_buf(),
-                    text: String::new(),
-                    diagnostics: vec![Diagnostic {
-                        span: None,
-                        message: "not a TOML file: the file is not UTF-8 text".into(),
-                    }],
-                });
+                return Err(ConfigErrors::whole_file(
+                    path,
+                    "not a TOML file: the file is not UTF-8 text".into(),
+                ));
             }
         },
-        Err(e) => {
-            return Err(ConfigErrors {
-                path: path.to_path_buf(),
-                text: String::new(),
-                diagnostics: vec![Diagnostic {
-                    span: None,
-                    message: format!("cannot read: {e}"),
-                }],
-            });
-        }
+        Err(e) => return Err(ConfigErrors::whole_file(path, format!("cannot read: {e}"))),
     };
-    parse(path, &text)
+    let (text, sources, mut diags) = include::expand(path, &text);
+    let mut site = parse_into(path, &text, &sources, &mut diags);
+    site.included = sources.paths().skip(1).map(Path::to_path_buf).collect();
+    finish(site, text, sources, diags)
 }
 
 /// Parses and validates config text; `path` is only used for messages.
 ///
 /// # Errors
 /// Every problem found, in file order.
+/// Reads no other file: an `include` key is checked, not followed ([`load`] follows it).
 pub(crate) fn parse(path: &Path, text: &str) -> Result<SiteConfig, ConfigErrors> {
     let mut diags = Vec::new();
-    let site = parse_into(path, text, &mut diags);
+    let sources = include::Sources::single(path);
+    let site = parse_into(path, text, &sources, &mut diags);
+    finish(site, text.to_owned(), sources, diags)
+}
+
+/// The site, or every problem in file order.
+fn finish(
+    site: SiteConfig,
+    text: String,
+    sources: include::Sources,
+    mut diags: Vec<Diagnostic>,
+) -> Result<SiteConfig, ConfigErrors> {
     if diags.is_empty() {
         Ok(site)
     } else {
         diags.sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
         Err(ConfigErrors {
-            path: path.to_path_buf(),
-            text: text.to_string(),
+            path: site.path,
+            text,
+            sources,
             diagnostics: diags,
         })
     }
 }
 
-fn parse_into(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> SiteConfig {
+fn parse_into(
+    path: &Path,
+    text: &str,
+    sources: &include::Sources,
+    diags: &mut Vec<Diagnostic>,
+) -> SiteConfig {
     let mut site = SiteConfig {
         path: path.to_path_buf(),
         ..SiteConfig::default()
@@ -275,8 +343,24 @@ fn parse_into(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> SiteConfi
             "lb" => site.lb = one(value, name, diags),
             "service" => site.service = many(value, name, diags),
             "vrrp" => site.vrrp = many(value, name, diags),
+            "vrrp_group" => site.vrrp_group = many(value, name, diags),
             "ssh" => site.ssh = many(value, name, diags),
             "sshd" => site.sshd = one(value, name, diags),
+            // Followed by `load` before this parse; here only its shape is checked.
+            "include" => {
+                let paths = match value.get_ref() {
+                    DeValue::Array(items) => items
+                        .iter()
+                        .all(|i| matches!(i.get_ref(), DeValue::String(_))),
+                    _ => false,
+                };
+                if !paths {
+                    diags.push(Diagnostic {
+                        span: Some(value.span()),
+                        message: "include must be a list of files or patterns: include = [\"/etc/vipgate/conf.d/*.toml\"]".into(),
+                    });
+                }
+            }
             other => diags.push(Diagnostic {
                 span: Some(key.span()),
                 message: format!(
@@ -292,6 +376,8 @@ fn parse_into(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> SiteConfi
     }
     let mut v = Validator {
         text: text.to_string(),
+        lines: LineStarts::new(text),
+        sources: sources.clone(),
         ..Validator::default()
     };
     site.validate(&failed, &mut v);
@@ -300,8 +386,11 @@ fn parse_into(path: &Path, text: &str, diags: &mut Vec<Diagnostic>) -> SiteConfi
         .warnings
         .iter()
         .map(|w| {
-            let (line, col) = w.span.as_ref().map_or((1, 1), |s| line_col(text, s.start));
-            format!("{}:{line}:{col}: warning: {}", path.display(), w.message)
+            let (file, line, col) = w
+                .span
+                .as_ref()
+                .map_or((path, 1, 1), |s| sources.locate(&v.lines, text, s.start));
+            format!("{}:{line}:{col}: warning: {}", file.display(), w.message)
         })
         .collect();
     site
@@ -326,6 +415,9 @@ impl SiteConfig {
             ok("service").then_some(self.service.as_slice()),
             v,
         );
+        if ok("vrrp") {
+            vrrp::validate_groups(&self.vrrp_group, &self.vrrp, v);
+        }
         ssh::validate_all(&self.ssh, v);
         if let Some(sshd) = &self.sshd {
             sshd.validate(v);
@@ -563,10 +655,10 @@ pub(crate) fn check_unique<'a, K: Eq + std::hash::Hash + std::fmt::Display + 'a>
     for (key, span) in items {
         if let Some(first) = seen.get(&key) {
             let first = first.clone();
-            let line = v.line_of(first.start);
+            let place = v.place_of(first.start);
             v.error(
                 span,
-                format!("duplicate {what} `{key}` (first defined on line {line})"),
+                format!("duplicate {what} `{key}` (first defined on {place})"),
             );
         } else {
             seen.insert(key, span);

@@ -157,7 +157,7 @@ fn hostile_files_explain_themselves() {
     assert_eq!(
         e,
         vec![
-            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [lb], [service], [vrrp], [ssh], [sshd]"
+            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [lb], [service], [vrrp], [vrrp_group], [ssh], [sshd]"
         ]
     );
     assert!(errors("gre = 5\n")[0].contains("must be an array of tables"));
@@ -370,4 +370,139 @@ fn library_enums_keep_the_config_spelling_and_defaults() {
     ] {
         assert!(dumped.contains(spelled), "{spelled} missing from {dumped}");
     }
+}
+
+/// A scratch folder with `site.toml` and `conf.d/` files, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str, main: &str, included: &[(&str, &str)]) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("vipgate-include-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("conf.d")).expect("scratch folder");
+        std::fs::write(dir.join("site.toml"), main).expect("main file");
+        for (file, text) in included {
+            std::fs::write(dir.join("conf.d").join(file), text).expect("included file");
+        }
+        Scratch(dir)
+    }
+
+    fn load(&self) -> Result<SiteConfig, Vec<String>> {
+        load(&self.0.join("site.toml")).map_err(|e| {
+            e.to_string()
+                .replace(&format!("{}/", self.0.display()), "")
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const INCLUDE_MAIN: &str = "include = [\"conf.d/*.toml\"]\n\n[daemon]\ncontrol = \"/run/v.sock\"\n";
+
+fn instance(name: &str, vrid: &str) -> String {
+    format!(
+        "# {name}\n[[vrrp]]\nname = \"{name}\"\ninterface = \"eth0\"\nvrid = {vrid}\naddresses = [\"10.0.0.{vrid}/24\"]\n"
+    )
+}
+
+#[test]
+fn includes_merge_sections_in_name_order() {
+    let s = Scratch::new(
+        "merge",
+        INCLUDE_MAIN,
+        &[
+            ("b.toml", &instance("second", "2")),
+            ("a.toml", &instance("first", "1")),
+            ("notes.txt", "not toml"),
+        ],
+    );
+    let site = s.load().expect("valid");
+    let names: Vec<&str> = site
+        .vrrp
+        .iter()
+        .map(|v| v.name.get_ref().as_str())
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    assert_eq!(site.daemon.control.get_ref(), Path::new("/run/v.sock"));
+    assert_eq!(site.included.len(), 2);
+}
+
+#[test]
+fn a_mistake_in_the_second_included_file_points_into_that_file() {
+    let s = Scratch::new(
+        "mistake",
+        INCLUDE_MAIN,
+        &[
+            ("a.toml", &instance("first", "1")),
+            ("b.toml", &instance("second", "0")),
+        ],
+    );
+    let errs = s.load().unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("conf.d/b.toml:5:8: vrid 0 is out of range"),
+        "{errs:?}"
+    );
+    // Across files: the duplicate is reported where it is, naming where the first one is.
+    let s = Scratch::new(
+        "duplicate",
+        INCLUDE_MAIN,
+        &[
+            ("a.toml", &instance("web", "1")),
+            ("b.toml", &instance("web", "2")),
+        ],
+    );
+    let errs = s.load().unwrap_err();
+    assert!(
+        errs[0].starts_with("conf.d/b.toml:3:8: duplicate vrrp instance name `web`")
+            && errs[0].contains("line 3 of ")
+            && errs[0].contains("conf.d/a.toml"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn included_files_hold_sections_only_and_single_tables_once() {
+    let s = Scratch::new(
+        "bare",
+        INCLUDE_MAIN,
+        &[("a.toml", "# header missing\nname = \"x\"\n")],
+    );
+    let errs = s.load().unwrap_err();
+    assert!(
+        errs[0].starts_with("conf.d/a.toml:2:1: an included file holds [sections] only"),
+        "{errs:?}"
+    );
+    let s = Scratch::new(
+        "twice",
+        INCLUDE_MAIN,
+        &[("a.toml", "[daemon]\ncontrol = \"/run/w.sock\"\n")],
+    );
+    let errs = s.load().unwrap_err();
+    assert!(errs[0].starts_with("conf.d/a.toml:1:"), "{errs:?}");
+    let s = Scratch::new(
+        "missing",
+        "include = [\"conf.d/none.toml\", \"other/*.toml\"]\n[daemon]\n",
+        &[],
+    );
+    let errs = s.load().unwrap_err();
+    assert_eq!(
+        errs,
+        ["site.toml:1:12: include `conf.d/none.toml`: no such file"],
+        "a missing file is an error; a pattern matching nothing is not"
+    );
+    assert_eq!(
+        errors("include = \"conf.d\"\n[daemon]\n"),
+        [
+            "site.toml:1:11: include must be a list of files or patterns: include = [\"/etc/vipgate/conf.d/*.toml\"]"
+        ]
+    );
 }

@@ -39,6 +39,10 @@ pub(crate) struct VrrpSection {
     /// priority (`{ name = "eth1", weight = 20 }`).
     #[serde(default)]
     pub(crate) track_interfaces: Vec<Spanned<TrackInterface>>,
+    /// Scripts run again and again whose failure faults the instance (weight 0) or lowers
+    /// its priority (keepalived `vrrp_script` + `track_script`).
+    #[serde(default)]
+    pub(crate) track_scripts: Vec<TrackScriptSection>,
     /// Sync group: instances with the same group change state together.
     #[serde(default)]
     pub(crate) group: Option<String>,
@@ -49,11 +53,24 @@ pub(crate) struct VrrpSection {
     /// primary addresses); adverts from anyone else are dropped and counted. Default: any.
     #[serde(default)]
     pub(crate) peers: Option<Spanned<Vec<Ipv4Addr>>>,
-    /// Program run on every state change, with keepalived's `notify` arguments:
-    /// `INSTANCE <name> <MASTER|BACKUP|FAULT|INIT> <priority>`. An absolute path.
+    /// Script run on every state change with keepalived's `notify` arguments appended:
+    /// `INSTANCE <name> <MASTER|BACKUP|FAULT|STOP> <priority>`. An absolute path, then any
+    /// arguments of its own, separated by spaces.
     #[serde(default)]
     pub(crate) notify: Option<Spanned<String>>,
-    /// A notify run still going after this is killed. Default 30 s.
+    /// Script run on becoming master, before `notify` (keepalived `notify_master`).
+    #[serde(default)]
+    pub(crate) notify_master: Option<Spanned<String>>,
+    /// Script run on becoming backup (keepalived `notify_backup`).
+    #[serde(default)]
+    pub(crate) notify_backup: Option<Spanned<String>>,
+    /// Script run on entering fault (keepalived `notify_fault`).
+    #[serde(default)]
+    pub(crate) notify_fault: Option<Spanned<String>>,
+    /// Script run when the daemon stops the instance (keepalived `notify_stop`).
+    #[serde(default)]
+    pub(crate) notify_stop: Option<Spanned<String>>,
+    /// A notify script still running after this is killed. Default 30 s.
     #[serde(default = "d_notify_timeout")]
     pub(crate) notify_timeout: Spanned<HumanDuration>,
     /// Source address of the adverts and tie-breaker between equal priorities. Default: the
@@ -84,6 +101,93 @@ pub(crate) struct VrrpSection {
     /// `advert_interval`; "40s950ms" learns any, as RFC 5798 has it.
     #[serde(default)]
     pub(crate) max_learnt_advert_interval: Option<Spanned<HumanDuration>>,
+}
+
+/// One `track_scripts` entry: `{ command, interval, timeout, rise, fall, weight }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrackScriptSection {
+    /// Absolute program path, then its own arguments; exit 0 is a success.
+    pub(crate) command: Spanned<String>,
+    /// Time between runs. Default 1 s (keepalived's `interval`).
+    #[serde(default = "d_script_interval")]
+    pub(crate) interval: Spanned<HumanDuration>,
+    /// A run still going after this is killed and counts as a failure. Default: `interval`.
+    #[serde(default)]
+    pub(crate) timeout: Option<Spanned<HumanDuration>>,
+    /// Successes in a row to come back up, 1..=100. Default 1.
+    #[serde(default = "d_one")]
+    pub(crate) rise: Spanned<u32>,
+    /// Failures in a row to go down, 1..=100. Default 1.
+    #[serde(default = "d_one")]
+    pub(crate) fall: Spanned<u32>,
+    /// 0 (default) = FAULT while failing; 1..=253 = priority penalty while failing.
+    #[serde(default = "d_script_weight")]
+    pub(crate) weight: Spanned<ScriptWeight>,
+}
+
+/// A track script's weight: 0 (fault) or the penalty 1..=253 (keepalived's `weight -20` is
+/// written 20).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct ScriptWeight(u8);
+
+impl ScriptWeight {
+    pub(crate) fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ScriptWeight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        narrow(
+            d,
+            |n| penalty(n).map(ScriptWeight),
+            |n| {
+                if n < 0 {
+                    format!(
+                        "track_scripts weight {n}: the weight is the penalty while the script fails, so keepalived's `weight {n}` is written `weight = {}`",
+                        n.unsigned_abs()
+                    )
+                } else {
+                    "track_scripts weight must be 0 (fault) or a penalty of 1..=253".to_owned()
+                }
+            },
+        )
+    }
+}
+
+fn d_script_interval() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(1)))
+}
+fn d_one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+fn d_script_weight() -> Spanned<ScriptWeight> {
+    Spanned::new(0..0, ScriptWeight(0))
+}
+
+/// One `[[vrrp_group]]`: a sync group's own notify scripts (keepalived's `vrrp_sync_group`
+/// block). The members are the `[[vrrp]]` instances whose `group` is its name.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VrrpGroupSection {
+    pub(crate) name: Spanned<String>,
+    /// Script run when the whole group changes state, with `GROUP <name> <state> 0` appended.
+    #[serde(default)]
+    pub(crate) notify: Option<Spanned<String>>,
+    /// Script run when the whole group becomes master.
+    #[serde(default)]
+    pub(crate) notify_master: Option<Spanned<String>>,
+    /// Script run when the whole group becomes backup.
+    #[serde(default)]
+    pub(crate) notify_backup: Option<Spanned<String>>,
+    /// Script run when the group enters fault.
+    #[serde(default)]
+    pub(crate) notify_fault: Option<Spanned<String>>,
+    /// A notify script still running after this is killed. Default 30 s.
+    #[serde(default = "d_notify_timeout")]
+    pub(crate) notify_timeout: Spanned<HumanDuration>,
 }
 
 /// One `track_interfaces` entry: `"eth1"` (link down = FAULT, weight 0) or
@@ -347,6 +451,66 @@ fn d_true() -> bool {
     true
 }
 
+/// A script key: an absolute program path, then its own arguments.
+pub(crate) fn check_script(key: &str, script: Option<&Spanned<String>>, v: &mut Validator) {
+    let Some(script) = script else {
+        return;
+    };
+    match script.get_ref().split_whitespace().next() {
+        None => v.error_at(script, format!("{key} is empty: leave it out instead")),
+        Some(program) if !std::path::Path::new(program).is_absolute() => v.error_at(
+            script,
+            format!(
+                "{key} `{program}` must be an absolute path (it runs with a fixed PATH, not the daemon's)"
+            ),
+        ),
+        Some(_) => {}
+    }
+}
+
+/// The `[[vrrp_group]]` sections: unique names, each the `group` of some instance.
+pub(crate) fn validate_groups(
+    groups: &[VrrpGroupSection],
+    instances: &[VrrpSection],
+    v: &mut Validator,
+) {
+    check_unique(
+        groups
+            .iter()
+            .map(|g| (g.name.get_ref().clone(), g.name.span())),
+        "vrrp_group name",
+        v,
+    );
+    let used: Vec<&str> = instances
+        .iter()
+        .filter_map(|i| i.group.as_deref())
+        .collect();
+    for g in groups {
+        if !used.contains(&g.name.get_ref().as_str()) {
+            v.error_at(
+                &g.name,
+                format!(
+                    "no [[vrrp]] instance has group = \"{}\"{}",
+                    g.name.get_ref(),
+                    super::did_you_mean(g.name.get_ref(), &used)
+                ),
+            );
+        }
+        let t = g.notify_timeout.get_ref().0;
+        if !(MIN_TIMER..=MAX_TIMER).contains(&t) {
+            v.error_at(&g.notify_timeout, "notify_timeout must be 100ms..=1h");
+        }
+        for (key, script) in [
+            ("notify", &g.notify),
+            ("notify_master", &g.notify_master),
+            ("notify_backup", &g.notify_backup),
+            ("notify_fault", &g.notify_fault),
+        ] {
+            check_script(key, script.as_ref(), v);
+        }
+    }
+}
+
 /// `services` is `None` when the `[[service]]` sections did not parse (no cross-checks then).
 pub(crate) fn validate_all(
     instances: &[VrrpSection],
@@ -408,16 +572,26 @@ pub(crate) fn validate_all(
         timer(&i.garp_repeat_delay, "garp_repeat_delay", true, v);
         timer(&i.reassert_interval, "reassert_interval", false, v);
         timer(&i.notify_timeout, "notify_timeout", false, v);
-        if let Some(n) = &i.notify
-            && !std::path::Path::new(n.get_ref()).is_absolute()
-        {
-            v.error_at(
-                n,
-                format!(
-                    "notify `{}` must be an absolute path (it runs with a fixed PATH, not the daemon's)",
-                    n.get_ref()
-                ),
-            );
+        for t in &i.track_scripts {
+            check_script("track_scripts command", Some(&t.command), v);
+            timer(&t.interval, "track_scripts interval", false, v);
+            if let Some(timeout) = &t.timeout {
+                timer(timeout, "track_scripts timeout", false, v);
+            }
+            for (key, n) in [("rise", &t.rise), ("fall", &t.fall)] {
+                if !(1..=100).contains(n.get_ref()) {
+                    v.error_at(n, format!("track_scripts {key} must be 1..=100"));
+                }
+            }
+        }
+        for (key, script) in [
+            ("notify", &i.notify),
+            ("notify_master", &i.notify_master),
+            ("notify_backup", &i.notify_backup),
+            ("notify_fault", &i.notify_fault),
+            ("notify_stop", &i.notify_stop),
+        ] {
+            check_script(key, script.as_ref(), v);
         }
         if let Some(p) = &i.peers {
             if !i.unicast_peers.is_empty() {
@@ -580,6 +754,14 @@ mod tests {
                 "site.toml:6:10: notify `notify.sh` must be an absolute path",
             ),
             (
+                "notify_master = \"master.sh MASTER\"",
+                "site.toml:6:17: notify_master `master.sh` must be an absolute path",
+            ),
+            (
+                "notify_stop = \" \"",
+                "site.toml:6:15: notify_stop is empty",
+            ),
+            (
                 "max_learnt_advert_interval = \"500ms\"",
                 "site.toml:6:30: max_learnt_advert_interval must be",
             ),
@@ -607,5 +789,62 @@ mod tests {
             site.vrrp[0].notify_timeout.get_ref().0,
             Duration::from_secs(30)
         );
+    }
+
+    #[test]
+    fn sync_groups_name_instances_groups_and_scripts_with_arguments() {
+        let text = "[[vrrp]]\nname = \"v\"\ninterface = \"eth0\"\nvrid = 1\naddresses = [\"10.0.0.1/24\"]\n\
+                    group = \"edge\"\nnotify_backup = \"/etc/keepalived/backup.sh --quiet\"\n\n\
+                    [[vrrp_group]]\nname = \"edge\"\nnotify = \"/etc/keepalived/notify.sh\"\n";
+        let site = crate::config::parse(Path::new("site.toml"), text).expect("valid");
+        assert_eq!(site.vrrp_group[0].name.get_ref(), "edge");
+        let wrong = text.replace("name = \"edge\"", "name = \"egde\"");
+        let e = crate::config::parse(Path::new("site.toml"), &wrong)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("site.toml:10:8: no [[vrrp]] instance has group = \"egde\"")
+                && e.contains("edge"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn track_scripts_take_keepalived_settings_and_point_at_mistakes() {
+        let site = load(
+            r#"track_scripts = [{ command = "/usr/local/bin/check web", interval = "2s", fall = 3, rise = 2, weight = 40 }]"#,
+        )
+        .expect("valid");
+        let t = &site.vrrp[0].track_scripts[0];
+        assert_eq!(
+            (
+                *t.rise.get_ref(),
+                *t.fall.get_ref(),
+                t.weight.get_ref().get()
+            ),
+            (2, 3, 40)
+        );
+        assert!(t.timeout.is_none(), "defaults to the interval when lowered");
+        for (extra, msg) in [
+            (
+                r#"track_scripts = [{ command = "check.sh" }]"#,
+                "site.toml:6:30: track_scripts command `check.sh` must be an absolute path",
+            ),
+            (
+                r#"track_scripts = [{ command = "/bin/true", weight = -20 }]"#,
+                "site.toml:6:52: track_scripts weight -20:",
+            ),
+            (
+                r#"track_scripts = [{ command = "/bin/true", fall = 0 }]"#,
+                "site.toml:6:50: track_scripts fall must be 1..=100",
+            ),
+            (
+                r#"track_scripts = [{ command = "/bin/true", interval = "0s" }]"#,
+                "site.toml:6:54: track_scripts interval must be 100ms..=1h",
+            ),
+        ] {
+            let e = load(extra).unwrap_err();
+            assert!(e.starts_with(msg), "{extra}: {e}");
+        }
     }
 }

@@ -19,11 +19,11 @@ use anyhow::Context as _;
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use vrrp::DropReason;
-use vrrp::driver::{MemberSpec, TrackedService, VrrpDriver, VrrpStatus};
+use vrrp::driver::{GroupSpec, MemberSpec, TrackedService, VrrpDriver, VrrpStatus};
 
 use super::wiring::{self, Wiring};
 use super::{BoxFuture, Kind, Part, StartCtx, ready};
-use crate::config::vrrp::VrrpSection;
+use crate::config::vrrp::{VrrpGroupSection, VrrpSection};
 use crate::config::{SiteConfig, lower};
 
 /// The running driver of one sync group, shared by the parts of its members.
@@ -31,6 +31,8 @@ struct Shared {
     handle: Mutex<Option<VrrpDriver>>,
     /// The sections the group runs with, in member order (what a reload compares against).
     sections: Mutex<Vec<VrrpSection>>,
+    /// The group's own `[[vrrp_group]]`, if any (a change restarts the group).
+    group_section: Option<VrrpGroupSection>,
     /// The wiring the group was started with (health sources, VIP hooks).
     wiring: Wiring,
 }
@@ -88,6 +90,14 @@ impl Part for VrrpPart {
         if !same_members {
             return ready(Ok(Reconfigured::restart(
                 "the sync group's members changed",
+            )));
+        }
+        let group_section = group_section(site, members[self.index]);
+        if serde_json::to_value(group_section).ok()
+            != serde_json::to_value(self.shared.group_section.as_ref()).ok()
+        {
+            return ready(Ok(Reconfigured::restart(
+                "the sync group's [[vrrp_group]] changed",
             )));
         }
         let new = members[self.index].clone();
@@ -165,7 +175,12 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     for key in order {
         let sections = &groups[&key];
         let specs = sections.iter().map(|s| wired_spec(s, &wiring)).collect();
-        let group = sections[0].group.clone();
+        let group_section = group_section(site, sections[0]).cloned();
+        let group = sections[0].group.as_ref().map(|name| {
+            group_section
+                .as_ref()
+                .map_or_else(|| GroupSpec::new(name), lower::vrrp_group)
+        });
         let handle = match VrrpDriver::start(group, specs).await {
             Ok(h) => h,
             Err(e) => {
@@ -180,6 +195,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         let shared = Arc::new(Shared {
             handle: Mutex::new(Some(handle)),
             sections: Mutex::new(sections.iter().map(|s| (*s).clone()).collect()),
+            group_section,
             wiring: wiring.clone(),
         });
         for (index, s) in sections.iter().enumerate() {
@@ -191,6 +207,12 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         }
     }
     Ok(parts)
+}
+
+/// The `[[vrrp_group]]` of the sync group `s` belongs to, if it has one.
+fn group_section<'a>(site: &'a SiteConfig, s: &VrrpSection) -> Option<&'a VrrpGroupSection> {
+    let name = s.group.as_ref()?;
+    site.vrrp_group.iter().find(|g| g.name.get_ref() == name)
 }
 
 fn wired_spec(s: &VrrpSection, wiring: &Wiring) -> MemberSpec {

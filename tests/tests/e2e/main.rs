@@ -12,5 +12,6 @@ mod lab;
 mod lb;
 mod nat;
 mod nat_attacks;
+mod ops;
 mod ssh;
 mod vrrp;

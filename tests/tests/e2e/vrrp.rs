@@ -666,17 +666,41 @@ track_interfaces = ["eth0"]
     assert!(lab.holds_vip("d1") && holds_gw("d1") && !lab.holds_vip("d2") && !holds_gw("d2"));
 }
 
+/// keepalived's notify family, called as keepalived calls it: the state's own script first,
+/// then `notify` with `INSTANCE NAME STATE PRIORITY`, the sync group's with `GROUP NAME STATE
+/// 0`, and `STOP` (with `notify_stop`) when the daemon stops the instance.
 #[test]
-fn notify_hook_runs_with_keepalived_arguments() {
+fn notify_scripts_run_with_keepalived_arguments() {
     let lab = Lab::new(e2e!());
     let out = lab.t.dir().join("notify.out");
+    // One recording script: each configured command adds its own first argument (its name).
     let hook = lab.t.write(
         "notify.sh",
         &format!("#!/bin/sh\necho \"$@\" >> {}\n", out.display()),
     );
     lab.t.sh("d1", &format!("chmod +x {}", hook.display()));
     let text = format!(
-        "[daemon]\ncontrol = \"{sock}\"\n\n[[vrrp]]\nname = \"vip-web\"\ninterface = \"eth0\"\nvrid = 51\npriority = 150\nadvert_interval = \"100ms\"\naddresses = [\"{VIP}/24\"]\nnotify = \"{hook}\"\n",
+        r#"[daemon]
+control = "{sock}"
+
+[[vrrp]]
+name = "vip-web"
+group = "edge"
+interface = "eth0"
+vrid = 51
+priority = 150
+advert_interval = "100ms"
+addresses = ["{VIP}/24"]
+notify = "{hook}"
+notify_master = "{hook} notify_master"
+notify_backup = "{hook} notify_backup"
+notify_stop = "{hook} notify_stop"
+
+[[vrrp_group]]
+name = "edge"
+notify = "{hook} group"
+notify_master = "{hook} group_master"
+"#,
         sock = lab.sock("d1"),
         hook = hook.display()
     );
@@ -687,18 +711,51 @@ fn notify_hook_runs_with_keepalived_arguments() {
         &["run", "-c", cfg.to_str().unwrap_or_default()],
     );
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    // Lines of the instance's scripts and of the group's, each in its own order (the two run
+    // side by side).
+    let split = || {
+        let text = read();
+        let (group, instance): (Vec<String>, Vec<String>) = text
+            .lines()
+            .map(str::to_owned)
+            .partition(|l| l.starts_with("group"));
+        (instance, group)
+    };
     wait_until(Duration::from_secs(5), "notify MASTER", || {
-        read().contains("INSTANCE vip-web MASTER 150")
+        split().0.len() >= 4 && split().1.len() >= 3
     });
-    assert!(
-        read().starts_with("INSTANCE vip-web BACKUP 150\n"),
+    let (instance, group) = split();
+    assert_eq!(
+        instance,
+        [
+            "notify_backup",
+            "INSTANCE vip-web BACKUP 150",
+            "notify_master",
+            "INSTANCE vip-web MASTER 150"
+        ],
+        "{}",
+        read()
+    );
+    assert_eq!(
+        group,
+        [
+            "group GROUP edge BACKUP 0",
+            "group_master",
+            "group GROUP edge MASTER 0"
+        ],
         "{}",
         read()
     );
     assert_eq!(d1.terminate(Duration::from_secs(5)), Some(0));
-    wait_until(Duration::from_secs(2), "notify INIT", || {
-        read().contains("INSTANCE vip-web INIT 150")
-    });
+    // The daemon waits for the STOP scripts before it exits; groups report no STOP.
+    let (instance, group) = split();
+    assert_eq!(
+        instance[4..],
+        ["notify_stop", "INSTANCE vip-web STOP 150"],
+        "{}",
+        read()
+    );
+    assert_eq!(group.len(), 3, "{}", read());
 }
 
 #[test]
@@ -855,6 +912,43 @@ fn weighted_track_interface_lowers_priority_instead_of_fault() {
     lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
     assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 150);
     assert!(lab.holds_vip("d1") && !lab.holds_vip("d2"));
+}
+
+/// keepalived's `vrrp_script` + `track_script`: a script failing `fall` times in a row
+/// lowers the priority by its weight and the backup takes over; succeeding `rise` times in a
+/// row restores it and the first router preempts again.
+#[test]
+fn a_failing_track_script_lowers_priority_and_fails_over() {
+    let mut lab = Lab::new(e2e!());
+    let flag = lab.t.dir().join("healthy");
+    std::fs::write(&flag, "").unwrap();
+    let extra = format!(
+        r#"track_scripts = [{{ command = "/usr/bin/test -e {}", interval = "200ms", fall = 2, rise = 2, weight = 60 }}]"#,
+        flag.display()
+    );
+    let cfg = lab.config_with("d1", 150, "100ms", true, &extra);
+    let cfg = cfg.to_str().unwrap_or_default().to_owned();
+    lab.procs
+        .push(lab.t.vipgate("d1", "vipgate-d1", &["run", "-c", &cfg]));
+    let d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.procs.push(d2);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+
+    std::fs::remove_file(&flag).unwrap();
+    lab.wait_state("d2", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(1));
+    let s1 = lab.status("d1").unwrap_or_default();
+    assert_eq!(
+        (s1.num(&["priority"]), s1.num(&["configured_priority"])),
+        (90, 150)
+    );
+    assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
+
+    std::fs::write(&flag, "").unwrap();
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
+    assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 150);
 }
 
 /// Every probe was answered (but the last one or two, still in flight when the probe

@@ -13,11 +13,11 @@
 //! The driver makes no protocol decisions: tracking, and which reloads apply live, are the
 //! [`SyncGroup`]'s. Everything it does to the system goes through the `VrrpIo` seam.
 //!
-//! Notify programs run one at a time per instance: while one runs, only the latest pending
-//! transition is kept and run after it (latest state wins; the ones replaced are counted as
-//! skipped). Each run is killed (its whole process group) after `notify_timeout`, gets
-//! stdin and stdout from /dev/null, and an environment of exactly [`NOTIFY_PATH`] as `PATH`
-//! plus `VIPGATE_INSTANCE`, `VIPGATE_STATE` and `VIPGATE_PRIORITY`.
+//! Notify scripts (keepalived's `notify`, `notify_master`, ... with its arguments; see
+//! [`NotifyScripts`]) run one transition at a time per instance, and per sync group for the
+//! group's own scripts: while one runs, only the latest pending transition is kept and run
+//! after it (latest state wins; the ones replaced are counted as skipped). A sync group
+//! reports a state once all its members are in it.
 //!
 //! ```text
 //!  reader thread(s) ──bytes──┐
@@ -29,11 +29,13 @@
 
 mod io;
 mod netlink;
+mod notify;
 mod sys;
+
+pub use notify::{NOTIFY_PATH, NotifyScripts, ScriptCommand};
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +54,7 @@ use crate::sync_group::{Binding, MemberId, ObjectId, SyncGroup};
 use crate::track::Tracker;
 use crate::wire;
 use io::{MemberIo, NetIo, VrrpIo};
+use notify::{NotifyEvent, NotifyOutcome, NotifyScope, NotifyState};
 
 /// Makes a virtual address live without adding it to an interface; natgw implements it for a
 /// VIP its services own (route into its TUN plus a proxy neighbour entry).
@@ -73,6 +76,33 @@ pub struct TrackedService {
     pub health: watch::Receiver<bool>,
 }
 
+/// A check run every `interval` (keepalived `vrrp_script` + `track_script`): exit 0 is a
+/// success, anything else or running past `timeout` a failure; `fall` failures in a row make
+/// it down, `rise` successes in a row up again ([`crate::RiseFall`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackScript {
+    /// The program and its arguments.
+    pub command: ScriptCommand,
+    /// Time between the starts of two runs.
+    pub interval: Duration,
+    /// A run still going after this is killed and counts as a failure.
+    pub timeout: Duration,
+    /// Successes in a row to come back up.
+    pub rise: u32,
+    /// Failures in a row to go down.
+    pub fall: u32,
+    /// Priority penalty while down; 0 = fault.
+    pub weight: u8,
+}
+
+impl TrackScript {
+    /// The tracked object's name: the command itself, so a changed command is a different
+    /// object (and a reload restarts the instance for it).
+    fn object_name(&self) -> String {
+        format!("script {}", self.command)
+    }
+}
+
 /// Everything one instance needs besides the core config.
 #[derive(Clone)]
 pub struct MemberSpec {
@@ -90,10 +120,11 @@ pub struct MemberSpec {
     pub track_interfaces: Vec<(String, u8)>,
     /// Services whose health is tracked.
     pub track_services: Vec<TrackedService>,
-    /// Program run on every transition as `PROGRAM INSTANCE NAME STATE PRIORITY`
-    /// (keepalived's `notify` argument order).
-    pub notify: Option<PathBuf>,
-    /// A notify run still going after this is killed (default 30 s).
+    /// Scripts run again and again whose result is tracked (keepalived `track_script`).
+    pub track_scripts: Vec<TrackScript>,
+    /// Scripts run on this instance's transitions (keepalived's notify family).
+    pub notify: NotifyScripts,
+    /// A notify script still running after this is killed (default 30 s).
     pub notify_timeout: Duration,
     /// Gratuitous ARPs per burst (keepalived `garp_master_repeat`, default 5).
     pub garp_count: u32,
@@ -134,7 +165,8 @@ impl MemberSpec {
             peers: Vec::new(),
             track_interfaces: Vec::new(),
             track_services: Vec::new(),
-            notify: None,
+            track_scripts: Vec::new(),
+            notify: NotifyScripts::default(),
             notify_timeout: Duration::from_secs(30),
             garp_count: 5,
             garp_lower_prio_repeat: 5,
@@ -262,10 +294,29 @@ pub struct NotifyCounters {
     pub failed: u64,
 }
 
-/// The `PATH` a notify program gets (its own path must be absolute).
-pub const NOTIFY_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// A sync group's own settings (keepalived's `vrrp_sync_group` block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// Group name, as the members' `group`.
+    pub name: String,
+    /// Scripts run when the whole group changes state (`GROUP NAME STATE 0`).
+    pub notify: NotifyScripts,
+    /// A group notify script still running after this is killed.
+    pub notify_timeout: Duration,
+}
 
-/// How long `stop` waits for the last notify runs (INIT) before leaving them to be killed.
+impl GroupSpec {
+    /// A group without scripts.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            notify: NotifyScripts::default(),
+            notify_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How long `stop` waits for the last notify runs (STOP) before leaving them to be killed.
 const STOP_NOTIFY_GRACE: Duration = Duration::from_secs(5);
 
 enum Command {
@@ -281,23 +332,24 @@ enum Event {
         up: bool,
     },
     NotifyDone {
-        member: usize,
-        outcome: NotifyOutcome,
+        target: NotifyTarget,
+        outcomes: Vec<NotifyOutcome>,
     },
 }
 
+/// Whose scripts a notify run is: a member's or the sync group's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NotifyOutcome {
-    Ok,
-    Failed,
-    TimedOut,
+enum NotifyTarget {
+    Member(usize),
+    Group,
 }
 
-/// One instance's notify runs: at most one child, at most one pending transition.
+/// One instance's (or group's) notify runs: at most one transition's scripts running, at
+/// most one transition pending.
 #[derive(Debug, Default)]
 struct NotifyQueue {
     running: bool,
-    pending: Option<(State, u8)>,
+    pending: Option<NotifyEvent>,
     counters: NotifyCounters,
 }
 
@@ -412,6 +464,9 @@ fn tracked_objects(spec: &MemberSpec) -> Vec<(String, u8)> {
     for s in &spec.track_services {
         objects.push((format!("service {}", s.name), s.weight));
     }
+    for s in &spec.track_scripts {
+        objects.push((s.object_name(), s.weight));
+    }
     objects
 }
 
@@ -442,7 +497,7 @@ impl VrrpDriver {
     /// A missing interface or primary address, or a socket that cannot be opened (needs
     /// CAP_NET_RAW), before anything was changed on the system.
     pub async fn start(
-        group: Option<String>,
+        group: Option<GroupSpec>,
         specs: Vec<MemberSpec>,
     ) -> Result<VrrpDriver, DriverError> {
         let (handle, conn) = netsys::netlink::connection().map_err(DriverError::NetlinkSocket)?;
@@ -467,7 +522,7 @@ impl VrrpDriver {
         let status = Arc::new(Mutex::new(Vec::new()));
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
         let mut driver = Driver {
-            group_name: group,
+            group_notify: GroupNotify::new(group),
             group: SyncGroup::new(cores),
             members,
             io: NetIo {
@@ -552,6 +607,16 @@ async fn open_members(
                 }
             });
         }
+        let first_script = interfaces.len() + spec.track_services.len();
+        for (k, script) in spec.track_scripts.iter().enumerate() {
+            let object = ObjectId(first_script + k);
+            tokio::spawn(run_track_script(
+                script.clone(),
+                MemberId(i),
+                object,
+                events_tx.clone(),
+            ));
+        }
         let (sock, tx, stop) = (socket.clone(), events_tx.clone(), stop_flag.clone());
         watch.spawn("vrrp socket reader", async move {
             tokio::task::spawn_blocking(move || read_adverts(i, &sock, &tx, &stop))
@@ -617,8 +682,30 @@ fn read_adverts(
     }
 }
 
+/// The sync group's own notify state (none for a standalone instance).
+struct GroupNotify {
+    spec: Option<GroupSpec>,
+    /// The state last reported for the whole group.
+    reported: Option<State>,
+    queue: NotifyQueue,
+}
+
+impl GroupNotify {
+    fn new(spec: Option<GroupSpec>) -> Self {
+        Self {
+            spec,
+            reported: None,
+            queue: NotifyQueue::default(),
+        }
+    }
+
+    fn name(&self) -> Option<String> {
+        self.spec.as_ref().map(|g| g.name.clone())
+    }
+}
+
 struct Driver<Io> {
-    group_name: Option<String>,
+    group_notify: GroupNotify,
     group: SyncGroup,
     members: Vec<Member>,
     io: Io,
@@ -676,6 +763,19 @@ impl<Io: VrrpIo> Driver<Io> {
         let Some(m) = self.members.get_mut(member.0) else {
             return Reconfigured::restart("not a member of this group");
         };
+        // The same command with other timing or thresholds: its task runs with the old ones.
+        let timing = |s: &TrackScript| (s.interval, s.timeout, s.rise, s.fall);
+        let retimed = m.spec.track_scripts.len() == spec.track_scripts.len()
+            && m.spec
+                .track_scripts
+                .iter()
+                .zip(&spec.track_scripts)
+                .any(|(old, new)| timing(old) != timing(new));
+        if retimed {
+            return Reconfigured::restart(
+                "a track script's interval, timeout, rise or fall changed",
+            );
+        }
         let name = m.spec.config.name.clone();
         let mut config = spec.config.clone();
         // Left to the interface again: the address read at start. An address given now where
@@ -702,14 +802,17 @@ impl<Io: VrrpIo> Driver<Io> {
         for (old, new) in m.spec.track_services.iter_mut().zip(spec.track_services) {
             old.weight = new.weight;
         }
+        for (old, new) in m.spec.track_scripts.iter_mut().zip(spec.track_scripts) {
+            old.weight = new.weight;
+        }
         tracing::info!(instance = %name, "reconfigured live");
         outcome
     }
 
-    /// Lets the notify runs of the final transitions (INIT) finish, for a bounded time.
+    /// Lets the notify runs of the final transitions (STOP) finish, for a bounded time.
     async fn finish_notifies(&mut self, events: &mut mpsc::Receiver<Event>) {
         let deadline = tokio::time::Instant::now() + STOP_NOTIFY_GRACE;
-        while self.members.iter().any(|m| m.notify.running) {
+        while self.members.iter().any(|m| m.notify.running) || self.group_notify.queue.running {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(ev @ Event::NotifyDone { .. })) => self.handle_event(ev),
                 Ok(Some(_)) => {}
@@ -718,54 +821,98 @@ impl<Io: VrrpIo> Driver<Io> {
         }
     }
 
-    /// Runs the notify program for a transition now, or queues it behind the running one
-    /// (replacing, and counting as skipped, any transition already queued).
-    fn notify(&mut self, i: usize, state: State, priority: u8) {
-        let Some(m) = self.members.get_mut(i) else {
-            return;
+    /// Runs the scripts for a transition now, or queues the transition behind the running
+    /// one (replacing, and counting as skipped, any transition already queued).
+    fn notify(&mut self, target: NotifyTarget, event: NotifyEvent) {
+        let (scripts, timeout, queue) = match target {
+            NotifyTarget::Member(i) => {
+                let Some(m) = self.members.get_mut(i) else {
+                    return;
+                };
+                (&m.spec.notify, m.spec.notify_timeout, &mut m.notify)
+            }
+            NotifyTarget::Group => {
+                let g = &mut self.group_notify;
+                let Some(spec) = &g.spec else {
+                    return;
+                };
+                (&spec.notify, spec.notify_timeout, &mut g.queue)
+            }
         };
-        let Some(program) = m.spec.notify.clone() else {
+        let invocations = scripts.invocations(&event);
+        if invocations.is_empty() {
             return;
-        };
-        if m.notify.running {
-            if m.notify.pending.replace((state, priority)).is_some() {
-                m.notify.counters.skipped += 1;
+        }
+        if queue.running {
+            if queue.pending.replace(event).is_some() {
+                queue.counters.skipped += 1;
             }
             return;
         }
-        m.notify.running = true;
-        m.notify.counters.runs += 1;
-        let name = m.spec.config.name.clone();
-        let timeout = m.spec.notify_timeout;
+        queue.running = true;
+        queue.counters.runs += invocations.len() as u64;
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
-            let outcome = run_notify(&program, &name, state, priority, timeout).await;
-            let _ = tx.send(Event::NotifyDone { member: i, outcome }).await;
+            let outcomes = notify::run_all(invocations, timeout).await;
+            let _ = tx.send(Event::NotifyDone { target, outcomes }).await;
         });
+    }
+
+    /// Once every member is in the same state (other than the INIT of a stop), and it is not
+    /// the state last reported, the group's scripts run for it.
+    fn notify_group_state(&mut self) {
+        let Some(name) = self.group_notify.name() else {
+            return;
+        };
+        let mut states = self.group.members().iter().map(VrrpInstance::state);
+        let Some(first) = states.next() else {
+            return;
+        };
+        if !states.all(|s| s == first)
+            || first == State::Initialize
+            || self.group_notify.reported == Some(first)
+        {
+            return;
+        }
+        self.group_notify.reported = Some(first);
+        tracing::info!(group = %name, state = %first, "VRRP sync group transition");
+        let event = NotifyEvent {
+            scope: NotifyScope::Group,
+            name,
+            state: NotifyState::from_state(first),
+            priority: 0,
+        };
+        self.notify(NotifyTarget::Group, event);
     }
 
     fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Packet(i, bytes) => self.handle_packet(i, &bytes),
-            Event::NotifyDone { member, outcome } => {
-                let Some(m) = self.members.get_mut(member) else {
-                    return;
+            Event::NotifyDone { target, outcomes } => {
+                let queue = match target {
+                    NotifyTarget::Member(i) => match self.members.get_mut(i) {
+                        Some(m) => &mut m.notify,
+                        None => return,
+                    },
+                    NotifyTarget::Group => &mut self.group_notify.queue,
                 };
-                m.notify.running = false;
-                match outcome {
-                    NotifyOutcome::Ok => {}
-                    NotifyOutcome::Failed => m.notify.counters.failed += 1,
-                    NotifyOutcome::TimedOut => m.notify.counters.timeouts += 1,
+                queue.running = false;
+                for outcome in outcomes {
+                    match outcome {
+                        NotifyOutcome::Ok => {}
+                        NotifyOutcome::Failed => queue.counters.failed += 1,
+                        NotifyOutcome::TimedOut => queue.counters.timeouts += 1,
+                    }
                 }
-                if let Some((state, priority)) = m.notify.pending.take() {
-                    self.notify(member, state, priority);
+                if let Some(event) = queue.pending.take() {
+                    self.notify(target, event);
                 }
             }
             Event::Service { member, object, up } => {
                 if self.group.handle_tracked(now(), member, object, up) {
                     let name = &self.group.members()[member.0].config().name;
                     let tracked = &self.group.trackers()[member.0].objects()[object.0].name;
-                    tracing::info!(instance = %name, object = %tracked, up, "tracked service changed");
+                    tracing::info!(instance = %name, object = %tracked, up, "tracked object changed");
                 }
             }
         }
@@ -856,7 +1003,13 @@ impl<Io: VrrpIo> Driver<Io> {
                     if t.to == State::Master {
                         m.master_since = Some(at);
                     }
-                    self.notify(i, t.to, prio);
+                    let event = NotifyEvent {
+                        scope: NotifyScope::Instance,
+                        name,
+                        state: NotifyState::from_state(t.to),
+                        priority: prio,
+                    };
+                    self.notify(NotifyTarget::Member(i), event);
                 }
                 Action::AddAddresses | Action::RemoveAddresses => {
                     let add = matches!(action, Action::AddAddresses);
@@ -911,6 +1064,7 @@ impl<Io: VrrpIo> Driver<Io> {
                 }
             }
         }
+        self.notify_group_state();
         self.publish();
     }
 
@@ -927,7 +1081,7 @@ impl<Io: VrrpIo> Driver<Io> {
                         .map_or(Duration::ZERO, |since| at.saturating_duration_since(since));
                 VrrpStatus {
                     name: m.spec.config.name.clone(),
-                    group: self.group_name.clone(),
+                    group: self.group_notify.name(),
                     interface: m.spec.interface.clone(),
                     vrid: m.spec.config.vrid,
                     state: core.state(),
@@ -968,55 +1122,33 @@ impl<Io: VrrpIo> Driver<Io> {
     }
 }
 
-/// Runs one notify program to its end or its timeout (then kills its process group).
-async fn run_notify(
-    program: &std::path::Path,
-    name: &str,
-    state: State,
-    priority: u8,
-    timeout: Duration,
-) -> NotifyOutcome {
-    let prio = priority.to_string();
-    let child = tokio::process::Command::new(program)
-        .args(["INSTANCE", name, state.as_str(), &prio])
-        .env_clear()
-        .env("PATH", NOTIFY_PATH)
-        .env("VIPGATE_INSTANCE", name)
-        .env("VIPGATE_STATE", state.as_str())
-        .env("VIPGATE_PRIORITY", &prio)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        // Its own process group, so a timeout kills what it started too.
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(program = %program.display(), error = %e, "notify failed to start");
-            return NotifyOutcome::Failed;
+/// Runs one track script every `interval` until the group's loop is gone, reporting its
+/// state after each run (the core ignores reports that change nothing).
+async fn run_track_script(
+    script: TrackScript,
+    member: MemberId,
+    object: ObjectId,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut state = crate::RiseFall::new(script.rise, script.fall);
+    let mut tick = tokio::time::interval(script.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if tx.is_closed() {
+            return;
         }
-    };
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(status)) if status.success() => NotifyOutcome::Ok,
-        Ok(Ok(status)) => {
-            tracing::warn!(program = %program.display(), %status, "notify exited unsuccessfully");
-            NotifyOutcome::Failed
+        let ok = notify::run_check(&script.command, script.timeout).await;
+        if state.record(ok) {
+            tracing::debug!(script = %script.command, up = state.up(), "track script changed");
         }
-        Ok(Err(e)) => {
-            tracing::warn!(program = %program.display(), error = %e, "notify wait failed");
-            NotifyOutcome::Failed
-        }
-        Err(_) => {
-            tracing::warn!(program = %program.display(), ?timeout, "notify timed out; killed");
-            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = child.kill().await;
-            NotifyOutcome::TimedOut
+        let ev = Event::Service {
+            member,
+            object,
+            up: state.up(),
+        };
+        if tx.send(ev).await.is_err() {
+            return;
         }
     }
 }
@@ -1125,34 +1257,49 @@ mod tests {
 
     /// A driver over `spec` whose I/O and hooks are `rec`.
     fn driver(spec: MemberSpec, rec: &Arc<Recorder>) -> Driver<Arc<Recorder>> {
-        let (events_tx, _) = mpsc::channel(4);
-        let core = (
-            VrrpInstance::new(spec.config.clone()),
-            Tracker::new(tracked_objects(&spec)),
-            binding(&spec),
-        );
-        let member = Member {
-            interfaces: tracked_interfaces(&spec),
-            primary: spec.config.primary_address,
-            primary_from_interface: false,
-            spec,
-            malformed: DropCounters::default(),
-            unknown_peer: 0,
-            io_errors: 0,
-            transitions: VecDeque::new(),
-            transitions_total: 0,
-            master_time: Duration::ZERO,
-            master_since: None,
-            notify: NotifyQueue::default(),
-        };
-        Driver {
-            group_name: None,
-            group: SyncGroup::new(vec![core]),
-            members: vec![member],
+        group_driver(None, vec![spec], rec).0
+    }
+
+    /// A driver over the sync group `group` of `specs`, and the receiver of its events (the
+    /// ends of notify runs).
+    fn group_driver(
+        group: Option<GroupSpec>,
+        specs: Vec<MemberSpec>,
+        rec: &Arc<Recorder>,
+    ) -> (Driver<Arc<Recorder>>, mpsc::Receiver<Event>) {
+        let (events_tx, events_rx) = mpsc::channel(16);
+        let mut cores = Vec::new();
+        let mut members = Vec::new();
+        for spec in specs {
+            cores.push((
+                VrrpInstance::new(spec.config.clone()),
+                Tracker::new(tracked_objects(&spec)),
+                binding(&spec),
+            ));
+            members.push(Member {
+                interfaces: tracked_interfaces(&spec),
+                primary: spec.config.primary_address,
+                primary_from_interface: false,
+                spec,
+                malformed: DropCounters::default(),
+                unknown_peer: 0,
+                io_errors: 0,
+                transitions: VecDeque::new(),
+                transitions_total: 0,
+                master_time: Duration::ZERO,
+                master_since: None,
+                notify: NotifyQueue::default(),
+            });
+        }
+        let driver = Driver {
+            group_notify: GroupNotify::new(group),
+            group: SyncGroup::new(cores),
+            members,
             io: rec.clone(),
             status: Arc::new(Mutex::new(Vec::new())),
             events_tx,
-        }
+        };
+        (driver, events_rx)
     }
 
     fn count(calls: &[Call], c: &Call) -> usize {
@@ -1295,58 +1442,85 @@ mod tests {
         );
     }
 
-    fn script(name: &str, body: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vrrp-notify-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("notify.sh");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
+    /// A script that appends its arguments as one line to `out`.
+    fn recorder_script(dir: &std::path::Path, name: &str, out: &std::path::Path) -> ScriptCommand {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"$@\" >> {}\n", out.display()),
+        )
+        .expect("script");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        path
+        ScriptCommand {
+            program: path,
+            args: vec![name.to_owned()],
+        }
+    }
+
+    /// Handles notify ends until `out` has `lines` lines, and returns them.
+    async fn notified(
+        d: &mut Driver<Arc<Recorder>>,
+        events: &mut mpsc::Receiver<Event>,
+        out: &std::path::Path,
+        lines: usize,
+    ) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(out).unwrap_or_default();
+            let got: Vec<String> = text.lines().map(str::to_owned).collect();
+            if got.len() >= lines {
+                return got;
+            }
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(ev)) => d.handle_event(ev),
+                _ => panic!("expected {lines} notify lines, got {got:?}"),
+            }
+        }
     }
 
     #[tokio::test]
-    async fn notify_runs_with_a_minimal_environment_and_is_killed_after_its_timeout() {
-        let out = std::env::temp_dir().join(format!("vrrp-notify-{}-env.out", std::process::id()));
-        let prog = script(
-            "env",
-            &format!("env > {}; echo \"$@\" >> {}", out.display(), out.display()),
-        );
-        let outcome = run_notify(&prog, "vip", State::Master, 150, Duration::from_secs(10)).await;
-        assert_eq!(outcome, NotifyOutcome::Ok);
-        let text = std::fs::read_to_string(&out).expect("notify output");
-        let mut vars: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
-            .filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_" && *k != "OLDPWD")
-            .collect();
-        vars.sort_unstable();
+    async fn instances_and_their_group_notify_as_keepalived_does_and_stop_reports_stop() {
+        let dir = std::env::temp_dir().join(format!("vrrp-group-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let out = dir.join("calls");
+        let _ = std::fs::remove_file(&out);
+        let rec = Arc::new(Recorder::default());
+        let mut a = owner_spec(&[VIP]);
+        a.notify.notify = Some(recorder_script(&dir, "notify", &out));
+        a.notify.master = Some(recorder_script(&dir, "notify_master", &out));
+        a.notify.stop = Some(recorder_script(&dir, "notify_stop", &out));
+        let mut b = owner_spec(&[EXTRA]);
+        b.config.name = "w".into();
+        b.config.vrid = 52;
+        let mut group = GroupSpec::new("g");
+        group.notify.notify = Some(recorder_script(&dir, "group", &out));
+        group.notify.backup = Some(recorder_script(&dir, "group_backup", &out));
+        let (mut d, mut events) = group_driver(Some(group), vec![a, b], &rec);
+        d.group.startup(now());
+        d.perform().await;
+        // Instance v: its notify_master, then notify; the group once both are master.
+        let mut lines = notified(&mut d, &mut events, &out, 3).await;
+        lines.sort();
         assert_eq!(
-            vars,
+            lines,
             [
-                "PATH",
-                "VIPGATE_INSTANCE",
-                "VIPGATE_PRIORITY",
-                "VIPGATE_STATE"
-            ],
-            "{text}"
+                "group GROUP g MASTER 0",
+                "notify INSTANCE v MASTER 255",
+                "notify_master",
+            ]
         );
-        assert!(text.contains(&format!("PATH={NOTIFY_PATH}\n")), "{text}");
-        assert!(text.ends_with("INSTANCE vip MASTER 150\n"), "{text}");
-
-        let slow = script("slow", "sleep 30");
-        let started = tokio::time::Instant::now();
-        let outcome =
-            run_notify(&slow, "vip", State::Backup, 100, Duration::from_millis(200)).await;
-        assert_eq!(outcome, NotifyOutcome::TimedOut);
-        assert!(started.elapsed() < Duration::from_secs(5));
-        let missing = run_notify(
-            std::path::Path::new("/nonexistent/notify"),
-            "vip",
-            State::Fault,
-            1,
-            Duration::from_secs(1),
-        )
-        .await;
-        assert_eq!(missing, NotifyOutcome::Failed);
+        std::fs::remove_file(&out).expect("reset");
+        d.group.shutdown(now());
+        d.perform().await;
+        let lines = notified(&mut d, &mut events, &out, 2).await;
+        assert_eq!(lines, ["notify_stop", "notify INSTANCE v STOP 255"]);
+        let status = d.status.lock().expect("status")[0].clone();
+        assert_eq!(status.group.as_deref(), Some("g"));
+        assert!(
+            status.counters.notify.runs >= 4,
+            "{:?}",
+            status.counters.notify
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
