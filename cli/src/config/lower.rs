@@ -89,7 +89,7 @@ pub(crate) fn nat(
 }
 
 /// A validated `datapath` value (absent: the default, the kernel path).
-fn datapath(value: Option<&toml::Spanned<String>>) -> Datapath {
+fn datapath(value: Option<&Spanned<String>>) -> Datapath {
     match value.map(|d| d.get_ref().as_str()) {
         Some("tun") => Datapath::Tun,
         _ => Datapath::Kernel,
