@@ -13,6 +13,17 @@
 //! segment before it is merged, so a damaged segment is never hidden under the fresh
 //! checksum the kernel computes for the merged packet.
 //!
+//! A packet that arrives with its transport checksum still *partial* is the other case: a
+//! peer whose kernel carries GSO super-packets across a virtual link (vipgate's own kernel
+//! data path, or Linux ip_gre, over veth) sends the inner TCP/UDP checksum as the kernel left
+//! it, the folded pseudo-header sum, for whichever device would have finished it, and a TCP
+//! packet possibly larger than the tunnel MTU. A raw socket reads both as they are. Such a
+//! packet (its checksum fails, but its field is exactly the pseudo-header sum) is written alone
+//! with `NEEDS_CSUM`, so the kernel finishes the checksum, and, when longer than the tunnel
+//! MTU, as a TCP super-packet the kernel segments at the MTU. A packet damaged on the way
+//! keeps failing: only an exact pseudo-header sum is taken as partial (a random error matches
+//! it with probability 2^-16, the checksum's own strength).
+//!
 //! What this module does NOT do: hold packets across batches (a batch ends with a flush,
 //! so no packet waits for a timer), merge interleaved flows (a different flow flushes),
 //! IPv4 options or IPv6 extension headers (such packets pass through unmerged).
@@ -60,9 +71,20 @@ pub(crate) struct TcpCoalescer {
     /// Mergeability of `buf`'s packet; `None` when it must go out alone.
     flow: Option<Flow>,
     pending: bool,
+    /// The tunnel MTU: a partial-checksum TCP packet longer than this is handed to the
+    /// kernel as a super-packet of segments this long (0: never).
+    pub(crate) mtu: usize,
 }
 
 impl TcpCoalescer {
+    /// An empty coalescer for a tunnel of this MTU.
+    pub(crate) fn with_mtu(mtu: usize) -> Self {
+        TcpCoalescer {
+            mtu,
+            ..TcpCoalescer::default()
+        }
+    }
+
     /// Merges `packet` into the frame being built, or completes that frame, returns it for
     /// the TUN write and starts a new one with `packet` (which may be anything: a packet
     /// that cannot be merged goes out alone).
@@ -155,11 +177,12 @@ impl TcpCoalescer {
             Some(flow) if flow.segments > 1 => self.seal(flow).is_some(),
             _ => false,
         };
-        if !merged {
-            // One packet: complete as received, no offload requested.
-            if let Some(header) = self.buf.get_mut(..VNET_HDR_LEN) {
-                header.fill(0);
-            }
+        if !merged && let Some((header, packet)) = self.buf.split_first_chunk_mut::<VNET_HDR_LEN>()
+        {
+            // One packet: complete as received; offload only to finish a partial checksum.
+            partial_checksum(packet, self.mtu)
+                .unwrap_or_default()
+                .encode(header);
         }
         true
     }
@@ -205,6 +228,63 @@ impl TcpCoalescer {
         .encode(header);
         Some(())
     }
+}
+
+/// The virtio-net header that has the kernel finish `packet`'s transport checksum, when that
+/// checksum is partial (the field holds exactly the folded pseudo-header sum and the full
+/// sum does not verify): TCP or UDP in IPv4 without options or in IPv6 without extension
+/// headers, lengths consistent. A TCP packet longer than `mtu` (when `mtu` leaves room for
+/// payload) also becomes a super-packet of `mtu`-sized segments. `None` for anything else.
+fn partial_checksum(packet: &[u8], mtu: usize) -> Option<VnetHdr> {
+    let (v6, ip_len, protocol, addresses) = match packet.first()? >> 4 {
+        4 => {
+            let ip = Ipv4View::new_unchecked(packet.first_chunk::<20>()?);
+            if ip.ihl() != 20 || ip.total_len() != packet.len() || ip.is_fragment() {
+                return None;
+            }
+            (false, 20, ip.protocol(), field::SRC.start..field::DST.end)
+        }
+        6 => {
+            let ip = packet.first_chunk::<40>()?;
+            if usize::from(u16::from_be_bytes([ip[4], ip[5]])) + 40 != packet.len() {
+                return None;
+            }
+            (true, 40, ip[6], 8..40)
+        }
+        _ => return None,
+    };
+    let l4 = packet.get(ip_len..)?;
+    let l4_len = u32::try_from(l4.len()).ok()?;
+    let pseudo = sum(0, packet.get(addresses)?) + l4_len + u32::from(protocol);
+    let (csum_offset, hdr_len) = match protocol {
+        6 => (16, ip_len + usize::from(l4.get(12)? >> 4) * 4),
+        17 if l4.get(4..6)? == &(l4.len() as u16).to_be_bytes()[..] => (6, ip_len + 8),
+        _ => return None,
+    };
+    let field = l4.get(csum_offset..csum_offset + 2)?;
+    let partial =
+        u16::from_be_bytes([field[0], field[1]]) == fold(pseudo) && fold(sum(pseudo, l4)) != 0xffff;
+    if !partial || hdr_len < ip_len + 8 || hdr_len > packet.len() {
+        return None;
+    }
+    let segment = mtu.checked_sub(hdr_len).filter(|&s| s > 0);
+    let gso = match segment {
+        Some(segment) if protocol == 6 && packet.len() > mtu => Some(segment),
+        _ => None,
+    };
+    // Lengths below 64 KiB: the IP length fields said so.
+    Some(VnetHdr {
+        flags: VnetHdr::NEEDS_CSUM,
+        gso_type: match (gso, v6) {
+            (None, _) => VnetHdr::GSO_NONE,
+            (Some(_), false) => VnetHdr::GSO_TCPV4,
+            (Some(_), true) => VnetHdr::GSO_TCPV6,
+        },
+        hdr_len: if gso.is_some() { hdr_len as u16 } else { 0 },
+        gso_size: gso.map_or(0, |s| u16::try_from(s).unwrap_or(u16::MAX)),
+        csum_start: ip_len as u16,
+        csum_offset: csum_offset as u16,
+    })
 }
 
 /// What a mergeable segment looks like. Invariant (from [`candidate`]): the packet holds
@@ -338,6 +418,86 @@ mod tests {
                 segment(seq0.wrapping_add((i * seg) as u32), c, flags, options)
             })
             .collect()
+    }
+
+    /// `segment`'s packet with its TCP checksum left partial, as a sending kernel leaves
+    /// it for the device: the folded pseudo-header sum.
+    fn partial(mut p: Vec<u8>) -> Vec<u8> {
+        let pseudo = sum(0, &p[12..20]) + (p.len() - 20) as u32 + 6;
+        put16(&mut p, 36, fold(pseudo));
+        p
+    }
+
+    #[test]
+    fn a_partial_checksum_is_left_for_the_kernel_to_finish() {
+        let p = partial(segment(1000, &[7; 300], TCP_ACK | TCP_PSH, &[]));
+        let mut c = TcpCoalescer::with_mtu(1476);
+        assert!(c.push(&p).is_none());
+        let frame = c.finish().unwrap().to_vec();
+        let header = VnetHdr::decode(&frame).unwrap();
+        assert_eq!(
+            header,
+            VnetHdr {
+                flags: VnetHdr::NEEDS_CSUM,
+                csum_start: 20,
+                csum_offset: 16,
+                ..VnetHdr::default()
+            }
+        );
+        assert_eq!(&frame[VNET_HDR_LEN..], &p[..], "the packet goes as it came");
+    }
+
+    #[test]
+    fn a_partial_super_packet_is_segmented_at_the_tunnel_mtu() {
+        let ts = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        let p = partial(segment(1000, &[9; 5000], TCP_ACK, &ts));
+        let mut c = TcpCoalescer::with_mtu(1476);
+        assert!(c.push(&p).is_none());
+        let frame = c.finish().unwrap().to_vec();
+        let header = VnetHdr::decode(&frame).unwrap();
+        assert_eq!(header.gso_type, VnetHdr::GSO_TCPV4);
+        assert!(header.needs_csum());
+        assert_eq!(usize::from(header.hdr_len), 20 + 32);
+        assert_eq!(usize::from(header.gso_size), 1476 - 52);
+        assert_eq!((header.csum_start, header.csum_offset), (20, 16));
+        assert_eq!(&frame[VNET_HDR_LEN..], &p[..]);
+    }
+
+    #[test]
+    fn a_damaged_checksum_is_not_taken_for_a_partial_one() {
+        let mut p = segment(1000, &[7; 300], TCP_ACK, &[]);
+        p[100] ^= 1;
+        let mut c = TcpCoalescer::with_mtu(1476);
+        assert!(c.push(&p).is_none());
+        let frame = c.finish().unwrap().to_vec();
+        assert_eq!(VnetHdr::decode(&frame).unwrap(), VnetHdr::default());
+        // A whole checksum that verifies is not partial either, even a short one.
+        assert_eq!(
+            partial_checksum(&segment(1, &[1], TCP_ACK, &[]), 1476),
+            None
+        );
+    }
+
+    #[test]
+    fn a_partial_udp_checksum_is_finished_but_never_segmented() {
+        let payload = [3u8; 2000];
+        let total = 28 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        put16(&mut p, 2, total as u16);
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        put16(&mut p, 20, 5000);
+        put16(&mut p, 22, 53);
+        put16(&mut p, 24, (total - 20) as u16);
+        p[28..].copy_from_slice(&payload);
+        let pseudo = sum(0, &p[12..20]) + (total - 20) as u32 + 17;
+        put16(&mut p, 26, fold(pseudo));
+        let header = partial_checksum(&p, 1476).unwrap();
+        assert_eq!(header.gso_type, VnetHdr::GSO_NONE);
+        assert_eq!((header.csum_start, header.csum_offset), (20, 6));
     }
 
     #[test]

@@ -816,6 +816,12 @@ async fn receive_loop(
             Err(_would_block) => continue,
         };
         let now = now();
+        // The MTU a partial-checksum super-packet is segmented at (a reload may change it).
+        for (sh, g) in tunnels.iter().zip(&mut gro) {
+            if sh.offload {
+                g.mtu = usize::from(sh.core().config().mtu);
+            }
+        }
         // recv_batch fills at most raw.len() entries and clamps each length to its buffer.
         for ((buf, &len), (&source, &segment)) in raw
             .iter_mut()
