@@ -159,18 +159,35 @@ pub struct Keepalive {
     pub count_max: u32,
 }
 
-/// A snapshot of one forward for `vipgate show ssh`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForwardStatus {
-    /// `local`, `remote` or `dynamic`.
-    pub kind: &'static str,
-    /// The spec as given (`8585:127.0.0.1:80`).
-    pub spec: String,
-    /// Where it actually listens (`127.0.0.1:8585`, or on the server for `-R`); empty while
-    /// a remote forward is not established.
-    pub bound: String,
-    /// Connections now open.
-    pub active: u64,
+/// Which way a forward goes, as `ssh -L`, `-R` and `-D`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum ForwardKind {
+    /// `-L`: a local listener, connections go to a target through the server.
+    Local,
+    /// `-R`: the server listens, connections come back to a local target.
+    Remote,
+    /// `-D`: a local SOCKS listener.
+    Dynamic,
+}
+
+impl ForwardKind {
+    /// The word `show ssh` prints.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardKind::Local => "local",
+            ForwardKind::Remote => "remote",
+            ForwardKind::Dynamic => "dynamic",
+        }
+    }
+}
+
+/// Monotonic counts of one forward (`counters` in `show ssh --json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ForwardCounts {
     /// Connections since start.
     pub total: u64,
     /// Connections that could not be forwarded.
@@ -181,17 +198,75 @@ pub struct ForwardStatus {
     pub bytes_in: u64,
 }
 
-/// A snapshot of a destination for `vipgate show ssh`.
+/// A snapshot of one forward for `vipgate show ssh`; with the `serde` feature its
+/// serialisation is the forward's entry in `show ssh --json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ForwardStatus {
+    /// `-L`, `-R` or `-D`.
+    pub kind: ForwardKind,
+    /// The spec as given (`8585:127.0.0.1:80`).
+    pub spec: String,
+    /// Where it actually listens (`127.0.0.1:8585`, or on the server for `-R`); empty while
+    /// a remote forward is not established.
+    pub bound: String,
+    /// Connections now open.
+    pub active: u64,
+    /// Monotonic counts.
+    pub counters: ForwardCounts,
+}
+
+/// Where a destination's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum TunnelState {
+    /// At least one SSH connection is up.
+    Connected,
+    /// None is up; the next attempt is under way or waiting for its backoff.
+    Connecting,
+    /// Stopped on request.
+    Stopped,
+}
+
+impl TunnelState {
+    /// The word `show ssh` prints.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelState::Connected => "connected",
+            TunnelState::Connecting => "connecting",
+            TunnelState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Monotonic counts of a destination (`counters` in `show ssh --json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ClientCounts {
+    /// Reconnections since start.
+    pub reconnects: u64,
+}
+
+/// A snapshot of a destination for `vipgate show ssh`; with the `serde` feature its
+/// serialisation is the destination's entry in `show ssh --json` (the uptime as whole
+/// seconds, `uptime_s`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SshClientStatus {
     /// Config name.
     pub name: String,
-    /// `connected`, `connecting` or `stopped`.
-    pub state: &'static str,
+    /// Connected, connecting or stopped.
+    pub state: TunnelState,
     /// Time since the current connection came up.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "uptime_s", with = "crate::serde_secs")
+    )]
     pub uptime: Option<Duration>,
-    /// Reconnections since start.
-    pub reconnects: u64,
+    /// Monotonic counts.
+    pub counters: ClientCounts,
     /// SSH connections now up (of `connections`).
     pub connections_up: usize,
     /// Why the last connection attempt or connection failed.
@@ -268,31 +343,22 @@ impl Default for ServerLimits {
     }
 }
 
-/// A snapshot of the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerStatus {
-    /// Bound address.
-    pub listen: String,
-    /// `SHA256:...` of the host key.
-    pub fingerprint: String,
-    /// Open sessions.
-    pub sessions: u64,
+/// Monotonic counts of the server (`counters` in `show ssh --json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ServerCounts {
     /// Accepted logins.
     pub logins: u64,
     /// Refused keys.
     pub auth_refused: u64,
     /// Refused forward requests.
     pub forwards_refused: u64,
-    /// Open forwarded channels.
-    pub channels_active: u64,
     /// Forwarded channels since start.
     pub channels_total: u64,
     /// Bytes client→target.
     pub bytes_out: u64,
     /// Bytes target→client.
     pub bytes_in: u64,
-    /// Connections not yet authenticated.
-    pub pending: u64,
     /// Refused by `max_startups`.
     pub refused_max_startups: u64,
     /// Refused by `per_source_max_startups`.
@@ -305,4 +371,23 @@ pub struct ServerStatus {
     pub listeners_refused: u64,
     /// accept() errors.
     pub accept_errors: u64,
+}
+
+/// A snapshot of the server; with the `serde` feature its serialisation is the server's
+/// entry in `show ssh --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ServerStatus {
+    /// Bound address.
+    pub listen: String,
+    /// `SHA256:...` of the host key.
+    pub fingerprint: String,
+    /// Open sessions.
+    pub sessions: u64,
+    /// Open forwarded channels.
+    pub channels_active: u64,
+    /// Connections not yet authenticated.
+    pub pending: u64,
+    /// Monotonic counts.
+    pub counters: ServerCounts,
 }

@@ -35,6 +35,8 @@ pub mod options;
 pub mod pattern;
 pub mod policy;
 pub mod reload;
+#[cfg(feature = "serde")]
+mod serde_secs;
 pub mod socks;
 pub mod spec;
 pub mod startups;
@@ -45,8 +47,9 @@ mod driver;
 pub mod error;
 
 pub use config::{
-    Algorithms, AllocatedPort, ClientConfig, ForwardStatus, JumpHop, Keepalive, ServerConfig,
-    ServerLimits, ServerStatus, SshClientStatus,
+    Algorithms, AllocatedPort, ClientConfig, ClientCounts, ForwardCounts, ForwardKind,
+    ForwardStatus, JumpHop, Keepalive, ServerConfig, ServerCounts, ServerLimits, ServerStatus,
+    SshClientStatus, TunnelState,
 };
 pub use reload::{NeedsRestart, ReloadPlan};
 

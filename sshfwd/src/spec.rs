@@ -16,6 +16,8 @@
 
 use std::fmt;
 
+use crate::config::ForwardKind;
+
 /// One side of a forward: a TCP host and port, or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -135,10 +137,10 @@ impl fmt::Display for ListenAddress {
 impl LocalForward {
     /// `local` or `dynamic`, as `vipgate show ssh` names them.
     #[must_use]
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ForwardKind {
         match self {
-            LocalForward::Local(_) => "local",
-            LocalForward::Dynamic(_) => "dynamic",
+            LocalForward::Local(_) => ForwardKind::Local,
+            LocalForward::Dynamic(_) => ForwardKind::Dynamic,
         }
     }
 
@@ -345,7 +347,10 @@ mod tests {
         assert_eq!(d("[::1]:1080").to_string(), "[::1]:1080");
         assert_eq!(l("/tmp/x.sock:web:80").unix_path(), Some("/tmp/x.sock"));
         assert_eq!(d("1080").unix_path(), None);
-        assert_eq!((l("1:h:2").kind(), d("1").kind()), ("local", "dynamic"));
+        assert_eq!(
+            (l("1:h:2").kind(), d("1").kind()),
+            (ForwardKind::Local, ForwardKind::Dynamic)
+        );
     }
 
     #[test]

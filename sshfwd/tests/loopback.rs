@@ -212,11 +212,11 @@ async fn local_remote_dynamic_through_vipgate_sshd() {
     );
 
     let st = tunnel.status();
-    assert_eq!(st.state, "connected");
+    assert_eq!(st.state, sshfwd::TunnelState::Connected);
     assert_eq!(st.forwards.len(), 3);
-    assert_eq!(st.forwards[0].total, 1);
-    assert_eq!(st.forwards[0].bytes_out, 300_000);
-    assert!(server.status().logins >= 1);
+    assert_eq!(st.forwards[0].counters.total, 1);
+    assert_eq!(st.forwards[0].counters.bytes_out, 300_000);
+    assert!(server.status().counters.logins >= 1);
     tunnel.stop().await;
 }
 
@@ -279,8 +279,8 @@ async fn refusals_are_clear() {
         read.is_err() || out.is_empty(),
         "refused forward closes the client"
     );
-    assert_eq!(server.status().forwards_refused, 1);
-    assert_eq!(tunnel.status().forwards[0].failed, 1);
+    assert_eq!(server.status().counters.forwards_refused, 1);
+    assert_eq!(tunnel.status().forwards[0].counters.failed, 1);
 
     // A port already in use is named in the error.
     let busy = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -344,18 +344,25 @@ async fn idle_connections_are_capped_and_closed_at_login_grace() {
     // ...a fourth is closed at once and counted.
     let mut extra = TcpStream::connect(server.local_addr()).await.unwrap();
     assert!(closed_within(&mut extra, 2).await);
-    assert_eq!(server.status().refused_max_startups, 1);
+    assert_eq!(server.status().counters.refused_max_startups, 1);
     // After the grace time the server closes the silent ones.
     for s in &mut idle {
         assert!(closed_within(s, 5).await, "idle connection not closed");
     }
-    assert!(eventually(5, || server.status().login_grace_expired == 3).await);
+    assert!(eventually(5, || server.status().counters.login_grace_expired == 3).await);
     assert!(eventually(5, || server.status().pending == 0).await);
     // An authenticated session outlives the grace time and frees its startup slot.
     let tunnel = SshClient::start(client(&server, &dir, &key)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let st = server.status();
-    assert_eq!((st.pending, st.logins, st.login_grace_expired), (0, 1, 3));
+    assert_eq!(
+        (
+            st.pending,
+            st.counters.logins,
+            st.counters.login_grace_expired
+        ),
+        (0, 1, 3)
+    );
     assert_eq!(st.sessions, 1);
     tunnel.stop().await;
 }
@@ -374,7 +381,7 @@ async fn per_source_cap() {
     assert!(eventually(5, || server.status().pending == 2).await);
     let mut c = TcpStream::connect(server.local_addr()).await.unwrap();
     assert!(closed_within(&mut c, 2).await);
-    assert_eq!(server.status().refused_per_source, 1);
+    assert_eq!(server.status().counters.refused_per_source, 1);
 }
 
 #[tokio::test]
@@ -401,7 +408,7 @@ async fn expired_and_cert_authority_keys_are_refused() {
         .await
         .unwrap();
     tunnel.stop().await;
-    assert!(server.status().auth_refused >= 2);
+    assert!(server.status().counters.auth_refused >= 2);
 }
 
 #[tokio::test]
@@ -422,7 +429,7 @@ async fn privileged_remote_port_and_channel_cap() {
         err.to_string().contains("remote port forwarding failed"),
         "{err}"
     );
-    assert_eq!(server.status().forwards_refused, 1);
+    assert_eq!(server.status().counters.forwards_refused, 1);
     // One channel per session: a second -L connection is refused, the session stays.
     let lport = free_port().await;
     let mut cfg = client(&server, &dir, &key);
@@ -439,7 +446,7 @@ async fn privileged_remote_port_and_channel_cap() {
     assert_eq!(&buf, b"ping");
     let mut second = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
     assert!(closed_within(&mut second, 5).await);
-    assert_eq!(server.status().channels_refused, 1);
+    assert_eq!(server.status().counters.channels_refused, 1);
     drop(first);
     drop(second);
     // The session survived: once the first channel is gone a new one works.

@@ -12,13 +12,18 @@ use super::SiteConfig;
 use super::gre::GreSection;
 use super::lb::{HealthKind, ServiceSection};
 use super::nat::NatSection;
+use super::ssh::SshSection;
 use super::vrrp::{VrrpGroupSection, VrrpSection};
 use gre::driver::TunnelSpec;
 use gre::{KeepaliveConfig, TunnelConfig};
 use ipnet::IpNet;
 use natgw::driver::{Datapath, DriverConfig};
 use natgw::{AclRule, GatewayConfig, StaticEntry, Timeouts};
+use sshfwd::ClientConfig;
+use sshfwd::backoff::BackoffConfig;
+use sshfwd::options::expand_tilde;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
 use std::time::Duration;
 use toml::Spanned;
 use vrrp::driver::{GroupSpec, MemberSpec, NotifyScripts, ScriptCommand, TrackScript};
@@ -321,6 +326,59 @@ pub(crate) fn vrrp_group(section: &VrrpGroupSection) -> GroupSpec {
 /// A validated script key (see `vrrp::check_script`): program, then its own arguments.
 fn script(value: Option<&Spanned<String>>) -> Option<ScriptCommand> {
     value.and_then(|v| ScriptCommand::parse(v.get_ref()))
+}
+
+/// `$HOME`, when set and not empty.
+pub(crate) fn home() -> Option<String> {
+    std::env::var("HOME").ok().filter(|h| !h.is_empty())
+}
+
+/// The login name a destination without `user@` uses, as OpenSSH takes it.
+pub(crate) fn default_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "root".to_string())
+}
+
+/// `~/.ssh/known_hosts`.
+pub(crate) fn default_known_hosts() -> PathBuf {
+    PathBuf::from(expand_tilde("~/.ssh/known_hosts", home().as_deref()))
+}
+
+/// One `[[ssh]]` destination as the SSH client runs it, but for the passphrase of an
+/// encrypted identity: that file is read by the part when it starts, not here.
+pub(crate) fn ssh_client(d: &SshSection) -> ClientConfig {
+    let dest = d.destination.get_ref();
+    let home = home();
+    let known_hosts = d.known_hosts.clone().unwrap_or_else(default_known_hosts);
+    let user = dest.user.clone().unwrap_or_else(default_user);
+    let mut cfg = ClientConfig::new(&dest.host, dest.port.unwrap_or(22), &user, known_hosts);
+    cfg.name = dest.text.clone();
+    cfg.identities = d
+        .identity
+        .iter()
+        .map(|p| PathBuf::from(expand_tilde(&p.display().to_string(), home.as_deref())))
+        .collect();
+    cfg.use_agent = d.use_agent;
+    cfg.strict_host_key_checking = d.strict_host_key_checking;
+    cfg.local = d.local.iter().map(|s| s.get_ref().0.clone()).collect();
+    cfg.remote = d.remote.iter().map(|s| s.get_ref().0.clone()).collect();
+    cfg.dynamic = d.dynamic.iter().map(|s| s.get_ref().0.clone()).collect();
+    cfg.gateway_ports = d.gateway_ports;
+    let alive = d.server_alive_interval.0;
+    cfg.server_alive_interval = (!alive.is_zero()).then_some(alive);
+    cfg.server_alive_count_max = d.server_alive_count_max;
+    cfg.exit_on_forward_failure = d.exit_on_forward_failure;
+    cfg.ciphers = d.ciphers.iter().map(|c| c.get_ref().clone()).collect();
+    cfg.connections = d.connections.get();
+    cfg.connect_timeout = d.connect_timeout.0;
+    cfg.backoff = BackoffConfig {
+        initial: d.reconnect_min.0,
+        max: d.reconnect_max.0,
+        ..BackoffConfig::default()
+    };
+    cfg.fail_fast = true;
+    cfg
 }
 
 #[cfg(test)]

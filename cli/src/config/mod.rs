@@ -418,7 +418,7 @@ impl SiteConfig {
         if ok("vrrp") {
             vrrp::validate_groups(&self.vrrp_group, &self.vrrp, v);
         }
-        ssh::validate_all(&self.ssh, v);
+        ssh::validate_all(&self.ssh, ok("ssh"), v);
         if let Some(sshd) = &self.sshd {
             sshd.validate(v);
         }

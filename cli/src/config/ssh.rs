@@ -17,7 +17,7 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub(crate) struct SshSection {
     /// `[user@]host[:port]`.
-    pub(crate) destination: Spanned<String>,
+    pub(crate) destination: Spanned<Destination>,
     /// Private key file.
     #[serde(default)]
     pub(crate) identity: Option<PathBuf>,
@@ -30,13 +30,13 @@ pub(crate) struct SshSection {
     pub(crate) strict_host_key_checking: StrictHostKeyChecking,
     /// `-L` specs.
     #[serde(default)]
-    pub(crate) local: Vec<Spanned<String>>,
+    pub(crate) local: Vec<Spanned<LocalSpec>>,
     /// `-R` specs.
     #[serde(default)]
-    pub(crate) remote: Vec<Spanned<String>>,
+    pub(crate) remote: Vec<Spanned<RemoteSpec>>,
     /// `-D` specs.
     #[serde(default)]
-    pub(crate) dynamic: Vec<Spanned<String>>,
+    pub(crate) dynamic: Vec<Spanned<DynamicForward>>,
     /// `ServerAliveInterval`. Default 15 s.
     #[serde(default = "d_alive")]
     pub(crate) server_alive_interval: HumanDuration,
@@ -75,6 +75,135 @@ pub(crate) struct SshSection {
     #[serde(default = "d_reconnect_max", deserialize_with = "at_least_100ms")]
     pub(crate) reconnect_max: HumanDuration,
 }
+
+/// `[user@]host[:port]` (`[v6]:port` for IPv6; a bare IPv6 address has no port), parsed
+/// when the file is read, so `check` refuses exactly what `run` could not use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Destination {
+    /// As written: the destination's name in `show ssh` and reloads.
+    pub(crate) text: String,
+    pub(crate) user: Option<String>,
+    pub(crate) host: String,
+    pub(crate) port: Option<u16>,
+}
+
+impl Destination {
+    /// Splits `[user@]host[:port]`.
+    pub(crate) fn parse(dest: &str) -> Result<Self, String> {
+        let not_a_destination = || format!("destination `{dest}` is not [user@]host[:port]");
+        let bad_port = || format!("bad port in destination `{dest}`");
+        let (user, rest) = match dest.rsplit_once('@') {
+            Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
+            Some(_) => return Err(format!("destination `{dest}` has an empty user name")),
+            None => (None, dest),
+        };
+        let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+            let (h, p) = r
+                .split_once(']')
+                .ok_or_else(|| format!("destination `{dest}`: unbalanced ["))?;
+            let port = match p.strip_prefix(':') {
+                Some(p) => Some(p.parse::<u16>().map_err(|_| bad_port())?),
+                None if p.is_empty() => None,
+                None => return Err(not_a_destination()),
+            };
+            (h, port)
+        } else if rest.matches(':').count() == 1 {
+            let (h, p) = rest.split_once(':').unwrap_or((rest, ""));
+            (h, Some(p.parse::<u16>().map_err(|_| bad_port())?))
+        } else {
+            (rest, None)
+        };
+        if host.is_empty() || dest.contains(char::is_whitespace) {
+            return Err(not_a_destination());
+        }
+        Ok(Destination {
+            text: dest.to_string(),
+            user,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_text(d, "[user@]host[:port]", Destination::parse)
+    }
+}
+
+impl Serialize for Destination {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+/// Reads a typed raw field from its text form with `parse`. The parse runs inside the string
+/// visitor, so a refusal leaves the TOML deserializer while it still knows the value: the
+/// error lands on that value's span (an array element's, not the array's).
+fn from_text<'de, D, T, E>(
+    d: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, E>,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    E: std::fmt::Display,
+{
+    struct Text<T, E> {
+        expecting: &'static str,
+        parse: fn(&str) -> Result<T, E>,
+    }
+    impl<T, E: std::fmt::Display> serde::de::Visitor<'_> for Text<T, E> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<Er: serde::de::Error>(self, v: &str) -> Result<T, Er> {
+            (self.parse)(v).map_err(Er::custom)
+        }
+    }
+    d.deserialize_str(Text { expecting, parse })
+}
+
+/// A typed raw field read with [`from_text`] and written back as its text by `--dump`.
+macro_rules! parsed_from_text {
+    ($(#[$doc:meta])* $name:ident($inner:ty) = $parse:path, $expecting:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub(crate) struct $name(pub(crate) $inner);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                from_text(d, $expecting, $parse).map($name)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&self.0)
+            }
+        }
+    };
+}
+
+parsed_from_text!(
+    /// One `-L` spec (`[bind:]port:host:hostport`, or with unix socket paths).
+    LocalSpec(ForwardSpec) = ForwardSpec::parse_local, "an ssh -L spec"
+);
+parsed_from_text!(
+    /// One `-R` spec (`[bind:]port:host:hostport`; port 0 lets the server choose).
+    RemoteSpec(ForwardSpec) = ForwardSpec::parse_remote, "an ssh -R spec"
+);
+parsed_from_text!(
+    /// One `-D` spec (`[bind:]port`).
+    DynamicForward(DynamicSpec) = DynamicSpec::parse, "an ssh -D spec"
+);
 
 /// SSH connections kept to one destination, 1..=16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -319,38 +448,17 @@ impl SshdSection {
     }
 }
 
-pub(crate) fn validate_all(dests: &[SshSection], v: &mut Validator) {
+/// `complete`: no key of any `[[ssh]]` was cut out for a serde error, so an empty forward
+/// list is what the file says (not a list refused element by element).
+pub(crate) fn validate_all(dests: &[SshSection], complete: bool, v: &mut Validator) {
     check_unique(
         dests
             .iter()
-            .map(|d| (d.destination.get_ref().clone(), d.destination.span())),
+            .map(|d| (d.destination.get_ref().text.clone(), d.destination.span())),
         "ssh destination",
         v,
     );
     for d in dests {
-        let dest = d.destination.get_ref();
-        let host = dest.rsplit_once('@').map_or(dest.as_str(), |(_, h)| h);
-        if host.is_empty() || dest.chars().any(char::is_whitespace) {
-            v.error_at(
-                &d.destination,
-                format!("destination `{dest}` is not [user@]host[:port]"),
-            );
-        }
-        for s in &d.local {
-            if let Err(e) = ForwardSpec::parse_local(s.get_ref()) {
-                v.error_at(s, e.to_string());
-            }
-        }
-        for s in &d.remote {
-            if let Err(e) = ForwardSpec::parse_remote(s.get_ref()) {
-                v.error_at(s, e.to_string());
-            }
-        }
-        for s in &d.dynamic {
-            if let Err(e) = DynamicSpec::parse(s.get_ref()) {
-                v.error_at(s, e.to_string());
-            }
-        }
         for c in &d.ciphers {
             if !sshfwd::options::CIPHERS.contains(&c.get_ref().as_str()) {
                 v.error_at(
@@ -366,7 +474,7 @@ pub(crate) fn validate_all(dests: &[SshSection], v: &mut Validator) {
         if d.reconnect_min.0 > d.reconnect_max.0 {
             v.error_at(&d.destination, "reconnect_min is longer than reconnect_max");
         }
-        if d.local.is_empty() && d.remote.is_empty() && d.dynamic.is_empty() {
+        if complete && d.local.is_empty() && d.remote.is_empty() && d.dynamic.is_empty() {
             v.error_at(
                 &d.destination,
                 "this destination has no local, remote or dynamic forwards",
@@ -427,6 +535,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert_eq!(e, "site.toml:4:15: connections 17 is out of range 1..=16");
+    }
+
+    #[test]
+    fn destinations_and_specs_are_parsed_where_they_are_written() {
+        let parse = |body: &str| {
+            crate::config::parse(
+                std::path::Path::new("site.toml"),
+                &format!("[[ssh]]\n{body}"),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            parse("destination = \"u@h:x\"\nlocal = [\"1:h:2\"]\n").unwrap_err(),
+            "site.toml:2:15: bad port in destination `u@h:x`"
+        );
+        let e = parse("destination = \"u@h\"\nlocal = [\"1:h:2\", \"nope\"]\nremote = [\"x\"]\n")
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "site.toml:3:19: bad local forwarding specification 'nope'\n\
+             site.toml:4:11: bad remote forwarding specification 'x'"
+        );
+        assert!(parse("destination = \"ops@[::1]:2222\"\ndynamic = [\"1080\"]\n").is_ok());
+    }
+
+    #[test]
+    fn destination_forms() {
+        let d = |s: &str| {
+            let d = Destination::parse(s).unwrap();
+            (d.user, d.host, d.port)
+        };
+        assert_eq!(d("ops@web"), (Some("ops".into()), "web".into(), None));
+        assert_eq!(
+            d("ops@203.0.113.5:2222"),
+            (Some("ops".into()), "203.0.113.5".into(), Some(2222))
+        );
+        assert_eq!(d("[::1]:22"), (None, "::1".into(), Some(22)));
+        assert_eq!(d("::1"), (None, "::1".into(), None));
+        for bad in ["@h", "h:x", "", "a b", "[::1", "[::1]x"] {
+            assert!(Destination::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -159,7 +159,7 @@ impl Kind {
                     })
                     .collect();
                 units.extend(site.ssh.iter().map(|d| {
-                    let name = d.destination.get_ref();
+                    let name = &d.destination.get_ref().text;
                     one(
                         name,
                         Some(vec![name.clone()]),
@@ -206,7 +206,7 @@ impl Kind {
                 None => wanted(s.name.get_ref()),
             }),
             Kind::Ssh => {
-                out.ssh.retain(|d| wanted(d.destination.get_ref()));
+                out.ssh.retain(|d| wanted(&d.destination.get_ref().text));
                 if !wanted("sshd") {
                     out.sshd = None;
                 }

@@ -7,19 +7,19 @@
 
 use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::SiteConfig;
-use crate::config::ssh::{SshSection, SshdSection};
+use crate::config::lower::{self, default_known_hosts, default_user, home};
+use crate::config::ssh::{Destination, SshSection, SshdSection};
 use anyhow::{Context, bail};
 use netutil::Reconfigured;
-use serde_json::json;
-use sshfwd::backoff::BackoffConfig;
 use sshfwd::known_hosts::StrictHostKeyChecking as Strict;
 use sshfwd::options::{AddressFamily, JumpSpec, MatchContext, SshOptions, Tokens, expand_tilde};
 use sshfwd::policy::PermitList;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use sshfwd::{
-    Algorithms, ClientConfig, ConfigFiles, JumpHop, ServerConfig, ServerLimits, SshClient,
-    SshClientStatus, SshFwdError, SshServer,
+    Algorithms, ClientConfig, ConfigFiles, JumpHop, ServerConfig, ServerLimits, ServerStatus,
+    SshClient, SshClientStatus, SshFwdError, SshServer,
 };
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -112,58 +112,6 @@ pub(crate) struct SshdArgs {
 /// Environment marker of the child that `-f` starts; its stdout carries one "ready" line.
 const BACKGROUND_CHILD: &str = "VIPGATE_SSH_BACKGROUND_CHILD";
 const READY: &str = "vipgate-ssh-ready";
-
-fn home() -> Option<String> {
-    std::env::var("HOME").ok().filter(|h| !h.is_empty())
-}
-
-fn default_user() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "root".to_string())
-}
-
-fn default_known_hosts() -> PathBuf {
-    PathBuf::from(expand_tilde("~/.ssh/known_hosts", home().as_deref()))
-}
-
-/// Splits `[user@]host[:port]`, with `[v6]:port` for IPv6 (a bare IPv6 address has no port).
-fn parse_destination(dest: &str) -> anyhow::Result<(Option<String>, String, Option<u16>)> {
-    let (user, rest) = match dest.rsplit_once('@') {
-        Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
-        Some(_) => bail!("destination `{dest}` has an empty user name"),
-        None => (None, dest),
-    };
-    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
-        let (h, p) = r
-            .split_once(']')
-            .with_context(|| format!("destination `{dest}`: unbalanced ["))?;
-        let port = match p.strip_prefix(':') {
-            Some(p) => Some(
-                p.parse::<u16>()
-                    .with_context(|| format!("bad port in `{dest}`"))?,
-            ),
-            None if p.is_empty() => None,
-            None => bail!("destination `{dest}` is not [user@]host[:port]"),
-        };
-        (h.to_string(), port)
-    } else if rest.matches(':').count() == 1 {
-        let (h, p) = rest.split_once(':').unwrap_or((rest, ""));
-        (
-            h.to_string(),
-            Some(
-                p.parse::<u16>()
-                    .with_context(|| format!("bad port in `{dest}`"))?,
-            ),
-        )
-    } else {
-        (rest.to_string(), None)
-    };
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        bail!("destination `{dest}` is not [user@]host[:port]");
-    }
-    Ok((user, host, port))
-}
 
 /// Reads a passphrase without echo from the terminal.
 fn prompt_passphrase(path: &Path) -> anyhow::Result<String> {
@@ -261,7 +209,12 @@ fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
             args.command.join(" ")
         );
     }
-    let (dest_user, dest_host, dest_port) = parse_destination(&args.destination)?;
+    let Destination {
+        user: dest_user,
+        host: dest_host,
+        port: dest_port,
+        ..
+    } = Destination::parse(&args.destination).map_err(anyhow::Error::msg)?;
     // Flags first: in OpenSSH they beat both -o given later and the config file.
     let mut o = SshOptions {
         port: args.port.or(dest_port),
@@ -315,7 +268,9 @@ fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
     apply_config_files(&mut o, args.config_file.as_deref(), &ctx, home.as_deref())?;
     let stdio = match &args.stdio_forward {
         Some(target) => {
-            let (user, host, port) = parse_destination(target)?;
+            let Destination {
+                user, host, port, ..
+            } = Destination::parse(target).map_err(anyhow::Error::msg)?;
             let port = port.with_context(|| format!("-W {target}: expected host:port"))?;
             if user.is_some() {
                 bail!("-W {target}: expected host:port");
@@ -675,56 +630,10 @@ async fn start_server(section: &SshdSection) -> anyhow::Result<SshServer> {
     Ok(server)
 }
 
+/// The client config of one `[[ssh]]` destination: its lowering plus the passphrase file,
+/// which is read each time the destination starts or reloads.
 fn client_config_from_section(d: &SshSection) -> anyhow::Result<ClientConfig> {
-    let (user, host, port) = parse_destination(d.destination.get_ref())?;
-    let home = home();
-    let known_hosts = d.known_hosts.clone().unwrap_or_else(default_known_hosts);
-    let mut cfg = ClientConfig::new(
-        &host,
-        port.unwrap_or(22),
-        &user.unwrap_or_else(default_user),
-        known_hosts,
-    );
-    cfg.name = d.destination.get_ref().clone();
-    cfg.identities = d
-        .identity
-        .iter()
-        .map(|p| PathBuf::from(expand_tilde(&p.display().to_string(), home.as_deref())))
-        .collect();
-    cfg.use_agent = d.use_agent;
-    cfg.strict_host_key_checking = d.strict_host_key_checking;
-    let parse = |s: &toml::Spanned<String>, f: fn(&str) -> Result<ForwardSpec, _>| {
-        f(s.get_ref()).map_err(|e: sshfwd::spec::SpecError| anyhow::anyhow!(e))
-    };
-    cfg.local = d
-        .local
-        .iter()
-        .map(|s| parse(s, ForwardSpec::parse_local))
-        .collect::<anyhow::Result<_>>()?;
-    cfg.remote = d
-        .remote
-        .iter()
-        .map(|s| parse(s, ForwardSpec::parse_remote))
-        .collect::<anyhow::Result<_>>()?;
-    cfg.dynamic = d
-        .dynamic
-        .iter()
-        .map(|s| DynamicSpec::parse(s.get_ref()).map_err(anyhow::Error::msg))
-        .collect::<anyhow::Result<_>>()?;
-    cfg.gateway_ports = d.gateway_ports;
-    let alive = d.server_alive_interval.0;
-    cfg.server_alive_interval = (!alive.is_zero()).then_some(alive);
-    cfg.server_alive_count_max = d.server_alive_count_max;
-    cfg.exit_on_forward_failure = d.exit_on_forward_failure;
-    cfg.ciphers = d.ciphers.iter().map(|c| c.get_ref().clone()).collect();
-    cfg.connections = d.connections.get();
-    cfg.connect_timeout = d.connect_timeout.0;
-    cfg.backoff = BackoffConfig {
-        initial: d.reconnect_min.0,
-        max: d.reconnect_max.0,
-        ..BackoffConfig::default()
-    };
-    cfg.fail_fast = true;
+    let mut cfg = lower::ssh_client(d);
     cfg.passphrase = match &d.passphrase_file {
         Some(f) => Some(read_passphrase_file(f)?),
         None => None,
@@ -766,28 +675,23 @@ impl SshClientPart {
     }
 }
 
-fn tunnel_json(s: &SshClientStatus) -> serde_json::Value {
-    json!({
-        "role": "client",
-        "name": s.name,
-        "state": s.state,
-        "uptime_s": s.uptime.map(|u| u.as_secs()),
-        "counters": { "reconnects": s.reconnects },
-        "connections_up": s.connections_up,
-        "last_error": s.last_error,
-        "forwards": s.forwards.iter().map(|f| json!({
-            "kind": f.kind,
-            "spec": f.spec,
-            "bound": f.bound,
-            "active": f.active,
-            "counters": {
-                "total": f.total,
-                "failed": f.failed,
-                "bytes_out": f.bytes_out,
-                "bytes_in": f.bytes_in,
-            },
-        })).collect::<Vec<_>>(),
-    })
+/// One entry of `show ssh --json`: a `[[ssh]]` destination or the `[sshd]` server, told
+/// apart by `role`; the text of `show ssh` is rendered from it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+enum SshEntry {
+    /// A destination of `vipgate run`.
+    Client(SshClientStatus),
+    /// The forwarding-only server (its `name` is always `sshd`).
+    Server {
+        name: String,
+        #[serde(flatten)]
+        status: ServerStatus,
+    },
+}
+
+fn entry_json(entry: &SshEntry) -> serde_json::Value {
+    serde_json::to_value(entry).unwrap_or_default()
 }
 
 impl SshClientPart {
@@ -796,7 +700,7 @@ impl SshClientPart {
         let Some(d) = site
             .ssh
             .iter()
-            .find(|d| *d.destination.get_ref() == self.name)
+            .find(|d| d.destination.get_ref().text == self.name)
         else {
             return Ok(Reconfigured::restart("the destination is gone"));
         };
@@ -816,7 +720,7 @@ impl Part for SshClientPart {
     }
     fn status(&self) -> serde_json::Value {
         self.drain_allocated();
-        tunnel_json(&self.tunnel.status())
+        entry_json(&SshEntry::Client(self.tunnel.status()))
     }
     /// Forwards added or removed and keepalive changes go onto the live SSH connection;
     /// what identifies the connection itself (destination, identity, host keys, ciphers,
@@ -842,29 +746,9 @@ impl Part for SshdPart {
         "sshd".to_string()
     }
     fn status(&self) -> serde_json::Value {
-        let s = self.server.status();
-        json!({
-            "role": "server",
-            "name": "sshd",
-            "listen": s.listen,
-            "fingerprint": s.fingerprint,
-            "sessions": s.sessions,
-            "channels_active": s.channels_active,
-            "pending": s.pending,
-            "counters": {
-                "logins": s.logins,
-                "auth_refused": s.auth_refused,
-                "forwards_refused": s.forwards_refused,
-                "channels_total": s.channels_total,
-                "bytes_out": s.bytes_out,
-                "bytes_in": s.bytes_in,
-                "refused_max_startups": s.refused_max_startups,
-                "refused_per_source": s.refused_per_source,
-                "login_grace_expired": s.login_grace_expired,
-                "channels_refused": s.channels_refused,
-                "listeners_refused": s.listeners_refused,
-                "accept_errors": s.accept_errors,
-            },
+        entry_json(&SshEntry::Server {
+            name: "sshd".to_string(),
+            status: self.server.status(),
         })
     }
     fn dead_task(&self) -> Option<String> {
@@ -939,80 +823,75 @@ fn uptime(secs: u64) -> String {
 
 /// Human text for `vipgate show ssh`.
 pub(crate) fn render(items: &[serde_json::Value]) -> String {
-    let mut out = String::new();
-    let s = |v: &serde_json::Value, k: &str| {
-        v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
-    };
-    let n =
-        |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-    // Monotonic counts sit under `counters`.
-    let c = |v: &serde_json::Value, k: &str| n(&v["counters"], k);
-    for it in items {
-        if s(it, "role") == "server" {
-            out.push_str(&format!(
-                "sshd {}  {}  sessions {}  logins {}  refused keys {} forwards {}  channels {} open / {} total  out {}  in {}\n",
-                s(it, "listen"),
-                s(it, "fingerprint"),
-                n(it, "sessions"),
-                c(it, "logins"),
-                c(it, "auth_refused"),
-                c(it, "forwards_refused"),
-                n(it, "channels_active"),
-                c(it, "channels_total"),
-                bytes(c(it, "bytes_out")),
-                bytes(c(it, "bytes_in")),
-            ));
-            out.push_str(&format!(
-                "  pre-auth {}  refused: max_startups {} per_source {} grace_expired {} channel_cap {} listener_cap {}  accept errors {}\n",
-                n(it, "pending"),
-                c(it, "refused_max_startups"),
-                c(it, "refused_per_source"),
-                c(it, "login_grace_expired"),
-                c(it, "channels_refused"),
-                c(it, "listeners_refused"),
-                c(it, "accept_errors"),
-            ));
-            continue;
-        }
-        let up = it
-            .get("uptime_s")
-            .and_then(serde_json::Value::as_u64)
-            .map_or_else(|| "-".to_string(), uptime);
-        out.push_str(&format!(
-            "ssh {}  {}  up {}  reconnects {}\n",
-            s(it, "name"),
-            s(it, "state"),
-            up,
-            c(it, "reconnects")
-        ));
-        if let Some(e) = it.get("last_error").and_then(|e| e.as_str()) {
-            out.push_str(&format!("  last error: {e}\n"));
-        }
-        for f in it
-            .get("forwards")
-            .and_then(|f| f.as_array())
-            .into_iter()
-            .flatten()
-        {
-            let bound = s(f, "bound");
-            out.push_str(&format!(
-                "  {:<8} {:<28} {:<22} open {}  total {}  failed {}  out {}  in {}\n",
-                s(f, "kind"),
-                s(f, "spec"),
-                if bound.is_empty() {
-                    "(not bound)".to_string()
-                } else {
-                    bound
-                },
-                n(f, "active"),
-                c(f, "total"),
-                c(f, "failed"),
-                bytes(c(f, "bytes_out")),
-                bytes(c(f, "bytes_in")),
-            ));
-        }
+    super::render_each(items, |out, entry: &SshEntry| match entry {
+        SshEntry::Server { status, .. } => render_server(out, status),
+        SshEntry::Client(tunnel) => render_tunnel(out, tunnel),
+    })
+}
+
+fn render_server(out: &mut String, s: &ServerStatus) {
+    let c = &s.counters;
+    let _ = writeln!(
+        out,
+        "sshd {}  {}  sessions {}  logins {}  refused keys {} forwards {}  channels {} open / {} total  out {}  in {}",
+        s.listen,
+        s.fingerprint,
+        s.sessions,
+        c.logins,
+        c.auth_refused,
+        c.forwards_refused,
+        s.channels_active,
+        c.channels_total,
+        bytes(c.bytes_out),
+        bytes(c.bytes_in),
+    );
+    let _ = writeln!(
+        out,
+        "  pre-auth {}  refused: max_startups {} per_source {} grace_expired {} channel_cap {} listener_cap {}  accept errors {}",
+        s.pending,
+        c.refused_max_startups,
+        c.refused_per_source,
+        c.login_grace_expired,
+        c.channels_refused,
+        c.listeners_refused,
+        c.accept_errors,
+    );
+}
+
+fn render_tunnel(out: &mut String, t: &SshClientStatus) {
+    let up = t
+        .uptime
+        .map_or_else(|| "-".to_string(), |u| uptime(u.as_secs()));
+    let _ = writeln!(
+        out,
+        "ssh {}  {}  up {}  reconnects {}",
+        t.name,
+        t.state.as_str(),
+        up,
+        t.counters.reconnects
+    );
+    if let Some(e) = &t.last_error {
+        let _ = writeln!(out, "  last error: {e}");
     }
-    out
+    for f in &t.forwards {
+        let bound = if f.bound.is_empty() {
+            "(not bound)"
+        } else {
+            &f.bound
+        };
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<28} {:<22} open {}  total {}  failed {}  out {}  in {}",
+            f.kind.as_str(),
+            f.spec,
+            bound,
+            f.active,
+            f.counters.total,
+            f.counters.failed,
+            bytes(f.counters.bytes_out),
+            bytes(f.counters.bytes_in),
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1020,24 +899,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn destinations() {
-        let d = |s: &str| parse_destination(s).unwrap();
-        assert_eq!(d("ops@web"), (Some("ops".into()), "web".into(), None));
-        assert_eq!(
-            d("ops@203.0.113.5:2222"),
-            (Some("ops".into()), "203.0.113.5".into(), Some(2222))
-        );
-        assert_eq!(d("[::1]:22"), (None, "::1".into(), Some(22)));
-        assert_eq!(d("::1"), (None, "::1".into(), None));
-        assert!(parse_destination("@h").is_err());
-        assert!(parse_destination("h:x").is_err());
-        assert!(parse_destination("").is_err());
-    }
-
-    #[test]
     fn render_shows_forwards() {
-        let v = json!({"role": "client", "name": "ops@h", "state": "connected", "uptime_s": 65,
-            "counters": {"reconnects": 2}, "forwards": [{"kind": "local", "spec": "8585:127.0.0.1:80",
+        let v = serde_json::json!({"role": "client", "name": "ops@h", "state": "connected",
+            "uptime_s": 65, "connections_up": 1, "counters": {"reconnects": 2},
+            "forwards": [{"kind": "local", "spec": "8585:127.0.0.1:80",
             "bound": "127.0.0.1:8585", "active": 1,
             "counters": {"total": 3, "failed": 0, "bytes_out": 1500, "bytes_in": 2_000_000}}]});
         let text = render(&[v]);
@@ -1047,6 +912,38 @@ mod tests {
         );
         assert!(
             text.contains("127.0.0.1:8585") && text.contains("in 2.0 MB"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn server_status_round_trips_with_its_role_and_name() {
+        let status = ServerStatus {
+            listen: "0.0.0.0:2222".into(),
+            fingerprint: "SHA256:abc".into(),
+            sessions: 2,
+            channels_active: 1,
+            pending: 3,
+            counters: sshfwd::ServerCounts {
+                logins: 7,
+                refused_max_startups: 4,
+                ..Default::default()
+            },
+        };
+        let v = entry_json(&SshEntry::Server {
+            name: "sshd".into(),
+            status,
+        });
+        assert_eq!(v["role"], "server");
+        assert_eq!(v["name"], "sshd");
+        assert_eq!(v["counters"]["logins"], 7);
+        let text = render(&[v]);
+        assert!(
+            text.contains("sshd 0.0.0.0:2222  SHA256:abc  sessions 2  logins 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pre-auth 3  refused: max_startups 4"),
             "{text}"
         );
     }

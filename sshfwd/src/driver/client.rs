@@ -25,7 +25,9 @@ use super::lock;
 use super::session::{ClientHandler, JumpHandler, RemoteForward, Shared, State};
 use super::worker::Worker;
 use crate::backoff::Backoff;
-use crate::config::{AllocatedPort, ClientConfig, Keepalive, SshClientStatus};
+use crate::config::{
+    AllocatedPort, ClientConfig, ClientCounts, Keepalive, SshClientStatus, TunnelState,
+};
 use crate::error::SshFwdError;
 use crate::known_hosts;
 use crate::options::{AddressFamily, AlgorithmList};
@@ -253,16 +255,18 @@ impl SshClient {
         SshClientStatus {
             name: self.shared.cfg.name.clone(),
             state: if state.stopped {
-                "stopped"
+                TunnelState::Stopped
             } else if up > 0 {
-                "connected"
+                TunnelState::Connected
             } else {
-                "connecting"
+                TunnelState::Connecting
             },
             uptime: state
                 .connected_at
                 .map(|t| now().saturating_duration_since(t)),
-            reconnects: state.reconnects,
+            counters: ClientCounts {
+                reconnects: state.reconnects,
+            },
             connections_up: up,
             last_error: state.last_error.clone(),
             forwards,

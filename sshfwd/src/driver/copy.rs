@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use russh::{ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config::ForwardStatus;
+use crate::config::{ForwardCounts, ForwardKind, ForwardStatus};
 
 /// Counters of one forward; shared by all its connections.
 #[derive(Debug, Default)]
@@ -30,16 +30,18 @@ pub struct ForwardCounters {
 
 impl ForwardCounters {
     /// A snapshot for `vipgate show ssh` of the forward they count.
-    pub(crate) fn status(&self, kind: &'static str, spec: String, bound: String) -> ForwardStatus {
+    pub(crate) fn status(&self, kind: ForwardKind, spec: String, bound: String) -> ForwardStatus {
         ForwardStatus {
             kind,
             spec,
             bound,
             active: self.active.load(Ordering::Relaxed),
-            total: self.total.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            bytes_out: self.bytes_out.load(Ordering::Relaxed),
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            counters: ForwardCounts {
+                total: self.total.load(Ordering::Relaxed),
+                failed: self.failed.load(Ordering::Relaxed),
+                bytes_out: self.bytes_out.load(Ordering::Relaxed),
+                bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            },
         }
     }
 }

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 
 use super::copy::{ForwardCounters, pump};
 use super::lock;
-use crate::config::{ServerConfig, ServerStatus};
+use crate::config::{ServerConfig, ServerCounts, ServerStatus};
 use crate::error::SshFwdError;
 use crate::policy::{AuthorizedKey, KeyOptions, Now, PermitList, Unusable, parse_authorized_keys};
 use crate::startups::{Refusal, Startups};
@@ -293,20 +293,22 @@ impl SshServer {
             listen: self.local_addr.to_string(),
             fingerprint: self.shared.fingerprint.clone(),
             sessions: c.sessions.load(Ordering::Relaxed),
-            logins: c.logins.load(Ordering::Relaxed),
-            auth_refused: c.auth_refused.load(Ordering::Relaxed),
-            forwards_refused: c.forwards_refused.load(Ordering::Relaxed),
             channels_active: c.channels.active.load(Ordering::Relaxed),
-            channels_total: c.channels.total.load(Ordering::Relaxed),
-            bytes_out: c.channels.bytes_out.load(Ordering::Relaxed),
-            bytes_in: c.channels.bytes_in.load(Ordering::Relaxed),
             pending: c.pending.load(Ordering::Relaxed),
-            refused_max_startups: c.refused_max_startups.load(Ordering::Relaxed),
-            refused_per_source: c.refused_per_source.load(Ordering::Relaxed),
-            login_grace_expired: c.login_grace_expired.load(Ordering::Relaxed),
-            channels_refused: c.channels_refused.load(Ordering::Relaxed),
-            listeners_refused: c.listeners_refused.load(Ordering::Relaxed),
-            accept_errors: c.accept_errors.load(Ordering::Relaxed),
+            counters: ServerCounts {
+                logins: c.logins.load(Ordering::Relaxed),
+                auth_refused: c.auth_refused.load(Ordering::Relaxed),
+                forwards_refused: c.forwards_refused.load(Ordering::Relaxed),
+                channels_total: c.channels.total.load(Ordering::Relaxed),
+                bytes_out: c.channels.bytes_out.load(Ordering::Relaxed),
+                bytes_in: c.channels.bytes_in.load(Ordering::Relaxed),
+                refused_max_startups: c.refused_max_startups.load(Ordering::Relaxed),
+                refused_per_source: c.refused_per_source.load(Ordering::Relaxed),
+                login_grace_expired: c.login_grace_expired.load(Ordering::Relaxed),
+                channels_refused: c.channels_refused.load(Ordering::Relaxed),
+                listeners_refused: c.listeners_refused.load(Ordering::Relaxed),
+                accept_errors: c.accept_errors.load(Ordering::Relaxed),
+            },
         }
     }
 

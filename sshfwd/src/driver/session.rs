@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::copy::ForwardCounters;
 use super::lock;
-use crate::config::{AllocatedPort, ClientConfig, ForwardStatus, Keepalive};
+use crate::config::{AllocatedPort, ClientConfig, ForwardKind, ForwardStatus, Keepalive};
 use crate::spec::{Endpoint, ForwardSpec};
 
 /// One SSH connection per slot, `None` while that slot is reconnecting.
@@ -141,7 +141,8 @@ impl RemoteForward {
                 }
             )
         };
-        self.counters.status("remote", self.spec.to_string(), bound)
+        self.counters
+            .status(ForwardKind::Remote, self.spec.to_string(), bound)
     }
 }
 
