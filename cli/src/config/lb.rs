@@ -170,6 +170,58 @@ impl LbSection {
     }
 }
 
+/// A real server's address and port serves one listener (service or static forward) at a
+/// time: the gateway finds a reply's flow from its source endpoint, so two listeners sharing
+/// one would take each other's replies (the second one's connections would hang). Refused
+/// here, at the later backend, until replies are matched on the whole 4-tuple.
+fn check_endpoints_serve_one_listener(
+    services: &[ServiceSection],
+    nat: Option<&NatSection>,
+    v: &mut Validator,
+) {
+    let mut owner: std::collections::HashMap<SocketAddrV4, String> = nat
+        .into_iter()
+        .flat_map(|n| &n.statics)
+        .filter(|st| *st.proto.get_ref() == natgw::Proto::Tcp)
+        .map(|st| {
+            (
+                st.inside,
+                format!(
+                    "the [[nat.static]] forward of port {}",
+                    st.outside_port.get_ref()
+                ),
+            )
+        })
+        .collect();
+    for s in services {
+        let name = s.name.get_ref();
+        let mine = s
+            .backends
+            .get_ref()
+            .iter()
+            .map(|b| &b.address)
+            .chain(s.sorry.as_ref());
+        let mut claimed = Vec::new();
+        for endpoint in mine {
+            match owner.get(endpoint.get_ref()) {
+                Some(other) => v.error_at(
+                    endpoint,
+                    format!(
+                        "{} already serves {other}: a real server's address and port can serve one \
+                         service or forward at a time (replies are told apart by it); give it \
+                         another port for service `{name}`",
+                        endpoint.get_ref()
+                    ),
+                ),
+                None => claimed.push(*endpoint.get_ref()),
+            }
+        }
+        for endpoint in claimed {
+            owner.insert(endpoint, format!("service `{name}`"));
+        }
+    }
+}
+
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,
@@ -189,6 +241,7 @@ pub(crate) fn validate_all(
         "service listen address",
         v,
     );
+    check_endpoints_serve_one_listener(services, nat, v);
     for s in services {
         if s.backends.get_ref().is_empty() {
             v.error_at(

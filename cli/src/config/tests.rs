@@ -506,3 +506,24 @@ fn included_files_hold_sections_only_and_single_tables_once() {
         ]
     );
 }
+
+#[test]
+fn a_real_server_endpoint_serves_one_service_or_forward() {
+    let text = "[nat]\noutside = \"eth0\"\ninside = [\"eth1\"]\naddress = \"198.51.100.1\"\n\
+                [[nat.static]]\nproto = \"tcp\"\noutside_port = 8001\ninside = \"10.0.0.3:80\"\n\n\
+                [[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+                backends = [{ address = \"10.0.0.1:80\" }, { address = \"10.0.0.2:80\" }]\n\n\
+                [[service]]\nname = \"alt\"\nlisten = \"198.51.100.10:8080\"\n\
+                backends = [{ address = \"10.0.0.2:80\" }, { address = \"10.0.0.3:80\" }, \
+                { address = \"10.0.0.2:81\" }]\n";
+    let errs = errors(text);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("site.toml:18:25: 10.0.0.2:80 already serves service `web`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].contains("10.0.0.3:80 already serves the [[nat.static]] forward of port 8001"),
+        "{errs:#?}"
+    );
+}
