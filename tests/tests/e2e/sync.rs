@@ -179,6 +179,11 @@ impl Lab {
     }
 
     fn start(&self, host: &str, priority: u8) -> Proc {
+        self.start_with(host, priority, "")
+    }
+
+    /// A director with `extra` lines in its `vip-web` instance.
+    fn start_with(&self, host: &str, priority: u8, extra: &str) -> Proc {
         let (me, peer) = if host == "d1" {
             ("10.0.0.11", "10.0.0.12")
         } else {
@@ -187,6 +192,7 @@ impl Lab {
         let text = format!(
             r#"[daemon]
 control = "{sock}"
+metrics = "127.0.0.1:9477"
 
 [lb]
 datapath = "{datapath}"
@@ -205,6 +211,7 @@ vrid = 51
 priority = {priority}
 advert_interval = "100ms"
 addresses = ["{VIP}/24"]
+{extra}
 
 [[vrrp]]
 name = "gw-inside"
@@ -284,6 +291,57 @@ vrrp = "vip-web"
         self.t.ip("sw", &format!("link set p-{host}-0 down"));
         self.t.ip("sw", &format!("link set p-{host}-1 down"));
     }
+
+    /// The dead host boots again: what did not survive a reboot (its VRRP addresses and proxy
+    /// neighbour entries) is gone, and its links come up.
+    fn host_returns(&self, host: &str) {
+        let _ = self.t.try_sh(host, "ip addr del 10.0.0.1/24 dev eth1");
+        let _ = self
+            .t
+            .try_sh(host, &format!("ip neigh del proxy {VIP} dev eth0"));
+        self.t.ip("sw", &format!("link set p-{host}-0 up"));
+        self.t.ip("sw", &format!("link set p-{host}-1 up"));
+    }
+
+    /// Starts `n` downloads of `size` bytes from the client (source ports from `base`) and
+    /// waits until each has its first 64 KiB.
+    fn downloads(&self, n: usize, size: u32, base: u16) -> Proc {
+        let script = self.t.dir().join("client.py");
+        let script = script.to_str().unwrap_or_default().to_owned();
+        let client = self.t.spawn(
+            "cl",
+            "client",
+            &[
+                "python3",
+                &script,
+                VIP,
+                &PORT.to_string(),
+                &n.to_string(),
+                &size.to_string(),
+                &base.to_string(),
+            ],
+        );
+        wait_until(Duration::from_secs(15), "every download under way", || {
+            (0..n).all(|k| client.log().contains(&format!("started {k}")))
+        });
+        client
+    }
+
+    /// Waits for the client to end and checks every download got exactly its bytes.
+    fn assert_complete(&self, client: &mut Proc, n: usize, size: u32, daemons: &[&Proc]) {
+        client.wait_exit(Duration::from_secs(90));
+        let log = client.log();
+        let results: Vec<&str> = log.lines().filter(|l| l.starts_with("conn=")).collect();
+        assert_eq!(results.len(), n, "client log:\n{log}");
+        let logs: Vec<String> = daemons.iter().map(|d| d.log()).collect();
+        for r in &results {
+            assert!(
+                r.ends_with(&format!("bytes={size} ok=True")),
+                "a download broke: {r}\nclient log:\n{log}\ndaemon logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+    }
 }
 
 /// Four downloads through the VIP, spread over both real servers, survive d1's death: d2
@@ -294,25 +352,11 @@ fn downloads_survive_the_master_crash(t: Topology, datapath: &'static str) {
     let mut d1 = lab.start("d1", 150);
     let d2 = lab.start("d2", 100);
     lab.wait_paired(&d1, &d2);
+    // d2 may have been master for a moment before it heard d1 at start.
+    let promotions = |s: &Value| counter(s, &["counters", "promotions"]);
+    let before = promotions(&lab.sync("d2").unwrap_or_default());
 
-    let script = lab.t.dir().join("client.py");
-    let script = script.to_str().unwrap_or_default().to_owned();
-    let mut client = lab.t.spawn(
-        "cl",
-        "client",
-        &[
-            "python3",
-            &script,
-            VIP,
-            &PORT.to_string(),
-            "4",
-            "1200000",
-            "31000",
-        ],
-    );
-    wait_until(Duration::from_secs(15), "every download under way", || {
-        (0..4).all(|k| client.log().contains(&format!("started {k}")))
-    });
+    let mut client = lab.downloads(4, 1_200_000, 31_000);
     let standby = wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
         lab.sync("d2")
             .map(|s| counter(&s, &["standby_flows"]))
@@ -320,20 +364,10 @@ fn downloads_survive_the_master_crash(t: Topology, datapath: &'static str) {
     });
     lab.host_death("d1", &mut d1);
 
-    client.wait_exit(Duration::from_secs(60));
-    let log = client.log();
-    let results: Vec<&str> = log.lines().filter(|l| l.starts_with("conn=")).collect();
-    assert_eq!(results.len(), 4, "client log:\n{log}");
-    for r in &results {
-        assert!(
-            r.ends_with("bytes=1200000 ok=True"),
-            "a download broke across the failover: {r}\nclient log:\n{log}\nd2 log:\n{}",
-            d2.log()
-        );
-    }
+    lab.assert_complete(&mut client, 4, 1_200_000, &[&d2]);
     let s2 = lab.sync("d2").unwrap_or_default();
     assert_eq!(s2["state"], "master", "{s2}");
-    assert_eq!(counter(&s2, &["counters", "promotions"]), 1, "{s2}");
+    assert_eq!(promotions(&s2), before + 1, "{s2}");
     assert!(
         counter(&s2, &["counters", "promoted"]) >= 4,
         "{standby} standby flows, promoted: {s2}"
@@ -404,4 +438,64 @@ fn forged_replayed_and_garbage_datagrams_are_dropped_and_counted() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("auth_failures 1"), "{text}");
     assert!(text.contains("replays 1"), "{text}");
+
+    // The metrics endpoint says the same, in a page promtool accepts.
+    let metrics = wait_for(Duration::from_secs(10), "the drops in the metrics", || {
+        let page = lab
+            .t
+            .try_sh("d2", "curl -sS --max-time 2 http://127.0.0.1:9477/metrics")
+            .ok()?;
+        page.lines()
+            .any(|l| {
+                l.starts_with("vipgate_sync_drops_total{")
+                    && l.ends_with("reason=\"auth_failures\"} 1")
+            })
+            .then_some(page)
+    });
+    super::daemon::promtool_accepts(&metrics);
+    assert!(
+        metrics.contains("vipgate_sync_state{listen=\"10.0.0.12:8849\",state=\"backup\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Fail-back: d1 dies during four downloads, d2 takes them over; d1 boots again, pulls d2's
+/// flows as standby while its `preempt_delay` runs, takes the VIP back and promotes them.
+/// Every byte of every download arrives across both moves. (Until VRRP preemption waits for
+/// the sync itself, `preempt_delay` is what gives the returning node time to catch up.)
+#[test]
+fn downloads_survive_the_crash_and_the_fail_back() {
+    let lab = Lab::new(e2e!(), "tun");
+    let delay = "preempt_delay = \"2s\"";
+    let mut d1 = lab.start_with("d1", 150, delay);
+    let d2 = lab.start("d2", 100);
+    lab.wait_paired(&d1, &d2);
+    let mut client = lab.downloads(4, 1_200_000, 32_000);
+    wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
+        lab.sync("d2")
+            .map(|s| counter(&s, &["standby_flows"]))
+            .filter(|n| *n >= 4)
+    });
+    lab.host_death("d1", &mut d1);
+    wait_until(Duration::from_secs(5), "d2 master", || {
+        lab.sync("d2").is_some_and(|s| s["state"] == "master")
+    });
+
+    lab.host_returns("d1");
+    let d1 = lab.start_with("d1", 150, delay);
+    wait_until(Duration::from_secs(10), "d1 back as master", || {
+        lab.sync("d1").is_some_and(|s| s["state"] == "master")
+            && lab.sync("d2").is_some_and(|s| s["state"] == "backup")
+    });
+    let s1 = lab.sync("d1").unwrap_or_default();
+    assert!(
+        counter(&s1, &["counters", "promoted"]) >= 4,
+        "d1 promoted the flows it pulled: {s1}"
+    );
+    assert!(
+        client.is_running(),
+        "the downloads span the fail-back: {}",
+        client.log()
+    );
+    lab.assert_complete(&mut client, 4, 1_200_000, &[&d1, &d2]);
 }
