@@ -457,6 +457,24 @@ fn forged_replayed_and_garbage_datagrams_are_dropped_and_counted() {
         metrics.contains("vipgate_sync_state{listen=\"10.0.0.12:8849\",state=\"backup\"} 1"),
         "{metrics}"
     );
+
+    // A change of [sync] restarts the part, which then runs with the new section.
+    let config = lab.t.dir().join("d2.toml");
+    let text = std::fs::read_to_string(&config).expect("d2's config");
+    std::fs::write(&config, format!("{text}port = 8850\n")).expect("rewrite d2's config");
+    let sock = lab.sock("d2");
+    let out = lab.t.vipgate_output(
+        "d2",
+        &["reload", "--control", sock.to_str().unwrap_or_default()],
+    );
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && reply.contains("sync: restarted ("),
+        "{reply}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = lab.sync("d2").unwrap_or_default();
+    assert_eq!(moved["name"], "10.0.0.12:8850", "{moved}");
 }
 
 /// Fail-back: d1 dies during four downloads, d2 takes them over; d1 boots again, pulls d2's
