@@ -384,6 +384,32 @@ fn downloads_survive_the_master_crash_tun() {
     downloads_survive_the_master_crash(e2e!(), "tun");
 }
 
+/// A planned switchover: d1 stops (SIGTERM: its sync part stops, then its VRRP instances
+/// send priority 0), d2 takes over at once with the flows it holds.
+#[test]
+fn downloads_survive_a_planned_switchover() {
+    let lab = Lab::new(e2e!(), "tun");
+    let mut d1 = lab.start("d1", 150);
+    let d2 = lab.start("d2", 100);
+    lab.wait_paired(&d1, &d2);
+    let mut client = lab.downloads(4, 1_200_000, 33_000);
+    wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
+        lab.sync("d2")
+            .map(|s| counter(&s, &["standby_flows"]))
+            .filter(|n| *n >= 4)
+    });
+    assert_eq!(
+        d1.terminate(Duration::from_secs(10)),
+        Some(0),
+        "d1 stops cleanly: {}",
+        d1.log()
+    );
+    lab.assert_complete(&mut client, 4, 1_200_000, &[&d1, &d2]);
+    let s2 = lab.sync("d2").unwrap_or_default();
+    assert_eq!(s2["state"], "master", "{s2}");
+    assert!(counter(&s2, &["counters", "promoted"]) >= 4, "{s2}");
+}
+
 /// A captured `Hello` sent again, the same message signed with another key, and garbage:
 /// each is dropped and counted by its reason, and nothing else changes.
 #[test]
