@@ -73,7 +73,7 @@ pub(crate) enum Command {
     },
     /// Details of one capability of the running daemon.
     Show {
-        /// gre | nat | lb | vrrp | ssh
+        /// gre | nat | lb | vrrp | sync | ssh
         #[arg(value_enum)]
         what: Kind,
         #[command(flatten)]

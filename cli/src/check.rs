@@ -183,6 +183,22 @@ pub(crate) fn summary(site: &SiteConfig) -> String {
             s.authorized_keys.display()
         );
     }
+    if let Some(s) = &site.sync {
+        let peers: Vec<String> = s
+            .peers
+            .get_ref()
+            .iter()
+            .map(|p| p.get_ref().to_string())
+            .collect();
+        let _ = writeln!(
+            out,
+            "  sync     {}:{} with [{}], following vrrp {}",
+            s.listen.get_ref(),
+            s.port.get_ref(),
+            peers.join(", "),
+            s.vrrp.get_ref()
+        );
+    }
     if site.is_empty() {
         let _ = writeln!(
             out,

@@ -56,6 +56,7 @@ fn part_label(kind: Kind) -> &'static str {
         Kind::Nat => "gateway",
         Kind::Lb => "service",
         Kind::Vrrp => "instance",
+        Kind::Sync => "listen",
         Kind::Ssh => "destination",
     }
 }
@@ -66,7 +67,7 @@ fn identity_fields(kind: Kind) -> &'static [&'static str] {
         Kind::Vrrp => &["vrid", "interface"],
         // The GRE key is an identifier, not a quantity.
         Kind::Gre => &["key"],
-        Kind::Nat | Kind::Lb | Kind::Ssh => &[],
+        Kind::Nat | Kind::Lb | Kind::Sync | Kind::Ssh => &[],
     }
 }
 

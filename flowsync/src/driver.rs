@@ -15,7 +15,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::engine::{Event, Now, SyncConfig, SyncEngine, SyncStats};
+use crate::engine::{Event, Now, PeerStatus, SyncConfig, SyncEngine, SyncStats};
 use crate::record::Update;
 #[cfg(doc)]
 use crate::wire::MAX_DATAGRAM;
@@ -50,16 +50,16 @@ pub struct SyncHandle {
 }
 
 /// What `show sync` reads.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncStatus {
     /// Counters.
     pub stats: SyncStats,
     /// No snapshot asked for is outstanding from a live peer.
     pub synced: bool,
-    /// Peers heard since start, and how many of them are up.
-    pub peers: usize,
-    /// Peers up.
-    pub peers_up: usize,
+    /// Every peer heard since start (at most [`crate::wire::MAX_PEERS`]).
+    pub peers: Vec<PeerStatus>,
+    /// Our data messages held until every live peer acknowledged them.
+    pub queued: usize,
 }
 
 /// The driver's clock: the one place that reads it.
@@ -112,8 +112,8 @@ fn status_of(engine: &SyncEngine) -> SyncStatus {
     SyncStatus {
         stats: *engine.stats(),
         synced: engine.synced(),
-        peers: engine.peers().count(),
-        peers_up: engine.peers().filter(|p| p.up).count(),
+        peers: engine.peers().collect(),
+        queued: engine.queued(),
     }
 }
 
@@ -251,6 +251,8 @@ mod tests {
             }
         );
         assert!(b.status.borrow().synced);
+        assert_eq!(b.status.borrow().peers.len(), 1);
+        assert!(b.status.borrow().peers[0].up);
         assert_eq!(b.status.borrow().stats.auth_failures, 0);
         drop(a.commands);
         assert!(

@@ -59,6 +59,8 @@ pub enum Show {
     Lb,
     /// `vipgate show vrrp --json`.
     Vrrp,
+    /// `vipgate show sync --json`.
+    Sync,
     /// `vipgate show ssh --json`.
     Ssh,
 }
@@ -71,6 +73,7 @@ impl Show {
             Show::Nat => &["show", "nat"],
             Show::Lb => &["show", "lb"],
             Show::Vrrp => &["show", "vrrp"],
+            Show::Sync => &["show", "sync"],
             Show::Ssh => &["show", "ssh"],
         }
     }

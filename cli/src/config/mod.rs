@@ -18,6 +18,7 @@ pub(crate) mod lb;
 pub(crate) mod lower;
 pub(crate) mod nat;
 pub(crate) mod ssh;
+pub(crate) mod sync;
 pub(crate) mod vrrp;
 
 use serde::de::DeserializeOwned;
@@ -45,6 +46,7 @@ pub(crate) struct SiteConfig {
     pub(crate) vrrp_group: Vec<vrrp::VrrpGroupSection>,
     pub(crate) ssh: Vec<ssh::SshSection>,
     pub(crate) sshd: Option<ssh::SshdSection>,
+    pub(crate) sync: Option<sync::SyncSection>,
     /// Things that work but deserve a second look, as `FILE:LINE:COL: warning: message`.
     #[serde(skip)]
     pub(crate) warnings: Vec<String>,
@@ -200,7 +202,7 @@ impl Validator {
 }
 
 /// The top-level sections the contract knows.
-pub(crate) const SECTIONS: [&str; 9] = [
+pub(crate) const SECTIONS: [&str; 10] = [
     "daemon",
     "gre",
     "nat",
@@ -210,6 +212,7 @@ pub(crate) const SECTIONS: [&str; 9] = [
     "vrrp_group",
     "ssh",
     "sshd",
+    "sync",
 ];
 
 /// One line on what a top-level section is, for vipgate.toml(5).
@@ -230,6 +233,7 @@ pub(crate) fn section_summary(section: &str) -> &'static str {
         }
         "ssh" => "[[ssh]]: an SSH destination with -L/-R/-D forwards, kept up",
         "sshd" => "the forwarding-only SSH server",
+        "sync" => "[sync]: flow sync with the VRRP peers, so a failover keeps connections",
         _ => "",
     }
 }
@@ -346,6 +350,7 @@ fn parse_into(
             "vrrp_group" => site.vrrp_group = many(value, name, diags),
             "ssh" => site.ssh = many(value, name, diags),
             "sshd" => site.sshd = one(value, name, diags),
+            "sync" => site.sync = one(value, name, diags),
             // Followed by `load` before this parse; here only its shape is checked.
             "include" => {
                 let paths = match value.get_ref() {
@@ -421,6 +426,13 @@ impl SiteConfig {
         ssh::validate_all(&self.ssh, ok("ssh"), v);
         if let Some(sshd) = &self.sshd {
             sshd.validate(v);
+        }
+        if let Some(sync) = &self.sync {
+            sync.validate(
+                ok("vrrp").then_some(self.vrrp.as_slice()),
+                self.nat.is_some() || !self.service.is_empty() || !ok("nat") || !ok("service"),
+                v,
+            );
         }
     }
 

@@ -157,7 +157,7 @@ fn hostile_files_explain_themselves() {
     assert_eq!(
         e,
         vec![
-            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [lb], [service], [vrrp], [vrrp_group], [ssh], [sshd]"
+            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [lb], [service], [vrrp], [vrrp_group], [ssh], [sshd], [sync]"
         ]
     );
     assert!(errors("gre = 5\n")[0].contains("must be an array of tables"));

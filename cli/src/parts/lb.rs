@@ -133,6 +133,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     {
         let mut wiring = wiring::lock(&ctx.wiring);
         wiring.health.extend(health_rx);
+        wiring.gateway = Some(driver.clone());
         for vip in &vrrp_vips {
             let hook: Arc<dyn AddressHook> = Arc::new(VipHook {
                 vip: *vip,

@@ -10,13 +10,14 @@
 //! into the same type on the client side, so no field is written out by hand twice.
 //! `start` sets up what the part needs (TUN, routes, sockets) and spawns its tasks; on error
 //! it must have undone its own setup. `vipgate run` starts capabilities in dependency order
-//! (GRE, NAT and services, VRRP, SSH) and, when one fails, stops the ones already started in
+//! (GRE, NAT and services, VRRP, flow sync, SSH) and, when one fails, stops the ones already started in
 //! reverse order, so nothing is left behind.
 
 pub(crate) mod gre;
 pub(crate) mod lb;
 pub(crate) mod nat;
 pub(crate) mod ssh;
+pub(crate) mod sync;
 pub(crate) mod vrrp;
 pub(crate) mod wiring;
 
@@ -60,13 +61,22 @@ pub(crate) enum Kind {
     Lb,
     /// VRRP instances.
     Vrrp,
+    /// Flow sync with the VRRP peers.
+    Sync,
     /// SSH forwarding destinations and the forwarding server.
     Ssh,
 }
 
 impl Kind {
     /// Every kind, in start order.
-    pub(crate) const ALL: [Kind; 5] = [Kind::Gre, Kind::Nat, Kind::Lb, Kind::Vrrp, Kind::Ssh];
+    pub(crate) const ALL: [Kind; 6] = [
+        Kind::Gre,
+        Kind::Nat,
+        Kind::Lb,
+        Kind::Vrrp,
+        Kind::Sync,
+        Kind::Ssh,
+    ];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -74,6 +84,7 @@ impl Kind {
             Kind::Nat => "nat",
             Kind::Lb => "lb",
             Kind::Vrrp => "vrrp",
+            Kind::Sync => "sync",
             Kind::Ssh => "ssh",
         }
     }
@@ -85,6 +96,7 @@ impl Kind {
             Kind::Nat => nat::render(items),
             Kind::Lb => lb::render(items),
             Kind::Vrrp => vrrp::render(items),
+            Kind::Sync => sync::render(items),
             Kind::Ssh => ssh::render(items),
         }
     }
@@ -96,6 +108,7 @@ impl Kind {
             Kind::Nat => site.nat.is_some(),
             Kind::Lb => !site.service.is_empty(),
             Kind::Vrrp => !site.vrrp.is_empty(),
+            Kind::Sync => site.sync.is_some(),
             Kind::Ssh => !site.ssh.is_empty() || site.sshd.is_some(),
         }
     }
@@ -107,6 +120,7 @@ impl Kind {
             Kind::Nat => serde_json::to_value(&site.nat),
             Kind::Lb => serde_json::to_value(&site.service),
             Kind::Vrrp => serde_json::to_value(&site.vrrp),
+            Kind::Sync => serde_json::to_value(&site.sync),
             Kind::Ssh => serde_json::to_value((&site.ssh, &site.sshd)),
         };
         v.unwrap_or_default()
@@ -168,7 +182,7 @@ impl Kind {
                 }));
                 units
             }
-            Kind::Gre | Kind::Nat | Kind::Lb => {
+            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Sync => {
                 if self.configured_in(site) {
                     vec![one(self.as_str(), None, self.sections(site))]
                 } else {
@@ -185,13 +199,14 @@ impl Kind {
     }
 
     /// The kinds built on this one at start (virtual services join the running gateway; VRRP
-    /// instances take the services' health signals and VIP hooks): when this kind restarts,
-    /// they must start again on the new one.
+    /// instances take the services' health signals and VIP hooks; flow sync takes the gateway
+    /// and the VRRP states): when this kind restarts, they must start again on the new one.
     pub(crate) fn dependents(self) -> &'static [Kind] {
         match self {
-            Kind::Nat => &[Kind::Lb],
-            Kind::Lb => &[Kind::Vrrp],
-            Kind::Gre | Kind::Vrrp | Kind::Ssh => &[],
+            Kind::Nat => &[Kind::Lb, Kind::Sync],
+            Kind::Lb => &[Kind::Vrrp, Kind::Sync],
+            Kind::Vrrp => &[Kind::Sync],
+            Kind::Gre | Kind::Sync | Kind::Ssh => &[],
         }
     }
 
@@ -211,7 +226,7 @@ impl Kind {
                     out.sshd = None;
                 }
             }
-            Kind::Gre | Kind::Nat | Kind::Lb => {}
+            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Sync => {}
         }
         out
     }
@@ -226,6 +241,7 @@ impl Kind {
             Kind::Nat => nat::start(site, ctx).await,
             Kind::Lb => lb::start(site, ctx).await,
             Kind::Vrrp => vrrp::start(site, ctx).await,
+            Kind::Sync => sync::start(site, ctx).await,
             Kind::Ssh => ssh::start(site, ctx).await,
         }
     }

@@ -42,7 +42,11 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         .await
         .context("starting the PAT gateway")?;
     let driver = Arc::new(driver);
-    wiring::lock(&ctx.wiring).nat = Some(Arc::clone(&driver));
+    {
+        let mut wiring = wiring::lock(&ctx.wiring);
+        wiring.nat = Some(Arc::clone(&driver));
+        wiring.gateway = Some(Arc::clone(&driver));
+    }
     Ok(vec![Box::new(NatPart {
         driver,
         wiring: Arc::clone(&ctx.wiring),

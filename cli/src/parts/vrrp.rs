@@ -192,6 +192,14 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
                 });
             }
         };
+        {
+            let mut wiring = wiring::lock(&ctx.wiring);
+            for (index, s) in sections.iter().enumerate() {
+                if let Some(state) = handle.state_watch(index) {
+                    wiring.vrrp_states.insert(s.name.get_ref().clone(), state);
+                }
+            }
+        }
         let shared = Arc::new(Shared {
             handle: Mutex::new(Some(handle)),
             sections: Mutex::new(sections.iter().map(|s| (*s).clone()).collect()),

@@ -1,10 +1,12 @@
 //! What parts started earlier hand to parts started after them, in one place.
 //!
-//! `vipgate run` starts the kinds in order (GRE, NAT, services, VRRP, SSH); a part that
+//! `vipgate run` starts the kinds in order (GRE, NAT, services, VRRP, sync, SSH); a part that
 //! others build on leaves its handles here at start, and the later parts read them from
 //! [`super::StartCtx::wiring`]. Nothing else crosses between parts: no part reaches into
 //! another's module state. Invariant: an entry is only ever replaced by the part that
-//! provides it (a restart), and the gateway entry is cleared by the nat part that set it.
+//! provides it (a restart), and the `nat` entry is cleared by the nat part that set it. The
+//! parts that read `gateway` and `vrrp_states` (sync) are restarted with the parts that
+//! provide them (`Kind::dependents`), so they never hold a stopped one for long.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -20,6 +22,12 @@ pub(crate) struct Wiring {
     /// The PAT gateway the nat part runs, for the virtual services to join (they add their
     /// listeners to its core and make VIPs live through it). Set while the nat part runs.
     pub(crate) nat: Option<Arc<NatDriver>>,
+    /// The gateway whose flows this node owns: the nat part's, or the one the services of a
+    /// director started (set by whichever of the two started last). Flow sync reads it.
+    pub(crate) gateway: Option<Arc<NatDriver>>,
+    /// Per VRRP instance name: its state, changed at each transition (flow sync follows the
+    /// instance its `[sync] vrrp` names).
+    pub(crate) vrrp_states: HashMap<String, watch::Receiver<vrrp::State>>,
     /// Per service name: `true` while it has a healthy backend (VRRP `track_services`).
     pub(crate) health: HashMap<String, watch::Receiver<bool>>,
     /// Per VIP a VRRP instance moves: the hook of the service that makes it live.

@@ -217,7 +217,7 @@ fn metrics_not_behind(status: &Value, metrics: &str) -> bool {
 
 /// `promtool check metrics` (Debian package `prometheus`, which `netns-scripts/test.sh`
 /// installs) lints `page`: HELP and TYPE lines, `_total` on counters only, base units.
-fn promtool_accepts(page: &str) {
+pub(super) fn promtool_accepts(page: &str) {
     use std::io::Write as _;
     let mut lint = std::process::Command::new("promtool")
         .args(["check", "metrics"])

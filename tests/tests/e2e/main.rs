@@ -14,4 +14,5 @@ mod nat;
 mod nat_attacks;
 mod ops;
 mod ssh;
+mod sync;
 mod vrrp;

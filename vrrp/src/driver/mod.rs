@@ -358,6 +358,8 @@ struct NotifyQueue {
 #[derive(Debug)]
 pub struct VrrpDriver {
     status: Arc<Mutex<Vec<VrrpStatus>>>,
+    /// Each member's state, in member order.
+    states: Vec<watch::Receiver<State>>,
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
     watch: TaskWatch,
@@ -367,6 +369,13 @@ impl VrrpDriver {
     /// The current status of every member.
     pub fn status(&self) -> Vec<VrrpStatus> {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Member `member`'s state (its index in the specs given to [`start`](Self::start)),
+    /// changed at each transition before the member's addresses are added or removed: what
+    /// a part that follows mastership (flow sync) waits on. `None`: no such member.
+    pub fn state_watch(&self, member: usize) -> Option<watch::Receiver<State>> {
+        self.states.get(member).cloned()
     }
 
     /// Applies a changed spec to member `member` (its index in the specs given to
@@ -450,6 +459,8 @@ struct Member {
     /// When the current mastership began.
     master_since: Option<Instant>,
     notify: NotifyQueue,
+    /// The member's state, sent at each transition (before its addresses move).
+    state: watch::Sender<State>,
 }
 
 /// The tracked objects of `spec` as the core's tracker holds them, names and weights: its own
@@ -520,6 +531,7 @@ impl VrrpDriver {
             }
         };
         let status = Arc::new(Mutex::new(Vec::new()));
+        let states = members.iter().map(|m| m.state.subscribe()).collect();
         let (cmd_tx, cmd_rx) = mpsc::channel(4);
         let mut driver = Driver {
             group_notify: GroupNotify::new(group),
@@ -540,6 +552,7 @@ impl VrrpDriver {
         });
         Ok(VrrpDriver {
             status,
+            states,
             commands: cmd_tx,
             task,
             watch,
@@ -642,6 +655,7 @@ async fn open_members(
             master_time: Duration::ZERO,
             master_since: None,
             notify: NotifyQueue::default(),
+            state: watch::Sender::new(State::Initialize),
         });
     }
     Ok((members, cores, io))
@@ -1003,6 +1017,7 @@ impl<Io: VrrpIo> Driver<Io> {
                     if t.to == State::Master {
                         m.master_since = Some(at);
                     }
+                    m.state.send_replace(t.to);
                     let event = NotifyEvent {
                         scope: NotifyScope::Instance,
                         name,
@@ -1289,6 +1304,7 @@ mod tests {
                 master_time: Duration::ZERO,
                 master_since: None,
                 notify: NotifyQueue::default(),
+                state: watch::Sender::new(State::Initialize),
             });
         }
         let driver = Driver {
@@ -1347,6 +1363,11 @@ mod tests {
         let garp = calls.iter().position(|c| *c == Call::Garp(VIP));
         assert!(add < garp, "addresses before the announcement: {calls:?}");
         assert_eq!(d.status.lock().expect("status")[0].state, State::Master);
+        assert_eq!(
+            *d.members[0].state.borrow(),
+            State::Master,
+            "the state watch follows"
+        );
 
         // Shutdown: priority 0 to each peer, the interface VIP removed, the hooked one
         // deactivated.
@@ -1367,6 +1388,7 @@ mod tests {
         let status = d.status.lock().expect("status")[0].clone();
         assert_eq!(status.counters.transitions, 2);
         assert_eq!(status.transitions.len(), 2);
+        assert_eq!(*d.members[0].state.borrow(), State::Initialize);
         let mastership = status.counters.master_time;
         assert!(mastership < Duration::from_secs(60), "{mastership:?}");
         d.publish();

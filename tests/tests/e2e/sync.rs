@@ -1,0 +1,545 @@
+//! Flow sync end to end: two directors run VRRP (the VIP and the real servers' gateway in one
+//! sync group, as in the lab), a virtual service and `[sync]`; slow downloads through the VIP
+//! must survive the master's death, and forged or replayed sync datagrams must be dropped and
+//! counted.
+//!
+//! ```text
+//!  cl 198.51.100.200 ── br0 (sw) ── d1 eth0 .11  d2 eth0 .12   VIP .10 (vrid 51)
+//!                        br1 (sw) ── d1 eth1 10.0.0.11  d2 eth1 10.0.0.12   gateway .1 (vrid 52)
+//!                                 ── rs1 10.0.0.101, rs2 10.0.0.102 (slow senders on :8080)
+//!  sync: d1 10.0.0.11:8849 <-> d2 10.0.0.12:8849 over br1
+//! ```
+//!
+//! A host death is what the VRRP tests do: SIGKILL and the host's bridge ports down.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
+
+const VIP: &str = "198.51.100.10";
+const PORT: u16 = 8080;
+const SYNC_PORT: u16 = 8849;
+
+/// Serves every connection `size` bytes at `rate` bytes/s: 4 KiB blocks, block `i` being
+/// sha256(str(i)) repeated, so the client can check the bytes without a copy of them.
+const SENDER_PY: &str = r#"
+import hashlib, socket, sys, threading, time
+port, size, rate = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def block(i):
+    return hashlib.sha256(b"%d" % i).digest() * 128
+def serve(c):
+    try:
+        sent, i, start = 0, 0, time.monotonic()
+        while sent < size:
+            b = block(i)[: size - sent]
+            c.sendall(b)
+            sent += len(b); i += 1
+            ahead = sent / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+        c.shutdown(socket.SHUT_WR)
+        c.recv(1)
+    except OSError as e:
+        print("sender error:", e, flush=True)
+    c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Opens `n` downloads from `VIP:port` at once (source ports `base`..), prints `started K`
+/// once connection K has its first 64 KiB, and at the end one line per connection: the bytes
+/// received and whether they are exactly the `size` bytes the senders send.
+const CLIENT_PY: &str = r#"
+import hashlib, socket, sys, threading
+vip, port, n, size, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+want, left, i = hashlib.sha256(), size, 0
+while left > 0:
+    b = hashlib.sha256(b"%d" % i).digest() * 128
+    want.update(b[:left]); left -= len(b[:left]); i += 1
+want = want.hexdigest()
+results = [None] * n
+def get(k):
+    try:
+        s = socket.create_connection((vip, port), timeout=30, source_address=("0.0.0.0", base + k))
+        h, got, told = hashlib.sha256(), 0, False
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            h.update(d); got += len(d)
+            if got >= 65536 and not told:
+                print("started %d" % k, flush=True); told = True
+        s.close()
+        results[k] = "bytes=%d ok=%s" % (got, got == size and h.hexdigest() == want)
+    except OSError as e:
+        results[k] = "bytes=-1 ok=False error=%s" % e
+threads = [threading.Thread(target=get, args=(k,)) for k in range(n)]
+for t in threads: t.start()
+for t in threads: t.join()
+for k, r in enumerate(results):
+    print("conn=%d %s" % (k, r), flush=True)
+"#;
+
+/// Captures the first sync `Hello` (message kind 1) d1 sends through the bridge port it is
+/// given, and prints it as hex.
+const CAPTURE_PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(20)
+while True:
+    f = s.recv(65535)
+    if f[12:14] != b"\x08\x00" or f[23] != 17:
+        continue
+    ihl = (f[14] & 15) * 4
+    udp = f[14 + ihl:]
+    src = ".".join(str(b) for b in f[26:30])
+    if src == sys.argv[2] and int.from_bytes(udp[2:4], "big") == int(sys.argv[3]) and udp[8 + 5] == 1:
+        print(udp[8:].hex(), flush=True)
+        break
+"#;
+
+/// Sends a captured datagram to `addr:port` as is (a replay), re-signed with a wrong key,
+/// and a garbage datagram.
+const ATTACK_PY: &str = r#"
+import hashlib, hmac, socket, sys
+msg, addr, port = bytes.fromhex(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(msg, (addr, port))
+forged = msg[:-32] + hmac.new(b"not the group's key at all", msg[:-32], hashlib.sha256).digest()
+s.sendto(forged, (addr, port))
+s.sendto(b"garbage, not a sync message", (addr, port))
+"#;
+
+struct Lab {
+    t: Topology,
+    datapath: &'static str,
+    key: PathBuf,
+    /// Real servers' senders: they live as long as the lab.
+    _senders: Vec<Proc>,
+}
+
+impl Lab {
+    fn new(mut t: Topology, datapath: &'static str) -> Lab {
+        t.hosts(&["sw", "d1", "d2", "cl", "rs1", "rs2"]);
+        t.bridge("sw", "br0").bridge("sw", "br1");
+        for (h, ip) in [("d1", "11"), ("d2", "12")] {
+            t.veth(h, "eth0", "sw", &format!("p-{h}-0"));
+            t.ip("sw", &format!("link set p-{h}-0 master br0"));
+            t.addr(h, "eth0", &format!("198.51.100.{ip}/24"));
+            t.veth(h, "eth1", "sw", &format!("p-{h}-1"));
+            t.ip("sw", &format!("link set p-{h}-1 master br1"));
+            t.addr(h, "eth1", &format!("10.0.0.{ip}/24"));
+            t.forwarding(h);
+        }
+        t.veth("cl", "eth0", "sw", "p-cl");
+        t.ip("sw", "link set p-cl master br0");
+        t.addr("cl", "eth0", "198.51.100.200/24");
+        let sender = t.write("sender.py", SENDER_PY);
+        let sender = sender.to_str().unwrap_or_default().to_owned();
+        let mut senders = Vec::new();
+        for (h, ip) in [("rs1", "101"), ("rs2", "102")] {
+            t.veth(h, "eth0", "sw", &format!("p-{h}"));
+            t.ip("sw", &format!("link set p-{h} master br1"));
+            t.addr(h, "eth0", &format!("10.0.0.{ip}/24"));
+            t.ip(h, "route add default via 10.0.0.1");
+            senders.push(t.spawn(
+                h,
+                &format!("sender-{h}"),
+                &["python3", &sender, &PORT.to_string(), "1200000", "100000"],
+            ));
+        }
+        t.write("client.py", CLIENT_PY);
+        t.write("capture.py", CAPTURE_PY);
+        t.write("attack.py", ATTACK_PY);
+        let key = t.write("sync.key", "a shared key for the two directors\n");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the key");
+        for h in ["rs1", "rs2"] {
+            t.wait_listening(h, PORT);
+        }
+        Lab {
+            t,
+            datapath,
+            key,
+            _senders: senders,
+        }
+    }
+
+    fn sock(&self, host: &str) -> PathBuf {
+        self.t.dir().join(format!("{host}.sock"))
+    }
+
+    fn start(&self, host: &str, priority: u8) -> Proc {
+        self.start_with(host, priority, "")
+    }
+
+    /// A director with `extra` lines in its `vip-web` instance.
+    fn start_with(&self, host: &str, priority: u8, extra: &str) -> Proc {
+        let (me, peer) = if host == "d1" {
+            ("10.0.0.11", "10.0.0.12")
+        } else {
+            ("10.0.0.12", "10.0.0.11")
+        };
+        let text = format!(
+            r#"[daemon]
+control = "{sock}"
+metrics = "127.0.0.1:9477"
+
+[lb]
+datapath = "{datapath}"
+
+[[service]]
+name = "dl"
+listen = "{VIP}:{PORT}"
+scheduler = "rr"
+backends = [{{ address = "10.0.0.101:{PORT}" }}, {{ address = "10.0.0.102:{PORT}" }}]
+
+[[vrrp]]
+name = "vip-web"
+group = "director"
+interface = "eth0"
+vrid = 51
+priority = {priority}
+advert_interval = "100ms"
+addresses = ["{VIP}/24"]
+{extra}
+
+[[vrrp]]
+name = "gw-inside"
+group = "director"
+interface = "eth1"
+vrid = 52
+priority = {priority}
+advert_interval = "100ms"
+addresses = ["10.0.0.1/24"]
+
+[sync]
+peers = ["{peer}"]
+listen = "{me}"
+key_file = "{key}"
+vrrp = "vip-web"
+"#,
+            sock = self.sock(host).display(),
+            datapath = self.datapath,
+            key = self.key.display(),
+        );
+        let config = self.t.write(&format!("{host}.toml"), &text);
+        let _ = std::fs::remove_file(self.sock(host));
+        let check = self
+            .t
+            .vipgate_output(host, &["check", "-c", config.to_str().unwrap_or_default()]);
+        assert!(
+            check.status.success(),
+            "vipgate check: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        self.t.vipgate(
+            host,
+            &format!("vipgate-{host}"),
+            &["run", "-c", config.to_str().unwrap_or_default()],
+        )
+    }
+
+    /// `show sync --json` of `host`'s node, if the daemon answers.
+    fn sync(&self, host: &str) -> Option<Value> {
+        self.t
+            .try_show(host, self.sock(host), Show::Sync)
+            .and_then(|v| v.get(0).cloned())
+    }
+
+    fn vrrp_state(&self, host: &str) -> String {
+        self.t
+            .try_show(host, self.sock(host), Show::Vrrp)
+            .and_then(|v| {
+                v.get(0)
+                    .and_then(|i| i["state"].as_str().map(str::to_owned))
+            })
+            .unwrap_or_default()
+    }
+
+    /// d1 master and streaming, d2 backup with d1 up as its peer and d1's snapshot taken.
+    fn wait_paired(&self, d1: &Proc, d2: &Proc) {
+        wait_until(
+            Duration::from_secs(20),
+            "d1 master, d2 backup and synced",
+            || {
+                let (s1, s2) = (self.sync("d1"), self.sync("d2"));
+                let ok = |s: &Option<Value>, state: &str| {
+                    s.as_ref().is_some_and(|s| {
+                        s["state"] == state && s["peers_up"] == 1 && s["synced"] == true
+                    })
+                };
+                ok(&s1, "master") && ok(&s2, "backup")
+            },
+        );
+        assert_eq!(self.vrrp_state("d1"), "MASTER", "{}", d1.log());
+        assert_eq!(self.vrrp_state("d2"), "BACKUP", "{}", d2.log());
+    }
+
+    /// A host death: SIGKILL and both bridge ports down.
+    fn host_death(&self, host: &str, daemon: &mut Proc) {
+        daemon.kill9();
+        self.t.ip("sw", &format!("link set p-{host}-0 down"));
+        self.t.ip("sw", &format!("link set p-{host}-1 down"));
+    }
+
+    /// The dead host boots again: what did not survive a reboot (its VRRP addresses and proxy
+    /// neighbour entries) is gone, and its links come up.
+    fn host_returns(&self, host: &str) {
+        let _ = self.t.try_sh(host, "ip addr del 10.0.0.1/24 dev eth1");
+        let _ = self
+            .t
+            .try_sh(host, &format!("ip neigh del proxy {VIP} dev eth0"));
+        self.t.ip("sw", &format!("link set p-{host}-0 up"));
+        self.t.ip("sw", &format!("link set p-{host}-1 up"));
+    }
+
+    /// Starts `n` downloads of `size` bytes from the client (source ports from `base`) and
+    /// waits until each has its first 64 KiB.
+    fn downloads(&self, n: usize, size: u32, base: u16) -> Proc {
+        let script = self.t.dir().join("client.py");
+        let script = script.to_str().unwrap_or_default().to_owned();
+        let client = self.t.spawn(
+            "cl",
+            "client",
+            &[
+                "python3",
+                &script,
+                VIP,
+                &PORT.to_string(),
+                &n.to_string(),
+                &size.to_string(),
+                &base.to_string(),
+            ],
+        );
+        wait_until(Duration::from_secs(15), "every download under way", || {
+            (0..n).all(|k| client.log().contains(&format!("started {k}")))
+        });
+        client
+    }
+
+    /// Waits for the client to end and checks every download got exactly its bytes.
+    fn assert_complete(&self, client: &mut Proc, n: usize, size: u32, daemons: &[&Proc]) {
+        client.wait_exit(Duration::from_secs(90));
+        let log = client.log();
+        let results: Vec<&str> = log.lines().filter(|l| l.starts_with("conn=")).collect();
+        assert_eq!(results.len(), n, "client log:\n{log}");
+        let logs: Vec<String> = daemons.iter().map(|d| d.log()).collect();
+        for r in &results {
+            assert!(
+                r.ends_with(&format!("bytes={size} ok=True")),
+                "a download broke: {r}\nclient log:\n{log}\ndaemon logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+    }
+}
+
+/// Four downloads through the VIP, spread over both real servers, survive d1's death: d2
+/// holds their flows as standby, promotes them when VRRP makes it master, and every byte
+/// arrives, in order, exactly once.
+fn downloads_survive_the_master_crash(t: Topology, datapath: &'static str) {
+    let lab = Lab::new(t, datapath);
+    let mut d1 = lab.start("d1", 150);
+    let d2 = lab.start("d2", 100);
+    lab.wait_paired(&d1, &d2);
+    // d2 may have been master for a moment before it heard d1 at start.
+    let promotions = |s: &Value| counter(s, &["counters", "promotions"]);
+    let before = promotions(&lab.sync("d2").unwrap_or_default());
+
+    let mut client = lab.downloads(4, 1_200_000, 31_000);
+    let standby = wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
+        lab.sync("d2")
+            .map(|s| counter(&s, &["standby_flows"]))
+            .filter(|n| *n >= 4)
+    });
+    lab.host_death("d1", &mut d1);
+
+    lab.assert_complete(&mut client, 4, 1_200_000, &[&d2]);
+    let s2 = lab.sync("d2").unwrap_or_default();
+    assert_eq!(s2["state"], "master", "{s2}");
+    assert_eq!(promotions(&s2), before + 1, "{s2}");
+    assert!(
+        counter(&s2, &["counters", "promoted"]) >= 4,
+        "{standby} standby flows, promoted: {s2}"
+    );
+}
+
+#[test]
+fn downloads_survive_the_master_crash_kernel() {
+    downloads_survive_the_master_crash(e2e!(), "kernel");
+}
+
+#[test]
+fn downloads_survive_the_master_crash_tun() {
+    downloads_survive_the_master_crash(e2e!(), "tun");
+}
+
+/// A planned switchover: d1 stops (SIGTERM: its sync part stops, then its VRRP instances
+/// send priority 0), d2 takes over at once with the flows it holds.
+#[test]
+fn downloads_survive_a_planned_switchover() {
+    let lab = Lab::new(e2e!(), "tun");
+    let mut d1 = lab.start("d1", 150);
+    let d2 = lab.start("d2", 100);
+    lab.wait_paired(&d1, &d2);
+    let mut client = lab.downloads(4, 1_200_000, 33_000);
+    wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
+        lab.sync("d2")
+            .map(|s| counter(&s, &["standby_flows"]))
+            .filter(|n| *n >= 4)
+    });
+    assert_eq!(
+        d1.terminate(Duration::from_secs(10)),
+        Some(0),
+        "d1 stops cleanly: {}",
+        d1.log()
+    );
+    lab.assert_complete(&mut client, 4, 1_200_000, &[&d1, &d2]);
+    let s2 = lab.sync("d2").unwrap_or_default();
+    assert_eq!(s2["state"], "master", "{s2}");
+    assert!(counter(&s2, &["counters", "promoted"]) >= 4, "{s2}");
+}
+
+/// A captured `Hello` sent again, the same message signed with another key, and garbage:
+/// each is dropped and counted by its reason, and nothing else changes.
+#[test]
+fn forged_replayed_and_garbage_datagrams_are_dropped_and_counted() {
+    let lab = Lab::new(e2e!(), "tun");
+    let d1 = lab.start("d1", 150);
+    let d2 = lab.start("d2", 100);
+    lab.wait_paired(&d1, &d2);
+    let capture = lab.t.dir().join("capture.py");
+    let hello = lab.t.sh(
+        "sw",
+        &format!("python3 {} p-d1-1 10.0.0.11 {SYNC_PORT}", capture.display()),
+    );
+    let hello = hello.trim();
+    assert!(hello.starts_with("56475359"), "a VGSY message: {hello}");
+    let before = lab.sync("d2").expect("d2 answers");
+    let attack = lab.t.dir().join("attack.py");
+    lab.t.sh(
+        "rs1",
+        &format!("python3 {} {hello} 10.0.0.12 {SYNC_PORT}", attack.display()),
+    );
+    let drops = |s: &Value, reason: &str| counter(s, &["counters", "drops", reason]);
+    let after = wait_for(
+        Duration::from_secs(5),
+        "the three datagrams counted",
+        || {
+            lab.sync("d2").filter(|s| {
+                drops(s, "auth_failures") > drops(&before, "auth_failures")
+                    && drops(s, "replays") > drops(&before, "replays")
+                    && drops(s, "malformed") > drops(&before, "malformed")
+            })
+        },
+    );
+    for reason in ["auth_failures", "replays", "malformed"] {
+        assert_eq!(
+            drops(&after, reason),
+            drops(&before, reason) + 1,
+            "{reason}: {after}"
+        );
+    }
+    assert_eq!(after["state"], "backup");
+    assert_eq!(after["peers_up"], 1, "d1 is still d2's peer: {after}");
+    let text = lab.t.vipgate_output(
+        "d2",
+        &[
+            "show",
+            "sync",
+            "--control",
+            lab.sock("d2").to_str().unwrap_or_default(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("auth_failures 1"), "{text}");
+    assert!(text.contains("replays 1"), "{text}");
+
+    // The metrics endpoint says the same, in a page promtool accepts.
+    let metrics = wait_for(Duration::from_secs(10), "the drops in the metrics", || {
+        let page = lab
+            .t
+            .try_sh("d2", "curl -sS --max-time 2 http://127.0.0.1:9477/metrics")
+            .ok()?;
+        page.lines()
+            .any(|l| {
+                l.starts_with("vipgate_sync_drops_total{")
+                    && l.ends_with("reason=\"auth_failures\"} 1")
+            })
+            .then_some(page)
+    });
+    super::daemon::promtool_accepts(&metrics);
+    assert!(
+        metrics.contains("vipgate_sync_state{listen=\"10.0.0.12:8849\",state=\"backup\"} 1"),
+        "{metrics}"
+    );
+
+    // A change of [sync] restarts the part, which then runs with the new section.
+    let config = lab.t.dir().join("d2.toml");
+    let text = std::fs::read_to_string(&config).expect("d2's config");
+    std::fs::write(&config, format!("{text}port = 8850\n")).expect("rewrite d2's config");
+    let sock = lab.sock("d2");
+    let out = lab.t.vipgate_output(
+        "d2",
+        &["reload", "--control", sock.to_str().unwrap_or_default()],
+    );
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && reply.contains("sync: restarted ("),
+        "{reply}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = lab.sync("d2").unwrap_or_default();
+    assert_eq!(moved["name"], "10.0.0.12:8850", "{moved}");
+}
+
+/// Fail-back: d1 dies during four downloads, d2 takes them over; d1 boots again, pulls d2's
+/// flows as standby while its `preempt_delay` runs, takes the VIP back and promotes them.
+/// Every byte of every download arrives across both moves. (Until VRRP preemption waits for
+/// the sync itself, `preempt_delay` is what gives the returning node time to catch up.)
+#[test]
+fn downloads_survive_the_crash_and_the_fail_back() {
+    let lab = Lab::new(e2e!(), "tun");
+    let delay = "preempt_delay = \"2s\"";
+    let mut d1 = lab.start_with("d1", 150, delay);
+    let d2 = lab.start("d2", 100);
+    lab.wait_paired(&d1, &d2);
+    let mut client = lab.downloads(4, 1_200_000, 32_000);
+    wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
+        lab.sync("d2")
+            .map(|s| counter(&s, &["standby_flows"]))
+            .filter(|n| *n >= 4)
+    });
+    lab.host_death("d1", &mut d1);
+    wait_until(Duration::from_secs(5), "d2 master", || {
+        lab.sync("d2").is_some_and(|s| s["state"] == "master")
+    });
+
+    lab.host_returns("d1");
+    let d1 = lab.start_with("d1", 150, delay);
+    wait_until(Duration::from_secs(10), "d1 back as master", || {
+        lab.sync("d1").is_some_and(|s| s["state"] == "master")
+            && lab.sync("d2").is_some_and(|s| s["state"] == "backup")
+    });
+    let s1 = lab.sync("d1").unwrap_or_default();
+    assert!(
+        counter(&s1, &["counters", "promoted"]) >= 4,
+        "d1 promoted the flows it pulled: {s1}"
+    );
+    assert!(
+        client.is_running(),
+        "the downloads span the fail-back: {}",
+        client.log()
+    );
+    lab.assert_complete(&mut client, 4, 1_200_000, &[&d1, &d2]);
+}
