@@ -13,7 +13,9 @@
 //! split and a transfer across a reload, lc and drain, health checks and the sorry server,
 //! joining a PAT gateway. The scheduler sequences, source hash and persistence, and
 //! thresholds are decisions of the core alone (the same code on both paths), so they run on
-//! the kernel path only, which keeps the module's time reasonable.
+//! the kernel path only, which keeps the module's time reasonable. Direct routing exists on
+//! the kernel path only and builds its own topology (a switch namespace the real servers and
+//! the client share, so replies bypass the director).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
