@@ -864,7 +864,8 @@ for i in range(n):
 /// ```
 ///
 /// Asserted: every download arrives whole (SHA-256 of each real server's own 1 MiB blob), rr
-/// alternates between the two, a drained server gets nothing new, `show lb` says Route and
+/// alternates between the two, a drained server gets nothing new, nor one its health check
+/// found down, `show lb` says Route and
 /// counts the client's side only, the kernel path carried the client's ACKs, and an nft
 /// counter in the director's namespace saw no packet from the VIP (no reply crossed it) while
 /// it did see the clients' SYNs (the counter works).
@@ -1035,9 +1036,39 @@ fn direct_routing_real_servers_answer_the_client_directly() {
         assert_eq!(b["counters"]["packets_out"], 0, "no reply seen: {b}");
         assert!(b["counters"]["packets_in"].as_u64().unwrap_or(0) > 0, "{b}");
     }
+
+    // Health checks go to the real addresses as in NAT mode: rs1 back at weight 1, rs2's
+    // server stopped, so rs2 goes down and rs1 takes everything.
+    let out = t.vipgate_output(
+        "dir",
+        &[
+            "lb",
+            "weight",
+            "web",
+            "10.0.0.101:80",
+            "1",
+            "--control",
+            &control,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(servers.pop());
+    wait_until(Duration::from_secs(10), "rs2 checked down", || {
+        show(&t).is_some_and(|j| j[0]["backends"][1]["state"] == "down")
+    });
+    assert_eq!(
+        fetch(2, 32_000),
+        ["rs1", "rs1"],
+        "a down server gets nothing"
+    );
+
     let (from_vip, syns) = counters();
     assert!(
-        syns >= 9,
+        syns >= 11,
         "the counter sees the director's traffic ({syns} SYNs)"
     );
     assert_eq!(from_vip, 0, "no packet from the VIP reached the director");
