@@ -10,6 +10,9 @@
 #     | 192.168.101.1   | 192.168.102.1    | 10.0.0.11          | 10.0.0.12
 #   web .101          brpc .10          ---- PREFIX-isp: bridge rs0 (L2 only) ----
 #                                          rs1 10.0.0.101     rs2 10.0.0.102
+#
+# rs1 and rs2 also have a leg on the isp segment (eth1, .21 and .22) that only the answers of
+# the direct-routing service (VIP 198.51.100.20 on their lo) take.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
@@ -57,6 +60,19 @@ addr "$P-rs2" eth0 10.0.0.102/24
 # The real servers' gateway is 10.0.0.1, a VIP the directors move with VRRP.
 gw "$P-rs1" 10.0.0.1
 gw "$P-rs2" 10.0.0.1
+# Direct routing (service web-dr, 198.51.100.20:8080, forward = "dr"): each real server holds
+# that VIP on lo and never answers ARP for it (arp_ignore=1, arp_announce=2); what it sends
+# from the VIP leaves through its own leg on the isp segment (a source rule; the address has
+# no prefix route, so nothing else uses that leg), never through a director.
+for i in 1 2; do
+  veth "$P-isp" "d-rs$i" "$P-rs$i" eth1
+  bridge_port "$P-isp" isp0 "d-rs$i"
+  ip -n "$P-rs$i" addr add "198.51.100.2$i/24" dev eth1 noprefixroute
+  ip -n "$P-rs$i" addr add 198.51.100.20/32 dev lo
+  ip netns exec "$P-rs$i" sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
+  ip -n "$P-rs$i" rule add from 198.51.100.20 lookup 20
+  ip -n "$P-rs$i" route add 198.51.100.0/24 dev eth1 table 20
+done
 
 # Branch LANs: one point-to-point LAN each.
 veth "$P-hq" eth1 "$P-web" eth0
@@ -74,10 +90,14 @@ for r in hq br dir1 dir2; do forwarding "$P-$r"; done
 http_server "$P-web" 192.168.101.101 80 web "$state"
 http_server "$P-rs1" 10.0.0.101 80 rs1 "$state"
 http_server "$P-rs2" 10.0.0.102 80 rs2 "$state"
+http_server "$P-rs1" 0.0.0.0 8080 rs1 "$state"
+http_server "$P-rs2" 0.0.0.0 8080 rs2 "$state"
 sshd_server "$P-web" 192.168.101.101 22 "$state"
 wait_port "$P-web" 192.168.101.101 80
 wait_port "$P-rs1" 10.0.0.101 80
 wait_port "$P-rs2" 10.0.0.102 80
+wait_port "$P-rs1" 10.0.0.101 8080
+wait_port "$P-rs2" 10.0.0.102 8080
 wait_port "$P-web" 192.168.101.101 22
 
 touch "$state/up"

@@ -53,6 +53,10 @@ pub(crate) enum Command {
         /// Print the effective config, every default filled in, as TOML instead of the summary.
         #[arg(long)]
         dump: bool,
+        /// Also check the file against this host, as `vipgate run` does (a direct-routing
+        /// service's real servers on a directly connected network).
+        #[arg(long)]
+        host: bool,
     },
     /// Run every part the config describes, in the foreground (SIGHUP re-reads, SIGTERM stops cleanly).
     Run {

@@ -6,13 +6,19 @@ use std::fmt::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-/// Checks `path`. Problems and warnings go to stderr (`quiet`: nothing is printed); a valid
-/// file prints its summary, or with `dump` the effective config, to stdout.
+/// Checks `path` (with `host`, against this host too). Problems and warnings go to stderr
+/// (`quiet`: nothing is printed); a valid file prints its summary, or with `dump` the
+/// effective config, to stdout.
 ///
 /// # Errors
 /// Only when the valid config cannot be written out as TOML.
-pub(crate) fn run(path: &Path, quiet: bool, dump: bool) -> anyhow::Result<ExitCode> {
-    match config::load(path) {
+pub(crate) fn run(path: &Path, quiet: bool, dump: bool, host: bool) -> anyhow::Result<ExitCode> {
+    let loaded = if host {
+        config::load_on_host(path)
+    } else {
+        config::load(path)
+    };
+    match loaded {
         Ok(site) => {
             if !quiet {
                 for w in &site.warnings {
@@ -138,7 +144,12 @@ pub(crate) fn summary(site: &SiteConfig) -> String {
             lower(s.scheduler),
             s.persistence
                 .map(|p| format!(", persistence {p}"))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                + if s.direct_route() {
+                    ", direct routing"
+                } else {
+                    ""
+                },
             backends.join(", "),
             s.health
                 .as_ref()

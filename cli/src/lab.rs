@@ -220,6 +220,7 @@ impl Lab {
             self.step_pat_web().await,
             self.step_pat_ssh().await,
             self.step_lb().await,
+            self.step_lb_dr().await,
             self.step_failover().await,
             self.step_return().await,
         ];
@@ -304,6 +305,47 @@ impl Lab {
             ok: other == 0 && rs1 == 10 && rs2 == 20,
             text: format!(
                 "LB: 30 requests to the VIP http://198.51.100.10/: rs1 {rs1}, rs2 {rs2}, failed {other} (wrr weights 1:2)"
+            ),
+        }
+    }
+
+    /// Bytes the real servers sent over their legs on the isp segment (only the direct-routing
+    /// service's answers take them).
+    async fn dr_leg_tx_bytes(&self) -> u64 {
+        let mut total = 0;
+        for rs in ["rs1", "rs2"] {
+            total += self
+                .sh(rs, "cat /sys/class/net/eth1/statistics/tx_bytes")
+                .await
+                .ok()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        total
+    }
+
+    /// Direct routing: requests to the DR VIP alternate between the real servers (rr), and
+    /// their answers leave by the servers' own legs on the isp segment, not through a director.
+    async fn step_lb_dr(&self) -> Step {
+        let before = self.dr_leg_tx_bytes().await;
+        let (mut rs1, mut rs2, mut other) = (0, 0, 0);
+        for _ in 0..10 {
+            match self
+                .sh("inet", "curl -sS --max-time 3 http://198.51.100.20:8080/")
+                .await
+                .as_deref()
+            {
+                Ok("rs1") => rs1 += 1,
+                Ok("rs2") => rs2 += 1,
+                _ => other += 1,
+            }
+        }
+        let sent = self.dr_leg_tx_bytes().await.saturating_sub(before);
+        // Ten HTTP answers (headers and body) are well over 1 KB.
+        Step {
+            ok: other == 0 && rs1 == 5 && rs2 == 5 && sent > 1000,
+            text: format!(
+                "LB-DR: 10 requests to http://198.51.100.20:8080/ (forward = \"dr\"): rs1 {rs1}, rs2 {rs2}, failed {other}; the real servers answered directly, {sent} bytes out of their own isp legs"
             ),
         }
     }

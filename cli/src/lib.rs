@@ -76,7 +76,7 @@ pub fn main_entry() -> ExitCode {
 /// Loads a daemon's config, raises the open-file limit and reduces privileges (per
 /// `[daemon]`); on failure prints why and returns the exit code.
 fn prepare_daemon(path: &std::path::Path) -> Result<config::SiteConfig, ExitCode> {
-    let site = match config::load(path) {
+    let site = match config::load_on_host(path) {
         Ok(site) => site,
         Err(errors) => {
             eprintln!("{errors}");
@@ -149,7 +149,8 @@ async fn dispatch(
             config,
             quiet,
             dump,
-        } => Ok(check::run(&config, quiet, dump)?),
+            host,
+        } => Ok(check::run(&config, quiet, dump, host)?),
         Command::Run { config, only } => run::run(&config, preloaded, only)
             .await
             .map(|()| ExitCode::SUCCESS),

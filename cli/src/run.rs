@@ -20,7 +20,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let site = match preloaded {
         Some(site) => site,
-        None => config::load(path)?,
+        None => config::load_on_host(path)?,
     };
     if site.is_empty() {
         anyhow::bail!("{}: configures nothing to run", path.display());
@@ -120,7 +120,7 @@ async fn reload(
     running: &RwLock<Running>,
     ctx: &StartCtx,
 ) -> Result<Vec<String>, String> {
-    let new = match config::load(path) {
+    let new = match config::load_on_host(path) {
         Ok(new) => new,
         Err(errors) => {
             tracing::error!("reload refused, the running config stays:\n{errors}");

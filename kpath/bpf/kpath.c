@@ -12,12 +12,23 @@
 // bpf_redirect_neigh). Routing uses the main table (BPF_FIB_LOOKUP_DIRECT): the policy rules
 // of the slow path would send the packet into nat0.
 //
+// Direct routing (LVS-DR, an entry with FLOW_DIRECT_ROUTE): the core decided that the client's
+// packets to a VIP go, unchanged, to a real server on a directly connected network; the entry's
+// daddr is that server. A hit on the outside interface only takes one off the TTL and is
+// redirected with the server as the next hop, so the kernel writes the server's MAC as the
+// destination and the egress interface's own as the source. The packets the core handles
+// itself (SYN, FIN, RST) come back out of nat0 unchanged; kpath_deliver, at nat0's ingress,
+// sends them the same way (without it they would be routed to the VIP, into nat0 again).
+//
 // Invariants:
 // - Anything the program is not sure of returns TC_ACT_OK untouched, so the packet takes the
 //   slow path through nat0 and the core sees it: no entry, not IPv4, IP options, fragments,
 //   TTL <= 1, protocols other than TCP/UDP (ICMP and ICMP errors included), TCP segments
 //   with SYN, FIN or RST (the core must see every state transition), a FIB miss or a packet
 //   that would need fragmenting. A packet is never rewritten and then passed on.
+// - A direct-routing entry is delivered to its real server only if the FIB reaches that
+//   server without a gateway (directly connected); kpath_deliver drops a packet it cannot
+//   deliver (counted) rather than let it loop through nat0.
 // - Per flow entry the program only writes the counters and the TCP sequence tracking
 //   fields; the rewrite fields are the core's and are written only by userspace.
 // - Counters are best effort under concurrency for the TCP tracking fields (last writer
@@ -52,6 +63,8 @@ static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen
                               __u32 flags) = (void *)BPF_FUNC_fib_lookup;
 static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen,
                                   __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len,
+                                   __u64 flags) = (void *)BPF_FUNC_skb_change_head;
 
 #define PIN_BY_NAME 1
 
@@ -59,6 +72,9 @@ static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen,
 // outbound packets, the one attached to the outside interface inbound ones.
 #define DIR_OUTBOUND 0
 #define DIR_INBOUND 1
+
+// flow_value.flags: deliver unchanged to the real server in daddr (LVS-DR).
+#define FLOW_DIRECT_ROUTE 1
 
 // The flow map key: the packet's 5-tuple as it arrives, and its direction. 16 bytes.
 struct flow_key {
@@ -100,6 +116,7 @@ enum counter {
 	CNT_SLOW_TCP_FLAGS,
 	CNT_SLOW_TTL,
 	CNT_SLOW_FIB,
+	CNT_DR_UNDELIVERABLE, // kpath_deliver: no direct route to the real server, dropped
 	CNT_MAX,
 };
 
@@ -148,6 +165,35 @@ INLINE int slow(__u32 reason)
 {
 	count(reason, 1);
 	return TC_ACT_OK;
+}
+
+// Asks the main table (BPF_FIB_LOOKUP_DIRECT, not the policy rules: those steer the gateway's
+// traffic into nat0, the slow path the packet is leaving) for the egress towards `daddr`;
+// fills `fib` (its ipv4_dst becomes the next hop). False on a miss or when a plain packet
+// would need fragmenting (a GSO super-packet is segmented to the egress MTU).
+INLINE int route(struct __sk_buff *skb, struct iphdr *ip, __be32 saddr, __be32 daddr,
+		 struct bpf_fib_lookup *fib)
+{
+	fib->family = 2; // AF_INET
+	fib->tos = ip->tos;
+	fib->l4_protocol = ip->protocol;
+	fib->tot_len = skb->gso_segs > 1 ? 0 : __builtin_bswap16(ip->tot_len);
+	fib->ipv4_src = saddr;
+	fib->ipv4_dst = daddr;
+	fib->ifindex = skb->ifindex; // at ingress: the device it arrived on
+	return bpf_fib_lookup(skb, fib, sizeof(*fib),
+			      BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_SKIP_NEIGH) ==
+	       BPF_FIB_LKUP_RET_SUCCESS;
+}
+
+// Sends the packet out of `ifindex` to the real server `server` (its MAC from the neighbour
+// table, resolved if needed; the source MAC is the interface's own).
+INLINE int redirect_to_server(__u32 ifindex, __be32 server)
+{
+	struct bpf_redir_neigh nh = {};
+	nh.nh_family = 2; // AF_INET
+	nh.ipv4_nh = server;
+	return bpf_redirect_neigh(ifindex, &nh, sizeof(nh), 0);
 }
 
 INLINE int handle(struct __sk_buff *skb, __u8 dir)
@@ -220,24 +266,20 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	if (ip->ttl <= 1)
 		return slow(CNT_SLOW_TTL);
 
-	__be32 new_saddr = v->saddr, new_daddr = v->daddr;
-	__be16 new_sport = v->sport, new_dport = v->dport;
+	// Direct routing leaves addresses and ports as they are; daddr names the next hop.
+	int direct = v->flags & FLOW_DIRECT_ROUTE;
+	__be32 next_hop = v->daddr;
+	__be32 new_saddr = direct ? key.saddr : v->saddr;
+	__be32 new_daddr = direct ? key.daddr : v->daddr;
+	__be16 new_sport = direct ? key.sport : v->sport;
+	__be16 new_dport = direct ? key.dport : v->dport;
 
 	// Route the translated packet before touching it: a miss leaves it for the slow path.
 	struct bpf_fib_lookup fib = {};
-	fib.family = 2; // AF_INET
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->protocol;
-	// A GSO super-packet is segmented to the egress MTU; a plain packet must fit it.
-	fib.tot_len = skb->gso_segs > 1 ? 0 : __builtin_bswap16(ip->tot_len);
-	fib.ipv4_src = new_saddr;
-	fib.ipv4_dst = new_daddr;
-	fib.ifindex = skb->ifindex; // at ingress: the device it arrived on
-	// The main table directly, not the policy rules: those steer the gateway's inside traffic
-	// into nat0, which is the slow path this packet is leaving.
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib),
-			   BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_SKIP_NEIGH) !=
-	    BPF_FIB_LKUP_RET_SUCCESS)
+	if (!route(skb, ip, new_saddr, next_hop, &fib))
+		return slow(CNT_SLOW_FIB);
+	// A real server must be on the segment: the route to it names no gateway.
+	if (direct && fib.ipv4_dst != next_hop)
 		return slow(CNT_SLOW_FIB);
 
 	__be32 old_saddr = key.saddr, old_daddr = key.daddr;
@@ -262,6 +304,17 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 		v->tcp_valid = 1;
 	}
 
+	__u8 ttl_proto[2];
+	ttl_proto[0] = new_ttl;
+	ttl_proto[1] = key.proto;
+	if (direct) {
+		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ttl_word, *(__u16 *)ttl_proto, 2);
+		bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0);
+		count(CNT_FAST_PACKETS, segs);
+		count(CNT_FAST_BYTES, ip_len);
+		return redirect_to_server(fib.ifindex, next_hop);
+	}
+
 	// Rewrite: transport checksum (addresses through the pseudo-header), IP checksum, fields.
 	if (old_saddr != new_saddr) {
 		bpf_l4_csum_replace(skb, csum_off, old_saddr, new_saddr,
@@ -278,9 +331,6 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	if (old_dport != new_dport)
 		bpf_l4_csum_replace(skb, csum_off, old_dport, new_dport, csum_flags | sizeof(new_dport));
 
-	__u8 ttl_proto[2];
-	ttl_proto[0] = new_ttl;
-	ttl_proto[1] = key.proto;
 	bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ttl_word, *(__u16 *)ttl_proto, 2);
 	bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0);
 	__be32 addrs[2] = {new_saddr, new_daddr};
@@ -305,6 +355,60 @@ SEC("classifier/inbound")
 int kpath_inbound(struct __sk_buff *skb)
 {
 	return handle(skb, DIR_INBOUND);
+}
+
+// Attached to the ingress of nat0 (a TUN: no link-layer header, the IP header at offset 0):
+// what the core wrote back. A packet of a direct-routing flow is delivered to its real server
+// unchanged (the kernel already took one off its TTL when it forwarded it into nat0); every
+// other packet continues into the stack untouched, as before.
+SEC("classifier/deliver")
+int kpath_deliver(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (data + sizeof(struct iphdr) + 4 > data_end) {
+		if (skb->len < sizeof(struct iphdr) + 4)
+			return TC_ACT_OK;
+		bpf_skb_pull_data(skb, sizeof(struct iphdr) + 4);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	struct iphdr *ip = data;
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_OK;
+	// Options are left to the stack: the core never direct-routes a packet it could not
+	// parse, and a fragment past the first carries no ports.
+	if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & __constant_htons(0x1fff)))
+		return TC_ACT_OK;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	__be16 *ports = (void *)(ip + 1);
+	if ((void *)(ports + 2) > data_end)
+		return TC_ACT_OK;
+	struct flow_key key = {
+		.saddr = ip->saddr,
+		.daddr = ip->daddr,
+		.sport = ports[0],
+		.dport = ports[1],
+		.proto = ip->protocol,
+		.dir = DIR_INBOUND,
+	};
+	struct flow_value *v = bpf_map_lookup_elem(&kpath_flows, &key);
+	if (!v || !(v->flags & FLOW_DIRECT_ROUTE))
+		return TC_ACT_OK;
+	__be32 server = v->daddr;
+	struct bpf_fib_lookup fib = {};
+	if (!route(skb, ip, ip->saddr, server, &fib) || fib.ipv4_dst != server) {
+		count(CNT_DR_UNDELIVERABLE, 1);
+		return TC_ACT_SHOT;
+	}
+	// bpf_redirect_neigh takes a frame with a link-layer header, which a TUN packet lacks:
+	// room for one (the neighbour code writes it).
+	if (bpf_skb_change_head(skb, ETH_HLEN, 0)) {
+		count(CNT_DR_UNDELIVERABLE, 1);
+		return TC_ACT_SHOT;
+	}
+	return redirect_to_server(fib.ifindex, server);
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";

@@ -9,6 +9,13 @@
 //! SYN/FIN/RST, ICMP, a FIB miss, TTL ≤ 1) passes untouched to the slow path, which stays
 //! fully featured.
 //!
+//! Direct routing (LVS-DR): for a flow of a direct-routing service the core installs one entry
+//! ([`direct_route_entry`]) at the client's first packet. The inbound program delivers the
+//! client's later packets unchanged to the real server (its MAC, found by the kernel's
+//! neighbour table); a third program, attached to `nat0`'s ingress
+//! ([`KernelPath::attach_delivery`]), does the same for the packets the core wrote back after
+//! handling them (the SYN, FIN, RST).
+//!
 //! Invariants:
 //! - Each map entry is keyed by the packet's 5-tuple as it arrives and its direction; the
 //!   value is the rewrite (new source and destination endpoints) plus what the program
@@ -157,6 +164,9 @@ pub struct Rewrite {
     pub src: SocketAddrV4,
     /// New destination endpoint.
     pub dst: SocketAddrV4,
+    /// Direct routing: the packet leaves unchanged, and `dst`'s address is the real server
+    /// (on a directly connected network) whose MAC it is sent to.
+    pub direct_route: bool,
 }
 
 /// Both map entries of one translation, as the core decided it: outbound packets from
@@ -180,6 +190,7 @@ pub fn entries(
             Rewrite {
                 src: public,
                 dst: outside,
+                direct_route: false,
             },
         ),
         (
@@ -192,9 +203,35 @@ pub fn entries(
             Rewrite {
                 src: outside,
                 dst: inside,
+                direct_route: false,
             },
         ),
     ]
+}
+
+/// The one map entry of a direct-routing flow, as the core decided it: the client's packets to
+/// `vip` (arriving on the outside interface, or written back to `nat0` by the core) are
+/// delivered unchanged to `server`, on a directly connected network.
+#[must_use]
+pub fn direct_route_entry(
+    proto: Proto,
+    client: SocketAddrV4,
+    vip: SocketAddrV4,
+    server: Ipv4Addr,
+) -> (FlowKey, Rewrite) {
+    (
+        FlowKey {
+            proto,
+            src: client,
+            dst: vip,
+            direction: Direction::Inbound,
+        },
+        Rewrite {
+            src: client,
+            dst: SocketAddrV4::new(server, vip.port()),
+            direct_route: true,
+        },
+    )
 }
 
 /// What the program reports for one direction of a flow.
@@ -237,8 +274,12 @@ pub struct Counters {
     pub slow_tcp_flags: u64,
     /// Passed to the slow path: TTL would expire.
     pub slow_ttl: u64,
-    /// Passed to the slow path: no route, or the packet would need fragmenting.
+    /// Passed to the slow path: no route, or the packet would need fragmenting (or, for a
+    /// direct-routing entry, the real server is not on a directly connected network).
     pub slow_fib: u64,
+    /// Dropped at `nat0`: a direct-routing packet whose real server is not reachable on a
+    /// directly connected network.
+    pub direct_route_undeliverable: u64,
 }
 
 fn octets(a: Ipv4Addr) -> [u8; 4] {
@@ -282,6 +323,11 @@ impl Rewrite {
             daddr: octets(*self.dst.ip()),
             sport: self.src.port().to_be_bytes(),
             dport: self.dst.port().to_be_bytes(),
+            flags: if self.direct_route {
+                pod::FLOW_DIRECT_ROUTE
+            } else {
+                0
+            },
             ..pod::RawFlowValue::default()
         }
     }

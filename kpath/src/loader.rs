@@ -59,10 +59,13 @@ impl LoadOptions {
     }
 }
 
+/// The program at `nat0`'s ingress that delivers direct-routing packets the core wrote back.
+const DELIVER: &str = "kpath_deliver";
+
 #[derive(Debug)]
 struct Attachment {
     iface: String,
-    direction: Direction,
+    program: &'static str,
     link: SchedClassifierLinkId,
     /// The `clsact` qdisc this loader added (removed at unload).
     qdisc_added: bool,
@@ -179,8 +182,11 @@ impl KernelPath {
             .map_pin_path(COUNTERS, counters_pin.as_path())
             .map_max_entries(FLOWS, opts.max_flows)
             .load(OBJECT)?;
-        for direction in [Direction::Outbound, Direction::Inbound] {
-            let program = direction.program();
+        for program in [
+            Direction::Outbound.program(),
+            Direction::Inbound.program(),
+            DELIVER,
+        ] {
             classifier(&mut ebpf, program)?
                 .load()
                 .map_err(|source| KpathError::Program { program, source })?;
@@ -222,7 +228,24 @@ impl KernelPath {
     /// # Errors
     /// No such interface, or the kernel refusing both attach methods allowed.
     pub fn attach(&mut self, iface: &str, direction: Direction) -> Result<AttachMode, KpathError> {
-        let program = direction.program();
+        self.attach_program(iface, direction.program())
+    }
+
+    /// Attaches the delivery program to the ingress of `iface`, the gateway's TUN (`nat0`):
+    /// the packets of direct-routing flows that the core wrote back go to their real server
+    /// from there; every other packet passes.
+    ///
+    /// # Errors
+    /// As [`KernelPath::attach`].
+    pub fn attach_delivery(&mut self, iface: &str) -> Result<AttachMode, KpathError> {
+        self.attach_program(iface, DELIVER)
+    }
+
+    fn attach_program(
+        &mut self,
+        iface: &str,
+        program: &'static str,
+    ) -> Result<AttachMode, KpathError> {
         // A clsact qdisc this loader added already serves the second program there (adding
         // it again would replace it).
         let ours = self
@@ -257,7 +280,7 @@ impl KernelPath {
         };
         self.attachments.push(Attachment {
             iface: iface.to_owned(),
-            direction,
+            program,
             link,
             qdisc_added,
         });
@@ -336,11 +359,14 @@ impl KernelPath {
             slow_tcp_flags: get(4)?,
             slow_ttl: get(5)?,
             slow_fib: get(6)?,
+            direct_route_undeliverable: get(7)?,
         })
     }
 
     /// Runs the program for `direction` once over `frame` (an Ethernet frame) as if it
-    /// arrived on interface `ifindex` (`BPF_PROG_TEST_RUN`), with the live maps.
+    /// arrived on interface `ifindex` (`BPF_PROG_TEST_RUN`), with the live maps. (The
+    /// delivery program reads an IP packet at offset 0, as a TUN hands it over, which a test
+    /// run cannot give it: it is exercised end to end.)
     ///
     /// # Errors
     /// The kernel refusing the run.
@@ -392,7 +418,7 @@ impl KernelPath {
         let mut first_error = None;
         // Newest first: the attachment that added a qdisc goes after the filters it carries.
         for a in std::mem::take(&mut self.attachments).into_iter().rev() {
-            let program = a.direction.program();
+            let program = a.program;
             let detached = classifier(&mut self.ebpf, program).and_then(|prog| {
                 prog.detach(a.link)
                     .map_err(|source| KpathError::Program { program, source })

@@ -5,6 +5,9 @@
 //! and no implicit padding (every gap is an explicit field), so any byte pattern is a valid
 //! value and no uninitialised byte reaches the kernel.
 
+/// `flow_value.flags`: deliver unchanged to the real server in `daddr` (`FLOW_DIRECT_ROUTE`).
+pub(crate) const FLOW_DIRECT_ROUTE: u32 = 1;
+
 /// `struct flow_key`: the packet's 5-tuple (network byte order, as in the packet) and the
 /// direction of the program that saw it.
 #[repr(C)]

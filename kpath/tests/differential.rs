@@ -45,6 +45,7 @@ fn config() -> GatewayConfig {
                 ..balance::PoolConfig::default()
             },
             health: None,
+            forward: natgw::Forward::Nat,
         }],
         compensate_ttl: false,
         ..GatewayConfig::default()
@@ -494,5 +495,90 @@ fn removed_entries_fall_back_to_the_slow_path() {
         h.passes(Direction::Outbound, &query);
         assert!(h.kp.keys().unwrap().is_empty());
         h.kp.unload().unwrap();
+    });
+}
+
+/// Direct routing: the core schedules the client's SYN and leaves it unchanged; with the entry
+/// installed, the client's later segments arriving on the outside take the fast path with no
+/// rewrite at all (only the router's TTL), redirected to the real server as next hop. The
+/// core's own packets (SYN, FIN, RST) stay on the slow path, and a server that is not on a
+/// directly connected network is never fast-pathed.
+#[test]
+fn direct_routing_delivers_unchanged_to_a_server_on_the_segment() {
+    in_sandbox(|ifindex| {
+        let now = Instant::now();
+        let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 12), 80);
+        // On kp0's network (10.200.0.0/24): directly connected.
+        let server = SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 5), 80);
+        let mut gw = Gateway::new(
+            now,
+            GatewayConfig {
+                services: vec![ServiceConfig {
+                    name: "dr".into(),
+                    listen: vip,
+                    pool: balance::PoolConfig {
+                        backends: vec![balance::BackendConfig::new(server, 1)],
+                        ..balance::PoolConfig::default()
+                    },
+                    health: None,
+                    forward: natgw::Forward::DirectRoute,
+                }],
+                compensate_ttl: false,
+                ..GatewayConfig::default()
+            },
+        )
+        .unwrap();
+        let mut kp = KernelPath::load(&LoadOptions::new("differential-dr")).unwrap();
+        let client = SocketAddrV4::new(SRV2, 53000);
+        let syn = tcp_frame(client, vip, &seg(Flags::Syn), b"");
+        let mut ip = syn[14..].to_vec();
+        let Verdict::DirectRoute(route) = gw.handle_packet(now, natgw::Direction::Inbound, &mut ip)
+        else {
+            panic!("not direct-routed");
+        };
+        assert_eq!(ip, syn[14..], "the core leaves the packet alone");
+        assert_eq!(
+            (route.client, route.vip, route.backend),
+            (client, vip, server)
+        );
+        let (key, rewrite) = kpath::direct_route_entry(Proto::Tcp, client, vip, *server.ip());
+        kp.insert(&key, &rewrite).unwrap();
+
+        let data = tcp_frame(client, vip, &seg(Flags::Ack), &[0x77; 700]);
+        let run = kp.test_run(Direction::Inbound, &data, ifindex).unwrap();
+        assert_eq!(run.action, TestRun::REDIRECT, "fast path taken");
+        assert_eq!(
+            run.frame[..14],
+            data[..14],
+            "MACs are left to redirect_neigh"
+        );
+        assert_eq!(
+            run.frame[14..],
+            forwarded(&data[14..])[..],
+            "only the TTL changed"
+        );
+        assert_checksums(&run.frame[14..]);
+        let report = kp.report(&key).unwrap().unwrap();
+        assert_eq!((report.packets, report.bytes), (1, 40 + 700));
+
+        for flags in [Flags::Syn, Flags::Fin, Flags::Rst] {
+            let frame = tcp_frame(client, vip, &seg(flags), b"");
+            let run = kp.test_run(Direction::Inbound, &frame, ifindex).unwrap();
+            assert_eq!((run.action, run.frame), (TestRun::PASS, frame), "slow path");
+        }
+        // The same client and VIP seen on an inside interface: not this entry.
+        let run = kp.test_run(Direction::Outbound, &data, ifindex).unwrap();
+        assert_eq!(run.action, TestRun::PASS);
+
+        // A server behind a gateway (kp0's default route): never delivered by MAC.
+        let far = SocketAddrV4::new(SRV2, 53001);
+        let (key, rewrite) = kpath::direct_route_entry(Proto::Tcp, far, vip, WEB);
+        kp.insert(&key, &rewrite).unwrap();
+        let frame = tcp_frame(far, vip, &seg(Flags::Ack), b"x");
+        let run = kp.test_run(Direction::Inbound, &frame, ifindex).unwrap();
+        assert_eq!((run.action, run.frame), (TestRun::PASS, frame));
+        let c = kp.counters().unwrap();
+        assert_eq!((c.fast_packets, c.slow_fib, c.slow_tcp_flags), (1, 1, 3));
+        kp.unload().unwrap();
     });
 }

@@ -30,7 +30,8 @@ fn loaded(ids: &[u32]) -> bool {
     loaded_programs().any(|p| p.is_ok_and(|p| ids.contains(&p.id())))
 }
 
-/// Loads, attaches both programs to kp0 in `mode`, then unloads and checks what is left.
+/// Loads, attaches the three programs to kp0 in `mode` (the delivery program normally goes
+/// on the TUN; any device takes it), then unloads and checks what is left.
 fn attach_and_unload(mode: AttachMode) -> AttachMode {
     in_sandbox(move |_| {
         let mut opts = LoadOptions::new("site-a");
@@ -39,11 +40,12 @@ fn attach_and_unload(mode: AttachMode) -> AttachMode {
         assert!(!kp.adopted());
         let used = kp.attach(IFACE, Direction::Outbound).unwrap();
         assert_eq!(kp.attach(IFACE, Direction::Inbound).unwrap(), used);
+        assert_eq!(kp.attach_delivery(IFACE).unwrap(), used);
         let pin_dir = kp.pin_dir().to_owned();
         assert!(pin_dir.join("kpath_flows").exists());
         let ids = if used == AttachMode::Tcx {
             let ids = attached_ids();
-            assert_eq!(ids.len(), 2, "both programs attached with tcx");
+            assert_eq!(ids.len(), 3, "the three programs attached with tcx");
             ids
         } else {
             assert!(qdiscs().contains("clsact"), "{}", qdiscs());

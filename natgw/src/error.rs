@@ -95,5 +95,8 @@ netutil::drop_reasons! {
         /// An outbound flow from a virtual service's backend (or sorry server) endpoint that
         /// would have needed a dynamic mapping: that endpoint is reserved for the service.
         ServiceEndpointReserved => "service_endpoint_reserved",
+        /// A new connection to a direct-routing service while no data path can deliver it
+        /// (the kernel path did not load: the TUN cannot change a frame's MACs).
+        DirectRouteUnavailable => "direct_route_unavailable",
     }
 }

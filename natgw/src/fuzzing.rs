@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use balance::{BackendConfig, PoolConfig, SchedulerKind};
 
 use crate::{
-    Direction, Gateway, GatewayConfig, L4Checksum, PacketMeta, Proto, ServiceConfig, StaticEntry,
+    Direction, Forward, Gateway, GatewayConfig, L4Checksum, PacketMeta, Proto, ServiceConfig,
+    StaticEntry, Verdict,
 };
 
 /// Feeds `data` (at time `now`) to a gateway with one static forward: the first byte picks
@@ -66,16 +67,21 @@ pub fn run_gateway(now: Instant, data: &[u8]) {
     let _ = gw.translations(now);
 }
 
-/// A virtual service on `listen` alternating (round robin) between two backends.
-fn two_backends(listen: SocketAddrV4) -> ServiceConfig {
+/// A virtual service on `listen` alternating (round robin) between two backends, forwarding
+/// as `forward` says (a direct-routing backend listens on the VIP's port).
+fn two_backends(name: &str, listen: SocketAddrV4, forward: Forward) -> ServiceConfig {
+    let port = match forward {
+        Forward::Nat => 8080,
+        Forward::DirectRoute => listen.port(),
+    };
     let backend = |last| {
         BackendConfig::new(
-            SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, last), 8080),
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, last), port),
             1,
         )
     };
     ServiceConfig {
-        name: "fuzz".into(),
+        name: name.into(),
         listen,
         pool: PoolConfig {
             scheduler: SchedulerKind::Rr,
@@ -83,6 +89,7 @@ fn two_backends(listen: SocketAddrV4) -> ServiceConfig {
             ..PoolConfig::default()
         },
         health: None,
+        forward,
     }
 }
 
@@ -96,16 +103,18 @@ pub const SEQUENCE_STEP: usize = 10;
 /// - `[0]`: bits 0-1 the packet kind (TCP, UDP, ICMP echo, ICMP error), bit 2 the side (inside
 ///   or outside), bits 3-7 TCP flags (FIN, SYN, RST, PSH, ACK);
 /// - `[1]`: bits 0-1 the inside host, bits 2-4 the outside host, bits 5-6 the public endpoint
-///   (overload address, static TCP, static UDP, the service VIP);
+///   (overload address, static TCP, static UDP, a service VIP: the NAT service's, or with bit 7
+///   of `[2]` the direct-routing service's);
 /// - `[2..4]`: a port; `[4..8]`: the TCP sequence number (the ACK number is derived);
 /// - `[8]`: seconds to advance the clock first; `[9]`: payload length (0..63).
 ///
 /// After each step: the table is within its bound, created minus removed flows equals the
-/// live ones, half-open flows are a subset, and every packet the gateway forwards carries
-/// valid checksums.
+/// live ones, half-open flows are a subset, every packet the gateway forwards carries valid
+/// checksums, and a packet it direct-routes is unchanged and goes to that service's VIP.
 pub fn run_sequence(start: Instant, data: &[u8]) {
     let public = Ipv4Addr::new(198, 51, 100, 1);
     let vip = Ipv4Addr::new(198, 51, 100, 10);
+    let dr_vip = Ipv4Addr::new(198, 51, 100, 11);
     let config = GatewayConfig {
         overload: Some(public),
         inside_networks: vec!["192.168.101.0/24".parse().expect("valid prefix")],
@@ -127,7 +136,14 @@ pub fn run_sequence(start: Instant, data: &[u8]) {
         max_half_open_per_listener: 6,
         max_half_open_per_source: 10,
         max_inbound_per_mapping: 4,
-        services: vec![two_backends(SocketAddrV4::new(vip, 80))],
+        services: vec![
+            two_backends("fuzz", SocketAddrV4::new(vip, 80), Forward::Nat),
+            two_backends(
+                "fuzz-dr",
+                SocketAddrV4::new(dr_vip, 80),
+                Forward::DirectRoute,
+            ),
+        ],
         ..GatewayConfig::default()
     };
     let Ok(mut gw) = Gateway::new(start, config) else {
@@ -137,9 +153,22 @@ pub fn run_sequence(start: Instant, data: &[u8]) {
     for step in data.chunks_exact(SEQUENCE_STEP) {
         now += Duration::from_secs(u64::from(step[8]));
         gw.handle_timeout(now);
-        let mut buf = sequence_packet(step, public, vip);
+        let mut buf = sequence_packet(step, public, vip, dr_vip);
+        let sent = buf.clone();
         let dir = gw.direction(&buf);
-        if gw.handle_packet(now, dir, &mut buf) == crate::Verdict::Forward {
+        let verdict = gw.handle_packet(now, dir, &mut buf);
+        if let Verdict::DirectRoute(route) = verdict {
+            assert_eq!(
+                buf, sent,
+                "a direct-routed packet leaves the core unchanged"
+            );
+            assert_eq!(
+                *route.vip.ip(),
+                dr_vip,
+                "direct routing for the DR service only"
+            );
+        }
+        if verdict == Verdict::Forward {
             let ihl = usize::from(buf.first().map_or(5, |b| b & 0x0f)) * 4;
             assert_eq!(
                 netutil::checksum::checksum(buf.get(..ihl).unwrap_or(&[])),
@@ -164,7 +193,7 @@ pub fn run_sequence(start: Instant, data: &[u8]) {
 }
 
 /// The packet of one [`run_sequence`] step, with valid checksums.
-fn sequence_packet(step: &[u8], public: Ipv4Addr, vip: Ipv4Addr) -> Vec<u8> {
+fn sequence_packet(step: &[u8], public: Ipv4Addr, vip: Ipv4Addr, dr_vip: Ipv4Addr) -> Vec<u8> {
     let byte = |i: usize| step.get(i).copied().unwrap_or(0);
     let inside = Ipv4Addr::new(192, 168, 101, [10, 11, 101, 120][usize::from(byte(1) & 3)]);
     let outside = Ipv4Addr::new(203, 0, 113 + ((byte(1) >> 2) & 1), (byte(1) >> 3) & 3);
@@ -172,6 +201,7 @@ fn sequence_packet(step: &[u8], public: Ipv4Addr, vip: Ipv4Addr) -> Vec<u8> {
         0 => (public, u16::from_be_bytes([byte(2), byte(3)])),
         1 => (public, 8001),
         2 => (public, 5353),
+        _ if byte(2) & 0x80 != 0 => (dr_vip, 80),
         _ => (vip, 80),
     };
     let port = u16::from_be_bytes([byte(2), byte(3)]) | 1024;

@@ -32,6 +32,10 @@
 //!   backend.
 //! - [`Gateway::service_mut`] (or [`Gateway::selector_mut`]) reaches a service at run time
 //!   (weights, health).
+//! - A service with [`Forward::DirectRoute`] (LVS-DR) is decided the same way, but its
+//!   packets leave the core unchanged with [`Verdict::DirectRoute`]: the data path delivers
+//!   them to the backend's MAC (only the kernel path can; [`Gateway::set_direct_routing`]
+//!   says whether one does), and the flow is tracked from the client's side alone.
 //! - A selector returning `None` refuses the flow ([`DropReason::NoInsideEndpoint`]); a
 //!   backend endpoint belongs to one listener at a time ([`DropReason::InsideEndpointBusy`]),
 //!   and never to a dynamic mapping ([`DropReason::ServiceEndpointReserved`]).
@@ -100,9 +104,11 @@ pub use acl::{Acl, AclAction, AclDecision, AclPacket, AclRule};
 pub use config::{Filtering, GatewayConfig, StaticEntry};
 pub use error::{DropReason, NatError};
 pub use flow::{Direction, FlowEvent, ListenerId, Proto};
-pub use gateway::{FastPathActivity, Gateway, GatewayStats, Listener, PacketMeta, Verdict};
+pub use gateway::{
+    DirectRoute, FastPathActivity, Gateway, GatewayStats, Listener, PacketMeta, Verdict,
+};
 pub use selector::{Selector, StaticForward};
-pub use service::{BackendKey, ServiceConfig, VirtualService};
+pub use service::{BackendKey, Forward, ServiceConfig, VirtualService};
 pub use sync::{Promotion, STANDBY_GRACE, StandbyFlows, StandbyStats};
 pub use table::{PatTable, Timeouts, Translation};
 pub use translate::{L4Checksum, finish_partial_checksum};

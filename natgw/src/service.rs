@@ -1,4 +1,5 @@
-//! Load-balanced virtual services (LVS-NAT): one public `VIP:port` over a pool of real servers.
+//! Load-balanced virtual services (LVS-NAT and LVS-DR): one public `VIP:port` over a pool of
+//! real servers.
 //!
 //! A [`VirtualService`] is the selector of a gateway listener: for each new inbound flow to
 //! its `listen` endpoint it asks its [`balance::Pool`] for a backend (persistence first), and
@@ -7,6 +8,11 @@
 //! keeps the pool's active/inactive counts (what `lc`/`wlc` schedule on and what `show lb`
 //! prints) exact. Health verdicts and operator weight changes go straight into the pool; they
 //! only ever affect *new* flows.
+//!
+//! With [`Forward::DirectRoute`] the gateway does not rewrite: it decides the backend the same
+//! way and its data path delivers the client's packets unchanged to that backend's MAC; the
+//! backend answers the client directly. The flow table then sees the client's side only and
+//! tracks it with LVS's input-only state rules (`crate::tcp`).
 //!
 //! Persistence templates expire lazily, on the next new flow of the service: a template that
 //! nobody asks for again costs memory but no time, and no gateway timer is needed.
@@ -35,6 +41,33 @@ pub struct ServiceConfig {
     pub pool: PoolConfig,
     /// Health checks; `None` trusts every backend.
     pub health: Option<HealthConfig>,
+    /// How a new connection reaches its backend (ipvsadm `-m` / `-g`).
+    pub forward: Forward,
+}
+
+/// How a virtual service forwards a connection to its backend (LVS's forwarding methods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Forward {
+    /// LVS-NAT (`ipvsadm -m`, "Masq"): the destination becomes the backend's endpoint and the
+    /// replies, which come back through the gateway, are rewritten back to the VIP.
+    #[default]
+    Nat,
+    /// LVS-DR (`ipvsadm -g`, "Route"): the packet is delivered unchanged to the backend on a
+    /// directly connected network (only the frame's MACs change, which the data path does);
+    /// the backend holds the VIP itself and answers the client directly, so the gateway sees
+    /// one direction only. The backend's port is the VIP's port.
+    DirectRoute,
+}
+
+impl Forward {
+    /// ipvsadm's name of the method, as `ipvsadm -Ln` prints it.
+    #[must_use]
+    pub const fn ipvsadm_name(self) -> &'static str {
+        match self {
+            Forward::Nat => "Masq",
+            Forward::DirectRoute => "Route",
+        }
+    }
 }
 
 /// Names one checked backend of one service (the health checker's target key).
@@ -59,6 +92,7 @@ pub struct VirtualService {
     listen: SocketAddrV4,
     pool: Pool,
     health: Option<HealthConfig>,
+    forward: Forward,
 }
 
 impl VirtualService {
@@ -72,6 +106,7 @@ impl VirtualService {
             listen: config.listen,
             pool: Pool::new(config.pool)?,
             health: config.health,
+            forward: config.forward,
         })
     }
 
@@ -233,6 +268,12 @@ impl VirtualService {
         self.listen
     }
 
+    /// How connections reach the backends.
+    #[must_use]
+    pub fn forward(&self) -> Forward {
+        self.forward
+    }
+
     /// Health check parameters.
     #[must_use]
     pub fn health(&self) -> Option<&HealthConfig> {
@@ -277,6 +318,7 @@ pub(crate) mod tests {
                 ..PoolConfig::default()
             },
             health: Some(HealthConfig::default()),
+            forward: Forward::Nat,
         }
     }
 

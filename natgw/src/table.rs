@@ -365,6 +365,9 @@ pub struct PatTable {
     rng: u64,
     /// Flows created, changed and removed since flow sync last took them (off by default).
     journal: sync::Journal,
+    /// Listeners whose flows the gateway sees one direction of (direct-routing services),
+    /// indexed by listener id: tracked by the input-only rules, assured without a reply.
+    one_way: Vec<bool>,
 }
 
 fn tick_secs(d: Duration) -> u32 {
@@ -396,6 +399,7 @@ impl PatTable {
             live_mappings: 0,
             rng: mix(cfg.seed ^ 0x5eed),
             journal: sync::Journal::default(),
+            one_way: Vec::new(),
             cfg,
         }
     }
@@ -495,6 +499,22 @@ impl PatTable {
         true
     }
 
+    /// Marks listener `id`'s flows as seen in one direction only (see [`crate::tcp`]'s
+    /// input-only tracking), or not.
+    pub(crate) fn set_one_way(&mut self, id: ListenerId, one_way: bool) {
+        let i = usize::from(id.0);
+        if self.one_way.len() <= i {
+            self.one_way.resize(i + 1, false);
+        }
+        self.one_way[i] = one_way;
+    }
+
+    /// Whether mapping `m` belongs to a one-way listener.
+    fn one_way(&self, m: u32) -> bool {
+        let l = self.mappings[m as usize].listener;
+        l != NO_LISTENER && self.one_way.get(usize::from(l)).copied().unwrap_or(false)
+    }
+
     /// Removes a listener: its public endpoint, every flow it opened and every mapping it made
     /// (its permanent one included), calling `on_removed` for each flow. Other flows are not
     /// touched. Costs one pass over the mapping slab (a reload, not a packet path).
@@ -510,6 +530,7 @@ impl PatTable {
         if self.index.get(&key) == Some(&(OWNER_LISTENER | u32::from(id.0))) {
             self.index.remove(&key);
         }
+        self.set_one_way(id, false);
         for m in 0..u32::try_from(self.mappings.len()).unwrap_or(u32::MAX) {
             if self.mappings[m as usize].listener != id.0 || !self.mapping_live(m) {
                 continue;
@@ -1003,16 +1024,21 @@ impl PatTable {
         let flags = self.sessions[s as usize].flags;
         let from_orig = outbound == (flags & S_FROM_INSIDE != 0);
         let before = self.sessions[s as usize].tcp.state;
-        if let Some(seg) = seg.filter(|_| proto == Proto::Tcp)
-            && self.sessions[s as usize].tcp.track(seg, from_orig) == Outcome::RstOutOfWindow
-        {
-            return Err(DropReason::RstOutOfWindow);
+        // A one-way flow has no reply: the client's side is all there is to judge.
+        let one_way = self.one_way(m);
+        if let Some(seg) = seg.filter(|_| proto == Proto::Tcp) {
+            if one_way {
+                self.sessions[s as usize].tcp.track_input_only(seg.flags);
+            } else if self.sessions[s as usize].tcp.track(seg, from_orig) == Outcome::RstOutOfWindow
+            {
+                return Err(DropReason::RstOutOfWindow);
+            }
         }
         let after = self.sessions[s as usize].tcp.state;
         if !from_orig {
             self.sessions[s as usize].flags |= S_REPLIED;
         }
-        let replied = self.sessions[s as usize].flags & S_REPLIED != 0;
+        let replied = one_way || self.sessions[s as usize].flags & S_REPLIED != 0;
         let assured = match proto {
             Proto::Tcp => replied && after >= TcpState::Established,
             Proto::Udp | Proto::Icmp => replied,

@@ -13,6 +13,14 @@
 //! - a new SYN from the originator after the flow closed (CLOSE, TIME_WAIT) starts over; a SYN
 //!   on a live flow changes nothing.
 //!
+//! A flow the gateway sees one direction of (a direct-routing virtual service: the backend
+//! answers the client itself) is tracked by [`Tracker::track_input_only`] instead: LVS's
+//! "input only" state table (`ip_vs_proto_tcp.c`), which moves on the client's flags alone and
+//! checks no window (there is no reply to learn one from): a SYN opens it (SYN_RECV), the
+//! client's first ACK makes it established, its FIN starts the close, a RST ends it — except
+//! while only the SYN was seen, where a RST is ignored (a blind RST cannot tear down a
+//! connection that never had an answer the director could see).
+//!
 //! The per-direction window follows conntrack's `td_end` (highest sequence number sent plus
 //! one), `td_maxend` (highest sequence number the other side allowed: its ACK plus window),
 //! `td_maxwin` (largest window advertised) and the window scale from the SYN options (used
@@ -195,6 +203,32 @@ impl Tracker {
         Outcome::Accepted
     }
 
+    /// Tracks one segment of a flow seen in one direction only, by its flags (see the module
+    /// docs): the state moves as LVS's input-only table says; windows are not tracked.
+    pub(crate) fn track_input_only(&mut self, flags: u8) {
+        use TcpState as S;
+        let (syn, fin, rst, ack) = (
+            flags & SYN != 0,
+            flags & FIN != 0,
+            flags & RST != 0,
+            flags & ACK != 0,
+        );
+        self.state = match self.state {
+            S::SynRecv if rst => S::SynRecv,
+            _ if rst => S::Close,
+            S::Established if syn => S::Established,
+            _ if syn => S::SynRecv,
+            S::Established if fin => {
+                self.first_fin_orig = true;
+                S::FinWait
+            }
+            S::SynRecv if fin => S::TimeWait,
+            S::None if fin || ack => S::Close,
+            S::SynRecv if ack => S::Established,
+            s => s,
+        };
+    }
+
     /// conntrack's sequence check (`tcp_in_window`), on the sender's sequence numbers only.
     fn in_window(&self, si: usize, ri: usize, seq: u32, end: u32) -> bool {
         let (s, r) = (self.dirs[si], self.dirs[ri]);
@@ -356,6 +390,37 @@ mod tests {
         assert_eq!(
             t.track(&seg(RST, 5001 + 64240 * 100, 0), false),
             Outcome::Accepted
+        );
+    }
+
+    /// LVS's input-only table: SYN → SYN_RECV, ACK → ESTABLISHED, FIN → FIN_WAIT, a RST
+    /// ignored before the handshake completed and closing after, a new SYN on a closed flow
+    /// opening it again.
+    #[test]
+    fn input_only_follows_the_clients_flags() {
+        let mut t = Tracker::default();
+        t.track_input_only(SYN);
+        assert_eq!(t.state, TcpState::SynRecv);
+        t.track_input_only(RST);
+        assert_eq!(t.state, TcpState::SynRecv, "a blind RST before the ACK");
+        t.track_input_only(ACK);
+        assert_eq!(t.state, TcpState::Established);
+        t.track_input_only(SYN);
+        assert_eq!(t.state, TcpState::Established, "a SYN on a live flow");
+        t.track_input_only(ACK | FIN);
+        assert_eq!(t.state, TcpState::FinWait);
+        t.track_input_only(ACK);
+        assert_eq!(t.state, TcpState::FinWait);
+        t.track_input_only(RST);
+        assert_eq!(t.state, TcpState::Close);
+        t.track_input_only(SYN);
+        assert_eq!(t.state, TcpState::SynRecv);
+        let mut lone = Tracker::default();
+        lone.track_input_only(ACK);
+        assert_eq!(
+            lone.state,
+            TcpState::Close,
+            "an ACK without a SYN opens nothing"
         );
     }
 

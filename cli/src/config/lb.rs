@@ -1,6 +1,7 @@
 //! `[[service]]`: load-balanced virtual services (ipvsadm `-A -t VIP:port -s wrr -p 300` +
-//! `-a -r RS -m -w N`, keepalived `virtual_server`).
+//! `-a -r RS -m -w N`, or `-g` for direct routing; keepalived `virtual_server`).
 
+use super::host::Reach;
 use super::nat::NatSection;
 use super::{HumanDuration, Validator, check_unique};
 use balance::SchedulerKind;
@@ -136,6 +137,18 @@ pub(crate) struct ServiceSection {
     /// Used when every backend is down; without it new connections get a TCP RST.
     #[serde(default)]
     pub(crate) sorry: Option<Spanned<SocketAddrV4>>,
+    /// How connections reach the backends: `"nat"` (LVS-NAT, ipvsadm `-m`, the default) or
+    /// `"dr"` (direct routing, ipvsadm `-g`).
+    #[serde(default)]
+    pub(crate) forward: Option<Spanned<String>>,
+}
+
+impl ServiceSection {
+    /// Whether the service uses direct routing (`forward = "dr"`; an invalid value is
+    /// reported by validation and taken as NAT).
+    pub(crate) fn direct_route(&self) -> bool {
+        self.forward.as_ref().is_some_and(|f| f.get_ref() == "dr")
+    }
 }
 
 /// `[lb]`: settings of a director's own gateway (a site with `[[service]]` and no `[nat]`).
@@ -222,9 +235,97 @@ fn check_endpoints_serve_one_listener(
     }
 }
 
+/// Checks what direct routing needs of a service: the real servers listen on the VIP's port
+/// (the packet reaches them unchanged), and the data path can change a frame's MACs (the
+/// kernel path; the TUN hands the core IP packets only, and writes back IP packets that the
+/// kernel routes by their destination, the VIP). `datapath` is the `[nat]` or `[lb]` value
+/// that decides this site's data path.
+fn validate_forward(s: &ServiceSection, datapath: Option<&Spanned<String>>, v: &mut Validator) {
+    let Some(f) = &s.forward else { return };
+    match f.get_ref().as_str() {
+        "nat" => return,
+        "dr" => {}
+        other => {
+            v.error_at(
+                f,
+                format!(
+                    "forward must be \"nat\" (ipvsadm -m) or \"dr\" (direct routing, ipvsadm -g), not {other:?}"
+                ),
+            );
+            return;
+        }
+    }
+    let port = s.listen.get_ref().port();
+    for b in s.backends.get_ref() {
+        if b.address.get_ref().port() != port {
+            v.error_at(
+                &b.address,
+                format!(
+                    "service `{}` forwards by direct routing: backend {} must listen on the VIP's port {port} (the packet reaches it unchanged)",
+                    s.name.get_ref(),
+                    b.address.get_ref()
+                ),
+            );
+        }
+    }
+    if let Some(sorry) = &s.sorry
+        && sorry.get_ref().port() != port
+    {
+        v.error_at(
+            sorry,
+            format!(
+                "service `{}` forwards by direct routing: the sorry server must listen on the VIP's port {port}",
+                s.name.get_ref()
+            ),
+        );
+    }
+    let reals = s
+        .backends
+        .get_ref()
+        .iter()
+        .map(|b| &b.address)
+        .chain(s.sorry.as_ref());
+    let unreachable: Vec<(std::ops::Range<usize>, String)> = v
+        .host()
+        .map(|routes| {
+            reals
+                .filter_map(|a| {
+                    let ip = *a.get_ref().ip();
+                    let why = match routes.reach(ip) {
+                        Reach::OnLink => return None,
+                        Reach::Via(gw) => format!("this host reaches it through the gateway {gw}"),
+                        Reach::Unreachable => "this host has no route to it".to_owned(),
+                    };
+                    Some((
+                        a.span(),
+                        format!(
+                            "service `{}` forwards by direct routing: {} is not on a directly connected network ({why}); direct routing delivers by MAC on a shared segment",
+                            s.name.get_ref(),
+                            a.get_ref()
+                        ),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for (span, message) in unreachable {
+        v.error(span, message);
+    }
+    if let Some(d) = datapath.filter(|d| d.get_ref() == "tun") {
+        v.error_at(
+            f,
+            format!(
+                "forward = \"dr\" needs the kernel data path, and this site's is \"tun\" (at {}): the TUN carries IP packets without their frames, so only the kernel program can send one to a real server's MAC",
+                v.place_of(d.span().start)
+            ),
+        );
+    }
+}
+
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,
+    datapath: Option<&Spanned<String>>,
     v: &mut Validator,
 ) {
     check_unique(
@@ -243,6 +344,7 @@ pub(crate) fn validate_all(
     );
     check_endpoints_serve_one_listener(services, nat, v);
     for s in services {
+        validate_forward(s, datapath, v);
         if s.backends.get_ref().is_empty() {
             v.error_at(
                 &s.backends,
@@ -457,5 +559,83 @@ mod tests {
             .to_string();
         assert!(err.contains("site.toml:4:13:"), "{err}");
         assert!(err.contains("twos"), "{err}");
+    }
+
+    fn dr(extra: &str, backends: &str) -> String {
+        format!(
+            "{extra}[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\nforward = \"dr\"\n\
+             backends = [{backends}]\n"
+        )
+    }
+
+    #[test]
+    fn direct_routing_is_read_and_its_needs_are_checked_with_their_position() {
+        let ok = dr("", "{ address = \"10.0.0.101:80\" }");
+        let site = parse(Path::new("site.toml"), &ok).unwrap();
+        assert_eq!(
+            crate::config::lower::service(&site.service[0]).forward,
+            natgw::Forward::DirectRoute
+        );
+        let nat = ok.replace("\"dr\"", "\"nat\"");
+        let site = parse(Path::new("site.toml"), &nat).unwrap();
+        assert_eq!(
+            crate::config::lower::service(&site.service[0]).forward,
+            natgw::Forward::Nat
+        );
+
+        let bad = ok.replace("\"dr\"", "\"masq\"");
+        let err = parse(Path::new("site.toml"), &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("site.toml:4:11: forward must be \"nat\""),
+            "{err}"
+        );
+
+        let port = dr("", "{ address = \"10.0.0.101:8080\" }");
+        let err = parse(Path::new("site.toml"), &port)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("site.toml:5:25: service `web` forwards by direct routing: backend 10.0.0.101:8080 must listen on the VIP's port 80"),
+            "{err}"
+        );
+
+        let tun = dr(
+            "[lb]\ndatapath = \"tun\"\n\n",
+            "{ address = \"10.0.0.101:80\" }",
+        );
+        let err = parse(Path::new("site.toml"), &tun).unwrap_err().to_string();
+        assert!(
+            err.contains("site.toml:7:11: forward = \"dr\" needs the kernel data path, and this site's is \"tun\" (at line 2)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn on_the_host_a_direct_routing_backend_must_be_on_a_connected_network() {
+        use crate::config::host::HostRoutes;
+        let routes = || {
+            HostRoutes::parse(
+                "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+                 eth0\t00000000\t0B6433C6\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                 eth1\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n",
+            )
+        };
+        let text = dr(
+            "",
+            "{ address = \"10.0.0.101:80\" }, { address = \"10.9.0.5:80\" }",
+        );
+        // Without the host, the file is fine (it may be checked elsewhere).
+        assert!(parse(Path::new("site.toml"), &text).is_ok());
+        let err = crate::config::parse_on_host(Path::new("site.toml"), &text, routes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("site.toml:5:56: service `web` forwards by direct routing: 10.9.0.5:80 is not on a directly connected network (this host reaches it through the gateway 198.51.100.11)"),
+            "{err}"
+        );
+        assert!(!err.contains("10.0.0.101:80 is not"), "{err}");
+        // A NAT service's backends may be anywhere.
+        let nat = text.replace("forward = \"dr\"\n", "");
+        assert!(crate::config::parse_on_host(Path::new("site.toml"), &nat, routes()).is_ok());
     }
 }

@@ -205,6 +205,11 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
             fall: *h.fall.get_ref(),
         });
     natgw::ServiceConfig {
+        forward: if section.direct_route() {
+            natgw::Forward::DirectRoute
+        } else {
+            natgw::Forward::Nat
+        },
         name: section.name.get_ref().clone(),
         listen: *section.listen.get_ref(),
         pool: balance::PoolConfig {

@@ -13,6 +13,7 @@
 pub(crate) mod daemon;
 pub(crate) mod duration;
 pub(crate) mod gre;
+pub(crate) mod host;
 pub(crate) mod include;
 pub(crate) mod lb;
 pub(crate) mod lower;
@@ -165,9 +166,17 @@ pub(crate) struct Validator {
     sources: include::Sources,
     diagnostics: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
+    /// The host's routes, when the file is checked against the host it runs on
+    /// ([`load_on_host`]).
+    host: Option<host::HostRoutes>,
 }
 
 impl Validator {
+    /// The host's routes, when the file is checked against this host.
+    pub(crate) fn host(&self) -> Option<&host::HostRoutes> {
+        self.host.as_ref()
+    }
+
     /// Where a byte offset is, for messages that point at a second place: `line 12`, or
     /// `line 3 of FILE` in an included file.
     pub(crate) fn place_of(&self, offset: usize) -> String {
@@ -243,6 +252,27 @@ pub(crate) fn section_summary(section: &str) -> &'static str {
 /// # Errors
 /// Every problem in the file, or an unreadable file as a single diagnostic.
 pub(crate) fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
+    load_with(path, None)
+}
+
+/// Reads and validates a config file for this host: as [`load`], and what the file asks of
+/// the host is checked too (a direct-routing service's real servers on a directly connected
+/// network). What `vipgate run` and `vipgate check --host` use.
+///
+/// # Errors
+/// As [`load`], plus the file's mismatches with this host.
+pub(crate) fn load_on_host(path: &Path) -> Result<SiteConfig, ConfigErrors> {
+    let routes = match host::HostRoutes::read() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read this host's routes: direct-routing backends are not checked");
+            None
+        }
+    };
+    load_with(path, routes)
+}
+
+fn load_with(path: &Path, host: Option<host::HostRoutes>) -> Result<SiteConfig, ConfigErrors> {
     let too_big = std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_CONFIG_BYTES);
     if too_big {
         return Err(ConfigErrors::whole_file(
@@ -263,7 +293,7 @@ pub(crate) fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
         Err(e) => return Err(ConfigErrors::whole_file(path, format!("cannot read: {e}"))),
     };
     let (text, sources, mut diags) = include::expand(path, &text);
-    let mut site = parse_into(path, &text, &sources, &mut diags);
+    let mut site = parse_into(path, &text, &sources, &mut diags, host);
     site.included = sources.paths().skip(1).map(Path::to_path_buf).collect();
     finish(site, text, sources, diags)
 }
@@ -276,7 +306,20 @@ pub(crate) fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
 pub(crate) fn parse(path: &Path, text: &str) -> Result<SiteConfig, ConfigErrors> {
     let mut diags = Vec::new();
     let sources = include::Sources::single(path);
-    let site = parse_into(path, text, &sources, &mut diags);
+    let site = parse_into(path, text, &sources, &mut diags, None);
+    finish(site, text.to_owned(), sources, diags)
+}
+
+/// [`parse`] with the host checks against `routes` (what [`load_on_host`] reads).
+#[cfg(test)]
+pub(crate) fn parse_on_host(
+    path: &Path,
+    text: &str,
+    routes: host::HostRoutes,
+) -> Result<SiteConfig, ConfigErrors> {
+    let mut diags = Vec::new();
+    let sources = include::Sources::single(path);
+    let site = parse_into(path, text, &sources, &mut diags, Some(routes));
     finish(site, text.to_owned(), sources, diags)
 }
 
@@ -305,6 +348,7 @@ fn parse_into(
     text: &str,
     sources: &include::Sources,
     diags: &mut Vec<Diagnostic>,
+    host: Option<host::HostRoutes>,
 ) -> SiteConfig {
     let mut site = SiteConfig {
         path: path.to_path_buf(),
@@ -383,6 +427,7 @@ fn parse_into(
         text: text.to_string(),
         lines: LineStarts::new(text),
         sources: sources.clone(),
+        host,
         ..Validator::default()
     };
     site.validate(&failed, &mut v);
@@ -414,7 +459,18 @@ impl SiteConfig {
         if let Some(lb) = &self.lb {
             lb.validate(self.nat.is_some(), v);
         }
-        lb::validate_all(&self.service, self.nat.as_ref().filter(|_| ok("nat")), v);
+        // The data path the services run on: [nat]'s where they join a PAT gateway, [lb]'s
+        // on a director.
+        let datapath = match &self.nat {
+            Some(nat) => nat.datapath.as_ref(),
+            None => self.lb.as_ref().and_then(|lb| lb.datapath.as_ref()),
+        };
+        lb::validate_all(
+            &self.service,
+            self.nat.as_ref().filter(|_| ok("nat")),
+            datapath,
+            v,
+        );
         vrrp::validate_all(
             &self.vrrp,
             ok("service").then_some(self.service.as_slice()),

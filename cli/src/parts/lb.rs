@@ -236,7 +236,7 @@ async fn start_gateway(
             let dev = route_dev(&netlink, ip).await?;
             if dev == outside {
                 bail!(
-                    "service {}: backend {ip} is reached through {dev}, the same interface as the VIP; LVS-NAT needs the real servers behind another interface",
+                    "service {}: backend {ip} is reached through {dev}, the same interface as the VIP; the real servers must sit behind another interface (NAT and direct routing alike)",
                     s.name
                 );
             }
@@ -517,6 +517,10 @@ fn service_json(s: &VirtualService) -> Value {
         "name": s.name(),
         "listen": s.listen().to_string(),
         "protocol": "tcp",
+        "forward": match s.forward() {
+            natgw::Forward::Nat => "nat",
+            natgw::Forward::DirectRoute => "dr",
+        },
         "scheduler": pool.scheduler().as_str(),
         "persistence": pool.persistence().map(|p| json!({
             "timeout_s": p.timeout.as_secs(), "netmask": p.netmask,
@@ -541,19 +545,25 @@ fn service_json(s: &VirtualService) -> Value {
     })
 }
 
-/// Human text for `vipgate show lb`, laid out like `ipvsadm -Ln --stats` plus state columns.
+/// Human text for `vipgate show lb`, laid out like `ipvsadm -Ln --stats` plus state columns
+/// (Forward as ipvsadm names it: Masq for NAT, Route for direct routing).
 pub(crate) fn render(items: &[Value]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Prot LocalAddress:Port Scheduler Flags");
     let _ = writeln!(
         out,
-        "  -> RemoteAddress:Port   State     Weight ActiveConn InActConn      Conns     InPkts    OutPkts    InBytes   OutBytes"
+        "  -> RemoteAddress:Port   Forward State     Weight ActiveConn InActConn      Conns     InPkts    OutPkts    InBytes   OutBytes"
     );
     for s in items {
         if let Some(err) = s.get("error").and_then(Value::as_str) {
             let _ = writeln!(out, "{}: {err}", s["name"].as_str().unwrap_or("?"));
             continue;
         }
+        let forward = match s["forward"].as_str() {
+            Some("dr") => natgw::Forward::DirectRoute,
+            _ => natgw::Forward::Nat,
+        }
+        .ipvsadm_name();
         let mut flags = String::new();
         if let Some(p) = s.get("persistence").filter(|p| !p.is_null()) {
             let _ = write!(flags, " persistent {}", p["timeout_s"]);
@@ -617,8 +627,9 @@ pub(crate) fn render(items: &[Value]) -> String {
             }
             let _ = writeln!(
                 out,
-                "  -> {:<21} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}{notes}",
+                "  -> {:<21} {:<7} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}{notes}",
                 b["address"].as_str().unwrap_or("?"),
+                forward,
                 state,
                 weight,
                 n("active"),
@@ -633,8 +644,8 @@ pub(crate) fn render(items: &[Value]) -> String {
         if let Some(sorry) = s["sorry"].as_str() {
             let _ = writeln!(
                 out,
-                "  -> {:<21} {:<9} (used when no backend is up: {} connections)",
-                sorry, "sorry", s["counters"]["sorry_connections"]
+                "  -> {:<21} {:<7} {:<9} (used when no backend is up: {} connections)",
+                sorry, forward, "sorry", s["counters"]["sorry_connections"]
             );
         }
         let refused = &s["counters"]["refused"];
@@ -694,7 +705,7 @@ mod tests {
         });
         let text = render(&[item]);
         assert!(text.contains("TCP  198.51.100.10:80 wrr persistent 300 mask /24 check tcp every 2000ms rise 2 fall 4  (web)"), "{text}");
-        assert!(text.contains("  -> 10.0.0.101:80         up             1          2         5        100        700        600        50K         12"), "{text}");
+        assert!(text.contains("  -> 10.0.0.101:80         Masq    up             1          2         5        100        700        600        50K         12"), "{text}");
         assert!(text.contains("draining"));
         assert!(text.contains("refused (no backend up): 3"));
     }
@@ -725,16 +736,39 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("  -> 10.0.0.101:80         overload      10          4"),
+            text.contains("  -> 10.0.0.101:80         Masq    overload      10          4"),
             "{text}"
         );
         assert!(text.contains("  max 4 min 2"), "{text}");
         assert!(
-            text.contains("  -> 10.0.0.102:80         up          3/10          3"),
+            text.contains("  -> 10.0.0.102:80         Masq    up          3/10          3"),
             "{text}"
         );
         assert!(text.contains("slow start"), "{text}");
         assert!(text.contains("turned away at max_connections: 2"), "{text}");
+    }
+
+    #[test]
+    fn direct_routing_shows_as_route() {
+        let item = json!({
+            "name": "web", "listen": "198.51.100.10:80", "scheduler": "rr", "forward": "dr",
+            "persistence": null, "health": null, "sorry": "10.0.0.200:80",
+            "counters": { "sorry_connections": 0, "refused": 0 },
+            "backends": [
+                { "address": "10.0.0.101:80", "state": "up", "weight": 1, "active": 1, "inactive": 0,
+                  "counters": { "connections": 1, "packets_in": 9, "packets_out": 0,
+                                "bytes_in": 900, "bytes_out": 0 } },
+            ],
+        });
+        let text = render(&[item]);
+        assert!(
+            text.contains("  -> 10.0.0.101:80         Route   up             1          1         0          1          9          0        900          0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  -> 10.0.0.200:80         Route   sorry"),
+            "{text}"
+        );
     }
 
     #[test]

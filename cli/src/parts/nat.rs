@@ -333,6 +333,13 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
         "Packets: translated out {}, in {}, hairpinned {}, icmp errors {}, passed through {}",
         g.translated_out, g.translated_in, g.hairpinned, g.icmp_errors, g.passed_through
     );
+    if g.direct_routed > 0 {
+        let _ = writeln!(
+            out,
+            "Direct-routed (to virtual services' real servers, unchanged): {}",
+            g.direct_routed
+        );
+    }
     let _ = writeln!(out, "Drops: {}", super::drops_text(&g.drops));
 }
 

@@ -10,11 +10,17 @@
 //!   TCP window tracking advances, a virtual service's per-backend packet and byte counters
 //!   grow, and a flow the core has dropped meanwhile is forgotten.
 //!
+//! A direct-routing service's flow ([`Gateway::is_direct_routed`]) has one entry (the
+//! client's direction; the real server answers the client itself), installed by the packet
+//! loop at once when the core decides ([`KernelDatapath::install_direct`], before the packet
+//! is written back to `nat0`, where the delivery program needs it), kept in every TCP state
+//! while the core has the flow, and removed with it.
+//!
 //! Invariants: the map holds entries only for flows in `installed`, and `installed` only flows
 //! the core had at the last sync; a stop unloads everything (programs, links, pins, qdiscs).
 //! Costs O(flows) map calls per sync: fine for thousands of flows, not yet for 10⁶.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +31,7 @@ use tokio::sync::watch;
 use netsys::sync::lock_unpoisoned;
 
 use super::now;
-use crate::{Direction, FastPathActivity, Gateway, Proto};
+use crate::{DirectRoute, Direction, FastPathActivity, Gateway, Proto};
 
 /// How often flows are installed, removed and their activity fed back to the core.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
@@ -81,13 +87,17 @@ pub struct FastPathCounters {
     pub bytes: u64,
     /// Flows (both directions) in the program's map.
     pub flows: usize,
+    /// Direct-routing packets dropped at `nat0` because their real server is not reachable
+    /// on a directly connected network.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub direct_route_undeliverable: u64,
 }
 
-/// One installed flow: its two map entries and the packet and byte counts last fed to the
-/// core, per entry.
+/// One installed flow: its map entries (two for a translation, one for a direct-routing
+/// flow) and the packet and byte counts last fed to the core, per entry.
 struct Installed {
-    entries: [(FlowKey, Rewrite); 2],
-    reported: [(u64, u64); 2],
+    entries: Vec<(FlowKey, Rewrite)>,
+    reported: Vec<(u64, u64)>,
 }
 
 /// Identity of a flow: protocol, inside, public and outside endpoints.
@@ -118,18 +128,27 @@ fn kproto(p: Proto) -> Option<kpath::Proto> {
 
 impl KernelDatapath {
     /// Loads the program for `site` and attaches it: the outbound program to every inside
-    /// interface, the inbound one to the outside interface. Entries adopted from a previous
-    /// run are dropped (the core starts empty, so none of them is its decision).
-    pub(super) fn start(site: &str, inside: &[String], outside: &str) -> Result<Self, String> {
+    /// interface, the inbound one to the outside interface, the delivery program to the TUN
+    /// `tun`. Entries adopted from a previous run are dropped (the core starts empty, so none
+    /// of them is its decision).
+    pub(super) fn start(
+        site: &str,
+        inside: &[String],
+        outside: &str,
+        tun: &str,
+    ) -> Result<Self, String> {
         let mut kp = KernelPath::load(&LoadOptions::new(site)).map_err(|e| e.to_string())?;
         let attached = inside
             .iter()
-            .map(|i| (i.as_str(), KDir::Outbound))
-            .chain([(outside, KDir::Inbound)])
+            .map(|i| (i.as_str(), Some(KDir::Outbound)))
+            .chain([(outside, Some(KDir::Inbound)), (tun, None)])
             .try_for_each(|(iface, dir)| {
-                kp.attach(iface, dir)
-                    .map(drop)
-                    .map_err(|e| format!("{iface}: {e}"))
+                match dir {
+                    Some(dir) => kp.attach(iface, dir),
+                    None => kp.attach_delivery(iface),
+                }
+                .map(drop)
+                .map_err(|e| format!("{iface}: {e}"))
             });
         if let Err(e) = attached {
             if let Err(u) = kp.unload() {
@@ -152,15 +171,20 @@ impl KernelDatapath {
     pub(super) fn sync(&mut self, gw: &Mutex<Gateway>) {
         let Some(kp) = self.kp.as_mut() else { return };
         let at = now();
-        let wanted: HashMap<FlowId, kpath::Proto> = {
+        // Each eligible flow, its protocol and whether it is direct-routed.
+        let wanted: HashMap<FlowId, (kpath::Proto, bool)> = {
             let gw = lock_unpoisoned(gw);
             gw.translations(at)
                 .into_iter()
                 .filter(|t| gw.fast_path_eligible(t))
-                .filter_map(|t| Some(((t.proto, t.inside, t.public, t.outside), kproto(t.proto)?)))
+                .filter_map(|t| {
+                    let id = (t.proto, t.inside, t.public, t.outside);
+                    Some((id, (kproto(t.proto)?, gw.is_direct_routed(&t))))
+                })
                 .collect()
         };
         let mut reports = Vec::new();
+        let mut removed = HashSet::new();
         self.installed.retain(|id, flow| {
             let keep = wanted.contains_key(id);
             if !keep {
@@ -172,36 +196,46 @@ impl KernelDatapath {
                     if let Err(e) = kp.remove(key) {
                         tracing::warn!(error = %e, "removing a kernel path entry");
                     }
+                    removed.insert(*key);
                 }
             }
             keep
         });
-        for (id, proto) in &wanted {
+        if !removed.is_empty() {
+            // A client reusing its port after a closed flow gets a new flow with the same
+            // key, which the packet loop may have installed already (direct routing): the
+            // removal of the old one took its entry too; put it back.
+            for flow in self.installed.values_mut() {
+                for (i, (key, rewrite)) in flow.entries.iter().enumerate() {
+                    if !removed.contains(key) {
+                        continue;
+                    }
+                    // A fresh entry counts from zero.
+                    flow.reported[i] = (0, 0);
+                    if let Err(e) = kp.insert(key, rewrite) {
+                        tracing::debug!(error = %e, "reinstalling a kernel path entry");
+                    }
+                }
+            }
+        }
+        for (id, &(proto, direct)) in &wanted {
             if self.installed.contains_key(id) {
                 continue;
             }
             let (_, inside, public, outside) = *id;
-            let entries = kpath::entries(*proto, inside, public, outside);
-            let ok = entries
-                .iter()
-                .try_for_each(|(key, rewrite)| kp.insert(key, rewrite));
-            match ok {
-                Ok(()) => {
-                    self.installed.insert(
-                        *id,
-                        Installed {
-                            entries,
-                            reported: [(0, 0); 2],
-                        },
-                    );
-                }
-                Err(e) => {
-                    // A full map: the flow stays on the slow path.
-                    tracing::debug!(error = %e, "installing a kernel path entry");
-                    for (key, _) in &entries {
-                        let _absent = kp.remove(key);
-                    }
-                }
+            let entries = if direct {
+                vec![kpath::direct_route_entry(
+                    proto,
+                    outside,
+                    public,
+                    *inside.ip(),
+                )]
+            } else {
+                kpath::entries(proto, inside, public, outside).to_vec()
+            };
+            if let Err(e) = install(kp, &mut self.installed, *id, entries) {
+                // A full map: the flow stays on the slow path.
+                tracing::debug!(error = %e, "installing a kernel path entry");
             }
         }
         // Feed back what the program moved since the last round.
@@ -218,6 +252,29 @@ impl KernelDatapath {
         }
     }
 
+    /// Installs the entry of a direct-routing flow the core has just decided (before the
+    /// packet goes back to `nat0`), unless the flow has it already.
+    ///
+    /// # Errors
+    /// The kernel path is unloaded, or the map refuses the entry (full): the packet cannot be
+    /// delivered.
+    pub(super) fn install_direct(&mut self, route: &DirectRoute) -> Result<(), String> {
+        let Some(kp) = self.kp.as_mut() else {
+            return Err("the kernel path is unloaded".into());
+        };
+        let id = (Proto::Tcp, route.backend, route.vip, route.client);
+        if self.installed.contains_key(&id) {
+            return Ok(());
+        }
+        let entry = kpath::direct_route_entry(
+            kpath::Proto::Tcp,
+            route.client,
+            route.vip,
+            *route.backend.ip(),
+        );
+        install(kp, &mut self.installed, id, vec![entry]).map_err(|e| e.to_string())
+    }
+
     /// The program's counters.
     pub(super) fn counters(&self) -> FastPathCounters {
         let c = self
@@ -229,6 +286,7 @@ impl KernelDatapath {
             packets: c.fast_packets,
             bytes: c.fast_bytes,
             flows: self.installed.len(),
+            direct_route_undeliverable: c.direct_route_undeliverable,
         }
     }
 
@@ -241,6 +299,28 @@ impl KernelDatapath {
             tracing::warn!(error = %e, "unloading the kernel path");
         }
     }
+}
+
+/// Inserts `entries` of flow `id` into the map and records them in `installed`; all or none
+/// (a partial insert is taken back).
+fn install(
+    kp: &mut KernelPath,
+    installed: &mut HashMap<FlowId, Installed>,
+    id: FlowId,
+    entries: Vec<(FlowKey, Rewrite)>,
+) -> Result<(), kpath::KpathError> {
+    if let Err(e) = entries
+        .iter()
+        .try_for_each(|(key, rewrite)| kp.insert(key, rewrite))
+    {
+        for (key, _) in &entries {
+            let _absent = kp.remove(key);
+        }
+        return Err(e);
+    }
+    let reported = vec![(0, 0); entries.len()];
+    installed.insert(id, Installed { entries, reported });
+    Ok(())
 }
 
 /// Appends what the program moved of `flow` since its last report (one activity per
@@ -268,8 +348,9 @@ fn collect_reports(
                 KDir::Outbound => Direction::Outbound,
                 KDir::Inbound => Direction::Inbound,
             },
-            packets: r.packets.wrapping_sub(packets),
-            bytes: r.bytes.wrapping_sub(bytes),
+            // Counters below the last report belong to a fresh entry under the same key.
+            packets: r.packets.checked_sub(packets).unwrap_or(r.packets),
+            bytes: r.bytes.checked_sub(bytes).unwrap_or(r.bytes),
             tcp: r.tcp.map(|t| (t.seq_end, t.ack, t.window)),
         });
     }

@@ -34,8 +34,8 @@ use tokio::task::JoinHandle;
 
 use crate::translate;
 use crate::{
-    AclRule, Gateway, GatewayConfig, GatewayStats, L4Checksum, PacketMeta, StaticEntry,
-    Translation, Verdict,
+    AclRule, DirectRoute, Gateway, GatewayConfig, GatewayStats, L4Checksum, PacketMeta,
+    StaticEntry, Translation, Verdict,
 };
 
 /// Packets (with offload: super-packets of up to 64 KiB) read per wake-up and translated under
@@ -297,22 +297,11 @@ impl NatDriver {
         let (stop, _) = watch::channel(false);
         let watch = netutil::task::TaskWatch::new();
         let n_queues = queues.len();
-        let tasks = queues
-            .into_iter()
-            .enumerate()
-            .map(|(i, dev)| {
-                let queue = Queue {
-                    dev,
-                    offload,
-                    owns_timers: i == 0,
-                };
-                watch.spawn("nat packet loop", run(queue, gw.clone(), stop.subscribe()))
-            })
-            .collect::<Vec<_>>();
         let (kernel, datapath_reason) = match cfg.datapath {
             Datapath::Tun => (None, "configured: datapath = \"tun\"".to_owned()),
             Datapath::Kernel => {
-                match kernel::KernelDatapath::start(&cfg.site, &cfg.inside, &cfg.outside) {
+                match kernel::KernelDatapath::start(&cfg.site, &cfg.inside, &cfg.outside, &cfg.tun)
+                {
                     Ok(k) => (
                         Some(Arc::new(Mutex::new(k))),
                         "configured: datapath = \"kernel\"".to_owned(),
@@ -324,7 +313,21 @@ impl NatDriver {
                 }
             }
         };
-        let mut tasks = tasks;
+        // Only the kernel path can deliver a direct-routing service's packets by MAC.
+        lock_unpoisoned(&gw).set_direct_routing(kernel.is_some());
+        let mut tasks = queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, dev)| {
+                let queue = Queue {
+                    dev,
+                    offload,
+                    owns_timers: i == 0,
+                };
+                let loop_ = run(queue, gw.clone(), kernel.clone(), stop.subscribe());
+                watch.spawn("nat packet loop", loop_)
+            })
+            .collect::<Vec<_>>();
         if let Some(k) = &kernel {
             tasks.push(watch.spawn(
                 "nat kernel path sync",
@@ -571,6 +574,7 @@ struct Queue {
 async fn run(
     queue: Queue,
     gw: Arc<Mutex<Gateway>>,
+    kernel: Option<Arc<Mutex<kernel::KernelDatapath>>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), DriverError> {
     // With TUN offload the kernel hands over whole GSO super-packets (up to 64 KiB of one TCP
@@ -590,6 +594,7 @@ async fn run(
     let head = if offload { VnetHdr::LEN } else { 0 };
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; head + MAX_PACKET]).collect();
     let mut lens = [0usize; BATCH];
+    let mut routes = Vec::new();
     loop {
         let deadline = if owns_timers {
             lock_unpoisoned(&gw).poll_timeout()
@@ -610,7 +615,8 @@ async fn run(
                         Err(_) => break,
                     }
                 }
-                translate_batch(&gw, &mut bufs[..n], &mut lens[..n], head);
+                translate_batch(&gw, &mut bufs[..n], &mut lens[..n], head, &mut routes);
+                install_direct_routes(kernel.as_deref(), &mut routes, &mut lens[..n]);
                 for (b, len) in bufs.iter().zip(&lens[..n]) {
                     if *len == 0 {
                         continue;
@@ -637,12 +643,46 @@ async fn run(
     }
 }
 
+/// Installs the kernel path's entry of each direct-routing decision of a batch (`routes`:
+/// the packet's index and the decision; emptied), so that the delivery program at `nat0`'s
+/// ingress finds it when the packet is written back. A packet whose entry cannot be
+/// installed gets length 0: written back, it would be routed to the VIP, into `nat0` again.
+fn install_direct_routes(
+    kernel: Option<&Mutex<kernel::KernelDatapath>>,
+    routes: &mut Vec<(usize, DirectRoute)>,
+    lens: &mut [usize],
+) {
+    if routes.is_empty() {
+        return;
+    }
+    let mut kernel = kernel.map(lock_unpoisoned);
+    for (i, route) in routes.drain(..) {
+        let installed = match kernel.as_mut() {
+            Some(k) => k.install_direct(&route),
+            None => Err("no kernel path".into()),
+        };
+        if let Err(e) = installed {
+            tracing::debug!(error = %e, client = %route.client, "direct route not installed; packet dropped");
+            if let Some(len) = lens.get_mut(i) {
+                *len = 0;
+            }
+        }
+    }
+}
+
 /// Runs the core over the packets read into `bufs` (each `lens[i]` bytes, the first `head`
-/// of them a virtio-net header) under one lock. A packet to drop gets length 0.
-fn translate_batch(gw: &Mutex<Gateway>, bufs: &mut [Vec<u8>], lens: &mut [usize], head: usize) {
+/// of them a virtio-net header) under one lock. A packet to drop gets length 0; a packet the
+/// core direct-routes is kept and its decision appended to `routes` with its index.
+fn translate_batch(
+    gw: &Mutex<Gateway>,
+    bufs: &mut [Vec<u8>],
+    lens: &mut [usize],
+    head: usize,
+    routes: &mut Vec<(usize, DirectRoute)>,
+) {
     let t = now();
     let mut gw = lock_unpoisoned(gw);
-    for (buf, len) in bufs.iter_mut().zip(lens.iter_mut()) {
+    for (i, (buf, len)) in bufs.iter_mut().zip(lens.iter_mut()).enumerate() {
         let Some(frame) = buf.get_mut(..*len) else {
             *len = 0;
             continue;
@@ -657,12 +697,14 @@ fn translate_batch(gw: &Mutex<Gateway>, bufs: &mut [Vec<u8>], lens: &mut [usize]
         } else {
             prepare(h, pkt)
         };
-        let forward = meta.is_some_and(|meta| {
+        let verdict = meta.map(|meta| {
             let dir = gw.direction(pkt);
-            gw.handle_super_packet(t, dir, pkt, meta) == Verdict::Forward
+            gw.handle_super_packet(t, dir, pkt, meta)
         });
-        if !forward {
-            *len = 0;
+        match verdict {
+            Some(Verdict::Forward) => {}
+            Some(Verdict::DirectRoute(route)) => routes.push((i, route)),
+            Some(Verdict::Drop(_)) | None => *len = 0,
         }
     }
 }

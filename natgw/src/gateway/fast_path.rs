@@ -40,13 +40,26 @@ impl Gateway {
     /// whoever placed it (dynamic PAT, a static forward or a virtual service: a service's
     /// per-backend counters are fed from the reports, its active/inactive counts from the
     /// state changes, which the core still sees).
+    ///
+    /// A direct-routing service's flow is eligible in every state: its packets that do cross
+    /// the core (SYN, FIN, RST) are delivered by the data path through the same entry.
     #[must_use]
     pub fn fast_path_eligible(&self, t: &Translation) -> bool {
+        if self.is_direct_routed(t) {
+            return true;
+        }
         match t.proto {
             Proto::Tcp => t.established,
             Proto::Udp => true,
             Proto::Icmp => false,
         }
+    }
+
+    /// Whether `t` belongs to a direct-routing service: the data path delivers the client's
+    /// packets unchanged to `t.inside`'s address (by MAC) and never sees the replies.
+    #[must_use]
+    pub fn is_direct_routed(&self, t: &Translation) -> bool {
+        self.is_direct_listener(t.listener)
     }
 
     /// Records what a second data path moved of a flow: its idle deadline restarts at `now`
@@ -80,10 +93,14 @@ impl Gateway {
             wscale: None,
             payload: 0,
         });
-        // A pure ACK never changes the state nor is refused; only a RST could be.
-        let _no_change = self
-            .table
-            .touch(now, s, a.direction == Direction::Outbound, seg.as_ref());
+        // A pure ACK is never refused (only a RST could be). It changes the state of a
+        // one-way flow only: the client's first ACK past its SYN establishes it.
+        if let Ok(change) =
+            self.table
+                .touch(now, s, a.direction == Direction::Outbound, seg.as_ref())
+        {
+            self.notify_change(now, view.listener, view.inside, a.outside, change);
+        }
         true
     }
 }

@@ -13,6 +13,7 @@ use crate::config::StaticEntry;
 use crate::error::NatError;
 use crate::flow::{ListenerId, Proto};
 use crate::selector::{Selector, StaticForward};
+use crate::service::Forward;
 use crate::table::{LISTENER_LIMIT, PublicOwner};
 
 /// One public endpoint whose new inbound flows are handed to a selector.
@@ -189,6 +190,12 @@ impl Gateway {
             selector: selector.into(),
             flows_opened: 0,
         };
+        // A direct-routing service sees its clients' side of each flow only.
+        let one_way = listener
+            .selector
+            .as_service()
+            .is_some_and(|s| s.forward() == Forward::DirectRoute);
+        self.table.set_one_way(id, one_way);
         if slot == self.listeners.len() {
             self.listeners.push(Some(listener));
         } else {

@@ -2,7 +2,8 @@
 //!
 //! Call order (as in quinn-proto's `Connection`): for every packet read from `nat0`, call
 //! [`Gateway::handle_packet`] and write the buffer back if the verdict is
-//! [`Verdict::Forward`]; whenever [`Gateway::poll_timeout`] has passed, call
+//! [`Verdict::Forward`], or have the data path deliver it by MAC on
+//! [`Verdict::DirectRoute`]; whenever [`Gateway::poll_timeout`] has passed, call
 //! [`Gateway::handle_timeout`]. Everything else (`show`, `clear`, listeners) is plain method
 //! calls between packets.
 
@@ -44,6 +45,23 @@ pub enum Verdict {
     Forward,
     /// Drop it; the reason has been counted.
     Drop(DropReason),
+    /// A packet to a direct-routing service (LVS-DR): deliver the buffer, unchanged, to the
+    /// chosen backend on its directly connected network (only the frame's MACs change). The
+    /// data path must install the flow's entry before writing the packet back to `nat0`,
+    /// where the kernel program that delivers it looks the entry up.
+    DirectRoute(DirectRoute),
+}
+
+/// One direct-routing decision: the client's packets to `vip` go to `backend`'s MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectRoute {
+    /// The client's endpoint (the packet's source).
+    pub client: SocketAddrV4,
+    /// The service's endpoint (the packet's destination, unchanged).
+    pub vip: SocketAddrV4,
+    /// The real server the packet is delivered to (its address is the next hop; its port is
+    /// the VIP's, which the packet keeps).
+    pub backend: SocketAddrV4,
 }
 
 /// What the reader of a packet knows beyond its bytes (TUN offload's virtio-net header).
@@ -86,6 +104,11 @@ pub struct Gateway {
     stats: GatewayStats,
     /// Set by `inbound` when it turned the packet into its answer (a RST) in place.
     refused_in_place: bool,
+    /// Set by `inbound` when the packet goes to a direct-routing backend unchanged.
+    direct_route: Option<DirectRoute>,
+    /// Whether a data path can deliver direct-routing flows (see
+    /// [`Gateway::set_direct_routing`]).
+    direct_routing: bool,
     /// Flows a peer synced, held until this node becomes master (see `gateway::sync`).
     standby: crate::sync::StandbyFlows,
 }
@@ -119,6 +142,8 @@ impl Gateway {
             compensate_ttl: config.compensate_ttl,
             fragments: FragmentTable::default(),
             refused_in_place: false,
+            direct_route: None,
+            direct_routing: true,
             standby: sync::standby_for(config.max_mappings),
             stats: GatewayStats::default(),
         };
@@ -164,6 +189,20 @@ impl Gateway {
         Ok(Reconfigured::Live)
     }
 
+    /// Says whether the data path can deliver direct-routing services' packets (the kernel
+    /// path can; the TUN alone cannot change a frame's MACs). Without it, new connections to
+    /// such a service are refused ([`DropReason::DirectRouteUnavailable`]). Default true.
+    pub fn set_direct_routing(&mut self, available: bool) {
+        self.direct_routing = available;
+    }
+
+    /// Whether listener `id` is a direct-routing virtual service.
+    fn is_direct_listener(&self, id: Option<ListenerId>) -> bool {
+        id.and_then(|id| self.listeners.get(usize::from(id.0))?.as_ref())
+            .and_then(|l| l.selector.as_service())
+            .is_some_and(|s| s.forward() == crate::service::Forward::DirectRoute)
+    }
+
     /// Classifies a packet read from `nat0`: inbound when it is addressed to a public address
     /// and does not come from an inside network; outbound otherwise (including hairpin).
     #[must_use]
@@ -202,7 +241,8 @@ impl Gateway {
     ) -> Verdict {
         let n = u64::from(meta.segments.max(1));
         match self.process(now, direction, buf, meta.l4_checksum, n) {
-            Ok(()) => Verdict::Forward,
+            Ok(None) => Verdict::Forward,
+            Ok(Some(route)) => Verdict::DirectRoute(route),
             Err(reason) => {
                 self.stats.drops.add(reason, n);
                 tracing::debug!(%reason, ?direction, "nat drop");
@@ -218,12 +258,13 @@ impl Gateway {
         buf: &mut [u8],
         csum: L4Checksum,
         n: u64,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<DirectRoute>, DropReason> {
+        self.direct_route = None;
         let p = translate::parse(buf)?;
         let buf = &mut buf[..p.len];
         if p.l4 == L4::LaterFragment {
             // Follows its first fragment, which went through the ACL and the table.
-            return self.later_fragment(now, buf);
+            return self.later_fragment(now, buf).map(|()| None);
         }
         if dir == Direction::Outbound
             && !self.inside_networks.is_empty()
@@ -248,9 +289,9 @@ impl Gateway {
                 if dir == Direction::Outbound && self.table.find_public(p.dst).is_none() {
                     return Err(DropReason::Untranslatable);
                 }
-                return self.not_translated(buf, &p, n);
+                return self.not_translated(buf, &p, n).map(|()| None);
             }
-            L4::IcmpError => return self.icmp_error(dir, buf, &p, csum),
+            L4::IcmpError => return self.icmp_error(dir, buf, &p, csum).map(|()| None),
             _ => {}
         }
         let translated = match dir {
@@ -259,7 +300,7 @@ impl Gateway {
                 let hairpin = self.table.find_public(p.dst).is_some();
                 if hairpin && !self.inbound_would_match(&p) {
                     // To a public address, not a forward: the host's, or answered here.
-                    return self.not_translated(buf, &p, n);
+                    return self.not_translated(buf, &p, n).map(|()| None);
                 } else if !self.outbound(now, buf, &p, csum, n)? {
                     false
                 } else if hairpin {
@@ -275,10 +316,16 @@ impl Gateway {
         if std::mem::take(&mut self.refused_in_place) {
             // Already answered (a service with no backend): the buffer is the RST.
             self.stats.passed_through += n;
-            return Ok(());
+            return Ok(None);
         }
         if !translated {
-            return self.not_translated(buf, &p, n);
+            return self.not_translated(buf, &p, n).map(|()| None);
+        }
+        if let Some(route) = self.direct_route.take() {
+            // Unchanged, so neither a fragment rewrite to remember (its later fragments
+            // carry no ports and are dropped) nor a TTL to give back (the data path delivers
+            // it without a second forwarding hop).
+            return Ok(Some(route));
         }
         {
             if let Some(key) = first_fragment {
@@ -289,7 +336,7 @@ impl Gateway {
                 translate::bump_ttl(buf);
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// A packet the gateway does not translate. To an address of this host it is passed
@@ -349,7 +396,13 @@ impl Gateway {
         match p.l4 {
             L4::Tcp { dport, .. } | L4::Udp { dport, .. } => {
                 let proto = p.proto().unwrap_or(Proto::Udp);
-                self.table.public_owner(proto, idx, dport).is_some()
+                match self.table.public_owner(proto, idx, dport) {
+                    // A direct-routing backend answers its client directly: an inside host
+                    // would get the answer from the VIP it never sent to (not hairpinned).
+                    Some(PublicOwner::Listener(id)) => !self.is_direct_listener(Some(id)),
+                    Some(PublicOwner::Mapping(_)) => true,
+                    None => false,
+                }
             }
             _ => false,
         }
@@ -483,6 +536,9 @@ impl Gateway {
                     if proto == Proto::Tcp && !is_initial_syn(flags) {
                         return Err(DropReason::NotSyn);
                     }
+                    if !self.direct_routing && self.is_direct_listener(Some(id)) {
+                        return Err(DropReason::DirectRouteUnavailable);
+                    }
                     match self.open_listener_flow(now, id, idx, public_port, proto, remote) {
                         // A virtual service with no backend left refuses like a closed port.
                         Err(DropReason::NoInsideEndpoint)
@@ -520,6 +576,15 @@ impl Gateway {
         let change = self.table.touch(now, s, false, seg.as_ref())?;
         self.notify_change(now, view.listener, view.inside, remote, change);
         self.notify_packet(view.listener, view.inside, true, buf.len());
+        if self.is_direct_listener(view.listener) {
+            self.direct_route = Some(DirectRoute {
+                client: remote,
+                vip: SocketAddrV4::new(p.dst, public_port),
+                backend: view.inside,
+            });
+            self.stats.direct_routed += n;
+            return Ok(true);
+        }
         translate::set_ip(buf, 0, Side::Dst, *view.inside.ip(), csum);
         translate::set_port(buf, 0, Side::Dst, view.inside.port(), csum);
         self.stats.translated_in += n;

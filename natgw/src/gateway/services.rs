@@ -79,6 +79,10 @@ impl Gateway {
                 Some(s) if s.listen() != c.listen => {
                     return Ok(restart(&c.name, "listen changed"));
                 }
+                // The flow table tracks a direct-routing service's flows one way only.
+                Some(s) if s.forward() != c.forward => {
+                    return Ok(restart(&c.name, "forward changed"));
+                }
                 Some(_) => {}
             }
             Pool::new(c.pool.clone()).map_err(|e| NatError::Service {
@@ -365,6 +369,158 @@ mod tests {
                 .unwrap();
             assert!(!rewrite_syn_as_rst(&mut udp));
             assert!(!rewrite_syn_as_rst(&mut syn[..30].to_vec()));
+        }
+    }
+
+    /// Direct routing (LVS-DR): the core schedules as in NAT mode but leaves the packet
+    /// alone and says where it goes; the flow is tracked from the client's side alone.
+    mod direct_route {
+        use super::*;
+        use crate::gateway::fast_path::FastPathActivity;
+        use crate::service::Forward;
+        use crate::{DirectRoute, Direction, DropReason, GatewayConfig, Verdict};
+        use testkit::packet::{TcpFlags, ipv4_tcp};
+
+        fn vip() -> SocketAddrV4 {
+            SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80)
+        }
+
+        fn client(n: u16) -> SocketAddrV4 {
+            SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 40_000 + n)
+        }
+
+        fn dr_gateway(now: Instant) -> Gateway {
+            let mut cfg = web(&[(101, 1), (102, 2)]);
+            cfg.forward = Forward::DirectRoute;
+            Gateway::new(
+                now,
+                GatewayConfig {
+                    inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                    services: vec![cfg],
+                    // Every test client is in one /24.
+                    max_half_open_per_source: usize::MAX,
+                    ..GatewayConfig::default()
+                },
+            )
+            .unwrap()
+        }
+
+        fn send(g: &mut Gateway, now: Instant, c: SocketAddrV4, flags: TcpFlags) -> Verdict {
+            let mut p = ipv4_tcp(c, vip(), flags, &[]);
+            let before = p.clone();
+            let v = g.handle_packet(now, Direction::Inbound, &mut p);
+            if matches!(v, Verdict::DirectRoute(_)) {
+                assert_eq!(p, before, "delivered unchanged");
+            }
+            v
+        }
+
+        fn counts(g: &mut Gateway, backend: SocketAddrV4) -> (u32, u32) {
+            let s = g.service_mut("web").unwrap();
+            let b = s.pool().backend(s.backend_id(backend).unwrap()).unwrap();
+            (b.active(), b.inactive())
+        }
+
+        #[test]
+        fn syns_are_scheduled_by_weight_and_delivered_unchanged() {
+            let now = epoch();
+            let mut g = dr_gateway(now);
+            let mut seen = std::collections::HashMap::new();
+            for n in 0..30 {
+                let Verdict::DirectRoute(r) = send(&mut g, now, client(n), TcpFlags::SYN) else {
+                    panic!("not direct-routed");
+                };
+                assert_eq!((r.client, r.vip), (client(n), vip()));
+                *seen.entry(r.backend).or_insert(0) += 1;
+                // The retransmitted SYN goes where the first went.
+                assert_eq!(
+                    send(&mut g, now, client(n), TcpFlags::SYN),
+                    Verdict::DirectRoute(r)
+                );
+            }
+            assert_eq!((seen[&rs(101)], seen[&rs(102)]), (10, 20), "wrr 1:2");
+            assert_eq!(g.stats().direct_routed, 60);
+            let t = g.translations(now);
+            assert!(
+                t.iter()
+                    .all(|t| g.is_direct_routed(t) && g.fast_path_eligible(t))
+            );
+        }
+
+        /// Input-only tracking: the client's ACK establishes the flow (whether it crosses the
+        /// core or the fast path reports it), its FIN makes it inactive, and no reply is
+        /// ever needed to leave the half-open list.
+        #[test]
+        fn the_clients_side_alone_drives_the_state_and_the_counts() {
+            let now = epoch();
+            let mut g = dr_gateway(now);
+            let Verdict::DirectRoute(DirectRoute { backend, .. }) =
+                send(&mut g, now, client(1), TcpFlags::SYN)
+            else {
+                panic!()
+            };
+            assert_eq!(counts(&mut g, backend), (0, 1));
+            assert_eq!(g.table().half_open(), 1);
+            // A blind RST before the handshake completed changes nothing.
+            assert!(matches!(
+                send(&mut g, now, client(1), TcpFlags::RST_ACK),
+                Verdict::DirectRoute(_)
+            ));
+            assert_eq!(g.translations(now).len(), 1);
+            assert_eq!(counts(&mut g, backend), (0, 1));
+            // The client's ACK as the fast path reports it.
+            assert!(g.fast_path_activity(
+                now,
+                &FastPathActivity {
+                    proto: Proto::Tcp,
+                    public: vip(),
+                    outside: client(1),
+                    direction: Direction::Inbound,
+                    packets: 3,
+                    bytes: 200,
+                    tcp: Some((1001, 1, 502)),
+                }
+            ));
+            assert_eq!(counts(&mut g, backend), (1, 0), "active");
+            assert_eq!(g.table().half_open(), 0, "assured without a reply");
+            assert!(g.translations(now)[0].established);
+            // The client's FIN crosses the core and is still delivered.
+            assert!(matches!(
+                send(&mut g, now, client(1), TcpFlags::FIN_ACK),
+                Verdict::DirectRoute(_)
+            ));
+            assert_eq!(counts(&mut g, backend), (0, 1), "inactive");
+            // A second client establishes through the core (no fast path).
+            let Verdict::DirectRoute(r) = send(&mut g, now, client(2), TcpFlags::SYN) else {
+                panic!()
+            };
+            assert!(matches!(
+                send(&mut g, now, client(2), TcpFlags::ACK),
+                Verdict::DirectRoute(_)
+            ));
+            assert_eq!(counts(&mut g, r.backend).0, 1);
+        }
+
+        #[test]
+        fn without_a_data_path_that_can_deliver_new_connections_are_refused() {
+            let now = epoch();
+            let mut g = dr_gateway(now);
+            g.set_direct_routing(false);
+            assert_eq!(
+                send(&mut g, now, client(1), TcpFlags::SYN),
+                Verdict::Drop(DropReason::DirectRouteUnavailable)
+            );
+            assert!(g.translations(now).is_empty());
+        }
+
+        #[test]
+        fn changing_the_forwarding_method_needs_a_restart() {
+            let now = epoch();
+            let mut g = dr_gateway(now);
+            assert!(matches!(
+                g.reconfigure_services(vec![web(&[(101, 1)])]),
+                Ok(Reconfigured::NeedsRestart(_))
+            ));
         }
     }
 

@@ -27,6 +27,10 @@ pub struct GatewayStats {
     pub answered_echo: u64,
     /// TCP segments to such an address that nothing translates, answered with a RST.
     pub answered_rst: u64,
+    /// Packets to a direct-routing service's VIP handed to the data path for delivery,
+    /// unchanged, to their backend.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub direct_routed: u64,
     /// Packets dropped, by reason.
     pub drops: DropCounters<DropReason>,
 }

@@ -174,6 +174,7 @@ mod tests {
                 ..balance::PoolConfig::default()
             },
             health: None,
+            forward: crate::Forward::Nat,
         })
         .unwrap();
         g.add_listener(Proto::Tcp, VIP, svc).unwrap();

@@ -555,6 +555,7 @@ fn two_backends(listen: SocketAddrV4) -> crate::VirtualService {
             ..balance::PoolConfig::default()
         },
         health: None,
+        forward: crate::Forward::Nat,
     })
     .unwrap()
 }

@@ -83,7 +83,8 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
     assert!(status.contains("198.51.100.200"));
     assert_eq!(status.matches("[vipgate running]").count(), 4, "{status}");
 
-    // The tour proves every scenario: GRE, PAT (HTTP and OpenSSH), LB split, failover, preempt.
+    // The tour proves every scenario: GRE, PAT (HTTP and OpenSSH), LB split, direct routing,
+    // failover, preempt.
     let tour = guard.lab("tour");
     let text = String::from_utf8_lossy(&tour.stdout).into_owned();
     assert!(
@@ -91,8 +92,9 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
         "{text}\n{}",
         String::from_utf8_lossy(&tour.stderr)
     );
-    assert_eq!(text.matches("[ ok ]").count(), 6, "{text}");
+    assert_eq!(text.matches("[ ok ]").count(), 7, "{text}");
     assert!(text.contains("rs1 10, rs2 20"), "{text}");
+    assert!(text.contains("rs1 5, rs2 5, failed 0"), "{text}");
 
     let out = guard.lab("down");
     assert!(out.status.success());

@@ -13,12 +13,14 @@
 //! split and a transfer across a reload, lc and drain, health checks and the sorry server,
 //! joining a PAT gateway. The scheduler sequences, source hash and persistence, and
 //! thresholds are decisions of the core alone (the same code on both paths), so they run on
-//! the kernel path only, which keeps the module's time reasonable.
+//! the kernel path only, which keeps the module's time reasonable. Direct routing exists on
+//! the kernel path only and builds its own topology (a switch namespace the real servers and
+//! the client share, so replies bypass the director).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use vipgate_tests::{Proc, Show, Topology, e2e, wait_until};
+use vipgate_tests::{Proc, Show, Topology, e2e, wait_for, wait_until};
 
 const VIP: &str = "198.51.100.10";
 const CLIENTS: &str = "198.51.100.200,198.51.100.201,198.51.100.202";
@@ -197,7 +199,8 @@ impl Lab {
             .unwrap_or_else(|| panic!("{addr} not in show lb:\n{show}"));
         let f: Vec<&str> = line.split_whitespace().collect();
         let n = |i: usize| f[i].parse::<u64>().unwrap_or(u64::MAX);
-        (f[2].to_string(), n(3), n(4), n(5), n(6))
+        // -> ADDRESS FORWARD STATE WEIGHT ACTIVE INACTIVE CONNS ...
+        (f[3].to_string(), n(4), n(5), n(6), n(7))
     }
 
     /// Bodies of `n` fresh connections to `VIP:port` from `sources`.
@@ -827,4 +830,248 @@ fn thresholds_skip_an_overloaded_backend_and_let_it_return() {
         "{web}"
     );
     assert_eq!(web["connection_limit"], 40, "{web}");
+}
+
+/// Fetches `/blob` `n` times from `VIP:80` (source ports from `base`), one connection after the
+/// other, and prints each body's SHA-256.
+const FETCH_HASH_PY: &str = r#"
+import hashlib, socket, sys
+vip, n, src, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+for i in range(n):
+    s = socket.create_connection((vip, 80), timeout=10, source_address=(src, base + i))
+    s.sendall(b"GET /blob HTTP/1.0\r\nHost: vip\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    s.close()
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.0 200"), head
+    print(hashlib.sha256(body).hexdigest(), flush=True)
+"#;
+
+/// LVS direct routing (`forward = "dr"`, ipvsadm -g): the director sends the client's packets
+/// unchanged to the real server's MAC on the shared segment; the real servers hold the VIP on
+/// `lo` (arp_ignore=1, arp_announce=2) and answer the client directly over a path that does
+/// not touch the director.
+///
+/// ```text
+///  cl eth0 198.51.100.200 ── eth0 dir (198.51.100.11, VIP .10 owned by vipgate)
+///  cl eth1 10.0.0.200 ─┐                eth1 10.0.0.1
+///                      sw br0 ── rs1 10.0.0.101, rs2 10.0.0.102 (VIP on lo; replies via 10.0.0.200)
+/// ```
+///
+/// Asserted: every download arrives whole (SHA-256 of each real server's own 1 MiB blob), rr
+/// alternates between the two, a drained server gets nothing new, nor one its health check
+/// found down, `show lb` says Route and
+/// counts the client's side only, the kernel path carried the client's ACKs, and an nft
+/// counter in the director's namespace saw no packet from the VIP (no reply crossed it) while
+/// it did see the clients' SYNs (the counter works).
+#[test]
+fn direct_routing_real_servers_answer_the_client_directly() {
+    let mut t = e2e!();
+    t.hosts(&["cl", "dir", "sw"]);
+    t.veth("cl", "eth0", "dir", "eth0");
+    t.addr("cl", "eth0", "198.51.100.200/24");
+    t.addr("dir", "eth0", "198.51.100.11/24");
+    t.forwarding("dir");
+    t.bridge("sw", "br0");
+    let mut attach = |host: &str, port: &str, cidr: &str| {
+        t.veth(host, "eth1", "sw", port);
+        t.ip("sw", &format!("link set {port} master br0"));
+        t.addr(host, "eth1", cidr);
+    };
+    attach("cl", "p-cl", "10.0.0.200/24");
+    attach("dir", "p-dir", "10.0.0.1/24");
+    // The client gets the answers on eth1, from an address it reaches through eth0.
+    t.sh(
+        "cl",
+        "sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth1.rp_filter=0",
+    );
+    let mut servers = Vec::new();
+    let mut hashes = HashMap::new();
+    for i in 1..=2u8 {
+        let rs = format!("rs{i}");
+        t.host(&rs);
+        t.veth(&rs, "eth0", "sw", &format!("p-{rs}"));
+        t.ip("sw", &format!("link set p-{rs} master br0"));
+        t.addr(&rs, "eth0", &format!("10.0.0.10{i}/24"));
+        // The real-server side of LVS-DR: the VIP on lo, never answered for in ARP.
+        t.sh(
+            &rs,
+            "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
+        );
+        t.addr(&rs, "lo", &format!("{VIP}/32"));
+        t.ip(&rs, "route add 198.51.100.0/24 via 10.0.0.200");
+        let www = t.dir().join(format!("www-{rs}-80"));
+        std::fs::create_dir_all(&www).expect("web root");
+        t.sh(
+            &rs,
+            &format!("head -c 1048576 /dev/urandom > {}/blob", www.display()),
+        );
+        let hash = t.sh(&rs, &format!("sha256sum {}/blob", www.display()));
+        let hash = hash.split_whitespace().next().unwrap_or("").to_string();
+        hashes.insert(hash, rs.clone());
+        servers.push(t.http_server(&rs, "0.0.0.0", 80, &rs));
+    }
+    // Watch the director: packets from the VIP (a reply) and SYNs to it, before routing.
+    t.sh(
+        "dir",
+        "nft add table ip watch && \
+         nft add chain ip watch pre '{ type filter hook prerouting priority -300; }' && \
+         nft add rule ip watch pre ip saddr 198.51.100.10 counter && \
+         nft add rule ip watch pre ip daddr 198.51.100.10 tcp flags syn counter",
+    );
+    let counters = || -> (u64, u64) {
+        let out = t.sh("dir", "nft list chain ip watch pre");
+        let n: Vec<u64> = out
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let i = f.iter().position(|w| *w == "packets")?;
+                f.get(i + 1)?.parse().ok()
+            })
+            .collect();
+        (
+            n.first().copied().unwrap_or(0),
+            n.get(1).copied().unwrap_or(0),
+        )
+    };
+    let control = t.dir().join("vipgate.sock").display().to_string();
+    let config = t.write(
+        "director.toml",
+        &format!(
+            "[daemon]\ncontrol = \"{control}\"\n\n[[service]]\nname = \"web\"\nlisten = \"{VIP}:80\"\n\
+             scheduler = \"rr\"\nforward = \"dr\"\n\
+             health = {{ kind = \"tcp\", interval = \"500ms\", timeout = \"400ms\", rise = 1, fall = 2 }}\n\
+             backends = [{{ address = \"10.0.0.101:80\" }}, {{ address = \"10.0.0.102:80\" }}]\n"
+        ),
+    );
+    let mut vipgate = t.vipgate(
+        "dir",
+        "vipgate",
+        &["run", "-c", config.to_str().unwrap_or("")],
+    );
+    let show = |t: &Topology| t.try_show("dir", &control, Show::Lb);
+    let json = wait_for(Duration::from_secs(20), "vipgate to serve show lb", || {
+        show(&t).filter(|j| j[0]["datapath"].is_string())
+    });
+    assert_eq!(
+        (&json[0]["datapath"], &json[0]["forward"]),
+        (&serde_json::json!("kernel"), &serde_json::json!("dr")),
+        "{json}"
+    );
+    t.write("fetch_hash.py", FETCH_HASH_PY);
+    let fetch = |n: usize, base: u16| -> Vec<String> {
+        let script = t.dir().join("fetch_hash.py");
+        let out = t
+            .try_sh(
+                "cl",
+                &format!(
+                    "python3 {} {VIP} {n} 198.51.100.200 {base}",
+                    script.display()
+                ),
+            )
+            .unwrap_or_else(|e| panic!("client failed: {e}\nvipgate log:\n{}", vipgate.log()));
+        out.lines()
+            .map(|h| {
+                hashes
+                    .get(h)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("a download matches no real server's blob: {h}"))
+            })
+            .collect()
+    };
+    let first = fetch(6, 30_000);
+    assert_eq!(
+        first,
+        ["rs1", "rs2", "rs1", "rs2", "rs1", "rs2"],
+        "rr alternates, every byte arrives"
+    );
+    let text = String::from_utf8_lossy(
+        &t.vipgate_output("dir", &["show", "lb", "--control", &control])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains("-> 10.0.0.101:80         Route   up"),
+        "show lb says Route:\n{text}"
+    );
+    // Drain rs1: everything new goes to rs2.
+    let out = t.vipgate_output(
+        "dir",
+        &[
+            "lb",
+            "weight",
+            "web",
+            "10.0.0.101:80",
+            "0",
+            "--control",
+            &control,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fetch(3, 31_000),
+        ["rs2", "rs2", "rs2"],
+        "drained rs1 gets nothing new"
+    );
+
+    let json = wait_for(Duration::from_secs(5), "fast-path counts fed back", || {
+        show(&t).filter(|j| j[0]["fast_path"]["packets"].as_u64().unwrap_or(0) > 0)
+    });
+    let backends = json[0]["backends"].as_array().cloned().unwrap_or_default();
+    let conns: Vec<u64> = backends
+        .iter()
+        .map(|b| b["counters"]["connections"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(conns, [3, 6], "{json}");
+    for b in &backends {
+        assert_eq!(b["counters"]["packets_out"], 0, "no reply seen: {b}");
+        assert!(b["counters"]["packets_in"].as_u64().unwrap_or(0) > 0, "{b}");
+    }
+
+    // Health checks go to the real addresses as in NAT mode: rs1 back at weight 1, rs2's
+    // server stopped, so rs2 goes down and rs1 takes everything.
+    let out = t.vipgate_output(
+        "dir",
+        &[
+            "lb",
+            "weight",
+            "web",
+            "10.0.0.101:80",
+            "1",
+            "--control",
+            &control,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(servers.pop());
+    wait_until(Duration::from_secs(10), "rs2 checked down", || {
+        show(&t).is_some_and(|j| j[0]["backends"][1]["state"] == "down")
+    });
+    assert_eq!(
+        fetch(2, 32_000),
+        ["rs1", "rs1"],
+        "a down server gets nothing"
+    );
+
+    let (from_vip, syns) = counters();
+    assert!(
+        syns >= 11,
+        "the counter sees the director's traffic ({syns} SYNs)"
+    );
+    assert_eq!(from_vip, 0, "no packet from the VIP reached the director");
+    drop(servers);
+    assert_eq!(vipgate.terminate(Duration::from_secs(10)), Some(0));
 }
