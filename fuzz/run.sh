@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (or the ones named) for a while, then minimises its corpus in place.
 #
-#   fuzz/run.sh [-t SECONDS] [-r RUNS] [TARGET...]
+#   fuzz/run.sh [-t SECONDS] [-r RUNS] [-s SANITIZER] [TARGET...]
 #
 # -t: time per target (default 60 s); -r: stop a target after RUNS executions instead (the
-# README's figures come from `-r 10000000`). Each target starts from fuzz/corpus/TARGET (the
+# README's figures come from `-r 10000000`); -s: cargo-fuzz's sanitizer (default `address`;
+# `none` runs 2-4x faster and still catches every panic, which is what safe Rust fails with). Each target starts from fuzz/corpus/TARGET (the
 # committed, minimised corpus) and writes new inputs there; a crash stops that target, is left
 # in fuzz/artifacts/TARGET/ and makes the script exit non-zero at the end. The last line per
 # target (`TARGET: N executions in S s, corpus C files, DATE`) is also appended to
@@ -17,11 +18,13 @@ cd "$(dirname "$0")"
 
 seconds=60
 runs=0
-while getopts "t:r:" opt; do
+sanitizer=address
+while getopts "t:r:s:" opt; do
   case $opt in
     t) seconds=$OPTARG ;;
     r) runs=$OPTARG ;;
-    *) echo "usage: fuzz/run.sh [-t SECONDS] [-r RUNS] [TARGET...]" >&2; exit 2 ;;
+    s) sanitizer=$OPTARG ;;
+    *) echo "usage: fuzz/run.sh [-t SECONDS] [-r RUNS] [-s SANITIZER] [TARGET...]" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -40,7 +43,7 @@ limit=(-max_total_time="$seconds")
 
 # Build every target first: a broken manifest or a compile error is not a crash and must not
 # be recorded as one.
-cargo +nightly fuzz build || {
+cargo +nightly fuzz build -s "$sanitizer" || {
   echo "fuzz/run.sh: the fuzz targets do not build" >&2
   exit 2
 }
@@ -51,7 +54,7 @@ for t in "${targets[@]}"; do
   log=$(mktemp)
   echo "== $t (${limit[*]})"
   start=$(date +%s)
-  if cargo +nightly fuzz run "$t" -- "${limit[@]}" -print_final_stats=1 >"$log" 2>&1; then
+  if cargo +nightly fuzz run -s "$sanitizer" "$t" -- "${limit[@]}" -print_final_stats=1 >"$log" 2>&1; then
     status=ok
   else
     status=CRASH
@@ -62,12 +65,12 @@ for t in "${targets[@]}"; do
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rm -f "$log"
   # Keep only the inputs that add coverage, so the committed corpus stays small.
-  cargo +nightly fuzz cmin "$t" >/dev/null 2>&1 || true
+  cargo +nightly fuzz cmin -s "$sanitizer" "$t" >/dev/null 2>&1 || true
   # cmin renames everything it keeps to its SHA-1; the hand-written seeds (named after what
   # they are, some read by unit tests with include_bytes!) stay under their names.
   git ls-files "corpus/$t" | grep -v '/[0-9a-f]\{40\}$' | xargs -r git checkout -- || true
   files=$(find "corpus/$t" -type f | wc -l)
-  line="$t: ${execs:-?} executions in ${elapsed} s, corpus $files files, $(date -u +%Y-%m-%d) ($status)"
+  line="$t: ${execs:-?} executions in ${elapsed} s, corpus $files files, $(date -u +%Y-%m-%d) ($status; sanitizer $sanitizer)"
   echo "$line"
   echo "$line" >> runs.log
 done
