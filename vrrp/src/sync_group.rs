@@ -116,6 +116,14 @@ impl SyncGroup {
         result
     }
 
+    /// Opens or closes `member`'s preemption gate ([`VrrpInstance::set_preempt_allowed`]); an
+    /// unknown member is ignored.
+    pub fn set_preempt_allowed(&mut self, member: MemberId, allowed: bool) {
+        if let Some(m) = self.members.get_mut(member.0) {
+            m.set_preempt_allowed(allowed);
+        }
+    }
+
     /// Runs every member whose deadline passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.members.len() {
