@@ -116,11 +116,14 @@ impl SyncGroup {
         result
     }
 
-    /// Opens or closes `member`'s preemption gate ([`VrrpInstance::set_preempt_allowed`]); an
-    /// unknown member is ignored.
+    /// Opens or closes the preemption gate ([`VrrpInstance::set_preempt_allowed`]) of
+    /// `member` and of every other member: the group moves as one, so an ungated sibling that
+    /// preempted would take the gated member to MASTER with it. An unknown member is ignored.
     pub fn set_preempt_allowed(&mut self, member: MemberId, allowed: bool) {
-        if let Some(m) = self.members.get_mut(member.0) {
-            m.set_preempt_allowed(allowed);
+        if member.0 < self.members.len() {
+            for m in &mut self.members {
+                m.set_preempt_allowed(allowed);
+            }
         }
     }
 

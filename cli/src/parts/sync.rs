@@ -681,8 +681,30 @@ mod tests {
                 ignored_as_master: 0,
                 last_bulk: None,
             })),
+            gate: None,
         };
         (f, rx)
+    }
+
+    /// The first snapshot received opens the VRRP instance's preemption gate.
+    #[tokio::test]
+    async fn a_received_snapshot_opens_the_preemption_gate() {
+        let gw = gateway();
+        let (mut f, _rx) = follower(&gw);
+        let (gate, ready) = watch::channel(false);
+        f.gate = Some(gate);
+        f.handle(Event::PeerUp { node: 7 }, false).await.unwrap();
+        assert!(!*ready.borrow(), "a peer alone is not a snapshot");
+        f.handle(
+            Event::BulkComplete {
+                from: 7,
+                records: 0,
+            },
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(*ready.borrow());
     }
 
     fn flows(c: Option<Command>) -> usize {

@@ -676,6 +676,38 @@ fn pair_split_brain_heals_within_one_interval() {
 }
 
 #[test]
+fn a_gated_member_holds_its_whole_sync_group() {
+    let inside = |addr: Ipv4Addr, priority: u8| {
+        let mut c = config(addr, priority, 100);
+        c.vrid = 52;
+        c
+    };
+    let mut sim = Sim::new(vec![
+        vec![config(A, 150, 100), inside(Ipv4Addr::new(10, 0, 0, 2), 150)],
+        vec![config(B, 100, 100), inside(Ipv4Addr::new(10, 0, 0, 3), 100)],
+    ]);
+    sim.kill(0);
+    sim.run_for(Duration::from_secs(1));
+    sim.restart(0);
+    // Only member 0 is gated; its ungated sibling must not preempt and drag it along.
+    sim.nodes[0].group.set_preempt_allowed(MemberId(0), false);
+    sim.run_for(Duration::from_secs(3));
+    let states = |sim: &Sim, n: usize| -> Vec<State> {
+        sim.nodes[n]
+            .group
+            .members()
+            .iter()
+            .map(|m| m.state())
+            .collect()
+    };
+    assert_eq!(states(&sim, 0), [State::Backup, State::Backup]);
+    sim.nodes[0].group.set_preempt_allowed(MemberId(0), true);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(states(&sim, 0), [State::Master, State::Master]);
+    assert_eq!(states(&sim, 1), [State::Backup, State::Backup]);
+}
+
+#[test]
 fn pair_of_sync_groups_moves_together_on_fault() {
     let inside_a = {
         let mut c = config(Ipv4Addr::new(10, 0, 0, 2), 150, 100);
