@@ -308,6 +308,10 @@ pub struct VrrpInstance {
     own_fault: bool,
     group_fault: bool,
     hold_backup: bool,
+    /// Whether preempting a lower-priority master is allowed now (the driver closes it
+    /// while flow sync has not pulled the master's flows); taking over a silent master is not
+    /// gated.
+    preempt_allowed: bool,
     master_adver_interval: Duration,
     master: Option<(Ipv4Addr, u8)>,
     last_master_advert: Option<Instant>,
@@ -334,6 +338,7 @@ impl VrrpInstance {
             own_fault: false,
             group_fault: false,
             hold_backup: false,
+            preempt_allowed: true,
             master_adver_interval: interval,
             master: None,
             last_master_advert: None,
@@ -406,6 +411,22 @@ impl VrrpInstance {
     /// Whether this instance is in Fault because of its own tracked objects.
     pub fn own_fault(&self) -> bool {
         self.own_fault
+    }
+
+    /// Whether preempting a lower-priority master is allowed now.
+    pub fn preempt_allowed(&self) -> bool {
+        self.preempt_allowed
+    }
+
+    /// Opens or closes the preemption gate. While closed, a backup follows a lower-priority
+    /// master that is advertising as if preemption were off; a master that goes silent is
+    /// still taken over at once. Closing it cancels a pending delayed preemption; after
+    /// opening, the next advert of the lower master is preempted as usual.
+    pub fn set_preempt_allowed(&mut self, allowed: bool) {
+        self.preempt_allowed = allowed;
+        if !allowed {
+            self.preempt_timer = None;
+        }
     }
 
     /// The next action to perform.
@@ -509,7 +530,7 @@ impl VrrpInstance {
                 self.preempt_timer = None;
                 self.master_down_timer = Some(now + self.skew_time().max(MIN_TIMER));
             }
-            State::Backup if !self.config.preempt || prio >= local => {
+            State::Backup if !self.config.preempt || !self.preempt_allowed || prio >= local => {
                 self.counters.adverts_rx += 1;
                 self.accept_master(now, adv.src, prio, interval);
                 self.preempt_timer = None;

@@ -116,6 +116,17 @@ impl SyncGroup {
         result
     }
 
+    /// Opens or closes the preemption gate ([`VrrpInstance::set_preempt_allowed`]) of
+    /// `member` and of every other member: the group moves as one, so an ungated sibling that
+    /// preempted would take the gated member to MASTER with it. An unknown member is ignored.
+    pub fn set_preempt_allowed(&mut self, member: MemberId, allowed: bool) {
+        if member.0 < self.members.len() {
+            for m in &mut self.members {
+                m.set_preempt_allowed(allowed);
+            }
+        }
+    }
+
     /// Runs every member whose deadline passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.members.len() {

@@ -8,7 +8,7 @@
 //! flows to sync (`[nat]` or `[[service]]`).
 
 use super::vrrp::VrrpSection;
-use super::{Validator, check_unique, did_you_mean};
+use super::{HumanDuration, Validator, check_unique, did_you_mean};
 use flowsync::wire::{MAX_KEY_LEN, MAX_PEERS, MIN_KEY_LEN};
 use serde::{Deserialize, Serialize};
 use std::io::Read as _;
@@ -41,10 +41,18 @@ pub(crate) struct SyncSection {
     /// The VRRP instance whose MASTER state makes this node the one that streams its flows,
     /// and whose transition to MASTER makes the standby flows live.
     pub(crate) vrrp: Spanned<String>,
+    /// How long the `vrrp` instance, back as backup, waits for the master's snapshot before
+    /// it may preempt anyway (so a dead sync never blocks fail-back for good). Default 30 s.
+    #[serde(default = "d_ready_timeout")]
+    pub(crate) ready_timeout: Spanned<HumanDuration>,
 }
 
 fn d_port() -> Spanned<u16> {
     Spanned::new(0..0, DEFAULT_PORT)
+}
+
+fn d_ready_timeout() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(std::time::Duration::from_secs(30)))
 }
 
 impl SyncSection {
@@ -56,6 +64,18 @@ impl SyncSection {
         has_flows: bool,
         v: &mut Validator,
     ) {
+        super::duration::check_at_least(
+            &self.ready_timeout,
+            std::time::Duration::from_secs(1),
+            "ready_timeout",
+            v,
+        );
+        super::duration::check_at_most(
+            &self.ready_timeout,
+            std::time::Duration::from_secs(3600),
+            "ready_timeout",
+            v,
+        );
         let listen = *self.listen.get_ref();
         if !is_unicast(listen) {
             v.error_at(

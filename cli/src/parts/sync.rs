@@ -118,6 +118,9 @@ pub(crate) struct SyncStatus {
     pub(crate) vrrp_state: State,
     /// No snapshot asked for is outstanding from a live peer.
     pub(crate) synced: bool,
+    /// The VRRP instance may preempt: a snapshot from the master is in (or `[sync]
+    /// ready_timeout` passed first). Until then it stays backup under a lower-priority master.
+    pub(crate) ready: bool,
     /// Peers heard within the peer timeout (3 s).
     pub(crate) peers_up: u64,
     /// Our data messages not yet acknowledged by every live peer: the sending side's lag.
@@ -194,6 +197,8 @@ struct SyncPart {
     gateway: Arc<NatDriver>,
     transport: watch::Receiver<TransportStatus>,
     followed: Arc<Mutex<Followed>>,
+    /// The followed instance's preemption gate (`None`: VRRP runs without one).
+    gate: Option<watch::Receiver<bool>>,
     tasks: Vec<JoinHandle<()>>,
     watch: netutil::task::TaskWatch,
 }
@@ -213,9 +218,13 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         return Ok(Vec::new());
     };
     let vrrp_name = section.vrrp.get_ref().clone();
-    let (gateway, state) = {
+    let (gateway, state, gate) = {
         let w = wiring::lock(&ctx.wiring);
-        (w.gateway.clone(), w.vrrp_states.get(&vrrp_name).cloned())
+        (
+            w.gateway.clone(),
+            w.vrrp_states.get(&vrrp_name).cloned(),
+            w.preempt_gates.get(&vrrp_name).cloned(),
+        )
     };
     let gateway = gateway
         .context("[sync] follows the flows of [nat] or [[service]], and neither is running")?;
@@ -246,6 +255,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         gw: gateway.gateway(),
         commands: handle.commands,
         followed: Arc::clone(&followed),
+        gate: gate.clone(),
     };
     let follow = watch.spawn(
         "sync follower",
@@ -258,6 +268,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         gateway,
         transport: handle.status,
         followed,
+        gate: gate.as_ref().map(watch::Sender::subscribe),
         tasks: vec![follow, transport],
         watch,
     })])
@@ -293,6 +304,8 @@ struct Follower {
     gw: Arc<Mutex<natgw::Gateway>>,
     commands: mpsc::Sender<Command>,
     followed: Arc<Mutex<Followed>>,
+    /// Opened at the first snapshot received as backup: VRRP may preempt from then on.
+    gate: Option<watch::Sender<bool>>,
 }
 
 impl Follower {
@@ -413,6 +426,13 @@ impl Follower {
             Event::BulkComplete { from, records } => {
                 lock_unpoisoned(&self.followed).last_bulk = Some((clock(), records));
                 tracing::info!(peer = %Ipv4Addr::from(from), records, "flow sync: snapshot received");
+                let opened = self
+                    .gate
+                    .as_ref()
+                    .is_some_and(|g| g.send_if_modified(|open| !std::mem::replace(open, true)));
+                if opened {
+                    tracing::info!(peer = %Ipv4Addr::from(from), "flow sync: ready, VRRP may preempt");
+                }
             }
             Event::PeerUp { node } => {
                 tracing::info!(peer = %Ipv4Addr::from(node), "flow sync: peer up");
@@ -453,6 +473,7 @@ impl SyncPart {
             vrrp: self.vrrp.clone(),
             vrrp_state: f.vrrp_state,
             synced: t.synced,
+            ready: self.gate.as_ref().is_none_or(|g| *g.borrow()),
             peers_up: t.peers.iter().filter(|p| p.up).count() as u64,
             queued: t.queued as u64,
             standby_flows,
@@ -571,6 +592,11 @@ fn render_one(out: &mut String, s: &SyncStatus) {
             "snapshot pending"
         }
     );
+    out.push_str(if s.ready {
+        "  sync ready: VRRP may preempt\n"
+    } else {
+        "  preempt waits for sync: VRRP stays backup until the master's snapshot is in\n"
+    });
     let _ = writeln!(
         out,
         "  standby flows {}/{}   last snapshot {}{}   unacknowledged messages {}",
@@ -655,8 +681,30 @@ mod tests {
                 ignored_as_master: 0,
                 last_bulk: None,
             })),
+            gate: None,
         };
         (f, rx)
+    }
+
+    /// The first snapshot received opens the VRRP instance's preemption gate.
+    #[tokio::test]
+    async fn a_received_snapshot_opens_the_preemption_gate() {
+        let gw = gateway();
+        let (mut f, _rx) = follower(&gw);
+        let (gate, ready) = watch::channel(false);
+        f.gate = Some(gate);
+        f.handle(Event::PeerUp { node: 7 }, false).await.unwrap();
+        assert!(!*ready.borrow(), "a peer alone is not a snapshot");
+        f.handle(
+            Event::BulkComplete {
+                from: 7,
+                records: 0,
+            },
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(*ready.borrow());
     }
 
     fn flows(c: Option<Command>) -> usize {
@@ -747,6 +795,7 @@ mod tests {
             vrrp: "vip-web".into(),
             vrrp_state: State::Backup,
             synced: true,
+            ready: true,
             peers_up: 1,
             queued: 0,
             standby_flows: 4,

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use netutil::Reconfigured;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use vrrp::DropReason;
 use vrrp::driver::{GroupSpec, MemberSpec, TrackedService, VrrpDriver, VrrpStatus};
 
@@ -161,6 +162,7 @@ impl Part for VrrpPart {
 /// # Errors
 /// An interface or socket problem, after stopping the groups already started.
 pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
+    make_preempt_gate(site, ctx);
     let wiring = wiring::lock(&ctx.wiring).clone();
     let mut groups: BTreeMap<String, Vec<&VrrpSection>> = BTreeMap::new();
     let mut order = Vec::new();
@@ -217,6 +219,35 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     Ok(parts)
 }
 
+/// Makes the preemption gate of the instance `[sync]` follows, closed, when the sync part
+/// will run: a node back from a crash must not take the VIP (and its connections) before it
+/// holds the master's flows. The gate opens when the sync part has the master's snapshot, or
+/// at `ready_timeout` (logged), so a dead sync delays fail-back but never blocks it.
+fn make_preempt_gate(site: &SiteConfig, ctx: &StartCtx) {
+    let Some(sync) = &site.sync else {
+        return;
+    };
+    if !ctx.only.is_empty() && !ctx.only.contains(&Kind::Sync) {
+        return;
+    }
+    let name = sync.vrrp.get_ref().clone();
+    let timeout = sync.ready_timeout.get_ref().0;
+    let (gate, _) = watch::channel(false);
+    let bound = gate.clone();
+    let instance = name.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        if bound.send_if_modified(|open| !std::mem::replace(open, true)) {
+            tracing::warn!(
+                instance = %instance,
+                timeout = ?timeout,
+                "flow sync not ready within [sync] ready_timeout: preemption allowed anyway"
+            );
+        }
+    });
+    wiring::lock(&ctx.wiring).preempt_gates.insert(name, gate);
+}
+
 /// The `[[vrrp_group]]` of the sync group `s` belongs to, if it has one.
 fn group_section<'a>(site: &'a SiteConfig, s: &VrrpSection) -> Option<&'a VrrpGroupSection> {
     let name = s.group.as_ref()?;
@@ -242,6 +273,10 @@ fn wired_spec(s: &VrrpSection, wiring: &Wiring) -> MemberSpec {
             ),
         }
     }
+    spec.preempt_gate = wiring
+        .preempt_gates
+        .get(s.name.get_ref())
+        .map(watch::Sender::subscribe);
     spec.hooked = s
         .addresses
         .get_ref()
@@ -345,6 +380,11 @@ fn render_instance(out: &mut String, i: &VrrpStatus) {
     if !tracked.is_empty() {
         let _ = writeln!(out, "    tracking: {}", tracked.join(", "));
     }
+    match i.preempt_gate {
+        Some(false) => out.push_str("    preempt waits for sync\n"),
+        Some(true) => out.push_str("    sync ready\n"),
+        None => {}
+    }
     for t in &i.transitions {
         let _ = writeln!(
             out,
@@ -428,6 +468,7 @@ mod tests {
                     up: false,
                 },
             ],
+            preempt_gate: Some(false),
         };
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["state"], "MASTER");
@@ -436,6 +477,7 @@ mod tests {
         assert_eq!(json["counters"]["drops"]["bad_ttl"], 1);
         assert_eq!(json["counters"]["malformed"]["bad_checksum"], 2);
         assert_eq!(json["counters"]["master_ms"], 2500);
+        assert_eq!(json["preempt_gate"], false);
         let text = render(&[json]);
         assert!(text.contains("vip-web"), "{text}");
         assert!(text.contains("150/150"), "{text}");
@@ -443,6 +485,7 @@ mod tests {
         assert!(text.contains("ttl 1 malformed 2"), "{text}");
         assert!(text.contains("transitions 1, master for 2.5s"), "{text}");
         assert!(text.contains("01:02:03.004 BACKUP -> MASTER"), "{text}");
+        assert!(text.contains("preempt waits for sync"), "{text}");
         assert!(
             text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20)"),
             "{text}"

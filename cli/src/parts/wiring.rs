@@ -28,6 +28,10 @@ pub(crate) struct Wiring {
     /// Per VRRP instance name: its state, changed at each transition (flow sync follows the
     /// instance its `[sync] vrrp` names).
     pub(crate) vrrp_states: HashMap<String, watch::Receiver<vrrp::State>>,
+    /// Per VRRP instance a `[sync]` follows: its preemption gate, made by the vrrp part
+    /// closed (`false`) and opened by the sync part once a snapshot from the master is in,
+    /// or by the vrrp part when `[sync] ready_timeout` passes first.
+    pub(crate) preempt_gates: HashMap<String, watch::Sender<bool>>,
     /// Per service name: `true` while it has a healthy backend (VRRP `track_services`).
     pub(crate) health: HashMap<String, watch::Receiver<bool>>,
     /// Per VIP a VRRP instance moves: the hook of the service that makes it live.

@@ -503,15 +503,14 @@ fn forged_replayed_and_garbage_datagrams_are_dropped_and_counted() {
     assert_eq!(moved["name"], "10.0.0.12:8850", "{moved}");
 }
 
-/// Fail-back: d1 dies during four downloads, d2 takes them over; d1 boots again, pulls d2's
-/// flows as standby while its `preempt_delay` runs, takes the VIP back and promotes them.
-/// Every byte of every download arrives across both moves. (Until VRRP preemption waits for
-/// the sync itself, `preempt_delay` is what gives the returning node time to catch up.)
+/// Fail-back: d1 dies during four downloads, d2 takes them over; d1 boots again and, with no
+/// `preempt_delay`, stays backup (its preemption gated by `[sync]`) until it pulled d2's
+/// flows as standby, then takes the VIP back and promotes them. Every byte of every download
+/// arrives across both moves.
 #[test]
 fn downloads_survive_the_crash_and_the_fail_back() {
     let lab = Lab::new(e2e!(), "tun");
-    let delay = "preempt_delay = \"2s\"";
-    let mut d1 = lab.start_with("d1", 150, delay);
+    let mut d1 = lab.start("d1", 150);
     let d2 = lab.start("d2", 100);
     lab.wait_paired(&d1, &d2);
     let mut client = lab.downloads(4, 1_200_000, 32_000);
@@ -526,11 +525,31 @@ fn downloads_survive_the_crash_and_the_fail_back() {
     });
 
     lab.host_returns("d1");
-    let d1 = lab.start_with("d1", 150, delay);
+    let d1 = lab.start("d1", 150);
+    // The gate is monotonic (closed at start, opened once), so at every poll a MASTER d1
+    // must already report ready.
     wait_until(Duration::from_secs(10), "d1 back as master", || {
-        lab.sync("d1").is_some_and(|s| s["state"] == "master")
+        let s1 = lab.sync("d1");
+        if lab.vrrp_state("d1") == "MASTER" {
+            assert!(
+                s1.as_ref().is_some_and(|s| s["ready"] == true),
+                "d1 preempted before sync was ready: {s1:?}"
+            );
+        }
+        s1.is_some_and(|s| s["state"] == "master")
             && lab.sync("d2").is_some_and(|s| s["state"] == "backup")
     });
+    let log = d1.log();
+    let ready_at = log.find("flow sync: ready, VRRP may preempt");
+    let master_at = log.find("to=MASTER");
+    assert!(
+        ready_at.is_some() && ready_at < master_at,
+        "d1 became ready before it preempted: {log}"
+    );
+    assert!(
+        !log.contains("ready_timeout"),
+        "the snapshot opened the gate, not the bound: {log}"
+    );
     let s1 = lab.sync("d1").unwrap_or_default();
     assert!(
         counter(&s1, &["counters", "promoted"]) >= 4,

@@ -133,6 +133,9 @@ pub struct MemberSpec {
     pub garp_lower_prio_repeat: u32,
     /// VIPs made live through this hook instead of as interface addresses.
     pub hooked: Vec<(Ipv4Addr, Arc<dyn AddressHook>)>,
+    /// Preemption of a lower-priority master is allowed only while this is `true` (flow
+    /// sync holds it `false` until it pulled the master's flows); `None` = never gated.
+    pub preempt_gate: Option<watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for MemberSpec {
@@ -147,6 +150,10 @@ impl std::fmt::Debug for MemberSpec {
             .field("peers", &self.peers)
             .field("garp_count", &self.garp_count)
             .field("garp_lower_prio_repeat", &self.garp_lower_prio_repeat)
+            .field(
+                "preempt_gate",
+                &self.preempt_gate.as_ref().map(|g| *g.borrow()),
+            )
             .field(
                 "hooked",
                 &self.hooked.iter().map(|h| h.0).collect::<Vec<_>>(),
@@ -171,6 +178,7 @@ impl MemberSpec {
             garp_count: 5,
             garp_lower_prio_repeat: 5,
             hooked: Vec::new(),
+            preempt_gate: None,
         }
     }
 }
@@ -226,6 +234,9 @@ pub struct VrrpStatus {
     pub transitions: Vec<TransitionRecord>,
     /// Tracked objects.
     pub tracked: Vec<TrackedStatus>,
+    /// The preemption gate: `None` when not gated, `Some(false)` while preemption waits for
+    /// flow sync, `Some(true)` once sync is ready.
+    pub preempt_gate: Option<bool>,
 }
 
 /// The counters of one instance: the state machine's and the driver's.
@@ -334,6 +345,10 @@ enum Event {
     NotifyDone {
         target: NotifyTarget,
         outcomes: Vec<NotifyOutcome>,
+    },
+    PreemptGate {
+        member: MemberId,
+        open: bool,
     },
 }
 
@@ -620,6 +635,22 @@ async fn open_members(
                 }
             });
         }
+        if let Some(gate) = &spec.preempt_gate {
+            let mut rx = gate.clone();
+            let tx = events_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let open = *rx.borrow_and_update();
+                    let ev = Event::PreemptGate {
+                        member: MemberId(i),
+                        open,
+                    };
+                    if tx.send(ev).await.is_err() || rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let first_script = interfaces.len() + spec.track_services.len();
         for (k, script) in spec.track_scripts.iter().enumerate() {
             let object = ObjectId(first_script + k);
@@ -785,6 +816,9 @@ impl<Io: VrrpIo> Driver<Io> {
                 .iter()
                 .zip(&spec.track_scripts)
                 .any(|(old, new)| timing(old) != timing(new));
+        if m.spec.preempt_gate.is_some() != spec.preempt_gate.is_some() {
+            return Reconfigured::restart("flow sync started or stopped gating preemption");
+        }
         if retimed {
             return Reconfigured::restart(
                 "a track script's interval, timeout, rise or fall changed",
@@ -921,6 +955,11 @@ impl<Io: VrrpIo> Driver<Io> {
                 if let Some(event) = queue.pending.take() {
                     self.notify(target, event);
                 }
+            }
+            Event::PreemptGate { member, open } => {
+                self.group.set_preempt_allowed(member, open);
+                let name = &self.group.members()[member.0].config().name;
+                tracing::info!(instance = %name, open, "preemption gate changed");
             }
             Event::Service { member, object, up } => {
                 if self.group.handle_tracked(now(), member, object, up) {
@@ -1128,6 +1167,7 @@ impl<Io: VrrpIo> Driver<Io> {
                             up: o.up,
                         })
                         .collect(),
+                    preempt_gate: m.spec.preempt_gate.as_ref().map(|_| core.preempt_allowed()),
                 }
             })
             .collect();

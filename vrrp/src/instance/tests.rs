@@ -587,6 +587,53 @@ fn pair_preempt_on_and_off() {
 }
 
 #[test]
+fn closed_preempt_gate_follows_lower_master() {
+    let now = t0();
+    let mut i = VrrpInstance::new(config(A, 150, 1000));
+    i.startup(now);
+    i.set_preempt_allowed(false);
+    // Followed like a higher master, not dropped as a lower one.
+    i.handle_advert(now, &advert(B, 100, 100)).unwrap();
+    assert_eq!(i.master(), Some((B, 100)));
+    i.set_preempt_allowed(true);
+    assert!(i.preempt_allowed());
+    assert_eq!(
+        i.handle_advert(now, &advert(B, 100, 100)),
+        Err(DropReason::LowerPriority)
+    );
+}
+
+#[test]
+fn pair_preempt_waits_for_the_gate_but_not_for_a_dead_master() {
+    let mut sim = Sim::pair(config(A, 150, 100), config(B, 100, 100));
+    sim.kill(0);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.state(1), State::Master);
+    sim.restart(0);
+    sim.nodes[0].group.set_preempt_allowed(MemberId(0), false);
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(
+        (sim.state(0), sim.state(1)),
+        (State::Backup, State::Master),
+        "a closed gate holds preemption"
+    );
+    sim.nodes[0].group.set_preempt_allowed(MemberId(0), true);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Master, State::Backup));
+    // Back again with the gate closed: B is master, A follows it until B dies.
+    sim.kill(0);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.state(1), State::Master);
+    sim.restart(0);
+    sim.nodes[0].group.set_preempt_allowed(MemberId(0), false);
+    sim.run_for(Duration::from_secs(3));
+    assert_eq!(sim.state(0), State::Backup, "gated, follows B");
+    sim.kill(1);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.state(0), State::Master, "master down is not gated");
+}
+
+#[test]
 fn pair_preempt_delay_postpones_takeover() {
     let mut high = config(A, 150, 100);
     high.preempt_delay = Duration::from_secs(5);
@@ -626,6 +673,38 @@ fn pair_split_brain_heals_within_one_interval() {
     assert_eq!((sim.state(0), sim.state(1)), (State::Master, State::Backup));
     let t = sim.last_transition_to(1, State::Backup).unwrap();
     assert!(t - healed <= Duration::from_millis(1001));
+}
+
+#[test]
+fn a_gated_member_holds_its_whole_sync_group() {
+    let inside = |addr: Ipv4Addr, priority: u8| {
+        let mut c = config(addr, priority, 100);
+        c.vrid = 52;
+        c
+    };
+    let mut sim = Sim::new(vec![
+        vec![config(A, 150, 100), inside(Ipv4Addr::new(10, 0, 0, 2), 150)],
+        vec![config(B, 100, 100), inside(Ipv4Addr::new(10, 0, 0, 3), 100)],
+    ]);
+    sim.kill(0);
+    sim.run_for(Duration::from_secs(1));
+    sim.restart(0);
+    // Only member 0 is gated; its ungated sibling must not preempt and drag it along.
+    sim.nodes[0].group.set_preempt_allowed(MemberId(0), false);
+    sim.run_for(Duration::from_secs(3));
+    let states = |sim: &Sim, n: usize| -> Vec<State> {
+        sim.nodes[n]
+            .group
+            .members()
+            .iter()
+            .map(|m| m.state())
+            .collect()
+    };
+    assert_eq!(states(&sim, 0), [State::Backup, State::Backup]);
+    sim.nodes[0].group.set_preempt_allowed(MemberId(0), true);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(states(&sim, 0), [State::Master, State::Master]);
+    assert_eq!(states(&sim, 1), [State::Backup, State::Backup]);
 }
 
 #[test]
