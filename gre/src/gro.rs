@@ -230,12 +230,20 @@ impl TcpCoalescer {
     }
 }
 
-/// The virtio-net header that has the kernel finish `packet`'s transport checksum, when that
-/// checksum is partial (the field holds exactly the folded pseudo-header sum and the full
-/// sum does not verify): TCP or UDP in IPv4 without options or in IPv6 without extension
-/// headers, lengths consistent. A TCP packet longer than `mtu` (when `mtu` leaves room for
-/// payload) also becomes a super-packet of `mtu`-sized segments. `None` for anything else.
-fn partial_checksum(packet: &[u8], mtu: usize) -> Option<VnetHdr> {
+/// A packet's IP layer as coalescing and checksum finishing need it: an IPv4 header without
+/// options or fragmentation, or an IPv6 header without extension headers, whose length field
+/// matches the packet exactly.
+struct PlainIp {
+    v6: bool,
+    /// IP header length (where the transport header starts).
+    ip_len: usize,
+    protocol: u8,
+    /// The transport checksum's pseudo-header sum, unfolded, for the packet's own length.
+    pseudo: u32,
+}
+
+/// The packet's [`PlainIp`], or `None` for anything else; every byte read is length-checked.
+fn plain_ip(packet: &[u8]) -> Option<PlainIp> {
     let (v6, ip_len, protocol, addresses) = match packet.first()? >> 4 {
         4 => {
             let ip = Ipv4View::new_unchecked(packet.first_chunk::<20>()?);
@@ -253,9 +261,29 @@ fn partial_checksum(packet: &[u8], mtu: usize) -> Option<VnetHdr> {
         }
         _ => return None,
     };
-    let l4 = packet.get(ip_len..)?;
-    let l4_len = u32::try_from(l4.len()).ok()?;
+    let l4_len = u32::try_from(packet.len() - ip_len).ok()?;
     let pseudo = sum(0, packet.get(addresses)?) + l4_len + u32::from(protocol);
+    Some(PlainIp {
+        v6,
+        ip_len,
+        protocol,
+        pseudo,
+    })
+}
+
+/// The virtio-net header that has the kernel finish `packet`'s transport checksum, when that
+/// checksum is partial (the field holds exactly the folded pseudo-header sum and the full
+/// sum does not verify): TCP or UDP in IPv4 without options or in IPv6 without extension
+/// headers, lengths consistent. A TCP packet longer than `mtu` (when `mtu` leaves room for
+/// payload) also becomes a super-packet of `mtu`-sized segments. `None` for anything else.
+fn partial_checksum(packet: &[u8], mtu: usize) -> Option<VnetHdr> {
+    let PlainIp {
+        v6,
+        ip_len,
+        protocol,
+        pseudo,
+    } = plain_ip(packet)?;
+    let l4 = packet.get(ip_len..)?;
     let (csum_offset, hdr_len) = match protocol {
         6 => (16, ip_len + usize::from(l4.get(12)? >> 4) * 4),
         17 if l4.get(4..6)? == &(l4.len() as u16).to_be_bytes()[..] => (6, ip_len + 8),
@@ -302,32 +330,15 @@ struct Candidate {
 /// payload, and a checksum that verifies. Anything shorter than the headers it announces
 /// is `None` (and passes through unmerged): every byte read is length-checked first.
 fn candidate(packet: &[u8]) -> Option<Candidate> {
-    let (v6, ip_len, pseudo) = match packet.first()? >> 4 {
-        4 => {
-            let ip = Ipv4View::new_unchecked(packet.first_chunk::<20>()?);
-            let ok = ip.ihl() == 20
-                && ip.total_len() == packet.len()
-                && !ip.is_fragment()
-                && ip.protocol() == 6;
-            if !ok {
-                return None;
-            }
-            let tcp_len = u32::try_from(packet.len() - 20).ok()?;
-            let addresses = &ip.into_inner()[field::SRC.start..field::DST.end];
-            (false, 20, sum(0, addresses) + tcp_len + 6)
-        }
-        6 => {
-            let ip = packet.first_chunk::<40>()?;
-            let ok =
-                usize::from(u16::from_be_bytes([ip[4], ip[5]])) + 40 == packet.len() && ip[6] == 6;
-            if !ok {
-                return None;
-            }
-            let tcp_len = u32::try_from(packet.len() - 40).ok()?;
-            (true, 40, sum(0, &ip[8..40]) + tcp_len + 6)
-        }
-        _ => return None,
-    };
+    let PlainIp {
+        v6,
+        ip_len,
+        protocol,
+        pseudo,
+    } = plain_ip(packet)?;
+    if protocol != 6 {
+        return None;
+    }
     let tcp = packet.get(ip_len..)?;
     // The fixed TCP header must be there before any of it is read (finding 1.1: a 13-byte
     // "header" used to be indexed at 13).

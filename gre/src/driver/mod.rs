@@ -28,7 +28,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -172,6 +172,9 @@ struct Shared {
     address: Option<(Ipv4Addr, u8)>,
     /// MTU of the interface holding the local address, for `mtu = 0` on reconfigure.
     underlay_mtu: u16,
+    /// The tunnel MTU, as in the core's config: read by the receive loop once per batch
+    /// (for segmenting partial super-packets) without taking the core's lock.
+    mtu: AtomicU16,
     routes: Mutex<Vec<IpNet>>,
     /// Routes a reconfigure asked for, applied by the control task (which owns netlink).
     pending_routes: Mutex<Option<Vec<IpNet>>>,
@@ -383,6 +386,7 @@ impl GreDriver {
                 source,
             })?;
             let shared = Arc::new(Shared {
+                mtu: AtomicU16::new(config.mtu),
                 core: Mutex::new(Tunnel::new(now(), config)),
                 tun,
                 ifindex,
@@ -561,6 +565,7 @@ impl GreDriver {
                 }
             }
             *core = trial;
+            sh.mtu.store(config.mtu, Ordering::Relaxed);
         }
         if spec.routes != sh.routes() {
             *lock_unpoisoned(&sh.pending_routes) = Some(spec.routes);
@@ -818,9 +823,7 @@ async fn receive_loop(
         let now = now();
         // The MTU a partial-checksum super-packet is segmented at (a reload may change it).
         for (sh, g) in tunnels.iter().zip(&mut gro) {
-            if sh.offload {
-                g.mtu = usize::from(sh.core().config().mtu);
-            }
+            g.mtu = usize::from(sh.mtu.load(Ordering::Relaxed));
         }
         // recv_batch fills at most raw.len() entries and clamps each length to its buffer.
         for ((buf, &len), (&source, &segment)) in raw
