@@ -144,7 +144,8 @@ for rep in $(seq "$RUNS"); do
   done
 done
 
-backend_is() { x lb "$VIPGATE_BIN" show lb --control "$TMP/vipgate.sock" | grep -q "10.0.0.102:80 *$1"; }
+# The State column follows the address and the Forward column (Masq).
+backend_is() { x lb "$VIPGATE_BIN" show lb --control "$TMP/vipgate.sock" | grep -Eq "10\.0\.0\.102:80 +Masq +$1 "; }
 
 # Failover: stop rs2, time until vipgate's show lb says down.
 if want_mode vipgate && want_metric failover_ms; then
