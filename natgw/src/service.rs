@@ -222,6 +222,15 @@ impl VirtualService {
         Ok(self.pool.set_health(id, health))
     }
 
+    /// Counts a failed health check of `backend` (its verdicts come through
+    /// [`VirtualService::set_health`]). A backend no longer configured is ignored: its
+    /// probe was already under way when a reload removed it.
+    pub fn check_failed(&mut self, backend: SocketAddrV4) {
+        if let Some(id) = self.pool.find(backend) {
+            self.pool.check_failed(id);
+        }
+    }
+
     /// The health checker's targets for this service: every configured backend, with its
     /// current health as the starting point.
     #[must_use]
