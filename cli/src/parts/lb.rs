@@ -11,10 +11,17 @@
 //! path and fast-path counters.
 //!
 //! Health checks run in a task of their own (natgw's checker); each up/down change is logged
-//! and applied to the pool between two packet batches. A reload (SIGHUP, `vipgate reload`)
-//! applies weights, backends, schedulers, persistence, sorry server and health settings in
-//! place, without touching established flows; adding, removing or moving a service restarts
-//! the gateway.
+//! and applied to the pool between two packet batches, and each failed probe is counted there
+//! (the pool's backend counters hold failed checks and up/down transitions). A reload
+//! (SIGHUP, `vipgate reload`) applies weights, backends, schedulers, persistence, sorry server
+//! and health settings in place, without touching established flows; adding, removing or
+//! moving a service restarts the gateway.
+//!
+//! `show lb --json` is the serialisation of [`LbItem`]; `render` reads the JSON back into it.
+//! The service-level types live here, not in a library: one entry joins the pool (balance),
+//! the service's forwarding and checks (natgw) and the gateway's data path (its driver). What
+//! is the pool's own (`BackendState`, `Health`, `BackendStats`, `PoolStats`, `SchedulerKind`)
+//! derives serde in balance, behind its `serde` feature, so its spelling is the library's.
 //!
 //! A VIP that a `[[vrrp]]` instance lists is not made live at start: the VRRP master makes it
 //! live through the [`vrrp::driver::AddressHook`] this part hands over in [`StartCtx::wiring`],
