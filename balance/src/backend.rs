@@ -92,9 +92,14 @@ pub enum ConnState {
 }
 
 /// Counters of one backend: its traffic, like `ipvsadm -L --stats`, and what its health
-/// checks found. They live as long as the backend stays in the pool (reloads included).
+/// checks found. They live as long as the backend stays in the pool (reloads included). A
+/// counter missing from serialised input (an older daemon's status) reads as 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(default)
+)]
 pub struct BackendStats {
     /// Connections scheduled to the backend since it joined the pool.
     pub connections: u64,
@@ -108,13 +113,10 @@ pub struct BackendStats {
     pub bytes_out: u64,
     /// Health checks that failed ([`Pool::check_failed`](crate::Pool::check_failed)), whether
     /// or not they took the backend down.
-    #[cfg_attr(feature = "serde", serde(default))]
     pub checks_failed: u64,
     /// Times the health checks took the backend down (up → down).
-    #[cfg_attr(feature = "serde", serde(default))]
     pub down_transitions: u64,
     /// Times the health checks brought the backend back (down → up).
-    #[cfg_attr(feature = "serde", serde(default))]
     pub up_transitions: u64,
 }
 

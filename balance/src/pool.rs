@@ -257,9 +257,14 @@ pub enum Decision {
     Refuse,
 }
 
-/// Pool-wide counters.
+/// Pool-wide counters. A counter missing from serialised input (an older daemon's status)
+/// reads as 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(default)
+)]
 pub struct PoolStats {
     /// New flows sent to the sorry server.
     #[cfg_attr(feature = "serde", serde(rename = "sorry_connections"))]

@@ -374,6 +374,14 @@ pub(crate) mod tests {
             s.set_health(rs(9), Health::Up),
             Err(PoolError::UnknownBackend(rs(9)))
         );
+        // Failed checks count on the backend; one for a backend gone is dropped.
+        s.check_failed(rs(101));
+        s.check_failed(rs(9));
+        let b = s.pool().backend(s.backend_id(rs(101)).unwrap()).unwrap();
+        assert_eq!(
+            (b.stats().checks_failed, b.stats().down_transitions),
+            (1, 1)
+        );
         let keys: Vec<String> = s.health_targets().iter().map(|t| t.0.to_string()).collect();
         assert_eq!(keys, ["web/10.0.0.101:80", "web/10.0.0.102:80"]);
     }

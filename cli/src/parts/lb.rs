@@ -1101,6 +1101,30 @@ mod tests {
         );
     }
 
+    /// A new client reading an older daemon's status: counters it did not have read as 0.
+    #[test]
+    fn counters_an_older_daemon_lacks_read_as_zero() {
+        let mut v = running(service(
+            "web",
+            SchedulerKind::Rr,
+            vec![backend("10.0.0.101:80", BackendState::Up, 1)],
+        ));
+        v["counters"].as_object_mut().unwrap().remove("over_limit");
+        for k in ["checks_failed", "down_transitions", "up_transitions"] {
+            v["backends"][0]["counters"]
+                .as_object_mut()
+                .unwrap()
+                .remove(k);
+        }
+        let ServiceEntry::Running(s) = ServiceEntry::deserialize(&v).unwrap() else {
+            panic!("not read as a service: {v}");
+        };
+        assert_eq!(
+            (s.counters.over_limit, s.backends[0].counters.checks_failed),
+            (0, 0)
+        );
+    }
+
     #[test]
     fn a_dead_part_renders_as_dead() {
         let dead = json!({"name": "web", "state": "dead", "last_death": "gateway stopped"});
