@@ -30,6 +30,11 @@ impl fmt::Display for BackendId {
 
 /// What health checks say about a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Health {
     /// Passing its checks (or not checked at all).
     Up,
@@ -39,6 +44,11 @@ pub enum Health {
 
 /// How a backend takes part in scheduling, as `show lb` prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum BackendState {
     /// Healthy with a weight above zero: gets new flows.
     Up,
@@ -81,8 +91,15 @@ pub enum ConnState {
     Inactive,
 }
 
-/// Traffic counters of one backend, like `ipvsadm -L --stats`.
+/// Counters of one backend: its traffic, like `ipvsadm -L --stats`, and what its health
+/// checks found. They live as long as the backend stays in the pool (reloads included). A
+/// counter missing from serialised input (an older daemon's status) reads as 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(default)
+)]
 pub struct BackendStats {
     /// Connections scheduled to the backend since it joined the pool.
     pub connections: u64,
@@ -94,6 +111,13 @@ pub struct BackendStats {
     pub bytes_in: u64,
     /// Bytes from the backend back to clients.
     pub bytes_out: u64,
+    /// Health checks that failed ([`Pool::check_failed`](crate::Pool::check_failed)), whether
+    /// or not they took the backend down.
+    pub checks_failed: u64,
+    /// Times the health checks took the backend down (up → down).
+    pub down_transitions: u64,
+    /// Times the health checks brought the backend back (down → up).
+    pub up_transitions: u64,
 }
 
 /// Where a backend is in its slow start.

@@ -257,10 +257,17 @@ pub enum Decision {
     Refuse,
 }
 
-/// Pool-wide counters.
+/// Pool-wide counters. A counter missing from serialised input (an older daemon's status)
+/// reads as 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(default)
+)]
 pub struct PoolStats {
     /// New flows sent to the sorry server.
+    #[cfg_attr(feature = "serde", serde(rename = "sorry_connections"))]
     pub sorry: u64,
     /// New flows refused because no backend could take them.
     pub refused: u64,
@@ -741,11 +748,24 @@ impl Pool {
             return false;
         }
         b.health = health;
-        if health == Health::Up {
-            self.ramping |= start_ramp(b, slow_start);
+        match health {
+            Health::Up => {
+                b.stats.up_transitions += 1;
+                self.ramping |= start_ramp(b, slow_start);
+            }
+            Health::Down => b.stats.down_transitions += 1,
         }
         self.scheduler.rebuild(&self.slots);
         true
+    }
+
+    /// Counts a failed health check of backend `id` (the checker reports each one; the
+    /// verdicts it draws from them arrive through [`Pool::set_health`]). An unknown id is
+    /// ignored, as a late report for a backend already freed.
+    pub fn check_failed(&mut self, id: BackendId) {
+        if let Some(b) = self.slot_mut(usize::from(id.0)) {
+            b.stats.checks_failed += 1;
+        }
     }
 
     /// Next expiry of a persistence template or an `lblc`/`lblcr` entry, if any.

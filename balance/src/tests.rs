@@ -365,6 +365,44 @@ fn all_down_goes_to_the_sorry_server_or_refuses() {
 }
 
 #[test]
+fn health_counters_count_failed_checks_and_real_transitions_only() {
+    let mut p = pool(SchedulerKind::Rr, vec![be(1, 1), be(2, 1)]);
+    let ids: Vec<BackendId> = p.backends().map(|(id, _)| id).collect();
+    let stats = |p: &Pool, id| {
+        let s = p.backend(id).unwrap().stats();
+        (s.checks_failed, s.down_transitions, s.up_transitions)
+    };
+    // Three failed checks (fall 3), then the verdict; a repeated verdict changes nothing.
+    for _ in 0..3 {
+        p.check_failed(ids[0]);
+    }
+    assert!(p.set_health(ids[0], Health::Down));
+    assert!(!p.set_health(ids[0], Health::Down));
+    assert_eq!(stats(&p, ids[0]), (3, 1, 0));
+    // Back up, then a flap: down and up once more; an up verdict for an up backend is no
+    // transition either.
+    assert!(p.set_health(ids[0], Health::Up));
+    assert!(!p.set_health(ids[0], Health::Up));
+    p.check_failed(ids[0]);
+    p.set_health(ids[0], Health::Down);
+    p.set_health(ids[0], Health::Up);
+    assert_eq!(stats(&p, ids[0]), (4, 2, 2));
+    // The other backend counted nothing, a reload keeps the counts, and a report for a
+    // backend the pool no longer has is ignored.
+    assert_eq!(stats(&p, ids[1]), (0, 0, 0));
+    p.reconfigure(PoolConfig {
+        scheduler: SchedulerKind::Wrr,
+        backends: vec![be(1, 1)],
+        ..PoolConfig::default()
+    })
+    .unwrap();
+    assert_eq!(stats(&p, ids[0]), (4, 2, 2));
+    p.check_failed(ids[1]);
+    p.check_failed(BackendId(MAX_BACKENDS as u16));
+    assert_eq!(p.backend(ids[1]).map(|b| b.stats().checks_failed), None);
+}
+
+#[test]
 fn reconfigure_keeps_counters_and_lets_removed_backends_drain() {
     let mut p = pool(SchedulerKind::Rr, vec![be(1, 1), be(2, 1)]);
     let now = epoch();

@@ -470,7 +470,8 @@ mod tests {
                 { "address": "10.0.0.101:80", "weight": 1, "state": "up",
                   "counters": { "connections": 7 } },
                 { "address": "10.0.0.102:80", "weight": 2, "state": "down",
-                  "counters": { "connections": 9 } }
+                  "counters": { "connections": 9, "checks_failed": 4, "down_transitions": 1,
+                                "up_transitions": 0 } }
             ],
             "translations": [ { "proto": "tcp", "inside_local": "10.0.0.1:1" } ]
         });
@@ -496,6 +497,13 @@ mod tests {
         has("# TYPE vipgate_lb_backend_connections_total counter");
         has("vipgate_lb_backend_connections_total{service=\"web\",backend=\"10.0.0.102:80\"} 9");
         has("vipgate_lb_backend_state{service=\"web\",backend=\"10.0.0.101:80\",state=\"up\"} 1");
+        // Health-check counters of a backend, as `show lb --json` has them.
+        has("# TYPE vipgate_lb_backend_checks_failed_total counter");
+        has("vipgate_lb_backend_checks_failed_total{service=\"web\",backend=\"10.0.0.102:80\"} 4");
+        has(
+            "vipgate_lb_backend_down_transitions_total{service=\"web\",backend=\"10.0.0.102:80\"} 1",
+        );
+        has("vipgate_lb_backend_up_transitions_total{service=\"web\",backend=\"10.0.0.102:80\"} 0");
         assert!(!text.contains("translations") && !text.contains("inside_local"));
         // Every family has exactly one HELP and one TYPE line, and only counters end in _total.
         for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {

@@ -222,6 +222,15 @@ impl VirtualService {
         Ok(self.pool.set_health(id, health))
     }
 
+    /// Counts a failed health check of `backend` (its verdicts come through
+    /// [`VirtualService::set_health`]). A backend no longer configured is ignored: its
+    /// probe was already under way when a reload removed it.
+    pub fn check_failed(&mut self, backend: SocketAddrV4) {
+        if let Some(id) = self.pool.find(backend) {
+            self.pool.check_failed(id);
+        }
+    }
+
     /// The health checker's targets for this service: every configured backend, with its
     /// current health as the starting point.
     #[must_use]
@@ -364,6 +373,14 @@ pub(crate) mod tests {
         assert_eq!(
             s.set_health(rs(9), Health::Up),
             Err(PoolError::UnknownBackend(rs(9)))
+        );
+        // Failed checks count on the backend; one for a backend gone is dropped.
+        s.check_failed(rs(101));
+        s.check_failed(rs(9));
+        let b = s.pool().backend(s.backend_id(rs(101)).unwrap()).unwrap();
+        assert_eq!(
+            (b.stats().checks_failed, b.stats().down_transitions),
+            (1, 1)
         );
         let keys: Vec<String> = s.health_targets().iter().map(|t| t.0.to_string()).collect();
         assert_eq!(keys, ["web/10.0.0.101:80", "web/10.0.0.102:80"]);

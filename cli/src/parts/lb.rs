@@ -11,10 +11,17 @@
 //! path and fast-path counters.
 //!
 //! Health checks run in a task of their own (natgw's checker); each up/down change is logged
-//! and applied to the pool between two packet batches. A reload (SIGHUP, `vipgate reload`)
-//! applies weights, backends, schedulers, persistence, sorry server and health settings in
-//! place, without touching established flows; adding, removing or moving a service restarts
-//! the gateway.
+//! and applied to the pool between two packet batches, and each failed probe is counted there
+//! (the pool's backend counters hold failed checks and up/down transitions). A reload
+//! (SIGHUP, `vipgate reload`) applies weights, backends, schedulers, persistence, sorry server
+//! and health settings in place, without touching established flows; adding, removing or
+//! moving a service restarts the gateway.
+//!
+//! `show lb --json` is the serialisation of [`LbItem`]; `render` reads the JSON back into it.
+//! The service-level types live here, not in a library: one entry joins the pool (balance),
+//! the service's forwarding and checks (natgw) and the gateway's data path (its driver). What
+//! is the pool's own (`BackendState`, `Health`, `BackendStats`, `PoolStats`, `SchedulerKind`)
+//! derives serde in balance, behind its `serde` feature, so its spelling is the library's.
 //!
 //! A VIP that a `[[vrrp]]` instance lists is not made live at start: the VRRP master makes it
 //! live through the [`vrrp::driver::AddressHook`] this part hands over in [`StartCtx::wiring`],
@@ -24,18 +31,21 @@ use super::{BoxFuture, Kind, Part, StartCtx, ready, wiring};
 use crate::config::{SiteConfig, lower};
 use crate::control::ControlOp;
 use anyhow::{Context, bail};
-use natgw::driver::{DriverConfig, NatDriver};
+use balance::{BackendState, BackendStats, Health, PoolStats, SchedulerKind};
+use natgw::driver::{Datapath, DriverConfig, FastPathCounters, NatDriver};
 use natgw::health::probe::{TargetSpec, run_checker};
-use natgw::health::{CheckKind, Transition};
+use natgw::health::{CheckEvent, CheckKind};
 use natgw::{BackendKey, GatewayConfig, VirtualService};
 use netsys::netlink::Handle;
 use netsys::sync::lock_unpoisoned;
 use netutil::Reconfigured;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use vrrp::VirtualAddress;
@@ -276,14 +286,23 @@ fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
         .collect()
 }
 
-/// Applies health changes to the pools (between two packet batches: the loop holds the lock
-/// per batch).
+/// Applies health changes to the pools and counts failed checks in them (between two packet
+/// batches: the loop holds the lock per batch).
 async fn apply_health(
     gw: SharedGateway,
-    mut changes: mpsc::Receiver<Transition<BackendKey>>,
+    mut events: mpsc::Receiver<CheckEvent<BackendKey>>,
     health: HashMap<String, watch::Sender<bool>>,
 ) {
-    while let Some(t) = changes.recv().await {
+    while let Some(event) = events.recv().await {
+        let t = match event {
+            CheckEvent::Failed { key, .. } => {
+                if let Some(service) = lock(&gw).service_mut(&key.service) {
+                    service.check_failed(key.backend);
+                }
+                continue;
+            }
+            CheckEvent::Changed(t) => t,
+        };
         let mut gw = lock(&gw);
         let Some(service) = gw.service_mut(&t.key.service) else {
             continue;
@@ -400,15 +419,23 @@ impl Part for ServicePart {
     }
 
     fn status(&self) -> Value {
-        let mut status = self
-            .with_service(|s| service_json(s))
-            .unwrap_or_else(|e| json!({ "name": self.name, "error": format!("{e:#}") }));
+        let service = self
+            .with_service(|s| ServiceEntry::Running(Box::new(ServiceStatus::of(s))))
+            .unwrap_or_else(|e| ServiceEntry::Missing {
+                name: self.name.clone(),
+                error: format!("{e:#}"),
+            });
         // The gateway's data path (the director's own, or the PAT gateway's it joined).
         let nat = self.shared.driver.summary();
-        status["datapath"] = json!(nat.datapath);
-        status["datapath_reason"] = json!(nat.datapath_reason);
-        status["fast_path"] = json!(nat.fast_path);
-        status
+        let item = LbItem {
+            service,
+            gateway: GatewayPath {
+                datapath: nat.datapath,
+                datapath_reason: nat.datapath_reason,
+                fast_path: nat.fast_path,
+            },
+        };
+        serde_json::to_value(item).unwrap_or_default()
     }
 
     /// The status, taken from the gateway at most once per second.
@@ -468,81 +495,206 @@ impl Part for ServicePart {
     }
 }
 
-/// What `show lb --json` prints for one service.
-fn service_json(s: &VirtualService) -> Value {
-    let pool = s.pool();
-    let backends: Vec<Value> = pool
-        .backends()
-        .map(|(_, b)| {
-            let st = b.stats();
-            // ipvsadm's names (Uthreshold/Lthreshold): a key with "connections" in it would
-            // become a Prometheus counter.
-            let threshold = |t: u32| (t != 0).then_some(t);
-            json!({
-                "address": b.addr().to_string(),
-                "weight": b.weight(),
-                "effective_weight": b.effective_weight(),
-                "slow_start": b.is_ramping(),
-                "upper_threshold": threshold(b.max_connections()),
-                "lower_threshold": threshold(b.min_connections()),
-                "overloaded": b.is_overloaded(),
-                "state": b.state().as_str(),
-                "health": match b.health() { balance::Health::Up => "up", balance::Health::Down => "down" },
-                "active": b.active(),
-                "inactive": b.inactive(),
-                "counters": {
-                    "connections": st.connections,
-                    "packets_in": st.packets_in,
-                    "packets_out": st.packets_out,
-                    "bytes_in": st.bytes_in,
-                    "bytes_out": st.bytes_out,
-                },
+/// One entry of `show lb --json`: a service (or why it could not be read) and the data path
+/// of the gateway that carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct LbItem {
+    #[serde(flatten)]
+    service: ServiceEntry,
+    #[serde(flatten)]
+    gateway: GatewayPath,
+}
+
+/// A service's status, or the error that stood in for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+enum ServiceEntry {
+    Running(Box<ServiceStatus>),
+    /// The gateway no longer holds the service (e.g. between a failed reload and the
+    /// restart it asked for).
+    Missing {
+        name: String,
+        error: String,
+    },
+}
+
+/// The gateway's data path, the same for every service (`show nat` prints it too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct GatewayPath {
+    datapath: Datapath,
+    datapath_reason: String,
+    fast_path: FastPathCounters,
+}
+
+/// One virtual service: its pool, checks and counters (ipvsadm's service line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ServiceStatus {
+    name: String,
+    listen: SocketAddrV4,
+    protocol: Protocol,
+    forward: ForwardMethod,
+    scheduler: SchedulerKind,
+    persistence: Option<PersistenceStatus>,
+    /// Persistence templates held.
+    templates: usize,
+    sorry: Option<SocketAddrV4>,
+    /// Whether a backend can take new flows (what VRRP `track_services` watches).
+    available: bool,
+    health: Option<HealthCheckStatus>,
+    counters: PoolStats,
+    fallback: bool,
+    /// `max_connections` of the service; `None` when unlimited.
+    connection_limit: Option<u32>,
+    open_flows: u64,
+    slow_start_ms: Option<u64>,
+    locality_entries: usize,
+    backends: Vec<BackendStatus>,
+}
+
+/// Only TCP services exist; the field keeps ipvsadm's column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Protocol {
+    Tcp,
+}
+
+/// [`natgw::Forward`] as the configuration spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum ForwardMethod {
+    #[serde(rename = "nat")]
+    Nat,
+    #[serde(rename = "dr")]
+    DirectRoute,
+}
+
+impl From<natgw::Forward> for ForwardMethod {
+    fn from(f: natgw::Forward) -> Self {
+        match f {
+            natgw::Forward::Nat => Self::Nat,
+            natgw::Forward::DirectRoute => Self::DirectRoute,
+        }
+    }
+}
+
+impl ForwardMethod {
+    /// ipvsadm's column: Masq or Route.
+    fn ipvsadm_name(self) -> &'static str {
+        match self {
+            Self::Nat => natgw::Forward::Nat,
+            Self::DirectRoute => natgw::Forward::DirectRoute,
+        }
+        .ipvsadm_name()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct PersistenceStatus {
+    timeout_s: u64,
+    netmask: u8,
+}
+
+/// A service's health-check settings; `path` and `status` are those of an HTTP check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct HealthCheckStatus {
+    kind: CheckProtocol,
+    path: Option<String>,
+    status: Option<u16>,
+    interval_ms: u64,
+    timeout_ms: u64,
+    rise: u32,
+    fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum CheckProtocol {
+    Tcp,
+    Http,
+}
+
+/// One real server (ipvsadm's `->` line). The thresholds keep ipvsadm's names
+/// (Uthreshold/Lthreshold): a key with "connections" in it would become a Prometheus counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BackendStatus {
+    address: SocketAddrV4,
+    weight: u32,
+    effective_weight: u32,
+    slow_start: bool,
+    upper_threshold: Option<u32>,
+    lower_threshold: Option<u32>,
+    overloaded: bool,
+    state: BackendState,
+    health: Health,
+    active: u32,
+    inactive: u32,
+    counters: BackendStats,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ServiceStatus {
+    fn of(s: &VirtualService) -> Self {
+        let pool = s.pool();
+        let threshold = |t: u32| (t != 0).then_some(t);
+        let backends = pool
+            .backends()
+            .map(|(_, b)| BackendStatus {
+                address: b.addr(),
+                weight: b.weight(),
+                effective_weight: b.effective_weight(),
+                slow_start: b.is_ramping(),
+                upper_threshold: threshold(b.max_connections()),
+                lower_threshold: threshold(b.min_connections()),
+                overloaded: b.is_overloaded(),
+                state: b.state(),
+                health: b.health(),
+                active: b.active(),
+                inactive: b.inactive(),
+                counters: *b.stats(),
             })
-        })
-        .collect();
-    let health = s.health().map(|h| {
-        let (kind, path, status) = match &h.kind {
-            CheckKind::Tcp => ("tcp", None, None),
-            CheckKind::Http { path, status } => ("http", Some(path.clone()), Some(*status)),
-        };
-        json!({
-            "kind": kind, "path": path, "status": status,
-            "interval_ms": h.interval.as_millis() as u64,
-            "timeout_ms": h.timeout.as_millis() as u64,
-            "rise": h.rise, "fall": h.fall,
-        })
-    });
-    let stats = pool.stats();
-    json!({
-        "name": s.name(),
-        "listen": s.listen().to_string(),
-        "protocol": "tcp",
-        "forward": match s.forward() {
-            natgw::Forward::Nat => "nat",
-            natgw::Forward::DirectRoute => "dr",
-        },
-        "scheduler": pool.scheduler().as_str(),
-        "persistence": pool.persistence().map(|p| json!({
-            "timeout_s": p.timeout.as_secs(), "netmask": p.netmask,
-        })),
-        "templates": pool.templates(),
-        "sorry": pool.sorry().map(|a| a.to_string()),
-        "available": s.is_available(),
-        "health": health,
-        "counters": {
-            "sorry_connections": stats.sorry,
-            "refused": stats.refused,
-            "persistent_hits": stats.persistent_hits,
-            "persist_full": stats.persist_full,
-                "locality_full": stats.locality_full,
-        },
-        "fallback": pool.fallback(),
-        "connection_limit": (pool.max_connections() != 0).then_some(pool.max_connections()),
-        "open_flows": pool.connections(),
-        "slow_start_ms": pool.slow_start().map(|d| d.as_millis() as u64),
-        "locality_entries": pool.locality_entries(),
-        "backends": backends,
-    })
+            .collect();
+        let health = s.health().map(|h| {
+            let (kind, path, status) = match &h.kind {
+                CheckKind::Tcp => (CheckProtocol::Tcp, None, None),
+                CheckKind::Http { path, status } => {
+                    (CheckProtocol::Http, Some(path.clone()), Some(*status))
+                }
+            };
+            HealthCheckStatus {
+                kind,
+                path,
+                status,
+                interval_ms: millis(h.interval),
+                timeout_ms: millis(h.timeout),
+                rise: h.rise,
+                fall: h.fall,
+            }
+        });
+        Self {
+            name: s.name().to_string(),
+            listen: s.listen(),
+            protocol: Protocol::Tcp,
+            forward: s.forward().into(),
+            scheduler: pool.scheduler(),
+            persistence: pool.persistence().map(|p| PersistenceStatus {
+                timeout_s: p.timeout.as_secs(),
+                netmask: p.netmask,
+            }),
+            templates: pool.templates(),
+            sorry: pool.sorry(),
+            available: s.is_available(),
+            health,
+            counters: pool.stats(),
+            fallback: pool.fallback(),
+            connection_limit: threshold(pool.max_connections()),
+            open_flows: pool.connections(),
+            slow_start_ms: pool.slow_start().map(millis),
+            locality_entries: pool.locality_entries(),
+            backends,
+        }
+    }
 }
 
 /// Human text for `vipgate show lb`, laid out like `ipvsadm -Ln --stats` plus state columns
@@ -554,124 +706,138 @@ pub(crate) fn render(items: &[Value]) -> String {
         out,
         "  -> RemoteAddress:Port   Forward State     Weight ActiveConn InActConn      Conns     InPkts    OutPkts    InBytes   OutBytes"
     );
-    for s in items {
-        if let Some(err) = s.get("error").and_then(Value::as_str) {
-            let _ = writeln!(out, "{}: {err}", s["name"].as_str().unwrap_or("?"));
-            continue;
-        }
-        let forward = match s["forward"].as_str() {
-            Some("dr") => natgw::Forward::DirectRoute,
-            _ => natgw::Forward::Nat,
-        }
-        .ipvsadm_name();
-        let mut flags = String::new();
-        if let Some(p) = s.get("persistence").filter(|p| !p.is_null()) {
-            let _ = write!(flags, " persistent {}", p["timeout_s"]);
-            if p["netmask"].as_u64() != Some(32) {
-                let _ = write!(flags, " mask /{}", p["netmask"]);
+    out.push_str(&super::render_each(
+        items,
+        |out, entry: &ServiceEntry| match entry {
+            ServiceEntry::Running(s) => render_service(out, s),
+            ServiceEntry::Missing { name, error } => {
+                let _ = writeln!(out, "{name}: {error}");
             }
-        }
-        if s["fallback"].as_bool() == Some(true) {
-            flags.push_str(" fallback");
-        }
-        if let Some(max) = s["connection_limit"].as_u64() {
-            let _ = write!(flags, " maxconn {}/{max}", s["open_flows"]);
-        }
-        if let Some(ms) = s["slow_start_ms"].as_u64() {
-            let _ = write!(flags, " slow-start {ms}ms");
-        }
-        if let Some(h) = s.get("health").filter(|h| !h.is_null()) {
-            let _ = write!(
-                flags,
-                " check {} every {}ms rise {} fall {}",
-                h["kind"].as_str().unwrap_or("?"),
-                h["interval_ms"],
-                h["rise"],
-                h["fall"]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "TCP  {} {}{}  ({})",
-            s["listen"].as_str().unwrap_or("?"),
-            s["scheduler"].as_str().unwrap_or("?"),
-            flags,
-            s["name"].as_str().unwrap_or("?"),
-        );
-        for b in s["backends"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            let n = |k: &str| b[k].as_u64().unwrap_or(0);
-            let c = |k: &str| b["counters"][k].as_u64().unwrap_or(0);
-            // An overloaded backend that is otherwise up shows why it gets nothing; a ramping
-            // one shows the weight in effect over the configured one.
-            let state = match b["state"].as_str().unwrap_or("?") {
-                "up" if b["overloaded"].as_bool() == Some(true) => "overload",
-                other => other,
-            };
-            let weight = match b["effective_weight"].as_u64() {
-                Some(e) if e != n("weight") => format!("{e}/{}", n("weight")),
-                _ => n("weight").to_string(),
-            };
-            let mut notes = String::new();
-            if let Some(max) = b["upper_threshold"].as_u64() {
-                let _ = write!(notes, "  max {max}");
-            }
-            if let Some(min) = b["lower_threshold"].as_u64() {
-                let _ = write!(notes, " min {min}");
-            }
-            if b["slow_start"].as_bool() == Some(true) {
-                notes.push_str("  slow start");
-            }
-            let _ = writeln!(
-                out,
-                "  -> {:<21} {:<7} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}{notes}",
-                b["address"].as_str().unwrap_or("?"),
-                forward,
-                state,
-                weight,
-                n("active"),
-                n("inactive"),
-                c("connections"),
-                c("packets_in"),
-                c("packets_out"),
-                human_bytes(c("bytes_in")),
-                human_bytes(c("bytes_out")),
-            );
-        }
-        if let Some(sorry) = s["sorry"].as_str() {
-            let _ = writeln!(
-                out,
-                "  -> {:<21} {:<7} {:<9} (used when no backend is up: {} connections)",
-                sorry, forward, "sorry", s["counters"]["sorry_connections"]
-            );
-        }
-        let refused = &s["counters"]["refused"];
-        if refused.as_u64().unwrap_or(0) > 0 {
-            let _ = writeln!(out, "     refused (no backend up): {refused}");
-        }
-        if s["counters"]["over_limit"].as_u64().unwrap_or(0) > 0 {
-            let _ = writeln!(
-                out,
-                "     turned away at max_connections: {}",
-                s["counters"]["over_limit"]
-            );
-        }
-    }
+        },
+    ));
     // One gateway carries every service: its data path once, as `show nat` prints it.
-    if let Some(s) = items.iter().find(|s| s["datapath"].is_string()) {
+    if let Some(gw) = items
+        .iter()
+        .find_map(|item| GatewayPath::deserialize(item).ok())
+    {
         let _ = writeln!(
             out,
             "Data path: {} ({}); kernel path moved {} packets, {}",
-            s["datapath"].as_str().unwrap_or("?"),
-            s["datapath_reason"].as_str().unwrap_or(""),
-            s["fast_path"]["packets"],
-            human_bytes(s["fast_path"]["bytes"].as_u64().unwrap_or(0)),
+            gw.datapath.as_str(),
+            gw.datapath_reason,
+            gw.fast_path.packets,
+            human_bytes(gw.fast_path.bytes),
         );
     }
     out
+}
+
+fn render_service(out: &mut String, s: &ServiceStatus) {
+    let forward = s.forward.ipvsadm_name();
+    let mut flags = String::new();
+    if let Some(p) = &s.persistence {
+        let _ = write!(flags, " persistent {}", p.timeout_s);
+        if p.netmask != 32 {
+            let _ = write!(flags, " mask /{}", p.netmask);
+        }
+    }
+    if s.fallback {
+        flags.push_str(" fallback");
+    }
+    if let Some(max) = s.connection_limit {
+        let _ = write!(flags, " maxconn {}/{max}", s.open_flows);
+    }
+    if let Some(ms) = s.slow_start_ms {
+        let _ = write!(flags, " slow-start {ms}ms");
+    }
+    if let Some(h) = &s.health {
+        let kind = match h.kind {
+            CheckProtocol::Tcp => "tcp",
+            CheckProtocol::Http => "http",
+        };
+        let _ = write!(
+            flags,
+            " check {kind} every {}ms rise {} fall {}",
+            h.interval_ms, h.rise, h.fall
+        );
+    }
+    let _ = writeln!(
+        out,
+        "TCP  {} {}{flags}  ({})",
+        s.listen,
+        s.scheduler.as_str(),
+        s.name
+    );
+    for b in &s.backends {
+        // An overloaded backend that is otherwise up shows why it gets nothing; a ramping
+        // one shows the weight in effect over the configured one.
+        let state = match b.state {
+            BackendState::Up if b.overloaded => "overload",
+            other => other.as_str(),
+        };
+        let weight = if b.effective_weight == b.weight {
+            b.weight.to_string()
+        } else {
+            format!("{}/{}", b.effective_weight, b.weight)
+        };
+        let c = &b.counters;
+        let mut notes = String::new();
+        if let Some(max) = b.upper_threshold {
+            let _ = write!(notes, "  max {max}");
+        }
+        if let Some(min) = b.lower_threshold {
+            let _ = write!(notes, " min {min}");
+        }
+        if b.slow_start {
+            notes.push_str("  slow start");
+        }
+        // A backend that flaps shows it here; its state column only says where it is now.
+        if c.checks_failed > 0 || c.down_transitions > 0 {
+            let _ = write!(notes, "  checks failed {}", c.checks_failed);
+            if c.down_transitions > 0 {
+                let _ = write!(
+                    notes,
+                    ", down {}x up {}x",
+                    c.down_transitions, c.up_transitions
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  -> {:<21} {:<7} {:<9} {:>6} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}{notes}",
+            b.address.to_string(),
+            forward,
+            state,
+            weight,
+            b.active,
+            b.inactive,
+            c.connections,
+            c.packets_in,
+            c.packets_out,
+            human_bytes(c.bytes_in),
+            human_bytes(c.bytes_out),
+        );
+    }
+    if let Some(sorry) = s.sorry {
+        let _ = writeln!(
+            out,
+            "  -> {:<21} {:<7} {:<9} (used when no backend is up: {} connections)",
+            sorry.to_string(),
+            forward,
+            "sorry",
+            s.counters.sorry
+        );
+    }
+    if s.counters.refused > 0 {
+        let _ = writeln!(out, "     refused (no backend up): {}", s.counters.refused);
+    }
+    if s.counters.over_limit > 0 {
+        let _ = writeln!(
+            out,
+            "     turned away at max_connections: {}",
+            s.counters.over_limit
+        );
+    }
 }
 
 /// ipvsadm prints bytes with K/M/G suffixes.
@@ -687,50 +853,129 @@ fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn render_reads_like_ipvsadm() {
-        let item = json!({
-            "name": "web", "listen": "198.51.100.10:80", "scheduler": "wrr",
-            "persistence": { "timeout_s": 300, "netmask": 24 },
-            "health": { "kind": "tcp", "interval_ms": 2000, "rise": 2, "fall": 4 },
-            "sorry": null, "counters": { "sorry_connections": 0, "refused": 3 },
-            "backends": [
-                { "address": "10.0.0.101:80", "state": "up", "weight": 1, "active": 2, "inactive": 5,
-                  "counters": { "connections": 100, "packets_in": 700, "packets_out": 600,
-                                "bytes_in": 51200, "bytes_out": 12 } },
-                { "address": "10.0.0.102:80", "state": "draining", "weight": 0, "active": 1, "inactive": 0,
-                  "counters": { "connections": 200, "packets_in": 1, "packets_out": 1,
-                                "bytes_in": 1, "bytes_out": 1 } },
-            ],
-        });
-        let text = render(&[item]);
-        assert!(text.contains("TCP  198.51.100.10:80 wrr persistent 300 mask /24 check tcp every 2000ms rise 2 fall 4  (web)"), "{text}");
-        assert!(text.contains("  -> 10.0.0.101:80         Masq    up             1          2         5        100        700        600        50K         12"), "{text}");
-        assert!(text.contains("draining"));
-        assert!(text.contains("refused (no backend up): 3"));
+    fn addr(text: &str) -> SocketAddrV4 {
+        text.parse().unwrap()
+    }
+
+    fn backend(address: &str, state: BackendState, weight: u32) -> BackendStatus {
+        BackendStatus {
+            address: addr(address),
+            weight,
+            effective_weight: weight,
+            slow_start: false,
+            upper_threshold: None,
+            lower_threshold: None,
+            overloaded: false,
+            state,
+            health: Health::Up,
+            active: 0,
+            inactive: 0,
+            counters: BackendStats::default(),
+        }
+    }
+
+    fn service(
+        name: &str,
+        scheduler: SchedulerKind,
+        backends: Vec<BackendStatus>,
+    ) -> ServiceStatus {
+        ServiceStatus {
+            name: name.to_string(),
+            listen: addr("198.51.100.10:80"),
+            protocol: Protocol::Tcp,
+            forward: ForwardMethod::Nat,
+            scheduler,
+            persistence: None,
+            templates: 0,
+            sorry: None,
+            available: true,
+            health: None,
+            counters: PoolStats::default(),
+            fallback: false,
+            connection_limit: None,
+            open_flows: 0,
+            slow_start_ms: None,
+            locality_entries: 0,
+            backends,
+        }
+    }
+
+    /// What `status()` sends: the service with the gateway's data path.
+    fn item(service: ServiceEntry) -> Value {
+        serde_json::to_value(LbItem {
+            service,
+            gateway: GatewayPath {
+                datapath: Datapath::Kernel,
+                datapath_reason: "the kernel program is attached".to_string(),
+                fast_path: FastPathCounters {
+                    packets: 12,
+                    bytes: 20_480,
+                    ..FastPathCounters::default()
+                },
+            },
+        })
+        .unwrap()
+    }
+
+    fn running(s: ServiceStatus) -> Value {
+        item(ServiceEntry::Running(Box::new(s)))
+    }
+
+    fn tcp_check(fall: u32) -> HealthCheckStatus {
+        HealthCheckStatus {
+            kind: CheckProtocol::Tcp,
+            path: None,
+            status: None,
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall,
+        }
     }
 
     #[test]
-    fn render_shows_thresholds_overload_and_slow_start() {
-        let item = json!({
-            "name": "cache", "listen": "198.51.100.10:80", "scheduler": "lblcr",
-            "persistence": null, "health": null, "sorry": null,
-            "counters": { "sorry_connections": 0, "refused": 0, "over_limit": 2 },
-            "fallback": false, "connection_limit": 500, "open_flows": 7, "slow_start_ms": 30000,
-            "backends": [
-                { "address": "10.0.0.101:80", "state": "up", "weight": 10, "effective_weight": 10,
-                  "overloaded": true, "upper_threshold": 4, "lower_threshold": 2, "slow_start": false,
-                  "active": 4, "inactive": 0,
-                  "counters": { "connections": 9, "packets_in": 0, "packets_out": 0,
-                                "bytes_in": 0, "bytes_out": 0 } },
-                { "address": "10.0.0.102:80", "state": "up", "weight": 10, "effective_weight": 3,
-                  "overloaded": false, "upper_threshold": null, "lower_threshold": null,
-                  "slow_start": true, "active": 3, "inactive": 0,
-                  "counters": { "connections": 3, "packets_in": 0, "packets_out": 0,
-                                "bytes_in": 0, "bytes_out": 0 } },
-            ],
+    fn render_reads_like_ipvsadm() {
+        let mut up = backend("10.0.0.101:80", BackendState::Up, 1);
+        (up.active, up.inactive) = (2, 5);
+        up.counters = BackendStats {
+            connections: 100,
+            packets_in: 700,
+            packets_out: 600,
+            bytes_in: 51200,
+            bytes_out: 12,
+            ..BackendStats::default()
+        };
+        let mut draining = backend("10.0.0.102:80", BackendState::Draining, 0);
+        draining.active = 1;
+        let mut s = service("web", SchedulerKind::Wrr, vec![up, draining]);
+        s.persistence = Some(PersistenceStatus {
+            timeout_s: 300,
+            netmask: 24,
         });
-        let text = render(&[item]);
+        s.health = Some(tcp_check(4));
+        s.counters.refused = 3;
+        let text = render(&[running(s)]);
+        assert!(text.contains("TCP  198.51.100.10:80 wrr persistent 300 mask /24 check tcp every 2000ms rise 2 fall 4  (web)"), "{text}");
+        assert!(text.contains("  -> 10.0.0.101:80         Masq    up             1          2         5        100        700        600        50K         12\n"), "{text}");
+        assert!(text.contains("draining"));
+        assert!(text.contains("refused (no backend up): 3"));
+        assert!(
+            text.contains("Data path: kernel (the kernel program is attached); kernel path moved 12 packets, 20K"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_shows_thresholds_overload_slow_start_and_the_limit() {
+        let mut full = backend("10.0.0.101:80", BackendState::Up, 10);
+        (full.overloaded, full.active) = (true, 4);
+        (full.upper_threshold, full.lower_threshold) = (Some(4), Some(2));
+        let mut ramping = backend("10.0.0.102:80", BackendState::Up, 10);
+        (ramping.effective_weight, ramping.slow_start, ramping.active) = (3, true, 3);
+        let mut s = service("cache", SchedulerKind::Lblcr, vec![full, ramping]);
+        (s.connection_limit, s.open_flows, s.slow_start_ms) = (Some(500), 7, Some(30_000));
+        s.counters.over_limit = 2;
+        let text = render(&[running(s)]);
         assert!(
             text.contains("TCP  198.51.100.10:80 lblcr maxconn 7/500 slow-start 30000ms  (cache)"),
             "{text}"
@@ -750,17 +995,16 @@ mod tests {
 
     #[test]
     fn direct_routing_shows_as_route() {
-        let item = json!({
-            "name": "web", "listen": "198.51.100.10:80", "scheduler": "rr", "forward": "dr",
-            "persistence": null, "health": null, "sorry": "10.0.0.200:80",
-            "counters": { "sorry_connections": 0, "refused": 0 },
-            "backends": [
-                { "address": "10.0.0.101:80", "state": "up", "weight": 1, "active": 1, "inactive": 0,
-                  "counters": { "connections": 1, "packets_in": 9, "packets_out": 0,
-                                "bytes_in": 900, "bytes_out": 0 } },
-            ],
-        });
-        let text = render(&[item]);
+        let mut b = backend("10.0.0.101:80", BackendState::Up, 1);
+        b.active = 1;
+        (
+            b.counters.connections,
+            b.counters.packets_in,
+            b.counters.bytes_in,
+        ) = (1, 9, 900);
+        let mut s = service("web", SchedulerKind::Rr, vec![b]);
+        (s.forward, s.sorry) = (ForwardMethod::DirectRoute, Some(addr("10.0.0.200:80")));
+        let text = render(&[running(s)]);
         assert!(
             text.contains("  -> 10.0.0.101:80         Route   up             1          1         0          1          9          0        900          0"),
             "{text}"
@@ -769,6 +1013,122 @@ mod tests {
             text.contains("  -> 10.0.0.200:80         Route   sorry"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_flapping_backend_says_so_and_a_missing_service_shows_its_error() {
+        let mut flapping = backend("10.0.0.102:80", BackendState::Down, 1);
+        flapping.health = Health::Down;
+        flapping.counters = BackendStats {
+            checks_failed: 9,
+            down_transitions: 2,
+            up_transitions: 1,
+            ..BackendStats::default()
+        };
+        let mut s = service("web", SchedulerKind::Wrr, vec![flapping]);
+        s.health = Some(tcp_check(3));
+        let gone = item(ServiceEntry::Missing {
+            name: "api".to_string(),
+            error: "service `api` is not running".to_string(),
+        });
+        let text = render(&[running(s), gone]);
+        assert!(
+            text.contains("  -> 10.0.0.102:80         Masq    down           1          0         0          0          0          0          0          0  checks failed 9, down 2x up 1x"),
+            "{text}"
+        );
+        assert!(text.contains("api: service `api` is not running"), "{text}");
+        // The data path once, although both entries carry it.
+        assert_eq!(text.matches("Data path:").count(), 1, "{text}");
+    }
+
+    /// The JSON keeps the keys and spellings that scripts, the metrics and the end-to-end
+    /// tests read; the client reads it back into the same value.
+    #[test]
+    fn json_shape_is_stable_and_reads_back() {
+        let mut b = backend("10.0.0.101:80", BackendState::Draining, 0);
+        b.upper_threshold = Some(4);
+        b.counters.checks_failed = 3;
+        let mut s = service("web", SchedulerKind::Wlc, vec![b]);
+        s.forward = ForwardMethod::DirectRoute;
+        s.health = Some(HealthCheckStatus {
+            kind: CheckProtocol::Http,
+            path: Some("/health".to_string()),
+            status: Some(200),
+            ..tcp_check(4)
+        });
+        s.persistence = Some(PersistenceStatus {
+            timeout_s: 300,
+            netmask: 32,
+        });
+        let v = running(s.clone());
+        assert_eq!(
+            v,
+            json!({
+                "name": "web", "listen": "198.51.100.10:80", "protocol": "tcp", "forward": "dr",
+                "scheduler": "wlc", "persistence": { "timeout_s": 300, "netmask": 32 },
+                "templates": 0, "sorry": null, "available": true,
+                "health": { "kind": "http", "path": "/health", "status": 200,
+                            "interval_ms": 2000, "timeout_ms": 1000, "rise": 2, "fall": 4 },
+                "counters": { "sorry_connections": 0, "refused": 0, "persistent_hits": 0,
+                              "persist_full": 0, "over_limit": 0, "locality_full": 0 },
+                "fallback": false, "connection_limit": null, "open_flows": 0,
+                "slow_start_ms": null, "locality_entries": 0,
+                "backends": [{
+                    "address": "10.0.0.101:80", "weight": 0, "effective_weight": 0,
+                    "slow_start": false, "upper_threshold": 4, "lower_threshold": null,
+                    "overloaded": false, "state": "draining", "health": "up",
+                    "active": 0, "inactive": 0,
+                    "counters": { "connections": 0, "packets_in": 0, "packets_out": 0,
+                                  "bytes_in": 0, "bytes_out": 0, "checks_failed": 3,
+                                  "down_transitions": 0, "up_transitions": 0 },
+                }],
+                "datapath": "kernel", "datapath_reason": "the kernel program is attached",
+                "fast_path": { "packets": 12, "bytes": 20480, "flows": 0,
+                               "direct_route_undeliverable": 0 },
+            })
+        );
+        assert_eq!(
+            ServiceEntry::deserialize(&v).unwrap(),
+            ServiceEntry::Running(Box::new(s))
+        );
+        let missing = item(ServiceEntry::Missing {
+            name: "api".to_string(),
+            error: "gone".to_string(),
+        });
+        assert_eq!(
+            (&missing["name"], &missing["error"], &missing["datapath"]),
+            (&json!("api"), &json!("gone"), &json!("kernel"))
+        );
+    }
+
+    /// A new client reading an older daemon's status: counters it did not have read as 0.
+    #[test]
+    fn counters_an_older_daemon_lacks_read_as_zero() {
+        let mut v = running(service(
+            "web",
+            SchedulerKind::Rr,
+            vec![backend("10.0.0.101:80", BackendState::Up, 1)],
+        ));
+        v["counters"].as_object_mut().unwrap().remove("over_limit");
+        for k in ["checks_failed", "down_transitions", "up_transitions"] {
+            v["backends"][0]["counters"]
+                .as_object_mut()
+                .unwrap()
+                .remove(k);
+        }
+        let ServiceEntry::Running(s) = ServiceEntry::deserialize(&v).unwrap() else {
+            panic!("not read as a service: {v}");
+        };
+        assert_eq!(
+            (s.counters.over_limit, s.backends[0].counters.checks_failed),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn a_dead_part_renders_as_dead() {
+        let dead = json!({"name": "web", "state": "dead", "last_death": "gateway stopped"});
+        assert!(render(&[dead]).contains("web is dead (gateway stopped)"));
     }
 
     #[test]

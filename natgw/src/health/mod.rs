@@ -9,7 +9,8 @@
 //! Call order, as for every vipgate core: [`HealthChecker::poll_probe`] until `None` (start
 //! each probe, with its timeout), sleep until [`HealthChecker::poll_timeout`], and pass every
 //! finished probe to [`HealthChecker::handle_result`], which returns the state changes to apply
-//! to the pool (and to log).
+//! to the pool (and to log). The task that does so reports failed probes too
+//! ([`CheckEvent`]): the pool counts them next to the transitions.
 //!
 //! Timing: a target is probed every `interval`, measured from the start of the previous probe
 //! (a slow probe does not stretch the period); at most one probe per target is in flight. A
@@ -120,6 +121,21 @@ pub struct Transition<K> {
     pub health: Health,
     /// The last failure when going down.
     pub reason: Option<ProbeFailure>,
+}
+
+/// What the checker task ([`probe::run_checker`]) reports to whoever applies the verdicts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckEvent<K> {
+    /// A probe failed, whether or not it changed the verdict (a failure that takes the
+    /// target down comes before the [`CheckEvent::Changed`] it causes).
+    Failed {
+        /// The target's key.
+        key: K,
+        /// What went wrong.
+        why: ProbeFailure,
+    },
+    /// The target's health changed.
+    Changed(Transition<K>),
 }
 
 /// What `show lb` prints about a target's checks.

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::{CheckKind, Health, HealthChecker, HealthConfig, Probe, ProbeFailure, Transition};
+use super::{CheckEvent, CheckKind, Health, HealthChecker, HealthConfig, Probe, ProbeFailure};
 
 /// The one clock read of the health driver.
 #[allow(clippy::disallowed_methods)]
@@ -87,11 +87,12 @@ fn parse_status(head: &[u8; 12]) -> Option<u16> {
 pub type TargetSpec<K> = (K, SocketAddrV4, HealthConfig, Health);
 
 /// Drives a [`HealthChecker`]: starts due probes as tasks, feeds results back, and sends every
-/// health change to `changes` (after logging it). A new target list on `targets` replaces the
-/// current one (reload). Returns when `targets` is closed or `changes` has no receiver.
+/// failed probe and every health change to `events` (a change after logging it). A new target
+/// list on `targets` replaces the current one (reload). Returns when `targets` is closed or
+/// `events` has no receiver.
 pub async fn run_checker<K>(
     mut targets: mpsc::Receiver<Vec<TargetSpec<K>>>,
-    changes: mpsc::Sender<Transition<K>>,
+    events: mpsc::Sender<CheckEvent<K>>,
 ) where
     K: Clone + PartialEq + std::fmt::Display + Send + Sync + 'static,
 {
@@ -111,15 +112,21 @@ pub async fn run_checker<K>(
         tokio::select! {
             () = netsys::timer::sleep_until(deadline) => {}
             Some((p, outcome)) = done_rx.recv() => {
+                // A failure counts even when a reload replaced its target meanwhile (the
+                // checker then ignores it): the backend did fail that probe.
                 if let Err(why) = outcome {
                     tracing::debug!(target = %p.key, addr = %p.addr, %why, "health probe failed");
+                    let failed = CheckEvent::Failed { key: p.key.clone(), why };
+                    if events.send(failed).await.is_err() {
+                        return;
+                    }
                 }
                 if let Some(t) = checker.handle_result(&p.key, p.seq, outcome) {
                     match (t.health, t.reason) {
                         (Health::Down, Some(why)) => tracing::warn!(target = %t.key, addr = %t.addr, %why, "backend down"),
                         _ => tracing::info!(target = %t.key, addr = %t.addr, health = ?t.health, "backend up"),
                     }
-                    if changes.send(t).await.is_err() {
+                    if events.send(CheckEvent::Changed(t)).await.is_err() {
                         return;
                     }
                 }
@@ -222,13 +229,29 @@ mod tests {
             .await
             .unwrap();
         drop(l);
-        let down = tokio::time::timeout(T, crx.recv()).await.unwrap().unwrap();
+        // Every failed probe is reported, `fall` of them before the change they cause.
+        let mut failed = 0;
+        let down = loop {
+            match tokio::time::timeout(T, crx.recv()).await.unwrap().unwrap() {
+                CheckEvent::Failed { key, why } => {
+                    assert_eq!((key.as_str(), why), ("rs1", ProbeFailure::Refused));
+                    failed += 1;
+                }
+                CheckEvent::Changed(t) => break t,
+            }
+        };
         assert_eq!(
-            (down.health, down.reason),
-            (Health::Down, Some(ProbeFailure::Refused))
+            (down.health, down.reason, failed),
+            (Health::Down, Some(ProbeFailure::Refused), 2)
         );
         let l = TcpListener::bind(a).await.unwrap();
-        let up = tokio::time::timeout(T, crx.recv()).await.unwrap().unwrap();
+        // Failures of probes already under way may still arrive before the recovery.
+        let up = loop {
+            match tokio::time::timeout(T, crx.recv()).await.unwrap().unwrap() {
+                CheckEvent::Failed { .. } => {}
+                CheckEvent::Changed(t) => break t,
+            }
+        };
         assert_eq!((up.key.as_str(), up.health), ("rs1", Health::Up));
         drop(l);
     }

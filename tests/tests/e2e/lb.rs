@@ -553,6 +553,40 @@ fn health_checks_take_backends_out_and_the_sorry_server_answers(
         "rs2 back up after rise checks",
         || lab.backend("10.0.0.102:80").0 == "up",
     );
+    // Its counters tell the story: at least `fall` (3) failed checks, down once, up once;
+    // rs1 never failed one.
+    let health_counters = |backend: &str| {
+        let json = lab.json();
+        let counters = json[0]["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["address"] == backend))
+            .map(|b| b["counters"].clone())
+            .unwrap_or_else(|| panic!("no {backend} in {json}"));
+        let n = |k: &str| {
+            counters[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {k} in {counters}"))
+        };
+        (
+            n("checks_failed"),
+            n("down_transitions"),
+            n("up_transitions"),
+        )
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "show lb --json to count rs2's failed checks and transitions",
+        || {
+            let (failed, down, up) = health_counters("10.0.0.102:80");
+            failed >= 3 && down >= 1 && up >= 1
+        },
+    );
+    assert_eq!(health_counters("10.0.0.101:80"), (0, 0, 0));
+    assert!(
+        lab.show().contains(", down 1x up 1x"),
+        "show lb notes the flap:\n{}",
+        lab.show()
+    );
     assert_eq!(count(&lab.connect(80, 10, CLIENTS)).len(), 2);
 
     drop(lab.servers.remove("rs1"));
