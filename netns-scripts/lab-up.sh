@@ -90,6 +90,13 @@ for r in hq br dir1 dir2; do forwarding "$P-$r"; done
 http_server "$P-web" 192.168.101.101 80 web "$state"
 http_server "$P-rs1" 10.0.0.101 80 rs1 "$state"
 http_server "$P-rs2" 10.0.0.102 80 rs2 "$state"
+# The same 4 MiB file on both real servers: the tour downloads it through the VIP across a
+# director failover and compares its hash.
+head -c 4194304 /dev/urandom > "$state/big.bin"
+cp "$state/big.bin" "$state/www-$P-rs1/big.bin"
+cp "$state/big.bin" "$state/www-$P-rs2/big.bin"
+# The directors' flow-sync key (the same file for both, StrictModes-style 0600).
+(umask 077 && head -c 32 /dev/urandom > "$state/sync.key")
 http_server "$P-rs1" 0.0.0.0 8080 rs1 "$state"
 http_server "$P-rs2" 0.0.0.0 8080 rs2 "$state"
 sshd_server "$P-web" 192.168.101.101 22 "$state"

@@ -215,13 +215,20 @@ impl Lab {
     /// Runs the scripted tour; prints each step; returns how many failed.
     async fn tour(&self) -> usize {
         println!("\nTour of lab {}:", self.prefix);
+        let gre = self.step_gre().await;
+        let pat_web = self.step_pat_web().await;
+        let pat_ssh = self.step_pat_ssh().await;
+        let lb = self.step_lb().await;
+        let lb_dr = self.step_lb_dr().await;
+        let (failover, sync) = self.step_failover().await;
         let steps = [
-            self.step_gre().await,
-            self.step_pat_web().await,
-            self.step_pat_ssh().await,
-            self.step_lb().await,
-            self.step_lb_dr().await,
-            self.step_failover().await,
+            gre,
+            pat_web,
+            pat_ssh,
+            lb,
+            lb_dr,
+            failover,
+            sync,
             self.step_return().await,
         ];
         let mut failed = 0;
@@ -350,9 +357,84 @@ impl Lab {
         }
     }
 
+    /// Size in bytes of a file of the lab's state directory (0 when absent).
+    fn state_file_len(&self, name: &str) -> u64 {
+        std::fs::metadata(self.state().join(name)).map_or(0, |m| m.len())
+    }
+
+    /// Standby flows director2 holds from director1's sync.
+    async fn standby_flows(&self, host: &str) -> u64 {
+        let show = crate::control::Request::Show {
+            kind: crate::parts::Kind::Sync,
+        };
+        crate::control::request(&self.control(host), &show)
+            .await
+            .ok()
+            .and_then(|v| v.get(0)?.get("standby_flows")?.as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Starts a 4 MiB download through the VIP at 1 MiB/s on the internet host (in the
+    /// background, its exit code written next to it) and waits until it is under way and
+    /// director2 holds its flow as standby (flow sync).
+    async fn start_synced_download(&self) -> Result<(), String> {
+        let state = self.state();
+        let _ = std::fs::remove_file(state.join("dl.bin"));
+        let _ = std::fs::remove_file(state.join("dl.rc"));
+        let cmd = format!(
+            "setsid sh -c 'curl -sS --limit-rate 1M --max-time 30 -o {dir}/dl.bin http://198.51.100.10/big.bin; echo $? > {dir}/dl.rc' </dev/null >/dev/null 2>&1 &",
+            dir = state.display()
+        );
+        self.sh("inet", &cmd).await?;
+        let deadline = now() + Duration::from_secs(5);
+        while now() < deadline {
+            if self.state_file_len("dl.bin") >= 256 * 1024 && self.standby_flows("dir2").await > 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "the download did not get under way with its flow synced within 5 s ({} bytes, director2 standby flows {})",
+            self.state_file_len("dl.bin"),
+            self.standby_flows("dir2").await
+        ))
+    }
+
+    /// Waits for the download of [`Self::start_synced_download`] to end and compares it with
+    /// the real servers' file.
+    async fn finish_synced_download(&self) -> Step {
+        let deadline = now() + Duration::from_secs(35);
+        while now() < deadline && self.state_file_len("dl.rc") == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let state = self.state();
+        let rc = std::fs::read_to_string(state.join("dl.rc")).unwrap_or_default();
+        let same = self
+            .sh(
+                "inet",
+                &format!("cmp -s {0}/dl.bin {0}/big.bin", state.display()),
+            )
+            .await
+            .is_ok();
+        let got = self.state_file_len("dl.bin");
+        Step {
+            ok: rc.trim() == "0" && same,
+            text: format!(
+                "Sync: a 4 MiB download through the VIP, started on director1 and synced to director2, {} across the failover ({got} bytes, curl exit {})",
+                if same {
+                    "finished intact"
+                } else {
+                    "did NOT survive"
+                },
+                rc.trim()
+            ),
+        }
+    }
+
     /// Takes director1 down the way a host dies (link down, daemon killed) and measures how
-    /// long the VIP stays unanswered from the internet host, probing every 10 ms.
-    async fn step_failover(&self) -> Step {
+    /// long the VIP stays unanswered from the internet host, probing every 10 ms. A download
+    /// through the VIP runs across it (the second step: flow sync kept it).
+    async fn step_failover(&self) -> (Step, Step) {
         let pids = Command::new("ip")
             .args(["netns", "pids", &self.ns("dir1")])
             .output()
@@ -361,11 +443,13 @@ impl Lab {
             .unwrap_or_default();
         let probe = "curl -s -o /dev/null -w '%{http_code}' --max-time 0.2 http://198.51.100.10/";
         if self.sh("inet", probe).await.as_deref() != Ok("200") {
-            return Step {
+            let failed = |what: &str| Step {
                 ok: false,
-                text: "VRRP: the VIP does not answer before the failover".into(),
+                text: format!("{what}: the VIP does not answer before the failover"),
             };
+            return (failed("VRRP"), failed("Sync"));
         }
+        let download = self.start_synced_download().await;
         let _ = self
             .sh("isp", "ip link set p-dir1 down; ip link set r-dir1 down")
             .await;
@@ -391,13 +475,21 @@ impl Lab {
             .await
             .unwrap_or_default();
         let master2 = self.vrrp_master("dir2").await;
-        Step {
+        let failover = Step {
             ok: ok_streak >= 5 && master2,
             text: format!(
                 "VRRP: director1 died (link down + kill -9); the VIP kept answering from director2 (master: {master2}, reply \"{answered_by}\") after a {} ms gap",
                 gap.as_millis()
             ),
-        }
+        };
+        let sync = match download {
+            Ok(()) => self.finish_synced_download().await,
+            Err(e) => Step {
+                ok: false,
+                text: format!("Sync: {e}"),
+            },
+        };
+        (failover, sync)
     }
 
     /// Whether every VRRP instance of `host`'s daemon is master.
@@ -432,7 +524,7 @@ impl Lab {
                     .await
                     .is_ok()
             {
-                return Step { ok: true, text: "VRRP: director1 came back, preempted (priority 150 > 100) and serves the VIP again".into() };
+                return Step { ok: true, text: "VRRP: director1 came back, took the flow-sync snapshot from director2, preempted (priority 150 > 100) and serves the VIP again".into() };
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -84,7 +84,7 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
     assert_eq!(status.matches("[vipgate running]").count(), 4, "{status}");
 
     // The tour proves every scenario: GRE, PAT (HTTP and OpenSSH), LB split, direct routing,
-    // failover, preempt.
+    // failover with a download kept by flow sync, preempt.
     let tour = guard.lab("tour");
     let text = String::from_utf8_lossy(&tour.stdout).into_owned();
     assert!(
@@ -92,7 +92,11 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
         "{text}\n{}",
         String::from_utf8_lossy(&tour.stderr)
     );
-    assert_eq!(text.matches("[ ok ]").count(), 7, "{text}");
+    assert_eq!(text.matches("[ ok ]").count(), 8, "{text}");
+    assert!(
+        text.contains("finished intact across the failover"),
+        "{text}"
+    );
     assert!(text.contains("rs1 10, rs2 20"), "{text}");
     assert!(text.contains("rs1 5, rs2 5, failed 0"), "{text}");
 
