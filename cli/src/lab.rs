@@ -374,35 +374,42 @@ impl Lab {
             .unwrap_or(0)
     }
 
-    /// Starts a 4 MiB download through the VIP at 1 MiB/s on the internet host (in the
-    /// background, its exit code written next to it) and waits until it is under way and
-    /// director2 holds its flow as standby (flow sync).
-    async fn start_synced_download(&self) -> Result<(), String> {
+    /// Starts a 4 MiB download through the VIP at `rate` (curl's --limit-rate) on the internet
+    /// host (in the background, its exit code written next to it) and waits until it is under
+    /// way and, with `standby_on`, that director holds its flow as standby (flow sync).
+    async fn start_synced_download(
+        &self,
+        rate: &str,
+        standby_on: Option<&str>,
+    ) -> Result<(), String> {
         let state = self.state();
         let _ = std::fs::remove_file(state.join("dl.bin"));
         let _ = std::fs::remove_file(state.join("dl.rc"));
         let cmd = format!(
-            "setsid sh -c 'curl -sS --limit-rate 1M --max-time 30 -o {dir}/dl.bin http://198.51.100.10/big.bin; echo $? > {dir}/dl.rc' </dev/null >/dev/null 2>&1 &",
+            "setsid sh -c 'curl -sS --limit-rate {rate} --max-time 30 -o {dir}/dl.bin http://198.51.100.10/big.bin; echo $? > {dir}/dl.rc' </dev/null >/dev/null 2>&1 &",
             dir = state.display()
         );
         self.sh("inet", &cmd).await?;
         let deadline = now() + Duration::from_secs(5);
         while now() < deadline {
-            if self.state_file_len("dl.bin") >= 256 * 1024 && self.standby_flows("dir2").await > 0 {
+            let synced = match standby_on {
+                Some(host) => self.standby_flows(host).await > 0,
+                None => true,
+            };
+            if self.state_file_len("dl.bin") >= 256 * 1024 && synced {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(format!(
-            "the download did not get under way with its flow synced within 5 s ({} bytes, director2 standby flows {})",
+            "the download did not get under way (with its flow synced) within 5 s: {} bytes",
             self.state_file_len("dl.bin"),
-            self.standby_flows("dir2").await
         ))
     }
 
     /// Waits for the download of [`Self::start_synced_download`] to end and compares it with
-    /// the real servers' file.
-    async fn finish_synced_download(&self) -> Step {
+    /// the real servers' file; `what` names the event it crossed.
+    async fn finish_synced_download(&self, what: &str) -> Step {
         let deadline = now() + Duration::from_secs(35);
         while now() < deadline && self.state_file_len("dl.rc") == 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -420,7 +427,7 @@ impl Lab {
         Step {
             ok: rc.trim() == "0" && same,
             text: format!(
-                "Sync: a 4 MiB download through the VIP, started on director1 and synced to director2, {} across the failover ({got} bytes, curl exit {})",
+                "Sync: a 4 MiB download through the VIP {} across {what} ({got} bytes, curl exit {})",
                 if same {
                     "finished intact"
                 } else {
@@ -449,7 +456,7 @@ impl Lab {
             };
             return (failed("VRRP"), failed("Sync"));
         }
-        let download = self.start_synced_download().await;
+        let download = self.start_synced_download("1M", Some("dir2")).await;
         let _ = self
             .sh("isp", "ip link set p-dir1 down; ip link set r-dir1 down")
             .await;
@@ -483,7 +490,12 @@ impl Lab {
             ),
         };
         let sync = match download {
-            Ok(()) => self.finish_synced_download().await,
+            Ok(()) => {
+                self.finish_synced_download(
+                    "the failover (started on director1, synced to director2)",
+                )
+                .await
+            }
             Err(e) => Step {
                 ok: false,
                 text: format!("Sync: {e}"),
@@ -505,8 +517,16 @@ impl Lab {
             })
     }
 
-    /// Brings director1 back (links up, daemon restarted): it preempts and the VIP answers.
+    /// Brings director1 back (links up, daemon restarted) while a download runs through
+    /// director2: director1 pulls the flows, preempts, the VIP answers and the download
+    /// finishes intact through it.
     async fn step_return(&self) -> Step {
+        if let Err(e) = self.start_synced_download("512K", None).await {
+            return Step {
+                ok: false,
+                text: format!("VRRP + Sync: before director1's return, {e}"),
+            };
+        }
         let _ = self
             .sh("isp", "ip link set p-dir1 up; ip link set r-dir1 up")
             .await;
@@ -524,7 +544,16 @@ impl Lab {
                     .await
                     .is_ok()
             {
-                return Step { ok: true, text: "VRRP: director1 came back, took the flow-sync snapshot from director2, preempted (priority 150 > 100) and serves the VIP again".into() };
+                let download = self
+                    .finish_synced_download("the fail-back (started on director2)")
+                    .await;
+                return Step {
+                    ok: download.ok,
+                    text: format!(
+                        "VRRP: director1 came back, took the flow-sync snapshot from director2, preempted (priority 150 > 100) and serves the VIP again. {}",
+                        download.text
+                    ),
+                };
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

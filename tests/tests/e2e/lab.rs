@@ -93,8 +93,13 @@ fn lab_up_twice_tour_passes_and_down_restores_netns_list() {
         String::from_utf8_lossy(&tour.stderr)
     );
     assert_eq!(text.matches("[ ok ]").count(), 8, "{text}");
+    // One download crosses director1's death, another its return (both kept by flow sync).
     assert!(
         text.contains("finished intact across the failover"),
+        "{text}"
+    );
+    assert!(
+        text.contains("finished intact across the fail-back"),
         "{text}"
     );
     assert!(text.contains("rs1 10, rs2 20"), "{text}");
