@@ -181,7 +181,7 @@ impl KernelDatapath {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 links = n,
-                "detached the previous run's links on interfaces no longer configured"
+                "detached the previous run's links on interfaces gone or no longer configured"
             ),
             Err(e) => tracing::warn!(error = %e, "detaching the previous run's unclaimed links"),
         }
