@@ -523,3 +523,54 @@ pub(super) async fn sync_loop(
         lock_unpoisoned(&kernel).sync(&gw);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(a: [u8; 4], port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(a.into(), port)
+    }
+
+    #[test]
+    fn every_entry_names_the_flow_that_made_it() {
+        let (inside, public, outside) = (
+            ep([192, 168, 1, 2], 5000),
+            ep([198, 51, 100, 1], 6000),
+            ep([203, 0, 113, 9], 53),
+        );
+        for (proto, kp) in [
+            (Proto::Udp, kpath::Proto::Udp),
+            (Proto::Tcp, kpath::Proto::Tcp),
+        ] {
+            for (key, rewrite) in kpath::entries(kp, inside, public, outside) {
+                assert_eq!(
+                    flow_of(&key, &rewrite),
+                    Some((proto, inside, public, outside))
+                );
+            }
+        }
+        let (client, vip, server) = (
+            ep([203, 0, 113, 9], 40_000),
+            ep([198, 51, 100, 10], 80),
+            [10, 0, 0, 7],
+        );
+        let (key, rewrite) =
+            kpath::direct_route_entry(kpath::Proto::Tcp, client, vip, server.into());
+        assert_eq!(
+            flow_of(&key, &rewrite),
+            Some((Proto::Tcp, ep(server, 80), vip, client))
+        );
+        // No program writes an outbound direct-routing entry, nor a UDP one.
+        let outbound = FlowKey {
+            direction: KDir::Outbound,
+            ..key
+        };
+        assert_eq!(flow_of(&outbound, &rewrite), None);
+        let udp = FlowKey {
+            proto: kpath::Proto::Udp,
+            ..key
+        };
+        assert_eq!(flow_of(&udp, &rewrite), None);
+    }
+}

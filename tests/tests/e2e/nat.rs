@@ -800,6 +800,35 @@ fn slow_transfer(
     (sink, send)
 }
 
+/// A UDP server on `host:port` that prints each sender's address, one per line.
+fn udp_sender_log(t: &Topology, host: &str, port: u16) -> Proc {
+    let code = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('',{port}))\n\
+while True:\n  d,a=s.recvfrom(100)\n  print('%s:%d'%a, flush=True)\n"
+    );
+    let script = t.write(&format!("senders-{host}-{port}.py"), &code);
+    let p = t.spawn(
+        host,
+        &format!("senders-{host}-{port}"),
+        &["python3", "-u", script.to_str().unwrap()],
+    );
+    wait_until(T, &format!("udp server on {host}:{port}"), || {
+        t.try_sh(
+            host,
+            &format!("ss -Hlun 'sport = :{port}' | grep -q {port}"),
+        )
+        .is_ok()
+    });
+    p
+}
+
+/// A shell command sending one datagram to `dst:port`.
+fn udp_send(dst: &str, port: u16) -> String {
+    format!(
+        "python3 -c \"import socket;socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',('{dst}',{port}))\""
+    )
+}
+
 /// How a test replaces the running daemon.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Replace {
@@ -848,7 +877,11 @@ fn established_flows_survive(replace: Replace) {
             assert_eq!(hq._vipgate.pid(), pid);
         }
         Replace::Crash => {
+            let senders = udp_sender_log(t, "out", 7001);
             hq._vipgate.kill9();
+            // A new flow while no daemon runs waits for the next run: it does not leave
+            // untranslated (the blackholes under nat0's routes).
+            t.sh("pc", &udp_send("198.51.100.200", 7001));
             // No daemon at all for a while: the kernel forwards alone.
             let before = std::fs::metadata(format!("{dir}/via-pat")).map_or(0, |m| m.len());
             wait_until(T, "data to move while no daemon runs", || {
@@ -856,6 +889,15 @@ fn established_flows_survive(replace: Replace) {
                     .is_ok_and(|m| m.len() > before + 256 * 1024)
             });
             hq._vipgate = pins.vipgate(t, "vipgate-second", &path);
+            wait_until(T, "a new flow translated by the new daemon", || {
+                let _ = t.try_sh("pc", &udp_send("198.51.100.200", 7001));
+                senders.log().contains(&format!("{PUBLIC}:"))
+            });
+            let seen = senders.log();
+            assert!(
+                !seen.contains("192.168.101.10"),
+                "an untranslated packet left while no daemon ran: {seen}"
+            );
         }
     }
     // The new daemon has both flows: adopted, listed, established.
