@@ -91,6 +91,13 @@ pub(crate) enum Command {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Restart the running daemon in place (same pid; the binary at its path now): the NAT
+    /// kernel path keeps forwarding established flows meanwhile and the new daemon adopts
+    /// them. A plain stop (SIGTERM) removes the kernel path instead.
+    Restart {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Operate the PAT gateway of the running daemon.
     Nat {
         #[command(subcommand)]

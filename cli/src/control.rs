@@ -31,6 +31,8 @@ pub(crate) enum Request {
     Show { kind: Kind },
     /// Re-read the config file and apply the differences (`vipgate reload`, like SIGHUP).
     Reload,
+    /// Re-exec the daemon in place, the kernel path's flows kept (`vipgate restart`).
+    Restart,
     /// An operator command for the parts it names.
     Control { command: ControlOp },
 }
@@ -99,6 +101,16 @@ pub(crate) struct PartStatus {
 /// A reload asked for over the socket: the run loop answers with its report or the errors.
 pub(crate) type ReloadRequest = tokio::sync::oneshot::Sender<Result<Vec<String>, String>>;
 
+/// A restart asked for over the socket: the run loop answers (`Err`: refused, the daemon
+/// stays), and re-execs once the answer is written or the client is gone.
+#[derive(Debug)]
+pub(crate) struct RestartRequest {
+    /// The run loop's answer.
+    pub(crate) reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    /// Closed once the answer is written to the client.
+    pub(crate) answered: tokio::sync::oneshot::Receiver<()>,
+}
+
 /// Connections served at once; more wait in the kernel's backlog.
 pub(crate) const MAX_CONNECTIONS: usize = 16;
 /// Longest request line accepted.
@@ -165,6 +177,7 @@ impl ControlServer {
         control_group: Option<u32>,
         running: Arc<RwLock<Running>>,
         reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+        restart: tokio::sync::mpsc::Sender<RestartRequest>,
     ) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             prepare_dir(dir, control_group.is_some())?;
@@ -214,10 +227,10 @@ impl ControlServer {
                     }
                 };
                 let running = running.clone();
-                let reload = reload.clone();
+                let loop_requests = (reload.clone(), restart.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    if let Err(e) = serve_one(stream, control_group, running, reload).await {
+                    if let Err(e) = serve_one(stream, control_group, running, loop_requests).await {
                         tracing::debug!(error = %e, "control connection failed");
                     }
                 });
@@ -269,7 +282,10 @@ async fn serve_one(
     stream: UnixStream,
     control_group: Option<u32>,
     running: Arc<RwLock<Running>>,
-    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    (reload, restart): (
+        tokio::sync::mpsc::Sender<ReloadRequest>,
+        tokio::sync::mpsc::Sender<RestartRequest>,
+    ),
 ) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("reading peer credentials")?;
     let access = access_of(
@@ -329,6 +345,30 @@ async fn serve_one(
                 },
             }
         }
+        Ok(Request::Restart) => {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            let (written, answered) = tokio::sync::oneshot::channel::<()>();
+            let outcome = match restart.send(RestartRequest { reply, answered }).await {
+                Ok(()) => outcome
+                    .await
+                    .unwrap_or_else(|_| Err("the daemon is stopping".into())),
+                Err(_) => Err("the daemon is stopping".into()),
+            };
+            let response = match outcome {
+                Ok(message) => Response {
+                    ok: true,
+                    result: serde_json::json!(message),
+                    error: None,
+                },
+                Err(e) => refused(e),
+            };
+            let mut out = serde_json::to_vec(&response)?;
+            out.push(b'\n');
+            let sent = w.write_all(&out).await;
+            // The run loop re-execs once this is dropped: after the answer left.
+            drop(written);
+            return Ok(sent?);
+        }
         Ok(req) => answer(req, &*running.read().await),
         Err(response) => response,
     };
@@ -349,7 +389,9 @@ fn answer(req: Request, running: &Running) -> Response {
         )
         .unwrap_or_default()),
         Request::Show { kind } => Ok(serde_json::Value::Array(running.statuses(kind))),
-        Request::Reload => Err(anyhow::anyhow!("reload is handled by the run loop")),
+        Request::Reload | Request::Restart => Err(anyhow::anyhow!(
+            "reload and restart are handled by the run loop"
+        )),
         Request::Control { command } => {
             let kind = command.kind();
             let name = command.target();
@@ -474,14 +516,35 @@ mod tests {
                 let _ = reply.send(Err("site.toml:1:1: planted".into()));
             }
         });
-        let server = ControlServer::start(&path, None, running.clone(), reload_tx.clone())
-            .await
-            .unwrap();
+        let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<RestartRequest>(1);
+        let (answered_tx, answered_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let req = restart_rx.recv().await.unwrap();
+            let _ = req.reply.send(Err("restart refused: planted".into()));
+            // The run loop learns when the answer has left (the sender side is dropped).
+            let _ = req.answered.await;
+            let _ = answered_tx.send(());
+        });
+        let server = ControlServer::start(
+            &path,
+            None,
+            running.clone(),
+            reload_tx.clone(),
+            restart_tx.clone(),
+        )
+        .await
+        .unwrap();
         let reload = request(&path, &Request::Reload)
             .await
             .unwrap_err()
             .to_string();
         assert_eq!(reload, "site.toml:1:1: planted");
+        let restart = request(&path, &Request::Restart)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(restart, "restart refused: planted");
+        answered_rx.await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
 
@@ -548,7 +611,14 @@ mod tests {
         );
 
         // A second daemon on the same socket is refused; after the first stops the socket is gone.
-        let second = ControlServer::start(&path, None, running.clone(), reload_tx.clone()).await;
+        let second = ControlServer::start(
+            &path,
+            None,
+            running.clone(),
+            reload_tx.clone(),
+            restart_tx.clone(),
+        )
+        .await;
         assert!(
             second
                 .err()
@@ -560,7 +630,14 @@ mod tests {
         assert!(!path.exists());
         // Anything but a socket at the path is never removed.
         std::fs::write(&path, "precious").unwrap();
-        let refused = ControlServer::start(&path, None, running.clone(), reload_tx.clone()).await;
+        let refused = ControlServer::start(
+            &path,
+            None,
+            running.clone(),
+            reload_tx.clone(),
+            restart_tx.clone(),
+        )
+        .await;
         assert!(refused.err().unwrap().to_string().contains("not a socket"));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
         std::fs::remove_file(&path).unwrap();

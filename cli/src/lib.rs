@@ -140,6 +140,9 @@ fn prepare_daemon(path: &std::path::Path) -> Result<config::SiteConfig, ExitCode
     Ok(site)
 }
 
+/// How long `vipgate restart` waits for the new run to answer.
+const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn dispatch(
     command: Command,
     preloaded: Option<config::SiteConfig>,
@@ -191,6 +194,28 @@ async fn dispatch(
             for l in lines {
                 println!("reloaded: {}", l.as_str().unwrap_or_default());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restart { control } => {
+            let path = control_path(&control)?;
+            let said = control::request(&path, &Request::Restart).await?;
+            println!("{}", said.as_str().unwrap_or("restarting"));
+            // The old run stopped serving before it answered: whoever answers now is the new
+            // run, once it is up.
+            let deadline = tokio::time::Instant::now() + RESTART_WAIT;
+            loop {
+                match control::request(&path, &Request::Status).await {
+                    Ok(_) => break,
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        anyhow::bail!(
+                            "the daemon did not answer within {}s of its restart (see its log): {e:#}",
+                            RESTART_WAIT.as_secs()
+                        );
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            }
+            println!("restarted: the daemon answers again");
             Ok(ExitCode::SUCCESS)
         }
         Command::Nat {

@@ -97,7 +97,16 @@ pub(crate) fn reduce(identity: Option<Identity>, extra: &[Capability]) -> anyhow
                 .map_err(|e| anyhow::anyhow!("dropping {cap} from the bounding set: {e}"))?;
         }
     }
-    if let Some(id) = identity {
+    // A daemon re-exec'd by `vipgate restart` already is `identity`, and no longer holds the
+    // capabilities a switch needs (CAP_SETUID, CAP_SETGID).
+    let switched = identity.is_some_and(|id| {
+        nix::unistd::getuid() == id.uid
+            && nix::unistd::geteuid() == id.uid
+            && nix::unistd::getgid() == id.gid
+            && nix::unistd::getegid() == id.gid
+            && nix::unistd::getgroups().is_ok_and(|g| g == [id.gid])
+    });
+    if let Some(id) = identity.filter(|_| !switched) {
         // Keep the permitted set across setuid; effective is cleared and re-raised below.
         nix::sys::prctl::set_keepcaps(true)
             .map_err(|e| anyhow::anyhow!("setting PR_SET_KEEPCAPS: {e}"))?;

@@ -1,7 +1,20 @@
 //! `vipgate run`: start every configured part, serve the control socket, stop cleanly.
+//!
+//! Two ways to end, on purpose different:
+//! - a stop (SIGTERM, SIGINT: `systemctl stop`, `systemctl restart`) stops every part, which
+//!   removes everything it put in the kernel (the NAT kernel path's programs, maps and pins
+//!   included);
+//! - a restart (`vipgate restart`) re-execs the daemon in place, as nginx's binary upgrade
+//!   does: same pid (systemd keeps tracking it; `RELOADING=1` until the new run's
+//!   `READY=1`), the binary now at the path it was started from, the same arguments. Nothing
+//!   is stopped first: to the kernel it is a crash. The NAT kernel path's pinned links and
+//!   maps keep forwarding the established flows until the new run swaps its programs in and
+//!   adopts them; every other part starts over as after a crash (each already adopts or
+//!   replaces what a killed daemon leaves). The config is checked first: a file that would
+//!   not start refuses the restart and the daemon stays as it is.
 
 use crate::config;
-use crate::control::{ControlServer, ReloadRequest};
+use crate::control::{ControlServer, ReloadRequest, RestartRequest};
 use crate::parts::{Kind, Running, StartCtx};
 use anyhow::Context;
 use std::path::Path;
@@ -45,15 +58,20 @@ pub(crate) async fn run(
         None => None,
     };
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
-    let control = match ControlServer::start(
-        site.daemon.control.get_ref(),
-        control_group,
-        running.clone(),
-        reload_tx,
-    )
-    .await
-    {
-        Ok(c) => c,
+    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<RestartRequest>(1);
+    // The socket path stays the one this run started with (see `reload`).
+    let control_path = site.daemon.control.get_ref().clone();
+    let serve_control = || {
+        ControlServer::start(
+            &control_path,
+            control_group,
+            running.clone(),
+            reload_tx.clone(),
+            restart_tx.clone(),
+        )
+    };
+    let mut control = match serve_control().await {
+        Ok(c) => Some(c),
         Err(e) => {
             running.write().await.stop().await;
             return Err(e);
@@ -98,6 +116,26 @@ pub(crate) async fn run(
             Some(reply) = reload_rx.recv() => {
                 let _ = reply.send(reload(path, &mut site, &running, &ctx).await);
             }
+            Some(req) = restart_rx.recv() => {
+                if let Err(e) = config::load_on_host(path) {
+                    tracing::error!("restart refused, the daemon stays as it is:\n{e}");
+                    let _ = req.reply.send(Err(format!("restart refused, the daemon stays as it is:\n{e}")));
+                    continue;
+                }
+                // No new client reaches this run from here on: one that connects after the
+                // answer talks to the next run.
+                drop(control.take());
+                let _ = req.reply.send(Ok(format!("restarting in place (pid {})", std::process::id())));
+                // Bounded: a client that stops reading does not hold the restart.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), req.answered).await;
+                let e = reexec();
+                tracing::error!("restart: {e:#}; this run goes on");
+                crate::notify::sd_notify("READY=1");
+                match serve_control().await {
+                    Ok(c) => control = Some(c),
+                    Err(e) => tracing::error!("control socket after a failed restart: {e:#}"),
+                }
+            }
         }
     }
     crate::notify::sd_notify("STOPPING=1");
@@ -107,6 +145,28 @@ pub(crate) async fn run(
     drop(control);
     running.write().await.stop().await;
     Ok(())
+}
+
+/// Replaces this process with the binary at the path it was started from, with the same
+/// arguments (see the module docs); returns only when that fails.
+fn reexec() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    // After an upgrade the running binary's inode is unlinked: /proc/self/exe then names it
+    // "PATH (deleted)", and PATH holds the new binary.
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return anyhow::anyhow!("finding the daemon's binary: {e}"),
+    };
+    let exe = match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(path) => std::path::PathBuf::from(path),
+        None => exe,
+    };
+    tracing::info!(binary = %exe.display(), "restarting in place; the kernel path keeps forwarding");
+    crate::notify::sd_notify("RELOADING=1");
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::anyhow!("exec {}: {err}", exe.display())
 }
 
 /// Re-reads `path` and applies the differences; a bad file leaves everything as it was.

@@ -21,9 +21,12 @@
 //!   value is the rewrite (new source and destination endpoints) plus what the program
 //!   reports back ([`FlowReport`]: last-seen time, packet and byte counters, the highest TCP
 //!   sequence end and acknowledgement per direction so the core's window tracking stays true).
-//! - The maps are pinned under `<pin root>/<site>/`; [`KernelPath::load`] adopts maps already
-//!   pinned there (a restarted daemon keeps its flows) and [`KernelPath::unload`] removes the
-//!   programs' links, the pins and any `clsact` qdisc it added, leaving nothing behind.
+//! - The maps and the tcx links are pinned under `<pin root>/<site>/`; [`KernelPath::load`]
+//!   adopts maps already pinned there and attaching adopts a pinned link (a restarted daemon
+//!   keeps its flows, and the programs never stop forwarding them: see the loader's module
+//!   docs); [`KernelPath::leave`] keeps all of it for the next run, [`KernelPath::unload`]
+//!   removes the programs' links, the pins and any `clsact` qdisc it added, leaving nothing
+//!   behind.
 //! - The shipped object is the build of the shipped source: a test checks the recorded hash
 //!   of the sources and, where clang is present, that rebuilding gives the same bytes.
 
@@ -85,6 +88,14 @@ pub enum KpathError {
         path: std::path::PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// A tcx link could not be pinned, or a stale pin removed.
+    #[error("link pin {path}: {reason}")]
+    LinkPin {
+        /// The pin.
+        path: std::path::PathBuf,
+        /// What failed.
+        reason: String,
     },
     /// The site name cannot name a pin directory.
     #[error("site name {0:?} is not a valid pin directory name")]
@@ -329,6 +340,14 @@ impl Rewrite {
                 0
             },
             ..pod::RawFlowValue::default()
+        }
+    }
+
+    fn from_raw(raw: &pod::RawFlowValue) -> Self {
+        Rewrite {
+            src: SocketAddrV4::new(raw.saddr.into(), u16::from_be_bytes(raw.sport)),
+            dst: SocketAddrV4::new(raw.daddr.into(), u16::from_be_bytes(raw.dport)),
+            direct_route: raw.flags & pod::FLOW_DIRECT_ROUTE != 0,
         }
     }
 }

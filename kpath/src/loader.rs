@@ -1,15 +1,26 @@
 //! Loading, attaching, feeding and unloading the program.
 //!
-//! Invariants: every link this loader creates is recorded in [`KernelPath`] with whether it
-//! added the interface's `clsact` qdisc, so [`KernelPath::unload`] undoes exactly what was
-//! done; the maps live at `<bpffs>/vipgate/<site>/{kpath_flows,kpath_counters}` and nowhere
-//! else.
+//! Invariants: every link this loader creates or adopts is recorded in [`KernelPath`] with
+//! whether it added the interface's `clsact` qdisc, so [`KernelPath::unload`] undoes exactly
+//! what was done; the maps live at `<bpffs>/vipgate/<site>/{kpath_flows,kpath_counters}` and
+//! the tcx links at `<bpffs>/vipgate/<site>/link_<program>_<ifindex>`, and nowhere else.
+//!
+//! Restarts: a tcx link is pinned as soon as it is made, so it outlives the process that made
+//! it (an `exec`, a crash, [`KernelPath::leave`]) and the program keeps running on the
+//! interface meanwhile, with the pinned maps. The next [`KernelPath::load`] of the site finds
+//! the pin when it attaches the same program to the same interface and swaps its freshly
+//! loaded program into that link (`BPF_LINK_UPDATE`, atomic: no packet misses a program);
+//! [`KernelPath::detach_unclaimed`] then removes the links of the previous run that this one
+//! did not claim (an interface no longer configured). A link made through the `clsact`
+//! fallback (kernels before 6.6) is a netlink filter with no pin: it is not adopted.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::TestRunOptions;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
 use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc_add_clsact};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TcError, TestRun as _};
 use aya::{Ebpf, EbpfLoader};
@@ -62,13 +73,26 @@ impl LoadOptions {
 /// The program at `nat0`'s ingress that delivers direct-routing packets the core wrote back.
 const DELIVER: &str = "kpath_deliver";
 
+/// Prefix of a pinned tcx link's name (`link_<program>_<ifindex>`).
+const LINK_PIN_PREFIX: &str = "link_";
+
 #[derive(Debug)]
 struct Attachment {
     iface: String,
     program: &'static str,
-    link: SchedClassifierLinkId,
+    link: AttachedLink,
     /// The `clsact` qdisc this loader added (removed at unload).
     qdisc_added: bool,
+}
+
+/// How a program is attached.
+#[derive(Debug)]
+enum AttachedLink {
+    /// A tcx link pinned at `pin`: it stays attached while the pin exists, whatever happens
+    /// to this process; the descriptor lets this process detach it.
+    Pinned { link: FdLink, pin: PathBuf },
+    /// A `clsact` filter, owned by the program in [`Ebpf`].
+    Netlink(SchedClassifierLinkId),
 }
 
 /// One [`KernelPath::test_run`]: the program's return code and the frame it left.
@@ -96,6 +120,8 @@ pub struct KernelPath {
     attach: AttachMode,
     attachments: Vec<Attachment>,
     adopted: bool,
+    /// tcx links of a previous run adopted by this one.
+    adopted_links: usize,
 }
 
 impl std::fmt::Debug for KernelPath {
@@ -207,6 +233,7 @@ impl KernelPath {
             attach: opts.attach,
             attachments: Vec::new(),
             adopted,
+            adopted_links: 0,
         })
     }
 
@@ -214,6 +241,13 @@ impl KernelPath {
     #[must_use]
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// How many programs went into the tcx links a previous run left pinned (instead of new
+    /// links): the interfaces where forwarding never stopped.
+    #[must_use]
+    pub fn adopted_links(&self) -> usize {
+        self.adopted_links
     }
 
     /// The directory holding this site's pins.
@@ -252,30 +286,23 @@ impl KernelPath {
             .attachments
             .iter()
             .any(|a| a.iface == iface && a.qdisc_added);
-        let prog = classifier(&mut self.ebpf, program)?;
-        let tcx = || TcAttachOptions::TcxOrder(LinkOrder::default());
         let (link, mode, qdisc_added) = match self.attach {
-            AttachMode::Tcx => (
-                prog.attach_with_options(iface, TcAttachType::Ingress, tcx())
-                    .map_err(|source| KpathError::Program { program, source })?,
-                AttachMode::Tcx,
-                false,
-            ),
-            AttachMode::Auto => {
-                match prog.attach_with_options(iface, TcAttachType::Ingress, tcx()) {
-                    Ok(link) => (link, AttachMode::Tcx, false),
-                    Err(e) => {
-                        tracing::info!(iface, error = %e, "tcx attach refused; using clsact");
-                        let (link, added) =
-                            attach_clsact(prog, iface, TcAttachType::Ingress, program, !ours)?;
-                        (link, AttachMode::Clsact, added)
-                    }
+            AttachMode::Tcx => (self.attach_tcx(iface, program)?, AttachMode::Tcx, false),
+            AttachMode::Auto => match self.attach_tcx(iface, program) {
+                Ok(link) => (link, AttachMode::Tcx, false),
+                Err(e) => {
+                    tracing::info!(iface, error = %e, "tcx attach refused; using clsact");
+                    let prog = classifier(&mut self.ebpf, program)?;
+                    let (link, added) =
+                        attach_clsact(prog, iface, TcAttachType::Ingress, program, !ours)?;
+                    (AttachedLink::Netlink(link), AttachMode::Clsact, added)
                 }
-            }
+            },
             AttachMode::Clsact => {
+                let prog = classifier(&mut self.ebpf, program)?;
                 let (link, added) =
                     attach_clsact(prog, iface, TcAttachType::Ingress, program, !ours)?;
-                (link, AttachMode::Clsact, added)
+                (AttachedLink::Netlink(link), AttachMode::Clsact, added)
             }
         };
         self.attachments.push(Attachment {
@@ -285,6 +312,103 @@ impl KernelPath {
             qdisc_added,
         });
         Ok(mode)
+    }
+
+    /// Where the tcx link of `program` on `iface` is pinned (by ifindex: an interface name
+    /// may hold a dot, which bpffs refuses in a name).
+    fn link_pin(&self, iface: &str, program: &'static str) -> Result<PathBuf, KpathError> {
+        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| KpathError::Program {
+            program,
+            source: aya::programs::ProgramError::TcError(TcError::IoError(e.into())),
+        })?;
+        Ok(self
+            .pin_dir
+            .join(format!("{LINK_PIN_PREFIX}{program}_{ifindex}")))
+    }
+
+    /// Attaches `program` to `iface`'s ingress with a pinned tcx link: the previous run's
+    /// link when one is pinned there (the new program replaces the old one in it, atomically),
+    /// else a new link, pinned at once.
+    fn attach_tcx(
+        &mut self,
+        iface: &str,
+        program: &'static str,
+    ) -> Result<AttachedLink, KpathError> {
+        let pin = self.link_pin(iface, program)?;
+        let prog = classifier(&mut self.ebpf, program)?;
+        let link_err = |reason: String| KpathError::LinkPin {
+            path: pin.clone(),
+            reason,
+        };
+        if pin.exists() {
+            match adopt_link(prog, &pin) {
+                Ok(link) => {
+                    self.adopted_links += 1;
+                    return Ok(AttachedLink::Pinned { link, pin });
+                }
+                Err(reason) => {
+                    // A link whose interface went away (or not a link at all): replaced.
+                    tracing::info!(pin = %pin.display(), %reason, "not adopting a pinned link");
+                    std::fs::remove_file(&pin).map_err(|e| link_err(e.to_string()))?;
+                }
+            }
+        }
+        let id = prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| KpathError::Program { program, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| KpathError::Program { program, source })?;
+        let link = FdLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
+        let pinned = link.pin(&pin).map_err(|e| link_err(e.to_string()))?;
+        Ok(AttachedLink::Pinned {
+            link: pinned.into(),
+            pin,
+        })
+    }
+
+    /// Detaches the tcx links a previous run pinned that this run did not adopt (their
+    /// interface is no longer configured). Call once every program is attached.
+    ///
+    /// # Errors
+    /// The pin directory cannot be read, or a pin cannot be removed.
+    pub fn detach_unclaimed(&mut self) -> Result<usize, KpathError> {
+        let pins_err = |source| KpathError::Pins {
+            path: self.pin_dir.clone(),
+            source,
+        };
+        let claimed: Vec<&Path> = self
+            .attachments
+            .iter()
+            .filter_map(|a| match &a.link {
+                AttachedLink::Pinned { pin, .. } => Some(pin.as_path()),
+                AttachedLink::Netlink(_) => None,
+            })
+            .collect();
+        let mut detached = 0;
+        for entry in std::fs::read_dir(&self.pin_dir).map_err(pins_err)? {
+            let path = entry.map_err(pins_err)?.path();
+            let is_link = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(LINK_PIN_PREFIX));
+            if is_link && !claimed.contains(&path.as_path()) {
+                // Held open while its pin goes, the link dies with the descriptor, at once
+                // (the last reference dropped by an unlink is released later, by a worker).
+                let held = PinnedLink::from_pin(&path).ok();
+                std::fs::remove_file(&path).map_err(|source| KpathError::Pins {
+                    path: path.clone(),
+                    source,
+                })?;
+                drop(held);
+                detached += 1;
+            }
+        }
+        Ok(detached)
     }
 
     /// Installs (or replaces) the rewrite for `key`, with fresh counters.
@@ -339,6 +463,28 @@ impl KernelPath {
         Ok(out)
     }
 
+    /// Every entry with its rewrite and what the program reported: what a restarted daemon
+    /// hands its core to adopt the flows of the previous run. Entries the program cannot
+    /// hold (an unknown protocol) are left out.
+    ///
+    /// # Errors
+    /// The kernel refusing the iteration.
+    pub fn entries(&self) -> Result<Vec<(FlowKey, Rewrite, FlowReport)>, KpathError> {
+        let mut out = Vec::new();
+        for item in self.flows.iter() {
+            let (raw_key, raw_value) =
+                item.map_err(|source| KpathError::Map { map: FLOWS, source })?;
+            if let Some(key) = FlowKey::from_raw(&raw_key) {
+                out.push((
+                    key,
+                    Rewrite::from_raw(&raw_value),
+                    FlowReport::from_raw(&raw_value),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// The program's counters, summed over CPUs.
     ///
     /// # Errors
@@ -380,9 +526,34 @@ impl KernelPath {
     }
 
     /// Detaches the programs but keeps the pinned maps, so that the next
-    /// [`KernelPath::load`] of the same site adopts its flows (a restart).
+    /// [`KernelPath::load`] of the same site adopts its flows.
     pub fn release(mut self) {
         self.detach_all();
+    }
+
+    /// Leaves everything in the kernel for the next run of the site (a restart): the tcx
+    /// links stay pinned and attached, so the programs keep forwarding the flows in the
+    /// pinned maps while no daemon runs; only this process's descriptors close. A `clsact`
+    /// filter cannot be adopted and is detached (with the qdisc, if this loader added it).
+    pub fn leave(mut self) {
+        for a in std::mem::take(&mut self.attachments).into_iter().rev() {
+            let AttachedLink::Netlink(link) = a.link else {
+                continue;
+            };
+            let program = a.program;
+            let detached = classifier(&mut self.ebpf, program).and_then(|prog| {
+                prog.detach(link)
+                    .map_err(|source| KpathError::Program { program, source })
+            });
+            if let Err(e) = detached {
+                tracing::warn!(error = %e, "detaching a clsact filter");
+            }
+            if a.qdisc_added
+                && let Err(e) = remove_clsact(&a.iface)
+            {
+                tracing::warn!(error = %e, "removing a clsact qdisc");
+            }
+        }
     }
 
     /// Detaches the programs, removes the pins (and their directory) and every `clsact`
@@ -392,6 +563,10 @@ impl KernelPath {
     /// A pin or qdisc that could not be removed (the rest is still removed).
     pub fn unload(mut self) -> Result<(), KpathError> {
         let mut first_error = self.detach_all();
+        // Links of a previous run this one did not adopt go too.
+        if let Err(e) = self.detach_unclaimed() {
+            first_error.get_or_insert(e);
+        }
         for name in [FLOWS, COUNTERS] {
             let path = self.pin_dir.join(name);
             if let Err(source) = std::fs::remove_file(&path)
@@ -419,10 +594,25 @@ impl KernelPath {
         // Newest first: the attachment that added a qdisc goes after the filters it carries.
         for a in std::mem::take(&mut self.attachments).into_iter().rev() {
             let program = a.program;
-            let detached = classifier(&mut self.ebpf, program).and_then(|prog| {
-                prog.detach(a.link)
-                    .map_err(|source| KpathError::Program { program, source })
-            });
+            let detached = match a.link {
+                // Without its pin, closing the link's last descriptor detaches it.
+                AttachedLink::Pinned { link, pin } => {
+                    let unpinned = std::fs::remove_file(&pin);
+                    drop(link);
+                    match unpinned {
+                        Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                            Err(KpathError::Pins { path: pin, source })
+                        }
+                        _ => Ok(()),
+                    }
+                }
+                AttachedLink::Netlink(link) => {
+                    classifier(&mut self.ebpf, program).and_then(|prog| {
+                        prog.detach(link)
+                            .map_err(|source| KpathError::Program { program, source })
+                    })
+                }
+            };
             if let Err(e) = detached {
                 first_error.get_or_insert(e);
             }
@@ -436,9 +626,19 @@ impl KernelPath {
     }
 }
 
+/// Opens the tcx link pinned at `pin` and puts `prog` in it in place of the program it runs.
+fn adopt_link(prog: &mut SchedClassifier, pin: &Path) -> Result<FdLink, String> {
+    let link: FdLink = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?.into();
+    let link = SchedClassifierLink::try_from(link).map_err(|e| e.to_string())?;
+    let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    let link = prog.take_link(id).map_err(|e| e.to_string())?;
+    FdLink::try_from(link).map_err(|e| e.to_string())
+}
+
 impl Drop for KernelPath {
     fn drop(&mut self) {
-        // Links are closed with the loader anyway; the qdiscs it added must go too.
+        // A dropped loader detaches what it attached (pinned links included) and removes the
+        // qdiscs it added; a restart keeps them with [`KernelPath::leave`] or by `exec`.
         if let Some(e) = self.detach_all() {
             tracing::warn!(error = %e, "detaching the kernel path");
         }

@@ -98,7 +98,72 @@ fn a_restart_adopts_the_pinned_flows() {
         assert!(second.adopted());
         assert_eq!(second.keys().unwrap(), vec![key]);
         assert!(second.report(&key).unwrap().is_some());
+        let adopted = second.entries().unwrap();
+        assert_eq!(adopted.len(), 1);
+        assert_eq!((adopted[0].0, adopted[0].1), (key, rewrite));
         second.unload().unwrap();
+    });
+}
+
+#[test]
+fn a_restart_keeps_the_tcx_links_attached_and_swaps_the_programs_in() {
+    in_sandbox(|_| {
+        let mut opts = LoadOptions::new("site-c");
+        opts.attach = AttachMode::Tcx;
+        let mut first = KernelPath::load(&opts).unwrap();
+        first.attach(IFACE, Direction::Outbound).unwrap();
+        first.attach(IFACE, Direction::Inbound).unwrap();
+        let before = attached_ids();
+        assert_eq!(before.len(), 2);
+        first.leave();
+        assert_eq!(
+            attached_ids(),
+            before,
+            "the programs stay attached while no daemon runs"
+        );
+
+        // The next run adopts the outbound link only: the inbound one is not configured any
+        // more.
+        let mut second = KernelPath::load(&opts).unwrap();
+        assert!(second.adopted());
+        second.attach(IFACE, Direction::Outbound).unwrap();
+        assert_eq!(second.adopted_links(), 1);
+        let during = attached_ids();
+        assert_eq!(during.len(), 2, "no second link: {during:?}");
+        assert!(
+            !during.contains(&before[0]) || !during.contains(&before[1]),
+            "the adopted link runs the new program: {before:?} -> {during:?}"
+        );
+        assert_eq!(second.detach_unclaimed().unwrap(), 1);
+        assert_eq!(attached_ids().len(), 1, "the unclaimed link is detached");
+        let pin_dir = second.pin_dir().to_owned();
+        second.unload().unwrap();
+        assert!(!pin_dir.exists(), "pins removed");
+        assert!(attached_ids().is_empty(), "no tcx program left");
+    });
+}
+
+#[test]
+fn a_dropped_loader_detaches_its_pinned_links() {
+    in_sandbox(|_| {
+        let mut opts = LoadOptions::new("site-d");
+        opts.attach = AttachMode::Tcx;
+        let mut kp = KernelPath::load(&opts).unwrap();
+        kp.attach(IFACE, Direction::Outbound).unwrap();
+        let pin_dir = kp.pin_dir().to_owned();
+        drop(kp);
+        assert!(attached_ids().is_empty(), "no tcx program left");
+        let links = std::fs::read_dir(&pin_dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("link_")
+            })
+            .count();
+        assert_eq!(links, 0, "no link pin left");
     });
 }
 

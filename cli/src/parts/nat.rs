@@ -311,6 +311,13 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
         "Data path: {} ({}); kernel fast path: {} flows, {} packets, {} bytes",
         it.datapath, it.datapath_reason, fast.flows, fast.packets, fast.bytes
     );
+    if fast.adopted + fast.adoption_dropped > 0 {
+        let _ = writeln!(
+            out,
+            "Kernel path at start: {} flows of the previous run adopted, {} dropped",
+            fast.adopted, fast.adoption_dropped
+        );
+    }
     let _ = writeln!(out, "ACL (first match wins):");
     for (i, r) in it.acl.iter().enumerate() {
         let _ = writeln!(

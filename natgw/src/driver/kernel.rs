@@ -16,9 +16,20 @@
 //! is written back to `nat0`, where the delivery program needs it), kept in every TCP state
 //! while the core has the flow, and removed with it.
 //!
-//! Invariants: the map holds entries only for flows in `installed`, and `installed` only flows
-//! the core had at the last sync; a stop unloads everything (programs, links, pins, qdiscs).
-//! Costs O(flows) map calls per sync: fine for thousands of flows, not yet for 10⁶.
+//! Restarts: the programs' tcx links and the maps are pinned under
+//! `/sys/fs/bpf/vipgate/<site>/` and outlive the process (a `vipgate restart`, which re-execs
+//! the daemon, or a crash): the kernel keeps forwarding the established flows while no daemon
+//! runs. The next start swaps its programs into those links without a gap and adopts the
+//! flows in the maps ([`KernelDatapath::adopt`]): each flow whose entries are whole becomes a
+//! flow of the new core ([`Gateway::adopt_fast_path_flows`], the promotion flow sync uses),
+//! which then expires, counts, lists and clears it as its own; the entries of a flow the core
+//! refuses (its address, listener or backend no longer configured, a clash, a full table)
+//! are removed from the map and counted.
+//!
+//! Invariants: after the adoption the map holds entries only for flows in `installed`, and
+//! `installed` only flows the core had at the last sync; a stop (SIGTERM) unloads everything
+//! (programs, links, pins, qdiscs). Costs O(flows) map calls per sync: fine for thousands of
+//! flows, not yet for 10⁶.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
@@ -31,7 +42,7 @@ use tokio::sync::watch;
 use netsys::sync::lock_unpoisoned;
 
 use super::now;
-use crate::{DirectRoute, Direction, FastPathActivity, Gateway, Proto};
+use crate::{AdoptedFlow, DirectRoute, Direction, FastPathActivity, Gateway, Proto};
 
 /// How often flows are installed, removed and their activity fed back to the core.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
@@ -91,6 +102,13 @@ pub struct FastPathCounters {
     /// on a directly connected network.
     #[cfg_attr(feature = "serde", serde(default))]
     pub direct_route_undeliverable: u64,
+    /// Flows found in the pinned map at start (a previous run's) and adopted by the core.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub adopted: u64,
+    /// Flows found in the pinned map at start whose entries were removed: the core refused
+    /// them, or an entry was missing or malformed.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub adoption_dropped: u64,
 }
 
 /// One installed flow: its map entries (two for a translation, one for a direct-routing
@@ -107,6 +125,8 @@ type FlowId = (Proto, SocketAddrV4, SocketAddrV4, SocketAddrV4);
 pub(super) struct KernelDatapath {
     kp: Option<KernelPath>,
     installed: HashMap<FlowId, Installed>,
+    /// Flows of a previous run: adopted, dropped.
+    adoption: (u64, u64),
 }
 
 impl std::fmt::Debug for KernelDatapath {
@@ -129,8 +149,9 @@ fn kproto(p: Proto) -> Option<kpath::Proto> {
 impl KernelDatapath {
     /// Loads the program for `site` and attaches it: the outbound program to every inside
     /// interface, the inbound one to the outside interface, the delivery program to the TUN
-    /// `tun`. Entries adopted from a previous run are dropped (the core starts empty, so none
-    /// of them is its decision).
+    /// `tun`, each into the link a previous run left pinned there if any; the links of that
+    /// run on interfaces no longer configured are detached. The flows of that run stay in the
+    /// map, for [`KernelDatapath::adopt`].
     pub(super) fn start(
         site: &str,
         inside: &[String],
@@ -156,33 +177,127 @@ impl KernelDatapath {
             }
             return Err(e);
         }
-        if kp.adopted() {
-            for key in kp.keys().map_err(|e| e.to_string())? {
-                kp.remove(&key).map_err(|e| e.to_string())?;
-            }
+        match kp.detach_unclaimed() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                links = n,
+                "detached the previous run's links on interfaces gone or no longer configured"
+            ),
+            Err(e) => tracing::warn!(error = %e, "detaching the previous run's unclaimed links"),
+        }
+        if kp.adopted_links() > 0 {
+            tracing::info!(
+                links = kp.adopted_links(),
+                "kernel path: the programs went into the links of the previous run (no forwarding gap)"
+            );
         }
         Ok(KernelDatapath {
             kp: Some(kp),
             installed: HashMap::new(),
+            adoption: (0, 0),
         })
+    }
+
+    /// Hands the flows a previous run left in the pinned map to the core
+    /// ([`Gateway::adopt_fast_path_flows`]) and keeps the entries of those the core took and
+    /// would put on the fast path itself; removes every other entry. Call once, after
+    /// [`KernelDatapath::start`] and before the first sync.
+    pub(super) fn adopt(&mut self, gw: &Mutex<Gateway>) {
+        let Some(kp) = self.kp.as_mut() else { return };
+        let found = match kp.entries() {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the previous run's flows");
+                return;
+            }
+        };
+        if found.is_empty() {
+            return;
+        }
+        let mut flows: HashMap<FlowId, Vec<(FlowKey, Rewrite, kpath::FlowReport)>> = HashMap::new();
+        let mut malformed = Vec::new();
+        for (key, rewrite, report) in found {
+            match flow_of(&key, &rewrite) {
+                Some(id) => flows.entry(id).or_default().push((key, rewrite, report)),
+                None => malformed.push(key),
+            }
+        }
+        // Whole flows only: both entries of a translation, the one of a direct-routing flow.
+        let whole = |id: &FlowId, entries: &[(FlowKey, Rewrite, kpath::FlowReport)]| {
+            let direct = entries.iter().all(|(_, r, _)| r.direct_route);
+            let expected = if direct {
+                vec![kpath::direct_route_entry(
+                    kpath::Proto::Tcp,
+                    id.3,
+                    id.2,
+                    *id.1.ip(),
+                )]
+            } else {
+                kproto(id.0).map_or_else(Vec::new, |p| kpath::entries(p, id.1, id.2, id.3).to_vec())
+            };
+            entries.len() == expected.len()
+                && expected
+                    .iter()
+                    .all(|e| entries.iter().any(|(k, r, _)| (k, r) == (&e.0, &e.1)))
+        };
+        let candidates: Vec<AdoptedFlow> = flows
+            .iter()
+            .filter(|(id, entries)| whole(id, entries))
+            .map(|(&(proto, inside, public, outside), _)| AdoptedFlow {
+                proto,
+                inside,
+                public,
+                outside,
+            })
+            .collect();
+        let promotion = lock_unpoisoned(gw).adopt_fast_path_flows(now(), &candidates);
+        let wanted = wanted(gw);
+        let (mut adopted, mut dropped) = (0u64, malformed.len() as u64);
+        for key in &malformed {
+            let _absent = kp.remove(key);
+        }
+        for (id, entries) in flows {
+            let keep = whole(&id, &entries)
+                && wanted.get(&id).is_some_and(|&(_, direct)| {
+                    direct == entries.iter().all(|(_, r, _)| r.direct_route)
+                });
+            if keep {
+                adopted += 1;
+                let reported = entries
+                    .iter()
+                    .map(|(_, _, r)| (r.packets, r.bytes))
+                    .collect();
+                let entries = entries.into_iter().map(|(k, r, _)| (k, r)).collect();
+                self.installed.insert(id, Installed { entries, reported });
+            } else {
+                dropped += 1;
+                for (key, _, _) in &entries {
+                    if let Err(e) = kp.remove(key) {
+                        tracing::warn!(error = %e, "removing a refused kernel path entry");
+                    }
+                }
+            }
+        }
+        self.adoption = (adopted, dropped);
+        if dropped > 0 {
+            tracing::warn!(
+                adopted,
+                dropped,
+                refused_by_core = promotion.refused,
+                "kernel path: flows of the previous run dropped (their address, listener or backend is no longer configured, or their entries were incomplete)"
+            );
+        }
+        tracing::info!(
+            adopted,
+            dropped,
+            "kernel path: adopted the flows the previous run left in the pinned map"
+        );
     }
 
     /// One sync round (see the module docs).
     pub(super) fn sync(&mut self, gw: &Mutex<Gateway>) {
         let Some(kp) = self.kp.as_mut() else { return };
-        let at = now();
-        // Each eligible flow, its protocol and whether it is direct-routed.
-        let wanted: HashMap<FlowId, (kpath::Proto, bool)> = {
-            let gw = lock_unpoisoned(gw);
-            gw.translations(at)
-                .into_iter()
-                .filter(|t| gw.fast_path_eligible(t))
-                .filter_map(|t| {
-                    let id = (t.proto, t.inside, t.public, t.outside);
-                    Some((id, (kproto(t.proto)?, gw.is_direct_routed(&t))))
-                })
-                .collect()
-        };
+        let wanted = wanted(gw);
         let mut reports = Vec::new();
         let mut removed = HashSet::new();
         self.installed.retain(|id, flow| {
@@ -287,6 +402,8 @@ impl KernelDatapath {
             bytes: c.fast_bytes,
             flows: self.installed.len(),
             direct_route_undeliverable: c.direct_route_undeliverable,
+            adopted: self.adoption.0,
+            adoption_dropped: self.adoption.1,
         }
     }
 
@@ -298,6 +415,37 @@ impl KernelDatapath {
         {
             tracing::warn!(error = %e, "unloading the kernel path");
         }
+    }
+}
+
+/// Each flow the core makes eligible for the fast path, its protocol and whether it is
+/// direct-routed.
+fn wanted(gw: &Mutex<Gateway>) -> HashMap<FlowId, (kpath::Proto, bool)> {
+    let gw = lock_unpoisoned(gw);
+    gw.translations(now())
+        .into_iter()
+        .filter(|t| gw.fast_path_eligible(t))
+        .filter_map(|t| {
+            let id = (t.proto, t.inside, t.public, t.outside);
+            Some((id, (kproto(t.proto)?, gw.is_direct_routed(&t))))
+        })
+        .collect()
+}
+
+/// The flow a map entry belongs to (the inverse of [`kpath::entries`] and
+/// [`kpath::direct_route_entry`]); `None` for an entry neither could have made.
+fn flow_of(key: &FlowKey, rewrite: &Rewrite) -> Option<FlowId> {
+    let proto = match key.proto {
+        kpath::Proto::Tcp => Proto::Tcp,
+        kpath::Proto::Udp => Proto::Udp,
+    };
+    match (key.direction, rewrite.direct_route) {
+        (KDir::Outbound, false) => Some((proto, key.src, rewrite.src, key.dst)),
+        (KDir::Inbound, false) => Some((proto, rewrite.dst, key.dst, key.src)),
+        (KDir::Inbound, true) if proto == Proto::Tcp => {
+            Some((proto, rewrite.dst, key.dst, key.src))
+        }
+        _ => None,
     }
 }
 
@@ -373,5 +521,56 @@ pub(super) async fn sync_loop(
             return Ok(());
         }
         lock_unpoisoned(&kernel).sync(&gw);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(a: [u8; 4], port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(a.into(), port)
+    }
+
+    #[test]
+    fn every_entry_names_the_flow_that_made_it() {
+        let (inside, public, outside) = (
+            ep([192, 168, 1, 2], 5000),
+            ep([198, 51, 100, 1], 6000),
+            ep([203, 0, 113, 9], 53),
+        );
+        for (proto, kp) in [
+            (Proto::Udp, kpath::Proto::Udp),
+            (Proto::Tcp, kpath::Proto::Tcp),
+        ] {
+            for (key, rewrite) in kpath::entries(kp, inside, public, outside) {
+                assert_eq!(
+                    flow_of(&key, &rewrite),
+                    Some((proto, inside, public, outside))
+                );
+            }
+        }
+        let (client, vip, server) = (
+            ep([203, 0, 113, 9], 40_000),
+            ep([198, 51, 100, 10], 80),
+            [10, 0, 0, 7],
+        );
+        let (key, rewrite) =
+            kpath::direct_route_entry(kpath::Proto::Tcp, client, vip, server.into());
+        assert_eq!(
+            flow_of(&key, &rewrite),
+            Some((Proto::Tcp, ep(server, 80), vip, client))
+        );
+        // No program writes an outbound direct-routing entry, nor a UDP one.
+        let outbound = FlowKey {
+            direction: KDir::Outbound,
+            ..key
+        };
+        assert_eq!(flow_of(&outbound, &rewrite), None);
+        let udp = FlowKey {
+            proto: kpath::Proto::Udp,
+            ..key
+        };
+        assert_eq!(flow_of(&udp, &rewrite), None);
     }
 }

@@ -315,6 +315,9 @@ impl NatDriver {
         };
         // Only the kernel path can deliver a direct-routing service's packets by MAC.
         lock_unpoisoned(&gw).set_direct_routing(kernel.is_some());
+        if let Some(k) = &kernel {
+            lock_unpoisoned(k).adopt(&gw);
+        }
         let mut tasks = queues
             .into_iter()
             .enumerate()

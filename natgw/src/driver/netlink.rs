@@ -8,6 +8,7 @@
 //! pref P+61    iif INSIDE lookup main suppress_prefixlength 0         (other LANs, tunnels)
 //! pref P+62    iif INSIDE lookup T                                    (the default route)
 //! table T:     default dev nat0; each outside subnet dev nat0
+//!              the same prefixes as blackholes, metric 2^32-1      (while nat0 is away)
 //! main:        PUB/32 dev nat0 + proxy neighbour on OUTSIDE           (PUB not assigned)
 //! ```
 //! A public address assigned to an interface (the router's own address used for overload)
@@ -16,6 +17,12 @@
 //! kernel's own sockets. Traffic from the inside only goes to `nat0` where the main table
 //! would have used the default route or an outside subnet, so routes to other LANs (a GRE
 //! tunnel) stay untranslated.
+//!
+//! `nat0`'s routes go with `nat0`, which lives only as long as the daemon's process: between a
+//! daemon that re-execs (`vipgate restart`) or is killed and the next run, which makes them
+//! again, the blackholes under them drop what the rules steer into table T (new flows, and the
+//! packets the kernel fast path leaves to the slow path) instead of letting the main table
+//! forward it untranslated.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -24,7 +31,7 @@ use netsys::netlink::{NetlinkError, add_route_replace, addresses, del_route_idem
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::{AddressFamily, IpProtocol};
 use rtnetlink::{Handle, RouteMessageBuilder};
@@ -191,6 +198,20 @@ impl Installed {
                 .table_id(t)
                 .destination_prefix(net.addr(), net.prefix_len())
                 .output_interface(tun)
+                .build();
+            self.add_route(handle, r).await?;
+        }
+        // Under each route to nat0, for when nat0 is away (see the module docs).
+        let hole = || {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(t)
+                .kind(RouteType::BlackHole)
+                .priority(u32::MAX)
+        };
+        self.add_route(handle, hole().build()).await?;
+        for net in &outside_nets {
+            let r = hole()
+                .destination_prefix(net.addr(), net.prefix_len())
                 .build();
             self.add_route(handle, r).await?;
         }

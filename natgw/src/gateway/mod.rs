@@ -35,6 +35,7 @@ use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 pub use fast_path::FastPathActivity;
 pub use listeners::Listener;
 pub use stats::GatewayStats;
+pub use sync::AdoptedFlow;
 
 /// What the driver does with the buffer after [`Gateway::handle_packet`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! Flow sync on the gateway: what the master sends ([`Gateway::take_sync_updates`],
 //! [`Gateway::export_flows`]) and what a backup does with it ([`Gateway::apply_standby`],
-//! [`Gateway::promote_standby`]).
+//! [`Gateway::promote_standby`]); and the flows a restarted daemon finds in its kernel path's
+//! maps ([`Gateway::adopt_fast_path_flows`]), which go through the same promotion.
 //!
 //! Call order in a daemon with sync: turn the journal on ([`Gateway::set_sync`]); after each
 //! batch of packets (and after `handle_timeout`), send `take_sync_updates`; answer a peer's
@@ -13,9 +14,9 @@ use std::time::Instant;
 use flowsync::Update;
 
 use super::Gateway;
-use crate::flow::FlowEvent;
+use crate::flow::{FlowEvent, ListenerId, Proto};
 use crate::sync::{Promotion, StandbyFlows, flow_key, state_of};
-use crate::table::{FlowChange, FlowImage, InstallError, JournalDrain};
+use crate::table::{FlowChange, FlowImage, InstallError, JournalDrain, PublicOwner};
 use crate::tcp::TcpState;
 
 impl Gateway {
@@ -80,8 +81,81 @@ impl Gateway {
     /// TCP state and gets the full idle timeout of its state; services hear `Opened` (and
     /// `Established`) for them, so their connection counts include them.
     pub fn promote_standby(&mut self, now: Instant) -> Promotion {
+        let images = self.standby.take_all(now);
+        let p = self.promote_images(now, images);
+        self.standby.count_promotion(&p);
+        p
+    }
+
+    /// Makes live the flows a second data path was carrying before this gateway existed: a
+    /// restarted daemon finds them in its kernel path's pinned maps, which only ever held
+    /// flows a core had made eligible ([`Gateway::fast_path_eligible`]). Each becomes the
+    /// record a flow-sync peer would have sent and is promoted like a standby flow (same
+    /// refusals: a public address or port this gateway does not own, a clash, a full
+    /// table); in addition a flow whose public endpoint belongs to a listener is refused
+    /// unless that listener still leads to its inside endpoint (the static forward's host, a
+    /// backend or the sorry server of the service). The owner of the public endpoint decides
+    /// the flow's origin: a listener's flows came from outside, dynamic ones from inside.
+    /// TCP flows resume established (the only TCP state the data path carries, but for a
+    /// direct-routing service's).
+    pub fn adopt_fast_path_flows(&mut self, now: Instant, flows: &[AdoptedFlow]) -> Promotion {
+        let mut images = Vec::with_capacity(flows.len());
+        let mut refused = 0;
+        for f in flows {
+            match self.adopted_listener(f) {
+                Ok(listener) => images.push(FlowImage {
+                    proto: f.proto,
+                    inside: f.inside,
+                    public: f.public,
+                    outside: f.outside,
+                    listener,
+                    tcp: if f.proto == Proto::Tcp {
+                        TcpState::Established
+                    } else {
+                        TcpState::None
+                    },
+                    first_fin_orig: false,
+                    from_inside: listener.is_none(),
+                    replied: true,
+                    assured: true,
+                    expires_in_secs: 0,
+                }),
+                Err(()) => refused += 1,
+            }
+        }
+        let mut p = self.promote_images(now, images);
+        p.refused += refused;
+        p
+    }
+
+    /// The listener an adopted flow belongs to (`None`: a dynamic flow); `Err` when its
+    /// public endpoint is a listener's that no longer leads to the flow's inside endpoint.
+    fn adopted_listener(&self, f: &AdoptedFlow) -> Result<Option<ListenerId>, ()> {
+        let Some(idx) = self.table.find_public(*f.public.ip()) else {
+            // Refused by the promotion (unknown public address).
+            return Ok(None);
+        };
+        let Some(PublicOwner::Listener(id)) =
+            self.table.public_owner(f.proto, idx, f.public.port())
+        else {
+            return Ok(None);
+        };
+        let listener = self.listener(id).ok_or(())?;
+        let leads_there = match (
+            listener.selector.as_static(),
+            listener.selector.as_service(),
+        ) {
+            (Some(s), _) => s.inside == f.inside,
+            (None, Some(svc)) => svc.uses_endpoint(f.inside),
+            (None, None) => false,
+        };
+        if leads_there { Ok(Some(id)) } else { Err(()) }
+    }
+
+    /// Installs `images` in the table (see [`Gateway::promote_standby`]).
+    fn promote_images(&mut self, now: Instant, images: Vec<FlowImage>) -> Promotion {
         let mut p = Promotion::default();
-        for img in self.standby.take_all(now) {
+        for img in images {
             match self.table.install(now, &img) {
                 Ok(()) => {
                     p.promoted += 1;
@@ -97,7 +171,6 @@ impl Gateway {
             }
         }
         self.report_evicted(now);
-        self.standby.count_promotion(&p);
         p
     }
 
@@ -119,6 +192,20 @@ impl Gateway {
             );
         }
     }
+}
+
+/// A flow the kernel path carried for a previous run of the daemon, as its map entries give
+/// it (see [`Gateway::adopt_fast_path_flows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AdoptedFlow {
+    /// TCP or UDP.
+    pub proto: Proto,
+    /// The inside endpoint (a direct-routing flow's real server).
+    pub inside: std::net::SocketAddrV4,
+    /// The public endpoint.
+    pub public: std::net::SocketAddrV4,
+    /// The remote endpoint.
+    pub outside: std::net::SocketAddrV4,
 }
 
 /// The default bound on standby flows: as many as the table holds.
@@ -278,13 +365,84 @@ mod tests {
             .filter(|t| t.established)
             .count();
         assert_eq!(established, 2);
-        let id = crate::ListenerId(0);
+        let id = ListenerId(0);
         let svc = backup.selector_mut(id).unwrap().as_service_mut().unwrap();
         let b = svc
             .pool()
             .backend(svc.backend_id(backend).unwrap())
             .unwrap();
         assert_eq!(b.active(), 1);
+    }
+
+    #[test]
+    fn flows_adopted_from_the_fast_path_continue_and_stale_ones_are_refused() {
+        let now = epoch();
+        let mut g = node();
+        let public = SocketAddrV4::new(PUBLIC, 40_000);
+        let backend = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 8080);
+        let flow = |proto, inside, public, outside| AdoptedFlow {
+            proto,
+            inside,
+            public,
+            outside,
+        };
+        let p = g.adopt_fast_path_flows(
+            now,
+            &[
+                flow(Proto::Tcp, H1, public, SRV),
+                flow(Proto::Udp, H1, public, SRV),
+                flow(Proto::Tcp, backend, VIP, CLIENT),
+                // A backend the service no longer has.
+                flow(
+                    Proto::Tcp,
+                    SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 9), 8080),
+                    VIP,
+                    SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 5555),
+                ),
+                // A public address this gateway no longer has.
+                flow(
+                    Proto::Udp,
+                    SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 6), 53),
+                    SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 99), 7000),
+                    SRV,
+                ),
+            ],
+        );
+        assert_eq!(
+            p,
+            Promotion {
+                promoted: 3,
+                already_live: 0,
+                refused: 2
+            }
+        );
+        assert_eq!(g.table().len(), 3);
+        assert!(g.standby().stats().promoted == 0, "not counted as sync");
+        let (v, p) = send(&mut g, now, ipv4_tcp(SRV, public, TcpFlags::ACK, b"x"));
+        assert_eq!((v, dst(&p)), (Verdict::Forward, H1));
+        let (_, p) = send(&mut g, now, ipv4_tcp(H1, SRV, TcpFlags::ACK, b"y"));
+        assert_eq!(src(&p), public);
+        let (v, p) = send(&mut g, now, ipv4_tcp(CLIENT, VIP, TcpFlags::ACK, b"x"));
+        assert_eq!((v, dst(&p)), (Verdict::Forward, backend));
+        let eligible = g
+            .translations(now)
+            .iter()
+            .filter(|t| g.fast_path_eligible(t))
+            .count();
+        assert_eq!(eligible, 3, "the adopted flows stay on the fast path");
+        let svc = g
+            .selector_mut(ListenerId(0))
+            .unwrap()
+            .as_service_mut()
+            .unwrap();
+        let b = svc
+            .pool()
+            .backend(svc.backend_id(backend).unwrap())
+            .unwrap();
+        assert_eq!(b.active(), 1, "the service counts the adopted connection");
+        // Adopting again finds them live.
+        let again = g.adopt_fast_path_flows(now, &[flow(Proto::Tcp, H1, public, SRV)]);
+        assert_eq!(again.already_live, 1);
     }
 
     #[test]

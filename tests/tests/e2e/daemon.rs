@@ -666,6 +666,34 @@ fn every_task_reduced(t: Topology, user: Option<(&str, u32)>) {
     wait_until(Duration::from_secs(20), "the instance is master", || {
         vrrp_show(&t, ctl_s).iter().any(|i| i["state"] == "MASTER")
     });
+    // What follows holds for a daemon re-exec'd by `vipgate restart` too, which starts with
+    // only the kept set (and, with `user`, as that user already).
+    let pid = daemon.pid();
+    let restart = t.vipgate_output("gw", &["restart", "-c", cfg.to_str().unwrap()]);
+    assert!(
+        restart.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&restart.stderr),
+        daemon.log()
+    );
+    assert!(daemon.is_running(), "{}", daemon.log());
+    assert_eq!(daemon.pid(), pid);
+    wait_until(
+        Duration::from_secs(20),
+        "the second run to reduce itself",
+        || {
+            daemon
+                .log()
+                .matches("every thread keeps only these capabilities")
+                .count()
+                == 2
+        },
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the instance is master again",
+        || vrrp_show(&t, ctl_s).iter().any(|i| i["state"] == "MASTER"),
+    );
     let tasks = task_status(
         daemon.pid(),
         &[

@@ -41,7 +41,14 @@ struct Hq {
 }
 
 /// Builds the topology and starts `vipgate run` on gw with `[nat]` plus `extra` keys.
-fn hq(mut t: Topology, extra: &str) -> Hq {
+fn hq(t: Topology, extra: &str) -> Hq {
+    let (t, path) = hq_site(t, extra);
+    let vipgate = t.vipgate("gw", "vipgate", &["run", "-c", &path]);
+    hq_running(t, vipgate, path)
+}
+
+/// Builds the topology and writes the site config; returns its path.
+fn hq_site(mut t: Topology, extra: &str) -> (Topology, String) {
     t.hosts(&["pc", "web", "gw", "isp", "out", "out2"]);
     t.bridge("gw", "eth1").bridge("isp", "br0");
     t.veth("gw", "lpc", "pc", "eth0")
@@ -100,8 +107,11 @@ inside = "192.168.101.101:22"
         sock.display()
     );
     let path = t.write("site.toml", &config);
-    let path = path.to_str().unwrap().to_owned();
-    let vipgate = t.vipgate("gw", "vipgate", &["run", "-c", &path]);
+    (t, path.to_str().unwrap().to_owned())
+}
+
+/// Waits until `vipgate` (running the site at `path`) answers.
+fn hq_running(t: Topology, vipgate: Proc, path: String) -> Hq {
     wait_until(T, "vipgate to answer show nat", || {
         t.vipgate_output("gw", &["show", "nat", "--json", "-c", &path])
             .status
@@ -690,4 +700,268 @@ fn kernel_path_carries_transfers_and_a_stop_leaves_nothing() {
         let filters = t.sh("gw", &format!("tc filter show dev {iface} ingress"));
         assert!(filters.trim().is_empty(), "{iface}: {filters}");
     }
+}
+
+/// A bpffs that outlives the daemons of a test, as the host's /sys/fs/bpf does under systemd
+/// (each `ip netns exec` has a mount namespace, and its bpffs, of its own): a process holding
+/// a mount namespace of gw's; daemons and checks enter it.
+struct PinRoot {
+    _holder: Proc,
+    pid: u32,
+}
+
+impl PinRoot {
+    fn new(t: &Topology) -> Self {
+        let holder = t.spawn("gw", "pin-root", &["sleep", "infinity"]);
+        let pid = holder.pid();
+        wait_until(T, "the mount namespace holder", || {
+            t.try_sh("gw", &format!("nsenter -t {pid} -m true")).is_ok()
+        });
+        PinRoot {
+            _holder: holder,
+            pid,
+        }
+    }
+
+    /// `vipgate run -c path` on gw, in the holder's mount namespace.
+    fn vipgate(&self, t: &Topology, name: &str, path: &str) -> Proc {
+        let bin = vipgate_tests::vipgate_bin();
+        let pid = self.pid.to_string();
+        t.spawn(
+            "gw",
+            name,
+            &[
+                "nsenter",
+                "-t",
+                &pid,
+                "-m",
+                bin.to_str().unwrap(),
+                "run",
+                "-c",
+                path,
+            ],
+        )
+    }
+
+    /// vipgate's pins (and their directories) in the holder's mount namespace: what is under
+    /// /sys/fs/bpf but the kernel's own preloaded iterators (`*.debug`).
+    fn pins(&self, t: &Topology) -> String {
+        t.sh(
+            "gw",
+            &format!(
+                "nsenter -t {} -m find /sys/fs/bpf -mindepth 1 ! -name '*.debug'",
+                self.pid
+            ),
+        )
+    }
+}
+
+/// Sends `<dir>/sent` from `from` to `to_addr:port` at about 1.2 MB/s (64 KiB every 50 ms),
+/// in the background, into a sink on `sink_host:sink_port` writing `<dir>/<name>`.
+fn slow_transfer(
+    t: &Topology,
+    from: &str,
+    (sink_host, sink_port): (&str, u16),
+    (to_addr, port): (&str, u16),
+    name: &str,
+) -> (Proc, Proc) {
+    let dir = t.dir().display().to_string();
+    let sink = t.spawn(
+        sink_host,
+        &format!("sink-{name}"),
+        &[
+            "socat",
+            "-u",
+            &format!("TCP-LISTEN:{sink_port},reuseaddr"),
+            &format!("CREATE:{dir}/{name}"),
+        ],
+    );
+    wait_listening(t, sink_host, sink_port);
+    let pace = t.write(
+        "pace.py",
+        "import sys, time\n\
+         data = open(sys.argv[1], 'rb').read()\n\
+         time.sleep(1)\n\
+         for i in range(0, len(data), 65536):\n    \
+             sys.stdout.buffer.write(data[i:i + 65536]); sys.stdout.buffer.flush(); time.sleep(0.05)\n",
+    );
+    let send = t.spawn(
+        from,
+        &format!("send-{name}"),
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "python3 {} {dir}/sent | timeout 90 socat -u STDIN TCP:{to_addr}:{port}",
+                pace.display()
+            ),
+        ],
+    );
+    (sink, send)
+}
+
+/// A UDP server on `host:port` that prints each sender's address, one per line.
+fn udp_sender_log(t: &Topology, host: &str, port: u16) -> Proc {
+    let code = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('',{port}))\n\
+while True:\n  d,a=s.recvfrom(100)\n  print('%s:%d'%a, flush=True)\n"
+    );
+    let script = t.write(&format!("senders-{host}-{port}.py"), &code);
+    let p = t.spawn(
+        host,
+        &format!("senders-{host}-{port}"),
+        &["python3", "-u", script.to_str().unwrap()],
+    );
+    wait_until(T, &format!("udp server on {host}:{port}"), || {
+        t.try_sh(
+            host,
+            &format!("ss -Hlun 'sport = :{port}' | grep -q {port}"),
+        )
+        .is_ok()
+    });
+    p
+}
+
+/// A shell command sending one datagram to `dst:port`.
+fn udp_send(dst: &str, port: u16) -> String {
+    format!(
+        "python3 -c \"import socket;socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',('{dst}',{port}))\""
+    )
+}
+
+/// How a test replaces the running daemon.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Replace {
+    /// `vipgate restart`: the daemon re-execs in place.
+    Restart,
+    /// SIGKILL, a second later a fresh `vipgate run`.
+    Crash,
+}
+
+/// Established flows survive the daemon's replacement on the kernel path: two paced
+/// transfers (dynamic PAT out, a static forward in) run while the daemon is replaced; both
+/// arrive intact, the new daemon lists both flows as its own (adopted from the pinned map),
+/// and a later SIGTERM leaves no pin, link or qdisc.
+fn established_flows_survive(replace: Replace) {
+    let (t, path) = hq_site(e2e!(), "datapath = \"kernel\"");
+    let pins = PinRoot::new(&t);
+    let first = pins.vipgate(&t, "vipgate", &path);
+    let mut hq = hq_running(t, first, path.clone());
+    let v = hq.show();
+    assert_eq!(v["datapath"], "kernel", "{}", v["datapath_reason"]);
+    let t = &hq.topo;
+    let dir = t.dir().display().to_string();
+    let size = 8 * 1024 * 1024;
+    t.sh("gw", &format!("head -c {size} /dev/urandom > {dir}/sent"));
+    let _pat = slow_transfer(t, "pc", ("out", 5001), ("198.51.100.200", 5001), "via-pat");
+    let _static = slow_transfer(t, "out", ("web", 80), (PUBLIC, 8001), "via-static");
+    // Both flows on the fast path, and data moving.
+    wait_until(T, "both transfers on the kernel path", || {
+        let v = hq.show();
+        counter(&v, &["fast_path", "flows"]) >= 2
+            && [format!("{dir}/via-pat"), format!("{dir}/via-static")]
+                .iter()
+                .all(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 1024 * 1024))
+    });
+    let pid = hq._vipgate.pid();
+    match replace {
+        Replace::Restart => {
+            let out = t.vipgate_output("gw", &["restart", "-c", &path]);
+            assert!(
+                out.status.success(),
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(hq._vipgate.is_running(), "the same process runs on");
+            assert_eq!(hq._vipgate.pid(), pid);
+        }
+        Replace::Crash => {
+            let senders = udp_sender_log(t, "out", 7001);
+            hq._vipgate.kill9();
+            // A new flow while no daemon runs waits for the next run: it does not leave
+            // untranslated (the blackholes under nat0's routes).
+            t.sh("pc", &udp_send("198.51.100.200", 7001));
+            // No daemon at all for a while: the kernel forwards alone.
+            let before = std::fs::metadata(format!("{dir}/via-pat")).map_or(0, |m| m.len());
+            wait_until(T, "data to move while no daemon runs", || {
+                std::fs::metadata(format!("{dir}/via-pat"))
+                    .is_ok_and(|m| m.len() > before + 256 * 1024)
+            });
+            hq._vipgate = pins.vipgate(t, "vipgate-second", &path);
+            wait_until(T, "a new flow translated by the new daemon", || {
+                let _ = t.try_sh("pc", &udp_send("198.51.100.200", 7001));
+                senders.log().contains(&format!("{PUBLIC}:"))
+            });
+            let seen = senders.log();
+            assert!(
+                !seen.contains("192.168.101.10"),
+                "an untranslated packet left while no daemon ran: {seen}"
+            );
+        }
+    }
+    // The new daemon has both flows: adopted, listed, established.
+    let v = wait_for(T, "the new daemon to list both flows", || {
+        let v = hq
+            .topo
+            .try_show("gw", hq.topo.dir().join("vipgate.sock"), Show::Nat)?;
+        let v = v[0].clone();
+        let tr = v["translations"].as_array()?;
+        let pat = tr.iter().any(|f| {
+            f["outside"] == "198.51.100.200:5001"
+                && f["inside_local"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("192.168.101.10:"))
+                && f["established"] == true
+        });
+        let fwd = tr.iter().any(|f| {
+            f["inside_global"] == "198.51.100.1:8001"
+                && f["inside_local"] == "192.168.101.101:80"
+                && f["established"] == true
+        });
+        (pat && fwd).then_some(v)
+    });
+    assert!(counter(&v, &["fast_path", "adopted"]) >= 2, "{v}");
+    assert_eq!(counter(&v, &["fast_path", "adoption_dropped"]), 0, "{v}");
+    assert!(hq.show_text().contains("flows of the previous run adopted"));
+    let t = &hq.topo;
+    for name in ["via-pat", "via-static"] {
+        wait_until(
+            Duration::from_secs(60),
+            &format!("the whole file to arrive ({name})"),
+            || std::fs::metadata(format!("{dir}/{name}")).is_ok_and(|m| m.len() == size),
+        );
+        let hash = |f: &str| t.sh("gw", &format!("sha256sum < {dir}/{f} | cut -d' ' -f1"));
+        assert_eq!(
+            hash("sent"),
+            hash(name),
+            "bytes changed on the way ({name})"
+        );
+    }
+    // The adopted flows stayed on the fast path: the new core, which counts from its start,
+    // translated little of the megabytes that crossed since (a few thousand segments each
+    // way), at most the last segments (FIN) and what crossed before the adoption.
+    let v = hq.show();
+    let slow =
+        counter(&v, &["counters", "translated_out"]) + counter(&v, &["counters", "translated_in"]);
+    assert!(slow < 500, "the new core translated {slow} packets: {v}");
+
+    assert_eq!(hq._vipgate.terminate(T), Some(0), "vipgate stops cleanly");
+    // Links outlive a process only through their pins: no pin, no link.
+    let left = pins.pins(t);
+    assert!(left.trim().is_empty(), "left under /sys/fs/bpf: {left}");
+    for iface in ["eth0", "eth1"] {
+        let qdiscs = t.sh("gw", &format!("tc qdisc show dev {iface}"));
+        assert!(!qdiscs.contains("clsact"), "{iface}: {qdiscs}");
+    }
+}
+
+#[test]
+fn established_flows_survive_a_restart_on_the_kernel_path() {
+    established_flows_survive(Replace::Restart);
+}
+
+#[test]
+fn established_flows_survive_a_crash_and_a_fresh_run_on_the_kernel_path() {
+    established_flows_survive(Replace::Crash);
 }
