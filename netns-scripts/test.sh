@@ -40,7 +40,8 @@ if $unit_only; then
 fi
 
 echo "=== phase 2: end to end, as root"
-# Debian packages of the real peers the tests talk to, and clang/llvm that rebuild the
+# Debian packages of the real peers the tests talk to (qemu-system-x86, linux-image-amd64
+# and busybox-static for the ip_gre peer), and clang/llvm that rebuild the
 # kernel path's eBPF object to check that the shipped kpath/bpf/kpath.o is its source's build;
 # dpkg-deb and systemd-analyze build and verify the Debian package (tests/tests/e2e/ops.rs).
 need=()
@@ -51,6 +52,11 @@ for pair in ip:iproute2 sshd:openssh-server ssh:openssh-client keepalived:keepal
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
+# The real Linux ip_gre peer (tests/tests/e2e/gre_qemu.rs): the Debian kernel booted in qemu
+# from a busybox-static initramfs; the helper names the packages it misses.
+if ! missing=$(bash netns-scripts/qemu-gre-peer.sh check 2>&1); then
+  need+=(${missing##*: })
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}"
   apt-get update -qq
@@ -64,5 +70,7 @@ cargo build --workspace --bins --locked
 echo "== kernel data path (loads eBPF programs)"
 cargo test -p kpath --locked "$@"
 echo "== end-to-end tests"
+# Every peer is installed now: a test whose peer is missing fails instead of skipping.
+export VIPGATE_REQUIRE_PEERS=1
 # Two end-to-end tests at a time: each builds its own namespaces, and the machine has 2 cores.
 cargo test -p vipgate-tests --locked "$@" -- --test-threads=2

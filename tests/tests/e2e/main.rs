@@ -8,6 +8,7 @@
 mod config;
 mod daemon;
 mod gre;
+mod gre_qemu;
 mod lab;
 mod lb;
 mod nat;
