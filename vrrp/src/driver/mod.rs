@@ -200,8 +200,12 @@ pub struct VrrpStatus {
     pub state: State,
     /// Advertised priority (after tracking penalties).
     pub priority: u8,
-    /// Configured priority.
+    /// Configured priority (the file's).
     pub configured_priority: u8,
+    /// The priority set at run time in place of the configured one (`vipgate vrrp
+    /// set-priority`), if any; a status from an older daemon has none.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub runtime_priority: Option<u8>,
     /// Our primary address.
     pub primary_address: Ipv4Addr,
     /// Current master, if known.
@@ -333,6 +337,7 @@ const STOP_NOTIFY_GRACE: Duration = Duration::from_secs(5);
 enum Command {
     Stop(oneshot::Sender<()>),
     Reconfigure(MemberId, Box<MemberSpec>, oneshot::Sender<Reconfigured>),
+    SetPriority(MemberId, u8),
 }
 
 enum Event {
@@ -418,6 +423,21 @@ impl VrrpDriver {
             sent.map_err(|_| DriverError::NotRunning)?;
             rx.await.map_err(|_| DriverError::NotRunning)
         }
+    }
+
+    /// Sets member `member`'s priority at run time in place of the configured one, until a
+    /// reload changes the configured one (see [`VrrpInstance::set_runtime_priority`]); the
+    /// group's task applies it at once, and [`status`](Self::status) shows it after.
+    ///
+    /// # Errors
+    /// `priority` outside 1..=254, the driver has stopped, or has a backlog of commands.
+    pub fn set_priority(&self, member: usize, priority: u8) -> Result<(), DriverError> {
+        if !(1..=254).contains(&priority) {
+            return Err(DriverError::Priority(priority));
+        }
+        self.commands
+            .try_send(Command::SetPriority(MemberId(member), priority))
+            .map_err(|_| DriverError::NotRunning)
     }
 
     /// The first of the group's long-lived tasks (loop, netlink connection, socket readers)
@@ -783,6 +803,11 @@ impl<Io: VrrpIo> Driver<Io> {
                             let _ = reply.send(outcome);
                             continue;
                         }
+                        Some(Command::SetPriority(i, priority)) => {
+                            self.set_priority(i, priority);
+                            self.perform().await;
+                            continue;
+                        }
                         Some(Command::Stop(reply)) => Some(reply),
                         None => None,
                     };
@@ -855,6 +880,20 @@ impl<Io: VrrpIo> Driver<Io> {
         }
         tracing::info!(instance = %name, "reconfigured live");
         outcome
+    }
+
+    /// Applies an operator's runtime priority to the core.
+    fn set_priority(&mut self, member: MemberId, priority: u8) {
+        let Some(core) = self.group.members().get(member.0) else {
+            return;
+        };
+        let (name, before) = (core.config().name.clone(), core.base_priority());
+        match self.group.set_runtime_priority(now(), member, priority) {
+            Ok(()) => {
+                tracing::info!(instance = %name, from = before, to = priority, "priority set at run time");
+            }
+            Err(e) => tracing::warn!(instance = %name, error = %e, "runtime priority refused"),
+        }
     }
 
     /// Lets the notify runs of the final transitions (STOP) finish, for a bounded time.
@@ -1141,6 +1180,7 @@ impl<Io: VrrpIo> Driver<Io> {
                     state: core.state(),
                     priority: core.priority(),
                     configured_priority: m.spec.config.priority,
+                    runtime_priority: core.runtime_priority(),
                     primary_address: m.primary,
                     master: core.master().map(|(a, _)| a),
                     master_priority: core.master().map(|(_, p)| p),
