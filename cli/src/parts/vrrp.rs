@@ -412,7 +412,18 @@ fn render_instance(out: &mut String, i: &VrrpStatus) {
                 0 => "fault".to_owned(),
                 w => format!("-{w}"),
             };
-            format!("{} {} ({effect})", t.name, if t.up { "up" } else { "DOWN" })
+            let state = if t.up { "up" } else { "DOWN" };
+            match (t.running, t.quorum) {
+                (Some(running), Some(quorum)) => {
+                    let max = t
+                        .quorum_max
+                        .filter(|m| *m != u32::MAX)
+                        .map(|m| format!("..{m}"))
+                        .unwrap_or_default();
+                    format!("{} {running}/{quorum}{max} {state} ({effect})", t.name)
+                }
+                _ => format!("{} {state} ({effect})", t.name),
+            }
         })
         .collect();
     if !tracked.is_empty() {
@@ -500,11 +511,25 @@ mod tests {
                     name: "interface eth0".into(),
                     weight: 0,
                     up: true,
+                    running: None,
+                    quorum: None,
+                    quorum_max: None,
                 },
                 TrackedStatus {
                     name: "interface eth1".into(),
                     weight: 20,
                     up: false,
+                    running: None,
+                    quorum: None,
+                    quorum_max: None,
+                },
+                TrackedStatus {
+                    name: "process haproxy".into(),
+                    weight: 30,
+                    up: true,
+                    running: Some(2),
+                    quorum: Some(1),
+                    quorum_max: Some(u32::MAX),
                 },
             ],
             preempt_gate: Some(false),
@@ -530,7 +555,7 @@ mod tests {
         assert!(text.contains("01:02:03.004 BACKUP -> MASTER"), "{text}");
         assert!(text.contains("preempt waits for sync"), "{text}");
         assert!(
-            text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20)"),
+            text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20), process haproxy 2/1 up (-30)"),
             "{text}"
         );
         let stopped = render(&[json!({"name": "vip-db", "state": "STOPPED"})]);
