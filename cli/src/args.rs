@@ -108,6 +108,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         op: LbOp,
     },
+    /// Operate the VRRP instances of the running daemon.
+    Vrrp {
+        #[command(subcommand)]
+        op: VrrpOp,
+    },
     /// Forward ports over SSH, as `ssh -N -L/-R/-D` does (OpenSSH-compatible flags).
     Ssh(Box<SshArgs>),
     /// A forwarding-only SSH server (no shells, no commands).
@@ -153,6 +158,21 @@ pub(crate) enum LbOp {
         backend: String,
         /// New weight, 0..=65535.
         weight: u32,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum VrrpOp {
+    /// Change one instance's priority at run time, applied at once (a higher one preempts a
+    /// lower master, a lower one on a master lets a better backup take over). Not persisted:
+    /// a restart, or a reload that changes the instance's priority in the file, replaces it.
+    SetPriority {
+        /// Instance name.
+        instance: String,
+        /// New priority, 1..=254 (the file's priority again clears the runtime one).
+        priority: u16,
         #[command(flatten)]
         control: ControlArgs,
     },

@@ -51,6 +51,8 @@ pub(crate) enum ControlOp {
         backend: SocketAddrV4,
         weight: u16,
     },
+    /// Set one VRRP instance's priority until a reload changes the file's (nothing persisted).
+    VrrpSetPriority { instance: String, priority: u8 },
 }
 
 impl ControlOp {
@@ -59,6 +61,7 @@ impl ControlOp {
         match self {
             ControlOp::NatClear => Kind::Nat,
             ControlOp::LbWeight { .. } => Kind::Lb,
+            ControlOp::VrrpSetPriority { .. } => Kind::Vrrp,
         }
     }
 
@@ -67,6 +70,7 @@ impl ControlOp {
         match self {
             ControlOp::NatClear => None,
             ControlOp::LbWeight { service, .. } => Some(service),
+            ControlOp::VrrpSetPriority { instance, .. } => Some(instance),
         }
     }
 }
@@ -76,6 +80,7 @@ impl std::fmt::Display for ControlOp {
         f.write_str(match self {
             ControlOp::NatClear => "nat clear",
             ControlOp::LbWeight { .. } => "lb weight",
+            ControlOp::VrrpSetPriority { .. } => "vrrp set-priority",
         })
     }
 }
@@ -494,7 +499,9 @@ mod tests {
         fn control(&self, op: &ControlOp) -> anyhow::Result<serde_json::Value> {
             match op {
                 ControlOp::NatClear => Ok(serde_json::json!({ "cleared": 7 })),
-                ControlOp::LbWeight { .. } => anyhow::bail!("unsupported `{op}`"),
+                ControlOp::LbWeight { .. } | ControlOp::VrrpSetPriority { .. } => {
+                    anyhow::bail!("unsupported `{op}`")
+                }
             }
         }
         fn stop(self: Box<Self>) -> BoxFuture<()> {

@@ -17,7 +17,7 @@ mod privileges;
 mod run;
 
 use anyhow::Context;
-use args::{Cli, Command, ControlArgs, LbOp, NatOp};
+use args::{Cli, Command, ControlArgs, LbOp, NatOp, VrrpOp};
 use clap::{CommandFactory, Parser};
 use control::{ControlOp, Request};
 use std::path::PathBuf;
@@ -248,6 +248,25 @@ async fn dispatch(
                     backend,
                     weight,
                 },
+            };
+            let result = control::request(&control_path(&control)?, &req).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vrrp {
+            op:
+                VrrpOp::SetPriority {
+                    instance,
+                    priority,
+                    control,
+                },
+        } => {
+            let priority = u8::try_from(priority)
+                .ok()
+                .filter(|p| (1..=254).contains(p))
+                .ok_or_else(|| anyhow::anyhow!("priority {priority} is outside 1..=254"))?;
+            let req = Request::Control {
+                command: ControlOp::VrrpSetPriority { instance, priority },
             };
             let result = control::request(&control_path(&control)?, &req).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);

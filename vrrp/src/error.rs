@@ -95,6 +95,9 @@ pub enum ReconfigureError {
         /// Configured primary address.
         new: std::net::Ipv4Addr,
     },
+    /// A runtime priority must be 1..=254: 0 is the resignation, 255 the address owner's.
+    #[error("priority {0} is outside 1..=254")]
+    RuntimePriority(u8),
 }
 
 /// Why the driver failed; each variant says which operation and wraps the OS error.
@@ -124,6 +127,9 @@ pub enum DriverError {
         /// OS error.
         source: std::io::Error,
     },
+    /// A runtime priority must be 1..=254.
+    #[error("priority {0} is outside 1..=254 (0 is the resignation, 255 the address owner's)")]
+    Priority(u8),
     /// The group's driver has stopped (or cannot take another command now).
     #[error("the VRRP driver is not running")]
     NotRunning,

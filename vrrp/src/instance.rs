@@ -4,7 +4,8 @@
 //!
 //! 1. an input: [`VrrpInstance::startup`], [`VrrpInstance::handle_advert`],
 //!    [`VrrpInstance::handle_timeout`], [`VrrpInstance::set_fault`],
-//!    [`VrrpInstance::set_priority_penalty`], [`VrrpInstance::reconfigure`] or
+//!    [`VrrpInstance::set_priority_penalty`], [`VrrpInstance::set_runtime_priority`],
+//!    [`VrrpInstance::reconfigure`] or
 //!    [`VrrpInstance::shutdown`];
 //! 2. [`VrrpInstance::poll_action`] until `None`, performing each [`Action`] in order;
 //! 3. [`VrrpInstance::poll_timeout`]: the instant to call `handle_timeout` next.
@@ -304,6 +305,9 @@ pub struct ReceivedAdvert {
 pub struct VrrpInstance {
     config: InstanceConfig,
     state: State,
+    /// The operator's priority (`vipgate vrrp set-priority`), in place of the configured one
+    /// until a reconfigure changes the configured one.
+    runtime_priority: Option<u8>,
     penalty: u8,
     own_fault: bool,
     group_fault: bool,
@@ -334,6 +338,7 @@ impl VrrpInstance {
         Self {
             config,
             state: State::Initialize,
+            runtime_priority: None,
             penalty: 0,
             own_fault: false,
             group_fault: false,
@@ -365,17 +370,27 @@ impl VrrpInstance {
         self.state
     }
 
-    /// The priority we advertise: configured minus tracking penalties, kept in 1..=254 once
-    /// lowered (a penalised owner is no longer the owner).
+    /// The priority we advertise: the base priority minus tracking penalties, kept in
+    /// 1..=254 once lowered (a penalised owner is no longer the owner).
     pub fn priority(&self) -> u8 {
         if self.penalty == 0 {
-            self.config.priority
+            self.base_priority()
         } else {
-            self.config
-                .priority
+            self.base_priority()
                 .saturating_sub(self.penalty)
                 .clamp(1, 254)
         }
+    }
+
+    /// The priority before tracking penalties: the runtime priority if one is set, else the
+    /// configured one.
+    pub fn base_priority(&self) -> u8 {
+        self.runtime_priority.unwrap_or(self.config.priority)
+    }
+
+    /// The priority set at run time in place of the configured one, if any.
+    pub fn runtime_priority(&self) -> Option<u8> {
+        self.runtime_priority
     }
 
     /// The current master's address and priority, if known.
@@ -466,7 +481,7 @@ impl VrrpInstance {
         }
         if self.faulty() {
             self.enter_fault(now, Reason::Fault);
-        } else if self.config.priority == PRIORITY_OWNER && self.penalty == 0 {
+        } else if self.base_priority() == PRIORITY_OWNER && self.penalty == 0 {
             self.enter_master(now, Reason::OwnerStartup);
         } else {
             self.master_adver_interval = cs_duration(self.config.advert_interval_cs());
@@ -651,6 +666,52 @@ impl VrrpInstance {
         }
     }
 
+    /// Replaces the configured priority at run time (an operator's command; nothing is
+    /// persisted) until [`reconfigure`](Self::reconfigure) brings a different configured
+    /// priority. Setting the configured priority itself clears the runtime one. It applies at
+    /// once as a changed priority does in a reload: a master announces it (so a better backup
+    /// with preemption takes over), a backup re-arms its Master_Down_Timer for its new skew
+    /// time and preempts a now lower master at that master's next advert. No transition
+    /// happens here.
+    ///
+    /// # Errors
+    /// `priority` outside 1..=254 (0 is the resignation, 255 the address owner's); nothing was
+    /// changed.
+    pub fn set_runtime_priority(
+        &mut self,
+        now: Instant,
+        priority: u8,
+    ) -> Result<(), ReconfigureError> {
+        if !(1..=254).contains(&priority) {
+            return Err(ReconfigureError::RuntimePriority(priority));
+        }
+        let before = self.priority();
+        self.runtime_priority = Some(priority).filter(|p| *p != self.config.priority);
+        if self.priority() != before {
+            self.priority_changed(now);
+        }
+        Ok(())
+    }
+
+    /// The advertised priority changed outside the protocol (an operator): a master tells the
+    /// backups at once, a backup re-arms its Master_Down_Timer for the new skew time.
+    fn priority_changed(&mut self, now: Instant) {
+        match self.state {
+            State::Master => {
+                self.master = Some((self.config.primary_address, self.priority()));
+                self.send_advert(self.priority());
+                self.adver_timer = Some(now + self.adver_interval());
+            }
+            State::Backup => {
+                if let Some(heard) = self.last_master_advert {
+                    self.master_down_timer =
+                        Some((heard + self.master_down_interval()).max(now + MIN_TIMER));
+                }
+            }
+            State::Initialize | State::Fault => {}
+        }
+    }
+
     /// Whether [`reconfigure`](Self::reconfigure) would take `config`.
     ///
     /// # Errors
@@ -677,7 +738,8 @@ impl VrrpInstance {
     /// change. A master announces a changed priority, interval or address list at once and
     /// keeps the addresses that stay; it gives way only as RFC 5798 has it, when a backup
     /// with preemption (or a higher-priority master) takes over. A backup re-arms its
-    /// Master_Down_Timer for its new skew time. No transition happens here.
+    /// Master_Down_Timer for its new skew time. No transition happens here. A changed
+    /// configured priority replaces a runtime priority; an unchanged one keeps it.
     ///
     /// # Errors
     /// A changed VRID or primary address (the instance must restart); nothing was changed.
@@ -687,13 +749,17 @@ impl VrrpInstance {
         config: InstanceConfig,
     ) -> Result<(), ReconfigureError> {
         self.check_reconfigure(&config)?;
+        let before = self.priority();
         let old = std::mem::replace(&mut self.config, config);
+        if old.priority != self.config.priority {
+            self.runtime_priority = None;
+        }
         if !self.config.preempt || self.config.preempt_delay != old.preempt_delay {
             // A pending delayed preemption was armed under the old rules; the next advert
             // from the lower master arms it again if it still applies.
             self.preempt_timer = None;
         }
-        let announce = old.priority != self.config.priority
+        let announce = before != self.priority()
             || old.advert_interval_cs() != self.config.advert_interval_cs()
             || old.addresses != self.config.addresses;
         match self.state {

@@ -127,6 +127,27 @@ impl SyncGroup {
         }
     }
 
+    /// Sets `member`'s runtime priority ([`VrrpInstance::set_runtime_priority`]); applied at
+    /// once, no member changes state here. An unknown member is ignored.
+    ///
+    /// # Errors
+    /// `priority` outside 1..=254; nothing was changed.
+    pub fn set_runtime_priority(
+        &mut self,
+        now: Instant,
+        member: MemberId,
+        priority: u8,
+    ) -> Result<(), crate::ReconfigureError> {
+        if member.0 >= self.members.len() {
+            return Ok(());
+        }
+        let mut result = Ok(());
+        self.dispatch(now, member.0, |m| {
+            result = m.set_runtime_priority(now, priority);
+        });
+        result
+    }
+
     /// Runs every member whose deadline passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.members.len() {

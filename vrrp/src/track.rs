@@ -1,7 +1,10 @@
-//! Tracked interfaces, services and scripts turned into a fault flag and a priority penalty.
+//! Tracked interfaces, services, scripts and processes turned into a fault flag and a
+//! priority penalty.
 //!
 //! keepalived semantics: a tracked object with weight 0 puts the instance in Fault when it
 //! fails; one with a weight lowers the advertised priority by that weight while it is down.
+
+use std::time::{Duration, Instant};
 
 /// One tracked object (an interface or a service) and its current health.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +127,71 @@ impl RiseFall {
     }
 }
 
+/// keepalived's `vrrp_track_process` verdict from the number of matching processes seen in
+/// each scan: up while `quorum..=quorum_max` of them run. Losing the quorum counts only once
+/// it has lasted `delay` (so a process that restarts does not move the VIP); regaining it
+/// counts at once. The first scan decides at once either way: an instance whose process is
+/// not running at start starts faulty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessQuorum {
+    quorum: u32,
+    quorum_max: u32,
+    delay: Duration,
+    up: bool,
+    /// Processes seen in the last scan; `None` before the first.
+    running: Option<u32>,
+    /// Since when the quorum has been lost while still counted up.
+    lost_since: Option<Instant>,
+}
+
+impl ProcessQuorum {
+    /// Up while `quorum..=quorum_max` processes run (`quorum` of at least 1; a `quorum_max`
+    /// below it is taken as `quorum`).
+    pub fn new(quorum: u32, quorum_max: u32, delay: Duration) -> Self {
+        let quorum = quorum.max(1);
+        Self {
+            quorum,
+            quorum_max: quorum_max.max(quorum),
+            delay,
+            up: true,
+            running: None,
+            lost_since: None,
+        }
+    }
+
+    /// Records one scan that found `running` processes at `now`; returns whether the verdict
+    /// changed.
+    pub fn record(&mut self, now: Instant, running: u32) -> bool {
+        let first = self.running.is_none();
+        self.running = Some(running);
+        let ok = (self.quorum..=self.quorum_max).contains(&running);
+        if ok {
+            self.lost_since = None;
+        } else if self.up && !first {
+            let since = *self.lost_since.get_or_insert(now);
+            if now.saturating_duration_since(since) < self.delay {
+                return false;
+            }
+        }
+        let changed = ok != self.up;
+        self.up = ok;
+        if !ok {
+            self.lost_since = None;
+        }
+        changed
+    }
+
+    /// Current verdict.
+    pub fn up(&self) -> bool {
+        self.up
+    }
+
+    /// Processes seen in the last scan (0 before the first).
+    pub fn running(&self) -> u32 {
+        self.running.unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +244,29 @@ mod tests {
         assert!(t.set_weight(1, 0));
         assert!(!t.set_weight(1, 0));
         assert_eq!((t.fault(), t.penalty()), (true, 0));
+    }
+
+    #[test]
+    fn process_quorum_debounces_the_loss_but_not_the_return() {
+        let t0 = testkit::epoch();
+        let s = Duration::from_secs;
+        let mut q = ProcessQuorum::new(2, 3, s(2));
+        assert!(!q.record(t0, 2) && q.up());
+        assert!(!q.record(t0 + s(1), 1), "lost, but not for 2 s yet");
+        assert!(!q.record(t0 + s(2), 2), "back before the delay: never down");
+        assert!(!q.record(t0 + s(3), 4), "more than quorum_max is lost too");
+        assert!(q.record(t0 + s(5), 0) && !q.up(), "lost for 2 s");
+        assert_eq!(q.running(), 0);
+        assert!(!q.record(t0 + s(6), 1));
+        assert!(q.record(t0 + s(7), 3) && q.up(), "regained at once");
+        // The first scan decides at once.
+        let mut q = ProcessQuorum::new(0, 0, s(10));
+        assert!(q.record(t0, 0) && !q.up(), "quorum 0 is taken as 1");
+        assert!(
+            !q.record(t0, 5) && !q.up(),
+            "quorum_max 0 is taken as quorum: 5 are too many"
+        );
+        assert!(!ProcessQuorum::new(1, 0, s(10)).record(t0, 1));
     }
 
     #[test]

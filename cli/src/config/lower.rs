@@ -26,7 +26,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 use toml::Spanned;
-use vrrp::driver::{GroupSpec, MemberSpec, NotifyScripts, ScriptCommand, TrackScript};
+use vrrp::driver::{
+    GroupSpec, MemberSpec, NotifyScripts, ScriptCommand, TrackProcess, TrackScript,
+};
 use vrrp::{InstanceConfig, VirtualAddress};
 
 /// One `[[gre]]` tunnel as the GRE driver runs it.
@@ -295,6 +297,17 @@ pub(crate) fn vrrp(section: &VrrpSection) -> MemberSpec {
                 fall: *t.fall.get_ref(),
                 weight: t.weight.get_ref().get(),
             })
+        })
+        .collect();
+    spec.track_processes = section
+        .track_processes
+        .iter()
+        .map(|p| TrackProcess {
+            name: p.name.get_ref().clone(),
+            quorum: *p.quorum.get_ref(),
+            quorum_max: p.quorum_max.as_ref().map_or(u32::MAX, |m| *m.get_ref()),
+            delay: p.delay.as_ref().map_or(Duration::ZERO, |d| d.get_ref().0),
+            weight: p.weight.get_ref().get(),
         })
         .collect();
     spec.notify = NotifyScripts {

@@ -43,6 +43,10 @@ pub(crate) struct VrrpSection {
     /// its priority (keepalived `vrrp_script` + `track_script`).
     #[serde(default)]
     pub(crate) track_scripts: Vec<TrackScriptSection>,
+    /// Processes whose absence (fewer than `quorum` running) faults the instance (weight 0)
+    /// or lowers its priority (keepalived `vrrp_track_process` + `track_process`).
+    #[serde(default)]
+    pub(crate) track_processes: Vec<TrackProcessSection>,
     /// Sync group: instances with the same group change state together.
     #[serde(default)]
     pub(crate) group: Option<String>,
@@ -155,6 +159,65 @@ impl<'de> Deserialize<'de> for ScriptWeight {
             },
         )
     }
+}
+
+/// One `track_processes` entry: `{ name, quorum, quorum_max, delay, weight }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrackProcessSection {
+    /// The process name as `/proc/PID/comm` (and `ps -e`) shows it: at most 15 bytes.
+    pub(crate) name: Spanned<String>,
+    /// Fewest processes running for the instance to be healthy, 1..=65535. Default 1.
+    #[serde(default = "d_one")]
+    pub(crate) quorum: Spanned<u32>,
+    /// Most processes running for the instance to be healthy. Default: no limit.
+    #[serde(default)]
+    pub(crate) quorum_max: Option<Spanned<u32>>,
+    /// The quorum must be lost this long before it counts (keepalived's `delay`), so a
+    /// restarting process does not move the VIP; "0s" or 100ms..=1h. Default 0s.
+    #[serde(default)]
+    pub(crate) delay: Option<Spanned<HumanDuration>>,
+    /// 0 (default) = FAULT while below quorum; 1..=253 = priority penalty.
+    #[serde(default = "d_process_weight")]
+    pub(crate) weight: Spanned<ProcessWeight>,
+}
+
+/// A tracked process's weight: 0 (fault) or the penalty 1..=253 (keepalived's `weight -20`
+/// is written 20).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct ProcessWeight(u8);
+
+impl ProcessWeight {
+    pub(crate) fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ProcessWeight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        narrow(
+            d,
+            |n| penalty(n).map(ProcessWeight),
+            |n| {
+                if n < 0 {
+                    format!(
+                        "track_processes weight {n}: the weight is the penalty while the process is missing, so keepalived's `weight {n}` is written `weight = {}`",
+                        n.unsigned_abs()
+                    )
+                } else {
+                    "track_processes weight must be 0 (fault) or a penalty of 1..=253".to_owned()
+                }
+            },
+        )
+    }
+}
+
+/// The longest process name the kernel keeps (`TASK_COMM_LEN` 16 with its NUL).
+pub(crate) const MAX_PROCESS_NAME: usize = 15;
+
+fn d_process_weight() -> Spanned<ProcessWeight> {
+    Spanned::new(0..0, ProcessWeight(0))
 }
 
 fn d_script_interval() -> Spanned<HumanDuration> {
@@ -584,6 +647,36 @@ pub(crate) fn validate_all(
                 }
             }
         }
+        for p in &i.track_processes {
+            let name = p.name.get_ref();
+            if name.is_empty() {
+                v.error_at(&p.name, "track_processes name is empty");
+            } else if name.len() > MAX_PROCESS_NAME {
+                v.error_at(
+                    &p.name,
+                    format!(
+                        "track_processes name `{name}` is {} bytes; the kernel keeps the first {MAX_PROCESS_NAME} of a process name (`{}`), so it would never match",
+                        name.len(),
+                        name.get(..MAX_PROCESS_NAME).unwrap_or(name)
+                    ),
+                );
+            }
+            let quorum = *p.quorum.get_ref();
+            if !(1..=65_535).contains(&quorum) {
+                v.error_at(&p.quorum, "track_processes quorum must be 1..=65535");
+            }
+            if let Some(max) = &p.quorum_max
+                && *max.get_ref() < quorum
+            {
+                v.error_at(
+                    max,
+                    format!("track_processes quorum_max must be at least quorum ({quorum})"),
+                );
+            }
+            if let Some(delay) = &p.delay {
+                timer(delay, "track_processes delay", true, v);
+            }
+        }
         for (key, script) in [
             ("notify", &i.notify),
             ("notify_master", &i.notify_master),
@@ -841,6 +934,65 @@ mod tests {
             (
                 r#"track_scripts = [{ command = "/bin/true", interval = "0s" }]"#,
                 "site.toml:6:54: track_scripts interval must be 100ms..=1h",
+            ),
+        ] {
+            let e = load(extra).unwrap_err();
+            assert!(e.starts_with(msg), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn track_processes_take_keepalived_settings_and_point_at_mistakes() {
+        let site = load(
+            r#"track_processes = [{ name = "haproxy", quorum = 2, quorum_max = 4, delay = "2s", weight = 30 }, { name = "nginx" }]"#,
+        )
+        .expect("valid");
+        let p = &site.vrrp[0].track_processes;
+        assert_eq!(
+            (
+                *p[0].quorum.get_ref(),
+                p[0].quorum_max.as_ref().map(|m| *m.get_ref()),
+                p[0].delay.as_ref().map(|d| d.get_ref().0),
+                p[0].weight.get_ref().get()
+            ),
+            (2, Some(4), Some(Duration::from_secs(2)), 30)
+        );
+        assert_eq!(
+            (*p[1].quorum.get_ref(), p[1].weight.get_ref().get()),
+            (1, 0)
+        );
+        for (extra, msg) in [
+            (
+                r#"track_processes = [{ name = "" }]"#,
+                "site.toml:6:29: track_processes name is empty",
+            ),
+            (
+                r#"track_processes = [{ name = "a-very-long-daemon" }]"#,
+                "site.toml:6:29: track_processes name `a-very-long-daemon` is 18 bytes; the kernel keeps the first 15 of a process name (`a-very-long-dae`)",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", quorum = 0 }]"#,
+                "site.toml:6:49: track_processes quorum must be 1..=65535",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", quorum = 3, quorum_max = 2 }]"#,
+                "site.toml:6:65: track_processes quorum_max must be at least quorum (3)",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", weight = -30 }]"#,
+                "site.toml:6:49: track_processes weight -30:",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", weight = 254 }]"#,
+                "site.toml:6:49: track_processes weight must be 0 (fault) or a penalty of 1..=253",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", delay = "1ms" }]"#,
+                "site.toml:6:48: track_processes delay must be \"0s\" or 100ms..=1h",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", pid = 3 }]"#,
+                "site.toml:6:",
             ),
         ] {
             let e = load(extra).unwrap_err();

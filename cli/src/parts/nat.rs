@@ -183,7 +183,9 @@ impl Part for NatPart {
     fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
         match op {
             ControlOp::NatClear => Ok(json!({ "cleared": self.driver.clear() })),
-            ControlOp::LbWeight { .. } => anyhow::bail!("nat does not support `{op}`"),
+            ControlOp::LbWeight { .. } | ControlOp::VrrpSetPriority { .. } => {
+                anyhow::bail!("nat does not support `{op}`")
+            }
         }
     }
 

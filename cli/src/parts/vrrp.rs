@@ -26,6 +26,7 @@ use super::wiring::{self, Wiring};
 use super::{BoxFuture, Kind, Part, StartCtx, ready};
 use crate::config::vrrp::{VrrpGroupSection, VrrpSection};
 use crate::config::{SiteConfig, lower};
+use crate::control::ControlOp;
 
 /// The running driver of one sync group, shared by the parts of its members.
 struct Shared {
@@ -135,6 +136,36 @@ impl Part for VrrpPart {
             }
             Ok(outcome)
         })
+    }
+
+    fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
+        let ControlOp::VrrpSetPriority { priority, .. } = *op else {
+            anyhow::bail!("vrrp `{}` does not support `{op}`", self.name);
+        };
+        let file = self
+            .shared
+            .sections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(self.index)
+            .map(|s| s.priority.get_ref().get());
+        let previous = self.status().get("priority").cloned();
+        self.shared
+            .handle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .context("the instance is not running")?
+            .set_priority(self.index, priority)
+            .with_context(|| format!("setting the priority of VRRP instance {}", self.name))?;
+        tracing::info!(instance = %self.name, priority, "priority set by operator");
+        Ok(json!({
+            "instance": self.name,
+            "priority": priority,
+            "previous": previous,
+            "file_priority": file,
+            "note": "not persisted: a restart, or a reload that changes this instance's priority in the file, replaces it",
+        }))
     }
 
     fn dead_task(&self) -> Option<String> {
@@ -360,6 +391,13 @@ fn render_instance(out: &mut String, i: &VrrpStatus) {
         c.notify.timeouts,
         c.notify.skipped,
     );
+    if let Some(p) = i.runtime_priority {
+        let _ = writeln!(
+            out,
+            "    priority {p} (file: {}, set at runtime)",
+            i.configured_priority
+        );
+    }
     let _ = writeln!(
         out,
         "    transitions {}, master for {:.1}s in all",
@@ -374,7 +412,18 @@ fn render_instance(out: &mut String, i: &VrrpStatus) {
                 0 => "fault".to_owned(),
                 w => format!("-{w}"),
             };
-            format!("{} {} ({effect})", t.name, if t.up { "up" } else { "DOWN" })
+            let state = if t.up { "up" } else { "DOWN" };
+            match (t.running, t.quorum) {
+                (Some(running), Some(quorum)) => {
+                    let max = t
+                        .quorum_max
+                        .filter(|m| *m != u32::MAX)
+                        .map(|m| format!("..{m}"))
+                        .unwrap_or_default();
+                    format!("{} {running}/{quorum}{max} {state} ({effect})", t.name)
+                }
+                _ => format!("{} {state} ({effect})", t.name),
+            }
         })
         .collect();
     if !tracked.is_empty() {
@@ -433,6 +482,7 @@ mod tests {
             state: vrrp::State::Master,
             priority: 150,
             configured_priority: 150,
+            runtime_priority: Some(120),
             primary_address: "198.51.100.12".parse().unwrap(),
             master: Some("198.51.100.11".parse().unwrap()),
             master_priority: Some(150),
@@ -461,11 +511,25 @@ mod tests {
                     name: "interface eth0".into(),
                     weight: 0,
                     up: true,
+                    running: None,
+                    quorum: None,
+                    quorum_max: None,
                 },
                 TrackedStatus {
                     name: "interface eth1".into(),
                     weight: 20,
                     up: false,
+                    running: None,
+                    quorum: None,
+                    quorum_max: None,
+                },
+                TrackedStatus {
+                    name: "process haproxy".into(),
+                    weight: 30,
+                    up: true,
+                    running: Some(2),
+                    quorum: Some(1),
+                    quorum_max: Some(u32::MAX),
                 },
             ],
             preempt_gate: Some(false),
@@ -481,13 +545,17 @@ mod tests {
         let text = render(&[json]);
         assert!(text.contains("vip-web"), "{text}");
         assert!(text.contains("150/150"), "{text}");
+        assert!(
+            text.contains("priority 120 (file: 150, set at runtime)"),
+            "{text}"
+        );
         assert!(text.contains("198.51.100.10/24"), "{text}");
         assert!(text.contains("ttl 1 malformed 2"), "{text}");
         assert!(text.contains("transitions 1, master for 2.5s"), "{text}");
         assert!(text.contains("01:02:03.004 BACKUP -> MASTER"), "{text}");
         assert!(text.contains("preempt waits for sync"), "{text}");
         assert!(
-            text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20)"),
+            text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20), process haproxy 2/1 up (-30)"),
             "{text}"
         );
         let stopped = render(&[json!({"name": "vip-db", "state": "STOPPED"})]);

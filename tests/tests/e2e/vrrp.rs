@@ -951,6 +951,137 @@ fn a_failing_track_script_lowers_priority_and_fails_over() {
     assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 150);
 }
 
+/// keepalived's `vrrp_track_process`: the master tracks a daemon by its process name; killed,
+/// the master's priority drops and the backup takes the VIP; started again, it comes back.
+#[test]
+fn a_tracked_process_killed_hands_the_vip_over_and_back() {
+    let mut lab = Lab::new(e2e!());
+    // A copy of sleep under a name of its own, so /proc/PID/comm is that name (unique per
+    // run: every namespace shares the process table).
+    let name = format!("vgt{}", std::process::id());
+    let bin = lab.t.dir().join(&name);
+    std::fs::copy("/bin/sleep", &bin).unwrap();
+    let bin = bin.to_str().unwrap_or_default().to_owned();
+    let mut daemon = lab.t.spawn("d1", "tracked", &[&bin, "1000"]);
+    let extra = format!(r#"track_processes = [{{ name = "{name}", weight = 60 }}]"#);
+    let cfg = lab.config_with("d1", 150, "100ms", true, &extra);
+    let cfg = cfg.to_str().unwrap_or_default().to_owned();
+    lab.procs
+        .push(lab.t.vipgate("d1", "vipgate-d1", &["run", "-c", &cfg]));
+    let d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.procs.push(d2);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+    let tracked = |lab: &Lab| {
+        let text = String::from_utf8_lossy(
+            &lab.t
+                .vipgate_output("d1", &["show", "vrrp", "--control", &lab.sock("d1")])
+                .stdout,
+        )
+        .into_owned();
+        text.lines()
+            .find(|l| l.contains("tracking:"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    wait_until(Duration::from_secs(5), "the process counted", || {
+        tracked(&lab).contains(&format!("process {name} 1/1 up (-60)"))
+    });
+
+    daemon.kill9();
+    lab.wait_state("d2", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(1));
+    assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 90);
+    assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
+    let line = tracked(&lab);
+    assert!(
+        line.contains(&format!("process {name} 0/1 DOWN (-60)")),
+        "{line}"
+    );
+
+    let _daemon = lab.t.spawn("d1", "tracked-again", &[&bin, "1000"]);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
+    assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 150);
+    assert!(lab.holds_vip("d1"));
+}
+
+/// `vipgate vrrp set-priority`: the backup raised above the master preempts it at once, no
+/// reload; the reply and `show vrrp` say it is a runtime value; setting the file's value back
+/// lets the master of the file preempt again.
+#[test]
+fn set_priority_on_the_backup_preempts_without_a_reload() {
+    let mut lab = Lab::new(e2e!());
+    let d1 = lab.vipgate("d1", 150, "100ms", true);
+    lab.procs.push(d1);
+    let d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.procs.push(d2);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+    let set = |lab: &Lab, priority: &str| {
+        let out = lab.t.vipgate_output(
+            "d2",
+            &[
+                "vrrp",
+                "set-priority",
+                "vip-web",
+                priority,
+                "--control",
+                &lab.sock("d2"),
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let refused = lab.t.vipgate_output(
+        "d2",
+        &[
+            "vrrp",
+            "set-priority",
+            "vip-web",
+            "255",
+            "--control",
+            &lab.sock("d2"),
+        ],
+    );
+    assert!(!refused.status.success(), "{refused:?}");
+
+    let mut probe = lab.start_probe(4.0);
+    lab.wait_first_answer(&probe, "d1");
+    let reply = set(&lab, "200");
+    assert!(reply.contains("not persisted"), "{reply}");
+    lab.wait_state("d2", "MASTER", Duration::from_secs(2));
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(1));
+    let s2 = lab.status("d2").unwrap_or_default();
+    assert_eq!(
+        (
+            s2.num(&["priority"]),
+            s2.num(&["configured_priority"]),
+            s2.num(&["runtime_priority"])
+        ),
+        (200, 100, 200)
+    );
+    let text = String::from_utf8_lossy(
+        &lab.t
+            .vipgate_output("d2", &["show", "vrrp", "--control", &lab.sock("d2")])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains("priority 200 (file: 100, set at runtime)"),
+        "{text}"
+    );
+    assert!(lab.holds_vip("d2") && !lab.holds_vip("d1"));
+    let r = lab.probe_result(&mut probe);
+    assert!(r.who.ends_with("d2"), "{}", r.line);
+
+    // The file's priority again: d1 (150) preempts.
+    set(&lab, "100");
+    lab.wait_state("d1", "MASTER", Duration::from_secs(2));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(1));
+    assert_eq!(lab.status("d2").unwrap_or_default().num(&["priority"]), 100);
+}
+
 /// Every probe was answered (but the last one or two, still in flight when the probe
 /// stopped). Loss, not the longest gap, is the measure here: on a loaded 2-core machine the
 /// probe itself can be descheduled for a few hundred ms while every answer still arrives.

@@ -22,6 +22,7 @@
 //! ```text
 //!  reader thread(s) ──bytes──┐
 //!  link poll (100 ms) ───────┤
+//!  process scan (1 s) ───────┤
 //!  service health watch ─────┼──> select! ──> SyncGroup ──> actions: socket / netlink / ARP
 //!  deadline (sleep_until) ───┤                                        / notify / AddressHook
 //!  stop() ───────────────────┘
@@ -30,6 +31,7 @@
 mod io;
 mod netlink;
 mod notify;
+mod procscan;
 mod sys;
 
 pub use notify::{NOTIFY_PATH, NotifyScripts, ScriptCommand};
@@ -103,6 +105,33 @@ impl TrackScript {
     }
 }
 
+/// Processes tracked by name (keepalived `vrrp_track_process` + `track_process`): up while
+/// `quorum..=quorum_max` of them run, as a `/proc` scan every [`PROCESS_SCAN_INTERVAL`]
+/// finds them; a lost quorum counts once it has lasted `delay` ([`crate::ProcessQuorum`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackProcess {
+    /// The process name as `/proc/PID/comm` has it (at most 15 bytes).
+    pub name: String,
+    /// Fewest processes for the instance to be healthy (at least 1).
+    pub quorum: u32,
+    /// Most processes for the instance to be healthy.
+    pub quorum_max: u32,
+    /// How long the quorum must be lost before it counts.
+    pub delay: Duration,
+    /// Priority penalty while down; 0 = fault.
+    pub weight: u8,
+}
+
+impl TrackProcess {
+    /// The tracked object's name.
+    fn object_name(&self) -> String {
+        format!("process {}", self.name)
+    }
+}
+
+/// Time between two `/proc` scans for tracked processes.
+pub const PROCESS_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Everything one instance needs besides the core config.
 #[derive(Clone)]
 pub struct MemberSpec {
@@ -122,6 +151,8 @@ pub struct MemberSpec {
     pub track_services: Vec<TrackedService>,
     /// Scripts run again and again whose result is tracked (keepalived `track_script`).
     pub track_scripts: Vec<TrackScript>,
+    /// Processes whose number running is tracked (keepalived `track_process`).
+    pub track_processes: Vec<TrackProcess>,
     /// Scripts run on this instance's transitions (keepalived's notify family).
     pub notify: NotifyScripts,
     /// A notify script still running after this is killed (default 30 s).
@@ -173,6 +204,7 @@ impl MemberSpec {
             track_interfaces: Vec::new(),
             track_services: Vec::new(),
             track_scripts: Vec::new(),
+            track_processes: Vec::new(),
             notify: NotifyScripts::default(),
             notify_timeout: Duration::from_secs(30),
             garp_count: 5,
@@ -200,8 +232,12 @@ pub struct VrrpStatus {
     pub state: State,
     /// Advertised priority (after tracking penalties).
     pub priority: u8,
-    /// Configured priority.
+    /// Configured priority (the file's).
     pub configured_priority: u8,
+    /// The priority set at run time in place of the configured one (`vipgate vrrp
+    /// set-priority`), if any; a status from an older daemon has none.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub runtime_priority: Option<u8>,
     /// Our primary address.
     pub primary_address: Ipv4Addr,
     /// Current master, if known.
@@ -289,6 +325,24 @@ pub struct TrackedStatus {
     pub weight: u8,
     /// Whether it is up.
     pub up: bool,
+    /// A tracked process: how many run (as of the last scan).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub running: Option<u32>,
+    /// A tracked process: the fewest that must run.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub quorum: Option<u32>,
+    /// A tracked process: the most that may run.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub quorum_max: Option<u32>,
 }
 
 /// What the notify runs of one instance did.
@@ -333,6 +387,7 @@ const STOP_NOTIFY_GRACE: Duration = Duration::from_secs(5);
 enum Command {
     Stop(oneshot::Sender<()>),
     Reconfigure(MemberId, Box<MemberSpec>, oneshot::Sender<Reconfigured>),
+    SetPriority(MemberId, u8),
 }
 
 enum Event {
@@ -340,6 +395,15 @@ enum Event {
     Service {
         member: MemberId,
         object: ObjectId,
+        up: bool,
+    },
+    /// A scan's verdict on member `member`'s tracked process `index` (its object in the
+    /// tracker is `object`).
+    Process {
+        member: MemberId,
+        index: usize,
+        object: ObjectId,
+        running: u32,
         up: bool,
     },
     NotifyDone {
@@ -420,6 +484,21 @@ impl VrrpDriver {
         }
     }
 
+    /// Sets member `member`'s priority at run time in place of the configured one, until a
+    /// reload changes the configured one (see [`VrrpInstance::set_runtime_priority`]); the
+    /// group's task applies it at once, and [`status`](Self::status) shows it after.
+    ///
+    /// # Errors
+    /// `priority` outside 1..=254, the driver has stopped, or has a backlog of commands.
+    pub fn set_priority(&self, member: usize, priority: u8) -> Result<(), DriverError> {
+        if !(1..=254).contains(&priority) {
+            return Err(DriverError::Priority(priority));
+        }
+        self.commands
+            .try_send(Command::SetPriority(MemberId(member), priority))
+            .map_err(|_| DriverError::NotRunning)
+    }
+
     /// The first of the group's long-lived tasks (loop, netlink connection, socket readers)
     /// that ended while the group should run, with its cause; `None` while all run.
     pub fn dead_task(&self) -> Option<String> {
@@ -473,6 +552,8 @@ struct Member {
     master_time: Duration,
     /// When the current mastership began.
     master_since: Option<Instant>,
+    /// Per tracked process, how many ran at the last scan.
+    processes_running: Vec<u32>,
     notify: NotifyQueue,
     /// The member's state, sent at each transition (before its addresses move).
     state: watch::Sender<State>,
@@ -492,6 +573,9 @@ fn tracked_objects(spec: &MemberSpec) -> Vec<(String, u8)> {
     }
     for s in &spec.track_scripts {
         objects.push((s.object_name(), s.weight));
+    }
+    for p in &spec.track_processes {
+        objects.push((p.object_name(), p.weight));
     }
     objects
 }
@@ -661,6 +745,15 @@ async fn open_members(
                 events_tx.clone(),
             ));
         }
+        if !spec.track_processes.is_empty() {
+            let first = first_script + spec.track_scripts.len();
+            tokio::spawn(run_process_scan(
+                spec.track_processes.clone(),
+                MemberId(i),
+                ObjectId(first),
+                events_tx.clone(),
+            ));
+        }
         let (sock, tx, stop) = (socket.clone(), events_tx.clone(), stop_flag.clone());
         watch.spawn("vrrp socket reader", async move {
             tokio::task::spawn_blocking(move || read_adverts(i, &sock, &tx, &stop))
@@ -675,6 +768,7 @@ async fn open_members(
         io.push(MemberIo { link, socket, arp });
         members.push(Member {
             interfaces,
+            processes_running: vec![0; spec.track_processes.len()],
             spec,
             primary,
             primary_from_interface,
@@ -783,6 +877,11 @@ impl<Io: VrrpIo> Driver<Io> {
                             let _ = reply.send(outcome);
                             continue;
                         }
+                        Some(Command::SetPriority(i, priority)) => {
+                            self.set_priority(i, priority);
+                            self.perform().await;
+                            continue;
+                        }
                         Some(Command::Stop(reply)) => Some(reply),
                         None => None,
                     };
@@ -824,6 +923,17 @@ impl<Io: VrrpIo> Driver<Io> {
                 "a track script's interval, timeout, rise or fall changed",
             );
         }
+        // The scan task runs with the quorum and delay it started with.
+        let requorum = |p: &TrackProcess| (p.quorum, p.quorum_max, p.delay);
+        if m.spec.track_processes.len() == spec.track_processes.len()
+            && m.spec
+                .track_processes
+                .iter()
+                .zip(&spec.track_processes)
+                .any(|(old, new)| requorum(old) != requorum(new))
+        {
+            return Reconfigured::restart("a tracked process's quorum or delay changed");
+        }
         let name = m.spec.config.name.clone();
         let mut config = spec.config.clone();
         // Left to the interface again: the address read at start. An address given now where
@@ -853,8 +963,25 @@ impl<Io: VrrpIo> Driver<Io> {
         for (old, new) in m.spec.track_scripts.iter_mut().zip(spec.track_scripts) {
             old.weight = new.weight;
         }
+        for (old, new) in m.spec.track_processes.iter_mut().zip(spec.track_processes) {
+            old.weight = new.weight;
+        }
         tracing::info!(instance = %name, "reconfigured live");
         outcome
+    }
+
+    /// Applies an operator's runtime priority to the core.
+    fn set_priority(&mut self, member: MemberId, priority: u8) {
+        let Some(core) = self.group.members().get(member.0) else {
+            return;
+        };
+        let (name, before) = (core.config().name.clone(), core.base_priority());
+        match self.group.set_runtime_priority(now(), member, priority) {
+            Ok(()) => {
+                tracing::info!(instance = %name, from = before, to = priority, "priority set at run time");
+            }
+            Err(e) => tracing::warn!(instance = %name, error = %e, "runtime priority refused"),
+        }
     }
 
     /// Lets the notify runs of the final transitions (STOP) finish, for a bounded time.
@@ -960,6 +1087,22 @@ impl<Io: VrrpIo> Driver<Io> {
                 self.group.set_preempt_allowed(member, open);
                 let name = &self.group.members()[member.0].config().name;
                 tracing::info!(instance = %name, open, "preemption gate changed");
+            }
+            Event::Process {
+                member,
+                index,
+                object,
+                running,
+                up,
+            } => {
+                if let Some(r) = self
+                    .members
+                    .get_mut(member.0)
+                    .and_then(|m| m.processes_running.get_mut(index))
+                {
+                    *r = running;
+                }
+                self.handle_event(Event::Service { member, object, up });
             }
             Event::Service { member, object, up } => {
                 if self.group.handle_tracked(now(), member, object, up) {
@@ -1141,6 +1284,7 @@ impl<Io: VrrpIo> Driver<Io> {
                     state: core.state(),
                     priority: core.priority(),
                     configured_priority: m.spec.config.priority,
+                    runtime_priority: core.runtime_priority(),
                     primary_address: m.primary,
                     master: core.master().map(|(a, _)| a),
                     master_priority: core.master().map(|(_, p)| p),
@@ -1158,21 +1302,88 @@ impl<Io: VrrpIo> Driver<Io> {
                         notify: m.notify.counters,
                     },
                     transitions: m.transitions.iter().cloned().collect(),
-                    tracked: tracker
-                        .objects()
-                        .iter()
-                        .map(|o| TrackedStatus {
-                            name: o.name.clone(),
-                            weight: o.weight,
-                            up: o.up,
-                        })
-                        .collect(),
+                    tracked: tracked_status(m, tracker),
                     preempt_gate: m.spec.preempt_gate.as_ref().map(|_| core.preempt_allowed()),
                 }
             })
             .collect();
         if let Ok(mut s) = self.status.lock() {
             *s = snapshot;
+        }
+    }
+}
+
+/// The tracker's objects for `show vrrp`, the processes with their counts (they come last,
+/// in the spec's order).
+fn tracked_status(m: &Member, tracker: &Tracker) -> Vec<TrackedStatus> {
+    let objects = tracker.objects();
+    let first_process = objects.len().saturating_sub(m.spec.track_processes.len());
+    objects
+        .iter()
+        .enumerate()
+        .map(|(k, o)| {
+            let process = k.checked_sub(first_process).and_then(|p| {
+                m.spec
+                    .track_processes
+                    .get(p)
+                    .zip(m.processes_running.get(p))
+            });
+            TrackedStatus {
+                name: o.name.clone(),
+                weight: o.weight,
+                up: o.up,
+                running: process.map(|(_, r)| *r),
+                quorum: process.map(|(p, _)| p.quorum),
+                quorum_max: process.map(|(p, _)| p.quorum_max),
+            }
+        })
+        .collect()
+}
+
+/// Scans `/proc` every [`PROCESS_SCAN_INTERVAL`] for member `member`'s tracked processes
+/// (objects `first`, `first + 1`, ...) until the group's loop is gone, reporting each
+/// process's count and verdict after every scan.
+async fn run_process_scan(
+    processes: Vec<TrackProcess>,
+    member: MemberId,
+    first: ObjectId,
+    tx: mpsc::Sender<Event>,
+) {
+    let names: Arc<[String]> = processes.iter().map(|p| p.name.clone()).collect();
+    let mut quorums: Vec<crate::ProcessQuorum> = processes
+        .iter()
+        .map(|p| crate::ProcessQuorum::new(p.quorum, p.quorum_max, p.delay))
+        .collect();
+    let mut tick = tokio::time::interval(PROCESS_SCAN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if tx.is_closed() {
+            return;
+        }
+        let scan_names = Arc::clone(&names);
+        let Ok(counts) = tokio::task::spawn_blocking(move || {
+            procscan::count(std::path::Path::new("/proc"), &scan_names)
+        })
+        .await
+        else {
+            continue;
+        };
+        let at = now();
+        for (index, (q, running)) in quorums.iter_mut().zip(counts).enumerate() {
+            if q.record(at, running) {
+                tracing::debug!(process = %names[index], running, up = q.up(), "tracked process changed");
+            }
+            let ev = Event::Process {
+                member,
+                index,
+                object: ObjectId(first.0 + index),
+                running,
+                up: q.up(),
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -1333,6 +1544,7 @@ mod tests {
             ));
             members.push(Member {
                 interfaces: tracked_interfaces(&spec),
+                processes_running: vec![0; spec.track_processes.len()],
                 primary: spec.config.primary_address,
                 primary_from_interface: false,
                 spec,
@@ -1502,6 +1714,49 @@ mod tests {
             tracked,
             [("interface eth0", 0, true), ("interface eth1", 0, false)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_tracked_process_below_quorum_lowers_the_priority_and_shows_its_count() {
+        let rec = Arc::new(Recorder::default());
+        let mut spec = owner_spec(&[VIP]);
+        spec.config.priority = 200;
+        spec.track_processes = vec![TrackProcess {
+            name: "vgtrackd".to_owned(),
+            quorum: 2,
+            quorum_max: 3,
+            delay: Duration::ZERO,
+            weight: 30,
+        }];
+        let mut d = driver(spec, &rec);
+        d.group.startup(now());
+        d.perform().await;
+        let process = |running, up| Event::Process {
+            member: MemberId(0),
+            index: 0,
+            object: ObjectId(1),
+            running,
+            up,
+        };
+        d.handle_event(process(1, false));
+        d.perform().await;
+        let status = d.status.lock().expect("status")[0].clone();
+        assert_eq!(status.priority, 170);
+        let tracked = &status.tracked[1];
+        assert_eq!(
+            (
+                tracked.name.as_str(),
+                tracked.up,
+                tracked.running,
+                tracked.quorum,
+                tracked.quorum_max
+            ),
+            ("process vgtrackd", false, Some(1), Some(2), Some(3))
+        );
+        assert_eq!(status.tracked[0].running, None, "an interface has no count");
+        d.handle_event(process(2, true));
+        d.perform().await;
+        assert_eq!(d.status.lock().expect("status")[0].priority, 200);
     }
 
     /// A script that appends its arguments as one line to `out`.

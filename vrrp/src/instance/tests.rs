@@ -321,6 +321,59 @@ fn penalty_lowers_advertised_priority() {
     assert!(matches!(&drain(&mut i)[0], Action::SendAdvert(r) if r.priority == 90));
 }
 
+#[test]
+fn runtime_priority_replaces_the_configured_one_until_the_file_changes_it() {
+    let now = t0();
+    let mut i = VrrpInstance::new(config(A, 150, 1000));
+    i.startup(now);
+    i.handle_timeout(now + i.master_down_interval());
+    drain(&mut i);
+    assert_eq!(
+        i.set_runtime_priority(now, 0),
+        Err(ReconfigureError::RuntimePriority(0))
+    );
+    assert_eq!(
+        i.set_runtime_priority(now, 255),
+        Err(ReconfigureError::RuntimePriority(255))
+    );
+    assert!(
+        drain(&mut i).is_empty(),
+        "a refused priority changes nothing"
+    );
+    i.set_runtime_priority(now, 120).expect("in range");
+    assert_eq!((i.priority(), i.runtime_priority()), (120, Some(120)));
+    let acts = drain(&mut i);
+    assert!(
+        matches!(&acts[..], [Action::SendAdvert(r)] if r.priority == 120),
+        "a master announces the new priority at once: {acts:?}"
+    );
+    assert_eq!(i.master(), Some((A, 120)));
+    // Penalties apply to the runtime priority.
+    i.set_priority_penalty(now, 30);
+    assert_eq!(i.priority(), 90);
+    i.set_priority_penalty(now, 0);
+    drain(&mut i);
+    // A reload that keeps the file's priority keeps the runtime one...
+    let mut same = i.config().clone();
+    same.preempt = false;
+    i.reconfigure(now, same).expect("live");
+    assert!(
+        drain(&mut i).is_empty(),
+        "nothing to announce: {:?}",
+        i.priority()
+    );
+    assert_eq!(i.priority(), 120);
+    // ...one that changes it replaces it.
+    let mut changed = i.config().clone();
+    changed.priority = 140;
+    i.reconfigure(now, changed).expect("live");
+    assert_eq!((i.priority(), i.runtime_priority()), (140, None));
+    // Setting the file's priority is the same as clearing the runtime one.
+    i.set_runtime_priority(now, 130).expect("in range");
+    i.set_runtime_priority(now, 140).expect("in range");
+    assert_eq!(i.runtime_priority(), None);
+}
+
 // ---------------------------------------------------------------------------------------
 // Pair simulation: nodes on one simulated link, a simulated clock, latency, link state.
 
@@ -524,6 +577,15 @@ impl Sim {
         self.flush(n);
     }
 
+    /// `vipgate vrrp set-priority` on node `n`'s member `m`.
+    fn set_priority(&mut self, n: usize, m: usize, priority: u8) {
+        let r = self.nodes[n]
+            .group
+            .set_runtime_priority(self.now, MemberId(m), priority);
+        assert_eq!(r, Ok(()));
+        self.flush(n);
+    }
+
     fn last_transition_to(&self, node: usize, state: State) -> Option<Instant> {
         self.log
             .iter()
@@ -548,6 +610,35 @@ fn pair_elects_higher_priority_and_fails_over_on_host_death() {
     // The backup's timer started at the last advert, at most one interval before the death.
     assert!(took_over - died <= mdi, "{:?}", took_over - died);
     assert!(took_over - died >= mdi - Duration::from_secs(1));
+}
+
+#[test]
+fn pair_follows_runtime_priorities_both_ways() {
+    let mut sim = Sim::pair(config(A, 150, 1000), config(B, 100, 1000));
+    sim.run_for(Duration::from_secs(10));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Master, State::Backup));
+    // The backup raised above the master preempts as RFC 5798 has it: it stops resetting its
+    // Master_Down_Timer on the lower master's adverts, so it takes over within one
+    // Master_Down_Interval for its new priority.
+    let raised = sim.now;
+    sim.set_priority(1, 0, 200);
+    sim.run_for(Duration::from_secs(4));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Backup, State::Master));
+    let took_over = sim.last_transition_to(1, State::Master).unwrap();
+    let mdi = Duration::from_micros(3_218_750);
+    assert!(took_over - raised <= mdi, "{:?}", took_over - raised);
+    // The master lowered below the backup announces it at once, and the backup (200) stops
+    // resetting its timer on it.
+    sim.set_priority(0, 0, 220);
+    sim.run_for(Duration::from_secs(4));
+    assert_eq!(sim.state(0), State::Master);
+    let lowered = sim.now;
+    sim.set_priority(0, 0, 50);
+    sim.run_for(Duration::from_secs(4));
+    assert_eq!((sim.state(0), sim.state(1)), (State::Backup, State::Master));
+    let took_over = sim.last_transition_to(1, State::Master).unwrap();
+    assert!(took_over - lowered <= mdi, "{:?}", took_over - lowered);
+    assert_eq!(sim.holders(0), 1);
 }
 
 #[test]
