@@ -240,10 +240,14 @@ impl KernelDatapath {
                     .iter()
                     .all(|e| entries.iter().any(|(k, r, _)| (k, r) == (&e.0, &e.1)))
         };
-        let candidates: Vec<AdoptedFlow> = flows
+        let whole_flows: HashSet<FlowId> = flows
             .iter()
             .filter(|(id, entries)| whole(id, entries))
-            .map(|(&(proto, inside, public, outside), _)| AdoptedFlow {
+            .map(|(id, _)| *id)
+            .collect();
+        let candidates: Vec<AdoptedFlow> = whole_flows
+            .iter()
+            .map(|&(proto, inside, public, outside)| AdoptedFlow {
                 proto,
                 inside,
                 public,
@@ -257,7 +261,7 @@ impl KernelDatapath {
             let _absent = kp.remove(key);
         }
         for (id, entries) in flows {
-            let keep = whole(&id, &entries)
+            let keep = whole_flows.contains(&id)
                 && wanted.get(&id).is_some_and(|&(_, direct)| {
                     direct == entries.iter().all(|(_, r, _)| r.direct_route)
                 });
