@@ -58,6 +58,8 @@ pub enum BackendState {
     Down,
     /// Gone from the configuration but still holding connections; freed when they close.
     Removed,
+    /// Put in maintenance by the operator ([`AdminState::Maint`]): no new flows, no checks.
+    Maint,
 }
 
 impl BackendState {
@@ -69,6 +71,7 @@ impl BackendState {
             Self::Draining => "draining",
             Self::Down => "down",
             Self::Removed => "removed",
+            Self::Maint => "maint",
         }
     }
 }
@@ -76,6 +79,61 @@ impl BackendState {
 impl fmt::Display for BackendState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What the operator says about a backend at run time (HAProxy's `set server state`), apart
+/// from its weight and its health.
+///
+/// None of the three touches the flows a backend already holds: they run until they end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
+pub enum AdminState {
+    /// Takes new flows as its weight and health say.
+    #[default]
+    Ready,
+    /// No new flows from the scheduler; a client whose persistence template points here still
+    /// comes back (HAProxy's `drain`). Health checks go on.
+    Drain,
+    /// No new flows at all, persistent ones included, and no health checks (HAProxy's
+    /// `maint`).
+    Maint,
+}
+
+impl AdminState {
+    /// The name `vipgate lb set state` takes and `show lb` prints.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Drain => "drain",
+            Self::Maint => "maint",
+        }
+    }
+}
+
+impl fmt::Display for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AdminState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ready" => Ok(Self::Ready),
+            "drain" => Ok(Self::Drain),
+            "maint" => Ok(Self::Maint),
+            other => Err(format!(
+                "state must be ready, drain or maint, not {other:?}"
+            )),
+        }
     }
 }
 
@@ -138,6 +196,8 @@ pub struct Backend {
     pub(crate) weight: u32,
     pub(crate) health: Health,
     pub(crate) removed: bool,
+    /// The operator's state (`vipgate lb set state`).
+    pub(crate) admin: AdminState,
     pub(crate) active: u32,
     pub(crate) inactive: u32,
     pub(crate) stats: BackendStats,
@@ -162,6 +222,7 @@ impl Backend {
             // otherwise, so a freshly started service answers at once.
             health: Health::Up,
             removed: false,
+            admin: AdminState::Ready,
             active: 0,
             inactive: 0,
             stats: BackendStats::default(),
@@ -191,14 +252,23 @@ impl Backend {
         self.health
     }
 
-    /// Scheduling state derived from removal, health and weight, in that order.
+    /// The operator's state (`vipgate lb set state`).
+    #[must_use]
+    pub fn admin(&self) -> AdminState {
+        self.admin
+    }
+
+    /// Scheduling state derived from removal, maintenance, health, drain and weight, in that
+    /// order.
     #[must_use]
     pub fn state(&self) -> BackendState {
         if self.removed {
             BackendState::Removed
+        } else if self.admin == AdminState::Maint {
+            BackendState::Maint
         } else if self.health == Health::Down {
             BackendState::Down
-        } else if self.weight == 0 {
+        } else if self.weight == 0 || self.admin == AdminState::Drain {
             BackendState::Draining
         } else {
             BackendState::Up
@@ -216,6 +286,18 @@ impl Backend {
     #[must_use]
     pub fn is_available(&self) -> bool {
         self.is_eligible() && !self.overloaded
+    }
+
+    /// Whether a client whose persistence template points here may come back: available, or
+    /// drained by the operator (HAProxy's `drain` keeps persistent clients) with a weight
+    /// above 0, healthy and not overloaded.
+    pub(crate) fn takes_persistent(&self) -> bool {
+        self.is_available()
+            || (self.admin == AdminState::Drain
+                && !self.removed
+                && self.health == Health::Up
+                && self.weight > 0
+                && !self.overloaded)
     }
 
     /// Upper connection threshold (`max_connections`, ipvsadm `-x`); 0 means none.

@@ -69,7 +69,7 @@ mod sh;
 mod twos;
 mod wrr;
 
-pub use backend::{Backend, BackendId, BackendState, BackendStats, ConnState, Health};
+pub use backend::{AdminState, Backend, BackendId, BackendState, BackendStats, ConnState, Health};
 pub use error::PoolError;
 pub use locality::{LOCALITY_EXPIRY, LOCALITY_RECLAIM_IDLE, MAX_LOCALITY_ENTRIES};
 pub use persist::{MAX_TEMPLATES, Persistence};

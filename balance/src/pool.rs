@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BackendId, ConnState, Health, Ramp};
+use crate::backend::{AdminState, Backend, BackendId, ConnState, Health, Ramp};
 use crate::dh::DestinationHash;
 use crate::error::PoolError;
 use crate::lc::LeastConn;
@@ -496,6 +496,10 @@ impl Pool {
                 Some(i) => {
                     if let Some(b) = &mut self.slots[i] {
                         let rising = b.weight == 0 || b.removed;
+                        if b.removed {
+                            // Listed again: it comes back as a new backend would.
+                            b.admin = AdminState::Ready;
+                        }
                         b.weight = c.weight;
                         b.removed = false;
                         if b.ramp == Ramp::Done || c.weight == 0 {
@@ -561,7 +565,8 @@ impl Pool {
     /// Otherwise the scheduler picks among eligible backends (up, weight above 0); `opened`
     /// then points the template at its choice. Down, draining and removed backends never get a
     /// new flow here, persistent or not (ipvsadm's `expire_quiescent_template=1` behaviour:
-    /// drain means drain).
+    /// drain means drain), with one exception: a backend the operator set to
+    /// [`AdminState::Drain`] keeps the clients its templates point at (HAProxy's `drain`).
     ///
     /// Split from [`opened`](Self::opened) for callers whose flow table may still refuse the
     /// flow after the decision (table full): counters then stay exact. The scheduler's
@@ -580,7 +585,7 @@ impl Pool {
             .filter(|_| !full)
             .and_then(|p| p.lookup(now, *client.ip()))
             .map(|id| usize::from(id.0))
-            .filter(|&i| self.slot(i).is_some_and(Backend::is_available));
+            .filter(|&i| self.slot(i).is_some_and(Backend::takes_persistent));
         if pinned.is_some() {
             self.stats.persistent_hits += 1;
         }
@@ -735,6 +740,33 @@ impl Pool {
         }
         self.scheduler.rebuild(&self.slots);
         Ok(())
+    }
+
+    /// Sets one backend's operator state at run time (`vipgate lb set state`); returns
+    /// whether it changed. Back to [`AdminState::Ready`], the backend starts its slow start.
+    /// Flows it holds are never touched. [`Pool::reconfigure`] keeps the state of the
+    /// backends it keeps.
+    ///
+    /// # Errors
+    /// [`PoolError::UnknownBackend`] if no live backend has this address.
+    pub fn set_admin(&mut self, addr: SocketAddrV4, admin: AdminState) -> Result<bool, PoolError> {
+        let i = self
+            .position(addr)
+            .filter(|&i| self.slot(i).is_some_and(|b| !b.removed))
+            .ok_or(PoolError::UnknownBackend(addr))?;
+        let slow_start = self.slow_start;
+        let Some(b) = self.slot_mut(i) else {
+            return Err(PoolError::UnknownBackend(addr));
+        };
+        if b.admin == admin {
+            return Ok(false);
+        }
+        b.admin = admin;
+        if admin == AdminState::Ready {
+            self.ramping |= start_ramp(b, slow_start);
+        }
+        self.scheduler.rebuild(&self.slots);
+        Ok(true)
     }
 
     /// Records a health verdict; returns whether the backend's health changed. A backend

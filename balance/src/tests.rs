@@ -334,6 +334,79 @@ fn drain_keeps_existing_connections_and_sends_nothing_new() {
     );
 }
 
+/// `vipgate lb set state`: drain keeps the persistent client and sends nothing else new,
+/// maint sends nothing new at all, neither touches the held connection, a reload keeps the
+/// state and a backend listed again after its removal comes back ready.
+#[test]
+fn operator_drain_keeps_persistent_clients_and_maint_takes_nothing() {
+    let config = |backends| PoolConfig {
+        scheduler: SchedulerKind::Rr,
+        persistence: Some(Persistence::new(Duration::from_secs(300))),
+        backends,
+        ..PoolConfig::default()
+    };
+    let mut p = Pool::new(config(vec![be(1, 1), be(2, 1)])).unwrap();
+    let now = epoch();
+    let c = client(0);
+    let held = pick(&mut p, now, c).unwrap();
+    p.established(now, held, *c.ip());
+    let addr = p.backend(held).unwrap().addr();
+    assert_eq!(p.set_admin(addr, AdminState::Drain), Ok(true));
+    assert_eq!(p.set_admin(addr, AdminState::Drain), Ok(false));
+    let b = p.backend(held).unwrap();
+    assert_eq!(
+        (b.state(), b.admin(), b.active()),
+        (BackendState::Draining, AdminState::Drain, 1)
+    );
+    assert!(p.has_eligible(), "the other backend still takes flows");
+    for i in 0..10 {
+        // The persistent client comes back; nobody else arrives.
+        assert_eq!(
+            pick(&mut p, now, SocketAddrV4::new(*c.ip(), 3000 + i)),
+            Some(held)
+        );
+        assert_ne!(pick(&mut p, now, client(100 + u32::from(i))), Some(held));
+    }
+    assert_eq!(p.set_admin(addr, AdminState::Maint), Ok(true));
+    assert_eq!(p.backend(held).unwrap().state(), BackendState::Maint);
+    for i in 0..10 {
+        assert_ne!(
+            pick(&mut p, now, SocketAddrV4::new(*c.ip(), 4000 + i)),
+            Some(held)
+        );
+    }
+    assert_eq!(
+        p.backend(held).unwrap().active(),
+        1,
+        "the held flow is untouched"
+    );
+    // A reload that keeps the backend keeps its state.
+    p.reconfigure(config(vec![be(1, 2), be(2, 2)])).unwrap();
+    assert_eq!(p.backend(held).unwrap().admin(), AdminState::Maint);
+    // Removed while it holds a flow, then listed again: ready.
+    let other = if addr == be(1, 1).addr {
+        be(2, 1)
+    } else {
+        be(1, 1)
+    };
+    p.reconfigure(config(vec![other])).unwrap();
+    assert_eq!(p.backend(held).unwrap().state(), BackendState::Removed);
+    assert_eq!(
+        p.set_admin(addr, AdminState::Ready),
+        Err(PoolError::UnknownBackend(addr))
+    );
+    p.reconfigure(config(vec![be(1, 1), be(2, 1)])).unwrap();
+    assert_eq!(p.backend(held).unwrap().admin(), AdminState::Ready);
+    assert_eq!(p.backend(held).unwrap().state(), BackendState::Up);
+    let unknown = be(9, 1).addr;
+    assert_eq!(
+        p.set_admin(unknown, AdminState::Drain),
+        Err(PoolError::UnknownBackend(unknown))
+    );
+    assert_eq!("maint".parse(), Ok(AdminState::Maint));
+    assert!("down".parse::<AdminState>().is_err());
+}
+
 #[test]
 fn all_down_goes_to_the_sorry_server_or_refuses() {
     let sorry = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 200), 80);

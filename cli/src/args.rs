@@ -161,6 +161,58 @@ pub(crate) enum LbOp {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Add a backend to a running service (ipvsadm -a). Not persisted: a restart, or a
+    /// reload that changes the service in the file, replaces every runtime change to it.
+    AddBackend {
+        /// Service name.
+        service: String,
+        /// Backend address, `ip:port` (direct routing: on a connected network, the VIP's port).
+        backend: String,
+        /// Weight, 0..=65535 (ipvsadm -w).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Upper connection threshold (ipvsadm -x); 0: none.
+        #[arg(long, default_value_t = 0)]
+        max_connections: u32,
+        /// Lower connection threshold (ipvsadm -y); 0: none.
+        #[arg(long, default_value_t = 0)]
+        min_connections: u32,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Remove a backend from a running service (ipvsadm -d): no new flows, the established
+    /// ones run until they end (`show lb` lists it as removed meanwhile). Not persisted.
+    RemoveBackend {
+        /// Service name.
+        service: String,
+        /// Backend address, `ip:port`.
+        backend: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Set a runtime value of a backend (HAProxy's `set server`).
+    Set {
+        #[command(subcommand)]
+        what: LbSetOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LbSetOp {
+    /// Set a backend's state (HAProxy's `set server state`): ready takes new flows; drain takes
+    /// no new flows but its persistent clients, checks go on; maint takes no new flows at all
+    /// and is not checked. Established flows run until they end in every state. Not persisted:
+    /// a restart, or a reload that changes the service in the file, makes it ready again.
+    State {
+        /// Service name.
+        service: String,
+        /// Backend address, `ip:port`.
+        backend: String,
+        /// ready | drain | maint
+        state: balance::AdminState,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -51,6 +51,25 @@ pub(crate) enum ControlOp {
         backend: SocketAddrV4,
         weight: u16,
     },
+    /// Add a backend to one virtual service (nothing persisted).
+    LbAddBackend {
+        service: String,
+        backend: SocketAddrV4,
+        weight: u16,
+        max_connections: u32,
+        min_connections: u32,
+    },
+    /// Remove a backend from one virtual service; its established flows run on.
+    LbRemoveBackend {
+        service: String,
+        backend: SocketAddrV4,
+    },
+    /// Set a backend's operator state (ready, drain, maint).
+    LbSetState {
+        service: String,
+        backend: SocketAddrV4,
+        state: balance::AdminState,
+    },
     /// Set one VRRP instance's priority until a reload changes the file's (nothing persisted).
     VrrpSetPriority { instance: String, priority: u8 },
 }
@@ -60,7 +79,10 @@ impl ControlOp {
     pub(crate) fn kind(&self) -> Kind {
         match self {
             ControlOp::NatClear => Kind::Nat,
-            ControlOp::LbWeight { .. } => Kind::Lb,
+            ControlOp::LbWeight { .. }
+            | ControlOp::LbAddBackend { .. }
+            | ControlOp::LbRemoveBackend { .. }
+            | ControlOp::LbSetState { .. } => Kind::Lb,
             ControlOp::VrrpSetPriority { .. } => Kind::Vrrp,
         }
     }
@@ -69,7 +91,10 @@ impl ControlOp {
     pub(crate) fn target(&self) -> Option<&str> {
         match self {
             ControlOp::NatClear => None,
-            ControlOp::LbWeight { service, .. } => Some(service),
+            ControlOp::LbWeight { service, .. }
+            | ControlOp::LbAddBackend { service, .. }
+            | ControlOp::LbRemoveBackend { service, .. }
+            | ControlOp::LbSetState { service, .. } => Some(service),
             ControlOp::VrrpSetPriority { instance, .. } => Some(instance),
         }
     }
@@ -80,6 +105,9 @@ impl std::fmt::Display for ControlOp {
         f.write_str(match self {
             ControlOp::NatClear => "nat clear",
             ControlOp::LbWeight { .. } => "lb weight",
+            ControlOp::LbAddBackend { .. } => "lb add-backend",
+            ControlOp::LbRemoveBackend { .. } => "lb remove-backend",
+            ControlOp::LbSetState { .. } => "lb set state",
             ControlOp::VrrpSetPriority { .. } => "vrrp set-priority",
         })
     }
@@ -499,7 +527,7 @@ mod tests {
         fn control(&self, op: &ControlOp) -> anyhow::Result<serde_json::Value> {
             match op {
                 ControlOp::NatClear => Ok(serde_json::json!({ "cleared": 7 })),
-                ControlOp::LbWeight { .. } | ControlOp::VrrpSetPriority { .. } => {
+                _ => {
                     anyhow::bail!("unsupported `{op}`")
                 }
             }

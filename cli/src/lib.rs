@@ -3,6 +3,8 @@
 //! This is the only crate that uses anyhow: libraries return typed errors, and here they
 //! become messages for the operator. It is a library with a thin `main.rs` only so that
 //! the fuzz targets can reach the config loader ([`fuzzing`]).
+// The `show lb --json` shape test spells out one whole service in one `json!`.
+#![recursion_limit = "256"]
 
 mod args;
 mod check;
@@ -17,7 +19,7 @@ mod privileges;
 mod run;
 
 use anyhow::Context;
-use args::{Cli, Command, ControlArgs, LbOp, NatOp, VrrpOp};
+use args::{Cli, Command, ControlArgs, LbOp, LbSetOp, NatOp, VrrpOp};
 use clap::{CommandFactory, Parser};
 use control::{ControlOp, Request};
 use std::path::PathBuf;
@@ -253,6 +255,58 @@ async fn dispatch(
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Lb {
+            op:
+                LbOp::AddBackend {
+                    service,
+                    backend,
+                    weight,
+                    max_connections,
+                    min_connections,
+                    control,
+                },
+        } => {
+            let command = ControlOp::LbAddBackend {
+                service,
+                backend: parse_backend(&backend)?,
+                weight: u16::try_from(weight)
+                    .map_err(|_| anyhow::anyhow!("weight {weight} is over 65535"))?,
+                max_connections,
+                min_connections,
+            };
+            lb_control(&control, command).await
+        }
+        Command::Lb {
+            op:
+                LbOp::RemoveBackend {
+                    service,
+                    backend,
+                    control,
+                },
+        } => {
+            let backend = parse_backend(&backend)?;
+            lb_control(&control, ControlOp::LbRemoveBackend { service, backend }).await
+        }
+        Command::Lb {
+            op:
+                LbOp::Set {
+                    what:
+                        LbSetOp::State {
+                            service,
+                            backend,
+                            state,
+                            control,
+                        },
+                },
+        } => {
+            let backend = parse_backend(&backend)?;
+            let command = ControlOp::LbSetState {
+                service,
+                backend,
+                state,
+            };
+            lb_control(&control, command).await
+        }
         Command::Vrrp {
             op:
                 VrrpOp::SetPriority {
@@ -291,6 +345,20 @@ async fn dispatch(
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A backend as `lb` commands take it: `ip:port`, as in the config.
+fn parse_backend(text: &str) -> anyhow::Result<std::net::SocketAddrV4> {
+    text.parse()
+        .with_context(|| format!("backend {text:?} must be written ip:port, as in the config"))
+}
+
+/// Sends one `lb` command and prints the daemon's answer.
+async fn lb_control(control: &ControlArgs, command: ControlOp) -> anyhow::Result<ExitCode> {
+    let req = Request::Control { command };
+    let result = control::request(&control_path(control)?, &req).await?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The control socket: --control, else `[daemon] control` of --config, else the default.

@@ -25,7 +25,8 @@ use std::net::SocketAddrV4;
 use std::time::Instant;
 
 use balance::{
-    BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool, PoolConfig, PoolError,
+    AdminState, BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool,
+    PoolConfig, PoolError,
 };
 
 use crate::health::HealthConfig;
@@ -210,6 +211,19 @@ impl VirtualService {
         self.pool.set_weight(backend, weight)
     }
 
+    /// `vipgate lb set state`: the operator's state of a backend (drain, maint, ready);
+    /// returns whether it changed. Flows the backend holds keep going.
+    ///
+    /// # Errors
+    /// Unknown backend.
+    pub fn set_admin(
+        &mut self,
+        backend: SocketAddrV4,
+        admin: AdminState,
+    ) -> Result<bool, PoolError> {
+        self.pool.set_admin(backend, admin)
+    }
+
     /// Applies a health verdict; returns whether it changed anything.
     ///
     /// # Errors
@@ -231,8 +245,9 @@ impl VirtualService {
         }
     }
 
-    /// The health checker's targets for this service: every configured backend, with its
-    /// current health as the starting point.
+    /// The health checker's targets for this service: every configured backend but those in
+    /// maintenance (HAProxy's `maint` stops the checks too), with its current health as the
+    /// starting point.
     #[must_use]
     pub fn health_targets(&self) -> Vec<(BackendKey, SocketAddrV4, HealthConfig, Health)> {
         let Some(cfg) = &self.health else {
@@ -240,7 +255,12 @@ impl VirtualService {
         };
         self.pool
             .backends()
-            .filter(|(_, b)| b.state() != balance::BackendState::Removed)
+            .filter(|(_, b)| {
+                !matches!(
+                    b.state(),
+                    balance::BackendState::Removed | balance::BackendState::Maint
+                )
+            })
             .map(|(_, b)| {
                 let key = BackendKey {
                     service: self.name.clone(),

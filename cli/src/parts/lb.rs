@@ -27,11 +27,15 @@
 //! live through the [`vrrp::driver::AddressHook`] this part hands over in [`StartCtx::wiring`],
 //! together with one health signal per service for `track_services`.
 
+use super::lbruntime::{BackendDiff, Runtime};
 use super::{BoxFuture, Kind, Part, StartCtx, ready, wiring};
+use crate::config::host::{HostRoutes, Reach};
 use crate::config::{SiteConfig, lower};
 use crate::control::ControlOp;
 use anyhow::{Context, bail};
-use balance::{BackendState, BackendStats, Health, PoolStats, SchedulerKind};
+use balance::{
+    AdminState, BackendConfig, BackendState, BackendStats, Health, PoolStats, SchedulerKind,
+};
 use natgw::driver::{Datapath, DriverConfig, FastPathCounters, NatDriver};
 use natgw::health::probe::{TargetSpec, run_checker};
 use natgw::health::{CheckEvent, CheckKind};
@@ -62,6 +66,9 @@ struct Shared {
     tasks: Vec<JoinHandle<()>>,
     /// How the health tasks ended (one ending before `stop` is a dead part).
     watch: netutil::task::TaskWatch,
+    /// Each service's file configuration and the operator's runtime changes on top of it
+    /// (locked before the gateway when both are).
+    runtime: Mutex<HashMap<String, Runtime>>,
     /// Held so the VIP mover's channel stays open while the part runs, with or without VRRP
     /// hooks: the mover ending is then always a death, never "nobody will ask again".
     _vip_requests: mpsc::UnboundedSender<(Ipv4Addr, bool)>,
@@ -95,6 +102,10 @@ fn lock(gw: &SharedGateway) -> MutexGuard<'_, natgw::Gateway> {
 /// also a port forward), or the gateway failing to start.
 pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
     let services: Vec<natgw::ServiceConfig> = site.service.iter().map(lower::service).collect();
+    let runtime = services
+        .iter()
+        .map(|s| (s.name.clone(), Runtime::new(s.clone())))
+        .collect();
     // VIPs a VRRP instance moves: only its master makes them live (DESIGN.md).
     let vrrp_vips: Vec<Ipv4Addr> = services
         .iter()
@@ -159,6 +170,7 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         targets: targets_tx,
         tasks: vec![checker, applier, vip_mover],
         watch,
+        runtime: Mutex::new(runtime),
         _vip_requests: vip_tx,
     });
     Ok(site
@@ -361,7 +373,181 @@ impl ServicePart {
     }
 }
 
+/// Sets every backend of a service to the operator state its runtime changes record (ready
+/// for the others), after a reload applied the effective configuration.
+fn apply_states(gw: &mut natgw::Gateway, rt: &Runtime) {
+    let Some(service) = gw.service_mut(&rt.file().name) else {
+        return;
+    };
+    let live: Vec<SocketAddrV4> = service
+        .pool()
+        .backends()
+        .filter(|(_, b)| b.state() != BackendState::Removed)
+        .map(|(_, b)| b.addr())
+        .collect();
+    for addr in live {
+        // Cannot fail: the backend is live in this pool.
+        let _ = service.set_admin(addr, rt.state(addr));
+    }
+}
+
+/// What `lb add-backend` promises after `vipgate check`: the checks the config check makes
+/// of a backend, made against the running gateway.
+fn check_new_backend(
+    gw: &natgw::Gateway,
+    service: &VirtualService,
+    backend: SocketAddrV4,
+) -> anyhow::Result<()> {
+    let name = service.name();
+    if service.pool().sorry() == Some(backend) {
+        bail!("{backend} is the sorry server of service `{name}`");
+    }
+    for (_, l) in gw.listeners() {
+        let other = match &l.selector {
+            natgw::Selector::Static(st) if l.proto == natgw::Proto::Tcp && st.inside == backend => {
+                format!("the [[nat.static]] forward of port {}", l.public.port())
+            }
+            natgw::Selector::Service(s) if s.name() != name && s.uses_endpoint(backend) => {
+                format!("service `{}`", s.name())
+            }
+            _ => continue,
+        };
+        bail!(
+            "{backend} already serves {other}: a real server's address and port can serve one service or forward at a time (replies are told apart by it); give it another port for service `{name}`"
+        );
+    }
+    if service.forward() == natgw::Forward::DirectRoute {
+        let port = service.listen().port();
+        if backend.port() != port {
+            bail!(
+                "service `{name}` forwards by direct routing: backend {backend} must listen on the VIP's port {port} (the packet reaches it unchanged)"
+            );
+        }
+        match HostRoutes::read() {
+            Ok(routes) => {
+                let why = match routes.reach(*backend.ip()) {
+                    Reach::OnLink => return Ok(()),
+                    Reach::Via(gw) => format!("this host reaches it through the gateway {gw}"),
+                    Reach::Unreachable => "this host has no route to it".to_owned(),
+                };
+                bail!(
+                    "service `{name}` forwards by direct routing: {backend} is not on a directly connected network ({why}); direct routing delivers by MAC on a shared segment"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the routes cannot be read: not checking that {backend} is on a connected network");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The note every runtime change answers with.
+const NOT_PERSISTED: &str =
+    "not persisted: a restart, or a reload that changes this service in the file, replaces it";
+
 impl ServicePart {
+    /// `vipgate lb add-backend` (ipvsadm -a).
+    fn add_backend(&self, backend: BackendConfig) -> anyhow::Result<Value> {
+        let mut runtime = lock_unpoisoned(&self.shared.runtime);
+        let rt = runtime
+            .get(&self.name)
+            .with_context(|| format!("service `{}` is not running", self.name))?;
+        let next = rt.with_added(backend).map_err(anyhow::Error::msg)?;
+        let targets = {
+            let mut gw = lock(&self.shared.gw);
+            let service = gw
+                .services()
+                .find(|s| s.name() == self.name)
+                .with_context(|| format!("service `{}` is not running", self.name))?;
+            check_new_backend(&gw, service, backend.addr)?;
+            let Some(service) = gw.service_mut(&self.name) else {
+                bail!("service `{}` is not running", self.name);
+            };
+            service
+                .reconfigure(next.effective())
+                .with_context(|| format!("service `{}`", self.name))?;
+            // A backend removed earlier that still held flows comes back ready.
+            let _ = service.set_admin(backend.addr, next.state(backend.addr));
+            health_targets(&gw)
+        };
+        runtime.insert(self.name.clone(), next);
+        let _ = self.shared.targets.try_send(targets);
+        tracing::info!(service = %self.name, backend = %backend.addr, weight = backend.weight, "backend added by operator");
+        Ok(json!({
+            "service": self.name,
+            "backend": backend.addr.to_string(),
+            "weight": backend.weight,
+            "added": true,
+            "note": NOT_PERSISTED,
+        }))
+    }
+
+    /// `vipgate lb remove-backend` (ipvsadm -d): established flows run on.
+    fn remove_backend(&self, backend: SocketAddrV4) -> anyhow::Result<Value> {
+        let mut runtime = lock_unpoisoned(&self.shared.runtime);
+        let rt = runtime
+            .get(&self.name)
+            .with_context(|| format!("service `{}` is not running", self.name))?;
+        let next = rt.with_removed(backend).map_err(anyhow::Error::msg)?;
+        let (targets, held) = {
+            let mut gw = lock(&self.shared.gw);
+            let Some(service) = gw.service_mut(&self.name) else {
+                bail!("service `{}` is not running", self.name);
+            };
+            service
+                .reconfigure(next.effective())
+                .with_context(|| format!("service `{}`", self.name))?;
+            let held = service
+                .backend_id(backend)
+                .and_then(|id| service.pool().backend(id))
+                .map_or(0, balance::Backend::connections);
+            (health_targets(&gw), held)
+        };
+        runtime.insert(self.name.clone(), next);
+        let _ = self.shared.targets.try_send(targets);
+        tracing::info!(service = %self.name, %backend, held, "backend removed by operator");
+        Ok(json!({
+            "service": self.name,
+            "backend": backend.to_string(),
+            "removed": true,
+            "connections_left": held,
+            "note": NOT_PERSISTED,
+        }))
+    }
+
+    /// `vipgate lb set state` (HAProxy's `set server state`).
+    fn set_state(&self, backend: SocketAddrV4, state: AdminState) -> anyhow::Result<Value> {
+        let mut runtime = lock_unpoisoned(&self.shared.runtime);
+        let rt = runtime
+            .get_mut(&self.name)
+            .with_context(|| format!("service `{}` is not running", self.name))?;
+        let previous = rt.state(backend);
+        let targets = {
+            let mut gw = lock(&self.shared.gw);
+            let Some(service) = gw.service_mut(&self.name) else {
+                bail!("service `{}` is not running", self.name);
+            };
+            service
+                .set_admin(backend, state)
+                .with_context(|| format!("service `{}`", self.name))?;
+            health_targets(&gw)
+        };
+        rt.set_state(backend, state);
+        drop(runtime);
+        // maint stops the backend's checks, ready after maint starts them again.
+        let _ = self.shared.targets.try_send(targets);
+        tracing::info!(service = %self.name, %backend, %state, %previous, "backend state set by operator");
+        Ok(json!({
+            "service": self.name,
+            "backend": backend.to_string(),
+            "state": state,
+            "previous": previous,
+            "file_state": AdminState::Ready,
+            "note": NOT_PERSISTED,
+        }))
+    }
+
     /// `Part::reconfigure`: every check and change here is synchronous.
     fn reconfigure_now(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
         if site.nat.is_some() == self.shared.owns_driver {
@@ -379,12 +565,44 @@ impl ServicePart {
         {
             return Ok(Reconfigured::Live);
         }
-        let services: Vec<natgw::ServiceConfig> = site.service.iter().map(lower::service).collect();
+        // The file's services with the runtime changes of those the file left alone.
+        let mut runtime = lock_unpoisoned(&self.shared.runtime);
+        let next: Vec<Runtime> = site
+            .service
+            .iter()
+            .map(|s| {
+                let file = lower::service(s);
+                match runtime.get(&file.name) {
+                    Some(rt) => {
+                        let next = rt.reloaded(file);
+                        if rt.is_changed() && !next.is_changed() {
+                            tracing::info!(service = %next.file().name, "the file changed the service: its runtime changes are replaced by the file's");
+                        }
+                        next
+                    }
+                    None => Runtime::new(file),
+                }
+            })
+            .collect();
+        let services: Vec<natgw::ServiceConfig> = next.iter().map(Runtime::effective).collect();
         let applied = {
             let mut gw = lock(&self.shared.gw);
-            gw.reconfigure_services(services)
-                .map(|outcome| (outcome, health_targets(&gw)))
+            gw.reconfigure_services(services).map(|outcome| {
+                if outcome == Reconfigured::Live {
+                    for rt in &next {
+                        apply_states(&mut gw, rt);
+                    }
+                }
+                (outcome, health_targets(&gw))
+            })
         };
+        if matches!(applied, Ok((Reconfigured::Live, _))) {
+            *runtime = next
+                .into_iter()
+                .map(|rt| (rt.file().name.clone(), rt))
+                .collect();
+        }
+        drop(runtime);
         match applied {
             Ok((Reconfigured::NeedsRestart(reason), _)) => Ok(Reconfigured::NeedsRestart(reason)),
             Ok((Reconfigured::Live, targets)) => {
@@ -419,12 +637,15 @@ impl Part for ServicePart {
     }
 
     fn status(&self) -> Value {
+        let runtime = lock_unpoisoned(&self.shared.runtime);
+        let rt = runtime.get(&self.name);
         let service = self
-            .with_service(|s| ServiceEntry::Running(Box::new(ServiceStatus::of(s))))
+            .with_service(|s| ServiceEntry::Running(Box::new(ServiceStatus::of(s, rt))))
             .unwrap_or_else(|e| ServiceEntry::Missing {
                 name: self.name.clone(),
                 error: format!("{e:#}"),
             });
+        drop(runtime);
         // The gateway's data path (the director's own, or the PAT gateway's it joined).
         let nat = self.shared.driver.summary();
         let item = LbItem {
@@ -444,11 +665,30 @@ impl Part for ServicePart {
     }
 
     fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
-        let ControlOp::LbWeight {
-            backend, weight, ..
-        } = *op
-        else {
-            bail!("lb `{}` does not support `{op}`", self.name);
+        let (backend, weight) = match *op {
+            ControlOp::LbWeight {
+                backend, weight, ..
+            } => (backend, weight),
+            ControlOp::LbAddBackend {
+                backend,
+                weight,
+                max_connections,
+                min_connections,
+                ..
+            } => {
+                return self.add_backend(BackendConfig {
+                    max_connections,
+                    min_connections,
+                    ..BackendConfig::new(backend, u32::from(weight))
+                });
+            }
+            ControlOp::LbRemoveBackend { backend, .. } => return self.remove_backend(backend),
+            ControlOp::LbSetState { backend, state, .. } => {
+                return self.set_state(backend, state);
+            }
+            ControlOp::NatClear | ControlOp::VrrpSetPriority { .. } => {
+                bail!("lb `{}` does not support `{op}`", self.name)
+            }
         };
         let before = self.with_service(move |s| {
             let old = s
@@ -549,6 +789,10 @@ struct ServiceStatus {
     slow_start_ms: Option<u64>,
     locality_entries: usize,
     backends: Vec<BackendStatus>,
+    /// The file's backends `lb remove-backend` took out (those still holding flows are
+    /// also listed in `backends`, as removed).
+    #[serde(default)]
+    removed_at_runtime: Vec<SocketAddrV4>,
 }
 
 /// Only TCP services exist; the field keeps ipvsadm's column.
@@ -617,6 +861,15 @@ enum CheckProtocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct BackendStatus {
     address: SocketAddrV4,
+    /// The operator's state (`lb set state`); the file's is always ready.
+    #[serde(default)]
+    admin: AdminState,
+    /// Added by `lb add-backend`: the file does not list it.
+    #[serde(default)]
+    added_at_runtime: bool,
+    /// The file's weight when the running one differs (`lb weight`, `lb add-backend`).
+    #[serde(default)]
+    file_weight: Option<u32>,
     weight: u32,
     effective_weight: u32,
     slow_start: bool,
@@ -635,24 +888,33 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl ServiceStatus {
-    fn of(s: &VirtualService) -> Self {
+    fn of(s: &VirtualService, rt: Option<&Runtime>) -> Self {
         let pool = s.pool();
         let threshold = |t: u32| (t != 0).then_some(t);
         let backends = pool
             .backends()
-            .map(|(_, b)| BackendStatus {
-                address: b.addr(),
-                weight: b.weight(),
-                effective_weight: b.effective_weight(),
-                slow_start: b.is_ramping(),
-                upper_threshold: threshold(b.max_connections()),
-                lower_threshold: threshold(b.min_connections()),
-                overloaded: b.is_overloaded(),
-                state: b.state(),
-                health: b.health(),
-                active: b.active(),
-                inactive: b.inactive(),
-                counters: *b.stats(),
+            .map(|(_, b)| {
+                let diff = match rt {
+                    Some(rt) if b.state() != BackendState::Removed => rt.diff(b.addr(), b.weight()),
+                    _ => BackendDiff::default(),
+                };
+                BackendStatus {
+                    address: b.addr(),
+                    admin: b.admin(),
+                    added_at_runtime: diff.added,
+                    file_weight: diff.file_weight,
+                    weight: b.weight(),
+                    effective_weight: b.effective_weight(),
+                    slow_start: b.is_ramping(),
+                    upper_threshold: threshold(b.max_connections()),
+                    lower_threshold: threshold(b.min_connections()),
+                    overloaded: b.is_overloaded(),
+                    state: b.state(),
+                    health: b.health(),
+                    active: b.active(),
+                    inactive: b.inactive(),
+                    counters: *b.stats(),
+                }
             })
             .collect();
         let health = s.health().map(|h| {
@@ -693,6 +955,7 @@ impl ServiceStatus {
             slow_start_ms: pool.slow_start().map(millis),
             locality_entries: pool.locality_entries(),
             backends,
+            removed_at_runtime: rt.map(|rt| rt.removed().to_vec()).unwrap_or_default(),
         }
     }
 }
@@ -791,6 +1054,16 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
         if b.slow_start {
             notes.push_str("  slow start");
         }
+        // Runtime differences from the file (`lb add-backend`, `lb weight`, `lb set state`).
+        if b.added_at_runtime {
+            notes.push_str("  added at runtime");
+        }
+        if let Some(w) = b.file_weight {
+            let _ = write!(notes, "  weight {} (file: {w})", b.weight);
+        }
+        if b.admin != AdminState::Ready {
+            let _ = write!(notes, "  state {} (file: ready)", b.admin);
+        }
         // A backend that flaps shows it here; its state column only says where it is now.
         if c.checks_failed > 0 || c.down_transitions > 0 {
             let _ = write!(notes, "  checks failed {}", c.checks_failed);
@@ -828,6 +1101,18 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
             s.counters.sorry
         );
     }
+    if !s.removed_at_runtime.is_empty() {
+        let list: Vec<String> = s
+            .removed_at_runtime
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let _ = writeln!(
+            out,
+            "     removed at runtime (the file lists them): {}",
+            list.join(", ")
+        );
+    }
     if s.counters.refused > 0 {
         let _ = writeln!(out, "     refused (no backend up): {}", s.counters.refused);
     }
@@ -860,6 +1145,9 @@ mod tests {
     fn backend(address: &str, state: BackendState, weight: u32) -> BackendStatus {
         BackendStatus {
             address: addr(address),
+            admin: AdminState::Ready,
+            added_at_runtime: false,
+            file_weight: None,
             weight,
             effective_weight: weight,
             slow_start: false,
@@ -897,6 +1185,7 @@ mod tests {
             slow_start_ms: None,
             locality_entries: 0,
             backends,
+            removed_at_runtime: Vec::new(),
         }
     }
 
@@ -993,6 +1282,41 @@ mod tests {
         assert!(text.contains("turned away at max_connections: 2"), "{text}");
     }
 
+    /// `lb add-backend`, `lb set state`, `lb weight` and `lb remove-backend` show as
+    /// differences from the file, in the text and the JSON.
+    #[test]
+    fn runtime_changes_show_as_differences_from_the_file() {
+        let mut added = backend("10.0.0.103:80", BackendState::Up, 2);
+        added.added_at_runtime = true;
+        let mut drained = backend("10.0.0.101:80", BackendState::Draining, 1);
+        drained.admin = AdminState::Drain;
+        let mut maint = backend("10.0.0.102:80", BackendState::Maint, 5);
+        (maint.admin, maint.file_weight) = (AdminState::Maint, Some(1));
+        let mut s = service("web", SchedulerKind::Rr, vec![drained, maint, added]);
+        s.removed_at_runtime = vec![addr("10.0.0.104:80")];
+        let v = running(s.clone());
+        assert_eq!(v["backends"][0]["admin"], "drain");
+        assert_eq!(v["backends"][1]["state"], "maint");
+        assert_eq!(v["backends"][1]["file_weight"], 1);
+        assert_eq!(v["backends"][2]["added_at_runtime"], true);
+        assert_eq!(v["removed_at_runtime"], json!(["10.0.0.104:80"]));
+        assert_eq!(
+            ServiceEntry::deserialize(&v).unwrap(),
+            ServiceEntry::Running(Box::new(s))
+        );
+        let text = render(&[v]);
+        for want in [
+            "-> 10.0.0.101:80         Masq    draining       1",
+            "state drain (file: ready)",
+            "-> 10.0.0.102:80         Masq    maint          5",
+            "weight 5 (file: 1)  state maint (file: ready)",
+            "added at runtime",
+            "removed at runtime (the file lists them): 10.0.0.104:80",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
+    }
+
     #[test]
     fn direct_routing_shows_as_route() {
         let mut b = backend("10.0.0.101:80", BackendState::Up, 1);
@@ -1074,7 +1398,8 @@ mod tests {
                 "fallback": false, "connection_limit": null, "open_flows": 0,
                 "slow_start_ms": null, "locality_entries": 0,
                 "backends": [{
-                    "address": "10.0.0.101:80", "weight": 0, "effective_weight": 0,
+                    "address": "10.0.0.101:80", "admin": "ready", "added_at_runtime": false,
+                    "file_weight": null, "weight": 0, "effective_weight": 0,
                     "slow_start": false, "upper_threshold": 4, "lower_threshold": null,
                     "overloaded": false, "state": "draining", "health": "up",
                     "active": 0, "inactive": 0,
@@ -1082,6 +1407,7 @@ mod tests {
                                   "bytes_in": 0, "bytes_out": 0, "checks_failed": 3,
                                   "down_transitions": 0, "up_transitions": 0 },
                 }],
+                "removed_at_runtime": [],
                 "datapath": "kernel", "datapath_reason": "the kernel program is attached",
                 "fast_path": { "packets": 12, "bytes": 20480, "flows": 0,
                                "direct_route_undeliverable": 0, "adopted": 0,

@@ -15,6 +15,7 @@
 
 pub(crate) mod gre;
 pub(crate) mod lb;
+mod lbruntime;
 pub(crate) mod nat;
 pub(crate) mod ssh;
 pub(crate) mod sync;

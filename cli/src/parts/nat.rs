@@ -183,9 +183,7 @@ impl Part for NatPart {
     fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
         match op {
             ControlOp::NatClear => Ok(json!({ "cleared": self.driver.clear() })),
-            ControlOp::LbWeight { .. } | ControlOp::VrrpSetPriority { .. } => {
-                anyhow::bail!("nat does not support `{op}`")
-            }
+            _ => anyhow::bail!("nat does not support `{op}`"),
         }
     }
 
