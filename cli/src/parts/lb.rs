@@ -900,7 +900,12 @@ impl ServiceStatus {
                 };
                 BackendStatus {
                     address: b.addr(),
-                    admin: b.admin(),
+                    // A removed backend's state no longer matters (it takes nothing new).
+                    admin: if b.state() == BackendState::Removed {
+                        AdminState::Ready
+                    } else {
+                        b.admin()
+                    },
                     added_at_runtime: diff.added,
                     file_weight: diff.file_weight,
                     weight: b.weight(),

@@ -1109,3 +1109,147 @@ fn direct_routing_real_servers_answer_the_client_directly() {
     drop(servers);
     assert_eq!(vipgate.terminate(Duration::from_secs(10)), Some(0));
 }
+
+impl Lab {
+    /// `vipgate lb ARGS...`; its stdout, or its stderr as the error.
+    fn lb(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["lb"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--control", &self.control]);
+        let out = self.t.vipgate_output("dir", &all);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+on_both_datapaths!(
+    runtime_backends_and_states_change_without_a_reload:
+    runtime_backends_and_states_change_without_a_reload_kernel,
+    runtime_backends_and_states_change_without_a_reload_tun
+);
+
+/// `lb add-backend` under traffic (rs3, not in the file, answers), `lb set state drain` while
+/// rs1 holds connections (no new flows; the held ones are answered by rs1), `maint`,
+/// `remove-backend`, refusals of what the config check refuses, and a reload that changes
+/// the service replacing every runtime change.
+fn runtime_backends_and_states_change_without_a_reload(t: Topology, datapath: &'static str) {
+    let lab = Lab::new(t, 3, &service("rr", "", &[(1, 1), (2, 1)]), datapath);
+    let split = count(&lab.connect(80, 20, CLIENTS));
+    assert_eq!(split.get("rs3"), None, "rs3 is not in the file: {split:?}");
+
+    let out = lab
+        .lb(&["add-backend", "web", "10.0.0.103:80", "--weight", "1"])
+        .unwrap();
+    assert!(out.contains("not persisted"), "{out}");
+    let split = count(&lab.connect(80, 30, CLIENTS));
+    assert_eq!(
+        (split.get("rs1"), split.get("rs2"), split.get("rs3")),
+        (Some(&10), Some(&10), Some(&10)),
+        "rr over the added backend"
+    );
+    assert!(lab.show().contains("added at runtime"), "{}", lab.show());
+    let json = lab.json();
+    assert_eq!(json[0]["backends"][2]["added_at_runtime"], true, "{json}");
+    // What the config check refuses: a backend twice, the sorry-less last backend removed,
+    // an unknown one.
+    let err = lab
+        .lb(&["add-backend", "web", "10.0.0.103:80"])
+        .unwrap_err();
+    assert!(err.contains("already a backend"), "{err}");
+    let err = lab
+        .lb(&["set", "state", "web", "10.0.0.109:80", "drain"])
+        .unwrap_err();
+    assert!(err.contains("10.0.0.109:80"), "{err}");
+
+    // Drain rs1 while it holds 3 connections.
+    lab.lb(&["set", "state", "web", "10.0.0.102:80", "maint"])
+        .unwrap();
+    lab.lb(&["set", "state", "web", "10.0.0.103:80", "maint"])
+        .unwrap();
+    let go = lab.t.dir().join("go");
+    let hold = lab.t.dir().join("hold.py");
+    let mut held = lab.t.spawn(
+        "cl",
+        "hold",
+        &[
+            "python3",
+            hold.to_str().unwrap_or(""),
+            VIP,
+            "80",
+            "3",
+            go.to_str().unwrap_or(""),
+        ],
+    );
+    wait_until(Duration::from_secs(10), "3 held connections on rs1", || {
+        lab.backend("10.0.0.101:80").2 == 3
+    });
+    lab.lb(&["set", "state", "web", "10.0.0.101:80", "drain"])
+        .unwrap();
+    lab.lb(&["set", "state", "web", "10.0.0.102:80", "ready"])
+        .unwrap();
+    let split = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(
+        split.get("rs2"),
+        Some(&10),
+        "drained rs1, maint rs3: {split:?}"
+    );
+    let show = lab.show();
+    assert!(show.contains("state drain (file: ready)"), "{show}");
+    assert!(show.contains("state maint (file: ready)"), "{show}");
+    assert_eq!(lab.backend("10.0.0.101:80").0, "draining");
+    std::fs::write(&go, b"go").expect("releasing the held connections");
+    assert_eq!(held.wait_exit(Duration::from_secs(20)), Some(0));
+    let answers: Vec<String> = held.log().lines().skip(1).map(str::to_owned).collect();
+    assert_eq!(
+        answers,
+        ["rs1", "rs1", "rs1"],
+        "the drained backend finished its flows"
+    );
+
+    // Remove the added backend: gone; rs1 back to ready.
+    lab.lb(&["remove-backend", "web", "10.0.0.103:80"]).unwrap();
+    lab.lb(&["set", "state", "web", "10.0.0.101:80", "ready"])
+        .unwrap();
+    let split = count(&lab.connect(80, 20, CLIENTS));
+    assert_eq!(
+        (split.get("rs1"), split.get("rs2"), split.get("rs3")),
+        (Some(&10), Some(&10), None),
+        "after remove-backend"
+    );
+    // A file backend removed at runtime shows as such; the last one cannot go.
+    lab.lb(&["remove-backend", "web", "10.0.0.102:80"]).unwrap();
+    assert!(
+        lab.show()
+            .contains("removed at runtime (the file lists them): 10.0.0.102:80"),
+        "{}",
+        lab.show()
+    );
+    let err = lab
+        .lb(&["remove-backend", "web", "10.0.0.101:80"])
+        .unwrap_err();
+    assert!(err.contains("last backend"), "{err}");
+    let split = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(split.get("rs1"), Some(&10));
+
+    // A reload that changes the service replaces the runtime changes with the file's.
+    lab.lb(&["set", "state", "web", "10.0.0.101:80", "maint"])
+        .unwrap();
+    let text = std::fs::read_to_string(&lab.config).expect("reading the config");
+    std::fs::write(&lab.config, text.replace("weight = 1 }", "weight = 2 }"))
+        .expect("rewriting the config");
+    lab.vipgate.signal(1);
+    wait_until(Duration::from_secs(10), "the reload to apply", || {
+        lab.show().contains("10.0.0.102:80") && !lab.show().contains("runtime")
+    });
+    let show = lab.show();
+    assert!(!show.contains("state maint"), "{show}");
+    let split = count(&lab.connect(80, 20, CLIENTS));
+    assert_eq!(
+        (split.get("rs1"), split.get("rs2")),
+        (Some(&10), Some(&10)),
+        "the file's service again: {show}"
+    );
+}
