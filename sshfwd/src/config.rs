@@ -28,6 +28,9 @@ pub struct ClientConfig {
     pub user: String,
     /// Identity files tried in order.
     pub identities: Vec<PathBuf>,
+    /// `CertificateFile`: user certificates, each offered with the identity it certifies
+    /// (an identity's `-cert.pub` is picked up without being listed).
+    pub certificates: Vec<PathBuf>,
     /// Passphrase for encrypted identity files.
     pub passphrase: Option<String>,
     /// Also try the keys of the ssh-agent at `SSH_AUTH_SOCK`.
@@ -83,6 +86,7 @@ impl ClientConfig {
             port,
             user: user.to_string(),
             identities: Vec::new(),
+            certificates: Vec::new(),
             passphrase: None,
             use_agent: true,
             known_hosts,
@@ -293,6 +297,12 @@ pub struct ServerConfig {
     pub host_key: PathBuf,
     /// authorized_keys file, re-read on each login.
     pub authorized_keys: PathBuf,
+    /// `TrustedUserCAKeys`: a file of CA public keys (one per line, no options) whose user
+    /// certificates log in a user named among their principals; re-read on each login.
+    pub trusted_user_ca_keys: Option<PathBuf>,
+    /// `HostCertificate`: an OpenSSH host certificate for `host_key`, presented to clients
+    /// that ask for one.
+    pub host_certificate: Option<PathBuf>,
     /// Targets clients may open (`PermitOpen`).
     pub permit_open: PermitList,
     /// Addresses clients may listen on (`PermitListen`).

@@ -3,8 +3,9 @@
 //!
 //! Supports what OpenSSH writes and users edit: plain and hashed (`|1|salt|hash`) host fields,
 //! `[host]:port` for non-22 ports, comma lists with `*`/`?` wildcards and `!` negation,
-//! `@revoked` lines, comments, any run of blanks between fields. `@cert-authority` lines are
-//! read but never trusted (no certificate support).
+//! `@revoked` lines, comments, any run of blanks between fields. `@cert-authority` lines name
+//! the CAs whose host certificates are trusted for the hosts they match
+//! ([`cert_authorities`]; the certificate itself is judged by [`crate::cert::check_host`]).
 //!
 //! Policy (stricter than OpenSSH where OpenSSH only warns): a host known under other key types
 //! but not the presented one is refused too, because accepting it would let an attacker pick a
@@ -201,6 +202,42 @@ pub fn check(text: &str, host: &str, port: u16, algorithm: &str, blob: &[u8]) ->
     }
 }
 
+/// A `@cert-authority` line that matches a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertAuthority {
+    /// 1-based line number.
+    pub line: usize,
+    /// The CA key's wire blob.
+    pub blob: Vec<u8>,
+}
+
+/// The `@cert-authority` keys trusted for `host:port`, in file order. A host certificate is
+/// accepted only if signed by one of them (and not `@revoked`).
+#[must_use]
+pub fn cert_authorities(text: &str, host: &str, port: u16) -> Vec<CertAuthority> {
+    let field = host_field(host, port);
+    text.lines()
+        .enumerate()
+        .filter_map(|(i, l)| parse_line(l, i + 1))
+        .filter(|e| e.marker == Marker::CertAuthority && hosts_match(&e.hosts, &field))
+        .map(|e| CertAuthority {
+            line: e.line,
+            blob: e.blob,
+        })
+        .collect()
+}
+
+/// The line of an `@revoked` entry for this key blob (a host key, a certificate's key or a
+/// CA key), if any.
+#[must_use]
+pub fn revoked(text: &str, blob: &[u8]) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter_map(|(i, l)| parse_line(l, i + 1))
+        .find(|e| e.marker == Marker::Revoked && e.blob == blob)
+        .map(|e| e.line)
+}
+
 /// Key types recorded for `host:port`, in file order: the client offers these first so the
 /// server picks a key the file can vouch for (what OpenSSH does with `HostKeyAlgorithms`).
 #[must_use]
@@ -364,6 +401,28 @@ mod tests {
         assert!(msg.contains("CHANGED") && msg.contains("kh:3") && msg.contains("[h]:2222"));
         assert!("no".parse::<StrictHostKeyChecking>().is_err());
         assert_eq!("accept-new".parse(), Ok(StrictHostKeyChecking::AcceptNew));
+    }
+
+    #[test]
+    fn cert_authority_lines() {
+        let text = format!(
+            "@cert-authority *.lan,!bad.lan ssh-ed25519 {A} ca\n@revoked * ssh-ed25519 {B}\n\
+             @cert-authority [h]:2222 ssh-ed25519 {B}\n"
+        );
+        let cas = cert_authorities(&text, "web.lan", 22);
+        assert_eq!(cas.len(), 1);
+        assert_eq!(cas[0].line, 1);
+        assert_eq!(cas[0].blob, blob(A));
+        assert!(cert_authorities(&text, "bad.lan", 22).is_empty());
+        assert_eq!(cert_authorities(&text, "h", 2222)[0].line, 3);
+        assert!(cert_authorities(&text, "h", 22).is_empty());
+        assert_eq!(revoked(&text, &blob(B)), Some(2));
+        assert_eq!(revoked(&text, &blob(A)), None);
+        // A CA line never makes its key a trusted host key.
+        assert_eq!(
+            check(&text, "web.lan", 22, "ssh-ed25519", &blob(A)),
+            HostKeyStatus::Unknown
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! It also connects through `ProxyJump` hosts (each hop's host key checked) and opens
 //! `direct-tcpip` streams for `ssh -W`. What this crate does NOT do: shells, command
 //! execution, subsystems (sftp), X11 or agent forwarding, password or keyboard-interactive
-//! authentication, certificates, `ProxyCommand`.
+//! authentication, `ProxyCommand`. OpenSSH certificates are accepted and presented in both roles
+//! (policy in [`cert`]).
 //! The SSH protocol itself is russh's; this crate adds policy and plumbing.
 //!
 //! ```text
@@ -29,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod cert;
 pub mod config;
 pub mod known_hosts;
 pub mod options;

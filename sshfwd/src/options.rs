@@ -43,6 +43,7 @@ pub const APPLIED: &[&str] = &[
     "User",
     "Port",
     "IdentityFile",
+    "CertificateFile",
     "IdentitiesOnly",
     "IdentityAgent",
     "LocalForward",
@@ -77,7 +78,6 @@ pub const IGNORED: &[&str] = &[
     "CanonicalizeMaxDots",
     "CanonicalizePermittedCNAMEs",
     "CASignatureAlgorithms",
-    "CertificateFile",
     "ChallengeResponseAuthentication",
     "ChannelTimeout",
     "CheckHostIP",
@@ -278,6 +278,8 @@ pub struct SshOptions {
     pub port: Option<u16>,
     /// Identity files in order (`IdentityFile`, `-i`), unexpanded.
     pub identity_files: Vec<String>,
+    /// User certificate files (`CertificateFile`), unexpanded.
+    pub certificate_files: Vec<String>,
     /// Only use the identity files, not the agent (`IdentitiesOnly`).
     pub identities_only: Option<bool>,
     /// `IdentityAgent`: `none`, `SSH_AUTH_SOCK`, or a socket path.
@@ -704,6 +706,10 @@ impl SshOptions {
             "IdentityFile" => {
                 let v = single(k, args)?;
                 self.identity_files.push(v.to_string());
+            }
+            "CertificateFile" => {
+                let v = single(k, args)?;
+                self.certificate_files.push(v.to_string());
             }
             "LocalForward" | "RemoteForward" => {
                 // ssh_config's two-argument form (`8080 host:80`) is `-L`'s with a colon.

@@ -9,8 +9,9 @@
 //! pattern kind, so a `!a.b.c.d` negation cannot be sidestepped.
 //!
 //! Invariants: a key past its `expiry-time` never authorizes ([`AuthorizedKey::usable_at`]);
-//! a `cert-authority` line never authorizes a plain key (certificates are not supported, so
-//! such a line authorizes nothing); a peer matching a `!` pattern of `from=` is refused.
+//! a `cert-authority` line never authorizes a plain key, only user certificates it signed
+//! (see [`crate::cert::check_user`], with the line's `principals=`); a peer matching a `!`
+//! pattern of `from=` is refused.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -297,6 +298,9 @@ pub struct KeyOptions {
     pub expiry: Option<Expiry>,
     /// `cert-authority`: the key signs user certificates; it is never a login key itself.
     pub cert_authority: bool,
+    /// `principals="a,b"` (with `cert-authority`): a certificate must carry one of these
+    /// principals; without it the user name must be one of the certificate's.
+    pub principals: Option<Vec<String>>,
 }
 
 impl Default for KeyOptions {
@@ -308,6 +312,7 @@ impl Default for KeyOptions {
             from: None,
             expiry: None,
             cert_authority: false,
+            principals: None,
         }
     }
 }
@@ -481,8 +486,21 @@ fn parse_options(field: &str) -> Result<KeyOptions, PolicyError> {
                         .map_or(e, |old| if old.at <= e.at { old } else { e }),
                 );
             }
-            ("command" | "environment" | "principals", Some(v)) => {
+            ("command" | "environment", Some(v)) => {
                 unquote(v).ok_or_else(|| bad(&opt))?;
+            }
+            ("principals", Some(v)) => {
+                let v = unquote(v).ok_or_else(|| bad(&opt))?;
+                let list: Vec<String> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if list.is_empty() || list.len() > crate::cert::MAX_PRINCIPALS {
+                    return Err(bad(&opt));
+                }
+                opts.principals.get_or_insert_with(Vec::new).extend(list);
             }
             ("permitopen", Some(v)) => {
                 let v = unquote(v).ok_or_else(|| bad(&opt))?;
@@ -509,9 +527,10 @@ fn parse_options(field: &str) -> Result<KeyOptions, PolicyError> {
 /// Why a parsed key line does not authorize a login right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unusable {
-    /// `cert-authority`: only certificates signed by it could log in, and certificates are
-    /// not supported.
+    /// `cert-authority`: only certificates signed by it log in, never the key itself.
     CertAuthority,
+    /// Not a `cert-authority` line: it cannot vouch for a certificate.
+    NotCertAuthority,
     /// Past its `expiry-time`.
     Expired,
     /// The peer's address is not allowed by `from=`.
@@ -527,6 +546,22 @@ impl AuthorizedKey {
         if self.options.cert_authority {
             return Err(Unusable::CertAuthority);
         }
+        self.restrictions_allow(peer, now)
+    }
+
+    /// Whether this `cert-authority` line lets a client at `peer` log in at `now` with a
+    /// certificate it signed (its `from=` and `expiry-time=` apply to the certificate's use).
+    ///
+    /// # Errors
+    /// Why not.
+    pub fn usable_as_ca_at(&self, peer: IpAddr, now: Now) -> Result<(), Unusable> {
+        if !self.options.cert_authority {
+            return Err(Unusable::NotCertAuthority);
+        }
+        self.restrictions_allow(peer, now)
+    }
+
+    fn restrictions_allow(&self, peer: IpAddr, now: Now) -> Result<(), Unusable> {
         if self.options.expiry.is_some_and(|e| e.expired(now)) {
             return Err(Unusable::Expired);
         }
@@ -715,6 +750,20 @@ mod tests {
             k.usable_at("10.0.0.1".parse().unwrap(), NOW),
             Err(Unusable::CertAuthority)
         );
+        let peer = "10.0.0.1".parse().unwrap();
+        assert!(k.usable_as_ca_at(peer, NOW).is_ok());
+        assert_eq!(
+            key("").usable_as_ca_at(peer, NOW),
+            Err(Unusable::NotCertAuthority)
+        );
+        let k = key("cert-authority,principals=\"ops, admins\",from=\"192.168.0.0/16\"");
+        assert_eq!(
+            k.options.principals,
+            Some(vec!["ops".to_string(), "admins".to_string()])
+        );
+        assert_eq!(k.usable_as_ca_at(peer, NOW), Err(Unusable::From));
+        assert!(parse_authorized_key(&format!("principals=\"\" {KEY}"), 1).is_err());
+        assert!(parse_authorized_key(&format!("principals=ops {KEY}"), 1).is_err());
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl ReloadPlan {
     ///
     /// # Errors
     /// [`NeedsRestart`] naming the first setting that identifies the connection and changed:
-    /// host, port, user, identities, passphrase, agent use, known_hosts file, host key policy,
+    /// host, port, user, identities, certificates, passphrase, agent use, known_hosts file, host key policy,
     /// ciphers and other algorithms, address family, bind address, agent socket, jump hosts, connection count, `gateway_ports` (it moves every default listener),
     /// `connect_timeout` or the reconnect schedule.
     pub fn between(old: &ClientConfig, new: &ClientConfig) -> Result<ReloadPlan, NeedsRestart> {
@@ -58,6 +58,7 @@ impl ReloadPlan {
             ("port", old.port != new.port),
             ("user", old.user != new.user),
             ("identity", old.identities != new.identities),
+            ("certificate", old.certificates != new.certificates),
             ("passphrase", old.passphrase != new.passphrase),
             ("use_agent", old.use_agent != new.use_agent),
             ("known_hosts", old.known_hosts != new.known_hosts),

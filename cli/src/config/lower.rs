@@ -377,6 +377,11 @@ pub(crate) fn ssh_client(d: &SshSection) -> ClientConfig {
         .iter()
         .map(|p| PathBuf::from(expand_tilde(&p.display().to_string(), home.as_deref())))
         .collect();
+    cfg.certificates = d
+        .certificate
+        .iter()
+        .map(|p| PathBuf::from(expand_tilde(&p.display().to_string(), home.as_deref())))
+        .collect();
     cfg.use_agent = d.use_agent;
     cfg.strict_host_key_checking = d.strict_host_key_checking;
     cfg.local = d.local.iter().map(|s| s.get_ref().0.clone()).collect();

@@ -21,6 +21,10 @@ pub(crate) struct SshSection {
     /// Private key file.
     #[serde(default)]
     pub(crate) identity: Option<PathBuf>,
+    /// User certificate for `identity` (`CertificateFile`). Default: `<identity>-cert.pub`
+    /// when it exists, as OpenSSH picks it up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) certificate: Option<PathBuf>,
     /// known_hosts file. Default `~/.ssh/known_hosts`.
     #[serde(default)]
     pub(crate) known_hosts: Option<PathBuf>,
@@ -265,8 +269,17 @@ pub(crate) struct SshdSection {
     pub(crate) listen: Spanned<SocketAddr>,
     /// Host key; an ed25519 key is generated there on first start.
     pub(crate) host_key: PathBuf,
-    /// authorized_keys file (OpenSSH format, `permitopen=`/`permitlisten=`/`from=` honoured).
+    /// authorized_keys file (OpenSSH format, `permitopen=`/`permitlisten=`/`from=` honoured;
+    /// `cert-authority` lines with `principals=` admit user certificates).
     pub(crate) authorized_keys: PathBuf,
+    /// `TrustedUserCAKeys`: CA public keys whose user certificates log in a user named among
+    /// their principals. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) trusted_user_ca_keys: Option<PathBuf>,
+    /// `HostCertificate`: a host certificate for `host_key`, presented to clients that trust
+    /// its CA. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) host_certificate: Option<PathBuf>,
     /// `host:port` patterns clients may open (-L); empty = any.
     #[serde(default, deserialize_with = "permit_open_list")]
     pub(crate) permit_open: Vec<String>,

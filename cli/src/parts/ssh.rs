@@ -327,6 +327,11 @@ fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
             .map(|p| path("IdentityFile", p))
             .collect::<anyhow::Result<_>>()?
     };
+    cfg.certificates = o
+        .certificate_files
+        .iter()
+        .map(|p| path("CertificateFile", p))
+        .collect::<anyhow::Result<_>>()?;
     match o.identity_agent.as_deref() {
         Some(a) if a.eq_ignore_ascii_case("none") => cfg.use_agent = false,
         Some("SSH_AUTH_SOCK") | None => {}
@@ -595,6 +600,8 @@ async fn start_server(section: &SshdSection) -> anyhow::Result<SshServer> {
         listen: *section.listen.get_ref(),
         host_key: section.host_key.clone(),
         authorized_keys: section.authorized_keys.clone(),
+        trusted_user_ca_keys: section.trusted_user_ca_keys.clone(),
+        host_certificate: section.host_certificate.clone(),
         permit_open: PermitList::parse(&section.permit_open, false).map_err(anyhow::Error::msg)?,
         permit_listen: PermitList::parse(&section.permit_listen, true)
             .map_err(anyhow::Error::msg)?,

@@ -15,14 +15,15 @@ use std::time::Instant;
 use netutil::Reconfigured;
 use russh::Disconnect;
 use russh::client::{self, Handle};
-use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::certs;
 use super::forward::{self, Listeners};
 use super::lock;
-use super::session::{ClientHandler, JumpHandler, RemoteForward, Shared, State};
+use super::session::{ClientHandler, Identity, JumpHandler, RemoteForward, Shared, State};
 use super::worker::Worker;
 use crate::backoff::Backoff;
 use crate::config::{
@@ -63,11 +64,15 @@ impl SshClient {
     /// and with `fail_fast` a failed first connection (host key, auth, network); with
     /// `exit_on_forward_failure`, a remote forward the server refuses.
     pub async fn start(cfg: ClientConfig) -> Result<SshClient, SshFwdError> {
-        let keys = load_identities(&cfg.identities, cfg.passphrase.as_deref())?;
+        let keys = load_identities(
+            &cfg.identities,
+            &cfg.certificates,
+            cfg.passphrase.as_deref(),
+        )?;
         let jump_keys = cfg
             .jump
             .iter()
-            .map(|hop| load_identities(&hop.identities, cfg.passphrase.as_deref()))
+            .map(|hop| load_identities(&hop.identities, &[], cfg.passphrase.as_deref()))
             .collect::<Result<Vec<_>, _>>()?;
         let connections = cfg.connections.max(1);
         let workers = (0..connections)
@@ -345,10 +350,18 @@ async fn shutdown_workers(workers: Vec<Worker>) {
     }
 }
 
+/// Loads each identity with its certificate: the first of `certificates` (`CertificateFile`)
+/// that certifies its key, else `<identity>-cert.pub` if that exists and certifies it (as
+/// OpenSSH does; a `-cert.pub` for another key is skipped with a warning).
 fn load_identities(
     paths: &[PathBuf],
+    certificates: &[PathBuf],
     passphrase: Option<&str>,
-) -> Result<Vec<(PathBuf, Arc<PrivateKey>)>, SshFwdError> {
+) -> Result<Vec<Identity>, SshFwdError> {
+    let explicit = certificates
+        .iter()
+        .map(|p| certs::load_certificate(p).map(|c| (p.clone(), c)))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut keys = Vec::new();
     for path in paths {
         super::server::check_file_mode(path, true)?;
@@ -361,7 +374,42 @@ fn load_identities(
             };
             SshFwdError::Identity { path: path.clone(), why }
         })?;
-        keys.push((path.clone(), Arc::new(key)));
+        let certifies =
+            |c: &russh::keys::Certificate| c.public_key() == key.public_key().key_data();
+        let mut cert = explicit.iter().find(|(_, c)| certifies(c)).cloned();
+        if cert.is_none() {
+            let mut beside = path.as_os_str().to_owned();
+            beside.push("-cert.pub");
+            let beside = PathBuf::from(beside);
+            if beside.exists() {
+                let c = certs::load_certificate(&beside)?;
+                if certifies(&c) {
+                    cert = Some((beside, c));
+                } else {
+                    tracing::warn!(
+                        "{} does not certify {}; not used",
+                        beside.display(),
+                        path.display()
+                    );
+                }
+            }
+        }
+        keys.push(Identity {
+            path: path.clone(),
+            key: Arc::new(key),
+            cert,
+        });
+    }
+    for (p, c) in &explicit {
+        if !keys
+            .iter()
+            .any(|k| k.cert.as_ref().is_some_and(|(_, kc)| kc == c))
+        {
+            tracing::warn!(
+                "CertificateFile {} certifies none of the identity files; not used",
+                p.display()
+            );
+        }
     }
     Ok(keys)
 }
@@ -432,6 +480,12 @@ fn russh_config(cfg: &ClientConfig, host: &str, port: u16) -> Result<client::Con
                 }
             }
             preferred.key = order.into();
+        }
+        // A `@cert-authority` for this host: ask for its host certificate first (OpenSSH
+        // offers certificate algorithms ahead of plain keys). Without one a certificate could
+        // only be judged as its plain key, so none is asked for.
+        if !known_hosts::cert_authorities(&text, host, port).is_empty() {
+            preferred.host_key_certificates = preferred.key.to_vec().into();
         }
     }
     Ok(client::Config {
@@ -655,7 +709,7 @@ async fn authenticate<H: client::Handler>(
     handle: &mut Handle<H>,
     user: &str,
     host: &str,
-    keys: &[(PathBuf, Arc<PrivateKey>)],
+    keys: &[Identity],
 ) -> Result<(), SshFwdError> {
     let cfg = &shared.cfg;
     let mut tried = Vec::new();
@@ -665,7 +719,23 @@ async fn authenticate<H: client::Handler>(
         .ok()
         .flatten()
         .unwrap_or(Some(HashAlg::Sha256));
-    for (path, key) in keys {
+    for Identity { path, key, cert } in keys {
+        // The certificate first, then the plain key (what OpenSSH offers).
+        if let Some((cert_path, cert)) = cert {
+            tried.push(cert_path.display().to_string());
+            if handle
+                .authenticate_openssh_cert(user, key.clone(), cert.clone())
+                .await?
+                .success()
+            {
+                tracing::debug!(
+                    "{}: authenticated with certificate {}",
+                    cfg.name,
+                    cert_path.display()
+                );
+                return Ok(());
+            }
+        }
         tried.push(path.display().to_string());
         let key = PrivateKeyWithHashAlg::new(key.clone(), rsa_hash);
         if handle.authenticate_publickey(user, key).await?.success() {

@@ -1,5 +1,6 @@
 //! What russh calls on a client connection (the destination's, and each `ProxyJump` hop's):
-//! host key verification against known_hosts
+//! host key (or host certificate, against `@cert-authority` lines) verification against
+//! known_hosts
 //! (recording a first-seen key under an exclusive lock), the channels the server opens for
 //! `-R` forwards, and the disconnect reason.
 //!
@@ -13,6 +14,7 @@ use russh::client::{self, ChannelOpenHandle, Msg, Session};
 use russh::keys::{HashAlg, PublicKey, PublicKeyBase64};
 use russh::{Channel, ChannelOpenFailure};
 
+use super::certs;
 use super::forward::serve_remote;
 use super::lock;
 use super::session::{ClientHandler, JumpHandler, RemoteForward, Shared};
@@ -46,9 +48,9 @@ impl ClientHandler {
     }
 }
 
-/// Checks a server's host key (or refuses its certificate) against known_hosts under
-/// `host`:`port`, recording a first-seen key when the policy allows; a refusal leaves its
-/// reason in `Shared::host_key_refusal`.
+/// Checks a server's host key or host certificate against known_hosts under `host`:`port`,
+/// recording a first-seen key when the policy allows; a refusal leaves its reason in
+/// `Shared::host_key_refusal`.
 fn check_key(
     shared: &Shared,
     host: &str,
@@ -59,11 +61,76 @@ fn check_key(
         russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
             verify_host_key(shared, host, port, key)
         }
-        russh::keys::PublicKeyOrCertificate::Certificate(_) => {
-            *lock(&shared.host_key_refusal) = Some("host certificates are not supported".into());
-            false
+        russh::keys::PublicKeyOrCertificate::Certificate(cert) => {
+            match verify_host_certificate(shared, host, port, cert) {
+                Ok(Some(())) => true,
+                // No `@cert-authority` for this host: judge the certified key as a plain
+                // host key, as OpenSSH does ("No matching CA found. Retry with plain key").
+                Ok(None) => {
+                    tracing::debug!("No matching CA found. Retry with plain key");
+                    let plain = PublicKey::new(cert.public_key().clone(), "");
+                    verify_host_key(shared, host, port, &plain)
+                }
+                Err(msg) => {
+                    tracing::error!("{msg}");
+                    *lock(&shared.host_key_refusal) = Some(msg);
+                    false
+                }
+            }
         }
     }
+}
+
+/// A host certificate: `Ok(Some(()))` when a `@cert-authority` of known_hosts for
+/// `host`:`port` signed it and [`crate::cert::check_host`] accepts it, `Ok(None)` when no CA
+/// line names the signer, the refusal (OpenSSH's words first) otherwise.
+fn verify_host_certificate(
+    shared: &Shared,
+    host: &str,
+    port: u16,
+    cert: &russh::keys::Certificate,
+) -> Result<Option<()>, String> {
+    let cfg = &shared.cfg;
+    let path = cfg.known_hosts.display().to_string();
+    let text = match std::fs::read_to_string(&cfg.known_hosts) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read {path}: {e}")),
+    };
+    let ca = certs::ca_blob(cert);
+    let who = known_hosts::host_field(host, port);
+    let Some(authority) = known_hosts::cert_authorities(&text, host, port)
+        .into_iter()
+        .find(|a| a.blob == ca)
+    else {
+        return Ok(None);
+    };
+    let certified = PublicKey::new(cert.public_key().clone(), "").public_key_bytes();
+    for (blob, what) in [(&ca, "certificate authority"), (&certified, "key")] {
+        if let Some(line) = known_hosts::revoked(&text, blob) {
+            return Err(format!(
+                "Host {what} for {who} is marked as revoked at {path}:{line}; refusing to connect"
+            ));
+        }
+    }
+    if let Err(e) = cert.verify_signature() {
+        return Err(format!(
+            "Host certificate for {who}: bad signature by its CA ({e}); refusing to connect"
+        ));
+    }
+    let facts = certs::facts(cert);
+    crate::cert::check_host(&facts, host, certs::unix_now()).map_err(|why| {
+        format!(
+            "{why} (host certificate {:?} for {who}, principals {:?}, CA at {path}:{})",
+            facts.key_id, facts.principals, authority.line
+        )
+    })?;
+    tracing::debug!(
+        "Host certificate {:?} for {who} accepted, CA at {path}:{}",
+        facts.key_id,
+        authority.line
+    );
+    Ok(Some(()))
 }
 
 fn verify_host_key(shared: &Shared, host: &str, port: u16, key: &PublicKey) -> bool {

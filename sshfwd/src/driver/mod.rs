@@ -2,6 +2,7 @@
 //! the forwarding-only server ([`SshServer`]).
 //!
 //! ```text
+//!  certs.rs    certificate files, and a verified certificate's fields for crate::cert
 //!  config_files.rs  ssh_config files on disk: -F, ~/.ssh/config, Include globs
 //!  client.rs   SshClient: start, reconfigure (executes a ReloadPlan), status, stop;
 //!              per-slot supervisors that connect, authenticate, request -R, reconnect
@@ -18,6 +19,7 @@
 //! I/O (specs, known_hosts policy, permit lists, backoff, the reload plan) stay in the pure
 //! modules at the crate root.
 
+mod certs;
 mod client;
 mod config_files;
 mod copy;

@@ -1,5 +1,6 @@
 //! The forwarding-only SSH server (`vipgate sshd`): public-key authentication against an
-//! authorized_keys file, `direct-tcpip` (clients' `-L`/`-D`) and `tcpip-forward` (clients'
+//! authorized_keys file (user certificates signed by its `cert-authority` keys or by the
+//! `trusted_user_ca_keys` file too; a host certificate presented when configured), `direct-tcpip` (clients' `-L`/`-D`) and `tcpip-forward` (clients'
 //! `-R`) within permit lists; sessions may be opened (OpenSSH's `ssh` without `-N` opens one)
 //! but shells, commands and subsystems are refused with a message on the client's stderr.
 //!
@@ -33,12 +34,22 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use super::certs;
 use super::copy::{ForwardCounters, pump};
 use super::lock;
 use crate::config::{ServerConfig, ServerCounts, ServerStatus};
 use crate::error::SshFwdError;
 use crate::policy::{AuthorizedKey, KeyOptions, Now, PermitList, Unusable, parse_authorized_keys};
 use crate::startups::{Refusal, Startups};
+
+/// Largest `trusted_user_ca_keys` file read.
+const MAX_CA_FILE: u64 = 1024 * 1024;
+
+fn ca_fingerprint(cert: &russh::keys::Certificate) -> String {
+    russh::keys::PublicKey::new(cert.signature_key().clone(), "")
+        .fingerprint(HashAlg::Sha256)
+        .to_string()
+}
 
 /// Counters for `vipgate show ssh`.
 #[derive(Debug, Default)]
@@ -207,6 +218,31 @@ impl SshServer {
     /// Host key problems, or the listen address cannot be bound.
     pub async fn start(cfg: ServerConfig) -> Result<SshServer, SshFwdError> {
         let (key, host_key) = load_or_generate_host_key(&cfg.host_key)?;
+        let certificates = match &cfg.host_certificate {
+            Some(path) => {
+                let cert = certs::load_certificate(path)?;
+                if cert.public_key() != key.public_key().key_data() {
+                    return Err(SshFwdError::Identity {
+                        path: path.clone(),
+                        why: format!(
+                            "the certificate is not for the host key {}",
+                            cfg.host_key.display()
+                        ),
+                    });
+                }
+                if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::Host {
+                    return Err(SshFwdError::Identity {
+                        path: path.clone(),
+                        why: "not a host certificate".into(),
+                    });
+                }
+                vec![cert]
+            }
+            None => Vec::new(),
+        };
+        if let Some(path) = &cfg.trusted_user_ca_keys {
+            check_file_mode(path, false)?;
+        }
         if cfg.authorized_keys.exists() {
             check_file_mode(&cfg.authorized_keys, false)?;
         } else {
@@ -229,6 +265,7 @@ impl SshServer {
         })?;
         let russh_cfg = Arc::new(server::Config {
             keys: vec![key],
+            certificates,
             methods: MethodSet::from(&[MethodKind::PublicKey][..]),
             auth_rejection_time: Duration::from_millis(300),
             auth_rejection_time_initial: Some(Duration::ZERO),
@@ -697,7 +734,9 @@ impl ServerHandler {
         if let Some((line, why)) = refused {
             let why = match why {
                 Unusable::Expired => "its expiry-time has passed",
-                Unusable::From | Unusable::CertAuthority => "from= does not allow this address",
+                Unusable::From | Unusable::CertAuthority | Unusable::NotCertAuthority => {
+                    "from= does not allow this address"
+                }
             };
             tracing::warn!(
                 "key {}:{line} refused for {}: {why}",
@@ -706,6 +745,111 @@ impl ServerHandler {
             );
         }
         None
+    }
+
+    /// Whether certificates can log in at all: a `cert-authority` line in authorized_keys or
+    /// a `trusted_user_ca_keys` file. russh offers a certificate's key to
+    /// `auth_publickey_offered` as a plain key, so that check must let it through then.
+    fn accepts_certificates(&self) -> bool {
+        self.shared.cfg.trusted_user_ca_keys.is_some()
+            || self
+                .authorized_keys()
+                .is_some_and(|keys| keys.iter().any(|k| k.options.cert_authority))
+    }
+
+    /// The CA keys of `trusted_user_ca_keys` (lines with options are skipped with a warning:
+    /// sshd's file has none).
+    fn trusted_cas(&self) -> Vec<Vec<u8>> {
+        let Some(path) = &self.shared.cfg.trusted_user_ca_keys else {
+            return Vec::new();
+        };
+        if let Err(e) = check_file_mode(path, false) {
+            tracing::warn!("{e}; no certificate is trusted through it");
+            return Vec::new();
+        }
+        let text = match std::fs::metadata(path) {
+            Ok(m) if m.len() > MAX_CA_FILE => {
+                tracing::warn!(
+                    "{}: larger than {MAX_CA_FILE} bytes; ignored",
+                    path.display()
+                );
+                return Vec::new();
+            }
+            Ok(_) => std::fs::read_to_string(path).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!("cannot read {}: {e}", path.display());
+                return Vec::new();
+            }
+        };
+        let (keys, errors) = parse_authorized_keys(&text);
+        for (line, e) in errors {
+            tracing::warn!("{}:{line}: {e}; line ignored", path.display());
+        }
+        keys.into_iter()
+            .filter(|k| {
+                let plain = k.options == KeyOptions::default();
+                if !plain {
+                    tracing::warn!(
+                        "{}:{}: options are not allowed here; line ignored",
+                        path.display(),
+                        k.line
+                    );
+                }
+                plain
+            })
+            .map(|k| k.blob)
+            .collect()
+    }
+
+    /// Judges a user certificate (its CA signature and validity already checked by russh):
+    /// signed by a CA of authorized_keys (`cert-authority`, with the line's `principals=`,
+    /// `from=`, `expiry-time=` and forwarding options) or of `trusted_user_ca_keys` (the user
+    /// name must be a principal). Returns the options of the login.
+    fn certificate_options(
+        &self,
+        user: &str,
+        cert: &russh::keys::Certificate,
+    ) -> Result<KeyOptions, String> {
+        let ca = certs::ca_blob(cert);
+        let facts = certs::facts(cert);
+        let peer = self.peer.ip();
+        let unix = certs::unix_now();
+        let mut why = format!("its CA {} is not trusted", ca_fingerprint(cert));
+        if let Some(keys) = self.authorized_keys() {
+            for entry in keys.iter().filter(|k| k.blob == ca) {
+                match entry.usable_as_ca_at(peer, now()) {
+                    Ok(()) => {}
+                    Err(Unusable::NotCertAuthority) => continue,
+                    Err(Unusable::Expired) => {
+                        why = format!("cert-authority line {} is past its expiry-time", entry.line);
+                        continue;
+                    }
+                    Err(_) => {
+                        why = format!(
+                            "cert-authority line {}: from= does not allow this address",
+                            entry.line
+                        );
+                        continue;
+                    }
+                }
+                match crate::cert::check_user(
+                    &facts,
+                    user,
+                    entry.options.principals.as_deref(),
+                    peer,
+                    unix,
+                    &entry.options,
+                ) {
+                    Ok(options) => return Ok(options),
+                    Err(e) => why = format!("{e} (cert-authority line {})", entry.line),
+                }
+            }
+        }
+        if self.trusted_cas().contains(&ca) {
+            return crate::cert::check_user(&facts, user, None, peer, unix, &KeyOptions::default())
+                .map_err(|e| e.to_string());
+        }
+        Err(why)
     }
 
     fn refuse_forward(&self, what: &str) {
@@ -757,7 +901,7 @@ impl server::Handler for ServerHandler {
         user: &str,
         offer: server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if self.find_key(offer.public_key).is_some() {
+        if self.find_key(offer.public_key).is_some() || self.accepts_certificates() {
             Ok(Auth::Accept)
         } else {
             tracing::info!(
@@ -794,6 +938,43 @@ impl server::Handler for ServerHandler {
                 Ok(Auth::Accept)
             }
             None => {
+                self.shared
+                    .counters
+                    .auth_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &russh::keys::Certificate,
+    ) -> Result<Auth, Self::Error> {
+        match self.certificate_options(user, certificate) {
+            Ok(options) => {
+                self.user = user.to_string();
+                self.options = Some(options);
+                if let Some(tx) = self.authenticated.take() {
+                    let _ = tx.send(());
+                }
+                self.shared.counters.logins.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "accepted certificate {:?} (serial {}) signed by {} for {user:?} from {}",
+                    certificate.key_id(),
+                    certificate.serial(),
+                    ca_fingerprint(certificate),
+                    self.peer
+                );
+                Ok(Auth::Accept)
+            }
+            Err(why) => {
+                tracing::info!(
+                    "{user:?}@{}: certificate {:?} refused: {why}",
+                    self.peer,
+                    certificate.key_id()
+                );
                 self.shared
                     .counters
                     .auth_refused

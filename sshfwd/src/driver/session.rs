@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use russh::client::{self, Handle};
-use russh::keys::PrivateKey;
+use russh::keys::{Certificate, PrivateKey};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::copy::ForwardCounters;
@@ -22,15 +22,23 @@ use crate::spec::{Endpoint, ForwardSpec};
 /// One SSH connection per slot, `None` while that slot is reconnecting.
 pub(crate) type Pool = Vec<Option<Arc<Handle<ClientHandler>>>>;
 
+/// A loaded identity file and the certificate that goes with it (`CertificateFile`, or the
+/// `-cert.pub` file beside it, as OpenSSH picks it up).
+pub(crate) struct Identity {
+    pub(crate) path: PathBuf,
+    pub(crate) key: Arc<PrivateKey>,
+    pub(crate) cert: Option<(PathBuf, Certificate)>,
+}
+
 /// What the supervisors, listeners and handlers of one destination share.
 pub(crate) struct Shared {
     /// The config the destination was started with (reloads that need none of its
     /// connection settings changed never replace it).
     pub(crate) cfg: ClientConfig,
     pub(crate) russh: Arc<client::Config>,
-    pub(crate) keys: Vec<(PathBuf, Arc<PrivateKey>)>,
+    pub(crate) keys: Vec<Identity>,
     /// The identities of each `ProxyJump` hop, in `cfg.jump` order.
-    pub(crate) jump_keys: Vec<Vec<(PathBuf, Arc<PrivateKey>)>>,
+    pub(crate) jump_keys: Vec<Vec<Identity>>,
     pub(crate) pool: watch::Sender<Pool>,
     /// Round-robin position of [`pick`] over the live connections.
     pub(crate) next: AtomicUsize,

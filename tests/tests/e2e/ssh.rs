@@ -1308,3 +1308,272 @@ fn exit_status_and_messages_as_ssh() {
     client.terminate(Duration::from_secs(10));
     assert!(!client.log().contains("DEBUG"), "{}", client.log());
 }
+
+/// `ssh-keygen -s CA` signs `pubkey` (user certificate, or host with `-h`); returns the
+/// certificate's path (`<key>-cert.pub`, OpenSSH's name).
+fn sign(topo: &Topology, ca: &std::path::Path, pubkey: &std::path::Path, args: &str) -> PathBuf {
+    topo.sh(
+        H,
+        &format!(
+            "ssh-keygen -q -s {} -I test {args} {}",
+            ca.display(),
+            pubkey.display()
+        ),
+    );
+    let stem = pubkey.to_str().unwrap().strip_suffix(".pub").unwrap();
+    PathBuf::from(format!("{stem}-cert.pub"))
+}
+
+/// Debian's sshd on 127.0.0.1:`port` that admits only user certificates of `ca` (no
+/// authorized_keys) and presents `host_cert` for its host key `host_key`.
+fn cert_sshd(topo: &Topology, port: u16, host_key: &str, host_cert: &std::path::Path) -> Proc {
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let d = topo.dir().display().to_string();
+    let cfg = topo.write(
+        &format!("sshd_config_{port}"),
+        &format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/{host_key}\n\
+             HostCertificate {}\nTrustedUserCAKeys {d}/ca.pub\nAuthorizedKeysFile none\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             StrictModes no\nPidFile none\nAllowTcpForwarding yes\nLogLevel VERBOSE\n",
+            host_cert.display()
+        ),
+    );
+    let p = topo.spawn(
+        H,
+        &format!("sshd-{port}"),
+        &["/usr/sbin/sshd", "-D", "-e", "-f", cfg.to_str().unwrap()],
+    );
+    topo.wait_tcp(H, "127.0.0.1", port, Duration::from_secs(10));
+    p
+}
+
+#[test]
+fn certificates_against_openssh_sshd() {
+    let (topo, _keys) = setup(e2e!());
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "via a certificate");
+    let ca = keygen(&topo, "ca", "ed25519");
+    let ca_pub = std::fs::read_to_string(ca.with_extension("pub")).unwrap();
+    // Three host keys: a good certificate, one for another name, an expired one.
+    let mut sshds = Vec::new();
+    for (port, name, validity) in [
+        (SSHD_PORT, "127.0.0.1", "-V -5m:+1h"),
+        (2223, "other.example", "-V -5m:+1h"),
+        (2224, "127.0.0.1", "-V 20200101:20200102"),
+    ] {
+        let key = format!("host_{port}");
+        let k = keygen(&topo, &key, "ed25519");
+        let cert = sign(
+            &topo,
+            &ca,
+            &k.with_extension("pub"),
+            &format!("-h -n {name} {validity}"),
+        );
+        sshds.push(cert_sshd(&topo, port, &key, &cert));
+    }
+    // known_hosts trusts only the CA, and StrictHostKeyChecking=yes: a plain host key would
+    // be refused, so getting in proves the host certificate was checked and accepted.
+    std::fs::write(
+        known_hosts(&topo),
+        format!("@cert-authority [127.0.0.1]:* {ca_pub}"),
+    )
+    .unwrap();
+    // User keys: `-i key` picks up key-cert.pub; another key's certificate comes through
+    // CertificateFile; one expired; one without the principal "root".
+    let user = keygen(&topo, "id_user", "ed25519");
+    sign(
+        &topo,
+        &ca,
+        &user.with_extension("pub"),
+        "-n root -V -5m:+1h",
+    );
+    let listed = keygen(&topo, "id_listed", "ed25519");
+    let listed_cert = sign(&topo, &ca, &listed.with_extension("pub"), "-n root");
+    let moved = topo.dir().join("listed.cert");
+    std::fs::rename(&listed_cert, &moved).unwrap();
+    let expired = keygen(&topo, "id_expired", "ed25519");
+    sign(
+        &topo,
+        &ca,
+        &expired.with_extension("pub"),
+        "-n root -V 20200101:20200102",
+    );
+    let alice = keygen(&topo, "id_alice", "ed25519");
+    sign(&topo, &ca, &alice.with_extension("pub"), "-n alice");
+
+    let kh = format!("UserKnownHostsFile={}", known_hosts(&topo).display());
+    let run = |port: u16, key: &std::path::Path, extra: &[&str]| {
+        let port = port.to_string();
+        let mut args = vec![
+            "ssh",
+            "-N",
+            "-p",
+            &port,
+            "-i",
+            key.to_str().unwrap(),
+            "-o",
+            &kh,
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            // sshd itself holds this port: once in, the run ends on the refused forward.
+            "-R",
+            "127.0.0.1:2222:127.0.0.1:1",
+        ];
+        args.extend_from_slice(extra);
+        args.push("root@127.0.0.1");
+        let o = topo.vipgate_output(H, &args);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let logged_in = "remote port forwarding failed for listen port 2222";
+    // A user certificate picked up beside the key, a host certificate for 127.0.0.1.
+    let e = run(SSHD_PORT, &user, &[]);
+    assert!(e.contains(logged_in), "{e}");
+    // CertificateFile.
+    let cf = format!("CertificateFile={}", moved.display());
+    let e = run(SSHD_PORT, &listed, &["-o", &cf]);
+    assert!(e.contains(logged_in), "{e}");
+    // Without CertificateFile that key is not authorized at all.
+    let e = run(SSHD_PORT, &listed, &[]);
+    assert!(e.contains("Permission denied (publickey)"), "{e}");
+    // Expired user certificate, and one without the principal: sshd refuses them.
+    let e = run(SSHD_PORT, &expired, &[]);
+    assert!(e.contains("Permission denied (publickey)"), "{e}");
+    let e = run(SSHD_PORT, &alice, &[]);
+    assert!(e.contains("Permission denied (publickey)"), "{e}");
+    // Host certificate for another name, and an expired one: refused in ssh's words.
+    let e = run(2223, &user, &[]);
+    assert!(
+        e.contains("Certificate invalid: name is not a listed principal")
+            && e.contains("Host key verification failed."),
+        "{e}"
+    );
+    let e = run(2224, &user, &[]);
+    assert!(
+        e.contains("Certificate invalid: expired") && e.contains("Host key verification failed."),
+        "{e}"
+    );
+    // A forward through the certified connection carries bytes.
+    let client = topo.vipgate(
+        H,
+        "vipgate-ssh-cert",
+        &[
+            "ssh",
+            "-N",
+            "-p",
+            &SSHD_PORT.to_string(),
+            "-i",
+            user.to_str().unwrap(),
+            "-o",
+            &kh,
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-L",
+            "18590:127.0.0.1:8080",
+            "root@127.0.0.1",
+        ],
+    );
+    topo.wait_tcp(H, "127.0.0.1", 18590, Duration::from_secs(15));
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:18590/").unwrap().trim(),
+        "via a certificate",
+        "{}",
+        client.log()
+    );
+    // Nothing was recorded: the CA line vouched for the host.
+    let kh_text = std::fs::read_to_string(known_hosts(&topo)).unwrap();
+    assert_eq!(kh_text.lines().count(), 1, "{kh_text}");
+}
+
+#[test]
+fn openssh_client_with_certificates_against_vipgate_sshd() {
+    let (topo, _keys) = setup(e2e!());
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "certified");
+    let d = topo.dir().display().to_string();
+    let ca = keygen(&topo, "ca", "ed25519");
+    let ca_pub = std::fs::read_to_string(ca.with_extension("pub")).unwrap();
+    let ca2 = keygen(&topo, "ca2", "ed25519");
+    // The host key exists first so that it can be certified.
+    let host = keygen(&topo, "vg_host_key", "ed25519");
+    let host_cert = sign(
+        &topo,
+        &ca,
+        &host.with_extension("pub"),
+        "-h -n 127.0.0.1 -V -5m:+1h",
+    );
+    // authorized_keys: CA 1 for certificates naming "ops"; trusted_user_ca_keys: CA 2, whose
+    // certificates must name the login user.
+    topo.write(
+        "authorized_keys",
+        &format!("cert-authority,principals=\"ops\" {ca_pub}"),
+    );
+    let cfg = topo.write(
+        "site.toml",
+        &format!(
+            "[sshd]\nlisten = \"127.0.0.1:{SSHD_PORT}\"\nhost_key = \"{d}/vg_host_key\"\n\
+             authorized_keys = \"{d}/authorized_keys\"\n\
+             trusted_user_ca_keys = \"{d}/ca2.pub\"\n\
+             host_certificate = \"{}\"\n",
+            host_cert.display()
+        ),
+    );
+    let sshd = topo.vipgate(H, "vipgate-sshd", &["sshd", "-c", cfg.to_str().unwrap()]);
+    wait_log(&sshd, "listening on");
+    topo.write(
+        "known_hosts",
+        &format!("@cert-authority [127.0.0.1]:{SSHD_PORT} {ca_pub}"),
+    );
+    let user = |name: &str, ca: &std::path::Path, args: &str| {
+        let k = keygen(&topo, name, "ed25519");
+        sign(&topo, ca, &k.with_extension("pub"), args);
+        k
+    };
+    let ops = user("id_ops", &ca, "-n ops -V -5m:+1h");
+    let root_only = user("id_root", &ca, "-n root");
+    let expired = user("id_expired", &ca, "-n ops -V 20200101:20200102");
+    let trusted_root = user("id_trusted", &ca2, "-n root");
+    let trusted_alice = user("id_trusted_alice", &ca2, "-n alice");
+    let ssh = |key: &std::path::Path, fwd: &str| {
+        format!(
+            "ssh -p {SSHD_PORT} -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
+             -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes \
+             -o ExitOnForwardFailure=yes -N -L {fwd}:127.0.0.1:8080 root@127.0.0.1",
+            key.display()
+        )
+    };
+    // OpenSSH checks vipgate's host certificate (StrictHostKeyChecking=yes, only the CA in
+    // known_hosts) and logs in with its user certificate.
+    let mut fwds = Vec::new();
+    for (key, port) in [(&ops, 18591), (&trusted_root, 18592)] {
+        fwds.push(topo.spawn(
+            H,
+            &format!("openssh-{port}"),
+            &["sh", "-c", &ssh(key, &port.to_string())],
+        ));
+        topo.wait_tcp(H, "127.0.0.1", port, Duration::from_secs(15));
+        assert_eq!(
+            topo.curl(H, &format!("http://127.0.0.1:{port}/"))
+                .unwrap()
+                .trim(),
+            "certified"
+        );
+    }
+    // Refused: no principal that principals= asks for, expired, the user not a principal.
+    for key in [&root_only, &expired, &trusted_alice] {
+        let e = topo.try_sh(H, &ssh(key, "18599")).unwrap_err();
+        assert!(e.contains("Permission denied"), "{}: {e}", key.display());
+    }
+    let log = wait_log(
+        &sshd,
+        "Certificate does not contain an authorized principal",
+    );
+    assert!(
+        log.contains("Certificate invalid: name is not a listed principal"),
+        "{log}"
+    );
+    assert!(log.contains("accepted certificate"), "{log}");
+}
