@@ -24,8 +24,15 @@
 // - Anything the program is not sure of returns TC_ACT_OK untouched, so the packet takes the
 //   slow path through nat0 and the core sees it: no entry, not IPv4, IP options, fragments,
 //   TTL <= 1, protocols other than TCP/UDP (ICMP and ICMP errors included), TCP segments
-//   with SYN, FIN or RST (the core must see every state transition), a FIB miss or a packet
-//   that would need fragmenting. A packet is never rewritten and then passed on.
+//   with SYN or RST (the core sees every opening and judges every RST against its window),
+//   a FIN of a direct-routing flow (its core tracks the client's flags alone) or of a flow
+//   whose entry says FLOW_FIN_TO_CORE, a FIB miss or a packet that would need fragmenting.
+//   A packet is never rewritten and then passed on.
+// - Any other FIN of a translated flow is carried like any segment and reported (tcp_fin_end): the
+//   core feeds it to its state tracking at the next sync, which judges it against the window
+//   as if it had crossed the core, ends the flow's eligibility and removes its entries. So
+//   the close of a short connection costs no trip through nat0, and the entries of a closed
+//   flow live at most two sync rounds.
 // - A direct-routing entry is delivered to its real server only if the FIB reaches that
 //   server without a gateway (directly connected); kpath_deliver drops a packet it cannot
 //   deliver (counted) rather than let it loop through nat0.
@@ -75,6 +82,13 @@ static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len,
 
 // flow_value.flags: deliver unchanged to the real server in daddr (LVS-DR).
 #define FLOW_DIRECT_ROUTE 1
+// flow_value.flags: the core wants this flow's FINs (a virtual service counts a connection
+// inactive the moment its close begins, and schedules by those counts).
+#define FLOW_FIN_TO_CORE 2
+
+// flow_value.tcp_valid bits.
+#define TCP_VALID 1 // tcp_seq_end, tcp_ack and tcp_window hold a segment
+#define TCP_FIN 2   // tcp_fin_end holds a FIN
 
 // The flow map key: the packet's 5-tuple as it arrives, and its direction. 16 bytes.
 struct flow_key {
@@ -103,8 +117,8 @@ struct flow_value {
 	__u32 tcp_seq_end;  // TCP: highest seq + payload length sent in this direction
 	__u32 tcp_ack;      // TCP: highest ack sent in this direction
 	__u16 tcp_window;   // TCP: window field of the segment carrying tcp_ack (unscaled)
-	__u16 tcp_valid;    // TCP: 1 once the fields above hold a segment
-	__u32 pad;
+	__u16 tcp_valid;    // TCP: TCP_VALID once the fields above hold a segment, | TCP_FIN
+	__u32 tcp_fin_end;  // TCP: seq + payload + 1 of the last FIN sent in this direction
 };
 
 // Global counters, one array slot each (per CPU; the loader sums them).
@@ -113,7 +127,7 @@ enum counter {
 	CNT_FAST_BYTES,
 	CNT_SLOW_NO_ENTRY,
 	CNT_SLOW_UNPARSED, // not IPv4, IP options, fragments, other protocols, short headers
-	CNT_SLOW_TCP_FLAGS,
+	CNT_SLOW_TCP_FLAGS, // SYN, RST; FIN of a direct-routing or FLOW_FIN_TO_CORE flow
 	CNT_SLOW_TTL,
 	CNT_SLOW_FIB,
 	CNT_DR_UNDELIVERABLE, // kpath_deliver: no direct route to the real server, dropped
@@ -228,13 +242,15 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	__u32 payload = 0;
 	__u32 seq = 0, ack = 0;
 	__u16 window = 0;
+	__u32 fin = 0;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = (void *)(ip + 1);
 		if ((void *)(tcp + 1) > data_end)
 			return slow(CNT_SLOW_UNPARSED);
 		__u8 flags = ((__u8 *)tcp)[13];
-		if (flags & (TH_FIN | TH_SYN | TH_RST))
+		if (flags & (TH_SYN | TH_RST))
 			return slow(CNT_SLOW_TCP_FLAGS);
+		fin = flags & TH_FIN;
 		key.sport = tcp->source;
 		key.dport = tcp->dest;
 		csum_off = TCP_CSUM_OFF;
@@ -263,6 +279,8 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	struct flow_value *v = bpf_map_lookup_elem(&kpath_flows, &key);
 	if (!v)
 		return slow(CNT_SLOW_NO_ENTRY);
+	if (fin && (v->flags & (FLOW_DIRECT_ROUTE | FLOW_FIN_TO_CORE)))
+		return slow(CNT_SLOW_TCP_FLAGS);
 	if (ip->ttl <= 1)
 		return slow(CNT_SLOW_TTL);
 
@@ -294,14 +312,18 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	__sync_fetch_and_add(&v->bytes, ip_len);
 	v->last_seen_ns = bpf_ktime_get_ns();
 	if (key.proto == IPPROTO_TCP) {
-		__u32 end = seq + payload;
-		if (!v->tcp_valid || seq_after(end, v->tcp_seq_end))
+		// A FIN takes one sequence number, as conntrack's td_end counts it.
+		__u32 end = seq + payload + (fin ? 1 : 0);
+		__u16 valid = v->tcp_valid;
+		if (!(valid & TCP_VALID) || seq_after(end, v->tcp_seq_end))
 			v->tcp_seq_end = end;
-		if (!v->tcp_valid || !seq_after(v->tcp_ack, ack)) {
+		if (!(valid & TCP_VALID) || !seq_after(v->tcp_ack, ack)) {
 			v->tcp_ack = ack;
 			v->tcp_window = window;
 		}
-		v->tcp_valid = 1;
+		if (fin)
+			v->tcp_fin_end = end;
+		v->tcp_valid = valid | TCP_VALID | (fin ? TCP_FIN : 0);
 	}
 
 	__u8 ttl_proto[2];

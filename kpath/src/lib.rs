@@ -5,8 +5,9 @@
 //! `nat0`; once a flow is established the driver installs both directions of its
 //! [`Translation`](https://docs.rs/natgw) here ([`entries`] turns one into the two map
 //! entries). Later packets of the flow are rewritten on the interfaces themselves and
-//! redirected; everything the program is not sure of (no entry, fragments, IP options, TCP
-//! SYN/FIN/RST, ICMP, a FIB miss, TTL ≤ 1) passes untouched to the slow path, which stays
+//! redirected, its FINs included (reported in [`TcpProgress::fin_end`] for the core to
+//! judge) unless the core wants them ([`Rewrite::fin_to_core`]); everything the program is not sure of (no entry, fragments, IP options, TCP
+//! SYN/RST, ICMP, a FIB miss, TTL ≤ 1) passes untouched to the slow path, which stays
 //! fully featured.
 //!
 //! Direct routing (LVS-DR): for a flow of a direct-routing service the core installs one entry
@@ -111,7 +112,7 @@ pub enum KpathError {
 /// Transport protocols the program rewrites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proto {
-    /// TCP (segments without SYN, FIN or RST).
+    /// TCP (segments without SYN or RST; a direct-routing flow's without FIN either).
     Tcp,
     /// UDP.
     Udp,
@@ -178,6 +179,19 @@ pub struct Rewrite {
     /// Direct routing: the packet leaves unchanged, and `dst`'s address is the real server
     /// (on a directly connected network) whose MAC it is sent to.
     pub direct_route: bool,
+    /// TCP: the flow's FINs take the slow path, for a core that must see its close at once
+    /// (see [`fins_to_core`]); otherwise the program carries them and reports them
+    /// ([`TcpProgress::fin_end`]).
+    pub fin_to_core: bool,
+}
+
+/// `entries` with FINs left to the slow path (see [`Rewrite::fin_to_core`]).
+#[must_use]
+pub fn fins_to_core(mut entries: [(FlowKey, Rewrite); 2]) -> [(FlowKey, Rewrite); 2] {
+    for (_, r) in &mut entries {
+        r.fin_to_core = true;
+    }
+    entries
 }
 
 /// Both map entries of one translation, as the core decided it: outbound packets from
@@ -202,6 +216,7 @@ pub fn entries(
                 src: public,
                 dst: outside,
                 direct_route: false,
+                fin_to_core: false,
             },
         ),
         (
@@ -215,6 +230,7 @@ pub fn entries(
                 src: outside,
                 dst: inside,
                 direct_route: false,
+                fin_to_core: false,
             },
         ),
     ]
@@ -241,6 +257,7 @@ pub fn direct_route_entry(
             src: client,
             dst: SocketAddrV4::new(server, vip.port()),
             direct_route: true,
+            fin_to_core: false,
         },
     )
 }
@@ -268,6 +285,10 @@ pub struct TcpProgress {
     pub ack: u32,
     /// The window field of the segment carrying `ack` (unscaled).
     pub window: u16,
+    /// The sequence number after the last FIN this direction sent on the fast path (its
+    /// sequence number plus payload plus one), if it sent one: the core judges it and
+    /// moves the flow's state as if the FIN had crossed it.
+    pub fin_end: Option<u32>,
 }
 
 /// The program's global counters (summed over CPUs).
@@ -281,7 +302,7 @@ pub struct Counters {
     pub slow_no_entry: u64,
     /// Passed to the slow path: not plain IPv4 TCP/UDP (IP options, fragments, ICMP, ...).
     pub slow_unparsed: u64,
-    /// Passed to the slow path: TCP SYN, FIN or RST.
+    /// Passed to the slow path: TCP SYN or RST, or the FIN of a direct-routing flow.
     pub slow_tcp_flags: u64,
     /// Passed to the slow path: TTL would expire.
     pub slow_ttl: u64,
@@ -338,6 +359,10 @@ impl Rewrite {
                 pod::FLOW_DIRECT_ROUTE
             } else {
                 0
+            } | if self.fin_to_core {
+                pod::FLOW_FIN_TO_CORE
+            } else {
+                0
             },
             ..pod::RawFlowValue::default()
         }
@@ -348,6 +373,7 @@ impl Rewrite {
             src: SocketAddrV4::new(raw.saddr.into(), u16::from_be_bytes(raw.sport)),
             dst: SocketAddrV4::new(raw.daddr.into(), u16::from_be_bytes(raw.dport)),
             direct_route: raw.flags & pod::FLOW_DIRECT_ROUTE != 0,
+            fin_to_core: raw.flags & pod::FLOW_FIN_TO_CORE != 0,
         }
     }
 }
@@ -358,10 +384,11 @@ impl FlowReport {
             last_seen: Duration::from_nanos(raw.last_seen_ns),
             packets: raw.packets,
             bytes: raw.bytes,
-            tcp: (raw.tcp_valid != 0).then_some(TcpProgress {
+            tcp: (raw.tcp_valid & pod::TCP_VALID != 0).then_some(TcpProgress {
                 seq_end: raw.tcp_seq_end,
                 ack: raw.tcp_ack,
                 window: raw.tcp_window,
+                fin_end: (raw.tcp_valid & pod::TCP_FIN != 0).then_some(raw.tcp_fin_end),
             }),
         }
     }

@@ -7,6 +7,12 @@
 
 /// `flow_value.flags`: deliver unchanged to the real server in `daddr` (`FLOW_DIRECT_ROUTE`).
 pub(crate) const FLOW_DIRECT_ROUTE: u32 = 1;
+/// `flow_value.flags`: the flow's FINs take the slow path (`FLOW_FIN_TO_CORE`).
+pub(crate) const FLOW_FIN_TO_CORE: u32 = 2;
+/// `flow_value.tcp_valid`: the sequence fields hold a segment (`TCP_VALID`).
+pub(crate) const TCP_VALID: u16 = 1;
+/// `flow_value.tcp_valid`: `tcp_fin_end` holds a FIN (`TCP_FIN`).
+pub(crate) const TCP_FIN: u16 = 2;
 
 /// `struct flow_key`: the packet's 5-tuple (network byte order, as in the packet) and the
 /// direction of the program that saw it.
@@ -38,7 +44,7 @@ pub(crate) struct RawFlowValue {
     pub(crate) tcp_ack: u32,
     pub(crate) tcp_window: u16,
     pub(crate) tcp_valid: u16,
-    pub(crate) pad: u32,
+    pub(crate) tcp_fin_end: u32,
 }
 
 const _: () = assert!(size_of::<RawFlowKey>() == 16);
@@ -51,7 +57,7 @@ const _: () = assert!(size_of::<RawFlowValue>() == 56);
 unsafe impl aya::Pod for RawFlowKey {}
 
 // SAFETY: as for `RawFlowKey`: `repr(C)`, integers and byte arrays only, fields laid out
-// without gaps (the 8-byte fields start at offset 16; the trailing `pad` makes the size a
+// without gaps (the 8-byte fields start at offset 16; the trailing `tcp_fin_end` makes the size a
 // multiple of 8, asserted above).
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for RawFlowValue {}

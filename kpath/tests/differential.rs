@@ -192,7 +192,11 @@ impl Harness {
                 natgw::Proto::Udp => Proto::Udp,
                 _ => continue,
             };
-            for (key, rewrite) in entries(proto, t.inside, t.public, t.outside) {
+            let mut e = entries(proto, t.inside, t.public, t.outside);
+            if !self.gw.fast_path_carries_fin(&t) {
+                e = kpath::fins_to_core(e);
+            }
+            for (key, rewrite) in e {
                 self.kp.insert(&key, &rewrite).unwrap();
             }
         }
@@ -291,8 +295,8 @@ fn dynamic_pat_tcp_both_directions() {
         let inb = h.kp.report(&in_key).unwrap().unwrap().tcp.unwrap();
         assert_eq!((inb.ack, inb.window), (1001 + 3 * 2000 + 1400, 502));
 
-        // State transitions stay with the core.
-        for flags in [Flags::Fin, Flags::Rst, Flags::Syn] {
+        // Openings and resets stay with the core (a FIN is carried: see the next test).
+        for flags in [Flags::Rst, Flags::Syn] {
             h.passes(
                 Direction::Outbound,
                 &tcp_frame(inside, outside, &seg(flags), b""),
@@ -304,7 +308,7 @@ fn dynamic_pat_tcp_both_directions() {
         }
         let c = h.kp.counters().unwrap();
         assert_eq!(c.fast_packets, 8);
-        assert_eq!(c.slow_tcp_flags, 1 + 6, "the first SYN and the six above");
+        assert_eq!(c.slow_tcp_flags, 1 + 4, "the first SYN and the four above");
         h.kp.unload().unwrap();
     });
 }
@@ -353,6 +357,124 @@ fn static_forward_tcp_both_directions() {
     });
 }
 
+/// The driver's packet loop installs a flow the moment the core makes it established
+/// (`Gateway::take_fast_path_ready`, drained after the batch), before any sync round: the
+/// request that follows the final ACK already takes the fast path, byte for byte as the core
+/// would have translated it, and so does the response.
+#[test]
+fn a_flow_handed_over_at_establishment_takes_the_fast_path_at_once() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        h.gw.set_fast_path_feed(true);
+        let client = SocketAddrV4::new(SRV2, 51001);
+        let public = SocketAddrV4::new(PUBLIC, 8001);
+        let web = SocketAddrV4::new(WEB, 80);
+        h.core(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Syn), b""),
+        );
+        h.core(
+            Direction::Outbound,
+            &tcp_frame(web, client, &seg(Flags::SynAck), b""),
+        );
+        assert!(h.gw.take_fast_path_ready().is_empty(), "not before the ACK");
+        h.core(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Ack), b""),
+        );
+        let ready = h.gw.take_fast_path_ready();
+        assert_eq!(ready.len(), 1);
+        let f = ready[0];
+        assert_eq!((f.inside, f.public, f.outside), (web, public, client));
+        assert!(
+            f.carries_fin,
+            "a static forward's close may take the fast path"
+        );
+        for (key, rewrite) in entries(Proto::Tcp, f.inside, f.public, f.outside) {
+            h.kp.insert(&key, &rewrite).unwrap();
+        }
+        let out = h.same(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Ack), b"GET / HTTP/1.0\r\n\r\n"),
+        );
+        assert_eq!(
+            &out[30..34],
+            &WEB.octets(),
+            "delivered to the inside server"
+        );
+        h.same(
+            Direction::Outbound,
+            &tcp_frame(web, client, &seg(Flags::Ack), &[0x42; 900]),
+        );
+        assert_eq!(h.kp.counters().unwrap().fast_packets, 2);
+        h.kp.unload().unwrap();
+    });
+}
+
+/// A short connection's close takes the fast path: each FIN is rewritten byte for byte as
+/// the core rewrites it, and reported with the sequence number after it (`fin_end`) for the
+/// core to judge, as is the last ACK.
+#[test]
+fn fins_take_the_fast_path_and_are_reported() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let client = SocketAddrV4::new(SRV2, 51002);
+        let public = SocketAddrV4::new(PUBLIC, 8001);
+        let web = SocketAddrV4::new(WEB, 80);
+        h.core(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Syn), b""),
+        );
+        h.core(
+            Direction::Outbound,
+            &tcp_frame(web, client, &seg(Flags::SynAck), b""),
+        );
+        h.core(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Ack), b""),
+        );
+        h.install();
+        // The server answers and closes (its FIN rides on the response), the client closes.
+        let response = Seg {
+            seq: 7001,
+            ack: 1019,
+            window: 510,
+            flags: Flags::Fin,
+        };
+        h.same(
+            Direction::Outbound,
+            &tcp_frame(web, client, &response, &[0x61; 300]),
+        );
+        let client_fin = Seg {
+            seq: 1019,
+            ack: 7001 + 300 + 1,
+            window: 511,
+            flags: Flags::Fin,
+        };
+        h.same(
+            Direction::Inbound,
+            &tcp_frame(client, public, &client_fin, b""),
+        );
+        let last_ack = Seg {
+            seq: 7001 + 300 + 1,
+            ack: 1020,
+            window: 510,
+            flags: Flags::Ack,
+        };
+        h.same(Direction::Outbound, &tcp_frame(web, client, &last_ack, b""));
+        let [(out_key, _), (in_key, _)] = entries(Proto::Tcp, web, public, client);
+        let out = h.kp.report(&out_key).unwrap().unwrap().tcp.unwrap();
+        assert_eq!(out.fin_end, Some(7001 + 300 + 1), "the server's FIN");
+        assert_eq!((out.seq_end, out.ack), (7001 + 300 + 1, 1020));
+        let inb = h.kp.report(&in_key).unwrap().unwrap().tcp.unwrap();
+        assert_eq!(inb.fin_end, Some(1020), "the client's FIN");
+        assert_eq!(inb.ack, 7001 + 300 + 1);
+        let c = h.kp.counters().unwrap();
+        assert_eq!((c.fast_packets, c.slow_tcp_flags), (3, 0));
+        h.kp.unload().unwrap();
+    });
+}
+
 /// A virtual service's connection: the core schedules it on the SYN; once established the
 /// program delivers the client's segments to the backend and the backend's to the client
 /// from the VIP, byte for byte as the core does.
@@ -390,6 +512,20 @@ fn virtual_service_tcp_both_directions() {
         );
         assert_eq!(&back[26..30], &VIP.ip().octets(), "answered from the VIP");
         assert_eq!(&back[34..36], &80u16.to_be_bytes(), "and its port");
+        // A service's close goes to the core, whose schedulers count it at once.
+        h.passes(
+            Direction::Inbound,
+            &tcp_frame(client, VIP, &seg(Flags::Fin), b""),
+        );
+        h.passes(
+            Direction::Outbound,
+            &tcp_frame(BACKEND, client, &seg(Flags::Fin), b""),
+        );
+        assert_eq!(
+            h.kp.counters().unwrap().slow_tcp_flags,
+            1 + 2,
+            "the first SYN and the two FINs"
+        );
         h.kp.unload().unwrap();
     });
 }

@@ -105,8 +105,8 @@ pub use config::{Filtering, GatewayConfig, StaticEntry};
 pub use error::{DropReason, NatError};
 pub use flow::{Direction, FlowEvent, ListenerId, Proto};
 pub use gateway::{
-    AdoptedFlow, DirectRoute, FastPathActivity, Gateway, GatewayStats, Listener, PacketMeta,
-    Verdict,
+    AdoptedFlow, DirectRoute, FastPathActivity, FastPathFlow, Gateway, GatewayStats, Listener,
+    PacketMeta, Verdict,
 };
 pub use selector::{Selector, StaticForward};
 pub use service::{BackendKey, Forward, ServiceConfig, VirtualService};

@@ -1068,6 +1068,11 @@ impl PatTable {
         })
     }
 
+    /// Whether TCP session `s` is established.
+    pub(crate) fn session_established(&self, s: SessionId) -> bool {
+        self.sessions[s.0 as usize].tcp.state == TcpState::Established
+    }
+
     /// Whether TCP session `s` has ended (an accepted RST, or the close completed): a new
     /// SYN on its 4-tuple is a new connection reusing the client's port.
     pub(crate) fn session_closed(&self, s: SessionId) -> bool {

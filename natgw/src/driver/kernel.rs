@@ -4,11 +4,19 @@
 //! `nat0`. Every [`SYNC_INTERVAL`] the sync task (one per gateway):
 //! - installs both directions of each flow the core made eligible
 //!   ([`Gateway::fast_path_eligible`]: established TCP and UDP, whether dynamic PAT, a static
-//!   forward or a virtual service placed it) into the program's flow map;
+//!   forward or a virtual service placed it) into the program's flow map, unless the packet
+//!   loop did already: it installs a TCP flow at once after the batch that made it
+//!   established ([`KernelDatapath::install_established`], from
+//!   [`Gateway::take_fast_path_ready`]); UDP flows wait for the sync;
 //! - removes the entries of flows the core no longer has (expired, closed, `nat clear`);
 //! - feeds back what the program moved ([`Gateway::fast_path_activity`]): idle timers restart,
-//!   TCP window tracking advances, a virtual service's per-backend packet and byte counters
-//!   grow, and a flow the core has dropped meanwhile is forgotten.
+//!   TCP window tracking advances, the FINs the program carried close the flow in the core
+//!   (judged against the window; [`Gateway::fast_path_close`] orders a close whose FINs and
+//!   last ACK fell in one round), a virtual service's per-backend packet and byte counters
+//!   grow, and a flow the core has dropped meanwhile is forgotten. A flow the reports closed
+//!   is no longer eligible, and its entries go at the next round: the entries of closed
+//!   flows live at most two rounds, and every installed flow is one of the core's, so the
+//!   table's bounds bound the map.
 //!
 //! A direct-routing service's flow ([`Gateway::is_direct_routed`]) has one entry (the
 //! client's direction; the real server answers the client itself), installed by the packet
@@ -42,7 +50,7 @@ use tokio::sync::watch;
 use netsys::sync::lock_unpoisoned;
 
 use super::now;
-use crate::{AdoptedFlow, DirectRoute, Direction, FastPathActivity, Gateway, Proto};
+use crate::{AdoptedFlow, DirectRoute, Direction, FastPathActivity, FastPathFlow, Gateway, Proto};
 
 /// How often flows are installed, removed and their activity fed back to the core.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
@@ -233,7 +241,11 @@ impl KernelDatapath {
                     *id.1.ip(),
                 )]
             } else {
-                kproto(id.0).map_or_else(Vec::new, |p| kpath::entries(p, id.1, id.2, id.3).to_vec())
+                // Whether the FINs went to the core is the previous run's decision: kept.
+                let fin_to_core = entries.iter().any(|(_, r, _)| r.fin_to_core);
+                kproto(id.0).map_or_else(Vec::new, |p| {
+                    flow_entries(p, id.1, id.2, id.3, !fin_to_core).to_vec()
+                })
             };
             entries.len() == expected.len()
                 && expected
@@ -262,7 +274,7 @@ impl KernelDatapath {
         }
         for (id, entries) in flows {
             let keep = whole_flows.contains(&id)
-                && wanted.get(&id).is_some_and(|&(_, direct)| {
+                && wanted.get(&id).is_some_and(|&(_, direct, _)| {
                     direct == entries.iter().all(|(_, r, _)| r.direct_route)
                 });
             if keep {
@@ -337,7 +349,7 @@ impl KernelDatapath {
                 }
             }
         }
-        for (id, &(proto, direct)) in &wanted {
+        for (id, &(proto, direct, carries_fin)) in &wanted {
             if self.installed.contains_key(id) {
                 continue;
             }
@@ -350,7 +362,7 @@ impl KernelDatapath {
                     *inside.ip(),
                 )]
             } else {
-                kpath::entries(proto, inside, public, outside).to_vec()
+                flow_entries(proto, inside, public, outside, carries_fin).to_vec()
             };
             if let Err(e) = install(kp, &mut self.installed, *id, entries) {
                 // A full map: the flow stays on the slow path.
@@ -364,9 +376,14 @@ impl KernelDatapath {
         if !reports.is_empty() {
             let at = now();
             let mut gw = lock_unpoisoned(gw);
-            for r in &reports {
-                // A flow gone meanwhile is removed from the map on the next round.
-                let _still_there = gw.fast_path_activity(at, r);
+            for flow in &reports {
+                for r in flow {
+                    // A flow gone meanwhile is removed from the map on the next round.
+                    let _still_there = gw.fast_path_activity(at, r);
+                }
+                if flow.iter().any(|r| r.tcp_fin_end.is_some()) {
+                    gw.fast_path_close(at, flow);
+                }
             }
         }
     }
@@ -392,6 +409,49 @@ impl KernelDatapath {
             *route.backend.ip(),
         );
         install(kp, &mut self.installed, id, vec![entry]).map_err(|e| e.to_string())
+    }
+
+    /// Installs both entries of a TCP flow the core has just made established (called by
+    /// the packet loop after the batch that did it), unless the flow has them already.
+    ///
+    /// # Errors
+    /// The kernel path is unloaded, or the map refuses an entry (full).
+    pub(super) fn install_established(&mut self, flow: &FastPathFlow) -> Result<(), String> {
+        let Some(kp) = self.kp.as_mut() else {
+            return Err("the kernel path is unloaded".into());
+        };
+        let id = (flow.proto, flow.inside, flow.public, flow.outside);
+        if let Some(old) = self.installed.get_mut(&id) {
+            // A new connection on the 4-tuple of one that closed on the fast path (the
+            // client reused its port before the sync removed the old entries): fresh entries,
+            // or the old FIN would be reported as the new connection's.
+            let closed = old.entries.iter().any(|(key, _)| {
+                kp.report(key)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.tcp)
+                    .is_some_and(|t| t.fin_end.is_some())
+            });
+            if closed {
+                for (i, (key, rewrite)) in old.entries.iter().enumerate() {
+                    old.reported[i] = (0, 0);
+                    kp.insert(key, rewrite).map_err(|e| e.to_string())?;
+                }
+            }
+            return Ok(());
+        }
+        let Some(proto) = kproto(flow.proto) else {
+            return Err("not TCP or UDP".into());
+        };
+        let entries = flow_entries(
+            proto,
+            flow.inside,
+            flow.public,
+            flow.outside,
+            flow.carries_fin,
+        )
+        .to_vec();
+        install(kp, &mut self.installed, id, entries).map_err(|e| e.to_string())
     }
 
     /// The program's counters.
@@ -422,18 +482,39 @@ impl KernelDatapath {
     }
 }
 
-/// Each flow the core makes eligible for the fast path, its protocol and whether it is
-/// direct-routed.
-fn wanted(gw: &Mutex<Gateway>) -> HashMap<FlowId, (kpath::Proto, bool)> {
+/// Each flow the core makes eligible for the fast path, its protocol, whether it is
+/// direct-routed and whether the program may carry its FINs.
+fn wanted(gw: &Mutex<Gateway>) -> HashMap<FlowId, (kpath::Proto, bool, bool)> {
     let gw = lock_unpoisoned(gw);
     gw.translations(now())
         .into_iter()
         .filter(|t| gw.fast_path_eligible(t))
         .filter_map(|t| {
             let id = (t.proto, t.inside, t.public, t.outside);
-            Some((id, (kproto(t.proto)?, gw.is_direct_routed(&t))))
+            let how = (
+                kproto(t.proto)?,
+                gw.is_direct_routed(&t),
+                gw.fast_path_carries_fin(&t),
+            );
+            Some((id, how))
         })
         .collect()
+}
+
+/// Both entries of a translated flow; its FINs left to the core unless `carries_fin`.
+fn flow_entries(
+    proto: kpath::Proto,
+    inside: SocketAddrV4,
+    public: SocketAddrV4,
+    outside: SocketAddrV4,
+    carries_fin: bool,
+) -> [(FlowKey, Rewrite); 2] {
+    let entries = kpath::entries(proto, inside, public, outside);
+    if carries_fin {
+        entries
+    } else {
+        kpath::fins_to_core(entries)
+    }
 }
 
 /// The flow a map entry belongs to (the inverse of [`kpath::entries`] and
@@ -476,13 +557,14 @@ fn install(
 }
 
 /// Appends what the program moved of `flow` since its last report (one activity per
-/// direction that moved) and remembers the counts reported.
+/// direction that moved, in one group per flow) and remembers the counts reported.
 fn collect_reports(
     kp: &KernelPath,
     id: &FlowId,
     flow: &mut Installed,
-    out: &mut Vec<FastPathActivity>,
+    out: &mut Vec<Vec<FastPathActivity>>,
 ) {
+    let mut moved = Vec::new();
     for (i, (key, _)) in flow.entries.iter().enumerate() {
         let Ok(Some(r)) = kp.report(key) else {
             continue;
@@ -492,7 +574,7 @@ fn collect_reports(
             continue;
         }
         flow.reported[i] = (r.packets, r.bytes);
-        out.push(FastPathActivity {
+        moved.push(FastPathActivity {
             proto: id.0,
             public: id.2,
             outside: id.3,
@@ -504,7 +586,11 @@ fn collect_reports(
             packets: r.packets.checked_sub(packets).unwrap_or(r.packets),
             bytes: r.bytes.checked_sub(bytes).unwrap_or(r.bytes),
             tcp: r.tcp.map(|t| (t.seq_end, t.ack, t.window)),
+            tcp_fin_end: r.tcp.and_then(|t| t.fin_end),
         });
+    }
+    if !moved.is_empty() {
+        out.push(moved);
     }
 }
 

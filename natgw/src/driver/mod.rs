@@ -34,8 +34,8 @@ use tokio::task::JoinHandle;
 
 use crate::translate;
 use crate::{
-    AclRule, DirectRoute, Gateway, GatewayConfig, GatewayStats, L4Checksum, PacketMeta,
-    StaticEntry, Translation, Verdict,
+    AclRule, DirectRoute, FastPathFlow, Gateway, GatewayConfig, GatewayStats, L4Checksum,
+    PacketMeta, StaticEntry, Translation, Verdict,
 };
 
 /// Packets (with offload: super-packets of up to 64 KiB) read per wake-up and translated under
@@ -315,6 +315,8 @@ impl NatDriver {
         };
         // Only the kernel path can deliver a direct-routing service's packets by MAC.
         lock_unpoisoned(&gw).set_direct_routing(kernel.is_some());
+        // The packet loop installs a flow the moment the core makes it established.
+        lock_unpoisoned(&gw).set_fast_path_feed(kernel.is_some());
         if let Some(k) = &kernel {
             lock_unpoisoned(k).adopt(&gw);
         }
@@ -598,6 +600,7 @@ async fn run(
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; head + MAX_PACKET]).collect();
     let mut lens = [0usize; BATCH];
     let mut routes = Vec::new();
+    let mut ready = Vec::new();
     loop {
         let deadline = if owns_timers {
             lock_unpoisoned(&gw).poll_timeout()
@@ -618,8 +621,9 @@ async fn run(
                         Err(_) => break,
                     }
                 }
-                translate_batch(&gw, &mut bufs[..n], &mut lens[..n], head, &mut routes);
+                translate_batch(&gw, &mut bufs[..n], &mut lens[..n], head, &mut routes, &mut ready);
                 install_direct_routes(kernel.as_deref(), &mut routes, &mut lens[..n]);
+                install_established(kernel.as_deref(), &mut ready);
                 for (b, len) in bufs.iter().zip(&lens[..n]) {
                     if *len == 0 {
                         continue;
@@ -673,15 +677,40 @@ fn install_direct_routes(
     }
 }
 
+/// Installs the kernel path's entries of the flows the core made established in a batch
+/// (`ready`; emptied), so that the rest of a short connection (request, response) takes the
+/// fast path instead of waiting for the next sync round. A flow the map refuses (full)
+/// stays on the slow path; the sync tries again.
+fn install_established(
+    kernel: Option<&Mutex<kernel::KernelDatapath>>,
+    ready: &mut Vec<FastPathFlow>,
+) {
+    if ready.is_empty() {
+        return;
+    }
+    let Some(kernel) = kernel else {
+        ready.clear();
+        return;
+    };
+    let mut kernel = lock_unpoisoned(kernel);
+    for flow in ready.drain(..) {
+        if let Err(e) = kernel.install_established(&flow) {
+            tracing::debug!(error = %e, outside = %flow.outside, "established flow not installed; the sync retries");
+        }
+    }
+}
+
 /// Runs the core over the packets read into `bufs` (each `lens[i]` bytes, the first `head`
 /// of them a virtio-net header) under one lock. A packet to drop gets length 0; a packet the
-/// core direct-routes is kept and its decision appended to `routes` with its index.
+/// core direct-routes is kept and its decision appended to `routes` with its index; the
+/// flows the batch made established are appended to `ready`.
 fn translate_batch(
     gw: &Mutex<Gateway>,
     bufs: &mut [Vec<u8>],
     lens: &mut [usize],
     head: usize,
     routes: &mut Vec<(usize, DirectRoute)>,
+    ready: &mut Vec<FastPathFlow>,
 ) {
     let t = now();
     let mut gw = lock_unpoisoned(gw);
@@ -710,6 +739,7 @@ fn translate_batch(
             Some(Verdict::Drop(_)) | None => *len = 0,
         }
     }
+    ready.extend(gw.take_fast_path_ready());
 }
 
 #[cfg(test)]

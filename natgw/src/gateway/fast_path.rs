@@ -6,14 +6,42 @@
 //! and reports back what it moved ([`Gateway::fast_path_activity`]), so that idle timers,
 //! the TCP window tracking that judges RSTs, and `show nat` stay as if every packet had
 //! crossed the core.
+//!
+//! A TCP flow becomes eligible when the core sees its handshake complete (the client's ACK
+//! of the SYN-ACK, which a blind spoofer cannot send). The data path learns it from the
+//! packet that did it ([`Gateway::take_fast_path_ready`], drained after each batch) instead
+//! of waiting for its next walk of the table: a short connection's request and response
+//! then take the fast path too. The flows handed over are exactly those the walk would
+//! find (established ones), so the bounds of the table (per source, per listener, in
+//! total) bound them as before.
 
 use std::net::SocketAddrV4;
 use std::time::Instant;
 
 use super::Gateway;
-use crate::flow::{Direction, Proto};
+use crate::flow::{Direction, ListenerId, Proto};
 use crate::table::Translation;
-use crate::tcp::{ACK, Segment};
+use crate::tcp::{ACK, FIN, Segment};
+
+/// The most flows [`Gateway::take_fast_path_ready`] holds between two takes; beyond it a
+/// flow waits for the data path's next walk of the table (which finds every eligible flow).
+pub(crate) const FAST_PATH_READY_MAX: usize = 1024;
+
+/// A flow the core has just made eligible for a second data path (see
+/// [`Gateway::take_fast_path_ready`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FastPathFlow {
+    /// Protocol (TCP).
+    pub proto: Proto,
+    /// The inside endpoint (its [`Translation::inside`]).
+    pub inside: SocketAddrV4,
+    /// The public endpoint (its [`Translation::public`]).
+    pub public: SocketAddrV4,
+    /// The remote endpoint (its [`Translation::outside`]).
+    pub outside: SocketAddrV4,
+    /// Whether the data path may carry its FINs ([`Gateway::fast_path_carries_fin`]).
+    pub carries_fin: bool,
+}
 
 /// What a second data path moved of one direction of one flow since its last report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +61,9 @@ pub struct FastPathActivity {
     /// TCP: the sender's highest sequence number plus payload, its highest acknowledgement and
     /// the window sent with it (unscaled), over everything it sent so far.
     pub tcp: Option<(u32, u32, u16)>,
+    /// TCP: the sequence number after the last FIN the sender sent (its sequence number plus
+    /// payload plus one), if the data path carried one.
+    pub tcp_fin_end: Option<u32>,
 }
 
 impl Gateway {
@@ -55,11 +86,79 @@ impl Gateway {
         }
     }
 
+    /// Whether a second data path may carry `t`'s FINs and report them afterwards
+    /// ([`FastPathActivity::tcp_fin_end`]), or must leave them to the core: a virtual
+    /// service's flows are closed by the core, because its schedulers (lc, wlc, ...) count a
+    /// connection inactive the moment its close begins and the next connection is scheduled
+    /// by those counts; a report up to a sync round later would skew them.
+    #[must_use]
+    pub fn fast_path_carries_fin(&self, t: &Translation) -> bool {
+        !self.is_service_listener(t.listener)
+    }
+
+    /// Whether listener `id` is a virtual service.
+    fn is_service_listener(&self, id: Option<ListenerId>) -> bool {
+        id.and_then(|id| self.listeners.get(usize::from(id.0))?.as_ref())
+            .is_some_and(|l| l.selector.as_service().is_some())
+    }
+
     /// Whether `t` belongs to a direct-routing service: the data path delivers the client's
     /// packets unchanged to `t.inside`'s address (by MAC) and never sees the replies.
     #[must_use]
     pub fn is_direct_routed(&self, t: &Translation) -> bool {
         self.is_direct_listener(t.listener)
+    }
+
+    /// Asks the core to keep the TCP flows that become established for
+    /// [`Gateway::take_fast_path_ready`] (a second data path runs), or to stop (and forget
+    /// those kept).
+    pub fn set_fast_path_feed(&mut self, on: bool) {
+        self.fast_path_ready = on.then(Vec::new);
+    }
+
+    /// Called when a packet made a flow established: kept for the data path unless the
+    /// flow is direct-routed (its entry was installed on its SYN) or too many wait already.
+    pub(super) fn fast_path_established(
+        &mut self,
+        listener: Option<ListenerId>,
+        inside: SocketAddrV4,
+        public: SocketAddrV4,
+        outside: SocketAddrV4,
+    ) {
+        if self.is_direct_listener(listener) {
+            return;
+        }
+        let carries_fin = !self.is_service_listener(listener);
+        if let Some(ready) = self
+            .fast_path_ready
+            .as_mut()
+            .filter(|r| r.len() < FAST_PATH_READY_MAX)
+        {
+            ready.push(FastPathFlow {
+                proto: Proto::Tcp,
+                inside,
+                public,
+                outside,
+                carries_fin,
+            });
+        }
+    }
+
+    /// The TCP flows that became established since the last call and still are (a FIN in
+    /// the same batch takes one out again), for the data path to install at once. Empty
+    /// unless [`Gateway::set_fast_path_feed`] turned the feed on.
+    pub fn take_fast_path_ready(&mut self) -> Vec<FastPathFlow> {
+        let Some(ready) = self.fast_path_ready.as_mut() else {
+            return Vec::new();
+        };
+        let mut flows = std::mem::take(ready);
+        flows.retain(|f| {
+            self.table
+                .find_public(*f.public.ip())
+                .and_then(|idx| self.table.session(f.proto, idx, f.public.port(), f.outside))
+                .is_some_and(|s| self.table.session_established(s))
+        });
+        flows
     }
 
     /// Records what a second data path moved of a flow: its idle deadline restarts at `now`
@@ -85,23 +184,75 @@ impl Gateway {
             l.selector
                 .on_traffic(view.inside, to_inside, a.packets, a.bytes);
         }
-        let seg = a.tcp.map(|(seq_end, ack, window)| Segment {
-            flags: ACK,
-            seq: seq_end,
-            ack,
-            window,
-            wscale: None,
-            payload: 0,
-        });
+        let outbound = a.direction == Direction::Outbound;
+        let seg = a
+            .tcp
+            .map(|(seq_end, ack, window)| pure_ack(seq_end, ack, window));
         // A pure ACK is never refused (only a RST could be). It changes the state of a
         // one-way flow only: the client's first ACK past its SYN establishes it.
-        if let Ok(change) =
-            self.table
-                .touch(now, s, a.direction == Direction::Outbound, seg.as_ref())
-        {
+        if let Ok(change) = self.table.touch(now, s, outbound, seg.as_ref()) {
             self.notify_change(now, view.listener, view.inside, a.outside, change);
         }
+        // A FIN the data path carried: judged and tracked as if it had crossed the core (an
+        // out-of-window one moves nothing). The close ends the flow's eligibility.
+        if let (Some((_, ack, window)), Some(fin_end)) = (a.tcp, a.tcp_fin_end) {
+            let fin = Segment {
+                flags: ACK | FIN,
+                seq: fin_end.wrapping_sub(1),
+                ..pure_ack(fin_end, ack, window)
+            };
+            if let Ok(change) = self.table.touch(now, s, outbound, Some(&fin)) {
+                self.notify_change(now, view.listener, view.inside, a.outside, change);
+            }
+        }
         true
+    }
+
+    /// Completes what one round of reports of one flow (`flow`: both directions' activity
+    /// from the same read, each already fed to [`Gateway::fast_path_activity`]) says about
+    /// its close: a direction whose highest acknowledgement covers the other direction's
+    /// FIN, reported in the same round, acknowledged it after that FIN, which the first
+    /// feeding could not order. Its acknowledgement is fed again: the last ACK of a close
+    /// (LAST_ACK to TIME_WAIT, so that the client may reuse its port at once, as when every
+    /// packet crossed the core) or the acknowledgement of the first FIN.
+    pub fn fast_path_close(&mut self, now: Instant, flow: &[FastPathActivity]) {
+        for a in flow {
+            let Some((seq_end, ack, window)) = a.tcp else {
+                continue;
+            };
+            let acks_a_fin = flow.iter().any(|b| {
+                b.direction != a.direction
+                    && b.tcp_fin_end
+                        .is_some_and(|fin_end| (ack.wrapping_sub(fin_end) as i32) >= 0)
+            });
+            if !acks_a_fin {
+                continue;
+            }
+            let Some(idx) = self.table.find_public(*a.public.ip()) else {
+                return;
+            };
+            let Some(s) = self.table.session(a.proto, idx, a.public.port(), a.outside) else {
+                return;
+            };
+            let view = self.table.mapping(self.table.session_mapping(s));
+            let seg = pure_ack(seq_end, ack, window);
+            let outbound = a.direction == Direction::Outbound;
+            if let Ok(change) = self.table.touch(now, s, outbound, Some(&seg)) {
+                self.notify_change(now, view.listener, view.inside, a.outside, change);
+            }
+        }
+    }
+}
+
+/// A pure ACK carrying a direction's reported progress.
+fn pure_ack(seq_end: u32, ack: u32, window: u16) -> Segment {
+    Segment {
+        flags: ACK,
+        seq: seq_end,
+        ack,
+        window,
+        wscale: None,
+        payload: 0,
     }
 }
 
@@ -193,6 +344,7 @@ mod tests {
                             packets: 1000,
                             bytes: 1_000_000,
                             tcp: Some(progress),
+                            tcp_fin_end: None,
                         }
                     ));
                 }
@@ -207,6 +359,176 @@ mod tests {
                     crate::Verdict::Drop(crate::DropReason::RstOutOfWindow)
                 );
             }
+        }
+    }
+
+    /// The flow made established by the client's final ACK is handed to the data path once,
+    /// by that packet, and only while the feed is on; half-open flows (a SYN flood) never
+    /// are, and a flow closed again before the take is not handed over.
+    #[test]
+    fn established_flows_are_ready_at_once_and_half_open_ones_never() {
+        use testkit::packet::{TcpFlags, ipv4_tcp};
+        let now = testkit::epoch();
+        let mut gw = Gateway::new(
+            now,
+            GatewayConfig {
+                inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                services: vec![crate::service::tests::web(&[(101, 1)])],
+                ..GatewayConfig::default()
+            },
+        )
+        .unwrap();
+        let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80);
+        let backend = crate::service::tests::rs(101);
+        let handshake = |gw: &mut Gateway, client: SocketAddrV4| {
+            for (dir, mut p) in [
+                (
+                    Direction::Inbound,
+                    ipv4_tcp(client, vip, TcpFlags::SYN, &[]),
+                ),
+                (
+                    Direction::Outbound,
+                    ipv4_tcp(backend, client, TcpFlags::SYN_ACK, &[]),
+                ),
+                (
+                    Direction::Inbound,
+                    ipv4_tcp(client, vip, TcpFlags::ACK, &[]),
+                ),
+            ] {
+                assert_eq!(gw.handle_packet(now, dir, &mut p), crate::Verdict::Forward);
+            }
+        };
+        // Feed off (the TUN path): nothing is kept.
+        let c1 = SocketAddrV4::new(SRV, 40_001);
+        handshake(&mut gw, c1);
+        assert!(gw.take_fast_path_ready().is_empty());
+
+        gw.set_fast_path_feed(true);
+        let c2 = SocketAddrV4::new(SRV, 40_002);
+        handshake(&mut gw, c2);
+        let flow = FastPathFlow {
+            proto: Proto::Tcp,
+            inside: backend,
+            public: vip,
+            outside: c2,
+            carries_fin: false,
+        };
+        assert_eq!(gw.take_fast_path_ready(), vec![flow]);
+        assert!(gw.take_fast_path_ready().is_empty(), "handed over once");
+        let t = gw
+            .translations(now)
+            .into_iter()
+            .find(|t| t.outside == c2)
+            .unwrap();
+        assert!(gw.fast_path_eligible(&t));
+
+        // Spoofed SYNs (and their SYN-ACKs from the backend) stay half-open: never ready.
+        for port in 0..200u16 {
+            let spoofed = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 1000 + port);
+            let mut syn = ipv4_tcp(spoofed, vip, TcpFlags::SYN, &[]);
+            let _ = gw.handle_packet(now, Direction::Inbound, &mut syn);
+            let mut synack = ipv4_tcp(backend, spoofed, TcpFlags::SYN_ACK, &[]);
+            let _ = gw.handle_packet(now, Direction::Outbound, &mut synack);
+        }
+        assert!(gw.take_fast_path_ready().is_empty());
+
+        // Established and closed again before the take: not handed over.
+        let c3 = SocketAddrV4::new(SRV, 40_003);
+        handshake(&mut gw, c3);
+        let mut rst = ipv4_tcp(c3, vip, TcpFlags::RST, &[]);
+        assert_eq!(
+            gw.handle_packet(now, Direction::Inbound, &mut rst),
+            crate::Verdict::Forward
+        );
+        assert!(gw.take_fast_path_ready().is_empty());
+
+        // Off again: what was kept is forgotten.
+        handshake(&mut gw, SocketAddrV4::new(SRV, 40_004));
+        gw.set_fast_path_feed(false);
+        assert!(gw.take_fast_path_ready().is_empty());
+    }
+
+    /// A close carried whole by the fast path (server FIN, client FIN, last ACK, all in one
+    /// round of reports) ends the flow in the core as if it had crossed it: no longer
+    /// eligible, and closed, so the client's next SYN from the same port is a new
+    /// connection. A FIN outside the window moves nothing.
+    #[test]
+    fn fins_reported_by_the_fast_path_close_the_flow() {
+        for in_window in [true, false] {
+            let now = testkit::epoch();
+            let mut gw = pat_gateway(now);
+            let inside = SocketAddrV4::new(H1, 40000);
+            let outside = SocketAddrV4::new(SRV, 80);
+            for (dir, mut p) in [
+                (
+                    Direction::Outbound,
+                    tcp(inside, outside, 1000, None, crate::tcp::SYN),
+                ),
+                (Direction::Inbound, Vec::new()),
+                (
+                    Direction::Outbound,
+                    tcp(inside, outside, 1001, Some(5001), 0),
+                ),
+            ] {
+                let p = if p.is_empty() {
+                    let public = gw.translations(now)[0].public;
+                    p = tcp(outside, public, 5000, Some(1001), crate::tcp::SYN);
+                    &mut p
+                } else {
+                    &mut p
+                };
+                assert_eq!(gw.handle_packet(now, dir, p), crate::Verdict::Forward);
+            }
+            let t = gw.translations(now).pop().unwrap();
+            assert!(t.established && gw.fast_path_eligible(&t));
+            // Request (100 bytes), response (1000 bytes) and the close, server first.
+            let (client_fin, server_fin) = (1001 + 100 + 1, 5001 + 1000 + 1);
+            let server_fin_reported = if in_window {
+                server_fin
+            } else {
+                server_fin + 2_000_000_000
+            };
+            let round = [
+                FastPathActivity {
+                    proto: Proto::Tcp,
+                    public: t.public,
+                    outside,
+                    direction: Direction::Outbound,
+                    packets: 4,
+                    bytes: 1300,
+                    // The client's last ACK acknowledges the server's FIN.
+                    tcp: Some((client_fin, server_fin, 500)),
+                    tcp_fin_end: Some(client_fin),
+                },
+                FastPathActivity {
+                    proto: Proto::Tcp,
+                    public: t.public,
+                    outside,
+                    direction: Direction::Inbound,
+                    packets: 2,
+                    bytes: 1080,
+                    tcp: Some((server_fin, client_fin, 500)),
+                    tcp_fin_end: Some(server_fin_reported),
+                },
+            ];
+            for a in &round {
+                assert!(gw.fast_path_activity(now, a));
+            }
+            gw.fast_path_close(now, &round);
+            let t = gw.translations(now).pop().unwrap();
+            assert!(!t.established, "closing");
+            assert!(!gw.fast_path_eligible(&t));
+            let closed = {
+                let idx = gw.table.find_public(*t.public.ip()).unwrap();
+                let s = gw
+                    .table
+                    .session(Proto::Tcp, idx, t.public.port(), outside)
+                    .unwrap();
+                gw.table.session_closed(s)
+            };
+            // Both FINs and the last ACK: TIME_WAIT. Without the server's FIN (refused) the
+            // flow is only half closed.
+            assert_eq!(closed, in_window);
         }
     }
 
@@ -232,6 +554,7 @@ mod tests {
             packets: 3,
             bytes: 90,
             tcp: None,
+            tcp_fin_end: None,
         };
         // Kept alive by reports alone, well past its idle timeout.
         let mut at = now;
@@ -307,6 +630,7 @@ mod tests {
                     packets,
                     bytes,
                     tcp: None,
+                    tcp_fin_end: None,
                 }
             ));
         }

@@ -32,7 +32,7 @@ use crate::table::{
 };
 use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
-pub use fast_path::FastPathActivity;
+pub use fast_path::{FastPathActivity, FastPathFlow};
 pub use listeners::Listener;
 pub use stats::GatewayStats;
 pub use sync::AdoptedFlow;
@@ -112,6 +112,9 @@ pub struct Gateway {
     direct_routing: bool,
     /// Flows a peer synced, held until this node becomes master (see `gateway::sync`).
     standby: crate::sync::StandbyFlows,
+    /// TCP flows that became established since the data path last took them (see
+    /// [`Gateway::take_fast_path_ready`]); `None` while no second data path asks for them.
+    fast_path_ready: Option<Vec<FastPathFlow>>,
 }
 
 impl Gateway {
@@ -147,6 +150,7 @@ impl Gateway {
             direct_routing: true,
             standby: sync::standby_for(config.max_mappings),
             stats: GatewayStats::default(),
+            fast_path_ready: None,
         };
         for s in &config.statics {
             gw.add_static(now, *s)?;
@@ -465,6 +469,10 @@ impl Gateway {
         self.notify_change(now, view.listener, view.inside, remote, change);
         self.notify_packet(view.listener, view.inside, false, buf.len());
         let public_ip = self.table.public_addr(view.public_idx);
+        if change == StateChange::Established {
+            let public = SocketAddrV4::new(public_ip, view.public_port);
+            self.fast_path_established(view.listener, view.inside, public, remote);
+        }
         translate::set_ip(buf, 0, Side::Src, public_ip, csum);
         translate::set_port(buf, 0, Side::Src, view.public_port, csum);
         self.stats.translated_out += n;
@@ -577,6 +585,10 @@ impl Gateway {
         let change = self.table.touch(now, s, false, seg.as_ref())?;
         self.notify_change(now, view.listener, view.inside, remote, change);
         self.notify_packet(view.listener, view.inside, true, buf.len());
+        if change == StateChange::Established {
+            let public = SocketAddrV4::new(p.dst, public_port);
+            self.fast_path_established(view.listener, view.inside, public, remote);
+        }
         if self.is_direct_listener(view.listener) {
             self.direct_route = Some(DirectRoute {
                 client: remote,

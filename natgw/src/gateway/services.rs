@@ -479,6 +479,7 @@ mod tests {
                     packets: 3,
                     bytes: 200,
                     tcp: Some((1001, 1, 502)),
+                    tcp_fin_end: None,
                 }
             ));
             assert_eq!(counts(&mut g, backend), (1, 0), "active");
