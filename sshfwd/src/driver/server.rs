@@ -714,6 +714,17 @@ impl ServerHandler {
         Some(keys)
     }
 
+    /// What every accepted login records, by key or by certificate: who, under which options,
+    /// the signal that releases its startup slot, and the login counter.
+    fn accept(&mut self, user: &str, options: KeyOptions) {
+        self.user = user.to_string();
+        self.options = Some(options);
+        if let Some(tx) = self.authenticated.take() {
+            let _ = tx.send(());
+        }
+        self.shared.counters.logins.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn find_key(&self, key: &russh::keys::PublicKey) -> Option<KeyOptions> {
         let path = &self.shared.cfg.authorized_keys;
         let keys = self.authorized_keys()?;
@@ -924,12 +935,7 @@ impl server::Handler for ServerHandler {
     ) -> Result<Auth, Self::Error> {
         match self.find_key(key.public_key) {
             Some(options) => {
-                self.user = user.to_string();
-                self.options = Some(options);
-                if let Some(tx) = self.authenticated.take() {
-                    let _ = tx.send(());
-                }
-                self.shared.counters.logins.fetch_add(1, Ordering::Relaxed);
+                self.accept(user, options);
                 tracing::info!(
                     "accepted key {} for {user:?} from {}",
                     key.public_key.fingerprint(HashAlg::Sha256),
@@ -954,12 +960,7 @@ impl server::Handler for ServerHandler {
     ) -> Result<Auth, Self::Error> {
         match self.certificate_options(user, certificate) {
             Ok(options) => {
-                self.user = user.to_string();
-                self.options = Some(options);
-                if let Some(tx) = self.authenticated.take() {
-                    let _ = tx.send(());
-                }
-                self.shared.counters.logins.fetch_add(1, Ordering::Relaxed);
+                self.accept(user, options);
                 tracing::info!(
                     "accepted certificate {:?} (serial {}) signed by {} for {user:?} from {}",
                     certificate.key_id(),
