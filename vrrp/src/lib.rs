@@ -47,7 +47,7 @@ pub use instance::{
     ReceivedAdvert, State, TRANSITION_HISTORY, Transition, VirtualAddress, VrrpInstance,
 };
 pub use sync_group::{Binding, MemberId, ObjectId, SyncGroup};
-pub use track::{ProcessQuorum, RiseFall, TrackedObject, Tracker};
+pub use track::{ParamMatch, ProcessQuorum, RiseFall, TrackedObject, Tracker};
 pub use wire::{VrrpPacket, VrrpRepr};
 
 /// Entry points for the cargo-fuzz targets and the corpus replay test.

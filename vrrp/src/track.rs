@@ -127,6 +127,49 @@ impl RiseFall {
     }
 }
 
+/// How a tracked process's arguments are compared with the configured `parameters`
+/// (keepalived's `param_match`; the program itself, argv\[0\], is never compared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ParamMatch {
+    /// The arguments are exactly the parameters, no more and no fewer (keepalived's default
+    /// once `parameters` are given).
+    #[default]
+    Exact,
+    /// The arguments begin with the parameters, each compared whole; more may follow.
+    Initial,
+    /// As `Initial`, but the last parameter need only begin the argument in its place (a
+    /// parameter `--config=/etc/app` matches `--config=/etc/app/main.conf`).
+    Partial,
+}
+
+impl ParamMatch {
+    /// Whether a process with arguments `args` (argv\[1..\], without argv\[0\]) matches
+    /// `parameters` under this rule.
+    pub fn matches(self, parameters: &[String], args: &[&[u8]]) -> bool {
+        if args.len() < parameters.len() {
+            return false;
+        }
+        let whole = |n: usize| {
+            parameters
+                .iter()
+                .take(n)
+                .zip(args)
+                .all(|(p, a)| p.as_bytes() == *a)
+        };
+        match self {
+            Self::Exact => args.len() == parameters.len() && whole(parameters.len()),
+            Self::Initial => whole(parameters.len()),
+            Self::Partial => match parameters.split_last() {
+                None => true,
+                Some((last, _)) => {
+                    whole(parameters.len() - 1)
+                        && args[parameters.len() - 1].starts_with(last.as_bytes())
+                }
+            },
+        }
+    }
+}
+
 /// keepalived's `vrrp_track_process` verdict from the number of matching processes seen in
 /// each scan: up while `quorum..=quorum_max` of them run. Losing the quorum counts only once
 /// it has lasted `delay` (so a process that restarts does not move the VIP); regaining it
@@ -195,6 +238,31 @@ impl ProcessQuorum {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn param_match_compares_arguments_as_keepalived_does() {
+        let params = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let args: [&[u8]; 3] = [b"-f", b"/etc/haproxy/haproxy.cfg", b"-Ws"];
+        let cfg = params(&["-f", "/etc/haproxy/haproxy.cfg"]);
+        assert!(!ParamMatch::Exact.matches(&cfg, &args));
+        assert!(ParamMatch::Exact.matches(&cfg, &args[..2]));
+        assert!(ParamMatch::Initial.matches(&cfg, &args));
+        assert!(ParamMatch::Partial.matches(&cfg, &args));
+        let cut = params(&["-f", "/etc/haproxy/"]);
+        assert!(!ParamMatch::Initial.matches(&cut, &args));
+        assert!(ParamMatch::Partial.matches(&cut, &args));
+        let other = params(&["-x", "/etc/haproxy/"]);
+        assert!(!ParamMatch::Partial.matches(&other, &args));
+        // More parameters than arguments never match; no parameters and no arguments is
+        // an exact match (a process started without arguments).
+        let long = params(&["-f", "/etc/haproxy/haproxy.cfg", "-Ws", "-q"]);
+        for m in [ParamMatch::Exact, ParamMatch::Initial, ParamMatch::Partial] {
+            assert!(!m.matches(&long, &args), "{m:?}");
+            assert!(m.matches(&[], &[]), "{m:?}");
+        }
+        assert!(!ParamMatch::Exact.matches(&[], &args));
+        assert!(ParamMatch::Initial.matches(&[], &args));
+    }
     use proptest::prelude::*;
 
     #[test]

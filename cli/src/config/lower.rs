@@ -304,6 +304,16 @@ pub(crate) fn vrrp(section: &VrrpSection) -> MemberSpec {
         .iter()
         .map(|p| TrackProcess {
             name: p.name.get_ref().clone(),
+            parameters: p.parameters.as_ref().map(|v| v.get_ref().clone()),
+            param_match: p
+                .param_match
+                .as_ref()
+                .and_then(|r| {
+                    super::vrrp::PARAM_MATCH_RULES
+                        .iter()
+                        .find(|(n, _)| n == r.get_ref())
+                })
+                .map_or(vrrp::ParamMatch::Exact, |(_, m)| *m),
             quorum: *p.quorum.get_ref(),
             quorum_max: p.quorum_max.as_ref().map_or(u32::MAX, |m| *m.get_ref()),
             delay: p.delay.as_ref().map_or(Duration::ZERO, |d| d.get_ref().0),

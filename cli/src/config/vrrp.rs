@@ -180,7 +180,21 @@ pub(crate) struct TrackProcessSection {
     /// 0 (default) = FAULT while below quorum; 1..=253 = priority penalty.
     #[serde(default = "d_process_weight")]
     pub(crate) weight: Spanned<ProcessWeight>,
+    /// Only processes whose arguments (after the program) match these count
+    /// (keepalived's `process NAME PARAM...`). Default: any arguments.
+    #[serde(default)]
+    pub(crate) parameters: Option<Spanned<Vec<String>>>,
+    /// How `parameters` are compared: `exact` (default), `initial`, `partial`.
+    #[serde(default)]
+    pub(crate) param_match: Option<Spanned<String>>,
 }
+
+/// `param_match` values, as keepalived names them.
+pub(crate) const PARAM_MATCH_RULES: [(&str, vrrp::ParamMatch); 3] = [
+    ("exact", vrrp::ParamMatch::Exact),
+    ("initial", vrrp::ParamMatch::Initial),
+    ("partial", vrrp::ParamMatch::Partial),
+];
 
 /// A tracked process's weight: 0 (fault) or the penalty 1..=253 (keepalived's `weight -20`
 /// is written 20).
@@ -676,6 +690,48 @@ pub(crate) fn validate_all(
             if let Some(delay) = &p.delay {
                 timer(delay, "track_processes delay", true, v);
             }
+            if let Some(rule) = &p.param_match {
+                if p.parameters.is_none() {
+                    v.error_at(
+                        rule,
+                        "track_processes param_match needs `parameters` to compare (`parameters = []` with `exact` = a process started without arguments)",
+                    );
+                }
+                if !PARAM_MATCH_RULES.iter().any(|(n, _)| n == rule.get_ref()) {
+                    v.error_at(
+                        rule,
+                        format!(
+                            "track_processes param_match `{}` is not one of exact, initial, partial",
+                            rule.get_ref()
+                        ),
+                    );
+                }
+            }
+            if let Some(params) = &p.parameters {
+                // Compared against /proc/PID/cmdline, NUL-separated and read up to a bound.
+                let total: usize = params.get_ref().iter().map(|a| a.len() + 1).sum();
+                if params.get_ref().iter().any(|a| a.contains('\0')) {
+                    v.error_at(params, "track_processes parameters cannot hold NUL bytes");
+                } else if total + MAX_PROCESS_NAME + 1 > vrrp::driver::MAX_CMDLINE {
+                    v.error_at(
+                        params,
+                        format!(
+                            "track_processes parameters are {total} bytes; command lines are compared up to {} bytes",
+                            vrrp::driver::MAX_CMDLINE
+                        ),
+                    );
+                }
+                let partial = p
+                    .param_match
+                    .as_ref()
+                    .is_some_and(|r| r.get_ref() == "partial");
+                if partial && params.get_ref().is_empty() {
+                    v.error_at(
+                        params,
+                        "track_processes param_match = \"partial\" needs at least one parameter (the last is matched by its beginning)",
+                    );
+                }
+            }
         }
         for (key, script) in [
             ("notify", &i.notify),
@@ -944,10 +1000,26 @@ mod tests {
     #[test]
     fn track_processes_take_keepalived_settings_and_point_at_mistakes() {
         let site = load(
-            r#"track_processes = [{ name = "haproxy", quorum = 2, quorum_max = 4, delay = "2s", weight = 30 }, { name = "nginx" }]"#,
+            r#"track_processes = [{ name = "haproxy", quorum = 2, quorum_max = 4, delay = "2s", weight = 30 }, { name = "nginx", parameters = ["-c", "/etc/nginx/"], param_match = "partial" }]"#,
         )
         .expect("valid");
         let p = &site.vrrp[0].track_processes;
+        assert_eq!(
+            (
+                p[1].parameters.as_ref().map(|v| v.get_ref().len()),
+                p[1].param_match.as_ref().map(|r| r.get_ref().as_str())
+            ),
+            (Some(2), Some("partial"))
+        );
+        let long = format!(
+            r#"track_processes = [{{ name = "haproxy", parameters = ["{}"] }}]"#,
+            "x".repeat(5000)
+        );
+        let e = load(&long).unwrap_err();
+        assert!(
+            e.starts_with("site.toml:6:53: track_processes parameters are 5001 bytes; command lines are compared up to 4096 bytes"),
+            "{e}"
+        );
         assert_eq!(
             (
                 *p[0].quorum.get_ref(),
@@ -993,6 +1065,22 @@ mod tests {
             (
                 r#"track_processes = [{ name = "haproxy", pid = 3 }]"#,
                 "site.toml:6:",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", param_match = "initial" }]"#,
+                "site.toml:6:54: track_processes param_match needs `parameters` to compare",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", parameters = ["-f"], param_match = "prefix" }]"#,
+                "site.toml:6:75: track_processes param_match `prefix` is not one of exact, initial, partial",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", parameters = [], param_match = "partial" }]"#,
+                "site.toml:6:53: track_processes param_match = \"partial\" needs at least one parameter",
+            ),
+            (
+                r#"track_processes = [{ name = "haproxy", parameters = ["a\u0000b"] }]"#,
+                "site.toml:6:53: track_processes parameters cannot hold NUL bytes",
             ),
         ] {
             let e = load(extra).unwrap_err();

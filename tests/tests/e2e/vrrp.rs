@@ -1006,6 +1006,59 @@ fn a_tracked_process_killed_hands_the_vip_over_and_back() {
     assert!(lab.holds_vip("d1"));
 }
 
+/// keepalived's `param_match`: two processes share the tracked name, only the one whose
+/// arguments match `parameters` counts, and killing it (the other still running) hands the
+/// VIP over.
+#[test]
+fn a_tracked_process_is_told_apart_by_its_parameters() {
+    let mut lab = Lab::new(e2e!());
+    let name = format!("vgp{}", std::process::id());
+    let bin = lab.t.dir().join(&name);
+    std::fs::copy("/bin/sleep", &bin).unwrap();
+    let bin = bin.to_str().unwrap_or_default().to_owned();
+    let _other = lab.t.spawn("d1", "other", &[&bin, "1000"]);
+    let mut tracked_daemon = lab.t.spawn("d1", "tracked", &[&bin, "2000"]);
+    let extra = format!(
+        r#"track_processes = [{{ name = "{name}", parameters = ["2000"], param_match = "exact", weight = 60 }}]"#
+    );
+    let cfg = lab.config_with("d1", 150, "100ms", true, &extra);
+    let cfg = cfg.to_str().unwrap_or_default().to_owned();
+    lab.procs
+        .push(lab.t.vipgate("d1", "vipgate-d1", &["run", "-c", &cfg]));
+    let d2 = lab.vipgate("d2", 100, "100ms", true);
+    lab.procs.push(d2);
+    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
+    let tracked = |lab: &Lab| {
+        let text = String::from_utf8_lossy(
+            &lab.t
+                .vipgate_output("d1", &["show", "vrrp", "--control", &lab.sock("d1")])
+                .stdout,
+        )
+        .into_owned();
+        text.lines()
+            .find(|l| l.contains("tracking:"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Two processes run under the name; one matches.
+    wait_until(
+        Duration::from_secs(5),
+        "the matching process counted",
+        || tracked(&lab).contains(&format!("process {name} [2000] 1/1 up (-60)")),
+    );
+
+    tracked_daemon.kill9();
+    lab.wait_state("d2", "MASTER", Duration::from_secs(5));
+    lab.wait_state("d1", "BACKUP", Duration::from_secs(1));
+    assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 90);
+    let line = tracked(&lab);
+    assert!(
+        line.contains(&format!("process {name} [2000] 0/1 DOWN (-60)")),
+        "{line}"
+    );
+}
+
 /// `vipgate vrrp set-priority`: the backup raised above the master preempts it at once, no
 /// reload; the reply and `show vrrp` say it is a runtime value; setting the file's value back
 /// lets the master of the file preempt again.

@@ -35,6 +35,7 @@ mod procscan;
 mod sys;
 
 pub use notify::{NOTIFY_PATH, NotifyScripts, ScriptCommand};
+pub use procscan::MAX_CMDLINE;
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -112,6 +113,11 @@ impl TrackScript {
 pub struct TrackProcess {
     /// The process name as `/proc/PID/comm` has it (at most 15 bytes).
     pub name: String,
+    /// When set, only processes whose arguments (`/proc/PID/cmdline` after the program)
+    /// match these under `param_match` count; `Some(vec![])` with `Exact` = no arguments.
+    pub parameters: Option<Vec<String>>,
+    /// How `parameters` are compared.
+    pub param_match: crate::ParamMatch,
     /// Fewest processes for the instance to be healthy (at least 1).
     pub quorum: u32,
     /// Most processes for the instance to be healthy.
@@ -125,7 +131,17 @@ pub struct TrackProcess {
 impl TrackProcess {
     /// The tracked object's name.
     fn object_name(&self) -> String {
-        format!("process {}", self.name)
+        match &self.parameters {
+            None => format!("process {}", self.name),
+            Some(params) => {
+                let rule = match self.param_match {
+                    crate::ParamMatch::Exact => "",
+                    crate::ParamMatch::Initial => " ...",
+                    crate::ParamMatch::Partial => "...",
+                };
+                format!("process {} [{}{rule}]", self.name, params.join(" "))
+            }
+        }
     }
 }
 
@@ -1349,7 +1365,8 @@ async fn run_process_scan(
     first: ObjectId,
     tx: mpsc::Sender<Event>,
 ) {
-    let names: Arc<[String]> = processes.iter().map(|p| p.name.clone()).collect();
+    let names: Vec<String> = processes.iter().map(TrackProcess::object_name).collect();
+    let patterns: Arc<[TrackProcess]> = processes.iter().cloned().collect();
     let mut quorums: Vec<crate::ProcessQuorum> = processes
         .iter()
         .map(|p| crate::ProcessQuorum::new(p.quorum, p.quorum_max, p.delay))
@@ -1361,9 +1378,9 @@ async fn run_process_scan(
         if tx.is_closed() {
             return;
         }
-        let scan_names = Arc::clone(&names);
+        let scan = Arc::clone(&patterns);
         let Ok(counts) = tokio::task::spawn_blocking(move || {
-            procscan::count(std::path::Path::new("/proc"), &scan_names)
+            procscan::count(std::path::Path::new("/proc"), &scan)
         })
         .await
         else {
@@ -1723,6 +1740,8 @@ mod tests {
         spec.config.priority = 200;
         spec.track_processes = vec![TrackProcess {
             name: "vgtrackd".to_owned(),
+            parameters: None,
+            param_match: crate::ParamMatch::Exact,
             quorum: 2,
             quorum_max: 3,
             delay: Duration::ZERO,
