@@ -85,6 +85,9 @@ pub(crate) enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Times in UTC instead of local time (`show vrrp`'s transitions).
+        #[arg(long)]
+        utc: bool,
     },
     /// Re-read the running daemon's config and apply the changes (like SIGHUP, but reports back).
     Reload {

@@ -172,6 +172,7 @@ async fn dispatch(
             what,
             control,
             json,
+            utc,
         } => {
             let result =
                 control::request(&control_path(&control)?, &Request::Show { kind: what }).await?;
@@ -182,7 +183,7 @@ async fn dispatch(
                 if items.is_empty() {
                     println!("no {what} configured in the running daemon");
                 } else {
-                    print!("{}", render_kind(what, &items));
+                    print!("{}", render_kind(what, &items, utc));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -374,13 +375,13 @@ fn control_path(args: &ControlArgs) -> anyhow::Result<PathBuf> {
 
 /// One kind's screen: the kind's own table of the units that run, then a line per unit the
 /// supervisor has restarted or is restarting (a dead unit has no table row to show it in).
-fn render_kind(kind: parts::Kind, items: &[serde_json::Value]) -> String {
+fn render_kind(kind: parts::Kind, items: &[serde_json::Value], utc: bool) -> String {
     let is_dead = |v: &serde_json::Value| v["state"] == "dead";
     let running: Vec<serde_json::Value> = items.iter().filter(|v| !is_dead(v)).cloned().collect();
     let mut out = if running.is_empty() {
         String::new()
     } else {
-        kind.render(&running)
+        kind.render(&running, utc)
     };
     for v in items {
         let restarts = v["restarts"].as_u64().unwrap_or(0);
@@ -417,7 +418,7 @@ pub(crate) fn render_status(result: &serde_json::Value) -> String {
             .map(|p| p.status.clone())
             .collect();
         if !items.is_empty() {
-            out.push_str(&format!("== {kind}\n{}", render_kind(kind, &items)));
+            out.push_str(&format!("== {kind}\n{}", render_kind(kind, &items, false)));
         }
     }
     out
@@ -523,7 +524,7 @@ mod render_tests {
             serde_json::json!({"name": "gw", "state": "dead", "restarts": 2,
                                "last_death": "nat packet loop failed: TUN I/O"}),
         ];
-        let text = render_kind(parts::Kind::Nat, &items);
+        let text = render_kind(parts::Kind::Nat, &items, false);
         assert_eq!(
             text,
             "gw: dead, being restarted (2 restarts so far): nat packet loop failed: TUN I/O\n"

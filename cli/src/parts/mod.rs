@@ -90,13 +90,13 @@ impl Kind {
         }
     }
 
-    /// Human rendering of `show <kind>`.
-    pub(crate) fn render(self, items: &[serde_json::Value]) -> String {
+    /// Human rendering of `show <kind>`; times of day in UTC when `utc`, else local time.
+    pub(crate) fn render(self, items: &[serde_json::Value], utc: bool) -> String {
         match self {
             Kind::Gre => gre::render(items),
             Kind::Nat => nat::render(items),
             Kind::Lb => lb::render(items),
-            Kind::Vrrp => vrrp::render(items),
+            Kind::Vrrp => vrrp::render(items, utc),
             Kind::Sync => sync::render(items),
             Kind::Ssh => ssh::render(items),
         }

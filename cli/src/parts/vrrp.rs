@@ -317,8 +317,9 @@ fn wired_spec(s: &VrrpSection, wiring: &Wiring) -> MemberSpec {
     spec
 }
 
-/// Human text for `vipgate show vrrp`.
-pub(crate) fn render(items: &[Value]) -> String {
+/// Human text for `vipgate show vrrp`: transition times as dates in local time, or in UTC
+/// when `utc`.
+pub(crate) fn render(items: &[Value], utc: bool) -> String {
     let header = row([
         "NAME",
         "INTERFACE",
@@ -329,7 +330,7 @@ pub(crate) fn render(items: &[Value]) -> String {
         "ADVERT",
         "ADDRESSES",
     ]);
-    header + &super::render_each(items, render_instance)
+    header + &super::render_each(items, |out, i| render_instance(out, i, utc))
 }
 
 /// One line of the instance table.
@@ -349,7 +350,7 @@ fn row(columns: [&str; 8]) -> String {
     )
 }
 
-fn render_instance(out: &mut String, i: &VrrpStatus) {
+fn render_instance(out: &mut String, i: &VrrpStatus, utc: bool) {
     let addrs: Vec<String> = i
         .addresses
         .iter()
@@ -400,9 +401,12 @@ fn render_instance(out: &mut String, i: &VrrpStatus) {
     }
     let _ = writeln!(
         out,
-        "    transitions {}, master for {:.1}s in all",
+        "    transitions {}, became master {}; time as master {}, backup {}, fault {}",
         c.transitions,
-        c.master_time.as_secs_f64()
+        c.became_master,
+        span(c.master_time),
+        span(c.backup_time),
+        span(c.fault_time),
     );
     let tracked: Vec<String> = i
         .tracked
@@ -438,7 +442,7 @@ fn render_instance(out: &mut String, i: &VrrpStatus) {
         let _ = writeln!(
             out,
             "    {} {} -> {}: {}",
-            clock(t.at_unix_ms),
+            clock(t.at_unix_ms, utc),
             t.from,
             t.to,
             t.reason
@@ -446,15 +450,32 @@ fn render_instance(out: &mut String, i: &VrrpStatus) {
     }
 }
 
-/// `HH:MM:SS.mmm` UTC of a unix time in milliseconds.
-fn clock(ms: u64) -> String {
-    let (s, milli) = (ms / 1000, ms % 1000);
-    format!(
-        "{:02}:{:02}:{:02}.{milli:03}",
-        s / 3600 % 24,
-        s / 60 % 60,
-        s % 60
-    )
+/// `YYYY-MM-DD HH:MM:SS.mmm +HH:MM` of a unix time in milliseconds, in local time (as the
+/// host's time zone says) or in UTC.
+fn clock(ms: u64, utc: bool) -> String {
+    const FORMAT: &str = "%Y-%m-%d %H:%M:%S%.3f %:z";
+    let Some(at) = i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+    else {
+        return format!("@{ms}ms");
+    };
+    if utc {
+        at.format(FORMAT).to_string()
+    } else {
+        at.with_timezone(&chrono::Local).format(FORMAT).to_string()
+    }
+}
+
+/// A time span as `1h02m03s`, `2m03.4s` or `3.4s`.
+fn span(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    let tenths = d.subsec_millis() / 100;
+    match (secs / 3600, secs / 60 % 60, secs % 60) {
+        (0, 0, s) => format!("{s}.{tenths}s"),
+        (0, m, s) => format!("{m}m{s:02}.{tenths}s"),
+        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
+    }
 }
 
 #[cfg(test)]
@@ -496,8 +517,11 @@ mod tests {
             counters: VrrpCounters {
                 instance,
                 malformed,
-                transitions: 1,
+                transitions: 3,
+                became_master: 2,
                 master_time: Duration::from_millis(2500),
+                backup_time: Duration::from_secs(3723),
+                fault_time: Duration::from_millis(125_400),
                 ..Default::default()
             },
             transitions: vec![TransitionRecord {
@@ -541,8 +565,10 @@ mod tests {
         assert_eq!(json["counters"]["drops"]["bad_ttl"], 1);
         assert_eq!(json["counters"]["malformed"]["bad_checksum"], 2);
         assert_eq!(json["counters"]["master_ms"], 2500);
+        assert_eq!(json["counters"]["backup_ms"], 3_723_000);
+        assert_eq!(json["counters"]["became_master"], 2);
         assert_eq!(json["preempt_gate"], false);
-        let text = render(&[json]);
+        let text = render(std::slice::from_ref(&json), true);
         assert!(text.contains("vip-web"), "{text}");
         assert!(text.contains("150/150"), "{text}");
         assert!(
@@ -551,14 +577,33 @@ mod tests {
         );
         assert!(text.contains("198.51.100.10/24"), "{text}");
         assert!(text.contains("ttl 1 malformed 2"), "{text}");
-        assert!(text.contains("transitions 1, master for 2.5s"), "{text}");
-        assert!(text.contains("01:02:03.004 BACKUP -> MASTER"), "{text}");
+        assert!(
+            text.contains(
+                "transitions 3, became master 2; time as master 2.5s, backup 1h02m03s, fault 2m05.4s"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("1970-01-01 01:02:03.004 +00:00 BACKUP -> MASTER"),
+            "{text}"
+        );
+        // Local time: the same instant, in the offset the host's zone gives it.
+        let local = chrono::DateTime::from_timestamp_millis(3_723_004)
+            .unwrap()
+            .with_timezone(&chrono::Local)
+            .format("%Y-%m-%d %H:%M:%S%.3f %:z")
+            .to_string();
+        let text_local = render(&[json], false);
+        assert!(
+            text_local.contains(&format!("{local} BACKUP -> MASTER")),
+            "{text_local}"
+        );
         assert!(text.contains("preempt waits for sync"), "{text}");
         assert!(
             text.contains("tracking: interface eth0 up (fault), interface eth1 DOWN (-20), process haproxy 2/1 up (-30)"),
             "{text}"
         );
-        let stopped = render(&[json!({"name": "vip-db", "state": "STOPPED"})]);
+        let stopped = render(&[json!({"name": "vip-db", "state": "STOPPED"})], false);
         assert!(stopped.ends_with("vip-db is STOPPED\n"), "{stopped}");
     }
 }

@@ -1057,6 +1057,25 @@ fn a_tracked_process_is_told_apart_by_its_parameters() {
         line.contains(&format!("process {name} [2000] 0/1 DOWN (-60)")),
         "{line}"
     );
+    // The backup that took over: one mastership counted, the transition dated, in UTC.
+    let d2 = String::from_utf8_lossy(
+        &lab.t
+            .vipgate_output(
+                "d2",
+                &["show", "vrrp", "--utc", "--control", &lab.sock("d2")],
+            )
+            .stdout,
+    )
+    .into_owned();
+    assert!(d2.contains("became master 1; time as master "), "{d2}");
+    let dated = d2
+        .lines()
+        .find(|l| l.contains("BACKUP -> MASTER"))
+        .unwrap_or_default();
+    assert!(
+        dated.trim_start().starts_with("20") && dated.contains(" +00:00 BACKUP -> MASTER"),
+        "{d2}"
+    );
 }
 
 /// `vipgate vrrp set-priority`: the backup raised above the master preempts it at once, no

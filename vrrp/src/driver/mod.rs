@@ -145,6 +145,45 @@ impl TrackProcess {
     }
 }
 
+/// Time spent in BACKUP, MASTER and FAULT (INIT is not counted), the current stay included
+/// when asked.
+#[derive(Debug, Clone, Default)]
+struct StateClock {
+    spent: [Duration; 3],
+    current: Option<(usize, Instant)>,
+}
+
+impl StateClock {
+    fn slot(state: State) -> Option<usize> {
+        match state {
+            State::Backup => Some(0),
+            State::Master => Some(1),
+            State::Fault => Some(2),
+            State::Initialize => None,
+        }
+    }
+
+    /// The instance entered `state` at `at`.
+    fn enter(&mut self, state: State, at: Instant) {
+        if let Some((slot, since)) = self.current.take() {
+            self.spent[slot] += at.saturating_duration_since(since);
+        }
+        self.current = Self::slot(state).map(|slot| (slot, at));
+    }
+
+    /// Time spent in `state` up to `at`.
+    fn spent(&self, state: State, at: Instant) -> Duration {
+        let Some(slot) = Self::slot(state) else {
+            return Duration::ZERO;
+        };
+        let ongoing = match self.current {
+            Some((current, since)) if current == slot => at.saturating_duration_since(since),
+            _ => Duration::ZERO,
+        };
+        self.spent[slot] + ongoing
+    }
+}
+
 /// Time between two `/proc` scans for tracked processes.
 pub const PROCESS_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -313,6 +352,20 @@ pub struct VrrpCounters {
         serde(rename = "master_ms", with = "netutil::serde_ms")
     )]
     pub master_time: Duration,
+    /// Time spent as backup since the instance started.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "backup_ms", with = "netutil::serde_ms")
+    )]
+    pub backup_time: Duration,
+    /// Time spent in fault since the instance started.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "fault_ms", with = "netutil::serde_ms")
+    )]
+    pub fault_time: Duration,
+    /// How many times the instance became master.
+    pub became_master: u64,
     /// Notify runs.
     pub notify: NotifyCounters,
 }
@@ -564,10 +617,10 @@ struct Member {
     io_errors: u64,
     transitions: VecDeque<TransitionRecord>,
     transitions_total: u64,
-    /// Time as master before the current mastership.
-    master_time: Duration,
-    /// When the current mastership began.
-    master_since: Option<Instant>,
+    /// Time spent in each state so far.
+    state_clock: StateClock,
+    /// Transitions into MASTER.
+    became_master: u64,
     /// Per tracked process, how many ran at the last scan.
     processes_running: Vec<u32>,
     notify: NotifyQueue,
@@ -793,8 +846,8 @@ async fn open_members(
             io_errors: 0,
             transitions: VecDeque::new(),
             transitions_total: 0,
-            master_time: Duration::ZERO,
-            master_since: None,
+            state_clock: StateClock::default(),
+            became_master: 0,
             notify: NotifyQueue::default(),
             state: watch::Sender::new(State::Initialize),
         });
@@ -1209,11 +1262,9 @@ impl<Io: VrrpIo> Driver<Io> {
                     });
                     m.transitions_total += 1;
                     let at = now();
-                    if let Some(since) = m.master_since.take() {
-                        m.master_time += at.saturating_duration_since(since);
-                    }
+                    m.state_clock.enter(t.to, at);
                     if t.to == State::Master {
-                        m.master_since = Some(at);
+                        m.became_master += 1;
                     }
                     m.state.send_replace(t.to);
                     let event = NotifyEvent {
@@ -1289,9 +1340,7 @@ impl<Io: VrrpIo> Driver<Io> {
             .zip(self.group.members())
             .zip(self.group.trackers())
             .map(|((m, core), tracker)| {
-                let master_time = m.master_time
-                    + m.master_since
-                        .map_or(Duration::ZERO, |since| at.saturating_duration_since(since));
+                let master_time = m.state_clock.spent(State::Master, at);
                 VrrpStatus {
                     name: m.spec.config.name.clone(),
                     group: self.group_notify.name(),
@@ -1315,6 +1364,9 @@ impl<Io: VrrpIo> Driver<Io> {
                         io_errors: m.io_errors,
                         transitions: m.transitions_total,
                         master_time,
+                        backup_time: m.state_clock.spent(State::Backup, at),
+                        fault_time: m.state_clock.spent(State::Fault, at),
+                        became_master: m.became_master,
                         notify: m.notify.counters,
                     },
                     transitions: m.transitions.iter().cloned().collect(),
@@ -1570,8 +1622,8 @@ mod tests {
                 io_errors: 0,
                 transitions: VecDeque::new(),
                 transitions_total: 0,
-                master_time: Duration::ZERO,
-                master_since: None,
+                state_clock: StateClock::default(),
+                became_master: 0,
                 notify: NotifyQueue::default(),
                 state: watch::Sender::new(State::Initialize),
             });
@@ -1656,6 +1708,7 @@ mod tests {
         // INIT -> MASTER -> INIT: two transitions; the mastership is over and counted.
         let status = d.status.lock().expect("status")[0].clone();
         assert_eq!(status.counters.transitions, 2);
+        assert_eq!(status.counters.became_master, 1);
         assert_eq!(status.transitions.len(), 2);
         assert_eq!(*d.members[0].state.borrow(), State::Initialize);
         let mastership = status.counters.master_time;
