@@ -951,20 +951,20 @@ fn a_failing_track_script_lowers_priority_and_fails_over() {
     assert_eq!(lab.status("d1").unwrap_or_default().num(&["priority"]), 150);
 }
 
-/// keepalived's `vrrp_track_process`: the master tracks a daemon by its process name; killed,
-/// the master's priority drops and the backup takes the VIP; started again, it comes back.
-#[test]
-fn a_tracked_process_killed_hands_the_vip_over_and_back() {
-    let mut lab = Lab::new(e2e!());
-    // A copy of sleep under a name of its own, so /proc/PID/comm is that name (unique per
-    // run: every namespace shares the process table).
-    let name = format!("vgt{}", std::process::id());
+/// A copy of `sleep` under a name of its own (`PREFIX` + this test's pid), so
+/// /proc/PID/comm is that name, unique per run: every namespace shares the process table.
+/// Returns the name and the copy's path.
+fn sleep_named(lab: &Lab, prefix: &str) -> (String, String) {
+    let name = format!("{prefix}{}", std::process::id());
     let bin = lab.t.dir().join(&name);
     std::fs::copy("/bin/sleep", &bin).unwrap();
-    let bin = bin.to_str().unwrap_or_default().to_owned();
-    let mut daemon = lab.t.spawn("d1", "tracked", &[&bin, "1000"]);
-    let extra = format!(r#"track_processes = [{{ name = "{name}", weight = 60 }}]"#);
-    let cfg = lab.config_with("d1", 150, "100ms", true, &extra);
+    (name, bin.to_str().unwrap_or_default().to_owned())
+}
+
+/// Starts d1 (priority 150, tracking per `extra`) and d2 (100), and waits for d1 to be
+/// master.
+fn start_tracking_pair(lab: &mut Lab, extra: &str) {
+    let cfg = lab.config_with("d1", 150, "100ms", true, extra);
     let cfg = cfg.to_str().unwrap_or_default().to_owned();
     lab.procs
         .push(lab.t.vipgate("d1", "vipgate-d1", &["run", "-c", &cfg]));
@@ -972,18 +972,32 @@ fn a_tracked_process_killed_hands_the_vip_over_and_back() {
     lab.procs.push(d2);
     lab.wait_state("d1", "MASTER", Duration::from_secs(5));
     lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
-    let tracked = |lab: &Lab| {
-        let text = String::from_utf8_lossy(
-            &lab.t
-                .vipgate_output("d1", &["show", "vrrp", "--control", &lab.sock("d1")])
-                .stdout,
-        )
-        .into_owned();
-        text.lines()
-            .find(|l| l.contains("tracking:"))
-            .unwrap_or_default()
-            .to_owned()
-    };
+}
+
+/// The `tracking:` line of `show vrrp` on d1.
+fn tracking_line(lab: &Lab) -> String {
+    let text = String::from_utf8_lossy(
+        &lab.t
+            .vipgate_output("d1", &["show", "vrrp", "--control", &lab.sock("d1")])
+            .stdout,
+    )
+    .into_owned();
+    text.lines()
+        .find(|l| l.contains("tracking:"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// keepalived's `vrrp_track_process`: the master tracks a daemon by its process name; killed,
+/// the master's priority drops and the backup takes the VIP; started again, it comes back.
+#[test]
+fn a_tracked_process_killed_hands_the_vip_over_and_back() {
+    let mut lab = Lab::new(e2e!());
+    let (name, bin) = sleep_named(&lab, "vgt");
+    let mut daemon = lab.t.spawn("d1", "tracked", &[&bin, "1000"]);
+    let extra = format!(r#"track_processes = [{{ name = "{name}", weight = 60 }}]"#);
+    start_tracking_pair(&mut lab, &extra);
+    let tracked = tracking_line;
     wait_until(Duration::from_secs(5), "the process counted", || {
         tracked(&lab).contains(&format!("process {name} 1/1 up (-60)"))
     });
@@ -1012,35 +1026,14 @@ fn a_tracked_process_killed_hands_the_vip_over_and_back() {
 #[test]
 fn a_tracked_process_is_told_apart_by_its_parameters() {
     let mut lab = Lab::new(e2e!());
-    let name = format!("vgp{}", std::process::id());
-    let bin = lab.t.dir().join(&name);
-    std::fs::copy("/bin/sleep", &bin).unwrap();
-    let bin = bin.to_str().unwrap_or_default().to_owned();
+    let (name, bin) = sleep_named(&lab, "vgp");
     let _other = lab.t.spawn("d1", "other", &[&bin, "1000"]);
     let mut tracked_daemon = lab.t.spawn("d1", "tracked", &[&bin, "2000"]);
     let extra = format!(
         r#"track_processes = [{{ name = "{name}", parameters = ["2000"], param_match = "exact", weight = 60 }}]"#
     );
-    let cfg = lab.config_with("d1", 150, "100ms", true, &extra);
-    let cfg = cfg.to_str().unwrap_or_default().to_owned();
-    lab.procs
-        .push(lab.t.vipgate("d1", "vipgate-d1", &["run", "-c", &cfg]));
-    let d2 = lab.vipgate("d2", 100, "100ms", true);
-    lab.procs.push(d2);
-    lab.wait_state("d1", "MASTER", Duration::from_secs(5));
-    lab.wait_state("d2", "BACKUP", Duration::from_secs(5));
-    let tracked = |lab: &Lab| {
-        let text = String::from_utf8_lossy(
-            &lab.t
-                .vipgate_output("d1", &["show", "vrrp", "--control", &lab.sock("d1")])
-                .stdout,
-        )
-        .into_owned();
-        text.lines()
-            .find(|l| l.contains("tracking:"))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    start_tracking_pair(&mut lab, &extra);
+    let tracked = tracking_line;
     // Two processes run under the name; one matches.
     wait_until(
         Duration::from_secs(5),
