@@ -308,12 +308,8 @@ pub(crate) fn vrrp(section: &VrrpSection) -> MemberSpec {
             param_match: p
                 .param_match
                 .as_ref()
-                .and_then(|r| {
-                    super::vrrp::PARAM_MATCH_RULES
-                        .iter()
-                        .find(|(n, _)| n == r.get_ref())
-                })
-                .map_or(vrrp::ParamMatch::Exact, |(_, m)| *m),
+                .and_then(|r| super::vrrp::param_match_rule(r.get_ref()))
+                .unwrap_or_default(),
             quorum: *p.quorum.get_ref(),
             quorum_max: p.quorum_max.as_ref().map_or(u32::MAX, |m| *m.get_ref()),
             delay: p.delay.as_ref().map_or(Duration::ZERO, |d| d.get_ref().0),

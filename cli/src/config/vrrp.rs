@@ -189,12 +189,15 @@ pub(crate) struct TrackProcessSection {
     pub(crate) param_match: Option<Spanned<String>>,
 }
 
-/// `param_match` values, as keepalived names them.
-pub(crate) const PARAM_MATCH_RULES: [(&str, vrrp::ParamMatch); 3] = [
-    ("exact", vrrp::ParamMatch::Exact),
-    ("initial", vrrp::ParamMatch::Initial),
-    ("partial", vrrp::ParamMatch::Partial),
-];
+/// The rule a `param_match` value names, as keepalived names them; `None` for any other.
+pub(crate) fn param_match_rule(name: &str) -> Option<vrrp::ParamMatch> {
+    match name {
+        "exact" => Some(vrrp::ParamMatch::Exact),
+        "initial" => Some(vrrp::ParamMatch::Initial),
+        "partial" => Some(vrrp::ParamMatch::Partial),
+        _ => None,
+    }
+}
 
 /// A tracked process's weight: 0 (fault) or the penalty 1..=253 (keepalived's `weight -20`
 /// is written 20).
@@ -697,7 +700,7 @@ pub(crate) fn validate_all(
                         "track_processes param_match needs `parameters` to compare (`parameters = []` with `exact` = a process started without arguments)",
                     );
                 }
-                if !PARAM_MATCH_RULES.iter().any(|(n, _)| n == rule.get_ref()) {
+                if param_match_rule(rule.get_ref()).is_none() {
                     v.error_at(
                         rule,
                         format!(
@@ -724,7 +727,8 @@ pub(crate) fn validate_all(
                 let partial = p
                     .param_match
                     .as_ref()
-                    .is_some_and(|r| r.get_ref() == "partial");
+                    .and_then(|r| param_match_rule(r.get_ref()))
+                    == Some(vrrp::ParamMatch::Partial);
                 if partial && params.get_ref().is_empty() {
                     v.error_at(
                         params,
