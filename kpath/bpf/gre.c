@@ -7,8 +7,9 @@
 //   tunnel gets the outer IPv4 + GRE header in front (bpf_skb_adjust_room with
 //   ENCAP_L3_IPV4 | ENCAP_L4_GRE, so a GSO skb becomes an SKB_GSO_GRE super-packet that the
 //   kernel segments as late as possible) and is redirected out of the underlay interface the
-//   FIB names (bpf_redirect_neigh resolves the next hop; it takes an Ethernet frame, so the
-//   TUN's packet gets a placeholder header first, bpf_skb_change_head).
+//   FIB names, or on a host that does not forward the one userspace recorded
+//   (bpf_redirect_neigh resolves the next hop; it takes an Ethernet frame, so the TUN's
+//   packet gets a placeholder header first, bpf_skb_change_head).
 // - gre_decap, at the ingress of the underlay interface: a GRE packet from a tunnel's remote
 //   to its local address with the tunnel's key (or none, for a keyless tunnel), no other
 //   GRE flag, and a plain IPv4 packet inside is stripped to that packet and redirected into
@@ -30,7 +31,8 @@
 //   GSO super-packet one by one; inner bytes as the core counts them, the headers of every
 //   segment included) and what they passed to the TUN path; gre_counters counts why.
 // - The outer header is what the TUN path's raw socket sends: version 4, IHL 5, TOS 0, DF
-//   (the packet fits the underlay's MTU, checked against the FIB), TTL 64, protocol 47.
+//   (the packet fits the underlay's MTU, checked against the FIB, or against the recorded
+//   egress MTU where the FIB lookup is refused), TTL 64, protocol 47.
 //
 // The license string must be GPL compatible because bpf_fib_lookup is a GPL-only helper.
 
@@ -73,7 +75,7 @@ static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len,
 #define IP_DF 0x4000
 #define TH_SYN 0x02
 
-// Per tunnel, what encapsulation needs. Written by userspace only. 24 bytes.
+// Per tunnel, what encapsulation needs. Written by userspace only. 32 bytes.
 struct gre_tx {
 	__be32 local;
 	__be32 remote;
@@ -83,6 +85,11 @@ struct gre_tx {
 	                // 0: it has none (the TUN)
 	__u32 mtu;      // the tunnel MTU: larger inner packets take the TUN path
 	__u32 slot;     // index into gre_stats
+	// The interface the route to the remote used when the tunnel started, and its MTU; 0
+	// when unknown. Used only where the FIB lookup is refused because forwarding is off
+	// on the TUN (a host that terminates the tunnel for its own traffic): see encap().
+	__u32 egress_ifindex;
+	__u32 egress_mtu;
 };
 
 // The decapsulation key: who sends, to which address, with which key. 16 bytes.
@@ -116,7 +123,8 @@ enum counter {
 	TX_UNUSUAL,    // IP options, fragments, short headers, an already encapsulated skb
 	TX_TCP_SYN,    // the core clamps the MSS
 	TX_TOO_BIG,    // over the tunnel MTU, or would not fit the underlay's
-	TX_NO_ROUTE,   // the FIB has no unicast route to the remote
+	TX_NO_ROUTE,   // the FIB has no unicast route to the remote (or forwarding is off and
+	               // the egress interface is unknown)
 	TX_FAILED,     // a helper refused (untouched, or dropped if it failed after encapsulating)
 	RX_NO_TUNNEL,  // GRE whose (source, destination, key) is no tunnel of this path
 	RX_GRE_FLAGS,  // checksum, sequence, routing, version or reserved bits
@@ -290,10 +298,21 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2)
 	fib.ipv4_dst = t->remote;
 	fib.ifindex = skb->ifindex;
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+	__u32 egress = fib.ifindex;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED && t->egress_ifindex) {
+		// bpf_fib_lookup answers only for an interface that forwards, and the TUN does
+		// not on a host with forwarding off: these are the host's own packets (the kernel
+		// forwards nothing into the TUN then). They leave by the interface the route to the
+		// remote used at start; bpf_redirect_neigh routes them out of it (an output lookup
+		// bound to that interface, which needs no forwarding) and resolves the neighbour.
+		if (inner_wire + overhead > t->egress_mtu)
+			return pass_tx(slot, TX_TOO_BIG);
+		egress = t->egress_ifindex;
+	} else if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		return pass_tx(slot, TX_TOO_BIG);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+	} else if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		return pass_tx(slot, TX_NO_ROUTE);
+	}
 
 	__u64 packets, bytes;
 	wire_size(skb, l2, hdrs, &packets, &bytes);
@@ -347,7 +366,7 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2)
 		s->tx_packets += packets;
 		s->tx_bytes += bytes;
 	}
-	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+	return bpf_redirect_neigh(egress, 0, 0, 0);
 }
 
 SEC("classifier/gre_encap")

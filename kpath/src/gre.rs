@@ -84,6 +84,20 @@ pub struct GreTunnelEntry {
     pub key: Option<u32>,
     /// Tunnel MTU: larger inner packets take the TUN path.
     pub mtu: u16,
+    /// The interface the route to the remote left by, and its MTU, when known. The program
+    /// sends the host's own packets out of it where the kernel refuses a FIB lookup because
+    /// the TUN does not forward (a host with forwarding off); without it they take the TUN
+    /// path there.
+    pub egress: Option<GreEgress>,
+}
+
+/// An underlay interface, by index, and its MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GreEgress {
+    /// Interface index.
+    pub ifindex: u32,
+    /// Its MTU: larger outer packets take the TUN path.
+    pub mtu: u32,
 }
 
 impl GreTunnelEntry {
@@ -96,6 +110,8 @@ impl GreTunnelEntry {
             l2: u16::from(self.l2),
             mtu: u32::from(self.mtu),
             slot: self.slot,
+            egress_ifindex: self.egress.map_or(0, |e| e.ifindex),
+            egress_mtu: self.egress.map_or(0, |e| e.mtu),
         }
     }
 

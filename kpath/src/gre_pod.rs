@@ -16,6 +16,8 @@ pub(crate) struct RawGreTx {
     pub(crate) l2: u16,
     pub(crate) mtu: u32,
     pub(crate) slot: u32,
+    pub(crate) egress_ifindex: u32,
+    pub(crate) egress_mtu: u32,
 }
 
 /// `struct gre_rx_key`: (remote, local, key) of an arriving GRE packet.
@@ -48,13 +50,13 @@ pub(crate) struct RawGreStats {
     pub(crate) rx_passed: u64,
 }
 
-const _: () = assert!(size_of::<RawGreTx>() == 24);
+const _: () = assert!(size_of::<RawGreTx>() == 32);
 const _: () = assert!(size_of::<RawGreRxKey>() == 16);
 const _: () = assert!(size_of::<RawGreRx>() == 8);
 const _: () = assert!(size_of::<RawGreStats>() == 48);
 
 // SAFETY: `repr(C)`, `Copy`, 'static, made only of integers and byte arrays laid out without
-// gaps (12 bytes of arrays, two u16, two u32: 24, asserted above), so every bit pattern is
+// gaps (12 bytes of arrays, two u16, four u32: 32, asserted above), so every bit pattern is
 // valid and there is no padding: what `Pod` requires.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for RawGreTx {}

@@ -40,7 +40,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 pub use gre::{
-    GRE_OBJECT, GrePassCounters, GrePath, GreProgram, GreTunnelEntry, GreTunnelStats,
+    GRE_OBJECT, GreEgress, GrePassCounters, GrePath, GreProgram, GreTunnelEntry, GreTunnelStats,
     MAX_GRE_TUNNELS,
 };
 pub use loader::{AttachMode, KernelPath, LoadOptions, TestRun, ensure_bpffs};

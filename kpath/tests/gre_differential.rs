@@ -16,7 +16,7 @@ use std::time::Instant;
 use common::in_sandbox;
 use etherparse::{Ipv4Header, PacketBuilder};
 use gre::{DropReason, Encap, HEADROOM, Tunnel, TunnelConfig, Verdict};
-use kpath::{GrePath, GreProgram, GreTunnelEntry, LoadOptions, TestRun};
+use kpath::{GreEgress, GrePath, GreProgram, GreTunnelEntry, LoadOptions, TestRun};
 
 const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
@@ -95,6 +95,7 @@ impl Harness {
             remote: REMOTE,
             key,
             mtu: MTU,
+            egress: None,
         })
         .unwrap();
         Harness {
@@ -103,6 +104,22 @@ impl Harness {
             gp,
             ifindex,
         }
+    }
+
+    /// Re-installs the tunnel's entry with `egress` (the veth as the recorded underlay).
+    fn set_egress(&mut self, key: Option<u32>, egress: Option<GreEgress>) {
+        self.gp
+            .insert(&GreTunnelEntry {
+                slot: 5,
+                tun_ifindex: self.ifindex,
+                l2: true,
+                local: LOCAL,
+                remote: REMOTE,
+                key,
+                mtu: MTU,
+                egress,
+            })
+            .unwrap();
     }
 
     fn run(&self, program: GreProgram, frame: &[u8]) -> TestRun {
@@ -329,6 +346,34 @@ fn what_the_core_must_judge_is_left_to_the_tun_path() {
         let stats = h.gp.stats(5).unwrap();
         assert_eq!((stats.tx_packets, stats.rx_packets), (0, 0));
         assert_eq!((stats.tx_passed, stats.rx_passed), (4, 7));
+        h.gp.unload().unwrap();
+    });
+}
+
+/// On a host that does not forward, the kernel refuses the program's FIB lookup
+/// (`BPF_FIB_LKUP_RET_FWD_DISABLED`): the host's own packets leave by the recorded egress
+/// interface, encapsulated as the core would; without one they take the TUN path, and an
+/// outer packet over the egress MTU does too.
+#[test]
+fn a_host_that_does_not_forward_encapsulates_by_the_recorded_egress() {
+    in_sandbox(|ifindex| {
+        // Writing `all` turns it off on every interface, as `ip_forward=0` does.
+        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "0").unwrap();
+        let mut h = Harness::new(ifindex, Some(42));
+        let inner = tcp(HQ_PC, BR_PC, 1000, false);
+        h.passes(GreProgram::Encap, &ether(&inner));
+        assert_eq!(h.gp.pass_counters().unwrap().tx_no_route, 1);
+
+        h.set_egress(Some(42), Some(GreEgress { ifindex, mtu: 1500 }));
+        let wire = h.same_encap(&inner);
+        h.same_decap(&wire[20..]);
+
+        // 1,000 payload + 40 + 28 of tunnel headers do not fit an egress MTU of 1,000.
+        h.set_egress(Some(42), Some(GreEgress { ifindex, mtu: 1000 }));
+        h.passes(GreProgram::Encap, &ether(&inner));
+        let pass = h.gp.pass_counters().unwrap();
+        assert_eq!((pass.tx_no_route, pass.tx_too_big), (1, 1));
+        assert_eq!(h.gp.stats(5).unwrap().tx_packets, 1);
         h.gp.unload().unwrap();
     });
 }

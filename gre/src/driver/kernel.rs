@@ -13,7 +13,9 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use kpath::{GrePath, GreProgram, GreTunnelEntry, GreTunnelStats, LoadOptions, MAX_GRE_TUNNELS};
+use kpath::{
+    GreEgress, GrePath, GreProgram, GreTunnelEntry, GreTunnelStats, LoadOptions, MAX_GRE_TUNNELS,
+};
 use netsys::netlink::{addresses, link_by_index, route_get};
 
 use crate::tunnel::{TunnelConfig, Underlay};
@@ -160,18 +162,32 @@ impl std::fmt::Debug for KernelTunnels {
     }
 }
 
-/// The interfaces GRE from `remote` to `local` arrives on: the one toward the remote and the
-/// one holding the local address (loopback excepted).
-async fn underlay_interfaces(
+/// Where a tunnel's outer packets go and come from.
+struct UnderlayLinks {
+    /// The interfaces GRE from `remote` to `local` arrives on: the one toward the remote and
+    /// the one holding the local address (loopback excepted).
+    ingress: Vec<String>,
+    /// The interface the route to the remote leaves by (not loopback), and its MTU.
+    egress: Option<GreEgress>,
+}
+
+async fn underlay_links(
     netlink: &rtnetlink::Handle,
     local: Ipv4Addr,
     remote: Ipv4Addr,
-) -> Result<Vec<String>, String> {
+) -> Result<UnderlayLinks, String> {
     let mut names = Vec::new();
+    let mut egress = None;
     if let Some(link) = route_get(netlink, IpAddr::V4(remote))
         .await
         .map_err(|e| e.to_string())?
     {
+        if link.name != "lo" {
+            egress = link.mtu.map(|mtu| GreEgress {
+                ifindex: link.index,
+                mtu,
+            });
+        }
         names.push(link.name);
     }
     let holder = addresses(netlink)
@@ -191,7 +207,10 @@ async fn underlay_interfaces(
     if names.is_empty() {
         return Err(format!("no underlay interface toward {remote}"));
     }
-    Ok(names)
+    Ok(UnderlayLinks {
+        ingress: names,
+        egress,
+    })
 }
 
 impl KernelTunnels {
@@ -268,6 +287,7 @@ impl KernelTunnels {
         i: usize,
         c: &Candidate<'_>,
     ) -> Result<(), String> {
+        let underlay = underlay_links(netlink, c.config.local, c.config.remote).await?;
         let entry = GreTunnelEntry {
             slot: u32::try_from(i).map_err(|e| e.to_string())?,
             tun_ifindex: c.tun_ifindex,
@@ -276,8 +296,9 @@ impl KernelTunnels {
             remote: c.config.remote,
             key: c.config.key,
             mtu: c.config.mtu,
+            egress: underlay.egress,
         };
-        for iface in underlay_interfaces(netlink, c.config.local, c.config.remote).await? {
+        for iface in underlay.ingress {
             self.path
                 .attach(&iface, GreProgram::Decap)
                 .map_err(|e| format!("{iface}: {e}"))?;

@@ -400,6 +400,23 @@ fn a_kernel_path_end_and_a_tun_path_end_interoperate() {
     assert_eq!(frag_fails.trim(), "0", "br: IpFragFails");
 }
 
+/// A tunnel end that does not forward (a server reaching a remote site for itself): the
+/// kernel refuses the encap program's FIB lookup there (forwarding is off on the TUN), and the
+/// program sends the host's own packets out of the underlay interface recorded at start.
+#[test]
+fn a_host_that_does_not_forward_sends_its_own_traffic_on_the_kernel_path() {
+    let b = Branches::new(e2e!(), "key = 42", "kernel");
+    b.t.sh("hq", "sysctl -qw net.ipv4.ip_forward=0");
+    transfer_is_intact(&b.t, "hq", "br", "172.16.0.2", 5001, 20_000_000);
+    let hq = b.tunnel("hq").unwrap();
+    assert!(
+        counter(&hq, &["kernel", "tx_bytes"]) > 19_000_000,
+        "the kernel path carried hq's own transfer: {hq}"
+    );
+    // Only the SYN was left to the TUN path (its MSS is clamped there).
+    assert!(counter(&hq, &["kernel", "tx_passed"]) < 5, "{hq}");
+}
+
 #[test]
 fn branch_lans_talk_over_gre_and_the_isp_sees_only_gre() {
     lans_talk_over_gre_and_the_isp_sees_only_gre_on(e2e!(), "kernel");

@@ -287,13 +287,18 @@ fn a_linux_ip_gre_peer_in_qemu_interoperates() {
         let hash = t.sh("gw", &format!("sha256sum < {got} | cut -d' ' -f1"));
         assert_eq!(hash.trim(), blob, "bytes changed in {}", tun.gw);
     }
-    // The VM's packets into gre-kern were decapsulated by the kernel program. The
-    // gateway's own (locally originated) packets are passed to the TUN path by its encap
-    // program here (`tx_passed`), so only the receive side is asserted on the kernel path.
+    // Both directions of gre-kern went through the kernel programs. The gateway does not
+    // forward (ip_forward is off here), so the kernel refuses the encap program's FIB
+    // lookup and the program sends the gateway's own packets out of the underlay recorded
+    // at start.
     let kern = tunnel(&t, "gre-kern").unwrap();
     assert!(
         counter(&kern, &["kernel", "rx_packets"]) > 0,
         "the kernel path decapsulated gre-kern's traffic: {kern}"
+    );
+    assert!(
+        counter(&kern, &["kernel", "tx_bytes"]) > TRANSFER_BYTES / 2,
+        "the kernel path encapsulated the gateway's own traffic: {kern}"
     );
     for tun in &TUNNELS {
         let j = tunnel(&t, tun.gw).unwrap();
