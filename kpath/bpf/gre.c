@@ -3,8 +3,8 @@
 // vipgate GRE kernel data path: two TC classifiers that carry a tunnel's plain traffic without
 // the TUN round trip, keeping GSO super-packets whole.
 //
-// - gre_encap, at the egress of the tunnel's TUN device: an IPv4 packet routed into the
-//   tunnel gets the outer IPv4 + GRE header in front (bpf_skb_adjust_room with
+// - gre_encap, at the egress of the tunnel's TUN device: an IPv4 or IPv6 packet routed into
+//   the tunnel gets the outer IPv4 + GRE header in front (bpf_skb_adjust_room with
 //   ENCAP_L3_IPV4 | ENCAP_L4_GRE, so a GSO skb becomes an SKB_GSO_GRE super-packet that the
 //   kernel segments as late as possible) and is redirected out of the underlay interface the
 //   FIB names, or on a host that does not forward the one userspace recorded
@@ -12,13 +12,13 @@
 //   packet gets a placeholder header first, bpf_skb_change_head).
 // - gre_decap, at the ingress of the underlay interface: a GRE packet from a tunnel's remote
 //   to its local address with the tunnel's key (or none, for a keyless tunnel), no other
-//   GRE flag, and a plain IPv4 packet inside is stripped to that packet and redirected into
+//   GRE flag, and a plain IPv4 or IPv6 packet inside is stripped to that packet and redirected into
 //   the TUN device's ingress (BPF_F_INGRESS), so the kernel sees it arrive on the tunnel.
 //
 // The programs never decide what userspace would decide differently. Anything else returns
 // TC_ACT_OK untouched and takes the TUN path, where the core keeps every check and counter:
 // TCP SYNs (the core clamps their MSS), packets over the tunnel MTU (frag-needed or outer
-// fragmentation), IPv6, IP options, fragments, keepalive probes and replies, GRE checksums,
+// fragmentation), IP options and IPv6 extension headers, fragments, keepalive probes and replies, GRE checksums,
 // sequence numbers, versions and RFC 1701 bits, unknown sources and keys, malformed inner
 // packets, a FIB miss. A packet is never modified and then passed on.
 //
@@ -40,6 +40,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 
@@ -71,6 +72,12 @@ static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len,
 #define GRE_KEY 0x2000
 #define PROTO_GRE 47
 #define ETH_P_IPV4_BE __constant_htons(ETH_P_IP)
+#define ETH_P_IPV6_BE __constant_htons(ETH_P_IPV6)
+// Decapsulation flags of bpf_skb_adjust_room (Linux 6.6; the build's UAPI headers may be
+// older): they set skb->protocol to the inner packet's.
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
+#endif
 #define OUTER_TTL 64
 #define IP_DF 0x4000
 #define TH_SYN 0x02
@@ -119,7 +126,7 @@ struct gre_stats {
 // Why packets took the TUN path (global, per CPU).
 enum counter {
 	TX_NO_TUNNEL,  // the device is no tunnel of this path (its entry was removed)
-	TX_NOT_IPV4,   // IPv6 or anything else routed into the tunnel
+	TX_NOT_IP,     // neither IPv4 nor IPv6 routed into the tunnel
 	TX_UNUSUAL,    // IP options, fragments, short headers, an already encapsulated skb
 	TX_TCP_SYN,    // the core clamps the MSS
 	TX_TOO_BIG,    // over the tunnel MTU, or would not fit the underlay's
@@ -128,8 +135,9 @@ enum counter {
 	TX_FAILED,     // a helper refused (untouched, or dropped if it failed after encapsulating)
 	RX_NO_TUNNEL,  // GRE whose (source, destination, key) is no tunnel of this path
 	RX_GRE_FLAGS,  // checksum, sequence, routing, version or reserved bits
-	RX_NOT_IPV4,   // keepalive replies (protocol 0), IPv6, others
-	RX_UNUSUAL,    // inner IP options, fragments, lengths that do not add up
+	RX_NOT_IP,     // keepalive replies (protocol 0), protocol types other than IPv4/IPv6
+	RX_UNUSUAL,    // inner IP options, IPv6 extension headers, fragments, lengths that do
+	               // not add up
 	RX_TCP_SYN,    // the core clamps the MSS
 	RX_PROBE,      // an inner packet for the remote: a keepalive probe to reflect
 	RX_FAILED,     // a helper refused (the packet is untouched)
@@ -255,29 +263,63 @@ INLINE __u32 plain_ipv4(struct iphdr *ip, void *data_end, __u32 len, int *syn)
 	return 20 + doff;
 }
 
-// Headers a program must read directly: outer IPv4, the longest GRE header the fast path
-// takes, inner IPv4 and a TCP header.
-#define PULL_LEN (ETH_HLEN + 20 + 8 + 20 + sizeof(struct tcphdr))
+// The same for a plain IPv6 packet at `ip6`: no extension header (a fragment header is one),
+// TCP, UDP or ICMPv6, the payload length exactly the packet's. IPv6 routers never fragment,
+// so there is nothing else to refuse.
+INLINE __u32 plain_ipv6(struct ipv6hdr *ip6, void *data_end, __u32 len, int *syn)
+{
+	if ((void *)(ip6 + 1) > data_end)
+		return 0;
+	if (ip6->version != 6 || __builtin_bswap16(ip6->payload_len) + 40 != len)
+		return 0;
+	if (ip6->nexthdr == IPPROTO_UDP || ip6->nexthdr == 58 /* ICMPv6 */)
+		return 40;
+	if (ip6->nexthdr != IPPROTO_TCP)
+		return 0;
+	struct tcphdr *tcp = (void *)(ip6 + 1);
+	if ((void *)(tcp + 1) > data_end)
+		return 0;
+	__u32 doff = tcp->doff * 4;
+	if (doff < 20 || 40 + doff > len)
+		return 0;
+	*syn = (((__u8 *)tcp)[13] & TH_SYN) != 0;
+	return 40 + doff;
+}
 
-// Encapsulates the IPv4 packet at offset `l2` (a constant: 0 on the TUN, ETH_HLEN on an
-// Ethernet device) for tunnel `t`. Packet offsets are constants throughout: the verifier
-// refuses variable ones to a loader holding CAP_BPF without CAP_PERFMON.
-INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2)
+// Headers a program must read directly: outer IPv4, the longest GRE header the fast path
+// takes, the longer inner IP header (IPv6) and a TCP header.
+#define PULL_LEN (ETH_HLEN + 20 + 8 + 40 + sizeof(struct tcphdr))
+
+// Encapsulates the IPv4 (`v6` 0) or IPv6 (`v6` 1) packet at offset `l2` (a constant: 0 on the
+// TUN, ETH_HLEN on an Ethernet device) for tunnel `t`. Packet offsets are constants
+// throughout: the verifier refuses variable ones to a loader holding CAP_BPF without
+// CAP_PERFMON.
+INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2, const int v6)
 {
 	__u32 slot = t->slot;
 	if (skb->len < l2 + 20)
 		return pass_tx(slot, TX_UNUSUAL);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	if (data + l2 + 20 + sizeof(struct tcphdr) > data_end) {
-		__u32 want = l2 + 20 + sizeof(struct tcphdr);
+	const __u32 want = l2 + (v6 ? 40 : 20) + sizeof(struct tcphdr);
+	if (data + want > data_end) {
 		bpf_skb_pull_data(skb, skb->len < want ? skb->len : want);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
-	struct iphdr *ip = data + l2;
 	int syn = 0;
-	__u32 hdrs = plain_ipv4(ip, data_end, skb->len - l2, &syn);
+	__u32 hdrs;
+	// The outer IP ID: an IPv4 packet's own (as the TUN path's raw socket sends it); the
+	// kernel numbers a super-packet's segments from it.
+	__be16 ident = 0;
+	if (v6) {
+		hdrs = plain_ipv6(data + l2, data_end, skb->len - l2, &syn);
+	} else {
+		struct iphdr *ip = data + l2;
+		hdrs = plain_ipv4(ip, data_end, skb->len - l2, &syn);
+		if (hdrs)
+			ident = ip->id;
+	}
 	if (hdrs == 0)
 		return pass_tx(slot, TX_UNUSUAL);
 	if (syn)
@@ -316,7 +358,6 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2)
 
 	__u64 packets, bytes;
 	wire_size(skb, l2, hdrs, &packets, &bytes);
-	__be16 ident = ip->id;
 
 	// FIXED_GSO: the kernel already sized the segments for the tunnel MTU (the route's
 	// device is the TUN), so each outer segment fits the underlay as it is.
@@ -343,7 +384,7 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2)
 	outer.ip.daddr = t->remote;
 	outer.ip.check = ipv4_csum((__u16 *)&outer.ip);
 	outer.flags = t->has_key ? __constant_htons(GRE_KEY) : 0;
-	outer.proto = ETH_P_IPV4_BE;
+	outer.proto = v6 ? ETH_P_IPV6_BE : ETH_P_IPV4_BE;
 	outer.key = t->key;
 	// The room is there now: a failure here cannot happen short of a kernel bug, and the
 	// packet would then leave malformed, so it is dropped rather than passed.
@@ -356,6 +397,13 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2)
 		struct ethhdr eth = {.h_proto = ETH_P_IPV4_BE};
 		if (bpf_skb_change_head(skb, ETH_HLEN, 0) ||
 		    bpf_skb_store_bytes(skb, 0, &eth, ETH_HLEN, 0)) {
+			pass_tx(slot, TX_FAILED);
+			return TC_ACT_SHOT;
+		}
+	} else if (v6) {
+		// The frame now carries IPv4: say so in its Ethernet header too.
+		__be16 proto = ETH_P_IPV4_BE;
+		if (bpf_skb_store_bytes(skb, 12, &proto, 2, 0)) {
 			pass_tx(slot, TX_FAILED);
 			return TC_ACT_SHOT;
 		}
@@ -376,38 +424,54 @@ int gre_encap(struct __sk_buff *skb)
 	struct gre_tx *t = bpf_map_lookup_elem(&gre_tx_tunnels, &ifindex);
 	if (!t)
 		return pass(TX_NO_TUNNEL);
-	if (skb->protocol != ETH_P_IPV4_BE)
-		return pass_tx(t->slot, TX_NOT_IPV4);
-	// The TUN has no link-layer header: the IPv4 header is at offset 0.
-	return t->l2 ? encap(skb, t, ETH_HLEN) : encap(skb, t, 0);
+	// The TUN has no link-layer header: the IP header is at offset 0.
+	if (skb->protocol == ETH_P_IPV4_BE)
+		return t->l2 ? encap(skb, t, ETH_HLEN, 0) : encap(skb, t, 0, 0);
+	if (skb->protocol == ETH_P_IPV6_BE)
+		return t->l2 ? encap(skb, t, ETH_HLEN, 1) : encap(skb, t, 0, 1);
+	return pass_tx(t->slot, TX_NOT_IP);
 }
 
 // Decapsulates a GRE packet of tunnel `t` whose GRE header is `gre_len` bytes (a constant:
-// 4, or 8 with the key) after the outer IPv4 header.
+// 4, or 8 with the key) after the outer IPv4 header, carrying IPv4 (`v6` 0) or IPv6 (`v6` 1).
 INLINE int decap(struct __sk_buff *skb, struct gre_rx *t, __be32 remote, void *data,
-                 void *data_end, const __u32 gre_len)
+                 void *data_end, const __u32 gre_len, const int v6)
 {
 	__u32 slot = t->slot;
 	__u32 tun = t->tun_ifindex;
 	const __u32 inner_off = ETH_HLEN + 20 + gre_len;
-	struct iphdr *ip = data + inner_off;
 	int syn = 0;
-	__u32 hdrs = plain_ipv4(ip, data_end, skb->len - inner_off, &syn);
+	__u32 hdrs;
+	if (v6) {
+		hdrs = plain_ipv6(data + inner_off, data_end, skb->len - inner_off, &syn);
+	} else {
+		struct iphdr *ip = data + inner_off;
+		hdrs = plain_ipv4(ip, data_end, skb->len - inner_off, &syn);
+		// A packet for the remote inside a packet from it: a keepalive probe (or a
+		// forgery the core refuses to reflect). Either way the core's.
+		if (hdrs && !syn && ip->daddr == remote)
+			return pass_rx(slot, RX_PROBE);
+	}
 	if (hdrs == 0)
 		return pass_rx(slot, RX_UNUSUAL);
 	if (syn)
 		return pass_rx(slot, RX_TCP_SYN);
-	// A packet for the remote inside a packet from it: a keepalive probe (or a forgery the
-	// core refuses to reflect). Either way the core's.
-	if (ip->daddr == remote)
-		return pass_rx(slot, RX_PROBE);
 
 	__u64 packets, bytes;
 	wire_size(skb, inner_off, hdrs, &packets, &bytes);
 	// FIXED_GSO: the inner segments keep their size; a super-packet is delivered whole.
+	// DECAP_L3_IPV6 makes skb->protocol the inner packet's (a kernel before 6.6 refuses the
+	// flag, and the packet takes the TUN path).
 	if (bpf_skb_adjust_room(skb, -(__s32)(20 + gre_len), BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_FIXED_GSO))
+				BPF_F_ADJ_ROOM_FIXED_GSO | (v6 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV6 : 0)))
 		return pass_rx(slot, RX_FAILED);
+	if (v6) {
+		__be16 proto = ETH_P_IPV6_BE;
+		// The room is gone already: a failure here is a kernel bug, and the frame would
+		// go on mislabelled, so it is dropped.
+		if (bpf_skb_store_bytes(skb, 12, &proto, 2, 0))
+			return TC_ACT_SHOT;
+	}
 	struct gre_stats *s = stats(slot);
 	if (s) {
 		s->rx_packets += packets;
@@ -460,10 +524,13 @@ int gre_decap(struct __sk_buff *skb)
 		return pass(RX_NO_TUNNEL);
 	if ((flags & ~GRE_KEY) != 0)
 		return pass_rx(t->slot, RX_GRE_FLAGS);
-	if (proto != ETH_P_IPV4_BE)
-		return pass_rx(t->slot, RX_NOT_IPV4);
-	return key.has_key ? decap(skb, t, key.remote, data, data_end, 8)
-			   : decap(skb, t, key.remote, data, data_end, 4);
+	if (proto == ETH_P_IPV4_BE)
+		return key.has_key ? decap(skb, t, key.remote, data, data_end, 8, 0)
+				   : decap(skb, t, key.remote, data, data_end, 4, 0);
+	if (proto == ETH_P_IPV6_BE)
+		return key.has_key ? decap(skb, t, key.remote, data, data_end, 8, 1)
+				   : decap(skb, t, key.remote, data, data_end, 4, 1);
+	return pass_rx(t->slot, RX_NOT_IP);
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";

@@ -1,8 +1,8 @@
 //! The GRE kernel data path (`bpf/gre.c`, shipped compiled as `bpf/gre.o`) and its loader.
 //!
 //! `gre_encap` runs at the egress of each tunnel's TUN device and `gre_decap` at the ingress of
-//! each underlay interface; both carry only a tunnel's plain IPv4 traffic and leave everything
-//! else (SYNs, keepalives, IPv6, anything unusual) to the TUN path, which keeps every check.
+//! each underlay interface; both carry only a tunnel's plain IPv4 and IPv6 traffic and leave
+//! everything else (SYNs, keepalives, anything unusual) to the TUN path, which keeps every check.
 //! gre's driver installs one [`GreTunnelEntry`] per tunnel it runs on this path and adds the
 //! [`GreTunnelStats`] of its slot to the core's counters.
 //!
@@ -147,9 +147,10 @@ pub struct GreTunnelStats {
 pub struct GrePassCounters {
     /// At a TUN egress with no entry (a tunnel being removed).
     pub tx_no_tunnel: u64,
-    /// IPv6 or other non-IPv4 packets routed into a tunnel.
-    pub tx_not_ipv4: u64,
-    /// IP options, fragments, short or inconsistent headers, an already encapsulated skb.
+    /// Packets neither IPv4 nor IPv6 routed into a tunnel.
+    pub tx_not_ip: u64,
+    /// IP options, IPv6 extension headers, fragments, short or inconsistent headers, an
+    /// already encapsulated skb.
     pub tx_unusual: u64,
     /// TCP SYNs (the core clamps their MSS).
     pub tx_tcp_syn: u64,
@@ -163,9 +164,9 @@ pub struct GrePassCounters {
     pub rx_no_tunnel: u64,
     /// GRE checksum, sequence, routing, version or reserved bits.
     pub rx_gre_flags: u64,
-    /// Keepalive replies, IPv6 and other protocol types.
-    pub rx_not_ipv4: u64,
-    /// Inner IP options, fragments, lengths that do not add up.
+    /// Keepalive replies and protocol types other than IPv4 and IPv6.
+    pub rx_not_ip: u64,
+    /// Inner IP options, IPv6 extension headers, fragments, lengths that do not add up.
     pub rx_unusual: u64,
     /// Inner TCP SYNs (the core clamps their MSS).
     pub rx_tcp_syn: u64,
@@ -429,7 +430,7 @@ impl GrePath {
         };
         Ok(GrePassCounters {
             tx_no_tunnel: get(0)?,
-            tx_not_ipv4: get(1)?,
+            tx_not_ip: get(1)?,
             tx_unusual: get(2)?,
             tx_tcp_syn: get(3)?,
             tx_too_big: get(4)?,
@@ -437,7 +438,7 @@ impl GrePath {
             tx_failed: get(6)?,
             rx_no_tunnel: get(7)?,
             rx_gre_flags: get(8)?,
-            rx_not_ipv4: get(9)?,
+            rx_not_ip: get(9)?,
             rx_unusual: get(10)?,
             rx_tcp_syn: get(11)?,
             rx_probe: get(12)?,

@@ -23,15 +23,23 @@ const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 const ROGUE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
 const HQ_PC: [u8; 4] = [192, 168, 101, 10];
 const BR_PC: [u8; 4] = [192, 168, 102, 10];
+const HQ_PC6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x10];
+const BR_PC6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0x10];
 const MTU: u16 = 1472;
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
+/// An Ethernet frame around `ip`, its EtherType from the IP version (IPv4 when empty).
 fn ether(ip: &[u8]) -> Vec<u8> {
+    let ethertype: u16 = if ip.first().is_some_and(|b| b >> 4 == 6) {
+        0x86dd
+    } else {
+        0x0800
+    };
     let mut f = Vec::with_capacity(14 + ip.len());
     f.extend_from_slice(&MAC_B);
     f.extend_from_slice(&MAC_A);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ethertype.to_be_bytes());
     f.extend_from_slice(ip);
     f
 }
@@ -43,6 +51,25 @@ fn tcp(src: [u8; 4], dst: [u8; 4], len: usize, syn: bool) -> Vec<u8> {
     let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
     let mut v = Vec::new();
     b.write(&mut v, &payload).unwrap();
+    v
+}
+
+/// An IPv6 TCP segment (ACK, or SYN) with `len` payload bytes.
+fn tcp6(len: usize, syn: bool) -> Vec<u8> {
+    let b = PacketBuilder::ipv6(HQ_PC6, BR_PC6, 64).tcp(40000, 5001, 7, 501);
+    let b = if syn { b.syn() } else { b.ack(99) };
+    let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let mut v = Vec::new();
+    b.write(&mut v, &payload).unwrap();
+    v
+}
+
+fn udp6(len: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv6(HQ_PC6, BR_PC6, 64)
+        .udp(5353, 53)
+        .write(&mut v, &vec![0xab; len])
+        .unwrap();
     v
 }
 
@@ -187,8 +214,8 @@ impl Harness {
         assert_eq!(run.action, TestRun::REDIRECT, "decapsulated in the kernel");
         assert_eq!(
             run.frame[..14],
-            ether(&[])[..14],
-            "the Ethernet header stays"
+            ether(&inner)[..14],
+            "the Ethernet header stays, labelled with the inner packet's EtherType"
         );
         assert_eq!(run.frame[14..], inner[..], "same inner packet as the core");
     }
@@ -259,7 +286,7 @@ fn what_the_core_must_judge_is_left_to_the_tun_path() {
     in_sandbox(|ifindex| {
         let mut h = Harness::new(ifindex, Some(42));
         // Encapsulation: a SYN (MSS clamp), a DF packet over the MTU (frag-needed), IP
-        // options, IPv6.
+        // options, neither IPv4 nor IPv6.
         let syn = tcp(HQ_PC, BR_PC, 0, true);
         h.passes(GreProgram::Encap, &ether(&syn));
         let big = tcp(HQ_PC, BR_PC, usize::from(MTU) - 39, false);
@@ -274,9 +301,9 @@ fn what_the_core_must_judge_is_left_to_the_tun_path() {
         let tot = u16::try_from(options.len()).unwrap();
         options[2..4].copy_from_slice(&tot.to_be_bytes());
         h.passes(GreProgram::Encap, &ether(&options));
-        let mut v6 = ether(&[0x60; 60]);
-        v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-        h.passes(GreProgram::Encap, &v6);
+        let mut arp = ether(&[0; 28]);
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        h.passes(GreProgram::Encap, &arp);
 
         // Decapsulation: each case with the core's verdict on it.
         let data = tcp(BR_PC, HQ_PC, 100, false);
@@ -336,9 +363,9 @@ fn what_the_core_must_judge_is_left_to_the_tun_path() {
         assert_eq!(pass.tx_tcp_syn, 1);
         assert_eq!(pass.tx_too_big, 1);
         assert_eq!(pass.tx_unusual, 1);
-        assert_eq!(pass.tx_not_ipv4, 1);
+        assert_eq!(pass.tx_not_ip, 1);
         assert_eq!(pass.rx_no_tunnel, 3, "wrong key, no key, wrong source");
-        assert_eq!(pass.rx_not_ipv4, 1, "keepalive reply");
+        assert_eq!(pass.rx_not_ip, 1, "keepalive reply");
         assert_eq!(pass.rx_gre_flags, 2, "checksum, sequence");
         assert_eq!(pass.rx_tcp_syn, 1);
         assert_eq!(pass.rx_probe, 1);
@@ -346,6 +373,54 @@ fn what_the_core_must_judge_is_left_to_the_tun_path() {
         let stats = h.gp.stats(5).unwrap();
         assert_eq!((stats.tx_packets, stats.rx_packets), (0, 0));
         assert_eq!((stats.tx_passed, stats.rx_passed), (4, 7));
+        h.gp.unload().unwrap();
+    });
+}
+
+#[test]
+fn ipv6_inside_encapsulates_and_decapsulates_as_the_core_does() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex, Some(42));
+        let mut carried = 0;
+        for inner in [
+            tcp6(0, false),
+            tcp6(1000, false),
+            tcp6(usize::from(MTU) - 60, false),
+            udp6(1),
+            udp6(usize::from(MTU) - 48),
+        ] {
+            let wire = h.same_encap(&inner);
+            carried += 1;
+            assert_eq!(&wire[20 + 2..20 + 4], &[0x86, 0xdd], "IPv6 inside");
+            h.same_decap(&wire[20..]);
+            assert_eq!(&wire[20 + 8..], &inner[..]);
+        }
+        // Left to the core: SYNs (MSS clamp) both ways, over the MTU, an extension header
+        // (hop-by-hop in place of UDP), a payload length that does not add up.
+        let mut hop_by_hop = udp6(8);
+        hop_by_hop[6] = 0;
+        let mut short = udp6(8);
+        short[5] += 1;
+        for inner in [
+            tcp6(0, true),
+            tcp6(usize::from(MTU) - 59, false),
+            hop_by_hop.clone(),
+            short.clone(),
+        ] {
+            h.passes(GreProgram::Encap, &ether(&inner));
+        }
+        for inner in [tcp6(0, true), hop_by_hop, short] {
+            let packet = gre(0x2000, 0x86dd, Some(42), &inner);
+            h.passes(GreProgram::Decap, &ether(&outer(REMOTE, LOCAL, &packet)));
+        }
+        let pass = h.gp.pass_counters().unwrap();
+        assert_eq!(
+            (pass.tx_tcp_syn, pass.tx_too_big, pass.tx_unusual),
+            (1, 1, 2)
+        );
+        assert_eq!((pass.rx_tcp_syn, pass.rx_unusual), (1, 2));
+        let stats = h.gp.stats(5).unwrap();
+        assert_eq!((stats.tx_packets, stats.rx_packets), (carried, carried));
         h.gp.unload().unwrap();
     });
 }

@@ -2,8 +2,8 @@
 //! (encapsulation) and at the underlay's ingress (decapsulation).
 //!
 //! The TUN devices, routes, sockets and tasks stay exactly as on the TUN path: the programs
-//! take a tunnel's plain IPv4 traffic off them and leave them everything else (SYNs for the
-//! MSS clamp, keepalives, oversized packets, IPv6, anything unusual), so every check and
+//! take a tunnel's plain IPv4 and IPv6 traffic off them and leave them everything else (SYNs for
+//! the MSS clamp, keepalives, oversized packets, anything unusual), so every check and
 //! counter of the core still applies. What the programs carried is added to the core's
 //! counters in `show gre`.
 //!
