@@ -47,7 +47,7 @@ echo "=== phase 2: end to end, as root"
 need=()
 for pair in ip:iproute2 sshd:openssh-server ssh:openssh-client keepalived:keepalived \
             iperf3:iperf3 curl:curl python3:python3 nft:nftables ping:iputils-ping \
-            traceroute:traceroute tcpdump:tcpdump socat:socat promtool:prometheus clang:clang llvm-strip:llvm \
+            traceroute:traceroute tcpdump:tcpdump tshark:tshark socat:socat promtool:prometheus clang:clang llvm-strip:llvm \
             dpkg-deb:dpkg systemd-analyze:systemd; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")

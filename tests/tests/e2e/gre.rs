@@ -476,6 +476,95 @@ fn ipv6_lans_talk_over_the_kernel_path() {
     assert_eq!(b.nft("other"), 0);
 }
 
+/// What crossed the ISP's link to HQ during a transfer each way, decoded by tshark
+/// (Wireshark's dissectors, not ours): every packet is GRE version 0 with a good outer IPv4
+/// header checksum, the configured key and protocol type, nothing malformed and no
+/// error-level finding; a checksummed, sequenced tunnel's GRE checksums verify and its
+/// sequence numbers rise per direction. Returns the largest frame seen.
+fn underlay_decodes_cleanly_in_tshark(b: &Branches, checksummed: bool) -> usize {
+    let cap = b.t.dir().join("underlay.pcap");
+    let cap = cap.to_str().unwrap();
+    let mut dump = b.t.spawn(
+        "isp",
+        "tcpdump",
+        &["tcpdump", "-i", "ihq", "-U", "-n", "-w", cap, "ip proto 47"],
+    );
+    // The file header is written once the capture runs.
+    wait_until(Duration::from_secs(10), "tcpdump capturing", || {
+        std::fs::metadata(cap).is_ok_and(|m| m.len() >= 24)
+    });
+    transfer_is_intact(&b.t, "hqpc", "brpc", BR_PC, 5001, 5_000_000);
+    transfer_is_intact(&b.t, "brpc", "hqpc", "192.168.101.10", 5002, 5_000_000);
+    dump.signal(libc::SIGINT);
+    assert!(
+        dump.wait_exit(Duration::from_secs(10)).is_some(),
+        "tcpdump stopped"
+    );
+    let fields = b.t.sh(
+        "isp",
+        &format!(
+            "tshark -n -r {cap} -o ip.check_checksum:TRUE -T fields -E occurrence=f \
+             -e frame.len -e ip.src -e ip.checksum.status -e gre.flags.version -e gre.key \
+             -e gre.proto -e gre.flags.checksum -e gre.checksum.status -e gre.sequence_number \
+             -e _ws.malformed -e _ws.expert.severity 2>/dev/null"
+        ),
+    );
+    let mut last_sequence: std::collections::HashMap<String, u64> = Default::default();
+    let mut largest = 0;
+    let mut packets = 0;
+    for line in fields.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f.len(), 11, "{line}");
+        packets += 1;
+        largest = largest.max(f[0].parse::<usize>().unwrap());
+        assert_eq!(f[2], "1", "outer IPv4 header checksum good (1): {line}");
+        assert_eq!(f[3], "0", "GRE version 0: {line}");
+        assert_eq!(f[4], "0x0000002a", "key 42: {line}");
+        assert_eq!(f[5], "0x0800", "IPv4 inside: {line}");
+        assert!(f[9].is_empty(), "malformed: {line}");
+        // Wireshark's PI_ERROR is 0x00800000; warnings (TCP analysis) are not the wire's.
+        assert!(
+            f[10].split(',').all(|s| s != "8388608"),
+            "an error-level finding: {line}"
+        );
+        if checksummed {
+            assert_eq!(f[6], "1", "GRE checksum present: {line}");
+            assert_eq!(f[7], "1", "GRE checksum verified good (1): {line}");
+            let seq: u64 = f[8]
+                .parse()
+                .unwrap_or_else(|_| panic!("a sequence number: {line}"));
+            if let Some(prev) = last_sequence.insert(f[1].to_string(), seq) {
+                assert!(seq > prev, "sequence rises from {f:?}: {prev} -> {seq}");
+            }
+        } else {
+            assert_eq!(f[6], "0", "no GRE checksum: {line}");
+            assert!(f[8].is_empty(), "no sequence number: {line}");
+        }
+    }
+    assert!(packets > 100, "{packets} packets decoded");
+    largest
+}
+
+#[test]
+fn the_kernel_path_underlay_decodes_cleanly_in_tshark() {
+    let b = Branches::new(e2e!(), "key = 42", "kernel");
+    let largest = underlay_decodes_cleanly_in_tshark(&b, false);
+    assert!(
+        largest > 1514,
+        "super-packets crossed whole: largest frame {largest}"
+    );
+}
+
+#[test]
+fn a_checksummed_sequenced_tunnel_decodes_cleanly_in_tshark() {
+    let b = Branches::new(e2e!(), "key = 42\nchecksum = true\nsequence = true", "tun");
+    let largest = underlay_decodes_cleanly_in_tshark(&b, true);
+    assert!(
+        largest <= 1514,
+        "segmented at the MTU: largest frame {largest}"
+    );
+}
+
 #[test]
 fn branch_lans_talk_over_gre_and_the_isp_sees_only_gre() {
     lans_talk_over_gre_and_the_isp_sees_only_gre_on(e2e!(), "kernel");
