@@ -43,6 +43,7 @@
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 
 #define SEC(name) __attribute__((section(name), used))
 #define __uint(name, val) int(*name)[val]
@@ -61,6 +62,7 @@ static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen
 static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen,
                                   __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)BPF_FUNC_redirect;
+static long (*bpf_csum_level)(struct __sk_buff *skb, __u64 level) = (void *)BPF_FUNC_csum_level;
 static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len,
                                    __u64 flags) = (void *)BPF_FUNC_skb_change_head;
 
@@ -78,11 +80,12 @@ static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len,
 #ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV6
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
 #endif
+#define GRE_IN_UDP_PORT_BE __constant_htons(4754) // RFC 8086
 #define OUTER_TTL 64
 #define IP_DF 0x4000
 #define TH_SYN 0x02
 
-// Per tunnel, what encapsulation needs. Written by userspace only. 32 bytes.
+// Per tunnel, what encapsulation needs. Written by userspace only. 36 bytes.
 struct gre_tx {
 	__be32 local;
 	__be32 remote;
@@ -97,14 +100,16 @@ struct gre_tx {
 	// on the TUN (a host that terminates the tunnel for its own traffic): see encap().
 	__u32 egress_ifindex;
 	__u32 egress_mtu;
+	__u32 udp;      // 1: GRE-in-UDP (RFC 8086, 4754 -> 4754, UDP checksum zero)
 };
 
-// The decapsulation key: who sends, to which address, with which key. 16 bytes.
+// The decapsulation key: who sends, to which address, with which key, how. 16 bytes.
 struct gre_rx_key {
 	__be32 remote;
 	__be32 local;
 	__be32 key;     // zero for a keyless tunnel
-	__u32 has_key;
+	__u16 has_key;
+	__u16 udp;      // 1: GRE-in-UDP to port 4754
 };
 
 // Where a matching packet goes. 8 bytes.
@@ -133,7 +138,7 @@ enum counter {
 	TX_NO_ROUTE,   // the FIB has no unicast route to the remote (or forwarding is off and
 	               // the egress interface is unknown)
 	TX_FAILED,     // a helper refused (untouched, or dropped if it failed after encapsulating)
-	RX_NO_TUNNEL,  // GRE whose (source, destination, key) is no tunnel of this path
+	RX_NO_TUNNEL,  // GRE whose (source, destination, key, UDP or not) is no tunnel here
 	RX_GRE_FLAGS,  // checksum, sequence, routing, version or reserved bits
 	RX_NOT_IP,     // keepalive replies (protocol 0), protocol types other than IPv4/IPv6
 	RX_UNUSUAL,    // inner IP options, IPv6 extension headers, fragments, lengths that do
@@ -141,6 +146,7 @@ enum counter {
 	RX_TCP_SYN,    // the core clamps the MSS
 	RX_PROBE,      // an inner packet for the remote: a keepalive probe to reflect
 	RX_FAILED,     // a helper refused (the packet is untouched)
+	RX_UDP_CSUM,   // GRE-in-UDP with a UDP checksum the device did not verify
 	CNT_MAX,
 };
 
@@ -326,7 +332,8 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2, const 
 		return pass_tx(slot, TX_TCP_SYN);
 
 	__u32 gre_len = t->has_key ? 8 : 4;
-	__u32 overhead = 20 + gre_len;
+	const int udp = t->udp != 0;
+	__u32 overhead = 20 + (udp ? 8 : 0) + gre_len;
 	// The size of the largest packet on the wire: one segment of a super-packet.
 	__u32 inner_wire = skb->gso_size ? hdrs + skb->gso_size : skb->len - l2;
 	if (inner_wire > t->mtu || skb->len - l2 + overhead > 0xffff)
@@ -334,7 +341,11 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2, const 
 
 	struct bpf_fib_lookup fib = {};
 	fib.family = 2; // AF_INET
-	fib.l4_protocol = PROTO_GRE;
+	fib.l4_protocol = udp ? IPPROTO_UDP : PROTO_GRE;
+	if (udp) {
+		fib.sport = GRE_IN_UDP_PORT_BE;
+		fib.dport = GRE_IN_UDP_PORT_BE;
+	}
 	fib.tot_len = inner_wire + overhead;
 	fib.ipv4_src = t->local;
 	fib.ipv4_dst = t->remote;
@@ -360,17 +371,30 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2, const 
 	wire_size(skb, l2, hdrs, &packets, &bytes);
 
 	// FIXED_GSO: the kernel already sized the segments for the tunnel MTU (the route's
-	// device is the TUN), so each outer segment fits the underlay as it is.
-	if (bpf_skb_adjust_room(skb, overhead, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
-					BPF_F_ADJ_ROOM_ENCAP_L4_GRE))
+	// device is the TUN), so each outer segment fits the underlay as it is. GRE-in-UDP is a
+	// UDP tunnel (SKB_GSO_UDP_TUNNEL) whose "inner link-layer header" is the GRE header: the
+	// segmentation copies it in front of every inner segment.
+	__u64 room = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
+	room |= udp ? BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2(gre_len)
+		    : BPF_F_ADJ_ROOM_ENCAP_L4_GRE;
+	if (bpf_skb_adjust_room(skb, overhead, BPF_ADJ_ROOM_MAC, room))
 		return pass_tx(slot, TX_FAILED);
 
-	struct {
-		struct iphdr ip;
+	struct gre_hdr {
 		__be16 flags;
 		__be16 proto;
 		__be32 key;
+	};
+	// IPv4, then GRE or UDP + GRE; `overhead` bytes of it are written.
+	struct {
+		struct iphdr ip;
+		union {
+			struct gre_hdr gre;
+			struct {
+				struct udphdr udp;
+				struct gre_hdr gre;
+			} in_udp;
+		};
 	} outer = {};
 	outer.ip.version = 4;
 	outer.ip.ihl = 5;
@@ -379,13 +403,26 @@ INLINE int encap(struct __sk_buff *skb, struct gre_tx *t, const __u32 l2, const 
 	outer.ip.id = ident;
 	outer.ip.frag_off = __constant_htons(IP_DF);
 	outer.ip.ttl = OUTER_TTL;
-	outer.ip.protocol = PROTO_GRE;
+	outer.ip.protocol = udp ? IPPROTO_UDP : PROTO_GRE;
 	outer.ip.saddr = t->local;
 	outer.ip.daddr = t->remote;
 	outer.ip.check = ipv4_csum((__u16 *)&outer.ip);
-	outer.flags = t->has_key ? __constant_htons(GRE_KEY) : 0;
-	outer.proto = v6 ? ETH_P_IPV6_BE : ETH_P_IPV4_BE;
-	outer.key = t->key;
+	struct gre_hdr gre = {
+		.flags = t->has_key ? __constant_htons(GRE_KEY) : 0,
+		.proto = v6 ? ETH_P_IPV6_BE : ETH_P_IPV4_BE,
+		.key = t->key,
+	};
+	if (udp) {
+		outer.in_udp.udp.source = GRE_IN_UDP_PORT_BE;
+		outer.in_udp.udp.dest = GRE_IN_UDP_PORT_BE;
+		// Rewritten per segment by the segmentation, as the IP length is. The checksum
+		// stays zero (allowed over IPv4, RFC 8086 section 6.1): GSO would otherwise
+		// need SKB_GSO_UDP_TUNNEL_CSUM, which adjust_room does not set.
+		outer.in_udp.udp.len = __builtin_bswap16((__u16)(skb->len - l2 - 20));
+		outer.in_udp.gre = gre;
+	} else {
+		outer.gre = gre;
+	}
 	// The room is there now: a failure here cannot happen short of a kernel bug, and the
 	// packet would then leave malformed, so it is dropped rather than passed.
 	if (bpf_skb_store_bytes(skb, l2, &outer, overhead, 0))
@@ -433,13 +470,14 @@ int gre_encap(struct __sk_buff *skb)
 }
 
 // Decapsulates a GRE packet of tunnel `t` whose GRE header is `gre_len` bytes (a constant:
-// 4, or 8 with the key) after the outer IPv4 header, carrying IPv4 (`v6` 0) or IPv6 (`v6` 1).
+// 4, or 8 with the key) after the outer IPv4 header and `udp` bytes of UDP header (a
+// constant: 0 for raw GRE, 8 for GRE-in-UDP), carrying IPv4 (`v6` 0) or IPv6 (`v6` 1).
 INLINE int decap(struct __sk_buff *skb, struct gre_rx *t, __be32 remote, void *data,
-                 void *data_end, const __u32 gre_len, const int v6)
+                 void *data_end, const __u32 udp, const __u32 gre_len, const int v6)
 {
 	__u32 slot = t->slot;
 	__u32 tun = t->tun_ifindex;
-	const __u32 inner_off = ETH_HLEN + 20 + gre_len;
+	const __u32 inner_off = ETH_HLEN + 20 + udp + gre_len;
 	int syn = 0;
 	__u32 hdrs;
 	if (v6) {
@@ -462,7 +500,7 @@ INLINE int decap(struct __sk_buff *skb, struct gre_rx *t, __be32 remote, void *d
 	// FIXED_GSO: the inner segments keep their size; a super-packet is delivered whole.
 	// DECAP_L3_IPV6 makes skb->protocol the inner packet's (a kernel before 6.6 refuses the
 	// flag, and the packet takes the TUN path).
-	if (bpf_skb_adjust_room(skb, -(__s32)(20 + gre_len), BPF_ADJ_ROOM_MAC,
+	if (bpf_skb_adjust_room(skb, -(__s32)(20 + udp + gre_len), BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_FIXED_GSO | (v6 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV6 : 0)))
 		return pass_rx(slot, RX_FAILED);
 	if (v6) {
@@ -478,6 +516,51 @@ INLINE int decap(struct __sk_buff *skb, struct gre_rx *t, __be32 remote, void *d
 		s->rx_bytes += bytes;
 	}
 	return bpf_redirect(tun, BPF_F_INGRESS);
+}
+
+// The GRE header `udp` bytes (a constant: 0 or 8) after the outer IPv4 header: which
+// tunnel, and whether the programs carry what it holds.
+INLINE int classify(struct __sk_buff *skb, struct iphdr *outer, void *data, void *data_end,
+                    const __u32 udp)
+{
+	__be16 *gre = (void *)(outer + 1) + udp;
+	__be32 *k = (void *)(gre + 2);
+	if ((void *)(gre + 2) > data_end)
+		return pass(RX_NO_TUNNEL);
+	__u16 flags = __builtin_bswap16(gre[0]);
+	struct gre_rx_key key = {
+		.remote = outer->saddr,
+		.local = outer->daddr,
+		.udp = udp != 0,
+	};
+	if (flags & GRE_KEY) {
+		if ((void *)(k + 1) > data_end)
+			return pass(RX_NO_TUNNEL);
+		key.key = *k;
+		key.has_key = 1;
+	}
+	__be16 proto = gre[1];
+	struct gre_rx *t = bpf_map_lookup_elem(&gre_rx_tunnels, &key);
+	if (!t)
+		return pass(RX_NO_TUNNEL);
+	if ((flags & ~GRE_KEY) != 0)
+		return pass_rx(t->slot, RX_GRE_FLAGS);
+	if (udp) {
+		// A UDP checksum is the TUN path's kernel's to verify: taken here only when there
+		// is none (zero, as this program sends) or the device verified it.
+		struct udphdr *uh = (void *)(outer + 1);
+		if ((void *)(uh + 1) > data_end)
+			return pass_rx(t->slot, RX_UNUSUAL);
+		if (uh->check != 0 && bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY) < 0)
+			return pass_rx(t->slot, RX_UDP_CSUM);
+	}
+	if (proto == ETH_P_IPV4_BE)
+		return key.has_key ? decap(skb, t, key.remote, data, data_end, udp, 8, 0)
+				   : decap(skb, t, key.remote, data, data_end, udp, 4, 0);
+	if (proto == ETH_P_IPV6_BE)
+		return key.has_key ? decap(skb, t, key.remote, data, data_end, udp, 8, 1)
+				   : decap(skb, t, key.remote, data, data_end, udp, 4, 1);
+	return pass_rx(t->slot, RX_NOT_IP);
 }
 
 SEC("classifier/gre_decap")
@@ -496,41 +579,30 @@ int gre_decap(struct __sk_buff *skb)
 	if ((void *)(eth + 1) > data_end || eth->h_proto != ETH_P_IPV4_BE)
 		return TC_ACT_OK;
 	struct iphdr *outer = (void *)(eth + 1);
-	if ((void *)(outer + 1) > data_end || outer->protocol != PROTO_GRE)
+	if ((void *)(outer + 1) > data_end)
 		return TC_ACT_OK;
+	if (outer->protocol == IPPROTO_UDP) {
+		// GRE-in-UDP is UDP to port 4754; any other UDP is not ours to look at.
+		struct udphdr *uh = (void *)(outer + 1);
+		if (outer->ihl != 5 || (void *)(uh + 1) > data_end ||
+		    uh->dest != GRE_IN_UDP_PORT_BE)
+			return TC_ACT_OK;
+	} else if (outer->protocol != PROTO_GRE) {
+		return TC_ACT_OK;
+	}
 	// From here on it is GRE: anything not carried is counted as passed.
 	if (outer->version != 4 || outer->ihl != 5 ||
 	    (outer->frag_off & __constant_htons(0x3fff)) ||
 	    __builtin_bswap16(outer->tot_len) != skb->len - ETH_HLEN)
 		return pass(RX_NO_TUNNEL);
-	__be16 *gre = (void *)(outer + 1);
-	__be32 *k = (void *)(gre + 2);
-	if ((void *)(gre + 2) > data_end)
-		return pass(RX_NO_TUNNEL);
-	__u16 flags = __builtin_bswap16(gre[0]);
-	struct gre_rx_key key = {
-		.remote = outer->saddr,
-		.local = outer->daddr,
-	};
-	if (flags & GRE_KEY) {
-		if ((void *)(k + 1) > data_end)
+	if (outer->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(outer + 1);
+		if ((void *)(uh + 1) > data_end ||
+		    __builtin_bswap16(uh->len) != skb->len - ETH_HLEN - 20)
 			return pass(RX_NO_TUNNEL);
-		key.key = *k;
-		key.has_key = 1;
+		return classify(skb, outer, data, data_end, 8);
 	}
-	__be16 proto = gre[1];
-	struct gre_rx *t = bpf_map_lookup_elem(&gre_rx_tunnels, &key);
-	if (!t)
-		return pass(RX_NO_TUNNEL);
-	if ((flags & ~GRE_KEY) != 0)
-		return pass_rx(t->slot, RX_GRE_FLAGS);
-	if (proto == ETH_P_IPV4_BE)
-		return key.has_key ? decap(skb, t, key.remote, data, data_end, 8, 0)
-				   : decap(skb, t, key.remote, data, data_end, 4, 0);
-	if (proto == ETH_P_IPV6_BE)
-		return key.has_key ? decap(skb, t, key.remote, data, data_end, 8, 1)
-				   : decap(skb, t, key.remote, data, data_end, 4, 1);
-	return pass_rx(t->slot, RX_NOT_IP);
+	return classify(skb, outer, data, data_end, 0);
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";

@@ -84,6 +84,8 @@ pub struct GreTunnelEntry {
     pub key: Option<u32>,
     /// Tunnel MTU: larger inner packets take the TUN path.
     pub mtu: u16,
+    /// GRE-in-UDP (RFC 8086, port 4754) rather than raw GRE.
+    pub udp: bool,
     /// The interface the route to the remote left by, and its MTU, when known. The program
     /// sends the host's own packets out of it where the kernel refuses a FIB lookup because
     /// the TUN does not forward (a host with forwarding off); without it they take the TUN
@@ -112,6 +114,7 @@ impl GreTunnelEntry {
             slot: self.slot,
             egress_ifindex: self.egress.map_or(0, |e| e.ifindex),
             egress_mtu: self.egress.map_or(0, |e| e.mtu),
+            udp: u32::from(self.udp),
         }
     }
 
@@ -120,7 +123,8 @@ impl GreTunnelEntry {
             remote: self.remote.octets(),
             local: self.local.octets(),
             key: self.key.unwrap_or(0).to_be_bytes(),
-            has_key: u32::from(self.key.is_some()),
+            has_key: u16::from(self.key.is_some()),
+            udp: u16::from(self.udp),
         }
     }
 }
@@ -174,6 +178,9 @@ pub struct GrePassCounters {
     pub rx_probe: u64,
     /// A helper refused.
     pub rx_failed: u64,
+    /// GRE-in-UDP with a UDP checksum the receiving device did not verify (the TUN path's
+    /// kernel checks it).
+    pub rx_udp_checksum: u64,
 }
 
 #[derive(Debug)]
@@ -443,6 +450,7 @@ impl GrePath {
             rx_tcp_syn: get(11)?,
             rx_probe: get(12)?,
             rx_failed: get(13)?,
+            rx_udp_checksum: get(14)?,
         })
     }
 

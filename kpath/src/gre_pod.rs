@@ -18,6 +18,7 @@ pub(crate) struct RawGreTx {
     pub(crate) slot: u32,
     pub(crate) egress_ifindex: u32,
     pub(crate) egress_mtu: u32,
+    pub(crate) udp: u32,
 }
 
 /// `struct gre_rx_key`: (remote, local, key) of an arriving GRE packet.
@@ -27,7 +28,8 @@ pub(crate) struct RawGreRxKey {
     pub(crate) remote: [u8; 4],
     pub(crate) local: [u8; 4],
     pub(crate) key: [u8; 4],
-    pub(crate) has_key: u32,
+    pub(crate) has_key: u16,
+    pub(crate) udp: u16,
 }
 
 /// `struct gre_rx`: where a matching packet goes.
@@ -50,18 +52,18 @@ pub(crate) struct RawGreStats {
     pub(crate) rx_passed: u64,
 }
 
-const _: () = assert!(size_of::<RawGreTx>() == 32);
+const _: () = assert!(size_of::<RawGreTx>() == 36);
 const _: () = assert!(size_of::<RawGreRxKey>() == 16);
 const _: () = assert!(size_of::<RawGreRx>() == 8);
 const _: () = assert!(size_of::<RawGreStats>() == 48);
 
 // SAFETY: `repr(C)`, `Copy`, 'static, made only of integers and byte arrays laid out without
-// gaps (12 bytes of arrays, two u16, four u32: 32, asserted above), so every bit pattern is
+// gaps (12 bytes of arrays, two u16, five u32: 36, asserted above), so every bit pattern is
 // valid and there is no padding: what `Pod` requires.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for RawGreTx {}
 
-// SAFETY: as above: three 4-byte arrays and a u32, 16 bytes, no padding.
+// SAFETY: as above: three 4-byte arrays and two u16, 16 bytes, no padding.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for RawGreRxKey {}
 

@@ -122,6 +122,7 @@ impl Harness {
             remote: REMOTE,
             key,
             mtu: MTU,
+            udp: false,
             egress: None,
         })
         .unwrap();
@@ -131,6 +132,23 @@ impl Harness {
             gp,
             ifindex,
         }
+    }
+
+    /// Replaces the tunnel's entries with those of a GRE-in-UDP (`udp`) or raw GRE tunnel.
+    fn set_udp(&mut self, key: Option<u32>, udp: bool) {
+        let entry = |udp| GreTunnelEntry {
+            slot: 5,
+            tun_ifindex: self.ifindex,
+            l2: true,
+            local: LOCAL,
+            remote: REMOTE,
+            key,
+            mtu: MTU,
+            udp,
+            egress: None,
+        };
+        self.gp.remove(&entry(!udp)).unwrap();
+        self.gp.insert(&entry(udp)).unwrap();
     }
 
     /// Re-installs the tunnel's entry with `egress` (the veth as the recorded underlay).
@@ -144,6 +162,7 @@ impl Harness {
                 remote: REMOTE,
                 key,
                 mtu: MTU,
+                udp: false,
                 egress,
             })
             .unwrap();
@@ -421,6 +440,55 @@ fn ipv6_inside_encapsulates_and_decapsulates_as_the_core_does() {
         assert_eq!((pass.rx_tcp_syn, pass.rx_unusual), (1, 2));
         let stats = h.gp.stats(5).unwrap();
         assert_eq!((stats.tx_packets, stats.rx_packets), (carried, carried));
+        h.gp.unload().unwrap();
+    });
+}
+
+/// GRE-in-UDP: the program puts IPv4 + UDP 4754 -> 4754 (length exact, checksum zero) in
+/// front of the core's GRE header and packet; it takes back UDP without a checksum, leaves a
+/// checksummed one the device did not verify to the TUN path's kernel, and never touches
+/// raw GRE for a UDP tunnel or other UDP.
+#[test]
+fn gre_in_udp_encapsulates_and_decapsulates_as_the_core_does() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex, Some(42));
+        h.set_udp(Some(42), true);
+        for inner in [tcp(HQ_PC, BR_PC, 1000, false), tcp6(500, false)] {
+            let (verdict, from_core) = h.core_encap(&inner);
+            assert!(matches!(verdict, Encap::ToPeer(_)), "{verdict:?}");
+            let run = h.run(GreProgram::Encap, &ether(&inner));
+            assert_eq!(run.action, TestRun::REDIRECT, "encapsulated in the kernel");
+            let (ip, rest) = Ipv4Header::from_slice(&run.frame[14..]).unwrap();
+            assert_eq!(ip.protocol, etherparse::IpNumber::UDP);
+            assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+            assert_eq!(usize::from(ip.total_len), 20 + 8 + from_core.len());
+            let (udp, gre) = rest.split_at(8);
+            assert_eq!(&udp[..4], &[0x12, 0x92, 0x12, 0x92], "4754 -> 4754");
+            assert_eq!(
+                usize::from(u16::from_be_bytes([udp[4], udp[5]])),
+                8 + from_core.len()
+            );
+            assert_eq!(&udp[6..], &[0, 0], "no UDP checksum");
+            assert_eq!(gre, &from_core[..], "the core's GRE header and packet");
+            // The same datagram as the remote would send it (addresses swapped, which keeps
+            // the header checksum): the decapsulation program gives the inner packet back.
+            let mut wire = run.frame[14..].to_vec();
+            let (src, dst) = wire[12..20].split_at_mut(4);
+            src.swap_with_slice(dst);
+            let back = h.run(GreProgram::Decap, &ether(&wire));
+            assert_eq!(back.action, TestRun::REDIRECT, "decapsulated in the kernel");
+            assert_eq!(back.frame[14..], inner[..]);
+            // With a checksum nobody verified: the TUN path's kernel checks it.
+            let mut summed = ether(&wire);
+            summed[14 + 20 + 6] = 0x5a;
+            h.passes(GreProgram::Decap, &summed);
+            // Raw GRE for a UDP tunnel is no tunnel of this path.
+            h.passes(GreProgram::Decap, &ether(&outer(REMOTE, LOCAL, &from_core)));
+        }
+        let pass = h.gp.pass_counters().unwrap();
+        assert_eq!((pass.rx_udp_checksum, pass.rx_no_tunnel), (2, 2));
+        let stats = h.gp.stats(5).unwrap();
+        assert_eq!((stats.tx_packets, stats.rx_packets), (2, 2));
         h.gp.unload().unwrap();
     });
 }

@@ -44,6 +44,7 @@ fn entry(tun_ifindex: u32) -> GreTunnelEntry {
         remote: Ipv4Addr::new(10, 200, 0, 2),
         key: Some(42),
         mtu: 1472,
+        udp: false,
         egress: None,
     }
 }

@@ -164,8 +164,6 @@ pub(crate) fn validate_all(tunnels: &[GreSection], v: &mut Validator) {
                         Some("sequence = true")
                     } else if t.checksum {
                         Some("checksum = true")
-                    } else if t.encap == gre::Underlay::Udp {
-                        Some("encap = \"udp\"")
                     } else {
                         None
                     };

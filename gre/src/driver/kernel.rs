@@ -117,9 +117,7 @@ impl From<GreTunnelStats> for KernelCounters {
 /// its options allow the kernel path.
 #[must_use]
 pub fn kernel_path_excluded(config: &TunnelConfig) -> Option<&'static str> {
-    if config.underlay == Underlay::Udp {
-        Some("encap = \"udp\" keeps its UDP GSO/GRO path")
-    } else if config.sequence {
+    if config.sequence {
         Some("sequence = true: sequence numbers exclude GSO (as for Linux ip_gre)")
     } else if config.checksum {
         Some(
@@ -296,6 +294,7 @@ impl KernelTunnels {
             remote: c.config.remote,
             key: c.config.key,
             mtu: c.config.mtu,
+            udp: c.config.underlay == Underlay::Udp,
             egress: underlay.egress,
         };
         for iface in underlay.ingress {

@@ -682,12 +682,11 @@ fn wrong_key_source_and_malformed_gre_counted_on_the_tun_path() {
     wrong_key_wrong_source_and_malformed_gre_are_counted_not_fatal_on(e2e!(), "tun");
 }
 
-#[test]
-fn gre_in_udp_crosses_the_isp_as_udp_4754() {
+fn gre_in_udp_crosses_the_isp_as_udp_4754_on(t: Topology, datapath: &str) {
     let b = Branches::new(
-        e2e!(),
+        t,
         "encap = \"udp\"\nkeepalive = { interval = \"1s\", retries = 3 }",
-        "tun",
+        datapath,
     );
     b.t.sh("isp", "nft reset counters table inet isp >/dev/null");
     b.ping("hqpc", BR_PC).expect("ping over GRE-in-UDP");
@@ -728,6 +727,48 @@ fn gre_in_udp_crosses_the_isp_as_udp_4754() {
         b.counter("hq", &["counters", "keepalive_replies"]) >= 1
             && b.counter("br", &["counters", "keepalive_replies"]) >= 1
     });
+    if datapath == "kernel" {
+        // The programs carried it both ways, as UDP tunnel super-packets.
+        assert!(b.counter("hq", &["kernel", "tx_bytes"]) > 4_500_000);
+        assert!(b.counter("br", &["kernel", "rx_bytes"]) > 4_500_000);
+        assert!(
+            b.nft("gre_udp") < 3_000,
+            "UDP packets: {}",
+            b.nft("gre_udp")
+        );
+    }
+}
+
+#[test]
+fn gre_in_udp_crosses_the_isp_as_udp_4754() {
+    gre_in_udp_crosses_the_isp_as_udp_4754_on(e2e!(), "kernel");
+}
+
+#[test]
+fn gre_in_udp_crosses_the_isp_as_udp_4754_on_the_tun_path() {
+    gre_in_udp_crosses_the_isp_as_udp_4754_on(e2e!(), "tun");
+}
+
+/// GRE-in-UDP between a kernel-path end (UDP checksum zero, UDP tunnel super-packets) and a
+/// TUN-path end (checksummed datagrams through UDP GSO/GRO): both ways, hash-checked.
+#[test]
+fn gre_in_udp_kernel_end_and_tun_end_interoperate() {
+    let b = Branches::mixed(e2e!(), "encap = \"udp\"\nkey = 7", ["kernel", "tun"]);
+    b.ping("hqpc", BR_PC).expect("ping over GRE-in-UDP");
+    transfer_is_intact(&b.t, "hqpc", "brpc", BR_PC, 5001, 20_000_000);
+    transfer_is_intact(&b.t, "brpc", "hqpc", "192.168.101.10", 5002, 20_000_000);
+    assert!(
+        b.counter("hq", &["kernel", "tx_bytes"]) > 15_000_000,
+        "{}",
+        b.tunnel("hq").unwrap()
+    );
+    for host in ["hqpc", "brpc"] {
+        let errors = b.t.sh(
+            host,
+            "nstat -az TcpInCsumErrors | awk '/TcpInCsumErrors/ {print $2}'",
+        );
+        assert_eq!(errors.trim(), "0", "{host}: TCP checksum errors");
+    }
 }
 
 fn reload_adds_a_route_live_without_interrupting_traffic_on(t: Topology, datapath: &str) {
