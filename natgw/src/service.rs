@@ -20,6 +20,7 @@
 //! Services are TCP, like the config contract's `listen = "VIP:port"`; UDP services and
 //! IPv6 are not supported.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddrV4;
 use std::time::Instant;
@@ -29,7 +30,7 @@ use balance::{
     PoolConfig, PoolError,
 };
 
-use crate::health::HealthConfig;
+use crate::health::{HealthConfig, ProbeFailure};
 
 /// Configuration of one `[[service]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +87,13 @@ impl fmt::Display for BackendKey {
     }
 }
 
+/// What the checks last said about one backend, for `show lb`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckNotes {
+    /// Why the last failed probe failed (the reason a down backend is down).
+    pub last_failure: Option<ProbeFailure>,
+}
+
 /// One virtual service: its pool and what the flow table tells it.
 #[derive(Debug, Clone)]
 pub struct VirtualService {
@@ -94,6 +102,8 @@ pub struct VirtualService {
     pool: Pool,
     health: Option<HealthConfig>,
     forward: Forward,
+    /// Per backend; entries of backends gone are dropped on reconfigure.
+    notes: HashMap<SocketAddrV4, CheckNotes>,
 }
 
 impl VirtualService {
@@ -108,6 +118,7 @@ impl VirtualService {
             pool: Pool::new(config.pool)?,
             health: config.health,
             forward: config.forward,
+            notes: HashMap::new(),
         })
     }
 
@@ -120,6 +131,8 @@ impl VirtualService {
     pub fn reconfigure(&mut self, config: ServiceConfig) -> Result<(), PoolError> {
         self.pool.reconfigure(config.pool)?;
         self.health = config.health;
+        let pool = &self.pool;
+        self.notes.retain(|addr, _| pool.find(*addr).is_some());
         Ok(())
     }
 
@@ -236,18 +249,25 @@ impl VirtualService {
         Ok(self.pool.set_health(id, health))
     }
 
-    /// Counts a failed health check of `backend` (its verdicts come through
-    /// [`VirtualService::set_health`]). A backend no longer configured is ignored: its
-    /// probe was already under way when a reload removed it.
-    pub fn check_failed(&mut self, backend: SocketAddrV4) {
+    /// Counts a failed health check of `backend` and keeps `why` for `show lb` (its
+    /// verdicts come through [`VirtualService::set_health`]). A backend no longer configured
+    /// is ignored: its probe was already under way when a reload removed it.
+    pub fn check_failed(&mut self, backend: SocketAddrV4, why: ProbeFailure) {
         if let Some(id) = self.pool.find(backend) {
             self.pool.check_failed(id);
+            self.notes.entry(backend).or_default().last_failure = Some(why);
         }
+    }
+
+    /// What the checks last said about `backend`, if anything.
+    #[must_use]
+    pub fn check_notes(&self, backend: SocketAddrV4) -> Option<&CheckNotes> {
+        self.notes.get(&backend)
     }
 
     /// The health checker's targets for this service: every configured backend but those in
     /// maintenance (HAProxy's `maint` stops the checks too), with its current health as the
-    /// starting point.
+    /// starting point, and the address its probes connect to (the check's `port` when set).
     #[must_use]
     pub fn health_targets(&self) -> Vec<(BackendKey, SocketAddrV4, HealthConfig, Health)> {
         let Some(cfg) = &self.health else {
@@ -266,7 +286,8 @@ impl VirtualService {
                     service: self.name.clone(),
                     backend: b.addr(),
                 };
-                (key, b.addr(), cfg.clone(), b.health())
+                let addr = SocketAddrV4::new(*b.addr().ip(), cfg.port.unwrap_or(b.addr().port()));
+                (key, addr, cfg.clone(), b.health())
             })
             .collect()
     }
@@ -395,8 +416,13 @@ pub(crate) mod tests {
             Err(PoolError::UnknownBackend(rs(9)))
         );
         // Failed checks count on the backend; one for a backend gone is dropped.
-        s.check_failed(rs(101));
-        s.check_failed(rs(9));
+        s.check_failed(rs(101), ProbeFailure::BodyMismatch);
+        s.check_failed(rs(9), ProbeFailure::Refused);
+        assert_eq!(
+            s.check_notes(rs(101)).and_then(|n| n.last_failure),
+            Some(ProbeFailure::BodyMismatch)
+        );
+        assert_eq!(s.check_notes(rs(9)), None);
         let b = s.pool().backend(s.backend_id(rs(101)).unwrap()).unwrap();
         assert_eq!(
             (b.stats().checks_failed, b.stats().down_transitions),
@@ -404,6 +430,25 @@ pub(crate) mod tests {
         );
         let keys: Vec<String> = s.health_targets().iter().map(|t| t.0.to_string()).collect();
         assert_eq!(keys, ["web/10.0.0.101:80", "web/10.0.0.102:80"]);
+    }
+
+    #[test]
+    fn a_check_port_moves_the_probes_not_the_backend() {
+        let mut cfg = web(&[(101, 1)]);
+        cfg.health = Some(HealthConfig {
+            port: Some(8080),
+            ..HealthConfig::default()
+        });
+        let s = VirtualService::new(cfg).unwrap();
+        let targets = s.health_targets();
+        // Keyed by the backend (its verdict applies there), probing its port 8080.
+        assert_eq!(
+            (targets[0].0.backend, targets[0].1),
+            (
+                rs(101),
+                SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 8080)
+            )
+        );
     }
 
     #[test]

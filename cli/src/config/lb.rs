@@ -45,6 +45,13 @@ pub(crate) struct HealthSection {
     /// Expected HTTP status. Default 200.
     #[serde(default = "d_status")]
     pub(crate) status: u16,
+    /// A string the HTTP answer's body must hold (HAProxy `http-check expect string`).
+    #[serde(default)]
+    pub(crate) expect: Option<Spanned<String>>,
+    /// Port the probes connect to instead of the backend's (keepalived `connect_port`,
+    /// HAProxy `port`).
+    #[serde(default)]
+    pub(crate) port: Option<Spanned<u16>>,
 }
 
 fn d_interval() -> Spanned<HumanDuration> {
@@ -71,6 +78,9 @@ const MIN_HEALTH_PERIOD: Duration = Duration::from_millis(100);
 const MAX_HEALTH_PERIOD: Duration = Duration::from_secs(3600);
 /// Longest HTTP health path.
 const MAX_HEALTH_PATH: usize = 1024;
+/// Longest `expect` string: a search string, far below the body bytes a probe reads
+/// (`natgw::health::MAX_CHECKED_RESPONSE`).
+const MAX_HEALTH_EXPECT: usize = 1024;
 /// Longest slow start accepted (HAProxy's and nginx's are typically seconds to minutes).
 const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 fn d_status() -> u16 {
@@ -457,6 +467,28 @@ pub(crate) fn validate_all(
                 if !(MIN_HEALTH_PERIOD..=MAX_HEALTH_PERIOD).contains(&t) {
                     v.error_at(d, format!("health {name} must be between 100ms and 1h"));
                 }
+            }
+            if let Some(expect) = &h.expect {
+                let text = expect.get_ref();
+                if h.kind == HealthKind::Tcp {
+                    v.error_at(
+                        expect,
+                        "expect needs an HTTP check (kind = \"http\"): a TCP check reads no answer",
+                    );
+                } else if text.is_empty() || text.len() > MAX_HEALTH_EXPECT {
+                    v.error_at(
+                        expect,
+                        format!("expect must be 1 to {MAX_HEALTH_EXPECT} bytes long"),
+                    );
+                }
+            }
+            if let Some(port) = &h.port
+                && *port.get_ref() == 0
+            {
+                v.error_at(
+                    port,
+                    "health port must be 1..=65535 (leave it out to check the backend's own port)",
+                );
             }
             if *h.rise.get_ref() == 0 {
                 v.error_at(&h.rise, "rise must be at least 1");

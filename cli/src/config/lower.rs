@@ -199,12 +199,14 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
                 HealthKind::Http => natgw::health::CheckKind::Http {
                     path: h.path.get_ref().clone(),
                     status: h.status,
+                    expect: h.expect.as_ref().map(|e| e.get_ref().clone()),
                 },
             },
             interval: h.interval.get_ref().0,
             timeout: h.timeout.get_ref().0,
             rise: *h.rise.get_ref(),
             fall: *h.fall.get_ref(),
+            port: h.port.as_ref().map(|p| *p.get_ref()),
         });
     natgw::ServiceConfig {
         forward: if section.direct_route() {

@@ -527,3 +527,46 @@ fn a_real_server_endpoint_serves_one_service_or_forward() {
         "{errs:#?}"
     );
 }
+
+/// A service whose `[service.health]` table holds `lines` (from line 6 on).
+fn checked_service(lines: &str) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+         backends = [{{ address = \"10.0.0.1:80\" }}]\n[service.health]\n{lines}"
+    )
+}
+
+#[test]
+fn health_check_kinds_point_at_each_mistake() {
+    let ok = checked_service("kind = \"http\"\nport = 8080\nexpect = \"status: ok\"\n");
+    let site = parse(Path::new("site.toml"), &ok).unwrap();
+    let health = lower::service(&site.service[0]).health.unwrap();
+    assert_eq!(health.port, Some(8080));
+    assert!(
+        matches!(&health.kind, natgw::health::CheckKind::Http { expect: Some(e), .. } if e == "status: ok"),
+        "{health:?}"
+    );
+
+    let cases: &[(&str, &str)] = &[
+        ("port = 0\n", "site.toml:6:8: health port must be 1..=65535"),
+        (
+            "kind = \"smtp\"\n",
+            "site.toml:6:8: unknown value `smtp`; expected one of: tcp, http",
+        ),
+        (
+            "expect = \"ok\"\n",
+            "site.toml:6:10: expect needs an HTTP check",
+        ),
+        (
+            "kind = \"http\"\nexpect = \"\"\n",
+            "site.toml:7:10: expect must be 1 to 1024 bytes long",
+        ),
+    ];
+    for (lines, want) in cases {
+        let errs = errors(&checked_service(lines));
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "{lines:?}: want {want:?} in {errs:#?}"
+        );
+    }
+}

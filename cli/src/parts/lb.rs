@@ -307,9 +307,9 @@ async fn apply_health(
 ) {
     while let Some(event) = events.recv().await {
         let t = match event {
-            CheckEvent::Failed { key, .. } => {
+            CheckEvent::Failed { key, why } => {
                 if let Some(service) = lock(&gw).service_mut(&key.service) {
-                    service.check_failed(key.backend);
+                    service.check_failed(key.backend, why);
                 }
                 continue;
             }
@@ -847,6 +847,12 @@ struct HealthCheckStatus {
     timeout_ms: u64,
     rise: u32,
     fall: u32,
+    /// The string an HTTP check's body must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expect: Option<String>,
+    /// The port probes connect to, when not the backend's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -881,6 +887,9 @@ struct BackendStatus {
     active: u32,
     inactive: u32,
     counters: BackendStats,
+    /// Why the last failed health check failed (the reason a down backend is down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_check_failure: Option<String>,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -919,15 +928,26 @@ impl ServiceStatus {
                     active: b.active(),
                     inactive: b.inactive(),
                     counters: *b.stats(),
+                    last_check_failure: s
+                        .check_notes(b.addr())
+                        .and_then(|n| n.last_failure)
+                        .map(|why| why.to_string()),
                 }
             })
             .collect();
         let health = s.health().map(|h| {
-            let (kind, path, status) = match &h.kind {
-                CheckKind::Tcp => (CheckProtocol::Tcp, None, None),
-                CheckKind::Http { path, status } => {
-                    (CheckProtocol::Http, Some(path.clone()), Some(*status))
-                }
+            let (kind, path, status, expect) = match &h.kind {
+                CheckKind::Tcp => (CheckProtocol::Tcp, None, None, None),
+                CheckKind::Http {
+                    path,
+                    status,
+                    expect,
+                } => (
+                    CheckProtocol::Http,
+                    Some(path.clone()),
+                    Some(*status),
+                    expect.clone(),
+                ),
             };
             HealthCheckStatus {
                 kind,
@@ -937,6 +957,8 @@ impl ServiceStatus {
                 timeout_ms: millis(h.timeout),
                 rise: h.rise,
                 fall: h.fall,
+                expect,
+                port: h.port,
             }
         });
         Self {
@@ -1023,9 +1045,16 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
             CheckProtocol::Tcp => "tcp",
             CheckProtocol::Http => "http",
         };
+        let _ = write!(flags, " check {kind}");
+        if let Some(port) = h.port {
+            let _ = write!(flags, " port {port}");
+        }
+        if let Some(expect) = &h.expect {
+            let _ = write!(flags, " expect {expect:?}");
+        }
         let _ = write!(
             flags,
-            " check {kind} every {}ms rise {} fall {}",
+            " every {}ms rise {} fall {}",
             h.interval_ms, h.rise, h.fall
         );
     }
@@ -1078,6 +1107,9 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
                     ", down {}x up {}x",
                     c.down_transitions, c.up_transitions
                 );
+            }
+            if let Some(why) = &b.last_check_failure {
+                let _ = write!(notes, ", last: {why}");
             }
         }
         let _ = writeln!(
@@ -1164,6 +1196,7 @@ mod tests {
             active: 0,
             inactive: 0,
             counters: BackendStats::default(),
+            last_check_failure: None,
         }
     }
 
@@ -1224,6 +1257,8 @@ mod tests {
             timeout_ms: 1000,
             rise: 2,
             fall,
+            expect: None,
+            port: None,
         }
     }
 
@@ -1255,6 +1290,16 @@ mod tests {
         assert!(text.contains("refused (no backend up): 3"));
         assert!(
             text.contains("Data path: kernel (the kernel program is attached); kernel path moved 12 packets, 20K"),
+            "{text}"
+        );
+        let mut s = service("web", SchedulerKind::Wrr, Vec::new());
+        s.health = Some(HealthCheckStatus {
+            port: Some(8080),
+            ..tcp_check(4)
+        });
+        let text = render(&[running(s)]);
+        assert!(
+            text.contains("wrr check tcp port 8080 every 2000ms"),
             "{text}"
         );
     }
@@ -1354,6 +1399,7 @@ mod tests {
             up_transitions: 1,
             ..BackendStats::default()
         };
+        flapping.last_check_failure = Some("expected string not in the body's first 16 KiB".into());
         let mut s = service("web", SchedulerKind::Wrr, vec![flapping]);
         s.health = Some(tcp_check(3));
         let gone = item(ServiceEntry::Missing {
@@ -1362,7 +1408,7 @@ mod tests {
         });
         let text = render(&[running(s), gone]);
         assert!(
-            text.contains("  -> 10.0.0.102:80         Masq    down           1          0         0          0          0          0          0          0  checks failed 9, down 2x up 1x"),
+            text.contains("  -> 10.0.0.102:80         Masq    down           1          0         0          0          0          0          0          0  checks failed 9, down 2x up 1x, last: expected string not in the body's first 16 KiB"),
             "{text}"
         );
         assert!(text.contains("api: service `api` is not running"), "{text}");

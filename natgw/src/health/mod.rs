@@ -38,8 +38,16 @@ pub enum CheckKind {
         path: String,
         /// Expected status code.
         status: u16,
+        /// A string the body must hold within its first [`MAX_CHECKED_RESPONSE`] bytes (less
+        /// the head) (HAProxy `http-check expect string`).
+        expect: Option<String>,
     },
 }
+
+/// Most bytes of an HTTP answer (status line, headers and body together) a probe reads: a
+/// server that streams forever costs one buffer of this size and one probe timeout, and an
+/// `expect` string further in counts as missing. HAProxy's check buffer is as large.
+pub const MAX_CHECKED_RESPONSE: usize = 16 * 1024;
 
 /// Health check parameters of one service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -54,6 +62,9 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that take an up target down.
     pub fall: u32,
+    /// The port probes connect to on the backend's address; `None`: the backend's own port
+    /// (keepalived `connect_port`, HAProxy `port`).
+    pub port: Option<u16>,
 }
 
 impl Default for HealthConfig {
@@ -64,6 +75,7 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 4,
+            port: None,
         }
     }
 }
@@ -79,8 +91,11 @@ pub enum ProbeFailure {
     Unreachable,
     /// The HTTP server answered another status.
     Status(u16),
-    /// The answer was not an HTTP status line.
+    /// The answer was not an HTTP status line, or its head did not end within
+    /// [`MAX_CHECKED_RESPONSE`] bytes.
     BadResponse,
+    /// The body did not hold the `expect` string within the bytes read.
+    BodyMismatch,
 }
 
 impl fmt::Display for ProbeFailure {
@@ -91,6 +106,11 @@ impl fmt::Display for ProbeFailure {
             Self::Unreachable => f.write_str("unreachable"),
             Self::Status(s) => write!(f, "HTTP status {s}"),
             Self::BadResponse => f.write_str("not an HTTP response"),
+            Self::BodyMismatch => write!(
+                f,
+                "expected string not in the body's first {} KiB",
+                MAX_CHECKED_RESPONSE / 1024
+            ),
         }
     }
 }
@@ -444,6 +464,7 @@ mod tests {
             kind: CheckKind::Http {
                 path: "/".into(),
                 status: 200,
+                expect: None,
             },
             ..cfg.clone()
         };
@@ -465,7 +486,8 @@ mod tests {
                 2,
                 CheckKind::Http {
                     path: "/".into(),
-                    status: 200
+                    status: 200,
+                    expect: None,
                 }
             )
         );

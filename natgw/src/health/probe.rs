@@ -7,11 +7,14 @@ use std::io::ErrorKind;
 use std::net::SocketAddrV4;
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::{CheckEvent, CheckKind, Health, HealthChecker, HealthConfig, Probe, ProbeFailure};
+use super::{
+    CheckEvent, CheckKind, Health, HealthChecker, HealthConfig, MAX_CHECKED_RESPONSE, Probe,
+    ProbeFailure,
+};
 
 /// The one clock read of the health driver.
 #[allow(clippy::disallowed_methods)]
@@ -32,15 +35,32 @@ pub async fn run_probe(
 }
 
 async fn probe_once(addr: SocketAddrV4, kind: &CheckKind) -> Result<(), ProbeFailure> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
+    let stream = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
         ErrorKind::ConnectionRefused => ProbeFailure::Refused,
         _ => ProbeFailure::Unreachable,
     })?;
-    let CheckKind::Http { path, status } = kind else {
+    let CheckKind::Http {
+        path,
+        status,
+        expect,
+    } = kind
+    else {
         return Ok(());
     };
-    // HTTP/1.0 with Connection: close keeps the exchange to one request and one status line,
-    // like keepalived's HTTP_GET; the Host header satisfies virtual-host servers.
+    http_get(stream, addr, path, *status, expect.as_deref()).await
+}
+
+/// Sends `GET path` on `stream` and checks the answer's status and, with `expect`, its body.
+async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    addr: SocketAddrV4,
+    path: &str,
+    status: u16,
+    expect: Option<&str>,
+) -> Result<(), ProbeFailure> {
+    // HTTP/1.0 with Connection: close keeps the exchange to one request and one answer that
+    // ends with the connection, like keepalived's HTTP_GET; the Host header satisfies
+    // virtual-host servers.
     let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: vipgate-health\r\nConnection: close\r\n\r\n",
         addr.ip()
@@ -49,27 +69,82 @@ async fn probe_once(addr: SocketAddrV4, kind: &CheckKind) -> Result<(), ProbeFai
         .write_all(request.as_bytes())
         .await
         .map_err(|_| ProbeFailure::Unreachable)?;
-    // "HTTP/1.x NNN" is 12 bytes; read until we have them (servers may dribble).
-    let mut head = [0u8; 12];
-    let mut got = 0;
-    while got < head.len() {
-        match stream.read(&mut head[got..]).await {
-            Ok(0) => return Err(ProbeFailure::BadResponse),
-            Ok(n) => got += n,
-            Err(_) => return Err(ProbeFailure::Unreachable),
-        }
-    }
-    let code = parse_status(&head).ok_or(ProbeFailure::BadResponse)?;
-    if code == *status {
-        Ok(())
+    let mut answer = Vec::with_capacity(if expect.is_some() {
+        MAX_CHECKED_RESPONSE
     } else {
-        Err(ProbeFailure::Status(code))
+        STATUS_LINE_PREFIX
+    });
+    let mut chunk = [0u8; 4096];
+    // The status first ("HTTP/1.x NNN" is 12 bytes; servers may dribble).
+    while answer.len() < STATUS_LINE_PREFIX {
+        let n = read_some(&mut stream, &mut chunk).await?;
+        if n == 0 {
+            return Err(ProbeFailure::BadResponse);
+        }
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    let code = parse_status(&answer[..STATUS_LINE_PREFIX]).ok_or(ProbeFailure::BadResponse)?;
+    if code != status {
+        return Err(ProbeFailure::Status(code));
+    }
+    let Some(expect) = expect else {
+        return Ok(());
+    };
+    // Then the body, up to the bound: the answer ends with the connection.
+    answer.truncate(MAX_CHECKED_RESPONSE);
+    loop {
+        let body = head_end(&answer).map(|at| &answer[at..]);
+        if body.is_some_and(|b| contains(b, expect.as_bytes())) {
+            return Ok(());
+        }
+        // Past the bound or at the end, a missing head is not HTTP; a missing string is a
+        // body that does not match.
+        let missing = if body.is_some() {
+            ProbeFailure::BodyMismatch
+        } else {
+            ProbeFailure::BadResponse
+        };
+        let room = MAX_CHECKED_RESPONSE - answer.len();
+        if room == 0 {
+            return Err(missing);
+        }
+        let n = read_some(&mut stream, &mut chunk).await?;
+        if n == 0 {
+            return Err(missing);
+        }
+        answer.extend_from_slice(&chunk[..n.min(room)]);
     }
 }
 
+/// Prefix of an answer that holds the status code.
+const STATUS_LINE_PREFIX: usize = 12;
+
+/// One read; an error is an unreachable server (reset mid-answer).
+async fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    chunk: &mut [u8],
+) -> Result<usize, ProbeFailure> {
+    stream
+        .read(chunk)
+        .await
+        .map_err(|_| ProbeFailure::Unreachable)
+}
+
+/// Where the body starts: after the blank line that ends the head.
+fn head_end(answer: &[u8]) -> Option<usize> {
+    answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// The status code of an HTTP/1.x status line prefix (`HTTP/1.1 200`).
-fn parse_status(head: &[u8; 12]) -> Option<u16> {
-    if !head.starts_with(b"HTTP/1.") || head[8] != b' ' {
+fn parse_status(head: &[u8]) -> Option<u16> {
+    if head.len() < STATUS_LINE_PREFIX || !head.starts_with(b"HTTP/1.") || head[8] != b' ' {
         return None;
     }
     let digits = &head[9..12];
@@ -170,6 +245,74 @@ mod tests {
         CheckKind::Http {
             path: "/health".into(),
             status,
+            expect: None,
+        }
+    }
+
+    fn expecting(text: &str) -> CheckKind {
+        CheckKind::Http {
+            path: "/health".into(),
+            status: 200,
+            expect: Some(text.into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn expect_finds_the_string_in_the_body_only() {
+        let (l, a) = listener().await;
+        answer(l, b"HTTP/1.1 200 OK\r\nX-Up: ok\r\n\r\nstatus: ok\n");
+        assert_eq!(run_probe(a, &expecting("status: ok"), T).await, Ok(()));
+        // In a header but not the body: a mismatch.
+        let (l, a) = listener().await;
+        answer(l, b"HTTP/1.1 200 OK\r\nX-Up: ok\r\n\r\nstatus: degraded\n");
+        assert_eq!(
+            run_probe(a, &expecting("X-Up"), T).await,
+            Err(ProbeFailure::BodyMismatch)
+        );
+        // The status still comes first.
+        let (l, a) = listener().await;
+        answer(l, b"HTTP/1.1 500 Oops\r\n\r\nstatus: ok\n");
+        assert_eq!(
+            run_probe(a, &expecting("status: ok"), T).await,
+            Err(ProbeFailure::Status(500))
+        );
+    }
+
+    /// A body that never ends: the probe reads its first 16 KiB, says mismatch at once (not
+    /// at the timeout) and closes; a head that never ends is not HTTP.
+    #[tokio::test]
+    async fn an_endless_body_is_read_to_the_bound_only() {
+        for (head, want) in [
+            (&b"HTTP/1.1 200 OK\r\n\r\n"[..], ProbeFailure::BodyMismatch),
+            (
+                &b"HTTP/1.1 200 OK\r\nX-Pad: "[..],
+                ProbeFailure::BadResponse,
+            ),
+        ] {
+            let (l, a) = listener().await;
+            let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counter = sent.clone();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await.unwrap();
+                s.write_all(head).await.unwrap();
+                let filler = [b'x'; 1024];
+                while s.write_all(&filler).await.is_ok() {
+                    counter.fetch_add(filler.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            let started = tokio::time::Instant::now();
+            assert_eq!(run_probe(a, &expecting("ok"), T).await, Err(want));
+            assert!(
+                started.elapsed() < T / 2,
+                "decided at the bound, not the timeout"
+            );
+            // Kernel buffers take some more, but the server stops once the probe closed.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let total = sent.load(std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(sent.load(std::sync::atomic::Ordering::Relaxed), total);
         }
     }
 

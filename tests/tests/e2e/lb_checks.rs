@@ -1,0 +1,169 @@
+//! Health-check kinds of `[[service]]` end to end, in `lb`'s lab (a director, real servers
+//! rs1..rs3 answering with their names on :80, a client): a check on another port, a body
+//! `expect`, HTTPS checks against python ssl servers with certificates made by openssl at
+//! test time, and HAProxy agent checks served by a tiny python agent. Each test asserts which
+//! backend answers client connections through the VIP after a check flips, and what
+//! `show lb` says. Kernel data path only: checks decide in the control plane, the same on
+//! both paths.
+
+use std::time::Duration;
+
+use vipgate_tests::{Proc, e2e, wait_until};
+
+use super::lb::{CLIENTS, Lab, count, service};
+
+const RS1: &str = "10.0.0.101:80";
+const RS2: &str = "10.0.0.102:80";
+/// The system's python (the harness's http servers use it too).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Serves `GET` with 200, the head, then `x` forever; prints `closed N` with the bytes it got
+/// out before each probe hung up.
+const ENDLESS_PY: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    sent = 0
+    try:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        while True:
+            sent += c.send(b"x" * 4096)
+    except OSError:
+        pass
+    c.close()
+    print("closed", sent, flush=True)
+"#;
+
+/// The `show lb` line of `backend`.
+fn line_of(lab: &Lab, backend: &str) -> String {
+    let show = lab.show();
+    show.lines()
+        .find(|l| l.trim_start().starts_with(&format!("-> {backend} ")))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("{backend} not in show lb:\n{show}"))
+}
+
+/// Writes the health file python serves from `host`'s web root on `port`.
+fn health_file(lab: &Lab, host: &str, port: u16, text: &str) {
+    let path = lab.t.dir().join(format!("www-{host}-{port}/health.txt"));
+    std::fs::write(&path, text).expect("writing the health file");
+}
+
+/// rs1 and rs2 serve their names on :80 and a health file on :8080; the checks go to :8080
+/// and need "status: ok" in the body. A degraded body takes rs2 out (its :80 still answers);
+/// rs1's check port going away takes rs1 out; a check server that streams an endless body is
+/// read to the bound, the probe hangs up each time, and it counts as a failed check.
+#[test]
+fn a_check_port_and_a_body_expect_decide_which_backend_answers() {
+    let mut lab = Lab::new(
+        e2e!(),
+        2,
+        &service(
+            "rr",
+            "health = { kind = \"http\", port = 8080, path = \"/health.txt\", expect = \"status: ok\", \
+             interval = \"300ms\", timeout = \"250ms\", rise = 1, fall = 2 }",
+            &[(1, 1), (2, 1)],
+        ),
+        "kernel",
+    );
+    let mut checks: Vec<Proc> = Vec::new();
+    for i in 1..=2 {
+        let host = format!("rs{i}");
+        checks.push(
+            lab.t
+                .http_server(&host, &format!("10.0.0.10{i}"), 8080, "x"),
+        );
+        health_file(&lab, &host, 8080, "service\nstatus: ok\n");
+    }
+    wait_until(Duration::from_secs(10), "both backends up", || {
+        lab.backend(RS1).0 == "up" && lab.backend(RS2).0 == "up"
+    });
+    assert!(
+        lab.show()
+            .contains("check http port 8080 expect \"status: ok\""),
+        "{}",
+        lab.show()
+    );
+    assert_eq!(count(&lab.connect(80, 10, CLIENTS)).len(), 2);
+
+    health_file(&lab, "rs2", 8080, "service\nstatus: degraded\n");
+    wait_until(Duration::from_secs(5), "rs2 down on its body", || {
+        lab.backend(RS2).0 == "down"
+    });
+    assert!(
+        line_of(&lab, RS2).contains("last: expected string not in the body's first 16 KiB"),
+        "{}",
+        lab.show()
+    );
+    let after = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(after.get("rs1"), Some(&10), "{after:?}");
+
+    health_file(&lab, "rs2", 8080, "service\nstatus: ok\n");
+    wait_until(Duration::from_secs(5), "rs2 back up", || {
+        lab.backend(RS2).0 == "up"
+    });
+    // rs1's :80 still serves, but its check port is closed: down, and the VIP says so.
+    drop(checks.remove(0));
+    wait_until(Duration::from_secs(5), "rs1 down on its check port", || {
+        lab.backend(RS1).0 == "down"
+    });
+    assert!(
+        line_of(&lab, RS1).contains("last: connection refused"),
+        "{}",
+        lab.show()
+    );
+    let after = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(after.get("rs2"), Some(&10), "{after:?}");
+
+    // Hostile: rs2's check server streams forever. Each probe stops at the bound and hangs
+    // up (the server sees its sends fail), and the backend goes down on its body.
+    drop(checks.remove(0));
+    let script = lab.t.write("endless.py", ENDLESS_PY);
+    let endless = lab.t.spawn(
+        "rs2",
+        "endless",
+        &[PYTHON, script.to_str().unwrap_or(""), "10.0.0.102", "8080"],
+    );
+    lab.t
+        .wait_tcp("rs2", "10.0.0.102", 8080, Duration::from_secs(30));
+    // The port check's own connection is the first.
+    wait_until(Duration::from_secs(10), "three probes to hang up", || {
+        endless.log().matches("closed").count() >= 4
+    });
+    wait_until(
+        Duration::from_secs(5),
+        "rs2 down on the endless body",
+        || lab.backend(RS2).0 == "down",
+    );
+    assert!(
+        line_of(&lab, RS2).contains("expected string not in the body"),
+        "{}",
+        lab.show()
+    );
+    let rss = || vm_rss_kib(lab.vipgate.pid());
+    let before = rss();
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 4096,
+        "10 probes of an endless body grew vipgate by {grown} KiB"
+    );
+    drop(endless);
+    drop(lab.servers.remove("rs1"));
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
