@@ -19,6 +19,8 @@ pub(crate) enum HealthKind {
     Tcp,
     /// HTTP GET `path`, expecting `status`.
     Http,
+    /// The same over TLS (keepalived `SSL_GET`, HAProxy `check-ssl`).
+    Https,
 }
 
 /// `health = { kind = "tcp", interval = "2s", timeout = "1s", rise = 2, fall = 4 }`.
@@ -48,6 +50,17 @@ pub(crate) struct HealthSection {
     /// A string the HTTP answer's body must hold (HAProxy `http-check expect string`).
     #[serde(default)]
     pub(crate) expect: Option<Spanned<String>>,
+    /// HTTPS: the name sent as SNI and verified (HAProxy `check-sni`); default none, and the
+    /// certificate must name the backend's address.
+    #[serde(default)]
+    pub(crate) sni: Option<Spanned<String>>,
+    /// HTTPS: whether the certificate must verify. Default true (`false` is HAProxy's
+    /// `verify none`).
+    #[serde(default)]
+    pub(crate) verify: Option<Spanned<bool>>,
+    /// HTTPS: PEM file of the CAs to trust instead of the system's (HAProxy `ca-file`).
+    #[serde(default)]
+    pub(crate) ca_file: Option<Spanned<std::path::PathBuf>>,
     /// Port the probes connect to instead of the backend's (keepalived `connect_port`,
     /// HAProxy `port`).
     #[serde(default)]
@@ -332,6 +345,43 @@ fn validate_forward(s: &ServiceSection, datapath: Option<&Spanned<String>>, v: &
     }
 }
 
+/// The TLS settings belong to an HTTPS check and must be usable: a DNS name for SNI, a CA
+/// file that reads (checked here so that `vipgate check` finds it, and again on each start
+/// and reload), and no CA file where nothing is verified.
+fn validate_tls(h: &HealthSection, v: &mut Validator) {
+    if h.kind != HealthKind::Https {
+        let names = [
+            h.sni.as_ref().map(|s| (s.span(), "sni")),
+            h.verify.as_ref().map(|s| (s.span(), "verify")),
+            h.ca_file.as_ref().map(|s| (s.span(), "ca_file")),
+        ];
+        for (span, name) in names.into_iter().flatten() {
+            v.error(span, format!("{name} needs kind = \"https\""));
+        }
+        return;
+    }
+    if let Some(sni) = &h.sni
+        && !natgw::health::tls::valid_sni(sni.get_ref())
+    {
+        v.error_at(
+            sni,
+            format!(
+                "sni {:?} must be a DNS name (leave it out to verify the backend's address)",
+                sni.get_ref()
+            ),
+        );
+    }
+    let Some(ca) = &h.ca_file else { return };
+    if h.verify.as_ref().is_some_and(|v| !*v.get_ref()) {
+        v.error_at(
+            ca,
+            "ca_file is not used with verify = false: drop one of them",
+        );
+    } else if let Err(e) = natgw::health::tls::load_ca_file(ca.get_ref()) {
+        v.error_at(ca, e.to_string());
+    }
+}
+
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,
@@ -445,7 +495,7 @@ pub(crate) fn validate_all(
                     v.error_at(&h.path, msg);
                 }
             };
-            if h.kind == HealthKind::Http && !path.starts_with('/') {
+            if h.kind != HealthKind::Tcp && !path.starts_with('/') {
                 at(v, format!("health path {path:?} must start with /"));
             }
             if path.len() > MAX_HEALTH_PATH {
@@ -473,7 +523,7 @@ pub(crate) fn validate_all(
                 if h.kind == HealthKind::Tcp {
                     v.error_at(
                         expect,
-                        "expect needs an HTTP check (kind = \"http\"): a TCP check reads no answer",
+                        "expect needs an HTTP check (kind = \"http\" or \"https\"): a TCP check reads no answer",
                     );
                 } else if text.is_empty() || text.len() > MAX_HEALTH_EXPECT {
                     v.error_at(
@@ -482,6 +532,7 @@ pub(crate) fn validate_all(
                     );
                 }
             }
+            validate_tls(h, v);
             if let Some(port) = &h.port
                 && *port.get_ref() == 0
             {

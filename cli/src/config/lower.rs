@@ -196,10 +196,15 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
         .map(|h| natgw::health::HealthConfig {
             kind: match h.kind {
                 HealthKind::Tcp => natgw::health::CheckKind::Tcp,
-                HealthKind::Http => natgw::health::CheckKind::Http {
+                HealthKind::Http | HealthKind::Https => natgw::health::CheckKind::Http {
                     path: h.path.get_ref().clone(),
                     status: h.status,
                     expect: h.expect.as_ref().map(|e| e.get_ref().clone()),
+                    tls: (h.kind == HealthKind::Https).then(|| natgw::health::TlsCheck {
+                        sni: h.sni.as_ref().map(|s| s.get_ref().clone()),
+                        verify: h.verify.as_ref().is_none_or(|v| *v.get_ref()),
+                        ca_file: h.ca_file.as_ref().map(|c| c.get_ref().clone()),
+                    }),
                 },
             },
             interval: h.interval.get_ref().0,

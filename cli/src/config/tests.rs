@@ -547,11 +547,20 @@ fn health_check_kinds_point_at_each_mistake() {
         "{health:?}"
     );
 
+    let https = checked_service("kind = \"https\"\nsni = \"web.example\"\nverify = false\n");
+    let site = parse(Path::new("site.toml"), &https).unwrap();
+    let health = lower::service(&site.service[0]).health.unwrap();
+    assert!(
+        matches!(&health.kind, natgw::health::CheckKind::Http { tls: Some(t), .. }
+            if t.sni.as_deref() == Some("web.example") && !t.verify && t.ca_file.is_none()),
+        "{health:?}"
+    );
+
     let cases: &[(&str, &str)] = &[
         ("port = 0\n", "site.toml:6:8: health port must be 1..=65535"),
         (
             "kind = \"smtp\"\n",
-            "site.toml:6:8: unknown value `smtp`; expected one of: tcp, http",
+            "site.toml:6:8: unknown value `smtp`; expected one of: tcp, http, https",
         ),
         (
             "expect = \"ok\"\n",
@@ -560,6 +569,22 @@ fn health_check_kinds_point_at_each_mistake() {
         (
             "kind = \"http\"\nexpect = \"\"\n",
             "site.toml:7:10: expect must be 1 to 1024 bytes long",
+        ),
+        (
+            "kind = \"http\"\nsni = \"web.example\"\n",
+            "site.toml:7:7: sni needs kind = \"https\"",
+        ),
+        (
+            "kind = \"https\"\nsni = \"10.0.0.1\"\n",
+            "site.toml:7:7: sni \"10.0.0.1\" must be a DNS name",
+        ),
+        (
+            "kind = \"https\"\nca_file = \"/nonexistent/ca.pem\"\n",
+            "site.toml:7:11: CA file /nonexistent/ca.pem:",
+        ),
+        (
+            "kind = \"https\"\nverify = false\nca_file = \"/etc/hostname\"\n",
+            "site.toml:8:11: ca_file is not used with verify = false",
         ),
     ];
     for (lines, want) in cases {

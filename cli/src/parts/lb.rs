@@ -847,6 +847,13 @@ struct HealthCheckStatus {
     timeout_ms: u64,
     rise: u32,
     fall: u32,
+    /// HTTPS: the SNI name, whether the certificate is verified, and the CA file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_file: Option<std::path::PathBuf>,
     /// The string an HTTP check's body must hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expect: Option<String>,
@@ -860,6 +867,7 @@ struct HealthCheckStatus {
 enum CheckProtocol {
     Tcp,
     Http,
+    Https,
 }
 
 /// One real server (ipvsadm's `->` line). The thresholds keep ipvsadm's names
@@ -936,17 +944,23 @@ impl ServiceStatus {
             })
             .collect();
         let health = s.health().map(|h| {
-            let (kind, path, status, expect) = match &h.kind {
-                CheckKind::Tcp => (CheckProtocol::Tcp, None, None, None),
+            let (kind, path, status, expect, tls) = match &h.kind {
+                CheckKind::Tcp => (CheckProtocol::Tcp, None, None, None, None),
                 CheckKind::Http {
                     path,
                     status,
                     expect,
+                    tls,
                 } => (
-                    CheckProtocol::Http,
+                    if tls.is_some() {
+                        CheckProtocol::Https
+                    } else {
+                        CheckProtocol::Http
+                    },
                     Some(path.clone()),
                     Some(*status),
                     expect.clone(),
+                    tls.as_ref(),
                 ),
             };
             HealthCheckStatus {
@@ -957,6 +971,9 @@ impl ServiceStatus {
                 timeout_ms: millis(h.timeout),
                 rise: h.rise,
                 fall: h.fall,
+                sni: tls.and_then(|t| t.sni.clone()),
+                verify: tls.map(|t| t.verify),
+                ca_file: tls.and_then(|t| t.ca_file.clone()),
                 expect,
                 port: h.port,
             }
@@ -1044,10 +1061,20 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
         let kind = match h.kind {
             CheckProtocol::Tcp => "tcp",
             CheckProtocol::Http => "http",
+            CheckProtocol::Https => "https",
         };
         let _ = write!(flags, " check {kind}");
         if let Some(port) = h.port {
             let _ = write!(flags, " port {port}");
+        }
+        if let Some(sni) = &h.sni {
+            let _ = write!(flags, " sni {sni}");
+        }
+        if h.verify == Some(false) {
+            flags.push_str(" verify none");
+        }
+        if let Some(ca) = &h.ca_file {
+            let _ = write!(flags, " ca-file {}", ca.display());
         }
         if let Some(expect) = &h.expect {
             let _ = write!(flags, " expect {expect:?}");
@@ -1257,6 +1284,9 @@ mod tests {
             timeout_ms: 1000,
             rise: 2,
             fall,
+            sni: None,
+            verify: None,
+            ca_file: None,
             expect: None,
             port: None,
         }

@@ -19,9 +19,12 @@
 
 #[cfg(feature = "driver")]
 pub mod probe;
+#[cfg(feature = "driver")]
+pub mod tls;
 
 use std::fmt;
 use std::net::SocketAddrV4;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use balance::Health;
@@ -41,7 +44,52 @@ pub enum CheckKind {
         /// A string the body must hold within its first [`MAX_CHECKED_RESPONSE`] bytes (less
         /// the head) (HAProxy `http-check expect string`).
         expect: Option<String>,
+        /// Over TLS (keepalived `SSL_GET`, HAProxy `check-ssl`); `None`: plain HTTP.
+        tls: Option<TlsCheck>,
     },
+}
+
+/// TLS settings of an HTTPS check.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsCheck {
+    /// Name sent as SNI and verified (HAProxy `check-sni`); `None`: no SNI, and the
+    /// certificate must name the backend's address.
+    pub sni: Option<String>,
+    /// Whether the certificate must verify (HAProxy `verify required`; `false` is `verify
+    /// none`).
+    pub verify: bool,
+    /// PEM file of the CAs to trust instead of the system's (HAProxy `ca-file`).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// The certificate does not chain to a trusted CA (or a signature is wrong).
+    Untrusted,
+    /// The certificate does not name the SNI name (or the address without one).
+    NameMismatch,
+    /// The certificate is expired or not yet valid.
+    OutOfDate,
+    /// Another certificate problem (e.g. wrong key usage).
+    BadCertificate,
+    /// The handshake failed otherwise (not a TLS server, protocol alert, reset).
+    Handshake,
+    /// The CA certificates to verify with could not be loaded.
+    NoTrustAnchors,
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Untrusted => "TLS certificate not trusted (unknown issuer)",
+            Self::NameMismatch => "TLS certificate does not match the SNI name or address",
+            Self::OutOfDate => "TLS certificate expired or not yet valid",
+            Self::BadCertificate => "TLS certificate invalid",
+            Self::Handshake => "TLS handshake failed",
+            Self::NoTrustAnchors => "TLS CA certificates could not be loaded",
+        })
+    }
 }
 
 /// Most bytes of an HTTP answer (status line, headers and body together) a probe reads: a
@@ -96,6 +144,8 @@ pub enum ProbeFailure {
     BadResponse,
     /// The body did not hold the `expect` string within the bytes read.
     BodyMismatch,
+    /// The TLS handshake of an HTTPS check failed.
+    Tls(TlsFailure),
 }
 
 impl fmt::Display for ProbeFailure {
@@ -106,6 +156,7 @@ impl fmt::Display for ProbeFailure {
             Self::Unreachable => f.write_str("unreachable"),
             Self::Status(s) => write!(f, "HTTP status {s}"),
             Self::BadResponse => f.write_str("not an HTTP response"),
+            Self::Tls(why) => why.fmt(f),
             Self::BodyMismatch => write!(
                 f,
                 "expected string not in the body's first {} KiB",
@@ -465,6 +516,7 @@ mod tests {
                 path: "/".into(),
                 status: 200,
                 expect: None,
+                tls: None,
             },
             ..cfg.clone()
         };
@@ -488,6 +540,7 @@ mod tests {
                     path: "/".into(),
                     status: 200,
                     expect: None,
+                    tls: None,
                 }
             )
         );

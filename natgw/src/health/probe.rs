@@ -1,8 +1,10 @@
-//! The probes themselves (TCP connect, HTTP GET) and the task that runs a [`HealthChecker`].
+//! The probes themselves (TCP connect, HTTP GET, HTTPS GET) and the task that runs a
+//! [`HealthChecker`].
 //!
 //! Probes run from the process's own network namespace, i.e. the gateway's, with the kernel's
 //! ordinary routing: a director reaches its real servers directly, not through `nat0`.
 
+use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::SocketAddrV4;
 use std::time::Instant;
@@ -10,11 +12,15 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
 
 use super::{
     CheckEvent, CheckKind, Health, HealthChecker, HealthConfig, MAX_CHECKED_RESPONSE, Probe,
-    ProbeFailure,
+    ProbeFailure, TlsCheck, TlsFailure, tls,
 };
+
+/// The TLS client of an HTTPS check's settings, or why it could not be built.
+pub type TlsClient = Result<TlsConnector, TlsFailure>;
 
 /// The one clock read of the health driver.
 #[allow(clippy::disallowed_methods)]
@@ -22,19 +28,25 @@ fn now() -> Instant {
     Instant::now()
 }
 
-/// Runs one probe to completion or timeout.
+/// Runs one probe to completion or timeout; `client` is the TLS client of an HTTPS check
+/// (see [`tls_clients`]).
 pub async fn run_probe(
     addr: SocketAddrV4,
     kind: &CheckKind,
+    client: Option<TlsClient>,
     timeout: std::time::Duration,
 ) -> Result<(), ProbeFailure> {
-    match tokio::time::timeout(timeout, probe_once(addr, kind)).await {
+    match tokio::time::timeout(timeout, probe_once(addr, kind, client)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeFailure::Timeout),
     }
 }
 
-async fn probe_once(addr: SocketAddrV4, kind: &CheckKind) -> Result<(), ProbeFailure> {
+async fn probe_once(
+    addr: SocketAddrV4,
+    kind: &CheckKind,
+    client: Option<TlsClient>,
+) -> Result<(), ProbeFailure> {
     let stream = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
         ErrorKind::ConnectionRefused => ProbeFailure::Refused,
         _ => ProbeFailure::Unreachable,
@@ -43,11 +55,43 @@ async fn probe_once(addr: SocketAddrV4, kind: &CheckKind) -> Result<(), ProbeFai
         path,
         status,
         expect,
+        tls: settings,
     } = kind
     else {
         return Ok(());
     };
+    let Some(settings) = settings else {
+        return http_get(stream, addr, path, *status, expect.as_deref()).await;
+    };
+    let connector = client
+        .unwrap_or(Err(TlsFailure::NoTrustAnchors))
+        .map_err(ProbeFailure::Tls)?;
+    let stream = connector
+        .connect(tls::server_name(settings, addr), stream)
+        .await
+        .map_err(|e| ProbeFailure::Tls(tls::handshake_failure(&e)))?;
     http_get(stream, addr, path, *status, expect.as_deref()).await
+}
+
+/// The TLS client of each HTTPS setting among `kinds`, built once per target list (a reload
+/// reads the CA files again). A setting whose client cannot be built is logged; its probes
+/// fail with [`TlsFailure::NoTrustAnchors`].
+pub fn tls_clients<'a>(
+    kinds: impl IntoIterator<Item = &'a CheckKind>,
+) -> HashMap<TlsCheck, TlsClient> {
+    let mut clients = HashMap::new();
+    for kind in kinds {
+        if let CheckKind::Http { tls: Some(t), .. } = kind
+            && !clients.contains_key(t)
+        {
+            let client = tls::connector(t).map_err(|e| {
+                tracing::warn!(error = %e, "HTTPS health checks cannot verify certificates");
+                TlsFailure::NoTrustAnchors
+            });
+            clients.insert(t.clone(), client);
+        }
+    }
+    clients
 }
 
 /// Sends `GET path` on `stream` and checks the answer's status and, with `expect`, its body.
@@ -119,15 +163,18 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
 /// Prefix of an answer that holds the status code.
 const STATUS_LINE_PREFIX: usize = 12;
 
-/// One read; an error is an unreachable server (reset mid-answer).
+/// One read; 0 at the end. A TLS server that closes without its close_notify has still
+/// ended its answer (the probe reads to the end, nothing relies on the length); another
+/// error is an unreachable server (reset mid-answer).
 async fn read_some<S: AsyncRead + Unpin>(
     stream: &mut S,
     chunk: &mut [u8],
 ) -> Result<usize, ProbeFailure> {
-    stream
-        .read(chunk)
-        .await
-        .map_err(|_| ProbeFailure::Unreachable)
+    match stream.read(chunk).await {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(0),
+        Err(_) => Err(ProbeFailure::Unreachable),
+    }
 }
 
 /// Where the body starts: after the blank line that ends the head.
@@ -172,13 +219,18 @@ pub async fn run_checker<K>(
     K: Clone + PartialEq + std::fmt::Display + Send + Sync + 'static,
 {
     let mut checker = HealthChecker::new();
+    let mut clients = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Probe<K>, Result<(), ProbeFailure>)>();
     loop {
         let at = now();
         while let Some(p) = checker.poll_probe(at) {
             let done = done_tx.clone();
+            let client = match &p.kind {
+                CheckKind::Http { tls: Some(t), .. } => clients.get(t).cloned(),
+                _ => None,
+            };
             tokio::spawn(async move {
-                let outcome = run_probe(p.addr, &p.kind, p.timeout).await;
+                let outcome = run_probe(p.addr, &p.kind, client, p.timeout).await;
                 // The receiver only goes away when the checker stops; nothing to report then.
                 let _ = done.send((p, outcome));
             });
@@ -207,7 +259,10 @@ pub async fn run_checker<K>(
                 }
             }
             list = targets.recv() => match list {
-                Some(list) => checker.set_targets(now(), list),
+                Some(list) => {
+                    clients = tls_clients(list.iter().map(|t| &t.2.kind));
+                    checker.set_targets(now(), list);
+                }
                 None => return,
             },
         }
@@ -246,6 +301,7 @@ mod tests {
             path: "/health".into(),
             status,
             expect: None,
+            tls: None,
         }
     }
 
@@ -254,6 +310,7 @@ mod tests {
             path: "/health".into(),
             status: 200,
             expect: Some(text.into()),
+            tls: None,
         }
     }
 
@@ -261,19 +318,22 @@ mod tests {
     async fn expect_finds_the_string_in_the_body_only() {
         let (l, a) = listener().await;
         answer(l, b"HTTP/1.1 200 OK\r\nX-Up: ok\r\n\r\nstatus: ok\n");
-        assert_eq!(run_probe(a, &expecting("status: ok"), T).await, Ok(()));
+        assert_eq!(
+            run_probe(a, &expecting("status: ok"), None, T).await,
+            Ok(())
+        );
         // In a header but not the body: a mismatch.
         let (l, a) = listener().await;
         answer(l, b"HTTP/1.1 200 OK\r\nX-Up: ok\r\n\r\nstatus: degraded\n");
         assert_eq!(
-            run_probe(a, &expecting("X-Up"), T).await,
+            run_probe(a, &expecting("X-Up"), None, T).await,
             Err(ProbeFailure::BodyMismatch)
         );
         // The status still comes first.
         let (l, a) = listener().await;
         answer(l, b"HTTP/1.1 500 Oops\r\n\r\nstatus: ok\n");
         assert_eq!(
-            run_probe(a, &expecting("status: ok"), T).await,
+            run_probe(a, &expecting("status: ok"), None, T).await,
             Err(ProbeFailure::Status(500))
         );
     }
@@ -303,7 +363,7 @@ mod tests {
                 }
             });
             let started = tokio::time::Instant::now();
-            assert_eq!(run_probe(a, &expecting("ok"), T).await, Err(want));
+            assert_eq!(run_probe(a, &expecting("ok"), None, T).await, Err(want));
             assert!(
                 started.elapsed() < T / 2,
                 "decided at the bound, not the timeout"
@@ -319,10 +379,10 @@ mod tests {
     #[tokio::test]
     async fn tcp_probe_succeeds_on_a_listener_and_fails_on_a_closed_port() {
         let (l, a) = listener().await;
-        assert_eq!(run_probe(a, &CheckKind::Tcp, T).await, Ok(()));
+        assert_eq!(run_probe(a, &CheckKind::Tcp, None, T).await, Ok(()));
         drop(l);
         assert_eq!(
-            run_probe(a, &CheckKind::Tcp, T).await,
+            run_probe(a, &CheckKind::Tcp, None, T).await,
             Err(ProbeFailure::Refused)
         );
     }
@@ -331,17 +391,17 @@ mod tests {
     async fn http_probe_checks_the_status() {
         let (l, a) = listener().await;
         answer(l, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-        assert_eq!(run_probe(a, &http(200), T).await, Ok(()));
+        assert_eq!(run_probe(a, &http(200), None, T).await, Ok(()));
         let (l, a) = listener().await;
         answer(l, b"HTTP/1.0 503 Service Unavailable\r\n\r\n");
         assert_eq!(
-            run_probe(a, &http(200), T).await,
+            run_probe(a, &http(200), None, T).await,
             Err(ProbeFailure::Status(503))
         );
         let (l, a) = listener().await;
         answer(l, b"SSH-2.0-OpenSSH_9.2\r\n");
         assert_eq!(
-            run_probe(a, &http(200), T).await,
+            run_probe(a, &http(200), None, T).await,
             Err(ProbeFailure::BadResponse)
         );
     }
@@ -351,7 +411,7 @@ mod tests {
         let (l, a) = listener().await;
         // Accepts (the kernel completes the handshake) but never answers.
         let _keep = l;
-        let r = run_probe(a, &http(200), Duration::from_millis(100)).await;
+        let r = run_probe(a, &http(200), None, Duration::from_millis(100)).await;
         assert_eq!(r, Err(ProbeFailure::Timeout));
     }
 
@@ -397,6 +457,125 @@ mod tests {
         };
         assert_eq!((up.key.as_str(), up.health), ("rs1", Health::Up));
         drop(l);
+    }
+
+    /// A self-signed certificate for `names` and a one-connection HTTPS server that
+    /// presents it and answers 200 "ok".
+    struct TlsBackend {
+        addr: SocketAddrV4,
+        cert_pem: String,
+    }
+
+    async fn tls_backend(names: &[&str]) -> TlsBackend {
+        use rustls::ServerConfig;
+        use rustls::pki_types::PrivateKeyDer;
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let certified = rcgen::generate_simple_self_signed(names).unwrap();
+        let key = PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        let config = ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let (l, addr) = listener().await;
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            // A client that refuses the certificate ends the handshake: nothing to serve.
+            let Ok(mut s) = acceptor.accept(s).await else {
+                return;
+            };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nok\n").await;
+            let _ = s.shutdown().await;
+        });
+        TlsBackend {
+            addr,
+            cert_pem: certified.cert.pem(),
+        }
+    }
+
+    fn https(sni: Option<&str>, verify: bool, ca_file: Option<&std::path::Path>) -> CheckKind {
+        CheckKind::Http {
+            path: "/health".into(),
+            status: 200,
+            expect: Some("ok".into()),
+            tls: Some(TlsCheck {
+                sni: sni.map(str::to_owned),
+                verify,
+                ca_file: ca_file.map(std::path::Path::to_path_buf),
+            }),
+        }
+    }
+
+    async fn probe_https(addr: SocketAddrV4, kind: &CheckKind) -> Result<(), ProbeFailure> {
+        let client = tls_clients([kind]).into_values().next();
+        run_probe(addr, kind, client, T).await
+    }
+
+    #[tokio::test]
+    async fn https_checks_verify_the_certificate_unless_told_not_to() {
+        let dir = std::env::temp_dir().join(format!("vipgate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let other = tls_backend(&["127.0.0.1"]).await;
+        let other_ca = dir.join("other.pem");
+        std::fs::write(&other_ca, &other.cert_pem).unwrap();
+
+        // Trusted through ca_file, and naming the address the probe connects to.
+        let b = tls_backend(&["127.0.0.1", "backend.example"]).await;
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, &b.cert_pem).unwrap();
+        assert_eq!(
+            probe_https(b.addr, &https(None, true, Some(&ca))).await,
+            Ok(())
+        );
+        // The SNI name is the name verified.
+        let b = tls_backend(&["127.0.0.1"]).await;
+        std::fs::write(&ca, &b.cert_pem).unwrap();
+        assert_eq!(
+            probe_https(b.addr, &https(Some("backend.example"), true, Some(&ca))).await,
+            Err(ProbeFailure::Tls(TlsFailure::NameMismatch))
+        );
+        // Another CA's certificate: not trusted; with verify = false, up.
+        let b = tls_backend(&["127.0.0.1"]).await;
+        assert_eq!(
+            probe_https(b.addr, &https(None, true, Some(&other_ca))).await,
+            Err(ProbeFailure::Tls(TlsFailure::Untrusted))
+        );
+        let b = tls_backend(&["127.0.0.1"]).await;
+        assert_eq!(
+            probe_https(b.addr, &https(Some("x.example"), false, None)).await,
+            Ok(())
+        );
+        // A plain HTTP server is not a TLS one.
+        let (l, a) = listener().await;
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nok\n").await;
+        });
+        assert_eq!(
+            probe_https(a, &https(None, false, None)).await,
+            Err(ProbeFailure::Tls(TlsFailure::Handshake))
+        );
+        // An unreadable CA file fails every probe, with the reason.
+        let missing = dir.join("missing.pem");
+        let (_l, a) = listener().await;
+        assert_eq!(
+            probe_https(a, &https(None, true, Some(&missing))).await,
+            Err(ProbeFailure::Tls(TlsFailure::NoTrustAnchors))
+        );
+        std::fs::write(&ca, "not a certificate").unwrap();
+        assert!(matches!(
+            tls::load_ca_file(&ca),
+            Err(tls::TlsSetupError::NoCertificates(_))
+        ));
+        assert!(tls::valid_sni("backend.example") && !tls::valid_sni("10.0.0.1"));
+        assert!(!tls::valid_sni("bad name"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `show lb` says. Kernel data path only: checks decide in the control plane, the same on
 //! both paths.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vipgate_tests::{Proc, e2e, wait_until};
@@ -155,6 +156,200 @@ fn a_check_port_and_a_body_expect_decide_which_backend_answers() {
     );
     drop(endless);
     drop(lab.servers.remove("rs1"));
+}
+
+/// An HTTPS server (python's http.server over ssl) answering 200 "ok" to every GET.
+const HTTPS_PY: &str = r#"
+import http.server, ssl, sys
+addr, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer((addr, port), Ok)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+/// Runs openssl in the test directory; panics with its output on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA `name` (`name.pem`, `name.key`) in `dir`.
+fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+}
+
+/// A server certificate `host.pem`/`host.key` for `ip`, signed by CA `ca`.
+fn make_cert(dir: &Path, host: &str, ip: &str, ca: &str) -> (PathBuf, PathBuf) {
+    std::fs::write(
+        dir.join(format!("{host}.ext")),
+        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .expect("writing the extensions");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{host}.key"),
+            "-out",
+            &format!("{host}.csr"),
+            "-subj",
+            &format!("/CN={host}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{host}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{host}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{host}.ext"),
+        ],
+    );
+    (
+        dir.join(format!("{host}.pem")),
+        dir.join(format!("{host}.key")),
+    )
+}
+
+/// HTTPS checks on :8443 with `ca_file` = the lab's CA: rs1's certificate chains to it, rs2's
+/// to another CA, so rs2 is down with the reason and only rs1 answers the VIP. A reload with
+/// `verify = false` instead brings rs2 back.
+#[test]
+fn https_checks_verify_certificates_and_verify_false_accepts_any() {
+    let t = e2e!();
+    let dir = t.dir().to_path_buf();
+    make_ca(&dir, "lab-ca");
+    make_ca(&dir, "other-ca");
+    let rs1 = make_cert(&dir, "rs1", "10.0.0.101", "lab-ca");
+    let rs2 = make_cert(&dir, "rs2", "10.0.0.102", "other-ca");
+    let ca_file = dir.join("lab-ca.pem");
+    let lab = Lab::new(
+        t,
+        2,
+        &service(
+            "rr",
+            &format!(
+                "health = {{ kind = \"https\", port = 8443, ca_file = \"{}\", expect = \"ok\", \
+                 interval = \"300ms\", timeout = \"250ms\", rise = 1, fall = 2 }}",
+                ca_file.display()
+            ),
+            &[(1, 1), (2, 1)],
+        ),
+        "kernel",
+    );
+    let script = lab.t.write("https.py", HTTPS_PY);
+    let mut tls_servers = Vec::new();
+    for (i, (cert, key)) in [(1, &rs1), (2, &rs2)] {
+        let host = format!("rs{i}");
+        let addr = format!("10.0.0.10{i}");
+        tls_servers.push(lab.t.spawn(
+            &host,
+            &format!("https-{host}"),
+            &[
+                PYTHON,
+                script.to_str().unwrap_or(""),
+                &addr,
+                "8443",
+                cert.to_str().unwrap_or(""),
+                key.to_str().unwrap_or(""),
+            ],
+        ));
+        lab.t.wait_tcp(&host, &addr, 8443, Duration::from_secs(30));
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "rs1 up and rs2 down on its certificate",
+        || {
+            lab.backend(RS1).0 == "up"
+                && lab.backend(RS2).0 == "down"
+                && line_of(&lab, RS2).contains("last: TLS certificate not trusted")
+        },
+    );
+    assert!(
+        lab.show().contains(&format!(
+            "check https port 8443 ca-file {}",
+            ca_file.display()
+        )),
+        "{}",
+        lab.show()
+    );
+    let only = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(only.get("rs1"), Some(&10), "{only:?}");
+
+    let text = std::fs::read_to_string(&lab.config).expect("reading the config");
+    let relaxed = text.replace(
+        &format!("ca_file = \"{}\"", ca_file.display()),
+        "verify = false",
+    );
+    assert_ne!(text, relaxed);
+    std::fs::write(&lab.config, relaxed).expect("rewriting the config");
+    lab.vipgate.signal(1); // SIGHUP
+    wait_until(
+        Duration::from_secs(10),
+        "rs2 up with verify = false",
+        || lab.backend(RS2).0 == "up",
+    );
+    assert!(
+        lab.show().contains("check https port 8443 verify none"),
+        "{}",
+        lab.show()
+    );
+    assert_eq!(count(&lab.connect(80, 10, CLIENTS)).len(), 2);
+    drop(tls_servers);
 }
 
 /// Resident memory of process `pid`, in KiB.
