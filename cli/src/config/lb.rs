@@ -61,6 +61,13 @@ pub(crate) struct HealthSection {
     /// HTTPS: PEM file of the CAs to trust instead of the system's (HAProxy `ca-file`).
     #[serde(default)]
     pub(crate) ca_file: Option<Spanned<std::path::PathBuf>>,
+    /// Port of an agent on each backend to ask as well (HAProxy `agent-check` with
+    /// `agent-port`).
+    #[serde(default)]
+    pub(crate) agent_port: Option<Spanned<u16>>,
+    /// Time between two questions to the agent (HAProxy `agent-inter`). Default: `interval`.
+    #[serde(default)]
+    pub(crate) agent_interval: Option<Spanned<HumanDuration>>,
     /// Port the probes connect to instead of the backend's (keepalived `connect_port`,
     /// HAProxy `port`).
     #[serde(default)]
@@ -382,6 +389,34 @@ fn validate_tls(h: &HealthSection, v: &mut Validator) {
     }
 }
 
+/// The agent's port is a port, and it is asked no more often than a question can last.
+fn validate_agent(h: &HealthSection, v: &mut Validator) {
+    if let Some(port) = &h.agent_port
+        && *port.get_ref() == 0
+    {
+        v.error_at(port, "agent_port must be 1..=65535");
+    }
+    let Some(every) = &h.agent_interval else {
+        return;
+    };
+    if h.agent_port.is_none() {
+        v.error_at(
+            every,
+            "agent_interval needs agent_port (the agent's port on each backend)",
+        );
+    } else if !(MIN_HEALTH_PERIOD..=MAX_HEALTH_PERIOD).contains(&every.get_ref().0) {
+        v.error_at(every, "agent_interval must be between 100ms and 1h");
+    } else if every.get_ref() < h.timeout.get_ref() {
+        v.error_at(
+            every,
+            format!(
+                "agent_interval is shorter than the health timeout ({}) the agent is asked with",
+                h.timeout.get_ref()
+            ),
+        );
+    }
+}
+
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,
@@ -533,6 +568,7 @@ pub(crate) fn validate_all(
                 }
             }
             validate_tls(h, v);
+            validate_agent(h, v);
             if let Some(port) = &h.port
                 && *port.get_ref() == 0
             {

@@ -212,6 +212,10 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
             rise: *h.rise.get_ref(),
             fall: *h.fall.get_ref(),
             port: h.port.as_ref().map(|p| *p.get_ref()),
+            agent: h.agent_port.as_ref().map(|p| natgw::health::AgentConfig {
+                port: *p.get_ref(),
+                interval: h.agent_interval.as_ref().unwrap_or(&h.interval).get_ref().0,
+            }),
         });
     natgw::ServiceConfig {
         forward: if section.direct_route() {

@@ -547,6 +547,17 @@ fn health_check_kinds_point_at_each_mistake() {
         "{health:?}"
     );
 
+    let agent = checked_service("interval = \"3s\"\nagent_port = 9999\n");
+    let site = parse(Path::new("site.toml"), &agent).unwrap();
+    let health = lower::service(&site.service[0]).health.unwrap();
+    assert_eq!(
+        health.agent,
+        Some(natgw::health::AgentConfig {
+            port: 9999,
+            interval: std::time::Duration::from_secs(3)
+        }),
+        "the agent is asked every interval by default"
+    );
     let https = checked_service("kind = \"https\"\nsni = \"web.example\"\nverify = false\n");
     let site = parse(Path::new("site.toml"), &https).unwrap();
     let health = lower::service(&site.service[0]).health.unwrap();
@@ -585,6 +596,18 @@ fn health_check_kinds_point_at_each_mistake() {
         (
             "kind = \"https\"\nverify = false\nca_file = \"/etc/hostname\"\n",
             "site.toml:8:11: ca_file is not used with verify = false",
+        ),
+        (
+            "agent_port = 0\n",
+            "site.toml:6:14: agent_port must be 1..=65535",
+        ),
+        (
+            "agent_interval = \"5s\"\n",
+            "site.toml:6:18: agent_interval needs agent_port",
+        ),
+        (
+            "timeout = \"1s\"\nagent_port = 9999\nagent_interval = \"500ms\"\n",
+            "site.toml:8:18: agent_interval is shorter than the health timeout (1s)",
         ),
     ];
     for (lines, want) in cases {

@@ -37,8 +37,8 @@ use balance::{
     AdminState, BackendConfig, BackendState, BackendStats, Health, PoolStats, SchedulerKind,
 };
 use natgw::driver::{Datapath, DriverConfig, FastPathCounters, NatDriver};
-use natgw::health::probe::{TargetSpec, run_checker};
-use natgw::health::{CheckEvent, CheckKind};
+use natgw::health::probe::run_checker;
+use natgw::health::{CheckEvent, CheckKind, CheckTargets};
 use natgw::{BackendKey, GatewayConfig, VirtualService};
 use netsys::netlink::Handle;
 use netsys::sync::lock_unpoisoned;
@@ -62,7 +62,7 @@ struct Shared {
     /// Whether this part started the gateway (a director) or joined the nat part's.
     owns_driver: bool,
     /// New health-check target lists (after a reload).
-    targets: mpsc::Sender<Vec<TargetSpec<BackendKey>>>,
+    targets: mpsc::Sender<CheckTargets<BackendKey>>,
     tasks: Vec<JoinHandle<()>>,
     /// How the health tasks ended (one ending before `stop` is a dead part).
     watch: netutil::task::TaskWatch,
@@ -147,7 +147,12 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     }
     let applier = watch.spawn(
         "health applier",
-        infallible(apply_health(gw.clone(), changes_rx, health)),
+        infallible(apply_health(
+            gw.clone(),
+            changes_rx,
+            health,
+            targets_tx.clone(),
+        )),
     );
     let (vip_tx, vip_rx) = mpsc::unbounded_channel();
     let vip_mover = watch.spawn("vip mover", infallible(move_vips(driver.clone(), vip_rx)));
@@ -292,21 +297,39 @@ async fn route_dev(netlink: &Handle, ip: Ipv4Addr) -> anyhow::Result<String> {
         .with_context(|| format!("the route to {ip} names no interface"))
 }
 
-fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
-    gw.services()
-        .flat_map(VirtualService::health_targets)
-        .collect()
+fn health_targets(gw: &natgw::Gateway) -> CheckTargets<BackendKey> {
+    let mut all = CheckTargets::default();
+    all.extend(gw.services().map(VirtualService::health_targets));
+    all
 }
 
-/// Applies health changes to the pools and counts failed checks in them (between two packet
-/// batches: the loop holds the lock per batch).
+/// Applies health changes and agent answers to the pools and counts failed checks in them
+/// (between two packet batches: the loop holds the lock per batch). An agent that changes a
+/// backend's state changes the checker's targets too (maintenance stops the health checks).
 async fn apply_health(
     gw: SharedGateway,
     mut events: mpsc::Receiver<CheckEvent<BackendKey>>,
     health: HashMap<String, watch::Sender<bool>>,
+    targets: mpsc::Sender<CheckTargets<BackendKey>>,
 ) {
     while let Some(event) = events.recv().await {
         let t = match event {
+            CheckEvent::Agent { key, outcome } => {
+                let mut gw = lock(&gw);
+                let Some(service) = gw.service_mut(&key.service) else {
+                    continue;
+                };
+                let state_changed = service.agent_said(key.backend, outcome);
+                if let Some(tx) = health.get(&key.service) {
+                    tx.send_if_modified(|v| std::mem::replace(v, service.is_available()) != *v);
+                }
+                if state_changed {
+                    tracing::info!(target = %key, ?outcome, "agent changed the backend's state");
+                    // A full channel holds a newer list already.
+                    let _ = targets.try_send(health_targets(&gw));
+                }
+                continue;
+            }
             CheckEvent::Failed { key, why } => {
                 if let Some(service) = lock(&gw).service_mut(&key.service) {
                     service.check_failed(key.backend, why);
@@ -860,6 +883,11 @@ struct HealthCheckStatus {
     /// The port probes connect to, when not the backend's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     port: Option<u16>,
+    /// The agent's port and how often it is asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -898,6 +926,16 @@ struct BackendStatus {
     /// Why the last failed health check failed (the reason a down backend is down).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_check_failure: Option<String>,
+    /// The agent's last word (its words, or why it gave none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent: Option<String>,
+    /// Agent lines that were too long or not agent words.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    agent_malformed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn millis(d: Duration) -> u64 {
@@ -911,6 +949,7 @@ impl ServiceStatus {
         let backends = pool
             .backends()
             .map(|(_, b)| {
+                let notes = s.check_notes(b.addr());
                 let diff = match rt {
                     Some(rt) if b.state() != BackendState::Removed => rt.diff(b.addr(), b.weight()),
                     _ => BackendDiff::default(),
@@ -936,10 +975,14 @@ impl ServiceStatus {
                     active: b.active(),
                     inactive: b.inactive(),
                     counters: *b.stats(),
-                    last_check_failure: s
-                        .check_notes(b.addr())
+                    last_check_failure: notes
                         .and_then(|n| n.last_failure)
                         .map(|why| why.to_string()),
+                    agent: notes.and_then(|n| n.agent).map(|said| match said {
+                        Ok(reply) => reply.to_string(),
+                        Err(why) => why.to_string(),
+                    }),
+                    agent_malformed: notes.map_or(0, |n| n.agent_malformed),
                 }
             })
             .collect();
@@ -976,6 +1019,8 @@ impl ServiceStatus {
                 ca_file: tls.and_then(|t| t.ca_file.clone()),
                 expect,
                 port: h.port,
+                agent_port: h.agent.map(|a| a.port),
+                agent_interval_ms: h.agent.map(|a| millis(a.interval)),
             }
         });
         Self {
@@ -1084,6 +1129,9 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
             " every {}ms rise {} fall {}",
             h.interval_ms, h.rise, h.fall
         );
+        if let (Some(port), Some(ms)) = (h.agent_port, h.agent_interval_ms) {
+            let _ = write!(flags, " agent port {port} every {ms}ms");
+        }
     }
     let _ = writeln!(
         out,
@@ -1137,6 +1185,12 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
             }
             if let Some(why) = &b.last_check_failure {
                 let _ = write!(notes, ", last: {why}");
+            }
+        }
+        if let Some(word) = &b.agent {
+            let _ = write!(notes, "  agent: {word}");
+            if b.agent_malformed > 0 {
+                let _ = write!(notes, " ({} malformed)", b.agent_malformed);
             }
         }
         let _ = writeln!(
@@ -1224,6 +1278,8 @@ mod tests {
             inactive: 0,
             counters: BackendStats::default(),
             last_check_failure: None,
+            agent: None,
+            agent_malformed: 0,
         }
     }
 
@@ -1289,6 +1345,8 @@ mod tests {
             ca_file: None,
             expect: None,
             port: None,
+            agent_port: None,
+            agent_interval_ms: None,
         }
     }
 

@@ -17,6 +17,7 @@
 //! server that starts refusing is therefore out of rotation within `interval × fall` (plus
 //! `timeout` if it stops answering instead of refusing).
 
+pub mod agent;
 #[cfg(feature = "driver")]
 pub mod probe;
 #[cfg(feature = "driver")]
@@ -27,6 +28,7 @@ use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub use agent::{AgentConfig, AgentFailure, AgentReply};
 pub use balance::Health;
 
 /// What a probe does.
@@ -113,6 +115,8 @@ pub struct HealthConfig {
     /// The port probes connect to on the backend's address; `None`: the backend's own port
     /// (keepalived `connect_port`, HAProxy `port`).
     pub port: Option<u16>,
+    /// An agent on each backend to ask as well (HAProxy `agent-check`); asked with `timeout`.
+    pub agent: Option<AgentConfig>,
 }
 
 impl Default for HealthConfig {
@@ -124,6 +128,7 @@ impl Default for HealthConfig {
             rise: 2,
             fall: 4,
             port: None,
+            agent: None,
         }
     }
 }
@@ -207,6 +212,40 @@ pub enum CheckEvent<K> {
     },
     /// The target's health changed.
     Changed(Transition<K>),
+    /// The backend's agent answered (or did not).
+    Agent {
+        /// The backend's key.
+        key: K,
+        /// The parsed line, or why there was none.
+        outcome: Result<AgentReply, AgentFailure>,
+    },
+}
+
+/// Everything the checker task probes: health-check targets and agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckTargets<K> {
+    /// `(key, probe address, settings, starting health)`.
+    pub checks: Vec<(K, SocketAddrV4, HealthConfig, Health)>,
+    /// `(key, agent address, interval, timeout)`.
+    pub agents: Vec<(K, SocketAddrV4, Duration, Duration)>,
+}
+
+impl<K> Default for CheckTargets<K> {
+    fn default() -> Self {
+        Self {
+            checks: Vec::new(),
+            agents: Vec::new(),
+        }
+    }
+}
+
+impl<K> Extend<CheckTargets<K>> for CheckTargets<K> {
+    fn extend<I: IntoIterator<Item = CheckTargets<K>>>(&mut self, iter: I) {
+        for t in iter {
+            self.checks.extend(t.checks);
+            self.agents.extend(t.agents);
+        }
+    }
 }
 
 /// What `show lb` prints about a target's checks.

@@ -1,5 +1,5 @@
-//! The probes themselves (TCP connect, HTTP GET, HTTPS GET) and the task that runs a
-//! [`HealthChecker`].
+//! The probes themselves (TCP connect, HTTP GET, HTTPS GET, agent questions) and the task
+//! that runs a [`HealthChecker`] and an [`AgentSchedule`].
 //!
 //! Probes run from the process's own network namespace, i.e. the gateway's, with the kernel's
 //! ordinary routing: a director reaches its real servers directly, not through `nat0`.
@@ -14,9 +14,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
+use super::agent::{AgentProbe, AgentSchedule, MAX_AGENT_LINE, agent_line};
 use super::{
-    CheckEvent, CheckKind, Health, HealthChecker, HealthConfig, MAX_CHECKED_RESPONSE, Probe,
-    ProbeFailure, TlsCheck, TlsFailure, tls,
+    AgentFailure, AgentReply, CheckEvent, CheckKind, CheckTargets, Health, HealthChecker,
+    MAX_CHECKED_RESPONSE, Probe, ProbeFailure, TlsCheck, TlsFailure, tls,
 };
 
 /// The TLS client of an HTTPS check's settings, or why it could not be built.
@@ -205,24 +206,63 @@ fn parse_status(head: &[u8]) -> Option<u16> {
     )
 }
 
-/// One checked target, as [`run_checker`] takes them.
-pub type TargetSpec<K> = (K, SocketAddrV4, HealthConfig, Health);
+/// Asks the agent at `addr` for its line: connect, read up to [`MAX_AGENT_LINE`] bytes until
+/// a line end or the agent closing, parse. Sends nothing (HAProxy sends nothing either unless
+/// told to).
+pub async fn ask_agent(
+    addr: SocketAddrV4,
+    timeout: std::time::Duration,
+) -> Result<AgentReply, AgentFailure> {
+    let ask = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|_| AgentFailure::Unreachable)?;
+        let mut line = [0u8; MAX_AGENT_LINE];
+        let mut got = 0;
+        loop {
+            // Past the bound the buffer is full: agent_line says too long before this read.
+            let n = stream
+                .read(&mut line[got..])
+                .await
+                .map_err(|_| AgentFailure::Unreachable)?;
+            got += n;
+            if let Some(words) = agent_line(&line[..got], n == 0)? {
+                return AgentReply::parse(words);
+            }
+        }
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .unwrap_or(Err(AgentFailure::Timeout))
+}
 
-/// Drives a [`HealthChecker`]: starts due probes as tasks, feeds results back, and sends every
-/// failed probe and every health change to `events` (a change after logging it). A new target
-/// list on `targets` replaces the current one (reload). Returns when `targets` is closed or
-/// `events` has no receiver.
+/// Drives a [`HealthChecker`] and an [`AgentSchedule`]: starts due probes and agent
+/// questions as tasks, feeds results back, and sends every failed probe, every health change
+/// and every agent answer to `events` (a change after logging it). New targets on `targets`
+/// replace the current ones (reload). Returns when `targets` is closed or `events` has no
+/// receiver.
 pub async fn run_checker<K>(
-    mut targets: mpsc::Receiver<Vec<TargetSpec<K>>>,
+    mut targets: mpsc::Receiver<CheckTargets<K>>,
     events: mpsc::Sender<CheckEvent<K>>,
 ) where
     K: Clone + PartialEq + std::fmt::Display + Send + Sync + 'static,
 {
     let mut checker = HealthChecker::new();
+    let mut agents = AgentSchedule::new();
     let mut clients = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Probe<K>, Result<(), ProbeFailure>)>();
+    let (answer_tx, mut answer_rx) =
+        mpsc::unbounded_channel::<(AgentProbe<K>, Result<AgentReply, AgentFailure>)>();
     loop {
         let at = now();
+        while let Some(q) = agents.poll_probe(at) {
+            let answered = answer_tx.clone();
+            tokio::spawn(async move {
+                let outcome = ask_agent(q.addr, q.timeout).await;
+                // As for probes: no receiver only when the checker stopped.
+                let _ = answered.send((q, outcome));
+            });
+        }
         while let Some(p) = checker.poll_probe(at) {
             let done = done_tx.clone();
             let client = match &p.kind {
@@ -235,9 +275,23 @@ pub async fn run_checker<K>(
                 let _ = done.send((p, outcome));
             });
         }
-        let deadline = checker.poll_timeout();
+        let deadline = checker
+            .poll_timeout()
+            .into_iter()
+            .chain(agents.poll_timeout())
+            .min();
         tokio::select! {
             () = netsys::timer::sleep_until(deadline) => {}
+            Some((q, outcome)) = answer_rx.recv() => {
+                if agents.handle_result(&q.key, q.seq) {
+                    if let Err(why) = outcome {
+                        tracing::debug!(target = %q.key, addr = %q.addr, %why, "agent gave no usable answer");
+                    }
+                    if events.send(CheckEvent::Agent { key: q.key, outcome }).await.is_err() {
+                        return;
+                    }
+                }
+            }
             Some((p, outcome)) = done_rx.recv() => {
                 // A failure counts even when a reload replaced its target meanwhile (the
                 // checker then ignores it): the backend did fail that probe.
@@ -260,8 +314,9 @@ pub async fn run_checker<K>(
             }
             list = targets.recv() => match list {
                 Some(list) => {
-                    clients = tls_clients(list.iter().map(|t| &t.2.kind));
-                    checker.set_targets(now(), list);
+                    clients = tls_clients(list.checks.iter().map(|t| &t.2.kind));
+                    checker.set_targets(now(), list.checks);
+                    agents.set_targets(now(), list.agents);
                 }
                 None => return,
             },
@@ -272,6 +327,7 @@ pub async fn run_checker<K>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::HealthConfig;
     use std::time::Duration;
     use tokio::net::TcpListener;
 
@@ -428,9 +484,12 @@ mod tests {
             fall: 2,
             ..HealthConfig::default()
         };
-        tx.send(vec![("rs1".to_string(), a, cfg, Health::Up)])
-            .await
-            .unwrap();
+        tx.send(CheckTargets {
+            checks: vec![("rs1".to_string(), a, cfg, Health::Up)],
+            agents: Vec::new(),
+        })
+        .await
+        .unwrap();
         drop(l);
         // Every failed probe is reported, `fall` of them before the change they cause.
         let mut failed = 0;
@@ -441,6 +500,7 @@ mod tests {
                     failed += 1;
                 }
                 CheckEvent::Changed(t) => break t,
+                CheckEvent::Agent { .. } => unreachable!("no agent was configured"),
             }
         };
         assert_eq!(
@@ -453,6 +513,7 @@ mod tests {
             match tokio::time::timeout(T, crx.recv()).await.unwrap().unwrap() {
                 CheckEvent::Failed { .. } => {}
                 CheckEvent::Changed(t) => break t,
+                CheckEvent::Agent { .. } => unreachable!("no agent was configured"),
             }
         };
         assert_eq!((up.key.as_str(), up.health), ("rs1", Health::Up));
@@ -576,6 +637,77 @@ mod tests {
         assert!(tls::valid_sni("backend.example") && !tls::valid_sni("10.0.0.1"));
         assert!(!tls::valid_sni("bad name"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An agent that answers `reply` once, then closes.
+    async fn agent(reply: &'static [u8]) -> SocketAddrV4 {
+        let (l, a) = listener().await;
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _ = s.write_all(reply).await;
+        });
+        a
+    }
+
+    #[tokio::test]
+    async fn agents_answer_one_bounded_line() {
+        let said = ask_agent(agent(b"drain 50%\n").await, T).await;
+        assert_eq!(said, AgentReply::parse(b"drain 50%"));
+        // Closed without a line end: the line still counts.
+        let said = ask_agent(agent(b"up").await, T).await;
+        assert_eq!(said, AgentReply::parse(b"up"));
+        assert_eq!(
+            ask_agent(agent(b"bonjour\n").await, T).await,
+            Err(AgentFailure::Malformed)
+        );
+        let (l, a) = listener().await;
+        drop(l);
+        assert_eq!(ask_agent(a, T).await, Err(AgentFailure::Unreachable));
+        // Silent: the timeout.
+        let (_l, a) = listener().await;
+        assert_eq!(
+            ask_agent(a, Duration::from_millis(100)).await,
+            Err(AgentFailure::Timeout)
+        );
+    }
+
+    /// An agent that sends an endless line: read to the bound, then hung up on, at once.
+    #[tokio::test]
+    async fn an_endless_agent_line_is_cut_at_the_bound() {
+        let (l, a) = listener().await;
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            while s.write_all(&[b'7'; 512]).await.is_ok() {
+                counter.fetch_add(512, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        assert_eq!(ask_agent(a, T).await, Err(AgentFailure::TooLong));
+        assert!(started.elapsed() < T / 2);
+    }
+
+    #[tokio::test]
+    async fn the_checker_passes_agent_answers_on() {
+        let a = agent(b"maint\n").await;
+        let (tx, rx) = mpsc::channel(1);
+        let (ctx, mut crx) = mpsc::channel(4);
+        tokio::spawn(run_checker(rx, ctx));
+        tx.send(CheckTargets {
+            checks: Vec::new(),
+            agents: vec![("rs1".to_string(), a, Duration::from_secs(60), T)],
+        })
+        .await
+        .unwrap();
+        let event = tokio::time::timeout(T, crx.recv()).await.unwrap().unwrap();
+        assert_eq!(
+            event,
+            CheckEvent::Agent {
+                key: "rs1".to_string(),
+                outcome: AgentReply::parse(b"maint"),
+            }
+        );
     }
 
     #[test]

@@ -352,6 +352,138 @@ fn https_checks_verify_certificates_and_verify_false_accepts_any() {
     drop(tls_servers);
 }
 
+/// A HAProxy-style agent: each connection gets the current contents of a file (its word),
+/// or with `ENDLESS` in it a line that never ends (it prints `cut` once hung up on).
+const AGENT_PY: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    try:
+        word = open(sys.argv[3], "rb").read()
+        if word.startswith(b"ENDLESS"):
+            c.settimeout(5)
+            try:
+                while True:
+                    c.sendall(b"7" * 512)
+            except OSError:
+                print("cut", flush=True)
+        else:
+            c.sendall(word)
+    except OSError:
+        pass
+    c.close()
+"#;
+
+/// Agents on rs1 and rs2 (:9999) next to TCP checks, both backends weight 10 under wrr: an
+/// agent's `drain` takes its backend out of new flows, `ready 50%` brings it back at weight
+/// 5 (15 connections split 10:5), `down` holds it down although its TCP check passes, `up`
+/// lifts that. An endless line and a line of nonsense are counted and change nothing.
+#[test]
+fn agent_words_drain_weigh_and_hold_down_backends() {
+    let lab = Lab::new(
+        e2e!(),
+        2,
+        &service(
+            "wrr",
+            "health = { kind = \"tcp\", interval = \"300ms\", timeout = \"250ms\", rise = 1, fall = 2, \
+             agent_port = 9999, agent_interval = \"300ms\" }",
+            &[(1, 10), (2, 10)],
+        ),
+        "kernel",
+    );
+    let script = lab.t.write("agent.py", AGENT_PY);
+    let word = |host: &str, text: &str| {
+        std::fs::write(lab.t.dir().join(format!("agent-{host}.txt")), text)
+            .expect("writing the agent's word");
+    };
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let host = format!("rs{i}");
+        let addr = format!("10.0.0.10{i}");
+        word(&host, "ready\n");
+        let file = lab.t.dir().join(format!("agent-{host}.txt"));
+        agents.push(lab.t.spawn(
+            &host,
+            &format!("agent-{host}"),
+            &[
+                PYTHON,
+                script.to_str().unwrap_or(""),
+                &addr,
+                "9999",
+                file.to_str().unwrap_or(""),
+            ],
+        ));
+        lab.t.wait_tcp(&host, &addr, 9999, Duration::from_secs(30));
+    }
+    wait_until(Duration::from_secs(10), "both agents heard", || {
+        line_of(&lab, RS1).contains("agent: ready") && line_of(&lab, RS2).contains("agent: ready")
+    });
+    assert!(
+        lab.show()
+            .contains("check tcp every 300ms rise 1 fall 2 agent port 9999 every 300ms"),
+        "{}",
+        lab.show()
+    );
+
+    word("rs2", "drain\n");
+    wait_until(Duration::from_secs(5), "rs2 drained by its agent", || {
+        lab.backend(RS2).0 == "draining"
+    });
+    let drained = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(drained.get("rs1"), Some(&10), "{drained:?}");
+
+    word("rs2", "ready 50%\n");
+    wait_until(Duration::from_secs(5), "rs2 back at half weight", || {
+        let (state, weight, ..) = lab.backend(RS2);
+        state == "up" && weight == 5
+    });
+    assert!(
+        line_of(&lab, RS2).contains("agent: ready 50%"),
+        "{}",
+        lab.show()
+    );
+    let split = count(&lab.connect(80, 15, CLIENTS));
+    assert_eq!(
+        (split.get("rs1"), split.get("rs2")),
+        (Some(&10), Some(&5)),
+        "wrr 10:5 over 15 connections: {split:?}"
+    );
+
+    word("rs2", "down #maintenance window\n");
+    wait_until(Duration::from_secs(5), "rs2 held down by its agent", || {
+        lab.backend(RS2).0 == "down"
+    });
+    let held = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(held.get("rs1"), Some(&10), "{held:?}");
+    word("rs2", "up\n");
+    wait_until(Duration::from_secs(5), "rs2 up again", || {
+        lab.backend(RS2).0 == "up"
+    });
+
+    // Hostile: rs1's agent sends an endless line, then nonsense. Each is counted, rs1 keeps
+    // its state, and the agent is hung up on at the bound.
+    word("rs1", "ENDLESS");
+    wait_until(Duration::from_secs(10), "endless lines counted", || {
+        agents[0].log().matches("cut").count() >= 2
+            && line_of(&lab, RS1).contains("agent: line longer than 256 bytes")
+    });
+    word("rs1", "bonjour\n");
+    wait_until(Duration::from_secs(5), "nonsense counted", || {
+        line_of(&lab, RS1).contains("agent: malformed line")
+    });
+    let json = lab.json();
+    let malformed = json[0]["backends"][0]["agent_malformed"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(malformed >= 3, "endless and nonsense lines counted: {json}");
+    assert_eq!(lab.backend(RS1).0, "up");
+    drop(agents);
+}
+
 /// Resident memory of process `pid`, in KiB.
 fn vm_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
