@@ -926,16 +926,24 @@ struct BackendStatus {
     /// Why the last failed health check failed (the reason a down backend is down).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_check_failure: Option<String>,
-    /// The agent's last word (its words, or why it gave none).
+    /// What the backend's agent last said, once it was asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    agent: Option<String>,
-    /// Agent lines that were too long or not agent words.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    agent_malformed: u64,
+    agent: Option<AgentStatus>,
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
+/// A backend's agent (HAProxy agent check) in `show lb`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct AgentStatus {
+    /// Its last words, or why it gave none.
+    said: String,
+    counters: AgentCounters,
+}
+
+/// Under `counters`, so that the metrics make a counter of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct AgentCounters {
+    /// Lines that were too long or not agent words.
+    malformed: u64,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -978,11 +986,18 @@ impl ServiceStatus {
                     last_check_failure: notes
                         .and_then(|n| n.last_failure)
                         .map(|why| why.to_string()),
-                    agent: notes.and_then(|n| n.agent).map(|said| match said {
-                        Ok(reply) => reply.to_string(),
-                        Err(why) => why.to_string(),
+                    agent: notes.and_then(|n| {
+                        let said = match n.agent? {
+                            Ok(reply) => reply.to_string(),
+                            Err(why) => why.to_string(),
+                        };
+                        Some(AgentStatus {
+                            said,
+                            counters: AgentCounters {
+                                malformed: n.agent_malformed,
+                            },
+                        })
                     }),
-                    agent_malformed: notes.map_or(0, |n| n.agent_malformed),
                 }
             })
             .collect();
@@ -1187,10 +1202,10 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
                 let _ = write!(notes, ", last: {why}");
             }
         }
-        if let Some(word) = &b.agent {
-            let _ = write!(notes, "  agent: {word}");
-            if b.agent_malformed > 0 {
-                let _ = write!(notes, " ({} malformed)", b.agent_malformed);
+        if let Some(agent) = &b.agent {
+            let _ = write!(notes, "  agent: {}", agent.said);
+            if agent.counters.malformed > 0 {
+                let _ = write!(notes, " ({} malformed)", agent.counters.malformed);
             }
         }
         let _ = writeln!(
@@ -1279,7 +1294,6 @@ mod tests {
             counters: BackendStats::default(),
             last_check_failure: None,
             agent: None,
-            agent_malformed: 0,
         }
     }
 
@@ -1488,6 +1502,10 @@ mod tests {
             ..BackendStats::default()
         };
         flapping.last_check_failure = Some("expected string not in the body's first 16 KiB".into());
+        flapping.agent = Some(AgentStatus {
+            said: "drain 50%".into(),
+            counters: AgentCounters { malformed: 2 },
+        });
         let mut s = service("web", SchedulerKind::Wrr, vec![flapping]);
         s.health = Some(tcp_check(3));
         let gone = item(ServiceEntry::Missing {
@@ -1496,7 +1514,7 @@ mod tests {
         });
         let text = render(&[running(s), gone]);
         assert!(
-            text.contains("  -> 10.0.0.102:80         Masq    down           1          0         0          0          0          0          0          0  checks failed 9, down 2x up 1x, last: expected string not in the body's first 16 KiB"),
+            text.contains("  -> 10.0.0.102:80         Masq    down           1          0         0          0          0          0          0          0  checks failed 9, down 2x up 1x, last: expected string not in the body's first 16 KiB  agent: drain 50% (2 malformed)"),
             "{text}"
         );
         assert!(text.contains("api: service `api` is not running"), "{text}");

@@ -476,7 +476,7 @@ fn agent_words_drain_weigh_and_hold_down_backends() {
         line_of(&lab, RS1).contains("agent: malformed line")
     });
     let json = lab.json();
-    let malformed = json[0]["backends"][0]["agent_malformed"]
+    let malformed = json[0]["backends"][0]["agent"]["counters"]["malformed"]
         .as_u64()
         .unwrap_or(0);
     assert!(malformed >= 3, "endless and nonsense lines counted: {json}");
