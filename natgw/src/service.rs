@@ -20,16 +20,18 @@
 //! Services are TCP, like the config contract's `listen = "VIP:port"`; UDP services and
 //! IPv6 are not supported.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddrV4;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use balance::{
     AdminState, BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool,
     PoolConfig, PoolError,
 };
 
-use crate::health::HealthConfig;
+use crate::health::agent::AgentHealth;
+use crate::health::{AgentFailure, AgentReply, CheckTargets, HealthConfig, ProbeFailure};
 
 /// Configuration of one `[[service]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +88,24 @@ impl fmt::Display for BackendKey {
     }
 }
 
+/// What the checks last said about one backend, for `show lb`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckNotes {
+    /// Why the last failed probe failed (the reason a down backend is down).
+    pub last_failure: Option<ProbeFailure>,
+    /// The health check's own verdict (the pool's health also heeds the agent); `None`
+    /// until the checker gives one.
+    pub check_health: Option<Health>,
+    /// The agent's last answer, or why there was none.
+    pub agent: Option<Result<AgentReply, AgentFailure>>,
+    /// Whether the agent's last health word was down.
+    pub agent_down: bool,
+    /// The agent's last weight percentage, applied again after a reload.
+    pub agent_percent: Option<u32>,
+    /// Agent lines that were too long or not agent words.
+    pub agent_malformed: u64,
+}
+
 /// One virtual service: its pool and what the flow table tells it.
 #[derive(Debug, Clone)]
 pub struct VirtualService {
@@ -94,6 +114,14 @@ pub struct VirtualService {
     pool: Pool,
     health: Option<HealthConfig>,
     forward: Forward,
+    /// Per backend; entries of backends gone are dropped on reconfigure.
+    notes: HashMap<SocketAddrV4, CheckNotes>,
+    /// Each backend's configured weight, which agent percentages apply to.
+    configured_weights: HashMap<SocketAddrV4, u32>,
+}
+
+fn configured_weights(pool: &PoolConfig) -> HashMap<SocketAddrV4, u32> {
+    pool.backends.iter().map(|b| (b.addr, b.weight)).collect()
 }
 
 impl VirtualService {
@@ -103,11 +131,13 @@ impl VirtualService {
     /// When the pool configuration is invalid (see [`PoolError`]).
     pub fn new(config: ServiceConfig) -> Result<Self, PoolError> {
         Ok(Self {
+            configured_weights: configured_weights(&config.pool),
             name: config.name,
             listen: config.listen,
             pool: Pool::new(config.pool)?,
             health: config.health,
             forward: config.forward,
+            notes: HashMap::new(),
         })
     }
 
@@ -118,8 +148,20 @@ impl VirtualService {
     /// # Errors
     /// When the pool configuration is invalid; nothing changes then.
     pub fn reconfigure(&mut self, config: ServiceConfig) -> Result<(), PoolError> {
+        self.configured_weights = configured_weights(&config.pool);
         self.pool.reconfigure(config.pool)?;
         self.health = config.health;
+        let pool = &self.pool;
+        self.notes.retain(|addr, _| pool.find(*addr).is_some());
+        // The file's weights came back: the agents' percentages apply to them again.
+        let agent_weights: Vec<(SocketAddrV4, u32)> = self
+            .notes
+            .iter()
+            .filter_map(|(addr, n)| Some((*addr, n.agent_percent?)))
+            .collect();
+        for (addr, percent) in agent_weights {
+            self.apply_agent_weight(addr, percent);
+        }
         Ok(())
     }
 
@@ -229,31 +271,136 @@ impl VirtualService {
     /// # Errors
     /// [`PoolError::UnknownBackend`] (e.g. a late verdict for a backend removed by a reload).
     pub fn set_health(&mut self, backend: SocketAddrV4, health: Health) -> Result<bool, PoolError> {
-        let id = self
-            .pool
-            .find(backend)
-            .ok_or(PoolError::UnknownBackend(backend))?;
-        Ok(self.pool.set_health(id, health))
+        if self.pool.find(backend).is_none() {
+            return Err(PoolError::UnknownBackend(backend));
+        }
+        self.notes.entry(backend).or_default().check_health = Some(health);
+        Ok(self.apply_health(backend))
     }
 
-    /// Counts a failed health check of `backend` (its verdicts come through
-    /// [`VirtualService::set_health`]). A backend no longer configured is ignored: its
-    /// probe was already under way when a reload removed it.
-    pub fn check_failed(&mut self, backend: SocketAddrV4) {
+    /// Sets the pool's health of `backend` from its check verdict and its agent: down when
+    /// either says down. Returns whether it changed.
+    fn apply_health(&mut self, backend: SocketAddrV4) -> bool {
+        let (Some(id), Some(notes)) = (self.pool.find(backend), self.notes.get(&backend)) else {
+            return false;
+        };
+        let check = notes.check_health.unwrap_or_else(|| {
+            self.pool
+                .backend(id)
+                .map_or(Health::Up, balance::Backend::health)
+        });
+        let health = if notes.agent_down {
+            Health::Down
+        } else {
+            check
+        };
+        self.pool.set_health(id, health)
+    }
+
+    /// Applies what `backend`'s agent said (HAProxy's agent check): `down` holds it down
+    /// whatever its health check says and `up` lifts that; `ready`, `drain` and `maint` set
+    /// its state as `lb set state` does; `NN%` sets its weight to NN % of the configured
+    /// one. A malformed line is counted and changes nothing, nor does an agent that cannot
+    /// be reached. Returns whether the admin state changed (the checks' targets change with
+    /// it: maintenance stops the health checks). A backend no longer configured is ignored.
+    pub fn agent_said(
+        &mut self,
+        backend: SocketAddrV4,
+        outcome: Result<AgentReply, AgentFailure>,
+    ) -> bool {
+        let Some(id) = self.pool.find(backend) else {
+            return false;
+        };
+        let health = self
+            .pool
+            .backend(id)
+            .map_or(Health::Up, balance::Backend::health);
+        let notes = self.notes.entry(backend).or_default();
+        // Until the agent holds it down, the pool's health is the check's verdict: keep it
+        // apart now, so that `up` restores it.
+        if !notes.agent_down && notes.check_health.is_none() {
+            notes.check_health = Some(health);
+        }
+        if outcome.is_err_and(AgentFailure::is_malformed) {
+            notes.agent_malformed += 1;
+        }
+        notes.agent = Some(outcome);
+        let Ok(reply) = outcome else {
+            return false;
+        };
+        if let Some(h) = reply.health {
+            notes.agent_down = h == AgentHealth::Down;
+        }
+        if let Some(p) = reply.weight_percent {
+            notes.agent_percent = Some(p);
+            self.apply_agent_weight(backend, p);
+        }
+        self.apply_health(backend);
+        reply
+            .admin
+            .is_some_and(|a| self.pool.set_admin(backend, a).unwrap_or(false))
+    }
+
+    fn apply_agent_weight(&mut self, backend: SocketAddrV4, percent: u32) {
+        let configured = self.configured_weights.get(&backend).copied().unwrap_or(0);
+        let reply = AgentReply {
+            weight_percent: Some(percent),
+            ..AgentReply::default()
+        };
+        let weight = reply
+            .weight(configured)
+            .unwrap_or(configured)
+            .min(balance::MAX_WEIGHT);
+        // Cannot fail: the backend is live and the weight capped.
+        let _ = self.pool.set_weight(backend, weight);
+    }
+
+    /// Counts a failed health check of `backend` and keeps `why` for `show lb` (its
+    /// verdicts come through [`VirtualService::set_health`]). A backend no longer configured
+    /// is ignored: its probe was already under way when a reload removed it.
+    pub fn check_failed(&mut self, backend: SocketAddrV4, why: ProbeFailure) {
         if let Some(id) = self.pool.find(backend) {
             self.pool.check_failed(id);
+            self.notes.entry(backend).or_default().last_failure = Some(why);
         }
+    }
+
+    /// What the checks last said about `backend`, if anything.
+    #[must_use]
+    pub fn check_notes(&self, backend: SocketAddrV4) -> Option<&CheckNotes> {
+        self.notes.get(&backend)
     }
 
     /// The health checker's targets for this service: every configured backend but those in
     /// maintenance (HAProxy's `maint` stops the checks too), with its current health as the
-    /// starting point.
+    /// starting point, and the address its probes connect to (the check's `port` when set).
+    ///
+    /// Its agents too: every configured backend's, those in maintenance included (an agent
+    /// brings its backend back with `ready`).
     #[must_use]
-    pub fn health_targets(&self) -> Vec<(BackendKey, SocketAddrV4, HealthConfig, Health)> {
+    pub fn health_targets(&self) -> CheckTargets<BackendKey> {
         let Some(cfg) = &self.health else {
-            return Vec::new();
+            return CheckTargets::default();
         };
-        self.pool
+        let key = |b: &balance::Backend| BackendKey {
+            service: self.name.clone(),
+            backend: b.addr(),
+        };
+        let agents = cfg
+            .agent
+            .iter()
+            .flat_map(|agent| {
+                self.pool
+                    .backends()
+                    .filter(|(_, b)| b.state() != balance::BackendState::Removed)
+                    .map(move |(_, b)| {
+                        let addr = SocketAddrV4::new(*b.addr().ip(), agent.port);
+                        (key(b), addr, agent.interval, cfg.timeout)
+                    })
+            })
+            .collect::<Vec<(BackendKey, SocketAddrV4, Duration, Duration)>>();
+        let checks = self
+            .pool
             .backends()
             .filter(|(_, b)| {
                 !matches!(
@@ -262,13 +409,17 @@ impl VirtualService {
                 )
             })
             .map(|(_, b)| {
-                let key = BackendKey {
-                    service: self.name.clone(),
-                    backend: b.addr(),
-                };
-                (key, b.addr(), cfg.clone(), b.health())
+                let addr = SocketAddrV4::new(*b.addr().ip(), cfg.port.unwrap_or(b.addr().port()));
+                // The checker goes on from the check's own verdict (not the agent's).
+                let verdict = self
+                    .notes
+                    .get(&b.addr())
+                    .and_then(|n| n.check_health)
+                    .unwrap_or(b.health());
+                (key(b), addr, cfg.clone(), verdict)
             })
-            .collect()
+            .collect();
+        CheckTargets { checks, agents }
     }
 
     /// Whether `endpoint` is one of this service's backends or its sorry server. The gateway
@@ -395,15 +546,113 @@ pub(crate) mod tests {
             Err(PoolError::UnknownBackend(rs(9)))
         );
         // Failed checks count on the backend; one for a backend gone is dropped.
-        s.check_failed(rs(101));
-        s.check_failed(rs(9));
+        s.check_failed(rs(101), ProbeFailure::BodyMismatch);
+        s.check_failed(rs(9), ProbeFailure::Refused);
+        assert_eq!(
+            s.check_notes(rs(101)).and_then(|n| n.last_failure),
+            Some(ProbeFailure::BodyMismatch)
+        );
+        assert_eq!(s.check_notes(rs(9)), None);
         let b = s.pool().backend(s.backend_id(rs(101)).unwrap()).unwrap();
         assert_eq!(
             (b.stats().checks_failed, b.stats().down_transitions),
             (1, 1)
         );
-        let keys: Vec<String> = s.health_targets().iter().map(|t| t.0.to_string()).collect();
+        let keys: Vec<String> = s
+            .health_targets()
+            .checks
+            .iter()
+            .map(|t| t.0.to_string())
+            .collect();
         assert_eq!(keys, ["web/10.0.0.101:80", "web/10.0.0.102:80"]);
+    }
+
+    #[test]
+    fn a_check_port_moves_the_probes_not_the_backend() {
+        let mut cfg = web(&[(101, 1)]);
+        cfg.health = Some(HealthConfig {
+            port: Some(8080),
+            ..HealthConfig::default()
+        });
+        let s = VirtualService::new(cfg).unwrap();
+        let targets = s.health_targets().checks;
+        // Keyed by the backend (its verdict applies there), probing its port 8080.
+        assert_eq!(
+            (targets[0].0.backend, targets[0].1),
+            (
+                rs(101),
+                SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 8080)
+            )
+        );
+    }
+
+    #[test]
+    fn the_agent_weighs_drains_and_holds_down() {
+        let now = epoch();
+        let mut cfg = web(&[(101, 10), (102, 10)]);
+        cfg.health = Some(HealthConfig {
+            agent: Some(crate::health::AgentConfig {
+                port: 9999,
+                interval: Duration::from_secs(2),
+            }),
+            ..HealthConfig::default()
+        });
+        let mut s = VirtualService::new(cfg.clone()).unwrap();
+        let said = |line: &str| AgentReply::parse(line.as_bytes());
+        let backend = |s: &VirtualService, last: u8| {
+            s.pool()
+                .backend(s.backend_id(rs(last)).unwrap())
+                .map(|b| (b.state(), b.weight()))
+                .unwrap()
+        };
+        // 50 %: half the configured weight.
+        assert!(!s.agent_said(rs(101), said("50%")));
+        assert_eq!(backend(&s, 101), (balance::BackendState::Up, 5));
+        // drain: nothing new; ready: back.
+        assert!(s.agent_said(rs(101), said("drain")));
+        for n in 0..4 {
+            assert_eq!(s.select(now, client(n)), Some(rs(102)));
+        }
+        assert!(s.agent_said(rs(101), said("ready")));
+        // down holds a backend down although its check passes; up gives the check's verdict
+        // back.
+        s.agent_said(rs(102), said("down #disk full"));
+        s.set_health(rs(102), Health::Up).unwrap();
+        assert_eq!(backend(&s, 102).0, balance::BackendState::Down);
+        s.agent_said(rs(102), said("up"));
+        assert_eq!(backend(&s, 102).0, balance::BackendState::Up);
+        s.set_health(rs(102), Health::Down).unwrap();
+        s.agent_said(rs(102), said("up"));
+        assert_eq!(backend(&s, 102).0, balance::BackendState::Down);
+        s.set_health(rs(102), Health::Up).unwrap();
+        // Malformed lines are counted and change nothing; an unreachable agent neither.
+        s.agent_said(rs(102), Err(AgentFailure::TooLong));
+        s.agent_said(rs(102), said("weight please"));
+        s.agent_said(rs(102), Err(AgentFailure::Unreachable));
+        let notes = s.check_notes(rs(102)).unwrap();
+        assert_eq!(
+            (notes.agent_malformed, notes.agent),
+            (2, Some(Err(AgentFailure::Unreachable)))
+        );
+        assert_eq!(backend(&s, 102), (balance::BackendState::Up, 10));
+        // A reload brings the file's weight, and the agent's percentage applies to it.
+        cfg.pool.backends[0].weight = 20;
+        s.reconfigure(cfg).unwrap();
+        assert_eq!(backend(&s, 101).1, 10);
+        // In maintenance the health check stops, the agent goes on (it may say ready).
+        s.agent_said(rs(102), said("maint"));
+        let targets = s.health_targets();
+        assert_eq!(targets.checks.len(), 1);
+        let agents: Vec<SocketAddrV4> = targets.agents.iter().map(|a| a.1).collect();
+        assert_eq!(
+            agents,
+            [
+                SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 9999),
+                SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 102), 9999)
+            ]
+        );
+        // A late answer for a backend gone is ignored.
+        assert!(!s.agent_said(rs(9), said("drain")));
     }
 
     #[test]

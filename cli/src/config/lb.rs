@@ -19,6 +19,8 @@ pub(crate) enum HealthKind {
     Tcp,
     /// HTTP GET `path`, expecting `status`.
     Http,
+    /// The same over TLS (keepalived `SSL_GET`, HAProxy `check-ssl`).
+    Https,
 }
 
 /// `health = { kind = "tcp", interval = "2s", timeout = "1s", rise = 2, fall = 4 }`.
@@ -45,6 +47,31 @@ pub(crate) struct HealthSection {
     /// Expected HTTP status. Default 200.
     #[serde(default = "d_status")]
     pub(crate) status: u16,
+    /// A string the HTTP answer's body must hold (HAProxy `http-check expect string`).
+    #[serde(default)]
+    pub(crate) expect: Option<Spanned<String>>,
+    /// HTTPS: the name sent as SNI and verified (HAProxy `check-sni`); default none, and the
+    /// certificate must name the backend's address.
+    #[serde(default)]
+    pub(crate) sni: Option<Spanned<String>>,
+    /// HTTPS: whether the certificate must verify. Default true (`false` is HAProxy's
+    /// `verify none`).
+    #[serde(default)]
+    pub(crate) verify: Option<Spanned<bool>>,
+    /// HTTPS: PEM file of the CAs to trust instead of the system's (HAProxy `ca-file`).
+    #[serde(default)]
+    pub(crate) ca_file: Option<Spanned<std::path::PathBuf>>,
+    /// Port of an agent on each backend to ask as well (HAProxy `agent-check` with
+    /// `agent-port`).
+    #[serde(default)]
+    pub(crate) agent_port: Option<Spanned<u16>>,
+    /// Time between two questions to the agent (HAProxy `agent-inter`). Default: `interval`.
+    #[serde(default)]
+    pub(crate) agent_interval: Option<Spanned<HumanDuration>>,
+    /// Port the probes connect to instead of the backend's (keepalived `connect_port`,
+    /// HAProxy `port`).
+    #[serde(default)]
+    pub(crate) port: Option<Spanned<u16>>,
 }
 
 fn d_interval() -> Spanned<HumanDuration> {
@@ -71,6 +98,9 @@ const MIN_HEALTH_PERIOD: Duration = Duration::from_millis(100);
 const MAX_HEALTH_PERIOD: Duration = Duration::from_secs(3600);
 /// Longest HTTP health path.
 const MAX_HEALTH_PATH: usize = 1024;
+/// Longest `expect` string: a search string, far below the body bytes a probe reads
+/// (`natgw::health::MAX_CHECKED_RESPONSE`).
+const MAX_HEALTH_EXPECT: usize = 1024;
 /// Longest slow start accepted (HAProxy's and nginx's are typically seconds to minutes).
 const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 fn d_status() -> u16 {
@@ -322,6 +352,71 @@ fn validate_forward(s: &ServiceSection, datapath: Option<&Spanned<String>>, v: &
     }
 }
 
+/// The TLS settings belong to an HTTPS check and must be usable: a DNS name for SNI, a CA
+/// file that reads (checked here so that `vipgate check` finds it, and again on each start
+/// and reload), and no CA file where nothing is verified.
+fn validate_tls(h: &HealthSection, v: &mut Validator) {
+    if h.kind != HealthKind::Https {
+        let names = [
+            h.sni.as_ref().map(|s| (s.span(), "sni")),
+            h.verify.as_ref().map(|s| (s.span(), "verify")),
+            h.ca_file.as_ref().map(|s| (s.span(), "ca_file")),
+        ];
+        for (span, name) in names.into_iter().flatten() {
+            v.error(span, format!("{name} needs kind = \"https\""));
+        }
+        return;
+    }
+    if let Some(sni) = &h.sni
+        && !natgw::health::tls::valid_sni(sni.get_ref())
+    {
+        v.error_at(
+            sni,
+            format!(
+                "sni {:?} must be a DNS name (leave it out to verify the backend's address)",
+                sni.get_ref()
+            ),
+        );
+    }
+    let Some(ca) = &h.ca_file else { return };
+    if h.verify.as_ref().is_some_and(|v| !*v.get_ref()) {
+        v.error_at(
+            ca,
+            "ca_file is not used with verify = false: drop one of them",
+        );
+    } else if let Err(e) = natgw::health::tls::load_ca_file(ca.get_ref()) {
+        v.error_at(ca, e.to_string());
+    }
+}
+
+/// The agent's port is a port, and it is asked no more often than a question can last.
+fn validate_agent(h: &HealthSection, v: &mut Validator) {
+    if let Some(port) = &h.agent_port
+        && *port.get_ref() == 0
+    {
+        v.error_at(port, "agent_port must be 1..=65535");
+    }
+    let Some(every) = &h.agent_interval else {
+        return;
+    };
+    if h.agent_port.is_none() {
+        v.error_at(
+            every,
+            "agent_interval needs agent_port (the agent's port on each backend)",
+        );
+    } else if !(MIN_HEALTH_PERIOD..=MAX_HEALTH_PERIOD).contains(&every.get_ref().0) {
+        v.error_at(every, "agent_interval must be between 100ms and 1h");
+    } else if every.get_ref() < h.timeout.get_ref() {
+        v.error_at(
+            every,
+            format!(
+                "agent_interval is shorter than the health timeout ({}) the agent is asked with",
+                h.timeout.get_ref()
+            ),
+        );
+    }
+}
+
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,
@@ -435,7 +530,7 @@ pub(crate) fn validate_all(
                     v.error_at(&h.path, msg);
                 }
             };
-            if h.kind == HealthKind::Http && !path.starts_with('/') {
+            if h.kind != HealthKind::Tcp && !path.starts_with('/') {
                 at(v, format!("health path {path:?} must start with /"));
             }
             if path.len() > MAX_HEALTH_PATH {
@@ -457,6 +552,30 @@ pub(crate) fn validate_all(
                 if !(MIN_HEALTH_PERIOD..=MAX_HEALTH_PERIOD).contains(&t) {
                     v.error_at(d, format!("health {name} must be between 100ms and 1h"));
                 }
+            }
+            if let Some(expect) = &h.expect {
+                let text = expect.get_ref();
+                if h.kind == HealthKind::Tcp {
+                    v.error_at(
+                        expect,
+                        "expect needs an HTTP check (kind = \"http\" or \"https\"): a TCP check reads no answer",
+                    );
+                } else if text.is_empty() || text.len() > MAX_HEALTH_EXPECT {
+                    v.error_at(
+                        expect,
+                        format!("expect must be 1 to {MAX_HEALTH_EXPECT} bytes long"),
+                    );
+                }
+            }
+            validate_tls(h, v);
+            validate_agent(h, v);
+            if let Some(port) = &h.port
+                && *port.get_ref() == 0
+            {
+                v.error_at(
+                    port,
+                    "health port must be 1..=65535 (leave it out to check the backend's own port)",
+                );
             }
             if *h.rise.get_ref() == 0 {
                 v.error_at(&h.rise, "rise must be at least 1");

@@ -196,15 +196,26 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
         .map(|h| natgw::health::HealthConfig {
             kind: match h.kind {
                 HealthKind::Tcp => natgw::health::CheckKind::Tcp,
-                HealthKind::Http => natgw::health::CheckKind::Http {
+                HealthKind::Http | HealthKind::Https => natgw::health::CheckKind::Http {
                     path: h.path.get_ref().clone(),
                     status: h.status,
+                    expect: h.expect.as_ref().map(|e| e.get_ref().clone()),
+                    tls: (h.kind == HealthKind::Https).then(|| natgw::health::TlsCheck {
+                        sni: h.sni.as_ref().map(|s| s.get_ref().clone()),
+                        verify: h.verify.as_ref().is_none_or(|v| *v.get_ref()),
+                        ca_file: h.ca_file.as_ref().map(|c| c.get_ref().clone()),
+                    }),
                 },
             },
             interval: h.interval.get_ref().0,
             timeout: h.timeout.get_ref().0,
             rise: *h.rise.get_ref(),
             fall: *h.fall.get_ref(),
+            port: h.port.as_ref().map(|p| *p.get_ref()),
+            agent: h.agent_port.as_ref().map(|p| natgw::health::AgentConfig {
+                port: *p.get_ref(),
+                interval: h.agent_interval.as_ref().unwrap_or(&h.interval).get_ref().0,
+            }),
         });
     natgw::ServiceConfig {
         forward: if section.direct_route() {

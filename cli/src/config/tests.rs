@@ -527,3 +527,94 @@ fn a_real_server_endpoint_serves_one_service_or_forward() {
         "{errs:#?}"
     );
 }
+
+/// A service whose `[service.health]` table holds `lines` (from line 6 on).
+fn checked_service(lines: &str) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+         backends = [{{ address = \"10.0.0.1:80\" }}]\n[service.health]\n{lines}"
+    )
+}
+
+#[test]
+fn health_check_kinds_point_at_each_mistake() {
+    let ok = checked_service("kind = \"http\"\nport = 8080\nexpect = \"status: ok\"\n");
+    let site = parse(Path::new("site.toml"), &ok).unwrap();
+    let health = lower::service(&site.service[0]).health.unwrap();
+    assert_eq!(health.port, Some(8080));
+    assert!(
+        matches!(&health.kind, natgw::health::CheckKind::Http { expect: Some(e), .. } if e == "status: ok"),
+        "{health:?}"
+    );
+
+    let agent = checked_service("interval = \"3s\"\nagent_port = 9999\n");
+    let site = parse(Path::new("site.toml"), &agent).unwrap();
+    let health = lower::service(&site.service[0]).health.unwrap();
+    assert_eq!(
+        health.agent,
+        Some(natgw::health::AgentConfig {
+            port: 9999,
+            interval: std::time::Duration::from_secs(3)
+        }),
+        "the agent is asked every interval by default"
+    );
+    let https = checked_service("kind = \"https\"\nsni = \"web.example\"\nverify = false\n");
+    let site = parse(Path::new("site.toml"), &https).unwrap();
+    let health = lower::service(&site.service[0]).health.unwrap();
+    assert!(
+        matches!(&health.kind, natgw::health::CheckKind::Http { tls: Some(t), .. }
+            if t.sni.as_deref() == Some("web.example") && !t.verify && t.ca_file.is_none()),
+        "{health:?}"
+    );
+
+    let cases: &[(&str, &str)] = &[
+        ("port = 0\n", "site.toml:6:8: health port must be 1..=65535"),
+        (
+            "kind = \"smtp\"\n",
+            "site.toml:6:8: unknown value `smtp`; expected one of: tcp, http, https",
+        ),
+        (
+            "expect = \"ok\"\n",
+            "site.toml:6:10: expect needs an HTTP check",
+        ),
+        (
+            "kind = \"http\"\nexpect = \"\"\n",
+            "site.toml:7:10: expect must be 1 to 1024 bytes long",
+        ),
+        (
+            "kind = \"http\"\nsni = \"web.example\"\n",
+            "site.toml:7:7: sni needs kind = \"https\"",
+        ),
+        (
+            "kind = \"https\"\nsni = \"10.0.0.1\"\n",
+            "site.toml:7:7: sni \"10.0.0.1\" must be a DNS name",
+        ),
+        (
+            "kind = \"https\"\nca_file = \"/nonexistent/ca.pem\"\n",
+            "site.toml:7:11: CA file /nonexistent/ca.pem:",
+        ),
+        (
+            "kind = \"https\"\nverify = false\nca_file = \"/etc/hostname\"\n",
+            "site.toml:8:11: ca_file is not used with verify = false",
+        ),
+        (
+            "agent_port = 0\n",
+            "site.toml:6:14: agent_port must be 1..=65535",
+        ),
+        (
+            "agent_interval = \"5s\"\n",
+            "site.toml:6:18: agent_interval needs agent_port",
+        ),
+        (
+            "timeout = \"1s\"\nagent_port = 9999\nagent_interval = \"500ms\"\n",
+            "site.toml:8:18: agent_interval is shorter than the health timeout (1s)",
+        ),
+    ];
+    for (lines, want) in cases {
+        let errs = errors(&checked_service(lines));
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "{lines:?}: want {want:?} in {errs:#?}"
+        );
+    }
+}

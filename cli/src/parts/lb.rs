@@ -37,8 +37,8 @@ use balance::{
     AdminState, BackendConfig, BackendState, BackendStats, Health, PoolStats, SchedulerKind,
 };
 use natgw::driver::{Datapath, DriverConfig, FastPathCounters, NatDriver};
-use natgw::health::probe::{TargetSpec, run_checker};
-use natgw::health::{CheckEvent, CheckKind};
+use natgw::health::probe::run_checker;
+use natgw::health::{CheckEvent, CheckKind, CheckTargets};
 use natgw::{BackendKey, GatewayConfig, VirtualService};
 use netsys::netlink::Handle;
 use netsys::sync::lock_unpoisoned;
@@ -62,7 +62,7 @@ struct Shared {
     /// Whether this part started the gateway (a director) or joined the nat part's.
     owns_driver: bool,
     /// New health-check target lists (after a reload).
-    targets: mpsc::Sender<Vec<TargetSpec<BackendKey>>>,
+    targets: mpsc::Sender<CheckTargets<BackendKey>>,
     tasks: Vec<JoinHandle<()>>,
     /// How the health tasks ended (one ending before `stop` is a dead part).
     watch: netutil::task::TaskWatch,
@@ -147,7 +147,12 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     }
     let applier = watch.spawn(
         "health applier",
-        infallible(apply_health(gw.clone(), changes_rx, health)),
+        infallible(apply_health(
+            gw.clone(),
+            changes_rx,
+            health,
+            targets_tx.clone(),
+        )),
     );
     let (vip_tx, vip_rx) = mpsc::unbounded_channel();
     let vip_mover = watch.spawn("vip mover", infallible(move_vips(driver.clone(), vip_rx)));
@@ -292,24 +297,42 @@ async fn route_dev(netlink: &Handle, ip: Ipv4Addr) -> anyhow::Result<String> {
         .with_context(|| format!("the route to {ip} names no interface"))
 }
 
-fn health_targets(gw: &natgw::Gateway) -> Vec<TargetSpec<BackendKey>> {
-    gw.services()
-        .flat_map(VirtualService::health_targets)
-        .collect()
+fn health_targets(gw: &natgw::Gateway) -> CheckTargets<BackendKey> {
+    let mut all = CheckTargets::default();
+    all.extend(gw.services().map(VirtualService::health_targets));
+    all
 }
 
-/// Applies health changes to the pools and counts failed checks in them (between two packet
-/// batches: the loop holds the lock per batch).
+/// Applies health changes and agent answers to the pools and counts failed checks in them
+/// (between two packet batches: the loop holds the lock per batch). An agent that changes a
+/// backend's state changes the checker's targets too (maintenance stops the health checks).
 async fn apply_health(
     gw: SharedGateway,
     mut events: mpsc::Receiver<CheckEvent<BackendKey>>,
     health: HashMap<String, watch::Sender<bool>>,
+    targets: mpsc::Sender<CheckTargets<BackendKey>>,
 ) {
     while let Some(event) = events.recv().await {
         let t = match event {
-            CheckEvent::Failed { key, .. } => {
+            CheckEvent::Agent { key, outcome } => {
+                let mut gw = lock(&gw);
+                let Some(service) = gw.service_mut(&key.service) else {
+                    continue;
+                };
+                let state_changed = service.agent_said(key.backend, outcome);
+                if let Some(tx) = health.get(&key.service) {
+                    tx.send_if_modified(|v| std::mem::replace(v, service.is_available()) != *v);
+                }
+                if state_changed {
+                    tracing::info!(target = %key, ?outcome, "agent changed the backend's state");
+                    // A full channel holds a newer list already.
+                    let _ = targets.try_send(health_targets(&gw));
+                }
+                continue;
+            }
+            CheckEvent::Failed { key, why } => {
                 if let Some(service) = lock(&gw).service_mut(&key.service) {
-                    service.check_failed(key.backend);
+                    service.check_failed(key.backend, why);
                 }
                 continue;
             }
@@ -847,6 +870,24 @@ struct HealthCheckStatus {
     timeout_ms: u64,
     rise: u32,
     fall: u32,
+    /// HTTPS: the SNI name, whether the certificate is verified, and the CA file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_file: Option<std::path::PathBuf>,
+    /// The string an HTTP check's body must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expect: Option<String>,
+    /// The port probes connect to, when not the backend's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    /// The agent's port and how often it is asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -854,6 +895,7 @@ struct HealthCheckStatus {
 enum CheckProtocol {
     Tcp,
     Http,
+    Https,
 }
 
 /// One real server (ipvsadm's `->` line). The thresholds keep ipvsadm's names
@@ -881,6 +923,27 @@ struct BackendStatus {
     active: u32,
     inactive: u32,
     counters: BackendStats,
+    /// Why the last failed health check failed (the reason a down backend is down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_check_failure: Option<String>,
+    /// What the backend's agent last said, once it was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent: Option<AgentStatus>,
+}
+
+/// A backend's agent (HAProxy agent check) in `show lb`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct AgentStatus {
+    /// Its last words, or why it gave none.
+    said: String,
+    counters: AgentCounters,
+}
+
+/// Under `counters`, so that the metrics make a counter of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct AgentCounters {
+    /// Lines that were too long or not agent words.
+    malformed: u64,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -894,6 +957,7 @@ impl ServiceStatus {
         let backends = pool
             .backends()
             .map(|(_, b)| {
+                let notes = s.check_notes(b.addr());
                 let diff = match rt {
                     Some(rt) if b.state() != BackendState::Removed => rt.diff(b.addr(), b.weight()),
                     _ => BackendDiff::default(),
@@ -919,15 +983,43 @@ impl ServiceStatus {
                     active: b.active(),
                     inactive: b.inactive(),
                     counters: *b.stats(),
+                    last_check_failure: notes
+                        .and_then(|n| n.last_failure)
+                        .map(|why| why.to_string()),
+                    agent: notes.and_then(|n| {
+                        let said = match n.agent? {
+                            Ok(reply) => reply.to_string(),
+                            Err(why) => why.to_string(),
+                        };
+                        Some(AgentStatus {
+                            said,
+                            counters: AgentCounters {
+                                malformed: n.agent_malformed,
+                            },
+                        })
+                    }),
                 }
             })
             .collect();
         let health = s.health().map(|h| {
-            let (kind, path, status) = match &h.kind {
-                CheckKind::Tcp => (CheckProtocol::Tcp, None, None),
-                CheckKind::Http { path, status } => {
-                    (CheckProtocol::Http, Some(path.clone()), Some(*status))
-                }
+            let (kind, path, status, expect, tls) = match &h.kind {
+                CheckKind::Tcp => (CheckProtocol::Tcp, None, None, None, None),
+                CheckKind::Http {
+                    path,
+                    status,
+                    expect,
+                    tls,
+                } => (
+                    if tls.is_some() {
+                        CheckProtocol::Https
+                    } else {
+                        CheckProtocol::Http
+                    },
+                    Some(path.clone()),
+                    Some(*status),
+                    expect.clone(),
+                    tls.as_ref(),
+                ),
             };
             HealthCheckStatus {
                 kind,
@@ -937,6 +1029,13 @@ impl ServiceStatus {
                 timeout_ms: millis(h.timeout),
                 rise: h.rise,
                 fall: h.fall,
+                sni: tls.and_then(|t| t.sni.clone()),
+                verify: tls.map(|t| t.verify),
+                ca_file: tls.and_then(|t| t.ca_file.clone()),
+                expect,
+                port: h.port,
+                agent_port: h.agent.map(|a| a.port),
+                agent_interval_ms: h.agent.map(|a| millis(a.interval)),
             }
         });
         Self {
@@ -1022,12 +1121,32 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
         let kind = match h.kind {
             CheckProtocol::Tcp => "tcp",
             CheckProtocol::Http => "http",
+            CheckProtocol::Https => "https",
         };
+        let _ = write!(flags, " check {kind}");
+        if let Some(port) = h.port {
+            let _ = write!(flags, " port {port}");
+        }
+        if let Some(sni) = &h.sni {
+            let _ = write!(flags, " sni {sni}");
+        }
+        if h.verify == Some(false) {
+            flags.push_str(" verify none");
+        }
+        if let Some(ca) = &h.ca_file {
+            let _ = write!(flags, " ca-file {}", ca.display());
+        }
+        if let Some(expect) = &h.expect {
+            let _ = write!(flags, " expect {expect:?}");
+        }
         let _ = write!(
             flags,
-            " check {kind} every {}ms rise {} fall {}",
+            " every {}ms rise {} fall {}",
             h.interval_ms, h.rise, h.fall
         );
+        if let (Some(port), Some(ms)) = (h.agent_port, h.agent_interval_ms) {
+            let _ = write!(flags, " agent port {port} every {ms}ms");
+        }
     }
     let _ = writeln!(
         out,
@@ -1078,6 +1197,15 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
                     ", down {}x up {}x",
                     c.down_transitions, c.up_transitions
                 );
+            }
+            if let Some(why) = &b.last_check_failure {
+                let _ = write!(notes, ", last: {why}");
+            }
+        }
+        if let Some(agent) = &b.agent {
+            let _ = write!(notes, "  agent: {}", agent.said);
+            if agent.counters.malformed > 0 {
+                let _ = write!(notes, " ({} malformed)", agent.counters.malformed);
             }
         }
         let _ = writeln!(
@@ -1164,6 +1292,8 @@ mod tests {
             active: 0,
             inactive: 0,
             counters: BackendStats::default(),
+            last_check_failure: None,
+            agent: None,
         }
     }
 
@@ -1224,6 +1354,13 @@ mod tests {
             timeout_ms: 1000,
             rise: 2,
             fall,
+            sni: None,
+            verify: None,
+            ca_file: None,
+            expect: None,
+            port: None,
+            agent_port: None,
+            agent_interval_ms: None,
         }
     }
 
@@ -1255,6 +1392,16 @@ mod tests {
         assert!(text.contains("refused (no backend up): 3"));
         assert!(
             text.contains("Data path: kernel (the kernel program is attached); kernel path moved 12 packets, 20K"),
+            "{text}"
+        );
+        let mut s = service("web", SchedulerKind::Wrr, Vec::new());
+        s.health = Some(HealthCheckStatus {
+            port: Some(8080),
+            ..tcp_check(4)
+        });
+        let text = render(&[running(s)]);
+        assert!(
+            text.contains("wrr check tcp port 8080 every 2000ms"),
             "{text}"
         );
     }
@@ -1354,6 +1501,11 @@ mod tests {
             up_transitions: 1,
             ..BackendStats::default()
         };
+        flapping.last_check_failure = Some("expected string not in the body's first 16 KiB".into());
+        flapping.agent = Some(AgentStatus {
+            said: "drain 50%".into(),
+            counters: AgentCounters { malformed: 2 },
+        });
         let mut s = service("web", SchedulerKind::Wrr, vec![flapping]);
         s.health = Some(tcp_check(3));
         let gone = item(ServiceEntry::Missing {
@@ -1362,7 +1514,7 @@ mod tests {
         });
         let text = render(&[running(s), gone]);
         assert!(
-            text.contains("  -> 10.0.0.102:80         Masq    down           1          0         0          0          0          0          0          0  checks failed 9, down 2x up 1x"),
+            text.contains("  -> 10.0.0.102:80         Masq    down           1          0         0          0          0          0          0          0  checks failed 9, down 2x up 1x, last: expected string not in the body's first 16 KiB  agent: drain 50% (2 malformed)"),
             "{text}"
         );
         assert!(text.contains("api: service `api` is not running"), "{text}");

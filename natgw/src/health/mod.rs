@@ -17,13 +17,18 @@
 //! server that starts refusing is therefore out of rotation within `interval × fall` (plus
 //! `timeout` if it stops answering instead of refusing).
 
+pub mod agent;
 #[cfg(feature = "driver")]
 pub mod probe;
+#[cfg(feature = "driver")]
+pub mod tls;
 
 use std::fmt;
 use std::net::SocketAddrV4;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub use agent::{AgentConfig, AgentFailure, AgentReply};
 pub use balance::Health;
 
 /// What a probe does.
@@ -38,8 +43,61 @@ pub enum CheckKind {
         path: String,
         /// Expected status code.
         status: u16,
+        /// A string the body must hold within its first [`MAX_CHECKED_RESPONSE`] bytes (less
+        /// the head) (HAProxy `http-check expect string`).
+        expect: Option<String>,
+        /// Over TLS (keepalived `SSL_GET`, HAProxy `check-ssl`); `None`: plain HTTP.
+        tls: Option<TlsCheck>,
     },
 }
+
+/// TLS settings of an HTTPS check.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsCheck {
+    /// Name sent as SNI and verified (HAProxy `check-sni`); `None`: no SNI, and the
+    /// certificate must name the backend's address.
+    pub sni: Option<String>,
+    /// Whether the certificate must verify (HAProxy `verify required`; `false` is `verify
+    /// none`).
+    pub verify: bool,
+    /// PEM file of the CAs to trust instead of the system's (HAProxy `ca-file`).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// The certificate does not chain to a trusted CA (or a signature is wrong).
+    Untrusted,
+    /// The certificate does not name the SNI name (or the address without one).
+    NameMismatch,
+    /// The certificate is expired or not yet valid.
+    OutOfDate,
+    /// Another certificate problem (e.g. wrong key usage).
+    BadCertificate,
+    /// The handshake failed otherwise (not a TLS server, protocol alert, reset).
+    Handshake,
+    /// The CA certificates to verify with could not be loaded.
+    NoTrustAnchors,
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Untrusted => "TLS certificate not trusted (unknown issuer)",
+            Self::NameMismatch => "TLS certificate does not match the SNI name or address",
+            Self::OutOfDate => "TLS certificate expired or not yet valid",
+            Self::BadCertificate => "TLS certificate invalid",
+            Self::Handshake => "TLS handshake failed",
+            Self::NoTrustAnchors => "TLS CA certificates could not be loaded",
+        })
+    }
+}
+
+/// Most bytes of an HTTP answer (status line, headers and body together) a probe reads: a
+/// server that streams forever costs one buffer of this size and one probe timeout, and an
+/// `expect` string further in counts as missing. HAProxy's check buffer is as large.
+pub const MAX_CHECKED_RESPONSE: usize = 16 * 1024;
 
 /// Health check parameters of one service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -54,6 +112,11 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that take an up target down.
     pub fall: u32,
+    /// The port probes connect to on the backend's address; `None`: the backend's own port
+    /// (keepalived `connect_port`, HAProxy `port`).
+    pub port: Option<u16>,
+    /// An agent on each backend to ask as well (HAProxy `agent-check`); asked with `timeout`.
+    pub agent: Option<AgentConfig>,
 }
 
 impl Default for HealthConfig {
@@ -64,6 +127,8 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 4,
+            port: None,
+            agent: None,
         }
     }
 }
@@ -79,8 +144,13 @@ pub enum ProbeFailure {
     Unreachable,
     /// The HTTP server answered another status.
     Status(u16),
-    /// The answer was not an HTTP status line.
+    /// The answer was not an HTTP status line, or its head did not end within
+    /// [`MAX_CHECKED_RESPONSE`] bytes.
     BadResponse,
+    /// The body did not hold the `expect` string within the bytes read.
+    BodyMismatch,
+    /// The TLS handshake of an HTTPS check failed.
+    Tls(TlsFailure),
 }
 
 impl fmt::Display for ProbeFailure {
@@ -91,6 +161,12 @@ impl fmt::Display for ProbeFailure {
             Self::Unreachable => f.write_str("unreachable"),
             Self::Status(s) => write!(f, "HTTP status {s}"),
             Self::BadResponse => f.write_str("not an HTTP response"),
+            Self::Tls(why) => why.fmt(f),
+            Self::BodyMismatch => write!(
+                f,
+                "expected string not in the body's first {} KiB",
+                MAX_CHECKED_RESPONSE / 1024
+            ),
         }
     }
 }
@@ -136,6 +212,40 @@ pub enum CheckEvent<K> {
     },
     /// The target's health changed.
     Changed(Transition<K>),
+    /// The backend's agent answered (or did not).
+    Agent {
+        /// The backend's key.
+        key: K,
+        /// The parsed line, or why there was none.
+        outcome: Result<AgentReply, AgentFailure>,
+    },
+}
+
+/// Everything the checker task probes: health-check targets and agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckTargets<K> {
+    /// `(key, probe address, settings, starting health)`.
+    pub checks: Vec<(K, SocketAddrV4, HealthConfig, Health)>,
+    /// `(key, agent address, interval, timeout)`.
+    pub agents: Vec<(K, SocketAddrV4, Duration, Duration)>,
+}
+
+impl<K> Default for CheckTargets<K> {
+    fn default() -> Self {
+        Self {
+            checks: Vec::new(),
+            agents: Vec::new(),
+        }
+    }
+}
+
+impl<K> Extend<CheckTargets<K>> for CheckTargets<K> {
+    fn extend<I: IntoIterator<Item = CheckTargets<K>>>(&mut self, iter: I) {
+        for t in iter {
+            self.checks.extend(t.checks);
+            self.agents.extend(t.agents);
+        }
+    }
 }
 
 /// What `show lb` prints about a target's checks.
@@ -444,6 +554,8 @@ mod tests {
             kind: CheckKind::Http {
                 path: "/".into(),
                 status: 200,
+                expect: None,
+                tls: None,
             },
             ..cfg.clone()
         };
@@ -465,7 +577,9 @@ mod tests {
                 2,
                 CheckKind::Http {
                     path: "/".into(),
-                    status: 200
+                    status: 200,
+                    expect: None,
+                    tls: None,
                 }
             )
         );

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use vipgate_tests::{Proc, Show, Topology, e2e, wait_for, wait_until};
 
-const VIP: &str = "198.51.100.10";
-const CLIENTS: &str = "198.51.100.200,198.51.100.201,198.51.100.202";
+pub(super) const VIP: &str = "198.51.100.10";
+pub(super) const CLIENTS: &str = "198.51.100.200,198.51.100.201,198.51.100.202";
 
 /// Connects `n` times to `VIP:port` (round robin over the source addresses), sends a GET and
 /// prints each answer's body on one line. Optional: hold N connections open first (no request
@@ -84,12 +84,12 @@ macro_rules! on_both_datapaths {
     };
 }
 
-struct Lab {
-    t: Topology,
+pub(super) struct Lab {
+    pub(super) t: Topology,
     datapath: &'static str,
-    vipgate: Proc,
-    servers: HashMap<String, Proc>,
-    config: std::path::PathBuf,
+    pub(super) vipgate: Proc,
+    pub(super) servers: HashMap<String, Proc>,
+    pub(super) config: std::path::PathBuf,
     control: String,
     next_port: std::cell::Cell<u32>,
 }
@@ -97,7 +97,7 @@ struct Lab {
 impl Lab {
     /// Builds the topology, starts `rs1..=rs{reals}` and vipgate with `services` (TOML) on
     /// `datapath` (`[lb] datapath`; `services` with a `[nat]` section sets its own).
-    fn new(mut t: Topology, reals: u8, services: &str, datapath: &'static str) -> Lab {
+    pub(super) fn new(mut t: Topology, reals: u8, services: &str, datapath: &'static str) -> Lab {
         t.hosts(&["cl", "dir"]);
         t.veth("cl", "eth0", "dir", "eth0");
         t.addr("dir", "eth0", "198.51.100.11/24");
@@ -157,7 +157,7 @@ impl Lab {
     }
 
     /// `show lb --json`: one object per service.
-    fn json(&self) -> serde_json::Value {
+    pub(super) fn json(&self) -> serde_json::Value {
         self.t.show("dir", &self.control, Show::Lb)
     }
 
@@ -185,13 +185,13 @@ impl Lab {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn show(&self) -> String {
+    pub(super) fn show(&self) -> String {
         self.try_show()
             .unwrap_or_else(|| panic!("show lb failed; vipgate log:\n{}", self.vipgate.log()))
     }
 
     /// `(state, weight, active, inactive, conns)` of one backend from `show lb`.
-    fn backend(&self, addr: &str) -> (String, u64, u64, u64, u64) {
+    pub(super) fn backend(&self, addr: &str) -> (String, u64, u64, u64, u64) {
         let show = self.show();
         let line = show
             .lines()
@@ -204,7 +204,7 @@ impl Lab {
     }
 
     /// Bodies of `n` fresh connections to `VIP:port` from `sources`.
-    fn connect(&self, port: u16, n: usize, sources: &str) -> Vec<String> {
+    pub(super) fn connect(&self, port: u16, n: usize, sources: &str) -> Vec<String> {
         let script = self.t.dir().join("client.py");
         let base = self.next_port.get();
         self.next_port.set(base + n as u32);
@@ -242,7 +242,7 @@ impl Lab {
     }
 }
 
-fn count(bodies: &[String]) -> HashMap<String, usize> {
+pub(super) fn count(bodies: &[String]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for b in bodies {
         *m.entry(b.clone()).or_default() += 1;
@@ -258,7 +258,7 @@ fn backends(list: &[(u8, u32)]) -> String {
     format!("backends = [\n{}\n]\n", items.join("\n"))
 }
 
-fn service(scheduler: &str, extra: &str, list: &[(u8, u32)]) -> String {
+pub(super) fn service(scheduler: &str, extra: &str, list: &[(u8, u32)]) -> String {
     format!(
         "[[service]]\nname = \"web\"\nlisten = \"{VIP}:80\"\nscheduler = \"{scheduler}\"\n{extra}\n{}",
         backends(list)

@@ -11,6 +11,7 @@ mod gre;
 mod gre_qemu;
 mod lab;
 mod lb;
+mod lb_checks;
 mod nat;
 mod nat_attacks;
 mod ops;
