@@ -218,6 +218,57 @@ pub struct ForwardStatus {
     pub active: u64,
     /// Monotonic counts.
     pub counters: ForwardCounts,
+    /// Listening, refused and being retried (`-R`), or down with the connection (`-R`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub state: ForwardState,
+    /// Why a `pending` forward is not listening and when it is asked for again.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub pending: Option<PendingForward>,
+}
+
+/// Where a forward stands (`state` in `show ssh --json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum ForwardState {
+    /// Accepting connections (a local listener, or a `-R` the server accepted).
+    #[default]
+    Listening,
+    /// A `-R` the server refused on the live connection; asked for again with backoff.
+    Pending,
+    /// A `-R` whose connection is down; asked for again when it is back.
+    Down,
+}
+
+impl ForwardState {
+    /// The word `show ssh` prints.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardState::Listening => "listening",
+            ForwardState::Pending => "pending",
+            ForwardState::Down => "down",
+        }
+    }
+}
+
+/// A `-R` the server refused on the live connection (`pending` in `show ssh --json`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PendingForward {
+    /// ssh's wording: `remote port forwarding failed for listen port 9100`.
+    pub reason: String,
+    /// Requests refused on this connection so far.
+    pub attempts: u64,
+    /// Time until the next request (whole seconds in JSON, `next_retry_s`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "next_retry_s", with = "crate::serde_secs")
+    )]
+    pub next_retry: Option<Duration>,
 }
 
 /// Where a destination's connection stands.

@@ -50,8 +50,8 @@ pub mod error;
 
 pub use config::{
     Algorithms, AllocatedPort, ClientConfig, ClientCounts, ForwardCounts, ForwardKind,
-    ForwardStatus, JumpHop, Keepalive, ServerConfig, ServerCounts, ServerLimits, ServerStatus,
-    SshClientStatus, TunnelState,
+    ForwardState, ForwardStatus, JumpHop, Keepalive, PendingForward, ServerConfig, ServerCounts,
+    ServerLimits, ServerStatus, SshClientStatus, TunnelState,
 };
 pub use reload::{NeedsRestart, ReloadPlan};
 

@@ -16,8 +16,8 @@ use sshfwd::options::{AddressFamily, JumpSpec, MatchContext, SshOptions, Tokens,
 use sshfwd::policy::PermitList;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use sshfwd::{
-    Algorithms, ClientConfig, ConfigFiles, JumpHop, ServerConfig, ServerLimits, ServerStatus,
-    SshClient, SshClientStatus, SshFwdError, SshServer,
+    Algorithms, ClientConfig, ConfigFiles, ForwardState, JumpHop, ServerConfig, ServerLimits,
+    ServerStatus, SshClient, SshClientStatus, SshFwdError, SshServer,
 };
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -881,10 +881,10 @@ fn render_tunnel(out: &mut String, t: &SshClientStatus) {
         let _ = writeln!(out, "  last error: {e}");
     }
     for f in &t.forwards {
-        let bound = if f.bound.is_empty() {
-            "(not bound)"
-        } else {
-            &f.bound
+        let bound = match f.state {
+            ForwardState::Pending => "(pending)",
+            _ if f.bound.is_empty() => "(not bound)",
+            _ => &f.bound,
         };
         let _ = writeln!(
             out,
@@ -898,6 +898,16 @@ fn render_tunnel(out: &mut String, t: &SshClientStatus) {
             bytes(f.counters.bytes_out),
             bytes(f.counters.bytes_in),
         );
+        if let Some(p) = &f.pending {
+            let next = p
+                .next_retry
+                .map_or_else(|| "-".to_string(), |d| uptime(d.as_secs()));
+            let _ = writeln!(
+                out,
+                "    pending: {}; attempts {}, next retry in {next}",
+                p.reason, p.attempts
+            );
+        }
     }
 }
 
@@ -919,6 +929,25 @@ mod tests {
         );
         assert!(
             text.contains("127.0.0.1:8585") && text.contains("in 2.0 MB"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_shows_a_pending_remote_forward_and_why() {
+        let v = serde_json::json!({"role": "client", "name": "ops@h", "state": "connected",
+            "uptime_s": 5, "connections_up": 1, "counters": {"reconnects": 0},
+            "forwards": [{"kind": "remote", "spec": "9100:127.0.0.1:80", "bound": "",
+            "active": 0, "counters": {"total": 0, "failed": 0, "bytes_out": 0, "bytes_in": 0},
+            "state": "pending", "pending": {"reason":
+            "remote port forwarding failed for listen port 9100", "attempts": 4,
+            "next_retry_s": 3}}]});
+        let text = render(&[v]);
+        assert!(text.contains("(pending)"), "{text}");
+        assert!(
+            text.contains(
+                "pending: remote port forwarding failed for listen port 9100; attempts 4, next retry in 3s"
+            ),
             "{text}"
         );
     }

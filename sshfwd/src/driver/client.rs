@@ -17,13 +17,15 @@ use russh::Disconnect;
 use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::certs;
 use super::forward::{self, Listeners};
 use super::lock;
-use super::session::{ClientHandler, Identity, JumpHandler, RemoteForward, Shared, State};
+use super::session::{
+    ClientHandler, Identity, JumpHandler, RefusalChange, RemoteForward, Shared, State,
+};
 use super::worker::Worker;
 use crate::backoff::Backoff;
 use crate::config::{
@@ -102,6 +104,7 @@ impl SshClient {
             allocated_tx,
             runtimes: workers.iter().map(|w| w.handle().clone()).collect(),
             next_slot: AtomicUsize::new(0),
+            refused_wake: Notify::new(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -256,7 +259,8 @@ impl SshClient {
             .filter(|h| !h.is_closed())
             .count();
         let mut forwards = self.listeners.status();
-        forwards.extend(self.shared.remotes().iter().map(|r| r.status()));
+        let at = now();
+        forwards.extend(self.shared.remotes().iter().map(|r| r.status(at)));
         SshClientStatus {
             name: self.shared.cfg.name.clone(),
             state: if state.stopped {
@@ -806,6 +810,11 @@ async fn request_remote_forwards(
 }
 
 /// Asks the server for one `-R` (a `tcpip-forward` or a `streamlocal-forward@openssh.com`).
+///
+/// A refusal fails with `strict` and `exit_on_forward_failure`; otherwise the forward turns
+/// `pending` and [`retry_refused`] asks again with backoff on the same connection (the old
+/// session of a restarted client may still hold the port on the server: autossh's classic
+/// failure). Logs when the forward turns pending and when it binds, not every attempt.
 async fn request_remote_forward(
     shared: &Arc<Shared>,
     handle: &Handle<ClientHandler>,
@@ -813,8 +822,8 @@ async fn request_remote_forward(
     strict: bool,
 ) -> Result<(), SshFwdError> {
     let refused = |e: russh::Error| {
-        r.set_down();
         if strict && shared.cfg.exit_on_forward_failure {
+            r.set_down();
             // ssh names the port alone (or the socket path).
             let listen = match &r.spec.listen {
                 Endpoint::Tcp { port, .. } => port.to_string(),
@@ -822,19 +831,35 @@ async fn request_remote_forward(
             };
             return Err(SshFwdError::RemoteForwardRefused(listen));
         }
-        tracing::warn!(
-            "{}: Warning: remote port forwarding failed for listen port {} ({e})",
-            shared.cfg.name,
-            r.spec.listen
-        );
+        let change = r.set_refused(shared.cfg.backoff, now(), rand::random());
+        if change == RefusalChange::NowPending {
+            tracing::warn!(
+                "{}: Warning: {} ({e}); retrying with backoff up to {:?}",
+                shared.cfg.name,
+                r.refusal_reason(),
+                shared.cfg.backoff.max
+            );
+            shared.refused_wake.notify_one();
+        } else {
+            tracing::debug!("{}: {} again ({e})", shared.cfg.name, r.refusal_reason());
+        }
         Ok(())
+    };
+    let bound = |r: &RemoteForward, port: u64| {
+        if let Some(attempts) = r.set_listening(port) {
+            tracing::info!(
+                "{}: remote forward {} established after {attempts} refused request(s)",
+                shared.cfg.name,
+                r.spec
+            );
+        }
     };
     let (host, port) = match &r.spec.listen {
         Endpoint::Tcp { host, port } => (host, *port),
         Endpoint::Unix(path) => {
             return match handle.streamlocal_forward(path.clone()).await {
                 Ok(()) => {
-                    r.listening.store(true, Ordering::Relaxed);
+                    bound(r, 0);
                     Ok(())
                 }
                 Err(e) => refused(e),
@@ -854,16 +879,16 @@ async fn request_remote_forward(
     }
     match result {
         Ok(allocated) => {
-            let bound = if port == 0 {
+            let port_now = if port == 0 {
                 if allocated != 0 { allocated } else { want }
             } else {
                 u32::from(port)
             };
-            r.bound_port.store(u64::from(bound), Ordering::Relaxed);
-            r.listening.store(true, Ordering::Relaxed);
+            bound(r, u64::from(port_now));
             if port == 0 {
-                r.last_allocated.store(u64::from(bound), Ordering::Relaxed);
-                let port = u16::try_from(bound).unwrap_or(0);
+                r.last_allocated
+                    .store(u64::from(port_now), Ordering::Relaxed);
+                let port = u16::try_from(port_now).unwrap_or(0);
                 let _ = shared.allocated_tx.send(AllocatedPort {
                     port,
                     target: r.spec.connect.to_string(),
@@ -872,6 +897,32 @@ async fn request_remote_forward(
             Ok(())
         }
         Err(e) => refused(e),
+    }
+}
+
+/// Asks again, on the live connection `handle`, for each `-R` the server refused, when its
+/// backoff says so; never returns (the supervisor drops it with the connection).
+async fn retry_refused(shared: &Arc<Shared>, handle: &Handle<ClientHandler>) {
+    loop {
+        let due = shared.remotes().iter().filter_map(|r| r.retry_at()).min();
+        match due {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = shared.refused_wake.notified() => continue,
+                }
+            }
+            None => {
+                shared.refused_wake.notified().await;
+                continue;
+            }
+        }
+        let at = now();
+        for r in shared.remotes() {
+            if r.retry_at().is_some_and(|due| due <= at) {
+                let _ = request_remote_forward(shared, handle, &r, false).await;
+            }
+        }
     }
 }
 
@@ -1001,8 +1052,15 @@ async fn supervise(
         }
         ever_up = true;
         shared.pool.send_modify(|p| p[slot] = Some(handle.clone()));
+        let retry = async {
+            if slot == 0 {
+                retry_refused(&shared, &handle).await;
+            }
+            std::future::pending::<()>().await;
+        };
         tokio::select! {
             _ = closed => {}
+            () = retry => {}
             () = keepalive_dead(handle.clone(), shared.keepalive.subscribe()) => {
                 lock(&shared.state).last_error = Some("server not responding to keepalives".into());
                 let _ = handle.disconnect(Disconnect::ByApplication, "keepalive timeout", "").await;

@@ -15,5 +15,6 @@ mod nat;
 mod nat_attacks;
 mod ops;
 mod ssh;
+mod ssh_back;
 mod sync;
 mod vrrp;

@@ -1,0 +1,183 @@
+//! What OpenSSH + autossh users expect of forwards that must stay up, against Debian's sshd:
+//! a `-R` the server refuses is retried inside the live session until it binds.
+
+use serde_json::Value;
+use std::time::Duration;
+use vipgate_tests::{Proc, Topology, e2e, wait_for, wait_until};
+
+use super::ssh::{
+    ECHO_PORT, H, HTTP_PORT, Keys, SSHD_PORT, echo_server, forwards, openssh_sshd, parts, setup,
+    ssh_site, wait_log,
+};
+
+/// Sends `argv[3]` random bytes to an echo server at 127.0.0.1:`argv[2]`, half-closes, reads
+/// everything back and compares SHA-256 digests (the echo server adds "bye" at the end).
+const HASH_CLIENT: &str = r#"
+import hashlib, os, socket, sys, threading
+port, size = int(sys.argv[1]), int(sys.argv[2])
+data = os.urandom(size)
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+def send():
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send)
+t.start()
+back = hashlib.sha256()
+tail = b""
+n = 0
+while True:
+    c = s.recv(65536)
+    if not c:
+        break
+    n += len(c)
+    both = tail + c
+    back.update(both[:-3])
+    tail = both[-3:]
+t.join()
+sent = hashlib.sha256(data).hexdigest()
+if tail != b"bye" or back.hexdigest() != sent:
+    print("mismatch: sent %d bytes sha256 %s, got %d bytes sha256 %s" % (size, sent, n - 3, back.hexdigest()))
+    sys.exit(1)
+print("sha256 %s" % sent)
+"#;
+
+/// `HASH_CLIENT` through `port`: the digest it printed.
+fn hash_through(topo: &Topology, port: u16, size: usize) -> String {
+    let script = topo.write("hash_client.py", HASH_CLIENT);
+    let out = topo.sh(H, &format!("python3 {} {port} {size}", script.display()));
+    assert!(out.starts_with("sha256 "), "{out}");
+    out.trim().to_string()
+}
+
+/// OpenSSH's `ssh -N` with `args` (forwards) against the test's sshd, as another user of the
+/// same account would run it.
+fn openssh_client(topo: &Topology, keys: &Keys, name: &str, args: &str) -> Proc {
+    let d = topo.dir().display();
+    topo.spawn(
+        H,
+        name,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "exec ssh -N -p {SSHD_PORT} -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
+                 -o UserKnownHostsFile={d}/known_hosts_openssh -o StrictHostKeyChecking=accept-new \
+                 -o ExitOnForwardFailure=yes {args} root@127.0.0.1",
+                keys.client.display()
+            ),
+        ],
+    )
+}
+
+/// The forward whose spec is `spec` in `show ssh --json`.
+fn forward<'v>(show: &'v Value, spec: &str) -> Option<&'v Value> {
+    forwards(show).find(|f| f["spec"] == spec)
+}
+
+fn ctl(topo: &Topology) -> std::path::PathBuf {
+    topo.dir().join("ctl.sock")
+}
+
+fn try_show_ssh(topo: &Topology) -> Option<Value> {
+    topo.try_show(H, ctl(topo), vipgate_tests::Show::Ssh)
+}
+
+fn show_ssh_text(topo: &Topology) -> String {
+    let out = topo.vipgate_output(
+        H,
+        &["show", "ssh", "--control", ctl(topo).to_str().unwrap()],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn refused_remote_forward_is_retried_until_it_binds() {
+    let (topo, keys) = setup(e2e!());
+    let _sshd = openssh_sshd(&topo, &keys);
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "the old session");
+    let _echo = echo_server(&topo);
+    // autossh's classic failure: an older session still holds the ports on the server.
+    let mut holder = openssh_client(&topo, &keys, "holder", "-R 9100:127.0.0.1:8080");
+    // Held for the whole test: a forward the server refuses forever.
+    let _stuck = openssh_client(&topo, &keys, "stuck", "-R 9300:127.0.0.1:8080");
+    topo.wait_tcp(H, "127.0.0.1", 9100, Duration::from_secs(15));
+    topo.wait_tcp(H, "127.0.0.1", 9300, Duration::from_secs(15));
+
+    let cfg = ssh_site(
+        &topo,
+        &keys,
+        &format!(
+            "remote = [\"9100:127.0.0.1:{ECHO_PORT}\", \"9300:127.0.0.1:{ECHO_PORT}\"]\n\
+             exit_on_forward_failure = false\nreconnect_max = \"1s\"\n"
+        ),
+    );
+    let run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
+    let spec = format!("9100:127.0.0.1:{ECHO_PORT}");
+    let show = wait_for(
+        Duration::from_secs(20),
+        "-R 9100 pending after two refusals",
+        || {
+            let show = try_show_ssh(&topo)?;
+            let f = forward(&show, &spec)?;
+            (f["state"] == "pending" && f["pending"]["attempts"].as_u64() >= Some(2))
+                .then_some(show)
+        },
+    );
+    let f = forward(&show, &spec).unwrap();
+    assert_eq!(
+        f["pending"]["reason"], "remote port forwarding failed for listen port 9100",
+        "{show}"
+    );
+    assert!(f["pending"]["next_retry_s"].as_u64() <= Some(1), "{show}");
+    assert_eq!(f["bound"], "", "{show}");
+    assert!(parts(&show).all(|p| p["state"] == "connected"), "{show}");
+    let text = show_ssh_text(&topo);
+    assert!(text.contains("(pending)"), "{text}");
+    assert!(
+        text.contains("pending: remote port forwarding failed for listen port 9100; attempts "),
+        "{text}"
+    );
+    // The port still belongs to the old session.
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:9100/").unwrap().trim(),
+        "the old session"
+    );
+
+    // The old session ends: the retry inside the live session takes the port.
+    holder.kill9();
+    wait_until(Duration::from_secs(20), "vipgate's -R 9100 to bind", || {
+        try_show_ssh(&topo).is_some_and(|s| {
+            forward(&s, &spec)
+                .is_some_and(|f| f["state"] == "listening" && f["bound"] == "localhost:9100")
+        })
+    });
+    let digest = hash_through(&topo, 9100, 4 << 20);
+    eprintln!("4 MiB through the rebound -R 9100: {digest}");
+    wait_log(&run, &format!("remote forward {spec} established after"));
+
+    // The forward refused forever: attempts go on at the bounded delay, one log line only.
+    let stuck = format!("9300:127.0.0.1:{ECHO_PORT}");
+    let show = wait_for(
+        Duration::from_secs(30),
+        "-R 9300 refused eight times",
+        || {
+            let show = try_show_ssh(&topo)?;
+            (forward(&show, &stuck)?["pending"]["attempts"].as_u64() >= Some(8)).then_some(show)
+        },
+    );
+    assert!(
+        forward(&show, &stuck).unwrap()["pending"]["next_retry_s"].as_u64() <= Some(1),
+        "{show}"
+    );
+    let log = run.log();
+    assert_eq!(
+        log.matches("remote port forwarding failed for listen port 9300")
+            .count(),
+        1,
+        "one log line per state change, not per attempt:\n{log}"
+    );
+    assert!(
+        parts(&show).all(|p| p["counters"]["reconnects"] == 0),
+        "the session itself was never reconnected: {show}"
+    );
+}
