@@ -74,6 +74,10 @@ pub struct ClientConfig {
     /// If the first connection fails, `start` returns the error (the CLI); otherwise it keeps
     /// retrying in the background (a daemon).
     pub fail_fast: bool,
+    /// End-to-end probes (autossh's `-M` idea): every interval, a channel is opened through
+    /// each `-L` to its target and through each `-R` back to this side; one that fails or
+    /// takes longer than `connect_timeout` reconnects the session. `None` disables.
+    pub probe_interval: Option<Duration>,
 }
 
 impl ClientConfig {
@@ -108,6 +112,7 @@ impl ClientConfig {
             connections: 1,
             connect_timeout: Duration::from_secs(10),
             fail_fast: true,
+            probe_interval: None,
         }
     }
 
@@ -302,6 +307,12 @@ impl TunnelState {
 pub struct ClientCounts {
     /// Reconnections since start.
     pub reconnects: u64,
+    /// End-to-end probes of single forwards since start (see `ClientConfig::probe_interval`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub probes: u64,
+    /// Probes that failed or timed out; each one reconnected the session.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub probe_failures: u64,
 }
 
 /// A snapshot of a destination for `vipgate show ssh`; with the `serde` feature its

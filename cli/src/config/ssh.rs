@@ -78,6 +78,14 @@ pub(crate) struct SshSection {
     /// Longest reconnect delay. Default 30 s, at least 100 ms.
     #[serde(default = "d_reconnect_max", deserialize_with = "at_least_100ms")]
     pub(crate) reconnect_max: HumanDuration,
+    /// End-to-end probes (autossh's `-M`): every `probe_interval` a channel is opened through
+    /// each `-L` to its target and through each `-R` back to this side; a probe that fails or
+    /// outlasts `connect_timeout` reconnects the session. Default false.
+    #[serde(default)]
+    pub(crate) probe: bool,
+    /// Time between probes. Default 30 s, at least 1 s.
+    #[serde(default = "d_probe_interval", deserialize_with = "at_least_1s")]
+    pub(crate) probe_interval: HumanDuration,
 }
 
 /// `[user@]host[:port]` (`[v6]:port` for IPv6; a bare IPv6 address has no port), parsed
@@ -247,6 +255,9 @@ fn d_reconnect_min() -> HumanDuration {
     HumanDuration(Duration::from_millis(200))
 }
 fn d_reconnect_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn d_probe_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
@@ -575,6 +586,20 @@ mod tests {
     }
 
     #[test]
+    fn probes_lower() {
+        let lower = |body: &str| {
+            let d: SshSection = toml::from_str(&format!("destination = \"u@h\"\n{body}")).unwrap();
+            crate::config::lower::ssh_client(&d)
+        };
+        let cfg = lower("local = [\"1:h:2\"]\n");
+        assert_eq!(cfg.probe_interval, None);
+        let cfg = lower("local = [\"1:h:2\"]\nprobe = true\n");
+        assert_eq!(cfg.probe_interval, Some(Duration::from_secs(30)));
+        let cfg = lower("local = [\"1:h:2\"]\nprobe = true\nprobe_interval = \"5s\"\n");
+        assert_eq!(cfg.probe_interval, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
     fn destination_forms() {
         let d = |s: &str| {
             let d = Destination::parse(s).unwrap();
@@ -598,6 +623,7 @@ mod tests {
             "connect_timeout = \"0s\"",
             "reconnect_min = \"0s\"",
             "reconnect_max = \"0s\"",
+            "probe_interval = \"500ms\"",
         ] {
             let r: Result<SshSection, _> = toml::from_str(&format!(
                 "destination = \"u@h\"\nlocal = [\"1:h:2\"]\n{bad}"

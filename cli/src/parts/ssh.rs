@@ -99,6 +99,10 @@ pub(crate) struct SshArgs {
     /// SSH connections to keep; channels are spread over them (uses more cores). Default 1.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) connections: u16,
+    /// Seconds between end-to-end probes through every forward (autossh's -M); a failed probe
+    /// reconnects. 0 (the default) disables.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) probe_interval: u32,
 }
 
 /// `vipgate sshd`: the forwarding-only SSH server.
@@ -382,6 +386,8 @@ fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
         })
         .collect::<anyhow::Result<_>>()?;
     cfg.connections = usize::from(args.connections);
+    cfg.probe_interval =
+        (args.probe_interval > 0).then(|| Duration::from_secs(u64::from(args.probe_interval)));
     cfg.fail_fast = true;
     let batch = o.batch_mode.unwrap_or(false);
     cfg.passphrase = passphrase_for(&cfg.identities, args.passphrase_file.as_deref(), batch)?;
@@ -877,6 +883,13 @@ fn render_tunnel(out: &mut String, t: &SshClientStatus) {
         up,
         t.counters.reconnects
     );
+    if t.counters.probes > 0 {
+        let _ = writeln!(
+            out,
+            "  probes {}  failed {}",
+            t.counters.probes, t.counters.probe_failures
+        );
+    }
     if let Some(e) = &t.last_error {
         let _ = writeln!(out, "  last error: {e}");
     }

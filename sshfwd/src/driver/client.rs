@@ -8,9 +8,9 @@
 //! server allocated before when the spec said port 0.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use netutil::Reconfigured;
 use russh::Disconnect;
@@ -90,6 +90,7 @@ impl SshClient {
             .collect();
         let (keepalive, _) = watch::channel(cfg.keepalive());
         let applied = Mutex::new(cfg.clone());
+        let cfg_local = cfg.local.clone();
         let shared = Arc::new(Shared {
             russh: Arc::new(russh_config(&cfg, &cfg.host, cfg.port)?),
             keys,
@@ -105,6 +106,9 @@ impl SshClient {
             runtimes: workers.iter().map(|w| w.handle().clone()).collect(),
             next_slot: AtomicUsize::new(0),
             refused_wake: Notify::new(),
+            local: Mutex::new(cfg_local),
+            probes: AtomicU64::new(0),
+            probe_failures: AtomicU64::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -233,6 +237,7 @@ impl SshClient {
             });
         }
 
+        *lock(&shared.local) = new.local.clone();
         if let Some(keepalive) = plan.keepalive {
             shared.keepalive.send_replace(keepalive);
         }
@@ -275,6 +280,8 @@ impl SshClient {
                 .map(|t| now().saturating_duration_since(t)),
             counters: ClientCounts {
                 reconnects: state.reconnects,
+                probes: self.shared.probes.load(Ordering::Relaxed),
+                probe_failures: self.shared.probe_failures.load(Ordering::Relaxed),
             },
             connections_up: up,
             last_error: state.last_error.clone(),
@@ -1001,6 +1008,125 @@ async fn keepalive_dead(
     }
 }
 
+/// Resolves with the reason when a probe through the connection of `slot` fails: every
+/// `interval`, [`probe_forwards`].
+async fn probe_failed(
+    shared: &Arc<Shared>,
+    slot: usize,
+    handle: &Handle<ClientHandler>,
+    interval: Duration,
+) -> String {
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(why) = probe_forwards(shared, slot, handle).await {
+            return why;
+        }
+    }
+}
+
+/// Opens a channel end to end through every forward, one at a time, each within
+/// `connect_timeout`: for a `-L`, a `direct-tcpip` (or `direct-streamlocal`) channel to its
+/// target, which the server only confirms once it has connected; for a `-R` (carried by slot
+/// 0), a channel to the server's own listening address, which must come back to us as the
+/// forwarded channel of that forward (and is served as any other: its target sees a
+/// connection open and close). `-D` forwards have no fixed target and are not probed.
+async fn probe_forwards(
+    shared: &Arc<Shared>,
+    slot: usize,
+    handle: &Handle<ClientHandler>,
+) -> Result<(), String> {
+    let timeout = shared.cfg.connect_timeout;
+    let local = lock(&shared.local).clone();
+    for spec in &local {
+        let target = &spec.connect;
+        let open = async {
+            match target {
+                Endpoint::Tcp { host, port } => {
+                    handle
+                        .channel_open_direct_tcpip(
+                            host.as_deref().unwrap_or("localhost"),
+                            u32::from(*port),
+                            "127.0.0.1",
+                            0,
+                        )
+                        .await
+                }
+                Endpoint::Unix(path) => handle.channel_open_direct_streamlocal(path.clone()).await,
+            }
+        };
+        let result = match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(channel)) => {
+                let _ = channel.close().await;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!(
+                "probe of -L {spec} failed: the server could not open {target}: {e}"
+            )),
+            Err(_) => Err(format!("probe of -L {spec} timed out after {timeout:?}")),
+        };
+        count_probe(shared, result)?;
+    }
+    if slot != 0 {
+        return Ok(());
+    }
+    for r in shared.remotes() {
+        if !r.listening.load(Ordering::Relaxed) {
+            continue;
+        }
+        let mut arrivals = r.arrivals.subscribe();
+        let before = *arrivals.borrow_and_update();
+        let round_trip = async {
+            let channel = match &r.spec.listen {
+                Endpoint::Tcp { host, .. } => {
+                    let port = u32::try_from(r.bound_port.load(Ordering::Relaxed)).unwrap_or(0);
+                    handle
+                        .channel_open_direct_tcpip(
+                            probe_host(host.as_deref()),
+                            port,
+                            "127.0.0.1",
+                            0,
+                        )
+                        .await
+                }
+                Endpoint::Unix(path) => handle.channel_open_direct_streamlocal(path.clone()).await,
+            }
+            .map_err(|e| format!("the server could not connect to its listener: {e}"))?;
+            let back = arrivals.wait_for(|n| *n != before).await.map(|_| ());
+            let _ = channel.close().await;
+            back.map_err(|_| "the forward was removed".to_string())
+        };
+        let result = match tokio::time::timeout(timeout, round_trip).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(format!("probe of -R {} failed: {why}", r.spec)),
+            Err(_) => Err(format!(
+                "probe of -R {} timed out after {timeout:?} (no forwarded channel came back)",
+                r.spec
+            )),
+        };
+        count_probe(shared, result)?;
+    }
+    Ok(())
+}
+
+fn count_probe(shared: &Shared, result: Result<(), String>) -> Result<(), String> {
+    shared.probes.fetch_add(1, Ordering::Relaxed);
+    if result.is_err() {
+        shared.probe_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    result
+}
+
+/// Where a probe reaches the server's listener of a `-R` bound to `host` (OpenSSH's
+/// defaults: none is localhost, `*` and empty are every address, loopback among them).
+fn probe_host(host: Option<&str>) -> String {
+    match host {
+        None | Some("localhost") => "localhost".to_string(),
+        Some("*" | "" | "0.0.0.0") => "127.0.0.1".to_string(),
+        Some("::") => "::1".to_string(),
+        Some(h) => h.to_string(),
+    }
+}
+
 async fn supervise(
     shared: Arc<Shared>,
     slot: usize,
@@ -1058,9 +1184,20 @@ async fn supervise(
             }
             std::future::pending::<()>().await;
         };
+        let probe = async {
+            match shared.cfg.probe_interval.filter(|d| !d.is_zero()) {
+                Some(interval) => probe_failed(&shared, slot, &handle, interval).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = closed => {}
             () = retry => {}
+            why = probe => {
+                tracing::warn!("{}: {why}; reconnecting", shared.cfg.name);
+                lock(&shared.state).last_error = Some(why);
+                let _ = handle.disconnect(Disconnect::ByApplication, "probe failed", "").await;
+            }
             () = keepalive_dead(handle.clone(), shared.keepalive.subscribe()) => {
                 lock(&shared.state).last_error = Some("server not responding to keepalives".into());
                 let _ = handle.disconnect(Disconnect::ByApplication, "keepalive timeout", "").await;

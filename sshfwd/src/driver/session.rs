@@ -59,6 +59,12 @@ pub(crate) struct Shared {
     /// Woken when a `-R` is refused, so that the retry loop of the live connection
     /// schedules it.
     pub(crate) refused_wake: Notify,
+    /// The `-L` forwards now configured (the start config's, then each reload's): what the
+    /// probes open channels to.
+    pub(crate) local: Mutex<Vec<ForwardSpec>>,
+    /// Probes of single forwards since start, and those that failed.
+    pub(crate) probes: AtomicU64,
+    pub(crate) probe_failures: AtomicU64,
 }
 
 /// How the destination's connection (slot 0) has fared, for status.
@@ -118,6 +124,9 @@ pub(crate) struct RemoteForward {
     pub(crate) listening: AtomicBool,
     /// Set while the server refuses the forward on the live connection.
     pub(crate) refused: Mutex<Option<Refused>>,
+    /// Channels the server opened for this forward since start: a probe sees its own come
+    /// back here.
+    pub(crate) arrivals: watch::Sender<u64>,
 }
 
 /// A `-R` the server refused on the live connection, and when to ask again.
@@ -148,6 +157,7 @@ impl RemoteForward {
             last_allocated: AtomicU64::new(0),
             listening: AtomicBool::new(false),
             refused: Mutex::new(None),
+            arrivals: watch::Sender::new(0),
         }
     }
 

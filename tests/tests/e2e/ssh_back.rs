@@ -1,5 +1,6 @@
 //! What OpenSSH + autossh users expect of forwards that must stay up, against Debian's sshd:
-//! a `-R` the server refuses is retried inside the live session until it binds.
+//! a `-R` the server refuses is retried inside the live session until it binds; end-to-end
+//! probes reconnect a half-dead session.
 
 use serde_json::Value;
 use std::time::Duration;
@@ -179,5 +180,102 @@ fn refused_remote_forward_is_retried_until_it_binds() {
     assert!(
         parts(&show).all(|p| p["counters"]["reconnects"] == 0),
         "the session itself was never reconnected: {show}"
+    );
+}
+
+/// A numeric counter of the first client in `show ssh --json`.
+fn client_counter(show: &Value, name: &str) -> u64 {
+    parts(show)
+        .find(|p| p["role"] == "client")
+        .and_then(|p| p["counters"][name].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn probes_reconnect_a_half_dead_forward_and_leave_a_healthy_one_alone() {
+    let (topo, keys) = setup(e2e!());
+    let _sshd = openssh_sshd(&topo, &keys);
+    let mut http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "probed");
+    let _echo = echo_server(&topo);
+    let cfg = ssh_site(
+        &topo,
+        &keys,
+        &format!(
+            "local = [\"8585:127.0.0.1:{HTTP_PORT}\"]\nremote = [\"9400:127.0.0.1:{ECHO_PORT}\"]\n\
+             probe = true\nprobe_interval = \"1s\"\nconnect_timeout = \"2s\"\nreconnect_max = \"1s\"\n"
+        ),
+    );
+    let run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
+    let remote = format!("9400:127.0.0.1:{ECHO_PORT}");
+
+    // Healthy: every probe passes and the session stays up.
+    let show = wait_for(Duration::from_secs(30), "four rounds of probes", || {
+        try_show_ssh(&topo).filter(|s| client_counter(s, "probes") >= 8)
+    });
+    assert_eq!(client_counter(&show, "probe_failures"), 0, "{show}");
+    assert_eq!(client_counter(&show, "reconnects"), 0, "{show}");
+    // Each -R probe came back from sshd's listener as a forwarded channel of that forward.
+    assert!(
+        forward(&show, &remote).unwrap()["counters"]["total"].as_u64() >= Some(3),
+        "{show}"
+    );
+    assert!(show_ssh_text(&topo).contains("  probes "), "{show}");
+    assert_eq!(
+        topo.curl(H, "http://127.0.0.1:8585/").unwrap().trim(),
+        "probed"
+    );
+
+    // Half-dead -R: sshd's listener stops answering (its SYNs dropped) while the SSH
+    // connection and its keepalives are fine. The probe notices and the session reconnects.
+    topo.sh(
+        H,
+        "nft add table inet probe_test && \
+         nft add chain inet probe_test out '{ type filter hook output priority 0; }' && \
+         nft add rule inet probe_test out tcp dport 9400 drop",
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "a failed -R probe and a reconnect",
+        || {
+            try_show_ssh(&topo).is_some_and(|s| {
+                client_counter(&s, "probe_failures") >= 1 && client_counter(&s, "reconnects") >= 1
+            })
+        },
+    );
+    wait_log(&run, &format!("probe of -R {remote} timed out"));
+    topo.sh(H, "nft delete table inet probe_test");
+
+    // Healthy again: once the forward is back, probes pass without further failures.
+    let show = wait_for(Duration::from_secs(30), "-R 9400 back", || {
+        try_show_ssh(&topo).filter(|s| {
+            forward(s, &remote).is_some_and(|f| f["state"] == "listening")
+                && parts(s).all(|p| p["state"] == "connected")
+        })
+    });
+    let (probes, failures) = (
+        client_counter(&show, "probes"),
+        client_counter(&show, "probe_failures"),
+    );
+    let show = wait_for(Duration::from_secs(30), "two more rounds of probes", || {
+        try_show_ssh(&topo).filter(|s| client_counter(s, "probes") >= probes + 4)
+    });
+    assert_eq!(client_counter(&show, "probe_failures"), failures, "{show}");
+    let reconnects = client_counter(&show, "reconnects");
+
+    // The -L target dies: the server can no longer open channels to it.
+    http.kill9();
+    wait_until(
+        Duration::from_secs(30),
+        "a failed -L probe and another reconnect",
+        || {
+            try_show_ssh(&topo).is_some_and(|s| {
+                client_counter(&s, "probe_failures") > failures
+                    && client_counter(&s, "reconnects") > reconnects
+            })
+        },
+    );
+    wait_log(
+        &run,
+        &format!("probe of -L 8585:127.0.0.1:{HTTP_PORT} failed: the server could not open"),
     );
 }
