@@ -586,13 +586,15 @@ mod tests {
     }
 
     #[test]
-    fn probes_lower() {
+    fn probes_and_reverse_dynamic_forwards_lower() {
         let lower = |body: &str| {
             let d: SshSection = toml::from_str(&format!("destination = \"u@h\"\n{body}")).unwrap();
             crate::config::lower::ssh_client(&d)
         };
-        let cfg = lower("local = [\"1:h:2\"]\n");
+        let cfg = lower("remote = [\"1080\", \"9000:localhost:22\"]\n");
         assert_eq!(cfg.probe_interval, None);
+        assert_eq!(cfg.remote[0].connect, None);
+        assert!(cfg.remote[1].connect.is_some());
         let cfg = lower("local = [\"1:h:2\"]\nprobe = true\n");
         assert_eq!(cfg.probe_interval, Some(Duration::from_secs(30)));
         let cfg = lower("local = [\"1:h:2\"]\nprobe = true\nprobe_interval = \"5s\"\n");

@@ -68,7 +68,9 @@ pub(crate) struct SshArgs {
     /// forward a local port through the server.
     #[arg(short = 'L')]
     pub(crate) local: Vec<String>,
-    /// `[bind_address:]port:host:hostport` — forward a server port (0 = allocated) back here.
+    /// `[bind_address:]port:host:hostport` — forward a server port (0 = allocated) back here;
+    /// `[bind_address:]port` alone: a SOCKS proxy on the server whose connections leave from
+    /// here.
     #[arg(short = 'R')]
     pub(crate) remote: Vec<String>,
     /// `[bind_address:]port` — a SOCKS4a/5 proxy whose connections go out through the server.

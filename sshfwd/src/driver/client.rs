@@ -896,10 +896,11 @@ async fn request_remote_forward(
                 r.last_allocated
                     .store(u64::from(port_now), Ordering::Relaxed);
                 let port = u16::try_from(port_now).unwrap_or(0);
-                let _ = shared.allocated_tx.send(AllocatedPort {
-                    port,
-                    target: r.spec.connect.to_string(),
-                });
+                let target = match &r.spec.connect {
+                    Some(target) => target.to_string(),
+                    None => "SOCKS requests (reverse dynamic)".to_string(),
+                };
+                let _ = shared.allocated_tx.send(AllocatedPort { port, target });
             }
             Ok(())
         }
@@ -1036,9 +1037,12 @@ async fn probe_forwards(
     handle: &Handle<ClientHandler>,
 ) -> Result<(), String> {
     let timeout = shared.cfg.connect_timeout;
-    let local = lock(&shared.local).clone();
-    for spec in &local {
-        let target = &spec.connect;
+    // Every `-L` has a target (parse_local), which is what is probed.
+    let targets: Vec<(String, Endpoint)> = lock(&shared.local)
+        .iter()
+        .filter_map(|spec| Some((spec.to_string(), spec.connect.clone()?)))
+        .collect();
+    for (spec, target) in &targets {
         let open = async {
             match target {
                 Endpoint::Tcp { host, port } => {

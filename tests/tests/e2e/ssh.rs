@@ -84,7 +84,7 @@ fn keygen(topo: &Topology, name: &str, kind: &str) -> PathBuf {
     path
 }
 
-fn client_keys(topo: &Topology) -> Keys {
+pub(super) fn client_keys(topo: &Topology) -> Keys {
     let client = keygen(topo, "id_ed25519", "ed25519");
     let client_pub = std::fs::read_to_string(client.with_extension("pub")).unwrap();
     Keys { client, client_pub }
@@ -1040,7 +1040,7 @@ fn user_config_with_include_match_and_tokens() {
 }
 
 /// Debian's sshd in `host` on `addr`:SSHD_PORT with a host key of its own (`ssh_host_HOST`).
-fn openssh_sshd_on(topo: &Topology, host: &str, addr: &str) -> Proc {
+pub(super) fn openssh_sshd_on(topo: &Topology, host: &str, addr: &str) -> Proc {
     std::fs::create_dir_all("/run/sshd").unwrap();
     let d = topo.dir().display().to_string();
     let key = format!("ssh_host_{host}");

@@ -1,14 +1,15 @@
 //! What OpenSSH + autossh users expect of forwards that must stay up, against Debian's sshd:
 //! a `-R` the server refuses is retried inside the live session until it binds; end-to-end
-//! probes reconnect a half-dead session.
+//! probes reconnect a half-dead session; `-R port` without a target is a SOCKS proxy on the
+//! server's side whose connections leave from vipgate's.
 
 use serde_json::Value;
 use std::time::Duration;
 use vipgate_tests::{Proc, Topology, e2e, wait_for, wait_until};
 
 use super::ssh::{
-    ECHO_PORT, H, HTTP_PORT, Keys, SSHD_PORT, echo_server, forwards, openssh_sshd, parts, setup,
-    ssh_site, wait_log,
+    ECHO_PORT, H, HTTP_PORT, Keys, SSHD_PORT, client_keys, echo_server, forwards, openssh_sshd,
+    openssh_sshd_on, parts, setup, ssh_site, wait_log,
 };
 
 /// Sends `argv[3]` random bytes to an echo server at 127.0.0.1:`argv[2]`, half-closes, reads
@@ -40,6 +41,19 @@ if tail != b"bye" or back.hexdigest() != sent:
     print("mismatch: sent %d bytes sha256 %s, got %d bytes sha256 %s" % (size, sent, n - 3, back.hexdigest()))
     sys.exit(1)
 print("sha256 %s" % sent)
+"#;
+
+/// Sends the bytes given in hex to 127.0.0.1:1080 and prints "closed" once the other end
+/// closes without answering (a reset counts as closed), or what it answered.
+const HOSTILE_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", 1080), timeout=20)
+try:
+    s.sendall(bytes.fromhex(sys.argv[1]))
+    got = s.recv(100)
+except ConnectionResetError:
+    got = b""
+print("closed" if not got else "answered %r" % got)
 "#;
 
 /// `HASH_CLIENT` through `port`: the digest it printed.
@@ -277,5 +291,99 @@ fn probes_reconnect_a_half_dead_forward_and_leave_a_healthy_one_alone() {
     wait_log(
         &run,
         &format!("probe of -L 8585:127.0.0.1:{HTTP_PORT} failed: the server could not open"),
+    );
+}
+
+#[test]
+fn reverse_dynamic_socks_reaches_what_only_the_client_reaches() {
+    let mut topo = e2e!();
+    // vipgate runs in h, sshd in s; h's loopback web server is out of s's reach.
+    topo.hosts(&[H, "s"])
+        .veth(H, "hs", "s", "sh")
+        .addr(H, "hs", "10.78.1.1/24")
+        .addr("s", "sh", "10.78.1.2/24");
+    let keys = client_keys(&topo);
+    topo.write("authorized_keys", &keys.client_pub);
+    let _sshd = openssh_sshd_on(&topo, "s", "10.78.1.2");
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "client side only");
+    let www = topo.dir().join(format!("www-{H}-{HTTP_PORT}"));
+    let want = topo.sh(
+        H,
+        &format!(
+            "head -c 8388608 /dev/urandom > {0}/big.bin && sha256sum < {0}/big.bin",
+            www.display()
+        ),
+    );
+    assert!(
+        topo.curl("s", &format!("http://127.0.0.1:{HTTP_PORT}/"))
+            .is_err(),
+        "sshd's side must not reach the web server by itself"
+    );
+    let kh = format!(
+        "UserKnownHostsFile={}",
+        topo.dir().join("known_hosts").display()
+    );
+    let port = SSHD_PORT.to_string();
+    let client = topo.vipgate(
+        H,
+        "vipgate-ssh",
+        &[
+            "ssh",
+            "-N",
+            "-p",
+            &port,
+            "-i",
+            keys.client.to_str().unwrap(),
+            "-o",
+            &kh,
+            "-o",
+            "IdentitiesOnly=yes",
+            "-R",
+            "1080",
+            "root@10.78.1.2",
+        ],
+    );
+    topo.wait_tcp("s", "127.0.0.1", 1080, Duration::from_secs(15));
+    // SOCKS5 with the name resolved on vipgate's side, and SOCKS4a.
+    let socks = |proxy: &str, path: &str| {
+        topo.try_sh(
+            "s",
+            &format!(
+                "curl -sS --max-time 30 --{proxy} 127.0.0.1:1080 http://localhost:{HTTP_PORT}/{path}"
+            ),
+        )
+    };
+    assert_eq!(
+        socks("socks5-hostname", "").unwrap().trim(),
+        "client side only"
+    );
+    assert_eq!(socks("socks4a", "").unwrap().trim(), "client side only");
+    let got = topo.sh(
+        "s",
+        &format!(
+            "curl -sS --max-time 60 --socks5-hostname 127.0.0.1:1080 \
+             http://localhost:{HTTP_PORT}/big.bin | sha256sum"
+        ),
+    );
+    assert_eq!(got, want, "8 MiB through the reverse SOCKS proxy");
+
+    // Hostile requests on a reverse-dynamic channel: a clear error, the channel closed.
+    let hostile = topo.write("hostile.py", HOSTILE_CLIENT);
+    let send = |hex: &str| topo.sh("s", &format!("python3 {} {hex}", hostile.display()));
+    assert_eq!(send("0967617262616765").trim(), "closed");
+    wait_log(
+        &client,
+        "SOCKS request: not a SOCKS4 or SOCKS5 request (version byte 9); channel closed",
+    );
+    // SOCKS4a with a user id that never ends.
+    assert_eq!(
+        send(&format!("0401005000000001{}", "75".repeat(5000))).trim(),
+        "closed"
+    );
+    wait_log(&client, "too long; channel closed");
+    // Still serving after both.
+    assert_eq!(
+        socks("socks5-hostname", "").unwrap().trim(),
+        "client side only"
     );
 }
