@@ -78,6 +78,52 @@ pub struct ClientConfig {
     /// each `-L` to its target and through each `-R` back to this side; one that fails or
     /// takes longer than `connect_timeout` reconnects the session. `None` disables.
     pub probe_interval: Option<Duration>,
+    /// `PasswordAuthentication`: after the keys, try passwords from `prompt`.
+    pub password_authentication: bool,
+    /// `KbdInteractiveAuthentication`: after the keys, answer the server's prompts from
+    /// `prompt` (tried before passwords, as ssh's `PreferredAuthentications`).
+    pub kbd_interactive_authentication: bool,
+    /// Where passwords come from: a terminal (`vipgate ssh`) or a `password_file`; `None`
+    /// (a daemon without one) never tries either method.
+    pub prompt: Option<Prompt>,
+}
+
+/// Answers password and keyboard-interactive prompts during authentication. Called on a
+/// blocking thread, so it may wait for a human.
+pub trait PasswordPrompt: Send + Sync {
+    /// The password of `who` (`user@host`); `None` gives up.
+    fn password(&self, who: &str) -> Option<String>;
+    /// One answer per prompt (its text, and whether the answer may be echoed) of a
+    /// keyboard-interactive round titled `name` with `instructions`; `None` gives up.
+    fn keyboard_interactive(
+        &self,
+        who: &str,
+        name: &str,
+        instructions: &str,
+        prompts: &[(String, bool)],
+    ) -> Option<Vec<String>>;
+}
+
+/// A [`PasswordPrompt`] and what it is (`terminal`, `file /etc/vipgate/pw`): two prompts are
+/// the same source when they say so, which is what a reload compares.
+#[derive(Clone)]
+pub struct Prompt {
+    /// What answers, for logs and reloads.
+    pub source: String,
+    /// The answering side.
+    pub answer: std::sync::Arc<dyn PasswordPrompt>,
+}
+
+impl std::fmt::Debug for Prompt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Prompt({})", self.source)
+    }
+}
+
+impl PartialEq for Prompt {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
 }
 
 impl ClientConfig {
@@ -113,6 +159,9 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             fail_fast: true,
             probe_interval: None,
+            password_authentication: true,
+            kbd_interactive_authentication: true,
+            prompt: None,
         }
     }
 

@@ -53,6 +53,11 @@ pub(crate) struct SshSection {
     /// File holding the passphrase of an encrypted `identity`. Default none.
     #[serde(default)]
     pub(crate) passphrase_file: Option<PathBuf>,
+    /// File whose first line is the password for password and keyboard-interactive
+    /// authentication, tried after the keys; re-read at each login. Default none: a daemon
+    /// never tries passwords.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) password_file: Option<PathBuf>,
     /// Also offer the keys of the ssh-agent at `$SSH_AUTH_SOCK`. Default true.
     #[serde(default = "d_true")]
     pub(crate) use_agent: bool,

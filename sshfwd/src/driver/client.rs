@@ -793,6 +793,49 @@ async fn authenticate<H: client::Handler>(
             Err(e) => tracing::debug!("ssh-agent unavailable: {e}"),
         }
     }
+    if let Some(prompt) = &cfg.prompt
+        && (cfg.kbd_interactive_authentication || cfg.password_authentication)
+    {
+        // Ask what the server still takes: no prompt for a method it does not offer.
+        let offered = match handle.authenticate_none(user).await? {
+            client::AuthResult::Success => return Ok(()),
+            client::AuthResult::Failure {
+                remaining_methods, ..
+            } => remaining_methods,
+        };
+        let who = format!("{user}@{host}");
+        if cfg.kbd_interactive_authentication
+            && offered.contains(&russh::MethodKind::KeyboardInteractive)
+        {
+            tried.push("keyboard-interactive".to_string());
+            if keyboard_interactive(handle, user, &who, prompt).await? {
+                tracing::debug!("{}: authenticated with keyboard-interactive", cfg.name);
+                return Ok(());
+            }
+        }
+        if cfg.password_authentication && offered.contains(&russh::MethodKind::Password) {
+            tried.push("password".to_string());
+            for attempt in 0..PASSWORD_ATTEMPTS {
+                if attempt > 0 {
+                    tracing::warn!("Permission denied, please try again.");
+                }
+                let (answer, asked) = (prompt.answer.clone(), who.clone());
+                let Ok(Some(password)) =
+                    tokio::task::spawn_blocking(move || answer.password(&asked)).await
+                else {
+                    break;
+                };
+                if handle
+                    .authenticate_password(user, password)
+                    .await?
+                    .success()
+                {
+                    tracing::debug!("{}: authenticated with a password", cfg.name);
+                    return Ok(());
+                }
+            }
+        }
+    }
     Err(SshFwdError::AuthFailed {
         user: user.to_string(),
         host: host.to_string(),
@@ -802,6 +845,59 @@ async fn authenticate<H: client::Handler>(
             tried.join(", ")
         },
     })
+}
+
+/// Passwords asked for before giving up (OpenSSH's `NumberOfPasswordPrompts`).
+const PASSWORD_ATTEMPTS: usize = 3;
+/// Keyboard-interactive rounds and prompts per round accepted from a server: one that keeps
+/// asking is refused instead of prompting forever.
+const MAX_KBD_ROUNDS: usize = 8;
+const MAX_KBD_PROMPTS: usize = 16;
+
+/// Keyboard-interactive authentication, each round's prompts answered by `prompt`; whether
+/// the server accepted.
+async fn keyboard_interactive<H: client::Handler>(
+    handle: &mut Handle<H>,
+    user: &str,
+    who: &str,
+    prompt: &crate::config::Prompt,
+) -> Result<bool, SshFwdError> {
+    let mut reply = handle
+        .authenticate_keyboard_interactive_start(user, None)
+        .await?;
+    for _ in 0..MAX_KBD_ROUNDS {
+        let (name, instructions, prompts) = match reply {
+            client::KeyboardInteractiveAuthResponse::Success => return Ok(true),
+            client::KeyboardInteractiveAuthResponse::Failure { .. } => return Ok(false),
+            client::KeyboardInteractiveAuthResponse::InfoRequest {
+                name,
+                instructions,
+                prompts,
+            } => (name, instructions, prompts),
+        };
+        if prompts.len() > MAX_KBD_PROMPTS {
+            tracing::warn!(
+                "{who}: the server asked {} keyboard-interactive questions at once; giving up",
+                prompts.len()
+            );
+            return Ok(false);
+        }
+        let prompts: Vec<(String, bool)> =
+            prompts.into_iter().map(|p| (p.prompt, p.echo)).collect();
+        let (answer, asked) = (prompt.answer.clone(), who.to_string());
+        let answers = tokio::task::spawn_blocking(move || {
+            answer.keyboard_interactive(&asked, &name, &instructions, &prompts)
+        })
+        .await;
+        let Ok(Some(answers)) = answers else {
+            return Ok(false);
+        };
+        reply = handle
+            .authenticate_keyboard_interactive_respond(answers)
+            .await?;
+    }
+    tracing::warn!("{who}: more than {MAX_KBD_ROUNDS} keyboard-interactive rounds; giving up");
+    Ok(false)
 }
 
 /// Asks the server for every `-R`; with `strict`, the first refusal is an error.

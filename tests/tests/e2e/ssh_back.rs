@@ -387,3 +387,180 @@ fn reverse_dynamic_socks_reaches_what_only_the_client_reaches() {
         "client side only"
     );
 }
+
+/// Runs `vipgate ssh` (argv[3:]) on a new pseudo-terminal as its controlling terminal and
+/// answers the password prompt with argv[1] ("login") or Ctrl-C ("ctrl-c"). Prints what it
+/// saw: the terminal's echo while prompting and afterwards, the page fetched through the
+/// forward (login), or the exit status and output (ctrl-c).
+const PTY_LOGIN: &str = r#"
+import fcntl, os, select, subprocess, sys, termios, time, urllib.request
+password, mode, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+master, slave = os.openpty()
+def own_tty():
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+child = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_tty)
+out = b""
+def read_some(timeout):
+    global out
+    r, _, _ = select.select([master], [], [], timeout)
+    if r:
+        try:
+            out += os.read(master, 4096)
+        except OSError:
+            pass
+def wait(what, cond, timeout=20):
+    end = time.time() + timeout
+    while not cond():
+        if time.time() > end:
+            print("timed out waiting for %s; output %r" % (what, out))
+            child.kill()
+            sys.exit(1)
+        read_some(0.05)
+def echo():
+    lflag = termios.tcgetattr(slave)[3]
+    return bool(lflag & termios.ECHO) and bool(lflag & termios.ICANON) and bool(lflag & termios.ISIG)
+wait("the prompt", lambda: b"'s password: " in out)
+wait("echo off", lambda: not echo())
+print("echo off while prompting")
+if mode == "ctrl-c":
+    os.write(master, b"\x03")
+    wait("the exit", lambda: child.poll() is not None)
+    read_some(0.5)
+    print("exit %d" % child.returncode)
+    print("terminal restored" if echo() else "terminal left raw")
+    print(out.decode(errors="replace"))
+    sys.exit(0)
+os.write(master, password.encode() + b"\r")
+def page():
+    try:
+        return urllib.request.urlopen("http://127.0.0.1:18700/", timeout=5).read()
+    except OSError:
+        return None
+wait("the forward", lambda: page() is not None or child.poll() is not None, 30)
+if child.poll() is not None:
+    print("exited %d: %r" % (child.returncode, out))
+    sys.exit(1)
+print("terminal restored" if echo() else "terminal left raw")
+print("page: " + page().decode().strip())
+child.terminate()
+child.wait()
+"#;
+
+/// A login with a password on this machine, for sshd's password authentication; removed
+/// when dropped.
+struct PasswordUser {
+    name: String,
+}
+
+impl PasswordUser {
+    fn new(topo: &Topology, password: &str) -> Self {
+        let name = format!("vgpw{}", std::process::id() % 100_000);
+        let _ = topo.try_sh(H, &format!("userdel {name}"));
+        topo.sh(
+            H,
+            &format!(
+                "useradd -M -d /nonexistent -s /bin/sh {name} && echo '{name}:{password}' | chpasswd"
+            ),
+        );
+        PasswordUser { name }
+    }
+}
+
+impl Drop for PasswordUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel")
+            .arg(&self.name)
+            .status();
+    }
+}
+
+#[test]
+fn password_login_from_a_terminal_and_from_a_password_file() {
+    let (topo, _keys) = setup(e2e!());
+    let password = "Tr0ub4dor-3";
+    let user = PasswordUser::new(&topo, password);
+    let d = topo.dir().display().to_string();
+    if !topo.dir().join("ssh_host_ed25519").exists() {
+        topo.sh(
+            H,
+            &format!("ssh-keygen -q -t ed25519 -N '' -f {d}/ssh_host_ed25519"),
+        );
+    }
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let cfg = topo.write(
+        "sshd_config_pw",
+        &format!(
+            "Port {SSHD_PORT}\nListenAddress 127.0.0.1\nHostKey {d}/ssh_host_ed25519\n\
+             AuthorizedKeysFile none\nPasswordAuthentication yes\nPermitEmptyPasswords no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
+             AllowTcpForwarding yes\nLogLevel VERBOSE\n"
+        ),
+    );
+    let _sshd = topo.spawn(
+        H,
+        "sshd",
+        &["/usr/sbin/sshd", "-D", "-e", "-f", cfg.to_str().unwrap()],
+    );
+    topo.wait_tcp(H, "127.0.0.1", SSHD_PORT, Duration::from_secs(10));
+    let _http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "after a password");
+    let script = topo.write("pty_login.py", PTY_LOGIN);
+    let vipgate = vipgate_tests::vipgate_bin();
+    let login = |mode: &str| {
+        topo.sh(
+            H,
+            &format!(
+                "python3 {} '{password}' {mode} {} ssh -N -F none -p {SSHD_PORT} \
+                 -o UserKnownHostsFile={d}/known_hosts -o IdentityAgent=none \
+                 -L 18700:127.0.0.1:{HTTP_PORT} {}@127.0.0.1",
+                script.display(),
+                vipgate.display(),
+                user.name
+            ),
+        )
+    };
+    let out = login("login");
+    assert!(out.contains("echo off while prompting"), "{out}");
+    assert!(out.contains("terminal restored"), "{out}");
+    assert!(out.contains("page: after a password"), "{out}");
+    // Ctrl-C at the prompt: the terminal is put back and the login fails as ssh's does.
+    let out = login("ctrl-c");
+    assert!(out.contains("terminal restored"), "{out}");
+    assert!(out.contains("exit 255"), "{out}");
+    assert!(out.contains("Permission denied"), "{out}");
+
+    // The daemon: a password only from password_file, never from a terminal.
+    let site = |extra: &str| {
+        format!(
+            "[daemon]\ncontrol = \"{d}/ctl.sock\"\n\n[[ssh]]\n\
+             destination = \"{}@127.0.0.1:{SSHD_PORT}\"\nknown_hosts = \"{d}/known_hosts\"\n\
+             strict_host_key_checking = \"accept-new\"\nuse_agent = false\n\
+             local = [\"18701:127.0.0.1:{HTTP_PORT}\"]\n{extra}",
+            user.name
+        )
+    };
+    let no_file = topo.write("site-nofile.toml", &site(""));
+    let refused = topo.vipgate_output(H, &["run", "-c", no_file.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(text.contains("Permission denied"), "{text}");
+    let pw_file = topo.write("password", &format!("{password}\n"));
+    topo.sh(H, &format!("chmod 600 {}", pw_file.display()));
+    let with_file = topo.write(
+        "site.toml",
+        &site(&format!("password_file = \"{}\"\n", pw_file.display())),
+    );
+    let _run = topo.vipgate(
+        H,
+        "vipgate-run",
+        &["run", "-c", with_file.to_str().unwrap()],
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the -L forward of the daemon",
+        || {
+            topo.curl(H, "http://127.0.0.1:18701/")
+                .is_ok_and(|b| b.trim() == "after a password")
+        },
+    );
+}
