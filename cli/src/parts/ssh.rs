@@ -526,12 +526,14 @@ fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
     cfg.passphrase = passphrase_for(&cfg.identities, args.passphrase_file.as_deref(), batch)?;
     cfg.password_authentication = o.password_authentication.unwrap_or(true);
     cfg.kbd_interactive_authentication = o.kbd_interactive_authentication.unwrap_or(true);
-    // Like ssh: prompts only on a terminal, and never in BatchMode.
-    let tty = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/tty")
-        .is_ok();
+    // Like ssh: prompts only on a terminal, and never in BatchMode; nor in the process `-f`
+    // starts, which reading the terminal from the background would stop (SIGTTIN).
+    let tty = std::env::var_os(BACKGROUND_CHILD).is_none()
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/tty")
+            .is_ok();
     cfg.prompt = (!batch && tty).then(|| Prompt {
         source: "terminal".to_string(),
         answer: std::sync::Arc::new(TerminalPrompt),
