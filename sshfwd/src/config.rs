@@ -74,6 +74,56 @@ pub struct ClientConfig {
     /// If the first connection fails, `start` returns the error (the CLI); otherwise it keeps
     /// retrying in the background (a daemon).
     pub fail_fast: bool,
+    /// End-to-end probes (autossh's `-M` idea): every interval, a channel is opened through
+    /// each `-L` to its target and through each `-R` back to this side; one that fails or
+    /// takes longer than `connect_timeout` reconnects the session. `None` disables.
+    pub probe_interval: Option<Duration>,
+    /// `PasswordAuthentication`: after the keys, try passwords from `prompt`.
+    pub password_authentication: bool,
+    /// `KbdInteractiveAuthentication`: after the keys, answer the server's prompts from
+    /// `prompt` (tried before passwords, as ssh's `PreferredAuthentications`).
+    pub kbd_interactive_authentication: bool,
+    /// Where passwords come from: a terminal (`vipgate ssh`) or a `password_file`; `None`
+    /// (a daemon without one) never tries either method.
+    pub prompt: Option<Prompt>,
+}
+
+/// Answers password and keyboard-interactive prompts during authentication. Called on a
+/// blocking thread, so it may wait for a human.
+pub trait PasswordPrompt: Send + Sync {
+    /// The password of `who` (`user@host`); `None` gives up.
+    fn password(&self, who: &str) -> Option<String>;
+    /// One answer per prompt (its text, and whether the answer may be echoed) of a
+    /// keyboard-interactive round titled `name` with `instructions`; `None` gives up.
+    fn keyboard_interactive(
+        &self,
+        who: &str,
+        name: &str,
+        instructions: &str,
+        prompts: &[(String, bool)],
+    ) -> Option<Vec<String>>;
+}
+
+/// A [`PasswordPrompt`] and what it is (`terminal`, `file /etc/vipgate/pw`): two prompts are
+/// the same source when they say so, which is what a reload compares.
+#[derive(Clone)]
+pub struct Prompt {
+    /// What answers, for logs and reloads.
+    pub source: String,
+    /// The answering side.
+    pub answer: std::sync::Arc<dyn PasswordPrompt>,
+}
+
+impl std::fmt::Debug for Prompt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Prompt({})", self.source)
+    }
+}
+
+impl PartialEq for Prompt {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
 }
 
 impl ClientConfig {
@@ -108,6 +158,10 @@ impl ClientConfig {
             connections: 1,
             connect_timeout: Duration::from_secs(10),
             fail_fast: true,
+            probe_interval: None,
+            password_authentication: true,
+            kbd_interactive_authentication: true,
+            prompt: None,
         }
     }
 
@@ -218,6 +272,57 @@ pub struct ForwardStatus {
     pub active: u64,
     /// Monotonic counts.
     pub counters: ForwardCounts,
+    /// Listening, refused and being retried (`-R`), or down with the connection (`-R`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub state: ForwardState,
+    /// Why a `pending` forward is not listening and when it is asked for again.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub pending: Option<PendingForward>,
+}
+
+/// Where a forward stands (`state` in `show ssh --json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum ForwardState {
+    /// Accepting connections (a local listener, or a `-R` the server accepted).
+    #[default]
+    Listening,
+    /// A `-R` the server refused on the live connection; asked for again with backoff.
+    Pending,
+    /// A `-R` whose connection is down; asked for again when it is back.
+    Down,
+}
+
+impl ForwardState {
+    /// The word `show ssh` prints.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardState::Listening => "listening",
+            ForwardState::Pending => "pending",
+            ForwardState::Down => "down",
+        }
+    }
+}
+
+/// A `-R` the server refused on the live connection (`pending` in `show ssh --json`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PendingForward {
+    /// ssh's wording: `remote port forwarding failed for listen port 9100`.
+    pub reason: String,
+    /// Requests refused on this connection so far.
+    pub attempts: u64,
+    /// Time until the next request (whole seconds in JSON, `next_retry_s`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "next_retry_s", with = "crate::serde_secs")
+    )]
+    pub next_retry: Option<Duration>,
 }
 
 /// Where a destination's connection stands.
@@ -251,6 +356,12 @@ impl TunnelState {
 pub struct ClientCounts {
     /// Reconnections since start.
     pub reconnects: u64,
+    /// End-to-end probes of single forwards since start (see `ClientConfig::probe_interval`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub probes: u64,
+    /// Probes that failed or timed out; each one reconnected the session.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub probe_failures: u64,
 }
 
 /// A snapshot of a destination for `vipgate show ssh`; with the `serde` feature its

@@ -2,9 +2,9 @@
 //! its forwards alive across reconnects (what `ssh` + autossh do), and a forwarding-only server.
 //!
 //! It also connects through `ProxyJump` hosts (each hop's host key checked) and opens
-//! `direct-tcpip` streams for `ssh -W`. What this crate does NOT do: shells, command
-//! execution, subsystems (sftp), X11 or agent forwarding, password or keyboard-interactive
-//! authentication, `ProxyCommand`. OpenSSH certificates are accepted and presented in both roles
+//! `direct-tcpip` streams for `ssh -W`. Passwords and keyboard-interactive answers come from
+//! a [`PasswordPrompt`] the caller provides. What this crate does NOT do: shells, command
+//! execution, subsystems (sftp), X11 or agent forwarding, `ProxyCommand`. OpenSSH certificates are accepted and presented in both roles
 //! (policy in [`cert`]).
 //! The SSH protocol itself is russh's; this crate adds policy and plumbing.
 //!
@@ -50,8 +50,8 @@ pub mod error;
 
 pub use config::{
     Algorithms, AllocatedPort, ClientConfig, ClientCounts, ForwardCounts, ForwardKind,
-    ForwardStatus, JumpHop, Keepalive, ServerConfig, ServerCounts, ServerLimits, ServerStatus,
-    SshClientStatus, TunnelState,
+    ForwardState, ForwardStatus, JumpHop, Keepalive, PasswordPrompt, PendingForward, Prompt,
+    ServerConfig, ServerCounts, ServerLimits, ServerStatus, SshClientStatus, TunnelState,
 };
 pub use reload::{NeedsRestart, ReloadPlan};
 

@@ -56,6 +56,9 @@ pub const APPLIED: &[&str] = &[
     "ServerAliveCountMax",
     "ExitOnForwardFailure",
     "GatewayPorts",
+    "PasswordAuthentication",
+    "KbdInteractiveAuthentication",
+    "ChallengeResponseAuthentication",
     "BatchMode",
     "Ciphers",
     "KexAlgorithms",
@@ -78,7 +81,6 @@ pub const IGNORED: &[&str] = &[
     "CanonicalizeMaxDots",
     "CanonicalizePermittedCNAMEs",
     "CASignatureAlgorithms",
-    "ChallengeResponseAuthentication",
     "ChannelTimeout",
     "CheckHostIP",
     "Compression",
@@ -109,7 +111,6 @@ pub const IGNORED: &[&str] = &[
     "HostbasedAuthentication",
     "HostbasedKeyTypes",
     "IPQoS",
-    "KbdInteractiveAuthentication",
     "KbdInteractiveDevices",
     "LocalCommand",
     "LogLevel",
@@ -117,7 +118,6 @@ pub const IGNORED: &[&str] = &[
     "NoHostAuthenticationForLocalhost",
     "NumberOfPasswordPrompts",
     "ObscureKeystrokeTiming",
-    "PasswordAuthentication",
     "PermitLocalCommand",
     "PKCS11Provider",
     "PreferredAuthentications",
@@ -304,8 +304,12 @@ pub struct SshOptions {
     pub exit_on_forward_failure: Option<bool>,
     /// `GatewayPorts`: local listeners with no bind address listen on all addresses.
     pub gateway_ports: Option<bool>,
-    /// `BatchMode`: never prompt (passphrases).
+    /// `BatchMode`: never prompt (passphrases, passwords).
     pub batch_mode: Option<bool>,
+    /// `PasswordAuthentication`.
+    pub password_authentication: Option<bool>,
+    /// `KbdInteractiveAuthentication` (and its old name `ChallengeResponseAuthentication`).
+    pub kbd_interactive_authentication: Option<bool>,
     /// `Ciphers`, `-c`.
     pub ciphers: Option<Vec<String>>,
     /// `KexAlgorithms`.
@@ -801,6 +805,12 @@ impl SshOptions {
             "ExitOnForwardFailure" => set(&mut self.exit_on_forward_failure, yes_no(k, value)?),
             "GatewayPorts" => set(&mut self.gateway_ports, yes_no(k, value)?),
             "BatchMode" => set(&mut self.batch_mode, yes_no(k, value)?),
+            "PasswordAuthentication" => {
+                set(&mut self.password_authentication, yes_no(k, value)?);
+            }
+            "KbdInteractiveAuthentication" | "ChallengeResponseAuthentication" => {
+                set(&mut self.kbd_interactive_authentication, yes_no(k, value)?);
+            }
             "ForkAfterAuthentication" => {
                 set(&mut self.fork_after_authentication, yes_no(k, value)?);
             }
@@ -1392,5 +1402,25 @@ Match all
             let _ = parse_with(&text, &host, Files(vec![("inc", text.clone())]));
             let _ = SshOptions::default().apply_dash_o(&text);
         }
+    }
+
+    #[test]
+    fn password_methods_are_applied_with_the_old_name_too() {
+        let mut o = SshOptions::default();
+        o.apply_dash_o("PasswordAuthentication=no").unwrap();
+        o.apply_dash_o("ChallengeResponseAuthentication no")
+            .unwrap();
+        o.apply_dash_o("KbdInteractiveAuthentication=yes").unwrap();
+        assert_eq!(o.password_authentication, Some(false));
+        assert_eq!(
+            o.kbd_interactive_authentication,
+            Some(false),
+            "the first value wins"
+        );
+        assert!(
+            SshOptions::default()
+                .apply_dash_o("PasswordAuthentication=maybe")
+                .is_err()
+        );
     }
 }

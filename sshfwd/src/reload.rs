@@ -51,7 +51,8 @@ impl ReloadPlan {
     /// [`NeedsRestart`] naming the first setting that identifies the connection and changed:
     /// host, port, user, identities, certificates, passphrase, agent use, known_hosts file, host key policy,
     /// ciphers and other algorithms, address family, bind address, agent socket, jump hosts, connection count, `gateway_ports` (it moves every default listener),
-    /// `connect_timeout` or the reconnect schedule.
+    /// `connect_timeout`, the reconnect schedule, the probe interval or password
+    /// authentication (its methods or `password_file`).
     pub fn between(old: &ClientConfig, new: &ClientConfig) -> Result<ReloadPlan, NeedsRestart> {
         let needs_restart = [
             ("host", old.host != new.host),
@@ -82,6 +83,13 @@ impl ReloadPlan {
                 old.connect_timeout != new.connect_timeout,
             ),
             ("reconnect schedule", old.backoff != new.backoff),
+            ("probe", old.probe_interval != new.probe_interval),
+            (
+                "password authentication",
+                old.password_authentication != new.password_authentication
+                    || old.kbd_interactive_authentication != new.kbd_interactive_authentication
+                    || old.prompt != new.prompt,
+            ),
         ];
         if let Some((what, _)) = needs_restart.iter().find(|(_, changed)| *changed) {
             return Err(NeedsRestart { what });

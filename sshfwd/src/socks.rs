@@ -1,4 +1,5 @@
-//! SOCKS4, SOCKS4a and SOCKS5 (RFC 1928) request parsing and replies for `-D`. Pure.
+//! SOCKS4, SOCKS4a and SOCKS5 (RFC 1928) request parsing and replies for `-D` and the
+//! reverse dynamic `-R port` (no target). Pure.
 //!
 //! Only CONNECT without authentication is supported, as with OpenSSH's `-D`: BIND, UDP
 //! ASSOCIATE and username/password authentication are refused with the protocol's own error

@@ -4,7 +4,9 @@
 //! - `-L [bind_address:]port:host:hostport`, `-L [bind_address:]port:remote_socket`,
 //!   `-L local_socket:host:hostport`, `-L local_socket:remote_socket`
 //! - `-R [bind_address:]port:host:hostport`, `-R [bind_address:]port:local_socket`,
-//!   `-R remote_socket:host:hostport`, `-R remote_socket:local_socket`
+//!   `-R remote_socket:host:hostport`, `-R remote_socket:local_socket`, and
+//!   `-R [bind_address:]port` without a target (reverse dynamic: each connection to the
+//!   server's port is a SOCKS request served on this side, OpenSSH 7.6+)
 //! - `-D [bind_address:]port`
 //!
 //! IPv6 addresses go in square brackets (`[::1]:8080:[fe80::1]:80`). A path is anything that
@@ -37,8 +39,10 @@ pub enum Endpoint {
 pub struct ForwardSpec {
     /// The listening side (local for `-L`, on the server for `-R`).
     pub listen: Endpoint,
-    /// The connecting side (on the server's side for `-L`, local for `-R`).
-    pub connect: Endpoint,
+    /// The connecting side (on the server's side for `-L`, local for `-R`); `None` for a
+    /// reverse dynamic `-R [bind:]port`, whose connections each name their target in a
+    /// SOCKS request (never for `-L`: [`ForwardSpec::parse_local`] requires a target).
+    pub connect: Option<Endpoint>,
 }
 
 /// A parsed `-D` specification.
@@ -86,7 +90,10 @@ impl fmt::Display for Endpoint {
 
 impl fmt::Display for ForwardSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.listen, self.connect)
+        match &self.connect {
+            Some(connect) => write!(f, "{}:{connect}", self.listen),
+            None => self.listen.fmt(f),
+        }
     }
 }
 
@@ -234,7 +241,9 @@ fn host(s: &str) -> Option<String> {
 }
 
 /// Parses `listen` fields then `connect` fields, given the whole field list.
-fn parse_forward(fields: &[String], allow_listen_port_zero: bool) -> Option<ForwardSpec> {
+/// `remote` allows what only `-R` takes: listen port 0 and no target.
+fn parse_forward(fields: &[String], remote: bool) -> Option<ForwardSpec> {
+    let (allow_listen_port_zero, allow_dynamic) = (remote, remote);
     let listen_tcp = |bind: Option<&str>, p: &str| -> Option<Endpoint> {
         let port = port(p)?;
         if port == 0 && !allow_listen_port_zero {
@@ -256,20 +265,24 @@ fn parse_forward(fields: &[String], allow_listen_port_zero: bool) -> Option<Forw
     };
     let f: Vec<&str> = fields.iter().map(String::as_str).collect();
     let (listen, connect) = match f.as_slice() {
+        // -R port, -R bind:port (reverse dynamic)
+        [p] if allow_dynamic => (listen_tcp(None, p)?, None),
+        [b, p] if allow_dynamic && !is_path(b) && !is_path(p) => (listen_tcp(Some(b), p)?, None),
         // local_socket:remote_socket
-        [l, c] if is_path(l) && is_path(c) => {
-            (Endpoint::Unix(l.to_string()), Endpoint::Unix(c.to_string()))
-        }
+        [l, c] if is_path(l) && is_path(c) => (
+            Endpoint::Unix(l.to_string()),
+            Some(Endpoint::Unix(c.to_string())),
+        ),
         // port:remote_socket
-        [p, c] if is_path(c) => (listen_tcp(None, p)?, Endpoint::Unix(c.to_string())),
+        [p, c] if is_path(c) => (listen_tcp(None, p)?, Some(Endpoint::Unix(c.to_string()))),
         // local_socket:host:hostport
-        [l, h, p] if is_path(l) => (Endpoint::Unix(l.to_string()), connect_tcp(h, p)?),
+        [l, h, p] if is_path(l) => (Endpoint::Unix(l.to_string()), Some(connect_tcp(h, p)?)),
         // bind:port:remote_socket
-        [b, p, c] if is_path(c) => (listen_tcp(Some(b), p)?, Endpoint::Unix(c.to_string())),
+        [b, p, c] if is_path(c) => (listen_tcp(Some(b), p)?, Some(Endpoint::Unix(c.to_string()))),
         // port:host:hostport
-        [p, h, hp] => (listen_tcp(None, p)?, connect_tcp(h, hp)?),
+        [p, h, hp] => (listen_tcp(None, p)?, Some(connect_tcp(h, hp)?)),
         // bind:port:host:hostport
-        [b, p, h, hp] => (listen_tcp(Some(b), p)?, connect_tcp(h, hp)?),
+        [b, p, h, hp] => (listen_tcp(Some(b), p)?, Some(connect_tcp(h, hp)?)),
         _ => return None,
     };
     Some(ForwardSpec { listen, connect })
@@ -357,14 +370,14 @@ mod tests {
     fn local_forms() {
         let s = ForwardSpec::parse_local("8585:127.0.0.1:80").unwrap();
         assert_eq!(s.listen, tcp(None, 8585));
-        assert_eq!(s.connect, tcp(Some("127.0.0.1"), 80));
+        assert_eq!(s.connect, Some(tcp(Some("127.0.0.1"), 80)));
         let s = ForwardSpec::parse_local("0.0.0.0:8585:web:80").unwrap();
         assert_eq!(s.listen, tcp(Some("0.0.0.0"), 8585));
         let s = ForwardSpec::parse_local("[::1]:8585:[fe80::1]:80").unwrap();
         assert_eq!(s.listen, tcp(Some("::1"), 8585));
-        assert_eq!(s.connect, tcp(Some("fe80::1"), 80));
+        assert_eq!(s.connect, Some(tcp(Some("fe80::1"), 80)));
         let s = ForwardSpec::parse_local("8585:/run/app.sock").unwrap();
-        assert_eq!(s.connect, Endpoint::Unix("/run/app.sock".into()));
+        assert_eq!(s.connect, Some(Endpoint::Unix("/run/app.sock".into())));
         let s = ForwardSpec::parse_local("/tmp/l.sock:db:5432").unwrap();
         assert_eq!(s.listen, Endpoint::Unix("/tmp/l.sock".into()));
     }
@@ -374,6 +387,28 @@ mod tests {
         let s = ForwardSpec::parse_remote("0:localhost:22").unwrap();
         assert_eq!(s.listen, tcp(None, 0));
         assert!(ForwardSpec::parse_local("0:localhost:22").is_err());
+    }
+
+    #[test]
+    fn remote_without_a_target_is_reverse_dynamic() {
+        let s = ForwardSpec::parse_remote("9100").unwrap();
+        assert_eq!(
+            (s.listen.clone(), s.connect.clone()),
+            (tcp(None, 9100), None)
+        );
+        assert_eq!(s.to_string(), "9100");
+        let s = ForwardSpec::parse_remote("[::1]:9100").unwrap();
+        assert_eq!(
+            (s.listen.clone(), s.connect.clone()),
+            (tcp(Some("::1"), 9100), None)
+        );
+        assert_eq!(s.to_string(), "[::1]:9100");
+        assert_eq!(ForwardSpec::parse_remote("*:0").unwrap().to_string(), "*:0");
+        for bad in ["x", "a:b", "/tmp/s", "h:/tmp/s", "70000", ""] {
+            assert!(ForwardSpec::parse_remote(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(ForwardSpec::parse_local("9100").is_err());
+        assert!(ForwardSpec::parse_local("localhost:9100").is_err());
     }
 
     #[test]

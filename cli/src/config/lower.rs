@@ -417,6 +417,7 @@ pub(crate) fn ssh_client(d: &SshSection) -> ClientConfig {
         max: d.reconnect_max.0,
         ..BackoffConfig::default()
     };
+    cfg.probe_interval = d.probe.then_some(d.probe_interval.0);
     cfg.fail_fast = true;
     cfg
 }

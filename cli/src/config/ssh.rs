@@ -53,6 +53,11 @@ pub(crate) struct SshSection {
     /// File holding the passphrase of an encrypted `identity`. Default none.
     #[serde(default)]
     pub(crate) passphrase_file: Option<PathBuf>,
+    /// File whose first line is the password for password and keyboard-interactive
+    /// authentication, tried after the keys; re-read at each login. Default none: a daemon
+    /// never tries passwords.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) password_file: Option<PathBuf>,
     /// Also offer the keys of the ssh-agent at `$SSH_AUTH_SOCK`. Default true.
     #[serde(default = "d_true")]
     pub(crate) use_agent: bool,
@@ -78,6 +83,14 @@ pub(crate) struct SshSection {
     /// Longest reconnect delay. Default 30 s, at least 100 ms.
     #[serde(default = "d_reconnect_max", deserialize_with = "at_least_100ms")]
     pub(crate) reconnect_max: HumanDuration,
+    /// End-to-end probes (autossh's `-M`): every `probe_interval` a channel is opened through
+    /// each `-L` to its target and through each `-R` back to this side; a probe that fails or
+    /// outlasts `connect_timeout` reconnects the session. Default false.
+    #[serde(default)]
+    pub(crate) probe: bool,
+    /// Time between probes. Default 30 s, at least 1 s.
+    #[serde(default = "d_probe_interval", deserialize_with = "at_least_1s")]
+    pub(crate) probe_interval: HumanDuration,
 }
 
 /// `[user@]host[:port]` (`[v6]:port` for IPv6; a bare IPv6 address has no port), parsed
@@ -247,6 +260,9 @@ fn d_reconnect_min() -> HumanDuration {
     HumanDuration(Duration::from_millis(200))
 }
 fn d_reconnect_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn d_probe_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
@@ -575,6 +591,22 @@ mod tests {
     }
 
     #[test]
+    fn probes_and_reverse_dynamic_forwards_lower() {
+        let lower = |body: &str| {
+            let d: SshSection = toml::from_str(&format!("destination = \"u@h\"\n{body}")).unwrap();
+            crate::config::lower::ssh_client(&d)
+        };
+        let cfg = lower("remote = [\"1080\", \"9000:localhost:22\"]\n");
+        assert_eq!(cfg.probe_interval, None);
+        assert_eq!(cfg.remote[0].connect, None);
+        assert!(cfg.remote[1].connect.is_some());
+        let cfg = lower("local = [\"1:h:2\"]\nprobe = true\n");
+        assert_eq!(cfg.probe_interval, Some(Duration::from_secs(30)));
+        let cfg = lower("local = [\"1:h:2\"]\nprobe = true\nprobe_interval = \"5s\"\n");
+        assert_eq!(cfg.probe_interval, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
     fn destination_forms() {
         let d = |s: &str| {
             let d = Destination::parse(s).unwrap();
@@ -598,6 +630,7 @@ mod tests {
             "connect_timeout = \"0s\"",
             "reconnect_min = \"0s\"",
             "reconnect_max = \"0s\"",
+            "probe_interval = \"500ms\"",
         ] {
             let r: Result<SshSection, _> = toml::from_str(&format!(
                 "destination = \"u@h\"\nlocal = [\"1:h:2\"]\n{bad}"

@@ -16,8 +16,8 @@ use sshfwd::options::{AddressFamily, JumpSpec, MatchContext, SshOptions, Tokens,
 use sshfwd::policy::PermitList;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use sshfwd::{
-    Algorithms, ClientConfig, ConfigFiles, JumpHop, ServerConfig, ServerLimits, ServerStatus,
-    SshClient, SshClientStatus, SshFwdError, SshServer,
+    Algorithms, ClientConfig, ConfigFiles, ForwardState, JumpHop, PasswordPrompt, Prompt,
+    ServerConfig, ServerLimits, ServerStatus, SshClient, SshClientStatus, SshFwdError, SshServer,
 };
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -68,7 +68,9 @@ pub(crate) struct SshArgs {
     /// forward a local port through the server.
     #[arg(short = 'L')]
     pub(crate) local: Vec<String>,
-    /// `[bind_address:]port:host:hostport` — forward a server port (0 = allocated) back here.
+    /// `[bind_address:]port:host:hostport` — forward a server port (0 = allocated) back here;
+    /// `[bind_address:]port` alone: a SOCKS proxy on the server whose connections leave from
+    /// here.
     #[arg(short = 'R')]
     pub(crate) remote: Vec<String>,
     /// `[bind_address:]port` — a SOCKS4a/5 proxy whose connections go out through the server.
@@ -99,6 +101,10 @@ pub(crate) struct SshArgs {
     /// SSH connections to keep; channels are spread over them (uses more cores). Default 1.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) connections: u16,
+    /// Seconds between end-to-end probes through every forward (autossh's -M); a failed probe
+    /// reconnects. 0 (the default) disables.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) probe_interval: u32,
 }
 
 /// `vipgate sshd`: the forwarding-only SSH server.
@@ -141,6 +147,137 @@ fn prompt_passphrase(path: &Path) -> anyhow::Result<String> {
     writeln!(out)?;
     read?;
     Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// Passwords and keyboard-interactive answers typed on the controlling terminal. Ctrl-C or
+/// Ctrl-D gives up (the login then fails as ssh's does), and the terminal's settings are put
+/// back whatever happens.
+struct TerminalPrompt;
+
+impl PasswordPrompt for TerminalPrompt {
+    fn password(&self, who: &str) -> Option<String> {
+        read_tty(&format!("{}'s password: ", printable(who)), false)
+            .ok()
+            .flatten()
+    }
+
+    fn keyboard_interactive(
+        &self,
+        _who: &str,
+        name: &str,
+        instructions: &str,
+        prompts: &[(String, bool)],
+    ) -> Option<Vec<String>> {
+        use std::io::Write;
+        let mut tty = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/tty")
+            .ok()?;
+        for text in [name, instructions].into_iter().filter(|t| !t.is_empty()) {
+            let _ = writeln!(tty, "{}", printable(text));
+        }
+        prompts
+            .iter()
+            .map(|(text, echo)| read_tty(&printable(text), *echo).ok().flatten())
+            .collect()
+    }
+}
+
+/// Server-supplied text made harmless on a terminal (no escape sequences), and bounded.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(1024)
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .collect()
+}
+
+/// Longest answer read from the terminal.
+const MAX_ANSWER: usize = 1024;
+
+/// Shows `prompt` on /dev/tty and reads one line, echoed or not. The terminal is switched to
+/// byte-at-a-time input without signals, so that Ctrl-C arrives here (and gives up) instead
+/// of killing the process with echo still off; the saved settings are restored before
+/// returning. `Ok(None)`: the user gave up (Ctrl-C, or Ctrl-D on an empty line).
+fn read_tty(prompt: &str, echo: bool) -> std::io::Result<Option<String>> {
+    use nix::sys::termios::{LocalFlags, SetArg, SpecialCharacterIndices, tcgetattr, tcsetattr};
+    use std::io::{Read, Write};
+    let mut tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")?;
+    let saved = tcgetattr(&tty)?;
+    let mut raw = saved.clone();
+    raw.local_flags
+        .remove(LocalFlags::ICANON | LocalFlags::ISIG | LocalFlags::ECHO);
+    raw.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
+    raw.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
+    tty.write_all(prompt.as_bytes())?;
+    tty.flush()?;
+    tcsetattr(&tty, SetArg::TCSANOW, &raw)?;
+    let mut line = Vec::new();
+    let answer = loop {
+        let mut byte = [0u8; 1];
+        match tty.read(&mut byte) {
+            Ok(0) => break Ok(None),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(e),
+        }
+        match byte[0] {
+            b'\n' | b'\r' => break Ok(Some(String::from_utf8_lossy(&line).into_owned())),
+            0x03 => break Ok(None),
+            0x04 if line.is_empty() => break Ok(None),
+            // Backspace: the guard drops the last byte; only an echoed line is redrawn.
+            0x7f | 0x08 if line.pop().is_some() && echo => {
+                let _ = tty.write_all(b"\x08 \x08");
+            }
+            0x7f | 0x08 => {}
+            b if line.len() < MAX_ANSWER => {
+                line.push(b);
+                if echo {
+                    let _ = tty.write_all(&[b]);
+                }
+            }
+            _ => {}
+        }
+    };
+    let restored = tcsetattr(&tty, SetArg::TCSANOW, &saved);
+    let _ = tty.write_all(b"\n");
+    restored?;
+    answer
+}
+
+/// A `password_file`'s first line, read at each login (so a changed password applies at the
+/// next reconnect): the password, and the answer to every hidden keyboard-interactive prompt.
+struct FilePrompt(PathBuf);
+
+impl FilePrompt {
+    fn read(&self) -> Option<String> {
+        read_passphrase_file(&self.0)
+            .map_err(|e| tracing::warn!("{e:#}"))
+            .ok()
+    }
+}
+
+impl PasswordPrompt for FilePrompt {
+    fn password(&self, _who: &str) -> Option<String> {
+        self.read()
+    }
+
+    fn keyboard_interactive(
+        &self,
+        _who: &str,
+        _name: &str,
+        _instructions: &str,
+        prompts: &[(String, bool)],
+    ) -> Option<Vec<String>> {
+        // A visible prompt asks for something else than the password: give up.
+        if prompts.iter().any(|(_, echo)| *echo) {
+            return None;
+        }
+        let password = self.read()?;
+        Some(vec![password; prompts.len()])
+    }
 }
 
 fn read_passphrase_file(path: &Path) -> anyhow::Result<String> {
@@ -382,9 +519,25 @@ fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
         })
         .collect::<anyhow::Result<_>>()?;
     cfg.connections = usize::from(args.connections);
+    cfg.probe_interval =
+        (args.probe_interval > 0).then(|| Duration::from_secs(u64::from(args.probe_interval)));
     cfg.fail_fast = true;
     let batch = o.batch_mode.unwrap_or(false);
     cfg.passphrase = passphrase_for(&cfg.identities, args.passphrase_file.as_deref(), batch)?;
+    cfg.password_authentication = o.password_authentication.unwrap_or(true);
+    cfg.kbd_interactive_authentication = o.kbd_interactive_authentication.unwrap_or(true);
+    // Like ssh: prompts only on a terminal, and never in BatchMode; nor in the process `-f`
+    // starts, which reading the terminal from the background would stop (SIGTTIN).
+    let tty = std::env::var_os(BACKGROUND_CHILD).is_none()
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/tty")
+            .is_ok();
+    cfg.prompt = (!batch && tty).then(|| Prompt {
+        source: "terminal".to_string(),
+        answer: std::sync::Arc::new(TerminalPrompt),
+    });
     Ok(SshInvocation {
         cfg,
         background: o.fork_after_authentication.unwrap_or(false) && stdio.is_none(),
@@ -645,6 +798,11 @@ fn client_config_from_section(d: &SshSection) -> anyhow::Result<ClientConfig> {
         Some(f) => Some(read_passphrase_file(f)?),
         None => None,
     };
+    // A daemon has nobody to ask: passwords only from a file.
+    cfg.prompt = d.password_file.as_ref().map(|f| Prompt {
+        source: format!("file {}", f.display()),
+        answer: std::sync::Arc::new(FilePrompt(f.clone())),
+    });
     Ok(cfg)
 }
 
@@ -877,14 +1035,21 @@ fn render_tunnel(out: &mut String, t: &SshClientStatus) {
         up,
         t.counters.reconnects
     );
+    if t.counters.probes > 0 {
+        let _ = writeln!(
+            out,
+            "  probes {}  failed {}",
+            t.counters.probes, t.counters.probe_failures
+        );
+    }
     if let Some(e) = &t.last_error {
         let _ = writeln!(out, "  last error: {e}");
     }
     for f in &t.forwards {
-        let bound = if f.bound.is_empty() {
-            "(not bound)"
-        } else {
-            &f.bound
+        let bound = match f.state {
+            ForwardState::Pending => "(pending)",
+            _ if f.bound.is_empty() => "(not bound)",
+            _ => &f.bound,
         };
         let _ = writeln!(
             out,
@@ -898,6 +1063,16 @@ fn render_tunnel(out: &mut String, t: &SshClientStatus) {
             bytes(f.counters.bytes_out),
             bytes(f.counters.bytes_in),
         );
+        if let Some(p) = &f.pending {
+            let next = p
+                .next_retry
+                .map_or_else(|| "-".to_string(), |d| uptime(d.as_secs()));
+            let _ = writeln!(
+                out,
+                "    pending: {}; attempts {}, next retry in {next}",
+                p.reason, p.attempts
+            );
+        }
     }
 }
 
@@ -919,6 +1094,25 @@ mod tests {
         );
         assert!(
             text.contains("127.0.0.1:8585") && text.contains("in 2.0 MB"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_shows_a_pending_remote_forward_and_why() {
+        let v = serde_json::json!({"role": "client", "name": "ops@h", "state": "connected",
+            "uptime_s": 5, "connections_up": 1, "counters": {"reconnects": 0},
+            "forwards": [{"kind": "remote", "spec": "9100:127.0.0.1:80", "bound": "",
+            "active": 0, "counters": {"total": 0, "failed": 0, "bytes_out": 0, "bytes_in": 0},
+            "state": "pending", "pending": {"reason":
+            "remote port forwarding failed for listen port 9100", "attempts": 4,
+            "next_retry_s": 3}}]});
+        let text = render(&[v]);
+        assert!(text.contains("(pending)"), "{text}");
+        assert!(
+            text.contains(
+                "pending: remote port forwarding failed for listen port 9100; attempts 4, next retry in 3s"
+            ),
             "{text}"
         );
     }

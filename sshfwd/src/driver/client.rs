@@ -8,22 +8,24 @@
 //! server allocated before when the spec said port 0.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use netutil::Reconfigured;
 use russh::Disconnect;
 use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::certs;
 use super::forward::{self, Listeners};
 use super::lock;
-use super::session::{ClientHandler, Identity, JumpHandler, RemoteForward, Shared, State};
+use super::session::{
+    ClientHandler, Identity, JumpHandler, RefusalChange, RemoteForward, Shared, State,
+};
 use super::worker::Worker;
 use crate::backoff::Backoff;
 use crate::config::{
@@ -88,6 +90,7 @@ impl SshClient {
             .collect();
         let (keepalive, _) = watch::channel(cfg.keepalive());
         let applied = Mutex::new(cfg.clone());
+        let cfg_local = cfg.local.clone();
         let shared = Arc::new(Shared {
             russh: Arc::new(russh_config(&cfg, &cfg.host, cfg.port)?),
             keys,
@@ -102,6 +105,10 @@ impl SshClient {
             allocated_tx,
             runtimes: workers.iter().map(|w| w.handle().clone()).collect(),
             next_slot: AtomicUsize::new(0),
+            refused_wake: Notify::new(),
+            local: Mutex::new(cfg_local),
+            probes: AtomicU64::new(0),
+            probe_failures: AtomicU64::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -230,6 +237,7 @@ impl SshClient {
             });
         }
 
+        *lock(&shared.local) = new.local.clone();
         if let Some(keepalive) = plan.keepalive {
             shared.keepalive.send_replace(keepalive);
         }
@@ -256,7 +264,8 @@ impl SshClient {
             .filter(|h| !h.is_closed())
             .count();
         let mut forwards = self.listeners.status();
-        forwards.extend(self.shared.remotes().iter().map(|r| r.status()));
+        let at = now();
+        forwards.extend(self.shared.remotes().iter().map(|r| r.status(at)));
         SshClientStatus {
             name: self.shared.cfg.name.clone(),
             state: if state.stopped {
@@ -271,6 +280,8 @@ impl SshClient {
                 .map(|t| now().saturating_duration_since(t)),
             counters: ClientCounts {
                 reconnects: state.reconnects,
+                probes: self.shared.probes.load(Ordering::Relaxed),
+                probe_failures: self.shared.probe_failures.load(Ordering::Relaxed),
             },
             connections_up: up,
             last_error: state.last_error.clone(),
@@ -782,6 +793,49 @@ async fn authenticate<H: client::Handler>(
             Err(e) => tracing::debug!("ssh-agent unavailable: {e}"),
         }
     }
+    if let Some(prompt) = &cfg.prompt
+        && (cfg.kbd_interactive_authentication || cfg.password_authentication)
+    {
+        // Ask what the server still takes: no prompt for a method it does not offer.
+        let offered = match handle.authenticate_none(user).await? {
+            client::AuthResult::Success => return Ok(()),
+            client::AuthResult::Failure {
+                remaining_methods, ..
+            } => remaining_methods,
+        };
+        let who = format!("{user}@{host}");
+        if cfg.kbd_interactive_authentication
+            && offered.contains(&russh::MethodKind::KeyboardInteractive)
+        {
+            tried.push("keyboard-interactive".to_string());
+            if keyboard_interactive(handle, user, &who, prompt).await? {
+                tracing::debug!("{}: authenticated with keyboard-interactive", cfg.name);
+                return Ok(());
+            }
+        }
+        if cfg.password_authentication && offered.contains(&russh::MethodKind::Password) {
+            tried.push("password".to_string());
+            for attempt in 0..PASSWORD_ATTEMPTS {
+                if attempt > 0 {
+                    tracing::warn!("Permission denied, please try again.");
+                }
+                let (answer, asked) = (prompt.answer.clone(), who.clone());
+                let Ok(Some(password)) =
+                    tokio::task::spawn_blocking(move || answer.password(&asked)).await
+                else {
+                    break;
+                };
+                if handle
+                    .authenticate_password(user, password)
+                    .await?
+                    .success()
+                {
+                    tracing::debug!("{}: authenticated with a password", cfg.name);
+                    return Ok(());
+                }
+            }
+        }
+    }
     Err(SshFwdError::AuthFailed {
         user: user.to_string(),
         host: host.to_string(),
@@ -791,6 +845,59 @@ async fn authenticate<H: client::Handler>(
             tried.join(", ")
         },
     })
+}
+
+/// Passwords asked for before giving up (OpenSSH's `NumberOfPasswordPrompts`).
+const PASSWORD_ATTEMPTS: usize = 3;
+/// Keyboard-interactive rounds and prompts per round accepted from a server: one that keeps
+/// asking is refused instead of prompting forever.
+const MAX_KBD_ROUNDS: usize = 8;
+const MAX_KBD_PROMPTS: usize = 16;
+
+/// Keyboard-interactive authentication, each round's prompts answered by `prompt`; whether
+/// the server accepted.
+async fn keyboard_interactive<H: client::Handler>(
+    handle: &mut Handle<H>,
+    user: &str,
+    who: &str,
+    prompt: &crate::config::Prompt,
+) -> Result<bool, SshFwdError> {
+    let mut reply = handle
+        .authenticate_keyboard_interactive_start(user, None)
+        .await?;
+    for _ in 0..MAX_KBD_ROUNDS {
+        let (name, instructions, prompts) = match reply {
+            client::KeyboardInteractiveAuthResponse::Success => return Ok(true),
+            client::KeyboardInteractiveAuthResponse::Failure { .. } => return Ok(false),
+            client::KeyboardInteractiveAuthResponse::InfoRequest {
+                name,
+                instructions,
+                prompts,
+            } => (name, instructions, prompts),
+        };
+        if prompts.len() > MAX_KBD_PROMPTS {
+            tracing::warn!(
+                "{who}: the server asked {} keyboard-interactive questions at once; giving up",
+                prompts.len()
+            );
+            return Ok(false);
+        }
+        let prompts: Vec<(String, bool)> =
+            prompts.into_iter().map(|p| (p.prompt, p.echo)).collect();
+        let (answer, asked) = (prompt.answer.clone(), who.to_string());
+        let answers = tokio::task::spawn_blocking(move || {
+            answer.keyboard_interactive(&asked, &name, &instructions, &prompts)
+        })
+        .await;
+        let Ok(Some(answers)) = answers else {
+            return Ok(false);
+        };
+        reply = handle
+            .authenticate_keyboard_interactive_respond(answers)
+            .await?;
+    }
+    tracing::warn!("{who}: more than {MAX_KBD_ROUNDS} keyboard-interactive rounds; giving up");
+    Ok(false)
 }
 
 /// Asks the server for every `-R`; with `strict`, the first refusal is an error.
@@ -806,6 +913,11 @@ async fn request_remote_forwards(
 }
 
 /// Asks the server for one `-R` (a `tcpip-forward` or a `streamlocal-forward@openssh.com`).
+///
+/// A refusal fails with `strict` and `exit_on_forward_failure`; otherwise the forward turns
+/// `pending` and [`retry_refused`] asks again with backoff on the same connection (the old
+/// session of a restarted client may still hold the port on the server: autossh's classic
+/// failure). Logs when the forward turns pending and when it binds, not every attempt.
 async fn request_remote_forward(
     shared: &Arc<Shared>,
     handle: &Handle<ClientHandler>,
@@ -813,8 +925,8 @@ async fn request_remote_forward(
     strict: bool,
 ) -> Result<(), SshFwdError> {
     let refused = |e: russh::Error| {
-        r.set_down();
         if strict && shared.cfg.exit_on_forward_failure {
+            r.set_down();
             // ssh names the port alone (or the socket path).
             let listen = match &r.spec.listen {
                 Endpoint::Tcp { port, .. } => port.to_string(),
@@ -822,19 +934,35 @@ async fn request_remote_forward(
             };
             return Err(SshFwdError::RemoteForwardRefused(listen));
         }
-        tracing::warn!(
-            "{}: Warning: remote port forwarding failed for listen port {} ({e})",
-            shared.cfg.name,
-            r.spec.listen
-        );
+        let change = r.set_refused(shared.cfg.backoff, now(), rand::random());
+        if change == RefusalChange::NowPending {
+            tracing::warn!(
+                "{}: Warning: {} ({e}); retrying with backoff up to {:?}",
+                shared.cfg.name,
+                r.refusal_reason(),
+                shared.cfg.backoff.max
+            );
+            shared.refused_wake.notify_one();
+        } else {
+            tracing::debug!("{}: {} again ({e})", shared.cfg.name, r.refusal_reason());
+        }
         Ok(())
+    };
+    let bound = |r: &RemoteForward, port: u64| {
+        if let Some(attempts) = r.set_listening(port) {
+            tracing::info!(
+                "{}: remote forward {} established after {attempts} refused request(s)",
+                shared.cfg.name,
+                r.spec
+            );
+        }
     };
     let (host, port) = match &r.spec.listen {
         Endpoint::Tcp { host, port } => (host, *port),
         Endpoint::Unix(path) => {
             return match handle.streamlocal_forward(path.clone()).await {
                 Ok(()) => {
-                    r.listening.store(true, Ordering::Relaxed);
+                    bound(r, 0);
                     Ok(())
                 }
                 Err(e) => refused(e),
@@ -854,24 +982,51 @@ async fn request_remote_forward(
     }
     match result {
         Ok(allocated) => {
-            let bound = if port == 0 {
+            let port_now = if port == 0 {
                 if allocated != 0 { allocated } else { want }
             } else {
                 u32::from(port)
             };
-            r.bound_port.store(u64::from(bound), Ordering::Relaxed);
-            r.listening.store(true, Ordering::Relaxed);
+            bound(r, u64::from(port_now));
             if port == 0 {
-                r.last_allocated.store(u64::from(bound), Ordering::Relaxed);
-                let port = u16::try_from(bound).unwrap_or(0);
-                let _ = shared.allocated_tx.send(AllocatedPort {
-                    port,
-                    target: r.spec.connect.to_string(),
-                });
+                r.last_allocated
+                    .store(u64::from(port_now), Ordering::Relaxed);
+                let port = u16::try_from(port_now).unwrap_or(0);
+                let target = match &r.spec.connect {
+                    Some(target) => target.to_string(),
+                    None => "SOCKS requests (reverse dynamic)".to_string(),
+                };
+                let _ = shared.allocated_tx.send(AllocatedPort { port, target });
             }
             Ok(())
         }
         Err(e) => refused(e),
+    }
+}
+
+/// Asks again, on the live connection `handle`, for each `-R` the server refused, when its
+/// backoff says so; never returns (the supervisor drops it with the connection).
+async fn retry_refused(shared: &Arc<Shared>, handle: &Handle<ClientHandler>) {
+    loop {
+        let due = shared.remotes().iter().filter_map(|r| r.retry_at()).min();
+        match due {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = shared.refused_wake.notified() => continue,
+                }
+            }
+            None => {
+                shared.refused_wake.notified().await;
+                continue;
+            }
+        }
+        let at = now();
+        for r in shared.remotes() {
+            if r.retry_at().is_some_and(|due| due <= at) {
+                let _ = request_remote_forward(shared, handle, &r, false).await;
+            }
+        }
     }
 }
 
@@ -950,6 +1105,128 @@ async fn keepalive_dead(
     }
 }
 
+/// Resolves with the reason when a probe through the connection of `slot` fails: every
+/// `interval`, [`probe_forwards`].
+async fn probe_failed(
+    shared: &Arc<Shared>,
+    slot: usize,
+    handle: &Handle<ClientHandler>,
+    interval: Duration,
+) -> String {
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(why) = probe_forwards(shared, slot, handle).await {
+            return why;
+        }
+    }
+}
+
+/// Opens a channel end to end through every forward, one at a time, each within
+/// `connect_timeout`: for a `-L`, a `direct-tcpip` (or `direct-streamlocal`) channel to its
+/// target, which the server only confirms once it has connected; for a `-R` (carried by slot
+/// 0), a channel to the server's own listening address, which must come back to us as the
+/// forwarded channel of that forward (and is served as any other: its target sees a
+/// connection open and close). `-D` forwards have no fixed target and are not probed.
+async fn probe_forwards(
+    shared: &Arc<Shared>,
+    slot: usize,
+    handle: &Handle<ClientHandler>,
+) -> Result<(), String> {
+    let timeout = shared.cfg.connect_timeout;
+    // Every `-L` has a target (parse_local), which is what is probed.
+    let targets: Vec<(String, Endpoint)> = lock(&shared.local)
+        .iter()
+        .filter_map(|spec| Some((spec.to_string(), spec.connect.clone()?)))
+        .collect();
+    for (spec, target) in &targets {
+        let open = async {
+            match target {
+                Endpoint::Tcp { host, port } => {
+                    handle
+                        .channel_open_direct_tcpip(
+                            host.as_deref().unwrap_or("localhost"),
+                            u32::from(*port),
+                            "127.0.0.1",
+                            0,
+                        )
+                        .await
+                }
+                Endpoint::Unix(path) => handle.channel_open_direct_streamlocal(path.clone()).await,
+            }
+        };
+        let result = match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(channel)) => {
+                let _ = channel.close().await;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!(
+                "probe of -L {spec} failed: the server could not open {target}: {e}"
+            )),
+            Err(_) => Err(format!("probe of -L {spec} timed out after {timeout:?}")),
+        };
+        count_probe(shared, result)?;
+    }
+    if slot != 0 {
+        return Ok(());
+    }
+    for r in shared.remotes() {
+        if !r.listening.load(Ordering::Relaxed) {
+            continue;
+        }
+        let mut arrivals = r.arrivals.subscribe();
+        let before = *arrivals.borrow_and_update();
+        let round_trip = async {
+            let channel = match &r.spec.listen {
+                Endpoint::Tcp { host, .. } => {
+                    let port = u32::try_from(r.bound_port.load(Ordering::Relaxed)).unwrap_or(0);
+                    handle
+                        .channel_open_direct_tcpip(
+                            probe_host(host.as_deref()),
+                            port,
+                            "127.0.0.1",
+                            0,
+                        )
+                        .await
+                }
+                Endpoint::Unix(path) => handle.channel_open_direct_streamlocal(path.clone()).await,
+            }
+            .map_err(|e| format!("the server could not connect to its listener: {e}"))?;
+            let back = arrivals.wait_for(|n| *n != before).await.map(|_| ());
+            let _ = channel.close().await;
+            back.map_err(|_| "the forward was removed".to_string())
+        };
+        let result = match tokio::time::timeout(timeout, round_trip).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(format!("probe of -R {} failed: {why}", r.spec)),
+            Err(_) => Err(format!(
+                "probe of -R {} timed out after {timeout:?} (no forwarded channel came back)",
+                r.spec
+            )),
+        };
+        count_probe(shared, result)?;
+    }
+    Ok(())
+}
+
+fn count_probe(shared: &Shared, result: Result<(), String>) -> Result<(), String> {
+    shared.probes.fetch_add(1, Ordering::Relaxed);
+    if result.is_err() {
+        shared.probe_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    result
+}
+
+/// Where a probe reaches the server's listener of a `-R` bound to `host` (OpenSSH's
+/// defaults: none is localhost, `*` and empty are every address, loopback among them).
+fn probe_host(host: Option<&str>) -> String {
+    match host {
+        None | Some("localhost") => "localhost".to_string(),
+        Some("*" | "" | "0.0.0.0") => "127.0.0.1".to_string(),
+        Some("::") => "::1".to_string(),
+        Some(h) => h.to_string(),
+    }
+}
+
 async fn supervise(
     shared: Arc<Shared>,
     slot: usize,
@@ -1001,8 +1278,26 @@ async fn supervise(
         }
         ever_up = true;
         shared.pool.send_modify(|p| p[slot] = Some(handle.clone()));
+        let retry = async {
+            if slot == 0 {
+                retry_refused(&shared, &handle).await;
+            }
+            std::future::pending::<()>().await;
+        };
+        let probe = async {
+            match shared.cfg.probe_interval.filter(|d| !d.is_zero()) {
+                Some(interval) => probe_failed(&shared, slot, &handle, interval).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = closed => {}
+            () = retry => {}
+            why = probe => {
+                tracing::warn!("{}: {why}; reconnecting", shared.cfg.name);
+                lock(&shared.state).last_error = Some(why);
+                let _ = handle.disconnect(Disconnect::ByApplication, "probe failed", "").await;
+            }
             () = keepalive_dead(handle.clone(), shared.keepalive.subscribe()) => {
                 lock(&shared.state).last_error = Some("server not responding to keepalives".into());
                 let _ = handle.disconnect(Disconnect::ByApplication, "keepalive timeout", "").await;

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use russh::{ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config::{ForwardCounts, ForwardKind, ForwardStatus};
+use crate::config::{ForwardCounts, ForwardKind, ForwardState, ForwardStatus};
 
 /// Counters of one forward; shared by all its connections.
 #[derive(Debug, Default)]
@@ -42,6 +42,8 @@ impl ForwardCounters {
                 bytes_out: self.bytes_out.load(Ordering::Relaxed),
                 bytes_in: self.bytes_in.load(Ordering::Relaxed),
             },
+            state: ForwardState::Listening,
+            pending: None,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::client::{ChannelOpenHandle, Msg};
-use russh::{Channel, ChannelOpenFailure};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
@@ -21,8 +21,8 @@ use super::lock;
 use super::session::{RemoteForward, Shared, pick};
 use crate::config::ForwardStatus;
 use crate::error::SshFwdError;
-use crate::socks::{self, Socks5Reply, SocksHello};
-use crate::spec::{Endpoint, ListenAddress, LocalForward};
+use crate::socks::{self, Socks5Reply, SocksHello, SocksTarget};
+use crate::spec::{Endpoint, ForwardSpec, ListenAddress, LocalForward};
 
 /// A local forward and where it ended up listening.
 #[derive(Debug, Clone)]
@@ -367,7 +367,12 @@ async fn handle<S>(
 {
     counters.total.fetch_add(1, Ordering::Relaxed);
     match fwd {
-        LocalForward::Local(spec) => {
+        LocalForward::Local(
+            spec @ ForwardSpec {
+                connect: Some(target),
+                ..
+            },
+        ) => {
             let Some(handle) = pick(&shared, slot).await else {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -376,7 +381,7 @@ async fn handle<S>(
                 );
                 return;
             };
-            let opened = match &spec.connect {
+            let opened = match target {
                 Endpoint::Tcp { host, port } => {
                     let host = host.clone().unwrap_or_else(|| "localhost".into());
                     handle
@@ -398,7 +403,9 @@ async fn handle<S>(
                 }
             }
         }
-        LocalForward::Dynamic(_) => {
+        // An `-L` without a target is how OpenSSH itself stores a `-D` (parse_local never
+        // makes one).
+        LocalForward::Local(_) | LocalForward::Dynamic(_) => {
             if let Err(why) = socks_session(&shared, stream, peer, counters, slot).await {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("{}: SOCKS client {peer}: {why}", shared.cfg.name);
@@ -407,14 +414,66 @@ async fn handle<S>(
     }
 }
 
-/// Reads until `parse` yields a message, within a bounded buffer and a deadline.
-async fn read_message<S, T>(
-    stream: &mut S,
+/// The client's side of a SOCKS negotiation: a local socket (`-D`), or a channel the server
+/// opened for a reverse dynamic `-R`.
+trait SocksPeer {
+    /// Appends the next bytes the client sent to `buf`.
+    async fn more(&mut self, buf: &mut Vec<u8>) -> Result<(), String>;
+    /// Sends a SOCKS reply.
+    async fn reply(&mut self, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// A local socket being negotiated with (borrowed: it is pumped afterwards).
+struct SocketPeer<'a, S>(&'a mut S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SocksPeer for SocketPeer<'_, S> {
+    async fn more(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
+        let mut chunk = [0u8; 512];
+        let n = self.0.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed during SOCKS negotiation".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    async fn reply(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.0.write_all(bytes).await.map_err(|e| e.to_string())
+    }
+}
+
+impl SocksPeer for Channel<Msg> {
+    /// One data message (at most a packet, which russh bounds).
+    async fn more(&mut self, buf: &mut Vec<u8>) -> Result<(), String> {
+        loop {
+            match self.wait().await {
+                Some(ChannelMsg::Data { data }) => {
+                    buf.extend_from_slice(&data);
+                    return Ok(());
+                }
+                Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
+                    return Err("closed during SOCKS negotiation".into());
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    async fn reply(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.data_bytes(bytes::Bytes::copy_from_slice(bytes))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Reads until `parse` yields a message, within a bounded buffer.
+async fn read_message<P, T>(
+    peer: &mut P,
     buf: &mut Vec<u8>,
     parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, socks::SocksError>,
 ) -> Result<(T, usize), String>
 where
-    S: AsyncRead + Unpin,
+    P: SocksPeer,
 {
     loop {
         if let Some(done) = parse(buf).map_err(|e| e.to_string())? {
@@ -423,12 +482,57 @@ where
         if buf.len() >= socks::MAX_REQUEST {
             return Err("request too long".into());
         }
-        let mut chunk = [0u8; 512];
-        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed during SOCKS negotiation".into());
+        peer.more(buf).await?;
+    }
+}
+
+/// Reads the client's SOCKS4/4a/5 CONNECT request (answering SOCKS5's method negotiation)
+/// within 10 s; returns the SOCKS version and the target. Bytes the client sent behind its
+/// request stay in `buf`. `what` names the forward in errors (`-D`, `-R`).
+async fn negotiate<P: SocksPeer>(
+    peer: &mut P,
+    buf: &mut Vec<u8>,
+    what: &str,
+) -> Result<(u8, SocksTarget), String> {
+    let work = async {
+        let (hello, used) = read_message(peer, buf, socks::parse_hello).await?;
+        buf.drain(..used);
+        match hello {
+            SocksHello::V4 { target } => Ok((4u8, target)),
+            SocksHello::V5 { no_auth_offered } => {
+                peer.reply(&socks::socks5_method_reply(no_auth_offered))
+                    .await?;
+                if !no_auth_offered {
+                    return Err(format!(
+                        "SOCKS5 client requires authentication, which {what} does not offer"
+                    ));
+                }
+                match read_message(peer, buf, socks::parse_socks5_request).await {
+                    Ok((target, used)) => {
+                        buf.drain(..used);
+                        Ok((5u8, target))
+                    }
+                    Err(e) => {
+                        let _ = peer
+                            .reply(&socks::socks5_reply(Socks5Reply::CommandNotSupported))
+                            .await;
+                        Err(e)
+                    }
+                }
+            }
         }
-        buf.extend_from_slice(&chunk[..n]);
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| "SOCKS negotiation timed out".to_string())?
+}
+
+/// The reply of SOCKS `version` that grants (or refuses) the request.
+fn socks_answer(version: u8, granted: bool) -> Vec<u8> {
+    match (version, granted) {
+        (4, granted) => socks::socks4_reply(granted).to_vec(),
+        (_, true) => socks::socks5_reply(Socks5Reply::Succeeded).to_vec(),
+        (_, false) => socks::socks5_reply(Socks5Reply::HostUnreachable).to_vec(),
     }
 }
 
@@ -442,53 +546,11 @@ async fn socks_session<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let stream = &mut owned;
     let mut buf = Vec::with_capacity(64);
-    let negotiate = async {
-        let (hello, used) = read_message(stream, &mut buf, socks::parse_hello).await?;
-        buf.drain(..used);
-        match hello {
-            SocksHello::V4 { target } => Ok((4u8, target)),
-            SocksHello::V5 { no_auth_offered } => {
-                stream
-                    .write_all(&socks::socks5_method_reply(no_auth_offered))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if !no_auth_offered {
-                    return Err(
-                        "SOCKS5 client requires authentication, which -D does not offer"
-                            .to_string(),
-                    );
-                }
-                match read_message(stream, &mut buf, socks::parse_socks5_request).await {
-                    Ok((target, used)) => {
-                        buf.drain(..used);
-                        Ok((5u8, target))
-                    }
-                    Err(e) => {
-                        let _ = stream
-                            .write_all(&socks::socks5_reply(Socks5Reply::CommandNotSupported))
-                            .await;
-                        Err(e)
-                    }
-                }
-            }
-        }
-    };
-    let (version, target) = tokio::time::timeout(Duration::from_secs(10), negotiate)
-        .await
-        .map_err(|_| "SOCKS negotiation timed out".to_string())??;
-    let refuse = async |stream: &mut S| {
-        let _ = if version == 4 {
-            stream.write_all(&socks::socks4_reply(false)).await
-        } else {
-            stream
-                .write_all(&socks::socks5_reply(Socks5Reply::HostUnreachable))
-                .await
-        };
-    };
+    let mut client = SocketPeer(&mut owned);
+    let (version, target) = negotiate(&mut client, &mut buf, "-D").await?;
     let Some(handle) = pick(shared, slot).await else {
-        refuse(stream).await;
+        let _ = client.reply(&socks_answer(version, false)).await;
         return Err("no connection to the server".into());
     };
     let channel = match handle
@@ -502,22 +564,79 @@ where
     {
         Ok(c) => c,
         Err(e) => {
-            refuse(stream).await;
+            let _ = client.reply(&socks_answer(version, false)).await;
             return Err(format!(
                 "channel to {}:{} refused: {e}",
                 target.host, target.port
             ));
         }
     };
-    let ok = if version == 4 {
-        socks::socks4_reply(true).to_vec()
-    } else {
-        socks::socks5_reply(Socks5Reply::Succeeded).to_vec()
-    };
-    stream.write_all(&ok).await.map_err(|e| e.to_string())?;
+    client.reply(&socks_answer(version, true)).await?;
     // Bytes the client sent right behind its request belong to the tunnelled stream.
     pump(owned, channel, &buf, counters).await;
     Ok(())
+}
+
+/// Serves a channel of a reverse dynamic `-R [bind:]port` (no target): its first bytes are a
+/// SOCKS request, answered on the channel, and the target it names is connected to from this
+/// side (within `connect_timeout`). A malformed, oversized or refused request closes the
+/// channel and counts as a failure.
+async fn serve_reverse_socks(
+    shared: &Shared,
+    r: &RemoteForward,
+    mut channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+) {
+    reply.accept().await;
+    let mut buf = Vec::with_capacity(64);
+    // A channel closed before its first byte (a port check, or a probe) is no failed request.
+    let first = tokio::time::timeout(Duration::from_secs(10), channel.more(&mut buf)).await;
+    if let Ok(Err(why)) = first {
+        tracing::debug!("{}: -R {}: {why}", shared.cfg.name, r.spec);
+        let _ = channel.close().await;
+        return;
+    }
+    let connected = async {
+        let (version, target) = negotiate(&mut channel, &mut buf, "-R").await?;
+        let to = format!("{}:{}", target.host, target.port);
+        let connect = TcpStream::connect((target.host.as_str(), target.port));
+        let why = match tokio::time::timeout(shared.cfg.connect_timeout, connect).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                channel.reply(&socks_answer(version, true)).await?;
+                return Ok(tcp);
+            }
+            Ok(Err(e)) => format!("connect to {to} failed: {e}"),
+            Err(_) => format!("connect to {to} timed out"),
+        };
+        let _ = channel.reply(&socks_answer(version, false)).await;
+        Err(why)
+    }
+    .await;
+    match connected {
+        Ok(mut tcp) => {
+            // Bytes the client sent right behind its request belong to the target.
+            if !buf.is_empty() {
+                if tcp.write_all(&buf).await.is_err() {
+                    let _ = channel.close().await;
+                    return;
+                }
+                r.counters
+                    .bytes_in
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
+            pump(tcp, channel, &[], &r.counters).await;
+        }
+        Err(why) => {
+            r.counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                "{}: -R {}: SOCKS request: {why}; channel closed",
+                shared.cfg.name,
+                r.spec
+            );
+            let _ = channel.close().await;
+        }
+    }
 }
 
 /// Connects a channel the server opened for a `-R` forward to its local target.
@@ -537,7 +656,8 @@ pub(crate) async fn serve_remote(
         );
     };
     match &r.spec.connect {
-        Endpoint::Tcp { host, port } => {
+        None => serve_reverse_socks(&shared, &r, channel, reply).await,
+        Some(Endpoint::Tcp { host, port }) => {
             let host = host.as_deref().unwrap_or("localhost");
             match TcpStream::connect((host, *port)).await {
                 Ok(s) => {
@@ -551,7 +671,7 @@ pub(crate) async fn serve_remote(
                 }
             }
         }
-        Endpoint::Unix(path) => match UnixStream::connect(path).await {
+        Some(Endpoint::Unix(path)) => match UnixStream::connect(path).await {
             Ok(s) => {
                 reply.accept().await;
                 pump(s, channel, &[], &r.counters).await;

@@ -43,6 +43,7 @@ impl ClientHandler {
                 .await;
             return;
         };
+        remote.arrivals.send_modify(|n| *n = n.wrapping_add(1));
         // Connecting locally may take a while: never block the session's event loop on it.
         tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
     }

@@ -12,11 +12,15 @@ use std::time::Instant;
 
 use russh::client::{self, Handle};
 use russh::keys::{Certificate, PrivateKey};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::copy::ForwardCounters;
 use super::lock;
-use crate::config::{AllocatedPort, ClientConfig, ForwardKind, ForwardStatus, Keepalive};
+use crate::backoff::{Backoff, BackoffConfig};
+use crate::config::{
+    AllocatedPort, ClientConfig, ForwardKind, ForwardState, ForwardStatus, Keepalive,
+    PendingForward,
+};
 use crate::spec::{Endpoint, ForwardSpec};
 
 /// One SSH connection per slot, `None` while that slot is reconnecting.
@@ -52,6 +56,15 @@ pub(crate) struct Shared {
     pub(crate) runtimes: Vec<tokio::runtime::Handle>,
     /// Round-robin position of [`Shared::next_slot`].
     pub(crate) next_slot: AtomicUsize,
+    /// Woken when a `-R` is refused, so that the retry loop of the live connection
+    /// schedules it.
+    pub(crate) refused_wake: Notify,
+    /// The `-L` forwards now configured (the start config's, then each reload's): what the
+    /// probes open channels to.
+    pub(crate) local: Mutex<Vec<ForwardSpec>>,
+    /// Probes of single forwards since start, and those that failed.
+    pub(crate) probes: AtomicU64,
+    pub(crate) probe_failures: AtomicU64,
 }
 
 /// How the destination's connection (slot 0) has fared, for status.
@@ -109,6 +122,30 @@ pub(crate) struct RemoteForward {
     pub(crate) last_allocated: AtomicU64,
     /// The server accepted the forward on the current connection.
     pub(crate) listening: AtomicBool,
+    /// Set while the server refuses the forward on the live connection.
+    pub(crate) refused: Mutex<Option<Refused>>,
+    /// Channels the server opened for this forward since start: a probe sees its own come
+    /// back here.
+    pub(crate) arrivals: watch::Sender<u64>,
+}
+
+/// A `-R` the server refused on the live connection, and when to ask again.
+pub(crate) struct Refused {
+    /// ssh's wording, without the server's (unbounded) text.
+    pub(crate) reason: String,
+    pub(crate) attempts: u64,
+    /// Delays between requests: `ClientConfig::backoff`, bounded by its `max`.
+    pub(crate) backoff: Backoff,
+    pub(crate) next_at: Instant,
+}
+
+/// What a refusal changed, so that the caller logs state changes and not every attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RefusalChange {
+    /// The forward was not pending before this refusal.
+    NowPending,
+    /// It was already pending; one more attempt counted.
+    StillPending,
 }
 
 impl RemoteForward {
@@ -119,17 +156,71 @@ impl RemoteForward {
             bound_port: AtomicU64::new(0),
             last_allocated: AtomicU64::new(0),
             listening: AtomicBool::new(false),
+            refused: Mutex::new(None),
+            arrivals: watch::Sender::new(0),
         }
     }
 
+    /// The connection is gone: nothing listens, and nothing is retried until the next one.
     pub(crate) fn set_down(&self) {
         self.bound_port.store(0, Ordering::Relaxed);
         self.listening.store(false, Ordering::Relaxed);
+        *lock(&self.refused) = None;
     }
 
-    /// Its line in `vipgate show ssh`; `bound` is where the server listens, empty while it
-    /// does not.
-    pub(crate) fn status(&self) -> ForwardStatus {
+    /// The server refused the forward at `now`: schedules the next request with `backoff`.
+    pub(crate) fn set_refused(
+        &self,
+        backoff: BackoffConfig,
+        now: Instant,
+        random: u64,
+    ) -> RefusalChange {
+        self.bound_port.store(0, Ordering::Relaxed);
+        self.listening.store(false, Ordering::Relaxed);
+        let mut refused = lock(&self.refused);
+        let change = if refused.is_some() {
+            RefusalChange::StillPending
+        } else {
+            RefusalChange::NowPending
+        };
+        let r = refused.get_or_insert_with(|| Refused {
+            reason: self.refusal_reason(),
+            attempts: 0,
+            backoff: Backoff::new(backoff),
+            next_at: now,
+        });
+        r.attempts = r.attempts.saturating_add(1);
+        r.next_at = now + r.backoff.on_disconnected(now, random);
+        change
+    }
+
+    /// The server accepted the forward; returns the refused attempts before, if any.
+    pub(crate) fn set_listening(&self, port: u64) -> Option<u64> {
+        self.bound_port.store(port, Ordering::Relaxed);
+        self.listening.store(true, Ordering::Relaxed);
+        lock(&self.refused).take().map(|r| r.attempts)
+    }
+
+    /// When a refused forward is due to be asked for again; `None` unless it is pending.
+    pub(crate) fn retry_at(&self) -> Option<Instant> {
+        lock(&self.refused).as_ref().map(|r| r.next_at)
+    }
+
+    /// ssh's words for a refused forward (`remote port forwarding failed for listen port P`).
+    pub(crate) fn refusal_reason(&self) -> String {
+        match &self.spec.listen {
+            Endpoint::Tcp { port, .. } => {
+                format!("remote port forwarding failed for listen port {port}")
+            }
+            Endpoint::Unix(path) => {
+                format!("remote port forwarding failed for listen path {path}")
+            }
+        }
+    }
+
+    /// Its line in `vipgate show ssh` at `now`; `bound` is where the server listens, empty
+    /// while it does not.
+    pub(crate) fn status(&self, now: Instant) -> ForwardStatus {
         let port = self.bound_port.load(Ordering::Relaxed);
         let bound = if !self.listening.load(Ordering::Relaxed) {
             String::new()
@@ -149,8 +240,20 @@ impl RemoteForward {
                 }
             )
         };
-        self.counters
-            .status(ForwardKind::Remote, self.spec.to_string(), bound)
+        let mut status = self
+            .counters
+            .status(ForwardKind::Remote, self.spec.to_string(), bound);
+        if let Some(r) = lock(&self.refused).as_ref() {
+            status.state = ForwardState::Pending;
+            status.pending = Some(PendingForward {
+                reason: r.reason.clone(),
+                attempts: r.attempts,
+                next_retry: Some(r.next_at.saturating_duration_since(now)),
+            });
+        } else if !self.listening.load(Ordering::Relaxed) {
+            status.state = ForwardState::Down;
+        }
+        status
     }
 }
 
@@ -185,5 +288,52 @@ impl ClientHandler {
             shared,
             _closed: closed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A server that refuses forever: one state change, attempts counted, delays bounded by
+    /// the schedule's max, constant memory; a bind and a lost connection clear it.
+    #[test]
+    fn refusals_back_off_within_bounds_and_report_one_change() {
+        let r = RemoteForward::new(ForwardSpec::parse_remote("9100:127.0.0.1:80").unwrap());
+        let cfg = BackoffConfig {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+            stable_after: Duration::from_secs(30),
+        };
+        let mut now = testkit::epoch();
+        let mut changes = Vec::new();
+        for i in 0..1000u64 {
+            changes.push(r.set_refused(cfg, now, i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+            let due = r.retry_at().unwrap();
+            assert!(due > now && due - now <= cfg.max, "attempt {i}");
+            now = due;
+        }
+        assert_eq!(changes[0], RefusalChange::NowPending);
+        assert!(
+            changes[1..]
+                .iter()
+                .all(|c| *c == RefusalChange::StillPending)
+        );
+        let status = r.status(now);
+        assert_eq!(status.state, ForwardState::Pending);
+        let pending = status.pending.unwrap();
+        assert_eq!(pending.attempts, 1000);
+        assert_eq!(
+            pending.reason,
+            "remote port forwarding failed for listen port 9100"
+        );
+        assert_eq!(r.set_listening(9100), Some(1000));
+        assert_eq!(r.status(now).state, ForwardState::Listening);
+        assert_eq!(r.status(now).bound, "localhost:9100");
+        r.set_refused(cfg, now, 0);
+        r.set_down();
+        assert_eq!(r.retry_at(), None);
+        assert_eq!(r.status(now).state, ForwardState::Down);
     }
 }

@@ -16,5 +16,6 @@ mod nat;
 mod nat_attacks;
 mod ops;
 mod ssh;
+mod ssh_back;
 mod sync;
 mod vrrp;

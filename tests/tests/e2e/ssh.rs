@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vipgate_tests::{Proc, Show, Topology, e2e, wait_for, wait_until};
 
-const H: &str = "h";
-const SSHD_PORT: u16 = 2222;
-const HTTP_PORT: u16 = 8080;
-const ECHO_PORT: u16 = 7007;
+pub(super) const H: &str = "h";
+pub(super) const SSHD_PORT: u16 = 2222;
+pub(super) const HTTP_PORT: u16 = 8080;
+pub(super) const ECHO_PORT: u16 = 7007;
 
 /// Echoes each connection; after the client's EOF it sends "bye" and closes (half-close check).
 const ECHO_SERVER: &str = r#"
@@ -67,9 +67,9 @@ if errors:
 print("ok %d" % (n_seq + n_conc))
 "#;
 
-struct Keys {
-    client: PathBuf,
-    client_pub: String,
+pub(super) struct Keys {
+    pub(super) client: PathBuf,
+    pub(super) client_pub: String,
 }
 
 fn keygen(topo: &Topology, name: &str, kind: &str) -> PathBuf {
@@ -84,14 +84,14 @@ fn keygen(topo: &Topology, name: &str, kind: &str) -> PathBuf {
     path
 }
 
-fn client_keys(topo: &Topology) -> Keys {
+pub(super) fn client_keys(topo: &Topology) -> Keys {
     let client = keygen(topo, "id_ed25519", "ed25519");
     let client_pub = std::fs::read_to_string(client.with_extension("pub")).unwrap();
     Keys { client, client_pub }
 }
 
 /// Debian's sshd on 127.0.0.1:SSHD_PORT in the test's namespace, with its own host key.
-fn openssh_sshd(topo: &Topology, keys: &Keys) -> Proc {
+pub(super) fn openssh_sshd(topo: &Topology, keys: &Keys) -> Proc {
     std::fs::create_dir_all("/run/sshd").unwrap();
     let dir = topo.dir().to_path_buf();
     if !dir.join("ssh_host_ed25519").exists() {
@@ -117,7 +117,7 @@ fn openssh_sshd(topo: &Topology, keys: &Keys) -> Proc {
     p
 }
 
-fn setup(mut topo: Topology) -> (Topology, Keys) {
+pub(super) fn setup(mut topo: Topology) -> (Topology, Keys) {
     topo.host(H);
     let keys = client_keys(&topo);
     topo.write("echo_server.py", ECHO_SERVER);
@@ -125,7 +125,7 @@ fn setup(mut topo: Topology) -> (Topology, Keys) {
     (topo, keys)
 }
 
-fn echo_server(topo: &Topology) -> Proc {
+pub(super) fn echo_server(topo: &Topology) -> Proc {
     let script = topo.dir().join("echo_server.py");
     let p = topo.spawn(
         H,
@@ -141,7 +141,7 @@ fn echo_server(topo: &Topology) -> Proc {
     p
 }
 
-fn echo_check(topo: &Topology, port: u16, seq: u32, conc: u32) {
+pub(super) fn echo_check(topo: &Topology, port: u16, seq: u32, conc: u32) {
     let script = topo.dir().join("echo_client.py");
     let out = topo.sh(
         H,
@@ -150,7 +150,7 @@ fn echo_check(topo: &Topology, port: u16, seq: u32, conc: u32) {
     assert_eq!(out.trim(), format!("ok {}", seq + conc));
 }
 
-fn known_hosts(topo: &Topology) -> PathBuf {
+pub(super) fn known_hosts(topo: &Topology) -> PathBuf {
     topo.dir().join("known_hosts")
 }
 
@@ -175,7 +175,7 @@ fn vipgate_ssh(topo: &Topology, name: &str, keys: &Keys, extra: &[&str]) -> Proc
     topo.vipgate(H, name, &args)
 }
 
-fn wait_log(p: &Proc, needle: &str) -> String {
+pub(super) fn wait_log(p: &Proc, needle: &str) -> String {
     wait_for(Duration::from_secs(15), needle, || {
         let log = p.log();
         log.contains(needle).then_some(log)
@@ -521,7 +521,7 @@ time.sleep(60)
 "#;
 
 /// `vipgate run` with one `[[ssh]]` destination built from `forwards` (TOML lines).
-fn ssh_site(topo: &Topology, keys: &Keys, forwards: &str) -> PathBuf {
+pub(super) fn ssh_site(topo: &Topology, keys: &Keys, forwards: &str) -> PathBuf {
     let d = topo.dir().display().to_string();
     topo.write(
         "site.toml",
@@ -535,17 +535,17 @@ fn ssh_site(topo: &Topology, keys: &Keys, forwards: &str) -> PathBuf {
 }
 
 /// `show ssh --json` of the daemon on the test's control socket: its clients and server.
-fn show_ssh(topo: &Topology) -> Value {
+pub(super) fn show_ssh(topo: &Topology) -> Value {
     topo.show(H, topo.dir().join("ctl.sock"), Show::Ssh)
 }
 
 /// The parts (clients and server) in `show ssh --json`.
-fn parts(show: &Value) -> impl Iterator<Item = &Value> {
+pub(super) fn parts(show: &Value) -> impl Iterator<Item = &Value> {
     show.as_array().into_iter().flatten()
 }
 
 /// Every forward of every client in `show ssh --json`.
-fn forwards(show: &Value) -> impl Iterator<Item = &Value> {
+pub(super) fn forwards(show: &Value) -> impl Iterator<Item = &Value> {
     parts(show)
         .filter_map(|p| p["forwards"].as_array())
         .flatten()
@@ -1040,7 +1040,7 @@ fn user_config_with_include_match_and_tokens() {
 }
 
 /// Debian's sshd in `host` on `addr`:SSHD_PORT with a host key of its own (`ssh_host_HOST`).
-fn openssh_sshd_on(topo: &Topology, host: &str, addr: &str) -> Proc {
+pub(super) fn openssh_sshd_on(topo: &Topology, host: &str, addr: &str) -> Proc {
     std::fs::create_dir_all("/run/sshd").unwrap();
     let d = topo.dir().display().to_string();
     let key = format!("ssh_host_{host}");
