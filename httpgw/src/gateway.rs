@@ -512,6 +512,15 @@ impl Gateway {
         }
     }
 
+    /// The name of route `index` (for the access log).
+    #[must_use]
+    pub fn route_name(&self, index: usize) -> String {
+        self.routes
+            .get(index)
+            .map(|r| r.name.clone())
+            .unwrap_or_default()
+    }
+
     /// The counters and backend states.
     #[must_use]
     pub fn status(&self) -> GatewayStatus {

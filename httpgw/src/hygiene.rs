@@ -172,6 +172,24 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Removes the hop-by-hop fields, those the `Connection` field names (except `Host` and the
+/// framing fields, which are not the sender's to drop), and `Upgrade` (upgrades are not
+/// proxied). For a response on its way back to the client too.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
 /// Rewrites `headers` for the upstream: removes the hop-by-hop fields (and those the
 /// `Connection` field names, except `Host`), `Upgrade` (upgrades are not proxied) and
 /// `Content-Length` (the driver frames the body it forwards), then sets `X-Forwarded-For`,
@@ -182,18 +200,7 @@ pub fn prepare_upstream(
     authority: Option<&HeaderValue>,
     forwarding: &Forwarding,
 ) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| *n != header::HOST)
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
+    remove_hop_by_hop(headers);
     headers.remove(header::CONTENT_LENGTH);
 
     let trusted = forwarding.trusts(client);

@@ -27,11 +27,17 @@ mod gateway;
 pub mod hygiene;
 pub mod route;
 
+#[cfg(feature = "driver")]
+mod driver;
+
 pub use error::ConfigError;
 pub use gateway::{
     Answer, BackendStatus, Gateway, GatewayConfig, GatewayStatus, Limits, Outcome, PoolSpec,
     PoolStatus, RouteStatus, StatusClasses, Upstream, Verdict,
 };
+
+#[cfg(feature = "driver")]
+pub use driver::{HttpGateway, StartError};
 
 #[cfg(test)]
 mod tests;
