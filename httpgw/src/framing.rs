@@ -101,22 +101,31 @@ impl HeadGuard {
         while !data.is_empty() {
             match self.state {
                 State::Head => {
+                    if self.pending.is_empty() {
+                        // Empty lines before a request line (RFC 9112 §2.2 lets a server
+                        // skip them; hyper does): released, so that a head's end is only
+                        // looked for after its first line has started.
+                        let skip = data
+                            .iter()
+                            .take_while(|&&b| b == b'\r' || b == b'\n')
+                            .count();
+                        out.extend_from_slice(&data[..skip]);
+                        data = &data[skip..];
+                        if data.is_empty() {
+                            continue;
+                        }
+                    }
                     let scan_from = self.pending.len().saturating_sub(3);
                     self.pending.extend_from_slice(data);
                     data = &[];
-                    if !has_head_end(&self.pending[scan_from..]) {
-                        if self.pending.len() > self.max_head {
-                            return Err(TOO_LARGE);
-                        }
-                        continue;
+                    // A head must end within max_head bytes, however the bytes arrive.
+                    match head_end(&self.pending[scan_from..]) {
+                        Some(end) if scan_from + end > self.max_head => return Err(TOO_LARGE),
+                        Some(_) => {}
+                        None if self.pending.len() > self.max_head => return Err(TOO_LARGE),
+                        None => continue,
                     }
-                    let Some((len, next)) = judge(&self.pending, self.max_head)? else {
-                        // The empty line was one of those allowed before a request line.
-                        if self.pending.len() > self.max_head {
-                            return Err(TOO_LARGE);
-                        }
-                        continue;
-                    };
+                    let (len, next) = judge(&self.pending, self.max_head)?;
                     self.heads += 1;
                     let rest = self.pending.split_off(len);
                     out.append(&mut self.pending);
@@ -209,19 +218,27 @@ fn take(available: usize, left: u64) -> usize {
     usize::try_from(left).map_or(available, |left| available.min(left))
 }
 
-/// Whether `bytes` holds the end of a head: an empty line (`\n\n` or `\n\r\n`).
-fn has_head_end(bytes: &[u8]) -> bool {
-    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
+/// Where the first empty line (`\n\n` or `\n\r\n`) in `bytes` ends, if there is one.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    (1..bytes.len()).find_map(|i| {
+        if bytes[i] != b'\n' {
+            return None;
+        }
+        let lf_lf = bytes[i - 1] == b'\n';
+        let lf_cr_lf = i >= 2 && bytes[i - 1] == b'\r' && bytes[i - 2] == b'\n';
+        (lf_lf || lf_cr_lf).then_some(i + 1)
+    })
 }
 
 /// Parses the complete head at the start of `bytes`; returns its length and the state its
-/// framing leads to; `None` if the head is not complete yet.
-fn judge(bytes: &[u8], max_head: usize) -> Result<Option<(usize, State)>, Refusal> {
+/// framing leads to. `bytes` holds an empty line after a started request line, so a head
+/// that `httparse` still finds incomplete is malformed.
+fn judge(bytes: &[u8], max_head: usize) -> Result<(usize, State), Refusal> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     let len = match req.parse(bytes) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => return Err(Refusal::bad("malformed request head")),
         Err(httparse::Error::TooManyHeaders) => return Err(TOO_LARGE),
         Err(_) => return Err(Refusal::bad("malformed request head")),
     };
@@ -259,7 +276,7 @@ fn judge(bytes: &[u8], max_head: usize) -> Result<Option<(usize, State)>, Refusa
             None | Some(0) => State::Head,
             Some(n) => State::Fixed(n),
         };
-        return Ok(Some((len, next)));
+        return Ok((len, next));
     }
     if length.is_some() {
         return Err(Refusal::bad("both Content-Length and Transfer-Encoding"));
@@ -268,7 +285,7 @@ fn judge(bytes: &[u8], max_head: usize) -> Result<Option<(usize, State)>, Refusa
         return Err(Refusal::bad("Transfer-Encoding in HTTP/1.0"));
     }
     match codings.last() {
-        Some(last) if last.eq_ignore_ascii_case(b"chunked") => Ok(Some((len, State::ChunkSize))),
+        Some(last) if last.eq_ignore_ascii_case(b"chunked") => Ok((len, State::ChunkSize)),
         _ => Err(Refusal::bad("Transfer-Encoding not ending in chunked")),
     }
 }

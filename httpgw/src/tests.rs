@@ -508,3 +508,30 @@ fn fuzz_corpus_replays() {
     });
     assert!(n >= 4);
 }
+
+#[test]
+fn empty_lines_before_a_head_are_judged_alike_however_read() {
+    // Found by the fuzzer: an end-of-head looked for inside the leading empty lines made the
+    // verdict depend on where reads were cut.
+    let stream = b"\r\n\r\n\r{\n";
+    crate::fuzzing::run_request(epoch(), stream);
+    let (out, r) = guard_all(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r, Ok(()));
+    assert_eq!(out.len(), 31);
+}
+
+#[test]
+fn a_long_malformed_head_is_too_large_however_read() {
+    // Found by the fuzzer: read whole, the head's end was found and the head judged malformed;
+    // read byte by byte, it was too large first. The limit now applies to where the head ends.
+    let head = format!(
+        "GET / HTTP/1.1\r\nX: {}\r\nBad header\r\n\r\n",
+        "a".repeat(600)
+    );
+    crate::fuzzing::run_request(epoch(), head.as_bytes());
+    let mut g = HeadGuard::new(512);
+    assert_eq!(
+        g.feed(head.as_bytes(), &mut Vec::new()).unwrap_err().status,
+        431
+    );
+}
