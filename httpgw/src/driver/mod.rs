@@ -155,11 +155,20 @@ impl HttpGateway {
     }
 }
 
+/// The listener, bound with `IP_FREEBIND` so that a VIP can be listed before VRRP brings the
+/// address up (HAProxy's `bind ... freebind`): connections arrive once it is.
 fn bind(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr.into())?;
-    socket.listen(1024)
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_freebind_v4(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(addr).into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn accept_loop(
