@@ -164,20 +164,21 @@ impl HeadGuard {
                     };
                 }
                 State::ChunkSize => {
-                    let Some(end) = data.iter().position(|&b| b == b'\n') else {
-                        self.pending.extend_from_slice(data);
-                        out.extend_from_slice(data);
-                        data = &[];
-                        if self.pending.len() > MAX_CHUNK_LINE {
-                            return Err(Refusal::bad("chunk-size line too long"));
-                        }
-                        continue;
-                    };
-                    self.pending.extend_from_slice(&data[..=end]);
-                    out.extend_from_slice(&data[..=end]);
-                    data = &data[end + 1..];
-                    if self.pending.len() > MAX_CHUNK_LINE {
+                    // Up to the line's end, but never past the line limit, so that the bytes
+                    // released before a refusal do not depend on read sizes.
+                    let line = data
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(data.len(), |e| e + 1);
+                    let take = line.min(MAX_CHUNK_LINE - self.pending.len());
+                    self.pending.extend_from_slice(&data[..take]);
+                    out.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if take < line {
                         return Err(Refusal::bad("chunk-size line too long"));
+                    }
+                    if self.pending.last() != Some(&b'\n') {
+                        continue;
                     }
                     let size = match httparse::parse_chunk_size(&self.pending) {
                         Ok(httparse::Status::Complete((_, size))) => size,

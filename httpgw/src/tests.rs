@@ -535,3 +535,18 @@ fn a_long_malformed_head_is_too_large_however_read() {
         431
     );
 }
+
+#[test]
+fn a_long_chunk_size_line_releases_the_same_bytes_however_read() {
+    // Found by the fuzzer: read whole, the bytes up to the line's end were released before
+    // the line was found too long; byte by byte, only up to the limit.
+    let stream = format!(
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;{}\r\n",
+        "e".repeat(2 * crate::framing::MAX_CHUNK_LINE)
+    );
+    crate::fuzzing::run_request(epoch(), stream.as_bytes());
+    let (out, r) = guard_all(stream.as_bytes());
+    assert!(r.is_err());
+    let head = stream.find("\r\n\r\n").unwrap() + 4;
+    assert_eq!(out.len(), head + crate::framing::MAX_CHUNK_LINE);
+}
