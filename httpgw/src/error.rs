@@ -2,6 +2,7 @@
 
 /// A gateway configuration that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// A host pattern that is neither a host name nor `*.suffix`.
     #[error("bad host pattern {0:?} (expected a host name or *.suffix)")]

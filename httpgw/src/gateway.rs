@@ -14,7 +14,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use balance::{BackendId, ConnState, Decision, Pool, PoolConfig, SchedulerKind};
+use balance::{BackendId, ConnState, Decision, Pool, PoolConfig};
 use http::{HeaderValue, StatusCode, request};
 
 use crate::error::ConfigError;
@@ -592,7 +592,7 @@ impl Gateway {
 fn pool_status(state: &PoolState) -> PoolStatus {
     PoolStatus {
         name: state.name.clone(),
-        scheduler: scheduler_name(state.pool.scheduler()),
+        scheduler: state.pool.scheduler().as_str().to_owned(),
         requests: state.requests,
         no_backend: state.no_backend,
         responses: state.responses,
@@ -613,8 +613,4 @@ fn pool_status(state: &PoolState) -> PoolStatus {
             })
             .collect(),
     }
-}
-
-fn scheduler_name(kind: SchedulerKind) -> String {
-    kind.as_str().to_owned()
 }

@@ -34,6 +34,7 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Errors starting a gateway.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// The configuration is not usable.
     #[error(transparent)]
