@@ -157,6 +157,21 @@ pub(crate) fn summary(site: &SiteConfig) -> String {
                 .unwrap_or_default()
         );
     }
+    for h in &site.http {
+        let pools: Vec<String> = h
+            .pool
+            .iter()
+            .map(|p| format!("{} {} x{}", p.name.get_ref(), p.scheduler, p.backends.len()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  http     {} {}, {} routes, pools [{}]",
+            h.name.get_ref(),
+            h.listen.get_ref(),
+            h.route.len(),
+            pools.join(", ")
+        );
+    }
     for v in &site.vrrp {
         let addrs: Vec<String> = v
             .addresses
@@ -213,7 +228,7 @@ pub(crate) fn summary(site: &SiteConfig) -> String {
     if site.is_empty() {
         let _ = writeln!(
             out,
-            "  (nothing to run: no gre, nat, service, vrrp, ssh or sshd section)"
+            "  (nothing to run: no gre, nat, service, http, vrrp, ssh or sshd section)"
         );
     }
     out

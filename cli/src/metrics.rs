@@ -55,6 +55,7 @@ fn part_label(kind: Kind) -> &'static str {
         Kind::Gre => "tunnel",
         Kind::Nat => "gateway",
         Kind::Lb => "service",
+        Kind::Http => "http",
         Kind::Vrrp => "instance",
         Kind::Sync => "listen",
         Kind::Ssh => "destination",
@@ -67,7 +68,7 @@ fn identity_fields(kind: Kind) -> &'static [&'static str] {
         Kind::Vrrp => &["vrid", "interface"],
         // The GRE key is an identifier, not a quantity.
         Kind::Gre => &["key"],
-        Kind::Nat | Kind::Lb | Kind::Sync | Kind::Ssh => &[],
+        Kind::Nat | Kind::Lb | Kind::Http | Kind::Sync | Kind::Ssh => &[],
     }
 }
 

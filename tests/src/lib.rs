@@ -57,6 +57,8 @@ pub enum Show {
     Nat,
     /// `vipgate show lb --json`.
     Lb,
+    /// `vipgate show http --json`.
+    Http,
     /// `vipgate show vrrp --json`.
     Vrrp,
     /// `vipgate show sync --json`.
@@ -72,6 +74,7 @@ impl Show {
             Show::Gre => &["show", "gre"],
             Show::Nat => &["show", "nat"],
             Show::Lb => &["show", "lb"],
+            Show::Http => &["show", "http"],
             Show::Vrrp => &["show", "vrrp"],
             Show::Sync => &["show", "sync"],
             Show::Ssh => &["show", "ssh"],

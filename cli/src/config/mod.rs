@@ -14,6 +14,7 @@ pub(crate) mod daemon;
 pub(crate) mod duration;
 pub(crate) mod gre;
 pub(crate) mod host;
+pub(crate) mod http;
 pub(crate) mod include;
 pub(crate) mod lb;
 pub(crate) mod lower;
@@ -43,6 +44,7 @@ pub(crate) struct SiteConfig {
     pub(crate) nat: Option<nat::NatSection>,
     pub(crate) lb: Option<lb::LbSection>,
     pub(crate) service: Vec<lb::ServiceSection>,
+    pub(crate) http: Vec<http::HttpSection>,
     pub(crate) vrrp: Vec<vrrp::VrrpSection>,
     pub(crate) vrrp_group: Vec<vrrp::VrrpGroupSection>,
     pub(crate) ssh: Vec<ssh::SshSection>,
@@ -211,12 +213,13 @@ impl Validator {
 }
 
 /// The top-level sections the contract knows.
-pub(crate) const SECTIONS: [&str; 10] = [
+pub(crate) const SECTIONS: [&str; 11] = [
     "daemon",
     "gre",
     "nat",
     "lb",
     "service",
+    "http",
     "vrrp",
     "vrrp_group",
     "ssh",
@@ -233,6 +236,9 @@ pub(crate) fn section_summary(section: &str) -> &'static str {
         "lb" => "[lb]: a director's data path (a site with [[service]] and no [nat])",
         "service" => {
             "[[service]]: a load-balanced virtual service, its scheduler, backends and health check"
+        }
+        "http" => {
+            "[[http]]: an HTTP virtual service: routes on host, path, method and headers to pools"
         }
         "vrrp" => {
             "[[vrrp]]: a VRRPv3 instance (keepalived vrrp_instance), tracking and notify scripts"
@@ -390,6 +396,7 @@ fn parse_into(
             "nat" => site.nat = one(value, name, diags),
             "lb" => site.lb = one(value, name, diags),
             "service" => site.service = many(value, name, diags),
+            "http" => site.http = many(value, name, diags),
             "vrrp" => site.vrrp = many(value, name, diags),
             "vrrp_group" => site.vrrp_group = many(value, name, diags),
             "ssh" => site.ssh = many(value, name, diags),
@@ -471,6 +478,7 @@ impl SiteConfig {
             datapath,
             v,
         );
+        http::validate_all(&self.http, v);
         vrrp::validate_all(
             &self.vrrp,
             ok("service").then_some(self.service.as_slice()),
@@ -497,6 +505,7 @@ impl SiteConfig {
         self.gre.is_empty()
             && self.nat.is_none()
             && self.service.is_empty()
+            && self.http.is_empty()
             && self.vrrp.is_empty()
             && self.ssh.is_empty()
             && self.sshd.is_none()

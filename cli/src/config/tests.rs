@@ -157,7 +157,7 @@ fn hostile_files_explain_themselves() {
     assert_eq!(
         e,
         vec![
-            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [lb], [service], [vrrp], [vrrp_group], [ssh], [sshd], [sync]"
+            "site.toml:1:2: unknown section `wormhole`; the sections are [daemon], [gre], [nat], [lb], [service], [http], [vrrp], [vrrp_group], [ssh], [sshd], [sync]"
         ]
     );
     assert!(errors("gre = 5\n")[0].contains("must be an array of tables"));
@@ -617,4 +617,150 @@ fn health_check_kinds_point_at_each_mistake() {
             "{lines:?}: want {want:?} in {errs:#?}"
         );
     }
+}
+
+const HTTP_SITE: &str = r#"[[http]]
+name = "www"
+listen = "198.51.100.10:80"
+trusted_proxies = ["10.0.0.0/8"]
+max_body_bytes = 1000
+header_timeout = "5s"
+
+[[http.route]]
+name = "api"
+host = ["*.example.com"]
+path_prefix = ["/api/"]
+method = ["GET", "POST"]
+header = { "X-Canary" = "1", "X-Debug" = "*" }
+pool = "api"
+strip_prefix = "/api"
+
+[[http.route]]
+name = "old"
+path = ["/old"]
+redirect = { status = 301, prefix = "https://new.example.com" }
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "web"
+scheduler = "wrr"
+backends = [{ address = "10.0.0.1:8080", weight = 2 }, { address = "10.0.0.2:8080" }]
+
+[[http.pool]]
+name = "api"
+backends = [{ address = "10.0.0.3:8080" }]
+"#;
+
+#[test]
+fn an_http_section_lowers_to_the_gateway_config() {
+    let site = parse(Path::new("site.toml"), HTTP_SITE).expect("valid");
+    let gw = site.http[0].lower();
+    assert_eq!(gw.listen.to_string(), "198.51.100.10:80");
+    assert_eq!(gw.routes.len(), 3);
+    assert_eq!(gw.routes[0].when.hosts.len(), 1);
+    assert_eq!(gw.routes[0].when.methods.len(), 2);
+    assert_eq!(gw.routes[0].when.headers.len(), 2);
+    assert!(gw.routes[0].when.headers.iter().any(|h| h.value.is_none()));
+    assert_eq!(
+        gw.routes[0].action,
+        httpgw::route::Action::Forward {
+            pool: 1,
+            strip_prefix: Some("/api".into())
+        }
+    );
+    assert!(matches!(
+        gw.routes[1].action,
+        httpgw::route::Action::Redirect { .. }
+    ));
+    assert_eq!(gw.pools[0].balance.scheduler, balance::SchedulerKind::Wrr);
+    assert_eq!(gw.pools[0].balance.backends[0].weight, 2);
+    assert_eq!(gw.pools[1].balance.scheduler, balance::SchedulerKind::Rr);
+    assert_eq!(gw.limits.max_body_bytes, 1000);
+    assert_eq!(gw.limits.header_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(gw.forwarding.trusted_proxies.len(), 1);
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+}
+
+#[test]
+fn http_mistakes_point_at_their_place() {
+    let text = HTTP_SITE
+        .replace("\"*.example.com\"", "\"*.exa mple.com\"")
+        .replace("path_prefix = [\"/api/\"]", "path_prefix = [\"api/\"]")
+        .replace("\"GET\", \"POST\"", "\"GET\", \"post\"")
+        .replace("pool = \"api\"", "pool = \"apii\"")
+        .replace("status = 301", "status = 200")
+        .replace("max_body_bytes = 1000", "max_body_bytes = 2000000000")
+        .replace("header_timeout = \"5s\"", "header_timeout = \"10ms\"")
+        .replace(
+            "{ address = \"10.0.0.2:8080\" }",
+            "{ address = \"10.0.0.1:8080\" }",
+        );
+    let errs = errors(&text);
+    let at = |needle: &str, col: usize, message: &str| {
+        let line = text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        let prefix = format!("site.toml:{line}:{col}: ");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&prefix) && e.contains(message)),
+            "{prefix}{message} not in {errs:#?}"
+        );
+    };
+    at(
+        "max_body_bytes",
+        18,
+        "`max_body_bytes` must be between 0 and",
+    );
+    at(
+        "header_timeout",
+        18,
+        "`header_timeout` must be between 100ms and 1h",
+    );
+    at("exa mple", 9, "bad host pattern");
+    at("path_prefix", 16, "bad path \"api/\"");
+    at("\"post\"", 18, "upper-case HTTP method");
+    at("pool = \"apii\"", 8, "did you mean `api`?");
+    at("status = 200", 23, "redirect status 200");
+    at(
+        "weight = 2 }, { address = \"10.0.0.1",
+        68,
+        "duplicate backend",
+    );
+    assert_eq!(errs.len(), 8, "{errs:#?}");
+}
+
+#[test]
+fn an_http_route_needs_one_action_and_known_keys() {
+    let errs = errors(
+        "[[http]]\nname = \"w\"\nlisten = \"127.0.0.1:80\"\n[[http.route]]\nname = \"r\"\n[[http.route]]\nname = \"s\"\npool = \"p\"\nredirect = { location = \"/x\" }\n[[http.route]]\nname = \"t\"\nredirect = { status = 301 }\n[[http.pool]]\nname = \"p\"\n",
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("site.toml:5:8: route `r` needs exactly one")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("site.toml:7:8: route `s` needs exactly one")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("site.toml:12:12: a redirect has either")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("site.toml:14:8: pool `p` has no backends")),
+        "{errs:#?}"
+    );
+    let errs = errors(
+        "[[http]]\nname = \"w\"\nlisten = \"127.0.0.1:80\"\n[[http.route]]\nname = \"r\"\nhots = [\"a\"]\n",
+    );
+    assert_eq!(
+        errs[0],
+        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, method, header, pool, strip_prefix, redirect"
+    );
 }

@@ -14,6 +14,7 @@
 //! reverse order, so nothing is left behind.
 
 pub(crate) mod gre;
+pub(crate) mod http;
 pub(crate) mod lb;
 mod lbruntime;
 pub(crate) mod nat;
@@ -60,6 +61,8 @@ pub(crate) enum Kind {
     Nat,
     /// Load-balanced virtual services.
     Lb,
+    /// HTTP (L7) virtual services.
+    Http,
     /// VRRP instances.
     Vrrp,
     /// Flow sync with the VRRP peers.
@@ -70,10 +73,11 @@ pub(crate) enum Kind {
 
 impl Kind {
     /// Every kind, in start order.
-    pub(crate) const ALL: [Kind; 6] = [
+    pub(crate) const ALL: [Kind; 7] = [
         Kind::Gre,
         Kind::Nat,
         Kind::Lb,
+        Kind::Http,
         Kind::Vrrp,
         Kind::Sync,
         Kind::Ssh,
@@ -84,6 +88,7 @@ impl Kind {
             Kind::Gre => "gre",
             Kind::Nat => "nat",
             Kind::Lb => "lb",
+            Kind::Http => "http",
             Kind::Vrrp => "vrrp",
             Kind::Sync => "sync",
             Kind::Ssh => "ssh",
@@ -96,6 +101,7 @@ impl Kind {
             Kind::Gre => gre::render(items),
             Kind::Nat => nat::render(items),
             Kind::Lb => lb::render(items),
+            Kind::Http => http::render(items),
             Kind::Vrrp => vrrp::render(items, utc),
             Kind::Sync => sync::render(items),
             Kind::Ssh => ssh::render(items),
@@ -108,6 +114,7 @@ impl Kind {
             Kind::Gre => !site.gre.is_empty(),
             Kind::Nat => site.nat.is_some(),
             Kind::Lb => !site.service.is_empty(),
+            Kind::Http => !site.http.is_empty(),
             Kind::Vrrp => !site.vrrp.is_empty(),
             Kind::Sync => site.sync.is_some(),
             Kind::Ssh => !site.ssh.is_empty() || site.sshd.is_some(),
@@ -120,6 +127,7 @@ impl Kind {
             Kind::Gre => serde_json::to_value(&site.gre),
             Kind::Nat => serde_json::to_value(&site.nat),
             Kind::Lb => serde_json::to_value(&site.service),
+            Kind::Http => serde_json::to_value(&site.http),
             Kind::Vrrp => serde_json::to_value(&site.vrrp),
             Kind::Sync => serde_json::to_value(&site.sync),
             Kind::Ssh => serde_json::to_value((&site.ssh, &site.sshd)),
@@ -183,7 +191,7 @@ impl Kind {
                 }));
                 units
             }
-            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Sync => {
+            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Http | Kind::Sync => {
                 if self.configured_in(site) {
                     vec![one(self.as_str(), None, self.sections(site))]
                 } else {
@@ -207,7 +215,7 @@ impl Kind {
             Kind::Nat => &[Kind::Lb, Kind::Sync],
             Kind::Lb => &[Kind::Vrrp, Kind::Sync],
             Kind::Vrrp => &[Kind::Sync],
-            Kind::Gre | Kind::Sync | Kind::Ssh => &[],
+            Kind::Gre | Kind::Http | Kind::Sync | Kind::Ssh => &[],
         }
     }
 
@@ -227,7 +235,7 @@ impl Kind {
                     out.sshd = None;
                 }
             }
-            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Sync => {}
+            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Http | Kind::Sync => {}
         }
         out
     }
@@ -241,6 +249,7 @@ impl Kind {
             Kind::Gre => gre::start(site, ctx).await,
             Kind::Nat => nat::start(site, ctx).await,
             Kind::Lb => lb::start(site, ctx).await,
+            Kind::Http => http::start(site, ctx).await,
             Kind::Vrrp => vrrp::start(site, ctx).await,
             Kind::Sync => sync::start(site, ctx).await,
             Kind::Ssh => ssh::start(site, ctx).await,

@@ -9,6 +9,7 @@ mod config;
 mod daemon;
 mod gre;
 mod gre_qemu;
+mod http;
 mod lab;
 mod lb;
 mod lb_checks;

@@ -1,0 +1,441 @@
+//! `[[http]]`: L7 (HTTP/1.1) virtual services: a listener, ordered routes and the pools they
+//! forward to (HAProxy's `frontend` + `use_backend ... if <acl>` + `backend`; nginx's `server`
+//! + `location` + `upstream`).
+//!
+//! One builder, [`HttpSection::build`], turns a section into the gateway's config and reports
+//! every problem at its place on the way: `validate` runs it with the file's validator,
+//! lowering runs it on a section that passed, so check and run cannot disagree.
+
+use super::{HumanDuration, Validator, check_unique, did_you_mean};
+use balance::{BackendConfig, PoolConfig, SchedulerKind};
+use httpgw::hygiene::Forwarding;
+use httpgw::route::{Action, HeaderMatch, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use httpgw::{GatewayConfig, Limits, PoolSpec};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::ops::Range;
+use std::time::Duration;
+use toml::Spanned;
+
+/// One real server of an HTTP pool.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpBackendSection {
+    pub(crate) address: Spanned<SocketAddrV4>,
+    /// 0 drains; at most 65535. Default 1.
+    #[serde(default = "d_weight")]
+    pub(crate) weight: Spanned<u32>,
+}
+
+fn d_weight() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+/// `[[http.pool]]`: HAProxy's `backend`, nginx's `upstream`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpPoolSection {
+    pub(crate) name: Spanned<String>,
+    /// Default `rr` (HAProxy's `balance roundrobin`, nginx's default).
+    #[serde(default = "d_scheduler")]
+    pub(crate) scheduler: SchedulerKind,
+    #[serde(default)]
+    pub(crate) backends: Vec<HttpBackendSection>,
+}
+
+fn d_scheduler() -> SchedulerKind {
+    SchedulerKind::Rr
+}
+
+/// `redirect = { status = 301, location = "https://..." }` or `{ prefix = "https://..." }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RedirectSection {
+    /// 301, 302, 303, 307 or 308. Default 302 (HAProxy's).
+    #[serde(default = "d_redirect_status")]
+    pub(crate) status: Spanned<u16>,
+    /// This URL as is (HAProxy `redirect location`).
+    #[serde(default)]
+    pub(crate) location: Option<Spanned<String>>,
+    /// This URL base followed by the request's path and query (HAProxy `redirect prefix`).
+    #[serde(default)]
+    pub(crate) prefix: Option<Spanned<String>>,
+}
+
+fn d_redirect_status() -> Spanned<u16> {
+    Spanned::new(0..0, 302)
+}
+
+/// `[[http.route]]`, tried in file order; the first whose conditions all hold decides.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteSection {
+    pub(crate) name: Spanned<String>,
+    /// Any of these hosts: `www.example.com` or `*.example.com`.
+    #[serde(default)]
+    pub(crate) host: Vec<Spanned<String>>,
+    /// Any of these exact paths.
+    #[serde(default)]
+    pub(crate) path: Vec<Spanned<String>>,
+    /// Any of these path prefixes.
+    #[serde(default)]
+    pub(crate) path_prefix: Vec<Spanned<String>>,
+    /// Any of these methods.
+    #[serde(default)]
+    pub(crate) method: Vec<Spanned<String>>,
+    /// All of these headers, name → exact value (`"*"`: present with any value).
+    #[serde(default)]
+    pub(crate) header: BTreeMap<String, Spanned<String>>,
+    /// The pool to forward to.
+    #[serde(default)]
+    pub(crate) pool: Option<Spanned<String>>,
+    /// Remove this prefix from the path before forwarding.
+    #[serde(default)]
+    pub(crate) strip_prefix: Option<Spanned<String>>,
+    /// Answer with a redirect instead of forwarding.
+    #[serde(default)]
+    pub(crate) redirect: Option<Spanned<RedirectSection>>,
+}
+
+/// One `[[http]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpSection {
+    pub(crate) name: Spanned<String>,
+    /// Address and port to listen on (a VIP may be listed before VRRP brings it up).
+    pub(crate) listen: Spanned<SocketAddrV4>,
+    /// Clients whose `X-Forwarded-*` fields are kept and extended (HAProxy's
+    /// `option forwardfor if-none` / nginx's `set_real_ip_from`); everyone else's are replaced.
+    #[serde(default)]
+    pub(crate) trusted_proxies: Vec<Spanned<IpNet>>,
+    /// Log a line per request at info level (debug otherwise).
+    #[serde(default)]
+    pub(crate) access_log: bool,
+    /// Client connections held at once (HAProxy `maxconn`). Default 10000.
+    #[serde(default)]
+    pub(crate) max_connections: Option<Spanned<u32>>,
+    /// Longest request head in bytes: 431 beyond (nginx `large_client_header_buffers`).
+    /// Default 16384.
+    #[serde(default)]
+    pub(crate) max_header_bytes: Option<Spanned<u64>>,
+    /// Largest request body in bytes: 413 beyond (nginx `client_max_body_size`). Default
+    /// 8 MiB.
+    #[serde(default)]
+    pub(crate) max_body_bytes: Option<Spanned<u64>>,
+    /// Time to send a complete head (HAProxy `timeout http-request`). Default 10s.
+    #[serde(default)]
+    pub(crate) header_timeout: Option<Spanned<HumanDuration>>,
+    /// Time for a backend to answer (HAProxy `timeout server`). Default 30s: 504 beyond.
+    #[serde(default)]
+    pub(crate) upstream_timeout: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    pub(crate) route: Vec<RouteSection>,
+    #[serde(default)]
+    pub(crate) pool: Vec<HttpPoolSection>,
+}
+
+/// Largest request body accepted as a limit (bodies are buffered up to it).
+const MAX_BODY_LIMIT: u64 = 1 << 30;
+const MIN_PERIOD: Duration = Duration::from_millis(100);
+const MAX_PERIOD: Duration = Duration::from_secs(3600);
+
+impl HttpSection {
+    /// The gateway's config, reporting every problem to `error` (span, message).
+    pub(crate) fn build(&self, error: &mut dyn FnMut(Range<usize>, String)) -> GatewayConfig {
+        let name = self.name.get_ref();
+        let pool_names: Vec<&str> = self
+            .pool
+            .iter()
+            .map(|p| p.name.get_ref().as_str())
+            .collect();
+        let pools = self
+            .pool
+            .iter()
+            .map(|p| {
+                if p.backends.is_empty() {
+                    error(
+                        p.name.span(),
+                        format!("pool `{}` has no backends", p.name.get_ref()),
+                    );
+                }
+                for b in &p.backends {
+                    if *b.weight.get_ref() > balance::MAX_WEIGHT {
+                        error(
+                            b.weight.span(),
+                            format!("weight {} is over 65535", b.weight.get_ref()),
+                        );
+                    }
+                }
+                PoolSpec {
+                    name: p.name.get_ref().clone(),
+                    balance: PoolConfig {
+                        scheduler: p.scheduler,
+                        backends: p
+                            .backends
+                            .iter()
+                            .map(|b| BackendConfig::new(*b.address.get_ref(), *b.weight.get_ref()))
+                            .collect(),
+                        ..PoolConfig::default()
+                    },
+                }
+            })
+            .collect();
+        let routes = self
+            .route
+            .iter()
+            .filter_map(|r| route(r, &pool_names, error))
+            .collect();
+
+        let mut limits = Limits::default();
+        if let Some(n) = &self.max_connections {
+            in_range(n, 1, 1_000_000, "max_connections", error);
+            limits.max_connections = *n.get_ref();
+        }
+        if let Some(n) = &self.max_header_bytes {
+            in_range(
+                n,
+                Limits::MIN_HEADER_BYTES as u64,
+                Limits::MAX_HEADER_BYTES as u64,
+                "max_header_bytes",
+                error,
+            );
+            limits.max_header_bytes = usize::try_from(*n.get_ref()).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = &self.max_body_bytes {
+            in_range(n, 0, MAX_BODY_LIMIT, "max_body_bytes", error);
+            limits.max_body_bytes = *n.get_ref();
+        }
+        for (value, key, slot) in [
+            (
+                &self.header_timeout,
+                "header_timeout",
+                &mut limits.header_timeout,
+            ),
+            (
+                &self.upstream_timeout,
+                "upstream_timeout",
+                &mut limits.upstream_timeout,
+            ),
+        ] {
+            if let Some(d) = value {
+                let d0 = d.get_ref().0;
+                if !(MIN_PERIOD..=MAX_PERIOD).contains(&d0) {
+                    error(d.span(), format!("`{key}` must be between 100ms and 1h"));
+                }
+                *slot = d0;
+            }
+        }
+        GatewayConfig {
+            name: name.clone(),
+            listen: *self.listen.get_ref(),
+            routes,
+            pools,
+            forwarding: Forwarding {
+                trusted_proxies: self.trusted_proxies.iter().map(|n| *n.get_ref()).collect(),
+            },
+            limits,
+            access_log: self.access_log,
+        }
+    }
+
+    /// The gateway's config of a section that passed validation.
+    pub(crate) fn lower(&self) -> GatewayConfig {
+        self.build(&mut |_, _| {})
+    }
+}
+
+fn in_range<T: Copy + Into<u64> + std::fmt::Display>(
+    n: &Spanned<T>,
+    min: u64,
+    max: u64,
+    key: &str,
+    error: &mut dyn FnMut(Range<usize>, String),
+) {
+    let value: u64 = (*n.get_ref()).into();
+    if !(min..=max).contains(&value) {
+        error(
+            n.span(),
+            format!("`{key}` must be between {min} and {max}, not {value}"),
+        );
+    }
+}
+
+fn route(
+    r: &RouteSection,
+    pools: &[&str],
+    error: &mut dyn FnMut(Range<usize>, String),
+) -> Option<Route> {
+    let mut when = Match::default();
+    for h in &r.host {
+        match HostPattern::parse(h.get_ref()) {
+            Ok(p) => when.hosts.push(p),
+            Err(e) => error(h.span(), e.to_string()),
+        }
+    }
+    for (list, exact) in [(&r.path, true), (&r.path_prefix, false)] {
+        for p in list {
+            let parsed = if exact {
+                PathPattern::exact(p.get_ref())
+            } else {
+                PathPattern::prefix(p.get_ref())
+            };
+            match parsed {
+                Ok(p) => when.paths.push(p),
+                Err(e) => error(p.span(), e.to_string()),
+            }
+        }
+    }
+    for m in &r.method {
+        match ::http::Method::from_bytes(m.get_ref().as_bytes()) {
+            Ok(method) if m.get_ref().bytes().all(|b| b.is_ascii_uppercase()) => {
+                when.methods.push(method);
+            }
+            _ => error(
+                m.span(),
+                format!(
+                    "method {:?} is not an upper-case HTTP method (GET, POST, ...)",
+                    m.get_ref()
+                ),
+            ),
+        }
+    }
+    for (name, value) in &r.header {
+        let want = (value.get_ref() != "*").then_some(value.get_ref().as_str());
+        match HeaderMatch::new(name, want) {
+            Ok(h) => when.headers.push(h),
+            Err(e) => error(value.span(), e.to_string()),
+        }
+    }
+    let route_name = r.name.get_ref();
+    let action = match (&r.pool, &r.redirect) {
+        (Some(pool), None) => {
+            let Some(index) = pools.iter().position(|p| p == pool.get_ref()) else {
+                error(
+                    pool.span(),
+                    format!(
+                        "route `{route_name}` forwards to pool `{}`, which is not defined{}",
+                        pool.get_ref(),
+                        did_you_mean(pool.get_ref(), pools)
+                    ),
+                );
+                return None;
+            };
+            if let Some(p) = &r.strip_prefix
+                && let Err(e) = PathPattern::prefix(p.get_ref())
+            {
+                error(p.span(), e.to_string());
+            }
+            Action::Forward {
+                pool: index,
+                strip_prefix: r.strip_prefix.as_ref().map(|p| p.get_ref().clone()),
+            }
+        }
+        (None, Some(redirect)) => {
+            if let Some(p) = &r.strip_prefix {
+                error(
+                    p.span(),
+                    "strip_prefix applies to a route with a pool, not to a redirect".into(),
+                );
+            }
+            let rd = redirect.get_ref();
+            let target = match (&rd.location, &rd.prefix) {
+                (Some(l), None) => RedirectTarget::Location(l.get_ref().clone()),
+                (None, Some(p)) => RedirectTarget::Prefix(p.get_ref().clone()),
+                _ => {
+                    error(
+                        redirect.span(),
+                        "a redirect has either `location` (the URL as is) or `prefix` (the request's path appended)".into(),
+                    );
+                    return None;
+                }
+            };
+            match Action::redirect(*rd.status.get_ref(), target) {
+                Ok(a) => a,
+                Err(httpgw::ConfigError::BadRedirectStatus(s)) => {
+                    let span = if rd.status.span().is_empty() {
+                        redirect.span()
+                    } else {
+                        rd.status.span()
+                    };
+                    error(
+                        span,
+                        format!("redirect status {s} is not one of 301, 302, 303, 307, 308"),
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    error(redirect.span(), e.to_string());
+                    return None;
+                }
+            }
+        }
+        _ => {
+            error(
+                r.name.span(),
+                format!("route `{route_name}` needs exactly one of `pool` (forward) or `redirect`"),
+            );
+            return None;
+        }
+    };
+    Some(Route {
+        name: route_name.clone(),
+        when,
+        action,
+    })
+}
+
+/// Checks every `[[http]]`: unique names and listen addresses, unique route and pool names
+/// within one, and everything [`HttpSection::build`] reports.
+pub(crate) fn validate_all(sections: &[HttpSection], v: &mut Validator) {
+    check_unique(
+        sections
+            .iter()
+            .map(|s| (s.name.get_ref().clone(), s.name.span())),
+        "http name",
+        v,
+    );
+    check_unique(
+        sections
+            .iter()
+            .map(|s| (*s.listen.get_ref(), s.listen.span())),
+        "http listen address",
+        v,
+    );
+    for s in sections {
+        check_unique(
+            s.route
+                .iter()
+                .map(|r| (r.name.get_ref().clone(), r.name.span())),
+            "route name",
+            v,
+        );
+        check_unique(
+            s.pool
+                .iter()
+                .map(|p| (p.name.get_ref().clone(), p.name.span())),
+            "pool name",
+            v,
+        );
+        for p in &s.pool {
+            check_unique(
+                p.backends
+                    .iter()
+                    .map(|b| (*b.address.get_ref(), b.address.span())),
+                "backend",
+                v,
+            );
+        }
+        if s.route.is_empty() {
+            v.error_at(
+                &s.name,
+                format!(
+                    "http `{}` has no [[http.route]]: nothing would be served",
+                    s.name.get_ref()
+                ),
+            );
+        }
+        s.build(&mut |span, message| v.error(span, message));
+    }
+}

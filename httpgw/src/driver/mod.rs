@@ -1,0 +1,436 @@
+//! The I/O half: a tokio listener, hyper's HTTP/1.1 server per client connection (reading
+//! through the framing guard), and hyper-util's pooled client to the backends. Every decision
+//! is the core's ([`Gateway::decide`]); this module moves bytes, enforces time and size bounds
+//! and reports outcomes back.
+
+mod stream;
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::hygiene::{self, Refusal};
+use crate::{Answer, Gateway, GatewayConfig, GatewayStatus, Limits, Outcome, Verdict};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Errors starting a gateway.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] crate::ConfigError),
+    /// The listening socket could not be opened.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddrV4,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+#[allow(clippy::disallowed_methods)] // the driver's one clock read
+fn now() -> Instant {
+    Instant::now()
+}
+
+struct Shared {
+    gateway: Mutex<Gateway>,
+    limits: Limits,
+    access_log: bool,
+    client: Client<HttpConnector, Full<Bytes>>,
+    connections: AtomicU64,
+}
+
+impl Shared {
+    fn gateway(&self) -> std::sync::MutexGuard<'_, Gateway> {
+        self.gateway.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running HTTP gateway: one listener and its connections.
+pub struct HttpGateway {
+    shared: Arc<Shared>,
+    local: SocketAddr,
+    watch: netutil::task::TaskWatch,
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for HttpGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpGateway")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpGateway {
+    /// Binds the listener and starts accepting.
+    ///
+    /// # Errors
+    /// [`StartError`] for a bad configuration or a listener that cannot be bound.
+    pub async fn start(config: &GatewayConfig) -> Result<Self, StartError> {
+        let gateway = Gateway::new(config)?;
+        let listener = bind(config.listen).map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let local = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.limits.upstream_idle)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let shared = Arc::new(Shared {
+            gateway: Mutex::new(gateway),
+            limits: config.limits,
+            access_log: config.access_log,
+            client,
+            connections: AtomicU64::new(0),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let watch = netutil::task::TaskWatch::new();
+        let accept = watch.spawn(
+            "http accept loop",
+            accept_loop(listener, Arc::clone(&shared), stopped),
+        );
+        Ok(Self {
+            shared,
+            local,
+            watch,
+            stop,
+            accept,
+        })
+    }
+
+    /// The address it listens on (the port chosen when configured as 0).
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Counters and backend states.
+    #[must_use]
+    pub fn status(&self) -> GatewayStatus {
+        let mut status = self.shared.gateway().status();
+        status.connections = self.shared.connections.load(Ordering::Relaxed);
+        status
+    }
+
+    /// The accept loop's death, if it ended while it should run.
+    #[must_use]
+    pub fn dead(&self) -> Option<String> {
+        self.watch.dead()
+    }
+
+    /// Stops listening and closes every client connection.
+    pub async fn stop(self) {
+        self.watch.stopping();
+        let _ = self.stop.send(true);
+        let _ = self.accept.await;
+    }
+}
+
+/// The listener, bound with `IP_FREEBIND` so that a VIP can be listed before VRRP brings the
+/// address up (HAProxy's `bind ... freebind`): connections arrive once it is.
+fn bind(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_freebind_v4(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(addr).into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), std::io::Error> {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections as usize));
+    // Dropping the set on return aborts the connections still open.
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p.map_err(std::io::Error::other)?,
+            _ = stopped.changed() => return Ok(()),
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped.changed() => return Ok(()),
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors or a connection reset before accept: not fatal.
+                tracing::warn!("http accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        connections.spawn(async move {
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            serve(&shared, tcp, peer).await;
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}
+
+async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let (Some(peer), Some(local)) = (v4(peer), tcp.local_addr().ok().and_then(v4)) else {
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    let limits = shared.limits;
+    let io = TokioIo::new(stream::GuardedStream::new(tcp, limits.max_header_bytes));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        // The guard already bounds a head; hyper's buffer only has to hold one.
+        .max_buf_size((limits.max_header_bytes + 1024).max(8192))
+        .keep_alive(true)
+        // A guard refusal reads as the client's EOF: hyper must still answer the requests
+        // before it (it would drop them on an EOF without half-close).
+        .half_close(true);
+    let svc_shared = Arc::clone(shared);
+    let service = service_fn(move |req| {
+        let shared = Arc::clone(&svc_shared);
+        async move { Ok::<_, Infallible>(handle(&shared, peer, local, req).await) }
+    });
+    let parts = match builder
+        .serve_connection(io, service)
+        .without_shutdown()
+        .await
+    {
+        Ok(parts) => parts,
+        Err(e) => {
+            tracing::debug!(client = %peer, "http connection: {e}");
+            return;
+        }
+    };
+    let guarded = parts.io.into_inner();
+    let refusal = guarded.refused_head();
+    let cut = guarded.refused();
+    let mut tcp = guarded.into_inner();
+    if let Some(refusal) = refusal {
+        shared.gateway().refused(refusal.status);
+        log(
+            shared,
+            peer,
+            "-",
+            "-",
+            refusal.status,
+            refusal.reason,
+            Duration::ZERO,
+        );
+        let _ = tcp.write_all(&refusal_bytes(refusal)).await;
+    } else if cut {
+        tracing::debug!(client = %peer, "http connection cut: malformed body framing");
+    }
+    let _ = tcp.shutdown().await;
+}
+
+/// The answer to a head the guard refused: hyper never saw it, so it is written here.
+fn refusal_bytes(refusal: Refusal) -> Vec<u8> {
+    let reason = refusal.status.canonical_reason().unwrap_or("Error");
+    let body = format!("{} {reason}: {}\n", refusal.status.as_u16(), refusal.reason);
+    format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        refusal.status.as_u16(),
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn text(status: StatusCode, detail: &str, close: bool) -> Response<Body> {
+    let reason = status.canonical_reason().unwrap_or("");
+    let body = format!("{} {reason}: {detail}\n", status.as_u16());
+    let mut res = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if close {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}
+
+fn log(
+    shared: &Shared,
+    client: SocketAddrV4,
+    request: &str,
+    route: &str,
+    status: StatusCode,
+    to: &str,
+    took: Duration,
+) {
+    let ms = took.as_secs_f64() * 1000.0;
+    if shared.access_log {
+        tracing::info!(target: "httpgw::access", %client, request, route, status = status.as_u16(), to, ms);
+    } else {
+        tracing::debug!(target: "httpgw::access", %client, request, route, status = status.as_u16(), to, ms);
+    }
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    client: SocketAddrV4,
+    local: SocketAddrV4,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = now();
+    let line = format!("{} {}", req.method(), req.uri());
+    let refuse = |status: StatusCode, why: &str| {
+        shared.gateway().refused(status);
+        log(shared, client, &line, "-", status, why, started.elapsed());
+        text(status, why, true)
+    };
+    let (mut head, body) = req.into_parts();
+    let max_body = shared.limits.max_body_bytes;
+    match hygiene::content_length(&head.headers) {
+        Ok(Some(n)) if n > max_body => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        }
+        Ok(_) => {}
+        Err(r) => return refuse(r.status, r.reason),
+    }
+    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        }
+        Err(_) => return refuse(StatusCode::BAD_REQUEST, "body unreadable"),
+    };
+
+    let verdict = shared
+        .gateway()
+        .decide(started, client, *local.ip(), &mut head);
+    let up = match verdict {
+        Verdict::Respond(Answer {
+            status,
+            location,
+            reason,
+        }) => {
+            log(
+                shared,
+                client,
+                &line,
+                "-",
+                status,
+                reason,
+                started.elapsed(),
+            );
+            let close = status.is_client_error() && status != StatusCode::NOT_FOUND;
+            let mut res = text(status, reason, close);
+            if let Some(location) = location {
+                res.headers_mut().insert(header::LOCATION, location);
+            }
+            return res;
+        }
+        Verdict::Forward(up) => up,
+    };
+
+    let uri = format!("http://{}{}", up.addr, up.path_and_query);
+    match uri.parse() {
+        Ok(uri) => head.uri = uri,
+        Err(_) => {
+            shared.gateway().finish(now(), &up, Outcome::Broken);
+            return text(StatusCode::BAD_GATEWAY, "unforwardable target", false);
+        }
+    }
+    head.version = Version::HTTP_11;
+    let upstream = Request::from_parts(head, Full::new(body));
+    let sent = tokio::time::timeout(
+        shared.limits.upstream_timeout,
+        shared.client.request(upstream),
+    )
+    .await;
+    let (outcome, response) = match sent {
+        Err(_) => (Outcome::TimedOut, None),
+        Ok(Err(e)) if e.is_connect() => (Outcome::Refused, None),
+        Ok(Err(e)) => {
+            tracing::debug!(backend = %up.addr, "upstream: {e}");
+            (Outcome::Broken, None)
+        }
+        // Upgrades are not proxied: a 101 the client did not get to ask for is a broken answer.
+        Ok(Ok(res)) if res.status() == StatusCode::SWITCHING_PROTOCOLS => (Outcome::Broken, None),
+        Ok(Ok(res)) => (Outcome::Answered(res.status()), Some(res)),
+    };
+    // The backend is released at the response head: its counters measure time to answer.
+    shared.gateway().finish(now(), &up, outcome);
+    let route = shared.gateway().route_name(up.route);
+    log(
+        shared,
+        client,
+        &line,
+        &route,
+        outcome.status(),
+        &up.addr.to_string(),
+        started.elapsed(),
+    );
+    match response {
+        Some(res) => {
+            let (mut parts, body) = res.into_parts();
+            hygiene::remove_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        None => {
+            let why = match outcome {
+                Outcome::TimedOut => "upstream timed out",
+                Outcome::Refused => "upstream refused the connection",
+                _ => "upstream failed",
+            };
+            text(outcome.status(), why, false)
+        }
+    }
+}

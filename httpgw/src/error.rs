@@ -1,0 +1,53 @@
+//! Typed errors of the configuration the gateway is built from.
+
+/// A gateway configuration that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A host pattern that is neither a host name nor `*.suffix`.
+    #[error("bad host pattern {0:?} (expected a host name or *.suffix)")]
+    BadHostPattern(String),
+    /// A path that does not start with `/` or holds a space or control character.
+    #[error("bad path {0:?} (must start with / and hold no space or control character)")]
+    BadPath(String),
+    /// A header name that is not a valid token.
+    #[error("bad header name {0:?}")]
+    BadHeaderName(String),
+    /// A redirect status that is not a redirect.
+    #[error("redirect status {0} is not one of 301, 302, 303, 307, 308")]
+    BadRedirectStatus(u16),
+    /// A redirect target that cannot be a `Location` header.
+    #[error("bad redirect target {0:?} (empty, or holds a space or control character)")]
+    BadLocation(String),
+    /// A route names a pool index that does not exist.
+    #[error("route {route:?} forwards to pool #{pool}, which does not exist")]
+    NoSuchPool {
+        /// Route name.
+        route: String,
+        /// Pool index.
+        pool: usize,
+    },
+    /// Two pools share a name.
+    #[error("pool {0:?} is defined twice")]
+    DuplicatePool(String),
+    /// A limit outside what the gateway can enforce.
+    #[error("{what} must be between {min} and {max}, not {value}")]
+    LimitOutOfRange {
+        /// Which limit.
+        what: &'static str,
+        /// Given value.
+        value: u64,
+        /// Lowest accepted.
+        min: u64,
+        /// Highest accepted.
+        max: u64,
+    },
+    /// The balance crate refused a pool.
+    #[error("pool {pool:?}: {source}")]
+    Pool {
+        /// Pool name.
+        pool: String,
+        /// Why.
+        source: balance::PoolError,
+    },
+}

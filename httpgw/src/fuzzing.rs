@@ -1,0 +1,151 @@
+//! Entry point of the `http_request` cargo-fuzz target (and of the corpus replay test).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Instant;
+
+use balance::{BackendConfig, PoolConfig, SchedulerKind};
+use http::Request;
+
+use crate::framing::{HeadGuard, MAX_HEADERS};
+use crate::hygiene::Forwarding;
+use crate::route::{Action, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use crate::{Gateway, GatewayConfig, Limits, PoolSpec, Verdict};
+
+/// Feeds `data` (a client's byte stream) to the framing guard in one piece and split at
+/// every byte, and each head it lets through to a gateway with host, path and redirect
+/// rules. Panics if the two feedings disagree, if a head with both `Content-Length` and
+/// `Transfer-Encoding` gets through, or if a forwarded head still carries a hop-by-hop field.
+///
+/// # Panics
+/// On an invariant violation (that is the point).
+pub fn run_request(now: Instant, data: &[u8]) {
+    let max_head = 512;
+    let mut whole = HeadGuard::new(max_head);
+    let mut out_whole = Vec::new();
+    let verdict_whole = whole.feed(data, &mut out_whole);
+
+    let mut split = HeadGuard::new(max_head);
+    let mut out_split = Vec::new();
+    let mut verdict_split = Ok(());
+    for byte in data.chunks(1) {
+        verdict_split = split.feed(byte, &mut out_split);
+        if verdict_split.is_err() {
+            break;
+        }
+    }
+    assert_eq!(
+        verdict_whole, verdict_split,
+        "verdict depends on read sizes"
+    );
+    assert_eq!(out_whole, out_split, "released bytes depend on read sizes");
+    assert!(out_whole.len() <= data.len());
+
+    let mut gateway = Gateway::new(&config()).expect("fixed config is valid");
+    let mut rest = &out_whole[..];
+    while !rest.is_empty() {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut fields);
+        let Ok(httparse::Status::Complete(len)) = req.parse(rest) else {
+            // A body, or a head cut short by the end of the input.
+            return;
+        };
+        rest = &rest[len..];
+        let mut builder = Request::builder()
+            .method(req.method.unwrap_or("GET"))
+            .uri(req.path.unwrap_or("/"));
+        let mut lengths = 0;
+        let mut codings = 0;
+        for f in req.headers.iter() {
+            lengths += usize::from(f.name.eq_ignore_ascii_case("content-length"));
+            codings += usize::from(f.name.eq_ignore_ascii_case("transfer-encoding"));
+            builder = builder.header(f.name, f.value);
+        }
+        assert!(lengths == 0 || codings == 0, "CL+TE head released");
+        let Ok(request) = builder.body(()) else {
+            return;
+        };
+        let (mut head, ()) = request.into_parts();
+        let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 40_000);
+        let verdict = gateway.decide(now, client, Ipv4Addr::new(198, 51, 100, 1), &mut head);
+        if let Verdict::Forward(up) = verdict {
+            for hop in [
+                "connection",
+                "transfer-encoding",
+                "te",
+                "upgrade",
+                "keep-alive",
+            ] {
+                assert!(!head.headers.contains_key(hop), "{hop} forwarded");
+            }
+            assert!(up.path_and_query.starts_with('/'));
+            gateway.finish(now, &up, crate::Outcome::Refused);
+        }
+        // Without framing knowledge here, stop after the first head that has a body.
+        if lengths + codings > 0 {
+            return;
+        }
+    }
+}
+
+fn config() -> GatewayConfig {
+    let backend =
+        |last: u8| BackendConfig::new(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80), 1);
+    GatewayConfig {
+        name: "fuzz".into(),
+        listen: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 80),
+        routes: vec![
+            Route {
+                name: "api".into(),
+                when: Match {
+                    hosts: vec![HostPattern::Suffix("example.com".into())],
+                    paths: vec![PathPattern::Prefix("/api".into())],
+                    ..Match::default()
+                },
+                action: Action::Forward {
+                    pool: 1,
+                    strip_prefix: Some("/api".into()),
+                },
+            },
+            Route {
+                name: "old".into(),
+                when: Match {
+                    paths: vec![PathPattern::Exact("/old".into())],
+                    ..Match::default()
+                },
+                action: Action::Redirect {
+                    status: http::StatusCode::MOVED_PERMANENTLY,
+                    target: RedirectTarget::Prefix("https://example.com/".into()),
+                },
+            },
+            Route {
+                name: "default".into(),
+                when: Match::default(),
+                action: Action::Forward {
+                    pool: 0,
+                    strip_prefix: None,
+                },
+            },
+        ],
+        pools: vec![
+            PoolSpec {
+                name: "web".into(),
+                balance: PoolConfig {
+                    scheduler: SchedulerKind::Wrr,
+                    backends: vec![backend(1), backend(2)],
+                    ..PoolConfig::default()
+                },
+            },
+            PoolSpec {
+                name: "api".into(),
+                balance: PoolConfig {
+                    scheduler: SchedulerKind::Rr,
+                    backends: vec![backend(3)],
+                    ..PoolConfig::default()
+                },
+            },
+        ],
+        forwarding: Forwarding::default(),
+        limits: Limits::default(),
+        access_log: false,
+    }
+}

@@ -1,0 +1,616 @@
+//! The gateway: routes and pools together, deciding what each request becomes, and counting
+//! what happened to it. Pure: the driver passes the time, the addresses and the parsed head.
+//!
+//! ```text
+//!  head ─► Gateway::decide(now, client, local, &mut head)
+//!            │ hygiene::check fails       ─► Respond(400/405)
+//!            │ no route matches            ─► Respond(404)
+//!            │ route redirects             ─► Respond(3xx + Location)
+//!            │ pool has no backend to give ─► Respond(503)
+//!            ▼ else: head rewritten (hop-by-hop gone, X-Forwarded-*, prefix stripped)
+//!          Forward(Upstream{backend addr, path}) ─► driver sends it ─► Gateway::finish(outcome)
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use balance::{BackendId, ConnState, Decision, Pool, PoolConfig};
+use http::{HeaderValue, StatusCode, request};
+
+use crate::error::ConfigError;
+use crate::hygiene::{self, Forwarding, Refusal};
+use crate::route::{self, Action, RedirectTarget, RequestView, Route};
+
+/// One pool of real servers, balanced by the `balance` crate's schedulers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Name routes refer to.
+    pub name: String,
+    /// Scheduler, backends, weights.
+    pub balance: PoolConfig,
+}
+
+/// Bounds on what a client may send or hold, and how long an upstream may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Limits {
+    /// Client connections held at once; further ones wait in the listen backlog.
+    pub max_connections: u32,
+    /// Longest request head (request line and header fields), in bytes: 431 beyond.
+    pub max_header_bytes: usize,
+    /// Largest request body, in bytes: 413 beyond (bodies are buffered up to this).
+    pub max_body_bytes: u64,
+    /// Time a client has to send a complete head (slowloris bound); the connection is closed
+    /// when it runs out.
+    pub header_timeout: Duration,
+    /// Time an upstream has to answer with a response head: 504 beyond.
+    pub upstream_timeout: Duration,
+    /// Time an idle upstream connection is kept in the pool.
+    pub upstream_idle: Duration,
+}
+
+impl Limits {
+    /// Lowest head limit accepted (a request line and a few fields).
+    pub const MIN_HEADER_BYTES: usize = 256;
+    /// Highest head limit accepted (what the HTTP library can buffer).
+    pub const MAX_HEADER_BYTES: usize = 1 << 20;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 8 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(30),
+            upstream_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything one HTTP gateway (one listener) is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Name (`show http`, logs).
+    pub name: String,
+    /// Address the driver listens on.
+    pub listen: SocketAddrV4,
+    /// Rules, first match wins.
+    pub routes: Vec<Route>,
+    /// Pools the routes forward to, by index.
+    pub pools: Vec<PoolSpec>,
+    /// `X-Forwarded-*` policy.
+    pub forwarding: Forwarding,
+    /// Bounds.
+    pub limits: Limits,
+    /// Log one line per request at info level (debug level otherwise).
+    pub access_log: bool,
+}
+
+impl GatewayConfig {
+    /// Checks what the gateway relies on: routes name existing pools, pool names are unique,
+    /// limits are in range.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (i, p) in self.pools.iter().enumerate() {
+            if self.pools[..i].iter().any(|o| o.name == p.name) {
+                return Err(ConfigError::DuplicatePool(p.name.clone()));
+            }
+        }
+        for r in &self.routes {
+            if let Action::Forward { pool, .. } = r.action
+                && pool >= self.pools.len()
+            {
+                return Err(ConfigError::NoSuchPool {
+                    route: r.name.clone(),
+                    pool,
+                });
+            }
+        }
+        let l = &self.limits;
+        range(
+            "max_header_bytes",
+            l.max_header_bytes as u64,
+            Limits::MIN_HEADER_BYTES as u64,
+            Limits::MAX_HEADER_BYTES as u64,
+        )?;
+        range(
+            "max_connections",
+            u64::from(l.max_connections),
+            1,
+            1_000_000,
+        )?;
+        Ok(())
+    }
+}
+
+fn range(what: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::LimitOutOfRange {
+            what,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+/// Responses by status class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
+pub struct StatusClasses {
+    /// 1xx.
+    pub info: u64,
+    /// 2xx.
+    pub success: u64,
+    /// 3xx.
+    pub redirect: u64,
+    /// 4xx.
+    pub client_error: u64,
+    /// 5xx.
+    pub server_error: u64,
+}
+
+impl StatusClasses {
+    fn count(&mut self, status: StatusCode) {
+        let slot = match status.as_u16() / 100 {
+            1 => &mut self.info,
+            2 => &mut self.success,
+            3 => &mut self.redirect,
+            4 => &mut self.client_error,
+            _ => &mut self.server_error,
+        };
+        *slot += 1;
+    }
+}
+
+/// Counters of one route.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
+pub struct RouteStatus {
+    /// Route name.
+    pub name: String,
+    /// What it does (`pool web`, `pool api, strip /api`, `redirect 301 https://...`).
+    pub action: String,
+    /// Requests it matched.
+    pub requests: u64,
+    /// Their answers.
+    pub responses: StatusClasses,
+}
+
+/// Counters and state of one backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
+pub struct BackendStatus {
+    /// Address.
+    pub addr: String,
+    /// Configured weight.
+    pub weight: u32,
+    /// `up`, `draining`, `down`, `removed`, `maint`.
+    pub state: String,
+    /// Requests in flight.
+    pub active: u32,
+    /// Requests sent to it.
+    pub requests: u64,
+    /// Its answers (502/504 for its failures included).
+    pub responses: StatusClasses,
+    /// Requests it failed: refused connection, timeout, broken response.
+    pub failures: u64,
+}
+
+/// Counters of one pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
+pub struct PoolStatus {
+    /// Pool name.
+    pub name: String,
+    /// Scheduler (`rr`, `wrr`, ...).
+    pub scheduler: String,
+    /// Requests routed to it.
+    pub requests: u64,
+    /// Requests it had no backend for (answered 503).
+    pub no_backend: u64,
+    /// Its answers.
+    pub responses: StatusClasses,
+    /// Its backends.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// What `show http` prints for one gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
+pub struct GatewayStatus {
+    /// Gateway name.
+    pub name: String,
+    /// Listening address.
+    pub listen: String,
+    /// Client connections open now (filled in by the driver).
+    pub connections: u64,
+    /// Requests seen (refused ones included).
+    pub requests: u64,
+    /// Requests refused by hygiene or limits (400, 405, 408, 413, 431).
+    pub refused: u64,
+    /// Requests no route matched (404).
+    pub no_route: u64,
+    /// All answers.
+    pub responses: StatusClasses,
+    /// Per route.
+    pub routes: Vec<RouteStatus>,
+    /// Per pool.
+    pub pools: Vec<PoolStatus>,
+}
+
+/// Where a forwarded request goes; hand it back to [`Gateway::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Matching route.
+    pub route: usize,
+    /// Pool.
+    pub pool: usize,
+    /// Backend picked (`None`: the pool's sorry server).
+    pub backend: Option<BackendId>,
+    /// Address to send it to.
+    pub addr: SocketAddrV4,
+    /// Path and query to send (prefix stripped).
+    pub path_and_query: String,
+    client: Ipv4Addr,
+}
+
+/// A request the gateway answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Status.
+    pub status: StatusCode,
+    /// `Location` of a redirect.
+    pub location: Option<HeaderValue>,
+    /// Why (access log).
+    pub reason: &'static str,
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it upstream (the head has been rewritten for it).
+    Forward(Upstream),
+    /// Answer it here.
+    Respond(Answer),
+}
+
+/// How a forwarded request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered with this status.
+    Answered(StatusCode),
+    /// The upstream refused the connection (answered 502).
+    Refused,
+    /// The upstream did not answer in time (answered 504).
+    TimedOut,
+    /// The upstream connection broke or sent garbage (answered 502).
+    Broken,
+}
+
+impl Outcome {
+    /// The status the client gets.
+    #[must_use]
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Answered(s) => s,
+            Self::Refused | Self::Broken => StatusCode::BAD_GATEWAY,
+            Self::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct BackendCounts {
+    requests: u64,
+    responses: StatusClasses,
+    failures: u64,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    name: String,
+    pool: Pool,
+    requests: u64,
+    no_backend: u64,
+    responses: StatusClasses,
+    /// Indexed by [`BackendId::index`].
+    backends: Vec<BackendCounts>,
+}
+
+/// The deciding half of one HTTP gateway; see the module documentation.
+#[derive(Debug)]
+pub struct Gateway {
+    name: String,
+    listen: SocketAddrV4,
+    routes: Vec<Route>,
+    route_counts: Vec<(u64, StatusClasses)>,
+    pools: Vec<PoolState>,
+    forwarding: Forwarding,
+    requests: u64,
+    refused: u64,
+    no_route: u64,
+    responses: StatusClasses,
+}
+
+impl Gateway {
+    /// Builds the gateway.
+    ///
+    /// # Errors
+    /// [`ConfigError`] from [`GatewayConfig::validate`] or a pool the balance crate refuses.
+    pub fn new(config: &GatewayConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| {
+                Ok(PoolState {
+                    name: p.name.clone(),
+                    pool: Pool::new(p.balance.clone()).map_err(|source| ConfigError::Pool {
+                        pool: p.name.clone(),
+                        source,
+                    })?,
+                    requests: 0,
+                    no_backend: 0,
+                    responses: StatusClasses::default(),
+                    backends: Vec::new(),
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(Self {
+            name: config.name.clone(),
+            listen: config.listen,
+            routes: config.routes.clone(),
+            route_counts: vec![(0, StatusClasses::default()); config.routes.len()],
+            pools,
+            forwarding: config.forwarding.clone(),
+            requests: 0,
+            refused: 0,
+            no_route: 0,
+            responses: StatusClasses::default(),
+        })
+    }
+
+    /// Decides what `head`, from `client` to `local`, becomes; on
+    /// [`Verdict::Forward`] the head has been rewritten for the upstream and the pool counts
+    /// the request as active until [`finish`](Self::finish).
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        client: SocketAddrV4,
+        local: Ipv4Addr,
+        head: &mut request::Parts,
+    ) -> Verdict {
+        self.requests += 1;
+        let checked = match hygiene::check(head) {
+            Ok(c) => c,
+            Err(refusal) => return self.refuse(refusal),
+        };
+        let view = RequestView {
+            host: &checked.host,
+            path: &checked.path,
+            method: &head.method,
+            headers: &head.headers,
+        };
+        let Some(index) = route::first_match(&self.routes, &view) else {
+            self.no_route += 1;
+            return self.answer(None, StatusCode::NOT_FOUND, None, "no route");
+        };
+        self.route_counts[index].0 += 1;
+        let query = head
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let (pool_index, strip) = match &self.routes[index].action {
+            Action::Redirect { status, target } => {
+                let location = match target {
+                    RedirectTarget::Location(url) => url.clone(),
+                    RedirectTarget::Prefix(base) => {
+                        format!("{}{}{query}", base.trim_end_matches('/'), checked.path)
+                    }
+                };
+                let location = HeaderValue::from_str(&location).ok();
+                return self.answer(Some(index), *status, location, "redirect");
+            }
+            Action::Forward { pool, strip_prefix } => (*pool, strip_prefix.clone()),
+        };
+        let path = strip
+            .and_then(|p| route::strip_prefix(&checked.path, &p))
+            .unwrap_or(checked.path);
+        let state = &mut self.pools[pool_index];
+        state.requests += 1;
+        let (backend, addr) = match state.pool.schedule(now, client, local) {
+            Decision::Backend { id, addr } => {
+                state.pool.established(now, id, *client.ip());
+                let i = id.index();
+                if state.backends.len() <= i {
+                    state.backends.resize(i + 1, BackendCounts::default());
+                }
+                state.backends[i].requests += 1;
+                (Some(id), addr)
+            }
+            Decision::Sorry(addr) => (None, addr),
+            Decision::Refuse => {
+                state.no_backend += 1;
+                state.responses.count(StatusCode::SERVICE_UNAVAILABLE);
+                return self.answer(
+                    Some(index),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    None,
+                    "no backend available",
+                );
+            }
+        };
+        hygiene::prepare_upstream(
+            &mut head.headers,
+            (*client.ip()).into(),
+            checked.authority.as_ref(),
+            &self.forwarding,
+        );
+        Verdict::Forward(Upstream {
+            route: index,
+            pool: pool_index,
+            backend,
+            addr,
+            path_and_query: format!("{path}{query}"),
+            client: *client.ip(),
+        })
+    }
+
+    /// Counts a request refused before or without [`decide`](Self::decide) (the framing guard,
+    /// body and header limits, header timeout).
+    pub fn refused(&mut self, status: StatusCode) {
+        self.requests += 1;
+        self.refused += 1;
+        self.responses.count(status);
+    }
+
+    /// Records how a forwarded request ended and releases its backend.
+    pub fn finish(&mut self, now: Instant, upstream: &Upstream, outcome: Outcome) {
+        let status = outcome.status();
+        self.responses.count(status);
+        self.route_counts[upstream.route].1.count(status);
+        let state = &mut self.pools[upstream.pool];
+        state.responses.count(status);
+        if let Some(id) = upstream.backend {
+            state
+                .pool
+                .closed(now, id, ConnState::Active, upstream.client);
+            if let Some(counts) = state.backends.get_mut(id.index()) {
+                counts.responses.count(status);
+                if !matches!(outcome, Outcome::Answered(_)) {
+                    counts.failures += 1;
+                }
+            }
+        }
+    }
+
+    /// The name of route `index` (for the access log).
+    #[must_use]
+    pub fn route_name(&self, index: usize) -> String {
+        self.routes
+            .get(index)
+            .map(|r| r.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// The counters and backend states.
+    #[must_use]
+    pub fn status(&self) -> GatewayStatus {
+        GatewayStatus {
+            name: self.name.clone(),
+            listen: self.listen.to_string(),
+            connections: 0,
+            requests: self.requests,
+            refused: self.refused,
+            no_route: self.no_route,
+            responses: self.responses,
+            routes: self
+                .routes
+                .iter()
+                .zip(&self.route_counts)
+                .map(|(r, (requests, responses))| RouteStatus {
+                    name: r.name.clone(),
+                    action: self.describe(&r.action),
+                    requests: *requests,
+                    responses: *responses,
+                })
+                .collect(),
+            pools: self.pools.iter().map(pool_status).collect(),
+        }
+    }
+
+    fn describe(&self, action: &Action) -> String {
+        match action {
+            Action::Forward { pool, strip_prefix } => {
+                let name = &self.pools[*pool].name;
+                match strip_prefix {
+                    Some(p) => format!("pool {name}, strip {p}"),
+                    None => format!("pool {name}"),
+                }
+            }
+            Action::Redirect { status, target } => match target {
+                RedirectTarget::Location(url) => format!("redirect {} {url}", status.as_u16()),
+                RedirectTarget::Prefix(base) => {
+                    format!("redirect {} {base}<path>", status.as_u16())
+                }
+            },
+        }
+    }
+
+    fn refuse(&mut self, refusal: Refusal) -> Verdict {
+        self.refused += 1;
+        self.answer(None, refusal.status, None, refusal.reason)
+    }
+
+    fn answer(
+        &mut self,
+        route: Option<usize>,
+        status: StatusCode,
+        location: Option<HeaderValue>,
+        reason: &'static str,
+    ) -> Verdict {
+        self.responses.count(status);
+        if let Some(r) = route {
+            self.route_counts[r].1.count(status);
+        }
+        Verdict::Respond(Answer {
+            status,
+            location,
+            reason,
+        })
+    }
+}
+
+fn pool_status(state: &PoolState) -> PoolStatus {
+    PoolStatus {
+        name: state.name.clone(),
+        scheduler: state.pool.scheduler().as_str().to_owned(),
+        requests: state.requests,
+        no_backend: state.no_backend,
+        responses: state.responses,
+        backends: state
+            .pool
+            .backends()
+            .map(|(id, b)| {
+                let counts = state.backends.get(id.index()).cloned().unwrap_or_default();
+                BackendStatus {
+                    addr: b.addr().to_string(),
+                    weight: b.weight(),
+                    state: b.state().to_string(),
+                    active: b.active(),
+                    requests: counts.requests,
+                    responses: counts.responses,
+                    failures: counts.failures,
+                }
+            })
+            .collect(),
+    }
+}

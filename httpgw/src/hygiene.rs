@@ -1,0 +1,236 @@
+//! Request hygiene on a parsed head: refuse what is ambiguous, find the host, and prepare the
+//! header fields an upstream sees (hop-by-hop fields gone, `X-Forwarded-*` set).
+//!
+//! The raw byte stream is checked first by [`crate::framing::HeadGuard`] (which sees what an
+//! HTTP library normalises away); these checks repeat the framing ones on the parsed head so
+//! that the core stays safe when fed by anything else, and add what needs the parsed form.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Method, StatusCode, Version, request};
+use ipnet::IpNet;
+
+/// Why a request is answered by the gateway itself with an error status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// Status of the answer (400, 405, 431, ...).
+    pub status: StatusCode,
+    /// Short reason for the access log and counters.
+    pub reason: &'static str,
+}
+
+impl Refusal {
+    pub(crate) const fn bad(reason: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+        }
+    }
+}
+
+/// What routing needs from a request that passed [`check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// Host name without port, lower-case; empty for an HTTP/1.0 request without `Host`.
+    pub host: String,
+    /// The authority as the client sent it (for `X-Forwarded-Host`), if any.
+    pub authority: Option<HeaderValue>,
+    /// Path without the query (`*` for `OPTIONS *`).
+    pub path: String,
+}
+
+/// The hop-by-hop fields of RFC 9110 §7.6.1 plus the non-standard ones proxies strip too.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Checks a request head: framing (`Content-Length` with `Transfer-Encoding`, differing or
+/// invalid `Content-Length` values), `Host` (required by HTTP/1.1, exactly one, a valid
+/// authority without user info, the same as an absolute-form target's), the method (no
+/// `CONNECT`) and the target form.
+///
+/// # Errors
+/// A [`Refusal`] with 400 (405 for `CONNECT`).
+pub fn check(head: &request::Parts) -> Result<Checked, Refusal> {
+    let headers = &head.headers;
+    if head.method == Method::CONNECT {
+        return Err(Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason: "CONNECT is not proxied",
+        });
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(Refusal::bad("both Content-Length and Transfer-Encoding"));
+    }
+    content_length(headers)?;
+
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host_field = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::bad("more than one Host"));
+    }
+    let from_field = host_field.map(parse_authority).transpose()?;
+    let from_target = head.uri.authority().cloned();
+    let authority = match (from_field, from_target) {
+        (Some(field), Some(target)) if field != target => {
+            return Err(Refusal::bad("Host differs from the target's authority"));
+        }
+        (Some(a), _) | (None, Some(a)) => Some(a),
+        (None, None) if head.version == Version::HTTP_10 => None,
+        (None, None) => return Err(Refusal::bad("no Host")),
+    };
+    if authority.as_ref().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(Refusal::bad("user info in the authority"));
+    }
+
+    let path = head.uri.path();
+    let path = if path == "*" {
+        if head.method != Method::OPTIONS {
+            return Err(Refusal::bad("asterisk target without OPTIONS"));
+        }
+        "*"
+    } else if path.starts_with('/') {
+        path
+    } else {
+        return Err(Refusal::bad("target is not a path"));
+    };
+    Ok(Checked {
+        host: authority
+            .as_ref()
+            .map(|a| a.host().to_ascii_lowercase())
+            .unwrap_or_default(),
+        authority: authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        path: path.to_owned(),
+    })
+}
+
+fn parse_authority(field: &HeaderValue) -> Result<Authority, Refusal> {
+    let a = Authority::try_from(field.as_bytes()).map_err(|_| Refusal::bad("bad Host"))?;
+    if a.host().is_empty() || a.as_str().contains('@') {
+        return Err(Refusal::bad("bad Host"));
+    }
+    if a.as_str().ends_with(':') {
+        return Err(Refusal::bad("bad Host"));
+    }
+    Ok(a)
+}
+
+/// The body length the head declares, if any, after refusing invalid or differing values
+/// (each field may be a comma list; every element must be the same decimal number).
+///
+/// # Errors
+/// A 400 [`Refusal`].
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Refusal> {
+    let mut length = None;
+    for field in headers.get_all(header::CONTENT_LENGTH) {
+        let text = field
+            .to_str()
+            .map_err(|_| Refusal::bad("bad Content-Length"))?;
+        for item in text.split(',') {
+            let item = item.trim();
+            if item.is_empty() || item.len() > 19 || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Refusal::bad("bad Content-Length"));
+            }
+            let n: u64 = item
+                .parse()
+                .map_err(|_| Refusal::bad("bad Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Refusal::bad("differing Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// How the `X-Forwarded-*` fields are written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    /// Clients whose own `X-Forwarded-*` fields are believed: their `X-Forwarded-For` is
+    /// appended to and their `-Proto`/`-Host` kept. Everyone else's are replaced.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Forwarding {
+    fn trusts(&self, client: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&client))
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes the hop-by-hop fields, those the `Connection` field names (except `Host` and the
+/// framing fields, which are not the sender's to drop), and `Upgrade` (upgrades are not
+/// proxied). For a response on its way back to the client too.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Rewrites `headers` for the upstream: removes the hop-by-hop fields (and those the
+/// `Connection` field names, except `Host`), `Upgrade` (upgrades are not proxied) and
+/// `Content-Length` (the driver frames the body it forwards), then sets `X-Forwarded-For`,
+/// `-Proto` (`http`) and `-Host`.
+pub fn prepare_upstream(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    authority: Option<&HeaderValue>,
+    forwarding: &Forwarding,
+) {
+    remove_hop_by_hop(headers);
+    headers.remove(header::CONTENT_LENGTH);
+
+    let trusted = forwarding.trusts(client);
+    let client_text = client.to_string();
+    let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
+        let mut chain: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        chain.push(&client_text);
+        chain.join(", ")
+    } else {
+        client_text.clone()
+    };
+    let xff = HeaderValue::from_str(&xff).unwrap_or_else(|_| {
+        HeaderValue::from_str(&client_text).unwrap_or(HeaderValue::from_static("unknown"))
+    });
+    headers.insert(X_FORWARDED_FOR, xff);
+    if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+        match authority {
+            Some(a) => {
+                headers.insert(X_FORWARDED_HOST, a.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+}

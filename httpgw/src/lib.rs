@@ -1,0 +1,43 @@
+//! An HTTP/1.1 reverse proxy for vipgate: routing rules on host, path, method and headers,
+//! forwarding to pools balanced by the `balance` crate's schedulers, redirects and prefix
+//! stripping, and request hygiene (ambiguous framing refused, hop-by-hop fields stripped,
+//! `X-Forwarded-*` set).
+//!
+//! ```text
+//!   pure (no I/O, always built)                 driver (feature "driver": tokio + hyper)
+//!   framing   raw bytes ─► HeadGuard ─────────►  client socket read through the guard;
+//!             (CL+TE, bad chunking: refused)       refused head answered 400/431, closed
+//!   hygiene   head checks, X-Forwarded-*  ◄────  hyper parses the head
+//!   route     first matching rule         ◄────  Gateway::decide per request
+//!   gateway   pools (balance), counters  ─────►  pooled upstream client (hyper-util),
+//!             Verdict::{Forward, Respond}        limits (413, 431, 503, 502, 504)
+//! ```
+//!
+//! The modules at the top are pure: they parse, decide and count, never open a socket, read a
+//! clock or spawn, and build with `--no-default-features` (that is how the CLI's config
+//! lowering and the fuzz target use them). HTTP itself is parsed by `httparse` and hyper;
+//! nothing here parses HTTP by hand.
+#![warn(missing_docs)]
+
+mod error;
+pub mod framing;
+#[doc(hidden)]
+pub mod fuzzing;
+mod gateway;
+pub mod hygiene;
+pub mod route;
+
+#[cfg(feature = "driver")]
+mod driver;
+
+pub use error::ConfigError;
+pub use gateway::{
+    Answer, BackendStatus, Gateway, GatewayConfig, GatewayStatus, Limits, Outcome, PoolSpec,
+    PoolStatus, RouteStatus, StatusClasses, Upstream, Verdict,
+};
+
+#[cfg(feature = "driver")]
+pub use driver::{HttpGateway, StartError};
+
+#[cfg(test)]
+mod tests;

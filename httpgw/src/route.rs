@@ -1,0 +1,272 @@
+//! Routing rules: what a request must look like (host, path, method, headers) and what to do
+//! with it (forward to a pool, optionally stripping a path prefix, or redirect).
+//!
+//! Rules are tried in order and the first whose every condition holds wins, as HAProxy's
+//! `use_backend ... if ...` lines are. Within one condition the alternatives are ORed
+//! (`hosts = ["a", "b"]` matches either), across conditions they are ANDed; a rule without
+//! conditions matches every request (a default route).
+
+use std::fmt;
+
+use http::{HeaderMap, HeaderName, Method, StatusCode};
+
+use crate::error::ConfigError;
+
+/// A Host condition: exact (`www.example.com`) or a suffix wildcard (`*.example.com`, which
+/// matches `a.example.com` and `a.b.example.com` but not `example.com` itself, as nginx's
+/// `server_name *.example.com`). Compared without the port and case-insensitively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// This host name exactly.
+    Exact(String),
+    /// Any host ending in `.` + this suffix (stored without the leading `*.`).
+    Suffix(String),
+}
+
+impl HostPattern {
+    /// Parses `name` or `*.suffix`.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadHostPattern`] for an empty name, a `*` anywhere but a leading `*.`,
+    /// or characters a host name cannot hold.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadHostPattern(text.to_owned());
+        let (suffix, name) = match text.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid {
+            return Err(bad());
+        }
+        let name = name.to_ascii_lowercase();
+        Ok(if suffix {
+            Self::Suffix(name)
+        } else {
+            Self::Exact(name)
+        })
+    }
+
+    /// Whether `host` (lower-case, without port) matches.
+    #[must_use]
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(name) => host == name,
+            Self::Suffix(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(name) => f.write_str(name),
+            Self::Suffix(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// A path condition on the request path (without the query string), case-sensitive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    /// The path is exactly this (nginx `location = /x`, HAProxy `path /x`).
+    Exact(String),
+    /// The path starts with this (nginx `location /x`, HAProxy `path_beg /x`): a plain string
+    /// prefix, so `/api` also matches `/apix`; write `/api/` to match a directory only.
+    Prefix(String),
+}
+
+impl PathPattern {
+    fn validate(text: &str) -> Result<(), ConfigError> {
+        if text.starts_with('/') && !text.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            Ok(())
+        } else {
+            Err(ConfigError::BadPath(text.to_owned()))
+        }
+    }
+
+    /// An exact path condition.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadPath`] unless `text` starts with `/` and holds no space or control
+    /// character.
+    pub fn exact(text: &str) -> Result<Self, ConfigError> {
+        Self::validate(text)?;
+        Ok(Self::Exact(text.to_owned()))
+    }
+
+    /// A prefix path condition.
+    ///
+    /// # Errors
+    /// As [`PathPattern::exact`].
+    pub fn prefix(text: &str) -> Result<Self, ConfigError> {
+        Self::validate(text)?;
+        Ok(Self::Prefix(text.to_owned()))
+    }
+
+    /// Whether `path` matches.
+    #[must_use]
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => path == p,
+            Self::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// A header condition: the header is present (any value) or one of its values equals
+/// `value` exactly (HAProxy `hdr(name) -m str value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderMatch {
+    /// Header name (lower-case, as `http` stores it).
+    pub name: HeaderName,
+    /// Required value; `None`: present with any value.
+    pub value: Option<String>,
+}
+
+impl HeaderMatch {
+    /// Parses a header name and an optional value.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadHeaderName`] when `name` is not a valid header name.
+    pub fn new(name: &str, value: Option<&str>) -> Result<Self, ConfigError> {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ConfigError::BadHeaderName(name.to_owned()))?;
+        Ok(Self {
+            name,
+            value: value.map(str::to_owned),
+        })
+    }
+
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        let mut values = headers.get_all(&self.name).iter();
+        match &self.value {
+            None => values.next().is_some(),
+            Some(want) => values.any(|v| v.as_bytes() == want.as_bytes()),
+        }
+    }
+}
+
+/// The conditions of one rule; empty lists do not constrain.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Match {
+    /// Any of these hosts.
+    pub hosts: Vec<HostPattern>,
+    /// Any of these paths.
+    pub paths: Vec<PathPattern>,
+    /// Any of these methods.
+    pub methods: Vec<Method>,
+    /// All of these headers.
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// What the rule matching needs of a request (already checked by [`crate::hygiene`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// Host without port, lower-case.
+    pub host: &'a str,
+    /// Path without the query.
+    pub path: &'a str,
+    /// Method.
+    pub method: &'a Method,
+    /// Header fields.
+    pub headers: &'a HeaderMap,
+}
+
+impl Match {
+    /// Whether every condition holds for `req`.
+    #[must_use]
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(req.host)))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(req.path)))
+            && (self.methods.is_empty() || self.methods.contains(req.method))
+            && self.headers.iter().all(|h| h.matches(req.headers))
+    }
+}
+
+/// Where a redirect points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedirectTarget {
+    /// This URL as it is (HAProxy `redirect location`).
+    Location(String),
+    /// This scheme + authority (and optional path) followed by the request's path and query
+    /// (HAProxy `redirect prefix`, nginx `return 301 https://host$request_uri`).
+    Prefix(String),
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Forward to the pool at this index of the gateway's pools.
+    Forward {
+        /// Index into [`GatewayConfig::pools`](crate::GatewayConfig::pools).
+        pool: usize,
+        /// Remove this prefix from the path first (`/api/users` → `/users`); a path that is
+        /// the prefix itself becomes `/`. Only applies when the path starts with it.
+        strip_prefix: Option<String>,
+    },
+    /// Answer with a redirect; the request goes nowhere.
+    Redirect {
+        /// 301, 302, 303, 307 or 308.
+        status: StatusCode,
+        /// Target.
+        target: RedirectTarget,
+    },
+}
+
+impl Action {
+    /// A redirect action.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadRedirectStatus`] unless `status` is 301, 302, 303, 307 or 308;
+    /// [`ConfigError::BadLocation`] if the target is empty or holds a control character or
+    /// space (it becomes a header value).
+    pub fn redirect(status: u16, target: RedirectTarget) -> Result<Self, ConfigError> {
+        if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+            return Err(ConfigError::BadRedirectStatus(status));
+        }
+        let text = match &target {
+            RedirectTarget::Location(t) | RedirectTarget::Prefix(t) => t,
+        };
+        if text.is_empty() || text.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(ConfigError::BadLocation(text.clone()));
+        }
+        let status =
+            StatusCode::from_u16(status).map_err(|_| ConfigError::BadRedirectStatus(status))?;
+        Ok(Self::Redirect { status, target })
+    }
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Name shown by `show http` and in the access log.
+    pub name: String,
+    /// Conditions.
+    pub when: Match,
+    /// Action.
+    pub action: Action,
+}
+
+/// The index of the first rule of `routes` that matches `req`.
+#[must_use]
+pub fn first_match(routes: &[Route], req: &RequestView<'_>) -> Option<usize> {
+    routes.iter().position(|r| r.when.matches(req))
+}
+
+/// `path` without `prefix`, starting with `/`; `None` when `path` does not start with it.
+#[must_use]
+pub fn strip_prefix(path: &str, prefix: &str) -> Option<String> {
+    let rest = path.strip_prefix(prefix)?;
+    Some(if rest.starts_with('/') {
+        rest.to_owned()
+    } else {
+        format!("/{rest}")
+    })
+}

@@ -1,0 +1,312 @@
+//! HTTP (L7) virtual services end to end: a director namespace runs `vipgate run` with
+//! `[[http]]`, two real servers run python3 http.server handlers that answer with their name,
+//! the path they got, the `X-Forwarded-For` they saw and the SHA-256 of the body, and log every
+//! request line they receive; a client namespace talks to the director with curl and raw
+//! sockets.
+//!
+//! ```text
+//!  cl 198.51.100.200 ── eth0 ── dir 198.51.100.11:80 (vipgate [[http]])
+//!                               br0 10.0.0.1 ── rs1 10.0.0.101:8000, rs2 10.0.0.102:8000
+//! ```
+
+use std::time::Duration;
+
+use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_until};
+
+const GATEWAY: &str = "198.51.100.11";
+
+/// A backend on http.server's handler: `NAME PATH xff=XFF sha256=HEX` for any GET or POST,
+/// and one line per request (`METHOD PATH`) in the log file.
+const BACKEND_PY: &str = r#"
+import hashlib, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, addr, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self):
+        with open(log, "a") as f:
+            f.write(f"{self.command} {self.path}\n")
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        xff = self.headers.get("X-Forwarded-For", "")
+        text = f"{name} {self.path} xff={xff} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text)
+    do_GET = answer
+    do_POST = answer
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer((addr, port), Handler).serve_forever()
+"#;
+
+/// Sends argv[3] (with `\r\n` written as `\\r\\n`) raw to argv[1]:argv[2] and prints what
+/// comes back until the gateway closes.
+const RAW_PY: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(sys.argv[3].encode().decode("unicode_escape").encode("latin-1"))
+data = b""
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    data += d
+print(data.decode("latin-1"))
+"#;
+
+const SITE: &str = r#"
+[[http]]
+name = "www"
+listen = "198.51.100.11:80"
+max_header_bytes = 2048
+max_body_bytes = 100000
+access_log = true
+
+[[http.route]]
+name = "api"
+host = ["*.example.com"]
+path_prefix = ["/api/"]
+pool = "api"
+strip_prefix = "/api"
+
+[[http.route]]
+name = "old"
+path = ["/old"]
+redirect = { status = 301, prefix = "https://new.example.com" }
+
+[[http.route]]
+name = "down"
+host = ["down.test"]
+pool = "drained"
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "web"
+backends = [{ address = "10.0.0.101:8000" }]
+
+[[http.pool]]
+name = "api"
+scheduler = "wrr"
+backends = [{ address = "10.0.0.102:8000", weight = 3 }]
+
+[[http.pool]]
+name = "drained"
+backends = [{ address = "10.0.0.101:8000", weight = 0 }]
+"#;
+
+struct Lab {
+    t: Topology,
+    _vipgate: Proc,
+    _backends: Vec<Proc>,
+    control: String,
+}
+
+impl Lab {
+    fn new(mut t: Topology) -> Lab {
+        t.hosts(&["cl", "dir", "rs1", "rs2"]);
+        t.veth("cl", "eth0", "dir", "eth0");
+        t.addr("cl", "eth0", "198.51.100.200/24");
+        t.addr("dir", "eth0", "198.51.100.11/24");
+        t.bridge("dir", "br0");
+        t.addr("dir", "br0", "10.0.0.1/24");
+        let backend = t.write("backend.py", BACKEND_PY);
+        t.write("raw.py", RAW_PY);
+        let mut backends = Vec::new();
+        for i in 1..=2 {
+            let rs = format!("rs{i}");
+            t.veth(&rs, "eth0", "dir", &format!("v{i}"));
+            t.ip("dir", &format!("link set v{i} master br0"));
+            let addr = format!("10.0.0.10{i}");
+            t.addr(&rs, "eth0", &format!("{addr}/24"));
+            let log = t.dir().join(format!("{rs}-requests.log"));
+            std::fs::write(&log, "").expect("creating the request log");
+            backends.push(t.spawn(
+                &rs,
+                &rs,
+                &[
+                    "python3",
+                    backend.to_str().unwrap_or(""),
+                    &rs,
+                    &addr,
+                    "8000",
+                    log.to_str().unwrap_or(""),
+                ],
+            ));
+            t.wait_tcp(&rs, &addr, 8000, Duration::from_secs(30));
+        }
+        let control = t.dir().join("vipgate.sock").display().to_string();
+        let config = t.write(
+            "director.toml",
+            &format!("[daemon]\ncontrol = \"{control}\"\n{SITE}"),
+        );
+        let vipgate = t.vipgate(
+            "dir",
+            "vipgate",
+            &["run", "-c", config.to_str().unwrap_or("")],
+        );
+        t.wait_tcp("cl", GATEWAY, 80, Duration::from_secs(30));
+        Lab {
+            t,
+            _vipgate: vipgate,
+            _backends: backends,
+            control,
+        }
+    }
+
+    /// curl from the client with extra arguments; stdout.
+    fn curl(&self, args: &str) -> String {
+        self.t
+            .sh("cl", &format!("curl -sS --max-time 10 {args}"))
+            .trim()
+            .to_owned()
+    }
+
+    fn requests_seen(&self, rs: &str) -> String {
+        std::fs::read_to_string(self.t.dir().join(format!("{rs}-requests.log"))).unwrap_or_default()
+    }
+}
+
+#[test]
+fn routes_pick_the_backend_rewrite_and_redirect() {
+    let lab = Lab::new(e2e!());
+    let url = |path: &str| format!("'http://{GATEWAY}{path}'");
+
+    // Host + path prefix: the api pool's server answers, the prefix stripped, the query kept.
+    let body = lab.curl(&format!(
+        "-H 'Host: shop.example.com' {}",
+        url("/api/items?x=1")
+    ));
+    assert!(
+        body.starts_with("rs2 /items?x=1 xff=198.51.100.200 "),
+        "{body}"
+    );
+    // The same path on another host: the default route's server, path untouched.
+    let body = lab.curl(&format!("-H 'Host: example.org' {}", url("/api/items")));
+    assert!(
+        body.starts_with("rs1 /api/items xff=198.51.100.200 "),
+        "{body}"
+    );
+    // A forged X-Forwarded-For from an untrusted client is replaced, not extended.
+    let body = lab.curl(&format!("-H 'X-Forwarded-For: 6.6.6.6' {}", url("/")));
+    assert!(body.starts_with("rs1 / xff=198.51.100.200 "), "{body}");
+    // Redirect with the path and query appended.
+    let out = lab.curl(&format!(
+        "-o /dev/null -w '%{{http_code}} %{{redirect_url}}' {}",
+        url("/old?q=1")
+    ));
+    assert_eq!(out, "301 https://new.example.com/old?q=1");
+    // A body arrives intact (by hash) through the gateway.
+    lab.t.sh(
+        "cl",
+        &format!(
+            "head -c 60000 /dev/urandom > {}/up.bin",
+            lab.t.dir().display()
+        ),
+    );
+    let want = lab
+        .t
+        .sh("cl", &format!("sha256sum {}/up.bin", lab.t.dir().display()));
+    let want = want.split_whitespace().next().unwrap_or("-").to_owned();
+    let body = lab.curl(&format!(
+        "--data-binary @{}/up.bin {}",
+        lab.t.dir().display(),
+        url("/upload")
+    ));
+    assert!(
+        body.ends_with(&format!("sha256={want}")),
+        "{body} vs {want}"
+    );
+
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let gw = &json[0];
+    assert_eq!(counter(gw, &["routes", "0", "requests"]), 1, "{json}");
+    assert_eq!(counter(gw, &["routes", "1", "requests"]), 1, "{json}");
+    assert_eq!(counter(gw, &["routes", "3", "requests"]), 3, "{json}");
+    assert_eq!(
+        counter(gw, &["pools", "1", "backends", "0", "requests"]),
+        1,
+        "{json}"
+    );
+    assert_eq!(counter(gw, &["responses", "success"]), 4, "{json}");
+    assert_eq!(counter(gw, &["responses", "redirect"]), 1, "{json}");
+    let text = lab.t.sh(
+        "dir",
+        &format!(
+            "{} show http --control {}",
+            vipgate_tests::vipgate_bin().display(),
+            lab.control
+        ),
+    );
+    assert!(text.contains("route api"), "{text}");
+    assert!(text.contains("10.0.0.102:8000"), "{text}");
+}
+
+#[test]
+fn limits_and_smuggling_are_refused_before_any_backend() {
+    let lab = Lab::new(e2e!());
+    let code = |args: &str| lab.curl(&format!("-o /dev/null -w '%{{http_code}}' {args}"));
+    let url = format!("'http://{GATEWAY}/'");
+
+    lab.t.sh(
+        "cl",
+        &format!(
+            "head -c 200000 /dev/zero > {}/big.bin",
+            lab.t.dir().display()
+        ),
+    );
+    assert_eq!(
+        code(&format!(
+            "--data-binary @{}/big.bin {url}",
+            lab.t.dir().display()
+        )),
+        "413"
+    );
+    let long = "a".repeat(3000);
+    assert_eq!(code(&format!("-H 'X-Long: {long}' {url}")), "431");
+    assert_eq!(code(&format!("-H 'Host: down.test' {url}")), "503");
+
+    // CL+TE: hyper would read it as chunked and see a clean request; the guard refuses it
+    // before hyper does, and neither it nor the request hidden in its body reaches rs1.
+    let raw = |text: &str| {
+        lab.t.sh(
+            "cl",
+            &format!(
+                "python3 {}/raw.py {GATEWAY} 80 '{text}'",
+                lab.t.dir().display()
+            ),
+        )
+    };
+    let smuggle = "POST / HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 44\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\nGET /smuggled HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n";
+    let answer = raw(smuggle);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw(
+        "POST / HTTP/1.1\\r\\nHost: a\\r\\nTransfer-Encoding: chunked\\r\\nContent-Length: 3\\r\\n\\r\\n0\\r\\n\\r\\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw(
+        "POST / HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 3\\r\\nContent-Length: 4\\r\\n\\r\\nabcd",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // A clean request on the same path still goes through, so the backend was reachable.
+    let answer = raw("GET /clean HTTP/1.1\\r\\nHost: a\\r\\nConnection: close\\r\\n\\r\\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    wait_until(
+        Duration::from_secs(5),
+        "rs1 to log the clean request",
+        || lab.requests_seen("rs1").contains("GET /clean"),
+    );
+    assert_eq!(lab.requests_seen("rs1"), "GET /clean\n");
+    assert_eq!(lab.requests_seen("rs2"), "");
+
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let gw = &json[0];
+    assert_eq!(counter(gw, &["refused"]), 5, "{json}");
+    assert_eq!(counter(gw, &["pools", "2", "no_backend"]), 1, "{json}");
+    assert_eq!(counter(gw, &["responses", "client_error"]), 5, "{json}");
+    assert_eq!(counter(gw, &["responses", "server_error"]), 1, "{json}");
+}
