@@ -134,9 +134,9 @@ impl Harness {
         }
     }
 
-    /// Replaces the tunnel's entries with those of a GRE-in-UDP (`udp`) or raw GRE tunnel.
-    fn set_udp(&mut self, key: Option<u32>, udp: bool) {
-        let entry = |udp| GreTunnelEntry {
+    /// The tunnel's entry as `Harness::new` installs it, with `udp` and `egress`.
+    fn entry(&self, key: Option<u32>, udp: bool, egress: Option<GreEgress>) -> GreTunnelEntry {
+        GreTunnelEntry {
             slot: 5,
             tun_ifindex: self.ifindex,
             l2: true,
@@ -145,27 +145,19 @@ impl Harness {
             key,
             mtu: MTU,
             udp,
-            egress: None,
-        };
-        self.gp.remove(&entry(!udp)).unwrap();
-        self.gp.insert(&entry(udp)).unwrap();
+            egress,
+        }
+    }
+
+    /// Replaces the tunnel's entries with those of a GRE-in-UDP (`udp`) or raw GRE tunnel.
+    fn set_udp(&mut self, key: Option<u32>, udp: bool) {
+        self.gp.remove(&self.entry(key, !udp, None)).unwrap();
+        self.gp.insert(&self.entry(key, udp, None)).unwrap();
     }
 
     /// Re-installs the tunnel's entry with `egress` (the veth as the recorded underlay).
     fn set_egress(&mut self, key: Option<u32>, egress: Option<GreEgress>) {
-        self.gp
-            .insert(&GreTunnelEntry {
-                slot: 5,
-                tun_ifindex: self.ifindex,
-                l2: true,
-                local: LOCAL,
-                remote: REMOTE,
-                key,
-                mtu: MTU,
-                udp: false,
-                egress,
-            })
-            .unwrap();
+        self.gp.insert(&self.entry(key, false, egress)).unwrap();
     }
 
     fn run(&self, program: GreProgram, frame: &[u8]) -> TestRun {
