@@ -10,8 +10,8 @@
 # path (mode vipgate-tun, `datapath = "tun"`; the two tunnels differ by key), and
 # 10.101/102.0.x by plain kernel routing (mode routing; the ISP knows those routes). Each
 # repetition runs every test on every path back to back, the order reversed every other
-# repetition, so load swings on this shared machine hit all alike. ENCAP=udp puts both
-# tunnels on the TUN path (GRE-in-UDP keeps its UDP GSO/GRO path).
+# repetition, so load swings on this shared machine hit all alike. ENCAP=udp makes both
+# tunnels GRE-in-UDP (kernel path: UDP tunnel super-packets; TUN path: UDP GSO/GRO).
 #
 # Metrics: iperf3 TCP 1 stream and 4 streams (Gbit/s, receiver side), iperf3 UDP 64-byte
 # datagrams unthrottled (thousands of packets/s received).
@@ -80,8 +80,7 @@ key = $6
 encap = "$ENCAP"
 offload = $OFFLOAD
 CFG
-  # GRE-in-UDP runs on the TUN path whatever it asks for (and may not ask for the kernel).
-  if [ "$ENCAP" = gre ]; then echo "datapath = \"$7\""; fi
+  echo "datapath = \"$7\""
 }
 site() { # name local remote inner-prefix lan-prefix
   printf '[daemon]\ncontrol = "%s"\n' "$TMP/$1.sock"
