@@ -156,6 +156,17 @@ pub(super) fn known_hosts(topo: &Topology) -> PathBuf {
 
 /// `vipgate ssh` against OpenSSH's sshd with the common flags.
 fn vipgate_ssh(topo: &Topology, name: &str, keys: &Keys, extra: &[&str]) -> Proc {
+    vipgate_ssh_to(topo, name, keys, extra, "127.0.0.1")
+}
+
+/// `vipgate ssh` with the common flags against OpenSSH's sshd at `addr` (port SSHD_PORT).
+pub(super) fn vipgate_ssh_to(
+    topo: &Topology,
+    name: &str,
+    keys: &Keys,
+    extra: &[&str],
+    addr: &str,
+) -> Proc {
     let kh = format!("UserKnownHostsFile={}", known_hosts(topo).display());
     let port = SSHD_PORT.to_string();
     let mut args = vec![
@@ -171,7 +182,8 @@ fn vipgate_ssh(topo: &Topology, name: &str, keys: &Keys, extra: &[&str]) -> Proc
         "IdentitiesOnly=yes",
     ];
     args.extend_from_slice(extra);
-    args.push("root@127.0.0.1");
+    let destination = format!("root@{addr}");
+    args.push(&destination);
     topo.vipgate(H, name, &args)
 }
 

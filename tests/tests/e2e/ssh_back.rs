@@ -9,7 +9,7 @@ use vipgate_tests::{Proc, Topology, e2e, wait_for, wait_until};
 
 use super::ssh::{
     ECHO_PORT, H, HTTP_PORT, Keys, SSHD_PORT, client_keys, echo_server, forwards, openssh_sshd,
-    openssh_sshd_on, parts, setup, ssh_site, wait_log,
+    openssh_sshd_on, parts, setup, ssh_site, vipgate_ssh_to, wait_log,
 };
 
 /// Sends `argv[3]` random bytes to an echo server at 127.0.0.1:`argv[2]`, half-closes, reads
@@ -319,30 +319,7 @@ fn reverse_dynamic_socks_reaches_what_only_the_client_reaches() {
             .is_err(),
         "sshd's side must not reach the web server by itself"
     );
-    let kh = format!(
-        "UserKnownHostsFile={}",
-        topo.dir().join("known_hosts").display()
-    );
-    let port = SSHD_PORT.to_string();
-    let client = topo.vipgate(
-        H,
-        "vipgate-ssh",
-        &[
-            "ssh",
-            "-N",
-            "-p",
-            &port,
-            "-i",
-            keys.client.to_str().unwrap(),
-            "-o",
-            &kh,
-            "-o",
-            "IdentitiesOnly=yes",
-            "-R",
-            "1080",
-            "root@10.78.1.2",
-        ],
-    );
+    let client = vipgate_ssh_to(&topo, "vipgate-ssh", &keys, &["-R", "1080"], "10.78.1.2");
     topo.wait_tcp("s", "127.0.0.1", 1080, Duration::from_secs(15));
     // SOCKS5 with the name resolved on vipgate's side, and SOCKS4a.
     let socks = |proxy: &str, path: &str| {
