@@ -377,6 +377,17 @@ impl Scheduler {
         }
     }
 
+    /// The pick of a scheduler whose choice is a pure function of the flow and the backend
+    /// set (`dh`, `sh`, `mh`); `None` for every other scheduler.
+    fn pick_stateless(&self, slots: &[Option<Backend>], flow: Flow) -> Option<Option<usize>> {
+        match self {
+            Self::Dh(s) => Some(s.pick(slots, flow.dest)),
+            Self::Sh(s) => Some(s.pick(slots, flow.client, flow.hash_port, flow.fallback)),
+            Self::Mh(s) => Some(s.pick(slots, flow.client, flow.hash_port, flow.fallback)),
+            _ => None,
+        }
+    }
+
     fn locality(&self) -> Option<&Locality> {
         match self {
             Self::Locality(l) => Some(l),
@@ -617,6 +628,43 @@ impl Pool {
                 }
             },
         }
+    }
+
+    /// Whether this pool's scheduler decides from the flow and the backend set alone (`dh`,
+    /// `sh`, `mh`): every node holding the same pool sends the same flow to the same backend,
+    /// so a node can take over a flow it never saw start ([`pick_stateless`](Self::pick_stateless)).
+    #[must_use]
+    pub fn schedules_statelessly(&self) -> bool {
+        matches!(
+            self.kind,
+            SchedulerKind::Dh | SchedulerKind::Sh | SchedulerKind::Mh
+        )
+    }
+
+    /// Where a flow already under way from `client` to `dest` was sent, as any node with this
+    /// pool computes it: the stateless scheduler's own pick, with no persistence template
+    /// and no `max_connections` limit (the flow was admitted where it began), never the
+    /// sorry server. `None` when the scheduler is not stateless or no backend is available
+    /// for it. Counts nothing; the caller calls [`opened`](Self::opened) if it takes the flow.
+    pub fn pick_stateless(
+        &mut self,
+        now: Instant,
+        client: SocketAddrV4,
+        dest: Ipv4Addr,
+    ) -> Option<(BackendId, SocketAddrV4)> {
+        if self.ramping {
+            self.advance_ramps(now);
+        }
+        let flow = Flow {
+            now,
+            client,
+            dest,
+            hash_port: self.hash_port,
+            fallback: self.fallback,
+        };
+        let i = self.scheduler.pick_stateless(&self.slots, flow)??;
+        let b = self.slot(i)?;
+        Some((slot_id(i), b.addr))
     }
 
     /// Counts a new flow from `client` on backend `id` (as an inactive connection until

@@ -36,6 +36,16 @@ impl Selector {
         }
     }
 
+    /// A TCP connection from `client` already under way, which this node never saw start:
+    /// the inside endpoint it started on, when every node decides that alike (a static
+    /// forward; a virtual service scheduled by `dh`, `sh` or `mh`), else `None`.
+    pub fn adopt(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        match self {
+            Selector::Static(s) => Some(s.inside),
+            Selector::Service(s) => s.adopt(now, client),
+        }
+    }
+
     /// The flow between `client` and `inside` changed state (`client` lets a virtual service
     /// release the client's persistence template).
     pub fn on_flow(

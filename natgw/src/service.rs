@@ -176,6 +176,16 @@ impl VirtualService {
         }
     }
 
+    /// The backend a connection from `client` already under way started on, as every
+    /// director computes it ([`Pool::pick_stateless`]); `None` unless the scheduler is
+    /// `dh`, `sh` or `mh`.
+    pub fn adopt(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.pool.handle_timeout(now);
+        self.pool
+            .pick_stateless(now, client, *self.listen.ip())
+            .map(|(_, addr)| addr)
+    }
+
     /// The flow table opened a flow from `client` to `inside` (right after [`select`](Self::select)).
     pub fn flow_opened(&mut self, now: Instant, inside: SocketAddrV4, client: SocketAddrV4) {
         if let Some(id) = self.pool.find(inside) {

@@ -76,6 +76,16 @@ const S_FROM_INSIDE: u8 = 0x01;
 const S_REPLIED: u8 = 0x02;
 /// Session flag: assured (established, or answered): off the half-open lists.
 const S_ASSURED: u8 = 0x04;
+/// Session flag: taken over in the middle of a connection this table never saw start
+/// ([`PatTable::adopt_session`]) and not confirmed yet: not counted as established, on the
+/// half-open list with a transitory timeout, until the side that did not send the adopted
+/// segment sends too (or, on a one-way flow, the client sends a second segment).
+const S_ADOPTED: u8 = 0x08;
+/// Session flag: a one-way adopted session's first segment was tracked.
+const S_ADOPTED_SEEN: u8 = 0x10;
+/// Session flag: the adopted segment came from the responder (a backend's reply), so the
+/// originator's next segment confirms the session.
+const S_ADOPTED_BY_REPLY: u8 = 0x20;
 
 /// Half-open class of the sessions opened by inside hosts.
 const CLASS_OUTBOUND: usize = 0;
@@ -886,6 +896,38 @@ impl PatTable {
         Ok(SessionId(s))
     }
 
+    /// Opens a session from `client` on listener mapping `m` for a TCP connection already
+    /// under way (stateless adoption), the client as its originator: the same bounds as a
+    /// new inbound session (it is half-open until confirmed), tracked as conntrack's
+    /// mid-stream pickup (windows unknown), and not established for anyone (services'
+    /// counts, the fast path) until the other side of the segment that adopted it
+    /// (`by_reply`: the backend's) sends too or, on a one-way flow, the client sends again.
+    /// Unconfirmed, it lives for the SYN-RECV timeout, so a stray segment holds nothing for
+    /// long.
+    pub(crate) fn adopt_session(
+        &mut self,
+        now: Instant,
+        m: MappingId,
+        client: SocketAddrV4,
+        by_reply: bool,
+    ) -> Result<SessionId, DropReason> {
+        let s = self.create_session(now, m, client, false)?;
+        let sess = &mut self.sessions[s.0 as usize];
+        sess.tcp = Tracker::resumed(TcpState::Established, false);
+        sess.flags |= S_ADOPTED | if by_reply { S_ADOPTED_BY_REPLY } else { 0 };
+        Ok(s)
+    }
+
+    /// Whether session `s` counts as an established TCP connection: in that state, and not
+    /// an adoption still waiting for confirmation.
+    fn counts_established(&self, s: u32) -> bool {
+        let sess = &self.sessions[s as usize];
+        sess.tcp.state == TcpState::Established
+            && sess.flags & S_ADOPTED == 0
+            && Proto::from_code(self.mappings[sess.mapping as usize].proto_flags & 0x3)
+                == Proto::Tcp
+    }
+
     /// Links a new session into the slab, its mapping, the indexes, the half-open list of its
     /// class (unless `flags` says assured) and the wheel, with the full timeout of its state.
     /// The caller has checked the bounds and counted the session toward them.
@@ -1024,6 +1066,7 @@ impl PatTable {
         let flags = self.sessions[s as usize].flags;
         let from_orig = outbound == (flags & S_FROM_INSIDE != 0);
         let before = self.sessions[s as usize].tcp.state;
+        let was_established = self.counts_established(s);
         // A one-way flow has no reply: the client's side is all there is to judge.
         let one_way = self.one_way(m);
         if let Some(seg) = seg.filter(|_| proto == Proto::Tcp) {
@@ -1038,17 +1081,23 @@ impl PatTable {
         if !from_orig {
             self.sessions[s as usize].flags |= S_REPLIED;
         }
+        if flags & S_ADOPTED != 0 {
+            self.confirm_adoption(s, one_way, from_orig);
+        }
+        let adopted = self.sessions[s as usize].flags & S_ADOPTED != 0;
         let replied = one_way || self.sessions[s as usize].flags & S_REPLIED != 0;
-        let assured = match proto {
-            Proto::Tcp => replied && after >= TcpState::Established,
-            Proto::Udp | Proto::Icmp => replied,
-        };
+        let assured = !adopted
+            && match proto {
+                Proto::Tcp => replied && after >= TcpState::Established,
+                Proto::Udp | Proto::Icmp => replied,
+            };
         if assured {
             self.age_unlink(s);
         }
+        let timeout_state = if adopted { TcpState::SynRecv } else { after };
         let deadline = self
             .tick(now)
-            .saturating_add(self.timeout_ticks(proto, after));
+            .saturating_add(self.timeout_ticks(proto, timeout_state));
         let sess = &mut self.sessions[s as usize];
         let earlier = deadline < sess.expires;
         sess.expires = deadline;
@@ -1060,17 +1109,32 @@ impl PatTable {
             let key = self.session_key(s);
             self.journal.record(key, false);
         }
-        let established = |st: TcpState| proto == Proto::Tcp && st == TcpState::Established;
-        Ok(match (established(before), established(after)) {
+        Ok(match (was_established, self.counts_established(s)) {
             (false, true) => StateChange::Established,
             (true, false) => StateChange::Closing,
             _ => StateChange::None,
         })
     }
 
+    /// An adopted session is confirmed by a segment from the side that did not send the
+    /// adopted one, or, when the gateway sees one direction only, by the client's second.
+    fn confirm_adoption(&mut self, s: u32, one_way: bool, from_orig: bool) {
+        let sess = &mut self.sessions[s as usize];
+        let confirmed = if one_way {
+            let seen = sess.flags & S_ADOPTED_SEEN != 0;
+            sess.flags |= S_ADOPTED_SEEN;
+            seen
+        } else {
+            from_orig == (sess.flags & S_ADOPTED_BY_REPLY != 0)
+        };
+        if confirmed {
+            sess.flags &= !(S_ADOPTED | S_ADOPTED_SEEN | S_ADOPTED_BY_REPLY);
+        }
+    }
+
     /// Whether TCP session `s` is established.
     pub(crate) fn session_established(&self, s: SessionId) -> bool {
-        self.sessions[s.0 as usize].tcp.state == TcpState::Established
+        self.counts_established(s.0)
     }
 
     /// Whether TCP session `s` has ended (an accepted RST, or the close completed): a new
@@ -1091,6 +1155,7 @@ impl PatTable {
     /// Removes session `s` (and its mapping when that was its last session and the mapping is
     /// not permanent). The session must already be out of the wheel.
     fn remove_session(&mut self, s: u32) -> RemovedSession {
+        let was_established = self.counts_established(s);
         self.age_unlink(s);
         let sess = self.sessions[s as usize];
         let view = self.view(sess.mapping);
@@ -1139,7 +1204,7 @@ impl PatTable {
         RemovedSession {
             mapping: view,
             remote,
-            was_established: view.proto == Proto::Tcp && sess.tcp.state == TcpState::Established,
+            was_established,
         }
     }
 
@@ -1254,8 +1319,7 @@ impl PatTable {
                     inside: view.inside,
                     public: SocketAddrV4::new(self.public_addr(view.public_idx), view.public_port),
                     outside: SocketAddrV4::new(Ipv4Addr::from(sess.remote_ip), sess.remote_port),
-                    established: view.proto == Proto::Tcp
-                        && sess.tcp.state == TcpState::Established,
+                    established: self.counts_established(s),
                     expires_in: Duration::from_secs(u64::from(
                         sess.expires.saturating_sub(now_tick),
                     )),

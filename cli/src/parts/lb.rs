@@ -677,6 +677,7 @@ impl Part for ServicePart {
                 datapath: nat.datapath,
                 datapath_reason: nat.datapath_reason,
                 fast_path: nat.fast_path,
+                flows_adopted: nat.counters.gateway.flows_adopted,
             },
         };
         serde_json::to_value(item).unwrap_or_default()
@@ -787,6 +788,10 @@ struct GatewayPath {
     datapath: Datapath,
     datapath_reason: String,
     fast_path: FastPathCounters,
+    /// Connections taken over mid-stream by a hash scheduler (stateless adoption; every
+    /// service of the gateway together).
+    #[serde(default)]
+    flows_adopted: u64,
 }
 
 /// One virtual service: its pool, checks and counters (ipvsadm's service line).
@@ -1095,6 +1100,13 @@ pub(crate) fn render(items: &[Value]) -> String {
             gw.fast_path.packets,
             human_bytes(gw.fast_path.bytes),
         );
+        if gw.flows_adopted > 0 {
+            let _ = writeln!(
+                out,
+                "Adopted mid-stream (a hash scheduler's connections this director never saw start): {}",
+                gw.flows_adopted
+            );
+        }
     }
     out
 }
@@ -1336,6 +1348,7 @@ mod tests {
                     bytes: 20_480,
                     ..FastPathCounters::default()
                 },
+                flows_adopted: 3,
             },
         })
         .unwrap()
@@ -1569,6 +1582,7 @@ mod tests {
                 "fast_path": { "packets": 12, "bytes": 20480, "flows": 0,
                                "direct_route_undeliverable": 0, "adopted": 0,
                                "adoption_dropped": 0 },
+                "flows_adopted": 3,
             })
         );
         assert_eq!(

@@ -340,6 +340,11 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
         "Packets: translated out {}, in {}, hairpinned {}, icmp errors {}, passed through {}",
         g.translated_out, g.translated_in, g.hairpinned, g.icmp_errors, g.passed_through
     );
+    let _ = writeln!(
+        out,
+        "Flows: created {} (adopted mid-stream {}), removed {}, early drops {}",
+        g.flows_created, g.flows_adopted, g.flows_removed, g.early_drops
+    );
     if g.direct_routed > 0 {
         let _ = writeln!(
             out,

@@ -24,12 +24,13 @@ use netutil::ipv4::Ipv4View;
 use crate::acl::{Acl, AclDecision, AclPacket, AclRule};
 use crate::config::{Filtering, GatewayConfig};
 use crate::error::{DropReason, NatError};
-use crate::flow::{Direction, FlowEvent, ListenerId, Proto, TCP_RST, is_initial_syn};
+use crate::flow::{Direction, FlowEvent, ListenerId, Proto, TCP_RST, TCP_SYN, is_initial_syn};
 use crate::fragments::{FragmentKey, FragmentTable, Rewrite};
 use crate::table::{
     HalfOpenLimits, MappingId, PatTable, PublicIdx, PublicOwner, RemovedSession, SessionId,
     StateChange, TableConfig, Translation,
 };
+use crate::tcp::Segment;
 use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
 pub use fast_path::{FastPathActivity, FastPathFlow};
@@ -434,6 +435,24 @@ impl Gateway {
         let remote = SocketAddrV4::new(p.dst, remote_port);
         let m = match self.table.mapping_of_inside(proto, inside) {
             Some(m) => m,
+            // A backend with no flow here answers a connection that started on another
+            // director: it gets its service's mapping, and the session is adopted below.
+            None if mid_stream(seg.as_ref())
+                && let Some((id, public)) = self.adoptable_reply(inside) =>
+            {
+                let idx = self
+                    .table
+                    .find_public(*public.ip())
+                    .ok_or(DropReason::ServiceEndpointReserved)?;
+                self.table.create_mapping(
+                    proto,
+                    inside,
+                    idx,
+                    Some(public.port()),
+                    Some(id),
+                    false,
+                )?
+            }
             None => {
                 let Some(idx) = self.overload else {
                     return Ok(false);
@@ -453,6 +472,16 @@ impl Gateway {
             .session(proto, view.public_idx, view.public_port, remote)
         {
             Some(s) => s,
+            // Reply-side adoption: the client stays the flow's originator, and its next
+            // segment confirms the flow.
+            None if let Some(id) = view.listener
+                && mid_stream(seg.as_ref())
+                && self
+                    .adoptable_reply(view.inside)
+                    .is_some_and(|(l, _)| l == id) =>
+            {
+                self.adopt_on_mapping(now, id, m, view.inside, remote, true)?
+            }
             None => {
                 let created = self.table.create_session(now, m, remote, true);
                 self.report_evicted(now);
@@ -542,23 +571,27 @@ impl Gateway {
                 None if hairpin => return Err(DropReason::NoSession),
                 None => return Ok(false),
                 Some(PublicOwner::Listener(id)) => {
-                    if proto == Proto::Tcp && !is_initial_syn(flags) {
-                        return Err(DropReason::NotSyn);
-                    }
                     if !self.direct_routing && self.is_direct_listener(Some(id)) {
                         return Err(DropReason::DirectRouteUnavailable);
                     }
-                    match self.open_listener_flow(now, id, idx, public_port, proto, remote) {
-                        // A virtual service with no backend left refuses like a closed port.
-                        Err(DropReason::NoInsideEndpoint)
-                            if proto == Proto::Tcp
-                                && !hairpin
-                                && translate::rewrite_syn_as_rst(buf) =>
-                        {
-                            self.refused_in_place = true;
-                            return Ok(false);
+                    if proto == Proto::Tcp && !is_initial_syn(flags) {
+                        if flags & (TCP_RST | TCP_SYN) != 0 {
+                            return Err(DropReason::NotSyn);
                         }
-                        r => r?,
+                        self.adopt_listener_flow(now, id, idx, public_port, remote)?
+                    } else {
+                        match self.open_listener_flow(now, id, idx, public_port, proto, remote) {
+                            // A virtual service with no backend left refuses like a closed port.
+                            Err(DropReason::NoInsideEndpoint)
+                                if proto == Proto::Tcp
+                                    && !hairpin
+                                    && translate::rewrite_syn_as_rst(buf) =>
+                            {
+                                self.refused_in_place = true;
+                                return Ok(false);
+                            }
+                            r => r?,
+                        }
                     }
                 }
                 Some(PublicOwner::Mapping(m)) => {
@@ -643,6 +676,71 @@ impl Gateway {
             l.flows_opened += 1;
         }
         self.stats.flows_created += 1;
+        self.notify(now, Some(id), inside, client, FlowEvent::Opened);
+        Ok(s)
+    }
+
+    /// Stateless adoption: a mid-stream TCP segment (no SYN, no RST) of a connection this
+    /// node never saw start, to a listener whose choice any node makes alike — a static
+    /// forward, or a virtual service scheduled by `dh`, `sh` or `mh` — continues on the
+    /// endpoint the node where it started chose (after a failover without flow sync, or
+    /// before the sync caught up). Any other listener refuses it as `not_syn`, as before.
+    /// The flow is half-open until the backend answers ([`PatTable::adopt_session`]), so a
+    /// flood of stray ACKs is bounded like a SYN flood.
+    fn adopt_listener_flow(
+        &mut self,
+        now: Instant,
+        id: ListenerId,
+        idx: PublicIdx,
+        public_port: u16,
+        client: SocketAddrV4,
+    ) -> Result<SessionId, DropReason> {
+        let listener = self
+            .listeners
+            .get_mut(usize::from(id.0))
+            .and_then(Option::as_mut)
+            .ok_or(DropReason::NotSyn)?;
+        let inside = listener
+            .selector
+            .adopt(now, client)
+            .ok_or(DropReason::NotSyn)?;
+        let m = match self.table.mapping_of_inside(Proto::Tcp, inside) {
+            Some(m) if self.table.mapping(m).listener == Some(id) => m,
+            Some(_) => return Err(DropReason::InsideEndpointBusy),
+            None => self.table.create_mapping(
+                Proto::Tcp,
+                inside,
+                idx,
+                Some(public_port),
+                Some(id),
+                false,
+            )?,
+        };
+        self.adopt_on_mapping(now, id, m, inside, client, false)
+    }
+
+    /// Opens the adopted session of `client` on listener `id`'s mapping `m` (to `inside`;
+    /// `by_reply`: `inside` sent the segment), counting it as the listener's new flow; a
+    /// mapping made for it alone goes on refusal.
+    fn adopt_on_mapping(
+        &mut self,
+        now: Instant,
+        id: ListenerId,
+        m: MappingId,
+        inside: SocketAddrV4,
+        client: SocketAddrV4,
+        by_reply: bool,
+    ) -> Result<SessionId, DropReason> {
+        let adopted = self.table.adopt_session(now, m, client, by_reply);
+        self.report_evicted(now);
+        let s = adopted.inspect_err(|_| {
+            self.table.release_unused_mapping(m);
+        })?;
+        if let Some(Some(l)) = self.listeners.get_mut(usize::from(id.0)) {
+            l.flows_opened += 1;
+        }
+        self.stats.flows_created += 1;
+        self.stats.flows_adopted += 1;
         self.notify(now, Some(id), inside, client, FlowEvent::Opened);
         Ok(s)
     }
@@ -771,3 +869,9 @@ fn table_config(config: &GatewayConfig) -> TableConfig {
 
 #[cfg(test)]
 mod tests;
+
+/// A TCP segment that may continue a connection but never opens one (no SYN, no RST): what
+/// stateless adoption takes over.
+fn mid_stream(seg: Option<&Segment>) -> bool {
+    seg.is_some_and(|g| g.flags & (TCP_SYN | TCP_RST) == 0)
+}

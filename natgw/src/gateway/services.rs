@@ -31,6 +31,25 @@ impl Gateway {
         self.add_listener(Proto::Tcp, svc.listen(), svc)
     }
 
+    /// Reply-side adoption: a TCP segment (no SYN, no RST) from `backend` to a client that
+    /// no flow of this node matches. When `backend` serves a NAT-mode virtual service, the
+    /// connection started on another director (or before a restart) and the segment itself
+    /// says which backend holds it, whatever the scheduler: the service's listener and VIP
+    /// endpoint, so the caller gives the backend the service's mapping and the reply
+    /// leaves from the VIP. A backend serves one service (`vipgate check` refuses a second
+    /// use), so the first match is the only one.
+    pub(super) fn adoptable_reply(
+        &self,
+        backend: std::net::SocketAddrV4,
+    ) -> Option<(ListenerId, std::net::SocketAddrV4)> {
+        self.listeners.iter().enumerate().find_map(|(i, l)| {
+            let l = l.as_ref()?;
+            let svc = l.selector.as_service()?;
+            (svc.forward() == crate::service::Forward::Nat && svc.uses_endpoint(backend))
+                .then(|| (ListenerId(u16::try_from(i).unwrap_or(u16::MAX)), l.public))
+        })
+    }
+
     /// Every virtual service, in configuration order.
     pub fn services(&self) -> impl Iterator<Item = &VirtualService> {
         self.listeners()
@@ -114,7 +133,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddrV4};
     use std::time::Instant;
 
-    use balance::Health;
+    use balance::{Health, SchedulerKind};
     use netutil::Reconfigured;
 
     use crate::Gateway;
@@ -177,22 +196,210 @@ mod tests {
         }
 
         fn setup(now: Instant) -> (Gateway, ListenerId) {
+            setup_with(now, SchedulerKind::Wrr, usize::MAX, 16_384)
+        }
+
+        /// A gateway with one service on `VIP:80` (rs 101 weight 1, rs 102 weight 2).
+        fn setup_with(
+            now: Instant,
+            scheduler: SchedulerKind,
+            max_half_open_per_source: usize,
+            max_half_open_per_listener: usize,
+        ) -> (Gateway, ListenerId) {
             let mut g = Gateway::new(
                 now,
                 GatewayConfig {
                     inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
                     compensate_ttl: false,
-                    // Every test client is in one /24.
-                    max_half_open_per_source: usize::MAX,
+                    max_half_open_per_source,
+                    max_half_open_per_listener,
                     ..GatewayConfig::default()
                 },
             )
             .unwrap();
             let mut cfg = web(&[(101, 1), (102, 2)]);
             cfg.listen = SocketAddrV4::new(VIP, 80);
+            cfg.pool.scheduler = scheduler;
             let svc = VirtualService::new(cfg).unwrap();
             let id = g.add_listener(Proto::Tcp, svc.listen(), svc).unwrap();
             (g, id)
+        }
+
+        /// Client `n`, each in a /24 of its own.
+        fn spread_client(n: u32) -> SocketAddrV4 {
+            SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + n * 256 + 7), 40_000)
+        }
+
+        fn live_counts(g: &mut Gateway, id: ListenerId) -> (u32, u32) {
+            service(g, id)
+                .pool()
+                .backends()
+                .fold((0, 0), |(a, i), (_, b)| (a + b.active(), i + b.inactive()))
+        }
+
+        /// Stateless adoption (issue #18): a director that never saw a connection start (a
+        /// failover without sync) sends its mid-stream segments to the backend the first
+        /// director chose, when the scheduler is a pure function of the flow.
+        #[test]
+        fn a_mid_stream_flow_is_adopted_on_the_backend_every_director_picks() {
+            for kind in [SchedulerKind::Sh, SchedulerKind::Mh, SchedulerKind::Dh] {
+                let now = epoch();
+                let (mut first, _) = setup_with(now, kind, usize::MAX, 16_384);
+                let (mut second, id) = setup_with(now, kind, usize::MAX, 16_384);
+                let vip = SocketAddrV4::new(VIP, 80);
+                let mut chosen = Vec::new();
+                for n in 0..24 {
+                    let c = spread_client(n);
+                    let backend = handshake(&mut first, now, c, vip);
+                    let (v, data) = pass(&mut second, now, ipv4_tcp(c, vip, TcpFlags::ACK, b"x"));
+                    assert_eq!(
+                        (v, endpoints(&data)),
+                        (Verdict::Forward, (c, backend)),
+                        "{kind}"
+                    );
+                    chosen.push(backend);
+                }
+                if kind != SchedulerKind::Dh {
+                    assert!(
+                        chosen.contains(&rs(101)) && chosen.contains(&rs(102)),
+                        "{kind}"
+                    );
+                }
+                assert_eq!(second.stats().flows_adopted, 24);
+                // Unconfirmed: half-open, not established, not for the fast path.
+                assert_eq!(second.table().half_open(), 24);
+                assert!(second.translations(now).iter().all(|t| !t.established));
+                assert_eq!(live_counts(&mut second, id), (0, 24));
+                // The backends answer: confirmed, established, and the replies leave as
+                // the VIP.
+                for (n, backend) in (0..24).zip(&chosen) {
+                    let c = spread_client(n);
+                    let (v, reply) =
+                        pass(&mut second, now, ipv4_tcp(*backend, c, TcpFlags::ACK, b"y"));
+                    assert_eq!((v, endpoints(&reply)), (Verdict::Forward, (vip, c)));
+                }
+                assert_eq!(second.table().half_open(), 0);
+                assert!(second.translations(now).iter().all(|t| t.established));
+                assert_eq!(live_counts(&mut second, id), (24, 0));
+                assert_eq!(second.stats().drops.get(DropReason::NotSyn), 0);
+            }
+        }
+
+        #[test]
+        fn a_stateful_scheduler_still_refuses_a_mid_stream_segment() {
+            let now = epoch();
+            let vip = SocketAddrV4::new(VIP, 80);
+            for kind in [SchedulerKind::Wrr, SchedulerKind::Wlc, SchedulerKind::Rr] {
+                let (mut g, _) = setup_with(now, kind, usize::MAX, 16_384);
+                let c = spread_client(1);
+                let (v, _) = pass(&mut g, now, ipv4_tcp(c, vip, TcpFlags::ACK, b"x"));
+                assert_eq!(v, Verdict::Drop(DropReason::NotSyn), "{kind}");
+                assert_eq!(g.table().len(), 0);
+            }
+            // With sh, a RST or a SYN-ACK never opens a flow.
+            let (mut g, _) = setup_with(now, SchedulerKind::Sh, usize::MAX, 16_384);
+            for flags in [TcpFlags::RST_ACK, TcpFlags::SYN_ACK] {
+                let (v, _) = pass(&mut g, now, ipv4_tcp(spread_client(1), vip, flags, &[]));
+                assert_eq!(v, Verdict::Drop(DropReason::NotSyn));
+            }
+            assert_eq!(g.table().len(), 0);
+        }
+
+        /// A backend's segment says which backend holds the connection, so reply-side
+        /// adoption works with any scheduler.
+        #[test]
+        fn a_backend_reply_for_an_unknown_flow_is_adopted_from_the_vip() {
+            let now = epoch();
+            let vip = SocketAddrV4::new(VIP, 80);
+            for kind in [SchedulerKind::Mh, SchedulerKind::Wrr] {
+                let (mut first, _) = setup_with(now, kind, usize::MAX, 256);
+                let (mut second, id) = setup_with(now, kind, usize::MAX, 256);
+                let clients: Vec<_> = (0..6).map(spread_client).collect();
+                let backends: Vec<_> = clients
+                    .iter()
+                    .map(|c| handshake(&mut first, now, *c, vip))
+                    .collect();
+                // The backends' data reach the new director first: it leaves as the VIP (the
+                // first through a mapping made for it, the others through that one).
+                for (c, b) in clients.iter().zip(&backends) {
+                    let (v, reply) = pass(&mut second, now, ipv4_tcp(*b, *c, TcpFlags::ACK, b"d"));
+                    assert_eq!(
+                        (v, endpoints(&reply)),
+                        (Verdict::Forward, (vip, *c)),
+                        "{kind}"
+                    );
+                }
+                assert_eq!(second.stats().flows_adopted, 6);
+                assert_eq!(live_counts(&mut second, id), (0, 6), "unconfirmed");
+                // The clients' next segments go to the same backends, and confirm the flows.
+                for (c, b) in clients.iter().zip(&backends) {
+                    let (_, data) = pass(&mut second, now, ipv4_tcp(*c, vip, TcpFlags::ACK, b"x"));
+                    assert_eq!(endpoints(&data), (*c, *b), "{kind}");
+                }
+                assert_eq!(live_counts(&mut second, id), (6, 0), "{kind}");
+                assert!(second.translations(now).iter().all(|t| t.established));
+            }
+        }
+
+        /// A backend sending stray segments to many addresses holds only half-open flows,
+        /// under the listener's bound; a SYN or a RST from it adopts nothing.
+        #[test]
+        fn a_backends_stray_segments_are_bounded() {
+            let now = epoch();
+            let (mut g, _) = setup_with(now, SchedulerKind::Wrr, 64, 256);
+            for n in 0..2_000 {
+                let _ = pass(
+                    &mut g,
+                    now,
+                    ipv4_tcp(rs(101), spread_client(n), TcpFlags::ACK, b"d"),
+                );
+                assert!(g.table().len() <= 256);
+            }
+            assert_eq!(g.table().half_open(), g.table().len());
+            let before = g.stats().flows_adopted;
+            for flags in [TcpFlags::SYN, TcpFlags::RST_ACK] {
+                let to = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 443);
+                let (_, p) = pass(&mut g, now, ipv4_tcp(rs(102), to, flags, &[]));
+                assert_eq!(endpoints(&p).0, rs(102), "not translated to the VIP");
+            }
+            assert_eq!(g.stats().flows_adopted, before);
+            g.handle_timeout(now + std::time::Duration::from_secs(62));
+            assert_eq!(g.table().len(), 0, "unconfirmed, they expire");
+        }
+
+        #[test]
+        fn a_flood_of_stray_segments_is_bounded_like_a_syn_flood() {
+            let now = epoch();
+            let vip = SocketAddrV4::new(VIP, 80);
+            let (mut g, _) = setup_with(now, SchedulerKind::Sh, 64, 256);
+            // Spoofed ACKs from 5,000 networks: the listener's half-open bound (256) holds,
+            // the oldest unconfirmed adoptions making room.
+            for n in 0..5_000 {
+                let _ = pass(
+                    &mut g,
+                    now,
+                    ipv4_tcp(spread_client(n), vip, TcpFlags::ACK, b"x"),
+                );
+                assert!(g.table().len() <= 256);
+            }
+            assert!(g.stats().early_drops >= 5_000 - 256);
+            // From one network: at most 64 at a time.
+            let one_net = |i: u16| SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 1_000 + i);
+            let mut refused = 0;
+            for i in 0..200 {
+                let (v, _) = pass(&mut g, now, ipv4_tcp(one_net(i), vip, TcpFlags::ACK, b"x"));
+                refused += u32::from(v == Verdict::Drop(DropReason::HalfOpenSource));
+            }
+            assert_eq!(refused, 200 - 64);
+            // A real client still connects, and the strays are gone after the SYN-RECV
+            // timeout while it stays.
+            let c = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 50_000);
+            let backend = handshake(&mut g, now, c, vip);
+            let later = now + std::time::Duration::from_secs(61);
+            let (_, keep) = pass(&mut g, later, ipv4_tcp(c, vip, TcpFlags::ACK, b"k"));
+            assert_eq!(endpoints(&keep).1, backend);
+            g.handle_timeout(later + std::time::Duration::from_secs(2));
+            assert_eq!(g.table().len(), 1);
         }
 
         /// Security review 5.8: a backend's outbound packet from its service port must not
@@ -419,6 +626,41 @@ mod tests {
             let s = g.service_mut("web").unwrap();
             let b = s.pool().backend(s.backend_id(backend).unwrap()).unwrap();
             (b.active(), b.inactive())
+        }
+
+        /// A direct-routing director never sees the replies: an adopted flow is confirmed by
+        /// the client's second segment.
+        #[test]
+        fn a_direct_routed_flow_is_adopted_and_confirmed_by_the_clients_next_segment() {
+            let now = epoch();
+            let sh_gateway = || {
+                let mut g = dr_gateway(now);
+                let mut cfg = web(&[(101, 1), (102, 2)]);
+                cfg.forward = Forward::DirectRoute;
+                cfg.pool.scheduler = SchedulerKind::Sh;
+                assert_eq!(
+                    g.reconfigure_services(vec![cfg]).unwrap(),
+                    Reconfigured::Live
+                );
+                g
+            };
+            let (mut first, mut second) = (sh_gateway(), sh_gateway());
+            let Verdict::DirectRoute(r) = send(&mut first, now, client(1), TcpFlags::SYN) else {
+                panic!("not direct-routed");
+            };
+            let Verdict::DirectRoute(a) = send(&mut second, now, client(1), TcpFlags::ACK) else {
+                panic!("not adopted");
+            };
+            assert_eq!(a, r, "the same real server");
+            assert_eq!(counts(&mut second, r.backend), (0, 1));
+            assert!(second.translations(now).iter().all(|t| !t.established));
+            assert_eq!(
+                send(&mut second, now, client(1), TcpFlags::ACK),
+                Verdict::DirectRoute(a)
+            );
+            assert_eq!(counts(&mut second, r.backend), (1, 0), "confirmed");
+            assert_eq!(second.table().half_open(), 0);
+            assert_eq!(second.stats().flows_adopted, 1);
         }
 
         #[test]

@@ -19,6 +19,11 @@ pub struct GatewayStats {
     pub passed_through: u64,
     /// Flows created.
     pub flows_created: u64,
+    /// Flows taken over in the middle (a mid-stream segment to a static forward or a `dh`/
+    /// `sh`/`mh` service this node never saw start: stateless adoption). Counted in
+    /// `flows_created` as well.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub flows_adopted: u64,
     /// Flows removed (expired or cleared).
     pub flows_removed: u64,
     /// Half-open flows removed to make room (table full, or their listener at its bound).

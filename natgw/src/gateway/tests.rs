@@ -211,10 +211,18 @@ fn static_forward_both_directions() {
     assert_eq!(out(&mut g, now, &mut synack), Verdict::Forward);
     assert_eq!(src(&synack), SocketAddrV4::new(PUBLIC, 8001));
     assert!(l4_checksum_ok(&synack));
-    // A stray ACK to the forward (no flow) does not open one.
+    // A mid-stream ACK to the forward (a connection another gateway of a pair carried) is
+    // adopted: the forward has one endpoint; it stays half-open until the server answers.
+    let half_open = g.table().half_open();
     let mut stray = tcp(SRV2, 1234, PUBLIC, 8001, TcpFlags::ACK, b"");
+    assert_eq!(inb(&mut g, now, &mut stray), Verdict::Forward);
+    assert_eq!(dst(&stray), SocketAddrV4::new(WEB, 80));
+    assert_eq!(g.stats().flows_adopted, 1);
+    assert_eq!(g.table().half_open(), half_open + 1);
+    // A RST opens nothing.
+    let mut rst = tcp(SRV2, 1235, PUBLIC, 8001, TcpFlags::RST_ACK, b"");
     assert_eq!(
-        inb(&mut g, now, &mut stray),
+        inb(&mut g, now, &mut rst),
         Verdict::Drop(DropReason::NotSyn)
     );
     // UDP forwards open on any datagram.
@@ -909,8 +917,8 @@ fn static_forward_super_packet_keeps_partial_checksum() {
 #[test]
 fn dropped_super_packet_counts_its_segments() {
     let (mut g, now) = gw();
-    // Not a SYN to a forward: refused, and all 5 segments count.
-    let mut p = tcp(SRV, 5555, PUBLIC, 8001, TcpFlags::ACK, &[1; 6000]);
+    // A RST to a forward opens nothing: refused, and all 5 segments count.
+    let mut p = tcp(SRV, 5555, PUBLIC, 8001, TcpFlags::RST_ACK, &[1; 6000]);
     to_partial(&mut p);
     let v = g.handle_super_packet(now, Direction::Inbound, &mut p, partial(5));
     assert_eq!(v, Verdict::Drop(DropReason::NotSyn));

@@ -122,6 +122,10 @@ s.sendto(b"garbage, not a sync message", (addr, port))
 struct Lab {
     t: Topology,
     datapath: &'static str,
+    /// The service's scheduler line(s).
+    scheduler: &'static str,
+    /// Whether the directors run `[sync]`.
+    synced: bool,
     key: PathBuf,
     /// Real servers' senders: they live as long as the lab.
     _senders: Vec<Proc>,
@@ -169,8 +173,19 @@ impl Lab {
         Lab {
             t,
             datapath,
+            scheduler: "scheduler = \"rr\"",
+            synced: true,
             key,
             _senders: senders,
+        }
+    }
+
+    /// The same lab with no `[sync]` and the service scheduled by `scheduler`.
+    fn without_sync(self, scheduler: &'static str) -> Lab {
+        Lab {
+            scheduler,
+            synced: false,
+            ..self
         }
     }
 
@@ -189,6 +204,14 @@ impl Lab {
         } else {
             ("10.0.0.12", "10.0.0.11")
         };
+        let sync = if self.synced {
+            format!(
+                "[sync]\npeers = [\"{peer}\"]\nlisten = \"{me}\"\nkey_file = \"{}\"\nvrrp = \"vip-web\"\n",
+                self.key.display()
+            )
+        } else {
+            String::new()
+        };
         let text = format!(
             r#"[daemon]
 control = "{sock}"
@@ -200,7 +223,7 @@ datapath = "{datapath}"
 [[service]]
 name = "dl"
 listen = "{VIP}:{PORT}"
-scheduler = "rr"
+{scheduler}
 backends = [{{ address = "10.0.0.101:{PORT}" }}, {{ address = "10.0.0.102:{PORT}" }}]
 
 [[vrrp]]
@@ -222,15 +245,10 @@ priority = {priority}
 advert_interval = "100ms"
 addresses = ["10.0.0.1/24"]
 
-[sync]
-peers = ["{peer}"]
-listen = "{me}"
-key_file = "{key}"
-vrrp = "vip-web"
-"#,
+{sync}"#,
             sock = self.sock(host).display(),
             datapath = self.datapath,
-            key = self.key.display(),
+            scheduler = self.scheduler,
         );
         let config = self.t.write(&format!("{host}.toml"), &text);
         let _ = std::fs::remove_file(self.sock(host));
@@ -382,6 +400,67 @@ fn downloads_survive_the_master_crash_kernel() {
 #[test]
 fn downloads_survive_the_master_crash_tun() {
     downloads_survive_the_master_crash(e2e!(), "tun");
+}
+
+/// Without `[sync]`, downloads survive anyway: d2 never saw them start, and adopts each one's
+/// next segment on the real server d1 chose — told by the real server's own segment (any
+/// scheduler), or computed from the client's (both directors build the same Maglev table).
+fn downloads_survive_the_master_crash_without_sync(
+    t: Topology,
+    datapath: &'static str,
+    scheduler: &'static str,
+) {
+    let lab = Lab::new(t, datapath).without_sync(scheduler);
+    let mut d1 = lab.start("d1", 150);
+    let d2 = lab.start("d2", 100);
+    wait_until(Duration::from_secs(20), "d1 master, d2 backup", || {
+        lab.vrrp_state("d1") == "MASTER" && lab.vrrp_state("d2") == "BACKUP"
+    });
+    // Source ports 35004..=35009: Maglev puts three on each real server.
+    let mut client = lab.downloads(6, 1_200_000, 35_004);
+    lab.host_death("d1", &mut d1);
+    lab.assert_complete(&mut client, 6, 1_200_000, &[&d2]);
+    let lb = lab
+        .t
+        .try_show("d2", lab.sock("d2"), Show::Lb)
+        .and_then(|v| v.get(0).cloned())
+        .unwrap_or_default();
+    assert!(counter(&lb, &["flows_adopted"]) >= 6, "{lb}");
+    let used = lb["backends"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .filter(|b| counter(b, &["counters", "connections"]) > 0)
+                .count()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        used, 2,
+        "the downloads were spread over both real servers: {lb}"
+    );
+}
+
+#[test]
+fn downloads_survive_the_master_crash_without_sync_kernel() {
+    downloads_survive_the_master_crash_without_sync(
+        e2e!(),
+        "kernel",
+        "scheduler = \"mh\"\nhash_port = true",
+    );
+}
+
+#[test]
+fn downloads_survive_the_master_crash_without_sync_tun() {
+    downloads_survive_the_master_crash_without_sync(
+        e2e!(),
+        "tun",
+        "scheduler = \"mh\"\nhash_port = true",
+    );
+}
+
+#[test]
+fn downloads_survive_the_master_crash_without_sync_round_robin() {
+    downloads_survive_the_master_crash_without_sync(e2e!(), "kernel", "scheduler = \"rr\"");
 }
 
 /// A planned switchover: d1 stops (SIGTERM: its sync part stops, then its VRRP instances
