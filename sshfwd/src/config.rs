@@ -418,6 +418,15 @@ pub struct ServerConfig {
     pub permit_open: PermitList,
     /// Addresses clients may listen on (`PermitListen`).
     pub permit_listen: PermitList,
+    /// Unix socket paths clients may listen on (`ssh -R /path:...`); empty refuses every
+    /// `streamlocal-forward@openssh.com`.
+    pub permit_listen_paths: crate::sockpath::PathPermit,
+    /// Unix sockets clients may connect to (`ssh -L ...:/path`); empty refuses every
+    /// `direct-streamlocal@openssh.com`.
+    pub permit_open_paths: crate::sockpath::PathPermit,
+    /// Mode of the sockets created for `-R /path` (`StreamLocalBindMask 0177` gives 0600,
+    /// the default).
+    pub socket_mode: u32,
     /// Remote forwards may bind the address the client asks for; otherwise loopback only
     /// (sshd's `GatewayPorts no`).
     pub gateway_ports: bool,

@@ -302,6 +302,17 @@ pub(crate) struct SshdSection {
     /// `[addr:]port` patterns clients may listen on (-R); empty = any.
     #[serde(default, deserialize_with = "permit_listen_list")]
     pub(crate) permit_listen: Vec<String>,
+    /// Unix socket paths clients may listen on (`ssh -R /path:...`): absolute paths, `*`
+    /// and `?` in the last component only. Default none (refused).
+    #[serde(default, deserialize_with = "path_permit_list")]
+    pub(crate) permit_listen_paths: Vec<String>,
+    /// Unix sockets clients may connect to (`ssh -L ...:/path`), same patterns. Default none.
+    #[serde(default, deserialize_with = "path_permit_list")]
+    pub(crate) permit_open_paths: Vec<String>,
+    /// Mode of the sockets `-R /path` creates (TOML octal, `0o660`); the owner must keep
+    /// read and write. Default `0o600` (OpenSSH's `StreamLocalBindMask 0177`).
+    #[serde(default = "d_socket_mode", deserialize_with = "socket_mode")]
+    pub(crate) socket_mode: u32,
     /// `GatewayPorts`: remote forwards may listen on the address the client asks for;
     /// otherwise they listen on loopback only. Default false.
     #[serde(default)]
@@ -336,6 +347,28 @@ pub(crate) struct SshdSection {
     /// `-R` listeners in the server, 1..=65536. Default 256.
     #[serde(default = "d_listeners", deserialize_with = "cap")]
     pub(crate) max_listeners: u32,
+}
+
+fn d_socket_mode() -> u32 {
+    0o600
+}
+
+fn socket_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    u32::try_from(n)
+        .ok()
+        .filter(|m| *m <= 0o777 && m & 0o600 == 0o600)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "socket_mode {n:#o} must be within 0o600..=0o777 and keep the owner's rw (0o600)"
+            ))
+        })
+}
+
+fn path_permit_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    sshfwd::sockpath::PathPermit::parse(&v).map_err(serde::de::Error::custom)?;
+    Ok(v)
 }
 
 fn d_idle_timeout() -> HumanDuration {
@@ -529,6 +562,8 @@ mod tests {
         assert_eq!(s.idle_timeout.0, Duration::from_secs(600));
         assert_eq!(s.max_startups, MaxStartups::default());
         assert_eq!(s.per_source_max_startups, Some(10));
+        assert_eq!(s.socket_mode, 0o600);
+        assert!(s.permit_listen_paths.is_empty() && s.permit_open_paths.is_empty());
     }
 
     #[test]
@@ -541,6 +576,11 @@ mod tests {
             ("per_source_netblock_size = \"33\"", 3),
             ("max_channels = 4294967296", 3),
             ("max_listeners_per_session = 0", 3),
+            ("socket_mode = 0o1777", 3),
+            ("socket_mode = 0o060", 3),
+            ("permit_listen_paths = [\"/run/*/x\"]", 3),
+            ("permit_open_paths = [\"/run/../x\"]", 3),
+            ("permit_listen_paths = [\"run/x\"]", 3),
         ] {
             let e = sshd(bad).unwrap_err();
             let span = e.span().unwrap();
