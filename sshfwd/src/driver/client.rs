@@ -842,6 +842,11 @@ async fn authenticate<H: client::Handler>(
             }
         }
     }
+    // Nothing was tried (no identities, no prompt): ask what the server takes, for ssh's
+    // "Permission denied (publickey,password)".
+    if offered.is_none() && !failed(&mut offered, handle.authenticate_none(user).await?) {
+        return Ok(());
+    }
     Err(SshFwdError::AuthFailed {
         user: user.to_string(),
         host: host.to_string(),
