@@ -78,6 +78,10 @@ pub struct ClientConfig {
     /// each `-L` to its target and through each `-R` back to this side; one that fails or
     /// takes longer than `connect_timeout` reconnects the session. `None` disables.
     pub probe_interval: Option<Duration>,
+    /// What the probes reach through `-D` forwards, which have no target of their own: a
+    /// `direct-tcpip` channel to this `host:port` through every connection. `None`: `-D`
+    /// forwards are watched by keepalives only.
+    pub probe_target: Option<(String, u16)>,
     /// `PasswordAuthentication`: after the keys, try passwords from `prompt`.
     pub password_authentication: bool,
     /// `KbdInteractiveAuthentication`: after the keys, answer the server's prompts from
@@ -159,6 +163,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             fail_fast: true,
             probe_interval: None,
+            probe_target: None,
             password_authentication: true,
             kbd_interactive_authentication: true,
             prompt: None,

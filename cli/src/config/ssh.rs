@@ -91,6 +91,42 @@ pub(crate) struct SshSection {
     /// Time between probes. Default 30 s, at least 1 s.
     #[serde(default = "d_probe_interval", deserialize_with = "at_least_1s")]
     pub(crate) probe_interval: HumanDuration,
+    /// `host:port` the probes open a channel to for the `-D` forwards, which have no target
+    /// of their own (`[v6]:port` for IPv6). Default none: `-D` is watched by keepalives only.
+    #[serde(
+        default,
+        deserialize_with = "probe_target",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(crate) probe_target: Option<Spanned<String>>,
+}
+
+/// `host:port` or `[v6]:port`.
+pub(crate) fn parse_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let ok = !host.is_empty()
+        && host.len() <= 255
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    ok.then(|| (host.to_string(), port))
+}
+
+fn probe_target<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<String>>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    match parse_host_port(s.get_ref()) {
+        Some(_) => Ok(Some(s)),
+        None => Err({
+            serde::de::Error::custom(format!("probe_target `{}` is not host:port", s.get_ref()))
+        }),
+    }
 }
 
 /// `[user@]host[:port]` (`[v6]:port` for IPv6; a bare IPv6 address has no port), parsed
@@ -536,6 +572,16 @@ pub(crate) fn validate_all(dests: &[SshSection], complete: bool, v: &mut Validat
         if d.reconnect_min.0 > d.reconnect_max.0 {
             v.error_at(&d.destination, "reconnect_min is longer than reconnect_max");
         }
+        if d.probe && !d.dynamic.is_empty() && d.probe_target.is_none() {
+            v.warn_at(
+                &d.destination,
+                "probe = true does not reach the dynamic (-D) forwards, which have no target \
+                 of their own: name one with probe_target (keepalives alone watch them now)",
+            );
+        }
+        if let Some(t) = d.probe_target.as_ref().filter(|_| !d.probe) {
+            v.warn_at(t, "probe_target is unused without probe = true");
+        }
         if complete && d.local.is_empty() && d.remote.is_empty() && d.dynamic.is_empty() {
             v.error_at(
                 &d.destination,
@@ -644,6 +690,11 @@ mod tests {
         assert_eq!(cfg.probe_interval, Some(Duration::from_secs(30)));
         let cfg = lower("local = [\"1:h:2\"]\nprobe = true\nprobe_interval = \"5s\"\n");
         assert_eq!(cfg.probe_interval, Some(Duration::from_secs(5)));
+        let cfg = lower("dynamic = [\"1080\"]\nprobe = true\nprobe_target = \"[::1]:80\"\n");
+        assert_eq!(cfg.probe_target, Some(("::1".to_string(), 80)));
+        let bad: Result<SshSection, _> =
+            toml::from_str("destination = \"u@h\"\nprobe_target = \"web\"\n");
+        assert!(bad.unwrap_err().to_string().contains("is not host:port"));
     }
 
     #[test]

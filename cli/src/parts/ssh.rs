@@ -106,6 +106,14 @@ pub(crate) struct SshArgs {
     /// reconnects. 0 (the default) disables.
     #[arg(long, default_value_t = 0)]
     pub(crate) probe_interval: u32,
+    /// HOST:PORT the probes open a channel to for the -D forwards, which have no target of
+    /// their own.
+    #[arg(long, value_parser = probe_target_arg)]
+    pub(crate) probe_target: Option<(String, u16)>,
+}
+
+fn probe_target_arg(s: &str) -> Result<(String, u16), String> {
+    crate::config::ssh::parse_host_port(s).ok_or_else(|| format!("`{s}` is not host:port"))
 }
 
 /// `vipgate sshd`: the forwarding-only SSH server.
@@ -613,6 +621,7 @@ fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
     cfg.connections = usize::from(args.connections);
     cfg.probe_interval =
         (args.probe_interval > 0).then(|| Duration::from_secs(u64::from(args.probe_interval)));
+    cfg.probe_target = args.probe_target.clone();
     cfg.fail_fast = true;
     let batch = o.batch_mode.unwrap_or(false);
     let background = o.fork_after_authentication.unwrap_or(false) && stdio.is_none();

@@ -1168,7 +1168,8 @@ async fn probe_failed(
 /// target, which the server only confirms once it has connected; for a `-R` (carried by slot
 /// 0), a channel to the server's own listening address, which must come back to us as the
 /// forwarded channel of that forward (and is served as any other: its target sees a
-/// connection open and close). `-D` forwards have no fixed target and are not probed.
+/// connection open and close). `-D` forwards have no fixed target: a `direct-tcpip` channel to
+/// `probe_target` stands for them when one is named.
 async fn probe_forwards(
     shared: &Arc<Shared>,
     slot: usize,
@@ -1205,6 +1206,23 @@ async fn probe_forwards(
                 "probe of -L {spec} failed: the server could not open {target}: {e}"
             )),
             Err(_) => Err(format!("probe of -L {spec} timed out after {timeout:?}")),
+        };
+        count_probe(shared, result)?;
+    }
+    if let Some((host, port)) = &shared.cfg.probe_target {
+        let open =
+            handle.channel_open_direct_tcpip(host.as_str(), u32::from(*port), "127.0.0.1", 0);
+        let result = match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(channel)) => {
+                let _ = channel.close().await;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!(
+                "probe of -D target {host}:{port} failed: the server could not open it: {e}"
+            )),
+            Err(_) => Err(format!(
+                "probe of -D target {host}:{port} timed out after {timeout:?}"
+            )),
         };
         count_probe(shared, result)?;
     }

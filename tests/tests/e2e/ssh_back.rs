@@ -295,6 +295,58 @@ fn probes_reconnect_a_half_dead_forward_and_leave_a_healthy_one_alone() {
 }
 
 #[test]
+fn probes_reach_the_named_target_of_a_dynamic_forward() {
+    let (topo, keys) = setup(e2e!());
+    let _sshd = openssh_sshd(&topo, &keys);
+    let mut http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "behind -D");
+    let cfg = ssh_site(
+        &topo,
+        &keys,
+        &format!(
+            "dynamic = [\"1080\"]\nprobe = true\nprobe_interval = \"1s\"\n\
+             probe_target = \"127.0.0.1:{HTTP_PORT}\"\nconnect_timeout = \"2s\"\n\
+             reconnect_max = \"1s\"\n"
+        ),
+    );
+    let run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
+    // Healthy: the -D's probes pass and the session stays.
+    let show = wait_for(Duration::from_secs(30), "three probes of the -D", || {
+        try_show_ssh(&topo).filter(|s| client_counter(s, "probes") >= 3)
+    });
+    assert_eq!(client_counter(&show, "probe_failures"), 0, "{show}");
+    assert_eq!(client_counter(&show, "reconnects"), 0, "{show}");
+    let page = topo.sh(
+        H,
+        &format!(
+            "curl -sS --max-time 10 --socks5-hostname 127.0.0.1:1080 http://127.0.0.1:{HTTP_PORT}/"
+        ),
+    );
+    assert_eq!(page.trim(), "behind -D");
+    // The target goes: the probe fails and the session is reconnected.
+    http.kill9();
+    wait_until(
+        Duration::from_secs(30),
+        "a failed -D probe and a reconnect",
+        || {
+            try_show_ssh(&topo).is_some_and(|s| {
+                client_counter(&s, "probe_failures") >= 1 && client_counter(&s, "reconnects") >= 1
+            })
+        },
+    );
+    wait_log(
+        &run,
+        &format!("probe of -D target 127.0.0.1:{HTTP_PORT} failed: the server could not open it"),
+    );
+    // Without probe_target, `vipgate check` says what probe = true leaves out.
+    let plain = ssh_site(&topo, &keys, "dynamic = [\"1080\"]\nprobe = true\n");
+    let out = topo.vipgate_output(H, &["check", "-c", plain.to_str().unwrap()]);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("name one with probe_target"), "{text}");
+    assert!(text.contains("site.toml:"), "{text}");
+}
+
+#[test]
 fn reverse_dynamic_socks_reaches_what_only_the_client_reaches() {
     let mut topo = e2e!();
     // vipgate runs in h, sshd in s; h's loopback web server is out of s's reach.
