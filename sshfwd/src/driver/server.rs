@@ -1090,6 +1090,22 @@ impl server::Handler for ServerHandler {
         session.channel_failure(channel)
     }
 
+    /// `ssh -A`: refused. This server runs no programs, so nothing on its side could use a
+    /// forwarded agent; a socket for it would only let another login's forwards reach the
+    /// client's keys.
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        tracing::info!(
+            "{:?}@{}: refused agent forwarding (this server runs no programs that could use it)",
+            self.user,
+            self.peer
+        );
+        Ok(false)
+    }
+
     async fn shell_request(
         &mut self,
         channel: ChannelId,

@@ -79,9 +79,9 @@ fn ssh(topo: &Topology, keys: &Keys, args: &str) -> (Option<i32>, String) {
     let o = std::process::Command::new("ip")
         .args(["netns", "exec", &topo.ns(H), "sh", "-c"])
         .arg(format!(
-            "exec timeout 20 ssh -N -p {SSHD_PORT} -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
+            "exec timeout 20 ssh -p {SSHD_PORT} -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
              -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes \
-             -o ExitOnForwardFailure=yes {args} root@127.0.0.1",
+             {args} root@127.0.0.1",
             keys.client.display()
         ))
         .output()
@@ -180,7 +180,7 @@ fn openssh_forwards_unix_sockets_through_vipgate_sshd() {
     let (code, err) = ssh(
         &topo,
         &keys,
-        &format!("-R {d}/elsewhere.sock:127.0.0.1:{ECHO_PORT}"),
+        &format!("-N -o ExitOnForwardFailure=yes -R {d}/elsewhere.sock:127.0.0.1:{ECHO_PORT}"),
     );
     assert_eq!(code, Some(255), "{err}");
     assert!(err.contains("remote port forwarding failed"), "{err}");
@@ -188,7 +188,7 @@ fn openssh_forwards_unix_sockets_through_vipgate_sshd() {
     let (code, err) = ssh(
         &topo,
         &keys,
-        &format!("-R {d}/fwd/file.sock:127.0.0.1:{ECHO_PORT}"),
+        &format!("-N -o ExitOnForwardFailure=yes -R {d}/fwd/file.sock:127.0.0.1:{ECHO_PORT}"),
     );
     assert_eq!(code, Some(255), "{err}");
     assert!(err.contains("remote port forwarding failed"), "{err}");
@@ -222,6 +222,23 @@ fn openssh_forwards_unix_sockets_through_vipgate_sshd() {
     wait_log(&sshd, "not in");
     refused_l.terminate(Duration::from_secs(5));
 
+    // ssh -A: agent forwarding is refused (nothing here could use it), the session request
+    // gets the usual answer.
+    // (ssh asks for it only with an agent to forward: one runs for this command alone.)
+    let out = topo
+        .try_sh(
+            H,
+            &format!(
+                "ssh-agent sh -c 'timeout 20 ssh -A -T -p {SSHD_PORT} -i {} -o IdentitiesOnly=yes \
+                 -o BatchMode=yes -o UserKnownHostsFile={d}/known_hosts root@127.0.0.1 true 2>&1; \
+                 echo exit $?'",
+                keys.client.display()
+            ),
+        )
+        .unwrap();
+    assert!(out.contains("this server only forwards ports"), "{out}");
+    assert!(out.contains("exit 1"), "{out}");
+    wait_log(&sshd, "refused agent forwarding");
     // The client goes: its sockets go with it, the target's stays.
     let mut client = client;
     client.terminate(Duration::from_secs(5));
