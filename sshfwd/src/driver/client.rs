@@ -1389,3 +1389,25 @@ async fn supervise(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::denied_methods;
+    use russh::MethodKind;
+
+    #[test]
+    fn permission_denied_names_what_the_server_offered_in_its_order() {
+        let offered = [MethodKind::PublicKey, MethodKind::Password];
+        assert_eq!(denied_methods(Some(&offered)), "publickey,password");
+        let offered = [
+            MethodKind::None,
+            MethodKind::KeyboardInteractive,
+            MethodKind::PublicKey,
+        ];
+        assert_eq!(
+            denied_methods(Some(&offered)),
+            "keyboard-interactive,publickey"
+        );
+        assert_eq!(denied_methods(None), "publickey");
+    }
+}
