@@ -566,7 +566,13 @@ async fn unix_socket_forwards_within_the_path_lists() {
     let d = dir.display();
     cfg.permit_listen_paths =
         PathPermit::parse(&[format!("{d}/fwd/*"), format!("{d}/link/*")]).unwrap();
-    cfg.permit_open_paths = PathPermit::parse(&[target.display().to_string()]).unwrap();
+    let link_sock = fwd.join("link.sock");
+    std::os::unix::fs::symlink(&target, &link_sock).unwrap();
+    cfg.permit_open_paths = PathPermit::parse(&[
+        target.display().to_string(),
+        link_sock.display().to_string(),
+    ])
+    .unwrap();
     let server = SshServer::start(cfg).await.unwrap();
 
     // -R /path:host:port: a 0600 socket that reaches the target; -L port:/path.
@@ -620,6 +626,21 @@ async fn unix_socket_forwards_within_the_path_lists() {
     );
     assert!(!fwd.join("via-symlink.sock").exists());
     assert_eq!(unix_exchange(&target, b"still").await, expected(b"still"));
+    // -L to a listed path that is a symlink: refused, since it could lead anywhere.
+    let before = server.status().counters.forwards_refused;
+    let lport = free_port().await;
+    let mut cfg = client(&server, &dir, &key);
+    cfg.local =
+        vec![ForwardSpec::parse_local(&format!("{lport}:{}", link_sock.display())).unwrap()];
+    let via_link = SshClient::start(cfg).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
+    assert!(closed_within(&mut s, 10).await);
+    assert!(
+        eventually(5, || server.status().counters.forwards_refused
+            == before + 1)
+        .await
+    );
+    via_link.stop().await;
 
     // A client asking for a thousand listeners gets its cap, the rest refused and counted,
     // and every socket goes with its session.
