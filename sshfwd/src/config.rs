@@ -78,6 +78,10 @@ pub struct ClientConfig {
     /// each `-L` to its target and through each `-R` back to this side; one that fails or
     /// takes longer than `connect_timeout` reconnects the session. `None` disables.
     pub probe_interval: Option<Duration>,
+    /// What the probes reach through `-D` forwards, which have no target of their own: a
+    /// `direct-tcpip` channel to this `host:port` through every connection. `None`: `-D`
+    /// forwards are watched by keepalives only.
+    pub probe_target: Option<(String, u16)>,
     /// `PasswordAuthentication`: after the keys, try passwords from `prompt`.
     pub password_authentication: bool,
     /// `KbdInteractiveAuthentication`: after the keys, answer the server's prompts from
@@ -159,6 +163,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             fail_fast: true,
             probe_interval: None,
+            probe_target: None,
             password_authentication: true,
             kbd_interactive_authentication: true,
             prompt: None,
@@ -418,6 +423,15 @@ pub struct ServerConfig {
     pub permit_open: PermitList,
     /// Addresses clients may listen on (`PermitListen`).
     pub permit_listen: PermitList,
+    /// Unix socket paths clients may listen on (`ssh -R /path:...`); empty refuses every
+    /// `streamlocal-forward@openssh.com`.
+    pub permit_listen_paths: crate::sockpath::PathPermit,
+    /// Unix sockets clients may connect to (`ssh -L ...:/path`); empty refuses every
+    /// `direct-streamlocal@openssh.com`.
+    pub permit_open_paths: crate::sockpath::PathPermit,
+    /// Mode of the sockets created for `-R /path` (`StreamLocalBindMask 0177` gives 0600,
+    /// the default).
+    pub socket_mode: u32,
     /// Remote forwards may bind the address the client asks for; otherwise loopback only
     /// (sshd's `GatewayPorts no`).
     pub gateway_ports: bool,

@@ -37,13 +37,16 @@ pub enum SshFwdError {
     /// Host key refused by known_hosts policy (the message says why).
     #[error("{0}")]
     HostKey(String),
-    /// No identity was accepted.
-    #[error("{user}@{host}: Permission denied (publickey). Tried: {tried}")]
+    /// No identity was accepted; worded as ssh words it, with the methods the server said
+    /// could continue (`publickey,password`).
+    #[error("{user}@{host}: Permission denied ({methods}). Tried: {tried}")]
     AuthFailed {
         /// Login name.
         user: String,
         /// Server.
         host: String,
+        /// The server's last list of methods that can continue, comma-separated.
+        methods: String,
         /// What was offered.
         tried: String,
     },

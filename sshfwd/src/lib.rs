@@ -39,6 +39,7 @@ pub mod policy;
 pub mod reload;
 #[cfg(feature = "serde")]
 mod serde_secs;
+pub mod sockpath;
 pub mod socks;
 pub mod spec;
 pub mod startups;

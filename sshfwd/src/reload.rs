@@ -83,7 +83,10 @@ impl ReloadPlan {
                 old.connect_timeout != new.connect_timeout,
             ),
             ("reconnect schedule", old.backoff != new.backoff),
-            ("probe", old.probe_interval != new.probe_interval),
+            (
+                "probe",
+                old.probe_interval != new.probe_interval || old.probe_target != new.probe_target,
+            ),
             (
                 "password authentication",
                 old.password_authentication != new.password_authentication

@@ -10,6 +10,7 @@ use std::time::Duration;
 use russh::keys::{Algorithm, PrivateKey};
 use sshfwd::known_hosts::StrictHostKeyChecking;
 use sshfwd::policy::PermitList;
+use sshfwd::sockpath::PathPermit;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use sshfwd::{ClientConfig, ServerConfig, ServerLimits, SshClient, SshServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -83,9 +84,20 @@ async fn start_server_with(
     permit_open: &[&str],
     limits: ServerLimits,
 ) -> SshServer {
+    SshServer::start(server_config(dir, authorized, permit_open, limits))
+        .await
+        .unwrap()
+}
+
+fn server_config(
+    dir: &Path,
+    authorized: &str,
+    permit_open: &[&str],
+    limits: ServerLimits,
+) -> ServerConfig {
     let ak = dir.join("authorized_keys");
     std::fs::write(&ak, authorized).unwrap();
-    SshServer::start(ServerConfig {
+    ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         host_key: dir.join("host_ed25519"),
         authorized_keys: ak,
@@ -93,12 +105,13 @@ async fn start_server_with(
         host_certificate: None,
         permit_open: PermitList::parse(permit_open, false).unwrap(),
         permit_listen: PermitList::Any,
+        permit_listen_paths: PathPermit::default(),
+        permit_open_paths: PathPermit::default(),
+        socket_mode: 0o600,
         gateway_ports: false,
         idle_timeout: None,
         limits,
-    })
-    .await
-    .unwrap()
+    }
 }
 
 fn client(server: &SshServer, dir: &Path, key: &Path) -> ClientConfig {
@@ -476,6 +489,9 @@ async fn insecure_host_key_is_refused() {
         host_certificate: None,
         permit_open: PermitList::Any,
         permit_listen: PermitList::Any,
+        permit_listen_paths: PathPermit::default(),
+        permit_open_paths: PathPermit::default(),
+        socket_mode: 0o600,
         gateway_ports: false,
         idle_timeout: None,
         limits: ServerLimits::default(),
@@ -484,4 +500,198 @@ async fn insecure_host_key_is_refused() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("insecure: mode 0644"), "{err}");
+}
+
+/// A unix socket echo server (same "bye" after EOF as [`echo_server`]).
+fn unix_echo_server(path: &Path) {
+    let l = tokio::net::UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+}
+
+async fn unix_exchange(path: &Path, payload: &[u8]) -> Vec<u8> {
+    let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+    s.write_all(payload).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+/// A bare russh client: only what the flood below needs.
+struct Bare;
+
+impl russh::client::Handler for Bare {
+    type Error = russh::Error;
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+#[tokio::test]
+async fn unix_socket_forwards_within_the_path_lists() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = temp_dir("unix");
+    let fwd = dir.join("fwd");
+    std::fs::create_dir(&fwd).unwrap();
+    std::os::unix::fs::symlink(&fwd, dir.join("link")).unwrap();
+    let echo = echo_server().await;
+    let target = fwd.join("target.sock");
+    unix_echo_server(&target);
+    let (key, public) = write_key(&dir, "id_ok");
+    let limits = ServerLimits {
+        max_listeners_per_session: 4,
+        ..ServerLimits::default()
+    };
+    let mut cfg = server_config(&dir, &format!("{public}\n"), &["any"], limits);
+    let d = dir.display();
+    cfg.permit_listen_paths =
+        PathPermit::parse(&[format!("{d}/fwd/*"), format!("{d}/link/*")]).unwrap();
+    let link_sock = fwd.join("link.sock");
+    std::os::unix::fs::symlink(&target, &link_sock).unwrap();
+    cfg.permit_open_paths = PathPermit::parse(&[
+        target.display().to_string(),
+        link_sock.display().to_string(),
+    ])
+    .unwrap();
+    let server = SshServer::start(cfg).await.unwrap();
+
+    // -R /path:host:port: a 0600 socket that reaches the target; -L port:/path.
+    let r_sock = fwd.join("r.sock");
+    let lport = free_port().await;
+    let mut cfg = client(&server, &dir, &key);
+    cfg.remote = vec![
+        ForwardSpec::parse_remote(&format!("{}:127.0.0.1:{}", r_sock.display(), echo.port()))
+            .unwrap(),
+    ];
+    cfg.local = vec![ForwardSpec::parse_local(&format!("{lport}:{}", target.display())).unwrap()];
+    let tunnel = SshClient::start(cfg).await.unwrap();
+    let meta = std::fs::symlink_metadata(&r_sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    assert_eq!(unix_exchange(&r_sock, &payload).await, expected(&payload));
+    let l_addr = SocketAddr::from(([127, 0, 0, 1], lport));
+    assert_eq!(
+        exchange(l_addr, b"to a socket").await,
+        expected(b"to a socket")
+    );
+
+    // Refused, each counted, the file system left as it was.
+    std::fs::write(fwd.join("file.sock"), "not a socket").unwrap();
+    let refused = |path: String| {
+        let mut cfg = client(&server, &dir, &key);
+        cfg.remote =
+            vec![ForwardSpec::parse_remote(&format!("{path}:127.0.0.1:{}", echo.port())).unwrap()];
+        SshClient::start(cfg)
+    };
+    let before = server.status().counters.forwards_refused;
+    for path in [
+        format!("{d}/outside.sock"),
+        format!("{d}/fwd/../fwd/dots.sock"),
+        format!("{d}/fwd/file.sock"),
+        format!("{d}/link/via-symlink.sock"),
+        format!("{d}/fwd/{}", "a".repeat(120)),
+        target.display().to_string(),
+    ] {
+        let err = refused(path.clone()).await.err().unwrap();
+        assert!(
+            err.to_string().contains("remote port forwarding failed"),
+            "{path}: {err}"
+        );
+    }
+    assert_eq!(server.status().counters.forwards_refused, before + 6);
+    assert_eq!(
+        std::fs::read_to_string(fwd.join("file.sock")).unwrap(),
+        "not a socket"
+    );
+    assert!(!fwd.join("via-symlink.sock").exists());
+    assert_eq!(unix_exchange(&target, b"still").await, expected(b"still"));
+    // -L to a listed path that is a symlink: refused, since it could lead anywhere.
+    let before = server.status().counters.forwards_refused;
+    let lport = free_port().await;
+    let mut cfg = client(&server, &dir, &key);
+    cfg.local =
+        vec![ForwardSpec::parse_local(&format!("{lport}:{}", link_sock.display())).unwrap()];
+    let via_link = SshClient::start(cfg).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", lport)).await.unwrap();
+    assert!(closed_within(&mut s, 10).await);
+    assert!(
+        eventually(5, || server.status().counters.forwards_refused
+            == before + 1)
+        .await
+    );
+    via_link.stop().await;
+
+    // A client asking for a thousand listeners gets its cap, the rest refused and counted,
+    // and every socket goes with its session.
+    let refused_before = server.status().counters.listeners_refused;
+    let mut handle = russh::client::connect(
+        std::sync::Arc::new(russh::client::Config::default()),
+        server.local_addr(),
+        Bare,
+    )
+    .await
+    .unwrap();
+    let k = russh::keys::load_secret_key(&key, None).unwrap();
+    let auth = handle
+        .authenticate_publickey(
+            "ops",
+            russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(k), None),
+        )
+        .await
+        .unwrap();
+    assert!(auth.success());
+    let mut granted = 0;
+    for i in 0..1000 {
+        if handle
+            .streamlocal_forward(format!("{d}/fwd/flood{i}.sock"))
+            .await
+            .is_ok()
+        {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 4);
+    assert_eq!(
+        server.status().counters.listeners_refused,
+        refused_before + 996
+    );
+    assert!(fwd.join("flood3.sock").exists() && !fwd.join("flood4.sock").exists());
+    handle
+        .cancel_streamlocal_forward(format!("{d}/fwd/flood0.sock"))
+        .await
+        .unwrap();
+    assert!(
+        !fwd.join("flood0.sock").exists(),
+        "cancel removes the socket"
+    );
+    drop(handle);
+    assert!(eventually(10, || !fwd.join("flood1.sock").exists()).await);
+
+    tunnel.stop().await;
+    assert!(eventually(10, || !r_sock.exists()).await);
+    assert!(
+        target.exists(),
+        "a socket vipgate did not create is left alone"
+    );
 }

@@ -418,6 +418,10 @@ pub(crate) fn ssh_client(d: &SshSection) -> ClientConfig {
         ..BackoffConfig::default()
     };
     cfg.probe_interval = d.probe.then_some(d.probe_interval.0);
+    cfg.probe_target = d
+        .probe_target
+        .as_ref()
+        .and_then(|t| super::ssh::parse_host_port(t.get_ref()));
     cfg.fail_fast = true;
     cfg
 }

@@ -91,6 +91,42 @@ pub(crate) struct SshSection {
     /// Time between probes. Default 30 s, at least 1 s.
     #[serde(default = "d_probe_interval", deserialize_with = "at_least_1s")]
     pub(crate) probe_interval: HumanDuration,
+    /// `host:port` the probes open a channel to for the `-D` forwards, which have no target
+    /// of their own (`[v6]:port` for IPv6). Default none: `-D` is watched by keepalives only.
+    #[serde(
+        default,
+        deserialize_with = "probe_target",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(crate) probe_target: Option<Spanned<String>>,
+}
+
+/// `host:port` or `[v6]:port`.
+pub(crate) fn parse_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let ok = !host.is_empty()
+        && host.len() <= 255
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    ok.then(|| (host.to_string(), port))
+}
+
+fn probe_target<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<String>>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    match parse_host_port(s.get_ref()) {
+        Some(_) => Ok(Some(s)),
+        None => Err({
+            serde::de::Error::custom(format!("probe_target `{}` is not host:port", s.get_ref()))
+        }),
+    }
 }
 
 /// `[user@]host[:port]` (`[v6]:port` for IPv6; a bare IPv6 address has no port), parsed
@@ -302,6 +338,17 @@ pub(crate) struct SshdSection {
     /// `[addr:]port` patterns clients may listen on (-R); empty = any.
     #[serde(default, deserialize_with = "permit_listen_list")]
     pub(crate) permit_listen: Vec<String>,
+    /// Unix socket paths clients may listen on (`ssh -R /path:...`): absolute paths, `*`
+    /// and `?` in the last component only. Default none (refused).
+    #[serde(default, deserialize_with = "path_permit_list")]
+    pub(crate) permit_listen_paths: Vec<String>,
+    /// Unix sockets clients may connect to (`ssh -L ...:/path`), same patterns. Default none.
+    #[serde(default, deserialize_with = "path_permit_list")]
+    pub(crate) permit_open_paths: Vec<String>,
+    /// Mode of the sockets `-R /path` creates (TOML octal, `0o660`); the owner must keep
+    /// read and write. Default `0o600` (OpenSSH's `StreamLocalBindMask 0177`).
+    #[serde(default = "d_socket_mode", deserialize_with = "socket_mode")]
+    pub(crate) socket_mode: u32,
     /// `GatewayPorts`: remote forwards may listen on the address the client asks for;
     /// otherwise they listen on loopback only. Default false.
     #[serde(default)]
@@ -336,6 +383,28 @@ pub(crate) struct SshdSection {
     /// `-R` listeners in the server, 1..=65536. Default 256.
     #[serde(default = "d_listeners", deserialize_with = "cap")]
     pub(crate) max_listeners: u32,
+}
+
+fn d_socket_mode() -> u32 {
+    0o600
+}
+
+fn socket_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    u32::try_from(n)
+        .ok()
+        .filter(|m| *m <= 0o777 && m & 0o600 == 0o600)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "socket_mode {n:#o} must be within 0o600..=0o777 and keep the owner's rw (0o600)"
+            ))
+        })
+}
+
+fn path_permit_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    sshfwd::sockpath::PathPermit::parse(&v).map_err(serde::de::Error::custom)?;
+    Ok(v)
 }
 
 fn d_idle_timeout() -> HumanDuration {
@@ -503,6 +572,16 @@ pub(crate) fn validate_all(dests: &[SshSection], complete: bool, v: &mut Validat
         if d.reconnect_min.0 > d.reconnect_max.0 {
             v.error_at(&d.destination, "reconnect_min is longer than reconnect_max");
         }
+        if d.probe && !d.dynamic.is_empty() && d.probe_target.is_none() {
+            v.warn_at(
+                &d.destination,
+                "probe = true does not reach the dynamic (-D) forwards, which have no target \
+                 of their own: name one with probe_target (keepalives alone watch them now)",
+            );
+        }
+        if let Some(t) = d.probe_target.as_ref().filter(|_| !d.probe) {
+            v.warn_at(t, "probe_target is unused without probe = true");
+        }
         if complete && d.local.is_empty() && d.remote.is_empty() && d.dynamic.is_empty() {
             v.error_at(
                 &d.destination,
@@ -529,6 +608,8 @@ mod tests {
         assert_eq!(s.idle_timeout.0, Duration::from_secs(600));
         assert_eq!(s.max_startups, MaxStartups::default());
         assert_eq!(s.per_source_max_startups, Some(10));
+        assert_eq!(s.socket_mode, 0o600);
+        assert!(s.permit_listen_paths.is_empty() && s.permit_open_paths.is_empty());
     }
 
     #[test]
@@ -541,6 +622,11 @@ mod tests {
             ("per_source_netblock_size = \"33\"", 3),
             ("max_channels = 4294967296", 3),
             ("max_listeners_per_session = 0", 3),
+            ("socket_mode = 0o1777", 3),
+            ("socket_mode = 0o060", 3),
+            ("permit_listen_paths = [\"/run/*/x\"]", 3),
+            ("permit_open_paths = [\"/run/../x\"]", 3),
+            ("permit_listen_paths = [\"run/x\"]", 3),
         ] {
             let e = sshd(bad).unwrap_err();
             let span = e.span().unwrap();
@@ -604,6 +690,11 @@ mod tests {
         assert_eq!(cfg.probe_interval, Some(Duration::from_secs(30)));
         let cfg = lower("local = [\"1:h:2\"]\nprobe = true\nprobe_interval = \"5s\"\n");
         assert_eq!(cfg.probe_interval, Some(Duration::from_secs(5)));
+        let cfg = lower("dynamic = [\"1080\"]\nprobe = true\nprobe_target = \"[::1]:80\"\n");
+        assert_eq!(cfg.probe_target, Some(("::1".to_string(), 80)));
+        let bad: Result<SshSection, _> =
+            toml::from_str("destination = \"u@h\"\nprobe_target = \"web\"\n");
+        assert!(bad.unwrap_err().to_string().contains("is not host:port"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use netutil::Reconfigured;
 use sshfwd::known_hosts::StrictHostKeyChecking as Strict;
 use sshfwd::options::{AddressFamily, JumpSpec, MatchContext, SshOptions, Tokens, expand_tilde};
 use sshfwd::policy::PermitList;
+use sshfwd::sockpath::PathPermit;
 use sshfwd::spec::{DynamicSpec, ForwardSpec};
 use sshfwd::{
     Algorithms, ClientConfig, ConfigFiles, ForwardState, JumpHop, PasswordPrompt, Prompt,
@@ -105,6 +106,14 @@ pub(crate) struct SshArgs {
     /// reconnects. 0 (the default) disables.
     #[arg(long, default_value_t = 0)]
     pub(crate) probe_interval: u32,
+    /// HOST:PORT the probes open a channel to for the -D forwards, which have no target of
+    /// their own.
+    #[arg(long, value_parser = probe_target_arg)]
+    pub(crate) probe_target: Option<(String, u16)>,
+}
+
+fn probe_target_arg(s: &str) -> Result<(String, u16), String> {
+    crate::config::ssh::parse_host_port(s).ok_or_else(|| format!("`{s}` is not host:port"))
 }
 
 /// `vipgate sshd`: the forwarding-only SSH server.
@@ -116,8 +125,97 @@ pub(crate) struct SshdArgs {
 }
 
 /// Environment marker of the child that `-f` starts; its stdout carries one "ready" line.
+/// Its value is [`ASK_PARENT`] when the parent, still in the foreground on a terminal,
+/// answers the child's password and passphrase prompts (as ssh asks before it forks).
 const BACKGROUND_CHILD: &str = "VIPGATE_SSH_BACKGROUND_CHILD";
 const READY: &str = "vipgate-ssh-ready";
+const ASK_PARENT: &str = "ask";
+/// Starts a line of the child's stdout that asks the parent a question (JSON [`Ask`]); the
+/// answer is one JSON line (`null` or a list of strings) on the child's stdin.
+const ASK: &str = "vipgate-ssh-ask ";
+
+/// A question the `-f` child has for the terminal, which only its parent holds.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum Ask {
+    Passphrase(PathBuf),
+    Password(String),
+    Keyboard {
+        who: String,
+        name: String,
+        instructions: String,
+        prompts: Vec<(String, bool)>,
+    },
+}
+
+impl Ask {
+    /// The parent's side: asks the terminal.
+    fn on_terminal(self) -> Option<Vec<String>> {
+        match self {
+            Ask::Passphrase(path) => prompt_passphrase(&path).ok().map(|p| vec![p]),
+            Ask::Password(who) => TerminalPrompt.password(&who).map(|p| vec![p]),
+            Ask::Keyboard {
+                who,
+                name,
+                instructions,
+                prompts,
+            } => TerminalPrompt.keyboard_interactive(&who, &name, &instructions, &prompts),
+        }
+    }
+
+    /// The child's side: asks the parent through stdout and stdin, one question at a time.
+    fn of_parent(&self) -> Option<Vec<String>> {
+        use std::io::{BufRead, Read, Write};
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let _turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let question = serde_json::to_string(self).ok()?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{ASK}{question}").ok()?;
+        out.flush().ok()?;
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .take(64 * 1024)
+            .read_line(&mut line)
+            .ok()?;
+        serde_json::from_str(&line).ok().flatten()
+    }
+}
+
+/// Whether this is the `-f` child and its parent answers prompts.
+fn parent_answers() -> bool {
+    std::env::var_os(BACKGROUND_CHILD).is_some_and(|v| v == ASK_PARENT)
+}
+
+/// The `-f` child's prompts, answered by the parent on its terminal.
+struct ParentPrompt;
+
+impl PasswordPrompt for ParentPrompt {
+    fn password(&self, who: &str) -> Option<String> {
+        Ask::Password(who.to_string())
+            .of_parent()?
+            .into_iter()
+            .next()
+    }
+
+    fn keyboard_interactive(
+        &self,
+        who: &str,
+        name: &str,
+        instructions: &str,
+        prompts: &[(String, bool)],
+    ) -> Option<Vec<String>> {
+        let answers = Ask::Keyboard {
+            who: who.to_string(),
+            name: name.to_string(),
+            instructions: instructions.to_string(),
+            prompts: prompts.to_vec(),
+        }
+        .of_parent()?;
+        (answers.len() == prompts.len()).then_some(answers)
+    }
+}
 
 /// Reads a passphrase without echo from the terminal.
 fn prompt_passphrase(path: &Path) -> anyhow::Result<String> {
@@ -294,6 +392,8 @@ struct SshInvocation {
     background: bool,
     /// `-W host:port`.
     stdio: Option<(String, u16)>,
+    /// `BatchMode`: nothing is asked.
+    batch: bool,
 }
 
 /// Applies the config files ssh would read: the `-F` file (`none` reads nothing), else
@@ -521,27 +621,40 @@ fn invocation_from_args(args: &SshArgs) -> anyhow::Result<SshInvocation> {
     cfg.connections = usize::from(args.connections);
     cfg.probe_interval =
         (args.probe_interval > 0).then(|| Duration::from_secs(u64::from(args.probe_interval)));
+    cfg.probe_target = args.probe_target.clone();
     cfg.fail_fast = true;
     let batch = o.batch_mode.unwrap_or(false);
-    cfg.passphrase = passphrase_for(&cfg.identities, args.passphrase_file.as_deref(), batch)?;
+    let background = o.fork_after_authentication.unwrap_or(false) && stdio.is_none();
+    let child = std::env::var_os(BACKGROUND_CHILD).is_some();
+    // The parent of a -f child asks nothing itself: the child asks it, once.
+    cfg.passphrase = if background && !child {
+        None
+    } else {
+        passphrase_for(&cfg.identities, args.passphrase_file.as_deref(), batch)?
+    };
     cfg.password_authentication = o.password_authentication.unwrap_or(true);
     cfg.kbd_interactive_authentication = o.kbd_interactive_authentication.unwrap_or(true);
-    // Like ssh: prompts only on a terminal, and never in BatchMode; nor in the process `-f`
-    // starts, which reading the terminal from the background would stop (SIGTTIN).
-    let tty = std::env::var_os(BACKGROUND_CHILD).is_none()
-        && std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/tty")
-            .is_ok();
-    cfg.prompt = (!batch && tty).then(|| Prompt {
-        source: "terminal".to_string(),
-        answer: std::sync::Arc::new(TerminalPrompt),
-    });
+    // Like ssh: prompts only on a terminal, and never in BatchMode. The process `-f` starts
+    // would be stopped reading the terminal from the background (SIGTTIN): its parent,
+    // still in the foreground until every forward is up, asks for it.
+    cfg.prompt = if batch {
+        None
+    } else if child {
+        parent_answers().then(|| Prompt {
+            source: "terminal".to_string(),
+            answer: std::sync::Arc::new(ParentPrompt),
+        })
+    } else {
+        has_tty().then(|| Prompt {
+            source: "terminal".to_string(),
+            answer: std::sync::Arc::new(TerminalPrompt),
+        })
+    };
     Ok(SshInvocation {
         cfg,
-        background: o.fork_after_authentication.unwrap_or(false) && stdio.is_none(),
+        background,
         stdio,
+        batch,
     })
 }
 
@@ -598,6 +711,14 @@ fn resolve_hop(
     })
 }
 
+fn has_tty() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .is_ok()
+}
+
 fn passphrase_for(
     identities: &[PathBuf],
     file: Option<&Path>,
@@ -607,6 +728,11 @@ fn passphrase_for(
         return read_passphrase_file(f).map(Some);
     }
     match identities.iter().find(|p| sshfwd::identity_is_encrypted(p)) {
+        Some(p) if !batch && parent_answers() => Ask::Passphrase(p.clone())
+            .of_parent()
+            .and_then(|v| v.into_iter().next())
+            .map(Some)
+            .with_context(|| format!("no passphrase for {}", p.display())),
         Some(p) if !batch => prompt_passphrase(p).map(Some),
         Some(p) => bail!(
             "identity {} is encrypted and BatchMode forbids prompting; use --passphrase-file",
@@ -638,9 +764,10 @@ async fn forward_until_stopped(args: SshArgs) -> anyhow::Result<()> {
         cfg,
         background,
         stdio,
+        batch,
     } = invocation_from_args(&args)?;
     if background && std::env::var_os(BACKGROUND_CHILD).is_none() {
-        return go_background().await;
+        return go_background(!batch && has_tty()).await;
     }
     let mut tunnel = SshClient::start(cfg).await?;
     if let Some((host, port)) = stdio {
@@ -699,15 +826,22 @@ pub(crate) fn log_settings(args: &SshArgs) -> (bool, Option<PathBuf>) {
 
 /// `-f`: run the same command again as a detached child and return once it reports that
 /// every forward is up (or fail with its error). A re-exec, not a fork: forking a process
-/// that already runs tokio threads is unsound.
-async fn go_background() -> anyhow::Result<()> {
+/// that already runs tokio threads is unsound. With `ask` (a terminal, no BatchMode) the
+/// child's passphrase, password and keyboard-interactive prompts are answered here, in the
+/// foreground, before it is left on its own: what ssh does by authenticating before it
+/// forks.
+async fn go_background(ask: bool) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    use tokio::io::AsyncBufReadExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let exe = std::env::current_exe().context("finding the vipgate binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(std::env::args_os().skip(1))
-        .env(BACKGROUND_CHILD, "1")
-        .stdin(std::process::Stdio::null())
+        .env(BACKGROUND_CHILD, if ask { ASK_PARENT } else { "1" })
+        .stdin(if ask {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
         .stdout(std::process::Stdio::piped())
         .process_group(0);
     let mut child = tokio::process::Command::from(cmd)
@@ -717,10 +851,25 @@ async fn go_background() -> anyhow::Result<()> {
         .stdout
         .take()
         .context("no pipe to the background process")?;
+    let mut answers = child.stdin.take();
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     while let Some(line) = lines.next_line().await? {
         if line == READY {
             return Ok(());
+        }
+        if let (Some(question), Some(to_child)) = (line.strip_prefix(ASK), answers.as_mut()) {
+            let answer = match serde_json::from_str::<Ask>(question) {
+                Ok(ask) => tokio::task::spawn_blocking(move || ask.on_terminal())
+                    .await
+                    .ok()
+                    .flatten(),
+                Err(_) => None,
+            };
+            let mut reply = serde_json::to_string(&answer)?;
+            reply.push('\n');
+            // A child that died meanwhile shows in its exit below.
+            let _ = to_child.write_all(reply.as_bytes()).await;
+            continue;
         }
         println!("{line}");
     }
@@ -758,6 +907,9 @@ async fn start_server(section: &SshdSection) -> anyhow::Result<SshServer> {
         permit_open: PermitList::parse(&section.permit_open, false).map_err(anyhow::Error::msg)?,
         permit_listen: PermitList::parse(&section.permit_listen, true)
             .map_err(anyhow::Error::msg)?,
+        permit_listen_paths: PathPermit::parse(&section.permit_listen_paths)?,
+        permit_open_paths: PathPermit::parse(&section.permit_open_paths)?,
+        socket_mode: section.socket_mode,
         gateway_ports: section.gateway_ports,
         idle_timeout: Some(section.idle_timeout.0),
         limits: ServerLimits {

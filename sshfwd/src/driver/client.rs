@@ -724,6 +724,8 @@ async fn authenticate<H: client::Handler>(
 ) -> Result<(), SshFwdError> {
     let cfg = &shared.cfg;
     let mut tried = Vec::new();
+    // What the server last said can continue (ssh prints it in "Permission denied (...)").
+    let mut offered: Option<russh::MethodSet> = None;
     let rsa_hash = handle
         .best_supported_rsa_hash()
         .await
@@ -734,11 +736,12 @@ async fn authenticate<H: client::Handler>(
         // The certificate first, then the plain key (what OpenSSH offers).
         if let Some((cert_path, cert)) = cert {
             tried.push(cert_path.display().to_string());
-            if handle
-                .authenticate_openssh_cert(user, key.clone(), cert.clone())
-                .await?
-                .success()
-            {
+            if !failed(
+                &mut offered,
+                handle
+                    .authenticate_openssh_cert(user, key.clone(), cert.clone())
+                    .await?,
+            ) {
                 tracing::debug!(
                     "{}: authenticated with certificate {}",
                     cfg.name,
@@ -749,7 +752,10 @@ async fn authenticate<H: client::Handler>(
         }
         tried.push(path.display().to_string());
         let key = PrivateKeyWithHashAlg::new(key.clone(), rsa_hash);
-        if handle.authenticate_publickey(user, key).await?.success() {
+        if !failed(
+            &mut offered,
+            handle.authenticate_publickey(user, key).await?,
+        ) {
             tracing::debug!("{}: authenticated with {}", cfg.name, path.display());
             return Ok(());
         }
@@ -784,8 +790,11 @@ async fn authenticate<H: client::Handler>(
                         .authenticate_publickey_with(user, key, hash, &mut agent)
                         .await
                     {
-                        Ok(r) if r.success() => return Ok(()),
-                        Ok(_) => {}
+                        Ok(r) => {
+                            if !failed(&mut offered, r) {
+                                return Ok(());
+                            }
+                        }
                         Err(e) => tracing::debug!("agent signing failed: {e}"),
                     }
                 }
@@ -797,15 +806,13 @@ async fn authenticate<H: client::Handler>(
         && (cfg.kbd_interactive_authentication || cfg.password_authentication)
     {
         // Ask what the server still takes: no prompt for a method it does not offer.
-        let offered = match handle.authenticate_none(user).await? {
-            client::AuthResult::Success => return Ok(()),
-            client::AuthResult::Failure {
-                remaining_methods, ..
-            } => remaining_methods,
-        };
+        if !failed(&mut offered, handle.authenticate_none(user).await?) {
+            return Ok(());
+        }
+        let can_continue = offered.clone().unwrap_or_else(russh::MethodSet::empty);
         let who = format!("{user}@{host}");
         if cfg.kbd_interactive_authentication
-            && offered.contains(&russh::MethodKind::KeyboardInteractive)
+            && can_continue.contains(&russh::MethodKind::KeyboardInteractive)
         {
             tried.push("keyboard-interactive".to_string());
             if keyboard_interactive(handle, user, &who, prompt).await? {
@@ -813,7 +820,7 @@ async fn authenticate<H: client::Handler>(
                 return Ok(());
             }
         }
-        if cfg.password_authentication && offered.contains(&russh::MethodKind::Password) {
+        if cfg.password_authentication && can_continue.contains(&russh::MethodKind::Password) {
             tried.push("password".to_string());
             for attempt in 0..PASSWORD_ATTEMPTS {
                 if attempt > 0 {
@@ -825,26 +832,61 @@ async fn authenticate<H: client::Handler>(
                 else {
                     break;
                 };
-                if handle
-                    .authenticate_password(user, password)
-                    .await?
-                    .success()
-                {
+                if !failed(
+                    &mut offered,
+                    handle.authenticate_password(user, password).await?,
+                ) {
                     tracing::debug!("{}: authenticated with a password", cfg.name);
                     return Ok(());
                 }
             }
         }
     }
+    // Nothing was tried (no identities, no prompt): ask what the server takes, for ssh's
+    // "Permission denied (publickey,password)".
+    if offered.is_none() && !failed(&mut offered, handle.authenticate_none(user).await?) {
+        return Ok(());
+    }
     Err(SshFwdError::AuthFailed {
         user: user.to_string(),
         host: host.to_string(),
+        methods: denied_methods(offered.as_deref()),
         tried: if tried.is_empty() {
             "no identities".to_string()
         } else {
             tried.join(", ")
         },
     })
+}
+
+/// Whether an authentication attempt failed, keeping the methods the server said can
+/// continue.
+fn failed(offered: &mut Option<russh::MethodSet>, r: client::AuthResult) -> bool {
+    match r {
+        client::AuthResult::Success => false,
+        client::AuthResult::Failure {
+            remaining_methods, ..
+        } => {
+            *offered = Some(remaining_methods);
+            true
+        }
+    }
+}
+
+/// The methods of "Permission denied (...)": the server's last list in its order, as ssh
+/// prints it; `publickey` when none came (the server closed first).
+fn denied_methods(offered: Option<&[russh::MethodKind]>) -> String {
+    let names: Vec<&str> = offered
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| **m != russh::MethodKind::None)
+        .map(<&str>::from)
+        .collect();
+    if names.is_empty() {
+        "publickey".to_string()
+    } else {
+        names.join(",")
+    }
 }
 
 /// Passwords asked for before giving up (OpenSSH's `NumberOfPasswordPrompts`).
@@ -1126,7 +1168,8 @@ async fn probe_failed(
 /// target, which the server only confirms once it has connected; for a `-R` (carried by slot
 /// 0), a channel to the server's own listening address, which must come back to us as the
 /// forwarded channel of that forward (and is served as any other: its target sees a
-/// connection open and close). `-D` forwards have no fixed target and are not probed.
+/// connection open and close). `-D` forwards have no fixed target: a `direct-tcpip` channel to
+/// `probe_target` stands for them when one is named.
 async fn probe_forwards(
     shared: &Arc<Shared>,
     slot: usize,
@@ -1163,6 +1206,23 @@ async fn probe_forwards(
                 "probe of -L {spec} failed: the server could not open {target}: {e}"
             )),
             Err(_) => Err(format!("probe of -L {spec} timed out after {timeout:?}")),
+        };
+        count_probe(shared, result)?;
+    }
+    if let Some((host, port)) = &shared.cfg.probe_target {
+        let open =
+            handle.channel_open_direct_tcpip(host.as_str(), u32::from(*port), "127.0.0.1", 0);
+        let result = match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(channel)) => {
+                let _ = channel.close().await;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!(
+                "probe of -D target {host}:{port} failed: the server could not open it: {e}"
+            )),
+            Err(_) => Err(format!(
+                "probe of -D target {host}:{port} timed out after {timeout:?}"
+            )),
         };
         count_probe(shared, result)?;
     }
@@ -1327,5 +1387,27 @@ async fn supervise(
             () = tokio::time::sleep(delay) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::denied_methods;
+    use russh::MethodKind;
+
+    #[test]
+    fn permission_denied_names_what_the_server_offered_in_its_order() {
+        let offered = [MethodKind::PublicKey, MethodKind::Password];
+        assert_eq!(denied_methods(Some(&offered)), "publickey,password");
+        let offered = [
+            MethodKind::None,
+            MethodKind::KeyboardInteractive,
+            MethodKind::PublicKey,
+        ];
+        assert_eq!(
+            denied_methods(Some(&offered)),
+            "keyboard-interactive,publickey"
+        );
+        assert_eq!(denied_methods(None), "publickey");
     }
 }

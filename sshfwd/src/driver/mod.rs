@@ -12,6 +12,7 @@
 //!  copy.rs     socket <-> channel copy loops and their counters
 //!  worker.rs   one thread (current-thread runtime) per SSH connection
 //!  server.rs   SshServer: the forwarding-only sshd
+//!  unixsock.rs its unix socket forwards on the file system (bind, connect, cleanup)
 //! ```
 //!
 //! Imports go one way: `client` uses `forward`, `handler` and `session`; `handler` uses
@@ -27,6 +28,7 @@ mod forward;
 mod handler;
 mod server;
 mod session;
+mod unixsock;
 mod worker;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -1,7 +1,9 @@
 //! The forwarding-only SSH server (`vipgate sshd`): public-key authentication against an
 //! authorized_keys file (user certificates signed by its `cert-authority` keys or by the
 //! `trusted_user_ca_keys` file too; a host certificate presented when configured), `direct-tcpip` (clients' `-L`/`-D`) and `tcpip-forward` (clients'
-//! `-R`) within permit lists; sessions may be opened (OpenSSH's `ssh` without `-N` opens one)
+//! `-R`) within permit lists, and their unix socket forms (`direct-streamlocal@openssh.com`,
+//! `streamlocal-forward@openssh.com`: `-L ...:/path`, `-R /path:...`) within path permit
+//! lists (default none; see [`crate::sockpath`] and `unixsock.rs`); sessions may be opened (OpenSSH's `ssh` without `-N` opens one)
 //! but shells, commands and subsystems are refused with a message on the client's stderr.
 //!
 //! authorized_keys is re-read whenever its modification time or size changes (checked on
@@ -37,9 +39,11 @@ use tokio::task::JoinHandle;
 use super::certs;
 use super::copy::{ForwardCounters, pump};
 use super::lock;
+use super::unixsock::{self, HeldPaths, SocketFile};
 use crate::config::{ServerConfig, ServerCounts, ServerStatus};
 use crate::error::SshFwdError;
 use crate::policy::{AuthorizedKey, KeyOptions, Now, PermitList, Unusable, parse_authorized_keys};
+use crate::sockpath::{PathPermit, check_path};
 use crate::startups::{Refusal, Startups};
 
 /// Largest `trusted_user_ca_keys` file read.
@@ -193,6 +197,8 @@ struct Shared {
     channels_open: AtomicU32,
     /// `-R` listeners now bound in the whole server.
     listeners_open: AtomicU32,
+    /// Socket paths the `-R /path` listeners of every session hold.
+    held_paths: HeldPaths,
     keys_cache: Mutex<Option<KeysCache>>,
 }
 
@@ -294,6 +300,7 @@ impl SshServer {
             startups: Mutex::new(startups),
             channels_open: AtomicU32::new(0),
             listeners_open: AtomicU32::new(0),
+            held_paths: HeldPaths::default(),
             keys_cache: Mutex::new(None),
         });
         let watch = TaskWatch::new();
@@ -581,7 +588,26 @@ async fn serve_connection(
     conn.await;
 }
 
-type Listeners = Arc<Mutex<HashMap<(String, u32), JoinHandle<()>>>>;
+/// What a `-R` listens on, as the client named it (the key of its cancel request).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ListenKey {
+    Tcp(String, u32),
+    Unix(String),
+}
+
+/// A `-R` listener: its accept task, and for a unix socket the file (removed with it).
+struct ActiveListener {
+    task: JoinHandle<()>,
+    _file: Option<SocketFile>,
+}
+
+impl Drop for ActiveListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Listeners = Arc<Mutex<HashMap<ListenKey, ActiveListener>>>;
 
 struct ServerHandler {
     shared: Arc<Shared>,
@@ -599,10 +625,7 @@ struct ServerHandler {
 impl Drop for ServerHandler {
     fn drop(&mut self) {
         // A client's -R listeners live exactly as long as its session.
-        let n = lock(&self.listeners)
-            .drain()
-            .map(|(_, task)| task.abort())
-            .count();
+        let n = lock(&self.listeners).drain().count();
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         self.shared.listeners_open.fetch_sub(n, Ordering::Relaxed);
     }
@@ -891,6 +914,63 @@ impl ServerHandler {
         session.close(channel)
     }
 
+    /// Whether a unix socket forward on `path` may go ahead: the key allows port forwarding
+    /// (`no-port-forwarding` and `restrict` cover unix sockets too, as in OpenSSH), the text
+    /// of the path is clean and `list` names it.
+    fn admit_path(&self, path: &str, list: &PathPermit) -> Result<(), String> {
+        if !self.options.as_ref().is_some_and(|o| o.port_forwarding) {
+            return Err("not allowed by the key's options".into());
+        }
+        check_path(path).map_err(|e| e.to_string())?;
+        if !list.allows(path) {
+            return Err(if list.is_empty() {
+                "unix socket forwarding is not enabled".into()
+            } else {
+                format!("not in {list}")
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes a `-R` listener place under the session's and the server's caps, or counts
+    /// the refusal.
+    fn take_listener(&self, what: &str) -> bool {
+        let l = &self.shared.cfg.limits;
+        let session_listeners = lock(&self.listeners).len();
+        let global_ok = self
+            .shared
+            .listeners_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v < l.max_listeners).then_some(v + 1)
+            })
+            .is_ok();
+        if !global_ok || session_listeners >= l.max_listeners_per_session as usize {
+            if global_ok {
+                self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.shared
+                .counters
+                .listeners_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                "{:?}@{}: {what} refused: listener cap reached",
+                self.user,
+                self.peer
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Stops a `-R` listener (a unix socket's file goes with it); whether there was one.
+    fn remove_listener(&self, key: &ListenKey) -> bool {
+        let removed = lock(&self.listeners).remove(key);
+        if removed.is_some() {
+            self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
+        }
+        removed.is_some()
+    }
+
     fn listen_address(&self, requested: &str) -> String {
         if !self.shared.cfg.gateway_ports {
             return "127.0.0.1".to_string();
@@ -1008,6 +1088,22 @@ impl server::Handler for ServerHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         session.channel_failure(channel)
+    }
+
+    /// `ssh -A`: refused. This server runs no programs, so nothing on its side could use a
+    /// forwarded agent; a socket for it would only let another login's forwards reach the
+    /// client's keys.
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        tracing::info!(
+            "{:?}@{}: refused agent forwarding (this server runs no programs that could use it)",
+            self.user,
+            self.peer
+        );
+        Ok(false)
     }
 
     async fn shell_request(
@@ -1134,17 +1230,61 @@ impl server::Handler for ServerHandler {
 
     async fn channel_open_direct_streamlocal(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         socket_path: &str,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_forward(&format!(
-            "direct-streamlocal to {socket_path} (unix sockets are not forwarded)"
-        ));
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        if let Err(why) = self.admit_path(socket_path, &self.shared.cfg.permit_open_paths) {
+            self.refuse_forward(&format!("direct-streamlocal to {socket_path:?} ({why})"));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let Some(slot) = ChannelSlot::take(&self.shared, &self.session_channels) else {
+            tracing::info!(
+                "{:?}@{}: direct-streamlocal refused: channel cap reached",
+                self.user,
+                self.peer
+            );
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let shared = self.shared.clone();
+        let path = std::path::PathBuf::from(socket_path);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let counters = &shared.counters.channels;
+            counters.total.fetch_add(1, Ordering::Relaxed);
+            match tokio::time::timeout(Duration::from_secs(10), unixsock::connect(&path)).await {
+                Ok(Ok(s)) => {
+                    reply.accept().await;
+                    pump(s, channel, &[], counters).await;
+                }
+                Ok(Err(unixsock::SocketRefusal::Symlink(real))) => {
+                    shared
+                        .counters
+                        .forwards_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "direct-streamlocal to {path:?} refused: it resolves to {real:?}"
+                    );
+                    reply
+                        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                        .await;
+                }
+                Ok(Err(e)) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("direct-streamlocal to {path:?} failed: {e}");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+                Err(_) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
         Ok(())
     }
 
@@ -1186,28 +1326,7 @@ impl server::Handler for ServerHandler {
                 return Ok(false);
             }
         }
-        let l = &self.shared.cfg.limits;
-        let session_listeners = lock(&self.listeners).len();
-        let global_ok = self
-            .shared
-            .listeners_open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                (v < l.max_listeners).then_some(v + 1)
-            })
-            .is_ok();
-        if !global_ok || session_listeners >= l.max_listeners_per_session as usize {
-            if global_ok {
-                self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
-            }
-            self.shared
-                .counters
-                .listeners_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                "{:?}@{}: tcpip-forward refused: listener cap reached",
-                self.user,
-                self.peer
-            );
+        if !self.take_listener("tcpip-forward") {
             return Ok(false);
         }
         let listener = match TcpListener::bind((bind.as_str(), want)).await {
@@ -1283,9 +1402,9 @@ impl server::Handler for ServerHandler {
                 });
             }
         });
-        if let Some(old) = lock(&self.listeners).insert((address.to_string(), connected_port), task)
-        {
-            old.abort();
+        let key = ListenKey::Tcp(address.to_string(), connected_port);
+        let active = ActiveListener { task, _file: None };
+        if lock(&self.listeners).insert(key, active).is_some() {
             self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
         }
         Ok(true)
@@ -1297,14 +1416,92 @@ impl server::Handler for ServerHandler {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        match lock(&self.listeners).remove(&(address.to_string(), port)) {
-            Some(task) => {
-                task.abort();
-                self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
-                Ok(true)
-            }
-            None => Ok(false),
+        Ok(self.remove_listener(&ListenKey::Tcp(address.to_string(), port)))
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if let Err(why) = self.admit_path(socket_path, &self.shared.cfg.permit_listen_paths) {
+            self.refuse_forward(&format!("streamlocal-forward on {socket_path:?} ({why})"));
+            return Ok(false);
         }
+        if !self.take_listener("streamlocal-forward") {
+            return Ok(false);
+        }
+        let path = Path::new(socket_path);
+        let (listener, file) =
+            match unixsock::bind(path, self.shared.cfg.socket_mode, &self.shared.held_paths) {
+                Ok(bound) => bound,
+                Err(e) => {
+                    self.shared.listeners_open.fetch_sub(1, Ordering::AcqRel);
+                    self.refuse_forward(&format!(
+                        "streamlocal-forward on {socket_path:?} (cannot listen there: {e})"
+                    ));
+                    return Ok(false);
+                }
+            };
+        tracing::info!(
+            "{:?}@{}: remote forward listening on {socket_path:?}",
+            self.user,
+            self.peer
+        );
+        let handle = session.handle();
+        let shared = self.shared.clone();
+        let session_channels = self.session_channels.clone();
+        let name = socket_path.to_string();
+        let task = tokio::spawn(async move {
+            let mut backoff = AcceptBackoff::new();
+            loop {
+                let s = match listener.accept().await {
+                    Ok((s, _)) => {
+                        backoff.reset();
+                        s
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(backoff.next()).await;
+                        continue;
+                    }
+                };
+                let Some(slot) = ChannelSlot::take(&shared, &session_channels) else {
+                    continue;
+                };
+                let handle = handle.clone();
+                let shared = shared.clone();
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let counters = &shared.counters.channels;
+                    counters.total.fetch_add(1, Ordering::Relaxed);
+                    match handle.channel_open_forwarded_streamlocal(name).await {
+                        Ok(ch) => pump(s, ch, &[], counters).await,
+                        Err(e) => {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(
+                                "forwarded-streamlocal channel refused by client: {e:?}"
+                            );
+                        }
+                    }
+                });
+            }
+        });
+        let active = ActiveListener {
+            task,
+            _file: Some(file),
+        };
+        // The path was free in `held_paths`, so no listener of this session had it.
+        lock(&self.listeners).insert(ListenKey::Unix(socket_path.to_string()), active);
+        Ok(true)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.remove_listener(&ListenKey::Unix(socket_path.to_string())))
     }
 }
 

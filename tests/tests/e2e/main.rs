@@ -18,5 +18,6 @@ mod nat_attacks;
 mod ops;
 mod ssh;
 mod ssh_back;
+mod ssh_unix;
 mod sync;
 mod vrrp;

@@ -295,6 +295,58 @@ fn probes_reconnect_a_half_dead_forward_and_leave_a_healthy_one_alone() {
 }
 
 #[test]
+fn probes_reach_the_named_target_of_a_dynamic_forward() {
+    let (topo, keys) = setup(e2e!());
+    let _sshd = openssh_sshd(&topo, &keys);
+    let mut http = topo.http_server(H, "127.0.0.1", HTTP_PORT, "behind -D");
+    let cfg = ssh_site(
+        &topo,
+        &keys,
+        &format!(
+            "dynamic = [\"1080\"]\nprobe = true\nprobe_interval = \"1s\"\n\
+             probe_target = \"127.0.0.1:{HTTP_PORT}\"\nconnect_timeout = \"2s\"\n\
+             reconnect_max = \"1s\"\n"
+        ),
+    );
+    let run = topo.vipgate(H, "vipgate-run", &["run", "-c", cfg.to_str().unwrap()]);
+    // Healthy: the -D's probes pass and the session stays.
+    let show = wait_for(Duration::from_secs(30), "three probes of the -D", || {
+        try_show_ssh(&topo).filter(|s| client_counter(s, "probes") >= 3)
+    });
+    assert_eq!(client_counter(&show, "probe_failures"), 0, "{show}");
+    assert_eq!(client_counter(&show, "reconnects"), 0, "{show}");
+    let page = topo.sh(
+        H,
+        &format!(
+            "curl -sS --max-time 10 --socks5-hostname 127.0.0.1:1080 http://127.0.0.1:{HTTP_PORT}/"
+        ),
+    );
+    assert_eq!(page.trim(), "behind -D");
+    // The target goes: the probe fails and the session is reconnected.
+    http.kill9();
+    wait_until(
+        Duration::from_secs(30),
+        "a failed -D probe and a reconnect",
+        || {
+            try_show_ssh(&topo).is_some_and(|s| {
+                client_counter(&s, "probe_failures") >= 1 && client_counter(&s, "reconnects") >= 1
+            })
+        },
+    );
+    wait_log(
+        &run,
+        &format!("probe of -D target 127.0.0.1:{HTTP_PORT} failed: the server could not open it"),
+    );
+    // Without probe_target, `vipgate check` says what probe = true leaves out.
+    let plain = ssh_site(&topo, &keys, "dynamic = [\"1080\"]\nprobe = true\n");
+    let out = topo.vipgate_output(H, &["check", "-c", plain.to_str().unwrap()]);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("name one with probe_target"), "{text}");
+    assert!(text.contains("site.toml:"), "{text}");
+}
+
+#[test]
 fn reverse_dynamic_socks_reaches_what_only_the_client_reaches() {
     let mut topo = e2e!();
     // vipgate runs in h, sshd in s; h's loopback web server is out of s's reach.
@@ -366,9 +418,11 @@ fn reverse_dynamic_socks_reaches_what_only_the_client_reaches() {
 }
 
 /// Runs `vipgate ssh` (argv[3:]) on a new pseudo-terminal as its controlling terminal and
-/// answers the password prompt with argv[1] ("login") or Ctrl-C ("ctrl-c"). Prints what it
-/// saw: the terminal's echo while prompting and afterwards, the page fetched through the
-/// forward (login), or the exit status and output (ctrl-c).
+/// answers the password prompt with argv[1] ("login", "background" for `-f`) or Ctrl-C
+/// ("ctrl-c"). Prints what it saw: the terminal's echo while prompting and afterwards, the
+/// page fetched through the forward (login, background: after the foreground process
+/// exited 0, the background one then stopped by its pid), or the exit status and output
+/// (ctrl-c).
 const PTY_LOGIN: &str = r#"
 import fcntl, os, select, subprocess, sys, termios, time, urllib.request
 password, mode, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -409,6 +463,23 @@ if mode == "ctrl-c":
     print(out.decode(errors="replace"))
     sys.exit(0)
 os.write(master, password.encode() + b"\r")
+if mode == "background":
+    wait("the foreground process to exit", lambda: child.poll() is not None, 30)
+    read_some(0.5)
+    print("foreground exit %d" % child.returncode)
+    print("terminal restored" if echo() else "terminal left raw")
+    page = urllib.request.urlopen("http://127.0.0.1:18700/", timeout=10).read()
+    print("page: " + page.decode().strip())
+    for pid in os.listdir("/proc"):
+        try:
+            env = open("/proc/%s/environ" % pid, "rb").read()
+            cmd = open("/proc/%s/cmdline" % pid, "rb").read()
+        except OSError:
+            continue
+        if b"VIPGATE_SSH_BACKGROUND_CHILD=ask" in env and argv[-1].encode() in cmd and b"18700" in cmd:
+            os.kill(int(pid), 15)
+            print("background process stopped")
+    sys.exit(0)
 def page():
     try:
         return urllib.request.urlopen("http://127.0.0.1:18700/", timeout=5).read()
@@ -500,11 +571,36 @@ fn password_login_from_a_terminal_and_from_a_password_file() {
     assert!(out.contains("echo off while prompting"), "{out}");
     assert!(out.contains("terminal restored"), "{out}");
     assert!(out.contains("page: after a password"), "{out}");
-    // Ctrl-C at the prompt: the terminal is put back and the login fails as ssh's does.
+    // Ctrl-C at the prompt: the terminal is put back and the login fails as ssh's does,
+    // naming the methods the server offered.
     let out = login("ctrl-c");
     assert!(out.contains("terminal restored"), "{out}");
     assert!(out.contains("exit 255"), "{out}");
-    assert!(out.contains("Permission denied"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}@127.0.0.1: Permission denied (publickey,password).",
+            user.name
+        )),
+        "{out}"
+    );
+    // -f: the password is asked in the foreground, then the forward lives on in the
+    // background.
+    let out = topo.sh(
+        H,
+        &format!(
+            "python3 {} '{password}' background {} ssh -f -N -F none -p {SSHD_PORT} \
+             -o UserKnownHostsFile={d}/known_hosts -o IdentityAgent=none \
+             -L 18700:127.0.0.1:{HTTP_PORT} {}@127.0.0.1",
+            script.display(),
+            vipgate.display(),
+            user.name
+        ),
+    );
+    assert!(out.contains("echo off while prompting"), "{out}");
+    assert!(out.contains("foreground exit 0"), "{out}");
+    assert!(out.contains("terminal restored"), "{out}");
+    assert!(out.contains("page: after a password"), "{out}");
+    assert!(out.contains("background process stopped"), "{out}");
 
     // The daemon: a password only from password_file, never from a terminal.
     let site = |extra: &str| {
@@ -520,7 +616,10 @@ fn password_login_from_a_terminal_and_from_a_password_file() {
     let refused = topo.vipgate_output(H, &["run", "-c", no_file.to_str().unwrap()]);
     assert!(!refused.status.success());
     let text = String::from_utf8_lossy(&refused.stderr);
-    assert!(text.contains("Permission denied"), "{text}");
+    assert!(
+        text.contains("Permission denied (publickey,password)."),
+        "{text}"
+    );
     let pw_file = topo.write("password", &format!("{password}\n"));
     topo.sh(H, &format!("chmod 600 {}", pw_file.display()));
     let with_file = topo.write(
