@@ -180,6 +180,32 @@ impl Lab {
         }
     }
 
+    /// The same lab with the service in direct routing (`forward = "dr"`): the real servers
+    /// hold the VIP on `lo` and answer the client over a second link of the client's on the
+    /// real servers' segment, so no answer crosses a director.
+    fn direct_routing(mut self) -> Lab {
+        let t = &mut self.t;
+        t.veth("cl", "eth1", "sw", "p-cl-1");
+        t.ip("sw", "link set p-cl-1 master br1");
+        t.addr("cl", "eth1", "10.0.0.200/24");
+        t.sh(
+            "cl",
+            "sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth1.rp_filter=0",
+        );
+        for rs in ["rs1", "rs2"] {
+            t.sh(
+                rs,
+                "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
+            );
+            t.addr(rs, "lo", &format!("{VIP}/32"));
+            t.ip(rs, "route add 198.51.100.0/24 via 10.0.0.200");
+        }
+        Lab {
+            scheduler: "scheduler = \"rr\"\nforward = \"dr\"",
+            ..self
+        }
+    }
+
     /// The same lab with no `[sync]` and the service scheduled by `scheduler`.
     fn without_sync(self, scheduler: &'static str) -> Lab {
         Lab {
@@ -400,6 +426,41 @@ fn downloads_survive_the_master_crash_kernel() {
 #[test]
 fn downloads_survive_the_master_crash_tun() {
     downloads_survive_the_master_crash(e2e!(), "tun");
+}
+
+/// The same with direct routing (issue #16): the synced flows name their real servers, and
+/// the new master's kernel path delivers the clients' segments to them.
+#[test]
+fn direct_routed_downloads_survive_the_master_crash() {
+    let lab = Lab::new(e2e!(), "kernel").direct_routing();
+    let mut d1 = lab.start("d1", 150);
+    let d2 = lab.start("d2", 100);
+    lab.wait_paired(&d1, &d2);
+    let mut client = lab.downloads(4, 1_200_000, 37_000);
+    wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
+        lab.sync("d2")
+            .map(|s| counter(&s, &["standby_flows"]))
+            .filter(|n| *n >= 4)
+    });
+    lab.host_death("d1", &mut d1);
+    lab.assert_complete(&mut client, 4, 1_200_000, &[&d2]);
+    let s2 = lab.sync("d2").unwrap_or_default();
+    assert!(counter(&s2, &["counters", "promoted"]) >= 4, "{s2}");
+    let lb = lab
+        .t
+        .try_show("d2", lab.sock("d2"), Show::Lb)
+        .and_then(|v| v.get(0).cloned())
+        .unwrap_or_default();
+    assert_eq!(lb["forward"], "dr", "{lb}");
+    assert!(
+        counter(&lb, &["fast_path", "packets"]) > 0,
+        "the kernel delivered: {lb}"
+    );
+    assert_eq!(
+        counter(&lb, &["flows_adopted"]),
+        0,
+        "synced, not adopted: {lb}"
+    );
 }
 
 /// Without `[sync]`, downloads survive anyway: d2 never saw them start, and adopts each one's
