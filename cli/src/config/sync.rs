@@ -1,8 +1,9 @@
 //! `[sync]`: flow sync between the nodes of a VRRP pair (keepalived's `lvs_sync_daemon`,
 //! conntrackd in FTFW mode).
 //!
-//! What is checked here, so that `vipgate check` finds it before `vipgate run` does: the peers
-//! are unicast addresses (at most [`flowsync::wire::MAX_PEERS`], none twice, not our own),
+//! What is checked here, so that `vipgate check` finds it before `vipgate run` does: either
+//! `peers` or a multicast `group`, not both; the peers are unicast addresses (at most
+//! [`flowsync::wire::MAX_PEERS`], none twice, not our own), the group a multicast one,
 //! the local address is one a node id can be derived from, the key file is usable and private
 //! (as OpenSSH's StrictModes treats a private key), the VRRP instance exists, and the site has
 //! flows to sync (`[nat]` or `[[service]]`).
@@ -27,8 +28,15 @@ pub(crate) const DEFAULT_PORT: u16 = 8849;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SyncSection {
-    /// The other nodes' sync addresses (unicast; every message goes to each).
+    /// The other nodes' sync addresses (unicast; every message goes to each). Either this or
+    /// `group`.
+    #[serde(default = "d_peers")]
     pub(crate) peers: Spanned<Vec<Spanned<Ipv4Addr>>>,
+    /// A multicast group every node joins on the interface holding `listen` (as the LVS sync
+    /// daemon and conntrackd's `Multicast` do): each message is sent once, with TTL 1, and
+    /// the peers are whoever sends with the group's key (at most 16). Either this or `peers`.
+    #[serde(default)]
+    pub(crate) group: Option<Spanned<Ipv4Addr>>,
     /// This node's sync address: the socket binds it, the peers list it, and this node's id
     /// in the sync group is derived from it.
     pub(crate) listen: Spanned<Ipv4Addr>,
@@ -45,6 +53,10 @@ pub(crate) struct SyncSection {
     /// it may preempt anyway (so a dead sync never blocks fail-back for good). Default 30 s.
     #[serde(default = "d_ready_timeout")]
     pub(crate) ready_timeout: Spanned<HumanDuration>,
+}
+
+fn d_peers() -> Spanned<Vec<Spanned<Ipv4Addr>>> {
+    Spanned::new(0..0, Vec::new())
 }
 
 fn d_port() -> Spanned<u16> {
@@ -87,11 +99,23 @@ impl SyncSection {
             v.error_at(&self.port, "`port` must be 1..=65535");
         }
         let peers = self.peers.get_ref();
-        if peers.is_empty() {
-            v.error_at(
+        match &self.group {
+            None if peers.is_empty() => v.error_at(
                 &self.peers,
-                "`peers` is empty: list the other nodes' sync addresses",
-            );
+                "`peers` is empty: list the other nodes' sync addresses, or set a multicast `group`",
+            ),
+            Some(g) if !peers.is_empty() => v.error_at(
+                g,
+                "`group` and `peers` both set: sync goes to a multicast group or to listed peers, not both",
+            ),
+            Some(g) if !g.get_ref().is_multicast() => v.error_at(
+                g,
+                format!(
+                    "`group` = {}: not a multicast address (224.0.0.0/4; e.g. 239.192.88.49)",
+                    g.get_ref()
+                ),
+            ),
+            _ => {}
         }
         if peers.len() > MAX_PEERS {
             v.error_at(
@@ -133,7 +157,7 @@ impl SyncSection {
         }
         if !has_flows {
             v.error_at(
-                &self.peers,
+                &self.listen,
                 "[sync] needs [nat] or [[service]]: it syncs their flows",
             );
         }
@@ -296,6 +320,49 @@ vrrp = "vip-web"
                 "{message} at line {line}: {errs:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_multicast_group_replaces_the_peers() {
+        let dir = std::env::temp_dir().join(format!("vipgate-syncgroup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let key = key_file(&dir, "key", &[9u8; 32], 0o600);
+        let text = SITE
+            .replace(r#"peers = ["10.0.0.12"]"#, r#"group = "239.192.88.49""#)
+            .replace("KEY", &key.display().to_string());
+        let site = crate::config::parse(Path::new("site.toml"), &text).expect("valid");
+        let sync = site.sync.expect("[sync]");
+        assert_eq!(
+            sync.group.map(|g| *g.get_ref()),
+            Some(Ipv4Addr::new(239, 192, 88, 49))
+        );
+        let both = SITE
+            .replace(
+                r#"peers = ["10.0.0.12"]"#,
+                "peers = [\"10.0.0.12\"]\ngroup = \"239.192.88.49\"",
+            )
+            .replace("KEY", &key.display().to_string());
+        let errs = errors(&both);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("site.toml:14:") && e.contains("both set")),
+            "{errs:#?}"
+        );
+        let unicast = text.replace("239.192.88.49", "10.0.0.99");
+        let errs = errors(&unicast);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("site.toml:13:") && e.contains("not a multicast address")),
+            "{errs:#?}"
+        );
+        let neither = text.replace("group = \"239.192.88.49\"\n", "");
+        let errs = errors(&neither);
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("or set a multicast `group`")),
+            "{errs:#?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

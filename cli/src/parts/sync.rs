@@ -232,7 +232,15 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
         format!("[sync] follows VRRP instance `{vrrp_name}`, which is not running")
     })?;
     let (socket, peers, config) = transport_config(section)?;
-    let name = format!("{}:{}", section.listen.get_ref(), section.port.get_ref());
+    let name = match &section.group {
+        Some(g) => format!(
+            "{}:{} (group {})",
+            section.listen.get_ref(),
+            section.port.get_ref(),
+            g.get_ref()
+        ),
+        None => format!("{}:{}", section.listen.get_ref(), section.port.get_ref()),
+    };
     let handle = flowsync::driver::spawn(socket, peers, config)
         .with_context(|| format!("starting flow sync on {name}"))?;
     let followed = Arc::new(Mutex::new(Followed {
@@ -274,6 +282,26 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     })])
 }
 
+/// A socket on multicast `group`:`port`, joined and sending on the interface that holds
+/// `listen` (the node's own address, so its datagrams carry it as their source), with TTL 1
+/// (sync stays on its link, as VRRP does) and without loopback of its own datagrams.
+fn multicast_socket(
+    group: Ipv4Addr,
+    listen: Ipv4Addr,
+    port: u16,
+) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    // Bound to the group, the socket takes that group's datagrams and nothing else.
+    socket.bind(&SocketAddr::from((group, port)).into())?;
+    socket.join_multicast_v4(&group, &listen)?;
+    socket.set_multicast_if_v4(&listen)?;
+    socket.set_multicast_ttl_v4(1)?;
+    socket.set_multicast_loop_v4(false)?;
+    Ok(socket.into())
+}
+
 /// The socket, the peers' addresses and the engine's settings of `section`.
 fn transport_config(
     section: &SyncSection,
@@ -285,16 +313,31 @@ fn transport_config(
         .node_id()
         .context("[sync] listen: a unicast address is needed")?;
     let port = *section.port.get_ref();
-    let local = SocketAddr::from((*section.listen.get_ref(), port));
-    let socket = std::net::UdpSocket::bind(local).with_context(|| {
-        format!("binding the sync socket to {local} (is it an address of this host?)")
-    })?;
-    let peers = section
-        .peers
-        .get_ref()
-        .iter()
-        .map(|p| SocketAddr::from((*p.get_ref(), port)))
-        .collect();
+    let listen = *section.listen.get_ref();
+    let (socket, peers) = match &section.group {
+        Some(group) => {
+            let group = *group.get_ref();
+            let socket = multicast_socket(group, listen, port).with_context(|| {
+                format!(
+                    "joining the sync group {group}:{port} on the interface of {listen} (is it an address of this host?)"
+                )
+            })?;
+            (socket, vec![SocketAddr::from((group, port))])
+        }
+        None => {
+            let local = SocketAddr::from((listen, port));
+            let socket = std::net::UdpSocket::bind(local).with_context(|| {
+                format!("binding the sync socket to {local} (is it an address of this host?)")
+            })?;
+            let peers = section
+                .peers
+                .get_ref()
+                .iter()
+                .map(|p| SocketAddr::from((*p.get_ref(), port)))
+                .collect();
+            (socket, peers)
+        }
+    };
     let config = SyncConfig::new(node, flowsync::driver::incarnation_now(), key);
     Ok((socket, peers, config))
 }
