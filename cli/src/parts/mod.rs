@@ -212,7 +212,7 @@ impl Kind {
     /// and the VRRP states): when this kind restarts, they must start again on the new one.
     pub(crate) fn dependents(self) -> &'static [Kind] {
         match self {
-            Kind::Nat => &[Kind::Lb, Kind::Sync],
+            Kind::Nat => &[Kind::Lb, Kind::Vrrp, Kind::Sync],
             Kind::Lb => &[Kind::Vrrp, Kind::Sync],
             Kind::Vrrp => &[Kind::Sync],
             Kind::Gre | Kind::Http | Kind::Sync | Kind::Ssh => &[],

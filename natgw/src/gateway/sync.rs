@@ -156,7 +156,7 @@ impl Gateway {
     fn promote_images(&mut self, now: Instant, images: Vec<FlowImage>) -> Promotion {
         let mut p = Promotion::default();
         for img in images {
-            match self.table.install(now, &img) {
+            match self.table.install(now, &img, self.overload) {
                 Ok(()) => {
                     p.promoted += 1;
                     self.stats.flows_created += 1;
@@ -164,7 +164,10 @@ impl Gateway {
                 }
                 Err(InstallError::Exists) => p.already_live += 1,
                 Err(
-                    InstallError::UnknownPublic | InstallError::Clash | InstallError::TableFull,
+                    InstallError::UnknownPublic
+                    | InstallError::Clash
+                    | InstallError::TableFull
+                    | InstallError::NotAllocatable,
                 ) => {
                     p.refused += 1;
                 }
@@ -550,6 +553,55 @@ mod tests {
         );
         assert_eq!(backup.standby().stats().promote_refused, 1);
         assert_eq!(backup.table().len(), 3);
+    }
+
+    /// Sync is a state-injection surface: even an authenticated peer (a misconfigured one, or
+    /// a compromised node holding the key) cannot make this node claim a public endpoint its
+    /// PAT would never allocate. Each such flow is refused at promotion and counted.
+    #[test]
+    fn promotion_refuses_dynamic_flows_off_the_overload_range() {
+        let now = epoch();
+        let mut backup = node();
+        let dynamic = |public: SocketAddrV4, proto| {
+            let mut f = standby_flow(40_001, 300);
+            f.key.public = public;
+            f.key.proto = proto;
+            f.inside = SocketAddrV4::new(*H1.ip(), public.port());
+            Update::Flow(f)
+        };
+        backup.apply_standby(
+            now,
+            &[
+                // Legitimate: the overload address, a port of the range.
+                dynamic(SocketAddrV4::new(PUBLIC, 40_001), FlowProto::Udp),
+                // A port below the range (1024-65535): the router's own SSH, say.
+                dynamic(SocketAddrV4::new(PUBLIC, 22), FlowProto::Tcp),
+                dynamic(SocketAddrV4::new(PUBLIC, 1023), FlowProto::Udp),
+                // A service's VIP is no overload address, whatever the port.
+                dynamic(SocketAddrV4::new(*VIP.ip(), 40_002), FlowProto::Tcp),
+                // An address this node does not have at all.
+                dynamic(
+                    SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 40_003),
+                    FlowProto::Udp,
+                ),
+            ],
+        );
+        assert_eq!(backup.standby().len(), 5);
+        let p = backup.promote_standby(now);
+        assert_eq!(
+            p,
+            Promotion {
+                promoted: 1,
+                already_live: 0,
+                refused: 4
+            }
+        );
+        assert_eq!(backup.standby().stats().promote_refused, 4);
+        assert_eq!(backup.table().len(), 1);
+        // Only the legitimate flow holds a public endpoint.
+        let t = backup.translations(now);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].public, SocketAddrV4::new(PUBLIC, 40_001));
     }
 
     /// Both halves together: a master gateway's flows travel through two sync engines to a
