@@ -26,8 +26,8 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 const OVERLOAD: &str = "198.51.100.10";
 const SERVER: &str = "198.51.100.200";
 const HTTP_PORT: u16 = 8080;
-/// Bytes of each transfer, and the rate both are held to: 16 s, spanning every move.
-const SIZE: u32 = 2_400_000;
+/// Bytes of each transfer, and the rate both are held to: 24 s, spanning every move.
+const SIZE: u32 = 3_600_000;
 const RATE: u32 = 150_000;
 
 /// Writes a file to stdout at `rate` bytes/s (the SSH session's remote command).
@@ -175,6 +175,9 @@ control = "{sock}"
 inside = ["eth1"]
 outside = "eth0"
 address = "{OVERLOAD}"
+# The clients' ephemeral ports (32768-60999) lie outside: every public port is allocated
+# at random, never preserved, so only sync can give the new master the same one.
+ports = "10000-19999"
 datapath = "{datapath}"
 
 [[nat.acl]]
@@ -546,7 +549,8 @@ fn pat_pair_survives_the_crash_and_the_fail_back_tun() {
 }
 
 /// The control: the same crash without `[sync]`. gw2 takes the addresses over but knows
-/// neither flow, so the download breaks (what the tests above prove is sync's doing).
+/// neither flow: the client's next segment gets another public port from gw2, which the
+/// server does not know, so the download breaks (what the tests above prove is sync's doing).
 #[test]
 fn without_sync_the_download_breaks_tun() {
     let pair = Pair::new(e2e!(), "tun");
