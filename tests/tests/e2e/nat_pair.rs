@@ -1,9 +1,9 @@
 //! A pair of PAT gateways that fail over losslessly: gw1 and gw2 share the inside gateway
 //! address and the outside overload address by VRRP (one sync group), and sync their flows
 //! over a link of their own. An inside host's OpenSSH session to a server outside and its
-//! rate-limited curl download, both through PAT, must arrive byte-exact (by hash) across a
-//! crash of the master, a planned switchover and the fail-back; without `[sync]` the same
-//! download breaks.
+//! curl download, both paced by the server and through PAT, must arrive byte-exact (by hash)
+//! across a crash of the master, a planned switchover and the fail-back; without `[sync]` the
+//! same download breaks.
 //!
 //! ```text
 //!  srv 198.51.100.200 ── br0 (sw) ── gw1 eth0 .11  gw2 eth0 .12   overload .10 (vrid 61)
@@ -44,6 +44,30 @@ with open(path, "rb") as f:
         ahead = sent / rate - (time.monotonic() - start)
         if ahead > 0:
             time.sleep(ahead)
+"#;
+
+/// An HTTP server that sends `path` at `rate` bytes/s to every GET (paced at the sender: a
+/// client-side limit would let the kernel buffer the whole file on the client before the
+/// failover, and the test would test nothing).
+const SLOWHTTP_PY: &str = r#"
+import http.server, os, sys, time
+addr, port, path, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(os.path.getsize(path)))
+        self.end_headers()
+        start, sent = time.monotonic(), 0
+        with open(path, "rb") as f:
+            while True:
+                b = f.read(8192)
+                if not b:
+                    break
+                self.wfile.write(b); sent += len(b)
+                ahead = sent / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+http.server.ThreadingHTTPServer((addr, port), H).serve_forever()
 "#;
 
 struct Pair {
@@ -120,18 +144,17 @@ impl Pair {
                 sshd_cfg.to_str().unwrap_or_default(),
             ],
         );
+        let slowhttp = t.write("slowhttp.py", SLOWHTTP_PY);
         let http = t.spawn(
             "srv",
             "http-srv",
             &[
                 "python3",
-                "-m",
-                "http.server",
-                "--bind",
+                slowhttp.to_str().unwrap_or_default(),
                 SERVER,
-                "--directory",
-                www.to_str().unwrap_or_default(),
                 &HTTP_PORT.to_string(),
+                www.join("big").to_str().unwrap_or_default(),
+                &RATE.to_string(),
             ],
         );
         t.wait_listening("srv", 22);
@@ -334,8 +357,6 @@ addresses = ["192.168.101.1/24"]
             &[
                 "curl",
                 "-sS",
-                "--limit-rate",
-                &RATE.to_string(),
                 "--speed-limit",
                 "1000",
                 "--speed-time",
@@ -504,6 +525,8 @@ fn pat_pair_survives_the_crash_and_the_fail_back_tun() {
     pair.host_returns("gw1");
     let gw1 = pair.start("gw1", 150, true);
     wait_until(Duration::from_secs(15), "gw1 back as master", || {
+        // Read before the state: answering while still not MASTER after it is the fault.
+        let answers = pair.answers_for_overload("gw1");
         let s1 = pair.sync("gw1");
         if pair
             .vrrp_states("gw1")
@@ -515,10 +538,7 @@ fn pat_pair_survives_the_crash_and_the_fail_back_tun() {
                 "gw1 preempted before sync was ready: {s1:?}"
             );
         } else {
-            assert!(
-                !pair.answers_for_overload("gw1"),
-                "gw1 answers for the overload address as backup"
-            );
+            assert!(!answers, "gw1 answers for the overload address as backup");
         }
         s1.is_some_and(|s| s["state"] == "master")
             && pair.sync("gw2").is_some_and(|s| s["state"] == "backup")
@@ -549,8 +569,8 @@ fn pat_pair_survives_the_crash_and_the_fail_back_tun() {
 }
 
 /// The control: the same crash without `[sync]`. gw2 takes the addresses over but knows
-/// neither flow: the client's next segment gets another public port from gw2, which the
-/// server does not know, so the download breaks (what the tests above prove is sync's doing).
+/// neither flow (and would allocate another, random, public port), so the download breaks:
+/// what the tests above prove is sync's doing.
 #[test]
 fn without_sync_the_download_breaks_tun() {
     let pair = Pair::new(e2e!(), "tun");
