@@ -41,8 +41,10 @@ pub struct StandbyStats {
     pub persistence_ignored: u64,
     /// Flows promoted into the table.
     pub promoted: u64,
-    /// Flows that could not be promoted (clash with a flow of this node, table full, or a
-    /// public address this node does not have).
+    /// Flows that could not be promoted (clash with a flow of this node, table full, a
+    /// public address this node does not have, a dynamic flow on an endpoint this node's
+    /// PAT never allocates: off the overload address, or a port outside `ports`; or a
+    /// listener's flow to an inside endpoint that listener does not lead to).
     pub promote_refused: u64,
 }
 

@@ -497,6 +497,9 @@ impl SiteConfig {
                 self.nat.is_some() || !self.service.is_empty() || !ok("nat") || !ok("service"),
                 v,
             );
+            if let Some(nat) = self.nat.as_ref().filter(|_| ok("nat") && ok("vrrp")) {
+                sync.validate_pat_pair(nat.address, &self.vrrp, v);
+            }
         }
     }
 

@@ -7,6 +7,13 @@
 //! the local address is one a node id can be derived from, the key file is usable and private
 //! (as OpenSSH's StrictModes treats a private key), the VRRP instance exists, and the site has
 //! flows to sync (`[nat]` or `[[service]]`).
+//!
+//! With `[nat]` (a PAT gateway pair) the overload address must move with the flows: it is
+//! the public endpoint of every synced dynamic flow, so it has to be an address of the
+//! instance `[sync] vrrp` follows, or of an instance in the same VRRP sync group (`group`),
+//! which changes state together with it. An overload address no `[[vrrp]]` moves would be
+//! live on both gateways at once (both answering ARP for it); one moved by an instance of
+//! another group could move without the flows being promoted. Both are refused.
 
 use super::vrrp::VrrpSection;
 use super::{HumanDuration, Validator, check_unique, did_you_mean};
@@ -160,6 +167,44 @@ impl SyncSection {
                 &self.listen,
                 "[sync] needs [nat] or [[service]]: it syncs their flows",
             );
+        }
+    }
+
+    /// The PAT pair's rule (module docs): `[nat]`'s overload address moves with the instance
+    /// this section follows. `vrrp`: the site's instances (parsed).
+    pub(crate) fn validate_pat_pair(
+        &self,
+        overload: Ipv4Addr,
+        vrrp: &[VrrpSection],
+        v: &mut Validator,
+    ) {
+        let name = self.vrrp.get_ref();
+        let Some(followed) = vrrp.iter().find(|i| i.name.get_ref() == name) else {
+            // Reported by `validate`.
+            return;
+        };
+        let holder = vrrp
+            .iter()
+            .find(|i| i.addresses.get_ref().iter().any(|a| a.addr() == overload));
+        match holder {
+            None => v.error_at(
+                &self.vrrp,
+                format!(
+                    "[nat] address {overload} is in no [[vrrp]] instance's `addresses`: a PAT pair with [sync] must move its overload address with VRRP (listed by `{name}` or an instance of its group), or both gateways answer for it"
+                ),
+            ),
+            Some(h) => {
+                let same_group = h.group.is_some() && h.group == followed.group;
+                if h.name.get_ref() != name && !same_group {
+                    v.error_at(
+                        &self.vrrp,
+                        format!(
+                            "[nat] address {overload} is moved by [[vrrp]] `{}`, which is neither `{name}` nor in its `group`: the flows would be promoted when `{name}` changes state, not when the address moves",
+                            h.name.get_ref()
+                        ),
+                    );
+                }
+            }
         }
     }
 
@@ -320,6 +365,65 @@ vrrp = "vip-web"
                 "{message} at line {line}: {errs:#?}"
             );
         }
+    }
+
+    const PAT_PAIR: &str = r#"[nat]
+inside = ["eth1"]
+outside = "eth0"
+address = "198.51.100.10"
+
+[[vrrp]]
+name = "outside"
+group = "hq"
+interface = "eth0"
+vrid = 61
+addresses = ["198.51.100.10/24"]
+
+[[vrrp]]
+name = "inside"
+group = "hq"
+interface = "eth1"
+vrid = 62
+addresses = ["192.168.101.1/24"]
+
+[sync]
+peers = ["10.9.0.2"]
+listen = "10.9.0.1"
+key_file = "KEY"
+vrrp = "inside"
+"#;
+
+    #[test]
+    fn a_pat_pair_moves_its_overload_address_with_the_followed_group() {
+        let dir = std::env::temp_dir().join(format!("vipgate-syncpat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let key = key_file(&dir, "key", &[9u8; 32], 0o600);
+        let text = PAT_PAIR.replace("KEY", &key.display().to_string());
+        // Following the inside instance works: the outside one is in its group.
+        assert_eq!(errors(&text), Vec::<String>::new());
+        let line = text.lines().position(|l| l.starts_with("vrrp =")).unwrap() + 1;
+        // Another group: the address would move without the flows.
+        let split = text.replacen(r#"group = "hq""#, r#"group = "other""#, 1);
+        let errs = errors(&split);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(&format!("site.toml:{line}:"))
+                && errs[0].contains("moved by [[vrrp]] `outside`, which is neither `inside`"),
+            "{errs:#?}"
+        );
+        // No instance moves it: both gateways would answer for it.
+        let fixed = text.replace(
+            r#"addresses = ["198.51.100.10/24"]"#,
+            r#"addresses = ["198.51.100.11/24"]"#,
+        );
+        let errs = errors(&fixed);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(&format!("site.toml:{line}:"))
+                && errs[0].contains("is in no [[vrrp]] instance's `addresses`"),
+            "{errs:#?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -352,10 +352,11 @@ async fn apply_health(
     }
 }
 
-/// Makes a VRRP-owned VIP live or withdraws it, as the VRRP master state comes and goes.
-struct VipHook {
-    vip: Ipv4Addr,
-    tx: mpsc::UnboundedSender<(Ipv4Addr, bool)>,
+/// Makes a VRRP-owned VIP (a service's, or a PAT public address of `[nat]`) live or
+/// withdraws it, as the VRRP master state comes and goes.
+pub(super) struct VipHook {
+    pub(super) vip: Ipv4Addr,
+    pub(super) tx: mpsc::UnboundedSender<(Ipv4Addr, bool)>,
 }
 
 impl AddressHook for VipHook {
@@ -368,7 +369,11 @@ impl AddressHook for VipHook {
     }
 }
 
-async fn move_vips(driver: Arc<NatDriver>, mut rx: mpsc::UnboundedReceiver<(Ipv4Addr, bool)>) {
+/// Applies what the [`VipHook`]s ask, in order, until every sender is gone.
+pub(super) async fn move_vips(
+    driver: Arc<NatDriver>,
+    mut rx: mpsc::UnboundedReceiver<(Ipv4Addr, bool)>,
+) {
     while let Some((vip, live)) = rx.recv().await {
         let result = if live {
             driver.add_public_address(vip).await
@@ -377,10 +382,10 @@ async fn move_vips(driver: Arc<NatDriver>, mut rx: mpsc::UnboundedReceiver<(Ipv4
         };
         match result {
             Ok(()) => {
-                tracing::info!(%vip, live, "virtual service address {}", if live { "made live" } else { "withdrawn" })
+                tracing::info!(%vip, live, "VRRP-owned public address {}", if live { "made live" } else { "withdrawn" })
             }
             Err(e) => {
-                tracing::error!(%vip, live, error = %e, "moving a virtual service address failed")
+                tracing::error!(%vip, live, error = %e, "moving a VRRP-owned public address failed")
             }
         }
     }

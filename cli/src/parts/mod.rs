@@ -208,11 +208,12 @@ impl Kind {
     }
 
     /// The kinds built on this one at start (virtual services join the running gateway; VRRP
-    /// instances take the services' health signals and VIP hooks; flow sync takes the gateway
+    /// instances take the services' health signals and the services' and `[nat]`'s address
+    /// hooks; flow sync takes the gateway
     /// and the VRRP states): when this kind restarts, they must start again on the new one.
     pub(crate) fn dependents(self) -> &'static [Kind] {
         match self {
-            Kind::Nat => &[Kind::Lb, Kind::Sync],
+            Kind::Nat => &[Kind::Lb, Kind::Vrrp, Kind::Sync],
             Kind::Lb => &[Kind::Vrrp, Kind::Sync],
             Kind::Vrrp => &[Kind::Sync],
             Kind::Gre | Kind::Http | Kind::Sync | Kind::Ssh => &[],
@@ -489,7 +490,11 @@ impl Running {
             }
             let after = kind.units(new);
             let before: Vec<Unit> = self.applied_units(kind);
-            if let Some(cause) = restarted.iter().find(|k| k.dependents().contains(&kind))
+            // The nearest cause is named: the kind restarted last that this one is built on.
+            if let Some(cause) = restarted
+                .iter()
+                .rev()
+                .find(|k| k.dependents().contains(&kind))
                 && !before.is_empty()
                 && !after.is_empty()
             {

@@ -2,6 +2,14 @@
 //!
 //! Parts built on the gateway (virtual services) reach the running driver through
 //! [`super::wiring::Wiring::nat`]: it is started before them and stopped after them.
+//!
+//! A public address of `[nat]` (the overload address, or a `[[nat.static]]` forward's own
+//! address) that a `[[vrrp]]` instance lists is not made live at start: a PAT gateway pair
+//! shares it, and a backup answering ARP for it would steal the master's replies. The VRRP
+//! master makes it live (route into the TUN, proxy neighbour) through the
+//! [`vrrp::driver::AddressHook`] this part hands over in [`StartCtx::wiring`], and withdraws
+//! it on leaving MASTER, as the services do for their VIPs (`lb.rs`). The forwards on such an
+//! address follow it: they answer wherever the address is live.
 
 use super::wiring::{self, SharedWiring};
 use super::{BoxFuture, Kind, Part, StartCtx, ready};
@@ -14,7 +22,11 @@ use natgw::{AclRule, Proto};
 use netutil::Reconfigured;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use vrrp::driver::AddressHook;
 
 /// At most this many translations go into one `show nat` answer.
 const SHOW_LIMIT: usize = 65_536;
@@ -37,22 +49,59 @@ pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<V
     let Some(nat) = &site.nat else {
         return Ok(Vec::new());
     };
-    let (driver_cfg, gateway_cfg) = lower::nat(nat, &site.path, random_seed());
+    let (mut driver_cfg, gateway_cfg) = lower::nat(nat, &site.path, random_seed());
+    let deferred = vrrp_owned(site);
+    driver_cfg.deferred_public.clone_from(&deferred);
     let driver = NatDriver::start(driver_cfg, gateway_cfg)
         .await
         .context("starting the PAT gateway")?;
     let driver = Arc::new(driver);
+    let (vip_tx, vip_rx) = mpsc::unbounded_channel();
+    let mover = tokio::spawn(super::lb::move_vips(Arc::clone(&driver), vip_rx));
     {
         let mut wiring = wiring::lock(&ctx.wiring);
         wiring.nat = Some(Arc::clone(&driver));
         wiring.gateway = Some(Arc::clone(&driver));
+        for addr in &deferred {
+            let hook: Arc<dyn AddressHook> = Arc::new(super::lb::VipHook {
+                vip: *addr,
+                tx: vip_tx.clone(),
+            });
+            wiring.hooks.insert(*addr, hook);
+        }
+    }
+    if !deferred.is_empty() {
+        tracing::info!(addresses = ?deferred, "PAT public addresses wait for their VRRP master");
     }
     Ok(vec![Box::new(NatPart {
         driver,
         wiring: Arc::clone(&ctx.wiring),
         started: nat.clone(),
+        deferred,
         summary: SummaryCache::default(),
+        mover,
+        _vip_requests: vip_tx,
     })])
+}
+
+/// The public addresses of `[nat]` (overload and forwards' own) that a `[[vrrp]]` instance
+/// moves, each once.
+fn vrrp_owned(site: &SiteConfig) -> Vec<Ipv4Addr> {
+    let Some(nat) = &site.nat else {
+        return Vec::new();
+    };
+    let mut out: Vec<Ipv4Addr> = Vec::new();
+    let publics = std::iter::once(nat.address).chain(nat.statics.iter().filter_map(|s| s.address));
+    for a in publics {
+        let moved = site
+            .vrrp
+            .iter()
+            .any(|v| v.addresses.get_ref().iter().any(|n| n.addr() == a));
+        if moved && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 struct NatPart {
@@ -61,7 +110,13 @@ struct NatPart {
     wiring: SharedWiring,
     /// The `[nat]` the part was started with (to tell live changes from restarts).
     started: NatSection,
+    /// The public addresses VRRP moves (their hooks were handed over at start).
+    deferred: Vec<Ipv4Addr>,
     summary: SummaryCache,
+    /// Makes the VRRP-owned public addresses live or withdraws them (aborted at stop).
+    mover: JoinHandle<()>,
+    /// Held so the mover's channel stays open while the part runs, hooks or none.
+    _vip_requests: mpsc::UnboundedSender<(Ipv4Addr, bool)>,
 }
 
 /// A part's last summary, reused for a second: however often metrics are scraped or
@@ -151,6 +206,12 @@ impl NatPart {
                 "interfaces, routing table, rule priority, queues or datapath changed",
             ));
         }
+        if vrrp_owned(site) != self.deferred {
+            // The hooks VRRP holds were made at start, for the addresses it moved then.
+            return Ok(Reconfigured::restart(
+                "the public addresses [[vrrp]] moves changed",
+            ));
+        }
         Ok(self
             .driver
             .reconfigure(lower::gateway(nat, random_seed()))?)
@@ -203,6 +264,7 @@ impl Part for NatPart {
                     wiring.nat = None;
                 }
             }
+            self.mover.abort();
             if let Err(e) = self.driver.stop().await {
                 tracing::warn!(error = %e, "the nat packet loop had failed");
             }

@@ -80,9 +80,19 @@ impl Gateway {
     /// Makes every standby flow live: this node became master. Each keeps its endpoints and
     /// TCP state and gets the full idle timeout of its state; services hear `Opened` (and
     /// `Established`) for them, so their connection counts include them.
+    ///
+    /// A flow of a listener is refused unless that listener leads to its inside endpoint (the
+    /// static forward's host, a backend or the sorry server of the service): an authenticated
+    /// peer with another configuration, or a forged record, never opens a forward's public
+    /// port to another inside host.
     pub fn promote_standby(&mut self, now: Instant) -> Promotion {
-        let images = self.standby.take_all(now);
-        let p = self.promote_images(now, images);
+        let (images, stray): (Vec<FlowImage>, Vec<FlowImage>) =
+            self.standby.take_all(now).into_iter().partition(|img| {
+                img.listener
+                    .is_none_or(|id| self.listener_leads_to(id, img.inside))
+            });
+        let mut p = self.promote_images(now, images);
+        p.refused += stray.len();
         self.standby.count_promotion(&p);
         p
     }
@@ -140,23 +150,34 @@ impl Gateway {
         else {
             return Ok(None);
         };
-        let listener = self.listener(id).ok_or(())?;
-        let leads_there = match (
+        if self.listener_leads_to(id, f.inside) {
+            Ok(Some(id))
+        } else {
+            Err(())
+        }
+    }
+
+    /// Whether listener `id` leads to `inside`: the static forward's host, or a backend or the
+    /// sorry server of the service.
+    fn listener_leads_to(&self, id: ListenerId, inside: std::net::SocketAddrV4) -> bool {
+        let Some(listener) = self.listener(id) else {
+            return false;
+        };
+        match (
             listener.selector.as_static(),
             listener.selector.as_service(),
         ) {
-            (Some(s), _) => s.inside == f.inside,
-            (None, Some(svc)) => svc.uses_endpoint(f.inside),
+            (Some(s), _) => s.inside == inside,
+            (None, Some(svc)) => svc.uses_endpoint(inside),
             (None, None) => false,
-        };
-        if leads_there { Ok(Some(id)) } else { Err(()) }
+        }
     }
 
     /// Installs `images` in the table (see [`Gateway::promote_standby`]).
     fn promote_images(&mut self, now: Instant, images: Vec<FlowImage>) -> Promotion {
         let mut p = Promotion::default();
         for img in images {
-            match self.table.install(now, &img) {
+            match self.table.install(now, &img, self.overload) {
                 Ok(()) => {
                     p.promoted += 1;
                     self.stats.flows_created += 1;
@@ -164,7 +185,10 @@ impl Gateway {
                 }
                 Err(InstallError::Exists) => p.already_live += 1,
                 Err(
-                    InstallError::UnknownPublic | InstallError::Clash | InstallError::TableFull,
+                    InstallError::UnknownPublic
+                    | InstallError::Clash
+                    | InstallError::TableFull
+                    | InstallError::NotAllocatable,
                 ) => {
                     p.refused += 1;
                 }
@@ -550,6 +574,68 @@ mod tests {
         );
         assert_eq!(backup.standby().stats().promote_refused, 1);
         assert_eq!(backup.table().len(), 3);
+    }
+
+    /// Sync is a state-injection surface: even an authenticated peer (a misconfigured one, or
+    /// a compromised node holding the key) cannot make this node claim a public endpoint its
+    /// PAT would never allocate, nor lead a listener to an inside host it does not lead to.
+    /// Each such flow is refused at promotion and counted.
+    #[test]
+    fn promotion_refuses_endpoints_this_node_would_never_use() {
+        let now = epoch();
+        let mut backup = node();
+        let dynamic = |public: SocketAddrV4, proto| {
+            let mut f = standby_flow(40_001, 300);
+            f.key.public = public;
+            f.key.proto = proto;
+            f.inside = SocketAddrV4::new(*H1.ip(), public.port());
+            Update::Flow(f)
+        };
+        backup.apply_standby(
+            now,
+            &[
+                // Legitimate: the overload address, a port of the range.
+                dynamic(SocketAddrV4::new(PUBLIC, 40_001), FlowProto::Udp),
+                // A port below the range (1024-65535): the router's own SSH, say.
+                dynamic(SocketAddrV4::new(PUBLIC, 22), FlowProto::Tcp),
+                dynamic(SocketAddrV4::new(PUBLIC, 1023), FlowProto::Udp),
+                // A service's VIP is no overload address, whatever the port.
+                dynamic(SocketAddrV4::new(*VIP.ip(), 40_002), FlowProto::Tcp),
+                // An address this node does not have at all.
+                dynamic(
+                    SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 40_003),
+                    FlowProto::Udp,
+                ),
+                // The service's listener, to an inside host that is none of its backends.
+                Update::Flow(FlowState {
+                    key: FlowKey {
+                        proto: FlowProto::Tcp,
+                        public: VIP,
+                        outside: CLIENT,
+                    },
+                    inside: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 66), 22),
+                    listener: Some(0),
+                    tcp: TcpPhase::Established,
+                    ..standby_flow(40_004, 300)
+                }),
+            ],
+        );
+        assert_eq!(backup.standby().len(), 6);
+        let p = backup.promote_standby(now);
+        assert_eq!(
+            p,
+            Promotion {
+                promoted: 1,
+                already_live: 0,
+                refused: 5
+            }
+        );
+        assert_eq!(backup.standby().stats().promote_refused, 5);
+        assert_eq!(backup.table().len(), 1);
+        // Only the legitimate flow holds a public endpoint.
+        let t = backup.translations(now);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].public, SocketAddrV4::new(PUBLIC, 40_001));
     }
 
     /// Both halves together: a master gateway's flows travel through two sync engines to a

@@ -94,6 +94,9 @@ pub(crate) enum InstallError {
     Clash,
     /// The table is full.
     TableFull,
+    /// A dynamic flow (no listener) on a public endpoint this node's PAT never allocates:
+    /// not the overload address, or a TCP/UDP port outside the configured range.
+    NotAllocatable,
 }
 
 impl PatTable {
@@ -177,15 +180,26 @@ impl PatTable {
     }
 
     /// Installs a flow a peer created (a standby flow being promoted). See the module docs.
+    ///
+    /// `overload`: the public address dynamic flows use (`None`: dynamic PAT is off). A
+    /// dynamic flow is installed only on it and, for TCP and UDP, only on a port of the
+    /// configured range: a peer (or a previous run) never claims another endpoint.
     pub(crate) fn install(
         &mut self,
         now: std::time::Instant,
         img: &FlowImage,
+        overload: Option<PublicIdx>,
     ) -> Result<(), InstallError> {
         let idx = self
             .find_public(*img.public.ip())
             .ok_or(InstallError::UnknownPublic)?;
         let proto = img.proto;
+        if img.listener.is_none()
+            && (overload != Some(idx)
+                || (proto != Proto::Icmp && !self.cfg.port_range.contains(&img.public.port())))
+        {
+            return Err(InstallError::NotAllocatable);
+        }
         let key = SessionKey::new(proto, idx, img.public.port(), img.outside);
         if let Some(&s) = self.flows.get(&key) {
             let view = self.view(self.sessions[s as usize].mapping);

@@ -15,6 +15,7 @@ mod lb;
 mod lb_checks;
 mod nat;
 mod nat_attacks;
+mod nat_pair;
 mod ops;
 mod ssh;
 mod ssh_back;
