@@ -126,6 +126,8 @@ struct Lab {
     scheduler: &'static str,
     /// Whether the directors run `[sync]`.
     synced: bool,
+    /// `[sync] group`: a multicast group instead of the peer's address.
+    group: Option<&'static str>,
     key: PathBuf,
     /// Real servers' senders: they live as long as the lab.
     _senders: Vec<Proc>,
@@ -175,6 +177,7 @@ impl Lab {
             datapath,
             scheduler: "scheduler = \"rr\"",
             synced: true,
+            group: None,
             key,
             _senders: senders,
         }
@@ -206,6 +209,14 @@ impl Lab {
         }
     }
 
+    /// The same lab with the directors' sync on a multicast group.
+    fn multicast(self, group: &'static str) -> Lab {
+        Lab {
+            group: Some(group),
+            ..self
+        }
+    }
+
     /// The same lab with no `[sync]` and the service scheduled by `scheduler`.
     fn without_sync(self, scheduler: &'static str) -> Lab {
         Lab {
@@ -231,8 +242,12 @@ impl Lab {
             ("10.0.0.12", "10.0.0.11")
         };
         let sync = if self.synced {
+            let to = self.group.map_or_else(
+                || format!("peers = [\"{peer}\"]"),
+                |g| format!("group = \"{g}\""),
+            );
             format!(
-                "[sync]\npeers = [\"{peer}\"]\nlisten = \"{me}\"\nkey_file = \"{}\"\nvrrp = \"vip-web\"\n",
+                "[sync]\n{to}\nlisten = \"{me}\"\nkey_file = \"{}\"\nvrrp = \"vip-web\"\n",
                 self.key.display()
             )
         } else {
@@ -391,8 +406,7 @@ addresses = ["10.0.0.1/24"]
 /// Four downloads through the VIP, spread over both real servers, survive d1's death: d2
 /// holds their flows as standby, promotes them when VRRP makes it master, and every byte
 /// arrives, in order, exactly once.
-fn downloads_survive_the_master_crash(t: Topology, datapath: &'static str) {
-    let lab = Lab::new(t, datapath);
+fn downloads_survive_the_master_crash(lab: Lab) {
     let mut d1 = lab.start("d1", 150);
     let d2 = lab.start("d2", 100);
     lab.wait_paired(&d1, &d2);
@@ -420,12 +434,19 @@ fn downloads_survive_the_master_crash(t: Topology, datapath: &'static str) {
 
 #[test]
 fn downloads_survive_the_master_crash_kernel() {
-    downloads_survive_the_master_crash(e2e!(), "kernel");
+    downloads_survive_the_master_crash(Lab::new(e2e!(), "kernel"));
 }
 
 #[test]
 fn downloads_survive_the_master_crash_tun() {
-    downloads_survive_the_master_crash(e2e!(), "tun");
+    downloads_survive_the_master_crash(Lab::new(e2e!(), "tun"));
+}
+
+/// The same with the directors syncing over a multicast group: each finds the other by the
+/// group's key, nothing listed.
+#[test]
+fn downloads_survive_the_master_crash_multicast() {
+    downloads_survive_the_master_crash(Lab::new(e2e!(), "tun").multicast("239.192.88.49"));
 }
 
 /// The same with direct routing (issue #16): the synced flows name their real servers, and
