@@ -66,7 +66,7 @@ pub fn run_request(now: Instant, data: &[u8]) {
         };
         let (mut head, ()) = request.into_parts();
         let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 40_000);
-        let verdict = gateway.decide(now, client, Ipv4Addr::new(198, 51, 100, 1), &mut head);
+        let verdict = gateway.decide(now, client, Ipv4Addr::new(198, 51, 100, 1), None, &mut head);
         if let Verdict::Forward(up) = verdict {
             for hop in [
                 "connection",
@@ -147,5 +147,6 @@ fn config() -> GatewayConfig {
         forwarding: Forwarding::default(),
         limits: Limits::default(),
         access_log: false,
+        tls: None,
     }
 }

@@ -12,6 +12,7 @@
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use balance::{BackendId, ConnState, Decision, Pool, PoolConfig};
@@ -69,6 +70,50 @@ impl Default for Limits {
     }
 }
 
+/// One certificate (with its chain) and its private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Certificates, picked by SNI among their subjectAltName DNS names; the first is the
+    /// default (no SNI, or a name none holds).
+    pub certs: Vec<CertFiles>,
+    /// Time a client has to complete the handshake; the connection is closed beyond.
+    pub handshake_timeout: Duration,
+}
+
+impl TlsConfig {
+    /// Most certificates on one listener.
+    pub const MAX_CERTS: usize = 1000;
+    /// Default handshake timeout (HAProxy's `timeout client` usually bounds it).
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+/// What the gateway knows of a request's TLS session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsSession<'a> {
+    /// The server name the client sent, lower-case; `None` without SNI.
+    pub sni: Option<&'a str>,
+}
+
+/// How a TLS handshake ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// Completed.
+    Done,
+    /// Refused or broken: not TLS, no common version or cipher, a bad message, EOF.
+    Failed,
+    /// Not completed within the handshake timeout.
+    TimedOut,
+}
+
 /// Everything one HTTP gateway (one listener) is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayConfig {
@@ -86,6 +131,8 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// Log one line per request at info level (debug level otherwise).
     pub access_log: bool,
+    /// TLS termination; `None`: plain HTTP.
+    pub tls: Option<TlsConfig>,
 }
 
 impl GatewayConfig {
@@ -123,6 +170,20 @@ impl GatewayConfig {
             1,
             1_000_000,
         )?;
+        if let Some(tls) = &self.tls {
+            range(
+                "the number of TLS certificates",
+                tls.certs.len() as u64,
+                1,
+                TlsConfig::MAX_CERTS as u64,
+            )?;
+            range(
+                "handshake_timeout (ms)",
+                u64::try_from(tls.handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+                100,
+                3_600_000,
+            )?;
+        }
         Ok(())
     }
 }
@@ -237,6 +298,22 @@ pub struct PoolStatus {
     pub backends: Vec<BackendStatus>,
 }
 
+/// TLS handshakes of one listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
+pub struct TlsStatus {
+    /// Completed.
+    pub handshakes: u64,
+    /// Refused or broken (not TLS, no common version, EOF).
+    pub failed: u64,
+    /// Not completed within the handshake timeout.
+    pub timed_out: u64,
+}
+
 /// What `show http` prints for one gateway.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(
@@ -263,6 +340,8 @@ pub struct GatewayStatus {
     pub routes: Vec<RouteStatus>,
     /// Per pool.
     pub pools: Vec<PoolStatus>,
+    /// Handshakes, on a TLS listener.
+    pub tls: Option<TlsStatus>,
 }
 
 /// Where a forwarded request goes; hand it back to [`Gateway::finish`].
@@ -357,6 +436,7 @@ pub struct Gateway {
     refused: u64,
     no_route: u64,
     responses: StatusClasses,
+    tls: Option<TlsStatus>,
 }
 
 impl Gateway {
@@ -394,17 +474,19 @@ impl Gateway {
             refused: 0,
             no_route: 0,
             responses: StatusClasses::default(),
+            tls: config.tls.as_ref().map(|_| TlsStatus::default()),
         })
     }
 
-    /// Decides what `head`, from `client` to `local`, becomes; on
-    /// [`Verdict::Forward`] the head has been rewritten for the upstream and the pool counts
-    /// the request as active until [`finish`](Self::finish).
+    /// Decides what `head`, from `client` to `local` (over `tls`, if it came over TLS),
+    /// becomes; on [`Verdict::Forward`] the head has been rewritten for the upstream and the
+    /// pool counts the request as active until [`finish`](Self::finish).
     pub fn decide(
         &mut self,
         now: Instant,
         client: SocketAddrV4,
         local: Ipv4Addr,
+        tls: Option<TlsSession<'_>>,
         head: &mut request::Parts,
     ) -> Verdict {
         self.requests += 1;
@@ -417,6 +499,7 @@ impl Gateway {
             path: &checked.path,
             method: &head.method,
             headers: &head.headers,
+            sni: tls.and_then(|t| t.sni),
         };
         let Some(index) = route::first_match(&self.routes, &view) else {
             self.no_route += 1;
@@ -472,6 +555,7 @@ impl Gateway {
             &mut head.headers,
             (*client.ip()).into(),
             checked.authority.as_ref(),
+            if tls.is_some() { "https" } else { "http" },
             &self.forwarding,
         );
         Verdict::Forward(Upstream {
@@ -490,6 +574,18 @@ impl Gateway {
         self.requests += 1;
         self.refused += 1;
         self.responses.count(status);
+    }
+
+    /// Counts a TLS handshake (a listener without TLS counts nothing).
+    pub fn handshake(&mut self, outcome: Handshake) {
+        if let Some(t) = &mut self.tls {
+            let slot = match outcome {
+                Handshake::Done => &mut t.handshakes,
+                Handshake::Failed => &mut t.failed,
+                Handshake::TimedOut => &mut t.timed_out,
+            };
+            *slot += 1;
+        }
     }
 
     /// Records how a forwarded request ended and releases its backend.
@@ -544,6 +640,7 @@ impl Gateway {
                 })
                 .collect(),
             pools: self.pools.iter().map(pool_status).collect(),
+            tls: self.tls,
         }
     }
 

@@ -193,11 +193,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Rewrites `headers` for the upstream: removes the hop-by-hop fields (and those the
 /// `Connection` field names, except `Host`), `Upgrade` (upgrades are not proxied) and
 /// `Content-Length` (the driver frames the body it forwards), then sets `X-Forwarded-For`,
-/// `-Proto` (`http`) and `-Host`.
+/// `-Proto` (`proto`: `http` or `https`) and `-Host`.
 pub fn prepare_upstream(
     headers: &mut HeaderMap,
     client: IpAddr,
     authority: Option<&HeaderValue>,
+    proto: &'static str,
     forwarding: &Forwarding,
 ) {
     remove_hop_by_hop(headers);
@@ -221,7 +222,7 @@ pub fn prepare_upstream(
     });
     headers.insert(X_FORWARDED_FOR, xff);
     if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !trusted || !headers.contains_key(&X_FORWARDED_HOST) {
         match authority {

@@ -26,18 +26,20 @@ pub mod fuzzing;
 mod gateway;
 pub mod hygiene;
 pub mod route;
+pub mod sni;
 
 #[cfg(feature = "driver")]
 mod driver;
 
 pub use error::ConfigError;
 pub use gateway::{
-    Answer, BackendStatus, Gateway, GatewayConfig, GatewayStatus, Limits, Outcome, PoolSpec,
-    PoolStatus, RouteStatus, StatusClasses, Upstream, Verdict,
+    Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits,
+    Outcome, PoolSpec, PoolStatus, RouteStatus, StatusClasses, TlsConfig, TlsSession, TlsStatus,
+    Upstream, Verdict,
 };
 
 #[cfg(feature = "driver")]
-pub use driver::{HttpGateway, StartError};
+pub use driver::{HttpGateway, StartError, tls};
 
 #[cfg(test)]
 mod tests;

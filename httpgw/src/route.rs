@@ -164,6 +164,8 @@ pub struct Match {
     pub methods: Vec<Method>,
     /// All of these headers.
     pub headers: Vec<HeaderMatch>,
+    /// Any of these TLS server names (SNI); a request without TLS or SNI matches none.
+    pub sni: Vec<HostPattern>,
 }
 
 /// What the rule matching needs of a request (already checked by [`crate::hygiene`]).
@@ -177,6 +179,8 @@ pub struct RequestView<'a> {
     pub method: &'a Method,
     /// Header fields.
     pub headers: &'a HeaderMap,
+    /// The TLS server name the client sent (lower-case), if it came over TLS with SNI.
+    pub sni: Option<&'a str>,
 }
 
 impl Match {
@@ -187,6 +191,10 @@ impl Match {
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(req.path)))
             && (self.methods.is_empty() || self.methods.contains(req.method))
             && self.headers.iter().all(|h| h.matches(req.headers))
+            && (self.sni.is_empty()
+                || req
+                    .sni
+                    .is_some_and(|name| self.sni.iter().any(|h| h.matches(name))))
     }
 }
 

@@ -96,6 +96,7 @@ fn config() -> GatewayConfig {
         },
         limits: Limits::default(),
         access_log: false,
+        tls: None,
     }
 }
 
@@ -108,7 +109,7 @@ fn head(raw: &[(&str, &str)], method: &str, uri: &str) -> request::Parts {
 }
 
 fn decide(gw: &mut Gateway, h: &mut request::Parts) -> Verdict {
-    gw.decide(epoch(), CLIENT, VIP, h)
+    gw.decide(epoch(), CLIENT, VIP, None, h)
 }
 
 fn forwarded(v: Verdict) -> Upstream {
@@ -329,7 +330,7 @@ fn forwarded_headers_replace_or_append() {
         "GET",
         "/",
     );
-    forwarded(gw.decide(epoch(), proxy, VIP, &mut h));
+    forwarded(gw.decide(epoch(), proxy, VIP, None, &mut h));
     let get = |n: &str| h.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
     assert_eq!(
         get("x-forwarded-for").unwrap(),

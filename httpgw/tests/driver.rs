@@ -164,6 +164,7 @@ async fn site() -> Site {
             ..Limits::default()
         },
         access_log: false,
+        tls: None,
     };
     Site {
         gateway: HttpGateway::start(&config).await.unwrap(),

@@ -10,12 +10,13 @@ use super::{HumanDuration, Validator, check_unique, did_you_mean};
 use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use httpgw::hygiene::Forwarding;
 use httpgw::route::{Action, HeaderMatch, HostPattern, Match, PathPattern, RedirectTarget, Route};
-use httpgw::{GatewayConfig, Limits, PoolSpec};
+use httpgw::{CertFiles, GatewayConfig, Limits, PoolSpec, TlsConfig};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -97,6 +98,30 @@ pub(crate) struct RouteSection {
     /// Answer with a redirect instead of forwarding.
     #[serde(default)]
     pub(crate) redirect: Option<Spanned<RedirectSection>>,
+    /// Any of these TLS server names (SNI), exact or `*.suffix`; only on a TLS listener.
+    #[serde(default)]
+    pub(crate) sni: Vec<Spanned<String>>,
+}
+
+/// One certificate of a TLS listener: PEM files.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CertSection {
+    /// The certificate, then its intermediates.
+    pub(crate) cert_file: Spanned<PathBuf>,
+    /// Its private key; mode 600 (or 640 with group ssl-cert).
+    pub(crate) key_file: Spanned<PathBuf>,
+}
+
+/// `tls = { certs = [...] }`: TLS termination (HAProxy `bind :443 ssl crt A crt B`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSection {
+    /// Picked by SNI among their subjectAltName DNS names; the first is the default.
+    pub(crate) certs: Vec<CertSection>,
+    /// Time to complete the handshake. Default 10s.
+    #[serde(default)]
+    pub(crate) handshake_timeout: Option<Spanned<HumanDuration>>,
 }
 
 /// One `[[http]]`.
@@ -130,6 +155,9 @@ pub(crate) struct HttpSection {
     /// Time for a backend to answer (HAProxy `timeout server`). Default 30s: 504 beyond.
     #[serde(default)]
     pub(crate) upstream_timeout: Option<Spanned<HumanDuration>>,
+    /// TLS termination.
+    #[serde(default)]
+    pub(crate) tls: Option<Spanned<TlsSection>>,
     #[serde(default)]
     pub(crate) route: Vec<RouteSection>,
     #[serde(default)]
@@ -185,8 +213,41 @@ impl HttpSection {
         let routes = self
             .route
             .iter()
-            .filter_map(|r| route(r, &pool_names, error))
+            .filter_map(|r| route(r, &pool_names, self.tls.is_some(), error))
             .collect();
+        let tls = self.tls.as_ref().map(|t| {
+            let section = t.get_ref();
+            if section.certs.is_empty() {
+                error(t.span(), "`tls` needs at least one of `certs`".into());
+            }
+            if section.certs.len() > TlsConfig::MAX_CERTS {
+                error(
+                    t.span(),
+                    format!("`tls` has more than {} certs", TlsConfig::MAX_CERTS),
+                );
+            }
+            let mut handshake_timeout = TlsConfig::DEFAULT_HANDSHAKE_TIMEOUT;
+            if let Some(d) = &section.handshake_timeout {
+                handshake_timeout = d.get_ref().0;
+                if !(MIN_PERIOD..=MAX_PERIOD).contains(&handshake_timeout) {
+                    error(
+                        d.span(),
+                        "`handshake_timeout` must be between 100ms and 1h".into(),
+                    );
+                }
+            }
+            TlsConfig {
+                certs: section
+                    .certs
+                    .iter()
+                    .map(|c| CertFiles {
+                        cert_file: c.cert_file.get_ref().clone(),
+                        key_file: c.key_file.get_ref().clone(),
+                    })
+                    .collect(),
+                handshake_timeout,
+            }
+        });
 
         let mut limits = Limits::default();
         if let Some(n) = &self.max_connections {
@@ -237,6 +298,7 @@ impl HttpSection {
             },
             limits,
             access_log: self.access_log,
+            tls,
         }
     }
 
@@ -265,12 +327,25 @@ fn in_range<T: Copy + Into<u64> + std::fmt::Display>(
 fn route(
     r: &RouteSection,
     pools: &[&str],
+    tls: bool,
     error: &mut dyn FnMut(Range<usize>, String),
 ) -> Option<Route> {
     let mut when = Match::default();
     for h in &r.host {
         match HostPattern::parse(h.get_ref()) {
             Ok(p) => when.hosts.push(p),
+            Err(e) => error(h.span(), e.to_string()),
+        }
+    }
+    for h in &r.sni {
+        if !tls {
+            error(
+                h.span(),
+                "`sni` matches a TLS server name: this listener has no `tls`".into(),
+            );
+        }
+        match HostPattern::parse(h.get_ref()) {
+            Ok(p) => when.sni.push(p),
             Err(e) => error(h.span(), e.to_string()),
         }
     }
@@ -437,5 +512,32 @@ pub(crate) fn validate_all(sections: &[HttpSection], v: &mut Validator) {
             );
         }
         s.build(&mut |span, message| v.error(span, message));
+        if let Some(tls) = &s.tls {
+            check_certs(&tls.get_ref().certs, v);
+        }
+    }
+}
+
+/// Reads every certificate and key as the gateway will at start: files present and parsed,
+/// the key the certificate's and not readable by others; a certificate after the first (the
+/// default) must have a DNS name SNI can select it by.
+fn check_certs(certs: &[CertSection], v: &mut Validator) {
+    for (i, c) in certs.iter().enumerate() {
+        let files = CertFiles {
+            cert_file: c.cert_file.get_ref().clone(),
+            key_file: c.key_file.get_ref().clone(),
+        };
+        match httpgw::tls::load_cert(&files) {
+            Ok(loaded) if i > 0 && loaded.names.is_empty() => v.error_at(
+                &c.cert_file,
+                format!(
+                    "{} has no DNS name in its subjectAltName: SNI can never select it (only the first certificate, the default, may lack one)",
+                    files.cert_file.display()
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) if e.in_key_file() => v.error_at(&c.key_file, e.to_string()),
+            Err(e) => v.error_at(&c.cert_file, e.to_string()),
+        }
     }
 }

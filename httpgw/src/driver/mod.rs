@@ -4,6 +4,7 @@
 //! and reports outcomes back.
 
 mod stream;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -22,13 +23,16 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 
 use crate::hygiene::{self, Refusal};
-use crate::{Answer, Gateway, GatewayConfig, GatewayStatus, Limits, Outcome, Verdict};
+use crate::{
+    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, TlsSession, Verdict,
+};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -47,6 +51,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// A certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 #[allow(clippy::disallowed_methods)] // the driver's one clock read
@@ -60,6 +67,8 @@ struct Shared {
     access_log: bool,
     client: Client<HttpConnector, Full<Bytes>>,
     connections: AtomicU64,
+    /// TLS termination and its handshake timeout.
+    tls: Option<(TlsAcceptor, Duration)>,
 }
 
 impl Shared {
@@ -92,6 +101,13 @@ impl HttpGateway {
     /// [`StartError`] for a bad configuration or a listener that cannot be bound.
     pub async fn start(config: &GatewayConfig) -> Result<Self, StartError> {
         let gateway = Gateway::new(config)?;
+        let tls = match &config.tls {
+            Some(t) => Some((
+                TlsAcceptor::from(tls::server_config(t)?),
+                t.handshake_timeout,
+            )),
+            None => None,
+        };
         let listener = bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -112,6 +128,7 @@ impl HttpGateway {
             access_log: config.access_log,
             client,
             connections: AtomicU64::new(0),
+            tls,
         });
         let (stop, stopped) = watch::channel(false);
         let watch = netutil::task::TaskWatch::new();
@@ -202,7 +219,7 @@ async fn accept_loop(
         let shared = Arc::clone(&shared);
         connections.spawn(async move {
             shared.connections.fetch_add(1, Ordering::Relaxed);
-            serve(&shared, tcp, peer).await;
+            accept(&shared, tcp, peer).await;
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
@@ -219,13 +236,53 @@ fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
     }
 }
 
-async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// The TLS session of a connection: `Some(sni)` over TLS.
+type Session = Option<Option<Arc<str>>>;
+
+/// One accepted connection: the TLS handshake first on a TLS listener (bounded by its
+/// timeout, counted), then HTTP.
+async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let (Some(peer), Some(local)) = (v4(peer), tcp.local_addr().ok().and_then(v4)) else {
         return;
     };
     let _ = tcp.set_nodelay(true);
+    let Some((acceptor, timeout)) = &shared.tls else {
+        serve(shared, tcp, peer, local, None).await;
+        return;
+    };
+    let stream = match tokio::time::timeout(*timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            shared.gateway().handshake(Handshake::Failed);
+            tracing::debug!(client = %peer, "TLS handshake: {e}");
+            return;
+        }
+        Err(_) => {
+            shared.gateway().handshake(Handshake::TimedOut);
+            tracing::debug!(client = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    shared.gateway().handshake(Handshake::Done);
+    let sni = stream
+        .get_ref()
+        .1
+        .server_name()
+        .map(|n| Arc::from(n.to_ascii_lowercase()));
+    serve(shared, stream, peer, local, Some(sni)).await;
+}
+
+async fn serve<S>(
+    shared: &Arc<Shared>,
+    io: S,
+    peer: SocketAddrV4,
+    local: SocketAddrV4,
+    session: Session,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = shared.limits;
-    let io = TokioIo::new(stream::GuardedStream::new(tcp, limits.max_header_bytes));
+    let io = TokioIo::new(stream::GuardedStream::new(io, limits.max_header_bytes));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -239,7 +296,8 @@ async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let svc_shared = Arc::clone(shared);
     let service = service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
-        async move { Ok::<_, Infallible>(handle(&shared, peer, local, req).await) }
+        let session = session.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, peer, local, session, req).await) }
     });
     let parts = match builder
         .serve_connection(io, service)
@@ -255,7 +313,7 @@ async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let guarded = parts.io.into_inner();
     let refusal = guarded.refused_head();
     let cut = guarded.refused();
-    let mut tcp = guarded.into_inner();
+    let mut stream = guarded.into_inner();
     if let Some(refusal) = refusal {
         shared.gateway().refused(refusal.status);
         log(
@@ -267,11 +325,11 @@ async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             refusal.reason,
             Duration::ZERO,
         );
-        let _ = tcp.write_all(&refusal_bytes(refusal)).await;
+        let _ = stream.write_all(&refusal_bytes(refusal)).await;
     } else if cut {
         tracing::debug!(client = %peer, "http connection cut: malformed body framing");
     }
-    let _ = tcp.shutdown().await;
+    let _ = stream.shutdown().await;
 }
 
 /// The answer to a head the guard refused: hyper never saw it, so it is written here.
@@ -325,6 +383,7 @@ async fn handle(
     shared: &Arc<Shared>,
     client: SocketAddrV4,
     local: SocketAddrV4,
+    session: Session,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = now();
@@ -352,9 +411,12 @@ async fn handle(
         Err(_) => return refuse(StatusCode::BAD_REQUEST, "body unreadable"),
     };
 
+    let tls = session.as_ref().map(|sni| TlsSession {
+        sni: sni.as_deref(),
+    });
     let verdict = shared
         .gateway()
-        .decide(started, client, *local.ip(), &mut head);
+        .decide(started, client, *local.ip(), tls, &mut head);
     let up = match verdict {
         Verdict::Respond(Answer {
             status,

@@ -15,7 +15,8 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_until};
 
 const GATEWAY: &str = "198.51.100.11";
 
-/// A backend on http.server's handler: `NAME PATH xff=XFF sha256=HEX` for any GET or POST,
+/// A backend on http.server's handler: `NAME PATH xff=XFF proto=PROTO sha256=HEX` for any GET
+/// or POST,
 /// and one line per request (`METHOD PATH`) in the log file.
 const BACKEND_PY: &str = r#"
 import hashlib, sys
@@ -29,7 +30,8 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         xff = self.headers.get("X-Forwarded-For", "")
-        text = f"{name} {self.path} xff={xff} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
+        proto = self.headers.get("X-Forwarded-Proto", "")
+        text = f"{name} {self.path} xff={xff} proto={proto} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(text)))
         self.end_headers()
@@ -107,7 +109,12 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(mut t: Topology) -> Lab {
+    fn new(t: Topology) -> Lab {
+        Lab::with_site(t, SITE, 80)
+    }
+
+    /// The lab with `site` as the director's config, waiting for `port` to accept.
+    fn with_site(mut t: Topology, site: &str, port: u16) -> Lab {
         t.hosts(&["cl", "dir", "rs1", "rs2"]);
         t.veth("cl", "eth0", "dir", "eth0");
         t.addr("cl", "eth0", "198.51.100.200/24");
@@ -142,14 +149,14 @@ impl Lab {
         let control = t.dir().join("vipgate.sock").display().to_string();
         let config = t.write(
             "director.toml",
-            &format!("[daemon]\ncontrol = \"{control}\"\n{SITE}"),
+            &format!("[daemon]\ncontrol = \"{control}\"\n{site}"),
         );
         let vipgate = t.vipgate(
             "dir",
             "vipgate",
             &["run", "-c", config.to_str().unwrap_or("")],
         );
-        t.wait_tcp("cl", GATEWAY, 80, Duration::from_secs(30));
+        t.wait_tcp("cl", GATEWAY, port, Duration::from_secs(30));
         Lab {
             t,
             _vipgate: vipgate,
@@ -309,4 +316,144 @@ fn limits_and_smuggling_are_refused_before_any_backend() {
     assert_eq!(counter(gw, &["pools", "2", "no_backend"]), 1, "{json}");
     assert_eq!(counter(gw, &["responses", "client_error"]), 5, "{json}");
     assert_eq!(counter(gw, &["responses", "server_error"]), 1, "{json}");
+}
+
+/// A self-signed certificate for `name` (and its subjectAltName `san`) made by openssl (on the
+/// host, before the namespaces exist) in the test directory: `NAME.pem`, `NAME.key` (mode 600).
+fn openssl_cert(t: &Topology, name: &str, san: &str) -> (String, String) {
+    let dir = t.dir().display().to_string();
+    let (cert, key) = (format!("{dir}/{name}.pem"), format!("{dir}/{name}.key"));
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+             -subj /CN={name} -addext 'subjectAltName={san}' -keyout {key} -out {cert} 2>&1 \
+             && chmod 600 {key}"
+        ))
+        .output()
+        .expect("running openssl");
+    assert!(made.status.success(), "openssl: {made:?}");
+    (cert, key)
+}
+
+#[test]
+fn tls_picks_the_certificate_by_sni_and_bounds_handshakes() {
+    let t = e2e!();
+    let (default, default_key) = openssl_cert(&t, "default.test", "DNS:default.test");
+    let (a, a_key) = openssl_cert(&t, "a.example.com", "DNS:a.example.com");
+    let (b, b_key) = openssl_cert(&t, "b.example.com", "DNS:*.b.example.com");
+    let site = format!(
+        r#"
+[[http]]
+name = "tls"
+listen = "{GATEWAY}:443"
+access_log = true
+tls = {{ handshake_timeout = "1s", certs = [
+  {{ cert_file = "{default}", key_file = "{default_key}" }},
+  {{ cert_file = "{a}", key_file = "{a_key}" }},
+  {{ cert_file = "{b}", key_file = "{b_key}" }},
+] }}
+
+[[http.route]]
+name = "a"
+sni = ["a.example.com"]
+pool = "one"
+
+[[http.route]]
+name = "default"
+pool = "two"
+
+[[http.pool]]
+name = "one"
+backends = [{{ address = "10.0.0.101:8000" }}]
+
+[[http.pool]]
+name = "two"
+backends = [{{ address = "10.0.0.102:8000" }}]
+"#
+    );
+    let lab = Lab::with_site(t, &site, 443);
+    let check = lab.t.vipgate_output(
+        "dir",
+        &[
+            "check",
+            "-c",
+            lab.t.dir().join("director.toml").to_str().unwrap_or(""),
+        ],
+    );
+    assert!(check.status.success(), "{check:?}");
+
+    // curl to each name, trusting only that name's certificate: the handshake verifies only
+    // if the gateway picked it; the subject shows which; the route on SNI picks the backend.
+    let fetch = |name: &str, ca: &str| {
+        lab.t.sh(
+            "cl",
+            &format!(
+                "curl -sS -v --max-time 10 --cacert {ca} --resolve {name}:443:{GATEWAY} https://{name}/x 2>&1"
+            ),
+        )
+    };
+    let out = fetch("a.example.com", &a);
+    assert!(out.contains("subject: CN=a.example.com"), "{out}");
+    assert!(out.contains("ALPN: server accepted http/1.1"), "{out}");
+    assert!(
+        out.contains("rs1 /x xff=198.51.100.200 proto=https "),
+        "{out}"
+    );
+    let out = fetch("www.b.example.com", &b);
+    assert!(out.contains("subject: CN=b.example.com"), "{out}");
+    assert!(
+        out.contains("rs2 /x xff=198.51.100.200 proto=https "),
+        "{out}"
+    );
+    // No SNI: the default certificate.
+    let out = lab.t.sh(
+        "cl",
+        &format!(
+            "openssl s_client -connect {GATEWAY}:443 -noservername </dev/null 2>/dev/null | grep '^subject='"
+        ),
+    );
+    assert!(out.contains("CN = default.test"), "{out}");
+    // TLS 1.1 is refused.
+    assert!(
+        lab.t
+            .try_sh(
+                "cl",
+                &format!("curl -sS --max-time 5 -k --tls-max 1.1 https://{GATEWAY}/")
+            )
+            .is_err()
+    );
+
+    // Plain HTTP instead of a ClientHello: closed, nothing answered in HTTP.
+    let answer = lab.t.sh(
+        "cl",
+        &format!(
+            "python3 {}/raw.py {GATEWAY} 443 'GET / HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n'",
+            lab.t.dir().display()
+        ),
+    );
+    assert!(!answer.contains("HTTP/1.1"), "{answer}");
+    // A connection that never starts its handshake is closed at handshake_timeout (1 s).
+    let took = lab.t.sh(
+        "cl",
+        &format!(
+            "python3 -c 'import socket,time; s=socket.create_connection((\"{GATEWAY}\",443)); t=time.time(); s.settimeout(10); d=s.recv(1); print(round(time.time()-t, 1), len(d))'"
+        ),
+    );
+    let secs: f64 = took
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(-1.0);
+    assert!((0.8..5.0).contains(&secs), "{took}");
+
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let gw = &json[0];
+    assert_eq!(counter(gw, &["tls", "handshakes"]), 3, "{json}");
+    assert_eq!(counter(gw, &["tls", "timed_out"]), 1, "{json}");
+    assert!(counter(gw, &["tls", "failed"]) >= 2, "{json}");
+    assert_eq!(counter(gw, &["routes", "0", "requests"]), 1, "{json}");
+    assert_eq!(counter(gw, &["routes", "1", "requests"]), 1, "{json}");
+    assert_eq!(lab.requests_seen("rs1"), "GET /x\n");
+    assert_eq!(lab.requests_seen("rs2"), "GET /x\n");
 }
