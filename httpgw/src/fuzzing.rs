@@ -14,7 +14,9 @@ use crate::{Gateway, GatewayConfig, Limits, PoolSpec, Verdict};
 /// Feeds `data` (a client's byte stream) to the framing guard in one piece and split at
 /// every byte, and each head it lets through to a gateway with host, path and redirect
 /// rules. Panics if the two feedings disagree, if a head with both `Content-Length` and
-/// `Transfer-Encoding` gets through, or if a forwarded head still carries a hop-by-hop field.
+/// `Transfer-Encoding` gets through, if a forwarded head still carries a hop-by-hop field, or
+/// if a switch of protocols goes on that the guard did not hold the stream back for (or to
+/// h2c).
 ///
 /// # Panics
 /// On an invariant violation (that is the point).
@@ -68,13 +70,28 @@ pub fn run_request(now: Instant, data: &[u8]) {
         let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 40_000);
         let verdict = gateway.decide(now, client, Ipv4Addr::new(198, 51, 100, 1), None, &mut head);
         if let Verdict::Forward(up) = verdict {
-            for hop in [
-                "connection",
-                "transfer-encoding",
-                "te",
-                "upgrade",
-                "keep-alive",
-            ] {
+            let mut hops = vec!["transfer-encoding", "te", "keep-alive"];
+            match &up.upgrade {
+                // A switch goes on as `Connection: upgrade` + the client's `Upgrade`, never
+                // to h2c, and only for a bodiless head the guard held the rest back after.
+                Some(protocol) => {
+                    assert_eq!(
+                        head.headers.get("connection").map(|v| v.as_bytes()),
+                        Some(&b"upgrade"[..])
+                    );
+                    assert_eq!(head.headers.get("upgrade"), Some(protocol));
+                    assert!(
+                        !protocol
+                            .as_bytes()
+                            .to_ascii_lowercase()
+                            .windows(3)
+                            .any(|w| w == b"h2c")
+                    );
+                    assert!(whole.upgrading() || verdict_whole.is_err());
+                }
+                None => hops.extend(["connection", "upgrade"]),
+            }
+            for hop in hops {
                 assert!(!head.headers.contains_key(hop), "{hop} forwarded");
             }
             assert!(up.path_and_query.starts_with('/'));

@@ -48,6 +48,9 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// Time an idle upstream connection is kept in the pool.
     pub upstream_idle: Duration,
+    /// Time a tunnel (an upgraded connection, e.g. a WebSocket) may pass no byte either way
+    /// before both sides are closed.
+    pub tunnel_timeout: Duration,
 }
 
 impl Limits {
@@ -66,6 +69,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(30),
             upstream_idle: Duration::from_secs(60),
+            tunnel_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -357,6 +361,9 @@ pub struct Upstream {
     pub addr: SocketAddrV4,
     /// Path and query to send (prefix stripped).
     pub path_and_query: String,
+    /// The request asks to switch to this protocol (`Connection: upgrade` and `Upgrade` are
+    /// forwarded); a `101` answer makes the connection a tunnel.
+    pub upgrade: Option<HeaderValue>,
     client: Ipv4Addr,
 }
 
@@ -551,6 +558,7 @@ impl Gateway {
                 );
             }
         };
+        let upgrade = hygiene::upgrade_protocol(&head.headers);
         hygiene::prepare_upstream(
             &mut head.headers,
             (*client.ip()).into(),
@@ -558,12 +566,20 @@ impl Gateway {
             if tls.is_some() { "https" } else { "http" },
             &self.forwarding,
         );
+        if let Some(protocol) = &upgrade {
+            head.headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            head.headers.insert(http::header::UPGRADE, protocol.clone());
+        }
         Verdict::Forward(Upstream {
             route: index,
             pool: pool_index,
             backend,
             addr,
             path_and_query: format!("{path}{query}"),
+            upgrade,
             client: *client.ip(),
         })
     }

@@ -454,6 +454,65 @@ fn guard_refuses_smuggling_and_oversize() {
 }
 
 #[test]
+fn guard_holds_back_what_follows_an_upgrade_head() {
+    let head: &[u8] =
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let mut stream = head.to_vec();
+    stream.extend_from_slice(b"GET /hidden HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut g = HeadGuard::new(1024);
+    let mut out = Vec::new();
+    g.feed(&stream, &mut out).unwrap();
+    assert_eq!(out, head);
+    assert!(g.upgrading());
+    assert_eq!(g.take_held(), b"GET /hidden HTTP/1.1\r\nHost: a\r\n\r\n");
+    // Bounded: no more than max_head bytes are held before the answer.
+    let (_, r) = guard_all(&[head, &[0u8; 2000][..]].concat());
+    assert!(r.is_err());
+    // With a body it is an ordinary request: the next head is judged as usual.
+    let with_body = b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let (out, r) = guard_all(with_body);
+    assert_eq!((out.as_slice(), r), (&with_body[..], Ok(())));
+}
+
+#[test]
+fn upgrades_are_forwarded_except_h2c_or_with_a_body() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let ws = [
+        ("host", "www.example.com"),
+        ("connection", "keep-alive, Upgrade"),
+        ("upgrade", "websocket"),
+    ];
+    let mut h = head(&ws, "GET", "/chat");
+    let up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!(
+        up.upgrade.as_ref().map(|v| v.as_bytes()),
+        Some(&b"websocket"[..])
+    );
+    assert_eq!(h.headers["connection"], "upgrade");
+    assert_eq!(h.headers["upgrade"], "websocket");
+    for extra in [("upgrade", "h2c"), ("content-length", "3")] {
+        let mut fields = ws.to_vec();
+        if extra.0 == "upgrade" {
+            fields[2] = extra;
+        } else {
+            fields.push(extra);
+        }
+        let mut h = head(&fields, "GET", "/chat");
+        let up = forwarded(decide(&mut gw, &mut h));
+        assert_eq!(up.upgrade, None, "{extra:?}");
+        assert!(!h.headers.contains_key("upgrade"), "{extra:?}");
+        assert!(!h.headers.contains_key("connection"), "{extra:?}");
+    }
+    // Upgrade without Connection: upgrade is no request to switch.
+    let mut h = head(
+        &[("host", "www.example.com"), ("upgrade", "websocket")],
+        "GET",
+        "/",
+    );
+    assert_eq!(forwarded(decide(&mut gw, &mut h)).upgrade, None);
+}
+
+#[test]
 fn fuzz_entry_runs_on_samples() {
     crate::fuzzing::run_request(
         epoch(),
@@ -462,6 +521,10 @@ fn fuzz_entry_runs_on_samples() {
     crate::fuzzing::run_request(
         epoch(),
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    crate::fuzzing::run_request(
+        epoch(),
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nGET /x HTTP/1.1\r\n\r\n",
     );
 }
 

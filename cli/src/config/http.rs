@@ -155,6 +155,10 @@ pub(crate) struct HttpSection {
     /// Time for a backend to answer (HAProxy `timeout server`). Default 30s: 504 beyond.
     #[serde(default)]
     pub(crate) upstream_timeout: Option<Spanned<HumanDuration>>,
+    /// Time an upgraded connection (WebSocket) may be idle both ways (HAProxy `timeout
+    /// tunnel`). Default 1h.
+    #[serde(default)]
+    pub(crate) tunnel_timeout: Option<Spanned<HumanDuration>>,
     /// TLS termination.
     #[serde(default)]
     pub(crate) tls: Option<Spanned<TlsSection>>,
@@ -278,6 +282,11 @@ impl HttpSection {
                 &self.upstream_timeout,
                 "upstream_timeout",
                 &mut limits.upstream_timeout,
+            ),
+            (
+                &self.tunnel_timeout,
+                "tunnel_timeout",
+                &mut limits.tunnel_timeout,
             ),
         ] {
             if let Some(d) = value {

@@ -625,6 +625,7 @@ listen = "198.51.100.10:80"
 trusted_proxies = ["10.0.0.0/8"]
 max_body_bytes = 1000
 header_timeout = "5s"
+tunnel_timeout = "10m"
 
 [[http.route]]
 name = "api"
@@ -680,6 +681,10 @@ fn an_http_section_lowers_to_the_gateway_config() {
     assert_eq!(gw.pools[1].balance.scheduler, balance::SchedulerKind::Rr);
     assert_eq!(gw.limits.max_body_bytes, 1000);
     assert_eq!(gw.limits.header_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(
+        gw.limits.tunnel_timeout,
+        std::time::Duration::from_secs(600)
+    );
     assert_eq!(gw.forwarding.trusted_proxies.len(), 1);
     httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
 }
@@ -859,7 +864,7 @@ fn tls_certificates_are_checked_at_their_place() {
     let errs = errors(&plain);
     assert!(
         errs.iter()
-            .any(|e| e.starts_with("site.toml:19:8: `sni` matches a TLS server name")),
+            .any(|e| e.starts_with("site.toml:20:8: `sni` matches a TLS server name")),
         "{errs:#?}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -51,6 +51,14 @@ impl<S> GuardedStream<S> {
     pub(super) fn into_inner(self) -> S {
         self.inner
     }
+
+    /// The stream for a tunnel after an upgrade, and the client's bytes read but not yet
+    /// handed on (to go first).
+    pub(super) fn into_tunnel(mut self) -> (S, Vec<u8>) {
+        let mut first = self.released.split_off(self.offset);
+        first.append(&mut self.guard.take_held());
+        (self.inner, first)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for GuardedStream<S> {
@@ -73,6 +81,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for GuardedStream<S> {
             }
             if this.refusal.is_some() {
                 return Poll::Ready(Ok(()));
+            }
+            if this.guard.upgrading() {
+                // Not read until the upgrade is answered: a switch makes the rest a tunnel's,
+                // anything else closes the connection. hyper needs nothing more for a
+                // bodiless request; its task is woken by the answer.
+                return Poll::Pending;
             }
             let mut raw = ReadBuf::new(&mut this.scratch);
             std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut raw))?;

@@ -457,3 +457,128 @@ backends = [{{ address = "10.0.0.102:8000" }}]
     assert_eq!(lab.requests_seen("rs1"), "GET /x\n");
     assert_eq!(lab.requests_seen("rs2"), "GET /x\n");
 }
+
+/// A WebSocket-ish echo server: answers a request with `Upgrade: websocket` with `101` and
+/// then echoes every byte until EOF; anything else gets `200 plain`.
+const ECHO_PY: &str = r#"
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(16)
+def serve(c):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = c.recv(4096)
+        if not d:
+            return
+        data += d
+    head, rest = data.split(b"\r\n\r\n", 1)
+    if b"upgrade: websocket" in head.lower():
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n" + rest)
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+        c.shutdown(socket.SHUT_WR)
+    else:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Asks argv[1]:argv[2] to switch to websocket, then sends argv[3] random bytes while reading
+/// the echo; prints the status line, then the SHA-256 of what went and what came back.
+const WS_CLIENT_PY: &str = r#"
+import hashlib, os, socket, sys, threading
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GET /ws/chat HTTP/1.1\r\nHost: chat.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(4096)
+head, back = data.split(b"\r\n\r\n", 1)
+payload = os.urandom(int(sys.argv[3]))
+def send():
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send)
+t.start()
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    back += d
+t.join()
+print(head.split(b"\r\n")[0].decode())
+print(hashlib.sha256(payload).hexdigest(), hashlib.sha256(back).hexdigest(), len(back))
+"#;
+
+#[test]
+fn websocket_upgrade_is_tunnelled_both_ways() {
+    let site = r#"
+[[http]]
+name = "ws"
+listen = "198.51.100.11:80"
+tunnel_timeout = "30s"
+
+[[http.route]]
+name = "ws"
+path_prefix = ["/ws/"]
+pool = "echo"
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "echo"
+backends = [{ address = "10.0.0.101:9000" }]
+
+[[http.pool]]
+name = "web"
+backends = [{ address = "10.0.0.102:8000" }]
+"#;
+    let lab = Lab::with_site(e2e!(), site, 80);
+    let echo = lab.t.write("echo.py", ECHO_PY);
+    let _echo = lab.t.spawn(
+        "rs1",
+        "echo",
+        &["python3", echo.to_str().unwrap_or(""), "10.0.0.101", "9000"],
+    );
+    lab.t.wait_listening("rs1", 9000);
+    let client = lab.t.write("ws_client.py", WS_CLIENT_PY);
+    let out = lab.t.sh(
+        "cl",
+        &format!("python3 {} {GATEWAY} 80 1000000", client.display()),
+    );
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("HTTP/1.1 101 Switching Protocols"),
+        "{out}"
+    );
+    let sums: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(sums.len(), 3, "{out}");
+    assert_eq!(sums[0], sums[1], "echo differs: {out}");
+    assert_eq!(sums[2], "1000000", "{out}");
+    // An ordinary request on the same listener still works, and the switch was counted.
+    assert!(
+        lab.curl(&format!("http://{GATEWAY}/"))
+            .starts_with("rs2 / ")
+    );
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let gw = &json[0];
+    assert_eq!(
+        counter(gw, &["routes", "0", "responses", "info"]),
+        1,
+        "{json}"
+    );
+    assert_eq!(
+        counter(gw, &["routes", "1", "responses", "success"]),
+        1,
+        "{json}"
+    );
+}
