@@ -13,6 +13,9 @@ pub enum ConfigError {
     /// A header name that is not a valid token.
     #[error("bad header name {0:?}")]
     BadHeaderName(String),
+    /// A sticky cookie name that is not a token of at most 64 characters.
+    #[error("bad cookie name {0:?} (1 to 64 token characters: letters, digits, !#$%&'*+-.^_`|~)")]
+    BadCookieName(String),
     /// A redirect status that is not a redirect.
     #[error("redirect status {0} is not one of 301, 302, 303, 307, 308")]
     BadRedirectStatus(u16),

@@ -151,6 +151,7 @@ fn config() -> GatewayConfig {
                     backends: vec![backend(1), backend(2)],
                     ..PoolConfig::default()
                 },
+                cookie: None,
             },
             PoolSpec {
                 name: "api".into(),
@@ -159,6 +160,7 @@ fn config() -> GatewayConfig {
                     backends: vec![backend(3)],
                     ..PoolConfig::default()
                 },
+                cookie: None,
             },
         ],
         forwarding: Forwarding::default(),

@@ -29,6 +29,84 @@ pub struct PoolSpec {
     pub name: String,
     /// Scheduler, backends, weights.
     pub balance: PoolConfig,
+    /// Cookie-insert stickiness, if any.
+    pub cookie: Option<StickyCookie>,
+}
+
+/// Cookie-insert stickiness (HAProxy `cookie NAME insert indirect [nocache]`): a response
+/// from a backend the request did not name gets `Set-Cookie: NAME=ID` (an opaque id of the
+/// backend); a request carrying it goes to that backend while it can take requests, and the
+/// cookie is removed before the request goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyCookie {
+    /// Cookie name (an RFC 6265 token).
+    pub name: String,
+    /// Add `Cache-Control: private` to a response that sets the cookie, so that no shared
+    /// cache hands it to other clients.
+    pub nocache: bool,
+}
+
+impl StickyCookie {
+    /// Longest cookie name accepted.
+    pub const MAX_NAME: usize = 64;
+
+    /// Checks the name: 1 to [`MAX_NAME`](Self::MAX_NAME) token characters.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadCookieName`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if self.name.is_empty() || self.name.len() > Self::MAX_NAME || !self.name.bytes().all(token)
+        {
+            return Err(ConfigError::BadCookieName(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// The opaque id a backend is named by in the cookie: 16 hex digits of a 64-bit FNV-1a
+    /// hash of its address (stable across reloads and reorderings, not the address itself).
+    #[must_use]
+    pub fn id(addr: SocketAddrV4) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in addr
+            .ip()
+            .octets()
+            .into_iter()
+            .chain(addr.port().to_be_bytes())
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` fields, and the fields with that
+/// cookie removed (`None`: no such cookie, fields untouched).
+fn take_cookie(headers: &mut http::HeaderMap, name: &str) -> Option<String> {
+    let mut found = None;
+    let mut kept: Vec<String> = Vec::new();
+    for field in headers.get_all(http::header::COOKIE) {
+        let Ok(text) = field.to_str() else {
+            return None;
+        };
+        for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some((n, v)) if n.trim() == name => {
+                    found.get_or_insert_with(|| v.trim().to_owned());
+                }
+                _ => kept.push(pair.to_owned()),
+            }
+        }
+    }
+    let value = found?;
+    headers.remove(http::header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(http::header::COOKIE, v);
+    }
+    Some(value)
 }
 
 /// Bounds on what a client may send or hold, and how long an upstream may take.
@@ -149,6 +227,9 @@ impl GatewayConfig {
         for (i, p) in self.pools.iter().enumerate() {
             if self.pools[..i].iter().any(|o| o.name == p.name) {
                 return Err(ConfigError::DuplicatePool(p.name.clone()));
+            }
+            if let Some(c) = &p.cookie {
+                c.validate()?;
             }
         }
         for r in &self.routes {
@@ -361,6 +442,9 @@ pub struct Upstream {
     pub addr: SocketAddrV4,
     /// Path and query to send (prefix stripped).
     pub path_and_query: String,
+    /// `Set-Cookie` value to add to the response (stickiness), and whether to add
+    /// `Cache-Control: private` with it.
+    pub set_cookie: Option<(HeaderValue, bool)>,
     /// The request asks to switch to this protocol (`Connection: upgrade` and `Upgrade` are
     /// forwarded); a `101` answer makes the connection a tunnel.
     pub upgrade: Option<HeaderValue>,
@@ -423,6 +507,7 @@ struct BackendCounts {
 struct PoolState {
     name: String,
     pool: Pool,
+    cookie: Option<StickyCookie>,
     requests: u64,
     no_backend: u64,
     responses: StatusClasses,
@@ -463,6 +548,7 @@ impl Gateway {
                         pool: p.name.clone(),
                         source,
                     })?,
+                    cookie: p.cookie.clone(),
                     requests: 0,
                     no_backend: 0,
                     responses: StatusClasses::default(),
@@ -536,7 +622,35 @@ impl Gateway {
             .unwrap_or(checked.path);
         let state = &mut self.pools[pool_index];
         state.requests += 1;
-        let (backend, addr) = match state.pool.schedule(now, client, local) {
+        // Stickiness: the backend the cookie names while it can take requests, else the
+        // scheduler's pick (a dead backend's clients are re-dispatched and get a new cookie).
+        let named = state
+            .cookie
+            .as_ref()
+            .and_then(|c| take_cookie(&mut head.headers, &c.name));
+        let stuck = named.as_deref().and_then(|id| {
+            state
+                .pool
+                .backends()
+                .find(|(_, b)| b.is_eligible() && StickyCookie::id(b.addr()) == id)
+                .map(|(bid, b)| (bid, b.addr()))
+        });
+        let decision = match stuck {
+            Some((id, addr)) => {
+                state.pool.opened(now, id, client);
+                Decision::Backend { id, addr }
+            }
+            None => state.pool.schedule(now, client, local),
+        };
+        let set_cookie = match (&state.cookie, &decision) {
+            (Some(c), Decision::Backend { addr, .. }) if stuck.is_none() => {
+                HeaderValue::from_str(&format!("{}={}; Path=/", c.name, StickyCookie::id(*addr)))
+                    .ok()
+                    .map(|v| (v, c.nocache))
+            }
+            _ => None,
+        };
+        let (backend, addr) = match decision {
             Decision::Backend { id, addr } => {
                 state.pool.established(now, id, *client.ip());
                 let i = id.index();
@@ -579,6 +693,7 @@ impl Gateway {
             backend,
             addr,
             path_and_query: format!("{path}{query}"),
+            set_cookie,
             upgrade,
             client: *client.ip(),
         })

@@ -37,8 +37,8 @@ mod driver;
 pub use error::ConfigError;
 pub use gateway::{
     Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits,
-    Outcome, PoolSpec, PoolStatus, RouteStatus, StatusClasses, TlsConfig, TlsSession, TlsStatus,
-    Upstream, Verdict,
+    Outcome, PoolSpec, PoolStatus, RouteStatus, StatusClasses, StickyCookie, TlsConfig, TlsSession,
+    TlsStatus, Upstream, Verdict,
 };
 
 #[cfg(feature = "driver")]

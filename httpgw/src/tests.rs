@@ -25,6 +25,7 @@ fn pool(name: &str, backends: Vec<BackendConfig>) -> PoolSpec {
             backends,
             ..PoolConfig::default()
         },
+        cookie: None,
     }
 }
 
@@ -613,4 +614,64 @@ fn a_long_chunk_size_line_releases_the_same_bytes_however_read() {
     assert!(r.is_err());
     let head = stream.find("\r\n\r\n").unwrap() + 4;
     assert_eq!(out.len(), head + crate::framing::MAX_CHUNK_LINE);
+}
+
+#[test]
+fn a_sticky_cookie_routes_to_its_backend_while_it_is_up() {
+    let mut cfg = config();
+    cfg.pools[0].cookie = Some(crate::StickyCookie {
+        name: "SRV".into(),
+        nocache: true,
+    });
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let www = |cookie: Option<&str>| {
+        let mut fields = vec![("host", "www.example.com")];
+        if let Some(c) = cookie {
+            fields.push(("cookie", c));
+        }
+        head(&fields, "GET", "/")
+    };
+    // No cookie: the scheduler picks, the answer sets the cookie naming its pick.
+    let mut h = www(None);
+    let first = forwarded(decide(&mut gw, &mut h));
+    let (set, nocache) = first.set_cookie.clone().expect("cookie set");
+    assert!(nocache);
+    let id = crate::StickyCookie::id(first.addr);
+    assert_eq!(set.to_str().unwrap(), format!("SRV={id}; Path=/"));
+    assert!(!set.to_str().unwrap().contains("10.0.0."));
+    gw.finish(epoch(), &first, Outcome::Answered(StatusCode::OK));
+    // With it: the same backend every time (rr would alternate), no new cookie, and the
+    // cookie never goes upstream while the others do.
+    for _ in 0..5 {
+        let mut h = www(Some(&format!("a=1; SRV={id}; b=2")));
+        let up = forwarded(decide(&mut gw, &mut h));
+        assert_eq!(up.addr, first.addr);
+        assert_eq!(up.set_cookie, None);
+        assert_eq!(h.headers["cookie"], "a=1; b=2");
+        gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    }
+    let mut h = www(Some(&format!("SRV={id}")));
+    forwarded(decide(&mut gw, &mut h));
+    assert!(!h.headers.contains_key("cookie"));
+    // An unknown id is re-dispatched and gets a fresh cookie.
+    let mut h = www(Some("SRV=0000000000000000"));
+    assert!(forwarded(decide(&mut gw, &mut h)).set_cookie.is_some());
+    // Without stickiness the two backends alternate.
+    let mut gw = Gateway::new(&config()).unwrap();
+    let a = forwarded(decide(&mut gw, &mut www(None)));
+    let b = forwarded(decide(&mut gw, &mut www(Some(&format!("SRV={id}")))));
+    assert_ne!(a.addr, b.addr);
+    assert_eq!(a.set_cookie, None);
+    // Names are tokens.
+    for bad in ["", "a b", "a;b", &"x".repeat(65)] {
+        let mut cfg = config();
+        cfg.pools[0].cookie = Some(crate::StickyCookie {
+            name: bad.into(),
+            nocache: false,
+        });
+        assert!(matches!(
+            Gateway::new(&cfg),
+            Err(ConfigError::BadCookieName(_))
+        ));
+    }
 }

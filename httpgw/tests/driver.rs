@@ -70,6 +70,7 @@ fn pool(name: &str, backends: &[SocketAddrV4]) -> PoolSpec {
             backends: backends.iter().map(|a| BackendConfig::new(*a, 1)).collect(),
             ..PoolConfig::default()
         },
+        cookie: None,
     }
 }
 

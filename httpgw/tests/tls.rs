@@ -191,6 +191,7 @@ async fn sni_picks_the_certificate_and_the_route() {
             backends: vec![BackendConfig::new(addr, 1)],
             ..PoolConfig::default()
         },
+        cookie: None,
     };
     let config = GatewayConfig {
         name: "tls".into(),
@@ -314,6 +315,7 @@ async fn hostile_handshakes_are_closed_and_counted() {
                 backends: vec![BackendConfig::new(web_addr, 1)],
                 ..PoolConfig::default()
             },
+            cookie: None,
         }],
         forwarding: Forwarding::default(),
         limits: Limits {

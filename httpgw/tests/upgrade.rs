@@ -85,6 +85,7 @@ async fn gateway(tunnel_timeout: Duration) -> (HttpGateway, Arc<Mutex<Vec<String
                 backends: vec![BackendConfig::new(addr, 1)],
                 ..PoolConfig::default()
             },
+            cookie: None,
         }],
         forwarding: Forwarding::default(),
         limits: Limits {

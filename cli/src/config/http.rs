@@ -44,6 +44,23 @@ pub(crate) struct HttpPoolSection {
     pub(crate) scheduler: SchedulerKind,
     #[serde(default)]
     pub(crate) backends: Vec<HttpBackendSection>,
+    /// Cookie-insert stickiness (HAProxy `cookie NAME insert indirect nocache`).
+    #[serde(default)]
+    pub(crate) cookie: Option<CookieSection>,
+}
+
+/// `cookie = { name = "SRV", nocache = true }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CookieSection {
+    pub(crate) name: Spanned<String>,
+    /// `Cache-Control: private` on responses that set it. Default true.
+    #[serde(default = "d_true")]
+    pub(crate) nocache: bool,
+}
+
+fn d_true() -> bool {
+    true
 }
 
 fn d_scheduler() -> SchedulerKind {
@@ -200,8 +217,19 @@ impl HttpSection {
                         );
                     }
                 }
+                let cookie = p.cookie.as_ref().map(|c| {
+                    let sticky = httpgw::StickyCookie {
+                        name: c.name.get_ref().clone(),
+                        nocache: c.nocache,
+                    };
+                    if let Err(e) = sticky.validate() {
+                        error(c.name.span(), e.to_string());
+                    }
+                    sticky
+                });
                 PoolSpec {
                     name: p.name.get_ref().clone(),
+                    cookie,
                     balance: PoolConfig {
                         scheduler: p.scheduler,
                         backends: p

@@ -653,6 +653,7 @@ backends = [{ address = "10.0.0.1:8080", weight = 2 }, { address = "10.0.0.2:808
 [[http.pool]]
 name = "api"
 backends = [{ address = "10.0.0.3:8080" }]
+cookie = { name = "SRV" }
 "#;
 
 #[test]
@@ -679,6 +680,13 @@ fn an_http_section_lowers_to_the_gateway_config() {
     assert_eq!(gw.pools[0].balance.scheduler, balance::SchedulerKind::Wrr);
     assert_eq!(gw.pools[0].balance.backends[0].weight, 2);
     assert_eq!(gw.pools[1].balance.scheduler, balance::SchedulerKind::Rr);
+    assert_eq!(
+        gw.pools[1].cookie,
+        Some(httpgw::StickyCookie {
+            name: "SRV".into(),
+            nocache: true
+        })
+    );
     assert_eq!(gw.limits.max_body_bytes, 1000);
     assert_eq!(gw.limits.header_timeout, std::time::Duration::from_secs(5));
     assert_eq!(
@@ -699,6 +707,7 @@ fn http_mistakes_point_at_their_place() {
         .replace("status = 301", "status = 200")
         .replace("max_body_bytes = 1000", "max_body_bytes = 2000000000")
         .replace("header_timeout = \"5s\"", "header_timeout = \"10ms\"")
+        .replace("name = \"SRV\"", "name = \"S R V\"")
         .replace(
             "{ address = \"10.0.0.2:8080\" }",
             "{ address = \"10.0.0.1:8080\" }",
@@ -728,12 +737,13 @@ fn http_mistakes_point_at_their_place() {
     at("\"post\"", 18, "upper-case HTTP method");
     at("pool = \"apii\"", 8, "did you mean `api`?");
     at("status = 200", 23, "redirect status 200");
+    at("S R V", 19, "bad cookie name");
     at(
         "weight = 2 }, { address = \"10.0.0.1",
         68,
         "duplicate backend",
     );
-    assert_eq!(errs.len(), 8, "{errs:#?}");
+    assert_eq!(errs.len(), 9, "{errs:#?}");
 }
 
 #[test]

@@ -613,6 +613,14 @@ async fn answer(
         Some(res) => {
             let (mut parts, body) = res.into_parts();
             hygiene::remove_hop_by_hop(&mut parts.headers);
+            if let Some((cookie, nocache)) = up.set_cookie {
+                parts.headers.append(header::SET_COOKIE, cookie);
+                if nocache {
+                    parts
+                        .headers
+                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+                }
+            }
             Response::from_parts(parts, body.boxed())
         }
         None => {

@@ -15,8 +15,8 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_until};
 
 const GATEWAY: &str = "198.51.100.11";
 
-/// A backend on http.server's handler: `NAME PATH xff=XFF proto=PROTO sha256=HEX` for any GET
-/// or POST,
+/// A backend on http.server's handler: `NAME PATH xff=XFF proto=PROTO cookie=COOKIE sha256=HEX`
+/// for any GET or POST,
 /// and one line per request (`METHOD PATH`) in the log file.
 const BACKEND_PY: &str = r#"
 import hashlib, sys
@@ -31,7 +31,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         xff = self.headers.get("X-Forwarded-For", "")
         proto = self.headers.get("X-Forwarded-Proto", "")
-        text = f"{name} {self.path} xff={xff} proto={proto} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
+        cookie = self.headers.get("Cookie", "")
+        text = f"{name} {self.path} xff={xff} proto={proto} cookie={cookie} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(text)))
         self.end_headers()
@@ -581,4 +582,54 @@ backends = [{ address = "10.0.0.102:8000" }]
         1,
         "{json}"
     );
+}
+
+#[test]
+fn a_sticky_cookie_keeps_a_client_on_one_backend() {
+    let site = r#"
+[[http]]
+name = "app"
+listen = "198.51.100.11:80"
+
+[[http.route]]
+name = "default"
+pool = "app"
+
+[[http.pool]]
+name = "app"
+cookie = { name = "SRV", nocache = true }
+backends = [{ address = "10.0.0.101:8000" }, { address = "10.0.0.102:8000" }]
+"#;
+    let lab = Lab::with_site(e2e!(), site, 80);
+    let jar = lab.t.dir().join("jar.txt").display().to_string();
+    let url = format!("http://{GATEWAY}/");
+    // The first answer sets the cookie: an opaque id, not the address; Cache-Control private.
+    let head = lab.curl(&format!("-D - -o /dev/null -c {jar} {url}"));
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("set-cookie: srv="), "{head}");
+    assert!(lower.contains("cache-control: private"), "{head}");
+    assert!(!head.contains("10.0.0."), "{head}");
+    // With the jar: ten more requests, one backend.
+    let bodies: Vec<String> = (0..10)
+        .map(|_| lab.curl(&format!("-b {jar} -c {jar} -b other=1 {url}")))
+        .collect();
+    let with: Vec<&str> = bodies
+        .iter()
+        .map(|body| body.split_whitespace().next().unwrap_or("-"))
+        .collect();
+    assert!(with.iter().all(|b| *b == with[0]), "{bodies:?}");
+    // The cookie is taken out before the request goes upstream; other cookies stay.
+    assert!(
+        bodies.iter().all(|b| b.contains(" cookie=other=1 ")),
+        "{bodies:?}"
+    );
+    // Without it: round robin spreads them.
+    let without: Vec<String> = (0..10)
+        .map(|_| lab.curl(&url))
+        .map(|body| body.split_whitespace().next().unwrap_or("-").to_owned())
+        .collect();
+    assert!(without.iter().any(|b| b == "rs1"), "{without:?}");
+    assert!(without.iter().any(|b| b == "rs2"), "{without:?}");
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    assert_eq!(counter(&json[0], &["pools", "0", "requests"]), 21, "{json}");
 }
