@@ -8,7 +8,7 @@ use http::Request;
 
 use crate::framing::{HeadGuard, MAX_HEADERS};
 use crate::hygiene::Forwarding;
-use crate::route::{Action, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use crate::route::{Action, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route};
 use crate::{Gateway, GatewayConfig, Limits, PoolSpec, Verdict};
 
 /// Feeds `data` (a client's byte stream) to the framing guard in one piece and split at
@@ -122,6 +122,7 @@ fn config() -> GatewayConfig {
                     pool: 1,
                     strip_prefix: Some("/api".into()),
                 },
+                rewrite: HeaderRules::default(),
             },
             Route {
                 name: "old".into(),
@@ -133,6 +134,7 @@ fn config() -> GatewayConfig {
                     status: http::StatusCode::MOVED_PERMANENTLY,
                     target: RedirectTarget::Prefix("https://example.com/".into()),
                 },
+                rewrite: HeaderRules::default(),
             },
             Route {
                 name: "default".into(),
@@ -141,6 +143,7 @@ fn config() -> GatewayConfig {
                     pool: 0,
                     strip_prefix: None,
                 },
+                rewrite: HeaderRules::default(),
             },
         ],
         pools: vec![

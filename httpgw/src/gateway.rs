@@ -233,6 +233,22 @@ impl GatewayConfig {
             }
         }
         for r in &self.routes {
+            if !r.rewrite.within_bounds() {
+                return Err(ConfigError::LimitOutOfRange {
+                    what: "header rules per list",
+                    value: [
+                        r.rewrite.set_request.len(),
+                        r.rewrite.del_request.len(),
+                        r.rewrite.set_response.len(),
+                        r.rewrite.del_response.len(),
+                    ]
+                    .into_iter()
+                    .max()
+                    .unwrap_or(0) as u64,
+                    min: 0,
+                    max: route::MAX_HEADER_RULES as u64,
+                });
+            }
             if let Action::Forward { pool, .. } = r.action
                 && pool >= self.pools.len()
             {
@@ -687,6 +703,7 @@ impl Gateway {
             );
             head.headers.insert(http::header::UPGRADE, protocol.clone());
         }
+        self.routes[index].rewrite.apply_request(&mut head.headers);
         Verdict::Forward(Upstream {
             route: index,
             pool: pool_index,
@@ -736,6 +753,13 @@ impl Gateway {
                     counts.failures += 1;
                 }
             }
+        }
+    }
+
+    /// Applies route `index`'s response rules to a response it forwarded.
+    pub fn rewrite_response(&self, index: usize, headers: &mut http::HeaderMap) {
+        if let Some(r) = self.routes.get(index) {
+            r.rewrite.apply_response(headers);
         }
     }
 

@@ -53,6 +53,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether a field is the proxy's to manage, not a header rule's: the hop-by-hop fields,
+/// `Upgrade`, `Host`, `Content-Length`.
+#[must_use]
+pub fn is_reserved(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+        || *name == header::UPGRADE
+        || *name == header::HOST
+        || *name == header::CONTENT_LENGTH
+}
+
 /// Checks a request head: framing (`Content-Length` with `Transfer-Encoding`, differing or
 /// invalid `Content-Length` values), `Host` (required by HTTP/1.1, exactly one, a valid
 /// authority without user info, the same as an absolute-form target's), the method (no

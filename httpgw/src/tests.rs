@@ -7,7 +7,9 @@ use testkit::epoch;
 
 use crate::framing::HeadGuard;
 use crate::hygiene::{self, Forwarding};
-use crate::route::{Action, HeaderMatch, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use crate::route::{
+    Action, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route,
+};
 use crate::{ConfigError, Gateway, GatewayConfig, Limits, Outcome, PoolSpec, Upstream, Verdict};
 
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 40_000);
@@ -37,6 +39,7 @@ fn forward(name: &str, when: Match, pool: usize, strip: Option<&str>) -> Route {
             pool,
             strip_prefix: strip.map(str::to_owned),
         },
+        rewrite: HeaderRules::default(),
     }
 }
 
@@ -66,6 +69,7 @@ fn config() -> GatewayConfig {
                     RedirectTarget::Prefix("https://new.example.com/".into()),
                 )
                 .unwrap(),
+                rewrite: HeaderRules::default(),
             },
             forward(
                 "admin-posts",
@@ -674,4 +678,87 @@ fn a_sticky_cookie_routes_to_its_backend_while_it_is_up() {
             Err(ConfigError::BadCookieName(_))
         ));
     }
+}
+
+#[test]
+fn header_rules_set_and_delete_with_bounds() {
+    let mut cfg = config();
+    let www = cfg.routes.iter().position(|r| r.name == "www").unwrap();
+    cfg.routes[www].rewrite = HeaderRules {
+        set_request: vec![
+            (
+                HeaderRules::name("X-Env").unwrap(),
+                HeaderRules::value("prod").unwrap(),
+            ),
+            (
+                HeaderRules::name("X-Forwarded-Proto").unwrap(),
+                HeaderRules::value("https").unwrap(),
+            ),
+        ],
+        del_request: vec![HeaderRules::name("X-Debug").unwrap()],
+        set_response: vec![(
+            HeaderRules::name("Strict-Transport-Security").unwrap(),
+            HeaderRules::value("max-age=63072000").unwrap(),
+        )],
+        del_response: vec![HeaderRules::name("Server").unwrap()],
+    };
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let mut h = head(
+        &[
+            ("host", "www.example.com"),
+            ("x-debug", "1"),
+            ("x-env", "client"),
+            ("x-env", "twice"),
+        ],
+        "GET",
+        "/",
+    );
+    let up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!(h.headers.get_all("x-env").iter().count(), 1);
+    assert_eq!(h.headers["x-env"], "prod");
+    assert_eq!(h.headers["x-forwarded-proto"], "https");
+    assert!(!h.headers.contains_key("x-debug"));
+    let mut res = http::HeaderMap::new();
+    res.insert("server", "apache".parse().unwrap());
+    gw.rewrite_response(up.route, &mut res);
+    assert!(!res.contains_key("server"));
+    assert_eq!(res["strict-transport-security"], "max-age=63072000");
+    // Other routes are untouched.
+    let mut h = head(
+        &[("host", "x.example.com"), ("x-debug", "1")],
+        "GET",
+        "/api/x",
+    );
+    forwarded(decide(&mut gw, &mut h));
+    assert!(h.headers.contains_key("x-debug"));
+
+    for reserved in [
+        "Connection",
+        "transfer-encoding",
+        "Upgrade",
+        "Host",
+        "content-length",
+    ] {
+        assert_eq!(
+            HeaderRules::name(reserved),
+            Err(ConfigError::ReservedHeader(reserved.into()))
+        );
+    }
+    assert!(matches!(
+        HeaderRules::name("a b"),
+        Err(ConfigError::BadHeaderName(_))
+    ));
+    for bad in ["a\r\nX-Injected: 1", "\u{e9}", &"v".repeat(4097)] {
+        assert!(matches!(
+            HeaderRules::value(bad),
+            Err(ConfigError::BadHeaderValue(_))
+        ));
+    }
+    assert!(HeaderRules::value(&"v".repeat(4096)).is_ok());
+    let mut cfg = config();
+    cfg.routes[0].rewrite.del_request = vec![HeaderRules::name("x-a").unwrap(); 33];
+    assert!(matches!(
+        Gateway::new(&cfg),
+        Err(ConfigError::LimitOutOfRange { .. })
+    ));
 }

@@ -11,7 +11,7 @@ use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use httpgw::hygiene::Forwarding;
-use httpgw::route::{Action, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use httpgw::route::{Action, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route};
 use httpgw::{GatewayConfig, HttpGateway, Limits, PoolSpec};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -79,6 +79,7 @@ fn route(name: &str, when: Match, action: Action) -> Route {
         name: name.into(),
         when,
         action,
+        rewrite: HeaderRules::default(),
     }
 }
 

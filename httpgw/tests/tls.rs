@@ -12,7 +12,7 @@ use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use bytes::Bytes;
 use http_body_util::Full;
 use httpgw::hygiene::Forwarding;
-use httpgw::route::{Action, HostPattern, Match, Route};
+use httpgw::route::{Action, HeaderRules, HostPattern, Match, Route};
 use httpgw::{CertFiles, GatewayConfig, HttpGateway, Limits, PoolSpec, TlsConfig};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -207,6 +207,7 @@ async fn sni_picks_the_certificate_and_the_route() {
                     pool: 1,
                     strip_prefix: None,
                 },
+                rewrite: HeaderRules::default(),
             },
             Route {
                 name: "default".into(),
@@ -215,6 +216,7 @@ async fn sni_picks_the_certificate_and_the_route() {
                     pool: 0,
                     strip_prefix: None,
                 },
+                rewrite: HeaderRules::default(),
             },
         ],
         pools: vec![pool("web", web_addr), pool("a", a_addr)],
@@ -307,6 +309,7 @@ async fn hostile_handshakes_are_closed_and_counted() {
                 pool: 0,
                 strip_prefix: None,
             },
+            rewrite: HeaderRules::default(),
         }],
         pools: vec![PoolSpec {
             name: "web".into(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use httpgw::hygiene::Forwarding;
-use httpgw::route::{Action, Match, Route};
+use httpgw::route::{Action, HeaderRules, Match, Route};
 use httpgw::{GatewayConfig, HttpGateway, Limits, PoolSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -77,6 +77,7 @@ async fn gateway(tunnel_timeout: Duration) -> (HttpGateway, Arc<Mutex<Vec<String
                 pool: 0,
                 strip_prefix: None,
             },
+            rewrite: HeaderRules::default(),
         }],
         pools: vec![PoolSpec {
             name: "echo".into(),

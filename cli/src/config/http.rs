@@ -9,7 +9,9 @@
 use super::{HumanDuration, Validator, check_unique, did_you_mean};
 use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use httpgw::hygiene::Forwarding;
-use httpgw::route::{Action, HeaderMatch, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use httpgw::route::{
+    Action, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route,
+};
 use httpgw::{CertFiles, GatewayConfig, Limits, PoolSpec, TlsConfig};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -118,6 +120,18 @@ pub(crate) struct RouteSection {
     /// Any of these TLS server names (SNI), exact or `*.suffix`; only on a TLS listener.
     #[serde(default)]
     pub(crate) sni: Vec<Spanned<String>>,
+    /// Fields set on the forwarded request, name → value (HAProxy `http-request set-header`).
+    #[serde(default)]
+    pub(crate) set_request_headers: BTreeMap<String, Spanned<String>>,
+    /// Fields deleted from the forwarded request (HAProxy `http-request del-header`).
+    #[serde(default)]
+    pub(crate) del_request_headers: Vec<Spanned<String>>,
+    /// Fields set on the response (HAProxy `http-response set-header`).
+    #[serde(default)]
+    pub(crate) set_response_headers: BTreeMap<String, Spanned<String>>,
+    /// Fields deleted from the response (HAProxy `http-response del-header`).
+    #[serde(default)]
+    pub(crate) del_response_headers: Vec<Spanned<String>>,
 }
 
 /// One certificate of a TLS listener: PEM files.
@@ -421,6 +435,7 @@ fn route(
         }
     }
     let route_name = r.name.get_ref();
+    let rewrite = rewrite(r, error);
     let action = match (&r.pool, &r.redirect) {
         (Some(pool), None) => {
             let Some(index) = pools.iter().position(|p| p == pool.get_ref()) else {
@@ -491,11 +506,82 @@ fn route(
             return None;
         }
     };
+    if !matches!(action, Action::Forward { .. }) && rewrite != HeaderRules::default() {
+        error(
+            r.name.span(),
+            format!("route `{route_name}` redirects: header rules apply to a route with a pool"),
+        );
+    }
     Some(Route {
         name: route_name.clone(),
         when,
         action,
+        rewrite,
     })
+}
+
+/// The route's header rules, each mistake at its value (set) or entry (del).
+fn rewrite(r: &RouteSection, error: &mut dyn FnMut(Range<usize>, String)) -> HeaderRules {
+    let mut rules = HeaderRules::default();
+    let lists = [
+        (
+            &r.set_request_headers,
+            &mut rules.set_request,
+            "set_request_headers",
+        ),
+        (
+            &r.set_response_headers,
+            &mut rules.set_response,
+            "set_response_headers",
+        ),
+    ];
+    for (map, into, key) in lists {
+        if map.len() > httpgw::route::MAX_HEADER_RULES {
+            error(
+                r.name.span(),
+                format!(
+                    "`{key}` has more than {} entries",
+                    httpgw::route::MAX_HEADER_RULES
+                ),
+            );
+        }
+        for (name, value) in map {
+            match (HeaderRules::name(name), HeaderRules::value(value.get_ref())) {
+                (Ok(n), Ok(v)) => into.push((n, v)),
+                (Err(e), _) | (_, Err(e)) => error(value.span(), e.to_string()),
+            }
+        }
+    }
+    let lists = [
+        (
+            &r.del_request_headers,
+            &mut rules.del_request,
+            "del_request_headers",
+        ),
+        (
+            &r.del_response_headers,
+            &mut rules.del_response,
+            "del_response_headers",
+        ),
+    ];
+    for (list, into, key) in lists {
+        if list.len() > httpgw::route::MAX_HEADER_RULES {
+            error(
+                r.name.span(),
+                format!(
+                    "`{key}` has more than {} entries",
+                    httpgw::route::MAX_HEADER_RULES
+                ),
+            );
+        }
+        for name in list {
+            match HeaderRules::name(name.get_ref()) {
+                Ok(n) => into.push(n),
+                Err(e) => error(name.span(), e.to_string()),
+            }
+        }
+    }
+    rules
 }
 
 /// Checks every `[[http]]`: unique names and listen addresses, unique route and pool names

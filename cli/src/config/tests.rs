@@ -635,6 +635,10 @@ method = ["GET", "POST"]
 header = { "X-Canary" = "1", "X-Debug" = "*" }
 pool = "api"
 strip_prefix = "/api"
+set_request_headers = { "X-Env" = "prod" }
+del_request_headers = ["X-Debug"]
+set_response_headers = { "Strict-Transport-Security" = "max-age=63072000" }
+del_response_headers = ["Server"]
 
 [[http.route]]
 name = "old"
@@ -666,6 +670,10 @@ fn an_http_section_lowers_to_the_gateway_config() {
     assert_eq!(gw.routes[0].when.methods.len(), 2);
     assert_eq!(gw.routes[0].when.headers.len(), 2);
     assert!(gw.routes[0].when.headers.iter().any(|h| h.value.is_none()));
+    assert_eq!(gw.routes[0].rewrite.set_request.len(), 1);
+    assert_eq!(gw.routes[0].rewrite.del_request.len(), 1);
+    assert_eq!(gw.routes[0].rewrite.set_response.len(), 1);
+    assert_eq!(gw.routes[0].rewrite.del_response.len(), 1);
     assert_eq!(
         gw.routes[0].action,
         httpgw::route::Action::Forward {
@@ -708,6 +716,8 @@ fn http_mistakes_point_at_their_place() {
         .replace("max_body_bytes = 1000", "max_body_bytes = 2000000000")
         .replace("header_timeout = \"5s\"", "header_timeout = \"10ms\"")
         .replace("name = \"SRV\"", "name = \"S R V\"")
+        .replace("[\"X-Debug\"]", "[\"Connection\"]")
+        .replace("\"prod\"", "\"a\\r\\nX-Injected: 1\"")
         .replace(
             "{ address = \"10.0.0.2:8080\" }",
             "{ address = \"10.0.0.1:8080\" }",
@@ -739,11 +749,17 @@ fn http_mistakes_point_at_their_place() {
     at("status = 200", 23, "redirect status 200");
     at("S R V", 19, "bad cookie name");
     at(
+        "del_request_headers",
+        24,
+        "cannot be set or deleted by a rule",
+    );
+    at("set_request_headers", 35, "bad header value");
+    at(
         "weight = 2 }, { address = \"10.0.0.1",
         68,
         "duplicate backend",
     );
-    assert_eq!(errs.len(), 9, "{errs:#?}");
+    assert_eq!(errs.len(), 11, "{errs:#?}");
 }
 
 #[test]
@@ -776,7 +792,7 @@ fn an_http_route_needs_one_action_and_known_keys() {
     );
     assert_eq!(
         errs[0],
-        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, method, header, pool, strip_prefix, redirect, sni"
+        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, method, header, pool, strip_prefix, redirect, sni, set_request_headers, del_request_headers, set_response_headers, del_response_headers"
     );
 }
 
@@ -874,7 +890,7 @@ fn tls_certificates_are_checked_at_their_place() {
     let errs = errors(&plain);
     assert!(
         errs.iter()
-            .any(|e| e.starts_with("site.toml:20:8: `sni` matches a TLS server name")),
+            .any(|e| e.starts_with("site.toml:24:8: `sni` matches a TLS server name")),
         "{errs:#?}"
     );
     let _ = std::fs::remove_dir_all(&dir);

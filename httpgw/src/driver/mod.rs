@@ -613,6 +613,9 @@ async fn answer(
         Some(res) => {
             let (mut parts, body) = res.into_parts();
             hygiene::remove_hop_by_hop(&mut parts.headers);
+            shared
+                .gateway()
+                .rewrite_response(up.route, &mut parts.headers);
             if let Some((cookie, nocache)) = up.set_cookie {
                 parts.headers.append(header::SET_COOKIE, cookie);
                 if nocache {

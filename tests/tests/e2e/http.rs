@@ -73,6 +73,7 @@ host = ["*.example.com"]
 path_prefix = ["/api/"]
 pool = "api"
 strip_prefix = "/api"
+set_request_headers = { "X-Forwarded-Proto" = "https" }
 
 [[http.route]]
 name = "old"
@@ -87,6 +88,8 @@ pool = "drained"
 [[http.route]]
 name = "default"
 pool = "web"
+set_response_headers = { "X-Served-By" = "vipgate" }
+del_response_headers = ["Server"]
 
 [[http.pool]]
 name = "web"
@@ -190,9 +193,15 @@ fn routes_pick_the_backend_rewrite_and_redirect() {
         url("/api/items?x=1")
     ));
     assert!(
-        body.starts_with("rs2 /items?x=1 xff=198.51.100.200 "),
+        body.starts_with("rs2 /items?x=1 xff=198.51.100.200 proto=https "),
         "{body}"
     );
+    // The default route's response rules: a field set, the backend's Server field deleted.
+    let head = lab
+        .curl(&format!("-D - -o /dev/null {}", url("/")))
+        .to_ascii_lowercase();
+    assert!(head.contains("x-served-by: vipgate"), "{head}");
+    assert!(!head.contains("server:"), "{head}");
     // The same path on another host: the default route's server, path untouched.
     let body = lab.curl(&format!("-H 'Host: example.org' {}", url("/api/items")));
     assert!(
@@ -234,13 +243,13 @@ fn routes_pick_the_backend_rewrite_and_redirect() {
     let gw = &json[0];
     assert_eq!(counter(gw, &["routes", "0", "requests"]), 1, "{json}");
     assert_eq!(counter(gw, &["routes", "1", "requests"]), 1, "{json}");
-    assert_eq!(counter(gw, &["routes", "3", "requests"]), 3, "{json}");
+    assert_eq!(counter(gw, &["routes", "3", "requests"]), 4, "{json}");
     assert_eq!(
         counter(gw, &["pools", "1", "backends", "0", "requests"]),
         1,
         "{json}"
     );
-    assert_eq!(counter(gw, &["responses", "success"]), 4, "{json}");
+    assert_eq!(counter(gw, &["responses", "success"]), 5, "{json}");
     assert_eq!(counter(gw, &["responses", "redirect"]), 1, "{json}");
     let text = lab.t.sh(
         "dir",
