@@ -13,6 +13,17 @@ pub enum ConfigError {
     /// A header name that is not a valid token.
     #[error("bad header name {0:?}")]
     BadHeaderName(String),
+    /// A sticky cookie name that is not a token of at most 64 characters.
+    #[error("bad cookie name {0:?} (1 to 64 token characters: letters, digits, !#$%&'*+-.^_`|~)")]
+    BadCookieName(String),
+    /// A header rule naming a field the proxy manages.
+    #[error(
+        "{0:?} cannot be set or deleted by a rule (hop-by-hop, Upgrade, Host and Content-Length are the proxy's)"
+    )]
+    ReservedHeader(String),
+    /// A header rule value that is too long or holds a control or non-ASCII character.
+    #[error("bad header value {0:?} (at most 4096 bytes of visible ASCII, spaces and tabs)")]
+    BadHeaderValue(String),
     /// A redirect status that is not a redirect.
     #[error("redirect status {0} is not one of 301, 302, 303, 307, 308")]
     BadRedirectStatus(u16),

@@ -44,6 +44,10 @@ enum State {
     ChunkEnd(u8),
     /// Reading trailer fields after the last chunk; `true` at the start of a line.
     Trailers { line_start: bool },
+    /// After a bodiless head asking to upgrade ([`is_upgrade`]): what follows is either the
+    /// tunnel's first bytes or (if the upgrade is declined) nothing the connection will read;
+    /// held back unjudged, at most `max_head` bytes of it.
+    Upgrade,
 }
 
 /// Follows one connection's request stream; see the module documentation.
@@ -83,6 +87,18 @@ impl HeadGuard {
         self.state == State::Head
     }
 
+    /// Whether the last head asked to upgrade: the bytes after it are held back for the
+    /// tunnel ([`take_held`](Self::take_held)) and the connection must not be read further.
+    #[must_use]
+    pub fn upgrading(&self) -> bool {
+        self.state == State::Upgrade
+    }
+
+    /// The bytes held back after an upgrade head, for the tunnel.
+    pub fn take_held(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+
     /// Feeds the next bytes read from the client; appends to `out` those that may go on.
     ///
     /// # Errors
@@ -100,6 +116,13 @@ impl HeadGuard {
     fn step(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<Option<Vec<u8>>, Refusal> {
         while !data.is_empty() {
             match self.state {
+                State::Upgrade => {
+                    if self.pending.len() + data.len() > self.max_head {
+                        return Err(Refusal::bad("too much data before the upgrade's answer"));
+                    }
+                    self.pending.extend_from_slice(data);
+                    data = &[];
+                }
                 State::Head => {
                     if self.pending.is_empty() {
                         // Empty lines before a request line (RFC 9112 §2.2 lets a server
@@ -215,6 +238,23 @@ impl HeadGuard {
     }
 }
 
+/// Whether header fields (name, value) ask to switch protocols: a `Connection` field with the
+/// token `upgrade` and an `Upgrade` field. The guard and [`crate::hygiene::upgrade_requested`]
+/// use this one rule, so the guard holds back exactly what the gateway may tunnel.
+pub fn is_upgrade<'a>(fields: impl Iterator<Item = (&'a str, &'a [u8])>) -> bool {
+    let (mut connection, mut upgrade) = (false, false);
+    for (name, value) in fields {
+        if name.eq_ignore_ascii_case("connection") {
+            connection |= value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    connection && upgrade
+}
+
 fn take(available: usize, left: u64) -> usize {
     usize::try_from(left).map_or(available, |left| available.min(left))
 }
@@ -274,6 +314,9 @@ fn judge(bytes: &[u8], max_head: usize) -> Result<(usize, State), Refusal> {
     }
     if codings.is_empty() {
         let next = match length {
+            None | Some(0) if is_upgrade(req.headers.iter().map(|f| (f.name, f.value))) => {
+                State::Upgrade
+            }
             None | Some(0) => State::Head,
             Some(n) => State::Fixed(n),
         };

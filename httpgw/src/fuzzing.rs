@@ -8,13 +8,15 @@ use http::Request;
 
 use crate::framing::{HeadGuard, MAX_HEADERS};
 use crate::hygiene::Forwarding;
-use crate::route::{Action, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use crate::route::{Action, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route};
 use crate::{Gateway, GatewayConfig, Limits, PoolSpec, Verdict};
 
 /// Feeds `data` (a client's byte stream) to the framing guard in one piece and split at
 /// every byte, and each head it lets through to a gateway with host, path and redirect
 /// rules. Panics if the two feedings disagree, if a head with both `Content-Length` and
-/// `Transfer-Encoding` gets through, or if a forwarded head still carries a hop-by-hop field.
+/// `Transfer-Encoding` gets through, if a forwarded head still carries a hop-by-hop field, or
+/// if a switch of protocols goes on that the guard did not hold the stream back for (or to
+/// h2c).
 ///
 /// # Panics
 /// On an invariant violation (that is the point).
@@ -66,15 +68,30 @@ pub fn run_request(now: Instant, data: &[u8]) {
         };
         let (mut head, ()) = request.into_parts();
         let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 40_000);
-        let verdict = gateway.decide(now, client, Ipv4Addr::new(198, 51, 100, 1), &mut head);
+        let verdict = gateway.decide(now, client, Ipv4Addr::new(198, 51, 100, 1), None, &mut head);
         if let Verdict::Forward(up) = verdict {
-            for hop in [
-                "connection",
-                "transfer-encoding",
-                "te",
-                "upgrade",
-                "keep-alive",
-            ] {
+            let mut hops = vec!["transfer-encoding", "te", "keep-alive"];
+            match &up.upgrade {
+                // A switch goes on as `Connection: upgrade` + the client's `Upgrade`, never
+                // to h2c, and only for a bodiless head the guard held the rest back after.
+                Some(protocol) => {
+                    assert_eq!(
+                        head.headers.get("connection").map(|v| v.as_bytes()),
+                        Some(&b"upgrade"[..])
+                    );
+                    assert_eq!(head.headers.get("upgrade"), Some(protocol));
+                    assert!(
+                        !protocol
+                            .as_bytes()
+                            .to_ascii_lowercase()
+                            .windows(3)
+                            .any(|w| w == b"h2c")
+                    );
+                    assert!(whole.upgrading() || verdict_whole.is_err());
+                }
+                None => hops.extend(["connection", "upgrade"]),
+            }
+            for hop in hops {
                 assert!(!head.headers.contains_key(hop), "{hop} forwarded");
             }
             assert!(up.path_and_query.starts_with('/'));
@@ -105,6 +122,7 @@ fn config() -> GatewayConfig {
                     pool: 1,
                     strip_prefix: Some("/api".into()),
                 },
+                rewrite: HeaderRules::default(),
             },
             Route {
                 name: "old".into(),
@@ -116,6 +134,7 @@ fn config() -> GatewayConfig {
                     status: http::StatusCode::MOVED_PERMANENTLY,
                     target: RedirectTarget::Prefix("https://example.com/".into()),
                 },
+                rewrite: HeaderRules::default(),
             },
             Route {
                 name: "default".into(),
@@ -124,6 +143,7 @@ fn config() -> GatewayConfig {
                     pool: 0,
                     strip_prefix: None,
                 },
+                rewrite: HeaderRules::default(),
             },
         ],
         pools: vec![
@@ -134,6 +154,7 @@ fn config() -> GatewayConfig {
                     backends: vec![backend(1), backend(2)],
                     ..PoolConfig::default()
                 },
+                cookie: None,
             },
             PoolSpec {
                 name: "api".into(),
@@ -142,10 +163,12 @@ fn config() -> GatewayConfig {
                     backends: vec![backend(3)],
                     ..PoolConfig::default()
                 },
+                cookie: None,
             },
         ],
         forwarding: Forwarding::default(),
         limits: Limits::default(),
         access_log: false,
+        tls: None,
     }
 }

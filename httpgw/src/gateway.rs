@@ -12,6 +12,7 @@
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use balance::{BackendId, ConnState, Decision, Pool, PoolConfig};
@@ -28,6 +29,84 @@ pub struct PoolSpec {
     pub name: String,
     /// Scheduler, backends, weights.
     pub balance: PoolConfig,
+    /// Cookie-insert stickiness, if any.
+    pub cookie: Option<StickyCookie>,
+}
+
+/// Cookie-insert stickiness (HAProxy `cookie NAME insert indirect [nocache]`): a response
+/// from a backend the request did not name gets `Set-Cookie: NAME=ID` (an opaque id of the
+/// backend); a request carrying it goes to that backend while it can take requests, and the
+/// cookie is removed before the request goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyCookie {
+    /// Cookie name (an RFC 6265 token).
+    pub name: String,
+    /// Add `Cache-Control: private` to a response that sets the cookie, so that no shared
+    /// cache hands it to other clients.
+    pub nocache: bool,
+}
+
+impl StickyCookie {
+    /// Longest cookie name accepted.
+    pub const MAX_NAME: usize = 64;
+
+    /// Checks the name: 1 to [`MAX_NAME`](Self::MAX_NAME) token characters.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadCookieName`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if self.name.is_empty() || self.name.len() > Self::MAX_NAME || !self.name.bytes().all(token)
+        {
+            return Err(ConfigError::BadCookieName(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// The opaque id a backend is named by in the cookie: 16 hex digits of a 64-bit FNV-1a
+    /// hash of its address (stable across reloads and reorderings, not the address itself).
+    #[must_use]
+    pub fn id(addr: SocketAddrV4) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in addr
+            .ip()
+            .octets()
+            .into_iter()
+            .chain(addr.port().to_be_bytes())
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` fields, and the fields with that
+/// cookie removed (`None`: no such cookie, fields untouched).
+fn take_cookie(headers: &mut http::HeaderMap, name: &str) -> Option<String> {
+    let mut found = None;
+    let mut kept: Vec<String> = Vec::new();
+    for field in headers.get_all(http::header::COOKIE) {
+        let Ok(text) = field.to_str() else {
+            return None;
+        };
+        for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some((n, v)) if n.trim() == name => {
+                    found.get_or_insert_with(|| v.trim().to_owned());
+                }
+                _ => kept.push(pair.to_owned()),
+            }
+        }
+    }
+    let value = found?;
+    headers.remove(http::header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(http::header::COOKIE, v);
+    }
+    Some(value)
 }
 
 /// Bounds on what a client may send or hold, and how long an upstream may take.
@@ -47,6 +126,9 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// Time an idle upstream connection is kept in the pool.
     pub upstream_idle: Duration,
+    /// Time a tunnel (an upgraded connection, e.g. a WebSocket) may pass no byte either way
+    /// before both sides are closed.
+    pub tunnel_timeout: Duration,
 }
 
 impl Limits {
@@ -65,8 +147,53 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(30),
             upstream_idle: Duration::from_secs(60),
+            tunnel_timeout: Duration::from_secs(3600),
         }
     }
+}
+
+/// One certificate (with its chain) and its private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Certificates, picked by SNI among their subjectAltName DNS names; the first is the
+    /// default (no SNI, or a name none holds).
+    pub certs: Vec<CertFiles>,
+    /// Time a client has to complete the handshake; the connection is closed beyond.
+    pub handshake_timeout: Duration,
+}
+
+impl TlsConfig {
+    /// Most certificates on one listener.
+    pub const MAX_CERTS: usize = 1000;
+    /// Default handshake timeout (HAProxy's `timeout client` usually bounds it).
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+/// What the gateway knows of a request's TLS session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsSession<'a> {
+    /// The server name the client sent, lower-case; `None` without SNI.
+    pub sni: Option<&'a str>,
+}
+
+/// How a TLS handshake ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// Completed.
+    Done,
+    /// Refused or broken: not TLS, no common version or cipher, a bad message, EOF.
+    Failed,
+    /// Not completed within the handshake timeout.
+    TimedOut,
 }
 
 /// Everything one HTTP gateway (one listener) is built from.
@@ -86,6 +213,8 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// Log one line per request at info level (debug level otherwise).
     pub access_log: bool,
+    /// TLS termination; `None`: plain HTTP.
+    pub tls: Option<TlsConfig>,
 }
 
 impl GatewayConfig {
@@ -99,8 +228,27 @@ impl GatewayConfig {
             if self.pools[..i].iter().any(|o| o.name == p.name) {
                 return Err(ConfigError::DuplicatePool(p.name.clone()));
             }
+            if let Some(c) = &p.cookie {
+                c.validate()?;
+            }
         }
         for r in &self.routes {
+            if !r.rewrite.within_bounds() {
+                return Err(ConfigError::LimitOutOfRange {
+                    what: "header rules per list",
+                    value: [
+                        r.rewrite.set_request.len(),
+                        r.rewrite.del_request.len(),
+                        r.rewrite.set_response.len(),
+                        r.rewrite.del_response.len(),
+                    ]
+                    .into_iter()
+                    .max()
+                    .unwrap_or(0) as u64,
+                    min: 0,
+                    max: route::MAX_HEADER_RULES as u64,
+                });
+            }
             if let Action::Forward { pool, .. } = r.action
                 && pool >= self.pools.len()
             {
@@ -123,6 +271,20 @@ impl GatewayConfig {
             1,
             1_000_000,
         )?;
+        if let Some(tls) = &self.tls {
+            range(
+                "the number of TLS certificates",
+                tls.certs.len() as u64,
+                1,
+                TlsConfig::MAX_CERTS as u64,
+            )?;
+            range(
+                "handshake_timeout (ms)",
+                u64::try_from(tls.handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+                100,
+                3_600_000,
+            )?;
+        }
         Ok(())
     }
 }
@@ -237,6 +399,22 @@ pub struct PoolStatus {
     pub backends: Vec<BackendStatus>,
 }
 
+/// TLS handshakes of one listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default)
+)]
+pub struct TlsStatus {
+    /// Completed.
+    pub handshakes: u64,
+    /// Refused or broken (not TLS, no common version, EOF).
+    pub failed: u64,
+    /// Not completed within the handshake timeout.
+    pub timed_out: u64,
+}
+
 /// What `show http` prints for one gateway.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(
@@ -263,6 +441,8 @@ pub struct GatewayStatus {
     pub routes: Vec<RouteStatus>,
     /// Per pool.
     pub pools: Vec<PoolStatus>,
+    /// Handshakes, on a TLS listener.
+    pub tls: Option<TlsStatus>,
 }
 
 /// Where a forwarded request goes; hand it back to [`Gateway::finish`].
@@ -278,6 +458,12 @@ pub struct Upstream {
     pub addr: SocketAddrV4,
     /// Path and query to send (prefix stripped).
     pub path_and_query: String,
+    /// `Set-Cookie` value to add to the response (stickiness), and whether to add
+    /// `Cache-Control: private` with it.
+    pub set_cookie: Option<(HeaderValue, bool)>,
+    /// The request asks to switch to this protocol (`Connection: upgrade` and `Upgrade` are
+    /// forwarded); a `101` answer makes the connection a tunnel.
+    pub upgrade: Option<HeaderValue>,
     client: Ipv4Addr,
 }
 
@@ -337,6 +523,7 @@ struct BackendCounts {
 struct PoolState {
     name: String,
     pool: Pool,
+    cookie: Option<StickyCookie>,
     requests: u64,
     no_backend: u64,
     responses: StatusClasses,
@@ -357,6 +544,7 @@ pub struct Gateway {
     refused: u64,
     no_route: u64,
     responses: StatusClasses,
+    tls: Option<TlsStatus>,
 }
 
 impl Gateway {
@@ -376,6 +564,7 @@ impl Gateway {
                         pool: p.name.clone(),
                         source,
                     })?,
+                    cookie: p.cookie.clone(),
                     requests: 0,
                     no_backend: 0,
                     responses: StatusClasses::default(),
@@ -394,17 +583,19 @@ impl Gateway {
             refused: 0,
             no_route: 0,
             responses: StatusClasses::default(),
+            tls: config.tls.as_ref().map(|_| TlsStatus::default()),
         })
     }
 
-    /// Decides what `head`, from `client` to `local`, becomes; on
-    /// [`Verdict::Forward`] the head has been rewritten for the upstream and the pool counts
-    /// the request as active until [`finish`](Self::finish).
+    /// Decides what `head`, from `client` to `local` (over `tls`, if it came over TLS),
+    /// becomes; on [`Verdict::Forward`] the head has been rewritten for the upstream and the
+    /// pool counts the request as active until [`finish`](Self::finish).
     pub fn decide(
         &mut self,
         now: Instant,
         client: SocketAddrV4,
         local: Ipv4Addr,
+        tls: Option<TlsSession<'_>>,
         head: &mut request::Parts,
     ) -> Verdict {
         self.requests += 1;
@@ -417,6 +608,7 @@ impl Gateway {
             path: &checked.path,
             method: &head.method,
             headers: &head.headers,
+            sni: tls.and_then(|t| t.sni),
         };
         let Some(index) = route::first_match(&self.routes, &view) else {
             self.no_route += 1;
@@ -446,7 +638,35 @@ impl Gateway {
             .unwrap_or(checked.path);
         let state = &mut self.pools[pool_index];
         state.requests += 1;
-        let (backend, addr) = match state.pool.schedule(now, client, local) {
+        // Stickiness: the backend the cookie names while it can take requests, else the
+        // scheduler's pick (a dead backend's clients are re-dispatched and get a new cookie).
+        let named = state
+            .cookie
+            .as_ref()
+            .and_then(|c| take_cookie(&mut head.headers, &c.name));
+        let stuck = named.as_deref().and_then(|id| {
+            state
+                .pool
+                .backends()
+                .find(|(_, b)| b.is_eligible() && StickyCookie::id(b.addr()) == id)
+                .map(|(bid, b)| (bid, b.addr()))
+        });
+        let decision = match stuck {
+            Some((id, addr)) => {
+                state.pool.opened(now, id, client);
+                Decision::Backend { id, addr }
+            }
+            None => state.pool.schedule(now, client, local),
+        };
+        let set_cookie = match (&state.cookie, &decision) {
+            (Some(c), Decision::Backend { addr, .. }) if stuck.is_none() => {
+                HeaderValue::from_str(&format!("{}={}; Path=/", c.name, StickyCookie::id(*addr)))
+                    .ok()
+                    .map(|v| (v, c.nocache))
+            }
+            _ => None,
+        };
+        let (backend, addr) = match decision {
             Decision::Backend { id, addr } => {
                 state.pool.established(now, id, *client.ip());
                 let i = id.index();
@@ -468,18 +688,30 @@ impl Gateway {
                 );
             }
         };
+        let upgrade = hygiene::upgrade_protocol(&head.headers);
         hygiene::prepare_upstream(
             &mut head.headers,
             (*client.ip()).into(),
             checked.authority.as_ref(),
+            if tls.is_some() { "https" } else { "http" },
             &self.forwarding,
         );
+        if let Some(protocol) = &upgrade {
+            head.headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            head.headers.insert(http::header::UPGRADE, protocol.clone());
+        }
+        self.routes[index].rewrite.apply_request(&mut head.headers);
         Verdict::Forward(Upstream {
             route: index,
             pool: pool_index,
             backend,
             addr,
             path_and_query: format!("{path}{query}"),
+            set_cookie,
+            upgrade,
             client: *client.ip(),
         })
     }
@@ -490,6 +722,18 @@ impl Gateway {
         self.requests += 1;
         self.refused += 1;
         self.responses.count(status);
+    }
+
+    /// Counts a TLS handshake (a listener without TLS counts nothing).
+    pub fn handshake(&mut self, outcome: Handshake) {
+        if let Some(t) = &mut self.tls {
+            let slot = match outcome {
+                Handshake::Done => &mut t.handshakes,
+                Handshake::Failed => &mut t.failed,
+                Handshake::TimedOut => &mut t.timed_out,
+            };
+            *slot += 1;
+        }
     }
 
     /// Records how a forwarded request ended and releases its backend.
@@ -509,6 +753,13 @@ impl Gateway {
                     counts.failures += 1;
                 }
             }
+        }
+    }
+
+    /// Applies route `index`'s response rules to a response it forwarded.
+    pub fn rewrite_response(&self, index: usize, headers: &mut http::HeaderMap) {
+        if let Some(r) = self.routes.get(index) {
+            r.rewrite.apply_response(headers);
         }
     }
 
@@ -544,6 +795,7 @@ impl Gateway {
                 })
                 .collect(),
             pools: self.pools.iter().map(pool_status).collect(),
+            tls: self.tls,
         }
     }
 

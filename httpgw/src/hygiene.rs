@@ -53,6 +53,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether a field is the proxy's to manage, not a header rule's: the hop-by-hop fields,
+/// `Upgrade`, `Host`, `Content-Length`.
+#[must_use]
+pub fn is_reserved(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+        || *name == header::UPGRADE
+        || *name == header::HOST
+        || *name == header::CONTENT_LENGTH
+}
+
 /// Checks a request head: framing (`Content-Length` with `Transfer-Encoding`, differing or
 /// invalid `Content-Length` values), `Host` (required by HTTP/1.1, exactly one, a valid
 /// authority without user info, the same as an absolute-form target's), the method (no
@@ -172,9 +182,36 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Whether a head asks to switch protocols and has no body: the framing guard then holds back
+/// what follows it (see [`crate::framing::is_upgrade`]), so the answer must be the switch or
+/// close the connection.
+#[must_use]
+pub fn upgrade_requested(headers: &HeaderMap) -> bool {
+    let bodiless = !headers.contains_key(header::TRANSFER_ENCODING)
+        && matches!(content_length(headers), Ok(None | Some(0)));
+    bodiless && crate::framing::is_upgrade(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())))
+}
+
+/// The protocol a request may be tunnelled to (its `Upgrade` field as sent), if it asks for
+/// one, has no body, and does not ask for `h2c` (cleartext HTTP/2 through a proxy lets a
+/// client talk to the backend past the routing rules: h2c smuggling).
+#[must_use]
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    if !upgrade_requested(headers) {
+        return None;
+    }
+    let value = headers.get(header::UPGRADE)?;
+    let h2c = value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"));
+    (!h2c).then(|| value.clone())
+}
+
 /// Removes the hop-by-hop fields, those the `Connection` field names (except `Host` and the
-/// framing fields, which are not the sender's to drop), and `Upgrade` (upgrades are not
-/// proxied). For a response on its way back to the client too.
+/// framing fields, which are not the sender's to drop), and `Upgrade` (a switch of protocols
+/// is put back by the gateway where it passes one on). For a response on its way back to the
+/// client too.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -191,13 +228,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Rewrites `headers` for the upstream: removes the hop-by-hop fields (and those the
-/// `Connection` field names, except `Host`), `Upgrade` (upgrades are not proxied) and
+/// `Connection` field names, except `Host`), `Upgrade` (the gateway puts a switch back) and
 /// `Content-Length` (the driver frames the body it forwards), then sets `X-Forwarded-For`,
-/// `-Proto` (`http`) and `-Host`.
+/// `-Proto` (`proto`: `http` or `https`) and `-Host`.
 pub fn prepare_upstream(
     headers: &mut HeaderMap,
     client: IpAddr,
     authority: Option<&HeaderValue>,
+    proto: &'static str,
     forwarding: &Forwarding,
 ) {
     remove_hop_by_hop(headers);
@@ -221,7 +259,7 @@ pub fn prepare_upstream(
     });
     headers.insert(X_FORWARDED_FOR, xff);
     if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !trusted || !headers.contains_key(&X_FORWARDED_HOST) {
         match authority {

@@ -1,7 +1,8 @@
 //! An HTTP/1.1 reverse proxy for vipgate: routing rules on host, path, method and headers,
 //! forwarding to pools balanced by the `balance` crate's schedulers, redirects and prefix
-//! stripping, and request hygiene (ambiguous framing refused, hop-by-hop fields stripped,
-//! `X-Forwarded-*` set).
+//! stripping, request hygiene (ambiguous framing refused, hop-by-hop fields stripped,
+//! `X-Forwarded-*` set), TLS termination with the certificate picked by SNI, and protocol
+//! switches (WebSocket) passed through as tunnels.
 //!
 //! ```text
 //!   pure (no I/O, always built)                 driver (feature "driver": tokio + hyper)
@@ -10,7 +11,9 @@
 //!   hygiene   head checks, X-Forwarded-*  ◄────  hyper parses the head
 //!   route     first matching rule         ◄────  Gateway::decide per request
 //!   gateway   pools (balance), counters  ─────►  pooled upstream client (hyper-util),
-//!             Verdict::{Forward, Respond}        limits (413, 431, 503, 502, 504)
+//!             Verdict::{Forward, Respond}        limits (413, 431, 503, 502, 504);
+//!                                                a 101 to an upgrade: splice both ways
+//!   sni       name → certificate index   ◄────  tls: rustls handshake (timeout, counted)
 //! ```
 //!
 //! The modules at the top are pure: they parse, decide and count, never open a socket, read a
@@ -26,18 +29,20 @@ pub mod fuzzing;
 mod gateway;
 pub mod hygiene;
 pub mod route;
+pub mod sni;
 
 #[cfg(feature = "driver")]
 mod driver;
 
 pub use error::ConfigError;
 pub use gateway::{
-    Answer, BackendStatus, Gateway, GatewayConfig, GatewayStatus, Limits, Outcome, PoolSpec,
-    PoolStatus, RouteStatus, StatusClasses, Upstream, Verdict,
+    Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits,
+    Outcome, PoolSpec, PoolStatus, RouteStatus, StatusClasses, StickyCookie, TlsConfig, TlsSession,
+    TlsStatus, Upstream, Verdict,
 };
 
 #[cfg(feature = "driver")]
-pub use driver::{HttpGateway, StartError};
+pub use driver::{HttpGateway, StartError, tls};
 
 #[cfg(test)]
 mod tests;

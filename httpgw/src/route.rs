@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use http::{HeaderMap, HeaderName, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::error::ConfigError;
 
@@ -164,6 +164,8 @@ pub struct Match {
     pub methods: Vec<Method>,
     /// All of these headers.
     pub headers: Vec<HeaderMatch>,
+    /// Any of these TLS server names (SNI); a request without TLS or SNI matches none.
+    pub sni: Vec<HostPattern>,
 }
 
 /// What the rule matching needs of a request (already checked by [`crate::hygiene`]).
@@ -177,6 +179,8 @@ pub struct RequestView<'a> {
     pub method: &'a Method,
     /// Header fields.
     pub headers: &'a HeaderMap,
+    /// The TLS server name the client sent (lower-case), if it came over TLS with SNI.
+    pub sni: Option<&'a str>,
 }
 
 impl Match {
@@ -187,6 +191,10 @@ impl Match {
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(req.path)))
             && (self.methods.is_empty() || self.methods.contains(req.method))
             && self.headers.iter().all(|h| h.matches(req.headers))
+            && (self.sni.is_empty()
+                || req
+                    .sni
+                    .is_some_and(|name| self.sni.iter().any(|h| h.matches(name))))
     }
 }
 
@@ -243,6 +251,91 @@ impl Action {
     }
 }
 
+/// Most entries in each list of [`HeaderRules`].
+pub const MAX_HEADER_RULES: usize = 32;
+/// Longest value a rule may set, in bytes.
+pub const MAX_HEADER_RULE_VALUE: usize = 4096;
+
+/// Header fields a route sets and deletes on the request it forwards and on the response it
+/// passes back (HAProxy `http-request set-header` / `del-header`, `http-response ...`).
+/// Deletions apply first, then each set replaces every field of its name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderRules {
+    /// Set on the request (after `X-Forwarded-*`, so these may override them).
+    pub set_request: Vec<(HeaderName, HeaderValue)>,
+    /// Deleted from the request.
+    pub del_request: Vec<HeaderName>,
+    /// Set on the response.
+    pub set_response: Vec<(HeaderName, HeaderValue)>,
+    /// Deleted from the response.
+    pub del_response: Vec<HeaderName>,
+}
+
+impl HeaderRules {
+    /// A field name a rule may name: a valid name, and not one the proxy owns (hop-by-hop
+    /// fields, `Upgrade`, `Host`, `Content-Length`).
+    ///
+    /// # Errors
+    /// [`ConfigError::BadHeaderName`] or [`ConfigError::ReservedHeader`].
+    pub fn name(text: &str) -> Result<HeaderName, ConfigError> {
+        let name = HeaderName::from_bytes(text.as_bytes())
+            .map_err(|_| ConfigError::BadHeaderName(text.to_owned()))?;
+        if crate::hygiene::is_reserved(&name) {
+            return Err(ConfigError::ReservedHeader(text.to_owned()));
+        }
+        Ok(name)
+    }
+
+    /// A value a rule may set: at most [`MAX_HEADER_RULE_VALUE`] bytes of visible ASCII,
+    /// spaces and tabs.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadHeaderValue`].
+    pub fn value(text: &str) -> Result<HeaderValue, ConfigError> {
+        let bad = || ConfigError::BadHeaderValue(text.chars().take(64).collect());
+        if text.len() > MAX_HEADER_RULE_VALUE
+            || !text
+                .bytes()
+                .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+        {
+            return Err(bad());
+        }
+        HeaderValue::from_str(text).map_err(|_| bad())
+    }
+
+    /// Whether every list is within [`MAX_HEADER_RULES`].
+    #[must_use]
+    pub fn within_bounds(&self) -> bool {
+        [
+            self.set_request.len(),
+            self.del_request.len(),
+            self.set_response.len(),
+            self.del_response.len(),
+        ]
+        .iter()
+        .all(|&n| n <= MAX_HEADER_RULES)
+    }
+
+    fn apply(set: &[(HeaderName, HeaderValue)], del: &[HeaderName], headers: &mut HeaderMap) {
+        for name in del {
+            headers.remove(name);
+        }
+        for (name, value) in set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+
+    /// Applies the request rules.
+    pub fn apply_request(&self, headers: &mut HeaderMap) {
+        Self::apply(&self.set_request, &self.del_request, headers);
+    }
+
+    /// Applies the response rules.
+    pub fn apply_response(&self, headers: &mut HeaderMap) {
+        Self::apply(&self.set_response, &self.del_response, headers);
+    }
+}
+
 /// One routing rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -252,6 +345,8 @@ pub struct Route {
     pub when: Match,
     /// Action.
     pub action: Action,
+    /// Header fields set and deleted on what it forwards (with [`Action::Forward`]).
+    pub rewrite: HeaderRules,
 }
 
 /// The index of the first rule of `routes` that matches `req`.

@@ -7,7 +7,9 @@ use testkit::epoch;
 
 use crate::framing::HeadGuard;
 use crate::hygiene::{self, Forwarding};
-use crate::route::{Action, HeaderMatch, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use crate::route::{
+    Action, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route,
+};
 use crate::{ConfigError, Gateway, GatewayConfig, Limits, Outcome, PoolSpec, Upstream, Verdict};
 
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 40_000);
@@ -25,6 +27,7 @@ fn pool(name: &str, backends: Vec<BackendConfig>) -> PoolSpec {
             backends,
             ..PoolConfig::default()
         },
+        cookie: None,
     }
 }
 
@@ -36,6 +39,7 @@ fn forward(name: &str, when: Match, pool: usize, strip: Option<&str>) -> Route {
             pool,
             strip_prefix: strip.map(str::to_owned),
         },
+        rewrite: HeaderRules::default(),
     }
 }
 
@@ -65,6 +69,7 @@ fn config() -> GatewayConfig {
                     RedirectTarget::Prefix("https://new.example.com/".into()),
                 )
                 .unwrap(),
+                rewrite: HeaderRules::default(),
             },
             forward(
                 "admin-posts",
@@ -96,6 +101,7 @@ fn config() -> GatewayConfig {
         },
         limits: Limits::default(),
         access_log: false,
+        tls: None,
     }
 }
 
@@ -108,7 +114,7 @@ fn head(raw: &[(&str, &str)], method: &str, uri: &str) -> request::Parts {
 }
 
 fn decide(gw: &mut Gateway, h: &mut request::Parts) -> Verdict {
-    gw.decide(epoch(), CLIENT, VIP, h)
+    gw.decide(epoch(), CLIENT, VIP, None, h)
 }
 
 fn forwarded(v: Verdict) -> Upstream {
@@ -329,7 +335,7 @@ fn forwarded_headers_replace_or_append() {
         "GET",
         "/",
     );
-    forwarded(gw.decide(epoch(), proxy, VIP, &mut h));
+    forwarded(gw.decide(epoch(), proxy, VIP, None, &mut h));
     let get = |n: &str| h.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
     assert_eq!(
         get("x-forwarded-for").unwrap(),
@@ -453,6 +459,65 @@ fn guard_refuses_smuggling_and_oversize() {
 }
 
 #[test]
+fn guard_holds_back_what_follows_an_upgrade_head() {
+    let head: &[u8] =
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let mut stream = head.to_vec();
+    stream.extend_from_slice(b"GET /hidden HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut g = HeadGuard::new(1024);
+    let mut out = Vec::new();
+    g.feed(&stream, &mut out).unwrap();
+    assert_eq!(out, head);
+    assert!(g.upgrading());
+    assert_eq!(g.take_held(), b"GET /hidden HTTP/1.1\r\nHost: a\r\n\r\n");
+    // Bounded: no more than max_head bytes are held before the answer.
+    let (_, r) = guard_all(&[head, &[0u8; 2000][..]].concat());
+    assert!(r.is_err());
+    // With a body it is an ordinary request: the next head is judged as usual.
+    let with_body = b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let (out, r) = guard_all(with_body);
+    assert_eq!((out.as_slice(), r), (&with_body[..], Ok(())));
+}
+
+#[test]
+fn upgrades_are_forwarded_except_h2c_or_with_a_body() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let ws = [
+        ("host", "www.example.com"),
+        ("connection", "keep-alive, Upgrade"),
+        ("upgrade", "websocket"),
+    ];
+    let mut h = head(&ws, "GET", "/chat");
+    let up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!(
+        up.upgrade.as_ref().map(|v| v.as_bytes()),
+        Some(&b"websocket"[..])
+    );
+    assert_eq!(h.headers["connection"], "upgrade");
+    assert_eq!(h.headers["upgrade"], "websocket");
+    for extra in [("upgrade", "h2c"), ("content-length", "3")] {
+        let mut fields = ws.to_vec();
+        if extra.0 == "upgrade" {
+            fields[2] = extra;
+        } else {
+            fields.push(extra);
+        }
+        let mut h = head(&fields, "GET", "/chat");
+        let up = forwarded(decide(&mut gw, &mut h));
+        assert_eq!(up.upgrade, None, "{extra:?}");
+        assert!(!h.headers.contains_key("upgrade"), "{extra:?}");
+        assert!(!h.headers.contains_key("connection"), "{extra:?}");
+    }
+    // Upgrade without Connection: upgrade is no request to switch.
+    let mut h = head(
+        &[("host", "www.example.com"), ("upgrade", "websocket")],
+        "GET",
+        "/",
+    );
+    assert_eq!(forwarded(decide(&mut gw, &mut h)).upgrade, None);
+}
+
+#[test]
 fn fuzz_entry_runs_on_samples() {
     crate::fuzzing::run_request(
         epoch(),
@@ -461,6 +526,10 @@ fn fuzz_entry_runs_on_samples() {
     crate::fuzzing::run_request(
         epoch(),
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    crate::fuzzing::run_request(
+        epoch(),
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nGET /x HTTP/1.1\r\n\r\n",
     );
 }
 
@@ -549,4 +618,147 @@ fn a_long_chunk_size_line_releases_the_same_bytes_however_read() {
     assert!(r.is_err());
     let head = stream.find("\r\n\r\n").unwrap() + 4;
     assert_eq!(out.len(), head + crate::framing::MAX_CHUNK_LINE);
+}
+
+#[test]
+fn a_sticky_cookie_routes_to_its_backend_while_it_is_up() {
+    let mut cfg = config();
+    cfg.pools[0].cookie = Some(crate::StickyCookie {
+        name: "SRV".into(),
+        nocache: true,
+    });
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let www = |cookie: Option<&str>| {
+        let mut fields = vec![("host", "www.example.com")];
+        if let Some(c) = cookie {
+            fields.push(("cookie", c));
+        }
+        head(&fields, "GET", "/")
+    };
+    // No cookie: the scheduler picks, the answer sets the cookie naming its pick.
+    let mut h = www(None);
+    let first = forwarded(decide(&mut gw, &mut h));
+    let (set, nocache) = first.set_cookie.clone().expect("cookie set");
+    assert!(nocache);
+    let id = crate::StickyCookie::id(first.addr);
+    assert_eq!(set.to_str().unwrap(), format!("SRV={id}; Path=/"));
+    assert!(!set.to_str().unwrap().contains("10.0.0."));
+    gw.finish(epoch(), &first, Outcome::Answered(StatusCode::OK));
+    // With it: the same backend every time (rr would alternate), no new cookie, and the
+    // cookie never goes upstream while the others do.
+    for _ in 0..5 {
+        let mut h = www(Some(&format!("a=1; SRV={id}; b=2")));
+        let up = forwarded(decide(&mut gw, &mut h));
+        assert_eq!(up.addr, first.addr);
+        assert_eq!(up.set_cookie, None);
+        assert_eq!(h.headers["cookie"], "a=1; b=2");
+        gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    }
+    let mut h = www(Some(&format!("SRV={id}")));
+    forwarded(decide(&mut gw, &mut h));
+    assert!(!h.headers.contains_key("cookie"));
+    // An unknown id is re-dispatched and gets a fresh cookie.
+    let mut h = www(Some("SRV=0000000000000000"));
+    assert!(forwarded(decide(&mut gw, &mut h)).set_cookie.is_some());
+    // Without stickiness the two backends alternate.
+    let mut gw = Gateway::new(&config()).unwrap();
+    let a = forwarded(decide(&mut gw, &mut www(None)));
+    let b = forwarded(decide(&mut gw, &mut www(Some(&format!("SRV={id}")))));
+    assert_ne!(a.addr, b.addr);
+    assert_eq!(a.set_cookie, None);
+    // Names are tokens.
+    for bad in ["", "a b", "a;b", &"x".repeat(65)] {
+        let mut cfg = config();
+        cfg.pools[0].cookie = Some(crate::StickyCookie {
+            name: bad.into(),
+            nocache: false,
+        });
+        assert!(matches!(
+            Gateway::new(&cfg),
+            Err(ConfigError::BadCookieName(_))
+        ));
+    }
+}
+
+#[test]
+fn header_rules_set_and_delete_with_bounds() {
+    let mut cfg = config();
+    let www = cfg.routes.iter().position(|r| r.name == "www").unwrap();
+    cfg.routes[www].rewrite = HeaderRules {
+        set_request: vec![
+            (
+                HeaderRules::name("X-Env").unwrap(),
+                HeaderRules::value("prod").unwrap(),
+            ),
+            (
+                HeaderRules::name("X-Forwarded-Proto").unwrap(),
+                HeaderRules::value("https").unwrap(),
+            ),
+        ],
+        del_request: vec![HeaderRules::name("X-Debug").unwrap()],
+        set_response: vec![(
+            HeaderRules::name("Strict-Transport-Security").unwrap(),
+            HeaderRules::value("max-age=63072000").unwrap(),
+        )],
+        del_response: vec![HeaderRules::name("Server").unwrap()],
+    };
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let mut h = head(
+        &[
+            ("host", "www.example.com"),
+            ("x-debug", "1"),
+            ("x-env", "client"),
+            ("x-env", "twice"),
+        ],
+        "GET",
+        "/",
+    );
+    let up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!(h.headers.get_all("x-env").iter().count(), 1);
+    assert_eq!(h.headers["x-env"], "prod");
+    assert_eq!(h.headers["x-forwarded-proto"], "https");
+    assert!(!h.headers.contains_key("x-debug"));
+    let mut res = http::HeaderMap::new();
+    res.insert("server", "apache".parse().unwrap());
+    gw.rewrite_response(up.route, &mut res);
+    assert!(!res.contains_key("server"));
+    assert_eq!(res["strict-transport-security"], "max-age=63072000");
+    // Other routes are untouched.
+    let mut h = head(
+        &[("host", "x.example.com"), ("x-debug", "1")],
+        "GET",
+        "/api/x",
+    );
+    forwarded(decide(&mut gw, &mut h));
+    assert!(h.headers.contains_key("x-debug"));
+
+    for reserved in [
+        "Connection",
+        "transfer-encoding",
+        "Upgrade",
+        "Host",
+        "content-length",
+    ] {
+        assert_eq!(
+            HeaderRules::name(reserved),
+            Err(ConfigError::ReservedHeader(reserved.into()))
+        );
+    }
+    assert!(matches!(
+        HeaderRules::name("a b"),
+        Err(ConfigError::BadHeaderName(_))
+    ));
+    for bad in ["a\r\nX-Injected: 1", "\u{e9}", &"v".repeat(4097)] {
+        assert!(matches!(
+            HeaderRules::value(bad),
+            Err(ConfigError::BadHeaderValue(_))
+        ));
+    }
+    assert!(HeaderRules::value(&"v".repeat(4096)).is_ok());
+    let mut cfg = config();
+    cfg.routes[0].rewrite.del_request = vec![HeaderRules::name("x-a").unwrap(); 33];
+    assert!(matches!(
+        Gateway::new(&cfg),
+        Err(ConfigError::LimitOutOfRange { .. })
+    ));
 }

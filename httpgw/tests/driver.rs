@@ -11,7 +11,7 @@ use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use httpgw::hygiene::Forwarding;
-use httpgw::route::{Action, HostPattern, Match, PathPattern, RedirectTarget, Route};
+use httpgw::route::{Action, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route};
 use httpgw::{GatewayConfig, HttpGateway, Limits, PoolSpec};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -70,6 +70,7 @@ fn pool(name: &str, backends: &[SocketAddrV4]) -> PoolSpec {
             backends: backends.iter().map(|a| BackendConfig::new(*a, 1)).collect(),
             ..PoolConfig::default()
         },
+        cookie: None,
     }
 }
 
@@ -78,6 +79,7 @@ fn route(name: &str, when: Match, action: Action) -> Route {
         name: name.into(),
         when,
         action,
+        rewrite: HeaderRules::default(),
     }
 }
 
@@ -164,6 +166,7 @@ async fn site() -> Site {
             ..Limits::default()
         },
         access_log: false,
+        tls: None,
     };
     Site {
         gateway: HttpGateway::start(&config).await.unwrap(),

@@ -9,13 +9,16 @@
 use super::{HumanDuration, Validator, check_unique, did_you_mean};
 use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use httpgw::hygiene::Forwarding;
-use httpgw::route::{Action, HeaderMatch, HostPattern, Match, PathPattern, RedirectTarget, Route};
-use httpgw::{GatewayConfig, Limits, PoolSpec};
+use httpgw::route::{
+    Action, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route,
+};
+use httpgw::{CertFiles, GatewayConfig, Limits, PoolSpec, TlsConfig};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -43,6 +46,23 @@ pub(crate) struct HttpPoolSection {
     pub(crate) scheduler: SchedulerKind,
     #[serde(default)]
     pub(crate) backends: Vec<HttpBackendSection>,
+    /// Cookie-insert stickiness (HAProxy `cookie NAME insert indirect nocache`).
+    #[serde(default)]
+    pub(crate) cookie: Option<CookieSection>,
+}
+
+/// `cookie = { name = "SRV", nocache = true }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CookieSection {
+    pub(crate) name: Spanned<String>,
+    /// `Cache-Control: private` on responses that set it. Default true.
+    #[serde(default = "d_true")]
+    pub(crate) nocache: bool,
+}
+
+fn d_true() -> bool {
+    true
 }
 
 fn d_scheduler() -> SchedulerKind {
@@ -97,6 +117,42 @@ pub(crate) struct RouteSection {
     /// Answer with a redirect instead of forwarding.
     #[serde(default)]
     pub(crate) redirect: Option<Spanned<RedirectSection>>,
+    /// Any of these TLS server names (SNI), exact or `*.suffix`; only on a TLS listener.
+    #[serde(default)]
+    pub(crate) sni: Vec<Spanned<String>>,
+    /// Fields set on the forwarded request, name → value (HAProxy `http-request set-header`).
+    #[serde(default)]
+    pub(crate) set_request_headers: BTreeMap<String, Spanned<String>>,
+    /// Fields deleted from the forwarded request (HAProxy `http-request del-header`).
+    #[serde(default)]
+    pub(crate) del_request_headers: Vec<Spanned<String>>,
+    /// Fields set on the response (HAProxy `http-response set-header`).
+    #[serde(default)]
+    pub(crate) set_response_headers: BTreeMap<String, Spanned<String>>,
+    /// Fields deleted from the response (HAProxy `http-response del-header`).
+    #[serde(default)]
+    pub(crate) del_response_headers: Vec<Spanned<String>>,
+}
+
+/// One certificate of a TLS listener: PEM files.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CertSection {
+    /// The certificate, then its intermediates.
+    pub(crate) cert_file: Spanned<PathBuf>,
+    /// Its private key; mode 600 (or 640 with group ssl-cert).
+    pub(crate) key_file: Spanned<PathBuf>,
+}
+
+/// `tls = { certs = [...] }`: TLS termination (HAProxy `bind :443 ssl crt A crt B`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSection {
+    /// Picked by SNI among their subjectAltName DNS names; the first is the default.
+    pub(crate) certs: Vec<CertSection>,
+    /// Time to complete the handshake. Default 10s.
+    #[serde(default)]
+    pub(crate) handshake_timeout: Option<Spanned<HumanDuration>>,
 }
 
 /// One `[[http]]`.
@@ -130,6 +186,13 @@ pub(crate) struct HttpSection {
     /// Time for a backend to answer (HAProxy `timeout server`). Default 30s: 504 beyond.
     #[serde(default)]
     pub(crate) upstream_timeout: Option<Spanned<HumanDuration>>,
+    /// Time an upgraded connection (WebSocket) may be idle both ways (HAProxy `timeout
+    /// tunnel`). Default 1h.
+    #[serde(default)]
+    pub(crate) tunnel_timeout: Option<Spanned<HumanDuration>>,
+    /// TLS termination.
+    #[serde(default)]
+    pub(crate) tls: Option<Spanned<TlsSection>>,
     #[serde(default)]
     pub(crate) route: Vec<RouteSection>,
     #[serde(default)]
@@ -168,8 +231,19 @@ impl HttpSection {
                         );
                     }
                 }
+                let cookie = p.cookie.as_ref().map(|c| {
+                    let sticky = httpgw::StickyCookie {
+                        name: c.name.get_ref().clone(),
+                        nocache: c.nocache,
+                    };
+                    if let Err(e) = sticky.validate() {
+                        error(c.name.span(), e.to_string());
+                    }
+                    sticky
+                });
                 PoolSpec {
                     name: p.name.get_ref().clone(),
+                    cookie,
                     balance: PoolConfig {
                         scheduler: p.scheduler,
                         backends: p
@@ -185,8 +259,41 @@ impl HttpSection {
         let routes = self
             .route
             .iter()
-            .filter_map(|r| route(r, &pool_names, error))
+            .filter_map(|r| route(r, &pool_names, self.tls.is_some(), error))
             .collect();
+        let tls = self.tls.as_ref().map(|t| {
+            let section = t.get_ref();
+            if section.certs.is_empty() {
+                error(t.span(), "`tls` needs at least one of `certs`".into());
+            }
+            if section.certs.len() > TlsConfig::MAX_CERTS {
+                error(
+                    t.span(),
+                    format!("`tls` has more than {} certs", TlsConfig::MAX_CERTS),
+                );
+            }
+            let mut handshake_timeout = TlsConfig::DEFAULT_HANDSHAKE_TIMEOUT;
+            if let Some(d) = &section.handshake_timeout {
+                handshake_timeout = d.get_ref().0;
+                if !(MIN_PERIOD..=MAX_PERIOD).contains(&handshake_timeout) {
+                    error(
+                        d.span(),
+                        "`handshake_timeout` must be between 100ms and 1h".into(),
+                    );
+                }
+            }
+            TlsConfig {
+                certs: section
+                    .certs
+                    .iter()
+                    .map(|c| CertFiles {
+                        cert_file: c.cert_file.get_ref().clone(),
+                        key_file: c.key_file.get_ref().clone(),
+                    })
+                    .collect(),
+                handshake_timeout,
+            }
+        });
 
         let mut limits = Limits::default();
         if let Some(n) = &self.max_connections {
@@ -218,6 +325,11 @@ impl HttpSection {
                 "upstream_timeout",
                 &mut limits.upstream_timeout,
             ),
+            (
+                &self.tunnel_timeout,
+                "tunnel_timeout",
+                &mut limits.tunnel_timeout,
+            ),
         ] {
             if let Some(d) = value {
                 let d0 = d.get_ref().0;
@@ -237,6 +349,7 @@ impl HttpSection {
             },
             limits,
             access_log: self.access_log,
+            tls,
         }
     }
 
@@ -265,12 +378,25 @@ fn in_range<T: Copy + Into<u64> + std::fmt::Display>(
 fn route(
     r: &RouteSection,
     pools: &[&str],
+    tls: bool,
     error: &mut dyn FnMut(Range<usize>, String),
 ) -> Option<Route> {
     let mut when = Match::default();
     for h in &r.host {
         match HostPattern::parse(h.get_ref()) {
             Ok(p) => when.hosts.push(p),
+            Err(e) => error(h.span(), e.to_string()),
+        }
+    }
+    for h in &r.sni {
+        if !tls {
+            error(
+                h.span(),
+                "`sni` matches a TLS server name: this listener has no `tls`".into(),
+            );
+        }
+        match HostPattern::parse(h.get_ref()) {
+            Ok(p) => when.sni.push(p),
             Err(e) => error(h.span(), e.to_string()),
         }
     }
@@ -309,6 +435,7 @@ fn route(
         }
     }
     let route_name = r.name.get_ref();
+    let rewrite = rewrite(r, error);
     let action = match (&r.pool, &r.redirect) {
         (Some(pool), None) => {
             let Some(index) = pools.iter().position(|p| p == pool.get_ref()) else {
@@ -379,11 +506,82 @@ fn route(
             return None;
         }
     };
+    if !matches!(action, Action::Forward { .. }) && rewrite != HeaderRules::default() {
+        error(
+            r.name.span(),
+            format!("route `{route_name}` redirects: header rules apply to a route with a pool"),
+        );
+    }
     Some(Route {
         name: route_name.clone(),
         when,
         action,
+        rewrite,
     })
+}
+
+/// The route's header rules, each mistake at its value (set) or entry (del).
+fn rewrite(r: &RouteSection, error: &mut dyn FnMut(Range<usize>, String)) -> HeaderRules {
+    let mut rules = HeaderRules::default();
+    let lists = [
+        (
+            &r.set_request_headers,
+            &mut rules.set_request,
+            "set_request_headers",
+        ),
+        (
+            &r.set_response_headers,
+            &mut rules.set_response,
+            "set_response_headers",
+        ),
+    ];
+    for (map, into, key) in lists {
+        if map.len() > httpgw::route::MAX_HEADER_RULES {
+            error(
+                r.name.span(),
+                format!(
+                    "`{key}` has more than {} entries",
+                    httpgw::route::MAX_HEADER_RULES
+                ),
+            );
+        }
+        for (name, value) in map {
+            match (HeaderRules::name(name), HeaderRules::value(value.get_ref())) {
+                (Ok(n), Ok(v)) => into.push((n, v)),
+                (Err(e), _) | (_, Err(e)) => error(value.span(), e.to_string()),
+            }
+        }
+    }
+    let lists = [
+        (
+            &r.del_request_headers,
+            &mut rules.del_request,
+            "del_request_headers",
+        ),
+        (
+            &r.del_response_headers,
+            &mut rules.del_response,
+            "del_response_headers",
+        ),
+    ];
+    for (list, into, key) in lists {
+        if list.len() > httpgw::route::MAX_HEADER_RULES {
+            error(
+                r.name.span(),
+                format!(
+                    "`{key}` has more than {} entries",
+                    httpgw::route::MAX_HEADER_RULES
+                ),
+            );
+        }
+        for name in list {
+            match HeaderRules::name(name.get_ref()) {
+                Ok(n) => into.push(n),
+                Err(e) => error(name.span(), e.to_string()),
+            }
+        }
+    }
+    rules
 }
 
 /// Checks every `[[http]]`: unique names and listen addresses, unique route and pool names
@@ -437,5 +635,32 @@ pub(crate) fn validate_all(sections: &[HttpSection], v: &mut Validator) {
             );
         }
         s.build(&mut |span, message| v.error(span, message));
+        if let Some(tls) = &s.tls {
+            check_certs(&tls.get_ref().certs, v);
+        }
+    }
+}
+
+/// Reads every certificate and key as the gateway will at start: files present and parsed,
+/// the key the certificate's and not readable by others; a certificate after the first (the
+/// default) must have a DNS name SNI can select it by.
+fn check_certs(certs: &[CertSection], v: &mut Validator) {
+    for (i, c) in certs.iter().enumerate() {
+        let files = CertFiles {
+            cert_file: c.cert_file.get_ref().clone(),
+            key_file: c.key_file.get_ref().clone(),
+        };
+        match httpgw::tls::load_cert(&files) {
+            Ok(loaded) if i > 0 && loaded.names.is_empty() => v.error_at(
+                &c.cert_file,
+                format!(
+                    "{} has no DNS name in its subjectAltName: SNI can never select it (only the first certificate, the default, may lack one)",
+                    files.cert_file.display()
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) if e.in_key_file() => v.error_at(&c.key_file, e.to_string()),
+            Err(e) => v.error_at(&c.cert_file, e.to_string()),
+        }
     }
 }

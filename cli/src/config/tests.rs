@@ -625,6 +625,7 @@ listen = "198.51.100.10:80"
 trusted_proxies = ["10.0.0.0/8"]
 max_body_bytes = 1000
 header_timeout = "5s"
+tunnel_timeout = "10m"
 
 [[http.route]]
 name = "api"
@@ -634,6 +635,10 @@ method = ["GET", "POST"]
 header = { "X-Canary" = "1", "X-Debug" = "*" }
 pool = "api"
 strip_prefix = "/api"
+set_request_headers = { "X-Env" = "prod" }
+del_request_headers = ["X-Debug"]
+set_response_headers = { "Strict-Transport-Security" = "max-age=63072000" }
+del_response_headers = ["Server"]
 
 [[http.route]]
 name = "old"
@@ -652,6 +657,7 @@ backends = [{ address = "10.0.0.1:8080", weight = 2 }, { address = "10.0.0.2:808
 [[http.pool]]
 name = "api"
 backends = [{ address = "10.0.0.3:8080" }]
+cookie = { name = "SRV" }
 "#;
 
 #[test]
@@ -664,6 +670,10 @@ fn an_http_section_lowers_to_the_gateway_config() {
     assert_eq!(gw.routes[0].when.methods.len(), 2);
     assert_eq!(gw.routes[0].when.headers.len(), 2);
     assert!(gw.routes[0].when.headers.iter().any(|h| h.value.is_none()));
+    assert_eq!(gw.routes[0].rewrite.set_request.len(), 1);
+    assert_eq!(gw.routes[0].rewrite.del_request.len(), 1);
+    assert_eq!(gw.routes[0].rewrite.set_response.len(), 1);
+    assert_eq!(gw.routes[0].rewrite.del_response.len(), 1);
     assert_eq!(
         gw.routes[0].action,
         httpgw::route::Action::Forward {
@@ -678,8 +688,19 @@ fn an_http_section_lowers_to_the_gateway_config() {
     assert_eq!(gw.pools[0].balance.scheduler, balance::SchedulerKind::Wrr);
     assert_eq!(gw.pools[0].balance.backends[0].weight, 2);
     assert_eq!(gw.pools[1].balance.scheduler, balance::SchedulerKind::Rr);
+    assert_eq!(
+        gw.pools[1].cookie,
+        Some(httpgw::StickyCookie {
+            name: "SRV".into(),
+            nocache: true
+        })
+    );
     assert_eq!(gw.limits.max_body_bytes, 1000);
     assert_eq!(gw.limits.header_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(
+        gw.limits.tunnel_timeout,
+        std::time::Duration::from_secs(600)
+    );
     assert_eq!(gw.forwarding.trusted_proxies.len(), 1);
     httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
 }
@@ -694,6 +715,9 @@ fn http_mistakes_point_at_their_place() {
         .replace("status = 301", "status = 200")
         .replace("max_body_bytes = 1000", "max_body_bytes = 2000000000")
         .replace("header_timeout = \"5s\"", "header_timeout = \"10ms\"")
+        .replace("name = \"SRV\"", "name = \"S R V\"")
+        .replace("[\"X-Debug\"]", "[\"Connection\"]")
+        .replace("\"prod\"", "\"a\\r\\nX-Injected: 1\"")
         .replace(
             "{ address = \"10.0.0.2:8080\" }",
             "{ address = \"10.0.0.1:8080\" }",
@@ -723,12 +747,19 @@ fn http_mistakes_point_at_their_place() {
     at("\"post\"", 18, "upper-case HTTP method");
     at("pool = \"apii\"", 8, "did you mean `api`?");
     at("status = 200", 23, "redirect status 200");
+    at("S R V", 19, "bad cookie name");
+    at(
+        "del_request_headers",
+        24,
+        "cannot be set or deleted by a rule",
+    );
+    at("set_request_headers", 35, "bad header value");
     at(
         "weight = 2 }, { address = \"10.0.0.1",
         68,
         "duplicate backend",
     );
-    assert_eq!(errs.len(), 8, "{errs:#?}");
+    assert_eq!(errs.len(), 11, "{errs:#?}");
 }
 
 #[test]
@@ -761,6 +792,106 @@ fn an_http_route_needs_one_action_and_known_keys() {
     );
     assert_eq!(
         errs[0],
-        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, method, header, pool, strip_prefix, redirect"
+        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, method, header, pool, strip_prefix, redirect, sni, set_request_headers, del_request_headers, set_response_headers, del_response_headers"
     );
+}
+
+/// A self-signed certificate for `names` and its key, written to `dir` as `NAME.pem` and
+/// `NAME.key` (mode `key_mode`).
+fn cert_files(dir: &Path, name: &str, names: &[&str], key_mode: u32) -> (String, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+    let made = rcgen::generate_simple_self_signed(names).expect("rcgen");
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(key_mode)).expect("chmod");
+    (cert.display().to_string(), key.display().to_string())
+}
+
+#[test]
+fn tls_certificates_are_checked_at_their_place() {
+    let dir = std::env::temp_dir().join(format!("vipgate-tlscheck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (a, a_key) = cert_files(&dir, "a", &["a.example.com", "*.a.example.com"], 0o600);
+    let (b, b_key) = cert_files(&dir, "b", &["b.example.com"], 0o640);
+    let (open, open_key) = cert_files(&dir, "open", &["o.example.com"], 0o644);
+    let (nameless, nameless_key) = cert_files(&dir, "nameless", &[], 0o600);
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let missing = dir.join("missing.pem").display().to_string();
+    let garbage = garbage.display().to_string();
+    let site = |certs: &[(&str, &str)], extra: &str| {
+        let list: Vec<String> = certs
+            .iter()
+            .map(|(c, k)| format!("  {{ cert_file = \"{c}\", key_file = \"{k}\" }},\n"))
+            .collect();
+        format!(
+            "[[http]]\nname = \"w\"\nlisten = \"127.0.0.1:443\"\ntls = {{ {extra}certs = [\n{}] }}\n[[http.route]]\nname = \"r\"\nsni = [\"*.a.example.com\"]\npool = \"p\"\n[[http.pool]]\nname = \"p\"\nbackends = [{{ address = \"10.0.0.1:80\" }}]\n",
+            list.concat()
+        )
+    };
+
+    // Good: a default certificate without names, one per name; group-readable key.
+    let good = site(
+        &[(&nameless, &nameless_key), (&a, &a_key), (&b, &b_key)],
+        "",
+    );
+    assert_eq!(errors(&good), Vec::<String>::new());
+    let parsed = parse(Path::new("site.toml"), &good).expect("valid");
+    let gw = parsed.http[0].lower();
+    let tls = gw.tls.as_ref().expect("tls");
+    assert_eq!(tls.certs.len(), 3);
+    assert_eq!(
+        tls.handshake_timeout,
+        httpgw::TlsConfig::DEFAULT_HANDSHAKE_TIMEOUT
+    );
+    assert_eq!(gw.routes[0].when.sni.len(), 1);
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+
+    let bad = site(
+        &[
+            (&a, &b_key),
+            (&missing, &a_key),
+            (&open, &open_key),
+            (&garbage, &a_key),
+            (&nameless, &nameless_key),
+        ],
+        "handshake_timeout = \"1ms\", ",
+    );
+    let errs = errors(&bad);
+    let at = |line: usize, col: usize, message: &str| {
+        let prefix = format!("site.toml:{line}:{col}: ");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&prefix) && e.contains(message)),
+            "{prefix}{message} not in {errs:#?}"
+        );
+    };
+    at(4, 29, "`handshake_timeout` must be between 100ms and 1h");
+    let key_col = |c: &str| c.chars().count() + 32;
+    at(5, key_col(&a), "is not the key of the certificate in");
+    at(6, 17, "No such file or directory");
+    at(7, key_col(&open), "has mode 0644");
+    at(8, 17, "the certificate does not parse");
+    at(9, 17, "has no DNS name in its subjectAltName");
+    assert_eq!(errs.len(), 6, "{errs:#?}");
+
+    // sni on a listener without TLS would never match.
+    let plain = HTTP_SITE.replace(
+        "name = \"old\"\n",
+        "name = \"old\"\nsni = [\"a.example.com\"]\n",
+    );
+    let errs = errors(&plain);
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("site.toml:24:8: `sni` matches a TLS server name")),
+        "{errs:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -88,6 +88,13 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
             s.no_route,
             classes(&s.responses)
         );
+        if let Some(t) = &s.tls {
+            let _ = writeln!(
+                out,
+                "  tls: {} handshakes, {} failed, {} timed out",
+                t.handshakes, t.failed, t.timed_out
+            );
+        }
         for r in &s.routes {
             let _ = writeln!(
                 out,

@@ -4,6 +4,7 @@
 //! and reports outcomes back.
 
 mod stream;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -15,20 +16,24 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 
 use crate::hygiene::{self, Refusal};
-use crate::{Answer, Gateway, GatewayConfig, GatewayStatus, Limits, Outcome, Verdict};
+use crate::{
+    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, TlsSession, Verdict,
+};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -47,6 +52,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// A certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 #[allow(clippy::disallowed_methods)] // the driver's one clock read
@@ -60,6 +68,8 @@ struct Shared {
     access_log: bool,
     client: Client<HttpConnector, Full<Bytes>>,
     connections: AtomicU64,
+    /// TLS termination and its handshake timeout.
+    tls: Option<(TlsAcceptor, Duration)>,
 }
 
 impl Shared {
@@ -92,6 +102,13 @@ impl HttpGateway {
     /// [`StartError`] for a bad configuration or a listener that cannot be bound.
     pub async fn start(config: &GatewayConfig) -> Result<Self, StartError> {
         let gateway = Gateway::new(config)?;
+        let tls = match &config.tls {
+            Some(t) => Some((
+                TlsAcceptor::from(tls::server_config(t)?),
+                t.handshake_timeout,
+            )),
+            None => None,
+        };
         let listener = bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -112,6 +129,7 @@ impl HttpGateway {
             access_log: config.access_log,
             client,
             connections: AtomicU64::new(0),
+            tls,
         });
         let (stop, stopped) = watch::channel(false);
         let watch = netutil::task::TaskWatch::new();
@@ -202,7 +220,7 @@ async fn accept_loop(
         let shared = Arc::clone(&shared);
         connections.spawn(async move {
             shared.connections.fetch_add(1, Ordering::Relaxed);
-            serve(&shared, tcp, peer).await;
+            accept(&shared, tcp, peer).await;
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
@@ -219,13 +237,59 @@ fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
     }
 }
 
-async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// What the requests of one client connection share.
+#[derive(Default)]
+struct Conn {
+    /// `Some(sni)` over TLS.
+    tls: Option<Option<Arc<str>>>,
+    /// The backend's side of a switch passed on to the client (a `101`): once hyper is done
+    /// with the connection, it becomes a tunnel to it.
+    tunnel: Mutex<Option<OnUpgrade>>,
+}
+
+/// One accepted connection: the TLS handshake first on a TLS listener (bounded by its
+/// timeout, counted), then HTTP.
+async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let (Some(peer), Some(local)) = (v4(peer), tcp.local_addr().ok().and_then(v4)) else {
         return;
     };
     let _ = tcp.set_nodelay(true);
+    let Some((acceptor, timeout)) = &shared.tls else {
+        serve(shared, tcp, peer, local, Conn::default()).await;
+        return;
+    };
+    let stream = match tokio::time::timeout(*timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            shared.gateway().handshake(Handshake::Failed);
+            tracing::debug!(client = %peer, "TLS handshake: {e}");
+            return;
+        }
+        Err(_) => {
+            shared.gateway().handshake(Handshake::TimedOut);
+            tracing::debug!(client = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    shared.gateway().handshake(Handshake::Done);
+    let sni = stream
+        .get_ref()
+        .1
+        .server_name()
+        .map(|n| Arc::from(n.to_ascii_lowercase()));
+    let conn = Conn {
+        tls: Some(sni),
+        ..Conn::default()
+    };
+    serve(shared, stream, peer, local, conn).await;
+}
+
+async fn serve<S>(shared: &Arc<Shared>, io: S, peer: SocketAddrV4, local: SocketAddrV4, conn: Conn)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = shared.limits;
-    let io = TokioIo::new(stream::GuardedStream::new(tcp, limits.max_header_bytes));
+    let io = TokioIo::new(stream::GuardedStream::new(io, limits.max_header_bytes));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -237,9 +301,12 @@ async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         // before it (it would drop them on an EOF without half-close).
         .half_close(true);
     let svc_shared = Arc::clone(shared);
+    let conn = Arc::new(conn);
+    let svc_conn = Arc::clone(&conn);
     let service = service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
-        async move { Ok::<_, Infallible>(handle(&shared, peer, local, req).await) }
+        let conn = Arc::clone(&svc_conn);
+        async move { Ok::<_, Infallible>(handle(&shared, peer, local, &conn, req).await) }
     });
     let parts = match builder
         .serve_connection(io, service)
@@ -253,9 +320,21 @@ async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let guarded = parts.io.into_inner();
+    let switched = conn
+        .tunnel
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(upstream) = switched {
+        let (client, mut first) = guarded.into_tunnel();
+        let mut early = parts.read_buf.to_vec();
+        early.append(&mut first);
+        tunnel(shared, peer, client, early, upstream).await;
+        return;
+    }
     let refusal = guarded.refused_head();
     let cut = guarded.refused();
-    let mut tcp = guarded.into_inner();
+    let mut stream = guarded.into_inner();
     if let Some(refusal) = refusal {
         shared.gateway().refused(refusal.status);
         log(
@@ -267,11 +346,84 @@ async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             refusal.reason,
             Duration::ZERO,
         );
-        let _ = tcp.write_all(&refusal_bytes(refusal)).await;
+        let _ = stream.write_all(&refusal_bytes(refusal)).await;
     } else if cut {
         tracing::debug!(client = %peer, "http connection cut: malformed body framing");
     }
-    let _ = tcp.shutdown().await;
+    let _ = stream.shutdown().await;
+}
+
+/// Splices a switched connection to its backend until either side closes or no byte passes
+/// for the tunnel timeout; `early` (client bytes read before the switch) goes first.
+async fn tunnel<S>(shared: &Shared, peer: SocketAddrV4, client: S, early: Vec<u8>, up: OnUpgrade)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = shared.limits;
+    let upstream = match tokio::time::timeout(limits.upstream_timeout, up).await {
+        Ok(Ok(u)) => TokioIo::new(u),
+        Ok(Err(e)) => {
+            tracing::debug!(client = %peer, "upgrade: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    match splice(client, upstream, early, limits.tunnel_timeout).await {
+        Ok((up, down)) => {
+            tracing::debug!(client = %peer, up, down, "tunnel closed");
+        }
+        Err(e) => tracing::debug!(client = %peer, "tunnel: {e}"),
+    }
+}
+
+/// Copies both ways between `a` and `b` (`early` to `b` first) until both directions have
+/// ended (an EOF is passed on as a write shutdown), or nothing moves for `idle`. Returns the
+/// bytes copied a → b and b → a.
+async fn splice<A, B>(a: A, b: B, early: Vec<u8>, idle: Duration) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "tunnel idle");
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    tokio::time::timeout(idle, bw.write_all(&early))
+        .await
+        .map_err(|_| timed_out())??;
+    let (mut abuf, mut bbuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut a_open, mut b_open) = (true, true);
+    let (mut up, mut down) = (early.len() as u64, 0u64);
+    while a_open || b_open {
+        tokio::select! {
+            r = ar.read(&mut abuf), if a_open => {
+                let n = r?;
+                if n == 0 {
+                    a_open = false;
+                    let _ = bw.shutdown().await;
+                } else {
+                    tokio::time::timeout(idle, bw.write_all(&abuf[..n]))
+                        .await
+                        .map_err(|_| timed_out())??;
+                    up += n as u64;
+                }
+            }
+            r = br.read(&mut bbuf), if b_open => {
+                let n = r?;
+                if n == 0 {
+                    b_open = false;
+                    let _ = aw.shutdown().await;
+                } else {
+                    tokio::time::timeout(idle, aw.write_all(&bbuf[..n]))
+                        .await
+                        .map_err(|_| timed_out())??;
+                    down += n as u64;
+                }
+            }
+            () = tokio::time::sleep(idle) => return Err(timed_out()),
+        }
+    }
+    Ok((up, down))
 }
 
 /// The answer to a head the guard refused: hyper never saw it, so it is written here.
@@ -321,10 +473,30 @@ fn log(
     }
 }
 
+/// Answers one request. A request asking to upgrade gets the switch (`101`, then the
+/// connection is a tunnel) or an answer that closes the connection: the framing guard holds
+/// back what the client sent after it.
 async fn handle(
     shared: &Arc<Shared>,
     client: SocketAddrV4,
     local: SocketAddrV4,
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let asked = hygiene::upgrade_requested(req.headers());
+    let mut res = answer(shared, client, local, conn, req).await;
+    if asked && res.status() != StatusCode::SWITCHING_PROTOCOLS {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}
+
+async fn answer(
+    shared: &Arc<Shared>,
+    client: SocketAddrV4,
+    local: SocketAddrV4,
+    conn: &Conn,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = now();
@@ -352,9 +524,12 @@ async fn handle(
         Err(_) => return refuse(StatusCode::BAD_REQUEST, "body unreadable"),
     };
 
+    let tls = conn.tls.as_ref().map(|sni| TlsSession {
+        sni: sni.as_deref(),
+    });
     let verdict = shared
         .gateway()
-        .decide(started, client, *local.ip(), &mut head);
+        .decide(started, client, *local.ip(), tls, &mut head);
     let up = match verdict {
         Verdict::Respond(Answer {
             status,
@@ -402,8 +577,10 @@ async fn handle(
             tracing::debug!(backend = %up.addr, "upstream: {e}");
             (Outcome::Broken, None)
         }
-        // Upgrades are not proxied: a 101 the client did not get to ask for is a broken answer.
-        Ok(Ok(res)) if res.status() == StatusCode::SWITCHING_PROTOCOLS => (Outcome::Broken, None),
+        // A 101 the client did not get to ask for is a broken answer.
+        Ok(Ok(res)) if res.status() == StatusCode::SWITCHING_PROTOCOLS && up.upgrade.is_none() => {
+            (Outcome::Broken, None)
+        }
         Ok(Ok(res)) => (Outcome::Answered(res.status()), Some(res)),
     };
     // The backend is released at the response head: its counters measure time to answer.
@@ -419,9 +596,34 @@ async fn handle(
         started.elapsed(),
     );
     match response {
+        Some(mut res) if res.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let switched = hyper::upgrade::on(&mut res);
+            *conn.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(switched);
+            let (mut parts, _) = res.into_parts();
+            let protocol = parts.headers.get(header::UPGRADE).cloned();
+            hygiene::remove_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(p) = protocol.or(up.upgrade) {
+                parts.headers.insert(header::UPGRADE, p);
+            }
+            Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed())
+        }
         Some(res) => {
             let (mut parts, body) = res.into_parts();
             hygiene::remove_hop_by_hop(&mut parts.headers);
+            shared
+                .gateway()
+                .rewrite_response(up.route, &mut parts.headers);
+            if let Some((cookie, nocache)) = up.set_cookie {
+                parts.headers.append(header::SET_COOKIE, cookie);
+                if nocache {
+                    parts
+                        .headers
+                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+                }
+            }
             Response::from_parts(parts, body.boxed())
         }
         None => {

@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::framing::HeadGuard;
 use crate::hygiene::Refusal;
@@ -13,11 +12,11 @@ use crate::hygiene::Refusal;
 /// Bytes read from the socket per call.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// A TCP stream whose reads come through a [`HeadGuard`]. After a refusal it reads as closed,
+/// A client stream (TCP, or TLS over it) whose reads come through a [`HeadGuard`]. After a refusal it reads as closed,
 /// so hyper finishes what it has and ends the connection; the driver then answers the refusal
 /// itself.
-pub(super) struct GuardedStream {
-    inner: TcpStream,
+pub(super) struct GuardedStream<S> {
+    inner: S,
     guard: HeadGuard,
     /// Judged bytes not yet handed to hyper, from `offset`.
     released: Vec<u8>,
@@ -26,8 +25,8 @@ pub(super) struct GuardedStream {
     refusal: Option<Refusal>,
 }
 
-impl GuardedStream {
-    pub(super) fn new(inner: TcpStream, max_head: usize) -> Self {
+impl<S> GuardedStream<S> {
+    pub(super) fn new(inner: S, max_head: usize) -> Self {
         Self {
             inner,
             guard: HeadGuard::new(max_head),
@@ -49,12 +48,20 @@ impl GuardedStream {
         self.refusal.is_some()
     }
 
-    pub(super) fn into_inner(self) -> TcpStream {
+    pub(super) fn into_inner(self) -> S {
         self.inner
+    }
+
+    /// The stream for a tunnel after an upgrade, and the client's bytes read but not yet
+    /// handed on (to go first).
+    pub(super) fn into_tunnel(mut self) -> (S, Vec<u8>) {
+        let mut first = self.released.split_off(self.offset);
+        first.append(&mut self.guard.take_held());
+        (self.inner, first)
     }
 }
 
-impl AsyncRead for GuardedStream {
+impl<S: AsyncRead + Unpin> AsyncRead for GuardedStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -75,6 +82,12 @@ impl AsyncRead for GuardedStream {
             if this.refusal.is_some() {
                 return Poll::Ready(Ok(()));
             }
+            if this.guard.upgrading() {
+                // Not read until the upgrade is answered: a switch makes the rest a tunnel's,
+                // anything else closes the connection. hyper needs nothing more for a
+                // bodiless request; its task is woken by the answer.
+                return Poll::Pending;
+            }
             let mut raw = ReadBuf::new(&mut this.scratch);
             std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut raw))?;
             let n = raw.filled().len();
@@ -88,7 +101,7 @@ impl AsyncRead for GuardedStream {
     }
 }
 
-impl AsyncWrite for GuardedStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for GuardedStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

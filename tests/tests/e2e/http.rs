@@ -15,7 +15,8 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_until};
 
 const GATEWAY: &str = "198.51.100.11";
 
-/// A backend on http.server's handler: `NAME PATH xff=XFF sha256=HEX` for any GET or POST,
+/// A backend on http.server's handler: `NAME PATH xff=XFF proto=PROTO cookie=COOKIE sha256=HEX`
+/// for any GET or POST,
 /// and one line per request (`METHOD PATH`) in the log file.
 const BACKEND_PY: &str = r#"
 import hashlib, sys
@@ -29,7 +30,9 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         xff = self.headers.get("X-Forwarded-For", "")
-        text = f"{name} {self.path} xff={xff} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
+        proto = self.headers.get("X-Forwarded-Proto", "")
+        cookie = self.headers.get("Cookie", "")
+        text = f"{name} {self.path} xff={xff} proto={proto} cookie={cookie} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(text)))
         self.end_headers()
@@ -70,6 +73,7 @@ host = ["*.example.com"]
 path_prefix = ["/api/"]
 pool = "api"
 strip_prefix = "/api"
+set_request_headers = { "X-Forwarded-Proto" = "https" }
 
 [[http.route]]
 name = "old"
@@ -84,6 +88,8 @@ pool = "drained"
 [[http.route]]
 name = "default"
 pool = "web"
+set_response_headers = { "X-Served-By" = "vipgate" }
+del_response_headers = ["Server"]
 
 [[http.pool]]
 name = "web"
@@ -107,7 +113,12 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(mut t: Topology) -> Lab {
+    fn new(t: Topology) -> Lab {
+        Lab::with_site(t, SITE, 80)
+    }
+
+    /// The lab with `site` as the director's config, waiting for `port` to accept.
+    fn with_site(mut t: Topology, site: &str, port: u16) -> Lab {
         t.hosts(&["cl", "dir", "rs1", "rs2"]);
         t.veth("cl", "eth0", "dir", "eth0");
         t.addr("cl", "eth0", "198.51.100.200/24");
@@ -142,14 +153,14 @@ impl Lab {
         let control = t.dir().join("vipgate.sock").display().to_string();
         let config = t.write(
             "director.toml",
-            &format!("[daemon]\ncontrol = \"{control}\"\n{SITE}"),
+            &format!("[daemon]\ncontrol = \"{control}\"\n{site}"),
         );
         let vipgate = t.vipgate(
             "dir",
             "vipgate",
             &["run", "-c", config.to_str().unwrap_or("")],
         );
-        t.wait_tcp("cl", GATEWAY, 80, Duration::from_secs(30));
+        t.wait_tcp("cl", GATEWAY, port, Duration::from_secs(30));
         Lab {
             t,
             _vipgate: vipgate,
@@ -182,9 +193,15 @@ fn routes_pick_the_backend_rewrite_and_redirect() {
         url("/api/items?x=1")
     ));
     assert!(
-        body.starts_with("rs2 /items?x=1 xff=198.51.100.200 "),
+        body.starts_with("rs2 /items?x=1 xff=198.51.100.200 proto=https "),
         "{body}"
     );
+    // The default route's response rules: a field set, the backend's Server field deleted.
+    let head = lab
+        .curl(&format!("-D - -o /dev/null {}", url("/")))
+        .to_ascii_lowercase();
+    assert!(head.contains("x-served-by: vipgate"), "{head}");
+    assert!(!head.contains("server:"), "{head}");
     // The same path on another host: the default route's server, path untouched.
     let body = lab.curl(&format!("-H 'Host: example.org' {}", url("/api/items")));
     assert!(
@@ -226,13 +243,13 @@ fn routes_pick_the_backend_rewrite_and_redirect() {
     let gw = &json[0];
     assert_eq!(counter(gw, &["routes", "0", "requests"]), 1, "{json}");
     assert_eq!(counter(gw, &["routes", "1", "requests"]), 1, "{json}");
-    assert_eq!(counter(gw, &["routes", "3", "requests"]), 3, "{json}");
+    assert_eq!(counter(gw, &["routes", "3", "requests"]), 4, "{json}");
     assert_eq!(
         counter(gw, &["pools", "1", "backends", "0", "requests"]),
         1,
         "{json}"
     );
-    assert_eq!(counter(gw, &["responses", "success"]), 4, "{json}");
+    assert_eq!(counter(gw, &["responses", "success"]), 5, "{json}");
     assert_eq!(counter(gw, &["responses", "redirect"]), 1, "{json}");
     let text = lab.t.sh(
         "dir",
@@ -309,4 +326,319 @@ fn limits_and_smuggling_are_refused_before_any_backend() {
     assert_eq!(counter(gw, &["pools", "2", "no_backend"]), 1, "{json}");
     assert_eq!(counter(gw, &["responses", "client_error"]), 5, "{json}");
     assert_eq!(counter(gw, &["responses", "server_error"]), 1, "{json}");
+}
+
+/// A self-signed certificate for `name` (and its subjectAltName `san`) made by openssl (on the
+/// host, before the namespaces exist) in the test directory: `NAME.pem`, `NAME.key` (mode 600).
+fn openssl_cert(t: &Topology, name: &str, san: &str) -> (String, String) {
+    let dir = t.dir().display().to_string();
+    let (cert, key) = (format!("{dir}/{name}.pem"), format!("{dir}/{name}.key"));
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+             -subj /CN={name} -addext 'subjectAltName={san}' -keyout {key} -out {cert} 2>&1 \
+             && chmod 600 {key}"
+        ))
+        .output()
+        .expect("running openssl");
+    assert!(made.status.success(), "openssl: {made:?}");
+    (cert, key)
+}
+
+#[test]
+fn tls_picks_the_certificate_by_sni_and_bounds_handshakes() {
+    let t = e2e!();
+    let (default, default_key) = openssl_cert(&t, "default.test", "DNS:default.test");
+    let (a, a_key) = openssl_cert(&t, "a.example.com", "DNS:a.example.com");
+    let (b, b_key) = openssl_cert(&t, "b.example.com", "DNS:*.b.example.com");
+    let site = format!(
+        r#"
+[[http]]
+name = "tls"
+listen = "{GATEWAY}:443"
+access_log = true
+tls = {{ handshake_timeout = "1s", certs = [
+  {{ cert_file = "{default}", key_file = "{default_key}" }},
+  {{ cert_file = "{a}", key_file = "{a_key}" }},
+  {{ cert_file = "{b}", key_file = "{b_key}" }},
+] }}
+
+[[http.route]]
+name = "a"
+sni = ["a.example.com"]
+pool = "one"
+
+[[http.route]]
+name = "default"
+pool = "two"
+
+[[http.pool]]
+name = "one"
+backends = [{{ address = "10.0.0.101:8000" }}]
+
+[[http.pool]]
+name = "two"
+backends = [{{ address = "10.0.0.102:8000" }}]
+"#
+    );
+    let lab = Lab::with_site(t, &site, 443);
+    let check = lab.t.vipgate_output(
+        "dir",
+        &[
+            "check",
+            "-c",
+            lab.t.dir().join("director.toml").to_str().unwrap_or(""),
+        ],
+    );
+    assert!(check.status.success(), "{check:?}");
+
+    // curl to each name, trusting only that name's certificate: the handshake verifies only
+    // if the gateway picked it; the subject shows which; the route on SNI picks the backend.
+    let fetch = |name: &str, ca: &str| {
+        lab.t.sh(
+            "cl",
+            &format!(
+                "curl -sS -v --max-time 10 --cacert {ca} --resolve {name}:443:{GATEWAY} https://{name}/x 2>&1"
+            ),
+        )
+    };
+    let out = fetch("a.example.com", &a);
+    assert!(out.contains("subject: CN=a.example.com"), "{out}");
+    assert!(out.contains("ALPN: server accepted http/1.1"), "{out}");
+    assert!(
+        out.contains("rs1 /x xff=198.51.100.200 proto=https "),
+        "{out}"
+    );
+    let out = fetch("www.b.example.com", &b);
+    assert!(out.contains("subject: CN=b.example.com"), "{out}");
+    assert!(
+        out.contains("rs2 /x xff=198.51.100.200 proto=https "),
+        "{out}"
+    );
+    // No SNI: the default certificate.
+    let out = lab.t.sh(
+        "cl",
+        &format!(
+            "openssl s_client -connect {GATEWAY}:443 -noservername </dev/null 2>/dev/null | grep '^subject='"
+        ),
+    );
+    assert!(out.contains("CN = default.test"), "{out}");
+    // TLS 1.1 is refused.
+    assert!(
+        lab.t
+            .try_sh(
+                "cl",
+                &format!("curl -sS --max-time 5 -k --tls-max 1.1 https://{GATEWAY}/")
+            )
+            .is_err()
+    );
+
+    // Plain HTTP instead of a ClientHello: closed, nothing answered in HTTP.
+    let answer = lab.t.sh(
+        "cl",
+        &format!(
+            "python3 {}/raw.py {GATEWAY} 443 'GET / HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n'",
+            lab.t.dir().display()
+        ),
+    );
+    assert!(!answer.contains("HTTP/1.1"), "{answer}");
+    // A connection that never starts its handshake is closed at handshake_timeout (1 s).
+    let took = lab.t.sh(
+        "cl",
+        &format!(
+            "python3 -c 'import socket,time; s=socket.create_connection((\"{GATEWAY}\",443)); t=time.time(); s.settimeout(10); d=s.recv(1); print(round(time.time()-t, 1), len(d))'"
+        ),
+    );
+    let secs: f64 = took
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(-1.0);
+    assert!((0.8..5.0).contains(&secs), "{took}");
+
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let gw = &json[0];
+    assert_eq!(counter(gw, &["tls", "handshakes"]), 3, "{json}");
+    assert_eq!(counter(gw, &["tls", "timed_out"]), 1, "{json}");
+    assert!(counter(gw, &["tls", "failed"]) >= 2, "{json}");
+    assert_eq!(counter(gw, &["routes", "0", "requests"]), 1, "{json}");
+    assert_eq!(counter(gw, &["routes", "1", "requests"]), 1, "{json}");
+    assert_eq!(lab.requests_seen("rs1"), "GET /x\n");
+    assert_eq!(lab.requests_seen("rs2"), "GET /x\n");
+}
+
+/// A WebSocket-ish echo server: answers a request with `Upgrade: websocket` with `101` and
+/// then echoes every byte until EOF; anything else gets `200 plain`.
+const ECHO_PY: &str = r#"
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(16)
+def serve(c):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = c.recv(4096)
+        if not d:
+            return
+        data += d
+    head, rest = data.split(b"\r\n\r\n", 1)
+    if b"upgrade: websocket" in head.lower():
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n" + rest)
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+        c.shutdown(socket.SHUT_WR)
+    else:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Asks argv[1]:argv[2] to switch to websocket, then sends argv[3] random bytes while reading
+/// the echo; prints the status line, then the SHA-256 of what went and what came back.
+const WS_CLIENT_PY: &str = r#"
+import hashlib, os, socket, sys, threading
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GET /ws/chat HTTP/1.1\r\nHost: chat.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(4096)
+head, back = data.split(b"\r\n\r\n", 1)
+payload = os.urandom(int(sys.argv[3]))
+def send():
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send)
+t.start()
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    back += d
+t.join()
+print(head.split(b"\r\n")[0].decode())
+print(hashlib.sha256(payload).hexdigest(), hashlib.sha256(back).hexdigest(), len(back))
+"#;
+
+#[test]
+fn websocket_upgrade_is_tunnelled_both_ways() {
+    let site = r#"
+[[http]]
+name = "ws"
+listen = "198.51.100.11:80"
+tunnel_timeout = "30s"
+
+[[http.route]]
+name = "ws"
+path_prefix = ["/ws/"]
+pool = "echo"
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "echo"
+backends = [{ address = "10.0.0.101:9000" }]
+
+[[http.pool]]
+name = "web"
+backends = [{ address = "10.0.0.102:8000" }]
+"#;
+    let lab = Lab::with_site(e2e!(), site, 80);
+    let echo = lab.t.write("echo.py", ECHO_PY);
+    let _echo = lab.t.spawn(
+        "rs1",
+        "echo",
+        &["python3", echo.to_str().unwrap_or(""), "10.0.0.101", "9000"],
+    );
+    lab.t.wait_listening("rs1", 9000);
+    let client = lab.t.write("ws_client.py", WS_CLIENT_PY);
+    let out = lab.t.sh(
+        "cl",
+        &format!("python3 {} {GATEWAY} 80 1000000", client.display()),
+    );
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("HTTP/1.1 101 Switching Protocols"),
+        "{out}"
+    );
+    let sums: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(sums.len(), 3, "{out}");
+    assert_eq!(sums[0], sums[1], "echo differs: {out}");
+    assert_eq!(sums[2], "1000000", "{out}");
+    // An ordinary request on the same listener still works, and the switch was counted.
+    assert!(
+        lab.curl(&format!("http://{GATEWAY}/"))
+            .starts_with("rs2 / ")
+    );
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let gw = &json[0];
+    assert_eq!(
+        counter(gw, &["routes", "0", "responses", "info"]),
+        1,
+        "{json}"
+    );
+    assert_eq!(
+        counter(gw, &["routes", "1", "responses", "success"]),
+        1,
+        "{json}"
+    );
+}
+
+#[test]
+fn a_sticky_cookie_keeps_a_client_on_one_backend() {
+    let site = r#"
+[[http]]
+name = "app"
+listen = "198.51.100.11:80"
+
+[[http.route]]
+name = "default"
+pool = "app"
+
+[[http.pool]]
+name = "app"
+cookie = { name = "SRV", nocache = true }
+backends = [{ address = "10.0.0.101:8000" }, { address = "10.0.0.102:8000" }]
+"#;
+    let lab = Lab::with_site(e2e!(), site, 80);
+    let jar = lab.t.dir().join("jar.txt").display().to_string();
+    let url = format!("http://{GATEWAY}/");
+    // The first answer sets the cookie: an opaque id, not the address; Cache-Control private.
+    let head = lab.curl(&format!("-D - -o /dev/null -c {jar} {url}"));
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("set-cookie: srv="), "{head}");
+    assert!(lower.contains("cache-control: private"), "{head}");
+    assert!(!head.contains("10.0.0."), "{head}");
+    // With the jar: ten more requests, one backend.
+    let bodies: Vec<String> = (0..10)
+        .map(|_| lab.curl(&format!("-b {jar} -c {jar} -b other=1 {url}")))
+        .collect();
+    let with: Vec<&str> = bodies
+        .iter()
+        .map(|body| body.split_whitespace().next().unwrap_or("-"))
+        .collect();
+    assert!(with.iter().all(|b| *b == with[0]), "{bodies:?}");
+    // The cookie is taken out before the request goes upstream; other cookies stay.
+    assert!(
+        bodies.iter().all(|b| b.contains(" cookie=other=1 ")),
+        "{bodies:?}"
+    );
+    // Without it: round robin spreads them.
+    let without: Vec<String> = (0..10)
+        .map(|_| lab.curl(&url))
+        .map(|body| body.split_whitespace().next().unwrap_or("-").to_owned())
+        .collect();
+    assert!(without.iter().any(|b| b == "rs1"), "{without:?}");
+    assert!(without.iter().any(|b| b == "rs2"), "{without:?}");
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    assert_eq!(counter(&json[0], &["pools", "0", "requests"]), 21, "{json}");
 }
