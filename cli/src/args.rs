@@ -88,6 +88,24 @@ pub(crate) enum Command {
         /// Times in UTC instead of local time (`show vrrp`'s transitions).
         #[arg(long)]
         utc: bool,
+        /// `show lb`: one line per flow of the virtual services, as `ipvsadm -Lnc` (protocol,
+        /// expiry mm:ss, state, client, VIP:port, backend).
+        #[arg(long)]
+        connections: bool,
+        /// With --connections: only this service's flows.
+        #[arg(long, requires = "connections", value_name = "NAME")]
+        service: Option<String>,
+        /// With --connections: only the flows to this backend (`ip:port`).
+        #[arg(long, requires = "connections", value_name = "ADDR:PORT")]
+        backend: Option<String>,
+        /// With --connections: only the flows from this client address.
+        #[arg(long, requires = "connections", value_name = "ADDR")]
+        client: Option<std::net::Ipv4Addr>,
+        /// With --connections: list at most this many flows (1..=65536; the output says so
+        /// when it cuts the list).
+        #[arg(long, requires = "connections", default_value_t = 1000,
+              value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        limit: u32,
     },
     /// Re-read the running daemon's config and apply the changes (like SIGHUP, but reports back).
     Reload {

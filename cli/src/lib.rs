@@ -172,7 +172,47 @@ async fn dispatch(
             what,
             control,
             json,
+            connections: true,
+            service,
+            backend,
+            client,
+            limit,
+            ..
+        } => {
+            if what != parts::Kind::Lb {
+                anyhow::bail!(
+                    "--connections lists the flows of the virtual services: `show lb --connections`"
+                );
+            }
+            let backend = backend.as_deref().map(parse_backend).transpose()?;
+            let req = Request::Control {
+                command: ControlOp::LbConnections {
+                    service,
+                    backend,
+                    client,
+                    limit,
+                },
+            };
+            let result = control::request(&control_path(&control)?, &req).await?;
+            let answers: Vec<parts::lb::Connections> = serde_json::from_value(result)
+                .context("the daemon's answer to show lb --connections")?;
+            let matched = answers.iter().map(|a| a.matched).sum();
+            let mut all: Vec<_> = answers.into_iter().flat_map(|a| a.connections).collect();
+            all.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            if json {
+                let out = serde_json::json!({ "connections": all, "matched": matched });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", parts::lb::render_connections(&all, matched));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show {
+            what,
+            control,
+            json,
             utc,
+            ..
         } => {
             let result =
                 control::request(&control_path(&control)?, &Request::Show { kind: what }).await?;

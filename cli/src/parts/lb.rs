@@ -539,6 +539,53 @@ impl ServicePart {
         }))
     }
 
+    /// `vipgate show lb --connections` (`ipvsadm -Lnc`): this service's flows to `backend`
+    /// from `client`, at most `limit` (and [`CONNECTIONS_LIMIT`]) of them.
+    fn connections(
+        &self,
+        backend: Option<SocketAddrV4>,
+        client: Option<Ipv4Addr>,
+        limit: u32,
+    ) -> anyhow::Result<Value> {
+        let limit = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .min(CONNECTIONS_LIMIT);
+        let gw = lock(&self.shared.gw);
+        let listener = gw
+            .listeners()
+            .find(|(_, l)| {
+                matches!(&l.selector, natgw::Selector::Service(s) if s.name() == self.name)
+            })
+            .map(|(id, _)| id)
+            .with_context(|| format!("service `{}` is not running", self.name))?;
+        let (flows, matched) = gw.translations_where(
+            std::time::Instant::now(),
+            |t| {
+                t.listener == Some(listener)
+                    && backend.is_none_or(|b| t.inside == b)
+                    && client.is_none_or(|c| *t.outside.ip() == c)
+            },
+            limit,
+        );
+        drop(gw);
+        let connections = flows
+            .into_iter()
+            .map(|(t, state)| Connection {
+                service: self.name.clone(),
+                protocol: Protocol::Tcp,
+                expires_in_s: t.expires_in.as_secs(),
+                state: state.to_owned(),
+                source: t.outside,
+                virtual_address: t.public,
+                destination: t.inside,
+            })
+            .collect();
+        Ok(serde_json::to_value(Connections {
+            connections,
+            matched,
+        })?)
+    }
+
     /// `vipgate lb set state` (HAProxy's `set server state`).
     fn set_state(&self, backend: SocketAddrV4, state: AdminState) -> anyhow::Result<Value> {
         let mut runtime = lock_unpoisoned(&self.shared.runtime);
@@ -710,6 +757,12 @@ impl Part for ServicePart {
             ControlOp::LbSetState { backend, state, .. } => {
                 return self.set_state(backend, state);
             }
+            ControlOp::LbConnections {
+                backend,
+                client,
+                limit,
+                ..
+            } => return self.connections(backend, client, limit),
             ControlOp::NatClear | ControlOp::VrrpSetPriority { .. } => {
                 bail!("lb `{}` does not support `{op}`", self.name)
             }
@@ -1067,6 +1120,68 @@ impl ServiceStatus {
             removed_at_runtime: rt.map(|rt| rt.removed().to_vec()).unwrap_or_default(),
         }
     }
+}
+
+/// At most this many flows go into one `show lb --connections` answer per service.
+pub(crate) const CONNECTIONS_LIMIT: usize = 65_536;
+
+/// One service's answer to `show lb --connections`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Connections {
+    /// The flows listed (at most the limit asked for).
+    pub(crate) connections: Vec<Connection>,
+    /// How many flows matched the filters (more than listed when the limit cut the list).
+    pub(crate) matched: usize,
+}
+
+/// One flow of a virtual service, as `ipvsadm -Lnc` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Connection {
+    service: String,
+    protocol: Protocol,
+    /// Seconds until the flow expires if idle.
+    expires_in_s: u64,
+    /// ESTABLISHED, SYN_RECV, FIN_WAIT, TIME_WAIT, ... (ipvsadm's names).
+    state: String,
+    /// The client.
+    source: SocketAddrV4,
+    /// The VIP:port it connected to.
+    #[serde(rename = "virtual")]
+    virtual_address: SocketAddrV4,
+    /// The backend.
+    destination: SocketAddrV4,
+}
+
+/// Human text for `vipgate show lb --connections`, laid out like `ipvsadm -Lnc` (plus the
+/// service's name); `shown` of `matched` flows when a limit cut the list.
+pub(crate) fn render_connections(all: &[Connection], matched: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "IPVS connection entries\npro expire state       source                virtual               destination           service"
+    );
+    for c in all {
+        let _ = writeln!(
+            out,
+            "{:<3} {:02}:{:02} {:<11} {:<21} {:<21} {:<21} {}",
+            "TCP",
+            c.expires_in_s / 60,
+            c.expires_in_s % 60,
+            c.state,
+            c.source.to_string(),
+            c.virtual_address.to_string(),
+            c.destination.to_string(),
+            c.service,
+        );
+    }
+    if matched > all.len() {
+        let _ = writeln!(
+            out,
+            "... (first {} of {matched} shown; --limit raises it up to {CONNECTIONS_LIMIT}, --json has the same limit)",
+            all.len()
+        );
+    }
+    out
 }
 
 /// Human text for `vipgate show lb`, laid out like `ipvsadm -Ln --stats` plus state columns
