@@ -211,6 +211,27 @@ pub(crate) enum LbOp {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Drain a backend (`lb set state SERVICE BACKEND drain`: no new flows, established ones
+    /// run on); with --wait, return only once it holds no active connection (with --all, no
+    /// inactive one either), printing the counts as they fall: the rolling-update step.
+    /// Exit 1 when --timeout passes first. Not persisted.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend address, `ip:port`.
+        backend: String,
+        /// Wait until the backend's connections are gone.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: also wait for its inactive connections (closing, TIME_WAIT).
+        #[arg(long, requires = "wait")]
+        all: bool,
+        /// With --wait: give up (exit 1) after this long, e.g. `30s`, `5m`; at most 24h.
+        #[arg(long, requires = "wait", default_value = "5m", value_parser = parse_wait)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Set a runtime value of a backend (HAProxy's `set server`).
     Set {
         #[command(subcommand)]
@@ -261,4 +282,19 @@ pub(crate) enum LabAction {
     Status,
     /// Prove each scenario (GRE, PAT, load balancing, failover) on a lab that is up.
     Tour,
+}
+
+/// The longest `lb drain --wait --timeout`.
+pub(crate) const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `--timeout` of `lb drain --wait`: a duration as the config writes it, 1ms..=24h.
+fn parse_wait(text: &str) -> Result<std::time::Duration, String> {
+    let d = text
+        .parse::<crate::config::duration::HumanDuration>()
+        .map_err(|e| e.to_string())?
+        .0;
+    if d.is_zero() || d > MAX_WAIT {
+        return Err(format!("{text:?} is outside 1ms..=24h"));
+    }
+    Ok(d)
 }

@@ -1122,6 +1122,32 @@ impl ServiceStatus {
     }
 }
 
+/// `(active, inactive)` connections of `backend` in `service`, read from a `show lb` answer;
+/// `None` when the service no longer lists the backend.
+///
+/// # Errors
+/// The answer has no service of that name.
+pub(crate) fn backend_connections(
+    show: &Value,
+    service: &str,
+    backend: SocketAddrV4,
+) -> anyhow::Result<Option<(u32, u32)>> {
+    let items = show.as_array().map(Vec::as_slice).unwrap_or_default();
+    let status = items
+        .iter()
+        .filter_map(|item| ServiceEntry::deserialize(item).ok())
+        .find_map(|entry| match entry {
+            ServiceEntry::Running(s) if s.name == service => Some(s),
+            _ => None,
+        })
+        .with_context(|| format!("no running service `{service}`"))?;
+    Ok(status
+        .backends
+        .iter()
+        .find(|b| b.address == backend)
+        .map(|b| (b.active, b.inactive)))
+}
+
 /// At most this many flows go into one `show lb --connections` answer per service.
 pub(crate) const CONNECTIONS_LIMIT: usize = 65_536;
 
