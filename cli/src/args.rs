@@ -298,3 +298,18 @@ fn parse_wait(text: &str) -> Result<std::time::Duration, String> {
     }
     Ok(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_drain_timeout_is_a_config_duration_within_a_day() {
+        assert_eq!(parse_wait("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_wait("24h"), Ok(MAX_WAIT));
+        for bad in ["0s", "24h1ms", "300", "soon", "", "-1s", "NaN"] {
+            assert!(parse_wait(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1424,6 +1424,62 @@ fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn connections_render_as_ipvsadm_lnc_and_say_when_cut() {
+        let c = Connection {
+            service: "web".into(),
+            protocol: Protocol::Tcp,
+            expires_in_s: 899,
+            state: "ESTABLISHED".into(),
+            source: addr("198.51.100.200:40001"),
+            virtual_address: addr("198.51.100.10:80"),
+            destination: addr("10.0.0.101:80"),
+        };
+        let text = render_connections(std::slice::from_ref(&c), 1);
+        let line = text.lines().nth(2).unwrap_or_default();
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            [
+                "TCP",
+                "14:59",
+                "ESTABLISHED",
+                "198.51.100.200:40001",
+                "198.51.100.10:80",
+                "10.0.0.101:80",
+                "web"
+            ]
+        );
+        assert!(!text.contains("shown"));
+        let cut = render_connections(&[c.clone()], 70_000);
+        assert!(cut.contains("first 1 of 70000 shown"), "{cut}");
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["virtual"], "198.51.100.10:80");
+        assert_eq!(json["expires_in_s"], 899);
+    }
+
+    #[test]
+    fn drain_reads_a_backends_connections_from_show_lb() {
+        let mut s = service(
+            "web",
+            SchedulerKind::Rr,
+            vec![backend("10.0.0.101:80", BackendState::Up, 1)],
+        );
+        (s.backends[0].active, s.backends[0].inactive) = (3, 2);
+        let show = json!([running(s)]);
+        let web = "web";
+        assert_eq!(
+            backend_connections(&show, web, addr("10.0.0.101:80")).unwrap(),
+            Some((3, 2))
+        );
+        assert_eq!(
+            backend_connections(&show, web, addr("10.0.0.109:80")).unwrap(),
+            None
+        );
+        let err = backend_connections(&show, "nosuch", addr("10.0.0.101:80")).unwrap_err();
+        assert!(err.to_string().contains("no running service `nosuch`"));
+        assert!(backend_connections(&json!("garbage"), web, addr("10.0.0.101:80")).is_err());
+    }
+
     fn addr(text: &str) -> SocketAddrV4 {
         text.parse().unwrap()
     }
