@@ -88,6 +88,24 @@ pub(crate) enum Command {
         /// Times in UTC instead of local time (`show vrrp`'s transitions).
         #[arg(long)]
         utc: bool,
+        /// `show lb`: one line per flow of the virtual services, as `ipvsadm -Lnc` (protocol,
+        /// expiry mm:ss, state, client, VIP:port, backend).
+        #[arg(long)]
+        connections: bool,
+        /// With --connections: only this service's flows.
+        #[arg(long, requires = "connections", value_name = "NAME")]
+        service: Option<String>,
+        /// With --connections: only the flows to this backend (`ip:port`).
+        #[arg(long, requires = "connections", value_name = "ADDR:PORT")]
+        backend: Option<String>,
+        /// With --connections: only the flows from this client address.
+        #[arg(long, requires = "connections", value_name = "ADDR")]
+        client: Option<std::net::Ipv4Addr>,
+        /// With --connections: list at most this many flows (1..=65536; the output says so
+        /// when it cuts the list).
+        #[arg(long, requires = "connections", default_value_t = 1000,
+              value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        limit: u32,
     },
     /// Re-read the running daemon's config and apply the changes (like SIGHUP, but reports back).
     Reload {
@@ -193,6 +211,27 @@ pub(crate) enum LbOp {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Drain a backend (`lb set state SERVICE BACKEND drain`: no new flows, established ones
+    /// run on); with --wait, return only once it holds no active connection (with --all, no
+    /// inactive one either), printing the counts as they fall: the rolling-update step.
+    /// Exit 1 when --timeout passes first. Not persisted.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend address, `ip:port`.
+        backend: String,
+        /// Wait until the backend's connections are gone.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: also wait for its inactive connections (closing, TIME_WAIT).
+        #[arg(long, requires = "wait")]
+        all: bool,
+        /// With --wait: give up (exit 1) after this long, e.g. `30s`, `5m`; at most 24h.
+        #[arg(long, requires = "wait", default_value = "5m", value_parser = parse_wait)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Set a runtime value of a backend (HAProxy's `set server`).
     Set {
         #[command(subcommand)]
@@ -243,4 +282,34 @@ pub(crate) enum LabAction {
     Status,
     /// Prove each scenario (GRE, PAT, load balancing, failover) on a lab that is up.
     Tour,
+}
+
+/// The longest `lb drain --wait --timeout`.
+pub(crate) const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `--timeout` of `lb drain --wait`: a duration as the config writes it, 1ms..=24h.
+fn parse_wait(text: &str) -> Result<std::time::Duration, String> {
+    let d = text
+        .parse::<crate::config::duration::HumanDuration>()
+        .map_err(|e| e.to_string())?
+        .0;
+    if d.is_zero() || d > MAX_WAIT {
+        return Err(format!("{text:?} is outside 1ms..=24h"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_drain_timeout_is_a_config_duration_within_a_day() {
+        assert_eq!(parse_wait("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_wait("24h"), Ok(MAX_WAIT));
+        for bad in ["0s", "24h1ms", "300", "soon", "", "-1s", "NaN"] {
+            assert!(parse_wait(bad).is_err(), "{bad}");
+        }
+    }
 }

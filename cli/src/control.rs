@@ -70,6 +70,15 @@ pub(crate) enum ControlOp {
         backend: SocketAddrV4,
         state: balance::AdminState,
     },
+    /// List the flows of the virtual services (`show lb --connections`, read-only): those of
+    /// `service` (every service: `None`), to `backend`, from `client`; at most `limit` per
+    /// service.
+    LbConnections {
+        service: Option<String>,
+        backend: Option<SocketAddrV4>,
+        client: Option<std::net::Ipv4Addr>,
+        limit: u32,
+    },
     /// Set one VRRP instance's priority until a reload changes the file's (nothing persisted).
     VrrpSetPriority { instance: String, priority: u8 },
 }
@@ -82,9 +91,15 @@ impl ControlOp {
             ControlOp::LbWeight { .. }
             | ControlOp::LbAddBackend { .. }
             | ControlOp::LbRemoveBackend { .. }
-            | ControlOp::LbSetState { .. } => Kind::Lb,
+            | ControlOp::LbSetState { .. }
+            | ControlOp::LbConnections { .. } => Kind::Lb,
             ControlOp::VrrpSetPriority { .. } => Kind::Vrrp,
         }
+    }
+
+    /// Whether it only reads (members of `control_group` may send it).
+    pub(crate) fn is_read_only(&self) -> bool {
+        matches!(self, ControlOp::LbConnections { .. })
     }
 
     /// The one part it is for; `None`: every part of [`ControlOp::kind`].
@@ -95,6 +110,7 @@ impl ControlOp {
             | ControlOp::LbAddBackend { service, .. }
             | ControlOp::LbRemoveBackend { service, .. }
             | ControlOp::LbSetState { service, .. } => Some(service),
+            ControlOp::LbConnections { service, .. } => service.as_deref(),
             ControlOp::VrrpSetPriority { instance, .. } => Some(instance),
         }
     }
@@ -108,6 +124,7 @@ impl std::fmt::Display for ControlOp {
             ControlOp::LbAddBackend { .. } => "lb add-backend",
             ControlOp::LbRemoveBackend { .. } => "lb remove-backend",
             ControlOp::LbSetState { .. } => "lb set state",
+            ControlOp::LbConnections { .. } => "show lb --connections",
             ControlOp::VrrpSetPriority { .. } => "vrrp set-priority",
         })
     }
@@ -350,6 +367,9 @@ async fn serve_one(
         )),
         (Ok(Request::Status | Request::Show { .. }) | Err(_), Some(Access::ReadOnly))
         | (_, Some(Access::Full)) => Ok(()),
+        (Ok(Request::Control { command }), Some(Access::ReadOnly)) if command.is_read_only() => {
+            Ok(())
+        }
         (Ok(_), Some(Access::ReadOnly)) => Err(format!(
             "permission denied: uid {} (a member of [daemon] control_group) may only use status and show",
             cred.uid()

@@ -172,7 +172,47 @@ async fn dispatch(
             what,
             control,
             json,
+            connections: true,
+            service,
+            backend,
+            client,
+            limit,
+            ..
+        } => {
+            if what != parts::Kind::Lb {
+                anyhow::bail!(
+                    "--connections lists the flows of the virtual services: `show lb --connections`"
+                );
+            }
+            let backend = backend.as_deref().map(parse_backend).transpose()?;
+            let req = Request::Control {
+                command: ControlOp::LbConnections {
+                    service,
+                    backend,
+                    client,
+                    limit,
+                },
+            };
+            let result = control::request(&control_path(&control)?, &req).await?;
+            let answers: Vec<parts::lb::Connections> = serde_json::from_value(result)
+                .context("the daemon's answer to show lb --connections")?;
+            let matched = answers.iter().map(|a| a.matched).sum();
+            let mut all: Vec<_> = answers.into_iter().flat_map(|a| a.connections).collect();
+            all.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            if json {
+                let out = serde_json::json!({ "connections": all, "matched": matched });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", parts::lb::render_connections(&all, matched));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show {
+            what,
+            control,
+            json,
             utc,
+            ..
         } => {
             let result =
                 control::request(&control_path(&control)?, &Request::Show { kind: what }).await?;
@@ -308,6 +348,31 @@ async fn dispatch(
             };
             lb_control(&control, command).await
         }
+        Command::Lb {
+            op:
+                LbOp::Drain {
+                    service,
+                    backend,
+                    wait,
+                    all,
+                    timeout,
+                    control,
+                },
+        } => {
+            let backend = parse_backend(&backend)?;
+            let path = control_path(&control)?;
+            let command = ControlOp::LbSetState {
+                service: service.clone(),
+                backend,
+                state: balance::AdminState::Drain,
+            };
+            let result = control::request(&path, &Request::Control { command }).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            drain_wait(&path, &service, backend, all, timeout).await
+        }
         Command::Vrrp {
             op:
                 VrrpOp::SetPriority {
@@ -352,6 +417,50 @@ async fn dispatch(
 fn parse_backend(text: &str) -> anyhow::Result<std::net::SocketAddrV4> {
     text.parse()
         .with_context(|| format!("backend {text:?} must be written ip:port, as in the config"))
+}
+
+/// How often `lb drain --wait` reads the backend's connection counts.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// `lb drain --wait`: polls `show lb` until `backend` of `service` holds no active connection
+/// (`all`: no inactive one either), printing each change of the counts; exit 1 after
+/// `timeout`. A backend the service no longer lists (removed meanwhile) holds nothing.
+async fn drain_wait(
+    path: &std::path::Path,
+    service: &str,
+    backend: std::net::SocketAddrV4,
+    all: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let show = control::request(
+            path,
+            &Request::Show {
+                kind: parts::Kind::Lb,
+            },
+        )
+        .await?;
+        let counts = parts::lb::backend_connections(&show, service, backend)?;
+        let (active, inactive) = counts.unwrap_or((0, 0));
+        if last != Some((active, inactive)) {
+            println!("{backend} of `{service}`: {active} active, {inactive} inactive connections");
+            last = Some((active, inactive));
+        }
+        if active == 0 && (!all || inactive == 0) {
+            println!("drained");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "vipgate: {backend} of `{service}` still holds {active} active and {inactive} inactive connections after {}s; it stays in drain",
+                timeout.as_secs_f64()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
 }
 
 /// Sends one `lb` command and prints the daemon's answer.

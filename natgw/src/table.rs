@@ -1305,6 +1305,21 @@ impl PatTable {
             + self.wheel.capacity() * size_of::<u32>()
     }
 
+    /// Session `s` as `show nat` and `show lb --connections` list it.
+    fn translation(&self, s: u32, now_tick: u32) -> Translation {
+        let sess = &self.sessions[s as usize];
+        let view = self.view(sess.mapping);
+        Translation {
+            proto: view.proto,
+            inside: view.inside,
+            public: SocketAddrV4::new(self.public_addr(view.public_idx), view.public_port),
+            outside: SocketAddrV4::new(Ipv4Addr::from(sess.remote_ip), sess.remote_port),
+            established: self.counts_established(s),
+            expires_in: Duration::from_secs(u64::from(sess.expires.saturating_sub(now_tick))),
+            listener: view.listener,
+        }
+    }
+
     /// Every live flow, for `show nat`.
     pub(crate) fn translations(&self, now: Instant) -> Vec<Translation> {
         let now_tick = self.tick(now);
@@ -1312,23 +1327,45 @@ impl PatTable {
         for slot in &self.wheel {
             let mut s = *slot;
             while s != NIL {
-                let sess = &self.sessions[s as usize];
-                let view = self.view(sess.mapping);
-                out.push(Translation {
-                    proto: view.proto,
-                    inside: view.inside,
-                    public: SocketAddrV4::new(self.public_addr(view.public_idx), view.public_port),
-                    outside: SocketAddrV4::new(Ipv4Addr::from(sess.remote_ip), sess.remote_port),
-                    established: self.counts_established(s),
-                    expires_in: Duration::from_secs(u64::from(
-                        sess.expires.saturating_sub(now_tick),
-                    )),
-                    listener: view.listener,
-                });
-                s = sess.wheel_next;
+                out.push(self.translation(s, now_tick));
+                s = self.sessions[s as usize].wheel_next;
             }
         }
         out
+    }
+
+    /// The live flows `keep` selects, at most `limit` of them, each with its state as
+    /// `ipvsadm -Lnc` names it (TCP) or its protocol's name; and how many `keep` selects in
+    /// all. For `show lb --connections`: the answer stays bounded however large the table.
+    pub(crate) fn translations_where(
+        &self,
+        now: Instant,
+        mut keep: impl FnMut(&Translation) -> bool,
+        limit: usize,
+    ) -> (Vec<(Translation, &'static str)>, usize) {
+        let now_tick = self.tick(now);
+        let mut out = Vec::new();
+        let mut matched = 0;
+        for slot in &self.wheel {
+            let mut s = *slot;
+            while s != NIL {
+                let sess = &self.sessions[s as usize];
+                let t = self.translation(s, now_tick);
+                if keep(&t) {
+                    matched += 1;
+                    if out.len() < limit {
+                        let state = match t.proto {
+                            Proto::Tcp => sess.tcp.state.ipvsadm_name(),
+                            Proto::Udp => "UDP",
+                            Proto::Icmp => "ICMP",
+                        };
+                        out.push((t, state));
+                    }
+                }
+                s = sess.wheel_next;
+            }
+        }
+        (out, matched)
     }
 }
 

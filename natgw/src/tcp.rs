@@ -49,6 +49,23 @@ pub(crate) enum TcpState {
     Close,
 }
 
+impl TcpState {
+    /// The name `ipvsadm -Lnc` gives the state.
+    pub(crate) fn ipvsadm_name(self) -> &'static str {
+        match self {
+            Self::None => "NONE",
+            Self::SynSent => "SYN_SENT",
+            Self::SynRecv => "SYN_RECV",
+            Self::Established => "ESTABLISHED",
+            Self::FinWait => "FIN_WAIT",
+            Self::CloseWait => "CLOSE_WAIT",
+            Self::LastAck => "LAST_ACK",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
+        }
+    }
+}
+
 /// The fields of one TCP segment that tracking reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Segment {

@@ -544,6 +544,53 @@ impl ServicePart {
         }))
     }
 
+    /// `vipgate show lb --connections` (`ipvsadm -Lnc`): this service's flows to `backend`
+    /// from `client`, at most `limit` (and [`CONNECTIONS_LIMIT`]) of them.
+    fn connections(
+        &self,
+        backend: Option<SocketAddrV4>,
+        client: Option<Ipv4Addr>,
+        limit: u32,
+    ) -> anyhow::Result<Value> {
+        let limit = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .min(CONNECTIONS_LIMIT);
+        let gw = lock(&self.shared.gw);
+        let listener = gw
+            .listeners()
+            .find(|(_, l)| {
+                matches!(&l.selector, natgw::Selector::Service(s) if s.name() == self.name)
+            })
+            .map(|(id, _)| id)
+            .with_context(|| format!("service `{}` is not running", self.name))?;
+        let (flows, matched) = gw.translations_where(
+            now(),
+            |t| {
+                t.listener == Some(listener)
+                    && backend.is_none_or(|b| t.inside == b)
+                    && client.is_none_or(|c| *t.outside.ip() == c)
+            },
+            limit,
+        );
+        drop(gw);
+        let connections = flows
+            .into_iter()
+            .map(|(t, state)| Connection {
+                service: self.name.clone(),
+                protocol: Protocol::Tcp,
+                expires_in_s: t.expires_in.as_secs(),
+                state: state.to_owned(),
+                source: t.outside,
+                virtual_address: t.public,
+                destination: t.inside,
+            })
+            .collect();
+        Ok(serde_json::to_value(Connections {
+            connections,
+            matched,
+        })?)
+    }
+
     /// `vipgate lb set state` (HAProxy's `set server state`).
     fn set_state(&self, backend: SocketAddrV4, state: AdminState) -> anyhow::Result<Value> {
         let mut runtime = lock_unpoisoned(&self.shared.runtime);
@@ -715,6 +762,12 @@ impl Part for ServicePart {
             ControlOp::LbSetState { backend, state, .. } => {
                 return self.set_state(backend, state);
             }
+            ControlOp::LbConnections {
+                backend,
+                client,
+                limit,
+                ..
+            } => return self.connections(backend, client, limit),
             ControlOp::NatClear | ControlOp::VrrpSetPriority { .. } => {
                 bail!("lb `{}` does not support `{op}`", self.name)
             }
@@ -1074,6 +1127,101 @@ impl ServiceStatus {
     }
 }
 
+/// `(active, inactive)` connections of `backend` in `service`, read from a `show lb` answer;
+/// `None` when the service no longer lists the backend.
+///
+/// # Errors
+/// The answer has no service of that name.
+pub(crate) fn backend_connections(
+    show: &Value,
+    service: &str,
+    backend: SocketAddrV4,
+) -> anyhow::Result<Option<(u32, u32)>> {
+    let items = show.as_array().map(Vec::as_slice).unwrap_or_default();
+    let status = items
+        .iter()
+        .filter_map(|item| ServiceEntry::deserialize(item).ok())
+        .find_map(|entry| match entry {
+            ServiceEntry::Running(s) if s.name == service => Some(s),
+            _ => None,
+        })
+        .with_context(|| format!("no running service `{service}`"))?;
+    Ok(status
+        .backends
+        .iter()
+        .find(|b| b.address == backend)
+        .map(|b| (b.active, b.inactive)))
+}
+
+/// The clock `show lb --connections` reads the flows' expiry against (the driver's, as the
+/// part runs beside it; the clock ban is for protocol cores).
+#[allow(clippy::disallowed_methods)]
+fn now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+/// At most this many flows go into one `show lb --connections` answer per service.
+pub(crate) const CONNECTIONS_LIMIT: usize = 65_536;
+
+/// One service's answer to `show lb --connections`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Connections {
+    /// The flows listed (at most the limit asked for).
+    pub(crate) connections: Vec<Connection>,
+    /// How many flows matched the filters (more than listed when the limit cut the list).
+    pub(crate) matched: usize,
+}
+
+/// One flow of a virtual service, as `ipvsadm -Lnc` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Connection {
+    service: String,
+    protocol: Protocol,
+    /// Seconds until the flow expires if idle.
+    expires_in_s: u64,
+    /// ESTABLISHED, SYN_RECV, FIN_WAIT, TIME_WAIT, ... (ipvsadm's names).
+    state: String,
+    /// The client.
+    source: SocketAddrV4,
+    /// The VIP:port it connected to.
+    #[serde(rename = "virtual")]
+    virtual_address: SocketAddrV4,
+    /// The backend.
+    destination: SocketAddrV4,
+}
+
+/// Human text for `vipgate show lb --connections`, laid out like `ipvsadm -Lnc` (plus the
+/// service's name); `shown` of `matched` flows when a limit cut the list.
+pub(crate) fn render_connections(all: &[Connection], matched: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "IPVS connection entries\npro expire state       source                virtual               destination           service"
+    );
+    for c in all {
+        let _ = writeln!(
+            out,
+            "{:<3} {:02}:{:02} {:<11} {:<21} {:<21} {:<21} {}",
+            "TCP",
+            c.expires_in_s / 60,
+            c.expires_in_s % 60,
+            c.state,
+            c.source.to_string(),
+            c.virtual_address.to_string(),
+            c.destination.to_string(),
+            c.service,
+        );
+    }
+    if matched > all.len() {
+        let _ = writeln!(
+            out,
+            "... (first {} of {matched} shown; --limit raises it up to {CONNECTIONS_LIMIT}, --json has the same limit)",
+            all.len()
+        );
+    }
+    out
+}
+
 /// Human text for `vipgate show lb`, laid out like `ipvsadm -Ln --stats` plus state columns
 /// (Forward as ipvsadm names it: Masq for NAT, Route for direct routing).
 pub(crate) fn render(items: &[Value]) -> String {
@@ -1287,6 +1435,62 @@ fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_render_as_ipvsadm_lnc_and_say_when_cut() {
+        let c = Connection {
+            service: "web".into(),
+            protocol: Protocol::Tcp,
+            expires_in_s: 899,
+            state: "ESTABLISHED".into(),
+            source: addr("198.51.100.200:40001"),
+            virtual_address: addr("198.51.100.10:80"),
+            destination: addr("10.0.0.101:80"),
+        };
+        let text = render_connections(std::slice::from_ref(&c), 1);
+        let line = text.lines().nth(2).unwrap_or_default();
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            [
+                "TCP",
+                "14:59",
+                "ESTABLISHED",
+                "198.51.100.200:40001",
+                "198.51.100.10:80",
+                "10.0.0.101:80",
+                "web"
+            ]
+        );
+        assert!(!text.contains("shown"));
+        let cut = render_connections(std::slice::from_ref(&c), 70_000);
+        assert!(cut.contains("first 1 of 70000 shown"), "{cut}");
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["virtual"], "198.51.100.10:80");
+        assert_eq!(json["expires_in_s"], 899);
+    }
+
+    #[test]
+    fn drain_reads_a_backends_connections_from_show_lb() {
+        let mut s = service(
+            "web",
+            SchedulerKind::Rr,
+            vec![backend("10.0.0.101:80", BackendState::Up, 1)],
+        );
+        (s.backends[0].active, s.backends[0].inactive) = (3, 2);
+        let show = json!([running(s)]);
+        let web = "web";
+        assert_eq!(
+            backend_connections(&show, web, addr("10.0.0.101:80")).unwrap(),
+            Some((3, 2))
+        );
+        assert_eq!(
+            backend_connections(&show, web, addr("10.0.0.109:80")).unwrap(),
+            None
+        );
+        let err = backend_connections(&show, "nosuch", addr("10.0.0.101:80")).unwrap_err();
+        assert!(err.to_string().contains("no running service `nosuch`"));
+        assert!(backend_connections(&json!("garbage"), web, addr("10.0.0.101:80")).is_err());
+    }
 
     fn addr(text: &str) -> SocketAddrV4 {
         text.parse().unwrap()

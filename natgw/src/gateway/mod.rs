@@ -827,6 +827,17 @@ impl Gateway {
         self.table.translations(now)
     }
 
+    /// The live flows `keep` selects, at most `limit`, each with its state as `ipvsadm -Lnc`
+    /// names it; and how many `keep` selects in all (`show lb --connections`).
+    pub fn translations_where(
+        &self,
+        now: Instant,
+        keep: impl FnMut(&Translation) -> bool,
+        limit: usize,
+    ) -> (Vec<(Translation, &'static str)>, usize) {
+        self.table.translations_where(now, keep, limit)
+    }
+
     /// The ACL rules with their hit counters.
     pub fn acl_rules(&self) -> impl Iterator<Item = (&AclRule, u64)> {
         self.acl.rules()

@@ -928,6 +928,7 @@ fn dropped_super_packet_counts_its_segments() {
 #[test]
 fn fin_on_a_super_packet_moves_the_flow_to_closing() {
     let (mut g, now) = gw();
+    // A retransmitted SYN, turned into the server's SYN-ACK.
     let mut syn = tcp(H1, 40001, SRV, 80, TcpFlags::SYN, b"");
     let _ = out(&mut g, now, &mut syn);
     let mut synack = syn.clone();
@@ -1472,4 +1473,38 @@ proptest! {
     ) {
         crate::fuzzing::run_sequence(epoch(), &data);
     }
+}
+
+#[test]
+fn translations_where_selects_bounds_and_names_states_as_ipvsadm() {
+    let (mut g, now) = gw();
+    for port in [40001, 40002, 40003] {
+        let mut syn = tcp(H1, port, SRV, 80, TcpFlags::SYN, b"");
+        let _ = out(&mut g, now, &mut syn);
+    }
+    let states = |g: &Gateway| {
+        let (flows, matched) = g.translations_where(now, |t| t.inside.port() == 40001, 10);
+        assert_eq!((flows.len(), matched), (1, 1));
+        flows[0].1
+    };
+    assert_eq!(states(&g), "SYN_SENT");
+    // A retransmitted SYN, turned into the server's SYN-ACK.
+    let mut syn = tcp(H1, 40001, SRV, 80, TcpFlags::SYN, b"");
+    let _ = out(&mut g, now, &mut syn);
+    let mut synack = syn.clone();
+    swap(&mut synack);
+    synack[33] = 0x12;
+    let _ = inb(&mut g, now, &mut synack);
+    assert_eq!(states(&g), "SYN_RECV");
+    let mut ack = tcp(H1, 40001, SRV, 80, TcpFlags::ACK, b"");
+    let _ = out(&mut g, now, &mut ack);
+    assert_eq!(states(&g), "ESTABLISHED");
+    let mut fin = tcp(H1, 40001, SRV, 80, TcpFlags::FIN_ACK, b"");
+    let _ = out(&mut g, now, &mut fin);
+    assert_eq!(states(&g), "FIN_WAIT");
+    // The limit bounds the list, not the count.
+    let (flows, matched) = g.translations_where(now, |_| true, 2);
+    assert_eq!((flows.len(), matched), (2, 3));
+    let (flows, matched) = g.translations_where(now, |_| false, 2);
+    assert_eq!((flows.len(), matched), (0, 0));
 }

@@ -90,7 +90,7 @@ pub(super) struct Lab {
     pub(super) vipgate: Proc,
     pub(super) servers: HashMap<String, Proc>,
     pub(super) config: std::path::PathBuf,
-    control: String,
+    pub(super) control: String,
     next_port: std::cell::Cell<u32>,
 }
 
@@ -1112,7 +1112,7 @@ fn direct_routing_real_servers_answer_the_client_directly() {
 
 impl Lab {
     /// `vipgate lb ARGS...`; its stdout, or its stderr as the error.
-    fn lb(&self, args: &[&str]) -> Result<String, String> {
+    pub(super) fn lb(&self, args: &[&str]) -> Result<String, String> {
         let mut all = vec!["lb"];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--control", &self.control]);

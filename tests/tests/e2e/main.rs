@@ -13,6 +13,7 @@ mod http;
 mod lab;
 mod lb;
 mod lb_checks;
+mod lb_ops;
 mod nat;
 mod nat_attacks;
 mod nat_pair;

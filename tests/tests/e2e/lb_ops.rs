@@ -1,0 +1,301 @@
+//! Operating virtual services as `ipvsadm` users do (issue #19): `show lb --connections`
+//! (`ipvsadm -Lnc`) and `lb drain --wait` (the rolling-update step), against real servers in
+//! the topology of `lb.rs` (python3 http.server real servers, a client namespace), on the
+//! default kernel path.
+
+use std::time::{Duration, Instant};
+
+use vipgate_tests::{Proc, wait_until};
+
+use super::lb::{CLIENTS, Lab, VIP, count, service};
+
+impl Lab {
+    /// `vipgate show lb --connections ARGS...`: exit success, stdout, stderr.
+    fn connections(&self, args: &[&str]) -> (bool, String, String) {
+        let mut all = vec!["show", "lb", "--connections", "--control", &self.control];
+        all.extend_from_slice(args);
+        let out = self.t.vipgate_output("dir", &all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `show lb --connections --json ARGS...`: the flows listed and how many matched.
+    fn connections_json(&self, args: &[&str]) -> (Vec<serde_json::Value>, u64) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = self.connections(&all);
+        assert!(ok, "show lb --connections failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        (
+            v["connections"].as_array().cloned().unwrap_or_default(),
+            v["matched"].as_u64().unwrap_or(u64::MAX),
+        )
+    }
+
+    /// Holds `n` connections to VIP:80 open (no request yet) until the returned file is
+    /// written; the process prints "held", then each answer's body.
+    fn hold_open(&self, n: usize) -> (Proc, std::path::PathBuf) {
+        let go = self.t.dir().join(format!("go{n}"));
+        let hold = self.t.dir().join("hold.py");
+        let p = self.t.spawn(
+            "cl",
+            "hold",
+            &[
+                "python3",
+                hold.to_str().unwrap_or(""),
+                VIP,
+                "80",
+                &n.to_string(),
+                go.to_str().unwrap_or(""),
+            ],
+        );
+        (p, go)
+    }
+}
+
+fn field<'a>(flows: &'a [serde_json::Value], key: &str) -> Vec<&'a str> {
+    flows.iter().filter_map(|f| f[key].as_str()).collect()
+}
+
+/// Four held connections under rr are listed one line each, with ipvsadm's state names,
+/// the VIP, the client and the backend; the filters select, the limit cuts and says so, an
+/// unknown service is an error; once the connections close none is ESTABLISHED any more.
+#[test]
+fn show_lb_connections_lists_each_flow_as_ipvsadm_lnc() {
+    let lab = Lab::new(
+        vipgate_tests::e2e!(),
+        2,
+        &service("rr", "", &[(1, 1), (2, 1)]),
+        "kernel",
+    );
+    let (mut held, go) = lab.hold_open(4);
+    wait_until(
+        Duration::from_secs(10),
+        "4 established flows listed",
+        || {
+            let (flows, _) = lab.connections_json(&[]);
+            field(&flows, "state")
+                .iter()
+                .filter(|s| **s == "ESTABLISHED")
+                .count()
+                == 4
+        },
+    );
+    let (flows, matched) = lab.connections_json(&[]);
+    assert_eq!((flows.len(), matched), (4, 4), "{flows:?}");
+    assert!(
+        field(&flows, "virtual")
+            .iter()
+            .all(|v| *v == format!("{VIP}:80")),
+        "{flows:?}"
+    );
+    assert!(field(&flows, "service").iter().all(|s| *s == "web"));
+    assert!(
+        field(&flows, "source")
+            .iter()
+            .all(|s| s.starts_with("198.51.100.2")),
+        "the clients: {flows:?}"
+    );
+    let mut dests = field(&flows, "destination");
+    dests.sort_unstable();
+    assert_eq!(
+        dests,
+        [
+            "10.0.0.101:80",
+            "10.0.0.101:80",
+            "10.0.0.102:80",
+            "10.0.0.102:80"
+        ],
+        "rr spreads the four"
+    );
+    let client = field(&flows, "source")[0]
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+
+    let (to_rs1, matched) = lab.connections_json(&["--backend", "10.0.0.101:80"]);
+    assert_eq!((to_rs1.len(), matched), (2, 2));
+    assert!(
+        field(&to_rs1, "destination")
+            .iter()
+            .all(|d| *d == "10.0.0.101:80")
+    );
+    let (mine, _) = lab.connections_json(&["--client", &client, "--service", "web"]);
+    assert_eq!(mine.len(), 4);
+    let (nobody, matched) = lab.connections_json(&["--client", "198.51.100.99"]);
+    assert_eq!((nobody.len(), matched), (0, 0));
+
+    // The limit cuts the list and says so, in text and JSON alike.
+    let (cut, matched) = lab.connections_json(&["--limit", "1"]);
+    assert_eq!((cut.len(), matched), (1, 4));
+    let (ok, text, _) = lab.connections(&["--limit", "1"]);
+    assert!(ok);
+    assert!(text.contains("first 1 of 4 shown"), "{text}");
+    let (ok, text, _) = lab.connections(&[]);
+    assert!(ok);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TCP ")).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines.iter().all(|l| l.contains(" ESTABLISHED ")
+            && l.contains(&format!("{VIP}:80"))
+            && l.ends_with(" web")),
+        "{text}"
+    );
+    // mm:ss of the established timeout.
+    assert!(
+        lines[0]
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|e| e.len() >= 5 && e.contains(':')),
+        "{text}"
+    );
+
+    // Refusals: an unknown service, a limit outside 1..=65536, a filter without --connections.
+    let (ok, _, err) = lab.connections(&["--service", "nosuch"]);
+    assert!(!ok && err.contains("nosuch"), "{err}");
+    for bad in ["0", "65537", "many"] {
+        let (ok, _, err) = lab.connections(&["--limit", bad]);
+        assert!(!ok && err.contains("--limit"), "{bad}: {err}");
+    }
+    let out = lab.t.vipgate_output(
+        "dir",
+        &["show", "lb", "--service", "web", "--control", &lab.control],
+    );
+    assert!(!out.status.success(), "--service needs --connections");
+
+    std::fs::write(&go, b"go").expect("releasing the held connections");
+    assert_eq!(held.wait_exit(Duration::from_secs(20)), Some(0));
+    wait_until(Duration::from_secs(10), "no flow established", || {
+        let (flows, _) = lab.connections_json(&[]);
+        !field(&flows, "state").contains(&"ESTABLISHED")
+    });
+}
+
+/// `lb drain --wait`: blocks while the backend holds a connection (new ones go elsewhere
+/// meanwhile), times out with exit 1 when asked to, and returns within a second after the
+/// last connection ends; unknown services and backends and bad timeouts are refused.
+#[test]
+fn lb_drain_wait_returns_when_the_last_connection_ends() {
+    let lab = Lab::new(
+        vipgate_tests::e2e!(),
+        2,
+        &service("rr", "", &[(1, 1), (2, 1)]),
+        "kernel",
+    );
+    let (mut held, go) = lab.hold_open(2);
+    wait_until(Duration::from_secs(10), "a held connection on each", || {
+        lab.backend("10.0.0.101:80").2 == 1 && lab.backend("10.0.0.102:80").2 == 1
+    });
+    let mut drain = lab.t.vipgate(
+        "dir",
+        "drain",
+        &[
+            "lb",
+            "drain",
+            "web",
+            "10.0.0.101:80",
+            "--wait",
+            "--timeout",
+            "60s",
+            "--control",
+            &lab.control,
+        ],
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "drain --wait reports 1 active",
+        || drain.log().contains("10.0.0.101:80 of `web`: 1 active"),
+    );
+    assert!(lab.backend("10.0.0.101:80").0.starts_with("drain"));
+    let next = count(&lab.connect(80, 10, CLIENTS));
+    assert_eq!(
+        next.get("rs2"),
+        Some(&10),
+        "new connections avoid rs1: {next:?}"
+    );
+    assert!(drain.is_running(), "still waiting: {}", drain.log());
+
+    // A second waiter with a short timeout gives up with exit 1.
+    let started = Instant::now();
+    let short = lab.lb(&[
+        "drain",
+        "web",
+        "10.0.0.101:80",
+        "--wait",
+        "--timeout",
+        "300ms",
+    ]);
+    let err = short.expect_err("a timeout is a failure");
+    assert!(err.contains("still holds 1 active"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Refusals.
+    for (args, why) in [
+        (vec!["drain", "nosuch", "10.0.0.101:80"], "nosuch"),
+        (vec!["drain", "web", "10.0.0.109:80"], "10.0.0.109"),
+        (vec!["drain", "web", "10.0.0.101"], "ip:port"),
+        (
+            vec!["drain", "web", "10.0.0.101:80", "--wait", "--timeout", "0s"],
+            "timeout",
+        ),
+        (
+            vec![
+                "drain",
+                "web",
+                "10.0.0.101:80",
+                "--wait",
+                "--timeout",
+                "25h",
+            ],
+            "timeout",
+        ),
+        (
+            vec![
+                "drain",
+                "web",
+                "10.0.0.101:80",
+                "--wait",
+                "--timeout",
+                "soon",
+            ],
+            "timeout",
+        ),
+    ] {
+        let err = lab.lb(&args).expect_err("refused");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+
+    // The held connections end: the waiter returns within a second, with status 0.
+    std::fs::write(&go, b"go").expect("releasing the held connections");
+    let done = Instant::now();
+    let deadline = done + Duration::from_secs(20);
+    while held.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ended = Instant::now();
+    assert_eq!(held.wait_exit(Duration::from_secs(1)), Some(0));
+    let answers: Vec<String> = held.log().lines().skip(1).map(str::to_owned).collect();
+    let mut sorted = answers.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["rs1", "rs2"],
+        "the drained rs1 served its connection"
+    );
+    assert_eq!(
+        drain.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        drain.log()
+    );
+    let waited = ended.elapsed();
+    assert!(
+        waited < Duration::from_secs(1),
+        "drain --wait returned {waited:?} after the last connection ended"
+    );
+    assert!(drain.log().contains("drained"), "{}", drain.log());
+}
