@@ -600,13 +600,7 @@ impl Pool {
         if pinned.is_some() {
             self.stats.persistent_hits += 1;
         }
-        let flow = Flow {
-            now,
-            client,
-            dest,
-            hash_port: self.hash_port,
-            fallback: self.fallback,
-        };
+        let flow = self.flow(now, client, dest);
         let chosen = if full {
             None
         } else {
@@ -630,19 +624,20 @@ impl Pool {
         }
     }
 
-    /// Whether this pool's scheduler decides from the flow and the backend set alone (`dh`,
-    /// `sh`, `mh`): every node holding the same pool sends the same flow to the same backend,
-    /// so a node can take over a flow it never saw start ([`pick_stateless`](Self::pick_stateless)).
-    #[must_use]
-    pub fn schedules_statelessly(&self) -> bool {
-        matches!(
-            self.kind,
-            SchedulerKind::Dh | SchedulerKind::Sh | SchedulerKind::Mh
-        )
+    /// What the scheduler may look at for a flow from `client` to `dest`.
+    fn flow(&self, now: Instant, client: SocketAddrV4, dest: Ipv4Addr) -> Flow {
+        Flow {
+            now,
+            client,
+            dest,
+            hash_port: self.hash_port,
+            fallback: self.fallback,
+        }
     }
 
     /// Where a flow already under way from `client` to `dest` was sent, as any node with this
-    /// pool computes it: the stateless scheduler's own pick, with no persistence template
+    /// pool computes it, when the scheduler decides from the flow and the backend set alone
+    /// (`dh`, `sh`, `mh`): the scheduler's own pick, with no persistence template
     /// and no `max_connections` limit (the flow was admitted where it began), never the
     /// sorry server. `None` when the scheduler is not stateless or no backend is available
     /// for it. Counts nothing; the caller calls [`opened`](Self::opened) if it takes the flow.
@@ -655,13 +650,7 @@ impl Pool {
         if self.ramping {
             self.advance_ramps(now);
         }
-        let flow = Flow {
-            now,
-            client,
-            dest,
-            hash_port: self.hash_port,
-            fallback: self.fallback,
-        };
+        let flow = self.flow(now, client, dest);
         let i = self.scheduler.pick_stateless(&self.slots, flow)??;
         let b = self.slot(i)?;
         Some((slot_id(i), b.addr))
