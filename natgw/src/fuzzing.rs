@@ -258,3 +258,31 @@ fn sequence_packet(step: &[u8], public: Ipv4Addr, vip: Ipv4Addr, dr_vip: Ipv4Add
     }
     v
 }
+
+/// Feeds `data` to the HAProxy agent-check reader as an agent's bytes (the first byte says
+/// whether the agent closed after them): the line it finds, then the reply parsed from it.
+/// A reply that parses must say the same thing once written back out (`show lb` prints it),
+/// and must give a weight for any configured weight without overflow.
+pub fn run_agent_line(data: &[u8]) {
+    use crate::health::{AgentReply, agent::agent_line};
+    let Some((&ctl, bytes)) = data.split_first() else {
+        return;
+    };
+    let Ok(Some(line)) = agent_line(bytes, ctl & 1 == 1) else {
+        return;
+    };
+    let Ok(reply) = AgentReply::parse(line) else {
+        return;
+    };
+    let text = reply.to_string();
+    if text != "no change" {
+        assert_eq!(
+            AgentReply::parse(text.as_bytes()),
+            Ok(reply),
+            "{text:?} reads back"
+        );
+    }
+    for configured in [0, 1, 100, 256, u32::MAX] {
+        let _ = reply.weight(configured);
+    }
+}

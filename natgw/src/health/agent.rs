@@ -334,6 +334,12 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_corpus_replays() {
+        let n = testkit::replay_corpus("health_agent", crate::fuzzing::run_agent_line);
+        assert!(n > 0, "no health_agent seeds");
+    }
+
+    #[test]
     fn haproxy_words_parse() {
         assert_eq!(
             reply("up 75%"),
