@@ -886,6 +886,25 @@ impl ServerHandler {
         Err(why)
     }
 
+    /// A slot under the channel caps for a new `what` channel, with its open handle; at the
+    /// cap the channel is refused (resource shortage) and logged, and `None` returned.
+    async fn channel_slot(
+        &self,
+        what: &str,
+        reply: ChannelOpenHandle,
+    ) -> Option<(ChannelSlot, ChannelOpenHandle)> {
+        if let Some(slot) = ChannelSlot::take(&self.shared, &self.session_channels) {
+            return Some((slot, reply));
+        }
+        tracing::info!(
+            "{:?}@{}: {what} refused: channel cap reached",
+            self.user,
+            self.peer
+        );
+        reply.reject(ChannelOpenFailure::ResourceShortage).await;
+        None
+    }
+
     fn refuse_forward(&self, what: &str) {
         self.shared
             .counters
@@ -1165,13 +1184,7 @@ impl server::Handler for ServerHandler {
                 .await;
             return Ok(());
         }
-        let Some(slot) = ChannelSlot::take(&self.shared, &self.session_channels) else {
-            tracing::info!(
-                "{:?}@{}: direct-tcpip refused: channel cap reached",
-                self.user,
-                self.peer
-            );
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+        let Some((slot, reply)) = self.channel_slot("direct-tcpip", reply).await else {
             return Ok(());
         };
         let shared = self.shared.clone();
@@ -1242,13 +1255,7 @@ impl server::Handler for ServerHandler {
                 .await;
             return Ok(());
         }
-        let Some(slot) = ChannelSlot::take(&self.shared, &self.session_channels) else {
-            tracing::info!(
-                "{:?}@{}: direct-streamlocal refused: channel cap reached",
-                self.user,
-                self.peer
-            );
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+        let Some((slot, reply)) = self.channel_slot("direct-streamlocal", reply).await else {
             return Ok(());
         };
         let shared = self.shared.clone();
