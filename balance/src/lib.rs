@@ -17,7 +17,8 @@
 //!                 ▼
 //!              Decision::{Backend{id, addr}, Sorry(addr), Refuse}
 //!  flow events ─► established(..) / transition(..) / closed(..)  (feed lc / wlc, hold templates)
-//!  operator    ─► set_weight(addr, w) (0 = drain), set_health(id, up/down), reconfigure(cfg)
+//!  operator    ─► set_weight(addr, w) (0 = drain), set_weights(..) (canary_weights: a share),
+//!                 set_health(id, up/down), reconfigure(cfg)
 //! ```
 //!
 //! A backend is *eligible* for new flows when it is healthy, has a weight above 0 and is still
@@ -52,6 +53,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod canary;
 mod dh;
 mod error;
 mod expected;
@@ -70,6 +72,7 @@ mod twos;
 mod wrr;
 
 pub use backend::{AdminState, Backend, BackendId, BackendState, BackendStats, ConnState, Health};
+pub use canary::{CanaryError, CanaryWeights, canary_weights};
 pub use error::PoolError;
 pub use locality::{LOCALITY_EXPIRY, LOCALITY_RECLAIM_IDLE, MAX_LOCALITY_ENTRIES};
 pub use persist::{MAX_TEMPLATES, Persistence};

@@ -114,6 +114,19 @@ impl SchedulerKind {
     pub fn is_linear(self) -> bool {
         !matches!(self, Self::Rr | Self::Dh | Self::Sh | Self::Mh)
     }
+
+    /// Whether a backend's share of new connections follows its share of the weights: per
+    /// cycle (`wrr`), in the long run through the load (`wlc`, `sed`, `nq`, `twos`) or by
+    /// client address space (`sh`, `mh`). The others ignore weights (`rr`, `lc`, `dh` but for
+    /// 0), use them as an order (`fo`, `ovf`), or keep a destination on its backend
+    /// (`lblc`, `lblcr`). A canary step ([`crate::canary_weights`]) needs one that follows.
+    #[must_use]
+    pub fn follows_weights(self) -> bool {
+        matches!(
+            self,
+            Self::Wrr | Self::Wlc | Self::Sed | Self::Nq | Self::Twos | Self::Sh | Self::Mh
+        )
+    }
 }
 
 impl fmt::Display for SchedulerKind {
@@ -755,27 +768,47 @@ impl Pool {
     /// [`PoolError::UnknownBackend`] if no live backend has this address,
     /// [`PoolError::WeightOutOfRange`] above [`MAX_WEIGHT`].
     pub fn set_weight(&mut self, addr: SocketAddrV4, weight: u32) -> Result<(), PoolError> {
-        if weight > MAX_WEIGHT {
-            return Err(PoolError::WeightOutOfRange(weight));
+        self.set_weights(&[(addr, weight)])
+    }
+
+    /// Sets several backends' weights at once (a canary step): all or none, and the
+    /// scheduler starts one fresh cycle with all of them, not one per change.
+    ///
+    /// # Errors
+    /// As [`Pool::set_weight`], for the first change that cannot be made; then nothing
+    /// changed.
+    pub fn set_weights(&mut self, weights: &[(SocketAddrV4, u32)]) -> Result<(), PoolError> {
+        let mut slots = Vec::with_capacity(weights.len());
+        for &(addr, weight) in weights {
+            if weight > MAX_WEIGHT {
+                return Err(PoolError::WeightOutOfRange(weight));
+            }
+            let i = self
+                .position(addr)
+                .filter(|&i| self.slot(i).is_some_and(|b| !b.removed))
+                .ok_or(PoolError::UnknownBackend(addr))?;
+            slots.push((i, weight));
         }
-        let i = self
-            .position(addr)
-            .filter(|&i| self.slot(i).is_some_and(|b| !b.removed))
-            .ok_or(PoolError::UnknownBackend(addr))?;
         let slow_start = self.slow_start;
-        if let Some(b) = self.slot_mut(i) {
-            if b.weight == weight {
-                return Ok(());
+        let mut changed = false;
+        for (i, weight) in slots {
+            if let Some(b) = self.slot_mut(i) {
+                if b.weight == weight {
+                    continue;
+                }
+                changed = true;
+                let rising = b.weight == 0;
+                b.weight = weight;
+                if b.ramp == Ramp::Done || weight == 0 {
+                    b.ramp = Ramp::Done;
+                    b.effective = weight;
+                }
+                self.ramping |= rising && start_ramp(b, slow_start);
             }
-            let rising = b.weight == 0;
-            b.weight = weight;
-            if b.ramp == Ramp::Done || weight == 0 {
-                b.ramp = Ramp::Done;
-                b.effective = weight;
-            }
-            self.ramping |= rising && start_ramp(b, slow_start);
         }
-        self.scheduler.rebuild(&self.slots);
+        if changed {
+            self.scheduler.rebuild(&self.slots);
+        }
         Ok(())
     }
 

@@ -171,14 +171,22 @@ pub(crate) enum NatOp {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum LbOp {
-    /// Change one backend's weight at run time (0 drains: open connections stay, new ones go elsewhere).
+    /// Change one backend's weight at run time (0 drains: open connections stay, new ones go
+    /// elsewhere), or, with --canary, give one backend a share of the new connections.
     Weight {
         /// Service name.
         service: String,
         /// Backend address, `ip:port` as in the config.
-        backend: String,
+        #[arg(required_unless_present = "canary", conflicts_with = "canary")]
+        backend: Option<String>,
         /// New weight, 0..=65535.
-        weight: u32,
+        #[arg(required_unless_present = "canary")]
+        weight: Option<u32>,
+        /// `BACKEND PERCENT` (`10.0.0.3:80 10%`): BACKEND gets PERCENT % of the weight, the
+        /// others the rest in the ratios of their configured weights; `0%` ends the canary
+        /// (the configured weights again), `100%` sends every new connection to BACKEND.
+        #[arg(long, num_args = 2, value_names = ["BACKEND", "PERCENT"])]
+        canary: Option<Vec<String>>,
         #[command(flatten)]
         control: ControlArgs,
     },

@@ -51,6 +51,13 @@ pub(crate) enum ControlOp {
         backend: SocketAddrV4,
         weight: u16,
     },
+    /// Give one backend `percent` % of a virtual service's new connections, the others
+    /// sharing the rest in the ratios of their configured weights (`lb weight --canary`).
+    LbCanary {
+        service: String,
+        backend: SocketAddrV4,
+        percent: u8,
+    },
     /// Add a backend to one virtual service (nothing persisted).
     LbAddBackend {
         service: String,
@@ -89,6 +96,7 @@ impl ControlOp {
         match self {
             ControlOp::NatClear => Kind::Nat,
             ControlOp::LbWeight { .. }
+            | ControlOp::LbCanary { .. }
             | ControlOp::LbAddBackend { .. }
             | ControlOp::LbRemoveBackend { .. }
             | ControlOp::LbSetState { .. }
@@ -107,6 +115,7 @@ impl ControlOp {
         match self {
             ControlOp::NatClear => None,
             ControlOp::LbWeight { service, .. }
+            | ControlOp::LbCanary { service, .. }
             | ControlOp::LbAddBackend { service, .. }
             | ControlOp::LbRemoveBackend { service, .. }
             | ControlOp::LbSetState { service, .. } => Some(service),
@@ -121,6 +130,7 @@ impl std::fmt::Display for ControlOp {
         f.write_str(match self {
             ControlOp::NatClear => "nat clear",
             ControlOp::LbWeight { .. } => "lb weight",
+            ControlOp::LbCanary { .. } => "lb weight --canary",
             ControlOp::LbAddBackend { .. } => "lb add-backend",
             ControlOp::LbRemoveBackend { .. } => "lb remove-backend",
             ControlOp::LbSetState { .. } => "lb set state",

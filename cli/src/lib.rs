@@ -277,21 +277,25 @@ async fn dispatch(
                     service,
                     backend,
                     weight,
+                    canary,
                     control,
                 },
         } => {
-            let weight = u16::try_from(weight)
-                .map_err(|_| anyhow::anyhow!("weight {weight} is over 65535"))?;
-            let backend = backend
-                .parse()
-                .context("backend must be written ip:port, as in the config")?;
-            let req = Request::Control {
-                command: ControlOp::LbWeight {
+            let command = match (canary.as_deref(), backend, weight) {
+                (Some([backend, percent]), _, _) => ControlOp::LbCanary {
                     service,
-                    backend,
-                    weight,
+                    backend: parse_backend(backend)?,
+                    percent: parse_percent(percent)?,
                 },
+                (_, Some(backend), Some(weight)) => ControlOp::LbWeight {
+                    service,
+                    backend: parse_backend(&backend)?,
+                    weight: u16::try_from(weight)
+                        .map_err(|_| anyhow::anyhow!("weight {weight} is over 65535"))?,
+                },
+                _ => anyhow::bail!("give BACKEND WEIGHT, or --canary BACKEND PERCENT"),
             };
+            let req = Request::Control { command };
             let result = control::request(&control_path(&control)?, &req).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(ExitCode::SUCCESS)
@@ -417,6 +421,17 @@ async fn dispatch(
 fn parse_backend(text: &str) -> anyhow::Result<std::net::SocketAddrV4> {
     text.parse()
         .with_context(|| format!("backend {text:?} must be written ip:port, as in the config"))
+}
+
+/// A canary share as `lb weight --canary` takes it: `10%` or `10`, 0 to 100.
+fn parse_percent(text: &str) -> anyhow::Result<u8> {
+    text.strip_suffix('%')
+        .unwrap_or(text)
+        .trim()
+        .parse::<u8>()
+        .ok()
+        .filter(|&p| p <= 100)
+        .with_context(|| format!("canary share {text:?} must be a whole percentage, 0% to 100%"))
 }
 
 /// How often `lb drain --wait` reads the backend's connection counts.

@@ -263,6 +263,14 @@ impl VirtualService {
         self.pool.set_weight(backend, weight)
     }
 
+    /// `vipgate lb weight --canary`: sets several backends' weights at once (all or none).
+    ///
+    /// # Errors
+    /// Unknown backend or weight out of range; then nothing changed.
+    pub fn set_weights(&mut self, weights: &[(SocketAddrV4, u32)]) -> Result<(), PoolError> {
+        self.pool.set_weights(weights)
+    }
+
     /// `vipgate lb set state`: the operator's state of a backend (drain, maint, ready);
     /// returns whether it changed. Flows the backend holds keep going.
     ///

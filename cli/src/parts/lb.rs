@@ -511,6 +511,54 @@ impl ServicePart {
         }))
     }
 
+    /// `vipgate lb weight --canary BACKEND PERCENT`: `backend` gets `percent` % of the
+    /// weight, the others the rest in the ratios of their configured weights (the file's, or
+    /// an `add-backend`'s), all set at once. `0` gives the others their configured weights
+    /// back, so a canary step never depends on the steps before it.
+    fn canary(&self, backend: SocketAddrV4, percent: u8) -> anyhow::Result<Value> {
+        let effective = lock_unpoisoned(&self.shared.runtime)
+            .get(&self.name)
+            .map(Runtime::effective)
+            .with_context(|| format!("service `{}` is not running", self.name))?;
+        let base: Vec<(SocketAddrV4, u32)> = effective
+            .pool
+            .backends
+            .iter()
+            .map(|b| (b.addr, b.weight))
+            .collect();
+        let plan = balance::canary_weights(effective.pool.scheduler, &base, backend, percent)
+            .with_context(|| format!("service `{}`: canary {backend}", self.name))?;
+        let previous = self.with_service(|s| {
+            let before: Vec<Option<u32>> = plan
+                .weights
+                .iter()
+                .map(|&(addr, _)| {
+                    s.backend_id(addr)
+                        .and_then(|id| s.pool().backend(id))
+                        .map(balance::Backend::weight)
+                })
+                .collect();
+            s.set_weights(&plan.weights).map(|()| before)
+        })??;
+        tracing::info!(service = %self.name, %backend, percent, share_per_mille = plan.share_per_mille, "canary weights set by operator");
+        let weights: Vec<Value> = plan
+            .weights
+            .iter()
+            .zip(previous)
+            .map(|(&(addr, weight), previous)| {
+                json!({"backend": addr.to_string(), "weight": weight, "previous": previous})
+            })
+            .collect();
+        Ok(json!({
+            "service": self.name,
+            "canary": backend.to_string(),
+            "percent": percent,
+            "share_per_mille": plan.share_per_mille,
+            "weights": weights,
+            "note": "not persisted; `--canary BACKEND 0%` gives the others their configured weights back",
+        }))
+    }
+
     /// `vipgate lb remove-backend` (ipvsadm -d): established flows run on.
     fn remove_backend(&self, backend: SocketAddrV4) -> anyhow::Result<Value> {
         let mut runtime = lock_unpoisoned(&self.shared.runtime);
@@ -758,6 +806,9 @@ impl Part for ServicePart {
                     ..BackendConfig::new(backend, u32::from(weight))
                 });
             }
+            ControlOp::LbCanary {
+                backend, percent, ..
+            } => return self.canary(backend, percent),
             ControlOp::LbRemoveBackend { backend, .. } => return self.remove_backend(backend),
             ControlOp::LbSetState { backend, state, .. } => {
                 return self.set_state(backend, state);

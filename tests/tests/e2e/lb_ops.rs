@@ -299,3 +299,82 @@ fn lb_drain_wait_returns_when_the_last_connection_ends() {
     );
     assert!(drain.log().contains("drained"), "{}", drain.log());
 }
+
+/// `lb weight --canary` (the weights of the canary, blue-green and rolling-update recipes):
+/// a new backend at weight 0 gets exactly 10 of 100 wrr connections while the others keep
+/// their 1:1; 100 % sends every new connection to it (the blue-green switch), 0 % gives the
+/// file's weights back; bad shares, unknown backends and mixed forms are refused.
+#[test]
+fn lb_weight_canary_gives_one_backend_its_share() {
+    let lab = Lab::new(
+        vipgate_tests::e2e!(),
+        3,
+        &service("wrr", "", &[(1, 1), (2, 1), (3, 0)]),
+        "kernel",
+    );
+    let weights =
+        |lab: &Lab| ["10.0.0.101:80", "10.0.0.102:80", "10.0.0.103:80"].map(|b| lab.backend(b).1);
+    let out = lab
+        .lb(&["weight", "web", "--canary", "10.0.0.103:80", "10%"])
+        .expect("a canary step");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["share_per_mille"], 100, "{v}");
+    assert_eq!(weights(&lab), [9, 9, 2]);
+    let split = count(&lab.connect(80, 100, CLIENTS));
+    assert_eq!(
+        (split.get("rs1"), split.get("rs2"), split.get("rs3")),
+        (Some(&45), Some(&45), Some(&10)),
+        "{split:?}"
+    );
+
+    // Blue-green: every new connection to the new one.
+    lab.lb(&["weight", "web", "--canary", "10.0.0.103:80", "100%"])
+        .expect("the switch");
+    assert_eq!(weights(&lab), [0, 0, 1]);
+    assert_eq!(count(&lab.connect(80, 20, CLIENTS)).get("rs3"), Some(&20));
+
+    // And back: the file's weights, whatever came before.
+    lab.lb(&["weight", "web", "--canary", "10.0.0.103:80", "0"])
+        .expect("the rollback");
+    assert_eq!(weights(&lab), [1, 1, 0]);
+    let split = count(&lab.connect(80, 20, CLIENTS));
+    assert_eq!(
+        (split.get("rs1"), split.get("rs2"), split.get("rs3")),
+        (Some(&10), Some(&10), None),
+        "{split:?}"
+    );
+
+    for (args, why) in [
+        (
+            vec!["weight", "web", "--canary", "10.0.0.103:80", "101%"],
+            "0% to 100%",
+        ),
+        (
+            vec!["weight", "web", "--canary", "10.0.0.103:80", "ten"],
+            "0% to 100%",
+        ),
+        (
+            vec!["weight", "web", "--canary", "10.0.0.109:80", "10%"],
+            "not a backend",
+        ),
+        (
+            vec!["weight", "nosuch", "--canary", "10.0.0.103:80", "10%"],
+            "nosuch",
+        ),
+        (
+            vec![
+                "weight",
+                "web",
+                "10.0.0.101:80",
+                "--canary",
+                "10.0.0.103:80",
+                "10%",
+            ],
+            "cannot be used with",
+        ),
+    ] {
+        let err = lab.lb(&args).expect_err("refused");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    assert_eq!(weights(&lab), [1, 1, 0], "a refusal changes nothing");
+}
