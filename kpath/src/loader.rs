@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, IterableMap as _, MapData, PerCpuArray};
 use aya::programs::TestRunOptions;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
@@ -53,7 +53,9 @@ pub struct LoadOptions {
     pub bpffs: PathBuf,
     /// How to attach.
     pub attach: AttachMode,
-    /// Flow map size (entries; one per direction of a flow). Default 262144.
+    /// Flow map size in entries (one per direction of a flow, one for a direct-routing flow).
+    /// Default 262144. A map already pinned keeps the size it was created with: a new size
+    /// applies after a stop that removes the pins, never by dropping a running site's flows.
     pub max_flows: u32,
 }
 
@@ -235,6 +237,19 @@ impl KernelPath {
             adopted,
             adopted_links: 0,
         })
+    }
+
+    /// How many entries the flow map holds: the size it was created with, which for an
+    /// adopted map is the previous run's.
+    ///
+    /// # Errors
+    /// The kernel refusing to describe the map.
+    pub fn flow_capacity(&self) -> Result<u32, KpathError> {
+        self.flows
+            .map()
+            .info()
+            .map(|info| info.max_entries())
+            .map_err(|source| KpathError::Map { map: FLOWS, source })
     }
 
     /// Whether the maps were already pinned (a restarted daemon adopting its flows).

@@ -99,8 +99,10 @@ fn clsact_attach_and_unload_leave_nothing() {
 #[test]
 fn a_restart_adopts_the_pinned_flows() {
     in_sandbox(|_| {
-        let opts = LoadOptions::new("site-b");
+        let mut opts = LoadOptions::new("site-b");
+        opts.max_flows = 4096;
         let mut first = KernelPath::load(&opts).unwrap();
+        assert_eq!(first.flow_capacity().unwrap(), 4096);
         let [(key, rewrite), _] = entries(
             Proto::Udp,
             SocketAddrV4::new([192, 168, 1, 2].into(), 5000),
@@ -109,8 +111,12 @@ fn a_restart_adopts_the_pinned_flows() {
         );
         first.insert(&key, &rewrite).unwrap();
         first.release();
+        // A restart asking for another size adopts the pinned map as it is: the flows in it
+        // outlive the restart, the new size waits for a stop that removes the pins.
+        opts.max_flows = 8192;
         let second = KernelPath::load(&opts).unwrap();
         assert!(second.adopted());
+        assert_eq!(second.flow_capacity().unwrap(), 4096);
         assert_eq!(second.keys().unwrap(), vec![key]);
         assert!(second.report(&key).unwrap().is_some());
         let adopted = second.entries().unwrap();

@@ -373,6 +373,13 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
         "Data path: {} ({}); kernel fast path: {} flows, {} packets, {} bytes",
         it.datapath, it.datapath_reason, fast.flows, fast.packets, fast.bytes
     );
+    if fast.map_capacity > 0 {
+        let _ = writeln!(
+            out,
+            "Kernel flow map: {} entries (two per flow, one per direct-routing flow)",
+            fast.map_capacity
+        );
+    }
     if fast.adopted + fast.adoption_dropped > 0 {
         let _ = writeln!(
             out,

@@ -117,6 +117,18 @@ pub struct FastPathCounters {
     /// them, or an entry was missing or malformed.
     #[cfg_attr(feature = "serde", serde(default))]
     pub adoption_dropped: u64,
+    /// Entries the program's flow map holds (two per translated flow, one per direct-routing
+    /// flow); 0 on the TUN path.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub map_capacity: u32,
+}
+
+/// The flow map size for a table of `max_mappings` flows: two entries per flow, and an eighth
+/// more because the kernel's LRU map keeps free entries on per-CPU lists and starts evicting
+/// before the last entry is taken; an evicted entry's flow would finish on the slow path.
+fn flow_map_entries(max_mappings: usize) -> u32 {
+    let entries = max_mappings.saturating_mul(2).saturating_mul(9) / 8;
+    u32::try_from(entries.max(1024)).unwrap_or(u32::MAX)
 }
 
 /// One installed flow: its map entries (two for a translation, one for a direct-routing
@@ -135,6 +147,8 @@ pub(super) struct KernelDatapath {
     installed: HashMap<FlowId, Installed>,
     /// Flows of a previous run: adopted, dropped.
     adoption: (u64, u64),
+    /// The flow map's size.
+    capacity: u32,
 }
 
 impl std::fmt::Debug for KernelDatapath {
@@ -165,8 +179,20 @@ impl KernelDatapath {
         inside: &[String],
         outside: &str,
         tun: &str,
+        max_mappings: usize,
     ) -> Result<Self, String> {
-        let mut kp = KernelPath::load(&LoadOptions::new(site)).map_err(|e| e.to_string())?;
+        let mut opts = LoadOptions::new(site);
+        opts.max_flows = flow_map_entries(max_mappings);
+        let mut kp = KernelPath::load(&opts).map_err(|e| e.to_string())?;
+        let capacity = kp.flow_capacity().map_err(|e| e.to_string())?;
+        if capacity < opts.max_flows {
+            tracing::warn!(
+                entries = capacity,
+                wanted = opts.max_flows,
+                "the pinned flow map of the previous run is smaller than max_mappings asks; \
+                 flows past it finish on the slow path until a stop (not a restart) removes the pins"
+            );
+        }
         let attached = inside
             .iter()
             .map(|i| (i.as_str(), Some(KDir::Outbound)))
@@ -203,6 +229,7 @@ impl KernelDatapath {
             kp: Some(kp),
             installed: HashMap::new(),
             adoption: (0, 0),
+            capacity,
         })
     }
 
@@ -468,6 +495,7 @@ impl KernelDatapath {
             direct_route_undeliverable: c.direct_route_undeliverable,
             adopted: self.adoption.0,
             adoption_dropped: self.adoption.1,
+            map_capacity: self.capacity,
         }
     }
 
@@ -662,5 +690,17 @@ mod tests {
             ..key
         };
         assert_eq!(flow_of(&udp, &rewrite), None);
+    }
+
+    #[test]
+    fn the_flow_map_holds_every_flow_the_table_may_hold_with_headroom() {
+        assert_eq!(flow_map_entries(65_536), 147_456);
+        assert_eq!(flow_map_entries(1_000_000), 2_250_000);
+        // A tiny table still gets a map worth loading; the largest table (2^24) fits a u32.
+        assert_eq!(flow_map_entries(10), 1024);
+        assert_eq!(flow_map_entries(1 << 24), 37_748_736);
+        for n in [1, 1000, 65_536, 1 << 20] {
+            assert!(u64::from(flow_map_entries(n)) >= 2 * n as u64);
+        }
     }
 }

@@ -287,6 +287,7 @@ impl NatDriver {
                 gw_cfg.local_addresses.push(*a);
             }
         }
+        let max_mappings = gw_cfg.max_mappings;
         let gw = match Gateway::new(now(), gw_cfg) {
             Ok(gw) => Arc::new(Mutex::new(gw)),
             Err(e) => {
@@ -300,8 +301,13 @@ impl NatDriver {
         let (kernel, datapath_reason) = match cfg.datapath {
             Datapath::Tun => (None, "configured: datapath = \"tun\"".to_owned()),
             Datapath::Kernel => {
-                match kernel::KernelDatapath::start(&cfg.site, &cfg.inside, &cfg.outside, &cfg.tun)
-                {
+                match kernel::KernelDatapath::start(
+                    &cfg.site,
+                    &cfg.inside,
+                    &cfg.outside,
+                    &cfg.tun,
+                    max_mappings,
+                ) {
                     Ok(k) => (
                         Some(Arc::new(Mutex::new(k))),
                         "configured: datapath = \"kernel\"".to_owned(),

@@ -670,10 +670,14 @@ fn hash_checked_transfer(
 /// and filters from the interfaces.
 #[test]
 fn kernel_path_carries_transfers_and_a_stop_leaves_nothing() {
-    let mut hq = hq(e2e!(), "datapath = \"kernel\"");
+    let mut hq = hq(e2e!(), "datapath = \"kernel\"\nmax_mappings = 100000");
     let v = hq.show();
     assert_eq!(v["datapath"], "kernel", "{}", v["datapath_reason"]);
-    assert!(hq.show_text().contains("Data path: kernel"));
+    // The flow map follows the table's bound: 2 entries per flow and an eighth more.
+    assert_eq!(v["fast_path"]["map_capacity"], 225_000, "{v}");
+    let text = hq.show_text();
+    assert!(text.contains("Data path: kernel"), "{text}");
+    assert!(text.contains("Kernel flow map: 225000 entries"), "{text}");
     let t = &hq.topo;
     let dir = t.dir().display().to_string();
     t.sh("gw", &format!("head -c 20000000 /dev/urandom > {dir}/sent"));
