@@ -1841,7 +1841,8 @@ mod tests {
                 "datapath": "kernel", "datapath_reason": "the kernel program is attached",
                 "fast_path": { "packets": 12, "bytes": 20480, "flows": 0,
                                "direct_route_undeliverable": 0, "adopted": 0,
-                               "adoption_dropped": 0, "map_capacity": 0 },
+                               "adoption_dropped": 0, "map_capacity": 0,
+                               "reinstalled": 0 },
                 "flows_adopted": 3,
             })
         );

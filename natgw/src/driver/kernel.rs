@@ -121,6 +121,10 @@ pub struct FastPathCounters {
     /// flow); 0 on the TUN path.
     #[cfg_attr(feature = "serde", serde(default))]
     pub map_capacity: u32,
+    /// Entries the kernel's LRU evicted while their flow lived, put back by a sync round
+    /// (at most 1024 a round).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub reinstalled: u64,
 }
 
 /// The flow map size for a table of `max_mappings` flows: two entries per flow, and an eighth
@@ -149,7 +153,12 @@ pub(super) struct KernelDatapath {
     adoption: (u64, u64),
     /// The flow map's size.
     capacity: u32,
+    /// Entries the LRU evicted and a sync round put back.
+    reinstalled: u64,
 }
+
+/// Evicted entries put back per sync round at most.
+const REINSTALL_PER_ROUND: usize = 1024;
 
 impl std::fmt::Debug for KernelDatapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,6 +239,7 @@ impl KernelDatapath {
             installed: HashMap::new(),
             adoption: (0, 0),
             capacity,
+            reinstalled: 0,
         })
     }
 
@@ -396,8 +406,23 @@ impl KernelDatapath {
                 tracing::debug!(error = %e, "installing a kernel path entry");
             }
         }
-        // Feed back what the program moved since the last round.
+        // Feed back what the program moved since the last round, and put back the entries
+        // the LRU evicted (the program never deletes one): without them the flow would finish
+        // on the slow path. A budget per round keeps a map smaller than the table (a pinned
+        // one adopted from a run with a smaller `max_mappings`) from churning every round.
+        let mut budget = REINSTALL_PER_ROUND;
         for (id, flow) in &mut self.installed {
+            for (i, (key, rewrite)) in flow.entries.iter().enumerate() {
+                if budget == 0 || !matches!(kp.report(key), Ok(None)) {
+                    continue;
+                }
+                budget -= 1;
+                flow.reported[i] = (0, 0);
+                match kp.insert(key, rewrite) {
+                    Ok(()) => self.reinstalled += 1,
+                    Err(e) => tracing::debug!(error = %e, "reinstalling an evicted entry"),
+                }
+            }
             collect_reports(kp, id, flow, &mut reports);
         }
         if !reports.is_empty() {
@@ -496,6 +521,7 @@ impl KernelDatapath {
             adopted: self.adoption.0,
             adoption_dropped: self.adoption.1,
             map_capacity: self.capacity,
+            reinstalled: self.reinstalled,
         }
     }
 

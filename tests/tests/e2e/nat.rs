@@ -960,6 +960,92 @@ fn established_flows_survive(replace: Replace) {
     }
 }
 
+/// Deletes every entry of the kernel path's flow maps under the holder's bpffs, as the LRU
+/// does when it evicts (the program never deletes one), with the bpf(2) syscall from
+/// python3's ctypes (no bpftool on the machine); prints how many it deleted.
+const EVICT_ALL: &str = r#"
+import ctypes, glob, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_BPF, OBJ_GET, NEXT_KEY, DELETE = 321, 7, 4, 3
+def bpf(cmd, attr):
+    buf = ctypes.create_string_buffer(attr, 128)
+    return libc.syscall(SYS_BPF, cmd, buf, 128)
+deleted = 0
+for path in glob.glob('/sys/fs/bpf/vipgate/*/kpath_flows'):
+    name = ctypes.create_string_buffer(path.encode())
+    fd = bpf(OBJ_GET, struct.pack('QII', ctypes.addressof(name), 0, 0))
+    if fd < 0:
+        sys.exit('BPF_OBJ_GET %s: errno %d' % (path, ctypes.get_errno()))
+    keys, prev = [], None
+    while True:
+        nxt = ctypes.create_string_buffer(16)
+        p = ctypes.addressof(prev) if prev is not None else 0
+        if bpf(NEXT_KEY, struct.pack('IIQQ', fd, 0, p, ctypes.addressof(nxt))) < 0:
+            break
+        keys.append(nxt)
+        prev = nxt
+    for k in keys:
+        if bpf(DELETE, struct.pack('IIQ', fd, 0, ctypes.addressof(k))) == 0:
+            deleted += 1
+print(deleted)
+"#;
+
+/// An entry the kernel's LRU evicts while its flow lives is put back by the next sync round:
+/// a paced transfer whose map entries are all deleted mid-way arrives intact, `show nat`
+/// counts the reinstalled entries, and the rest of the transfer stays on the fast path
+/// (the core translates little of it).
+#[test]
+fn evicted_entries_are_put_back_on_the_kernel_path() {
+    let (t, path) = hq_site(e2e!(), "datapath = \"kernel\"");
+    let pins = PinRoot::new(&t);
+    let first = pins.vipgate(&t, "vipgate", &path);
+    let hq = hq_running(t, first, path);
+    let v = hq.show();
+    assert_eq!(v["datapath"], "kernel", "{}", v["datapath_reason"]);
+    let t = &hq.topo;
+    let dir = t.dir().display().to_string();
+    let size = 8 * 1024 * 1024;
+    t.sh("gw", &format!("head -c {size} /dev/urandom > {dir}/sent"));
+    let _pat = slow_transfer(t, "pc", ("out", 5001), ("198.51.100.200", 5001), "via-pat");
+    wait_until(T, "the transfer on the kernel path", || {
+        counter(&hq.show(), &["fast_path", "flows"]) >= 1
+            && std::fs::metadata(format!("{dir}/via-pat")).is_ok_and(|m| m.len() > 1024 * 1024)
+    });
+    let script = t.write("evict-all.py", EVICT_ALL);
+    let deleted = t.sh(
+        "gw",
+        &format!("nsenter -t {} -m python3 {}", pins.pid, script.display()),
+    );
+    let deleted: u32 = deleted.trim().parse().expect("a count");
+    assert!(
+        deleted >= 2,
+        "both directions' entries were in the map: {deleted}"
+    );
+    let before = hq.show();
+    let slow_before = counter(&before, &["counters", "translated_out"])
+        + counter(&before, &["counters", "translated_in"]);
+    let v = wait_for(T, "the sync round to put the entries back", || {
+        let v = hq.show();
+        (counter(&v, &["fast_path", "reinstalled"]) >= 2).then_some(v)
+    });
+    assert!(hq.show_text().contains("Kernel flow map:"), "{v}");
+    wait_until(Duration::from_secs(60), "the whole file to arrive", || {
+        std::fs::metadata(format!("{dir}/via-pat")).is_ok_and(|m| m.len() == size)
+    });
+    let hash = |f: &str| t.sh("gw", &format!("sha256sum < {dir}/{f} | cut -d' ' -f1"));
+    assert_eq!(hash("sent"), hash("via-pat"), "bytes changed on the way");
+    // Without the entries the rest (megabytes: thousands of segments and ACKs) would cross
+    // nat0; with them back, at most a sync interval's worth and the FINs do.
+    let v = hq.show();
+    let slow = counter(&v, &["counters", "translated_out"])
+        + counter(&v, &["counters", "translated_in"])
+        - slow_before;
+    assert!(
+        slow < 1500,
+        "the core translated {slow} packets after the eviction: {v}"
+    );
+}
+
 #[test]
 fn established_flows_survive_a_restart_on_the_kernel_path() {
     established_flows_survive(Replace::Restart);
