@@ -106,6 +106,13 @@ pub(crate) enum Command {
         #[arg(long, requires = "connections", default_value_t = 1000,
               value_parser = clap::value_parser!(u32).range(1..=65_536))]
         limit: u32,
+        /// `show lb`: connections, packets and bytes per second of each service and backend
+        /// (`ipvsadm -Ln --rate`), from two readings of the counters --interval apart.
+        #[arg(long, conflicts_with = "connections")]
+        rate: bool,
+        /// With --rate: the time between the two readings, e.g. `2s`; 100ms..=60s.
+        #[arg(long, requires = "rate", default_value = "1s", value_parser = parse_rate_interval)]
+        interval: std::time::Duration,
     },
     /// Re-read the running daemon's config and apply the changes (like SIGHUP, but reports back).
     Reload {
@@ -307,10 +314,32 @@ fn parse_wait(text: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+/// `--interval` of `show lb --rate`: long enough to count something, short enough to be a
+/// glance; 100ms..=60s.
+fn parse_rate_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = text
+        .parse::<crate::config::duration::HumanDuration>()
+        .map_err(|e| e.to_string())?
+        .0;
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
+        return Err(format!("{text:?} is outside 100ms..=60s"));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn rate_intervals_are_bounded() {
+        assert_eq!(parse_rate_interval("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_rate_interval("100ms"), Ok(Duration::from_millis(100)));
+        for bad in ["10ms", "61s", "0s", "soon"] {
+            assert!(parse_rate_interval(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_drain_timeout_is_a_config_duration_within_a_day() {

@@ -211,6 +211,43 @@ async fn dispatch(
             what,
             control,
             json,
+            rate: true,
+            interval,
+            ..
+        } => {
+            if what != parts::Kind::Lb {
+                anyhow::bail!("--rate gives the virtual services' rates: `show lb --rate`");
+            }
+            let path = control_path(&control)?;
+            let read =
+                async || -> anyhow::Result<(tokio::time::Instant, Vec<serde_json::Value>)> {
+                    let v = control::request(&path, &Request::Show { kind: what }).await?;
+                    Ok((
+                        tokio::time::Instant::now(),
+                        v.as_array().cloned().unwrap_or_default(),
+                    ))
+                };
+            let (t0, before) = read().await?;
+            tokio::time::sleep(interval).await;
+            let (t1, after) = read().await?;
+            let rates = parts::lb::rates(&before, &after, t1 - t0);
+            if json {
+                let out = serde_json::json!({
+                    "interval_ms": u64::try_from((t1 - t0).as_millis()).unwrap_or(u64::MAX),
+                    "services": rates,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if rates.is_empty() {
+                println!("no lb configured in the running daemon");
+            } else {
+                print!("{}", parts::lb::render_rates(&rates));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show {
+            what,
+            control,
+            json,
             utc,
             ..
         } => {

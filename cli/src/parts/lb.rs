@@ -1483,6 +1483,142 @@ fn human_bytes(n: u64) -> String {
     )
 }
 
+/// Per-second figures of a service or a backend over a `show lb --rate` interval, as
+/// `ipvsadm -Ln --rate` names them: new connections, packets and bytes each way (in: client to
+/// backend). ipvsadm's kernel estimator smooths over ~2 s; these are the plain average over
+/// the interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct Rates {
+    cps: u64,
+    in_pps: u64,
+    out_pps: u64,
+    in_bps: u64,
+    out_bps: u64,
+}
+
+impl Rates {
+    /// The rates between two readings of one backend's counters `elapsed` apart. A counter
+    /// that went down (the daemon restarted, the backend was removed and added) counts from 0.
+    fn between(before: &BackendStats, after: &BackendStats, elapsed: Duration) -> Self {
+        let ms = u64::try_from(elapsed.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let per_s = |b: u64, a: u64| {
+            let delta = if a >= b { a - b } else { a };
+            u64::try_from(u128::from(delta) * 1000 / u128::from(ms)).unwrap_or(u64::MAX)
+        };
+        Rates {
+            cps: per_s(before.connections, after.connections),
+            in_pps: per_s(before.packets_in, after.packets_in),
+            out_pps: per_s(before.packets_out, after.packets_out),
+            in_bps: per_s(before.bytes_in, after.bytes_in),
+            out_bps: per_s(before.bytes_out, after.bytes_out),
+        }
+    }
+
+    fn add(self, other: Self) -> Self {
+        Rates {
+            cps: self.cps.saturating_add(other.cps),
+            in_pps: self.in_pps.saturating_add(other.in_pps),
+            out_pps: self.out_pps.saturating_add(other.out_pps),
+            in_bps: self.in_bps.saturating_add(other.in_bps),
+            out_bps: self.out_bps.saturating_add(other.out_bps),
+        }
+    }
+}
+
+/// One backend's rates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct BackendRates {
+    address: SocketAddrV4,
+    #[serde(flatten)]
+    rates: Rates,
+}
+
+/// One service's rates: the sum of its backends' (as ipvsadm's service line), then each
+/// backend's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ServiceRates {
+    name: String,
+    protocol: Protocol,
+    listen: SocketAddrV4,
+    #[serde(flatten)]
+    rates: Rates,
+    backends: Vec<BackendRates>,
+}
+
+/// The rates of every service running in both readings of `show lb` (`before`, then
+/// `after`, `elapsed` apart); a backend missing from the first reading counts from 0.
+pub(crate) fn rates(before: &[Value], after: &[Value], elapsed: Duration) -> Vec<ServiceRates> {
+    let running = |items: &[Value]| {
+        items
+            .iter()
+            .filter_map(|v| match ServiceEntry::deserialize(v) {
+                Ok(ServiceEntry::Running(s)) => Some(*s),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = running(before);
+    running(after)
+        .into_iter()
+        .map(|s| {
+            let earlier = before.iter().find(|b| b.name == s.name);
+            let backends: Vec<BackendRates> = s
+                .backends
+                .iter()
+                .map(|b| {
+                    let zero = BackendStats::default();
+                    let was = earlier
+                        .and_then(|e| e.backends.iter().find(|x| x.address == b.address))
+                        .map_or(&zero, |x| &x.counters);
+                    BackendRates {
+                        address: b.address,
+                        rates: Rates::between(was, &b.counters, elapsed),
+                    }
+                })
+                .collect();
+            ServiceRates {
+                rates: backends
+                    .iter()
+                    .fold(Rates::default(), |sum, b| sum.add(b.rates)),
+                name: s.name,
+                protocol: s.protocol,
+                listen: s.listen,
+                backends,
+            }
+        })
+        .collect()
+}
+
+/// Human text for `vipgate show lb --rate`, laid out like `ipvsadm -Ln --rate`.
+pub(crate) fn render_rates(all: &[ServiceRates]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS"
+    );
+    let _ = writeln!(out, "  -> RemoteAddress:Port");
+    let line = |out: &mut String, head: String, r: &Rates| {
+        let _ = writeln!(
+            out,
+            "{head:<33} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            r.cps, r.in_pps, r.out_pps, r.in_bps, r.out_bps
+        );
+    };
+    for s in all {
+        let proto = serde_json::to_value(s.protocol)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_ascii_uppercase))
+            .unwrap_or_default();
+        line(&mut out, format!("{proto:<4} {}", s.listen), &s.rates);
+        for b in &s.backends {
+            line(&mut out, format!("  -> {}", b.address), &b.rates);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1635,6 +1771,68 @@ mod tests {
             agent_port: None,
             agent_interval_ms: None,
         }
+    }
+
+    /// Two readings 2 s apart: per-second figures per backend, the service line their sum, a
+    /// backend new in the second reading counted from 0, a counter that went down (a restart)
+    /// counted from 0 rather than wrapping.
+    #[test]
+    fn rates_are_the_counters_deltas_per_second() {
+        let stats = |connections, packets, bytes| BackendStats {
+            connections,
+            packets_in: packets,
+            packets_out: packets / 2,
+            bytes_in: bytes,
+            bytes_out: bytes * 10,
+            ..BackendStats::default()
+        };
+        let with = |b: &[(&str, BackendStats)]| {
+            running(service(
+                "web",
+                SchedulerKind::Wrr,
+                b.iter()
+                    .map(|(a, c)| BackendStatus {
+                        counters: *c,
+                        ..backend(a, BackendState::Up, 1)
+                    })
+                    .collect(),
+            ))
+        };
+        let before = with(&[
+            ("10.0.0.1:80", stats(100, 1000, 100_000)),
+            ("10.0.0.2:80", stats(50, 500, 50_000)),
+        ]);
+        let after = with(&[
+            ("10.0.0.1:80", stats(120, 1400, 140_000)),
+            ("10.0.0.2:80", stats(10, 100, 10_000)),
+            ("10.0.0.3:80", stats(4, 40, 4000)),
+        ]);
+        let r = rates(&[before], &[after], Duration::from_secs(2));
+        assert_eq!(r.len(), 1);
+        let rate = |cps, pps, bps| Rates {
+            cps,
+            in_pps: pps,
+            out_pps: pps / 2,
+            in_bps: bps,
+            out_bps: bps * 10,
+        };
+        assert_eq!(
+            r[0].backends.iter().map(|b| b.rates).collect::<Vec<_>>(),
+            [rate(10, 200, 20_000), rate(5, 50, 5000), rate(2, 20, 2000)]
+        );
+        assert_eq!(r[0].rates, rate(17, 270, 27_000));
+        let text = render_rates(&r);
+        assert!(text.starts_with("Prot LocalAddress:Port"), "{text}");
+        assert!(
+            text.contains(
+                "TCP  198.51.100.10:80                   17      270      135    27000   270000"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("  -> 10.0.0.3:80"), "{text}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json[0]["cps"], 17, "{json}");
+        assert_eq!(json[0]["backends"][0]["in_bps"], 20_000, "{json}");
     }
 
     #[test]

@@ -381,3 +381,99 @@ fn lb_weight_canary_gives_one_backend_its_share() {
     }
     assert_eq!(weights(&lab), [1, 1, 0], "a refusal changes nothing");
 }
+
+/// `show lb --rate` (`ipvsadm -Ln --rate`): 40 connections made while it reads the counters
+/// twice show as connections, packets and bytes per second; the service line is the sum of its
+/// backends', wrr's 1:1 split shows in the backends' figures, and the text has ipvsadm's columns.
+#[test]
+fn show_lb_rate_gives_per_second_figures() {
+    let lab = Lab::new(
+        vipgate_tests::e2e!(),
+        2,
+        &service("wrr", "", &[(1, 1), (2, 1)]),
+        "kernel",
+    );
+    let bin = vipgate_tests::vipgate_bin();
+    let bin = bin.to_str().unwrap();
+    let args = [
+        bin,
+        "show",
+        "lb",
+        "--rate",
+        "--interval",
+        "6s",
+        "--json",
+        "--control",
+        &lab.control,
+    ];
+    let mut rate = lab.t.spawn("dir", "rate", &args);
+    let answers = lab.connect(80, 40, CLIENTS);
+    assert_eq!(answers.len(), 40);
+    assert_eq!(
+        rate.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        rate.log()
+    );
+    let v: serde_json::Value = serde_json::from_str(&rate.log()).expect("JSON");
+    let interval_ms = v["interval_ms"].as_u64().expect("interval_ms");
+    assert!((6000..8000).contains(&interval_ms), "{v}");
+    let web = &v["services"][0];
+    assert_eq!(web["name"], "web", "{v}");
+    let per_backend = |key: &str| {
+        web["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| b[key].as_u64().expect("a rate"))
+            .collect::<Vec<_>>()
+    };
+    for key in ["cps", "in_pps", "out_pps", "in_bps", "out_bps"] {
+        let each = per_backend(key);
+        assert_eq!(web[key].as_u64(), Some(each.iter().sum()), "{key}: {v}");
+        assert!(
+            each.iter().all(|&r| r > 0),
+            "{key}: both backends served: {v}"
+        );
+    }
+    // The connections counted in the window: at most the 40 made (some may have started
+    // before the first reading), and wrr 1:1 gives the two backends the same number ±1.
+    let cps = per_backend("cps");
+    let counted: Vec<u64> = cps.iter().map(|c| c * interval_ms / 1000).collect();
+    assert!(counted.iter().sum::<u64>() <= 41, "{v}");
+    assert!(counted[0].abs_diff(counted[1]) <= 2, "{v}");
+
+    let out = lab.t.vipgate_output(
+        "dir",
+        &[
+            "show",
+            "lb",
+            "--rate",
+            "--interval",
+            "200ms",
+            "--control",
+            &lab.control,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("CPS    InPPS   OutPPS    InBPS   OutBPS"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("TCP  {VIP}:80")), "{text}");
+    assert!(text.contains("  -> 10.0.0.101:80"), "{text}");
+    let refused = lab.t.vipgate_output(
+        "dir",
+        &[
+            "show",
+            "lb",
+            "--rate",
+            "--interval",
+            "61s",
+            "--control",
+            &lab.control,
+        ],
+    );
+    assert!(!refused.status.success());
+}
