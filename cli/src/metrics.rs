@@ -7,7 +7,8 @@
 //! - a `drops` map under `counters` (a `netutil::DropCounters`) is one counter with a
 //!   `reason` label: `vipgate_gre_drops_total{tunnel="gre-br",reason="wrong_key"}`;
 //! - durations are `…_ms` (or `…_s`) fields and become base units: `…_seconds`;
-//! - a `state` string becomes `vipgate_<kind>_state{state="..."} 1`;
+//! - a `state` string becomes `vipgate_<kind>_state{state="..."} 1`, and a `protocol` one
+//!   `vipgate_<kind>_protocol{protocol="..."} 1` (a virtual service's tcp or udp);
 //! - each part is labelled by its name (`tunnel`, `gateway`, `service`, `instance`,
 //!   `destination`); VRRP adds its `vrid` and `interface`, GRE its `key`; the elements of
 //!   the lists in [`LISTS`] (backends, forwards, ACL rules, tracked objects) are labelled by
@@ -254,13 +255,13 @@ fn walk(
                 f64::from(u8::from(b)),
             );
         }
-        Value::String(s) if key == "state" => {
+        Value::String(s) if key == "state" || key == "protocol" => {
             let mut l = labels.to_vec();
-            l.push(("state".into(), s));
+            l.push((key.into(), s));
             families.add(
                 metric_name(kind, path, key),
                 MetricType::Gauge,
-                || help_text(kind, path, key, "1 for the current state, the label of"),
+                || help_text(kind, path, key, "1 for the current value, the label of"),
                 &l,
                 1.0,
             );
@@ -462,6 +463,7 @@ mod tests {
     fn status_json_becomes_prometheus_text() {
         let status = serde_json::json!({
             "state": "up",
+            "protocol": "udp",
             "healthy": true,
             "counters": { "rx_packets": 10, "drops": { "wrong_key": 2, "truncated": 0 } },
             "mappings": 42,
@@ -492,6 +494,7 @@ mod tests {
         has("vipgate_lb_drops_total{service=\"web\",reason=\"truncated\"} 0");
         has("# TYPE vipgate_lb_mappings gauge");
         has("vipgate_lb_state{service=\"web\",state=\"up\"} 1");
+        has("vipgate_lb_protocol{service=\"web\",protocol=\"udp\"} 1");
         has("vipgate_lb_healthy{service=\"web\"} 1");
         has("vipgate_lb_down_for_seconds{service=\"web\"} 1.5");
         has("# TYPE vipgate_lb_restarts_total counter");

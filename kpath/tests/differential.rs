@@ -46,6 +46,8 @@ fn config() -> GatewayConfig {
             },
             health: None,
             forward: natgw::Forward::Nat,
+            proto: natgw::Proto::Tcp,
+            one_packet: false,
         }],
         compensate_ttl: false,
         ..GatewayConfig::default()
@@ -658,6 +660,8 @@ fn direct_routing_delivers_unchanged_to_a_server_on_the_segment() {
                     },
                     health: None,
                     forward: natgw::Forward::DirectRoute,
+                    proto: natgw::Proto::Tcp,
+                    one_packet: false,
                 }],
                 compensate_ttl: false,
                 ..GatewayConfig::default()

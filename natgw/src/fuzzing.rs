@@ -90,6 +90,8 @@ fn two_backends(name: &str, listen: SocketAddrV4, forward: Forward) -> ServiceCo
         },
         health: None,
         forward,
+        proto: Proto::Tcp,
+        one_packet: false,
     }
 }
 

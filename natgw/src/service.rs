@@ -17,8 +17,12 @@
 //! Persistence templates expire lazily, on the next new flow of the service: a template that
 //! nobody asks for again costs memory but no time, and no gateway timer is needed.
 //!
-//! Services are TCP, like the config contract's `listen = "VIP:port"`; UDP services and
-//! IPv6 are not supported.
+//! A service is TCP or UDP (ipvsadm `-t` / `-u`). A UDP service's flows are the gateway's
+//! UDP flows (keyed by client endpoint, idle timeout `udp`), scheduled on their first
+//! datagram like a TCP connection on its SYN. A one-packet UDP service (ipvsadm `-o`) makes
+//! no flow at all: the gateway schedules each datagram on its own
+//! ([`VirtualService::schedule_datagram`]) and recognises a backend's reply by its source
+//! endpoint alone. IPv6 is not supported.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,6 +34,7 @@ use balance::{
     PoolConfig, PoolError,
 };
 
+use crate::flow::Proto;
 use crate::health::agent::AgentHealth;
 use crate::health::{AgentFailure, AgentReply, CheckTargets, HealthConfig, ProbeFailure};
 
@@ -46,6 +51,27 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
     /// How a new connection reaches its backend (ipvsadm `-m` / `-g`).
     pub forward: Forward,
+    /// TCP or UDP (ipvsadm `-t` / `-u`); ICMP is refused by [`crate::Gateway::add_service`].
+    pub proto: Proto,
+    /// UDP only: schedule each datagram on its own, with no flow (ipvsadm `-o`).
+    pub one_packet: bool,
+}
+
+impl ServiceConfig {
+    /// Why this combination of protocol, one-packet scheduling and forwarding cannot run,
+    /// if it cannot: ICMP is no service protocol, one-packet scheduling is UDP's, and direct
+    /// routing is TCP's (the kernel program delivers TCP flows only).
+    #[must_use]
+    pub fn unsupported(&self) -> Option<&'static str> {
+        match (self.proto, self.one_packet, self.forward) {
+            (Proto::Icmp, _, _) => Some("a service is tcp or udp"),
+            (Proto::Tcp, true, _) => Some("one-packet scheduling is for udp services"),
+            (Proto::Udp, _, Forward::DirectRoute) => {
+                Some("direct routing carries tcp services only")
+            }
+            _ => None,
+        }
+    }
 }
 
 /// How a virtual service forwards a connection to its backend (LVS's forwarding methods).
@@ -114,6 +140,8 @@ pub struct VirtualService {
     pool: Pool,
     health: Option<HealthConfig>,
     forward: Forward,
+    proto: Proto,
+    one_packet: bool,
     /// Per backend; entries of backends gone are dropped on reconfigure.
     notes: HashMap<SocketAddrV4, CheckNotes>,
     /// Each backend's configured weight, which agent percentages apply to.
@@ -137,6 +165,8 @@ impl VirtualService {
             pool: Pool::new(config.pool)?,
             health: config.health,
             forward: config.forward,
+            proto: config.proto,
+            one_packet: config.one_packet,
             notes: HashMap::new(),
         })
     }
@@ -174,6 +204,27 @@ impl VirtualService {
             Decision::Backend { addr, .. } | Decision::Sorry(addr) => Some(addr),
             Decision::Refuse => None,
         }
+    }
+
+    /// A one-packet service's datagram from `client`: its backend (or the sorry server), or
+    /// `None` to drop it. Counted as a connection that opened and closed at once, as LVS
+    /// counts a one-packet connection: the backend's connection and traffic counters grow,
+    /// its active and inactive counts stay as they were (a persistence template still binds
+    /// the client, and expires on its own).
+    pub fn schedule_datagram(
+        &mut self,
+        now: Instant,
+        client: SocketAddrV4,
+        len: usize,
+    ) -> Option<SocketAddrV4> {
+        let inside = self.select(now, client)?;
+        if let Some(id) = self.pool.find(inside) {
+            self.pool.opened(now, id, client);
+            self.pool.closed(now, id, ConnState::Inactive, *client.ip());
+            self.pool
+                .count_traffic(id, PoolDirection::ToBackend, 1, len as u64);
+        }
+        Some(inside)
     }
 
     /// The backend a connection from `client` already under way started on, as every
@@ -472,6 +523,18 @@ impl VirtualService {
         self.forward
     }
 
+    /// TCP or UDP.
+    #[must_use]
+    pub fn proto(&self) -> Proto {
+        self.proto
+    }
+
+    /// Whether each datagram is scheduled on its own (ipvsadm `-o`).
+    #[must_use]
+    pub fn one_packet(&self) -> bool {
+        self.one_packet
+    }
+
     /// Health check parameters.
     #[must_use]
     pub fn health(&self) -> Option<&HealthConfig> {
@@ -517,6 +580,8 @@ pub(crate) mod tests {
             },
             health: Some(HealthConfig::default()),
             forward: Forward::Nat,
+            proto: Proto::Tcp,
+            one_packet: false,
         }
     }
 

@@ -1,5 +1,6 @@
 //! `[[service]]`: load-balanced virtual services (ipvsadm `-A -t VIP:port -s wrr -p 300` +
-//! `-a -r RS -m -w N`, or `-g` for direct routing; keepalived `virtual_server`).
+//! `-a -r RS -m -w N`, or `-g` for direct routing; `-u` for UDP, `-o` for one-packet
+//! scheduling; keepalived `virtual_server`).
 
 use super::host::Reach;
 use super::nat::NatSection;
@@ -21,6 +22,8 @@ pub(crate) enum HealthKind {
     Http,
     /// The same over TLS (keepalived `SSL_GET`, HAProxy `check-ssl`).
     Https,
+    /// A datagram `send`, answered with one holding `expect` (keepalived `UDP_CHECK`).
+    Udp,
 }
 
 /// `health = { kind = "tcp", interval = "2s", timeout = "1s", rise = 2, fall = 4 }`.
@@ -47,9 +50,13 @@ pub(crate) struct HealthSection {
     /// Expected HTTP status. Default 200.
     #[serde(default = "d_status")]
     pub(crate) status: u16,
-    /// A string the HTTP answer's body must hold (HAProxy `http-check expect string`).
+    /// A string the HTTP answer's body (or the UDP answer) must hold (HAProxy `http-check
+    /// expect string`).
     #[serde(default)]
     pub(crate) expect: Option<Spanned<String>>,
+    /// UDP: the datagram's payload (keepalived `UDP_CHECK` `payload`).
+    #[serde(default)]
+    pub(crate) send: Option<Spanned<String>>,
     /// HTTPS: the name sent as SNI and verified (HAProxy `check-sni`); default none, and the
     /// certificate must name the backend's address.
     #[serde(default)]
@@ -101,6 +108,8 @@ const MAX_HEALTH_PATH: usize = 1024;
 /// Longest `expect` string: a search string, far below the body bytes a probe reads
 /// (`natgw::health::MAX_CHECKED_RESPONSE`).
 const MAX_HEALTH_EXPECT: usize = 1024;
+/// Longest UDP check payload: one datagram, well inside any MTU's worth of headers.
+const MAX_HEALTH_SEND: usize = 1024;
 /// Longest slow start accepted (HAProxy's and nginx's are typically seconds to minutes).
 const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 fn d_status() -> u16 {
@@ -171,9 +180,29 @@ pub(crate) struct ServiceSection {
     /// `"dr"` (direct routing, ipvsadm `-g`).
     #[serde(default)]
     pub(crate) forward: Option<Spanned<String>>,
+    /// `"tcp"` (ipvsadm `-t`, the default) or `"udp"` (`-u`).
+    #[serde(default)]
+    pub(crate) proto: Option<Spanned<String>>,
+    /// UDP: schedule each datagram on its own, with no flow (ipvsadm `-o`). Default false.
+    #[serde(default)]
+    pub(crate) one_packet: Option<Spanned<bool>>,
 }
 
 impl ServiceSection {
+    /// The service's protocol (`proto = "udp"`; an invalid value is reported by validation
+    /// and taken as TCP).
+    pub(crate) fn proto(&self) -> natgw::Proto {
+        match self.proto.as_ref().map(|p| p.get_ref().as_str()) {
+            Some("udp") => natgw::Proto::Udp,
+            _ => natgw::Proto::Tcp,
+        }
+    }
+
+    /// Whether each datagram is scheduled on its own (`one_packet = true`).
+    pub(crate) fn one_packet(&self) -> bool {
+        self.one_packet.as_ref().is_some_and(|o| *o.get_ref())
+    }
+
     /// Whether the service uses direct routing (`forward = "dr"`; an invalid value is
     /// reported by validation and taken as NAT).
     pub(crate) fn direct_route(&self) -> bool {
@@ -213,22 +242,22 @@ impl LbSection {
     }
 }
 
-/// A real server's address and port serves one listener (service or static forward) at a
-/// time: the gateway finds a reply's flow from its source endpoint, so two listeners sharing
-/// one would take each other's replies (the second one's connections would hang). Refused
-/// here, at the later backend, until replies are matched on the whole 4-tuple.
+/// A real server's address and port serves one listener (service or static forward) of a
+/// protocol at a time: the gateway finds a reply's flow from its source endpoint, so two
+/// listeners sharing one would take each other's replies (the second one's connections would
+/// hang). Refused here, at the later backend, until replies are matched on the whole
+/// 4-tuple. One endpoint may serve a TCP and a UDP service (DNS on both).
 fn check_endpoints_serve_one_listener(
     services: &[ServiceSection],
     nat: Option<&NatSection>,
     v: &mut Validator,
 ) {
-    let mut owner: std::collections::HashMap<SocketAddrV4, String> = nat
+    let mut owner: std::collections::HashMap<(natgw::Proto, SocketAddrV4), String> = nat
         .into_iter()
         .flat_map(|n| &n.statics)
-        .filter(|st| *st.proto.get_ref() == natgw::Proto::Tcp)
         .map(|st| {
             (
-                st.inside,
+                (*st.proto.get_ref(), st.inside),
                 format!(
                     "the [[nat.static]] forward of port {}",
                     st.outside_port.get_ref()
@@ -238,6 +267,7 @@ fn check_endpoints_serve_one_listener(
         .collect();
     for s in services {
         let name = s.name.get_ref();
+        let proto = s.proto();
         let mine = s
             .backends
             .get_ref()
@@ -246,7 +276,7 @@ fn check_endpoints_serve_one_listener(
             .chain(s.sorry.as_ref());
         let mut claimed = Vec::new();
         for endpoint in mine {
-            match owner.get(endpoint.get_ref()) {
+            match owner.get(&(proto, *endpoint.get_ref())) {
                 Some(other) => v.error_at(
                     endpoint,
                     format!(
@@ -260,7 +290,7 @@ fn check_endpoints_serve_one_listener(
             }
         }
         for endpoint in claimed {
-            owner.insert(endpoint, format!("service `{name}`"));
+            owner.insert((proto, endpoint), format!("service `{name}`"));
         }
     }
 }
@@ -352,6 +382,98 @@ fn validate_forward(s: &ServiceSection, datapath: Option<&Spanned<String>>, v: &
     }
 }
 
+/// `proto` is tcp or udp; one-packet scheduling is UDP's; direct routing is TCP's (the
+/// kernel program that delivers by MAC carries TCP flows only).
+fn validate_proto(s: &ServiceSection, v: &mut Validator) {
+    if let Some(p) = &s.proto
+        && !matches!(p.get_ref().as_str(), "tcp" | "udp")
+    {
+        v.error_at(
+            p,
+            format!(
+                "proto must be \"tcp\" (ipvsadm -t) or \"udp\" (ipvsadm -u), not {:?}",
+                p.get_ref()
+            ),
+        );
+        return;
+    }
+    let udp = s.proto() == natgw::Proto::Udp;
+    if let Some(o) = &s.one_packet
+        && *o.get_ref()
+        && !udp
+    {
+        v.error_at(
+            o,
+            "one_packet needs proto = \"udp\" (ipvsadm -o schedules datagrams, not TCP segments)",
+        );
+    }
+    if let Some(f) = &s.forward
+        && udp
+        && f.get_ref() == "dr"
+    {
+        v.error_at(
+            f,
+            "forward = \"dr\" carries tcp services only (the kernel program that delivers by MAC tracks TCP flows); use forward = \"nat\" for a udp service",
+        );
+    }
+}
+
+/// A UDP check sends `send` and needs `expect` (both bounded); `send` belongs to it. A check
+/// of the other protocol than the service's probes another port, so it needs `port`: a TCP
+/// connect to a UDP service's port (or a datagram to a TCP one) would test nothing the
+/// service serves.
+fn validate_udp_check(s: &ServiceSection, h: &HealthSection, v: &mut Validator) {
+    let udp_check = h.kind == HealthKind::Udp;
+    if udp_check {
+        match &h.send {
+            None => v.error_at(
+                &s.name,
+                format!(
+                    "service `{}`: a udp health check needs send (the datagram) and expect (what its answer holds)",
+                    s.name.get_ref()
+                ),
+            ),
+            Some(send) if send.get_ref().is_empty() || send.get_ref().len() > MAX_HEALTH_SEND => {
+                v.error_at(
+                    send,
+                    format!("send must be 1 to {MAX_HEALTH_SEND} bytes long"),
+                );
+            }
+            Some(_) => {}
+        }
+        if h.expect.is_none() {
+            v.error_at(
+                &s.name,
+                format!(
+                    "service `{}`: a udp health check needs expect (a string its answer must hold)",
+                    s.name.get_ref()
+                ),
+            );
+        }
+    } else if let Some(send) = &h.send {
+        v.error_at(send, "send needs kind = \"udp\"");
+    }
+    let udp_service = s.proto() == natgw::Proto::Udp;
+    if udp_check != udp_service && h.port.is_none() {
+        let (service, check) = if udp_service {
+            ("udp", "a tcp, http or https")
+        } else {
+            ("tcp", "a udp")
+        };
+        let at = s
+            .proto
+            .as_ref()
+            .map_or_else(|| s.name.span(), Spanned::span);
+        v.error(
+            at,
+            format!(
+                "service `{}` is {service}: {check} health check of it needs port (the backends' port of that protocol to probe)",
+                s.name.get_ref()
+            ),
+        );
+    }
+}
+
 /// The TLS settings belong to an HTTPS check and must be usable: a DNS name for SNI, a CA
 /// file that reads (checked here so that `vipgate check` finds it, and again on each start
 /// and reload), and no CA file where nothing is verified.
@@ -431,14 +553,18 @@ pub(crate) fn validate_all(
         v,
     );
     check_unique(
-        services
-            .iter()
-            .map(|s| (*s.listen.get_ref(), s.listen.span())),
+        services.iter().map(|s| {
+            (
+                format!("{}/{}", s.proto(), s.listen.get_ref()),
+                s.listen.span(),
+            )
+        }),
         "service listen address",
         v,
     );
     check_endpoints_serve_one_listener(services, nat, v);
     for s in services {
+        validate_proto(s, v);
         validate_forward(s, datapath, v);
         if s.backends.get_ref().is_empty() {
             v.error_at(
@@ -530,7 +656,7 @@ pub(crate) fn validate_all(
                     v.error_at(&h.path, msg);
                 }
             };
-            if h.kind != HealthKind::Tcp && !path.starts_with('/') {
+            if matches!(h.kind, HealthKind::Http | HealthKind::Https) && !path.starts_with('/') {
                 at(v, format!("health path {path:?} must start with /"));
             }
             if path.len() > MAX_HEALTH_PATH {
@@ -558,7 +684,7 @@ pub(crate) fn validate_all(
                 if h.kind == HealthKind::Tcp {
                     v.error_at(
                         expect,
-                        "expect needs an HTTP check (kind = \"http\" or \"https\"): a TCP check reads no answer",
+                        "expect needs an HTTP or UDP check (kind = \"http\", \"https\" or \"udp\"): a TCP check reads no answer",
                     );
                 } else if text.is_empty() || text.len() > MAX_HEALTH_EXPECT {
                     v.error_at(
@@ -569,6 +695,7 @@ pub(crate) fn validate_all(
             }
             validate_tls(h, v);
             validate_agent(h, v);
+            validate_udp_check(s, h, v);
             if let Some(port) = &h.port
                 && *port.get_ref() == 0
             {
@@ -601,10 +728,9 @@ pub(crate) fn validate_all(
         if let Some(nat) = nat {
             let l = s.listen.get_ref();
             if *l.ip() == nat.address
-                && nat
-                    .statics
-                    .iter()
-                    .any(|st| *st.outside_port.get_ref() == l.port())
+                && nat.statics.iter().any(|st| {
+                    *st.outside_port.get_ref() == l.port() && *st.proto.get_ref() == s.proto()
+                })
             {
                 v.error_at(
                     &s.listen,
@@ -678,6 +804,68 @@ mod tests {
             .to_string();
         assert!(err.contains("site.toml:4:13:"), "{err}");
         assert!(err.contains("twos"), "{err}");
+    }
+
+    /// `proto = "udp"` and `one_packet` reach the service with a UDP check; a TCP and a UDP
+    /// service may share VIP:port and backends, two UDP ones may not; the combinations that
+    /// cannot run are refused where they are written.
+    #[test]
+    fn udp_services_are_read_and_their_limits_checked_with_their_position() {
+        let dns = |name: &str, extra: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nlisten = \"198.51.100.10:53\"\n{extra}\n\
+                 backends = [{{ address = \"10.0.0.101:53\" }}]\n"
+            )
+        };
+        let udp = dns(
+            "dns",
+            "proto = \"udp\"\none_packet = true\n\
+             health = { kind = \"udp\", send = \"ping\", expect = \"pong\" }",
+        );
+        let text = format!("{udp}\n{}", dns("dns-tcp", ""));
+        let site = parse(Path::new("site.toml"), &text).unwrap();
+        let svc = crate::config::lower::service(&site.service[0]);
+        assert_eq!((svc.proto, svc.one_packet), (natgw::Proto::Udp, true));
+        assert_eq!(
+            svc.health.unwrap().kind,
+            natgw::health::CheckKind::Udp {
+                send: "ping".into(),
+                expect: "pong".into()
+            }
+        );
+        let tcp = crate::config::lower::service(&site.service[1]);
+        assert_eq!((tcp.proto, tcp.one_packet), (natgw::Proto::Tcp, false));
+
+        let twice = format!("{udp}\n{}", dns("dns2", "proto = \"udp\""));
+        let err = parse(Path::new("site.toml"), &twice)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "site.toml:11:10: duplicate service listen address `udp/198.51.100.10:53`"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("site.toml:13:25: 10.0.0.101:53 already serves service `dns`"),
+            "{err}"
+        );
+
+        let bad = dns(
+            "dns",
+            "proto = \"udp\"\nhealth = { kind = \"udp\", send = \"\", expect = \"pong\" }",
+        );
+        let err = parse(Path::new("site.toml"), &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("site.toml:5:33: send must be 1 to 1024 bytes long"),
+            "{err}"
+        );
+        // A TCP check of a UDP service's backends on their TCP port is fine.
+        let port = dns(
+            "dns",
+            "proto = \"udp\"\nhealth = { kind = \"tcp\", port = 53 }",
+        );
+        assert!(parse(Path::new("site.toml"), &port).is_ok());
     }
 
     fn dr(extra: &str, backends: &str) -> String {

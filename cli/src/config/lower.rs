@@ -196,6 +196,18 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
         .map(|h| natgw::health::HealthConfig {
             kind: match h.kind {
                 HealthKind::Tcp => natgw::health::CheckKind::Tcp,
+                HealthKind::Udp => natgw::health::CheckKind::Udp {
+                    send: h
+                        .send
+                        .as_ref()
+                        .map(|x| x.get_ref().clone())
+                        .unwrap_or_default(),
+                    expect: h
+                        .expect
+                        .as_ref()
+                        .map(|x| x.get_ref().clone())
+                        .unwrap_or_default(),
+                },
                 HealthKind::Http | HealthKind::Https => natgw::health::CheckKind::Http {
                     path: h.path.get_ref().clone(),
                     status: h.status,
@@ -223,6 +235,8 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
         } else {
             natgw::Forward::Nat
         },
+        proto: section.proto(),
+        one_packet: section.one_packet(),
         name: section.name.get_ref().clone(),
         listen: *section.listen.get_ref(),
         pool: balance::PoolConfig {

@@ -575,7 +575,7 @@ fn health_check_kinds_point_at_each_mistake() {
         ),
         (
             "expect = \"ok\"\n",
-            "site.toml:6:10: expect needs an HTTP check",
+            "site.toml:6:10: expect needs an HTTP or UDP check",
         ),
         (
             "kind = \"http\"\nexpect = \"\"\n",

@@ -203,11 +203,17 @@ async fn join_gateway(
         let mut gw = lock(&gw);
         for s in services {
             match gw.service_mut(&s.name) {
-                Some(running) if running.listen() == s.listen => running
-                    .reconfigure(s.clone())
-                    .map_err(|e| anyhow::anyhow!("service {}: {e}", s.name))?,
+                Some(running)
+                    if running.listen() == s.listen
+                        && running.proto() == s.proto
+                        && running.one_packet() == s.one_packet =>
+                {
+                    running
+                        .reconfigure(s.clone())
+                        .map_err(|e| anyhow::anyhow!("service {}: {e}", s.name))?
+                }
                 Some(_) => bail!(
-                    "service {}: moving a service to another listen address needs a restart of vipgate",
+                    "service {}: moving a service to another listen address or protocol needs a restart of vipgate",
                     s.name
                 ),
                 None => {
@@ -432,10 +438,12 @@ fn check_new_backend(
     }
     for (_, l) in gw.listeners() {
         let other = match &l.selector {
-            natgw::Selector::Static(st) if l.proto == natgw::Proto::Tcp && st.inside == backend => {
+            natgw::Selector::Static(st) if l.proto == service.proto() && st.inside == backend => {
                 format!("the [[nat.static]] forward of port {}", l.public.port())
             }
-            natgw::Selector::Service(s) if s.name() != name && s.uses_endpoint(backend) => {
+            natgw::Selector::Service(s)
+                if s.name() != name && s.proto() == service.proto() && s.uses_endpoint(backend) =>
+            {
                 format!("service `{}`", s.name())
             }
             _ => continue,
@@ -625,7 +633,7 @@ impl ServicePart {
             .into_iter()
             .map(|(t, state)| Connection {
                 service: self.name.clone(),
-                protocol: Protocol::Tcp,
+                protocol: Protocol::of(t.proto),
                 expires_in_s: t.expires_in.as_secs(),
                 state: state.to_owned(),
                 source: t.outside,
@@ -909,6 +917,9 @@ struct ServiceStatus {
     name: String,
     listen: SocketAddrV4,
     protocol: Protocol,
+    /// Each datagram scheduled on its own (ipvsadm `-o`, "ops" in `ipvsadm -Ln`).
+    #[serde(default)]
+    one_packet: bool,
     forward: ForwardMethod,
     scheduler: SchedulerKind,
     persistence: Option<PersistenceStatus>,
@@ -932,11 +943,30 @@ struct ServiceStatus {
     removed_at_runtime: Vec<SocketAddrV4>,
 }
 
-/// Only TCP services exist; the field keeps ipvsadm's column.
+/// A service's protocol: ipvsadm's first column (TCP, UDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Protocol {
     Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// [`natgw::Proto`] of a service (TCP or UDP; nothing else makes a service).
+    fn of(p: natgw::Proto) -> Self {
+        match p {
+            natgw::Proto::Udp => Self::Udp,
+            natgw::Proto::Tcp | natgw::Proto::Icmp => Self::Tcp,
+        }
+    }
+
+    /// As `ipvsadm -Ln` prints it.
+    fn ipvsadm_name(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
 }
 
 /// [`natgw::Forward`] as the configuration spells it.
@@ -991,9 +1021,12 @@ struct HealthCheckStatus {
     verify: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ca_file: Option<std::path::PathBuf>,
-    /// The string an HTTP check's body must hold.
+    /// The string an HTTP check's body (or a UDP check's answer) must hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expect: Option<String>,
+    /// The datagram a UDP check sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    send: Option<String>,
     /// The port probes connect to, when not the backend's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     port: Option<u16>,
@@ -1010,6 +1043,7 @@ enum CheckProtocol {
     Tcp,
     Http,
     Https,
+    Udp,
 }
 
 /// One real server (ipvsadm's `->` line). The thresholds keep ipvsadm's names
@@ -1118,6 +1152,9 @@ impl ServiceStatus {
         let health = s.health().map(|h| {
             let (kind, path, status, expect, tls) = match &h.kind {
                 CheckKind::Tcp => (CheckProtocol::Tcp, None, None, None, None),
+                CheckKind::Udp { expect, .. } => {
+                    (CheckProtocol::Udp, None, None, Some(expect.clone()), None)
+                }
                 CheckKind::Http {
                     path,
                     status,
@@ -1143,6 +1180,10 @@ impl ServiceStatus {
                 timeout_ms: millis(h.timeout),
                 rise: h.rise,
                 fall: h.fall,
+                send: match &h.kind {
+                    CheckKind::Udp { send, .. } => Some(send.clone()),
+                    _ => None,
+                },
                 sni: tls.and_then(|t| t.sni.clone()),
                 verify: tls.map(|t| t.verify),
                 ca_file: tls.and_then(|t| t.ca_file.clone()),
@@ -1155,7 +1196,8 @@ impl ServiceStatus {
         Self {
             name: s.name().to_string(),
             listen: s.listen(),
-            protocol: Protocol::Tcp,
+            protocol: Protocol::of(s.proto()),
+            one_packet: s.one_packet(),
             forward: s.forward().into(),
             scheduler: pool.scheduler(),
             persistence: pool.persistence().map(|p| PersistenceStatus {
@@ -1253,7 +1295,7 @@ pub(crate) fn render_connections(all: &[Connection], matched: usize) -> String {
         let _ = writeln!(
             out,
             "{:<3} {:02}:{:02} {:<11} {:<21} {:<21} {:<21} {}",
-            "TCP",
+            c.protocol.ipvsadm_name(),
             c.expires_in_s / 60,
             c.expires_in_s % 60,
             c.state,
@@ -1324,6 +1366,9 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
             let _ = write!(flags, " mask /{}", p.netmask);
         }
     }
+    if s.one_packet {
+        flags.push_str(" ops");
+    }
     if s.fallback {
         flags.push_str(" fallback");
     }
@@ -1338,6 +1383,7 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
             CheckProtocol::Tcp => "tcp",
             CheckProtocol::Http => "http",
             CheckProtocol::Https => "https",
+            CheckProtocol::Udp => "udp",
         };
         let _ = write!(flags, " check {kind}");
         if let Some(port) = h.port {
@@ -1351,6 +1397,9 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
         }
         if let Some(ca) = &h.ca_file {
             let _ = write!(flags, " ca-file {}", ca.display());
+        }
+        if let Some(send) = &h.send {
+            let _ = write!(flags, " send {send:?}");
         }
         if let Some(expect) = &h.expect {
             let _ = write!(flags, " expect {expect:?}");
@@ -1366,7 +1415,8 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
     }
     let _ = writeln!(
         out,
-        "TCP  {} {}{flags}  ({})",
+        "{}  {} {}{flags}  ({})",
+        s.protocol.ipvsadm_name(),
         s.listen,
         s.scheduler.as_str(),
         s.name
@@ -1714,6 +1764,7 @@ mod tests {
             name: name.to_string(),
             listen: addr("198.51.100.10:80"),
             protocol: Protocol::Tcp,
+            one_packet: false,
             forward: ForwardMethod::Nat,
             scheduler,
             persistence: None,
@@ -1767,6 +1818,7 @@ mod tests {
             verify: None,
             ca_file: None,
             expect: None,
+            send: None,
             port: None,
             agent_port: None,
             agent_interval_ms: None,
@@ -1962,6 +2014,47 @@ mod tests {
         );
     }
 
+    /// A one-packet UDP service reads as `ipvsadm -Ln` prints it (`UDP`, `ops`), with its
+    /// UDP check; its JSON says so and reads back.
+    #[test]
+    fn a_udp_service_shows_its_protocol_and_one_packet() {
+        let b = backend("10.0.0.101:53", BackendState::Up, 1);
+        let mut s = service("dns", SchedulerKind::Rr, vec![b]);
+        (s.protocol, s.one_packet) = (Protocol::Udp, true);
+        s.health = Some(HealthCheckStatus {
+            kind: CheckProtocol::Udp,
+            send: Some("ping".into()),
+            expect: Some("pong".into()),
+            ..tcp_check(4)
+        });
+        let v = running(s.clone());
+        assert_eq!(
+            (&v["protocol"], &v["one_packet"]),
+            (&json!("udp"), &json!(true))
+        );
+        assert_eq!(v["health"]["send"], "ping");
+        assert_eq!(
+            ServiceEntry::deserialize(&v).unwrap(),
+            ServiceEntry::Running(Box::new(s))
+        );
+        let text = render(&[v]);
+        assert!(
+            text.contains("UDP  198.51.100.10:80 rr ops check udp send \"ping\" expect \"pong\" every 2000ms rise 2 fall 4  (dns)"),
+            "{text}"
+        );
+        let c = Connection {
+            service: "dns".into(),
+            protocol: Protocol::Udp,
+            expires_in_s: 299,
+            state: "UDP".into(),
+            source: addr("198.51.100.200:40000"),
+            virtual_address: addr("198.51.100.10:53"),
+            destination: addr("10.0.0.101:53"),
+        };
+        let text = render_connections(&[c], 1);
+        assert!(text.contains("\nUDP 04:59 UDP "), "{text}");
+    }
+
     #[test]
     fn a_flapping_backend_says_so_and_a_missing_service_shows_its_error() {
         let mut flapping = backend("10.0.0.102:80", BackendState::Down, 1);
@@ -2016,7 +2109,8 @@ mod tests {
         assert_eq!(
             v,
             json!({
-                "name": "web", "listen": "198.51.100.10:80", "protocol": "tcp", "forward": "dr",
+                "name": "web", "listen": "198.51.100.10:80", "protocol": "tcp", "one_packet": false,
+                "forward": "dr",
                 "scheduler": "wlc", "persistence": { "timeout_s": 300, "netmask": 32 },
                 "templates": 0, "sorry": null, "available": true,
                 "health": { "kind": "http", "path": "/health", "status": 200,

@@ -182,6 +182,8 @@ mod tests {
             },
             health: None,
             forward: natgw::Forward::Nat,
+            proto: natgw::Proto::Tcp,
+            one_packet: false,
         }
     }
 

@@ -433,7 +433,18 @@ impl Gateway {
         };
         let inside = SocketAddrV4::new(p.src, inside_port);
         let remote = SocketAddrV4::new(p.dst, remote_port);
-        let m = match self.table.mapping_of_inside(proto, inside) {
+        let mapped = self.table.mapping_of_inside(proto, inside);
+        if mapped.is_none()
+            && proto == Proto::Udp
+            && let Some(vip) = self.one_packet_out(inside, buf.len(), n)
+        {
+            // A one-packet service's backend answers: it leaves from the VIP, without a flow.
+            translate::set_ip(buf, 0, Side::Src, *vip.ip(), csum);
+            translate::set_port(buf, 0, Side::Src, vip.port(), csum);
+            self.stats.translated_out += n;
+            return Ok(true);
+        }
+        let m = match mapped {
             Some(m) => m,
             // A backend with no flow here answers a connection that started on another
             // director: it gets its service's mapping, and the session is adopted below.
@@ -570,6 +581,16 @@ impl Gateway {
             None => match self.table.public_owner(proto, idx, public_port) {
                 None if hairpin => return Err(DropReason::NoSession),
                 None => return Ok(false),
+                Some(PublicOwner::Listener(id))
+                    if proto == Proto::Udp && self.is_one_packet_listener(id) =>
+                {
+                    // One-packet scheduling: this datagram alone, and no flow.
+                    let inside = self.one_packet_in(now, id, remote, buf.len(), n)?;
+                    translate::set_ip(buf, 0, Side::Dst, *inside.ip(), csum);
+                    translate::set_port(buf, 0, Side::Dst, inside.port(), csum);
+                    self.stats.translated_in += n;
+                    return Ok(true);
+                }
                 Some(PublicOwner::Listener(id)) => {
                     if !self.direct_routing && self.is_direct_listener(Some(id)) {
                         return Err(DropReason::DirectRouteUnavailable);

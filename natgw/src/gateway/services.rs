@@ -1,11 +1,17 @@
-//! Virtual services of a [`Gateway`]: each is a TCP listener whose selector is a
-//! [`VirtualService`].
+//! Virtual services of a [`Gateway`]: each is a TCP or UDP listener whose selector is a
+//! [`VirtualService`]. A one-packet UDP service's listener opens no flows: each datagram is
+//! scheduled and rewritten on its own ([`Gateway::one_packet_in`]), and a datagram from one
+//! of its backends that no flow or mapping claims leaves from the VIP
+//! ([`Gateway::one_packet_out`]). Neither keeps state, so a flood costs time, not memory.
+
+use std::net::SocketAddrV4;
+use std::time::Instant;
 
 use balance::Pool;
 use netutil::Reconfigured;
 
 use super::Gateway;
-use crate::error::NatError;
+use crate::error::{DropReason, NatError};
 use crate::flow::{ListenerId, Proto};
 use crate::service::{ServiceConfig, VirtualService};
 
@@ -23,12 +29,68 @@ impl Gateway {
                 reason: "defined twice".into(),
             });
         }
+        if let Some(why) = config.unsupported() {
+            return Err(NatError::Service {
+                name: config.name,
+                reason: why.into(),
+            });
+        }
         let name = config.name.clone();
         let svc = VirtualService::new(config).map_err(|e| NatError::Service {
             name,
             reason: e.to_string(),
         })?;
-        self.add_listener(Proto::Tcp, svc.listen(), svc)
+        self.add_listener(svc.proto(), svc.listen(), svc)
+    }
+
+    /// Whether listener `id` is a one-packet service.
+    pub(super) fn is_one_packet_listener(&self, id: ListenerId) -> bool {
+        self.listener(id)
+            .and_then(|l| l.selector.as_service())
+            .is_some_and(VirtualService::one_packet)
+    }
+
+    /// A datagram of `len` bytes from `client` to one-packet service `id` (`n` datagrams of
+    /// one GSO run are scheduled together): its backend, chosen for this datagram alone (no
+    /// flow is made), or `NoInsideEndpoint` when no backend takes it.
+    pub(super) fn one_packet_in(
+        &mut self,
+        now: Instant,
+        id: ListenerId,
+        client: SocketAddrV4,
+        len: usize,
+        n: u64,
+    ) -> Result<SocketAddrV4, DropReason> {
+        let svc = self
+            .listeners
+            .get_mut(usize::from(id.0))
+            .and_then(Option::as_mut)
+            .and_then(|l| l.selector.as_service_mut())
+            .ok_or(DropReason::NoInsideEndpoint)?;
+        let inside = svc
+            .schedule_datagram(now, client, len)
+            .ok_or(DropReason::NoInsideEndpoint)?;
+        self.stats.one_packet_in += n;
+        Ok(inside)
+    }
+
+    /// A UDP datagram of `len` bytes (`n` of them in a GSO run) from `backend` that no
+    /// mapping claims: when `backend` (or the sorry server) serves a one-packet service, the
+    /// VIP endpoint it leaves from. A backend serves one service per protocol (`vipgate
+    /// check` refuses a second use).
+    pub(super) fn one_packet_out(
+        &mut self,
+        backend: SocketAddrV4,
+        len: usize,
+        n: u64,
+    ) -> Option<SocketAddrV4> {
+        let svc = self.listeners.iter_mut().find_map(|l| {
+            let svc = l.as_mut()?.selector.as_service_mut()?;
+            (svc.one_packet() && svc.uses_endpoint(backend)).then_some(svc)
+        })?;
+        svc.count_traffic(backend, false, n, len as u64);
+        self.stats.one_packet_out += n;
+        Some(svc.listen())
     }
 
     /// Reply-side adoption: a TCP segment (no SYN, no RST) from `backend` to a client that
@@ -40,13 +102,15 @@ impl Gateway {
     /// use), so the first match is the only one.
     pub(super) fn adoptable_reply(
         &self,
-        backend: std::net::SocketAddrV4,
-    ) -> Option<(ListenerId, std::net::SocketAddrV4)> {
+        backend: SocketAddrV4,
+    ) -> Option<(ListenerId, SocketAddrV4)> {
         self.listeners.iter().enumerate().find_map(|(i, l)| {
             let l = l.as_ref()?;
             let svc = l.selector.as_service()?;
-            (svc.forward() == crate::service::Forward::Nat && svc.uses_endpoint(backend))
-                .then(|| (ListenerId(u16::try_from(i).unwrap_or(u16::MAX)), l.public))
+            (svc.proto() == Proto::Tcp
+                && svc.forward() == crate::service::Forward::Nat
+                && svc.uses_endpoint(backend))
+            .then(|| (ListenerId(u16::try_from(i).unwrap_or(u16::MAX)), l.public))
         })
     }
 
@@ -66,12 +130,9 @@ impl Gateway {
 
     /// Whether `endpoint` is a backend (or the sorry server) of a virtual service: such an
     /// endpoint gets no dynamic mapping (security review 5.8).
-    pub(super) fn is_service_endpoint(
-        &self,
-        proto: Proto,
-        endpoint: std::net::SocketAddrV4,
-    ) -> bool {
-        proto == Proto::Tcp && self.services().any(|s| s.uses_endpoint(endpoint))
+    pub(super) fn is_service_endpoint(&self, proto: Proto, endpoint: SocketAddrV4) -> bool {
+        self.services()
+            .any(|s| s.proto() == proto && s.uses_endpoint(endpoint))
     }
 
     /// Applies reloaded service configurations: weights, backends, scheduler, persistence,
@@ -101,6 +162,10 @@ impl Gateway {
                 // The flow table tracks a direct-routing service's flows one way only.
                 Some(s) if s.forward() != c.forward => {
                     return Ok(restart(&c.name, "forward changed"));
+                }
+                // The listener is the protocol's, and one-packet services open no flows.
+                Some(s) if s.proto() != c.proto || s.one_packet() != c.one_packet => {
+                    return Ok(restart(&c.name, "protocol or one_packet changed"));
                 }
                 Some(_) => {}
             }
@@ -762,6 +827,227 @@ mod tests {
             let mut g = dr_gateway(now);
             assert!(matches!(
                 g.reconfigure_services(vec![web(&[(101, 1)])]),
+                Ok(Reconfigured::NeedsRestart(_))
+            ));
+        }
+    }
+
+    /// UDP services (ipvsadm `-u`) and one-packet scheduling (`-o`) through the gateway core.
+    mod udp {
+        use super::*;
+        use crate::service::{Forward, ServiceConfig};
+        use crate::translate::l4_checksum_ok;
+        use crate::{DropReason, GatewayConfig, Verdict};
+        use std::collections::HashMap;
+        use std::time::Duration;
+        use testkit::packet::ipv4_udp;
+
+        fn vip() -> SocketAddrV4 {
+            SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 53)
+        }
+
+        fn dns(last: u8) -> SocketAddrV4 {
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 53)
+        }
+
+        /// `dns` over UDP, wrr 1:2 on rs 101 and 102.
+        fn dns_service(one_packet: bool) -> ServiceConfig {
+            let mut cfg = web(&[(101, 1), (102, 2)]);
+            cfg.name = "dns".into();
+            cfg.listen = vip();
+            for b in &mut cfg.pool.backends {
+                b.addr = SocketAddrV4::new(*b.addr.ip(), 53);
+            }
+            cfg.proto = Proto::Udp;
+            cfg.one_packet = one_packet;
+            cfg
+        }
+
+        fn gateway(now: Instant, services: Vec<ServiceConfig>) -> Gateway {
+            Gateway::new(
+                now,
+                GatewayConfig {
+                    inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                    compensate_ttl: false,
+                    services,
+                    ..GatewayConfig::default()
+                },
+            )
+            .unwrap()
+        }
+
+        fn endpoints(b: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+            let ip = |o: usize| Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]);
+            let port = |o: usize| u16::from_be_bytes([b[20 + o], b[21 + o]]);
+            (
+                SocketAddrV4::new(ip(12), port(0)),
+                SocketAddrV4::new(ip(16), port(2)),
+            )
+        }
+
+        fn send(
+            g: &mut Gateway,
+            now: Instant,
+            from: SocketAddrV4,
+            to: SocketAddrV4,
+        ) -> (Verdict, Vec<u8>) {
+            let mut b = ipv4_udp(from, to, b"query");
+            let dir = g.direction(&b);
+            let v = g.handle_packet(now, dir, &mut b);
+            if v == Verdict::Forward {
+                assert!(l4_checksum_ok(&b), "checksum kept valid");
+            }
+            (v, b)
+        }
+
+        fn client(n: u16) -> SocketAddrV4 {
+            SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 40_000 + n)
+        }
+
+        fn counts(g: &mut Gateway, backend: SocketAddrV4) -> (u32, u32, u64) {
+            let s = g.service_mut("dns").unwrap();
+            let b = s.pool().backend(s.backend_id(backend).unwrap()).unwrap();
+            (b.active(), b.inactive(), b.stats().connections)
+        }
+
+        /// A UDP flow is scheduled on its first datagram and sticks to its backend; the
+        /// replies leave as the VIP; the flow is inactive (as LVS counts UDP) and ends
+        /// with the gateway's UDP timeout.
+        #[test]
+        fn udp_flows_are_scheduled_once_and_expire_with_the_udp_timeout() {
+            let now = epoch();
+            let mut g = gateway(now, vec![dns_service(false)]);
+            let mut seen: HashMap<SocketAddrV4, usize> = HashMap::new();
+            for n in 0..30 {
+                let (v, b) = send(&mut g, now, client(n), vip());
+                assert_eq!(v, Verdict::Forward);
+                let backend = endpoints(&b).1;
+                *seen.entry(backend).or_default() += 1;
+                // The client's next datagram goes the same way.
+                assert_eq!(endpoints(&send(&mut g, now, client(n), vip()).1).1, backend);
+                let (v, reply) = send(&mut g, now, backend, client(n));
+                assert_eq!(
+                    (v, endpoints(&reply)),
+                    (Verdict::Forward, (vip(), client(n)))
+                );
+            }
+            assert_eq!((seen[&dns(101)], seen[&dns(102)]), (10, 20), "wrr 1:2");
+            assert_eq!(g.table().len(), 30);
+            assert_eq!(counts(&mut g, dns(102)), (0, 20, 20));
+            // A TCP segment to the UDP service's port is nobody's.
+            let mut syn =
+                testkit::packet::ipv4_tcp(client(1), vip(), testkit::packet::TcpFlags::SYN, &[]);
+            let dir = g.direction(&syn);
+            assert_eq!(
+                g.handle_packet(now, dir, &mut syn),
+                Verdict::Forward,
+                "answered with a RST"
+            );
+            assert_eq!(g.table().len(), 30);
+            let later = now + Duration::from_secs(301);
+            g.handle_timeout(later);
+            assert_eq!(g.table().len(), 0);
+            assert_eq!(counts(&mut g, dns(102)), (0, 0, 20));
+        }
+
+        /// One-packet scheduling: datagrams of ONE client socket spread by weight, nothing is
+        /// kept, and the backends' answers leave from the VIP all the same.
+        #[test]
+        fn one_packet_spreads_one_clients_datagrams_and_keeps_nothing() {
+            let now = epoch();
+            let mut g = gateway(now, vec![dns_service(true)]);
+            let mut seen: HashMap<SocketAddrV4, usize> = HashMap::new();
+            for _ in 0..30 {
+                let (v, b) = send(&mut g, now, client(1), vip());
+                assert_eq!(v, Verdict::Forward);
+                let backend = endpoints(&b).1;
+                *seen.entry(backend).or_default() += 1;
+                let (v, reply) = send(&mut g, now, backend, client(1));
+                assert_eq!(
+                    (v, endpoints(&reply)),
+                    (Verdict::Forward, (vip(), client(1)))
+                );
+            }
+            assert_eq!((seen[&dns(101)], seen[&dns(102)]), (10, 20), "wrr 1:2");
+            assert_eq!(
+                (g.table().len(), g.table().mappings()),
+                (0, 0),
+                "no flow, no mapping"
+            );
+            assert_eq!(
+                (g.stats().one_packet_in, g.stats().one_packet_out),
+                (30, 30)
+            );
+            let (active, inactive, conns) = counts(&mut g, dns(102));
+            assert_eq!((active, inactive, conns), (0, 0, 20));
+            let s = g.service_mut("dns").unwrap();
+            let b = s.pool().backend(s.backend_id(dns(102)).unwrap()).unwrap();
+            assert_eq!((b.stats().packets_in, b.stats().packets_out), (20, 20));
+            // No backend left: each datagram is dropped and counted, still without state.
+            for last in [101, 102] {
+                g.service_mut("dns")
+                    .unwrap()
+                    .set_health(dns(last), Health::Down)
+                    .unwrap();
+            }
+            for _ in 0..5 {
+                assert_eq!(
+                    send(&mut g, now, client(1), vip()).0,
+                    Verdict::Drop(DropReason::NoInsideEndpoint)
+                );
+            }
+            assert_eq!(g.stats().drops.get(DropReason::NoInsideEndpoint), 5);
+            assert_eq!(g.service_mut("dns").unwrap().pool().stats().refused, 5);
+            assert_eq!(g.table().len(), 0);
+            // A stray datagram from a port no service uses is not translated.
+            let other = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 5353);
+            let (_, b) = send(&mut g, now, other, client(1));
+            assert_eq!(endpoints(&b).0, other);
+        }
+
+        /// DNS on both protocols: a TCP and a one-packet UDP service share VIP:53 and the
+        /// backends' port 53, each on its own listener.
+        #[test]
+        fn a_tcp_and_a_udp_service_share_one_endpoint() {
+            let now = epoch();
+            let mut tcp = dns_service(false);
+            tcp.proto = Proto::Tcp;
+            tcp.name = "dns-tcp".into();
+            let mut g = gateway(now, vec![tcp, dns_service(true)]);
+            assert_eq!(g.listeners().count(), 2);
+            let (v, b) = send(&mut g, now, client(1), vip());
+            assert_eq!(v, Verdict::Forward);
+            assert_eq!(
+                g.table().len(),
+                0,
+                "the datagram went to the one-packet service"
+            );
+            let mut syn =
+                testkit::packet::ipv4_tcp(client(1), vip(), testkit::packet::TcpFlags::SYN, &[]);
+            let dir = g.direction(&syn);
+            assert_eq!(g.handle_packet(now, dir, &mut syn), Verdict::Forward);
+            assert_eq!(g.table().len(), 1, "the SYN opened a TCP flow");
+            assert!(matches!(endpoints(&b).1, e if e == dns(101) || e == dns(102)));
+        }
+
+        #[test]
+        fn combinations_that_cannot_run_are_refused() {
+            let now = epoch();
+            let mut g = gateway(now, vec![]);
+            let mut dr = dns_service(false);
+            dr.forward = Forward::DirectRoute;
+            let mut ops_tcp = dns_service(true);
+            ops_tcp.proto = Proto::Tcp;
+            let mut icmp = dns_service(false);
+            icmp.proto = Proto::Icmp;
+            for cfg in [dr, ops_tcp, icmp] {
+                assert!(matches!(g.add_service(cfg), Err(NatError::Service { .. })));
+            }
+            assert_eq!(g.services().count(), 0);
+            // Turning one-packet on or off needs a restart (flows or none).
+            g.add_service(dns_service(false)).unwrap();
+            assert!(matches!(
+                g.reconfigure_services(vec![dns_service(true)]),
                 Ok(Reconfigured::NeedsRestart(_))
             ));
         }

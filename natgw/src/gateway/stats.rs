@@ -36,6 +36,12 @@ pub struct GatewayStats {
     /// unchanged, to their backend.
     #[cfg_attr(feature = "serde", serde(default))]
     pub direct_routed: u64,
+    /// Datagrams to a one-packet UDP service, each scheduled on its own (no flow made).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub one_packet_in: u64,
+    /// Datagrams from a one-packet service's backends, sent on from its VIP without a flow.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub one_packet_out: u64,
     /// Packets dropped, by reason.
     pub drops: DropCounters<DropReason>,
 }

@@ -286,6 +286,8 @@ mod tests {
             },
             health: None,
             forward: crate::Forward::Nat,
+            proto: Proto::Tcp,
+            one_packet: false,
         })
         .unwrap();
         g.add_listener(Proto::Tcp, VIP, svc).unwrap();

@@ -564,6 +564,8 @@ fn two_backends(listen: SocketAddrV4) -> crate::VirtualService {
         },
         health: None,
         forward: crate::Forward::Nat,
+        proto: Proto::Tcp,
+        one_packet: false,
     })
     .unwrap()
 }

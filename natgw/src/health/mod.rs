@@ -49,6 +49,15 @@ pub enum CheckKind {
         /// Over TLS (keepalived `SSL_GET`, HAProxy `check-ssl`); `None`: plain HTTP.
         tls: Option<TlsCheck>,
     },
+    /// A UDP datagram `send` to the backend's address whose answer must hold `expect`
+    /// (keepalived `UDP_CHECK` with `payload` and `require_reply`). An ICMP port unreachable
+    /// fails it as refused; no answer within the timeout as a timeout.
+    Udp {
+        /// The datagram's payload.
+        send: String,
+        /// A string the answer must hold within its first [`MAX_CHECKED_RESPONSE`] bytes.
+        expect: String,
+    },
 }
 
 /// TLS settings of an HTTPS check.
@@ -149,6 +158,8 @@ pub enum ProbeFailure {
     BadResponse,
     /// The body did not hold the `expect` string within the bytes read.
     BodyMismatch,
+    /// A UDP check's answer did not hold its `expect` string.
+    ReplyMismatch,
     /// The TLS handshake of an HTTPS check failed.
     Tls(TlsFailure),
 }
@@ -161,6 +172,7 @@ impl fmt::Display for ProbeFailure {
             Self::Unreachable => f.write_str("unreachable"),
             Self::Status(s) => write!(f, "HTTP status {s}"),
             Self::BadResponse => f.write_str("not an HTTP response"),
+            Self::ReplyMismatch => f.write_str("expected string not in the UDP answer"),
             Self::Tls(why) => why.fmt(f),
             Self::BodyMismatch => write!(
                 f,

@@ -48,6 +48,9 @@ async fn probe_once(
     kind: &CheckKind,
     client: Option<TlsClient>,
 ) -> Result<(), ProbeFailure> {
+    if let CheckKind::Udp { send, expect } = kind {
+        return udp_exchange(addr, send.as_bytes(), expect.as_bytes()).await;
+    }
     let stream = TcpStream::connect(addr).await.map_err(|e| match e.kind() {
         ErrorKind::ConnectionRefused => ProbeFailure::Refused,
         _ => ProbeFailure::Unreachable,
@@ -93,6 +96,33 @@ pub fn tls_clients<'a>(
         }
     }
     clients
+}
+
+/// Sends `payload` in one datagram to `addr` and checks that the first answer from there
+/// holds `expect` within its first [`MAX_CHECKED_RESPONSE`] bytes (the rest of a larger one
+/// is cut off by the read). The socket is connected, so datagrams from anyone else are not
+/// read, and an ICMP port unreachable comes back as a refused receive.
+async fn udp_exchange(
+    addr: SocketAddrV4,
+    payload: &[u8],
+    expect: &[u8],
+) -> Result<(), ProbeFailure> {
+    let socket = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        .await
+        .map_err(|_| ProbeFailure::Unreachable)?;
+    let refused = |e: std::io::Error| match e.kind() {
+        ErrorKind::ConnectionRefused => ProbeFailure::Refused,
+        _ => ProbeFailure::Unreachable,
+    };
+    socket.connect(addr).await.map_err(refused)?;
+    socket.send(payload).await.map_err(refused)?;
+    let mut answer = vec![0u8; MAX_CHECKED_RESPONSE];
+    let n = socket.recv(&mut answer).await.map_err(refused)?;
+    if contains(&answer[..n], expect) {
+        Ok(())
+    } else {
+        Err(ProbeFailure::ReplyMismatch)
+    }
 }
 
 /// Sends `GET path` on `stream` and checks the answer's status and, with `expect`, its body.
@@ -459,6 +489,52 @@ mod tests {
         assert_eq!(
             run_probe(a, &http(200), None, T).await,
             Err(ProbeFailure::BadResponse)
+        );
+    }
+
+    /// A UDP check passes on an answer holding `expect`, fails on another answer, on
+    /// silence (timeout) and on a closed port (the ICMP port unreachable: refused).
+    #[tokio::test]
+    async fn udp_probe_needs_the_expected_answer() {
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let std::net::SocketAddr::V4(a) = server.local_addr().unwrap() else {
+            unreachable!()
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            // Answers "pong rs1" to "ping", anything else with "what?".
+            loop {
+                let (n, from) = server.recv_from(&mut buf).await.unwrap();
+                let reply: &[u8] = if &buf[..n] == b"ping" {
+                    b"pong rs1"
+                } else {
+                    b"what?"
+                };
+                server.send_to(reply, from).await.unwrap();
+            }
+        });
+        let udp = |send: &str, expect: &str| CheckKind::Udp {
+            send: send.into(),
+            expect: expect.into(),
+        };
+        assert_eq!(run_probe(a, &udp("ping", "pong"), None, T).await, Ok(()));
+        assert_eq!(
+            run_probe(a, &udp("hello", "pong"), None, T).await,
+            Err(ProbeFailure::ReplyMismatch)
+        );
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(quiet) = silent.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let short = Duration::from_millis(100);
+        assert_eq!(
+            run_probe(quiet, &udp("ping", "pong"), None, short).await,
+            Err(ProbeFailure::Timeout)
+        );
+        drop(silent);
+        assert_eq!(
+            run_probe(quiet, &udp("ping", "pong"), None, T).await,
+            Err(ProbeFailure::Refused)
         );
     }
 

@@ -14,6 +14,7 @@ mod lab;
 mod lb;
 mod lb_checks;
 mod lb_ops;
+mod lb_udp;
 mod nat;
 mod nat_attacks;
 mod nat_pair;
