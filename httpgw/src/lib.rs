@@ -1,4 +1,4 @@
-//! An HTTP/1.1 reverse proxy for vipgate: routing rules on host, path, method and headers,
+//! An HTTP/1.1 and HTTP/2 (over TLS, chosen by ALPN) reverse proxy for vipgate: routing rules on host, path, method and headers,
 //! forwarding to pools balanced by the `balance` crate's schedulers, redirects and prefix
 //! stripping, request hygiene (ambiguous framing refused, hop-by-hop fields stripped,
 //! `X-Forwarded-*` set), TLS termination with the certificate picked by SNI, and protocol
@@ -36,9 +36,9 @@ mod driver;
 
 pub use error::ConfigError;
 pub use gateway::{
-    Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits,
-    Outcome, PoolSpec, PoolStatus, RouteStatus, StatusClasses, StickyCookie, TlsConfig, TlsSession,
-    TlsStatus, Upstream, Verdict,
+    Alpn, Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake,
+    Limits, Outcome, PoolSpec, PoolStatus, ResetBudget, RouteStatus, StatusClasses, StickyCookie,
+    TlsConfig, TlsSession, TlsStatus, Upstream, Verdict, client_closed,
 };
 
 #[cfg(feature = "driver")]
