@@ -700,7 +700,7 @@ backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}
             ),
         );
         let (body, tail) = out.trim().rsplit_once('\n').unwrap_or(("", out.trim()));
-        (body.to_owned(), tail.to_owned())
+        (body.trim().to_owned(), tail.to_owned())
     };
 
     // Host and path pick the pool, the prefix is stripped, the query kept; the backend sees
