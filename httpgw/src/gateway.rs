@@ -120,7 +120,8 @@ pub struct Limits {
     /// Largest request body, in bytes: 413 beyond (bodies are buffered up to this).
     pub max_body_bytes: u64,
     /// Time a client has to send a complete head (slowloris bound); the connection is closed
-    /// when it runs out.
+    /// when it runs out. Also the longest wait between two reads of a request body (408),
+    /// and the longest an HTTP/2 connection may have no stream open.
     pub header_timeout: Duration,
     /// Time an upstream has to answer with a response head: 504 beyond.
     pub upstream_timeout: Duration,

@@ -733,3 +733,75 @@ async fn cancelled_streams_are_499_and_a_reset_flood_is_sent_away() {
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A backend that answers a 1,000-byte body in ten pieces, 100 ms apart.
+async fn trickle_backend() -> SocketAddrV4 {
+    let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+    let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                    .await;
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = tcp.write_all(&[b'x'; 100]).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http2_download_longer_than_the_idle_bound_completes_then_the_connection_goes() {
+    let dir = std::env::temp_dir().join(format!("httpgw-h2-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (web_addr, _) = backend("web").await;
+    let trickle = trickle_backend().await;
+    let limits = Limits {
+        header_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let config = h2_config(
+        &dir,
+        web_addr,
+        trickle,
+        TlsConfig::DEFAULT_ALPN.to_vec(),
+        limits,
+    );
+    let gw = HttpGateway::start(&config).await.unwrap();
+    let (send, conn) = h2_connect(&gw).await;
+    // 1 s of body with no other stream: the stream counts until its body ends.
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        h2_get(&send, get("/slow/file", &[])),
+    )
+    .await
+    .expect("the download ends");
+    assert_eq!(status, hyper::StatusCode::OK);
+    assert_eq!(body.len(), 1000);
+    // Then nothing: GOAWAY and closed after about the header timeout.
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("an idle HTTP/2 connection is closed")
+        .unwrap()
+        .ok();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(gw.status().cancelled, 0);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

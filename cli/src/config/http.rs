@@ -184,7 +184,8 @@ pub(crate) struct HttpSection {
     /// 8 MiB.
     #[serde(default)]
     pub(crate) max_body_bytes: Option<Spanned<u64>>,
-    /// Time to send a complete head (HAProxy `timeout http-request`). Default 10s.
+    /// Time to send a complete head (HAProxy `timeout http-request`), and at most between two
+    /// reads of a body or on an HTTP/2 connection without a stream. Default 10s.
     #[serde(default)]
     pub(crate) header_timeout: Option<Spanned<HumanDuration>>,
     /// Time for a backend to answer (HAProxy `timeout server`). Default 30s: 504 beyond.

@@ -297,12 +297,6 @@ impl Streams {
         }
     }
 
-    /// Counts a stream as being answered until the returned guard is dropped.
-    fn enter(&self) -> OpenStream<'_> {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        OpenStream(self)
-    }
-
     /// How long no stream has been answered (zero while one is).
     fn idle_for(&self, now: Instant) -> Duration {
         if self.open.load(Ordering::Relaxed) > 0 {
@@ -327,16 +321,28 @@ impl Streams {
     }
 }
 
-struct OpenStream<'a>(&'a Streams);
+/// A stream of an HTTP/2 connection being answered, from its request to the end of its
+/// response body (a long download keeps the connection from counting as idle).
+struct OpenStream(Arc<Conn>);
 
-impl Drop for OpenStream<'_> {
+impl OpenStream {
+    fn enter(conn: Arc<Conn>) -> Self {
+        if let Some(streams) = &conn.h2 {
+            streams.open.fetch_add(1, Ordering::Relaxed);
+        }
+        Self(conn)
+    }
+}
+
+impl Drop for OpenStream {
     fn drop(&mut self) {
-        *self
-            .0
-            .idle_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = now();
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(streams) = &self.0.h2 {
+            *streams
+                .idle_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = now();
+            streams.open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -429,8 +435,16 @@ async fn serve_h2<S>(
         let shared = Arc::clone(&svc_shared);
         let conn = Arc::clone(&svc_conn);
         async move {
-            let _open = conn.h2.as_ref().map(Streams::enter);
-            Ok::<_, Infallible>(handle(&shared, peer, local, &conn, req).await)
+            let open = OpenStream::enter(Arc::clone(&conn));
+            let res = handle(&shared, peer, local, &conn, req).await;
+            // The stream stays open while its body is sent: the guard goes with the body.
+            Ok::<_, Infallible>(res.map(|body| {
+                body.map_frame(move |frame| {
+                    let _open = &open;
+                    frame
+                })
+                .boxed()
+            }))
         }
     });
     let Some(streams) = conn.h2.as_ref() else {
