@@ -16,6 +16,12 @@
 //!   sni       name → certificate index   ◄────  tls: rustls handshake (timeout, counted)
 //! ```
 //!
+//! A TLS client that chooses `h2` by ALPN is served by hyper's HTTP/2 server instead; its
+//! requests take the same path from `Gateway::decide` on (to HTTP/1.1 backends), after
+//! `hygiene::check_h2_head` holds their heads to the bounds the framing guard puts on
+//! HTTP/1.1 ones. Streams per connection, the header list size and reset streams are bounded
+//! (`Limits::max_streams`, [`ResetBudget`]: rapid reset is answered with `GOAWAY`).
+//!
 //! The modules at the top are pure: they parse, decide and count, never open a socket, read a
 //! clock or spawn, and build with `--no-default-features` (that is how the CLI's config
 //! lowering and the fuzz target use them). HTTP itself is parsed by `httparse` and hyper;
