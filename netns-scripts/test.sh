@@ -46,7 +46,7 @@ echo "=== phase 2: end to end, as root"
 # dpkg-deb and systemd-analyze build and verify the Debian package (tests/tests/e2e/ops.rs).
 need=()
 for pair in ip:iproute2 sshd:openssh-server ssh:openssh-client keepalived:keepalived \
-            iperf3:iperf3 curl:curl python3:python3 nft:nftables ping:iputils-ping \
+            iperf3:iperf3 curl:curl h2load:nghttp2-client python3:python3 nft:nftables ping:iputils-ping \
             traceroute:traceroute tcpdump:tcpdump tshark:tshark socat:socat promtool:prometheus clang:clang llvm-strip:llvm \
             dpkg-deb:dpkg systemd-analyze:systemd; do
   cmd=${pair%%:*}; pkg=${pair#*:}

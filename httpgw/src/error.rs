@@ -38,6 +38,9 @@ pub enum ConfigError {
         /// Pool index.
         pool: usize,
     },
+    /// An empty ALPN list, or one naming a protocol twice.
+    #[error("the ALPN list must name h2 and/or http/1.1, each once")]
+    BadAlpn,
     /// Two pools share a name.
     #[error("pool {0:?} is defined twice")]
     DuplicatePool(String),

@@ -120,7 +120,8 @@ pub struct Limits {
     /// Largest request body, in bytes: 413 beyond (bodies are buffered up to this).
     pub max_body_bytes: u64,
     /// Time a client has to send a complete head (slowloris bound); the connection is closed
-    /// when it runs out.
+    /// when it runs out. Also the longest wait between two reads of a request body (408),
+    /// and the longest an HTTP/2 connection may have no stream open.
     pub header_timeout: Duration,
     /// Time an upstream has to answer with a response head: 504 beyond.
     pub upstream_timeout: Duration,
@@ -129,6 +130,9 @@ pub struct Limits {
     /// Time a tunnel (an upgraded connection, e.g. a WebSocket) may pass no byte either way
     /// before both sides are closed.
     pub tunnel_timeout: Duration,
+    /// Streams an HTTP/2 client may have open at once on one connection
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_streams: u32,
 }
 
 impl Limits {
@@ -136,6 +140,26 @@ impl Limits {
     pub const MIN_HEADER_BYTES: usize = 256;
     /// Highest head limit accepted (what the HTTP library can buffer).
     pub const MAX_HEADER_BYTES: usize = 1 << 20;
+    /// Highest `max_streams` accepted.
+    pub const MAX_STREAMS: u32 = 1000;
+
+    /// The `SETTINGS_MAX_HEADER_LIST_SIZE` announced to HTTP/2 clients: twice the head limit
+    /// plus HPACK's 32-byte overhead per field (and the four pseudo-fields). A head over
+    /// [`max_header_bytes`](Self::max_header_bytes) but within this reaches the gateway, which
+    /// answers 431 and counts it like an HTTP/1.1 one; beyond it the HTTP/2 layer answers 431
+    /// itself, before any of it is kept.
+    #[must_use]
+    pub fn h2_header_list_size(&self) -> u32 {
+        let overhead = 32 * (crate::framing::MAX_HEADERS + 4);
+        u32::try_from(2 * self.max_header_bytes + overhead).unwrap_or(u32::MAX)
+    }
+
+    /// Streams one HTTP/2 connection may see cancelled by its client (`RST_STREAM`) within
+    /// [`ResetBudget::WINDOW`] before it is sent a `GOAWAY`: twice `max_streams`.
+    #[must_use]
+    pub fn max_cancels(&self) -> u32 {
+        self.max_streams.saturating_mul(2)
+    }
 }
 
 impl Default for Limits {
@@ -148,6 +172,79 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(30),
             upstream_idle: Duration::from_secs(60),
             tunnel_timeout: Duration::from_secs(3600),
+            max_streams: 100,
+        }
+    }
+}
+
+/// Counts the requests a client cancels on one connection, in windows of [`Self::WINDOW`]:
+/// the rapid-reset defence (CVE-2023-44487). Opening a stream and resetting it at once costs
+/// the client two frames and the gateway a request (routing, an upstream connection); a
+/// client doing it faster than the budget allows is sent a `GOAWAY`.
+#[derive(Debug, Clone)]
+pub struct ResetBudget {
+    max: u32,
+    window_start: Option<Instant>,
+    count: u32,
+}
+
+impl ResetBudget {
+    /// The window the budget is counted over.
+    pub const WINDOW: Duration = Duration::from_secs(1);
+
+    /// A budget of `max` cancellations per window.
+    #[must_use]
+    pub fn new(max: u32) -> Self {
+        Self {
+            max,
+            window_start: None,
+            count: 0,
+        }
+    }
+
+    /// Counts one cancellation at `now`; `true` once the window's budget is exceeded (the
+    /// connection should be told to go away).
+    pub fn cancelled(&mut self, now: Instant) -> bool {
+        match self.window_start {
+            Some(start) if now.saturating_duration_since(start) < Self::WINDOW => {
+                self.count = self.count.saturating_add(1);
+            }
+            _ => {
+                self.window_start = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count > self.max
+    }
+}
+
+/// An application protocol offered to TLS clients by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Alpn {
+    /// HTTP/2 (`h2`).
+    H2,
+    /// HTTP/1.1 (`http/1.1`).
+    Http11,
+}
+
+impl Alpn {
+    /// The protocol named `name` in ALPN's registry (`h2`, `http/1.1`).
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "h2" => Some(Self::H2),
+            "http/1.1" => Some(Self::Http11),
+            _ => None,
+        }
+    }
+
+    /// Its ALPN name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::H2 => "h2",
+            Self::Http11 => "http/1.1",
         }
     }
 }
@@ -169,9 +266,15 @@ pub struct TlsConfig {
     pub certs: Vec<CertFiles>,
     /// Time a client has to complete the handshake; the connection is closed beyond.
     pub handshake_timeout: Duration,
+    /// Protocols offered by ALPN, preferred first. A client that offers ALPN but none of
+    /// these fails the handshake; one that offers no ALPN gets HTTP/1.1.
+    pub alpn: Vec<Alpn>,
 }
 
 impl TlsConfig {
+    /// Default ALPN list: HTTP/2 first, HTTP/1.1 for clients without it.
+    pub const DEFAULT_ALPN: [Alpn; 2] = [Alpn::H2, Alpn::Http11];
+
     /// Most certificates on one listener.
     pub const MAX_CERTS: usize = 1000;
     /// Default handshake timeout (HAProxy's `timeout client` usually bounds it).
@@ -271,7 +374,17 @@ impl GatewayConfig {
             1,
             1_000_000,
         )?;
+        range(
+            "max_streams",
+            u64::from(l.max_streams),
+            1,
+            u64::from(Limits::MAX_STREAMS),
+        )?;
         if let Some(tls) = &self.tls {
+            let alpn = &tls.alpn;
+            if alpn.is_empty() || (1..alpn.len()).any(|i| alpn[..i].contains(&alpn[i])) {
+                return Err(ConfigError::BadAlpn);
+            }
             range(
                 "the number of TLS certificates",
                 tls.certs.len() as u64,
@@ -413,6 +526,11 @@ pub struct TlsStatus {
     pub failed: u64,
     /// Not completed within the handshake timeout.
     pub timed_out: u64,
+    /// Completed handshakes that chose HTTP/2.
+    pub h2: u64,
+    /// HTTP/2 connections sent a `GOAWAY` for resetting streams faster than the budget (or
+    /// than the HTTP/2 layer's own bounds on reset streams).
+    pub reset_floods: u64,
 }
 
 /// What `show http` prints for one gateway.
@@ -435,6 +553,9 @@ pub struct GatewayStatus {
     pub refused: u64,
     /// Requests no route matched (404).
     pub no_route: u64,
+    /// Requests the client gave up on (HTTP/2 `RST_STREAM`, a closed connection) before
+    /// the answer; logged with status 499 and counted as 4xx.
+    pub cancelled: u64,
     /// All answers.
     pub responses: StatusClasses,
     /// Per route.
@@ -498,6 +619,16 @@ pub enum Outcome {
     TimedOut,
     /// The upstream connection broke or sent garbage (answered 502).
     Broken,
+    /// The client cancelled the request before the upstream answered (logged as 499, as
+    /// nginx does; not the backend's failure).
+    Cancelled,
+}
+
+/// The status logged for a request its client cancelled (nginx's 499, "client closed
+/// request"; never sent).
+#[must_use]
+pub fn client_closed() -> StatusCode {
+    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
 }
 
 impl Outcome {
@@ -508,6 +639,7 @@ impl Outcome {
             Self::Answered(s) => s,
             Self::Refused | Self::Broken => StatusCode::BAD_GATEWAY,
             Self::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+            Self::Cancelled => client_closed(),
         }
     }
 }
@@ -543,6 +675,7 @@ pub struct Gateway {
     requests: u64,
     refused: u64,
     no_route: u64,
+    cancelled: u64,
     responses: StatusClasses,
     tls: Option<TlsStatus>,
 }
@@ -582,6 +715,7 @@ impl Gateway {
             requests: 0,
             refused: 0,
             no_route: 0,
+            cancelled: 0,
             responses: StatusClasses::default(),
             tls: config.tls.as_ref().map(|_| TlsStatus::default()),
         })
@@ -724,6 +858,28 @@ impl Gateway {
         self.responses.count(status);
     }
 
+    /// Counts a request its client cancelled before it was forwarded (while its body was
+    /// read); one cancelled after is [`finish`](Self::finish)ed with [`Outcome::Cancelled`].
+    pub fn cancelled(&mut self) {
+        self.requests += 1;
+        self.cancelled += 1;
+        self.responses.count(client_closed());
+    }
+
+    /// Counts an HTTP/2 connection (after its handshake).
+    pub fn h2_connection(&mut self) {
+        if let Some(t) = &mut self.tls {
+            t.h2 += 1;
+        }
+    }
+
+    /// Counts an HTTP/2 connection sent away for resetting too many streams.
+    pub fn reset_flood(&mut self) {
+        if let Some(t) = &mut self.tls {
+            t.reset_floods += 1;
+        }
+    }
+
     /// Counts a TLS handshake (a listener without TLS counts nothing).
     pub fn handshake(&mut self, outcome: Handshake) {
         if let Some(t) = &mut self.tls {
@@ -739,6 +895,9 @@ impl Gateway {
     /// Records how a forwarded request ended and releases its backend.
     pub fn finish(&mut self, now: Instant, upstream: &Upstream, outcome: Outcome) {
         let status = outcome.status();
+        if outcome == Outcome::Cancelled {
+            self.cancelled += 1;
+        }
         self.responses.count(status);
         self.route_counts[upstream.route].1.count(status);
         let state = &mut self.pools[upstream.pool];
@@ -749,7 +908,7 @@ impl Gateway {
                 .closed(now, id, ConnState::Active, upstream.client);
             if let Some(counts) = state.backends.get_mut(id.index()) {
                 counts.responses.count(status);
-                if !matches!(outcome, Outcome::Answered(_)) {
+                if !matches!(outcome, Outcome::Answered(_) | Outcome::Cancelled) {
                     counts.failures += 1;
                 }
             }
@@ -782,6 +941,7 @@ impl Gateway {
             requests: self.requests,
             refused: self.refused,
             no_route: self.no_route,
+            cancelled: self.cancelled,
             responses: self.responses,
             routes: self
                 .routes

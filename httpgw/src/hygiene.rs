@@ -125,6 +125,61 @@ pub fn check(head: &request::Parts) -> Result<Checked, Refusal> {
     })
 }
 
+/// The bounds an HTTP/1.1 head meets at the framing guard, checked on an HTTP/2 head (which
+/// never passes the guard): at most [`MAX_HEADERS`](crate::framing::MAX_HEADERS) fields, and
+/// at most `max_bytes` as the head would be written in HTTP/1.1 (request line, one line per
+/// field, the blank line).
+///
+/// # Errors
+/// A 431 [`Refusal`].
+pub fn check_h2_head(head: &request::Parts, max_bytes: usize) -> Result<(), Refusal> {
+    if head.headers.len() > crate::framing::MAX_HEADERS {
+        return Err(Refusal {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            reason: "too many header fields",
+        });
+    }
+    let target = head.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = head.method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let host = match (
+        head.headers.contains_key(header::HOST),
+        head.uri.authority(),
+    ) {
+        (false, Some(a)) => "Host: \r\n".len() + a.as_str().len(),
+        _ => 0,
+    };
+    let fields: usize = head
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if line + host + fields + 2 > max_bytes {
+        return Err(Refusal {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            reason: "request header too large",
+        });
+    }
+    Ok(())
+}
+
+/// Joins the `Cookie` fields of a request into one, `; `-separated: HTTP/2 lets a client send
+/// each cookie as its own field (RFC 9113 §8.2.3), HTTP/1.1 servers expect one.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 fn parse_authority(field: &HeaderValue) -> Result<Authority, Refusal> {
     let a = Authority::try_from(field.as_bytes()).map_err(|_| Refusal::bad("bad Host"))?;
     if a.host().is_empty() || a.as_str().contains('@') {
@@ -230,7 +285,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Rewrites `headers` for the upstream: removes the hop-by-hop fields (and those the
 /// `Connection` field names, except `Host`), `Upgrade` (the gateway puts a switch back) and
 /// `Content-Length` (the driver frames the body it forwards), then sets `X-Forwarded-For`,
-/// `-Proto` (`proto`: `http` or `https`) and `-Host`.
+/// `-Proto` (`proto`: `http` or `https`) and `-Host`, and `Host` from the authority where the
+/// request has none (HTTP/2 carries it as `:authority`).
 pub fn prepare_upstream(
     headers: &mut HeaderMap,
     client: IpAddr,
@@ -240,6 +296,11 @@ pub fn prepare_upstream(
 ) {
     remove_hop_by_hop(headers);
     headers.remove(header::CONTENT_LENGTH);
+    if let Some(a) = authority
+        && !headers.contains_key(header::HOST)
+    {
+        headers.insert(header::HOST, a.clone());
+    }
 
     let trusted = forwarding.trusts(client);
     let client_text = client.to_string();

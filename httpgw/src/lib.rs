@@ -1,4 +1,4 @@
-//! An HTTP/1.1 reverse proxy for vipgate: routing rules on host, path, method and headers,
+//! An HTTP/1.1 and HTTP/2 (over TLS, chosen by ALPN) reverse proxy for vipgate: routing rules on host, path, method and headers,
 //! forwarding to pools balanced by the `balance` crate's schedulers, redirects and prefix
 //! stripping, request hygiene (ambiguous framing refused, hop-by-hop fields stripped,
 //! `X-Forwarded-*` set), TLS termination with the certificate picked by SNI, and protocol
@@ -15,6 +15,12 @@
 //!                                                a 101 to an upgrade: splice both ways
 //!   sni       name → certificate index   ◄────  tls: rustls handshake (timeout, counted)
 //! ```
+//!
+//! A TLS client that chooses `h2` by ALPN is served by hyper's HTTP/2 server instead; its
+//! requests take the same path from `Gateway::decide` on (to HTTP/1.1 backends), after
+//! `hygiene::check_h2_head` holds their heads to the bounds the framing guard puts on
+//! HTTP/1.1 ones. Streams per connection, the header list size and reset streams are bounded
+//! (`Limits::max_streams`, [`ResetBudget`]: rapid reset is answered with `GOAWAY`).
 //!
 //! The modules at the top are pure: they parse, decide and count, never open a socket, read a
 //! clock or spawn, and build with `--no-default-features` (that is how the CLI's config
@@ -36,9 +42,9 @@ mod driver;
 
 pub use error::ConfigError;
 pub use gateway::{
-    Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits,
-    Outcome, PoolSpec, PoolStatus, RouteStatus, StatusClasses, StickyCookie, TlsConfig, TlsSession,
-    TlsStatus, Upstream, Verdict,
+    Alpn, Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake,
+    Limits, Outcome, PoolSpec, PoolStatus, ResetBudget, RouteStatus, StatusClasses, StickyCookie,
+    TlsConfig, TlsSession, TlsStatus, Upstream, Verdict, client_closed,
 };
 
 #[cfg(feature = "driver")]

@@ -762,3 +762,182 @@ fn header_rules_set_and_delete_with_bounds() {
         Err(ConfigError::LimitOutOfRange { .. })
     ));
 }
+
+/// An HTTP/2 head as hyper hands it over: the target in absolute form (`:scheme`,
+/// `:authority`, `:path`), no `Host` field.
+fn h2_head(raw: &[(&str, &str)], method: &str, uri: &str) -> request::Parts {
+    let mut h = head(raw, method, uri);
+    h.version = http::Version::HTTP_2;
+    h
+}
+
+#[test]
+fn an_http2_head_routes_by_its_authority_and_gets_a_host_upstream() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let mut h = h2_head(&[], "GET", "https://shop.example.com/api/items?x=1");
+    let up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!(up.pool, 1);
+    assert_eq!(up.path_and_query, "/items?x=1");
+    assert_eq!(h.headers["host"], "shop.example.com");
+    assert_eq!(h.headers["x-forwarded-host"], "shop.example.com");
+    assert_eq!(h.headers["x-forwarded-for"], "192.0.2.7");
+    // :authority and a Host that differs: malformed (RFC 9113 §8.3.1).
+    let mut h = h2_head(&[("host", "evil.test")], "GET", "https://www.example.com/");
+    assert_eq!(answered(decide(&mut gw, &mut h)), StatusCode::BAD_REQUEST);
+    // Neither: no host to route on.
+    let mut h = h2_head(&[], "GET", "/");
+    assert_eq!(answered(decide(&mut gw, &mut h)), StatusCode::BAD_REQUEST);
+}
+
+#[test]
+fn http2_heads_meet_the_http1_bounds() {
+    let max = Limits::default().max_header_bytes;
+    let ok = h2_head(&[("x-a", "1")], "GET", "https://a.test/p");
+    assert_eq!(hygiene::check_h2_head(&ok, max), Ok(()));
+    // One field more than an HTTP/1.1 head may have.
+    let names: Vec<String> = (0..=crate::framing::MAX_HEADERS)
+        .map(|i| format!("x-f{i}"))
+        .collect();
+    let fields: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let many = h2_head(&fields, "GET", "https://a.test/");
+    let refusal = hygiene::check_h2_head(&many, max).unwrap_err();
+    assert_eq!(refusal.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(
+        hygiene::check_h2_head(&many, max).unwrap_err().reason,
+        "too many header fields"
+    );
+    let exactly = h2_head(&fields[1..], "GET", "https://a.test/");
+    assert_eq!(hygiene::check_h2_head(&exactly, max), Ok(()));
+    // Bytes as HTTP/1.1 would count them: the request line, Host from :authority, fields.
+    let long = "v".repeat(1000);
+    let big = h2_head(&[("x-long", long.as_str())], "GET", "https://a.test/");
+    let size =
+        "GET / HTTP/1.1\r\n".len() + "Host: a.test\r\n".len() + "x-long: \r\n".len() + 1000 + 2;
+    assert_eq!(hygiene::check_h2_head(&big, size), Ok(()));
+    assert_eq!(
+        hygiene::check_h2_head(&big, size - 1).unwrap_err().status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    // The list size announced leaves room for every head within the limit, and bounds it.
+    let limits = Limits::default();
+    let h2_size = |h: &request::Parts| {
+        h.headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum::<usize>()
+            + 4 * 32
+            + h.uri.to_string().len()
+            + h.method.as_str().len()
+    };
+    assert!(h2_size(&exactly) < limits.h2_header_list_size() as usize);
+    assert!(limits.h2_header_list_size() as usize <= 2 * max + 32 * 104);
+}
+
+#[test]
+fn http2_cookie_fields_are_joined_for_http1() {
+    let mut h = h2_head(
+        &[("cookie", "a=1"), ("cookie", "SRV=x"), ("cookie", "b=2")],
+        "GET",
+        "https://a.test/",
+    );
+    hygiene::join_cookies(&mut h.headers);
+    let all: Vec<_> = h.headers.get_all("cookie").iter().collect();
+    assert_eq!(all, ["a=1; SRV=x; b=2"]);
+    let mut one = head(&[("cookie", "a=1")], "GET", "/");
+    hygiene::join_cookies(&mut one.headers);
+    assert_eq!(one.headers["cookie"], "a=1");
+    // The sticky cookie is found among split fields, the others kept joined.
+    let mut cfg = config();
+    cfg.pools[0].cookie = Some(crate::StickyCookie {
+        name: "SRV".into(),
+        nocache: false,
+    });
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let first = forwarded(decide(
+        &mut gw,
+        &mut h2_head(&[], "GET", "https://www.example.com/"),
+    ));
+    let id = crate::StickyCookie::id(first.addr);
+    for _ in 0..4 {
+        let mut h = h2_head(
+            &[("cookie", "a=1"), ("cookie", &format!("SRV={id}"))],
+            "GET",
+            "https://www.example.com/",
+        );
+        hygiene::join_cookies(&mut h.headers);
+        let up = forwarded(decide(&mut gw, &mut h));
+        assert_eq!(up.addr, first.addr);
+        assert_eq!(h.headers["cookie"], "a=1");
+    }
+}
+
+#[test]
+fn a_cancelled_request_is_499_and_not_the_backends_failure() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let mut h = head(&[("host", "www.example.com")], "GET", "/");
+    let up = forwarded(decide(&mut gw, &mut h));
+    gw.finish(epoch(), &up, Outcome::Cancelled);
+    gw.cancelled();
+    assert_eq!(Outcome::Cancelled.status().as_u16(), 499);
+    let s = gw.status();
+    assert_eq!(s.requests, 2);
+    assert_eq!(s.cancelled, 2);
+    assert_eq!(s.responses.client_error, 2);
+    assert_eq!(s.routes[3].responses.client_error, 1);
+    let b = s.pools[0]
+        .backends
+        .iter()
+        .find(|b| b.addr == up.addr.to_string())
+        .unwrap();
+    assert_eq!((b.active, b.failures, b.responses.client_error), (0, 0, 1));
+}
+
+#[test]
+fn the_reset_budget_counts_per_window() {
+    use crate::ResetBudget;
+    let t0 = epoch();
+    let mut budget = ResetBudget::new(3);
+    for i in 0..3 {
+        assert!(!budget.cancelled(t0 + std::time::Duration::from_millis(i * 100)));
+    }
+    assert!(budget.cancelled(t0 + std::time::Duration::from_millis(500)));
+    // A new window starts afresh: a client cancelling now and then is never sent away.
+    let mut budget = ResetBudget::new(3);
+    for i in 0..100 {
+        assert!(!budget.cancelled(t0 + ResetBudget::WINDOW * i));
+    }
+    assert_eq!(Limits::default().max_cancels(), 200);
+}
+
+#[test]
+fn alpn_and_stream_limits_are_checked() {
+    use crate::{Alpn, TlsConfig};
+    assert_eq!(Alpn::parse("h2"), Some(Alpn::H2));
+    assert_eq!(Alpn::parse("http/1.1"), Some(Alpn::Http11));
+    assert_eq!(Alpn::parse("h2c"), None);
+    assert_eq!(Alpn::parse("HTTP/1.1"), None);
+    let with_tls = |alpn: Vec<Alpn>| {
+        let mut cfg = config();
+        cfg.tls = Some(TlsConfig {
+            certs: vec![crate::CertFiles {
+                cert_file: "c.pem".into(),
+                key_file: "c.key".into(),
+            }],
+            handshake_timeout: TlsConfig::DEFAULT_HANDSHAKE_TIMEOUT,
+            alpn,
+        });
+        cfg.validate()
+    };
+    assert_eq!(with_tls(TlsConfig::DEFAULT_ALPN.to_vec()), Ok(()));
+    assert_eq!(with_tls(vec![Alpn::Http11]), Ok(()));
+    assert_eq!(with_tls(vec![]), Err(ConfigError::BadAlpn));
+    assert_eq!(
+        with_tls(vec![Alpn::H2, Alpn::H2]),
+        Err(ConfigError::BadAlpn)
+    );
+    for (streams, ok) in [(0, false), (1, true), (1000, true), (1001, false)] {
+        let mut cfg = config();
+        cfg.limits.max_streams = streams;
+        assert_eq!(cfg.validate().is_ok(), ok, "{streams}");
+    }
+}

@@ -341,3 +341,53 @@ async fn slow_heads_are_cut_and_connections_bounded() {
     drop(idle);
     s.gateway.stop().await;
 }
+
+/// Polls `f` every 10 ms until it holds, for at most 3 s.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_answer_is_499_not_a_backend_failure() {
+    let s = site().await;
+    // Closed while the backend works on it (before the 500 ms upstream timeout).
+    let mut tcp = TcpStream::connect(s.gateway.local_addr()).await.unwrap();
+    tcp.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    until("the backend to get it", || {
+        s.web.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(tcp);
+    until("the cancel to be counted", || {
+        s.gateway.status().cancelled == 1
+    })
+    .await;
+    // Closed in the middle of its body.
+    let mut tcp = TcpStream::connect(s.gateway.local_addr()).await.unwrap();
+    tcp.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    tcp.shutdown().await.unwrap();
+    until("the second cancel", || s.gateway.status().cancelled == 2).await;
+    // Still sending it, too slowly: 408 at the header timeout (300 ms) between reads.
+    let r = exchange(
+        &s.gateway,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+    let status = s.gateway.status();
+    assert_eq!(status.responses.server_error, 0, "{status:?}");
+    assert_eq!(status.responses.client_error, 3, "{status:?}");
+    assert_eq!(status.refused, 1);
+    let backend = &status.pools[0].backends[0];
+    assert_eq!((backend.active, backend.failures), (0, 0));
+    assert_eq!(s.web.load(Ordering::SeqCst), 1);
+    s.gateway.stop().await;
+}

@@ -122,7 +122,16 @@ impl ServerCertVerifier for AnyCert {
     }
 }
 
+/// A client offering HTTP/1.1 only by ALPN (these tests speak it raw).
 fn client(sni: bool, versions: &[&'static rustls::SupportedProtocolVersion]) -> TlsConnector {
+    client_alpn(sni, versions, &["http/1.1"])
+}
+
+fn client_alpn(
+    sni: bool,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&str],
+) -> TlsConnector {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let algorithms = provider.signature_verification_algorithms;
     let mut config = ClientConfig::builder_with_provider(Arc::<CryptoProvider>::clone(&provider))
@@ -132,7 +141,7 @@ fn client(sni: bool, versions: &[&'static rustls::SupportedProtocolVersion]) -> 
         .with_custom_certificate_verifier(Arc::new(AnyCert(algorithms)))
         .with_no_client_auth();
     config.enable_sni = sni;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
     TlsConnector::from(Arc::new(config))
 }
 
@@ -226,6 +235,7 @@ async fn sni_picks_the_certificate_and_the_route() {
         tls: Some(TlsConfig {
             certs: vec![default_files, a_files, w_files],
             handshake_timeout: Duration::from_millis(300),
+            alpn: TlsConfig::DEFAULT_ALPN.to_vec(),
         }),
     };
     let gw = HttpGateway::start(&config).await.unwrap();
@@ -329,6 +339,7 @@ async fn hostile_handshakes_are_closed_and_counted() {
         tls: Some(TlsConfig {
             certs: vec![files],
             handshake_timeout: Duration::from_millis(300),
+            alpn: TlsConfig::DEFAULT_ALPN.to_vec(),
         }),
     };
     let gw = HttpGateway::start(&config).await.unwrap();
@@ -394,6 +405,403 @@ async fn hostile_handshakes_are_closed_and_counted() {
     assert_eq!(web.load(Ordering::SeqCst), 1);
     let tls = gw.status().tls.expect("tls counters");
     assert_eq!((tls.handshakes, tls.failed, tls.timed_out), (1, 2, 2));
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A backend that reads a request head, counts it and never answers.
+async fn silent_backend() -> (SocketAddrV4, Arc<AtomicU64>) {
+    let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+    let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let hits = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&hits);
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let hits = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                hits.fetch_add(1, Ordering::SeqCst);
+                // Held until the gateway lets go of it.
+                let _ = tcp.read(&mut buf).await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// A TLS gateway with one certificate, `alpn` offered, routes `/slow/` to `slow` and the
+/// rest to `web` (both single-backend pools).
+fn h2_config(
+    dir: &Path,
+    web: SocketAddrV4,
+    slow: SocketAddrV4,
+    alpn: Vec<httpgw::Alpn>,
+    limits: Limits,
+) -> GatewayConfig {
+    let (files, _) = cert(dir, "h2", &["a.example.com"]);
+    let pool = |name: &str, addr| PoolSpec {
+        name: name.into(),
+        balance: PoolConfig {
+            scheduler: SchedulerKind::Rr,
+            backends: vec![BackendConfig::new(addr, 1)],
+            ..PoolConfig::default()
+        },
+        cookie: None,
+    };
+    GatewayConfig {
+        name: "h2".into(),
+        listen: SocketAddrV4::new(LOCAL, 0),
+        routes: vec![
+            Route {
+                name: "slow".into(),
+                when: Match {
+                    paths: vec![httpgw::route::PathPattern::prefix("/slow/").unwrap()],
+                    ..Match::default()
+                },
+                action: Action::Forward {
+                    pool: 1,
+                    strip_prefix: None,
+                },
+                rewrite: HeaderRules::default(),
+            },
+            Route {
+                name: "default".into(),
+                when: Match::default(),
+                action: Action::Forward {
+                    pool: 0,
+                    strip_prefix: None,
+                },
+                rewrite: HeaderRules::default(),
+            },
+        ],
+        pools: vec![pool("web", web), pool("slow", slow)],
+        forwarding: Forwarding::default(),
+        limits,
+        access_log: false,
+        tls: Some(TlsConfig {
+            certs: vec![files],
+            handshake_timeout: Duration::from_secs(2),
+            alpn,
+        }),
+    }
+}
+
+type H2Conn = tokio::task::JoinHandle<Result<(), h2::Error>>;
+
+/// An HTTP/2 connection to the gateway (ALPN `h2` only).
+async fn h2_connect(gw: &HttpGateway) -> (h2::client::SendRequest<Bytes>, H2Conn) {
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let tls = client_alpn(true, &[&rustls::version::TLS13], &["h2"])
+        .connect(ServerName::try_from("a.example.com").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn get(path: &str, fields: &[(&str, &str)]) -> hyper::Request<()> {
+    let mut b = hyper::Request::get(format!("https://a.example.com{path}"));
+    for (n, v) in fields {
+        b = b.header(*n, *v);
+    }
+    b.body(()).unwrap()
+}
+
+/// One request on `send`: its status and body.
+async fn h2_get(
+    send: &h2::client::SendRequest<Bytes>,
+    req: hyper::Request<()>,
+) -> (hyper::StatusCode, String) {
+    let mut send = send.clone().ready().await.unwrap();
+    let (response, _) = send.send_request(req, true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered")
+        .unwrap();
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Polls `f` every 10 ms until it holds, for at most 5 s.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn http2_is_routed_like_http1_and_bounded() {
+    let dir = std::env::temp_dir().join(format!("httpgw-h2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (web_addr, web) = backend("web").await;
+    let (slow_addr, _) = silent_backend().await;
+    let limits = Limits {
+        max_streams: 8,
+        max_header_bytes: 4096,
+        ..Limits::default()
+    };
+    let config = h2_config(
+        &dir,
+        web_addr,
+        slow_addr,
+        TlsConfig::DEFAULT_ALPN.to_vec(),
+        limits,
+    );
+    let gw = HttpGateway::start(&config).await.unwrap();
+    let (send, _conn) = h2_connect(&gw).await;
+    // The stream limit is announced in the server's SETTINGS.
+    let send = send.ready().await.unwrap();
+    until("SETTINGS applied", || send.current_max_send_streams() == 8).await;
+
+    // :authority is the Host the backend sees; X-Forwarded-Proto https.
+    let (status, body) = h2_get(&send, get("/x", &[])).await;
+    assert_eq!(status, hyper::StatusCode::OK);
+    assert_eq!(body, "web proto=https host=a.example.com");
+    // 32 requests at once on one connection, 8 streams at a time: all answered.
+    let all = (0..32).map(|i| {
+        let send = send.clone();
+        tokio::spawn(async move { h2_get(&send, get(&format!("/many/{i}"), &[])).await })
+    });
+    for task in all {
+        let (status, _) = task.await.unwrap();
+        assert_eq!(status, hyper::StatusCode::OK);
+    }
+    assert_eq!(web.load(Ordering::SeqCst), 33);
+    // A head over max_header_bytes, and one with more fields than HTTP/1.1 allows: 431 on
+    // the stream, the connection still serves.
+    let long = "v".repeat(5000);
+    let (status, _) = h2_get(&send, get("/", &[("x-long", &long)])).await;
+    assert_eq!(status, hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let names: Vec<String> = (0..101).map(|i| format!("x-f{i}")).collect();
+    let fields: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    let (status, _) = h2_get(&send, get("/", &fields)).await;
+    assert_eq!(status, hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // Over the announced list size: the HTTP/2 layer answers 431 itself.
+    let huge = "v".repeat(12_000);
+    let (status, _) = h2_get(&send, get("/", &[("x-huge", &huge)])).await;
+    assert_eq!(status, hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let (status, _) = h2_get(&send, get("/after", &[])).await;
+    assert_eq!(status, hyper::StatusCode::OK);
+    // CONNECT is not proxied (and extended CONNECT is not offered).
+    let connect = hyper::Request::connect("https://a.example.com:443")
+        .body(())
+        .unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (response, _) = ready.send_request(connect, false).unwrap();
+    let status = response.await.map(|r| r.status());
+    assert!(
+        matches!(status, Ok(hyper::StatusCode::METHOD_NOT_ALLOWED)),
+        "CONNECT answered {status:?}"
+    );
+
+    let status = gw.status();
+    let tls = status.tls.expect("tls counters");
+    assert_eq!((tls.handshakes, tls.h2, tls.reset_floods), (1, 1, 0));
+    assert_eq!(status.refused, 3);
+    assert_eq!(status.routes[1].responses.success, 34);
+    assert_eq!(web.load(Ordering::SeqCst), 34);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn alpn_offers_only_what_is_configured() {
+    let dir = std::env::temp_dir().join(format!("httpgw-alpn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (web_addr, _) = backend("web").await;
+    let (slow_addr, _) = silent_backend().await;
+    let config = h2_config(
+        &dir,
+        web_addr,
+        slow_addr,
+        vec![httpgw::Alpn::Http11],
+        Limits::default(),
+    );
+    let gw = HttpGateway::start(&config).await.unwrap();
+    let both = client_alpn(true, &[&rustls::version::TLS13], &["h2", "http/1.1"]);
+    let r = request(&gw, &both, "a.example.com", "a.example.com", None).await;
+    assert_eq!(r.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert!(
+        r.text.ends_with("web proto=https host=a.example.com"),
+        "{}",
+        r.text
+    );
+    // A client that wants only h2 finds no common protocol.
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let only_h2 = client_alpn(true, &[&rustls::version::TLS13], &["h2"]);
+    assert!(
+        only_h2
+            .connect(ServerName::try_from("a.example.com").unwrap(), tcp)
+            .await
+            .is_err()
+    );
+    let tls = gw.status().tls.expect("tls counters");
+    assert_eq!((tls.handshakes, tls.failed, tls.h2), (1, 1, 0));
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn cancelled_streams_are_499_and_a_reset_flood_is_sent_away() {
+    let dir = std::env::temp_dir().join(format!("httpgw-reset-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (web_addr, _) = backend("web").await;
+    let (slow_addr, slow) = silent_backend().await;
+    let limits = Limits {
+        max_streams: 4,
+        ..Limits::default()
+    };
+    let config = h2_config(
+        &dir,
+        web_addr,
+        slow_addr,
+        TlsConfig::DEFAULT_ALPN.to_vec(),
+        limits,
+    );
+    let gw = HttpGateway::start(&config).await.unwrap();
+
+    // One request waiting for its backend, then reset by the client: 499, counted, the
+    // backend released without a failure.
+    let (send, _conn) = h2_connect(&gw).await;
+    let mut ready = send.clone().ready().await.unwrap();
+    let (_response, mut stream) = ready.send_request(get("/slow/1", &[]), true).unwrap();
+    until("the backend to get the request", || {
+        slow.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    stream.send_reset(h2::Reason::CANCEL);
+    until("the cancel to be counted", || gw.status().cancelled == 1).await;
+    let status = gw.status();
+    let backend = &status.pools[1].backends[0];
+    assert_eq!((backend.active, backend.failures), (0, 0));
+    assert_eq!(backend.responses.client_error, 1);
+    assert_eq!(status.responses.server_error, 0);
+
+    // Opening and resetting streams in a loop: the connection is sent away (GOAWAY) long
+    // before the loop ends, and the flood counted.
+    let (send, conn) = h2_connect(&gw).await;
+    let mut sent = 0;
+    let mut send = Some(send);
+    for i in 0..5000 {
+        let Some(s) = send.take() else { break };
+        let Ok(mut ready) = s.ready().await else {
+            break;
+        };
+        let Ok((_, mut stream)) = ready.send_request(get(&format!("/slow/r{i}"), &[]), true) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+        send = Some(ready);
+        if i % 8 == 7 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(sent < 5000, "never sent away");
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection ends");
+    drop(ended);
+    until("the flood to be counted", || {
+        gw.status().tls.is_some_and(|t| t.reset_floods == 1)
+    })
+    .await;
+    // Another connection is served.
+    let (send, _conn) = h2_connect(&gw).await;
+    let (status, _) = h2_get(&send, get("/fine", &[])).await;
+    assert_eq!(status, hyper::StatusCode::OK);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A backend that answers a 1,000-byte body in ten pieces, 100 ms apart.
+async fn trickle_backend() -> SocketAddrV4 {
+    let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+    let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                    .await;
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = tcp.write_all(&[b'x'; 100]).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http2_download_longer_than_the_idle_bound_completes_then_the_connection_goes() {
+    let dir = std::env::temp_dir().join(format!("httpgw-h2-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (web_addr, _) = backend("web").await;
+    let trickle = trickle_backend().await;
+    let limits = Limits {
+        header_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let config = h2_config(
+        &dir,
+        web_addr,
+        trickle,
+        TlsConfig::DEFAULT_ALPN.to_vec(),
+        limits,
+    );
+    let gw = HttpGateway::start(&config).await.unwrap();
+    let (send, conn) = h2_connect(&gw).await;
+    // 1 s of body with no other stream: the stream counts until its body ends.
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        h2_get(&send, get("/slow/file", &[])),
+    )
+    .await
+    .expect("the download ends");
+    assert_eq!(status, hyper::StatusCode::OK);
+    assert_eq!(body.len(), 1000);
+    // Then nothing: GOAWAY and closed after about the header timeout.
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("an idle HTTP/2 connection is closed")
+        .unwrap()
+        .ok();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(gw.status().cancelled, 0);
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

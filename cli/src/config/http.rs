@@ -1,4 +1,4 @@
-//! `[[http]]`: L7 (HTTP/1.1) virtual services: a listener, ordered routes and the pools they
+//! `[[http]]`: L7 (HTTP/1.1, and HTTP/2 over TLS) virtual services: a listener, ordered routes and the pools they
 //! forward to (HAProxy's `frontend` + `use_backend ... if <acl>` + `backend`; nginx's `server`
 //! + `location` + `upstream`).
 //!
@@ -12,7 +12,7 @@ use httpgw::hygiene::Forwarding;
 use httpgw::route::{
     Action, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route,
 };
-use httpgw::{CertFiles, GatewayConfig, Limits, PoolSpec, TlsConfig};
+use httpgw::{Alpn, CertFiles, GatewayConfig, Limits, PoolSpec, TlsConfig};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -153,6 +153,10 @@ pub(crate) struct TlsSection {
     /// Time to complete the handshake. Default 10s.
     #[serde(default)]
     pub(crate) handshake_timeout: Option<Spanned<HumanDuration>>,
+    /// Protocols offered by ALPN, preferred first: `h2`, `http/1.1` (HAProxy `alpn
+    /// h2,http/1.1`). Default both, `h2` first.
+    #[serde(default)]
+    pub(crate) alpn: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// One `[[http]]`.
@@ -180,7 +184,8 @@ pub(crate) struct HttpSection {
     /// 8 MiB.
     #[serde(default)]
     pub(crate) max_body_bytes: Option<Spanned<u64>>,
-    /// Time to send a complete head (HAProxy `timeout http-request`). Default 10s.
+    /// Time to send a complete head (HAProxy `timeout http-request`), and at most between two
+    /// reads of a body or on an HTTP/2 connection without a stream. Default 10s.
     #[serde(default)]
     pub(crate) header_timeout: Option<Spanned<HumanDuration>>,
     /// Time for a backend to answer (HAProxy `timeout server`). Default 30s: 504 beyond.
@@ -190,6 +195,11 @@ pub(crate) struct HttpSection {
     /// tunnel`). Default 1h.
     #[serde(default)]
     pub(crate) tunnel_timeout: Option<Spanned<HumanDuration>>,
+    /// Streams an HTTP/2 client may have open at once per connection (nginx
+    /// `http2_max_concurrent_streams`, HAProxy `tune.h2.max-concurrent-streams`); 1 to 1000,
+    /// default 100.
+    #[serde(default)]
+    pub(crate) max_streams: Option<Spanned<u32>>,
     /// TLS termination.
     #[serde(default)]
     pub(crate) tls: Option<Spanned<TlsSection>>,
@@ -282,7 +292,35 @@ impl HttpSection {
                     );
                 }
             }
+            let mut alpn = TlsConfig::DEFAULT_ALPN.to_vec();
+            if let Some(list) = &section.alpn {
+                if list.get_ref().is_empty() {
+                    error(
+                        list.span(),
+                        "`alpn` needs at least one of \"h2\", \"http/1.1\"".into(),
+                    );
+                }
+                alpn.clear();
+                for name in list.get_ref() {
+                    match Alpn::parse(name.get_ref()) {
+                        Some(a) if alpn.contains(&a) => error(
+                            name.span(),
+                            format!("`alpn` lists \"{}\" twice", a.as_str()),
+                        ),
+                        Some(a) => alpn.push(a),
+                        None => error(
+                            name.span(),
+                            format!(
+                                "unknown ALPN protocol {:?}: vipgate speaks \"h2\" and \"http/1.1\"{}",
+                                name.get_ref(),
+                                did_you_mean(name.get_ref(), &["h2", "http/1.1"])
+                            ),
+                        ),
+                    }
+                }
+            }
             TlsConfig {
+                alpn,
                 certs: section
                     .certs
                     .iter()
@@ -309,6 +347,10 @@ impl HttpSection {
                 error,
             );
             limits.max_header_bytes = usize::try_from(*n.get_ref()).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = &self.max_streams {
+            in_range(n, 1, u64::from(Limits::MAX_STREAMS), "max_streams", error);
+            limits.max_streams = *n.get_ref();
         }
         if let Some(n) = &self.max_body_bytes {
             in_range(n, 0, MAX_BODY_LIMIT, "max_body_bytes", error);

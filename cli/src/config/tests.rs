@@ -895,3 +895,58 @@ fn tls_certificates_are_checked_at_their_place() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn http2_keys_are_checked_at_their_place() {
+    let dir = std::env::temp_dir().join(format!("vipgate-h2check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (a, a_key) = cert_files(&dir, "a", &["a.example.com"], 0o600);
+    let site = |alpn: &str, streams: &str| {
+        format!(
+            "[[http]]\nname = \"w\"\nlisten = \"127.0.0.1:443\"\n{streams}tls = {{ {alpn}certs = [{{ cert_file = \"{a}\", key_file = \"{a_key}\" }}] }}\n[[http.route]]\nname = \"r\"\npool = \"p\"\n[[http.pool]]\nname = \"p\"\nbackends = [{{ address = \"10.0.0.1:80\" }}]\n"
+        )
+    };
+    let lowered = |text: &str| {
+        assert_eq!(errors(text), Vec::<String>::new());
+        let gw = parse(Path::new("site.toml"), text).expect("valid").http[0].lower();
+        httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+        gw
+    };
+    // Defaults: h2 then http/1.1, 100 streams.
+    let gw = lowered(&site("", ""));
+    assert_eq!(
+        gw.tls.expect("tls").alpn,
+        httpgw::TlsConfig::DEFAULT_ALPN.to_vec()
+    );
+    assert_eq!(gw.limits.max_streams, 100);
+    let gw = lowered(&site("alpn = [\"http/1.1\"], ", "max_streams = 1000\n"));
+    assert_eq!(gw.tls.expect("tls").alpn, vec![httpgw::Alpn::Http11]);
+    assert_eq!(gw.limits.max_streams, 1000);
+
+    let errs = errors(&site(
+        "alpn = [\"h2\", \"http/1.0\", \"h2\"], ",
+        "max_streams = 0\n",
+    ));
+    let at = |errs: &[String], line: usize, col: usize, message: &str| {
+        let prefix = format!("site.toml:{line}:{col}: ");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&prefix) && e.contains(message)),
+            "{prefix}{message} not in {errs:#?}"
+        );
+    };
+    at(
+        &errs,
+        4,
+        15,
+        "`max_streams` must be between 1 and 1000, not 0",
+    );
+    at(&errs, 5, 23, "unknown ALPN protocol \"http/1.0\"");
+    at(&errs, 5, 23, "did you mean `http/1.1`");
+    at(&errs, 5, 35, "`alpn` lists \"h2\" twice");
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    let errs = errors(&site("alpn = [], ", "max_streams = 1001\n"));
+    at(&errs, 4, 15, "not 1001");
+    at(&errs, 5, 16, "`alpn` needs at least one");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -79,20 +79,21 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
     render_each(items, |out, s: &GatewayStatus| {
         let _ = writeln!(
             out,
-            "http {} listen {}: {} connections, {} requests ({} refused, {} without route), {}",
+            "http {} listen {}: {} connections, {} requests ({} refused, {} without route, {} cancelled), {}",
             s.name,
             s.listen,
             s.connections,
             s.requests,
             s.refused,
             s.no_route,
+            s.cancelled,
             classes(&s.responses)
         );
         if let Some(t) = &s.tls {
             let _ = writeln!(
                 out,
-                "  tls: {} handshakes, {} failed, {} timed out",
-                t.handshakes, t.failed, t.timed_out
+                "  tls: {} handshakes, {} failed, {} timed out; http/2: {} connections, {} sent away for reset floods",
+                t.handshakes, t.failed, t.timed_out, t.h2, t.reset_floods
             );
         }
         for r in &s.routes {

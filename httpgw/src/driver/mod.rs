@@ -1,14 +1,16 @@
 //! The I/O half: a tokio listener, hyper's HTTP/1.1 server per client connection (reading
-//! through the framing guard), and hyper-util's pooled client to the backends. Every decision
-//! is the core's ([`Gateway::decide`]); this module moves bytes, enforces time and size bounds
-//! and reports outcomes back.
+//! through the framing guard) or, on a TLS connection that chose `h2` by ALPN, hyper's HTTP/2
+//! server, and hyper-util's pooled HTTP/1.1 client to the backends. Every decision is the
+//! core's ([`Gateway::decide`]); this module moves bytes, enforces time and size bounds and
+//! reports outcomes back.
 
 mod stream;
 pub mod tls;
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::AsFd as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
@@ -26,13 +28,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use crate::hygiene::{self, Refusal};
 use crate::{
-    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, TlsSession, Verdict,
+    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, ResetBudget,
+    TlsSession, Upstream, Verdict, client_closed,
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -245,7 +248,109 @@ struct Conn {
     /// The backend's side of a switch passed on to the client (a `101`): once hyper is done
     /// with the connection, it becomes a tunnel to it.
     tunnel: Mutex<Option<OnUpgrade>>,
+    /// An HTTP/2 connection's streams.
+    h2: Option<Streams>,
+    /// HTTP/1.1: a second handle on the client's socket, to notice it closing while a
+    /// request waits for its backend (hyper does not read the socket then).
+    closing: Option<TcpStream>,
 }
+
+impl Conn {
+    /// Resolves once the client of an HTTP/1.1 connection has closed it (its socket reads
+    /// as ended or reset, nothing before that); never if the socket cannot be watched or holds
+    /// bytes (a pipelined request: the client is there).
+    async fn client_gone(&self) {
+        let Some(tcp) = &self.closing else {
+            return std::future::pending().await;
+        };
+        let mut byte = [0u8; 1];
+        if let Ok(1..) = tcp.peek(&mut byte).await {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The watch [`Conn::client_gone`] reads: the client's socket, duplicated (only peeked at;
+/// closing the duplicate does not close the connection).
+fn closing_watch(tcp: &TcpStream) -> Option<TcpStream> {
+    let fd = tcp.as_fd().try_clone_to_owned().ok()?;
+    TcpStream::from_std(std::net::TcpStream::from(fd)).ok()
+}
+
+/// The streams of one HTTP/2 connection: how many are being answered, since when none is,
+/// and the client's cancellations against their budget.
+struct Streams {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    resets: Mutex<ResetBudget>,
+    /// Signalled once the client has cancelled more streams than its budget.
+    flood: Notify,
+}
+
+impl Streams {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(now()),
+            resets: Mutex::new(ResetBudget::new(limits.max_cancels())),
+            flood: Notify::new(),
+        }
+    }
+
+    /// How long no stream has been answered (zero while one is).
+    fn idle_for(&self, now: Instant) -> Duration {
+        if self.open.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let since = *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        now.saturating_duration_since(since)
+    }
+
+    fn cancelled(&self, now: Instant) {
+        let over = self
+            .resets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cancelled(now);
+        if over {
+            self.flood.notify_one();
+        }
+    }
+}
+
+/// A stream of an HTTP/2 connection being answered, from its request to the end of its
+/// response body (a long download keeps the connection from counting as idle).
+struct OpenStream(Arc<Conn>);
+
+impl OpenStream {
+    fn enter(conn: Arc<Conn>) -> Self {
+        if let Some(streams) = &conn.h2 {
+            streams.open.fetch_add(1, Ordering::Relaxed);
+        }
+        Self(conn)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(streams) = &self.0.h2 {
+            *streams
+                .idle_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = now();
+            streams.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Streams reset by the client before hyper took them, held at most, and streams the
+/// gateway had to reset for the client's protocol errors over a connection's life: past
+/// either, the HTTP/2 layer sends `GOAWAY` (`ENHANCE_YOUR_CALM`). hyper's defaults, stated.
+const MAX_PENDING_RESETS: usize = 20;
+const MAX_ERROR_RESETS: usize = 1024;
 
 /// One accepted connection: the TLS handshake first on a TLS listener (bounded by its
 /// timeout, counted), then HTTP.
@@ -255,9 +360,14 @@ async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     };
     let _ = tcp.set_nodelay(true);
     let Some((acceptor, timeout)) = &shared.tls else {
-        serve(shared, tcp, peer, local, Conn::default()).await;
+        let conn = Conn {
+            closing: closing_watch(&tcp),
+            ..Conn::default()
+        };
+        serve(shared, tcp, peer, local, conn).await;
         return;
     };
+    let closing = closing_watch(&tcp);
     let stream = match tokio::time::timeout(*timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -272,16 +382,122 @@ async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     shared.gateway().handshake(Handshake::Done);
-    let sni = stream
-        .get_ref()
-        .1
+    let session = stream.get_ref().1;
+    let sni = session
         .server_name()
         .map(|n| Arc::from(n.to_ascii_lowercase()));
+    if session.alpn_protocol() == Some(b"h2") {
+        let conn = Conn {
+            tls: Some(sni),
+            h2: Some(Streams::new(&shared.limits)),
+            ..Conn::default()
+        };
+        serve_h2(shared, stream, peer, local, conn).await;
+        return;
+    }
     let conn = Conn {
         tls: Some(sni),
+        closing,
         ..Conn::default()
     };
     serve(shared, stream, peer, local, conn).await;
+}
+
+/// Serves an HTTP/2 connection: at most `max_streams` streams at once, heads bounded by the
+/// header list size (and then by the gateway as HTTP/1.1 heads are), the connection sent
+/// away once no stream has been open for the header timeout, or once its client cancels
+/// streams faster than its budget (rapid reset); then given the header timeout to finish.
+async fn serve_h2<S>(
+    shared: &Arc<Shared>,
+    io: S,
+    peer: SocketAddrV4,
+    local: SocketAddrV4,
+    conn: Conn,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = shared.limits;
+    shared.gateway().h2_connection();
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(limits.h2_header_list_size())
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_ERROR_RESETS)
+        // A peer that stops answering pings while its streams wait is gone.
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(limits.header_timeout);
+    let conn = Arc::new(conn);
+    let svc_shared = Arc::clone(shared);
+    let svc_conn = Arc::clone(&conn);
+    let service = service_fn(move |req| {
+        let shared = Arc::clone(&svc_shared);
+        let conn = Arc::clone(&svc_conn);
+        async move {
+            let open = OpenStream::enter(Arc::clone(&conn));
+            let res = handle(&shared, peer, local, &conn, req).await;
+            // The stream stays open while its body is sent: the guard goes with the body.
+            Ok::<_, Infallible>(res.map(|body| {
+                body.map_frame(move |frame| {
+                    let _open = &open;
+                    frame
+                })
+                .boxed()
+            }))
+        }
+    });
+    let Some(streams) = conn.h2.as_ref() else {
+        return;
+    };
+    let served = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let period = (limits.header_timeout / 4).max(Duration::from_millis(25));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let flood = loop {
+        tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    if is_reset_flood(&e) {
+                        shared.gateway().reset_flood();
+                    }
+                    tracing::debug!(client = %peer, "http/2 connection: {e}");
+                }
+                return;
+            }
+            () = streams.flood.notified() => break true,
+            _ = tick.tick() => {
+                if streams.idle_for(now()) >= limits.header_timeout {
+                    break false;
+                }
+            }
+        }
+    };
+    if flood {
+        shared.gateway().reset_flood();
+        tracing::debug!(client = %peer, "http/2 client cancels streams too fast: GOAWAY");
+    }
+    served.as_mut().graceful_shutdown();
+    if tokio::time::timeout(limits.header_timeout, served)
+        .await
+        .is_err()
+    {
+        tracing::debug!(client = %peer, "http/2 connection did not finish after GOAWAY: closed");
+    }
+}
+
+/// Whether hyper's HTTP/2 layer ended the connection for the client's resets (its own
+/// bounds, [`MAX_PENDING_RESETS`] and [`MAX_ERROR_RESETS`]).
+fn is_reset_flood(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = s.source();
+    }
+    false
 }
 
 async fn serve<S>(shared: &Arc<Shared>, io: S, peer: SocketAddrV4, local: SocketAddrV4, conn: Conn)
@@ -473,9 +689,57 @@ fn log(
     }
 }
 
+/// A request being answered. Dropped before it is marked done, its client cancelled it:
+/// hyper drops the answer of an HTTP/2 stream the client reset, or of a connection gone. It
+/// is then counted and logged as 499, its backend (if it had one) released without a
+/// failure, and on HTTP/2 charged to the connection's reset budget.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    conn: &'a Conn,
+    client: SocketAddrV4,
+    line: &'a str,
+    started: Instant,
+    /// The backend it was forwarded to, while waiting for its answer.
+    upstream: Option<Upstream>,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let now = now();
+        let (route, to) = match self.upstream.take() {
+            Some(up) => {
+                let mut gateway = self.shared.gateway();
+                gateway.finish(now, &up, Outcome::Cancelled);
+                (gateway.route_name(up.route), up.addr.to_string())
+            }
+            None => {
+                self.shared.gateway().cancelled();
+                ("-".to_owned(), "client cancelled".to_owned())
+            }
+        };
+        log(
+            self.shared,
+            self.client,
+            self.line,
+            &route,
+            client_closed(),
+            &to,
+            self.started.elapsed(),
+        );
+        if let Some(streams) = &self.conn.h2 {
+            streams.cancelled(now);
+        }
+    }
+}
+
 /// Answers one request. A request asking to upgrade gets the switch (`101`, then the
 /// connection is a tunnel) or an answer that closes the connection: the framing guard holds
-/// back what the client sent after it.
+/// back what the client sent after it. HTTP/2 has no upgrade (its connection-specific
+/// fields make a request malformed, refused by the HTTP/2 layer) and no `Connection` field.
 async fn handle(
     shared: &Arc<Shared>,
     client: SocketAddrV4,
@@ -483,45 +747,127 @@ async fn handle(
     conn: &Conn,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let asked = hygiene::upgrade_requested(req.headers());
-    let mut res = answer(shared, client, local, conn, req).await;
-    if asked && res.status() != StatusCode::SWITCHING_PROTOCOLS {
+    let version = req.version();
+    let h2 = version == Version::HTTP_2;
+    let asked = !h2 && hygiene::upgrade_requested(req.headers());
+    let target = if h2 {
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), ToString::to_string)
+    } else {
+        req.uri().to_string()
+    };
+    let line = format!("{} {target} {version:?}", req.method());
+    let mut flight = InFlight {
+        shared,
+        conn,
+        client,
+        line: &line,
+        started: now(),
+        upstream: None,
+        done: false,
+    };
+    let Some(mut res) = answer(shared, local, conn, &mut flight, req).await else {
+        // Counted and logged as the flight drops; the answer goes nowhere.
+        drop(flight);
+        return text(client_closed(), "client closed request", true);
+    };
+    flight.done = true;
+    if h2 {
+        res.headers_mut().remove(header::CONNECTION);
+    } else if asked && res.status() != StatusCode::SWITCHING_PROTOCOLS {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     res
 }
 
+/// Reads a request body of at most `limit` bytes, each read within `idle` of the last;
+/// `Ok(None)`: the client went away in the middle of it.
+async fn read_body(body: Incoming, limit: usize, idle: Duration) -> Result<Option<Bytes>, Refusal> {
+    let mut body = Limited::new(body, limit);
+    let mut read = Vec::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    reason: "request body timed out",
+                });
+            }
+            Ok(None) => return Ok(Some(Bytes::from(read))),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    read.extend_from_slice(&data);
+                }
+            }
+            Ok(Some(Err(e))) if e.is::<LengthLimitError>() => {
+                return Err(Refusal {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    reason: "body too large",
+                });
+            }
+            Ok(Some(Err(e))) if client_went_away(&*e) => return Ok(None),
+            Ok(Some(Err(_))) => return Err(Refusal::bad("body unreadable")),
+        }
+    }
+}
+
+/// Whether a body error is the client going away: the connection ended mid-body, the
+/// stream was reset.
+fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+            return matches!(io.kind(), UnexpectedEof | ConnectionReset | BrokenPipe);
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote() || h2.is_io();
+        }
+        cause = e.source();
+    }
+    false
+}
+
 async fn answer(
     shared: &Arc<Shared>,
-    client: SocketAddrV4,
     local: SocketAddrV4,
     conn: &Conn,
+    flight: &mut InFlight<'_>,
     req: Request<Incoming>,
-) -> Response<Body> {
-    let started = now();
-    let line = format!("{} {}", req.method(), req.uri());
+) -> Option<Response<Body>> {
+    let (client, line, started) = (flight.client, flight.line, flight.started);
     let refuse = |status: StatusCode, why: &str| {
         shared.gateway().refused(status);
-        log(shared, client, &line, "-", status, why, started.elapsed());
+        log(shared, client, line, "-", status, why, started.elapsed());
         text(status, why, true)
     };
     let (mut head, body) = req.into_parts();
+    if head.version == Version::HTTP_2 {
+        // The bounds the framing guard puts on an HTTP/1.1 head.
+        if let Err(r) = hygiene::check_h2_head(&head, shared.limits.max_header_bytes) {
+            return Some(refuse(r.status, r.reason));
+        }
+        hygiene::join_cookies(&mut head.headers);
+    }
     let max_body = shared.limits.max_body_bytes;
     match hygiene::content_length(&head.headers) {
         Ok(Some(n)) if n > max_body => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+            return Some(refuse(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
         }
         Ok(_) => {}
-        Err(r) => return refuse(r.status, r.reason),
+        Err(r) => return Some(refuse(r.status, r.reason)),
     }
     let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
-        }
-        Err(_) => return refuse(StatusCode::BAD_REQUEST, "body unreadable"),
+    let body = match read_body(body, limit, shared.limits.header_timeout).await {
+        Ok(b) => b?,
+        Err(r) => return Some(refuse(r.status, r.reason)),
     };
 
     let tls = conn.tls.as_ref().map(|sni| TlsSession {
@@ -536,40 +882,35 @@ async fn answer(
             location,
             reason,
         }) => {
-            log(
-                shared,
-                client,
-                &line,
-                "-",
-                status,
-                reason,
-                started.elapsed(),
-            );
+            log(shared, client, line, "-", status, reason, started.elapsed());
             let close = status.is_client_error() && status != StatusCode::NOT_FOUND;
             let mut res = text(status, reason, close);
             if let Some(location) = location {
                 res.headers_mut().insert(header::LOCATION, location);
             }
-            return res;
+            return Some(res);
         }
         Verdict::Forward(up) => up,
     };
+    flight.upstream = Some(up.clone());
 
     let uri = format!("http://{}{}", up.addr, up.path_and_query);
     match uri.parse() {
         Ok(uri) => head.uri = uri,
         Err(_) => {
             shared.gateway().finish(now(), &up, Outcome::Broken);
-            return text(StatusCode::BAD_GATEWAY, "unforwardable target", false);
+            return Some(text(StatusCode::BAD_GATEWAY, "unforwardable target", false));
         }
     }
     head.version = Version::HTTP_11;
     let upstream = Request::from_parts(head, Full::new(body));
-    let sent = tokio::time::timeout(
-        shared.limits.upstream_timeout,
-        shared.client.request(upstream),
-    )
-    .await;
+    let sent = tokio::select! {
+        sent = tokio::time::timeout(
+            shared.limits.upstream_timeout,
+            shared.client.request(upstream),
+        ) => sent,
+        () = conn.client_gone() => return None,
+    };
     let (outcome, response) = match sent {
         Err(_) => (Outcome::TimedOut, None),
         Ok(Err(e)) if e.is_connect() => (Outcome::Refused, None),
@@ -584,18 +925,19 @@ async fn answer(
         Ok(Ok(res)) => (Outcome::Answered(res.status()), Some(res)),
     };
     // The backend is released at the response head: its counters measure time to answer.
+    flight.upstream = None;
     shared.gateway().finish(now(), &up, outcome);
     let route = shared.gateway().route_name(up.route);
     log(
         shared,
         client,
-        &line,
+        line,
         &route,
         outcome.status(),
         &up.addr.to_string(),
         started.elapsed(),
     );
-    match response {
+    let res = match response {
         Some(mut res) if res.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let switched = hyper::upgrade::on(&mut res);
             *conn.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(switched);
@@ -634,5 +976,6 @@ async fn answer(
             };
             text(outcome.status(), why, false)
         }
-    }
+    };
+    Some(res)
 }

@@ -209,8 +209,8 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// rustls' server configuration for `tls`: TLS 1.2 and 1.3 only, ALPN `http/1.1`, the
-/// certificate by SNI.
+/// rustls' server configuration for `tls`: TLS 1.2 and 1.3 only, ALPN from `tls.alpn`
+/// (preferred first), the certificate by SNI.
 ///
 /// # Errors
 /// The first certificate or key that cannot be used.
@@ -229,6 +229,10 @@ pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsErr
         .map_err(|e| TlsError::Provider(e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = tls
+        .alpn
+        .iter()
+        .map(|a| a.as_str().as_bytes().to_vec())
+        .collect();
     Ok(Arc::new(config))
 }

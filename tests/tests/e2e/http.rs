@@ -1,5 +1,5 @@
-//! HTTP (L7) virtual services end to end: a director namespace runs `vipgate run` with
-//! `[[http]]`, two real servers run python3 http.server handlers that answer with their name,
+//! HTTP (L7) virtual services end to end (HTTP/1.1, and HTTP/2 over TLS from curl and
+//! h2load): a director namespace runs `vipgate run` with `[[http]]`, two real servers run python3 http.server handlers that answer with their name,
 //! the path they got, the `X-Forwarded-For` they saw and the SHA-256 of the body, and log every
 //! request line they receive; a client namespace talks to the director with curl and raw
 //! sockets.
@@ -41,6 +41,7 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = answer
     def log_message(self, *args):
         pass
+ThreadingHTTPServer.request_queue_size = 256
 ThreadingHTTPServer((addr, port), Handler).serve_forever()
 "#;
 
@@ -399,7 +400,7 @@ backends = [{{ address = "10.0.0.102:8000" }}]
         lab.t.sh(
             "cl",
             &format!(
-                "curl -sS -v --max-time 10 --cacert {ca} --resolve {name}:443:{GATEWAY} https://{name}/x 2>&1"
+                "curl -sS -v --http1.1 --max-time 10 --cacert {ca} --resolve {name}:443:{GATEWAY} https://{name}/x 2>&1"
             ),
         )
     };
@@ -641,4 +642,180 @@ backends = [{ address = "10.0.0.101:8000" }, { address = "10.0.0.102:8000" }]
     assert!(without.iter().any(|b| b == "rs2"), "{without:?}");
     let json = lab.t.show("dir", &lab.control, Show::Http);
     assert_eq!(counter(&json[0], &["pools", "0", "requests"]), 21, "{json}");
+}
+
+#[test]
+fn http2_over_tls_routes_as_http1_and_keeps_its_limits() {
+    let t = e2e!();
+    let (cert, key) = openssl_cert(&t, "example.com", "DNS:*.example.com");
+    let site = format!(
+        r#"
+[[http]]
+name = "h2"
+listen = "{GATEWAY}:443"
+access_log = true
+max_header_bytes = 2048
+max_streams = 32
+tls = {{ alpn = ["h2", "http/1.1"], certs = [{{ cert_file = "{cert}", key_file = "{key}" }}] }}
+
+[[http.route]]
+name = "api"
+host = ["api.example.com"]
+path_prefix = ["/api/"]
+pool = "api"
+strip_prefix = "/api"
+
+[[http.route]]
+name = "app"
+host = ["app.example.com"]
+pool = "app"
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "web"
+backends = [{{ address = "10.0.0.101:8000" }}]
+
+[[http.pool]]
+name = "api"
+backends = [{{ address = "10.0.0.102:8000" }}]
+
+[[http.pool]]
+name = "app"
+cookie = {{ name = "SRV", nocache = true }}
+backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}]
+"#
+    );
+    let lab = Lab::with_site(t, &site, 443);
+    let dir = lab.t.dir().display().to_string();
+    // curl over HTTP/2 to NAME: the body, then the HTTP version and the status code.
+    let h2 = |name: &str, args: &str| -> (String, String) {
+        let out = lab.t.sh(
+            "cl",
+            &format!(
+                "curl -sS --http2 --max-time 10 --cacert {cert} --resolve {name}:443:{GATEWAY} \
+                 -w '\\n%{{http_version}} %{{http_code}}' {args}"
+            ),
+        );
+        let (body, tail) = out.trim().rsplit_once('\n').unwrap_or(("", out.trim()));
+        (body.trim().to_owned(), tail.to_owned())
+    };
+
+    // Host and path pick the pool, the prefix is stripped, the query kept; the backend sees
+    // the client's address and https.
+    let (body, tail) = h2("api.example.com", "'https://api.example.com/api/items?x=1'");
+    assert_eq!(tail, "2 200");
+    assert!(
+        body.starts_with("rs2 /items?x=1 xff=198.51.100.200 proto=https "),
+        "{body}"
+    );
+    // The same path on another host: the default pool, path untouched.
+    let (body, tail) = h2("www.example.com", "https://www.example.com/api/items");
+    assert_eq!(tail, "2 200");
+    assert!(
+        body.starts_with("rs1 /api/items xff=198.51.100.200 "),
+        "{body}"
+    );
+    // A forged X-Forwarded-For is replaced.
+    let (body, _) = h2(
+        "www.example.com",
+        "-H 'X-Forwarded-For: 6.6.6.6' https://www.example.com/",
+    );
+    assert!(body.starts_with("rs1 / xff=198.51.100.200 "), "{body}");
+    // A body arrives intact (by hash) through HTTP/2 → HTTP/1.1.
+    lab.t
+        .sh("cl", &format!("head -c 300000 /dev/urandom > {dir}/up.bin"));
+    let want = lab.t.sh("cl", &format!("sha256sum {dir}/up.bin"));
+    let want = want.split_whitespace().next().unwrap_or("-").to_owned();
+    let (body, tail) = h2(
+        "www.example.com",
+        &format!("--data-binary @{dir}/up.bin https://www.example.com/upload"),
+    );
+    assert_eq!(tail, "2 200");
+    assert!(
+        body.ends_with(&format!("sha256={want}")),
+        "{body} vs {want}"
+    );
+
+    // Stickiness over HTTP/2: the cookie set on the first answer keeps the next ten on one
+    // backend; it is taken out upstream, other cookies stay.
+    let jar = format!("{dir}/jar.txt");
+    let (first, _) = h2(
+        "app.example.com",
+        &format!("-c {jar} https://app.example.com/"),
+    );
+    let picked = first.split_whitespace().next().unwrap_or("-").to_owned();
+    let bodies: Vec<String> = (0..10)
+        .map(|_| {
+            h2(
+                "app.example.com",
+                &format!("-b {jar} -b other=1 https://app.example.com/"),
+            )
+            .0
+        })
+        .collect();
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b.starts_with(&format!("{picked} / "))),
+        "{picked}: {bodies:?}"
+    );
+    assert!(
+        bodies.iter().all(|b| b.contains(" cookie=other=1 ")),
+        "{bodies:?}"
+    );
+
+    // A head over max_header_bytes: 431 on HTTP/2 too, and no backend sees it.
+    let long = "a".repeat(3000);
+    let (_, tail) = h2(
+        "www.example.com",
+        &format!("-H 'X-Long: {long}' https://www.example.com/too-long"),
+    );
+    assert_eq!(tail, "2 431");
+    // HTTP/1.1 is still offered.
+    let out = lab.t.sh(
+        "cl",
+        &format!(
+            "curl -sS --http1.1 --max-time 10 --cacert {cert} --resolve www.example.com:443:{GATEWAY} \
+             -o /dev/null -w '%{{http_version}} %{{http_code}}' https://www.example.com/one"
+        ),
+    );
+    assert_eq!(out.trim(), "1.1 200");
+
+    // h2load: 4 connections, 32 streams each at once (the limit), 4000 requests.
+    let out = lab.t.sh(
+        "cl",
+        &format!("h2load -n 4000 -c 4 -m 32 https://{GATEWAY}/load 2>&1"),
+    );
+    assert!(out.contains("Application protocol: h2"), "{out}");
+    assert!(
+        out.contains("4000 total, 4000 started, 4000 done, 4000 succeeded, 0 failed"),
+        "{out}"
+    );
+    assert!(out.contains("status codes: 4000 2xx"), "{out}");
+
+    assert!(!lab.requests_seen("rs1").contains("/too-long"));
+    assert!(!lab.requests_seen("rs2").contains("/too-long"));
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let gw = &json[0];
+    // 16 curl connections over HTTP/2, 4 from h2load.
+    assert_eq!(counter(gw, &["tls", "h2"]), 20, "{json}");
+    assert_eq!(counter(gw, &["tls", "reset_floods"]), 0, "{json}");
+    assert_eq!(counter(gw, &["refused"]), 1, "{json}");
+    assert_eq!(counter(gw, &["cancelled"]), 0, "{json}");
+    assert_eq!(counter(gw, &["routes", "0", "requests"]), 1, "{json}");
+    assert_eq!(counter(gw, &["routes", "1", "requests"]), 11, "{json}");
+    assert_eq!(counter(gw, &["routes", "2", "requests"]), 4004, "{json}");
+    assert_eq!(counter(gw, &["responses", "success"]), 4016, "{json}");
+    let text = lab.t.sh(
+        "dir",
+        &format!(
+            "{} show http --control {}",
+            vipgate_tests::vipgate_bin().display(),
+            lab.control
+        ),
+    );
+    assert!(text.contains("http/2: 20 connections"), "{text}");
 }
