@@ -817,9 +817,8 @@ fn downloads_survive_the_crash_and_the_fail_back() {
 /// template and installed it into its pool when it became master. (Without sync d2 would
 /// schedule the client afresh: with rr, its first pick is the real server the other client
 /// was given, not X — not asserted, rr's order is no contract.)
-#[test]
-fn a_persistent_client_keeps_its_real_server_across_the_master_crash() {
-    let lab = Lab::new(e2e!(), "tun").sticky();
+fn a_persistent_client_keeps_its_real_server(t: Topology, datapath: &'static str) {
+    let lab = Lab::new(t, datapath).sticky();
     let mut d1 = lab.start("d1", 150);
     let d2 = lab.start("d2", 100);
     lab.wait_paired(&d1, &d2);
@@ -878,4 +877,14 @@ fn a_persistent_client_keeps_its_real_server_across_the_master_crash() {
         counter(&sticky, &["counters", "persistent_hits"]) >= 6,
         "{sticky}"
     );
+}
+
+#[test]
+fn a_persistent_client_keeps_its_real_server_across_the_master_crash() {
+    a_persistent_client_keeps_its_real_server(e2e!(), "kernel");
+}
+
+#[test]
+fn a_persistent_client_keeps_its_real_server_across_the_master_crash_tun() {
+    a_persistent_client_keeps_its_real_server(e2e!(), "tun");
 }
