@@ -508,6 +508,33 @@ mod tests {
         assert_eq!(p.len(), MAX_TEMPLATES);
     }
 
+    /// The journal holds one mark per client network, at most MAX_TEMPLATES: one more
+    /// network overflows it, and the next drain sends every template instead (then it marks
+    /// again).
+    #[test]
+    fn the_journal_is_bounded_and_an_overflow_sends_everything() {
+        let mut p = PersistTable::new(Persistence::new(T));
+        p.set_journal(true);
+        let t0 = testkit::epoch();
+        let addr = |_| Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80));
+        let client = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+        for _ in 0..3 {
+            p.bind(t0, client(0), BackendId(1));
+        }
+        assert_eq!(p.take_changes(t0, addr).len(), 1, "one mark per network");
+        let n = MAX_TEMPLATES as u32 + 1;
+        for i in 0..n {
+            assert!(p.bind_capped(t0, client(i), BackendId(1), n as usize));
+        }
+        let j = p.journal.as_ref().unwrap();
+        assert!(j.overflowed && j.dirty.is_empty(), "bounded: no mark kept");
+        let all = p.take_changes(t0, addr);
+        assert_eq!(all.len(), n as usize);
+        assert!(all.iter().all(|c| matches!(c, TemplateChange::Live(_))));
+        p.bind(t0, client(5), BackendId(1));
+        assert_eq!(p.take_changes(t0, addr).len(), 1, "marking again");
+    }
+
     #[test]
     fn reuse_rearms_without_growing_the_heap() {
         let mut p = PersistTable::new(Persistence::new(T));

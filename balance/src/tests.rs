@@ -328,6 +328,31 @@ fn template_changes_are_journaled_and_exported_by_backend_address() {
     );
 }
 
+/// The journal stays on across a reload, also when persistence is turned off and on again
+/// (a new template table).
+#[test]
+fn the_template_journal_survives_a_reconfigure() {
+    let mut p = persistent_pool(vec![be(1, 1), be(2, 1)]);
+    p.set_template_journal(true);
+    let t0 = epoch();
+    let config = |persistence| PoolConfig {
+        scheduler: SchedulerKind::Rr,
+        persistence,
+        backends: vec![be(1, 1), be(2, 1)],
+        ..PoolConfig::default()
+    };
+    p.reconfigure(config(None)).unwrap();
+    p.reconfigure(config(Some(Persistence::new(Duration::from_secs(60)))))
+        .unwrap();
+    let c = client(3);
+    pick(&mut p, t0, c).unwrap();
+    let changes = p.take_template_changes(t0);
+    assert!(
+        matches!(changes.as_slice(), [TemplateChange::Live(t)] if t.client == *c.ip() && t.remaining == Duration::from_secs(60)),
+        "{changes:?}"
+    );
+}
+
 /// A peer's template lands on the backend with the same address, whatever its id here; one
 /// for an address the pool does not have, or into a pool without persistence, is refused;
 /// this node's own template wins; the lifetime is capped at this pool's timeout.

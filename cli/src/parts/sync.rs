@@ -375,7 +375,8 @@ struct Follower {
     gw: Arc<Mutex<natgw::Gateway>>,
     commands: mpsc::Sender<Command>,
     followed: Arc<Mutex<Followed>>,
-    /// Opened at the first snapshot received as backup: VRRP may preempt from then on.
+    /// Opened at the first snapshot received from the master (the owner flag): VRRP may
+    /// preempt from then on.
     gate: Option<watch::Sender<bool>>,
 }
 
