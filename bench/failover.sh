@@ -18,10 +18,14 @@
 # external cache, keepalived's notify_master running `conntrackd -c; -f; -R; -B`
 # (primary-backup.sh), nf_conntrack_tcp_be_liberal=1 on both gateways.
 #
+# The control, vipgate-nosync: vipgate without [sync] (the new master knows no mapping),
+# which shows what the figure is worth: a flow survives only by the state synced.
+#
 # Metric: flows_surviving_pct_crash (percent of FLOWS).
 #
 # Usage (root): bench/failover.sh [RUNS]   (RUNS=3, FLOWS=1000, SETTLE=3, ONLY,
-# MODES="vipgate conntrackd", VIPGATE_BIN: see bench/README.md; DUR is not used)
+# MODES="vipgate conntrackd vipgate-nosync", VIPGATE_BIN: see bench/README.md; DUR is not
+# used)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -53,9 +57,12 @@ lab_up() {
   forwarding "$P-g2"
 }
 
-# start_vipgate HOST PRIORITY ME PEER
+# start_vipgate HOST PRIORITY ME PEER [nosync]
 start_vipgate() {
-  local h=$1 prio=$2 me=$3 peer=$4
+  local h=$1 prio=$2 me=$3 peer=$4 sync
+  sync=$(printf '[sync]\npeers = ["%s"]\nlisten = "%s"\nkey_file = "%s"\nvrrp = "outside"\n' \
+    "$peer" "$me" "$WORK/sync.key")
+  [ "${5:-}" != nosync ] || sync=
   cat > "$WORK/$h.toml" <<EOF
 [daemon]
 control = "$WORK/$h.sock"
@@ -88,15 +95,13 @@ priority = $prio
 advert_interval = "100ms"
 addresses = ["192.168.101.1/24"]
 
-[sync]
-peers = ["$peer"]
-listen = "$me"
-key_file = "$WORK/sync.key"
-vrrp = "outside"
+$sync
 EOF
   spawn "$h" "$VIPGATE_BIN" run -c "$WORK/$h.toml" > "$WORK/$h.log" 2>&1
   disown "$SPAWNED"   # killed with its host: no job report
 }
+
+start_vipgate-nosync() { start_vipgate "$@" nosync; }
 
 # start_conntrackd HOST PRIORITY ME PEER: nftables NAT, conntrackd, keepalived.
 start_conntrackd() {
@@ -233,7 +238,7 @@ echo "conntrackd: $(conntrackd -v 2>&1 | head -1); keepalived: $(keepalived --ve
 metric=flows_surviving_pct_crash
 if want_metric "$metric"; then
   for rep in $(seq "$RUNS"); do
-    for mode in $(bench_order "$rep" vipgate conntrackd); do
+    for mode in $(bench_order "$rep" vipgate conntrackd vipgate-nosync); do
       want_mode "$mode" || continue
       echo "repetition $rep/$RUNS: $metric $mode" >&2
       if one_run "$mode"; then
