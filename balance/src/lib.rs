@@ -19,6 +19,8 @@
 //!  flow events ─► established(..) / transition(..) / closed(..)  (feed lc / wlc, hold templates)
 //!  operator    ─► set_weight(addr, w) (0 = drain), set_weights(..) (canary_weights: a share),
 //!                 set_health(id, up/down), reconfigure(cfg)
+//!  flow sync   ─► set_template_journal(on), take_template_changes(now), export_templates(now)
+//!                 (master); install_template(now, image) (a backup that became master)
 //! ```
 //!
 //! A backend is *eligible* for new flows when it is healthy, has a weight above 0 and is still
@@ -75,7 +77,7 @@ pub use backend::{AdminState, Backend, BackendId, BackendState, BackendStats, Co
 pub use canary::{CanaryError, CanaryWeights, canary_weights};
 pub use error::PoolError;
 pub use locality::{LOCALITY_EXPIRY, LOCALITY_RECLAIM_IDLE, MAX_LOCALITY_ENTRIES};
-pub use persist::{MAX_TEMPLATES, Persistence};
+pub use persist::{MAX_TEMPLATES, Persistence, TemplateChange, TemplateImage, TemplateRefused};
 pub use pool::{
     BackendConfig, Decision, Direction, MAX_BACKENDS, MAX_WEIGHT, Pool, PoolConfig, PoolStats,
     SchedulerKind, UnknownScheduler,

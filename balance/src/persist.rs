@@ -16,11 +16,20 @@
 //! entries): a new client network beyond it is refused a template in O(1) (its connection is
 //! still scheduled, just not pinned) and counted, so a flood of distinct sources cannot grow
 //! the table; templates free their slots by expiring as usual.
+//!
+//! Flow sync (a pair of directors): with the journal on ([`PersistTable::set_journal`]) every
+//! template created, re-pointed, refreshed (a new connection, the end of the last established
+//! one) or removed (expiry, its backend freed, a regrouping) marks its client network; a drain
+//! turns the marks into [`TemplateChange`]s with the template's state at that moment. The
+//! journal holds at most [`MAX_TEMPLATES`] marks (one per client network, however often it
+//! changes); past that it overflows and the next drain sends every template instead. A peer's
+//! template is installed with [`PersistTable::install`]: bounded like a local one, and never
+//! over a template this node made itself.
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap};
-use std::net::Ipv4Addr;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use crate::backend::BackendId;
@@ -69,6 +78,52 @@ impl Persistence {
     }
 }
 
+/// A persistence template as flow sync carries it between directors
+/// ([`Pool::export_templates`](crate::Pool::export_templates),
+/// [`Pool::install_template`](crate::Pool::install_template)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TemplateImage {
+    /// The client network: the client's address masked with the persistence netmask.
+    pub client: Ipv4Addr,
+    /// The backend the client network sticks to, by address (ids are local to a pool).
+    pub backend: SocketAddrV4,
+    /// Time left before it expires unless renewed: the full timeout while the client network
+    /// has an established connection.
+    pub remaining: Duration,
+}
+
+/// One change of a journaled template ([`Pool::take_template_changes`](crate::Pool::take_template_changes)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TemplateChange {
+    /// Created, re-pointed or refreshed: its state now.
+    Live(TemplateImage),
+    /// Expired or forgotten: the client network it was for.
+    Gone(Ipv4Addr),
+}
+
+/// Why a peer's template was not installed
+/// ([`Pool::install_template`](crate::Pool::install_template)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateRefused {
+    /// This pool has no persistence (the peers' configurations differ).
+    #[error("the service has no persistence")]
+    NoPersistence,
+    /// No backend of this pool has the template's address.
+    #[error("backend {0} is not in the pool")]
+    UnknownBackend(SocketAddrV4),
+    /// The pool already holds [`MAX_TEMPLATES`] templates.
+    #[error("the pool holds {max} templates already", max = MAX_TEMPLATES)]
+    Full,
+}
+
+/// The marks of a journal: the client networks whose template changed since the last drain.
+#[derive(Debug, Clone, Default)]
+struct Journal {
+    dirty: HashSet<u32>,
+    /// More than [`MAX_TEMPLATES`] networks changed: the next drain sends every template.
+    overflowed: bool,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Template {
     backend: BackendId,
@@ -84,6 +139,8 @@ pub(crate) struct PersistTable {
     params: Persistence,
     templates: HashMap<u32, Template>,
     deadlines: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// Off (`None`) unless flow sync needs the changes.
+    journal: Option<Journal>,
 }
 
 impl PersistTable {
@@ -92,7 +149,152 @@ impl PersistTable {
             params,
             templates: HashMap::new(),
             deadlines: BinaryHeap::new(),
+            journal: None,
         }
+    }
+
+    /// Turns the journal on (empty) or off.
+    pub(crate) fn set_journal(&mut self, on: bool) {
+        self.journal = on.then(Journal::default);
+    }
+
+    /// Makes the next drain send every template (the table was rebuilt under a journal).
+    pub(crate) fn journal_overflowed(&mut self) {
+        if let Some(j) = &mut self.journal {
+            j.dirty.clear();
+            j.overflowed = true;
+        }
+    }
+
+    /// Marks `key`'s template as changed.
+    fn note(&mut self, key: u32) {
+        let Some(j) = &mut self.journal else { return };
+        if j.overflowed {
+            return;
+        }
+        if j.dirty.len() >= MAX_TEMPLATES && !j.dirty.contains(&key) {
+            j.dirty.clear();
+            j.overflowed = true;
+        } else {
+            j.dirty.insert(key);
+        }
+    }
+
+    /// Time left on a template at `now` (zero: no longer in force).
+    fn remaining(&self, t: &Template, now: Instant) -> Duration {
+        if t.live > 0 {
+            self.params.timeout
+        } else {
+            (t.last + self.params.timeout).saturating_duration_since(now)
+        }
+    }
+
+    fn image(
+        &self,
+        now: Instant,
+        key: u32,
+        t: &Template,
+        addr: &impl Fn(BackendId) -> Option<SocketAddrV4>,
+    ) -> Option<TemplateImage> {
+        let remaining = self.remaining(t, now);
+        if remaining.is_zero() {
+            return None;
+        }
+        Some(TemplateImage {
+            client: Ipv4Addr::from(key),
+            backend: addr(t.backend)?,
+            remaining,
+        })
+    }
+
+    /// Every template in force at `now`; `addr` names a backend id's address.
+    pub(crate) fn export(
+        &self,
+        now: Instant,
+        addr: impl Fn(BackendId) -> Option<SocketAddrV4>,
+    ) -> Vec<TemplateImage> {
+        self.templates
+            .iter()
+            .filter_map(|(&key, t)| self.image(now, key, t, &addr))
+            .collect()
+    }
+
+    /// The changes journaled since the last call (every template after an overflow); empty
+    /// when the journal is off.
+    pub(crate) fn take_changes(
+        &mut self,
+        now: Instant,
+        addr: impl Fn(BackendId) -> Option<SocketAddrV4>,
+    ) -> Vec<TemplateChange> {
+        let Some(j) = self.journal.as_mut() else {
+            return Vec::new();
+        };
+        let dirty = std::mem::take(&mut j.dirty);
+        if std::mem::take(&mut j.overflowed) {
+            return self
+                .export(now, addr)
+                .into_iter()
+                .map(TemplateChange::Live)
+                .collect();
+        }
+        dirty
+            .into_iter()
+            .map(|key| {
+                self.templates
+                    .get(&key)
+                    .and_then(|t| self.image(now, key, t, &addr))
+                    .map_or(
+                        TemplateChange::Gone(Ipv4Addr::from(key)),
+                        TemplateChange::Live,
+                    )
+            })
+            .collect()
+    }
+
+    /// Installs a peer's template for `client`'s network on `backend`, with `remaining` left
+    /// (at most this table's timeout). `Ok(false)`: nothing to do, this node has a template
+    /// for that network already (its own traffic made it, which wins) or none is left.
+    pub(crate) fn install(
+        &mut self,
+        now: Instant,
+        client: Ipv4Addr,
+        backend: BackendId,
+        remaining: Duration,
+    ) -> Result<bool, TemplateRefused> {
+        self.install_capped(now, client, backend, remaining, MAX_TEMPLATES)
+    }
+
+    fn install_capped(
+        &mut self,
+        now: Instant,
+        client: Ipv4Addr,
+        backend: BackendId,
+        remaining: Duration,
+        cap: usize,
+    ) -> Result<bool, TemplateRefused> {
+        let key = self.params.key(client);
+        let remaining = remaining.min(self.params.timeout);
+        if self.templates.contains_key(&key) || remaining.is_zero() {
+            return Ok(false);
+        }
+        if self.templates.len() >= cap {
+            return Err(TemplateRefused::Full);
+        }
+        // `last` such that the template expires `remaining` from now.
+        let last = now
+            .checked_sub(self.params.timeout - remaining)
+            .unwrap_or(now);
+        self.templates.insert(
+            key,
+            Template {
+                backend,
+                last,
+                live: 0,
+            },
+        );
+        self.deadlines.push(Reverse((now + remaining, key)));
+        self.note(key);
+        Ok(true)
     }
 
     pub(crate) fn params(&self) -> Persistence {
@@ -102,6 +304,10 @@ impl PersistTable {
     /// Changes timeout and netmask; a new netmask regroups clients, so templates start over.
     pub(crate) fn set_params(&mut self, params: Persistence) {
         if params.netmask != self.params.netmask {
+            let keys: Vec<u32> = self.templates.keys().copied().collect();
+            for key in keys {
+                self.note(key);
+            }
             self.templates.clear();
             self.deadlines.clear();
         }
@@ -152,29 +358,47 @@ impl PersistTable {
                     .push(Reverse((now + self.params.timeout, key)));
             }
         }
+        self.note(key);
         true
     }
 
     /// A connection of `client` became established: the template stays while it lasts.
     pub(crate) fn hold(&mut self, client: Ipv4Addr) {
-        if let Some(t) = self.templates.get_mut(&self.params.key(client)) {
+        let key = self.params.key(client);
+        if let Some(t) = self.templates.get_mut(&key) {
             t.live += 1;
+            if t.live == 1 {
+                self.note(key);
+            }
         }
     }
 
     /// An established connection of `client` ended (closing, reset or removed).
     pub(crate) fn release(&mut self, now: Instant, client: Ipv4Addr) {
-        if let Some(t) = self.templates.get_mut(&self.params.key(client)) {
+        let key = self.params.key(client);
+        if let Some(t) = self.templates.get_mut(&key) {
             t.live = t.live.saturating_sub(1);
             if t.live == 0 && now > t.last {
                 t.last = now;
+            }
+            if t.live == 0 {
+                self.note(key);
             }
         }
     }
 
     /// Forgets every template pointing at `backend` (its slot is about to be reused).
     pub(crate) fn forget_backend(&mut self, backend: BackendId) {
-        self.templates.retain(|_, t| t.backend != backend);
+        let gone: Vec<u32> = self
+            .templates
+            .iter()
+            .filter(|(_, t)| t.backend == backend)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in gone {
+            self.templates.remove(&key);
+            self.note(key);
+        }
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
@@ -199,6 +423,7 @@ impl PersistTable {
                 self.deadlines.push(Reverse((due, key)));
             } else {
                 self.templates.remove(&key);
+                self.note(key);
             }
         }
     }
@@ -281,6 +506,33 @@ mod tests {
             .count();
         assert_eq!(made, MAX_TEMPLATES);
         assert_eq!(p.len(), MAX_TEMPLATES);
+    }
+
+    /// The journal holds one mark per client network, at most MAX_TEMPLATES: one more
+    /// network overflows it, and the next drain sends every template instead (then it marks
+    /// again).
+    #[test]
+    fn the_journal_is_bounded_and_an_overflow_sends_everything() {
+        let mut p = PersistTable::new(Persistence::new(T));
+        p.set_journal(true);
+        let t0 = testkit::epoch();
+        let addr = |_| Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80));
+        let client = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+        for _ in 0..3 {
+            p.bind(t0, client(0), BackendId(1));
+        }
+        assert_eq!(p.take_changes(t0, addr).len(), 1, "one mark per network");
+        let n = MAX_TEMPLATES as u32 + 1;
+        for i in 0..n {
+            assert!(p.bind_capped(t0, client(i), BackendId(1), n as usize));
+        }
+        let j = p.journal.as_ref().unwrap();
+        assert!(j.overflowed && j.dirty.is_empty(), "bounded: no mark kept");
+        let all = p.take_changes(t0, addr);
+        assert_eq!(all.len(), n as usize);
+        assert!(all.iter().all(|c| matches!(c, TemplateChange::Live(_))));
+        p.bind(t0, client(5), BackendId(1));
+        assert_eq!(p.take_changes(t0, addr).len(), 1, "marking again");
     }
 
     #[test]

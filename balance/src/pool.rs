@@ -11,7 +11,7 @@ use crate::error::PoolError;
 use crate::lc::LeastConn;
 use crate::locality::Locality;
 use crate::mh::{DEFAULT_TABLE_SIZE, Maglev};
-use crate::persist::{PersistTable, Persistence};
+use crate::persist::{PersistTable, Persistence, TemplateChange, TemplateImage, TemplateRefused};
 use crate::rr::RoundRobin;
 use crate::sh::SourceHash;
 use crate::twos::TwoChoices;
@@ -440,6 +440,8 @@ pub struct Pool {
     live: u64,
     /// Some backend's slow start is pending or running.
     ramping: bool,
+    /// Persistence templates are journaled for flow sync.
+    template_journal: bool,
     stats: PoolStats,
 }
 
@@ -468,6 +470,7 @@ impl Pool {
                 .collect(),
             live: 0,
             ramping: false,
+            template_journal: false,
             stats: PoolStats::default(),
         };
         pool.scheduler.rebuild(&pool.slots);
@@ -556,9 +559,17 @@ impl Pool {
             self.kind = config.scheduler;
             self.mh_table_size = config.mh_table_size;
         }
+        let journal = self.template_journal;
         match (&mut self.persist, config.persistence) {
             (Some(t), Some(p)) => t.set_params(p),
-            (slot, p) => *slot = p.map(PersistTable::new),
+            (slot, p) => {
+                *slot = p.map(PersistTable::new);
+                // A new table under a journal: the next drain sends all of it (nothing yet).
+                if let Some(t) = slot.as_mut().filter(|_| journal) {
+                    t.set_journal(true);
+                    t.journal_overflowed();
+                }
+            }
         }
         self.sorry = config.sorry;
         self.hash_port = config.hash_port;
@@ -972,6 +983,66 @@ impl Pool {
     #[must_use]
     pub fn templates(&self) -> usize {
         self.persist.as_ref().map_or(0, PersistTable::len)
+    }
+
+    /// Turns the journal of persistence templates on (empty) or off, for flow sync: see
+    /// [`take_template_changes`](Self::take_template_changes). It stays on across
+    /// [`reconfigure`](Self::reconfigure). At most [`MAX_TEMPLATES`](crate::MAX_TEMPLATES)
+    /// client networks are marked between two drains (past that, the next drain sends every
+    /// template).
+    pub fn set_template_journal(&mut self, on: bool) {
+        self.template_journal = on;
+        if let Some(p) = &mut self.persist {
+            p.set_journal(on);
+        }
+    }
+
+    /// The templates created, re-pointed, refreshed or removed since the last call, each with
+    /// its state now (every template after the journal overflowed). Empty while the journal
+    /// is off or the pool has no persistence.
+    pub fn take_template_changes(&mut self, now: Instant) -> Vec<TemplateChange> {
+        let slots = &self.slots;
+        let addr = |id: BackendId| Some(slots.get(usize::from(id.0))?.as_ref()?.addr);
+        self.persist
+            .as_mut()
+            .map(|p| p.take_changes(now, addr))
+            .unwrap_or_default()
+    }
+
+    /// Every persistence template in force at `now`: its client network, its backend's
+    /// address and the time it has left.
+    #[must_use]
+    pub fn export_templates(&self, now: Instant) -> Vec<TemplateImage> {
+        let addr = |id: BackendId| Some(self.slot(usize::from(id.0))?.addr);
+        self.persist
+            .as_ref()
+            .map(|p| p.export(now, addr))
+            .unwrap_or_default()
+    }
+
+    /// Installs a template a peer director made: the backend is matched by address (ids are
+    /// local), the lifetime capped at this pool's timeout. `Ok(false)` when there is nothing
+    /// to do: this pool has a template for that client network already (made by its own
+    /// traffic, which wins), or no time is left on it.
+    ///
+    /// # Errors
+    /// [`TemplateRefused`]: this pool has no persistence, no backend with that address, or
+    /// holds [`MAX_TEMPLATES`](crate::MAX_TEMPLATES) templates already.
+    pub fn install_template(
+        &mut self,
+        now: Instant,
+        template: &TemplateImage,
+    ) -> Result<bool, TemplateRefused> {
+        let Some(p) = self.persist.as_mut() else {
+            return Err(TemplateRefused::NoPersistence);
+        };
+        let id = self
+            .slots
+            .iter()
+            .position(|b| b.as_ref().is_some_and(|b| b.addr == template.backend))
+            .map(slot_id)
+            .ok_or(TemplateRefused::UnknownBackend(template.backend))?;
+        p.install(now, template.client, id, template.remaining)
     }
 
     /// The sorry server, if one is configured.

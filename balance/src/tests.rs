@@ -261,6 +261,178 @@ fn persistence_pins_a_client_until_the_timeout_after_its_last_connection() {
     );
 }
 
+fn persistent_pool(backends: Vec<BackendConfig>) -> Pool {
+    Pool::new(PoolConfig {
+        scheduler: SchedulerKind::Rr,
+        persistence: Some(Persistence::new(Duration::from_secs(300))),
+        backends,
+        ..PoolConfig::default()
+    })
+    .unwrap()
+}
+
+/// Flow sync's view of the templates: the journal marks each client network whose template
+/// was created, refreshed or removed, and a drain gives its state then (by backend address);
+/// an export gives every template in force with the time it has left.
+#[test]
+fn template_changes_are_journaled_and_exported_by_backend_address() {
+    let mut p = persistent_pool(vec![be(1, 1), be(2, 1)]);
+    let t0 = epoch();
+    let (a, b) = (client(1), client(2));
+    // Nothing journaled while the journal is off.
+    let id_a = pick(&mut p, t0, a).unwrap();
+    assert!(p.take_template_changes(t0).is_empty());
+    p.set_template_journal(true);
+    let id_b = pick(&mut p, t0, b).unwrap();
+    let addr = |id| p.backend(id).unwrap().addr();
+    let (addr_a, addr_b) = (addr(id_a), addr(id_b));
+    assert_eq!(
+        p.take_template_changes(t0),
+        vec![TemplateChange::Live(TemplateImage {
+            client: *b.ip(),
+            backend: addr_b,
+            remaining: Duration::from_secs(300),
+        })]
+    );
+    assert!(p.take_template_changes(t0).is_empty(), "drained");
+    // Established: held at the full timeout; closed 100 s later: 300 s from then.
+    let t1 = t0 + Duration::from_secs(100);
+    p.established(t1, id_a, *a.ip());
+    p.closed(t1, id_a, ConnState::Active, *a.ip());
+    let t2 = t1 + Duration::from_secs(50);
+    assert_eq!(
+        p.take_template_changes(t2),
+        vec![TemplateChange::Live(TemplateImage {
+            client: *a.ip(),
+            backend: addr_a,
+            remaining: Duration::from_secs(250),
+        })]
+    );
+    let mut all = p.export_templates(t2);
+    all.sort_by_key(|t| t.client);
+    assert_eq!(
+        all.iter()
+            .map(|t| (t.client, t.remaining))
+            .collect::<Vec<_>>(),
+        vec![
+            (*a.ip(), Duration::from_secs(250)),
+            (*b.ip(), Duration::from_secs(150)),
+        ]
+    );
+    // b's template expires: journaled as gone.
+    p.closed(t0, id_b, ConnState::Inactive, *b.ip());
+    p.handle_timeout(t0 + Duration::from_secs(300));
+    assert_eq!(
+        p.take_template_changes(t2),
+        vec![TemplateChange::Gone(*b.ip())]
+    );
+}
+
+/// The journal stays on across a reload, also when persistence is turned off and on again
+/// (a new template table).
+#[test]
+fn the_template_journal_survives_a_reconfigure() {
+    let mut p = persistent_pool(vec![be(1, 1), be(2, 1)]);
+    p.set_template_journal(true);
+    let t0 = epoch();
+    let config = |persistence| PoolConfig {
+        scheduler: SchedulerKind::Rr,
+        persistence,
+        backends: vec![be(1, 1), be(2, 1)],
+        ..PoolConfig::default()
+    };
+    p.reconfigure(config(None)).unwrap();
+    p.reconfigure(config(Some(Persistence::new(Duration::from_secs(60)))))
+        .unwrap();
+    let c = client(3);
+    pick(&mut p, t0, c).unwrap();
+    let changes = p.take_template_changes(t0);
+    assert!(
+        matches!(changes.as_slice(), [TemplateChange::Live(t)] if t.client == *c.ip() && t.remaining == Duration::from_secs(60)),
+        "{changes:?}"
+    );
+}
+
+/// A peer's template lands on the backend with the same address, whatever its id here; one
+/// for an address the pool does not have, or into a pool without persistence, is refused;
+/// this node's own template wins; the lifetime is capped at this pool's timeout.
+#[test]
+fn installed_templates_match_backends_by_address_and_refuse_unknown_ones() {
+    // The same backends in another order: ids differ from the peer's.
+    let mut p = persistent_pool(vec![be(2, 1), be(1, 1)]);
+    let t0 = epoch();
+    let sticky = client(7);
+    let on = |last: u8, secs: u64| TemplateImage {
+        client: *sticky.ip(),
+        backend: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80),
+        remaining: Duration::from_secs(secs),
+    };
+    assert_eq!(
+        p.install_template(t0, &on(9, 100)),
+        Err(TemplateRefused::UnknownBackend(on(9, 100).backend))
+    );
+    assert_eq!(p.templates(), 0);
+    assert_eq!(p.install_template(t0, &on(1, 100)), Ok(true));
+    assert_eq!(
+        p.install_template(t0, &on(2, 100)),
+        Ok(false),
+        "held already"
+    );
+    for s in 0..5 {
+        let c = SocketAddrV4::new(*sticky.ip(), 3000 + s);
+        let id = pick(&mut p, t0 + Duration::from_secs(99), c).unwrap();
+        assert_eq!(p.backend(id).unwrap().addr(), on(1, 0).backend, "stuck");
+        p.closed(t0, id, ConnState::Inactive, *sticky.ip());
+    }
+    assert_eq!(p.stats().persistent_hits, 5);
+    // Expires `remaining` after the install unless renewed; a longer one is capped.
+    let other = client(8);
+    let long = TemplateImage {
+        client: *other.ip(),
+        ..on(2, 100_000)
+    };
+    assert_eq!(p.install_template(t0, &long), Ok(true));
+    p.handle_timeout(t0 + Duration::from_secs(300));
+    assert_eq!(p.templates(), 1, "the capped one expired at 300 s");
+    assert_eq!(
+        p.install_template(
+            t0,
+            &TemplateImage {
+                remaining: Duration::ZERO,
+                ..long
+            }
+        ),
+        Ok(false),
+        "nothing left"
+    );
+    let mut plain = pool(SchedulerKind::Rr, vec![be(1, 1)]);
+    assert_eq!(
+        plain.install_template(t0, &on(1, 100)),
+        Err(TemplateRefused::NoPersistence)
+    );
+}
+
+/// Installing is bounded like scheduling: past MAX_TEMPLATES a new client network is refused.
+#[test]
+fn installed_templates_are_bounded() {
+    let mut p = persistent_pool(vec![be(1, 1)]);
+    let t0 = epoch();
+    let template = |n: u32| TemplateImage {
+        client: Ipv4Addr::from(0x0a00_0000 + n),
+        backend: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80),
+        remaining: Duration::from_secs(60),
+    };
+    let installed = (0..MAX_TEMPLATES as u32)
+        .filter(|&n| p.install_template(t0, &template(n)) == Ok(true))
+        .count();
+    assert_eq!(installed, MAX_TEMPLATES);
+    assert_eq!(
+        p.install_template(t0, &template(MAX_TEMPLATES as u32)),
+        Err(TemplateRefused::Full)
+    );
+    assert_eq!(p.templates(), MAX_TEMPLATES);
+}
+
 #[test]
 fn closed_connections_lingering_in_the_flow_table_do_not_hold_a_template() {
     let mut p = Pool::new(PoolConfig {

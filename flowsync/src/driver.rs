@@ -30,8 +30,14 @@ const COMMAND_QUEUE: usize = 256;
 pub enum Command {
     /// Send these changes to every peer.
     Updates(Vec<Update>),
-    /// Answer a snapshot request with the full state.
-    Snapshot(Vec<Update>),
+    /// Send the full state as a snapshot (the answer to a request, or unasked when this node
+    /// takes over).
+    Snapshot {
+        /// Every record.
+        updates: Vec<Update>,
+        /// This node is the master of the VIP (see [`SyncEngine::send_snapshot`]).
+        owner: bool,
+    },
     /// Ask every live peer for a snapshot again.
     RequestBulk,
 }
@@ -148,7 +154,9 @@ async fn run(
             }
             command = commands.recv() => match command {
                 Some(Command::Updates(updates)) => engine.send_updates(now(), &updates),
-                Some(Command::Snapshot(updates)) => engine.send_snapshot(now(), &updates),
+                Some(Command::Snapshot { updates, owner }) => {
+                    engine.send_snapshot(now(), &updates, owner);
+                }
                 Some(Command::RequestBulk) => engine.request_bulk(now()),
                 None => return Ok(()),
             },
@@ -200,7 +208,10 @@ mod tests {
                 .expect("task alive");
             if let Event::SnapshotRequested { .. } = e {
                 h.commands
-                    .send(Command::Snapshot(snapshot.to_vec()))
+                    .send(Command::Snapshot {
+                        updates: snapshot.to_vec(),
+                        owner: !snapshot.is_empty(),
+                    })
                     .await
                     .unwrap();
             }
@@ -230,7 +241,8 @@ mod tests {
             e,
             Event::BulkComplete {
                 from: 1,
-                records: 2
+                records: 2,
+                owner: true
             }
         );
         let a = a_task.await.unwrap();

@@ -143,6 +143,8 @@ pub enum Event {
         from: u32,
         /// Records the snapshot held.
         records: u32,
+        /// The sender was the master of the VIP when it sent it (it owned the state).
+        owner: bool,
     },
     /// Messages of a peer's stream were lost for good (it could no longer resend them); a
     /// snapshot was asked for to make up for them.
@@ -199,7 +201,8 @@ pub struct SyncStats {
     pub updates_received: u64,
     /// Datagrams whose HMAC did not match.
     pub auth_failures: u64,
-    /// Authentic-or-not datagrams refused for their form (every other [`WireError`]).
+    /// Authentic-or-not datagrams refused for their form (every other [`WireError`] but
+    /// [`WireError::UnsupportedVersion`]).
     pub malformed: u64,
     /// Control messages replayed (not newer than the last seen).
     pub replays: u64,
@@ -207,6 +210,8 @@ pub struct SyncStats {
     pub clock_skew: u64,
     /// Messages of an earlier incarnation.
     pub old_incarnation: u64,
+    /// Messages of another protocol version (a peer running an older or newer vipgate).
+    pub unsupported_version: u64,
     /// Own messages looped back.
     pub own_messages: u64,
     /// Data messages already delivered or buffered.
@@ -239,6 +244,8 @@ pub enum BulkStatus {
     Complete {
         /// Records it held.
         records: u32,
+        /// The peer was the master of the VIP when it sent it.
+        owner: bool,
         /// When it completed.
         at: Instant,
     },
@@ -424,12 +431,15 @@ impl SyncEngine {
         self.pack(now.at, updates, false);
     }
 
-    /// Answers a [`Event::SnapshotRequested`]: the full state, then the end mark.
-    pub fn send_snapshot(&mut self, now: Now, updates: &[Update]) {
+    /// Answers a [`Event::SnapshotRequested`] (or tells the peers, unasked, what this node
+    /// holds when it takes over): the full state, then the end mark. `owner`: this node is
+    /// the master of the VIP, so its snapshot is the one a backup waits for before it may
+    /// preempt.
+    pub fn send_snapshot(&mut self, now: Now, updates: &[Update], owner: bool) {
         self.unix_secs = now.unix_secs;
         self.pack(now.at, updates, true);
         let records = u32::try_from(updates.len()).unwrap_or(u32::MAX);
-        self.send_data(now.at, Body::BulkEnd { records });
+        self.send_data(now.at, Body::BulkEnd { records, owner });
         self.snapshot_owed = false;
         self.stats.bulks_served += 1;
     }
@@ -499,10 +509,10 @@ impl SyncEngine {
         let msg = match wire::decode(datagram, &self.cfg.key) {
             Ok(msg) => msg,
             Err(e) => {
-                if e == WireError::BadMac {
-                    self.stats.auth_failures += 1;
-                } else {
-                    self.stats.malformed += 1;
+                match e {
+                    WireError::BadMac => self.stats.auth_failures += 1,
+                    WireError::UnsupportedVersion(_) => self.stats.unsupported_version += 1,
+                    _ => self.stats.malformed += 1,
                 }
                 return Err(e.into());
             }
@@ -685,10 +695,14 @@ impl SyncEngine {
                         updates,
                     });
                 }
-                Body::BulkEnd { records } => {
-                    peer.bulk = BulkStatus::Complete { records, at };
+                Body::BulkEnd { records, owner } => {
+                    peer.bulk = BulkStatus::Complete { records, owner, at };
                     self.stats.bulks_received += 1;
-                    self.events.push_back(Event::BulkComplete { from, records });
+                    self.events.push_back(Event::BulkComplete {
+                        from,
+                        records,
+                        owner,
+                    });
                 }
                 Body::Hello { .. }
                 | Body::Ack(_)

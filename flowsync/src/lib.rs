@@ -98,7 +98,7 @@ pub mod fuzzing {
             while engine.poll_transmit().is_some() {}
             while let Some(event) = engine.poll_event() {
                 if let crate::Event::SnapshotRequested { .. } = event {
-                    engine.send_snapshot(now, &[]);
+                    engine.send_snapshot(now, &[], false);
                 }
             }
             assert!(engine.queued() <= 8192);

@@ -1,4 +1,4 @@
-//! The sync message format (version 1), network byte order:
+//! The sync message format (version 2), network byte order:
 //!
 //! ```text
 //!  0       4    5    6     7     8        12            20           28     32      34
@@ -15,9 +15,15 @@
 //!
 //! Payloads: `Hello` = next data seq, oldest seq still resendable; `Updates` = a record count
 //! (1..=255) and that many records ([`crate::Update`]), filling the payload exactly;
-//! `BulkEnd` = the number of records the snapshot held; `Ack` = a count (1..=[`MAX_PEERS`])
+//! `BulkEnd` = the number of records the snapshot held, and the `owner` flag (0x02: the
+//! sender was the master of the VIP when it sent the snapshot); `Ack` = a count (1..=[`MAX_PEERS`])
 //! of `(node, next seq expected)` pairs; `Nack` = node, first and last missing seq (at most
 //! [`MAX_NACK_SPAN`] of them); `BulkRequest` = the node asked (0: every peer).
+//!
+//! Versions: 2 added `BulkEnd`'s owner flag (and the persistence records are installed from
+//! then on); a node refuses every message of another version ([`WireError::UnsupportedVersion`],
+//! before the HMAC), so a pair of a version-1 and a version-2 node do not sync at all rather
+//! than half understand each other.
 //!
 //! Invariants: a datagram is at most [`MAX_DATAGRAM`] bytes (below a 1500-byte MTU with
 //! IP and UDP headers); [`decode`] returns either an authentic message every field of which
@@ -33,7 +39,7 @@ use crate::record::{Reader, Update};
 /// First four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"VGSY";
 /// The protocol version this crate speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 34;
 /// Bytes of the HMAC-SHA256 trailer.
@@ -60,6 +66,8 @@ const KIND_BULK_REQUEST: u8 = 6;
 
 /// Flag of an `Updates` message that belongs to a bulk snapshot.
 const FLAG_BULK: u8 = 0x01;
+/// Flag of a `BulkEnd`: the sender owned the VIP (was master) when it sent the snapshot.
+const FLAG_OWNER: u8 = 0x02;
 
 /// The shared key of a sync group, ready to authenticate messages.
 #[derive(Clone)]
@@ -125,6 +133,8 @@ pub enum Body {
     BulkEnd {
         /// Records the snapshot held.
         records: u32,
+        /// The sender was the master of the VIP when it sent the snapshot.
+        owner: bool,
     },
     /// Cumulative acknowledgements: `(node, next seq expected from it)` (control).
     Ack(Vec<(u32, u32)>),
@@ -165,6 +175,7 @@ impl Body {
     fn flags(&self) -> u8 {
         match self {
             Body::Updates { bulk: true, .. } => FLAG_BULK,
+            Body::BulkEnd { owner: true, .. } => FLAG_OWNER,
             _ => 0,
         }
     }
@@ -181,7 +192,7 @@ impl Body {
                     u.encode(out);
                 }
             }
-            Body::BulkEnd { records } => out.extend_from_slice(&records.to_be_bytes()),
+            Body::BulkEnd { records, .. } => out.extend_from_slice(&records.to_be_bytes()),
             Body::Ack(acks) => {
                 out.push(u8::try_from(acks.len().min(MAX_PEERS)).unwrap_or(0));
                 for (node, next) in acks.iter().take(MAX_PEERS) {
@@ -199,7 +210,11 @@ impl Body {
     }
 
     fn decode(kind: u8, flags: u8, payload: &[u8]) -> Result<Body, WireError> {
-        let allowed = if kind == KIND_UPDATES { FLAG_BULK } else { 0 };
+        let allowed = match kind {
+            KIND_UPDATES => FLAG_BULK,
+            KIND_BULK_END => FLAG_OWNER,
+            _ => 0,
+        };
         if flags & !allowed != 0 {
             return Err(WireError::BadFlags { kind, flags });
         }
@@ -226,7 +241,10 @@ impl Body {
                     updates,
                 }
             }
-            KIND_BULK_END => Body::BulkEnd { records: r.u32()? },
+            KIND_BULK_END => Body::BulkEnd {
+                records: r.u32()?,
+                owner: flags & FLAG_OWNER != 0,
+            },
             KIND_ACK => {
                 let count = usize::from(r.u8()?);
                 if count == 0 || count > MAX_PEERS {
@@ -418,7 +436,14 @@ mod tests {
                     }),
                 ],
             },
-            Body::BulkEnd { records: 100_000 },
+            Body::BulkEnd {
+                records: 100_000,
+                owner: true,
+            },
+            Body::BulkEnd {
+                records: 0,
+                owner: false,
+            },
             Body::Ack(vec![(3, 9), (4, 1)]),
             Body::Nack {
                 node: 3,
@@ -466,8 +491,14 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(decode(&bad, &key()), Err(WireError::BadMagic));
         let mut bad = bytes;
-        bad[4] = 2;
-        assert_eq!(decode(&bad, &key()), Err(WireError::UnsupportedVersion(2)));
+        bad[4] = 1;
+        assert_eq!(
+            decode(&bad, &key()),
+            Err(WireError::UnsupportedVersion(1)),
+            "a version-1 peer's messages"
+        );
+        bad[4] = 3;
+        assert_eq!(decode(&bad, &key()), Err(WireError::UnsupportedVersion(3)));
     }
 
     /// Re-signs a hand-edited message, so the checks behind the HMAC are reached.
@@ -493,6 +524,25 @@ mod tests {
         assert_eq!(
             decode(&resign(bad), &key()),
             Err(WireError::BadFlags { kind: 1, flags: 1 })
+        );
+        // The owner flag belongs to BulkEnd, the bulk flag to Updates.
+        let mut bad = hello.clone();
+        bad[6] = 2;
+        assert_eq!(
+            decode(&resign(bad), &key()),
+            Err(WireError::BadFlags { kind: 1, flags: 2 })
+        );
+        let mut end = encode(
+            &msg(Body::BulkEnd {
+                records: 1,
+                owner: true,
+            }),
+            &key(),
+        );
+        end[6] |= 1;
+        assert_eq!(
+            decode(&resign(end), &key()),
+            Err(WireError::BadFlags { kind: 3, flags: 3 })
         );
         let mut bad = hello.clone();
         bad[8..12].copy_from_slice(&[0; 4]);
@@ -615,7 +665,18 @@ mod tests {
                 })
             },
         );
-        prop_oneof![flow, arb_key().prop_map(Update::FlowGone), persist]
+        let persist_gone = (any::<u16>(), any::<u32>()).prop_map(|(listener, client)| {
+            Update::PersistGone(PersistKey {
+                listener,
+                client: client.into(),
+            })
+        });
+        prop_oneof![
+            flow,
+            arb_key().prop_map(Update::FlowGone),
+            persist,
+            persist_gone
+        ]
     }
 
     proptest::proptest! {

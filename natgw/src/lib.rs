@@ -57,12 +57,15 @@
 //!
 //! # Flow sync (failover that keeps connections)
 //! With the `flowsync` crate a pair of nodes share their flows: the master's table journals
-//! what changed ([`Gateway::take_sync_updates`], or all of it: [`Gateway::export_flows`]);
+//! what changed ([`Gateway::take_sync_updates`], or all of it: [`Gateway::export_state`]);
 //! a backup holds what it receives as **standby flows** ([`Gateway::apply_standby`]:
 //! bounded, counted, outside the table and every limit, never seen by the packet path) and
 //! makes them live when VRRP makes it master ([`Gateway::promote_standby`]): each keeps its
 //! public endpoint (overload port or listener), inside endpoint (host or backend) and TCP
-//! state, with the full idle timeout of that state.
+//! state, with the full idle timeout of that state. The services' persistence templates
+//! travel the same way (journaled by their pools, held as standby templates, installed into
+//! the pools at the promotion, backends matched by address), so a persistent client's new
+//! connections keep going to its backend after a failover.
 //!
 //! # Module order
 //! Imports go one way, and no module imports one that depends on it:

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use balance::{
     AdminState, BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool,
-    PoolConfig, PoolError,
+    PoolConfig, PoolError, TemplateChange, TemplateImage, TemplateRefused,
 };
 
 use crate::flow::Proto;
@@ -551,6 +551,36 @@ impl VirtualService {
     #[must_use]
     pub fn backend_id(&self, backend: SocketAddrV4) -> Option<BackendId> {
         self.pool.find(backend)
+    }
+
+    /// Turns the journal of the pool's persistence templates on or off (flow sync).
+    pub fn set_template_journal(&mut self, on: bool) {
+        self.pool.set_template_journal(on);
+    }
+
+    /// The persistence templates changed since the last call (see
+    /// [`Pool::take_template_changes`]).
+    pub fn take_template_changes(&mut self, now: Instant) -> Vec<TemplateChange> {
+        self.pool.take_template_changes(now)
+    }
+
+    /// Every persistence template in force (see [`Pool::export_templates`]).
+    #[must_use]
+    pub fn export_templates(&self, now: Instant) -> Vec<TemplateImage> {
+        self.pool.export_templates(now)
+    }
+
+    /// Installs a peer's persistence template (see [`Pool::install_template`]).
+    ///
+    /// # Errors
+    /// [`TemplateRefused`] when the pool has no persistence, no backend with the template's
+    /// address, or no room.
+    pub fn install_template(
+        &mut self,
+        now: Instant,
+        template: &TemplateImage,
+    ) -> Result<bool, TemplateRefused> {
+        self.pool.install_template(now, template)
     }
 }
 

@@ -10,14 +10,16 @@
 //!   deadline passes: the remaining timeout it was sent with, plus [`STANDBY_GRACE`] (the
 //!   master re-sends its flows periodically, so a live flow never reaches it).
 //!
-//! Persistence templates are carried by the protocol but not held here yet: the gateway's
-//! services keep their templates inside the balancer, which exports none (they are counted
-//! as `persistence_ignored`).
+//! Standby persistence templates (a service's client network → backend, `balance`'s) live
+//! beside the standby flows under the same rules: at most `cap` of them (past that a new one
+//! is refused and counted, `templates_over_cap`), outside every bound of the pools (a pool's
+//! `MAX_TEMPLATES` applies when they are installed, at promotion), replaced by a newer state,
+//! removed by their peer, dropped when the time they had left runs out.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use flowsync::{FlowKey, FlowProto, FlowState, TcpPhase, Update};
+use flowsync::{FlowKey, FlowProto, FlowState, PersistKey, PersistState, TcpPhase, Update};
 
 use crate::flow::{ListenerId, Proto};
 use crate::table::FlowImage;
@@ -37,8 +39,20 @@ pub struct StandbyStats {
     pub over_cap: u64,
     /// Flows dropped because their deadline passed unrefreshed.
     pub expired: u64,
-    /// Persistence templates received and not held.
-    pub persistence_ignored: u64,
+    /// Persistence template states applied (new or changed).
+    pub templates_applied: u64,
+    /// Persistence templates removed by their peer.
+    pub templates_removed: u64,
+    /// New persistence templates refused because the store was full.
+    pub templates_over_cap: u64,
+    /// Persistence templates dropped because their time ran out before a promotion.
+    pub templates_expired: u64,
+    /// Persistence templates installed into their service's pool at a promotion.
+    pub templates_installed: u64,
+    /// Persistence templates a promotion could not install: no such service, a service
+    /// without persistence, a backend the service does not have (matched by address), or a
+    /// pool already holding its `balance::MAX_TEMPLATES`.
+    pub templates_refused: u64,
     /// Flows promoted into the table.
     pub promoted: u64,
     /// Flows that could not be promoted (clash with a flow of this node, table full, a
@@ -57,6 +71,12 @@ pub struct Promotion {
     pub already_live: usize,
     /// Flows refused (see [`StandbyStats::promote_refused`]).
     pub refused: usize,
+    /// Persistence templates installed into their service's pool.
+    pub templates: usize,
+    /// Persistence templates the pool had already (its own traffic made them first).
+    pub templates_already_live: usize,
+    /// Persistence templates refused (see [`StandbyStats::templates_refused`]).
+    pub templates_refused: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -65,10 +85,25 @@ struct Standby {
     deadline: Instant,
 }
 
-/// The standby flows of a gateway. See the module docs.
+#[derive(Debug, Clone, Copy)]
+struct StandbyTemplate {
+    backend: std::net::SocketAddrV4,
+    /// When its time runs out.
+    expires: Instant,
+}
+
+/// A standby persistence template ready to install: where, and with how much time left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TemplateToInstall {
+    pub(crate) listener: ListenerId,
+    pub(crate) image: balance::TemplateImage,
+}
+
+/// The standby flows (and persistence templates) of a gateway. See the module docs.
 #[derive(Debug)]
 pub struct StandbyFlows {
     flows: HashMap<FlowKey, Standby>,
+    templates: HashMap<PersistKey, StandbyTemplate>,
     cap: usize,
     stats: StandbyStats,
 }
@@ -77,9 +112,16 @@ impl StandbyFlows {
     pub(crate) fn new(cap: usize) -> Self {
         StandbyFlows {
             flows: HashMap::new(),
+            templates: HashMap::new(),
             cap,
             stats: StandbyStats::default(),
         }
+    }
+
+    /// Standby persistence templates held (bounded by [`StandbyFlows::cap`] too).
+    #[must_use]
+    pub fn templates(&self) -> usize {
+        self.templates.len()
     }
 
     /// Standby flows held.
@@ -113,6 +155,8 @@ impl StandbyFlows {
     pub(crate) fn count_promotion(&mut self, p: &Promotion) {
         self.stats.promoted += p.promoted as u64;
         self.stats.promote_refused += p.refused as u64;
+        self.stats.templates_installed += p.templates as u64;
+        self.stats.templates_refused += p.templates_refused as u64;
     }
 
     /// Applies a peer's changes.
@@ -143,18 +187,58 @@ impl StandbyFlows {
                         self.stats.removed += 1;
                     }
                 }
-                Update::Persist(_) | Update::PersistGone(_) => {
-                    self.stats.persistence_ignored += 1;
+                Update::Persist(t) => self.apply_template(now, t),
+                Update::PersistGone(key) => {
+                    if self.templates.remove(key).is_some() {
+                        self.stats.templates_removed += 1;
+                    }
                 }
             }
         }
     }
 
-    /// Drops the flows whose deadline passed.
+    fn apply_template(&mut self, now: Instant, t: &PersistState) {
+        if !self.templates.contains_key(&t.key) && self.templates.len() >= self.cap {
+            self.expire(now);
+            if self.templates.len() >= self.cap {
+                self.stats.templates_over_cap += 1;
+                return;
+            }
+        }
+        self.templates.insert(
+            t.key,
+            StandbyTemplate {
+                backend: t.backend,
+                expires: now + Duration::from_secs(u64::from(t.expires_in_secs)),
+            },
+        );
+        self.stats.templates_applied += 1;
+    }
+
+    /// Drops the flows whose deadline passed, and the templates whose time ran out.
     pub(crate) fn expire(&mut self, now: Instant) {
         let before = self.flows.len();
         self.flows.retain(|_, s| s.deadline > now);
         self.stats.expired += (before - self.flows.len()) as u64;
+        let before = self.templates.len();
+        self.templates.retain(|_, t| t.expires > now);
+        self.stats.templates_expired += (before - self.templates.len()) as u64;
+    }
+
+    /// Takes every standby template with time left out of the store.
+    pub(crate) fn take_templates(&mut self, now: Instant) -> Vec<TemplateToInstall> {
+        self.expire(now);
+        self.templates
+            .drain()
+            .map(|(key, t)| TemplateToInstall {
+                listener: ListenerId(key.listener),
+                image: balance::TemplateImage {
+                    client: key.client,
+                    backend: t.backend,
+                    remaining: t.expires.saturating_duration_since(now),
+                },
+            })
+            .collect()
     }
 
     /// Takes every unexpired standby flow out of the store, as table images.
@@ -221,6 +305,30 @@ pub(crate) fn flow_key(
         proto: flow_proto(proto),
         public,
         outside,
+    }
+}
+
+/// A service's persistence template as sync sends it.
+pub(crate) fn template_state(listener: ListenerId, t: &balance::TemplateImage) -> PersistState {
+    // Whole seconds, rounded up: a template in force is never sent as expired.
+    let secs = t.remaining.as_secs() + u64::from(t.remaining.subsec_nanos() > 0);
+    PersistState {
+        key: PersistKey {
+            listener: listener.0,
+            client: t.client,
+        },
+        backend: t.backend,
+        expires_in_secs: u32::try_from(secs)
+            .unwrap_or(u32::MAX)
+            .min(flowsync::MAX_EXPIRES_SECS),
+    }
+}
+
+/// A removed persistence template as sync names it.
+pub(crate) fn template_key(listener: ListenerId, client: std::net::Ipv4Addr) -> PersistKey {
+    PersistKey {
+        listener: listener.0,
+        client,
     }
 }
 

@@ -6,18 +6,21 @@
 //! a director's `[[service]]`s run in) and the state of the VRRP instance `[sync] vrrp` names.
 //! One task follows that state:
 //!
-//! - **master**: the gateway journals its flows; every [`DRAIN_EVERY`] the journal is drained
-//!   and streamed to the peers, every [`REFRESH_EVERY`] every flow is sent again (a standby
-//!   flow not refreshed expires), and a peer that asks for a snapshot gets every flow;
-//! - **backup** (or INIT, FAULT): the journal is off; the flows peers send are held as standby
-//!   flows (bounded, outside every limit, never seen by the packet path), a snapshot request
-//!   is answered with nothing (this node owns no flow), and standby flows past their deadline
-//!   are dropped every second;
+//! - **master**: the gateway journals its flows and its services' persistence templates;
+//!   every [`DRAIN_EVERY`] the journal is drained and streamed to the peers, every
+//!   [`REFRESH_EVERY`] everything is sent again (a standby flow not refreshed expires), and a
+//!   peer that asks for a snapshot gets everything, marked as the owner's (the master's);
+//! - **backup** (or INIT, FAULT): the journal is off; the flows and templates peers send are
+//!   held as standby (bounded, outside every limit, never seen by the packet path), a snapshot
+//!   request is answered with nothing (this node owns no flow, and says it is no owner), and
+//!   standby state past its deadline is dropped every second; the VRRP instance's preemption
+//!   gate opens at the first snapshot a peer sent as the owner;
 //! - **becoming master**: the standby flows are promoted into the table at once (VRRP changes
 //!   the state watch before it moves the addresses, so the promotion races only with the
 //!   first packets to the VIP: a mid-stream TCP segment that wins the race is dropped as
-//!   `not_syn` and retransmitted), then the journal starts and every flow is sent, so the peer
-//!   (the old master, when it comes back) holds them as standby in turn.
+//!   `not_syn` and retransmitted), the standby templates go into the services' pools, then the
+//!   journal starts and everything is sent as an owner's snapshot, so the peers (the old
+//!   master, when it comes back) hold it as standby in turn and know whose state it is.
 //!
 //! Invariants: only this part's task touches the gateway's sync state (journal, standby,
 //! promotion), always under the gateway's lock and briefly; nothing a peer sends reaches the
@@ -67,6 +70,8 @@ netutil::drop_reasons! {
         ClockSkew => "clock_skew",
         /// From an earlier run of a known peer.
         OldIncarnation => "old_incarnation",
+        /// Another protocol version: a peer running an older or newer vipgate.
+        UnsupportedVersion => "unsupported_version",
         /// Our own message, looped back.
         OwnMessage => "own_messages",
         /// A data message already delivered or buffered (a resend that crossed its ack).
@@ -86,6 +91,7 @@ fn drops_of(s: &SyncStats) -> DropCounters<SyncDrop> {
         (SyncDrop::Malformed, s.malformed),
         (SyncDrop::ClockSkew, s.clock_skew),
         (SyncDrop::OldIncarnation, s.old_incarnation),
+        (SyncDrop::UnsupportedVersion, s.unsupported_version),
         (SyncDrop::OwnMessage, s.own_messages),
         (SyncDrop::Duplicate, s.duplicates),
         (SyncDrop::OutOfWindow, s.out_of_window),
@@ -118,8 +124,9 @@ pub(crate) struct SyncStatus {
     pub(crate) vrrp_state: State,
     /// No snapshot asked for is outstanding from a live peer.
     pub(crate) synced: bool,
-    /// The VRRP instance may preempt: a snapshot from the master is in (or `[sync]
-    /// ready_timeout` passed first). Until then it stays backup under a lower-priority master.
+    /// The VRRP instance may preempt: a snapshot from the master (the peer that owned the
+    /// VIP when it sent it) is in, or `[sync] ready_timeout` passed first. Until then it stays
+    /// backup under a lower-priority master.
     pub(crate) ready: bool,
     /// Peers heard within the peer timeout (3 s).
     pub(crate) peers_up: u64,
@@ -128,10 +135,16 @@ pub(crate) struct SyncStatus {
     /// Standby flows held, and their bound.
     pub(crate) standby_flows: u64,
     pub(crate) standby_cap: u64,
-    /// How long ago the last snapshot from a peer completed, and how many flows it held.
+    /// Standby persistence templates held (bounded by `standby_cap` too).
+    #[serde(default)]
+    pub(crate) standby_templates: u64,
+    /// How long ago the last snapshot from a peer completed, how many records it held, and
+    /// whether that peer was the master.
     #[serde(with = "netutil::serde_ms::option")]
     pub(crate) last_bulk_ago_ms: Option<Duration>,
     pub(crate) last_bulk_flows: Option<u32>,
+    #[serde(default)]
+    pub(crate) last_bulk_from_master: Option<bool>,
     pub(crate) peers: Vec<PeerView>,
     pub(crate) counters: SyncCounters,
 }
@@ -177,6 +190,20 @@ pub(crate) struct SyncCounters {
     pub(crate) standby_removed: u64,
     pub(crate) standby_over_cap: u64,
     pub(crate) standby_expired: u64,
+    /// Persistence templates: standby ones applied, removed, expired, over the cap; and at
+    /// promotions installed into the pools or refused (unknown service or backend, full).
+    #[serde(default)]
+    pub(crate) templates_applied: u64,
+    #[serde(default)]
+    pub(crate) templates_removed: u64,
+    #[serde(default)]
+    pub(crate) templates_expired: u64,
+    #[serde(default)]
+    pub(crate) templates_over_cap: u64,
+    #[serde(default)]
+    pub(crate) templates_installed: u64,
+    #[serde(default)]
+    pub(crate) templates_refused: u64,
     /// Datagrams dropped, by reason.
     pub(crate) drops: DropCounters<SyncDrop>,
 }
@@ -188,7 +215,8 @@ struct Followed {
     vrrp_state: State,
     promotions: u64,
     ignored_as_master: u64,
-    last_bulk: Option<(Instant, u32)>,
+    /// When the last snapshot completed, its records, and whether its sender was the master.
+    last_bulk: Option<(Instant, u32, bool)>,
 }
 
 struct SyncPart {
@@ -347,7 +375,8 @@ struct Follower {
     gw: Arc<Mutex<natgw::Gateway>>,
     commands: mpsc::Sender<Command>,
     followed: Arc<Mutex<Followed>>,
-    /// Opened at the first snapshot received as backup: VRRP may preempt from then on.
+    /// Opened at the first snapshot received from the master (the owner flag): VRRP may
+    /// preempt from then on.
     gate: Option<watch::Sender<bool>>,
 }
 
@@ -384,7 +413,7 @@ impl Follower {
                     }
                 }
                 _ = refresh.tick(), if master => {
-                    let updates = lock_unpoisoned(&self.gw).export_flows(clock());
+                    let updates = lock_unpoisoned(&self.gw).export_state(clock());
                     if !updates.is_empty() {
                         self.send(Command::Updates(updates)).await?;
                     }
@@ -402,8 +431,9 @@ impl Follower {
     }
 
     /// Applies the VRRP instance's state `now`: a node that becomes master promotes its
-    /// standby flows, starts its journal and sends every flow; one that stops being master
-    /// stops its journal.
+    /// standby flows and templates, starts its journal and sends everything as the owner's
+    /// snapshot (peers waiting to preempt wait for it); one that stops being master stops its
+    /// journal.
     async fn follow(&self, now: State, master: &mut bool, vrrp_name: &str) -> Result<(), String> {
         let becomes_master = now == State::Master;
         {
@@ -429,9 +459,9 @@ impl Follower {
             let at = clock();
             let p = gw.promote_standby(at);
             gw.set_sync(true);
-            // The journal starts empty: everything live now goes out as one batch.
+            // The journal starts empty: everything live now goes out as one snapshot.
             let _ = gw.take_sync_updates(at);
-            (p, gw.export_flows(at))
+            (p, gw.export_state(at))
         };
         lock_unpoisoned(&self.followed).promotions += 1;
         tracing::info!(
@@ -439,11 +469,15 @@ impl Follower {
             promoted = promotion.promoted,
             already_live = promotion.already_live,
             refused = promotion.refused,
+            templates = promotion.templates,
+            templates_refused = promotion.templates_refused,
             "flow sync: master, standby flows promoted; streaming"
         );
-        if !all.is_empty() {
-            self.send(Command::Updates(all)).await?;
-        }
+        self.send(Command::Snapshot {
+            updates: all,
+            owner: true,
+        })
+        .await?;
         Ok(())
     }
 
@@ -459,16 +493,29 @@ impl Follower {
             }
             Event::SnapshotRequested { by } => {
                 let snapshot = if master {
-                    lock_unpoisoned(&self.gw).export_flows(clock())
+                    lock_unpoisoned(&self.gw).export_state(clock())
                 } else {
                     Vec::new()
                 };
-                tracing::info!(peer = %Ipv4Addr::from(by), flows = snapshot.len(), "flow sync: snapshot requested");
-                self.send(Command::Snapshot(snapshot)).await?;
+                tracing::info!(peer = %Ipv4Addr::from(by), records = snapshot.len(), "flow sync: snapshot requested");
+                self.send(Command::Snapshot {
+                    updates: snapshot,
+                    owner: master,
+                })
+                .await?;
             }
-            Event::BulkComplete { from, records } => {
-                lock_unpoisoned(&self.followed).last_bulk = Some((clock(), records));
-                tracing::info!(peer = %Ipv4Addr::from(from), records, "flow sync: snapshot received");
+            Event::BulkComplete {
+                from,
+                records,
+                owner,
+            } => {
+                lock_unpoisoned(&self.followed).last_bulk = Some((clock(), records, owner));
+                tracing::info!(peer = %Ipv4Addr::from(from), records, from_master = owner, "flow sync: snapshot received");
+                if !owner {
+                    // A backup's (empty) snapshot says nothing of the state this node would
+                    // take over: the gate waits for the master's.
+                    return Ok(());
+                }
                 let opened = self
                     .gate
                     .as_ref()
@@ -503,11 +550,16 @@ impl SyncPart {
         let now = clock();
         let t = self.transport.borrow().clone();
         let f = lock_unpoisoned(&self.followed).clone();
-        let (standby_flows, standby_cap, sb) = {
+        let (standby_flows, standby_cap, standby_templates, sb) = {
             let gw = self.gateway.gateway();
             let gw = lock_unpoisoned(&gw);
             let s = gw.standby();
-            (s.len() as u64, s.cap() as u64, *s.stats())
+            (
+                s.len() as u64,
+                s.cap() as u64,
+                s.templates() as u64,
+                *s.stats(),
+            )
         };
         let s = &t.stats;
         SyncStatus {
@@ -521,8 +573,12 @@ impl SyncPart {
             queued: t.queued as u64,
             standby_flows,
             standby_cap,
-            last_bulk_ago_ms: f.last_bulk.map(|(at, _)| now.saturating_duration_since(at)),
-            last_bulk_flows: f.last_bulk.map(|(_, n)| n),
+            standby_templates,
+            last_bulk_ago_ms: f
+                .last_bulk
+                .map(|(at, _, _)| now.saturating_duration_since(at)),
+            last_bulk_flows: f.last_bulk.map(|(_, n, _)| n),
+            last_bulk_from_master: f.last_bulk.map(|(_, _, owner)| owner),
             peers: t
                 .peers
                 .iter()
@@ -535,9 +591,10 @@ impl SyncPart {
                     bulk: match p.bulk {
                         BulkStatus::NotRequested => "not requested".into(),
                         BulkStatus::Requested { .. } => "requested".into(),
-                        BulkStatus::Complete { records, .. } => {
-                            format!("complete ({records} flows)")
-                        }
+                        BulkStatus::Complete { records, owner, .. } => format!(
+                            "complete ({records} records{})",
+                            if owner { ", from the master" } else { "" }
+                        ),
                     },
                 })
                 .collect(),
@@ -561,6 +618,12 @@ impl SyncPart {
                 standby_removed: sb.removed,
                 standby_over_cap: sb.over_cap,
                 standby_expired: sb.expired,
+                templates_applied: sb.templates_applied,
+                templates_removed: sb.templates_removed,
+                templates_expired: sb.templates_expired,
+                templates_over_cap: sb.templates_over_cap,
+                templates_installed: sb.templates_installed,
+                templates_refused: sb.templates_refused,
                 drops: drops_of(s),
             },
         }
@@ -642,23 +705,31 @@ fn render_one(out: &mut String, s: &SyncStatus) {
     });
     let _ = writeln!(
         out,
-        "  standby flows {}/{}   last snapshot {}{}   unacknowledged messages {}",
+        "  standby flows {}/{}, templates {}   last snapshot {}{}   unacknowledged messages {}",
         s.standby_flows,
         s.standby_cap,
+        s.standby_templates,
         ago(s.last_bulk_ago_ms),
         s.last_bulk_flows
-            .map(|n| format!(" ({n} flows)"))
+            .map(|n| {
+                let whose = if s.last_bulk_from_master == Some(true) {
+                    ", from the master"
+                } else {
+                    ""
+                };
+                format!(" ({n} records{whose})")
+            })
             .unwrap_or_default(),
         s.queued
     );
     let _ = writeln!(
         out,
-        "  sent     {} messages, {} bytes, {} flow records ({} resent, {} snapshots served)",
+        "  sent     {} messages, {} bytes, {} records ({} resent, {} snapshots served)",
         c.messages_sent, c.bytes_sent, c.flows_sent, c.resent, c.bulks_served
     );
     let _ = writeln!(
         out,
-        "  received {} messages, {} bytes, {} flow records ({} snapshots)",
+        "  received {} messages, {} bytes, {} records ({} snapshots)",
         c.messages_received, c.bytes_received, c.flows_received, c.bulks_received
     );
     let _ = writeln!(
@@ -671,6 +742,16 @@ fn render_one(out: &mut String, s: &SyncStatus) {
         c.standby_removed,
         c.standby_expired,
         c.standby_over_cap
+    );
+    let _ = writeln!(
+        out,
+        "  persistence templates: {} installed, {} refused; standby applied {}, removed {}, expired {}, over cap {}",
+        c.templates_installed,
+        c.templates_refused,
+        c.templates_applied,
+        c.templates_removed,
+        c.templates_expired,
+        c.templates_over_cap
     );
     let _ = writeln!(out, "  drops: {}", super::drops_text(&c.drops));
     let _ = writeln!(
@@ -729,31 +810,36 @@ mod tests {
         (f, rx)
     }
 
-    /// The first snapshot received opens the VRRP instance's preemption gate.
+    /// The master's snapshot opens the VRRP instance's preemption gate; a backup's (which
+    /// owns nothing) does not.
     #[tokio::test]
-    async fn a_received_snapshot_opens_the_preemption_gate() {
+    async fn the_masters_snapshot_opens_the_preemption_gate() {
         let gw = gateway();
         let (mut f, _rx) = follower(&gw);
         let (gate, ready) = watch::channel(false);
         f.gate = Some(gate);
         f.handle(Event::PeerUp { node: 7 }, false).await.unwrap();
         assert!(!*ready.borrow(), "a peer alone is not a snapshot");
-        f.handle(
-            Event::BulkComplete {
-                from: 7,
-                records: 0,
-            },
-            false,
-        )
-        .await
-        .unwrap();
-        assert!(*ready.borrow());
+        let snapshot = |from, owner| Event::BulkComplete {
+            from,
+            records: 0,
+            owner,
+        };
+        f.handle(snapshot(8, false), false).await.unwrap();
+        assert!(!*ready.borrow(), "a backup's snapshot");
+        assert_eq!(
+            lock_unpoisoned(&f.followed).last_bulk.map(|(_, _, o)| o),
+            Some(false)
+        );
+        f.handle(snapshot(7, true), false).await.unwrap();
+        assert!(*ready.borrow(), "the master's");
     }
 
-    fn flows(c: Option<Command>) -> usize {
+    /// A snapshot command's records and owner flag.
+    fn snapshot(c: Option<Command>) -> (usize, bool) {
         match c {
-            Some(Command::Updates(u) | Command::Snapshot(u)) => u.len(),
-            other => panic!("expected flows, got {other:?}"),
+            Some(Command::Snapshot { updates, owner }) => (updates.len(), owner),
+            other => panic!("expected a snapshot, got {other:?}"),
         }
     }
 
@@ -800,9 +886,9 @@ mod tests {
         assert_eq!(lock_unpoisoned(&backup).standby().len(), 0);
         assert_eq!(lock_unpoisoned(&backup).table().len(), 1, "promoted");
         assert_eq!(
-            flows(sent.try_recv().ok()),
-            1,
-            "the new master sends its flows"
+            snapshot(sent.try_recv().ok()),
+            (1, true),
+            "the new master sends its flows as the owner's snapshot"
         );
         assert_eq!(lock_unpoisoned(&f.followed).promotions, 1);
 
@@ -812,7 +898,11 @@ mod tests {
         f.handle(Event::SnapshotRequested { by: 2 }, is_master)
             .await
             .expect("handled");
-        assert_eq!(flows(sent.try_recv().ok()), 1, "a snapshot of its flows");
+        assert_eq!(
+            snapshot(sent.try_recv().ok()),
+            (1, true),
+            "a snapshot of its flows"
+        );
 
         f.follow(State::Backup, &mut is_master, "vip")
             .await
@@ -820,7 +910,11 @@ mod tests {
         f.handle(Event::SnapshotRequested { by: 2 }, is_master)
             .await
             .expect("handled");
-        assert_eq!(flows(sent.try_recv().ok()), 0, "a backup owns no flow");
+        assert_eq!(
+            snapshot(sent.try_recv().ok()),
+            (0, false),
+            "a backup owns no flow"
+        );
     }
 
     #[test]
@@ -845,6 +939,8 @@ mod tests {
             standby_cap: 100,
             last_bulk_ago_ms: Some(Duration::from_millis(1500)),
             last_bulk_flows: Some(4),
+            last_bulk_from_master: Some(true),
+            standby_templates: 2,
             peers: vec![PeerView {
                 address: Ipv4Addr::new(10, 0, 0, 12),
                 up: true,
@@ -861,7 +957,8 @@ mod tests {
         assert_eq!(json["counters"]["drops"]["auth_failures"], 2);
         assert_eq!(json["last_bulk_ago_ms"], 1500);
         let text = render(&[json]);
-        assert!(text.contains("standby flows 4/100"), "{text}");
+        assert!(text.contains("standby flows 4/100, templates 2"), "{text}");
+        assert!(text.contains("(4 records, from the master)"), "{text}");
         assert!(text.contains("drops: auth_failures 2, replays 1"), "{text}");
         assert!(text.contains("10.0.0.12"), "{text}");
     }

@@ -64,7 +64,8 @@ impl Node {
                 }
                 Event::SnapshotRequested { .. } => {
                     let all: Vec<Update> = self.own.values().map(|f| Update::Flow(*f)).collect();
-                    self.engine.send_snapshot(now, &all);
+                    // The node with flows of its own plays the master.
+                    self.engine.send_snapshot(now, &all, !all.is_empty());
                 }
                 _ => {}
             }
@@ -333,13 +334,18 @@ fn a_restarted_backup_pulls_a_snapshot() {
         e,
         Event::BulkComplete {
             from: 1,
-            records: 3000
+            records: 3000,
+            owner: true
         }
     )));
     let status: Vec<PeerStatus> = net.nodes[1].engine.peers().collect();
     assert!(matches!(
         status[0].bulk,
-        BulkStatus::Complete { records: 3000, .. }
+        BulkStatus::Complete {
+            records: 3000,
+            owner: true,
+            ..
+        }
     ));
 }
 
@@ -517,6 +523,54 @@ fn oversize_and_garbage_are_malformed() {
     let own = e.poll_transmit().unwrap();
     assert_eq!(e.handle_datagram(now, &own), Err(Rejected::OwnMessage));
     net.run(10);
+}
+
+/// A peer of protocol version 1 (before the owner flag): every message refused before its
+/// HMAC is even checked, counted apart from garbage, nothing delivered.
+#[test]
+fn messages_of_another_version_are_refused_and_counted() {
+    let mut net = Net::new(1, CLEAN);
+    let now = net.now();
+    let mut old = SyncEngine::new(now, cfg(2, 1));
+    let mut hello = old.poll_transmit().unwrap();
+    hello[4] = 1;
+    let e = &mut net.nodes[0].engine;
+    assert_eq!(
+        e.handle_datagram(now, &hello),
+        Err(Rejected::Malformed(WireError::UnsupportedVersion(1)))
+    );
+    assert_eq!(e.stats().unsupported_version, 1);
+    assert_eq!(e.stats().malformed, 0);
+    assert_eq!(e.peers().count(), 0);
+}
+
+/// A node that takes over sends its state unasked, marked as the owner's: each peer gets it
+/// as a complete snapshot (what a backup's preemption waits for); a snapshot answered by a
+/// node that owns nothing says so.
+#[test]
+fn an_unasked_snapshot_reaches_every_peer_with_its_owner_flag() {
+    let mut net = Net::new(3, CLEAN);
+    net.run(100);
+    let now = net.now();
+    let all: Vec<Update> = (0..10).map(|n| Update::Flow(flow(n))).collect();
+    net.nodes[0].engine.send_snapshot(now, &all, true);
+    net.run(100);
+    for i in [1, 2] {
+        let n = &net.nodes[i];
+        assert!(n.events.contains(&Event::BulkComplete {
+            from: 1,
+            records: 10,
+            owner: true
+        }));
+        assert_eq!(n.standby.len(), 10);
+        // The start-up snapshots from the other nodes, which own nothing.
+        let from_backup = if i == 1 { 3 } else { 2 };
+        assert!(n.events.contains(&Event::BulkComplete {
+            from: from_backup,
+            records: 0,
+            owner: false
+        }));
+    }
 }
 
 #[test]

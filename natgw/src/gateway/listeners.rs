@@ -184,12 +184,16 @@ impl Gateway {
         if !self.table.add_listener(proto, idx, public.port(), id) {
             return Err(NatError::DuplicatePublic { proto, public });
         }
-        let listener = Listener {
+        let mut listener = Listener {
             proto,
             public,
             selector: selector.into(),
             flows_opened: 0,
         };
+        if let Some(svc) = listener.selector.as_service_mut() {
+            // A service added while this node syncs journals its templates as the others do.
+            svc.set_template_journal(self.table.journaling());
+        }
         // A direct-routing service sees its clients' side of each flow only.
         let one_way = listener
             .selector

@@ -1,11 +1,12 @@
 //! Flow sync on the gateway: what the master sends ([`Gateway::take_sync_updates`],
-//! [`Gateway::export_flows`]) and what a backup does with it ([`Gateway::apply_standby`],
+//! [`Gateway::export_state`]: its flows and its services' persistence templates) and what a
+//! backup does with it ([`Gateway::apply_standby`],
 //! [`Gateway::promote_standby`]); and the flows a restarted daemon finds in its kernel path's
 //! maps ([`Gateway::adopt_fast_path_flows`]), which go through the same promotion.
 //!
 //! Call order in a daemon with sync: turn the journal on ([`Gateway::set_sync`]); after each
 //! batch of packets (and after `handle_timeout`), send `take_sync_updates`; answer a peer's
-//! snapshot request with `export_flows`, and send `export_flows` again every refresh period
+//! snapshot request with `export_state`, and send `export_state` again every refresh period
 //! so a backup's standby flows never expire under a live flow; apply what peers send with
 //! `apply_standby`; when VRRP makes this node master, `promote_standby` at once.
 
@@ -15,40 +16,75 @@ use flowsync::Update;
 
 use super::Gateway;
 use crate::flow::{FlowEvent, ListenerId, Proto};
-use crate::sync::{Promotion, StandbyFlows, flow_key, state_of};
+use crate::sync::{Promotion, StandbyFlows, flow_key, state_of, template_key, template_state};
 use crate::table::{FlowChange, FlowImage, InstallError, JournalDrain, PublicOwner};
 use crate::tcp::TcpState;
 
 impl Gateway {
-    /// Turns the change journal on (a node that syncs) or off.
+    /// Turns the change journal on (a node that syncs) or off: the flow table's and every
+    /// service's persistence templates'.
     pub fn set_sync(&mut self, on: bool) {
         self.table.set_journal(on);
+        for l in self.listeners.iter_mut().flatten() {
+            if let Some(svc) = l.selector.as_service_mut() {
+                svc.set_template_journal(on);
+            }
+        }
     }
 
-    /// The flows created, changed or removed since the last call, in order. After the journal
-    /// overflowed, every flow instead.
+    /// The flows and persistence templates created, changed or removed since the last call,
+    /// flows in order. After the flow journal overflowed, every flow instead.
     pub fn take_sync_updates(&mut self, now: Instant) -> Vec<Update> {
         let JournalDrain {
             changes,
             overflowed,
         } = self.table.drain_journal(now);
-        if overflowed {
-            return self.export_flows(now);
-        }
-        changes
-            .into_iter()
-            .map(|c| match c {
-                FlowChange::Live(img) => Update::Flow(state_of(&img)),
-                FlowChange::Removed(proto, public, outside) => {
-                    Update::FlowGone(flow_key(proto, public, outside))
+        let mut updates = if overflowed {
+            self.export_flow_records(now)
+        } else {
+            changes
+                .into_iter()
+                .map(|c| match c {
+                    FlowChange::Live(img) => Update::Flow(state_of(&img)),
+                    FlowChange::Removed(proto, public, outside) => {
+                        Update::FlowGone(flow_key(proto, public, outside))
+                    }
+                })
+                .collect()
+        };
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let Some(svc) = l.as_mut().and_then(|l| l.selector.as_service_mut()) else {
+                continue;
+            };
+            let id = ListenerId(u16::try_from(i).unwrap_or(u16::MAX));
+            updates.extend(svc.take_template_changes(now).into_iter().map(|c| match c {
+                balance::TemplateChange::Live(t) => Update::Persist(template_state(id, &t)),
+                balance::TemplateChange::Gone(client) => {
+                    Update::PersistGone(template_key(id, client))
                 }
-            })
-            .collect()
+            }));
+        }
+        updates
     }
 
-    /// Every live flow, as sync sends it (a snapshot, or a periodic refresh).
+    /// Everything sync holds: every live flow and every persistence template in force of
+    /// every service (a snapshot, or a periodic refresh).
     #[must_use]
-    pub fn export_flows(&self, now: Instant) -> Vec<Update> {
+    pub fn export_state(&self, now: Instant) -> Vec<Update> {
+        let mut updates = self.export_flow_records(now);
+        for (id, l) in self.listeners() {
+            if let Some(svc) = l.selector.as_service() {
+                updates.extend(
+                    svc.export_templates(now)
+                        .iter()
+                        .map(|t| Update::Persist(template_state(id, t))),
+                );
+            }
+        }
+        updates
+    }
+
+    fn export_flow_records(&self, now: Instant) -> Vec<Update> {
         self.table
             .export(now)
             .iter()
@@ -85,6 +121,12 @@ impl Gateway {
     /// static forward's host, a backend or the sorry server of the service): an authenticated
     /// peer with another configuration, or a forged record, never opens a forward's public
     /// port to another inside host.
+    ///
+    /// Then the standby persistence templates go into their services' pools (after the
+    /// flows, whose `Opened` renews their clients' templates on this node: those win). A
+    /// template is refused unless its listener is a service with persistence that has a
+    /// backend at the template's address (never by a peer's backend index), and when the
+    /// pool holds `balance::MAX_TEMPLATES` already.
     pub fn promote_standby(&mut self, now: Instant) -> Promotion {
         let (images, stray): (Vec<FlowImage>, Vec<FlowImage>) =
             self.standby.take_all(now).into_iter().partition(|img| {
@@ -93,6 +135,17 @@ impl Gateway {
             });
         let mut p = self.promote_images(now, images);
         p.refused += stray.len();
+        for t in self.standby.take_templates(now) {
+            let installed = self
+                .selector_mut(t.listener)
+                .and_then(crate::Selector::as_service_mut)
+                .map(|svc| svc.install_template(now, &t.image));
+            match installed {
+                Some(Ok(true)) => p.templates += 1,
+                Some(Ok(false)) => p.templates_already_live += 1,
+                Some(Err(_)) | None => p.templates_refused += 1,
+            }
+        }
         self.standby.count_promotion(&p);
         p
     }
@@ -242,7 +295,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddrV4};
     use std::time::Duration;
 
-    use flowsync::{FlowKey, FlowProto, FlowState, PersistKey, TcpPhase};
+    use flowsync::{FlowKey, FlowProto, FlowState, PersistKey, PersistState, TcpPhase};
     use testkit::epoch;
     use testkit::packet::{TcpFlags, ipv4_tcp, ipv4_udp};
 
@@ -362,7 +415,8 @@ mod tests {
             Promotion {
                 promoted: 3,
                 already_live: 0,
-                refused: 0
+                refused: 0,
+                ..Promotion::default()
             }
         );
         assert!(backup.standby().is_empty());
@@ -439,7 +493,8 @@ mod tests {
             Promotion {
                 promoted: 3,
                 already_live: 0,
-                refused: 2
+                refused: 2,
+                ..Promotion::default()
             }
         );
         assert_eq!(g.table().len(), 3);
@@ -495,7 +550,7 @@ mod tests {
         let mut quiet = node();
         traffic(&mut quiet, now);
         assert!(quiet.take_sync_updates(now).is_empty());
-        assert_eq!(quiet.export_flows(now).len(), 3);
+        assert_eq!(quiet.export_state(now).len(), 3);
     }
 
     fn standby_flow(port: u16, expires_in_secs: u32) -> FlowState {
@@ -530,14 +585,6 @@ mod tests {
         g.apply_standby(now, &[Update::FlowGone(standby_flow(2, 0).key)]);
         assert_eq!(g.standby().len(), 1);
         assert_eq!(g.standby().stats().removed, 1);
-        g.apply_standby(
-            now,
-            &[Update::PersistGone(PersistKey {
-                listener: 0,
-                client: *CLIENT.ip(),
-            })],
-        );
-        assert_eq!(g.standby().stats().persistence_ignored, 1);
         // Unrefreshed past its timeout plus the grace: gone.
         g.apply_standby(now, &[Update::Flow(standby_flow(3, 10))]);
         g.expire_standby(now + Duration::from_secs(10) + STANDBY_GRACE + Duration::from_secs(1));
@@ -570,7 +617,8 @@ mod tests {
             Promotion {
                 promoted: 1,
                 already_live: 1,
-                refused: 1
+                refused: 1,
+                ..Promotion::default()
             },
             "the service flow is installed, the UDP flow exists, the TCP flow's port is taken"
         );
@@ -629,7 +677,8 @@ mod tests {
             Promotion {
                 promoted: 1,
                 already_live: 0,
-                refused: 5
+                refused: 5,
+                ..Promotion::default()
             }
         );
         assert_eq!(backup.standby().stats().promote_refused, 5);
@@ -684,8 +733,8 @@ mod tests {
                 }
                 while let Some(e) = sync_m.poll_event() {
                     if let Event::SnapshotRequested { .. } = e {
-                        let all = master.export_flows(now.at);
-                        sync_m.send_snapshot(now, &all);
+                        let all = master.export_state(now.at);
+                        sync_m.send_snapshot(now, &all, true);
                     }
                 }
                 while let Some(e) = sync_b.poll_event() {
@@ -756,5 +805,187 @@ mod tests {
         assert!(updates.iter().all(|u| matches!(u, Update::Flow(_))));
         let _ = send(&mut g, now, ipv4_udp(H1, CLIENT, b"q"));
         assert_eq!(g.take_sync_updates(now).len(), 1, "journaling again");
+    }
+
+    /// A node like `node()` whose service pins clients for 300 s.
+    fn persistent_node() -> Gateway {
+        let mut g = node();
+        let svc = g
+            .selector_mut(ListenerId(0))
+            .and_then(crate::Selector::as_service_mut)
+            .unwrap();
+        let mut cfg = ServiceConfig {
+            name: "web".into(),
+            listen: VIP,
+            pool: balance::PoolConfig {
+                scheduler: balance::SchedulerKind::Rr,
+                backends: vec![
+                    balance::BackendConfig::new(
+                        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 100), 8080),
+                        1,
+                    ),
+                    balance::BackendConfig::new(
+                        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 8080),
+                        1,
+                    ),
+                ],
+                ..balance::PoolConfig::default()
+            },
+            health: None,
+            forward: crate::Forward::Nat,
+        };
+        cfg.pool.persistence = Some(balance::Persistence::new(Duration::from_secs(300)));
+        svc.reconfigure(cfg).unwrap();
+        g
+    }
+
+    /// A whole client connection to the service: SYN to FIN/ACK both ways, the flow gone
+    /// from the table; returns the backend that served it.
+    fn connection(g: &mut Gateway, now: Instant, client: SocketAddrV4) -> SocketAddrV4 {
+        let (v, syn) = send(g, now, ipv4_tcp(client, VIP, TcpFlags::SYN, b""));
+        assert_eq!(v, Verdict::Forward);
+        let backend = dst(&syn);
+        let _ = send(g, now, ipv4_tcp(backend, client, TcpFlags::SYN_ACK, b""));
+        let _ = send(g, now, ipv4_tcp(client, VIP, TcpFlags::ACK, b""));
+        let _ = send(g, now, ipv4_tcp(client, VIP, TcpFlags::RST, b""));
+        backend
+    }
+
+    /// The persistence templates travel with the flows: a client whose connection ended on
+    /// the master (no flow left to sync) still goes to the same backend on the backup once it
+    /// is master, for NEW connections, while the template's time lasts.
+    #[test]
+    fn a_persistent_client_keeps_its_backend_after_a_promotion() {
+        let now = epoch();
+        let (mut master, mut backup) = (persistent_node(), persistent_node());
+        master.set_sync(true);
+        // Another client first, so the persistent one is not on rr's first backend.
+        let other = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 50), 6000);
+        let other_backend = connection(&mut master, now, other);
+        let backend = connection(&mut master, now, CLIENT);
+        assert_ne!(backend, other_backend);
+        // The reset flows leave the table: only the templates remain to carry the choice.
+        let synced = now + Duration::from_secs(60);
+        master.handle_timeout(synced);
+        assert_eq!(master.table().len(), 0);
+        let updates = master.take_sync_updates(synced);
+        let templates: Vec<&PersistState> = updates
+            .iter()
+            .filter_map(|u| match u {
+                Update::Persist(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(templates.len(), 2, "{updates:?}");
+        let mine = templates
+            .iter()
+            .find(|t| t.key.client == *CLIENT.ip())
+            .unwrap();
+        assert_eq!(
+            (mine.backend, mine.key.listener, mine.expires_in_secs),
+            (backend, 0, 240)
+        );
+        assert_eq!(
+            master
+                .export_state(synced)
+                .iter()
+                .filter(|u| matches!(u, Update::Persist(_)))
+                .count(),
+            2,
+            "a snapshot carries them too"
+        );
+
+        backup.apply_standby(synced, &updates);
+        assert_eq!(backup.standby().templates(), 2);
+        assert_eq!(backup.standby().len(), 0, "the flows came and went");
+        let svc = |g: &Gateway| g.services().next().unwrap().pool().templates();
+        assert_eq!(
+            svc(&backup),
+            0,
+            "standby: not in the pool before the promotion"
+        );
+
+        let later = now + Duration::from_secs(100);
+        let p = backup.promote_standby(later);
+        assert_eq!((p.templates, p.templates_refused), (2, 0), "{p:?}");
+        assert_eq!(backup.standby().templates(), 0);
+        assert_eq!(backup.standby().stats().templates_installed, 2);
+        for port in 0..4 {
+            let c = SocketAddrV4::new(*CLIENT.ip(), 7000 + port);
+            assert_eq!(
+                connection(&mut backup, later, c),
+                backend,
+                "new connection {port}"
+            );
+        }
+        // The template had 200 s left: after them the client is scheduled afresh.
+        let after = now + Duration::from_secs(301 + 300);
+        let mut seen = std::collections::HashSet::new();
+        for port in 0..4 {
+            let c = SocketAddrV4::new(*CLIENT.ip(), 8000 + port);
+            seen.insert(connection(
+                &mut backup,
+                after + Duration::from_secs(400 * u64::from(port)),
+                c,
+            ));
+        }
+        assert_eq!(seen.len(), 2, "rr again once the templates expired");
+    }
+
+    /// A synced template is checked against this node's configuration at promotion: an
+    /// unknown listener, a backend this service does not have (matched by address, never by
+    /// a peer's index), or a listener that is no service are refused and counted; the
+    /// standby store is bounded; a removal and the end of its time drop a standby template.
+    #[test]
+    fn synced_templates_are_bounded_and_refused_unless_they_fit_this_node() {
+        let now = epoch();
+        let mut g = persistent_node();
+        let template = |listener: u16, client: u8, backend: [u8; 4], secs: u32| {
+            Update::Persist(PersistState {
+                key: PersistKey {
+                    listener,
+                    client: Ipv4Addr::new(203, 0, 113, client),
+                },
+                backend: SocketAddrV4::new(backend.into(), 8080),
+                expires_in_secs: secs,
+            })
+        };
+        g.apply_standby(
+            now,
+            &[
+                template(0, 1, [10, 0, 0, 101], 300),
+                // No backend 10.0.0.66 in this service.
+                template(0, 2, [10, 0, 0, 66], 300),
+                // No listener 7.
+                template(7, 3, [10, 0, 0, 101], 300),
+                // Runs out before the promotion.
+                template(0, 4, [10, 0, 0, 100], 5),
+                // Removed by its peer.
+                template(0, 5, [10, 0, 0, 100], 300),
+                Update::PersistGone(PersistKey {
+                    listener: 0,
+                    client: Ipv4Addr::new(203, 0, 113, 5),
+                }),
+            ],
+        );
+        assert_eq!(g.standby().templates(), 4);
+        let s = *g.standby().stats();
+        assert_eq!((s.templates_applied, s.templates_removed), (5, 1));
+        let p = g.promote_standby(now + Duration::from_secs(10));
+        assert_eq!((p.templates, p.templates_refused), (1, 2), "{p:?}");
+        let s = *g.standby().stats();
+        assert_eq!((s.templates_expired, s.templates_refused), (1, 2));
+        assert_eq!(g.services().next().unwrap().pool().templates(), 1);
+
+        g.set_standby_cap(2);
+        g.apply_standby(
+            now,
+            &(10..15)
+                .map(|c| template(0, c, [10, 0, 0, 100], 300))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(g.standby().templates(), 2);
+        assert_eq!(g.standby().stats().templates_over_cap, 3);
+        assert_eq!(g.table().len(), 0, "templates make no flow");
     }
 }

@@ -100,6 +100,11 @@ pub(crate) enum InstallError {
 }
 
 impl PatTable {
+    /// Whether the journal is on.
+    pub(crate) fn journaling(&self) -> bool {
+        self.journal.on
+    }
+
     /// Turns the journal on or off (off empties it).
     pub(crate) fn set_journal(&mut self, on: bool) {
         self.journal = Journal {
