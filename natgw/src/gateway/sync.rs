@@ -833,6 +833,8 @@ mod tests {
             },
             health: None,
             forward: crate::Forward::Nat,
+            proto: crate::Proto::Tcp,
+            one_packet: false,
         };
         cfg.pool.persistence = Some(balance::Persistence::new(Duration::from_secs(300)));
         svc.reconfigure(cfg).unwrap();
