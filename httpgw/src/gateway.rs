@@ -20,6 +20,7 @@ use http::{HeaderValue, StatusCode, request};
 
 use crate::error::ConfigError;
 use crate::hygiene::{self, Forwarding, Refusal};
+use crate::latency::{LatencyStatus, LatencyWindow};
 use crate::route::{self, Action, RedirectTarget, RequestView, Route};
 
 /// One pool of real servers, balanced by the `balance` crate's schedulers.
@@ -510,6 +511,8 @@ pub struct PoolStatus {
     pub responses: StatusClasses,
     /// Its backends.
     pub backends: Vec<BackendStatus>,
+    /// Response times of its answers over the last 30–60 s.
+    pub latency: LatencyStatus,
 }
 
 /// TLS handshakes of one listener.
@@ -564,6 +567,8 @@ pub struct GatewayStatus {
     pub pools: Vec<PoolStatus>,
     /// Handshakes, on a TLS listener.
     pub tls: Option<TlsStatus>,
+    /// Response times (forwarded to the answer's head) over the last 30–60 s.
+    pub latency: LatencyStatus,
 }
 
 /// Where a forwarded request goes; hand it back to [`Gateway::finish`].
@@ -586,6 +591,8 @@ pub struct Upstream {
     /// forwarded); a `101` answer makes the connection a tunnel.
     pub upgrade: Option<HeaderValue>,
     client: Ipv4Addr,
+    /// When the gateway forwarded it: the start of its response time.
+    decided: Instant,
 }
 
 /// A request the gateway answers itself.
@@ -661,6 +668,7 @@ struct PoolState {
     responses: StatusClasses,
     /// Indexed by [`BackendId::index`].
     backends: Vec<BackendCounts>,
+    latency: LatencyWindow,
 }
 
 /// The deciding half of one HTTP gateway; see the module documentation.
@@ -678,6 +686,7 @@ pub struct Gateway {
     cancelled: u64,
     responses: StatusClasses,
     tls: Option<TlsStatus>,
+    latency: LatencyWindow,
 }
 
 impl Gateway {
@@ -702,6 +711,7 @@ impl Gateway {
                     no_backend: 0,
                     responses: StatusClasses::default(),
                     backends: Vec::new(),
+                    latency: LatencyWindow::default(),
                 })
             })
             .collect::<Result<_, ConfigError>>()?;
@@ -718,6 +728,7 @@ impl Gateway {
             cancelled: 0,
             responses: StatusClasses::default(),
             tls: config.tls.as_ref().map(|_| TlsStatus::default()),
+            latency: LatencyWindow::default(),
         })
     }
 
@@ -847,6 +858,7 @@ impl Gateway {
             set_cookie,
             upgrade,
             client: *client.ip(),
+            decided: now,
         })
     }
 
@@ -902,6 +914,13 @@ impl Gateway {
         self.route_counts[upstream.route].1.count(status);
         let state = &mut self.pools[upstream.pool];
         state.responses.count(status);
+        // Response time (to the answer's head), of answers only: a timeout would count the
+        // timeout, a refusal or a cancel nothing the backend did.
+        if matches!(outcome, Outcome::Answered(_)) {
+            let took = now.saturating_duration_since(upstream.decided);
+            state.latency.record(now, took);
+            self.latency.record(now, took);
+        }
         if let Some(id) = upstream.backend {
             state
                 .pool
@@ -931,9 +950,9 @@ impl Gateway {
             .unwrap_or_default()
     }
 
-    /// The counters and backend states.
+    /// The counters and backend states; response times as of `now`.
     #[must_use]
-    pub fn status(&self) -> GatewayStatus {
+    pub fn status(&self, now: Instant) -> GatewayStatus {
         GatewayStatus {
             name: self.name.clone(),
             listen: self.listen.to_string(),
@@ -954,8 +973,9 @@ impl Gateway {
                     responses: *responses,
                 })
                 .collect(),
-            pools: self.pools.iter().map(pool_status).collect(),
+            pools: self.pools.iter().map(|p| pool_status(p, now)).collect(),
             tls: self.tls,
+            latency: self.latency.status(now),
         }
     }
 
@@ -1001,7 +1021,7 @@ impl Gateway {
     }
 }
 
-fn pool_status(state: &PoolState) -> PoolStatus {
+fn pool_status(state: &PoolState, now: Instant) -> PoolStatus {
     PoolStatus {
         name: state.name.clone(),
         scheduler: state.pool.scheduler().as_str().to_owned(),
@@ -1024,5 +1044,6 @@ fn pool_status(state: &PoolState) -> PoolStatus {
                 }
             })
             .collect(),
+        latency: state.latency.status(now),
     }
 }

@@ -34,6 +34,7 @@ pub mod framing;
 pub mod fuzzing;
 mod gateway;
 pub mod hygiene;
+pub mod latency;
 pub mod route;
 pub mod sni;
 

@@ -1,4 +1,5 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
 
 use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use http::{Method, Request, StatusCode, request};
@@ -198,7 +199,7 @@ fn first_matching_rule_decides() {
         answered(decide(&mut gw, &mut h)),
         StatusCode::SERVICE_UNAVAILABLE
     );
-    let status = gw.status();
+    let status = gw.status(epoch());
     assert_eq!(status.requests, 8);
     assert_eq!(status.no_route, 2);
     assert_eq!(status.routes[3].requests, 4);
@@ -262,7 +263,7 @@ fn ambiguous_or_bad_heads_are_refused() {
             StatusCode::BAD_REQUEST,
             "{fields:?} {uri}"
         );
-        assert_eq!(gw.status().refused, 1);
+        assert_eq!(gw.status(epoch()).refused, 1);
     }
     let mut h = head(&[("host", "a")], "CONNECT", "a:443");
     let mut gw = Gateway::new(&config()).unwrap();
@@ -871,6 +872,41 @@ fn http2_cookie_fields_are_joined_for_http1() {
     }
 }
 
+/// Response times: from the decision to the answer's head, per gateway and per pool; a
+/// cancel or a refused connection is no response time.
+#[test]
+fn answers_feed_the_response_time_percentiles() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    for ms in 1..=10 {
+        let mut h = head(&[("host", "www.example.com")], "GET", "/");
+        let up = forwarded(decide(&mut gw, &mut h));
+        let at = epoch() + Duration::from_millis(ms);
+        gw.finish(at, &up, Outcome::Answered(StatusCode::OK));
+    }
+    for outcome in [Outcome::Cancelled, Outcome::Refused] {
+        let mut h = head(&[("host", "www.example.com")], "GET", "/");
+        let up = forwarded(decide(&mut gw, &mut h));
+        gw.finish(epoch() + Duration::from_secs(9), &up, outcome);
+    }
+    let s = gw.status(epoch() + Duration::from_millis(10));
+    assert_eq!(s.latency.samples, 10, "{:?}", s.latency);
+    assert!(
+        (4_900..=5_100).contains(&s.latency.p50_us),
+        "{:?}",
+        s.latency
+    );
+    assert!(
+        (9_900..=10_100).contains(&s.latency.max_us),
+        "{:?}",
+        s.latency
+    );
+    let pool = s.pools.iter().find(|p| p.latency.samples > 0).unwrap();
+    assert_eq!(pool.latency, s.latency);
+    // Two idle windows later the figures are gone.
+    let later = gw.status(epoch() + Duration::from_secs(61));
+    assert_eq!(later.latency.samples, 0);
+}
+
 #[test]
 fn a_cancelled_request_is_499_and_not_the_backends_failure() {
     let mut gw = Gateway::new(&config()).unwrap();
@@ -879,7 +915,7 @@ fn a_cancelled_request_is_499_and_not_the_backends_failure() {
     gw.finish(epoch(), &up, Outcome::Cancelled);
     gw.cancelled();
     assert_eq!(Outcome::Cancelled.status().as_u16(), 499);
-    let s = gw.status();
+    let s = gw.status(epoch());
     assert_eq!(s.requests, 2);
     assert_eq!(s.cancelled, 2);
     assert_eq!(s.responses.client_error, 2);
@@ -898,9 +934,9 @@ fn the_reset_budget_counts_per_window() {
     let t0 = epoch();
     let mut budget = ResetBudget::new(3);
     for i in 0..3 {
-        assert!(!budget.cancelled(t0 + std::time::Duration::from_millis(i * 100)));
+        assert!(!budget.cancelled(t0 + Duration::from_millis(i * 100)));
     }
-    assert!(budget.cancelled(t0 + std::time::Duration::from_millis(500)));
+    assert!(budget.cancelled(t0 + Duration::from_millis(500)));
     // A new window starts afresh: a client cancelling now and then is never sent away.
     let mut budget = ResetBudget::new(3);
     for i in 0..100 {

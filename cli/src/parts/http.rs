@@ -74,6 +74,25 @@ fn classes(c: &StatusClasses) -> String {
     )
 }
 
+/// `p50 1.2 ms  p90 3.4 ms  p99 12 ms  max 40 ms (1234 answers, last 30-60 s)`.
+fn latency(l: &httpgw::latency::LatencyStatus) -> String {
+    let ms = |us: u64| {
+        if us < 10_000 {
+            format!("{:.1} ms", us as f64 / 1000.0)
+        } else {
+            format!("{} ms", us / 1000)
+        }
+    };
+    format!(
+        "p50 {}  p90 {}  p99 {}  max {} ({} answers, last 30-60 s)",
+        ms(l.p50_us),
+        ms(l.p90_us),
+        ms(l.p99_us),
+        ms(l.max_us),
+        l.samples
+    )
+}
+
 /// `show http`: per gateway its routes with hits, its pools and their backends.
 pub(crate) fn render(items: &[serde_json::Value]) -> String {
     render_each(items, |out, s: &GatewayStatus| {
@@ -89,6 +108,9 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
             s.cancelled,
             classes(&s.responses)
         );
+        if s.latency.samples > 0 {
+            let _ = writeln!(out, "  response time: {}", latency(&s.latency));
+        }
         if let Some(t) = &s.tls {
             let _ = writeln!(
                 out,
@@ -116,6 +138,9 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
                 p.no_backend,
                 classes(&p.responses)
             );
+            if p.latency.samples > 0 {
+                let _ = writeln!(out, "    response time: {}", latency(&p.latency));
+            }
             for b in &p.backends {
                 let _ = writeln!(
                     out,

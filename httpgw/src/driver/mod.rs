@@ -158,7 +158,7 @@ impl HttpGateway {
     /// Counters and backend states.
     #[must_use]
     pub fn status(&self) -> GatewayStatus {
-        let mut status = self.shared.gateway().status();
+        let mut status = self.shared.gateway().status(now());
         status.connections = self.shared.connections.load(Ordering::Relaxed);
         status
     }

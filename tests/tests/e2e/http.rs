@@ -252,6 +252,13 @@ fn routes_pick_the_backend_rewrite_and_redirect() {
     );
     assert_eq!(counter(gw, &["responses", "success"]), 5, "{json}");
     assert_eq!(counter(gw, &["responses", "redirect"]), 1, "{json}");
+    // Response times of the five answers from backends (the redirect is the gateway's own).
+    assert_eq!(counter(gw, &["latency", "samples"]), 5, "{json}");
+    let (p50, max) = (
+        counter(gw, &["latency", "p50_us"]),
+        counter(gw, &["latency", "max_us"]),
+    );
+    assert!(0 < p50 && p50 <= max && max < 5_000_000, "{json}");
     let text = lab.t.sh(
         "dir",
         &format!(
@@ -262,6 +269,7 @@ fn routes_pick_the_backend_rewrite_and_redirect() {
     );
     assert!(text.contains("route api"), "{text}");
     assert!(text.contains("10.0.0.102:8000"), "{text}");
+    assert!(text.contains("response time: p50 "), "{text}");
 }
 
 #[test]
