@@ -6,7 +6,7 @@
 //!   gauge (numbers, and booleans as 0/1); the supervisor's `restarts` is a counter too;
 //! - a `drops` map under `counters` (a `netutil::DropCounters`) is one counter with a
 //!   `reason` label: `vipgate_gre_drops_total{tunnel="gre-br",reason="wrong_key"}`;
-//! - durations are `…_ms` (or `…_s`) fields and become base units: `…_seconds`;
+//! - durations are `…_ms`, `…_us` (or `…_s`) fields and become base units: `…_seconds`;
 //! - a `state` string becomes `vipgate_<kind>_state{state="..."} 1`, and a `protocol` one
 //!   `vipgate_<kind>_protocol{protocol="..."} 1` (a virtual service's tcp or udp);
 //! - each part is labelled by its name (`tunnel`, `gateway`, `service`, `instance`,
@@ -225,6 +225,10 @@ fn walk(
             if let Some(stem) = name.strip_suffix("_ms") {
                 name = format!("{stem}_seconds");
                 v /= 1000.0;
+                what = "In seconds, the status field";
+            } else if let Some(stem) = name.strip_suffix("_us") {
+                name = format!("{stem}_seconds");
+                v /= 1_000_000.0;
                 what = "In seconds, the status field";
             } else if let Some(stem) = name.strip_suffix("_s") {
                 name = format!("{stem}_seconds");
@@ -468,6 +472,7 @@ mod tests {
             "counters": { "rx_packets": 10, "drops": { "wrong_key": 2, "truncated": 0 } },
             "mappings": 42,
             "down_for_ms": 1500,
+            "latency": { "p99_us": 2500 },
             "restarts": 1,
             "backends": [
                 { "address": "10.0.0.101:80", "weight": 1, "state": "up",
@@ -497,6 +502,7 @@ mod tests {
         has("vipgate_lb_protocol{service=\"web\",protocol=\"udp\"} 1");
         has("vipgate_lb_healthy{service=\"web\"} 1");
         has("vipgate_lb_down_for_seconds{service=\"web\"} 1.5");
+        has("vipgate_lb_latency_p99_seconds{service=\"web\"} 0.0025");
         has("# TYPE vipgate_lb_restarts_total counter");
         has("# TYPE vipgate_lb_backend_connections_total counter");
         has("vipgate_lb_backend_connections_total{service=\"web\",backend=\"10.0.0.102:80\"} 9");
