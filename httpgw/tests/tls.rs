@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -496,6 +496,22 @@ fn h2_config(
     }
 }
 
+/// A started gateway of [`h2_config`] in a fresh scratch directory (`httpgw-TAG-PID`), with a
+/// `web` backend (its request counter returned) and `slow` behind `/slow/`.
+async fn h2_gateway(
+    tag: &str,
+    slow: SocketAddrV4,
+    alpn: Vec<httpgw::Alpn>,
+    limits: Limits,
+) -> (PathBuf, HttpGateway, Arc<AtomicU64>) {
+    let dir = std::env::temp_dir().join(format!("httpgw-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (web_addr, web) = backend("web").await;
+    let config = h2_config(&dir, web_addr, slow, alpn, limits);
+    let gw = HttpGateway::start(&config).await.unwrap();
+    (dir, gw, web)
+}
+
 type H2Conn = tokio::task::JoinHandle<Result<(), h2::Error>>;
 
 /// An HTTP/2 connection to the gateway (ALPN `h2` only).
@@ -551,23 +567,14 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn http2_is_routed_like_http1_and_bounded() {
-    let dir = std::env::temp_dir().join(format!("httpgw-h2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (web_addr, web) = backend("web").await;
     let (slow_addr, _) = silent_backend().await;
     let limits = Limits {
         max_streams: 8,
         max_header_bytes: 4096,
         ..Limits::default()
     };
-    let config = h2_config(
-        &dir,
-        web_addr,
-        slow_addr,
-        TlsConfig::DEFAULT_ALPN.to_vec(),
-        limits,
-    );
-    let gw = HttpGateway::start(&config).await.unwrap();
+    let (dir, gw, web) =
+        h2_gateway("h2", slow_addr, TlsConfig::DEFAULT_ALPN.to_vec(), limits).await;
     let (send, _conn) = h2_connect(&gw).await;
     // The stream limit is announced in the server's SETTINGS.
     let send = send.ready().await.unwrap();
@@ -626,18 +633,14 @@ async fn http2_is_routed_like_http1_and_bounded() {
 
 #[tokio::test]
 async fn alpn_offers_only_what_is_configured() {
-    let dir = std::env::temp_dir().join(format!("httpgw-alpn-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (web_addr, _) = backend("web").await;
     let (slow_addr, _) = silent_backend().await;
-    let config = h2_config(
-        &dir,
-        web_addr,
+    let (dir, gw, _) = h2_gateway(
+        "alpn",
         slow_addr,
         vec![httpgw::Alpn::Http11],
         Limits::default(),
-    );
-    let gw = HttpGateway::start(&config).await.unwrap();
+    )
+    .await;
     let both = client_alpn(true, &[&rustls::version::TLS13], &["h2", "http/1.1"]);
     let r = request(&gw, &both, "a.example.com", "a.example.com", None).await;
     assert_eq!(r.alpn.as_deref(), Some(&b"http/1.1"[..]));
@@ -663,22 +666,13 @@ async fn alpn_offers_only_what_is_configured() {
 
 #[tokio::test]
 async fn cancelled_streams_are_499_and_a_reset_flood_is_sent_away() {
-    let dir = std::env::temp_dir().join(format!("httpgw-reset-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (web_addr, _) = backend("web").await;
     let (slow_addr, slow) = silent_backend().await;
     let limits = Limits {
         max_streams: 4,
         ..Limits::default()
     };
-    let config = h2_config(
-        &dir,
-        web_addr,
-        slow_addr,
-        TlsConfig::DEFAULT_ALPN.to_vec(),
-        limits,
-    );
-    let gw = HttpGateway::start(&config).await.unwrap();
+    let (dir, gw, _) =
+        h2_gateway("reset", slow_addr, TlsConfig::DEFAULT_ALPN.to_vec(), limits).await;
 
     // One request waiting for its backend, then reset by the client: 499, counted, the
     // backend released without a failure.
@@ -767,22 +761,13 @@ async fn trickle_backend() -> SocketAddrV4 {
 
 #[tokio::test]
 async fn an_http2_download_longer_than_the_idle_bound_completes_then_the_connection_goes() {
-    let dir = std::env::temp_dir().join(format!("httpgw-h2-idle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (web_addr, _) = backend("web").await;
     let trickle = trickle_backend().await;
     let limits = Limits {
         header_timeout: Duration::from_millis(300),
         ..Limits::default()
     };
-    let config = h2_config(
-        &dir,
-        web_addr,
-        trickle,
-        TlsConfig::DEFAULT_ALPN.to_vec(),
-        limits,
-    );
-    let gw = HttpGateway::start(&config).await.unwrap();
+    let (dir, gw, _) =
+        h2_gateway("h2-idle", trickle, TlsConfig::DEFAULT_ALPN.to_vec(), limits).await;
     let (send, conn) = h2_connect(&gw).await;
     // 1 s of body with no other stream: the stream counts until its body ends.
     let (status, body) = tokio::time::timeout(

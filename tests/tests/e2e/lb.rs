@@ -70,20 +70,6 @@ for s in held:
     print(data.split(b"\r\n\r\n", 1)[1].decode().strip(), flush=True)
 "#;
 
-/// The test `$body(topology, datapath)` once per data path, as `$kernel` and `$tun`.
-macro_rules! on_both_datapaths {
-    ($body:ident: $kernel:ident, $tun:ident) => {
-        #[test]
-        fn $kernel() {
-            $body(e2e!(), "kernel");
-        }
-        #[test]
-        fn $tun() {
-            $body(e2e!(), "tun");
-        }
-    };
-}
-
 pub(super) struct Lab {
     pub(super) t: Topology,
     datapath: &'static str,

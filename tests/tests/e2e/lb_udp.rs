@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use vipgate_tests::{Topology, e2e, vipgate_bin, wait_until};
+use vipgate_tests::{Topology, vipgate_bin, wait_until};
 
 use super::lb::{CLIENTS, Lab, VIP};
 
@@ -57,19 +57,6 @@ for i in range(n):
     if not one:
         s.close()
 "#;
-
-macro_rules! on_both_datapaths {
-    ($body:ident: $kernel:ident, $tun:ident) => {
-        #[test]
-        fn $kernel() {
-            $body(e2e!(), "kernel");
-        }
-        #[test]
-        fn $tun() {
-            $body(e2e!(), "tun");
-        }
-    };
-}
 
 /// A [`Lab`] whose real servers answer UDP on 53 and 5300.
 struct UdpLab {

@@ -5,6 +5,21 @@
 //!
 //! Run one area with `cargo test -p vipgate-tests -- nat:: --test-threads=1` (as root).
 
+/// The test `$body(topology, datapath)` once per data path, as `$kernel` and `$tun` (defined
+/// before the modules, so every module sees it).
+macro_rules! on_both_datapaths {
+    ($body:ident: $kernel:ident, $tun:ident) => {
+        #[test]
+        fn $kernel() {
+            $body(vipgate_tests::e2e!(), "kernel");
+        }
+        #[test]
+        fn $tun() {
+            $body(vipgate_tests::e2e!(), "tun");
+        }
+    };
+}
+
 mod config;
 mod daemon;
 mod gre;

@@ -20,20 +20,6 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 const PUBLIC: &str = "198.51.100.1";
 const T: Duration = Duration::from_secs(30);
 
-/// The test `$body(topology, datapath)` once per data path, as `$kernel` and `$tun`.
-macro_rules! on_both_datapaths {
-    ($body:ident: $kernel:ident, $tun:ident) => {
-        #[test]
-        fn $kernel() {
-            $body(e2e!(), "kernel");
-        }
-        #[test]
-        fn $tun() {
-            $body(e2e!(), "tun");
-        }
-    };
-}
-
 struct Hq {
     topo: Topology,
     _vipgate: Proc,
@@ -760,6 +746,18 @@ impl PinRoot {
     }
 }
 
+/// The HQ site on the kernel path, its daemon in a [`PinRoot`]'s mount namespace (pins that
+/// outlive it); returns the running site, the pin root and the config's path.
+fn pinned_kernel_hq(t: Topology) -> (Hq, PinRoot, String) {
+    let (t, path) = hq_site(t, "datapath = \"kernel\"");
+    let pins = PinRoot::new(&t);
+    let first = pins.vipgate(&t, "vipgate", &path);
+    let hq = hq_running(t, first, path.clone());
+    let v = hq.show();
+    assert_eq!(v["datapath"], "kernel", "{}", v["datapath_reason"]);
+    (hq, pins, path)
+}
+
 /// Sends `<dir>/sent` from `from` to `to_addr:port` at about 1.2 MB/s (64 KiB every 50 ms),
 /// in the background, into a sink on `sink_host:sink_port` writing `<dir>/<name>`.
 fn slow_transfer(
@@ -847,12 +845,7 @@ enum Replace {
 /// arrive intact, the new daemon lists both flows as its own (adopted from the pinned map),
 /// and a later SIGTERM leaves no pin, link or qdisc.
 fn established_flows_survive(replace: Replace) {
-    let (t, path) = hq_site(e2e!(), "datapath = \"kernel\"");
-    let pins = PinRoot::new(&t);
-    let first = pins.vipgate(&t, "vipgate", &path);
-    let mut hq = hq_running(t, first, path.clone());
-    let v = hq.show();
-    assert_eq!(v["datapath"], "kernel", "{}", v["datapath_reason"]);
+    let (mut hq, pins, path) = pinned_kernel_hq(e2e!());
     let t = &hq.topo;
     let dir = t.dir().display().to_string();
     let size = 8 * 1024 * 1024;
@@ -996,12 +989,7 @@ print(deleted)
 /// (the core translates little of it).
 #[test]
 fn evicted_entries_are_put_back_on_the_kernel_path() {
-    let (t, path) = hq_site(e2e!(), "datapath = \"kernel\"");
-    let pins = PinRoot::new(&t);
-    let first = pins.vipgate(&t, "vipgate", &path);
-    let hq = hq_running(t, first, path);
-    let v = hq.show();
-    assert_eq!(v["datapath"], "kernel", "{}", v["datapath_reason"]);
+    let (hq, pins, _) = pinned_kernel_hq(e2e!());
     let t = &hq.topo;
     let dir = t.dir().display().to_string();
     let size = 8 * 1024 * 1024;
