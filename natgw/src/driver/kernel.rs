@@ -412,18 +412,18 @@ impl KernelDatapath {
         // one adopted from a run with a smaller `max_mappings`) from churning every round.
         let mut budget = REINSTALL_PER_ROUND;
         for (id, flow) in &mut self.installed {
-            for (i, (key, rewrite)) in flow.entries.iter().enumerate() {
-                if budget == 0 || !matches!(kp.report(key), Ok(None)) {
-                    continue;
+            for i in collect_reports(kp, id, flow, &mut reports) {
+                if budget == 0 {
+                    break;
                 }
                 budget -= 1;
                 flow.reported[i] = (0, 0);
+                let (key, rewrite) = &flow.entries[i];
                 match kp.insert(key, rewrite) {
                     Ok(()) => self.reinstalled += 1,
                     Err(e) => tracing::debug!(error = %e, "reinstalling an evicted entry"),
                 }
             }
-            collect_reports(kp, id, flow, &mut reports);
         }
         if !reports.is_empty() {
             let at = now();
@@ -611,17 +611,24 @@ fn install(
 }
 
 /// Appends what the program moved of `flow` since its last report (one activity per
-/// direction that moved, in one group per flow) and remembers the counts reported.
+/// direction that moved, in one group per flow) and remembers the counts reported; returns
+/// the indices of the entries the map no longer holds (evicted), read in the same lookup.
 fn collect_reports(
     kp: &KernelPath,
     id: &FlowId,
     flow: &mut Installed,
     out: &mut Vec<Vec<FastPathActivity>>,
-) {
+) -> Vec<usize> {
     let mut moved = Vec::new();
+    let mut absent = Vec::new();
     for (i, (key, _)) in flow.entries.iter().enumerate() {
-        let Ok(Some(r)) = kp.report(key) else {
-            continue;
+        let r = match kp.report(key) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                absent.push(i);
+                continue;
+            }
+            Err(_) => continue,
         };
         let (packets, bytes) = flow.reported[i];
         if r.packets == packets {
@@ -646,6 +653,7 @@ fn collect_reports(
     if !moved.is_empty() {
         out.push(moved);
     }
+    absent
 }
 
 /// The sync task: a round every [`SYNC_INTERVAL`] until `stop`.
