@@ -10,6 +10,14 @@
 //! A message that fell out of the resend queue cannot be sent again: the `Hello` says which
 //! is the oldest still held, and a receiver behind it skips ahead and pulls a full snapshot.
 //!
+//! Flow control: at most `send_window` data messages are in flight past the slowest live
+//! peer's acknowledgement; the rest wait in the resend queue, unsent, and go out as
+//! acknowledgements arrive. Without it a snapshot (100,000 flows are 2,300 messages) leaves in
+//! one burst that overflows the receiver's socket buffer, and the stream then crawls through
+//! `Nack`s and 200 ms resends. With no peer up there is nobody to wait for: everything goes out.
+//! Invariant: every peer's acknowledgement is at most `tx_sent` (what was sent), so the queue
+//! is trimmed of sent messages only; `Hello` announces `tx_sent`, never a message not sent.
+//!
 //! Trust: every datagram passes [`crate::wire::decode`] (HMAC-SHA256 with the shared key)
 //! before anything else; then its wall-clock stamp must be within `max_clock_skew_secs` of
 //! ours, its incarnation not older than the peer's known one, and a control message's number
@@ -22,9 +30,9 @@
 //! (`BulkRequest`), retried every `bulk_retry` until that peer's `BulkEnd` arrives: a
 //! (re)started backup pulls the state instead of waiting for changes.
 //!
-//! Bounds: at most [`MAX_PEERS`] peers, `resend_queue` data messages held, `reorder_window`
-//! messages buffered per peer, [`MAX_NACK_SPAN`] numbers asked per `Nack`, [`RESEND_BURST`]
-//! messages resent per timeout.
+//! Bounds: at most [`MAX_PEERS`] peers, `resend_queue` data messages held (`send_window` of
+//! them in flight), `reorder_window` messages buffered per peer, [`MAX_NACK_SPAN`] numbers
+//! asked per `Nack`, [`RESEND_BURST`] messages resent per timeout.
 //!
 //! Use: after every `handle_*` or `send_*` call, drain [`SyncEngine::poll_transmit`] (each
 //! datagram goes to every peer: unicast to each, or one multicast) and
@@ -79,6 +87,11 @@ pub struct SyncConfig {
     pub resend_queue: usize,
     /// Early data messages buffered per peer (at least 1).
     pub reorder_window: u32,
+    /// Data messages sent and not yet acknowledged by the slowest live peer (at least 1):
+    /// small enough that a burst fits a receiver's default socket buffer (212,992 bytes hold
+    /// about 90 datagrams of 1,400 bytes), large enough to keep a link busy between the
+    /// acknowledgements a receiver sends every [`ACK_EVERY`] messages.
+    pub send_window: u32,
     /// Interval of a `BulkRequest` until its snapshot completes.
     pub bulk_retry: Duration,
 }
@@ -86,7 +99,7 @@ pub struct SyncConfig {
 impl SyncConfig {
     /// Settings with the defaults: hello 1 s, peer timeout 3 s, resend after 200 ms, ack
     /// delay 50 ms, clock skew 30 s, 8,192 messages held (about 11 MB at most), reorder
-    /// window 128, bulk retry 2 s.
+    /// window 128, send window 64, bulk retry 2 s.
     #[must_use]
     pub fn new(node: NonZeroU32, incarnation: u64, key: SyncKey) -> Self {
         SyncConfig {
@@ -100,6 +113,7 @@ impl SyncConfig {
             max_clock_skew_secs: 30,
             resend_queue: 8192,
             reorder_window: 128,
+            send_window: 64,
             bulk_retry: Duration::from_secs(2),
         }
     }
@@ -300,6 +314,11 @@ struct Peer {
     bulk: BulkStatus,
 }
 
+/// The seq after `seq`.
+fn seq_next(seq: u32) -> u32 {
+    seq.wrapping_add(1)
+}
+
 /// `a` comes after `b` in a wrapping sequence space.
 fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
@@ -311,6 +330,8 @@ pub struct SyncEngine {
     cfg: SyncConfig,
     /// Seq of our next data message.
     tx_next: u32,
+    /// Seq of our first data message not sent yet (held until the window has room).
+    tx_sent: u32,
     /// Seq of our next control message.
     control_next: u32,
     /// Data messages held for resending, contiguous in seq, oldest first.
@@ -332,9 +353,11 @@ impl SyncEngine {
     pub fn new(now: Now, mut cfg: SyncConfig) -> Self {
         cfg.resend_queue = cfg.resend_queue.max(1);
         cfg.reorder_window = cfg.reorder_window.clamp(1, MAX_NACK_SPAN);
+        cfg.send_window = cfg.send_window.max(1);
         let mut engine = SyncEngine {
             cfg,
             tx_next: 1,
+            tx_sent: 1,
             control_next: 1,
             queue: VecDeque::new(),
             peers: Vec::new(),
@@ -419,7 +442,14 @@ impl SyncEngine {
                 }
             }
         }
-        if any_up && let Some(t) = self.queue.iter().map(|m| m.last_sent).min() {
+        if any_up
+            && let Some(t) = self
+                .queue
+                .iter()
+                .take_while(|m| seq_after(self.tx_sent, m.seq))
+                .map(|m| m.last_sent)
+                .min()
+        {
             consider(t + self.cfg.resend_after);
         }
         Some(next)
@@ -477,6 +507,7 @@ impl SyncEngine {
                 .queue
                 .iter()
                 .enumerate()
+                .take_while(|(_, m)| seq_after(self.tx_sent, m.seq))
                 .filter(|(_, m)| at >= m.last_sent + self.cfg.resend_after)
                 .map(|(i, _)| i)
                 .take(RESEND_BURST)
@@ -496,6 +527,7 @@ impl SyncEngine {
         for node in retries {
             self.ask_bulk(at, node);
         }
+        self.fill_window(at);
         self.flush_acks(at);
     }
 
@@ -571,6 +603,7 @@ impl SyncEngine {
                 self.on_data(now.at, idx, msg.seq, body);
             }
         }
+        self.fill_window(now.at);
         self.flush_acks(now.at);
         Ok(())
     }
@@ -599,7 +632,7 @@ impl SyncEngine {
             }
             if msg.incarnation > known {
                 let was_up = self.peers[i].up;
-                self.peers[i] = fresh(msg.node, msg.incarnation, self.tx_next);
+                self.peers[i] = fresh(msg.node, msg.incarnation, self.tx_sent);
                 self.peers[i].up = was_up;
                 self.events
                     .push_back(Event::PeerRestarted { node: msg.node });
@@ -612,7 +645,7 @@ impl SyncEngine {
             return Err(Rejected::TooManyPeers);
         }
         self.peers
-            .push(fresh(msg.node, msg.incarnation, self.tx_next));
+            .push(fresh(msg.node, msg.incarnation, self.tx_sent));
         // A peer we did not know (we just started, or it did): pull what it holds.
         self.ask_bulk(at, msg.node);
         Ok(self.peers.len() - 1)
@@ -715,7 +748,7 @@ impl SyncEngine {
     fn on_ack(&mut self, idx: usize, next: u32) {
         let peer = &mut self.peers[idx];
         // Only forward, and never past what we sent.
-        if seq_after(next, peer.acked) && !seq_after(next, self.tx_next) {
+        if seq_after(next, peer.acked) && !seq_after(next, self.tx_sent) {
             peer.acked = next;
             self.trim_queue();
         }
@@ -732,7 +765,7 @@ impl SyncEngine {
         } else {
             from
         };
-        while !seq_after(seq, to) && seq_after(self.tx_next, seq) {
+        while !seq_after(seq, to) && seq_after(self.tx_sent, seq) {
             let i = seq.wrapping_sub(oldest) as usize;
             self.resend(at, i);
             seq = seq.wrapping_add(1);
@@ -784,16 +817,56 @@ impl SyncEngine {
     fn send_data(&mut self, at: Instant, body: Body) {
         let seq = self.tx_next;
         self.tx_next = seq.wrapping_add(1);
-        if self.queue.len() >= self.cfg.resend_queue {
-            self.queue.pop_front();
+        if self.queue.len() >= self.cfg.resend_queue
+            && let Some(dropped) = self.queue.pop_front()
+        {
             self.stats.queue_overflows += 1;
+            if dropped.seq == self.tx_sent {
+                // Dropped before it was ever sent: the peers learn of the gap from `Hello`.
+                self.tx_sent = seq_next(dropped.seq);
+            }
         }
-        self.transmit(seq, &body);
         self.queue.push_back(Pending {
             seq,
             body,
             last_sent: at,
         });
+        self.fill_window(at);
+    }
+
+    /// Sends held messages while the slowest live peer's acknowledgement leaves room.
+    fn fill_window(&mut self, at: Instant) {
+        let tx_sent = self.tx_sent;
+        let Some(oldest) = self.queue.front().map(|m| m.seq) else {
+            return;
+        };
+        // What fell out of the queue is no longer in flight: the peer cannot acknowledge it
+        // (it skips it, as `Hello` tells it, and pulls a snapshot).
+        let floor = self
+            .peers
+            .iter()
+            .filter(|p| p.up)
+            .map(|p| p.acked)
+            .max_by_key(|&acked| tx_sent.wrapping_sub(acked))
+            .map(|acked| {
+                if seq_after(oldest, acked) {
+                    oldest
+                } else {
+                    acked
+                }
+            });
+        while seq_after(self.tx_next, self.tx_sent)
+            && floor.is_none_or(|f| self.tx_sent.wrapping_sub(f) < self.cfg.send_window)
+        {
+            let i = self.tx_sent.wrapping_sub(oldest) as usize;
+            let Some(m) = self.queue.get_mut(i) else {
+                return;
+            };
+            m.last_sent = at;
+            let (seq, body) = (m.seq, m.body.clone());
+            self.transmit(seq, &body);
+            self.tx_sent = seq_next(seq);
+        }
     }
 
     fn resend(&mut self, at: Instant, i: usize) {
@@ -813,9 +886,9 @@ impl SyncEngine {
     }
 
     fn send_hello(&mut self) {
-        let oldest = self.queue.front().map_or(self.tx_next, |m| m.seq);
+        let oldest = self.queue.front().map_or(self.tx_sent, |m| m.seq);
         self.send_control(Body::Hello {
-            next: self.tx_next,
+            next: self.tx_sent,
             oldest,
         });
     }

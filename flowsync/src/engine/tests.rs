@@ -96,6 +96,10 @@ struct Net {
     rng: u64,
     /// Every datagram sent, by sender (for replay tests).
     captured: Vec<(usize, Vec<u8>)>,
+    /// Datagrams a node's socket buffer holds between two of its reads (one pass of
+    /// `route`); more are dropped and counted in `overflowed`. `None`: unbounded.
+    socket_buffer: Option<usize>,
+    overflowed: usize,
 }
 
 impl Net {
@@ -115,6 +119,8 @@ impl Net {
             fate,
             rng: 0x9e37_79b9_7f4a_7c15,
             captured: Vec::new(),
+            socket_buffer: None,
+            overflowed: 0,
         }
     }
 
@@ -148,6 +154,7 @@ impl Net {
                 }
             }
             let now = self.now();
+            let mut queued = vec![0usize; self.nodes.len()];
             for (from, d) in flight {
                 self.captured.push((from, d.clone()));
                 if self.roll() < self.fate.loss_pct {
@@ -158,12 +165,17 @@ impl Net {
                 } else {
                     1
                 };
-                for to in 0..self.nodes.len() {
+                for (to, (node, queued)) in self.nodes.iter_mut().zip(&mut queued).enumerate() {
                     if to == from {
                         continue;
                     }
+                    *queued += 1;
+                    if self.socket_buffer.is_some_and(|b| *queued > b) {
+                        self.overflowed += 1;
+                        continue;
+                    }
                     for _ in 0..copies {
-                        let _ = self.nodes[to].engine.handle_datagram(now, &d);
+                        let _ = node.engine.handle_datagram(now, &d);
                     }
                 }
             }
@@ -609,4 +621,81 @@ fn the_fuzz_corpus_replays() {
         crate::fuzzing::check_stream(data, epoch());
     });
     assert!(n > 0);
+}
+
+/// A backup that restarts and pulls a snapshot of 100,000 flows (2,300 messages) from a
+/// master with `send_window`, reading at most 90 datagrams between two reads (a default
+/// 212,992-byte socket buffer).
+fn pull_through_a_small_socket_buffer(send_window: u32) -> Net {
+    let mut net = Net::new(2, CLEAN);
+    net.nodes[0].engine.cfg.send_window = send_window;
+    net.nodes[0].own = (0..100_000).map(flow).map(|f| (f.key, f)).collect();
+    net.run(100);
+    net.socket_buffer = Some(90);
+    net.restart(1, 2);
+    net.run(3000);
+    net
+}
+
+#[test]
+fn a_snapshot_is_paced_by_the_send_window() {
+    let net = pull_through_a_small_socket_buffer(64);
+    assert!(in_sync(&net, 0, 1));
+    assert_eq!(net.overflowed, 0, "no burst beyond the receiver's buffer");
+    assert_eq!(net.nodes[0].engine.stats().resent, 0);
+    assert_eq!(net.nodes[1].engine.stats().out_of_window, 0);
+    assert!(net.nodes[1].events.contains(&Event::BulkComplete {
+        from: 1,
+        records: 100_000,
+        owner: true
+    }));
+    assert_eq!(
+        net.nodes[0].engine.queued(),
+        0,
+        "every message acknowledged"
+    );
+}
+
+#[test]
+fn without_the_window_the_same_snapshot_overflows_the_buffer() {
+    // The control of the test above: one burst of every message overflows the buffer (and
+    // still recovers, through negative acknowledgements and resends).
+    let net = pull_through_a_small_socket_buffer(u32::MAX);
+    assert!(net.overflowed > 1000);
+    assert!(net.nodes[0].engine.stats().resent > 0);
+    assert!(in_sync(&net, 0, 1));
+}
+
+#[test]
+fn with_no_peer_up_everything_goes_out_at_once() {
+    let mut engine = SyncEngine::new(now_at(epoch()), cfg(1, 1));
+    while engine.poll_transmit().is_some() {}
+    let updates: Vec<Update> = (0..10_000).map(|n| Update::Flow(flow(n))).collect();
+    engine.send_updates(now_at(epoch()), &updates);
+    let mut sent = 0;
+    while engine.poll_transmit().is_some() {
+        sent += 1;
+    }
+    assert_eq!(sent, engine.queued());
+    assert!(
+        sent > 200,
+        "10,000 flows are more than the window: {sent} messages"
+    );
+}
+
+#[test]
+fn messages_dropped_from_the_queue_before_they_were_sent_end_in_a_snapshot() {
+    let mut net = Net::new(2, CLEAN);
+    net.nodes[0].engine.cfg.resend_queue = 4;
+    net.nodes[0].engine.cfg.send_window = 2;
+    net.run(100);
+    // Nothing is acknowledged: 2 messages go out, the rest wait, and most of those fall out
+    // of the 4-message queue unsent.
+    net.fate.loss_pct = 100;
+    net.create(0, 0..200, 10);
+    assert!(net.nodes[0].engine.stats().queue_overflows >= 16);
+    net.fate.loss_pct = 0;
+    net.run(3000);
+    assert!(in_sync(&net, 0, 1));
+    assert!(net.nodes[1].engine.stats().lost >= 16);
 }
