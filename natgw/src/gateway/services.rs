@@ -854,6 +854,37 @@ mod tests {
                 assert_eq!(g.table().len(), 0, "{v:?}");
             }
 
+            /// Direct routing of a multi-port service: the packet keeps its port, so each
+            /// VIP port reaches the same port of the chosen real server; rports are refused.
+            #[test]
+            fn direct_routing_keeps_each_ports_number() {
+                let now = epoch();
+                let mut cfg = config(Some(Duration::from_secs(300)));
+                cfg.forward = crate::service::Forward::DirectRoute;
+                assert!(cfg.unsupported().is_some(), "rports under direct routing");
+                cfg.ports = Some(ServicePorts::new(vec![80..=80, 443..=443], vec![]).unwrap());
+                let (mut g, _) = gateway(now, cfg);
+                g.set_direct_routing(true);
+                let c = spread_client(1);
+                let route = |g: &mut Gateway, client: SocketAddrV4, port: u16| match pass(
+                    g,
+                    now,
+                    ipv4_tcp(client, vip(port), TcpFlags::SYN, &[]),
+                )
+                .0
+                {
+                    Verdict::DirectRoute(r) => r,
+                    other => panic!("{other:?}"),
+                };
+                let web = route(&mut g, c, 80);
+                let tls = route(&mut g, SocketAddrV4::new(*c.ip(), 40_001), 443);
+                assert_eq!((web.vip, web.backend.port()), (vip(80), 80));
+                assert_eq!(
+                    (tls.vip, tls.backend),
+                    (vip(443), SocketAddrV4::new(*web.backend.ip(), 443))
+                );
+            }
+
             /// Like a firewall-mark rule change under ipvsadm, a reload moves the ports
             /// live: a new port answers, a dropped one takes no new connection while the
             /// connections it has keep going.
