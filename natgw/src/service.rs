@@ -287,6 +287,20 @@ impl VirtualService {
         }
     }
 
+    /// The VIP endpoint whose connections reach backend endpoint `inside` (one of
+    /// [`uses_endpoint`](Self::uses_endpoint)'s): `listen`, or for a port-less backend of a
+    /// multi-port service the service port that reaches `inside`'s port.
+    #[must_use]
+    pub fn vip_endpoint_of(&self, inside: SocketAddrV4) -> SocketAddrV4 {
+        let port = self
+            .ports
+            .as_ref()
+            .filter(|_| self.pool_addr(inside).port() == 0)
+            .and_then(|p| p.service_port_of(inside.port()))
+            .unwrap_or(self.listen.port());
+        SocketAddrV4::new(*self.listen.ip(), port)
+    }
+
     /// The service's ports (`None`: the single port of `listen`).
     #[must_use]
     pub fn ports(&self) -> Option<&ServicePorts> {

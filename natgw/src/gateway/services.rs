@@ -111,7 +111,12 @@ impl Gateway {
             (svc.proto() == Proto::Tcp
                 && svc.forward() == crate::service::Forward::Nat
                 && svc.uses_endpoint(backend))
-            .then(|| (ListenerId(u16::try_from(i).unwrap_or(u16::MAX)), l.public))
+            .then(|| {
+                (
+                    ListenerId(u16::try_from(i).unwrap_or(u16::MAX)),
+                    svc.vip_endpoint_of(backend),
+                )
+            })
         })
     }
 
@@ -852,6 +857,20 @@ mod tests {
                     ipv4_tcp(spread_client(1), vip(443), TcpFlags::SYN, &[]),
                 );
                 assert_eq!(g.table().len(), 0, "{v:?}");
+            }
+
+            /// Reply-side adoption (a connection that started on another director): a
+            /// backend's segment from its 8443 leaves from VIP:443, the port that reaches it.
+            #[test]
+            fn an_adopted_reply_leaves_from_the_port_that_reaches_the_backend() {
+                let now = epoch();
+                let (mut g, _) = gateway(now, config(None));
+                let c = spread_client(1);
+                let rs = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 102), 8443);
+                let (v, reply) = pass(&mut g, now, ipv4_tcp(rs, c, TcpFlags::ACK, b"y"));
+                assert_eq!((v, endpoints(&reply)), (Verdict::Forward, (vip(443), c)));
+                let (v, data) = pass(&mut g, now, ipv4_tcp(c, vip(443), TcpFlags::ACK, b"x"));
+                assert_eq!((v, endpoints(&data).1), (Verdict::Forward, rs));
             }
 
             /// Direct routing of a multi-port service: the packet keeps its port, so each
