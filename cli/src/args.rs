@@ -183,7 +183,8 @@ pub(crate) enum LbOp {
     Weight {
         /// Service name.
         service: String,
-        /// Backend address, `ip:port` as in the config.
+        /// Backend address, `ip:port` as in the config (`ip` for a multi-port service's
+        /// backend, which has no port).
         #[arg(required_unless_present = "canary", conflicts_with = "canary")]
         backend: Option<String>,
         /// New weight, 0..=65535.
@@ -202,7 +203,9 @@ pub(crate) enum LbOp {
     AddBackend {
         /// Service name.
         service: String,
-        /// Backend address, `ip:port` (direct routing: on a connected network, the VIP's port).
+        /// Backend address, `ip:port` (direct routing: on a connected network, the VIP's port),
+        /// or `ip` alone: no port, each connection keeps its own (a multi-port service's
+        /// backends are written so).
         backend: String,
         /// Weight, 0..=65535 (ipvsadm -w).
         #[arg(long, default_value_t = 1)]

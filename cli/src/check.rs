@@ -140,7 +140,10 @@ pub(crate) fn summary(site: &SiteConfig) -> String {
             out,
             "  service  {} {} {}{}, backends [{}]{}",
             s.name.get_ref(),
-            s.listen.get_ref(),
+            match s.service_ports() {
+                Some(Ok(ports)) => format!("{}:{}", s.listen.get_ref().ip(), ports.display()),
+                _ => s.listen.get_ref().to_string(),
+            },
             lower(s.scheduler),
             s.persistence
                 .map(|p| format!(", persistence {p}"))

@@ -454,10 +454,19 @@ async fn dispatch(
     }
 }
 
-/// A backend as `lb` commands take it: `ip:port`, as in the config.
+/// A backend as `lb` commands take it: `ip:port`, or `ip` for a backend without a port (a
+/// multi-port service's; shown as `ip:0`), as in the config.
 fn parse_backend(text: &str) -> anyhow::Result<std::net::SocketAddrV4> {
     text.parse()
-        .with_context(|| format!("backend {text:?} must be written ip:port, as in the config"))
+        .or_else(|_| {
+            text.parse::<std::net::Ipv4Addr>()
+                .map(|ip| std::net::SocketAddrV4::new(ip, 0))
+        })
+        .with_context(|| {
+            format!(
+                "backend {text:?} must be written ip:port (or ip for no port), as in the config"
+            )
+        })
 }
 
 /// A canary share as `lb weight --canary` takes it: `10%` or `10`, 0 to 100.

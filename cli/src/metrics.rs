@@ -468,6 +468,8 @@ mod tests {
         let status = serde_json::json!({
             "state": "up",
             "protocol": "udp",
+            "ports": [{ "first": 80, "last": 80 }, { "first": 443, "last": 443 }],
+            "port_count": 2,
             "healthy": true,
             "counters": { "rx_packets": 10, "drops": { "wrong_key": 2, "truncated": 0 } },
             "mappings": 42,
@@ -500,6 +502,9 @@ mod tests {
         has("# TYPE vipgate_lb_mappings gauge");
         has("vipgate_lb_state{service=\"web\",state=\"up\"} 1");
         has("vipgate_lb_protocol{service=\"web\",protocol=\"udp\"} 1");
+        // A multi-port service's ports count; the list itself is no series.
+        has("vipgate_lb_port_count{service=\"web\"} 2");
+        assert!(!text.contains("vipgate_lb_ports"), "{text}");
         has("vipgate_lb_healthy{service=\"web\"} 1");
         has("vipgate_lb_down_for_seconds{service=\"web\"} 1.5");
         has("vipgate_lb_latency_p99_seconds{service=\"web\"} 0.0025");

@@ -40,6 +40,7 @@ fn config() -> GatewayConfig {
         services: vec![ServiceConfig {
             name: "web".into(),
             listen: VIP,
+            ports: None,
             pool: balance::PoolConfig {
                 backends: vec![balance::BackendConfig::new(BACKEND, 1)],
                 ..balance::PoolConfig::default()
@@ -654,6 +655,7 @@ fn direct_routing_delivers_unchanged_to_a_server_on_the_segment() {
                 services: vec![ServiceConfig {
                     name: "dr".into(),
                     listen: vip,
+                    ports: None,
                     pool: balance::PoolConfig {
                         backends: vec![balance::BackendConfig::new(server, 1)],
                         ..balance::PoolConfig::default()

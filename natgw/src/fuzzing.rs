@@ -83,6 +83,7 @@ fn two_backends(name: &str, listen: SocketAddrV4, forward: Forward) -> ServiceCo
     ServiceConfig {
         name: name.into(),
         listen,
+        ports: None,
         pool: PoolConfig {
             scheduler: SchedulerKind::Rr,
             backends: vec![backend(120), backend(121)],

@@ -22,7 +22,8 @@
 //! - The gateway owns several public addresses: the overload address and every address a
 //!   listener uses ([`Gateway::public_addresses`]); the driver routes each into `nat0`.
 //! - A **listener** is a `(proto, public address, port)` whose new inbound flows are handed
-//!   to a [`Selector`] ([`Gateway::add_listener`]). [`Selector::select`] is the single place
+//!   to a [`Selector`] ([`Gateway::add_listener`]); a multi-port service's listener owns
+//!   each of its ports ([`ServicePorts`]). [`Selector::select`] is the single place
 //!   where a new flow's inside endpoint is decided: a [`StaticForward`] always answers the
 //!   same endpoint; a [`VirtualService`] picks a backend from its pool.
 //! - Each flow stores the inside endpoint chosen for it (through a per-endpoint mapping), so
@@ -72,6 +73,7 @@
 //!
 //! ```text
 //! flow ─▶ error ─▶ {acl, table, translate} ─▶ service ─▶ selector ─▶ gateway ─▶ driver
+//!                   ports (a leaf: a multi-port service's ports and rports) ─▶ service
 //!                   config (above acl, table and service: it holds their settings)
 //!                   sync (above table: the standby flows; gateway holds them)
 //! ```
@@ -96,6 +98,7 @@ mod fragments;
 pub mod fuzzing;
 mod gateway;
 pub mod health;
+mod ports;
 mod selector;
 mod service;
 mod sync;
@@ -111,6 +114,7 @@ pub use gateway::{
     AdoptedFlow, DirectRoute, FastPathActivity, FastPathFlow, Gateway, GatewayStats, Listener,
     PacketMeta, Verdict,
 };
+pub use ports::{MAX_SERVICE_PORTS, PortRule, PortsError, ServicePorts};
 pub use selector::{Selector, StaticForward};
 pub use service::{BackendKey, Forward, ServiceConfig, VirtualService};
 pub use sync::{Promotion, STANDBY_GRACE, StandbyFlows, StandbyStats};

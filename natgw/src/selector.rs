@@ -27,22 +27,28 @@ pub enum Selector {
 }
 
 impl Selector {
-    /// A new flow from `client` arrived: the inside endpoint to send it to, or `None` to
-    /// refuse it (counted as [`crate::DropReason::NoInsideEndpoint`]).
-    pub fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    /// A new flow from `client` to public port `port` arrived: the inside endpoint to send
+    /// it to, or `None` to refuse it (counted as [`crate::DropReason::NoInsideEndpoint`]).
+    pub fn select(
+        &mut self,
+        now: Instant,
+        client: SocketAddrV4,
+        port: u16,
+    ) -> Option<SocketAddrV4> {
         match self {
             Selector::Static(s) => Some(s.inside),
-            Selector::Service(s) => s.select(now, client),
+            Selector::Service(s) => s.select(now, client, port),
         }
     }
 
-    /// A TCP connection from `client` already under way, which this node never saw start:
-    /// the inside endpoint it started on, when every node decides that alike (a static
-    /// forward; a virtual service scheduled by `dh`, `sh` or `mh`), else `None`.
-    pub fn adopt(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    /// A TCP connection from `client` to public port `port` already under way, which this
+    /// node never saw start: the inside endpoint it started on, when every node decides that
+    /// alike (a static forward; a virtual service scheduled by `dh`, `sh` or `mh`), else
+    /// `None`.
+    pub fn adopt(&mut self, now: Instant, client: SocketAddrV4, port: u16) -> Option<SocketAddrV4> {
         match self {
             Selector::Static(s) => Some(s.inside),
-            Selector::Service(s) => s.adopt(now, client),
+            Selector::Service(s) => s.adopt(now, client, port),
         }
     }
 

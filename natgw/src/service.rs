@@ -23,6 +23,13 @@
 //! no flow at all: the gateway schedules each datagram on its own
 //! ([`VirtualService::schedule_datagram`]) and recognises a backend's reply by its source
 //! endpoint alone. IPv6 is not supported.
+//!
+//! A multi-port service ([`ServiceConfig::ports`], LVS's firewall-mark service) listens on
+//! several ports of its VIP with one pool: a backend without a port (port 0, as LVS writes
+//! it) receives each connection on the client's destination port or its rport
+//! ([`ServicePorts::backend_port`]), and the flow events name that endpoint (`RS:443`),
+//! which the service counts on the pool's `RS:0`. Persistence templates are the pool's,
+//! keyed by client, so one client's connections to every port reach one backend.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -37,14 +44,20 @@ use balance::{
 use crate::flow::Proto;
 use crate::health::agent::AgentHealth;
 use crate::health::{AgentFailure, AgentReply, CheckTargets, HealthConfig, ProbeFailure};
+use crate::ports::ServicePorts;
 
 /// Configuration of one `[[service]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     /// Name used by `show lb`, `lb weight` and VRRP `track_services`.
     pub name: String,
-    /// The virtual address and port (a gateway-owned public address).
+    /// The virtual address and port (a gateway-owned public address); with `ports`, its
+    /// port is the lowest of them.
     pub listen: SocketAddrV4,
+    /// A multi-port service's ports and rports (`None`: the port of `listen` alone). Its
+    /// backends and sorry server have no port (0): a backend endpoint serves one service
+    /// port, which is how replies find the VIP port they leave from.
+    pub ports: Option<ServicePorts>,
     /// Backends, scheduler, persistence, sorry server.
     pub pool: PoolConfig,
     /// Health checks; `None` trusts every backend.
@@ -63,6 +76,27 @@ impl ServiceConfig {
     /// routing is TCP's (the kernel program delivers TCP flows only).
     #[must_use]
     pub fn unsupported(&self) -> Option<&'static str> {
+        if let Some(ports) = &self.ports {
+            if ports.first() != self.listen.port() {
+                return Some("the listen port of a multi-port service is its lowest port");
+            }
+            if self.pool.backends.iter().any(|b| b.addr.port() != 0) {
+                return Some(
+                    "a multi-port service's backends have no port (each connection keeps its port, or its rport)",
+                );
+            }
+            if self.pool.sorry.is_some_and(|s| s.port() != 0) {
+                return Some(
+                    "a multi-port service's sorry server has no port (each connection keeps its port)",
+                );
+            }
+            if self.one_packet {
+                return Some("one-packet scheduling is for single-port services");
+            }
+            if self.forward == Forward::DirectRoute && !ports.rports().is_empty() {
+                return Some("direct routing cannot change ports (rports)");
+            }
+        }
         match (self.proto, self.one_packet, self.forward) {
             (Proto::Icmp, _, _) => Some("a service is tcp or udp"),
             (Proto::Tcp, true, _) => Some("one-packet scheduling is for udp services"),
@@ -137,6 +171,7 @@ pub struct CheckNotes {
 pub struct VirtualService {
     name: String,
     listen: SocketAddrV4,
+    ports: Option<ServicePorts>,
     pool: Pool,
     health: Option<HealthConfig>,
     forward: Forward,
@@ -162,6 +197,7 @@ impl VirtualService {
             configured_weights: configured_weights(&config.pool),
             name: config.name,
             listen: config.listen,
+            ports: config.ports,
             pool: Pool::new(config.pool)?,
             health: config.health,
             forward: config.forward,
@@ -172,8 +208,8 @@ impl VirtualService {
     }
 
     /// Applies a reloaded configuration (same name and `listen`; the caller re-creates the
-    /// service when those change). Established flows keep their backends; see
-    /// [`Pool::reconfigure`].
+    /// service when those change, and moves the listener's ports when `ports` change).
+    /// Established flows keep their backends (and ports); see [`Pool::reconfigure`].
     ///
     /// # Errors
     /// When the pool configuration is invalid; nothing changes then.
@@ -181,6 +217,8 @@ impl VirtualService {
         self.configured_weights = configured_weights(&config.pool);
         self.pool.reconfigure(config.pool)?;
         self.health = config.health;
+        self.listen = config.listen;
+        self.ports = config.ports;
         let pool = &self.pool;
         self.notes.retain(|addr, _| pool.find(*addr).is_some());
         // The file's weights came back: the agents' percentages apply to them again.
@@ -195,15 +233,78 @@ impl VirtualService {
         Ok(())
     }
 
-    /// The inside endpoint for a new flow from `client`: a backend, the sorry server, or
-    /// `None` to refuse.
-    pub fn select(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    /// The inside endpoint for a new flow from `client` to service port `port`: a backend,
+    /// the sorry server, or `None` to refuse.
+    pub fn select(
+        &mut self,
+        now: Instant,
+        client: SocketAddrV4,
+        port: u16,
+    ) -> Option<SocketAddrV4> {
         self.pool.handle_timeout(now);
         // A service has one VIP, so dh/lblc/lblcr see one destination (see README).
         match self.pool.pick(now, client, *self.listen.ip()) {
-            Decision::Backend { addr, .. } | Decision::Sorry(addr) => Some(addr),
+            Decision::Backend { addr, .. } | Decision::Sorry(addr) => {
+                Some(self.inside_for(addr, port))
+            }
             Decision::Refuse => None,
         }
+    }
+
+    /// The endpoint a connection to service port `port` reaches on `real` (a backend or the
+    /// sorry server): `real` itself when it has a port, else the port's backend port (LVS's
+    /// port 0: the client's destination port, or its rport).
+    fn inside_for(&self, real: SocketAddrV4, port: u16) -> SocketAddrV4 {
+        if real.port() != 0 {
+            return real;
+        }
+        let port = self.ports.as_ref().map_or(port, |p| p.backend_port(port));
+        SocketAddrV4::new(*real.ip(), port)
+    }
+
+    /// The pool's address of the backend holding a flow to `inside`: `inside` itself, or the
+    /// port-less backend on its address (a flow to `RS:443` of `RS:0`). Flow events only
+    /// name endpoints this service chose, so an rport changed by a reload since still finds
+    /// its backend.
+    fn pool_addr(&self, inside: SocketAddrV4) -> SocketAddrV4 {
+        if inside.port() == 0 || self.pool.find(inside).is_some() {
+            return inside;
+        }
+        let portless = SocketAddrV4::new(*inside.ip(), 0);
+        if self.pool.find(portless).is_some() {
+            portless
+        } else {
+            inside
+        }
+    }
+
+    /// Whether a backend endpoint of port `port` is one this service sends connections to
+    /// when the backend has no port: a port of the service (after rports).
+    fn serves_backend_port(&self, port: u16) -> bool {
+        match &self.ports {
+            Some(p) => p.service_port_of(port).is_some(),
+            None => port == self.listen.port(),
+        }
+    }
+
+    /// The VIP endpoint whose connections reach backend endpoint `inside` (one of
+    /// [`uses_endpoint`](Self::uses_endpoint)'s): `listen`, or for a port-less backend of a
+    /// multi-port service the service port that reaches `inside`'s port.
+    #[must_use]
+    pub fn vip_endpoint_of(&self, inside: SocketAddrV4) -> SocketAddrV4 {
+        let port = self
+            .ports
+            .as_ref()
+            .filter(|_| self.pool_addr(inside).port() == 0)
+            .and_then(|p| p.service_port_of(inside.port()))
+            .unwrap_or(self.listen.port());
+        SocketAddrV4::new(*self.listen.ip(), port)
+    }
+
+    /// The service's ports (`None`: the single port of `listen`).
+    #[must_use]
+    pub fn ports(&self) -> Option<&ServicePorts> {
+        self.ports.as_ref()
     }
 
     /// A one-packet service's datagram from `client`: its backend (or the sorry server), or
@@ -217,8 +318,8 @@ impl VirtualService {
         client: SocketAddrV4,
         len: usize,
     ) -> Option<SocketAddrV4> {
-        let inside = self.select(now, client)?;
-        if let Some(id) = self.pool.find(inside) {
+        let inside = self.select(now, client, self.listen.port())?;
+        if let Some(id) = self.pool.find(self.pool_addr(inside)) {
             self.pool.opened(now, id, client);
             self.pool.closed(now, id, ConnState::Inactive, *client.ip());
             self.pool
@@ -227,33 +328,32 @@ impl VirtualService {
         Some(inside)
     }
 
-    /// The backend a connection from `client` already under way started on, as every
-    /// director computes it ([`Pool::pick_stateless`]); `None` unless the scheduler is
-    /// `dh`, `sh` or `mh`.
-    pub fn adopt(&mut self, now: Instant, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    /// The backend a connection from `client` to service port `port` already under way
+    /// started on, as every director computes it ([`Pool::pick_stateless`]); `None` unless
+    /// the scheduler is `dh`, `sh` or `mh`.
+    pub fn adopt(&mut self, now: Instant, client: SocketAddrV4, port: u16) -> Option<SocketAddrV4> {
         self.pool.handle_timeout(now);
-        self.pool
-            .pick_stateless(now, client, *self.listen.ip())
-            .map(|(_, addr)| addr)
+        let (_, addr) = self.pool.pick_stateless(now, client, *self.listen.ip())?;
+        Some(self.inside_for(addr, port))
     }
 
     /// The flow table opened a flow from `client` to `inside` (right after [`select`](Self::select)).
     pub fn flow_opened(&mut self, now: Instant, inside: SocketAddrV4, client: SocketAddrV4) {
-        if let Some(id) = self.pool.find(inside) {
+        if let Some(id) = self.pool.find(self.pool_addr(inside)) {
             self.pool.opened(now, id, client);
         }
     }
 
     /// A flow to `inside` reached ESTABLISHED (LVS: active).
     pub fn flow_established(&mut self, now: Instant, inside: SocketAddrV4, client: SocketAddrV4) {
-        if let Some(id) = self.pool.find(inside) {
+        if let Some(id) = self.pool.find(self.pool_addr(inside)) {
             self.pool.established(now, id, *client.ip());
         }
     }
 
     /// A flow to `inside` left ESTABLISHED (FIN or RST: inactive again).
     pub fn flow_closing(&mut self, now: Instant, inside: SocketAddrV4, client: SocketAddrV4) {
-        if let Some(id) = self.pool.find(inside) {
+        if let Some(id) = self.pool.find(self.pool_addr(inside)) {
             self.pool.transition(
                 now,
                 id,
@@ -272,7 +372,7 @@ impl VirtualService {
         client: SocketAddrV4,
         was_established: bool,
     ) {
-        if let Some(id) = self.pool.find(inside) {
+        if let Some(id) = self.pool.find(self.pool_addr(inside)) {
             let state = if was_established {
                 ConnState::Active
             } else {
@@ -296,7 +396,7 @@ impl VirtualService {
         packets: u64,
         bytes: u64,
     ) {
-        if let Some(id) = self.pool.find(inside) {
+        if let Some(id) = self.pool.find(self.pool_addr(inside)) {
             let dir = if to_backend {
                 PoolDirection::ToBackend
             } else {
@@ -478,7 +578,12 @@ impl VirtualService {
                 )
             })
             .map(|(_, b)| {
-                let addr = SocketAddrV4::new(*b.addr().ip(), cfg.port.unwrap_or(b.addr().port()));
+                let port = match b.addr().port() {
+                    // A port-less backend is probed on its first service port's port.
+                    0 => self.inside_for(b.addr(), self.listen.port()).port(),
+                    port => port,
+                };
+                let addr = SocketAddrV4::new(*b.addr().ip(), cfg.port.unwrap_or(port));
                 // The checker goes on from the check's own verdict (not the agent's).
                 let verdict = self
                     .notes
@@ -496,7 +601,9 @@ impl VirtualService {
     /// flows to that backend nowhere to go.
     #[must_use]
     pub fn uses_endpoint(&self, endpoint: SocketAddrV4) -> bool {
-        self.pool.find(endpoint).is_some() || self.pool.sorry() == Some(endpoint)
+        let portless = SocketAddrV4::new(*endpoint.ip(), 0);
+        let real = |a: SocketAddrV4| self.pool.find(a).is_some() || self.pool.sorry() == Some(a);
+        real(endpoint) || (self.serves_backend_port(endpoint.port()) && real(portless))
     }
 
     /// Whether any backend is eligible for new flows (what VRRP `track_services` watches).
@@ -600,6 +707,7 @@ pub(crate) mod tests {
         ServiceConfig {
             name: "web".into(),
             listen: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 80),
+            ports: None,
             pool: PoolConfig {
                 scheduler: SchedulerKind::Wrr,
                 backends: backends
@@ -623,7 +731,7 @@ pub(crate) mod tests {
     fn flow_life_cycle_feeds_the_counters() {
         let now = epoch();
         let mut s = VirtualService::new(web(&[(101, 1), (102, 1)])).unwrap();
-        let a = s.select(now, client(1)).unwrap();
+        let a = s.select(now, client(1), 80).unwrap();
         // Chosen but not opened (table full): nothing counted.
         assert_eq!(
             s.pool()
@@ -649,11 +757,11 @@ pub(crate) mod tests {
         let mut s = VirtualService::new(web(&[(101, 1), (102, 1)])).unwrap();
         assert_eq!(s.set_health(rs(101), Health::Down), Ok(true));
         for n in 0..10 {
-            assert_eq!(s.select(now, client(n)), Some(rs(102)));
+            assert_eq!(s.select(now, client(n), 80), Some(rs(102)));
         }
         s.set_weight(rs(102), 0).unwrap();
         assert!(!s.is_available());
-        assert_eq!(s.select(now, client(99)), None);
+        assert_eq!(s.select(now, client(99), 80), None);
         assert_eq!(
             s.set_health(rs(9), Health::Up),
             Err(PoolError::UnknownBackend(rs(9)))
@@ -724,7 +832,7 @@ pub(crate) mod tests {
         // drain: nothing new; ready: back.
         assert!(s.agent_said(rs(101), said("drain")));
         for n in 0..4 {
-            assert_eq!(s.select(now, client(n)), Some(rs(102)));
+            assert_eq!(s.select(now, client(n), 80), Some(rs(102)));
         }
         assert!(s.agent_said(rs(101), said("ready")));
         // down holds a backend down although its check passes; up gives the check's verdict
@@ -772,11 +880,13 @@ pub(crate) mod tests {
     fn reload_changes_weights_and_keeps_counts() {
         let now = epoch();
         let mut s = VirtualService::new(web(&[(101, 1), (102, 1)])).unwrap();
-        let a = s.select(now, client(1)).unwrap();
+        let a = s.select(now, client(1), 80).unwrap();
         s.flow_opened(now, a, client(1));
         s.flow_established(now, a, client(1));
         s.reconfigure(web(&[(101, 3), (102, 1)])).unwrap();
-        let picks: Vec<_> = (0..4).map(|n| s.select(now, client(n)).unwrap()).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|n| s.select(now, client(n), 80).unwrap())
+            .collect();
         assert_eq!(picks.iter().filter(|&&p| p == rs(101)).count(), 3);
         assert_eq!(
             s.pool().backend(s.backend_id(a).unwrap()).unwrap().active(),

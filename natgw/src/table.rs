@@ -509,6 +509,23 @@ impl PatTable {
         true
     }
 
+    /// Gives back the public endpoints `ports` of listener `id` (no new flow reaches it
+    /// there; its flows stay).
+    pub(crate) fn release_listener_ports(
+        &mut self,
+        proto: Proto,
+        idx: PublicIdx,
+        ports: &[u16],
+        id: ListenerId,
+    ) {
+        for &port in ports {
+            let key = Self::public_key(proto, idx, port);
+            if self.index.get(&key) == Some(&(OWNER_LISTENER | u32::from(id.0))) {
+                self.index.remove(&key);
+            }
+        }
+    }
+
     /// Marks listener `id`'s flows as seen in one direction only (see [`crate::tcp`]'s
     /// input-only tracking), or not.
     pub(crate) fn set_one_way(&mut self, id: ListenerId, one_way: bool) {
@@ -532,14 +549,11 @@ impl PatTable {
         &mut self,
         proto: Proto,
         idx: PublicIdx,
-        port: u16,
+        ports: &[u16],
         id: ListenerId,
         mut on_removed: impl FnMut(RemovedSession),
     ) {
-        let key = Self::public_key(proto, idx, port);
-        if self.index.get(&key) == Some(&(OWNER_LISTENER | u32::from(id.0))) {
-            self.index.remove(&key);
-        }
+        self.release_listener_ports(proto, idx, ports, id);
         self.set_one_way(id, false);
         for m in 0..u32::try_from(self.mappings.len()).unwrap_or(u32::MAX) {
             if self.mappings[m as usize].listener != id.0 || !self.mapping_live(m) {

@@ -3,11 +3,12 @@
 //! scheduling; keepalived `virtual_server`).
 
 use super::host::Reach;
-use super::nat::NatSection;
+use super::nat::{NatSection, PortRange};
 use super::{HumanDuration, Validator, check_unique};
 use balance::SchedulerKind;
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddrV4;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 use toml::Spanned;
 
@@ -116,10 +117,36 @@ fn d_status() -> u16 {
     200
 }
 
+/// `"10.0.0.1:80"`, or `"10.0.0.1"` for no port (read as port 0, LVS's "the client's
+/// port", which is also how it is written back and shown).
+fn endpoint<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Spanned<SocketAddrV4>, D::Error> {
+    let text: Spanned<String> = Spanned::deserialize(d)?;
+    let span = text.span();
+    let t = text.get_ref();
+    let addr = t
+        .parse::<SocketAddrV4>()
+        .or_else(|_| t.parse::<Ipv4Addr>().map(|ip| SocketAddrV4::new(ip, 0)))
+        .map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid address {t:?}: write an IPv4 address with a port (\"10.0.0.1:80\") or without one (\"10.0.0.1\": the connection's own port)"
+            ))
+        })?;
+    Ok(Spanned::new(span, addr))
+}
+
+/// [`endpoint`], optional.
+fn optional_endpoint<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<SocketAddrV4>>, D::Error> {
+    endpoint(d).map(Some)
+}
+
 /// One real server.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BackendSection {
+    /// Without a port (port 0): each connection keeps its destination port, or its rport.
+    #[serde(deserialize_with = "endpoint")]
     pub(crate) address: Spanned<SocketAddrV4>,
     /// 0 drains; at most 65535. Default 1.
     #[serde(default = "d_weight")]
@@ -145,8 +172,18 @@ fn d_netmask() -> Spanned<u8> {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServiceSection {
     pub(crate) name: Spanned<String>,
-    /// Virtual address and port (the VIP).
+    /// Virtual address and port (the VIP); the address alone (port 0) with `ports`.
+    #[serde(deserialize_with = "endpoint")]
     pub(crate) listen: Spanned<SocketAddrV4>,
+    /// A multi-port service's ports: `[80, 443, "8000-8100"]` (LVS firewall-mark service,
+    /// keepalived `virtual_server_group`); instead of a port in `listen`.
+    #[serde(default)]
+    pub(crate) ports: Option<Spanned<Vec<Spanned<PortRange>>>>,
+    /// Backend port per service port of a multi-port service: `{ 443 = 8443, 8000-8009 =
+    /// 9000 }` (a range shifts: 8000 → 9000, 8001 → 9001, ...). Ports not listed keep
+    /// their number.
+    #[serde(default)]
+    pub(crate) rports: Option<Spanned<BTreeMap<Spanned<String>, Spanned<u16>>>>,
     /// Default `wlc`, as ipvsadm.
     #[serde(default)]
     pub(crate) scheduler: SchedulerKind,
@@ -174,7 +211,7 @@ pub(crate) struct ServiceSection {
     pub(crate) health: Option<HealthSection>,
     pub(crate) backends: Spanned<Vec<BackendSection>>,
     /// Used when every backend is down; without it new connections get a TCP RST.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_endpoint")]
     pub(crate) sorry: Option<Spanned<SocketAddrV4>>,
     /// How connections reach the backends: `"nat"` (LVS-NAT, ipvsadm `-m`, the default) or
     /// `"dr"` (direct routing, ipvsadm `-g`).
@@ -207,6 +244,78 @@ impl ServiceSection {
     /// reported by validation and taken as NAT).
     pub(crate) fn direct_route(&self) -> bool {
         self.forward.as_ref().is_some_and(|f| f.get_ref() == "dr")
+    }
+
+    /// The rport rules as written, each with the span of its key (`None` in place of a key
+    /// that is not a port or range).
+    fn rport_rules(&self) -> Vec<(Option<natgw::PortRule>, &Spanned<String>, &Spanned<u16>)> {
+        let Some(rports) = &self.rports else {
+            return Vec::new();
+        };
+        rports
+            .get_ref()
+            .iter()
+            .map(|(key, to)| {
+                let text = key.get_ref().as_str();
+                let (a, b) = text.split_once('-').unwrap_or((text, text));
+                let rule = match (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
+                    (Ok(first), Ok(last)) if first <= last => Some(natgw::PortRule {
+                        ports: first..=last,
+                        to: *to.get_ref(),
+                    }),
+                    _ => None,
+                };
+                (rule, key, to)
+            })
+            .collect()
+    }
+
+    /// A multi-port service's ports and rports, or why they cannot run; `None` for a
+    /// single-port service.
+    pub(crate) fn service_ports(&self) -> Option<Result<natgw::ServicePorts, natgw::PortsError>> {
+        let ports = self.ports.as_ref()?;
+        let ranges = ports
+            .get_ref()
+            .iter()
+            .map(|r| r.get_ref().first..=r.get_ref().last)
+            .collect();
+        let rules = self
+            .rport_rules()
+            .into_iter()
+            .filter_map(|(r, _, _)| r)
+            .collect();
+        Some(natgw::ServicePorts::new(ranges, rules))
+    }
+
+    /// Every port the service listens on, as ranges with the span they were written at.
+    fn port_ranges(&self) -> Vec<(std::ops::RangeInclusive<u16>, std::ops::Range<usize>)> {
+        match &self.ports {
+            Some(ports) => ports
+                .get_ref()
+                .iter()
+                .map(|r| (r.get_ref().first..=r.get_ref().last, r.span()))
+                .collect(),
+            None => {
+                let p = self.listen.get_ref().port();
+                vec![(p..=p, self.listen.span())]
+            }
+        }
+    }
+
+    /// The backend endpoints a real server at `real` is reached on: `real` when it has a
+    /// port, else one per service port (after rports).
+    fn reached_endpoints(&self, real: SocketAddrV4) -> Vec<SocketAddrV4> {
+        if real.port() != 0 {
+            return vec![real];
+        }
+        match self.service_ports() {
+            Some(Ok(ports)) => ports
+                .iter()
+                .map(|p| SocketAddrV4::new(*real.ip(), ports.backend_port(p)))
+                .collect(),
+            Some(Err(_)) => Vec::new(),
+            None => vec![SocketAddrV4::new(*real.ip(), self.listen.get_ref().port())],
+        }
     }
 }
 
@@ -275,23 +384,192 @@ fn check_endpoints_serve_one_listener(
             .map(|b| &b.address)
             .chain(s.sorry.as_ref());
         let mut claimed = Vec::new();
-        for endpoint in mine {
-            match owner.get(&(proto, *endpoint.get_ref())) {
-                Some(other) => v.error_at(
-                    endpoint,
+        for real in mine {
+            let reached = s.reached_endpoints(*real.get_ref());
+            match reached
+                .iter()
+                .find_map(|e| Some((e, owner.get(&(proto, *e))?)))
+            {
+                Some((endpoint, other)) => v.error_at(
+                    real,
                     format!(
-                        "{} already serves {other}: a real server's address and port can serve one \
+                        "{endpoint} already serves {other}: a real server's address and port can serve one \
                          service or forward at a time (replies are told apart by it); give it \
-                         another port for service `{name}`",
-                        endpoint.get_ref()
+                         another port for service `{name}`"
                     ),
                 ),
-                None => claimed.push(*endpoint.get_ref()),
+                None => claimed.extend(reached),
             }
         }
         for endpoint in claimed {
             owner.insert((proto, endpoint), format!("service `{name}`"));
         }
+    }
+}
+
+/// A VIP's port of a protocol belongs to one service: a port written twice, or in two
+/// services' `listen`/`ports` (a range overlapping another service's), is refused at the
+/// later place, naming the first.
+fn check_ports_serve_one_service(services: &[ServiceSection], v: &mut Validator) {
+    type Claim = (
+        natgw::Proto,
+        Ipv4Addr,
+        std::ops::RangeInclusive<u16>,
+        std::ops::Range<usize>,
+        String,
+    );
+    let mut claims: Vec<Claim> = Vec::new();
+    for s in services {
+        let (proto, ip) = (s.proto(), *s.listen.get_ref().ip());
+        for (range, span) in s.port_ranges() {
+            if *range.start() == 0 {
+                continue; // reported by validate_ports
+            }
+            let clash = claims.iter().find(|(p, a, r, _, _)| {
+                *p == proto && *a == ip && r.start() <= range.end() && range.start() <= r.end()
+            });
+            if let Some((_, _, r, first, owner)) = clash {
+                let port = (*r.start()).max(*range.start());
+                let place = v.place_of(first.start);
+                v.error(
+                    span.clone(),
+                    format!(
+                        "{proto} {ip}:{port} is already a port of service `{owner}` (at {place}): a VIP's port serves one service"
+                    ),
+                );
+            } else {
+                claims.push((proto, ip, range, span, s.name.get_ref().clone()));
+            }
+        }
+    }
+}
+
+/// `ports` replaces the port of `listen` (one or the other), holds 1 to
+/// [`natgw::MAX_SERVICE_PORTS`] ports, and goes with port-less backends; `rports` maps ports
+/// of the service, one to one, into 1..=65535.
+fn validate_ports(s: &ServiceSection, v: &mut Validator) {
+    let name = s.name.get_ref();
+    let listen_port = s.listen.get_ref().port();
+    let Some(ports) = &s.ports else {
+        if listen_port == 0 {
+            v.error_at(
+                &s.listen,
+                format!(
+                    "service `{name}`: listen needs a port (\"{}:80\"), or the service needs ports = [...]",
+                    s.listen.get_ref().ip()
+                ),
+            );
+        }
+        if let Some(r) = &s.rports {
+            v.error_at(
+                r,
+                format!("service `{name}`: rports map the ports of a multi-port service (ports = [...]); give a single-port service's backends their port instead"),
+            );
+        }
+        return;
+    };
+    if listen_port != 0 {
+        v.error_at(
+            &s.listen,
+            format!(
+                "service `{name}` has ports = [...]: listen is its address alone (\"{}\"), not a port too",
+                s.listen.get_ref().ip()
+            ),
+        );
+    }
+    if ports.get_ref().is_empty() {
+        v.error_at(ports, format!("service `{name}`: ports is empty"));
+        return;
+    }
+    for p in ports.get_ref() {
+        if p.get_ref().first == 0 {
+            v.error_at(p, "port 0 is not a service port: ports are 1..=65535");
+        }
+    }
+    if s.one_packet() {
+        v.error_at(
+            ports,
+            "one_packet services listen on one port (ipvsadm -o with a firewall mark is not offered)",
+        );
+    }
+    for b in s.backends.get_ref() {
+        if b.address.get_ref().port() != 0 {
+            v.error_at(
+                &b.address,
+                format!(
+                    "service `{name}` listens on several ports: backend {} takes no port (\"{}\": each connection keeps its port; map one with rports)",
+                    b.address.get_ref(),
+                    b.address.get_ref().ip()
+                ),
+            );
+        }
+    }
+    if let Some(sorry) = s.sorry.as_ref().filter(|a| a.get_ref().port() != 0) {
+        v.error_at(
+            sorry,
+            format!(
+                "service `{name}` listens on several ports: the sorry server takes no port (\"{}\")",
+                sorry.get_ref().ip()
+            ),
+        );
+    }
+    let service_ports: Vec<std::ops::RangeInclusive<u16>> = ports
+        .get_ref()
+        .iter()
+        .map(|r| r.get_ref().first..=r.get_ref().last)
+        .collect();
+    let mut rules_ok = true;
+    for (rule, key, to) in s.rport_rules() {
+        let Some(rule) = rule else {
+            v.error_at(
+                key,
+                format!(
+                    "rports key {:?} is not a port or a range (443 or 8000-8009)",
+                    key.get_ref()
+                ),
+            );
+            rules_ok = false;
+            continue;
+        };
+        if let Some(p) = rule
+            .ports
+            .clone()
+            .find(|p| !service_ports.iter().any(|r| r.contains(p)))
+        {
+            v.error_at(
+                key,
+                format!("rport for port {p}, which is not one of service `{name}`'s ports"),
+            );
+            rules_ok = false;
+        }
+        let span = rule.ports.end() - rule.ports.start();
+        if rule.to == 0 || rule.to.checked_add(span).is_none() {
+            v.error_at(
+                to,
+                format!(
+                    "rports {} from {}: the backend ports run outside 1..=65535",
+                    key.get_ref(),
+                    rule.to
+                ),
+            );
+            rules_ok = false;
+        }
+    }
+    if !rules_ok || ports.get_ref().iter().any(|p| p.get_ref().first == 0) {
+        return;
+    }
+    if let Some(Err(e)) = s.service_ports() {
+        if matches!(e, natgw::PortsError::Twice(_)) {
+            return; // reported with both places by check_ports_serve_one_service
+        }
+        let at = match &e {
+            natgw::PortsError::TwoRules(_) | natgw::PortsError::SharedBackendPort(..) => s
+                .rports
+                .as_ref()
+                .map_or_else(|| ports.span(), Spanned::span),
+            _ => ports.span(),
+        };
+        v.error(at, format!("service `{name}`: {e}"));
     }
 }
 
@@ -316,8 +594,18 @@ fn validate_forward(s: &ServiceSection, datapath: Option<&Spanned<String>>, v: &
         }
     }
     let port = s.listen.get_ref().port();
+    if let Some(r) = &s.rports {
+        v.error_at(
+            r,
+            format!(
+                "service `{}` forwards by direct routing, which delivers the packet unchanged: it cannot map ports (rports)",
+                s.name.get_ref()
+            ),
+        );
+    }
     for b in s.backends.get_ref() {
-        if b.address.get_ref().port() != port {
+        // A port-less backend keeps the port (a multi-port service's are all port-less).
+        if b.address.get_ref().port() != port && b.address.get_ref().port() != 0 {
             v.error_at(
                 &b.address,
                 format!(
@@ -330,6 +618,7 @@ fn validate_forward(s: &ServiceSection, datapath: Option<&Spanned<String>>, v: &
     }
     if let Some(sorry) = &s.sorry
         && sorry.get_ref().port() != port
+        && sorry.get_ref().port() != 0
     {
         v.error_at(
             sorry,
@@ -552,19 +841,11 @@ pub(crate) fn validate_all(
         "service name",
         v,
     );
-    check_unique(
-        services.iter().map(|s| {
-            (
-                format!("{}/{}", s.proto(), s.listen.get_ref()),
-                s.listen.span(),
-            )
-        }),
-        "service listen address",
-        v,
-    );
+    check_ports_serve_one_service(services, v);
     check_endpoints_serve_one_listener(services, nat, v);
     for s in services {
         validate_proto(s, v);
+        validate_ports(s, v);
         validate_forward(s, datapath, v);
         if s.backends.get_ref().is_empty() {
             v.error_at(
@@ -726,16 +1007,23 @@ pub(crate) fn validate_all(
             }
         }
         if let Some(nat) = nat {
-            let l = s.listen.get_ref();
-            if *l.ip() == nat.address
-                && nat.statics.iter().any(|st| {
-                    *st.outside_port.get_ref() == l.port() && *st.proto.get_ref() == s.proto()
-                })
-            {
-                v.error_at(
-                    &s.listen,
-                    format!("{l} is also a [[nat.static]] port forward"),
-                );
+            let ip = *s.listen.get_ref().ip();
+            for (range, span) in s.port_ranges() {
+                if ip != nat.address {
+                    break;
+                }
+                if let Some(st) = nat.statics.iter().find(|st| {
+                    range.contains(st.outside_port.get_ref()) && *st.proto.get_ref() == s.proto()
+                }) {
+                    v.error(
+                        span,
+                        format!(
+                            "{ip}:{} is also a [[nat.static]] port forward (at {})",
+                            st.outside_port.get_ref(),
+                            v.place_of(st.outside_port.span().start)
+                        ),
+                    );
+                }
             }
         }
     }
@@ -842,7 +1130,7 @@ mod tests {
             .to_string();
         assert!(
             err.contains(
-                "site.toml:11:10: duplicate service listen address `udp/198.51.100.10:53`"
+                "site.toml:11:10: udp 198.51.100.10:53 is already a port of service `dns` (at line 3)"
             ),
             "{err}"
         );
@@ -866,6 +1154,149 @@ mod tests {
             "proto = \"udp\"\nhealth = { kind = \"tcp\", port = 53 }",
         );
         assert!(parse(Path::new("site.toml"), &port).is_ok());
+    }
+
+    /// A multi-port service: the VIP in `listen`, its ports and ranges in `ports`, rports
+    /// per port or range, backends without a port.
+    #[test]
+    fn multi_port_services_are_read_and_lowered() {
+        let text = "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10\"\n\
+                    ports = [80, 443, \"8000-8009\"]\n\
+                    rports = { 443 = 8443, 8000-8009 = 9000 }\n\
+                    persistence = \"300s\"\n\
+                    backends = [{ address = \"10.0.0.101\" }, { address = \"10.0.0.102\" }]\n";
+        let site = parse(Path::new("site.toml"), text).unwrap();
+        let svc = crate::config::lower::service(&site.service[0]);
+        assert_eq!(svc.listen.to_string(), "198.51.100.10:80");
+        let ports = svc.ports.as_ref().unwrap();
+        assert_eq!(ports.display(), "80,443,8000-8009");
+        assert_eq!(
+            (
+                ports.backend_port(80),
+                ports.backend_port(443),
+                ports.backend_port(8009)
+            ),
+            (80, 8443, 9009)
+        );
+        assert_eq!(svc.pool.backends[0].addr.to_string(), "10.0.0.101:0");
+        assert!(svc.unsupported().is_none());
+        // A single-port service's backend without a port keeps the VIP's port.
+        let single = "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10:80\"\n\
+                      backends = [{ address = \"10.0.0.101\" }]\n";
+        let site = parse(Path::new("site.toml"), single).unwrap();
+        assert!(
+            crate::config::lower::service(&site.service[0])
+                .ports
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn multi_port_mistakes_are_refused_with_their_position() {
+        let svc = |name: &str, listen: &str, rest: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\n{rest}\n\
+                 backends = [{{ address = \"10.0.0.101\" }}]\n"
+            )
+        };
+        let err = |text: &str| parse(Path::new("site.toml"), text).unwrap_err().to_string();
+        // `ports` with a port in listen.
+        let e = err(&svc("web", "198.51.100.10:80", "ports = [443]"));
+        assert!(
+            e.contains("site.toml:3:10: service `web` has ports = [...]: listen is its address alone (\"198.51.100.10\")"),
+            "{e}"
+        );
+        // Neither.
+        let e = err(&svc("web", "198.51.100.10", ""));
+        assert!(
+            e.contains("site.toml:3:10: service `web`: listen needs a port (\"198.51.100.10:80\")"),
+            "{e}"
+        );
+        // Range bounds: more than 1,024 ports, port 0, a range running down.
+        let e = err(&svc("web", "198.51.100.10", "ports = [\"1024-2048\"]"));
+        assert!(
+            e.contains(
+                "site.toml:4:9: service `web`: 1025 ports: a service listens on at most 1024"
+            ),
+            "{e}"
+        );
+        let e = err(&svc("web", "198.51.100.10", "ports = [\"0-10\"]"));
+        assert!(
+            e.contains("site.toml:4:10: port 0 is not a service port"),
+            "{e}"
+        );
+        let e = err(&svc("web", "198.51.100.10", "ports = [\"90-80\"]"));
+        assert!(
+            e.contains("site.toml:4:9: invalid port range \"90-80\""),
+            "{e}"
+        );
+        // An rport for a port the service does not listen on; one that runs out of range;
+        // two ports onto one backend port.
+        let e = err(&svc(
+            "web",
+            "198.51.100.10",
+            "ports = [80, \"8000-8009\"]\nrports = { 444 = 8444, 8000-8009 = 65530 }",
+        ));
+        assert!(
+            e.contains(
+                "site.toml:5:12: rport for port 444, which is not one of service `web`'s ports"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("site.toml:5:36: rports 8000-8009 from 65530: the backend ports run outside 1..=65535"),
+            "{e}"
+        );
+        let e = err(&svc(
+            "web",
+            "198.51.100.10",
+            "ports = [80, 443]\nrports = { 80 = 443 }",
+        ));
+        assert!(
+            e.contains("site.toml:5:10: service `web`: service ports 80 and 443 both reach backend port 443"),
+            "{e}"
+        );
+        // rports without ports; a backend or sorry server with a port.
+        let e = err(&svc("web", "198.51.100.10:80", "rports = { 80 = 8080 }"));
+        assert!(
+            e.contains(
+                "site.toml:4:10: service `web`: rports map the ports of a multi-port service"
+            ),
+            "{e}"
+        );
+        let text = "[[service]]\nname = \"web\"\nlisten = \"198.51.100.10\"\nports = [80, 443]\n\
+                    sorry = \"10.0.0.200:80\"\nbackends = [{ address = \"10.0.0.101:80\" }]\n";
+        let e = err(text);
+        assert!(
+            e.contains("site.toml:6:25: service `web` listens on several ports: backend 10.0.0.101:80 takes no port"),
+            "{e}"
+        );
+        assert!(e.contains("site.toml:5:9: service `web` listens on several ports: the sorry server takes no port"), "{e}");
+        // A port of another service on the same VIP and protocol, and a port listed twice;
+        // another protocol or address is fine.
+        let first = svc("web", "198.51.100.10", "ports = [80, \"440-450\"]");
+        let e = err(&format!("{first}\n{}", svc("tls", "198.51.100.10:443", "")));
+        assert!(
+            e.contains("site.toml:9:10: tcp 198.51.100.10:443 is already a port of service `web` (at line 4)"),
+            "{e}"
+        );
+        let e = err(&svc("web", "198.51.100.10", "ports = [80, \"70-90\"]"));
+        assert!(
+            e.contains("site.toml:4:14: tcp 198.51.100.10:80 is already a port of service `web` (at line 4)"),
+            "{e}"
+        );
+        let udp =
+            svc("dns", "198.51.100.10:443", "proto = \"udp\"").replace("10.0.0.101", "10.0.0.102");
+        assert!(parse(Path::new("site.toml"), &format!("{first}\n{udp}")).is_ok());
+        // Backend endpoints: a port-less backend of a multi-port service is reached on
+        // every port, which another service may not use.
+        let other = "[[service]]\nname = \"api\"\nlisten = \"198.51.100.11:8443\"\n\
+                     backends = [{ address = \"10.0.0.101:445\" }]\n";
+        let e = err(&format!("{first}\n{other}"));
+        assert!(
+            e.contains("site.toml:10:25: 10.0.0.101:445 already serves service `web`"),
+            "{e}"
+        );
     }
 
     fn dr(extra: &str, backends: &str) -> String {

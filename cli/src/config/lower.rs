@@ -229,6 +229,8 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
                 interval: h.agent_interval.as_ref().unwrap_or(&h.interval).get_ref().0,
             }),
         });
+    // Validation refused ports that cannot run.
+    let ports = section.service_ports().and_then(Result::ok);
     natgw::ServiceConfig {
         forward: if section.direct_route() {
             natgw::Forward::DirectRoute
@@ -238,7 +240,11 @@ pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
         proto: section.proto(),
         one_packet: section.one_packet(),
         name: section.name.get_ref().clone(),
-        listen: *section.listen.get_ref(),
+        listen: match &ports {
+            Some(p) => SocketAddrV4::new(*section.listen.get_ref().ip(), p.first()),
+            None => *section.listen.get_ref(),
+        },
+        ports,
         pool: balance::PoolConfig {
             scheduler: section.scheduler,
             persistence: section.persistence.as_ref().map(|p| balance::Persistence {

@@ -205,6 +205,7 @@ async fn join_gateway(
             match gw.service_mut(&s.name) {
                 Some(running)
                     if running.listen() == s.listen
+                        && running.ports() == s.ports.as_ref()
                         && running.proto() == s.proto
                         && running.one_packet() == s.one_packet =>
                 {
@@ -213,7 +214,7 @@ async fn join_gateway(
                         .map_err(|e| anyhow::anyhow!("service {}: {e}", s.name))?
                 }
                 Some(_) => bail!(
-                    "service {}: moving a service to another listen address or protocol needs a restart of vipgate",
+                    "service {}: moving a service to another listen address, ports or protocol needs a restart of vipgate",
                     s.name
                 ),
                 None => {
@@ -436,25 +437,46 @@ fn check_new_backend(
     if service.pool().sorry() == Some(backend) {
         bail!("{backend} is the sorry server of service `{name}`");
     }
-    for (_, l) in gw.listeners() {
-        let other = match &l.selector {
-            natgw::Selector::Static(st) if l.proto == service.proto() && st.inside == backend => {
-                format!("the [[nat.static]] forward of port {}", l.public.port())
-            }
-            natgw::Selector::Service(s)
-                if s.name() != name && s.proto() == service.proto() && s.uses_endpoint(backend) =>
-            {
-                format!("service `{}`", s.name())
-            }
-            _ => continue,
-        };
+    if service.ports().is_some() && backend.port() != 0 {
         bail!(
-            "{backend} already serves {other}: a real server's address and port can serve one service or forward at a time (replies are told apart by it); give it another port for service `{name}`"
+            "service `{name}` listens on several ports: backend {backend} takes no port (write {}: each connection keeps its port, or its rport)",
+            backend.ip()
         );
+    }
+    // The endpoints it is reached on: a port-less backend, one per service port.
+    let reached: Vec<SocketAddrV4> = match (backend.port(), service.ports()) {
+        (0, Some(ports)) => ports
+            .iter()
+            .map(|p| SocketAddrV4::new(*backend.ip(), ports.backend_port(p)))
+            .collect(),
+        (0, None) => vec![SocketAddrV4::new(*backend.ip(), service.listen().port())],
+        _ => vec![backend],
+    };
+    for (_, l) in gw.listeners() {
+        for &endpoint in &reached {
+            let other = match &l.selector {
+                natgw::Selector::Static(st)
+                    if l.proto == service.proto() && st.inside == endpoint =>
+                {
+                    format!("the [[nat.static]] forward of port {}", l.public.port())
+                }
+                natgw::Selector::Service(s)
+                    if s.name() != name
+                        && s.proto() == service.proto()
+                        && s.uses_endpoint(endpoint) =>
+                {
+                    format!("service `{}`", s.name())
+                }
+                _ => continue,
+            };
+            bail!(
+                "{endpoint} already serves {other}: a real server's address and port can serve one service or forward at a time (replies are told apart by it); give it another port for service `{name}`"
+            );
+        }
     }
     if service.forward() == natgw::Forward::DirectRoute {
         let port = service.listen().port();
-        if backend.port() != port {
+        if backend.port() != port && backend.port() != 0 {
             bail!(
                 "service `{name}` forwards by direct routing: backend {backend} must listen on the VIP's port {port} (the packet reaches it unchanged)"
             );
@@ -911,11 +933,55 @@ struct GatewayPath {
     flows_adopted: u64,
 }
 
+/// Ports `first..=last` of a service (one port: `first == last`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct PortSpan {
+    first: u16,
+    last: u16,
+}
+
+/// Service ports `first..=last` reach backend ports from `to` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct RportStatus {
+    first: u16,
+    last: u16,
+    to: u16,
+}
+
+/// `198.51.100.10:80,443,8000-8100`: a service's local address as `show lb` prints it
+/// (ipvsadm prints `FWM 1` for a firewall-mark service; the ports say more).
+fn local_address(listen: SocketAddrV4, ports: &[PortSpan]) -> String {
+    if ports.is_empty() {
+        return listen.to_string();
+    }
+    let list: Vec<String> = ports
+        .iter()
+        .map(|p| {
+            if p.first == p.last {
+                p.first.to_string()
+            } else {
+                format!("{}-{}", p.first, p.last)
+            }
+        })
+        .collect();
+    format!("{}:{}", listen.ip(), list.join(","))
+}
+
 /// One virtual service: its pool, checks and counters (ipvsadm's service line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct ServiceStatus {
     name: String,
     listen: SocketAddrV4,
+    /// Every port of the VIP the service listens on (`listen`'s alone for a single-port
+    /// service), as ranges.
+    #[serde(default)]
+    ports: Vec<PortSpan>,
+    /// How many ports `ports` holds (metrics: `vipgate_lb_port_count`).
+    #[serde(default)]
+    port_count: usize,
+    /// A multi-port service's backend port mappings.
+    #[serde(default)]
+    rports: Vec<RportStatus>,
     protocol: Protocol,
     /// Each datagram scheduled on its own (ipvsadm `-o`, "ops" in `ipvsadm -Ln`).
     #[serde(default)]
@@ -1193,9 +1259,38 @@ impl ServiceStatus {
                 agent_interval_ms: h.agent.map(|a| millis(a.interval)),
             }
         });
+        let (ports, rports) = match s.ports() {
+            Some(p) => (
+                p.ranges()
+                    .iter()
+                    .map(|r| PortSpan {
+                        first: *r.start(),
+                        last: *r.end(),
+                    })
+                    .collect(),
+                p.rports()
+                    .iter()
+                    .map(|r| RportStatus {
+                        first: *r.ports.start(),
+                        last: *r.ports.end(),
+                        to: r.to,
+                    })
+                    .collect(),
+            ),
+            None => (
+                vec![PortSpan {
+                    first: s.listen().port(),
+                    last: s.listen().port(),
+                }],
+                Vec::new(),
+            ),
+        };
         Self {
             name: s.name().to_string(),
             listen: s.listen(),
+            port_count: s.ports().map_or(1, natgw::ServicePorts::len),
+            ports,
+            rports,
             protocol: Protocol::of(s.proto()),
             one_packet: s.one_packet(),
             forward: s.forward().into(),
@@ -1417,7 +1512,7 @@ fn render_service(out: &mut String, s: &ServiceStatus) {
         out,
         "{}  {} {}{flags}  ({})",
         s.protocol.ipvsadm_name(),
-        s.listen,
+        local_address(s.listen, &s.ports),
         s.scheduler.as_str(),
         s.name
     );
@@ -1592,6 +1687,7 @@ pub(crate) struct ServiceRates {
     name: String,
     protocol: Protocol,
     listen: SocketAddrV4,
+    ports: Vec<PortSpan>,
     #[serde(flatten)]
     rates: Rates,
     backends: Vec<BackendRates>,
@@ -1635,6 +1731,7 @@ pub(crate) fn rates(before: &[Value], after: &[Value], elapsed: Duration) -> Vec
                 name: s.name,
                 protocol: s.protocol,
                 listen: s.listen,
+                ports: s.ports,
                 backends,
             }
         })
@@ -1661,7 +1758,11 @@ pub(crate) fn render_rates(all: &[ServiceRates]) -> String {
             .ok()
             .and_then(|v| v.as_str().map(str::to_ascii_uppercase))
             .unwrap_or_default();
-        line(&mut out, format!("{proto:<4} {}", s.listen), &s.rates);
+        line(
+            &mut out,
+            format!("{proto:<4} {}", local_address(s.listen, &s.ports)),
+            &s.rates,
+        );
         for b in &s.backends {
             line(&mut out, format!("  -> {}", b.address), &b.rates);
         }
@@ -1763,6 +1864,12 @@ mod tests {
         ServiceStatus {
             name: name.to_string(),
             listen: addr("198.51.100.10:80"),
+            ports: vec![PortSpan {
+                first: 80,
+                last: 80,
+            }],
+            port_count: 1,
+            rports: Vec::new(),
             protocol: Protocol::Tcp,
             one_packet: false,
             forward: ForwardMethod::Nat,
@@ -2016,6 +2123,58 @@ mod tests {
 
     /// A one-packet UDP service reads as `ipvsadm -Ln` prints it (`UDP`, `ops`), with its
     /// UDP check; its JSON says so and reads back.
+    /// A multi-port service prints its ports where ipvsadm prints `FWM n`; the JSON lists
+    /// them as ranges with the rports, and reads back.
+    #[test]
+    fn a_multi_port_service_shows_its_ports() {
+        let b = backend("10.0.0.101:0", BackendState::Up, 1);
+        let mut s = service("web", SchedulerKind::Wrr, vec![b]);
+        s.ports = vec![
+            PortSpan {
+                first: 80,
+                last: 80,
+            },
+            PortSpan {
+                first: 443,
+                last: 443,
+            },
+            PortSpan {
+                first: 8000,
+                last: 8009,
+            },
+        ];
+        s.port_count = 12;
+        s.rports = vec![RportStatus {
+            first: 443,
+            last: 443,
+            to: 8443,
+        }];
+        s.persistence = Some(PersistenceStatus {
+            timeout_s: 300,
+            netmask: 32,
+        });
+        let v = running(s.clone());
+        assert_eq!(
+            v["ports"],
+            json!([{"first": 80, "last": 80}, {"first": 443, "last": 443}, {"first": 8000, "last": 8009}])
+        );
+        assert_eq!(
+            v["rports"],
+            json!([{"first": 443, "last": 443, "to": 8443}])
+        );
+        assert_eq!(v["port_count"], 12);
+        assert_eq!(
+            ServiceEntry::deserialize(&v).unwrap(),
+            ServiceEntry::Running(Box::new(s))
+        );
+        let text = render(&[v]);
+        assert!(
+            text.contains("TCP  198.51.100.10:80,443,8000-8009 wrr persistent 300"),
+            "{text}"
+        );
+        assert!(text.contains("  -> 10.0.0.101:0 "), "{text}");
+    }
+
     #[test]
     fn a_udp_service_shows_its_protocol_and_one_packet() {
         let b = backend("10.0.0.101:53", BackendState::Up, 1);
@@ -2110,6 +2269,7 @@ mod tests {
             v,
             json!({
                 "name": "web", "listen": "198.51.100.10:80", "protocol": "tcp", "one_packet": false,
+                "ports": [{ "first": 80, "last": 80 }], "port_count": 1, "rports": [],
                 "forward": "dr",
                 "scheduler": "wlc", "persistence": { "timeout_s": 300, "netmask": 32 },
                 "templates": 0, "sorry": null, "available": true,

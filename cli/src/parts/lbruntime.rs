@@ -176,6 +176,7 @@ mod tests {
         natgw::ServiceConfig {
             name: "web".into(),
             listen: "198.51.100.10:80".parse().unwrap(),
+            ports: None,
             pool: balance::PoolConfig {
                 backends,
                 ..balance::PoolConfig::default()

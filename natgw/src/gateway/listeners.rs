@@ -13,7 +13,7 @@ use crate::config::StaticEntry;
 use crate::error::NatError;
 use crate::flow::{ListenerId, Proto};
 use crate::selector::{Selector, StaticForward};
-use crate::service::Forward;
+use crate::service::{Forward, VirtualService};
 use crate::table::{LISTENER_LIMIT, PublicOwner};
 
 /// One public endpoint whose new inbound flows are handed to a selector.
@@ -21,8 +21,11 @@ use crate::table::{LISTENER_LIMIT, PublicOwner};
 pub struct Listener {
     /// Protocol.
     pub proto: Proto,
-    /// The public endpoint.
+    /// The public endpoint (a multi-port service's lowest port).
     pub public: SocketAddrV4,
+    /// Every public port of the listener's address it owns (`public`'s alone but for a
+    /// multi-port service), as reserved in the table.
+    pub ports: Vec<u16>,
     /// Who picks the inside endpoint.
     pub selector: Selector,
     /// Flows opened through this listener.
@@ -181,13 +184,17 @@ impl Gateway {
             .filter(|_| slot < LISTENER_LIMIT)
             .map(ListenerId)
             .ok_or(NatError::DuplicatePublic { proto, public })?;
-        if !self.table.add_listener(proto, idx, public.port(), id) {
-            return Err(NatError::DuplicatePublic { proto, public });
-        }
+        let selector = selector.into();
+        let ports: Vec<u16> = selector
+            .as_service()
+            .and_then(VirtualService::ports)
+            .map_or_else(|| vec![public.port()], |p| p.iter().collect());
+        self.reserve_ports(proto, idx, *public.ip(), &ports, id)?;
         let mut listener = Listener {
             proto,
             public,
-            selector: selector.into(),
+            ports,
+            selector,
             flows_opened: 0,
         };
         if let Some(svc) = listener.selector.as_service_mut() {
@@ -208,6 +215,66 @@ impl Gateway {
         Ok(id)
     }
 
+    /// Reserves `ports` of public address `idx` (`ip`) for listener `id`: all of them, or
+    /// none when one is taken.
+    fn reserve_ports(
+        &mut self,
+        proto: Proto,
+        idx: crate::table::PublicIdx,
+        ip: Ipv4Addr,
+        ports: &[u16],
+        id: ListenerId,
+    ) -> Result<(), NatError> {
+        for (i, &port) in ports.iter().enumerate() {
+            if !self.table.add_listener(proto, idx, port, id) {
+                self.table
+                    .release_listener_ports(proto, idx, &ports[..i], id);
+                return Err(NatError::DuplicatePublic {
+                    proto,
+                    public: SocketAddrV4::new(ip, port),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves listener `id` (a multi-port service) to the public ports `ports`: new ports
+    /// answer at once; a port dropped takes no new flow, while the flows it has keep going
+    /// (as LVS's connections outlive the firewall mark that scheduled them). Nothing changes
+    /// when a new port is taken.
+    pub(super) fn move_listener_ports(
+        &mut self,
+        id: ListenerId,
+        ports: Vec<u16>,
+    ) -> Result<(), NatError> {
+        let Some(l) = self.listener(id) else {
+            return Ok(());
+        };
+        let (proto, ip) = (l.proto, *l.public.ip());
+        let added: Vec<u16> = ports
+            .iter()
+            .copied()
+            .filter(|p| !l.ports.contains(p))
+            .collect();
+        let dropped: Vec<u16> = l
+            .ports
+            .iter()
+            .copied()
+            .filter(|p| !ports.contains(p))
+            .collect();
+        let idx = self
+            .table
+            .find_public(ip)
+            .ok_or(NatError::TooManyPublicAddresses)?;
+        self.reserve_ports(proto, idx, ip, &added, id)?;
+        self.table.release_listener_ports(proto, idx, &dropped, id);
+        if let Some(Some(l)) = self.listeners.get_mut(usize::from(id.0)) {
+            l.public = SocketAddrV4::new(ip, ports.first().copied().unwrap_or(l.public.port()));
+            l.ports = ports;
+        }
+        Ok(())
+    }
+
     /// Removes a listener at once: its public endpoint stops answering, and every flow it
     /// opened is closed (reported to no one: its selector goes with it). Every other flow
     /// keeps working. Returns how many flows were closed, or `None` for an unknown id.
@@ -219,7 +286,7 @@ impl Gateway {
         let idx = self.table.find_public(*l.public.ip())?;
         let mut removed = Vec::new();
         self.table
-            .remove_listener(l.proto, idx, l.public.port(), id, |r| removed.push(r));
+            .remove_listener(l.proto, idx, &l.ports, id, |r| removed.push(r));
         let n = removed.len();
         // The selector is gone, so only the counters hear about these flows.
         self.stats.flows_removed += n as u64;

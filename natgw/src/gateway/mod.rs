@@ -678,10 +678,17 @@ impl Gateway {
             .ok_or(DropReason::NoInsideEndpoint)?;
         let inside = listener
             .selector
-            .select(now, client)
+            .select(now, client, public_port)
             .ok_or(DropReason::NoInsideEndpoint)?;
         let m = match self.table.mapping_of_inside(proto, inside) {
-            Some(m) if self.table.mapping(m).listener == Some(id) => m,
+            // A multi-port service's backend endpoint serves one of its ports (the ports'
+            // invariant), so its mapping's public port is this one.
+            Some(m)
+                if self.table.mapping(m).listener == Some(id)
+                    && self.table.mapping(m).public_port == public_port =>
+            {
+                m
+            }
             Some(_) => return Err(DropReason::InsideEndpointBusy),
             None => {
                 self.table
@@ -723,10 +730,15 @@ impl Gateway {
             .ok_or(DropReason::NotSyn)?;
         let inside = listener
             .selector
-            .adopt(now, client)
+            .adopt(now, client, public_port)
             .ok_or(DropReason::NotSyn)?;
         let m = match self.table.mapping_of_inside(Proto::Tcp, inside) {
-            Some(m) if self.table.mapping(m).listener == Some(id) => m,
+            Some(m)
+                if self.table.mapping(m).listener == Some(id)
+                    && self.table.mapping(m).public_port == public_port =>
+            {
+                m
+            }
             Some(_) => return Err(DropReason::InsideEndpointBusy),
             None => self.table.create_mapping(
                 Proto::Tcp,

@@ -14,6 +14,7 @@ use super::Gateway;
 use crate::error::{DropReason, NatError};
 use crate::flow::{ListenerId, Proto};
 use crate::service::{ServiceConfig, VirtualService};
+use crate::table::PublicOwner;
 
 impl Gateway {
     /// Adds a virtual service as a listener on its `listen` endpoint (the VIP becomes one of
@@ -110,7 +111,12 @@ impl Gateway {
             (svc.proto() == Proto::Tcp
                 && svc.forward() == crate::service::Forward::Nat
                 && svc.uses_endpoint(backend))
-            .then(|| (ListenerId(u16::try_from(i).unwrap_or(u16::MAX)), l.public))
+            .then(|| {
+                (
+                    ListenerId(u16::try_from(i).unwrap_or(u16::MAX)),
+                    svc.vip_endpoint_of(backend),
+                )
+            })
         })
     }
 
@@ -126,6 +132,37 @@ impl Gateway {
             .iter_mut()
             .filter_map(|l| l.as_mut()?.selector.as_service_mut())
             .find(|s| s.name() == name)
+    }
+
+    /// The listener of the service called `name`.
+    fn service_listener(&self, name: &str) -> Option<ListenerId> {
+        self.listeners()
+            .find(|(_, l)| l.selector.as_service().is_some_and(|s| s.name() == name))
+            .map(|(id, _)| id)
+    }
+
+    /// A reload's multi-port service `c` can take its new ports: each is its own already or
+    /// no listener's (a dynamic mapping never holds a VIP's port).
+    fn check_ports_free(&self, c: &ServiceConfig) -> Result<(), NatError> {
+        let (Some(ports), Some(id)) = (&c.ports, self.service_listener(&c.name)) else {
+            return Ok(());
+        };
+        let Some(idx) = self.table.find_public(*c.listen.ip()) else {
+            return Ok(());
+        };
+        for port in ports.iter() {
+            match self.table.public_owner(c.proto, idx, port) {
+                Some(PublicOwner::Listener(l)) if l == id => {}
+                None => {}
+                Some(_) => {
+                    return Err(NatError::DuplicatePublic {
+                        proto: c.proto,
+                        public: SocketAddrV4::new(*c.listen.ip(), port),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether `endpoint` is a backend (or the sorry server) of a virtual service: such an
@@ -156,7 +193,14 @@ impl Gateway {
             let existing = self.services().find(|s| s.name() == c.name);
             match existing {
                 None => return Ok(restart(&c.name, "new service")),
-                Some(s) if s.listen() != c.listen => {
+                // A multi-port service's ports move live (below); its address does not.
+                Some(s) if s.ports().is_some() != c.ports.is_some() => {
+                    return Ok(restart(&c.name, "ports or listen port changed"));
+                }
+                Some(s) if s.listen() != c.listen && c.ports.is_none() => {
+                    return Ok(restart(&c.name, "listen changed"));
+                }
+                Some(s) if s.listen().ip() != c.listen.ip() => {
                     return Ok(restart(&c.name, "listen changed"));
                 }
                 // The flow table tracks a direct-routing service's flows one way only.
@@ -169,10 +213,17 @@ impl Gateway {
                 }
                 Some(_) => {}
             }
+            if let Some(why) = c.unsupported() {
+                return Err(NatError::Service {
+                    name: c.name.clone(),
+                    reason: why.into(),
+                });
+            }
             Pool::new(c.pool.clone()).map_err(|e| NatError::Service {
                 name: c.name.clone(),
                 reason: e.to_string(),
             })?;
+            self.check_ports_free(c)?;
         }
         if let Some(gone) = self
             .services()
@@ -182,6 +233,10 @@ impl Gateway {
         }
         for c in configs {
             let name = c.name.clone();
+            if let (Some(ports), Some(id)) = (&c.ports, self.service_listener(&name)) {
+                // Checked free above: cannot fail.
+                self.move_listener_ports(id, ports.iter().collect())?;
+            }
             if let Some(s) = self.service_mut(&name) {
                 s.reconfigure(c).map_err(|e| NatError::Service {
                     name,
@@ -641,6 +696,254 @@ mod tests {
                 .unwrap();
             assert!(!rewrite_syn_as_rst(&mut udp));
             assert!(!rewrite_syn_as_rst(&mut syn[..30].to_vec()));
+        }
+
+        /// Multi-port services (LVS firewall-mark services): one pool on several ports of
+        /// the VIP, port-less backends reached on the client's port or its rport.
+        mod multi_port {
+            use super::*;
+            use crate::ports::{PortRule, ServicePorts};
+            use crate::service::ServiceConfig;
+            use std::time::Duration;
+
+            fn portless(last: u8) -> SocketAddrV4 {
+                SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 0)
+            }
+
+            /// `web` on VIP ports 80, 443 and 8000-8009 (443 → 8443, 8000-8009 → 9000-9009),
+            /// rr over rs 101 and 102 without ports, persistence as given.
+            fn config(persistence: Option<Duration>) -> ServiceConfig {
+                let mut cfg = web(&[]);
+                cfg.pool.backends = vec![
+                    balance::BackendConfig::new(portless(101), 1),
+                    balance::BackendConfig::new(portless(102), 1),
+                ];
+                cfg.pool.scheduler = SchedulerKind::Rr;
+                cfg.pool.persistence = persistence.map(|timeout| balance::Persistence {
+                    timeout,
+                    netmask: 32,
+                });
+                cfg.ports = Some(
+                    ServicePorts::new(
+                        vec![80..=80, 443..=443, 8000..=8009],
+                        vec![
+                            PortRule {
+                                ports: 443..=443,
+                                to: 8443,
+                            },
+                            PortRule {
+                                ports: 8000..=8009,
+                                to: 9000,
+                            },
+                        ],
+                    )
+                    .unwrap(),
+                );
+                cfg.listen = SocketAddrV4::new(VIP, 80);
+                cfg
+            }
+
+            fn gateway(now: Instant, cfg: ServiceConfig) -> (Gateway, ListenerId) {
+                let mut g = Gateway::new(
+                    now,
+                    GatewayConfig {
+                        inside_networks: vec!["10.0.0.0/24".parse().unwrap()],
+                        compensate_ttl: false,
+                        ..GatewayConfig::default()
+                    },
+                )
+                .unwrap();
+                let id = g.add_service(cfg).unwrap();
+                (g, id)
+            }
+
+            fn vip(port: u16) -> SocketAddrV4 {
+                SocketAddrV4::new(VIP, port)
+            }
+
+            #[test]
+            fn one_clients_ports_reach_one_backend_on_their_rports() {
+                let now = epoch();
+                let (mut g, id) = gateway(now, config(Some(Duration::from_secs(300))));
+                let mut seen = Vec::new();
+                for n in 0..4 {
+                    let c = spread_client(n);
+                    let web = handshake(&mut g, now, c, vip(80));
+                    assert_eq!(web.port(), 80);
+                    // The same client's HTTPS and 8005 connections: the same real server,
+                    // on the rports; its replies leave from the port the client used.
+                    let c2 = SocketAddrV4::new(*c.ip(), 40_001);
+                    let tls = handshake(&mut g, now, c2, vip(443));
+                    assert_eq!(tls, SocketAddrV4::new(*web.ip(), 8443));
+                    let c3 = SocketAddrV4::new(*c.ip(), 40_002);
+                    let alt = handshake(&mut g, now, c3, vip(8005));
+                    assert_eq!(alt, SocketAddrV4::new(*web.ip(), 9005));
+                    let (v, reply) = pass(&mut g, now, ipv4_tcp(tls, c2, TcpFlags::ACK, b"y"));
+                    assert_eq!((v, endpoints(&reply)), (Verdict::Forward, (vip(443), c2)));
+                    let (v, reply) = pass(&mut g, now, ipv4_tcp(alt, c3, TcpFlags::ACK, b"y"));
+                    assert_eq!((v, endpoints(&reply)), (Verdict::Forward, (vip(8005), c3)));
+                    seen.push(*web.ip());
+                }
+                // Several clients spread over both servers (rr, a template each).
+                assert!(seen.contains(&Ipv4Addr::new(10, 0, 0, 101)), "{seen:?}");
+                assert!(seen.contains(&Ipv4Addr::new(10, 0, 0, 102)), "{seen:?}");
+                // Every connection counted on the port-less backends: 4 clients × 3.
+                assert_eq!(live_counts(&mut g, id), (12, 0));
+                let svc = service(&mut g, id);
+                assert_eq!(svc.pool().templates(), 4);
+                let conns: u64 = svc
+                    .pool()
+                    .backends()
+                    .map(|(_, b)| b.stats().connections)
+                    .sum();
+                assert_eq!(conns, 12);
+            }
+
+            #[test]
+            fn without_persistence_each_connection_is_scheduled_and_other_ports_pass() {
+                let now = epoch();
+                let (mut g, _) = gateway(now, config(None));
+                let c = spread_client(1);
+                let first = handshake(&mut g, now, c, vip(80));
+                let second = handshake(&mut g, now, SocketAddrV4::new(*c.ip(), 40_001), vip(80));
+                // rr without a template: the next server.
+                assert_ne!(first.ip(), second.ip());
+                // A port the service does not list is no listener's: answered as a closed
+                // port (a RST from the VIP), no flow made.
+                let (v, b) = pass(&mut g, now, ipv4_tcp(c, vip(22), TcpFlags::SYN, &[]));
+                assert_eq!((v, endpoints(&b)), (Verdict::Forward, (vip(22), c)));
+                assert_eq!(g.table().len(), 2);
+            }
+
+            #[test]
+            fn backend_endpoints_are_the_services_on_its_ports_only() {
+                let svc = VirtualService::new(config(None)).unwrap();
+                let at = |port| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), port);
+                assert!(svc.uses_endpoint(at(80)));
+                assert!(svc.uses_endpoint(at(8443)));
+                assert!(svc.uses_endpoint(at(9009)));
+                // 443 is mapped to 8443, and 22 is no service port: the server's own.
+                assert!(!svc.uses_endpoint(at(443)));
+                assert!(!svc.uses_endpoint(at(22)));
+                // Checks probe the first port's backend port.
+                let targets = svc.health_targets().checks;
+                assert_eq!(
+                    (targets[0].0.backend, targets[0].1),
+                    (portless(101), at(80))
+                );
+            }
+
+            #[test]
+            fn a_backend_with_a_port_or_a_port_clash_is_refused() {
+                let now = epoch();
+                let mut cfg = config(None);
+                cfg.name = "multi".into();
+                cfg.pool.backends[0].addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 80);
+                let (mut g, _) = gateway(now, web(&[(105, 1)]));
+                assert!(
+                    matches!(&g.add_service(cfg), Err(NatError::Service { reason, .. }) if reason.contains("have no port"))
+                );
+                // `web` (VIP:80) is taken by the single-port service: all or nothing.
+                let mut other = config(None);
+                other.name = "multi".into();
+                assert!(matches!(
+                    g.add_service(other),
+                    Err(NatError::DuplicatePublic { .. })
+                ));
+                assert_eq!(g.listeners().count(), 1);
+                let (v, _) = pass(
+                    &mut g,
+                    now,
+                    ipv4_tcp(spread_client(1), vip(443), TcpFlags::SYN, &[]),
+                );
+                assert_eq!(g.table().len(), 0, "{v:?}");
+            }
+
+            /// Reply-side adoption (a connection that started on another director): a
+            /// backend's segment from its 8443 leaves from VIP:443, the port that reaches it.
+            #[test]
+            fn an_adopted_reply_leaves_from_the_port_that_reaches_the_backend() {
+                let now = epoch();
+                let (mut g, _) = gateway(now, config(None));
+                let c = spread_client(1);
+                let rs = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 102), 8443);
+                let (v, reply) = pass(&mut g, now, ipv4_tcp(rs, c, TcpFlags::ACK, b"y"));
+                assert_eq!((v, endpoints(&reply)), (Verdict::Forward, (vip(443), c)));
+                let (v, data) = pass(&mut g, now, ipv4_tcp(c, vip(443), TcpFlags::ACK, b"x"));
+                assert_eq!((v, endpoints(&data).1), (Verdict::Forward, rs));
+            }
+
+            /// Direct routing of a multi-port service: the packet keeps its port, so each
+            /// VIP port reaches the same port of the chosen real server; rports are refused.
+            #[test]
+            fn direct_routing_keeps_each_ports_number() {
+                let now = epoch();
+                let mut cfg = config(Some(Duration::from_secs(300)));
+                cfg.forward = crate::service::Forward::DirectRoute;
+                assert!(cfg.unsupported().is_some(), "rports under direct routing");
+                cfg.ports = Some(ServicePorts::new(vec![80..=80, 443..=443], vec![]).unwrap());
+                let (mut g, _) = gateway(now, cfg);
+                g.set_direct_routing(true);
+                let c = spread_client(1);
+                let route = |g: &mut Gateway, client: SocketAddrV4, port: u16| match pass(
+                    g,
+                    now,
+                    ipv4_tcp(client, vip(port), TcpFlags::SYN, &[]),
+                )
+                .0
+                {
+                    Verdict::DirectRoute(r) => r,
+                    other => panic!("{other:?}"),
+                };
+                let web = route(&mut g, c, 80);
+                let tls = route(&mut g, SocketAddrV4::new(*c.ip(), 40_001), 443);
+                assert_eq!((web.vip, web.backend.port()), (vip(80), 80));
+                assert_eq!(
+                    (tls.vip, tls.backend),
+                    (vip(443), SocketAddrV4::new(*web.backend.ip(), 443))
+                );
+            }
+
+            /// Like a firewall-mark rule change under ipvsadm, a reload moves the ports
+            /// live: a new port answers, a dropped one takes no new connection while the
+            /// connections it has keep going.
+            #[test]
+            fn a_reload_moves_the_ports_and_keeps_the_flows() {
+                let now = epoch();
+                let (mut g, id) = gateway(now, config(None));
+                let c = spread_client(1);
+                let tls = handshake(&mut g, now, c, vip(443));
+                let mut cfg = config(None);
+                cfg.ports = Some(ServicePorts::new(vec![80..=80, 8080..=8080], vec![]).unwrap());
+                assert_eq!(
+                    g.reconfigure_services(vec![cfg]).unwrap(),
+                    Reconfigured::Live
+                );
+                assert_eq!(g.listener(id).unwrap().ports, [80, 8080]);
+                let c2 = SocketAddrV4::new(*c.ip(), 40_001);
+                let (_, syn) = pass(&mut g, now, ipv4_tcp(c2, vip(8080), TcpFlags::SYN, &[]));
+                assert_eq!(endpoints(&syn).1.port(), 8080);
+                let c3 = SocketAddrV4::new(*c.ip(), 40_002);
+                let (_, rst) = pass(&mut g, now, ipv4_tcp(c3, vip(443), TcpFlags::SYN, &[]));
+                assert_eq!(
+                    endpoints(&rst),
+                    (vip(443), c3),
+                    "443 is no service port now"
+                );
+                // The established HTTPS connection still runs, both ways, and is counted.
+                let (v, data) = pass(&mut g, now, ipv4_tcp(c, vip(443), TcpFlags::ACK, b"x"));
+                assert_eq!((v, endpoints(&data).1), (Verdict::Forward, tls));
+                let (v, reply) = pass(&mut g, now, ipv4_tcp(tls, c, TcpFlags::ACK, b"y"));
+                assert_eq!((v, endpoints(&reply).0), (Verdict::Forward, vip(443)));
+                assert_eq!(live_counts(&mut g, id).0, 1);
+                // Moving to a single port, or onto a taken port, is not live.
+                let mut single = config(None);
+                single.ports = None;
+                assert!(matches!(
+                    g.reconfigure_services(vec![single]).unwrap(),
+                    Reconfigured::NeedsRestart(_)
+                ));
+            }
         }
     }
 

@@ -332,6 +332,7 @@ mod tests {
         let svc = VirtualService::new(ServiceConfig {
             name: "web".into(),
             listen: VIP,
+            ports: None,
             pool: balance::PoolConfig {
                 scheduler: balance::SchedulerKind::Rr,
                 backends: vec![backend(100), backend(101)],
@@ -452,6 +453,70 @@ mod tests {
             .backend(svc.backend_id(backend).unwrap())
             .unwrap();
         assert_eq!(b.active(), 1);
+    }
+
+    /// A synced flow of a multi-port service (here to VIP:443, reaching the backend's 8443
+    /// by rport) continues on the backup after the promotion, both ways, and is counted on
+    /// its port-less backend.
+    #[test]
+    fn a_multi_port_services_flow_is_promoted_on_its_port() {
+        let now = epoch();
+        let multi = || {
+            let mut g = node();
+            let portless = |last| SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 0);
+            let ports = crate::ServicePorts::new(
+                vec![80..=80, 443..=443],
+                vec![crate::PortRule {
+                    ports: 443..=443,
+                    to: 8443,
+                }],
+            )
+            .unwrap();
+            g.add_service(ServiceConfig {
+                name: "multi".into(),
+                listen: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 20), 80),
+                ports: Some(ports),
+                pool: balance::PoolConfig {
+                    scheduler: balance::SchedulerKind::Rr,
+                    backends: vec![
+                        balance::BackendConfig::new(portless(110), 1),
+                        balance::BackendConfig::new(portless(111), 1),
+                    ],
+                    ..balance::PoolConfig::default()
+                },
+                health: None,
+                forward: crate::Forward::Nat,
+                proto: Proto::Tcp,
+                one_packet: false,
+            })
+            .unwrap();
+            g
+        };
+        let (mut master, mut backup) = (multi(), multi());
+        master.set_sync(true);
+        let vip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 20), 443);
+        let (_, syn) = send(&mut master, now, ipv4_tcp(CLIENT, vip, TcpFlags::SYN, b""));
+        let backend = dst(&syn);
+        assert_eq!(backend.port(), 8443);
+        let _ = send(
+            &mut master,
+            now,
+            ipv4_tcp(backend, CLIENT, TcpFlags::SYN_ACK, b""),
+        );
+        let _ = send(&mut master, now, ipv4_tcp(CLIENT, vip, TcpFlags::ACK, b""));
+        backup.apply_standby(now, &master.take_sync_updates(now));
+        assert_eq!(backup.promote_standby(now).promoted, 1);
+        let (v, p) = send(&mut backup, now, ipv4_tcp(CLIENT, vip, TcpFlags::ACK, b"x"));
+        assert_eq!((v, dst(&p)), (Verdict::Forward, backend));
+        let (v, p) = send(
+            &mut backup,
+            now,
+            ipv4_tcp(backend, CLIENT, TcpFlags::ACK, b"y"),
+        );
+        assert_eq!((v, src(&p)), (Verdict::Forward, vip));
+        let svc = backup.service_mut("multi").unwrap();
+        let id = svc.backend_id(SocketAddrV4::new(*backend.ip(), 0)).unwrap();
+        assert_eq!(svc.pool().backend(id).unwrap().active(), 1);
     }
 
     #[test]
@@ -817,6 +882,7 @@ mod tests {
         let mut cfg = ServiceConfig {
             name: "web".into(),
             listen: VIP,
+            ports: None,
             pool: balance::PoolConfig {
                 scheduler: balance::SchedulerKind::Rr,
                 backends: vec![

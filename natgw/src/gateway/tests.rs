@@ -557,6 +557,7 @@ fn two_backends(listen: SocketAddrV4) -> crate::VirtualService {
     crate::VirtualService::new(crate::ServiceConfig {
         name: "two".into(),
         listen,
+        ports: None,
         pool: balance::PoolConfig {
             scheduler: balance::SchedulerKind::Rr,
             backends: vec![backend(100), backend(101)],

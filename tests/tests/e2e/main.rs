@@ -29,6 +29,7 @@ mod lab;
 mod lb;
 mod lb_checks;
 mod lb_ops;
+mod lb_ports;
 mod lb_udp;
 mod nat;
 mod nat_attacks;
