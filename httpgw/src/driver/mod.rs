@@ -19,7 +19,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -251,16 +251,28 @@ struct Conn {
     /// An HTTP/2 connection's streams.
     h2: Option<Streams>,
     /// HTTP/1.1: a second handle on the client's socket, to notice it closing while a
-    /// request waits for its backend (hyper does not read the socket then).
-    closing: Option<TcpStream>,
+    /// request waits for its backend (hyper does not read the socket then). Kept out of the
+    /// reactor until a request has waited [`CLOSING_WATCH_AFTER`]: registered, it would double
+    /// every readiness event of the connection and cost a `recv` per request.
+    closing: Option<std::net::TcpStream>,
 }
 
 impl Conn {
     /// Resolves once the client of an HTTP/1.1 connection has closed it (its socket reads
-    /// as ended or reset, nothing before that); never if the socket cannot be watched or holds
-    /// bytes (a pipelined request: the client is there).
+    /// as ended or reset, nothing before that), watched from [`CLOSING_WATCH_AFTER`] on;
+    /// never if the socket cannot be watched or holds bytes (a pipelined request: the client
+    /// is there).
     async fn client_gone(&self) {
-        let Some(tcp) = &self.closing else {
+        let Some(watch) = &self.closing else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep(CLOSING_WATCH_AFTER).await;
+        // A second duplicate, registered for this wait only (dropped with it).
+        let Some(tcp) = watch
+            .try_clone()
+            .ok()
+            .and_then(|d| TcpStream::from_std(d).ok())
+        else {
             return std::future::pending().await;
         };
         let mut byte = [0u8; 1];
@@ -270,11 +282,17 @@ impl Conn {
     }
 }
 
-/// The watch [`Conn::client_gone`] reads: the client's socket, duplicated (only peeked at;
-/// closing the duplicate does not close the connection).
-fn closing_watch(tcp: &TcpStream) -> Option<TcpStream> {
+/// How long a request waits for its backend before its client's socket is watched for a
+/// close: most answers come sooner, and a cancel is still noticed (and the backend's
+/// request dropped) this long after the client left.
+const CLOSING_WATCH_AFTER: Duration = Duration::from_millis(20);
+
+/// The handle [`Conn::client_gone`] watches: the client's socket, duplicated (only peeked
+/// at; closing the duplicate does not close the connection). It shares the open file with
+/// tokio's socket, so it is non-blocking as that one is.
+fn closing_watch(tcp: &TcpStream) -> Option<std::net::TcpStream> {
     let fd = tcp.as_fd().try_clone_to_owned().ok()?;
-    TcpStream::from_std(std::net::TcpStream::from(fd)).ok()
+    Some(std::net::TcpStream::from(fd))
 }
 
 /// The streams of one HTTP/2 connection: how many are being answered, since when none is,
@@ -672,6 +690,15 @@ fn text(status: StatusCode, detail: &str, close: bool) -> Response<Body> {
     res
 }
 
+/// Whether [`log`] would print anything (the access log's level is enabled).
+fn access_logged(shared: &Shared) -> bool {
+    if shared.access_log {
+        tracing::enabled!(target: "httpgw::access", tracing::Level::INFO)
+    } else {
+        tracing::enabled!(target: "httpgw::access", tracing::Level::DEBUG)
+    }
+}
+
 fn log(
     shared: &Shared,
     client: SocketAddrV4,
@@ -750,14 +777,19 @@ async fn handle(
     let version = req.version();
     let h2 = version == Version::HTTP_2;
     let asked = !h2 && hygiene::upgrade_requested(req.headers());
-    let target = if h2 {
-        req.uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_owned(), ToString::to_string)
+    // The request line, for the access log only: not built when nothing would print it.
+    let line = if access_logged(shared) {
+        let target = if h2 {
+            req.uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), ToString::to_string)
+        } else {
+            req.uri().to_string()
+        };
+        format!("{} {target} {version:?}", req.method())
     } else {
-        req.uri().to_string()
+        String::new()
     };
-    let line = format!("{} {target} {version:?}", req.method());
     let mut flight = InFlight {
         shared,
         conn,
@@ -785,6 +817,10 @@ async fn handle(
 /// Reads a request body of at most `limit` bytes, each read within `idle` of the last;
 /// `Ok(None)`: the client went away in the middle of it.
 async fn read_body(body: Incoming, limit: usize, idle: Duration) -> Result<Option<Bytes>, Refusal> {
+    // Most requests have none: no timer to arm, nothing to read.
+    if body.is_end_stream() {
+        return Ok(Some(Bytes::new()));
+    }
     let mut body = Limited::new(body, limit);
     let mut read = Vec::new();
     loop {
@@ -927,16 +963,18 @@ async fn answer(
     // The backend is released at the response head: its counters measure time to answer.
     flight.upstream = None;
     shared.gateway().finish(now(), &up, outcome);
-    let route = shared.gateway().route_name(up.route);
-    log(
-        shared,
-        client,
-        line,
-        &route,
-        outcome.status(),
-        &up.addr.to_string(),
-        started.elapsed(),
-    );
+    if access_logged(shared) {
+        let route = shared.gateway().route_name(up.route);
+        log(
+            shared,
+            client,
+            line,
+            &route,
+            outcome.status(),
+            &up.addr.to_string(),
+            started.elapsed(),
+        );
+    }
     let res = match response {
         Some(mut res) if res.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let switched = hyper::upgrade::on(&mut res);
