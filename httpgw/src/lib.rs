@@ -45,11 +45,11 @@ pub use error::ConfigError;
 pub use gateway::{
     Alpn, Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake,
     Limits, Outcome, PoolSpec, PoolStatus, ResetBudget, RouteStatus, StatusClasses, StickyCookie,
-    TlsConfig, TlsSession, TlsStatus, Upstream, Verdict, client_closed,
+    TlsConfig, TlsSession, TlsStatus, Upstream, Verdict, client_closed, Changes, Reload,
 };
 
 #[cfg(feature = "driver")]
-pub use driver::{HttpGateway, StartError, tls};
+pub use driver::{HttpGateway, LiveReload, StartError, tls};
 
 #[cfg(test)]
 mod tests;

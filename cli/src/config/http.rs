@@ -399,6 +399,34 @@ impl HttpSection {
     pub(crate) fn lower(&self) -> GatewayConfig {
         self.build(&mut |_, _| {})
     }
+
+    /// A digest of the contents of its certificate and key files (0 for one that cannot be
+    /// read), in order: a reload compares it to tell rewritten files from unchanged ones.
+    pub(crate) fn tls_files_digest(&self) -> Vec<u64> {
+        use std::hash::{Hash as _, Hasher as _};
+        use std::io::Read as _;
+        let Some(tls) = &self.tls else {
+            return Vec::new();
+        };
+        let digest = |path: &PathBuf| {
+            let mut bytes = Vec::new();
+            // At most what the gateway reads of a PEM file (and one byte to tell it is over).
+            let read = std::fs::File::open(path).and_then(|f| {
+                f.take(httpgw::tls::MAX_PEM_BYTES + 1)
+                    .read_to_end(&mut bytes)
+            });
+            read.map_or(0, |_| {
+                let mut h = std::hash::DefaultHasher::new();
+                bytes.hash(&mut h);
+                h.finish()
+            })
+        };
+        tls.get_ref()
+            .certs
+            .iter()
+            .flat_map(|c| [digest(c.cert_file.get_ref()), digest(c.key_file.get_ref())])
+            .collect()
+    }
 }
 
 fn in_range<T: Copy + Into<u64> + std::fmt::Display>(

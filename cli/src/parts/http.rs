@@ -1,15 +1,38 @@
 //! `vipgate run` / `show http`: the L7 (HTTP/1.1) virtual services, one gateway per
-//! `[[http]]`.
+//! `[[http]]`, each its own reload unit: a changed section is applied to the running listener
+//! (routes, pools, limits, certificates read again) unless its listen address moves.
 
-use super::{BoxFuture, Kind, Part, StartCtx, render_each};
+use super::{BoxFuture, Kind, Part, StartCtx, ready, render_each};
 use crate::config::SiteConfig;
 use anyhow::Context;
 use httpgw::{GatewayStatus, HttpGateway, StatusClasses};
+use netutil::Reconfigured;
 use std::fmt::Write as _;
+use std::net::SocketAddrV4;
 
 struct HttpPart {
     name: String,
+    listen: SocketAddrV4,
     gateway: HttpGateway,
+}
+
+impl HttpPart {
+    /// `Part::reconfigure`: the swap is synchronous.
+    fn reconfigure_now(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        let Some(section) = site.http.iter().find(|s| *s.name.get_ref() == self.name) else {
+            return Ok(Reconfigured::restart("the listener is gone"));
+        };
+        let config = section.lower();
+        if config.listen != self.listen {
+            return Ok(Reconfigured::restart("its listen address changed"));
+        }
+        let changed = self
+            .gateway
+            .reconfigure(&config)
+            .with_context(|| format!("http `{}`", self.name))?;
+        tracing::info!(http = %self.name, "HTTP gateway reconfigured live: {changed}");
+        Ok(Reconfigured::Live)
+    }
 }
 
 /// Starts every `[[http]]` gateway; on an error, stops the ones already started.
@@ -28,6 +51,7 @@ pub(crate) async fn start(
                 tracing::info!(http = %config.name, listen = %config.listen, "HTTP gateway started");
                 parts.push(Box::new(HttpPart {
                     name: config.name,
+                    listen: config.listen,
                     gateway,
                 }));
             }
@@ -57,6 +81,11 @@ impl Part for HttpPart {
 
     fn dead_task(&self) -> Option<String> {
         self.gateway.dead()
+    }
+
+    /// Everything but the listen address applies live; see [`HttpGateway::reconfigure`].
+    fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
+        ready(self.reconfigure_now(site))
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<()> {

@@ -3,6 +3,12 @@
 //! server, and hyper-util's pooled HTTP/1.1 client to the backends. Every decision is the
 //! core's ([`Gateway::decide`]); this module moves bytes, enforces time and size bounds and
 //! reports outcomes back.
+//!
+//! A reload ([`HttpGateway::reconfigure`]) swaps the core's routes and pools in place, under
+//! the lock every request takes to be decided, and puts a new [`Shared`] in place for the
+//! connections accepted after it: its limits, access log and TLS certificates. A connection
+//! keeps the `Shared` it was accepted with, so an open connection (a TLS session, a keep-alive
+//! one) is never cut by a reload, and its next request is decided by the new routes.
 
 mod stream;
 pub mod tls;
@@ -34,8 +40,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::hygiene::{self, Refusal};
 use crate::{
-    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, ResetBudget,
-    TlsSession, Upstream, Verdict, client_closed,
+    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, Reload,
+    ResetBudget, TlsSession, Upstream, Verdict, client_closed,
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -65,14 +71,80 @@ fn now() -> Instant {
     Instant::now()
 }
 
+/// What a connection is served with, fixed when it is accepted (see the module
+/// documentation). The gateway, the connection count and the upstream client's connection
+/// pool are the listener's, shared by every generation.
 struct Shared {
-    gateway: Mutex<Gateway>,
+    gateway: Arc<Mutex<Gateway>>,
     limits: Limits,
     access_log: bool,
     client: Client<HttpConnector, Full<Bytes>>,
-    connections: AtomicU64,
-    /// TLS termination and its handshake timeout.
-    tls: Option<(TlsAcceptor, Duration)>,
+    connections: Arc<AtomicU64>,
+    /// TLS termination.
+    tls: Option<Tls>,
+}
+
+/// A TLS listener's certificates, loaded.
+struct Tls {
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    /// The certificates presented (the leaf of each chain), to tell what a reload changed.
+    leaves: Vec<Vec<u8>>,
+}
+
+impl Tls {
+    /// Reads every certificate and key.
+    fn load(config: &crate::TlsConfig) -> Result<Self, tls::TlsError> {
+        let (server, leaves) = tls::server_config(config)?;
+        Ok(Self {
+            acceptor: TlsAcceptor::from(server),
+            handshake_timeout: config.handshake_timeout,
+            leaves,
+        })
+    }
+}
+
+/// The pooled HTTP/1.1 client to the backends.
+fn upstream_client(idle: Duration) -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// What [`HttpGateway::reconfigure`] changed; its `Display` is the log line's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LiveReload {
+    /// Routes, pools, backends, weights.
+    pub routing: Reload,
+    /// Limits or the access log changed (for the connections accepted from now on).
+    pub limits: bool,
+    /// Certificates presented from now on that differ from before (every one when TLS was
+    /// added).
+    pub certificates: usize,
+    /// TLS was added (`Some(true)`) or removed (`Some(false)`).
+    pub tls: Option<bool>,
+}
+
+impl std::fmt::Display for LiveReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.routing)?;
+        if self.limits {
+            f.write_str("; limits")?;
+        }
+        match self.tls {
+            Some(true) => f.write_str("; TLS on")?,
+            Some(false) => f.write_str("; TLS off")?,
+            None => {}
+        }
+        if self.certificates > 0 {
+            write!(f, "; {} new certificate(s)", self.certificates)?;
+        }
+        Ok(())
+    }
 }
 
 impl Shared {
@@ -83,7 +155,8 @@ impl Shared {
 
 /// A running HTTP gateway: one listener and its connections.
 pub struct HttpGateway {
-    shared: Arc<Shared>,
+    /// The generation new connections get; the accept loop reads it.
+    current: watch::Sender<Arc<Shared>>,
     local: SocketAddr,
     watch: netutil::task::TaskWatch,
     stop: watch::Sender<bool>,
@@ -105,13 +178,7 @@ impl HttpGateway {
     /// [`StartError`] for a bad configuration or a listener that cannot be bound.
     pub async fn start(config: &GatewayConfig) -> Result<Self, StartError> {
         let gateway = Gateway::new(config)?;
-        let tls = match &config.tls {
-            Some(t) => Some((
-                TlsAcceptor::from(tls::server_config(t)?),
-                t.handshake_timeout,
-            )),
-            None => None,
-        };
+        let tls = config.tls.as_ref().map(Tls::load).transpose()?;
         let listener = bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -120,28 +187,23 @@ impl HttpGateway {
             addr: config.listen,
             source,
         })?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.limits.upstream_idle)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let shared = Arc::new(Shared {
-            gateway: Mutex::new(gateway),
+            gateway: Arc::new(Mutex::new(gateway)),
             limits: config.limits,
             access_log: config.access_log,
-            client,
-            connections: AtomicU64::new(0),
+            client: upstream_client(config.limits.upstream_idle),
+            connections: Arc::new(AtomicU64::new(0)),
             tls,
         });
+        let (current, generations) = watch::channel(shared);
         let (stop, stopped) = watch::channel(false);
         let watch = netutil::task::TaskWatch::new();
         let accept = watch.spawn(
             "http accept loop",
-            accept_loop(listener, Arc::clone(&shared), stopped),
+            accept_loop(listener, generations, stopped),
         );
         Ok(Self {
-            shared,
+            current,
             local,
             watch,
             stop,
@@ -158,9 +220,55 @@ impl HttpGateway {
     /// Counters and backend states.
     #[must_use]
     pub fn status(&self) -> GatewayStatus {
-        let mut status = self.shared.gateway().status(now());
-        status.connections = self.shared.connections.load(Ordering::Relaxed);
+        let shared = Arc::clone(&self.current.borrow());
+        let mut status = shared.gateway().status(now());
+        status.connections = shared.connections.load(Ordering::Relaxed);
         status
+    }
+
+    /// Applies `config` to the running listener (a reload; its listen address is not
+    /// looked at: moving the listener takes a new gateway). Certificates and keys are read
+    /// again, even from unchanged paths. Requests already forwarded finish against their
+    /// backends and open connections stay; requests decided from now on take the new routes,
+    /// connections accepted from now on the new limits and certificates. Nothing changes if
+    /// it is refused.
+    ///
+    /// # Errors
+    /// [`StartError::Config`] or [`StartError::Tls`] (a certificate or key that cannot be
+    /// used): the old configuration keeps running.
+    pub fn reconfigure(&self, config: &GatewayConfig) -> Result<LiveReload, StartError> {
+        let current = Arc::clone(&self.current.borrow());
+        let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+        let routing = current.gateway().reconfigure(config)?;
+        let certificates = match (&current.tls, &tls) {
+            (Some(old), Some(new)) => new
+                .leaves
+                .iter()
+                .filter(|leaf| !old.leaves.contains(leaf))
+                .count(),
+            (None, Some(new)) => new.leaves.len(),
+            _ => 0,
+        };
+        let client = if config.limits.upstream_idle == current.limits.upstream_idle {
+            current.client.clone()
+        } else {
+            upstream_client(config.limits.upstream_idle)
+        };
+        let reload = LiveReload {
+            routing,
+            limits: config.limits != current.limits || config.access_log != current.access_log,
+            certificates,
+            tls: (current.tls.is_some() != tls.is_some()).then_some(tls.is_some()),
+        };
+        self.current.send_replace(Arc::new(Shared {
+            gateway: Arc::clone(&current.gateway),
+            limits: config.limits,
+            access_log: config.access_log,
+            client,
+            connections: Arc::clone(&current.connections),
+            tls,
+        }));
+        Ok(reload)
     }
 
     /// The accept loop's death, if it ended while it should run.
@@ -195,18 +303,39 @@ fn bind(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    generations: watch::Receiver<Arc<Shared>>,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), std::io::Error> {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections as usize));
+    let mut max = generations.borrow().limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max as usize));
+    // Slots a reload that lowered `max_connections` took away while they were held: each is
+    // forgotten as it comes back.
+    let mut owed = 0u32;
     // Dropping the set on return aborts the connections still open.
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
+        let wanted = generations.borrow().limits.max_connections;
+        if wanted > max {
+            let more = wanted - max;
+            let paid = more.min(owed);
+            owed -= paid;
+            slots.add_permits((more - paid) as usize);
+        } else if wanted < max {
+            let fewer = max - wanted;
+            let taken = u32::try_from(slots.forget_permits(fewer as usize)).unwrap_or(fewer);
+            owed += fewer - taken.min(fewer);
+        }
+        max = wanted;
         let permit = tokio::select! {
             p = Arc::clone(&slots).acquire_owned() => p.map_err(std::io::Error::other)?,
             _ = stopped.changed() => return Ok(()),
         };
+        if owed > 0 {
+            permit.forget();
+            owed -= 1;
+            continue;
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stopped.changed() => return Ok(()),
@@ -220,7 +349,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
+        let shared = Arc::clone(&generations.borrow());
         connections.spawn(async move {
             shared.connections.fetch_add(1, Ordering::Relaxed);
             accept(&shared, tcp, peer).await;
@@ -359,7 +488,12 @@ async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     let _ = tcp.set_nodelay(true);
-    let Some((acceptor, timeout)) = &shared.tls else {
+    let Some(Tls {
+        acceptor,
+        handshake_timeout: timeout,
+        ..
+    }) = &shared.tls
+    else {
         let conn = Conn {
             closing: closing_watch(&tcp),
             ..Conn::default()
