@@ -23,10 +23,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use balance::{BackendId, ConnState, Decision, Pool, PoolConfig};
+use balance::{AdminState, BackendId, ConnState, Decision, Pool, PoolConfig};
 use http::{HeaderValue, StatusCode, request};
 
-use crate::error::ConfigError;
+use crate::error::{CommandError, ConfigError};
 use crate::hygiene::{self, Forwarding, Refusal};
 use crate::latency::{LatencyStatus, LatencyWindow};
 use crate::route::{self, Action, RedirectTarget, RequestView, Route};
@@ -142,6 +142,10 @@ pub struct Limits {
     /// Streams an HTTP/2 client may have open at once on one connection
     /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub max_streams: u32,
+    /// Time the requests in flight get to finish when the listener stops (or a reload
+    /// removes it): idle connections are closed at once, busy ones after their answer; the
+    /// ones still open after it are cut.
+    pub drain_timeout: Duration,
 }
 
 impl Limits {
@@ -182,6 +186,7 @@ impl Default for Limits {
             upstream_idle: Duration::from_secs(60),
             tunnel_timeout: Duration::from_secs(3600),
             max_streams: 100,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -688,9 +693,11 @@ fn diff_backends(old: &PoolSpec, new: &PoolSpec, reload: &mut Reload) {
     for b in after {
         match before.iter().find(|o| o.addr == b.addr) {
             None => reload.backends.added.push(name(b.addr)),
-            Some(o) if o.weight != b.weight => reload
-                .weights
-                .push(format!("{} {}→{}", name(b.addr), o.weight, b.weight)),
+            Some(o) if o.weight != b.weight => {
+                reload
+                    .weights
+                    .push(format!("{} {}→{}", name(b.addr), o.weight, b.weight))
+            }
             Some(o) if o != b => reload.backends.changed.push(name(b.addr)),
             Some(_) => {}
         }
@@ -1005,6 +1012,31 @@ impl Gateway {
     #[must_use]
     pub fn in_flight(&self) -> u64 {
         self.pools.iter().map(|p| u64::from(p.in_flight)).sum()
+    }
+
+    /// Sets the operator state of backend `addr` of pool `pool` (`vipgate http drain`,
+    /// `http set state`) and says whether it changed. A drained backend gets no new request
+    /// (nor one whose sticky cookie names it), the ones it is answering finish. A reload that
+    /// keeps the backend keeps its state.
+    ///
+    /// # Errors
+    /// [`CommandError`] for an unknown pool or backend.
+    pub fn set_backend_state(
+        &mut self,
+        pool: &str,
+        addr: SocketAddrV4,
+        state: AdminState,
+    ) -> Result<bool, CommandError> {
+        let listed = &mut self.pools[..self.listed_pools];
+        let Some(p) = listed.iter_mut().find(|p| p.spec.name == pool) else {
+            return Err(CommandError::UnknownPool(pool.to_owned()));
+        };
+        p.pool
+            .set_admin(addr, state)
+            .map_err(|source| CommandError::Pool {
+                pool: pool.to_owned(),
+                source,
+            })
     }
 
     /// Decides what `head`, from `client` to `local` (over `tls`, if it came over TLS),

@@ -1038,10 +1038,7 @@ fn a_removed_pool_and_route_stay_until_their_requests_finish() {
     cfg.pools.remove(3);
     cfg.routes[2].rewrite.del_response = vec![HeaderRules::name("Server").unwrap()];
     let reload = gw.reconfigure(&cfg).unwrap();
-    assert_eq!(
-        reload.to_string(),
-        "routes -www ~admin-posts; pools -green"
-    );
+    assert_eq!(reload.to_string(), "routes -www ~admin-posts; pools -green");
     let mut h = head(&[("host", "www.example.com")], "GET", "/");
     assert_eq!(answered(decide(&mut gw, &mut h)), StatusCode::NOT_FOUND);
     assert!(gw.status(epoch()).pools.iter().all(|p| p.name != "green"));
@@ -1124,4 +1121,35 @@ fn a_refused_reload_changes_nothing() {
     assert_eq!(gw.status(epoch()), before);
     assert_eq!(www(&mut gw).addr.ip().octets()[3], 2);
     assert!(gw.reconfigure(&config()).unwrap().is_empty());
+}
+
+#[test]
+fn a_drained_backend_finishes_its_requests_and_stays_drained_across_reloads() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let first = www(&mut gw);
+    assert_eq!(first.addr.ip().octets()[3], 1);
+    let one = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
+    assert_eq!(
+        gw.set_backend_state("web", one, balance::AdminState::Drain),
+        Ok(true)
+    );
+    assert!(matches!(
+        gw.set_backend_state("nope", one, balance::AdminState::Drain),
+        Err(crate::CommandError::UnknownPool(_))
+    ));
+    assert!(matches!(
+        gw.set_backend_state("api", one, balance::AdminState::Drain),
+        Err(crate::CommandError::Pool { .. })
+    ));
+    gw.reconfigure(&blue_green()).unwrap();
+    gw.reconfigure(&config()).unwrap();
+    for _ in 0..4 {
+        let up = www(&mut gw);
+        assert_eq!(up.addr.ip().octets()[3], 2);
+        gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    }
+    let active = |gw: &Gateway| gw.status(epoch()).pools[0].backends[0].active;
+    assert_eq!(active(&gw), 1);
+    gw.finish(epoch(), &first, Outcome::Answered(StatusCode::OK));
+    assert_eq!(active(&gw), 0);
 }

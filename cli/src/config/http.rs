@@ -195,6 +195,10 @@ pub(crate) struct HttpSection {
     /// tunnel`). Default 1h.
     #[serde(default)]
     pub(crate) tunnel_timeout: Option<Spanned<HumanDuration>>,
+    /// Time requests in flight get to finish when the listener stops or a reload removes it
+    /// (HAProxy `hard-stop-after`, nginx `worker_shutdown_timeout`). Default 10s.
+    #[serde(default)]
+    pub(crate) drain_timeout: Option<Spanned<HumanDuration>>,
     /// Streams an HTTP/2 client may have open at once per connection (nginx
     /// `http2_max_concurrent_streams`, HAProxy `tune.h2.max-concurrent-streams`); 1 to 1000,
     /// default 100.
@@ -371,6 +375,11 @@ impl HttpSection {
                 &self.tunnel_timeout,
                 "tunnel_timeout",
                 &mut limits.tunnel_timeout,
+            ),
+            (
+                &self.drain_timeout,
+                "drain_timeout",
+                &mut limits.drain_timeout,
             ),
         ] {
             if let Some(d) = value {

@@ -4,7 +4,8 @@
 
 use super::{BoxFuture, Kind, Part, StartCtx, ready, render_each};
 use crate::config::SiteConfig;
-use anyhow::Context;
+use crate::control::ControlOp;
+use anyhow::{Context, bail};
 use httpgw::{GatewayStatus, HttpGateway, StatusClasses};
 use netutil::Reconfigured;
 use std::fmt::Write as _;
@@ -83,6 +84,31 @@ impl Part for HttpPart {
         self.gateway.dead()
     }
 
+    /// `http set state` (and `http drain`).
+    fn control(&self, op: &ControlOp) -> anyhow::Result<serde_json::Value> {
+        let ControlOp::HttpSetState {
+            pool,
+            backend,
+            state,
+            ..
+        } = op
+        else {
+            bail!("http `{}` does not support `{op}`", self.name);
+        };
+        let changed = self
+            .gateway
+            .set_backend_state(pool, *backend, *state)
+            .with_context(|| format!("http `{}`", self.name))?;
+        tracing::info!(http = %self.name, %pool, %backend, %state, changed, "backend state set by operator");
+        Ok(serde_json::json!({
+            "listener": self.name,
+            "pool": pool,
+            "backend": backend.to_string(),
+            "state": state,
+            "changed": changed,
+        }))
+    }
+
     /// Everything but the listen address applies live; see [`HttpGateway::reconfigure`].
     fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
         ready(self.reconfigure_now(site))
@@ -94,6 +120,37 @@ impl Part for HttpPart {
             tracing::info!(http = %self.name, "HTTP gateway stopped");
         })
     }
+}
+
+/// The requests `backend` of `pool` of `listener` is answering, read from a `show http`
+/// answer; `None` when the pool no longer lists the backend.
+///
+/// # Errors
+/// The answer has no listener or pool of that name.
+pub(crate) fn backend_active(
+    show: &serde_json::Value,
+    listener: &str,
+    pool: &str,
+    backend: SocketAddrV4,
+) -> anyhow::Result<Option<u32>> {
+    use serde::Deserialize as _;
+    let items = show.as_array().map(Vec::as_slice).unwrap_or_default();
+    let status = items
+        .iter()
+        .filter_map(|item| GatewayStatus::deserialize(item).ok())
+        .find(|s| s.name == listener)
+        .with_context(|| format!("no running http listener `{listener}`"))?;
+    let pool = status
+        .pools
+        .iter()
+        .find(|p| p.name == pool)
+        .with_context(|| format!("http `{listener}` has no pool `{pool}`"))?;
+    let addr = backend.to_string();
+    Ok(pool
+        .backends
+        .iter()
+        .find(|b| b.addr == addr)
+        .map(|b| b.active))
 }
 
 fn classes(c: &StatusClasses) -> String {

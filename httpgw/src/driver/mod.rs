@@ -9,6 +9,10 @@
 //! connections accepted after it: its limits, access log and TLS certificates. A connection
 //! keeps the `Shared` it was accepted with, so an open connection (a TLS session, a keep-alive
 //! one) is never cut by a reload, and its next request is decided by the new routes.
+//!
+//! Stopping drains: the listening socket closes, idle connections are closed (HTTP/2 with a
+//! `GOAWAY`), a busy HTTP/1.1 connection answers its request with `Connection: close` and
+//! closes, and whatever is still open after `drain_timeout` is cut.
 
 mod stream;
 pub mod tls;
@@ -40,8 +44,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::hygiene::{self, Refusal};
 use crate::{
-    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, Reload,
-    ResetBudget, TlsSession, Upstream, Verdict, client_closed,
+    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, Reload, ResetBudget,
+    TlsSession, Upstream, Verdict, client_closed,
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -82,6 +86,8 @@ struct Shared {
     connections: Arc<AtomicU64>,
     /// TLS termination.
     tls: Option<Tls>,
+    /// Becomes true when the listener stops: connections finish what they answer and close.
+    stopping: watch::Receiver<bool>,
 }
 
 /// A TLS listener's certificates, loaded.
@@ -178,6 +184,7 @@ impl HttpGateway {
     /// [`StartError`] for a bad configuration or a listener that cannot be bound.
     pub async fn start(config: &GatewayConfig) -> Result<Self, StartError> {
         let gateway = Gateway::new(config)?;
+        let (stop, stopped) = watch::channel(false);
         let tls = config.tls.as_ref().map(Tls::load).transpose()?;
         let listener = bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
@@ -194,9 +201,9 @@ impl HttpGateway {
             client: upstream_client(config.limits.upstream_idle),
             connections: Arc::new(AtomicU64::new(0)),
             tls,
+            stopping: stopped.clone(),
         });
         let (current, generations) = watch::channel(shared);
-        let (stop, stopped) = watch::channel(false);
         let watch = netutil::task::TaskWatch::new();
         let accept = watch.spawn(
             "http accept loop",
@@ -267,8 +274,25 @@ impl HttpGateway {
             client,
             connections: Arc::clone(&current.connections),
             tls,
+            stopping: current.stopping.clone(),
         }));
         Ok(reload)
+    }
+
+    /// Sets a backend's operator state; see [`Gateway::set_backend_state`].
+    ///
+    /// # Errors
+    /// An unknown pool or backend.
+    pub fn set_backend_state(
+        &self,
+        pool: &str,
+        addr: SocketAddrV4,
+        state: balance::AdminState,
+    ) -> Result<bool, crate::CommandError> {
+        self.current
+            .borrow()
+            .gateway()
+            .set_backend_state(pool, addr, state)
     }
 
     /// The accept loop's death, if it ended while it should run.
@@ -277,7 +301,8 @@ impl HttpGateway {
         self.watch.dead()
     }
 
-    /// Stops listening and closes every client connection.
+    /// Stops listening and drains: requests in flight get `drain_timeout` to finish (see
+    /// the module documentation); returns once every connection is closed.
     pub async fn stop(self) {
         self.watch.stopping();
         let _ = self.stop.send(true);
@@ -329,7 +354,7 @@ async fn accept_loop(
         max = wanted;
         let permit = tokio::select! {
             p = Arc::clone(&slots).acquire_owned() => p.map_err(std::io::Error::other)?,
-            _ = stopped.changed() => return Ok(()),
+            _ = stopped.changed() => return drain(listener, connections, &generations).await,
         };
         if owed > 0 {
             permit.forget();
@@ -338,7 +363,7 @@ async fn accept_loop(
         }
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = stopped.changed() => return Ok(()),
+            _ = stopped.changed() => return drain(listener, connections, &generations).await,
         };
         let (tcp, peer) = match accepted {
             Ok(a) => a,
@@ -357,6 +382,36 @@ async fn accept_loop(
             drop(permit);
         });
     }
+}
+
+/// Closes the listening socket, then waits for the connections (each closing once it has
+/// answered what it was answering) for at most the drain timeout; the ones still open are
+/// cut as the set drops.
+async fn drain(
+    listener: TcpListener,
+    mut connections: JoinSet<()>,
+    generations: &watch::Receiver<Arc<Shared>>,
+) -> Result<(), std::io::Error> {
+    drop(listener);
+    let timeout = generations.borrow().limits.drain_timeout;
+    let open = connections.len();
+    if open > 0 {
+        let requests = generations.borrow().gateway().in_flight();
+        tracing::info!(
+            connections = open,
+            requests,
+            "http: stopping; draining for at most {timeout:?}"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, connections.join_next()).await {}
+    if !connections.is_empty() {
+        tracing::warn!(
+            connections = connections.len(),
+            "http: drain timeout; cutting the connections still open"
+        );
+    }
+    Ok(())
 }
 
 fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
@@ -589,7 +644,8 @@ async fn serve_h2<S>(
     let period = (limits.header_timeout / 4).max(Duration::from_millis(25));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let flood = loop {
+    let mut stopping = shared.stopping.clone();
+    let (flood, grace) = loop {
         tokio::select! {
             r = served.as_mut() => {
                 if let Err(e) = r {
@@ -600,10 +656,11 @@ async fn serve_h2<S>(
                 }
                 return;
             }
-            () = streams.flood.notified() => break true,
+            () = streams.flood.notified() => break (true, limits.header_timeout),
+            _ = stopping.wait_for(|s| *s) => break (false, limits.drain_timeout),
             _ = tick.tick() => {
                 if streams.idle_for(now()) >= limits.header_timeout {
-                    break false;
+                    break (false, limits.header_timeout);
                 }
             }
         }
@@ -613,10 +670,7 @@ async fn serve_h2<S>(
         tracing::debug!(client = %peer, "http/2 client cancels streams too fast: GOAWAY");
     }
     served.as_mut().graceful_shutdown();
-    if tokio::time::timeout(limits.header_timeout, served)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, served).await.is_err() {
         tracing::debug!(client = %peer, "http/2 connection did not finish after GOAWAY: closed");
     }
 }
@@ -656,14 +710,25 @@ where
     let service = service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
         let conn = Arc::clone(&svc_conn);
-        async move { Ok::<_, Infallible>(handle(&shared, peer, local, &conn, req).await) }
+        // Boxed: polling the connection by hand (to shut it down gracefully) needs an
+        // `Unpin` future.
+        Box::pin(async move { Ok::<_, Infallible>(handle(&shared, peer, local, &conn, req).await) })
     });
-    let parts = match builder
-        .serve_connection(io, service)
-        .without_shutdown()
-        .await
-    {
-        Ok(parts) => parts,
+    let mut served = builder.serve_connection(io, service);
+    let mut stopping = shared.stopping.clone();
+    let mut shutting = false;
+    let done = loop {
+        tokio::select! {
+            r = std::future::poll_fn(|cx| served.poll_without_shutdown(cx)) => break r,
+            // Closes an idle connection now, a busy one once it has answered.
+            _ = stopping.wait_for(|s| *s), if !shutting => {
+                std::pin::Pin::new(&mut served).graceful_shutdown();
+                shutting = true;
+            }
+        }
+    };
+    let parts = match done {
+        Ok(()) => served.into_parts(),
         Err(e) => {
             tracing::debug!(client = %peer, "http connection: {e}");
             return;
@@ -909,7 +974,9 @@ async fn handle(
     flight.done = true;
     if h2 {
         res.headers_mut().remove(header::CONNECTION);
-    } else if asked && res.status() != StatusCode::SWITCHING_PROTOCOLS {
+    } else if res.status() != StatusCode::SWITCHING_PROTOCOLS
+        && (asked || *shared.stopping.borrow())
+    {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

@@ -214,7 +214,9 @@ impl ResolvesServerCert for SniResolver {
 ///
 /// # Errors
 /// The first certificate or key that cannot be used.
-pub(crate) fn server_config(tls: &TlsConfig) -> Result<(Arc<ServerConfig>, Vec<Vec<u8>>), TlsError> {
+pub(crate) fn server_config(
+    tls: &TlsConfig,
+) -> Result<(Arc<ServerConfig>, Vec<Vec<u8>>), TlsError> {
     let loaded = tls
         .certs
         .iter()

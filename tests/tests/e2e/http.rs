@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_until};
+use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 
 const GATEWAY: &str = "198.51.100.11";
 
@@ -102,6 +102,26 @@ summary = {k: {"answers": v["answers"], "connections": len(v["ports"])} for k, v
 with open(out + ".tmp", "w") as f:
     json.dump(summary, f)
 os.rename(out + ".tmp", out)
+"#;
+
+/// Asks argv[1]:argv[2] for `/idle` on one connection, writes `answered` to argv[3] once
+/// the answer is in, then waits, and appends `closed` when the gateway closes the connection.
+const IDLE_PY: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120)
+s.sendall(b"GET /idle HTTP/1.1\r\nHost: idle\r\n\r\n")
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(65536)
+head, _, body = data.partition(b"\r\n\r\n")
+length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+while len(body) < length:
+    body += s.recv(65536)
+with open(sys.argv[3], "w") as f:
+    f.write("answered\n")
+rest = s.recv(65536)
+with open(sys.argv[3], "a") as f:
+    f.write("closed\n" if not rest else "more\n")
 "#;
 
 const SITE: &str = r#"
@@ -228,7 +248,13 @@ impl Lab {
         wait_until(
             Duration::from_secs(60),
             &format!("{n} `{line}` requests at {rs}"),
-            || self.requests_seen(rs).lines().filter(|l| *l == line).count() >= n,
+            || {
+                self.requests_seen(rs)
+                    .lines()
+                    .filter(|l| *l == line)
+                    .count()
+                    >= n
+            },
         );
     }
 
@@ -265,14 +291,13 @@ impl Lab {
     }
 
     /// Starts curl POSTing `bytes` random bytes to `/slow?SECONDS` in the background, waits
-    /// until `rs` got it, and returns curl with the body's SHA-256 and curl's output file.
-    fn slow_post(&self, rs: &str, seconds: u32, bytes: usize) -> (Proc, String, std::path::PathBuf) {
+    /// until a backend got it, and returns curl, the body's SHA-256, curl's output file (the
+    /// answer's head in the same file with `.head` appended) and the backend.
+    fn slow_post(&self, seconds: u32, bytes: usize) -> SlowPost {
         let dir = self.t.dir().display().to_string();
         let body = format!("{dir}/slow.body");
-        self.t.sh(
-            "cl",
-            &format!("head -c {bytes} /dev/urandom > {body}"),
-        );
+        self.t
+            .sh("cl", &format!("head -c {bytes} /dev/urandom > {body}"));
         let sha = self.t.sh("cl", &format!("sha256sum {body}"));
         let sha = sha.split_whitespace().next().unwrap_or("").to_owned();
         let out = self.t.dir().join("slow.out");
@@ -283,14 +308,54 @@ impl Lab {
                 "sh",
                 "-c",
                 &format!(
-                    "curl -sS --max-time 30 --data-binary @{body} http://{GATEWAY}/slow?{seconds} > {}",
+                    "curl -sS --max-time 30 -D {0}.head --data-binary @{body} http://{GATEWAY}/slow?{seconds} > {0}",
                     out.display()
                 ),
             ],
         );
         let line = format!("POST /slow?{seconds}");
-        self.wait_requests(rs, &line, 1);
-        (curl, sha, out)
+        let backend = wait_for(
+            Duration::from_secs(60),
+            &format!("`{line}` at a backend"),
+            || {
+                ["rs1", "rs2"]
+                    .into_iter()
+                    .find(|rs| self.requests_seen(rs).lines().any(|l| l == line))
+            },
+        );
+        SlowPost {
+            curl,
+            sha,
+            out,
+            backend,
+        }
+    }
+}
+
+/// A slow request on its way ([`Lab::slow_post`]).
+struct SlowPost {
+    curl: Proc,
+    sha: String,
+    out: std::path::PathBuf,
+    backend: &'static str,
+}
+
+impl SlowPost {
+    /// Waits for curl and checks it got `BACKEND /slow?SECONDS ... sha256=SHA`: the whole
+    /// body reached the backend, and its answer the client.
+    fn finished(&mut self, seconds: u32) {
+        assert_eq!(self.curl.wait_exit(Duration::from_secs(30)), Some(0));
+        let answer = std::fs::read_to_string(&self.out).unwrap_or_default();
+        assert!(
+            answer.starts_with(&format!("{} /slow?{seconds} ", self.backend))
+                && answer.trim_end().ends_with(&format!("sha256={}", self.sha)),
+            "{answer}"
+        );
+    }
+
+    /// The answer's head.
+    fn head(&self) -> String {
+        std::fs::read_to_string(format!("{}.head", self.out.display())).unwrap_or_default()
     }
 }
 
@@ -322,7 +387,10 @@ fn switched_once(summary: &serde_json::Value, thread: &str, from: &str, to: &str
         .as_array()
         .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
         .unwrap_or_default();
-    let failed: Vec<&&str> = answers.iter().filter(|a| **a != from && **a != to).collect();
+    let failed: Vec<&&str> = answers
+        .iter()
+        .filter(|a| **a != from && **a != to)
+        .collect();
     assert!(failed.is_empty(), "{thread}: failed requests {failed:?}");
     let first_to = answers.iter().position(|a| *a == to);
     assert!(
@@ -1009,11 +1077,12 @@ fn blue_green_switch_by_reload_loses_no_request() {
     let lab = Lab::with_site(e2e!(), &blue_green_site("blue", ""), 80);
     let load = lab.load(80, false);
     lab.wait_requests("rs1", "GET /load", 20);
-    let (mut slow, sha, slow_out) = lab.slow_post("rs1", 3, 2_000_000);
+    let mut slow = lab.slow_post(3, 2_000_000);
+    assert_eq!(slow.backend, "rs1");
 
     let out = lab.reload(&blue_green_site("green", ""));
-    let report = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
     assert!(report.contains("http www: applied live"), "{report}");
     lab.wait_requests("rs2", "GET /load", 40);
@@ -1022,12 +1091,7 @@ fn blue_green_switch_by_reload_loses_no_request() {
     switched_once(&summary, "new", "rs1", "rs2");
     assert_eq!(summary["keepalive"]["connections"], 1, "{summary}");
 
-    assert_eq!(slow.wait_exit(Duration::from_secs(30)), Some(0));
-    let answer = std::fs::read_to_string(&slow_out).unwrap_or_default();
-    assert!(
-        answer.starts_with("rs1 /slow?3 ") && answer.trim_end().ends_with(&format!("sha256={sha}")),
-        "{answer}"
-    );
+    slow.finished(3);
     // The reload said what it changed; the route's counters carried over.
     wait_until(Duration::from_secs(10), "the reload's log line", || {
         lab.vipgate
@@ -1085,29 +1149,39 @@ backends = [{{ address = "10.0.0.101:8000" }}]
     std::fs::copy(&new_cert, &cert).expect("rewriting the certificate");
     std::fs::copy(&new_key, &key).expect("rewriting the key");
     let out = lab.reload(&site);
-    let report = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
     assert!(report.contains("http www: applied live"), "{report}");
     let after = presented();
     assert!(after.contains("rotated.example.com"), "{after}");
-    assert_ne!(after.lines().next(), before.lines().next(), "serial unchanged");
+    assert_ne!(
+        after.lines().next(),
+        before.lines().next(),
+        "serial unchanged"
+    );
     let seen = lab.requests_seen("rs1").lines().count();
     lab.wait_requests("rs1", "GET /load", seen + 20);
 
     // A broken certificate: the reload is refused at the file, the last good one serves.
-    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
-        .expect("breaking the certificate");
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    )
+    .expect("breaking the certificate");
     let out = lab.reload(&site);
-    let report = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{report}");
     assert!(report.contains(&cert), "{report}");
     assert_eq!(presented(), after);
 
     let summary = load.stop();
     for thread in ["keepalive", "new"] {
-        let answers = summary[thread]["answers"].as_array().cloned().unwrap_or_default();
+        let answers = summary[thread]["answers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(answers.len() >= 10, "{summary}");
         assert!(answers.iter().all(|a| a == "rs1"), "{thread}: {summary}");
     }
@@ -1116,5 +1190,160 @@ backends = [{{ address = "10.0.0.101:8000" }}]
         lab.vipgate.log().contains("1 new certificate(s)"),
         "{}",
         lab.vipgate.log()
+    );
+}
+
+/// Issue #20's graceful stop: on SIGTERM the listener stops accepting, an idle keep-alive
+/// connection is closed at once, a slow request in flight gets its whole answer (with
+/// `Connection: close`), and vipgate exits once it is done.
+#[test]
+fn a_stop_drains_the_requests_in_flight() {
+    let mut lab = Lab::with_site(
+        e2e!(),
+        &blue_green_site("blue", r#"drain_timeout = "20s""#),
+        80,
+    );
+    let idle_py = lab.t.write("idle.py", IDLE_PY);
+    let idle_out = lab.t.dir().join("idle.out");
+    let _idle = lab.t.spawn(
+        "cl",
+        "idle",
+        &[
+            "python3",
+            idle_py.to_str().unwrap_or(""),
+            GATEWAY,
+            "80",
+            idle_out.to_str().unwrap_or(""),
+        ],
+    );
+    let idle = || std::fs::read_to_string(&idle_out).unwrap_or_default();
+    wait_until(Duration::from_secs(30), "the idle client's answer", || {
+        idle().contains("answered")
+    });
+    let mut slow = lab.slow_post(4, 2_000_000);
+
+    lab.vipgate.signal(15);
+    wait_until(
+        Duration::from_secs(10),
+        "the idle connection closed",
+        || idle().contains("closed"),
+    );
+    assert!(
+        slow.curl.is_running(),
+        "the slow request ended before the idle connection closed"
+    );
+    // No new connection while it drains.
+    let refused = lab.t.try_sh(
+        "cl",
+        &format!("curl -sS --max-time 5 http://{GATEWAY}/new 2>&1"),
+    );
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(
+        slow.curl.is_running(),
+        "the slow request ended before the listener was checked"
+    );
+
+    slow.finished(4);
+    let head = slow.head();
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(lab.vipgate.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(
+        lab.vipgate.log().contains("draining for at most 20s"),
+        "{}",
+        lab.vipgate.log()
+    );
+}
+
+/// Issue #20's rolling update: `vipgate http drain --wait` takes a backend out of its pool and
+/// returns only once the request it was answering has finished, while new requests go to the
+/// other backend.
+#[test]
+fn a_rolling_update_drains_one_backend_and_waits_for_its_requests() {
+    let site = format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "web"
+backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}]
+"#
+    );
+    let lab = Lab::with_site(e2e!(), &site, 80);
+    let mut slow = lab.slow_post(3, 100_000);
+    let (drained, other) = match slow.backend {
+        "rs1" => ("10.0.0.101:8000", "rs2"),
+        _ => ("10.0.0.102:8000", "rs1"),
+    };
+    let mut drain = lab.t.vipgate(
+        "dir",
+        "drain",
+        &[
+            "http",
+            "drain",
+            "www",
+            "web",
+            drained,
+            "--wait",
+            "--timeout",
+            "30s",
+            "--control",
+            &lab.control,
+        ],
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the drain to start waiting",
+        || drain.log().contains("1 requests in flight"),
+    );
+    for i in 0..6 {
+        let body = lab.curl(&format!("http://{GATEWAY}/after{i}"));
+        assert!(body.starts_with(&format!("{other} /after{i} ")), "{body}");
+    }
+    assert!(
+        drain.is_running(),
+        "drained before its request finished: {}",
+        drain.log()
+    );
+    slow.finished(3);
+    assert_eq!(
+        drain.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        drain.log()
+    );
+    assert!(drain.log().contains("drained"), "{}", drain.log());
+    // Ready again, it takes requests again.
+    let out = lab.t.vipgate_output(
+        "dir",
+        &[
+            "http",
+            "set",
+            "state",
+            "www",
+            "web",
+            drained,
+            "ready",
+            "--control",
+            &lab.control,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let answers: Vec<String> = (0..4)
+        .map(|i| lab.curl(&format!("http://{GATEWAY}/back{i}")))
+        .collect();
+    assert!(
+        answers
+            .iter()
+            .any(|a| a.starts_with(&format!("{} ", slow.backend))),
+        "{answers:?}"
     );
 }
