@@ -136,6 +136,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         op: LbOp,
     },
+    /// Operate the HTTP (L7) listeners of the running daemon.
+    Http {
+        #[command(subcommand)]
+        op: HttpOp,
+    },
     /// Operate the VRRP instances of the running daemon.
     Vrrp {
         #[command(subcommand)]
@@ -266,6 +271,54 @@ pub(crate) enum LbSetOp {
     State {
         /// Service name.
         service: String,
+        /// Backend address, `ip:port`.
+        backend: String,
+        /// ready | drain | maint
+        state: balance::AdminState,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum HttpOp {
+    /// Drain a backend of an HTTP pool (`http set state LISTENER POOL BACKEND drain`: no new
+    /// requests, those it is answering finish); with --wait, return only once it answers none,
+    /// printing the count as it falls: the rolling-update step. Exit 1 when --timeout passes
+    /// first. Kept across reloads that keep the backend; a restart makes it ready.
+    Drain {
+        /// Listener (`[[http]]` name).
+        listener: String,
+        /// Pool name.
+        pool: String,
+        /// Backend address, `ip:port`.
+        backend: String,
+        /// Wait until the backend answers no request.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up (exit 1) after this long, e.g. `30s`, `5m`; at most 24h.
+        #[arg(long, requires = "wait", default_value = "5m", value_parser = parse_wait)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Set a runtime value of an HTTP pool's backend.
+    Set {
+        #[command(subcommand)]
+        what: HttpSetOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum HttpSetOp {
+    /// Set a backend's state: ready takes new requests; drain and maint take none (requests
+    /// it is answering finish). Kept across reloads that keep the backend; a restart makes it
+    /// ready.
+    State {
+        /// Listener (`[[http]]` name).
+        listener: String,
+        /// Pool name.
+        pool: String,
         /// Backend address, `ip:port`.
         backend: String,
         /// ready | drain | maint

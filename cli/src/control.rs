@@ -88,6 +88,13 @@ pub(crate) enum ControlOp {
     },
     /// Set one VRRP instance's priority until a reload changes the file's (nothing persisted).
     VrrpSetPriority { instance: String, priority: u8 },
+    /// Set the operator state of a backend of an HTTP listener's pool.
+    HttpSetState {
+        listener: String,
+        pool: String,
+        backend: SocketAddrV4,
+        state: balance::AdminState,
+    },
 }
 
 impl ControlOp {
@@ -102,6 +109,7 @@ impl ControlOp {
             | ControlOp::LbSetState { .. }
             | ControlOp::LbConnections { .. } => Kind::Lb,
             ControlOp::VrrpSetPriority { .. } => Kind::Vrrp,
+            ControlOp::HttpSetState { .. } => Kind::Http,
         }
     }
 
@@ -121,6 +129,7 @@ impl ControlOp {
             | ControlOp::LbSetState { service, .. } => Some(service),
             ControlOp::LbConnections { service, .. } => service.as_deref(),
             ControlOp::VrrpSetPriority { instance, .. } => Some(instance),
+            ControlOp::HttpSetState { listener, .. } => Some(listener),
         }
     }
 }
@@ -136,6 +145,7 @@ impl std::fmt::Display for ControlOp {
             ControlOp::LbSetState { .. } => "lb set state",
             ControlOp::LbConnections { .. } => "show lb --connections",
             ControlOp::VrrpSetPriority { .. } => "vrrp set-priority",
+            ControlOp::HttpSetState { .. } => "http set state",
         })
     }
 }

@@ -19,7 +19,7 @@ mod privileges;
 mod run;
 
 use anyhow::Context;
-use args::{Cli, Command, ControlArgs, LbOp, LbSetOp, NatOp, VrrpOp};
+use args::{Cli, Command, ControlArgs, HttpOp, HttpSetOp, LbOp, LbSetOp, NatOp, VrrpOp};
 use clap::{CommandFactory, Parser};
 use control::{ControlOp, Request};
 use std::path::PathBuf;
@@ -414,6 +414,54 @@ async fn dispatch(
             }
             drain_wait(&path, &service, backend, all, timeout).await
         }
+        Command::Http {
+            op:
+                HttpOp::Set {
+                    what:
+                        HttpSetOp::State {
+                            listener,
+                            pool,
+                            backend,
+                            state,
+                            control,
+                        },
+                },
+        } => {
+            let backend = parse_backend(&backend)?;
+            let command = ControlOp::HttpSetState {
+                listener,
+                pool,
+                backend,
+                state,
+            };
+            lb_control(&control, command).await
+        }
+        Command::Http {
+            op:
+                HttpOp::Drain {
+                    listener,
+                    pool,
+                    backend,
+                    wait,
+                    timeout,
+                    control,
+                },
+        } => {
+            let backend = parse_backend(&backend)?;
+            let path = control_path(&control)?;
+            let command = ControlOp::HttpSetState {
+                listener: listener.clone(),
+                pool: pool.clone(),
+                backend,
+                state: balance::AdminState::Drain,
+            };
+            let result = control::request(&path, &Request::Control { command }).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            http_drain_wait(&path, &listener, &pool, backend, timeout).await
+        }
         Command::Vrrp {
             op:
                 VrrpOp::SetPriority {
@@ -524,7 +572,47 @@ async fn drain_wait(
     }
 }
 
-/// Sends one `lb` command and prints the daemon's answer.
+/// `http drain --wait`: polls `show http` until `backend` of `pool` of `listener` answers no
+/// request, printing each change of the count; exit 1 after `timeout`. A backend the pool no
+/// longer lists (removed by a reload, its requests finished) answers none.
+async fn http_drain_wait(
+    path: &std::path::Path,
+    listener: &str,
+    pool: &str,
+    backend: std::net::SocketAddrV4,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let show = control::request(
+            path,
+            &Request::Show {
+                kind: parts::Kind::Http,
+            },
+        )
+        .await?;
+        let active = parts::http::backend_active(&show, listener, pool, backend)?.unwrap_or(0);
+        if last != Some(active) {
+            println!("{backend} of `{listener}` pool `{pool}`: {active} requests in flight");
+            last = Some(active);
+        }
+        if active == 0 {
+            println!("drained");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "vipgate: {backend} of `{listener}` pool `{pool}` still answers {active} requests after {}s; it stays in drain",
+                timeout.as_secs_f64()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// Sends one operator command (`lb`, `http`) and prints the daemon's answer.
 async fn lb_control(control: &ControlArgs, command: ControlOp) -> anyhow::Result<ExitCode> {
     let req = Request::Control { command };
     let result = control::request(&control_path(control)?, &req).await?;

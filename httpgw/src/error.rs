@@ -1,4 +1,22 @@
-//! Typed errors of the configuration the gateway is built from.
+//! Typed errors of the configuration the gateway is built from, and of the operator's
+//! commands to a running one.
+
+/// An operator command the gateway cannot apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// No pool of that name.
+    #[error("no pool `{0}`")]
+    UnknownPool(String),
+    /// The pool refused (no such backend).
+    #[error("pool `{pool}`: {source}")]
+    Pool {
+        /// Pool name.
+        pool: String,
+        /// Why.
+        source: balance::PoolError,
+    },
+}
 
 /// A gateway configuration that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,15 +10,23 @@
 //!            ▼ else: head rewritten (hop-by-hop gone, X-Forwarded-*, prefix stripped)
 //!          Forward(Upstream{backend addr, path}) ─► driver sends it ─► Gateway::finish(outcome)
 //! ```
+//!
+//! [`Gateway::reconfigure`] swaps routes, pools, weights and header rules in place (a reload):
+//! routes and pools are matched by name and keep their counters, a kept pool keeps its
+//! backends' ids, counters and response times (balance's `Pool::reconfigure`), and a request
+//! already forwarded finishes against the route and pool it was decided by. That is why an
+//! [`Upstream`] names its route and pool by id, not by position: ids are never reused, and a
+//! route or pool a reload removed stays (unlisted, answering no new request) while requests it
+//! forwarded are in flight, until the next reload finds none.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use balance::{BackendId, ConnState, Decision, Pool, PoolConfig};
+use balance::{AdminState, BackendId, ConnState, Decision, Pool, PoolConfig};
 use http::{HeaderValue, StatusCode, request};
 
-use crate::error::ConfigError;
+use crate::error::{CommandError, ConfigError};
 use crate::hygiene::{self, Forwarding, Refusal};
 use crate::latency::{LatencyStatus, LatencyWindow};
 use crate::route::{self, Action, RedirectTarget, RequestView, Route};
@@ -134,6 +142,10 @@ pub struct Limits {
     /// Streams an HTTP/2 client may have open at once on one connection
     /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub max_streams: u32,
+    /// Time the requests in flight get to finish when the listener stops (or a reload
+    /// removes it): idle connections are closed at once, busy ones after their answer; the
+    /// ones still open after it are cut.
+    pub drain_timeout: Duration,
 }
 
 impl Limits {
@@ -174,6 +186,7 @@ impl Default for Limits {
             upstream_idle: Duration::from_secs(60),
             tunnel_timeout: Duration::from_secs(3600),
             max_streams: 100,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -574,9 +587,10 @@ pub struct GatewayStatus {
 /// Where a forwarded request goes; hand it back to [`Gateway::finish`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// Matching route.
+    /// Matching route's id: the n-th route of the first config has id n, a route keeps its
+    /// id across reloads that keep its name, and ids are never reused.
     pub route: usize,
-    /// Pool.
+    /// Pool's id, numbered as routes are.
     pub pool: usize,
     /// Backend picked (`None`: the pool's sorry server).
     pub backend: Option<BackendId>,
@@ -593,6 +607,106 @@ pub struct Upstream {
     client: Ipv4Addr,
     /// When the gateway forwarded it: the start of its response time.
     decided: Instant,
+}
+
+/// Names added, removed and changed by a reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// New.
+    pub added: Vec<String>,
+    /// Gone.
+    pub removed: Vec<String>,
+    /// Kept with a different configuration.
+    pub changed: Vec<String>,
+}
+
+impl Changes {
+    fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// What [`Gateway::reconfigure`] changed, by name; its `Display` is the log line's
+/// (`routes +a -b ~c; pools ~web; backends +web/10.0.0.3:80; weights web/10.0.0.1:80 1→0`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reload {
+    /// Routes.
+    pub routes: Changes,
+    /// Pools.
+    pub pools: Changes,
+    /// Backends added and removed, as `pool/address`.
+    pub backends: Changes,
+    /// Weights changed, as `pool/address old→new`.
+    pub weights: Vec<String>,
+    /// The `X-Forwarded-*` policy (trusted proxies) changed.
+    pub forwarding: bool,
+}
+
+impl Reload {
+    /// Whether it changed nothing the gateway decides with.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+            && self.pools.is_empty()
+            && self.backends.is_empty()
+            && self.weights.is_empty()
+            && !self.forwarding
+    }
+}
+
+impl std::fmt::Display for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (what, c) in [
+            ("routes", &self.routes),
+            ("pools", &self.pools),
+            ("backends", &self.backends),
+        ] {
+            if !c.is_empty() {
+                let names = c
+                    .added
+                    .iter()
+                    .map(|n| format!("+{n}"))
+                    .chain(c.removed.iter().map(|n| format!("-{n}")))
+                    .chain(c.changed.iter().map(|n| format!("~{n}")));
+                parts.push(format!("{what} {}", names.collect::<Vec<_>>().join(" ")));
+            }
+        }
+        if !self.weights.is_empty() {
+            parts.push(format!("weights {}", self.weights.join(", ")));
+        }
+        if self.forwarding {
+            parts.push("trusted proxies".to_owned());
+        }
+        if parts.is_empty() {
+            f.write_str("no routing change")
+        } else {
+            f.write_str(&parts.join("; "))
+        }
+    }
+}
+
+/// Adds the backends `new` adds, removes or reweighs against `old` to `reload`.
+fn diff_backends(old: &PoolSpec, new: &PoolSpec, reload: &mut Reload) {
+    let (before, after) = (&old.balance.backends, &new.balance.backends);
+    let name = |addr: SocketAddrV4| format!("{}/{addr}", new.name);
+    for b in after {
+        match before.iter().find(|o| o.addr == b.addr) {
+            None => reload.backends.added.push(name(b.addr)),
+            Some(o) if o.weight != b.weight => {
+                reload
+                    .weights
+                    .push(format!("{} {}→{}", name(b.addr), o.weight, b.weight))
+            }
+            Some(o) if o != b => reload.backends.changed.push(name(b.addr)),
+            Some(_) => {}
+        }
+    }
+    for o in before {
+        if !after.iter().any(|b| b.addr == o.addr) {
+            reload.backends.removed.push(name(o.addr));
+        }
+    }
 }
 
 /// A request the gateway answers itself.
@@ -660,9 +774,13 @@ struct BackendCounts {
 
 #[derive(Debug)]
 struct PoolState {
-    name: String,
+    /// Stable across reloads that keep the pool's name; never reused.
+    id: usize,
+    /// As configured (names, cookie; the backends of the last reload, for its summary).
+    spec: PoolSpec,
     pool: Pool,
-    cookie: Option<StickyCookie>,
+    /// Requests forwarded and not yet finished.
+    in_flight: u32,
     requests: u64,
     no_backend: u64,
     responses: StatusClasses,
@@ -671,14 +789,35 @@ struct PoolState {
     latency: LatencyWindow,
 }
 
+/// One route with its counters.
+#[derive(Debug)]
+struct RouteState {
+    /// Stable across reloads that keep the route's name; never reused.
+    id: usize,
+    /// A forward's `pool` is the pool's id.
+    route: Route,
+    /// Requests forwarded and not yet finished.
+    in_flight: u32,
+    requests: u64,
+    responses: StatusClasses,
+}
+
 /// The deciding half of one HTTP gateway; see the module documentation.
+///
+/// Invariants: `routes[..listed_routes]` are the configured routes in first-match order,
+/// `pools[..listed_pools]` the configured pools; entries after them were removed by a reload
+/// and only finish the requests they had forwarded. Every listed route forwards to a listed
+/// pool.
 #[derive(Debug)]
 pub struct Gateway {
     name: String,
     listen: SocketAddrV4,
-    routes: Vec<Route>,
-    route_counts: Vec<(u64, StatusClasses)>,
+    routes: Vec<RouteState>,
+    listed_routes: usize,
     pools: Vec<PoolState>,
+    listed_pools: usize,
+    next_route_id: usize,
+    next_pool_id: usize,
     forwarding: Forwarding,
     requests: u64,
     refused: u64,
@@ -695,32 +834,15 @@ impl Gateway {
     /// # Errors
     /// [`ConfigError`] from [`GatewayConfig::validate`] or a pool the balance crate refuses.
     pub fn new(config: &GatewayConfig) -> Result<Self, ConfigError> {
-        config.validate()?;
-        let pools = config
-            .pools
-            .iter()
-            .map(|p| {
-                Ok(PoolState {
-                    name: p.name.clone(),
-                    pool: Pool::new(p.balance.clone()).map_err(|source| ConfigError::Pool {
-                        pool: p.name.clone(),
-                        source,
-                    })?,
-                    cookie: p.cookie.clone(),
-                    requests: 0,
-                    no_backend: 0,
-                    responses: StatusClasses::default(),
-                    backends: Vec::new(),
-                    latency: LatencyWindow::default(),
-                })
-            })
-            .collect::<Result<_, ConfigError>>()?;
-        Ok(Self {
+        let mut gateway = Self {
             name: config.name.clone(),
             listen: config.listen,
-            routes: config.routes.clone(),
-            route_counts: vec![(0, StatusClasses::default()); config.routes.len()],
-            pools,
+            routes: Vec::new(),
+            listed_routes: 0,
+            pools: Vec::new(),
+            listed_pools: 0,
+            next_route_id: 0,
+            next_pool_id: 0,
             forwarding: config.forwarding.clone(),
             requests: 0,
             refused: 0,
@@ -729,7 +851,192 @@ impl Gateway {
             responses: StatusClasses::default(),
             tls: config.tls.as_ref().map(|_| TlsStatus::default()),
             latency: LatencyWindow::default(),
-        })
+        };
+        gateway.reconfigure(config)?;
+        Ok(gateway)
+    }
+
+    /// Applies a new configuration in place (a reload) and says what changed; nothing changes
+    /// if it is refused. Routes and pools are matched by name: a kept one keeps its counters
+    /// (and a pool its backends' states, counters and response times, backends matched by
+    /// address), a new one starts from zero, a removed one answers no new request but stays
+    /// until the requests it forwarded are [`finish`](Self::finish)ed. Requests decided from
+    /// now on take the new routes. The name and listen address are taken as given: a driver
+    /// that cannot move its listener starts a new gateway instead.
+    ///
+    /// # Errors
+    /// [`ConfigError`] from [`GatewayConfig::validate`] or a pool the balance crate refuses.
+    pub fn reconfigure(&mut self, config: &GatewayConfig) -> Result<Reload, ConfigError> {
+        config.validate()?;
+        let first = self.routes.is_empty() && self.pools.is_empty();
+        let listed_pools = &self.pools[..self.listed_pools];
+        // Every pool is built (or reconfigured on a copy) before anything is replaced.
+        let mut staged = Vec::with_capacity(config.pools.len());
+        for spec in &config.pools {
+            let refused = |source| ConfigError::Pool {
+                pool: spec.name.clone(),
+                source,
+            };
+            let kept = listed_pools.iter().position(|p| p.spec.name == spec.name);
+            let pool = match kept {
+                Some(i) => {
+                    let mut pool = listed_pools[i].pool.clone();
+                    pool.reconfigure(spec.balance.clone()).map_err(refused)?;
+                    pool
+                }
+                None => Pool::new(spec.balance.clone()).map_err(refused)?,
+            };
+            staged.push((kept, pool));
+        }
+
+        let mut reload = Reload {
+            forwarding: self.forwarding != config.forwarding,
+            ..Reload::default()
+        };
+        let mut old: Vec<Option<PoolState>> = self.pools.drain(..).map(Some).collect();
+        let mut pools = Vec::with_capacity(old.len().max(config.pools.len()));
+        for (spec, (kept, pool)) in config.pools.iter().zip(staged) {
+            let state = match kept.and_then(|i| old[i].take()) {
+                Some(mut state) => {
+                    if state.spec != *spec {
+                        reload.pools.changed.push(spec.name.clone());
+                        diff_backends(&state.spec, spec, &mut reload);
+                    }
+                    // A backend id that now names another address starts its counts anew.
+                    for (id, b) in pool.backends() {
+                        let before = state.pool.backend(id).map(balance::Backend::addr);
+                        if before != Some(b.addr())
+                            && let Some(counts) = state.backends.get_mut(id.index())
+                        {
+                            *counts = BackendCounts::default();
+                        }
+                    }
+                    state.spec = spec.clone();
+                    state.pool = pool;
+                    state
+                }
+                None => {
+                    if !first {
+                        reload.pools.added.push(spec.name.clone());
+                    }
+                    self.next_pool_id += 1;
+                    PoolState {
+                        id: self.next_pool_id - 1,
+                        spec: spec.clone(),
+                        pool,
+                        in_flight: 0,
+                        requests: 0,
+                        no_backend: 0,
+                        responses: StatusClasses::default(),
+                        backends: Vec::new(),
+                        latency: LatencyWindow::default(),
+                    }
+                }
+            };
+            pools.push(state);
+        }
+        let listed_pools = pools.len();
+        for (i, state) in old.into_iter().enumerate() {
+            let Some(state) = state else { continue };
+            if i < self.listed_pools {
+                reload.pools.removed.push(state.spec.name.clone());
+            }
+            if state.in_flight > 0 {
+                pools.push(state);
+            }
+        }
+
+        let pool_ids: Vec<usize> = pools[..listed_pools].iter().map(|p| p.id).collect();
+        let mut old: Vec<Option<RouteState>> = self.routes.drain(..).map(Some).collect();
+        let mut routes = Vec::with_capacity(old.len().max(config.routes.len()));
+        for r in &config.routes {
+            let mut route = r.clone();
+            if let Action::Forward { pool, .. } = &mut route.action {
+                *pool = pool_ids[*pool];
+            }
+            let kept = old[..self.listed_routes]
+                .iter()
+                .position(|o| o.as_ref().is_some_and(|o| o.route.name == r.name))
+                .and_then(|i| old[i].take());
+            let state = match kept {
+                Some(mut state) => {
+                    if state.route != route {
+                        reload.routes.changed.push(r.name.clone());
+                    }
+                    state.route = route;
+                    state
+                }
+                None => {
+                    if !first {
+                        reload.routes.added.push(r.name.clone());
+                    }
+                    self.next_route_id += 1;
+                    RouteState {
+                        id: self.next_route_id - 1,
+                        route,
+                        in_flight: 0,
+                        requests: 0,
+                        responses: StatusClasses::default(),
+                    }
+                }
+            };
+            routes.push(state);
+        }
+        let listed_routes = routes.len();
+        for (i, state) in old.into_iter().enumerate() {
+            let Some(state) = state else { continue };
+            if i < self.listed_routes {
+                reload.routes.removed.push(state.route.name.clone());
+            }
+            if state.in_flight > 0 {
+                routes.push(state);
+            }
+        }
+
+        self.name.clone_from(&config.name);
+        self.listen = config.listen;
+        self.routes = routes;
+        self.listed_routes = listed_routes;
+        self.pools = pools;
+        self.listed_pools = listed_pools;
+        self.forwarding.clone_from(&config.forwarding);
+        match (&self.tls, &config.tls) {
+            (None, Some(_)) => self.tls = Some(TlsStatus::default()),
+            (Some(_), None) => self.tls = None,
+            _ => {}
+        }
+        Ok(reload)
+    }
+
+    /// Forwarded requests not yet [`finish`](Self::finish)ed.
+    #[must_use]
+    pub fn in_flight(&self) -> u64 {
+        self.pools.iter().map(|p| u64::from(p.in_flight)).sum()
+    }
+
+    /// Sets the operator state of backend `addr` of pool `pool` (`vipgate http drain`,
+    /// `http set state`) and says whether it changed. A drained backend gets no new request
+    /// (nor one whose sticky cookie names it), the ones it is answering finish. A reload that
+    /// keeps the backend keeps its state.
+    ///
+    /// # Errors
+    /// [`CommandError`] for an unknown pool or backend.
+    pub fn set_backend_state(
+        &mut self,
+        pool: &str,
+        addr: SocketAddrV4,
+        state: AdminState,
+    ) -> Result<bool, CommandError> {
+        let listed = &mut self.pools[..self.listed_pools];
+        let Some(p) = listed.iter_mut().find(|p| p.spec.name == pool) else {
+            return Err(CommandError::UnknownPool(pool.to_owned()));
+        };
+        p.pool
+            .set_admin(addr, state)
+            .map_err(|source| CommandError::Pool {
+                pool: pool.to_owned(),
+                source,
+            })
     }
 
     /// Decides what `head`, from `client` to `local` (over `tls`, if it came over TLS),
@@ -755,17 +1062,18 @@ impl Gateway {
             headers: &head.headers,
             sni: tls.and_then(|t| t.sni),
         };
-        let Some(index) = route::first_match(&self.routes, &view) else {
+        let listed = &self.routes[..self.listed_routes];
+        let Some(index) = listed.iter().position(|r| r.route.when.matches(&view)) else {
             self.no_route += 1;
             return self.answer(None, StatusCode::NOT_FOUND, None, "no route");
         };
-        self.route_counts[index].0 += 1;
+        self.routes[index].requests += 1;
         let query = head
             .uri
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let (pool_index, strip) = match &self.routes[index].action {
+        let (pool_id, strip) = match &self.routes[index].route.action {
             Action::Redirect { status, target } => {
                 let location = match target {
                     RedirectTarget::Location(url) => url.clone(),
@@ -781,11 +1089,21 @@ impl Gateway {
         let path = strip
             .and_then(|p| route::strip_prefix(&checked.path, &p))
             .unwrap_or(checked.path);
-        let state = &mut self.pools[pool_index];
+        let listed = &mut self.pools[..self.listed_pools];
+        let Some(state) = listed.iter_mut().find(|p| p.id == pool_id) else {
+            // Unreachable: a listed route forwards to a listed pool.
+            return self.answer(
+                Some(index),
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                "no backend available",
+            );
+        };
         state.requests += 1;
         // Stickiness: the backend the cookie names while it can take requests, else the
         // scheduler's pick (a dead backend's clients are re-dispatched and get a new cookie).
         let named = state
+            .spec
             .cookie
             .as_ref()
             .and_then(|c| take_cookie(&mut head.headers, &c.name));
@@ -803,7 +1121,7 @@ impl Gateway {
             }
             None => state.pool.schedule(now, client, local),
         };
-        let set_cookie = match (&state.cookie, &decision) {
+        let set_cookie = match (&state.spec.cookie, &decision) {
             (Some(c), Decision::Backend { addr, .. }) if stuck.is_none() => {
                 HeaderValue::from_str(&format!("{}={}; Path=/", c.name, StickyCookie::id(*addr)))
                     .ok()
@@ -848,10 +1166,13 @@ impl Gateway {
             );
             head.headers.insert(http::header::UPGRADE, protocol.clone());
         }
-        self.routes[index].rewrite.apply_request(&mut head.headers);
+        state.in_flight += 1;
+        let route = &mut self.routes[index];
+        route.in_flight += 1;
+        route.route.rewrite.apply_request(&mut head.headers);
         Verdict::Forward(Upstream {
-            route: index,
-            pool: pool_index,
+            route: route.id,
+            pool: pool_id,
             backend,
             addr,
             path_and_query: format!("{path}{query}"),
@@ -911,8 +1232,14 @@ impl Gateway {
             self.cancelled += 1;
         }
         self.responses.count(status);
-        self.route_counts[upstream.route].1.count(status);
-        let state = &mut self.pools[upstream.pool];
+        if let Some(r) = self.routes.iter_mut().find(|r| r.id == upstream.route) {
+            r.responses.count(status);
+            r.in_flight = r.in_flight.saturating_sub(1);
+        }
+        let Some(state) = self.pools.iter_mut().find(|p| p.id == upstream.pool) else {
+            return;
+        };
+        state.in_flight = state.in_flight.saturating_sub(1);
         state.responses.count(status);
         // Response time (to the answer's head), of answers only: a timeout would count the
         // timeout, a refusal or a cancel nothing the backend did.
@@ -934,19 +1261,21 @@ impl Gateway {
         }
     }
 
-    /// Applies route `index`'s response rules to a response it forwarded.
-    pub fn rewrite_response(&self, index: usize, headers: &mut http::HeaderMap) {
-        if let Some(r) = self.routes.get(index) {
-            r.rewrite.apply_response(headers);
+    /// Applies the response rules of route `id` ([`Upstream::route`]) to a response it
+    /// forwarded.
+    pub fn rewrite_response(&self, id: usize, headers: &mut http::HeaderMap) {
+        if let Some(r) = self.routes.iter().find(|r| r.id == id) {
+            r.route.rewrite.apply_response(headers);
         }
     }
 
-    /// The name of route `index` (for the access log).
+    /// The name of route `id` ([`Upstream::route`]; for the access log).
     #[must_use]
-    pub fn route_name(&self, index: usize) -> String {
+    pub fn route_name(&self, id: usize) -> String {
         self.routes
-            .get(index)
-            .map(|r| r.name.clone())
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.route.name.clone())
             .unwrap_or_default()
     }
 
@@ -962,18 +1291,19 @@ impl Gateway {
             no_route: self.no_route,
             cancelled: self.cancelled,
             responses: self.responses,
-            routes: self
-                .routes
+            routes: self.routes[..self.listed_routes]
                 .iter()
-                .zip(&self.route_counts)
-                .map(|(r, (requests, responses))| RouteStatus {
-                    name: r.name.clone(),
-                    action: self.describe(&r.action),
-                    requests: *requests,
-                    responses: *responses,
+                .map(|r| RouteStatus {
+                    name: r.route.name.clone(),
+                    action: self.describe(&r.route.action),
+                    requests: r.requests,
+                    responses: r.responses,
                 })
                 .collect(),
-            pools: self.pools.iter().map(|p| pool_status(p, now)).collect(),
+            pools: self.pools[..self.listed_pools]
+                .iter()
+                .map(|p| pool_status(p, now))
+                .collect(),
             tls: self.tls,
             latency: self.latency.status(now),
         }
@@ -982,7 +1312,11 @@ impl Gateway {
     fn describe(&self, action: &Action) -> String {
         match action {
             Action::Forward { pool, strip_prefix } => {
-                let name = &self.pools[*pool].name;
+                let name = self
+                    .pools
+                    .iter()
+                    .find(|p| p.id == *pool)
+                    .map_or("-", |p| p.spec.name.as_str());
                 match strip_prefix {
                     Some(p) => format!("pool {name}, strip {p}"),
                     None => format!("pool {name}"),
@@ -1011,7 +1345,7 @@ impl Gateway {
     ) -> Verdict {
         self.responses.count(status);
         if let Some(r) = route {
-            self.route_counts[r].1.count(status);
+            self.routes[r].responses.count(status);
         }
         Verdict::Respond(Answer {
             status,
@@ -1023,7 +1357,7 @@ impl Gateway {
 
 fn pool_status(state: &PoolState, now: Instant) -> PoolStatus {
     PoolStatus {
-        name: state.name.clone(),
+        name: state.spec.name.clone(),
         scheduler: state.pool.scheduler().as_str().to_owned(),
         requests: state.requests,
         no_backend: state.no_backend,

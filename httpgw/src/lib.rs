@@ -41,15 +41,16 @@ pub mod sni;
 #[cfg(feature = "driver")]
 mod driver;
 
-pub use error::ConfigError;
+pub use error::{CommandError, ConfigError};
 pub use gateway::{
-    Alpn, Answer, BackendStatus, CertFiles, Gateway, GatewayConfig, GatewayStatus, Handshake,
-    Limits, Outcome, PoolSpec, PoolStatus, ResetBudget, RouteStatus, StatusClasses, StickyCookie,
-    TlsConfig, TlsSession, TlsStatus, Upstream, Verdict, client_closed,
+    Alpn, Answer, BackendStatus, CertFiles, Changes, Gateway, GatewayConfig, GatewayStatus,
+    Handshake, Limits, Outcome, PoolSpec, PoolStatus, Reload, ResetBudget, RouteStatus,
+    StatusClasses, StickyCookie, TlsConfig, TlsSession, TlsStatus, Upstream, Verdict,
+    client_closed,
 };
 
 #[cfg(feature = "driver")]
-pub use driver::{HttpGateway, StartError, tls};
+pub use driver::{HttpGateway, LiveReload, StartError, tls};
 
 #[cfg(test)]
 mod tests;

@@ -349,12 +349,6 @@ pub struct Route {
     pub rewrite: HeaderRules,
 }
 
-/// The index of the first rule of `routes` that matches `req`.
-#[must_use]
-pub fn first_match(routes: &[Route], req: &RequestView<'_>) -> Option<usize> {
-    routes.iter().position(|r| r.when.matches(req))
-}
-
 /// `path` without `prefix`, starting with `/`; `None` when `path` does not start with it.
 #[must_use]
 pub fn strip_prefix(path: &str, prefix: &str) -> Option<String> {

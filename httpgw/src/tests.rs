@@ -977,3 +977,179 @@ fn alpn_and_stream_limits_are_checked() {
         assert_eq!(cfg.validate().is_ok(), ok, "{streams}");
     }
 }
+
+/// The `www` route sent to a pool `green` of one backend, 10.0.0.9, instead of `web`.
+fn blue_green() -> GatewayConfig {
+    let mut cfg = config();
+    cfg.pools.push(pool("green", vec![backend(9, 1)]));
+    if let Action::Forward { pool, .. } = &mut cfg.routes[3].action {
+        *pool = 3;
+    }
+    cfg
+}
+
+fn www(gw: &mut Gateway) -> Upstream {
+    let mut h = head(&[("host", "www.example.com")], "GET", "/");
+    forwarded(decide(gw, &mut h))
+}
+
+#[test]
+fn a_reload_switches_a_routes_pool_and_forwarded_requests_finish_on_the_old_one() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let blue = www(&mut gw);
+    assert_eq!(blue.addr.ip().octets()[3], 1);
+
+    let reload = gw.reconfigure(&blue_green()).unwrap();
+    assert_eq!(reload.pools.added, ["green"]);
+    assert_eq!(reload.routes.changed, ["www"]);
+    assert!(reload.routes.added.is_empty() && reload.pools.removed.is_empty());
+    assert_eq!(reload.to_string(), "routes ~www; pools +green");
+    // Every request decided from now on goes to green; the one in flight is still blue's.
+    for _ in 0..3 {
+        let green = www(&mut gw);
+        assert_eq!(green.addr.ip().octets()[3], 9);
+        gw.finish(epoch(), &green, Outcome::Answered(StatusCode::OK));
+    }
+    let web = |gw: &Gateway| {
+        gw.status(epoch())
+            .pools
+            .into_iter()
+            .find(|p| p.name == "web")
+            .unwrap()
+    };
+    assert_eq!(web(&gw).backends[0].active, 1);
+    gw.finish(epoch(), &blue, Outcome::Answered(StatusCode::OK));
+    let web = web(&gw);
+    assert_eq!((web.backends[0].active, web.responses.success), (0, 1));
+    let status = gw.status(epoch());
+    let route = status.routes.iter().find(|r| r.name == "www").unwrap();
+    assert_eq!((route.requests, route.responses.success), (4, 4));
+    assert_eq!(route.action, "pool green");
+}
+
+#[test]
+fn a_removed_pool_and_route_stay_until_their_requests_finish() {
+    let mut gw = Gateway::new(&blue_green()).unwrap();
+    let mut cfg = blue_green();
+    let up = www(&mut gw);
+    assert_eq!(up.addr.ip().octets()[3], 9);
+    // `www` and `green` go; the request `www` forwarded to green is still in flight.
+    cfg.routes.remove(3);
+    cfg.pools.remove(3);
+    cfg.routes[2].rewrite.del_response = vec![HeaderRules::name("Server").unwrap()];
+    let reload = gw.reconfigure(&cfg).unwrap();
+    assert_eq!(reload.to_string(), "routes -www ~admin-posts; pools -green");
+    let mut h = head(&[("host", "www.example.com")], "GET", "/");
+    assert_eq!(answered(decide(&mut gw, &mut h)), StatusCode::NOT_FOUND);
+    assert!(gw.status(epoch()).pools.iter().all(|p| p.name != "green"));
+    assert_eq!(gw.in_flight(), 1);
+    // Its answer still gets the removed route's name and rules.
+    assert_eq!(gw.route_name(up.route), "www");
+    gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    assert_eq!(gw.in_flight(), 0);
+    // Added back by name: a new route and pool, counted from zero, with new ids.
+    let again = gw.reconfigure(&blue_green()).unwrap();
+    assert_eq!(again.to_string(), "routes +www ~admin-posts; pools +green");
+    let next = www(&mut gw);
+    assert_ne!((next.route, next.pool), (up.route, up.pool));
+    let status = gw.status(epoch());
+    let green = status.pools.iter().find(|p| p.name == "green").unwrap();
+    assert_eq!((green.requests, green.backends[0].requests), (1, 1));
+}
+
+#[test]
+fn a_reload_keeps_counters_by_name_and_backends_by_address() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    for _ in 0..4 {
+        let up = www(&mut gw);
+        gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    }
+    let mut cfg = config();
+    // web: 10.0.0.1 drained (weight 0), 10.0.0.2 replaced by 10.0.0.5.
+    cfg.pools[0].balance.backends = vec![backend(1, 0), backend(5, 1)];
+    cfg.forwarding.trusted_proxies.clear();
+    let reload = gw.reconfigure(&cfg).unwrap();
+    assert_eq!(reload.pools.changed, ["web"]);
+    assert_eq!(reload.backends.added, ["web/10.0.0.5:80"]);
+    assert_eq!(reload.backends.removed, ["web/10.0.0.2:80"]);
+    assert_eq!(reload.weights, ["web/10.0.0.1:80 1→0"]);
+    assert!(reload.forwarding);
+    let up = www(&mut gw);
+    assert_eq!(up.addr.ip().octets()[3], 5);
+    gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    let status = gw.status(epoch());
+    assert_eq!(status.requests, 5);
+    let route = status.routes.iter().find(|r| r.name == "www").unwrap();
+    assert_eq!(route.requests, 5);
+    let web = status.pools.iter().find(|p| p.name == "web").unwrap();
+    assert_eq!(web.requests, 5);
+    assert_eq!(web.latency.samples, 5);
+    let by_addr = |last: u8| {
+        web.backends
+            .iter()
+            .find(|b| b.addr == format!("10.0.0.{last}:80"))
+            .map(|b| (b.requests, b.state.as_str()))
+    };
+    assert_eq!(by_addr(1), Some((2, "draining")));
+    // The new backend took the removed one's id: its counts start anew.
+    assert_eq!(by_addr(5), Some((1, "up")));
+    assert_eq!(by_addr(2), None);
+}
+
+#[test]
+fn a_refused_reload_changes_nothing() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let up = www(&mut gw);
+    gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    let before = gw.status(epoch());
+    let mut cfg = blue_green();
+    // The new pool is fine, but another one has a backend twice: the balance crate refuses.
+    cfg.pools[1].balance.backends = vec![backend(3, 1), backend(3, 2)];
+    assert!(matches!(
+        gw.reconfigure(&cfg),
+        Err(ConfigError::Pool { pool, .. }) if pool == "api"
+    ));
+    let mut cfg = blue_green();
+    cfg.routes[0].action = Action::Forward {
+        pool: 9,
+        strip_prefix: None,
+    };
+    assert!(matches!(
+        gw.reconfigure(&cfg),
+        Err(ConfigError::NoSuchPool { .. })
+    ));
+    assert_eq!(gw.status(epoch()), before);
+    assert_eq!(www(&mut gw).addr.ip().octets()[3], 2);
+    assert!(gw.reconfigure(&config()).unwrap().is_empty());
+}
+
+#[test]
+fn a_drained_backend_finishes_its_requests_and_stays_drained_across_reloads() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let first = www(&mut gw);
+    assert_eq!(first.addr.ip().octets()[3], 1);
+    let one = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
+    assert_eq!(
+        gw.set_backend_state("web", one, balance::AdminState::Drain),
+        Ok(true)
+    );
+    assert!(matches!(
+        gw.set_backend_state("nope", one, balance::AdminState::Drain),
+        Err(crate::CommandError::UnknownPool(_))
+    ));
+    assert!(matches!(
+        gw.set_backend_state("api", one, balance::AdminState::Drain),
+        Err(crate::CommandError::Pool { .. })
+    ));
+    gw.reconfigure(&blue_green()).unwrap();
+    gw.reconfigure(&config()).unwrap();
+    for _ in 0..4 {
+        let up = www(&mut gw);
+        assert_eq!(up.addr.ip().octets()[3], 2);
+        gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    }
+    let active = |gw: &Gateway| gw.status(epoch()).pools[0].backends[0].active;
+    assert_eq!(active(&gw), 1);
+    gw.finish(epoch(), &first, Outcome::Answered(StatusCode::OK));
+    assert_eq!(active(&gw), 0);
+}

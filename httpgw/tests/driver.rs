@@ -92,6 +92,7 @@ fn to(pool: usize, strip: Option<&str>) -> Action {
 
 struct Site {
     gateway: HttpGateway,
+    config: GatewayConfig,
     web: Arc<AtomicU64>,
     api: Arc<AtomicU64>,
 }
@@ -170,6 +171,7 @@ async fn site() -> Site {
     };
     Site {
         gateway: HttpGateway::start(&config).await.unwrap(),
+        config,
         web,
         api,
     }
@@ -390,4 +392,98 @@ async fn a_client_gone_before_the_answer_is_499_not_a_backend_failure() {
     assert_eq!((backend.active, backend.failures), (0, 0));
     assert_eq!(s.web.load(Ordering::SeqCst), 1);
     s.gateway.stop().await;
+}
+
+/// Reads one answer with a `Content-Length` body from a keep-alive connection.
+async fn read_answer(tcp: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the answer: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_reload_moves_the_next_request_of_an_open_connection_and_stop_drains() {
+    let s = site().await;
+    let mut kept = TcpStream::connect(s.gateway.local_addr()).await.unwrap();
+    kept.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_answer(&mut kept).await;
+    assert!(r.ends_with("web /1 xff=127.0.0.1 body=0"), "{r}");
+
+    // The default route now forwards to `api`; the drain bound is cut to 1 s.
+    let mut config = s.config.clone();
+    config.routes[4].action = to(1, None);
+    config.limits.drain_timeout = Duration::from_secs(1);
+    let reload = s.gateway.reconfigure(&config).unwrap();
+    assert_eq!(reload.to_string(), "routes ~default; limits");
+    kept.write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_answer(&mut kept).await;
+    assert!(r.ends_with("api /2 xff=127.0.0.1 body=0"), "{r}");
+    let status = s.gateway.status();
+    assert_eq!(status.routes[4].requests, 2);
+    assert_eq!(status.pools[1].backends[0].requests, 1);
+
+    // A broken config is refused whole.
+    let mut broken = config.clone();
+    broken.routes[0].action = to(9, None);
+    assert!(s.gateway.reconfigure(&broken).is_err());
+
+    // Stopping: the idle connection is closed at once; the one waiting for `/slow` (which
+    // never answers) gets its answer (504 at the upstream timeout) with `Connection: close`.
+    let mut waiting = TcpStream::connect(s.gateway.local_addr()).await.unwrap();
+    waiting
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    while s.api.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let addr = s.gateway.local_addr();
+    let stopping = tokio::spawn(s.gateway.stop());
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_millis(500), kept.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("stop returns after the drain bound")
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err());
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(1), waiting.read_to_end(&mut answer))
+        .await
+        .expect("the connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 504"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
 }

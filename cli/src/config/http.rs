@@ -195,6 +195,10 @@ pub(crate) struct HttpSection {
     /// tunnel`). Default 1h.
     #[serde(default)]
     pub(crate) tunnel_timeout: Option<Spanned<HumanDuration>>,
+    /// Time requests in flight get to finish when the listener stops or a reload removes it
+    /// (HAProxy `hard-stop-after`, nginx `worker_shutdown_timeout`). Default 10s.
+    #[serde(default)]
+    pub(crate) drain_timeout: Option<Spanned<HumanDuration>>,
     /// Streams an HTTP/2 client may have open at once per connection (nginx
     /// `http2_max_concurrent_streams`, HAProxy `tune.h2.max-concurrent-streams`); 1 to 1000,
     /// default 100.
@@ -372,6 +376,11 @@ impl HttpSection {
                 "tunnel_timeout",
                 &mut limits.tunnel_timeout,
             ),
+            (
+                &self.drain_timeout,
+                "drain_timeout",
+                &mut limits.drain_timeout,
+            ),
         ] {
             if let Some(d) = value {
                 let d0 = d.get_ref().0;
@@ -398,6 +407,34 @@ impl HttpSection {
     /// The gateway's config of a section that passed validation.
     pub(crate) fn lower(&self) -> GatewayConfig {
         self.build(&mut |_, _| {})
+    }
+
+    /// A digest of the contents of its certificate and key files (0 for one that cannot be
+    /// read), in order: a reload compares it to tell rewritten files from unchanged ones.
+    pub(crate) fn tls_files_digest(&self) -> Vec<u64> {
+        use std::hash::{Hash as _, Hasher as _};
+        use std::io::Read as _;
+        let Some(tls) = &self.tls else {
+            return Vec::new();
+        };
+        let digest = |path: &PathBuf| {
+            let mut bytes = Vec::new();
+            // At most what the gateway reads of a PEM file (and one byte to tell it is over).
+            let read = std::fs::File::open(path).and_then(|f| {
+                f.take(httpgw::tls::MAX_PEM_BYTES + 1)
+                    .read_to_end(&mut bytes)
+            });
+            read.map_or(0, |_| {
+                let mut h = std::hash::DefaultHasher::new();
+                bytes.hash(&mut h);
+                h.finish()
+            })
+        };
+        tls.get_ref()
+            .certs
+            .iter()
+            .flat_map(|c| [digest(c.cert_file.get_ref()), digest(c.key_file.get_ref())])
+            .collect()
     }
 }
 

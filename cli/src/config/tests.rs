@@ -626,6 +626,7 @@ trusted_proxies = ["10.0.0.0/8"]
 max_body_bytes = 1000
 header_timeout = "5s"
 tunnel_timeout = "10m"
+drain_timeout = "30s"
 
 [[http.route]]
 name = "api"
@@ -701,6 +702,7 @@ fn an_http_section_lowers_to_the_gateway_config() {
         gw.limits.tunnel_timeout,
         std::time::Duration::from_secs(600)
     );
+    assert_eq!(gw.limits.drain_timeout, std::time::Duration::from_secs(30));
     assert_eq!(gw.forwarding.trusted_proxies.len(), 1);
     httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
 }
@@ -715,6 +717,7 @@ fn http_mistakes_point_at_their_place() {
         .replace("status = 301", "status = 200")
         .replace("max_body_bytes = 1000", "max_body_bytes = 2000000000")
         .replace("header_timeout = \"5s\"", "header_timeout = \"10ms\"")
+        .replace("drain_timeout = \"30s\"", "drain_timeout = \"2h\"")
         .replace("name = \"SRV\"", "name = \"S R V\"")
         .replace("[\"X-Debug\"]", "[\"Connection\"]")
         .replace("\"prod\"", "\"a\\r\\nX-Injected: 1\"")
@@ -742,6 +745,11 @@ fn http_mistakes_point_at_their_place() {
         18,
         "`header_timeout` must be between 100ms and 1h",
     );
+    at(
+        "drain_timeout",
+        17,
+        "`drain_timeout` must be between 100ms and 1h",
+    );
     at("exa mple", 9, "bad host pattern");
     at("path_prefix", 16, "bad path \"api/\"");
     at("\"post\"", 18, "upper-case HTTP method");
@@ -759,7 +767,7 @@ fn http_mistakes_point_at_their_place() {
         68,
         "duplicate backend",
     );
-    assert_eq!(errs.len(), 11, "{errs:#?}");
+    assert_eq!(errs.len(), 12, "{errs:#?}");
 }
 
 #[test]
@@ -890,7 +898,7 @@ fn tls_certificates_are_checked_at_their_place() {
     let errs = errors(&plain);
     assert!(
         errs.iter()
-            .any(|e| e.starts_with("site.toml:24:8: `sni` matches a TLS server name")),
+            .any(|e| e.starts_with("site.toml:25:8: `sni` matches a TLS server name")),
         "{errs:#?}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,15 +1,39 @@
 //! `vipgate run` / `show http`: the L7 (HTTP/1.1) virtual services, one gateway per
-//! `[[http]]`.
+//! `[[http]]`, each its own reload unit: a changed section is applied to the running listener
+//! (routes, pools, limits, certificates read again) unless its listen address moves.
 
-use super::{BoxFuture, Kind, Part, StartCtx, render_each};
+use super::{BoxFuture, Kind, Part, StartCtx, ready, render_each};
 use crate::config::SiteConfig;
-use anyhow::Context;
+use crate::control::ControlOp;
+use anyhow::{Context, bail};
 use httpgw::{GatewayStatus, HttpGateway, StatusClasses};
+use netutil::Reconfigured;
 use std::fmt::Write as _;
+use std::net::SocketAddrV4;
 
 struct HttpPart {
     name: String,
+    listen: SocketAddrV4,
     gateway: HttpGateway,
+}
+
+impl HttpPart {
+    /// `Part::reconfigure`: the swap is synchronous.
+    fn reconfigure_now(&self, site: &SiteConfig) -> anyhow::Result<Reconfigured> {
+        let Some(section) = site.http.iter().find(|s| *s.name.get_ref() == self.name) else {
+            return Ok(Reconfigured::restart("the listener is gone"));
+        };
+        let config = section.lower();
+        if config.listen != self.listen {
+            return Ok(Reconfigured::restart("its listen address changed"));
+        }
+        let changed = self
+            .gateway
+            .reconfigure(&config)
+            .with_context(|| format!("http `{}`", self.name))?;
+        tracing::info!(http = %self.name, "HTTP gateway reconfigured live: {changed}");
+        Ok(Reconfigured::Live)
+    }
 }
 
 /// Starts every `[[http]]` gateway; on an error, stops the ones already started.
@@ -28,6 +52,7 @@ pub(crate) async fn start(
                 tracing::info!(http = %config.name, listen = %config.listen, "HTTP gateway started");
                 parts.push(Box::new(HttpPart {
                     name: config.name,
+                    listen: config.listen,
                     gateway,
                 }));
             }
@@ -59,12 +84,73 @@ impl Part for HttpPart {
         self.gateway.dead()
     }
 
+    /// `http set state` (and `http drain`).
+    fn control(&self, op: &ControlOp) -> anyhow::Result<serde_json::Value> {
+        let ControlOp::HttpSetState {
+            pool,
+            backend,
+            state,
+            ..
+        } = op
+        else {
+            bail!("http `{}` does not support `{op}`", self.name);
+        };
+        let changed = self
+            .gateway
+            .set_backend_state(pool, *backend, *state)
+            .with_context(|| format!("http `{}`", self.name))?;
+        tracing::info!(http = %self.name, %pool, %backend, %state, changed, "backend state set by operator");
+        Ok(serde_json::json!({
+            "listener": self.name,
+            "pool": pool,
+            "backend": backend.to_string(),
+            "state": state,
+            "changed": changed,
+        }))
+    }
+
+    /// Everything but the listen address applies live; see [`HttpGateway::reconfigure`].
+    fn reconfigure(&self, site: &SiteConfig) -> BoxFuture<anyhow::Result<Reconfigured>> {
+        ready(self.reconfigure_now(site))
+    }
+
     fn stop(self: Box<Self>) -> BoxFuture<()> {
         Box::pin(async move {
             self.gateway.stop().await;
             tracing::info!(http = %self.name, "HTTP gateway stopped");
         })
     }
+}
+
+/// The requests `backend` of `pool` of `listener` is answering, read from a `show http`
+/// answer; `None` when the pool no longer lists the backend.
+///
+/// # Errors
+/// The answer has no listener or pool of that name.
+pub(crate) fn backend_active(
+    show: &serde_json::Value,
+    listener: &str,
+    pool: &str,
+    backend: SocketAddrV4,
+) -> anyhow::Result<Option<u32>> {
+    use serde::Deserialize as _;
+    let items = show.as_array().map(Vec::as_slice).unwrap_or_default();
+    let status = items
+        .iter()
+        .filter_map(|item| GatewayStatus::deserialize(item).ok())
+        .find(|s| s.name == listener)
+        .with_context(|| format!("no running http listener `{listener}`"))?;
+    let pool = status
+        .pools
+        .iter()
+        .find(|p| p.name == pool)
+        .with_context(|| format!("http `{listener}` has no pool `{pool}`"))?;
+    let addr = backend.to_string();
+    Ok(pool
+        .backends
+        .iter()
+        .find(|b| b.addr == addr)
+        .map(|b| b.active))
 }
 
 fn classes(c: &StatusClasses) -> String {

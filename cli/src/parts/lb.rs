@@ -849,7 +849,9 @@ impl Part for ServicePart {
                 limit,
                 ..
             } => return self.connections(backend, client, limit),
-            ControlOp::NatClear | ControlOp::VrrpSetPriority { .. } => {
+            ControlOp::NatClear
+            | ControlOp::VrrpSetPriority { .. }
+            | ControlOp::HttpSetState { .. } => {
                 bail!("lb `{}` does not support `{op}`", self.name)
             }
         };

@@ -137,9 +137,10 @@ impl Kind {
 
     /// The reload units of this kind in `site`, in file order. SSH destinations and the SSH
     /// server are one unit each; VRRP instances are grouped by sync group (a group changes
-    /// state together, so it restarts together); GRE tunnels share one driver (tunnels on one
-    /// local address share its socket), and the gateway and the virtual services built on it
-    /// are one unit per kind.
+    /// state together, so it restarts together); each `[[http]]` listener is one, its section
+    /// compared together with the contents of its certificate and key files (rewritten files
+    /// are a change to apply); GRE tunnels share one driver (tunnels on one local address share
+    /// its socket), and the gateway and the virtual services built on it are one unit per kind.
     pub(crate) fn units(self, site: &SiteConfig) -> Vec<Unit> {
         let one = |key: &str, members: Option<Vec<String>>, v: serde_json::Value| Unit {
             key: key.to_string(),
@@ -191,7 +192,20 @@ impl Kind {
                 }));
                 units
             }
-            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Http | Kind::Sync => {
+            Kind::Http => site
+                .http
+                .iter()
+                .map(|s| {
+                    let name = s.name.get_ref();
+                    let files = s.tls_files_digest();
+                    one(
+                        name,
+                        Some(vec![name.clone()]),
+                        json(serde_json::to_value((s, files))),
+                    )
+                })
+                .collect(),
+            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Sync => {
                 if self.configured_in(site) {
                     vec![one(self.as_str(), None, self.sections(site))]
                 } else {
@@ -204,7 +218,7 @@ impl Kind {
     /// Whether this kind has several units that start one by one (VRRP instances or sync
     /// groups, SSH destinations and the server); the others are one unit per kind.
     pub(crate) fn units_start_apart(self) -> bool {
-        matches!(self, Kind::Vrrp | Kind::Ssh)
+        matches!(self, Kind::Vrrp | Kind::Ssh | Kind::Http)
     }
 
     /// The kinds built on this one at start (virtual services join the running gateway; VRRP
@@ -236,7 +250,8 @@ impl Kind {
                     out.sshd = None;
                 }
             }
-            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Http | Kind::Sync => {}
+            Kind::Http => out.http.retain(|s| wanted(s.name.get_ref())),
+            Kind::Gre | Kind::Nat | Kind::Lb | Kind::Sync => {}
         }
         out
     }

@@ -3,6 +3,16 @@
 //! server, and hyper-util's pooled HTTP/1.1 client to the backends. Every decision is the
 //! core's ([`Gateway::decide`]); this module moves bytes, enforces time and size bounds and
 //! reports outcomes back.
+//!
+//! A reload ([`HttpGateway::reconfigure`]) swaps the core's routes and pools in place, under
+//! the lock every request takes to be decided, and puts a new [`Shared`] in place for the
+//! connections accepted after it: its limits, access log and TLS certificates. A connection
+//! keeps the `Shared` it was accepted with, so an open connection (a TLS session, a keep-alive
+//! one) is never cut by a reload, and its next request is decided by the new routes.
+//!
+//! Stopping drains: the listening socket closes, idle connections are closed (HTTP/2 with a
+//! `GOAWAY`), a busy HTTP/1.1 connection answers its request with `Connection: close` and
+//! closes, and whatever is still open after `drain_timeout` is cut.
 
 mod stream;
 pub mod tls;
@@ -34,7 +44,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::hygiene::{self, Refusal};
 use crate::{
-    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, ResetBudget,
+    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, Reload, ResetBudget,
     TlsSession, Upstream, Verdict, client_closed,
 };
 
@@ -65,14 +75,82 @@ fn now() -> Instant {
     Instant::now()
 }
 
+/// What a connection is served with, fixed when it is accepted (see the module
+/// documentation). The gateway, the connection count and the upstream client's connection
+/// pool are the listener's, shared by every generation.
 struct Shared {
-    gateway: Mutex<Gateway>,
+    gateway: Arc<Mutex<Gateway>>,
     limits: Limits,
     access_log: bool,
     client: Client<HttpConnector, Full<Bytes>>,
-    connections: AtomicU64,
-    /// TLS termination and its handshake timeout.
-    tls: Option<(TlsAcceptor, Duration)>,
+    connections: Arc<AtomicU64>,
+    /// TLS termination.
+    tls: Option<Tls>,
+    /// Becomes true when the listener stops: connections finish what they answer and close.
+    stopping: watch::Receiver<bool>,
+}
+
+/// A TLS listener's certificates, loaded.
+struct Tls {
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    /// The certificates presented (the leaf of each chain), to tell what a reload changed.
+    leaves: Vec<Vec<u8>>,
+}
+
+impl Tls {
+    /// Reads every certificate and key.
+    fn load(config: &crate::TlsConfig) -> Result<Self, tls::TlsError> {
+        let (server, leaves) = tls::server_config(config)?;
+        Ok(Self {
+            acceptor: TlsAcceptor::from(server),
+            handshake_timeout: config.handshake_timeout,
+            leaves,
+        })
+    }
+}
+
+/// The pooled HTTP/1.1 client to the backends.
+fn upstream_client(idle: Duration) -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// What [`HttpGateway::reconfigure`] changed; its `Display` is the log line's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LiveReload {
+    /// Routes, pools, backends, weights.
+    pub routing: Reload,
+    /// Limits or the access log changed (for the connections accepted from now on).
+    pub limits: bool,
+    /// Certificates presented from now on that differ from before (every one when TLS was
+    /// added).
+    pub certificates: usize,
+    /// TLS was added (`Some(true)`) or removed (`Some(false)`).
+    pub tls: Option<bool>,
+}
+
+impl std::fmt::Display for LiveReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.routing)?;
+        if self.limits {
+            f.write_str("; limits")?;
+        }
+        match self.tls {
+            Some(true) => f.write_str("; TLS on")?,
+            Some(false) => f.write_str("; TLS off")?,
+            None => {}
+        }
+        if self.certificates > 0 {
+            write!(f, "; {} new certificate(s)", self.certificates)?;
+        }
+        Ok(())
+    }
 }
 
 impl Shared {
@@ -83,7 +161,8 @@ impl Shared {
 
 /// A running HTTP gateway: one listener and its connections.
 pub struct HttpGateway {
-    shared: Arc<Shared>,
+    /// The generation new connections get; the accept loop reads it.
+    current: watch::Sender<Arc<Shared>>,
     local: SocketAddr,
     watch: netutil::task::TaskWatch,
     stop: watch::Sender<bool>,
@@ -105,13 +184,8 @@ impl HttpGateway {
     /// [`StartError`] for a bad configuration or a listener that cannot be bound.
     pub async fn start(config: &GatewayConfig) -> Result<Self, StartError> {
         let gateway = Gateway::new(config)?;
-        let tls = match &config.tls {
-            Some(t) => Some((
-                TlsAcceptor::from(tls::server_config(t)?),
-                t.handshake_timeout,
-            )),
-            None => None,
-        };
+        let (stop, stopped) = watch::channel(false);
+        let tls = config.tls.as_ref().map(Tls::load).transpose()?;
         let listener = bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -120,28 +194,23 @@ impl HttpGateway {
             addr: config.listen,
             source,
         })?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.limits.upstream_idle)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let shared = Arc::new(Shared {
-            gateway: Mutex::new(gateway),
+            gateway: Arc::new(Mutex::new(gateway)),
             limits: config.limits,
             access_log: config.access_log,
-            client,
-            connections: AtomicU64::new(0),
+            client: upstream_client(config.limits.upstream_idle),
+            connections: Arc::new(AtomicU64::new(0)),
             tls,
+            stopping: stopped.clone(),
         });
-        let (stop, stopped) = watch::channel(false);
+        let (current, generations) = watch::channel(shared);
         let watch = netutil::task::TaskWatch::new();
         let accept = watch.spawn(
             "http accept loop",
-            accept_loop(listener, Arc::clone(&shared), stopped),
+            accept_loop(listener, generations, stopped),
         );
         Ok(Self {
-            shared,
+            current,
             local,
             watch,
             stop,
@@ -158,9 +227,72 @@ impl HttpGateway {
     /// Counters and backend states.
     #[must_use]
     pub fn status(&self) -> GatewayStatus {
-        let mut status = self.shared.gateway().status(now());
-        status.connections = self.shared.connections.load(Ordering::Relaxed);
+        let shared = Arc::clone(&self.current.borrow());
+        let mut status = shared.gateway().status(now());
+        status.connections = shared.connections.load(Ordering::Relaxed);
         status
+    }
+
+    /// Applies `config` to the running listener (a reload; its listen address is not
+    /// looked at: moving the listener takes a new gateway). Certificates and keys are read
+    /// again, even from unchanged paths. Requests already forwarded finish against their
+    /// backends and open connections stay; requests decided from now on take the new routes,
+    /// connections accepted from now on the new limits and certificates. Nothing changes if
+    /// it is refused.
+    ///
+    /// # Errors
+    /// [`StartError::Config`] or [`StartError::Tls`] (a certificate or key that cannot be
+    /// used): the old configuration keeps running.
+    pub fn reconfigure(&self, config: &GatewayConfig) -> Result<LiveReload, StartError> {
+        let current = Arc::clone(&self.current.borrow());
+        let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+        let routing = current.gateway().reconfigure(config)?;
+        let certificates = match (&current.tls, &tls) {
+            (Some(old), Some(new)) => new
+                .leaves
+                .iter()
+                .filter(|leaf| !old.leaves.contains(leaf))
+                .count(),
+            (None, Some(new)) => new.leaves.len(),
+            _ => 0,
+        };
+        let client = if config.limits.upstream_idle == current.limits.upstream_idle {
+            current.client.clone()
+        } else {
+            upstream_client(config.limits.upstream_idle)
+        };
+        let reload = LiveReload {
+            routing,
+            limits: config.limits != current.limits || config.access_log != current.access_log,
+            certificates,
+            tls: (current.tls.is_some() != tls.is_some()).then_some(tls.is_some()),
+        };
+        self.current.send_replace(Arc::new(Shared {
+            gateway: Arc::clone(&current.gateway),
+            limits: config.limits,
+            access_log: config.access_log,
+            client,
+            connections: Arc::clone(&current.connections),
+            tls,
+            stopping: current.stopping.clone(),
+        }));
+        Ok(reload)
+    }
+
+    /// Sets a backend's operator state; see [`Gateway::set_backend_state`].
+    ///
+    /// # Errors
+    /// An unknown pool or backend.
+    pub fn set_backend_state(
+        &self,
+        pool: &str,
+        addr: SocketAddrV4,
+        state: balance::AdminState,
+    ) -> Result<bool, crate::CommandError> {
+        self.current
+            .borrow()
+            .gateway()
+            .set_backend_state(pool, addr, state)
     }
 
     /// The accept loop's death, if it ended while it should run.
@@ -169,7 +301,8 @@ impl HttpGateway {
         self.watch.dead()
     }
 
-    /// Stops listening and closes every client connection.
+    /// Stops listening and drains: requests in flight get `drain_timeout` to finish (see
+    /// the module documentation); returns once every connection is closed.
     pub async fn stop(self) {
         self.watch.stopping();
         let _ = self.stop.send(true);
@@ -195,21 +328,42 @@ fn bind(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    generations: watch::Receiver<Arc<Shared>>,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), std::io::Error> {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections as usize));
+    let mut max = generations.borrow().limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max as usize));
+    // Slots a reload that lowered `max_connections` took away while they were held: each is
+    // forgotten as it comes back.
+    let mut owed = 0u32;
     // Dropping the set on return aborts the connections still open.
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
+        let wanted = generations.borrow().limits.max_connections;
+        if wanted > max {
+            let more = wanted - max;
+            let paid = more.min(owed);
+            owed -= paid;
+            slots.add_permits((more - paid) as usize);
+        } else if wanted < max {
+            let fewer = max - wanted;
+            let taken = u32::try_from(slots.forget_permits(fewer as usize)).unwrap_or(fewer);
+            owed += fewer - taken.min(fewer);
+        }
+        max = wanted;
         let permit = tokio::select! {
             p = Arc::clone(&slots).acquire_owned() => p.map_err(std::io::Error::other)?,
-            _ = stopped.changed() => return Ok(()),
+            _ = stopped.changed() => return drain(listener, connections, &generations).await,
         };
+        if owed > 0 {
+            permit.forget();
+            owed -= 1;
+            continue;
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = stopped.changed() => return Ok(()),
+            _ = stopped.changed() => return drain(listener, connections, &generations).await,
         };
         let (tcp, peer) = match accepted {
             Ok(a) => a,
@@ -220,7 +374,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
+        let shared = Arc::clone(&generations.borrow());
         connections.spawn(async move {
             shared.connections.fetch_add(1, Ordering::Relaxed);
             accept(&shared, tcp, peer).await;
@@ -228,6 +382,36 @@ async fn accept_loop(
             drop(permit);
         });
     }
+}
+
+/// Closes the listening socket, then waits for the connections (each closing once it has
+/// answered what it was answering) for at most the drain timeout; the ones still open are
+/// cut as the set drops.
+async fn drain(
+    listener: TcpListener,
+    mut connections: JoinSet<()>,
+    generations: &watch::Receiver<Arc<Shared>>,
+) -> Result<(), std::io::Error> {
+    drop(listener);
+    let timeout = generations.borrow().limits.drain_timeout;
+    let open = connections.len();
+    if open > 0 {
+        let requests = generations.borrow().gateway().in_flight();
+        tracing::info!(
+            connections = open,
+            requests,
+            "http: stopping; draining for at most {timeout:?}"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, connections.join_next()).await {}
+    if !connections.is_empty() {
+        tracing::warn!(
+            connections = connections.len(),
+            "http: drain timeout; cutting the connections still open"
+        );
+    }
+    Ok(())
 }
 
 fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
@@ -377,7 +561,12 @@ async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     let _ = tcp.set_nodelay(true);
-    let Some((acceptor, timeout)) = &shared.tls else {
+    let Some(Tls {
+        acceptor,
+        handshake_timeout: timeout,
+        ..
+    }) = &shared.tls
+    else {
         let conn = Conn {
             closing: closing_watch(&tcp),
             ..Conn::default()
@@ -473,7 +662,8 @@ async fn serve_h2<S>(
     let period = (limits.header_timeout / 4).max(Duration::from_millis(25));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let flood = loop {
+    let mut stopping = shared.stopping.clone();
+    let (flood, grace) = loop {
         tokio::select! {
             r = served.as_mut() => {
                 if let Err(e) = r {
@@ -484,10 +674,11 @@ async fn serve_h2<S>(
                 }
                 return;
             }
-            () = streams.flood.notified() => break true,
+            () = streams.flood.notified() => break (true, limits.header_timeout),
+            _ = stopping.wait_for(|s| *s) => break (false, limits.drain_timeout),
             _ = tick.tick() => {
                 if streams.idle_for(now()) >= limits.header_timeout {
-                    break false;
+                    break (false, limits.header_timeout);
                 }
             }
         }
@@ -497,10 +688,7 @@ async fn serve_h2<S>(
         tracing::debug!(client = %peer, "http/2 client cancels streams too fast: GOAWAY");
     }
     served.as_mut().graceful_shutdown();
-    if tokio::time::timeout(limits.header_timeout, served)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, served).await.is_err() {
         tracing::debug!(client = %peer, "http/2 connection did not finish after GOAWAY: closed");
     }
 }
@@ -540,14 +728,25 @@ where
     let service = service_fn(move |req| {
         let shared = Arc::clone(&svc_shared);
         let conn = Arc::clone(&svc_conn);
-        async move { Ok::<_, Infallible>(handle(&shared, peer, local, &conn, req).await) }
+        // Boxed: polling the connection by hand (to shut it down gracefully) needs an
+        // `Unpin` future.
+        Box::pin(async move { Ok::<_, Infallible>(handle(&shared, peer, local, &conn, req).await) })
     });
-    let parts = match builder
-        .serve_connection(io, service)
-        .without_shutdown()
-        .await
-    {
-        Ok(parts) => parts,
+    let mut served = builder.serve_connection(io, service);
+    let mut stopping = shared.stopping.clone();
+    let mut shutting = false;
+    let done = loop {
+        tokio::select! {
+            r = std::future::poll_fn(|cx| served.poll_without_shutdown(cx)) => break r,
+            // Closes an idle connection now, a busy one once it has answered.
+            _ = stopping.wait_for(|s| *s), if !shutting => {
+                std::pin::Pin::new(&mut served).graceful_shutdown();
+                shutting = true;
+            }
+        }
+    };
+    let parts = match done {
+        Ok(()) => served.into_parts(),
         Err(e) => {
             tracing::debug!(client = %peer, "http connection: {e}");
             return;
@@ -807,7 +1006,9 @@ async fn handle(
     flight.done = true;
     if h2 {
         res.headers_mut().remove(header::CONNECTION);
-    } else if asked && res.status() != StatusCode::SWITCHING_PROTOCOLS {
+    } else if res.status() != StatusCode::SWITCHING_PROTOCOLS
+        && (asked || *shared.stopping.borrow())
+    {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

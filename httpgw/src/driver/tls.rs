@@ -210,16 +210,22 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// rustls' server configuration for `tls`: TLS 1.2 and 1.3 only, ALPN from `tls.alpn`
-/// (preferred first), the certificate by SNI.
+/// (preferred first), the certificate by SNI; and the leaf certificates (DER) it presents.
 ///
 /// # Errors
 /// The first certificate or key that cannot be used.
-pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(
+    tls: &TlsConfig,
+) -> Result<(Arc<ServerConfig>, Vec<Vec<u8>>), TlsError> {
     let loaded = tls
         .certs
         .iter()
         .map(load_cert)
         .collect::<Result<Vec<_>, _>>()?;
+    let leaves = loaded
+        .iter()
+        .filter_map(|c| c.key.cert.first().map(|der| der.to_vec()))
+        .collect();
     let resolver = SniResolver {
         table: SniTable::new(loaded.iter().map(|c| c.names.iter())),
         keys: loaded.into_iter().map(|c| c.key).collect(),
@@ -234,5 +240,5 @@ pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsErr
         .iter()
         .map(|a| a.as_str().as_bytes().to_vec())
         .collect();
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), leaves))
 }

@@ -11,15 +11,15 @@
 
 use std::time::Duration;
 
-use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_until};
+use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 
 const GATEWAY: &str = "198.51.100.11";
 
 /// A backend on http.server's handler: `NAME PATH xff=XFF proto=PROTO cookie=COOKIE sha256=HEX`
-/// for any GET or POST,
+/// for any GET or POST (after SECONDS for a path `/slow?SECONDS`),
 /// and one line per request (`METHOD PATH`) in the log file.
 const BACKEND_PY: &str = r#"
-import hashlib, sys
+import hashlib, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 name, addr, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 class Handler(BaseHTTPRequestHandler):
@@ -29,6 +29,8 @@ class Handler(BaseHTTPRequestHandler):
             f.write(f"{self.command} {self.path}\n")
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.path.startswith("/slow?"):
+            time.sleep(float(self.path.partition("?")[2]))
         xff = self.headers.get("X-Forwarded-For", "")
         proto = self.headers.get("X-Forwarded-Proto", "")
         cookie = self.headers.get("Cookie", "")
@@ -58,6 +60,68 @@ while True:
         break
     data += d
 print(data.decode("latin-1"))
+"#;
+
+/// Asks argv[1]:argv[2] for `/load` from two threads until the file argv[3] exists: one on a
+/// single keep-alive connection, one on a new connection per request (over TLS, without
+/// verifying, when argv[5] is `tls`). Writes to argv[4], as JSON, per thread the answers in
+/// order (the backend's name, or `status N` / `error ...`) and the connections it used.
+const LOAD_PY: &str = r#"
+import http.client, json, os, ssl, sys, threading, time
+host, port, stop, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+tls = len(sys.argv) > 5 and sys.argv[5] == "tls"
+ctx = ssl._create_unverified_context()
+deadline = time.time() + 120
+def run(keepalive, seen):
+    conn = None
+    while not os.path.exists(stop) and time.time() < deadline:
+        try:
+            if conn is None or not keepalive:
+                if conn is not None:
+                    conn.close()
+                if tls:
+                    conn = http.client.HTTPSConnection(host, port, timeout=10, context=ctx)
+                else:
+                    conn = http.client.HTTPConnection(host, port, timeout=10)
+                conn.connect()
+            conn.request("GET", "/load")
+            seen["ports"].add(conn.sock.getsockname()[1])
+            r = conn.getresponse()
+            body = r.read().decode()
+            seen["answers"].append(body.split(" ")[0] if r.status == 200 else f"status {r.status}")
+        except Exception as e:
+            seen["answers"].append(f"error {e!r}")
+            conn = None
+keep, fresh = {"answers": [], "ports": set()}, {"answers": [], "ports": set()}
+threads = [threading.Thread(target=run, args=(True, keep)), threading.Thread(target=run, args=(False, fresh))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+summary = {k: {"answers": v["answers"], "connections": len(v["ports"])} for k, v in (("keepalive", keep), ("new", fresh))}
+with open(out + ".tmp", "w") as f:
+    json.dump(summary, f)
+os.rename(out + ".tmp", out)
+"#;
+
+/// Asks argv[1]:argv[2] for `/idle` on one connection, writes `answered` to argv[3] once
+/// the answer is in, then waits, and appends `closed` when the gateway closes the connection.
+const IDLE_PY: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120)
+s.sendall(b"GET /idle HTTP/1.1\r\nHost: idle\r\n\r\n")
+data = b""
+while b"\r\n\r\n" not in data:
+    data += s.recv(65536)
+head, _, body = data.partition(b"\r\n\r\n")
+length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+while len(body) < length:
+    body += s.recv(65536)
+with open(sys.argv[3], "w") as f:
+    f.write("answered\n")
+rest = s.recv(65536)
+with open(sys.argv[3], "a") as f:
+    f.write("closed\n" if not rest else "more\n")
 "#;
 
 const SITE: &str = r#"
@@ -108,7 +172,7 @@ backends = [{ address = "10.0.0.101:8000", weight = 0 }]
 
 struct Lab {
     t: Topology,
-    _vipgate: Proc,
+    vipgate: Proc,
     _backends: Vec<Proc>,
     control: String,
 }
@@ -152,10 +216,7 @@ impl Lab {
             t.wait_tcp(&rs, &addr, 8000, Duration::from_secs(30));
         }
         let control = t.dir().join("vipgate.sock").display().to_string();
-        let config = t.write(
-            "director.toml",
-            &format!("[daemon]\ncontrol = \"{control}\"\n{site}"),
-        );
+        let config = t.write("director.toml", &director_toml(&control, site));
         let vipgate = t.vipgate(
             "dir",
             "vipgate",
@@ -164,7 +225,7 @@ impl Lab {
         t.wait_tcp("cl", GATEWAY, port, Duration::from_secs(30));
         Lab {
             t,
-            _vipgate: vipgate,
+            vipgate,
             _backends: backends,
             control,
         }
@@ -181,6 +242,161 @@ impl Lab {
     fn requests_seen(&self, rs: &str) -> String {
         std::fs::read_to_string(self.t.dir().join(format!("{rs}-requests.log"))).unwrap_or_default()
     }
+
+    /// Waits until `rs` has logged `n` requests for `line` (`GET /load`).
+    fn wait_requests(&self, rs: &str, line: &str, n: usize) {
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{n} `{line}` requests at {rs}"),
+            || {
+                self.requests_seen(rs)
+                    .lines()
+                    .filter(|l| *l == line)
+                    .count()
+                    >= n
+            },
+        );
+    }
+
+    /// Rewrites the director's config with `site` and runs `vipgate reload`.
+    fn reload(&self, site: &str) -> std::process::Output {
+        self.t
+            .write("director.toml", &director_toml(&self.control, site));
+        self.t
+            .vipgate_output("dir", &["reload", "--control", &self.control])
+    }
+
+    /// Starts [`LOAD_PY`] against `port` (over TLS with `tls`); [`Load::stop`] ends it.
+    fn load(&self, port: u16, tls: bool) -> Load {
+        let script = self.t.write("load.py", LOAD_PY);
+        let stop = self.t.dir().join("load.stop");
+        let out = self.t.dir().join("load.json");
+        let port = port.to_string();
+        let mut argv = vec![
+            "python3",
+            script.to_str().unwrap_or(""),
+            GATEWAY,
+            &port,
+            stop.to_str().unwrap_or(""),
+            out.to_str().unwrap_or(""),
+        ];
+        if tls {
+            argv.push("tls");
+        }
+        Load {
+            proc: self.t.spawn("cl", "load", &argv),
+            stop,
+            out,
+        }
+    }
+
+    /// Starts curl POSTing `bytes` random bytes to `/slow?SECONDS` in the background, waits
+    /// until a backend got it, and returns curl, the body's SHA-256, curl's output file (the
+    /// answer's head in the same file with `.head` appended) and the backend.
+    fn slow_post(&self, seconds: u32, bytes: usize) -> SlowPost {
+        let dir = self.t.dir().display().to_string();
+        let body = format!("{dir}/slow.body");
+        self.t
+            .sh("cl", &format!("head -c {bytes} /dev/urandom > {body}"));
+        let sha = self.t.sh("cl", &format!("sha256sum {body}"));
+        let sha = sha.split_whitespace().next().unwrap_or("").to_owned();
+        let out = self.t.dir().join("slow.out");
+        let curl = self.t.spawn(
+            "cl",
+            "slow-curl",
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "curl -sS --max-time 30 -D {0}.head --data-binary @{body} http://{GATEWAY}/slow?{seconds} > {0}",
+                    out.display()
+                ),
+            ],
+        );
+        let line = format!("POST /slow?{seconds}");
+        let backend = wait_for(
+            Duration::from_secs(60),
+            &format!("`{line}` at a backend"),
+            || {
+                ["rs1", "rs2"]
+                    .into_iter()
+                    .find(|rs| self.requests_seen(rs).lines().any(|l| l == line))
+            },
+        );
+        SlowPost {
+            curl,
+            sha,
+            out,
+            backend,
+        }
+    }
+}
+
+/// A slow request on its way ([`Lab::slow_post`]).
+struct SlowPost {
+    curl: Proc,
+    sha: String,
+    out: std::path::PathBuf,
+    backend: &'static str,
+}
+
+impl SlowPost {
+    /// Waits for curl and checks it got `BACKEND /slow?SECONDS ... sha256=SHA`: the whole
+    /// body reached the backend, and its answer the client.
+    fn finished(&mut self, seconds: u32) {
+        assert_eq!(self.curl.wait_exit(Duration::from_secs(30)), Some(0));
+        let answer = std::fs::read_to_string(&self.out).unwrap_or_default();
+        assert!(
+            answer.starts_with(&format!("{} /slow?{seconds} ", self.backend))
+                && answer.trim_end().ends_with(&format!("sha256={}", self.sha)),
+            "{answer}"
+        );
+    }
+
+    /// The answer's head.
+    fn head(&self) -> String {
+        std::fs::read_to_string(format!("{}.head", self.out.display())).unwrap_or_default()
+    }
+}
+
+fn director_toml(control: &str, site: &str) -> String {
+    format!("[daemon]\ncontrol = \"{control}\"\n{site}")
+}
+
+/// [`LOAD_PY`] running.
+struct Load {
+    proc: Proc,
+    stop: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+impl Load {
+    /// Stops it and returns per thread (`keepalive`, `new`) its answers and connections.
+    fn stop(mut self) -> serde_json::Value {
+        std::fs::write(&self.stop, "").expect("writing the stop file");
+        self.proc.wait_exit(Duration::from_secs(30));
+        let text = std::fs::read_to_string(&self.out).expect("reading the load's summary");
+        serde_json::from_str(&text).expect("the load's summary is JSON")
+    }
+}
+
+/// The answers of one thread of [`LOAD_PY`]: none failed, and they switch once from `from`
+/// to `to` (never back).
+fn switched_once(summary: &serde_json::Value, thread: &str, from: &str, to: &str) {
+    let answers: Vec<&str> = summary[thread]["answers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    let failed: Vec<&&str> = answers
+        .iter()
+        .filter(|a| **a != from && **a != to)
+        .collect();
+    assert!(failed.is_empty(), "{thread}: failed requests {failed:?}");
+    let first_to = answers.iter().position(|a| *a == to);
+    assert!(
+        first_to.is_some_and(|i| i > 0 && answers[i..].iter().all(|a| *a == to)),
+        "{thread}: answers do not switch once from {from} to {to}: {answers:?}"
+    );
 }
 
 #[test]
@@ -826,4 +1042,308 @@ backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}
         ),
     );
     assert!(text.contains("http/2: 20 connections"), "{text}");
+}
+
+/// One listener whose only route forwards to pool `pool` (`blue`: rs1, `green`: rs2).
+fn blue_green_site(pool: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+{extra}
+
+[[http.route]]
+name = "default"
+pool = "{pool}"
+
+[[http.pool]]
+name = "blue"
+backends = [{{ address = "10.0.0.101:8000" }}]
+
+[[http.pool]]
+name = "green"
+backends = [{{ address = "10.0.0.102:8000" }}]
+"#
+    )
+}
+
+/// Issue #20's blue-green recipe: one reload switches the route's pool while clients ask
+/// continuously on a keep-alive connection and on new connections; no request fails, the
+/// keep-alive connection stays open, the answers switch from blue to green, and a slow
+/// request already forwarded to blue finishes there with its whole body.
+#[test]
+fn blue_green_switch_by_reload_loses_no_request() {
+    let lab = Lab::with_site(e2e!(), &blue_green_site("blue", ""), 80);
+    let load = lab.load(80, false);
+    lab.wait_requests("rs1", "GET /load", 20);
+    let mut slow = lab.slow_post(3, 2_000_000);
+    assert_eq!(slow.backend, "rs1");
+
+    let out = lab.reload(&blue_green_site("green", ""));
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("http www: applied live"), "{report}");
+    lab.wait_requests("rs2", "GET /load", 40);
+    let summary = load.stop();
+    switched_once(&summary, "keepalive", "rs1", "rs2");
+    switched_once(&summary, "new", "rs1", "rs2");
+    assert_eq!(summary["keepalive"]["connections"], 1, "{summary}");
+
+    slow.finished(3);
+    // The reload said what it changed; the route's counters carried over.
+    wait_until(Duration::from_secs(10), "the reload's log line", || {
+        lab.vipgate
+            .log()
+            .contains("HTTP gateway reconfigured live: routes ~default")
+    });
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let route = &json[0]["routes"][0];
+    let blue = lab.requests_seen("rs1").lines().count() as u64;
+    let green = lab.requests_seen("rs2").lines().count() as u64;
+    assert_eq!(counter(route, &["requests"]), blue + green, "{json}");
+}
+
+/// Issue #20's certificate reload: certificate and key rewritten at the same paths and a
+/// reload make new handshakes present the new certificate, while a keep-alive TLS connection
+/// opened before goes on and handshakes during the reload all succeed; a broken certificate
+/// is refused and the last good one keeps serving.
+#[test]
+fn a_reload_rotates_the_certificate_during_traffic() {
+    let t = e2e!();
+    let (cert, key) = openssl_cert(&t, "www.example.com", "DNS:www.example.com");
+    let site = format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:443"
+tls = {{ certs = [{{ cert_file = "{cert}", key_file = "{key}" }}] }}
+
+[[http.route]]
+name = "default"
+pool = "one"
+
+[[http.pool]]
+name = "one"
+backends = [{{ address = "10.0.0.101:8000" }}]
+"#
+    );
+    let lab = Lab::with_site(t, &site, 443);
+    let presented = || {
+        lab.t.sh(
+            "cl",
+            &format!(
+                "openssl s_client -connect {GATEWAY}:443 -servername www.example.com </dev/null 2>/dev/null \
+                 | openssl x509 -noout -serial -subject"
+            ),
+        )
+    };
+    let before = presented();
+    assert!(before.contains("www.example.com"), "{before}");
+    let load = lab.load(443, true);
+    lab.wait_requests("rs1", "GET /load", 20);
+
+    // The same paths, a new certificate (another subject and serial) and key.
+    let (new_cert, new_key) = openssl_cert(&lab.t, "rotated.example.com", "DNS:www.example.com");
+    std::fs::copy(&new_cert, &cert).expect("rewriting the certificate");
+    std::fs::copy(&new_key, &key).expect("rewriting the key");
+    let out = lab.reload(&site);
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("http www: applied live"), "{report}");
+    let after = presented();
+    assert!(after.contains("rotated.example.com"), "{after}");
+    assert_ne!(
+        after.lines().next(),
+        before.lines().next(),
+        "serial unchanged"
+    );
+    let seen = lab.requests_seen("rs1").lines().count();
+    lab.wait_requests("rs1", "GET /load", seen + 20);
+
+    // A broken certificate: the reload is refused at the file, the last good one serves.
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    )
+    .expect("breaking the certificate");
+    let out = lab.reload(&site);
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains(&cert), "{report}");
+    assert_eq!(presented(), after);
+
+    let summary = load.stop();
+    for thread in ["keepalive", "new"] {
+        let answers = summary[thread]["answers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(answers.len() >= 10, "{summary}");
+        assert!(answers.iter().all(|a| a == "rs1"), "{thread}: {summary}");
+    }
+    assert_eq!(summary["keepalive"]["connections"], 1, "{summary}");
+    assert!(
+        lab.vipgate.log().contains("1 new certificate(s)"),
+        "{}",
+        lab.vipgate.log()
+    );
+}
+
+/// Issue #20's graceful stop: on SIGTERM the listener stops accepting, an idle keep-alive
+/// connection is closed at once, a slow request in flight gets its whole answer (with
+/// `Connection: close`), and vipgate exits once it is done.
+#[test]
+fn a_stop_drains_the_requests_in_flight() {
+    let mut lab = Lab::with_site(
+        e2e!(),
+        &blue_green_site("blue", r#"drain_timeout = "20s""#),
+        80,
+    );
+    let idle_py = lab.t.write("idle.py", IDLE_PY);
+    let idle_out = lab.t.dir().join("idle.out");
+    let _idle = lab.t.spawn(
+        "cl",
+        "idle",
+        &[
+            "python3",
+            idle_py.to_str().unwrap_or(""),
+            GATEWAY,
+            "80",
+            idle_out.to_str().unwrap_or(""),
+        ],
+    );
+    let idle = || std::fs::read_to_string(&idle_out).unwrap_or_default();
+    wait_until(Duration::from_secs(30), "the idle client's answer", || {
+        idle().contains("answered")
+    });
+    let mut slow = lab.slow_post(4, 2_000_000);
+
+    lab.vipgate.signal(15);
+    wait_until(
+        Duration::from_secs(10),
+        "the idle connection closed",
+        || idle().contains("closed"),
+    );
+    assert!(
+        slow.curl.is_running(),
+        "the slow request ended before the idle connection closed"
+    );
+    // No new connection while it drains.
+    let refused = lab.t.try_sh(
+        "cl",
+        &format!("curl -sS --max-time 5 http://{GATEWAY}/new 2>&1"),
+    );
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(
+        slow.curl.is_running(),
+        "the slow request ended before the listener was checked"
+    );
+
+    slow.finished(4);
+    let head = slow.head();
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(lab.vipgate.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(
+        lab.vipgate.log().contains("draining for at most 20s"),
+        "{}",
+        lab.vipgate.log()
+    );
+}
+
+/// Issue #20's rolling update: `vipgate http drain --wait` takes a backend out of its pool and
+/// returns only once the request it was answering has finished, while new requests go to the
+/// other backend.
+#[test]
+fn a_rolling_update_drains_one_backend_and_waits_for_its_requests() {
+    let site = format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "web"
+backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}]
+"#
+    );
+    let lab = Lab::with_site(e2e!(), &site, 80);
+    let mut slow = lab.slow_post(3, 100_000);
+    let (drained, other) = match slow.backend {
+        "rs1" => ("10.0.0.101:8000", "rs2"),
+        _ => ("10.0.0.102:8000", "rs1"),
+    };
+    let mut drain = lab.t.vipgate(
+        "dir",
+        "drain",
+        &[
+            "http",
+            "drain",
+            "www",
+            "web",
+            drained,
+            "--wait",
+            "--timeout",
+            "30s",
+            "--control",
+            &lab.control,
+        ],
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the drain to start waiting",
+        || drain.log().contains("1 requests in flight"),
+    );
+    for i in 0..6 {
+        let body = lab.curl(&format!("http://{GATEWAY}/after{i}"));
+        assert!(body.starts_with(&format!("{other} /after{i} ")), "{body}");
+    }
+    assert!(
+        drain.is_running(),
+        "drained before its request finished: {}",
+        drain.log()
+    );
+    slow.finished(3);
+    assert_eq!(
+        drain.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        drain.log()
+    );
+    assert!(drain.log().contains("drained"), "{}", drain.log());
+    // Ready again, it takes requests again.
+    let out = lab.t.vipgate_output(
+        "dir",
+        &[
+            "http",
+            "set",
+            "state",
+            "www",
+            "web",
+            drained,
+            "ready",
+            "--control",
+            &lab.control,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let answers: Vec<String> = (0..4)
+        .map(|i| lab.curl(&format!("http://{GATEWAY}/back{i}")))
+        .collect();
+    assert!(
+        answers
+            .iter()
+            .any(|a| a.starts_with(&format!("{} ", slow.backend))),
+        "{answers:?}"
+    );
 }
