@@ -37,44 +37,7 @@ fi
 bench_init bs vg ca cb
 
 # conntrackd on HOST (sync address ME, peer PEER) with its files under $TMP/HOST.*
-ctd_conf() {
-  local h=$1 me=$2 peer=$3
-  cat > "$TMP/$h.conf" <<EOF
-Sync {
-  Mode FTFW {
-    DisableExternalCache Off
-  }
-  UDP {
-    IPv4_address $me
-    IPv4_Destination_Address $peer
-    Port 3780
-    Interface eth2
-    Checksum on
-  }
-}
-General {
-  HashSize 65536
-  HashLimit $((FLOWS * 2 + 1024))
-  LogFile $TMP/$h.log
-  Syslog off
-  LockFile $TMP/$h.lock
-  UNIX {
-    Path $TMP/$h.ctl
-  }
-  NetlinkBufferSize 2097152
-  NetlinkBufferSizeMaxGrowth 8388608
-  Filter From Userspace {
-    Protocol Accept {
-      TCP
-    }
-    Address Ignore {
-      IPv4_address 127.0.0.1
-      IPv4_address 10.9.0.0/24
-    }
-  }
-}
-EOF
-}
+ctd_conf() { conntrackd_ftfw_conf "$TMP/$1" "$2" "$3" $((FLOWS * 2 + 1024)) TCP; }
 ctd() { local h=$1; shift; x "$h" conntrackd -C "$TMP/$h.conf" "$@"; }
 # external_entries HOST: the entries of HOST's external cache (what its peer synced).
 external_entries() { ctd "$1" -s cache | awk '/cache:external/ { print $4; exit }'; }

@@ -145,42 +145,7 @@ table ip nat {
   }
 }
 EOF
-  cat > "$WORK/$h.ctd.conf" <<EOF
-Sync {
-  Mode FTFW {
-    DisableExternalCache Off
-  }
-  UDP {
-    IPv4_address $me
-    IPv4_Destination_Address $peer
-    Port 3780
-    Interface eth2
-    Checksum on
-  }
-}
-General {
-  HashSize 65536
-  HashLimit 524288
-  LogFile $WORK/$h.ctd.log
-  Syslog off
-  LockFile $WORK/$h.ctd.lock
-  UNIX {
-    Path $WORK/$h.ctd.ctl
-  }
-  NetlinkBufferSize 2097152
-  NetlinkBufferSizeMaxGrowth 8388608
-  Filter From Userspace {
-    Protocol Accept {
-      TCP
-      UDP
-    }
-    Address Ignore {
-      IPv4_address 127.0.0.1
-      IPv4_address 10.9.0.0/24
-    }
-  }
-}
-EOF
+  conntrackd_ftfw_conf "$WORK/$h.ctd" "$me" "$peer" 524288 TCP UDP
   # primary-backup.sh's "primary" and "backup" branches.
   cat > "$WORK/$h.primary.sh" <<EOF
 #!/bin/sh

@@ -326,4 +326,49 @@ vipgate_stop() {
 }
 
 # bench_summarize SUMMARIZE-ARGS...: the one results table (bench/summarize.py).
+# conntrackd_ftfw_conf PREFIX ME PEER HASHLIMIT PROTOCOL...: writes PREFIX.conf, conntrackd's
+# primary-backup FTFW setup (its documentation's example) syncing over UDP on eth2 from ME to
+# PEER with an external cache, accepting the PROTOCOLs (TCP, UDP) and ignoring the sync link;
+# its log, lock and control socket are PREFIX.log, PREFIX.lock and PREFIX.ctl.
+conntrackd_ftfw_conf() {
+  local prefix=$1 me=$2 peer=$3 limit=$4 protocols
+  shift 4
+  protocols=$(printf '      %s\n' "$@")
+  cat > "$prefix.conf" <<EOF
+Sync {
+  Mode FTFW {
+    DisableExternalCache Off
+  }
+  UDP {
+    IPv4_address $me
+    IPv4_Destination_Address $peer
+    Port 3780
+    Interface eth2
+    Checksum on
+  }
+}
+General {
+  HashSize 65536
+  HashLimit $limit
+  LogFile $prefix.log
+  Syslog off
+  LockFile $prefix.lock
+  UNIX {
+    Path $prefix.ctl
+  }
+  NetlinkBufferSize 2097152
+  NetlinkBufferSizeMaxGrowth 8388608
+  Filter From Userspace {
+    Protocol Accept {
+$protocols
+    }
+    Address Ignore {
+      IPv4_address 127.0.0.1
+      IPv4_address 10.9.0.0/24
+    }
+  }
+}
+EOF
+}
+
 bench_summarize() { python3 "$BENCH_DIR/summarize.py" "$RESULTS" "$@"; }
