@@ -401,18 +401,26 @@ async fn dispatch(
                 },
         } => {
             let backend = parse_backend(&backend)?;
-            let path = control_path(&control)?;
             let command = ControlOp::LbSetState {
                 service: service.clone(),
                 backend,
                 state: balance::AdminState::Drain,
             };
-            let result = control::request(&path, &Request::Control { command }).await?;
-            println!("{}", serde_json::to_string_pretty(&result)?);
-            if !wait {
-                return Ok(ExitCode::SUCCESS);
-            }
-            drain_wait(&path, &service, backend, all, timeout).await
+            // A backend the service no longer lists (removed meanwhile) holds nothing.
+            drain(&control, command, wait.then_some((parts::Kind::Lb, timeout)), |show| {
+                let counts = parts::lb::backend_connections(show, &service, backend)?;
+                let (active, inactive) = counts.unwrap_or((0, 0));
+                Ok(Held {
+                    drained: active == 0 && (!all || inactive == 0),
+                    progress: format!(
+                        "{backend} of `{service}`: {active} active, {inactive} inactive connections"
+                    ),
+                    still: format!(
+                        "{backend} of `{service}` still holds {active} active and {inactive} inactive connections"
+                    ),
+                })
+            })
+            .await
         }
         Command::Http {
             op:
@@ -448,19 +456,28 @@ async fn dispatch(
                 },
         } => {
             let backend = parse_backend(&backend)?;
-            let path = control_path(&control)?;
             let command = ControlOp::HttpSetState {
                 listener: listener.clone(),
                 pool: pool.clone(),
                 backend,
                 state: balance::AdminState::Drain,
             };
-            let result = control::request(&path, &Request::Control { command }).await?;
-            println!("{}", serde_json::to_string_pretty(&result)?);
-            if !wait {
-                return Ok(ExitCode::SUCCESS);
-            }
-            http_drain_wait(&path, &listener, &pool, backend, timeout).await
+            // A backend the pool no longer lists (removed by a reload, its requests
+            // finished) answers none.
+            drain(&control, command, wait.then_some((parts::Kind::Http, timeout)), |show| {
+                let active =
+                    parts::http::backend_active(show, &listener, &pool, backend)?.unwrap_or(0);
+                Ok(Held {
+                    drained: active == 0,
+                    progress: format!(
+                        "{backend} of `{listener}` pool `{pool}`: {active} requests in flight"
+                    ),
+                    still: format!(
+                        "{backend} of `{listener}` pool `{pool}` still answers {active} requests"
+                    ),
+                })
+            })
+            .await
         }
         Command::Vrrp {
             op:
@@ -528,82 +545,51 @@ fn parse_percent(text: &str) -> anyhow::Result<u8> {
         .with_context(|| format!("canary share {text:?} must be a whole percentage, 0% to 100%"))
 }
 
-/// How often `lb drain --wait` reads the backend's connection counts.
+/// How often `lb drain --wait` and `http drain --wait` read the backend's counts.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// `lb drain --wait`: polls `show lb` until `backend` of `service` holds no active connection
-/// (`all`: no inactive one either), printing each change of the counts; exit 1 after
-/// `timeout`. A backend the service no longer lists (removed meanwhile) holds nothing.
-async fn drain_wait(
-    path: &std::path::Path,
-    service: &str,
-    backend: std::net::SocketAddrV4,
-    all: bool,
-    timeout: std::time::Duration,
-) -> anyhow::Result<ExitCode> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        let show = control::request(
-            path,
-            &Request::Show {
-                kind: parts::Kind::Lb,
-            },
-        )
-        .await?;
-        let counts = parts::lb::backend_connections(&show, service, backend)?;
-        let (active, inactive) = counts.unwrap_or((0, 0));
-        if last != Some((active, inactive)) {
-            println!("{backend} of `{service}`: {active} active, {inactive} inactive connections");
-            last = Some((active, inactive));
-        }
-        if active == 0 && (!all || inactive == 0) {
-            println!("drained");
-            return Ok(ExitCode::SUCCESS);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            eprintln!(
-                "vipgate: {backend} of `{service}` still holds {active} active and {inactive} inactive connections after {}s; it stays in drain",
-                timeout.as_secs_f64()
-            );
-            return Ok(ExitCode::FAILURE);
-        }
-        tokio::time::sleep(DRAIN_POLL).await;
-    }
+/// What a drained backend still holds, as `lb drain --wait` / `http drain --wait` read it.
+struct Held {
+    /// Nothing left that the wait is for.
+    drained: bool,
+    /// The counts, printed each time they change.
+    progress: String,
+    /// The error line when the wait times out.
+    still: String,
 }
 
-/// `http drain --wait`: polls `show http` until `backend` of `pool` of `listener` answers no
-/// request, printing each change of the count; exit 1 after `timeout`. A backend the pool no
-/// longer lists (removed by a reload, its requests finished) answers none.
-async fn http_drain_wait(
-    path: &std::path::Path,
-    listener: &str,
-    pool: &str,
-    backend: std::net::SocketAddrV4,
-    timeout: std::time::Duration,
+/// `lb drain` / `http drain`: sends the drain order and prints the daemon's answer; with
+/// `wait` (`show` kind, timeout), polls that `show` until `held` reads the backend drained,
+/// printing each change of its counts; exit 1 after the timeout (the backend stays in drain).
+async fn drain(
+    control: &ControlArgs,
+    command: ControlOp,
+    wait: Option<(parts::Kind, std::time::Duration)>,
+    held: impl Fn(&serde_json::Value) -> anyhow::Result<Held>,
 ) -> anyhow::Result<ExitCode> {
+    let path = control_path(control)?;
+    let result = control::request(&path, &Request::Control { command }).await?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    let Some((kind, timeout)) = wait else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = None;
     loop {
-        let show = control::request(
-            path,
-            &Request::Show {
-                kind: parts::Kind::Http,
-            },
-        )
-        .await?;
-        let active = parts::http::backend_active(&show, listener, pool, backend)?.unwrap_or(0);
-        if last != Some(active) {
-            println!("{backend} of `{listener}` pool `{pool}`: {active} requests in flight");
-            last = Some(active);
+        let show = control::request(&path, &Request::Show { kind }).await?;
+        let held = held(&show)?;
+        if last.as_ref() != Some(&held.progress) {
+            println!("{}", held.progress);
+            last = Some(held.progress);
         }
-        if active == 0 {
+        if held.drained {
             println!("drained");
             return Ok(ExitCode::SUCCESS);
         }
         if tokio::time::Instant::now() >= deadline {
             eprintln!(
-                "vipgate: {backend} of `{listener}` pool `{pool}` still answers {active} requests after {}s; it stays in drain",
+                "vipgate: {} after {}s; it stays in drain",
+                held.still,
                 timeout.as_secs_f64()
             );
             return Ok(ExitCode::FAILURE);
