@@ -469,7 +469,7 @@ mod tests {
             "state": "up",
             "protocol": "udp",
             "ports": [{ "first": 80, "last": 80 }, { "first": 443, "last": 443 }],
-            "port_count": 2,
+            "listening_ports": 2,
             "healthy": true,
             "counters": { "rx_packets": 10, "drops": { "wrong_key": 2, "truncated": 0 } },
             "mappings": 42,
@@ -503,7 +503,7 @@ mod tests {
         has("vipgate_lb_state{service=\"web\",state=\"up\"} 1");
         has("vipgate_lb_protocol{service=\"web\",protocol=\"udp\"} 1");
         // A multi-port service's ports count; the list itself is no series.
-        has("vipgate_lb_port_count{service=\"web\"} 2");
+        has("vipgate_lb_listening_ports{service=\"web\"} 2");
         assert!(!text.contains("vipgate_lb_ports"), "{text}");
         has("vipgate_lb_healthy{service=\"web\"} 1");
         has("vipgate_lb_down_for_seconds{service=\"web\"} 1.5");
@@ -520,11 +520,18 @@ mod tests {
         );
         has("vipgate_lb_backend_up_transitions_total{service=\"web\",backend=\"10.0.0.102:80\"} 0");
         assert!(!text.contains("translations") && !text.contains("inside_local"));
-        // Every family has exactly one HELP and one TYPE line, and only counters end in _total.
+        // Every family has exactly one HELP and one TYPE line, only counters end in _total,
+        // and none ends in a histogram's or summary's suffix (promtool refuses that).
         for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let mut words = l.split(' ').skip(2);
             let (name, kind) = (words.next().unwrap(), words.next().unwrap());
             assert_eq!(kind == "counter", name.ends_with("_total"), "{l}");
+            assert!(
+                !["_count", "_sum", "_bucket"]
+                    .iter()
+                    .any(|s| name.ends_with(s)),
+                "{l}"
+            );
             let help = format!("# HELP {name} ");
             assert_eq!(
                 text.lines().filter(|l| l.starts_with(&help)).count(),

@@ -400,6 +400,24 @@ pub(super) async fn move_vips(
 
 impl ServicePart {
     /// Runs `f` on this service (under the gateway lock, between two packet batches).
+    /// An operator names a backend as the config writes it: `ip:port` on a single-port
+    /// service, `ip` alone (port 0) on a multi-port one; the other form would only be "not a
+    /// backend", so it is refused saying which form the service wants.
+    fn check_backend_form(&self, backend: SocketAddrV4) -> anyhow::Result<()> {
+        let multi_port = self.with_service(|s| s.ports().is_some())?;
+        match (multi_port, backend.port()) {
+            (false, 0) => bail!(
+                "service `{}` listens on one port: write its backend as ip:port",
+                self.name
+            ),
+            (true, port) if port != 0 => bail!(
+                "service `{}` listens on several ports: write its backend as ip alone",
+                self.name
+            ),
+            _ => Ok(()),
+        }
+    }
+
     fn with_service<R>(&self, f: impl FnOnce(&mut VirtualService) -> R) -> anyhow::Result<R> {
         lock(&self.shared.gw)
             .service_mut(&self.name)
@@ -819,6 +837,13 @@ impl Part for ServicePart {
     }
 
     fn control(&self, op: &ControlOp) -> anyhow::Result<Value> {
+        if let ControlOp::LbWeight { backend, .. }
+        | ControlOp::LbCanary { backend, .. }
+        | ControlOp::LbRemoveBackend { backend, .. }
+        | ControlOp::LbSetState { backend, .. } = *op
+        {
+            self.check_backend_form(backend)?;
+        }
         let (backend, weight) = match *op {
             ControlOp::LbWeight {
                 backend, weight, ..
@@ -978,9 +1003,9 @@ struct ServiceStatus {
     /// service), as ranges.
     #[serde(default)]
     ports: Vec<PortSpan>,
-    /// How many ports `ports` holds (metrics: `vipgate_lb_port_count`).
+    /// How many ports `ports` holds (metrics: `vipgate_lb_listening_ports`).
     #[serde(default)]
-    port_count: usize,
+    listening_ports: usize,
     /// A multi-port service's backend port mappings.
     #[serde(default)]
     rports: Vec<RportStatus>,
@@ -1290,7 +1315,7 @@ impl ServiceStatus {
         Self {
             name: s.name().to_string(),
             listen: s.listen(),
-            port_count: s.ports().map_or(1, natgw::ServicePorts::len),
+            listening_ports: s.ports().map_or(1, natgw::ServicePorts::len),
             ports,
             rports,
             protocol: Protocol::of(s.proto()),
@@ -1870,7 +1895,7 @@ mod tests {
                 first: 80,
                 last: 80,
             }],
-            port_count: 1,
+            listening_ports: 1,
             rports: Vec::new(),
             protocol: Protocol::Tcp,
             one_packet: false,
@@ -2145,7 +2170,7 @@ mod tests {
                 last: 8009,
             },
         ];
-        s.port_count = 12;
+        s.listening_ports = 12;
         s.rports = vec![RportStatus {
             first: 443,
             last: 443,
@@ -2164,7 +2189,7 @@ mod tests {
             v["rports"],
             json!([{"first": 443, "last": 443, "to": 8443}])
         );
-        assert_eq!(v["port_count"], 12);
+        assert_eq!(v["listening_ports"], 12);
         assert_eq!(
             ServiceEntry::deserialize(&v).unwrap(),
             ServiceEntry::Running(Box::new(s))
@@ -2271,7 +2296,7 @@ mod tests {
             v,
             json!({
                 "name": "web", "listen": "198.51.100.10:80", "protocol": "tcp", "one_packet": false,
-                "ports": [{ "first": 80, "last": 80 }], "port_count": 1, "rports": [],
+                "ports": [{ "first": 80, "last": 80 }], "listening_ports": 1, "rports": [],
                 "forward": "dr",
                 "scheduler": "wlc", "persistence": { "timeout_s": 300, "netmask": 32 },
                 "templates": 0, "sorry": null, "available": true,
