@@ -106,6 +106,7 @@ impl SshClient {
             runtimes: workers.iter().map(|w| w.handle().clone()).collect(),
             next_slot: AtomicUsize::new(0),
             refused_wake: Notify::new(),
+            forward_requests_in_flight: watch::channel(0).0,
             local: Mutex::new(cfg_local),
             probes: AtomicU64::new(0),
             probe_failures: AtomicU64::new(0),
@@ -999,6 +1000,8 @@ async fn request_remote_forward(
             );
         }
     };
+    // Held until the answer below is applied (`bound` or `refused`).
+    let _in_flight = shared.forward_request_in_flight();
     let (host, port) = match &r.spec.listen {
         Endpoint::Tcp { host, port } => (host, *port),
         Endpoint::Unix(path) => {

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use russh::client::{self, ChannelOpenHandle, Msg, Session};
 use russh::keys::{HashAlg, PublicKey, PublicKeyBase64};
@@ -22,31 +23,73 @@ use crate::error::SshFwdError;
 use crate::known_hosts::{self, Decision};
 use crate::spec::Endpoint;
 
+/// How long a channel the server opened while `-R` requests were unanswered waits for their
+/// answers before it is judged: the server sends the answer first, so this only bounds a
+/// server that never answers.
+const AWAIT_FORWARD_ANSWERS: Duration = Duration::from_secs(10);
+
+/// At most this many such channels wait at once; more are judged at once (a server opening
+/// channels in a loop must not grow our memory).
+const MAX_CHANNELS_AWAITING_ANSWERS: usize = 64;
+
 impl ClientHandler {
-    /// Serves a channel the server opened for one of our `-R` forwards (`remote`), or refuses
-    /// one we never asked for; `asked_for` names what the server claimed, for the log.
-    async fn serve_or_refuse(
+    /// Serves a channel the server opened for one of our `-R` forwards (the one `find`
+    /// returns), or refuses one we never asked for; `asked_for` names what the server
+    /// claimed, for the log.
+    ///
+    /// While `-R` requests are unanswered, a channel that matches none waits for their answers
+    /// (on its own task: the session's event loop goes on) and is judged after: OpenSSH binds
+    /// and may accept a connection before russh has handed its reply to the task that asked.
+    fn serve_or_refuse(
         &self,
-        remote: Option<Arc<RemoteForward>>,
+        find: impl Fn(&Shared) -> Option<Arc<RemoteForward>> + Send + 'static,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        asked_for: impl FnOnce() -> String,
+        asked_for: String,
     ) {
-        let Some(remote) = remote else {
-            tracing::warn!(
-                "{}: server opened a forwarded channel for {}, which we did not ask for; refused",
-                self.shared.cfg.name,
-                asked_for()
-            );
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+        let shared = self.shared.clone();
+        if let Some(remote) = find(&shared) {
+            serve(shared, remote, channel, reply);
             return;
-        };
-        remote.arrivals.send_modify(|n| *n = n.wrapping_add(1));
-        // Connecting locally may take a while: never block the session's event loop on it.
-        tokio::spawn(serve_remote(self.shared.clone(), remote, channel, reply));
+        }
+        let in_flight = &shared.forward_requests_in_flight;
+        if *in_flight.borrow() == 0 || in_flight.receiver_count() >= MAX_CHANNELS_AWAITING_ANSWERS {
+            tokio::spawn(refuse(shared, reply, asked_for));
+            return;
+        }
+        let mut answers = in_flight.subscribe();
+        tokio::spawn(async move {
+            let _ =
+                tokio::time::timeout(AWAIT_FORWARD_ANSWERS, answers.wait_for(|n| *n == 0)).await;
+            drop(answers);
+            match find(&shared) {
+                Some(remote) => serve(shared, remote, channel, reply),
+                None => refuse(shared, reply, asked_for).await,
+            }
+        });
     }
+}
+
+/// Serves a channel of `remote` on its own task: connecting locally may take a while, and
+/// the session's event loop must not wait for it.
+fn serve(
+    shared: Arc<Shared>,
+    remote: Arc<RemoteForward>,
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+) {
+    remote.arrivals.send_modify(|n| *n = n.wrapping_add(1));
+    tokio::spawn(serve_remote(shared, remote, channel, reply));
+}
+
+async fn refuse(shared: Arc<Shared>, reply: ChannelOpenHandle, asked_for: String) {
+    tracing::warn!(
+        "{}: server opened a forwarded channel for {asked_for}, which we did not ask for; refused",
+        shared.cfg.name,
+    );
+    reply
+        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
 }
 
 /// Checks a server's host key or host certificate against known_hosts under `host`:`port`,
@@ -266,18 +309,19 @@ impl client::Handler for ClientHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let remote = self.shared.remotes().into_iter().find(|r| {
-            matches!(r.spec.listen, Endpoint::Tcp { .. })
-                && r.listening.load(Ordering::Relaxed)
-                && r.bound_port.load(Ordering::Relaxed) == u64::from(connected_port)
-        });
-        if remote.is_some() {
-            tracing::debug!("forwarded connection from {originator_address}:{originator_port}");
-        }
-        self.serve_or_refuse(remote, channel, reply, || {
-            format!("{connected_address}:{connected_port}")
-        })
-        .await;
+        tracing::debug!(
+            "forwarded connection from {originator_address}:{originator_port} \
+             to {connected_address}:{connected_port}"
+        );
+        let find = move |shared: &Shared| {
+            shared.remotes().into_iter().find(|r| {
+                matches!(r.spec.listen, Endpoint::Tcp { .. })
+                    && r.listening.load(Ordering::Relaxed)
+                    && r.bound_port.load(Ordering::Relaxed) == u64::from(connected_port)
+            })
+        };
+        let asked_for = format!("{connected_address}:{connected_port}");
+        self.serve_or_refuse(find, channel, reply, asked_for);
         Ok(())
     }
 
@@ -288,12 +332,15 @@ impl client::Handler for ClientHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let remote = self.shared.remotes().into_iter().find(|r| {
-            r.listening.load(Ordering::Relaxed)
-                && matches!(&r.spec.listen, Endpoint::Unix(p) if p == socket_path)
-        });
-        self.serve_or_refuse(remote, channel, reply, || format!("socket {socket_path}"))
-            .await;
+        let path = socket_path.to_string();
+        let asked_for = format!("socket {socket_path}");
+        let find = move |shared: &Shared| {
+            shared.remotes().into_iter().find(|r| {
+                r.listening.load(Ordering::Relaxed)
+                    && matches!(&r.spec.listen, Endpoint::Unix(p) if *p == path)
+            })
+        };
+        self.serve_or_refuse(find, channel, reply, asked_for);
         Ok(())
     }
 

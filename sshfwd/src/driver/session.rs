@@ -59,12 +59,27 @@ pub(crate) struct Shared {
     /// Woken when a `-R` is refused, so that the retry loop of the live connection
     /// schedules it.
     pub(crate) refused_wake: Notify,
+    /// `-R` requests sent and not yet answered. The server may open a channel for a forward
+    /// the moment it binds, and russh hands us that channel before the task that sent the
+    /// request has seen the reply and marked the forward listening: such a channel waits
+    /// until the answers are in (see `handler.rs`).
+    pub(crate) forward_requests_in_flight: watch::Sender<u32>,
     /// The `-L` forwards now configured (the start config's, then each reload's): what the
     /// probes open channels to.
     pub(crate) local: Mutex<Vec<ForwardSpec>>,
     /// Probes of single forwards since start, and those that failed.
     pub(crate) probes: AtomicU64,
     pub(crate) probe_failures: AtomicU64,
+}
+
+/// One `-R` request in [`Shared::forward_requests_in_flight`]; dropped once its answer has
+/// been applied to the forward.
+pub(crate) struct InFlight<'a>(&'a watch::Sender<u32>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// How the destination's connection (slot 0) has fared, for status.
@@ -77,6 +92,13 @@ pub(crate) struct State {
 }
 
 impl Shared {
+    /// Counts one `-R` request as in flight until the returned guard drops.
+    pub(crate) fn forward_request_in_flight(&self) -> InFlight<'_> {
+        self.forward_requests_in_flight
+            .send_modify(|n| *n = n.saturating_add(1));
+        InFlight(&self.forward_requests_in_flight)
+    }
+
     /// The slot whose thread takes the next accepted connection, round-robin.
     pub(crate) fn next_slot(&self) -> usize {
         self.next_slot.fetch_add(1, Ordering::Relaxed) % self.runtimes.len()

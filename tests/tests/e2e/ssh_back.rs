@@ -415,6 +415,13 @@ fn reverse_dynamic_socks_reaches_what_only_the_client_reaches() {
         socks("socks5-hostname", "").unwrap().trim(),
         "client side only"
     );
+    // sshd opens a channel for the connection `wait_tcp` made the moment it binds, before
+    // russh hands vipgate the reply to its request: that channel too was one we asked for.
+    assert!(
+        !client.log().contains("which we did not ask for"),
+        "{}",
+        client.log()
+    );
 }
 
 /// Runs `vipgate ssh` (argv[3:]) on a new pseudo-terminal as its controlling terminal and
