@@ -3,7 +3,7 @@
 //! scheduling; keepalived `virtual_server`).
 
 use super::host::Reach;
-use super::nat::{NatSection, PortRange};
+use super::nat::{NatSection, PortItem, PortRange};
 use super::{HumanDuration, Validator, check_unique};
 use balance::SchedulerKind;
 use serde::{Deserialize, Serialize};
@@ -178,7 +178,7 @@ pub(crate) struct ServiceSection {
     /// A multi-port service's ports: `[80, 443, "8000-8100"]` (LVS firewall-mark service,
     /// keepalived `virtual_server_group`); instead of a port in `listen`.
     #[serde(default)]
-    pub(crate) ports: Option<Spanned<Vec<Spanned<PortRange>>>>,
+    pub(crate) ports: Option<Spanned<Vec<Spanned<PortItem>>>>,
     /// Backend port per service port of a multi-port service: `{ 443 = 8443, 8000-8009 =
     /// 9000 }` (a range shifts: 8000 → 9000, 8001 → 9001, ...). Ports not listed keep
     /// their number.
@@ -273,12 +273,8 @@ impl ServiceSection {
     /// A multi-port service's ports and rports, or why they cannot run; `None` for a
     /// single-port service.
     pub(crate) fn service_ports(&self) -> Option<Result<natgw::ServicePorts, natgw::PortsError>> {
-        let ports = self.ports.as_ref()?;
-        let ranges = ports
-            .get_ref()
-            .iter()
-            .map(|r| r.get_ref().first..=r.get_ref().last)
-            .collect();
+        self.ports.as_ref()?;
+        let ranges = self.port_items().map(|(r, _)| r.first..=r.last).collect();
         let rules = self
             .rport_rules()
             .into_iter()
@@ -287,13 +283,21 @@ impl ServiceSection {
         Some(natgw::ServicePorts::new(ranges, rules))
     }
 
+    /// The valid items of `ports` with the span each was written at (validation reports the
+    /// others).
+    fn port_items(&self) -> impl Iterator<Item = (PortRange, std::ops::Range<usize>)> + '_ {
+        self.ports
+            .iter()
+            .flat_map(|ports| ports.get_ref())
+            .filter_map(|item| Some((item.get_ref().range()?, item.span())))
+    }
+
     /// Every port the service listens on, as ranges with the span they were written at.
     fn port_ranges(&self) -> Vec<(std::ops::RangeInclusive<u16>, std::ops::Range<usize>)> {
         match &self.ports {
-            Some(ports) => ports
-                .get_ref()
-                .iter()
-                .map(|r| (r.get_ref().first..=r.get_ref().last, r.span()))
+            Some(_) => self
+                .port_items()
+                .map(|(r, span)| (r.first..=r.last, span))
                 .collect(),
             None => {
                 let p = self.listen.get_ref().port();
@@ -481,9 +485,18 @@ fn validate_ports(s: &ServiceSection, v: &mut Validator) {
         v.error_at(ports, format!("service `{name}`: ports is empty"));
         return;
     }
-    for p in ports.get_ref() {
-        if p.get_ref().first == 0 {
-            v.error_at(p, "port 0 is not a service port: ports are 1..=65535");
+    let mut items_ok = true;
+    for item in ports.get_ref() {
+        match &item.get_ref().0 {
+            Err(why) => {
+                v.error_at(item, why.clone());
+                items_ok = false;
+            }
+            Ok(range) if range.first == 0 => {
+                v.error_at(item, "port 0 is not a service port: ports are 1..=65535");
+                items_ok = false;
+            }
+            Ok(_) => {}
         }
     }
     if s.one_packet() {
@@ -513,11 +526,8 @@ fn validate_ports(s: &ServiceSection, v: &mut Validator) {
             ),
         );
     }
-    let service_ports: Vec<std::ops::RangeInclusive<u16>> = ports
-        .get_ref()
-        .iter()
-        .map(|r| r.get_ref().first..=r.get_ref().last)
-        .collect();
+    let service_ports: Vec<std::ops::RangeInclusive<u16>> =
+        s.port_items().map(|(r, _)| r.first..=r.last).collect();
     let mut rules_ok = true;
     for (rule, key, to) in s.rport_rules() {
         let Some(rule) = rule else {
@@ -555,7 +565,7 @@ fn validate_ports(s: &ServiceSection, v: &mut Validator) {
             rules_ok = false;
         }
     }
-    if !rules_ok || ports.get_ref().iter().any(|p| p.get_ref().first == 0) {
+    if !rules_ok || !items_ok {
         return;
     }
     if let Some(Err(e)) = s.service_ports() {
@@ -1227,9 +1237,25 @@ mod tests {
         );
         let e = err(&svc("web", "198.51.100.10", "ports = [\"90-80\"]"));
         assert!(
-            e.contains("site.toml:4:9: invalid port range \"90-80\""),
+            e.contains("site.toml:4:10: invalid port range \"90-80\""),
             "{e}"
         );
+        // Each bad item at its own position, none taken for a missing `ports`.
+        let e = err(&svc(
+            "web",
+            "198.51.100.10",
+            "ports = [80, \"90-x\", 70000, -1]",
+        ));
+        assert!(
+            e.contains("site.toml:4:14: invalid port range \"90-x\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("site.toml:4:22: port 70000 is out of range: ports are 1..=65535"),
+            "{e}"
+        );
+        assert!(e.contains("site.toml:4:29: port -1 is out of range"), "{e}");
+        assert!(!e.contains("listen needs a port"), "{e}");
         // An rport for a port the service does not listen on; one that runs out of range;
         // two ports onto one backend port.
         let e = err(&svc(

@@ -27,22 +27,16 @@ impl Serialize for PortRange {
     }
 }
 
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(u16),
-            Text(String),
-        }
-        let bad = |s: &str| {
-            serde::de::Error::custom(format!(
-                "invalid port range {s:?}: write 80 or \"1024-65535\""
-            ))
-        };
-        match Raw::deserialize(d)? {
-            Raw::One(p) => Ok(PortRange { first: p, last: p }),
-            Raw::Text(s) => {
+impl PortRange {
+    /// A port (`80`) or a range (`"1024-65535"`) as written, or what is wrong with it.
+    fn read(raw: RawPort) -> Result<Self, String> {
+        let bad = |s: &str| format!("invalid port range {s:?}: write 80 or \"1024-65535\"");
+        match raw {
+            RawPort::Number(n) => match u16::try_from(n) {
+                Ok(p) => Ok(PortRange { first: p, last: p }),
+                Err(_) => Err(format!("port {n} is out of range: ports are 1..=65535")),
+            },
+            RawPort::Text(s) => {
                 let (a, b) = s.split_once('-').unwrap_or((&s, &s));
                 let first: u16 = a.trim().parse().map_err(|_| bad(&s))?;
                 let last: u16 = b.trim().parse().map_err(|_| bad(&s))?;
@@ -51,6 +45,50 @@ impl<'de> Deserialize<'de> for PortRange {
                 }
                 Ok(PortRange { first, last })
             }
+        }
+    }
+}
+
+/// A port or a range as TOML holds it, before it is checked.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPort {
+    Number(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        PortRange::read(RawPort::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One item of a list of ports (a service's `ports`): a port or range, or why it is neither.
+///
+/// Reading never fails on a number or a string, so that validation reports a bad item at its
+/// own position; the TOML reader would put a failed item at the start of its list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PortItem(pub(crate) Result<PortRange, String>);
+
+impl PortItem {
+    /// The port or range, when the item is one.
+    pub(crate) fn range(&self) -> Option<PortRange> {
+        self.0.as_ref().ok().copied()
+    }
+}
+
+impl<'de> Deserialize<'de> for PortItem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(PortItem(PortRange::read(RawPort::deserialize(d)?)))
+    }
+}
+
+/// Only a valid item is ever written back (`vipgate check --dump` runs after validation).
+impl Serialize for PortItem {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Ok(range) => range.serialize(s),
+            Err(why) => Err(serde::ser::Error::custom(why)),
         }
     }
 }
