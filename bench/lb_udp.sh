@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of a one-packet UDP virtual service (issue 19), in one run on the same
 # namespaces:
-#   - vipgate: [[service]] proto = "udp", one_packet = true, rr over two real servers: every
-#     datagram and every answer crosses the core through nat0 (one-packet datagrams have no
-#     flow for the kernel program to carry, on either data path);
+#   - vipgate: [[service]] proto = "udp", one_packet = true, rr over two real servers, on the
+#     default kernel data path: the core installs the service's schedule (its rr cycle) into
+#     the kernel program, which carries every datagram and every answer without nat0;
 #   - nft: DNAT with `numgen inc mod 2` (conntrack: numgen picks per flow, so each client
 #     socket sticks to one real server, which is what a one-packet service avoids);
 #   - nft-notrack: the stateless analogue of one-packet scheduling, per datagram: `notrack`,

@@ -751,6 +751,16 @@ impl Pool {
         self.free_if_idle(i);
     }
 
+    /// Counts `n` datagrams of a one-packet service that a data path scheduled to backend
+    /// `id` without the core (each a connection opened and forgotten at once, as
+    /// [`opened`](Self::opened) then [`closed`](Self::closed) would count it: only the
+    /// backend's total of connections grows).
+    pub fn count_datagrams(&mut self, id: BackendId, n: u64) {
+        if let Some(b) = self.slot_mut(usize::from(id.0)) {
+            b.stats.connections += n;
+        }
+    }
+
     /// Adds one packet of `len` bytes to the backend's traffic counters.
     pub fn count_packet(&mut self, id: BackendId, dir: Direction, len: usize) {
         self.count_traffic(id, dir, 1, len as u64);

@@ -41,6 +41,21 @@
 // - Counters are best effort under concurrency for the TCP tracking fields (last writer
 //   wins between CPUs); packet and byte counters are atomic.
 //
+// One-packet UDP services (ipvsadm -o): the core schedules every datagram on its own and keeps
+// no flow, so there is no flow entry to hit. Instead the core installs each such service's
+// *schedule* (kpath_op_schedules, keyed by the VIP endpoint): the cycle of backend endpoints
+// its own scheduler gives (rr: the live backends in turn; wrr: the smooth weighted sequence),
+// and the VIP of each backend endpoint (kpath_op_backends). A UDP datagram with no flow entry
+// arriving on the outside interface for a VIP with a schedule goes to the slot a per-CPU
+// cursor names (each CPU walks the whole cycle, so the shares are the core's); a datagram
+// from a backend endpoint arriving on an inside interface leaves from its VIP. The core
+// replaces a schedule with one map update (the hash map is not preallocated: an update links
+// a new element and frees the old one after an RCU grace period, so a datagram sees either
+// table whole). Per backend the program counts packets and bytes each way (per CPU,
+// kpath_op_counts, entries made by the core), which the core reads and adds to its own.
+// A service the core cannot express as a cycle (hashing or load-based schedulers,
+// persistence, thresholds, slow start, no live backend) has no schedule: the slow path.
+//
 // The license string must be GPL compatible because bpf_fib_lookup is a GPL-only helper.
 
 #include <linux/bpf.h>
@@ -131,6 +146,8 @@ enum counter {
 	CNT_SLOW_TTL,
 	CNT_SLOW_FIB,
 	CNT_DR_UNDELIVERABLE, // kpath_deliver: no direct route to the real server, dropped
+	CNT_OP_IN,  // one-packet datagrams scheduled to a backend
+	CNT_OP_OUT, // one-packet answers sent from their VIP
 	CNT_MAX,
 };
 
@@ -149,6 +166,65 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, PIN_BY_NAME);
 } kpath_counters SEC(".maps");
+
+// Longest schedule: a cycle of up to 1024 picks covers rr over any realistic number of backends
+// and wrr whose weights (divided by their gcd) add up to 1024 or less; 8 KiB a service.
+#define OP_MAX_SLOTS 1024
+// One-packet services with a schedule, each with its own per-CPU cursor.
+#define OP_MAX_SERVICES 256
+// Backend endpoints of those services.
+#define OP_MAX_BACKENDS 4096
+
+// A UDP endpoint: a VIP or a backend. 8 bytes.
+struct op_endpoint {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+// A one-packet service's schedule, mirrored by kpath::pod::RawOpSchedule.
+struct op_schedule {
+	__u32 nslots; // 1..=OP_MAX_SLOTS
+	__u32 cursor; // the service's index in kpath_op_cursors
+	struct op_endpoint slots[OP_MAX_SLOTS];
+};
+
+// Per backend endpoint and CPU: what the program moved.
+struct op_counts {
+	__u64 in_packets;  // datagrams to the backend
+	__u64 in_bytes;    // their IP bytes
+	__u64 out_packets; // answers from the backend
+	__u64 out_bytes;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, OP_MAX_SERVICES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct op_endpoint);
+	__type(value, struct op_schedule);
+} kpath_op_schedules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, OP_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u32);
+} kpath_op_cursors SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, OP_MAX_BACKENDS);
+	__type(key, struct op_endpoint);
+	__type(value, struct op_endpoint);
+} kpath_op_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, OP_MAX_BACKENDS);
+	__type(key, struct op_endpoint);
+	__type(value, struct op_counts);
+} kpath_op_counts SEC(".maps");
 
 INLINE void count(__u32 which, __u64 n)
 {
@@ -208,6 +284,111 @@ INLINE int redirect_to_server(__u32 ifindex, __be32 server)
 	nh.nh_family = 2; // AF_INET
 	nh.ipv4_nh = server;
 	return bpf_redirect_neigh(ifindex, &nh, sizeof(nh), 0);
+}
+
+// Rewrites the packet of `old` (as it arrived) to the new endpoints: transport checksum
+// (addresses through the pseudo-header), IP checksum, TTL (already decremented in
+// `ttl_proto`), fields.
+INLINE void translate(struct __sk_buff *skb, __u32 csum_off, __u64 csum_flags,
+		      const struct flow_key *old, __be32 new_saddr, __be32 new_daddr,
+		      __be16 new_sport, __be16 new_dport, __u16 old_ttl_word, __u8 ttl_proto[2])
+{
+	if (old->saddr != new_saddr) {
+		bpf_l4_csum_replace(skb, csum_off, old->saddr, new_saddr,
+				    csum_flags | BPF_F_PSEUDO_HDR | sizeof(new_saddr));
+		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old->saddr, new_saddr, sizeof(new_saddr));
+	}
+	if (old->daddr != new_daddr) {
+		bpf_l4_csum_replace(skb, csum_off, old->daddr, new_daddr,
+				    csum_flags | BPF_F_PSEUDO_HDR | sizeof(new_daddr));
+		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old->daddr, new_daddr, sizeof(new_daddr));
+	}
+	if (old->sport != new_sport)
+		bpf_l4_csum_replace(skb, csum_off, old->sport, new_sport, csum_flags | sizeof(new_sport));
+	if (old->dport != new_dport)
+		bpf_l4_csum_replace(skb, csum_off, old->dport, new_dport, csum_flags | sizeof(new_dport));
+
+	bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ttl_word, *(__u16 *)ttl_proto, 2);
+	__u8 new_ttl = ttl_proto[0];
+	bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0);
+	__be32 addrs[2] = {new_saddr, new_daddr};
+	bpf_skb_store_bytes(skb, IP_ADDR_OFF, addrs, sizeof(addrs), 0);
+	__be16 ports[2] = {new_sport, new_dport};
+	bpf_skb_store_bytes(skb, L4_OFF, ports, sizeof(ports), 0);
+}
+
+// A UDP datagram with no flow entry: a one-packet service's datagram to its VIP (inbound) or
+// an answer from one of its backend endpoints (outbound), if the core installed a schedule
+// for it; anything else takes the slow path. The cursor advances only when the datagram is
+// carried, so the slow path's datagrams leave no hole in the cycle.
+INLINE int one_packet(struct __sk_buff *skb, struct iphdr *ip, const struct flow_key *key,
+		      __u8 dir)
+{
+	struct op_endpoint new_ep;
+	struct op_endpoint backend = {};
+	__u32 *cursor = 0;
+	__u32 next = 0;
+	if (dir == DIR_INBOUND) {
+		struct op_endpoint vip = {.addr = key->daddr, .port = key->dport};
+		struct op_schedule *s = bpf_map_lookup_elem(&kpath_op_schedules, &vip);
+		if (!s)
+			return slow(CNT_SLOW_NO_ENTRY);
+		__u32 n = s->nslots;
+		__u32 which = s->cursor;
+		cursor = bpf_map_lookup_elem(&kpath_op_cursors, &which);
+		if (!cursor || n == 0 || n > OP_MAX_SLOTS)
+			return slow(CNT_SLOW_NO_ENTRY);
+		__u32 i = *cursor % n;
+		// The compiler knows i < n <= OP_MAX_SLOTS and would drop the check the verifier
+		// needs to bound the slot's offset: hide what it knows.
+		asm volatile("" : "+r"(i));
+		if (i >= OP_MAX_SLOTS)
+			return slow(CNT_SLOW_NO_ENTRY);
+		next = i + 1;
+		new_ep = s->slots[i];
+		backend = new_ep;
+	} else {
+		backend.addr = key->saddr;
+		backend.port = key->sport;
+		struct op_endpoint *vip = bpf_map_lookup_elem(&kpath_op_backends, &backend);
+		if (!vip)
+			return slow(CNT_SLOW_NO_ENTRY);
+		new_ep = *vip;
+	}
+	if (ip->ttl <= 1)
+		return slow(CNT_SLOW_TTL);
+	__be32 new_saddr = dir == DIR_INBOUND ? key->saddr : new_ep.addr;
+	__be16 new_sport = dir == DIR_INBOUND ? key->sport : new_ep.port;
+	__be32 new_daddr = dir == DIR_INBOUND ? new_ep.addr : key->daddr;
+	__be16 new_dport = dir == DIR_INBOUND ? new_ep.port : key->dport;
+	struct bpf_fib_lookup fib = {};
+	if (!route(skb, ip, new_saddr, new_daddr, &fib))
+		return slow(CNT_SLOW_FIB);
+
+	__u16 old_ttl_word = *(__u16 *)&ip->ttl;
+	__u8 ttl_proto[2];
+	ttl_proto[0] = ip->ttl - 1;
+	ttl_proto[1] = IPPROTO_UDP;
+	__u64 ip_len = skb->len - ETH_HLEN;
+	__u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
+	if (cursor)
+		*cursor = next;
+	struct op_counts *c = bpf_map_lookup_elem(&kpath_op_counts, &backend);
+	if (c) {
+		if (dir == DIR_INBOUND) {
+			c->in_packets += segs;
+			c->in_bytes += ip_len;
+		} else {
+			c->out_packets += segs;
+			c->out_bytes += ip_len;
+		}
+	}
+	count(dir == DIR_INBOUND ? CNT_OP_IN : CNT_OP_OUT, segs);
+	translate(skb, UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0, key, new_saddr, new_daddr, new_sport,
+		  new_dport, old_ttl_word, ttl_proto);
+	count(CNT_FAST_PACKETS, segs);
+	count(CNT_FAST_BYTES, ip_len);
+	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
 }
 
 INLINE int handle(struct __sk_buff *skb, __u8 dir)
@@ -278,7 +459,8 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 
 	struct flow_value *v = bpf_map_lookup_elem(&kpath_flows, &key);
 	if (!v)
-		return slow(CNT_SLOW_NO_ENTRY);
+		return key.proto == IPPROTO_UDP ? one_packet(skb, ip, &key, dir)
+						: slow(CNT_SLOW_NO_ENTRY);
 	if (fin && (v->flags & (FLOW_DIRECT_ROUTE | FLOW_FIN_TO_CORE)))
 		return slow(CNT_SLOW_TCP_FLAGS);
 	if (ip->ttl <= 1)
@@ -300,8 +482,6 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	if (direct && fib.ipv4_dst != next_hop)
 		return slow(CNT_SLOW_FIB);
 
-	__be32 old_saddr = key.saddr, old_daddr = key.daddr;
-	__be16 old_sport = key.sport, old_dport = key.dport;
 	__u16 old_ttl_word = *(__u16 *)&ip->ttl;
 	__u8 new_ttl = ip->ttl - 1;
 	__u64 ip_len = skb->len - ETH_HLEN;
@@ -337,29 +517,8 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 		return redirect_to_server(fib.ifindex, next_hop);
 	}
 
-	// Rewrite: transport checksum (addresses through the pseudo-header), IP checksum, fields.
-	if (old_saddr != new_saddr) {
-		bpf_l4_csum_replace(skb, csum_off, old_saddr, new_saddr,
-				    csum_flags | BPF_F_PSEUDO_HDR | sizeof(new_saddr));
-		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_saddr, new_saddr, sizeof(new_saddr));
-	}
-	if (old_daddr != new_daddr) {
-		bpf_l4_csum_replace(skb, csum_off, old_daddr, new_daddr,
-				    csum_flags | BPF_F_PSEUDO_HDR | sizeof(new_daddr));
-		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_daddr, new_daddr, sizeof(new_daddr));
-	}
-	if (old_sport != new_sport)
-		bpf_l4_csum_replace(skb, csum_off, old_sport, new_sport, csum_flags | sizeof(new_sport));
-	if (old_dport != new_dport)
-		bpf_l4_csum_replace(skb, csum_off, old_dport, new_dport, csum_flags | sizeof(new_dport));
-
-	bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ttl_word, *(__u16 *)ttl_proto, 2);
-	bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0);
-	__be32 addrs[2] = {new_saddr, new_daddr};
-	bpf_skb_store_bytes(skb, IP_ADDR_OFF, addrs, sizeof(addrs), 0);
-	__be16 ports[2] = {new_sport, new_dport};
-	bpf_skb_store_bytes(skb, L4_OFF, ports, sizeof(ports), 0);
-
+	translate(skb, csum_off, csum_flags, &key, new_saddr, new_daddr, new_sport, new_dport,
+		  old_ttl_word, ttl_proto);
 	count(CNT_FAST_PACKETS, segs);
 	count(CNT_FAST_BYTES, ip_len);
 	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);

@@ -17,6 +17,14 @@
 //! ([`KernelPath::attach_delivery`]), does the same for the packets the core wrote back after
 //! handling them (the SYN, FIN, RST).
 //!
+//! One-packet UDP services (ipvsadm `-o`): the core keeps no flow for them, so it installs each
+//! service's *schedule* instead ([`KernelPath::set_one_packet_schedule`]): the cycle of backend
+//! endpoints its own scheduler gives, which the inbound program walks with a per-CPU cursor,
+//! one slot per datagram; and each backend endpoint's VIP
+//! ([`KernelPath::set_one_packet_backend`]), from which the outbound program sends that
+//! endpoint's answers. Per backend endpoint the program counts what it moved
+//! ([`KernelPath::one_packet_counts`]) for the core to add to its own counters.
+//!
 //! Invariants:
 //! - Each map entry is keyed by the packet's 5-tuple as it arrives and its direction; the
 //!   value is the rewrite (new source and destination endpoints) plus what the program
@@ -104,9 +112,41 @@ pub enum KpathError {
     /// A GRE tunnel slot past the maps' size.
     #[error("GRE tunnel slot {0} is not below {max}", max = gre::MAX_GRE_TUNNELS)]
     GreSlot(u32),
+    /// A one-packet schedule that is empty or longer than [`MAX_ONE_PACKET_SLOTS`].
+    #[error("a one-packet schedule has 1 to {max} slots, not {0}", max = MAX_ONE_PACKET_SLOTS)]
+    ScheduleSize(usize),
+    /// A one-packet schedule's cursor index past [`MAX_ONE_PACKET_SERVICES`].
+    #[error("one-packet cursor {0} is not below {max}", max = MAX_ONE_PACKET_SERVICES)]
+    OnePacketCursor(u32),
     /// The number of possible CPUs (the per-CPU counters' width) is unknown.
     #[error("reading the possible CPUs: {0}")]
     PossibleCpus(std::io::Error),
+}
+
+/// The longest one-packet schedule (`OP_MAX_SLOTS` in the program): a cycle of up to 1024
+/// picks covers rr over any realistic backend set and wrr whose weights, divided by their
+/// gcd, add up to 1024 or less, in 8 KiB a service.
+pub const MAX_ONE_PACKET_SLOTS: usize = pod::OP_MAX_SLOTS;
+
+/// How many one-packet services may have a schedule at once (each has its own per-CPU
+/// cursor, `0..MAX_ONE_PACKET_SERVICES`).
+pub const MAX_ONE_PACKET_SERVICES: u32 = 256;
+
+/// How many backend endpoints of one-packet services the program knows at once.
+pub const MAX_ONE_PACKET_BACKENDS: usize = 4096;
+
+/// What the program moved for one backend endpoint of a one-packet service, summed over
+/// CPUs since the endpoint was installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OnePacketCounts {
+    /// Datagrams sent to the backend.
+    pub in_packets: u64,
+    /// Their IP bytes.
+    pub in_bytes: u64,
+    /// Answers sent from the VIP.
+    pub out_packets: u64,
+    /// Their IP bytes.
+    pub out_bytes: u64,
 }
 
 /// Transport protocols the program rewrites.
@@ -312,10 +352,22 @@ pub struct Counters {
     /// Dropped at `nat0`: a direct-routing packet whose real server is not reachable on a
     /// directly connected network.
     pub direct_route_undeliverable: u64,
+    /// One-packet datagrams scheduled to a backend in the kernel.
+    pub one_packet_in: u64,
+    /// One-packet answers sent from their VIP in the kernel.
+    pub one_packet_out: u64,
 }
 
 fn octets(a: Ipv4Addr) -> [u8; 4] {
     a.octets()
+}
+
+fn op_endpoint(e: SocketAddrV4) -> pod::RawOpEndpoint {
+    pod::RawOpEndpoint {
+        addr: e.ip().octets(),
+        port: e.port().to_be_bytes(),
+        pad: 0,
+    }
 }
 
 impl FlowKey {

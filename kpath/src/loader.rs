@@ -17,7 +17,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use aya::maps::{HashMap, IterableMap as _, MapData, PerCpuArray};
+use std::net::SocketAddrV4;
+
+use aya::maps::{HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::programs::TestRunOptions;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
@@ -25,11 +27,19 @@ use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, qdisc
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TcError, TestRun as _};
 use aya::{Ebpf, EbpfLoader};
 
-use crate::pod::{RawFlowKey, RawFlowValue};
-use crate::{Counters, Direction, FlowKey, FlowReport, KpathError, OBJECT, Rewrite};
+use crate::pod::{
+    OP_MAX_SLOTS, RawFlowKey, RawFlowValue, RawOpCounts, RawOpEndpoint, RawOpSchedule,
+};
+use crate::{
+    Counters, Direction, FlowKey, FlowReport, KpathError, MAX_ONE_PACKET_SERVICES, OBJECT,
+    OnePacketCounts, Rewrite, op_endpoint,
+};
 
 const FLOWS: &str = "kpath_flows";
 const COUNTERS: &str = "kpath_counters";
+const OP_SCHEDULES: &str = "kpath_op_schedules";
+const OP_BACKENDS: &str = "kpath_op_backends";
+const OP_COUNTS: &str = "kpath_op_counts";
 /// `BPF_FS_MAGIC` (statfs f_type of a bpffs).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -118,6 +128,9 @@ pub struct KernelPath {
     ebpf: Ebpf,
     flows: HashMap<MapData, RawFlowKey, RawFlowValue>,
     counters: PerCpuArray<MapData, u64>,
+    op_schedules: HashMap<MapData, RawOpEndpoint, RawOpSchedule>,
+    op_backends: HashMap<MapData, RawOpEndpoint, RawOpEndpoint>,
+    op_counts: PerCpuHashMap<MapData, RawOpEndpoint, RawOpCounts>,
     pin_dir: PathBuf,
     attach: AttachMode,
     attachments: Vec<Attachment>,
@@ -227,10 +240,30 @@ impl KernelPath {
                 .ok_or(KpathError::Missing(COUNTERS))?,
         )
         .map_err(map_err(COUNTERS))?;
+        // The one-packet maps are not pinned: the core reinstalls every schedule at its first
+        // sync, and a program left running in a pinned link keeps the maps it was loaded with.
+        let op_schedules = HashMap::try_from(
+            ebpf.take_map(OP_SCHEDULES)
+                .ok_or(KpathError::Missing(OP_SCHEDULES))?,
+        )
+        .map_err(map_err(OP_SCHEDULES))?;
+        let op_backends = HashMap::try_from(
+            ebpf.take_map(OP_BACKENDS)
+                .ok_or(KpathError::Missing(OP_BACKENDS))?,
+        )
+        .map_err(map_err(OP_BACKENDS))?;
+        let op_counts = PerCpuHashMap::try_from(
+            ebpf.take_map(OP_COUNTS)
+                .ok_or(KpathError::Missing(OP_COUNTS))?,
+        )
+        .map_err(map_err(OP_COUNTS))?;
         Ok(KernelPath {
             ebpf,
             flows,
             counters,
+            op_schedules,
+            op_backends,
+            op_counts,
             pin_dir,
             attach: opts.attach,
             attachments: Vec::new(),
@@ -500,6 +533,121 @@ impl KernelPath {
         Ok(out)
     }
 
+    /// Installs (or replaces, in one map update the program sees whole) the schedule of the
+    /// one-packet service at `vip`: the inbound program sends each datagram to `vip` to the
+    /// slot after the last one its CPU used, walking `slots` round. `cursor` names the
+    /// service's per-CPU cursor (`0..MAX_ONE_PACKET_SERVICES`, one per service).
+    ///
+    /// # Errors
+    /// An empty or too long schedule, a cursor out of range, or the kernel refusing the
+    /// update (more than [`MAX_ONE_PACKET_SERVICES`] schedules).
+    pub fn set_one_packet_schedule(
+        &mut self,
+        vip: SocketAddrV4,
+        cursor: u32,
+        slots: &[SocketAddrV4],
+    ) -> Result<(), KpathError> {
+        if slots.is_empty() || slots.len() > OP_MAX_SLOTS {
+            return Err(KpathError::ScheduleSize(slots.len()));
+        }
+        if cursor >= MAX_ONE_PACKET_SERVICES {
+            return Err(KpathError::OnePacketCursor(cursor));
+        }
+        let mut raw = RawOpSchedule {
+            // Bounded by OP_MAX_SLOTS above.
+            nslots: u32::try_from(slots.len()).unwrap_or(0),
+            cursor,
+            slots: [RawOpEndpoint::default(); OP_MAX_SLOTS],
+        };
+        for (slot, &backend) in raw.slots.iter_mut().zip(slots) {
+            *slot = op_endpoint(backend);
+        }
+        self.op_schedules
+            .insert(op_endpoint(vip), raw, 0)
+            .map_err(|source| KpathError::Map {
+                map: OP_SCHEDULES,
+                source,
+            })
+    }
+
+    /// Removes the schedule of `vip`: its datagrams take the slow path again.
+    ///
+    /// # Errors
+    /// The kernel refusing the delete for another reason than a missing key.
+    pub fn remove_one_packet_schedule(&mut self, vip: SocketAddrV4) -> Result<(), KpathError> {
+        let key = op_endpoint(vip);
+        removed(self.op_schedules.remove(&key), OP_SCHEDULES)
+    }
+
+    /// Makes the outbound program send the datagrams of backend endpoint `backend` from
+    /// `vip`, and count what it moves for `backend` (from zero when the endpoint is new).
+    ///
+    /// # Errors
+    /// The kernel refusing an update (more than [`crate::MAX_ONE_PACKET_BACKENDS`]).
+    pub fn set_one_packet_backend(
+        &mut self,
+        backend: SocketAddrV4,
+        vip: SocketAddrV4,
+    ) -> Result<(), KpathError> {
+        let key = op_endpoint(backend);
+        if self.op_counts.get(&key, 0).is_err() {
+            let cpus =
+                aya::util::nr_cpus().map_err(|(_, source)| KpathError::PossibleCpus(source))?;
+            let zeros = PerCpuValues::try_from(vec![RawOpCounts::default(); cpus])
+                .map_err(KpathError::PossibleCpus)?;
+            self.op_counts
+                .insert(key, zeros, 0)
+                .map_err(|source| KpathError::Map {
+                    map: OP_COUNTS,
+                    source,
+                })?;
+        }
+        self.op_backends
+            .insert(key, op_endpoint(vip), 0)
+            .map_err(|source| KpathError::Map {
+                map: OP_BACKENDS,
+                source,
+            })
+    }
+
+    /// Forgets backend endpoint `backend`: its datagrams take the slow path again, and its
+    /// counts go.
+    ///
+    /// # Errors
+    /// The kernel refusing a delete for another reason than a missing key.
+    pub fn remove_one_packet_backend(&mut self, backend: SocketAddrV4) -> Result<(), KpathError> {
+        let key = op_endpoint(backend);
+        removed(self.op_backends.remove(&key), OP_BACKENDS)?;
+        removed(self.op_counts.remove(&key), OP_COUNTS)
+    }
+
+    /// What the program moved for backend endpoint `backend` since it was installed, summed
+    /// over CPUs; `None` if it is not installed.
+    ///
+    /// # Errors
+    /// The kernel refusing the lookup for another reason than a missing key.
+    pub fn one_packet_counts(
+        &self,
+        backend: SocketAddrV4,
+    ) -> Result<Option<OnePacketCounts>, KpathError> {
+        match self.op_counts.get(&op_endpoint(backend), 0) {
+            Ok(per_cpu) => Ok(Some(per_cpu.iter().fold(
+                OnePacketCounts::default(),
+                |sum, c| OnePacketCounts {
+                    in_packets: sum.in_packets.wrapping_add(c.in_packets),
+                    in_bytes: sum.in_bytes.wrapping_add(c.in_bytes),
+                    out_packets: sum.out_packets.wrapping_add(c.out_packets),
+                    out_bytes: sum.out_bytes.wrapping_add(c.out_bytes),
+                },
+            ))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(KpathError::Map {
+                map: OP_COUNTS,
+                source,
+            }),
+        }
+    }
+
     /// The program's counters, summed over CPUs.
     ///
     /// # Errors
@@ -521,6 +669,10 @@ impl KernelPath {
             slow_ttl: get(5)?,
             slow_fib: get(6)?,
             direct_route_undeliverable: get(7)?,
+            // A counters map pinned by a build before one-packet services has no slots for
+            // them (the program's lookups then find nothing): zero.
+            one_packet_in: get(8).unwrap_or(0),
+            one_packet_out: get(9).unwrap_or(0),
         })
     }
 
@@ -638,6 +790,19 @@ impl KernelPath {
             }
         }
         first_error
+    }
+}
+
+/// The result of a delete, a missing key being no error.
+fn removed(result: Result<(), aya::maps::MapError>, map: &'static str) -> Result<(), KpathError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(KpathError::Map { map, source }),
     }
 }
 

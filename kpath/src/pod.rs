@@ -61,3 +61,52 @@ unsafe impl aya::Pod for RawFlowKey {}
 // multiple of 8, asserted above).
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for RawFlowValue {}
+
+/// `OP_MAX_SLOTS`: the longest one-packet schedule.
+pub(crate) const OP_MAX_SLOTS: usize = 1024;
+
+/// `struct op_endpoint`: a UDP endpoint (a VIP or a backend), network byte order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub(crate) struct RawOpEndpoint {
+    pub(crate) addr: [u8; 4],
+    pub(crate) port: [u8; 2],
+    pub(crate) pad: u16,
+}
+
+/// `struct op_schedule`: a one-packet service's cycle of backend endpoints.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawOpSchedule {
+    pub(crate) nslots: u32,
+    pub(crate) cursor: u32,
+    pub(crate) slots: [RawOpEndpoint; OP_MAX_SLOTS],
+}
+
+/// `struct op_counts`: what the program moved for one backend endpoint (one CPU's share).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RawOpCounts {
+    pub(crate) in_packets: u64,
+    pub(crate) in_bytes: u64,
+    pub(crate) out_packets: u64,
+    pub(crate) out_bytes: u64,
+}
+
+const _: () = assert!(size_of::<RawOpEndpoint>() == 8);
+const _: () = assert!(size_of::<RawOpSchedule>() == 8 + 8 * OP_MAX_SLOTS);
+const _: () = assert!(size_of::<RawOpCounts>() == 32);
+
+// SAFETY: `repr(C)`, byte arrays and one u16 adding up to the asserted size: no padding, every
+// bit pattern valid.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for RawOpEndpoint {}
+
+// SAFETY: `repr(C)`, two u32 then an array of 8-byte, 4-aligned `RawOpEndpoint`s: no padding
+// (size asserted above), every bit pattern valid.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for RawOpSchedule {}
+
+// SAFETY: `repr(C)`, four u64: no padding, every bit pattern valid.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for RawOpCounts {}

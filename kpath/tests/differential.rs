@@ -160,9 +160,13 @@ struct Harness {
 
 impl Harness {
     fn new(ifindex: u32) -> Self {
+        Harness::with(ifindex, config())
+    }
+
+    fn with(ifindex: u32, config: GatewayConfig) -> Self {
         let now = Instant::now();
         Harness {
-            gw: Gateway::new(now, config()).unwrap(),
+            gw: Gateway::new(now, config).unwrap(),
             now,
             kp: KernelPath::load(&LoadOptions::new("differential")).unwrap(),
             ifindex,
@@ -721,6 +725,223 @@ fn direct_routing_delivers_unchanged_to_a_server_on_the_segment() {
         assert_eq!((run.action, run.frame), (TestRun::PASS, frame));
         let c = kp.counters().unwrap();
         assert_eq!((c.fast_packets, c.slow_fib, c.slow_tcp_flags), (1, 1, 3));
+        kp.unload().unwrap();
+    });
+}
+
+/// A one-packet UDP service (ipvsadm `-o`) on `DNS_VIP` over `DNS_BACKENDS` with `scheduler`
+/// and `weights`.
+fn one_packet_config(scheduler: balance::SchedulerKind, weights: &[u32]) -> GatewayConfig {
+    GatewayConfig {
+        services: vec![ServiceConfig {
+            name: "dns".into(),
+            listen: DNS_VIP,
+            ports: None,
+            pool: balance::PoolConfig {
+                scheduler,
+                backends: DNS_BACKENDS
+                    .iter()
+                    .zip(weights)
+                    .map(|(&b, &w)| balance::BackendConfig::new(b, w))
+                    .collect(),
+                ..balance::PoolConfig::default()
+            },
+            health: None,
+            forward: natgw::Forward::Nat,
+            proto: natgw::Proto::Udp,
+            one_packet: true,
+        }],
+        ..config()
+    }
+}
+
+const DNS_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 53);
+const DNS_BACKENDS: [SocketAddrV4; 3] = [
+    SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 101), 53),
+    SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 102), 53),
+    SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 103), 5353),
+];
+
+/// The destination endpoint of a rewritten frame.
+fn frame_destination(frame: &[u8]) -> SocketAddrV4 {
+    let ip: [u8; 4] = frame[30..34].try_into().unwrap();
+    SocketAddrV4::new(ip.into(), u16::from_be_bytes([frame[36], frame[37]]))
+}
+
+/// Pins the calling thread to one CPU: the program's one-packet cursor is per CPU, and a
+/// test comparing sequences must stay on one.
+fn pin_to_one_cpu() {
+    let mut set = nix::sched::CpuSet::new();
+    let cpu = (0..nix::sched::CpuSet::count())
+        .find(|&c| {
+            nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+                .is_ok_and(|s| s.is_set(c).unwrap_or(false))
+        })
+        .unwrap();
+    set.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+impl Harness {
+    /// Installs the core's one-packet schedules and backend endpoints, as the driver does.
+    fn install_one_packet(&mut self) -> usize {
+        let schedules = self
+            .gw
+            .one_packet_schedules(self.now, kpath::MAX_ONE_PACKET_SLOTS);
+        for (cursor, s) in (0u32..).zip(&schedules) {
+            self.kp
+                .set_one_packet_schedule(s.vip, cursor, &s.slots)
+                .unwrap();
+            for &b in &s.backends {
+                self.kp.set_one_packet_backend(b, s.vip).unwrap();
+            }
+        }
+        schedules.len()
+    }
+}
+
+/// Datagrams of one client socket to a one-packet service and the backends' answers: the
+/// program, walking the schedule the core installed, sends each datagram to the backend the
+/// core's own scheduler picks for it, with the core's bytes, and the answers leave from the
+/// VIP as from the core; the per-backend counts the core will add are exact.
+fn one_packet_same_backends_as_the_core(
+    scheduler: balance::SchedulerKind,
+    weights: &[u32],
+    datagrams: usize,
+) -> Vec<SocketAddrV4> {
+    let config = one_packet_config(scheduler, weights);
+    in_sandbox(move |ifindex| {
+        pin_to_one_cpu();
+        let mut h = Harness::with(ifindex, config);
+        let client = SocketAddrV4::new(SRV2, 40000);
+        // A datagram to the core first: its rotation no longer starts at the first backend.
+        h.core(Direction::Inbound, &udp_frame(client, DNS_VIP, b"first"));
+        assert_eq!(h.install_one_packet(), 1);
+        let mut sequence = Vec::new();
+        for i in 0..datagrams {
+            let query = udp_frame(client, DNS_VIP, format!("query {i}").as_bytes());
+            let out = h.same(Direction::Inbound, &query);
+            let backend = frame_destination(&out);
+            sequence.push(backend);
+            let back = h.same(
+                Direction::Outbound,
+                &udp_frame(backend, client, format!("answer {i}").as_bytes()),
+            );
+            assert_eq!(
+                &back[26..30],
+                &DNS_VIP.ip().octets(),
+                "answered from the VIP"
+            );
+            assert_eq!(&back[34..36], &53u16.to_be_bytes(), "and its port");
+        }
+        let c = h.kp.counters().unwrap();
+        assert_eq!(
+            (c.one_packet_in, c.one_packet_out),
+            (datagrams as u64, datagrams as u64)
+        );
+        for b in DNS_BACKENDS {
+            let n = sequence.iter().filter(|&&s| s == b).count() as u64;
+            let counts = h.kp.one_packet_counts(b).unwrap().unwrap();
+            assert_eq!((counts.in_packets, counts.out_packets), (n, n), "{b}");
+        }
+        h.kp.unload().unwrap();
+        sequence
+    })
+}
+
+#[test]
+fn one_packet_rr_gives_the_cores_backend_sequence() {
+    let seq = one_packet_same_backends_as_the_core(balance::SchedulerKind::Rr, &[1, 1, 1], 9);
+    // The core sent "first" to the first backend; the program goes on from the second.
+    let want: Vec<_> = (1..=9).map(|i| DNS_BACKENDS[i % 3]).collect();
+    assert_eq!(seq, want);
+}
+
+#[test]
+fn one_packet_wrr_gives_the_cores_smooth_weighted_sequence() {
+    // Weights 6:4:2 have the cycle of 3:2:1 (six picks), each backend its share in every one.
+    let seq = one_packet_same_backends_as_the_core(balance::SchedulerKind::Wrr, &[6, 4, 2], 12);
+    for cycle in seq.chunks(6) {
+        let share: Vec<usize> = DNS_BACKENDS
+            .iter()
+            .map(|b| cycle.iter().filter(|&s| s == b).count())
+            .collect();
+        assert_eq!(share, [3, 2, 1], "{seq:?}");
+    }
+}
+
+#[test]
+fn one_packet_services_the_core_cannot_state_as_a_cycle_stay_on_the_slow_path() {
+    in_sandbox(|ifindex| {
+        // Source hashing decides by the client: no schedule, every datagram to the core.
+        let mut h = Harness::with(
+            ifindex,
+            one_packet_config(balance::SchedulerKind::Sh, &[1, 1, 1]),
+        );
+        assert_eq!(h.install_one_packet(), 0);
+        let client = SocketAddrV4::new(SRV2, 40001);
+        h.passes(Direction::Inbound, &udp_frame(client, DNS_VIP, b"query"));
+        h.passes(
+            Direction::Outbound,
+            &udp_frame(DNS_BACKENDS[0], client, b"answer"),
+        );
+        h.kp.unload().unwrap();
+
+        // With a schedule, what the program does not handle still takes the slow path.
+        let mut h = Harness::with(
+            ifindex,
+            one_packet_config(balance::SchedulerKind::Rr, &[1, 1, 1]),
+        );
+        assert_eq!(h.install_one_packet(), 1);
+        let mut fragment = udp_frame(client, DNS_VIP, b"fragment");
+        fragment[14 + 7] = 0x10;
+        h.passes(Direction::Inbound, &fragment);
+        let mut dying = udp_frame(client, DNS_VIP, b"ttl");
+        dying[14 + 8] = 1;
+        h.passes(Direction::Inbound, &dying);
+        // Another port of the VIP, and a backend's datagram from another port.
+        h.passes(
+            Direction::Inbound,
+            &udp_frame(client, SocketAddrV4::new(*DNS_VIP.ip(), 54), b"other"),
+        );
+        h.passes(
+            Direction::Outbound,
+            &udp_frame(
+                SocketAddrV4::new(*DNS_BACKENDS[0].ip(), 9),
+                client,
+                b"other",
+            ),
+        );
+        let c = h.kp.counters().unwrap();
+        assert_eq!(
+            (c.one_packet_in, c.one_packet_out, c.fast_packets),
+            (0, 0, 0)
+        );
+        // A schedule removed: the datagrams cross the core again.
+        h.kp.remove_one_packet_schedule(DNS_VIP).unwrap();
+        h.kp.remove_one_packet_backend(DNS_BACKENDS[0]).unwrap();
+        h.passes(Direction::Inbound, &udp_frame(client, DNS_VIP, b"query"));
+        h.passes(
+            Direction::Outbound,
+            &udp_frame(DNS_BACKENDS[0], client, b"answer"),
+        );
+        h.kp.unload().unwrap();
+    });
+}
+
+#[test]
+fn one_packet_schedules_out_of_bounds_are_refused() {
+    in_sandbox(|_| {
+        let mut kp = KernelPath::load(&LoadOptions::new("differential")).unwrap();
+        let too_long = vec![DNS_BACKENDS[0]; kpath::MAX_ONE_PACKET_SLOTS + 1];
+        assert!(kp.set_one_packet_schedule(DNS_VIP, 0, &too_long).is_err());
+        assert!(kp.set_one_packet_schedule(DNS_VIP, 0, &[]).is_err());
+        assert!(
+            kp.set_one_packet_schedule(DNS_VIP, kpath::MAX_ONE_PACKET_SERVICES, &DNS_BACKENDS)
+                .is_err()
+        );
+        let longest = vec![DNS_BACKENDS[0]; kpath::MAX_ONE_PACKET_SLOTS];
+        kp.set_one_packet_schedule(DNS_VIP, 0, &longest).unwrap();
         kp.unload().unwrap();
     });
 }

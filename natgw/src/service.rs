@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use balance::{
     AdminState, BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool,
-    PoolConfig, PoolError, TemplateChange, TemplateImage, TemplateRefused,
+    PoolConfig, PoolError, SchedulerKind, TemplateChange, TemplateImage, TemplateRefused,
 };
 
 use crate::flow::Proto;
@@ -326,6 +326,93 @@ impl VirtualService {
                 .count_traffic(id, PoolDirection::ToBackend, 1, len as u64);
         }
         Some(inside)
+    }
+
+    /// A one-packet service's schedule for a data path that carries its datagrams without
+    /// the core: the cycle of backend endpoints this service's own scheduler gives from now
+    /// on, one per datagram (rr: each available backend in turn; wrr: the smooth weighted
+    /// sequence over Σweights, divided by their gcd, picks), at most `max_slots` long.
+    /// Computed on a copy of the pool, so nothing counts and the rotation does not move.
+    ///
+    /// `None` when the decision cannot be a fixed cycle, so every datagram must cross the
+    /// core: not one-packet; a scheduler that hashes or weighs loads; persistence;
+    /// connection limits or thresholds; a backend in slow start; no available backend (the
+    /// sorry server and refusals are the core's); or a cycle longer than `max_slots`.
+    pub fn one_packet_schedule(
+        &mut self,
+        now: Instant,
+        max_slots: usize,
+    ) -> Option<Vec<SocketAddrV4>> {
+        if !self.one_packet {
+            return None;
+        }
+        self.pool.handle_timeout(now);
+        let pool = &self.pool;
+        let kind = pool.scheduler();
+        if !matches!(kind, SchedulerKind::Rr | SchedulerKind::Wrr)
+            || pool.persistence().is_some()
+            || pool.max_connections() != 0
+        {
+            return None;
+        }
+        let mut available = Vec::new();
+        for (_, b) in pool.backends() {
+            if b.is_ramping() || b.max_connections() != 0 || b.min_connections() != 0 {
+                return None;
+            }
+            if b.is_available() {
+                available.push(b.effective_weight());
+            }
+        }
+        let cycle = match kind {
+            SchedulerKind::Rr => available.len(),
+            _ => {
+                let g = available.iter().copied().fold(0, gcd);
+                if g == 0 {
+                    return None;
+                }
+                available.iter().map(|w| (w / g) as usize).sum()
+            }
+        };
+        if cycle == 0 || cycle > max_slots {
+            return None;
+        }
+        let mut probe = self.pool.clone();
+        let vip = *self.listen.ip();
+        let client = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0);
+        (0..cycle)
+            .map(|_| match probe.pick(now, client, vip) {
+                Decision::Backend { addr, .. } => Some(self.inside_for(addr, self.listen.port())),
+                Decision::Sorry(_) | Decision::Refuse => None,
+            })
+            .collect()
+    }
+
+    /// Every backend endpoint this one-packet service sends datagrams to (a backend without
+    /// a port: on the service's port), whatever its state: their answers leave from the VIP.
+    pub fn one_packet_endpoints(&self) -> Vec<SocketAddrV4> {
+        self.pool
+            .backends()
+            .map(|(_, b)| self.inside_for(b.addr(), self.listen.port()))
+            .collect()
+    }
+
+    /// Counts what a data path moved for backend endpoint `inside` without the core:
+    /// `to_backend` datagrams (packets, bytes), each scheduled as a connection opened and
+    /// forgotten at once, and `to_client` answers.
+    pub fn count_one_packet_traffic(
+        &mut self,
+        inside: SocketAddrV4,
+        to_backend: (u64, u64),
+        to_client: (u64, u64),
+    ) {
+        if let Some(id) = self.pool.find(self.pool_addr(inside)) {
+            self.pool.count_datagrams(id, to_backend.0);
+            self.pool
+                .count_traffic(id, PoolDirection::ToBackend, to_backend.0, to_backend.1);
+            self.pool
+                .count_traffic(id, PoolDirection::ToClient, to_client.0, to_client.1);
+        }
     }
 
     /// The backend a connection from `client` to service port `port` already under way
@@ -692,6 +779,12 @@ impl VirtualService {
 }
 
 /// Also the fixture of the gateway-level service tests (`gateway/services.rs`).
+/// Greatest common divisor (`gcd(0, w) = w`): wrr weights divided by theirs give the same
+/// smooth sequence with a shorter cycle.
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

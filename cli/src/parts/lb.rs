@@ -2321,7 +2321,8 @@ mod tests {
                 "fast_path": { "packets": 12, "bytes": 20480, "flows": 0,
                                "direct_route_undeliverable": 0, "adopted": 0,
                                "adoption_dropped": 0, "map_capacity": 0,
-                               "reinstalled": 0 },
+                               "reinstalled": 0, "one_packet_in": 0,
+                               "one_packet_out": 0, "one_packet_services": 0 },
                 "flows_adopted": 3,
             })
         );

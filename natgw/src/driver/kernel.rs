@@ -24,6 +24,15 @@
 //! is written back to `nat0`, where the delivery program needs it), kept in every TCP state
 //! while the core has the flow, and removed with it.
 //!
+//! One-packet UDP services: each round the sync task also asks the core for the schedule of
+//! every one-packet service it can state as a cycle ([`Gateway::one_packet_schedules`]) and
+//! installs it when it changed (a rotation of the installed cycle is the same schedule),
+//! with each backend endpoint's VIP for the answers; a service that has none any more
+//! (hashing scheduler, persistence, no live backend) loses its schedule and its datagrams
+//! cross the core again. A change of health, weight, drain or configuration reaches the
+//! program within one round. What the program carried per backend endpoint is fed back
+//! ([`Gateway::one_packet_fast_path_traffic`]).
+//!
 //! Restarts: the programs' tcx links and the maps are pinned under
 //! `/sys/fs/bpf/vipgate/<site>/` and outlive the process (a `vipgate restart`, which re-execs
 //! the daemon, or a crash): the kernel keeps forwarding the established flows while no daemon
@@ -125,6 +134,16 @@ pub struct FastPathCounters {
     /// (at most 1024 a round).
     #[cfg_attr(feature = "serde", serde(default))]
     pub reinstalled: u64,
+    /// One-packet datagrams scheduled to a backend in the kernel (also in the core's
+    /// `one_packet_in`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub one_packet_in: u64,
+    /// One-packet answers sent from their VIP in the kernel (also in `one_packet_out`).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub one_packet_out: u64,
+    /// One-packet services whose schedule the program holds.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub one_packet_services: usize,
 }
 
 /// The flow map size for a table of `max_mappings` flows: two entries per flow, and an eighth
@@ -155,6 +174,10 @@ pub(super) struct KernelDatapath {
     capacity: u32,
     /// Entries the LRU evicted and a sync round put back.
     reinstalled: u64,
+    /// One-packet services whose schedule is installed: VIP → (cursor index, cycle).
+    one_packet: HashMap<SocketAddrV4, (u32, Vec<SocketAddrV4>)>,
+    /// Backend endpoints of those services: endpoint → (VIP, counts fed to the core so far).
+    one_packet_backends: HashMap<SocketAddrV4, (SocketAddrV4, kpath::OnePacketCounts)>,
 }
 
 /// Evicted entries put back per sync round at most.
@@ -240,6 +263,8 @@ impl KernelDatapath {
             adoption: (0, 0),
             capacity,
             reinstalled: 0,
+            one_packet: HashMap::new(),
+            one_packet_backends: HashMap::new(),
         })
     }
 
@@ -349,6 +374,7 @@ impl KernelDatapath {
 
     /// One sync round (see the module docs).
     pub(super) fn sync(&mut self, gw: &Mutex<Gateway>) {
+        self.sync_one_packet(gw);
         let Some(kp) = self.kp.as_mut() else { return };
         let wanted = wanted(gw);
         let mut reports = Vec::new();
@@ -440,6 +466,91 @@ impl KernelDatapath {
         }
     }
 
+    /// Installs the one-packet schedules the core gives now where they changed, removes
+    /// those it no longer gives, keeps the backend endpoints of the answers in step, and
+    /// feeds back what the program carried for each endpoint.
+    fn sync_one_packet(&mut self, gw: &Mutex<Gateway>) {
+        let Some(kp) = self.kp.as_mut() else { return };
+        let schedules =
+            lock_unpoisoned(gw).one_packet_schedules(now(), kpath::MAX_ONE_PACKET_SLOTS);
+        self.one_packet.retain(|vip, _| {
+            let keep = schedules.iter().any(|s| s.vip == *vip);
+            if !keep && let Err(e) = kp.remove_one_packet_schedule(*vip) {
+                tracing::warn!(error = %e, "removing a one-packet schedule");
+            }
+            keep
+        });
+        for s in &schedules {
+            let cursor = match self.one_packet.get(&s.vip) {
+                Some((_, slots)) if same_cycle(slots, &s.slots) => continue,
+                Some(&(cursor, _)) => cursor,
+                None => {
+                    let Some(free) = (0..kpath::MAX_ONE_PACKET_SERVICES)
+                        .find(|c| self.one_packet.values().all(|(used, _)| used != c))
+                    else {
+                        // More services than cursors: this one stays on the slow path.
+                        continue;
+                    };
+                    free
+                }
+            };
+            match kp.set_one_packet_schedule(s.vip, cursor, &s.slots) {
+                Ok(()) => {
+                    self.one_packet.insert(s.vip, (cursor, s.slots.clone()));
+                }
+                Err(e) => tracing::debug!(error = %e, "installing a one-packet schedule"),
+            }
+        }
+        let wanted: HashMap<SocketAddrV4, SocketAddrV4> = schedules
+            .iter()
+            .filter(|s| self.one_packet.contains_key(&s.vip))
+            .flat_map(|s| s.backends.iter().map(move |&b| (b, s.vip)))
+            .collect();
+        let mut carried = Vec::new();
+        for (&backend, (_, fed)) in &mut self.one_packet_backends {
+            let Ok(Some(c)) = kp.one_packet_counts(backend) else {
+                continue;
+            };
+            let to_backend = (
+                c.in_packets.wrapping_sub(fed.in_packets),
+                c.in_bytes.wrapping_sub(fed.in_bytes),
+            );
+            let to_client = (
+                c.out_packets.wrapping_sub(fed.out_packets),
+                c.out_bytes.wrapping_sub(fed.out_bytes),
+            );
+            *fed = c;
+            if to_backend.0 != 0 || to_client.0 != 0 {
+                carried.push((backend, to_backend, to_client));
+            }
+        }
+        self.one_packet_backends.retain(|backend, (vip, _)| {
+            let keep = wanted.get(backend) == Some(vip);
+            if !keep && let Err(e) = kp.remove_one_packet_backend(*backend) {
+                tracing::warn!(error = %e, "removing a one-packet backend endpoint");
+            }
+            keep
+        });
+        for (backend, vip) in wanted {
+            if self.one_packet_backends.contains_key(&backend) {
+                continue;
+            }
+            match kp.set_one_packet_backend(backend, vip) {
+                Ok(()) => {
+                    self.one_packet_backends
+                        .insert(backend, (vip, kpath::OnePacketCounts::default()));
+                }
+                Err(e) => tracing::debug!(error = %e, "installing a one-packet backend endpoint"),
+            }
+        }
+        if !carried.is_empty() {
+            let mut gw = lock_unpoisoned(gw);
+            for (backend, to_backend, to_client) in carried {
+                gw.one_packet_fast_path_traffic(backend, to_backend, to_client);
+            }
+        }
+    }
+
     /// Installs the entry of a direct-routing flow the core has just decided (before the
     /// packet goes back to `nat0`), unless the flow has it already.
     ///
@@ -522,12 +633,17 @@ impl KernelDatapath {
             adoption_dropped: self.adoption.1,
             map_capacity: self.capacity,
             reinstalled: self.reinstalled,
+            one_packet_in: c.one_packet_in,
+            one_packet_out: c.one_packet_out,
+            one_packet_services: self.one_packet.len(),
         }
     }
 
     /// Detaches the programs and removes maps, pins and qdiscs.
     pub(super) fn unload(&mut self) {
         self.installed.clear();
+        self.one_packet.clear();
+        self.one_packet_backends.clear();
         if let Some(kp) = self.kp.take()
             && let Err(e) = kp.unload()
         {
@@ -654,6 +770,15 @@ fn collect_reports(
         out.push(moved);
     }
     absent
+}
+
+/// Whether `a` and `b` are the same cycle (one a rotation of the other): the core's rotation
+/// moves with every datagram it schedules itself, which changes where its cycle starts, not
+/// the schedule.
+fn same_cycle(a: &[SocketAddrV4], b: &[SocketAddrV4]) -> bool {
+    a.len() == b.len()
+        && (a.is_empty()
+            || (0..a.len()).any(|k| a[k..] == b[..a.len() - k] && a[..k] == b[a.len() - k..]))
 }
 
 /// The sync task: a round every [`SYNC_INTERVAL`] until `stop`.

@@ -35,6 +35,7 @@ use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
 pub use fast_path::{FastPathActivity, FastPathFlow};
 pub use listeners::Listener;
+pub use services::OnePacketSchedule;
 pub use stats::GatewayStats;
 pub use sync::AdoptedFlow;
 

@@ -16,6 +16,18 @@ use crate::flow::{ListenerId, Proto};
 use crate::service::{ServiceConfig, VirtualService};
 use crate::table::PublicOwner;
 
+/// A one-packet service's decisions as a cycle, for a data path that carries its datagrams
+/// without the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnePacketSchedule {
+    /// The service's VIP endpoint.
+    pub vip: SocketAddrV4,
+    /// The backend endpoint of each datagram in turn, the cycle starting over after the last.
+    pub slots: Vec<SocketAddrV4>,
+    /// Every backend endpoint of the service (in any state): their datagrams leave from `vip`.
+    pub backends: Vec<SocketAddrV4>,
+}
+
 impl Gateway {
     /// Adds a virtual service as a listener on its `listen` endpoint (the VIP becomes one of
     /// the gateway's public addresses).
@@ -92,6 +104,51 @@ impl Gateway {
         svc.count_traffic(backend, false, n, len as u64);
         self.stats.one_packet_out += n;
         Some(svc.listen())
+    }
+
+    /// The schedule of every one-packet service a data path can carry without the core
+    /// ([`VirtualService::one_packet_schedule`], at most `max_slots` long), with the backend
+    /// endpoints whose answers leave from its VIP. A service missing from the list keeps
+    /// every datagram on the slow path. Moves no rotation and counts nothing; the caller
+    /// reports what it carried with [`Gateway::one_packet_fast_path_traffic`].
+    pub fn one_packet_schedules(
+        &mut self,
+        now: Instant,
+        max_slots: usize,
+    ) -> Vec<OnePacketSchedule> {
+        self.listeners
+            .iter_mut()
+            .filter_map(|l| l.as_mut()?.selector.as_service_mut())
+            .filter_map(|svc| {
+                let slots = svc.one_packet_schedule(now, max_slots)?;
+                Some(OnePacketSchedule {
+                    vip: svc.listen(),
+                    slots,
+                    backends: svc.one_packet_endpoints(),
+                })
+            })
+            .collect()
+    }
+
+    /// What a data path carried without the core for backend endpoint `backend` of a
+    /// one-packet service: `to_backend` datagrams and `to_client` answers (packets, bytes).
+    /// They count as if they had crossed the core (`one_packet_in`, `one_packet_out`, the
+    /// backend's connections, packets and bytes).
+    pub fn one_packet_fast_path_traffic(
+        &mut self,
+        backend: SocketAddrV4,
+        to_backend: (u64, u64),
+        to_client: (u64, u64),
+    ) {
+        let Some(svc) = self.listeners.iter_mut().find_map(|l| {
+            let svc = l.as_mut()?.selector.as_service_mut()?;
+            (svc.one_packet() && svc.uses_endpoint(backend)).then_some(svc)
+        }) else {
+            return;
+        };
+        svc.count_one_packet_traffic(backend, to_backend, to_client);
+        self.stats.one_packet_in += to_backend.0;
+        self.stats.one_packet_out += to_client.0;
     }
 
     /// Reply-side adoption: a TCP segment (no SYN, no RST) from `backend` to a client that
@@ -1306,6 +1363,104 @@ mod tests {
             let other = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 5353);
             let (_, b) = send(&mut g, now, other, client(1));
             assert_eq!(endpoints(&b).0, other);
+        }
+
+        /// The schedule the core hands the kernel path is its own scheduler's cycle from its
+        /// current position (wrr 1:2: one of 101 and two of 102 per three datagrams, in the
+        /// order the core itself would pick), moves nothing, and follows health and weights;
+        /// what the kernel carried counts as if it had crossed the core.
+        #[test]
+        fn one_packet_schedule_is_the_cores_cycle() {
+            let now = epoch();
+            let mut g = gateway(now, vec![dns_service(true)]);
+            assert_eq!(send(&mut g, now, client(1), vip()).0, Verdict::Forward);
+            let s = g.one_packet_schedules(now, 1024);
+            assert_eq!(s.len(), 1);
+            assert_eq!(s[0].vip, vip());
+            assert_eq!(s[0].backends, [dns(101), dns(102)]);
+            assert_eq!(g.one_packet_schedules(now, 1024), s, "nothing moved");
+            let picked: Vec<SocketAddrV4> = (0..6)
+                .map(|_| endpoints(&send(&mut g, now, client(1), vip()).1).1)
+                .collect();
+            let cycle = &s[0].slots;
+            assert_eq!(cycle.len(), 3);
+            assert_eq!(
+                picked,
+                [&cycle[..], &cycle[..]].concat(),
+                "the core's own order"
+            );
+            // Weights with a common divisor give the same sequence, a shorter cycle; a cycle
+            // longer than the limit stays on the core.
+            let dns_svc = g.service_mut("dns").unwrap();
+            dns_svc
+                .set_weights(&[(dns(101), 100), (dns(102), 200)])
+                .unwrap();
+            assert_eq!(g.one_packet_schedules(now, 1024)[0].slots.len(), 3);
+            g.service_mut("dns")
+                .unwrap()
+                .set_weights(&[(dns(101), 1000), (dns(102), 999)])
+                .unwrap();
+            assert!(g.one_packet_schedules(now, 1024).is_empty());
+            g.service_mut("dns")
+                .unwrap()
+                .set_weights(&[(dns(101), 1), (dns(102), 1)])
+                .unwrap();
+            g.service_mut("dns")
+                .unwrap()
+                .set_health(dns(102), Health::Down)
+                .unwrap();
+            assert_eq!(g.one_packet_schedules(now, 1024)[0].slots, [dns(101)]);
+            g.service_mut("dns")
+                .unwrap()
+                .set_health(dns(101), Health::Down)
+                .unwrap();
+            assert!(
+                g.one_packet_schedules(now, 1024).is_empty(),
+                "no backend: the core's"
+            );
+            let stats = |g: &mut Gateway| {
+                let s = g.service_mut("dns").unwrap();
+                *s.pool()
+                    .backend(s.backend_id(dns(102)).unwrap())
+                    .unwrap()
+                    .stats()
+            };
+            let (before, b) = (
+                (g.stats().one_packet_in, g.stats().one_packet_out),
+                stats(&mut g),
+            );
+            g.one_packet_fast_path_traffic(dns(102), (5, 300), (4, 200));
+            let (after, a) = (
+                (g.stats().one_packet_in, g.stats().one_packet_out),
+                stats(&mut g),
+            );
+            assert_eq!((after.0 - before.0, after.1 - before.1), (5, 4));
+            assert_eq!(
+                (
+                    a.connections - b.connections,
+                    a.packets_in - b.packets_in,
+                    a.bytes_in - b.bytes_in,
+                    a.packets_out - b.packets_out,
+                    a.bytes_out - b.bytes_out
+                ),
+                (5, 5, 300, 4, 200)
+            );
+        }
+
+        /// Services whose decisions are no fixed cycle get no schedule.
+        #[test]
+        fn one_packet_schedule_only_for_rotating_schedulers() {
+            let now = epoch();
+            let mut flows = dns_service(false);
+            flows.name = "flows".into();
+            flows.listen = SocketAddrV4::new(*vip().ip(), 5300);
+            for b in &mut flows.pool.backends {
+                b.addr = SocketAddrV4::new(*b.addr.ip(), 5300);
+            }
+            let mut sh = dns_service(true);
+            sh.pool.scheduler = SchedulerKind::Sh;
+            let mut g = gateway(now, vec![sh, flows]);
+            assert!(g.one_packet_schedules(now, 1024).is_empty());
         }
 
         /// DNS on both protocols: a TCP and a one-packet UDP service share VIP:53 and the
