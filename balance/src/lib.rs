@@ -19,8 +19,10 @@
 //!  flow events ─► established(..) / transition(..) / closed(..)  (feed lc / wlc, hold templates)
 //!  operator    ─► set_weight(addr, w) (0 = drain), set_weights(..) (canary_weights: a share),
 //!                 set_health(id, up/down), reconfigure(cfg)
-//!  flow sync   ─► set_template_journal(on), take_template_changes(now), export_templates(now)
+//!  flow sync   ─► set_sync_journal(on), take_template_changes(now), export_templates(now)
 //!                 (master); install_template(now, image) (a backup that became master)
+//!                 take_locality_changes(now), export_locality(now) (master);
+//!                 install_locality(now, image) (a backup, as the entries arrive)
 //! ```
 //!
 //! A backend is *eligible* for new flows when it is healthy, has a weight above 0 and is still
@@ -76,7 +78,9 @@ mod wrr;
 pub use backend::{AdminState, Backend, BackendId, BackendState, BackendStats, ConnState, Health};
 pub use canary::{CanaryError, CanaryWeights, canary_weights};
 pub use error::PoolError;
-pub use locality::{LOCALITY_EXPIRY, LOCALITY_RECLAIM_IDLE, MAX_LOCALITY_ENTRIES};
+pub use locality::{
+    LOCALITY_EXPIRY, LOCALITY_RECLAIM_IDLE, LocalityImage, LocalityRefused, MAX_LOCALITY_ENTRIES,
+};
 pub use persist::{MAX_TEMPLATES, Persistence, TemplateChange, TemplateImage, TemplateRefused};
 pub use pool::{
     BackendConfig, Decision, Direction, MAX_BACKENDS, MAX_WEIGHT, Pool, PoolConfig, PoolStats,

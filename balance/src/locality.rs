@@ -21,14 +21,23 @@
 //! collection threshold), else it is scheduled without an entry and counted
 //! (`locality_full`). Sets hold each backend at most once, so at most `MAX_BACKENDS` members.
 //!
+//! Flow sync (a pair of directors): with the journal on ([`Locality::set_journal`]) every
+//! entry created or whose set changed (re-pointed, grown, shed) marks its destination, at most
+//! [`MAX_LOCALITY_ENTRIES`] marks (past that the next drain sends every entry); a use alone
+//! marks nothing (the periodic full export carries the time since the last use). A peer's
+//! entry is installed with [`Locality::install`]: under the same bound (and the same reclaim
+//! of an entry idle for [`LOCALITY_RECLAIM_IDLE`]), with the same expiry counted from the use
+//! the peer reported; a peer's state replaces what the entry held, and never moves its last
+//! use backwards.
+//!
 //! Differences from LVS: the kernel checks the cached backend of `lblc` only for weight and
 //! busyness, not for its upper threshold; here a backend over its threshold never gets a new
 //! flow, whatever the scheduler. Expiry happens at the deadline instead of in a minute-long
 //! sweep.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
-use std::net::Ipv4Addr;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
@@ -44,6 +53,49 @@ pub const LOCALITY_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// With the table full, an entry idle this long gives its slot to a new destination (the
 /// kernel's `ENTRY_TIMEOUT`, 6 min).
 pub const LOCALITY_RECLAIM_IDLE: Duration = Duration::from_secs(6 * 60);
+
+/// A destination's entry as flow sync carries it between directors
+/// ([`Pool::export_locality`](crate::Pool::export_locality),
+/// [`Pool::install_locality`](crate::Pool::install_locality)).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LocalityImage {
+    /// The destination address.
+    pub dest: Ipv4Addr,
+    /// The backends serving it, by address (ids are local to a pool), most recently added
+    /// first; one for `lblc`.
+    pub backends: Vec<SocketAddrV4>,
+    /// Time since its last use.
+    pub idle: Duration,
+    /// Time since its set last changed (what `lblcr` sheds by).
+    pub unchanged: Duration,
+}
+
+/// Why a peer's locality entry was not installed
+/// ([`Pool::install_locality`](crate::Pool::install_locality)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LocalityRefused {
+    /// This pool's scheduler is neither `lblc` nor `lblcr` (the peers' configurations
+    /// differ).
+    #[error("the service's scheduler keeps no destination table")]
+    NotLocality,
+    /// No backend of this pool has one of the entry's addresses.
+    #[error("backend {0} is not in the pool")]
+    UnknownBackend(SocketAddrV4),
+    /// The entry names no backend.
+    #[error("the entry names no backend")]
+    NoBackend,
+    /// The table holds [`MAX_LOCALITY_ENTRIES`] entries, none idle long enough to reclaim.
+    #[error("the destination table holds {max} entries already", max = MAX_LOCALITY_ENTRIES)]
+    Full,
+}
+
+/// The marks of a journal: the destinations whose entry changed since the last drain.
+#[derive(Debug, Clone, Default)]
+struct Journal {
+    dirty: HashSet<Ipv4Addr>,
+    /// More than [`MAX_LOCALITY_ENTRIES`] destinations changed: the next drain sends all.
+    overflowed: bool,
+}
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -61,6 +113,8 @@ pub(crate) struct Locality {
     deadlines: BinaryHeap<Reverse<(Instant, Ipv4Addr)>>,
     cap: usize,
     full: u64,
+    /// Off (`None`) unless flow sync needs the changes.
+    journal: Option<Journal>,
 }
 
 impl Locality {
@@ -75,7 +129,130 @@ impl Locality {
             deadlines: BinaryHeap::new(),
             cap,
             full: 0,
+            journal: None,
         }
+    }
+
+    /// Turns the journal on (empty, or sending everything at the next drain when
+    /// `send_all`) or off.
+    pub(crate) fn set_journal(&mut self, on: bool, send_all: bool) {
+        self.journal = on.then(|| Journal {
+            dirty: HashSet::new(),
+            overflowed: send_all,
+        });
+    }
+
+    /// Marks `dest`'s entry as changed.
+    fn note(&mut self, dest: Ipv4Addr) {
+        let Some(j) = &mut self.journal else { return };
+        if j.overflowed {
+            return;
+        }
+        if j.dirty.len() >= MAX_LOCALITY_ENTRIES && !j.dirty.contains(&dest) {
+            j.dirty.clear();
+            j.overflowed = true;
+        } else {
+            j.dirty.insert(dest);
+        }
+    }
+
+    fn image(
+        now: Instant,
+        dest: Ipv4Addr,
+        e: &Entry,
+        addr: &impl Fn(u16) -> Option<SocketAddrV4>,
+    ) -> Option<LocalityImage> {
+        let idle = now.saturating_duration_since(e.last_use);
+        if idle >= LOCALITY_EXPIRY {
+            return None;
+        }
+        let backends: Vec<SocketAddrV4> = e.set.iter().filter_map(|&s| addr(s)).collect();
+        (!backends.is_empty()).then(|| LocalityImage {
+            dest,
+            backends,
+            idle,
+            unchanged: now.saturating_duration_since(e.last_change),
+        })
+    }
+
+    /// Every entry in force at `now`; `addr` names a slot's address.
+    pub(crate) fn export(
+        &self,
+        now: Instant,
+        addr: impl Fn(u16) -> Option<SocketAddrV4>,
+    ) -> Vec<LocalityImage> {
+        self.entries
+            .iter()
+            .filter_map(|(&dest, e)| Self::image(now, dest, e, &addr))
+            .collect()
+    }
+
+    /// The entries created or changed since the last call (every entry after an overflow);
+    /// empty when the journal is off. An entry gone since it was marked is not sent: the
+    /// peer's copy expires by itself.
+    pub(crate) fn take_changes(
+        &mut self,
+        now: Instant,
+        addr: impl Fn(u16) -> Option<SocketAddrV4>,
+    ) -> Vec<LocalityImage> {
+        let Some(j) = self.journal.as_mut() else {
+            return Vec::new();
+        };
+        let dirty = std::mem::take(&mut j.dirty);
+        if std::mem::take(&mut j.overflowed) {
+            return self.export(now, addr);
+        }
+        dirty
+            .into_iter()
+            .filter_map(|dest| Self::image(now, dest, self.entries.get(&dest)?, &addr))
+            .collect()
+    }
+
+    /// Installs a peer's entry for `dest`: `set` (slots, most recently added first; only the
+    /// first for `lblc`), last used `idle` ago, its set unchanged for `unchanged`.
+    /// `Ok(false)`: nothing to do, it would already have expired.
+    pub(crate) fn install(
+        &mut self,
+        now: Instant,
+        dest: Ipv4Addr,
+        mut set: Vec<u16>,
+        idle: Duration,
+        unchanged: Duration,
+    ) -> Result<bool, LocalityRefused> {
+        if set.is_empty() {
+            return Err(LocalityRefused::NoBackend);
+        }
+        if idle >= LOCALITY_EXPIRY {
+            return Ok(false);
+        }
+        if !self.replicate {
+            set.truncate(1);
+        }
+        let mut seen = HashSet::new();
+        set.retain(|s| seen.insert(*s));
+        let last_use = now.checked_sub(idle).unwrap_or(now);
+        let last_change = now.checked_sub(unchanged).unwrap_or(now);
+        if let Some(e) = self.entries.get_mut(&dest) {
+            e.set = set;
+            // A later use re-arms the deadline lazily; an earlier one is ignored.
+            e.last_use = e.last_use.max(last_use);
+            e.last_change = last_change;
+            return Ok(true);
+        }
+        if self.entries.len() >= self.cap && !self.reclaim(now) {
+            return Err(LocalityRefused::Full);
+        }
+        self.entries.insert(
+            dest,
+            Entry {
+                set,
+                last_use,
+                last_change,
+            },
+        );
+        self.deadlines
+            .push(Reverse((last_use + LOCALITY_EXPIRY, dest)));
+        Ok(true)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -100,6 +277,7 @@ impl Locality {
                 .then_some(i)
                 .filter(|&i| !busy(slots, i))
         };
+        let mut changed = false;
         if let Some(e) = self.entries.get_mut(&dest) {
             e.last_use = now;
             let current = if self.replicate {
@@ -110,26 +288,33 @@ impl Locality {
                 {
                     e.set.retain(|&s| s != most);
                     e.last_change = now;
+                    changed = true;
                 }
                 least
             } else {
                 Some(usize::from(e.set[0]))
             };
-            if let Some(hit) = current.and_then(usable) {
-                return Some(hit);
+            let picked = match current.and_then(usable) {
+                Some(hit) => Some(hit),
+                None => weighted_least(slots, 0..slots.len()).inspect(|&fresh| {
+                    let slot = slot_u16(fresh);
+                    if self.replicate {
+                        if !e.set.contains(&slot) {
+                            e.set.insert(0, slot);
+                            e.last_change = now;
+                            changed = true;
+                        }
+                    } else if e.set[0] != slot {
+                        e.set[0] = slot;
+                        e.last_change = now;
+                        changed = true;
+                    }
+                }),
+            };
+            if changed {
+                self.note(dest);
             }
-            let fresh = weighted_least(slots, 0..slots.len())?;
-            let slot = slot_u16(fresh);
-            if self.replicate {
-                if !e.set.contains(&slot) {
-                    e.set.insert(0, slot);
-                    e.last_change = now;
-                }
-            } else {
-                e.set[0] = slot;
-                e.last_change = now;
-            }
-            return Some(fresh);
+            return picked;
         }
         let fresh = weighted_least(slots, 0..slots.len())?;
         self.insert(now, dest, slot_u16(fresh));
@@ -150,6 +335,7 @@ impl Locality {
             },
         );
         self.deadlines.push(Reverse((now + LOCALITY_EXPIRY, dest)));
+        self.note(dest);
     }
 
     /// Frees the least recently used entry if it has been idle for [`LOCALITY_RECLAIM_IDLE`].
@@ -211,6 +397,11 @@ impl Locality {
             .iter()
             .map(|(&k, e)| Reverse((e.last_use + LOCALITY_EXPIRY, k)))
             .collect();
+        // Sets shrank: the peers hear every entry at the next drain.
+        if let Some(j) = &mut self.journal {
+            j.dirty.clear();
+            j.overflowed = true;
+        }
     }
 }
 
@@ -317,6 +508,107 @@ mod tests {
         assert_eq!(t.len(), 1);
         t.handle_timeout(t2 + LOCALITY_EXPIRY);
         assert_eq!(t.len(), 0);
+    }
+
+    fn addr(s: &[Option<Backend>]) -> impl Fn(u16) -> Option<SocketAddrV4> + '_ {
+        |i| Some(s.get(usize::from(i))?.as_ref()?.addr)
+    }
+
+    /// Created and re-pointed entries are journaled once each (a use alone is not), an
+    /// `lblcr` set that grows is journaled with its new set; a drain gives each by address.
+    #[test]
+    fn changes_are_journaled_and_a_use_alone_is_not() {
+        let mut s = slots(3);
+        let mut t = Locality::new(true);
+        t.set_journal(true, false);
+        let t0 = testkit::epoch();
+        let d = Ipv4Addr::new(203, 0, 113, 80);
+        t.pick(&s, d, t0);
+        let t1 = t0 + Duration::from_secs(10);
+        t.pick(&s, d, t1);
+        let changes = t.take_changes(t1, addr(&s));
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].backends, [s[0].as_ref().unwrap().addr]);
+        assert_eq!(changes[0].idle, Duration::ZERO);
+        assert_eq!(changes[0].unchanged, Duration::from_secs(10));
+        t.pick(&s, d, t1);
+        assert!(
+            t.take_changes(t1, addr(&s)).is_empty(),
+            "a use is no change"
+        );
+        s[0].as_mut().unwrap().active = 2;
+        t.pick(&s, d, t1);
+        let changes = t.take_changes(t1, addr(&s));
+        let want: Vec<SocketAddrV4> = [1, 0]
+            .iter()
+            .map(|&i| s[i].as_ref().unwrap().addr)
+            .collect();
+        assert_eq!(changes[0].backends, want, "the grown set, newest first");
+        assert_eq!(t.export(t1, addr(&s)), changes);
+    }
+
+    /// A peer's entry is installed with its ages: it expires a day after the use the peer
+    /// reported, a later report moves that use forward and never back, and `lblc` keeps one
+    /// backend of a set.
+    #[test]
+    fn an_installed_entry_keeps_the_peers_ages() {
+        let s = slots(3);
+        let mut t = Locality::new(false);
+        let t0 = testkit::epoch() + LOCALITY_EXPIRY;
+        let d = Ipv4Addr::new(192, 0, 2, 7);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(t.install(t0, d, vec![2, 1], hour, hour), Ok(true));
+        assert_eq!(t.entries[&d].set, [2]);
+        assert_eq!(t.pick(&s, d, t0), Some(2), "the peer's backend");
+        // The pick was a use at t0: a report of an older use does not move it back.
+        assert_eq!(t.install(t0, d, vec![1], 2 * hour, 2 * hour), Ok(true));
+        assert_eq!(t.entries[&d].set, [1], "the peer's latest state wins");
+        assert_eq!(t.entries[&d].last_use, t0);
+        assert_eq!(t.install(t0, d, vec![1], LOCALITY_EXPIRY, hour), Ok(false));
+        assert_eq!(
+            t.install(t0, d, Vec::new(), hour, hour),
+            Err(LocalityRefused::NoBackend)
+        );
+        let e = Ipv4Addr::new(192, 0, 2, 8);
+        assert_eq!(t.install(t0, e, vec![0], hour, hour), Ok(true));
+        assert_eq!(t.deadlines.len(), 2);
+        t.handle_timeout(t0 + LOCALITY_EXPIRY - hour);
+        assert!(!t.entries.contains_key(&e), "a day after the reported use");
+        assert!(t.entries.contains_key(&d));
+        // Installing is no change of this node's: nothing to send back.
+        t.set_journal(true, false);
+        assert_eq!(t.install(t0, e, vec![0], hour, hour), Ok(true));
+        assert!(t.take_changes(t0, addr(&s)).is_empty());
+    }
+
+    /// A full table refuses a peer's new destination unless an entry has been idle for
+    /// six minutes (then it takes that slot), as it does the node's own.
+    #[test]
+    fn a_full_table_refuses_a_peers_new_destination() {
+        let mut t = Locality::with_cap(true, 2);
+        let t0 = testkit::epoch();
+        let dest = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+        for i in 0..2 {
+            assert_eq!(
+                t.install(t0, dest(i), vec![0], Duration::ZERO, Duration::ZERO),
+                Ok(true)
+            );
+        }
+        assert_eq!(
+            t.install(t0, dest(2), vec![0], Duration::ZERO, Duration::ZERO),
+            Err(LocalityRefused::Full)
+        );
+        assert_eq!(
+            t.install(t0, dest(0), vec![1, 0], Duration::ZERO, Duration::ZERO),
+            Ok(true),
+            "a known destination is updated in place"
+        );
+        let later = t0 + LOCALITY_RECLAIM_IDLE;
+        assert_eq!(
+            t.install(later, dest(2), vec![0], Duration::ZERO, Duration::ZERO),
+            Ok(true)
+        );
+        assert_eq!((t.len(), t.deadlines.len()), (2, 2));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::backend::{AdminState, Backend, BackendId, ConnState, Health, Ramp};
 use crate::dh::DestinationHash;
 use crate::error::PoolError;
 use crate::lc::LeastConn;
-use crate::locality::Locality;
+use crate::locality::{Locality, LocalityImage, LocalityRefused};
 use crate::mh::{DEFAULT_TABLE_SIZE, Maglev};
 use crate::persist::{PersistTable, Persistence, TemplateChange, TemplateImage, TemplateRefused};
 use crate::rr::RoundRobin;
@@ -440,8 +440,8 @@ pub struct Pool {
     live: u64,
     /// Some backend's slow start is pending or running.
     ramping: bool,
-    /// Persistence templates are journaled for flow sync.
-    template_journal: bool,
+    /// Persistence templates and locality entries are journaled for flow sync.
+    sync_journal: bool,
     stats: PoolStats,
 }
 
@@ -470,7 +470,7 @@ impl Pool {
                 .collect(),
             live: 0,
             ramping: false,
-            template_journal: false,
+            sync_journal: false,
             stats: PoolStats::default(),
         };
         pool.scheduler.rebuild(&pool.slots);
@@ -554,12 +554,16 @@ impl Pool {
             self.slots.pop();
         }
 
+        let journal = self.sync_journal;
         if let Some(s) = scheduler {
             self.scheduler = s;
             self.kind = config.scheduler;
             self.mh_table_size = config.mh_table_size;
+            // A new (empty) table under a journal: the next drain sends all of it.
+            if let Some(l) = self.scheduler.locality_mut() {
+                l.set_journal(journal, true);
+            }
         }
-        let journal = self.template_journal;
         match (&mut self.persist, config.persistence) {
             (Some(t), Some(p)) => t.set_params(p),
             (slot, p) => {
@@ -995,16 +999,77 @@ impl Pool {
         self.persist.as_ref().map_or(0, PersistTable::len)
     }
 
-    /// Turns the journal of persistence templates on (empty) or off, for flow sync: see
-    /// [`take_template_changes`](Self::take_template_changes). It stays on across
+    /// Turns the journals of persistence templates and of the `lblc`/`lblcr` destination
+    /// table on (empty) or off, for flow sync: see
+    /// [`take_template_changes`](Self::take_template_changes) and
+    /// [`take_locality_changes`](Self::take_locality_changes). They stay on across
     /// [`reconfigure`](Self::reconfigure). At most [`MAX_TEMPLATES`](crate::MAX_TEMPLATES)
-    /// client networks are marked between two drains (past that, the next drain sends every
-    /// template).
-    pub fn set_template_journal(&mut self, on: bool) {
-        self.template_journal = on;
+    /// client networks and [`MAX_LOCALITY_ENTRIES`](crate::MAX_LOCALITY_ENTRIES)
+    /// destinations are marked between two drains (past that, the next drain sends every
+    /// template, or every entry).
+    pub fn set_sync_journal(&mut self, on: bool) {
+        self.sync_journal = on;
         if let Some(p) = &mut self.persist {
             p.set_journal(on);
         }
+        if let Some(l) = self.scheduler.locality_mut() {
+            l.set_journal(on, false);
+        }
+    }
+
+    /// The `lblc`/`lblcr` destination entries created or changed since the last call, each
+    /// with its state now (every entry after the journal overflowed). Empty while the
+    /// journal is off or the scheduler keeps no table.
+    pub fn take_locality_changes(&mut self, now: Instant) -> Vec<LocalityImage> {
+        let slots = &self.slots;
+        let addr = |s: u16| Some(slots.get(usize::from(s))?.as_ref()?.addr);
+        self.scheduler
+            .locality_mut()
+            .map(|l| l.take_changes(now, addr))
+            .unwrap_or_default()
+    }
+
+    /// Every `lblc`/`lblcr` destination entry in force at `now`: its destination, its
+    /// backends' addresses and how long ago it was used and changed.
+    #[must_use]
+    pub fn export_locality(&self, now: Instant) -> Vec<LocalityImage> {
+        let addr = |s: u16| Some(self.slot(usize::from(s))?.addr);
+        self.scheduler
+            .locality()
+            .map(|l| l.export(now, addr))
+            .unwrap_or_default()
+    }
+
+    /// Installs a destination entry a peer director made: backends matched by address (ids
+    /// are local), bounded by [`MAX_LOCALITY_ENTRIES`](crate::MAX_LOCALITY_ENTRIES) as the
+    /// pool's own entries, expiring a day after the use the peer reported. The peer's state
+    /// replaces an entry for the same destination. `Ok(false)`: it had expired already.
+    ///
+    /// # Errors
+    /// [`LocalityRefused`]: this pool's scheduler is not `lblc`/`lblcr`, one of the backends
+    /// is not in the pool, none is named, or the table is full.
+    pub fn install_locality(
+        &mut self,
+        now: Instant,
+        entry: &LocalityImage,
+    ) -> Result<bool, LocalityRefused> {
+        if self.scheduler.locality().is_none() {
+            return Err(LocalityRefused::NotLocality);
+        }
+        let set = entry
+            .backends
+            .iter()
+            .map(|&a| {
+                self.position(a)
+                    .filter(|&i| self.slot(i).is_some_and(|b| !b.removed))
+                    .map(|i| slot_id(i).0)
+                    .ok_or(LocalityRefused::UnknownBackend(a))
+            })
+            .collect::<Result<Vec<u16>, _>>()?;
+        let Some(l) = self.scheduler.locality_mut() else {
+            return Err(LocalityRefused::NotLocality);
+        };
+        l.install(now, entry.dest, set, entry.idle, entry.unchanged)
     }
 
     /// The templates created, re-pointed, refreshed or removed since the last call, each with

@@ -282,7 +282,7 @@ fn template_changes_are_journaled_and_exported_by_backend_address() {
     // Nothing journaled while the journal is off.
     let id_a = pick(&mut p, t0, a).unwrap();
     assert!(p.take_template_changes(t0).is_empty());
-    p.set_template_journal(true);
+    p.set_sync_journal(true);
     let id_b = pick(&mut p, t0, b).unwrap();
     let addr = |id| p.backend(id).unwrap().addr();
     let (addr_a, addr_b) = (addr(id_a), addr(id_b));
@@ -333,7 +333,7 @@ fn template_changes_are_journaled_and_exported_by_backend_address() {
 #[test]
 fn the_template_journal_survives_a_reconfigure() {
     let mut p = persistent_pool(vec![be(1, 1), be(2, 1)]);
-    p.set_template_journal(true);
+    p.set_sync_journal(true);
     let t0 = epoch();
     let config = |persistence| PoolConfig {
         scheduler: SchedulerKind::Rr,
@@ -1362,4 +1362,87 @@ fn a_weight_raised_from_zero_applies_at_once_without_slow_start() {
         assert_eq!((b.effective_weight(), b.is_ramping()), (3, false), "{kind}");
         assert!(pick(&mut p, epoch(), client(0)).is_some(), "{kind}");
     }
+}
+
+/// A destination entry made on one director's `lblc` pool, carried by address to another's
+/// (whose backends sit in other slots), schedules the destination to the same backend there;
+/// an entry naming a backend the pool does not have, or for a pool that keeps no table, is
+/// refused.
+#[test]
+fn a_locality_entry_moves_between_pools_by_backend_address() {
+    let mut master = pool(SchedulerKind::Lblc, vec![be(1, 1), be(2, 1), be(3, 1)]);
+    master.set_sync_journal(true);
+    let t0 = epoch();
+    // Drain 1 so the destination lands on 2, not on what a fresh table would pick.
+    master.set_weight(be(1, 1).addr, 0).unwrap();
+    let id = pick(&mut master, t0, client(1)).unwrap();
+    let x = master.backend(id).unwrap().addr();
+    assert_eq!(x, be(2, 1).addr);
+    let changes = master.take_locality_changes(t0);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes, master.export_locality(t0));
+
+    let mut backup = pool(SchedulerKind::Lblc, vec![be(3, 1), be(2, 1), be(1, 1)]);
+    assert_eq!(backup.install_locality(t0, &changes[0]), Ok(true));
+    assert_eq!(backup.locality_entries(), 1);
+    let id = pick(&mut backup, t0, client(2)).unwrap();
+    assert_eq!(backup.backend(id).unwrap().addr(), x, "the master's choice");
+
+    let stranger = SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 80);
+    let hostile = LocalityImage {
+        backends: vec![x, stranger],
+        ..changes[0].clone()
+    };
+    let mut lblcr = pool(SchedulerKind::Lblcr, vec![be(1, 1), be(2, 1)]);
+    assert_eq!(
+        lblcr.install_locality(t0, &hostile),
+        Err(LocalityRefused::UnknownBackend(stranger))
+    );
+    assert_eq!(lblcr.locality_entries(), 0);
+    let mut rr = pool(SchedulerKind::Rr, vec![be(1, 1), be(2, 1)]);
+    assert_eq!(
+        rr.install_locality(t0, &changes[0]),
+        Err(LocalityRefused::NotLocality)
+    );
+}
+
+/// A pool holds at most MAX_LOCALITY_ENTRIES destinations, its peers' included: one more
+/// is refused while none is idle long enough to give up its slot.
+#[test]
+fn peers_cannot_grow_a_destination_table_past_its_bound() {
+    let mut p = pool(SchedulerKind::Lblcr, vec![be(1, 1), be(2, 1)]);
+    let t0 = epoch();
+    let entry = |i: u32| LocalityImage {
+        dest: Ipv4Addr::from(0x0a00_0000 + i),
+        backends: vec![be(1, 1).addr],
+        idle: Duration::ZERO,
+        unchanged: Duration::ZERO,
+    };
+    let n = u32::try_from(MAX_LOCALITY_ENTRIES).unwrap();
+    for i in 0..n {
+        assert_eq!(p.install_locality(t0, &entry(i)), Ok(true));
+    }
+    assert_eq!(
+        p.install_locality(t0, &entry(n)),
+        Err(LocalityRefused::Full)
+    );
+    assert_eq!(p.locality_entries(), MAX_LOCALITY_ENTRIES);
+    // A reconfigure to another scheduler forgets the table; back to lblc, the journal (on)
+    // sends the new, empty table.
+    p.set_sync_journal(true);
+    let config = |scheduler| PoolConfig {
+        scheduler,
+        backends: vec![be(1, 1), be(2, 1)],
+        ..PoolConfig::default()
+    };
+    p.reconfigure(config(SchedulerKind::Rr)).unwrap();
+    p.reconfigure(config(SchedulerKind::Lblc)).unwrap();
+    assert_eq!(p.locality_entries(), 0);
+    assert!(p.take_locality_changes(t0).is_empty());
+    pick(&mut p, t0, client(1)).unwrap();
+    assert_eq!(
+        p.take_locality_changes(t0).len(),
+        1,
+        "the journal stayed on"
+    );
 }

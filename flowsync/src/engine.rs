@@ -25,6 +25,12 @@
 //! itself: one already delivered or buffered is a duplicate). So a captured message replayed
 //! later is dropped and counted, never delivered.
 //!
+//! Features: a node announces what it understands beyond the base protocol (`Features`,
+//! with every `Hello`); a record type added later (the locality records) is packed only
+//! while every live peer announced it, and withheld and counted otherwise
+//! (`locality_withheld`), since a peer that cannot decode a data message never gets past it.
+//! A restarted peer announces again (its incarnation resets what we knew of it).
+//!
 //! Start and restart: a node starts with a new, larger incarnation; peers that see it reset
 //! their view of its stream. A node asks every peer it discovers for a full snapshot
 //! (`BulkRequest`), retried every `bulk_retry` until that peer's `BulkEnd` arrives: a
@@ -94,6 +100,9 @@ pub struct SyncConfig {
     pub send_window: u32,
     /// Interval of a `BulkRequest` until its snapshot completes.
     pub bulk_retry: Duration,
+    /// What this node announces it understands (`wire::FEATURE_*`; 0: no `Features`
+    /// message at all).
+    pub features: u32,
 }
 
 impl SyncConfig {
@@ -115,6 +124,7 @@ impl SyncConfig {
             reorder_window: 128,
             send_window: 64,
             bulk_retry: Duration::from_secs(2),
+            features: wire::FEATURES,
         }
     }
 }
@@ -242,6 +252,9 @@ pub struct SyncStats {
     pub bulks_served: u64,
     /// Snapshots received complete.
     pub bulks_received: u64,
+    /// Locality records not sent because some live peer did not announce it takes them (or
+    /// no peer was up).
+    pub locality_withheld: u64,
 }
 
 /// Where a snapshot from one peer stands.
@@ -282,6 +295,8 @@ pub struct PeerStatus {
     pub buffered: usize,
     /// Its snapshot.
     pub bulk: BulkStatus,
+    /// What it announced it understands (`wire::FEATURE_*`; 0 until it did).
+    pub features: u32,
 }
 
 /// A data message held for resending.
@@ -312,6 +327,7 @@ struct Peer {
     /// Last negative acknowledgement sent: when, and from which seq.
     last_nack: Option<(Instant, u32)>,
     bulk: BulkStatus,
+    features: u32,
 }
 
 /// The seq after `seq`.
@@ -394,6 +410,7 @@ impl SyncEngine {
             unacked: self.tx_next.wrapping_sub(p.acked),
             buffered: p.early.len(),
             bulk: p.bulk,
+            features: p.features,
         })
     }
 
@@ -455,10 +472,34 @@ impl SyncEngine {
         Some(next)
     }
 
-    /// Queues changes for every peer, batched into as few messages as fit.
+    /// Queues changes for every peer, batched into as few messages as fit (locality records
+    /// only if every live peer takes them).
     pub fn send_updates(&mut self, now: Now, updates: &[Update]) {
         self.unix_secs = now.unix_secs;
-        self.pack(now.at, updates, false);
+        let updates = self.sendable(updates);
+        self.pack(now.at, &updates, false);
+    }
+
+    /// Whether every live peer (and at least one) announced `feature`.
+    fn peers_take(&self, feature: u32) -> bool {
+        let mut up = self.peers.iter().filter(|p| p.up).peekable();
+        up.peek().is_some() && up.all(|p| p.features & feature != 0)
+    }
+
+    /// `updates` without the locality records, unless every live peer takes them.
+    fn sendable<'a>(&mut self, updates: &'a [Update]) -> std::borrow::Cow<'a, [Update]> {
+        let locality = updates.iter().filter(|u| u.is_locality()).count();
+        if locality == 0 || self.peers_take(wire::FEATURE_LOCALITY) {
+            return std::borrow::Cow::Borrowed(updates);
+        }
+        self.stats.locality_withheld += locality as u64;
+        std::borrow::Cow::Owned(
+            updates
+                .iter()
+                .filter(|u| !u.is_locality())
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Answers a [`Event::SnapshotRequested`] (or tells the peers, unasked, what this node
@@ -467,6 +508,8 @@ impl SyncEngine {
     /// preempt.
     pub fn send_snapshot(&mut self, now: Now, updates: &[Update], owner: bool) {
         self.unix_secs = now.unix_secs;
+        let updates = self.sendable(updates);
+        let updates = &updates[..];
         self.pack(now.at, updates, true);
         let records = u32::try_from(updates.len()).unwrap_or(u32::MAX);
         self.send_data(now.at, Body::BulkEnd { records, owner });
@@ -592,6 +635,7 @@ impl SyncEngine {
                     self.on_nack(now.at, from, to);
                 }
             }
+            Body::Features(bits) => self.peers[idx].features = bits,
             Body::BulkRequest { node } => {
                 if (node == 0 || node == self.node()) && !self.snapshot_owed {
                     self.snapshot_owed = true;
@@ -623,6 +667,7 @@ impl SyncEngine {
             ack_due: None,
             last_nack: None,
             bulk: BulkStatus::NotRequested,
+            features: 0,
         };
         if let Some(i) = self.peers.iter().position(|p| p.node == msg.node) {
             let known = self.peers[i].incarnation;
@@ -740,7 +785,8 @@ impl SyncEngine {
                 Body::Hello { .. }
                 | Body::Ack(_)
                 | Body::Nack { .. }
-                | Body::BulkRequest { .. } => {}
+                | Body::BulkRequest { .. }
+                | Body::Features(_) => {}
             }
         }
     }
@@ -799,7 +845,7 @@ impl SyncEngine {
                 self.send_data(at, Body::Updates { bulk, updates });
                 bytes = 1;
             }
-            batch.push(*u);
+            batch.push(u.clone());
             bytes += len;
         }
         self.stats.updates_sent += updates.len() as u64;
@@ -887,6 +933,12 @@ impl SyncEngine {
 
     fn send_hello(&mut self) {
         let oldest = self.queue.front().map_or(self.tx_sent, |m| m.seq);
+        // Before the `Hello`: a control message overtaken by a later-numbered one is dropped
+        // as a replay, and losing a `Features` (sent again with the next `Hello`) costs
+        // nothing, losing a `Hello` delays gap detection.
+        if self.cfg.features != 0 {
+            self.send_control(Body::Features(self.cfg.features));
+        }
         self.send_control(Body::Hello {
             next: self.tx_sent,
             oldest,

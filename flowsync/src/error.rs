@@ -88,6 +88,9 @@ pub enum WireError {
     /// A remaining timeout above the bound.
     #[error("timeout {0} s above the bound")]
     TimeoutTooLong(u32),
+    /// A locality record's backend count is 0 or above [`crate::MAX_LOCALITY_BACKENDS`].
+    #[error("locality record with {0} backends (1..={max} allowed)", max = crate::MAX_LOCALITY_BACKENDS)]
+    LocalityBackends(usize),
 }
 
 /// A shared key that cannot be used.

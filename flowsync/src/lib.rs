@@ -16,7 +16,8 @@
 //!   malformed.
 //! - [`Update`]: what is synced — a flow's full state ([`FlowState`]: both sides' endpoints,
 //!   the public endpoint or backend chosen, TCP state, flags, remaining timeout), a
-//!   persistence template ([`PersistState`]), or their removal.
+//!   persistence template ([`PersistState`]), or their removal; or an `lblc`/`lblcr`
+//!   destination table entry ([`LocalityState`], to peers that announced they take it).
 //! - [`SyncEngine`]: sequencing, cumulative acknowledgements, negative acknowledgements and
 //!   a bounded resend queue (conntrackd's FTFW mode), the replay window, peer liveness, and
 //!   bulk snapshots pulled by a node that (re)starts.
@@ -39,9 +40,10 @@ pub use engine::{
 };
 pub use error::{KeyError, WireError};
 pub use record::{
-    FlowKey, FlowProto, FlowState, MAX_EXPIRES_SECS, PersistKey, PersistState, TcpPhase, Update,
+    FlowKey, FlowProto, FlowState, LocalityKey, LocalityState, MAX_EXPIRES_SECS,
+    MAX_LOCALITY_BACKENDS, PersistKey, PersistState, TcpPhase, Update,
 };
-pub use wire::SyncKey;
+pub use wire::{FEATURE_LOCALITY, FEATURES, SyncKey};
 
 /// Entry points for the cargo-fuzz target and the corpus replay test.
 #[doc(hidden)]
@@ -59,8 +61,10 @@ pub mod fuzzing {
 
     /// Splits `data` into datagrams (a two-byte length before each), re-signs each with the
     /// fuzzing key (so the checks behind the HMAC are reached) and feeds them to one engine,
-    /// then checks: whatever decodes re-encodes to the same bytes, and the engine's bounds
-    /// hold after every step.
+    /// which sends every record it delivers back out (so decoded records of every kind,
+    /// locality sets of any size among them, go through packing and the feature check),
+    /// then checks: whatever decodes re-encodes to the same bytes, every datagram sent fits
+    /// [`wire::MAX_DATAGRAM`], and the engine's bounds hold after every step.
     pub fn check_stream(data: &[u8], start: Instant) {
         let key = SyncKey::new(KEY).expect("a valid key");
         let node = NonZeroU32::new(1).expect("non-zero");
@@ -95,11 +99,21 @@ pub mod fuzzing {
             let _ = engine.handle_datagram(now, &signed);
             let _ = engine.handle_datagram(now, datagram);
             engine.handle_timeout(now);
-            while engine.poll_transmit().is_some() {}
             while let Some(event) = engine.poll_event() {
-                if let crate::Event::SnapshotRequested { .. } = event {
-                    engine.send_snapshot(now, &[], false);
+                match event {
+                    crate::Event::SnapshotRequested { .. } => {
+                        engine.send_snapshot(now, &[], false);
+                    }
+                    crate::Event::Updates { updates, .. } => engine.send_updates(now, &updates),
+                    _ => {}
                 }
+            }
+            while let Some(d) = engine.poll_transmit() {
+                assert!(
+                    d.len() <= wire::MAX_DATAGRAM,
+                    "a datagram of {} bytes",
+                    d.len()
+                );
             }
             assert!(engine.queued() <= 8192);
             for p in engine.peers() {

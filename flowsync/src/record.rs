@@ -1,13 +1,20 @@
-//! What is synced: one flow's full state, or a persistence template, and their removals.
+//! What is synced: one flow's full state, or a persistence template, and their removals; and
+//! the destination table entries of the locality-based schedulers (`lblc`, `lblcr`).
 //!
 //! A record is what a backup needs to continue a flow exactly where the master left it: both
 //! sides' endpoints and the public endpoint chosen for it (a dynamic mapping's overload port,
 //! or a listener's address and port), the backend (`inside`), the TCP state, the flags that
 //! decide eviction and filtering, and the remaining idle timeout.
 //!
+//! A locality record ([`Update::Locality`]) is the only one of variable length: its backend
+//! set holds 1..=[`MAX_LOCALITY_BACKENDS`] endpoints, so the largest (790 bytes) still fits a
+//! message. It is sent only to peers that announced they understand it (see
+//! [`crate::wire::FEATURE_LOCALITY`]): an older node refuses a whole message holding a record
+//! type it does not know, and would never get past it in the stream.
+//!
 //! Invariant: [`Update::decode`] accepts exactly what [`Update::encode`] writes; every field
-//! is range-checked (protocol, TCP state, flag bits, timeout), so a decoded record is always
-//! one the encoder could have produced.
+//! is range-checked (protocol, TCP state, flag bits, timeout, set size), so a decoded record
+//! is always one the encoder could have produced.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -25,11 +32,19 @@ pub(crate) const FLOW_GONE_LEN: usize = 1 + 1 + 6 + 6;
 pub(crate) const PERSIST_LEN: usize = 1 + 2 + 4 + 6 + 4;
 /// Bytes of an encoded [`Update::PersistGone`].
 pub(crate) const PERSIST_GONE_LEN: usize = 1 + 2 + 4;
+/// Bytes of an encoded [`Update::Locality`] before its backends (6 bytes each).
+pub(crate) const LOCALITY_HEAD_LEN: usize = 1 + 2 + 4 + 4 + 4 + 1;
+
+/// The most backends one locality record carries: an `lblcr` set larger than this is sent
+/// as its most recently added members (a set grows by one backend each time all of its
+/// members are busy, so a real one stays far below).
+pub const MAX_LOCALITY_BACKENDS: usize = 128;
 
 const OP_FLOW: u8 = 1;
 const OP_FLOW_GONE: u8 = 2;
 const OP_PERSIST: u8 = 3;
 const OP_PERSIST_GONE: u8 = 4;
+const OP_LOCALITY: u8 = 5;
 
 /// `listener` on the wire for a flow of a dynamic mapping.
 const NO_LISTENER: u16 = u16::MAX;
@@ -186,8 +201,32 @@ pub struct PersistState {
     pub expires_in_secs: u32,
 }
 
-/// One synced change.
+/// What identifies a locality entry: the listener and the destination address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LocalityKey {
+    /// The virtual service's listener id.
+    pub listener: u16,
+    /// The destination address the entry is for.
+    pub dest: Ipv4Addr,
+}
+
+/// A destination table entry of an `lblc` or `lblcr` service: the backends serving a
+/// destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LocalityState {
+    /// Identity of the entry.
+    pub key: LocalityKey,
+    /// The backends serving the destination, by address, most recently added first
+    /// (1..=[`MAX_LOCALITY_BACKENDS`]; one for `lblc`).
+    pub backends: Vec<SocketAddrV4>,
+    /// Seconds since the entry was last used (at most [`MAX_EXPIRES_SECS`]).
+    pub idle_secs: u32,
+    /// Seconds since its backend set last changed (at most [`MAX_EXPIRES_SECS`]).
+    pub unchanged_secs: u32,
+}
+
+/// One synced change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Update {
     /// A flow was created or changed (idempotent: the latest state wins).
     Flow(FlowState),
@@ -197,6 +236,10 @@ pub enum Update {
     Persist(PersistState),
     /// A persistence template expired.
     PersistGone(PersistKey),
+    /// A locality entry was created or its backend set changed, or is refreshed (the latest
+    /// state wins). No record removes one: a peer's copy expires as the master's does, a
+    /// day (the schedulers' expiry) after the last use it was told of.
+    Locality(LocalityState),
 }
 
 fn put_endpoint(out: &mut Vec<u8>, e: SocketAddrV4) {
@@ -265,7 +308,16 @@ impl Update {
             Update::FlowGone(_) => FLOW_GONE_LEN,
             Update::Persist(_) => PERSIST_LEN,
             Update::PersistGone(_) => PERSIST_GONE_LEN,
+            Update::Locality(l) => {
+                LOCALITY_HEAD_LEN + 6 * l.backends.len().clamp(1, MAX_LOCALITY_BACKENDS)
+            }
         }
+    }
+
+    /// A locality record (sent only to peers that understand it).
+    #[must_use]
+    pub fn is_locality(&self) -> bool {
+        matches!(self, Update::Locality(_))
     }
 
     /// Appends the wire form (network byte order) to `out`.
@@ -307,6 +359,24 @@ impl Update {
                 out.push(OP_PERSIST_GONE);
                 out.extend_from_slice(&k.listener.to_be_bytes());
                 out.extend_from_slice(&k.client.octets());
+            }
+            Update::Locality(l) => {
+                out.push(OP_LOCALITY);
+                out.extend_from_slice(&l.key.listener.to_be_bytes());
+                out.extend_from_slice(&l.key.dest.octets());
+                out.extend_from_slice(&l.idle_secs.min(MAX_EXPIRES_SECS).to_be_bytes());
+                out.extend_from_slice(&l.unchanged_secs.min(MAX_EXPIRES_SECS).to_be_bytes());
+                // The constructors keep 1..=MAX_LOCALITY_BACKENDS; an empty set still
+                // encodes as one (unspecified) endpoint so the length stays as announced.
+                let backends = &l.backends[..l.backends.len().min(MAX_LOCALITY_BACKENDS)];
+                let count = backends.len().max(1);
+                out.push(u8::try_from(count).unwrap_or(u8::MAX));
+                for b in backends {
+                    put_endpoint(out, *b);
+                }
+                if backends.is_empty() {
+                    put_endpoint(out, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+                }
             }
         }
     }
@@ -373,6 +443,25 @@ impl Update {
                     client: r.ip()?,
                 }))
             }
+            OP_LOCALITY => {
+                let listener = r.u16()?;
+                let dest = r.ip()?;
+                let idle_secs = r.expires()?;
+                let unchanged_secs = r.expires()?;
+                let count = usize::from(r.u8()?);
+                if count == 0 || count > MAX_LOCALITY_BACKENDS {
+                    return Err(WireError::LocalityBackends(count));
+                }
+                let backends = (0..count)
+                    .map(|_| r.endpoint())
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Update::Locality(LocalityState {
+                    key: LocalityKey { listener, dest },
+                    backends,
+                    idle_secs,
+                    unchanged_secs,
+                }))
+            }
             op => Err(WireError::UnknownRecord(op)),
         }
     }
@@ -430,6 +519,68 @@ mod tests {
         };
         round_trip(Update::Persist(p));
         round_trip(Update::PersistGone(p.key));
+        round_trip(locality(1));
+        round_trip(locality(MAX_LOCALITY_BACKENDS));
+    }
+
+    fn locality(backends: usize) -> Update {
+        Update::Locality(LocalityState {
+            key: LocalityKey {
+                listener: 3,
+                dest: Ipv4Addr::new(192, 0, 2, 80),
+            },
+            backends: (0..backends)
+                .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 1), 3128 + i as u16))
+                .collect(),
+            idle_secs: 60,
+            unchanged_secs: 86_400,
+        })
+    }
+
+    #[test]
+    fn the_largest_locality_record_fits_a_message() {
+        let largest = locality(MAX_LOCALITY_BACKENDS);
+        // An `Updates` payload: the record count, then the record.
+        let payload = 1 + largest.encoded_len();
+        assert!(payload <= crate::wire::MAX_PAYLOAD, "{payload} bytes");
+        // A larger set is sent as its first (most recently added) members.
+        let Update::Locality(mut l) = largest else {
+            unreachable!()
+        };
+        let first = l.backends[..MAX_LOCALITY_BACKENDS].to_vec();
+        l.backends
+            .push(SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 1));
+        let bytes = encoded(Update::Locality(l.clone()));
+        assert_eq!(bytes.len(), Update::Locality(l.clone()).encoded_len());
+        let Ok(Update::Locality(back)) = decode(&bytes) else {
+            panic!("decodes")
+        };
+        assert_eq!(back.backends, first);
+    }
+
+    #[test]
+    fn a_locality_record_with_no_or_too_many_backends_is_refused() {
+        let good = encoded(locality(2));
+        // The count is the byte after the two ages.
+        let at = LOCALITY_HEAD_LEN - 1;
+        let mut bad = good.clone();
+        bad[at] = 0;
+        assert_eq!(decode(&bad), Err(WireError::LocalityBackends(0)));
+        let mut bad = good.clone();
+        bad[at] = u8::try_from(MAX_LOCALITY_BACKENDS + 1).unwrap();
+        assert_eq!(
+            decode(&bad),
+            Err(WireError::LocalityBackends(MAX_LOCALITY_BACKENDS + 1))
+        );
+        let mut bad = good.clone();
+        bad[at] = 3;
+        assert_eq!(decode(&bad), Err(WireError::TruncatedRecord));
+        let mut bad = good.clone();
+        bad[7..11].copy_from_slice(&(MAX_EXPIRES_SECS + 1).to_be_bytes());
+        assert_eq!(
+            decode(&bad),
+            Err(WireError::TimeoutTooLong(MAX_EXPIRES_SECS + 1))
+        );
     }
 
     fn encoded(u: Update) -> Vec<u8> {

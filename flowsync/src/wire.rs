@@ -18,12 +18,20 @@
 //! `BulkEnd` = the number of records the snapshot held, and the `owner` flag (0x02: the
 //! sender was the master of the VIP when it sent the snapshot); `Ack` = a count (1..=[`MAX_PEERS`])
 //! of `(node, next seq expected)` pairs; `Nack` = node, first and last missing seq (at most
-//! [`MAX_NACK_SPAN`] of them); `BulkRequest` = the node asked (0: every peer).
+//! [`MAX_NACK_SPAN`] of them); `BulkRequest` = the node asked (0: every peer); `Features` =
+//! a bit set of what the sender understands beyond version 2 ([`FEATURE_LOCALITY`]; bits it
+//! does not know are ignored by the receiver).
 //!
 //! Versions: 2 added `BulkEnd`'s owner flag (and the persistence records are installed from
 //! then on); a node refuses every message of another version ([`WireError::UnsupportedVersion`],
 //! before the HMAC), so a pair of a version-1 and a version-2 node do not sync at all rather
 //! than half understand each other.
+//!
+//! Within version 2, additions are negotiated instead: a node sends `Features` (a control
+//! kind) with every `Hello`, and sends a record type added later only while every live peer
+//! announced it. A node that predates `Features` refuses it as an unknown kind (one
+//! `malformed` a second on it during a rolling upgrade) and is never sent what it could not
+//! decode: a refused data message would stall its stream, in order, for good.
 //!
 //! Invariants: a datagram is at most [`MAX_DATAGRAM`] bytes (below a 1500-byte MTU with
 //! IP and UDP headers); [`decode`] returns either an authentic message every field of which
@@ -63,6 +71,13 @@ const KIND_BULK_END: u8 = 3;
 const KIND_ACK: u8 = 4;
 const KIND_NACK: u8 = 5;
 const KIND_BULK_REQUEST: u8 = 6;
+const KIND_FEATURES: u8 = 7;
+
+/// `Features` bit: the sender decodes and installs locality records
+/// ([`crate::Update::Locality`]).
+pub const FEATURE_LOCALITY: u32 = 0x0000_0001;
+/// The features this build announces.
+pub const FEATURES: u32 = FEATURE_LOCALITY;
 
 /// Flag of an `Updates` message that belongs to a bulk snapshot.
 const FLAG_BULK: u8 = 0x01;
@@ -152,6 +167,9 @@ pub enum Body {
         /// The node asked.
         node: u32,
     },
+    /// What the sender understands beyond the base protocol (control): a bit set of
+    /// `FEATURE_*`.
+    Features(u32),
 }
 
 impl Body {
@@ -169,6 +187,7 @@ impl Body {
             Body::Ack(_) => KIND_ACK,
             Body::Nack { .. } => KIND_NACK,
             Body::BulkRequest { .. } => KIND_BULK_REQUEST,
+            Body::Features(_) => KIND_FEATURES,
         }
     }
 
@@ -206,6 +225,7 @@ impl Body {
                 }
             }
             Body::BulkRequest { node } => out.extend_from_slice(&node.to_be_bytes()),
+            Body::Features(bits) => out.extend_from_slice(&bits.to_be_bytes()),
         }
     }
 
@@ -273,6 +293,7 @@ impl Body {
                 Body::Nack { node, from, to }
             }
             KIND_BULK_REQUEST => Body::BulkRequest { node: r.u32()? },
+            KIND_FEATURES => Body::Features(r.u32()?),
             other => return Err(WireError::UnknownKind(other)),
         };
         match r.remaining() {
@@ -397,7 +418,7 @@ pub fn decode(datagram: &[u8], key: &SyncKey) -> Result<Message, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{FlowKey, FlowProto, PersistKey};
+    use crate::record::{FlowKey, FlowProto, LocalityKey, LocalityState, PersistKey};
     use std::net::{Ipv4Addr, SocketAddrV4};
 
     fn key() -> SyncKey {
@@ -451,6 +472,8 @@ mod tests {
                 to: 2,
             },
             Body::BulkRequest { node: 0 },
+            Body::Features(FEATURES),
+            Body::Features(u32::MAX),
         ];
         for body in bodies {
             let m = msg(body);
@@ -671,11 +694,30 @@ mod tests {
                 client: client.into(),
             })
         });
+        let locality = (
+            any::<u16>(),
+            any::<u32>(),
+            proptest::collection::vec(arb_endpoint(), 1..4),
+            0..=crate::record::MAX_EXPIRES_SECS,
+            0..=crate::record::MAX_EXPIRES_SECS,
+        )
+            .prop_map(|(listener, dest, backends, idle_secs, unchanged_secs)| {
+                Update::Locality(LocalityState {
+                    key: LocalityKey {
+                        listener,
+                        dest: dest.into(),
+                    },
+                    backends,
+                    idle_secs,
+                    unchanged_secs,
+                })
+            });
         prop_oneof![
             flow,
             arb_key().prop_map(Update::FlowGone),
             persist,
-            persist_gone
+            persist_gone,
+            locality
         ]
     }
 

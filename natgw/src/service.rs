@@ -37,8 +37,9 @@ use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use balance::{
-    AdminState, BackendId, ConnState, Decision, Direction as PoolDirection, Health, Pool,
-    PoolConfig, PoolError, SchedulerKind, TemplateChange, TemplateImage, TemplateRefused,
+    AdminState, BackendId, ConnState, Decision, Direction as PoolDirection, Health, LocalityImage,
+    LocalityRefused, Pool, PoolConfig, PoolError, SchedulerKind, TemplateChange, TemplateImage,
+    TemplateRefused,
 };
 
 use crate::flow::Proto;
@@ -747,9 +748,10 @@ impl VirtualService {
         self.pool.find(backend)
     }
 
-    /// Turns the journal of the pool's persistence templates on or off (flow sync).
-    pub fn set_template_journal(&mut self, on: bool) {
-        self.pool.set_template_journal(on);
+    /// Turns the journals of the pool's persistence templates and `lblc`/`lblcr` destination
+    /// table on or off (flow sync).
+    pub fn set_sync_journal(&mut self, on: bool) {
+        self.pool.set_sync_journal(on);
     }
 
     /// The persistence templates changed since the last call (see
@@ -775,6 +777,31 @@ impl VirtualService {
         template: &TemplateImage,
     ) -> Result<bool, TemplateRefused> {
         self.pool.install_template(now, template)
+    }
+
+    /// The `lblc`/`lblcr` destination entries changed since the last call (see
+    /// [`Pool::take_locality_changes`]).
+    pub fn take_locality_changes(&mut self, now: Instant) -> Vec<LocalityImage> {
+        self.pool.take_locality_changes(now)
+    }
+
+    /// Every `lblc`/`lblcr` destination entry in force (see [`Pool::export_locality`]).
+    #[must_use]
+    pub fn export_locality(&self, now: Instant) -> Vec<LocalityImage> {
+        self.pool.export_locality(now)
+    }
+
+    /// Installs a peer's destination entry (see [`Pool::install_locality`]).
+    ///
+    /// # Errors
+    /// [`LocalityRefused`] when the scheduler keeps no destination table, a backend is not
+    /// in the pool, or the table is full.
+    pub fn install_locality(
+        &mut self,
+        now: Instant,
+        entry: &LocalityImage,
+    ) -> Result<bool, LocalityRefused> {
+        self.pool.install_locality(now, entry)
     }
 }
 

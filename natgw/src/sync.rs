@@ -15,11 +15,19 @@
 //! is refused and counted, `templates_over_cap`), outside every bound of the pools (a pool's
 //! `MAX_TEMPLATES` applies when they are installed, at promotion), replaced by a newer state,
 //! removed by their peer, dropped when the time they had left runs out.
+//!
+//! Locality entries (an `lblc`/`lblcr` service's destination → backends) are not held here:
+//! a backup schedules nothing, so the gateway installs them into their service's pool as
+//! they arrive (bounded and expiring there as the pool's own, `balance::MAX_LOCALITY_ENTRIES`
+//! a service), and only counts them here.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use flowsync::{FlowKey, FlowProto, FlowState, PersistKey, PersistState, TcpPhase, Update};
+use flowsync::{
+    FlowKey, FlowProto, FlowState, LocalityKey, LocalityState, PersistKey, PersistState, TcpPhase,
+    Update,
+};
 
 use crate::flow::{ListenerId, Proto};
 use crate::table::FlowImage;
@@ -60,6 +68,12 @@ pub struct StandbyStats {
     /// PAT never allocates: off the overload address, or a port outside `ports`; or a
     /// listener's flow to an inside endpoint that listener does not lead to).
     pub promote_refused: u64,
+    /// Locality entries installed into their service's pool (new or replaced).
+    pub locality_installed: u64,
+    /// Locality entries refused: no such service, a service whose scheduler is not
+    /// `lblc`/`lblcr`, a backend the service does not have (matched by address), or a
+    /// destination table full of entries none of which is idle long enough to reclaim.
+    pub locality_refused: u64,
 }
 
 /// What a promotion did.
@@ -152,6 +166,14 @@ impl StandbyFlows {
         self.cap = cap;
     }
 
+    pub(crate) fn count_locality(&mut self, installed: bool) {
+        if installed {
+            self.stats.locality_installed += 1;
+        } else {
+            self.stats.locality_refused += 1;
+        }
+    }
+
     pub(crate) fn count_promotion(&mut self, p: &Promotion) {
         self.stats.promoted += p.promoted as u64;
         self.stats.promote_refused += p.refused as u64;
@@ -193,6 +215,8 @@ impl StandbyFlows {
                         self.stats.templates_removed += 1;
                     }
                 }
+                // Installed into the pools by the gateway.
+                Update::Locality(_) => {}
             }
         }
     }
@@ -365,5 +389,39 @@ fn image_of(s: &FlowState) -> FlowImage {
         replied: s.replied,
         assured: s.assured,
         expires_in_secs: s.expires_in_secs,
+    }
+}
+
+/// A service's destination entry as sync sends it (at most `MAX_LOCALITY_BACKENDS` of its
+/// backends, the most recently added).
+pub(crate) fn locality_state(listener: ListenerId, e: &balance::LocalityImage) -> LocalityState {
+    let secs = |d: Duration| {
+        u32::try_from(d.as_secs())
+            .unwrap_or(u32::MAX)
+            .min(flowsync::MAX_EXPIRES_SECS)
+    };
+    LocalityState {
+        key: LocalityKey {
+            listener: listener.0,
+            dest: e.dest,
+        },
+        backends: e
+            .backends
+            .iter()
+            .take(flowsync::MAX_LOCALITY_BACKENDS)
+            .copied()
+            .collect(),
+        idle_secs: secs(e.idle),
+        unchanged_secs: secs(e.unchanged),
+    }
+}
+
+/// A synced destination entry as a pool installs it.
+pub(crate) fn locality_image(s: &LocalityState) -> balance::LocalityImage {
+    balance::LocalityImage {
+        dest: s.key.dest,
+        backends: s.backends.clone(),
+        idle: Duration::from_secs(u64::from(s.idle_secs)),
+        unchanged: Duration::from_secs(u64::from(s.unchanged_secs)),
     }
 }

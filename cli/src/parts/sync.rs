@@ -163,6 +163,10 @@ pub(crate) struct PeerView {
     pub(crate) buffered: u64,
     /// Its snapshot: `not requested`, `requested`, `complete`.
     pub(crate) bulk: String,
+    /// It announced it takes the `lblc`/`lblcr` destination entries (false: an older
+    /// vipgate, or not heard from yet).
+    #[serde(default)]
+    pub(crate) takes_locality: bool,
 }
 
 /// Counters of `show sync` (monotonic: metrics counters).
@@ -204,6 +208,16 @@ pub(crate) struct SyncCounters {
     pub(crate) templates_installed: u64,
     #[serde(default)]
     pub(crate) templates_refused: u64,
+    /// `lblc`/`lblcr` destination entries from the master installed into the pools, and
+    /// refused (unknown service, not a locality scheduler, unknown backend, table full).
+    #[serde(default)]
+    pub(crate) locality_installed: u64,
+    #[serde(default)]
+    pub(crate) locality_refused: u64,
+    /// Destination entries this node did not send because a live peer does not take them
+    /// (an older vipgate), or no peer was up.
+    #[serde(default)]
+    pub(crate) locality_withheld: u64,
     /// Datagrams dropped, by reason.
     pub(crate) drops: DropCounters<SyncDrop>,
 }
@@ -596,6 +610,7 @@ impl SyncPart {
                             if owner { ", from the master" } else { "" }
                         ),
                     },
+                    takes_locality: p.features & flowsync::FEATURE_LOCALITY != 0,
                 })
                 .collect(),
             counters: SyncCounters {
@@ -624,6 +639,9 @@ impl SyncPart {
                 templates_over_cap: sb.templates_over_cap,
                 templates_installed: sb.templates_installed,
                 templates_refused: sb.templates_refused,
+                locality_installed: sb.locality_installed,
+                locality_refused: sb.locality_refused,
+                locality_withheld: s.locality_withheld,
                 drops: drops_of(s),
             },
         }
@@ -753,21 +771,27 @@ fn render_one(out: &mut String, s: &SyncStatus) {
         c.templates_expired,
         c.templates_over_cap
     );
+    let _ = writeln!(
+        out,
+        "  lblc/lblcr destinations: {} installed, {} refused; {} withheld from peers that do not take them",
+        c.locality_installed, c.locality_refused, c.locality_withheld
+    );
     let _ = writeln!(out, "  drops: {}", super::drops_text(&c.drops));
     let _ = writeln!(
         out,
-        "  {:<16} {:<5} {:>10} {:>8} {:>8}  SNAPSHOT",
-        "PEER", "STATE", "HEARD", "UNACKED", "BUFFERED"
+        "  {:<16} {:<5} {:>10} {:>8} {:>8} {:<8}  SNAPSHOT",
+        "PEER", "STATE", "HEARD", "UNACKED", "BUFFERED", "LOCALITY"
     );
     for p in &s.peers {
         let _ = writeln!(
             out,
-            "  {:<16} {:<5} {:>10} {:>8} {:>8}  {}",
+            "  {:<16} {:<5} {:>10} {:>8} {:>8} {:<8}  {}",
             p.address,
             if p.up { "up" } else { "down" },
             ago(Some(p.last_heard_ago_ms)),
             p.unacked,
             p.buffered,
+            if p.takes_locality { "yes" } else { "no" },
             p.bulk
         );
     }
@@ -948,6 +972,7 @@ mod tests {
                 unacked: 0,
                 buffered: 0,
                 bulk: "complete (4 flows)".into(),
+                takes_locality: true,
             }],
             counters,
         };
@@ -959,6 +984,14 @@ mod tests {
         let text = render(&[json]);
         assert!(text.contains("standby flows 4/100, templates 2"), "{text}");
         assert!(text.contains("(4 records, from the master)"), "{text}");
+        assert!(
+            text.contains("lblc/lblcr destinations: 0 installed, 0 refused; 0 withheld"),
+            "{text}"
+        );
+        assert!(
+            text.contains(" yes      "),
+            "the peer takes locality records: {text}"
+        );
         assert!(text.contains("drops: auth_failures 2, replays 1"), "{text}");
         assert!(text.contains("10.0.0.12"), "{text}");
     }

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use testkit::epoch;
 
 use super::*;
-use crate::record::{FlowKey, FlowProto, FlowState, TcpPhase};
+use crate::record::{FlowKey, FlowProto, FlowState, LocalityKey, LocalityState, TcpPhase};
 
 const UNIX: u64 = 1_800_000_000;
 
@@ -58,7 +58,7 @@ impl Node {
                             Update::FlowGone(k) => {
                                 self.standby.remove(k);
                             }
-                            Update::Persist(_) | Update::PersistGone(_) => {}
+                            Update::Persist(_) | Update::PersistGone(_) | Update::Locality(_) => {}
                         }
                     }
                 }
@@ -698,4 +698,88 @@ fn messages_dropped_from_the_queue_before_they_were_sent_end_in_a_snapshot() {
     net.run(3000);
     assert!(in_sync(&net, 0, 1));
     assert!(net.nodes[1].engine.stats().lost >= 16);
+}
+
+fn locality_entry() -> Update {
+    Update::Locality(LocalityState {
+        key: LocalityKey {
+            listener: 0,
+            dest: Ipv4Addr::new(192, 0, 2, 80),
+        },
+        backends: vec![SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 101), 3128)],
+        idle_secs: 0,
+        unchanged_secs: 0,
+    })
+}
+
+/// The locality records a node received (live and in snapshots).
+fn locality_received(n: &Node) -> usize {
+    n.events
+        .iter()
+        .map(|e| match e {
+            Event::Updates { updates, .. } => updates.iter().filter(|u| u.is_locality()).count(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Locality records go out only while every live peer announced it takes them: a node
+/// alone withholds them, two current nodes exchange them, and once a peer that announces
+/// nothing (an older vipgate) is up they are withheld, live and in snapshots, and counted,
+/// while the flows still reach everyone.
+#[test]
+fn locality_records_reach_only_peers_that_take_them() {
+    let mut net = Net::new(2, CLEAN);
+    let now = net.now();
+    net.nodes[0].engine.send_updates(now, &[locality_entry()]);
+    assert_eq!(
+        net.nodes[0].engine.stats().locality_withheld,
+        1,
+        "no peer up"
+    );
+    net.run(100);
+    assert!(
+        net.nodes[0]
+            .engine
+            .peers()
+            .all(|p| p.features == wire::FEATURES)
+    );
+    let now = net.now();
+    net.nodes[0]
+        .engine
+        .send_updates(now, &[Update::Flow(flow(1)), locality_entry()]);
+    net.run(100);
+    assert_eq!(locality_received(&net.nodes[1]), 1);
+
+    let mut older = cfg(3, 1);
+    older.features = 0;
+    net.nodes.push(Node {
+        engine: SyncEngine::new(net.now(), older),
+        own: HashMap::new(),
+        standby: HashMap::new(),
+        events: Vec::new(),
+    });
+    net.run(300);
+    let now = net.now();
+    net.nodes[0]
+        .engine
+        .send_updates(now, &[Update::Flow(flow(2)), locality_entry()]);
+    net.nodes[0]
+        .engine
+        .send_snapshot(now, &[Update::Flow(flow(2)), locality_entry()], true);
+    net.run(300);
+    assert_eq!(net.nodes[0].engine.stats().locality_withheld, 3);
+    assert_eq!(locality_received(&net.nodes[1]), 1, "withheld from both");
+    assert_eq!(locality_received(&net.nodes[2]), 0);
+    for n in &net.nodes[1..] {
+        assert!(n.standby.contains_key(&flow(2).key));
+        assert!(n.events.iter().any(|e| matches!(
+            e,
+            Event::BulkComplete {
+                from: 1,
+                records: 1,
+                owner: true
+            }
+        )));
+    }
 }

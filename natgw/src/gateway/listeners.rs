@@ -199,7 +199,7 @@ impl Gateway {
         };
         if let Some(svc) = listener.selector.as_service_mut() {
             // A service added while this node syncs journals its templates as the others do.
-            svc.set_template_journal(self.table.journaling());
+            svc.set_sync_journal(self.table.journaling());
         }
         // A direct-routing service sees its clients' side of each flow only.
         let one_way = listener

@@ -1,6 +1,6 @@
 //! Flow sync on the gateway: what the master sends ([`Gateway::take_sync_updates`],
-//! [`Gateway::export_state`]: its flows and its services' persistence templates) and what a
-//! backup does with it ([`Gateway::apply_standby`],
+//! [`Gateway::export_state`]: its flows, its services' persistence templates and its
+//! `lblc`/`lblcr` services' destination entries) and what a backup does with it ([`Gateway::apply_standby`],
 //! [`Gateway::promote_standby`]); and the flows a restarted daemon finds in its kernel path's
 //! maps ([`Gateway::adopt_fast_path_flows`]), which go through the same promotion.
 //!
@@ -16,24 +16,28 @@ use flowsync::Update;
 
 use super::Gateway;
 use crate::flow::{FlowEvent, ListenerId, Proto};
-use crate::sync::{Promotion, StandbyFlows, flow_key, state_of, template_key, template_state};
+use crate::sync::{
+    Promotion, StandbyFlows, flow_key, locality_image, locality_state, state_of, template_key,
+    template_state,
+};
 use crate::table::{FlowChange, FlowImage, InstallError, JournalDrain, PublicOwner};
 use crate::tcp::TcpState;
 
 impl Gateway {
     /// Turns the change journal on (a node that syncs) or off: the flow table's and every
-    /// service's persistence templates'.
+    /// service's persistence templates' and destination table's.
     pub fn set_sync(&mut self, on: bool) {
         self.table.set_journal(on);
         for l in self.listeners.iter_mut().flatten() {
             if let Some(svc) = l.selector.as_service_mut() {
-                svc.set_template_journal(on);
+                svc.set_sync_journal(on);
             }
         }
     }
 
     /// The flows and persistence templates created, changed or removed since the last call,
-    /// flows in order. After the flow journal overflowed, every flow instead.
+    /// flows in order, and the destination entries created or changed. After the flow
+    /// journal overflowed, every flow instead.
     pub fn take_sync_updates(&mut self, now: Instant) -> Vec<Update> {
         let JournalDrain {
             changes,
@@ -63,12 +67,17 @@ impl Gateway {
                     Update::PersistGone(template_key(id, client))
                 }
             }));
+            updates.extend(
+                svc.take_locality_changes(now)
+                    .iter()
+                    .map(|e| Update::Locality(locality_state(id, e))),
+            );
         }
         updates
     }
 
-    /// Everything sync holds: every live flow and every persistence template in force of
-    /// every service (a snapshot, or a periodic refresh).
+    /// Everything sync holds: every live flow, and every persistence template and
+    /// destination entry in force of every service (a snapshot, or a periodic refresh).
     #[must_use]
     pub fn export_state(&self, now: Instant) -> Vec<Update> {
         let mut updates = self.export_flow_records(now);
@@ -78,6 +87,11 @@ impl Gateway {
                     svc.export_templates(now)
                         .iter()
                         .map(|t| Update::Persist(template_state(id, t))),
+                );
+                updates.extend(
+                    svc.export_locality(now)
+                        .iter()
+                        .map(|e| Update::Locality(locality_state(id, e))),
                 );
             }
         }
@@ -92,9 +106,26 @@ impl Gateway {
             .collect()
     }
 
-    /// Applies a peer's changes to the standby flows (not used until promoted).
+    /// Applies a peer's changes to the standby flows (not used until promoted), and its
+    /// destination entries to the services' pools at once (a backup schedules nothing, so
+    /// they change no decision before it is master). An entry is refused (and counted,
+    /// `locality_refused`) unless its listener is an `lblc`/`lblcr` service that has every
+    /// backend it names (by address, never by a peer's index) and room for it.
     pub fn apply_standby(&mut self, now: Instant, updates: &[Update]) {
         self.standby.apply(now, updates);
+        for u in updates {
+            let Update::Locality(state) = u else { continue };
+            let installed = self
+                .selector_mut(ListenerId(state.key.listener))
+                .and_then(crate::Selector::as_service_mut)
+                .map(|svc| svc.install_locality(now, &locality_image(state)));
+            match installed {
+                Some(Ok(true)) => self.standby.count_locality(true),
+                // Idle for a day already: it would have expired on the master too.
+                Some(Ok(false)) => {}
+                Some(Err(_)) | None => self.standby.count_locality(false),
+            }
+        }
     }
 
     /// Drops the standby flows whose deadline passed (call about once a second).
@@ -315,6 +346,12 @@ mod tests {
     /// A gateway with an overload address and a two-backend service on `VIP`, as both nodes
     /// of a pair are configured.
     fn node() -> Gateway {
+        node_with(balance::SchedulerKind::Rr, [100, 101])
+    }
+
+    /// [`node`] with the service scheduled by `scheduler` over backends 10.0.0.`last`:8080,
+    /// in that order.
+    fn node_with(scheduler: balance::SchedulerKind, backends: [u8; 2]) -> Gateway {
         let mut g = Gateway::new(
             epoch(),
             GatewayConfig {
@@ -334,8 +371,8 @@ mod tests {
             listen: VIP,
             ports: None,
             pool: balance::PoolConfig {
-                scheduler: balance::SchedulerKind::Rr,
-                backends: vec![backend(100), backend(101)],
+                scheduler,
+                backends: backends.into_iter().map(backend).collect(),
                 ..balance::PoolConfig::default()
             },
             health: None,
@@ -1055,5 +1092,70 @@ mod tests {
         assert_eq!(g.standby().templates(), 2);
         assert_eq!(g.standby().stats().templates_over_cap, 3);
         assert_eq!(g.table().len(), 0, "templates make no flow");
+    }
+
+    /// An `lblc` destination entry goes from the master to the backup's pool as it is made
+    /// (by backend address: the two list their backends in another order, so a fresh table on
+    /// the backup would pick the other one), survives the promotion and decides the new
+    /// master's connections; entries for an unknown service, naming a backend the service
+    /// does not have, or past the table's bound are refused and counted.
+    #[test]
+    fn a_backup_installs_lblc_destinations_and_refuses_hostile_ones() {
+        let now = epoch();
+        let lblc = balance::SchedulerKind::Lblc;
+        let (mut master, mut backup) = (node_with(lblc, [101, 100]), node_with(lblc, [100, 101]));
+        master.set_sync(true);
+        let (_, syn) = send(&mut master, now, ipv4_tcp(CLIENT, VIP, TcpFlags::SYN, b""));
+        let x = dst(&syn);
+        assert_eq!(*x.ip(), Ipv4Addr::new(10, 0, 0, 101));
+        let updates = master.take_sync_updates(now);
+        let entries: Vec<&Update> = updates.iter().filter(|u| u.is_locality()).collect();
+        assert_eq!(entries.len(), 1, "{updates:?}");
+        let Update::Locality(good) = entries[0].clone() else {
+            unreachable!()
+        };
+        assert_eq!((good.key.dest, good.backends.clone()), (*VIP.ip(), vec![x]));
+        assert!(master.export_state(now).contains(entries[0]));
+        backup.apply_standby(now, &updates);
+        assert_eq!(backup.standby().stats().locality_installed, 1);
+        let pool = |g: &Gateway| {
+            g.listeners()
+                .find_map(|(_, l)| l.selector.as_service())
+                .map(|svc| svc.pool().locality_entries())
+        };
+        assert_eq!(pool(&backup), Some(1));
+
+        let mut unknown_service = good.clone();
+        unknown_service.key.listener = 9;
+        let mut stranger = good.clone();
+        stranger.backends = vec![SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 200), 8080)];
+        backup.apply_standby(
+            now,
+            &[
+                Update::Locality(unknown_service),
+                Update::Locality(stranger),
+            ],
+        );
+        assert_eq!(backup.standby().stats().locality_refused, 2);
+        let flood: Vec<Update> = (0..balance::MAX_LOCALITY_ENTRIES as u32)
+            .map(|i| {
+                let mut e = good.clone();
+                e.key.dest = Ipv4Addr::from(0xc633_0000 + i);
+                Update::Locality(e)
+            })
+            .collect();
+        backup.apply_standby(now, &flood);
+        // The table holds the master's entry already: the last of these is one too many.
+        assert_eq!(
+            backup.standby().stats().locality_refused,
+            3,
+            "one past the bound"
+        );
+        assert_eq!(pool(&backup), Some(balance::MAX_LOCALITY_ENTRIES));
+
+        backup.promote_standby(now);
+        let other = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 6000);
+        let (_, syn) = send(&mut backup, now, ipv4_tcp(other, VIP, TcpFlags::SYN, b""));
+        assert_eq!(dst(&syn), x, "the master's cache for the destination");
     }
 }

@@ -1,7 +1,8 @@
 //! Flow sync end to end: two directors run VRRP (the VIP and the real servers' gateway in one
 //! sync group, as in the lab), a virtual service and `[sync]`; slow downloads through the VIP
-//! must survive the master's death, and forged or replayed sync datagrams must be dropped and
-//! counted.
+//! must survive the master's death (under every scheduler), a persistent client and an
+//! `lblc` destination must keep their real server, and forged or replayed sync datagrams must
+//! be dropped and counted.
 //!
 //! ```text
 //!  cl 198.51.100.200 ── br0 (sw) ── d1 eth0 .11  d2 eth0 .12   VIP .10 (vrid 51)
@@ -23,13 +24,20 @@ const VIP: &str = "198.51.100.10";
 const PORT: u16 = 8080;
 /// The persistent service's port (`Lab::sticky`): real servers answering their name.
 const STICKY_PORT: u16 = 8081;
+/// The schedulers the downloads of `Lab::every_scheduler` go through, one service each, on
+/// ports 8090.. (the main service is `rr`).
+const SCHEDULERS: [&str; 13] = [
+    "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos",
+];
+const SCHEDULER_PORT: u16 = 8090;
 const SYNC_PORT: u16 = 8849;
 
-/// Serves every connection `size` bytes at `rate` bytes/s: 4 KiB blocks, block `i` being
-/// sha256(str(i)) repeated, so the client can check the bytes without a copy of them.
+/// Serves every connection on each of the comma-separated ports `size` bytes at `rate`
+/// bytes/s: 4 KiB blocks, block `i` being sha256(str(i)) repeated, so the client can check
+/// the bytes without a copy of them.
 const SENDER_PY: &str = r#"
 import hashlib, socket, sys, threading, time
-port, size, rate = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+ports, size, rate = [int(p) for p in sys.argv[1].split(",")], int(sys.argv[2]), int(sys.argv[3])
 def block(i):
     return hashlib.sha256(b"%d" % i).digest() * 128
 def serve(c):
@@ -47,21 +55,26 @@ def serve(c):
     except OSError as e:
         print("sender error:", e, flush=True)
     c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", port))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
+def listen(port):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(64)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+for p in ports[1:]:
+    threading.Thread(target=listen, args=(p,), daemon=True).start()
+listen(ports[0])
 "#;
 
-/// Opens `n` downloads from `VIP:port` at once (source ports `base`..), prints `started K`
+/// Opens `n` downloads from `VIP` at once, connection K to the K-th of the comma-separated
+/// ports (round the list) (source ports `base`..), prints `started K`
 /// once connection K has its first 64 KiB, and at the end one line per connection: the bytes
 /// received and whether they are exactly the `size` bytes the senders send.
 const CLIENT_PY: &str = r#"
 import hashlib, socket, sys, threading
-vip, port, n, size, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+vip, ports, n, size, base = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 want, left, i = hashlib.sha256(), size, 0
 while left > 0:
     b = hashlib.sha256(b"%d" % i).digest() * 128
@@ -70,7 +83,7 @@ want = want.hexdigest()
 results = [None] * n
 def get(k):
     try:
-        s = socket.create_connection((vip, port), timeout=30, source_address=("0.0.0.0", base + k))
+        s = socket.create_connection((vip, ports[k % len(ports)]), timeout=30, source_address=("0.0.0.0", base + k))
         h, got, told = hashlib.sha256(), 0, False
         while True:
             d = s.recv(65536)
@@ -165,8 +178,11 @@ struct Lab {
     synced: bool,
     /// `[sync] group`: a multicast group instead of the peer's address.
     group: Option<&'static str>,
-    /// A second service, `sticky` on port 8081 (rr, `persistence = "300s"`).
-    sticky: bool,
+    /// A second service on port 8081 whose real servers answer their name: its name and
+    /// scheduler lines (`sticky`: rr, `persistence = "300s"`; `caches`: lblc).
+    named: Option<(&'static str, &'static str)>,
+    /// One more service per scheduler of [`SCHEDULERS`] (`Lab::every_scheduler`).
+    every_scheduler: bool,
     key: PathBuf,
     /// Real servers' senders: they live as long as the lab.
     _senders: Vec<Proc>,
@@ -217,7 +233,8 @@ impl Lab {
             scheduler: "scheduler = \"rr\"",
             synced: true,
             group: None,
-            sticky: false,
+            named: None,
+            every_scheduler: false,
             key,
             _senders: senders,
         }
@@ -226,7 +243,14 @@ impl Lab {
     /// The same lab with a second, persistent service (`sticky`, rr, `persistence = "300s"`)
     /// on port 8081, whose real servers answer each connection with their name; the client
     /// gets a second address, 198.51.100.201, to be another client.
-    fn sticky(mut self) -> Lab {
+    fn sticky(self) -> Lab {
+        self.named("sticky", "scheduler = \"rr\"\npersistence = \"300s\"")
+    }
+
+    /// The same lab with a second service `service` on port 8081 scheduled by `scheduler`,
+    /// whose real servers answer each connection with their name; the client gets a second
+    /// address, 198.51.100.201, to be another client.
+    fn named(mut self, service: &'static str, scheduler: &'static str) -> Lab {
         let t = &mut self.t;
         t.addr("cl", "eth0", "198.51.100.201/24");
         let name = t.write("name.py", NAME_PY);
@@ -243,7 +267,32 @@ impl Lab {
             t.wait_listening(h, STICKY_PORT);
         }
         Lab {
-            sticky: true,
+            named: Some((service, scheduler)),
+            ..self
+        }
+    }
+
+    /// The same lab with one more service per scheduler of [`SCHEDULERS`], on ports
+    /// `SCHEDULER_PORT`.., each with both real servers (slow senders on the same port).
+    fn every_scheduler(mut self) -> Lab {
+        let t = &mut self.t;
+        let sender = t.dir().join("sender.py");
+        let sender = sender.to_str().unwrap_or_default().to_owned();
+        let ports = scheduler_ports();
+        for h in ["rs1", "rs2"] {
+            self._senders.push(t.spawn(
+                h,
+                &format!("senders-{h}"),
+                &["python3", &sender, &ports, "1200000", "100000"],
+            ));
+        }
+        for h in ["rs1", "rs2"] {
+            for port in (SCHEDULER_PORT..).take(SCHEDULERS.len()) {
+                t.wait_listening(h, port);
+            }
+        }
+        Lab {
+            every_scheduler: true,
             ..self
         }
     }
@@ -318,20 +367,31 @@ impl Lab {
         } else {
             String::new()
         };
-        let sticky = if self.sticky {
-            format!(
+        let mut services = match self.named {
+            Some((name, scheduler)) => format!(
                 r#"
 [[service]]
-name = "sticky"
+name = "{name}"
 listen = "{VIP}:{STICKY_PORT}"
-scheduler = "rr"
-persistence = "300s"
+{scheduler}
 backends = [{{ address = "10.0.0.101:{STICKY_PORT}" }}, {{ address = "10.0.0.102:{STICKY_PORT}" }}]
 "#
-            )
-        } else {
-            String::new()
+            ),
+            None => String::new(),
         };
+        if self.every_scheduler {
+            for (s, port) in SCHEDULERS.iter().zip(SCHEDULER_PORT..) {
+                services.push_str(&format!(
+                    r#"
+[[service]]
+name = "{s}"
+listen = "{VIP}:{port}"
+scheduler = "{s}"
+backends = [{{ address = "10.0.0.101:{port}" }}, {{ address = "10.0.0.102:{port}" }}]
+"#
+                ));
+            }
+        }
         let text = format!(
             r#"[daemon]
 control = "{sock}"
@@ -345,7 +405,7 @@ name = "dl"
 listen = "{VIP}:{PORT}"
 {scheduler}
 backends = [{{ address = "10.0.0.101:{PORT}" }}, {{ address = "10.0.0.102:{PORT}" }}]
-{sticky}
+{services}
 [[vrrp]]
 name = "vip-web"
 group = "director"
@@ -402,7 +462,7 @@ addresses = ["10.0.0.1/24"]
             .unwrap_or_default()
     }
 
-    /// A NEW connection from the client's address `src` to the sticky service: the name of
+    /// A NEW connection from the client's address `src` to the named service: the name of
     /// the real server that answered.
     fn ask_name(&self, src: &str) -> Result<String, String> {
         let script = self.t.dir().join("ask_name.py");
@@ -472,16 +532,22 @@ addresses = ["10.0.0.1/24"]
     /// Starts `n` downloads of `size` bytes from the client (source ports from `base`) and
     /// waits until each has its first 64 KiB.
     fn downloads(&self, n: usize, size: u32, base: u16) -> Proc {
+        self.downloads_to(&PORT.to_string(), "client", n, size, base)
+    }
+
+    /// [`Lab::downloads`] to the comma-separated `ports` (connection K to the K-th, round
+    /// the list), by a client process named `name`.
+    fn downloads_to(&self, ports: &str, name: &str, n: usize, size: u32, base: u16) -> Proc {
         let script = self.t.dir().join("client.py");
         let script = script.to_str().unwrap_or_default().to_owned();
         let client = self.t.spawn(
             "cl",
-            "client",
+            name,
             &[
                 "python3",
                 &script,
                 VIP,
-                &PORT.to_string(),
+                ports,
                 &n.to_string(),
                 &size.to_string(),
                 &base.to_string(),
@@ -510,9 +576,18 @@ addresses = ["10.0.0.1/24"]
     }
 }
 
+fn scheduler_ports() -> String {
+    (SCHEDULER_PORT..)
+        .take(SCHEDULERS.len())
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Four downloads through the VIP, spread over both real servers, survive d1's death: d2
 /// holds their flows as standby, promotes them when VRRP makes it master, and every byte
-/// arrives, in order, exactly once.
+/// arrives, in order, exactly once. With `Lab::every_scheduler`, one more download through
+/// each of the other schedulers' services survives the same death.
 /// Returns d2's `show lb` afterwards (it is the master then).
 fn downloads_survive_the_master_crash(lab: Lab) -> Value {
     let mut d1 = lab.start("d1", 150);
@@ -523,27 +598,42 @@ fn downloads_survive_the_master_crash(lab: Lab) -> Value {
     let before = promotions(&lab.sync("d2").unwrap_or_default());
 
     let mut client = lab.downloads(4, 1_200_000, 31_000);
-    let standby = wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
+    let mut others = lab.every_scheduler.then(|| {
+        lab.downloads_to(
+            &scheduler_ports(),
+            "client-schedulers",
+            SCHEDULERS.len(),
+            1_200_000,
+            31_100,
+        )
+    });
+    let flows = 4 + others.as_ref().map_or(0, |_| SCHEDULERS.len() as u64);
+    let standby = wait_for(Duration::from_secs(5), "d2 holding every flow", || {
         lab.sync("d2")
             .map(|s| counter(&s, &["standby_flows"]))
-            .filter(|n| *n >= 4)
+            .filter(|n| *n >= flows)
     });
     lab.host_death("d1", &mut d1);
 
     lab.assert_complete(&mut client, 4, 1_200_000, &[&d2]);
+    if let Some(others) = &mut others {
+        lab.assert_complete(others, SCHEDULERS.len(), 1_200_000, &[&d2]);
+    }
     let s2 = lab.sync("d2").unwrap_or_default();
     assert_eq!(s2["state"], "master", "{s2}");
     assert_eq!(promotions(&s2), before + 1, "{s2}");
     assert!(
-        counter(&s2, &["counters", "promoted"]) >= 4,
+        counter(&s2, &["counters", "promoted"]) >= flows,
         "{standby} standby flows, promoted: {s2}"
     );
     lab.lb("d2")
 }
 
+/// Every scheduler (issue #18): `rr` on the main service, the thirteen others one download
+/// each, all through the same crash.
 #[test]
 fn downloads_survive_the_master_crash_kernel() {
-    let _ = downloads_survive_the_master_crash(Lab::new(e2e!(), "kernel"));
+    let _ = downloads_survive_the_master_crash(Lab::new(e2e!(), "kernel").every_scheduler());
 }
 
 #[test]
@@ -887,4 +977,75 @@ fn a_persistent_client_keeps_its_real_server_across_the_master_crash() {
 #[test]
 fn a_persistent_client_keeps_its_real_server_across_the_master_crash_tun() {
     a_persistent_client_keeps_its_real_server(e2e!(), "tun");
+}
+
+/// `lblc` across a failover (issue #18): the transparent-cache scheduler's destination (here
+/// the VIP, a service's one destination) is on real server X on d1 — X = rs2, because the
+/// operator drained rs1 on d1 when the destination was first scheduled, then restored it,
+/// and lblc keeps a destination on its cache while that one keeps up. d2 receives the entry
+/// and installs it into its pool; after d1's death d2's new connections still go to rs2.
+/// (Without the entry d2 would schedule the destination afresh: wlc over two idle real
+/// servers of equal weight takes rs1.)
+#[test]
+fn an_lblc_destination_keeps_its_cache_across_the_master_crash() {
+    let lab = Lab::new(e2e!(), "kernel").named("caches", "scheduler = \"lblc\"");
+    let mut d1 = lab.start("d1", 150);
+    let d2 = lab.start("d2", 100);
+    lab.wait_paired(&d1, &d2);
+    let peers = lab.sync("d1").unwrap_or_default();
+    assert_eq!(peers["peers"][0]["takes_locality"], true, "{peers}");
+    let weight = |w: &str| {
+        let sock = lab.sock("d1");
+        let out = lab.t.vipgate_output(
+            "d1",
+            &[
+                "lb",
+                "weight",
+                "caches",
+                &format!("10.0.0.101:{STICKY_PORT}"),
+                w,
+                "--control",
+                sock.to_str().unwrap_or_default(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "lb weight: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    weight("0");
+    let x = lab
+        .ask_name("198.51.100.200")
+        .expect("the first connection");
+    assert_eq!(x, "rs2", "rs1 drained");
+    weight("1");
+    for k in 0..3 {
+        let name = lab.ask_name("198.51.100.201").expect("a connection");
+        assert_eq!(name, x, "lblc keeps the destination on its cache ({k})");
+    }
+    let s2 = wait_for(Duration::from_secs(10), "d2 holding the entry", || {
+        lab.sync("d2")
+            .filter(|s| counter(s, &["counters", "locality_installed"]) >= 1)
+    });
+    assert_eq!(counter(&s2, &["counters", "locality_refused"]), 0, "{s2}");
+    let caches = lab.lb_service("d2", "caches");
+    assert_eq!(counter(&caches, &["locality_entries"]), 1, "{caches}");
+
+    lab.host_death("d1", &mut d1);
+    wait_until(Duration::from_secs(5), "d2 master", || {
+        lab.sync("d2").is_some_and(|s| s["state"] == "master")
+    });
+    let first = wait_for(Duration::from_secs(10), "a connection through d2", || {
+        lab.ask_name("198.51.100.200").ok()
+    });
+    assert_eq!(first, x, "{}", d2.log());
+    for k in 0..4 {
+        let name = lab
+            .ask_name("198.51.100.201")
+            .expect("a new connection through d2");
+        assert_eq!(name, x, "new connection {k} through d2");
+    }
+    let caches = lab.lb_service("d2", "caches");
+    assert_eq!(counter(&caches, &["locality_entries"]), 1, "{caches}");
 }
