@@ -1039,7 +1039,11 @@ fn http_pool_health_eject_and_slow_start_are_read_and_checked_with_their_positio
         "cookie = { name = \"SRV\" }\nhealth = { kind = \"http\", path = \"up\" }",
     );
     let errs = errors(&bad);
-    let line = bad.lines().position(|l| l.contains("path = \"up\"")).unwrap() + 1;
+    let line = bad
+        .lines()
+        .position(|l| l.contains("path = \"up\""))
+        .unwrap()
+        + 1;
     assert!(
         errs.len() == 1
             && errs[0].starts_with(&format!(
