@@ -1016,7 +1016,20 @@ fn http_pool_health_eject_and_slow_start_are_read_and_checked_with_their_positio
     };
     at("rise = 0", 46, "rise must be at least 1");
     at("agent_port = 9000", 62, "an HTTP pool asks no agent");
-    at("name = \"api\"", 8, "not \"udp\"");
+    // The pool's name, not the route's of the same name.
+    let pool_line = bad
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| *l == "name = \"api\"")
+        .map(|(i, _)| i + 1)
+        .max()
+        .unwrap();
+    assert!(
+        errs.iter().any(|e| e.starts_with(&format!(
+            "site.toml:{pool_line}:8: pool `api`: an HTTP pool"
+        )) && e.contains("not \"udp\"")),
+        "{errs:#?}"
+    );
     at(
         "consecutive_errors = 0",
         32,
