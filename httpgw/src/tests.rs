@@ -1342,7 +1342,12 @@ mod health {
     #[test]
     fn check_verdicts_take_backends_out_and_an_ejection_ends_into_the_checks_verdict() {
         let t0 = epoch();
-        let mut gw = Gateway::new(&web(true)).unwrap();
+        let mut cfg = web(true);
+        cfg.pools[0].cookie = Some(crate::StickyCookie {
+            name: "SRV".into(),
+            nocache: true,
+        });
+        let mut gw = Gateway::new(&cfg).unwrap();
         let targets = gw.check_targets();
         let listed: Vec<_> = targets
             .checks
