@@ -1037,7 +1037,7 @@ fn http_pool_health_eject_and_slow_start_are_read_and_checked_with_their_positio
     );
     at(
         "duration = \"2h\"",
-        55,
+        46,
         "eject duration must be between 1s and 1h",
     );
     at(
