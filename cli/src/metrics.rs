@@ -11,7 +11,7 @@
 //!   `vipgate_<kind>_protocol{protocol="..."} 1` (a virtual service's tcp or udp);
 //! - each part is labelled by its name (`tunnel`, `gateway`, `service`, `instance`,
 //!   `destination`); VRRP adds its `vrid` and `interface`, GRE its `key`; the elements of
-//!   the lists in [`LISTS`] (backends, forwards, ACL rules, tracked objects) are labelled by
+//!   the lists in [`LISTS`] (backends, HTTP pools, forwards, ACL rules, tracked objects) are labelled by
 //!   their id; other lists (translations, routes, transitions) are not metrics;
 //! - every family has a `# HELP` line naming the JSON field it comes from and a `# TYPE` line.
 //!
@@ -34,13 +34,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
-/// Lists whose elements are labelled series: (JSON key, label name, the element's id key;
-/// `None`: its 1-based position, as for ACL rules).
-const LISTS: [(&str, &str, Option<&str>); 4] = [
-    ("backends", "backend", Some("address")),
-    ("forwards", "forward", Some("spec")),
-    ("acl", "rule", None),
-    ("tracked", "tracked", Some("name")),
+/// Lists whose elements are labelled series: (JSON key, label name, the keys the element's id
+/// may be under, the first present wins; none: its 1-based position, as for ACL rules). An L4
+/// backend's id is its `address`, an HTTP backend's its `addr`.
+const LISTS: [(&str, &str, &[&str]); 5] = [
+    ("backends", "backend", &["address", "addr"]),
+    ("pools", "pool", &["name"]),
+    ("forwards", "forward", &["spec"]),
+    ("acl", "rule", &[]),
+    ("tracked", "tracked", &["name"]),
 ];
 
 /// Maps under `counters` whose keys are reasons (a `netutil::DropCounters`, VRRP's malformed
@@ -296,7 +298,7 @@ fn walk(
             walk_object(families, kind, &p, labels, map.into_iter(), in_counters);
         }
         Value::Array(items) => {
-            let Some((_, label, id_key)) = LISTS.iter().find(|(k, _, _)| *k == key) else {
+            let Some((_, label, id_keys)) = LISTS.iter().find(|(k, _, _)| *k == key) else {
                 return;
             };
             let mut p = path.to_vec();
@@ -305,12 +307,15 @@ fn walk(
                 let Value::Object(mut obj) = item else {
                     continue;
                 };
-                let id = match id_key {
-                    Some(k) => match obj.remove(*k) {
-                        Some(Value::String(id)) => id,
-                        _ => continue,
-                    },
-                    None => (position + 1).to_string(),
+                let id = if id_keys.is_empty() {
+                    (position + 1).to_string()
+                } else {
+                    let named = id_keys.iter().find_map(|k| match obj.remove(*k) {
+                        Some(Value::String(id)) => Some(id),
+                        _ => None,
+                    });
+                    let Some(id) = named else { continue };
+                    id
                 };
                 let mut l = labels.to_vec();
                 l.push(((*label).to_string(), id));

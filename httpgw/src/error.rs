@@ -48,6 +48,14 @@ pub enum ConfigError {
     /// A redirect target that cannot be a `Location` header.
     #[error("bad redirect target {0:?} (empty, or holds a space or control character)")]
     BadLocation(String),
+    /// A pool's health check or ejection settings that the gateway cannot run.
+    #[error("pool `{pool}`: {why}")]
+    BadHealth {
+        /// Pool name.
+        pool: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// A route names a pool index that does not exist.
     #[error("route {route:?} forwards to pool #{pool}, which does not exist")]
     NoSuchPool {

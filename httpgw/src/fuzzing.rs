@@ -148,6 +148,8 @@ fn config() -> GatewayConfig {
         ],
         pools: vec![
             PoolSpec {
+                health: None,
+                eject: None,
                 name: "web".into(),
                 balance: PoolConfig {
                     scheduler: SchedulerKind::Wrr,
@@ -157,6 +159,8 @@ fn config() -> GatewayConfig {
                 cookie: None,
             },
             PoolSpec {
+                health: None,
+                eject: None,
                 name: "api".into(),
                 balance: PoolConfig {
                     scheduler: SchedulerKind::Rr,

@@ -23,10 +23,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use balance::{AdminState, BackendId, ConnState, Decision, Pool, PoolConfig};
+use balance::{AdminState, BackendId, BackendState, ConnState, Decision, Health, Pool, PoolConfig};
 use http::{HeaderValue, StatusCode, request};
+use natgw::health::{CheckEvent, CheckKind, CheckTargets, HealthConfig};
 
 use crate::error::{CommandError, ConfigError};
+use crate::health::{BackendHealth, CheckKey, EjectConfig, Ejection};
 use crate::hygiene::{self, Forwarding, Refusal};
 use crate::latency::{LatencyStatus, LatencyWindow};
 use crate::route::{self, Action, RedirectTarget, RequestView, Route};
@@ -40,6 +42,11 @@ pub struct PoolSpec {
     pub balance: PoolConfig,
     /// Cookie-insert stickiness, if any.
     pub cookie: Option<StickyCookie>,
+    /// Active health checks of its backends (the L4 services' checker and settings; no
+    /// agent, no UDP); `None`: the checks hold every backend up.
+    pub health: Option<HealthConfig>,
+    /// Passive ejection; `None`: failed requests take no backend out.
+    pub eject: Option<EjectConfig>,
 }
 
 /// Cookie-insert stickiness (HAProxy `cookie NAME insert indirect [nocache]`): a response
@@ -348,6 +355,26 @@ impl GatewayConfig {
             if let Some(c) = &p.cookie {
                 c.validate()?;
             }
+            let bad = |why| ConfigError::BadHealth {
+                pool: p.name.clone(),
+                why,
+            };
+            if let Some(h) = &p.health {
+                if h.agent.is_some() {
+                    return Err(bad("an HTTP pool's checks ask no agent"));
+                }
+                if matches!(h.kind, CheckKind::Udp { .. }) {
+                    return Err(bad("an HTTP pool's backends are checked over TCP, not UDP"));
+                }
+                if h.rise == 0 || h.fall == 0 || h.interval.is_zero() || h.timeout.is_zero() {
+                    return Err(bad(
+                        "health rise, fall, interval and timeout must be above 0",
+                    ));
+                }
+            }
+            if let Some(e) = &p.eject {
+                e.validate().map_err(bad)?;
+            }
         }
         for r in &self.routes {
             if !r.rewrite.within_bounds() {
@@ -492,7 +519,7 @@ pub struct BackendStatus {
     pub addr: String,
     /// Configured weight.
     pub weight: u32,
-    /// `up`, `draining`, `down`, `removed`, `maint`.
+    /// `up`, `draining`, `down`, `ejected`, `removed`, `maint`.
     pub state: String,
     /// Requests in flight.
     pub active: u32,
@@ -502,6 +529,26 @@ pub struct BackendStatus {
     pub responses: StatusClasses,
     /// Requests it failed: refused connection, timeout, broken response.
     pub failures: u64,
+    /// `up`, `down` (by its health checks) or `ejected` (by passive ejection).
+    pub health: String,
+    /// Why it is down or ejected.
+    pub reason: Option<String>,
+    /// Whether its pool checks it.
+    pub checked: bool,
+    /// Health probes failed.
+    pub checks_failed: u64,
+    /// The last probe failure, if any.
+    pub last_check_failure: Option<String>,
+    /// Failed requests in a row (what passive ejection counts).
+    pub consecutive_errors: u32,
+    /// Times it was ejected.
+    pub ejections: u64,
+    /// Ejections not made because it was the pool's last live backend.
+    pub ejections_spared: u64,
+    /// The weight the scheduler uses now (below `weight` during slow start).
+    pub effective_weight: u32,
+    /// In slow start.
+    pub slow_start: bool,
 }
 
 /// Counters of one pool.
@@ -770,6 +817,7 @@ struct BackendCounts {
     requests: u64,
     responses: StatusClasses,
     failures: u64,
+    health: BackendHealth,
 }
 
 #[derive(Debug)]
@@ -787,6 +835,45 @@ struct PoolState {
     /// Indexed by [`BackendId::index`].
     backends: Vec<BackendCounts>,
     latency: LatencyWindow,
+}
+
+impl PoolState {
+    /// The counts of backend `id`, made on first use.
+    fn counts(&mut self, id: BackendId) -> &mut BackendCounts {
+        let i = id.index();
+        if self.backends.len() <= i {
+            self.backends.resize(i + 1, BackendCounts::default());
+        }
+        &mut self.backends[i]
+    }
+
+    /// Puts backend `id` in or out of rotation as its checks and ejection say (balance
+    /// starts the slow start of one coming back); returns whether that changed.
+    fn sync_health(&mut self, id: BackendId) -> bool {
+        let health = self
+            .backends
+            .get(id.index())
+            .map_or(Health::Up, |c| c.health.health());
+        self.pool.set_health(id, health)
+    }
+
+    /// After a reload: checks or ejection turned off release what they held out, and every
+    /// backend's rotation follows its health again.
+    fn settle_health(&mut self) {
+        for c in &mut self.backends {
+            if self.spec.health.is_none() {
+                c.health.check_down = false;
+            }
+            if self.spec.eject.is_none() {
+                c.health.ejected = None;
+                c.health.consecutive_errors = 0;
+            }
+        }
+        let ids: Vec<BackendId> = self.pool.backends().map(|(id, _)| id).collect();
+        for id in ids {
+            self.sync_health(id);
+        }
+    }
 }
 
 /// One route with its counters.
@@ -913,6 +1000,7 @@ impl Gateway {
                     }
                     state.spec = spec.clone();
                     state.pool = pool;
+                    state.settle_health();
                     state
                 }
                 None => {
@@ -1225,8 +1313,14 @@ impl Gateway {
         }
     }
 
-    /// Records how a forwarded request ended and releases its backend.
-    pub fn finish(&mut self, now: Instant, upstream: &Upstream, outcome: Outcome) {
+    /// Records how a forwarded request ended and releases its backend; says what passive
+    /// ejection made of it when this request reached the pool's error limit.
+    pub fn finish(
+        &mut self,
+        now: Instant,
+        upstream: &Upstream,
+        outcome: Outcome,
+    ) -> Option<Ejection> {
         let status = outcome.status();
         if outcome == Outcome::Cancelled {
             self.cancelled += 1;
@@ -1237,7 +1331,7 @@ impl Gateway {
             r.in_flight = r.in_flight.saturating_sub(1);
         }
         let Some(state) = self.pools.iter_mut().find(|p| p.id == upstream.pool) else {
-            return;
+            return None;
         };
         state.in_flight = state.in_flight.saturating_sub(1);
         state.responses.count(status);
@@ -1259,6 +1353,149 @@ impl Gateway {
                 }
             }
         }
+        let (id, eject) = upstream.backend.zip(state.spec.eject)?;
+        let live = state
+            .pool
+            .backend(id)
+            .is_some_and(balance::Backend::is_eligible);
+        let others_live = state
+            .pool
+            .backends()
+            .any(|(other, b)| other != id && b.is_eligible());
+        let (errors, last, spared) =
+            state
+                .counts(id)
+                .health
+                .observe(now, outcome, eject, live, others_live)?;
+        if !spared {
+            state.sync_health(id);
+        }
+        Some(Ejection {
+            key: CheckKey {
+                pool: state.spec.name.clone(),
+                backend: upstream.addr,
+            },
+            last,
+            errors,
+            spared,
+        })
+    }
+
+    /// What the health checker must probe: every backend of every checked pool but those
+    /// removed or in maintenance, each starting from the verdict it has now.
+    #[must_use]
+    pub fn check_targets(&self) -> CheckTargets<CheckKey> {
+        let mut targets = CheckTargets::default();
+        for state in &self.pools[..self.listed_pools] {
+            let Some(config) = &state.spec.health else {
+                continue;
+            };
+            for (id, b) in state.pool.backends() {
+                if matches!(b.state(), BackendState::Removed | BackendState::Maint) {
+                    continue;
+                }
+                let down = state
+                    .backends
+                    .get(id.index())
+                    .is_some_and(|c| c.health.check_down);
+                let addr = b.addr();
+                let probe = SocketAddrV4::new(*addr.ip(), config.port.unwrap_or(addr.port()));
+                targets.checks.push((
+                    CheckKey {
+                        pool: state.spec.name.clone(),
+                        backend: addr,
+                    },
+                    probe,
+                    config.clone(),
+                    if down { Health::Down } else { Health::Up },
+                ));
+            }
+        }
+        targets
+    }
+
+    /// Applies what the health checker reports: a failed probe is counted, a change of
+    /// verdict takes the backend out of rotation or brings it back (unless it is ejected).
+    /// Returns whether the backend's rotation changed. Reports about a backend or pool no
+    /// longer configured are ignored, as are agent answers (an HTTP pool asks no agent).
+    pub fn handle_check(&mut self, event: CheckEvent<CheckKey>) -> bool {
+        let (key, change) = match event {
+            CheckEvent::Failed { key, why } => (key, Err(why)),
+            CheckEvent::Changed(t) => (t.key, Ok((t.health, t.reason))),
+            CheckEvent::Agent { .. } => return false,
+        };
+        let listed = &mut self.pools[..self.listed_pools];
+        let Some(state) = listed.iter_mut().find(|p| p.spec.name == key.pool) else {
+            return false;
+        };
+        let Some(id) = state.pool.find(key.backend) else {
+            return false;
+        };
+        match change {
+            Err(why) => {
+                state.pool.check_failed(id);
+                let h = &mut state.counts(id).health;
+                h.checks_failed += 1;
+                h.last_check_failure = Some(why);
+                false
+            }
+            Ok((health, reason)) => {
+                let h = &mut state.counts(id).health;
+                h.check_down = health == Health::Down;
+                if reason.is_some() {
+                    h.last_check_failure = reason;
+                }
+                state.sync_health(id)
+            }
+        }
+    }
+
+    /// Per configured pool, whether any backend can take a request (up, weight above 0, not
+    /// drained): what VRRP `track_services` follows.
+    #[must_use]
+    pub fn pools_live(&self) -> Vec<(String, bool)> {
+        self.pools[..self.listed_pools]
+            .iter()
+            .map(|p| (p.spec.name.clone(), p.pool.has_eligible()))
+            .collect()
+    }
+
+    /// When the next ejection ends, if any is running.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.pools
+            .iter()
+            .flat_map(|p| &p.backends)
+            .filter_map(|c| c.health.ejected.map(|(until, _, _)| until))
+            .min()
+    }
+
+    /// Ends the ejections due at `now` (the backends return unless their checks hold them
+    /// down) and moves slow starts on; returns the backends whose ejection ended.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<CheckKey> {
+        let mut ended = Vec::new();
+        for state in &mut self.pools {
+            let ids: Vec<(BackendId, SocketAddrV4)> = state
+                .pool
+                .backends()
+                .map(|(id, b)| (id, b.addr()))
+                .collect();
+            for (id, addr) in ids {
+                if state
+                    .backends
+                    .get_mut(id.index())
+                    .is_some_and(|c| c.health.expire(now))
+                {
+                    state.sync_health(id);
+                    ended.push(CheckKey {
+                        pool: state.spec.name.clone(),
+                        backend: addr,
+                    });
+                }
+            }
+            state.pool.handle_timeout(now);
+        }
+        ended
     }
 
     /// Applies the response rules of route `id` ([`Upstream::route`]) to a response it
@@ -1367,14 +1604,32 @@ fn pool_status(state: &PoolState, now: Instant) -> PoolStatus {
             .backends()
             .map(|(id, b)| {
                 let counts = state.backends.get(id.index()).cloned().unwrap_or_default();
+                let h = &counts.health;
+                let (health, reason) = h.describe();
                 BackendStatus {
                     addr: b.addr().to_string(),
                     weight: b.weight(),
-                    state: b.state().to_string(),
+                    // A backend ejected (and not held down by its checks) is `ejected`, not
+                    // `down`: the state label of the metrics tells the two apart.
+                    state: if b.state() == BackendState::Down && health == "ejected" {
+                        health.to_owned()
+                    } else {
+                        b.state().to_string()
+                    },
                     active: b.active(),
                     requests: counts.requests,
                     responses: counts.responses,
                     failures: counts.failures,
+                    health: health.to_owned(),
+                    reason,
+                    checked: state.spec.health.is_some(),
+                    checks_failed: h.checks_failed,
+                    last_check_failure: h.last_check_failure.map(|w| w.to_string()),
+                    consecutive_errors: h.consecutive_errors,
+                    ejections: h.ejections,
+                    ejections_spared: h.ejections_spared,
+                    effective_weight: b.effective_weight(),
+                    slow_start: b.is_ramping(),
                 }
             })
             .collect(),

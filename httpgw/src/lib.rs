@@ -33,6 +33,7 @@ pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 mod gateway;
+pub mod health;
 pub mod hygiene;
 pub mod latency;
 pub mod route;

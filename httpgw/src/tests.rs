@@ -22,6 +22,8 @@ fn backend(last: u8, weight: u32) -> BackendConfig {
 
 fn pool(name: &str, backends: Vec<BackendConfig>) -> PoolSpec {
     PoolSpec {
+        health: None,
+        eject: None,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,
@@ -1152,4 +1154,311 @@ fn a_drained_backend_finishes_its_requests_and_stays_drained_across_reloads() {
     assert_eq!(active(&gw), 1);
     gw.finish(epoch(), &first, Outcome::Answered(StatusCode::OK));
     assert_eq!(active(&gw), 0);
+}
+
+/// Health: passive ejection, active check verdicts and slow start, decided in the core.
+mod health {
+    use super::*;
+    use crate::health::{CheckKey, EjectConfig, UpstreamError};
+    use crate::{BackendStatus, GatewayStatus};
+    use natgw::health::{CheckEvent, HealthConfig, ProbeFailure, Transition};
+    use std::time::Instant;
+
+    const A: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
+    const B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 80);
+    const EJECT: Duration = Duration::from_secs(10);
+    const RAMP: Duration = Duration::from_secs(20);
+
+    /// `web` (A and B, weight 10 each) ejecting after 3 errors for 10 s, with a 20 s slow
+    /// start, and optionally health checks.
+    fn web(checks: bool) -> GatewayConfig {
+        let mut cfg = config();
+        let web = &mut cfg.pools[0];
+        web.balance.backends = vec![backend(1, 10), backend(2, 10)];
+        web.balance.slow_start = Some(RAMP);
+        web.eject = Some(EjectConfig {
+            consecutive_errors: 3,
+            duration: EJECT,
+        });
+        web.health = checks.then(HealthConfig::default);
+        cfg
+    }
+
+    fn www_at(gw: &mut Gateway, now: Instant, cookie: Option<&str>) -> Upstream {
+        let mut fields = vec![("host", "www.example.com")];
+        if let Some(c) = cookie {
+            fields.push(("cookie", c));
+        }
+        let mut h = head(&fields, "GET", "/");
+        forwarded(gw.decide(now, CLIENT, VIP, None, &mut h))
+    }
+
+    /// Sends requests until one goes to `addr`, finishing the others with 200.
+    fn request_to(gw: &mut Gateway, now: Instant, addr: SocketAddrV4) -> Upstream {
+        for _ in 0..4 {
+            let up = www_at(gw, now, None);
+            if up.addr == addr {
+                return up;
+            }
+            gw.finish(now, &up, Outcome::Answered(StatusCode::OK));
+        }
+        panic!("no request went to {addr}");
+    }
+
+    fn backend_status(gw: &Gateway, now: Instant, addr: SocketAddrV4) -> BackendStatus {
+        let status: GatewayStatus = gw.status(now);
+        let web = status.pools.iter().find(|p| p.name == "web").unwrap();
+        web.backends
+            .iter()
+            .find(|b| b.addr == addr.to_string())
+            .unwrap()
+            .clone()
+    }
+
+    fn key(addr: SocketAddrV4) -> CheckKey {
+        CheckKey {
+            pool: "web".into(),
+            backend: addr,
+        }
+    }
+
+    fn verdict(addr: SocketAddrV4, health: balance::Health) -> CheckEvent<CheckKey> {
+        CheckEvent::Changed(Transition {
+            key: key(addr),
+            addr,
+            health,
+            reason: (health == balance::Health::Down).then_some(ProbeFailure::Refused),
+        })
+    }
+
+    #[test]
+    fn consecutive_errors_eject_for_the_duration_then_the_backend_slow_starts_back() {
+        let t0 = epoch();
+        let mut gw = Gateway::new(&web(false)).unwrap();
+        // Never a slow start at daemon start.
+        for addr in [A, B] {
+            let s = backend_status(&gw, t0, addr);
+            assert_eq!((s.effective_weight, s.slow_start), (10, false));
+        }
+        // Two errors, then an answer below 500: the count starts again.
+        for outcome in [Outcome::Refused, Outcome::TimedOut] {
+            let up = request_to(&mut gw, t0, A);
+            assert_eq!(gw.finish(t0, &up, outcome), None);
+        }
+        assert_eq!(backend_status(&gw, t0, A).consecutive_errors, 2);
+        let up = request_to(&mut gw, t0, A);
+        assert_eq!(
+            gw.finish(t0, &up, Outcome::Answered(StatusCode::NOT_FOUND)),
+            None
+        );
+        assert_eq!(backend_status(&gw, t0, A).consecutive_errors, 0);
+        // A cancelled request is nobody's error and counts nothing.
+        let up = request_to(&mut gw, t0, A);
+        assert_eq!(gw.finish(t0, &up, Outcome::Cancelled), None);
+        // Three 5xx or broken answers in a row: out.
+        let mut last = None;
+        for outcome in [
+            Outcome::Answered(StatusCode::INTERNAL_SERVER_ERROR),
+            Outcome::Broken,
+            Outcome::Answered(StatusCode::SERVICE_UNAVAILABLE),
+        ] {
+            let up = request_to(&mut gw, t0, A);
+            last = gw.finish(t0, &up, outcome);
+        }
+        let ejection = last.expect("ejected at the third error");
+        assert_eq!(
+            (
+                ejection.key,
+                ejection.errors,
+                ejection.last,
+                ejection.spared
+            ),
+            (key(A), 3, UpstreamError::Status(503), false)
+        );
+        let s = backend_status(&gw, t0, A);
+        assert_eq!(
+            (s.health.as_str(), s.state.as_str()),
+            ("ejected", "ejected")
+        );
+        assert_eq!(s.ejections, 1);
+        assert!(
+            s.reason
+                .unwrap()
+                .contains("3 errors in a row, the last HTTP status 503")
+        );
+        // Every request goes to B meanwhile, a sticky client of A's too.
+        let stuck = format!("SRV={}", crate::StickyCookie::id(A));
+        for _ in 0..6 {
+            let up = www_at(&mut gw, t0, Some(&stuck));
+            assert_eq!(up.addr, B);
+            gw.finish(t0, &up, Outcome::Answered(StatusCode::OK));
+        }
+        // It ends on time, and A ramps from 1 to 10 over the slow start.
+        assert_eq!(gw.poll_timeout(), Some(t0 + EJECT));
+        assert!(
+            gw.handle_timeout(t0 + EJECT - Duration::from_millis(1))
+                .is_empty()
+        );
+        let back = t0 + EJECT;
+        assert_eq!(gw.handle_timeout(back), [key(A)]);
+        assert_eq!(gw.poll_timeout(), None);
+        let s = backend_status(&gw, back, A);
+        assert_eq!(s.health, "up");
+        assert!(s.slow_start && s.effective_weight < 10, "{s:?}");
+        gw.handle_timeout(back + RAMP / 2);
+        let half = backend_status(&gw, back + RAMP / 2, A).effective_weight;
+        assert!((4..=6).contains(&half), "half-way weight {half}");
+        gw.handle_timeout(back + RAMP);
+        let s = backend_status(&gw, back + RAMP, A);
+        assert_eq!((s.effective_weight, s.slow_start), (10, false));
+    }
+
+    #[test]
+    fn the_last_live_backend_is_never_ejected() {
+        let t0 = epoch();
+        let mut gw = Gateway::new(&web(false)).unwrap();
+        for _ in 0..3 {
+            let up = request_to(&mut gw, t0, A);
+            gw.finish(t0, &up, Outcome::Refused);
+        }
+        assert_eq!(backend_status(&gw, t0, A).health, "ejected");
+        // B fails as often: it is the only one left, so it stays, and the refusal counts.
+        let mut last = None;
+        for _ in 0..3 {
+            let up = www_at(&mut gw, t0, None);
+            assert_eq!(up.addr, B);
+            last = gw.finish(t0, &up, Outcome::Answered(StatusCode::BAD_GATEWAY));
+        }
+        assert!(last.expect("the limit was reached").spared);
+        let s = backend_status(&gw, t0, B);
+        assert_eq!(
+            (s.health.as_str(), s.ejections, s.ejections_spared),
+            ("up", 0, 1)
+        );
+        // Requests keep going to it rather than being answered 503.
+        assert_eq!(www_at(&mut gw, t0, None).addr, B);
+    }
+
+    #[test]
+    fn check_verdicts_take_backends_out_and_an_ejection_ends_into_the_checks_verdict() {
+        let t0 = epoch();
+        let mut cfg = web(true);
+        cfg.pools[0].cookie = Some(crate::StickyCookie {
+            name: "SRV".into(),
+            nocache: true,
+        });
+        let mut gw = Gateway::new(&cfg).unwrap();
+        let targets = gw.check_targets();
+        let listed: Vec<_> = targets
+            .checks
+            .iter()
+            .map(|(k, probe, _, health)| (k.backend, *probe, *health))
+            .collect();
+        assert_eq!(
+            listed,
+            [(A, A, balance::Health::Up), (B, B, balance::Health::Up)]
+        );
+        // A failed probe is counted; the verdict takes A out.
+        assert!(!gw.handle_check(CheckEvent::Failed {
+            key: key(A),
+            why: ProbeFailure::Refused,
+        }));
+        assert!(gw.handle_check(verdict(A, balance::Health::Down)));
+        let s = backend_status(&gw, t0, A);
+        assert_eq!(
+            (s.health.as_str(), s.reason.as_deref(), s.checks_failed),
+            ("down", Some("connection refused"), 1)
+        );
+        assert!(s.checked);
+        let stuck = format!("SRV={}", crate::StickyCookie::id(A));
+        let up = www_at(&mut gw, t0, Some(&stuck));
+        assert_eq!(up.addr, B);
+        assert!(up.set_cookie.is_some(), "re-dispatched with a new cookie");
+        gw.finish(t0, &up, Outcome::Answered(StatusCode::OK));
+        // The checker starts from the verdict after a reload.
+        assert_eq!(gw.check_targets().checks[0].3, balance::Health::Down);
+        // Back up: in rotation again, in slow start (a recovery).
+        assert!(gw.handle_check(verdict(A, balance::Health::Up)));
+        gw.handle_timeout(t0);
+        let s = backend_status(&gw, t0, A);
+        assert_eq!(s.health, "up");
+        assert!(s.slow_start);
+        // Ejected B whose checks then fail stays out when the ejection ends...
+        for _ in 0..3 {
+            let up = request_to(&mut gw, t0, B);
+            gw.finish(t0, &up, Outcome::TimedOut);
+        }
+        assert_eq!(backend_status(&gw, t0, B).health, "ejected");
+        assert!(!gw.handle_check(verdict(B, balance::Health::Down)));
+        assert_eq!(gw.handle_timeout(t0 + EJECT), [key(B)]);
+        assert_eq!(backend_status(&gw, t0 + EJECT, B).health, "down");
+        // ...until they pass.
+        assert!(gw.handle_check(verdict(B, balance::Health::Up)));
+        assert_eq!(backend_status(&gw, t0 + EJECT, B).health, "up");
+        // Reports about unknown pools or backends change nothing.
+        let stranger = SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 80);
+        assert!(!gw.handle_check(verdict(stranger, balance::Health::Down)));
+    }
+
+    #[test]
+    fn a_reload_turning_checks_or_ejection_off_releases_what_they_held() {
+        let t0 = epoch();
+        let mut gw = Gateway::new(&web(true)).unwrap();
+        gw.handle_check(verdict(A, balance::Health::Down));
+        for _ in 0..3 {
+            let up = request_to(&mut gw, t0, B);
+            gw.finish(t0, &up, Outcome::Answered(StatusCode::OK));
+        }
+        // An unchanged reload keeps the verdict.
+        gw.reconfigure(&web(true)).unwrap();
+        assert_eq!(backend_status(&gw, t0, A).health, "down");
+        // Without checks, A is back.
+        let reload = gw.reconfigure(&web(false)).unwrap();
+        assert_eq!(reload.pools.changed, ["web"]);
+        assert_eq!(backend_status(&gw, t0, A).health, "up");
+        assert!(gw.check_targets().checks.is_empty());
+        // An ejection ends when ejection is turned off.
+        for _ in 0..3 {
+            let up = request_to(&mut gw, t0, A);
+            gw.finish(t0, &up, Outcome::Refused);
+        }
+        assert_eq!(backend_status(&gw, t0, A).health, "ejected");
+        let mut cfg = web(false);
+        cfg.pools[0].eject = None;
+        gw.reconfigure(&cfg).unwrap();
+        assert_eq!(backend_status(&gw, t0, A).health, "up");
+        assert_eq!(gw.poll_timeout(), None);
+    }
+
+    #[test]
+    fn health_and_ejection_settings_are_bounded() {
+        let mut cfg = web(true);
+        cfg.pools[0].health = Some(HealthConfig {
+            agent: Some(natgw::health::AgentConfig {
+                port: 9000,
+                interval: Duration::from_secs(2),
+            }),
+            ..HealthConfig::default()
+        });
+        assert!(matches!(
+            Gateway::new(&cfg),
+            Err(ConfigError::BadHealth { .. })
+        ));
+        for (errors, secs) in [
+            (0, 10),
+            (EjectConfig::MAX_ERRORS + 1, 10),
+            (3, 0),
+            (3, 7200),
+        ] {
+            let mut cfg = web(false);
+            cfg.pools[0].eject = Some(EjectConfig {
+                consecutive_errors: errors,
+                duration: Duration::from_secs(secs),
+            });
+            assert!(
+                matches!(Gateway::new(&cfg), Err(ConfigError::BadHealth { .. })),
+                "{errors} errors, {secs} s"
+            );
+        }
+    }
 }

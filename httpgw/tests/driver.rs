@@ -64,6 +64,8 @@ async fn backend(name: &'static str) -> (SocketAddrV4, Arc<AtomicU64>) {
 
 fn pool(name: &str, backends: &[SocketAddrV4]) -> PoolSpec {
     PoolSpec {
+        health: None,
+        eject: None,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,

@@ -194,6 +194,8 @@ async fn sni_picks_the_certificate_and_the_route() {
     let (web_addr, web) = backend("web").await;
     let (a_addr, a) = backend("a").await;
     let pool = |name: &str, addr| PoolSpec {
+        health: None,
+        eject: None,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,
@@ -322,6 +324,8 @@ async fn hostile_handshakes_are_closed_and_counted() {
             rewrite: HeaderRules::default(),
         }],
         pools: vec![PoolSpec {
+            health: None,
+            eject: None,
             name: "web".into(),
             balance: PoolConfig {
                 scheduler: SchedulerKind::Rr,
@@ -450,6 +454,8 @@ fn h2_config(
 ) -> GatewayConfig {
     let (files, _) = cert(dir, "h2", &["a.example.com"]);
     let pool = |name: &str, addr| PoolSpec {
+        health: None,
+        eject: None,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,

@@ -80,6 +80,8 @@ async fn gateway(tunnel_timeout: Duration) -> (HttpGateway, Arc<Mutex<Vec<String
             rewrite: HeaderRules::default(),
         }],
         pools: vec![PoolSpec {
+            health: None,
+            eject: None,
             name: "echo".into(),
             balance: PoolConfig {
                 scheduler: SchedulerKind::Rr,

@@ -6,8 +6,10 @@
 //! every problem at its place on the way: `validate` runs it with the file's validator,
 //! lowering runs it on a section that passed, so check and run cannot disagree.
 
+use super::lb::{HealthKind, HealthSection, validate_health};
 use super::{HumanDuration, Validator, check_unique, did_you_mean};
 use balance::{BackendConfig, PoolConfig, SchedulerKind};
+use httpgw::health::EjectConfig;
 use httpgw::hygiene::Forwarding;
 use httpgw::route::{
     Action, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route,
@@ -49,6 +51,36 @@ pub(crate) struct HttpPoolSection {
     /// Cookie-insert stickiness (HAProxy `cookie NAME insert indirect nocache`).
     #[serde(default)]
     pub(crate) cookie: Option<CookieSection>,
+    /// Active health checks: the `[[service]]` `health` table (tcp, http or https; no agent).
+    #[serde(default)]
+    pub(crate) health: Option<HealthSection>,
+    /// Passive ejection (nginx `max_fails`/`fail_timeout`).
+    #[serde(default)]
+    pub(crate) eject: Option<Spanned<EjectSection>>,
+    /// A backend coming back ramps its weight up over this long (HAProxy `slowstart`, nginx
+    /// `slow_start`), as on a `[[service]]`.
+    #[serde(default)]
+    pub(crate) slow_start: Option<Spanned<HumanDuration>>,
+}
+
+/// `eject = { consecutive_errors = 5, duration = "30s" }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EjectSection {
+    /// Failed requests in a row (refused, timed out, broken, 5xx) that eject. Default 5.
+    #[serde(default = "d_consecutive_errors")]
+    pub(crate) consecutive_errors: Spanned<u32>,
+    /// How long an ejected backend stays out. Default 30s.
+    #[serde(default = "d_eject_duration")]
+    pub(crate) duration: Spanned<HumanDuration>,
+}
+
+fn d_consecutive_errors() -> Spanned<u32> {
+    Spanned::new(0..0, 5)
+}
+
+fn d_eject_duration() -> Spanned<HumanDuration> {
+    Spanned::new(0..0, HumanDuration(Duration::from_secs(30)))
 }
 
 /// `cookie = { name = "SRV", nocache = true }`.
@@ -255,11 +287,49 @@ impl HttpSection {
                     }
                     sticky
                 });
+                let eject = p.eject.as_ref().map(|e| {
+                    let section = e.get_ref();
+                    let eject = EjectConfig {
+                        consecutive_errors: *section.consecutive_errors.get_ref(),
+                        duration: section.duration.get_ref().0,
+                    };
+                    // The defaults are in range: whatever is out of it was written.
+                    if !(1..=EjectConfig::MAX_ERRORS).contains(&eject.consecutive_errors) {
+                        error(
+                            section.consecutive_errors.span(),
+                            format!(
+                                "eject consecutive_errors must be 1..={}",
+                                EjectConfig::MAX_ERRORS
+                            ),
+                        );
+                    }
+                    if !(EjectConfig::MIN_DURATION..=EjectConfig::MAX_DURATION)
+                        .contains(&eject.duration)
+                    {
+                        error(
+                            section.duration.span(),
+                            "eject duration must be between 1s and 1h".into(),
+                        );
+                    }
+                    eject
+                });
+                if let Some(d) = &p.slow_start
+                    && (d.get_ref().0.is_zero() || d.get_ref().0 > MAX_PERIOD)
+                {
+                    error(
+                        d.span(),
+                        "slow_start must be between 1ms and 1h (leave it out to turn it off)"
+                            .into(),
+                    );
+                }
                 PoolSpec {
                     name: p.name.get_ref().clone(),
                     cookie,
+                    health: p.health.as_ref().map(super::lower::health),
+                    eject,
                     balance: PoolConfig {
                         scheduler: p.scheduler,
+                        slow_start: p.slow_start.as_ref().map(|d| d.get_ref().0),
                         backends: p
                             .backends
                             .iter()
@@ -703,6 +773,9 @@ pub(crate) fn validate_all(sections: &[HttpSection], v: &mut Validator) {
                 "backend",
                 v,
             );
+            if let Some(h) = &p.health {
+                validate_pool_health(p, h, v);
+            }
         }
         if s.route.is_empty() {
             v.error_at(
@@ -717,6 +790,33 @@ pub(crate) fn validate_all(sections: &[HttpSection], v: &mut Validator) {
         if let Some(tls) = &s.tls {
             check_certs(&tls.get_ref().certs, v);
         }
+    }
+}
+
+/// An HTTP pool's checks are a `[[service]]`'s, less what an HTTP backend has no use for:
+/// UDP datagrams and an agent.
+fn validate_pool_health(p: &HttpPoolSection, h: &HealthSection, v: &mut Validator) {
+    validate_health(h, p.name.span(), v);
+    if h.kind == HealthKind::Udp {
+        v.error_at(
+            &p.name,
+            format!(
+                "pool `{}`: an HTTP pool is checked with kind = \"tcp\", \"http\" or \"https\", not \"udp\"",
+                p.name.get_ref()
+            ),
+        );
+    }
+    if let Some(send) = &h.send {
+        v.error_at(
+            send,
+            "send belongs to a udp check, which an HTTP pool has not",
+        );
+    }
+    if let Some(port) = &h.agent_port {
+        v.error_at(
+            port,
+            "agent_port: an HTTP pool asks no agent (agent checks are for [[service]])",
+        );
     }
 }
 

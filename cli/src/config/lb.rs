@@ -838,6 +838,86 @@ fn validate_agent(h: &HealthSection, v: &mut Validator) {
     }
 }
 
+/// What every health check needs, on a service or an HTTP pool; `owner` (the name of the
+/// service or pool) is pointed at for a problem with a value left at its default.
+pub(crate) fn validate_health(h: &HealthSection, owner: std::ops::Range<usize>, v: &mut Validator) {
+    let path = h.path.get_ref();
+    let at = |v: &mut Validator, msg: String| {
+        if h.path.span().is_empty() {
+            v.error(owner.clone(), msg);
+        } else {
+            v.error_at(&h.path, msg);
+        }
+    };
+    if matches!(h.kind, HealthKind::Http | HealthKind::Https) && !path.starts_with('/') {
+        at(v, format!("health path {path:?} must start with /"));
+    }
+    if path.len() > MAX_HEALTH_PATH {
+        at(
+            v,
+            format!("health path is longer than {MAX_HEALTH_PATH} bytes"),
+        );
+    }
+    // It is sent as the request line's target: a space, CR or LF would end it and
+    // let the rest become request headers.
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        at(
+            v,
+            format!("health path {path:?} may hold only printable ASCII without spaces"),
+        );
+    }
+    for (name, d) in [("interval", &h.interval), ("timeout", &h.timeout)] {
+        let t = d.get_ref().0;
+        if !(MIN_HEALTH_PERIOD..=MAX_HEALTH_PERIOD).contains(&t) {
+            v.error_at(d, format!("health {name} must be between 100ms and 1h"));
+        }
+    }
+    if let Some(expect) = &h.expect {
+        let text = expect.get_ref();
+        if h.kind == HealthKind::Tcp {
+            v.error_at(
+                    expect,
+                    "expect needs an HTTP or UDP check (kind = \"http\", \"https\" or \"udp\"): a TCP check reads no answer",
+                );
+        } else if text.is_empty() || text.len() > MAX_HEALTH_EXPECT {
+            v.error_at(
+                expect,
+                format!("expect must be 1 to {MAX_HEALTH_EXPECT} bytes long"),
+            );
+        }
+    }
+    validate_tls(h, v);
+    validate_agent(h, v);
+    if let Some(port) = &h.port
+        && *port.get_ref() == 0
+    {
+        v.error_at(
+            port,
+            "health port must be 1..=65535 (leave it out to check the backend's own port)",
+        );
+    }
+    if *h.rise.get_ref() == 0 {
+        v.error_at(&h.rise, "rise must be at least 1");
+    }
+    if *h.fall.get_ref() == 0 {
+        v.error_at(&h.fall, "fall must be at least 1");
+    }
+    if h.timeout.get_ref() > h.interval.get_ref() {
+        if h.timeout.span().is_empty() {
+            // The timeout was left at its default: point at the interval that is shorter.
+            v.error_at(
+                &h.interval,
+                format!(
+                    "health interval is shorter than the default timeout ({}): set `timeout` too",
+                    h.timeout.get_ref()
+                ),
+            );
+        } else {
+            v.error_at(&h.timeout, "health timeout must not exceed the interval");
+        }
+    }
+}
+
 pub(crate) fn validate_all(
     services: &[ServiceSection],
     nat: Option<&NatSection>,
@@ -939,82 +1019,8 @@ pub(crate) fn validate_all(
             );
         }
         if let Some(h) = &s.health {
-            let path = h.path.get_ref();
-            let at = |v: &mut Validator, msg: String| {
-                if h.path.span().is_empty() {
-                    v.error_at(&s.name, msg);
-                } else {
-                    v.error_at(&h.path, msg);
-                }
-            };
-            if matches!(h.kind, HealthKind::Http | HealthKind::Https) && !path.starts_with('/') {
-                at(v, format!("health path {path:?} must start with /"));
-            }
-            if path.len() > MAX_HEALTH_PATH {
-                at(
-                    v,
-                    format!("health path is longer than {MAX_HEALTH_PATH} bytes"),
-                );
-            }
-            // It is sent as the request line's target: a space, CR or LF would end it and
-            // let the rest become request headers.
-            if !path.bytes().all(|b| b.is_ascii_graphic()) {
-                at(
-                    v,
-                    format!("health path {path:?} may hold only printable ASCII without spaces"),
-                );
-            }
-            for (name, d) in [("interval", &h.interval), ("timeout", &h.timeout)] {
-                let t = d.get_ref().0;
-                if !(MIN_HEALTH_PERIOD..=MAX_HEALTH_PERIOD).contains(&t) {
-                    v.error_at(d, format!("health {name} must be between 100ms and 1h"));
-                }
-            }
-            if let Some(expect) = &h.expect {
-                let text = expect.get_ref();
-                if h.kind == HealthKind::Tcp {
-                    v.error_at(
-                        expect,
-                        "expect needs an HTTP or UDP check (kind = \"http\", \"https\" or \"udp\"): a TCP check reads no answer",
-                    );
-                } else if text.is_empty() || text.len() > MAX_HEALTH_EXPECT {
-                    v.error_at(
-                        expect,
-                        format!("expect must be 1 to {MAX_HEALTH_EXPECT} bytes long"),
-                    );
-                }
-            }
-            validate_tls(h, v);
-            validate_agent(h, v);
+            validate_health(h, s.name.span(), v);
             validate_udp_check(s, h, v);
-            if let Some(port) = &h.port
-                && *port.get_ref() == 0
-            {
-                v.error_at(
-                    port,
-                    "health port must be 1..=65535 (leave it out to check the backend's own port)",
-                );
-            }
-            if *h.rise.get_ref() == 0 {
-                v.error_at(&h.rise, "rise must be at least 1");
-            }
-            if *h.fall.get_ref() == 0 {
-                v.error_at(&h.fall, "fall must be at least 1");
-            }
-            if h.timeout.get_ref() > h.interval.get_ref() {
-                if h.timeout.span().is_empty() {
-                    // The timeout was left at its default: point at the interval that is shorter.
-                    v.error_at(
-                        &h.interval,
-                        format!(
-                            "health interval is shorter than the default timeout ({}): set `timeout` too",
-                            h.timeout.get_ref()
-                        ),
-                    );
-                } else {
-                    v.error_at(&h.timeout, "health timeout must not exceed the interval");
-                }
-            }
         }
         if let Some(nat) = nat {
             let ip = *s.listen.get_ref().ip();

@@ -10,7 +10,7 @@
 
 use super::SiteConfig;
 use super::gre::GreSection;
-use super::lb::{HealthKind, ServiceSection};
+use super::lb::{HealthKind, HealthSection, ServiceSection};
 use super::nat::NatSection;
 use super::ssh::SshSection;
 use super::vrrp::{VrrpGroupSection, VrrpSection};
@@ -188,47 +188,49 @@ pub(crate) fn gateway(section: &NatSection, seed: u64) -> GatewayConfig {
     }
 }
 
+/// A `health = { ... }` table (of a service or an HTTP pool) as the checker's settings.
+pub(crate) fn health(h: &HealthSection) -> natgw::health::HealthConfig {
+    natgw::health::HealthConfig {
+        kind: match h.kind {
+            HealthKind::Tcp => natgw::health::CheckKind::Tcp,
+            HealthKind::Udp => natgw::health::CheckKind::Udp {
+                send: h
+                    .send
+                    .as_ref()
+                    .map(|x| x.get_ref().clone())
+                    .unwrap_or_default(),
+                expect: h
+                    .expect
+                    .as_ref()
+                    .map(|x| x.get_ref().clone())
+                    .unwrap_or_default(),
+            },
+            HealthKind::Http | HealthKind::Https => natgw::health::CheckKind::Http {
+                path: h.path.get_ref().clone(),
+                status: h.status,
+                expect: h.expect.as_ref().map(|e| e.get_ref().clone()),
+                tls: (h.kind == HealthKind::Https).then(|| natgw::health::TlsCheck {
+                    sni: h.sni.as_ref().map(|s| s.get_ref().clone()),
+                    verify: h.verify.as_ref().is_none_or(|v| *v.get_ref()),
+                    ca_file: h.ca_file.as_ref().map(|c| c.get_ref().clone()),
+                }),
+            },
+        },
+        interval: h.interval.get_ref().0,
+        timeout: h.timeout.get_ref().0,
+        rise: *h.rise.get_ref(),
+        fall: *h.fall.get_ref(),
+        port: h.port.as_ref().map(|p| *p.get_ref()),
+        agent: h.agent_port.as_ref().map(|p| natgw::health::AgentConfig {
+            port: *p.get_ref(),
+            interval: h.agent_interval.as_ref().unwrap_or(&h.interval).get_ref().0,
+        }),
+    }
+}
+
 /// One `[[service]]` as the gateway's virtual service.
 pub(crate) fn service(section: &ServiceSection) -> natgw::ServiceConfig {
-    let health = section
-        .health
-        .as_ref()
-        .map(|h| natgw::health::HealthConfig {
-            kind: match h.kind {
-                HealthKind::Tcp => natgw::health::CheckKind::Tcp,
-                HealthKind::Udp => natgw::health::CheckKind::Udp {
-                    send: h
-                        .send
-                        .as_ref()
-                        .map(|x| x.get_ref().clone())
-                        .unwrap_or_default(),
-                    expect: h
-                        .expect
-                        .as_ref()
-                        .map(|x| x.get_ref().clone())
-                        .unwrap_or_default(),
-                },
-                HealthKind::Http | HealthKind::Https => natgw::health::CheckKind::Http {
-                    path: h.path.get_ref().clone(),
-                    status: h.status,
-                    expect: h.expect.as_ref().map(|e| e.get_ref().clone()),
-                    tls: (h.kind == HealthKind::Https).then(|| natgw::health::TlsCheck {
-                        sni: h.sni.as_ref().map(|s| s.get_ref().clone()),
-                        verify: h.verify.as_ref().is_none_or(|v| *v.get_ref()),
-                        ca_file: h.ca_file.as_ref().map(|c| c.get_ref().clone()),
-                    }),
-                },
-            },
-            interval: h.interval.get_ref().0,
-            timeout: h.timeout.get_ref().0,
-            rise: *h.rise.get_ref(),
-            fall: *h.fall.get_ref(),
-            port: h.port.as_ref().map(|p| *p.get_ref()),
-            agent: h.agent_port.as_ref().map(|p| natgw::health::AgentConfig {
-                port: *p.get_ref(),
-                interval: h.agent_interval.as_ref().unwrap_or(&h.interval).get_ref().0,
-            }),
-        });
+    let health = section.health.as_ref().map(health);
     // Validation refused ports that cannot run.
     let ports = section.service_ports().and_then(Result::ok);
     natgw::ServiceConfig {

@@ -482,6 +482,7 @@ impl SiteConfig {
         vrrp::validate_all(
             &self.vrrp,
             ok("service").then_some(self.service.as_slice()),
+            &self.http,
             v,
         );
         if ok("vrrp") {

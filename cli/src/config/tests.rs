@@ -958,3 +958,135 @@ fn http2_keys_are_checked_at_their_place() {
     at(&errs, 5, 16, "`alpn` needs at least one");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `[[http.pool]]` takes a `[[service]]`'s `health` table (same keys, same defaults, same
+/// checks), `eject` and `slow_start`, and points at each mistake.
+#[test]
+fn http_pool_health_eject_and_slow_start_are_read_and_checked_with_their_position() {
+    let checked = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"SRV\" }\nhealth = { kind = \"http\", path = \"/up\", expect = \"ok\", interval = \"3s\", fall = 3 }\neject = { consecutive_errors = 7 }\nslow_start = \"20s\"",
+    );
+    let site = parse(Path::new("site.toml"), &checked).expect("valid");
+    let gw = site.http[0].lower();
+    let api = &gw.pools[1];
+    let health = api.health.as_ref().expect("checked");
+    assert_eq!(
+        (health.interval, health.timeout, health.rise, health.fall),
+        (
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(1),
+            2,
+            3
+        )
+    );
+    assert!(
+        matches!(&health.kind, natgw::health::CheckKind::Http { path, expect: Some(e), .. } if path == "/up" && e == "ok")
+    );
+    assert_eq!(
+        api.eject,
+        Some(httpgw::health::EjectConfig {
+            consecutive_errors: 7,
+            duration: std::time::Duration::from_secs(30),
+        })
+    );
+    assert_eq!(
+        api.balance.slow_start,
+        Some(std::time::Duration::from_secs(20))
+    );
+    assert_eq!(
+        (gw.pools[0].health.as_ref(), gw.pools[0].eject),
+        (None, None)
+    );
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+
+    let bad = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"SRV\" }\nhealth = { kind = \"udp\", path = \"up\", rise = 0, agent_port = 9000 }\neject = { consecutive_errors = 0, duration = \"2h\" }\nslow_start = \"0s\"",
+    );
+    let errs = errors(&bad);
+    let at = |needle: &str, col: usize, message: &str| {
+        let line = bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        let prefix = format!("site.toml:{line}:{col}: ");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with(&prefix) && e.contains(message)),
+            "{prefix}{message} not in {errs:#?}"
+        );
+    };
+    at("rise = 0", 46, "rise must be at least 1");
+    at("agent_port = 9000", 62, "an HTTP pool asks no agent");
+    // The pool's name, not the route's of the same name.
+    let pool_line = bad
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| *l == "name = \"api\"")
+        .map(|(i, _)| i + 1)
+        .max()
+        .unwrap();
+    assert!(
+        errs.iter().any(|e| e.starts_with(&format!(
+            "site.toml:{pool_line}:8: pool `api`: an HTTP pool"
+        )) && e.contains("not \"udp\"")),
+        "{errs:#?}"
+    );
+    at(
+        "consecutive_errors = 0",
+        32,
+        "eject consecutive_errors must be 1..=10000",
+    );
+    at(
+        "duration = \"2h\"",
+        46,
+        "eject duration must be between 1s and 1h",
+    );
+    at(
+        "slow_start = \"0s\"",
+        14,
+        "slow_start must be between 1ms and 1h",
+    );
+    assert_eq!(errs.len(), 6, "{errs:#?}");
+    // The [[service]] checks' own messages, at the same places.
+    let bad = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"SRV\" }\nhealth = { kind = \"http\", path = \"up\" }",
+    );
+    let errs = errors(&bad);
+    let line = bad
+        .lines()
+        .position(|l| l.contains("path = \"up\""))
+        .unwrap()
+        + 1;
+    assert!(
+        errs.len() == 1
+            && errs[0].starts_with(&format!(
+                "site.toml:{line}:34: health path \"up\" must start with /"
+            )),
+        "{errs:#?}"
+    );
+}
+
+/// VRRP `track_services` names an HTTP pool as `listener/pool`, checked like a service name.
+#[test]
+fn track_services_names_an_http_pool_as_listener_slash_pool() {
+    let with = |tracked: &str| {
+        format!(
+            "{}\n{HTTP_SITE}",
+            REFERENCE.replace(
+                "track_services = [\"web\"]",
+                &format!("track_services = [\"web\", \"{tracked}\"]")
+            )
+        )
+    };
+    assert_eq!(errors(&with("www/api")), Vec::<String>::new());
+    let text = with("www/apii");
+    let errs = errors(&text);
+    let line = text.lines().position(|l| l.contains("www/apii")).unwrap() + 1;
+    assert!(
+        errs.len() == 1
+            && errs[0].starts_with(&format!("site.toml:{line}:"))
+            && errs[0].contains("no [[service]] nor HTTP pool (`listener/pool`)")
+            && errs[0].contains("did you mean `www/api`"),
+        "{errs:#?}"
+    );
+}

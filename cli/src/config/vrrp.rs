@@ -592,9 +592,11 @@ pub(crate) fn validate_groups(
 }
 
 /// `services` is `None` when the `[[service]]` sections did not parse (no cross-checks then).
+/// `track_services` names a `[[service]]` or an HTTP pool as `listener/pool`.
 pub(crate) fn validate_all(
     instances: &[VrrpSection],
     services: Option<&[ServiceSection]>,
+    http: &[super::http::HttpSection],
     v: &mut Validator,
 ) {
     check_unique(
@@ -789,12 +791,26 @@ pub(crate) fn validate_all(
         }
         for t in i.track_services.iter().filter(|_| services.is_some()) {
             let services = services.unwrap_or_default();
-            if !services.iter().any(|s| s.name.get_ref() == t.get_ref()) {
-                let names: Vec<&str> = services.iter().map(|s| s.name.get_ref().as_str()).collect();
+            let pools: Vec<String> = http
+                .iter()
+                .flat_map(|h| {
+                    h.pool
+                        .iter()
+                        .map(move |p| format!("{}/{}", h.name.get_ref(), p.name.get_ref()))
+                })
+                .collect();
+            let known = services.iter().any(|s| s.name.get_ref() == t.get_ref())
+                || pools.iter().any(|p| p == t.get_ref());
+            if !known {
+                let names: Vec<&str> = services
+                    .iter()
+                    .map(|s| s.name.get_ref().as_str())
+                    .chain(pools.iter().map(String::as_str))
+                    .collect();
                 v.error_at(
                     t,
                     format!(
-                        "track_services names `{}`, but no [[service]] has that name{}",
+                        "track_services names `{}`, but no [[service]] nor HTTP pool (`listener/pool`) has that name{}",
                         t.get_ref(),
                         super::did_you_mean(t.get_ref(), &names)
                     ),

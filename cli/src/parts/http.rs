@@ -1,6 +1,7 @@
 //! `vipgate run` / `show http`: the L7 (HTTP/1.1) virtual services, one gateway per
 //! `[[http]]`, each its own reload unit: a changed section is applied to the running listener
-//! (routes, pools, limits, certificates read again) unless its listen address moves.
+//! (routes, pools, limits, checks, certificates read again) unless its listen address moves.
+//! Each pool's liveness goes into the wiring as `listener/pool` for VRRP `track_services`.
 
 use super::{BoxFuture, Kind, Part, StartCtx, ready, render_each};
 use crate::config::SiteConfig;
@@ -40,16 +41,23 @@ impl HttpPart {
 ///
 /// # Errors
 /// A listener that cannot be bound.
-pub(crate) async fn start(
-    site: &SiteConfig,
-    _ctx: &StartCtx,
-) -> anyhow::Result<Vec<Box<dyn Part>>> {
+pub(crate) async fn start(site: &SiteConfig, ctx: &StartCtx) -> anyhow::Result<Vec<Box<dyn Part>>> {
     let mut parts: Vec<Box<dyn Part>> = Vec::new();
     for section in &site.http {
         let config = section.lower();
         match HttpGateway::start(&config).await {
             Ok(gateway) => {
                 tracing::info!(http = %config.name, listen = %config.listen, "HTTP gateway started");
+                // VRRP `track_services` names a pool `listener/pool`.
+                let mut wiring = super::wiring::lock(&ctx.wiring);
+                for pool in &config.pools {
+                    if let Some(rx) = gateway.pool_live(&pool.name) {
+                        wiring
+                            .health
+                            .insert(format!("{}/{}", config.name, pool.name), rx);
+                    }
+                }
+                drop(wiring);
                 parts.push(Box::new(HttpPart {
                     name: config.name,
                     listen: config.listen,
@@ -179,6 +187,35 @@ fn latency(l: &httpgw::latency::LatencyStatus) -> String {
     )
 }
 
+/// A backend's health line of `show http`: why it is out, its checks, its ejections, its
+/// slow start; empty for a backend with nothing to say.
+fn backend_health(b: &httpgw::BackendStatus) -> String {
+    let mut parts = Vec::new();
+    if let Some(why) = &b.reason {
+        parts.push(format!("{}: {why}", b.health));
+    }
+    if b.checked {
+        let mut checks = format!("checks: {} failed", b.checks_failed);
+        if let Some(last) = &b.last_check_failure {
+            let _ = write!(checks, ", the last {last}");
+        }
+        parts.push(checks);
+    }
+    if b.ejections + b.ejections_spared > 0 || b.consecutive_errors > 0 {
+        parts.push(format!(
+            "ejected {} times ({} spared as the last live backend), {} errors in a row",
+            b.ejections, b.ejections_spared, b.consecutive_errors
+        ));
+    }
+    if b.slow_start {
+        parts.push(format!(
+            "slow start: weight {} of {}",
+            b.effective_weight, b.weight
+        ));
+    }
+    parts.join("; ")
+}
+
 /// `show http`: per gateway its routes with hits, its pools and their backends.
 pub(crate) fn render(items: &[serde_json::Value]) -> String {
     render_each(items, |out, s: &GatewayStatus| {
@@ -239,6 +276,10 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
                     b.failures,
                     classes(&b.responses)
                 );
+                let health = backend_health(b);
+                if !health.is_empty() {
+                    let _ = writeln!(out, "      {health}");
+                }
             }
         }
     })

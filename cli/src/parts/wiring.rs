@@ -32,7 +32,8 @@ pub(crate) struct Wiring {
     /// closed (`false`) and opened by the sync part once a snapshot from the master is in,
     /// or by the vrrp part when `[sync] ready_timeout` passes first.
     pub(crate) preempt_gates: HashMap<String, watch::Sender<bool>>,
-    /// Per service name: `true` while it has a healthy backend (VRRP `track_services`).
+    /// Per service name, or `listener/pool` of an HTTP pool: `true` while it has a healthy
+    /// backend (VRRP `track_services`).
     pub(crate) health: HashMap<String, watch::Receiver<bool>>,
     /// Per VIP a VRRP instance moves: the hook of the service that makes it live.
     pub(crate) hooks: HashMap<Ipv4Addr, Arc<dyn AddressHook>>,

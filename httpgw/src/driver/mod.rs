@@ -10,6 +10,14 @@
 //! keeps the `Shared` it was accepted with, so an open connection (a TLS session, a keep-alive
 //! one) is never cut by a reload, and its next request is decided by the new routes.
 //!
+//! Health: three tasks beside the listener. natgw's checker (the L4 services' one) probes
+//! the backends of the pools that have checks; a health task applies what it reports to the
+//! core ([`Gateway::handle_check`]) and ends ejections on time ([`Gateway::handle_timeout`],
+//! also every [`HEALTH_TICK`] so that slow starts move on in `show http`); a forwarder hands
+//! the checker the newest target list after a reload or an operator state change (a watch:
+//! a list nobody took yet is replaced, never queued behind). The health task also publishes,
+//! per pool, whether it has a live backend ([`HttpGateway::pool_live`], for VRRP).
+//!
 //! Stopping drains: the listening socket closes, idle connections are closed (HTTP/2 with a
 //! `GOAWAY`), a busy HTTP/1.1 connection answers its request with `Connection: close` and
 //! closes, and whatever is still open after `drain_timeout` is cut.
@@ -42,6 +50,11 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
+use natgw::health::probe::run_checker;
+use natgw::health::{CheckEvent, CheckTargets};
+use tokio::sync::mpsc;
+
+use crate::health::{CheckKey, Ejection};
 use crate::hygiene::{self, Refusal};
 use crate::{
     Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, Reload, ResetBudget,
@@ -167,6 +180,96 @@ pub struct HttpGateway {
     watch: netutil::task::TaskWatch,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
+    /// What the health checker probes (sent again after each change).
+    targets: watch::Sender<CheckTargets<CheckKey>>,
+    /// The checker, the health task and the target forwarder.
+    health: Vec<JoinHandle<()>>,
+    /// Per pool: whether it has a live backend.
+    live: PoolsLive,
+}
+
+/// Per pool name, whether it has a live backend (a pool a reload added gets its channel then).
+type PoolsLive = Arc<Mutex<std::collections::HashMap<String, watch::Sender<bool>>>>;
+
+/// Publishes each pool's liveness to whoever follows it.
+fn publish_live(gateway: &Gateway, live: &PoolsLive) {
+    let mut channels = live.lock().unwrap_or_else(PoisonError::into_inner);
+    for (pool, up) in gateway.pools_live() {
+        match channels.get(&pool) {
+            Some(tx) => {
+                tx.send_if_modified(|v| std::mem::replace(v, up) != up);
+            }
+            None => {
+                channels.insert(pool, watch::channel(up).0);
+            }
+        }
+    }
+}
+
+/// Longest the health task waits between two looks at the ejections and slow starts.
+const HEALTH_TICK: Duration = Duration::from_millis(250);
+
+/// A task that never fails, in the form [`netutil::task::TaskWatch::spawn`] takes.
+async fn infallible(task: impl Future<Output = ()>) -> Result<(), Infallible> {
+    task.await;
+    Ok(())
+}
+
+/// Hands the checker each new target list (see the module documentation).
+async fn forward_targets(
+    mut lists: watch::Receiver<CheckTargets<CheckKey>>,
+    checker: mpsc::Sender<CheckTargets<CheckKey>>,
+) {
+    loop {
+        let list = lists.borrow_and_update().clone();
+        if checker.send(list).await.is_err() || lists.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Applies the checker's reports and ends ejections on time, logging each change.
+async fn apply_health(
+    name: String,
+    gateway: Arc<Mutex<Gateway>>,
+    mut events: mpsc::Receiver<CheckEvent<CheckKey>>,
+    live: PoolsLive,
+) {
+    let lock = || gateway.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        publish_live(&lock(), &live);
+        let at = now();
+        let next = lock()
+            .poll_timeout()
+            .map_or(at + HEALTH_TICK, |t| t.min(at + HEALTH_TICK));
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return };
+                let change = match &event {
+                    CheckEvent::Changed(t) => Some((t.key.clone(), t.health)),
+                    _ => None,
+                };
+                let moved = lock().handle_check(event);
+                if let Some((key, health)) = change {
+                    tracing::info!(http = %name, backend = %key, ?health, in_rotation_changed = moved, "health check verdict");
+                }
+            }
+            () = tokio::time::sleep(next.saturating_duration_since(at)) => {
+                for key in lock().handle_timeout(now()) {
+                    tracing::info!(http = %name, backend = %key, "ejection over");
+                }
+            }
+        }
+    }
+}
+
+/// Logs what passive ejection did.
+fn log_ejection(e: &Ejection) {
+    if e.spared {
+        tracing::warn!(backend = %e.key, errors = e.errors, last = %e.last, "not ejected: the pool's last live backend");
+    } else {
+        tracing::warn!(backend = %e.key, errors = e.errors, last = %e.last, "backend ejected");
+    }
 }
 
 impl std::fmt::Debug for HttpGateway {
@@ -194,8 +297,12 @@ impl HttpGateway {
             addr: config.listen,
             source,
         })?;
+        let (targets, target_lists) = watch::channel(gateway.check_targets());
+        let live = PoolsLive::default();
+        publish_live(&gateway, &live);
+        let gateway = Arc::new(Mutex::new(gateway));
         let shared = Arc::new(Shared {
-            gateway: Arc::new(Mutex::new(gateway)),
+            gateway: Arc::clone(&gateway),
             limits: config.limits,
             access_log: config.access_log,
             client: upstream_client(config.limits.upstream_idle),
@@ -209,12 +316,36 @@ impl HttpGateway {
             "http accept loop",
             accept_loop(listener, generations, stopped),
         );
+        let (lists_tx, lists_rx) = mpsc::channel(1);
+        let (events_tx, events_rx) = mpsc::channel(64);
+        let health = vec![
+            watch.spawn(
+                "http health checker",
+                infallible(run_checker(lists_rx, events_tx)),
+            ),
+            watch.spawn(
+                "http health targets",
+                infallible(forward_targets(target_lists, lists_tx)),
+            ),
+            watch.spawn(
+                "http health",
+                infallible(apply_health(
+                    config.name.clone(),
+                    gateway,
+                    events_rx,
+                    Arc::clone(&live),
+                )),
+            ),
+        ];
         Ok(Self {
             current,
             local,
             watch,
             stop,
             accept,
+            targets,
+            health,
+            live,
         })
     }
 
@@ -246,7 +377,13 @@ impl HttpGateway {
     pub fn reconfigure(&self, config: &GatewayConfig) -> Result<LiveReload, StartError> {
         let current = Arc::clone(&self.current.borrow());
         let tls = config.tls.as_ref().map(Tls::load).transpose()?;
-        let routing = current.gateway().reconfigure(config)?;
+        let routing = {
+            let mut gateway = current.gateway();
+            let routing = gateway.reconfigure(config)?;
+            self.targets.send_replace(gateway.check_targets());
+            publish_live(&gateway, &self.live);
+            routing
+        };
         let certificates = match (&current.tls, &tls) {
             (Some(old), Some(new)) => new
                 .leaves
@@ -289,10 +426,23 @@ impl HttpGateway {
         addr: SocketAddrV4,
         state: balance::AdminState,
     ) -> Result<bool, crate::CommandError> {
-        self.current
-            .borrow()
-            .gateway()
-            .set_backend_state(pool, addr, state)
+        let current = Arc::clone(&self.current.borrow());
+        let mut gateway = current.gateway();
+        let changed = gateway.set_backend_state(pool, addr, state)?;
+        // Maintenance stops the checks of a backend, back to ready starts them again.
+        self.targets.send_replace(gateway.check_targets());
+        Ok(changed)
+    }
+
+    /// Follows whether pool `pool` has a live backend (VRRP `track_services`); `None` for a
+    /// pool it does not have. Updated within a quarter of a second of a change.
+    #[must_use]
+    pub fn pool_live(&self, pool: &str) -> Option<watch::Receiver<bool>> {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(pool)
+            .map(watch::Sender::subscribe)
     }
 
     /// The accept loop's death, if it ended while it should run.
@@ -305,6 +455,9 @@ impl HttpGateway {
     /// the module documentation); returns once every connection is closed.
     pub async fn stop(self) {
         self.watch.stopping();
+        for task in &self.health {
+            task.abort();
+        }
         let _ = self.stop.send(true);
         let _ = self.accept.await;
     }
@@ -1163,7 +1316,9 @@ async fn answer(
     };
     // The backend is released at the response head: its counters measure time to answer.
     flight.upstream = None;
-    shared.gateway().finish(now(), &up, outcome);
+    if let Some(ejection) = shared.gateway().finish(now(), &up, outcome) {
+        log_ejection(&ejection);
+    }
     if access_logged(shared) {
         let route = shared.gateway().route_name(up.route);
         log(

@@ -173,7 +173,8 @@ backends = [{ address = "10.0.0.101:8000", weight = 0 }]
 struct Lab {
     t: Topology,
     vipgate: Proc,
-    _backends: Vec<Proc>,
+    /// The real servers, rs1 then rs2 (a test may kill or add one).
+    backends: Vec<Proc>,
     control: String,
 }
 
@@ -226,7 +227,7 @@ impl Lab {
         Lab {
             t,
             vipgate,
-            _backends: backends,
+            backends,
             control,
         }
     }
@@ -1345,5 +1346,202 @@ backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}
             .iter()
             .any(|a| a.starts_with(&format!("{} ", slow.backend))),
         "{answers:?}"
+    );
+}
+
+/// A backend answering 500 to every request but `GET /health` (200): what a health check of
+/// `/health` cannot see and passive ejection catches.
+const FAILING_PY: &str = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+addr, port = sys.argv[1], int(sys.argv[2])
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        status, text = (200, b"ok\n") if self.path == "/health" else (500, b"failing\n")
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer((addr, port), Handler).serve_forever()
+"#;
+
+/// The JSON of backend `addr` of pool 0 of listener 0 in a `show http --json` answer.
+fn http_backend(json: &serde_json::Value, addr: &str) -> serde_json::Value {
+    json[0]["pools"][0]["backends"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["addr"] == addr))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_killed_backend_is_checked_out_and_back() {
+    let site = format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "web"
+health = {{ kind = "http", path = "/", interval = "500ms", timeout = "400ms", rise = 2, fall = 2 }}
+backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}]
+"#
+    );
+    let mut lab = Lab::with_site(e2e!(), &site, 80);
+    let rs1 = "10.0.0.101:8000";
+    let show = |lab: &Lab| lab.t.show("dir", &lab.control, Show::Http);
+    wait_until(Duration::from_secs(10), "both backends checked up", || {
+        let json = show(&lab);
+        ["10.0.0.101:8000", "10.0.0.102:8000"]
+            .iter()
+            .all(|a| http_backend(&json, a)["health"] == "up")
+    });
+    lab.backends[0].kill9();
+    let killed = std::time::Instant::now();
+    wait_until(Duration::from_secs(10), "rs1 checked down", || {
+        http_backend(&show(&lab), rs1)["health"] == "down"
+    });
+    // interval × fall, plus one interval for the probe under way when it died and the
+    // time `show` takes.
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_millis(2500), "down after {took:?}");
+    let b = http_backend(&show(&lab), rs1);
+    assert_eq!(b["state"], "down", "{b}");
+    assert_eq!(b["reason"], "connection refused", "{b}");
+    assert!(b["checks_failed"].as_u64().unwrap_or(0) >= 2, "{b}");
+    let text = lab
+        .t
+        .vipgate_output("dir", &["show", "http", "--control", &lab.control]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("down: connection refused; checks: "),
+        "{text}"
+    );
+    // Every request goes to rs2 while rs1 is out.
+    for i in 0..10 {
+        let body = lab.curl(&format!("http://{GATEWAY}/out{i}"));
+        assert!(body.starts_with(&format!("rs2 /out{i} ")), "{body}");
+    }
+    // Back: after `rise` passing checks, and both serve again.
+    let log = lab.t.dir().join("rs1-requests.log");
+    let backend = lab.t.dir().join("backend.py");
+    lab.backends[0] = lab.t.spawn(
+        "rs1",
+        "rs1-again",
+        &[
+            "python3",
+            backend.to_str().unwrap_or(""),
+            "rs1",
+            "10.0.0.101",
+            "8000",
+            log.to_str().unwrap_or(""),
+        ],
+    );
+    lab.t
+        .wait_tcp("rs1", "10.0.0.101", 8000, Duration::from_secs(30));
+    wait_until(Duration::from_secs(10), "rs1 checked up again", || {
+        http_backend(&show(&lab), rs1)["health"] == "up"
+    });
+    let answers: Vec<String> = (0..6)
+        .map(|i| lab.curl(&format!("http://{GATEWAY}/back{i}")))
+        .collect();
+    for who in ["rs1", "rs2"] {
+        assert!(
+            answers
+                .iter()
+                .any(|a| a.starts_with(&format!("{who} /back"))),
+            "{answers:?}"
+        );
+    }
+}
+
+#[test]
+fn a_backend_answering_500_is_ejected() {
+    let site = format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "web"
+eject = {{ consecutive_errors = 3, duration = "3s" }}
+backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8001" }}]
+"#
+    );
+    let mut lab = Lab::with_site(e2e!(), &site, 80);
+    let failing = lab.t.write("failing.py", FAILING_PY);
+    let failing = lab.t.spawn(
+        "rs2",
+        "failing",
+        &[
+            "python3",
+            failing.to_str().unwrap_or(""),
+            "10.0.0.102",
+            "8001",
+        ],
+    );
+    lab.backends.push(failing);
+    lab.t
+        .wait_tcp("rs2", "10.0.0.102", 8001, Duration::from_secs(30));
+    let bad = "10.0.0.102:8001";
+    let show = |lab: &Lab| lab.t.show("dir", &lab.control, Show::Http);
+    let status = |lab: &Lab, path: &str| {
+        lab.curl(&format!(
+            "-o /dev/null -w %{{http_code}} http://{GATEWAY}{path}"
+        ))
+    };
+    // Round robin: the failing backend gets every other request until its third 500.
+    let first: Vec<String> = (0..6).map(|i| status(&lab, &format!("/a{i}"))).collect();
+    assert_eq!(first.iter().filter(|s| *s == "500").count(), 3, "{first:?}");
+    let b = http_backend(&show(&lab), bad);
+    assert_eq!(
+        (&b["health"], &b["state"], &b["ejections"]),
+        (&"ejected".into(), &"ejected".into(), &1.into()),
+        "{b}"
+    );
+    assert!(
+        b["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("3 errors in a row, the last HTTP status 500")),
+        "{b}"
+    );
+    let ejected = std::time::Instant::now();
+    // Meanwhile every request succeeds on rs1.
+    for i in 0..10 {
+        let body = lab.curl(&format!("http://{GATEWAY}/b{i}"));
+        assert!(body.starts_with(&format!("rs1 /b{i} ")), "{body}");
+    }
+    // It returns after the duration, and is tried again.
+    wait_until(Duration::from_secs(10), "the ejection to end", || {
+        http_backend(&show(&lab), bad)["health"] == "up"
+    });
+    assert!(
+        ejected.elapsed() >= Duration::from_millis(2500),
+        "back after {:?}",
+        ejected.elapsed()
+    );
+    let again: Vec<String> = (0..6).map(|i| status(&lab, &format!("/c{i}"))).collect();
+    assert!(again.iter().any(|s| s == "500"), "{again:?}");
+    wait_until(Duration::from_secs(5), "a second ejection", || {
+        http_backend(&show(&lab), bad)["ejections"] == 2
+    });
+    let json = show(&lab);
+    assert_eq!(
+        counter(&json[0], &["pools", "0", "backends", "0", "ejections"]),
+        0,
+        "{json}"
     );
 }
