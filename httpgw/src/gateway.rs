@@ -1330,9 +1330,7 @@ impl Gateway {
             r.responses.count(status);
             r.in_flight = r.in_flight.saturating_sub(1);
         }
-        let Some(state) = self.pools.iter_mut().find(|p| p.id == upstream.pool) else {
-            return None;
-        };
+        let state = self.pools.iter_mut().find(|p| p.id == upstream.pool)?;
         state.in_flight = state.in_flight.saturating_sub(1);
         state.responses.count(status);
         // Response time (to the answer's head), of answers only: a timeout would count the
