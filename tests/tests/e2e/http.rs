@@ -1258,12 +1258,14 @@ fn a_stop_drains_the_requests_in_flight() {
     );
 }
 
-/// Issue #20's rolling update: `vipgate http drain --wait` takes a backend out of its pool and
-/// returns only once the request it was answering has finished, while new requests go to the
-/// other backend.
-#[test]
-fn a_rolling_update_drains_one_backend_and_waits_for_its_requests() {
-    let site = format!(
+/// A listener `www` on the gateway's port 80 whose one route sends everything to pool `web`,
+/// which has the TOML line `option` (none when empty) and the servers at `backends`.
+fn one_pool_site(option: &str, backends: &[&str]) -> String {
+    let backends: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ address = \"{b}\" }}"))
+        .collect();
+    format!(
         r#"
 [[http]]
 name = "www"
@@ -1275,9 +1277,19 @@ pool = "web"
 
 [[http.pool]]
 name = "web"
-backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}]
-"#
-    );
+{option}
+backends = [{}]
+"#,
+        backends.join(", ")
+    )
+}
+
+/// Issue #20's rolling update: `vipgate http drain --wait` takes a backend out of its pool and
+/// returns only once the request it was answering has finished, while new requests go to the
+/// other backend.
+#[test]
+fn a_rolling_update_drains_one_backend_and_waits_for_its_requests() {
+    let site = one_pool_site("", &["10.0.0.101:8000", "10.0.0.102:8000"]);
     let lab = Lab::with_site(e2e!(), &site, 80);
     let mut slow = lab.slow_post(3, 100_000);
     let (drained, other) = match slow.backend {
@@ -1379,21 +1391,9 @@ fn http_backend(json: &serde_json::Value, addr: &str) -> serde_json::Value {
 
 #[test]
 fn a_killed_backend_is_checked_out_and_back() {
-    let site = format!(
-        r#"
-[[http]]
-name = "www"
-listen = "{GATEWAY}:80"
-
-[[http.route]]
-name = "default"
-pool = "web"
-
-[[http.pool]]
-name = "web"
-health = {{ kind = "http", path = "/", interval = "500ms", timeout = "400ms", rise = 2, fall = 2 }}
-backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}]
-"#
+    let site = one_pool_site(
+        r#"health = { kind = "http", path = "/", interval = "500ms", timeout = "400ms", rise = 2, fall = 2 }"#,
+        &["10.0.0.101:8000", "10.0.0.102:8000"],
     );
     let mut lab = Lab::with_site(e2e!(), &site, 80);
     let rs1 = "10.0.0.101:8000";
@@ -1465,21 +1465,9 @@ backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}
 
 #[test]
 fn a_backend_answering_500_is_ejected() {
-    let site = format!(
-        r#"
-[[http]]
-name = "www"
-listen = "{GATEWAY}:80"
-
-[[http.route]]
-name = "default"
-pool = "web"
-
-[[http.pool]]
-name = "web"
-eject = {{ consecutive_errors = 3, duration = "3s" }}
-backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8001" }}]
-"#
+    let site = one_pool_site(
+        r#"eject = { consecutive_errors = 3, duration = "3s" }"#,
+        &["10.0.0.101:8000", "10.0.0.102:8001"],
     );
     let mut lab = Lab::with_site(e2e!(), &site, 80);
     let failing = lab.t.write("failing.py", FAILING_PY);

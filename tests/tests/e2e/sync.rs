@@ -518,6 +518,19 @@ addresses = ["10.0.0.1/24"]
         self.t.ip("sw", &format!("link set p-{host}-1 down"));
     }
 
+    /// d1's host dies; d2 becomes master and the first new connection from `client`, made
+    /// as soon as the VIP answers on d2, reaches the real server named `expected`.
+    fn d1_dies_and_d2_answers(&self, client: &str, d1: &mut Proc, d2: &Proc, expected: &str) {
+        self.host_death("d1", d1);
+        wait_until(Duration::from_secs(5), "d2 master", || {
+            self.sync("d2").is_some_and(|s| s["state"] == "master")
+        });
+        let first = wait_for(Duration::from_secs(10), "a connection through d2", || {
+            self.ask_name(client).ok()
+        });
+        assert_eq!(first, expected, "{}", d2.log());
+    }
+
     /// The dead host boots again: what did not survive a reboot (its VRRP addresses and proxy
     /// neighbour entries) is gone, and its links come up.
     fn host_returns(&self, host: &str) {
@@ -941,15 +954,7 @@ fn a_persistent_client_keeps_its_real_server(t: Topology, datapath: &'static str
         "standby, not in d2's pool yet: {sticky}"
     );
 
-    lab.host_death("d1", &mut d1);
-    wait_until(Duration::from_secs(5), "d2 master", || {
-        lab.sync("d2").is_some_and(|s| s["state"] == "master")
-    });
-    // The first new connection as soon as the VIP answers on d2.
-    let first = wait_for(Duration::from_secs(10), "a connection through d2", || {
-        lab.ask_name("198.51.100.200").ok()
-    });
-    assert_eq!(first, x, "{}", d2.log());
+    lab.d1_dies_and_d2_answers("198.51.100.200", &mut d1, &d2, &x);
     for k in 0..5 {
         let name = lab
             .ask_name("198.51.100.200")
@@ -1032,14 +1037,7 @@ fn an_lblc_destination_keeps_its_cache_across_the_master_crash() {
     let caches = lab.lb_service("d2", "caches");
     assert_eq!(counter(&caches, &["locality_entries"]), 1, "{caches}");
 
-    lab.host_death("d1", &mut d1);
-    wait_until(Duration::from_secs(5), "d2 master", || {
-        lab.sync("d2").is_some_and(|s| s["state"] == "master")
-    });
-    let first = wait_for(Duration::from_secs(10), "a connection through d2", || {
-        lab.ask_name("198.51.100.200").ok()
-    });
-    assert_eq!(first, x, "{}", d2.log());
+    lab.d1_dies_and_d2_answers("198.51.100.200", &mut d1, &d2, &x);
     for k in 0..4 {
         let name = lab
             .ask_name("198.51.100.201")
