@@ -477,3 +477,74 @@ fn show_lb_rate_gives_per_second_figures() {
     );
     assert!(!refused.status.success());
 }
+
+/// Slow start (`slow_start`, HAProxy `slowstart`), measured as the issue asks: in connections
+/// per second. rs2 comes back from weight 0 to 10 beside rs1 at 10 under wrr with an 8 s ramp;
+/// connections made in a steady loop reach rs2 at a rate that starts near 1/11 of the total
+/// (effective weight 1), climbs through the ramp and ends at half (weight 10 of 20), while
+/// `show lb` says `slow start` and prints the weight in effect. The clock starts at the first
+/// scheduling decision after the change, so the loop's first batch is the ramp's beginning.
+#[test]
+fn slow_start_ramps_a_returning_backend_in_connections_per_second() {
+    const RAMP: Duration = Duration::from_secs(8);
+    const BATCH: usize = 40;
+    let lab = Lab::new(
+        vipgate_tests::e2e!(),
+        2,
+        &service("wrr", "slow_start = \"8s\"", &[(1, 10), (2, 10)]),
+        "kernel",
+    );
+    lab.lb(&["weight", "web", "10.0.0.102:80", "0"])
+        .expect("rs2 out");
+    assert_eq!(count(&lab.connect(80, 10, CLIENTS)).get("rs1"), Some(&10));
+    lab.lb(&["weight", "web", "10.0.0.102:80", "10"])
+        .expect("rs2 back");
+
+    // (seconds since the ramp began at the batch's middle, rs2's connections/s, total/s)
+    let mut rates: Vec<(f64, f64, f64)> = Vec::new();
+    let start = Instant::now();
+    let mut ramping_seen = false;
+    while start.elapsed() < RAMP + Duration::from_secs(2) {
+        let began = Instant::now();
+        let split = count(&lab.connect(80, BATCH, CLIENTS));
+        let took = began.elapsed().as_secs_f64().max(1e-3);
+        let rs2 = split.get("rs2").copied().unwrap_or(0) as f64;
+        let middle = (began + (Instant::now() - began) / 2 - start).as_secs_f64();
+        rates.push((middle, rs2 / took, BATCH as f64 / took));
+        if !ramping_seen && start.elapsed() < RAMP / 2 {
+            let show = lab.show();
+            let line = show
+                .lines()
+                .find(|l| l.trim_start().starts_with("-> 10.0.0.102:80 "))
+                .unwrap_or_default()
+                .to_owned();
+            ramping_seen = line.contains("slow start") && line.contains("/10");
+            assert!(ramping_seen, "ramping rs2 not shown as such:\n{show}");
+        }
+    }
+    let share = |(_, rs2, total): &(f64, f64, f64)| rs2 / total;
+    let report: Vec<String> = rates
+        .iter()
+        .map(|r| format!("{:.1}s: rs2 {:.0}/s of {:.0}/s", r.0, r.1, r.2))
+        .collect();
+    // The ramp as measured, for the README's figure (`--nocapture`).
+    eprintln!("slow start ramp: {report:#?}");
+    let first = rates.first().expect("a batch");
+    let last = rates.last().expect("a batch");
+    // The first batch runs at effective weights ≈ 1..3 of 10: well under a fifth.
+    assert!(share(first) < 0.2, "{report:#?}");
+    // After the ramp, wrr's exact half.
+    assert!((share(last) - 0.5).abs() < 0.05, "{report:#?}");
+    // In between it climbs: the mid-ramp batches sit between the two ends.
+    let middle: Vec<f64> = rates
+        .iter()
+        .filter(|r| r.0 > 3.0 && r.0 < 5.0)
+        .map(share)
+        .collect();
+    assert!(
+        !middle.is_empty() && middle.iter().all(|s| *s > 0.15 && *s < 0.47),
+        "{report:#?}"
+    );
+    let (state, weight, ..) = lab.backend("10.0.0.102:80");
+    assert_eq!((state.as_str(), weight), ("up", 10));
+}
