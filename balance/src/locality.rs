@@ -24,7 +24,11 @@
 //! Flow sync (a pair of directors): with the journal on ([`Locality::set_journal`]) every
 //! entry created or whose set changed (re-pointed, grown, shed) marks its destination, at most
 //! [`MAX_LOCALITY_ENTRIES`] marks (past that the next drain sends every entry); a use alone
-//! marks nothing (the periodic full export carries the time since the last use). A peer's
+//! marks nothing (the periodic full export carries the time since the last use). Every entry
+//! removed (expired, reclaimed for another destination, left without a backend) is marked as
+//! gone, at most [`MAX_LOCALITY_ENTRIES`] marks between two drains, kept across an overflow
+//! (past the bound a removal is not sent: the peer's copy expires on its own clock); an entry
+//! made again before the drain is a change, not a removal. A peer's
 //! entry is installed with [`Locality::install`]: under the same bound (and the same reclaim
 //! of an entry idle for [`LOCALITY_RECLAIM_IDLE`]), with the same expiry counted from the use
 //! the peer reported; a peer's state replaces what the entry held, and never moves its last
@@ -89,12 +93,15 @@ pub enum LocalityRefused {
     Full,
 }
 
-/// The marks of a journal: the destinations whose entry changed since the last drain.
+/// The marks of a journal: the destinations whose entry changed, or was removed, since the
+/// last drain (disjoint sets).
 #[derive(Debug, Clone, Default)]
 struct Journal {
     dirty: HashSet<Ipv4Addr>,
     /// More than [`MAX_LOCALITY_ENTRIES`] destinations changed: the next drain sends all.
     overflowed: bool,
+    /// Destinations whose entry was removed (at most [`MAX_LOCALITY_ENTRIES`]).
+    gone: HashSet<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,12 +146,14 @@ impl Locality {
         self.journal = on.then(|| Journal {
             dirty: HashSet::new(),
             overflowed: send_all,
+            gone: HashSet::new(),
         });
     }
 
     /// Marks `dest`'s entry as changed.
     fn note(&mut self, dest: Ipv4Addr) {
         let Some(j) = &mut self.journal else { return };
+        j.gone.remove(&dest);
         if j.overflowed {
             return;
         }
@@ -154,6 +163,31 @@ impl Locality {
         } else {
             j.dirty.insert(dest);
         }
+    }
+
+    /// Marks `dest`'s entry as removed.
+    fn note_gone(&mut self, dest: Ipv4Addr) {
+        let Some(j) = &mut self.journal else { return };
+        j.dirty.remove(&dest);
+        if j.gone.len() < MAX_LOCALITY_ENTRIES {
+            j.gone.insert(dest);
+        }
+    }
+
+    /// The destinations whose entry was removed since the last call (and not made again);
+    /// empty when the journal is off.
+    pub(crate) fn take_removals(&mut self) -> Vec<Ipv4Addr> {
+        self.journal
+            .as_mut()
+            .map(|j| std::mem::take(&mut j.gone).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes `dest`'s entry because a peer removed it (not journaled: the peer's own
+    /// removal reached the others). Whether there was one.
+    pub(crate) fn remove(&mut self, dest: Ipv4Addr) -> bool {
+        // Its deadline goes stale in the heap and is skipped there.
+        self.entries.remove(&dest).is_some()
     }
 
     fn image(
@@ -188,8 +222,8 @@ impl Locality {
     }
 
     /// The entries created or changed since the last call (every entry after an overflow);
-    /// empty when the journal is off. An entry gone since it was marked is not sent: the
-    /// peer's copy expires by itself.
+    /// empty when the journal is off. An entry gone since it was marked is not sent here but
+    /// by [`Locality::take_removals`].
     pub(crate) fn take_changes(
         &mut self,
         now: Instant,
@@ -357,6 +391,7 @@ impl Locality {
             }
             self.deadlines.pop();
             self.entries.remove(&key);
+            self.note_gone(key);
             return true;
         }
         false
@@ -380,6 +415,7 @@ impl Locality {
                 self.deadlines.push(Reverse((due, key)));
             } else {
                 self.entries.remove(&key);
+                self.note_gone(key);
             }
         }
     }
@@ -388,10 +424,17 @@ impl Locality {
     /// destinations) and drops the entries left empty.
     pub(crate) fn forget_backend(&mut self, slot: usize) {
         let slot = slot_u16(slot);
-        self.entries.retain(|_, e| {
+        let mut emptied = Vec::new();
+        self.entries.retain(|&dest, e| {
             e.set.retain(|&s| s != slot);
+            if e.set.is_empty() {
+                emptied.push(dest);
+            }
             !e.set.is_empty()
         });
+        for dest in emptied {
+            self.note_gone(dest);
+        }
         self.deadlines = self
             .entries
             .iter()
@@ -620,5 +663,61 @@ mod tests {
         let first = t.pick(&s, d, t0).unwrap();
         t.forget_backend(first);
         assert_eq!((t.len(), t.deadlines.len()), (0, 0));
+    }
+
+    /// Every way an entry leaves the table is journaled as a removal (expiry, reclaim, its
+    /// last backend forgotten), a destination made again before the drain is a change and
+    /// not a removal, a peer's removal is not journaled, and the marks are bounded.
+    #[test]
+    fn removals_are_journaled_and_bounded() {
+        let s = slots(2);
+        let mut t = Locality::with_cap(false, 3);
+        t.set_journal(true, false);
+        let t0 = testkit::epoch();
+        let dest = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+        for i in 0..3 {
+            t.pick(&s, dest(i), t0);
+        }
+        let addr = |i: u16| Some(SocketAddrV4::new([10, 0, 0, 1 + i as u8].into(), 80));
+        assert_eq!(t.take_changes(t0, addr).len(), 3);
+        assert!(t.take_removals().is_empty());
+
+        // dest(3) reclaims the slot of the least recently used, dest(0).
+        let t1 = t0 + LOCALITY_RECLAIM_IDLE;
+        t.pick(&s, dest(1), t1);
+        t.pick(&s, dest(2), t1);
+        t.pick(&s, dest(3), t1);
+        assert_eq!(t.take_removals(), vec![dest(0)]);
+        // dest(1) expires, then comes back before the drain: a change, no removal.
+        let t2 = t1 + LOCALITY_EXPIRY;
+        t.handle_timeout(t2);
+        assert_eq!(t.len(), 0);
+        t.pick(&s, dest(1), t2);
+        let mut gone = t.take_removals();
+        gone.sort();
+        assert_eq!(gone, vec![dest(2), dest(3)]);
+        assert_eq!(
+            t.take_changes(t2, addr).len(),
+            1,
+            "dest(1) alone: dest(3) is gone"
+        );
+        // Its backend forgotten, dest(1)'s entry is empty and gone.
+        let slot = usize::from(t.entries[&dest(1)].set[0]);
+        t.forget_backend(slot);
+        assert_eq!(t.take_removals(), vec![dest(1)]);
+        // A peer's removal is not echoed.
+        t.pick(&s, dest(4), t2);
+        assert!(t.remove(dest(4)));
+        assert!(!t.remove(dest(4)));
+        assert!(t.take_removals().is_empty());
+
+        let mut big = Locality::with_cap(false, MAX_LOCALITY_ENTRIES + 10);
+        big.set_journal(true, false);
+        for i in 0..(MAX_LOCALITY_ENTRIES as u32 + 10) {
+            big.pick(&s, dest(i), t0);
+        }
+        big.handle_timeout(t0 + LOCALITY_EXPIRY);
+        assert_eq!(big.len(), 0);
+        assert_eq!(big.take_removals().len(), MAX_LOCALITY_ENTRIES);
     }
 }

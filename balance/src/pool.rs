@@ -1029,6 +1029,34 @@ impl Pool {
             .unwrap_or_default()
     }
 
+    /// The destinations whose `lblc`/`lblcr` entry was removed since the last call (expired,
+    /// its slot reclaimed, its backends gone) and not made again; entries due at `now` expire
+    /// first (the table otherwise expires them at the next pick). Empty while the journal is
+    /// off or the scheduler keeps no table; at most
+    /// [`MAX_LOCALITY_ENTRIES`](crate::MAX_LOCALITY_ENTRIES) between two calls (a removal
+    /// past that is not reported).
+    pub fn take_locality_removals(&mut self, now: Instant) -> Vec<Ipv4Addr> {
+        self.scheduler
+            .locality_mut()
+            .map(|l| {
+                l.handle_timeout(now);
+                l.take_removals()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes the destination entry for `dest` because the peer director that made it
+    /// removed it. `Ok(false)`: this pool held none (never installed, or expired here first).
+    ///
+    /// # Errors
+    /// [`LocalityRefused::NotLocality`]: this pool's scheduler is not `lblc`/`lblcr`.
+    pub fn remove_locality(&mut self, dest: Ipv4Addr) -> Result<bool, LocalityRefused> {
+        self.scheduler
+            .locality_mut()
+            .map(|l| l.remove(dest))
+            .ok_or(LocalityRefused::NotLocality)
+    }
+
     /// Every `lblc`/`lblcr` destination entry in force at `now`: its destination, its
     /// backends' addresses and how long ago it was used and changed.
     #[must_use]

@@ -26,15 +26,17 @@
 //! later is dropped and counted, never delivered.
 //!
 //! Features: a node announces what it understands beyond the base protocol (`Features`,
-//! with every `Hello`); a record type added later (the locality records) is packed only
-//! while every live peer announced it, and withheld and counted otherwise
-//! (`locality_withheld`), since a peer that cannot decode a data message never gets past it.
+//! with every `Hello`); a record type added later (the locality records, then their
+//! removals, each with its own bit: `Update::feature`) is packed only while every live peer
+//! announced its bit, and withheld and counted otherwise (`locality_withheld`), since a peer
+//! that cannot decode a data message never gets past it.
 //! A restarted peer announces again (its incarnation resets what we knew of it).
 //!
 //! Start and restart: a node starts with a new, larger incarnation; peers that see it reset
 //! their view of its stream. A node asks every peer it discovers for a full snapshot
-//! (`BulkRequest`), retried every `bulk_retry` until that peer's `BulkEnd` arrives: a
-//! (re)started backup pulls the state instead of waiting for changes.
+//! (`BulkRequest`), retried after `bulk_retry` without a message of it until that peer's
+//! `BulkEnd` arrives: a (re)started backup pulls the state instead of waiting for changes,
+//! and a snapshot under way on a slow link is not asked for (and queued) twice.
 //!
 //! Bounds: at most [`MAX_PEERS`] peers, `resend_queue` data messages held (`send_window` of
 //! them in flight), `reorder_window` messages buffered per peer, [`MAX_NACK_SPAN`] numbers
@@ -252,8 +254,8 @@ pub struct SyncStats {
     pub bulks_served: u64,
     /// Snapshots received complete.
     pub bulks_received: u64,
-    /// Locality records not sent because some live peer did not announce it takes them (or
-    /// no peer was up).
+    /// Locality records (entries and removals) not sent because some live peer did not
+    /// announce it takes that kind (or no peer was up).
     pub locality_withheld: u64,
 }
 
@@ -262,9 +264,10 @@ pub struct SyncStats {
 pub enum BulkStatus {
     /// Not asked for (the peer started after us: it has nothing we lack).
     NotRequested,
-    /// Asked for at this instant, not complete yet.
+    /// Asked for, not complete yet.
     Requested {
-        /// When it was (last) asked for.
+        /// When it was last asked for, or when a message of it last arrived (it is asked
+        /// for again only after `bulk_retry` without either).
         at: Instant,
     },
     /// Complete.
@@ -472,8 +475,8 @@ impl SyncEngine {
         Some(next)
     }
 
-    /// Queues changes for every peer, batched into as few messages as fit (locality records
-    /// only if every live peer takes them).
+    /// Queues changes for every peer, batched into as few messages as fit (a record added
+    /// later only if every live peer takes its kind).
     pub fn send_updates(&mut self, now: Now, updates: &[Update]) {
         self.unix_secs = now.unix_secs;
         let updates = self.sendable(updates);
@@ -486,20 +489,24 @@ impl SyncEngine {
         up.peek().is_some() && up.all(|p| p.features & feature != 0)
     }
 
-    /// `updates` without the locality records, unless every live peer takes them.
+    /// `updates` without the records of a kind some live peer does not take (every record
+    /// of a later kind when no peer is up).
     fn sendable<'a>(&mut self, updates: &'a [Update]) -> std::borrow::Cow<'a, [Update]> {
-        let locality = updates.iter().filter(|u| u.is_locality()).count();
-        if locality == 0 || self.peers_take(wire::FEATURE_LOCALITY) {
+        let later: u32 = updates.iter().fold(0, |f, u| f | u.feature());
+        let refused: u32 = [wire::FEATURE_LOCALITY, wire::FEATURE_LOCALITY_GONE]
+            .into_iter()
+            .filter(|&f| later & f != 0 && !self.peers_take(f))
+            .fold(0, |r, f| r | f);
+        if refused == 0 {
             return std::borrow::Cow::Borrowed(updates);
         }
-        self.stats.locality_withheld += locality as u64;
-        std::borrow::Cow::Owned(
-            updates
-                .iter()
-                .filter(|u| !u.is_locality())
-                .cloned()
-                .collect(),
-        )
+        let kept: Vec<Update> = updates
+            .iter()
+            .filter(|u| u.feature() & refused == 0)
+            .cloned()
+            .collect();
+        self.stats.locality_withheld += (updates.len() - kept.len()) as u64;
+        std::borrow::Cow::Owned(kept)
     }
 
     /// Answers a [`Event::SnapshotRequested`] (or tells the peers, unasked, what this node
@@ -764,6 +771,14 @@ impl SyncEngine {
                 Some(peer.ack_due.unwrap_or(at + self.cfg.ack_delay))
             };
             let from = peer.node;
+            if let (Body::Updates { bulk: true, .. }, BulkStatus::Requested { at: progress }) =
+                (&body, &mut peer.bulk)
+            {
+                // The snapshot is under way: asking again would only queue another copy
+                // behind it (on a slow link, enough copies to overflow the sender's queue,
+                // lose part of each and ask again, for good).
+                *progress = at;
+            }
             match body {
                 Body::Updates { bulk, updates } => {
                     self.stats.updates_received += updates.len() as u64;
@@ -818,18 +833,21 @@ impl SyncEngine {
         }
     }
 
-    /// Drops the held messages every live peer acknowledged.
+    /// Drops the messages every live peer acknowledged; with no peer up, every message
+    /// already sent: nobody can acknowledge it, and a peer that comes up (or back) pulls a
+    /// snapshot instead. Kept, a node alone for a while would resend its whole history to the
+    /// first peer that appears, which may take the oldest resend as the start of the stream
+    /// and hold an outdated owner's snapshot (the empty one of a node that became master
+    /// alone) as the one that opens its sync-ready gate.
     fn trim_queue(&mut self) {
         let tx_next = self.tx_next;
-        let Some(floor) = self
+        let floor = self
             .peers
             .iter()
             .filter(|p| p.up)
             .map(|p| p.acked)
             .max_by_key(|&acked| tx_next.wrapping_sub(acked))
-        else {
-            return;
-        };
+            .unwrap_or(self.tx_sent);
         while self.queue.front().is_some_and(|m| seq_after(floor, m.seq)) {
             self.queue.pop_front();
         }
@@ -906,12 +924,16 @@ impl SyncEngine {
         {
             let i = self.tx_sent.wrapping_sub(oldest) as usize;
             let Some(m) = self.queue.get_mut(i) else {
-                return;
+                break;
             };
             m.last_sent = at;
             let (seq, body) = (m.seq, m.body.clone());
             self.transmit(seq, &body);
             self.tx_sent = seq_next(seq);
+        }
+        if floor.is_none() {
+            // Sent to nobody: nobody will acknowledge it.
+            self.trim_queue();
         }
     }
 

@@ -43,7 +43,7 @@ pub use record::{
     FlowKey, FlowProto, FlowState, LocalityKey, LocalityState, MAX_EXPIRES_SECS,
     MAX_LOCALITY_BACKENDS, PersistKey, PersistState, TcpPhase, Update,
 };
-pub use wire::{FEATURE_LOCALITY, FEATURES, SyncKey};
+pub use wire::{FEATURE_LOCALITY, FEATURE_LOCALITY_GONE, FEATURES, SyncKey};
 
 /// Entry points for the cargo-fuzz target and the corpus replay test.
 #[doc(hidden)]

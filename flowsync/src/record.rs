@@ -9,8 +9,10 @@
 //! A locality record ([`Update::Locality`]) is the only one of variable length: its backend
 //! set holds 1..=[`MAX_LOCALITY_BACKENDS`] endpoints, so the largest (790 bytes) still fits a
 //! message. It is sent only to peers that announced they understand it (see
-//! [`crate::wire::FEATURE_LOCALITY`]): an older node refuses a whole message holding a record
-//! type it does not know, and would never get past it in the stream.
+//! [`crate::wire::FEATURE_LOCALITY`]), and its removal ([`Update::LocalityGone`], added later)
+//! only to peers that announced that too ([`crate::wire::FEATURE_LOCALITY_GONE`]): an older
+//! node refuses a whole message holding a record type it does not know, and would never get
+//! past it in the stream ([`Update::feature`] says which bit a record needs).
 //!
 //! Invariant: [`Update::decode`] accepts exactly what [`Update::encode`] writes; every field
 //! is range-checked (protocol, TCP state, flag bits, timeout, set size), so a decoded record
@@ -34,6 +36,8 @@ pub(crate) const PERSIST_LEN: usize = 1 + 2 + 4 + 6 + 4;
 pub(crate) const PERSIST_GONE_LEN: usize = 1 + 2 + 4;
 /// Bytes of an encoded [`Update::Locality`] before its backends (6 bytes each).
 pub(crate) const LOCALITY_HEAD_LEN: usize = 1 + 2 + 4 + 4 + 4 + 1;
+/// Bytes of an encoded [`Update::LocalityGone`].
+pub(crate) const LOCALITY_GONE_LEN: usize = 1 + 2 + 4;
 
 /// The most backends one locality record carries: an `lblcr` set larger than this is sent
 /// as its most recently added members (a set grows by one backend each time all of its
@@ -45,6 +49,7 @@ const OP_FLOW_GONE: u8 = 2;
 const OP_PERSIST: u8 = 3;
 const OP_PERSIST_GONE: u8 = 4;
 const OP_LOCALITY: u8 = 5;
+const OP_LOCALITY_GONE: u8 = 6;
 
 /// `listener` on the wire for a flow of a dynamic mapping.
 const NO_LISTENER: u16 = u16::MAX;
@@ -237,9 +242,12 @@ pub enum Update {
     /// A persistence template expired.
     PersistGone(PersistKey),
     /// A locality entry was created or its backend set changed, or is refreshed (the latest
-    /// state wins). No record removes one: a peer's copy expires as the master's does, a
-    /// day (the schedulers' expiry) after the last use it was told of.
+    /// state wins).
     Locality(LocalityState),
+    /// A locality entry was removed (expired, its slot reclaimed for another destination, or
+    /// its backends gone). A peer that does not take it keeps its copy until it expires, a
+    /// day (the schedulers' expiry) after the last use it was told of.
+    LocalityGone(LocalityKey),
 }
 
 fn put_endpoint(out: &mut Vec<u8>, e: SocketAddrV4) {
@@ -311,13 +319,21 @@ impl Update {
             Update::Locality(l) => {
                 LOCALITY_HEAD_LEN + 6 * l.backends.len().clamp(1, MAX_LOCALITY_BACKENDS)
             }
+            Update::LocalityGone(_) => LOCALITY_GONE_LEN,
         }
     }
 
-    /// A locality record (sent only to peers that understand it).
+    /// The `Features` bit a peer must have announced to be sent this record (0: the base
+    /// format, every peer takes it).
     #[must_use]
-    pub fn is_locality(&self) -> bool {
-        matches!(self, Update::Locality(_))
+    pub fn feature(&self) -> u32 {
+        match self {
+            Update::Flow(_) | Update::FlowGone(_) | Update::Persist(_) | Update::PersistGone(_) => {
+                0
+            }
+            Update::Locality(_) => crate::wire::FEATURE_LOCALITY,
+            Update::LocalityGone(_) => crate::wire::FEATURE_LOCALITY_GONE,
+        }
     }
 
     /// Appends the wire form (network byte order) to `out`.
@@ -377,6 +393,11 @@ impl Update {
                 if backends.is_empty() {
                     put_endpoint(out, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
                 }
+            }
+            Update::LocalityGone(k) => {
+                out.push(OP_LOCALITY_GONE);
+                out.extend_from_slice(&k.listener.to_be_bytes());
+                out.extend_from_slice(&k.dest.octets());
             }
         }
     }
@@ -462,6 +483,13 @@ impl Update {
                     unchanged_secs,
                 }))
             }
+            OP_LOCALITY_GONE => {
+                let listener = r.u16()?;
+                Ok(Update::LocalityGone(LocalityKey {
+                    listener,
+                    dest: r.ip()?,
+                }))
+            }
             op => Err(WireError::UnknownRecord(op)),
         }
     }
@@ -521,6 +549,29 @@ mod tests {
         round_trip(Update::PersistGone(p.key));
         round_trip(locality(1));
         round_trip(locality(MAX_LOCALITY_BACKENDS));
+        round_trip(locality_gone());
+    }
+
+    fn locality_gone() -> Update {
+        Update::LocalityGone(LocalityKey {
+            listener: 3,
+            dest: Ipv4Addr::new(192, 0, 2, 80),
+        })
+    }
+
+    #[test]
+    fn a_truncated_locality_removal_is_refused_and_each_record_names_its_feature() {
+        let good = encoded(locality_gone());
+        assert_eq!(good.len(), LOCALITY_GONE_LEN);
+        for cut in 1..good.len() {
+            assert_eq!(decode(&good[..cut]), Err(WireError::TruncatedRecord));
+        }
+        assert_eq!(flow(1).feature(), 0);
+        assert_eq!(locality(1).feature(), crate::wire::FEATURE_LOCALITY);
+        assert_eq!(
+            locality_gone().feature(),
+            crate::wire::FEATURE_LOCALITY_GONE
+        );
     }
 
     fn locality(backends: usize) -> Update {

@@ -76,8 +76,11 @@ const KIND_FEATURES: u8 = 7;
 /// `Features` bit: the sender decodes and installs locality records
 /// ([`crate::Update::Locality`]).
 pub const FEATURE_LOCALITY: u32 = 0x0000_0001;
+/// `Features` bit: the sender decodes and applies locality removals
+/// ([`crate::Update::LocalityGone`]).
+pub const FEATURE_LOCALITY_GONE: u32 = 0x0000_0002;
 /// The features this build announces.
-pub const FEATURES: u32 = FEATURE_LOCALITY;
+pub const FEATURES: u32 = FEATURE_LOCALITY | FEATURE_LOCALITY_GONE;
 
 /// Flag of an `Updates` message that belongs to a bulk snapshot.
 const FLAG_BULK: u8 = 0x01;
@@ -712,12 +715,19 @@ mod tests {
                     unchanged_secs,
                 })
             });
+        let locality_gone = (any::<u16>(), any::<u32>()).prop_map(|(listener, dest)| {
+            Update::LocalityGone(LocalityKey {
+                listener,
+                dest: dest.into(),
+            })
+        });
         prop_oneof![
             flow,
             arb_key().prop_map(Update::FlowGone),
             persist,
             persist_gone,
-            locality
+            locality,
+            locality_gone
         ]
     }
 

@@ -785,6 +785,20 @@ impl VirtualService {
         self.pool.take_locality_changes(now)
     }
 
+    /// The destinations whose `lblc`/`lblcr` entry was removed since the last call (see
+    /// [`Pool::take_locality_removals`]).
+    pub fn take_locality_removals(&mut self, now: Instant) -> Vec<std::net::Ipv4Addr> {
+        self.pool.take_locality_removals(now)
+    }
+
+    /// Removes a destination entry its peer removed (see [`Pool::remove_locality`]).
+    ///
+    /// # Errors
+    /// [`LocalityRefused::NotLocality`] when the scheduler keeps no destination table.
+    pub fn remove_locality(&mut self, dest: std::net::Ipv4Addr) -> Result<bool, LocalityRefused> {
+        self.pool.remove_locality(dest)
+    }
+
     /// Every `lblc`/`lblcr` destination entry in force (see [`Pool::export_locality`]).
     #[must_use]
     pub fn export_locality(&self, now: Instant) -> Vec<LocalityImage> {

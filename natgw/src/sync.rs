@@ -19,7 +19,7 @@
 //! Locality entries (an `lblc`/`lblcr` service's destination → backends) are not held here:
 //! a backup schedules nothing, so the gateway installs them into their service's pool as
 //! they arrive (bounded and expiring there as the pool's own, `balance::MAX_LOCALITY_ENTRIES`
-//! a service), and only counts them here.
+//! a service) and removes them when their peer does, and only counts them here.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -72,8 +72,22 @@ pub struct StandbyStats {
     pub locality_installed: u64,
     /// Locality entries refused: no such service, a service whose scheduler is not
     /// `lblc`/`lblcr`, a backend the service does not have (matched by address), or a
-    /// destination table full of entries none of which is idle long enough to reclaim.
+    /// destination table full of entries none of which is idle long enough to reclaim; and
+    /// removals for no such service or a destination its pool holds no entry for.
     pub locality_refused: u64,
+    /// Locality entries removed from their service's pool because their peer removed them.
+    pub locality_removed: u64,
+}
+
+/// What became of a peer's locality record ([`StandbyStats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LocalityOutcome {
+    /// An entry installed (`locality_installed`).
+    Installed,
+    /// An entry removed (`locality_removed`).
+    Removed,
+    /// An entry or a removal refused (`locality_refused`).
+    Refused,
 }
 
 /// What a promotion did.
@@ -166,11 +180,11 @@ impl StandbyFlows {
         self.cap = cap;
     }
 
-    pub(crate) fn count_locality(&mut self, installed: bool) {
-        if installed {
-            self.stats.locality_installed += 1;
-        } else {
-            self.stats.locality_refused += 1;
+    pub(crate) fn count_locality(&mut self, outcome: LocalityOutcome) {
+        match outcome {
+            LocalityOutcome::Installed => self.stats.locality_installed += 1,
+            LocalityOutcome::Removed => self.stats.locality_removed += 1,
+            LocalityOutcome::Refused => self.stats.locality_refused += 1,
         }
     }
 
@@ -215,8 +229,8 @@ impl StandbyFlows {
                         self.stats.templates_removed += 1;
                     }
                 }
-                // Installed into the pools by the gateway.
-                Update::Locality(_) => {}
+                // Installed into (removed from) the pools by the gateway.
+                Update::Locality(_) | Update::LocalityGone(_) => {}
             }
         }
     }

@@ -214,6 +214,9 @@ pub(crate) struct SyncCounters {
     pub(crate) locality_installed: u64,
     #[serde(default)]
     pub(crate) locality_refused: u64,
+    /// Destination entries removed from the pools because the master removed them.
+    #[serde(default)]
+    pub(crate) locality_removed: u64,
     /// Destination entries this node did not send because a live peer does not take them
     /// (an older vipgate), or no peer was up.
     #[serde(default)]
@@ -641,6 +644,7 @@ impl SyncPart {
                 templates_refused: sb.templates_refused,
                 locality_installed: sb.locality_installed,
                 locality_refused: sb.locality_refused,
+                locality_removed: sb.locality_removed,
                 locality_withheld: s.locality_withheld,
                 drops: drops_of(s),
             },
@@ -773,8 +777,8 @@ fn render_one(out: &mut String, s: &SyncStatus) {
     );
     let _ = writeln!(
         out,
-        "  lblc/lblcr destinations: {} installed, {} refused; {} withheld from peers that do not take them",
-        c.locality_installed, c.locality_refused, c.locality_withheld
+        "  lblc/lblcr destinations: {} installed, {} removed, {} refused; {} withheld from peers that do not take them",
+        c.locality_installed, c.locality_removed, c.locality_refused, c.locality_withheld
     );
     let _ = writeln!(out, "  drops: {}", super::drops_text(&c.drops));
     let _ = writeln!(
@@ -985,7 +989,7 @@ mod tests {
         assert!(text.contains("standby flows 4/100, templates 2"), "{text}");
         assert!(text.contains("(4 records, from the master)"), "{text}");
         assert!(
-            text.contains("lblc/lblcr destinations: 0 installed, 0 refused; 0 withheld"),
+            text.contains("lblc/lblcr destinations: 0 installed, 0 removed, 0 refused; 0 withheld"),
             "{text}"
         );
         assert!(

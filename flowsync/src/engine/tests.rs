@@ -58,7 +58,10 @@ impl Node {
                             Update::FlowGone(k) => {
                                 self.standby.remove(k);
                             }
-                            Update::Persist(_) | Update::PersistGone(_) | Update::Locality(_) => {}
+                            Update::Persist(_)
+                            | Update::PersistGone(_)
+                            | Update::Locality(_)
+                            | Update::LocalityGone(_) => {}
                         }
                     }
                 }
@@ -717,7 +720,7 @@ fn locality_received(n: &Node) -> usize {
     n.events
         .iter()
         .map(|e| match e {
-            Event::Updates { updates, .. } => updates.iter().filter(|u| u.is_locality()).count(),
+            Event::Updates { updates, .. } => updates.iter().filter(|u| u.feature() != 0).count(),
             _ => 0,
         })
         .sum()
@@ -782,4 +785,104 @@ fn locality_records_reach_only_peers_that_take_them() {
             }
         )));
     }
+}
+
+/// A locality removal goes out only while every live peer announced it takes removals: a
+/// peer of the previous version (locality entries, no removals) still gets the entries, and
+/// the removal is withheld from both peers and counted.
+#[test]
+fn locality_removals_reach_only_peers_that_take_them() {
+    let gone = Update::LocalityGone(LocalityKey {
+        listener: 0,
+        dest: Ipv4Addr::new(192, 0, 2, 80),
+    });
+    let mut net = Net::new(2, CLEAN);
+    net.run(100);
+    let now = net.now();
+    net.nodes[0]
+        .engine
+        .send_updates(now, &[locality_entry(), gone.clone()]);
+    net.run(100);
+    assert_eq!(locality_received(&net.nodes[1]), 2, "entry and removal");
+    assert_eq!(net.nodes[0].engine.stats().locality_withheld, 0);
+
+    let mut previous = cfg(3, 1);
+    previous.features = wire::FEATURE_LOCALITY;
+    net.nodes.push(Node {
+        engine: SyncEngine::new(net.now(), previous),
+        own: HashMap::new(),
+        standby: HashMap::new(),
+        events: Vec::new(),
+    });
+    net.run(300);
+    let now = net.now();
+    net.nodes[0]
+        .engine
+        .send_updates(now, &[Update::Flow(flow(3)), locality_entry(), gone]);
+    net.run(300);
+    assert_eq!(net.nodes[0].engine.stats().locality_withheld, 1);
+    assert_eq!(
+        locality_received(&net.nodes[1]),
+        3,
+        "the entry, not the removal"
+    );
+    assert_eq!(locality_received(&net.nodes[2]), 1, "the entry alone");
+    for n in &net.nodes[1..] {
+        assert!(n.standby.contains_key(&flow(3).key));
+    }
+}
+
+/// A node alone (master with no peer up: its unasked owner's snapshot, empty then, and the
+/// flows it made since went to nobody) holds no history: the first peer that comes up gets
+/// none of it resent, and the first snapshot it completes is the one it asked for, with
+/// every flow, not the outdated empty one.
+#[test]
+fn a_node_alone_keeps_no_history_for_the_first_peer() {
+    let mut net = Net::new(1, CLEAN);
+    let now = net.now();
+    net.nodes[0].engine.send_snapshot(now, &[], true);
+    net.create(0, 0..500, 50);
+    net.run(1000);
+    assert_eq!(net.nodes[0].engine.queued(), 0, "nothing held for nobody");
+    assert_eq!(net.nodes[0].engine.stats().resent, 0);
+
+    net.nodes.push(Node {
+        engine: SyncEngine::new(net.now(), cfg(2, 1)),
+        own: HashMap::new(),
+        standby: HashMap::new(),
+        events: Vec::new(),
+    });
+    net.run(2000);
+    assert!(in_sync(&net, 0, 1));
+    let first = net.nodes[1]
+        .events
+        .iter()
+        .find(|e| matches!(e, Event::BulkComplete { from: 1, .. }));
+    assert_eq!(
+        first,
+        Some(&Event::BulkComplete {
+            from: 1,
+            records: 500,
+            owner: true
+        })
+    );
+    assert_eq!(net.nodes[1].engine.stats().duplicates, 0);
+}
+
+/// A snapshot slower than `bulk_retry` (a narrow send window) is not asked for again while
+/// its messages keep arriving: one copy is served, and it completes.
+#[test]
+fn a_snapshot_under_way_is_not_asked_for_again() {
+    let mut net = Net::new(2, CLEAN);
+    net.run(100);
+    net.create(0, 0..2000, 100);
+    net.run(500);
+    net.nodes[0].engine.cfg.send_window = 2;
+    let served = net.nodes[0].engine.stats().bulks_served;
+    net.restart(1, 2);
+    net.nodes[1].engine.cfg.bulk_retry = Duration::from_millis(300);
+    net.run(3000);
+    assert!(in_sync(&net, 0, 1));
+    assert_eq!(net.nodes[0].engine.stats().bulks_served, served + 1);
+    assert_eq!(net.nodes[1].engine.stats().lost, 0);
 }

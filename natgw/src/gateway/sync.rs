@@ -12,13 +12,13 @@
 
 use std::time::Instant;
 
-use flowsync::Update;
+use flowsync::{LocalityKey, Update};
 
 use super::Gateway;
 use crate::flow::{FlowEvent, ListenerId, Proto};
 use crate::sync::{
-    Promotion, StandbyFlows, flow_key, locality_image, locality_state, state_of, template_key,
-    template_state,
+    LocalityOutcome, Promotion, StandbyFlows, flow_key, locality_image, locality_state, state_of,
+    template_key, template_state,
 };
 use crate::table::{FlowChange, FlowImage, InstallError, JournalDrain, PublicOwner};
 use crate::tcp::TcpState;
@@ -72,6 +72,12 @@ impl Gateway {
                     .iter()
                     .map(|e| Update::Locality(locality_state(id, e))),
             );
+            updates.extend(svc.take_locality_removals(now).into_iter().map(|dest| {
+                Update::LocalityGone(LocalityKey {
+                    listener: id.0,
+                    dest,
+                })
+            }));
         }
         updates
     }
@@ -110,21 +116,45 @@ impl Gateway {
     /// destination entries to the services' pools at once (a backup schedules nothing, so
     /// they change no decision before it is master). An entry is refused (and counted,
     /// `locality_refused`) unless its listener is an `lblc`/`lblcr` service that has every
-    /// backend it names (by address, never by a peer's index) and room for it.
+    /// backend it names (by address, never by a peer's index) and room for it. A removal
+    /// takes the entry out of its pool (`locality_removed`); one for a listener that is no
+    /// `lblc`/`lblcr` service here, or for a destination the pool holds no entry for, is
+    /// counted `locality_refused` and changes nothing.
     pub fn apply_standby(&mut self, now: Instant, updates: &[Update]) {
         self.standby.apply(now, updates);
         for u in updates {
-            let Update::Locality(state) = u else { continue };
-            let installed = self
-                .selector_mut(ListenerId(state.key.listener))
-                .and_then(crate::Selector::as_service_mut)
-                .map(|svc| svc.install_locality(now, &locality_image(state)));
-            match installed {
-                Some(Ok(true)) => self.standby.count_locality(true),
-                // Idle for a day already: it would have expired on the master too.
-                Some(Ok(false)) => {}
-                Some(Err(_)) | None => self.standby.count_locality(false),
+            if let Some(outcome) = self.apply_locality(now, u) {
+                self.standby.count_locality(outcome);
             }
+        }
+    }
+
+    /// A peer's locality record applied to its service's pool: what became of it (`None`:
+    /// not a locality record, or an entry idle for a day already, which would have expired
+    /// on the master too).
+    fn apply_locality(&mut self, now: Instant, u: &Update) -> Option<LocalityOutcome> {
+        let listener = match u {
+            Update::Locality(state) => state.key.listener,
+            Update::LocalityGone(key) => key.listener,
+            _ => return None,
+        };
+        let Some(svc) = self
+            .selector_mut(ListenerId(listener))
+            .and_then(crate::Selector::as_service_mut)
+        else {
+            return Some(LocalityOutcome::Refused);
+        };
+        match u {
+            Update::Locality(state) => match svc.install_locality(now, &locality_image(state)) {
+                Ok(true) => Some(LocalityOutcome::Installed),
+                Ok(false) => None,
+                Err(_) => Some(LocalityOutcome::Refused),
+            },
+            Update::LocalityGone(key) => match svc.remove_locality(key.dest) {
+                Ok(true) => Some(LocalityOutcome::Removed),
+                Ok(false) | Err(_) => Some(LocalityOutcome::Refused),
+            },
+            _ => None,
         }
     }
 
@@ -1109,7 +1139,7 @@ mod tests {
         let x = dst(&syn);
         assert_eq!(*x.ip(), Ipv4Addr::new(10, 0, 0, 101));
         let updates = master.take_sync_updates(now);
-        let entries: Vec<&Update> = updates.iter().filter(|u| u.is_locality()).collect();
+        let entries: Vec<&Update> = updates.iter().filter(|u| u.feature() != 0).collect();
         assert_eq!(entries.len(), 1, "{updates:?}");
         let Update::Locality(good) = entries[0].clone() else {
             unreachable!()
@@ -1157,5 +1187,63 @@ mod tests {
         let other = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 6000);
         let (_, syn) = send(&mut backup, now, ipv4_tcp(other, VIP, TcpFlags::SYN, b""));
         assert_eq!(dst(&syn), x, "the master's cache for the destination");
+    }
+
+    /// An `lblc` destination entry that expires on the master leaves the backup's pool too:
+    /// the master's next drain carries its removal, and the backup takes the entry out at
+    /// once rather than a day later on its own clock. A removal for an unknown service or a
+    /// destination the pool does not hold changes nothing and is counted.
+    #[test]
+    fn a_removal_on_the_master_removes_the_backups_lblc_entry() {
+        let now = epoch();
+        let lblc = balance::SchedulerKind::Lblc;
+        let (mut master, mut backup) = (node_with(lblc, [100, 101]), node_with(lblc, [100, 101]));
+        master.set_sync(true);
+        let _ = send(&mut master, now, ipv4_tcp(CLIENT, VIP, TcpFlags::SYN, b""));
+        backup.apply_standby(now, &master.take_sync_updates(now));
+        let pool = |g: &Gateway| {
+            g.listeners()
+                .find_map(|(_, l)| l.selector.as_service())
+                .map(|svc| svc.pool().locality_entries())
+        };
+        assert_eq!(pool(&backup), Some(1));
+
+        let later = now + balance::LOCALITY_EXPIRY + Duration::from_secs(1);
+        let updates = master.take_sync_updates(later);
+        let gone: Vec<&Update> = updates
+            .iter()
+            .filter(|u| matches!(u, Update::LocalityGone(_)))
+            .collect();
+        assert_eq!(gone.len(), 1, "{updates:?}");
+        assert_eq!(pool(&master), Some(0));
+        assert!(
+            master.take_sync_updates(later).is_empty(),
+            "one removal, drained"
+        );
+        backup.apply_standby(now, &updates);
+        assert_eq!(pool(&backup), Some(0));
+        assert_eq!(backup.standby().stats().locality_removed, 1);
+
+        let Update::LocalityGone(key) = gone[0].clone() else {
+            unreachable!()
+        };
+        let unknown_service = LocalityKey {
+            listener: u16::MAX,
+            ..key
+        };
+        let unknown_dest = LocalityKey {
+            dest: Ipv4Addr::new(192, 0, 2, 99),
+            ..key
+        };
+        backup.apply_standby(
+            now,
+            &[
+                Update::LocalityGone(unknown_service),
+                Update::LocalityGone(unknown_dest),
+                Update::LocalityGone(key),
+            ],
+        );
+        let stats = backup.standby().stats();
+        assert_eq!((stats.locality_removed, stats.locality_refused), (1, 3));
     }
 }

@@ -1,8 +1,8 @@
 //! Flow sync end to end: two directors run VRRP (the VIP and the real servers' gateway in one
 //! sync group, as in the lab), a virtual service and `[sync]`; slow downloads through the VIP
-//! must survive the master's death (under every scheduler), a persistent client and an
-//! `lblc` destination must keep their real server, and forged or replayed sync datagrams must
-//! be dropped and counted.
+//! must survive the master's death, a planned switchover and the fail-back (under every
+//! scheduler), a persistent client and an `lblc` destination must keep their real server,
+//! and forged or replayed sync datagrams must be dropped and counted.
 //!
 //! ```text
 //!  cl 198.51.100.200 ── br0 (sw) ── d1 eth0 .11  d2 eth0 .12   VIP .10 (vrid 51)
@@ -589,6 +589,48 @@ addresses = ["10.0.0.1/24"]
     }
 }
 
+impl Lab {
+    /// With `Lab::every_scheduler`: one download through each of the other schedulers'
+    /// services (source ports from `base`), under way.
+    fn scheduler_downloads(&self, base: u16) -> Option<Proc> {
+        self.every_scheduler.then(|| {
+            self.downloads_to(
+                &scheduler_ports(),
+                "client-schedulers",
+                SCHEDULERS.len(),
+                1_200_000,
+                base,
+            )
+        })
+    }
+
+    /// The flows of `main` downloads to the main service plus those of
+    /// [`Lab::scheduler_downloads`].
+    fn flows(&self, main: u64) -> u64 {
+        main + if self.every_scheduler {
+            SCHEDULERS.len() as u64
+        } else {
+            0
+        }
+    }
+
+    /// Waits until d2 holds at least `flows` standby flows; returns how many.
+    fn d2_holds(&self, flows: u64) -> u64 {
+        wait_for(Duration::from_secs(5), "d2 holding every flow", || {
+            self.sync("d2")
+                .map(|s| counter(&s, &["standby_flows"]))
+                .filter(|n| *n >= flows)
+        })
+    }
+
+    /// [`Lab::assert_complete`] for [`Lab::scheduler_downloads`], if any.
+    fn assert_schedulers_complete(&self, others: &mut Option<Proc>, daemons: &[&Proc]) {
+        if let Some(others) = others {
+            self.assert_complete(others, SCHEDULERS.len(), 1_200_000, daemons);
+        }
+    }
+}
+
 fn scheduler_ports() -> String {
     (SCHEDULER_PORT..)
         .take(SCHEDULERS.len())
@@ -611,27 +653,13 @@ fn downloads_survive_the_master_crash(lab: Lab) -> Value {
     let before = promotions(&lab.sync("d2").unwrap_or_default());
 
     let mut client = lab.downloads(4, 1_200_000, 31_000);
-    let mut others = lab.every_scheduler.then(|| {
-        lab.downloads_to(
-            &scheduler_ports(),
-            "client-schedulers",
-            SCHEDULERS.len(),
-            1_200_000,
-            31_100,
-        )
-    });
-    let flows = 4 + others.as_ref().map_or(0, |_| SCHEDULERS.len() as u64);
-    let standby = wait_for(Duration::from_secs(5), "d2 holding every flow", || {
-        lab.sync("d2")
-            .map(|s| counter(&s, &["standby_flows"]))
-            .filter(|n| *n >= flows)
-    });
+    let mut others = lab.scheduler_downloads(31_100);
+    let flows = lab.flows(4);
+    let standby = lab.d2_holds(flows);
     lab.host_death("d1", &mut d1);
 
     lab.assert_complete(&mut client, 4, 1_200_000, &[&d2]);
-    if let Some(others) = &mut others {
-        lab.assert_complete(others, SCHEDULERS.len(), 1_200_000, &[&d2]);
-    }
+    lab.assert_schedulers_complete(&mut others, &[&d2]);
     let s2 = lab.sync("d2").unwrap_or_default();
     assert_eq!(s2["state"], "master", "{s2}");
     assert_eq!(promotions(&s2), before + 1, "{s2}");
@@ -736,19 +764,19 @@ fn downloads_survive_the_master_crash_without_sync_round_robin() {
 }
 
 /// A planned switchover: d1 stops (SIGTERM: its sync part stops, then its VRRP instances
-/// send priority 0), d2 takes over at once with the flows it holds.
+/// send priority 0), d2 takes over at once with the flows it holds. Every scheduler (issue
+/// #18): one more download through each of the other schedulers' services (on the TUN path:
+/// the crash test covers every scheduler on the kernel path).
 #[test]
 fn downloads_survive_a_planned_switchover() {
-    let lab = Lab::new(e2e!(), "tun");
+    let lab = Lab::new(e2e!(), "tun").every_scheduler();
     let mut d1 = lab.start("d1", 150);
     let d2 = lab.start("d2", 100);
     lab.wait_paired(&d1, &d2);
     let mut client = lab.downloads(4, 1_200_000, 33_000);
-    wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
-        lab.sync("d2")
-            .map(|s| counter(&s, &["standby_flows"]))
-            .filter(|n| *n >= 4)
-    });
+    let mut others = lab.scheduler_downloads(33_100);
+    let flows = lab.flows(4);
+    lab.d2_holds(flows);
     assert_eq!(
         d1.terminate(Duration::from_secs(10)),
         Some(0),
@@ -756,9 +784,10 @@ fn downloads_survive_a_planned_switchover() {
         d1.log()
     );
     lab.assert_complete(&mut client, 4, 1_200_000, &[&d1, &d2]);
+    lab.assert_schedulers_complete(&mut others, &[&d1, &d2]);
     let s2 = lab.sync("d2").unwrap_or_default();
     assert_eq!(s2["state"], "master", "{s2}");
-    assert!(counter(&s2, &["counters", "promoted"]) >= 4, "{s2}");
+    assert!(counter(&s2, &["counters", "promoted"]) >= flows, "{s2}");
 }
 
 /// A captured `Hello` sent again, the same message signed with another key, and garbage:
@@ -857,19 +886,18 @@ fn forged_replayed_and_garbage_datagrams_are_dropped_and_counted() {
 /// Fail-back: d1 dies during four downloads, d2 takes them over; d1 boots again and, with no
 /// `preempt_delay`, stays backup (its preemption gated by `[sync]`) until it pulled d2's
 /// flows as standby, then takes the VIP back and promotes them. Every byte of every download
-/// arrives across both moves.
+/// arrives across both moves, through every scheduler (one more download through each of
+/// the other schedulers' services, on the TUN path as the switchover's).
 #[test]
 fn downloads_survive_the_crash_and_the_fail_back() {
-    let lab = Lab::new(e2e!(), "tun");
+    let lab = Lab::new(e2e!(), "tun").every_scheduler();
     let mut d1 = lab.start("d1", 150);
     let d2 = lab.start("d2", 100);
     lab.wait_paired(&d1, &d2);
     let mut client = lab.downloads(4, 1_200_000, 32_000);
-    wait_for(Duration::from_secs(5), "d2 holding the four flows", || {
-        lab.sync("d2")
-            .map(|s| counter(&s, &["standby_flows"]))
-            .filter(|n| *n >= 4)
-    });
+    let mut others = lab.scheduler_downloads(32_100);
+    let flows = lab.flows(4);
+    lab.d2_holds(flows);
     lab.host_death("d1", &mut d1);
     wait_until(Duration::from_secs(5), "d2 master", || {
         lab.sync("d2").is_some_and(|s| s["state"] == "master")
@@ -903,7 +931,7 @@ fn downloads_survive_the_crash_and_the_fail_back() {
     );
     let s1 = lab.sync("d1").unwrap_or_default();
     assert!(
-        counter(&s1, &["counters", "promoted"]) >= 4,
+        counter(&s1, &["counters", "promoted"]) >= flows,
         "d1 promoted the flows it pulled: {s1}"
     );
     assert!(
@@ -912,6 +940,7 @@ fn downloads_survive_the_crash_and_the_fail_back() {
         client.log()
     );
     lab.assert_complete(&mut client, 4, 1_200_000, &[&d1, &d2]);
+    lab.assert_schedulers_complete(&mut others, &[&d1, &d2]);
 }
 
 /// Persistence across a failover (issue #18): a client's first connection sticks it to real
