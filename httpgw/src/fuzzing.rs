@@ -150,6 +150,7 @@ fn config() -> GatewayConfig {
             PoolSpec {
                 health: None,
                 eject: None,
+                retries: PoolSpec::DEFAULT_RETRIES,
                 name: "web".into(),
                 balance: PoolConfig {
                     scheduler: SchedulerKind::Wrr,
@@ -161,6 +162,7 @@ fn config() -> GatewayConfig {
             PoolSpec {
                 health: None,
                 eject: None,
+                retries: PoolSpec::DEFAULT_RETRIES,
                 name: "api".into(),
                 balance: PoolConfig {
                     scheduler: SchedulerKind::Rr,

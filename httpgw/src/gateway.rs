@@ -47,6 +47,17 @@ pub struct PoolSpec {
     pub health: Option<HealthConfig>,
     /// Passive ejection; `None`: failed requests take no backend out.
     pub eject: Option<EjectConfig>,
+    /// Times a request is sent again, each time to another live backend, after its backend
+    /// could not be reached (HAProxy `retries` + `option redispatch`, nginx
+    /// `proxy_next_upstream error timeout`); see [`Gateway::retry`]. 0 turns retries off.
+    pub retries: u32,
+}
+
+impl PoolSpec {
+    /// Default [`retries`](Self::retries): HAProxy's `retries 3`.
+    pub const DEFAULT_RETRIES: u32 = 3;
+    /// Most retries a pool may ask for.
+    pub const MAX_RETRIES: u32 = 10;
 }
 
 /// Cookie-insert stickiness (HAProxy `cookie NAME insert indirect [nocache]`): a response
@@ -139,8 +150,12 @@ pub struct Limits {
     /// when it runs out. Also the longest wait between two reads of a request body (408),
     /// and the longest an HTTP/2 connection may have no stream open.
     pub header_timeout: Duration,
-    /// Time an upstream has to answer with a response head: 504 beyond.
+    /// Time an upstream has to answer with a response head: 504 beyond. Counted per
+    /// attempt: a retried request gets it anew on its next backend.
     pub upstream_timeout: Duration,
+    /// Time a connection to an upstream has to be established (HAProxy `timeout connect`);
+    /// beyond, the attempt failed without sending anything and may be retried.
+    pub connect_timeout: Duration,
     /// Time an idle upstream connection is kept in the pool.
     pub upstream_idle: Duration,
     /// Time a tunnel (an upgraded connection, e.g. a WebSocket) may pass no byte either way
@@ -190,6 +205,7 @@ impl Default for Limits {
             max_body_bytes: 8 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
             upstream_idle: Duration::from_secs(60),
             tunnel_timeout: Duration::from_secs(3600),
             max_streams: 100,
@@ -375,6 +391,12 @@ impl GatewayConfig {
             if let Some(e) = &p.eject {
                 e.validate().map_err(bad)?;
             }
+            range(
+                "retries",
+                u64::from(p.retries),
+                0,
+                u64::from(PoolSpec::MAX_RETRIES),
+            )?;
         }
         for r in &self.routes {
             if !r.rewrite.within_bounds() {
@@ -420,6 +442,12 @@ impl GatewayConfig {
             u64::from(l.max_streams),
             1,
             u64::from(Limits::MAX_STREAMS),
+        )?;
+        range(
+            "connect_timeout (ms)",
+            u64::try_from(l.connect_timeout.as_millis()).unwrap_or(u64::MAX),
+            1,
+            3_600_000,
         )?;
         if let Some(tls) = &self.tls {
             let alpn = &tls.alpn;
@@ -527,8 +555,11 @@ pub struct BackendStatus {
     pub requests: u64,
     /// Its answers (502/504 for its failures included).
     pub responses: StatusClasses,
-    /// Requests it failed: refused connection, timeout, broken response.
+    /// Requests it failed: refused connection, timeout, broken response (retried ones
+    /// included).
     pub failures: u64,
+    /// Of those, the ones sent again to another backend of its pool.
+    pub retried: u64,
     /// `up`, `down` (by its health checks) or `ejected` (by passive ejection).
     pub health: String,
     /// Why it is down or ejected.
@@ -567,6 +598,9 @@ pub struct PoolStatus {
     pub requests: u64,
     /// Requests it had no backend for (answered 503).
     pub no_backend: u64,
+    /// Requests sent again to another backend after theirs could not be reached (each
+    /// retry counted).
+    pub retries: u64,
     /// Its answers.
     pub responses: StatusClasses,
     /// Its backends.
@@ -652,8 +686,25 @@ pub struct Upstream {
     /// forwarded); a `101` answer makes the connection a tunnel.
     pub upgrade: Option<HeaderValue>,
     client: Ipv4Addr,
+    /// The address the client connected to (what `dh` and `lblc` schedule by).
+    local: Ipv4Addr,
+    /// Retries left for this request.
+    retries_left: u32,
+    /// The backends it was sent to, the current one last (a retry picks none of them).
+    tried: Vec<BackendId>,
+    /// A safe method (GET, HEAD, OPTIONS) asking no upgrade: sending it twice changes nothing.
+    safe: bool,
     /// When the gateway forwarded it: the start of its response time.
     decided: Instant,
+}
+
+impl Upstream {
+    /// Whether a failed attempt of it may still be sent again (its pool's retries are not
+    /// used up): the driver keeps a copy of the request only for one that may.
+    #[must_use]
+    pub fn may_retry(&self) -> bool {
+        self.retries_left > 0 && self.backend.is_some()
+    }
 }
 
 /// Names added, removed and changed by a reload.
@@ -781,7 +832,8 @@ pub enum Verdict {
 pub enum Outcome {
     /// The upstream answered with this status.
     Answered(StatusCode),
-    /// The upstream refused the connection (answered 502).
+    /// The upstream could not be reached: connection refused, or not established within
+    /// `connect_timeout` (answered 502).
     Refused,
     /// The upstream did not answer in time (answered 504).
     TimedOut,
@@ -790,6 +842,28 @@ pub enum Outcome {
     /// The client cancelled the request before the upstream answered (logged as 499, as
     /// nginx does; not the backend's failure).
     Cancelled,
+}
+
+/// Why an attempt to forward a request failed, as far as sending it again goes (see
+/// [`Gateway::retry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptFailure {
+    /// No connection to the backend: refused, unreachable, or not established within
+    /// `connect_timeout`. Nothing of the request was sent.
+    Unsent,
+    /// The request was sent and the backend closed the connection before any byte of an
+    /// answer; `bodiless`: the request had no body.
+    ClosedUnanswered {
+        /// The request had no body.
+        bodiless: bool,
+    },
+}
+
+/// A request [`Gateway::retry`] sent again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retried {
+    /// What passive ejection made of the failed attempt, when it reached the error limit.
+    pub ejection: Option<Ejection>,
 }
 
 /// The status logged for a request its client cancelled (nginx's 499, "client closed
@@ -817,6 +891,7 @@ struct BackendCounts {
     requests: u64,
     responses: StatusClasses,
     failures: u64,
+    retried: u64,
     health: BackendHealth,
 }
 
@@ -831,6 +906,7 @@ struct PoolState {
     in_flight: u32,
     requests: u64,
     no_backend: u64,
+    retries: u64,
     responses: StatusClasses,
     /// Indexed by [`BackendId::index`].
     backends: Vec<BackendCounts>,
@@ -1015,6 +1091,7 @@ impl Gateway {
                         in_flight: 0,
                         requests: 0,
                         no_backend: 0,
+                        retries: 0,
                         responses: StatusClasses::default(),
                         backends: Vec::new(),
                         latency: LatencyWindow::default(),
@@ -1255,6 +1332,12 @@ impl Gateway {
             head.headers.insert(http::header::UPGRADE, protocol.clone());
         }
         state.in_flight += 1;
+        let retries_left = state.spec.retries;
+        let safe = upgrade.is_none()
+            && matches!(
+                head.method,
+                http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+            );
         let route = &mut self.routes[index];
         route.in_flight += 1;
         route.route.rewrite.apply_request(&mut head.headers);
@@ -1267,6 +1350,10 @@ impl Gateway {
             set_cookie,
             upgrade,
             client: *client.ip(),
+            local,
+            retries_left,
+            tried: backend.into_iter().collect(),
+            safe,
             decided: now,
         })
     }
@@ -1351,32 +1438,78 @@ impl Gateway {
                 }
             }
         }
-        let (id, eject) = upstream.backend.zip(state.spec.eject)?;
-        let live = state
-            .pool
-            .backend(id)
-            .is_some_and(balance::Backend::is_eligible);
-        let others_live = state
-            .pool
-            .backends()
-            .any(|(other, b)| other != id && b.is_eligible());
-        let (errors, last, spared) =
-            state
-                .counts(id)
-                .health
-                .observe(now, outcome, eject, live, others_live)?;
-        if !spared {
-            state.sync_health(id);
+        observe(state, now, upstream.backend?, upstream.addr, outcome)
+    }
+
+    /// Sends a failed attempt of `upstream` again, to another backend of its pool, when it
+    /// may be: the pool has retries left for it, and either nothing of it was sent
+    /// ([`AttemptFailure::Unsent`]) or it is safe (GET, HEAD, OPTIONS, no upgrade), bodiless
+    /// and its connection was closed before any byte of an answer
+    /// ([`AttemptFailure::ClosedUnanswered`], the race of a pooled keep-alive connection the
+    /// backend closed as it was reused). The next backend is the scheduler's pick when it is
+    /// not one the request already tried, else the live untried backend with the fewest
+    /// requests in flight; with none left, there is no retry.
+    ///
+    /// Retried: the failed attempt counts as its backend's failure (and for passive
+    /// ejection, whose verdict is returned) and as a retry of the pool and of that backend,
+    /// but not as an answer; `upstream` names the new backend, and on a sticky pool carries
+    /// the cookie naming it. Not retried (`None`): nothing changed; finish the request with
+    /// the attempt's outcome.
+    pub fn retry(
+        &mut self,
+        now: Instant,
+        upstream: &mut Upstream,
+        failure: AttemptFailure,
+    ) -> Option<Retried> {
+        let replayable = match failure {
+            AttemptFailure::Unsent => true,
+            AttemptFailure::ClosedUnanswered { bodiless } => upstream.safe && bodiless,
+        };
+        let failed = upstream.backend?;
+        if upstream.retries_left == 0 || !replayable {
+            return None;
         }
-        Some(Ejection {
-            key: CheckKey {
-                pool: state.spec.name.clone(),
-                backend: upstream.addr,
-            },
-            last,
-            errors,
-            spared,
-        })
+        let state = self.pools.iter_mut().find(|p| p.id == upstream.pool)?;
+        let client = SocketAddrV4::new(upstream.client, 0);
+        let scheduled = match state.pool.pick(now, client, upstream.local) {
+            Decision::Backend { id, addr } if !upstream.tried.contains(&id) => Some((id, addr)),
+            _ => None,
+        };
+        let (next, addr) = scheduled.or_else(|| {
+            state
+                .pool
+                .backends()
+                .filter(|(id, b)| b.is_eligible() && !upstream.tried.contains(id))
+                .min_by_key(|(id, b)| (b.active(), id.index()))
+                .map(|(id, b)| (id, b.addr()))
+        })?;
+
+        state
+            .pool
+            .closed(now, failed, ConnState::Active, upstream.client);
+        let counts = state.counts(failed);
+        counts.failures += 1;
+        counts.retried += 1;
+        state.retries += 1;
+        let outcome = match failure {
+            AttemptFailure::Unsent => Outcome::Refused,
+            AttemptFailure::ClosedUnanswered { .. } => Outcome::Broken,
+        };
+        let ejection = observe(state, now, failed, upstream.addr, outcome);
+
+        state.pool.opened(now, next, client);
+        state.pool.established(now, next, upstream.client);
+        state.counts(next).requests += 1;
+        upstream.set_cookie = state.spec.cookie.as_ref().and_then(|c| {
+            HeaderValue::from_str(&format!("{}={}; Path=/", c.name, StickyCookie::id(addr)))
+                .ok()
+                .map(|v| (v, c.nocache))
+        });
+        upstream.backend = Some(next);
+        upstream.addr = addr;
+        upstream.tried.push(next);
+        upstream.retries_left -= 1;
+        Some(Retried { ejection })
     }
 
     /// What the health checker must probe: every backend of every checked pool but those
@@ -1590,12 +1723,50 @@ impl Gateway {
     }
 }
 
+/// Counts a failed request of backend `id` (at `addr`) for passive ejection; says what
+/// ejection made of it when this request reached the pool's error limit.
+fn observe(
+    state: &mut PoolState,
+    now: Instant,
+    id: BackendId,
+    addr: SocketAddrV4,
+    outcome: Outcome,
+) -> Option<Ejection> {
+    let eject = state.spec.eject?;
+    let live = state
+        .pool
+        .backend(id)
+        .is_some_and(balance::Backend::is_eligible);
+    let others_live = state
+        .pool
+        .backends()
+        .any(|(other, b)| other != id && b.is_eligible());
+    let (errors, last, spared) =
+        state
+            .counts(id)
+            .health
+            .observe(now, outcome, eject, live, others_live)?;
+    if !spared {
+        state.sync_health(id);
+    }
+    Some(Ejection {
+        key: CheckKey {
+            pool: state.spec.name.clone(),
+            backend: addr,
+        },
+        last,
+        errors,
+        spared,
+    })
+}
+
 fn pool_status(state: &PoolState, now: Instant) -> PoolStatus {
     PoolStatus {
         name: state.spec.name.clone(),
         scheduler: state.pool.scheduler().as_str().to_owned(),
         requests: state.requests,
         no_backend: state.no_backend,
+        retries: state.retries,
         responses: state.responses,
         backends: state
             .pool
@@ -1618,6 +1789,7 @@ fn pool_status(state: &PoolState, now: Instant) -> PoolStatus {
                     requests: counts.requests,
                     responses: counts.responses,
                     failures: counts.failures,
+                    retried: counts.retried,
                     health: health.to_owned(),
                     reason,
                     checked: state.spec.health.is_some(),

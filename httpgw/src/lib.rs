@@ -44,9 +44,9 @@ mod driver;
 
 pub use error::{CommandError, ConfigError};
 pub use gateway::{
-    Alpn, Answer, BackendStatus, CertFiles, Changes, Gateway, GatewayConfig, GatewayStatus,
-    Handshake, Limits, Outcome, PoolSpec, PoolStatus, Reload, ResetBudget, RouteStatus,
-    StatusClasses, StickyCookie, TlsConfig, TlsSession, TlsStatus, Upstream, Verdict,
+    Alpn, Answer, AttemptFailure, BackendStatus, CertFiles, Changes, Gateway, GatewayConfig,
+    GatewayStatus, Handshake, Limits, Outcome, PoolSpec, PoolStatus, Reload, ResetBudget, Retried,
+    RouteStatus, StatusClasses, StickyCookie, TlsConfig, TlsSession, TlsStatus, Upstream, Verdict,
     client_closed,
 };
 

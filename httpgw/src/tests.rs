@@ -11,7 +11,10 @@ use crate::hygiene::{self, Forwarding};
 use crate::route::{
     Action, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route,
 };
-use crate::{ConfigError, Gateway, GatewayConfig, Limits, Outcome, PoolSpec, Upstream, Verdict};
+use crate::{
+    AttemptFailure, ConfigError, Gateway, GatewayConfig, Limits, Outcome, PoolSpec, Upstream,
+    Verdict,
+};
 
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 40_000);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -24,6 +27,7 @@ fn pool(name: &str, backends: Vec<BackendConfig>) -> PoolSpec {
     PoolSpec {
         health: None,
         eject: None,
+        retries: PoolSpec::DEFAULT_RETRIES,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,
@@ -928,6 +932,159 @@ fn a_cancelled_request_is_499_and_not_the_backends_failure() {
         .find(|b| b.addr == up.addr.to_string())
         .unwrap();
     assert_eq!((b.active, b.failures, b.responses.client_error), (0, 0, 1));
+}
+
+/// The status of backend `addr` of pool `pool`.
+fn backend_status(gw: &Gateway, pool: usize, addr: SocketAddrV4) -> crate::BackendStatus {
+    gw.status(epoch()).pools[pool]
+        .backends
+        .iter()
+        .find(|b| b.addr == addr.to_string())
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+fn an_unreachable_backend_is_retried_on_another_and_counted() {
+    let mut cfg = config();
+    cfg.pools[0]
+        .balance
+        .backends
+        .extend([backend(5, 1), backend(6, 1)]);
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let mut h = head(&[("host", "www.example.com")], "POST", "/");
+    let mut up = forwarded(decide(&mut gw, &mut h));
+    let first = up.addr;
+    // Nothing was sent: even a POST goes to another backend, each retry to a new one.
+    let mut seen = vec![first];
+    for _ in 0..PoolSpec::DEFAULT_RETRIES {
+        assert!(up.may_retry());
+        let retried = gw.retry(epoch(), &mut up, AttemptFailure::Unsent);
+        assert_eq!(retried.map(|r| r.ejection), Some(None));
+        assert!(!seen.contains(&up.addr), "{:?} retried again", up.addr);
+        seen.push(up.addr);
+    }
+    // Out of retries: nothing changes, the request finishes with its outcome.
+    assert!(!up.may_retry());
+    let last = up.clone();
+    assert_eq!(gw.retry(epoch(), &mut up, AttemptFailure::Unsent), None);
+    assert_eq!(up, last);
+    gw.finish(epoch(), &up, Outcome::Refused);
+    let s = gw.status(epoch());
+    assert_eq!((s.requests, s.responses.server_error), (1, 1));
+    assert_eq!(s.pools[0].retries, 3);
+    assert_eq!(
+        (s.pools[0].requests, s.pools[0].responses.server_error),
+        (1, 1)
+    );
+    for addr in &seen[..3] {
+        let b = backend_status(&gw, 0, *addr);
+        assert_eq!(
+            (
+                b.requests,
+                b.failures,
+                b.retried,
+                b.active,
+                b.responses.server_error
+            ),
+            (1, 1, 1, 0, 0),
+            "{addr}"
+        );
+    }
+    let b = backend_status(&gw, 0, seen[3]);
+    assert_eq!(
+        (b.requests, b.failures, b.retried, b.responses.server_error),
+        (1, 1, 0, 1)
+    );
+}
+
+#[test]
+fn a_retry_needs_an_untried_live_backend_and_a_replayable_request() {
+    let mut gw = Gateway::new(&config()).unwrap();
+    let www = |method: &str| head(&[("host", "www.example.com")], method, "/");
+    // Two backends: one retry, then none left untried.
+    let mut up = forwarded(decide(&mut gw, &mut www("GET")));
+    assert!(gw.retry(epoch(), &mut up, AttemptFailure::Unsent).is_some());
+    assert_eq!(gw.retry(epoch(), &mut up, AttemptFailure::Unsent), None);
+    gw.finish(epoch(), &up, Outcome::Refused);
+    // Sent and closed unanswered: only a safe, bodiless request goes again.
+    let closed = |bodiless| AttemptFailure::ClosedUnanswered { bodiless };
+    let mut up = forwarded(decide(&mut gw, &mut www("POST")));
+    assert_eq!(gw.retry(epoch(), &mut up, closed(true)), None);
+    gw.finish(epoch(), &up, Outcome::Broken);
+    let mut up = forwarded(decide(&mut gw, &mut www("GET")));
+    assert_eq!(gw.retry(epoch(), &mut up, closed(false)), None);
+    let before = up.addr;
+    assert!(gw.retry(epoch(), &mut up, closed(true)).is_some());
+    assert_ne!(up.addr, before);
+    gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    // A one-backend pool has nowhere to retry; `retries = 0` never retries.
+    let mut api = head(&[("host", "a.example.com")], "GET", "/api/x");
+    let mut up = forwarded(decide(&mut gw, &mut api));
+    assert!(up.may_retry());
+    assert_eq!(gw.retry(epoch(), &mut up, AttemptFailure::Unsent), None);
+    gw.finish(epoch(), &up, Outcome::Refused);
+    let mut cfg = config();
+    cfg.pools[0].retries = 0;
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let mut up = forwarded(decide(&mut gw, &mut www("GET")));
+    assert!(!up.may_retry());
+    assert_eq!(gw.retry(epoch(), &mut up, AttemptFailure::Unsent), None);
+    // Bounded.
+    cfg.pools[0].retries = PoolSpec::MAX_RETRIES + 1;
+    assert!(matches!(
+        Gateway::new(&cfg),
+        Err(ConfigError::LimitOutOfRange {
+            what: "retries",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_sticky_client_whose_backend_is_unreachable_is_redispatched_with_a_new_cookie() {
+    let mut cfg = config();
+    cfg.pools[0].cookie = Some(crate::StickyCookie {
+        name: "SRV".into(),
+        nocache: false,
+    });
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let dead = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
+    let cookie = format!("SRV={}", crate::StickyCookie::id(dead));
+    let mut h = head(
+        &[("host", "www.example.com"), ("cookie", &cookie)],
+        "GET",
+        "/",
+    );
+    let mut up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!((up.addr, up.set_cookie.clone()), (dead, None));
+    assert!(gw.retry(epoch(), &mut up, AttemptFailure::Unsent).is_some());
+    assert_ne!(up.addr, dead);
+    let (set, _) = up.set_cookie.clone().expect("the new backend's cookie");
+    assert_eq!(
+        set.to_str().unwrap(),
+        format!("SRV={}; Path=/", crate::StickyCookie::id(up.addr))
+    );
+}
+
+#[test]
+fn a_retried_failure_counts_for_passive_ejection() {
+    let mut cfg = config();
+    cfg.pools[0].eject = Some(crate::health::EjectConfig {
+        consecutive_errors: 1,
+        duration: Duration::from_secs(30),
+    });
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let mut up = forwarded(decide(
+        &mut gw,
+        &mut head(&[("host", "www.example.com")], "GET", "/"),
+    ));
+    let failed = up.addr;
+    let retried = gw.retry(epoch(), &mut up, AttemptFailure::Unsent).unwrap();
+    let ejection = retried.ejection.expect("ejected at the first error");
+    assert_eq!((ejection.key.backend, ejection.spared), (failed, false));
+    gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    assert_eq!(backend_status(&gw, 0, failed).state, "ejected");
 }
 
 #[test]

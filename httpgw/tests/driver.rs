@@ -66,6 +66,7 @@ fn pool(name: &str, backends: &[SocketAddrV4]) -> PoolSpec {
     PoolSpec {
         health: None,
         eject: None,
+        retries: PoolSpec::DEFAULT_RETRIES,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,

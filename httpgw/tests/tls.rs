@@ -196,6 +196,7 @@ async fn sni_picks_the_certificate_and_the_route() {
     let pool = |name: &str, addr| PoolSpec {
         health: None,
         eject: None,
+        retries: PoolSpec::DEFAULT_RETRIES,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,
@@ -326,6 +327,7 @@ async fn hostile_handshakes_are_closed_and_counted() {
         pools: vec![PoolSpec {
             health: None,
             eject: None,
+            retries: PoolSpec::DEFAULT_RETRIES,
             name: "web".into(),
             balance: PoolConfig {
                 scheduler: SchedulerKind::Rr,
@@ -456,6 +458,7 @@ fn h2_config(
     let pool = |name: &str, addr| PoolSpec {
         health: None,
         eject: None,
+        retries: PoolSpec::DEFAULT_RETRIES,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,

@@ -82,6 +82,7 @@ async fn gateway(tunnel_timeout: Duration) -> (HttpGateway, Arc<Mutex<Vec<String
         pools: vec![PoolSpec {
             health: None,
             eject: None,
+            retries: PoolSpec::DEFAULT_RETRIES,
             name: "echo".into(),
             balance: PoolConfig {
                 scheduler: SchedulerKind::Rr,

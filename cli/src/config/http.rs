@@ -61,6 +61,10 @@ pub(crate) struct HttpPoolSection {
     /// `slow_start`), as on a `[[service]]`.
     #[serde(default)]
     pub(crate) slow_start: Option<Spanned<HumanDuration>>,
+    /// Times a request whose backend could not be reached is sent to another live backend
+    /// (HAProxy `retries` + `option redispatch`); 0 to 10, default 3.
+    #[serde(default)]
+    pub(crate) retries: Option<Spanned<u32>>,
 }
 
 /// `eject = { consecutive_errors = 5, duration = "30s" }`.
@@ -223,6 +227,10 @@ pub(crate) struct HttpSection {
     /// Time for a backend to answer (HAProxy `timeout server`). Default 30s: 504 beyond.
     #[serde(default)]
     pub(crate) upstream_timeout: Option<Spanned<HumanDuration>>,
+    /// Time to establish a connection to a backend (HAProxy `timeout connect`, nginx
+    /// `proxy_connect_timeout`). Default 5s; beyond, the request may be retried.
+    #[serde(default)]
+    pub(crate) connect_timeout: Option<Spanned<HumanDuration>>,
     /// Time an upgraded connection (WebSocket) may be idle both ways (HAProxy `timeout
     /// tunnel`). Default 1h.
     #[serde(default)]
@@ -322,9 +330,15 @@ impl HttpSection {
                             .into(),
                     );
                 }
+                let mut retries = PoolSpec::DEFAULT_RETRIES;
+                if let Some(n) = &p.retries {
+                    in_range(n, 0, u64::from(PoolSpec::MAX_RETRIES), "retries", error);
+                    retries = *n.get_ref();
+                }
                 PoolSpec {
                     name: p.name.get_ref().clone(),
                     cookie,
+                    retries,
                     health: p.health.as_ref().map(super::lower::health),
                     eject,
                     balance: PoolConfig {
@@ -440,6 +454,11 @@ impl HttpSection {
                 &self.upstream_timeout,
                 "upstream_timeout",
                 &mut limits.upstream_timeout,
+            ),
+            (
+                &self.connect_timeout,
+                "connect_timeout",
+                &mut limits.connect_timeout,
             ),
             (
                 &self.tunnel_timeout,

@@ -1066,6 +1066,63 @@ fn http_pool_health_eject_and_slow_start_are_read_and_checked_with_their_positio
     );
 }
 
+/// `retries` (per pool, default 3, 0 to 10) and `connect_timeout` (per listener, default
+/// 5s) are read, and their mistakes pointed at.
+#[test]
+fn http_retries_and_connect_timeout_are_read_and_checked_with_their_position() {
+    let site = parse(Path::new("site.toml"), HTTP_SITE).expect("valid");
+    let gw = site.http[0].lower();
+    assert_eq!(gw.pools[0].retries, httpgw::PoolSpec::DEFAULT_RETRIES);
+    assert_eq!(gw.limits.connect_timeout, std::time::Duration::from_secs(5));
+
+    let set = HTTP_SITE
+        .replace(
+            "cookie = { name = \"SRV\" }",
+            "cookie = { name = \"SRV\" }\nretries = 0",
+        )
+        .replace(
+            "drain_timeout = \"30s\"",
+            "drain_timeout = \"30s\"\nconnect_timeout = \"250ms\"",
+        );
+    let site = parse(Path::new("site.toml"), &set).expect("valid");
+    let gw = site.http[0].lower();
+    assert_eq!((gw.pools[0].retries, gw.pools[1].retries), (3, 0));
+    assert_eq!(
+        gw.limits.connect_timeout,
+        std::time::Duration::from_millis(250)
+    );
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+
+    let bad = HTTP_SITE
+        .replace(
+            "cookie = { name = \"SRV\" }",
+            "cookie = { name = \"SRV\" }\nretries = 11",
+        )
+        .replace(
+            "drain_timeout = \"30s\"",
+            "drain_timeout = \"30s\"\nconnect_timeout = \"0s\"",
+        );
+    let errs = errors(&bad);
+    let line = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let expected = [
+        format!(
+            "site.toml:{}:11: `retries` must be between 0 and 10, not 11",
+            line("retries = 11")
+        ),
+        format!(
+            "site.toml:{}:19: `connect_timeout` must be between 100ms and 1h",
+            line("connect_timeout")
+        ),
+    ];
+    for e in &expected {
+        assert!(
+            errs.iter().any(|got| got.starts_with(e.as_str())),
+            "{e} not in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+}
+
 /// VRRP `track_services` names an HTTP pool as `listener/pool`, checked like a service name.
 #[test]
 fn track_services_names_an_http_pool_as_listener_slash_pool() {

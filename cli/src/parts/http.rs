@@ -254,11 +254,12 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
         for p in &s.pools {
             let _ = writeln!(
                 out,
-                "  pool {} ({}): {} requests, {} without backend, {}",
+                "  pool {} ({}): {} requests, {} without backend, {} retries, {}",
                 p.name,
                 p.scheduler,
                 p.requests,
                 p.no_backend,
+                p.retries,
                 classes(&p.responses)
             );
             if p.latency.samples > 0 {
@@ -267,13 +268,14 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
             for b in &p.backends {
                 let _ = writeln!(
                     out,
-                    "    {:<21} {:<8} weight {:<5} active {:<4} requests {:<8} failures {:<4} {}",
+                    "    {:<21} {:<8} weight {:<5} active {:<4} requests {:<8} failures {:<4} retried {:<4} {}",
                     b.addr,
                     b.state,
                     b.weight,
                     b.active,
                     b.requests,
                     b.failures,
+                    b.retried,
                     classes(&b.responses)
                 );
                 let health = backend_health(b);

@@ -57,8 +57,8 @@ use tokio::sync::mpsc;
 use crate::health::{CheckKey, Ejection};
 use crate::hygiene::{self, Refusal};
 use crate::{
-    Answer, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, Reload, ResetBudget,
-    TlsSession, Upstream, Verdict, client_closed,
+    Answer, AttemptFailure, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome,
+    Reload, ResetBudget, TlsSession, Upstream, Verdict, client_closed,
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -123,12 +123,15 @@ impl Tls {
     }
 }
 
-/// The pooled HTTP/1.1 client to the backends.
-fn upstream_client(idle: Duration) -> Client<HttpConnector, Full<Bytes>> {
+/// The pooled HTTP/1.1 client to the backends. It sends a request again by itself only when
+/// the pooled connection it took turned out closed before any byte of the request was
+/// written (hyper's `retry_canceled_requests`); every other retry is the gateway's decision.
+fn upstream_client(limits: &Limits) -> Client<HttpConnector, Full<Bytes>> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(limits.connect_timeout));
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle)
+        .pool_idle_timeout(limits.upstream_idle)
         .pool_timer(TokioTimer::new())
         .build(connector)
 }
@@ -305,7 +308,7 @@ impl HttpGateway {
             gateway: Arc::clone(&gateway),
             limits: config.limits,
             access_log: config.access_log,
-            client: upstream_client(config.limits.upstream_idle),
+            client: upstream_client(&config.limits),
             connections: Arc::new(AtomicU64::new(0)),
             tls,
             stopping: stopped.clone(),
@@ -393,10 +396,12 @@ impl HttpGateway {
             (None, Some(new)) => new.leaves.len(),
             _ => 0,
         };
-        let client = if config.limits.upstream_idle == current.limits.upstream_idle {
+        let client = if config.limits.upstream_idle == current.limits.upstream_idle
+            && config.limits.connect_timeout == current.limits.connect_timeout
+        {
             current.client.clone()
         } else {
-            upstream_client(config.limits.upstream_idle)
+            upstream_client(&config.limits)
         };
         let reload = LiveReload {
             routing,
@@ -1203,6 +1208,29 @@ async fn read_body(body: Incoming, limit: usize, idle: Duration) -> Result<Optio
     }
 }
 
+/// A copy of a request head for an attempt that may be retried (its method and fields; the
+/// target and version are set per attempt).
+fn copy_head(head: &http::request::Parts) -> http::request::Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = head.method.clone();
+    *copy.headers_mut() = head.headers.clone();
+    copy.into_parts().0
+}
+
+/// Whether an upstream error is the backend closing the connection before any byte of an
+/// answer (after the request was written: hyper's "connection closed before message
+/// completed").
+fn closed_unanswered(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message();
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Whether a body error is the client going away: the connection ended mid-body, the
 /// stream was reset.
 fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -1282,37 +1310,59 @@ async fn answer(
         }
         Verdict::Forward(up) => up,
     };
-    flight.upstream = Some(up.clone());
-
-    let uri = format!("http://{}{}", up.addr, up.path_and_query);
-    match uri.parse() {
-        Ok(uri) => head.uri = uri,
-        Err(_) => {
+    let mut up = up;
+    let bodiless = body.is_empty();
+    // The head is moved into the last attempt and copied for one that may be retried.
+    let mut head = Some(head);
+    let (outcome, response) = loop {
+        flight.upstream = Some(up.clone());
+        let uri = format!("http://{}{}", up.addr, up.path_and_query).parse();
+        let parts = match &head {
+            Some(h) if up.may_retry() => Some(copy_head(h)),
+            _ => head.take(),
+        };
+        let (Ok(uri), Some(mut parts)) = (uri, parts) else {
             shared.gateway().finish(now(), &up, Outcome::Broken);
             return Some(text(StatusCode::BAD_GATEWAY, "unforwardable target", false));
+        };
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let upstream = Request::from_parts(parts, Full::new(body.clone()));
+        let sent = tokio::select! {
+            sent = tokio::time::timeout(
+                shared.limits.upstream_timeout,
+                shared.client.request(upstream),
+            ) => sent,
+            () = conn.client_gone() => return None,
+        };
+        let (outcome, response, failure) = match sent {
+            Err(_) => (Outcome::TimedOut, None, None),
+            Ok(Err(e)) if e.is_connect() => (Outcome::Refused, None, Some(AttemptFailure::Unsent)),
+            Ok(Err(e)) => {
+                tracing::debug!(backend = %up.addr, "upstream: {e}");
+                let closed =
+                    closed_unanswered(&e).then_some(AttemptFailure::ClosedUnanswered { bodiless });
+                (Outcome::Broken, None, closed)
+            }
+            // A 101 the client did not get to ask for is a broken answer.
+            Ok(Ok(res))
+                if res.status() == StatusCode::SWITCHING_PROTOCOLS && up.upgrade.is_none() =>
+            {
+                (Outcome::Broken, None, None)
+            }
+            Ok(Ok(res)) => (Outcome::Answered(res.status()), Some(res), None),
+        };
+        let failed = up.addr;
+        let retried = failure.and_then(|f| shared.gateway().retry(now(), &mut up, f));
+        match retried {
+            Some(retried) => {
+                if let Some(ejection) = retried.ejection {
+                    log_ejection(&ejection);
+                }
+                tracing::debug!(backend = %failed, next = %up.addr, "upstream failed; retrying");
+            }
+            None => break (outcome, response),
         }
-    }
-    head.version = Version::HTTP_11;
-    let upstream = Request::from_parts(head, Full::new(body));
-    let sent = tokio::select! {
-        sent = tokio::time::timeout(
-            shared.limits.upstream_timeout,
-            shared.client.request(upstream),
-        ) => sent,
-        () = conn.client_gone() => return None,
-    };
-    let (outcome, response) = match sent {
-        Err(_) => (Outcome::TimedOut, None),
-        Ok(Err(e)) if e.is_connect() => (Outcome::Refused, None),
-        Ok(Err(e)) => {
-            tracing::debug!(backend = %up.addr, "upstream: {e}");
-            (Outcome::Broken, None)
-        }
-        // A 101 the client did not get to ask for is a broken answer.
-        Ok(Ok(res)) if res.status() == StatusCode::SWITCHING_PROTOCOLS && up.upgrade.is_none() => {
-            (Outcome::Broken, None)
-        }
-        Ok(Ok(res)) => (Outcome::Answered(res.status()), Some(res)),
     };
     // The backend is released at the response head: its counters measure time to answer.
     flight.upstream = None;
@@ -1365,7 +1415,7 @@ async fn answer(
         None => {
             let why = match outcome {
                 Outcome::TimedOut => "upstream timed out",
-                Outcome::Refused => "upstream refused the connection",
+                Outcome::Refused => "upstream could not be reached",
                 _ => "upstream failed",
             };
             text(outcome.status(), why, false)

@@ -1533,3 +1533,120 @@ fn a_backend_answering_500_is_ejected() {
         "{json}"
     );
 }
+
+/// The HTTP status of `n` GETs of `/NAME0` .. from the client, one curl each.
+fn statuses(lab: &Lab, name: &str, n: usize) -> Vec<String> {
+    lab.t
+        .sh(
+            "cl",
+            &format!(
+                "for i in $(seq 1 {n}); do curl -s --max-time 10 -o /dev/null -w '%{{http_code}}\\n' http://{GATEWAY}/{name}$i; done"
+            ),
+        )
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Retries (HAProxy `retries 3` + `option redispatch`): a backend whose port is closed costs
+/// no request, each one it gets is sent to the live backend and counted; with `retries = 0`
+/// its share is answered 502 as before.
+#[test]
+fn requests_to_an_unreachable_backend_are_retried_on_the_live_one() {
+    let dead = "10.0.0.102:8009";
+    let site = one_pool_site("", &["10.0.0.101:8000", dead]);
+    let lab = Lab::with_site(e2e!(), &site, 80);
+    let show = |lab: &Lab| lab.t.show("dir", &lab.control, Show::Http);
+    let codes = statuses(&lab, "r", 100);
+    assert_eq!(codes.len(), 100, "{codes:?}");
+    assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
+    let served = lab
+        .requests_seen("rs1")
+        .lines()
+        .filter(|l| l.starts_with("GET /r"))
+        .count();
+    assert_eq!(served, 100);
+    let json = show(&lab);
+    let retries = counter(&json[0], &["pools", "0", "retries"]);
+    let b = http_backend(&json, dead);
+    // Round robin sends every other request to the closed port first.
+    assert!((45..=55).contains(&retries), "{json}");
+    assert_eq!(b["retried"], retries, "{b}");
+    assert_eq!(b["failures"], retries, "{b}");
+    assert_eq!(b["responses"]["server_error"], 0, "{b}");
+    assert_eq!(
+        counter(&json[0], &["pools", "0", "responses", "success"]),
+        100,
+        "{json}"
+    );
+    let text = lab
+        .t
+        .vipgate_output("dir", &["show", "http", "--control", &lab.control]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains(&format!("{retries} retries")), "{text}");
+
+    // Off: the closed port's share fails as it did before retries.
+    let off = lab.reload(&one_pool_site("retries = 0", &["10.0.0.101:8000", dead]));
+    assert!(off.status.success(), "{off:?}");
+    let codes = statuses(&lab, "s", 100);
+    let failed = codes.iter().filter(|c| *c == "502").count();
+    assert!((45..=55).contains(&failed), "{codes:?}");
+    assert_eq!(
+        codes.iter().filter(|c| *c == "200").count() + failed,
+        100,
+        "{codes:?}"
+    );
+    let json = show(&lab);
+    assert_eq!(
+        counter(&json[0], &["pools", "0", "retries"]),
+        retries,
+        "{json}"
+    );
+    let b = http_backend(&json, dead);
+    assert_eq!(b["failures"], retries + failed as u64, "{b}");
+    assert_eq!(b["responses"]["server_error"], failed as u64, "{b}");
+}
+
+/// A sticky client whose backend died is redispatched by the retry: its request is answered by
+/// the live backend, the answer sets the cookie naming it, and it stays there.
+#[test]
+fn a_sticky_client_of_a_killed_backend_is_redispatched_with_a_new_cookie() {
+    let site = one_pool_site(
+        r#"cookie = { name = "SRV" }"#,
+        &["10.0.0.101:8000", "10.0.0.102:8000"],
+    );
+    let mut lab = Lab::with_site(e2e!(), &site, 80);
+    let jar = lab.t.dir().join("jar.txt").display().to_string();
+    let url = format!("http://{GATEWAY}/");
+    // A cookie naming rs2 (round robin: one of two fresh clients lands there).
+    let on_rs2 = (0..4).any(|_| lab.curl(&format!("-c {jar} {url}")).starts_with("rs2 "));
+    assert!(on_rs2);
+    let before = std::fs::read_to_string(&jar).unwrap_or_default();
+    lab.backends[1].kill9();
+    let head = lab.curl(&format!("-D - -b {jar} -c {jar} {url}"));
+    assert!(head.contains("\nrs1 / "), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("set-cookie: srv="),
+        "{head}"
+    );
+    let after = std::fs::read_to_string(&jar).unwrap_or_default();
+    assert_ne!(before, after);
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let retries = counter(&json[0], &["pools", "0", "retries"]);
+    assert!(retries >= 1, "{json}");
+    for _ in 0..10 {
+        let body = lab.curl(&format!("-b {jar} -c {jar} {url}"));
+        assert!(body.starts_with("rs1 / "), "{body}");
+    }
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    assert_eq!(
+        counter(&json[0], &["pools", "0", "retries"]),
+        retries,
+        "{json}"
+    );
+    assert_eq!(
+        counter(&json[0], &["pools", "0", "responses", "success"]),
+        counter(&json[0], &["pools", "0", "requests"]),
+        "{json}"
+    );
+}
