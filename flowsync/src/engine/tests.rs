@@ -679,7 +679,7 @@ fn with_no_peer_up_everything_goes_out_at_once() {
     while engine.poll_transmit().is_some() {
         sent += 1;
     }
-    assert_eq!(sent, engine.queued());
+    assert_eq!(engine.queued(), 0, "sent to nobody, so held for nobody");
     assert!(
         sent > 200,
         "10,000 flows are more than the window: {sent} messages"
