@@ -1026,8 +1026,16 @@ fn an_lblc_destination_keeps_its_cache_across_the_master_crash() {
     let mut d1 = lab.start("d1", 150);
     let d2 = lab.start("d2", 100);
     lab.wait_paired(&d1, &d2);
-    let peers = lab.sync("d1").unwrap_or_default();
-    assert_eq!(peers["peers"][0]["takes_locality"], true, "{peers}");
+    // d2's `Features` rides with its `Hello`s (one a second): the first may have left before
+    // d1 listened.
+    wait_until(
+        Duration::from_secs(5),
+        "d1 seeing that d2 takes locality records",
+        || {
+            lab.sync("d1")
+                .is_some_and(|s| s["peers"][0]["takes_locality"] == true)
+        },
+    );
     let weight = |w: &str| {
         let sock = lab.sock("d1");
         let out = lab.t.vipgate_output(
