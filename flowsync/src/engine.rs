@@ -689,6 +689,7 @@ impl SyncEngine {
                 self.events
                     .push_back(Event::PeerRestarted { node: msg.node });
                 self.trim_queue();
+                self.greet_new_peer();
             }
             return Ok(i);
         }
@@ -700,7 +701,18 @@ impl SyncEngine {
             .push(fresh(msg.node, msg.incarnation, self.tx_sent));
         // A peer we did not know (we just started, or it did): pull what it holds.
         self.ask_bulk(at, msg.node);
+        self.greet_new_peer();
         Ok(self.peers.len() - 1)
+    }
+
+    /// Answers a peer heard for the first time (or in a new incarnation) with a `Hello` at
+    /// once rather than at the next `hello_interval`: a peer that (re)started discovers this
+    /// node, and asks it for its snapshot, one round trip after its own first `Hello`
+    /// instead of up to a whole interval later. At most once per new peer or incarnation,
+    /// both of which only an authenticated, newer message makes, so a replay cannot trigger
+    /// it; the regular `Hello` keeps its schedule.
+    fn greet_new_peer(&mut self) {
+        self.send_hello();
     }
 
     fn on_hello(&mut self, at: Instant, idx: usize, next: u32, oldest: u32) {

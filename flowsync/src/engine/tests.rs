@@ -886,3 +886,25 @@ fn a_snapshot_under_way_is_not_asked_for_again() {
     assert_eq!(net.nodes[0].engine.stats().bulks_served, served + 1);
     assert_eq!(net.nodes[1].engine.stats().lost, 0);
 }
+
+/// A restarted node pulls its snapshot one round trip after its first `Hello`, not at the
+/// peer's next `Hello` (up to `hello_interval`, 1 s, later): the peer answers a new
+/// incarnation with a `Hello` at once.
+#[test]
+fn a_restarted_node_is_answered_at_once() {
+    let mut net = Net::new(2, CLEAN);
+    net.run(2000);
+    net.create(0, 0..3000, 100);
+    net.run(500);
+    assert!(in_sync(&net, 0, 1));
+    // Right after node 0's regular `Hello`, so the next one is a whole interval away.
+    net.run(1000 - (net.at.duration_since(epoch()).as_millis() as u64 % 1000));
+    net.restart(1, 2);
+    net.run(100);
+    assert!(
+        in_sync(&net, 0, 1),
+        "standby {} of 3000 after 100 ms",
+        net.nodes[1].standby.len()
+    );
+    assert!(net.nodes[1].engine.synced());
+}
