@@ -110,53 +110,14 @@ vg_run() {
   [ -s "$TMP/ms" ] || { cat "$TMP/vg.log" >&2; return 1; }
 }
 
-# The PAT pair of vipgate-daemon (bench/failover.sh's, without the client's inside VIP).
-VIP=198.51.100.10
+# The PAT pair of vipgate-daemon (bench/lib.sh's, as bench/failover.sh runs it).
 printf 'a shared key for the two gateways\n' > "$TMP/sync.key"
 chmod 600 "$TMP/sync.key"
 
 # gw_conf HOST PRIORITY ME PEER: HOST's config in $TMP/HOST.toml.
 gw_conf() {
-  cat > "$TMP/$1.toml" <<EOF
-[daemon]
-control = "$TMP/$1.sock"
-
-[nat]
-inside = ["eth1"]
-outside = "eth0"
-address = "$VIP"
-ports = "10000-32767"
-max_mappings = $((FLOWS * 2 + 1024))
-max_mappings_per_host = $((FLOWS * 2 + 1024))
-
-[[nat.acl]]
-action = "permit"
-src = "192.168.101.0/24"
-
-[[vrrp]]
-name = "outside"
-group = "hq"
-interface = "eth0"
-vrid = 61
-priority = $2
-advert_interval = "1s"
-addresses = ["$VIP/24"]
-
-[[vrrp]]
-name = "inside"
-group = "hq"
-interface = "eth1"
-vrid = 62
-priority = $2
-advert_interval = "1s"
-addresses = ["192.168.101.1/24"]
-
-[sync]
-peers = ["$4"]
-listen = "$3"
-key_file = "$TMP/sync.key"
-vrrp = "outside"
-EOF
+  pat_pair_conf "$TMP/$1.toml" "$TMP/$1.sock" "$2" 1s $((FLOWS * 2 + 1024)) \
+    "$(pat_pair_sync "$3" "$4" "$TMP/sync.key")"
 }
 
 # gw_start HOST: its vipgate, pid in $TMP/HOST.pid.
@@ -185,17 +146,7 @@ sync_ready() {
 }
 
 vd_setup() {
-  lan_attach outsw g1 eth0 198.51.100.11/24
-  lan_attach outsw g2 eth0 198.51.100.12/24
-  lan_attach outsw srv eth0 198.51.100.100/24
-  lan_attach insw g1 eth1 192.168.101.2/24
-  lan_attach insw g2 eth1 192.168.101.3/24
-  lan_attach insw pc eth0 192.168.101.10/24
-  lan_attach syncsw g1 eth2 10.9.0.1/24
-  lan_attach syncsw g2 eth2 10.9.0.2/24
-  gw "$P-pc" 192.168.101.1
-  forwarding "$P-g1"
-  forwarding "$P-g2"
+  pat_pair_lan
   x srv nft -f - <<EOF
 table inet sink {
   chain in {

@@ -63,68 +63,22 @@ bench_init fo g1 g2 pc srv
 bench_cc flowgen
 declare -A DAEMON   # HOST -> pid of its vipgate, or of its conntrackd
 WORK=$TMP
-VIP=198.51.100.10
+VIP=$PAT_PAIR_VIP
 FLOWS_PY=$BENCH_DIR/tools/long_flows.py
 printf 'a shared key for the two gateways\n' > "$WORK/sync.key"
 chmod 600 "$WORK/sync.key"
 
 lab_up() {
   bench_teardown
-  lan_attach outsw g1 eth0 198.51.100.11/24
-  lan_attach outsw g2 eth0 198.51.100.12/24
-  lan_attach outsw srv eth0 198.51.100.100/24
-  lan_attach insw g1 eth1 192.168.101.2/24
-  lan_attach insw g2 eth1 192.168.101.3/24
-  lan_attach insw pc eth0 192.168.101.10/24
-  lan_attach syncsw g1 eth2 10.9.0.1/24
-  lan_attach syncsw g2 eth2 10.9.0.2/24
-  gw "$P-pc" 192.168.101.1
-  forwarding "$P-g1"
-  forwarding "$P-g2"
+  pat_pair_lan
 }
 
 # start_vipgate HOST PRIORITY ME PEER [nosync]
 start_vipgate() {
   local h=$1 prio=$2 me=$3 peer=$4 sync
-  sync=$(printf '[sync]\npeers = ["%s"]\nlisten = "%s"\nkey_file = "%s"\nvrrp = "outside"\n' \
-    "$peer" "$me" "$WORK/sync.key")
+  sync=$(pat_pair_sync "$me" "$peer" "$WORK/sync.key")
   [ "${5:-}" != nosync ] || sync=
-  cat > "$WORK/$h.toml" <<EOF
-[daemon]
-control = "$WORK/$h.sock"
-
-[nat]
-inside = ["eth1"]
-outside = "eth0"
-address = "$VIP"
-ports = "10000-32767"
-max_mappings = 262144
-max_mappings_per_host = 262144
-
-[[nat.acl]]
-action = "permit"
-src = "192.168.101.0/24"
-
-[[vrrp]]
-name = "outside"
-group = "hq"
-interface = "eth0"
-vrid = 61
-priority = $prio
-advert_interval = "100ms"
-addresses = ["$VIP/24"]
-
-[[vrrp]]
-name = "inside"
-group = "hq"
-interface = "eth1"
-vrid = 62
-priority = $prio
-advert_interval = "100ms"
-addresses = ["192.168.101.1/24"]
-
-$sync
-EOF
+  pat_pair_conf "$WORK/$h.toml" "$WORK/$h.sock" "$prio" 100ms 262144 "$sync"
   spawn "$h" "$VIPGATE_BIN" run -c "$WORK/$h.toml" >> "$WORK/$h.log" 2>&1
   disown "$SPAWNED"   # killed with its host: no job report
   DAEMON[$h]=$SPAWNED

@@ -188,6 +188,78 @@ lan_attach() {
   [ -z "${4:-}" ] || addr "$P-$2" "$3" "$4"
 }
 
+# The PAT pair of bench/failover.sh and bench/bulk_sync.sh: gateways g1 and g2 share the
+# outside overload address 198.51.100.10 (vrid 61) and the inside gateway 192.168.101.1
+# (vrid 62) by VRRP and sync over their own link; pc inside, srv outside.
+#
+#   srv 198.51.100.100 ── outsw ── g1 eth0 .11   g2 eth0 .12
+#   pc 192.168.101.10 ─── insw ─── g1 eth1 .2    g2 eth1 .3
+#                         syncsw ─ g1 eth2 10.9.0.1   g2 eth2 10.9.0.2
+PAT_PAIR_VIP=198.51.100.10
+
+# pat_pair_lan: the hosts and switches above, pc routed through the inside gateway address.
+pat_pair_lan() {
+  lan_attach outsw g1 eth0 198.51.100.11/24
+  lan_attach outsw g2 eth0 198.51.100.12/24
+  lan_attach outsw srv eth0 198.51.100.100/24
+  lan_attach insw g1 eth1 192.168.101.2/24
+  lan_attach insw g2 eth1 192.168.101.3/24
+  lan_attach insw pc eth0 192.168.101.10/24
+  lan_attach syncsw g1 eth2 10.9.0.1/24
+  lan_attach syncsw g2 eth2 10.9.0.2/24
+  gw "$P-pc" 192.168.101.1
+  forwarding "$P-g1"
+  forwarding "$P-g2"
+}
+
+# pat_pair_sync ME PEER KEY_FILE: the [sync] section of the gateway at ME (its sync address)
+# syncing with PEER under the key in KEY_FILE, following the outside VRRP instance.
+pat_pair_sync() {
+  printf '[sync]\npeers = ["%s"]\nlisten = "%s"\nkey_file = "%s"\nvrrp = "outside"\n' "$2" "$1" "$3"
+}
+
+# pat_pair_conf FILE CONTROL PRIORITY ADVERT MAPPINGS [SYNC_SECTION]: a gateway's vipgate
+# config (PAT of pc's network to the overload address, both VRRP instances in one group at
+# PRIORITY and ADVERT, at most MAPPINGS mappings) with SYNC_SECTION appended.
+pat_pair_conf() {
+  cat > "$1" <<EOF
+[daemon]
+control = "$2"
+
+[nat]
+inside = ["eth1"]
+outside = "eth0"
+address = "$PAT_PAIR_VIP"
+ports = "10000-32767"
+max_mappings = $5
+max_mappings_per_host = $5
+
+[[nat.acl]]
+action = "permit"
+src = "192.168.101.0/24"
+
+[[vrrp]]
+name = "outside"
+group = "hq"
+interface = "eth0"
+vrid = 61
+priority = $3
+advert_interval = "$4"
+addresses = ["$PAT_PAIR_VIP/24"]
+
+[[vrrp]]
+name = "inside"
+group = "hq"
+interface = "eth1"
+vrid = 62
+priority = $3
+advert_interval = "$4"
+addresses = ["192.168.101.1/24"]
+
+${6:-}
+EOF
+}
+
 # gateway_topology GW GW_OUTSIDE_CIDR GW_INSIDE_CIDR SIDE:HOST=CIDR...: the client-gateway-
 # server shape (SIDE is out or in):
 #
