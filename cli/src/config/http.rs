@@ -87,18 +87,29 @@ fn d_eject_duration() -> Spanned<HumanDuration> {
     Spanned::new(0..0, HumanDuration(Duration::from_secs(30)))
 }
 
-/// `cookie = { name = "SRV", nocache = true }`.
+/// `cookie = { name = "SRV", nocache = true }` or
+/// `cookie = { name = "JSESSIONID", mode = "prefix" }`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CookieSection {
     pub(crate) name: Spanned<String>,
-    /// `Cache-Control: private` on responses that set it. Default true.
-    #[serde(default = "d_true")]
-    pub(crate) nocache: bool,
+    /// `insert` (default: the proxy's own cookie) or `prefix` (the application's cookie
+    /// carries the backend's id).
+    #[serde(default)]
+    pub(crate) mode: CookieModeSection,
+    /// `Cache-Control: private` on responses that set it. Default true in insert mode;
+    /// refused in prefix mode, where the proxy sets no cookie of its own.
+    #[serde(default)]
+    pub(crate) nocache: Option<Spanned<bool>>,
 }
 
-fn d_true() -> bool {
-    true
+/// `mode` of a `cookie`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum CookieModeSection {
+    #[default]
+    Insert,
+    Prefix,
 }
 
 fn d_scheduler() -> SchedulerKind {
@@ -286,12 +297,22 @@ impl HttpSection {
                     }
                 }
                 let cookie = p.cookie.as_ref().map(|c| {
+                    let mode = match c.mode {
+                        CookieModeSection::Insert => httpgw::CookieMode::Insert,
+                        CookieModeSection::Prefix => httpgw::CookieMode::Prefix,
+                    };
+                    let nocache = c.nocache.as_ref().map(|n| *n.get_ref());
                     let sticky = httpgw::StickyCookie {
                         name: c.name.get_ref().clone(),
-                        nocache: c.nocache,
+                        nocache: nocache.unwrap_or(mode == httpgw::CookieMode::Insert),
+                        mode,
                     };
-                    if let Err(e) = sticky.validate() {
-                        error(c.name.span(), e.to_string());
+                    match (&c.nocache, sticky.validate()) {
+                        (Some(n), Err(e @ httpgw::ConfigError::NocacheWithPrefix(_))) => {
+                            error(n.span(), e.to_string());
+                        }
+                        (_, Err(e)) => error(c.name.span(), e.to_string()),
+                        (_, Ok(())) => {}
                     }
                     sticky
                 });

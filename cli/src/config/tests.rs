@@ -693,7 +693,8 @@ fn an_http_section_lowers_to_the_gateway_config() {
         gw.pools[1].cookie,
         Some(httpgw::StickyCookie {
             name: "SRV".into(),
-            nocache: true
+            nocache: true,
+            mode: httpgw::CookieMode::Insert,
         })
     );
     assert_eq!(gw.limits.max_body_bytes, 1000);
@@ -768,6 +769,49 @@ fn http_mistakes_point_at_their_place() {
         "duplicate backend",
     );
     assert_eq!(errs.len(), 12, "{errs:#?}");
+}
+
+#[test]
+fn a_prefix_cookie_lowers_and_its_mistakes_point_at_their_place() {
+    let prefix = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"JSESSIONID\", mode = \"prefix\" }",
+    );
+    let site = parse(Path::new("site.toml"), &prefix).expect("valid");
+    let gw = site.http[0].lower();
+    assert_eq!(
+        gw.pools[1].cookie,
+        Some(httpgw::StickyCookie {
+            name: "JSESSIONID".into(),
+            nocache: false,
+            mode: httpgw::CookieMode::Prefix,
+        })
+    );
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+    let text = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"JSESSIONID\", mode = \"prefix\", nocache = true }",
+    );
+    let errs = errors(&text);
+    let line = text.lines().position(|l| l.contains("JSESSIONID")).unwrap() + 1;
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with(&format!("site.toml:{line}:60: "))
+            && errs[0].contains("nocache applies to insert mode only"),
+        "{errs:#?}"
+    );
+    let text = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"SRV\", mode = \"rewrite\" }",
+    );
+    let errs = errors(&text);
+    let line = text.lines().position(|l| l.contains("rewrite")).unwrap() + 1;
+    assert!(
+        errs.iter().any(|e| e.starts_with(&format!("site.toml:{line}:"))
+            && e.contains("insert")
+            && e.contains("prefix")),
+        "{errs:#?}"
+    );
 }
 
 #[test]

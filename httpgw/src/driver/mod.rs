@@ -1399,6 +1399,10 @@ async fn answer(
         Some(res) => {
             let (mut parts, body) = res.into_parts();
             hygiene::remove_hop_by_hop(&mut parts.headers);
+            // Before the route's rules, so that a Set-Cookie a rule writes stays as written.
+            if let Some(prefix) = &up.cookie_prefix {
+                prefix.apply(&mut parts.headers);
+            }
             shared
                 .gateway()
                 .rewrite_response(up.route, &mut parts.headers);

@@ -16,8 +16,9 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 const GATEWAY: &str = "198.51.100.11";
 
 /// A backend on http.server's handler: `NAME PATH xff=XFF proto=PROTO cookie=COOKIE sha256=HEX`
-/// for any GET or POST (after SECONDS for a path `/slow?SECONDS`),
-/// and one line per request (`METHOD PATH`) in the log file.
+/// for any GET or POST (after SECONDS for a path `/slow?SECONDS`; with
+/// `Set-Cookie: JSESSIONID=NAME-session; Path=/; HttpOnly` for `/login`, as an application
+/// starting a session), and one line per request (`METHOD PATH`) in the log file.
 const BACKEND_PY: &str = r#"
 import hashlib, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,8 @@ class Handler(BaseHTTPRequestHandler):
         cookie = self.headers.get("Cookie", "")
         text = f"{name} {self.path} xff={xff} proto={proto} cookie={cookie} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
         self.send_response(200)
+        if self.path == "/login":
+            self.send_header("Set-Cookie", f"JSESSIONID={name}-session; Path=/; HttpOnly")
         self.send_header("Content-Length", str(len(text)))
         self.end_headers()
         self.wfile.write(text)
@@ -1644,6 +1647,79 @@ fn a_sticky_client_of_a_killed_backend_is_redispatched_with_a_new_cookie() {
         retries,
         "{json}"
     );
+    assert_eq!(
+        counter(&json[0], &["pools", "0", "responses", "success"]),
+        counter(&json[0], &["pools", "0", "requests"]),
+        "{json}"
+    );
+}
+
+/// HAProxy's `cookie JSESSIONID prefix`: the application's session cookie carries the
+/// backend's id on the client's side only. 100 requests with the jar stay on the backend that
+/// started the session, which always sees its own unprefixed value; when it dies, its clients
+/// are redispatched (the prefix still removed).
+#[test]
+fn a_prefix_cookie_keeps_a_session_on_its_backend_unseen_by_it() {
+    let site = one_pool_site(
+        r#"cookie = { name = "JSESSIONID", mode = "prefix" }"#,
+        &["10.0.0.101:8000", "10.0.0.102:8000"],
+    );
+    let mut lab = Lab::with_site(e2e!(), &site, 80);
+    let jar = lab.t.dir().join("jar.txt").display().to_string();
+    let url = format!("http://{GATEWAY}/");
+    let head = lab.curl(&format!("-D - -c {jar} {url}login"));
+    let started = head
+        .lines()
+        .last()
+        .and_then(|body| body.split_whitespace().next())
+        .unwrap_or("-")
+        .to_owned();
+    assert!(started == "rs1" || started == "rs2", "{head}");
+    // The client gets ID~VALUE: the application's value behind an opaque id, no address.
+    let set = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: jsessionid="))
+        .unwrap_or_else(|| panic!("no JSESSIONID set: {head}"));
+    let value = set["set-cookie: jsessionid=".len()..]
+        .split(';')
+        .next()
+        .unwrap_or("");
+    let (id, own) = value.split_once('~').unwrap_or_else(|| panic!("{set}"));
+    assert_eq!(id.len(), 16, "{set}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{set}");
+    assert_eq!(own, format!("{started}-session"), "{set}");
+    assert!(set.contains("; Path=/; HttpOnly"), "{set}");
+    assert!(!head.contains("10.0.0."), "{head}");
+    let expected = format!(" cookie=JSESSIONID={started}-session ");
+    for i in 0..100 {
+        let body = lab.curl(&format!("-b {jar} {url}"));
+        assert!(
+            body.starts_with(&format!("{started} / ")) && body.contains(&expected),
+            "request {i}: {body}"
+        );
+    }
+    // Without the cookie: round robin spreads them.
+    let without: Vec<String> = (0..6)
+        .map(|_| lab.curl(&url))
+        .map(|body| body.split_whitespace().next().unwrap_or("-").to_owned())
+        .collect();
+    assert!(without.iter().any(|b| b == "rs1"), "{without:?}");
+    assert!(without.iter().any(|b| b == "rs2"), "{without:?}");
+    // Its backend dies: redispatched to the other one, which gets the unprefixed value.
+    let (dead, other) = if started == "rs1" {
+        (0, "rs2")
+    } else {
+        (1, "rs1")
+    };
+    lab.backends[dead].kill9();
+    for _ in 0..5 {
+        let body = lab.curl(&format!("-b {jar} {url}"));
+        assert!(
+            body.starts_with(&format!("{other} / ")) && body.contains(&expected),
+            "{body}"
+        );
+    }
+    let json = lab.t.show("dir", &lab.control, Show::Http);
     assert_eq!(
         counter(&json[0], &["pools", "0", "responses", "success"]),
         counter(&json[0], &["pools", "0", "requests"]),
