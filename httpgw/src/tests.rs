@@ -877,7 +877,11 @@ fn a_prefix_cookie_routes_by_its_prefix_and_reaches_the_backend_without_it() {
     );
     answer.append("set-cookie", "JSESSIONID=; Max-Age=0".parse().unwrap());
     prefix.apply(&mut answer);
-    let set: Vec<_> = answer.get_all("set-cookie").iter().collect();
+    let set: Vec<String> = answer
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
     assert_eq!(
         set,
         [

@@ -807,9 +807,10 @@ fn a_prefix_cookie_lowers_and_its_mistakes_point_at_their_place() {
     let errs = errors(&text);
     let line = text.lines().position(|l| l.contains("rewrite")).unwrap() + 1;
     assert!(
-        errs.iter().any(|e| e.starts_with(&format!("site.toml:{line}:"))
-            && e.contains("insert")
-            && e.contains("prefix")),
+        errs.iter()
+            .any(|e| e.starts_with(&format!("site.toml:{line}:"))
+                && e.contains("insert")
+                && e.contains("prefix")),
         "{errs:#?}"
     );
 }
