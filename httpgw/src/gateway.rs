@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use balance::{AdminState, BackendId, BackendState, ConnState, Decision, Health, Pool, PoolConfig};
 use http::{HeaderValue, StatusCode, request};
-use natgw::health::{CheckEvent, CheckKind, CheckTargets, HealthConfig};
+use natgw::health::{CheckEvent, CheckKind, CheckTargets, HealthConfig, TlsCheck};
 
 use crate::error::{CommandError, ConfigError};
 use crate::health::{BackendHealth, CheckKey, EjectConfig, Ejection};
@@ -40,8 +40,12 @@ pub struct PoolSpec {
     pub name: String,
     /// Scheduler, backends, weights.
     pub balance: PoolConfig,
-    /// Cookie-insert stickiness, if any.
+    /// Cookie stickiness, if any.
     pub cookie: Option<StickyCookie>,
+    /// HTTPS to the backends (re-encryption), with natgw's HTTPS-check settings: the SNI
+    /// name (else the backend's address is the name verified), whether the certificate must
+    /// verify, the CA file (else the system's roots). `None`: plain HTTP.
+    pub tls: Option<TlsCheck>,
     /// Active health checks of its backends (the L4 services' checker and settings; no
     /// agent, no UDP); `None`: the checks hold every backend up.
     pub health: Option<HealthConfig>,
@@ -199,7 +203,9 @@ fn strip_cookie_prefix(headers: &mut http::HeaderMap, name: &str) -> Option<Stri
 fn split_prefix(value: &str) -> Option<(&str, &str)> {
     let (id, rest) = value.split_once('~')?;
     let well_formed = id.len() == StickyCookie::ID_LEN
-        && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     well_formed.then_some((id, rest))
 }
 
@@ -796,6 +802,8 @@ pub struct Upstream {
     /// Prefix-mode stickiness: the answer's `Set-Cookie` of the application's cookie gets
     /// the backend's id ([`CookiePrefix::apply`]).
     pub cookie_prefix: Option<CookiePrefix>,
+    /// The pool talks HTTPS to its backends with these settings (`None`: HTTP).
+    pub tls: Option<TlsCheck>,
     /// The request asks to switch to this protocol (`Connection: upgrade` and `Upgrade` are
     /// forwarded); a `101` answer makes the connection a tunnel.
     pub upgrade: Option<HeaderValue>,
@@ -1468,6 +1476,7 @@ impl Gateway {
             path_and_query: format!("{path}{query}"),
             set_cookie,
             cookie_prefix,
+            tls: state.spec.tls.clone(),
             upgrade,
             client: *client.ip(),
             local,

@@ -35,6 +35,7 @@ fn pool(name: &str, backends: Vec<BackendConfig>) -> PoolSpec {
             ..PoolConfig::default()
         },
         cookie: None,
+        tls: None,
     }
 }
 
