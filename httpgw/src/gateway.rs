@@ -802,8 +802,9 @@ pub struct Upstream {
     /// Prefix-mode stickiness: the answer's `Set-Cookie` of the application's cookie gets
     /// the backend's id ([`CookiePrefix::apply`]).
     pub cookie_prefix: Option<CookiePrefix>,
-    /// The pool talks HTTPS to its backends with these settings (`None`: HTTP).
-    pub tls: Option<TlsCheck>,
+    /// The pool talks HTTPS to its backends with these settings (`None`: HTTP). Boxed: a
+    /// verdict is moved around per request, and most pools speak HTTP.
+    pub tls: Option<Box<TlsCheck>>,
     /// The request asks to switch to this protocol (`Connection: upgrade` and `Upgrade` are
     /// forwarded); a `101` answer makes the connection a tunnel.
     pub upgrade: Option<HeaderValue>,
@@ -1476,7 +1477,7 @@ impl Gateway {
             path_and_query: format!("{path}{query}"),
             set_cookie,
             cookie_prefix,
-            tls: state.spec.tls.clone(),
+            tls: state.spec.tls.clone().map(Box::new),
             upgrade,
             client: *client.ip(),
             local,
