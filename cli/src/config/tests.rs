@@ -816,6 +816,58 @@ fn a_prefix_cookie_lowers_and_its_mistakes_point_at_their_place() {
 }
 
 #[test]
+fn a_pool_with_tls_lowers_and_its_mistakes_point_at_their_place() {
+    let with = |tls: &str| {
+        HTTP_SITE.replace(
+            "cookie = { name = \"SRV\" }",
+            &format!("cookie = {{ name = \"SRV\" }}\ntls = {tls}"),
+        )
+    };
+    let text = with("{ sni = \"app.internal\" }");
+    let site = parse(Path::new("site.toml"), &text).expect("valid");
+    assert!(site.warnings.is_empty(), "{:?}", site.warnings);
+    assert_eq!(
+        site.http[0].lower().pools[1].tls,
+        Some(natgw::health::TlsCheck {
+            sni: Some("app.internal".into()),
+            verify: true,
+            ca_file: None,
+        })
+    );
+    // verify = false works, warned about at its place.
+    let text = with("{ verify = false }");
+    let line = text.lines().position(|l| l.starts_with("tls =")).unwrap() + 1;
+    let site = parse(Path::new("site.toml"), &text).expect("a warning, not an error");
+    assert_eq!(site.warnings.len(), 1, "{:?}", site.warnings);
+    assert!(
+        site.warnings[0].starts_with(&format!(
+            "site.toml:{line}:18: warning: pool `api`: verify = false"
+        )),
+        "{:?}",
+        site.warnings
+    );
+    let text = with("{ sni = \"not a name\", ca_file = \"/nonexistent/ca.pem\" }");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].starts_with(&format!(
+            "site.toml:{line}:15: sni \"not a name\" must be a DNS name"
+        )),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with(&format!("site.toml:{line}:39: CA file /nonexistent/ca.pem")),
+        "{errs:#?}"
+    );
+    let errs = errors(&with("{ verify = false, ca_file = \"/etc/hostname\" }"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("ca_file is not used with verify = false")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
 fn an_http_route_needs_one_action_and_known_keys() {
     let errs = errors(
         "[[http]]\nname = \"w\"\nlisten = \"127.0.0.1:80\"\n[[http.route]]\nname = \"r\"\n[[http.route]]\nname = \"s\"\npool = \"p\"\nredirect = { location = \"/x\" }\n[[http.route]]\nname = \"t\"\nredirect = { status = 301 }\n[[http.pool]]\nname = \"p\"\n",
