@@ -34,6 +34,11 @@ pub enum ConfigError {
     /// A sticky cookie name that is not a token of at most 64 characters.
     #[error("bad cookie name {0:?} (1 to 64 token characters: letters, digits, !#$%&'*+-.^_`|~)")]
     BadCookieName(String),
+    /// `nocache` asked of a prefix-mode cookie, which the proxy never sets itself.
+    #[error(
+        "cookie {0:?} in prefix mode: nocache applies to insert mode only (the application sets its cookie)"
+    )]
+    NocacheWithPrefix(String),
     /// A header rule naming a field the proxy manages.
     #[error(
         "{0:?} cannot be set or deleted by a rule (hop-by-hop, Upgrade, Host and Content-Length are the proxy's)"

@@ -158,6 +158,7 @@ fn config() -> GatewayConfig {
                     ..PoolConfig::default()
                 },
                 cookie: None,
+                tls: None,
             },
             PoolSpec {
                 health: None,
@@ -170,6 +171,7 @@ fn config() -> GatewayConfig {
                     ..PoolConfig::default()
                 },
                 cookie: None,
+                tls: None,
             },
         ],
         forwarding: Forwarding::default(),

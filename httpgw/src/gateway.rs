@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use balance::{AdminState, BackendId, BackendState, ConnState, Decision, Health, Pool, PoolConfig};
 use http::{HeaderValue, StatusCode, request};
-use natgw::health::{CheckEvent, CheckKind, CheckTargets, HealthConfig};
+use natgw::health::{CheckEvent, CheckKind, CheckTargets, HealthConfig, TlsCheck};
 
 use crate::error::{CommandError, ConfigError};
 use crate::health::{BackendHealth, CheckKey, EjectConfig, Ejection};
@@ -40,8 +40,12 @@ pub struct PoolSpec {
     pub name: String,
     /// Scheduler, backends, weights.
     pub balance: PoolConfig,
-    /// Cookie-insert stickiness, if any.
+    /// Cookie stickiness, if any.
     pub cookie: Option<StickyCookie>,
+    /// HTTPS to the backends (re-encryption), with natgw's HTTPS-check settings: the SNI
+    /// name (else the backend's address is the name verified), whether the certificate must
+    /// verify, the CA file (else the system's roots). `None`: plain HTTP.
+    pub tls: Option<TlsCheck>,
     /// Active health checks of its backends (the L4 services' checker and settings; no
     /// agent, no UDP); `None`: the checks hold every backend up.
     pub health: Option<HealthConfig>,
@@ -60,17 +64,34 @@ impl PoolSpec {
     pub const MAX_RETRIES: u32 = 10;
 }
 
-/// Cookie-insert stickiness (HAProxy `cookie NAME insert indirect [nocache]`): a response
-/// from a backend the request did not name gets `Set-Cookie: NAME=ID` (an opaque id of the
-/// backend); a request carrying it goes to that backend while it can take requests, and the
-/// cookie is removed before the request goes upstream.
+/// Cookie stickiness: a request naming a backend (by an opaque id, see [`StickyCookie::id`])
+/// goes to it while it can take requests; see [`CookieMode`] for where the id travels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StickyCookie {
     /// Cookie name (an RFC 6265 token).
     pub name: String,
     /// Add `Cache-Control: private` to a response that sets the cookie, so that no shared
-    /// cache hands it to other clients.
+    /// cache hands it to other clients (insert mode only: in prefix mode the application
+    /// sets its cookie and decides its caching).
     pub nocache: bool,
+    /// Where the backend's id travels.
+    pub mode: CookieMode,
+}
+
+/// How a [`StickyCookie`] carries the backend's id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CookieMode {
+    /// HAProxy `cookie NAME insert indirect`: the proxy's own cookie `NAME=ID`, set on the
+    /// answer from a backend the request did not name, removed from requests before they go
+    /// upstream (the application never sees it).
+    #[default]
+    Insert,
+    /// HAProxy `cookie NAME prefix`: the application's own cookie (a session id) carries the
+    /// id as a prefix. Its `Set-Cookie: NAME=VALUE` becomes `NAME=ID~VALUE` on the way to the
+    /// client; a request's `NAME=ID~VALUE` is routed by `ID` and reaches the backend as
+    /// `NAME=VALUE`. A value without a well-formed prefix is passed on as it is and routed as
+    /// if there were no cookie.
+    Prefix,
 }
 
 impl StickyCookie {
@@ -87,8 +108,14 @@ impl StickyCookie {
         {
             return Err(ConfigError::BadCookieName(self.name.clone()));
         }
+        if self.mode == CookieMode::Prefix && self.nocache {
+            return Err(ConfigError::NocacheWithPrefix(self.name.clone()));
+        }
         Ok(())
     }
+
+    /// Characters of [`id`](Self::id).
+    pub const ID_LEN: usize = 16;
 
     /// The opaque id a backend is named by in the cookie: 16 hex digits of a 64-bit FNV-1a
     /// hash of its address (stable across reloads and reorderings, not the address itself).
@@ -134,6 +161,96 @@ fn take_cookie(headers: &mut http::HeaderMap, name: &str) -> Option<String> {
         headers.insert(http::header::COOKIE, v);
     }
     Some(value)
+}
+
+/// The prefix naming the backend at `addr` on a prefix-mode pool.
+fn cookie_prefix(cookie: &StickyCookie, addr: SocketAddrV4) -> Option<CookiePrefix> {
+    (cookie.mode == CookieMode::Prefix).then(|| CookiePrefix {
+        name: cookie.name.clone(),
+        id: StickyCookie::id(addr),
+    })
+}
+
+/// In prefix mode, the backend id that prefixes the value of cookie `name` in the request's
+/// `Cookie` fields, whose value is rewritten without its prefix (`ID~VALUE` becomes `VALUE`).
+/// `None`, fields untouched: no such cookie, or its value has no well-formed prefix
+/// ([`StickyCookie::ID_LEN`] lower-case hex digits then `~`). Only the first cookie of that
+/// name is looked at, as [`take_cookie`] does.
+fn strip_cookie_prefix(headers: &mut http::HeaderMap, name: &str) -> Option<String> {
+    let mut found = None;
+    let mut pairs: Vec<String> = Vec::new();
+    for field in headers.get_all(http::header::COOKIE) {
+        let text = field.to_str().ok()?;
+        for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some((n, v)) if n.trim() == name && found.is_none() => {
+                    let (id, value) = split_prefix(v.trim())?;
+                    found = Some(id.to_owned());
+                    pairs.push(format!("{}={value}", n.trim()));
+                }
+                _ => pairs.push(pair.to_owned()),
+            }
+        }
+    }
+    let id = found?;
+    let joined = HeaderValue::from_str(&pairs.join("; ")).ok()?;
+    headers.remove(http::header::COOKIE);
+    headers.insert(http::header::COOKIE, joined);
+    Some(id)
+}
+
+/// `ID~VALUE` as (`ID`, `VALUE`) when `ID` is a well-formed [`StickyCookie::id`].
+fn split_prefix(value: &str) -> Option<(&str, &str)> {
+    let (id, rest) = value.split_once('~')?;
+    let well_formed = id.len() == StickyCookie::ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    well_formed.then_some((id, rest))
+}
+
+/// Prefix-mode stickiness on an answer ([`CookieMode::Prefix`]): the backend's id to put
+/// before the value of every `Set-Cookie` of the pool's cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookiePrefix {
+    /// The application's cookie name.
+    pub name: String,
+    /// [`StickyCookie::id`] of the backend that answers.
+    pub id: String,
+}
+
+impl CookiePrefix {
+    /// Rewrites each `Set-Cookie: NAME=VALUE; attributes` of this cookie to
+    /// `NAME=ID~VALUE; attributes`. Other cookies, an empty value (a deletion) and fields
+    /// that are not text stay as they are.
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        let http::header::Entry::Occupied(mut fields) = headers.entry(http::header::SET_COOKIE)
+        else {
+            return;
+        };
+        for field in fields.iter_mut() {
+            let Ok(text) = field.to_str() else {
+                continue;
+            };
+            let pair_end = text.find(';').unwrap_or(text.len());
+            let Some(eq) = text[..pair_end].find('=') else {
+                continue;
+            };
+            let value = text[eq + 1..pair_end].trim();
+            if text[..eq].trim() != self.name || value.is_empty() {
+                continue;
+            }
+            let rewritten = format!(
+                "{}={}~{}",
+                text[..eq].trim(),
+                self.id,
+                text[eq + 1..].trim_start()
+            );
+            if let Ok(v) = HeaderValue::from_str(&rewritten) {
+                *field = v;
+            }
+        }
+    }
 }
 
 /// Bounds on what a client may send or hold, and how long an upstream may take.
@@ -682,6 +799,12 @@ pub struct Upstream {
     /// `Set-Cookie` value to add to the response (stickiness), and whether to add
     /// `Cache-Control: private` with it.
     pub set_cookie: Option<(HeaderValue, bool)>,
+    /// Prefix-mode stickiness: the answer's `Set-Cookie` of the application's cookie gets
+    /// the backend's id ([`CookiePrefix::apply`]).
+    pub cookie_prefix: Option<CookiePrefix>,
+    /// The pool talks HTTPS to its backends with these settings (`None`: HTTP). Boxed: a
+    /// verdict is moved around per request, and most pools speak HTTP.
+    pub tls: Option<Box<TlsCheck>>,
     /// The request asks to switch to this protocol (`Connection: upgrade` and `Upgrade` are
     /// forwarded); a `101` answer makes the connection a tunnel.
     pub upgrade: Option<HeaderValue>,
@@ -1267,11 +1390,10 @@ impl Gateway {
         state.requests += 1;
         // Stickiness: the backend the cookie names while it can take requests, else the
         // scheduler's pick (a dead backend's clients are re-dispatched and get a new cookie).
-        let named = state
-            .spec
-            .cookie
-            .as_ref()
-            .and_then(|c| take_cookie(&mut head.headers, &c.name));
+        let named = state.spec.cookie.as_ref().and_then(|c| match c.mode {
+            CookieMode::Insert => take_cookie(&mut head.headers, &c.name),
+            CookieMode::Prefix => strip_cookie_prefix(&mut head.headers, &c.name),
+        });
         let stuck = named.as_deref().and_then(|id| {
             state
                 .pool
@@ -1287,11 +1409,17 @@ impl Gateway {
             None => state.pool.schedule(now, client, local),
         };
         let set_cookie = match (&state.spec.cookie, &decision) {
-            (Some(c), Decision::Backend { addr, .. }) if stuck.is_none() => {
+            (Some(c), Decision::Backend { addr, .. })
+                if stuck.is_none() && c.mode == CookieMode::Insert =>
+            {
                 HeaderValue::from_str(&format!("{}={}; Path=/", c.name, StickyCookie::id(*addr)))
                     .ok()
                     .map(|v| (v, c.nocache))
             }
+            _ => None,
+        };
+        let cookie_prefix = match (&state.spec.cookie, &decision) {
+            (Some(c), Decision::Backend { addr, .. }) => cookie_prefix(c, *addr),
             _ => None,
         };
         let (backend, addr) = match decision {
@@ -1348,6 +1476,8 @@ impl Gateway {
             addr,
             path_and_query: format!("{path}{query}"),
             set_cookie,
+            cookie_prefix,
+            tls: state.spec.tls.clone().map(Box::new),
             upgrade,
             client: *client.ip(),
             local,
@@ -1500,11 +1630,21 @@ impl Gateway {
         state.pool.opened(now, next, client);
         state.pool.established(now, next, upstream.client);
         state.counts(next).requests += 1;
-        upstream.set_cookie = state.spec.cookie.as_ref().and_then(|c| {
-            HeaderValue::from_str(&format!("{}={}; Path=/", c.name, StickyCookie::id(addr)))
-                .ok()
-                .map(|v| (v, c.nocache))
-        });
+        upstream.set_cookie = state
+            .spec
+            .cookie
+            .as_ref()
+            .filter(|c| c.mode == CookieMode::Insert)
+            .and_then(|c| {
+                HeaderValue::from_str(&format!("{}={}; Path=/", c.name, StickyCookie::id(addr)))
+                    .ok()
+                    .map(|v| (v, c.nocache))
+            });
+        upstream.cookie_prefix = state
+            .spec
+            .cookie
+            .as_ref()
+            .and_then(|c| cookie_prefix(c, addr));
         upstream.backend = Some(next);
         upstream.addr = addr;
         upstream.tried.push(next);

@@ -44,10 +44,10 @@ mod driver;
 
 pub use error::{CommandError, ConfigError};
 pub use gateway::{
-    Alpn, Answer, AttemptFailure, BackendStatus, CertFiles, Changes, Gateway, GatewayConfig,
-    GatewayStatus, Handshake, Limits, Outcome, PoolSpec, PoolStatus, Reload, ResetBudget, Retried,
-    RouteStatus, StatusClasses, StickyCookie, TlsConfig, TlsSession, TlsStatus, Upstream, Verdict,
-    client_closed,
+    Alpn, Answer, AttemptFailure, BackendStatus, CertFiles, Changes, CookieMode, CookiePrefix,
+    Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome, PoolSpec, PoolStatus,
+    Reload, ResetBudget, Retried, RouteStatus, StatusClasses, StickyCookie, TlsConfig, TlsSession,
+    TlsStatus, Upstream, Verdict, client_closed,
 };
 
 #[cfg(feature = "driver")]

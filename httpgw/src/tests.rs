@@ -35,6 +35,7 @@ fn pool(name: &str, backends: Vec<BackendConfig>) -> PoolSpec {
             ..PoolConfig::default()
         },
         cookie: None,
+        tls: None,
     }
 }
 
@@ -633,6 +634,7 @@ fn a_sticky_cookie_routes_to_its_backend_while_it_is_up() {
     cfg.pools[0].cookie = Some(crate::StickyCookie {
         name: "SRV".into(),
         nocache: true,
+        mode: crate::CookieMode::Insert,
     });
     let mut gw = Gateway::new(&cfg).unwrap();
     let www = |cookie: Option<&str>| {
@@ -679,6 +681,7 @@ fn a_sticky_cookie_routes_to_its_backend_while_it_is_up() {
         cfg.pools[0].cookie = Some(crate::StickyCookie {
             name: bad.into(),
             nocache: false,
+            mode: crate::CookieMode::Insert,
         });
         assert!(matches!(
             Gateway::new(&cfg),
@@ -840,6 +843,169 @@ fn http2_heads_meet_the_http1_bounds() {
     assert!(limits.h2_header_list_size() as usize <= 2 * max + 32 * 104);
 }
 
+fn prefix_mode() -> GatewayConfig {
+    let mut cfg = config();
+    cfg.pools[0].cookie = Some(crate::StickyCookie {
+        name: "JSESSIONID".into(),
+        nocache: false,
+        mode: crate::CookieMode::Prefix,
+    });
+    cfg
+}
+
+#[test]
+fn a_prefix_cookie_routes_by_its_prefix_and_reaches_the_backend_without_it() {
+    let mut gw = Gateway::new(&prefix_mode()).unwrap();
+    let www = |cookie: Option<&str>| {
+        let mut fields = vec![("host", "www.example.com")];
+        if let Some(c) = cookie {
+            fields.push(("cookie", c));
+        }
+        head(&fields, "GET", "/")
+    };
+    // No cookie: the scheduler picks; the proxy sets nothing itself, it prefixes the
+    // application's Set-Cookie with the id of the backend that answered.
+    let first = forwarded(decide(&mut gw, &mut www(None)));
+    assert_eq!(first.set_cookie, None);
+    let id = crate::StickyCookie::id(first.addr);
+    let prefix = first.cookie_prefix.clone().expect("prefix mode");
+    assert_eq!(prefix.id, id);
+    let mut answer = http::HeaderMap::new();
+    answer.append("set-cookie", "other=1; Path=/".parse().unwrap());
+    answer.append(
+        "set-cookie",
+        "JSESSIONID=abc123; Path=/; HttpOnly".parse().unwrap(),
+    );
+    answer.append("set-cookie", "JSESSIONID=; Max-Age=0".parse().unwrap());
+    prefix.apply(&mut answer);
+    let set: Vec<String> = answer
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        set,
+        [
+            "other=1; Path=/".to_owned(),
+            format!("JSESSIONID={id}~abc123; Path=/; HttpOnly"),
+            "JSESSIONID=; Max-Age=0".to_owned(),
+        ]
+    );
+    gw.finish(epoch(), &first, Outcome::Answered(StatusCode::OK));
+    // With it: the same backend every time (rr would alternate), and the backend sees its
+    // own value; the client's other cookies pass unchanged.
+    for _ in 0..5 {
+        let mut h = www(Some(&format!("a=1; JSESSIONID={id}~abc123; b=2")));
+        let up = forwarded(decide(&mut gw, &mut h));
+        assert_eq!(up.addr, first.addr);
+        assert_eq!(h.headers["cookie"], "a=1; JSESSIONID=abc123; b=2");
+        gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+    }
+    // A drained backend's clients are redispatched, the prefix still stripped.
+    gw.set_backend_state("web", first.addr, balance::AdminState::Drain)
+        .unwrap();
+    for _ in 0..3 {
+        let mut h = www(Some(&format!("JSESSIONID={id}~abc123")));
+        let up = forwarded(decide(&mut gw, &mut h));
+        assert_ne!(up.addr, first.addr);
+        assert_eq!(h.headers["cookie"], "JSESSIONID=abc123");
+        assert_eq!(
+            up.cookie_prefix.unwrap().id,
+            crate::StickyCookie::id(up.addr)
+        );
+    }
+}
+
+#[test]
+fn a_malformed_or_unknown_prefix_is_no_cookie() {
+    let mut gw = Gateway::new(&prefix_mode()).unwrap();
+    let sent = |gw: &mut Gateway, cookie: &str| {
+        let mut h = head(
+            &[("host", "www.example.com"), ("cookie", cookie)],
+            "GET",
+            "/",
+        );
+        let up = forwarded(decide(gw, &mut h));
+        gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+        (up.addr, h.headers["cookie"].to_str().unwrap().to_owned())
+    };
+    // Passed on as they are, and balanced as if there were no cookie (rr alternates).
+    for bad in [
+        "JSESSIONID=abc",
+        "JSESSIONID=~abc",
+        "JSESSIONID=0123~abc",
+        "JSESSIONID=0123456789ABCDEF~abc",
+        "JSESSIONID=0123456789abcdeg~abc",
+        "JSESSIONID",
+        "jsessionid=0123456789abcdef~abc",
+    ] {
+        let (a, seen_a) = sent(&mut gw, bad);
+        let (b, _) = sent(&mut gw, bad);
+        assert_ne!(a, b, "{bad}");
+        assert_eq!(seen_a, bad);
+    }
+    // Well-formed but naming no backend: balanced, and the prefix (the proxy's) removed.
+    let (a, seen) = sent(&mut gw, "JSESSIONID=0123456789abcdef~abc; x=1");
+    let (b, _) = sent(&mut gw, "JSESSIONID=0123456789abcdef~abc; x=1");
+    assert_ne!(a, b);
+    assert_eq!(seen, "JSESSIONID=abc; x=1");
+    // Only the first cookie of the name counts, as in insert mode.
+    let id = crate::StickyCookie::id(a);
+    let (to, seen) = sent(&mut gw, &format!("JSESSIONID={id}~v1; JSESSIONID=v2"));
+    assert_eq!(to, a);
+    assert_eq!(seen, "JSESSIONID=v1; JSESSIONID=v2");
+    // nocache means nothing in prefix mode: refused rather than ignored.
+    let mut cfg = prefix_mode();
+    cfg.pools[0].cookie.as_mut().unwrap().nocache = true;
+    assert!(matches!(
+        Gateway::new(&cfg),
+        Err(ConfigError::NocacheWithPrefix(_))
+    ));
+}
+
+#[test]
+fn a_retry_moves_the_prefix_to_the_new_backend() {
+    let mut gw = Gateway::new(&prefix_mode()).unwrap();
+    let dead = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
+    let cookie = format!("JSESSIONID={}~s", crate::StickyCookie::id(dead));
+    let mut h = head(
+        &[("host", "www.example.com"), ("cookie", &cookie)],
+        "GET",
+        "/",
+    );
+    let mut up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!(up.addr, dead);
+    assert!(gw.retry(epoch(), &mut up, AttemptFailure::Unsent).is_some());
+    assert_ne!(up.addr, dead);
+    assert_eq!(up.set_cookie, None);
+    assert_eq!(
+        up.cookie_prefix.unwrap().id,
+        crate::StickyCookie::id(up.addr)
+    );
+}
+
+proptest! {
+    /// Whatever a client sends as cookies, or a backend as Set-Cookie, prefix mode takes it
+    /// without a panic.
+    #[test]
+    fn prefix_mode_takes_any_cookie_field(field in "[ -~]{0,200}") {
+        let mut gw = Gateway::new(&prefix_mode()).unwrap();
+        let Ok(value) = http::HeaderValue::from_str(&field) else {
+            return Ok(());
+        };
+        let mut h = head(&[("host", "www.example.com")], "GET", "/");
+        h.headers.insert("cookie", value);
+        if let Verdict::Forward(up) = decide(&mut gw, &mut h) {
+            gw.finish(epoch(), &up, Outcome::Answered(StatusCode::OK));
+            let mut answer = http::HeaderMap::new();
+            if let Ok(v) = http::HeaderValue::from_str(&field) {
+                answer.insert("set-cookie", v);
+            }
+            up.cookie_prefix.unwrap().apply(&mut answer);
+        }
+    }
+}
+
 #[test]
 fn http2_cookie_fields_are_joined_for_http1() {
     let mut h = h2_head(
@@ -858,6 +1024,7 @@ fn http2_cookie_fields_are_joined_for_http1() {
     cfg.pools[0].cookie = Some(crate::StickyCookie {
         name: "SRV".into(),
         nocache: false,
+        mode: crate::CookieMode::Insert,
     });
     let mut gw = Gateway::new(&cfg).unwrap();
     let first = forwarded(decide(
@@ -1047,6 +1214,7 @@ fn a_sticky_client_whose_backend_is_unreachable_is_redispatched_with_a_new_cooki
     cfg.pools[0].cookie = Some(crate::StickyCookie {
         name: "SRV".into(),
         nocache: false,
+        mode: crate::CookieMode::Insert,
     });
     let mut gw = Gateway::new(&cfg).unwrap();
     let dead = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
@@ -1503,6 +1671,7 @@ mod health {
         cfg.pools[0].cookie = Some(crate::StickyCookie {
             name: "SRV".into(),
             nocache: true,
+            mode: crate::CookieMode::Insert,
         });
         let mut gw = Gateway::new(&cfg).unwrap();
         let targets = gw.check_targets();

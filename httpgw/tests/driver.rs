@@ -74,6 +74,7 @@ fn pool(name: &str, backends: &[SocketAddrV4]) -> PoolSpec {
             ..PoolConfig::default()
         },
         cookie: None,
+        tls: None,
     }
 }
 

@@ -204,6 +204,7 @@ async fn sni_picks_the_certificate_and_the_route() {
             ..PoolConfig::default()
         },
         cookie: None,
+        tls: None,
     };
     let config = GatewayConfig {
         name: "tls".into(),
@@ -335,6 +336,7 @@ async fn hostile_handshakes_are_closed_and_counted() {
                 ..PoolConfig::default()
             },
             cookie: None,
+            tls: None,
         }],
         forwarding: Forwarding::default(),
         limits: Limits {
@@ -466,6 +468,7 @@ fn h2_config(
             ..PoolConfig::default()
         },
         cookie: None,
+        tls: None,
     };
     GatewayConfig {
         name: "h2".into(),
@@ -796,6 +799,206 @@ async fn an_http2_download_longer_than_the_idle_bound_completes_then_the_connect
         .ok();
     assert!(started.elapsed() >= Duration::from_millis(200));
     assert_eq!(gw.status().cancelled, 0);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A CA written to `dir/FILE-ca.pem`, and the server configuration of a backend whose
+/// certificate it signs for `names`.
+fn ca_signed(dir: &Path, file: &str, names: &[&str]) -> (PathBuf, Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_file = dir.join(format!("{file}-ca.pem"));
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
+    .unwrap();
+    (ca_file, Arc::new(server))
+}
+
+/// A backend serving HTTPS with `server`: answers `NAME sni=SNI`, counts requests and TCP
+/// connections.
+async fn tls_backend(
+    name: &'static str,
+    server: Arc<rustls::ServerConfig>,
+) -> (SocketAddrV4, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+    let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let (hits, connections) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (counted, accepted) = (Arc::clone(&hits), Arc::clone(&connections));
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, hits) = (acceptor.clone(), Arc::clone(&counted));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
+                let svc = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let text = format!("{name} sni={sni}");
+                    async move {
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits, connections)
+}
+
+/// One keep-alive connection to the gateway: GET `path` `n` times; the answers' texts.
+async fn plain_gets(gw: &HttpGateway, path: &str, n: usize) -> Vec<String> {
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (reader, mut writer) = tcp.into_split();
+    let mut reader = tokio::io::BufReader::new(reader);
+    let mut answers = Vec::new();
+    for _ in 0..n {
+        writer
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut head = String::new();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut line)
+                .await
+                .unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).await.unwrap();
+        answers.push(format!("{}{}", head, String::from_utf8_lossy(&body)));
+    }
+    answers
+}
+
+#[tokio::test]
+async fn a_pool_with_tls_talks_https_to_its_backends_and_verifies_them() {
+    let dir = std::env::temp_dir().join(format!("httpgw-upstream-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, server) = ca_signed(&dir, "good", &["app.internal", "127.0.0.1"]);
+    let (other_ca, _) = ca_signed(&dir, "other", &["app.internal"]);
+    let (good_addr, good_hits, good_conns) = tls_backend("good", server).await;
+    let pool = |name: &str, tls: natgw::health::TlsCheck| PoolSpec {
+        health: None,
+        eject: None,
+        retries: 0,
+        name: name.into(),
+        balance: PoolConfig {
+            scheduler: SchedulerKind::Rr,
+            backends: vec![BackendConfig::new(good_addr, 1)],
+            ..PoolConfig::default()
+        },
+        cookie: None,
+        tls: Some(tls),
+    };
+    let path_route = |name: &str, path: &str, pool| Route {
+        name: name.into(),
+        when: Match {
+            paths: vec![httpgw::route::PathPattern::exact(path).unwrap()],
+            ..Match::default()
+        },
+        action: Action::Forward {
+            pool,
+            strip_prefix: None,
+        },
+        rewrite: HeaderRules::default(),
+    };
+    let check = |sni: Option<&str>, verify, ca_file: &Path| natgw::health::TlsCheck {
+        sni: sni.map(str::to_owned),
+        verify,
+        ca_file: Some(ca_file.to_owned()),
+    };
+    let config = GatewayConfig {
+        name: "reencrypt".into(),
+        listen: SocketAddrV4::new(LOCAL, 0),
+        routes: vec![
+            path_route("byname", "/byname", 0),
+            path_route("byaddr", "/byaddr", 1),
+            path_route("bad", "/bad", 2),
+            path_route("insecure", "/insecure", 3),
+        ],
+        pools: vec![
+            pool("byname", check(Some("app.internal"), true, &ca)),
+            pool("byaddr", check(None, true, &ca)),
+            pool("bad", check(Some("app.internal"), true, &other_ca)),
+            pool(
+                "insecure",
+                natgw::health::TlsCheck {
+                    sni: None,
+                    verify: false,
+                    ca_file: None,
+                },
+            ),
+        ],
+        forwarding: Forwarding::default(),
+        limits: Limits::default(),
+        access_log: false,
+        tls: None,
+    };
+    let gw = HttpGateway::start(&config).await.unwrap();
+    // Verified by name (sent as SNI), five requests over one pooled HTTPS connection.
+    let answers = plain_gets(&gw, "/byname", 5).await;
+    for a in &answers {
+        assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+        assert!(a.ends_with("good sni=app.internal"), "{a}");
+    }
+    assert_eq!(good_hits.load(Ordering::SeqCst), 5);
+    assert_eq!(good_conns.load(Ordering::SeqCst), 1);
+    // Verified by address: no SNI, the certificate lists 127.0.0.1.
+    let a = plain_gets(&gw, "/byaddr", 1).await.remove(0);
+    assert!(a.ends_with("good sni=-"), "{a}");
+    // Not verified: reached.
+    let a = plain_gets(&gw, "/insecure", 1).await.remove(0);
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    // Another CA: 502, nothing sent, counted as the backend's failure.
+    let hits = good_hits.load(Ordering::SeqCst);
+    let a = plain_gets(&gw, "/bad", 1).await.remove(0);
+    assert!(a.starts_with("HTTP/1.1 502"), "{a}");
+    assert_eq!(good_hits.load(Ordering::SeqCst), hits);
+    let status = gw.status();
+    let bad = status.pools.iter().find(|p| p.name == "bad").unwrap();
+    assert_eq!(bad.backends[0].failures, 1, "{bad:?}");
+    // A CA file that cannot be read refuses the start.
+    let mut broken = config.clone();
+    broken.pools[0].tls.as_mut().unwrap().ca_file = Some(dir.join("missing.pem"));
+    assert!(matches!(
+        HttpGateway::start(&broken).await,
+        Err(httpgw::StartError::UpstreamTls { .. })
+    ));
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

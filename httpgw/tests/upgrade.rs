@@ -90,6 +90,7 @@ async fn gateway(tunnel_timeout: Duration) -> (HttpGateway, Arc<Mutex<Vec<String
                 ..PoolConfig::default()
             },
             cookie: None,
+            tls: None,
         }],
         forwarding: Forwarding::default(),
         limits: Limits {

@@ -65,6 +65,36 @@ pub(crate) struct HttpPoolSection {
     /// (HAProxy `retries` + `option redispatch`); 0 to 10, default 3.
     #[serde(default)]
     pub(crate) retries: Option<Spanned<u32>>,
+    /// HTTPS to the backends (HAProxy `server ... ssl verify required sni str(NAME) ca-file F`).
+    #[serde(default)]
+    pub(crate) tls: Option<Spanned<UpstreamTlsSection>>,
+}
+
+/// `tls = { sni = "app.internal", verify = true, ca_file = "/etc/vipgate/backend-ca.pem" }`
+/// on a pool: the keys and meanings of an HTTPS health check's.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamTlsSection {
+    /// Name sent as SNI and verified; without it the certificate must name the backend's
+    /// address (an IP SAN).
+    #[serde(default)]
+    pub(crate) sni: Option<Spanned<String>>,
+    /// Whether the certificate must verify. Default true; false is warned about.
+    #[serde(default)]
+    pub(crate) verify: Option<Spanned<bool>>,
+    /// PEM file of the CAs to trust instead of the system's.
+    #[serde(default)]
+    pub(crate) ca_file: Option<Spanned<PathBuf>>,
+}
+
+impl UpstreamTlsSection {
+    fn lower(&self) -> natgw::health::TlsCheck {
+        natgw::health::TlsCheck {
+            sni: self.sni.as_ref().map(|s| s.get_ref().clone()),
+            verify: self.verify.as_ref().is_none_or(|v| *v.get_ref()),
+            ca_file: self.ca_file.as_ref().map(|c| c.get_ref().clone()),
+        }
+    }
 }
 
 /// `eject = { consecutive_errors = 5, duration = "30s" }`.
@@ -87,18 +117,29 @@ fn d_eject_duration() -> Spanned<HumanDuration> {
     Spanned::new(0..0, HumanDuration(Duration::from_secs(30)))
 }
 
-/// `cookie = { name = "SRV", nocache = true }`.
+/// `cookie = { name = "SRV", nocache = true }` or
+/// `cookie = { name = "JSESSIONID", mode = "prefix" }`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CookieSection {
     pub(crate) name: Spanned<String>,
-    /// `Cache-Control: private` on responses that set it. Default true.
-    #[serde(default = "d_true")]
-    pub(crate) nocache: bool,
+    /// `insert` (default: the proxy's own cookie) or `prefix` (the application's cookie
+    /// carries the backend's id).
+    #[serde(default)]
+    pub(crate) mode: CookieModeSection,
+    /// `Cache-Control: private` on responses that set it. Default true in insert mode;
+    /// refused in prefix mode, where the proxy sets no cookie of its own.
+    #[serde(default)]
+    pub(crate) nocache: Option<Spanned<bool>>,
 }
 
-fn d_true() -> bool {
-    true
+/// `mode` of a `cookie`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum CookieModeSection {
+    #[default]
+    Insert,
+    Prefix,
 }
 
 fn d_scheduler() -> SchedulerKind {
@@ -286,12 +327,22 @@ impl HttpSection {
                     }
                 }
                 let cookie = p.cookie.as_ref().map(|c| {
+                    let mode = match c.mode {
+                        CookieModeSection::Insert => httpgw::CookieMode::Insert,
+                        CookieModeSection::Prefix => httpgw::CookieMode::Prefix,
+                    };
+                    let nocache = c.nocache.as_ref().map(|n| *n.get_ref());
                     let sticky = httpgw::StickyCookie {
                         name: c.name.get_ref().clone(),
-                        nocache: c.nocache,
+                        nocache: nocache.unwrap_or(mode == httpgw::CookieMode::Insert),
+                        mode,
                     };
-                    if let Err(e) = sticky.validate() {
-                        error(c.name.span(), e.to_string());
+                    match (&c.nocache, sticky.validate()) {
+                        (Some(n), Err(e @ httpgw::ConfigError::NocacheWithPrefix(_))) => {
+                            error(n.span(), e.to_string());
+                        }
+                        (_, Err(e)) => error(c.name.span(), e.to_string()),
+                        (_, Ok(())) => {}
                     }
                     sticky
                 });
@@ -338,6 +389,7 @@ impl HttpSection {
                 PoolSpec {
                     name: p.name.get_ref().clone(),
                     cookie,
+                    tls: p.tls.as_ref().map(|t| t.get_ref().lower()),
                     retries,
                     health: p.health.as_ref().map(super::lower::health),
                     eject,
@@ -795,6 +847,9 @@ pub(crate) fn validate_all(sections: &[HttpSection], v: &mut Validator) {
             if let Some(h) = &p.health {
                 validate_pool_health(p, h, v);
             }
+            if let Some(tls) = &p.tls {
+                validate_upstream_tls(p, tls, v);
+            }
         }
         if s.route.is_empty() {
             v.error_at(
@@ -809,6 +864,48 @@ pub(crate) fn validate_all(sections: &[HttpSection], v: &mut Validator) {
         if let Some(tls) = &s.tls {
             check_certs(&tls.get_ref().certs, v);
         }
+    }
+}
+
+/// A pool's `tls` must be usable as the gateway will set it up: a DNS name for SNI, a CA
+/// file that reads, no CA file where nothing is verified; `verify = false` works but is
+/// warned about (anyone on the path to the backends can read and change the traffic).
+fn validate_upstream_tls(
+    p: &HttpPoolSection,
+    tls: &Spanned<UpstreamTlsSection>,
+    v: &mut Validator,
+) {
+    let t = tls.get_ref();
+    if let Some(sni) = &t.sni
+        && !natgw::health::tls::valid_sni(sni.get_ref())
+    {
+        v.error_at(
+            sni,
+            format!(
+                "sni {:?} must be a DNS name (leave it out to verify the backend's address)",
+                sni.get_ref()
+            ),
+        );
+    }
+    let unverified = t.verify.as_ref().filter(|v| !*v.get_ref());
+    match (&t.ca_file, unverified) {
+        (Some(ca), Some(_)) => v.error_at(
+            ca,
+            "ca_file is not used with verify = false: drop one of them",
+        ),
+        (Some(ca), None) => {
+            if let Err(e) = natgw::health::tls::load_ca_file(ca.get_ref()) {
+                v.error_at(ca, e.to_string());
+            }
+        }
+        (None, Some(off)) => v.warn_at(
+            off,
+            format!(
+                "pool `{}`: verify = false accepts any certificate from its backends (the traffic is encrypted, not authenticated): give ca_file instead",
+                p.name.get_ref()
+            ),
+        ),
+        (None, None) => {}
     }
 }
 

@@ -693,7 +693,8 @@ fn an_http_section_lowers_to_the_gateway_config() {
         gw.pools[1].cookie,
         Some(httpgw::StickyCookie {
             name: "SRV".into(),
-            nocache: true
+            nocache: true,
+            mode: httpgw::CookieMode::Insert,
         })
     );
     assert_eq!(gw.limits.max_body_bytes, 1000);
@@ -768,6 +769,102 @@ fn http_mistakes_point_at_their_place() {
         "duplicate backend",
     );
     assert_eq!(errs.len(), 12, "{errs:#?}");
+}
+
+#[test]
+fn a_prefix_cookie_lowers_and_its_mistakes_point_at_their_place() {
+    let prefix = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"JSESSIONID\", mode = \"prefix\" }",
+    );
+    let site = parse(Path::new("site.toml"), &prefix).expect("valid");
+    let gw = site.http[0].lower();
+    assert_eq!(
+        gw.pools[1].cookie,
+        Some(httpgw::StickyCookie {
+            name: "JSESSIONID".into(),
+            nocache: false,
+            mode: httpgw::CookieMode::Prefix,
+        })
+    );
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+    let text = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"JSESSIONID\", mode = \"prefix\", nocache = true }",
+    );
+    let errs = errors(&text);
+    let line = text.lines().position(|l| l.contains("JSESSIONID")).unwrap() + 1;
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with(&format!("site.toml:{line}:60: "))
+            && errs[0].contains("nocache applies to insert mode only"),
+        "{errs:#?}"
+    );
+    let text = HTTP_SITE.replace(
+        "cookie = { name = \"SRV\" }",
+        "cookie = { name = \"SRV\", mode = \"rewrite\" }",
+    );
+    let errs = errors(&text);
+    let line = text.lines().position(|l| l.contains("rewrite")).unwrap() + 1;
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with(&format!("site.toml:{line}:"))
+                && e.contains("insert")
+                && e.contains("prefix")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn a_pool_with_tls_lowers_and_its_mistakes_point_at_their_place() {
+    let with = |tls: &str| {
+        HTTP_SITE.replace(
+            "cookie = { name = \"SRV\" }",
+            &format!("cookie = {{ name = \"SRV\" }}\ntls = {tls}"),
+        )
+    };
+    let text = with("{ sni = \"app.internal\" }");
+    let site = parse(Path::new("site.toml"), &text).expect("valid");
+    assert!(site.warnings.is_empty(), "{:?}", site.warnings);
+    assert_eq!(
+        site.http[0].lower().pools[1].tls,
+        Some(natgw::health::TlsCheck {
+            sni: Some("app.internal".into()),
+            verify: true,
+            ca_file: None,
+        })
+    );
+    // verify = false works, warned about at its place.
+    let text = with("{ verify = false }");
+    let line = text.lines().position(|l| l.starts_with("tls =")).unwrap() + 1;
+    let site = parse(Path::new("site.toml"), &text).expect("a warning, not an error");
+    assert_eq!(site.warnings.len(), 1, "{:?}", site.warnings);
+    assert!(
+        site.warnings[0].starts_with(&format!(
+            "site.toml:{line}:18: warning: pool `api`: verify = false"
+        )),
+        "{:?}",
+        site.warnings
+    );
+    let text = with("{ sni = \"not a name\", ca_file = \"/nonexistent/ca.pem\" }");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].starts_with(&format!(
+            "site.toml:{line}:15: sni \"not a name\" must be a DNS name"
+        )),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with(&format!("site.toml:{line}:39: CA file /nonexistent/ca.pem")),
+        "{errs:#?}"
+    );
+    let errs = errors(&with("{ verify = false, ca_file = \"/etc/hostname\" }"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("ca_file is not used with verify = false")),
+        "{errs:#?}"
+    );
 }
 
 #[test]

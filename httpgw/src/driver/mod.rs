@@ -24,7 +24,9 @@
 
 mod stream;
 pub mod tls;
+mod upstream_tls;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd as _;
@@ -53,6 +55,9 @@ use tokio_rustls::TlsAcceptor;
 use natgw::health::probe::run_checker;
 use natgw::health::{CheckEvent, CheckTargets};
 use tokio::sync::mpsc;
+use upstream_tls::TlsUpstream;
+
+use natgw::health::TlsCheck;
 
 use crate::health::{CheckKey, Ejection};
 use crate::hygiene::{self, Refusal};
@@ -81,6 +86,14 @@ pub enum StartError {
     /// A certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A pool's `tls` to its backends cannot be set up (its CA file, the system's roots).
+    #[error("pool {pool}: tls: {source}")]
+    UpstreamTls {
+        /// The pool.
+        pool: String,
+        /// Why.
+        source: natgw::health::tls::TlsSetupError,
+    },
 }
 
 #[allow(clippy::disallowed_methods)] // the driver's one clock read
@@ -96,6 +109,9 @@ struct Shared {
     limits: Limits,
     access_log: bool,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// The HTTPS clients of the pools with `tls`, the listener's: a connection accepted
+    /// before a reload reaches the pools that reload made HTTPS.
+    tls_clients: Arc<Mutex<TlsClients>>,
     connections: Arc<AtomicU64>,
     /// TLS termination.
     tls: Option<Tls>,
@@ -123,17 +139,61 @@ impl Tls {
     }
 }
 
-/// The pooled HTTP/1.1 client to the backends. It sends a request again by itself only when
-/// the pooled connection it took turned out closed before any byte of the request was
-/// written (hyper's `retry_canceled_requests`); every other retry is the gateway's decision.
-fn upstream_client(limits: &Limits) -> Client<HttpConnector, Full<Bytes>> {
+fn http_connector(limits: &Limits) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(limits.connect_timeout));
+    connector
+}
+
+/// A pooled HTTP/1.1 client to the backends over `connector`. It sends a request again by
+/// itself only when the pooled connection it took turned out closed before any byte of the
+/// request was written (hyper's `retry_canceled_requests`); every other retry is the
+/// gateway's decision.
+fn pooled<C>(limits: &Limits, connector: C) -> Client<C, Full<Bytes>>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(limits.upstream_idle)
         .pool_timer(TokioTimer::new())
         .build(connector)
+}
+
+/// The plain HTTP client to the backends.
+fn upstream_client(limits: &Limits) -> Client<HttpConnector, Full<Bytes>> {
+    pooled(limits, http_connector(limits))
+}
+
+/// HTTPS clients to the backends, one per distinct TLS setting.
+type TlsClients = HashMap<TlsCheck, Client<TlsUpstream, Full<Bytes>>>;
+
+/// The HTTPS client for one setting; its TLS handshake is bounded by `connect_timeout` as the
+/// TCP connection is.
+fn tls_client(
+    limits: &Limits,
+    check: &TlsCheck,
+) -> Result<Client<TlsUpstream, Full<Bytes>>, natgw::health::tls::TlsSetupError> {
+    let connector = TlsUpstream::new(http_connector(limits), check, limits.connect_timeout)?;
+    Ok(pooled(limits, connector))
+}
+
+/// Every pool's HTTPS client, each CA file read now.
+fn tls_clients(config: &GatewayConfig) -> Result<TlsClients, StartError> {
+    let mut clients = TlsClients::new();
+    for pool in &config.pools {
+        let Some(check) = &pool.tls else { continue };
+        if clients.contains_key(check) {
+            continue;
+        }
+        let client =
+            tls_client(&config.limits, check).map_err(|source| StartError::UpstreamTls {
+                pool: pool.name.clone(),
+                source,
+            })?;
+        clients.insert(check.clone(), client);
+    }
+    Ok(clients)
 }
 
 /// What [`HttpGateway::reconfigure`] changed; its `Display` is the log line's.
@@ -192,7 +252,7 @@ pub struct HttpGateway {
 }
 
 /// Per pool name, whether it has a live backend (a pool a reload added gets its channel then).
-type PoolsLive = Arc<Mutex<std::collections::HashMap<String, watch::Sender<bool>>>>;
+type PoolsLive = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
 
 /// Publishes each pool's liveness to whoever follows it.
 fn publish_live(gateway: &Gateway, live: &PoolsLive) {
@@ -292,6 +352,7 @@ impl HttpGateway {
         let gateway = Gateway::new(config)?;
         let (stop, stopped) = watch::channel(false);
         let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+        let tls_clients = Arc::new(Mutex::new(tls_clients(config)?));
         let listener = bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -309,6 +370,7 @@ impl HttpGateway {
             limits: config.limits,
             access_log: config.access_log,
             client: upstream_client(&config.limits),
+            tls_clients,
             connections: Arc::new(AtomicU64::new(0)),
             tls,
             stopping: stopped.clone(),
@@ -380,6 +442,9 @@ impl HttpGateway {
     pub fn reconfigure(&self, config: &GatewayConfig) -> Result<LiveReload, StartError> {
         let current = Arc::clone(&self.current.borrow());
         let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+        // Read again as certificates are: a rewritten CA file applies; the pooled HTTPS
+        // connections are opened anew.
+        let upstream_tls = tls_clients(config)?;
         let routing = {
             let mut gateway = current.gateway();
             let routing = gateway.reconfigure(config)?;
@@ -387,6 +452,10 @@ impl HttpGateway {
             publish_live(&gateway, &self.live);
             routing
         };
+        *current
+            .tls_clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = upstream_tls;
         let certificates = match (&current.tls, &tls) {
             (Some(old), Some(new)) => new
                 .leaves
@@ -414,6 +483,7 @@ impl HttpGateway {
             limits: config.limits,
             access_log: config.access_log,
             client,
+            tls_clients: Arc::clone(&current.tls_clients),
             connections: Arc::clone(&current.connections),
             tls,
             stopping: current.stopping.clone(),
@@ -1217,6 +1287,41 @@ fn copy_head(head: &http::request::Parts) -> http::request::Parts {
     copy.into_parts().0
 }
 
+/// The HTTPS client of a TLS setting. A request decided before a reload and retried after it
+/// may name a setting the reload dropped: its client is built then (reading its CA file).
+fn https_client(shared: &Shared, check: &TlsCheck) -> Option<Client<TlsUpstream, Full<Bytes>>> {
+    let mut clients = shared
+        .tls_clients
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(client) = clients.get(check) {
+        return Some(client.clone());
+    }
+    match tls_client(&shared.limits, check) {
+        Ok(client) => {
+            clients.insert(check.clone(), client.clone());
+            Some(client)
+        }
+        Err(e) => {
+            tracing::warn!("upstream TLS: {e}");
+            None
+        }
+    }
+}
+
+/// An error and its causes, `: `-separated (hyper-util's own text is only "client error
+/// (Connect)").
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Whether an upstream error is the backend closing the connection before any byte of an
 /// answer (after the request was written: hyper's "connection closed before message
 /// completed").
@@ -1316,7 +1421,8 @@ async fn answer(
     let mut head = Some(head);
     let (outcome, response) = loop {
         flight.upstream = Some(up.clone());
-        let uri = format!("http://{}{}", up.addr, up.path_and_query).parse();
+        let scheme = if up.tls.is_some() { "https" } else { "http" };
+        let uri = format!("{scheme}://{}{}", up.addr, up.path_and_query).parse();
         let parts = match &head {
             Some(h) if up.may_retry() => Some(copy_head(h)),
             _ => head.take(),
@@ -1328,16 +1434,30 @@ async fn answer(
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let upstream = Request::from_parts(parts, Full::new(body.clone()));
+        let request = match &up.tls {
+            None => shared.client.request(upstream),
+            Some(check) => {
+                let Some(client) = https_client(shared, check) else {
+                    shared.gateway().finish(now(), &up, Outcome::Broken);
+                    return Some(text(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream TLS unusable",
+                        false,
+                    ));
+                };
+                client.request(upstream)
+            }
+        };
         let sent = tokio::select! {
-            sent = tokio::time::timeout(
-                shared.limits.upstream_timeout,
-                shared.client.request(upstream),
-            ) => sent,
+            sent = tokio::time::timeout(shared.limits.upstream_timeout, request) => sent,
             () = conn.client_gone() => return None,
         };
         let (outcome, response, failure) = match sent {
             Err(_) => (Outcome::TimedOut, None, None),
-            Ok(Err(e)) if e.is_connect() => (Outcome::Refused, None, Some(AttemptFailure::Unsent)),
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::debug!(backend = %up.addr, "upstream: {}", causes(&e));
+                (Outcome::Refused, None, Some(AttemptFailure::Unsent))
+            }
             Ok(Err(e)) => {
                 tracing::debug!(backend = %up.addr, "upstream: {e}");
                 let closed =
@@ -1399,6 +1519,10 @@ async fn answer(
         Some(res) => {
             let (mut parts, body) = res.into_parts();
             hygiene::remove_hop_by_hop(&mut parts.headers);
+            // Before the route's rules, so that a Set-Cookie a rule writes stays as written.
+            if let Some(prefix) = &up.cookie_prefix {
+                prefix.apply(&mut parts.headers);
+            }
             shared
                 .gateway()
                 .rewrite_response(up.route, &mut parts.headers);

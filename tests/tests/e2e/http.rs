@@ -16,8 +16,10 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 const GATEWAY: &str = "198.51.100.11";
 
 /// A backend on http.server's handler: `NAME PATH xff=XFF proto=PROTO cookie=COOKIE sha256=HEX`
-/// for any GET or POST (after SECONDS for a path `/slow?SECONDS`),
-/// and one line per request (`METHOD PATH`) in the log file.
+/// (over TLS with the certificate and key files argv[5] and argv[6] when given)
+/// for any GET or POST (after SECONDS for a path `/slow?SECONDS`; with
+/// `Set-Cookie: JSESSIONID=NAME-session; Path=/; HttpOnly` for `/login`, as an application
+/// starting a session), and one line per request (`METHOD PATH`) in the log file.
 const BACKEND_PY: &str = r#"
 import hashlib, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +38,8 @@ class Handler(BaseHTTPRequestHandler):
         cookie = self.headers.get("Cookie", "")
         text = f"{name} {self.path} xff={xff} proto={proto} cookie={cookie} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
         self.send_response(200)
+        if self.path == "/login":
+            self.send_header("Set-Cookie", f"JSESSIONID={name}-session; Path=/; HttpOnly")
         self.send_header("Content-Length", str(len(text)))
         self.end_headers()
         self.wfile.write(text)
@@ -44,7 +48,13 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 ThreadingHTTPServer.request_queue_size = 256
-ThreadingHTTPServer((addr, port), Handler).serve_forever()
+server = ThreadingHTTPServer((addr, port), Handler)
+if len(sys.argv) > 6:
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[5], sys.argv[6])
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
 
 /// Sends argv[3] (with `\r\n` written as `\\r\\n`) raw to argv[1]:argv[2] and prints what
@@ -1651,4 +1661,234 @@ fn a_sticky_client_of_a_dead_backend_gets_a_new_one() {
         counter(&json[0], &["pools", "0", "requests"]),
         "{json}"
     );
+}
+
+/// HAProxy's `cookie JSESSIONID prefix`: the application's session cookie carries the
+/// backend's id on the client's side only. 100 requests with the jar stay on the backend that
+/// started the session, which always sees its own unprefixed value; when it dies, its clients
+/// are redispatched (the prefix still removed).
+#[test]
+fn a_prefix_cookie_keeps_a_session_on_its_backend_unseen_by_it() {
+    let site = one_pool_site(
+        r#"cookie = { name = "JSESSIONID", mode = "prefix" }"#,
+        &["10.0.0.101:8000", "10.0.0.102:8000"],
+    );
+    let mut lab = Lab::with_site(e2e!(), &site, 80);
+    let jar = lab.t.dir().join("jar.txt").display().to_string();
+    let url = format!("http://{GATEWAY}/");
+    let head = lab.curl(&format!("-D - -c {jar} {url}login"));
+    let started = head
+        .lines()
+        .last()
+        .and_then(|body| body.split_whitespace().next())
+        .unwrap_or("-")
+        .to_owned();
+    assert!(started == "rs1" || started == "rs2", "{head}");
+    // The client gets ID~VALUE: the application's value behind an opaque id, no address.
+    let set = head
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: jsessionid=")
+        })
+        .unwrap_or_else(|| panic!("no JSESSIONID set: {head}"));
+    let value = set["set-cookie: jsessionid=".len()..]
+        .split(';')
+        .next()
+        .unwrap_or("");
+    let (id, own) = value.split_once('~').unwrap_or_else(|| panic!("{set}"));
+    assert_eq!(id.len(), 16, "{set}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{set}");
+    assert_eq!(own, format!("{started}-session"), "{set}");
+    assert!(set.contains("; Path=/; HttpOnly"), "{set}");
+    assert!(!head.contains("10.0.0."), "{head}");
+    let expected = format!(" cookie=JSESSIONID={started}-session ");
+    for i in 0..100 {
+        let body = lab.curl(&format!("-b {jar} {url}"));
+        assert!(
+            body.starts_with(&format!("{started} / ")) && body.contains(&expected),
+            "request {i}: {body}"
+        );
+    }
+    // Without the cookie: round robin spreads them.
+    let without: Vec<String> = (0..6)
+        .map(|_| lab.curl(&url))
+        .map(|body| body.split_whitespace().next().unwrap_or("-").to_owned())
+        .collect();
+    assert!(without.iter().any(|b| b == "rs1"), "{without:?}");
+    assert!(without.iter().any(|b| b == "rs2"), "{without:?}");
+    // Its backend dies: redispatched to the other one, which gets the unprefixed value.
+    let (dead, other) = if started == "rs1" {
+        (0, "rs2")
+    } else {
+        (1, "rs1")
+    };
+    lab.backends[dead].kill9();
+    for _ in 0..5 {
+        let body = lab.curl(&format!("-b {jar} {url}"));
+        assert!(
+            body.starts_with(&format!("{other} / ")) && body.contains(&expected),
+            "{body}"
+        );
+    }
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    assert_eq!(
+        counter(&json[0], &["pools", "0", "responses", "success"]),
+        counter(&json[0], &["pools", "0", "requests"]),
+        "{json}"
+    );
+}
+
+/// A CA (`CA.pem`, made once per name) and a certificate it signs for `name` with the
+/// subjectAltName `san`: (CA file, cert file, key file), by openssl in the test directory.
+fn openssl_ca_signed(t: &Topology, ca: &str, name: &str, san: &str) -> (String, String, String) {
+    let dir = t.dir().display().to_string();
+    let (ca_cert, ca_key) = (format!("{dir}/{ca}.pem"), format!("{dir}/{ca}.key"));
+    let (cert, key) = (format!("{dir}/{name}.pem"), format!("{dir}/{name}.key"));
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "set -e; [ -e {ca_cert} ] || openssl req -x509 -newkey ec \
+             -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN={ca} -keyout {ca_key} \
+             -out {ca_cert} 2>&1; \
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN={name} \
+             -keyout {key} -out {dir}/{name}.csr 2>&1; \
+             printf 'subjectAltName={san}\\n' > {dir}/{name}.ext; \
+             openssl x509 -req -in {dir}/{name}.csr -CA {ca_cert} -CAkey {ca_key} \
+             -CAcreateserial -days 2 -extfile {dir}/{name}.ext -out {cert} 2>&1; chmod 600 {key}"
+        ))
+        .output()
+        .expect("running openssl");
+    assert!(made.status.success(), "openssl: {made:?}");
+    (ca_cert, cert, key)
+}
+
+/// Re-encryption: pools with `tls` talk HTTPS to backends serving their CA's certificates
+/// (verified by SNI name, or by the backend's address without one); a backend whose
+/// certificate does not chain to the pool's CA is never sent the request: 502, counted as
+/// its failure; `verify = false` reaches it and is warned about by `vipgate check`.
+#[test]
+fn pools_with_tls_talk_https_to_their_backends_and_verify_them() {
+    let t = e2e!();
+    let (ca, rs1_cert, rs1_key) = openssl_ca_signed(&t, "backend-ca", "rs1", "DNS:app.internal");
+    let (_, rs2_cert, rs2_key) =
+        openssl_ca_signed(&t, "backend-ca", "rs2", "DNS:app.internal,IP:10.0.0.102");
+    let (other_ca, _, _) = openssl_ca_signed(&t, "other-ca", "unused", "DNS:unused");
+    let site = format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+
+[[http.route]]
+name = "bad"
+path = ["/bad"]
+pool = "bad"
+
+[[http.route]]
+name = "insecure"
+path = ["/insecure"]
+pool = "insecure"
+
+[[http.route]]
+name = "byaddr"
+path = ["/byaddr"]
+pool = "byaddr"
+
+[[http.route]]
+name = "default"
+pool = "app"
+
+[[http.pool]]
+name = "app"
+tls = {{ sni = "app.internal", ca_file = "{ca}" }}
+backends = [{{ address = "10.0.0.101:8443" }}, {{ address = "10.0.0.102:8443" }}]
+
+[[http.pool]]
+name = "byaddr"
+tls = {{ ca_file = "{ca}" }}
+backends = [{{ address = "10.0.0.102:8443" }}]
+
+[[http.pool]]
+name = "bad"
+retries = 0
+tls = {{ sni = "app.internal", ca_file = "{other_ca}" }}
+backends = [{{ address = "10.0.0.101:8443" }}]
+
+[[http.pool]]
+name = "insecure"
+tls = {{ verify = false }}
+backends = [{{ address = "10.0.0.101:8443" }}]
+"#
+    );
+    let lab = Lab::with_site(t, &site, 80);
+    let backend = lab.t.dir().join("backend.py").display().to_string();
+    let mut tls_backends = Vec::new();
+    for (rs, addr, cert, key) in [
+        ("rs1", "10.0.0.101", &rs1_cert, &rs1_key),
+        ("rs2", "10.0.0.102", &rs2_cert, &rs2_key),
+    ] {
+        let log = lab
+            .t
+            .dir()
+            .join(format!("{rs}-tls.log"))
+            .display()
+            .to_string();
+        tls_backends.push(lab.t.spawn(
+            rs,
+            &format!("{rs}-tls"),
+            &["python3", &backend, rs, addr, "8443", &log, cert, key],
+        ));
+        lab.t.wait_tcp(rs, addr, 8443, Duration::from_secs(30));
+    }
+    // Verified by name, both backends, their answers over the pooled HTTPS connections.
+    let names: Vec<String> = (0..10)
+        .map(|_| lab.curl(&format!("http://{GATEWAY}/hello")))
+        .map(|body| {
+            assert!(body.contains(" /hello "), "{body}");
+            body.split_whitespace().next().unwrap_or("-").to_owned()
+        })
+        .collect();
+    assert!(names.iter().any(|n| n == "rs1"), "{names:?}");
+    assert!(names.iter().any(|n| n == "rs2"), "{names:?}");
+    // Verified by address (no SNI): rs2's certificate lists 10.0.0.102.
+    let body = lab.curl(&format!("http://{GATEWAY}/byaddr"));
+    assert!(body.starts_with("rs2 /byaddr "), "{body}");
+    // Not verified: reached anyway.
+    let body = lab.curl(&format!("http://{GATEWAY}/insecure"));
+    assert!(body.starts_with("rs1 /insecure "), "{body}");
+    // Another CA's certificate: 502, the request never sent, counted as the backend's failure.
+    let seen_before = std::fs::read_to_string(lab.t.dir().join("rs1-tls.log")).unwrap_or_default();
+    for _ in 0..3 {
+        let status = lab.curl(&format!(
+            "-o /dev/null -w %{{http_code}} http://{GATEWAY}/bad"
+        ));
+        assert_eq!(status, "502");
+    }
+    let seen_after = std::fs::read_to_string(lab.t.dir().join("rs1-tls.log")).unwrap_or_default();
+    assert!(!seen_after[seen_before.len().min(seen_after.len())..].contains("/bad"));
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    let pools = json[0]["pools"].as_array().expect("pools");
+    let bad = pools.iter().find(|p| p["name"] == "bad").expect("pool bad");
+    assert_eq!(bad["backends"][0]["failures"], 3, "{bad}");
+    assert_eq!(bad["responses"]["server_error"], 3, "{bad}");
+    let app = pools.iter().find(|p| p["name"] == "app").expect("pool app");
+    assert_eq!(app["responses"]["success"], 10, "{app}");
+    // `vipgate check` accepts the file and warns about verify = false at its place.
+    let checked = lab.t.vipgate_output(
+        "dir",
+        &[
+            "check",
+            "-c",
+            lab.t.dir().join("director.toml").to_str().unwrap_or(""),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&checked.stderr).into_owned()
+        + &String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: pool `insecure`: verify = false"),
+        "{stderr}"
+    );
+    drop(tls_backends);
 }
