@@ -10,6 +10,7 @@
 mod fast_path;
 mod icmp;
 mod listeners;
+mod published;
 mod services;
 mod stats;
 mod sync;
@@ -35,6 +36,7 @@ use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
 pub use fast_path::{FastPathActivity, FastPathFlow};
 pub use listeners::Listener;
+pub use published::PublishedListener;
 pub use services::OnePacketSchedule;
 pub use stats::GatewayStats;
 pub use sync::AdoptedFlow;
