@@ -1639,3 +1639,101 @@ fn listener_and_table_pressure_withdraw_the_forward() {
     assert_eq!(g.table().half_open(), 0);
     assert_eq!(g.published_listeners(), vec![]);
 }
+
+/// The report of a SYN another data path executed for the forward of `config()`.
+fn opened_web(syn: &[u8]) -> OpenedSyn<'_> {
+    OpenedSyn {
+        client: src(syn),
+        public: SocketAddrV4::new(PUBLIC, 8001),
+        inside: SocketAddrV4::new(WEB, 80),
+        tcp_header: &syn[20..],
+    }
+}
+
+#[test]
+fn a_syn_opened_elsewhere_is_adopted_as_if_it_had_crossed_the_core() {
+    let now = epoch();
+    let permit_web = AclRule {
+        proto: Some(Proto::Tcp),
+        dst_ports: Some(8001..=8001),
+        ..AclRule::any(AclAction::Permit)
+    };
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            // The second rule lets the inside answer (an ACL denies inside traffic no rule
+            // permits).
+            acl: vec![permit_web, AclRule::any(AclAction::Permit)],
+            ..config()
+        },
+    )
+    .unwrap();
+    assert_eq!(g.published_listeners(), vec![published_web(Some(0))]);
+    let syn = tcp(SRV2, 1000, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert!(g.adopt_opened_syn(now, &opened_web(&syn)));
+    let s = g.stats();
+    assert_eq!(
+        (
+            s.flows_opened_by_data_path,
+            s.flows_created,
+            s.translated_in
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(g.table().half_open(), 1, "half-open, as after its SYN");
+    assert_eq!(
+        g.acl_rules().map(|(_, hits)| hits).collect::<Vec<_>>(),
+        vec![1, 0],
+        "the permit counted its hit"
+    );
+    // The handshake continues on the slow path as if the SYN had crossed the core.
+    let mut sa = tcp(WEB, 80, SRV2, 1000, TcpFlags::SYN_ACK, b"");
+    assert_eq!(out(&mut g, now, &mut sa), Verdict::Forward);
+    assert_eq!(src(&sa), SocketAddrV4::new(PUBLIC, 8001));
+    let mut ack = tcp(SRV2, 1000, PUBLIC, 8001, TcpFlags::ACK, b"");
+    assert_eq!(inb(&mut g, now, &mut ack), Verdict::Forward);
+    assert_eq!(g.table().half_open(), 0);
+    // Reported again (a retransmitted record): the core's flow, not a second one.
+    assert!(g.adopt_opened_syn(now, &opened_web(&syn)));
+    assert_eq!(g.stats().flows_created, 1);
+}
+
+#[test]
+fn an_opening_the_core_would_not_make_is_refused() {
+    let now = epoch();
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            max_half_open_per_source: 1,
+            ..config()
+        },
+    )
+    .unwrap();
+    let first = tcp(SRV2, 1000, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert!(g.adopt_opened_syn(now, &opened_web(&first)));
+    // Opened elsewhere before the withdrawal reached the data path: the source's bound.
+    let second = tcp(SRV2, 1001, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert!(!g.adopt_opened_syn(now, &opened_web(&second)));
+    // A report that does not describe the core's translation, or no SYN at all.
+    let third = tcp(SRV, 1002, PUBLIC, 8001, TcpFlags::SYN, b"");
+    let elsewhere = OpenedSyn {
+        inside: SocketAddrV4::new(WEB, 8080),
+        ..opened_web(&third)
+    };
+    assert!(!g.adopt_opened_syn(now, &elsewhere));
+    let short = OpenedSyn {
+        tcp_header: &third[20..30],
+        ..opened_web(&third)
+    };
+    assert!(!g.adopt_opened_syn(now, &short));
+    let wrong_port = OpenedSyn {
+        public: SocketAddrV4::new(PUBLIC, 8002),
+        ..opened_web(&third)
+    };
+    assert!(!g.adopt_opened_syn(now, &wrong_port));
+    let s = g.stats();
+    assert_eq!(
+        (s.flows_opened_by_data_path, s.data_path_opens_refused),
+        (1, 4)
+    );
+}
