@@ -517,8 +517,12 @@ INLINE int open_published(struct __sk_buff *skb, struct iphdr *ip, const struct 
 	struct opened *rec = bpf_ringbuf_reserve(&kpath_opened, sizeof(*rec), 0);
 	if (!rec)
 		return slow(CNT_SYN_RING_FULL);
-	// The header as it arrived, before the rewrite below. The compiler knows the bounds
-	// checked above and could drop what the verifier needs: restate them on a fresh value.
+	// Zeroed first (constant offsets: the daemon's verifier, without CAP_PERFMON, allows no
+	// variable ones into ring memory), so no stale ring bytes past the header reach
+	// userspace. Then the header as it arrived, before the rewrite below. The compiler
+	// knows the bounds checked above and could drop what the verifier needs: restate them
+	// on a fresh value.
+	__builtin_memset(rec->tcp, 0, TCP_HDR_MAX);
 	__u32 len = tcp_len;
 	asm volatile("" : "+r"(len));
 	if (len < 20 || len > TCP_HDR_MAX ||
@@ -568,10 +572,6 @@ INLINE int open_published(struct __sk_buff *skb, struct iphdr *ip, const struct 
 	rec->tcp_len = len;
 	rec->listener = pub.listener;
 	rec->generation = pub.generation;
-	// The unused tail is zeroed, so no stale ring bytes reach userspace.
-	for (__u32 i = 20; i < TCP_HDR_MAX; i++)
-		if (i >= len)
-			rec->tcp[i] = 0;
 	bpf_ringbuf_submit(rec, 0);
 
 	__u16 old_ttl_word = *(__u16 *)&ip->ttl;

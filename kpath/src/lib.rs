@@ -129,9 +129,6 @@ pub enum KpathError {
     /// The number of possible CPUs (the per-CPU counters' width) is unknown.
     #[error("reading the possible CPUs: {0}")]
     PossibleCpus(std::io::Error),
-    /// The ring buffer's descriptor could not be duplicated.
-    #[error("duplicating the opened-flows ring descriptor: {0}")]
-    OpenedFd(std::io::Error),
     /// More published listeners than the program's map holds ([`MAX_PUBLISHED_LISTENERS`]).
     #[error("{0} published listeners, the program holds {max}", max = MAX_PUBLISHED_LISTENERS)]
     PublishedCount(usize),

@@ -821,19 +821,6 @@ impl KernelPath {
         Ok(())
     }
 
-    /// A descriptor of the ring buffer of opened flows (a duplicate, owned by the caller):
-    /// readable (epoll) when the program has reported a flow since the reader caught up.
-    ///
-    /// # Errors
-    /// The descriptor cannot be duplicated.
-    pub fn opened_fd(&self) -> Result<std::os::fd::OwnedFd, KpathError> {
-        use std::os::fd::AsFd as _;
-        self.opened
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(KpathError::OpenedFd)
-    }
-
     /// Drains up to `max` records of flows the program opened, oldest first. A record
     /// whose size or header length is not the program's (a stale object) is skipped.
     pub fn take_opened(&mut self, max: usize) -> Vec<OpenedFlow> {
