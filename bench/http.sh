@@ -81,6 +81,24 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
 chmod 600 "$TMP/tls.key"
 cat "$TMP/tls.pem" "$TMP/tls.key" > "$TMP/haproxy-tls.pem"
 
+# The routes and pools both listeners share: /big to the file server, the rest to both.
+routes_and_pools='[[http.route]]
+name = "big"
+path_prefix = ["/big"]
+pool = "files"
+
+[[http.route]]
+name = "all"
+pool = "reals"
+
+[[http.pool]]
+name = "reals"
+backends = [{ address = "10.0.0.101:80" }, { address = "10.0.0.102:80" }]
+
+[[http.pool]]
+name = "files"
+backends = [{ address = "10.0.0.101:8080" }]'
+
 cat > "$TMP/vipgate.toml" <<CFG
 [daemon]
 control = "$TMP/vipgate.sock"
@@ -89,44 +107,14 @@ control = "$TMP/vipgate.sock"
 name = "bench"
 listen = "$GW:80"
 
-[[http.route]]
-name = "big"
-path_prefix = ["/big"]
-pool = "files"
-
-[[http.route]]
-name = "all"
-pool = "reals"
-
-[[http.pool]]
-name = "reals"
-backends = [{ address = "10.0.0.101:80" }, { address = "10.0.0.102:80" }]
-
-[[http.pool]]
-name = "files"
-backends = [{ address = "10.0.0.101:8080" }]
+$routes_and_pools
 
 [[http]]
 name = "bench-tls"
 listen = "$GW:443"
 tls = { alpn = ["http/1.1"], certs = [{ cert_file = "$TMP/tls.pem", key_file = "$TMP/tls.key" }] }
 
-[[http.route]]
-name = "big"
-path_prefix = ["/big"]
-pool = "files"
-
-[[http.route]]
-name = "all"
-pool = "reals"
-
-[[http.pool]]
-name = "reals"
-backends = [{ address = "10.0.0.101:80" }, { address = "10.0.0.102:80" }]
-
-[[http.pool]]
-name = "files"
-backends = [{ address = "10.0.0.101:8080" }]
+$routes_and_pools
 CFG
 
 cat > "$TMP/haproxy-http.cfg" <<CFG

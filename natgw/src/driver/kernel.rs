@@ -1023,47 +1023,53 @@ pub(super) const OPENED_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The adoption task: every [`OPENED_POLL_INTERVAL`] hands the flows the program opened to
 /// the core (a sync round does too), so that the core's bounds and the publication follow
-/// the program's openings within one interval.
+/// the program's openings within one interval. Ends with `stop` or when the program is gone.
 pub(super) async fn opened_loop(
     kernel: Arc<Mutex<KernelDatapath>>,
     gw: Arc<Mutex<Gateway>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), super::DriverError> {
-    let mut tick = tokio::time::interval(OPENED_POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return Ok(()),
-        }
-        if *stop.borrow() {
-            return Ok(());
-        }
+    every(OPENED_POLL_INTERVAL, stop, || {
         let mut kernel = lock_unpoisoned(&kernel);
         if kernel.kp.is_none() {
-            return Ok(());
+            return false;
         }
         kernel.adopt_opened(&gw);
-    }
+        true
+    })
+    .await
 }
 
 /// The sync task: a round every [`SYNC_INTERVAL`] until `stop`.
 pub(super) async fn sync_loop(
     kernel: Arc<Mutex<KernelDatapath>>,
     gw: Arc<Mutex<Gateway>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), super::DriverError> {
-    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    every(SYNC_INTERVAL, stop, || {
+        lock_unpoisoned(&kernel).sync(&gw);
+        true
+    })
+    .await
+}
+
+/// Runs `round` every `interval` (a late tick delays the next ones rather than bunching
+/// them) until `stop` turns true or `round` answers `false`.
+async fn every(
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    mut round: impl FnMut() -> bool,
+) -> Result<(), super::DriverError> {
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return Ok(()),
         }
-        if *stop.borrow() {
+        if *stop.borrow() || !round() {
             return Ok(());
         }
-        lock_unpoisoned(&kernel).sync(&gw);
     }
 }
 
