@@ -147,14 +147,7 @@ sync_ready() {
 
 vd_setup() {
   pat_pair_lan
-  x srv nft -f - <<EOF
-table inet sink {
-  chain in {
-    type filter hook input priority 0;
-    udp dport 20000-59999 drop
-  }
-}
-EOF
+  pat_pair_sink
   bench_cc flowgen
   gw_conf g1 150 10.9.0.1 10.9.0.2
   gw_conf g2 100 10.9.0.2 10.9.0.1

@@ -289,14 +289,7 @@ backup_holds() {
 cost_run() {
   local mode=$1 rate=$2 tck t0 t1 c0 c1 b0 b1 sent held flows
   pair_up "$mode" || return 1
-  x srv nft -f - <<EOF
-table inet sink {
-  chain in {
-    type filter hook input priority 0;
-    udp dport 20000-59999 drop
-  }
-}
-EOF
+  pat_pair_sink
   tck=$(getconf CLK_TCK)
   c0=$(cpu_ticks "${DAEMON[g1]}")
   b0=$(link_bytes)

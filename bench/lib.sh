@@ -212,6 +212,19 @@ pat_pair_lan() {
   forwarding "$P-g2"
 }
 
+# pat_pair_sink: srv drops the datagrams of tools/flowgen.c (UDP ports 20000-59999) unanswered,
+# so each is one new flow through the pair and nothing more.
+pat_pair_sink() {
+  x srv nft -f - <<EOF
+table inet sink {
+  chain in {
+    type filter hook input priority 0;
+    udp dport 20000-59999 drop
+  }
+}
+EOF
+}
+
 # pat_pair_sync ME PEER KEY_FILE: the [sync] section of the gateway at ME (its sync address)
 # syncing with PEER under the key in KEY_FILE, following the outside VRRP instance.
 pat_pair_sync() {
