@@ -138,29 +138,49 @@ impl StickyCookie {
 /// The value of cookie `name` in the request's `Cookie` fields, and the fields with that
 /// cookie removed (`None`: no such cookie, fields untouched).
 fn take_cookie(headers: &mut http::HeaderMap, name: &str) -> Option<String> {
-    let mut found = None;
+    rewrite_cookie(headers, name, true, |value| Some((value.to_owned(), None)))
+}
+
+/// The one walk over a request's `Cookie` fields that both cookie modes use. The first pair
+/// named `name` goes to `first`, which gives the outcome and the value to put in its place
+/// (`None`: the pair is dropped), or `None` to leave the fields untouched; later pairs of that
+/// name are dropped with `drop_repeats`, kept otherwise. The fields are rewritten as one
+/// (removed when nothing is left). `None`, fields untouched: no such pair, a field that is not
+/// text, or `first` declined.
+fn rewrite_cookie<R>(
+    headers: &mut http::HeaderMap,
+    name: &str,
+    drop_repeats: bool,
+    first: impl FnOnce(&str) -> Option<(R, Option<String>)>,
+) -> Option<R> {
+    let mut first = Some(first);
+    let mut outcome = None;
     let mut kept: Vec<String> = Vec::new();
     for field in headers.get_all(http::header::COOKIE) {
-        let Ok(text) = field.to_str() else {
-            return None;
-        };
+        let text = field.to_str().ok()?;
         for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some((n, v)) if n.trim() == name => {
-                    found.get_or_insert_with(|| v.trim().to_owned());
+                Some((n, v)) if n.trim() == name && (outcome.is_none() || drop_repeats) => {
+                    if let Some(decide) = first.take() {
+                        let (r, replacement) = decide(v.trim())?;
+                        if let Some(value) = replacement {
+                            kept.push(format!("{}={value}", n.trim()));
+                        }
+                        outcome = Some(r);
+                    }
                 }
                 _ => kept.push(pair.to_owned()),
             }
         }
     }
-    let value = found?;
+    let outcome = outcome?;
     headers.remove(http::header::COOKIE);
     if !kept.is_empty()
         && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
     {
         headers.insert(http::header::COOKIE, v);
     }
-    Some(value)
+    Some(outcome)
 }
 
 /// The prefix naming the backend at `addr` on a prefix-mode pool.
@@ -177,26 +197,9 @@ fn cookie_prefix(cookie: &StickyCookie, addr: SocketAddrV4) -> Option<CookiePref
 /// ([`StickyCookie::ID_LEN`] lower-case hex digits then `~`). Only the first cookie of that
 /// name is looked at, as [`take_cookie`] does.
 fn strip_cookie_prefix(headers: &mut http::HeaderMap, name: &str) -> Option<String> {
-    let mut found = None;
-    let mut pairs: Vec<String> = Vec::new();
-    for field in headers.get_all(http::header::COOKIE) {
-        let text = field.to_str().ok()?;
-        for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some((n, v)) if n.trim() == name && found.is_none() => {
-                    let (id, value) = split_prefix(v.trim())?;
-                    found = Some(id.to_owned());
-                    pairs.push(format!("{}={value}", n.trim()));
-                }
-                _ => pairs.push(pair.to_owned()),
-            }
-        }
-    }
-    let id = found?;
-    let joined = HeaderValue::from_str(&pairs.join("; ")).ok()?;
-    headers.remove(http::header::COOKIE);
-    headers.insert(http::header::COOKIE, joined);
-    Some(id)
+    rewrite_cookie(headers, name, false, |value| {
+        split_prefix(value).map(|(id, rest)| (id.to_owned(), Some(rest.to_owned())))
+    })
 }
 
 /// `ID~VALUE` as (`ID`, `VALUE`) when `ID` is a well-formed [`StickyCookie::id`].
