@@ -151,6 +151,7 @@ fn config() -> GatewayConfig {
                 health: None,
                 eject: None,
                 retries: PoolSpec::DEFAULT_RETRIES,
+                proxy_protocol: false,
                 name: "web".into(),
                 balance: PoolConfig {
                     scheduler: SchedulerKind::Wrr,
@@ -164,6 +165,7 @@ fn config() -> GatewayConfig {
                 health: None,
                 eject: None,
                 retries: PoolSpec::DEFAULT_RETRIES,
+                proxy_protocol: false,
                 name: "api".into(),
                 balance: PoolConfig {
                     scheduler: SchedulerKind::Rr,

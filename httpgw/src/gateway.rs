@@ -55,6 +55,10 @@ pub struct PoolSpec {
     /// could not be reached (HAProxy `retries` + `option redispatch`, nginx
     /// `proxy_next_upstream error timeout`); see [`Gateway::retry`]. 0 turns retries off.
     pub retries: u32,
+    /// Each connection to a backend starts with a PROXY protocol v2 header naming the client
+    /// and the address it connected to (HAProxy `send-proxy-v2`). Such a connection belongs
+    /// to one client connection: it is never given to another client's requests.
+    pub proxy_protocol: bool,
 }
 
 impl PoolSpec {
@@ -811,6 +815,12 @@ pub struct Upstream {
     /// The request asks to switch to this protocol (`Connection: upgrade` and `Upgrade` are
     /// forwarded); a `101` answer makes the connection a tunnel.
     pub upgrade: Option<HeaderValue>,
+    /// Send the backend a PROXY protocol v2 header first, on a connection of this client
+    /// connection's own ([`PoolSpec::proxy_protocol`]).
+    pub proxy_protocol: bool,
+    /// The `Via` entry to add to the answer (the listener's `via`; backends answer HTTP/1.1).
+    /// Boxed as `tls` is: most listeners add none.
+    pub via: Option<Box<HeaderValue>>,
     client: Ipv4Addr,
     /// The address the client connected to (what `dh` and `lblc` schedule by).
     local: Ipv4Addr,
@@ -1454,6 +1464,7 @@ impl Gateway {
             checked.authority.as_ref(),
             if tls.is_some() { "https" } else { "http" },
             &self.forwarding,
+            head.version,
         );
         if let Some(protocol) = &upgrade {
             head.headers.insert(
@@ -1482,6 +1493,11 @@ impl Gateway {
             cookie_prefix,
             tls: state.spec.tls.clone().map(Box::new),
             upgrade,
+            proxy_protocol: state.spec.proxy_protocol,
+            via: self
+                .forwarding
+                .via_entry(http::Version::HTTP_11)
+                .map(Box::new),
             client: *client.ip(),
             local,
             retries_left,

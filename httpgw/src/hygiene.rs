@@ -225,12 +225,41 @@ pub struct Forwarding {
     /// Clients whose own `X-Forwarded-*` fields are believed: their `X-Forwarded-For` is
     /// appended to and their `-Proto`/`-Host` kept. Everyone else's are replaced.
     pub trusted_proxies: Vec<IpNet>,
+    /// The pseudonym this gateway adds to `Via` (RFC 9110 7.6.3) on each request it forwards
+    /// and each answer it passes back, after the protocol version it received the message
+    /// with (`Via: 1.1 gw1`); `None`: no `Via` (HAProxy's and nginx's default).
+    pub via: Option<String>,
 }
 
 impl Forwarding {
     fn trusts(&self, client: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|n| n.contains(&client))
     }
+
+    /// The `Via` entry for a message received with `version`, if `via` is set.
+    #[must_use]
+    pub fn via_entry(&self, version: Version) -> Option<HeaderValue> {
+        let name = self.via.as_deref()?;
+        let received = match version {
+            Version::HTTP_09 => "0.9",
+            Version::HTTP_10 => "1.0",
+            Version::HTTP_2 => "2",
+            Version::HTTP_3 => "3",
+            _ => "1.1",
+        };
+        HeaderValue::from_str(&format!("{received} {name}")).ok()
+    }
+}
+
+/// Whether `name` may be a `Via` pseudonym: an RFC 9110 token of at most 64 bytes (a
+/// `received-by` that is not a host and port, so it reveals nothing of the network).
+#[must_use]
+pub fn valid_via_pseudonym(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -293,8 +322,12 @@ pub fn prepare_upstream(
     authority: Option<&HeaderValue>,
     proto: &'static str,
     forwarding: &Forwarding,
+    version: Version,
 ) {
     remove_hop_by_hop(headers);
+    if let Some(via) = forwarding.via_entry(version) {
+        headers.append(header::VIA, via);
+    }
     headers.remove(header::CONTENT_LENGTH);
     if let Some(a) = authority
         && !headers.contains_key(header::HOST)

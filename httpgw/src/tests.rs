@@ -28,6 +28,7 @@ fn pool(name: &str, backends: Vec<BackendConfig>) -> PoolSpec {
         health: None,
         eject: None,
         retries: PoolSpec::DEFAULT_RETRIES,
+        proxy_protocol: false,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,
@@ -106,6 +107,7 @@ fn config() -> GatewayConfig {
         ],
         forwarding: Forwarding {
             trusted_proxies: vec!["203.0.113.0/24".parse().unwrap()],
+            via: None,
         },
         limits: Limits::default(),
         access_log: false,
@@ -293,6 +295,48 @@ fn ambiguous_or_bad_heads_are_refused() {
     let mut h = head(&[], "GET", "/");
     h.version = http::Version::HTTP_10;
     assert_eq!(hygiene::check(&h).unwrap().host, "");
+}
+
+/// `via` adds the version the request came with and the pseudonym after any `Via` the client
+/// sent; the answer's entry is always HTTP/1.1's (the backends'); no `via`, no entry.
+#[test]
+fn via_is_appended_with_the_received_version() {
+    let mut cfg = config();
+    cfg.forwarding.via = Some("gw1".into());
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let mut h = head(
+        &[("host", "www.example.com"), ("via", "1.0 fred")],
+        "GET",
+        "/",
+    );
+    let up = forwarded(decide(&mut gw, &mut h));
+    let via: Vec<&str> = h
+        .headers
+        .get_all("via")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(via, ["1.0 fred", "1.1 gw1"]);
+    assert_eq!(
+        up.via.as_deref().map(http::HeaderValue::as_bytes),
+        Some(&b"1.1 gw1"[..])
+    );
+    let mut h2 = head(&[("host", "www.example.com")], "GET", "/");
+    h2.version = http::Version::HTTP_2;
+    forwarded(decide(&mut gw, &mut h2));
+    assert_eq!(h2.headers["via"], "2 gw1");
+
+    let mut plain = Gateway::new(&config()).unwrap();
+    let mut h = head(&[("host", "www.example.com")], "GET", "/");
+    let up = forwarded(decide(&mut plain, &mut h));
+    assert!(!h.headers.contains_key("via") && up.via.is_none());
+
+    for good in ["gw1", "edge-1.example", "a~b"] {
+        assert!(hygiene::valid_via_pseudonym(good), "{good}");
+    }
+    for bad in ["", "gw 1", "gw,1", "gw\r\n", &"x".repeat(65)] {
+        assert!(!hygiene::valid_via_pseudonym(bad), "{bad:?}");
+    }
 }
 
 #[test]

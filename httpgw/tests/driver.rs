@@ -67,6 +67,7 @@ fn pool(name: &str, backends: &[SocketAddrV4]) -> PoolSpec {
         health: None,
         eject: None,
         retries: PoolSpec::DEFAULT_RETRIES,
+        proxy_protocol: false,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,

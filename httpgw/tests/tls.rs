@@ -197,6 +197,7 @@ async fn sni_picks_the_certificate_and_the_route() {
         health: None,
         eject: None,
         retries: PoolSpec::DEFAULT_RETRIES,
+        proxy_protocol: false,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,
@@ -329,6 +330,7 @@ async fn hostile_handshakes_are_closed_and_counted() {
             health: None,
             eject: None,
             retries: PoolSpec::DEFAULT_RETRIES,
+            proxy_protocol: false,
             name: "web".into(),
             balance: PoolConfig {
                 scheduler: SchedulerKind::Rr,
@@ -461,6 +463,7 @@ fn h2_config(
         health: None,
         eject: None,
         retries: PoolSpec::DEFAULT_RETRIES,
+        proxy_protocol: false,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,
@@ -916,6 +919,7 @@ async fn a_pool_with_tls_talks_https_to_its_backends_and_verifies_them() {
         health: None,
         eject: None,
         retries: 0,
+        proxy_protocol: false,
         name: name.into(),
         balance: PoolConfig {
             scheduler: SchedulerKind::Rr,

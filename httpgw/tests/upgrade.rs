@@ -83,6 +83,7 @@ async fn gateway(tunnel_timeout: Duration) -> (HttpGateway, Arc<Mutex<Vec<String
             health: None,
             eject: None,
             retries: PoolSpec::DEFAULT_RETRIES,
+            proxy_protocol: false,
             name: "echo".into(),
             balance: PoolConfig {
                 scheduler: SchedulerKind::Rr,

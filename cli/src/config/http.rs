@@ -68,6 +68,10 @@ pub(crate) struct HttpPoolSection {
     /// HTTPS to the backends (HAProxy `server ... ssl verify required sni str(NAME) ca-file F`).
     #[serde(default)]
     pub(crate) tls: Option<Spanned<UpstreamTlsSection>>,
+    /// `"v2"`: each connection to a backend starts with a PROXY protocol v2 header (HAProxy
+    /// `server ... send-proxy-v2`, nginx `proxy_protocol on`).
+    #[serde(default)]
+    pub(crate) proxy_protocol: Option<Spanned<String>>,
 }
 
 /// `tls = { sni = "app.internal", verify = true, ca_file = "/etc/vipgate/backend-ca.pem" }`
@@ -247,6 +251,9 @@ pub(crate) struct HttpSection {
     /// `option forwardfor if-none` / nginx's `set_real_ip_from`); everyone else's are replaced.
     #[serde(default)]
     pub(crate) trusted_proxies: Vec<Spanned<IpNet>>,
+    /// Pseudonym added to `Via` on requests and answers (`via = "gw1"`: `Via: 1.1 gw1`).
+    #[serde(default)]
+    pub(crate) via: Option<Spanned<String>>,
     /// Log a line per request at info level (debug otherwise).
     #[serde(default)]
     pub(crate) access_log: bool,
@@ -303,6 +310,17 @@ impl HttpSection {
     /// The gateway's config, reporting every problem to `error` (span, message).
     pub(crate) fn build(&self, error: &mut dyn FnMut(Range<usize>, String)) -> GatewayConfig {
         let name = self.name.get_ref();
+        if let Some(via) = &self.via
+            && !httpgw::hygiene::valid_via_pseudonym(via.get_ref())
+        {
+            error(
+                via.span(),
+                format!(
+                    "via {:?}: a pseudonym is 1 to 64 token characters (letters, digits, `-._~!#$%&'*+^|`)",
+                    via.get_ref()
+                ),
+            );
+        }
         let pool_names: Vec<&str> = self
             .pool
             .iter()
@@ -386,8 +404,25 @@ impl HttpSection {
                     in_range(n, 0, u64::from(PoolSpec::MAX_RETRIES), "retries", error);
                     retries = *n.get_ref();
                 }
+                if let Some(v) = &p.proxy_protocol {
+                    if v.get_ref() != "v2" {
+                        error(
+                            v.span(),
+                            format!(
+                                "proxy_protocol {:?}: the one version sent is \"v2\"",
+                                v.get_ref()
+                            ),
+                        );
+                    } else if let Some(tls) = &p.tls {
+                        error(
+                            tls.span(),
+                            "`tls` and `proxy_protocol` on one pool are not supported yet".into(),
+                        );
+                    }
+                }
                 PoolSpec {
                     name: p.name.get_ref().clone(),
+                    proxy_protocol: p.proxy_protocol.is_some(),
                     cookie,
                     tls: p.tls.as_ref().map(|t| t.get_ref().lower()),
                     retries,
@@ -538,6 +573,7 @@ impl HttpSection {
             pools,
             forwarding: Forwarding {
                 trusted_proxies: self.trusted_proxies.iter().map(|n| *n.get_ref()).collect(),
+                via: self.via.as_ref().map(|v| v.get_ref().clone()),
             },
             limits,
             access_log: self.access_log,

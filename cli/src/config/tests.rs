@@ -1220,6 +1220,75 @@ fn http_retries_and_connect_timeout_are_read_and_checked_with_their_position() {
     assert_eq!(errs.len(), 2, "{errs:#?}");
 }
 
+/// `via` (per listener, a token pseudonym) and `proxy_protocol = "v2"` (per pool, not with
+/// `tls`) are read, and their mistakes pointed at.
+#[test]
+fn http_via_and_proxy_protocol_are_read_and_checked_with_their_position() {
+    let gw = parse(Path::new("site.toml"), HTTP_SITE)
+        .expect("valid")
+        .http[0]
+        .lower();
+    assert_eq!(gw.forwarding.via, None);
+    assert!(gw.pools.iter().all(|p| !p.proxy_protocol));
+
+    let set = HTTP_SITE
+        .replace(
+            "drain_timeout = \"30s\"",
+            "drain_timeout = \"30s\"\nvia = \"gw1\"",
+        )
+        .replace(
+            "scheduler = \"wrr\"",
+            "scheduler = \"wrr\"\nproxy_protocol = \"v2\"",
+        );
+    let gw = parse(Path::new("site.toml"), &set).expect("valid").http[0].lower();
+    assert_eq!(gw.forwarding.via.as_deref(), Some("gw1"));
+    assert_eq!(
+        gw.pools
+            .iter()
+            .map(|p| p.proxy_protocol)
+            .collect::<Vec<_>>(),
+        [true, false]
+    );
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+
+    let bad = HTTP_SITE
+        .replace(
+            "drain_timeout = \"30s\"",
+            "drain_timeout = \"30s\"\nvia = \"gw 1\"",
+        )
+        .replace(
+            "scheduler = \"wrr\"",
+            "scheduler = \"wrr\"\nproxy_protocol = \"v1\"",
+        )
+        .replace(
+            "backends = [{ address = \"10.0.0.3:8080\" }]",
+            "backends = [{ address = \"10.0.0.3:8080\" }]\nproxy_protocol = \"v2\"\ntls = { verify = false }",
+        );
+    let errs = errors(&bad);
+    let line = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let expected = [
+        format!(
+            "site.toml:{}:7: via \"gw 1\": a pseudonym is",
+            line("via = ")
+        ),
+        format!(
+            "site.toml:{}:18: proxy_protocol \"v1\": the one version sent is \"v2\"",
+            line("proxy_protocol = \"v1\"")
+        ),
+        format!(
+            "site.toml:{}:7: `tls` and `proxy_protocol` on one pool are not supported yet",
+            line("tls = { verify")
+        ),
+    ];
+    for e in &expected {
+        assert!(
+            errs.iter().any(|got| got.starts_with(e.as_str())),
+            "{e} not in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+}
+
 /// VRRP `track_services` names an HTTP pool as `listener/pool`, checked like a service name.
 #[test]
 fn track_services_names_an_http_pool_as_listener_slash_pool() {

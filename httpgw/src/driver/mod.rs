@@ -22,6 +22,7 @@
 //! `GOAWAY`), a busy HTTP/1.1 connection answers its request with `Connection: close` and
 //! closes, and whatever is still open after `drain_timeout` is cut.
 
+mod proxied;
 mod stream;
 pub mod tls;
 mod upstream_tls;
@@ -65,6 +66,7 @@ use crate::{
     Answer, AttemptFailure, Gateway, GatewayConfig, GatewayStatus, Handshake, Limits, Outcome,
     Reload, ResetBudget, TlsSession, Upstream, Verdict, client_closed,
 };
+use proxied::SendError;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -667,6 +669,8 @@ struct Conn {
     /// reactor until a request has waited [`CLOSING_WATCH_AFTER`]: registered, it would double
     /// every readiness event of the connection and cost a `recv` per request.
     closing: Option<std::net::TcpStream>,
+    /// Its own connections to the backends of pools with `proxy_protocol`.
+    kept: proxied::Kept,
 }
 
 impl Conn {
@@ -1422,7 +1426,13 @@ async fn answer(
     let (outcome, response) = loop {
         flight.upstream = Some(up.clone());
         let scheme = if up.tls.is_some() { "https" } else { "http" };
-        let uri = format!("{scheme}://{}{}", up.addr, up.path_and_query).parse();
+        // A connection of the client's own takes the origin form; the pooled clients find
+        // their connection by the absolute URI's authority.
+        let uri = if up.proxy_protocol {
+            up.path_and_query.parse()
+        } else {
+            format!("{scheme}://{}{}", up.addr, up.path_and_query).parse()
+        };
         let parts = match &head {
             Some(h) if up.may_retry() => Some(copy_head(h)),
             _ => head.take(),
@@ -1434,9 +1444,8 @@ async fn answer(
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let upstream = Request::from_parts(parts, Full::new(body.clone()));
-        let request = match &up.tls {
-            None => shared.client.request(upstream),
-            Some(check) => {
+        let https = match &up.tls {
+            Some(check) if !up.proxy_protocol => {
                 let Some(client) = https_client(shared, check) else {
                     shared.gateway().finish(now(), &up, Outcome::Broken);
                     return Some(text(
@@ -1445,8 +1454,26 @@ async fn answer(
                         false,
                     ));
                 };
-                client.request(upstream)
+                Some(client)
             }
+            _ => None,
+        };
+        let request = async {
+            if up.proxy_protocol {
+                let timeout = shared.limits.connect_timeout;
+                return proxied::send(&conn.kept, timeout, client, local, up.addr, upstream).await;
+            }
+            let sent = match &https {
+                Some(https) => https.request(upstream).await,
+                None => shared.client.request(upstream).await,
+            };
+            sent.map_err(|e| {
+                if e.is_connect() {
+                    SendError::Connect(causes(&e))
+                } else {
+                    SendError::Exchange(e.into())
+                }
+            })
         };
         let sent = tokio::select! {
             sent = tokio::time::timeout(shared.limits.upstream_timeout, request) => sent,
@@ -1454,14 +1481,14 @@ async fn answer(
         };
         let (outcome, response, failure) = match sent {
             Err(_) => (Outcome::TimedOut, None, None),
-            Ok(Err(e)) if e.is_connect() => {
-                tracing::debug!(backend = %up.addr, "upstream: {}", causes(&e));
+            Ok(Err(SendError::Connect(why))) => {
+                tracing::debug!(backend = %up.addr, "upstream: {why}");
                 (Outcome::Refused, None, Some(AttemptFailure::Unsent))
             }
-            Ok(Err(e)) => {
+            Ok(Err(SendError::Exchange(e))) => {
                 tracing::debug!(backend = %up.addr, "upstream: {e}");
                 let closed =
-                    closed_unanswered(&e).then_some(AttemptFailure::ClosedUnanswered { bodiless });
+                    closed_unanswered(&*e).then_some(AttemptFailure::ClosedUnanswered { bodiless });
                 (Outcome::Broken, None, closed)
             }
             // A 101 the client did not get to ask for is a broken answer.
@@ -1519,6 +1546,9 @@ async fn answer(
         Some(res) => {
             let (mut parts, body) = res.into_parts();
             hygiene::remove_hop_by_hop(&mut parts.headers);
+            if let Some(via) = &up.via {
+                parts.headers.append(header::VIA, HeaderValue::clone(via));
+            }
             // Before the route's rules, so that a Set-Cookie a rule writes stays as written.
             if let Some(prefix) = &up.cookie_prefix {
                 prefix.apply(&mut parts.headers);

@@ -1892,3 +1892,105 @@ backends = [{{ address = "10.0.0.101:8443" }}]
     );
     drop(tls_backends);
 }
+
+/// nginx on rs1:8080 taking the PROXY protocol: answers with the addresses the header named,
+/// nginx's connection number and the `Via` it got.
+fn nginx_proxy_protocol_backend(t: &Topology) -> Proc {
+    let dir = t.dir().display();
+    let conf = t.write(
+        "nginx-pp.conf",
+        &format!(
+            "user root;\nworker_processes 1;\ndaemon off;\npid {dir}/nginx-pp.pid;\n\
+             error_log {dir}/nginx-pp-error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  \
+             server {{\n    listen 10.0.0.101:8080 proxy_protocol;\n    location / {{\n      \
+             return 200 \"pp=$proxy_protocol_addr:$proxy_protocol_port \
+             dst=$proxy_protocol_server_addr:$proxy_protocol_server_port conn=$connection \
+             via=$http_via\\n\";\n    }}\n  }}\n}}\n"
+        ),
+    );
+    let nginx = t.spawn(
+        "rs1",
+        "nginx-pp",
+        &["nginx", "-c", conf.to_str().unwrap_or("")],
+    );
+    t.wait_tcp("rs1", "10.0.0.101", 8080, Duration::from_secs(30));
+    nginx
+}
+
+/// A pool with `proxy_protocol = "v2"`: nginx (`listen ... proxy_protocol`) sees each client's
+/// own address and port and the VIP it connected to; a client connection's requests share one
+/// backend connection that no other client gets, and it closes with the client's. `via` is
+/// added both ways.
+#[test]
+fn proxy_protocol_v2_names_each_client_to_nginx() {
+    let lab = Lab::with_site(
+        e2e!(),
+        &format!(
+            r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+via = "gw1"
+
+[[http.route]]
+name = "pp"
+pool = "pp"
+
+[[http.pool]]
+name = "pp"
+proxy_protocol = "v2"
+backends = [{{ address = "10.0.0.101:8080" }}]
+"#
+        ),
+        80,
+    );
+    let _nginx = nginx_proxy_protocol_backend(&lab.t);
+    // Two requests on one client connection (curl reuses it), with the answer's head.
+    let both = lab.curl(&format!("-D - http://{GATEWAY}/a http://{GATEWAY}/b"));
+    let lines: Vec<&str> = both.lines().filter(|l| l.starts_with("pp=")).collect();
+    assert_eq!(lines.len(), 2, "{both}");
+    let field = |line: &str, key: &str| {
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let source = field(lines[0], "pp=");
+    assert!(source.starts_with("198.51.100.200:"), "{both}");
+    assert_eq!(field(lines[0], "dst="), "198.51.100.11:80", "{both}");
+    assert!(lines[0].ends_with("via=1.1 gw1"), "{both}");
+    assert_eq!(
+        field(lines[1], "pp="),
+        source,
+        "one client connection: {both}"
+    );
+    assert_eq!(
+        field(lines[0], "conn="),
+        field(lines[1], "conn="),
+        "one backend connection for the client connection's requests: {both}"
+    );
+    let vias = both
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("via:"))
+        .count();
+    assert_eq!(vias, 2, "a Via on each answer: {both}");
+    // Another client connection: its own address in its own backend connection.
+    let other = lab.curl(&format!("http://{GATEWAY}/c"));
+    assert!(
+        field(&other, "pp=").starts_with("198.51.100.200:"),
+        "{other}"
+    );
+    assert_ne!(field(&other, "pp="), source, "{other}");
+    assert_ne!(field(&other, "conn="), field(lines[0], "conn="), "{other}");
+    // The clients are gone: so are their backend connections.
+    wait_until(
+        Duration::from_secs(10),
+        "no backend connection left",
+        || {
+            lab.t
+                .sh("rs1", "ss -Htn state established '( sport = :8080 )'")
+                .trim()
+                .is_empty()
+        },
+    );
+}
