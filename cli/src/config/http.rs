@@ -227,7 +227,10 @@ pub(crate) struct RouteSection {
 /// (`"Link" = ["</a.css>; rel=preload", "</b.js>; rel=preload"]`), since a table key names
 /// a field once.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(untagged, expecting = "a header value or an array of header values")]
+#[serde(
+    untagged,
+    expecting = "expected a header value (a string) or an array of header values"
+)]
 pub(crate) enum AddedValues {
     One(String),
     Many(Vec<String>),

@@ -870,7 +870,7 @@ add_response_headers = {{ "X-Many" = [{many}] }}
     ));
     assert_eq!(errs.len(), 1, "{errs:#?}");
     assert!(
-        errs[0].contains("a header value or an array of header values"),
+        errs[0].contains("expected a header value (a string) or an array of header values"),
         "{errs:#?}"
     );
     let regexes = vec!["\"^/x\""; 33].join(", ");
