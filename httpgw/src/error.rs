@@ -28,6 +28,14 @@ pub enum ConfigError {
     /// A path that does not start with `/` or holds a space or control character.
     #[error("bad path {0:?} (must start with / and hold no space or control character)")]
     BadPath(String),
+    /// A path regex that does not parse, is too long or compiles too large.
+    #[error("bad path regex {pattern:?}: {why}")]
+    BadPathRegex {
+        /// The pattern (its first 64 characters).
+        pattern: String,
+        /// What is wrong.
+        why: String,
+    },
     /// A header name that is not a valid token.
     #[error("bad header name {0:?}")]
     BadHeaderName(String),
@@ -41,7 +49,7 @@ pub enum ConfigError {
     NocacheWithPrefix(String),
     /// A header rule naming a field the proxy manages.
     #[error(
-        "{0:?} cannot be set or deleted by a rule (hop-by-hop, Upgrade, Host and Content-Length are the proxy's)"
+        "{0:?} cannot be set, added or deleted by a rule (hop-by-hop, Upgrade, Host and Content-Length are the proxy's)"
     )]
     ReservedHeader(String),
     /// A header rule value that is too long or holds a control or non-ASCII character.

@@ -12,8 +12,8 @@ use crate::route::{Action, HeaderRules, HostPattern, Match, PathPattern, Redirec
 use crate::{Gateway, GatewayConfig, Limits, PoolSpec, Verdict};
 
 /// Feeds `data` (a client's byte stream) to the framing guard in one piece and split at
-/// every byte, and each head it lets through to a gateway with host, path and redirect
-/// rules. Panics if the two feedings disagree, if a head with both `Content-Length` and
+/// every byte, and each head it lets through to a gateway with host, path (prefix, exact
+/// and regex) and redirect rules. Panics if the two feedings disagree, if a head with both `Content-Length` and
 /// `Transfer-Encoding` gets through, if a forwarded head still carries a hop-by-hop field, or
 /// if a switch of protocols goes on that the guard did not hold the stream back for (or to
 /// h2c).
@@ -135,6 +135,26 @@ fn config() -> GatewayConfig {
                     target: RedirectTarget::Prefix("https://example.com/".into()),
                 },
                 rewrite: HeaderRules::default(),
+            },
+            Route {
+                name: "versioned".into(),
+                when: Match {
+                    paths: vec![
+                        PathPattern::regex("^/v[0-9]+/(a|b)*$").expect("fixed pattern compiles"),
+                    ],
+                    ..Match::default()
+                },
+                action: Action::Forward {
+                    pool: 1,
+                    strip_prefix: None,
+                },
+                rewrite: HeaderRules {
+                    add_request: vec![(
+                        http::HeaderName::from_static("x-tag"),
+                        http::HeaderValue::from_static("fuzz"),
+                    )],
+                    ..HeaderRules::default()
+                },
             },
             Route {
                 name: "default".into(),

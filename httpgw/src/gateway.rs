@@ -526,17 +526,23 @@ impl GatewayConfig {
             if !r.rewrite.within_bounds() {
                 return Err(ConfigError::LimitOutOfRange {
                     what: "header rules per list",
-                    value: [
-                        r.rewrite.set_request.len(),
-                        r.rewrite.del_request.len(),
-                        r.rewrite.set_response.len(),
-                        r.rewrite.del_response.len(),
-                    ]
-                    .into_iter()
-                    .max()
-                    .unwrap_or(0) as u64,
+                    value: r.rewrite.longest() as u64,
                     min: 0,
                     max: route::MAX_HEADER_RULES as u64,
+                });
+            }
+            let regexes = r
+                .when
+                .paths
+                .iter()
+                .filter(|p| matches!(p, route::PathPattern::Regex(_)))
+                .count();
+            if regexes > route::MAX_PATH_REGEXES {
+                return Err(ConfigError::LimitOutOfRange {
+                    what: "path regexes per route",
+                    value: regexes as u64,
+                    min: 0,
+                    max: route::MAX_PATH_REGEXES as u64,
                 });
             }
             if let Action::Forward { pool, .. } = r.action

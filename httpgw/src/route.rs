@@ -1,5 +1,6 @@
 //! Routing rules: what a request must look like (host, path, method, headers) and what to do
-//! with it (forward to a pool, optionally stripping a path prefix, or redirect).
+//! with it (forward to a pool, optionally stripping a path prefix, or redirect), and the
+//! header fields a forwarding rule deletes, sets and adds.
 //!
 //! Rules are tried in order and the first whose every condition holds wins, as HAProxy's
 //! `use_backend ... if ...` lines are. Within one condition the alternatives are ORed
@@ -72,7 +73,44 @@ impl fmt::Display for HostPattern {
     }
 }
 
-/// A path condition on the request path (without the query string), case-sensitive.
+/// Longest path regex accepted, in bytes of pattern.
+pub const MAX_PATH_REGEX_LEN: usize = 1024;
+/// Largest compiled program of one path regex, in bytes ([`regex::RegexBuilder::size_limit`];
+/// the crate's default is 10 MiB): a counted repetition of a Unicode class (`\w{1000}`) grows
+/// the program by multiplication, so a short pattern could otherwise cost megabytes per route.
+pub const PATH_REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Most memory the lazy DFA of one path regex caches per matching thread
+/// ([`regex::RegexBuilder::dfa_size_limit`]); beyond it the engine falls back to slower,
+/// still linear, matching instead of growing.
+pub const PATH_REGEX_DFA_LIMIT: usize = 1 << 20;
+/// Most path regexes on one route.
+pub const MAX_PATH_REGEXES: usize = 32;
+
+/// A compiled path regex, built only by [`PathPattern::regex`] (so within its bounds).
+/// Two are equal when their patterns are (a reload compares routes to report changed ones).
+#[derive(Debug, Clone)]
+pub struct PathRegex(regex::Regex);
+
+impl PathRegex {
+    /// The pattern as written.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl PartialEq for PathRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for PathRegex {}
+
+/// A path condition on the request path (without the query string), case-sensitive. The
+/// path is compared as the client sent it: percent-encoding is not decoded (`/caf%C3%A9` is
+/// those ten characters, not `/café`), and UTF-8 a client sends unencoded stays as it is (a
+/// target that is not UTF-8 is refused before routing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPattern {
     /// The path is exactly this (nginx `location = /x`, HAProxy `path /x`).
@@ -80,6 +118,10 @@ pub enum PathPattern {
     /// The path starts with this (nginx `location /x`, HAProxy `path_beg /x`): a plain string
     /// prefix, so `/api` also matches `/apix`; write `/api/` to match a directory only.
     Prefix(String),
+    /// The path holds a match of this regex (nginx `location ~`, HAProxy `path_reg`):
+    /// unanchored unless the pattern anchors itself with `^` or `$`. Matching takes time
+    /// linear in the path whatever the pattern (the `regex` crate has no backtracking).
+    Regex(PathRegex),
 }
 
 impl PathPattern {
@@ -110,12 +152,55 @@ impl PathPattern {
         Ok(Self::Prefix(text.to_owned()))
     }
 
+    /// A regex path condition, compiled within [`PATH_REGEX_SIZE_LIMIT`] and
+    /// [`PATH_REGEX_DFA_LIMIT`].
+    ///
+    /// # Errors
+    /// [`ConfigError::BadPathRegex`] for a pattern over [`MAX_PATH_REGEX_LEN`] bytes, one that
+    /// does not parse, or one whose program would be larger than the limit.
+    pub fn regex(text: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::BadPathRegex {
+            pattern: text.chars().take(64).collect(),
+            why,
+        };
+        if text.len() > MAX_PATH_REGEX_LEN {
+            return Err(bad(format!("longer than {MAX_PATH_REGEX_LEN} bytes")));
+        }
+        regex::RegexBuilder::new(text)
+            .size_limit(PATH_REGEX_SIZE_LIMIT)
+            .dfa_size_limit(PATH_REGEX_DFA_LIMIT)
+            .build()
+            .map(|r| Self::Regex(PathRegex(r)))
+            .map_err(|e| bad(regex_error(&e)))
+    }
+
     /// Whether `path` matches.
     #[must_use]
     pub fn matches(&self, path: &str) -> bool {
         match self {
             Self::Exact(p) => path == p,
             Self::Prefix(p) => path.starts_with(p.as_str()),
+            Self::Regex(r) => r.0.is_match(path),
+        }
+    }
+}
+
+/// One line for a regex error: the crate's syntax errors span several lines (the pattern, a
+/// caret, then `error: what`), which a `FILE:LINE:COL: message` diagnostic cannot hold.
+fn regex_error(e: &regex::Error) -> String {
+    match e {
+        regex::Error::CompiledTooBig(limit) => format!(
+            "its compiled program would exceed {limit} bytes (counted repetitions of classes multiply it)"
+        ),
+        other => {
+            let text = other.to_string();
+            text.lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("error: "))
+                .map_or_else(
+                    || text.split_whitespace().collect::<Vec<_>>().join(" "),
+                    str::to_owned,
+                )
         }
     }
 }
@@ -256,19 +341,26 @@ pub const MAX_HEADER_RULES: usize = 32;
 /// Longest value a rule may set, in bytes.
 pub const MAX_HEADER_RULE_VALUE: usize = 4096;
 
-/// Header fields a route sets and deletes on the request it forwards and on the response it
-/// passes back (HAProxy `http-request set-header` / `del-header`, `http-response ...`).
-/// Deletions apply first, then each set replaces every field of its name.
+/// Header fields a route deletes, sets and adds on the request it forwards and on the
+/// response it passes back (HAProxy `http-request del-header` / `set-header` / `add-header`,
+/// `http-response ...`). Always in that order, as HAProxy runs the rules written in that
+/// order: deletions first, then each set replaces every field of its name, then each add
+/// appends a field and keeps the ones already there (so a set and an add of one name leave
+/// both values).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HeaderRules {
     /// Set on the request (after `X-Forwarded-*`, so these may override them).
     pub set_request: Vec<(HeaderName, HeaderValue)>,
     /// Deleted from the request.
     pub del_request: Vec<HeaderName>,
+    /// Appended to the request, in order.
+    pub add_request: Vec<(HeaderName, HeaderValue)>,
     /// Set on the response.
     pub set_response: Vec<(HeaderName, HeaderValue)>,
     /// Deleted from the response.
     pub del_response: Vec<HeaderName>,
+    /// Appended to the response, in order.
+    pub add_response: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl HeaderRules {
@@ -303,36 +395,63 @@ impl HeaderRules {
         HeaderValue::from_str(text).map_err(|_| bad())
     }
 
-    /// Whether every list is within [`MAX_HEADER_RULES`].
+    /// The length of the longest list.
     #[must_use]
-    pub fn within_bounds(&self) -> bool {
+    pub fn longest(&self) -> usize {
         [
             self.set_request.len(),
             self.del_request.len(),
+            self.add_request.len(),
             self.set_response.len(),
             self.del_response.len(),
+            self.add_response.len(),
         ]
-        .iter()
-        .all(|&n| n <= MAX_HEADER_RULES)
+        .into_iter()
+        .max()
+        .unwrap_or(0)
     }
 
-    fn apply(set: &[(HeaderName, HeaderValue)], del: &[HeaderName], headers: &mut HeaderMap) {
+    /// Whether every list is within [`MAX_HEADER_RULES`].
+    #[must_use]
+    pub fn within_bounds(&self) -> bool {
+        self.longest() <= MAX_HEADER_RULES
+    }
+
+    fn apply(
+        del: &[HeaderName],
+        set: &[(HeaderName, HeaderValue)],
+        add: &[(HeaderName, HeaderValue)],
+        headers: &mut HeaderMap,
+    ) {
         for name in del {
             headers.remove(name);
         }
         for (name, value) in set {
             headers.insert(name.clone(), value.clone());
         }
+        for (name, value) in add {
+            headers.append(name.clone(), value.clone());
+        }
     }
 
     /// Applies the request rules.
     pub fn apply_request(&self, headers: &mut HeaderMap) {
-        Self::apply(&self.set_request, &self.del_request, headers);
+        Self::apply(
+            &self.del_request,
+            &self.set_request,
+            &self.add_request,
+            headers,
+        );
     }
 
     /// Applies the response rules.
     pub fn apply_response(&self, headers: &mut HeaderMap) {
-        Self::apply(&self.set_response, &self.del_response, headers);
+        Self::apply(
+            &self.del_response,
+            &self.set_response,
+            &self.add_response,
+            headers,
+        );
     }
 }
 
@@ -345,7 +464,7 @@ pub struct Route {
     pub when: Match,
     /// Action.
     pub action: Action,
-    /// Header fields set and deleted on what it forwards (with [`Action::Forward`]).
+    /// Header fields deleted, set and added on what it forwards (with [`Action::Forward`]).
     pub rewrite: HeaderRules,
 }
 

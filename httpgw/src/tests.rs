@@ -173,6 +173,152 @@ fn path_patterns_and_prefix_strip() {
     assert_eq!(crate::route::strip_prefix("/other", "/api"), None);
 }
 
+fn regex(text: &str) -> PathPattern {
+    PathPattern::regex(text).unwrap()
+}
+
+#[test]
+fn path_regexes_match_unanchored_unless_anchored() {
+    let versioned = regex("^/api/v[0-9]+/");
+    assert!(versioned.matches("/api/v2/users"));
+    assert!(versioned.matches("/api/v10/"));
+    assert!(!versioned.matches("/api/vx/"));
+    assert!(!versioned.matches("/x/api/v2/"));
+    // Unanchored, as HAProxy's path_reg and nginx's `location ~`: anywhere in the path.
+    let php = regex(r"\.php$");
+    assert!(php.matches("/a/b/index.php"));
+    assert!(!php.matches("/index.php/x"));
+    assert!(regex("admin").matches("/x/admin/y"));
+    // Case-sensitive unless the pattern asks otherwise.
+    assert!(!regex("^/Admin").matches("/admin"));
+    assert!(regex("(?i)^/Admin").matches("/admin"));
+    // The path as sent: percent-encoding is not decoded, unencoded UTF-8 stays as it is.
+    assert!(regex("^/caf%C3%A9$").matches("/caf%C3%A9"));
+    assert!(!regex("^/café$").matches("/caf%C3%A9"));
+    assert!(regex("^/café$").matches("/café"));
+    assert!(regex("%2[fF]").matches("/a%2Fb"));
+    // Equal by pattern (what a reload compares).
+    assert_eq!(regex("^/a"), regex("^/a"));
+    assert_ne!(regex("^/a"), regex("^/b"));
+    assert_ne!(regex("/a"), PathPattern::prefix("/a").unwrap());
+}
+
+#[test]
+fn path_regexes_are_bounded_and_errors_are_one_line() {
+    let Err(ConfigError::BadPathRegex { pattern, why }) = PathPattern::regex("^/api/(") else {
+        panic!("an unclosed group compiled");
+    };
+    assert_eq!(
+        (pattern.as_str(), why.as_str()),
+        ("^/api/(", "unclosed group")
+    );
+    let long = format!("^/{}", "a".repeat(crate::route::MAX_PATH_REGEX_LEN));
+    let Err(ConfigError::BadPathRegex { pattern, why }) = PathPattern::regex(&long) else {
+        panic!("a pattern over the length limit compiled");
+    };
+    assert_eq!(pattern.len(), 64);
+    assert_eq!(why, "longer than 1024 bytes");
+    assert!(PathPattern::regex(&"a".repeat(crate::route::MAX_PATH_REGEX_LEN)).is_ok());
+    // Short, but its program would be huge: refused by the size limit, not built.
+    let Err(ConfigError::BadPathRegex { why, .. }) = PathPattern::regex(r"(\w{100}){100}") else {
+        panic!("a huge automaton compiled");
+    };
+    assert!(
+        why.starts_with("its compiled program would exceed"),
+        "{why}"
+    );
+    // Linear time: a pattern that makes a backtracking engine take exponential time.
+    let nested = regex("^/(a+)+$");
+    assert!(!nested.matches(&format!("/{}!", "a".repeat(10_000))));
+    let mut cfg = config();
+    cfg.routes[0].when.paths = vec![regex("^/x"); crate::route::MAX_PATH_REGEXES + 1];
+    assert!(matches!(
+        Gateway::new(&cfg),
+        Err(ConfigError::LimitOutOfRange {
+            what: "path regexes per route",
+            ..
+        })
+    ));
+    cfg.routes[0].when.paths.pop();
+    assert!(Gateway::new(&cfg).is_ok());
+}
+
+#[test]
+fn a_regex_route_sees_the_path_without_the_query() {
+    let mut cfg = config();
+    cfg.routes.insert(
+        0,
+        forward(
+            "php",
+            Match {
+                paths: vec![regex(r"\.php$"), PathPattern::exact("/exact").unwrap()],
+                ..Match::default()
+            },
+            2,
+            None,
+        ),
+    );
+    cfg.routes.insert(
+        1,
+        forward(
+            "versioned",
+            Match {
+                paths: vec![regex("^/v[0-9]+/")],
+                ..Match::default()
+            },
+            1,
+            Some("/v1"),
+        ),
+    );
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let host = [("host", "www.example.com")];
+    // `$` anchors at the end of the path, before the query.
+    let mut h = head(&host, "GET", "/index.php?page=2");
+    assert_eq!(
+        answered(decide(&mut gw, &mut h)),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // The query is not matched against: a `.php` ending the query does not end the path.
+    let mut h = head(&host, "GET", "/index.php/x?q=.php");
+    assert_eq!(forwarded(decide(&mut gw, &mut h)).pool, 0);
+    // Another alternative of the same route.
+    let mut h = head(&host, "GET", "/exact");
+    assert_eq!(
+        answered(decide(&mut gw, &mut h)),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // strip_prefix stays a literal prefix on a regex route: removed where the path starts
+    // with it, the path kept as it is where it does not.
+    let mut h = head(&host, "GET", "/v1/users?id=1");
+    let up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!((up.pool, up.path_and_query.as_str()), (1, "/users?id=1"));
+    let mut h = head(&host, "GET", "/v2/users");
+    let up = forwarded(decide(&mut gw, &mut h));
+    assert_eq!((up.pool, up.path_and_query.as_str()), (1, "/v2/users"));
+    let mut h = head(&host, "GET", "/vx/users");
+    assert_eq!(forwarded(decide(&mut gw, &mut h)).pool, 0);
+    let status = gw.status(epoch());
+    assert_eq!(
+        [status.routes[0].requests, status.routes[1].requests],
+        [2, 2]
+    );
+}
+
+#[test]
+fn a_reload_reports_a_changed_regex_only() {
+    let mut cfg = config();
+    cfg.routes[0].when.paths = vec![regex("^/api/v[0-9]+/")];
+    let mut gw = Gateway::new(&cfg).unwrap();
+    assert_eq!(
+        gw.reconfigure(&cfg).unwrap().to_string(),
+        "no routing change"
+    );
+    cfg.routes[0].when.paths = vec![regex("^/api/v[0-9]/")];
+    assert_eq!(gw.reconfigure(&cfg).unwrap().to_string(), "routes ~api");
+    let mut h = head(&[("host", "a.example.com")], "GET", "/api/v10/x");
+    assert_eq!(answered(decide(&mut gw, &mut h)), StatusCode::NOT_FOUND);
+}
+
 #[test]
 fn first_matching_rule_decides() {
     let mut gw = Gateway::new(&config()).unwrap();
@@ -755,6 +901,7 @@ fn header_rules_set_and_delete_with_bounds() {
             HeaderRules::value("max-age=63072000").unwrap(),
         )],
         del_response: vec![HeaderRules::name("Server").unwrap()],
+        ..HeaderRules::default()
     };
     let mut gw = Gateway::new(&cfg).unwrap();
     let mut h = head(
@@ -815,6 +962,84 @@ fn header_rules_set_and_delete_with_bounds() {
         Gateway::new(&cfg),
         Err(ConfigError::LimitOutOfRange { .. })
     ));
+}
+
+#[test]
+fn header_rules_add_after_delete_and_set() {
+    let rule = |name: &str, value: &str| {
+        (
+            HeaderRules::name(name).unwrap(),
+            HeaderRules::value(value).unwrap(),
+        )
+    };
+    let mut cfg = config();
+    let www = cfg.routes.iter().position(|r| r.name == "www").unwrap();
+    cfg.routes[www].rewrite = HeaderRules {
+        del_request: vec![HeaderRules::name("X-Tag").unwrap()],
+        set_request: vec![rule("X-Env", "prod")],
+        add_request: vec![
+            rule("X-Tag", "proxy"),
+            rule("X-Env", "eu"),
+            rule("X-Forwarded-For", "10.9.9.9"),
+        ],
+        set_response: vec![rule("Cache-Control", "no-store")],
+        add_response: vec![
+            rule("Link", "</a.css>; rel=preload"),
+            rule("Link", "</b.js>; rel=preload"),
+            rule("Cache-Control", "private"),
+        ],
+        ..HeaderRules::default()
+    };
+    let mut gw = Gateway::new(&cfg).unwrap();
+    let mut h = head(
+        &[
+            ("host", "www.example.com"),
+            ("x-tag", "client"),
+            ("x-env", "client"),
+        ],
+        "GET",
+        "/",
+    );
+    let up = forwarded(decide(&mut gw, &mut h));
+    let all = |map: &http::HeaderMap, name: &str| -> Vec<String> {
+        map.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    // Deleted, then added: only the rule's field is left.
+    assert_eq!(all(&h.headers, "x-tag"), ["proxy"]);
+    // Set (replacing the client's), then added: both, the set one first.
+    assert_eq!(all(&h.headers, "x-env"), ["prod", "eu"]);
+    // After X-Forwarded-For is set by the proxy: appended to it, not replacing it.
+    assert_eq!(
+        all(&h.headers, "x-forwarded-for"),
+        [CLIENT.ip().to_string(), "10.9.9.9".to_owned()]
+    );
+    let mut res = http::HeaderMap::new();
+    res.append("link", "</app.js>; rel=preload".parse().unwrap());
+    res.append("cache-control", "max-age=60".parse().unwrap());
+    gw.rewrite_response(up.route, &mut res);
+    // Kept what the backend sent and appended in rule order.
+    assert_eq!(
+        all(&res, "link"),
+        [
+            "</app.js>; rel=preload",
+            "</a.css>; rel=preload",
+            "</b.js>; rel=preload"
+        ]
+    );
+    assert_eq!(all(&res, "cache-control"), ["no-store", "private"]);
+
+    // The bounds and refusals of set rules.
+    let mut cfg = config();
+    cfg.routes[0].rewrite.add_response = vec![rule("X-A", "1"); 33];
+    assert!(matches!(
+        Gateway::new(&cfg),
+        Err(ConfigError::LimitOutOfRange { value: 33, .. })
+    ));
+    cfg.routes[0].rewrite.add_response.pop();
+    assert!(Gateway::new(&cfg).is_ok());
 }
 
 /// An HTTP/2 head as hyper hands it over: the target in absolute form (`:scheme`,

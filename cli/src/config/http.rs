@@ -183,6 +183,10 @@ pub(crate) struct RouteSection {
     /// Any of these path prefixes.
     #[serde(default)]
     pub(crate) path_prefix: Vec<Spanned<String>>,
+    /// Any of these regexes, unanchored unless they anchor (HAProxy `path_reg`, nginx
+    /// `location ~`).
+    #[serde(default)]
+    pub(crate) path_regex: Vec<Spanned<String>>,
     /// Any of these methods.
     #[serde(default)]
     pub(crate) method: Vec<Spanned<String>>,
@@ -207,12 +211,42 @@ pub(crate) struct RouteSection {
     /// Fields deleted from the forwarded request (HAProxy `http-request del-header`).
     #[serde(default)]
     pub(crate) del_request_headers: Vec<Spanned<String>>,
+    /// Fields appended to the forwarded request, name → value or values (HAProxy
+    /// `http-request add-header`).
+    #[serde(default)]
+    pub(crate) add_request_headers: BTreeMap<String, Spanned<AddedValues>>,
     /// Fields set on the response (HAProxy `http-response set-header`).
     #[serde(default)]
     pub(crate) set_response_headers: BTreeMap<String, Spanned<String>>,
     /// Fields deleted from the response (HAProxy `http-response del-header`).
     #[serde(default)]
     pub(crate) del_response_headers: Vec<Spanned<String>>,
+    /// Fields appended to the response (HAProxy `http-response add-header`, nginx
+    /// `add_header`).
+    #[serde(default)]
+    pub(crate) add_response_headers: BTreeMap<String, Spanned<AddedValues>>,
+}
+
+/// The value of one name in `add_*_headers`: one field, or several of that name in order
+/// (`"Link" = ["</a.css>; rel=preload", "</b.js>; rel=preload"]`), since a table key names
+/// a field once.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(
+    untagged,
+    expecting = "expected a header value (a string) or an array of header values"
+)]
+pub(crate) enum AddedValues {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl AddedValues {
+    fn values(&self) -> &[String] {
+        match self {
+            Self::One(v) => std::slice::from_ref(v),
+            Self::Many(vs) => vs,
+        }
+    }
 }
 
 /// One certificate of a TLS listener: PEM files.
@@ -656,18 +690,27 @@ fn route(
             Err(e) => error(h.span(), e.to_string()),
         }
     }
-    for (list, exact) in [(&r.path, true), (&r.path_prefix, false)] {
+    let kinds: [(_, fn(&str) -> _); 3] = [
+        (&r.path, PathPattern::exact),
+        (&r.path_prefix, PathPattern::prefix),
+        (&r.path_regex, PathPattern::regex),
+    ];
+    for (list, parse) in kinds {
         for p in list {
-            let parsed = if exact {
-                PathPattern::exact(p.get_ref())
-            } else {
-                PathPattern::prefix(p.get_ref())
-            };
-            match parsed {
+            match parse(p.get_ref()) {
                 Ok(p) => when.paths.push(p),
                 Err(e) => error(p.span(), e.to_string()),
             }
         }
+    }
+    if r.path_regex.len() > httpgw::route::MAX_PATH_REGEXES {
+        error(
+            r.path_regex[httpgw::route::MAX_PATH_REGEXES].span(),
+            format!(
+                "`path_regex` has more than {} entries",
+                httpgw::route::MAX_PATH_REGEXES
+            ),
+        );
     }
     for m in &r.method {
         match ::http::Method::from_bytes(m.get_ref().as_bytes()) {
@@ -834,6 +877,46 @@ fn rewrite(r: &RouteSection, error: &mut dyn FnMut(Range<usize>, String)) -> Hea
             match HeaderRules::name(name.get_ref()) {
                 Ok(n) => into.push(n),
                 Err(e) => error(name.span(), e.to_string()),
+            }
+        }
+    }
+    let lists = [
+        (
+            &r.add_request_headers,
+            &mut rules.add_request,
+            "add_request_headers",
+        ),
+        (
+            &r.add_response_headers,
+            &mut rules.add_response,
+            "add_response_headers",
+        ),
+    ];
+    for (map, into, key) in lists {
+        // Each value is a field added: the bound counts values, not names.
+        let fields: usize = map.values().map(|v| v.get_ref().values().len()).sum();
+        if fields > httpgw::route::MAX_HEADER_RULES {
+            error(
+                r.name.span(),
+                format!(
+                    "`{key}` adds more than {} fields",
+                    httpgw::route::MAX_HEADER_RULES
+                ),
+            );
+        }
+        for (name, values) in map {
+            let name = match HeaderRules::name(name) {
+                Ok(n) => n,
+                Err(e) => {
+                    error(values.span(), e.to_string());
+                    continue;
+                }
+            };
+            for value in values.get_ref().values() {
+                match HeaderRules::value(value) {
+                    Ok(v) => into.push((name.clone(), v)),
+                    Err(e) => error(values.span(), e.to_string()),
+                }
             }
         }
     }

@@ -760,7 +760,7 @@ fn http_mistakes_point_at_their_place() {
     at(
         "del_request_headers",
         24,
-        "cannot be set or deleted by a rule",
+        "cannot be set, added or deleted by a rule",
     );
     at("set_request_headers", 35, "bad header value");
     at(
@@ -769,6 +769,117 @@ fn http_mistakes_point_at_their_place() {
         "duplicate backend",
     );
     assert_eq!(errs.len(), 12, "{errs:#?}");
+}
+
+/// `HTTP_SITE` with a route before the default one: `lines` after its name.
+fn http_site_with_route(lines: &str) -> String {
+    HTTP_SITE.replace(
+        "[[http.route]]\nname = \"default\"",
+        &format!("[[http.route]]\nname = \"extra\"\npool = \"web\"\n{lines}\n[[http.route]]\nname = \"default\""),
+    )
+}
+
+#[test]
+fn path_regexes_and_added_headers_lower_to_the_gateway_config() {
+    let text = http_site_with_route(
+        r#"path_regex = ["^/v[0-9]+/", '\.php$']
+path = ["/exact"]
+add_request_headers = { "X-Trace" = ["1.1 a", "1.1 b"], "X-Tag" = "a" }
+add_response_headers = { "Link" = "</a.css>; rel=preload" }
+"#,
+    );
+    let site = parse(Path::new("site.toml"), &text).expect("valid");
+    let gw = site.http[0].lower();
+    let extra = &gw.routes[2];
+    assert_eq!(extra.name, "extra");
+    let regexes: Vec<&str> = extra
+        .when
+        .paths
+        .iter()
+        .filter_map(|p| match p {
+            httpgw::route::PathPattern::Regex(r) => Some(r.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(regexes, ["^/v[0-9]+/", r"\.php$"]);
+    assert_eq!(extra.when.paths.len(), 3);
+    let added: Vec<(&str, &str)> = extra
+        .rewrite
+        .add_request
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+        .collect();
+    // Names in table order (sorted), a name's values in array order.
+    assert_eq!(
+        added,
+        [("x-tag", "a"), ("x-trace", "1.1 a"), ("x-trace", "1.1 b")]
+    );
+    assert_eq!(extra.rewrite.add_response.len(), 1);
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+}
+
+#[test]
+fn path_regex_and_add_header_mistakes_point_at_their_place() {
+    let many = vec!["\"v\""; 33].join(", ");
+    let text = http_site_with_route(&format!(
+        r#"path_regex = ["^/ok", "^/v(", '(\w{{100}}){{100}}', "/{long}"]
+add_request_headers = {{ "Connection" = "x", "X-A" = ["ok", "a\r\nb"] }}
+add_response_headers = {{ "X-Many" = [{many}] }}
+"#,
+        long = "a".repeat(1100)
+    ));
+    let errs = errors(&text);
+    let line = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let want = [
+        format!(
+            "site.toml:{}:23: bad path regex \"^/v(\": unclosed group",
+            line("path_regex")
+        ),
+        format!(
+            "site.toml:{}:31: bad path regex \"(\\\\w{{100}}){{100}}\": its compiled program would exceed",
+            line("path_regex")
+        ),
+        format!("site.toml:{}:49: bad path regex \"/aaa", line("path_regex")),
+        format!(
+            "site.toml:{}:40: \"Connection\" cannot be set, added or deleted by a rule",
+            line("add_request_headers")
+        ),
+        format!(
+            "site.toml:{}:53: bad header value \"a\\r\\nb\"",
+            line("add_request_headers")
+        ),
+        format!(
+            "site.toml:{}:8: `add_response_headers` adds more than 32 fields",
+            line("name = \"extra\"")
+        ),
+    ];
+    for w in &want {
+        assert!(
+            errs.iter().any(|e| e.starts_with(w.as_str())),
+            "{w} not in {errs:#?}"
+        );
+    }
+    assert!(
+        errs.iter().any(|e| e.contains("longer than 1024 bytes")),
+        "{errs:#?}"
+    );
+    assert_eq!(errs.len(), want.len(), "{errs:#?}");
+
+    let errs = errors(&http_site_with_route(
+        r#"add_response_headers = { "X-A" = 1 }"#,
+    ));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains("expected a header value (a string) or an array of header values"),
+        "{errs:#?}"
+    );
+    let regexes = vec!["\"^/x\""; 33].join(", ");
+    let errs = errors(&http_site_with_route(&format!("path_regex = [{regexes}]")));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains("`path_regex` has more than 32 entries"),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -897,7 +1008,7 @@ fn an_http_route_needs_one_action_and_known_keys() {
     );
     assert_eq!(
         errs[0],
-        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, method, header, pool, strip_prefix, redirect, sni, set_request_headers, del_request_headers, set_response_headers, del_response_headers"
+        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, path_regex, method, header, pool, strip_prefix, redirect, sni, set_request_headers, del_request_headers, add_request_headers, set_response_headers, del_response_headers, add_response_headers"
     );
 }
 

@@ -15,7 +15,8 @@ use vipgate_tests::{Proc, Show, Topology, counter, e2e, wait_for, wait_until};
 
 const GATEWAY: &str = "198.51.100.11";
 
-/// A backend on http.server's handler: `NAME PATH xff=XFF proto=PROTO cookie=COOKIE sha256=HEX`
+/// A backend on http.server's handler:
+/// `NAME PATH xff=XFF proto=PROTO cookie=COOKIE tag=X-TAG,... sha256=HEX`
 /// (over TLS with the certificate and key files argv[5] and argv[6] when given)
 /// for any GET or POST (after SECONDS for a path `/slow?SECONDS`; with
 /// `Set-Cookie: JSESSIONID=NAME-session; Path=/; HttpOnly` for `/login`, as an application
@@ -36,7 +37,8 @@ class Handler(BaseHTTPRequestHandler):
         xff = self.headers.get("X-Forwarded-For", "")
         proto = self.headers.get("X-Forwarded-Proto", "")
         cookie = self.headers.get("Cookie", "")
-        text = f"{name} {self.path} xff={xff} proto={proto} cookie={cookie} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
+        tag = ",".join(self.headers.get_all("X-Tag") or [])
+        text = f"{name} {self.path} xff={xff} proto={proto} cookie={cookie} tag={tag} sha256={hashlib.sha256(body).hexdigest()}\n".encode()
         self.send_response(200)
         if self.path == "/login":
             self.send_header("Set-Cookie", f"JSESSIONID={name}-session; Path=/; HttpOnly")
@@ -497,6 +499,127 @@ fn routes_pick_the_backend_rewrite_and_redirect() {
     assert!(text.contains("route api"), "{text}");
     assert!(text.contains("10.0.0.102:8000"), "{text}");
     assert!(text.contains("response time: p50 "), "{text}");
+}
+
+/// A route on path regexes to rs2 (with `route`'s other lines), a default route to rs1.
+fn regex_site(regexes: &str, route: &str) -> String {
+    format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+
+[[http.route]]
+name = "versioned"
+path_regex = [{regexes}]
+pool = "api"
+{route}
+
+[[http.route]]
+name = "default"
+pool = "web"
+
+[[http.pool]]
+name = "web"
+backends = [{{ address = "10.0.0.101:8000" }}]
+
+[[http.pool]]
+name = "api"
+backends = [{{ address = "10.0.0.102:8000" }}]
+"#
+    )
+}
+
+/// Issue #20's regex paths and `add` header rules: a path regex picks the backend on the
+/// path without its query, unanchored unless it anchors, on the path as sent (not decoded);
+/// added fields join the ones already there on the request and the response; a reload
+/// changes both live, and a bad regex is refused at its line and column.
+#[test]
+fn regex_paths_and_added_headers() {
+    let adds = r#"add_request_headers = { "X-Tag" = ["one", "two"] }
+add_response_headers = { "Server" = "vipgate", "X-Tag" = ["a", "b"] }"#;
+    let lab = Lab::with_site(
+        e2e!(),
+        &regex_site(r#""^/api/v[0-9]+/", '\.php$'"#, adds),
+        80,
+    );
+    let url = |path: &str| format!("'http://{GATEWAY}{path}'");
+    let server = |path: &str| {
+        let body = lab.curl(&url(path));
+        body.split(' ').next().unwrap_or_default().to_owned()
+    };
+
+    // Anchored at the start; the path forwarded as it came, the client's field kept and the
+    // route's two appended after it.
+    let body = lab.curl(&format!("-H 'X-Tag: client' {}", url("/api/v2/items?x=1")));
+    assert!(
+        body.starts_with("rs2 /api/v2/items?x=1 ") && body.contains(" tag=client,one,two "),
+        "{body}"
+    );
+    assert_eq!(server("/api/vx/items"), "rs1");
+    assert_eq!(server("/v1/api/v2/"), "rs1");
+    // Unanchored at the start, `$` at the end of the path, before the query.
+    assert_eq!(server("/shop/index.php?page=.php"), "rs2");
+    assert_eq!(server("/index.php/more?q=.php"), "rs1");
+    // Percent-encoding is not decoded: `%32` is not a digit.
+    assert_eq!(server("/api/v%32/items"), "rs1");
+    // The default route adds nothing.
+    let body = lab.curl(&format!("-H 'X-Tag: client' {}", url("/")));
+    assert!(body.contains(" tag=client "), "{body}");
+
+    // Response: the backend's Server field kept and the route's appended; two X-Tag fields.
+    let head = lab
+        .curl(&format!("-D - -o /dev/null {}", url("/api/v1/")))
+        .to_ascii_lowercase();
+    let fields = |name: &str| -> Vec<String> {
+        head.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(|v| v.trim().to_owned())
+            .collect()
+    };
+    let servers = fields("server");
+    assert!(
+        servers.len() == 2 && servers[0].starts_with("basehttp/") && servers[1] == "vipgate",
+        "{head}"
+    );
+    assert_eq!(fields("x-tag"), ["a", "b"], "{head}");
+
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    assert_eq!(json[0]["routes"][0]["name"], "versioned", "{json}");
+    assert_eq!(counter(&json[0], &["routes", "0", "requests"]), 3, "{json}");
+
+    // A bad regex: the reload is refused at its place, the running routes stay.
+    let out = lab.reload(&regex_site(r#""^/api/v[0-9+/""#, adds));
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report.contains(
+            "director.toml:10:15: bad path regex \"^/api/v[0-9+/\": unclosed character class"
+        ),
+        "{report}"
+    );
+    assert_eq!(server("/api/v2/"), "rs2");
+
+    // Live: a narrower regex, no header rules.
+    let out = lab.reload(&regex_site(r#""^/api/v1/""#, ""));
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("http www: applied live"), "{report}");
+    assert_eq!(server("/api/v2/items"), "rs1");
+    let body = lab.curl(&format!("-D - {}", url("/api/v1/items")));
+    assert!(body.contains("rs2 /api/v1/items "), "{body}");
+    assert!(body.contains(" tag= "), "{body}");
+    assert!(!body.to_ascii_lowercase().contains("x-tag:"), "{body}");
+    wait_until(Duration::from_secs(10), "the reload's log line", || {
+        lab.vipgate
+            .log()
+            .contains("HTTP gateway reconfigured live: routes ~versioned")
+    });
+    // The route kept its counters across the reload.
+    let json = lab.t.show("dir", &lab.control, Show::Http);
+    assert_eq!(counter(&json[0], &["routes", "0", "requests"]), 5, "{json}");
 }
 
 #[test]
