@@ -763,6 +763,13 @@ fn kernel_opens_published_forward_flows() {
     );
     assert_eq!(counter(&v, &["fast_path", "opened_refused"]), 0, "{v}");
     assert_eq!(counter(&v, &["fast_path", "syn_ring_full"]), 0, "{v}");
+    // The core adopted each flow half-open from its SYN; the client's ACK crossed only the
+    // program, and the sync rounds' reports of it establish the flows in the core: none
+    // stays half-open (it would hold the half-open bounds and the publication's pressure
+    // test, and a `show` would count it half-open while the connection is long done).
+    wait_until(T, "the core to hear of the ACKs the kernel carried", || {
+        counter(&lab.show(), &["half_open"]) == 0
+    });
     let config = format!("{}/site.toml", lab.dir().display());
     let out = lab.t.vipgate_output("gw", &["show", "nat", "-c", &config]);
     let text = String::from_utf8_lossy(&out.stdout);
