@@ -390,12 +390,12 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
     if fast.published_listeners > 0 || fast.syn_opened + fast.syn_ring_full > 0 {
         let _ = writeln!(
             out,
-            "Kernel-opened flows (published listeners: {}): {} SYNs executed, {} adopted by the core, {} refused, {} half-open; {} SYNs left to the core (ring full)",
+            "Kernel-opened flows (published listeners: {}): {} SYNs executed, {} adopted by the core, {} refused, {} not yet on the fast path (half-open, or closed first); {} SYNs left to the core (ring full)",
             fast.published_listeners,
             fast.syn_opened,
             fast.opened_adopted,
             fast.opened_refused,
-            fast.opened_half_open,
+            fast.opened_pending,
             fast.syn_ring_full
         );
     }

@@ -174,9 +174,12 @@ pub struct FastPathCounters {
     /// Flows the program opened that the core refused (their entries removed).
     #[cfg_attr(feature = "serde", serde(default))]
     pub opened_refused: u64,
-    /// Flows the program opened that are still half-open in the core.
+    /// Flows the program opened that the core adopted and has not made eligible for the
+    /// fast path: half-open in the core until a sync round reports the ACK the program
+    /// carried, or closed before that round (a short connection), until the core drops
+    /// them. Not a half-open count: [`crate::driver::NatStatus::half_open`] is.
     #[cfg_attr(feature = "serde", serde(default))]
-    pub opened_half_open: usize,
+    pub opened_pending: usize,
     /// Listeners whose SYNs the program executes now.
     #[cfg_attr(feature = "serde", serde(default))]
     pub published_listeners: usize,
@@ -211,8 +214,8 @@ pub(super) struct KernelDatapath {
     /// Entries the LRU evicted and a sync round put back.
     reinstalled: u64,
     /// Flows the program opened that the core adopted and has not made eligible yet (see
-    /// the module docs); bounded by the core's half-open bounds, since each is one of its
-    /// flows.
+    /// the module docs): half-open ones, and closed ones the core still holds; bounded by
+    /// the core's table, since each is one of its flows.
     opened: HashMap<FlowId, Installed>,
     /// The publication the program holds, and its generation (bumped at each change).
     published: (Vec<crate::PublishedListener>, u32),
@@ -867,7 +870,7 @@ impl KernelDatapath {
             syn_ring_full: c.syn_ring_full,
             opened_adopted: self.opened_adoption.0,
             opened_refused: self.opened_adoption.1,
-            opened_half_open: self.opened.len(),
+            opened_pending: self.opened.len(),
             published_listeners: self.published.0.len(),
         }
     }
