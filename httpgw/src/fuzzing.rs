@@ -121,6 +121,7 @@ fn config() -> GatewayConfig {
                 action: Action::Forward {
                     pool: 1,
                     strip_prefix: Some("/api".into()),
+                    canary: None,
                 },
                 rewrite: HeaderRules::default(),
             },
@@ -147,6 +148,7 @@ fn config() -> GatewayConfig {
                 action: Action::Forward {
                     pool: 1,
                     strip_prefix: None,
+                    canary: None,
                 },
                 rewrite: HeaderRules {
                     add_request: vec![(
@@ -162,6 +164,7 @@ fn config() -> GatewayConfig {
                 action: Action::Forward {
                     pool: 0,
                     strip_prefix: None,
+                    canary: None,
                 },
                 rewrite: HeaderRules::default(),
             },

@@ -545,13 +545,25 @@ impl GatewayConfig {
                     max: route::MAX_PATH_REGEXES as u64,
                 });
             }
-            if let Action::Forward { pool, .. } = r.action
-                && pool >= self.pools.len()
-            {
-                return Err(ConfigError::NoSuchPool {
-                    route: r.name.clone(),
-                    pool,
-                });
+            if let Action::Forward { pool, canary, .. } = r.action {
+                for pool in std::iter::once(pool).chain(canary.map(|c| c.pool)) {
+                    if pool >= self.pools.len() {
+                        return Err(ConfigError::NoSuchPool {
+                            route: r.name.clone(),
+                            pool,
+                        });
+                    }
+                }
+                if let Some(c) = canary
+                    && c.percent > route::Canary::MAX_PERCENT
+                {
+                    return Err(ConfigError::LimitOutOfRange {
+                        what: "canary percent",
+                        value: u64::from(c.percent),
+                        min: 0,
+                        max: u64::from(route::Canary::MAX_PERCENT),
+                    });
+                }
             }
         }
         let l = &self.limits;
@@ -661,6 +673,8 @@ pub struct RouteStatus {
     pub action: String,
     /// Requests it matched.
     pub requests: u64,
+    /// Of those, the ones its canary sent to the canary pool.
+    pub canary_requests: u64,
     /// Their answers.
     pub responses: StatusClasses,
 }
@@ -1104,6 +1118,11 @@ struct RouteState {
     /// Requests forwarded and not yet finished.
     in_flight: u32,
     requests: u64,
+    /// Requests its canary sent to the canary pool (also the sequence of
+    /// [`CanaryKey::Request`](route::CanaryKey::Request) decisions, with `canary_seq`).
+    canary_requests: u64,
+    /// Canary decisions made, the sequence a per-request canary spreads by.
+    canary_seq: u64,
     responses: StatusClasses,
 }
 
@@ -1258,8 +1277,11 @@ impl Gateway {
         let mut routes = Vec::with_capacity(old.len().max(config.routes.len()));
         for r in &config.routes {
             let mut route = r.clone();
-            if let Action::Forward { pool, .. } = &mut route.action {
+            if let Action::Forward { pool, canary, .. } = &mut route.action {
                 *pool = pool_ids[*pool];
+                if let Some(c) = canary {
+                    c.pool = pool_ids[c.pool];
+                }
             }
             let kept = old[..self.listed_routes]
                 .iter()
@@ -1283,6 +1305,8 @@ impl Gateway {
                         route,
                         in_flight: 0,
                         requests: 0,
+                        canary_requests: 0,
+                        canary_seq: 0,
                         responses: StatusClasses::default(),
                     }
                 }
@@ -1380,7 +1404,7 @@ impl Gateway {
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let (pool_id, strip) = match &self.routes[index].route.action {
+        let (pool_id, strip, canary) = match &self.routes[index].route.action {
             Action::Redirect { status, target } => {
                 let location = match target {
                     RedirectTarget::Location(url) => url.clone(),
@@ -1391,7 +1415,25 @@ impl Gateway {
                 let location = HeaderValue::from_str(&location).ok();
                 return self.answer(Some(index), *status, location, "redirect");
             }
-            Action::Forward { pool, strip_prefix } => (*pool, strip_prefix.clone()),
+            Action::Forward {
+                pool,
+                strip_prefix,
+                canary,
+            } => (*pool, strip_prefix.clone(), *canary),
+        };
+        let pool_id = match canary {
+            Some(c) => {
+                let route = &mut self.routes[index];
+                let seq = route.canary_seq;
+                route.canary_seq += 1;
+                if c.takes(*client.ip(), seq) {
+                    route.canary_requests += 1;
+                    c.pool
+                } else {
+                    pool_id
+                }
+            }
+            None => pool_id,
         };
         let path = strip
             .and_then(|p| route::strip_prefix(&checked.path, &p))
@@ -1830,6 +1872,7 @@ impl Gateway {
                     name: r.route.name.clone(),
                     action: self.describe(&r.route.action),
                     requests: r.requests,
+                    canary_requests: r.canary_requests,
                     responses: r.responses,
                 })
                 .collect(),
@@ -1844,16 +1887,33 @@ impl Gateway {
 
     fn describe(&self, action: &Action) -> String {
         match action {
-            Action::Forward { pool, strip_prefix } => {
-                let name = self
-                    .pools
-                    .iter()
-                    .find(|p| p.id == *pool)
-                    .map_or("-", |p| p.spec.name.as_str());
-                match strip_prefix {
-                    Some(p) => format!("pool {name}, strip {p}"),
-                    None => format!("pool {name}"),
+            Action::Forward {
+                pool,
+                strip_prefix,
+                canary,
+            } => {
+                let name_of = |id: usize| {
+                    self.pools
+                        .iter()
+                        .find(|p| p.id == id)
+                        .map_or("-", |p| p.spec.name.as_str())
+                };
+                let mut text = format!("pool {}", name_of(*pool));
+                if let Some(c) = canary {
+                    let by = match c.by {
+                        route::CanaryKey::Source => "source",
+                        route::CanaryKey::Request => "request",
+                    };
+                    text.push_str(&format!(
+                        ", canary {} {} % by {by}",
+                        name_of(c.pool),
+                        c.percent
+                    ));
                 }
+                if let Some(p) = strip_prefix {
+                    text.push_str(&format!(", strip {p}"));
+                }
+                text
             }
             Action::Redirect { status, target } => match target {
                 RedirectTarget::Location(url) => format!("redirect {} {url}", status.as_u16()),

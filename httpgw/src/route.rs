@@ -293,6 +293,60 @@ pub enum RedirectTarget {
     Prefix(String),
 }
 
+/// A canary: `percent` of a route's requests go to another pool (a new release) and the rest
+/// to the route's own (HAProxy `use_backend v2 if { rand(100) lt 10 }`, nginx
+/// `split_clients`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Canary {
+    /// Index into [`GatewayConfig::pools`](crate::GatewayConfig::pools).
+    pub pool: usize,
+    /// 0 to 100.
+    pub percent: u8,
+    /// What decides the side a request takes.
+    pub by: CanaryKey,
+}
+
+/// What decides which side of a canary a request takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryKey {
+    /// The client's address: a client stays on one side while the percentage stays (nginx
+    /// `split_clients "${remote_addr}"`). Every director computes the same side.
+    Source,
+    /// Each request on its own, spread evenly: exactly `percent` of every 100 requests.
+    Request,
+}
+
+impl Canary {
+    /// Largest `percent`.
+    pub const MAX_PERCENT: u8 = 100;
+
+    /// Whether a request from `client` goes to the canary pool; `seq` counts the route's
+    /// canary decisions (for [`CanaryKey::Request`]).
+    #[must_use]
+    pub fn takes(&self, client: std::net::Ipv4Addr, seq: u64) -> bool {
+        let percent = u64::from(self.percent.min(Self::MAX_PERCENT));
+        match self.by {
+            CanaryKey::Source => source_bucket(client) < percent,
+            // Request n is the canary's when floor((n + 1) p / 100) steps past floor(n p / 100).
+            CanaryKey::Request => {
+                let n = seq % 100;
+                (n + 1) * percent / 100 > n * percent / 100
+            }
+        }
+    }
+}
+
+/// The client's bucket, 0 to 99: a fixed mix of the address's bits (splitmix64's finaliser),
+/// so neighbouring addresses land apart and every director agrees.
+#[must_use]
+pub fn source_bucket(client: std::net::Ipv4Addr) -> u64 {
+    let mut x = u64::from(u32::from(client)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    x % 100
+}
+
 /// What a matching rule does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -303,6 +357,8 @@ pub enum Action {
         /// Remove this prefix from the path first (`/api/users` → `/users`); a path that is
         /// the prefix itself becomes `/`. Only applies when the path starts with it.
         strip_prefix: Option<String>,
+        /// A share of the route's requests goes to another pool instead.
+        canary: Option<Canary>,
     },
     /// Answer with a redirect; the request goes nowhere.
     Redirect {

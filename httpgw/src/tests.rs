@@ -47,6 +47,7 @@ fn forward(name: &str, when: Match, pool: usize, strip: Option<&str>) -> Route {
         action: Action::Forward {
             pool,
             strip_prefix: strip.map(str::to_owned),
+            canary: None,
         },
         rewrite: HeaderRules::default(),
     }
@@ -441,6 +442,73 @@ fn ambiguous_or_bad_heads_are_refused() {
     let mut h = head(&[], "GET", "/");
     h.version = http::Version::HTTP_10;
     assert_eq!(hygiene::check(&h).unwrap().host, "");
+}
+
+/// A canary by request sends exactly `percent` of every 100 requests to its pool, spread
+/// out; by source, a client always takes the same side, about `percent` of the clients the
+/// canary's; 0 % and 100 % are all or nothing; `show http` counts and describes it.
+#[test]
+fn a_canary_takes_its_share_by_request_or_by_source() {
+    use crate::route::{Canary, CanaryKey};
+    let with = |percent: u8, by: CanaryKey| {
+        let mut cfg = config();
+        if let Action::Forward { canary, .. } = &mut cfg.routes[3].action {
+            *canary = Some(Canary {
+                pool: 1,
+                percent,
+                by,
+            });
+        }
+        Gateway::new(&cfg).unwrap()
+    };
+    let to_api = |gw: &mut Gateway, client: Ipv4Addr| {
+        let mut h = head(&[("host", "www.example.com")], "GET", "/");
+        let up = forwarded(gw.decide(
+            epoch(),
+            SocketAddrV4::new(client, 40_000),
+            VIP,
+            None,
+            &mut h,
+        ));
+        up.pool == 1
+    };
+    let mut gw = with(10, CanaryKey::Request);
+    let sides: Vec<bool> = (0..200)
+        .map(|_| to_api(&mut gw, CLIENT.ip().to_owned()))
+        .collect();
+    assert_eq!(sides.iter().filter(|c| **c).count(), 20);
+    for window in sides.chunks(10) {
+        assert_eq!(window.iter().filter(|c| **c).count(), 1, "{sides:?}");
+    }
+    let status = gw.status(epoch());
+    let route = &status.routes[3];
+    assert_eq!((route.requests, route.canary_requests), (200, 20));
+    assert_eq!(route.action, "pool web, canary api 10 % by request");
+
+    let mut gw = with(10, CanaryKey::Source);
+    let clients: Vec<Ipv4Addr> = (0..1000u32)
+        .map(|i| Ipv4Addr::from(0x0A00_0000 + i))
+        .collect();
+    let first: Vec<bool> = clients.iter().map(|c| to_api(&mut gw, *c)).collect();
+    let again: Vec<bool> = clients.iter().map(|c| to_api(&mut gw, *c)).collect();
+    assert_eq!(first, again, "a client keeps its side");
+    let share = first.iter().filter(|c| **c).count();
+    assert!((70..=130).contains(&share), "{share} of 1000 clients");
+    for (percent, all) in [(0, false), (100, true)] {
+        for by in [CanaryKey::Source, CanaryKey::Request] {
+            let mut gw = with(percent, by);
+            assert!(clients[..50].iter().all(|c| to_api(&mut gw, *c) == all));
+        }
+    }
+    let mut cfg = config();
+    if let Action::Forward { canary, .. } = &mut cfg.routes[3].action {
+        *canary = Some(Canary {
+            pool: 7,
+            percent: 10,
+            by: CanaryKey::Source,
+        });
+    }
+    assert!(Gateway::new(&cfg).is_err());
 }
 
 /// `via` adds the version the request came with and the pseudonym after any `Via` the client
@@ -1709,6 +1777,7 @@ fn a_refused_reload_changes_nothing() {
     cfg.routes[0].action = Action::Forward {
         pool: 9,
         strip_prefix: None,
+        canary: None,
     };
     assert!(matches!(
         gw.reconfigure(&cfg),

@@ -92,6 +92,7 @@ fn to(pool: usize, strip: Option<&str>) -> Action {
     Action::Forward {
         pool,
         strip_prefix: strip.map(str::to_owned),
+        canary: None,
     }
 }
 

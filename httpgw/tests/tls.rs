@@ -220,6 +220,7 @@ async fn sni_picks_the_certificate_and_the_route() {
                 action: Action::Forward {
                     pool: 1,
                     strip_prefix: None,
+                    canary: None,
                 },
                 rewrite: HeaderRules::default(),
             },
@@ -229,6 +230,7 @@ async fn sni_picks_the_certificate_and_the_route() {
                 action: Action::Forward {
                     pool: 0,
                     strip_prefix: None,
+                    canary: None,
                 },
                 rewrite: HeaderRules::default(),
             },
@@ -323,6 +325,7 @@ async fn hostile_handshakes_are_closed_and_counted() {
             action: Action::Forward {
                 pool: 0,
                 strip_prefix: None,
+                canary: None,
             },
             rewrite: HeaderRules::default(),
         }],
@@ -486,6 +489,7 @@ fn h2_config(
                 action: Action::Forward {
                     pool: 1,
                     strip_prefix: None,
+                    canary: None,
                 },
                 rewrite: HeaderRules::default(),
             },
@@ -495,6 +499,7 @@ fn h2_config(
                 action: Action::Forward {
                     pool: 0,
                     strip_prefix: None,
+                    canary: None,
                 },
                 rewrite: HeaderRules::default(),
             },
@@ -938,6 +943,7 @@ async fn a_pool_with_tls_talks_https_to_its_backends_and_verifies_them() {
         action: Action::Forward {
             pool,
             strip_prefix: None,
+            canary: None,
         },
         rewrite: HeaderRules::default(),
     };

@@ -76,6 +76,7 @@ async fn gateway(tunnel_timeout: Duration) -> (HttpGateway, Arc<Mutex<Vec<String
             action: Action::Forward {
                 pool: 0,
                 strip_prefix: None,
+                canary: None,
             },
             rewrite: HeaderRules::default(),
         }],

@@ -12,7 +12,8 @@ use balance::{BackendConfig, PoolConfig, SchedulerKind};
 use httpgw::health::EjectConfig;
 use httpgw::hygiene::Forwarding;
 use httpgw::route::{
-    Action, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern, RedirectTarget, Route,
+    Action, Canary, CanaryKey, HeaderMatch, HeaderRules, HostPattern, Match, PathPattern,
+    RedirectTarget, Route,
 };
 use httpgw::{Alpn, CertFiles, GatewayConfig, Limits, PoolSpec, TlsConfig};
 use ipnet::IpNet;
@@ -199,6 +200,9 @@ pub(crate) struct RouteSection {
     /// Remove this prefix from the path before forwarding.
     #[serde(default)]
     pub(crate) strip_prefix: Option<Spanned<String>>,
+    /// A share of the route's requests to another pool (`{ pool = "web-v2", percent = 10 }`).
+    #[serde(default)]
+    pub(crate) canary: Option<Spanned<CanarySection>>,
     /// Answer with a redirect instead of forwarding.
     #[serde(default)]
     pub(crate) redirect: Option<Spanned<RedirectSection>>,
@@ -225,6 +229,17 @@ pub(crate) struct RouteSection {
     /// `add_header`).
     #[serde(default)]
     pub(crate) add_response_headers: BTreeMap<String, Spanned<AddedValues>>,
+}
+
+/// `canary = { pool = "web-v2", percent = 10, by = "source" }` on a route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CanarySection {
+    pub(crate) pool: Spanned<String>,
+    pub(crate) percent: Spanned<u32>,
+    /// `"source"` (default: a client stays on one side) or `"request"`.
+    #[serde(default)]
+    pub(crate) by: Option<Spanned<String>>,
 }
 
 /// The value of one name in `add_*_headers`: one field, or several of that name in order
@@ -665,6 +680,53 @@ fn in_range<T: Copy + Into<u64> + std::fmt::Display>(
     }
 }
 
+/// A route's canary, its mistakes reported at their place.
+fn canary(
+    route_name: &str,
+    c: &CanarySection,
+    pools: &[&str],
+    error: &mut dyn FnMut(Range<usize>, String),
+) -> Option<Canary> {
+    let Some(pool) = pools.iter().position(|p| p == c.pool.get_ref()) else {
+        error(
+            c.pool.span(),
+            format!(
+                "route `{route_name}` sends a canary to pool `{}`, which is not defined{}",
+                c.pool.get_ref(),
+                did_you_mean(c.pool.get_ref(), pools)
+            ),
+        );
+        return None;
+    };
+    let asked = *c.percent.get_ref();
+    let percent = u8::try_from(asked)
+        .ok()
+        .filter(|p| *p <= Canary::MAX_PERCENT);
+    if percent.is_none() {
+        error(
+            c.percent.span(),
+            format!("canary percent must be between 0 and 100, not {asked}"),
+        );
+    }
+    let by = match c.by.as_ref().map(|b| b.get_ref().as_str()) {
+        None | Some("source") => Some(CanaryKey::Source),
+        Some("request") => Some(CanaryKey::Request),
+        Some(other) => {
+            let span = c.by.as_ref().map(Spanned::span).unwrap_or_default();
+            error(
+                span,
+                format!("canary `by` is \"source\" or \"request\", not {other:?}"),
+            );
+            None
+        }
+    };
+    Some(Canary {
+        pool,
+        percent: percent?,
+        by: by?,
+    })
+}
+
 fn route(
     r: &RouteSection,
     pools: &[&str],
@@ -756,6 +818,10 @@ fn route(
             Action::Forward {
                 pool: index,
                 strip_prefix: r.strip_prefix.as_ref().map(|p| p.get_ref().clone()),
+                canary: r
+                    .canary
+                    .as_ref()
+                    .and_then(|c| canary(route_name, c.get_ref(), pools, error)),
             }
         }
         (None, Some(redirect)) => {
@@ -763,6 +829,12 @@ fn route(
                 error(
                     p.span(),
                     "strip_prefix applies to a route with a pool, not to a redirect".into(),
+                );
+            }
+            if let Some(c) = &r.canary {
+                error(
+                    c.span(),
+                    "canary applies to a route with a pool, not to a redirect".into(),
                 );
             }
             let rd = redirect.get_ref();

@@ -679,7 +679,8 @@ fn an_http_section_lowers_to_the_gateway_config() {
         gw.routes[0].action,
         httpgw::route::Action::Forward {
             pool: 1,
-            strip_prefix: Some("/api".into())
+            strip_prefix: Some("/api".into()),
+            canary: None,
         }
     );
     assert!(matches!(
@@ -1329,6 +1330,70 @@ fn http_retries_and_connect_timeout_are_read_and_checked_with_their_position() {
         );
     }
     assert_eq!(errs.len(), 2, "{errs:#?}");
+}
+
+/// `canary = { pool, percent, by }` on a route is read, and its mistakes pointed at.
+#[test]
+fn http_canary_is_read_and_checked_with_its_position() {
+    use httpgw::route::{Action, Canary, CanaryKey};
+    let set = HTTP_SITE.replace(
+        "name = \"default\"\npool = \"web\"",
+        "name = \"default\"\npool = \"web\"\ncanary = { pool = \"api\", percent = 10 }",
+    );
+    let gw = parse(Path::new("site.toml"), &set).expect("valid").http[0].lower();
+    assert!(matches!(
+        gw.routes[2].action,
+        Action::Forward {
+            canary: Some(Canary {
+                pool: 1,
+                percent: 10,
+                by: CanaryKey::Source
+            }),
+            ..
+        }
+    ));
+    httpgw::Gateway::new(&gw).expect("the gateway takes what check accepts");
+
+    let bad = HTTP_SITE
+        .replace(
+            "name = \"default\"\npool = \"web\"",
+            "name = \"default\"\npool = \"web\"\ncanary = { pool = \"apj\", percent = 10 }",
+        )
+        .replace(
+            "path_prefix = [\"/api/\"]",
+            "path_prefix = [\"/api/\"]\ncanary = { pool = \"web\", percent = 101, by = \"cookie\" }",
+        )
+        .replace(
+            "redirect = { status = 301",
+            "canary = { pool = \"web\", percent = 5, by = \"client\" }\nredirect = { status = 301",
+        );
+    let errs = errors(&bad);
+    let line = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let expected = [
+        format!(
+            "site.toml:{}:19: route `default` sends a canary to pool `apj`, which is not defined (did you mean `api`?)",
+            line("\"apj\"")
+        ),
+        format!(
+            "site.toml:{}:36: canary percent must be between 0 and 100, not 101",
+            line("percent = 101")
+        ),
+        format!(
+            "site.toml:{}:46: canary `by` is \"source\" or \"request\", not \"cookie\"",
+            line("percent = 101")
+        ),
+        format!(
+            "site.toml:{}:10: canary applies to a route with a pool, not to a redirect",
+            line("by = \"client\"")
+        ),
+    ];
+    for e in &expected {
+        assert!(
+            errs.iter().any(|got| got.starts_with(e.as_str())),
+            "{e} not in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), 4, "{errs:#?}");
 }
 
 /// `via` (per listener, a token pseudonym) and `proxy_protocol = "v2"` (per pool, not with

@@ -242,9 +242,14 @@ pub(crate) fn render(items: &[serde_json::Value]) -> String {
             );
         }
         for r in &s.routes {
+            let canary = if r.action.contains(", canary ") {
+                format!(" ({} to the canary)", r.canary_requests)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "  route {:<16} {:<32} {:>8} hits  {}",
+                "  route {:<16} {:<32} {:>8} hits{canary}  {}",
                 r.name,
                 r.action,
                 r.requests,

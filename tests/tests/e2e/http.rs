@@ -2117,3 +2117,101 @@ backends = [{{ address = "10.0.0.101:8080" }}]
         },
     );
 }
+
+fn canary_site(canary: &str) -> String {
+    format!(
+        r#"
+[[http]]
+name = "www"
+listen = "{GATEWAY}:80"
+
+[[http.route]]
+name = "default"
+pool = "stable"
+canary = {{ pool = "next", {canary} }}
+
+[[http.pool]]
+name = "stable"
+backends = [{{ address = "10.0.0.101:8000" }}]
+
+[[http.pool]]
+name = "next"
+backends = [{{ address = "10.0.0.102:8000" }}]
+"#
+    )
+}
+
+/// The canary recipe: 10 % of a route's requests to a new pool (exactly 10 of every 100 by
+/// request), then by client address (each client keeps its side), then 100 % and 0 % by
+/// reload, every answer a 200.
+#[test]
+fn a_canary_sends_its_share_of_a_route_to_the_new_pool() {
+    let lab = Lab::with_site(e2e!(), &canary_site("percent = 10, by = \"request\""), 80);
+    let answers = |client: &str, n: usize| -> Vec<String> {
+        let out = lab.curl(&format!(
+            "--interface {client} -w '%{{http_code}}\\n' 'http://{GATEWAY}/c[1-{n}]'"
+        ));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2 * n, "{out}");
+        assert!(
+            lines.iter().skip(1).step_by(2).all(|c| *c == "200"),
+            "{out}"
+        );
+        lines
+            .iter()
+            .step_by(2)
+            .map(|l| l.split(' ').next().unwrap_or("").to_owned())
+            .collect()
+    };
+    let got = answers("198.51.100.200", 100);
+    assert_eq!(got.iter().filter(|b| *b == "rs2").count(), 10, "{got:?}");
+    assert_eq!(got.iter().filter(|b| *b == "rs1").count(), 90, "{got:?}");
+    let show = lab.t.show("dir", &lab.control, Show::Http);
+    assert_eq!(
+        counter(&show[0], &["routes", "0", "canary_requests"]),
+        10,
+        "{show}"
+    );
+    assert_eq!(
+        counter(&show[0], &["routes", "0", "requests"]),
+        100,
+        "{show}"
+    );
+
+    // By client address: 20 clients, each asking three times, each always on one side.
+    for i in 150..170 {
+        lab.t
+            .ip("cl", &format!("addr add 198.51.100.{i}/24 dev eth0"));
+    }
+    let out = lab.reload(&canary_site("percent = 50"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut sides = Vec::new();
+    for i in 150..170 {
+        let got = answers(&format!("198.51.100.{i}"), 3);
+        assert!(
+            got.iter().all(|b| *b == got[0]),
+            "198.51.100.{i} switched sides: {got:?}"
+        );
+        sides.push(got[0].clone());
+    }
+    assert!(
+        sides.iter().any(|s| s == "rs1") && sides.iter().any(|s| s == "rs2"),
+        "{sides:?}"
+    );
+
+    // The rollout's end and its rollback, each one reload.
+    for (percent, all) in [("100", "rs2"), ("0", "rs1")] {
+        let out = lab.reload(&canary_site(&format!("percent = {percent}")));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = answers("198.51.100.155", 20);
+        assert!(got.iter().all(|b| b == all), "{percent} %: {got:?}");
+    }
+}
