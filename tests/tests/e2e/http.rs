@@ -372,6 +372,14 @@ impl SlowPost {
     }
 }
 
+/// Two `[[http.pool]]`s: `first` on rs1:8000, `second` on rs2:8000.
+fn two_pools(first: &str, second: &str) -> String {
+    format!(
+        "[[http.pool]]\nname = \"{first}\"\nbackends = [{{ address = \"10.0.0.101:8000\" }}]\n\n\
+         [[http.pool]]\nname = \"{second}\"\nbackends = [{{ address = \"10.0.0.102:8000\" }}]"
+    )
+}
+
 fn director_toml(control: &str, site: &str) -> String {
     format!("[daemon]\ncontrol = \"{control}\"\n{site}")
 }
@@ -519,14 +527,9 @@ pool = "api"
 name = "default"
 pool = "web"
 
-[[http.pool]]
-name = "web"
-backends = [{{ address = "10.0.0.101:8000" }}]
-
-[[http.pool]]
-name = "api"
-backends = [{{ address = "10.0.0.102:8000" }}]
-"#
+{pools}
+"#,
+        pools = two_pools("web", "api")
     )
 }
 
@@ -732,14 +735,9 @@ pool = "one"
 name = "default"
 pool = "two"
 
-[[http.pool]]
-name = "one"
-backends = [{{ address = "10.0.0.101:8000" }}]
-
-[[http.pool]]
-name = "two"
-backends = [{{ address = "10.0.0.102:8000" }}]
-"#
+{pools}
+"#,
+        pools = two_pools("one", "two")
     );
     let lab = Lab::with_site(t, &site, 443);
     let check = lab.t.vipgate_output(
@@ -1032,19 +1030,14 @@ pool = "app"
 name = "default"
 pool = "web"
 
-[[http.pool]]
-name = "web"
-backends = [{{ address = "10.0.0.101:8000" }}]
-
-[[http.pool]]
-name = "api"
-backends = [{{ address = "10.0.0.102:8000" }}]
+{pools}
 
 [[http.pool]]
 name = "app"
 cookie = {{ name = "SRV", nocache = true }}
 backends = [{{ address = "10.0.0.101:8000" }}, {{ address = "10.0.0.102:8000" }}]
-"#
+"#,
+        pools = two_pools("web", "api")
     );
     let lab = Lab::with_site(t, &site, 443);
     let dir = lab.t.dir().display().to_string();
@@ -1191,14 +1184,9 @@ listen = "{GATEWAY}:80"
 name = "default"
 pool = "{pool}"
 
-[[http.pool]]
-name = "blue"
-backends = [{{ address = "10.0.0.101:8000" }}]
-
-[[http.pool]]
-name = "green"
-backends = [{{ address = "10.0.0.102:8000" }}]
-"#
+{pools}
+"#,
+        pools = two_pools("blue", "green")
     )
 }
 
@@ -2130,14 +2118,9 @@ name = "default"
 pool = "stable"
 canary = {{ pool = "next", {canary} }}
 
-[[http.pool]]
-name = "stable"
-backends = [{{ address = "10.0.0.101:8000" }}]
-
-[[http.pool]]
-name = "next"
-backends = [{{ address = "10.0.0.102:8000" }}]
-"#
+{pools}
+"#,
+        pools = two_pools("stable", "next")
     )
 }
 
