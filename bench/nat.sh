@@ -144,7 +144,10 @@ vipgate_mode() { # REPETITION [MODE SITE]
 # one line: once, or every PERIOD seconds until killed.
 nat_status() {
   while :; do
-    { x gw "$VIPGATE_BIN" show nat --json -c "$1" | tr -d '\n'; echo; } >> "$STATUS_OUT" || true
+    # Whole lines only: the sampler may be killed in the middle of a sample.
+    local line
+    line=$(x gw "$VIPGATE_BIN" show nat --json -c "$1" | tr -d '\n') || true
+    printf '%s\n' "$line" >> "$STATUS_OUT"
     [ -n "${2:-}" ] || return 0
     sleep "$2"
   done
