@@ -1009,7 +1009,7 @@ fn an_http_route_needs_one_action_and_known_keys() {
     );
     assert_eq!(
         errs[0],
-        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, path_regex, method, header, pool, strip_prefix, redirect, sni, set_request_headers, del_request_headers, add_request_headers, set_response_headers, del_response_headers, add_response_headers"
+        "site.toml:6:1: unknown key `hots` (did you mean `host`?); valid keys here: name, host, path, path_prefix, path_regex, method, header, pool, strip_prefix, canary, redirect, sni, set_request_headers, del_request_headers, add_request_headers, set_response_headers, del_response_headers, add_response_headers"
     );
 }
 
