@@ -286,13 +286,6 @@ fn one_packet_spreads_the_datagrams_of_one_socket(t: Topology, datapath: &'stati
             || lab.service("dns")["fast_path"]["one_packet_services"] == 1,
         );
         lab.pin_client = true;
-        // The program carries a datagram only to a backend whose neighbour entry exists
-        // (bpf_fib_lookup); the first one to a backend the director has not yet resolved takes
-        // the slow path, where the core's own rotation picks its backend. Resolve all three
-        // first, so that the split shows the kernel's rotation alone.
-        for i in 1..=3 {
-            lab.lab.t.sh("dir", &format!("ping -c 1 -W 2 10.0.0.10{i}"));
-        }
     }
     let nat0_before = lab.nat0_tx_packets();
     let split = count(&lab.query(53, 30, "one"));
