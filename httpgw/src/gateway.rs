@@ -1118,11 +1118,8 @@ struct RouteState {
     /// Requests forwarded and not yet finished.
     in_flight: u32,
     requests: u64,
-    /// Requests its canary sent to the canary pool (also the sequence of
-    /// [`CanaryKey::Request`](route::CanaryKey::Request) decisions, with `canary_seq`).
+    /// Requests its canary sent to the canary pool.
     canary_requests: u64,
-    /// Canary decisions made, the sequence a per-request canary spreads by.
-    canary_seq: u64,
     responses: StatusClasses,
 }
 
@@ -1306,7 +1303,6 @@ impl Gateway {
                         in_flight: 0,
                         requests: 0,
                         canary_requests: 0,
-                        canary_seq: 0,
                         responses: StatusClasses::default(),
                     }
                 }
@@ -1424,9 +1420,9 @@ impl Gateway {
         let pool_id = match canary {
             Some(c) => {
                 let route = &mut self.routes[index];
-                let seq = route.canary_seq;
-                route.canary_seq += 1;
-                if c.takes(*client.ip(), seq) {
+                // The route's requests so far number its decisions: any run of 100 of
+                // them spreads a per-request canary exactly.
+                if c.takes(*client.ip(), route.requests - 1) {
                     route.canary_requests += 1;
                     c.pool
                 } else {

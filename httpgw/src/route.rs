@@ -320,8 +320,8 @@ impl Canary {
     /// Largest `percent`.
     pub const MAX_PERCENT: u8 = 100;
 
-    /// Whether a request from `client` goes to the canary pool; `seq` counts the route's
-    /// canary decisions (for [`CanaryKey::Request`]).
+    /// Whether a request from `client` goes to the canary pool; `seq` numbers the route's
+    /// requests from 0 (for [`CanaryKey::Request`]).
     #[must_use]
     pub fn takes(&self, client: std::net::Ipv4Addr, seq: u64) -> bool {
         let percent = u64::from(self.percent.min(Self::MAX_PERCENT));
