@@ -891,6 +891,23 @@ fn route(
     })
 }
 
+/// Reports, at the route's name, a header-rule list longer than
+/// [`httpgw::route::MAX_HEADER_RULES`] (`"{what} 32 {unit}"`).
+fn rule_bound(
+    r: &RouteSection,
+    count: usize,
+    what: &str,
+    unit: &str,
+    error: &mut dyn FnMut(Range<usize>, String),
+) {
+    if count > httpgw::route::MAX_HEADER_RULES {
+        error(
+            r.name.span(),
+            format!("{what} {} {unit}", httpgw::route::MAX_HEADER_RULES),
+        );
+    }
+}
+
 /// The route's header rules, each mistake at its value (set) or entry (del).
 fn rewrite(r: &RouteSection, error: &mut dyn FnMut(Range<usize>, String)) -> HeaderRules {
     let mut rules = HeaderRules::default();
@@ -907,15 +924,13 @@ fn rewrite(r: &RouteSection, error: &mut dyn FnMut(Range<usize>, String)) -> Hea
         ),
     ];
     for (map, into, key) in lists {
-        if map.len() > httpgw::route::MAX_HEADER_RULES {
-            error(
-                r.name.span(),
-                format!(
-                    "`{key}` has more than {} entries",
-                    httpgw::route::MAX_HEADER_RULES
-                ),
-            );
-        }
+        rule_bound(
+            r,
+            map.len(),
+            &format!("`{key}` has more than"),
+            "entries",
+            error,
+        );
         for (name, value) in map {
             match (HeaderRules::name(name), HeaderRules::value(value.get_ref())) {
                 (Ok(n), Ok(v)) => into.push((n, v)),
@@ -936,15 +951,13 @@ fn rewrite(r: &RouteSection, error: &mut dyn FnMut(Range<usize>, String)) -> Hea
         ),
     ];
     for (list, into, key) in lists {
-        if list.len() > httpgw::route::MAX_HEADER_RULES {
-            error(
-                r.name.span(),
-                format!(
-                    "`{key}` has more than {} entries",
-                    httpgw::route::MAX_HEADER_RULES
-                ),
-            );
-        }
+        rule_bound(
+            r,
+            list.len(),
+            &format!("`{key}` has more than"),
+            "entries",
+            error,
+        );
         for name in list {
             match HeaderRules::name(name.get_ref()) {
                 Ok(n) => into.push(n),
@@ -967,15 +980,13 @@ fn rewrite(r: &RouteSection, error: &mut dyn FnMut(Range<usize>, String)) -> Hea
     for (map, into, key) in lists {
         // Each value is a field added: the bound counts values, not names.
         let fields: usize = map.values().map(|v| v.get_ref().values().len()).sum();
-        if fields > httpgw::route::MAX_HEADER_RULES {
-            error(
-                r.name.span(),
-                format!(
-                    "`{key}` adds more than {} fields",
-                    httpgw::route::MAX_HEADER_RULES
-                ),
-            );
-        }
+        rule_bound(
+            r,
+            fields,
+            &format!("`{key}` adds more than"),
+            "fields",
+            error,
+        );
         for (name, values) in map {
             let name = match HeaderRules::name(name) {
                 Ok(n) => n,
