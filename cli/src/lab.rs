@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::process::Command;
+use tokio::signal::unix::{SignalKind, signal};
 
 const LIB_SH: &str = include_str!("../../netns-scripts/lib.sh");
 const LAB_UP_SH: &str = include_str!("../../netns-scripts/lab-up.sh");
@@ -54,7 +55,7 @@ pub(crate) async fn lab(action: Option<LabAction>, prefix: &str) -> anyhow::Resu
             lab.up().await?;
             let failed = lab.tour().await;
             println!(
-                "\n{}. Step into any host with `ip netns exec {prefix}-inet bash`; daemons log to {}.\nLive status follows; Ctrl-C tears the lab down.",
+                "\n{}. Step into any host with `ip netns exec {prefix}-inet bash`; daemons log to {}.\nLive status follows; Ctrl-C (or SIGTERM, SIGHUP) tears the lab down.",
                 if failed == 0 {
                     "Every scenario works".to_string()
                 } else {
@@ -69,8 +70,14 @@ pub(crate) async fn lab(action: Option<LabAction>, prefix: &str) -> anyhow::Resu
                     print!("\x1b[2J\x1b[H{}", lab.live_status().await);
                 }
             };
+            // A lab stopped by `kill` or `timeout` (SIGTERM) or by its terminal closing
+            // (SIGHUP) must tear down as Ctrl-C does: otherwise its namespaces and daemons stay.
+            let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+            let mut hangup = signal(SignalKind::hangup()).context("watching SIGHUP")?;
             tokio::select! {
                 r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+                _ = term.recv() => {}
+                _ = hangup.recv() => {}
                 () = live => {}
             }
             lab.down().await
