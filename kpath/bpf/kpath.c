@@ -24,7 +24,8 @@
 // - Anything the program is not sure of returns TC_ACT_OK untouched, so the packet takes the
 //   slow path through nat0 and the core sees it: no entry, not IPv4, IP options, fragments,
 //   TTL <= 1, protocols other than TCP/UDP (ICMP and ICMP errors included), TCP segments
-//   with SYN or RST (the core sees every opening and judges every RST against its window),
+//   with SYN or RST (the core sees every opening and judges every RST against its window;
+//   the one exception is an outside SYN to a listener the core published, below),
 //   a FIN of a direct-routing flow (its core tracks the client's flags alone) or of a flow
 //   whose entry says FLOW_FIN_TO_CORE, a FIB miss or a packet that would need fragmenting.
 //   A packet is never rewritten and then passed on.
@@ -85,8 +86,17 @@ static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen
                               __u32 flags) = (void *)BPF_FUNC_fib_lookup;
 static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen,
                                   __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+static long (*bpf_skb_load_bytes)(const struct __sk_buff *skb, __u32 off, void *to,
+                                  __u32 len) = (void *)BPF_FUNC_skb_load_bytes;
 static long (*bpf_skb_change_head)(struct __sk_buff *skb, __u32 len,
                                    __u64 flags) = (void *)BPF_FUNC_skb_change_head;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value,
+                                   __u64 flags) = (void *)BPF_FUNC_map_update_elem;
+static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_delete_elem;
+static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size,
+                                    __u64 flags) = (void *)BPF_FUNC_ringbuf_reserve;
+static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)BPF_FUNC_ringbuf_submit;
+static void (*bpf_ringbuf_discard)(void *data, __u64 flags) = (void *)BPF_FUNC_ringbuf_discard;
 
 #define PIN_BY_NAME 1
 
@@ -148,6 +158,9 @@ enum counter {
 	CNT_DR_UNDELIVERABLE, // kpath_deliver: no direct route to the real server, dropped
 	CNT_OP_IN,  // one-packet datagrams scheduled to a backend
 	CNT_OP_OUT, // one-packet answers sent from their VIP
+	CNT_SYN_OPENED,    // SYNs to a published listener executed here (a flow opened)
+	CNT_SYN_RING_FULL, // SYNs to a published listener left to the slow path: ring buffer full
+	CNT_SYN_RACE,      // SYNs left to the slow path: an entry of their flow appeared meanwhile
 	CNT_MAX,
 };
 
@@ -391,6 +404,188 @@ INLINE int one_packet(struct __sk_buff *skb, struct iphdr *ip, const struct flow
 	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
 }
 
+// Published listeners (a decision stated in advance, natgw's Gateway::published_listeners):
+// the TCP static forwards whose every SYN from the outside the core would answer by opening a
+// flow to one inside endpoint, source address and port preserved. The core states the set;
+// the driver mirrors it into kpath_published (empty unless the driver enables it). An inbound
+// SYN (no ACK, no RST, no FIN) with no flow entry, to a published public endpoint, from a
+// source outside the inside networks (kpath_inside_nets: the core treats an inside source as
+// a hairpin, which the publication does not cover) is executed here: a ring buffer record
+// reporting the new flow is reserved first (a full ring leaves the SYN to the slow path,
+// counted, so no flow exists that userspace is not told of), then both directions' entries
+// are inserted (BPF_NOEXIST: a racing CPU's insert wins and this SYN takes the slow path),
+// the record is submitted and the SYN is rewritten and redirected like any hit. A SYN with
+// a payload (TCP Fast Open) is not executed (the record carries the TCP
+// header only, from which the core rebuilds the SYN to adopt the flow). Everything
+// else about the SYN's flow (the SYN-ACK, RSTs, expiry, counters) stays the core's, which
+// adopts the reported flow into its table or, refusing it, removes both entries.
+
+#define PUBLISHED_MAX 1024
+#define INSIDE_NETS_MAX 256
+// 5461 records of 88 bytes (96 with the ring's header): a burst of new connections between
+// two reads of the ring.
+#define OPENED_RING_BYTES (512 * 1024)
+#define TCP_HDR_MAX 60
+
+// The public endpoint of a published listener: 8 bytes.
+struct published_key {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+// A published listener, mirrored by kpath::pod::RawPublished. 16 bytes.
+struct published {
+	__be32 inside_addr;
+	__be16 inside_port;
+	__u16 pad;
+	__u32 listener; // the core's listener id
+	__u32 generation; // the publication this entry belongs to (the driver's counter)
+};
+
+// An inside network, as an LPM trie key.
+struct inside_net {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+// One flow opened by the program, mirrored by kpath::pod::RawOpened. 88 bytes. The SYN's
+// TCP header goes whole (options included: the core's tracking needs its window scale), as
+// it arrived, so that the core can track the SYN as if it had crossed it.
+struct opened {
+	__be32 client_addr;
+	__be32 public_addr;
+	__be32 inside_addr;
+	__be16 client_port;
+	__be16 public_port;
+	__be16 inside_port;
+	__u16 tcp_len; // bytes of tcp used, 20..=60
+	__u32 listener;
+	__u32 generation;
+	__u8 tcp[TCP_HDR_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PUBLISHED_MAX);
+	__type(key, struct published_key);
+	__type(value, struct published);
+} kpath_published SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, INSIDE_NETS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct inside_net);
+	__type(value, __u8);
+} kpath_inside_nets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, OPENED_RING_BYTES);
+} kpath_opened SEC(".maps");
+
+#define TH_ACK 0x10
+
+// An inbound SYN with no flow entry (see the comment on kpath_published): executes the
+// published decision, or leaves the SYN to the slow path exactly as before.
+INLINE int open_published(struct __sk_buff *skb, struct iphdr *ip, const struct flow_key *key,
+			  __u32 tcp_len)
+{
+	struct published_key pk = {.addr = key->daddr, .port = key->dport};
+	struct published *found = bpf_map_lookup_elem(&kpath_published, &pk);
+	if (!found)
+		return slow(CNT_SLOW_TCP_FLAGS);
+	// A copy: the driver may replace the entry while this SYN is handled.
+	struct published pub = *found;
+	struct inside_net src = {.prefixlen = 32, .addr = key->saddr};
+	if (bpf_map_lookup_elem(&kpath_inside_nets, &src))
+		return slow(CNT_SLOW_TCP_FLAGS);
+	if (tcp_len < 20 || tcp_len > TCP_HDR_MAX)
+		return slow(CNT_SLOW_UNPARSED);
+	// A SYN carrying data (TCP Fast Open) is the core's: the record carries the header only.
+	// (tot_len, not skb->len: a short frame carries Ethernet padding.)
+	if (__builtin_bswap16(ip->tot_len) != 20 + tcp_len)
+		return slow(CNT_SLOW_TCP_FLAGS);
+	if (ip->ttl <= 1)
+		return slow(CNT_SLOW_TTL);
+	struct bpf_fib_lookup fib = {};
+	if (!route(skb, ip, key->saddr, pub.inside_addr, &fib))
+		return slow(CNT_SLOW_FIB);
+
+	// Reserved before the entries exist: a flow is opened only if it can be reported.
+	struct opened *rec = bpf_ringbuf_reserve(&kpath_opened, sizeof(*rec), 0);
+	if (!rec)
+		return slow(CNT_SYN_RING_FULL);
+	// Zeroed first (constant offsets: the daemon's verifier, without CAP_PERFMON, allows no
+	// variable ones into ring memory), so no stale ring bytes past the header reach
+	// userspace. Then the header as it arrived, before the rewrite below. The compiler
+	// knows the bounds checked above and could drop what the verifier needs: restate them
+	// on a fresh value.
+	__builtin_memset(rec->tcp, 0, TCP_HDR_MAX);
+	__u32 len = tcp_len;
+	asm volatile("" : "+r"(len));
+	if (len < 20 || len > TCP_HDR_MAX ||
+	    bpf_skb_load_bytes(skb, L4_OFF, rec->tcp, len)) {
+		bpf_ringbuf_discard(rec, 0);
+		return slow(CNT_SLOW_UNPARSED);
+	}
+	__u64 ip_len = skb->len - ETH_HLEN;
+	struct flow_value in_v = {
+		.saddr = key->saddr,
+		.daddr = pub.inside_addr,
+		.sport = key->sport,
+		.dport = pub.inside_port,
+		.last_seen_ns = bpf_ktime_get_ns(),
+		.packets = 1,
+		.bytes = ip_len,
+	};
+	if (bpf_map_update_elem(&kpath_flows, key, &in_v, BPF_NOEXIST)) {
+		bpf_ringbuf_discard(rec, 0);
+		return slow(CNT_SYN_RACE);
+	}
+	struct flow_key out_k = {
+		.saddr = pub.inside_addr,
+		.daddr = key->saddr,
+		.sport = pub.inside_port,
+		.dport = key->sport,
+		.proto = IPPROTO_TCP,
+		.dir = DIR_OUTBOUND,
+	};
+	struct flow_value out_v = {
+		.saddr = key->daddr,
+		.daddr = key->saddr,
+		.sport = key->dport,
+		.dport = key->sport,
+	};
+	if (bpf_map_update_elem(&kpath_flows, &out_k, &out_v, BPF_NOEXIST)) {
+		bpf_map_delete_elem(&kpath_flows, key);
+		bpf_ringbuf_discard(rec, 0);
+		return slow(CNT_SYN_RACE);
+	}
+	rec->client_addr = key->saddr;
+	rec->public_addr = key->daddr;
+	rec->inside_addr = pub.inside_addr;
+	rec->client_port = key->sport;
+	rec->public_port = key->dport;
+	rec->inside_port = pub.inside_port;
+	rec->tcp_len = len;
+	rec->listener = pub.listener;
+	rec->generation = pub.generation;
+	bpf_ringbuf_submit(rec, 0);
+
+	__u16 old_ttl_word = *(__u16 *)&ip->ttl;
+	__u8 ttl_proto[2];
+	ttl_proto[0] = ip->ttl - 1;
+	ttl_proto[1] = IPPROTO_TCP;
+	translate(skb, TCP_CSUM_OFF, 0, key, key->saddr, pub.inside_addr, key->sport,
+		  pub.inside_port, old_ttl_word, ttl_proto);
+	count(CNT_SYN_OPENED, 1);
+	count(CNT_FAST_PACKETS, 1);
+	count(CNT_FAST_BYTES, ip_len);
+	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+}
+
 INLINE int handle(struct __sk_buff *skb, __u8 dir)
 {
 	// Headers must be in the linear part; pull them if a GSO skb keeps them paged.
@@ -424,18 +619,25 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	__u32 seq = 0, ack = 0;
 	__u16 window = 0;
 	__u32 fin = 0;
+	int opening = 0;
+	__u32 tcp_len = 0;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = (void *)(ip + 1);
 		if ((void *)(tcp + 1) > data_end)
 			return slow(CNT_SLOW_UNPARSED);
 		__u8 flags = ((__u8 *)tcp)[13];
-		if (flags & (TH_SYN | TH_RST))
+		// A bare SYN from the outside may open a published listener's flow (below, once
+		// no entry is known); every other SYN and every RST is the core's.
+		opening = dir == DIR_INBOUND &&
+			  (flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) == TH_SYN;
+		if ((flags & (TH_SYN | TH_RST)) && !opening)
 			return slow(CNT_SLOW_TCP_FLAGS);
 		fin = flags & TH_FIN;
 		key.sport = tcp->source;
 		key.dport = tcp->dest;
 		csum_off = TCP_CSUM_OFF;
-		__u32 hdrs = 20 + tcp->doff * 4;
+		tcp_len = tcp->doff * 4;
+		__u32 hdrs = 20 + tcp_len;
 		__u32 tot = __builtin_bswap16(ip->tot_len);
 		// A GSO super-packet's tot_len may not cover it whole; skb->len does.
 		__u32 ip_len = skb->len - ETH_HLEN;
@@ -458,6 +660,8 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 	struct flow_value *v = bpf_map_lookup_elem(&kpath_flows, &key);
+	if (opening)
+		return v ? slow(CNT_SLOW_TCP_FLAGS) : open_published(skb, ip, &key, tcp_len);
 	if (!v)
 		return key.proto == IPPROTO_UDP ? one_packet(skb, ip, &key, dir)
 						: slow(CNT_SLOW_NO_ENTRY);

@@ -17,6 +17,14 @@
 //! ([`KernelPath::attach_delivery`]), does the same for the packets the core wrote back after
 //! handling them (the SYN, FIN, RST).
 //!
+//! Published listeners: the core states in advance which TCP static forwards' SYNs from the
+//! outside it would all answer the same way ([`KernelPath::set_published`], from natgw's
+//! `Gateway::published_listeners`). The inbound program executes such a SYN when no entry of
+//! its flow exists and its source is not in the inside networks
+//! ([`KernelPath::set_inside_networks`]): it installs both directions' entries, carries the
+//! SYN and reports the flow in a bounded ring buffer ([`KernelPath::take_opened`]); a full
+//! ring leaves the SYN to the slow path (counted), so every flow it opens is reported.
+//!
 //! One-packet UDP services (ipvsadm `-o`): the core keeps no flow for them, so it installs each
 //! service's *schedule* instead ([`KernelPath::set_one_packet_schedule`]): the cycle of backend
 //! endpoints its own scheduler gives, which the inbound program walks with a per-CPU cursor,
@@ -121,6 +129,60 @@ pub enum KpathError {
     /// The number of possible CPUs (the per-CPU counters' width) is unknown.
     #[error("reading the possible CPUs: {0}")]
     PossibleCpus(std::io::Error),
+    /// More published listeners than the program's map holds ([`MAX_PUBLISHED_LISTENERS`]).
+    #[error("{0} published listeners, the program holds {max}", max = MAX_PUBLISHED_LISTENERS)]
+    PublishedCount(usize),
+    /// More inside networks than the program's map holds ([`MAX_INSIDE_NETWORKS`]), or a
+    /// prefix length past 32.
+    #[error("inside networks: {0}")]
+    InsideNetworks(String),
+}
+
+/// How many published listeners the program knows at once.
+pub const MAX_PUBLISHED_LISTENERS: usize = pod::PUBLISHED_MAX;
+
+/// How many inside networks the program knows (a SYN from one of them is the core's).
+pub const MAX_INSIDE_NETWORKS: usize = pod::INSIDE_NETS_MAX;
+
+/// How many opened-flow records the ring buffer holds between two reads (its 512 KiB over
+/// 96 bytes a record, the ring's 8-byte header included): a SYN to a published listener
+/// that finds it full takes the slow path.
+pub const OPENED_RING_RECORDS: usize = 512 * 1024 / 96;
+
+/// A listener whose SYNs the program executes: natgw's `PublishedListener` as the program
+/// holds it, with the core's listener id and the driver's generation of the publication,
+/// both carried back in each [`OpenedFlow`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelPublished {
+    /// The public endpoint a SYN is addressed to.
+    pub public: SocketAddrV4,
+    /// The inside endpoint the SYN goes to, source address and port preserved.
+    pub inside: SocketAddrV4,
+    /// The core's id of the listener.
+    pub listener: u32,
+    /// The publication the entry belongs to, so that a record from before a withdrawal is
+    /// told from one after.
+    pub generation: u32,
+}
+
+/// A flow the program opened by executing a published listener's SYN: both directions'
+/// entries ([`entries`] with `inside`, `public`, `client`) are in the flow map, the SYN has
+/// been carried, and the core has yet to adopt the flow (or refuse it and remove them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedFlow {
+    /// The outside client.
+    pub client: SocketAddrV4,
+    /// The listener's public endpoint.
+    pub public: SocketAddrV4,
+    /// The inside endpoint.
+    pub inside: SocketAddrV4,
+    /// [`KernelPublished::listener`] of the entry the SYN matched.
+    pub listener: u32,
+    /// [`KernelPublished::generation`] of that entry.
+    pub generation: u32,
+    /// The SYN's TCP header as it arrived (ports the client's, options included: 20 to 60
+    /// bytes), for the core to track the SYN as if it had crossed it.
+    pub syn_tcp_header: Vec<u8>,
 }
 
 /// The longest one-packet schedule (`OP_MAX_SLOTS` in the program): a cycle of up to 1024
@@ -356,6 +418,14 @@ pub struct Counters {
     pub one_packet_in: u64,
     /// One-packet answers sent from their VIP in the kernel.
     pub one_packet_out: u64,
+    /// SYNs to a published listener executed in the kernel: flows the program opened.
+    pub syn_opened: u64,
+    /// SYNs to a published listener left to the slow path because the ring buffer of
+    /// opened flows was full (userspace did not drain it in time).
+    pub syn_ring_full: u64,
+    /// SYNs to a published listener left to the slow path because an entry of their flow
+    /// appeared between the lookup and the insert (another CPU, the driver).
+    pub syn_race: u64,
 }
 
 fn octets(a: Ipv4Addr) -> [u8; 4] {

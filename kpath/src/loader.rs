@@ -17,9 +17,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{
+    HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+};
 use aya::programs::TestRunOptions;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
@@ -28,11 +31,13 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TcError, TestRun a
 use aya::{Ebpf, EbpfLoader};
 
 use crate::pod::{
-    OP_MAX_SLOTS, RawFlowKey, RawFlowValue, RawOpCounts, RawOpEndpoint, RawOpSchedule,
+    OP_MAX_SLOTS, RawFlowKey, RawFlowValue, RawOpCounts, RawOpEndpoint, RawOpSchedule, RawOpened,
+    RawPublished, RawPublishedKey,
 };
 use crate::{
-    Counters, Direction, FlowKey, FlowReport, KpathError, MAX_ONE_PACKET_SERVICES, OBJECT,
-    OnePacketCounts, Rewrite, op_endpoint,
+    Counters, Direction, FlowKey, FlowReport, KernelPublished, KpathError, MAX_INSIDE_NETWORKS,
+    MAX_ONE_PACKET_SERVICES, MAX_PUBLISHED_LISTENERS, OBJECT, OnePacketCounts, OpenedFlow, Rewrite,
+    op_endpoint,
 };
 
 const FLOWS: &str = "kpath_flows";
@@ -40,6 +45,9 @@ const COUNTERS: &str = "kpath_counters";
 const OP_SCHEDULES: &str = "kpath_op_schedules";
 const OP_BACKENDS: &str = "kpath_op_backends";
 const OP_COUNTS: &str = "kpath_op_counts";
+const PUBLISHED: &str = "kpath_published";
+const INSIDE_NETS: &str = "kpath_inside_nets";
+const OPENED: &str = "kpath_opened";
 /// `BPF_FS_MAGIC` (statfs f_type of a bpffs).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -131,6 +139,14 @@ pub struct KernelPath {
     op_schedules: HashMap<MapData, RawOpEndpoint, RawOpSchedule>,
     op_backends: HashMap<MapData, RawOpEndpoint, RawOpEndpoint>,
     op_counts: PerCpuHashMap<MapData, RawOpEndpoint, RawOpCounts>,
+    published: HashMap<MapData, RawPublishedKey, RawPublished>,
+    /// What `published` holds (written only through [`KernelPath::set_published`]), so that
+    /// an unchanged publication costs no system call.
+    published_now: std::collections::HashMap<SocketAddrV4, KernelPublished>,
+    inside_nets: LpmTrie<MapData, u32, u8>,
+    /// What `inside_nets` holds, likewise.
+    inside_nets_now: Vec<(Ipv4Addr, u8)>,
+    opened: RingBuf<MapData>,
     pin_dir: PathBuf,
     attach: AttachMode,
     attachments: Vec<Attachment>,
@@ -199,6 +215,14 @@ pub(crate) fn classifier<'a>(
         })
 }
 
+fn published_key(public: SocketAddrV4) -> RawPublishedKey {
+    RawPublishedKey {
+        addr: public.ip().octets(),
+        port: public.port().to_be_bytes(),
+        pad: 0,
+    }
+}
+
 impl KernelPath {
     /// Loads both programs (the verifier checks them here) and creates or adopts the pinned
     /// maps of `opts.site`. Nothing is attached yet.
@@ -257,6 +281,21 @@ impl KernelPath {
                 .ok_or(KpathError::Missing(OP_COUNTS))?,
         )
         .map_err(map_err(OP_COUNTS))?;
+        // Nor are the publication's maps and the ring: a new run starts with nothing
+        // published, and a program left in a pinned link keeps the ones it was loaded with
+        // until the link takes this run's program.
+        let published = HashMap::try_from(
+            ebpf.take_map(PUBLISHED)
+                .ok_or(KpathError::Missing(PUBLISHED))?,
+        )
+        .map_err(map_err(PUBLISHED))?;
+        let inside_nets = LpmTrie::try_from(
+            ebpf.take_map(INSIDE_NETS)
+                .ok_or(KpathError::Missing(INSIDE_NETS))?,
+        )
+        .map_err(map_err(INSIDE_NETS))?;
+        let opened = RingBuf::try_from(ebpf.take_map(OPENED).ok_or(KpathError::Missing(OPENED))?)
+            .map_err(map_err(OPENED))?;
         Ok(KernelPath {
             ebpf,
             flows,
@@ -264,6 +303,11 @@ impl KernelPath {
             op_schedules,
             op_backends,
             op_counts,
+            published,
+            published_now: std::collections::HashMap::new(),
+            inside_nets,
+            inside_nets_now: Vec::new(),
+            opened,
             pin_dir,
             attach: opts.attach,
             attachments: Vec::new(),
@@ -673,7 +717,137 @@ impl KernelPath {
             // them (the program's lookups then find nothing): zero.
             one_packet_in: get(8).unwrap_or(0),
             one_packet_out: get(9).unwrap_or(0),
+            // Likewise for a map pinned before the kernel-executed SYN.
+            syn_opened: get(10).unwrap_or(0),
+            syn_ring_full: get(11).unwrap_or(0),
+            syn_race: get(12).unwrap_or(0),
         })
+    }
+
+    /// Makes the program execute exactly `wanted`'s SYNs from now on (natgw's
+    /// `Gateway::published_listeners`, with ids and a generation): entries no longer wanted
+    /// are removed first, then the new or changed ones written. Only the differences with
+    /// the previous call reach the kernel. Returns how many entries changed.
+    ///
+    /// # Errors
+    /// More than [`MAX_PUBLISHED_LISTENERS`] wanted, or the kernel refusing an update (the
+    /// entries written so far stay, and the next call retries the rest).
+    pub fn set_published(&mut self, wanted: &[KernelPublished]) -> Result<usize, KpathError> {
+        if wanted.len() > MAX_PUBLISHED_LISTENERS {
+            return Err(KpathError::PublishedCount(wanted.len()));
+        }
+        let map_err = |source| KpathError::Map {
+            map: PUBLISHED,
+            source,
+        };
+        let wanted_by_public: std::collections::HashMap<SocketAddrV4, KernelPublished> =
+            wanted.iter().map(|p| (p.public, *p)).collect();
+        let stale: Vec<SocketAddrV4> = self
+            .published_now
+            .keys()
+            .filter(|public| !wanted_by_public.contains_key(public))
+            .copied()
+            .collect();
+        let mut changed = 0;
+        for public in stale {
+            match self.published.remove(&published_key(public)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_err(source)),
+            }
+            self.published_now.remove(&public);
+            changed += 1;
+        }
+        for p in wanted_by_public.values() {
+            if self.published_now.get(&p.public) == Some(p) {
+                continue;
+            }
+            let value = RawPublished {
+                inside_addr: p.inside.ip().octets(),
+                inside_port: p.inside.port().to_be_bytes(),
+                pad: 0,
+                listener: p.listener,
+                generation: p.generation,
+            };
+            self.published
+                .insert(published_key(p.public), value, 0)
+                .map_err(map_err)?;
+            self.published_now.insert(p.public, *p);
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Tells the program the inside networks (natgw's `inside_networks`): a SYN from one of
+    /// them is a hairpin, the core's, even to a published listener. Replaces the previous
+    /// set; an unchanged set costs no system call.
+    ///
+    /// # Errors
+    /// More than [`MAX_INSIDE_NETWORKS`], a prefix longer than 32, or the kernel refusing
+    /// an update.
+    pub fn set_inside_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), KpathError> {
+        if networks.len() > MAX_INSIDE_NETWORKS {
+            return Err(KpathError::InsideNetworks(format!(
+                "{} networks, the program holds {MAX_INSIDE_NETWORKS}",
+                networks.len()
+            )));
+        }
+        if let Some((addr, len)) = networks.iter().find(|(_, len)| *len > 32) {
+            return Err(KpathError::InsideNetworks(format!("{addr}/{len}")));
+        }
+        if self.inside_nets_now == networks {
+            return Ok(());
+        }
+        let map_err = |source| KpathError::Map {
+            map: INSIDE_NETS,
+            source,
+        };
+        let key = |(addr, len): (Ipv4Addr, u8)| {
+            LpmKey::new(u32::from(len), u32::from_ne_bytes(addr.octets()))
+        };
+        // Add before removing, so that no inside network is ever missing meanwhile.
+        for net in networks {
+            self.inside_nets.insert(&key(*net), 1, 0).map_err(map_err)?;
+        }
+        for old in std::mem::take(&mut self.inside_nets_now) {
+            if networks.contains(&old) {
+                continue;
+            }
+            match self.inside_nets.remove(&key(old)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_err(source)),
+            }
+        }
+        self.inside_nets_now = networks.to_vec();
+        Ok(())
+    }
+
+    /// Drains up to `max` records of flows the program opened, oldest first. A record
+    /// whose size or header length is not the program's (a stale object) is skipped.
+    pub fn take_opened(&mut self, max: usize) -> Vec<OpenedFlow> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = self.opened.next() else {
+                break;
+            };
+            let Some(raw) = RawOpened::from_bytes(&item) else {
+                continue;
+            };
+            let Some(syn_tcp_header) = raw.tcp.get(..usize::from(raw.tcp_len)) else {
+                continue;
+            };
+            let endpoint = |addr: [u8; 4], port: [u8; 2]| {
+                SocketAddrV4::new(Ipv4Addr::from(addr), u16::from_be_bytes(port))
+            };
+            out.push(OpenedFlow {
+                client: endpoint(raw.client_addr, raw.client_port),
+                public: endpoint(raw.public_addr, raw.public_port),
+                inside: endpoint(raw.inside_addr, raw.inside_port),
+                listener: raw.listener,
+                generation: raw.generation,
+                syn_tcp_header: syn_tcp_header.to_vec(),
+            });
+        }
+        out
     }
 
     /// Runs the program for `direction` once over `frame` (an Ethernet frame) as if it

@@ -110,3 +110,87 @@ unsafe impl aya::Pod for RawOpSchedule {}
 // SAFETY: `repr(C)`, four u64: no padding, every bit pattern valid.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for RawOpCounts {}
+
+/// `PUBLISHED_MAX`: how many published listeners the program knows at once.
+pub(crate) const PUBLISHED_MAX: usize = 1024;
+/// `INSIDE_NETS_MAX`: how many inside networks the program knows.
+pub(crate) const INSIDE_NETS_MAX: usize = 256;
+
+/// `struct published_key`: a published listener's public endpoint, network byte order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub(crate) struct RawPublishedKey {
+    pub(crate) addr: [u8; 4],
+    pub(crate) port: [u8; 2],
+    pub(crate) pad: u16,
+}
+
+/// `struct published`: where a published listener's SYNs go, and whose decision it is.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RawPublished {
+    pub(crate) inside_addr: [u8; 4],
+    pub(crate) inside_port: [u8; 2],
+    pub(crate) pad: u16,
+    pub(crate) listener: u32,
+    pub(crate) generation: u32,
+}
+
+/// `TCP_HDR_MAX`: the longest TCP header, options included.
+pub(crate) const TCP_HDR_MAX: usize = 60;
+
+/// `struct opened`: one flow the program opened, as the ring buffer carries it (88 bytes),
+/// decoded from the record's bytes rather than cast (a ring item has no alignment promise
+/// to Rust).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawOpened {
+    pub(crate) client_addr: [u8; 4],
+    pub(crate) public_addr: [u8; 4],
+    pub(crate) inside_addr: [u8; 4],
+    pub(crate) client_port: [u8; 2],
+    pub(crate) public_port: [u8; 2],
+    pub(crate) inside_port: [u8; 2],
+    pub(crate) tcp_len: u16,
+    pub(crate) listener: u32,
+    pub(crate) generation: u32,
+    pub(crate) tcp: [u8; TCP_HDR_MAX],
+}
+
+/// The size of `struct opened`.
+pub(crate) const OPENED_SIZE: usize = 28 + TCP_HDR_MAX;
+
+const _: () = assert!(size_of::<RawPublishedKey>() == 8);
+const _: () = assert!(size_of::<RawPublished>() == 16);
+
+// SAFETY: `repr(C)`, byte arrays and one u16 adding up to the asserted size: no padding,
+// every bit pattern valid.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for RawPublishedKey {}
+
+// SAFETY: `repr(C)`, byte arrays, a u16 and two u32 laid out without gaps (size asserted
+// above): no padding, every bit pattern valid.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for RawPublished {}
+
+impl RawOpened {
+    /// The record in `bytes` (a ring buffer item), if it has the record's size.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let b: &[u8; OPENED_SIZE] = bytes.try_into().ok()?;
+        let four = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        let two = |i: usize| [b[i], b[i + 1]];
+        let mut tcp = [0; TCP_HDR_MAX];
+        tcp.copy_from_slice(&b[28..]);
+        Some(RawOpened {
+            client_addr: four(0),
+            public_addr: four(4),
+            inside_addr: four(8),
+            client_port: two(12),
+            public_port: two(14),
+            inside_port: two(16),
+            tcp_len: u16::from_ne_bytes(two(18)),
+            listener: u32::from_ne_bytes(four(20)),
+            generation: u32::from_ne_bytes(four(24)),
+            tcp,
+        })
+    }
+}

@@ -14,7 +14,10 @@ use std::time::Instant;
 
 use common::in_sandbox;
 use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
-use kpath::{Direction, KernelPath, LoadOptions, Proto, TestRun, entries};
+use kpath::{
+    Direction, KernelPath, KernelPublished, LoadOptions, OPENED_RING_RECORDS, OpenedFlow, Proto,
+    TestRun, entries,
+};
 use natgw::{Gateway, GatewayConfig, ServiceConfig, StaticEntry, Verdict};
 
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -943,5 +946,221 @@ fn one_packet_schedules_out_of_bounds_are_refused() {
         let longest = vec![DNS_BACKENDS[0]; kpath::MAX_ONE_PACKET_SLOTS];
         kp.set_one_packet_schedule(DNS_VIP, 0, &longest).unwrap();
         kp.unload().unwrap();
+    });
+}
+
+/// Publishes what the core publishes (`Gateway::published_listeners`, listener ids by
+/// position, generation 1) and the core's inside networks, as the driver does.
+fn publish(h: &mut Harness) -> Vec<KernelPublished> {
+    let wanted: Vec<KernelPublished> =
+        h.gw.published_listeners()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| KernelPublished {
+                public: p.public,
+                inside: p.inside,
+                listener: u32::try_from(i).unwrap(),
+                generation: 1,
+            })
+            .collect();
+    assert_eq!(h.kp.set_published(&wanted).unwrap(), wanted.len());
+    assert_eq!(
+        h.kp.set_published(&wanted).unwrap(),
+        0,
+        "no change, no update"
+    );
+    h.kp.set_inside_networks(&[(Ipv4Addr::new(192, 168, 101, 0), 24)])
+        .unwrap();
+    wanted
+}
+
+/// A client's SYN as Linux sends it: MSS, SACK permitted, timestamps, window scale 7
+/// (40 bytes of TCP header).
+fn syn_with_options(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> Vec<u8> {
+    use etherparse::TcpOptionElement::{
+        MaximumSegmentSize, Noop, SelectiveAcknowledgementPermitted, Timestamp, WindowScale,
+    };
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp(src.port(), dst.port(), seq, 64240)
+        .syn()
+        .options(&[
+            MaximumSegmentSize(1460),
+            SelectiveAcknowledgementPermitted,
+            Timestamp(12345, 0),
+            Noop,
+            WindowScale(7),
+        ])
+        .unwrap()
+        .write(&mut v, b"")
+        .unwrap();
+    v
+}
+
+/// An outside SYN to a published static forward is executed by the program: the same bytes
+/// as the core's translation, both directions' entries installed, the flow reported once.
+/// Its retransmission, the SYN-ACK and RSTs stay the core's; the client's next segments hit
+/// the entries.
+#[test]
+fn a_published_syn_is_opened_in_the_kernel_as_the_core_would() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let client = SocketAddrV4::new(SRV2, 51000);
+        let public = SocketAddrV4::new(PUBLIC, 8001);
+        let web = SocketAddrV4::new(WEB, 80);
+        let wanted = publish(&mut h);
+        assert_eq!(
+            wanted,
+            vec![KernelPublished {
+                public,
+                inside: web,
+                listener: 0,
+                generation: 1
+            }],
+            "the TCP static forward only: not the virtual service"
+        );
+        let syn_frame = syn_with_options(client, public, 77_000);
+        assert_eq!(syn_frame.len(), 14 + 20 + 40);
+        let out = h.same(Direction::Inbound, &syn_frame);
+        assert_eq!(&out[30..34], &WEB.octets(), "to the inside server");
+        assert_eq!(
+            h.kp.take_opened(16),
+            vec![OpenedFlow {
+                client,
+                public,
+                inside: web,
+                listener: 0,
+                generation: 1,
+                syn_tcp_header: syn_frame[34..].to_vec(),
+            }],
+            "the SYN's TCP header as it arrived"
+        );
+        assert_eq!(h.kp.take_opened(16), vec![], "reported once");
+        let [(out_key, out_rewrite), (in_key, in_rewrite)] =
+            entries(Proto::Tcp, web, public, client);
+        let inb = h.kp.report(&in_key).unwrap().unwrap();
+        assert_eq!((inb.packets, inb.bytes), (1, 60), "the SYN, counted");
+        let mut installed: Vec<_> =
+            h.kp.entries()
+                .unwrap()
+                .into_iter()
+                .map(|(k, r, _)| (k, r))
+                .collect();
+        installed.sort_by_key(|(k, _)| k.direction == Direction::Inbound);
+        assert_eq!(
+            installed,
+            vec![(out_key, out_rewrite), (in_key, in_rewrite)],
+            "both directions, as the driver installs an established flow"
+        );
+
+        // The SYN again (a retransmission: the entry exists), the SYN-ACK, a RST: the core's.
+        h.passes(Direction::Inbound, &syn_frame);
+        h.passes(
+            Direction::Outbound,
+            &tcp_frame(web, client, &seg(Flags::SynAck), b""),
+        );
+        h.passes(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Rst), b""),
+        );
+        let ack = h.program(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Ack), b""),
+        );
+        assert_eq!(ack.action, TestRun::REDIRECT, "the entry carries the ACK");
+        let c = h.kp.counters().unwrap();
+        assert_eq!((c.syn_opened, c.syn_ring_full, c.syn_race), (1, 0, 0));
+        assert_eq!(c.slow_tcp_flags, 3);
+        h.kp.unload().unwrap();
+    });
+}
+
+/// What the publication does not cover takes the slow path untouched, with nothing installed
+/// or reported: a SYN to an unpublished listener (the virtual service, a withdrawn
+/// forward), a SYN from an inside network (a hairpin, the core's), a SYN-ACK, a SYN with data.
+#[test]
+fn unpublished_hairpin_and_odd_syns_take_the_slow_path() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let public = SocketAddrV4::new(PUBLIC, 8001);
+        let outsider = SocketAddrV4::new(SRV2, 52000);
+        let wanted = publish(&mut h);
+        let syn = |src, dst| tcp_frame(src, dst, &seg(Flags::Syn), b"");
+        h.passes(Direction::Inbound, &syn(outsider, VIP));
+        h.passes(
+            Direction::Inbound,
+            &syn(outsider, SocketAddrV4::new(PUBLIC, 8002)),
+        );
+        h.passes(
+            Direction::Inbound,
+            &syn(SocketAddrV4::new(H1, 40000), public),
+        );
+        h.passes(
+            Direction::Inbound,
+            &tcp_frame(outsider, public, &seg(Flags::SynAck), b""),
+        );
+        h.passes(
+            Direction::Outbound,
+            &syn(SocketAddrV4::new(H1, 40001), public),
+        );
+        // TCP Fast Open: the record would not carry the data the core must see.
+        h.passes(
+            Direction::Inbound,
+            &tcp_frame(
+                outsider,
+                public,
+                &seg(Flags::Syn),
+                b"GET / HTTP/1.0\r\n\r\n",
+            ),
+        );
+        // Withdrawn: the next SYN is the core's again.
+        assert_eq!(h.kp.set_published(&[]).unwrap(), wanted.len());
+        h.passes(Direction::Inbound, &syn(outsider, public));
+        assert_eq!(h.kp.take_opened(16), vec![]);
+        assert_eq!(h.kp.keys().unwrap(), vec![]);
+        let c = h.kp.counters().unwrap();
+        assert_eq!(c.syn_opened, 0);
+        assert_eq!(c.slow_tcp_flags, 7);
+        h.kp.unload().unwrap();
+    });
+}
+
+/// The ring buffer bounds what the program opens between two reads: with the ring full a
+/// published SYN takes the slow path (counted), so no flow exists that was not reported.
+#[test]
+fn a_full_ring_leaves_published_syns_to_the_slow_path() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let public = SocketAddrV4::new(PUBLIC, 8001);
+        publish(&mut h);
+        let records = u16::try_from(OPENED_RING_RECORDS).unwrap();
+        for port in 0..=records {
+            let client = SocketAddrV4::new(SRV2, 10_000 + port);
+            let run = h.program(
+                Direction::Inbound,
+                &tcp_frame(client, public, &seg(Flags::Syn), b""),
+            );
+            let want = if port < records {
+                TestRun::REDIRECT
+            } else {
+                TestRun::PASS
+            };
+            assert_eq!(run.action, want, "SYN {port}");
+        }
+        let c = h.kp.counters().unwrap();
+        assert_eq!((c.syn_opened, c.syn_ring_full), (u64::from(records), 1));
+        assert_eq!(h.kp.keys().unwrap().len(), 2 * OPENED_RING_RECORDS);
+        let opened = h.kp.take_opened(usize::MAX);
+        assert_eq!(opened.len(), OPENED_RING_RECORDS);
+        assert_eq!(opened[0].client.port(), 10_000, "oldest first");
+        // Drained: the ring takes new flows again.
+        let client = SocketAddrV4::new(SRV2, 9_999);
+        let run = h.program(
+            Direction::Inbound,
+            &tcp_frame(client, public, &seg(Flags::Syn), b""),
+        );
+        assert_eq!(run.action, TestRun::REDIRECT);
+        h.kp.unload().unwrap();
     });
 }

@@ -197,3 +197,19 @@ fn a_bad_site_name_is_refused() {
         ));
     }
 }
+
+/// The daemon loads with CAP_BPF and CAP_NET_ADMIN only (no CAP_SYS_ADMIN, no CAP_PERFMON),
+/// which makes the verifier refuse variable offsets into packets and ring memory: the
+/// programs must load so.
+#[test]
+fn the_programs_load_with_the_daemons_capabilities() {
+    use caps::{CapSet, Capability};
+    in_sandbox(|_| {
+        for cap in [Capability::CAP_SYS_ADMIN, Capability::CAP_PERFMON] {
+            caps::drop(None, CapSet::Effective, cap).unwrap();
+        }
+        let kp = KernelPath::load(&LoadOptions::new("unprivileged"))
+            .expect("the verifier accepts the programs without CAP_PERFMON");
+        kp.unload().unwrap();
+    });
+}

@@ -145,6 +145,48 @@ impl Acl {
         }
     }
 
+    /// The first-match decision every packet from the outside of protocol `proto` to
+    /// `dst:dst_port` gets whatever its source address and port, or `None` when it depends on
+    /// them: the first rule that can match such a packet constrains the source (a rule with a
+    /// source prefix other than `/0` or source ports other than all of them). A rule that
+    /// matches on the source decides, and counts its hit, for some sources only, so even one
+    /// whose action agrees with a later rule's makes the answer source-dependent. Nothing is
+    /// counted: this states a decision in advance for a data path that executes it without
+    /// the core (see [`crate::Gateway::published_listeners`]).
+    #[must_use]
+    pub fn verdict_for_any_source(
+        &self,
+        proto: Proto,
+        dst: Ipv4Addr,
+        dst_port: u16,
+    ) -> Option<AclDecision> {
+        for (i, rule) in self.rules.iter().enumerate() {
+            let can_match = rule.dst.is_none_or(|n| n.contains(&dst))
+                && rule.proto.is_none_or(|p| p == proto)
+                && rule
+                    .dst_ports
+                    .as_ref()
+                    .is_none_or(|r| r.contains(&dst_port));
+            if !can_match {
+                continue;
+            }
+            let any_src = rule.src.is_none_or(|n| n.prefix_len() == 0);
+            let any_src_port = rule
+                .src_ports
+                .as_ref()
+                .is_none_or(|r| *r.start() == 0 && *r.end() == u16::MAX);
+            if !(any_src && any_src_port) {
+                return None;
+            }
+            return Some(match rule.action {
+                AclAction::Permit => AclDecision::Permit(Some(i)),
+                AclAction::Deny => AclDecision::Deny(Some(i)),
+            });
+        }
+        // No rule matches any of them: from the outside, the no-match default is permit.
+        Some(AclDecision::Permit(None))
+    }
+
     /// The rules with their hit counters.
     pub fn rules(&self) -> impl Iterator<Item = (&AclRule, u64)> {
         self.rules.iter().zip(self.hits.iter().copied())
@@ -229,5 +271,105 @@ mod tests {
             ..pkt([1; 4], [2; 4], Proto::Icmp, 0)
         };
         assert_eq!(acl.check(&icmp, false), AclDecision::Permit(None));
+    }
+
+    #[test]
+    fn verdict_for_any_source_is_the_first_rule_that_can_match() {
+        let to_web = |rule: AclRule| AclRule {
+            dst: Some("198.51.100.1/32".parse().unwrap()),
+            ..rule
+        };
+        let dst = Ipv4Addr::new(198, 51, 100, 1);
+        let verdict = |rules: Vec<AclRule>, port| {
+            Acl::new(rules).verdict_for_any_source(Proto::Tcp, dst, port)
+        };
+        // No rule: the outside's default permit.
+        assert_eq!(verdict(vec![], 80), Some(AclDecision::Permit(None)));
+        // Rules for other destinations, protocols or ports are skipped whatever they say
+        // about sources.
+        let others = vec![
+            AclRule {
+                dst: Some("203.0.113.0/24".parse().unwrap()),
+                src: Some("10.0.0.0/8".parse().unwrap()),
+                ..AclRule::any(AclAction::Deny)
+            },
+            AclRule {
+                proto: Some(Proto::Udp),
+                src_ports: Some(53..=53),
+                ..AclRule::any(AclAction::Deny)
+            },
+            to_web(AclRule {
+                dst_ports: Some(22..=22),
+                src: Some("10.0.0.0/8".parse().unwrap()),
+                ..AclRule::any(AclAction::Deny)
+            }),
+            to_web(AclRule::any(AclAction::Permit)),
+        ];
+        assert_eq!(
+            verdict(others.clone(), 80),
+            Some(AclDecision::Permit(Some(3)))
+        );
+        // The port-22 rule can match port 22 and names sources: source-dependent.
+        assert_eq!(verdict(others, 22), None);
+        // A deny for every source is known in advance (and is a deny).
+        let deny_all = vec![to_web(AclRule::any(AclAction::Deny))];
+        assert_eq!(verdict(deny_all, 80), Some(AclDecision::Deny(Some(0))));
+        // A source constraint decides even when a later rule would say the same.
+        let both_permit = vec![
+            AclRule {
+                src: Some("192.0.2.0/24".parse().unwrap()),
+                ..AclRule::any(AclAction::Permit)
+            },
+            AclRule::any(AclAction::Permit),
+        ];
+        assert_eq!(verdict(both_permit, 80), None);
+        let src_ports = vec![AclRule {
+            src_ports: Some(1024..=65535),
+            ..AclRule::any(AclAction::Permit)
+        }];
+        assert_eq!(verdict(src_ports, 80), None);
+        // A /0 and the whole port range constrain nothing.
+        let wide = vec![AclRule {
+            src: Some("0.0.0.0/0".parse().unwrap()),
+            src_ports: Some(0..=65535),
+            ..AclRule::any(AclAction::Permit)
+        }];
+        assert_eq!(verdict(wide, 80), Some(AclDecision::Permit(Some(0))));
+    }
+
+    #[test]
+    fn verdict_for_any_source_agrees_with_check() {
+        // Every source gets the stated verdict from the rule list itself.
+        let rules = vec![
+            AclRule {
+                proto: Some(Proto::Udp),
+                src: Some("10.0.0.0/8".parse().unwrap()),
+                ..AclRule::any(AclAction::Deny)
+            },
+            AclRule {
+                dst_ports: Some(1..=1023),
+                ..AclRule::any(AclAction::Permit)
+            },
+            AclRule::any(AclAction::Deny),
+        ];
+        let mut acl = Acl::new(rules);
+        let dst = Ipv4Addr::new(198, 51, 100, 1);
+        for dport in [22, 80, 8080] {
+            let stated = acl.verdict_for_any_source(Proto::Tcp, dst, dport);
+            assert!(stated.is_some());
+            for src in [[10, 1, 2, 3], [192, 0, 2, 1], [203, 0, 113, 9]] {
+                for sport in [0, 1, 40000, 65535] {
+                    let p = AclPacket {
+                        src_port: Some(sport),
+                        ..pkt(src, dst.octets(), Proto::Tcp, dport)
+                    };
+                    assert_eq!(
+                        Some(acl.check(&p, false)),
+                        stated,
+                        "{src:?}:{sport} -> {dport}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -112,7 +112,7 @@ pub use error::{DropReason, NatError};
 pub use flow::{Direction, FlowEvent, ListenerId, Proto};
 pub use gateway::{
     AdoptedFlow, DirectRoute, FastPathActivity, FastPathFlow, Gateway, GatewayStats, Listener,
-    OnePacketSchedule, PacketMeta, Verdict,
+    OnePacketSchedule, OpenedSyn, PacketMeta, PublishedListener, Verdict,
 };
 pub use ports::{MAX_SERVICE_PORTS, PortRule, PortsError, ServicePorts};
 pub use selector::{Selector, StaticForward};

@@ -854,6 +854,27 @@ impl PatTable {
         self.classes.iter().map(|l| l.len as usize).sum()
     }
 
+    /// Whether the table is under pressure for a new connection to `listener`: inbound
+    /// half-open sessions at half of one of the bounds that concern it or more (the table's
+    /// size, the listener's own bound, any source network's), or the table seven eighths
+    /// full. Then a decision stated in advance for that listener's SYNs must be withdrawn,
+    /// so that a flood meets this table's defences packet by packet (early drop, the
+    /// per-source refusal, the full table's refusal) and a data path executing the stated
+    /// decision overshoots no bound by more than it opens before the withdrawal reaches it.
+    /// Costs one walk of the per-source counts (at most one entry per half-open session).
+    pub(crate) fn new_flow_pressure(&self, listener: ListenerId) -> bool {
+        let at_half = |n: usize, bound: usize| n.saturating_mul(2) >= bound;
+        let own = self
+            .classes
+            .get(CLASS_LISTENER + usize::from(listener.0))
+            .map_or(0, |l| l.len as usize);
+        let busiest_source = self.half_open_sources.values().copied().max().unwrap_or(0);
+        at_half(self.half_open(), self.cfg.max_sessions)
+            || at_half(own, self.cfg.half_open.per_listener)
+            || at_half(busiest_source as usize, self.cfg.half_open.per_source)
+            || self.live_sessions.saturating_mul(8) >= self.cfg.max_sessions.saturating_mul(7)
+    }
+
     /// Opens a session on mapping `m`. Enforces the table bound and, for flows opened by an
     /// inside host, the per-host bound.
     pub(crate) fn create_session(

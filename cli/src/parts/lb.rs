@@ -2322,7 +2322,10 @@ mod tests {
                                "direct_route_undeliverable": 0, "adopted": 0,
                                "adoption_dropped": 0, "map_capacity": 0,
                                "reinstalled": 0, "one_packet_in": 0,
-                               "one_packet_out": 0, "one_packet_services": 0 },
+                               "one_packet_out": 0, "one_packet_services": 0,
+                               "syn_opened": 0, "syn_ring_full": 0,
+                               "opened_adopted": 0, "opened_refused": 0,
+                               "opened_pending": 0, "published_listeners": 0 },
                 "flows_adopted": 3,
             })
         );

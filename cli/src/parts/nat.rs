@@ -387,6 +387,18 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
             fast.adopted, fast.adoption_dropped
         );
     }
+    if fast.published_listeners > 0 || fast.syn_opened + fast.syn_ring_full > 0 {
+        let _ = writeln!(
+            out,
+            "Kernel-opened flows (published listeners: {}): {} SYNs executed, {} adopted by the core, {} refused, {} not yet on the fast path (half-open, or closed first); {} SYNs left to the core (ring full)",
+            fast.published_listeners,
+            fast.syn_opened,
+            fast.opened_adopted,
+            fast.opened_refused,
+            fast.opened_pending,
+            fast.syn_ring_full
+        );
+    }
     let _ = writeln!(out, "ACL (first match wins):");
     for (i, r) in it.acl.iter().enumerate() {
         let _ = writeln!(
@@ -411,8 +423,12 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
     );
     let _ = writeln!(
         out,
-        "Flows: created {} (adopted mid-stream {}), removed {}, early drops {}",
-        g.flows_created, g.flows_adopted, g.flows_removed, g.early_drops
+        "Flows: created {} (adopted mid-stream {}, opened in the kernel {}), removed {}, early drops {}",
+        g.flows_created,
+        g.flows_adopted,
+        g.flows_opened_by_data_path,
+        g.flows_removed,
+        g.early_drops
     );
     if g.direct_routed > 0 {
         let _ = writeln!(

@@ -24,6 +24,21 @@
 //! is written back to `nat0`, where the delivery program needs it), kept in every TCP state
 //! while the core has the flow, and removed with it.
 //!
+//! Published listeners (the kernel-executed handshake): the program opens the flows of
+//! the TCP static forwards the core publishes ([`Gateway::published_listeners`]) on its own,
+//! SYN by SYN, and reports each in a bounded ring, before it sends the SYN on. The packet
+//! loop reads the ring before each batch (so the SYN-ACK that crosses `nat0` finds its flow
+//! in the core), and so does a task every [`OPENED_POLL_INTERVAL`] ([`opened_loop`], for
+//! when nothing crosses `nat0`) and every sync round; each report goes to the core,
+//! which handles the SYN as if it had crossed it ([`Gateway::adopt_opened_syn`]); the
+//! entries of a flow it refuses are removed at once. An adopted flow is half-open in the
+//! core, not eligible: it waits in `opened`, its entries kept and their reports fed back,
+//! so that the client's ACK the program carries establishes it; then it joins the installed
+//! flows, or goes with its entries when the core no longer has it. After each adoption and
+//! each round the publication (and the inside networks, whose SYNs the program leaves to
+//! the core) is stated again, so that pressure on the core's bounds withdraws it within
+//! one interval.
+//!
 //! One-packet UDP services: each round the sync task also asks the core for the schedule of
 //! every one-packet service it can state as a cycle ([`Gateway::one_packet_schedules`]) and
 //! installs it when it changed (a rotation of the installed cycle is the same schedule),
@@ -59,7 +74,9 @@ use tokio::sync::watch;
 use netsys::sync::lock_unpoisoned;
 
 use super::now;
-use crate::{AdoptedFlow, DirectRoute, Direction, FastPathActivity, FastPathFlow, Gateway, Proto};
+use crate::{
+    AdoptedFlow, DirectRoute, Direction, FastPathActivity, FastPathFlow, Gateway, OpenedSyn, Proto,
+};
 
 /// How often flows are installed, removed and their activity fed back to the core.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
@@ -144,6 +161,28 @@ pub struct FastPathCounters {
     /// One-packet services whose schedule the program holds.
     #[cfg_attr(feature = "serde", serde(default))]
     pub one_packet_services: usize,
+    /// SYNs to a published listener the program executed: flows it opened.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub syn_opened: u64,
+    /// SYNs to a published listener left to the core because the ring of opened flows was
+    /// full (nothing opened, nothing lost).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub syn_ring_full: u64,
+    /// Flows the program opened that the core adopted.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub opened_adopted: u64,
+    /// Flows the program opened that the core refused (their entries removed).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub opened_refused: u64,
+    /// Flows the program opened that the core adopted and has not made eligible for the
+    /// fast path: half-open in the core until a sync round reports the ACK the program
+    /// carried, or closed before that round (a short connection), until the core drops
+    /// them. Not a half-open count: [`crate::driver::NatStatus::half_open`] is.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub opened_pending: usize,
+    /// Listeners whose SYNs the program executes now.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub published_listeners: usize,
 }
 
 /// The flow map size for a table of `max_mappings` flows: two entries per flow, and an eighth
@@ -174,6 +213,14 @@ pub(super) struct KernelDatapath {
     capacity: u32,
     /// Entries the LRU evicted and a sync round put back.
     reinstalled: u64,
+    /// Flows the program opened that the core adopted and has not made eligible yet (see
+    /// the module docs): half-open ones, and closed ones the core still holds; bounded by
+    /// the core's table, since each is one of its flows.
+    opened: HashMap<FlowId, Installed>,
+    /// The publication the program holds, and its generation (bumped at each change).
+    published: (Vec<crate::PublishedListener>, u32),
+    /// Flows the program opened that the core adopted, and refused, since start.
+    opened_adoption: (u64, u64),
     /// One-packet services whose schedule is installed: VIP → (cursor index, cycle).
     one_packet: HashMap<SocketAddrV4, (u32, Vec<SocketAddrV4>)>,
     /// Backend endpoints of those services: endpoint → (VIP, counts fed to the core so far).
@@ -265,7 +312,187 @@ impl KernelDatapath {
             reinstalled: 0,
             one_packet: HashMap::new(),
             one_packet_backends: HashMap::new(),
+            opened: HashMap::new(),
+            published: (Vec::new(), 0),
+            opened_adoption: (0, 0),
         })
+    }
+
+    /// Hands the flows the program opened since the last call to the core (see the module
+    /// docs): an adopted one waits in `opened`, a refused one loses its entries. Then, if
+    /// there was any, states the publication again (adoptions move the core's half-open
+    /// counts).
+    pub(super) fn adopt_opened(&mut self, gw: &Mutex<Gateway>) {
+        let Some(kp) = self.kp.as_mut() else { return };
+        let records = kp.take_opened(kpath::OPENED_RING_RECORDS);
+        if records.is_empty() {
+            return;
+        }
+        {
+            let at = now();
+            let verdicts: Vec<bool> = {
+                let mut gw = lock_unpoisoned(gw);
+                records
+                    .iter()
+                    .map(|r| {
+                        gw.adopt_opened_syn(
+                            at,
+                            &OpenedSyn {
+                                client: r.client,
+                                public: r.public,
+                                inside: r.inside,
+                                tcp_header: &r.syn_tcp_header,
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            for (r, adopted) in records.iter().zip(verdicts) {
+                let id = (Proto::Tcp, r.inside, r.public, r.client);
+                if self.installed.contains_key(&id) {
+                    // Already the core's eligible flow (its entries are the installed ones).
+                    continue;
+                }
+                let entries =
+                    flow_entries(kpath::Proto::Tcp, r.inside, r.public, r.client, true).to_vec();
+                if adopted {
+                    self.opened_adoption.0 += 1;
+                    // What the entries counted so far (the SYN) was the core's already.
+                    let reported = entries
+                        .iter()
+                        .map(|(key, _)| {
+                            kp.report(key)
+                                .ok()
+                                .flatten()
+                                .map_or((0, 0), |r| (r.packets, r.bytes))
+                        })
+                        .collect();
+                    self.opened.insert(id, Installed { entries, reported });
+                } else {
+                    self.opened_adoption.1 += 1;
+                    self.opened.remove(&id);
+                    for (key, _) in &entries {
+                        if let Err(e) = kp.remove(key) {
+                            tracing::warn!(error = %e, "removing a refused kernel-opened entry");
+                        }
+                    }
+                }
+            }
+        }
+        self.publish(gw);
+    }
+
+    /// States the core's publication and inside networks to the program (no system call
+    /// when unchanged). Inside networks the program cannot hold withdraw every listener:
+    /// their SYNs would be executed as if from outside.
+    fn publish(&mut self, gw: &Mutex<Gateway>) {
+        let Some(kp) = self.kp.as_mut() else { return };
+        let (published, inside) = {
+            let gw = lock_unpoisoned(gw);
+            let inside: Vec<(std::net::Ipv4Addr, u8)> = gw
+                .inside_networks()
+                .iter()
+                .map(|n| (n.network(), n.prefix_len()))
+                .collect();
+            (gw.published_listeners(), inside)
+        };
+        let published = match kp.set_inside_networks(&inside) {
+            Ok(()) => published,
+            Err(e) => {
+                tracing::debug!(error = %e, "inside networks: nothing published");
+                Vec::new()
+            }
+        };
+        if published != self.published.0 {
+            self.published = (published, self.published.1.wrapping_add(1));
+        }
+        let generation = self.published.1;
+        let wanted: Vec<kpath::KernelPublished> = self
+            .published
+            .0
+            .iter()
+            .zip(0u32..)
+            .map(|(p, listener)| kpath::KernelPublished {
+                public: p.public,
+                inside: p.inside,
+                listener,
+                generation,
+            })
+            .collect();
+        if let Err(e) = kp.set_published(&wanted) {
+            tracing::warn!(error = %e, "stating the published listeners");
+            // All or nothing: a partial publication is still the core's decisions, but a
+            // failing map is withdrawn whole.
+            if let Err(e) = kp.set_published(&[]) {
+                tracing::warn!(error = %e, "withdrawing the published listeners");
+            }
+            self.published = (Vec::new(), generation.wrapping_add(1));
+        }
+    }
+
+    /// Feeds back what the program moved of the flows it opened, moves those the core made
+    /// eligible to the installed ones and drops those the core no longer has, with their
+    /// entries.
+    fn follow_opened(
+        &mut self,
+        gw: &Mutex<Gateway>,
+        wanted: &HashMap<FlowId, (kpath::Proto, bool, bool)>,
+    ) {
+        let Some(kp) = self.kp.as_mut() else { return };
+        let eligible: Vec<FlowId> = self
+            .opened
+            .keys()
+            .filter(|id| wanted.contains_key(*id))
+            .copied()
+            .collect();
+        for id in eligible {
+            if let Some(flow) = self.opened.remove(&id) {
+                // The packet loop may have installed it already (fresh entries, fresh counts).
+                self.installed.entry(id).or_insert(flow);
+            }
+        }
+        let mut reports = Vec::new();
+        for (id, flow) in &mut self.opened {
+            collect_reports(kp, id, flow, &mut reports);
+        }
+        let at = now();
+        let mut gone = Vec::new();
+        {
+            let mut gw = lock_unpoisoned(gw);
+            for flow in &reports {
+                for r in flow {
+                    let _still_there = gw.fast_path_activity(at, r);
+                }
+                // A short connection may open and close within one round.
+                if flow.iter().any(|r| r.tcp_fin_end.is_some()) {
+                    gw.fast_path_close(at, flow);
+                }
+            }
+            for &(proto, _, public, outside) in self.opened.keys() {
+                let probe = FastPathActivity {
+                    proto,
+                    public,
+                    outside,
+                    direction: Direction::Inbound,
+                    packets: 0,
+                    bytes: 0,
+                    tcp: None,
+                    tcp_fin_end: None,
+                };
+                if !gw.fast_path_activity(at, &probe) {
+                    gone.push((proto, probe.public, probe.outside));
+                }
+            }
+        }
+        self.opened.retain(|&(proto, _, public, outside), flow| {
+            if !gone.contains(&(proto, public, outside)) {
+                return true;
+            }
+            for (key, _) in &flow.entries {
+                let _absent = kp.remove(key);
+            }
+            false
+        });
     }
 
     /// Hands the flows a previous run left in the pinned map to the core
@@ -375,8 +602,11 @@ impl KernelDatapath {
     /// One sync round (see the module docs).
     pub(super) fn sync(&mut self, gw: &Mutex<Gateway>) {
         self.sync_one_packet(gw);
-        let Some(kp) = self.kp.as_mut() else { return };
+        self.adopt_opened(gw);
+        self.publish(gw);
         let wanted = wanted(gw);
+        self.follow_opened(gw, &wanted);
+        let Some(kp) = self.kp.as_mut() else { return };
         let mut reports = Vec::new();
         let mut removed = HashSet::new();
         self.installed.retain(|id, flow| {
@@ -636,12 +866,19 @@ impl KernelDatapath {
             one_packet_in: c.one_packet_in,
             one_packet_out: c.one_packet_out,
             one_packet_services: self.one_packet.len(),
+            syn_opened: c.syn_opened,
+            syn_ring_full: c.syn_ring_full,
+            opened_adopted: self.opened_adoption.0,
+            opened_refused: self.opened_adoption.1,
+            opened_pending: self.opened.len(),
+            published_listeners: self.published.0.len(),
         }
     }
 
     /// Detaches the programs and removes maps, pins and qdiscs.
     pub(super) fn unload(&mut self) {
         self.installed.clear();
+        self.opened.clear();
         self.one_packet.clear();
         self.one_packet_backends.clear();
         if let Some(kp) = self.kp.take()
@@ -781,23 +1018,61 @@ fn same_cycle(a: &[SocketAddrV4], b: &[SocketAddrV4]) -> bool {
             || (0..a.len()).any(|k| a[k..] == b[..a.len() - k] && a[..k] == b[a.len() - k..]))
 }
 
+/// How often the adoption task looks at the ring of opened flows. An empty ring costs a
+/// read of two positions in shared memory, no system call; a full one holds
+/// [`kpath::OPENED_RING_RECORDS`], so the program opens at most that many flows between two
+/// adoptions (beyond, its SYNs take the slow path).
+pub(super) const OPENED_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The adoption task: every [`OPENED_POLL_INTERVAL`] hands the flows the program opened to
+/// the core (a sync round does too), so that the core's bounds and the publication follow
+/// the program's openings within one interval. Ends with `stop` or when the program is gone.
+pub(super) async fn opened_loop(
+    kernel: Arc<Mutex<KernelDatapath>>,
+    gw: Arc<Mutex<Gateway>>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), super::DriverError> {
+    every(OPENED_POLL_INTERVAL, stop, || {
+        let mut kernel = lock_unpoisoned(&kernel);
+        if kernel.kp.is_none() {
+            return false;
+        }
+        kernel.adopt_opened(&gw);
+        true
+    })
+    .await
+}
+
 /// The sync task: a round every [`SYNC_INTERVAL`] until `stop`.
 pub(super) async fn sync_loop(
     kernel: Arc<Mutex<KernelDatapath>>,
     gw: Arc<Mutex<Gateway>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), super::DriverError> {
-    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    every(SYNC_INTERVAL, stop, || {
+        lock_unpoisoned(&kernel).sync(&gw);
+        true
+    })
+    .await
+}
+
+/// Runs `round` every `interval` (a late tick delays the next ones rather than bunching
+/// them) until `stop` turns true or `round` answers `false`.
+async fn every(
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    mut round: impl FnMut() -> bool,
+) -> Result<(), super::DriverError> {
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return Ok(()),
         }
-        if *stop.borrow() {
+        if *stop.borrow() || !round() {
             return Ok(());
         }
-        lock_unpoisoned(&kernel).sync(&gw);
     }
 }
 

@@ -344,6 +344,10 @@ impl NatDriver {
                 "nat kernel path sync",
                 kernel::sync_loop(k.clone(), gw.clone(), stop.subscribe()),
             ));
+            tasks.push(watch.spawn(
+                "nat kernel path adoption",
+                kernel::opened_loop(k.clone(), gw.clone(), stop.subscribe()),
+            ));
         }
         tracing::info!(tun = %cfg.tun, queues = n_queues, datapath = if kernel.is_some() { "kernel" } else { "tun" }, inside = ?cfg.inside, outside = %cfg.outside, "nat gateway running");
         Ok(NatDriver {
@@ -626,6 +630,11 @@ async fn run(
                         // WouldBlock ends the batch; a real error shows up on the next recv.
                         Err(_) => break,
                     }
+                }
+                // The flows the kernel opened first: the program reports a SYN before it
+                // sends it on, so the SYN-ACK in this batch finds its flow in the core.
+                if let Some(k) = kernel.as_deref() {
+                    lock_unpoisoned(k).adopt_opened(&gw);
                 }
                 translate_batch(&gw, &mut bufs[..n], &mut lens[..n], head, &mut routes, &mut ready);
                 install_direct_routes(kernel.as_deref(), &mut routes, &mut lens[..n]);

@@ -10,6 +10,7 @@
 mod fast_path;
 mod icmp;
 mod listeners;
+mod published;
 mod services;
 mod stats;
 mod sync;
@@ -35,6 +36,7 @@ use crate::translate::{self, L4, L4Checksum, Parsed, Side};
 
 pub use fast_path::{FastPathActivity, FastPathFlow};
 pub use listeners::Listener;
+pub use published::{OpenedSyn, PublishedListener};
 pub use services::OnePacketSchedule;
 pub use stats::GatewayStats;
 pub use sync::AdoptedFlow;
@@ -875,6 +877,13 @@ impl Gateway {
     /// The ACL rules with their hit counters.
     pub fn acl_rules(&self) -> impl Iterator<Item = (&AclRule, u64)> {
         self.acl.rules()
+    }
+
+    /// The inside networks: a packet from one of them is the inside's, whatever its
+    /// destination (a hairpin when that is a public endpoint).
+    #[must_use]
+    pub fn inside_networks(&self) -> &[Ipv4Net] {
+        &self.inside_networks
     }
 
     /// Inside packets denied because no ACL rule matched.

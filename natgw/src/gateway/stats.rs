@@ -42,6 +42,15 @@ pub struct GatewayStats {
     /// Datagrams from a one-packet service's backends, sent on from its VIP without a flow.
     #[cfg_attr(feature = "serde", serde(default))]
     pub one_packet_out: u64,
+    /// Flows a second data path opened by executing a published listener's SYN
+    /// ([`crate::Gateway::adopt_opened_syn`]) that this core adopted. Counted in
+    /// `flows_created` as well.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub flows_opened_by_data_path: u64,
+    /// Such flows the core refused (its verdict on the SYN was not that flow: a bound hit
+    /// since the publication, a withdrawn listener): the data path removes their entries.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub data_path_opens_refused: u64,
     /// Packets dropped, by reason.
     pub drops: DropCounters<DropReason>,
 }

@@ -1511,3 +1511,229 @@ fn translations_where_selects_bounds_and_names_states_as_ipvsadm() {
     let (flows, matched) = g.translations_where(now, |_| false, 2);
     assert_eq!((flows.len(), matched), (0, 0));
 }
+
+/// The forward of `config()` as it would be published.
+fn published_web(acl_rule: Option<usize>) -> PublishedListener {
+    PublishedListener {
+        public: SocketAddrV4::new(PUBLIC, 8001),
+        inside: SocketAddrV4::new(WEB, 80),
+        acl_rule,
+    }
+}
+
+/// A completed handshake from `client` through the forward of `config()`.
+fn connect_web(g: &mut Gateway, now: Instant, client: SocketAddrV4) {
+    let (c, cp) = (*client.ip(), client.port());
+    let mut syn = tcp(c, cp, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert_eq!(inb(g, now, &mut syn), Verdict::Forward);
+    let mut sa = tcp(WEB, 80, c, cp, TcpFlags::SYN_ACK, b"");
+    assert_eq!(out(g, now, &mut sa), Verdict::Forward);
+    let mut ack = tcp(c, cp, PUBLIC, 8001, TcpFlags::ACK, b"");
+    assert_eq!(inb(g, now, &mut ack), Verdict::Forward);
+}
+
+#[test]
+fn tcp_static_forwards_are_published_udp_ones_are_not() {
+    let (g, _) = gw();
+    assert_eq!(g.published_listeners(), vec![published_web(None)]);
+}
+
+#[test]
+fn a_source_dependent_or_denying_acl_keeps_the_forward_unpublished() {
+    let with_acl = |acl: Vec<AclRule>| {
+        let now = epoch();
+        Gateway::new(now, GatewayConfig { acl, ..config() })
+            .unwrap()
+            .published_listeners()
+    };
+    let from_partners = AclRule {
+        src: Some("203.0.113.0/24".parse().unwrap()),
+        dst_ports: Some(8001..=8001),
+        ..AclRule::any(AclAction::Permit)
+    };
+    assert_eq!(with_acl(vec![from_partners.clone()]), vec![]);
+    let deny_forward = AclRule {
+        proto: Some(Proto::Tcp),
+        dst_ports: Some(8000..=8010),
+        ..AclRule::any(AclAction::Deny)
+    };
+    assert_eq!(with_acl(vec![deny_forward]), vec![]);
+    // Rules that cannot match the forward's SYNs do not matter; a permit for any source
+    // is carried so that a flow opened elsewhere counts its hit.
+    let ssh_only = AclRule {
+        dst_ports: Some(22..=22),
+        ..from_partners
+    };
+    let permit_web = AclRule {
+        proto: Some(Proto::Tcp),
+        dst: Some("198.51.100.0/24".parse().unwrap()),
+        ..AclRule::any(AclAction::Permit)
+    };
+    assert_eq!(
+        with_acl(vec![ssh_only, permit_web]),
+        vec![published_web(Some(1))]
+    );
+}
+
+#[test]
+fn half_open_pressure_withdraws_the_forward_until_handshakes_complete() {
+    let now = epoch();
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            max_half_open_per_source: 4,
+            ..config()
+        },
+    )
+    .unwrap();
+    // One SYN from a /24 is below half of its bound of 4; the second reaches it.
+    let mut syn = tcp(SRV2, 1000, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(g.published_listeners(), vec![published_web(None)]);
+    let mut syn = tcp(SRV2, 1001, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    assert_eq!(g.published_listeners(), vec![]);
+    // Their handshakes complete: no longer half-open, published again.
+    for port in [1000, 1001] {
+        let mut sa = tcp(WEB, 80, SRV2, port, TcpFlags::SYN_ACK, b"");
+        assert_eq!(out(&mut g, now, &mut sa), Verdict::Forward);
+        let mut ack = tcp(SRV2, port, PUBLIC, 8001, TcpFlags::ACK, b"");
+        assert_eq!(inb(&mut g, now, &mut ack), Verdict::Forward);
+    }
+    assert_eq!(g.table().half_open(), 0);
+    assert_eq!(g.published_listeners(), vec![published_web(None)]);
+}
+
+#[test]
+fn listener_and_table_pressure_withdraw_the_forward() {
+    let now = epoch();
+    // Half of the listener's half-open bound, from sources in different networks.
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            max_half_open_per_listener: 6,
+            ..config()
+        },
+    )
+    .unwrap();
+    for i in 0..3u32 {
+        assert_eq!(g.published_listeners(), vec![published_web(None)]);
+        let src = Ipv4Addr::from(0x0a00_0000 + i * 256);
+        let mut syn = tcp(src, 1000, PUBLIC, 8001, TcpFlags::SYN, b"");
+        assert_eq!(inb(&mut g, now, &mut syn), Verdict::Forward);
+    }
+    assert_eq!(g.published_listeners(), vec![]);
+    // Seven eighths of the table in established flows.
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            max_mappings: 16,
+            ..config()
+        },
+    )
+    .unwrap();
+    for port in 0..14 {
+        assert_eq!(g.published_listeners(), vec![published_web(None)]);
+        connect_web(&mut g, now, SocketAddrV4::new(SRV2, 2000 + port));
+    }
+    assert_eq!(g.table().half_open(), 0);
+    assert_eq!(g.published_listeners(), vec![]);
+}
+
+/// The report of a SYN another data path executed for the forward of `config()`.
+fn opened_web(syn: &[u8]) -> OpenedSyn<'_> {
+    OpenedSyn {
+        client: src(syn),
+        public: SocketAddrV4::new(PUBLIC, 8001),
+        inside: SocketAddrV4::new(WEB, 80),
+        tcp_header: &syn[20..],
+    }
+}
+
+#[test]
+fn a_syn_opened_elsewhere_is_adopted_as_if_it_had_crossed_the_core() {
+    let now = epoch();
+    let permit_web = AclRule {
+        proto: Some(Proto::Tcp),
+        dst_ports: Some(8001..=8001),
+        ..AclRule::any(AclAction::Permit)
+    };
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            // The second rule lets the inside answer (an ACL denies inside traffic no rule
+            // permits).
+            acl: vec![permit_web, AclRule::any(AclAction::Permit)],
+            ..config()
+        },
+    )
+    .unwrap();
+    assert_eq!(g.published_listeners(), vec![published_web(Some(0))]);
+    let syn = tcp(SRV2, 1000, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert!(g.adopt_opened_syn(now, &opened_web(&syn)));
+    let s = g.stats();
+    assert_eq!(
+        (
+            s.flows_opened_by_data_path,
+            s.flows_created,
+            s.translated_in
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(g.table().half_open(), 1, "half-open, as after its SYN");
+    assert_eq!(
+        g.acl_rules().map(|(_, hits)| hits).collect::<Vec<_>>(),
+        vec![1, 0],
+        "the permit counted its hit"
+    );
+    // The handshake continues on the slow path as if the SYN had crossed the core.
+    let mut sa = tcp(WEB, 80, SRV2, 1000, TcpFlags::SYN_ACK, b"");
+    assert_eq!(out(&mut g, now, &mut sa), Verdict::Forward);
+    assert_eq!(src(&sa), SocketAddrV4::new(PUBLIC, 8001));
+    let mut ack = tcp(SRV2, 1000, PUBLIC, 8001, TcpFlags::ACK, b"");
+    assert_eq!(inb(&mut g, now, &mut ack), Verdict::Forward);
+    assert_eq!(g.table().half_open(), 0);
+    // Reported again (a retransmitted record): the core's flow, not a second one.
+    assert!(g.adopt_opened_syn(now, &opened_web(&syn)));
+    assert_eq!(g.stats().flows_created, 1);
+}
+
+#[test]
+fn an_opening_the_core_would_not_make_is_refused() {
+    let now = epoch();
+    let mut g = Gateway::new(
+        now,
+        GatewayConfig {
+            max_half_open_per_source: 1,
+            ..config()
+        },
+    )
+    .unwrap();
+    let first = tcp(SRV2, 1000, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert!(g.adopt_opened_syn(now, &opened_web(&first)));
+    // Opened elsewhere before the withdrawal reached the data path: the source's bound.
+    let second = tcp(SRV2, 1001, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert!(!g.adopt_opened_syn(now, &opened_web(&second)));
+    // A report that does not describe the core's translation, or no SYN at all.
+    let third = tcp(SRV, 1002, PUBLIC, 8001, TcpFlags::SYN, b"");
+    let elsewhere = OpenedSyn {
+        inside: SocketAddrV4::new(WEB, 8080),
+        ..opened_web(&third)
+    };
+    assert!(!g.adopt_opened_syn(now, &elsewhere));
+    let short = OpenedSyn {
+        tcp_header: &third[20..30],
+        ..opened_web(&third)
+    };
+    assert!(!g.adopt_opened_syn(now, &short));
+    let wrong_port = OpenedSyn {
+        public: SocketAddrV4::new(PUBLIC, 8002),
+        ..opened_web(&third)
+    };
+    assert!(!g.adopt_opened_syn(now, &wrong_port));
+    let s = g.stats();
+    assert_eq!(
+        (s.flows_opened_by_data_path, s.data_path_opens_refused),
+        (1, 4)
+    );
+}

@@ -723,3 +723,55 @@ fn an_off_path_rst_does_not_kill_an_established_flow() {
         "the forged RST reached the gateway and was dropped as out of window: {report}"
     );
 }
+
+/// The kernel-executed handshake (the default kernel path): the static forwards, which no ACL
+/// makes source-dependent here, are published; short connections through one are opened by
+/// the kernel program (their SYNs do not cross nat0), adopted by the core, counted by
+/// `show nat` as flows the kernel opened, and every one succeeds. (A SYN flood on the same
+/// forward withdraws the publication and meets the core's defences:
+/// `syn_flood_on_a_static_forward_spares_legitimate_clients`.)
+#[test]
+fn kernel_opens_published_forward_flows() {
+    const CONNECTIONS: u64 = 60;
+    let lab = lab(e2e!(), "");
+    wait_until(T, "the forwards published", || {
+        counter(&lab.show(), &["fast_path", "published_listeners"]) >= 3
+    });
+    let v0 = lab.show();
+    let script = format!(
+        "for i in $(seq 1 {CONNECTIONS}); do exec 3<>/dev/tcp/{PUBLIC}/8001 || exit 1; \
+         read -t 5 line <&3 || exit 2; [ \"$line\" = ok ] || exit 3; exec 3<&-; done"
+    );
+    lab.t
+        .try_sh("out", &format!("bash -c '{script}'"))
+        .unwrap_or_else(|e| panic!("a connection failed: {e}\n{}", lab.vipgate.log()));
+    let opened = |v: &Value| counter(v, &["counters", "flows_opened_by_data_path"]);
+    wait_until(T, "the core adopted every flow the kernel opened", || {
+        opened(&lab.show()) - opened(&v0) >= CONNECTIONS
+    });
+    let v = lab.show();
+    let executed =
+        counter(&v, &["fast_path", "syn_opened"]) - counter(&v0, &["fast_path", "syn_opened"]);
+    assert!(
+        executed >= CONNECTIONS,
+        "every SYN executed in the kernel: {v}"
+    );
+    assert_eq!(
+        counter(&v, &["counters", "data_path_opens_refused"]),
+        0,
+        "{v}"
+    );
+    assert_eq!(counter(&v, &["fast_path", "opened_refused"]), 0, "{v}");
+    assert_eq!(counter(&v, &["fast_path", "syn_ring_full"]), 0, "{v}");
+    // The core adopted each flow half-open from its SYN; the client's ACK crossed only the
+    // program, and the sync rounds' reports of it establish the flows in the core: none
+    // stays half-open (it would hold the half-open bounds and the publication's pressure
+    // test, and a `show` would count it half-open while the connection is long done).
+    wait_until(T, "the core to hear of the ACKs the kernel carried", || {
+        counter(&lab.show(), &["half_open"]) == 0
+    });
+    let config = format!("{}/site.toml", lab.dir().display());
+    let out = lab.t.vipgate_output("gw", &["show", "nat", "-c", &config]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Kernel-opened flows"), "{text}");
+}
