@@ -22,7 +22,10 @@
 # Usage (root): bench/nat.sh [RUNS]   (RUNS=3, DUR=4, ONLY, MODES="plain kernel tunloop
 # vipgate-tun vipgate", VIPGATE_BIN: see bench/README.md; STREAMS="1 4" the iperf3 stream counts,
 # QUEUES=N vipgate's TUN queues (default 1), PERF_OUT=FILE records a perf profile of vipgate
-# during the first repetition)
+# during the first repetition, STATUS_OUT=FILE appends vipgate's `show nat --json`, one line
+# per sample, every 100 ms during its runs and once more before each stop: what the kernel path
+# and the core counted; each sample lists every translation, which costs the daemon time: a
+# diagnosis, not a measurement)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -118,12 +121,36 @@ vipgate_mode() { # REPETITION [MODE SITE]
     perf=$!
     bench_track "$perf"
   fi
+  local sampler=""
+  if [ -n "${STATUS_OUT:-}" ]; then
+    nat_status "$site" 0.1 &
+    sampler=$!
+    bench_track "$sampler"
+  fi
   measure "$mode" "http://198.51.100.1:8001/"
   if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" || true; fi
+  if [ -n "$sampler" ]; then
+    kill "$sampler"
+    wait "$sampler" 2> /dev/null || true
+    nat_status "$site"
+  fi
   if want_metric peak_rss_kB; then
     record peak_rss_kB "$mode" "$(awk '/VmHWM/ { print $2 }' "/proc/$VIPGATE_PID/status")"
   fi
   vipgate_stop
+}
+
+# nat_status SITE [PERIOD]: appends `show nat --json` of the running vipgate to STATUS_OUT as
+# one line: once, or every PERIOD seconds until killed.
+nat_status() {
+  while :; do
+    # Whole lines only: the sampler may be killed in the middle of a sample.
+    local line
+    line=$(x gw "$VIPGATE_BIN" show nat --json -c "$1" | tr -d '\n') || true
+    printf '%s\n' "$line" >> "$STATUS_OUT"
+    [ -n "${2:-}" ] || return 0
+    sleep "$2"
+  done
 }
 
 # vipgate on the TUN data path (`datapath = "tun"`); `vipgate` runs the default, the kernel

@@ -114,6 +114,7 @@ static void (*bpf_ringbuf_discard)(void *data, __u64 flags) = (void *)BPF_FUNC_r
 // flow_value.tcp_valid bits.
 #define TCP_VALID 1 // tcp_seq_end, tcp_ack and tcp_window hold a segment
 #define TCP_FIN 2   // tcp_fin_end holds a FIN
+#define TCP_OPENING 4 // a flow the program opened: its client's first ACK is yet to be reported
 
 // The flow map key: the packet's 5-tuple as it arrives, and its direction. 16 bytes.
 struct flow_key {
@@ -161,6 +162,8 @@ enum counter {
 	CNT_SYN_OPENED,    // SYNs to a published listener executed here (a flow opened)
 	CNT_SYN_RING_FULL, // SYNs to a published listener left to the slow path: ring buffer full
 	CNT_SYN_RACE,      // SYNs left to the slow path: an entry of their flow appeared meanwhile
+	CNT_HANDSHAKE_REPORTED,  // client ACKs of opened flows reported in kpath_handshakes
+	CNT_HANDSHAKE_RING_FULL, // such ACKs not reported: ring full (the sync round reports them)
 	CNT_MAX,
 };
 
@@ -485,7 +488,55 @@ struct {
 	__uint(max_entries, OPENED_RING_BYTES);
 } kpath_opened SEC(".maps");
 
+// The client's first ACK of a flow the program opened, carried by its inbound entry (marked
+// TCP_OPENING by open_published): the core keeps an adopted flow half-open until it learns of
+// that ACK, and its half-open bounds withdraw the publication, so a flow the core cannot
+// establish promptly costs the next SYNs the kernel path. The record names the flow; the
+// driver feeds the entries' reports to the core at once, whose tracking judges the ACK (the
+// program only says it saw one). A full ring loses nothing: the next sync round reports the
+// entries as for any flow.
+#define HANDSHAKE_RING_BYTES (64 * 1024)
+
+// One reported ACK, mirrored by kpath::pod::RawHandshake. 20 bytes (32 in the ring: its
+// 8-byte header, rounded up to 8).
+struct handshake {
+	__be32 client_addr;
+	__be32 public_addr;
+	__be32 inside_addr;
+	__be16 client_port;
+	__be16 public_port;
+	__be16 inside_port;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, HANDSHAKE_RING_BYTES);
+} kpath_handshakes SEC(".maps");
+
 #define TH_ACK 0x10
+
+// Reports the ACK `v`'s inbound entry (of `key`) carried, if it is its flow's first since the
+// program opened it. Not atomic (the program is built for BPF v1, without fetching atomics):
+// two CPUs carrying ACKs of one flow at once may both report it, which the driver tolerates.
+INLINE void report_handshake(const struct flow_key *key, struct flow_value *v)
+{
+	v->tcp_valid &= ~TCP_OPENING;
+	struct handshake *rec = bpf_ringbuf_reserve(&kpath_handshakes, sizeof(*rec), 0);
+	if (!rec) {
+		count(CNT_HANDSHAKE_RING_FULL, 1);
+		return;
+	}
+	rec->client_addr = key->saddr;
+	rec->public_addr = key->daddr;
+	rec->inside_addr = v->daddr;
+	rec->client_port = key->sport;
+	rec->public_port = key->dport;
+	rec->inside_port = v->dport;
+	rec->pad = 0;
+	bpf_ringbuf_submit(rec, 0);
+	count(CNT_HANDSHAKE_REPORTED, 1);
+}
 
 // An inbound SYN with no flow entry (see the comment on kpath_published): executes the
 // published decision, or leaves the SYN to the slow path exactly as before.
@@ -539,6 +590,7 @@ INLINE int open_published(struct __sk_buff *skb, struct iphdr *ip, const struct 
 		.last_seen_ns = bpf_ktime_get_ns(),
 		.packets = 1,
 		.bytes = ip_len,
+		.tcp_valid = TCP_OPENING,
 	};
 	if (bpf_map_update_elem(&kpath_flows, key, &in_v, BPF_NOEXIST)) {
 		bpf_ringbuf_discard(rec, 0);
@@ -621,11 +673,13 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	__u32 fin = 0;
 	int opening = 0;
 	__u32 tcp_len = 0;
+	__u8 tcp_flags = 0;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = (void *)(ip + 1);
 		if ((void *)(tcp + 1) > data_end)
 			return slow(CNT_SLOW_UNPARSED);
 		__u8 flags = ((__u8 *)tcp)[13];
+		tcp_flags = flags;
 		// A bare SYN from the outside may open a published listener's flow (below, once
 		// no entry is known); every other SYN and every RST is the core's.
 		opening = dir == DIR_INBOUND &&
@@ -708,6 +762,8 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 		if (fin)
 			v->tcp_fin_end = end;
 		v->tcp_valid = valid | TCP_VALID | (fin ? TCP_FIN : 0);
+		if ((valid & TCP_OPENING) && dir == DIR_INBOUND && (tcp_flags & TH_ACK))
+			report_handshake(&key, v);
 	}
 
 	__u8 ttl_proto[2];

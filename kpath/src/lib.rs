@@ -23,7 +23,11 @@
 //! its flow exists and its source is not in the inside networks
 //! ([`KernelPath::set_inside_networks`]): it installs both directions' entries, carries the
 //! SYN and reports the flow in a bounded ring buffer ([`KernelPath::take_opened`]); a full
-//! ring leaves the SYN to the slow path (counted), so every flow it opens is reported.
+//! ring leaves the SYN to the slow path (counted), so every flow it opens is reported. The
+//! first ACK from the client such a flow's inbound entry carries is reported in a second
+//! bounded ring ([`KernelPath::take_handshakes`]), so that the core, which keeps the flow
+//! half-open until it learns of that ACK, can judge it at once; a full ring loses nothing
+//! but time (counted: the entry's report tells the same at the next sync round).
 //!
 //! One-packet UDP services (ipvsadm `-o`): the core keeps no flow for them, so it installs each
 //! service's *schedule* instead ([`KernelPath::set_one_packet_schedule`]): the cycle of backend
@@ -148,6 +152,25 @@ pub const MAX_INSIDE_NETWORKS: usize = pod::INSIDE_NETS_MAX;
 /// 96 bytes a record, the ring's 8-byte header included): a SYN to a published listener
 /// that finds it full takes the slow path.
 pub const OPENED_RING_RECORDS: usize = 512 * 1024 / 96;
+
+/// How many handshake records the ring buffer holds between two reads (its 64 KiB over 32
+/// bytes a record, header and alignment included, less one: the kernel refuses the record
+/// that would fill the ring exactly): a client ACK that finds it full is not reported there
+/// (counted), and its flow waits for the next sync round.
+pub const HANDSHAKE_RING_RECORDS: usize = 64 * 1024 / 32 - 1;
+
+/// The first ACK from the client of a flow the program opened ([`OpenedFlow`]), which the
+/// flow's inbound entry carried: the core may establish the flow now, from the entries'
+/// reports. The same flow may be reported twice (two CPUs carrying its ACKs at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedHandshake {
+    /// The outside client.
+    pub client: SocketAddrV4,
+    /// The listener's public endpoint.
+    pub public: SocketAddrV4,
+    /// The inside endpoint.
+    pub inside: SocketAddrV4,
+}
 
 /// A listener whose SYNs the program executes: natgw's `PublishedListener` as the program
 /// holds it, with the core's listener id and the driver's generation of the publication,
@@ -426,6 +449,11 @@ pub struct Counters {
     /// SYNs to a published listener left to the slow path because an entry of their flow
     /// appeared between the lookup and the insert (another CPU, the driver).
     pub syn_race: u64,
+    /// First client ACKs of flows the program opened, reported in the handshake ring.
+    pub handshakes_reported: u64,
+    /// Such ACKs left unreported because the handshake ring was full (the flow's sync round
+    /// reports them).
+    pub handshake_ring_full: u64,
 }
 
 fn octets(a: Ipv4Addr) -> [u8; 4] {

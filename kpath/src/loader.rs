@@ -31,13 +31,13 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TcError, TestRun a
 use aya::{Ebpf, EbpfLoader};
 
 use crate::pod::{
-    OP_MAX_SLOTS, RawFlowKey, RawFlowValue, RawOpCounts, RawOpEndpoint, RawOpSchedule, RawOpened,
-    RawPublished, RawPublishedKey,
+    OP_MAX_SLOTS, RawFlowKey, RawFlowValue, RawHandshake, RawOpCounts, RawOpEndpoint,
+    RawOpSchedule, RawOpened, RawPublished, RawPublishedKey,
 };
 use crate::{
     Counters, Direction, FlowKey, FlowReport, KernelPublished, KpathError, MAX_INSIDE_NETWORKS,
-    MAX_ONE_PACKET_SERVICES, MAX_PUBLISHED_LISTENERS, OBJECT, OnePacketCounts, OpenedFlow, Rewrite,
-    op_endpoint,
+    MAX_ONE_PACKET_SERVICES, MAX_PUBLISHED_LISTENERS, OBJECT, OnePacketCounts, OpenedFlow,
+    OpenedHandshake, Rewrite, op_endpoint,
 };
 
 const FLOWS: &str = "kpath_flows";
@@ -48,6 +48,7 @@ const OP_COUNTS: &str = "kpath_op_counts";
 const PUBLISHED: &str = "kpath_published";
 const INSIDE_NETS: &str = "kpath_inside_nets";
 const OPENED: &str = "kpath_opened";
+const HANDSHAKES: &str = "kpath_handshakes";
 /// `BPF_FS_MAGIC` (statfs f_type of a bpffs).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -147,6 +148,7 @@ pub struct KernelPath {
     /// What `inside_nets` holds, likewise.
     inside_nets_now: Vec<(Ipv4Addr, u8)>,
     opened: RingBuf<MapData>,
+    handshakes: RingBuf<MapData>,
     pin_dir: PathBuf,
     attach: AttachMode,
     attachments: Vec<Attachment>,
@@ -296,6 +298,11 @@ impl KernelPath {
         .map_err(map_err(INSIDE_NETS))?;
         let opened = RingBuf::try_from(ebpf.take_map(OPENED).ok_or(KpathError::Missing(OPENED))?)
             .map_err(map_err(OPENED))?;
+        let handshakes = RingBuf::try_from(
+            ebpf.take_map(HANDSHAKES)
+                .ok_or(KpathError::Missing(HANDSHAKES))?,
+        )
+        .map_err(map_err(HANDSHAKES))?;
         Ok(KernelPath {
             ebpf,
             flows,
@@ -308,6 +315,7 @@ impl KernelPath {
             inside_nets,
             inside_nets_now: Vec::new(),
             opened,
+            handshakes,
             pin_dir,
             attach: opts.attach,
             attachments: Vec::new(),
@@ -721,6 +729,8 @@ impl KernelPath {
             syn_opened: get(10).unwrap_or(0),
             syn_ring_full: get(11).unwrap_or(0),
             syn_race: get(12).unwrap_or(0),
+            handshakes_reported: get(13).unwrap_or(0),
+            handshake_ring_full: get(14).unwrap_or(0),
         })
     }
 
@@ -845,6 +855,29 @@ impl KernelPath {
                 listener: raw.listener,
                 generation: raw.generation,
                 syn_tcp_header: syn_tcp_header.to_vec(),
+            });
+        }
+        out
+    }
+
+    /// Drains up to `max` records of client ACKs the program reported for flows it opened,
+    /// oldest first. A record of another size (a stale object) is skipped.
+    pub fn take_handshakes(&mut self, max: usize) -> Vec<OpenedHandshake> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = self.handshakes.next() else {
+                break;
+            };
+            let Some(raw) = RawHandshake::from_bytes(&item) else {
+                continue;
+            };
+            let endpoint = |addr: [u8; 4], port: [u8; 2]| {
+                SocketAddrV4::new(Ipv4Addr::from(addr), u16::from_be_bytes(port))
+            };
+            out.push(OpenedHandshake {
+                client: endpoint(raw.client_addr, raw.client_port),
+                public: endpoint(raw.public_addr, raw.public_port),
+                inside: endpoint(raw.inside_addr, raw.inside_port),
             });
         }
         out

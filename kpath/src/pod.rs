@@ -159,6 +159,21 @@ pub(crate) struct RawOpened {
 /// The size of `struct opened`.
 pub(crate) const OPENED_SIZE: usize = 28 + TCP_HDR_MAX;
 
+/// `struct handshake`: a client ACK of a flow the program opened, as its ring buffer
+/// carries it (20 bytes), decoded from the record's bytes like [`RawOpened`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawHandshake {
+    pub(crate) client_addr: [u8; 4],
+    pub(crate) public_addr: [u8; 4],
+    pub(crate) inside_addr: [u8; 4],
+    pub(crate) client_port: [u8; 2],
+    pub(crate) public_port: [u8; 2],
+    pub(crate) inside_port: [u8; 2],
+}
+
+/// The size of `struct handshake`.
+pub(crate) const HANDSHAKE_SIZE: usize = 20;
+
 const _: () = assert!(size_of::<RawPublishedKey>() == 8);
 const _: () = assert!(size_of::<RawPublished>() == 16);
 
@@ -171,6 +186,23 @@ unsafe impl aya::Pod for RawPublishedKey {}
 // above): no padding, every bit pattern valid.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for RawPublished {}
+
+impl RawHandshake {
+    /// The record in `bytes` (a ring buffer item), if it has the record's size.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let b: &[u8; HANDSHAKE_SIZE] = bytes.try_into().ok()?;
+        let four = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        let two = |i: usize| [b[i], b[i + 1]];
+        Some(RawHandshake {
+            client_addr: four(0),
+            public_addr: four(4),
+            inside_addr: four(8),
+            client_port: two(12),
+            public_port: two(14),
+            inside_port: two(16),
+        })
+    }
+}
 
 impl RawOpened {
     /// The record in `bytes` (a ring buffer item), if it has the record's size.

@@ -15,8 +15,8 @@ use std::time::Instant;
 use common::in_sandbox;
 use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
 use kpath::{
-    Direction, KernelPath, KernelPublished, LoadOptions, OPENED_RING_RECORDS, OpenedFlow, Proto,
-    TestRun, entries,
+    Direction, HANDSHAKE_RING_RECORDS, KernelPath, KernelPublished, LoadOptions,
+    OPENED_RING_RECORDS, OpenedFlow, OpenedHandshake, Proto, TestRun, entries,
 };
 use natgw::{Gateway, GatewayConfig, ServiceConfig, StaticEntry, Verdict};
 
@@ -1161,6 +1161,149 @@ fn a_full_ring_leaves_published_syns_to_the_slow_path() {
             &tcp_frame(client, public, &seg(Flags::Syn), b""),
         );
         assert_eq!(run.action, TestRun::REDIRECT);
+        h.kp.unload().unwrap();
+    });
+}
+
+/// The client's first ACK of a flow the program opened is reported once in the handshake
+/// ring, by its inbound entry; the entries' reports it prompts the driver to feed establish
+/// the flow in the core, which judged the SYN-ACK itself, without waiting for a sync round.
+/// Later segments either way report nothing more.
+#[test]
+fn an_opened_flows_first_client_ack_is_reported_and_establishes_it_in_the_core() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let client = SocketAddrV4::new(SRV2, 51001);
+        let public = SocketAddrV4::new(PUBLIC, 8001);
+        let web = SocketAddrV4::new(WEB, 80);
+        publish(&mut h);
+        let at = |seq, ack, flags| Seg {
+            seq,
+            ack,
+            window: 502,
+            flags,
+        };
+        let syn = tcp_frame(client, public, &at(1000, 0, Flags::Syn), b"");
+        assert_eq!(
+            h.program(Direction::Inbound, &syn).action,
+            TestRun::REDIRECT
+        );
+        let opened = h.kp.take_opened(16);
+        assert_eq!(opened.len(), 1);
+        let syn_report = natgw::OpenedSyn {
+            client,
+            public,
+            inside: web,
+            tcp_header: &opened[0].syn_tcp_header,
+        };
+        assert!(h.gw.adopt_opened_syn(h.now, &syn_report), "adopted");
+        // The SYN-ACK crosses the core.
+        let syn_ack = tcp_frame(web, client, &at(5000, 1001, Flags::SynAck), b"");
+        h.passes(Direction::Outbound, &syn_ack);
+        h.core(Direction::Outbound, &syn_ack);
+        assert_eq!(h.kp.take_handshakes(16), vec![], "no ACK yet");
+
+        let ack = tcp_frame(client, public, &at(1001, 5001, Flags::Ack), b"");
+        assert_eq!(
+            h.program(Direction::Inbound, &ack).action,
+            TestRun::REDIRECT
+        );
+        assert_eq!(
+            h.kp.take_handshakes(16),
+            vec![OpenedHandshake {
+                client,
+                public,
+                inside: web
+            }]
+        );
+        let established = |h: &Harness| {
+            h.gw.translations(h.now)
+                .iter()
+                .find(|t| t.outside == client)
+                .map(|t| t.established)
+        };
+        assert_eq!(established(&h), Some(false), "half-open until told");
+        let [_, (in_key, _)] = entries(Proto::Tcp, web, public, client);
+        let r = h.kp.report(&in_key).unwrap().unwrap();
+        assert_eq!((r.packets, r.bytes), (2, 80), "the SYN and the ACK");
+        let activity = natgw::FastPathActivity {
+            proto: natgw::Proto::Tcp,
+            public,
+            outside: client,
+            direction: natgw::Direction::Inbound,
+            packets: 1,
+            bytes: 40,
+            tcp: r.tcp.map(|t| (t.seq_end, t.ack, t.window)),
+            tcp_fin_end: None,
+        };
+        assert!(h.gw.fast_path_activity(h.now, &activity));
+        assert_eq!(established(&h), Some(true), "the core judged the ACK");
+
+        let request = tcp_frame(client, public, &at(1001, 5001, Flags::Ack), b"GET /\r\n");
+        assert_eq!(
+            h.program(Direction::Inbound, &request).action,
+            TestRun::REDIRECT
+        );
+        let answer = tcp_frame(web, client, &at(5001, 1008, Flags::Ack), b"200\r\n");
+        assert_eq!(
+            h.program(Direction::Outbound, &answer).action,
+            TestRun::REDIRECT
+        );
+        assert_eq!(h.kp.take_handshakes(16), vec![], "reported once");
+        let c = h.kp.counters().unwrap();
+        assert_eq!((c.handshakes_reported, c.handshake_ring_full), (1, 0));
+        h.kp.unload().unwrap();
+    });
+}
+
+/// The handshake ring is bounded: an ACK that finds it full is still carried, counted and
+/// not reported (its flow waits for the sync round); drained, it takes records again.
+#[test]
+fn a_full_handshake_ring_leaves_the_handshake_to_the_sync_round() {
+    in_sandbox(|ifindex| {
+        let mut h = Harness::new(ifindex);
+        let public = SocketAddrV4::new(PUBLIC, 8001);
+        publish(&mut h);
+        let records = u16::try_from(HANDSHAKE_RING_RECORDS).unwrap();
+        let client = |port: u16| SocketAddrV4::new(SRV2, 10_000 + port);
+        for port in 0..=records + 1 {
+            let syn = tcp_frame(client(port), public, &seg(Flags::Syn), b"");
+            assert_eq!(
+                h.program(Direction::Inbound, &syn).action,
+                TestRun::REDIRECT
+            );
+        }
+        assert_eq!(h.kp.take_opened(usize::MAX).len(), usize::from(records) + 2);
+        for port in 0..=records {
+            let ack = tcp_frame(client(port), public, &seg(Flags::Ack), b"");
+            assert_eq!(
+                h.program(Direction::Inbound, &ack).action,
+                TestRun::REDIRECT,
+                "ACK {port}"
+            );
+        }
+        let c = h.kp.counters().unwrap();
+        assert_eq!(
+            (c.handshakes_reported, c.handshake_ring_full),
+            (u64::from(records), 1)
+        );
+        let reported = h.kp.take_handshakes(usize::MAX);
+        assert_eq!(reported.len(), HANDSHAKE_RING_RECORDS);
+        assert_eq!(reported[0].client, client(0), "oldest first");
+        // The ACK that found the ring full does not report again.
+        let again = tcp_frame(client(records), public, &seg(Flags::Ack), b"");
+        assert_eq!(
+            h.program(Direction::Inbound, &again).action,
+            TestRun::REDIRECT
+        );
+        assert_eq!(h.kp.take_handshakes(16), vec![]);
+        // Drained: the next flow's ACK is reported.
+        let ack = tcp_frame(client(records + 1), public, &seg(Flags::Ack), b"");
+        assert_eq!(
+            h.program(Direction::Inbound, &ack).action,
+            TestRun::REDIRECT
+        );
+        assert_eq!(h.kp.take_handshakes(16).len(), 1);
         h.kp.unload().unwrap();
     });
 }

@@ -2325,7 +2325,9 @@ mod tests {
                                "one_packet_out": 0, "one_packet_services": 0,
                                "syn_opened": 0, "syn_ring_full": 0,
                                "opened_adopted": 0, "opened_refused": 0,
-                               "opened_pending": 0, "published_listeners": 0 },
+                               "opened_pending": 0, "handshakes_reported": 0,
+                               "handshake_ring_full": 0, "handshakes_fed": 0,
+                               "published_listeners": 0 },
                 "flows_adopted": 3,
             })
         );

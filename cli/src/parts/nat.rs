@@ -398,6 +398,11 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
             fast.opened_pending,
             fast.syn_ring_full
         );
+        let _ = writeln!(
+            out,
+            "Their handshakes: {} client ACKs reported by the kernel, {} fed to the core at once, {} left to the sync round (ring full)",
+            fast.handshakes_reported, fast.handshakes_fed, fast.handshake_ring_full
+        );
     }
     let _ = writeln!(out, "ACL (first match wins):");
     for (i, r) in it.acl.iter().enumerate() {

@@ -763,8 +763,14 @@ fn kernel_opens_published_forward_flows() {
     );
     assert_eq!(counter(&v, &["fast_path", "opened_refused"]), 0, "{v}");
     assert_eq!(counter(&v, &["fast_path", "syn_ring_full"]), 0, "{v}");
+    // Each flow's first client ACK, reported by the program in its handshake ring.
+    let reported = counter(&v, &["fast_path", "handshakes_reported"])
+        - counter(&v0, &["fast_path", "handshakes_reported"]);
+    assert!(reported >= CONNECTIONS, "every handshake reported: {v}");
+    assert_eq!(counter(&v, &["fast_path", "handshake_ring_full"]), 0, "{v}");
     // The core adopted each flow half-open from its SYN; the client's ACK crossed only the
-    // program, and the sync rounds' reports of it establish the flows in the core: none
+    // program, and its report (the handshake ring's, else a sync round's) establishes the
+    // flows in the core: none
     // stays half-open (it would hold the half-open bounds and the publication's pressure
     // test, and a `show` would count it half-open while the connection is long done).
     wait_until(T, "the core to hear of the ACKs the kernel carried", || {
