@@ -116,14 +116,9 @@ pub(crate) const PUBLISHED_MAX: usize = 1024;
 /// `INSIDE_NETS_MAX`: how many inside networks the program knows.
 pub(crate) const INSIDE_NETS_MAX: usize = 256;
 
-/// `struct published_key`: a published listener's public endpoint, network byte order.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub(crate) struct RawPublishedKey {
-    pub(crate) addr: [u8; 4],
-    pub(crate) port: [u8; 2],
-    pub(crate) pad: u16,
-}
+/// `struct published_key`: a published listener's public endpoint, network byte order; the
+/// same layout as `struct op_endpoint`.
+pub(crate) type RawPublishedKey = RawOpEndpoint;
 
 /// `struct published`: where a published listener's SYNs go, and whose decision it is.
 #[repr(C)]
@@ -174,13 +169,7 @@ pub(crate) struct RawHandshake {
 /// The size of `struct handshake`.
 pub(crate) const HANDSHAKE_SIZE: usize = 20;
 
-const _: () = assert!(size_of::<RawPublishedKey>() == 8);
 const _: () = assert!(size_of::<RawPublished>() == 16);
-
-// SAFETY: `repr(C)`, byte arrays and one u16 adding up to the asserted size: no padding,
-// every bit pattern valid.
-#[allow(unsafe_code)]
-unsafe impl aya::Pod for RawPublishedKey {}
 
 // SAFETY: `repr(C)`, byte arrays, a u16 and two u32 laid out without gaps (size asserted
 // above): no padding, every bit pattern valid.
