@@ -47,8 +47,9 @@
 // *schedule* (kpath_op_schedules, keyed by the VIP endpoint): the cycle of backend endpoints
 // its own scheduler gives (rr: the live backends in turn; wrr: the smooth weighted sequence),
 // and the VIP of each backend endpoint (kpath_op_backends). A UDP datagram with no flow entry
-// arriving on the outside interface for a VIP with a schedule goes to the slot a per-CPU
-// cursor names (each CPU walks the whole cycle, so the shares are the core's); a datagram
+// arriving on the outside interface for a VIP with a schedule goes to the slot the service's
+// cursor names, shared by every CPU and advanced atomically (so the shares are the core's,
+// in the core's order, as IPVS's rr under its lock); a datagram
 // from a backend endpoint arriving on an inside interface leaves from its VIP. The core
 // replaces a schedule with one map update (the hash map is not preallocated: an update links
 // a new element and frees the old one after an RCU grace period, so a datagram sees either
@@ -186,7 +187,7 @@ struct {
 // Longest schedule: a cycle of up to 1024 picks covers rr over any realistic number of backends
 // and wrr whose weights (divided by their gcd) add up to 1024 or less; 8 KiB a service.
 #define OP_MAX_SLOTS 1024
-// One-packet services with a schedule, each with its own per-CPU cursor.
+// One-packet services with a schedule, each with its own cursor.
 #define OP_MAX_SERVICES 256
 // Backend endpoints of those services.
 #define OP_MAX_BACKENDS 4096
@@ -222,10 +223,10 @@ struct {
 } kpath_op_schedules SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, OP_MAX_SERVICES);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, __u64); // 64 bits: the fetch-and-add the ISA has without 32-bit subregisters
 } kpath_op_cursors SEC(".maps");
 
 struct {
@@ -335,15 +336,16 @@ INLINE void translate(struct __sk_buff *skb, __u32 csum_off, __u64 csum_flags,
 
 // A UDP datagram with no flow entry: a one-packet service's datagram to its VIP (inbound) or
 // an answer from one of its backend endpoints (outbound), if the core installed a schedule
-// for it; anything else takes the slow path. The cursor advances only when the datagram is
-// carried, so the slow path's datagrams leave no hole in the cycle.
+// for it; anything else takes the slow path. A datagram whose TTL runs out takes the slow path
+// before it takes a slot; one whose backend has no route (a FIB miss: the real server's network
+// is gone) has taken its slot and goes to the core, which schedules it on its own.
 INLINE int one_packet(struct __sk_buff *skb, struct iphdr *ip, const struct flow_key *key,
 		      __u8 dir)
 {
 	struct op_endpoint new_ep;
 	struct op_endpoint backend = {};
-	__u32 *cursor = 0;
-	__u32 next = 0;
+	if (ip->ttl <= 1)
+		return slow(CNT_SLOW_TTL);
 	if (dir == DIR_INBOUND) {
 		struct op_endpoint vip = {.addr = key->daddr, .port = key->dport};
 		struct op_schedule *s = bpf_map_lookup_elem(&kpath_op_schedules, &vip);
@@ -351,16 +353,18 @@ INLINE int one_packet(struct __sk_buff *skb, struct iphdr *ip, const struct flow
 			return slow(CNT_SLOW_NO_ENTRY);
 		__u32 n = s->nslots;
 		__u32 which = s->cursor;
-		cursor = bpf_map_lookup_elem(&kpath_op_cursors, &which);
+		__u64 *cursor = bpf_map_lookup_elem(&kpath_op_cursors, &which);
 		if (!cursor || n == 0 || n > OP_MAX_SLOTS)
 			return slow(CNT_SLOW_NO_ENTRY);
-		__u32 i = *cursor % n;
+		// One cursor for every CPU, taken atomically: the datagrams of one socket may be
+		// handled on any CPU (a veth's NAPI polls where it was scheduled), and rr means the
+		// next backend whichever CPU asks.
+		__u32 i = __sync_fetch_and_add(cursor, 1) % n;
 		// The compiler knows i < n <= OP_MAX_SLOTS and would drop the check the verifier
 		// needs to bound the slot's offset: hide what it knows.
 		asm volatile("" : "+r"(i));
 		if (i >= OP_MAX_SLOTS)
 			return slow(CNT_SLOW_NO_ENTRY);
-		next = i + 1;
 		new_ep = s->slots[i];
 		backend = new_ep;
 	} else {
@@ -371,8 +375,6 @@ INLINE int one_packet(struct __sk_buff *skb, struct iphdr *ip, const struct flow
 			return slow(CNT_SLOW_NO_ENTRY);
 		new_ep = *vip;
 	}
-	if (ip->ttl <= 1)
-		return slow(CNT_SLOW_TTL);
 	__be32 new_saddr = dir == DIR_INBOUND ? key->saddr : new_ep.addr;
 	__be16 new_sport = dir == DIR_INBOUND ? key->sport : new_ep.port;
 	__be32 new_daddr = dir == DIR_INBOUND ? new_ep.addr : key->daddr;
@@ -387,8 +389,6 @@ INLINE int one_packet(struct __sk_buff *skb, struct iphdr *ip, const struct flow
 	ttl_proto[1] = IPPROTO_UDP;
 	__u64 ip_len = skb->len - ETH_HLEN;
 	__u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
-	if (cursor)
-		*cursor = next;
 	struct op_counts *c = bpf_map_lookup_elem(&kpath_op_counts, &backend);
 	if (c) {
 		if (dir == DIR_INBOUND) {

@@ -31,7 +31,7 @@
 //!
 //! One-packet UDP services (ipvsadm `-o`): the core keeps no flow for them, so it installs each
 //! service's *schedule* instead ([`KernelPath::set_one_packet_schedule`]): the cycle of backend
-//! endpoints its own scheduler gives, which the inbound program walks with a per-CPU cursor,
+//! endpoints its own scheduler gives, which the inbound program walks with one cursor for every CPU,
 //! one slot per datagram; and each backend endpoint's VIP
 //! ([`KernelPath::set_one_packet_backend`]), from which the outbound program sends that
 //! endpoint's answers. Per backend endpoint the program counts what it moved

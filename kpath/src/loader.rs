@@ -587,8 +587,8 @@ impl KernelPath {
 
     /// Installs (or replaces, in one map update the program sees whole) the schedule of the
     /// one-packet service at `vip`: the inbound program sends each datagram to `vip` to the
-    /// slot after the last one its CPU used, walking `slots` round. `cursor` names the
-    /// service's per-CPU cursor (`0..MAX_ONE_PACKET_SERVICES`, one per service).
+    /// slot after the last one taken (on any CPU), walking `slots` round. `cursor` names the
+    /// service's cursor (`0..MAX_ONE_PACKET_SERVICES`, one per service).
     ///
     /// # Errors
     /// An empty or too long schedule, a cursor out of range, or the kernel refusing the
