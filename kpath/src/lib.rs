@@ -51,6 +51,7 @@
 //! - The shipped object is the build of the shipped source: a test checks the recorded hash
 //!   of the sources and, where clang is present, that rebuilding gives the same bytes.
 
+mod batch;
 mod gre;
 mod gre_pod;
 mod loader;
@@ -90,6 +91,14 @@ pub enum KpathError {
         map: &'static str,
         /// The loader's error.
         source: aya::maps::MapError,
+    },
+    /// Reading a map's entries in batches failed.
+    #[error("map {map}: batch lookup: {source}")]
+    Batch {
+        /// The map's name.
+        map: &'static str,
+        /// The system call's error.
+        source: std::io::Error,
     },
     /// The object lacks a program or map this crate expects (a stale object).
     #[error("the eBPF object has no {0}")]
@@ -525,6 +534,33 @@ impl Rewrite {
             direct_route: raw.flags & pod::FLOW_DIRECT_ROUTE != 0,
             fin_to_core: raw.flags & pod::FLOW_FIN_TO_CORE != 0,
         }
+    }
+}
+
+/// What the program reported for every flow entry, read in one walk of the map
+/// ([`KernelPath::reports`]).
+#[derive(Debug, Default)]
+pub struct FlowReports {
+    entries: std::collections::HashMap<pod::RawFlowKey, pod::RawFlowValue>,
+}
+
+impl FlowReports {
+    /// The report of `key`'s entry, if the map held one during the walk.
+    #[must_use]
+    pub fn get(&self, key: &FlowKey) -> Option<FlowReport> {
+        self.entries.get(&key.raw()).map(FlowReport::from_raw)
+    }
+
+    /// How many entries the walk read.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the walk read no entry.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 

@@ -14,6 +14,7 @@
 //! did not claim (an interface no longer configured). A link made through the `clsact`
 //! fallback (kernels before 6.6) is a netlink filter with no pin: it is not adopted.
 
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -136,6 +137,8 @@ impl TestRun {
 pub struct KernelPath {
     ebpf: Ebpf,
     flows: HashMap<MapData, RawFlowKey, RawFlowValue>,
+    /// `flows`' descriptor, for the batch reads aya does not wrap.
+    flows_fd: std::os::fd::OwnedFd,
     counters: PerCpuArray<MapData, u64>,
     op_schedules: HashMap<MapData, RawOpEndpoint, RawOpSchedule>,
     op_backends: HashMap<MapData, RawOpEndpoint, RawOpEndpoint>,
@@ -259,8 +262,19 @@ impl KernelPath {
                 .map_err(|source| KpathError::Program { program, source })?;
         }
         let map_err = |map| move |source| KpathError::Map { map, source };
-        let flows = HashMap::try_from(ebpf.take_map(FLOWS).ok_or(KpathError::Missing(FLOWS))?)
-            .map_err(map_err(FLOWS))?;
+        let flows_map = ebpf.take_map(FLOWS).ok_or(KpathError::Missing(FLOWS))?;
+        let flows_fd = match &flows_map {
+            aya::maps::Map::LruHashMap(data) => Some(
+                data.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| KpathError::Batch { map: FLOWS, source })?,
+            ),
+            _ => None,
+        };
+        let flows = HashMap::try_from(flows_map).map_err(map_err(FLOWS))?;
+        // The object declares an LRU hash; anything else failed the conversion above.
+        let flows_fd = flows_fd.ok_or(KpathError::Missing(FLOWS))?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map(COUNTERS)
                 .ok_or(KpathError::Missing(COUNTERS))?,
@@ -306,6 +320,7 @@ impl KernelPath {
         Ok(KernelPath {
             ebpf,
             flows,
+            flows_fd,
             counters,
             op_schedules,
             op_backends,
@@ -548,6 +563,20 @@ impl KernelPath {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(KpathError::Map { map: FLOWS, source }),
         }
+    }
+
+    /// What the program reported for every entry, read in batches of thousands per system
+    /// call (one lookup per entry costs a system call each).
+    ///
+    /// # Errors
+    /// The kernel refusing the batch walk.
+    pub fn reports(&self) -> Result<crate::FlowReports, KpathError> {
+        let mut raw = Vec::new();
+        crate::batch::lookup_all::<RawFlowKey, RawFlowValue>(self.flows_fd.as_fd(), &mut raw)
+            .map_err(|source| KpathError::Batch { map: FLOWS, source })?;
+        Ok(crate::FlowReports {
+            entries: raw.into_iter().collect(),
+        })
     }
 
     /// Every entry's key (e.g. to reconcile adopted maps with the core's table).

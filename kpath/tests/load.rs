@@ -126,6 +126,39 @@ fn a_restart_adopts_the_pinned_flows() {
     });
 }
 
+/// The sync round reads every entry in one batch walk: more entries than one batch call
+/// holds (4,096) all come out, each with what a lookup of its own reports.
+#[test]
+fn one_walk_reports_every_entry() {
+    in_sandbox(|_| {
+        let mut opts = LoadOptions::new("site-walk");
+        opts.max_flows = 16_384;
+        let mut kp = KernelPath::load(&opts).unwrap();
+        assert!(kp.reports().unwrap().is_empty());
+        let mut keys = Vec::new();
+        for i in 0..5_000u16 {
+            let [(out, out_rw), (inb, inb_rw)] = entries(
+                Proto::Udp,
+                SocketAddrV4::new([192, 168, 1, 2].into(), 10_000 + i),
+                SocketAddrV4::new([198, 51, 100, 1].into(), 20_000 + i),
+                SocketAddrV4::new([203, 0, 113, 9].into(), 53),
+            );
+            kp.insert(&out, &out_rw).unwrap();
+            kp.insert(&inb, &inb_rw).unwrap();
+            keys.extend([out, inb]);
+        }
+        let walked = kp.reports().unwrap();
+        assert_eq!(walked.len(), 10_000);
+        for key in &keys {
+            assert_eq!(walked.get(key), kp.report(key).unwrap(), "{key:?}");
+        }
+        kp.remove(&keys[0]).unwrap();
+        let walked = kp.reports().unwrap();
+        assert_eq!((walked.len(), walked.get(&keys[0])), (9_999, None));
+        kp.unload().unwrap();
+    });
+}
+
 #[test]
 fn a_restart_keeps_the_tcx_links_attached_and_swaps_the_programs_in() {
     in_sandbox(|_| {

@@ -420,7 +420,7 @@ impl KernelDatapath {
             let id = (Proto::Tcp, h.inside, h.public, h.client);
             if let Some(flow) = self.opened.get_mut(&id) {
                 // An evicted entry is the sync round's to notice.
-                let _evicted = collect_reports(kp, &id, flow, &mut reports);
+                let _evicted = collect_reports(kp, None, &id, flow, &mut reports);
             }
         }
         self.handshakes_fed += reports.len() as u64;
@@ -482,6 +482,7 @@ impl KernelDatapath {
         &mut self,
         gw: &Mutex<Gateway>,
         wanted: &HashMap<FlowId, (kpath::Proto, bool, bool)>,
+        walked: Option<&kpath::FlowReports>,
     ) {
         let Some(kp) = self.kp.as_mut() else { return };
         let eligible: Vec<FlowId> = self
@@ -498,7 +499,7 @@ impl KernelDatapath {
         }
         let mut reports = Vec::new();
         for (id, flow) in &mut self.opened {
-            collect_reports(kp, id, flow, &mut reports);
+            collect_reports(kp, walked, id, flow, &mut reports);
         }
         let at = now();
         let mut gone = Vec::new();
@@ -642,7 +643,20 @@ impl KernelDatapath {
         self.adopt_opened(gw);
         self.publish(gw);
         let wanted = wanted(gw);
-        self.follow_opened(gw, &wanted);
+        // Every entry's report in one walk of the map (a few system calls, where a lookup per
+        // entry took two per flow each round). Entries the program inserts during the walk
+        // may be missed: the flows it opens are already reported through the ring and read
+        // next round; an installed entry missing from the walk is treated as evicted and put
+        // back. Should the walk fail, each entry is looked up on its own, as before.
+        let walked = match self.kp.as_ref().map(KernelPath::reports) {
+            Some(Ok(walked)) => Some(walked),
+            None => None,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "walking the kernel path's flow map");
+                None
+            }
+        };
+        self.follow_opened(gw, &wanted, walked.as_ref());
         let Some(kp) = self.kp.as_mut() else { return };
         let mut reports = Vec::new();
         let mut removed = HashSet::new();
@@ -652,7 +666,7 @@ impl KernelDatapath {
                 // What the program moved since the last round still counts: the last data
                 // before the FIN that ended the flow's eligibility (only what moves between
                 // this read and the removal below is lost).
-                collect_reports(kp, id, flow, &mut reports);
+                collect_reports(kp, walked.as_ref(), id, flow, &mut reports);
                 for (key, _) in &flow.entries {
                     if let Err(e) = kp.remove(key) {
                         tracing::warn!(error = %e, "removing a kernel path entry");
@@ -662,17 +676,21 @@ impl KernelDatapath {
             }
             keep
         });
+        // Flows whose entries were (re)inserted after the walk, which holds nothing of
+        // them yet (or the counts of the entry they replaced): their reports start next round.
+        let mut fresh = HashSet::new();
         if !removed.is_empty() {
             // A client reusing its port after a closed flow gets a new flow with the same
             // key, which the packet loop may have installed already (direct routing): the
             // removal of the old one took its entry too; put it back.
-            for flow in self.installed.values_mut() {
+            for (id, flow) in &mut self.installed {
                 for (i, (key, rewrite)) in flow.entries.iter().enumerate() {
                     if !removed.contains(key) {
                         continue;
                     }
                     // A fresh entry counts from zero.
                     flow.reported[i] = (0, 0);
+                    fresh.insert(*id);
                     if let Err(e) = kp.insert(key, rewrite) {
                         tracing::debug!(error = %e, "reinstalling a kernel path entry");
                     }
@@ -683,6 +701,7 @@ impl KernelDatapath {
             if self.installed.contains_key(id) {
                 continue;
             }
+            fresh.insert(*id);
             let (_, inside, public, outside) = *id;
             let entries = if direct {
                 vec![kpath::direct_route_entry(
@@ -705,7 +724,10 @@ impl KernelDatapath {
         // one adopted from a run with a smaller `max_mappings`) from churning every round.
         let mut budget = REINSTALL_PER_ROUND;
         for (id, flow) in &mut self.installed {
-            for i in collect_reports(kp, id, flow, &mut reports) {
+            if fresh.contains(id) {
+                continue;
+            }
+            for i in collect_reports(kp, walked.as_ref(), id, flow, &mut reports) {
                 if budget == 0 {
                     break;
                 }
@@ -1019,8 +1041,10 @@ fn feed_reports(gw: &mut Gateway, at: std::time::Instant, reports: &[Vec<FastPat
 /// Appends what the program moved of `flow` since its last report (one activity per
 /// direction that moved, in one group per flow) and remembers the counts reported; returns
 /// the indices of the entries the map no longer holds (evicted), read in the same lookup.
+/// The reports come from `walked` (this round's walk of the map), or from a lookup each.
 fn collect_reports(
     kp: &KernelPath,
+    walked: Option<&kpath::FlowReports>,
     id: &FlowId,
     flow: &mut Installed,
     out: &mut Vec<Vec<FastPathActivity>>,
@@ -1028,7 +1052,11 @@ fn collect_reports(
     let mut moved = Vec::new();
     let mut absent = Vec::new();
     for (i, (key, _)) in flow.entries.iter().enumerate() {
-        let r = match kp.report(key) {
+        let report = match walked {
+            Some(walked) => Ok(walked.get(key)),
+            None => kp.report(key),
+        };
+        let r = match report {
             Ok(Some(r)) => r,
             Ok(None) => {
                 absent.push(i);
