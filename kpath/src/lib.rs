@@ -222,8 +222,8 @@ pub struct OpenedFlow {
 /// gcd, add up to 1024 or less, in 8 KiB a service.
 pub const MAX_ONE_PACKET_SLOTS: usize = pod::OP_MAX_SLOTS;
 
-/// How many one-packet services may have a schedule at once (each has its own per-CPU
-/// cursor, `0..MAX_ONE_PACKET_SERVICES`).
+/// How many one-packet services may have a schedule at once (each has its own cursor,
+/// `0..MAX_ONE_PACKET_SERVICES`).
 pub const MAX_ONE_PACKET_SERVICES: u32 = 256;
 
 /// How many backend endpoints of one-packet services the program knows at once.
