@@ -25,7 +25,8 @@
 //   slow path through nat0 and the core sees it: no entry, not IPv4, IP options, fragments,
 //   TTL <= 1, protocols other than TCP/UDP (ICMP and ICMP errors included), TCP segments
 //   with SYN or RST (the core sees every opening and judges every RST against its window;
-//   the one exception is an outside SYN to a listener the core published, below),
+//   the exceptions are an outside SYN to a listener the core published and the inside
+//   server's SYN-ACK answering it, below, both reported to the core before they are sent),
 //   a FIN of a direct-routing flow (its core tracks the client's flags alone) or of a flow
 //   whose entry says FLOW_FIN_TO_CORE, a FIB miss or a packet that would need fragmenting.
 //   A packet is never rewritten and then passed on.
@@ -115,7 +116,9 @@ static void (*bpf_ringbuf_discard)(void *data, __u64 flags) = (void *)BPF_FUNC_r
 // flow_value.tcp_valid bits.
 #define TCP_VALID 1 // tcp_seq_end, tcp_ack and tcp_window hold a segment
 #define TCP_FIN 2   // tcp_fin_end holds a FIN
-#define TCP_OPENING 4 // a flow the program opened: its client's first ACK is yet to be reported
+// A flow the program opened: on the inbound entry, its client's first ACK is yet to be
+// reported; on the outbound entry, the inside server's SYN-ACK may be executed.
+#define TCP_OPENING 4
 
 // The flow map key: the packet's 5-tuple as it arrives, and its direction. 16 bytes.
 struct flow_key {
@@ -165,6 +168,8 @@ enum counter {
 	CNT_SYN_RACE,      // SYNs left to the slow path: an entry of their flow appeared meanwhile
 	CNT_HANDSHAKE_REPORTED,  // client ACKs of opened flows reported in kpath_handshakes
 	CNT_HANDSHAKE_RING_FULL, // such ACKs not reported: ring full (the sync round reports them)
+	CNT_SYNACK_SENT,      // SYN-ACKs of opened flows executed here (reported in kpath_opened)
+	CNT_SYNACK_RING_FULL, // such SYN-ACKs left to the slow path: ring buffer full
 	CNT_MAX,
 };
 
@@ -425,8 +430,8 @@ INLINE int one_packet(struct __sk_buff *skb, struct iphdr *ip, const struct flow
 
 #define PUBLISHED_MAX 1024
 #define INSIDE_NETS_MAX 256
-// 5461 records of 88 bytes (96 with the ring's header): a burst of new connections between
-// two reads of the ring.
+// 5041 records of 92 bytes (104 with the ring's header, rounded up to 8), two a connection
+// (its SYN's and its SYN-ACK's): a burst of new connections between two reads of the ring.
 #define OPENED_RING_BYTES (512 * 1024)
 #define TCP_HDR_MAX 60
 
@@ -452,9 +457,14 @@ struct inside_net {
 	__be32 addr;
 };
 
-// One flow opened by the program, mirrored by kpath::pod::RawOpened. 88 bytes. The SYN's
-// TCP header goes whole (options included: the core's tracking needs its window scale), as
-// it arrived, so that the core can track the SYN as if it had crossed it.
+// What a record of kpath_opened reports.
+#define OPENED_SYN 0     // a flow opened: its SYN, executed
+#define OPENED_SYN_ACK 1 // the inside server's SYN-ACK of such a flow, executed
+
+// One flow opened by the program, or its SYN-ACK, mirrored by kpath::pod::RawOpened. 92
+// bytes. The segment's TCP header goes whole (options included: the core's tracking needs its
+// window scale), as it arrived, so that the core can track it as if it had crossed it. Both
+// kinds share one ring so that the driver reads a flow's SYN before its SYN-ACK.
 struct opened {
 	__be32 client_addr;
 	__be32 public_addr;
@@ -463,8 +473,9 @@ struct opened {
 	__be16 public_port;
 	__be16 inside_port;
 	__u16 tcp_len; // bytes of tcp used, 20..=60
-	__u32 listener;
-	__u32 generation;
+	__u32 listener;   // OPENED_SYN: the published entry's; 0 otherwise
+	__u32 generation; // likewise
+	__u32 kind;       // OPENED_SYN or OPENED_SYN_ACK
 	__u8 tcp[TCP_HDR_MAX];
 };
 
@@ -538,6 +549,74 @@ INLINE void report_handshake(const struct flow_key *key, struct flow_value *v)
 	count(CNT_HANDSHAKE_REPORTED, 1);
 }
 
+// Copies the packet's TCP header (`*len` bytes, 20..=60) into `rec` as it arrived. The rest
+// of the record's header room is zeroed first (constant offsets: the daemon's verifier,
+// without CAP_PERFMON, allows no variable ones into ring memory), so no stale ring bytes
+// reach userspace. The compiler knows the caller's bounds and could drop what the verifier
+// needs: they are restated on a value it cannot see through. False: not copied.
+INLINE int copy_tcp_header(struct __sk_buff *skb, struct opened *rec, __u32 *len)
+{
+	__builtin_memset(rec->tcp, 0, TCP_HDR_MAX);
+	__u32 n = *len;
+	asm volatile("" : "+r"(n));
+	if (n < 20 || n > TCP_HDR_MAX || bpf_skb_load_bytes(skb, L4_OFF, rec->tcp, n))
+		return 0;
+	*len = n;
+	return 1;
+}
+
+// The inside server's SYN-ACK (SYN and ACK only, no payload) of a flow the program opened
+// (its outbound entry `v` of `key` marked TCP_OPENING): executed here, reported first in
+// kpath_opened (after its flow's SYN) so that the core tracks it as if it had crossed it.
+// Its entry's counters and sequence tracking are left alone: the core counts the SYN-ACK
+// from the record. A full ring, a payload, or a route or TTL the hit path would refuse leave
+// it to the slow path, as before.
+INLINE int answer_opened(struct __sk_buff *skb, struct iphdr *ip, const struct flow_key *key,
+			 struct flow_value *v, __u32 tcp_len)
+{
+	if (tcp_len < 20 || tcp_len > TCP_HDR_MAX ||
+	    __builtin_bswap16(ip->tot_len) != 20 + tcp_len)
+		return slow(CNT_SLOW_TCP_FLAGS);
+	if (ip->ttl <= 1)
+		return slow(CNT_SLOW_TTL);
+	// A copy: the driver may replace the entry while this segment is handled.
+	struct flow_value rw = *v;
+	struct bpf_fib_lookup fib = {};
+	if (!route(skb, ip, rw.saddr, rw.daddr, &fib))
+		return slow(CNT_SLOW_FIB);
+	struct opened *rec = bpf_ringbuf_reserve(&kpath_opened, sizeof(*rec), 0);
+	if (!rec)
+		return slow(CNT_SYNACK_RING_FULL);
+	__u32 len = tcp_len;
+	if (!copy_tcp_header(skb, rec, &len)) {
+		bpf_ringbuf_discard(rec, 0);
+		return slow(CNT_SLOW_UNPARSED);
+	}
+	rec->client_addr = key->daddr;
+	rec->public_addr = rw.saddr;
+	rec->inside_addr = key->saddr;
+	rec->client_port = key->dport;
+	rec->public_port = rw.sport;
+	rec->inside_port = key->sport;
+	rec->tcp_len = len;
+	rec->listener = 0;
+	rec->generation = 0;
+	rec->kind = OPENED_SYN_ACK;
+	bpf_ringbuf_submit(rec, 0);
+
+	__u64 ip_len = skb->len - ETH_HLEN;
+	__u16 old_ttl_word = *(__u16 *)&ip->ttl;
+	__u8 ttl_proto[2];
+	ttl_proto[0] = ip->ttl - 1;
+	ttl_proto[1] = IPPROTO_TCP;
+	translate(skb, TCP_CSUM_OFF, 0, key, rw.saddr, rw.daddr, rw.sport, rw.dport, old_ttl_word,
+		  ttl_proto);
+	count(CNT_SYNACK_SENT, 1);
+	count(CNT_FAST_PACKETS, 1);
+	count(CNT_FAST_BYTES, ip_len);
+	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+}
+
 // An inbound SYN with no flow entry (see the comment on kpath_published): executes the
 // published decision, or leaves the SYN to the slow path exactly as before.
 INLINE int open_published(struct __sk_buff *skb, struct iphdr *ip, const struct flow_key *key,
@@ -568,16 +647,8 @@ INLINE int open_published(struct __sk_buff *skb, struct iphdr *ip, const struct 
 	struct opened *rec = bpf_ringbuf_reserve(&kpath_opened, sizeof(*rec), 0);
 	if (!rec)
 		return slow(CNT_SYN_RING_FULL);
-	// Zeroed first (constant offsets: the daemon's verifier, without CAP_PERFMON, allows no
-	// variable ones into ring memory), so no stale ring bytes past the header reach
-	// userspace. Then the header as it arrived, before the rewrite below. The compiler
-	// knows the bounds checked above and could drop what the verifier needs: restate them
-	// on a fresh value.
-	__builtin_memset(rec->tcp, 0, TCP_HDR_MAX);
 	__u32 len = tcp_len;
-	asm volatile("" : "+r"(len));
-	if (len < 20 || len > TCP_HDR_MAX ||
-	    bpf_skb_load_bytes(skb, L4_OFF, rec->tcp, len)) {
+	if (!copy_tcp_header(skb, rec, &len)) {
 		bpf_ringbuf_discard(rec, 0);
 		return slow(CNT_SLOW_UNPARSED);
 	}
@@ -604,11 +675,13 @@ INLINE int open_published(struct __sk_buff *skb, struct iphdr *ip, const struct 
 		.proto = IPPROTO_TCP,
 		.dir = DIR_OUTBOUND,
 	};
+	// TCP_OPENING here: the inside server's SYN-ACK may be executed (answer_opened).
 	struct flow_value out_v = {
 		.saddr = key->daddr,
 		.daddr = key->saddr,
 		.sport = key->dport,
 		.dport = key->sport,
+		.tcp_valid = TCP_OPENING,
 	};
 	if (bpf_map_update_elem(&kpath_flows, &out_k, &out_v, BPF_NOEXIST)) {
 		bpf_map_delete_elem(&kpath_flows, key);
@@ -624,6 +697,7 @@ INLINE int open_published(struct __sk_buff *skb, struct iphdr *ip, const struct 
 	rec->tcp_len = len;
 	rec->listener = pub.listener;
 	rec->generation = pub.generation;
+	rec->kind = OPENED_SYN;
 	bpf_ringbuf_submit(rec, 0);
 
 	__u16 old_ttl_word = *(__u16 *)&ip->ttl;
@@ -671,7 +745,7 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	__u32 seq = 0, ack = 0;
 	__u16 window = 0;
 	__u32 fin = 0;
-	int opening = 0;
+	int opening = 0, answering = 0;
 	__u32 tcp_len = 0;
 	__u8 tcp_flags = 0;
 	if (ip->protocol == IPPROTO_TCP) {
@@ -684,7 +758,10 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 		// no entry is known); every other SYN and every RST is the core's.
 		opening = dir == DIR_INBOUND &&
 			  (flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) == TH_SYN;
-		if ((flags & (TH_SYN | TH_RST)) && !opening)
+		// And an inside server's SYN-ACK may answer a flow the program opened (below).
+		answering = dir == DIR_OUTBOUND &&
+			    (flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) == (TH_SYN | TH_ACK);
+		if ((flags & (TH_SYN | TH_RST)) && !opening && !answering)
 			return slow(CNT_SLOW_TCP_FLAGS);
 		fin = flags & TH_FIN;
 		key.sport = tcp->source;
@@ -719,6 +796,10 @@ INLINE int handle(struct __sk_buff *skb, __u8 dir)
 	if (!v)
 		return key.proto == IPPROTO_UDP ? one_packet(skb, ip, &key, dir)
 						: slow(CNT_SLOW_NO_ENTRY);
+	if (answering)
+		return (v->tcp_valid & TCP_OPENING) && !(v->flags & FLOW_DIRECT_ROUTE)
+			       ? answer_opened(skb, ip, &key, v, tcp_len)
+			       : slow(CNT_SLOW_TCP_FLAGS);
 	if (fin && (v->flags & (FLOW_DIRECT_ROUTE | FLOW_FIN_TO_CORE)))
 		return slow(CNT_SLOW_TCP_FLAGS);
 	if (ip->ttl <= 1)

@@ -158,9 +158,9 @@ pub const MAX_PUBLISHED_LISTENERS: usize = pod::PUBLISHED_MAX;
 pub const MAX_INSIDE_NETWORKS: usize = pod::INSIDE_NETS_MAX;
 
 /// How many opened-flow records the ring buffer holds between two reads (its 512 KiB over
-/// 96 bytes a record, the ring's 8-byte header included): a SYN to a published listener
-/// that finds it full takes the slow path.
-pub const OPENED_RING_RECORDS: usize = 512 * 1024 / 96;
+/// 104 bytes a record, the ring's 8-byte header included, rounded up to 8; a flow takes two,
+/// its SYN's and its SYN-ACK's): a SYN or SYN-ACK that finds it full takes the slow path.
+pub const OPENED_RING_RECORDS: usize = 512 * 1024 / 104;
 
 /// How many handshake records the ring buffer holds between two reads (its 64 KiB over 32
 /// bytes a record, header and alignment included, less one: the kernel refuses the record
@@ -212,9 +212,21 @@ pub struct OpenedFlow {
     pub listener: u32,
     /// [`KernelPublished::generation`] of that entry.
     pub generation: u32,
-    /// The SYN's TCP header as it arrived (ports the client's, options included: 20 to 60
-    /// bytes), for the core to track the SYN as if it had crossed it.
-    pub syn_tcp_header: Vec<u8>,
+    /// What the record reports.
+    pub kind: OpenedKind,
+    /// The segment's TCP header as it arrived (options included: 20 to 60 bytes), for the
+    /// core to track it as if it had crossed it.
+    pub tcp_header: Vec<u8>,
+}
+
+/// What a record of the ring of opened flows reports; a flow's SYN comes before its SYN-ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenedKind {
+    /// The client's SYN, executed: the flow is open (its entries exist).
+    Syn,
+    /// The inside server's SYN-ACK of such a flow, executed (`listener` and `generation`
+    /// are 0).
+    SynAck,
 }
 
 /// The longest one-packet schedule (`OP_MAX_SLOTS` in the program): a cycle of up to 1024
@@ -463,6 +475,11 @@ pub struct Counters {
     /// Such ACKs left unreported because the handshake ring was full (the flow's sync round
     /// reports them).
     pub handshake_ring_full: u64,
+    /// Inside servers' SYN-ACKs of flows the program opened, executed in the kernel (each
+    /// reported in the ring of opened flows as [`OpenedKind::SynAck`]).
+    pub syn_acks_sent: u64,
+    /// Such SYN-ACKs left to the slow path because the ring was full.
+    pub syn_ack_ring_full: u64,
 }
 
 fn octets(a: Ipv4Addr) -> [u8; 4] {

@@ -38,7 +38,7 @@ use crate::pod::{
 use crate::{
     Counters, Direction, FlowKey, FlowReport, KernelPublished, KpathError, MAX_INSIDE_NETWORKS,
     MAX_ONE_PACKET_SERVICES, MAX_PUBLISHED_LISTENERS, OBJECT, OnePacketCounts, OpenedFlow,
-    OpenedHandshake, Rewrite, op_endpoint,
+    OpenedHandshake, OpenedKind, Rewrite, op_endpoint,
 };
 
 const FLOWS: &str = "kpath_flows";
@@ -760,6 +760,8 @@ impl KernelPath {
             syn_race: get(12).unwrap_or(0),
             handshakes_reported: get(13).unwrap_or(0),
             handshake_ring_full: get(14).unwrap_or(0),
+            syn_acks_sent: get(15).unwrap_or(0),
+            syn_ack_ring_full: get(16).unwrap_or(0),
         })
     }
 
@@ -871,8 +873,13 @@ impl KernelPath {
             let Some(raw) = RawOpened::from_bytes(&item) else {
                 continue;
             };
-            let Some(syn_tcp_header) = raw.tcp.get(..usize::from(raw.tcp_len)) else {
+            let Some(tcp_header) = raw.tcp.get(..usize::from(raw.tcp_len)) else {
                 continue;
+            };
+            let kind = match raw.kind {
+                crate::pod::OPENED_SYN => OpenedKind::Syn,
+                crate::pod::OPENED_SYN_ACK => OpenedKind::SynAck,
+                _ => continue,
             };
             let endpoint = |addr: [u8; 4], port: [u8; 2]| {
                 SocketAddrV4::new(Ipv4Addr::from(addr), u16::from_be_bytes(port))
@@ -883,7 +890,8 @@ impl KernelPath {
                 inside: endpoint(raw.inside_addr, raw.inside_port),
                 listener: raw.listener,
                 generation: raw.generation,
-                syn_tcp_header: syn_tcp_header.to_vec(),
+                kind,
+                tcp_header: tcp_header.to_vec(),
             });
         }
         out

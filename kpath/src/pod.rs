@@ -134,7 +134,8 @@ pub(crate) struct RawPublished {
 /// `TCP_HDR_MAX`: the longest TCP header, options included.
 pub(crate) const TCP_HDR_MAX: usize = 60;
 
-/// `struct opened`: one flow the program opened, as the ring buffer carries it (88 bytes),
+/// `struct opened`: one flow the program opened or its SYN-ACK, as the ring buffer carries it
+/// (92 bytes),
 /// decoded from the record's bytes rather than cast (a ring item has no alignment promise
 /// to Rust).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,11 +149,16 @@ pub(crate) struct RawOpened {
     pub(crate) tcp_len: u16,
     pub(crate) listener: u32,
     pub(crate) generation: u32,
+    pub(crate) kind: u32,
     pub(crate) tcp: [u8; TCP_HDR_MAX],
 }
 
 /// The size of `struct opened`.
-pub(crate) const OPENED_SIZE: usize = 28 + TCP_HDR_MAX;
+pub(crate) const OPENED_SIZE: usize = 32 + TCP_HDR_MAX;
+/// `struct opened.kind`: a SYN executed (`OPENED_SYN`).
+pub(crate) const OPENED_SYN: u32 = 0;
+/// `struct opened.kind`: the SYN-ACK of such a flow executed (`OPENED_SYN_ACK`).
+pub(crate) const OPENED_SYN_ACK: u32 = 1;
 
 /// `struct handshake`: a client ACK of a flow the program opened, as its ring buffer
 /// carries it (20 bytes), decoded from the record's bytes like [`RawOpened`].
@@ -200,7 +206,7 @@ impl RawOpened {
         let four = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
         let two = |i: usize| [b[i], b[i + 1]];
         let mut tcp = [0; TCP_HDR_MAX];
-        tcp.copy_from_slice(&b[28..]);
+        tcp.copy_from_slice(&b[32..]);
         Some(RawOpened {
             client_addr: four(0),
             public_addr: four(4),
@@ -211,6 +217,7 @@ impl RawOpened {
             tcp_len: u16::from_ne_bytes(two(18)),
             listener: u32::from_ne_bytes(four(20)),
             generation: u32::from_ne_bytes(four(24)),
+            kind: u32::from_ne_bytes(four(28)),
             tcp,
         })
     }

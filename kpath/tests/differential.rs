@@ -16,7 +16,7 @@ use common::in_sandbox;
 use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice};
 use kpath::{
     Direction, HANDSHAKE_RING_RECORDS, KernelPath, KernelPublished, LoadOptions,
-    OPENED_RING_RECORDS, OpenedFlow, OpenedHandshake, Proto, TestRun, entries,
+    OPENED_RING_RECORDS, OpenedFlow, OpenedHandshake, OpenedKind, Proto, TestRun, entries,
 };
 use natgw::{Gateway, GatewayConfig, ServiceConfig, StaticEntry, Verdict};
 
@@ -1000,8 +1000,10 @@ fn syn_with_options(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> Vec<u8> {
 
 /// An outside SYN to a published static forward is executed by the program: the same bytes
 /// as the core's translation, both directions' entries installed, the flow reported once.
-/// Its retransmission, the SYN-ACK and RSTs stay the core's; the client's next segments hit
-/// the entries.
+/// The inside server's SYN-ACK is executed too (the same bytes as the core's), reported after
+/// the SYN with its header as it left the server, not counted in the entry (the core counts
+/// it from the record). Its retransmission, a SYN-ACK with data and RSTs stay the core's;
+/// the client's next segments hit the entries.
 #[test]
 fn a_published_syn_is_opened_in_the_kernel_as_the_core_would() {
     in_sandbox(|ifindex| {
@@ -1032,7 +1034,8 @@ fn a_published_syn_is_opened_in_the_kernel_as_the_core_would() {
                 inside: web,
                 listener: 0,
                 generation: 1,
-                syn_tcp_header: syn_frame[34..].to_vec(),
+                kind: OpenedKind::Syn,
+                tcp_header: syn_frame[34..].to_vec(),
             }],
             "the SYN's TCP header as it arrived"
         );
@@ -1054,11 +1057,39 @@ fn a_published_syn_is_opened_in_the_kernel_as_the_core_would() {
             "both directions, as the driver installs an established flow"
         );
 
-        // The SYN again (a retransmission: the entry exists), the SYN-ACK, a RST: the core's.
+        // The server's SYN-ACK: executed as the core translates it, and reported.
+        let syn_ack = Seg {
+            ack: 77_001,
+            ..seg(Flags::SynAck)
+        };
+        let syn_ack_frame = tcp_frame(web, client, &syn_ack, b"");
+        let out = h.same(Direction::Outbound, &syn_ack_frame);
+        assert_eq!(&out[26..30], &PUBLIC.octets(), "from the public endpoint");
+        assert_eq!(
+            h.kp.take_opened(16),
+            vec![OpenedFlow {
+                client,
+                public,
+                inside: web,
+                listener: 0,
+                generation: 0,
+                kind: OpenedKind::SynAck,
+                tcp_header: syn_ack_frame[34..].to_vec(),
+            }],
+            "the SYN-ACK's TCP header as it left the server"
+        );
+        let outb = h.kp.report(&out_key).unwrap().unwrap();
+        assert_eq!(
+            outb.packets, 0,
+            "the record reports the SYN-ACK, not the entry"
+        );
+
+        // The SYN again (a retransmission: the entry exists), a SYN-ACK with data, a RST:
+        // the core's.
         h.passes(Direction::Inbound, &syn_frame);
         h.passes(
             Direction::Outbound,
-            &tcp_frame(web, client, &seg(Flags::SynAck), b""),
+            &tcp_frame(web, client, &syn_ack, b"data"),
         );
         h.passes(
             Direction::Inbound,
@@ -1071,6 +1102,7 @@ fn a_published_syn_is_opened_in_the_kernel_as_the_core_would() {
         assert_eq!(ack.action, TestRun::REDIRECT, "the entry carries the ACK");
         let c = h.kp.counters().unwrap();
         assert_eq!((c.syn_opened, c.syn_ring_full, c.syn_race), (1, 0, 0));
+        assert_eq!((c.syn_acks_sent, c.syn_ack_ring_full), (1, 0));
         assert_eq!(c.slow_tcp_flags, 3);
         h.kp.unload().unwrap();
     });
@@ -1194,13 +1226,31 @@ fn an_opened_flows_first_client_ack_is_reported_and_establishes_it_in_the_core()
             client,
             public,
             inside: web,
-            tcp_header: &opened[0].syn_tcp_header,
+            tcp_header: &opened[0].tcp_header,
         };
         assert!(h.gw.adopt_opened_syn(h.now, &syn_report), "adopted");
-        // The SYN-ACK crosses the core.
+        // The SYN-ACK is executed and reported; the core tracks it from the record.
         let syn_ack = tcp_frame(web, client, &at(5000, 1001, Flags::SynAck), b"");
-        h.passes(Direction::Outbound, &syn_ack);
-        h.core(Direction::Outbound, &syn_ack);
+        assert_eq!(
+            h.program(Direction::Outbound, &syn_ack).action,
+            TestRun::REDIRECT
+        );
+        let answered = h.kp.take_opened(16);
+        assert_eq!(
+            answered.iter().map(|r| r.kind).collect::<Vec<_>>(),
+            vec![OpenedKind::SynAck]
+        );
+        let syn_ack_report = natgw::OpenedSyn {
+            client,
+            public,
+            inside: web,
+            tcp_header: &answered[0].tcp_header,
+        };
+        assert!(
+            h.gw.follow_opened_syn_ack(h.now, &syn_ack_report),
+            "the core has the flow and translates the SYN-ACK as the program did"
+        );
+        assert_eq!(h.gw.stats().syn_acks_by_data_path, 1);
         assert_eq!(h.kp.take_handshakes(16), vec![], "no ACK yet");
 
         let ack = tcp_frame(client, public, &at(1001, 5001, Flags::Ack), b"");

@@ -2327,6 +2327,7 @@ mod tests {
                                "opened_adopted": 0, "opened_refused": 0,
                                "opened_pending": 0, "handshakes_reported": 0,
                                "handshake_ring_full": 0, "handshakes_fed": 0,
+                               "syn_acks_sent": 0, "syn_ack_ring_full": 0,
                                "published_listeners": 0 },
                 "flows_adopted": 3,
             })

@@ -400,8 +400,12 @@ fn render_gateway(out: &mut String, it: &NatStatus) {
         );
         let _ = writeln!(
             out,
-            "Their handshakes: {} client ACKs reported by the kernel, {} fed to the core at once, {} left to the sync round (ring full)",
-            fast.handshakes_reported, fast.handshakes_fed, fast.handshake_ring_full
+            "Their handshakes: {} SYN-ACKs sent by the kernel ({} left to the core: ring full), {} client ACKs reported by the kernel, {} fed to the core at once, {} left to the sync round (ring full)",
+            fast.syn_acks_sent,
+            fast.syn_ack_ring_full,
+            fast.handshakes_reported,
+            fast.handshakes_fed,
+            fast.handshake_ring_full
         );
     }
     let _ = writeln!(out, "ACL (first match wins):");

@@ -197,6 +197,13 @@ pub struct FastPathCounters {
     /// record of a flow no longer pending is not counted).
     #[cfg_attr(feature = "serde", serde(default))]
     pub handshakes_fed: u64,
+    /// Inside servers' SYN-ACKs of opened flows the program sent on (and reported, for the
+    /// core to track: `syn_acks_by_data_path` in the gateway's counters).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub syn_acks_sent: u64,
+    /// Such SYN-ACKs left to the core because the ring of opened flows was full.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub syn_ack_ring_full: u64,
     /// Listeners whose SYNs the program executes now.
     #[cfg_attr(feature = "serde", serde(default))]
     pub published_listeners: usize,
@@ -352,24 +359,30 @@ impl KernelDatapath {
         }
         if !records.is_empty() {
             let at = now();
+            // In the ring's order: a flow's SYN before its SYN-ACK.
             let verdicts: Vec<bool> = {
                 let mut gw = lock_unpoisoned(gw);
                 records
                     .iter()
                     .map(|r| {
-                        gw.adopt_opened_syn(
-                            at,
-                            &OpenedSyn {
-                                client: r.client,
-                                public: r.public,
-                                inside: r.inside,
-                                tcp_header: &r.syn_tcp_header,
-                            },
-                        )
+                        let segment = OpenedSyn {
+                            client: r.client,
+                            public: r.public,
+                            inside: r.inside,
+                            tcp_header: &r.tcp_header,
+                        };
+                        match r.kind {
+                            kpath::OpenedKind::Syn => gw.adopt_opened_syn(at, &segment),
+                            kpath::OpenedKind::SynAck => gw.follow_opened_syn_ack(at, &segment),
+                        }
                     })
                     .collect()
             };
             for (r, adopted) in records.iter().zip(verdicts) {
+                if r.kind == kpath::OpenedKind::SynAck {
+                    // Sent and tracked (or not: counted by the core); nothing to install.
+                    continue;
+                }
                 let id = (Proto::Tcp, r.inside, r.public, r.client);
                 if self.installed.contains_key(&id) {
                     // Already the core's eligible flow (its entries are the installed ones).
@@ -933,6 +946,8 @@ impl KernelDatapath {
             handshakes_reported: c.handshakes_reported,
             handshake_ring_full: c.handshake_ring_full,
             handshakes_fed: self.handshakes_fed,
+            syn_acks_sent: c.syn_acks_sent,
+            syn_ack_ring_full: c.syn_ack_ring_full,
             published_listeners: self.published.0.len(),
         }
     }

@@ -25,6 +25,11 @@
 //! Its verdict is the adoption's: anything but that very translation is a refusal, and the
 //! executor removes what it installed. A publication withdrawn while reports are in flight
 //! is thereby handled: the core decides each late SYN on its own.
+//!
+//! The inside server's SYN-ACK of an adopted flow may be executed too
+//! ([`Gateway::follow_opened_syn_ack`]): its translation is the flow's, already decided; the
+//! executor reports it (after its flow's SYN) and the core tracks it as if it had crossed,
+//! so that its window scale, sequence numbers and the flow's state are the core's, once.
 
 use std::net::SocketAddrV4;
 use std::time::Instant;
@@ -109,25 +114,9 @@ impl Gateway {
     }
 
     fn handle_opened_syn(&mut self, now: Instant, syn: &OpenedSyn<'_>) -> bool {
-        let tcp = syn.tcp_header;
-        let ports_match = tcp.get(0..2) == Some(&syn.client.port().to_be_bytes()[..])
-            && tcp.get(2..4) == Some(&syn.public.port().to_be_bytes()[..]);
-        if !TCP_HEADER_LEN.contains(&tcp.len()) || !ports_match {
-            return false;
-        }
-        let Ok(total) = u16::try_from(20 + tcp.len()) else {
+        let Some(mut packet) = rebuild(syn.client, syn.public, syn.tcp_header) else {
             return false;
         };
-        let mut packet = Vec::with_capacity(usize::from(total));
-        packet.extend_from_slice(&[0x45, 0]);
-        packet.extend_from_slice(&total.to_be_bytes());
-        // Identification 0, don't fragment, TTL 64, TCP, checksum (below).
-        packet.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
-        packet.extend_from_slice(&syn.client.ip().octets());
-        packet.extend_from_slice(&syn.public.ip().octets());
-        let checksum = ipv4_header_checksum(&packet).to_be_bytes();
-        packet[10..12].copy_from_slice(&checksum);
-        packet.extend_from_slice(tcp);
         if self.handle_packet(now, Direction::Inbound, &mut packet) != Verdict::Forward {
             return false;
         }
@@ -135,6 +124,52 @@ impl Gateway {
         packet.get(16..20) == Some(&syn.inside.ip().octets()[..])
             && packet.get(22..24) == Some(&syn.inside.port().to_be_bytes()[..])
     }
+
+    /// Tracks the SYN-ACK (`segment`: the inside server's answer, its header as it left the
+    /// server, from `inside` to `client`) that a second data path sent on for a flow it
+    /// opened (see the module docs), as if it had crossed the core. True when the core
+    /// translates the segment exactly as the data path did (counted in
+    /// [`crate::GatewayStats::syn_acks_by_data_path`]); false otherwise (counted in
+    /// `data_path_syn_acks_unmatched`): the segment is gone already; the core's verdict on
+    /// its copy is what the slow path would have done with it.
+    pub fn follow_opened_syn_ack(&mut self, now: Instant, segment: &OpenedSyn<'_>) -> bool {
+        let followed = rebuild(segment.inside, segment.client, segment.tcp_header).is_some_and(
+            |mut packet| {
+                self.handle_packet(now, Direction::Outbound, &mut packet) == Verdict::Forward
+                    && packet.get(12..16) == Some(&segment.public.ip().octets()[..])
+                    && packet.get(20..22) == Some(&segment.public.port().to_be_bytes()[..])
+            },
+        );
+        if followed {
+            self.stats.syn_acks_by_data_path += 1;
+        } else {
+            self.stats.data_path_syn_acks_unmatched += 1;
+        }
+        followed
+    }
+}
+
+/// The IPv4 packet of a reported TCP header (`tcp`, as it left `source` for `destination`,
+/// no payload), or `None` for a header of impossible length or whose ports are not the
+/// endpoints'.
+fn rebuild(source: SocketAddrV4, destination: SocketAddrV4, tcp: &[u8]) -> Option<Vec<u8>> {
+    let ports_match = tcp.get(0..2) == Some(&source.port().to_be_bytes()[..])
+        && tcp.get(2..4) == Some(&destination.port().to_be_bytes()[..]);
+    if !TCP_HEADER_LEN.contains(&tcp.len()) || !ports_match {
+        return None;
+    }
+    let total = u16::try_from(20 + tcp.len()).ok()?;
+    let mut packet = Vec::with_capacity(usize::from(total));
+    packet.extend_from_slice(&[0x45, 0]);
+    packet.extend_from_slice(&total.to_be_bytes());
+    // Identification 0, don't fragment, TTL 64, TCP, checksum (below).
+    packet.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
+    packet.extend_from_slice(&source.ip().octets());
+    packet.extend_from_slice(&destination.ip().octets());
+    let checksum = ipv4_header_checksum(&packet).to_be_bytes();
+    packet[10..12].copy_from_slice(&checksum);
+    packet.extend_from_slice(tcp);
+    Some(packet)
 }
 
 /// The ones' complement sum of a 20-byte IPv4 header whose checksum field is zero.

@@ -51,6 +51,14 @@ pub struct GatewayStats {
     /// since the publication, a withdrawn listener): the data path removes their entries.
     #[cfg_attr(feature = "serde", serde(default))]
     pub data_path_opens_refused: u64,
+    /// SYN-ACKs of such flows a second data path sent on and reported
+    /// ([`crate::Gateway::follow_opened_syn_ack`]) that this core tracked as its own.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub syn_acks_by_data_path: u64,
+    /// Such SYN-ACKs whose flow the core did not have, or would have translated otherwise
+    /// (a refused or expired flow): already sent, they change nothing here.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub data_path_syn_acks_unmatched: u64,
     /// Packets dropped, by reason.
     pub drops: DropCounters<DropReason>,
 }

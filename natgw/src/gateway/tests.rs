@@ -1737,3 +1737,35 @@ fn an_opening_the_core_would_not_make_is_refused() {
         (1, 4)
     );
 }
+
+/// The SYN-ACK a data path sent on for a flow it opened: tracked when the core translates
+/// it exactly so; unmatched (counted, nothing else) when the core would have translated it
+/// otherwise, or for a report that does not describe the segment.
+#[test]
+fn a_syn_ack_sent_elsewhere_is_tracked_only_as_the_core_translates_it() {
+    fn report(segment: &[u8], client: SocketAddrV4, inside_port: u16) -> OpenedSyn<'_> {
+        OpenedSyn {
+            client,
+            public: SocketAddrV4::new(PUBLIC, 8001),
+            inside: SocketAddrV4::new(WEB, inside_port),
+            tcp_header: &segment[20..],
+        }
+    }
+    let now = epoch();
+    let mut g = Gateway::new(now, config()).unwrap();
+    let syn = tcp(SRV2, 1000, PUBLIC, 8001, TcpFlags::SYN, b"");
+    assert!(g.adopt_opened_syn(now, &opened_web(&syn)));
+    let client = SocketAddrV4::new(SRV2, 1000);
+    let syn_ack = tcp(WEB, 80, SRV2, 1000, TcpFlags::SYN_ACK, b"");
+    // Not the forward's inside endpoint: the core would have sent it from another port.
+    let other = tcp(WEB, 8080, SRV2, 1000, TcpFlags::SYN_ACK, b"");
+    assert!(!g.follow_opened_syn_ack(now, &report(&other, client, 8080)));
+    // Ports that are not the endpoints'.
+    assert!(!g.follow_opened_syn_ack(now, &report(&syn_ack, SocketAddrV4::new(SRV2, 1002), 80)));
+    assert!(g.follow_opened_syn_ack(now, &report(&syn_ack, client, 80)));
+    let s = g.stats();
+    assert_eq!(
+        (s.syn_acks_by_data_path, s.data_path_syn_acks_unmatched),
+        (1, 2)
+    );
+}
