@@ -392,14 +392,17 @@ impl KernelDatapath {
                     flow_entries(kpath::Proto::Tcp, r.inside, r.public, r.client, true).to_vec();
                 if adopted {
                     self.opened_adoption.0 += 1;
-                    // What the entries counted so far (the SYN) was the core's already.
+                    // What the core knows already: the SYN, which the program counted in the
+                    // inbound entry (the SYN-ACK it reports, uncounted). Not what the entries
+                    // hold now: by the time the record is read the handshake may be over, and
+                    // the client's ACK, counted there, would never reach the core, whose flow
+                    // would stay half-open.
+                    let syn = (1, 20 + r.tcp_header.len() as u64);
                     let reported = entries
                         .iter()
-                        .map(|(key, _)| {
-                            kp.report(key)
-                                .ok()
-                                .flatten()
-                                .map_or((0, 0), |r| (r.packets, r.bytes))
+                        .map(|(key, _)| match key.direction {
+                            KDir::Inbound => syn,
+                            KDir::Outbound => (0, 0),
                         })
                         .collect();
                     self.opened.insert(id, Installed { entries, reported });
