@@ -1395,17 +1395,18 @@ impl Gateway {
             return self.answer(None, StatusCode::NOT_FOUND, None, "no route");
         };
         self.routes[index].requests += 1;
-        let query = head
-            .uri
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
         let (pool_id, strip, canary) = match &self.routes[index].route.action {
             Action::Redirect { status, target } => {
                 let location = match target {
                     RedirectTarget::Location(url) => url.clone(),
                     RedirectTarget::Prefix(base) => {
-                        format!("{}{}{query}", base.trim_end_matches('/'), checked.path)
+                        let query = head.uri.query().map(|q| format!("?{q}"));
+                        format!(
+                            "{}{}{}",
+                            base.trim_end_matches('/'),
+                            checked.path,
+                            query.unwrap_or_default()
+                        )
                     }
                 };
                 let location = HeaderValue::from_str(&location).ok();
@@ -1431,9 +1432,14 @@ impl Gateway {
             }
             None => pool_id,
         };
-        let path = strip
+        // The path's own string becomes the target's (the query appended to it).
+        let mut path_and_query = strip
             .and_then(|p| route::strip_prefix(&checked.path, &p))
             .unwrap_or(checked.path);
+        if let Some(q) = head.uri.query() {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
         let listed = &mut self.pools[..self.listed_pools];
         let Some(state) = listed.iter_mut().find(|p| p.id == pool_id) else {
             // Unreachable: a listed route forwards to a listed pool.
@@ -1532,7 +1538,7 @@ impl Gateway {
             pool: pool_id,
             backend,
             addr,
-            path_and_query: format!("{path}{query}"),
+            path_and_query,
             set_cookie,
             cookie_prefix,
             tls: state.spec.tls.clone().map(Box::new),

@@ -92,12 +92,15 @@ pub fn check(head: &request::Parts) -> Result<Checked, Refusal> {
     }
     let from_field = host_field.map(parse_authority).transpose()?;
     let from_target = head.uri.authority().cloned();
-    let authority = match (from_field, from_target) {
+    // The field itself when the authority is the Host field's (the same bytes: an
+    // `Authority` keeps them as given), rather than a copy of it.
+    let (authority, field) = match (from_field, from_target) {
         (Some(field), Some(target)) if field != target => {
             return Err(Refusal::bad("Host differs from the target's authority"));
         }
-        (Some(a), _) | (None, Some(a)) => Some(a),
-        (None, None) if head.version == Version::HTTP_10 => None,
+        (Some(a), _) => (Some(a), host_field),
+        (None, Some(a)) => (Some(a), None),
+        (None, None) if head.version == Version::HTTP_10 => (None, None),
         (None, None) => return Err(Refusal::bad("no Host")),
     };
     if authority.as_ref().is_some_and(|a| a.as_str().contains('@')) {
@@ -120,7 +123,10 @@ pub fn check(head: &request::Parts) -> Result<Checked, Refusal> {
             .as_ref()
             .map(|a| a.host().to_ascii_lowercase())
             .unwrap_or_default(),
-        authority: authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        authority: match field {
+            Some(f) => Some(f.clone()),
+            None => authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        },
         path: path.to_owned(),
     })
 }
@@ -271,6 +277,10 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// close the connection.
 #[must_use]
 pub fn upgrade_requested(headers: &HeaderMap) -> bool {
+    // The rule needs an `Upgrade` field: one lookup settles the other requests.
+    if !headers.contains_key(header::UPGRADE) {
+        return false;
+    }
     let bodiless = !headers.contains_key(header::TRANSFER_ENCODING)
         && matches!(content_length(headers), Ok(None | Some(0)));
     bodiless && crate::framing::is_upgrade(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())))
@@ -297,6 +307,14 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 /// is put back by the gateway where it passes one on). For a response on its way back to the
 /// client too.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names they have, rather than a
+    // lookup (and removal) of each name there is to remove.
+    if !headers
+        .keys()
+        .any(|n| HOP_BY_HOP.contains(n) || *n == header::UPGRADE)
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -336,20 +354,30 @@ pub fn prepare_upstream(
     }
 
     let trusted = forwarding.trusts(client);
-    let client_text = client.to_string();
+    // Written on the stack: the value is the one copy made.
+    const LONGEST: usize = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".len();
+    let mut text = [0u8; LONGEST];
+    let len = {
+        let mut rest = &mut text[..];
+        // The longest address fits.
+        let _fits = std::io::Write::write_fmt(&mut rest, format_args!("{client}"));
+        LONGEST - rest.len()
+    };
+    let client_text = std::str::from_utf8(&text[..len]).unwrap_or("unknown");
     let xff = if trusted && headers.contains_key(&X_FORWARDED_FOR) {
         let mut chain: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        chain.push(&client_text);
-        chain.join(", ")
+        chain.push(client_text);
+        HeaderValue::from_str(&chain.join(", ")).ok()
     } else {
-        client_text.clone()
+        None
     };
-    let xff = HeaderValue::from_str(&xff).unwrap_or_else(|_| {
-        HeaderValue::from_str(&client_text).unwrap_or(HeaderValue::from_static("unknown"))
+    // An address's text is always a valid value.
+    let xff = xff.unwrap_or_else(|| {
+        HeaderValue::from_str(client_text).unwrap_or(HeaderValue::from_static("unknown"))
     });
     headers.insert(X_FORWARDED_FOR, xff);
     if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {

@@ -553,6 +553,46 @@ fn via_is_appended_with_the_received_version() {
     }
 }
 
+/// The client's address is written into a fixed buffer for `X-Forwarded-For`: the longest
+/// texts of both families fit whole.
+#[test]
+fn forwarded_for_takes_the_longest_addresses_whole() {
+    for client in [
+        "255.255.255.255",
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        "::ffff:255.255.255.255",
+    ] {
+        let mut headers = http::HeaderMap::new();
+        hygiene::prepare_upstream(
+            &mut headers,
+            client.parse().unwrap(),
+            None,
+            "http",
+            &Forwarding::default(),
+            http::Version::HTTP_11,
+        );
+        assert_eq!(headers["x-forwarded-for"], client);
+    }
+}
+
+/// Hop-by-hop removal skips a message that has none of those fields, and still removes the
+/// ones a `Connection` field names when it has one.
+#[test]
+fn hop_by_hop_removal_with_and_without_connection() {
+    let mut plain = head(&[("host", "a"), ("x-secret", "s")], "GET", "/").headers;
+    hygiene::remove_hop_by_hop(&mut plain);
+    assert_eq!(plain.len(), 2);
+    let mut named = head(
+        &[("host", "a"), ("x-secret", "s"), ("connection", "x-secret")],
+        "GET",
+        "/",
+    )
+    .headers;
+    hygiene::remove_hop_by_hop(&mut named);
+    assert_eq!(named.len(), 1);
+    assert_eq!(named["host"], "a");
+}
+
 #[test]
 fn forwarded_headers_replace_or_append() {
     let mut gw = Gateway::new(&config()).unwrap();

@@ -22,6 +22,7 @@
 //! `GOAWAY`), a busy HTTP/1.1 connection answers its request with `Connection: close` and
 //! closes, and whatever is still open after `drain_timeout` is cut.
 
+mod bare;
 mod proxied;
 mod stream;
 pub mod tls;
@@ -53,6 +54,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
+use bare::Plain;
 use natgw::health::probe::run_checker;
 use natgw::health::{CheckEvent, CheckTargets};
 use tokio::sync::mpsc;
@@ -110,7 +112,7 @@ struct Shared {
     gateway: Arc<Mutex<Gateway>>,
     limits: Limits,
     access_log: bool,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Plain, Full<Bytes>>,
     /// The HTTPS clients of the pools with `tls`, the listener's: a connection accepted
     /// before a reload reaches the pools that reload made HTTPS.
     tls_clients: Arc<Mutex<TlsClients>>,
@@ -163,8 +165,8 @@ where
 }
 
 /// The plain HTTP client to the backends.
-fn upstream_client(limits: &Limits) -> Client<HttpConnector, Full<Bytes>> {
-    pooled(limits, http_connector(limits))
+fn upstream_client(limits: &Limits) -> Client<Plain, Full<Bytes>> {
+    pooled(limits, Plain(http_connector(limits)))
 }
 
 /// HTTPS clients to the backends, one per distinct TLS setting.
@@ -666,8 +668,9 @@ struct Conn {
     h2: Option<Streams>,
     /// HTTP/1.1: a second handle on the client's socket, to notice it closing while a
     /// request waits for its backend (hyper does not read the socket then). Kept out of the
-    /// reactor until a request has waited [`CLOSING_WATCH_AFTER`]: registered, it would double
-    /// every readiness event of the connection and cost a `recv` per request.
+    /// reactor until a request has waited [`CLOSING_WATCH_AFTER`] ([`wait_upstream`]):
+    /// registered, it would double every readiness event of the connection and cost a `recv`
+    /// per request.
     closing: Option<std::net::TcpStream>,
     /// Its own connections to the backends of pools with `proxy_protocol`.
     kept: proxied::Kept,
@@ -675,14 +678,12 @@ struct Conn {
 
 impl Conn {
     /// Resolves once the client of an HTTP/1.1 connection has closed it (its socket reads
-    /// as ended or reset, nothing before that), watched from [`CLOSING_WATCH_AFTER`] on;
-    /// never if the socket cannot be watched or holds bytes (a pipelined request: the client
-    /// is there).
+    /// as ended or reset, nothing before that); never if the socket cannot be watched or
+    /// holds bytes (a pipelined request: the client is there).
     async fn client_gone(&self) {
         let Some(watch) = &self.closing else {
             return std::future::pending().await;
         };
-        tokio::time::sleep(CLOSING_WATCH_AFTER).await;
         // A second duplicate, registered for this wait only (dropped with it).
         let Some(tcp) = watch
             .try_clone()
@@ -702,6 +703,47 @@ impl Conn {
 /// close: most answers come sooner, and a cancel is still noticed (and the backend's
 /// request dropped) this long after the client left.
 const CLOSING_WATCH_AFTER: Duration = Duration::from_millis(20);
+
+/// How a request sent to a backend ended for the client waiting for it.
+enum Waited<T> {
+    Answered(T),
+    TimedOut,
+    /// The client closed its connection ([`Conn::client_gone`]).
+    ClientGone,
+}
+
+/// Waits for `request` for at most `timeout`, watching the client's socket for a close from
+/// [`CLOSING_WATCH_AFTER`] on. One timer serves both (first the watch's start, then reset to
+/// the deadline): every request waits, so a second timer would be armed and cancelled on
+/// each. The request is polled first, as `tokio::time::timeout` polls it.
+async fn wait_upstream<T>(
+    conn: &Conn,
+    timeout: Duration,
+    request: impl Future<Output = T>,
+) -> Waited<T> {
+    let start = tokio::time::Instant::now();
+    let deadline = start + timeout;
+    let watch = conn.closing.is_some() && CLOSING_WATCH_AFTER < timeout;
+    let timer = tokio::time::sleep_until(if watch {
+        start + CLOSING_WATCH_AFTER
+    } else {
+        deadline
+    });
+    tokio::pin!(request, timer);
+    if watch {
+        tokio::select! {
+            biased;
+            out = &mut request => return Waited::Answered(out),
+            () = &mut timer => timer.as_mut().reset(deadline),
+        }
+    }
+    tokio::select! {
+        biased;
+        out = &mut request => Waited::Answered(out),
+        () = &mut timer => Waited::TimedOut,
+        () = conn.client_gone(), if watch => Waited::ClientGone,
+    }
+}
 
 /// The handle [`Conn::client_gone`] watches: the client's socket, duplicated (only peeked
 /// at; closing the duplicate does not close the connection). It shares the open file with
@@ -1250,10 +1292,6 @@ async fn handle(
 /// Reads a request body of at most `limit` bytes, each read within `idle` of the last;
 /// `Ok(None)`: the client went away in the middle of it.
 async fn read_body(body: Incoming, limit: usize, idle: Duration) -> Result<Option<Bytes>, Refusal> {
-    // Most requests have none: no timer to arm, nothing to read.
-    if body.is_end_stream() {
-        return Ok(Some(Bytes::new()));
-    }
     let mut body = Limited::new(body, limit);
     let mut read = Vec::new();
     loop {
@@ -1280,6 +1318,31 @@ async fn read_body(body: Incoming, limit: usize, idle: Duration) -> Result<Optio
             Ok(Some(Err(_))) => return Err(Refusal::bad("body unreadable")),
         }
     }
+}
+
+/// `scheme://addr` and `path_and_query`: written once into a buffer of its exact size, which
+/// the URI keeps as it is (a `String` formatted and parsed would be copied, and grown on the
+/// way).
+fn absolute_uri(
+    scheme: &str,
+    addr: SocketAddrV4,
+    path_and_query: &str,
+) -> Result<http::Uri, http::uri::InvalidUri> {
+    use std::io::Write as _;
+    const LONGEST: usize = "255.255.255.255:65535".len();
+    let mut authority = [0u8; LONGEST];
+    let len = {
+        let mut rest = &mut authority[..];
+        // The longest address fits.
+        let _fits = write!(rest, "{addr}");
+        LONGEST - rest.len()
+    };
+    let mut uri = Vec::with_capacity(scheme.len() + "://".len() + len + path_and_query.len());
+    uri.extend_from_slice(scheme.as_bytes());
+    uri.extend_from_slice(b"://");
+    uri.extend_from_slice(&authority[..len]);
+    uri.extend_from_slice(path_and_query.as_bytes());
+    http::Uri::try_from(uri)
 }
 
 /// A copy of a request head for an attempt that may be retried (its method and fields; the
@@ -1392,7 +1455,14 @@ async fn answer(
         Err(r) => return Some(refuse(r.status, r.reason)),
     }
     let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-    let body = match read_body(body, limit, shared.limits.header_timeout).await {
+    // Most requests have none: no timer to arm, nothing to read. The reading is boxed so
+    // that the future of every request (boxed by hyper) does not carry its state.
+    let read = if body.is_end_stream() {
+        Ok(Some(Bytes::new()))
+    } else {
+        Box::pin(read_body(body, limit, shared.limits.header_timeout)).await
+    };
+    let body = match read {
         Ok(b) => b?,
         Err(r) => return Some(refuse(r.status, r.reason)),
     };
@@ -1419,26 +1489,27 @@ async fn answer(
         }
         Verdict::Forward(up) => up,
     };
-    let mut up = up;
+    // Kept in the flight while it waits for its backend (a cancel releases it there), and
+    // worked on in place: retries change its backend.
+    let up = flight.upstream.insert(up);
     let bodiless = body.is_empty();
     // The head is moved into the last attempt and copied for one that may be retried.
     let mut head = Some(head);
     let (outcome, response) = loop {
-        flight.upstream = Some(up.clone());
         let scheme = if up.tls.is_some() { "https" } else { "http" };
         // A connection of the client's own takes the origin form; the pooled clients find
         // their connection by the absolute URI's authority.
         let uri = if up.proxy_protocol {
             up.path_and_query.parse()
         } else {
-            format!("{scheme}://{}{}", up.addr, up.path_and_query).parse()
+            absolute_uri(scheme, up.addr, &up.path_and_query)
         };
         let parts = match &head {
             Some(h) if up.may_retry() => Some(copy_head(h)),
             _ => head.take(),
         };
         let (Ok(uri), Some(mut parts)) = (uri, parts) else {
-            shared.gateway().finish(now(), &up, Outcome::Broken);
+            shared.gateway().finish(now(), up, Outcome::Broken);
             return Some(text(StatusCode::BAD_GATEWAY, "unforwardable target", false));
         };
         parts.uri = uri;
@@ -1447,7 +1518,7 @@ async fn answer(
         let https = match &up.tls {
             Some(check) if !up.proxy_protocol => {
                 let Some(client) = https_client(shared, check) else {
-                    shared.gateway().finish(now(), &up, Outcome::Broken);
+                    shared.gateway().finish(now(), up, Outcome::Broken);
                     return Some(text(
                         StatusCode::BAD_GATEWAY,
                         "upstream TLS unusable",
@@ -1461,7 +1532,12 @@ async fn answer(
         let request = async {
             if up.proxy_protocol {
                 let timeout = shared.limits.connect_timeout;
-                return proxied::send(&conn.kept, timeout, client, local, up.addr, upstream).await;
+                // Boxed: its connect and handshake would make the future of every request,
+                // boxed by hyper, this much larger.
+                return Box::pin(proxied::send(
+                    &conn.kept, timeout, client, local, up.addr, upstream,
+                ))
+                .await;
             }
             let sent = match &https {
                 Some(https) => https.request(upstream).await,
@@ -1475,12 +1551,13 @@ async fn answer(
                 }
             })
         };
-        let sent = tokio::select! {
-            sent = tokio::time::timeout(shared.limits.upstream_timeout, request) => sent,
-            () = conn.client_gone() => return None,
+        let sent = match wait_upstream(conn, shared.limits.upstream_timeout, request).await {
+            Waited::Answered(sent) => Ok(sent),
+            Waited::TimedOut => Err(()),
+            Waited::ClientGone => return None,
         };
         let (outcome, response, failure) = match sent {
-            Err(_) => (Outcome::TimedOut, None, None),
+            Err(()) => (Outcome::TimedOut, None, None),
             Ok(Err(SendError::Connect(why))) => {
                 tracing::debug!(backend = %up.addr, "upstream: {why}");
                 (Outcome::Refused, None, Some(AttemptFailure::Unsent))
@@ -1500,7 +1577,7 @@ async fn answer(
             Ok(Ok(res)) => (Outcome::Answered(res.status()), Some(res), None),
         };
         let failed = up.addr;
-        let retried = failure.and_then(|f| shared.gateway().retry(now(), &mut up, f));
+        let retried = failure.and_then(|f| shared.gateway().retry(now(), up, f));
         match retried {
             Some(retried) => {
                 if let Some(ejection) = retried.ejection {
@@ -1512,8 +1589,8 @@ async fn answer(
         }
     };
     // The backend is released at the response head: its counters measure time to answer.
-    flight.upstream = None;
-    if let Some(ejection) = shared.gateway().finish(now(), &up, outcome) {
+    // (It stays in the flight: nothing is awaited from here on, so no cancel can follow.)
+    if let Some(ejection) = shared.gateway().finish(now(), up, outcome) {
         log_ejection(&ejection);
     }
     if access_logged(shared) {
@@ -1538,7 +1615,7 @@ async fn answer(
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            if let Some(p) = protocol.or(up.upgrade) {
+            if let Some(p) = protocol.or_else(|| up.upgrade.take()) {
                 parts.headers.insert(header::UPGRADE, p);
             }
             Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed())
@@ -1556,7 +1633,7 @@ async fn answer(
             shared
                 .gateway()
                 .rewrite_response(up.route, &mut parts.headers);
-            if let Some((cookie, nocache)) = up.set_cookie {
+            if let Some((cookie, nocache)) = up.set_cookie.take() {
                 parts.headers.append(header::SET_COOKIE, cookie);
                 if nocache {
                     parts

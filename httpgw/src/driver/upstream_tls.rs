@@ -15,13 +15,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use natgw::health::TlsCheck;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tower_service::Service;
+
+use super::bare::Bare;
 
 /// Why a TLS connection to a backend could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -70,53 +72,7 @@ impl TlsUpstream {
 }
 
 /// A TLS connection to a backend, as hyper's client takes it.
-pub(super) struct TlsConn(TokioIo<TlsStream<TcpStream>>);
-
-impl Connection for TlsConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for TlsConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TlsConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-}
+pub(super) type TlsConn = Bare<TokioIo<TlsStream<TcpStream>>>;
 
 type Connecting = Pin<Box<dyn Future<Output = Result<TlsConn, UpstreamTlsError>> + Send>>;
 
@@ -151,7 +107,7 @@ impl Service<Uri> for TlsUpstream {
                 .await
                 .map_err(|_| UpstreamTlsError::HandshakeTimeout)?
                 .map_err(UpstreamTlsError::Handshake)?;
-            Ok(TlsConn(TokioIo::new(session)))
+            Ok(Bare(TokioIo::new(session)))
         })
     }
 }
