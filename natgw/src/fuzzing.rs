@@ -109,7 +109,12 @@ pub const SEQUENCE_STEP: usize = 10;
 ///   (overload address, static TCP, static UDP, a service VIP: the NAT service's, or with bit 7
 ///   of `[2]` the direct-routing service's);
 /// - `[2..4]`: a port; `[4..8]`: the TCP sequence number (the ACK number is derived);
-/// - `[8]`: seconds to advance the clock first; `[9]`: payload length (0..63).
+/// - `[8]`: seconds to advance the clock first; `[9]`: bits 0-5 payload length (0..63), bit 7
+///   the packet arrives as a second data path's report instead of crossing the core: a TCP
+///   segment from the outside as an executed SYN of the static TCP forward
+///   ([`Gateway::adopt_opened_syn`]), one from the inside as an executed SYN-ACK
+///   ([`Gateway::follow_opened_syn_ack`]), whatever its flags, ports or payload (the core must
+///   refuse what does not describe that), anything else crossing the core as usual.
 ///
 /// After each step: the table is within its bound, created minus removed flows equals the
 /// live ones, half-open flows are a subset, every packet the gateway forwards carries valid
@@ -159,6 +164,10 @@ pub fn run_sequence(start: Instant, data: &[u8]) {
         let mut buf = sequence_packet(step, public, vip, dr_vip);
         let sent = buf.clone();
         let dir = gw.direction(&buf);
+        if step[9] & 0x80 != 0 && report_as_executed(&mut gw, now, dir, &buf, public) {
+            check_bounds(&gw);
+            continue;
+        }
         let verdict = gw.handle_packet(now, dir, &mut buf);
         if let Verdict::DirectRoute(route) = verdict {
             assert_eq!(
@@ -183,16 +192,74 @@ pub fn run_sequence(start: Instant, data: &[u8]) {
                 "transport checksum of a forwarded packet"
             );
         }
-        let t = gw.table();
-        assert!(t.len() <= t.capacity(), "table over its bound");
-        assert!(t.half_open() <= t.len(), "half-open flows not in the table");
-        let s = gw.stats();
-        assert_eq!(
-            s.flows_created - s.flows_removed,
-            t.len() as u64,
-            "created - removed != live"
-        );
+        check_bounds(&gw);
     }
+}
+
+/// The table's invariants after a step of [`run_sequence`].
+fn check_bounds(gw: &Gateway) {
+    let t = gw.table();
+    assert!(t.len() <= t.capacity(), "table over its bound");
+    assert!(t.half_open() <= t.len(), "half-open flows not in the table");
+    let s = gw.stats();
+    assert_eq!(
+        s.flows_created - s.flows_removed,
+        t.len() as u64,
+        "created - removed != live"
+    );
+}
+
+/// Hands a TCP `packet` to the core as a second data path reports what it executed (see
+/// [`run_sequence`]); false for a packet that is not TCP with a whole header.
+fn report_as_executed(
+    gw: &mut Gateway,
+    now: Instant,
+    dir: Direction,
+    packet: &[u8],
+    public: Ipv4Addr,
+) -> bool {
+    let Some(ip) = packet.get(..20) else {
+        return false;
+    };
+    if ip[9] != 6 {
+        return false;
+    }
+    let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
+    let Some(tcp) = packet.get(20..) else {
+        return false;
+    };
+    let Some(ports) = tcp.get(..4) else {
+        return false;
+    };
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let forward_public = SocketAddrV4::new(public, 8001);
+    let forward_inside = SocketAddrV4::new(Ipv4Addr::new(192, 168, 101, 101), 80);
+    match dir {
+        Direction::Inbound => {
+            let report = crate::OpenedSyn {
+                client: SocketAddrV4::new(addr(12), sport),
+                public: SocketAddrV4::new(addr(16), dport),
+                inside: forward_inside,
+                tcp_header: tcp,
+            };
+            let adopted = gw.adopt_opened_syn(now, &report);
+            assert!(
+                !adopted || report.public == forward_public,
+                "adopted a SYN to another endpoint than the forward's"
+            );
+        }
+        Direction::Outbound => {
+            let report = crate::OpenedSyn {
+                client: SocketAddrV4::new(addr(16), dport),
+                public: forward_public,
+                inside: SocketAddrV4::new(addr(12), sport),
+                tcp_header: tcp,
+            };
+            gw.follow_opened_syn_ack(now, &report);
+        }
+    }
+    true
 }
 
 /// The packet of one [`run_sequence`] step, with valid checksums.
