@@ -528,8 +528,9 @@ struct {
 #define TH_ACK 0x10
 
 // Reports the ACK `v`'s inbound entry (of `key`) carried, if it is its flow's first since the
-// program opened it. Not atomic (the program is built for BPF v1, without fetching atomics):
-// two CPUs carrying ACKs of one flow at once may both report it, which the driver tolerates.
+// program opened it. Not atomic (BPF's fetching atomics are 32 and 64 bits wide, the flag
+// lives in a 16-bit field): two CPUs carrying ACKs of one flow at once may both report it,
+// which the driver tolerates.
 INLINE void report_handshake(const struct flow_key *key, struct flow_value *v)
 {
 	v->tcp_valid &= ~TCP_OPENING;
