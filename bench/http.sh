@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of the HTTP (L7) proxy (issue 20), in one run on the same namespaces:
 #   - vipgate: [[http]] with one route to a pool of two real servers (rr), hyper server and
-#     pooled hyper-util client;
+#     pooled hyper-util client, a worker thread per core;
 #   - HAProxy: `mode http`, `balance roundrobin`, `option forwardfor` (Debian's package), its
-#     default thread count, as vipgate's tokio runtime uses every core.
+#     default thread count (one per core).
 #
 #   cl 198.51.100.200 ── eth0 lb 198.51.100.11:80 eth1 10.0.0.1 ── rs1 .101, rs2 .102
 #

@@ -788,6 +788,9 @@ pub struct GatewayStatus {
     pub listen: String,
     /// Client connections open now (filled in by the driver).
     pub connections: u64,
+    /// Client connections per worker thread, open or handed over and not yet served (filled
+    /// in by the driver; empty without one).
+    pub workers: Vec<u64>,
     /// Requests seen (refused ones included).
     pub requests: u64,
     /// Requests refused by hygiene or limits (400, 405, 408, 413, 431).
@@ -1863,6 +1866,7 @@ impl Gateway {
             name: self.name.clone(),
             listen: self.listen.to_string(),
             connections: 0,
+            workers: Vec::new(),
             requests: self.requests,
             refused: self.refused,
             no_route: self.no_route,

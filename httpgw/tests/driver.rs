@@ -328,8 +328,10 @@ async fn slow_heads_are_cut_and_connections_bounded() {
     for _ in 0..4 {
         idle.push(TcpStream::connect(s.gateway.local_addr()).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(s.gateway.status().connections, 4);
+    until("four connections served", || {
+        s.gateway.status().connections == 4
+    })
+    .await;
     let waiting = tokio::spawn({
         let addr = s.gateway.local_addr();
         async move {
@@ -347,6 +349,50 @@ async fn slow_heads_are_cut_and_connections_bounded() {
         .unwrap();
     assert!(r.ends_with("web /late xff=127.0.0.1 body=0"), "{r}");
     drop(idle);
+    s.gateway.stop().await;
+}
+
+#[tokio::test]
+async fn connections_are_spread_over_the_workers() {
+    let s = site().await;
+    let workers = s.gateway.status().workers.len();
+    assert_eq!(
+        workers,
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        "a worker per CPU"
+    );
+    // one after the other, each answered before the next opens: the least busy worker takes
+    // each, so no worker has two more than another
+    let mut open = Vec::new();
+    for i in 0..4 {
+        let mut tcp = TcpStream::connect(s.gateway.local_addr()).await.unwrap();
+        let path = format!("/w{i}");
+        tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let answer = read_answer(&mut tcp).await;
+        assert!(answer.contains(&format!("web {path} ")), "{answer}");
+        open.push(tcp);
+    }
+    let status = s.gateway.status();
+    assert_eq!(status.connections, 4);
+    assert_eq!(
+        status.workers.iter().sum::<u64>(),
+        4,
+        "{:?}",
+        status.workers
+    );
+    let (most, least) = (status.workers.iter().max(), status.workers.iter().min());
+    assert!(
+        most.zip(least).is_some_and(|(m, l)| m - l <= 1),
+        "{:?}",
+        status.workers
+    );
+    drop(open);
+    until("closed connections leave their workers", || {
+        s.gateway.status().workers.iter().sum::<u64>() == 0
+    })
+    .await;
     s.gateway.stop().await;
 }
 

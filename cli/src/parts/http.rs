@@ -216,15 +216,25 @@ fn backend_health(b: &httpgw::BackendStatus) -> String {
     parts.join("; ")
 }
 
+/// The connections of each worker thread, ` (workers: 3 / 2)`; nothing for one worker.
+fn per_worker(workers: &[u64]) -> String {
+    if workers.len() < 2 {
+        return String::new();
+    }
+    let each: Vec<String> = workers.iter().map(u64::to_string).collect();
+    format!(" (workers: {})", each.join(" / "))
+}
+
 /// `show http`: per gateway its routes with hits, its pools and their backends.
 pub(crate) fn render(items: &[serde_json::Value]) -> String {
     render_each(items, |out, s: &GatewayStatus| {
         let _ = writeln!(
             out,
-            "http {} listen {}: {} connections, {} requests ({} refused, {} without route, {} cancelled), {}",
+            "http {} listen {}: {} connections{}, {} requests ({} refused, {} without route, {} cancelled), {}",
             s.name,
             s.listen,
             s.connections,
+            per_worker(&s.workers),
             s.requests,
             s.refused,
             s.no_route,

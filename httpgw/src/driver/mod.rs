@@ -18,6 +18,16 @@
 //! a list nobody took yet is replaced, never queued behind). The health task also publishes,
 //! per pool, whether it has a live backend ([`HttpGateway::pool_live`], for VRRP).
 //!
+//! Workers: a listener runs one accept loop per CPU the process may use (HAProxy's
+//! `nbthread`), each on a thread of its own with a single-threaded tokio runtime, all taking
+//! connections from the same listening socket (one copy of its descriptor each). A connection
+//! is served from accept to close by the worker that took it, and each worker has its own
+//! pooled client to the backends: a request, its backend connection's task and the wake-ups
+//! between them stay on one thread (no work stealing, no cross-thread wake-up per request).
+//! Shared by the workers: the core (under its lock), the connection slots
+//! (`max_connections`), the HTTPS clients and the counters. A worker has its own generation
+//! channel; a reload sends each worker its new [`Shared`].
+//!
 //! Stopping drains: the listening socket closes, idle connections are closed (HTTP/2 with a
 //! `GOAWAY`), a busy HTTP/1.1 connection answers its request with `Connection: close` and
 //! closes, and whatever is still open after `drain_timeout` is cut.
@@ -50,7 +60,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
@@ -90,6 +100,10 @@ pub enum StartError {
     /// A certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A worker thread (or its runtime, or its copy of the listening socket) could not be
+    /// set up.
+    #[error("http worker: {0}")]
+    Worker(std::io::Error),
     /// A pool's `tls` to its backends cannot be set up (its CA file, the system's roots).
     #[error("pool {pool}: tls: {source}")]
     UpstreamTls {
@@ -117,8 +131,8 @@ struct Shared {
     /// before a reload reaches the pools that reload made HTTPS.
     tls_clients: Arc<Mutex<TlsClients>>,
     connections: Arc<AtomicU64>,
-    /// TLS termination.
-    tls: Option<Tls>,
+    /// TLS termination (the same certificates for every worker).
+    tls: Option<Arc<Tls>>,
     /// Becomes true when the listener stops: connections finish what they answer and close.
     stopping: watch::Receiver<bool>,
 }
@@ -241,12 +255,18 @@ impl Shared {
 
 /// A running HTTP gateway: one listener and its connections.
 pub struct HttpGateway {
-    /// The generation new connections get; the accept loop reads it.
-    current: watch::Sender<Arc<Shared>>,
+    /// Per worker, the generation new connections get; its accept loop reads it.
+    current: Vec<watch::Sender<Arc<Shared>>>,
+    /// The connection slots, every worker's.
+    slots: Arc<Slots>,
+    /// Per worker, its connections (served or handed over).
+    worker_open: Vec<Arc<AtomicUsize>>,
     local: SocketAddr,
     watch: netutil::task::TaskWatch,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
+    /// Ends once every worker has ended (drained).
+    workers: JoinHandle<()>,
     /// What the health checker probes (sent again after each change).
     targets: watch::Sender<CheckTargets<CheckKey>>,
     /// The checker, the health task and the target forwarder.
@@ -355,7 +375,12 @@ impl HttpGateway {
     pub async fn start(config: &GatewayConfig) -> Result<Self, StartError> {
         let gateway = Gateway::new(config)?;
         let (stop, stopped) = watch::channel(false);
-        let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(Tls::load)
+            .transpose()?
+            .map(Arc::new);
         let tls_clients = Arc::new(Mutex::new(tls_clients(config)?));
         let listener = bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
@@ -369,22 +394,37 @@ impl HttpGateway {
         let live = PoolsLive::default();
         publish_live(&gateway, &live);
         let gateway = Arc::new(Mutex::new(gateway));
-        let shared = Arc::new(Shared {
-            gateway: Arc::clone(&gateway),
-            limits: config.limits,
-            access_log: config.access_log,
-            client: upstream_client(&config.limits),
-            tls_clients,
-            connections: Arc::new(AtomicU64::new(0)),
-            tls,
-            stopping: stopped.clone(),
-        });
-        let (current, generations) = watch::channel(shared);
+        let connections = Arc::new(AtomicU64::new(0));
+        let slots = Arc::new(Slots::new(config.limits.max_connections));
+        let mut current = Vec::new();
+        let mut links = Vec::new();
+        let mut worker_open = Vec::new();
+        let mut ends = Vec::new();
+        for worker in 0..worker_count() {
+            let shared = Arc::new(Shared {
+                gateway: Arc::clone(&gateway),
+                limits: config.limits,
+                access_log: config.access_log,
+                client: upstream_client(&config.limits),
+                tls_clients: Arc::clone(&tls_clients),
+                connections: Arc::clone(&connections),
+                tls: tls.clone(),
+                stopping: stopped.clone(),
+            });
+            let (sender, generations) = watch::channel(shared);
+            let (link, end) =
+                spawn_worker(worker, generations, stopped.clone()).map_err(StartError::Worker)?;
+            current.push(sender);
+            worker_open.push(Arc::clone(&link.open));
+            links.push(link);
+            ends.push(end);
+        }
         let watch = netutil::task::TaskWatch::new();
         let accept = watch.spawn(
             "http accept loop",
-            accept_loop(listener, generations, stopped),
+            accept_loop(listener, links, stopped, Arc::clone(&slots)),
         );
+        let workers = watch.spawn("http workers", until_workers_end(ends));
         let (lists_tx, lists_rx) = mpsc::channel(1);
         let (events_tx, events_rx) = mpsc::channel(64);
         let health = vec![
@@ -408,10 +448,13 @@ impl HttpGateway {
         ];
         Ok(Self {
             current,
+            slots,
+            worker_open,
             local,
             watch,
             stop,
             accept,
+            workers,
             targets,
             health,
             live,
@@ -427,9 +470,14 @@ impl HttpGateway {
     /// Counters and backend states.
     #[must_use]
     pub fn status(&self) -> GatewayStatus {
-        let shared = Arc::clone(&self.current.borrow());
+        let shared = Arc::clone(&self.current[0].borrow());
         let mut status = shared.gateway().status(now());
         status.connections = shared.connections.load(Ordering::Relaxed);
+        status.workers = self
+            .worker_open
+            .iter()
+            .map(|open| open.load(Ordering::Relaxed) as u64)
+            .collect();
         status
     }
 
@@ -444,8 +492,13 @@ impl HttpGateway {
     /// [`StartError::Config`] or [`StartError::Tls`] (a certificate or key that cannot be
     /// used): the old configuration keeps running.
     pub fn reconfigure(&self, config: &GatewayConfig) -> Result<LiveReload, StartError> {
-        let current = Arc::clone(&self.current.borrow());
-        let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+        let current = Arc::clone(&self.current[0].borrow());
+        let tls = config
+            .tls
+            .as_ref()
+            .map(Tls::load)
+            .transpose()?
+            .map(Arc::new);
         // Read again as certificates are: a rewritten CA file applies; the pooled HTTPS
         // connections are opened anew.
         let upstream_tls = tls_clients(config)?;
@@ -469,29 +522,33 @@ impl HttpGateway {
             (None, Some(new)) => new.leaves.len(),
             _ => 0,
         };
-        let client = if config.limits.upstream_idle == current.limits.upstream_idle
-            && config.limits.connect_timeout == current.limits.connect_timeout
-        {
-            current.client.clone()
-        } else {
-            upstream_client(&config.limits)
-        };
+        let same_client = config.limits.upstream_idle == current.limits.upstream_idle
+            && config.limits.connect_timeout == current.limits.connect_timeout;
         let reload = LiveReload {
             routing,
             limits: config.limits != current.limits || config.access_log != current.access_log,
             certificates,
             tls: (current.tls.is_some() != tls.is_some()).then_some(tls.is_some()),
         };
-        self.current.send_replace(Arc::new(Shared {
-            gateway: Arc::clone(&current.gateway),
-            limits: config.limits,
-            access_log: config.access_log,
-            client,
-            tls_clients: Arc::clone(&current.tls_clients),
-            connections: Arc::clone(&current.connections),
-            tls,
-            stopping: current.stopping.clone(),
-        }));
+        self.slots.resize(config.limits.max_connections);
+        for sender in &self.current {
+            let current = Arc::clone(&sender.borrow());
+            let client = if same_client {
+                current.client.clone()
+            } else {
+                upstream_client(&config.limits)
+            };
+            sender.send_replace(Arc::new(Shared {
+                gateway: Arc::clone(&current.gateway),
+                limits: config.limits,
+                access_log: config.access_log,
+                client,
+                tls_clients: Arc::clone(&current.tls_clients),
+                connections: Arc::clone(&current.connections),
+                tls: tls.clone(),
+                stopping: current.stopping.clone(),
+            }));
+        }
         Ok(reload)
     }
 
@@ -505,7 +562,7 @@ impl HttpGateway {
         addr: SocketAddrV4,
         state: balance::AdminState,
     ) -> Result<bool, crate::CommandError> {
-        let current = Arc::clone(&self.current.borrow());
+        let current = Arc::clone(&self.current[0].borrow());
         let mut gateway = current.gateway();
         let changed = gateway.set_backend_state(pool, addr, state)?;
         // Maintenance stops the checks of a backend, back to ready starts them again.
@@ -539,12 +596,13 @@ impl HttpGateway {
         }
         let _ = self.stop.send(true);
         let _ = self.accept.await;
+        let _ = self.workers.await;
     }
 }
 
 /// The listener, bound with `IP_FREEBIND` so that a VIP can be listed before VRRP brings the
 /// address up (HAProxy's `bind ... freebind`): connections arrive once it is.
-fn bind(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddrV4) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::STREAM,
@@ -555,47 +613,142 @@ fn bind(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::V4(addr).into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// How many workers a listener runs: one per CPU this process may run on (its affinity and
+/// its cgroup's quota, as the standard library counts them).
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// A connection taken from the listening socket, on its way to a worker with its slot. Not
+/// registered with any runtime (non-blocking): the worker registers it with its own.
+struct Accepted {
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+}
+
+/// The accept loop's side of a worker: its queue, and how many connections it has (being
+/// served or queued), to give the next one to the least busy.
+struct WorkerLink {
+    queue: mpsc::UnboundedSender<Accepted>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Starts worker `index`: a thread with a single-threaded runtime running [`worker_loop`].
+/// The receiver gets how the loop ended; it sees the sender dropped if the thread panicked.
+fn spawn_worker(
+    index: usize,
     generations: watch::Receiver<Arc<Shared>>,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
+) -> std::io::Result<(WorkerLink, oneshot::Receiver<std::io::Result<()>>)> {
+    let (queue, accepted) = mpsc::unbounded_channel();
+    let open = Arc::new(AtomicUsize::new(0));
+    let (ended, end) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let worker_open = Arc::clone(&open);
+    std::thread::Builder::new()
+        .name(format!("http-worker-{index}"))
+        .spawn(move || {
+            let result = runtime.block_on(worker_loop(accepted, worker_open, generations, stopped));
+            let _ = ended.send(result);
+        })?;
+    Ok((WorkerLink { queue, open }, end))
+}
+
+/// Waits for every worker to end; the first that failed (or whose thread panicked) ends the
+/// wait with its error, for the task watch to record.
+async fn until_workers_end(
+    workers: Vec<oneshot::Receiver<std::io::Result<()>>>,
 ) -> Result<(), std::io::Error> {
-    let mut max = generations.borrow().limits.max_connections;
-    let slots = Arc::new(Semaphore::new(max as usize));
-    // Slots a reload that lowered `max_connections` took away while they were held: each is
-    // forgotten as it comes back.
-    let mut owed = 0u32;
-    // Dropping the set on return aborts the connections still open.
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let wanted = generations.borrow().limits.max_connections;
-        if wanted > max {
-            let more = wanted - max;
-            let paid = more.min(owed);
-            owed -= paid;
-            slots.add_permits((more - paid) as usize);
-        } else if wanted < max {
-            let fewer = max - wanted;
-            let taken = u32::try_from(slots.forget_permits(fewer as usize)).unwrap_or(fewer);
-            owed += fewer - taken.min(fewer);
+    let mut ends = JoinSet::new();
+    for end in workers {
+        ends.spawn(end);
+    }
+    while let Some(end) = ends.join_next().await {
+        match end {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(_)) | Err(_) => return Err(std::io::Error::other("worker thread panicked")),
         }
-        max = wanted;
-        let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => p.map_err(std::io::Error::other)?,
-            _ = stopped.changed() => return drain(listener, connections, &generations).await,
+    }
+    Ok(())
+}
+
+/// A listener's connection slots (`max_connections`), taken by the accept loop and given
+/// back as connections close, on any worker. A reload that lowers the maximum takes the free
+/// slots away at once; the ones held then are owed, and each is forgotten as the accept loop
+/// gets it back.
+struct Slots {
+    permits: Arc<Semaphore>,
+    /// The maximum now, and the slots still owed.
+    books: Mutex<(u32, u32)>,
+}
+
+impl Slots {
+    fn new(max: u32) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max as usize)),
+            books: Mutex::new((max, 0)),
+        }
+    }
+
+    /// Makes `wanted` the maximum.
+    fn resize(&self, wanted: u32) {
+        let mut books = self.books.lock().unwrap_or_else(PoisonError::into_inner);
+        let (max, owed) = &mut *books;
+        if wanted > *max {
+            let more = wanted - *max;
+            let paid = more.min(*owed);
+            *owed -= paid;
+            self.permits.add_permits((more - paid) as usize);
+        } else if wanted < *max {
+            let fewer = *max - wanted;
+            let taken = u32::try_from(self.permits.forget_permits(fewer as usize)).unwrap_or(fewer);
+            *owed += fewer - taken.min(fewer);
+        }
+        *max = wanted;
+    }
+
+    /// Whether a slot just taken pays a debt (and must be forgotten, not used).
+    fn pays_debt(&self) -> bool {
+        let mut books = self.books.lock().unwrap_or_else(PoisonError::into_inner);
+        let owed = &mut books.1;
+        let pays = *owed > 0;
+        *owed = owed.saturating_sub(1);
+        pays
+    }
+}
+
+/// Takes connections (each once it has a slot) and hands each to the worker with the fewest
+/// (ties: the next in turn), as HAProxy's listener hands a connection to its least loaded
+/// thread; a worker never serves more than its share while another idles. Ends on stop,
+/// closing the listening socket (new connections are refused from then on).
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    workers: Vec<WorkerLink>,
+    mut stopped: watch::Receiver<bool>,
+    slots: Arc<Slots>,
+) -> Result<(), std::io::Error> {
+    let listener = TcpListener::from_std(listener)?;
+    let mut turn = 0;
+    loop {
+        let slot = tokio::select! {
+            p = Arc::clone(&slots.permits).acquire_owned() => p.map_err(std::io::Error::other)?,
+            _ = stopped.changed() => return Ok(()),
         };
-        if owed > 0 {
-            permit.forget();
-            owed -= 1;
+        if slots.pays_debt() {
+            slot.forget();
             continue;
         }
         let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stopped.changed() => return drain(listener, connections, &generations).await,
+            // Taken off this runtime at once: the worker registers it with its own.
+            a = listener.accept() => a.and_then(|(tcp, peer)| Ok((tcp.into_std()?, peer))),
+            _ = stopped.changed() => return Ok(()),
         };
         let (tcp, peer) = match accepted {
             Ok(a) => a,
@@ -606,25 +759,64 @@ async fn accept_loop(
                 continue;
             }
         };
+        let n = workers.len();
+        turn = (turn + 1) % n;
+        let worker = (0..n)
+            .map(|k| &workers[(turn + k) % n])
+            .min_by_key(|w| w.open.load(Ordering::Relaxed))
+            .unwrap_or(&workers[0]);
+        worker.open.fetch_add(1, Ordering::Relaxed);
+        if worker.queue.send(Accepted { tcp, peer, slot }).is_err() {
+            return Err(std::io::Error::other("a worker is gone"));
+        }
+    }
+}
+
+/// A worker: serves the connections the accept loop hands it, on its own runtime; on stop
+/// (or once the accept loop is gone), drains them.
+async fn worker_loop(
+    mut accepted: mpsc::UnboundedReceiver<Accepted>,
+    open: Arc<AtomicUsize>,
+    generations: watch::Receiver<Arc<Shared>>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), std::io::Error> {
+    // Dropping the set on return aborts the connections still open.
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let next = tokio::select! {
+            a = accepted.recv() => a,
+            _ = stopped.wait_for(|s| *s) => None,
+        };
+        let Some(Accepted { tcp, peer, slot }) = next else {
+            return drain(connections, &generations).await;
+        };
         let shared = Arc::clone(&generations.borrow());
+        let open = Arc::clone(&open);
+        let tcp = match TcpStream::from_std(tcp) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!("http connection: {e}");
+                open.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+        };
         connections.spawn(async move {
             shared.connections.fetch_add(1, Ordering::Relaxed);
             accept(&shared, tcp, peer).await;
             shared.connections.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
         });
     }
 }
 
-/// Closes the listening socket, then waits for the connections (each closing once it has
-/// answered what it was answering) for at most the drain timeout; the ones still open are
-/// cut as the set drops.
+/// Waits for a worker's connections (each closing once it has answered what it was
+/// answering) for at most the drain timeout; the ones still open are cut as the set drops.
 async fn drain(
-    listener: TcpListener,
     mut connections: JoinSet<()>,
     generations: &watch::Receiver<Arc<Shared>>,
 ) -> Result<(), std::io::Error> {
-    drop(listener);
     let timeout = generations.borrow().limits.drain_timeout;
     let open = connections.len();
     if open > 0 {
@@ -839,7 +1031,7 @@ async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         acceptor,
         handshake_timeout: timeout,
         ..
-    }) = &shared.tls
+    }) = shared.tls.as_deref()
     else {
         let conn = Conn {
             closing: closing_watch(&tcp),
