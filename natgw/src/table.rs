@@ -1181,6 +1181,12 @@ impl PatTable {
         )
     }
 
+    /// Whether TCP session `s` is past its open phase: a FIN was seen (the close began), or
+    /// it has ended. It is never established again.
+    pub(crate) fn session_closing(&self, s: SessionId) -> bool {
+        self.sessions[s.0 as usize].tcp.state > TcpState::Established
+    }
+
     /// Removes session `s` at once (a closed connection replaced by a new one on its 4-tuple).
     pub(crate) fn remove_now(&mut self, s: SessionId) -> RemovedSession {
         self.unlink_wheel(s.0);

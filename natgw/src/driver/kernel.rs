@@ -34,7 +34,9 @@
 //! entries of a flow it refuses are removed at once. An adopted flow is half-open in the
 //! core, not eligible: it waits in `opened`, its entries kept and their reports fed back,
 //! so that the client's ACK the program carries establishes it; then it joins the installed
-//! flows, or goes with its entries when the core no longer has it. That ACK is not left to
+//! flows, or goes with its entries when the core no longer has it or has seen its close
+//! begin (a connection that closed before a round made it eligible; what crosses of it
+//! later the core tracks itself, as for an installed flow after its first FIN). That ACK is not left to
 //! the sync round: the program reports each opened flow's first client ACK in a second
 //! bounded ring, read with the first, and the entries' reports of those flows alone go to
 //! the core at once ([`KernelDatapath::follow_handshakes`]). Until the core has judged it
@@ -492,8 +494,8 @@ impl KernelDatapath {
     }
 
     /// Feeds back what the program moved of the flows it opened, moves those the core made
-    /// eligible to the installed ones and drops those the core no longer has, with their
-    /// entries.
+    /// eligible to the installed ones and drops those the core no longer has or has seen
+    /// closing, with their entries.
     fn follow_opened(
         &mut self,
         gw: &Mutex<Gateway>,
@@ -533,7 +535,13 @@ impl KernelDatapath {
                     tcp: None,
                     tcp_fin_end: None,
                 };
-                if !gw.fast_path_activity(at, &probe) {
+                // Gone from the core, or closing there (never to be eligible): as an installed
+                // flow's entries go once its first FIN ends its eligibility. Held until the
+                // core expired them, a benchmark's short connections piled up here by the
+                // ten thousand, each looked up every round.
+                if !gw.fast_path_activity(at, &probe)
+                    || gw.fast_path_flow_closing(proto, probe.public, probe.outside)
+                {
                     gone.push((proto, probe.public, probe.outside));
                 }
             }

@@ -208,6 +208,26 @@ impl Gateway {
         true
     }
 
+    /// Whether the core has the TCP flow between `public` and `outside` and its close has
+    /// begun (a FIN seen either way, or an accepted RST): it will never be eligible
+    /// ([`Gateway::fast_path_eligible`]), as an installed flow stops being at its first FIN;
+    /// what is left of it crosses the core, which tracks the rest of the close itself. False
+    /// when the core does not have it (see [`Gateway::fast_path_activity`]) and for UDP.
+    #[must_use]
+    pub fn fast_path_flow_closing(
+        &self,
+        proto: Proto,
+        public: SocketAddrV4,
+        outside: SocketAddrV4,
+    ) -> bool {
+        let Some(idx) = self.table.find_public(*public.ip()) else {
+            return false;
+        };
+        self.table
+            .session(proto, idx, public.port(), outside)
+            .is_some_and(|s| proto == Proto::Tcp && self.table.session_closing(s))
+    }
+
     /// Completes what one round of reports of one flow (`flow`: both directions' activity
     /// from the same read, each already fed to [`Gateway::fast_path_activity`]) says about
     /// its close: a direction whose highest acknowledgement covers the other direction's
@@ -292,6 +312,7 @@ mod tests {
         );
         let b = if flag == crate::tcp::SYN { b.syn() } else { b };
         let b = if flag == crate::tcp::RST { b.rst() } else { b };
+        let b = if flag == FIN { b.fin() } else { b };
         let b = match ack {
             Some(a) => b.ack(a),
             None => b,
@@ -360,6 +381,45 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A flow is closing for the data path once the core has seen its close begin (here a
+    /// FIN), not while it is open, and never when the core does not have it.
+    #[test]
+    fn a_flow_is_closing_for_the_data_path_once_the_core_saw_a_fin() {
+        let now = testkit::epoch();
+        let mut gw = pat_gateway(now);
+        let inside = SocketAddrV4::new(H1, 40000);
+        let outside = SocketAddrV4::new(SRV, 443);
+        let stranger = SocketAddrV4::new(SRV, 444);
+        for (dir, mut p) in [
+            (
+                Direction::Outbound,
+                tcp(inside, outside, 1000, None, crate::tcp::SYN),
+            ),
+            (Direction::Inbound, Vec::new()),
+            (
+                Direction::Outbound,
+                tcp(inside, outside, 1001, Some(5001), 0),
+            ),
+        ] {
+            if p.is_empty() {
+                let public = gw.translations(now)[0].public;
+                p = tcp(outside, public, 5000, Some(1001), crate::tcp::SYN);
+            }
+            assert_eq!(gw.handle_packet(now, dir, &mut p), crate::Verdict::Forward);
+        }
+        let public = gw.translations(now)[0].public;
+        assert!(gw.translations(now)[0].established);
+        assert!(!gw.fast_path_flow_closing(Proto::Tcp, public, outside));
+        assert!(!gw.fast_path_flow_closing(Proto::Tcp, public, stranger));
+        let mut fin = tcp(inside, outside, 1001, Some(5001), FIN);
+        assert_eq!(
+            gw.handle_packet(now, Direction::Outbound, &mut fin),
+            crate::Verdict::Forward
+        );
+        assert!(gw.fast_path_flow_closing(Proto::Tcp, public, outside));
+        assert!(!gw.fast_path_flow_closing(Proto::Udp, public, outside));
     }
 
     /// The flow made established by the client's final ACK is handed to the data path once,

@@ -166,6 +166,13 @@ fn bad_reload_keeps_running_config_and_metrics_match_show() {
             "{}",
             show[0]
         );
+        // Closing in the core (their FINs reported), the curls' flows leave the kernel path
+        // within a round or two, not when the core expires them.
+        wait_until(
+            Duration::from_secs(5),
+            "the closed kernel-opened flows to be let go",
+            || t.show("gw", ctl, Show::Nat)[0]["fast_path"]["opened_pending"] == 0,
+        );
     }
     let metrics = wait_for(Duration::from_secs(10), "metrics as new as show", || {
         let metrics = t
