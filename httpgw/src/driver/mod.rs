@@ -146,6 +146,11 @@ struct Tls {
 }
 
 impl Tls {
+    /// Reads every certificate and key of `config`, for every worker; `None` without TLS.
+    fn load_shared(config: Option<&crate::TlsConfig>) -> Result<Option<Arc<Self>>, tls::TlsError> {
+        Ok(config.map(Self::load).transpose()?.map(Arc::new))
+    }
+
     /// Reads every certificate and key.
     fn load(config: &crate::TlsConfig) -> Result<Self, tls::TlsError> {
         let (server, leaves) = tls::server_config(config)?;
@@ -375,12 +380,7 @@ impl HttpGateway {
     pub async fn start(config: &GatewayConfig) -> Result<Self, StartError> {
         let gateway = Gateway::new(config)?;
         let (stop, stopped) = watch::channel(false);
-        let tls = config
-            .tls
-            .as_ref()
-            .map(Tls::load)
-            .transpose()?
-            .map(Arc::new);
+        let tls = Tls::load_shared(config.tls.as_ref())?;
         let tls_clients = Arc::new(Mutex::new(tls_clients(config)?));
         let listener = bind(config.listen).map_err(|source| StartError::Listen {
             addr: config.listen,
@@ -493,12 +493,7 @@ impl HttpGateway {
     /// used): the old configuration keeps running.
     pub fn reconfigure(&self, config: &GatewayConfig) -> Result<LiveReload, StartError> {
         let current = Arc::clone(&self.current[0].borrow());
-        let tls = config
-            .tls
-            .as_ref()
-            .map(Tls::load)
-            .transpose()?
-            .map(Arc::new);
+        let tls = Tls::load_shared(config.tls.as_ref())?;
         // Read again as certificates are: a rewritten CA file applies; the pooled HTTPS
         // connections are opened anew.
         let upstream_tls = tls_clients(config)?;

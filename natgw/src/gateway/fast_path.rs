@@ -322,6 +322,33 @@ mod tests {
         v
     }
 
+    /// Opens a TCP flow from `inside` to `outside` through `gw` (SYN, SYN-ACK, ACK, each
+    /// forwarded) and returns its public endpoint.
+    fn establish(
+        gw: &mut Gateway,
+        now: Instant,
+        inside: SocketAddrV4,
+        outside: SocketAddrV4,
+    ) -> SocketAddrV4 {
+        let mut syn = tcp(inside, outside, 1000, None, crate::tcp::SYN);
+        assert_eq!(
+            gw.handle_packet(now, Direction::Outbound, &mut syn),
+            crate::Verdict::Forward
+        );
+        let public = gw.translations(now)[0].public;
+        let mut synack = tcp(outside, public, 5000, Some(1001), crate::tcp::SYN);
+        assert_eq!(
+            gw.handle_packet(now, Direction::Inbound, &mut synack),
+            crate::Verdict::Forward
+        );
+        let mut ack = tcp(inside, outside, 1001, Some(5001), 0);
+        assert_eq!(
+            gw.handle_packet(now, Direction::Outbound, &mut ack),
+            crate::Verdict::Forward
+        );
+        public
+    }
+
     /// A RST far beyond what the core saw is judged against the sequence space the fast
     /// path reported: accepted with the reports, refused without them.
     #[test]
@@ -331,22 +358,7 @@ mod tests {
             let mut gw = pat_gateway(now);
             let inside = SocketAddrV4::new(H1, 40000);
             let outside = SocketAddrV4::new(SRV, 443);
-            let mut syn = tcp(inside, outside, 1000, None, crate::tcp::SYN);
-            assert_eq!(
-                gw.handle_packet(now, Direction::Outbound, &mut syn),
-                crate::Verdict::Forward
-            );
-            let public = gw.translations(now)[0].public;
-            let mut synack = tcp(outside, public, 5000, Some(1001), crate::tcp::SYN);
-            assert_eq!(
-                gw.handle_packet(now, Direction::Inbound, &mut synack),
-                crate::Verdict::Forward
-            );
-            let mut ack = tcp(inside, outside, 1001, Some(5001), 0);
-            assert_eq!(
-                gw.handle_packet(now, Direction::Outbound, &mut ack),
-                crate::Verdict::Forward
-            );
+            let public = establish(&mut gw, now, inside, outside);
             let t = gw.translations(now).pop().unwrap();
             assert!(t.established && gw.fast_path_eligible(&t));
             let far = 1001 + 10_000_000;
@@ -392,24 +404,7 @@ mod tests {
         let inside = SocketAddrV4::new(H1, 40000);
         let outside = SocketAddrV4::new(SRV, 443);
         let stranger = SocketAddrV4::new(SRV, 444);
-        for (dir, mut p) in [
-            (
-                Direction::Outbound,
-                tcp(inside, outside, 1000, None, crate::tcp::SYN),
-            ),
-            (Direction::Inbound, Vec::new()),
-            (
-                Direction::Outbound,
-                tcp(inside, outside, 1001, Some(5001), 0),
-            ),
-        ] {
-            if p.is_empty() {
-                let public = gw.translations(now)[0].public;
-                p = tcp(outside, public, 5000, Some(1001), crate::tcp::SYN);
-            }
-            assert_eq!(gw.handle_packet(now, dir, &mut p), crate::Verdict::Forward);
-        }
-        let public = gw.translations(now)[0].public;
+        let public = establish(&mut gw, now, inside, outside);
         assert!(gw.translations(now)[0].established);
         assert!(!gw.fast_path_flow_closing(Proto::Tcp, public, outside));
         assert!(!gw.fast_path_flow_closing(Proto::Tcp, public, stranger));
@@ -519,26 +514,7 @@ mod tests {
             let mut gw = pat_gateway(now);
             let inside = SocketAddrV4::new(H1, 40000);
             let outside = SocketAddrV4::new(SRV, 80);
-            for (dir, mut p) in [
-                (
-                    Direction::Outbound,
-                    tcp(inside, outside, 1000, None, crate::tcp::SYN),
-                ),
-                (Direction::Inbound, Vec::new()),
-                (
-                    Direction::Outbound,
-                    tcp(inside, outside, 1001, Some(5001), 0),
-                ),
-            ] {
-                let p = if p.is_empty() {
-                    let public = gw.translations(now)[0].public;
-                    p = tcp(outside, public, 5000, Some(1001), crate::tcp::SYN);
-                    &mut p
-                } else {
-                    &mut p
-                };
-                assert_eq!(gw.handle_packet(now, dir, p), crate::Verdict::Forward);
-            }
+            establish(&mut gw, now, inside, outside);
             let t = gw.translations(now).pop().unwrap();
             assert!(t.established && gw.fast_path_eligible(&t));
             // Request (100 bytes), response (1000 bytes) and the close, server first.
