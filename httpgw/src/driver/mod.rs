@@ -18,10 +18,10 @@
 //! a list nobody took yet is replaced, never queued behind). The health task also publishes,
 //! per pool, whether it has a live backend ([`HttpGateway::pool_live`], for VRRP).
 //!
-//! Workers: a listener runs one accept loop per CPU the process may use (HAProxy's
-//! `nbthread`), each on a thread of its own with a single-threaded tokio runtime, all taking
-//! connections from the same listening socket (one copy of its descriptor each). A connection
-//! is served from accept to close by the worker that took it, and each worker has its own
+//! Workers: a listener runs one worker per CPU the process may use (HAProxy's
+//! `nbthread`), each on a thread of its own with a single-threaded tokio runtime; one accept
+//! loop hands each new connection to the worker with the fewest. A connection is served from
+//! its hand-over to its close by that worker, and each worker has its own
 //! pooled client to the backends: a request, its backend connection's task and the wake-ups
 //! between them stay on one thread (no work stealing, no cross-thread wake-up per request).
 //! Shared by the workers: the core (under its lock), the connection slots
